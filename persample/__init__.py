@@ -1,0 +1,26 @@
+"""persample: per-example gradients, their statistics, and gradient-noise diagnostics for PyTorch.
+
+The flow, from batch to diagnostics::
+
+    batch ─▶ engine ─▶ GradStats ─▶ Tracker ─▶ p.grad, hooks ─▶ diagnostics
+
+- :func:`per_sample_grads`: materialised per-example gradients ``{name: [B, *shape]}``.
+- :func:`grad_stats`: streamed statistics (:class:`GradStats`: mean, unbiased
+  variance, per-example norms, losses) with an exact ``merge``.
+- :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
+  of the mean loss, raising :class:`MeanMismatchError` otherwise.
+
+Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
+"""
+
+from .api import grad_stats, per_sample_grads
+from .check import MeanCheck, check_mean
+from .errors import MeanMismatchError, UnsupportedModelError
+from .stats import GradStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "per_sample_grads", "grad_stats", "check_mean", "GradStats", "MeanCheck",
+    "MeanMismatchError", "UnsupportedModelError", "__version__",
+]

@@ -1,0 +1,102 @@
+"""Batches: validation, slicing and the per-example view.
+
+A batch is ``(inputs, targets)``. ``inputs`` is a tensor, a tuple/list of
+tensors (passed positionally to the model) or a mapping of tensors (passed as
+keyword arguments); ``targets`` is a tensor, a tuple/list/mapping of tensors, or
+``None``. Every tensor is batched on dim 0 and all batch sizes agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["Batch", "as_batch"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A validated batch: positional args, keyword args and targets, all batched on dim 0."""
+
+    args: tuple
+    kwargs: dict
+    targets: Any
+    size: int
+
+    def slice(self, start: int, stop: int) -> "Batch":
+        """Examples ``start:stop`` as a new batch (views, no copies)."""
+        cut = lambda t: t[start:stop]  # noqa: E731
+        return Batch(tree_map(cut, self.args), tree_map(cut, self.kwargs),
+                     None if self.targets is None else tree_map(cut, self.targets),
+                     min(stop, self.size) - start)
+
+    def chunks(self, chunk_size: int):
+        """Consecutive sub-batches of at most ``chunk_size`` examples."""
+        for start in range(0, self.size, chunk_size):
+            yield self.slice(start, min(start + chunk_size, self.size))
+
+    def call(self, model, loss_fn):
+        """``loss_fn(model(*args, **kwargs), targets)`` (or without targets)."""
+        out = model(*self.args, **self.kwargs)
+        return loss_fn(out) if self.targets is None else loss_fn(out, self.targets)
+
+
+def _leaves(obj: Any, what: str) -> list[Tensor]:
+    leaves, _ = tree_flatten(obj)
+    for leaf in leaves:
+        if not isinstance(leaf, Tensor):
+            raise TypeError(
+                f"{what} must be tensors (or tuples/lists/dicts of tensors) batched on dim 0; "
+                f"found {type(leaf).__name__}")
+        if leaf.dim() == 0:
+            raise ValueError(f"{what} must be batched on dim 0, but a 0-d tensor was given")
+    return leaves
+
+
+def as_batch(inputs: Any, targets: Any = None) -> Batch:
+    """Validate ``inputs``/``targets`` and return a :class:`Batch`.
+
+    Raises ``TypeError`` for non-tensor leaves and ``ValueError`` for empty
+    batches or batch sizes that disagree (naming both sizes).
+    """
+    if isinstance(inputs, Tensor):
+        args, kwargs = (inputs,), {}
+    elif isinstance(inputs, Mapping):
+        args, kwargs = (), dict(inputs)
+    elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
+        args, kwargs = tuple(inputs), {}
+    else:
+        raise TypeError(
+            "inputs must be a tensor, a tuple/list of tensors (positional) or a dict of tensors "
+            f"(keyword), not {type(inputs).__name__}")
+    input_leaves = _leaves((args, kwargs), "inputs")
+    if not input_leaves:
+        raise ValueError("inputs contain no tensor: at least one tensor batched on dim 0 is needed")
+    sizes = {int(t.shape[0]) for t in input_leaves}
+    if len(sizes) > 1:
+        raise ValueError(f"input tensors disagree on the batch size (dim 0): {sorted(sizes)}")
+    size = sizes.pop()
+    if targets is not None:
+        target_sizes = {int(t.shape[0]) for t in _leaves(targets, "targets")}
+        if len(target_sizes) > 1:
+            raise ValueError(f"target tensors disagree on the batch size (dim 0): {sorted(target_sizes)}")
+        if target_sizes and target_sizes != {size}:
+            raise ValueError(
+                f"batch sizes disagree: inputs have {size} examples but targets have "
+                f"{target_sizes.pop()} (both must be batched on dim 0)")
+    if size == 0:
+        raise ValueError("empty batch: inputs have 0 examples on dim 0")
+    return Batch(args, kwargs, targets, size)
+
+
+def one_example(obj: Any) -> Any:
+    """Inside ``vmap``: turn each example-shaped leaf into a batch of one."""
+    return tree_map(lambda t: t.unsqueeze(0), obj)
+
+
+def device_of(batch: Batch) -> torch.device:
+    return _leaves((batch.args, batch.kwargs), "inputs")[0].device

@@ -1,0 +1,118 @@
+"""``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` written with plain tensor ops, for ``torch.func``.
+
+The fused kernels behind ``nn.RNNBase.forward`` have no correct ``vmap`` rule:
+``vmap(grad(...))`` over an RNN or GRU fails with a broadcast-shape error. Inside
+the engines, :func:`rnn_modules_as_plain_ops` temporarily routes each RNN
+module's ``forward`` through :func:`rnn_forward`, which computes the same
+function (same gate order and parameter names as PyTorch) from matmuls and
+pointwise ops, so ``vmap`` and ``grad`` handle it like any other code. The
+module is restored on exit, also on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+__all__ = ["rnn_forward", "rnn_modules_as_plain_ops"]
+
+
+def _cell_step(mode: str, x_proj: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
+               b_hh: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """One time step given the precomputed input projection ``x_proj = x W_ihᵀ + b_ih``."""
+    h_proj = F.linear(h, w_hh, b_hh)
+    if mode == "LSTM":
+        i, f, g, o = (x_proj + h_proj).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (h if w_hr is None else F.linear(h, w_hr)), c
+    if mode == "GRU":
+        xr, xz, xn = x_proj.chunk(3, dim=-1)
+        hr, hz, hn = h_proj.chunk(3, dim=-1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    act = torch.tanh if mode == "RNN_TANH" else torch.relu
+    return act(x_proj + h_proj), None
+
+
+def _run_direction(module: nn.RNNBase, layer: int, reverse: bool, x: Tensor, h: Tensor,
+                   c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run one layer in one direction over time-major ``x: [T, N, F]``."""
+    sfx = f"_l{layer}" + ("_reverse" if reverse else "")
+    get = lambda name: getattr(module, name + sfx, None)  # noqa: E731  (swapped by functional_call)
+    x_proj = F.linear(x, get("weight_ih"), get("bias_ih"))
+    w_hh, b_hh = get("weight_hh"), get("bias_hh")
+    w_hr = get("weight_hr") if module.proj_size > 0 else None
+    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    outs: list[Tensor] = [None] * x.shape[0]  # type: ignore[list-item]
+    for t in steps:
+        h, c = _cell_step(module.mode, x_proj[t], h, c, w_hh, b_hh, w_hr)
+        outs[t] = h
+    return torch.stack(outs), h, c
+
+
+def rnn_forward(module: nn.RNNBase, input: Tensor, hx=None):
+    """Same result as ``module(input, hx)``, computed with plain ops (see module docstring)."""
+    if isinstance(input, PackedSequence):
+        raise NotImplementedError(
+            f"persample does not support PackedSequence inputs to {type(module).__name__} yet; "
+            "pad the sequences instead (per-example gradients need no packing: each example is "
+            "processed on its own)")
+    is_lstm = module.mode == "LSTM"
+    unbatched = input.dim() == 2
+    if unbatched:
+        input = input.unsqueeze(1)
+        if hx is not None:
+            hx = tuple(t.unsqueeze(1) for t in hx) if is_lstm else hx.unsqueeze(1)
+    elif module.batch_first:
+        input = input.transpose(0, 1)
+    dirs = 2 if module.bidirectional else 1
+    batch = input.shape[1]
+    out_size = module.proj_size if module.proj_size > 0 else module.hidden_size
+    if hx is None:
+        h0 = input.new_zeros(module.num_layers * dirs, batch, out_size)
+        c0 = input.new_zeros(module.num_layers * dirs, batch, module.hidden_size) if is_lstm else None
+    else:
+        h0, c0 = hx if is_lstm else (hx, None)
+
+    layer_input, h_n, c_n = input, [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for d in range(dirs):
+            k = layer * dirs + d
+            out, h, c = _run_direction(module, layer, d == 1, layer_input, h0[k],
+                                       None if c0 is None else c0[k])
+            outputs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, dim=-1) if dirs == 2 else outputs[0]
+        if module.dropout and module.training and layer < module.num_layers - 1:
+            layer_input = F.dropout(layer_input, module.dropout, training=True)
+
+    output, h_n = layer_input, torch.stack(h_n)
+    c_n = torch.stack(c_n) if is_lstm else None
+    if unbatched:
+        output, h_n = output.squeeze(1), h_n.squeeze(1)
+        c_n = c_n.squeeze(1) if is_lstm else None
+    elif module.batch_first:
+        output = output.transpose(0, 1)
+    return (output, (h_n, c_n)) if is_lstm else (output, h_n)
+
+
+@contextlib.contextmanager
+def rnn_modules_as_plain_ops(model: nn.Module) -> Iterator[None]:
+    """Temporarily route every ``nn.RNNBase`` submodule through :func:`rnn_forward`."""
+    patched = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+    try:
+        for m in patched:
+            m.forward = rnn_forward.__get__(m)  # a bound method on the instance only
+        yield
+    finally:
+        for m in patched:
+            m.__dict__.pop("forward", None)
