@@ -7,6 +7,8 @@ The flow, from batch to diagnostics::
 - :func:`per_sample_grads`: materialised per-example gradients ``{name: [B, *shape]}``.
 - :func:`grad_stats`: streamed statistics (:class:`GradStats`: mean, unbiased
   variance, per-example norms, losses) with an exact ``merge``.
+- :class:`Tracker`: a drop-in replacement for ``loss.backward()`` in a training
+  loop that writes ḡ into ``p.grad`` and calls hooks with the batch's GradStats.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -17,10 +19,11 @@ from .api import grad_stats, per_sample_grads
 from .check import MeanCheck, check_mean
 from .errors import MeanMismatchError, UnsupportedModelError
 from .stats import GradStats
+from .tracker import Tracker
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "per_sample_grads", "grad_stats", "check_mean", "GradStats", "MeanCheck",
+    "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "__version__",
 ]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Literal
 
 from torch import Tensor, nn
 
-from ._batch import as_batch
+from ._batch import Batch, as_batch
 from ._model import check_supported, preserved_state
 from ._progress import progress_bar
 from .engines.vmap import per_example_grads, vmap_grad_stats
@@ -64,7 +64,8 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
 
 def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
                chunk_size: int | None = None, randomness: Randomness = "error", engine: str = "auto",
-               var: bool = True, inner_products: bool = False, progress: bool = False) -> GradStats:
+               var: bool = True, inner_products: bool = False, clip_norm: float | None = None,
+               progress: bool = False) -> GradStats:
     """:class:`GradStats` of the per-example gradients, without keeping ``B × P`` of them.
 
     Same arguments and conventions as :func:`per_sample_grads`, plus:
@@ -73,22 +74,41 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         chunk_size: examples whose gradients are alive at once. Peak extra
             memory is O(chunk_size × P + P). ``None`` picks a chunk that holds
             at most 2**25 gradient numbers.
-        engine: ``"auto"`` or ``"vmap"``.
+        engine: one of :data:`ENGINES`.
         var: compute the per-element variance (``m2``); ``False`` gives mean
             and norms only.
         inner_products: also compute p_i = ⟨g_i, ḡ⟩ (needed by the
             inner-product and orthogonality tests). Costs a second streamed
             pass when the batch spans several chunks.
+        clip_norm: also compute ``clipped_mean`` = (1/B) Σ_i min(1, C/‖g_i‖) g_i
+            for C = ``clip_norm`` (per-example clipping, as in DP-SGD).
         progress: show a tqdm progress bar over examples (if tqdm is installed).
     """
-    batch = as_batch(inputs, targets)
+    return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
+                         randomness=randomness, engine=engine, var=var, inner_products=inner_products,
+                         clip_norm=clip_norm, progress=progress)
+
+
+def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size: int | None = None,
+                  randomness: str = "error", engine: str = "auto", var: bool = True,
+                  inner_products: bool = False, clip_norm: float | None = None, progress: bool = False,
+                  fork_rng: bool = True) -> GradStats:
+    """:func:`grad_stats` on a validated :class:`Batch`.
+
+    ``fork_rng=False`` lets random ops advance the global RNG as a training
+    step would (what :class:`persample.Tracker` wants).
+    """
     _check_chunk_size(chunk_size)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
     check_supported(model, randomness)
-    with preserved_state(model), progress_bar(batch.size, "per-example grads", progress) as update:
+    with preserved_state(model, fork_rng=fork_rng), \
+            progress_bar(batch.size, "per-example grads", progress) as update:
         return vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size,
-                               var=var, inner_products=inner_products, progress=update)
+                               var=var, inner_products=inner_products, clip_norm=clip_norm,
+                               progress=update)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

@@ -8,13 +8,13 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ._batch import as_batch
+from ._batch import Batch, as_batch
 from ._model import preserved_state, trainable_parameters
 from .api import grad_stats
 from .errors import MeanMismatchError
 from .stats import GradStats
 
-__all__ = ["check_mean", "MeanCheck", "default_tolerances"]
+__all__ = ["check_mean", "check_batch_mean", "MeanCheck", "default_tolerances"]
 
 
 @dataclass(frozen=True)
@@ -123,6 +123,12 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     batch = as_batch(inputs, targets)
     if stats is None:
         stats = grad_stats(model, loss_fn, inputs, targets, **grad_stats_kwargs)
+    return check_batch_mean(model, loss_fn, batch, stats, rtol=rtol, atol=atol)
+
+
+def check_batch_mean(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, stats: GradStats, *,
+                     rtol: float | None = None, atol: float | None = None) -> MeanCheck:
+    """:func:`check_mean` for a validated batch and its already computed statistics."""
     with preserved_state(model):
         reference = autograd_mean_grad(model, loss_fn, batch)
     report = compare_means(stats.mean, reference, rtol=rtol, atol=atol)

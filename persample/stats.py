@@ -11,7 +11,8 @@ yields:
 - ``param_sq_norms``: ‖g_i[name]‖² for every example, shape ``[n]``;
 - ``losses``: L_i, shape ``[n]``;
 - ``inner_products``: p_i = ⟨g_i, r⟩ for a fixed reference direction r (by
-  default the batch mean ḡ), shape ``[n]``; optional.
+  default the batch mean ḡ), shape ``[n]``; optional;
+- ``clipped_mean``: (1/n) Σ_i min(1, C/‖g_i‖) g_i for ``clip_norm`` C; optional.
 
 ``merge`` is exact (Chan, Golub & LeVeque's pairwise update), so statistics of
 chunks, micro-batches or processes combine into the statistics of the
@@ -27,7 +28,12 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats"]
+__all__ = ["GradStats", "clip_factors"]
+
+
+def clip_factors(sq_norms: Tensor, clip_norm: float) -> Tensor:
+    """Per-example clipping factors min(1, C/‖g_i‖); 1 for a zero gradient."""
+    return (clip_norm / sq_norms.sqrt()).clamp(max=1.0)
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -50,6 +56,8 @@ class GradStats:
     losses: Tensor
     inner_products: Tensor | None = None
     reference: Mapping[str, Tensor] | None = field(default=None)
+    clip_norm: float | None = None
+    clipped_mean: dict[str, Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -65,6 +73,8 @@ class GradStats:
             raise ValueError(f"GradStats: losses has shape {tuple(self.losses.shape)}, expected ({self.n},)")
         if self.inner_products is not None and self.inner_products.shape != (self.n,):
             raise ValueError("GradStats: inner_products must have shape (n,)")
+        if (self.clip_norm is None) != (self.clipped_mean is None):
+            raise ValueError("GradStats: clip_norm and clipped_mean go together")
 
     # ------------------------------------------------------------------ views
     @property
@@ -106,10 +116,13 @@ class GradStats:
         *,
         var: bool = True,
         reference: Mapping[str, Tensor] | None = None,
+        clip_norm: float | None = None,
     ) -> "GradStats":
         """Statistics of materialised per-example gradients ``grads[name]: [n, *shape]``.
 
         When ``reference`` is given, ``inner_products`` holds p_i = ⟨g_i, r⟩.
+        When ``clip_norm`` C is given, ``clipped_mean`` holds
+        (1/n) Σ_i min(1, C/‖g_i‖) g_i, with ‖g_i‖ over all parameters.
         """
         if not grads:
             raise ValueError("GradStats.from_per_example needs at least one parameter")
@@ -126,8 +139,12 @@ class GradStats:
         inner = None
         if reference is not None:
             inner = sum((grads[k].reshape(n, -1) @ reference[k].reshape(-1)) for k in grads)
+        clipped = None
+        if clip_norm is not None:
+            factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
+            clipped = {k: torch.tensordot(factors, g, dims=1) / n for k, g in grads.items()}
         return cls(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses,
-                   inner_products=inner, reference=reference)
+                   inner_products=inner, reference=reference, clip_norm=clip_norm, clipped_mean=clipped)
 
     # ---------------------------------------------------------------- merging
     def merge(self, other: "GradStats") -> "GradStats":
@@ -137,6 +154,7 @@ class GradStats:
         μ = μ_a + δ·n_b/n and M2 = M2_a + M2_b + δ²·n_a·n_b/n.
         Inner products are kept only when both records share the same reference
         object (they are relative to it); otherwise the merged record has none.
+        Clipped means combine exactly when both records used the same ``clip_norm``.
         """
         if not isinstance(other, GradStats):
             raise TypeError(f"can only merge GradStats with GradStats, not {type(other).__name__}")
@@ -156,9 +174,14 @@ class GradStats:
         inner = None
         if same_ref and self.inner_products is not None and other.inner_products is not None:
             inner = torch.cat([self.inner_products, other.inner_products])
+        clip, clipped = None, None
+        if self.clip_norm is not None and self.clip_norm == other.clip_norm:
+            clip = self.clip_norm
+            clipped = {k: v + (other.clipped_mean[k] - v) * (nb / n) for k, v in self.clipped_mean.items()}
         return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq,
                          losses=torch.cat([self.losses, other.losses]),
-                         inner_products=inner, reference=self.reference if same_ref else None)
+                         inner_products=inner, reference=self.reference if same_ref else None,
+                         clip_norm=clip, clipped_mean=clipped)
 
     @staticmethod
     def merge_all(parts: "list[GradStats]") -> "GradStats":
@@ -180,7 +203,8 @@ class GradStats:
         return GradStats(n=self.n, mean=mvd(self.mean), m2=mvd(self.m2),
                          param_sq_norms=mvd(self.param_sq_norms), losses=mv(self.losses),
                          inner_products=None if self.inner_products is None else mv(self.inner_products),
-                         reference=mvd(self.reference))
+                         reference=mvd(self.reference), clip_norm=self.clip_norm,
+                         clipped_mean=mvd(self.clipped_mean))
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())

@@ -101,7 +101,7 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
 
 def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
                     chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
-                    progress: Callable[[int], None] | None = None) -> GradStats:
+                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None) -> GradStats:
     """:class:`GradStats` streamed over chunks: peak extra memory O(chunk_size × P + P).
 
     Each chunk's per-example gradients are reduced to statistics and merged
@@ -118,25 +118,28 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
         if inner_products and size >= batch.size:  # one chunk: ḡ is known before reducing
             grads, losses = grads_fn(batch)
             mean = {k: g.mean(0) for k, g in grads.items()}
-            stats = GradStats.from_per_example(grads, losses, var=var, reference=mean)
+            stats = GradStats.from_per_example(grads, losses, var=var, reference=mean, clip_norm=clip_norm)
             if progress is not None:
                 progress(batch.size)
             return stats
         devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices, enabled=inner_products):
-            stats = _stream(grads_fn, batch, size, var=var, reference=None, progress=progress)
+            stats = _stream(grads_fn, batch, size, var=var, reference=None, clip_norm=clip_norm,
+                            progress=progress)
         if not inner_products:
             return stats
         reference = stats.mean
-        with_inner = _stream(grads_fn, batch, size, var=False, reference=reference, progress=None)
+        with_inner = _stream(grads_fn, batch, size, var=False, reference=reference, clip_norm=None,
+                             progress=None)
         return dataclasses.replace(stats, inner_products=with_inner.inner_products, reference=reference)
 
 
-def _stream(grads_fn, batch: Batch, size: int, *, var: bool, reference, progress) -> GradStats:
+def _stream(grads_fn, batch: Batch, size: int, *, var: bool, reference, clip_norm, progress) -> GradStats:
     parts = []
     for chunk in batch.chunks(size):
         grads, losses = grads_fn(chunk)
-        parts.append(GradStats.from_per_example(grads, losses, var=var, reference=reference))
+        parts.append(GradStats.from_per_example(grads, losses, var=var, reference=reference,
+                                                clip_norm=clip_norm))
         del grads
         if progress is not None:
             progress(chunk.size)

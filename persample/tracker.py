@@ -1,0 +1,157 @@
+"""``Tracker``: per-example statistics in an existing training loop, by changing one line.
+
+Replace::
+
+    loss_fn(model(inputs), targets).backward()
+
+with::
+
+    stats = tracker.step(inputs, targets)
+
+``step`` adds the mean gradient ḡ = (1/B) Σ_i g_i into ``p.grad`` exactly as that
+backward would (accumulating into an existing ``.grad``, leaving frozen
+parameters' ``.grad`` as ``None``), so any optimizer, scheduler or gradient
+accumulation works unchanged; and it calls the registered hooks with the
+batch's :class:`GradStats`.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ._batch import Batch, as_batch
+from ._model import trainable_parameters
+from .api import compute_stats
+from .check import check_batch_mean
+from .stats import GradStats
+
+__all__ = ["Tracker"]
+
+Hook = Callable[["Tracker", GradStats], None]
+
+
+class Tracker:
+    """Drop-in replacement for ``loss.backward()`` that also yields per-example statistics.
+
+    Args:
+        model: the model being trained.
+        loss_fn: per-example loss, ``loss_fn(output, target)`` on a batch of one
+            (standard losses with ``reduction="mean"`` work as they are); on the
+            whole batch it must give the mean loss.
+        every: compute statistics (and call hooks) on steps 0, k, 2k, …; other
+            steps are a plain forward+backward with no per-example work.
+        clip_norm: per-example clipping C: ``p.grad += (1/B) Σ_i min(1, C/‖g_i‖) g_i``.
+            Statistics still describe the raw gradients. Clipping needs
+            per-example norms, so every step does per-example work.
+        chunk_size, randomness, engine, var, inner_products: as in
+            :func:`persample.grad_stats`. Random ops advance the global RNG as a
+            normal training step would.
+        check_every: every k-th step (k > 0) also asserts
+            :func:`persample.check_mean` on that batch, raising
+            :class:`persample.MeanMismatchError` on a mismatch.
+
+    A step is atomic: if it raises (bad input, the model, a hook, the check),
+    every ``p.grad`` is exactly as it was before the step.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
+                 clip_norm: float | None = None, chunk_size: int | None = None,
+                 randomness: str = "error", check_every: int = 0, engine: str = "auto",
+                 var: bool = True, inner_products: bool = False):
+        _require_int("every", every, minimum=1)
+        _require_int("check_every", check_every, minimum=0)
+        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        trainable_parameters(model)  # fail early on a model with nothing to train
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = every
+        self.clip_norm = clip_norm
+        self.check_every = check_every
+        self.stats_options = dict(chunk_size=chunk_size, randomness=randomness, engine=engine, var=var,
+                                  inner_products=inner_products)
+        self.steps = 0
+        self.last_stats: GradStats | None = None
+        self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
+
+    # ---------------------------------------------------------------- hooks
+    def register_hook(self, fn: Hook) -> RemovableHandle:
+        """Call ``fn(tracker, stats)`` after every step that computed statistics.
+
+        Hooks run in registration order, after ``p.grad`` has been written.
+        Returns a handle whose ``.remove()`` detaches the hook.
+        """
+        if not callable(fn):
+            raise TypeError(f"hook must be callable, got {type(fn).__name__}")
+        handle = RemovableHandle(self._hooks)
+        self._hooks[handle.id] = fn
+        return handle
+
+    # ----------------------------------------------------------------- step
+    def wants_stats(self, step: int | None = None) -> bool:
+        """Whether step ``step`` (default: the next one) computes statistics."""
+        step = self.steps if step is None else step
+        return step % self.every == 0
+
+    def step(self, inputs: Any, targets: Any = None) -> GradStats | None:
+        """One training step's gradients; returns this batch's GradStats, or None on plain steps."""
+        batch = as_batch(inputs, targets)
+        params = trainable_parameters(self.model)
+        saved = {name: p.grad for name, p in params.items()}
+        step = self.steps
+        with_stats = self.wants_stats(step)
+        checking = self.check_every > 0 and step % self.check_every == 0
+        try:
+            if with_stats or checking or self.clip_norm is not None:
+                stats = compute_stats(self.model, self.loss_fn, batch, clip_norm=self.clip_norm,
+                                      fork_rng=False, **self.stats_options)
+                if checking:
+                    check_batch_mean(self.model, self.loss_fn, batch, stats)
+                update = stats.mean if self.clip_norm is None else stats.clipped_mean
+                _accumulate(params, update, copy=True)  # stats' tensors must not alias p.grad
+            else:
+                stats = None
+                _accumulate(params, self._plain_gradient(batch, params), copy=False)
+            if with_stats:
+                self.last_stats = stats
+                for hook in list(self._hooks.values()):
+                    hook(self, stats)
+        except BaseException as err:
+            for name, p in params.items():
+                p.grad = saved[name]
+            if hasattr(err, "add_note"):
+                err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
+            raise
+        self.steps += 1
+        return stats if with_stats else None
+
+    def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+        """∇ of the mean loss, as ``loss.backward()`` would compute it (but not yet accumulated)."""
+        loss = batch.call(self.model, self.loss_fn)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return {name: g for name, g in zip(params, grads) if g is not None}
+
+    def __repr__(self) -> str:
+        return (f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
+                f"check_every={self.check_every}, steps={self.steps}, hooks={len(self._hooks)})")
+
+
+def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, copy: bool) -> None:
+    """``p.grad += update`` as autograd's AccumulateGrad does, but out of place (so it can be undone)."""
+    for name, g in update.items():
+        p = params[name]
+        g = g.detach().to(p.dtype)
+        if p.grad is not None:
+            p.grad = p.grad + g
+        else:
+            p.grad = g.clone() if copy else g
+
+
+def _require_int(name: str, value: Any, *, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer ≥ {minimum}, got {value!r}")
