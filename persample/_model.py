@@ -49,6 +49,11 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 "module) to use its running statistics; replace it with nn.GroupNorm or nn.LayerNorm; "
                 "or call torch.func.replace_all_batch_norm_modules_(model) to stop it tracking "
                 "running statistics.")
+        if isinstance(module, _BatchNorm) and module.running_mean is None:
+            raise UnsupportedModelError(
+                f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "
+                "it normalises with batch statistics even in eval mode, which couples the examples. "
+                "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.")
         if randomness == "error" and module.training:
             p = getattr(module, "p", 0.0) if isinstance(module, (_DropoutNd, nn.AlphaDropout)) else 0.0
             if isinstance(module, nn.RNNBase) and module.num_layers > 1:

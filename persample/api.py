@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from ._batch import Batch, as_batch
 from ._model import check_supported, preserved_state
 from ._progress import progress_bar
+from .engines.capture import NotExact
+from .engines.fast import fast_grad_stats
 from .engines.vmap import per_example_grads, vmap_grad_stats
 from .stats import GradStats
 
@@ -28,7 +30,7 @@ __all__ = ["per_sample_grads", "grad_stats", "ENGINES"]
 
 LossFn = Callable[..., Tensor]
 Randomness = Literal["error", "different", "same"]
-ENGINES = ("auto", "vmap")
+ENGINES = ("auto", "vmap", "fast")
 
 
 def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
@@ -74,7 +76,10 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         chunk_size: examples whose gradients are alive at once. Peak extra
             memory is O(chunk_size × P + P). ``None`` picks a chunk that holds
             at most 2**25 gradient numbers.
-        engine: one of :data:`ENGINES`.
+        engine: ``"vmap"`` (torch.func, exact for any model, streamed over
+            chunks), ``"fast"`` (one forward + backward with closed-form layer
+            rules; raises :class:`~persample.engines.capture.NotExact` where it
+            cannot be exact) or ``"auto"`` (fast when exact, otherwise vmap).
         var: compute the per-element variance (``m2``); ``False`` gives mean
             and norms only.
         inner_products: also compute p_i = ⟨g_i, ḡ⟩ (needed by the
@@ -104,11 +109,18 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
         raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
     check_supported(model, randomness)
-    with preserved_state(model, fork_rng=fork_rng), \
-            progress_bar(batch.size, "per-example grads", progress) as update:
-        return vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size,
-                               var=var, inner_products=inner_products, clip_norm=clip_norm,
-                               progress=update)
+    with preserved_state(model, fork_rng=fork_rng):
+        if engine in ("auto", "fast"):
+            try:
+                return fast_grad_stats(model, loss_fn, batch, randomness=randomness, var=var,
+                                       inner_products=inner_products, clip_norm=clip_norm)
+            except NotExact:
+                if engine == "fast":
+                    raise
+        with progress_bar(batch.size, "per-example grads", progress) as update:
+            return vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size,
+                                   var=var, inner_products=inner_products, clip_norm=clip_norm,
+                                   progress=update)
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

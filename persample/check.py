@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
 from ._model import preserved_state, trainable_parameters
-from .api import grad_stats
+from .api import compute_stats, grad_stats
 from .errors import MeanMismatchError
 from .stats import GradStats
 
@@ -106,12 +106,19 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     standard losses with their default ``mean`` reduction). Random ops make the
     two passes draw different values, so check models in ``eval()`` or without them.
 
+    The per-example gradients come from the ``vmap`` engine, which evaluates every
+    example on its own; a model that couples the examples of a batch fails here.
+    (The fast engine's mean *is* autograd's gradient by construction, so it
+    cannot test the invariant.)
+
     Args:
         rtol, atol: tolerances; by default from :func:`default_tolerances` for the
             parameters' dtype. A parameter passes when
             ‖ḡ − ∇‖_∞ ≤ atol + rtol·‖∇‖_∞.
-        stats: already computed statistics of this batch (skips recomputing them).
-        **grad_stats_kwargs: passed to :func:`persample.grad_stats`.
+        stats: already computed statistics of this batch (skips recomputing them;
+            they should come from ``engine="vmap"``).
+        **grad_stats_kwargs: passed to :func:`persample.grad_stats` (engine
+            defaults to ``"vmap"``, var to False).
 
     Returns:
         a :class:`MeanCheck` report when every parameter passes.
@@ -122,13 +129,18 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     """
     batch = as_batch(inputs, targets)
     if stats is None:
-        stats = grad_stats(model, loss_fn, inputs, targets, **grad_stats_kwargs)
+        options = {"engine": "vmap", "var": False, **grad_stats_kwargs}
+        stats = grad_stats(model, loss_fn, inputs, targets, **options)
     return check_batch_mean(model, loss_fn, batch, stats, rtol=rtol, atol=atol)
 
 
-def check_batch_mean(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, stats: GradStats, *,
-                     rtol: float | None = None, atol: float | None = None) -> MeanCheck:
-    """:func:`check_mean` for a validated batch and its already computed statistics."""
+def check_batch_mean(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch,
+                     stats: GradStats | None = None, *, rtol: float | None = None, atol: float | None = None,
+                     chunk_size: int | None = None, randomness: str = "error") -> MeanCheck:
+    """:func:`check_mean` for a validated batch (computing vmap statistics unless given)."""
+    if stats is None:
+        stats = compute_stats(model, loss_fn, batch, engine="vmap", var=False, chunk_size=chunk_size,
+                              randomness=randomness)
     with preserved_state(model):
         reference = autograd_mean_grad(model, loss_fn, batch)
     report = compare_means(stats.mean, reference, rtol=rtol, atol=atol)

@@ -52,8 +52,9 @@ class Tracker:
             :func:`persample.grad_stats`. Random ops advance the global RNG as a
             normal training step would.
         check_every: every k-th step (k > 0) also asserts
-            :func:`persample.check_mean` on that batch, raising
-            :class:`persample.MeanMismatchError` on a mismatch.
+            :func:`persample.check_mean` on that batch (per-example gradients from
+            the vmap engine, each example in isolation, against autograd),
+            raising :class:`persample.MeanMismatchError` on a mismatch.
 
     A step is atomic: if it raises (bad input, the model, a hook, the check),
     every ``p.grad`` is exactly as it was before the step.
@@ -111,7 +112,9 @@ class Tracker:
                 stats = compute_stats(self.model, self.loss_fn, batch, clip_norm=self.clip_norm,
                                       fork_rng=False, **self.stats_options)
                 if checking:
-                    check_batch_mean(self.model, self.loss_fn, batch, stats)
+                    check_batch_mean(self.model, self.loss_fn, batch,
+                                     chunk_size=self.stats_options["chunk_size"],
+                                     randomness=self.stats_options["randomness"])
                 update = stats.mean if self.clip_norm is None else stats.clipped_mean
                 _accumulate(params, update, copy=True)  # stats' tensors must not alias p.grad
             else:

@@ -194,4 +194,4 @@ def test_check_mean_report_and_tolerances():
     assert report64.rtol == 1e-7 and report64.max_rel_err < 1e-12
     with pytest.raises(MeanMismatchError):  # an impossible tolerance must fail on float32 noise
         persample.check_mean(_mlp(), F.cross_entropy, x, y, rtol=0.0, atol=0.0,
-                             stats=persample.grad_stats(_mlp(), F.cross_entropy, x, y, chunk_size=3))
+                             stats=persample.grad_stats(_mlp(), F.cross_entropy, x, y, engine="vmap", chunk_size=3))

@@ -1,0 +1,237 @@
+"""The ``fast`` engine: GradStats from one forward + backward, without B × P gradients.
+
+1. One ordinary forward of the batch; per-example losses L_i come from
+   ``vmap(loss_fn)`` over the model's output (only the loss is vmapped).
+2. One ``torch.autograd.grad`` of Σ_i L_i gives Σ_i g_i for every parameter,
+   while :mod:`.capture` records each unit's inputs and output gradients.
+3. Each parameter gets a :mod:`piece <.pieces>` from a closed-form layer rule
+   (:mod:`.rules`); modules without a rule get their per-example gradients from
+   ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its
+   captured inputs and output gradients — checked against autograd's sum.
+4. The pieces give norms, second moments (so the unbiased variance
+   M2 = Σ_i g_i∘g_i − B ḡ∘ḡ), inner products ⟨g_i, ḡ⟩ and clipped sums.
+
+Whenever this cannot be exact (a parameter used outside the modules that own
+it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
+that disagrees with autograd, random ops inside a fallback) the engine raises
+:class:`~.capture.NotExact`, and ``engine="auto"`` uses the vmap engine instead.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+
+from .._batch import Batch, one_example
+from .._model import detached_buffers, trainable_parameters, translate_vmap_error
+from ..stats import GradStats, clip_factors
+from ._rnn import rnn_modules_as_plain_ops
+from .capture import Call, NotExact, Unit, capturing, find_units
+from .pieces import DensePiece, Piece, combine_pieces
+from .rules import Layout, LayoutError
+from .vmap import _check_per_example_loss
+
+__all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
+
+
+def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, *,
+                    randomness: str = "error", var: bool = True, inner_products: bool = False,
+                    clip_norm: float | None = None) -> GradStats:
+    """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
+
+    Peak extra memory is O(P + activations): the captured activations and
+    output gradients, plus chunks of at most 2**24 gradient numbers where a
+    piece has to be materialised (tied weights across layer kinds, var on
+    sequences).
+    """
+    if randomness == "same" and _has_random_modules(model):
+        raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward")
+    params = trainable_parameters(model)
+    units = find_units(model)
+    with torch.enable_grad(), capturing(units, model, batch.size) as watcher:
+        output = model(*batch.args, **batch.kwargs)
+        losses = per_example_losses(loss_fn, output, batch)
+        if watcher.escape is not None:
+            raise NotExact(watcher.escape)
+        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+    sums = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
+    layout = Layout(batch.size, dim_zero_moved=watcher.batch_dim_moved is not None)
+    pieces = _pieces_by_parameter(units, params, sums, layout)
+    return reduce_pieces(pieces, sums, losses.detach(), var=var, inner_products=inner_products,
+                         clip_norm=clip_norm)
+
+
+def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> Tensor:
+    """L_i = loss_fn(output_i[None], target_i[None]) for every example, differentiably: ``[B]``."""
+    leaves, spec = tree_flatten(output)
+    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size for t in leaves]
+    if not any(batched):
+        raise NotExact("the model's output has no tensor batched on dim 0")
+    leaf_dims = [0 if b else None for b in batched]
+
+    def one(leaves, target):
+        out = tree_unflatten([t.unsqueeze(0) if b else t for t, b in zip(leaves, batched)], spec)
+        loss = loss_fn(out) if batch.targets is None else loss_fn(out, one_example(target))
+        return _check_per_example_loss(loss)
+
+    # vmap over the flat leaves: rebuilding containers such as Hugging Face ModelOutput with None
+    # in_dims would drop their None fields and no longer match the output's structure.
+    target_dims = None if batch.targets is None else 0
+    return vmap(one, in_dims=(leaf_dims, target_dims))(leaves, batch.targets)
+
+
+def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], sums: dict[str, Tensor],
+                         layout: Layout) -> dict[str, Piece]:
+    batch_size = layout.size
+    by_id = {id(p): name for name, p in params.items()}
+    collected: dict[str, list[Piece]] = {}
+    for unit in units:
+        for call in unit.calls:
+            if not call.out_grads:
+                continue  # this call's output never reached the loss
+            found = (_rule_pieces(unit, call, layout) if unit.rule is not None
+                     else _fallback_pieces(unit, call, batch_size))
+            for local_name, piece in found.items():
+                collected.setdefault(by_id[id(unit.params[local_name])], []).append(piece)
+    pieces = {}
+    for name, p in params.items():
+        parts = collected.get(name)
+        pieces[name] = (combine_pieces(parts) if parts
+                        else DensePiece(p.new_zeros(batch_size, *p.shape)))
+    _check_fallback_sums(units, pieces, sums, by_id)
+    return pieces
+
+
+def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
+    leaves, _ = tree_flatten(call.output)
+    if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
+        raise NotExact(f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule "
+                       "does not cover")
+    x = call.args[0].detach()
+    if call.broadcast:
+        x = x.expand(layout.size, *x.shape[1:])
+    try:
+        return unit.rule.compute(unit.module, x, call.out_grads[0], layout)
+    except LayoutError as err:
+        raise NotExact(f"module {unit.name or '<root>'}: {err}") from None
+
+
+def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, batch_size: int):
+    """The batch dim of every input and output leaf of one call (None: shared by all examples).
+
+    Recurrent modules keep their states batched on dim 1, and modules with
+    ``batch_first=False`` their sequences too; anything else is batched on
+    dim 0 when its dim 0 has the batch's size.
+    """
+    def default(t):
+        return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch_size else None
+
+    in_dims, out_dims = [default(t) for t in in_leaves], [default(t) for t in out_leaves]
+    sequence_dim = 0 if getattr(module, "batch_first", True) else 1
+    if isinstance(module, nn.RNNBase):
+        in_dims = [sequence_dim if i == 0 else 1 for i, t in enumerate(in_leaves) if True]
+        in_dims = [d if isinstance(t, Tensor) else None for d, t in zip(in_dims, in_leaves)]
+        out_dims = [sequence_dim if i == 0 else 1 for i in range(len(out_leaves))]
+    elif isinstance(module, nn.MultiheadAttention) and sequence_dim == 1:
+        tensors = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
+        for i in tensors[:3]:  # query, key, value
+            in_dims[i] = 1
+        out_dims[0] = 1
+    for t, d in zip(in_leaves + out_leaves, in_dims + out_dims):
+        if d is not None and (t.dim() <= d or t.shape[d] != batch_size):
+            raise NotExact(f"module {type(module).__name__}: a tensor of shape {tuple(t.shape)} is not "
+                           f"batched on dim {d}")
+    return in_dims, out_dims
+
+
+def _fallback_pieces(unit: Unit, call: Call, batch_size: int) -> dict[str, Piece]:
+    """Per-example gradients of a rule-less module: vmap over the vjp of the module alone."""
+    label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
+    out_leaves, out_spec = tree_flatten(call.output)
+    in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
+    in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
+    in_dims, out_dims = _fallback_batch_dims(unit.module, in_leaves, out_leaves, batch_size)
+    for leaf, d in zip(out_leaves, out_dims):
+        if isinstance(leaf, Tensor) and d is None:
+            raise NotExact(f"module {label} returns a tensor of shape {tuple(leaf.shape)} that is not "
+                           f"batched over the {batch_size} examples")
+    tensor_outputs = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]
+    cotangents = [call.out_grads.get(i, torch.zeros_like(out_leaves[i])) for i in tensor_outputs]
+    cotangent_dims = [out_dims[i] for i in tensor_outputs]
+    params = {n: p.detach() for n, p in unit.params.items()}
+    frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in params}
+    buffers = detached_buffers(unit.module)
+
+    def batch_of_one(leaves, dims):
+        return [t.unsqueeze(d) if d is not None else t for t, d in zip(leaves, dims)]
+
+    def tensor_outputs_of(p, args, kwargs):
+        leaves, _ = tree_flatten(functional_call(unit.module, (p, frozen, buffers), args, kwargs))
+        return [leaves[i] for i in tensor_outputs]
+
+    def one_example_grads(params, leaves, cotangent):
+        args, kwargs = tree_unflatten(batch_of_one(leaves, in_dims), in_spec)
+        _, pullback = vjp(lambda p: tensor_outputs_of(p, args, kwargs), params)
+        return pullback(batch_of_one(cotangent, cotangent_dims))[0]
+
+    try:
+        with torch.no_grad(), rnn_modules_as_plain_ops(unit.module):
+            per_example = vmap(one_example_grads, in_dims=(None, in_dims, cotangent_dims), randomness="error")(
+                params, in_leaves, cotangents)
+    except Exception as err:  # random ops, unsupported batching, data-dependent control flow
+        clearer = translate_vmap_error(err) if isinstance(err, RuntimeError) else None
+        raise NotExact(f"module {label} has no closed-form rule and torch.func could not isolate it: "
+                       f"{clearer or err}") from err
+    return {n: DensePiece(g) for n, g in per_example.items()}
+
+
+def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], sums: dict[str, Tensor],
+                         by_id: dict[int, str]) -> None:
+    """A fallback is exact only if Σ_i g_i equals autograd's gradient (batch dim really dim 0)."""
+    for unit in units:
+        if unit.rule is not None:
+            continue
+        for p in unit.params.values():
+            name = by_id[id(p)]
+            piece, total = pieces[name], sums[name]
+            if not isinstance(piece, DensePiece):
+                continue  # mixed with rule pieces: checked through the rule units' exactness
+            got = piece.per_example.sum(0)
+            scale = total.abs().max().item()
+            tol = (1e-5 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
+            if (got - total).abs().max().item() > tol:
+                raise NotExact(f"per-example gradients of {name!r} from torch.func do not add up to "
+                               "autograd's gradient: the module does not keep examples apart on dim 0")
+
+
+def reduce_pieces(pieces: dict[str, Piece], sums: dict[str, Tensor], losses: Tensor, *, var: bool,
+                  inner_products: bool, clip_norm: float | None) -> GradStats:
+    """GradStats from per-parameter pieces and autograd's Σ_i g_i.
+
+    ḡ = Σ_i g_i / B; M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
+    """
+    n = losses.shape[0]
+    mean = {name: total / n for name, total in sums.items()}
+    sq = {name: piece.sq_norms() for name, piece in pieces.items()}
+    m2 = None
+    if var:
+        m2 = {name: (piece.second_moment() - n * mean[name].pow(2)).clamp_min(0)
+              for name, piece in pieces.items()}
+    inner = None
+    if inner_products:
+        inner = sum(piece.inner(mean[name]) for name, piece in pieces.items())
+    clipped = None
+    if clip_norm is not None:
+        factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
+        clipped = {name: piece.weighted_sum(factors) / n for name, piece in pieces.items()}
+    return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses, inner_products=inner,
+                     reference=mean if inner_products else None, clip_norm=clip_norm, clipped_mean=clipped)
+
+
+def _has_random_modules(model: nn.Module) -> bool:
+    from torch.nn.modules.dropout import _DropoutNd
+    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())

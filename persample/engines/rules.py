@@ -1,0 +1,240 @@
+"""Closed-form layer rules for the fast engine.
+
+A rule turns one call of a module — its input ``x`` and the gradient ``gy`` of
+its output with respect to the summed per-example loss (so unscaled) — into a
+:class:`~persample.engines.pieces.Piece` per parameter. Rules match by
+``isinstance``, so subclasses are covered; a module whose parameters are not
+exactly the rule's own (for example a parametrised weight) gets no rule.
+
+| module                        | per-example gradient of example i                          |
+|-------------------------------|------------------------------------------------------------|
+| Linear, HF Conv1D             | W: Σ_t b_t a_tᵀ;  bias: Σ_t b_t                            |
+| Conv1d/2d/3d                  | the same on unfolded input patches (t = output location)   |
+| Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
+| LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
+| BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .pieces import DensePiece, OuterPiece, Piece, RowsPiece
+
+__all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
+
+
+class LayoutError(ValueError):
+    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The batch size, and whether the forward moved dim 0 (then equal sizes are ambiguous)."""
+
+    size: int
+    dim_zero_moved: bool = False
+
+
+def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positions_to: int, what: str) -> None:
+    """``t`` must have the batch on dim 0.
+
+    If the forward moved some tensor's dim 0 (a transpose, permute, stack, …), a
+    position dim of the batch's size could be the real batch dim: ambiguous.
+    """
+    if t.dim() == 0 or t.shape[0] != batch.size:
+        raise LayoutError(f"{what} has shape {tuple(t.shape)}: dim 0 is not the batch of {batch.size}")
+    if batch.dim_zero_moved and any(size == batch.size for size in t.shape[positions_from:positions_to]):
+        raise LayoutError(f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
+                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous")
+
+
+def _sequence(t: Tensor, batch: Layout, feature_dims: int, what: str) -> Tensor:
+    """``[B, *positions, *features]`` → ``[B, T, prod(features)]`` after checking the layout."""
+    _check_batch_first(t, batch, positions_from=1, positions_to=t.dim() - feature_dims, what=what)
+    return t.reshape(batch.size, -1, math.prod(t.shape[t.dim() - feature_dims:]))
+
+
+def _channels(t: Tensor, batch: Layout, what: str) -> Tensor:
+    """``[B, C, *spatial]`` → ``[B, C, L]`` after checking the layout."""
+    _check_batch_first(t, batch, positions_from=1, positions_to=1, what=what)
+    return t.reshape(batch.size, t.shape[1], -1)
+
+
+def _bias_piece(module: nn.Module, per_example: Tensor) -> dict[str, Piece]:
+    bias = getattr(module, "bias", None)
+    return {"bias": DensePiece(per_example)} if isinstance(bias, nn.Parameter) and bias.requires_grad else {}
+
+
+def _weight_pieces(module: nn.Module, weight: Callable[[], Piece]) -> dict[str, Piece]:
+    w = getattr(module, "weight", None)
+    return {"weight": weight()} if isinstance(w, nn.Parameter) and w.requires_grad else {}
+
+
+# ------------------------------------------------------------------------------------ rules
+
+def linear_rule(module: nn.Linear, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """y = x Wᵀ + b on ``[B, *, d]``: W_i = Σ_t b_t a_tᵀ, bias_i = Σ_t b_t."""
+    a, b = _sequence(x, batch, 1, "Linear input"), _sequence(gy, batch, 1, "Linear output gradient")
+    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape)),
+            **_bias_piece(module, b.sum(1))}
+
+
+def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """Hugging Face ``Conv1D``: y = x W + b with W stored as d × p (a transposed Linear)."""
+    a, b = _sequence(x, batch, 1, "Conv1D input"), _sequence(gy, batch, 1, "Conv1D output gradient")
+    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True)),
+            **_bias_piece(module, b.sum(1))}
+
+
+def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """Input patches of an N-d convolution: ``[B, L, C_in · prod(kernel)]`` (L output locations).
+
+    Column order matches ``weight.reshape(C_out, -1)`` (channel-major, then kernel
+    positions), so one group's weight gradient is Σ_l b_lᵀ patch_l.
+    """
+    spatial = x.dim() - 2
+    if isinstance(conv.padding, str):  # 'same' / 'valid'
+        pads = [0] * spatial if conv.padding == "valid" else None
+        if pads is None:
+            pads = []
+            for k, d in zip(conv.kernel_size, conv.dilation):
+                total = d * (k - 1)
+                pads.append((total // 2, total - total // 2))
+        pairs = [(p, p) if isinstance(p, int) else p for p in pads]
+    else:
+        pairs = [(p, p) for p in conv.padding]
+    pad_arg = [v for pair in reversed(pairs) for v in pair]  # F.pad wants the last dim first
+    if any(pad_arg):
+        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+        x = F.pad(x, pad_arg, mode=mode)
+    for dim, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
+        x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]
+    # x: [B, C, *out, *k]  →  [B, *out, C, *k]
+    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
+    x = x.permute(order)
+    locations = math.prod(x.shape[1:1 + spatial])
+    return x.reshape(x.shape[0], locations, -1)
+
+
+def conv_rule(module: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """Convolution as a Linear on unfolded patches; groups split the weight into blocks."""
+    b = _channels(gy, batch, "Conv output gradient").transpose(1, 2)  # [B, L, C_out]
+
+    def weight_piece() -> Piece:
+        _check_batch_first(x, batch, positions_from=1, positions_to=1, what="Conv input")
+        patches = unfold_patches(module, x)  # [B, L, C_in · k]
+        groups = module.groups
+        if groups == 1:
+            return OuterPiece(patches, b, module.weight.shape)
+        c_out = module.out_channels // groups
+        a_blocks = patches.reshape(batch.size, patches.shape[1], groups, -1)
+        b_blocks = b.reshape(batch.size, b.shape[1], groups, c_out)
+        per_example = torch.einsum("blgo,blgi->bgoi", b_blocks, a_blocks)
+        return DensePiece(per_example.reshape(batch.size, *module.weight.shape))
+
+    return {**_weight_pieces(module, weight_piece), **_bias_piece(module, b.sum(1))}
+
+
+def embedding_rule(module: nn.Embedding, ids: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """Rows of W: g_i = Σ_t e_{id_t} b_tᵀ (padding_idx rows get nothing)."""
+    _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding input")
+    grad = _sequence(gy, batch, 1, "Embedding output gradient")
+    return _weight_pieces(module, lambda: RowsPiece(ids.reshape(batch.size, -1), grad, module.weight.shape,
+                                                    module.padding_idx))
+
+
+def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor) -> dict[str, Piece]:
+    """γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t; x̂ and b are ``[B, T, *param_shape]``."""
+    return {**_weight_pieces(module, lambda: DensePiece((gy * x_hat).sum(1))), **_bias_piece(module, gy.sum(1))}
+
+
+def layer_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """LayerNorm / RMSNorm over the trailing ``normalized_shape`` dims."""
+    shape = tuple(module.normalized_shape)
+    with torch.no_grad():
+        if isinstance(module, nn.LayerNorm):
+            x_hat = F.layer_norm(x, shape, eps=module.eps)
+        else:
+            x_hat = F.rms_norm(x, shape, eps=module.eps)
+    k = len(shape)
+    flat = lambda t, what: _sequence(t, batch, k, what).reshape(batch.size, -1, *shape)  # noqa: E731
+    return _affine_pieces(module, flat(x_hat, "norm input"), flat(gy, "norm output gradient"))
+
+
+def group_norm_rule(module: nn.GroupNorm, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """GroupNorm on ``[B, C, *]``: per-channel γ, β."""
+    with torch.no_grad():
+        x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
+    return _affine_pieces(module, _channels(x_hat, batch, "GroupNorm input").transpose(1, 2),
+                          _channels(gy, batch, "GroupNorm output gradient").transpose(1, 2))
+
+
+def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """Eval-mode BatchNorm: x̂ = (x − running_mean)/sqrt(running_var + eps), per channel."""
+    with torch.no_grad():
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+    return _affine_pieces(module, _channels(x_hat, batch, "BatchNorm input").transpose(1, 2),
+                          _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------- matching
+
+@dataclass(frozen=True)
+class Rule:
+    """A closed form for modules of ``types`` whose parameters are among ``params``."""
+
+    name: str
+    types: tuple
+    params: tuple
+    compute: Callable[..., dict[str, Piece]]
+    accepts: Callable[[nn.Module], bool] = lambda m: True
+
+
+def _hf_conv1d_type() -> tuple:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # transformers is optional
+        return ()
+    return (Conv1D,)
+
+
+def _rules() -> list[Rule]:
+    rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+    return [
+        Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule),
+        Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight", "bias"), conv_rule),
+        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule,
+             lambda m: m.max_norm is None and not m.sparse and not m.scale_grad_by_freq),
+        Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule),
+        Rule("group_norm", (nn.GroupNorm,), ("weight", "bias"), group_norm_rule),
+        Rule("batch_norm_eval", (_BatchNorm,), ("weight", "bias"), batch_norm_eval_rule,
+             lambda m: not m.training and m.running_mean is not None),
+        Rule("hf_conv1d", _hf_conv1d_type(), ("weight", "bias"), hf_conv1d_rule),
+    ]
+
+
+_RULES: list[Rule] | None = None
+
+
+def find_rule(module: nn.Module) -> Rule | None:
+    """The rule for ``module``, if its class matches and its parameters are the rule's own."""
+    global _RULES
+    if _RULES is None:
+        _RULES = _rules()
+    for rule in _RULES:
+        if rule.types and isinstance(module, rule.types):
+            direct = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+            nested = any(p.requires_grad for c in module.children() for p in c.parameters())
+            if direct and direct <= set(rule.params) and not nested and rule.accepts(module):
+                return rule
+            return None
+    return None

@@ -1,0 +1,267 @@
+"""The fast engine equals the vmap engine and the oracle; where it cannot be exact it says so."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+from persample.engines import pieces as pieces_module
+from persample.engines.capture import NotExact
+
+from zoo import CASE_IDS, CASES, assert_dicts_close, oracle_grads
+
+
+def _stats(model, loss_fn, x, y, engine, **kw):
+    return persample.grad_stats(model, loss_fn, x, y, engine=engine, inner_products=True, clip_norm=0.7, **kw)
+
+
+def assert_same_stats(fast, ref, rtol=1e-9, atol=1e-11):
+    assert fast.n == ref.n
+    assert_dicts_close(fast.mean, ref.mean, rtol, atol)
+    assert_dicts_close(fast.var, ref.var, rtol, atol)
+    assert_dicts_close(fast.param_sq_norms, ref.param_sq_norms, rtol, atol)
+    assert_dicts_close(fast.clipped_mean, ref.clipped_mean, rtol, atol)
+    torch.testing.assert_close(fast.inner_products, ref.inner_products, rtol=rtol, atol=atol)
+    torch.testing.assert_close(fast.losses, ref.losses, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("batch", [5, 6])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_equals_vmap_on_the_zoo(case, batch):
+    model, x, y = case.instantiate(batch=batch)
+    assert_same_stats(_stats(model, case.loss_fn, x, y, "fast"), _stats(model, case.loss_fn, x, y, "vmap"))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_equals_the_oracle(case):
+    model, x, y = case.instantiate(batch=4)
+    grads, losses = oracle_grads(model, case.loss_fn, x, y)
+    stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast")
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)
+    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(4, -1).pow(2).sum(1) for k, g in grads.items()})
+    torch.testing.assert_close(stats.losses, losses)
+
+
+def _conv_variants():
+    return [
+        nn.Conv1d(3, 4, 3, stride=2, dilation=2, padding=1),
+        nn.Conv1d(3, 6, 4, padding="same", padding_mode="reflect", groups=3),
+        nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), bias=False),
+        nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", groups=3),
+        nn.Conv2d(3, 4, 3, padding="same", dilation=2, padding_mode="replicate"),
+        nn.Conv3d(3, 2, 2, stride=(1, 2, 1)),
+    ]
+
+
+@pytest.mark.parametrize("conv", _conv_variants(), ids=lambda c: repr(c))
+def test_convolution_rule_variants(conv):
+    torch.manual_seed(0)
+    spatial = {nn.Conv1d: (9,), nn.Conv2d: (7, 6), nn.Conv3d: (5, 4, 5)}[type(conv)]
+    model = nn.Sequential(conv, nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(4, 3, *spatial, dtype=torch.float64)
+    model(x)
+    y = torch.randn(4, 2, dtype=torch.float64)
+    assert_same_stats(_stats(model, F.mse_loss, x, y, "fast"), _stats(model, F.mse_loss, x, y, "vmap"))
+
+
+class SequenceModel(nn.Module):
+    def __init__(self, d, p, norm):
+        super().__init__()
+        self.embed = nn.Embedding(11, d, padding_idx=0)
+        self.norm = norm
+        self.proj = nn.Linear(d, p)
+        self.head = nn.Linear(p, 2)
+
+    def forward(self, tokens):
+        h = self.proj(self.norm(self.embed(tokens)))
+        return self.head(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("d, p, length", [(8, 8, 2), (4, 4, 20), (6, 3, 1)], ids=["ghost", "materialise", "T=1"])
+@pytest.mark.parametrize("norm", ["layer", "rms", "layer2d"])
+def test_sequence_rules_ghost_and_materialised_paths(d, p, length, norm):
+    torch.manual_seed(1)
+    layer = {"layer": nn.LayerNorm(d), "rms": nn.RMSNorm(d, eps=1e-5),
+             "layer2d": nn.Sequential(nn.Unflatten(-1, (2, d // 2)), nn.LayerNorm((2, d // 2)), nn.Flatten(-2))}[norm]
+    model = SequenceModel(d, p, layer).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                m.weight.uniform_(0.5, 1.5)
+    tokens = torch.randint(0, 11, (5, length))
+    tokens[0, 0] = 0  # padding_idx gets no gradient
+    y = torch.randn(5, 2, dtype=torch.float64)
+    assert_same_stats(_stats(model, F.mse_loss, tokens, y, "fast"), _stats(model, F.mse_loss, tokens, y, "vmap"))
+
+
+def test_subclasses_are_matched_by_isinstance():
+    class MyLinear(nn.Linear):
+        pass
+
+    from persample.engines.rules import find_rule
+    assert find_rule(MyLinear(2, 3)).name == "linear"
+    assert find_rule(nn.ConvTranspose2d(2, 3, 3)) is None  # not a Conv2d: falls back to torch.func
+
+
+def test_mlp_statistics_never_materialise_per_example_gradients(monkeypatch):
+    def forbidden(self, start, stop):
+        raise AssertionError("materialised B x P gradients")
+
+    monkeypatch.setattr(pieces_module.OuterPiece, "materialize", forbidden)
+    monkeypatch.setattr(pieces_module.Piece, "materialize", forbidden)
+    case = CASES[CASE_IDS.index("mlp")]
+    model, x, y = case.instantiate(batch=8)
+    stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast", inner_products=True, clip_norm=1.0)
+    assert stats.var is not None and stats.inner_products is not None
+
+
+def test_var_false_gives_mean_and_norms_only():
+    case = CASES[CASE_IDS.index("cnn_groupnorm_pool")]
+    model, x, y = case.instantiate()
+    stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast", var=False)
+    assert stats.var is None
+    ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap")
+    assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
+
+
+# --------------------------------------------------------------- where fast cannot be exact
+
+class EscapedTie(nn.Module):
+    """Uses the embedding's weight in its own forward, outside the Embedding module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return torch.tanh(self.mix(self.embed(tokens))) @ self.embed.weight.T
+
+
+class TimeMajor(nn.Module):
+    """Moves the batch to dim 1 before a Linear (as old sequence code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [B, T, 3]
+        h = torch.tanh(self.inp(x.transpose(0, 1)))  # [T, B, 4]
+        return self.out(h.mean(0))
+
+
+class BroadcastMisuse(nn.Module):
+    """A position embedding whose broadcast output is reduced over its own batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(6, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):  # x: [B, 6, 4]
+        positions = self.pos(torch.arange(6).unsqueeze(0))  # [1, 6, 4]
+        return self.out(x.mean(1) + positions.sum(0).sum(0))
+
+
+class NotBatchFirst(nn.Module):
+    """A rule-less module whose output puts the batch on dim 1."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):  # [B, T, 3] -> [T, B, 2]
+        return (x @ self.w).transpose(0, 1)
+
+
+class WrapsNotBatchFirst(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.core = NotBatchFirst()
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.head(self.core(x).mean(0))
+
+
+class DropoutInFallback(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        return F.dropout(x @ self.w, 0.3, training=True)
+
+
+NOT_EXACT = [
+    ("escaped_tie", EscapedTie, lambda: (torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5, 3))),
+     lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()), "outside the module"),
+    ("time_major_T_ne_B", TimeMajor, lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)), F.mse_loss,
+     "dim 0 is not the batch"),
+    ("time_major_T_eq_B", TimeMajor, lambda: (torch.randn(5, 5, 3), torch.randn(5, 2)), F.mse_loss,
+     "ambiguous"),
+    ("broadcast_misuse", BroadcastMisuse, lambda: (torch.randn(5, 6, 4), torch.randn(5, 2)), F.mse_loss,
+     "broadcast"),
+    ("fallback_not_batch_first", WrapsNotBatchFirst, lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)),
+     F.mse_loss, "not batched"),
+]
+
+
+@pytest.mark.parametrize("name, build, batch, loss_fn, message", NOT_EXACT, ids=[c[0] for c in NOT_EXACT])
+def test_not_exact_is_reported_and_auto_falls_back_to_vmap(name, build, batch, loss_fn, message):
+    torch.manual_seed(0)
+    model = build().double()
+    x, y = batch()
+    x = x.double() if x.is_floating_point() else x
+    y = y.double() if y.is_floating_point() else y
+    with pytest.raises(NotExact, match=message):
+        persample.grad_stats(model, loss_fn, x, y, engine="fast")
+    auto = persample.grad_stats(model, loss_fn, x, y, engine="auto")
+    grads, _ = oracle_grads(model, loss_fn, x, y)
+    assert_dicts_close(auto.mean, {k: g.mean(0) for k, g in grads.items()})
+    assert_dicts_close(auto.param_sq_norms, {k: g.reshape(5, -1).pow(2).sum(1) for k, g in grads.items()})
+
+
+def test_random_ops_inside_a_fallback_are_not_exact():
+    torch.manual_seed(0)
+    model = nn.Sequential(DropoutInFallback(), nn.Linear(3, 2))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(NotExact, match="random operation"):
+        persample.grad_stats(model, F.mse_loss, x, y, engine="fast", randomness="different")
+
+
+def test_dropout_in_rule_layers_is_exact_for_the_masks_drawn():
+    """With randomness='different' the fast engine sees the batch's own dropout masks."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast", randomness="different")
+    assert stats.n == 6 and all(torch.isfinite(v).all() for v in stats.var.values())
+
+
+def test_hooks_are_removed_even_when_the_model_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            self.lin(x)
+            raise RuntimeError("boom")
+
+    model = Boom()
+    with pytest.raises(RuntimeError, match="boom"):
+        persample.grad_stats(model, F.mse_loss, torch.randn(4, 3), torch.randn(4, 3), engine="fast")
+    assert not model.lin._forward_hooks and not model.lin._forward_pre_hooks
+
+
+def test_auto_is_what_tracker_uses_and_matches_backward():
+    case = CASES[CASE_IDS.index("hf_gpt2")]
+    model, x, y = case.instantiate()
+    tracker = persample.Tracker(model, case.loss_fn)
+    assert tracker.stats_options["engine"] == "auto"
+    stats = tracker.step(x, y)
+    ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap")
+    assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
