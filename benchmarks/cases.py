@@ -1,0 +1,168 @@
+"""Benchmark cases: seeded models and batches, each scored by a per-example loss.
+
+Every case builds a :class:`Problem` from a fixed seed, so that every method
+sees the same weights and the same batch. ``loss_fn(output, targets)`` follows
+persample's convention: called on ONE example it returns that example's scalar
+loss L_i; called on the whole batch it returns the mean loss (1/B) Σ_i L_i,
+which is what a normal training step differentiates.
+
+All models are in training mode with no dropout and no BatchNorm, so that
+per-example gradients are well defined for every method (Opacus only records
+activations of modules in training mode).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Problem", "Case", "all_cases", "select_cases"]
+
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A built case: the model, one batch, and the per-example loss."""
+
+    model: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    loss_fn: Callable[[object, Tensor], Tensor]
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def mean_loss(self, model: nn.Module | None = None) -> Tensor:
+        """The mean loss of the batch under ``model`` (default: this problem's model)."""
+        return self.loss_fn((model or self.model)(self.inputs), self.targets)
+
+
+@dataclass(frozen=True)
+class Case:
+    """A model family at one batch size; ``build(device)`` returns a fresh, seeded :class:`Problem`."""
+
+    name: str
+    batch_size: int
+    description: str
+    builder: Callable[[int], Problem]
+    quick: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-b{self.batch_size}"
+
+    def build(self, device: str | torch.device = "cpu") -> Problem:
+        torch.manual_seed(SEED)
+        problem = self.builder(self.batch_size)
+        return dataclasses.replace(problem, model=problem.model.to(device),
+                                   inputs=problem.inputs.to(device), targets=problem.targets.to(device))
+
+
+# ----------------------------------------------------------------- losses
+def classification_loss(output: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy, mean over the examples given."""
+    return F.cross_entropy(output, targets)
+
+
+def next_token_loss(output, tokens: Tensor) -> Tensor:
+    """Next-token cross-entropy, mean over every predicted token.
+
+    Every sequence has the same length, so on a batch this is the mean of the
+    per-example losses.
+    """
+    logits = output.logits if hasattr(output, "logits") else output
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+# ----------------------------------------------------------------- models
+def mlp_problem(batch_size: int) -> Problem:
+    """MLP 784-512-512-10 with ReLU on MNIST-shaped random inputs."""
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                          nn.Linear(512, 10))
+    x = torch.randn(batch_size, 784)
+    y = torch.randint(0, 10, (batch_size,))
+    return Problem(model, x, y, classification_loss)
+
+
+def cnn_problem(batch_size: int) -> Problem:
+    """MNIST-style CNN: conv5x5(16)-pool-conv5x5(32)-pool-Linear(512, 128)-Linear(128, 10)."""
+    model = nn.Sequential(
+        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+    x = torch.randn(batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (batch_size,))
+    return Problem(model, x, y, classification_loss)
+
+
+class LSTMClassifier(nn.Module):
+    """Embedding → one-layer LSTM → Linear on the last hidden state."""
+
+    def __init__(self, vocab: int = 1000, embed: int = 64, hidden: int = 128, classes: int = 10):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out, _ = self.lstm(self.embedding(tokens))
+        return self.head(out[:, -1])
+
+
+def lstm_problem(batch_size: int, seq_len: int = 32) -> Problem:
+    """LSTM classifier (vocab 1000, embedding 64, hidden 128, 10 classes) on sequences of 32 tokens."""
+    model = LSTMClassifier()
+    tokens = torch.randint(0, 1000, (batch_size, seq_len))
+    y = torch.randint(0, 10, (batch_size,))
+    return Problem(model, tokens, y, classification_loss)
+
+
+def gpt2_problem(batch_size: int, *, layers: int = 4, width: int = 256, heads: int = 4,
+                 vocab: int = 1000, seq_len: int = 128) -> Problem:
+    """Hugging Face GPT-2 LM built from a config (no download), next-token loss on random tokens."""
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=seq_len,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+        bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.train()  # dropout is 0; training mode so that Opacus records activations
+    tokens = torch.randint(0, vocab, (batch_size, seq_len))
+    return Problem(model, tokens, tokens, next_token_loss)
+
+
+def small_gpt2_problem(batch_size: int) -> Problem:
+    """The ``--quick`` GPT-2: 2 layers, width 128, T = 64."""
+    return gpt2_problem(batch_size, layers=2, width=128, heads=2, seq_len=64)
+
+
+def all_cases(quick: bool = False) -> list[Case]:
+    """The cases of a full run, or of a ``--quick`` run."""
+    full = [
+        Case("mlp", 32, "MLP 784-512-512-10", mlp_problem, quick=True),
+        Case("mlp", 128, "MLP 784-512-512-10", mlp_problem),
+        Case("cnn", 32, "CNN conv5x5(16)-conv5x5(32)-Linear-Linear", cnn_problem, quick=True),
+        Case("cnn", 128, "CNN conv5x5(16)-conv5x5(32)-Linear-Linear", cnn_problem),
+        Case("lstm", 32, "Embedding(1000, 64)-LSTM(128)-Linear, T=32", lstm_problem, quick=True),
+        Case("gpt2", 16, "HF GPT-2, 4 layers, width 256, vocab 1000, T=128", gpt2_problem),
+    ]
+    if not quick:
+        return full
+    small_gpt2 = Case("gpt2-small", 8, "HF GPT-2, 2 layers, width 128, vocab 1000, T=64",
+                      small_gpt2_problem, quick=True)
+    return [c for c in full if c.quick] + [small_gpt2]
+
+
+def select_cases(cases: list[Case], patterns: list[str] | None) -> list[Case]:
+    """Cases whose label (``name-bB``) contains any of ``patterns`` (all when none are given)."""
+    if not patterns:
+        return list(cases)
+    return [c for c in cases if any(p in c.label for p in patterns)]
