@@ -5,11 +5,15 @@ The model is split into *units*: a module with a closed-form rule
 (a *fallback* unit, which covers its whole subtree). For each call of a unit,
 :func:`capturing` records the call's inputs and, through tensor hooks on its
 outputs (not ``register_full_backward_hook``, which breaks in-place ops), the
-gradients of those outputs. A ``TorchFunctionMode`` watches every op: a
-trainable parameter used outside the units that own it (say
-``x @ self.embed.weight.T`` in a parent's ``forward``) is a use no rule sees,
-so it is reported and the engine is not exact for that model. All hooks are
-removed on exit, also on error.
+gradients of those outputs. All hooks are removed on exit, also on error.
+
+Before the backward, :func:`audit_graph` walks the autograd graph once:
+
+- every call of a rule module puts exactly one edge into each of its
+  parameters' ``AccumulateGrad`` nodes, so any other edge is a use no rule
+  sees (say ``x @ self.embed.weight.T`` in a parent's ``forward``);
+- transposes, permutes and stacks that move a tensor's dim 0 make a position
+  dim of the batch's size ambiguous.
 """
 
 from __future__ import annotations
@@ -18,14 +22,13 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from .rules import Rule, find_rule
 
-__all__ = ["Unit", "Call", "find_units", "capturing", "NotExact"]
+__all__ = ["Unit", "Call", "find_units", "capturing", "audit_graph", "GraphAudit", "NotExact"]
 
 
 class NotExact(RuntimeError):
@@ -74,137 +77,156 @@ def find_units(model: nn.Module) -> list[Unit]:
     return units
 
 
+# ------------------------------------------------------------------------ broadcast outputs
+
 #: Ops after which a broadcast (expanded) output is the same tensor, values and shape.
-_SAME_VALUE_OPS = {"to", "type_as", "float", "double", "half", "bfloat16", "contiguous"}
+_SAME_VALUE_OPS = frozenset({"to", "type_as", "float", "double", "half", "bfloat16", "contiguous"})
 #: Elementwise ops whose result is unchanged when a size-1 batch operand is expanded to B.
-_BROADCASTING_OPS = {"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
-                     "__rmul__", "div", "__truediv__", "__rtruediv__"}
+_BROADCASTING_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
+                               "__rmul__", "div", "__truediv__", "__rtruediv__"})
 
 
-def _moves_dim_zero(name: str, args, kwargs) -> bool:
-    """Whether an op may move a batch-first tensor's dim 0 elsewhere (transposes, permutes, stacks)."""
-    if not args or not isinstance(args[0], (Tensor, list, tuple, str)):
-        return False
-    first = args[0]
-    ndim = first.dim() if isinstance(first, Tensor) else None
-    rest = list(args[1:]) + list(kwargs.values())
+class _BroadcastWatcher(TorchFunctionMode):
+    """Checks every use of an output that was expanded from batch size 1 to B.
 
-    def is_zero(d) -> bool:
-        return isinstance(d, int) and ndim is not None and d % max(ndim, 1) == 0
-
-    if name in ("transpose", "swapaxes", "swapdims", "transpose_"):
-        return any(is_zero(d) for d in rest[:2])
-    if name in ("movedim", "moveaxis"):
-        return any(is_zero(d) or (isinstance(d, (list, tuple)) and any(is_zero(x) for x in d)) for d in rest[:2])
-    if name in ("permute",):
-        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-        return bool(dims) and not is_zero(dims[0])
-    if name in ("t", "T", "mT", "mH", "t_", "adjoint"):
-        return ndim == 2
-    if name == "stack":
-        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
-        return dim == 0
-    if name == "einsum" and isinstance(first, str):
-        spec = first.replace(" ", "")
-        if "->" not in spec:
-            return True
-        inputs, output = spec.split("->")
-        return any(not op or not output or op[0] != output[0] for op in inputs.split(","))
-    return False
-
-
-def _tensors_in(args, kwargs):
-    for arg in list(args) + list((kwargs or {}).values()):
-        for t in (arg if isinstance(arg, (list, tuple)) else (arg,)):
-            if isinstance(t, Tensor):
-                yield t
-
-
-class _UseWatcher(TorchFunctionMode):
-    """Watches every op of the forward for uses the fast engine's rules would not see.
-
-    - A differentiable use of a trainable parameter outside the units that own it.
-    - A use of a broadcast unit's expanded output other than a broadcasting
-      elementwise op with a batch-sized operand (the expansion is exact only then).
-    The first such use is kept in ``escape``.
+    Expanding is exact only when the output meets a batch-sized operand in a
+    broadcasting elementwise op; any other use is kept in ``escape``.
     """
 
-    def __init__(self, owners: dict[int, set[int]], names: dict[int, str], active: list[int], batch_size: int):
+    def __init__(self, batch_size: int):
         super().__init__()
-        self.owners, self.names, self.active, self.batch_size = owners, names, active, batch_size
+        self.batch_size = batch_size
         self.expanded: dict[int, Tensor] = {}  # id → tensor (kept alive so ids are not reused)
         self.escape: str | None = None
-        self.batch_dim_moved: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if self.escape is None:
-            tensors = list(_tensors_in(args, kwargs))
-            self._check_parameters(func, tensors, out)
-            if self.expanded and isinstance(out, Tensor):
-                self._check_expanded(func, tensors, out)
-        if self.batch_dim_moved is None and not self.active and isinstance(out, Tensor):
-            if _moves_dim_zero(getattr(func, "__name__", ""), args, kwargs or {}):
-                self.batch_dim_moved = getattr(func, "__name__", str(func))
+        if self.escape is None and isinstance(out, Tensor):
+            tensors = [t for t in (*args, *(kwargs or {}).values()) if isinstance(t, Tensor)]
+            if any(id(t) in self.expanded for t in tensors):
+                self._check(getattr(func, "__name__", str(func)), tensors, out)
         return out
 
-    def _check_parameters(self, func, tensors, out) -> None:
-        if not (isinstance(out, Tensor) and out.requires_grad) and not (
-                isinstance(out, (tuple, list)) and any(isinstance(o, Tensor) and o.requires_grad for o in out)):
-            return
-        for t in tensors:
-            owners = self.owners.get(id(t)) if isinstance(t, nn.Parameter) else None
-            if owners is not None and not owners.intersection(self.active):
-                self.escape = (f"parameter {self.names[id(t)]!r} is used by "
-                               f"{getattr(func, '__name__', func)} outside the module(s) that own it")
-                return
-
-    def _check_expanded(self, func, tensors, out) -> None:
-        if not any(id(t) in self.expanded for t in tensors):
-            return
-        name = getattr(func, "__name__", str(func))
-        if name in _SAME_VALUE_OPS and isinstance(out, Tensor):
+    def _check(self, name: str, tensors: list[Tensor], out: Tensor) -> None:
+        if name in _SAME_VALUE_OPS:
             self.expanded[id(out)] = out
-        elif not (name in _BROADCASTING_OPS and isinstance(out, Tensor) and out.dim() > 0
-                  and out.shape[0] == self.batch_size
-                  and any(id(t) not in self.expanded and t.dim() > 0 and t.shape[0] == self.batch_size
-                          for t in tensors)):
+            return
+        batch_sized_partner = any(id(t) not in self.expanded and t.dim() > 0 and t.shape[0] == self.batch_size
+                                  for t in tensors)
+        if not (name in _BROADCASTING_OPS and out.dim() > 0 and out.shape[0] == self.batch_size
+                and batch_sized_partner):
             self.escape = (f"a module's output broadcast over the batch (input batch dim of size 1) is used "
                            f"by {name}, which may not treat it as a broadcast")
 
 
+_DIM_MOVING_OPS = frozenset({"transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "t", "T",
+                             "mT", "mH", "adjoint", "stack", "einsum"})
+
+
+class _DimMoveWatcher(TorchFunctionMode):
+    """Notes the first op outside every unit that may move a tensor's dim 0.
+
+    Ops on tensors that require grad show up in the autograd graph; this mode is
+    for the rest (raw inputs), and runs only when an input has a non-leading
+    dim of the batch's size (otherwise a moved input cannot pass as batch-first).
+    """
+
+    def __init__(self, active: list):
+        super().__init__()
+        self.active = active
+        self.moved: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.moved is None and not self.active:
+            name = getattr(func, "__name__", "")
+            if name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {}):
+                self.moved = name
+        return out
+
+
+def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
+    first = args[0] if args else None
+    if name == "einsum":
+        spec = first.replace(" ", "") if isinstance(first, str) else ""
+        if "->" not in spec:
+            return True
+        inputs, output = spec.split("->")
+        return any(not op or not output or op[0] != output[0] for op in inputs.split(","))
+    if name == "stack":
+        return kwargs.get("dim", args[1] if len(args) > 1 else 0) in (0,)
+    if not isinstance(first, Tensor) or first.dim() == 0:
+        return False
+    ndim, rest = first.dim(), [*args[1:], *kwargs.values()]
+    if name in ("t", "T", "mT", "mH", "adjoint"):
+        return ndim == 2
+    if name == "permute":
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        return bool(dims) and dims[0] % ndim != 0
+    flat = [d for r in rest[:2] for d in (r if isinstance(r, (list, tuple)) else (r,))]
+    return any(isinstance(d, int) and d % ndim == 0 for d in flat)
+
+
+@dataclass
+class Capture:
+    """What :func:`capturing` saw: the broadcast watcher's verdict."""
+
+    watcher: _BroadcastWatcher
+    watching: list
+    dim_watcher: _DimMoveWatcher | None
+
+    @property
+    def escape(self) -> str | None:
+        return self.watcher.escape
+
+    @property
+    def raw_input_moved(self) -> bool:
+        return self.dim_watcher is not None and self.dim_watcher.moved is not None
+
+    def end_forward(self) -> None:
+        """Stop watching ops (call once the forward and the losses are done)."""
+        if self.watching:
+            self.watching.clear()
+            self.watcher.__exit__(None, None, None)
+        if self.dim_watcher is not None and self.dim_watcher.active is not None:
+            self.dim_watcher.active = None
+            self.dim_watcher.__exit__(None, None, None)
+
+
 @contextlib.contextmanager
-def capturing(units: list[Unit], model: nn.Module, batch_size: int) -> Iterator[_UseWatcher]:
-    """Record unit calls and output gradients, and watch parameter uses, within the block.
+def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
+              watch_dim_moves: bool = False) -> Iterator[Capture]:
+    """Record unit calls and output gradients within the block.
 
     A rule unit called on an input whose dim 0 has size 1 (shared by the batch,
     such as position ids) gets its output expanded to the batch, so that its
-    output gradient is per example.
+    output gradient is per example; from then on a ``TorchFunctionMode``
+    checks that the expansion cannot change the result.
     """
-    names = {id(p): n for n, p in model.named_parameters()}
-    owners: dict[int, set[int]] = {}
-    for index, unit in enumerate(units):
-        for p in unit.params.values():
-            owners.setdefault(id(p), set()).add(index)
-    active: list[int] = []
+    watcher = _BroadcastWatcher(batch_size)
+    watching = []
     handles = []
+    active: list = []
+    dim_watcher = _DimMoveWatcher(active) if watch_dim_moves else None
 
-    def pre_hook(index):
-        def hook(module, args, kwargs):
-            active.append(index)
-        return hook
+    def pre_hook(module, args, kwargs):
+        active.append(module)
 
-    def post_hook(index):
+    def post_hook(unit: Unit):
         def hook(module, args, kwargs, output):
-            active.pop()
-            broadcast = (units[index].rule is not None and batch_size > 1 and isinstance(output, Tensor)
+            if active:
+                active.pop()
+            broadcast = (unit.rule is not None and batch_size > 1 and isinstance(output, Tensor)
                          and args and isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1
                          and output.dim() > 0 and output.shape[0] == 1)
             if broadcast:
                 output = output.expand(batch_size, *output.shape[1:])
                 watcher.expanded[id(output)] = output
+                if not watching:
+                    watcher.__enter__()
+                    watching.append(True)
             call = Call(args, kwargs, output, broadcast=broadcast)
-            units[index].calls.append(call)
+            unit.calls.append(call)
             leaves, _ = tree_flatten(output)
             for leaf_index, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
@@ -212,16 +234,19 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int) -> Iterator[
             return output if broadcast else None
         return hook
 
-    watcher = _UseWatcher(owners, names, active, batch_size)
+    capture = Capture(watcher, watching, dim_watcher)
     try:
-        for index, unit in enumerate(units):
-            handles.append(unit.module.register_forward_pre_hook(pre_hook(index), with_kwargs=True))
-            handles.append(unit.module.register_forward_hook(post_hook(index), with_kwargs=True))
-        with watcher:
-            yield watcher
+        for unit in units:
+            if dim_watcher is not None:
+                handles.append(unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+            handles.append(unit.module.register_forward_hook(post_hook(unit), with_kwargs=True))
+        if dim_watcher is not None:
+            dim_watcher.__enter__()
+        yield capture
     finally:
         for h in handles:
             h.remove()
+        capture.end_forward()
 
 
 def _store_grad(call: Call, leaf_index: int):
@@ -229,3 +254,100 @@ def _store_grad(call: Call, leaf_index: int):
         previous = call.out_grads.get(leaf_index)
         call.out_grads[leaf_index] = grad if previous is None else previous + grad
     return hook
+
+
+# ---------------------------------------------------------------------------- graph audit
+
+@dataclass(frozen=True)
+class GraphAudit:
+    """What one walk of the autograd graph found."""
+
+    escape: str | None
+    dim_zero_moved: bool
+
+
+def _signed(value: int) -> int:
+    """Saved int64 dims come back as unsigned: map 2**64 - k back to -k."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _moves_dim_zero(node) -> bool:
+    """Whether a backward node belongs to an op that moved some activation's dim 0."""
+    name = node.name()
+    try:
+        if name.startswith(("TransposeBackward", "PermuteBackward", "StackBackward")):
+            ndim = len(node._input_metadata[0].shape)  # the op's output
+            if name.startswith("TransposeBackward"):
+                return 0 in (_signed(node._saved_dim0) % ndim, _signed(node._saved_dim1) % ndim)
+            if name.startswith("PermuteBackward"):
+                return _signed(tuple(node._saved_dims)[0]) % ndim != 0
+            return _signed(node._saved_dim) % ndim == 0
+        if name.startswith("TBackward"):  # .t() of a 2-D activation (not of a weight)
+            return not all(hasattr(nxt, "variable") for nxt, _ in node.next_functions if nxt is not None)
+    except (AttributeError, IndexError, ZeroDivisionError):
+        return True
+    return False
+
+
+def _fallback_internals(units: list[Unit]) -> set:
+    """Backward nodes created inside fallback calls: reachable from a call's outputs before its inputs."""
+    inside: set = set()
+    for unit in units:
+        if unit.rule is not None:
+            continue
+        for call in unit.calls:
+            inputs = {t.grad_fn for t in tree_flatten((call.args, call.kwargs))[0]
+                      if isinstance(t, Tensor) and t.grad_fn is not None}
+            stack = [t.grad_fn for t in tree_flatten(call.output)[0] if isinstance(t, Tensor)]
+            while stack:
+                node = stack.pop()
+                if node is None or node in inside or node in inputs:
+                    continue
+                inside.add(node)
+                stack.extend(nxt for nxt, _ in node.next_functions)
+    return inside
+
+
+def audit_graph(root: Tensor, units: list[Unit], names: dict[int, str]) -> GraphAudit:
+    """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad`` and dim-0 moves.
+
+    Dim-0 moves inside fallback modules (an RNN or attention going time-major
+    internally) do not count: those modules are handled as a whole.
+    """
+    seen, uses, moved = set(), {}, False
+    internal = _fallback_internals(units)
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        moved = moved or (node not in internal and _moves_dim_zero(node))
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None:
+                uses[id(variable)] = uses.get(id(variable), 0) + 1
+            stack.append(nxt)
+    expected: dict[int, int] = {}
+    skip: set[int] = set()
+    for unit in units:
+        reached = sum(1 for call in unit.calls if _reached(call, seen))
+        for p in unit.params.values():
+            if unit.rule is None:
+                skip.add(id(p))  # fallback units: checked by their sum against autograd instead
+            expected[id(p)] = expected.get(id(p), 0) + reached
+    for pid, count in uses.items():
+        if pid in skip or pid not in names:
+            continue
+        if count != expected.get(pid, 0):
+            return GraphAudit(f"parameter {names[pid]!r} is used {count} time(s) in the graph but its module(s) "
+                              f"were called {expected.get(pid, 0)} time(s): it is used outside the module that "
+                              "owns it", moved)
+    return GraphAudit(None, moved)
+
+
+def _reached(call: Call, seen: set) -> bool:
+    leaves, _ = tree_flatten(call.output)
+    return any(isinstance(t, Tensor) and t.grad_fn is not None and t.grad_fn in seen for t in leaves)

@@ -30,7 +30,7 @@ from .._batch import Batch, one_example
 from .._model import detached_buffers, trainable_parameters, translate_vmap_error
 from ..stats import GradStats, clip_factors
 from ._rnn import rnn_modules_as_plain_ops
-from .capture import Call, NotExact, Unit, capturing, find_units
+from .capture import Call, NotExact, Unit, audit_graph, capturing, find_units
 from .pieces import DensePiece, Piece, combine_pieces
 from .rules import Layout, LayoutError
 from .vmap import _check_per_example_loss
@@ -52,17 +52,28 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward")
     params = trainable_parameters(model)
     units = find_units(model)
-    with torch.enable_grad(), capturing(units, model, batch.size) as watcher:
+    with torch.enable_grad(), capturing(units, model, batch.size,
+                                        watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = model(*batch.args, **batch.kwargs)
         losses = per_example_losses(loss_fn, output, batch)
-        if watcher.escape is not None:
-            raise NotExact(watcher.escape)
-        grads = torch.autograd.grad(losses.sum(), list(params.values()), allow_unused=True)
+        capture.end_forward()
+        if capture.escape is not None:
+            raise NotExact(capture.escape)
+        total = losses.sum()
+        audit = audit_graph(total, units, {id(p): n for n, p in params.items()})
+        if audit.escape is not None:
+            raise NotExact(audit.escape)
+        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
     sums = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
-    layout = Layout(batch.size, dim_zero_moved=watcher.batch_dim_moved is not None)
+    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved)
     pieces = _pieces_by_parameter(units, params, sums, layout)
     return reduce_pieces(pieces, sums, losses.detach(), var=var, inner_products=inner_products,
                          clip_norm=clip_norm)
+
+
+def _input_has_batch_sized_dim(batch: Batch) -> bool:
+    leaves, _ = tree_flatten((batch.args, batch.kwargs))
+    return any(isinstance(t, Tensor) and batch.size in tuple(t.shape[1:]) for t in leaves)
 
 
 def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> Tensor:
@@ -198,9 +209,7 @@ def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], sums: dict
         for p in unit.params.values():
             name = by_id[id(p)]
             piece, total = pieces[name], sums[name]
-            if not isinstance(piece, DensePiece):
-                continue  # mixed with rule pieces: checked through the rule units' exactness
-            got = piece.per_example.sum(0)
+            got = piece.weighted_sum(torch.ones(piece.batch_size, dtype=total.dtype, device=total.device))
             scale = total.abs().max().item()
             tol = (1e-5 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
             if (got - total).abs().max().item() > tol:
@@ -215,11 +224,11 @@ def reduce_pieces(pieces: dict[str, Piece], sums: dict[str, Tensor], losses: Ten
     ḡ = Σ_i g_i / B; M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
     """
     n = losses.shape[0]
-    mean = {name: total / n for name, total in sums.items()}
+    mean = {name: total.div_(n) for name, total in sums.items()}  # autograd's fresh tensors: ours to reuse
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     m2 = None
-    if var:
-        m2 = {name: (piece.second_moment() - n * mean[name].pow(2)).clamp_min(0)
+    if var:  # two in-place passes over each parameter: memory bandwidth is the cost here
+        m2 = {name: piece.second_moment().addcmul_(mean[name], mean[name], value=-n).clamp_min_(0)
               for name, piece in pieces.items()}
     inner = None
     if inner_products:
