@@ -20,10 +20,11 @@ from .check import MeanCheck, check_mean
 from .errors import MeanMismatchError, UnsupportedModelError
 from .stats import GradStats
 from .tracker import Tracker
+from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
-    "MeanMismatchError", "UnsupportedModelError", "__version__",
+    "MeanMismatchError", "UnsupportedModelError", "__version__", "noise",
 ]

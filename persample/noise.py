@@ -1,0 +1,589 @@
+"""Gradient-noise diagnostics: pure functions of :class:`~persample.GradStats`.
+
+Every function here reads a ``GradStats`` (or a series of them) and returns
+numbers; none calls an engine or touches a model. Notation, as in the design
+notes: g_i are the per-example gradients (unscaled: example i's own loss), B the
+batch size, ḡ = (1/B) Σ_i g_i, and m = (1/B) Σ_i ‖g_i‖² (``stats.sq_norms.mean()``).
+
+What is here, and where it comes from:
+
+- :func:`gradient_noise_scale` — unbiased |G|², tr Σ and the simple noise scale
+  B_simple = tr Σ / |G|² (McCandlish, Kaplan, Amodei et al. 2018, "An Empirical
+  Model of Large-Batch Training", arXiv:1812.06162, App. A, with B_small = 1).
+- :class:`NoiseScaleEMA` — B_simple over training from separately smoothed,
+  bias-corrected EMAs of tr Σ and |G|² (same paper, App. A.1).
+- :func:`gsnr`, :func:`mean_gsnr` — gradient signal-to-noise ratio per element
+  (Liu et al. 2020, "Understanding Why Neural Networks Generalize Well Through
+  GSNR of Parameters", ICLR 2020).
+- :func:`norm_test` (Byrd, Chin, Nocedal & Wu 2012, "Sample size selection in
+  optimization methods for machine learning", Math. Program. 134),
+  :func:`inner_product_test` and :func:`orthogonality_test` (Bollapragada, Byrd
+  & Nocedal 2018, "Adaptive Sampling Strategies for Stochastic Optimization",
+  SIAM J. Optim. 28(4), arXiv:1710.11258) — adaptive batch-size tests, with the
+  batch size each one suggests.
+- :func:`gradient_diversity` (Yin et al. 2018, "Gradient Diversity: a Key
+  Ingredient for Scalable Distributed Learning", AISTATS 2018).
+- :func:`layer_noise_scale`, :func:`layer_gsnr` — the same per layer (parameters
+  grouped by module prefix, see :func:`group_by_layer`).
+- :func:`diagnostics` — all of the above as one flat ``{name: float}`` row, what
+  the loggers in :mod:`persample.loggers` write.
+
+Numerics and edge cases (shared by every function):
+
+- Scalar arithmetic is done in float64, whatever the dtype of the statistics:
+  |G|² is a difference of close numbers.
+- B = 1 raises ``ValueError`` ("needs at least 2 examples"): no variance can be
+  estimated from one example. (:func:`gradient_diversity` is defined for B = 1.)
+- Non-finite statistics (a NaN or inf in ``mean``, ``param_sq_norms``, ``m2`` or
+  ``inner_products``) raise ``ValueError`` naming the field and the parameter.
+- An all-zero gradient is finite input and gives IEEE results: 0/0 is NaN and
+  x/0 is inf for x > 0. Each function's docstring says which it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .stats import GradStats
+
+__all__ = [
+    "NoiseScale", "BatchSizeTest", "NoiseScaleEMA",
+    "gradient_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
+    "orthogonality_test", "gradient_diversity", "group_by_layer", "layer_noise_scale", "layer_gsnr",
+    "diagnostics", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
+]
+
+#: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (it bounds the
+#: relative error of the batch gradient); 0.9 is the value Bollapragada et al.
+#: (2018, §5) use for the norm and inner-product tests in their experiments.
+DEFAULT_NORM_THRESHOLD = 0.9
+#: Default θ of the inner-product test (Bollapragada et al. 2018, §5: θ = 0.9).
+DEFAULT_INNER_THRESHOLD = 0.9
+#: Default ν of the orthogonality test (Bollapragada et al. 2018, §5: ν = 5.84,
+#: i.e. the batch gradient may deviate from ḡ's direction by about 80°).
+DEFAULT_ORTHO_THRESHOLD = 5.84
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f64_sum_sq(tensors: Iterable[Tensor]) -> float:
+    return float(sum(t.detach().double().pow(2).sum() for t in tensors))
+
+
+def _nonfinite_where(name: str, tensors: Mapping[str, Tensor] | Tensor) -> str | None:
+    """'field[param] (k of n elements)' for the first non-finite tensor, or None."""
+    items = {None: tensors}.items() if isinstance(tensors, Tensor) else tensors.items()
+    for key, t in items:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            where = name if key is None else f"{name}[{key!r}]"
+            return f"{where} ({int(bad.sum())} of {t.numel()} elements)"
+    return None
+
+
+def _require_finite(fn: str, stats: GradStats, *fields: str) -> None:
+    for field in fields:
+        value = getattr(stats, field)
+        if value is None:
+            continue
+        where = _nonfinite_where(f"stats.{field}", value)
+        if where is not None:
+            raise ValueError(
+                f"{fn}: non-finite values in {where}; the per-example gradients or losses "
+                f"overflowed or are NaN (check the loss, the learning rate, or mixed-precision scaling)")
+
+
+def _require_two(fn: str, stats: GradStats) -> None:
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"{fn} takes a GradStats, not {type(stats).__name__}")
+    if stats.n < 2:
+        raise ValueError(f"{fn} needs at least 2 examples (got a GradStats with n={stats.n}): "
+                         f"a variance cannot be estimated from one example")
+
+
+def _require_var(fn: str, stats: GradStats) -> None:
+    if stats.m2 is None:
+        raise ValueError(f"{fn} needs the per-element variance, but these statistics have none: "
+                         f"compute them with var=True (the default) in grad_stats / Tracker")
+
+
+def _div(num: float, den: float) -> float:
+    """IEEE division in Python floats: x/0 = ±inf, 0/0 = NaN (Python raises instead)."""
+    if den != 0:
+        return num / den
+    if num == 0 or math.isnan(num):
+        return math.nan
+    return math.copysign(math.inf, num) * (math.copysign(1.0, den))
+
+
+def _sqrt(x: float) -> float:
+    return math.sqrt(x) if x >= 0 else math.nan
+
+
+@dataclass(frozen=True)
+class _Moments:
+    """Float64 scalars of (a subset of the parameters of) one GradStats."""
+
+    n: int
+    mean_sq: float     # ‖ḡ‖²
+    m: float           # (1/B) Σ_i ‖g_i‖²
+
+
+def _moments(stats: GradStats, names: Sequence[str] | None = None) -> _Moments:
+    names = stats.names if names is None else list(names)
+    mean_sq = _f64_sum_sq(stats.mean[k] for k in names)
+    per_example = sum(stats.param_sq_norms[k].detach().double() for k in names)
+    return _Moments(stats.n, mean_sq, float(per_example.mean()))
+
+
+# ------------------------------------------------------------------ noise scale
+
+
+@dataclass(frozen=True)
+class NoiseScale:
+    """Unbiased noise estimates of one batch (McCandlish et al. 2018, App. A).
+
+    Attributes:
+        n: the batch size B.
+        grad_sq: unbiased |G|² = (B‖ḡ‖² − m)/(B − 1). May be negative when the
+            noise swamps the signal (an unbiased estimate of a small positive
+            number); smooth it over steps with :class:`NoiseScaleEMA`.
+        trace_cov: unbiased tr Σ = (m − ‖ḡ‖²)·B/(B − 1) (the sum of the unbiased
+            per-element variances); ≥ 0, clamped at 0 against roundoff.
+        b_simple: ``trace_cov / grad_sq``: negative when ``grad_sq`` is, NaN for
+            an all-zero gradient (0/0).
+        mean_sq_norm: ‖ḡ‖² (biased: it overestimates |G|² by tr Σ / B).
+        mean_example_sq_norm: m = (1/B) Σ_i ‖g_i‖².
+    """
+
+    n: int
+    grad_sq: float
+    trace_cov: float
+    b_simple: float
+    mean_sq_norm: float
+    mean_example_sq_norm: float
+
+
+def _noise_scale(mo: _Moments) -> NoiseScale:
+    b = mo.n
+    grad_sq = (b * mo.mean_sq - mo.m) / (b - 1)
+    trace_cov = max((mo.m - mo.mean_sq) * b / (b - 1), 0.0)
+    return NoiseScale(b, grad_sq, trace_cov, _div(trace_cov, grad_sq), mo.mean_sq, mo.m)
+
+
+def gradient_noise_scale(stats: GradStats) -> NoiseScale:
+    """The simple noise scale of one batch, with its unbiased numerator and denominator.
+
+    With B = ``stats.n``, ḡ the mean gradient and m = (1/B) Σ_i ‖g_i‖²
+    (McCandlish et al. 2018, arXiv:1812.06162, App. A, B_small = 1, B_big = B):
+
+    - |G|² ≈ (B‖ḡ‖² − m)/(B − 1)        (``grad_sq``)
+    - tr Σ ≈ (m − ‖ḡ‖²)·B/(B − 1)       (``trace_cov``)
+    - B_simple = tr Σ / |G|²             (``b_simple``)
+
+    Both estimates are unbiased when the batch is drawn with replacement from
+    the data distribution. Their ratio is not: over training, use
+    :class:`NoiseScaleEMA`. Needs only ``mean`` and ``param_sq_norms``.
+
+    Returns:
+        a :class:`NoiseScale`. An all-zero gradient gives ``grad_sq = trace_cov = 0``
+        and ``b_simple = NaN``.
+
+    Raises:
+        ValueError: B = 1, or non-finite statistics.
+    """
+    _require_two("gradient_noise_scale", stats)
+    _require_finite("gradient_noise_scale", stats, "mean", "param_sq_norms")
+    return _noise_scale(_moments(stats))
+
+
+class NoiseScaleEMA:
+    """B_simple over training: the ratio of bias-corrected EMAs of tr Σ and |G|².
+
+    McCandlish et al. (2018, App. A.1) smooth the numerator and the denominator
+    **separately** and divide only then; the mean of per-step ratios is badly
+    biased (the ratio of two noisy estimates). After updates with estimates
+    (s_1, G_1), …, (s_t, G_t)::
+
+        S_t = β S_{t−1} + (1 − β) s_t,   Ŝ_t = S_t / (1 − β^t)   (same for G)
+        value = Ŝ_t / Ĝ_t
+
+    The object is also a :class:`persample.Tracker` hook: ``tracker.register_hook(ema)``
+    calls :meth:`update` on every statistics step.
+
+    Args:
+        beta: the EMA's decay, 0 ≤ beta < 1; 0.99 averages over about 100 updates.
+    """
+
+    def __init__(self, beta: float = 0.99):
+        if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 1:
+            raise ValueError(f"beta must be a number with 0 <= beta < 1, got {beta!r}")
+        self.beta = float(beta)
+        self.steps = 0
+        self._trace_cov = 0.0
+        self._grad_sq = 0.0
+
+    def update(self, stats: GradStats | NoiseScale) -> float:
+        """Fold in one batch (a GradStats or its :class:`NoiseScale`) and return :attr:`value`."""
+        est = stats if isinstance(stats, NoiseScale) else gradient_noise_scale(stats)
+        b = self.beta
+        self._trace_cov = b * self._trace_cov + (1 - b) * est.trace_cov
+        self._grad_sq = b * self._grad_sq + (1 - b) * est.grad_sq
+        self.steps += 1
+        return self.value
+
+    def __call__(self, tracker, stats: GradStats) -> None:
+        self.update(stats)
+
+    @property
+    def trace_cov(self) -> float:
+        """Bias-corrected EMA of tr Σ (NaN before the first update)."""
+        return self._trace_cov / (1 - self.beta ** self.steps) if self.steps else math.nan
+
+    @property
+    def grad_sq(self) -> float:
+        """Bias-corrected EMA of |G|² (NaN before the first update)."""
+        return self._grad_sq / (1 - self.beta ** self.steps) if self.steps else math.nan
+
+    @property
+    def value(self) -> float:
+        """Smoothed B_simple = EMA(tr Σ) / EMA(|G|²); NaN before the first update or when both are 0."""
+        if not self.steps:
+            return math.nan
+        return _div(self.trace_cov, self.grad_sq)
+
+    def reset(self) -> None:
+        self.steps, self._trace_cov, self._grad_sq = 0, 0.0, 0.0
+
+    def __repr__(self) -> str:
+        return f"NoiseScaleEMA(beta={self.beta}, steps={self.steps}, value={self.value:.4g})"
+
+
+# ------------------------------------------------------------------------- GSNR
+
+
+def gsnr(stats: GradStats) -> dict[str, Tensor]:
+    """Gradient signal-to-noise ratio per element: ḡ_j² / Var_unbiased(g_ij) (Liu et al. 2020).
+
+    Returns ``{name: Tensor[param.shape]}`` in the statistics' dtype (computed in
+    float64). An element whose gradient is the same for every example
+    (variance 0) gets NaN when that gradient is 0 (for example a dead ReLU unit,
+    or an all-zero gradient) and inf otherwise.
+
+    Raises:
+        ValueError: B = 1, no variance (``var=False``), or non-finite statistics.
+    """
+    _require_two("gsnr", stats)
+    _require_var("gsnr", stats)
+    _require_finite("gsnr", stats, "mean", "m2")
+    out = {}
+    for name, mu in stats.mean.items():
+        var = stats.m2[name].detach().double() / (stats.n - 1)
+        out[name] = (mu.detach().double().pow(2) / var).to(mu.dtype)
+    return out
+
+
+def _mean_gsnr(stats: GradStats, names: Sequence[str]) -> float:
+    total, count = 0.0, 0
+    for name in names:
+        var = stats.m2[name].detach().double() / (stats.n - 1)
+        keep = var > 0
+        count += int(keep.sum())
+        total += float((stats.mean[name].detach().double()[keep].pow(2) / var[keep]).sum())
+    return total / count if count else math.nan
+
+
+def mean_gsnr(stats: GradStats) -> float:
+    """Mean of :func:`gsnr` over all elements whose variance is positive.
+
+    Elements with zero variance (GSNR NaN or inf, see :func:`gsnr`) are left
+    out; NaN when no element has a positive variance (e.g. an all-zero gradient).
+
+    Raises:
+        ValueError: B = 1, no variance, or non-finite statistics.
+    """
+    _require_two("mean_gsnr", stats)
+    _require_var("mean_gsnr", stats)
+    _require_finite("mean_gsnr", stats, "mean", "m2")
+    return _mean_gsnr(stats, stats.names)
+
+
+# ---------------------------------------------------------------- batch-size tests
+
+
+@dataclass(frozen=True)
+class BatchSizeTest:
+    """The result of an adaptive batch-size test on one batch.
+
+    Attributes:
+        name: ``"norm"``, ``"inner_product"`` or ``"orthogonality"``.
+        statistic: θ (or ν) estimated from the batch; the test passes when it is
+            at most ``threshold``.
+        threshold: the θ / ν the test was run with.
+        passed: ``statistic <= threshold`` (False when the statistic is NaN).
+        variance: the estimated variance the statistic is built from (its
+            numerator times B).
+        n: the batch size B.
+        suggested_batch_size: the smallest batch size for which the statistic,
+            with the same variance estimate, would meet the threshold:
+            max(1, ⌈B·(statistic/threshold)²⌉), as a float; inf or NaN when the
+            statistic is.
+    """
+
+    name: str
+    statistic: float
+    threshold: float
+    passed: bool
+    variance: float
+    n: int
+    suggested_batch_size: float
+
+
+def _check_threshold(fn: str, threshold: float) -> float:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0 \
+            or not math.isfinite(threshold):
+        raise ValueError(f"{fn}: threshold must be a positive finite number, got {threshold!r}")
+    return float(threshold)
+
+
+def _make_test(name: str, variance: float, scale: float, n: int, threshold: float) -> BatchSizeTest:
+    """statistic = sqrt(variance / (B·scale)); suggested B = variance / (threshold²·scale)."""
+    stat = _sqrt(_div(variance, n * scale))
+    b_star = _div(variance, threshold ** 2 * scale)
+    if math.isfinite(b_star):
+        # Roundoff guard: B·(θ/η)² = 31.999999999 must suggest 32, not 33.
+        suggested = float(max(1, math.ceil(b_star * (1 - 1e-12))))
+    else:
+        suggested = b_star
+    return BatchSizeTest(name, stat, threshold, bool(stat <= threshold), variance, n, suggested)
+
+
+def norm_test(stats: GradStats, threshold: float = DEFAULT_NORM_THRESHOLD) -> BatchSizeTest:
+    """The norm test of Byrd, Chin, Nocedal & Wu (2012).
+
+    θ = sqrt( tr Σ̂ / (B‖ḡ‖²) ), with tr Σ̂ the unbiased trace of the per-example
+    covariance (see :func:`gradient_noise_scale`): the estimated relative error
+    ‖ḡ − ∇F‖/‖ḡ‖ of the batch gradient. The test passes when θ ≤ ``threshold``
+    (Byrd et al. need θ < 1); the suggested batch size is
+    B* = tr Σ̂ / (threshold²·‖ḡ‖²).
+
+    ḡ = 0 gives θ = inf (and B* = inf) when the examples disagree, NaN when every
+    gradient is zero.
+
+    Raises:
+        ValueError: B = 1, non-finite statistics, or a non-positive threshold.
+    """
+    _require_two("norm_test", stats)
+    threshold = _check_threshold("norm_test", threshold)
+    _require_finite("norm_test", stats, "mean", "param_sq_norms")
+    est = _noise_scale(_moments(stats))
+    return _make_test("norm", est.trace_cov, est.mean_sq_norm, stats.n, threshold)
+
+
+def _inner_products(fn: str, stats: GradStats) -> Tensor:
+    """p_i = ⟨g_i, ḡ⟩ as float64, after checking that they are relative to the batch mean."""
+    if stats.inner_products is None:
+        raise ValueError(
+            f"{fn} needs the inner products p_i = <g_i, mean gradient>, but these statistics have none: "
+            f"pass inner_products=True to persample.grad_stats / persample.Tracker (records merged "
+            f"from batches with different references lose them)")
+    if stats.reference is None or stats.reference.keys() != stats.mean.keys():
+        raise ValueError(f"{fn}: stats.inner_products has no reference over the same parameters; "
+                         f"recompute with inner_products=True")
+    dtype = next(iter(stats.mean.values())).dtype
+    rtol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
+    diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k]
+                                 for k in stats.names))
+    scale = max(math.sqrt(_f64_sum_sq(stats.mean.values())),
+                math.sqrt(_f64_sum_sq(stats.reference.values())))
+    if diff > rtol * scale:
+        raise ValueError(
+            f"{fn}: stats.inner_products are relative to a reference that is not this batch's mean "
+            f"gradient (relative difference {diff / scale:.2e} > {rtol:g}); this happens after merging "
+            f"records computed with different references. Compute the statistics of the whole batch "
+            f"in one call with inner_products=True")
+    return stats.inner_products.detach().double()
+
+
+def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESHOLD) -> BatchSizeTest:
+    """The inner-product test of Bollapragada, Byrd & Nocedal (2018).
+
+    With p_i = ⟨g_i, ḡ⟩ (``stats.inner_products``, relative to the batch mean):
+    θ = sqrt( Var_unbiased(p_i) / (B‖ḡ‖⁴) ). It asks that −ḡ be a descent
+    direction with high probability, and is looser than the norm test. Passes
+    when θ ≤ ``threshold``; suggests B* = Var(p_i) / (threshold²·‖ḡ‖⁴).
+
+    ḡ = 0 gives NaN (every p_i is 0).
+
+    Raises:
+        ValueError: no inner products (pass ``inner_products=True`` to
+            ``grad_stats`` / ``Tracker``), inner products relative to something
+            other than the batch mean (after a merge), B = 1, non-finite
+            statistics, or a non-positive threshold.
+    """
+    _require_two("inner_product_test", stats)
+    threshold = _check_threshold("inner_product_test", threshold)
+    _require_finite("inner_product_test", stats, "mean", "param_sq_norms", "inner_products")
+    p = _inner_products("inner_product_test", stats)
+    var_p = float(((p - p.mean()) ** 2).sum()) / (stats.n - 1)
+    mean_sq = _f64_sum_sq(stats.mean.values())
+    return _make_test("inner_product", var_p, mean_sq ** 2, stats.n, threshold)
+
+
+def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESHOLD) -> BatchSizeTest:
+    """The orthogonality test of Bollapragada, Byrd & Nocedal (2018).
+
+    With p_i = ⟨g_i, ḡ⟩, the component of g_i orthogonal to ḡ has squared norm
+    ‖g_i‖² − p_i²/‖ḡ‖², and
+    ν = sqrt( [Σ_i (‖g_i‖² − p_i²/‖ḡ‖²)/(B − 1)] / (B‖ḡ‖²) ).
+    It bounds how far the batch gradient may turn away from ḡ's direction, and
+    is used together with :func:`inner_product_test`. Passes when ν ≤ ``threshold``;
+    suggests B* = [Σ_i (‖g_i‖² − p_i²/‖ḡ‖²)/(B − 1)] / (threshold²·‖ḡ‖²).
+    The variance is ≥ 0 by Cauchy–Schwarz; it is clamped at 0 against roundoff.
+
+    ḡ = 0 gives NaN.
+
+    Raises:
+        ValueError: as :func:`inner_product_test`.
+    """
+    _require_two("orthogonality_test", stats)
+    threshold = _check_threshold("orthogonality_test", threshold)
+    _require_finite("orthogonality_test", stats, "mean", "param_sq_norms", "inner_products")
+    p = _inner_products("orthogonality_test", stats)
+    mean_sq = _f64_sum_sq(stats.mean.values())
+    sq = stats.sq_norms.detach().double()
+    if mean_sq == 0:
+        var_o = math.nan
+    else:
+        var_o = max(float((sq - p.pow(2) / mean_sq).sum()) / (stats.n - 1), 0.0)
+    return _make_test("orthogonality", var_o, mean_sq, stats.n, threshold)
+
+
+# -------------------------------------------------------------------- diversity
+
+
+def gradient_diversity(stats: GradStats) -> float:
+    """Gradient diversity Σ_i‖g_i‖² / ‖Σ_i g_i‖² = m / (B‖ḡ‖²) (Yin et al. 2018).
+
+    Between 1/B (all g_i equal) and large values (the g_i cancel out); mini-batch
+    SGD scales well up to batch sizes of about B·diversity. Defined for B = 1
+    (it is 1 then). NaN for an all-zero gradient (0/0), inf when the g_i sum to
+    0 but are not all 0.
+
+    Raises:
+        ValueError: non-finite statistics.
+    """
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"gradient_diversity takes a GradStats, not {type(stats).__name__}")
+    _require_finite("gradient_diversity", stats, "mean", "param_sq_norms")
+    mo = _moments(stats)
+    return _div(mo.m, stats.n * mo.mean_sq)
+
+
+# ---------------------------------------------------------------------- per layer
+
+
+def group_by_layer(names: Iterable[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by module prefix: ``"net.0.weight"`` → ``"net.0"``.
+
+    A root-level parameter (no dot) is its own group. Groups keep the order in
+    which their first parameter appears.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.rsplit(".", 1)[0] if "." in name else name, []).append(name)
+    return groups
+
+
+def layer_noise_scale(stats: GradStats) -> dict[str, NoiseScale]:
+    """:func:`gradient_noise_scale` for each layer (module prefix, see :func:`group_by_layer`).
+
+    Each layer's |G|², tr Σ and B_simple use that layer's parameters only, so
+    the layers' ``grad_sq`` and ``trace_cov`` add up to the whole model's.
+
+    Raises:
+        ValueError: B = 1, or non-finite statistics.
+    """
+    _require_two("layer_noise_scale", stats)
+    _require_finite("layer_noise_scale", stats, "mean", "param_sq_norms")
+    return {layer: _noise_scale(_moments(stats, names)) for layer, names in group_by_layer(stats.names).items()}
+
+
+def layer_gsnr(stats: GradStats) -> dict[str, float]:
+    """:func:`mean_gsnr` for each layer (module prefix, see :func:`group_by_layer`).
+
+    NaN for a layer in which no element has positive variance.
+
+    Raises:
+        ValueError: B = 1, no variance, or non-finite statistics.
+    """
+    _require_two("layer_gsnr", stats)
+    _require_var("layer_gsnr", stats)
+    _require_finite("layer_gsnr", stats, "mean", "m2")
+    return {layer: _mean_gsnr(stats, names) for layer, names in group_by_layer(stats.names).items()}
+
+
+# -------------------------------------------------------------------- one row
+
+
+def diagnostics(stats: GradStats, *, per_layer: bool = True,
+                norm_threshold: float = DEFAULT_NORM_THRESHOLD,
+                inner_threshold: float = DEFAULT_INNER_THRESHOLD,
+                ortho_threshold: float = DEFAULT_ORTHO_THRESHOLD,
+                quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
+    """Every diagnostic of one batch as a flat ``{name: float}`` row (for loggers and plots).
+
+    Keys: ``n``, ``loss`` (mean of the per-example losses), ``grad_norm`` (‖ḡ‖),
+    ``norm_p10``/``norm_p50``/``norm_p90`` (quantiles of the per-example norms
+    ‖g_i‖), ``grad_sq``, ``trace_cov``, ``b_simple``, ``gsnr_mean``,
+    ``diversity``, and for each test ``norm_test``, ``inner_test``,
+    ``ortho_test`` the statistic, its ``…_batch`` (suggested batch size) and
+    ``…_threshold``. With ``per_layer``, also ``layer/<prefix>/grad_sq``,
+    ``…/trace_cov``, ``…/b_simple`` and ``…/gsnr`` for each module prefix.
+
+    Values that these statistics cannot give are NaN: ``gsnr*`` without
+    variance (``var=False``), the inner-product and orthogonality tests without
+    ``inner_products=True``. Everything else follows the functions above
+    (including their ValueError for B = 1 and non-finite statistics).
+    """
+    _require_two("diagnostics", stats)
+    _require_finite("diagnostics", stats, "mean", "param_sq_norms", "m2", "inner_products")
+    nan = math.nan
+    norms = stats.norms.detach().double()
+    qs = torch.quantile(norms, torch.tensor(list(quantiles), dtype=torch.float64, device=norms.device))
+    est = _noise_scale(_moments(stats))
+    row: dict[str, float] = {
+        "n": float(stats.n),
+        "loss": float(stats.losses.detach().double().mean()),
+        "grad_norm": math.sqrt(est.mean_sq_norm),
+    }
+    for q, v in zip(quantiles, qs.tolist()):
+        row[f"norm_p{round(q * 100):d}"] = v
+    row.update(grad_sq=est.grad_sq, trace_cov=est.trace_cov, b_simple=est.b_simple,
+               gsnr_mean=_mean_gsnr(stats, stats.names) if stats.m2 is not None else nan,
+               diversity=_div(est.mean_example_sq_norm, stats.n * est.mean_sq_norm))
+    tests = [("norm_test", norm_test, norm_threshold),
+             ("inner_test", inner_product_test, inner_threshold),
+             ("ortho_test", orthogonality_test, ortho_threshold)]
+    for key, fn, threshold in tests:
+        if key != "norm_test" and stats.inner_products is None:
+            row.update({key: nan, f"{key}_batch": nan, f"{key}_threshold": float(threshold)})
+            continue
+        result = fn(stats, threshold)
+        row.update({key: result.statistic, f"{key}_batch": result.suggested_batch_size,
+                    f"{key}_threshold": result.threshold})
+    if per_layer:
+        groups = group_by_layer(stats.names)
+        for layer, names in groups.items():
+            lest = _noise_scale(_moments(stats, names))
+            row[f"layer/{layer}/grad_sq"] = lest.grad_sq
+            row[f"layer/{layer}/trace_cov"] = lest.trace_cov
+            row[f"layer/{layer}/b_simple"] = lest.b_simple
+            row[f"layer/{layer}/gsnr"] = _mean_gsnr(stats, names) if stats.m2 is not None else nan
+    return row
