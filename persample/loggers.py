@@ -1,0 +1,338 @@
+"""Loggers: Tracker hooks that write one row of diagnostics per statistics step.
+
+Plug any of them into a :class:`persample.Tracker`::
+
+    tracker = persample.Tracker(model, loss_fn, inner_products=True)
+    tracker.register_hook(persample.loggers.CSVLogger("metrics.csv"))
+
+A row is ``{"step": tracker.steps, **persample.noise.diagnostics(stats), "b_simple_ema": …}``
+(see :func:`persample.noise.diagnostics` for its keys). To compute the row once
+and send it to several sinks, and to keep it in memory for a plot, use
+:class:`Diagnostics`::
+
+    diag = Diagnostics(CSVLogger("metrics.csv"), TensorBoardLogger("runs/a"))
+    tracker.register_hook(diag)
+    ...
+    persample.plot.plot_diagnostics(diag.rows, "diagnostics.png")
+
+:class:`CSVLogger` and :class:`JSONLLogger` need only the standard library;
+:class:`TensorBoardLogger` needs the ``tensorboard`` package
+(``pip install "persample[tensorboard]"``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from . import noise
+from .stats import GradStats
+
+__all__ = ["Diagnostics", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "read_metrics"]
+
+Row = dict[str, Any]
+
+
+class Diagnostics:
+    """A Tracker hook that computes one diagnostics row per statistics step.
+
+    Each row is ``{"step": …, **noise.diagnostics(stats, …), "b_simple_ema": …}``
+    plus whatever ``extra(tracker, stats)`` returns. The row goes to every sink
+    (anything with a ``write(row)`` method, such as the loggers below) and, with
+    ``keep=True``, into :attr:`rows` (what :func:`persample.plot.plot_diagnostics`
+    draws).
+
+    Args:
+        *sinks: objects with ``write(row)`` (and optionally ``close()``).
+        ema_beta: decay of the :class:`~persample.noise.NoiseScaleEMA` behind
+            ``b_simple_ema``.
+        per_layer: include per-layer columns (``layer/<prefix>/…``).
+        extra: a callable ``(tracker, stats) -> dict`` whose items are added to
+            each row (e.g. the learning rate or the epoch).
+        keep: keep every row in :attr:`rows`.
+        **thresholds: ``norm_threshold``, ``inner_threshold``,
+            ``ortho_threshold`` for the batch-size tests.
+
+    Statistics computed without variance or inner products give NaN for the
+    diagnostics that need them, with one warning naming the Tracker option that
+    enables them.
+    """
+
+    def __init__(self, *sinks: Any, ema_beta: float = 0.99, per_layer: bool = True,
+                 extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None, keep: bool = True,
+                 norm_threshold: float = noise.DEFAULT_NORM_THRESHOLD,
+                 inner_threshold: float = noise.DEFAULT_INNER_THRESHOLD,
+                 ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD):
+        for sink in sinks:
+            if not callable(getattr(sink, "write", None)):
+                raise TypeError(f"a sink needs a write(row) method; {type(sink).__name__} has none")
+        self.sinks = list(sinks)
+        self.ema = noise.NoiseScaleEMA(ema_beta)
+        self.per_layer = per_layer
+        self.extra = extra
+        self.keep = keep
+        self.thresholds = dict(norm_threshold=norm_threshold, inner_threshold=inner_threshold,
+                               ortho_threshold=ortho_threshold)
+        self.rows: list[Row] = []
+        self._warned: set[str] = set()
+
+    def row(self, stats: GradStats, step: int) -> Row:
+        """The row for ``stats`` at ``step`` (updates the EMA; writes nothing)."""
+        self._warn_missing(stats)
+        values = noise.diagnostics(stats, per_layer=self.per_layer, **self.thresholds)
+        row: Row = {"step": step, **values}
+        row["b_simple_ema"] = self.ema.update(noise.NoiseScale(
+            stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan))
+        return row
+
+    def __call__(self, tracker: Any, stats: GradStats) -> Row:
+        row = self.row(stats, tracker.steps)
+        if self.extra is not None:
+            row.update(self.extra(tracker, stats))
+        self.log(row)
+        return row
+
+    def log(self, row: Mapping[str, Any]) -> None:
+        """Send a row (from :meth:`row`, or any other dict of scalars) to every sink, and keep it."""
+        row = dict(row)
+        if self.keep:
+            self.rows.append(row)
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            close = getattr(sink, "close", None)
+            if close is not None:
+                close()
+
+    def __enter__(self) -> "Diagnostics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _warn_missing(self, stats: GradStats) -> None:
+        missing = []
+        if stats.m2 is None and "var" not in self._warned:
+            self._warned.add("var")
+            missing.append("the GSNR columns need var=True")
+        if stats.inner_products is None and "inner" not in self._warned:
+            self._warned.add("inner")
+            missing.append("the inner-product and orthogonality tests need inner_products=True")
+        if missing:
+            warnings.warn("persample diagnostics: " + "; ".join(missing)
+                          + " in persample.Tracker / grad_stats; those columns are NaN", stacklevel=3)
+
+
+class _Sink:
+    """A row writer that is also a Tracker hook (through its own :class:`Diagnostics`)."""
+
+    def __init__(self, **diagnostics_options: Any):
+        self._diagnostics_options = diagnostics_options
+        self._hook: Diagnostics | None = None
+
+    def __call__(self, tracker: Any, stats: GradStats) -> None:
+        if self._hook is None:
+            self._hook = Diagnostics(self, keep=False, **self._diagnostics_options)
+        self._hook(tracker, stats)
+
+    def write(self, row: Mapping[str, Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _scalar(value: Any) -> Any:
+    """A Python scalar for a tensor / numpy scalar / number; strings pass through."""
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _open_for_writing(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path)
+    if path.exists() and path.is_dir():
+        raise IsADirectoryError(f"{what}: {str(path)!r} is a directory, expected a file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class CSVLogger(_Sink):
+    """Write rows to a CSV file, one per statistics step, flushed after each row.
+
+    The header is the union of the keys seen so far, in first-seen order; when a
+    row brings a new key, the file is rewritten with the wider header (earlier
+    rows get empty cells there). Floats are written with full precision; NaN
+    and inf as ``nan`` / ``inf`` (``float()`` reads them back).
+
+    As a Tracker hook, it computes its rows with a :class:`Diagnostics`
+    configured by ``**diagnostics_options``.
+    """
+
+    def __init__(self, path: str | os.PathLike, **diagnostics_options: Any):
+        super().__init__(**diagnostics_options)
+        self.path = _open_for_writing(path, "CSVLogger")
+        self.fields: list[str] = []
+        self._rows_written = 0
+        self._file = open(self.path, "w", newline="", encoding="utf-8")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self._file is None:
+            raise ValueError(f"CSVLogger({str(self.path)!r}) is closed")
+        new = [k for k in row if k not in self.fields]
+        if new:
+            self.fields.extend(new)
+            if self._rows_written:
+                self._rewrite()
+            else:
+                self._file.seek(0)
+                self._file.truncate()
+                csv.writer(self._file).writerow(self.fields)
+        csv.writer(self._file).writerow([_format_csv(row.get(k, "")) for k in self.fields])
+        self._rows_written += 1
+        self._file.flush()
+
+    def _rewrite(self) -> None:
+        self._file.close()
+        with open(self.path, newline="", encoding="utf-8") as f:
+            old = list(csv.DictReader(f))
+        self._file = open(self.path, "w", newline="", encoding="utf-8")
+        writer = csv.writer(self._file)
+        writer.writerow(self.fields)
+        for r in old:
+            writer.writerow([r.get(k, "") for k in self.fields])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def _format_csv(value: Any) -> str:
+    value = _scalar(value)
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+class JSONLLogger(_Sink):
+    """Write rows to a JSON Lines file (one JSON object per line), flushed after each row.
+
+    NaN and ±inf are not valid JSON; they are written as ``null``.
+    """
+
+    def __init__(self, path: str | os.PathLike, **diagnostics_options: Any):
+        super().__init__(**diagnostics_options)
+        self.path = _open_for_writing(path, "JSONLLogger")
+        self._file = open(self.path, "w", encoding="utf-8")
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        if self._file is None:
+            raise ValueError(f"JSONLLogger({str(self.path)!r}) is closed")
+        clean = {}
+        for k, v in row.items():
+            v = _scalar(v)
+            clean[k] = None if isinstance(v, float) and not math.isfinite(v) else v
+        self._file.write(json.dumps(clean, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TensorBoardLogger(_Sink):
+    """Write rows as TensorBoard scalars, through ``torch.utils.tensorboard.SummaryWriter``.
+
+    Each numeric key except ``step`` becomes a scalar tag at global step
+    ``row["step"]``; per-layer keys (``layer/<prefix>/b_simple``) group by layer.
+    Needs the ``tensorboard`` package: ``pip install "persample[tensorboard]"``.
+    """
+
+    def __init__(self, log_dir: str | os.PathLike, **diagnostics_options: Any):
+        super().__init__(**diagnostics_options)
+        try:
+            import tensorboard  # noqa: F401
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ImportError(
+                "persample.loggers.TensorBoardLogger needs the 'tensorboard' package: "
+                "pip install \"persample[tensorboard]\"") from err
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+        self._count = 0
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        step = _scalar(row.get("step", self._count))
+        for key, value in row.items():
+            value = _scalar(value)
+            if key == "step" or isinstance(value, str) or value is None:
+                continue
+            self.writer.add_scalar(key, float(value), global_step=int(step))
+        self._count += 1
+
+    def close(self) -> None:
+        self.writer.flush()
+        self.writer.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[Row]:
+    """Read back a ``.csv`` or ``.jsonl`` file written by the loggers, as a list of dicts.
+
+    Numbers come back as floats (``step`` as int); empty CSV cells and JSON
+    ``null`` as NaN; other strings unchanged.
+    """
+    path = Path(path)
+    rows: list[Row] = []
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                rows.append({k: _parse(v) for k, v in r.items()})
+    elif path.suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    rows.append({k: (math.nan if v is None else v) for k, v in json.loads(line).items()})
+    else:
+        raise ValueError(f"read_metrics: expected a .csv or .jsonl file, got {str(path)!r}")
+    for r in rows:
+        if isinstance(r.get("step"), float) and math.isfinite(r["step"]):
+            r["step"] = int(r["step"])
+    return rows
+
+
+def _parse(text: str) -> Any:
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def columns(rows: Iterable[Mapping[str, Any]], key: str) -> list[float]:
+    """The values of ``key`` over ``rows`` as floats (NaN where a row lacks it)."""
+    out = []
+    for r in rows:
+        v = _scalar(r.get(key, math.nan))
+        try:
+            out.append(float(v))
+        except (TypeError, ValueError):
+            out.append(math.nan)
+    return out
