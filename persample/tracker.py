@@ -17,17 +17,20 @@ batch's :class:`GradStats`.
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch
 from ._model import trainable_parameters
 from .api import compute_stats
 from .check import check_batch_mean
+from .engines.observe import Observation, observing
 from .stats import GradStats
 
 __all__ = ["Tracker"]
@@ -132,6 +135,51 @@ class Tracker:
             raise
         self.steps += 1
         return stats if with_stats else None
+
+    @contextlib.contextmanager
+    def observe(self, targets: Any = None, *, reduction: str = "mean",
+                batch_size: int | None = None) -> Iterator[Observation]:
+        """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
+
+        ::
+
+            with tracker.observe(targets, reduction="mean") as observed:
+                loss = criterion(model(inputs), targets)
+                loss.backward()
+            observed.stats  # GradStats (None on steps without statistics)
+
+        ``reduction`` declares how the loss combines the per-example losses
+        ``loss_fn(output_i, target_i)``: ``"mean"`` (PyTorch's default) or
+        ``"sum"``. A declaration that does not match the loss, or a loss with
+        other terms, raises :class:`persample.engines.observe.ObservationError`
+        after the backward instead of returning wrong statistics. Uses the fast
+        engine only (there is no second pass to fall back on); models it cannot
+        handle exactly raise ``NotExact``, so use :meth:`step` for them.
+        ``p.grad`` is whatever your backward made it. Not available with
+        ``clip_norm`` (clipping must happen before the reduction: use :meth:`step`).
+        """
+        if self.clip_norm is not None:
+            raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
+                             "Use tracker.step(inputs, targets) with clip_norm")
+        if not self.wants_stats():
+            observation = Observation()
+            yield observation
+            self.steps += 1
+            return
+        if batch_size is None:
+            leaves = [t for t in (tree_flatten(targets)[0] if targets is not None else [])
+                      if isinstance(t, Tensor) and t.dim() > 0]
+            if not leaves:
+                raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
+            batch_size = int(leaves[0].shape[0])
+        with observing(self.model, self.loss_fn, targets, batch_size=batch_size, reduction=reduction,
+                       var=self.stats_options["var"],
+                       inner_products=self.stats_options["inner_products"]) as observation:
+            yield observation
+        self.last_stats = observation.stats
+        for hook in list(self._hooks.values()):
+            hook(self, observation.stats)
+        self.steps += 1
 
     def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
         """∇ of the mean loss, as ``loss.backward()`` would compute it (but not yet accumulated)."""

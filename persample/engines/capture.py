@@ -308,7 +308,7 @@ def _fallback_internals(units: list[Unit]) -> set:
     return inside
 
 
-def audit_graph(root: Tensor, units: list[Unit], names: dict[int, str]) -> GraphAudit:
+def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str]) -> GraphAudit:
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad`` and dim-0 moves.
 
     Dim-0 moves inside fallback modules (an RNN or attention going time-major
@@ -316,7 +316,7 @@ def audit_graph(root: Tensor, units: list[Unit], names: dict[int, str]) -> Graph
     """
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
-    stack = [root.grad_fn]
+    stack = [t.grad_fn for t in (root if isinstance(root, (list, tuple)) else [root])]
     while stack:
         node = stack.pop()
         if node is None or node in seen:

@@ -1,0 +1,107 @@
+"""Tracker.observe: statistics from the user's own loss.backward(), never silently wrong."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+from persample.engines.observe import ObservationError
+
+from zoo import CASE_IDS, CASES, assert_dicts_close, call_model
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_observed_backward_gives_the_vmap_statistics(case):
+    model, x, y = case.instantiate(batch=5)
+    ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap", inner_products=True)
+    tracker = persample.Tracker(model, case.loss_fn, inner_products=True)
+    with tracker.observe(y) as observed:
+        case.loss_fn(call_model(model, x), y).backward()
+    stats = observed.stats
+    assert_dicts_close(stats.mean, ref.mean)
+    assert_dicts_close(stats.var, ref.var, atol=1e-11)
+    assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
+    torch.testing.assert_close(stats.inner_products, ref.inner_products)
+    torch.testing.assert_close(stats.losses, ref.losses)
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def _batch(b=6):
+    return torch.randn(b, 4, dtype=torch.float64), torch.randint(0, 3, (b,))
+
+
+def test_sum_reduction_declared_and_used():
+    model, (x, y) = _mlp(), _batch()
+    ref = persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap")
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with tracker.observe(y, reduction="sum") as observed:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    assert_dicts_close(observed.stats.var, ref.var)
+
+
+@pytest.mark.parametrize("declared, used, hint", [("mean", "sum", "reduction='sum'"),
+                                                  ("sum", "mean", "reduction='mean'")])
+def test_a_wrong_reduction_is_detected_not_silent(declared, used, hint):
+    model, (x, y) = _mlp(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match=hint):
+        with tracker.observe(y, reduction=declared):
+            F.cross_entropy(model(x), y, reduction=used).backward()
+
+
+def test_a_loss_with_extra_terms_is_detected():
+    model, (x, y) = _mlp(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match="do not add up to the change in its p.grad"):
+        with tracker.observe(y):
+            loss = F.cross_entropy(model(x), y) + 0.1 * model[0].weight.pow(2).sum()
+            loss.backward()
+
+
+def test_accumulates_on_existing_grads_and_every_k():
+    model, (x, y) = _mlp(), _batch()
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    ref = persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap")
+    tracker = persample.Tracker(model, F.cross_entropy, every=2)
+    seen = []
+    tracker.register_hook(lambda t, s: seen.append(s))
+    with tracker.observe(y) as first:
+        F.cross_entropy(model(x), y).backward()
+    with tracker.observe(y) as second:
+        F.cross_entropy(model(x), y).backward()
+    assert_dicts_close(first.stats.var, ref.var)
+    assert second.stats is None and tracker.steps == 2 and seen == [first.stats]
+
+
+def test_misuse_is_explained():
+    model, (x, y) = _mlp(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match="no forward of the model reached a backward"):
+        with tracker.observe(y):
+            model(x)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        with tracker.observe(y, reduction="max"):
+            pass
+    with pytest.raises(ValueError, match="needs the batch size"):
+        with tracker.observe():
+            pass
+    with pytest.raises(ValueError, match="cannot clip"):
+        with persample.Tracker(model, F.cross_entropy, clip_norm=1.0).observe(y):
+            pass
+
+
+def test_hooks_are_removed_when_the_block_raises():
+    model, (x, y) = _mlp(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(KeyError):
+        with tracker.observe(y):
+            model(x)
+            raise KeyError("user code failed")
+    assert all(not m._forward_hooks for m in model.modules())
+    assert tracker.steps == 0
