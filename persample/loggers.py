@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 from . import noise
 from .stats import GradStats
@@ -325,14 +325,3 @@ def _parse(text: str) -> Any:
     except ValueError:
         return text
 
-
-def columns(rows: Iterable[Mapping[str, Any]], key: str) -> list[float]:
-    """The values of ``key`` over ``rows`` as floats (NaN where a row lacks it)."""
-    out = []
-    for r in rows:
-        v = _scalar(r.get(key, math.nan))
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError):
-            out.append(math.nan)
-    return out

@@ -371,7 +371,8 @@ def norm_test(stats: GradStats, threshold: float = DEFAULT_NORM_THRESHOLD) -> Ba
     covariance (see :func:`gradient_noise_scale`): the estimated relative error
     ‖ḡ − ∇F‖/‖ḡ‖ of the batch gradient. The test passes when θ ≤ ``threshold``
     (Byrd et al. need θ < 1); the suggested batch size is
-    B* = tr Σ̂ / (threshold²·‖ḡ‖²).
+    B* = tr Σ̂ / (threshold²·‖ḡ‖²). With threshold 1 this is tr Σ̂ / ‖ḡ‖², the
+    simple noise scale of McCandlish et al. with the biased ‖ḡ‖² in place of |G|².
 
     ḡ = 0 gives θ = inf (and B* = inf) when the examples disagree, NaN when every
     gradient is zero.

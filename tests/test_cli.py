@@ -158,3 +158,30 @@ def test_plot_subcommand_redraws_from_metrics(tmp_path, capsys):
         main(["plot", str(tmp_path / "missing.csv")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "is not a file" in err
+
+
+def test_a_failed_check_mean_exits_1_and_tensorboard_is_written(tmp_path, monkeypatch, capsys):
+    """In process, with check_mean forced to fail: exit status 1 and the report on stderr."""
+    pytest.importorskip("tensorboard")
+    import persample.demo
+    from persample import MeanMismatchError
+    from persample.cli import main
+
+    def failing_check(*args, **kwargs):
+        raise MeanMismatchError("mean of per-example gradients differs from autograd's gradient (forced)")
+    monkeypatch.setattr(persample.demo, "check_mean", failing_check)
+    code = main(["demo", "--out", str(tmp_path), "--tensorboard", "--quiet", *TINY])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "check_mean FAILED" in captured.err and "(forced)" in captured.err
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "metrics.csv").exists()
+
+
+def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
+    from persample.cli import main
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    assert main(["demo", "--out", str(tmp_path), *TINY]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and 'pip install "persample[demo]"' in err and "scikit-learn" in err
