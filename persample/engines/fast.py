@@ -2,8 +2,10 @@
 
 1. One ordinary forward of the batch; per-example losses L_i come from
    ``vmap(loss_fn)`` over the model's output (only the loss is vmapped).
-2. One ``torch.autograd.grad`` of Σ_i L_i gives Σ_i g_i for every parameter,
-   while :mod:`.capture` records each unit's inputs and output gradients.
+2. One ``torch.autograd.grad`` of (1/B) Σ_i L_i gives ḡ for every parameter,
+   while :mod:`.capture` records each unit's inputs and output gradients
+   (scaled back by B when the pieces are built: activation-sized, far cheaper
+   than rescaling parameter-sized gradients).
 3. Each parameter gets a :mod:`piece <.pieces>` from a closed-form layer rule
    (:mod:`.rules`); modules without a rule get their per-example gradients from
    ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its
@@ -32,6 +34,7 @@ from ..stats import GradStats, clip_factors
 from ._rnn import rnn_modules_as_plain_ops
 from .capture import Call, NotExact, Unit, audit_graph, capturing, find_units
 from .pieces import DensePiece, Piece, combine_pieces
+from .losses import closed_form_losses
 from .rules import Layout, LayoutError
 from .vmap import _check_per_example_loss
 
@@ -59,15 +62,15 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
-        total = losses.sum()
-        audit = audit_graph(total, units, {id(p): n for n, p in params.items()})
+        mean_loss = losses.mean()
+        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
             raise NotExact(audit.escape)
-        grads = torch.autograd.grad(total, list(params.values()), allow_unused=True)
-    sums = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
+        grads = torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
+    means = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved)
-    pieces = _pieces_by_parameter(units, params, sums, layout)
-    return reduce_pieces(pieces, sums, losses.detach(), var=var, inner_products=inner_products,
+    pieces = _pieces_by_parameter(units, params, means, layout, grad_scale=float(batch.size))
+    return reduce_pieces(pieces, means, losses.detach(), var=var, inner_products=inner_products,
                          clip_norm=clip_norm)
 
 
@@ -77,7 +80,13 @@ def _input_has_batch_sized_dim(batch: Batch) -> bool:
 
 
 def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> Tensor:
-    """L_i = loss_fn(output_i[None], target_i[None]) for every example, differentiably: ``[B]``."""
+    """L_i = loss_fn(output_i[None], target_i[None]) for every example, differentiably: ``[B]``.
+
+    Standard losses have a closed form (:mod:`.losses`); others are vmapped.
+    """
+    closed = closed_form_losses(loss_fn, output, batch.targets)
+    if closed is not None:
+        return closed
     leaves, spec = tree_flatten(output)
     batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size for t in leaves]
     if not any(batched):
@@ -95,8 +104,10 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> 
     return vmap(one, in_dims=(leaf_dims, target_dims))(leaves, batch.targets)
 
 
-def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], sums: dict[str, Tensor],
-                         layout: Layout) -> dict[str, Piece]:
+def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor],
+                         layout: Layout, grad_scale: float) -> dict[str, Piece]:
+    """One piece per parameter; captured output gradients are multiplied by ``grad_scale``
+    to make them gradients of Σ_i L_i (unscaled per-example)."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
@@ -104,6 +115,8 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], sum
         for call in unit.calls:
             if not call.out_grads:
                 continue  # this call's output never reached the loss
+            if grad_scale != 1.0:
+                call.out_grads = {k: g * grad_scale for k, g in call.out_grads.items()}
             found = (_rule_pieces(unit, call, layout) if unit.rule is not None
                      else _fallback_pieces(unit, call, batch_size))
             for local_name, piece in found.items():
@@ -113,7 +126,7 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], sum
         parts = collected.get(name)
         pieces[name] = (combine_pieces(parts) if parts
                         else DensePiece(p.new_zeros(batch_size, *p.shape)))
-    _check_fallback_sums(units, pieces, sums, by_id)
+    _check_fallback_sums(units, pieces, means, by_id)
     return pieces
 
 
@@ -200,16 +213,17 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int) -> dict[str, Piece
     return {n: DensePiece(g) for n, g in per_example.items()}
 
 
-def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], sums: dict[str, Tensor],
+def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor],
                          by_id: dict[int, str]) -> None:
-    """A fallback is exact only if Σ_i g_i equals autograd's gradient (batch dim really dim 0)."""
+    """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0)."""
     for unit in units:
         if unit.rule is not None:
             continue
         for p in unit.params.values():
             name = by_id[id(p)]
-            piece, total = pieces[name], sums[name]
-            got = piece.weighted_sum(torch.ones(piece.batch_size, dtype=total.dtype, device=total.device))
+            piece, total = pieces[name], means[name]
+            got = piece.weighted_sum(torch.full((piece.batch_size,), 1.0 / piece.batch_size,
+                                                dtype=total.dtype, device=total.device))
             scale = total.abs().max().item()
             tol = (1e-5 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
             if (got - total).abs().max().item() > tol:
@@ -217,14 +231,13 @@ def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], sums: dict
                                "autograd's gradient: the module does not keep examples apart on dim 0")
 
 
-def reduce_pieces(pieces: dict[str, Piece], sums: dict[str, Tensor], losses: Tensor, *, var: bool,
+def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
                   inner_products: bool, clip_norm: float | None) -> GradStats:
-    """GradStats from per-parameter pieces and autograd's Σ_i g_i.
+    """GradStats from per-parameter pieces and autograd's ḡ = (1/B) Σ_i g_i.
 
-    ḡ = Σ_i g_i / B; M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
+    M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
     """
     n = losses.shape[0]
-    mean = {name: total.div_(n) for name, total in sums.items()}  # autograd's fresh tensors: ours to reuse
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     m2 = None
     if var:  # two in-place passes over each parameter: memory bandwidth is the cost here

@@ -99,18 +99,15 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
         raise NotExact(observation._audit.escape)
     scale = float(batch_size) if reduction == "mean" else 1.0
     losses = _check_reduction(observation, loss_fn, targets, batch_size, scale, reduction)
-    for unit in units:
-        for call in unit.calls:
-            call.out_grads = {k: g * scale for k, g in call.out_grads.items()}
-    sums = {}
+    means = {}
     for name, p in params.items():
         increment = torch.zeros_like(p) if p.grad is None else p.grad.detach() - (
             0 if before[name] is None else before[name])
-        sums[name] = increment * scale
+        means[name] = increment * (scale / batch_size)
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved)
-    pieces = _pieces_by_parameter(units, params, sums, layout)
-    _check_against_grad(pieces, sums)
-    return reduce_pieces(pieces, sums, losses, var=var, inner_products=inner_products, clip_norm=None)
+    pieces = _pieces_by_parameter(units, params, means, layout, grad_scale=scale)
+    _check_against_grad(pieces, means)
+    return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
 
 
 def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int, scale: float,
@@ -152,10 +149,11 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
     return losses.detach()
 
 
-def _check_against_grad(pieces, sums) -> None:
+def _check_against_grad(pieces, means) -> None:
     for name, piece in pieces.items():
-        total = sums[name]
-        got = piece.weighted_sum(torch.ones(piece.batch_size, dtype=total.dtype, device=total.device))
+        total = means[name]
+        got = piece.weighted_sum(torch.full((piece.batch_size,), 1.0 / piece.batch_size,
+                                            dtype=total.dtype, device=total.device))
         scale = total.abs().max().item()
         tol = (1e-6 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
         if (got - total).abs().max().item() > tol:

@@ -1,0 +1,68 @@
+"""Closed-form per-example losses equal loss_fn on a batch of one, for every option."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from persample.engines.losses import closed_form_losses
+
+torch.manual_seed(0)
+WEIGHTS = torch.rand(5, dtype=torch.float64) + 0.1
+
+
+def _by_loop(loss_fn, output, target):
+    return torch.stack([loss_fn(output[i:i + 1], target[i:i + 1]) for i in range(output.shape[0])])
+
+
+def _class_target(shape, ignore=False):
+    t = torch.randint(0, 5, shape)
+    if ignore:
+        t[0].view(-1)[0] = -100
+    return t
+
+
+CASES = [
+    ("ce_fn", F.cross_entropy, (6, 5), (6,), False),
+    ("ce_module_weights", nn.CrossEntropyLoss(weight=WEIGHTS), (6, 5), (6,), False),
+    ("ce_sequence_ignore", nn.CrossEntropyLoss(ignore_index=-100), (6, 5, 4), (6, 4), True),
+    ("ce_smoothing_weights", nn.CrossEntropyLoss(weight=WEIGHTS, label_smoothing=0.2), (6, 5, 3), (6, 3), True),
+    ("nll", nn.NLLLoss(weight=WEIGHTS), (6, 5), (6,), False),
+    ("mse", nn.MSELoss(), (6, 3, 2), None, False),
+    ("l1_fn", F.l1_loss, (6, 4), None, False),
+    ("bce_pos_weight", nn.BCEWithLogitsLoss(pos_weight=torch.rand(4, dtype=torch.float64)), (6, 4), None, False),
+]
+
+
+@pytest.mark.parametrize("name, loss_fn, out_shape, target_shape, ignore", CASES, ids=[c[0] for c in CASES])
+def test_closed_form_equals_batch_of_one(name, loss_fn, out_shape, target_shape, ignore):
+    output = torch.randn(*out_shape, dtype=torch.float64)
+    if target_shape is None:
+        target = torch.rand(*out_shape, dtype=torch.float64)
+    else:
+        target = _class_target(target_shape, ignore)
+    if name == "nll":
+        output = output.log_softmax(1)
+    closed = closed_form_losses(loss_fn, output, target)
+    assert closed is not None
+    torch.testing.assert_close(closed, _by_loop(loss_fn, output, target), rtol=1e-12, atol=1e-12)
+
+
+def test_example_with_only_ignored_targets_is_nan_like_the_loss_itself():
+    output, target = torch.randn(2, 5, 3, dtype=torch.float64), torch.full((2, 3), -100)
+    target[1] = 2
+    closed = closed_form_losses(F.cross_entropy, output, target)
+    reference = _by_loop(F.cross_entropy, output, target)
+    assert torch.isnan(closed[0]) and torch.isnan(reference[0])
+    torch.testing.assert_close(closed[1], reference[1])
+
+
+@pytest.mark.parametrize("loss_fn, output, target", [
+    (lambda o, t: F.cross_entropy(o, t), torch.randn(3, 4), torch.randint(0, 4, (3,))),   # unknown callable
+    (nn.CrossEntropyLoss(reduction="sum"), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # other reduction
+    (nn.MSELoss(), torch.randn(3, 4), torch.randn(3, 1)),                                   # broadcasting
+    (F.cross_entropy, torch.randn(3, 4), torch.rand(3, 4)),                                 # probability targets
+    (nn.BCEWithLogitsLoss(weight=torch.rand(4)), torch.randn(3, 4), torch.rand(3, 4)),      # element weights
+])
+def test_no_closed_form_falls_back(loss_fn, output, target):
+    assert closed_form_losses(loss_fn, output, target) is None
