@@ -63,6 +63,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
 def _batch_size(text: str) -> int:
     value = _positive_int(text)
     if value < 2:
@@ -133,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="metrics file format: metrics.csv or metrics.jsonl (default: csv)")
     demo.add_argument("--tensorboard", action="store_true",
                       help="also write TensorBoard scalars to OUT/tensorboard (needs the tensorboard package)")
+    demo.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
+                      help="CPU threads for torch; the model is tiny, and one thread avoids OpenMP slow-downs "
+                           "when other processes share the cores (0: torch's default; default: 1)")
     demo.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
     demo.add_argument("--quiet", action="store_true",
                       help="print only the paths of the files written (and errors)")
@@ -187,7 +200,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     config = DemoConfig(out=args.out, epochs=args.epochs, device=args.device, model=args.model,
                         batch_size=args.batch_size, lr=args.lr, every=args.every, seed=args.seed,
                         ema_beta=args.ema_beta, train_examples=args.train_examples, format=args.format,
-                        tensorboard=args.tensorboard, progress=not args.no_progress, quiet=args.quiet)
+                        tensorboard=args.tensorboard, threads=args.threads, progress=not args.no_progress,
+                        quiet=args.quiet)
     try:
         result = run_demo(config)
     except ImportError as err:
@@ -240,6 +254,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("persample: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `persample demo | head`: stop quietly, as other CLI tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -62,6 +62,7 @@ class DemoConfig:
     train_examples: int | None = None
     format: str = "csv"
     tensorboard: bool = False
+    threads: int = 1
     progress: bool = True
     quiet: bool = False
 
@@ -253,6 +254,10 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     plot_module.require_matplotlib()
 
     t0 = time.perf_counter()
+    if config.threads > 0:
+        # The model is tiny: one thread is about as fast as two, and it avoids the large
+        # OpenMP slow-downs that intra-op threads suffer when other processes share the cores.
+        torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
     x_train, y_train, x_test, y_test = load_digits(seed=config.seed, train_examples=config.train_examples,
@@ -280,7 +285,8 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     n_params = sum(p.numel() for p in model.parameters())
     say(f"persample demo: {config.model.upper()} ({n_params:,} parameters) on scikit-learn's 8x8 digits "
         f"({len(x_train)} train / {len(x_test)} test), batch {config.batch_size}, SGD lr {config.lr:g} "
-        f"momentum {config.momentum:g}, {config.epochs} epochs on {device}")
+        f"momentum {config.momentum:g}, {config.epochs} epochs on {device} ({torch.get_num_threads()} CPU "
+        f"thread{'s' if torch.get_num_threads() > 1 else ''})")
     say(f"per-example statistics every {config.every} step(s); B_simple EMA beta {config.ema_beta:g}")
     say()
     say(format_table())

@@ -100,6 +100,7 @@ def test_bad_arguments_in_a_subprocess_give_one_line_and_exit_2(tmp_path):
     (["--lr", "-1"], "expected a positive number"),
     (["--lr", "nan"], "expected a positive number"),
     (["--every", "0"], "expected a positive integer"),
+    (["--threads", "-1"], "expected a non-negative integer"),
     (["--ema-beta", "1"], "expected a number in [0, 1)"),
     (["--model", "resnet"], "invalid choice: 'resnet'"),
     (["--format", "xml"], "invalid choice: 'xml'"),
@@ -130,7 +131,7 @@ def test_help_explains_every_option(capsys):
     out = capsys.readouterr().out
     assert exc.value.code == 0
     for option in ("--out", "--epochs", "--device", "--model", "--batch-size", "--lr", "--every", "--seed",
-                   "--no-progress", "--quiet", "--ema-beta", "--train-examples", "--format", "--tensorboard"):
+                   "--no-progress", "--quiet", "--ema-beta", "--train-examples", "--format", "--tensorboard", "--threads"):
         assert option in out
     assert "8x8" in out and "check_mean" in out
     assert main([]) == 2 and "demo" in capsys.readouterr().err
