@@ -210,6 +210,11 @@ def _run_demo(args: argparse.Namespace) -> int:
     except MeanMismatchError as err:
         print(f"persample demo: check_mean FAILED: {err}", file=sys.stderr)
         return 1
+    except ValueError as err:  # e.g. training diverged: non-finite gradients reach the diagnostics
+        notes = " ".join(getattr(err, "__notes__", []))
+        print(f"persample demo: training failed: {err} {notes}".rstrip()
+              + (" Try a smaller --lr." if "non-finite" in str(err) else ""), file=sys.stderr)
+        return 1
     print(f"metrics: {result.metrics_path}")
     print(f"plot:    {result.plot_path}")
     if result.tensorboard_dir is not None:

@@ -58,14 +58,15 @@ __all__ = [
     "diagnostics", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
 ]
 
-#: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (it bounds the
-#: relative error of the batch gradient); 0.9 is the value Bollapragada et al.
-#: (2018, §5) use for the norm and inner-product tests in their experiments.
+#: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (θ bounds the
+#: relative error ‖ḡ − ∇F‖/‖ḡ‖ of the batch gradient); 0.9 is the value
+#: Bollapragada et al. (2018) use in their numerical experiments. Lower is stricter.
 DEFAULT_NORM_THRESHOLD = 0.9
-#: Default θ of the inner-product test (Bollapragada et al. 2018, §5: θ = 0.9).
+#: Default θ of the inner-product test: 0.9, as in Bollapragada et al.'s (2018)
+#: experiments.
 DEFAULT_INNER_THRESHOLD = 0.9
-#: Default ν of the orthogonality test (Bollapragada et al. 2018, §5: ν = 5.84,
-#: i.e. the batch gradient may deviate from ḡ's direction by about 80°).
+#: Default ν of the orthogonality test: 5.84 (tan ≈ 80°: the batch gradient may
+#: turn up to about 80° away from ḡ), as in Bollapragada et al.'s (2018) experiments.
 DEFAULT_ORTHO_THRESHOLD = 5.84
 
 

@@ -186,3 +186,10 @@ def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and 'pip install "persample[demo]"' in err and "scikit-learn" in err
+
+
+def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
+    from persample.cli import main
+    assert main(["demo", "--out", str(tmp_path), "--lr", "1e6", "--quiet", *TINY]) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "non-finite values in stats." in err and "Try a smaller --lr" in err
