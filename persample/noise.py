@@ -59,14 +59,14 @@ __all__ = [
 ]
 
 #: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (θ bounds the
-#: relative error ‖ḡ − ∇F‖/‖ḡ‖ of the batch gradient); 0.9 is the value
-#: Bollapragada et al. (2018) use in their numerical experiments. Lower is stricter.
+#: relative error ‖ḡ − ∇F‖/‖ḡ‖ of the batch gradient); 0.9 is a conventional
+#: choice just below that bound. Lower is stricter. All defaults are parameters:
+#: they are conventions, not values this library has verified against the papers.
 DEFAULT_NORM_THRESHOLD = 0.9
-#: Default θ of the inner-product test: 0.9, as in Bollapragada et al.'s (2018)
-#: experiments.
+#: Default θ of the inner-product test (Bollapragada et al. 2018): 0.9, the same convention.
 DEFAULT_INNER_THRESHOLD = 0.9
-#: Default ν of the orthogonality test: 5.84 (tan ≈ 80°: the batch gradient may
-#: turn up to about 80° away from ḡ), as in Bollapragada et al.'s (2018) experiments.
+#: Default ν of the orthogonality test (Bollapragada et al. 2018): 5.84 ≈ tan 80°,
+#: so the batch gradient may turn up to about 80° away from ḡ.
 DEFAULT_ORTHO_THRESHOLD = 5.84
 
 

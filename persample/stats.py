@@ -104,8 +104,8 @@ class GradStats:
 
     @property
     def mean_sq_norm(self) -> Tensor:
-        """‖ḡ‖², the squared norm of the mean gradient (a 0-d tensor)."""
-        return sum(m.double().pow(2).sum() for m in self.mean.values()).to(self.losses.dtype)
+        """‖ḡ‖², the squared norm of the mean gradient (a 0-d float64 tensor, summed in float64)."""
+        return sum(m.double().pow(2).sum() for m in self.mean.values())
 
     # -------------------------------------------------------------- building
     @classmethod
