@@ -131,11 +131,10 @@ class GradStats:
         for name, g in grads.items():
             if g.shape[0] != n:
                 raise ValueError(f"grads[{name!r}] has {g.shape[0]} rows but there are {n} losses")
-            mu = g.mean(0)
-            mean[name] = mu
-            if m2 is not None:
-                m2[name] = (g - mu).pow(2).sum(0)
-            sq[name] = g.reshape(n, -1).pow(2).sum(1)
+            mean[name] = g.mean(0)
+            if m2 is not None:  # one reduction kernel, no B × P temporaries
+                m2[name] = g.var(0, correction=0) * n
+            sq[name] = torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
         inner = None
         if reference is not None:
             inner = sum((grads[k].reshape(n, -1) @ reference[k].reshape(-1)) for k in grads)

@@ -265,3 +265,22 @@ def test_auto_is_what_tracker_uses_and_matches_backward():
     stats = tracker.step(x, y)
     ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap")
     assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
+
+
+def test_captured_calls_do_not_outlive_the_computation():
+    """Hooks on captured outputs must not reference them back (a leak autograd's C++ storage hides)."""
+    import gc
+
+    from persample.engines.capture import Call
+
+    case = CASES[CASE_IDS.index("hf_gpt2")]
+    model, x, y = case.instantiate()
+
+    def live_calls():
+        gc.collect()
+        return sum(isinstance(o, Call) for o in gc.get_objects())
+
+    before = live_calls()
+    for _ in range(3):
+        persample.grad_stats(model, case.loss_fn, x, y, engine="fast")
+    assert live_calls() == before

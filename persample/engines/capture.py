@@ -230,7 +230,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             leaves, _ = tree_flatten(output)
             for leaf_index, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    leaf.register_hook(_store_grad(call, leaf_index))
+                    leaf.register_hook(_store_grad(call.out_grads, leaf_index))
             return output if broadcast else None
         return hook
 
@@ -249,10 +249,13 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         capture.end_forward()
 
 
-def _store_grad(call: Call, leaf_index: int):
+def _store_grad(grads: dict, leaf_index: int):
+    """A tensor hook that stores into ``grads`` only: referencing the Call (and so the output
+    tensor) from a hook on that output would make a cycle through autograd's C++ hook storage,
+    which Python's garbage collector cannot see, leaking the whole graph."""
     def hook(grad: Tensor) -> None:
-        previous = call.out_grads.get(leaf_index)
-        call.out_grads[leaf_index] = grad if previous is None else previous + grad
+        previous = grads.get(leaf_index)
+        grads[leaf_index] = grad if previous is None else previous + grad
     return hook
 
 

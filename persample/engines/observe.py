@@ -71,9 +71,10 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     def root_hook(module, args, output):
         observation._output = output
         leaves, _ = tree_flatten(output)
+        grads = observation._output_grads  # the hook must not reference the output (see capture._store_grad)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                leaf.register_hook(lambda g, i=i: observation._output_grads.__setitem__(i, g))
+                leaf.register_hook(lambda g, i=i: grads.__setitem__(i, g))
         roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
         observation._audit = audit_graph(roots, units, names)
 
