@@ -60,14 +60,20 @@ class Unit:
 def find_units(model: nn.Module) -> list[Unit]:
     """Rule modules, and top-most rule-less modules owning parameters (covering their subtree)."""
     units: list[Unit] = []
+    below: dict[nn.Module, bool] = {}
+
+    def trainable_below(module: nn.Module) -> bool:
+        if module not in below:
+            below[module] = (any(p.requires_grad for p in module.parameters(recurse=False))
+                             or any([trainable_below(c) for c in module.children()]))
+        return below[module]
 
     def visit(prefix: str, module: nn.Module) -> None:
-        trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        if not trainable:
+        if not trainable_below(module):
             return
         rule = find_rule(module)
-        direct = any(p.requires_grad for p in module.parameters(recurse=False))
-        if rule is not None or direct:
+        if rule is not None or any(p.requires_grad for p in module.parameters(recurse=False)):
+            trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
             units.append(Unit(prefix, module, rule, trainable))
             return
         for child_name, child in module.named_children():

@@ -68,8 +68,9 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
             raise NotExact(audit.escape)
         grads = torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
     means = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
-    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved)
-    pieces = _pieces_by_parameter(units, params, means, layout, grad_scale=float(batch.size))
+    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
+                    grad_scale=float(batch.size))
+    pieces = _pieces_by_parameter(units, params, means, layout)
     return reduce_pieces(pieces, means, losses.detach(), var=var, inner_products=inner_products,
                          clip_norm=clip_norm)
 
@@ -105,9 +106,9 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> 
 
 
 def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor],
-                         layout: Layout, grad_scale: float) -> dict[str, Piece]:
-    """One piece per parameter; captured output gradients are multiplied by ``grad_scale``
-    to make them gradients of Σ_i L_i (unscaled per-example)."""
+                         layout: Layout) -> dict[str, Piece]:
+    """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
+    gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents)."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
@@ -115,10 +116,8 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], mea
         for call in unit.calls:
             if not call.out_grads:
                 continue  # this call's output never reached the loss
-            if grad_scale != 1.0:
-                call.out_grads = {k: g * grad_scale for k, g in call.out_grads.items()}
             found = (_rule_pieces(unit, call, layout) if unit.rule is not None
-                     else _fallback_pieces(unit, call, batch_size))
+                     else _fallback_pieces(unit, call, batch_size, layout.grad_scale))
             for local_name, piece in found.items():
                 collected.setdefault(by_id[id(unit.params[local_name])], []).append(piece)
     pieces = {}
@@ -172,7 +171,7 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
     return in_dims, out_dims
 
 
-def _fallback_pieces(unit: Unit, call: Call, batch_size: int) -> dict[str, Piece]:
+def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module: vmap over the vjp of the module alone."""
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
     out_leaves, out_spec = tree_flatten(call.output)
@@ -184,7 +183,8 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int) -> dict[str, Piece
             raise NotExact(f"module {label} returns a tensor of shape {tuple(leaf.shape)} that is not "
                            f"batched over the {batch_size} examples")
     tensor_outputs = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]
-    cotangents = [call.out_grads.get(i, torch.zeros_like(out_leaves[i])) for i in tensor_outputs]
+    cotangents = [call.out_grads[i] * grad_scale if i in call.out_grads else torch.zeros_like(out_leaves[i])
+                  for i in tensor_outputs]
     cotangent_dims = [out_dims[i] for i in tensor_outputs]
     params = {n: p.detach() for n, p in unit.params.items()}
     frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in params}

@@ -105,8 +105,8 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
         increment = torch.zeros_like(p) if p.grad is None else p.grad.detach() - (
             0 if before[name] is None else before[name])
         means[name] = increment * (scale / batch_size)
-    layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved)
-    pieces = _pieces_by_parameter(units, params, means, layout, grad_scale=scale)
+    layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
+    pieces = _pieces_by_parameter(units, params, means, layout)
     _check_against_grad(pieces, means)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
 

@@ -19,12 +19,33 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-__all__ = ["Piece", "DensePiece", "OuterPiece", "RowsPiece", "SumPiece", "combine_pieces"]
+__all__ = ["Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
 
 #: Per-example gradient numbers alive at once when a piece is materialised in chunks.
 CHUNK_ELEMENTS = 1 << 24
+
+
+def _sq_norms(t: Tensor) -> Tensor:
+    """Σ over all but dim 0 of t², in one fused kernel."""
+    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+
+
+def _sum_of_squares(g: Tensor) -> Tensor:
+    """Σ_i g_i ∘ g_i over dim 0.
+
+    For large rows, accumulating row by row (``addcmul_``) streams through g once
+    with a cache-resident accumulator; ``g.square().sum(0)`` would first write a
+    B × P temporary, which costs more than the matmul that formed g.
+    """
+    if g[0].numel() < (1 << 16):
+        return g.square().sum(0)
+    acc = torch.zeros_like(g[0])
+    for row in g:
+        acc.addcmul_(row, row)
+    return acc
 
 
 class Piece:
@@ -37,17 +58,24 @@ class Piece:
         raise NotImplementedError
 
     def chunks(self):
+        """(start, stop, g[start:stop]) over the batch; a batch that fits one chunk is formed once."""
         numel = max(1, self.shape.numel())
         step = max(1, CHUNK_ELEMENTS // numel)
+        if step >= self.batch_size:
+            whole = self.__dict__.get("_whole")
+            if whole is None:
+                whole = self.__dict__["_whole"] = self.materialize(0, self.batch_size)
+            yield 0, self.batch_size, whole
+            return
         for start in range(0, self.batch_size, step):
             stop = min(start + step, self.batch_size)
             yield start, stop, self.materialize(start, stop)
 
     def sq_norms(self) -> Tensor:
-        return torch.cat([g.reshape(g.shape[0], -1).pow(2).sum(1) for _, _, g in self.chunks()])
+        return torch.cat([_sq_norms(g) for _, _, g in self.chunks()])
 
     def second_moment(self) -> Tensor:
-        return sum(g.pow(2).sum(0) for _, _, g in self.chunks())
+        return sum(_sum_of_squares(g) for _, _, g in self.chunks())
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
@@ -92,6 +120,7 @@ class OuterPiece(Piece):
     grad: Tensor
     shape: torch.Size
     transposed: bool = False
+    scale: float = 1.0  # g_i uses scale · grad: folded into the arithmetic, never a pass over grad
 
     def __post_init__(self):
         self.batch_size = self.act.shape[0]
@@ -112,7 +141,12 @@ class OuterPiece(Piece):
         return m.reshape(*m.shape[:-2], *self.shape)
 
     def materialize(self, start, stop):
-        return self._param(torch.bmm(self.grad[start:stop].transpose(1, 2), self.act[start:stop]))
+        grad, act = self.grad[start:stop], self.act[start:stop]
+        scale_result = self.scale != 1.0 and grad.shape[2] * act.shape[2] <= grad.shape[1] * grad.shape[2]
+        if self.scale != 1.0 and not scale_result:
+            grad = grad * self.scale  # the smaller of the two tensors the scale could go on
+        result = torch.bmm(grad.transpose(1, 2), act)
+        return self._param(result.mul_(self.scale) if scale_result else result)
 
     def _ghost_is_cheaper(self) -> bool:
         p, d = self.grad.shape[-1], self.act.shape[-1]
@@ -120,26 +154,67 @@ class OuterPiece(Piece):
 
     def sq_norms(self):
         if self.positions == 1:
-            return self.act.pow(2).sum((1, 2)) * self.grad.pow(2).sum((1, 2))
-        if self._ghost_is_cheaper():
+            norms = _sq_norms(self.act) * _sq_norms(self.grad)
+        elif self._ghost_is_cheaper():
             gram_a = torch.bmm(self.act, self.act.transpose(1, 2))
             gram_b = torch.bmm(self.grad, self.grad.transpose(1, 2))
-            return (gram_a * gram_b).sum((1, 2))
-        return super().sq_norms()
+            norms = (gram_a * gram_b).sum((1, 2))
+        else:
+            return super().sq_norms()  # materialised: already scaled
+        return norms * self.scale ** 2 if self.scale != 1.0 else norms
 
     def second_moment(self):
         if self.positions == 1:
-            b2, a2 = self.grad[:, 0].pow(2), self.act[:, 0].pow(2)
+            b2, a2 = self.grad[:, 0].square(), self.act[:, 0].square()
+            if self.scale != 1.0:
+                b2.mul_(self.scale ** 2)  # activation-sized, cheaper than scaling the result
             return self._param(b2.t() @ a2)
         return super().second_moment()
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
-        return (projected * self.act).sum((1, 2))
+        return (projected * self.act).sum((1, 2)) * self.scale
 
     def weighted_sum(self, weights):
-        weighted = self.grad * weights.to(self.grad.dtype).view(-1, 1, 1)
+        weighted = self.grad * (weights.to(self.grad.dtype) * self.scale).view(-1, 1, 1)
         return self._param(weighted.flatten(0, 1).t() @ self.act.flatten(0, 1))
+
+
+@dataclass
+class ConvPiece(Piece):
+    """Convolution weights: g_i from ``convolution_backward`` with the batch folded into groups.
+
+    For examples i of a chunk, the input ``[b, C_in, *]`` and output gradient
+    ``[b, C_out, *]`` are viewed as one example with b·groups groups, whose
+    weight gradient ``[b·C_out, C_in/groups, *k]`` is every example's own, at the
+    cost of the usual weight-gradient convolution and without unfolding patches.
+    """
+
+    conv: nn.Module
+    x: Tensor
+    grad: Tensor
+    shape: torch.Size
+    scale: float = 1.0
+
+    def __post_init__(self):
+        self.batch_size = self.x.shape[0]
+
+    def materialize(self, start, stop):
+        b, conv = stop - start, self.conv
+        x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
+        gy = self.grad[start:stop]
+        gy = (gy * self.scale if self.scale != 1.0 else gy).reshape(1, -1, *gy.shape[2:])
+        if conv.padding_mode != "zeros":  # the module pads explicitly before a 'valid' convolution
+            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+            padding = (0,) * (x.dim() - 2)
+        else:
+            padding = conv.padding
+        # Only the weight's shape matters for the weight gradient: its values are never read.
+        weight = conv.weight.new_empty(b * self.shape[0], *self.shape[1:])
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            gy, x, weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
+            b * conv.groups, [False, True, False])
+        return grad_weight.view(b, *self.shape)
 
 
 @dataclass
@@ -156,6 +231,7 @@ class RowsPiece(Piece):
     grad: Tensor
     shape: torch.Size
     padding_idx: int | None = None
+    scale: float = 1.0
 
     def __post_init__(self):
         self.batch_size = self.ids.shape[0]
@@ -167,7 +243,7 @@ class RowsPiece(Piece):
             keep = ids != self.padding_idx
             example, ids, grad = example[keep], ids[keep], grad[keep]
         keys, inverse = torch.unique(example * rows + ids, return_inverse=True)
-        self.segments = grad.new_zeros(keys.shape[0], dim).index_add_(0, inverse, grad)
+        self.segments = grad.new_zeros(keys.shape[0], dim).index_add_(0, inverse, grad, alpha=self.scale)
         self.example_of, self.row_of = keys // rows, keys % rows
 
     def _per_example(self, values: Tensor) -> Tensor:
@@ -183,7 +259,7 @@ class RowsPiece(Piece):
         return out
 
     def sq_norms(self):
-        return self._per_example(self.segments.pow(2).sum(1))
+        return self._per_example(_sq_norms(self.segments))
 
     def second_moment(self):
         return self._rows(self.segments.pow(2))
@@ -229,13 +305,14 @@ def combine_pieces(pieces: list[Piece]) -> Piece:
     if len(pieces) == 1:
         return pieces[0]
     first = pieces[0]
-    if all(isinstance(p, OuterPiece) and p.transposed == first.transposed
+    if all(isinstance(p, OuterPiece) and p.transposed == first.transposed and p.scale == first.scale
            and p.act.shape[2] == first.act.shape[2] and p.grad.shape[2] == first.grad.shape[2] for p in pieces):
         return OuterPiece(torch.cat([p.act for p in pieces], 1), torch.cat([p.grad for p in pieces], 1),
-                          first.shape, first.transposed)
-    if all(isinstance(p, RowsPiece) and p.padding_idx == first.padding_idx for p in pieces):
+                          first.shape, first.transposed, first.scale)
+    if all(isinstance(p, RowsPiece) and p.padding_idx == first.padding_idx and p.scale == first.scale
+           for p in pieces):
         return RowsPiece(torch.cat([p.ids for p in pieces], 1), torch.cat([p.grad for p in pieces], 1),
-                         first.shape, first.padding_idx)
+                         first.shape, first.padding_idx, first.scale)
     if all(isinstance(p, DensePiece) for p in pieces):
         return DensePiece(sum(p.per_example for p in pieces))
     return SumPiece(list(pieces))

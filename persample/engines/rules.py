@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .pieces import DensePiece, OuterPiece, Piece, RowsPiece
+from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
@@ -41,6 +41,7 @@ class Layout:
 
     size: int
     dim_zero_moved: bool = False
+    grad_scale: float = 1.0  # captured output gradients × grad_scale = gradients of Σ_i L_i
 
 
 def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positions_to: int, what: str) -> None:
@@ -68,9 +69,11 @@ def _channels(t: Tensor, batch: Layout, what: str) -> Tensor:
     return t.reshape(batch.size, t.shape[1], -1)
 
 
-def _bias_piece(module: nn.Module, per_example: Tensor) -> dict[str, Piece]:
+def _bias_piece(module: nn.Module, per_example: Tensor, batch: Layout) -> dict[str, Piece]:
     bias = getattr(module, "bias", None)
-    return {"bias": DensePiece(per_example)} if isinstance(bias, nn.Parameter) and bias.requires_grad else {}
+    if not (isinstance(bias, nn.Parameter) and bias.requires_grad):
+        return {}
+    return {"bias": DensePiece(per_example * batch.grad_scale if batch.grad_scale != 1.0 else per_example)}
 
 
 def _weight_pieces(module: nn.Module, weight: Callable[[], Piece]) -> dict[str, Piece]:
@@ -83,15 +86,16 @@ def _weight_pieces(module: nn.Module, weight: Callable[[], Piece]) -> dict[str, 
 def linear_rule(module: nn.Linear, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """y = x Wᵀ + b on ``[B, *, d]``: W_i = Σ_t b_t a_tᵀ, bias_i = Σ_t b_t."""
     a, b = _sequence(x, batch, 1, "Linear input"), _sequence(gy, batch, 1, "Linear output gradient")
-    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape)),
-            **_bias_piece(module, b.sum(1))}
+    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, scale=batch.grad_scale)),
+            **_bias_piece(module, b.sum(1), batch)}
 
 
 def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """Hugging Face ``Conv1D``: y = x W + b with W stored as d × p (a transposed Linear)."""
     a, b = _sequence(x, batch, 1, "Conv1D input"), _sequence(gy, batch, 1, "Conv1D output gradient")
-    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True)),
-            **_bias_piece(module, b.sum(1))}
+    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True,
+                                                        scale=batch.grad_scale)),
+            **_bias_piece(module, b.sum(1), batch)}
 
 
 def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -125,22 +129,27 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
-    """Convolution as a Linear on unfolded patches; groups split the weight into blocks."""
-    b = _channels(gy, batch, "Conv output gradient").transpose(1, 2)  # [B, L, C_out]
+    """Convolution: per-example weight gradients by grouped ``convolution_backward`` when each group
+    has several input channels; with one, as a Linear on unfolded patches (cheaper there)."""
+    _channels(gy, batch, "Conv output gradient")
 
     def weight_piece() -> Piece:
         _check_batch_first(x, batch, positions_from=1, positions_to=1, what="Conv input")
+        if module.in_channels // module.groups > 1 or isinstance(module.padding, str):
+            return ConvPiece(module, x, gy, module.weight.shape, scale=batch.grad_scale)
+        b = gy.reshape(batch.size, module.out_channels, -1).transpose(1, 2)  # [B, L, C_out]
         patches = unfold_patches(module, x)  # [B, L, C_in · k]
         groups = module.groups
         if groups == 1:
-            return OuterPiece(patches, b, module.weight.shape)
-        c_out = module.out_channels // groups
+            return OuterPiece(patches, b, module.weight.shape, scale=batch.grad_scale)
+        c_out = module.out_channels // groups  # depthwise-style: one input channel per group
         a_blocks = patches.reshape(batch.size, patches.shape[1], groups, -1)
-        b_blocks = b.reshape(batch.size, b.shape[1], groups, c_out)
+        b_blocks = b.reshape(batch.size, b.shape[1], groups, c_out) * batch.grad_scale
         per_example = torch.einsum("blgo,blgi->bgoi", b_blocks, a_blocks)
         return DensePiece(per_example.reshape(batch.size, *module.weight.shape))
 
-    return {**_weight_pieces(module, weight_piece), **_bias_piece(module, b.sum(1))}
+    bias = gy.reshape(batch.size, module.out_channels, -1).sum(2)
+    return {**_weight_pieces(module, weight_piece), **_bias_piece(module, bias, batch)}
 
 
 def embedding_rule(module: nn.Embedding, ids: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -148,12 +157,15 @@ def embedding_rule(module: nn.Embedding, ids: Tensor, gy: Tensor, batch: Layout)
     _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding input")
     grad = _sequence(gy, batch, 1, "Embedding output gradient")
     return _weight_pieces(module, lambda: RowsPiece(ids.reshape(batch.size, -1), grad, module.weight.shape,
-                                                    module.padding_idx))
+                                                    module.padding_idx, scale=batch.grad_scale))
 
 
-def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor) -> dict[str, Piece]:
+def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t; x̂ and b are ``[B, T, *param_shape]``."""
-    return {**_weight_pieces(module, lambda: DensePiece((gy * x_hat).sum(1))), **_bias_piece(module, gy.sum(1))}
+    def weight() -> Piece:
+        per_example = (gy * x_hat).sum(1)
+        return DensePiece(per_example * batch.grad_scale if batch.grad_scale != 1.0 else per_example)
+    return {**_weight_pieces(module, weight), **_bias_piece(module, gy.sum(1), batch)}
 
 
 def layer_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -166,7 +178,7 @@ def layer_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> 
             x_hat = F.rms_norm(x, shape, eps=module.eps)
     k = len(shape)
     flat = lambda t, what: _sequence(t, batch, k, what).reshape(batch.size, -1, *shape)  # noqa: E731
-    return _affine_pieces(module, flat(x_hat, "norm input"), flat(gy, "norm output gradient"))
+    return _affine_pieces(module, flat(x_hat, "norm input"), flat(gy, "norm output gradient"), batch)
 
 
 def group_norm_rule(module: nn.GroupNorm, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -174,7 +186,7 @@ def group_norm_rule(module: nn.GroupNorm, x: Tensor, gy: Tensor, batch: Layout) 
     with torch.no_grad():
         x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
     return _affine_pieces(module, _channels(x_hat, batch, "GroupNorm input").transpose(1, 2),
-                          _channels(gy, batch, "GroupNorm output gradient").transpose(1, 2))
+                          _channels(gy, batch, "GroupNorm output gradient").transpose(1, 2), batch)
 
 
 def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -183,7 +195,7 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
     return _affine_pieces(module, _channels(x_hat, batch, "BatchNorm input").transpose(1, 2),
-                          _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2))
+                          _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2), batch)
 
 
 # ------------------------------------------------------------------------------- matching
