@@ -604,7 +604,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget", type=float, help="seconds of timed calls per method before the repeats are cut "
                                                    f"(never below {MIN_REPEATS}); default 60, 10 with --quick")
     p.add_argument("--retries", type=int, help="re-time a method up to N times while other processes use more "
-                   f"than {CONTENTION:.0%} of the CPUs (default 2, 0 with --quick)")
+                   f"than {CONTENTION:.0%}% of the CPUs (default 2, 0 with --quick)")
     p.add_argument("--retry-wait", type=float, default=10.0, help="seconds to wait before a re-timing (default 10)")
     p.add_argument("--list", action="store_true", help="list the selected cases and methods and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

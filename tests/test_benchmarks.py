@@ -143,3 +143,15 @@ def test_peer_scaling_conventions():
     assert len(records) == 6
     for r in records:
         assert r["status"] == "ok" and r["max_rel_err"] < 1e-5, r
+
+
+def test_help_lists_every_option():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    out = subprocess.run([sys.executable, str(run), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for option in ("--quick", "--device", "--json", "--markdown", "--retries"):
+        assert option in out.stdout
