@@ -28,7 +28,24 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "clip_factors"]
+__all__ = ["GradStats", "clip_factors", "sum_of_squares"]
+
+
+def sum_of_squares(g: Tensor, center: Tensor | None = None) -> Tensor:
+    """Σ_i (g_i − c)∘(g_i − c) over dim 0 (c = 0 when ``center`` is None).
+
+    Large rows are accumulated one at a time (``addcmul_`` into a cache-resident
+    accumulator): reductions over dim 0 of a B × P tensor are strided and slow on
+    CPU, and ``(g - c).square().sum(0)`` writes B × P temporaries first.
+    """
+    if g[0].numel() < (1 << 16):
+        d = g if center is None else g - center
+        return d.square().sum(0)
+    acc = torch.zeros_like(g[0])
+    for row in g:
+        d = row if center is None else row - center
+        acc.addcmul_(d, d)
+    return acc
 
 
 def clip_factors(sq_norms: Tensor, clip_norm: float) -> Tensor:
@@ -132,8 +149,8 @@ class GradStats:
             if g.shape[0] != n:
                 raise ValueError(f"grads[{name!r}] has {g.shape[0]} rows but there are {n} losses")
             mean[name] = g.mean(0)
-            if m2 is not None:  # one reduction kernel, no B × P temporaries
-                m2[name] = g.var(0, correction=0) * n
+            if m2 is not None:
+                m2[name] = sum_of_squares(g, mean[name])
             sq[name] = torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
         inner = None
         if reference is not None:

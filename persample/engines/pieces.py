@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..stats import sum_of_squares
+
 __all__ = ["Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
 
 #: Per-example gradient numbers alive at once when a piece is materialised in chunks.
@@ -31,21 +33,6 @@ CHUNK_ELEMENTS = 1 << 24
 def _sq_norms(t: Tensor) -> Tensor:
     """Σ over all but dim 0 of t², in one fused kernel."""
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
-
-
-def _sum_of_squares(g: Tensor) -> Tensor:
-    """Σ_i g_i ∘ g_i over dim 0.
-
-    For large rows, accumulating row by row (``addcmul_``) streams through g once
-    with a cache-resident accumulator; ``g.square().sum(0)`` would first write a
-    B × P temporary, which costs more than the matmul that formed g.
-    """
-    if g[0].numel() < (1 << 16):
-        return g.square().sum(0)
-    acc = torch.zeros_like(g[0])
-    for row in g:
-        acc.addcmul_(row, row)
-    return acc
 
 
 class Piece:
@@ -75,7 +62,7 @@ class Piece:
         return torch.cat([_sq_norms(g) for _, _, g in self.chunks()])
 
     def second_moment(self) -> Tensor:
-        return sum(_sum_of_squares(g) for _, _, g in self.chunks())
+        return sum(sum_of_squares(g) for _, _, g in self.chunks())
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
