@@ -27,7 +27,7 @@ from ..stats import sum_of_squares
 __all__ = ["Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
 
 #: Per-example gradient numbers alive at once when a piece is materialised in chunks.
-CHUNK_ELEMENTS = 1 << 24
+CHUNK_ELEMENTS = 1 << 20
 
 
 def _sq_norms(t: Tensor) -> Tensor:
@@ -275,11 +275,42 @@ class SumPiece(Piece):
     def materialize(self, start, stop):
         return sum(part.materialize(start, stop) for part in self.parts)
 
+    def sq_norms(self):
+        pair = _embedding_and_projection(self.parts)
+        if pair is None:
+            return super().sq_norms()
+        rows, outer = pair
+        return rows.sq_norms() + outer.sq_norms() + 2 * _rows_outer_cross(rows, outer)
+
     def inner(self, ref):
         return sum(part.inner(ref) for part in self.parts)
 
     def weighted_sum(self, weights):
         return sum(part.weighted_sum(weights) for part in self.parts)
+
+
+def _embedding_and_projection(parts: list) -> tuple | None:
+    """The (embedding rows, output projection) pair of a tied language-model weight, if that is what ``parts`` is."""
+    if len(parts) != 2:
+        return None
+    rows = next((p for p in parts if isinstance(p, RowsPiece)), None)
+    outer = next((p for p in parts if isinstance(p, OuterPiece) and not p.transposed), None)
+    return (rows, outer) if rows is not None and outer is not None else None
+
+
+def _rows_outer_cross(rows: RowsPiece, outer: OuterPiece) -> Tensor:
+    """⟨G_rows,i, G_outer,i⟩ without forming either: G_outer,i = s·B_iᵀA_i has row r equal to
+    s·Σ_t B_i[t, r] A_i[t], so the inner product with segment S_u at row r_u is
+    s·Σ_t B_i[t, r_u] ⟨A_i[t], S_u⟩ — one [T, U_i] matmul per example over its distinct tokens."""
+    counts = torch.bincount(rows.example_of, minlength=rows.batch_size).tolist()
+    cross = rows.segments.new_zeros(rows.batch_size)
+    start = 0
+    for i, count in enumerate(counts):  # segments are sorted by example (torch.unique sorts the keys)
+        if count:
+            seg, at = rows.segments[start:start + count], rows.row_of[start:start + count]
+            cross[i] = ((outer.act[i] @ seg.t()) * outer.grad[i][:, at]).sum()
+            start += count
+    return cross * outer.scale
 
 
 def combine_pieces(pieces: list[Piece]) -> Piece:
