@@ -284,3 +284,14 @@ def test_captured_calls_do_not_outlive_the_computation():
     for _ in range(3):
         persample.grad_stats(model, case.loss_fn, x, y, engine="fast")
     assert live_calls() == before
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in
+                                  ("tied_weights", "hf_gpt2", "cnn_groupnorm_pool", "transformer_encoder")],
+                         ids=lambda c: c.name)
+def test_chunked_materialisation_gives_the_same_statistics(case, monkeypatch):
+    """Force pieces to be formed a few examples at a time (the path large layers take)."""
+    model, x, y = case.instantiate(batch=5)
+    reference = _stats(model, case.loss_fn, x, y, "vmap")
+    monkeypatch.setattr(pieces_module, "CHUNK_ELEMENTS", 64)
+    assert_same_stats(_stats(model, case.loss_fn, x, y, "fast"), reference)

@@ -41,7 +41,8 @@ class Piece:
     batch_size: int
     shape: torch.Size
 
-    def materialize(self, start: int, stop: int) -> Tensor:
+    def materialize(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """g_i for examples start..stop, ``[stop - start, *shape]`` (``out``: an optional flat buffer)."""
         raise NotImplementedError
 
     def chunks(self):
@@ -54,9 +55,12 @@ class Piece:
                 whole = self.__dict__["_whole"] = self.materialize(0, self.batch_size)
             yield 0, self.batch_size, whole
             return
+        scratch = None  # chunks are consumed one at a time: one buffer serves them all
         for start in range(0, self.batch_size, step):
             stop = min(start + step, self.batch_size)
-            yield start, stop, self.materialize(start, stop)
+            if scratch is None and isinstance(self, OuterPiece):
+                scratch = self.act.new_empty(step * numel)
+            yield start, stop, self.materialize(start, stop, out=scratch)
 
     def sq_norms(self) -> Tensor:
         return torch.cat([_sq_norms(g) for _, _, g in self.chunks()])
@@ -82,7 +86,7 @@ class DensePiece(Piece):
         self.batch_size = self.per_example.shape[0]
         self.shape = self.per_example.shape[1:]
 
-    def materialize(self, start, stop):
+    def materialize(self, start, stop, out=None):
         return self.per_example[start:stop]
 
     def chunks(self):
@@ -127,12 +131,14 @@ class OuterPiece(Piece):
             m = m.transpose(-1, -2)
         return m.reshape(*m.shape[:-2], *self.shape)
 
-    def materialize(self, start, stop):
+    def materialize(self, start, stop, out: Tensor | None = None):
         grad, act = self.grad[start:stop], self.act[start:stop]
         scale_result = self.scale != 1.0 and grad.shape[2] * act.shape[2] <= grad.shape[1] * grad.shape[2]
         if self.scale != 1.0 and not scale_result:
             grad = grad * self.scale  # the smaller of the two tensors the scale could go on
-        result = torch.bmm(grad.transpose(1, 2), act)
+        if out is not None:
+            out = out[:(stop - start) * grad.shape[2] * act.shape[2]].view(stop - start, grad.shape[2], act.shape[2])
+        result = torch.bmm(grad.transpose(1, 2), act, out=out)
         return self._param(result.mul_(self.scale) if scale_result else result)
 
     def _ghost_is_cheaper(self) -> bool:
@@ -186,7 +192,7 @@ class ConvPiece(Piece):
     def __post_init__(self):
         self.batch_size = self.x.shape[0]
 
-    def materialize(self, start, stop):
+    def materialize(self, start, stop, out=None):
         b, conv = stop - start, self.conv
         x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
         gy = self.grad[start:stop]
@@ -239,7 +245,7 @@ class RowsPiece(Piece):
     def _rows(self, values: Tensor) -> Tensor:
         return values.new_zeros(self.shape).index_add_(0, self.row_of, values)
 
-    def materialize(self, start, stop):
+    def materialize(self, start, stop, out=None):
         out = self.segments.new_zeros(stop - start, *self.shape)
         keep = (self.example_of >= start) & (self.example_of < stop)
         out[self.example_of[keep] - start, self.row_of[keep]] = self.segments[keep]
@@ -272,7 +278,7 @@ class SumPiece(Piece):
         self.batch_size = self.parts[0].batch_size
         self.shape = self.parts[0].shape
 
-    def materialize(self, start, stop):
+    def materialize(self, start, stop, out=None):
         return sum(part.materialize(start, stop) for part in self.parts)
 
     def sq_norms(self):
