@@ -78,19 +78,31 @@ class Piece:
 
 @dataclass
 class DensePiece(Piece):
-    """Materialised per-example gradients ``[B, *shape]`` (small parameters, fallbacks)."""
+    """Materialised per-example gradients ``scale · per_example``, ``[B, *shape]`` (small
+    parameters, fallbacks). The scale is applied to the reductions, never to the tensor."""
 
     per_example: Tensor
+    scale: float = 1.0
 
     def __post_init__(self):
         self.batch_size = self.per_example.shape[0]
         self.shape = self.per_example.shape[1:]
 
     def materialize(self, start, stop, out=None):
-        return self.per_example[start:stop]
+        g = self.per_example[start:stop]
+        return g * self.scale if self.scale != 1.0 else g
 
-    def chunks(self):
-        yield 0, self.batch_size, self.per_example
+    def sq_norms(self):
+        return _sq_norms(self.per_example) * self.scale ** 2
+
+    def second_moment(self):
+        return sum_of_squares(self.per_example) * self.scale ** 2
+
+    def inner(self, ref):
+        return (self.per_example.reshape(self.batch_size, -1) @ ref.reshape(-1).to(self.per_example.dtype)) * self.scale
+
+    def weighted_sum(self, weights):
+        return torch.tensordot(weights.to(self.per_example.dtype) * self.scale, self.per_example, dims=1)
 
 
 @dataclass
@@ -338,5 +350,5 @@ def combine_pieces(pieces: list[Piece]) -> Piece:
         return RowsPiece(torch.cat([p.ids for p in pieces], 1), torch.cat([p.grad for p in pieces], 1),
                          first.shape, first.padding_idx, first.scale)
     if all(isinstance(p, DensePiece) for p in pieces):
-        return DensePiece(sum(p.per_example for p in pieces))
+        return DensePiece(sum(p.materialize(0, p.batch_size) for p in pieces))
     return SumPiece(list(pieces))

@@ -69,11 +69,16 @@ def _channels(t: Tensor, batch: Layout, what: str) -> Tensor:
     return t.reshape(batch.size, t.shape[1], -1)
 
 
+def _positions_sum(b: Tensor) -> Tensor:
+    """Σ_t over ``[B, T, p]``: a view when T = 1 (no kernel)."""
+    return b[:, 0] if b.shape[1] == 1 else b.sum(1)
+
+
 def _bias_piece(module: nn.Module, per_example: Tensor, batch: Layout) -> dict[str, Piece]:
     bias = getattr(module, "bias", None)
     if not (isinstance(bias, nn.Parameter) and bias.requires_grad):
         return {}
-    return {"bias": DensePiece(per_example * batch.grad_scale if batch.grad_scale != 1.0 else per_example)}
+    return {"bias": DensePiece(per_example, batch.grad_scale)}
 
 
 def _weight_pieces(module: nn.Module, weight: Callable[[], Piece]) -> dict[str, Piece]:
@@ -87,7 +92,7 @@ def linear_rule(module: nn.Linear, x: Tensor, gy: Tensor, batch: Layout) -> dict
     """y = x Wᵀ + b on ``[B, *, d]``: W_i = Σ_t b_t a_tᵀ, bias_i = Σ_t b_t."""
     a, b = _sequence(x, batch, 1, "Linear input"), _sequence(gy, batch, 1, "Linear output gradient")
     return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, scale=batch.grad_scale)),
-            **_bias_piece(module, b.sum(1), batch)}
+            **_bias_piece(module, _positions_sum(b), batch)}
 
 
 def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -95,7 +100,7 @@ def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> d
     a, b = _sequence(x, batch, 1, "Conv1D input"), _sequence(gy, batch, 1, "Conv1D output gradient")
     return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True,
                                                         scale=batch.grad_scale)),
-            **_bias_piece(module, b.sum(1), batch)}
+            **_bias_piece(module, _positions_sum(b), batch)}
 
 
 def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -163,8 +168,7 @@ def embedding_rule(module: nn.Embedding, ids: Tensor, gy: Tensor, batch: Layout)
 def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t; x̂ and b are ``[B, T, *param_shape]``."""
     def weight() -> Piece:
-        per_example = (gy * x_hat).sum(1)
-        return DensePiece(per_example * batch.grad_scale if batch.grad_scale != 1.0 else per_example)
+        return DensePiece((gy * x_hat).sum(1), batch.grad_scale)
     return {**_weight_pieces(module, weight), **_bias_piece(module, gy.sum(1), batch)}
 
 
