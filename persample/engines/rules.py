@@ -17,6 +17,7 @@ exactly the rule's own (for example a parametrised weight) gets no rule.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -107,30 +108,32 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """Input patches of an N-d convolution: ``[B, L, C_in · prod(kernel)]`` (L output locations).
 
     Column order matches ``weight.reshape(C_out, -1)`` (channel-major, then kernel
-    positions), so one group's weight gradient is Σ_l b_lᵀ patch_l.
+    positions), so one group's weight gradient is Σ_l b_lᵀ patch_l. Built by stacking
+    one strided slice of the padded input per kernel offset (row-contiguous copies),
+    and returned as a transposed view of a contiguous ``[B, C·K, L]`` tensor.
     """
     spatial = x.dim() - 2
     if isinstance(conv.padding, str):  # 'same' / 'valid'
-        pads = [0] * spatial if conv.padding == "valid" else None
-        if pads is None:
-            pads = []
-            for k, d in zip(conv.kernel_size, conv.dilation):
-                total = d * (k - 1)
-                pads.append((total // 2, total - total // 2))
-        pairs = [(p, p) if isinstance(p, int) else p for p in pads]
+        pairs = [(0, 0)] * spatial
+        if conv.padding == "same":
+            pairs = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
+                     for k, d in zip(conv.kernel_size, conv.dilation)]
     else:
         pairs = [(p, p) for p in conv.padding]
     pad_arg = [v for pair in reversed(pairs) for v in pair]  # F.pad wants the last dim first
     if any(pad_arg):
         mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         x = F.pad(x, pad_arg, mode=mode)
-    for dim, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation)):
-        x = x.unfold(2 + dim, d * (k - 1) + 1, s)[..., ::d]
-    # x: [B, C, *out, *k]  →  [B, *out, C, *k]
-    order = [0, *range(2, 2 + spatial), 1, *range(2 + spatial, 2 + 2 * spatial)]
-    x = x.permute(order)
-    locations = math.prod(x.shape[1:1 + spatial])
-    return x.reshape(x.shape[0], locations, -1)
+    out = [(n - d * (k - 1) - 1) // s + 1
+           for n, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+    slices = []
+    for offsets in itertools.product(*[range(k) for k in conv.kernel_size]):
+        index = [slice(None), slice(None)] + [
+            slice(o * d, o * d + s * (m - 1) + 1, s)
+            for o, d, s, m in zip(offsets, conv.dilation, conv.stride, out)]
+        slices.append(x[tuple(index)])
+    patches = torch.stack(slices, 2)  # [B, C, K, *out], contiguous
+    return patches.reshape(x.shape[0], -1, math.prod(out)).transpose(1, 2)
 
 
 def conv_rule(module: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
