@@ -53,47 +53,29 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an integer ≥ ``minimum``, with a one-line error naming ``what``."""
-    def parse(text: str) -> int:
+def _checked(convert, accept, what: str):
+    """An argparse type: ``convert(text)`` that ``accept`` allows, else a one-line error naming ``what``."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             value = None
-        if value is None or value < minimum:
+        if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
     return parse
 
 
-_positive_int = _int_at_least(1, "a positive integer")
-_non_negative_int = _int_at_least(0, "a non-negative integer")
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+_unit_interval = _checked(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 
 
 def _batch_size(text: str) -> int:
     value = _positive_int(text)
     if value < 2:
         raise argparse.ArgumentTypeError("must be at least 2: the noise statistics need two examples per batch")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
     return value
 
 
