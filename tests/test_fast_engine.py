@@ -50,6 +50,9 @@ def _conv_variants():
         nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(1, 0), bias=False),
         nn.Conv2d(3, 3, 3, padding=1, padding_mode="circular", groups=3),
         nn.Conv2d(3, 4, 3, padding="same", dilation=2, padding_mode="replicate"),
+        nn.Conv2d(3, 4, 3, padding="same"),
+        nn.Conv1d(3, 2, 3, padding="valid"),
+        nn.Conv2d(3, 3, 3, padding="same", groups=3),
         nn.Conv3d(3, 2, 2, stride=(1, 2, 1)),
     ]
 

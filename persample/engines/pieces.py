@@ -185,6 +185,15 @@ class OuterPiece(Piece):
         return self._param(weighted.flatten(0, 1).t() @ self.act.flatten(0, 1))
 
 
+def padded_input(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
+    """``x`` padded as the convolution pads it (any ``padding_mode``, int or 'same'/'valid'),
+    for a convolution with no padding of its own."""
+    pad = conv._reversed_padding_repeated_twice  # the module's own, last dim first, as F.pad wants
+    if not any(pad):
+        return x
+    return F.pad(x, pad, mode="constant" if conv.padding_mode == "zeros" else conv.padding_mode)
+
+
 @dataclass
 class ConvPiece(Piece):
     """Convolution weights: g_i from ``convolution_backward`` with the batch folded into groups.
@@ -209,11 +218,10 @@ class ConvPiece(Piece):
         x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
         gy = self.grad[start:stop]
         gy = (gy * self.scale if self.scale != 1.0 else gy).reshape(1, -1, *gy.shape[2:])
-        if conv.padding_mode != "zeros":  # the module pads explicitly before a 'valid' convolution
-            x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-            padding = (0,) * (x.dim() - 2)
+        if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            padding = conv.padding  # let the convolution pad, without a padded copy of x
         else:
-            padding = conv.padding
+            x, padding = padded_input(conv, x), (0,) * (x.dim() - 2)
         # Only the weight's shape matters for the weight gradient: its values are never read.
         weight = conv.weight.new_empty(b * self.shape[0], *self.shape[1:])
         _, grad_weight, _ = torch.ops.aten.convolution_backward(

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece
+from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
@@ -112,18 +112,7 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     one strided slice of the padded input per kernel offset (row-contiguous copies),
     and returned as a transposed view of a contiguous ``[B, C·K, L]`` tensor.
     """
-    spatial = x.dim() - 2
-    if isinstance(conv.padding, str):  # 'same' / 'valid'
-        pairs = [(0, 0)] * spatial
-        if conv.padding == "same":
-            pairs = [(d * (k - 1) // 2, d * (k - 1) - d * (k - 1) // 2)
-                     for k, d in zip(conv.kernel_size, conv.dilation)]
-    else:
-        pairs = [(p, p) for p in conv.padding]
-    pad_arg = [v for pair in reversed(pairs) for v in pair]  # F.pad wants the last dim first
-    if any(pad_arg):
-        mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
-        x = F.pad(x, pad_arg, mode=mode)
+    x = padded_input(conv, x)
     out = [(n - d * (k - 1) - 1) // s + 1
            for n, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
     slices = []
@@ -143,7 +132,7 @@ def conv_rule(module: nn.modules.conv._ConvNd, x: Tensor, gy: Tensor, batch: Lay
 
     def weight_piece() -> Piece:
         _check_batch_first(x, batch, positions_from=1, positions_to=1, what="Conv input")
-        if module.in_channels // module.groups > 1 or isinstance(module.padding, str):
+        if module.in_channels // module.groups > 1:
             return ConvPiece(module, x, gy, module.weight.shape, scale=batch.grad_scale)
         b = gy.reshape(batch.size, module.out_channels, -1).transpose(1, 2)  # [B, L, C_out]
         patches = unfold_patches(module, x)  # [B, L, C_in · k]
