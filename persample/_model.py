@@ -17,16 +17,36 @@ __all__ = ["trainable_parameters", "check_supported", "preserved_state", "transl
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
 
-def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """``named_parameters()`` restricted to ``requires_grad``; raises if there are none."""
+def require_module(model) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+
+
+def check_clip_norm(clip_norm) -> None:
+    if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
+        raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters()`` restricted to ``requires_grad``; raises if there are none."""
+    require_module(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
             "there are no gradients to compute")
     return params
+
+
+def dropout_probability(module: nn.Module) -> float:
+    """The probability with which ``module`` drops values in training mode (0 for non-random modules)."""
+    if not module.training:
+        return 0.0
+    if isinstance(module, (_DropoutNd, nn.AlphaDropout)):
+        return module.p
+    if isinstance(module, nn.RNNBase) and module.num_layers > 1:
+        return module.dropout
+    return 0.0
 
 
 def check_supported(model: nn.Module, randomness: str) -> None:
@@ -36,8 +56,7 @@ def check_supported(model: nn.Module, randomness: str) -> None:
       example i's loss depends on every other example.
     - Random modules (dropout) in training mode under ``randomness="error"``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, not {type(model).__name__}")
+    require_module(model)
     if randomness not in RANDOMNESS_CHOICES:
         raise ValueError(f"randomness must be one of {RANDOMNESS_CHOICES}, got {randomness!r}")
     for name, module in model.named_modules():
@@ -54,16 +73,13 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "
                 "it normalises with batch statistics even in eval mode, which couples the examples. "
                 "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.")
-        if randomness == "error" and module.training:
-            p = getattr(module, "p", 0.0) if isinstance(module, (_DropoutNd, nn.AlphaDropout)) else 0.0
-            if isinstance(module, nn.RNNBase) and module.num_layers > 1:
-                p = module.dropout
-            if p:
-                raise UnsupportedModelError(
-                    f"module {label} draws random numbers (dropout p={p}) in training mode, which "
-                    "randomness='error' forbids. Pass randomness='different' (an independent mask "
-                    "per example, like a normal batch) or randomness='same' (one mask shared by "
-                    "all examples), or call model.eval().")
+        p = dropout_probability(module) if randomness == "error" else 0.0
+        if p:
+            raise UnsupportedModelError(
+                f"module {label} draws random numbers (dropout p={p}) in training mode, which "
+                "randomness='error' forbids. Pass randomness='different' (an independent mask "
+                "per example, like a normal batch) or randomness='same' (one mask shared by "
+                "all examples), or call model.eval().")
 
 
 def translate_vmap_error(err: RuntimeError) -> RuntimeError | None:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Literal
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import check_supported, preserved_state
+from ._model import check_clip_norm, check_supported, preserved_state
 from ._progress import progress_bar
 from .engines.capture import NotExact
 from .engines.fast import fast_grad_stats
@@ -106,8 +106,7 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     _check_chunk_size(chunk_size)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-        raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+    check_clip_norm(clip_norm)
     check_supported(model, randomness)
     with preserved_state(model, fork_rng=fork_rng):
         if engine in ("auto", "fast"):

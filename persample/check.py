@@ -14,7 +14,7 @@ from .api import compute_stats, grad_stats
 from .errors import MeanMismatchError
 from .stats import GradStats
 
-__all__ = ["check_mean", "check_batch_mean", "MeanCheck", "default_tolerances"]
+__all__ = ["check_mean", "check_batch_mean", "batch_loss_grads", "MeanCheck", "default_tolerances"]
 
 
 @dataclass(frozen=True)
@@ -70,15 +70,23 @@ def default_tolerances(dtype: torch.dtype, device: torch.device) -> tuple[float,
     return 2e-2, 1e-3  # float16 / bfloat16
 
 
-def autograd_mean_grad(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict[str, Tensor]:
-    """∇_θ loss_fn(model(X), Y) on the whole batch, without touching ``p.grad``."""
-    params = trainable_parameters(model)
+def batch_loss_grads(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
+                     params: dict[str, nn.Parameter]) -> dict[str, Tensor | None]:
+    """∇_θ loss_fn(model(X), Y) on the whole batch, without touching ``p.grad``
+    (None for a parameter the loss does not use, as ``loss.backward()`` leaves it)."""
     with torch.enable_grad():
         loss = batch.call(model, loss_fn)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return {n: (torch.zeros_like(p) if g is None else g) for (n, p), g in zip(params.items(), grads)}
+    return dict(zip(params, grads))
+
+
+def autograd_mean_grad(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict[str, Tensor]:
+    """∇_θ loss_fn(model(X), Y) on the whole batch, zeros for unused parameters."""
+    params = trainable_parameters(model)
+    grads = batch_loss_grads(model, loss_fn, batch, params)
+    return {n: torch.zeros_like(p) if grads[n] is None else grads[n] for n, p in params.items()}
 
 
 def compare_means(per_example_mean: dict[str, Tensor], autograd: dict[str, Tensor], *,

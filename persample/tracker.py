@@ -21,15 +21,14 @@ import contextlib
 from collections import OrderedDict
 from typing import Any, Callable, Iterator
 
-import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch
-from ._model import trainable_parameters
+from ._model import check_clip_norm, trainable_parameters
 from .api import compute_stats
-from .check import check_batch_mean
+from .check import batch_loss_grads, check_batch_mean
 from .engines.observe import Observation, observing
 from .stats import GradStats
 
@@ -69,8 +68,7 @@ class Tracker:
                  var: bool = True, inner_products: bool = False):
         _require_int("every", every, minimum=1)
         _require_int("check_every", check_every, minimum=0)
-        if clip_norm is not None and not (isinstance(clip_norm, (int, float)) and clip_norm > 0):
-            raise ValueError(f"clip_norm must be a positive number or None, got {clip_norm!r}")
+        check_clip_norm(clip_norm)
         trainable_parameters(model)  # fail early on a model with nothing to train
         self.model = model
         self.loss_fn = loss_fn
@@ -124,9 +122,7 @@ class Tracker:
                 stats = None
                 _accumulate(params, self._plain_gradient(batch, params), copy=False)
             if with_stats:
-                self.last_stats = stats
-                for hook in list(self._hooks.values()):
-                    hook(self, stats)
+                self._publish(stats)
         except BaseException as err:
             for name, p in params.items():
                 p.grad = saved[name]
@@ -176,16 +172,19 @@ class Tracker:
                        var=self.stats_options["var"],
                        inner_products=self.stats_options["inner_products"]) as observation:
             yield observation
-        self.last_stats = observation.stats
-        for hook in list(self._hooks.values()):
-            hook(self, observation.stats)
+        self._publish(observation.stats)
         self.steps += 1
+
+    def _publish(self, stats: GradStats) -> None:
+        """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order."""
+        self.last_stats = stats
+        for hook in list(self._hooks.values()):
+            hook(self, stats)
 
     def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
         """∇ of the mean loss, as ``loss.backward()`` would compute it (but not yet accumulated)."""
-        loss = batch.call(self.model, self.loss_fn)
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        return {name: g for name, g in zip(params, grads) if g is not None}
+        grads = batch_loss_grads(self.model, self.loss_fn, batch, params)
+        return {name: g for name, g in grads.items() if g is not None}
 
     def __repr__(self) -> str:
         return (f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "

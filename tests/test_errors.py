@@ -8,7 +8,7 @@ from torch import nn
 import persample
 from persample import MeanMismatchError, UnsupportedModelError
 
-from zoo import CASE_IDS, CASES
+from zoo import CASE_IDS, CASES, CentersBatch
 
 ENTRY_POINTS = [persample.per_sample_grads, persample.grad_stats, persample.check_mean]
 
@@ -168,15 +168,6 @@ def test_model_left_as_found(fn, fails):
 
 
 def test_check_mean_catches_a_model_that_couples_examples():
-    class CentersBatch(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 3)
-
-        def forward(self, x):
-            h = self.lin(x)
-            return h - h.mean(0, keepdim=True) * 0.5
-
     torch.manual_seed(0)
     with pytest.raises(MeanMismatchError, match=r"lin\.weight: max abs err .*rel err") as info:
         persample.check_mean(CentersBatch().double(), F.cross_entropy, torch.randn(6, 4).double(),

@@ -10,7 +10,7 @@ from torch import nn
 import persample
 from persample import MeanMismatchError, Tracker
 
-from zoo import CASE_IDS, CASES, call_model, oracle_grads
+from zoo import CASE_IDS, CASES, CentersBatch, call_model, oracle_grads
 
 TRAINING_CASES = [CASES[CASE_IDS.index(n)] for n in
                   ("mlp", "cnn_groupnorm_pool", "tied_weights", "lstm", "two_inputs", "hf_gpt2")]
@@ -123,19 +123,9 @@ def test_clipping_applies_on_steps_without_statistics():
     assert total <= 1e-3 * (1 + 1e-9)
 
 
-class _CentersBatch(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-
-    def forward(self, x):
-        h = self.lin(x)
-        return h - 0.5 * h.mean(0, keepdim=True)
-
-
 def test_check_every_catches_a_model_that_couples_examples():
     torch.manual_seed(0)
-    model = _CentersBatch().double()
+    model = CentersBatch().double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     tracker = Tracker(model, F.cross_entropy, check_every=2)
     with pytest.raises(MeanMismatchError, match=r"lin\.weight"):
@@ -182,7 +172,7 @@ class _Fragile(nn.Module):
 @pytest.mark.parametrize("failure", ["bad_input", "hook", "model", "check"])
 def test_a_step_that_raises_leaves_every_grad_as_it_was(failure, every):
     torch.manual_seed(0)
-    model = _CentersBatch() if failure == "check" else _Fragile()
+    model = CentersBatch() if failure == "check" else _Fragile()
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
     tracker = Tracker(model, F.cross_entropy, every=every, check_every=1 if failure == "check" else 0)
     for p in model.parameters():  # existing gradients to protect

@@ -145,6 +145,19 @@ class Recurrent(nn.Module):
         return self.out(h[:, -1])
 
 
+class CentersBatch(nn.Module):
+    """Couples the examples of a batch (subtracts half the batch mean): per-example gradients of
+    the isolated examples do not average to the batch gradient, which check_mean must catch."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - 0.5 * h.mean(0, keepdim=True)
+
+
 class Attention(nn.Module):
     def __init__(self):
         super().__init__()

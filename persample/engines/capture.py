@@ -178,8 +178,8 @@ class Capture:
     """What :func:`capturing` saw: the broadcast watcher's verdict."""
 
     watcher: _BroadcastWatcher
-    watching: list
     dim_watcher: _DimMoveWatcher | None
+    watching: bool = False  # the broadcast watcher is entered (at the first broadcast)
 
     @property
     def escape(self) -> str | None:
@@ -192,7 +192,7 @@ class Capture:
     def end_forward(self) -> None:
         """Stop watching ops (call once the forward and the losses are done)."""
         if self.watching:
-            self.watching.clear()
+            self.watching = False
             self.watcher.__exit__(None, None, None)
         if self.dim_watcher is not None and self.dim_watcher.active is not None:
             self.dim_watcher.active = None
@@ -210,7 +210,6 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
     checks that the expansion cannot change the result.
     """
     watcher = _BroadcastWatcher(batch_size)
-    watching = []
     handles = []
     active: list = []
     dim_watcher = _DimMoveWatcher(active) if watch_dim_moves else None
@@ -228,9 +227,9 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             if broadcast:
                 output = output.expand(batch_size, *output.shape[1:])
                 watcher.expanded[id(output)] = output
-                if not watching:
+                if not capture.watching:
                     watcher.__enter__()
-                    watching.append(True)
+                    capture.watching = True
             call = Call(args, kwargs, output, broadcast=broadcast)
             unit.calls.append(call)
             leaves, _ = tree_flatten(output)
@@ -240,7 +239,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             return output if broadcast else None
         return hook
 
-    capture = Capture(watcher, watching, dim_watcher)
+    capture = Capture(watcher, dim_watcher)
     try:
         for unit in units:
             if dim_watcher is not None:

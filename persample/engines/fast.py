@@ -21,22 +21,22 @@ that disagrees with autograd, random ops inside a fallback) the engine raises
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._batch import Batch, one_example
-from .._model import detached_buffers, trainable_parameters, translate_vmap_error
+from .._batch import Batch
+from .._model import detached_buffers, dropout_probability, trainable_parameters, translate_vmap_error
 from ..stats import GradStats, clip_factors
 from ._rnn import rnn_modules_as_plain_ops
 from .capture import Call, NotExact, Unit, audit_graph, capturing, find_units
 from .pieces import DensePiece, Piece, combine_pieces
 from .losses import closed_form_losses
 from .rules import Layout, LayoutError
-from .vmap import _check_per_example_loss
+from .vmap import example_loss
 
 __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
@@ -47,11 +47,11 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
     Peak extra memory is O(P + activations): the captured activations and
-    output gradients, plus chunks of at most 2**24 gradient numbers where a
-    piece has to be materialised (tied weights across layer kinds, var on
-    sequences).
+    output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
+    numbers where a piece has to be materialised (var on sequences, tied weights
+    across layer kinds).
     """
-    if randomness == "same" and _has_random_modules(model):
+    if randomness == "same" and any(dropout_probability(m) for m in model.modules()):
         raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward")
     params = trainable_parameters(model)
     units = find_units(model)
@@ -88,21 +88,30 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> 
     closed = closed_form_losses(loss_fn, output, batch.targets)
     if closed is not None:
         return closed
-    leaves, spec = tree_flatten(output)
-    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch.size for t in leaves]
+    leaves, spec, batched = output_leaves(output, batch.size)
     if not any(batched):
         raise NotExact("the model's output has no tensor batched on dim 0")
-    leaf_dims = [0 if b else None for b in batched]
 
     def one(leaves, target):
-        out = tree_unflatten([t.unsqueeze(0) if b else t for t, b in zip(leaves, batched)], spec)
-        loss = loss_fn(out) if batch.targets is None else loss_fn(out, one_example(target))
-        return _check_per_example_loss(loss)
+        return example_loss(loss_fn, example_output(leaves, batched, spec), target)
 
-    # vmap over the flat leaves: rebuilding containers such as Hugging Face ModelOutput with None
-    # in_dims would drop their None fields and no longer match the output's structure.
     target_dims = None if batch.targets is None else 0
-    return vmap(one, in_dims=(leaf_dims, target_dims))(leaves, batch.targets)
+    return vmap(one, in_dims=([0 if b else None for b in batched], target_dims))(leaves, batch.targets)
+
+
+def output_leaves(output, batch_size: int) -> tuple[list, Any, list[bool]]:
+    """The model output's pytree leaves, its spec, and which leaves are batched on dim 0.
+
+    Losses are vmapped over these flat leaves: rebuilding containers such as
+    Hugging Face ``ModelOutput`` with None in_dims would drop their None fields.
+    """
+    leaves, spec = tree_flatten(output)
+    return leaves, spec, [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch_size for t in leaves]
+
+
+def example_output(leaves: list, batched: list[bool], spec):
+    """Inside vmap: one example's output, each batched leaf as a batch of one."""
+    return tree_unflatten([t.unsqueeze(0) if b else t for t, b in zip(leaves, batched)], spec)
 
 
 def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor],
@@ -156,8 +165,8 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
     in_dims, out_dims = [default(t) for t in in_leaves], [default(t) for t in out_leaves]
     sequence_dim = 0 if getattr(module, "batch_first", True) else 1
     if isinstance(module, nn.RNNBase):
-        in_dims = [sequence_dim if i == 0 else 1 for i, t in enumerate(in_leaves) if True]
-        in_dims = [d if isinstance(t, Tensor) else None for d, t in zip(in_dims, in_leaves)]
+        in_dims = [(sequence_dim if i == 0 else 1) if isinstance(t, Tensor) else None
+                   for i, t in enumerate(in_leaves)]
         out_dims = [sequence_dim if i == 0 else 1 for i in range(len(out_leaves))]
     elif isinstance(module, nn.MultiheadAttention) and sequence_dim == 1:
         tensors = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
@@ -221,14 +230,18 @@ def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dic
             continue
         for p in unit.params.values():
             name = by_id[id(p)]
-            piece, total = pieces[name], means[name]
-            got = piece.weighted_sum(torch.full((piece.batch_size,), 1.0 / piece.batch_size,
-                                                dtype=total.dtype, device=total.device))
-            scale = total.abs().max().item()
-            tol = (1e-5 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
-            if (got - total).abs().max().item() > tol:
+            if pieces_mean_differs(pieces[name], means[name], float64_rtol=1e-5):
                 raise NotExact(f"per-example gradients of {name!r} from torch.func do not add up to "
                                "autograd's gradient: the module does not keep examples apart on dim 0")
+
+
+def pieces_mean_differs(piece: Piece, mean: Tensor, *, float64_rtol: float) -> bool:
+    """Whether (1/B) Σ_i g_i of ``piece`` differs from ``mean`` by more than rounding
+    (relative to ‖mean‖_∞: ``float64_rtol`` in float64, 1e-3 otherwise)."""
+    got = piece.weighted_sum(torch.full((piece.batch_size,), 1.0 / piece.batch_size,
+                                        dtype=mean.dtype, device=mean.device))
+    rtol = float64_rtol if mean.dtype == torch.float64 else 1e-3
+    return (got - mean).abs().max().item() > rtol * max(mean.abs().max().item(), 1e-12)
 
 
 def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
@@ -253,7 +266,3 @@ def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Ten
     return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses, inner_products=inner,
                      reference=mean if inner_products else None, clip_norm=clip_norm, clipped_mean=clipped)
 
-
-def _has_random_modules(model: nn.Module) -> bool:
-    from torch.nn.modules.dropout import _DropoutNd
-    return any(isinstance(m, _DropoutNd) and m.training and m.p > 0 for m in model.modules())

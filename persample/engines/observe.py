@@ -27,15 +27,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
-from .._batch import one_example
 from .._model import trainable_parameters
 from ..stats import GradStats
 from .capture import NotExact, audit_graph, capturing, find_units
-from .fast import _pieces_by_parameter, reduce_pieces
+from .fast import _pieces_by_parameter, example_output, output_leaves, pieces_mean_differs, reduce_pieces
 from .rules import Layout
-from .vmap import _check_per_example_loss
+from .vmap import example_loss
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
 
@@ -114,22 +113,19 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
 def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int, scale: float,
                      reduction: str) -> Tensor:
     """Per-example losses, after checking s·∂ℓ/∂o == ∇_o L_i for every example."""
-    leaves, spec = tree_flatten(observation._output)
-    batched = [isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch_size for t in leaves]
+    leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
     detached = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
 
-    def example_loss(diff_leaves, other_leaves, target):
+    def loss_of_example(diff_leaves, other_leaves, target):
         merged = list(other_leaves)
         for i, t in zip(differentiable, diff_leaves):
             merged[i] = t
-        out = tree_unflatten([t.unsqueeze(0) if b else t for t, b in zip(merged, batched)], spec)
-        loss = loss_fn(out) if target is None else loss_fn(out, one_example(target))
-        loss = _check_per_example_loss(loss)
+        loss = example_loss(loss_fn, example_output(merged, batched, spec), target)
         return loss, loss
 
     other_dims = [0 if b else None for b in batched]
-    grads, losses = vmap(grad(example_loss, has_aux=True),
+    grads, losses = vmap(grad(loss_of_example, has_aux=True),
                          in_dims=([0] * len(differentiable), other_dims, None if targets is None else 0))(
         [detached[i] for i in differentiable], detached, targets)
     for i, per_example in zip(differentiable, grads):
@@ -152,12 +148,7 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
 
 def _check_against_grad(pieces, means) -> None:
     for name, piece in pieces.items():
-        total = means[name]
-        got = piece.weighted_sum(torch.full((piece.batch_size,), 1.0 / piece.batch_size,
-                                            dtype=total.dtype, device=total.device))
-        scale = total.abs().max().item()
-        tol = (1e-6 if total.dtype == torch.float64 else 1e-3) * max(scale, 1e-12)
-        if (got - total).abs().max().item() > tol:
+        if pieces_mean_differs(piece, means[name], float64_rtol=1e-6):
             raise ObservationError(
                 f"per-example gradients of {name!r} do not add up to the change in its p.grad: the loss "
                 "has terms that are not per-example losses of the model's output (a regulariser, say), "

@@ -55,12 +55,14 @@ class Piece:
                 whole = self.__dict__["_whole"] = self.materialize(0, self.batch_size)
             yield 0, self.batch_size, whole
             return
-        scratch = None  # chunks are consumed one at a time: one buffer serves them all
+        scratch = self._scratch(step * numel)  # chunks are consumed one at a time: one buffer serves all
         for start in range(0, self.batch_size, step):
             stop = min(start + step, self.batch_size)
-            if scratch is None and isinstance(self, OuterPiece):
-                scratch = self.act.new_empty(step * numel)
             yield start, stop, self.materialize(start, stop, out=scratch)
+
+    def _scratch(self, numel: int) -> Tensor | None:
+        """A buffer ``materialize`` can write chunks into, for pieces that use ``out``."""
+        return None
 
     def sq_norms(self) -> Tensor:
         return torch.cat([_sq_norms(g) for _, _, g in self.chunks()])
@@ -152,6 +154,9 @@ class OuterPiece(Piece):
             out = out[:(stop - start) * grad.shape[2] * act.shape[2]].view(stop - start, grad.shape[2], act.shape[2])
         result = torch.bmm(grad.transpose(1, 2), act, out=out)
         return self._param(result.mul_(self.scale) if scale_result else result)
+
+    def _scratch(self, numel):
+        return self.act.new_empty(numel)
 
     def _ghost_is_cheaper(self) -> bool:
         p, d = self.grad.shape[-1], self.act.shape[-1]

@@ -49,17 +49,21 @@ def _check_per_example_loss(loss) -> Tensor:
     return loss
 
 
-def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: dict,
-                     has_targets: bool):
+def example_loss(loss_fn: LossFn, output, target) -> Tensor:
+    """L_i = loss_fn(output, target_i[None]) (or ``loss_fn(output)`` without targets) for ONE
+    example whose ``output`` is already a batch of one; checked to be a scalar."""
+    return _check_per_example_loss(loss_fn(output) if target is None else loss_fn(output, one_example(target)))
+
+
+def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: dict):
     """L(trainable, args, kwargs, target) for ONE example, returning (loss, loss) for has_aux."""
 
-    def example_loss(trainable, args, kwargs, target):
+    def loss_of_example(trainable, args, kwargs, target):
         out = functional_call(model, (trainable, frozen, buffers), one_example(args), one_example(kwargs))
-        loss = loss_fn(out, one_example(target)) if has_targets else loss_fn(out)
-        loss = _check_per_example_loss(loss)
+        loss = example_loss(loss_fn, out, target)
         return loss, loss.detach()
 
-    return example_loss
+    return loss_of_example
 
 
 @contextlib.contextmanager
@@ -79,10 +83,9 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
                     chunk_size: int | None):
     trainable = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    example_loss = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model),
-                                    batch.targets is not None)
+    loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model))
     target_dim = None if batch.targets is None else 0
-    fn = vmap(grad(example_loss, has_aux=True), in_dims=(None, 0, 0, target_dim),
+    fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim),
               randomness=randomness, chunk_size=chunk_size)
     return lambda b: fn(trainable, b.args, b.kwargs, b.targets)
 
