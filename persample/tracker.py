@@ -144,9 +144,10 @@ class Tracker:
                 loss.backward()
             observed.stats  # GradStats (None on steps without statistics)
 
-        ``reduction`` declares how the loss combines the per-example losses
-        ``loss_fn(output_i, target_i)``: ``"mean"`` (PyTorch's default) or
-        ``"sum"``. A declaration that does not match the loss, or a loss with
+        The statistics describe the unscaled per-example gradients
+        g_i = ∇ loss_fn(output_i, target_i), whichever reduction the loss uses:
+        ``reduction`` declares how the loss combines those per-example losses,
+        ``"mean"`` (PyTorch's default) or ``"sum"``, so they can be unscaled. A declaration that does not match the loss, or a loss with
         other terms, raises :class:`persample.engines.observe.ObservationError`
         after the backward instead of returning wrong statistics. Uses the fast
         engine only (there is no second pass to fall back on); models it cannot

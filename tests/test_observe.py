@@ -8,7 +8,7 @@ from torch import nn
 import persample
 from persample.engines.observe import ObservationError
 
-from zoo import CASE_IDS, CASES, assert_dicts_close, call_model
+from zoo import CASE_IDS, CASES, assert_dicts_close, call_model, oracle_grads
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -19,6 +19,10 @@ def test_observed_backward_gives_the_vmap_statistics(case):
     with tracker.observe(y) as observed:
         case.loss_fn(call_model(model, x), y).backward()
     stats = observed.stats
+    grads, losses = oracle_grads(model, case.loss_fn, x, y)  # the float64 loop of autograd
+    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(5, -1).pow(2).sum(1) for k, g in grads.items()})
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)
+    torch.testing.assert_close(stats.losses, losses)
     assert_dicts_close(stats.mean, ref.mean)
     assert_dicts_close(stats.var, ref.var, atol=1e-11)
     assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
