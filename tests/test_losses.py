@@ -31,6 +31,9 @@ CASES = [
     ("mse", nn.MSELoss(), (6, 3, 2), None, False),
     ("l1_fn", F.l1_loss, (6, 4), None, False),
     ("bce_pos_weight", nn.BCEWithLogitsLoss(pos_weight=torch.rand(4, dtype=torch.float64)), (6, 4), None, False),
+    ("ce_wrapper", lambda o, t: F.cross_entropy(o, t), (6, 5), (6,), False),
+    ("module_in_wrapper_reading_shapes", lambda o, t: nn.MSELoss()(o, t) if o.shape == t.shape else None,
+     (6, 3), None, False),
 ]
 
 
@@ -57,8 +60,21 @@ def test_example_with_only_ignored_targets_is_nan_like_the_loss_itself():
     torch.testing.assert_close(closed[1], reference[1])
 
 
+def _raises_on_batches(o, t):
+    if o.shape[0] != 1:
+        raise ValueError("one example at a time")
+    return F.cross_entropy(o, t)
+
+
 @pytest.mark.parametrize("loss_fn, output, target", [
-    (lambda o, t: F.cross_entropy(o, t), torch.randn(3, 4), torch.randint(0, 4, (3,))),   # unknown callable
+    (lambda o, t: 2 * F.cross_entropy(o, t), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # result changed
+    (lambda o, t: F.cross_entropy(o, t) + o.square().mean(), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+    (lambda o, t: F.cross_entropy(o.log_softmax(1), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+    (lambda o, t: F.cross_entropy(o[:, :2], t), torch.randn(3, 4), torch.randint(0, 2, (3,))),  # sliced output
+    (lambda o, t: F.cross_entropy(o, t.clone()), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+    (lambda o, t: F.cross_entropy(torch.randn(3, 4), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+    (_raises_on_batches, torch.randn(3, 4), torch.randint(0, 4, (3,))),
+    (F.cross_entropy, torch.randn(3, 4), None),                                              # no targets
     (nn.CrossEntropyLoss(reduction="sum"), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # other reduction
     (nn.MSELoss(), torch.randn(3, 4), torch.randn(3, 1)),                                   # broadcasting
     (F.cross_entropy, torch.randn(3, 4), torch.rand(3, 4)),                                 # probability targets

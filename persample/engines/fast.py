@@ -83,7 +83,8 @@ def _input_has_batch_sized_dim(batch: Batch) -> bool:
 def per_example_losses(loss_fn: Callable[..., Tensor], output, batch: Batch) -> Tensor:
     """L_i = loss_fn(output_i[None], target_i[None]) for every example, differentiably: ``[B]``.
 
-    Standard losses have a closed form (:mod:`.losses`); others are vmapped.
+    Standard losses, also inside plain wrappers, have a closed form (:mod:`.losses`);
+    others are vmapped.
     """
     closed = closed_form_losses(loss_fn, output, batch.targets)
     if closed is not None:
@@ -253,9 +254,8 @@ def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Ten
     n = losses.shape[0]
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     m2 = None
-    if var:  # two in-place passes over each parameter: memory bandwidth is the cost here
-        m2 = {name: piece.second_moment().addcmul_(mean[name], mean[name], value=-n).clamp_min_(0)
-              for name, piece in pieces.items()}
+    if var:
+        m2 = {name: piece.centered_second_moment(mean[name]) for name, piece in pieces.items()}
     inner = None
     if inner_products:
         inner = sum(piece.inner(mean[name]) for name, piece in pieces.items())

@@ -10,29 +10,87 @@ closed form of ``reduction="none"``:
   targets gets NaN, as the loss itself gives);
 - MSE, L1, BCE-with-logits: the mean over the example's elements.
 
-Anything else (other losses, options with other semantics, non-tensor
-outputs) returns None and the engine falls back to ``vmap`` over ``loss_fn``.
+``loss_fn`` is recognised by *tracing* one call of it on the batch under a
+``TorchFunctionMode``: it qualifies when the only tensor operation it performs
+is one call of a standard loss with mean reduction, on the model's output (or
+one of its tensors) and the targets, whose result it returns unchanged. The
+standard loss itself is never evaluated there, so the trace costs one Python
+call. This covers ``F.cross_entropy``, ``nn.CrossEntropyLoss(...)`` and plain
+wrappers such as ``lambda out, y: F.cross_entropy(out, y)`` alike. Anything
+else (other operations, other reductions, options with other semantics)
+returns None and the engine falls back to ``vmap`` over ``loss_fn``.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
-__all__ = ["closed_form_losses"]
+__all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
+
+#: The standard losses with a closed form here, and their kind.
+_STANDARD = {F.cross_entropy: "ce", F.nll_loss: "nll", F.mse_loss: "mse", F.l1_loss: "l1",
+             F.binary_cross_entropy_with_logits: "bce"}
+_SIGNATURES = {function: inspect.signature(function) for function in _STANDARD}
+#: Queries that read a tensor's metadata and compute nothing: allowed around the loss call.
+_METADATA = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.shape.__get__,
+                       torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__})
 
 
-def _options(loss_fn, function, module_type) -> dict | None:
-    """The loss's options, if ``loss_fn`` is ``function`` or a ``module_type`` with mean reduction."""
-    if loss_fn is function:
-        return {}
-    if type(loss_fn) is module_type and getattr(loss_fn, "reduction", None) == "mean":
-        return {k: getattr(loss_fn, k) for k in ("weight", "ignore_index", "label_smoothing", "pos_weight")
-                if hasattr(loss_fn, k)}
-    return None
+class StandardLoss:
+    """One traced call of a standard loss: its function, input, target and keyword options."""
+
+    def __init__(self, function: Callable, arguments: dict):
+        self.function, self.kind = function, _STANDARD[function]
+        self.input, self.target = arguments.pop("input"), arguments.pop("target")
+        self.options = arguments
+
+
+class _LossTrace(TorchFunctionMode):
+    """Records the standard-loss call of ``loss_fn`` (returning a marker instead of computing it)
+    and whether anything other than metadata queries happened."""
+
+    def __init__(self):
+        super().__init__()
+        self.call: StandardLoss | None = None
+        self.marker: Tensor | None = None
+        self.other_ops = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _STANDARD and self.call is None and not self.other_ops:
+            bound = _SIGNATURES[func].bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.call = StandardLoss(func, dict(bound.arguments))
+            self.marker = torch.empty(())
+            return self.marker
+        if func not in _METADATA:
+            self.other_ops = True
+        return func(*args, **kwargs)
+
+
+def traced_standard_loss(loss_fn: Callable, output: Any, targets: Any) -> StandardLoss | None:
+    """The standard loss that ``loss_fn(output, targets)`` is, on tensors of ``output`` and
+    ``targets``, or None (see the module docstring)."""
+    trace = _LossTrace()
+    try:
+        with trace:
+            result = loss_fn(output) if targets is None else loss_fn(output, targets)
+    except Exception:  # whatever it is, it is not a plain standard loss: vmap will tell
+        return None
+    call = trace.call
+    if call is None or trace.other_ops or result is not trace.marker:
+        return None
+    if not any(call.input is leaf for leaf in tree_leaves(output)) \
+            or not any(call.target is leaf for leaf in tree_leaves(targets)):
+        return None
+    return call
 
 
 def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise: Callable) -> Tensor | None:
@@ -46,6 +104,8 @@ def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise
     kept = (target != ignore).to(per_position.dtype)
     if weight is not None:
         kept = kept * weight.to(per_position.dtype)[target.clamp(min=0)]
+    if output.dim() == 2:  # one position per example
+        return per_position / kept
     batch = output.shape[0]
     return per_position.reshape(batch, -1).sum(1) / kept.reshape(batch, -1).sum(1)
 
@@ -59,20 +119,15 @@ def _elementwise_mean(output: Tensor, target: Tensor, elementwise: Callable, opt
 
 def closed_form_losses(loss_fn: Callable, output: Any, targets: Any) -> Tensor | None:
     """``[B]`` per-example losses for a standard loss, or None when there is no closed form here."""
-    if not isinstance(output, Tensor) or not isinstance(targets, Tensor):
+    call = traced_standard_loss(loss_fn, output, targets)
+    if call is None or not isinstance(call.input, Tensor) or not isinstance(call.target, Tensor):
         return None
-    for function, module_type, kind in ((F.cross_entropy, nn.CrossEntropyLoss, "ce"), (F.nll_loss, nn.NLLLoss, "nll"),
-                                        (F.mse_loss, nn.MSELoss, "mse"), (F.l1_loss, nn.L1Loss, "l1"),
-                                        (F.binary_cross_entropy_with_logits, nn.BCEWithLogitsLoss, "bce")):
-        options = _options(loss_fn, function, module_type)
-        if options is None:
-            continue
-        if kind in ("ce", "nll"):
-            return _class_index_loss(output, targets, options, F.cross_entropy if kind == "ce" else F.nll_loss)
-        if kind == "bce":
-            if options.get("weight") is not None:
-                return None
-            extra = {"pos_weight": options["pos_weight"]} if options.get("pos_weight") is not None else {}
-            return _elementwise_mean(output, targets, function, extra)
-        return _elementwise_mean(output, targets, function, {})
-    return None
+    options = call.options
+    if options.pop("reduction") != "mean" or options.pop("size_average") is not None \
+            or options.pop("reduce") is not None:
+        return None
+    if call.kind in ("ce", "nll"):
+        return _class_index_loss(call.input, call.target, options, call.function)
+    if options.pop("weight", None) is not None:  # element weights: not a per-example mean
+        return None
+    return _elementwise_mean(call.input, call.target, call.function, options)

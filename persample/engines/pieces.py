@@ -5,6 +5,7 @@ piece from which these reductions over examples i = 1..B come out directly:
 
 - ``sq_norms()``: ‖g_i‖², shape ``[B]``;
 - ``second_moment()``: Σ_i g_i ∘ g_i, the parameter's shape;
+- ``centered_second_moment(ḡ)``: M2 = Σ_i (g_i − ḡ)², the parameter's shape;
 - ``inner(r)``: ⟨g_i, r⟩ for a fixed r of the parameter's shape, shape ``[B]``;
 - ``weighted_sum(w)``: Σ_i w_i g_i (per-example clipping), the parameter's shape;
 - ``materialize(start, stop)``: g_i for a slice of examples, ``[stop-start, *shape]``.
@@ -17,6 +18,7 @@ unscaled: g_i is example i's own gradient.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +71,10 @@ class Piece:
 
     def second_moment(self) -> Tensor:
         return sum(sum_of_squares(g) for _, _, g in self.chunks())
+
+    def centered_second_moment(self, mean: Tensor) -> Tensor:
+        """M2 = Σ_i g_i∘g_i − B·ḡ∘ḡ = Σ_i (g_i − ḡ)² for ḡ = ``mean``, clamped at 0 against rounding."""
+        return self.second_moment().addcmul_(mean, mean, value=-self.batch_size).clamp_min_(0)
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
@@ -162,24 +168,32 @@ class OuterPiece(Piece):
         p, d = self.grad.shape[-1], self.act.shape[-1]
         return self.positions * (p + d) < p * d
 
+    @cached_property
+    def _squares(self) -> tuple[Tensor, Tensor]:
+        """T = 1: (a∘a, (s·b)∘(s·b)), ``[B, d]`` and ``[B, p]``: activation-sized, shared by the
+        norms and the second moment."""
+        b2 = self.grad[:, 0].square()
+        if self.scale != 1.0:
+            b2.mul_(self.scale ** 2)
+        return self.act[:, 0].square(), b2
+
     def sq_norms(self):
         if self.positions == 1:
-            norms = _sq_norms(self.act) * _sq_norms(self.grad)
-        elif self._ghost_is_cheaper():
+            a2, b2 = self._squares
+            return a2.sum(1) * b2.sum(1)
+        if self._ghost_is_cheaper():
             gram_a = torch.bmm(self.act, self.act.transpose(1, 2))
             gram_b = torch.bmm(self.grad, self.grad.transpose(1, 2))
             norms = (gram_a * gram_b).sum((1, 2))
-        else:
-            return super().sq_norms()  # materialised: already scaled
-        return norms * self.scale ** 2 if self.scale != 1.0 else norms
+            return norms * self.scale ** 2 if self.scale != 1.0 else norms
+        return super().sq_norms()  # materialised: already scaled
 
     def second_moment(self):
         if self.positions == 1:
-            b2, a2 = self.grad[:, 0].square(), self.act[:, 0].square()
-            if self.scale != 1.0:
-                b2.mul_(self.scale ** 2)  # activation-sized, cheaper than scaling the result
+            a2, b2 = self._squares
             return self._param(b2.t() @ a2)
         return super().second_moment()
+
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
