@@ -7,8 +7,9 @@ Usage::
 
 For every (case, method) pair: prepare the method (untimed), call its step
 once and check the output against persample's per-example gradients, call it
-once more to warm up (and size the repeats), then time ``--repeats`` calls (fewer if one call is slow,
-see ``--budget``) and take the median; finally measure the peak memory of one
+once more to warm up (and size the samples), then time ``--repeats`` samples (fewer if one call is
+slow, see ``--budget``), each of as many back-to-back calls as fill ``MIN_SAMPLE_S``, and take the
+median time per call; finally measure the peak memory of one
 more call. The ratio is the median over ``plain``'s median in the same run.
 A method that fails or does not support a model is recorded with the reason;
 it never stops the run. See ``benchmarks/README.md``.
@@ -46,6 +47,7 @@ from methods import (Method, Unsupported, WrongResult, all_methods, max_rel_err,
 TOLERANCE = 1e-3          # max_rel_err above this (float32) makes the status "wrong"
 WARMUP_CALLS = 2          # untimed calls before timing; the first one's output is checked
 MIN_REPEATS = 3           # the time budget never cuts the repeats below this
+MIN_SAMPLE_S = 0.02       # each timed sample repeats the call until it lasts at least this long
 CONTENTION = 0.10         # other processes using more than this share of all CPUs: timing is retried
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -212,6 +214,38 @@ def memory_meter(device: torch.device):
     return NoPeak(reason) if reason else RssPeak()
 
 
+# ------------------------------------------------------------------ allocator
+#: glibc ``mallopt`` parameters and the values the benchmark sets (see :func:`tune_malloc`).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 64 << 20}
+
+
+def tune_malloc() -> str:
+    """Keep freed CPU memory in the process instead of handing it back to the OS after every call.
+
+    With glibc's defaults, tensors above 128 KiB–32 MiB are ``mmap``-ed and
+    unmapped on free, and the heap is trimmed, so a step that allocates a few
+    MiB page-faults on fresh memory every call: on a VM that costs as much as
+    the arithmetic and makes the timing of allocation-heavy methods swing by
+    ±30% between runs. Raising the mmap and trim thresholds (the advice of
+    PyTorch's CPU performance guides, which suggest jemalloc or tcmalloc for
+    the same reason) applies to every method alike. Returns a description for
+    the results.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = all(libc.mallopt(param, value) == 1 for param, value in (
+            (_M_MMAP_THRESHOLD, MALLOC_SETTINGS["mmap_threshold"]),
+            (_M_TRIM_THRESHOLD, MALLOC_SETTINGS["trim_threshold"]),
+            (_M_TOP_PAD, MALLOC_SETTINGS["top_pad"])))
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "default (glibc mallopt unavailable)"
+    return ("glibc mallopt: mmap threshold {} MiB, trim threshold {} MiB, top pad {} MiB".format(
+        *(MALLOC_SETTINGS[k] >> 20 for k in ("mmap_threshold", "trim_threshold", "top_pad"))))
+
+
 # ------------------------------------------------------------------ timing
 def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -256,19 +290,36 @@ class ForeignLoad:
         return round(min(1.0, max(0.0, foreign / capacity)), 3) if capacity > 0 else None
 
 
-def timed_repeats(step: Callable[[], object], count: int, sync, *, retries: int,
-                  wait_s: float) -> tuple[list[float], float | None, int]:
-    """``count`` timed calls, retried (after ``wait_s``) while other processes load the CPU.
+def timed_sample(call: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
+    """Seconds per call, averaged over ``calls`` back-to-back calls (synchronised at both ends)."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    sync()
+    return (time.perf_counter() - start) / calls
 
-    Returns the times of the least contended attempt, its foreign CPU share and
-    the number of attempts.
+
+def calls_per_sample(seconds_per_call: float) -> int:
+    """Calls in one timed sample: enough to last ``MIN_SAMPLE_S``, so that a sub-millisecond step
+    is not timed by single calls, whose spread is the timer's and the scheduler's."""
+    return max(1, math.ceil(MIN_SAMPLE_S / max(seconds_per_call, 1e-9)))
+
+
+def timed_repeats(step: Callable[[], object], count: int, sync, *, retries: int,
+                  wait_s: float, calls: int = 1) -> tuple[list[float], float | None, int]:
+    """``count`` timed samples of ``calls`` calls each, retried (after ``wait_s``) while other
+    processes load the CPU.
+
+    Returns the per-call times of the least contended attempt, its foreign CPU
+    share and the number of attempts.
     """
     best: tuple[list[float], float | None] | None = None
     attempts = 0
     for attempts in range(1, retries + 2):
         load = ForeignLoad()
         load.start()
-        times = [timed_call(step, sync) for _ in range(count)]
+        times = [timed_sample(step, calls, sync) for _ in range(count)]
         share = load.share()
         if best is None or (share is not None and best[1] is not None and share < best[1]):
             best = (times, share)
@@ -315,12 +366,13 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         record.update(checked, reason=reason)
         for _ in range(WARMUP_CALLS - 2):  # the checked call was the first warm-up call
             timed_call(prepared.step, sync)
-        per_call = timed_call(prepared.step, sync)  # the last warm-up call sizes the repeats
-        count = repeats_within_budget(per_call, settings.repeats, settings.budget_s)
+        per_call = timed_call(prepared.step, sync)  # the last warm-up call sizes the samples
+        calls = calls_per_sample(per_call)
+        count = repeats_within_budget(per_call * calls, settings.repeats, settings.budget_s)
         times, foreign, attempts = timed_repeats(prepared.step, count, sync, retries=settings.retries,
-                                                 wait_s=settings.wait_s)
+                                                 wait_s=settings.wait_s, calls=calls)
         record.update(median_s=statistics.median(times), min_s=min(times), repeats=count,
-                      foreign_cpu=foreign, attempts=attempts)
+                      calls_per_sample=calls, foreign_cpu=foreign, attempts=attempts)
         prepared.release()
         record["peak_mem_bytes"] = memory.measure(prepared.step)
         prepared.release()
@@ -397,7 +449,7 @@ class Settings:
     """How each method is measured."""
 
     device: torch.device
-    repeats: int            # timed calls (cut by the budget for slow methods, never below MIN_REPEATS)
+    repeats: int            # timed samples (cut by the budget for slow methods, never below MIN_REPEATS)
     budget_s: float         # seconds of timed calls per method
     retries: int = 0        # re-timings when other processes load the CPU (see ForeignLoad)
     wait_s: float = 10.0    # pause before each re-timing
@@ -436,15 +488,16 @@ def run_case(case: Case, methods: list[Method], settings: Settings, *, memory, c
 
 
 def run(cases: list[Case], methods: list[Method], settings: Settings, *, threads: int,
-        show_progress: bool = True) -> tuple[list[dict], dict]:
+        show_progress: bool = True, malloc_tuning: bool = True) -> tuple[list[dict], dict]:
     """Every (case, method) record, and the run's metadata."""
     torch.set_num_threads(threads)
+    allocator = tune_malloc() if malloc_tuning and settings.device.type == "cpu" else "default"
     memory = memory_meter(settings.device)
     device = settings.device
     meta = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
             "versions": versions(), "memory_method": memory.description,
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_before": load_average()}
+            "load_before": load_average(), "allocator": allocator}
     common = {"device": meta["device"], "device_name": meta["device_name"], "threads": meta["threads"],
               "torch_version": torch.__version__, "persample_version": persample.__version__}
     progress = Progress(len(cases) * len(methods), enabled=show_progress)
@@ -552,9 +605,11 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         f"- torch {v['torch']}, persample {v['persample']} (git {v['persample_git']}), Python {v['python']}; {peers}",
         f"- Command: `{meta.get('command', '')}`; started {meta['started']}, took {meta['total_s']:.0f} s; "
         f"1-min load average {meta['load_before']} before, {meta['load_after']} after",
-        f"- Time: median of `repeats` calls after {WARMUP_CALLS} warm-up calls; ratio = median / `plain` "
+        f"- Time: median over `repeats` samples of the time per call, each sample being as many back-to-back "
+        f"calls as last {MIN_SAMPLE_S * 1e3:.0f} ms, after {WARMUP_CALLS} warm-up calls; ratio = median / `plain` "
         "median in the same run (lower is better). Each call is a full step, forward pass included.",
         f"- Peak memory: {meta['memory_method']}.",
+        f"- Allocator: {meta.get('allocator', 'default')} (`--default-malloc` keeps glibc's defaults).",
         f"- Contention: `other CPU` is the share of all CPUs that other processes used while a method was "
         f"timed; above {CONTENTION:.0%} the timing was retried up to `--retries` times and the least "
         "contended attempt kept.",
@@ -582,7 +637,7 @@ def render_markdown(records: list[dict], meta: dict) -> str:
 
 def write_json(records: list[dict], meta: dict, path: Path) -> None:
     run_info = {k: meta.get(k) for k in ("versions", "memory_method", "started", "total_s", "load_before",
-                                     "load_after", "command")}
+                                     "load_after", "command", "allocator")}
     out = [{**r, **run_info} for r in records]
     path.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
 
@@ -600,7 +655,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--case", action="append", help="only cases whose label (e.g. mlp-b32) contains this; repeatable")
     p.add_argument("--method", action="append", help="only methods whose name contains this (plain always runs); repeatable")
     p.add_argument("--threads", type=int, help="torch threads (default: 2 on CPU, torch's default on CUDA)")
-    p.add_argument("--repeats", type=int, help="timed calls per method (default: 9 on CPU, 25 on CUDA, 5 with --quick)")
+    p.add_argument("--repeats", type=int, help="timed samples per method (default: 9 on CPU, 25 on CUDA, 5 with "
+                   f"--quick); a sample is as many calls as last {MIN_SAMPLE_S * 1e3:.0f} ms")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's default allocator settings (see tune_malloc)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per method before the repeats are cut "
                                                    f"(never below {MIN_REPEATS}); default 60, 10 with --quick")
     p.add_argument("--retries", type=int, help="re-time a method up to N times while other processes use more "
@@ -637,7 +695,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore")  # peers warn on every wrap; failures are recorded, not warned
     settings = Settings(torch.device(args.device), repeats=args.repeats, budget_s=args.budget,
                         retries=args.retries, wait_s=args.retry_wait)
-    records, meta = run(cases, methods, settings, threads=args.threads, show_progress=not args.no_progress)
+    records, meta = run(cases, methods, settings, threads=args.threads, show_progress=not args.no_progress,
+                        malloc_tuning=not args.default_malloc)
     meta["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown = render_markdown(records, meta)
     outputs = [(args.json, args.markdown)]
