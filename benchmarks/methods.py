@@ -156,6 +156,65 @@ def torch_func(problem: Problem) -> Prepared:
     return Prepared(step, lambda raw: {"grads": raw})
 
 
+def floor_hooks(var: bool) -> Callable[[Problem], Prepared]:
+    """The floor for Linear-only models: a hand-written hooks pass with none of persample's checks.
+
+    Forward hooks keep each Linear's input a, tensor hooks its output
+    gradient b; one ``autograd.grad`` of the mean of the per-example
+    cross-entropies gives ḡ; then ‖g_i‖² = ‖a_i‖²‖b_i‖² (Goodfellow) and
+    Σ_i g_i∘g_i = (b∘b)ᵀ(a∘a). It assumes what persample verifies (no other
+    parametrised module, no reuse, cross-entropy, 2-D inputs), so it is the
+    least any hook-based method can cost, not a usable method.
+    """
+
+    def prepare(problem: Problem) -> Prepared:
+        model = copy.deepcopy(problem.model)
+        params = _trainable(model)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        owned = {f"{n}.{k}" for n, m in linears.items() for k, _ in m.named_parameters()}
+        if owned != set(params) or problem.inputs.dim() != 2:
+            raise Unsupported("the hand-written floor covers only models of Linear layers on 2-D inputs")
+        batch = problem.batch_size
+
+        def step():
+            acts, grads = {}, {}
+
+            def keep(name):
+                def hook(module, inputs, output):
+                    acts[name] = inputs[0].detach()
+                    output.register_hook(lambda g: grads.__setitem__(name, g))
+                return hook
+
+            handles = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
+            try:
+                losses = torch.nn.functional.cross_entropy(model(problem.inputs), problem.targets, reduction="none")
+                mean = dict(zip(params, torch.autograd.grad(losses.mean(), list(params.values()))))
+            finally:
+                for h in handles:
+                    h.remove()
+            sq_norms, m2 = {}, {}
+            for name in linears:
+                a2, b2 = acts[name].square(), grads[name].square().mul_(batch ** 2)
+                b_sq = b2.sum(1)
+                sq_norms[f"{name}.weight"], sq_norms[f"{name}.bias"] = a2.sum(1) * b_sq, b_sq
+                if var:
+                    m2[f"{name}.weight"] = (b2.t() @ a2).addcmul_(mean[f"{name}.weight"], mean[f"{name}.weight"],
+                                                                   value=-batch)
+                    m2[f"{name}.bias"] = b2.sum(0).addcmul_(mean[f"{name}.bias"], mean[f"{name}.bias"], value=-batch)
+            return mean, sq_norms, m2
+
+        def convert(raw):
+            mean, sq_norms, m2 = raw
+            out = {"mean": mean, "sq_norms": sq_norms}
+            if var:
+                out["var"] = {n: v / (batch - 1) for n, v in m2.items()}
+            return out
+
+        return Prepared(step, convert)
+
+    return prepare
+
+
 # ------------------------------------------------------------------ persample
 def persample_grads(problem: Problem) -> Prepared:
     """``persample.per_sample_grads``: materialised per-example gradients."""
@@ -276,6 +335,8 @@ def all_methods() -> list[Method]:
         Method("plain", plain),
         Method("loop", loop),
         Method("torch.func", torch_func),
+        Method("floor-hooks", floor_hooks(var=True)),
+        Method("floor-hooks-novar", floor_hooks(var=False)),
         *persample_methods(),
         Method("opacus-hooks", opacus(force_functorch=False), requires=("opacus",)),
         Method("opacus-functorch", opacus(force_functorch=True), requires=("opacus",)),

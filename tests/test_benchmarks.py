@@ -51,7 +51,7 @@ def tiny_problem(cases):
 def test_quick_cli_writes_checked_records(tmp_path):
     out, md = tmp_path / "out.json", tmp_path / "out.md"
     cmd = [sys.executable, str(RUN_PY), "--quick", "--case", "mlp", "--method", "persample",
-           "--method", "backpack-batchl2", "--method", "opacus-hooks", "--repeats", "1", "--budget", "1",
+           "--method", "floor-hooks", "--method", "backpack-batchl2", "--method", "opacus-hooks", "--repeats", "1", "--budget", "1",
            "--no-progress", "--json", str(out), "--markdown", str(md)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -66,9 +66,11 @@ def test_quick_cli_writes_checked_records(tmp_path):
         assert r["torch_version"] == torch.__version__
     assert methods["plain"]["ratio"] == 1.0
     for name, r in methods.items():
-        if name.startswith("persample") or name == "plain":
+        if name.startswith(("persample", "floor-hooks")) or name == "plain":
             assert r["status"] == "ok", r
             assert r["max_rel_err"] < 1e-4 and r["median_s"] > 0 and r["repeats"] == 1
+            assert r["calls_per_sample"] >= 1
+    assert {r["allocator"] for r in records} != {None}
     for peer in ("backpack-batchl2", "opacus-hooks"):  # correct where installed, recorded where not
         assert methods[peer]["status"] in ("ok", "unavailable"), methods[peer]
     text = md.read_text()
