@@ -123,7 +123,8 @@ class OuterPiece(Piece):
 
     - T = 1: ‖g_i‖² = ‖a_i‖²‖b_i‖² and Σ_i g_i∘g_i = (b∘b)ᵀ(a∘a) (Goodfellow 2015).
     - T > 1: ‖g_i‖² = ⟨A_iA_iᵀ, B_iB_iᵀ⟩ (the "ghost norm", Li et al. 2021) when that
-      costs fewer flops, T·(p + d) < p·d; otherwise g_i is formed in chunks.
+      costs no more flops, T·(p + d) ≤ p·d (at a tie it also avoids B × p × d memory traffic);
+      otherwise g_i is formed in chunks.
     - ⟨g_i, R⟩ = Σ_t b_itᵀ R a_it, and Σ_i w_i g_i = (w∘B)ᵀA, at the cost of one matmul.
     """
 
@@ -166,7 +167,7 @@ class OuterPiece(Piece):
 
     def _ghost_is_cheaper(self) -> bool:
         p, d = self.grad.shape[-1], self.act.shape[-1]
-        return self.positions * (p + d) < p * d
+        return self.positions * (p + d) <= p * d
 
     @cached_property
     def _squares(self) -> tuple[Tensor, Tensor]:
