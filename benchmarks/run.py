@@ -251,15 +251,6 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
-def timed_call(call: Callable[[], object], sync: Callable[[], None]) -> float:
-    """Seconds for one call, with the device synchronised on both sides; the output is dropped."""
-    sync()
-    start = time.perf_counter()
-    call()
-    sync()
-    return time.perf_counter() - start
-
-
 def cpu_ticks() -> tuple[int, int] | None:
     """(busy CPU ticks of the whole machine, CPU ticks of this process), or None off Linux."""
     try:
@@ -365,8 +356,8 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         reason = "; ".join(filter(None, [checked.pop("reason", ""), prepared.notes]))
         record.update(checked, reason=reason)
         for _ in range(WARMUP_CALLS - 2):  # the checked call was the first warm-up call
-            timed_call(prepared.step, sync)
-        per_call = timed_call(prepared.step, sync)  # the last warm-up call sizes the samples
+            timed_sample(prepared.step, 1, sync)
+        per_call = timed_sample(prepared.step, 1, sync)  # the last warm-up call sizes the samples
         calls = calls_per_sample(per_call)
         count = repeats_within_budget(per_call * calls, settings.repeats, settings.budget_s)
         times, foreign, attempts = timed_repeats(prepared.step, count, sync, retries=settings.retries,
@@ -488,10 +479,10 @@ def run_case(case: Case, methods: list[Method], settings: Settings, *, memory, c
 
 
 def run(cases: list[Case], methods: list[Method], settings: Settings, *, threads: int,
-        show_progress: bool = True, malloc_tuning: bool = True) -> tuple[list[dict], dict]:
-    """Every (case, method) record, and the run's metadata."""
+        show_progress: bool = True, allocator: str = "default") -> tuple[list[dict], dict]:
+    """Every (case, method) record, and the run's metadata (``allocator``: how the process's
+    allocator was set up, recorded as is)."""
     torch.set_num_threads(threads)
-    allocator = tune_malloc() if malloc_tuning and settings.device.type == "cpu" else "default"
     memory = memory_meter(settings.device)
     device = settings.device
     meta = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
@@ -658,7 +649,7 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed samples per method (default: 9 on CPU, 25 on CUDA, 5 with "
                    f"--quick); a sample is as many calls as last {MIN_SAMPLE_S * 1e3:.0f} ms")
     p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's default allocator settings (see tune_malloc)")
+                   help="keep glibc's default allocator settings (see benchmarks/README.md, Timing)")
     p.add_argument("--budget", type=float, help="seconds of timed calls per method before the repeats are cut "
                                                    f"(never below {MIN_REPEATS}); default 60, 10 with --quick")
     p.add_argument("--retries", type=int, help="re-time a method up to N times while other processes use more "
@@ -695,8 +686,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     warnings.filterwarnings("ignore")  # peers warn on every wrap; failures are recorded, not warned
     settings = Settings(torch.device(args.device), repeats=args.repeats, budget_s=args.budget,
                         retries=args.retries, wait_s=args.retry_wait)
+    # A process-wide setting: made here, by the script, never by run() (which tests call in-process).
+    allocator = tune_malloc() if args.device == "cpu" and not args.default_malloc else "default"
     records, meta = run(cases, methods, settings, threads=args.threads, show_progress=not args.no_progress,
-                        malloc_tuning=not args.default_malloc)
+                        allocator=allocator)
     meta["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown = render_markdown(records, meta)
     outputs = [(args.json, args.markdown)]

@@ -195,7 +195,6 @@ class OuterPiece(Piece):
             return self._param(b2.t() @ a2)
         return super().second_moment()
 
-
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
         return (projected * self.act).sum((1, 2)) * self.scale
