@@ -108,11 +108,11 @@ def test_subclasses_are_matched_by_isinstance():
 
 
 def test_mlp_statistics_never_materialise_per_example_gradients(monkeypatch):
-    def forbidden(self, start, stop):
+    def forbidden(self, start, stop, out=None):
         raise AssertionError("materialised B x P gradients")
 
-    monkeypatch.setattr(pieces_module.OuterPiece, "materialize", forbidden)
-    monkeypatch.setattr(pieces_module.Piece, "materialize", forbidden)
+    monkeypatch.setattr(pieces_module.OuterPiece, "_unscaled", forbidden)  # every chunk is formed here
+    monkeypatch.setattr(pieces_module.Piece, "_unscaled", forbidden)
     case = CASES[CASE_IDS.index("mlp")]
     model, x, y = case.instantiate(batch=8)
     stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast", inner_products=True, clip_norm=1.0)

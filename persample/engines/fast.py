@@ -252,10 +252,10 @@ def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Ten
     M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
     """
     n = losses.shape[0]
-    sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     m2 = None
-    if var:
+    if var:  # first: pieces may keep squares from it that their norms reuse
         m2 = {name: piece.centered_second_moment(mean[name]) for name, piece in pieces.items()}
+    sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     inner = None
     if inner_products:
         inner = sum(piece.inner(mean[name]) for name, piece in pieces.items())

@@ -10,9 +10,11 @@ piece from which these reductions over examples i = 1..B come out directly:
 - ``weighted_sum(w)``: Σ_i w_i g_i (per-example clipping), the parameter's shape;
 - ``materialize(start, stop)``: g_i for a slice of examples, ``[stop-start, *shape]``.
 
-The base class derives every reduction from ``materialize`` in chunks (so memory
-stays O(chunk × P)); subclasses override them with closed forms. Gradients are
-unscaled: g_i is example i's own gradient.
+A piece holds g_i = s · h_i, where s is its ``scale`` and h_i what its
+``_unscaled(start, stop)`` forms. The base class derives every reduction from
+h_i in chunks (so memory stays O(chunk × P)) and applies s to the results
+(B- or parameter-sized), never to the chunks; subclasses override reductions
+with closed forms. Gradients are unscaled by the batch: g_i is example i's own.
 """
 
 from __future__ import annotations
@@ -38,39 +40,63 @@ def _sq_norms(t: Tensor) -> Tensor:
 
 
 class Piece:
-    """One parameter's per-example gradients for a batch of ``batch_size`` examples."""
+    """One parameter's per-example gradients g_i = ``scale`` · h_i for a batch of ``batch_size`` examples."""
 
     batch_size: int
     shape: torch.Size
+    scale: float = 1.0
 
-    def materialize(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
-        """g_i for examples start..stop, ``[stop - start, *shape]`` (``out``: an optional flat buffer)."""
+    def _unscaled(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
+        """h_i = g_i / scale for examples start..stop, ``[stop - start, *shape]`` (``out``: an
+        optional flat buffer to write into)."""
         raise NotImplementedError
 
+    def materialize(self, start: int, stop: int) -> Tensor:
+        """g_i for examples start..stop, ``[stop - start, *shape]``."""
+        h = self._unscaled(start, stop)
+        return h * self.scale if self.scale != 1.0 else h
+
+    def _scaled(self, t: Tensor, power: int = 1) -> Tensor:
+        """A reduction of h turned into that of g: t · scale**power."""
+        return t * self.scale ** power if self.scale != 1.0 else t
+
     def chunks(self):
-        """(start, stop, g[start:stop]) over the batch; a batch that fits one chunk is formed once."""
+        """(start, stop, h[start:stop]) over the batch; a batch that fits one chunk is formed once."""
         numel = max(1, self.shape.numel())
         step = max(1, CHUNK_ELEMENTS // numel)
         if step >= self.batch_size:
             whole = self.__dict__.get("_whole")
             if whole is None:
-                whole = self.__dict__["_whole"] = self.materialize(0, self.batch_size)
+                whole = self.__dict__["_whole"] = self._unscaled(0, self.batch_size)
             yield 0, self.batch_size, whole
             return
         scratch = self._scratch(step * numel)  # chunks are consumed one at a time: one buffer serves all
         for start in range(0, self.batch_size, step):
             stop = min(start + step, self.batch_size)
-            yield start, stop, self.materialize(start, stop, out=scratch)
+            yield start, stop, self._unscaled(start, stop, out=scratch)
 
     def _scratch(self, numel: int) -> Tensor | None:
-        """A buffer ``materialize`` can write chunks into, for pieces that use ``out``."""
+        """A buffer ``_unscaled`` can write chunks into, for pieces that use ``out``."""
         return None
 
+    @cached_property
+    def _chunk_moments(self) -> tuple[Tensor, Tensor]:
+        """(‖h_i‖², Σ_i h_i∘h_i) in one pass over the chunks: the second moment forms every h_i
+        anyway, so the norms cost one more read of each chunk and no second formation."""
+        norms, total = [], None
+        for _, _, h in self.chunks():
+            norms.append(_sq_norms(h))
+            squares = sum_of_squares(h)
+            total = squares if total is None else total.add_(squares)
+        return torch.cat(norms), total
+
     def sq_norms(self) -> Tensor:
-        return torch.cat([_sq_norms(g) for _, _, g in self.chunks()])
+        if "_chunk_moments" in self.__dict__:
+            return self._scaled(self._chunk_moments[0], 2)
+        return self._scaled(torch.cat([_sq_norms(h) for _, _, h in self.chunks()]), 2)
 
     def second_moment(self) -> Tensor:
-        return sum(sum_of_squares(g) for _, _, g in self.chunks())
+        return self._scaled(self._chunk_moments[1], 2)
 
     def centered_second_moment(self, mean: Tensor) -> Tensor:
         """M2 = Σ_i g_i∘g_i − B·ḡ∘ḡ = Σ_i (g_i − ḡ)² for ḡ = ``mean``, clamped at 0 against rounding."""
@@ -78,10 +104,11 @@ class Piece:
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
-        return torch.cat([g.reshape(g.shape[0], -1) @ flat for _, _, g in self.chunks()])
+        return self._scaled(torch.cat([h.reshape(h.shape[0], -1) @ flat for _, _, h in self.chunks()]))
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
-        return sum(torch.tensordot(weights[a:b].to(g.dtype), g, dims=1) for a, b, g in self.chunks())
+        weights = self._scaled(weights)
+        return sum(torch.tensordot(weights[a:b].to(h.dtype), h, dims=1) for a, b, h in self.chunks())
 
 
 @dataclass
@@ -96,9 +123,8 @@ class DensePiece(Piece):
         self.batch_size = self.per_example.shape[0]
         self.shape = self.per_example.shape[1:]
 
-    def materialize(self, start, stop, out=None):
-        g = self.per_example[start:stop]
-        return g * self.scale if self.scale != 1.0 else g
+    def _unscaled(self, start, stop, out=None):
+        return self.per_example[start:stop]
 
     def sq_norms(self):
         return _sq_norms(self.per_example) * self.scale ** 2
@@ -123,8 +149,8 @@ class OuterPiece(Piece):
 
     - T = 1: ‖g_i‖² = ‖a_i‖²‖b_i‖² and Σ_i g_i∘g_i = (b∘b)ᵀ(a∘a) (Goodfellow 2015).
     - T > 1: ‖g_i‖² = ⟨A_iA_iᵀ, B_iB_iᵀ⟩ (the "ghost norm", Li et al. 2021) when that
-      costs no more flops, T·(p + d) ≤ p·d (at a tie it also avoids B × p × d memory traffic);
-      otherwise g_i is formed in chunks.
+      costs no more flops, T·(p + d) ≤ p·d (at a tie it also avoids B × p × d memory traffic),
+      unless the second moment has already formed g_i in chunks; otherwise from those chunks.
     - ⟨g_i, R⟩ = Σ_t b_itᵀ R a_it, and Σ_i w_i g_i = (w∘B)ᵀA, at the cost of one matmul.
     """
 
@@ -152,15 +178,12 @@ class OuterPiece(Piece):
             m = m.transpose(-1, -2)
         return m.reshape(*m.shape[:-2], *self.shape)
 
-    def materialize(self, start, stop, out: Tensor | None = None):
+    def _unscaled(self, start, stop, out: Tensor | None = None):
         grad, act = self.grad[start:stop], self.act[start:stop]
-        scale_result = self.scale != 1.0 and grad.shape[2] * act.shape[2] <= grad.shape[1] * grad.shape[2]
-        if self.scale != 1.0 and not scale_result:
-            grad = grad * self.scale  # the smaller of the two tensors the scale could go on
+        left, right = (act, grad) if self.transposed else (grad, act)  # stored d × p: form Aᵀ B, no copy
         if out is not None:
-            out = out[:(stop - start) * grad.shape[2] * act.shape[2]].view(stop - start, grad.shape[2], act.shape[2])
-        result = torch.bmm(grad.transpose(1, 2), act, out=out)
-        return self._param(result.mul_(self.scale) if scale_result else result)
+            out = out[:(stop - start) * self.shape.numel()].view(stop - start, left.shape[2], right.shape[2])
+        return torch.bmm(left.transpose(1, 2), right, out=out).view(stop - start, *self.shape)
 
     def _scratch(self, numel):
         return self.act.new_empty(numel)
@@ -171,8 +194,8 @@ class OuterPiece(Piece):
 
     @cached_property
     def _squares(self) -> tuple[Tensor, Tensor]:
-        """T = 1: (a∘a, (s·b)∘(s·b)), ``[B, d]`` and ``[B, p]``: activation-sized, shared by the
-        norms and the second moment."""
+        """T = 1: (a∘a, (s·b)∘(s·b)), ``[B, d]`` and ``[B, p]``: activation-sized, made for the
+        second moment and reused by the norms when both are wanted."""
         b2 = self.grad[:, 0].square()
         if self.scale != 1.0:
             b2.mul_(self.scale ** 2)
@@ -180,14 +203,15 @@ class OuterPiece(Piece):
 
     def sq_norms(self):
         if self.positions == 1:
-            a2, b2 = self._squares
-            return a2.sum(1) * b2.sum(1)
-        if self._ghost_is_cheaper():
+            if "_squares" in self.__dict__:  # the second moment made them: two row sums
+                a2, b2 = self._squares
+                return a2.sum(1) * b2.sum(1)
+            return self._scaled(_sq_norms(self.act[:, 0]) * _sq_norms(self.grad[:, 0]), 2)  # fused kernels
+        if "_chunk_moments" not in self.__dict__ and self._ghost_is_cheaper():
             gram_a = torch.bmm(self.act, self.act.transpose(1, 2))
             gram_b = torch.bmm(self.grad, self.grad.transpose(1, 2))
-            norms = (gram_a * gram_b).sum((1, 2))
-            return norms * self.scale ** 2 if self.scale != 1.0 else norms
-        return super().sq_norms()  # materialised: already scaled
+            return self._scaled((gram_a * gram_b).sum((1, 2)), 2)
+        return super().sq_norms()  # from the chunks the second moment formed, or formed now
 
     def second_moment(self):
         if self.positions == 1:
@@ -197,10 +221,10 @@ class OuterPiece(Piece):
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
-        return (projected * self.act).sum((1, 2)) * self.scale
+        return self._scaled((projected * self.act).sum((1, 2)))
 
     def weighted_sum(self, weights):
-        weighted = self.grad * (weights.to(self.grad.dtype) * self.scale).view(-1, 1, 1)
+        weighted = self.grad * self._scaled(weights.to(self.grad.dtype)).view(-1, 1, 1)
         return self._param(weighted.flatten(0, 1).t() @ self.act.flatten(0, 1))
 
 
@@ -232,11 +256,10 @@ class ConvPiece(Piece):
     def __post_init__(self):
         self.batch_size = self.x.shape[0]
 
-    def materialize(self, start, stop, out=None):
+    def _unscaled(self, start, stop, out=None):
         b, conv = stop - start, self.conv
         x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
-        gy = self.grad[start:stop]
-        gy = (gy * self.scale if self.scale != 1.0 else gy).reshape(1, -1, *gy.shape[2:])
+        gy = self.grad[start:stop].reshape(1, -1, *self.grad.shape[2:])
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
             padding = conv.padding  # let the convolution pad, without a padded copy of x
         else:
@@ -275,7 +298,7 @@ class RowsPiece(Piece):
             keep = ids != self.padding_idx
             example, ids, grad = example[keep], ids[keep], grad[keep]
         keys, inverse = torch.unique(example * rows + ids, return_inverse=True)
-        self.segments = grad.new_zeros(keys.shape[0], dim).index_add_(0, inverse, grad, alpha=self.scale)
+        self.segments = grad.new_zeros(keys.shape[0], dim).index_add_(0, inverse, grad)
         self.example_of, self.row_of = keys // rows, keys % rows
 
     def _per_example(self, values: Tensor) -> Tensor:
@@ -284,31 +307,32 @@ class RowsPiece(Piece):
     def _rows(self, values: Tensor) -> Tensor:
         return values.new_zeros(self.shape).index_add_(0, self.row_of, values)
 
-    def materialize(self, start, stop, out=None):
+    def _unscaled(self, start, stop, out=None):
         out = self.segments.new_zeros(stop - start, *self.shape)
         keep = (self.example_of >= start) & (self.example_of < stop)
         out[self.example_of[keep] - start, self.row_of[keep]] = self.segments[keep]
         return out
 
     def sq_norms(self):
-        return self._per_example(_sq_norms(self.segments))
+        return self._scaled(self._per_example(_sq_norms(self.segments)), 2)
 
     def second_moment(self):
-        return self._rows(self.segments.pow(2))
+        return self._scaled(self._rows(self.segments.square()), 2)
 
     def inner(self, ref):
-        return self._per_example((self.segments * ref[self.row_of]).sum(1))
+        return self._scaled(self._per_example((self.segments * ref[self.row_of]).sum(1)))
 
     def weighted_sum(self, weights):
-        return self._rows(self.segments * weights.to(self.segments.dtype)[self.example_of, None])
+        return self._rows(self.segments * self._scaled(weights.to(self.segments.dtype))[self.example_of, None])
 
 
 @dataclass
 class SumPiece(Piece):
     """g_i = Σ_k g_i^(k): a parameter used by several layers of different kinds (tied weights).
 
-    Norms and second moments need the cross terms, so g_i is formed in chunks.
-    Inner products and weighted sums are linear and add up piece by piece.
+    Second moments need the cross terms, so g_i is formed in chunks (and the norms come
+    from those chunks); norms alone of a tied embedding and output projection have a
+    closed form. Inner products and weighted sums are linear and add up piece by piece.
     """
 
     parts: list
@@ -317,12 +341,12 @@ class SumPiece(Piece):
         self.batch_size = self.parts[0].batch_size
         self.shape = self.parts[0].shape
 
-    def materialize(self, start, stop, out=None):
+    def _unscaled(self, start, stop, out=None):  # scale 1: each part applies its own
         return sum(part.materialize(start, stop) for part in self.parts)
 
     def sq_norms(self):
         pair = _embedding_and_projection(self.parts)
-        if pair is None:
+        if pair is None or "_chunk_moments" in self.__dict__:  # formed already for the second moment
             return super().sq_norms()
         rows, outer = pair
         return rows.sq_norms() + outer.sq_norms() + 2 * _rows_outer_cross(rows, outer)
@@ -355,7 +379,7 @@ def _rows_outer_cross(rows: RowsPiece, outer: OuterPiece) -> Tensor:
             seg, at = rows.segments[start:start + count], rows.row_of[start:start + count]
             cross[i] = ((outer.act[i] @ seg.t()) * outer.grad[i][:, at]).sum()
             start += count
-    return cross * outer.scale
+    return cross * (rows.scale * outer.scale)
 
 
 def combine_pieces(pieces: list[Piece]) -> Piece:
