@@ -298,3 +298,58 @@ def test_chunked_materialisation_gives_the_same_statistics(case, monkeypatch):
     reference = _stats(model, case.loss_fn, x, y, "vmap")
     monkeypatch.setattr(pieces_module, "CHUNK_ELEMENTS", 64)
     assert_same_stats(_stats(model, case.loss_fn, x, y, "fast"), reference)
+
+
+def _pieces_with_their_gradients():
+    """(piece, its per-example gradients [B, *shape] formed independently of the piece's reductions)."""
+    torch.manual_seed(0)
+    b, t, p, d, s = 5, 3, 4, 6, 2.5
+    act, grad = torch.randn(b, t, d, dtype=torch.float64), torch.randn(b, t, p, dtype=torch.float64)
+    outer = s * torch.einsum("btp,btd->bpd", grad, act)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2, padding_mode="reflect").double()
+    x, gy = torch.randn(b, 4, 5, 5, dtype=torch.float64), torch.randn(b, 6, 5, 5, dtype=torch.float64)
+    conv_grads = []
+    for i in range(b):  # autograd, one example at a time
+        w = conv.weight.detach().clone().requires_grad_()
+        out = F.conv2d(F.pad(x[i:i + 1], (1, 1, 1, 1), mode="reflect"), w, None, 1, 0, 1, 2)
+        conv_grads.append(s * torch.autograd.grad(out, w, gy[i:i + 1])[0])
+    return [
+        (pieces_module.OuterPiece(act, grad, torch.Size([p, d]), scale=s), outer),
+        (pieces_module.OuterPiece(act, grad, torch.Size([d, p]), transposed=True, scale=s), outer.transpose(1, 2)),
+        (pieces_module.ConvPiece(conv, x, gy, conv.weight.shape, scale=s), torch.stack(conv_grads).squeeze(1)),
+        (pieces_module.DensePiece(outer / s, scale=s), outer),
+    ]
+
+
+@pytest.mark.parametrize("index", range(4), ids=["outer", "outer_transposed", "conv_grouped_reflect", "dense"])
+def test_piece_reductions_match_the_formed_gradients(index):
+    piece, g = _pieces_with_their_gradients()[index]
+    weights = torch.rand(g.shape[0], dtype=torch.float64)
+    probe = torch.randn(g[0].numel() // g.shape[1], 3, dtype=torch.float64)
+    torch.testing.assert_close(piece.weighted_sum(weights), torch.einsum("b,b...->...", weights, g))
+    torch.testing.assert_close(piece.projected_sum(probe), g.sum(0).reshape(g.shape[1], -1) @ probe)
+    torch.testing.assert_close(piece.materialize(0, g.shape[0]), g)
+    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1))
+    torch.testing.assert_close(piece.second_moment(), g.pow(2).sum(0))
+    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1))  # now from the cached pass
+
+
+@pytest.mark.parametrize("kind", ["dense", "one_element"])
+def test_sum_check_by_probes_sees_small_differences_in_large_layers(kind):
+    """A dense difference (a regulariser) of 1% of max|mean| is caught, and one element off by 10%.
+    (Probes dilute a single element's difference by about sqrt(columns), so a lone element
+    needs to be larger than the 1e-3 relative tolerance of the whole-tensor check.)"""
+    from persample.engines.fast import EXACT_CHECK_NUMEL, means_that_differ
+    torch.manual_seed(1)
+    act, grad = torch.randn(8, 1, 300), torch.randn(8, 1, 200)
+    assert 300 * 200 > EXACT_CHECK_NUMEL  # the probe path
+    piece = pieces_module.OuterPiece(act, grad, torch.Size([200, 300]))
+    mean = piece.weighted_sum(torch.full((8,), 1 / 8))
+    assert means_that_differ({"w": piece}, {"w": mean}, float64_rtol=1e-6) == []
+    size = mean.abs().max()
+    off = mean.clone()
+    if kind == "dense":
+        off += 1e-2 * size * torch.randn_like(mean)
+    else:
+        off[17, 42] += 1e-1 * size
+    assert means_that_differ({"w": piece}, {"w": off}, float64_rtol=1e-6) == ["w"]

@@ -109,3 +109,15 @@ def test_hooks_are_removed_when_the_block_raises():
             raise KeyError("user code failed")
     assert all(not m._forward_hooks for m in model.modules())
     assert tracker.steps == 0
+
+
+def test_an_extra_term_on_a_large_layer_is_detected():
+    """Large weights are checked through random probes rather than whole: still caught."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 300), nn.Tanh(), nn.Linear(300, 3))
+    x, y = torch.randn(16, 64), torch.randint(0, 3, (16,))
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match="'0.weight' do not add up"):
+        with tracker.observe(y):
+            loss = F.cross_entropy(model(x), y) + 1e-3 * model[0].weight.pow(2).sum()
+            loss.backward()

@@ -10,10 +10,13 @@ with ``p.grad`` alone cannot reveal it (every statistic scales consistently).
 So two checks run after the backward:
 
 1. **Reduction**: the gradient of ℓ at the model's output, times s, must equal
-   ∇_o L_i = vmap(grad(loss_fn)) per example (cheap: only the loss is redone).
+   ∇_o L_i for every example: one gradient of Σ_i L_i at the detached output
+   (cheap: only the loss is redone, in closed form for standard losses).
 2. **p.grad**: Σ_i g_i from the captured pieces must equal s times the increment
    of ``p.grad`` made by this backward; a loss with terms that are not
    per-example losses (a regulariser, a parameter used in the loss) fails here.
+   Compared through random probes (:func:`.fast.means_that_differ`), at the
+   cost of the activations rather than of another weight gradient.
 
 Either failure raises :class:`ObservationError`.
 """
@@ -26,15 +29,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._model import trainable_parameters
 from ..stats import GradStats
 from .capture import NotExact, audit_graph, capturing, find_units
-from .fast import _pieces_by_parameter, example_output, output_leaves, pieces_mean_differs, reduce_pieces
+from .fast import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
-from .vmap import example_loss
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
 
@@ -99,15 +100,19 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
         raise NotExact(observation._audit.escape)
     scale = float(batch_size) if reduction == "mean" else 1.0
     losses = _check_reduction(observation, loss_fn, targets, batch_size, scale, reduction)
-    means = {}
-    for name, p in params.items():
-        increment = torch.zeros_like(p) if p.grad is None else p.grad.detach() - (
-            0 if before[name] is None else before[name])
-        means[name] = increment * (scale / batch_size)
+    means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
     _check_against_grad(pieces, means)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
+
+
+def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
+    """factor · (p.grad − before), a new tensor (statistics must not alias ``p.grad``)."""
+    if p.grad is None:
+        return torch.zeros_like(p)
+    increment = p.grad.detach().clone() if before is None else p.grad.detach() - before
+    return increment.mul_(factor) if factor != 1.0 else increment
 
 
 def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int, scale: float,
@@ -115,19 +120,12 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
     """Per-example losses, after checking s·∂ℓ/∂o == ∇_o L_i for every example."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
-    detached = [t.detach() if isinstance(t, Tensor) else t for t in leaves]
-
-    def loss_of_example(diff_leaves, other_leaves, target):
-        merged = list(other_leaves)
-        for i, t in zip(differentiable, diff_leaves):
-            merged[i] = t
-        loss = example_loss(loss_fn, example_output(merged, batched, spec), target)
-        return loss, loss
-
-    other_dims = [0 if b else None for b in batched]
-    grads, losses = vmap(grad(loss_of_example, has_aux=True),
-                         in_dims=([0] * len(differentiable), other_dims, None if targets is None else 0))(
-        [detached[i] for i in differentiable], detached, targets)
+    detached = [t.detach().requires_grad_(i in differentiable) if isinstance(t, Tensor) else t
+                for i, t in enumerate(leaves)]
+    with torch.enable_grad():
+        losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
+        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+    grads = [torch.zeros_like(detached[i]) if g is None else g for i, g in zip(differentiable, grads)]
     for i, per_example in zip(differentiable, grads):
         observed = observation._output_grads[i] * scale
         err = (observed - per_example).abs().max().item()
@@ -147,9 +145,9 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
 
 
 def _check_against_grad(pieces, means) -> None:
-    for name, piece in pieces.items():
-        if pieces_mean_differs(piece, means[name], float64_rtol=1e-6):
-            raise ObservationError(
-                f"per-example gradients of {name!r} do not add up to the change in its p.grad: the loss "
-                "has terms that are not per-example losses of the model's output (a regulariser, say), "
-                "or another backward ran inside the block")
+    differing = means_that_differ(pieces, means, float64_rtol=1e-6)
+    if differing:
+        raise ObservationError(
+            f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
+            "has terms that are not per-example losses of the model's output (a regulariser, say), "
+            "or another backward ran inside the block")

@@ -8,6 +8,8 @@ piece from which these reductions over examples i = 1..B come out directly:
 - ``centered_second_moment(ḡ)``: M2 = Σ_i (g_i − ḡ)², the parameter's shape;
 - ``inner(r)``: ⟨g_i, r⟩ for a fixed r of the parameter's shape, shape ``[B]``;
 - ``weighted_sum(w)``: Σ_i w_i g_i (per-example clipping), the parameter's shape;
+- ``projected_sum(V)``: (Σ_i g_i) as a ``[shape[0], -1]`` matrix (``as_matrix``) times V, without forming
+  Σ_i g_i where a closed form allows (cheap checks against autograd's sum);
 - ``materialize(start, stop)``: g_i for a slice of examples, ``[stop-start, *shape]``.
 
 A piece holds g_i = s · h_i, where s is its ``scale`` and h_i what its
@@ -28,7 +30,7 @@ from torch import Tensor, nn
 
 from ..stats import sum_of_squares
 
-__all__ = ["Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
+__all__ = ["as_matrix", "Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
 
 #: Per-example gradient numbers alive at once when a piece is materialised in chunks.
 CHUNK_ELEMENTS = 1 << 20
@@ -37,6 +39,11 @@ CHUNK_ELEMENTS = 1 << 20
 def _sq_norms(t: Tensor) -> Tensor:
     """Σ over all but dim 0 of t², in one fused kernel."""
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+
+
+def as_matrix(t: Tensor) -> Tensor:
+    """A parameter-shaped tensor as the ``[shape[0], -1]`` matrix ``projected_sum`` works on (0-d: 1 × 1)."""
+    return t.reshape(t.shape[0], -1) if t.dim() > 0 else t.reshape(1, 1)
 
 
 class Piece:
@@ -109,6 +116,11 @@ class Piece:
     def weighted_sum(self, weights: Tensor) -> Tensor:
         weights = self._scaled(weights)
         return sum(torch.tensordot(weights[a:b].to(h.dtype), h, dims=1) for a, b, h in self.chunks())
+
+    def projected_sum(self, probe: Tensor) -> Tensor:
+        """``as_matrix``(Σ_i g_i) @ probe, for a probe ``[numel / shape[0], k]``."""
+        ones = torch.ones(self.batch_size, dtype=probe.dtype, device=probe.device)
+        return as_matrix(self.weighted_sum(ones)) @ probe
 
 
 @dataclass
@@ -227,6 +239,11 @@ class OuterPiece(Piece):
         weighted = self.grad * self._scaled(weights.to(self.grad.dtype)).view(-1, 1, 1)
         return self._param(weighted.flatten(0, 1).t() @ self.act.flatten(0, 1))
 
+    def projected_sum(self, probe):
+        """s·Bᵀ(A V) (or s·Aᵀ(B V) when stored d × p): O(B·T·(p + d)·k), no p × d product."""
+        left, right = (self.act, self.grad) if self.transposed else (self.grad, self.act)
+        return self._scaled(left.flatten(0, 1).t() @ (right.flatten(0, 1) @ probe))
+
 
 def padded_input(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     """``x`` padded as the convolution pads it (any ``padding_mode``, int or 'same'/'valid'),
@@ -270,6 +287,19 @@ class ConvPiece(Piece):
             gy, x, weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
             b * conv.groups, [False, True, False])
         return grad_weight.view(b, *self.shape)
+
+    def weighted_sum(self, weights):
+        """Σ_i w_i g_i: the ordinary weight-gradient convolution of the batch, with w_i·s on each
+        example's output gradient (no per-example gradients formed)."""
+        conv = self.conv
+        gy = self.grad * self._scaled(weights.to(self.grad.dtype)).view(-1, *([1] * (self.grad.dim() - 1)))
+        x, padding = self.x, conv.padding
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            x, padding = padded_input(conv, x), (0,) * (x.dim() - 2)
+        _, grad_weight, _ = torch.ops.aten.convolution_backward(
+            gy, x, conv.weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
+            conv.groups, [False, True, False])
+        return grad_weight
 
 
 @dataclass
