@@ -249,6 +249,26 @@ def persample_stats(engine: str, var: bool) -> Callable[[Problem], Prepared]:
     return prepare
 
 
+def persample_observe(var: bool) -> Callable[[Problem], Prepared]:
+    """Drop-in mode: the training loop's own forward + ``loss.backward()`` inside
+    ``Tracker.observe``, which adds the statistics (and checks them against ``p.grad``)."""
+
+    def prepare(problem: Problem) -> Prepared:
+        model = copy.deepcopy(problem.model)
+        tracker = persample.Tracker(model, problem.loss_fn, var=var)
+
+        def step():
+            _clear_grads(model)
+            with tracker.observe(problem.targets) as observed:
+                problem.mean_loss(model).backward()
+            return observed.stats
+
+        convert = persample_stats("fast", var)(problem).convert  # same output: a GradStats
+        return Prepared(step, convert, lambda: _clear_grads(model))
+
+    return prepare
+
+
 # ------------------------------------------------------------------ Opacus
 def opacus(force_functorch: bool) -> Callable[[Problem], Prepared]:
     """Opacus ``GradSampleModule`` (``loss_reduction="mean"``): hooks, or functorch for every layer.
@@ -319,13 +339,16 @@ backpack_batchl2 = _backpack_method("BatchL2Grad", "batch_l2", lambda s, B: s * 
 
 # ------------------------------------------------------------------ registry
 def persample_methods() -> list[Method]:
-    """One stats method per engine in ``persample.api.ENGINES`` (with and without variance), plus grads."""
+    """One stats method per engine in ``persample.api.ENGINES`` (with and without variance), the
+    drop-in ``Tracker.observe`` (likewise), plus grads."""
     out = [Method("persample-grads", persample_grads)]
     for engine in ENGINES:
         if engine == "auto":
             continue
         out.append(Method(f"persample-stats-{engine}", persample_stats(engine, var=True)))
         out.append(Method(f"persample-stats-{engine}-novar", persample_stats(engine, var=False)))
+    out.append(Method("persample-observe", persample_observe(var=True)))
+    out.append(Method("persample-observe-novar", persample_observe(var=False)))
     return out
 
 

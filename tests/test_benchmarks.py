@@ -59,7 +59,7 @@ def test_quick_cli_writes_checked_records(tmp_path):
     assert {r["case"] for r in records} == {"mlp"}
     methods = {r["method"]: r for r in records}
     assert {"plain", "persample-grads", "persample-stats-vmap", "persample-stats-vmap-novar",
-            "backpack-batchl2", "opacus-hooks"} <= methods.keys()
+            "persample-observe", "persample-observe-novar", "backpack-batchl2", "opacus-hooks"} <= methods.keys()
     for r in records:
         assert set(FIELDS) <= r.keys()
         assert r["device"] == "cpu" and r["threads"] == 2 and r["batch_size"] == 32
@@ -131,6 +131,7 @@ def test_persample_methods_follow_the_engines():
         if engine != "auto":
             assert f"persample-stats-{engine}" in names and f"persample-stats-{engine}-novar" in names
     assert names[0] == "plain" and "persample-grads" in names
+    assert "persample-observe" in names and "persample-observe-novar" in names
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -387,6 +387,9 @@ class SumPiece(Piece):
     def weighted_sum(self, weights):
         return sum(part.weighted_sum(weights) for part in self.parts)
 
+    def projected_sum(self, probe):
+        return sum(part.projected_sum(probe) for part in self.parts)
+
 
 def _embedding_and_projection(parts: list) -> tuple | None:
     """The (embedding rows, output projection) pair of a tied language-model weight, if that is what ``parts`` is."""
