@@ -249,32 +249,35 @@ def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, flo
     make this O(activations) instead of one more weight-gradient product per layer. One device
     sync in all.
     """
-    probes: dict[tuple, Tensor] = {}
-    averaging: dict[tuple, Tensor] = {}
+    constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
     differences, sizes, rtols = [], [], []
     for name, piece in pieces.items():
-        mean = means[name]
-        if mean.numel() <= EXACT_CHECK_NUMEL:
-            key = (piece.batch_size, mean.dtype, mean.device)
-            if key not in averaging:
-                averaging[key] = torch.full(key[:1], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
-            got, expected = piece.weighted_sum(averaging[key]), mean
-        else:
-            matrix = as_matrix(mean)
-            key = (matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
-            if key not in probes:
-                generator = torch.Generator(device=matrix.device).manual_seed(len(probes))
-                probes[key] = torch.randn(key[:2], generator=generator, dtype=matrix.dtype, device=matrix.device)
-            got, expected = piece.projected_sum(probes[key]) / piece.batch_size, matrix @ probes[key]
+        got, expected = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
-        rtols.append(float64_rtol if mean.dtype == torch.float64 else 1e-3)
+        rtols.append(float64_rtol if expected.dtype == torch.float64 else 1e-3)
     if not differences:
         return []
-    device = differences[0].device
-    tolerance = torch.tensor(rtols, dtype=torch.float64, device=device) * torch.stack(sizes).clamp_min(1e-12)
-    flags = (torch.stack(differences) > tolerance).tolist()
+    device = differences[0].device  # parameters may live on several devices
+    tolerance = (torch.tensor(rtols, dtype=torch.float64, device=device)
+                 * torch.stack([s.to(device) for s in sizes]).clamp_min(1e-12))
+    flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()
     return [name for name, bad in zip(pieces, flags) if bad]
+
+
+def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor]:
+    """((1/B) Σ_i g_i, mean) whole for small parameters; both times a probe V for larger ones."""
+    if mean.numel() <= EXACT_CHECK_NUMEL:
+        key = ("average", piece.batch_size, mean.dtype, mean.device)
+        if key not in constants:
+            constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
+        return piece.weighted_sum(constants[key]), mean
+    matrix = as_matrix(mean)
+    key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
+    if key not in constants:
+        generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
+        constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
+    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
 
 
 def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,

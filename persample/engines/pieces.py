@@ -8,8 +8,8 @@ piece from which these reductions over examples i = 1..B come out directly:
 - ``centered_second_moment(ḡ)``: M2 = Σ_i (g_i − ḡ)², the parameter's shape;
 - ``inner(r)``: ⟨g_i, r⟩ for a fixed r of the parameter's shape, shape ``[B]``;
 - ``weighted_sum(w)``: Σ_i w_i g_i (per-example clipping), the parameter's shape;
-- ``projected_sum(V)``: (Σ_i g_i) as a ``[shape[0], -1]`` matrix (``as_matrix``) times V, without forming
-  Σ_i g_i where a closed form allows (cheap checks against autograd's sum);
+- ``projected_sum(V)``: (Σ_i g_i) as a ``[shape[0], -1]`` matrix (``as_matrix``) times V,
+  without forming Σ_i g_i where a closed form allows (cheap checks against autograd's sum);
 - ``materialize(start, stop)``: g_i for a slice of examples, ``[stop-start, *shape]``.
 
 A piece holds g_i = s · h_i, where s is its ``scale`` and h_i what its
@@ -111,7 +111,8 @@ class Piece:
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
-        return self._scaled(torch.cat([h.reshape(h.shape[0], -1) @ flat for _, _, h in self.chunks()]))
+        products = [h.reshape(h.shape[0], -1) @ flat for _, _, h in self.chunks()]
+        return self._scaled(torch.cat(products))
 
     def weighted_sum(self, weights: Tensor) -> Tensor:
         weights = self._scaled(weights)
