@@ -121,3 +121,15 @@ def test_an_extra_term_on_a_large_layer_is_detected():
         with tracker.observe(y):
             loss = F.cross_entropy(model(x), y) + 1e-3 * model[0].weight.pow(2).sum()
             loss.backward()
+
+
+def test_a_second_backward_inside_the_block_is_detected():
+    """Output gradients add up over backward passes as p.grad does, so the doubled gradient at the
+    output fails the reduction check instead of giving 4x the variance."""
+    model, (x, y) = _mlp(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match="does not match reduction='mean'"):
+        with tracker.observe(y):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward(retain_graph=True)
+            loss.backward()

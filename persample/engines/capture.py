@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_flatten
 
 from .rules import Rule, find_rule
 
-__all__ = ["Unit", "Call", "find_units", "capturing", "audit_graph", "GraphAudit", "NotExact"]
+__all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "GraphAudit", "NotExact"]
 
 
 class NotExact(RuntimeError):
@@ -235,7 +235,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             leaves, _ = tree_flatten(output)
             for leaf_index, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    leaf.register_hook(_store_grad(call.out_grads, leaf_index))
+                    leaf.register_hook(store_grad(call.out_grads, leaf_index))
             return output if broadcast else None
         return hook
 
@@ -254,10 +254,11 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         capture.end_forward()
 
 
-def _store_grad(grads: dict, leaf_index: int):
-    """A tensor hook that stores into ``grads`` only: referencing the Call (and so the output
-    tensor) from a hook on that output would make a cycle through autograd's C++ hook storage,
-    which Python's garbage collector cannot see, leaking the whole graph."""
+def store_grad(grads: dict, leaf_index: int):
+    """A tensor hook that adds each gradient reaching an output into ``grads[leaf_index]`` (several
+    backward passes add up, as in ``p.grad``). It stores into ``grads`` only: referencing the Call
+    (and so the output tensor) from a hook on that output would make a cycle through autograd's C++
+    hook storage, which Python's garbage collector cannot see, leaking the whole graph."""
     def hook(grad: Tensor) -> None:
         previous = grads.get(leaf_index)
         grads[leaf_index] = grad if previous is None else previous + grad

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._model import trainable_parameters
 from ..stats import GradStats
-from .capture import NotExact, audit_graph, capturing, find_units
+from .capture import NotExact, audit_graph, capturing, find_units, store_grad
 from .fast import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
 
@@ -71,10 +71,9 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     def root_hook(module, args, output):
         observation._output = output
         leaves, _ = tree_flatten(output)
-        grads = observation._output_grads  # the hook must not reference the output (see capture._store_grad)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                leaf.register_hook(lambda g, i=i: grads.__setitem__(i, g))
+                leaf.register_hook(store_grad(observation._output_grads, i))
         roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
         observation._audit = audit_graph(roots, units, names)
 
