@@ -4,8 +4,8 @@
    ``vmap(loss_fn)`` over the model's output (only the loss is vmapped).
 2. One ``torch.autograd.grad`` of (1/B) Σ_i L_i gives ḡ for every parameter,
    while :mod:`.capture` records each unit's inputs and output gradients
-   (scaled back by B when the pieces are built: activation-sized, far cheaper
-   than rescaling parameter-sized gradients).
+   (those are of the mean: pieces carry the factor B as their ``scale`` and
+   apply it to reduced results, never to activations or gradient chunks).
 3. Each parameter gets a :mod:`piece <.pieces>` from a closed-form layer rule
    (:mod:`.rules`); modules without a rule get their per-example gradients from
    ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its

@@ -274,33 +274,32 @@ class ConvPiece(Piece):
     def __post_init__(self):
         self.batch_size = self.x.shape[0]
 
-    def _unscaled(self, start, stop, out=None):
-        b, conv = stop - start, self.conv
-        x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
-        gy = self.grad[start:stop].reshape(1, -1, *self.grad.shape[2:])
+    def _weight_gradient(self, x: Tensor, gy: Tensor, groups: int) -> Tensor:
+        """The weight-gradient convolution of input ``x`` and output gradient ``gy`` with ``groups``
+        groups, padded as the layer pads. Only the weight's shape matters, never its values."""
+        conv = self.conv
         if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
             padding = conv.padding  # let the convolution pad, without a padded copy of x
         else:
             x, padding = padded_input(conv, x), (0,) * (x.dim() - 2)
-        # Only the weight's shape matters for the weight gradient: its values are never read.
-        weight = conv.weight.new_empty(b * self.shape[0], *self.shape[1:])
+        channels_out = gy.shape[1]
+        weight = conv.weight.new_empty(channels_out, *self.shape[1:])
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
             gy, x, weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
-            b * conv.groups, [False, True, False])
-        return grad_weight.view(b, *self.shape)
+            groups, [False, True, False])
+        return grad_weight
+
+    def _unscaled(self, start, stop, out=None):
+        b = stop - start
+        x = self.x[start:stop].reshape(1, -1, *self.x.shape[2:])
+        gy = self.grad[start:stop].reshape(1, -1, *self.grad.shape[2:])
+        return self._weight_gradient(x, gy, b * self.conv.groups).view(b, *self.shape)
 
     def weighted_sum(self, weights):
         """Σ_i w_i g_i: the ordinary weight-gradient convolution of the batch, with w_i·s on each
         example's output gradient (no per-example gradients formed)."""
-        conv = self.conv
-        gy = self.grad * self._scaled(weights.to(self.grad.dtype)).view(-1, *([1] * (self.grad.dim() - 1)))
-        x, padding = self.x, conv.padding
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            x, padding = padded_input(conv, x), (0,) * (x.dim() - 2)
-        _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            gy, x, conv.weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
-            conv.groups, [False, True, False])
-        return grad_weight
+        w = self._scaled(weights.to(self.grad.dtype)).view(-1, *([1] * (self.grad.dim() - 1)))
+        return self._weight_gradient(self.x, self.grad * w, self.conv.groups)
 
 
 @dataclass
