@@ -236,17 +236,19 @@ def persample_stats(engine: str, var: bool) -> Callable[[Problem], Prepared]:
             return persample.grad_stats(model, problem.loss_fn, problem.inputs, problem.targets,
                                         engine=engine, var=var)
 
-        def convert(stats):
-            out = {"mean": stats.mean, "sq_norms": stats.param_sq_norms}
-            if var:
-                out["var"] = stats.var
-            elif stats.m2 is not None:
-                raise WrongResult("var=False still computed the variance")
-            return out
-
-        return Prepared(step, convert)
+        return Prepared(step, lambda stats: _stats_quantities(stats, var))
 
     return prepare
+
+
+def _stats_quantities(stats: persample.GradStats, var: bool) -> Quantities:
+    """A GradStats as the quantities to check (the variance only when it was asked for)."""
+    out = {"mean": stats.mean, "sq_norms": stats.param_sq_norms}
+    if var:
+        out["var"] = stats.var
+    elif stats.m2 is not None:
+        raise WrongResult("var=False still computed the variance")
+    return out
 
 
 def persample_observe(var: bool) -> Callable[[Problem], Prepared]:
@@ -263,8 +265,7 @@ def persample_observe(var: bool) -> Callable[[Problem], Prepared]:
                 problem.mean_loss(model).backward()
             return observed.stats
 
-        convert = persample_stats("fast", var)(problem).convert  # same output: a GradStats
-        return Prepared(step, convert, lambda: _clear_grads(model))
+        return Prepared(step, lambda stats: _stats_quantities(stats, var), lambda: _clear_grads(model))
 
     return prepare
 
