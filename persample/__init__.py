@@ -17,7 +17,7 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 
 from .api import grad_stats, per_sample_grads
 from .check import MeanCheck, check_mean
-from .errors import MeanMismatchError, UnsupportedModelError
+from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarning, UnsupportedModelError
 from .stats import GradStats
 from .tracker import Tracker
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
@@ -26,5 +26,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
-    "MeanMismatchError", "UnsupportedModelError", "__version__", "noise",
+    "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
+    "__version__", "noise",
 ]

@@ -12,7 +12,9 @@ from torch.nn.modules.dropout import _DropoutNd
 
 from .errors import UnsupportedModelError
 
-__all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error"]
+__all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
+           "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
+           "backward_hooked_module"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -49,18 +51,29 @@ def dropout_probability(module: nn.Module) -> float:
     return 0.0
 
 
+def module_label(name: str, module: nn.Module) -> str:
+    """``name (Class)`` for messages; the root module is ``<root>``."""
+    return f"{name or '<root>'} ({type(module).__name__})"
+
+
 def check_supported(model: nn.Module, randomness: str) -> None:
     """Reject models whose per-example gradients are undefined, before any work.
 
+    - Inside ``torch.inference_mode()`` nothing can be differentiated.
     - Train-mode BatchNorm normalises with statistics of the whole batch, so
       example i's loss depends on every other example.
-    - Random modules (dropout) in training mode under ``randomness="error"``.
+    - Random modules (dropout) in training mode under ``randomness="error"``
+      (random ops called as functions are caught while the engines run).
     """
     require_module(model)
     if randomness not in RANDOMNESS_CHOICES:
         raise ValueError(f"randomness must be one of {RANDOMNESS_CHOICES}, got {randomness!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "persample computes gradients, which torch.inference_mode() forbids: call it outside the "
+            "`with torch.inference_mode():` block (torch.no_grad() around it is fine)")
     for name, module in model.named_modules():
-        label = f"{name or '<root>'} ({type(module).__name__})"
+        label = module_label(name, module)
         if isinstance(module, _BatchNorm) and module.training:
             raise UnsupportedModelError(
                 f"module {label} is a BatchNorm in training mode: it couples the examples of a batch, "
@@ -82,29 +95,123 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 "all examples), or call model.eval().")
 
 
+def randomness_error(where: str) -> UnsupportedModelError:
+    """The error for random numbers drawn under ``randomness="error"``; ``where`` names the module."""
+    return UnsupportedModelError(
+        f"{where} draws random numbers (a dropout called as a function, attention dropout_p, ...) while "
+        "randomness='error'. Pass randomness='different' for an independent draw per example (what a "
+        "normal batch does) or randomness='same' for one draw shared by the batch; or call model.eval() "
+        "(or set the probability to 0) to switch it off.")
+
+
+def is_vmap_randomness_error(err: BaseException) -> bool:
+    msg = str(err)
+    return isinstance(err, RuntimeError) and "randomness" in msg and "vmap" in msg
+
+
 def translate_vmap_error(err: RuntimeError) -> RuntimeError | None:
     """A clearer error for failures that ``torch.func.vmap`` reports cryptically."""
-    msg = str(err)
-    if "randomness" in msg and "vmap" in msg:
-        return RuntimeError(
-            "the model calls a random operation (such as dropout) while randomness='error'. "
-            "Pass randomness='different' for an independent draw per example (what a normal "
-            "batch does) or randomness='same' for one draw shared by the batch; or call "
-            "model.eval() to switch dropout off.")
+    if is_vmap_randomness_error(err):
+        return randomness_error("the model")
     return None
+
+
+# ------------------------------------------------------------------------ random numbers
+
+def cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+
+
+def rng_snapshot(model: nn.Module) -> list[Tensor]:
+    """The states of the generators the model's ops draw from (CPU, and its CUDA devices)."""
+    states = [torch.random.get_rng_state()]
+    states += [torch.cuda.get_rng_state(d) for d in cuda_devices(model)]
+    return states
+
+
+def rng_advanced(model: nn.Module, snapshot: list[Tensor]) -> bool:
+    """Whether any random number was drawn since ``snapshot`` (every random op advances its generator)."""
+    return any(not torch.equal(a, b) for a, b in zip(snapshot, rng_snapshot(model)))
+
+
+def restore_rng(model: nn.Module, snapshot: list[Tensor]) -> None:
+    """Set the generators back to ``snapshot`` (from :func:`rng_snapshot` on the same model)."""
+    torch.random.set_rng_state(snapshot[0])
+    for device, state in zip(cuda_devices(model), snapshot[1:]):
+        torch.cuda.set_rng_state(state, device)
+
+
+def first_random_module(model: nn.Module, run) -> str:
+    """The innermost module whose forward draws random numbers while ``run()`` runs (a label).
+
+    Diagnostic only (an error path): ``run()`` is called once more under ``no_grad`` with a
+    pre- and post-hook on every module, inside a forked RNG so nothing observable changes.
+    """
+    found: list[str] = []
+    handles = []
+    entered: dict[int, list] = {}
+
+    def pre(module, args):
+        entered.setdefault(id(module), []).append(rng_snapshot(model))
+
+    def post(name):
+        def hook(module, args, output):
+            before = entered[id(module)].pop()
+            if not found and rng_advanced(model, before):
+                found.append(module_label(name, module))
+        return hook
+
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post(name)))
+    try:
+        with torch.random.fork_rng(devices=cuda_devices(model)), torch.no_grad():
+            run()
+    except Exception:  # the diagnosis is best effort: the caller raises its own error anyway
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return f"module {found[0]}" if found else "the model or its loss_fn"
+
+
+# ------------------------------------------------------------------------------- hooks
+
+def hooked_parameters(model: nn.Module) -> list[str]:
+    """Trainable parameters with tensor hooks (``p.register_hook``), which change their gradient."""
+    return [n for n, p in model.named_parameters() if p.requires_grad and p._backward_hooks]
+
+
+def backward_hooked_module(model: nn.Module) -> str | None:
+    """The first module with a backward hook (module or global), which may change the gradients
+    that reach the modules before it; None when there is none."""
+    from torch.nn.modules import module as module_lib
+    if getattr(module_lib, "_global_backward_hooks", None) or getattr(module_lib, "_global_backward_pre_hooks", None):
+        return "a global module backward hook (register_module_full_backward_hook)"
+    for name, module in model.named_modules():
+        if module._backward_hooks or module._backward_pre_hooks:
+            return f"module {module_label(name, module)}"
+    return None
+
+
+def mutated_in_forward(model: nn.Module) -> list[Tensor]:
+    """Parameters that a forward changes in place (``nn.Embedding(max_norm=...)`` renormalises rows)."""
+    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
 
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, *, restore_buffers: bool = True, fork_rng: bool = True) -> Iterator[None]:
     """Restore training flags, ``p.grad``, buffers and RNG state on exit (also on error).
 
-    Buffers are restored in place, so references users hold stay valid.
+    Buffers are restored in place, so references users hold stay valid. With
+    ``fork_rng`` (not a training step), parameters that a forward changes in place
+    (``Embedding(max_norm=...)``) are restored too.
     """
     flags = [(m, m.training) for m in model.modules()]
     grads = [(p, p.grad) for p in model.parameters()]
     buffers = ([(b, b.detach().clone()) for b in model.buffers()] if restore_buffers else [])
-    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    rng = torch.random.fork_rng(devices=devices, enabled=fork_rng)
+    buffers += [(p, p.detach().clone()) for p in (mutated_in_forward(model) if fork_rng else [])]
+    rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng)
     with rng:
         try:
             yield

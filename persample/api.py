@@ -14,6 +14,7 @@ Conventions (shared by every engine):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Literal
 
 from torch import Tensor, nn
@@ -21,20 +22,30 @@ from torch import Tensor, nn
 from ._batch import Batch, as_batch
 from ._model import check_clip_norm, check_supported, preserved_state
 from ._progress import progress_bar
-from .engines.capture import NotExact
+from .errors import NotExact
 from .engines.fast import fast_grad_stats
+from .engines.loop import loop_grad_stats, loop_grads
 from .engines.vmap import per_example_grads, vmap_grad_stats
+from .errors import SlowPathWarning
 from .stats import GradStats
 
 __all__ = ["per_sample_grads", "grad_stats", "ENGINES"]
 
 LossFn = Callable[..., Tensor]
 Randomness = Literal["error", "different", "same"]
-ENGINES = ("auto", "vmap", "fast")
+ENGINES = ("auto", "fast", "vmap", "loop")
+
+#: The engines each ``engine=`` choice tries, in order; each one is exact or raises ``NotExact``.
+#: ``"independent"`` (internal, for ``check_mean``) leaves out the fast engine, whose mean is
+#: autograd's whole-batch gradient by construction and so cannot test the invariant.
+_CHAINS = {"auto": ("fast", "vmap", "loop"), "fast": ("fast",), "vmap": ("vmap",), "loop": ("loop",),
+           "independent": ("vmap", "loop")}
+_GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}
 
 
 def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
-                     chunk_size: int | None = None, randomness: Randomness = "error") -> dict[str, Tensor]:
+                     chunk_size: int | None = None, randomness: Randomness = "error",
+                     engine: str = "auto") -> dict[str, Tensor]:
     """Per-example gradients ``{name: Tensor[B, *param.shape]}``; row i is dL_i/dθ, unscaled.
 
     Args:
@@ -50,17 +61,25 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
         chunk_size: examples per ``vmap`` chunk; bounds working memory, never
             changes results. The ``B × P`` result is always materialised: use
             :func:`grad_stats` when statistics are enough.
-        randomness: ``torch.func.vmap``'s randomness mode for random ops such as
-            dropout: ``"error"`` (default), ``"different"`` or ``"same"``.
-
-    Built on ``torch.func.functional_call`` + ``vmap`` + ``grad``: buffers are
-    passed through, frozen parameters are constants.
+        randomness: what random ops (dropout) do: ``"error"`` (default: refuse,
+            naming the module), ``"different"`` (an independent draw per
+            example) or ``"same"`` (one draw shared by all examples).
+        engine: ``"vmap"`` (``torch.func``: ``functional_call`` + ``vmap`` +
+            ``grad``; buffers passed through, frozen parameters constants),
+            ``"loop"`` (one forward + backward per example) or ``"auto"``
+            (vmap, and the loop where vmap cannot run the model, e.g. Hugging
+            Face attention masks, with a :class:`~persample.SlowPathWarning`).
     """
     batch = as_batch(inputs, targets)
     _check_chunk_size(chunk_size)
+    chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
     with preserved_state(model):
-        grads, _ = per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
+        def run(name: str):
+            if name == "vmap":
+                return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
+            return loop_grads(model, loss_fn, batch, randomness=randomness)
+        grads, _ = _first_exact(chain, run)
     return grads
 
 
@@ -76,10 +95,13 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         chunk_size: examples whose gradients are alive at once. Peak extra
             memory is O(chunk_size × P + P). ``None`` picks a chunk that holds
             at most 2**25 gradient numbers.
-        engine: ``"vmap"`` (torch.func, exact for any model, streamed over
-            chunks), ``"fast"`` (one forward + backward with closed-form layer
-            rules; raises :class:`~persample.engines.capture.NotExact` where it
-            cannot be exact) or ``"auto"`` (fast when exact, otherwise vmap).
+        engine: ``"fast"`` (one forward + backward with closed-form layer
+            rules; raises :class:`~persample.NotExact` where it cannot show it
+            is exact), ``"vmap"`` (torch.func, streamed over chunks; raises
+            ``NotExact`` where torch.func cannot run the model), ``"loop"``
+            (one forward + backward per example: exact for any model, slow) or
+            ``"auto"`` (the first of fast, vmap, loop that is exact; reaching
+            the loop warns with :class:`~persample.SlowPathWarning`).
         var: compute the per-element variance (``m2``); ``False`` gives mean
             and norms only.
         inner_products: also compute p_i = ⟨g_i, ḡ⟩ (needed by the
@@ -89,6 +111,7 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
             for C = ``clip_norm`` (per-example clipping, as in DP-SGD).
         progress: show a tqdm progress bar over examples (if tqdm is installed).
     """
+    _engine_chain(engine, _CHAINS, ENGINES)
     return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
                          randomness=randomness, engine=engine, var=var, inner_products=inner_products,
                          clip_norm=clip_norm, progress=progress)
@@ -104,22 +127,47 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     step would (what :class:`persample.Tracker` wants).
     """
     _check_chunk_size(chunk_size)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    chain = _engine_chain(engine, _CHAINS)
     check_clip_norm(clip_norm)
     check_supported(model, randomness)
+    options = dict(randomness=randomness, var=var, inner_products=inner_products, clip_norm=clip_norm)
+
+    def run(name: str) -> GradStats:
+        if name == "fast":
+            return fast_grad_stats(model, loss_fn, batch, **options)
+        streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
+        with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
+            return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
+
     with preserved_state(model, fork_rng=fork_rng):
-        if engine in ("auto", "fast"):
-            try:
-                return fast_grad_stats(model, loss_fn, batch, randomness=randomness, var=var,
-                                       inner_products=inner_products, clip_norm=clip_norm)
-            except NotExact:
-                if engine == "fast":
-                    raise
-        with progress_bar(batch.size, "per-example grads", progress) as update:
-            return vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size,
-                                   var=var, inner_products=inner_products, clip_norm=clip_norm,
-                                   progress=update)
+        return _first_exact(chain, run)
+
+
+def _engine_chain(engine: str, chains: dict, public: tuple | None = None) -> tuple:
+    public = tuple(chains) if public is None else public
+    if engine not in public:
+        raise ValueError(f"engine must be one of {public}, got {engine!r}")
+    return chains[engine]
+
+
+def _first_exact(chain: tuple, run: Callable[[str], Any]) -> Any:
+    """``run(name)`` for the engines of ``chain`` in order, until one does not raise ``NotExact``.
+
+    The last engine's ``NotExact`` reaches the caller; reaching the loop after others warns.
+    """
+    reasons = []
+    for position, name in enumerate(chain):
+        if name == "loop" and reasons:
+            warnings.warn(SlowPathWarning(
+                "persample: using the exact per-example loop (B forward + backward passes): "
+                + "; ".join(reasons)), stacklevel=4)
+        try:
+            return run(name)
+        except NotExact as err:
+            if position == len(chain) - 1:
+                raise
+            reasons.append(f"{name}: {err}")
+    raise AssertionError("unreachable: an engine chain is never empty")
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

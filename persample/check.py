@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ._batch import Batch, as_batch
 from ._model import preserved_state, trainable_parameters
 from .api import compute_stats, grad_stats
+from .engines.loop import gradients
 from .errors import MeanMismatchError
 from .stats import GradStats
 
@@ -78,8 +79,8 @@ def batch_loss_grads(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
         loss = batch.call(model, loss_fn)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-    return dict(zip(params, grads))
+        grads = gradients(loss, params)
+    return {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads.items()}
 
 
 def autograd_mean_grad(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict[str, Tensor]:
@@ -114,19 +115,20 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     standard losses with their default ``mean`` reduction). Random ops make the
     two passes draw different values, so check models in ``eval()`` or without them.
 
-    The per-example gradients come from the ``vmap`` engine, which evaluates every
-    example on its own; a model that couples the examples of a batch fails here.
-    (The fast engine's mean *is* autograd's gradient by construction, so it
-    cannot test the invariant.)
+    The per-example gradients come from engines that evaluate every example on
+    its own: ``vmap``, or the per-example ``loop`` where vmap cannot run the model
+    (attention masks, checkpointing, hooks). A model that couples the examples of
+    a batch fails here. (The fast engine's mean *is* autograd's gradient by
+    construction, so it cannot test the invariant.)
 
     Args:
         rtol, atol: tolerances; by default from :func:`default_tolerances` for the
             parameters' dtype. A parameter passes when
             ‖ḡ − ∇‖_∞ ≤ atol + rtol·‖∇‖_∞.
         stats: already computed statistics of this batch (skips recomputing them;
-            they should come from ``engine="vmap"``).
-        **grad_stats_kwargs: passed to :func:`persample.grad_stats` (engine
-            defaults to ``"vmap"``, var to False).
+            they should come from ``engine="vmap"`` or ``"loop"``).
+        **grad_stats_kwargs: passed to :func:`persample.grad_stats` (by default
+            ``var=False`` and the vmap engine, falling back to the loop).
 
     Returns:
         a :class:`MeanCheck` report when every parameter passes.
@@ -137,8 +139,9 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     """
     batch = as_batch(inputs, targets)
     if stats is None:
-        options = {"engine": "vmap", "var": False, **grad_stats_kwargs}
-        stats = grad_stats(model, loss_fn, inputs, targets, **options)
+        options = {"var": False, **grad_stats_kwargs}
+        stats = (grad_stats(model, loss_fn, inputs, targets, **options) if "engine" in options
+                 else compute_stats(model, loss_fn, batch, engine="independent", **options))
     return check_batch_mean(model, loss_fn, batch, stats, rtol=rtol, atol=atol)
 
 
@@ -147,7 +150,7 @@ def check_batch_mean(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Ba
                      chunk_size: int | None = None, randomness: str = "error") -> MeanCheck:
     """:func:`check_mean` for a validated batch (computing vmap statistics unless given)."""
     if stats is None:
-        stats = compute_stats(model, loss_fn, batch, engine="vmap", var=False, chunk_size=chunk_size,
+        stats = compute_stats(model, loss_fn, batch, engine="independent", var=False, chunk_size=chunk_size,
                               randomness=randomness)
     with preserved_state(model):
         reference = autograd_mean_grad(model, loss_fn, batch)

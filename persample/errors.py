@@ -1,8 +1,21 @@
-"""Exceptions raised by persample."""
+"""Every exception and warning persample raises on purpose, in one place.
+
+- :class:`UnsupportedModelError`: per-example gradients are undefined for the
+  model as configured (train-mode BatchNorm, random ops under
+  ``randomness="error"``, …); no engine can help, the message names the fix.
+- :class:`NotExact`: one engine cannot give the exact answer for this model
+  (``engine="auto"`` then moves on to the next engine); the message says why.
+- :class:`ObservationError`: the backward observed by ``Tracker.observe`` does
+  not match the declared per-example loss.
+- :class:`MeanMismatchError`: :func:`persample.check_mean` found
+  (1/B) Σ_i g_i ≠ autograd's gradient of the mean loss.
+- :class:`SlowPathWarning`: ``engine="auto"`` fell back to the per-example
+  loop, which is exact but costs B forward + backward passes.
+"""
 
 from __future__ import annotations
 
-__all__ = ["MeanMismatchError", "UnsupportedModelError"]
+__all__ = ["MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning"]
 
 
 class MeanMismatchError(AssertionError):
@@ -19,3 +32,19 @@ class MeanMismatchError(AssertionError):
 
 class UnsupportedModelError(ValueError):
     """The model's per-example gradients are undefined as configured (the message names the fix)."""
+
+
+class NotExact(RuntimeError):
+    """An engine cannot give exact statistics for this model or batch (the message says why).
+
+    ``engine="auto"`` catches it and moves on to the next exact engine; with an
+    explicit ``engine=`` it reaches the caller.
+    """
+
+
+class ObservationError(RuntimeError):
+    """The observed backward does not match the declared per-example loss (the message says how)."""
+
+
+class SlowPathWarning(UserWarning):
+    """``engine="auto"`` used the exact per-example loop: correct, but B forward + backward passes."""

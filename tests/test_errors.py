@@ -105,8 +105,13 @@ def test_functional_dropout_points_to_randomness():
         def forward(self, x):
             return self.lin(F.dropout(x, 0.5, training=True))
 
-    with pytest.raises(RuntimeError, match=r"random operation.*randomness='different'"):
-        persample.per_sample_grads(FunctionalDropout(), F.cross_entropy, torch.randn(4, 4), torch.randint(0, 3, (4,)))
+    model, x, y = FunctionalDropout(), torch.randn(4, 4), torch.randint(0, 3, (4,))
+    expected = r"module <root> \(FunctionalDropout\) draws random numbers.*randomness='different'"
+    with pytest.raises(persample.UnsupportedModelError, match=expected):
+        persample.per_sample_grads(model, F.cross_entropy, x, y)
+    for engine in ("auto", "fast", "vmap", "loop"):  # the same contract in every engine
+        with pytest.raises(persample.UnsupportedModelError, match=expected):
+            persample.grad_stats(model, F.cross_entropy, x, y, engine=engine)
 
 
 # ------------------------------------------------------------------ model left as found

@@ -26,13 +26,10 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..errors import NotExact
 from .rules import Rule, find_rule
 
 __all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "GraphAudit", "NotExact"]
-
-
-class NotExact(RuntimeError):
-    """The fast engine cannot give exact statistics for this model or batch (the message says why)."""
 
 
 @dataclass(eq=False)
@@ -180,6 +177,7 @@ class Capture:
     watcher: _BroadcastWatcher
     dim_watcher: _DimMoveWatcher | None
     watching: bool = False  # the broadcast watcher is entered (at the first broadcast)
+    forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
 
     @property
     def escape(self) -> str | None:
@@ -190,7 +188,8 @@ class Capture:
         return self.dim_watcher is not None and self.dim_watcher.moved is not None
 
     def end_forward(self) -> None:
-        """Stop watching ops (call once the forward and the losses are done)."""
+        """Stop watching ops and recording calls (call once the forward and the losses are done)."""
+        self.forward_ended = True
         if self.watching:
             self.watching = False
             self.watcher.__exit__(None, None, None)
@@ -221,6 +220,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         def hook(module, args, kwargs, output):
             if active:
                 active.pop()
+            if capture.forward_ended:
+                return None
             broadcast = (unit.rule is not None and batch_size > 1 and isinstance(output, Tensor)
                          and args and isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1
                          and output.dim() > 0 and output.shape[0] == 1)

@@ -25,18 +25,21 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch._C._functorch import is_batchedtensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._batch import Batch
-from .._model import detached_buffers, dropout_probability, trainable_parameters, translate_vmap_error
+from .._model import (detached_buffers, first_random_module, randomness_error, rng_advanced, rng_snapshot,
+                      trainable_parameters, translate_vmap_error)
+from ..errors import NotExact
 from ..stats import GradStats, clip_factors
-from ._rnn import rnn_modules_as_plain_ops
-from .capture import Call, NotExact, Unit, audit_graph, capturing, find_units
+from ._functional import vmap_friendly_modules
+from .capture import Call, Unit, audit_graph, capturing, find_units
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .losses import closed_form_losses
 from .rules import Layout, LayoutError
-from .vmap import example_loss
+from .vmap import example_loss, refuse_unseen_hooks
 
 __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
@@ -51,10 +54,10 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    if randomness == "same" and any(dropout_probability(m) for m in model.modules()):
-        raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward")
     params = trainable_parameters(model)
+    refuse_unseen_hooks(model, "fast")
     units = find_units(model)
+    rng_before = rng_snapshot(model)
     with torch.enable_grad(), capturing(units, model, batch.size,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = model(*batch.args, **batch.kwargs)
@@ -62,17 +65,47 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
+        if randomness != "different" and rng_advanced(model, rng_before):
+            _refuse_random_draws(model, loss_fn, batch, randomness)
         mean_loss = losses.mean()
         audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
             raise NotExact(audit.escape)
-        grads = torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
-    means = {name: torch.zeros_like(p) if g is None else g for (name, p), g in zip(params.items(), grads)}
+        grads = _autograd_means(mean_loss, params)
+    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(params.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
                     grad_scale=float(batch.size))
     pieces = _pieces_by_parameter(units, params, means, layout)
     return reduce_pieces(pieces, means, losses.detach(), var=var, inner_products=inner_products,
                          clip_norm=clip_norm)
+
+
+def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: str) -> None:
+    """The forward drew random numbers: an error under ``"error"``; under ``"same"`` (one draw for
+    the whole batch) a batched forward, which draws per element, is not what was asked."""
+    if randomness == "error":
+        raise randomness_error(first_random_module(model, lambda: batch.call(model, loss_fn)))
+    raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward, "
+                   "which draws independent numbers for every example")
+
+
+def _autograd_means(mean_loss: Tensor, params: dict[str, nn.Parameter]) -> tuple:
+    """autograd's ḡ for every parameter (None where unused)."""
+    try:
+        return torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
+    except RuntimeError as err:
+        if "Checkpointing is not compatible" in str(err):
+            raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
+                           "checkpointed layers' inputs and output gradients from the fast engine") from err
+        raise
+
+
+def dense_gradient(g: Tensor | None, p: Tensor) -> Tensor:
+    """A gradient as a dense tensor: zeros for an unused parameter, densified when sparse
+    (``nn.Embedding(sparse=True)``)."""
+    if g is None:
+        return torch.zeros_like(p)
+    return g.to_dense() if g.is_sparse else g
 
 
 def _input_has_batch_sized_dim(batch: Batch) -> bool:
@@ -86,6 +119,11 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
     Standard losses, also inside plain wrappers, have a closed form (:mod:`.losses`);
     others are vmapped. Either way L_i depends on example i's output alone, so one
     gradient of Σ_i L_i gives every example's own gradient at the output.
+
+    A loss must really be per example: a value that does not vary with the example (a batch
+    loss the model computed, such as Hugging Face's ``out.loss`` with ``labels=``), or that
+    reads a differentiable output shared by the whole batch, raises :class:`NotExact`
+    instead of being broadcast.
     """
     closed = closed_form_losses(loss_fn, output, targets)
     if closed is not None:
@@ -93,12 +131,29 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
     leaves, spec, batched = output_leaves(output, batch_size)
     if not any(batched):
         raise NotExact("the model's output has no tensor batched on dim 0")
+    # Differentiable outputs shared by the batch enter through fresh leaves, to see whether L_i reads them.
+    shared = {i: t.detach().requires_grad_() for i, (t, b) in enumerate(zip(leaves, batched))
+              if isinstance(t, Tensor) and not b and t.requires_grad}
+    leaves = [shared.get(i, t) for i, t in enumerate(leaves)]
 
     def one(leaves, target):
-        return example_loss(loss_fn, example_output(leaves, batched, spec), target)
+        loss = example_loss(loss_fn, example_output(leaves, batched, spec), target)
+        if not is_batchedtensor(loss):
+            raise NotExact(_NOT_PER_EXAMPLE)
+        return loss
 
     target_dims = None if targets is None else 0
-    return vmap(one, in_dims=([0 if b else None for b in batched], target_dims))(leaves, targets)
+    losses = vmap(one, in_dims=([0 if b else None for b in batched], target_dims))(leaves, targets)
+    if shared and any(g is not None for g in torch.autograd.grad(
+            losses.sum(), list(shared.values()), allow_unused=True, retain_graph=True)):
+        raise NotExact(_NOT_PER_EXAMPLE)
+    return losses
+
+
+_NOT_PER_EXAMPLE = ("loss_fn's value for an example depends on a model output shared by the whole batch (a batch "
+                    "loss the model computed, such as Hugging Face's out.loss with labels=, or "
+                    "AdaptiveLogSoftmaxWithLoss's loss): per-example losses cannot be read off a batched "
+                    "forward, so each example is evaluated on its own instead")
 
 
 def output_leaves(output, batch_size: int) -> tuple[list, Any, list[bool]]:
@@ -145,13 +200,22 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
         raise NotExact(f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule "
                        "does not cover")
-    x = call.args[0].detach()
+    x = at_least_float32(call.args[0].detach())
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     try:
-        return unit.rule.compute(unit.module, x, call.out_grads[0], layout)
+        return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
     except LayoutError as err:
         raise NotExact(f"module {unit.name or '<root>'}: {err}") from None
+    except Exception as err:  # a precondition of the closed form failed: never guess, fall back
+        raise NotExact(f"module {unit.name or '<root>'} ({type(unit.module).__name__}): its {unit.rule.name} "
+                       f"rule does not apply ({type(err).__name__}: {err})") from err
+
+
+def at_least_float32(t: Tensor) -> Tensor:
+    """Half-precision activations and gradients (autocast) in float32, so that statistics are
+    accumulated in float32 or better; other tensors (ids, float32, float64) as they are."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
 def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, batch_size: int):
@@ -214,14 +278,14 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
         return pullback(batch_of_one(cotangent, cotangent_dims))[0]
 
     try:
-        with torch.no_grad(), rnn_modules_as_plain_ops(unit.module):
+        with torch.no_grad(), vmap_friendly_modules(unit.module):
             per_example = vmap(one_example_grads, in_dims=(None, in_dims, cotangent_dims), randomness="error")(
                 params, in_leaves, cotangents)
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow
         clearer = translate_vmap_error(err) if isinstance(err, RuntimeError) else None
         raise NotExact(f"module {label} has no closed-form rule and torch.func could not isolate it: "
                        f"{clearer or err}") from err
-    return {n: DensePiece(g) for n, g in per_example.items()}
+    return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
 
 
 def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor],
@@ -280,16 +344,29 @@ def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tens
     return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
 
 
+def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor]) -> dict[str, Tensor]:
+    """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``)."""
+    quick = {name: piece.quick_centered_second_moment(mean[name]) for name, piece in pieces.items()}
+    suspects = [name for name, (_, suspect) in quick.items() if suspect is not None]
+    m2 = {name: value for name, (value, _) in quick.items()}
+    if suspects:
+        device = quick[suspects[0]][1].device
+        flags = torch.stack([quick[name][1].to(device) for name in suspects]).tolist()
+        for name, cancelled in zip(suspects, flags):
+            if cancelled:
+                m2[name] = pieces[name].centered_second_moment(mean[name])
+    return m2
+
+
 def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
                   inner_products: bool, clip_norm: float | None) -> GradStats:
     """GradStats from per-parameter pieces and autograd's ḡ = (1/B) Σ_i g_i.
 
-    M2 = Σ_i g_i∘g_i − B ḡ∘ḡ (clamped at 0 against rounding).
+    M2 = Σ_i (g_i − ḡ)² comes from each piece's cheapest form; where a one-pass form
+    (Σ_i g_i∘g_i − B ḡ∘ḡ) may have cancelled, from the two-pass form (one device sync in all).
     """
     n = losses.shape[0]
-    m2 = None
-    if var:  # first: pieces may keep squares from it that their norms reuse
-        m2 = {name: piece.centered_second_moment(mean[name]) for name, piece in pieces.items()}
+    m2 = _second_moments(pieces, mean) if var else None  # first: pieces keep squares their norms reuse
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     inner = None
     if inner_products:

@@ -32,18 +32,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._model import trainable_parameters
+from ..errors import NotExact, ObservationError
 from ..stats import GradStats
-from .capture import NotExact, audit_graph, capturing, find_units, store_grad
+from .capture import audit_graph, capturing, find_units, store_grad
 from .fast import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
 
 REDUCTIONS = ("mean", "sum")
-
-
-class ObservationError(RuntimeError):
-    """The observed backward does not match the declared per-example loss (the message says how)."""
 
 
 @dataclass

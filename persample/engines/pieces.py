@@ -5,7 +5,9 @@ piece from which these reductions over examples i = 1..B come out directly:
 
 - ``sq_norms()``: ‖g_i‖², shape ``[B]``;
 - ``second_moment()``: Σ_i g_i ∘ g_i, the parameter's shape;
-- ``centered_second_moment(ḡ)``: M2 = Σ_i (g_i − ḡ)², the parameter's shape;
+- ``centered_second_moment(ḡ)``: M2 = Σ_i (g_i − ḡ)², the parameter's shape, without
+  cancellation; ``quick_centered_second_moment(ḡ)`` may use a cheaper one-pass form and
+  says when that form may have cancelled;
 - ``inner(r)``: ⟨g_i, r⟩ for a fixed r of the parameter's shape, shape ``[B]``;
 - ``weighted_sum(w)``: Σ_i w_i g_i (per-example clipping), the parameter's shape;
 - ``projected_sum(V)``: (Σ_i g_i) as a ``[shape[0], -1]`` matrix (``as_matrix``) times V,
@@ -34,6 +36,16 @@ __all__ = ["as_matrix", "Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsP
 
 #: Per-example gradient numbers alive at once when a piece is materialised in chunks.
 CHUNK_ELEMENTS = 1 << 20
+
+
+#: Relative error allowed to a one-pass second moment M2 = Σg² − B·ḡ², by dtype; beyond it the
+#: two-pass (centred) form is used. The one-pass error is about ε·Σg²/M2.
+_CANCELLATION_BUDGET = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+def cancellation_limit(dtype: torch.dtype) -> float:
+    """The largest Σg²/M2 for which the one-pass M2 is accurate to the dtype's budget."""
+    return _CANCELLATION_BUDGET.get(dtype, 1e-2) / torch.finfo(dtype).eps
 
 
 def _sq_norms(t: Tensor) -> Tensor:
@@ -86,28 +98,44 @@ class Piece:
         """A buffer ``_unscaled`` can write chunks into, for pieces that use ``out``."""
         return None
 
-    @cached_property
-    def _chunk_moments(self) -> tuple[Tensor, Tensor]:
-        """(‖h_i‖², Σ_i h_i∘h_i) in one pass over the chunks: the second moment forms every h_i
-        anyway, so the norms cost one more read of each chunk and no second formation."""
-        norms, total = [], None
+    def _chunk_pass(self, mean: Tensor | None) -> Tensor:
+        """Σ_i (h_i − c)∘(h_i − c) for c = ḡ/scale (c = 0 when ``mean`` is None) in one pass over
+        the chunks, keeping ‖h_i‖² from the same chunks (``_chunk_norms``), so that the norms cost
+        no second formation."""
+        norms, total, center = [], None, None
         for _, _, h in self.chunks():
+            if mean is not None and center is None:
+                center = self._center(mean, h)
             norms.append(_sq_norms(h))
-            squares = sum_of_squares(h)
+            squares = sum_of_squares(h, center)
             total = squares if total is None else total.add_(squares)
-        return torch.cat(norms), total
+        self.__dict__["_chunk_norms"] = torch.cat(norms)
+        return total
+
+    def _center(self, mean: Tensor, like: Tensor) -> Tensor:
+        """ḡ/scale, the centre of the unscaled h_i, shaped and typed like one h_i of ``like``."""
+        center = mean.to(like.dtype).reshape(like.shape[1:])
+        return center / self.scale if self.scale != 1.0 else center
 
     def sq_norms(self) -> Tensor:
-        if "_chunk_moments" in self.__dict__:
-            return self._scaled(self._chunk_moments[0], 2)
+        if "_chunk_norms" in self.__dict__:
+            return self._scaled(self.__dict__["_chunk_norms"], 2)
         return self._scaled(torch.cat([_sq_norms(h) for _, _, h in self.chunks()]), 2)
 
     def second_moment(self) -> Tensor:
-        return self._scaled(self._chunk_moments[1], 2)
+        """Σ_i g_i∘g_i."""
+        return self._scaled(self._chunk_pass(None), 2)
 
     def centered_second_moment(self, mean: Tensor) -> Tensor:
-        """M2 = Σ_i g_i∘g_i − B·ḡ∘ḡ = Σ_i (g_i − ḡ)² for ḡ = ``mean``, clamped at 0 against rounding."""
-        return self.second_moment().addcmul_(mean, mean, value=-self.batch_size).clamp_min_(0)
+        """M2 = Σ_i (g_i − ḡ)² for ḡ = ``mean``, accumulated from the centred h_i − ḡ/s (two-pass:
+        no cancellation, whatever |ḡ|/σ is). Forms every g_i, in chunks."""
+        return self._scaled(self._chunk_pass(mean), 2)
+
+    def quick_centered_second_moment(self, mean: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(M2, suspect): M2 by the cheapest exact formula this piece has, and a 0-d bool tensor that
+        is True where that formula may have cancelled (then ``centered_second_moment`` is exact),
+        or None when it cannot cancel."""
+        return self.centered_second_moment(mean), None
 
     def inner(self, ref: Tensor) -> Tensor:
         flat = ref.reshape(-1)
@@ -144,6 +172,9 @@ class DensePiece(Piece):
 
     def second_moment(self):
         return sum_of_squares(self.per_example) * self.scale ** 2
+
+    def centered_second_moment(self, mean):
+        return sum_of_squares(self.per_example, self._center(mean, self.per_example)) * self.scale ** 2
 
     def inner(self, ref):
         return (self.per_example.reshape(self.batch_size, -1) @ ref.reshape(-1).to(self.per_example.dtype)) * self.scale
@@ -220,7 +251,7 @@ class OuterPiece(Piece):
                 a2, b2 = self._squares
                 return a2.sum(1) * b2.sum(1)
             return self._scaled(_sq_norms(self.act[:, 0]) * _sq_norms(self.grad[:, 0]), 2)  # fused kernels
-        if "_chunk_moments" not in self.__dict__ and self._ghost_is_cheaper():
+        if "_chunk_norms" not in self.__dict__ and self._ghost_is_cheaper():
             gram_a = torch.bmm(self.act, self.act.transpose(1, 2))
             gram_b = torch.bmm(self.grad, self.grad.transpose(1, 2))
             return self._scaled((gram_a * gram_b).sum((1, 2)), 2)
@@ -231,6 +262,16 @@ class OuterPiece(Piece):
             a2, b2 = self._squares
             return self._param(b2.t() @ a2)
         return super().second_moment()
+
+    def quick_centered_second_moment(self, mean):
+        """T = 1: M2 = (b∘b)ᵀ(a∘a) − B·ḡ∘ḡ, at the cost of one matmul. That difference cancels
+        where |ḡ_j| ≫ σ_j (relative error ≈ ε·Σg²/M2): elements with Σg² > ``cancellation_limit``·M2
+        make the piece suspect, and the two-pass ``centered_second_moment`` is used instead."""
+        if self.positions != 1:
+            return super().quick_centered_second_moment(mean)
+        squares = self.second_moment()
+        m2 = squares.addcmul(mean, mean, value=-self.batch_size).clamp_min_(0)
+        return m2, (m2 * cancellation_limit(m2.dtype) < squares).any()
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
@@ -349,6 +390,14 @@ class RowsPiece(Piece):
     def second_moment(self):
         return self._scaled(self._rows(self.segments.square()), 2)
 
+    def centered_second_moment(self, mean):
+        """Σ_i (g_i[r] − ḡ_r)² = Σ_{u at row r} (S_u − ḡ_r)² + (B − n_r)·ḡ_r², with n_r the examples
+        that use row r (the others' g_i[r] is 0): centred, so exact without cancellation."""
+        center = mean.to(self.segments.dtype) / self.scale
+        used_by = torch.bincount(self.row_of, minlength=self.shape[0]).to(center.dtype)
+        total = self._rows((self.segments - center[self.row_of]).square())
+        return self._scaled(total.addcmul_((self.batch_size - used_by).unsqueeze(1), center.square()), 2)
+
     def inner(self, ref):
         return self._scaled(self._per_example((self.segments * ref[self.row_of]).sum(1)))
 
@@ -376,7 +425,7 @@ class SumPiece(Piece):
 
     def sq_norms(self):
         pair = _embedding_and_projection(self.parts)
-        if pair is None or "_chunk_moments" in self.__dict__:  # formed already for the second moment
+        if pair is None or "_chunk_norms" in self.__dict__:  # formed already for the second moment
             return super().sq_norms()
         rows, outer = pair
         return rows.sq_norms() + outer.sq_norms() + 2 * _rows_outer_cross(rows, outer)

@@ -2,9 +2,13 @@
 
 A rule turns one call of a module — its input ``x`` and the gradient ``gy`` of
 its output with respect to the summed per-example loss (so unscaled) — into a
-:class:`~persample.engines.pieces.Piece` per parameter. Rules match by
-``isinstance``, so subclasses are covered; a module whose parameters are not
-exactly the rule's own (for example a parametrised weight) gets no rule.
+:class:`~persample.engines.pieces.Piece` per parameter.
+
+A rule is used only where it provably applies (see :class:`Rule`): the module
+is an instance of the rule's class *and* runs that class's own ``forward``,
+owns exactly the rule's parameters, and has no hooks. A subclass with its own
+``forward``, a parametrised weight or a user hook gets no rule, and the module
+takes the exact fallback (``torch.func`` on the module alone).
 
 | module                        | per-example gradient of example i                          |
 |-------------------------------|------------------------------------------------------------|
@@ -198,51 +202,90 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
 
 @dataclass(frozen=True)
 class Rule:
-    """A closed form for modules of ``types`` whose parameters are among ``params``."""
+    """A closed form, and the assumptions under which it is the module's gradient.
+
+    It applies to a module that is an instance of one of ``types`` (classes, or
+    qualified names of optional classes such as Hugging Face's ``Conv1D``, matched
+    through the MRO without importing them), whose trainable parameters are among
+    ``params`` and are its own (no nested trainable modules), whose ``methods``
+    are those of the matched base class (a subclass with its own ``forward``
+    computes something else: timm's ``StdConv2d``, a channels-last ``LayerNorm2d``),
+    which has no hooks (a forward hook that rescales the output changes the
+    gradient), and which ``accepts`` (settings the closed form does not cover).
+    """
 
     name: str
     types: tuple
     params: tuple
     compute: Callable[..., dict[str, Piece]]
+    methods: tuple = ("forward",)
     accepts: Callable[[nn.Module], bool] = lambda m: True
-
-
-def _hf_conv1d_type() -> tuple:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is optional
-        return ()
-    return (Conv1D,)
 
 
 def _rules() -> list[Rule]:
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return [
         Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule),
-        Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight", "bias"), conv_rule),
-        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule,
-             lambda m: m.max_norm is None and not m.sparse and not m.scale_grad_by_freq),
+        Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight", "bias"), conv_rule,
+             methods=("forward", "_conv_forward")),
+        # max_norm renormalises rows in place, outside autograd: the gradient's form is unchanged.
+        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule, accepts=lambda m: not m.scale_grad_by_freq),
         Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule),
         Rule("group_norm", (nn.GroupNorm,), ("weight", "bias"), group_norm_rule),
         Rule("batch_norm_eval", (_BatchNorm,), ("weight", "bias"), batch_norm_eval_rule,
-             lambda m: not m.training and m.running_mean is not None),
-        Rule("hf_conv1d", _hf_conv1d_type(), ("weight", "bias"), hf_conv1d_rule),
+             accepts=lambda m: not m.training and m.running_mean is not None),
+        Rule("hf_conv1d", ("transformers.pytorch_utils.Conv1D",), ("weight", "bias"), hf_conv1d_rule),
     ]
 
 
 _RULES: list[Rule] | None = None
 
 
+def _qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _matched_base(module: nn.Module, types: tuple) -> type | None:
+    """The most derived class of ``module``'s MRO that is one of ``types`` (isinstance, by MRO)."""
+    for cls in type(module).__mro__:
+        if any(cls is t or (isinstance(t, str) and _qualified_name(cls) == t) for t in types):
+            return cls
+    return None
+
+
+def _computes_as(module: nn.Module, base: type, methods: tuple) -> bool:
+    """Whether ``module`` runs ``base``'s own ``methods`` (not overridden by a subclass or the instance)."""
+    return all(getattr(type(module), m, None) is getattr(base, m, None) and m not in vars(module)
+               for m in methods)
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or global_module_hooks())
+
+
+def global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` and friends) exist."""
+    from torch.nn.modules import module as module_lib
+    return any(getattr(module_lib, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+
+
 def find_rule(module: nn.Module) -> Rule | None:
-    """The rule for ``module``, if its class matches and its parameters are the rule's own."""
+    """The rule for ``module`` if every assumption of it holds (see :class:`Rule`), else None."""
     global _RULES
     if _RULES is None:
         _RULES = _rules()
     for rule in _RULES:
-        if rule.types and isinstance(module, rule.types):
-            direct = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-            nested = any(p.requires_grad for c in module.children() for p in c.parameters())
-            if direct and direct <= set(rule.params) and not nested and rule.accepts(module):
-                return rule
-            return None
+        base = _matched_base(module, rule.types)
+        if base is None:
+            continue
+        direct = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+        nested = any(p.requires_grad for c in module.children() for p in c.parameters())
+        if (direct and direct <= set(rule.params) and not nested and _computes_as(module, base, rule.methods)
+                and not has_hooks(module) and rule.accepts(module)):
+            return rule
+        return None
     return None

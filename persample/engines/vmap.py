@@ -5,14 +5,18 @@ L_i(θ) = loss_fn(model(x_i[None]), y_i[None]) and g_i = ∇_θ L_i (unscaled).
 The engine evaluates ``vmap(grad(L))`` with ``torch.func.functional_call``:
 trainable parameters are the differentiated argument, frozen parameters are
 constants, and buffers are passed through as clones (so in-place updates never
-reach the model). Recurrent modules are routed through plain-op forwards
-(:mod:`persample.engines._rnn`) so that ``vmap`` supports them.
+reach the model). Recurrent modules and train-mode InstanceNorms are routed
+through equivalent forwards (:mod:`persample.engines._functional`) so that
+``vmap`` supports them.
+
+Where ``vmap`` cannot run a model (data-dependent branches on attention masks,
+checkpointing, backward hooks, tensor hooks on parameters) the engine raises
+:class:`~persample.errors.NotExact` rather than guess; the ``loop`` engine is exact there.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Callable, Iterator
 
 import torch
@@ -20,11 +24,15 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .._batch import Batch, one_example
-from .._model import detached_buffers, translate_vmap_error, trainable_parameters
+from .._model import (backward_hooked_module, detached_buffers, first_random_module, hooked_parameters,
+                      is_vmap_randomness_error, randomness_error, trainable_parameters, cuda_devices)
+from ..errors import NotExact
 from ..stats import GradStats
-from ._rnn import rnn_modules_as_plain_ops
+from ._functional import vmap_friendly_modules
+from .streaming import stream_grad_stats
 
-__all__ = ["per_example_grads", "vmap_grad_stats", "auto_chunk_size"]
+__all__ = ["per_example_grads", "vmap_grad_stats", "auto_chunk_size", "refuse_unseen_hooks",
+           "check_per_example_loss", "example_loss"]
 
 LossFn = Callable[..., Tensor]
 
@@ -37,7 +45,7 @@ def auto_chunk_size(num_params: int, batch_size: int) -> int:
     return max(1, min(batch_size, CHUNK_ELEMENTS // max(num_params, 1)))
 
 
-def _check_per_example_loss(loss) -> Tensor:
+def check_per_example_loss(loss) -> Tensor:
     if not isinstance(loss, Tensor):
         raise TypeError(f"loss_fn must return a tensor, got {type(loss).__name__}")
     if loss.dim() != 0:
@@ -52,7 +60,7 @@ def _check_per_example_loss(loss) -> Tensor:
 def example_loss(loss_fn: LossFn, output, target) -> Tensor:
     """L_i = loss_fn(output, target_i[None]) (or ``loss_fn(output)`` without targets) for ONE
     example whose ``output`` is already a batch of one; checked to be a scalar."""
-    return _check_per_example_loss(loss_fn(output) if target is None else loss_fn(output, one_example(target)))
+    return check_per_example_loss(loss_fn(output) if target is None else loss_fn(output, one_example(target)))
 
 
 def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: dict):
@@ -66,17 +74,39 @@ def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: d
     return loss_of_example
 
 
+def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
+    """Raise :class:`NotExact` for hooks that change gradients but that ``engine`` cannot apply per
+    example: tensor hooks on parameters, and module backward hooks (the ``loop`` engine honours both)."""
+    hooked = hooked_parameters(model)
+    if hooked:
+        raise NotExact(f"parameter {hooked[0]!r} has a gradient hook (p.register_hook), which the {engine} "
+                       "engine cannot apply to each example's gradient")
+    owner = backward_hooked_module(model)
+    if owner is not None:
+        raise NotExact(f"{owner} has a backward hook, which the {engine} engine cannot apply per example")
+
+
 @contextlib.contextmanager
-def _engine_context(model: nn.Module) -> Iterator[None]:
-    """What every vmap call runs under: no outer graph, vmap-friendly RNNs, clear errors."""
-    with torch.no_grad(), rnn_modules_as_plain_ops(model):
+def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator[None]:
+    """What every vmap call runs under: no outer graph, vmap-friendly modules, clear errors.
+
+    Random ops under ``randomness="error"`` raise :class:`UnsupportedModelError` naming the
+    module; any other failure of ``torch.func`` to run the model (data-dependent control flow on
+    masks, checkpointing, ops without a batching rule) becomes :class:`NotExact`, so that
+    ``engine="auto"`` can move on to the per-example loop.
+    """
+    with torch.no_grad(), vmap_friendly_modules(model):
         try:
             yield
         except RuntimeError as err:
-            clearer = translate_vmap_error(err)
-            if clearer is None:
-                raise
-            raise clearer from err
+            if is_vmap_randomness_error(err):
+                raise randomness_error(first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))) from err
+            raise NotExact(f"torch.func.vmap cannot run this model: {type(err).__name__}: {_first_line(err)}") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str,
@@ -97,7 +127,8 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
     ``chunk_size`` is passed to ``vmap``: it bounds the working memory of the
     computation, not the ``B × P`` result.
     """
-    with _engine_context(model):
+    refuse_unseen_hooks(model, "vmap")
+    with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness, chunk_size)
         return grads_fn(batch)
 
@@ -108,42 +139,13 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     """:class:`GradStats` streamed over chunks: peak extra memory O(chunk_size × P + P).
 
     Each chunk's per-example gradients are reduced to statistics and merged
-    exactly, then dropped. ``chunk_size=None`` picks :func:`auto_chunk_size`.
-    With ``inner_products``, p_i = ⟨g_i, ḡ⟩ needs ḡ first: a batch that spans
-    several chunks is streamed twice, the second pass replaying the first
-    pass's RNG state so random ops draw the same values.
-    ``progress(k)`` is called after each chunk of k examples.
+    exactly, then dropped (:func:`.streaming.stream_grad_stats`).
+    ``chunk_size=None`` picks :func:`auto_chunk_size`.
     """
+    refuse_unseen_hooks(model, "vmap")
     num_params = sum(p.numel() for p in trainable_parameters(model).values())
     size = chunk_size or auto_chunk_size(num_params, batch.size)
-    with _engine_context(model):
+    with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness, None)
-        if inner_products and size >= batch.size:  # one chunk: ḡ is known before reducing
-            grads, losses = grads_fn(batch)
-            mean = {k: g.mean(0) for k, g in grads.items()}
-            stats = GradStats.from_per_example(grads, losses, var=var, reference=mean, clip_norm=clip_norm)
-            if progress is not None:
-                progress(batch.size)
-            return stats
-        devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-        with torch.random.fork_rng(devices=devices, enabled=inner_products):
-            stats = _stream(grads_fn, batch, size, var=var, reference=None, clip_norm=clip_norm,
-                            progress=progress)
-        if not inner_products:
-            return stats
-        reference = stats.mean
-        with_inner = _stream(grads_fn, batch, size, var=False, reference=reference, clip_norm=None,
-                             progress=None)
-        return dataclasses.replace(stats, inner_products=with_inner.inner_products, reference=reference)
-
-
-def _stream(grads_fn, batch: Batch, size: int, *, var: bool, reference, clip_norm, progress) -> GradStats:
-    parts = []
-    for chunk in batch.chunks(size):
-        grads, losses = grads_fn(chunk)
-        parts.append(GradStats.from_per_example(grads, losses, var=var, reference=reference,
-                                                clip_norm=clip_norm))
-        del grads
-        if progress is not None:
-            progress(chunk.size)
-    return GradStats.merge_all(parts)
+        return stream_grad_stats(grads_fn, batch, size, var=var, inner_products=inner_products,
+                                 clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model))

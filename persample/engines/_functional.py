@@ -1,12 +1,18 @@
-"""``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` written with plain tensor ops, for ``torch.func``.
+"""Forwards that compute what a module computes, in a form ``torch.func`` can batch.
 
-The fused kernels behind ``nn.RNNBase.forward`` have no correct ``vmap`` rule:
-``vmap(grad(...))`` over an RNN or GRU fails with a broadcast-shape error. Inside
-the engines, :func:`rnn_modules_as_plain_ops` temporarily routes each RNN
-module's ``forward`` through :func:`rnn_forward`, which computes the same
-function (same gate order and parameter names as PyTorch) from matmuls and
-pointwise ops, so ``vmap`` and ``grad`` handle it like any other code. The
-module is restored on exit, also on error.
+- ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM``: the fused kernels behind
+  ``nn.RNNBase.forward`` have no correct ``vmap`` rule (``vmap(grad(...))`` over
+  an RNN or GRU fails with a broadcast-shape error). :func:`rnn_forward`
+  computes the same function (same gate order and parameter names as PyTorch)
+  from matmuls and pointwise ops.
+- ``nn.InstanceNorm*`` in training mode with ``track_running_stats=True``
+  normalises each example with its own statistics (so per-example gradients are
+  well defined) but also updates the running statistics in place, which
+  ``vmap`` cannot do with per-example values. :func:`instance_norm_forward`
+  gives the same output without that side effect.
+
+Inside the engines, :func:`vmap_friendly_modules` temporarily routes each such
+module's ``forward`` through these; the module is restored on exit, also on error.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["rnn_forward", "rnn_modules_as_plain_ops"]
+__all__ = ["rnn_forward", "instance_norm_forward", "vmap_friendly_modules"]
 
 
 def _cell_step(mode: str, x_proj: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
@@ -105,14 +111,32 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx=None):
     return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
 
+def instance_norm_forward(module: nn.modules.instancenorm._InstanceNorm, input: Tensor) -> Tensor:
+    """``module(input)`` in training mode, normalised by the input's own statistics, leaving the
+    running statistics alone (the output does not depend on them in training mode)."""
+    unbatched = input.dim() == module._get_no_batch_dim()
+    x = input.unsqueeze(0) if unbatched else input
+    out = F.instance_norm(x, None, None, module.weight, module.bias, True, 0.0, module.eps)
+    return out.squeeze(0) if unbatched else out
+
+
+def _vmap_forward(module: nn.Module):
+    """The vmap-friendly forward for ``module``, or None when its own is fine."""
+    if isinstance(module, nn.RNNBase):
+        return rnn_forward
+    if isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.training and module.track_running_stats:
+        return instance_norm_forward
+    return None
+
+
 @contextlib.contextmanager
-def rnn_modules_as_plain_ops(model: nn.Module) -> Iterator[None]:
-    """Temporarily route every ``nn.RNNBase`` submodule through :func:`rnn_forward`."""
-    patched = [m for m in model.modules() if isinstance(m, nn.RNNBase)]
+def vmap_friendly_modules(model: nn.Module) -> Iterator[None]:
+    """Temporarily route RNNs and train-mode InstanceNorms through the forwards above."""
+    patched = [(m, f) for m in model.modules() if (f := _vmap_forward(m)) is not None]
     try:
-        for m in patched:
-            m.forward = rnn_forward.__get__(m)  # a bound method on the instance only
+        for m, forward in patched:
+            m.forward = forward.__get__(m)  # a bound method on the instance only
         yield
     finally:
-        for m in patched:
+        for m, _ in patched:
             m.__dict__.pop("forward", None)

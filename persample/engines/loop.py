@@ -1,0 +1,121 @@
+"""The ``loop`` engine: one ordinary forward + backward per example. Exact for any model.
+
+For example i, L_i = loss_fn(model(x_i[None]), y_i[None]) is computed by the
+real module (no ``functional_call``, no ``vmap``), and g_i = ∇_θ L_i (unscaled)
+by ``torch.autograd.grad``. So whatever the model does on a batch of one is
+honoured as it is: data-dependent branches on attention masks, packed sequences,
+gradient checkpointing (re-entrant checkpointing through ``backward()``), forward
+and backward hooks, and tensor hooks on parameters.
+
+It costs B small passes instead of one batched pass: ``engine="auto"`` uses it
+only where neither the fast engine nor ``vmap`` can be exact, and warns
+(:class:`~persample.errors.SlowPathWarning`).
+
+Random ops follow the ``randomness`` contract of the other engines: ``"error"``
+raises :class:`~persample.errors.UnsupportedModelError` naming the module,
+``"same"`` replays one RNG state for every example, ``"different"`` lets each
+example draw its own numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .._batch import Batch
+from .._model import (cuda_devices, first_random_module, randomness_error, restore_rng, rng_advanced,
+                      rng_snapshot, trainable_parameters)
+from ..stats import GradStats
+from .streaming import stream_grad_stats
+from .vmap import check_per_example_loss
+
+__all__ = ["loop_grads", "loop_grad_stats", "gradients"]
+
+LossFn = Callable[..., Tensor]
+
+#: Examples whose gradients are stacked before they are reduced (bounds memory to chunk × P).
+DEFAULT_CHUNK = 16
+
+
+def gradients(loss: Tensor, params: dict[str, nn.Parameter], inputs: list[Tensor] = ()) -> dict[str, Tensor | None]:
+    """∇_θ ``loss`` for every parameter (None where unused), without touching ``p.grad``.
+
+    ``torch.autograd.grad`` where it can; re-entrant activation checkpointing
+    (``checkpoint(..., use_reentrant=True)``) refuses it, and then ``backward()``
+    runs into emptied ``.grad`` slots that are restored afterwards, for the
+    parameters and for the tensors in ``inputs`` (inputs that require grad).
+    """
+    try:
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        return dict(zip(params, grads))
+    except RuntimeError as err:
+        if "Checkpointing is not compatible" not in str(err):
+            raise
+    hooked = [n for n, p in params.items() if getattr(p, "_post_accumulate_grad_hooks", None)]
+    if hooked:
+        raise RuntimeError(
+            f"parameter {hooked[0]!r} has a post-accumulate-grad hook, and re-entrant checkpointing needs "
+            "backward(), which would run it once per example: use checkpoint(..., use_reentrant=False)")
+    leaves = [*params.values(), *(t for t in inputs if t.requires_grad)]
+    saved = [t.grad for t in leaves]
+    try:
+        for t in leaves:
+            t.grad = None
+        loss.backward()
+        return {n: p.grad for n, p in params.items()}
+    finally:
+        for t, g in zip(leaves, saved):
+            t.grad = g
+
+
+def _dense(g: Tensor | None, p: Tensor) -> Tensor:
+    if g is None:
+        return torch.zeros_like(p)
+    return g.to_dense() if g.is_sparse else g
+
+
+def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
+               shared_rng: list[Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-example gradients ``{name: [B, *shape]}`` and losses ``[B]``, one example at a time.
+
+    Under ``randomness="same"`` every example starts from the RNG state ``shared_rng``
+    (default: the state on entry).
+    """
+    params = trainable_parameters(model)
+    rows: dict[str, list[Tensor]] = {n: [] for n in params}
+    losses = []
+    if randomness == "same" and shared_rng is None:
+        shared_rng = rng_snapshot(model)
+    for i in range(batch.size):
+        example = batch.slice(i, i + 1)
+        if randomness == "same":
+            restore_rng(model, shared_rng)
+        snapshot = rng_snapshot(model) if randomness == "error" else None
+        with torch.enable_grad():
+            loss = check_per_example_loss(example.call(model, loss_fn))
+            inputs = [t for t in tree_flatten((example.args, example.kwargs))[0] if isinstance(t, Tensor)]
+            grads = gradients(loss, params, inputs)
+        if snapshot is not None and rng_advanced(model, snapshot):
+            raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn)))
+        for name, p in params.items():
+            rows[name].append(_dense(grads[name], p).detach())
+        losses.append(loss.detach())
+    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+
+
+def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
+                    chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
+                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None) -> GradStats:
+    """:class:`GradStats` from :func:`loop_grads`, reduced ``chunk_size`` examples at a time
+    (default :data:`DEFAULT_CHUNK`): peak extra memory O(chunk_size × P + P)."""
+    shared_rng = rng_snapshot(model) if randomness == "same" else None
+
+    def grads_fn(chunk: Batch):
+        return loop_grads(model, loss_fn, chunk, randomness=randomness, shared_rng=shared_rng)
+
+    return stream_grad_stats(grads_fn, batch, chunk_size or DEFAULT_CHUNK, var=var,
+                             inner_products=inner_products, clip_norm=clip_norm, progress=progress,
+                             rng_devices=cuda_devices(model))
