@@ -14,7 +14,7 @@ from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
-           "backward_hooked_module"]
+           "backward_hooked_module", "autocast_state", "autocast_as"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -173,6 +173,31 @@ def first_random_module(model: nn.Module, run) -> str:
         for h in handles:
             h.remove()
     return f"module {found[0]}" if found else "the model or its loss_fn"
+
+
+# ----------------------------------------------------------------------------- autocast
+
+#: ``((device_type, enabled, dtype), ...)`` for the device types autocast knows here.
+AutocastState = tuple
+
+
+def _autocast_devices() -> tuple[str, ...]:
+    return ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",)
+
+
+def autocast_state() -> AutocastState:
+    """The autocast settings in effect now, to re-enter later with :func:`autocast_as`."""
+    return tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _autocast_devices())
+
+
+@contextlib.contextmanager
+def autocast_as(state: AutocastState | None) -> Iterator[None]:
+    """Run under the autocast settings ``state``; ``None`` switches autocast off everywhere
+    (statistics are reduced in the precision of their inputs, float32 or better)."""
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in state or [(d, False, None) for d in _autocast_devices()]:
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        yield
 
 
 # ------------------------------------------------------------------------------- hooks

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from .._model import autocast_state
 from ..errors import NotExact
 from .rules import Rule, find_rule
 
@@ -41,6 +42,7 @@ class Call:
     output: Any = None
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # output leaf index → gradient
     broadcast: bool = False  # the input had batch dim 1 and the output was expanded to the batch
+    autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
 
 
 @dataclass(eq=False)
@@ -231,7 +233,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                 if not capture.watching:
                     watcher.__enter__()
                     capture.watching = True
-            call = Call(args, kwargs, output, broadcast=broadcast)
+            call = Call(args, kwargs, output, broadcast=broadcast,
+                        autocast=autocast_state() if unit.rule is None else None)
             unit.calls.append(call)
             leaves, _ = tree_flatten(output)
             for leaf_index, leaf in enumerate(leaves):

@@ -30,13 +30,14 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._batch import Batch
-from .._model import (detached_buffers, first_random_module, randomness_error, rng_advanced, rng_snapshot,
+from .._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced, rng_snapshot,
                       trainable_parameters, translate_vmap_error)
 from ..errors import NotExact
 from ..stats import GradStats, clip_factors
 from ._functional import vmap_friendly_modules
 from .capture import Call, Unit, audit_graph, capturing, find_units
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
+from .loop import is_reentrant_checkpoint_error
 from .losses import closed_form_losses
 from .rules import Layout, LayoutError
 from .vmap import example_loss, refuse_unseen_hooks
@@ -75,9 +76,10 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(params.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
                     grad_scale=float(batch.size))
-    pieces = _pieces_by_parameter(units, params, means, layout)
-    return reduce_pieces(pieces, means, losses.detach(), var=var, inner_products=inner_products,
-                         clip_norm=clip_norm)
+    with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
+        pieces = _pieces_by_parameter(units, params, means, layout)
+        return reduce_pieces(pieces, means, at_least_float32(losses.detach()), var=var,
+                             inner_products=inner_products, clip_norm=clip_norm)
 
 
 def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: str) -> None:
@@ -94,7 +96,7 @@ def _autograd_means(mean_loss: Tensor, params: dict[str, nn.Parameter]) -> tuple
     try:
         return torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
     except RuntimeError as err:
-        if "Checkpointing is not compatible" in str(err):
+        if is_reentrant_checkpoint_error(err):
             raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
                            "checkpointed layers' inputs and output gradients from the fast engine") from err
         raise
@@ -278,7 +280,7 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
         return pullback(batch_of_one(cotangent, cotangent_dims))[0]
 
     try:
-        with torch.no_grad(), vmap_friendly_modules(unit.module):
+        with autocast_as(call.autocast), torch.no_grad(), vmap_friendly_modules(unit.module):
             per_example = vmap(one_example_grads, in_dims=(None, in_dims, cotangent_dims), randomness="error")(
                 params, in_leaves, cotangents)
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow

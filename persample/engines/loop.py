@@ -32,7 +32,7 @@ from ..stats import GradStats
 from .streaming import stream_grad_stats
 from .vmap import check_per_example_loss
 
-__all__ = ["loop_grads", "loop_grad_stats", "gradients"]
+__all__ = ["loop_grads", "loop_grad_stats", "gradients", "is_reentrant_checkpoint_error"]
 
 LossFn = Callable[..., Tensor]
 
@@ -48,11 +48,11 @@ def gradients(loss: Tensor, params: dict[str, nn.Parameter], inputs: list[Tensor
     runs into emptied ``.grad`` slots that are restored afterwards, for the
     parameters and for the tensors in ``inputs`` (inputs that require grad).
     """
-    try:
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    try:  # the graph is retained in case checkpointing refuses midway, having freed part of it
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
         return dict(zip(params, grads))
     except RuntimeError as err:
-        if "Checkpointing is not compatible" not in str(err):
+        if not is_reentrant_checkpoint_error(err):
             raise
     hooked = [n for n, p in params.items() if getattr(p, "_post_accumulate_grad_hooks", None)]
     if hooked:
@@ -69,6 +69,12 @@ def gradients(loss: Tensor, params: dict[str, nn.Parameter], inputs: list[Tensor
     finally:
         for t, g in zip(leaves, saved):
             t.grad = g
+
+
+def is_reentrant_checkpoint_error(err: BaseException) -> bool:
+    """Whether ``err`` is re-entrant checkpointing refusing ``autograd.grad`` (worded per torch version)."""
+    text = str(err)
+    return isinstance(err, RuntimeError) and "heckpoint" in text and ".grad()" in text
 
 
 def _dense(g: Tensor | None, p: Tensor) -> Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._model import trainable_parameters
+from .._model import autocast_as, trainable_parameters
 from ..errors import NotExact, ObservationError
 from ..stats import GradStats
 from .capture import audit_graph, capturing, find_units, store_grad
@@ -83,8 +83,9 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
                 raise NotExact(capture.escape)
     finally:
         handle.remove()
-    observation.stats = _observed_stats(observation, params, before, units, loss_fn, targets, batch_size,
-                                        reduction, var, inner_products)
+    with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
+        observation.stats = _observed_stats(observation, params, before, units, loss_fn, targets, batch_size,
+                                            reduction, var, inner_products)
 
 
 def _observed_stats(observation: Observation, params, before, units, loss_fn, targets, batch_size,
