@@ -91,10 +91,22 @@ def _check_global_stats(engine):
     close_dicts(reduced.clipped_mean, whole.clipped_mean, "clipped_mean")
     close(reduced.inner_products, whole.inner_products, "inner_products")
     assert reduced.part_sizes == tuple(sizes)
+    small = []
     for r, part in enumerate(reduced.part_mean_sq_norms):
         rs = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
-        expected = persample.grad_stats(model, loss, x[rs], y[rs], engine=engine).mean_sq_norm
-        close(torch.tensor(part, dtype=torch.float64), expected, f"part_mean_sq_norms[{r}]")
+        small.append(persample.grad_stats(model, loss, x[rs], y[rs], engine=engine).mean_sq_norm)
+        close(torch.tensor(part, dtype=torch.float64), small[-1], f"part_mean_sq_norms[{r}]")
+    # both noise estimators on the reduced record equal their formulas on the concatenated batch
+    n, big = sum(sizes), whole.mean_sq_norm
+    b_small = world / sum(1 / k for k in sizes)
+    s_small = sum(small) / world
+    rank_est = noise.rank_noise_scale(reduced)
+    close(torch.tensor(rank_est.grad_sq), (n * big - b_small * s_small) / (n - b_small), "rank grad_sq")
+    close(torch.tensor(rank_est.trace_cov), (s_small - big) / (1 / b_small - 1 / n), "rank trace_cov")
+    m = whole.sq_norms.mean()
+    per_example = noise.gradient_noise_scale(reduced)
+    close(torch.tensor(per_example.grad_sq), (n * big - m) / (n - 1), "per-example grad_sq")
+    close(torch.tensor(per_example.trace_cov), (m - big) * n / (n - 1), "per-example trace_cov")
     # the tests that need inner products relative to the global mean now run on the reduced record
     for test in (noise.inner_product_test, noise.orthogonality_test):
         close(torch.tensor(test(reduced).statistic), torch.tensor(test(whole).statistic), test.__name__)
