@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from ._sharding import refuse_wrapped
 from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
@@ -66,6 +67,7 @@ def check_supported(model: nn.Module, randomness: str) -> None:
       (random ops called as functions are caught while the engines run).
     """
     require_module(model)
+    refuse_wrapped(model, "persample")
     if randomness not in RANDOMNESS_CHOICES:
         raise ValueError(f"randomness must be one of {RANDOMNESS_CHOICES}, got {randomness!r}")
     if torch.is_inference_mode_enabled():

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["is_dtensor", "sharding_of", "refuse_sharded", "local_tensor"]
+__all__ = ["is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor"]
 
 _FSDP2_FIX = ("persample computes per-example statistics of replicated parameters only. Train with "
               "DistributedDataParallel (which persample.Tracker supports), or compute statistics on an "
@@ -67,6 +67,23 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
         "each rank holds only a shard of every parameter, and FSDP's backward hooks (all-gather, "
         "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). "
         + _FSDP2_FIX)
+
+
+def refuse_wrapped(model: nn.Module, where: str) -> None:
+    """Refuse FSDP-sharded models and DDP wrappers at the functional entry points (grad_stats & co.).
+
+    A ``DistributedDataParallel`` forward prepares DDP's reducer for a backward
+    that these functions never run; this rank's statistics come from
+    ``ddp.module`` (then :func:`persample.distributed.all_reduce_stats`).
+    """
+    refuse_sharded(model, where)
+    ddp_module = sys.modules.get("torch.nn.parallel.distributed")
+    ddp = getattr(ddp_module, "DistributedDataParallel", None) if ddp_module is not None else None
+    if ddp is not None and isinstance(model, ddp):
+        raise UnsupportedModelError(
+            f"{where}: got a DistributedDataParallel wrapper. Pass ddp_model.module for this rank's "
+            "statistics and combine the ranks' with persample.distributed.all_reduce_stats(stats), or use "
+            "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does")
 
 
 def local_tensor(t: Tensor) -> Tensor:
