@@ -15,6 +15,11 @@ the two cross-rank steps around them:
 - **statistics**: :meth:`Replicas.reduce_stats` all-reduces the rank's
   GradStats into those of the global batch (:func:`persample.distributed.all_reduce_stats`).
 
+The engines call ``ddp.module`` directly, not DDP's forward, so DDP's
+per-forward buffer broadcast (``broadcast_buffers``) does not run in
+``Tracker.step``. persample refuses the modules whose buffers change in a
+forward (train-mode BatchNorm), so replicas' buffers stay as they were.
+
 DDP features that change the all-reduce itself (communication hooks such as
 fp16 compression, DDP's mixed precision) are refused: persample reduces the
 gradients itself, and would silently not apply them.

@@ -65,6 +65,8 @@ def check_supported(model: nn.Module, randomness: str) -> None:
       example i's loss depends on every other example.
     - Random modules (dropout) in training mode under ``randomness="error"``
       (random ops called as functions are caught while the engines run).
+    - FSDP-sharded models and ``DistributedDataParallel`` wrappers
+      (:func:`._sharding.refuse_wrapped`: pass ``ddp.module``).
     """
     require_module(model)
     refuse_wrapped(model, "persample")
