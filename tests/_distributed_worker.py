@@ -144,8 +144,25 @@ def shared_reference_keeps_inner_products_without_a_second_pass():
     rank, _ = rank_world()
     if rank == world - 1:
         local = dataclasses.replace(local, reference={k: v + 1 for k, v in local.reference.items()})
-    dropped = all_reduce_stats(local)
+    dropped = local.all_reduce()  # the GradStats method delegates to all_reduce_stats
     assert dropped.inner_products is None and dropped.reference is None
+
+
+@scenario(2, 3)
+def all_reduce_gradients_is_the_mean_over_ranks_with_none_as_zero():
+    from persample.distributed import all_reduce_gradients
+    rank, world = rank_world()
+    params = {n: nn.Parameter(torch.zeros(s, dtype=torch.float64)) for n, s in (("a", 3), ("b", 2), ("c", 4))}
+    grads = {r: {"a": torch.arange(3.0, dtype=torch.float64) * (r + 1), "b": torch.full((2,), 1.0 + r,
+                                                                                         dtype=torch.float64)}
+             for r in range(world)}
+    params["a"].grad = grads[rank]["a"].clone()
+    if rank == 0:  # 'b' has a gradient on rank 0 only; 'c' on none
+        params["b"].grad = grads[0]["b"].clone()
+    all_reduce_gradients(params, bucket_bytes=16)  # tiny buckets: several all-reduces
+    close(params["a"].grad, sum(grads[r]["a"] for r in range(world)) / world, "a")
+    close(params["b"].grad, grads[0]["b"] / world, "b (None on other ranks counts as zero)")
+    assert params["c"].grad is None
 
 
 @scenario(2)
@@ -319,6 +336,32 @@ def tracker_refuses_a_ddp_comm_hook_and_restores_grads():
     else:
         raise AssertionError("no error for a DDP comm hook")
     assert all(p.grad is None for p in model.parameters())
+
+
+@scenario(2)
+def tracker_refusals_under_ddp_name_the_fix():
+    model = ddp(mlp(seed=8))
+    try:
+        persample.Tracker(model, F.cross_entropy, distributed=False)
+    except ValueError as err:
+        assert "drift apart" in str(err) and "ddp.module" in str(err), err
+    else:
+        raise AssertionError("no error for distributed=False with a DDP wrapper")
+    x, y, _, _ = local_batches(1)[0]
+    try:
+        persample.grad_stats(model, F.cross_entropy, x, y)
+    except persample.UnsupportedModelError as err:
+        assert "ddp_model.module" in str(err) and "all_reduce_stats" in str(err), err
+    else:
+        raise AssertionError("grad_stats accepted a DDP wrapper")
+    tracker = persample.Tracker(model, F.cross_entropy, inner_products=True)
+    try:
+        with tracker.observe(y):
+            pass
+    except ValueError as err:
+        assert "global mean" in str(err) and "tracker.step" in str(err), err
+    else:
+        raise AssertionError("observe gave inner products under DDP")
 
 
 # ------------------------------------------------------------------------------ FSDP
