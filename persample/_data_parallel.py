@@ -15,7 +15,11 @@ the two cross-rank steps around them:
 - **statistics**: :meth:`Replicas.reduce_stats` all-reduces the rank's
   GradStats into those of the global batch (:func:`persample.distributed.all_reduce_stats`).
 
-The engines call ``ddp.module`` directly, not DDP's forward, so DDP's
+Plain steps (no statistics, no clipping, no check) with a DDP wrapper run
+DDP's own forward and backward instead (:meth:`Replicas.ddp_backward`), so
+they cost exactly what DDP's backward costs, overlap included.
+
+The statistics engines call ``ddp.module`` directly, not DDP's forward, so DDP's
 per-forward buffer broadcast (``broadcast_buffers``) does not run in
 ``Tracker.step``. persample refuses the modules whose buffers change in a
 forward (train-mode BatchNorm), so replicas' buffers stay as they were.
@@ -66,6 +70,24 @@ class Replicas:
     def synchronizes(self) -> bool:
         """False inside the wrapper's ``no_sync()``."""
         return self.wrapper is None or bool(getattr(self.wrapper, "require_backward_grad_sync", True))
+
+    def ddp_backward(self, batch: Batch, loss_fn, params: dict[str, nn.Parameter]) -> None:
+        """A plain step through DDP itself: ``loss_fn(ddp(x), y).backward()``.
+
+        DDP's reducer then averages the gradients, bucketed and overlapped with
+        the backward, honouring ``no_sync()``, communication hooks and the
+        rest of its configuration. Existing gradients are replaced by copies
+        first, so that the Tracker can still restore the originals if the step
+        raises (the backward accumulates into ``p.grad`` in place).
+        """
+        for p in params.values():
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        with torch.enable_grad():
+            loss = batch.call(self.wrapper, loss_fn)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
+            loss.backward()
 
     def sync_gradients(self, params: dict[str, nn.Parameter]) -> None:
         if self.wrapper is not None:

@@ -65,8 +65,9 @@ class Tracker:
             passed to hooks are those of the global batch
             (:func:`persample.distributed.all_reduce_stats`). ``False`` opts out:
             each rank on its own. With a DDP wrapper, ``tracker.model`` is
-            ``ddp.module``, on which the engines run. Every rank must step in
-            lockstep (the reductions are collectives).
+            ``ddp.module``, on which the engines run, and steps without
+            per-example work run DDP's own forward and backward. Every rank
+            must step in lockstep (the reductions are collectives).
 
     A step is atomic: if it raises (bad input, the model, a hook, the check),
     every ``p.grad`` is exactly as it was before the step.
@@ -132,11 +133,17 @@ class Tracker:
                                      randomness=self.stats_options["randomness"])
                 update = stats.mean if self.clip_norm is None else stats.clipped_mean
                 _accumulate(params, update, copy=True)  # stats' tensors must not alias p.grad
+                if self._replicas is not None:
+                    self._replicas.sync_gradients(params)
+            elif self._replicas is not None and self._replicas.wrapper is not None:
+                stats = None
+                self._replicas.ddp_backward(batch, self.loss_fn, params)  # DDP averages, overlapped
             else:
                 stats = None
                 _accumulate(params, self._plain_gradient(batch, params), copy=False)
+                if self._replicas is not None:
+                    self._replicas.sync_gradients(params)
             if self._replicas is not None:
-                self._replicas.sync_gradients(params)
                 if with_stats:
                     stats = self._replicas.reduce_stats(
                         stats, self.model, self.loss_fn, batch if self.stats_options["inner_products"] else None)
