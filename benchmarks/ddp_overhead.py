@@ -7,6 +7,8 @@ Starts 2 gloo processes on 127.0.0.1 (1 torch thread each) and times, on rank 0,
 - ``ddp-plain``: ``zero_grad(); loss_fn(ddp_model(x), y).backward(); opt.step()`` — the denominator;
 - ``tracker-ddp``: the same step with ``tracker.step(x, y)`` on the DDP model, statistics every step
   (this rank's statistics, the gradient all-reduce, and the all-reduce of the statistics);
+- ``tracker-ddp-plain``: a step of ``Tracker(ddp_model, every=10)`` that computes no statistics (DDP's
+  own forward and backward, through the Tracker);
 - ``tracker-local``: ``Tracker(model, distributed=False)`` on an unwrapped copy: the same statistics,
   no communication at all (each rank on its own);
 - ``all_reduce_stats``: the all-reduce of one step's GradStats alone (header gather, two P-sized
@@ -72,9 +74,11 @@ def measure_case(name: str, problem, steps: int, block: int) -> dict:
     tracked = DistributedDataParallel(copy.deepcopy(problem.model))
     local_model = copy.deepcopy(problem.model)
     tracker = persample.Tracker(tracked, loss_fn)
+    sparse = DistributedDataParallel(copy.deepcopy(problem.model))
+    sparse_tracker = persample.Tracker(sparse, loss_fn, every=10)
     local_tracker = persample.Tracker(local_model, loss_fn, distributed=False)
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in
-            (("plain", plain), ("tracked", tracked), ("local", local_model))}
+            (("plain", plain), ("tracked", tracked), ("local", local_model), ("sparse", sparse))}
     stats = persample.grad_stats(tracked.module, loss_fn, x, y)
     params = dict(tracked.module.named_parameters())
     for p in params.values():
@@ -90,12 +94,19 @@ def measure_case(name: str, problem, steps: int, block: int) -> dict:
         tracker.step(x, y)
         opts["tracked"].step()
 
+    def tracker_plain_step():
+        sparse_tracker.steps = 1  # never a statistics step
+        opts["sparse"].zero_grad()
+        sparse_tracker.step(x, y)
+        opts["sparse"].step()
+
     def tracker_local_step():
         opts["local"].zero_grad()
         local_tracker.step(x, y)
         opts["local"].step()
 
-    methods = {"ddp-plain": plain_step, "tracker-ddp": tracker_ddp_step, "tracker-local": tracker_local_step,
+    methods = {"ddp-plain": plain_step, "tracker-ddp": tracker_ddp_step, "tracker-ddp-plain": tracker_plain_step,
+               "tracker-local": tracker_local_step,
                "all_reduce_stats": lambda: all_reduce_stats(stats),
                "all_reduce_gradients": lambda: all_reduce_gradients(params)}
     for fn in methods.values():  # warm up
@@ -175,14 +186,18 @@ def markdown(info: dict, records: list[dict]) -> str:
              f"{', '.join(f'{v:.1f}' for v in info['load_average_1_5_15'])} at the end of the run "
              "(the machine is shared: absolute times are only indicative, ratios less so).", "",
              "Median per step on rank 0, and ratio to `ddp-plain` (DDP training without persample):", "",
-             "| case | B/rank | P | ddp-plain | tracker-ddp | tracker-local | all_reduce_stats | all_reduce_gradients |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| case | B/rank | P | ddp-plain | tracker-ddp | tracker-ddp-plain | tracker-local | all_reduce_stats "
+             "| all_reduce_gradients |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         cells = [f"{r['median_s'][k] * 1e3:.2f} ms ({r['ratio_to_ddp_plain'][k]:.2f}×)"
-                 for k in ("ddp-plain", "tracker-ddp", "tracker-local", "all_reduce_stats", "all_reduce_gradients")]
+                 for k in ("ddp-plain", "tracker-ddp", "tracker-ddp-plain", "tracker-local", "all_reduce_stats",
+                           "all_reduce_gradients")]
         lines.append(f"| {r['case']} | {r['batch_size_per_rank']} | {r['parameters']:,} | " + " | ".join(cells) + " |")
     lines += ["", "- `tracker-ddp`: `Tracker(ddp_model).step` with statistics every step (local statistics, "
               "gradient all-reduce, statistics all-reduce).",
+              "- `tracker-ddp-plain`: a step of `Tracker(ddp_model, every=10)` without statistics (DDP's own "
+              "backward).",
               "- `tracker-local`: the same statistics with `distributed=False`, no communication.",
               "- `all_reduce_stats`: the statistics' communication alone (2 P-sized sums + B-sized gathers); "
               "`all_reduce_gradients`: the gradient all-reduce alone, which DDP pays too.", ""]

@@ -86,13 +86,17 @@ def _all_gather_rows(tensor: Tensor, group, world: int) -> list[Tensor]:
 
 
 def _all_reduce_sums(tensors: Sequence[Tensor], group, device: torch.device,
-                     bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> list[Tensor]:
+                     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     prepare: Callable[[Tensor, list[int]], None] | None = None) -> list[Tensor]:
     """Σ over ranks of each tensor (same shapes and dtypes on every rank), through flat buckets
-    of at most ``bucket_bytes`` per dtype, all launched before any is waited for."""
+    of at most ``bucket_bytes`` per dtype, all launched before any is waited for.
+    ``prepare(flat, indices)`` may transform a bucket in place before it is sent."""
     results: list[Tensor | None] = [None] * len(tensors)
     pending = []
     for indices in _buckets(tensors, bucket_bytes):
         flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+        if prepare is not None:
+            prepare(flat, indices)
         pending.append((indices, flat, torch.distributed.all_reduce(flat, group=group, async_op=True)))
     for indices, flat, work in pending:
         work.wait()
@@ -228,10 +232,11 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     names = stats.names
     # Round 1: weighted means (P-sized sums of n_r·μ_r) and per-example vectors (B-sized gathers).
     weighted = [f for f, fr in declared.items() if fr.reduction is Reduction.WEIGHTED_MEAN and present(f)]
-    sums = _all_reduce_sums([getattr(stats, f)[k] * stats.n for f in weighted for k in names], group, device)
+    sums = _all_reduce_sums([getattr(stats, f)[k] for f in weighted for k in names], group, device,
+                            prepare=lambda flat, _: flat.mul_(stats.n))
     values: dict = dict(shared)
     for i, f in enumerate(weighted):
-        values[f] = {k: s / total for k, s in zip(names, sums[i * len(names):(i + 1) * len(names)])}
+        values[f] = {k: s.div_(total) for k, s in zip(names, sums[i * len(names):(i + 1) * len(names)])}
     concat = [f for f, fr in declared.items() if fr.reduction is Reduction.CONCAT
               and (inner_products is None or f != "inner_products") and present(f)]
     rows = [r for f in concat for r in _as_rows(getattr(stats, f))]
@@ -243,8 +248,16 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     # Round 2: M2 = Σ_r [M2_r + n_r (μ_r − μ)²], once μ is known.
     chan = [f for f, fr in declared.items() if fr.reduction is Reduction.CHAN_M2 and present(f)]
     mean = values["mean"]
-    m2_terms = [getattr(stats, f)[k] + (stats.mean[k] - mean[k]).pow(2) * stats.n for f in chan for k in names]
-    reduced = _all_reduce_sums(m2_terms, group, device)
+    local_means = [stats.mean[k] for _ in chan for k in names]
+    global_means = [mean[k] for _ in chan for k in names]
+
+    def add_spread(flat: Tensor, indices: list[int]) -> None:  # M2_r + n_r (μ_r − μ)², in place
+        d = torch.cat([local_means[i].detach().reshape(-1).to(device) for i in indices])
+        d.sub_(torch.cat([global_means[i].reshape(-1).to(device) for i in indices]))
+        flat.addcmul_(d, d, value=stats.n)
+
+    reduced = _all_reduce_sums([getattr(stats, f)[k] for f in chan for k in names], group, device,
+                               prepare=add_spread)
     for i, f in enumerate(chan):
         values[f] = dict(zip(names, reduced[i * len(names):(i + 1) * len(names)]))
 
