@@ -9,6 +9,8 @@ The flow, from batch to diagnostics::
   variance, per-example norms, losses) with an exact ``merge``.
 - :class:`Tracker`: a drop-in replacement for ``loss.backward()`` in a training
   loop that writes ḡ into ``p.grad`` and calls hooks with the batch's GradStats.
+- :mod:`persample.distributed`: ``all_reduce_stats`` (the statistics of all
+  ranks' batches together) and the Tracker's DDP support.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -21,11 +23,12 @@ from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarni
 from .stats import GradStats
 from .tracker import Tracker
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
+from . import distributed  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
-    "__version__", "noise",
+    "__version__", "noise", "distributed",
 ]

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
+from ._sharding import refuse_wrapped
 from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
@@ -64,8 +65,11 @@ def check_supported(model: nn.Module, randomness: str) -> None:
       example i's loss depends on every other example.
     - Random modules (dropout) in training mode under ``randomness="error"``
       (random ops called as functions are caught while the engines run).
+    - FSDP-sharded models and ``DistributedDataParallel`` wrappers
+      (:func:`._sharding.refuse_wrapped`: pass ``ddp.module``).
     """
     require_module(model)
+    refuse_wrapped(model, "persample")
     if randomness not in RANDOMNESS_CHOICES:
         raise ValueError(f"randomness must be one of {RANDOMNESS_CHOICES}, got {randomness!r}")
     if torch.is_inference_mode_enabled():

@@ -10,6 +10,10 @@ What is here, and where it comes from:
 - :func:`gradient_noise_scale` — unbiased |G|², tr Σ and the simple noise scale
   B_simple = tr Σ / |G|² (McCandlish, Kaplan, Amodei et al. 2018, "An Empirical
   Model of Large-Batch Training", arXiv:1812.06162, App. A, with B_small = 1).
+- :func:`rank_noise_scale` and :func:`two_batch_noise_scale` — the same
+  estimates from two batch sizes, B_small = each rank's batch and B_big = the
+  global batch (same paper, App. A.1; what nanoGNS and gpt-neox compute under
+  DDP). ``NoiseScale.estimator`` says which one a value comes from.
 - :class:`NoiseScaleEMA` — B_simple over training from separately smoothed,
   bias-corrected EMAs of tr Σ and |G|² (same paper, App. A.1).
 - :func:`gsnr`, :func:`mean_gsnr` — gradient signal-to-noise ratio per element
@@ -53,7 +57,7 @@ from .stats import GradStats
 
 __all__ = [
     "NoiseScale", "BatchSizeTest", "NoiseScaleEMA",
-    "gradient_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
+    "gradient_noise_scale", "two_batch_noise_scale", "rank_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
     "orthogonality_test", "gradient_diversity", "group_by_layer", "layer_noise_scale", "layer_gsnr",
     "diagnostics", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
 ]
@@ -150,8 +154,17 @@ def _moments(stats: GradStats, names: Sequence[str] | None = None) -> _Moments:
 class NoiseScale:
     """Unbiased noise estimates of one batch (McCandlish et al. 2018, App. A).
 
+    Two estimators fill it, and ``estimator`` says which:
+
+    - ``"per-example"`` (:func:`gradient_noise_scale`): B_small = 1, from the
+      per-example norms of one batch;
+    - ``"rank"`` (:func:`rank_noise_scale`, :func:`two_batch_noise_scale`):
+      B_small = each rank's batch, B_big = the global batch, from the ranks'
+      mean gradients only. Both are unbiased; the per-example one has lower
+      variance (B samples of the noise rather than W).
+
     Attributes:
-        n: the batch size B.
+        n: the batch size B (B_big for the rank-level estimator).
         grad_sq: unbiased |G|² = (B‖ḡ‖² − m)/(B − 1). May be negative when the
             noise swamps the signal (an unbiased estimate of a small positive
             number); smooth it over steps with :class:`NoiseScaleEMA`.
@@ -160,7 +173,12 @@ class NoiseScale:
         b_simple: ``trace_cov / grad_sq``: negative when ``grad_sq`` is, NaN for
             an all-zero gradient (0/0).
         mean_sq_norm: ‖ḡ‖² (biased: it overestimates |G|² by tr Σ / B).
-        mean_example_sq_norm: m = (1/B) Σ_i ‖g_i‖².
+        mean_example_sq_norm: m = (1/B) Σ_i ‖g_i‖², the mean squared norm of the
+            small batches (of one example each); for the rank-level estimator,
+            the mean over ranks of ‖ḡ_r‖².
+        estimator: ``"per-example"`` or ``"rank"`` (see above).
+        b_small: B_small: 1 for the per-example estimator, the (harmonic mean
+            of the) ranks' batch sizes for the rank-level one.
     """
 
     n: int
@@ -169,6 +187,8 @@ class NoiseScale:
     b_simple: float
     mean_sq_norm: float
     mean_example_sq_norm: float
+    estimator: str = "per-example"
+    b_small: float = 1.0
 
 
 def _noise_scale(mo: _Moments) -> NoiseScale:
@@ -202,6 +222,69 @@ def gradient_noise_scale(stats: GradStats) -> NoiseScale:
     _require_two("gradient_noise_scale", stats)
     _require_finite("gradient_noise_scale", stats, "mean", "param_sq_norms")
     return _noise_scale(_moments(stats))
+
+
+def two_batch_noise_scale(b_small: float, small_sq_norm: float, b_big: float, big_sq_norm: float) -> NoiseScale:
+    """|G|², tr Σ and B_simple from the squared gradient norms at two batch sizes.
+
+    McCandlish et al. 2018 (arXiv:1812.06162), App. A.1: E‖G_B‖² = |G|² + tr Σ / B, so
+
+    - |G|² ≈ (B_big‖G_big‖² − B_small‖G_small‖²)/(B_big − B_small)
+    - tr Σ ≈ (‖G_small‖² − ‖G_big‖²)/(1/B_small − 1/B_big)
+    - B_simple = tr Σ / |G|²
+
+    Both are unbiased; unlike the per-example estimator, tr Σ here may come out
+    negative (it is not clamped: clamping would bias it). Arithmetic in float64.
+
+    Returns:
+        a :class:`NoiseScale` with ``estimator="rank"``, ``n = b_big`` and
+        ``mean_example_sq_norm = small_sq_norm``.
+
+    Raises:
+        ValueError: unless 0 < b_small < b_big, or non-finite norms.
+    """
+    b_small, b_big = float(b_small), float(b_big)
+    small_sq_norm, big_sq_norm = float(small_sq_norm), float(big_sq_norm)
+    if not 0 < b_small < b_big:
+        raise ValueError(f"two_batch_noise_scale needs 0 < b_small < b_big, got b_small={b_small}, b_big={b_big} "
+                         "(with one rank, or no smaller batch, there is nothing to compare)")
+    if not (math.isfinite(small_sq_norm) and math.isfinite(big_sq_norm)):
+        raise ValueError(f"two_batch_noise_scale: non-finite squared norms ({small_sq_norm}, {big_sq_norm})")
+    grad_sq = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
+    trace_cov = (small_sq_norm - big_sq_norm) / (1 / b_small - 1 / b_big)
+    return NoiseScale(int(b_big) if b_big.is_integer() else b_big, grad_sq, trace_cov, _div(trace_cov, grad_sq),
+                      big_sq_norm, small_sq_norm, estimator="rank", b_small=b_small)
+
+
+def rank_noise_scale(stats: GradStats) -> NoiseScale:
+    """The rank-level noise estimator of an all-reduced GradStats (McCandlish et al. 2018, App. A.1).
+
+    B_small is each rank's batch and B_big = N the global one; ‖G_small‖² is
+    the mean over the W ranks of ‖ḡ_r‖² (``stats.part_mean_sq_norms``) and
+    ‖G_big‖² = ‖ḡ‖² of the global mean. With unequal batches n_r, B_small is
+    their harmonic mean, W / Σ_r (1/n_r): E‖ḡ_r‖² = |G|² + tr Σ/n_r, so the
+    mean over ranks is |G|² + tr Σ/B_small and the estimator stays unbiased.
+    This is what nanoGNS and gpt-neox compute under DDP; it needs no
+    per-example norms. :func:`gradient_noise_scale` of the same record is the
+    per-example estimator (B_small = 1), with lower variance.
+
+    Raises:
+        ValueError: a record that was not all-reduced (no ``part_sizes``: use
+            :meth:`GradStats.all_reduce`), fewer than 2 ranks, or non-finite statistics.
+    """
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"rank_noise_scale takes a GradStats, not {type(stats).__name__}")
+    if stats.part_sizes is None:
+        raise ValueError("rank_noise_scale needs the per-rank batch sizes and mean-gradient norms of an "
+                         "all-reduced record: call stats.all_reduce() (persample.distributed) first; "
+                         "Tracker does this under torch.distributed")
+    if len(stats.part_sizes) < 2:
+        raise ValueError(f"rank_noise_scale needs at least 2 ranks, got {len(stats.part_sizes)}")
+    _require_finite("rank_noise_scale", stats, "mean")
+    world = len(stats.part_sizes)
+    b_small = world / sum(1.0 / n for n in stats.part_sizes)
+    small_sq_norm = math.fsum(stats.part_mean_sq_norms) / world
+    return two_batch_noise_scale(b_small, small_sq_norm, stats.n, _f64_sum_sq(stats.mean.values()))
 
 
 class NoiseScaleEMA:
@@ -546,7 +629,9 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     ‖g_i‖), ``grad_sq``, ``trace_cov``, ``b_simple``, ``gsnr_mean``,
     ``diversity``, and for each test ``norm_test``, ``inner_test``,
     ``ortho_test`` the statistic, its ``…_batch`` (suggested batch size) and
-    ``…_threshold``. With ``per_layer``, also ``layer/<prefix>/grad_sq``,
+    ``…_threshold``. On an all-reduced record (2 ranks or more), also
+    ``rank_grad_sq``, ``rank_trace_cov`` and ``rank_b_simple``, the rank-level
+    estimator (:func:`rank_noise_scale`). With ``per_layer``, also ``layer/<prefix>/grad_sq``,
     ``…/trace_cov``, ``…/b_simple`` and ``…/gsnr`` for each module prefix.
 
     Values that these statistics cannot give are NaN: ``gsnr*`` without
@@ -570,6 +655,9 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     row.update(grad_sq=est.grad_sq, trace_cov=est.trace_cov, b_simple=est.b_simple,
                gsnr_mean=_mean_gsnr(stats, stats.names) if stats.m2 is not None else nan,
                diversity=_div(est.mean_example_sq_norm, stats.n * est.mean_sq_norm))
+    if stats.part_sizes is not None and len(stats.part_sizes) >= 2:
+        rank = rank_noise_scale(stats)
+        row.update(rank_grad_sq=rank.grad_sq, rank_trace_cov=rank.trace_cov, rank_b_simple=rank.b_simple)
     tests = [("norm_test", norm_test, norm_threshold),
              ("inner_test", inner_product_test, inner_threshold),
              ("ortho_test", orthogonality_test, ortho_threshold)]

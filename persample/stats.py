@@ -17,18 +17,25 @@ yields:
 ``merge`` is exact (Chan, Golub & LeVeque's pairwise update), so statistics of
 chunks, micro-batches or processes combine into the statistics of the
 concatenated batch.
+
+Every field declares its reduction once, in its dataclass metadata
+(:class:`Reduction`, read with :func:`field_reductions`); ``merge``, ``to`` and
+:func:`persample.distributed.all_reduce_stats` are derived from that
+declaration instead of listing the fields by hand.
 """
 
 from __future__ import annotations
 
+import enum
 import math
-from dataclasses import dataclass, field
-from typing import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "clip_factors", "sum_of_squares"]
+__all__ = ["GradStats", "Reduction", "FieldReduction", "field_reductions", "clip_factors",
+           "sum_of_squares", "same_value"]
 
 
 def sum_of_squares(g: Tensor, center: Tensor | None = None) -> Tensor:
@@ -53,6 +60,73 @@ def clip_factors(sq_norms: Tensor, clip_norm: float) -> Tensor:
     return (clip_norm / sq_norms.sqrt()).clamp(max=1.0)
 
 
+class Reduction(enum.Enum):
+    """How one :class:`GradStats` field combines across chunks, micro-batches and ranks.
+
+    With parts k = 1…K of sizes n_k (n = Σ_k n_k):
+
+    - ``SUM``: n = Σ_k n_k.
+    - ``WEIGHTED_MEAN``: μ = Σ_k (n_k/n) μ_k (``mean``, ``clipped_mean``).
+    - ``CHAN_M2``: M2 = Σ_k [M2_k + n_k (μ_k − μ)²], per element (Chan, Golub &
+      LeVeque); for two parts, M2_a + M2_b + δ²·n_a·n_b/n with δ = μ_b − μ_a.
+    - ``CONCAT``: per-example vectors of length n_k, concatenated in order.
+    - ``SHARED``: a value every part must hold equally (compared by value, see
+      :func:`same_value`); when the parts disagree it is dropped, and so is
+      every field that ``requires`` it.
+    - ``PARTS``: one entry per part, concatenated; set by
+      :func:`persample.distributed.all_reduce_stats` (one entry per rank) and
+      kept by ``merge`` only when both records have it.
+    """
+
+    SUM = "sum"
+    WEIGHTED_MEAN = "weighted_mean"
+    CHAN_M2 = "chan_m2"
+    CONCAT = "concat"
+    SHARED = "shared"
+    PARTS = "parts"
+
+
+@dataclass(frozen=True)
+class FieldReduction:
+    """A field's declared reduction, and the SHARED field it is only valid with (if any)."""
+
+    reduction: Reduction
+    requires: str | None = None
+
+
+def _declare(reduction: Reduction, requires: str | None = None, **kwargs) -> Any:
+    return field(metadata={"reduction": FieldReduction(reduction, requires)}, **kwargs)
+
+
+def field_reductions() -> dict[str, FieldReduction]:
+    """``{field name: FieldReduction}`` for every field of :class:`GradStats`, in declaration order."""
+    return {f.name: f.metadata["reduction"] for f in fields(GradStats)}
+
+
+def same_value(a: Any, b: Any) -> bool:
+    """Whether two SHARED values are equal by value: the same object, equal numbers, or
+    dicts of tensors with the same keys, shapes, dtypes and elements (NaN ≠ NaN)."""
+    if a is b:
+        return True
+    if a is None or b is None:
+        return False
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        if a.keys() != b.keys():
+            return False
+        return all(_same_tensor(a[k], b[k]) for k in a)
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return _same_tensor(a, b)
+    return a == b
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return bool(torch.equal(a, b.to(a.device)))
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class GradStats:
     """Sufficient statistics of one batch of per-example gradients.
@@ -63,18 +137,26 @@ class GradStats:
     parameters of ``param_sq_norms``.
 
     Build one with :func:`persample.grad_stats` (or :meth:`from_per_example`),
-    and combine several with :meth:`merge`.
+    combine several with :meth:`merge`, and combine the records of all ranks
+    of a process group with :meth:`all_reduce`.
+
+    ``part_sizes`` and ``part_mean_sq_norms`` are set by :meth:`all_reduce`:
+    the batch size n_r and ‖ḡ_r‖² of each rank's own record, what the
+    rank-level noise estimator (:func:`persample.noise.rank_noise_scale`)
+    needs. Records that were not all-reduced have None there.
     """
 
-    n: int
-    mean: dict[str, Tensor]
-    m2: dict[str, Tensor] | None
-    param_sq_norms: dict[str, Tensor]
-    losses: Tensor
-    inner_products: Tensor | None = None
-    reference: Mapping[str, Tensor] | None = field(default=None)
-    clip_norm: float | None = None
-    clipped_mean: dict[str, Tensor] | None = None
+    n: int = _declare(Reduction.SUM)
+    mean: dict[str, Tensor] = _declare(Reduction.WEIGHTED_MEAN)
+    m2: dict[str, Tensor] | None = _declare(Reduction.CHAN_M2)
+    param_sq_norms: dict[str, Tensor] = _declare(Reduction.CONCAT)
+    losses: Tensor = _declare(Reduction.CONCAT)
+    inner_products: Tensor | None = _declare(Reduction.CONCAT, requires="reference", default=None)
+    reference: Mapping[str, Tensor] | None = _declare(Reduction.SHARED, default=None)
+    clip_norm: float | None = _declare(Reduction.SHARED, default=None)
+    clipped_mean: dict[str, Tensor] | None = _declare(Reduction.WEIGHTED_MEAN, requires="clip_norm", default=None)
+    part_sizes: tuple[int, ...] | None = _declare(Reduction.PARTS, default=None)
+    part_mean_sq_norms: tuple[float, ...] | None = _declare(Reduction.PARTS, default=None)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -92,6 +174,13 @@ class GradStats:
             raise ValueError("GradStats: inner_products must have shape (n,)")
         if (self.clip_norm is None) != (self.clipped_mean is None):
             raise ValueError("GradStats: clip_norm and clipped_mean go together")
+        if (self.part_sizes is None) != (self.part_mean_sq_norms is None):
+            raise ValueError("GradStats: part_sizes and part_mean_sq_norms go together")
+        if self.part_sizes is not None and (sum(self.part_sizes) != self.n
+                                            or len(self.part_sizes) != len(self.part_mean_sq_norms)):
+            raise ValueError(f"GradStats: part_sizes {self.part_sizes} must add up to n={self.n}, one "
+                             "per entry of part_mean_sq_norms")
+        _refuse_dtensors(self)
 
     # ------------------------------------------------------------------ views
     @property
@@ -166,38 +255,45 @@ class GradStats:
     def merge(self, other: "GradStats") -> "GradStats":
         """Exact statistics of the concatenation (``self``'s examples first).
 
-        With counts n_a, n_b, means μ_a, μ_b and δ = μ_b − μ_a:
-        μ = μ_a + δ·n_b/n and M2 = M2_a + M2_b + δ²·n_a·n_b/n.
-        Inner products are kept only when both records share the same reference
-        object (they are relative to it); otherwise the merged record has none.
-        Clipped means combine exactly when both records used the same ``clip_norm``.
+        Each field follows its declared :class:`Reduction`. With counts n_a,
+        n_b, means μ_a, μ_b and δ = μ_b − μ_a: μ = μ_a + δ·n_b/n and
+        M2 = M2_a + M2_b + δ²·n_a·n_b/n. Per-example vectors are concatenated.
+
+        SHARED fields are compared **by value** (:func:`same_value`): inner
+        products survive when both records' references are equal tensors (two
+        clones of one reference will do), and clipped means when both used the
+        same ``clip_norm``; otherwise the merged record has none. ``m2`` and the
+        ``part_*`` fields are kept only when both records have them.
         """
         if not isinstance(other, GradStats):
             raise TypeError(f"can only merge GradStats with GradStats, not {type(other).__name__}")
         if self.mean.keys() != other.mean.keys():
             missing = sorted(set(self.mean) ^ set(other.mean))
             raise ValueError(f"cannot merge GradStats over different parameters: {missing}")
+        declared = field_reductions()
+        shared = {name: getattr(self, name) if same_value(getattr(self, name), getattr(other, name)) else None
+                  for name, fr in declared.items() if fr.reduction is Reduction.SHARED}
         na, nb = self.n, other.n
         n = na + nb
-        mean, m2 = {}, None if (self.m2 is None or other.m2 is None) else {}
-        for k, mu_a in self.mean.items():
-            delta = other.mean[k] - mu_a
-            mean[k] = mu_a + delta * (nb / n)
-            if m2 is not None:
-                m2[k] = self.m2[k] + other.m2[k] + delta.pow(2) * (na * nb / n)
-        sq = {k: torch.cat([v, other.param_sq_norms[k]]) for k, v in self.param_sq_norms.items()}
-        same_ref = self.reference is not None and self.reference is other.reference
-        inner = None
-        if same_ref and self.inner_products is not None and other.inner_products is not None:
-            inner = torch.cat([self.inner_products, other.inner_products])
-        clip, clipped = None, None
-        if self.clip_norm is not None and self.clip_norm == other.clip_norm:
-            clip = self.clip_norm
-            clipped = {k: v + (other.clipped_mean[k] - v) * (nb / n) for k, v in self.clipped_mean.items()}
-        return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq,
-                         losses=torch.cat([self.losses, other.losses]),
-                         inner_products=inner, reference=self.reference if same_ref else None,
-                         clip_norm=clip, clipped_mean=clipped)
+        values: dict[str, Any] = dict(shared)
+        for name, fr in declared.items():
+            if fr.reduction is Reduction.SHARED:
+                continue
+            a, b = getattr(self, name), getattr(other, name)
+            if fr.reduction is Reduction.SUM:
+                values[name] = a + b
+            elif a is None or b is None or (fr.requires is not None and shared[fr.requires] is None):
+                values[name] = None
+            elif fr.reduction is Reduction.WEIGHTED_MEAN:
+                values[name] = _map_pair(a, b, lambda x, y: x + (y - x) * (nb / n))
+            elif fr.reduction is Reduction.CHAN_M2:
+                values[name] = {k: a[k] + b[k] + (other.mean[k] - self.mean[k]).pow(2) * (na * nb / n)
+                                for k in a}
+            elif fr.reduction in (Reduction.CONCAT, Reduction.PARTS):
+                values[name] = _map_pair(a, b, _concat)
+            else:  # pragma: no cover - a new Reduction without a merge rule
+                raise NotImplementedError(f"GradStats.merge has no rule for {fr.reduction}")
+        return GradStats(**values)
 
     @staticmethod
     def merge_all(parts: "list[GradStats]") -> "GradStats":
@@ -211,16 +307,17 @@ class GradStats:
 
     # ------------------------------------------------------------------ misc
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GradStats":
-        """A copy with every tensor moved to ``device`` / cast to ``dtype``."""
-        def mv(t: Tensor) -> Tensor:
-            return t.to(device=device, dtype=dtype)
-        def mvd(d):
-            return None if d is None else {k: mv(v) for k, v in d.items()}
-        return GradStats(n=self.n, mean=mvd(self.mean), m2=mvd(self.m2),
-                         param_sq_norms=mvd(self.param_sq_norms), losses=mv(self.losses),
-                         inner_products=None if self.inner_products is None else mv(self.inner_products),
-                         reference=mvd(self.reference), clip_norm=self.clip_norm,
-                         clipped_mean=mvd(self.clipped_mean))
+        """A copy with every tensor field (and tensor of a dict field) moved to ``device`` / cast to
+        ``dtype``; scalar and tuple fields are kept as they are."""
+        def move(value):
+            return _map_one(value, lambda t: t.to(device=device, dtype=dtype))
+        return GradStats(**{name: move(getattr(self, name)) for name in field_reductions()})
+
+    def all_reduce(self, group=None, *, inner_products=None) -> "GradStats":
+        """The statistics of the batch concatenated over all ranks of ``group``:
+        :func:`persample.distributed.all_reduce_stats` (a collective: every rank must call it)."""
+        from .distributed import all_reduce_stats
+        return all_reduce_stats(self, group, inner_products=inner_products)
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())
@@ -229,3 +326,33 @@ class GradStats:
                 f"var={'yes' if self.m2 is not None else 'no'}, "
                 f"mean_loss={self.losses.mean().item():.4g}, "
                 f"median_norm={norms.median().item():.4g}, |mean|={self.mean_sq_norm.sqrt().item():.4g})")
+
+
+def _map_one(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """``fn`` on a tensor or on every tensor of a dict; anything else is returned as it is."""
+    if isinstance(value, Tensor):
+        return fn(value)
+    if isinstance(value, Mapping):
+        return {k: fn(v) for k, v in value.items()}
+    return value
+
+
+def _map_pair(a: Any, b: Any, fn: Callable[[Any, Any], Any]) -> Any:
+    """``fn(a, b)``, or ``{k: fn(a[k], b[k])}`` for dicts."""
+    if isinstance(a, Mapping):
+        return {k: fn(a[k], b[k]) for k in a}
+    return fn(a, b)
+
+
+def _concat(a: Any, b: Any) -> Any:
+    return a + b if isinstance(a, tuple) else torch.cat([a, b])
+
+
+def _refuse_dtensors(stats: GradStats) -> None:
+    """DTensors (FSDP2 shards) would run collectives when printed or reduced: never keep one."""
+    from ._sharding import is_dtensor
+    for name in ("mean", "m2", "param_sq_norms", "clipped_mean", "reference"):
+        value = getattr(stats, name)
+        if value is not None and any(is_dtensor(t) for t in value.values()):
+            raise TypeError(f"GradStats.{name} holds DTensors (FSDP2 shards); GradStats keeps plain local "
+                            "tensors only: convert with DTensor.to_local() (or full_tensor()) first")

@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch
+from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import check_clip_norm, trainable_parameters
 from .api import compute_stats
 from .check import batch_loss_grads, check_batch_mean
@@ -57,6 +58,16 @@ class Tracker:
             :func:`persample.check_mean` on that batch (per-example gradients from
             the vmap engine, each example in isolation, against autograd),
             raising :class:`persample.MeanMismatchError` on a mismatch.
+        distributed: under ``torch.distributed`` (a ``DistributedDataParallel``
+            wrapper, or any model once a process group is initialized; ``None``
+            detects it): ``step`` leaves ``p.grad`` = (1/W) Σ_r p.grad_r as DDP's
+            backward does (not inside ``ddp.no_sync()``), and the statistics
+            passed to hooks are those of the global batch
+            (:func:`persample.distributed.all_reduce_stats`). ``False`` opts out:
+            each rank on its own. With a DDP wrapper, ``tracker.model`` is
+            ``ddp.module``, on which the engines run, and steps without
+            per-example work run DDP's own forward and backward. Every rank
+            must step in lockstep (the reductions are collectives).
 
     A step is atomic: if it raises (bad input, the model, a hook, the check),
     every ``p.grad`` is exactly as it was before the step.
@@ -65,10 +76,11 @@ class Tracker:
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
                  clip_norm: float | None = None, chunk_size: int | None = None,
                  randomness: str = "error", check_every: int = 0, engine: str = "auto",
-                 var: bool = True, inner_products: bool = False):
+                 var: bool = True, inner_products: bool = False, distributed: bool | None = None):
         _require_int("every", every, minimum=1)
         _require_int("check_every", check_every, minimum=0)
         check_clip_norm(clip_norm)
+        model, self._replicas = resolve_replicas(model, distributed)
         trainable_parameters(model)  # fail early on a model with nothing to train
         self.model = model
         self.loss_fn = loss_fn
@@ -110,17 +122,31 @@ class Tracker:
         checking = self.check_every > 0 and step % self.check_every == 0
         try:
             if with_stats or checking or self.clip_norm is not None:
+                options = dict(self.stats_options)
+                if self._replicas is not None:  # relative to the global mean, after the reduction
+                    options["inner_products"] = False
                 stats = compute_stats(self.model, self.loss_fn, batch, clip_norm=self.clip_norm,
-                                      fork_rng=False, **self.stats_options)
+                                      fork_rng=False, **options)
                 if checking:
                     check_batch_mean(self.model, self.loss_fn, batch,
                                      chunk_size=self.stats_options["chunk_size"],
                                      randomness=self.stats_options["randomness"])
                 update = stats.mean if self.clip_norm is None else stats.clipped_mean
                 _accumulate(params, update, copy=True)  # stats' tensors must not alias p.grad
+                if self._replicas is not None:
+                    self._replicas.sync_gradients(params)
+            elif self._replicas is not None and self._replicas.wrapper is not None:
+                stats = None
+                self._replicas.ddp_backward(batch, self.loss_fn, params)  # DDP averages, overlapped
             else:
                 stats = None
                 _accumulate(params, self._plain_gradient(batch, params), copy=False)
+                if self._replicas is not None:
+                    self._replicas.sync_gradients(params)
+            if self._replicas is not None:
+                if with_stats:
+                    stats = self._replicas.reduce_stats(
+                        stats, self.model, self.loss_fn, batch if self.stats_options["inner_products"] else None)
             if with_stats:
                 self._publish(stats)
         except BaseException as err:
@@ -154,10 +180,20 @@ class Tracker:
         handle exactly raise ``NotExact``, so use :meth:`step` for them.
         ``p.grad`` is whatever your backward made it. Not available with
         ``clip_norm`` (clipping must happen before the reduction: use :meth:`step`).
+
+        Under DDP (run your DDP model's forward and backward in the block), the
+        statistics are built from this rank's own gradient, recorded before
+        DDP averages ``p.grad``, and then all-reduced into those of the global
+        batch; ``p.grad`` stays DDP's average. Inner products relative to the
+        global mean need the inputs for a second pass: use :meth:`step`.
         """
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
                              "Use tracker.step(inputs, targets) with clip_norm")
+        if self._replicas is not None and self.stats_options["inner_products"]:
+            raise ValueError("observe() under torch.distributed cannot give inner products relative to the "
+                             "global mean gradient (they need a second pass over the inputs, which observe "
+                             "does not see): use tracker.step(inputs, targets), or inner_products=False")
         if not self.wants_stats():
             observation = Observation()
             yield observation
@@ -169,10 +205,20 @@ class Tracker:
             if not leaves:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
-        with observing(self.model, self.loss_fn, targets, batch_size=batch_size, reduction=reduction,
-                       var=self.stats_options["var"],
-                       inner_products=self.stats_options["inner_products"]) as observation:
-            yield observation
+        local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
+        try:
+            with observing(self.model, self.loss_fn, targets, batch_size=batch_size, reduction=reduction,
+                           var=self.stats_options["var"],
+                           inner_products=self.stats_options["inner_products"]) as observation:
+                with local.recording() if local is not None else contextlib.nullcontext():
+                    yield observation
+                if local is not None:
+                    local.show_local()  # the sum check compares this rank's gradients with its own
+        finally:
+            if local is not None:
+                local.restore()
+        if self._replicas is not None:
+            observation.stats = self._replicas.reduce_stats(observation.stats)
         self._publish(observation.stats)
         self.steps += 1
 

@@ -45,9 +45,16 @@ def test_merge_keeps_inner_products_only_with_a_shared_reference():
     merged = halves[0].merge(halves[1])
     flat = torch.cat([g.reshape(6, -1) for g in grads.values()], 1)
     torch.testing.assert_close(merged.inner_products, flat @ torch.cat([r.reshape(-1) for r in ref.values()]))
-    other = GradStats.from_per_example({k: v[3:] for k, v in grads.items()}, losses[3:],
+    # References are compared by value: an equal clone is the same reference...
+    clone = GradStats.from_per_example({k: v[3:] for k, v in grads.items()}, losses[3:],
                                        reference={k: v.clone() for k, v in ref.items()})
-    assert halves[0].merge(other).inner_products is None
+    torch.testing.assert_close(halves[0].merge(clone).inner_products, merged.inner_products, rtol=0, atol=0)
+    # ...and a reference that differs in one element is not.
+    moved = {k: v.clone() for k, v in ref.items()}
+    moved["b"][0] += 1e-12
+    other = GradStats.from_per_example({k: v[3:] for k, v in grads.items()}, losses[3:], reference=moved)
+    dropped = halves[0].merge(other)
+    assert dropped.inner_products is None and dropped.reference is None
 
 
 def test_merge_rejects_different_parameters():

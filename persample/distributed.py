@@ -1,0 +1,352 @@
+"""Statistics and gradients across the ranks of a ``torch.distributed`` process group.
+
+Rank r holds the statistics of its own n_r examples (a :class:`GradStats` from
+:func:`persample.grad_stats`, a Tracker step or ``Tracker.observe``).
+:func:`all_reduce_stats` turns them, on every rank, into the statistics of the
+concatenated batch of N = Σ_r n_r examples, exactly (up to float rounding): the
+result equals :func:`persample.grad_stats` on one process over the
+concatenation of the ranks' batches, in rank order. Each field follows its
+declared :class:`~persample.stats.Reduction`:
+
+- n = Σ_r n_r (from a small all-gather of per-rank headers);
+- mean and clipped mean: ḡ = Σ_r (n_r/N) ḡ_r, one all-reduce of P-sized sums;
+- M2 = Σ_r [M2_r + n_r (ḡ_r − ḡ)²] (Chan et al.'s update for W parts), a
+  second all-reduce of P-sized sums after ḡ is known. Never an all-gather of
+  P-sized tensors (that would be W × P memory);
+- per-example vectors (losses, whole-model and per-parameter squared norms):
+  all-gathered as B-sized vectors, padded to the largest rank's batch;
+- inner products p_i = ⟨g_i, ḡ⟩ relative to the GLOBAL mean: they cannot be
+  derived from ⟨g_i, ḡ_r⟩, so they take a second B-sized pass. Pass
+  ``inner_products=`` a function that returns this rank's ⟨g_i, v⟩ for a
+  direction v (:func:`inner_products_with` makes one from a model and a batch:
+  one forward-mode pass, no per-example gradients). Without it, inner products
+  survive only when every rank's are relative to the same reference (compared
+  by value); otherwise the result has none.
+- ``part_sizes`` / ``part_mean_sq_norms``: n_r and ‖ḡ_r‖² of every rank, what
+  the rank-level noise estimator needs (:func:`persample.noise.rank_noise_scale`).
+
+Scaling conventions are those of the library: per-example gradients are
+unscaled (g_i is the gradient of example i's own loss), variance is unbiased
+(M2 / (N − 1)).
+
+:func:`all_reduce_gradients` is the other half of data parallelism: it leaves
+``p.grad`` = (1/W) Σ_r p.grad_r on every rank, as DDP's backward does.
+
+Every function here is a collective: every rank of the group must call it, in
+the same order, with statistics over the same parameters.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .stats import GradStats, Reduction, field_reductions
+
+__all__ = ["all_reduce_stats", "all_reduce_gradients", "inner_products_with", "is_distributed",
+           "DEFAULT_BUCKET_BYTES"]
+
+#: Gradient buckets of :func:`all_reduce_gradients`: DDP's default ``bucket_cap_mb=25``.
+DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
+
+InnerProducts = Callable[[Mapping[str, Tensor]], Tensor]
+
+
+def is_distributed(group=None) -> bool:
+    """Whether ``torch.distributed`` is available and its default process group is initialized."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _require_group(fn: str) -> None:
+    if not is_distributed():
+        raise RuntimeError(f"{fn} needs an initialized torch.distributed process group: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")
+
+
+def _comm_device(group, like: torch.device) -> torch.device:
+    """Where collectives of ``group`` take their tensors: CUDA for NCCL, CPU for gloo."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    if "nccl" in backend:
+        return torch.device("cuda", torch.cuda.current_device())
+    if like.type == "cuda" and "gloo" not in backend:
+        return like
+    return torch.device("cpu")
+
+
+# ------------------------------------------------------------------ small collectives
+
+
+def _all_gather_rows(tensor: Tensor, group, world: int) -> list[Tensor]:
+    out = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(out, tensor, group=group)
+    return out
+
+
+def _all_reduce_sums(tensors: Sequence[Tensor], group, device: torch.device,
+                     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                     prepare: Callable[[Tensor, list[int]], None] | None = None) -> list[Tensor]:
+    """Σ over ranks of each tensor (same shapes and dtypes on every rank), through flat buckets
+    of at most ``bucket_bytes`` per dtype, all launched before any is waited for.
+    ``prepare(flat, indices)`` may transform a bucket in place before it is sent."""
+    results: list[Tensor | None] = [None] * len(tensors)
+    pending = []
+    for indices in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([tensors[i].detach().reshape(-1).to(device) for i in indices])
+        if prepare is not None:
+            prepare(flat, indices)
+        pending.append((indices, flat, torch.distributed.all_reduce(flat, group=group, async_op=True)))
+    for indices, flat, work in pending:
+        work.wait()
+        offset = 0
+        for i in indices:
+            t = tensors[i]
+            results[i] = flat[offset:offset + t.numel()].view(t.shape).to(t.device)
+            offset += t.numel()
+    return results
+
+
+def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[int]]:
+    """Indices grouped by dtype, in order, each group cut at ``bucket_bytes``."""
+    by_dtype: dict[torch.dtype, list[list[int]]] = {}
+    sizes: dict[torch.dtype, int] = {}
+    for i, t in enumerate(tensors):
+        groups = by_dtype.setdefault(t.dtype, [[]])
+        nbytes = t.numel() * t.element_size()
+        if groups[-1] and sizes[t.dtype] + nbytes > bucket_bytes:
+            groups.append([])
+            sizes[t.dtype] = 0
+        groups[-1].append(i)
+        sizes[t.dtype] = sizes.get(t.dtype, 0) + nbytes
+    return [g for groups in by_dtype.values() for g in groups if g]
+
+
+def _gather_vectors(rows: Sequence[Tensor], sizes: list[int], group, device: torch.device) -> list[Tensor]:
+    """Per-example vectors of every rank, concatenated in rank order: one all-gather of a
+    [len(rows), max n_r] float64 matrix (zero-padded), cast back to each row's dtype."""
+    if not rows:
+        return []
+    width = max(sizes)
+    mine = torch.zeros(len(rows), width, dtype=torch.float64, device=device)
+    for k, row in enumerate(rows):
+        mine[k, :row.shape[0]] = row.detach().to(device=device, dtype=torch.float64)
+    gathered = _all_gather_rows(mine, group, len(sizes))
+    whole = torch.cat([part[:, :n] for part, n in zip(gathered, sizes)], dim=1)
+    return [whole[k].to(device=row.device, dtype=row.dtype) for k, row in enumerate(rows)]
+
+
+# ------------------------------------------------------------------------ the header
+
+_HEADER = ("n", "mean_sq_norm", "has_m2", "clip_norm", "has_inner", "has_reference", "reference_sum",
+           "reference_sq_sum", "layout", "num_params")
+
+
+def _layout_fingerprint(stats: GradStats) -> float:
+    """A CRC of the parameter names, shapes and dtypes: ranks must agree on it before P-sized collectives."""
+    text = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in stats.mean.items())
+    return float(zlib.crc32(text.encode()))
+
+
+def _header(stats: GradStats, device: torch.device) -> Tensor:
+    ref = stats.reference
+    ref_sum = ref_sq = 0.0
+    if ref is not None:
+        ref_sum = float(sum(v.detach().double().sum() for v in ref.values()))
+        ref_sq = float(sum(v.detach().double().pow(2).sum() for v in ref.values()))
+    values = dict(n=stats.n, mean_sq_norm=float(stats.mean_sq_norm), has_m2=stats.m2 is not None,
+                  clip_norm=float("nan") if stats.clip_norm is None else float(stats.clip_norm),
+                  has_inner=stats.inner_products is not None, has_reference=ref is not None,
+                  reference_sum=ref_sum, reference_sq_sum=ref_sq, layout=_layout_fingerprint(stats),
+                  num_params=len(stats.mean))
+    return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
+
+
+def _column(headers: Tensor, name: str) -> list[float]:
+    return headers[:, _HEADER.index(name)].tolist()
+
+
+def _all_equal(values: Iterable[float]) -> bool:
+    values = list(values)
+    return all(v == values[0] for v in values)  # NaN ≠ NaN: a None clip_norm never agrees
+
+
+# ------------------------------------------------------------------------ all-reduce
+
+
+def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProducts | None = None) -> GradStats:
+    """The statistics of the batch concatenated over all ranks of ``group``, on every rank.
+
+    Args:
+        stats: this rank's statistics (any batch size n_r ≥ 1; ranks may differ).
+        group: the process group (default: the default group).
+        inner_products: optional ``fn(v) -> Tensor[n_r]`` returning this rank's
+            per-example inner products ⟨g_i, v⟩ with a direction
+            ``v = {name: Tensor}``. It is called with the global mean ḡ, and the
+            result's ``inner_products`` are then ⟨g_i, ḡ⟩ over all N examples
+            (what the inner-product and orthogonality tests need). See
+            :func:`inner_products_with`.
+
+    Returns:
+        a :class:`GradStats` with n = N, the global mean, M2 and clipped mean,
+        the per-example vectors of all ranks in rank order, and ``part_sizes`` /
+        ``part_mean_sq_norms`` = (n_r), (‖ḡ_r‖²) per rank. Fields follow their
+        declared reductions (see the module docstring); a field some rank lacks
+        (``m2`` with ``var=False``, ``clipped_mean`` with another ``clip_norm``)
+        is None, as in :meth:`GradStats.merge`.
+
+    Raises:
+        RuntimeError: no initialized process group.
+        ValueError: the ranks' statistics cover different parameters (names,
+            shapes or dtypes) — checked before any P-sized collective.
+    """
+    _require_group("all_reduce_stats")
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"all_reduce_stats takes a GradStats, not {type(stats).__name__}")
+    dist = torch.distributed
+    world = dist.get_world_size(group)
+    first = next(iter(stats.mean.values()))
+    device = _comm_device(group, first.device)
+
+    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
+        raise ValueError("all_reduce_stats: the ranks' statistics cover different parameters (names, shapes "
+                         "or dtypes differ); every rank must compute statistics of the same model")
+    sizes = [int(n) for n in _column(headers, "n")]
+    total = sum(sizes)
+    declared = field_reductions()
+    shared = {
+        "clip_norm": stats.clip_norm if _all_equal(_column(headers, "clip_norm")) else None,
+        "reference": _shared_reference(stats, headers, group, device),
+    }
+    assert set(shared) == {n for n, fr in declared.items() if fr.reduction is Reduction.SHARED}
+    everywhere = {"m2": all(_column(headers, "has_m2")), "inner_products": all(_column(headers, "has_inner"))}
+
+    def present(name: str) -> bool:
+        fr = declared[name]
+        if getattr(stats, name) is None or not everywhere.get(name, True):
+            return False
+        return fr.requires is None or shared[fr.requires] is not None
+
+    names = stats.names
+    # Round 1: weighted means (P-sized sums of n_r·μ_r) and per-example vectors (B-sized gathers).
+    weighted = [f for f, fr in declared.items() if fr.reduction is Reduction.WEIGHTED_MEAN and present(f)]
+    sums = _all_reduce_sums([getattr(stats, f)[k] for f in weighted for k in names], group, device,
+                            prepare=lambda flat, _: flat.mul_(stats.n))
+    values: dict = dict(shared)
+    for i, f in enumerate(weighted):
+        values[f] = {k: s.div_(total) for k, s in zip(names, sums[i * len(names):(i + 1) * len(names)])}
+    concat = [f for f, fr in declared.items() if fr.reduction is Reduction.CONCAT
+              and (inner_products is None or f != "inner_products") and present(f)]
+    rows = [r for f in concat for r in _as_rows(getattr(stats, f))]
+    gathered = iter(_gather_vectors(rows, sizes, group, device))
+    for f in concat:
+        value = getattr(stats, f)
+        values[f] = {k: next(gathered) for k in value} if isinstance(value, Mapping) else next(gathered)
+
+    # Round 2: M2 = Σ_r [M2_r + n_r (μ_r − μ)²], once μ is known.
+    chan = [f for f, fr in declared.items() if fr.reduction is Reduction.CHAN_M2 and present(f)]
+    mean = values["mean"]
+    local_means = [stats.mean[k] for _ in chan for k in names]
+    global_means = [mean[k] for _ in chan for k in names]
+
+    def add_spread(flat: Tensor, indices: list[int]) -> None:  # M2_r + n_r (μ_r − μ)², in place
+        d = torch.cat([local_means[i].detach().reshape(-1).to(device) for i in indices])
+        d.sub_(torch.cat([global_means[i].reshape(-1).to(device) for i in indices]))
+        flat.addcmul_(d, d, value=stats.n)
+
+    reduced = _all_reduce_sums([getattr(stats, f)[k] for f in chan for k in names], group, device,
+                               prepare=add_spread)
+    for i, f in enumerate(chan):
+        values[f] = dict(zip(names, reduced[i * len(names):(i + 1) * len(names)]))
+
+    # Inner products relative to the global mean: a second B-sized pass.
+    if inner_products is not None:
+        local = inner_products(mean)
+        if not isinstance(local, Tensor) or local.shape != (stats.n,):
+            raise ValueError(f"all_reduce_stats: inner_products(direction) must return a tensor of shape "
+                             f"({stats.n},), one value per local example; got "
+                             f"{tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__}")
+        values["inner_products"] = _gather_vectors([local], sizes, group, device)[0]
+        values["reference"] = mean
+
+    for f, fr in declared.items():
+        if fr.reduction is Reduction.SUM:
+            values[f] = total
+        elif fr.reduction is Reduction.PARTS:
+            values[f] = None
+        values.setdefault(f, None)
+    values["part_sizes"] = tuple(sizes)
+    values["part_mean_sq_norms"] = tuple(_column(headers, "mean_sq_norm"))
+    return GradStats(**values)
+
+
+def _as_rows(value) -> list[Tensor]:
+    return list(value.values()) if isinstance(value, Mapping) else [value]
+
+
+def _shared_reference(stats: GradStats, headers: Tensor, group, device) -> Mapping[str, Tensor] | None:
+    """``stats.reference`` when every rank holds the same one, by value; None otherwise.
+
+    Cheap fingerprints (Σ r, Σ r²) rule out most differences without P-sized traffic; when they
+    agree, an exact check compares the element-wise max and min over ranks.
+    """
+    if stats.reference is None or not all(_column(headers, "has_reference")):
+        return None
+    if not (_all_equal(_column(headers, "reference_sum")) and _all_equal(_column(headers, "reference_sq_sum"))):
+        return None
+    names = list(stats.reference)
+    flat = torch.cat([stats.reference[k].detach().reshape(-1).double().to(device) for k in names])
+    high, low = flat.clone(), flat.clone()
+    torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX, group=group)
+    torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN, group=group)
+    return stats.reference if bool(torch.equal(high, low)) else None
+
+
+# -------------------------------------------------------------------- inner products
+
+
+def inner_products_with(model: nn.Module, loss_fn: Callable[..., Tensor], inputs, targets=None) -> InnerProducts:
+    """``fn(v) -> Tensor[B]``: the batch's per-example inner products ⟨g_i, v⟩, for
+    :func:`all_reduce_stats`'s ``inner_products=``.
+
+    ⟨g_i, v⟩ is the directional derivative of L_i along v, so one forward-mode
+    (``torch.func.jvp``) pass of the batch gives all of them, without any
+    per-example gradient: see
+    :func:`persample.engines.directional.per_example_directional_derivatives`.
+    """
+    from ._batch import as_batch
+    from .engines.directional import per_example_directional_derivatives
+
+    batch = as_batch(inputs, targets)
+    return lambda direction: per_example_directional_derivatives(model, loss_fn, batch, direction)
+
+
+# ------------------------------------------------------------------------- gradients
+
+
+def all_reduce_gradients(params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter], group=None, *,
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+    """``p.grad ← (1/W) Σ_r p.grad_r`` on every rank, as ``DistributedDataParallel``'s backward leaves it.
+
+    Like DDP's reducer, each gradient is multiplied by 1/W and the products are
+    summed over ranks, in flat buckets of at most ``bucket_bytes`` per dtype
+    (all launched before the first is waited for). A gradient that is None on
+    some ranks counts as zero there; it stays None only where it is None on
+    every rank. New gradients are views into the buckets (written out of place,
+    so a caller holding the old ``p.grad`` tensors can restore them).
+    """
+    _require_group("all_reduce_gradients")
+    dist = torch.distributed
+    params = list(params.values()) if isinstance(params, Mapping) else list(params)
+    if not params:
+        return
+    world = dist.get_world_size(group)
+    device = _comm_device(group, params[0].device)
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has_grad, op=dist.ReduceOp.MAX, group=group)
+    chosen = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    scaled = [(p.grad.detach() if p.grad is not None else torch.zeros_like(p)) * (1.0 / world) for p in chosen]
+    for p, g in zip(chosen, _all_reduce_sums(scaled, group, device, bucket_bytes)):
+        p.grad = g.to(p.dtype)
