@@ -9,6 +9,8 @@ The flow, from batch to diagnostics::
   variance, per-example norms, losses) with an exact ``merge``.
 - :class:`Tracker`: a drop-in replacement for ``loss.backward()`` in a training
   loop that writes ḡ into ``p.grad`` and calls hooks with the batch's GradStats.
+- :class:`BatchLoss`, :func:`causal_lm_loss`: batch losses that are not the
+  mean of the per-example losses (token means, sums, class weights), ℓ = Σ_i w_i L_i.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -16,6 +18,7 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 """
 
 from .api import grad_stats, per_sample_grads
+from .batch_loss import BatchLoss, BatchLossMismatch, causal_lm_loss
 from .check import MeanCheck, check_mean
 from .errors import MeanMismatchError, UnsupportedModelError
 from .stats import GradStats
@@ -27,4 +30,5 @@ __version__ = "0.1.0"
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "__version__", "noise",
+    "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
 ]

@@ -2,16 +2,19 @@
 
 Inside :func:`observing`, the user's forward and backward run unchanged while
 the fast engine's hooks record each unit's inputs and output gradients. The
-gradients are of the user's loss ℓ, so they are rescaled by s = B for a
-declared ``reduction="mean"`` (ℓ = (1/B) Σ_i L_i) or s = 1 for ``"sum"``.
+gradients are of the user's loss ℓ = w Σ_i L_i (a mean: w = 1/B; a sum: w = 1;
+a token mean: w = 1/N_tokens; divided by accumulation steps or multiplied by a
+loss scale: w times that), so they are rescaled by s = 1/w.
 
-A wrong declaration must not give silently wrong statistics, and comparing
-with ``p.grad`` alone cannot reveal it (every statistic scales consistently).
-So two checks run after the backward:
+A wrong per-example loss must not give silently wrong statistics, and
+comparing with ``p.grad`` alone cannot reveal it (every statistic scales
+consistently). So two checks run after the backward:
 
-1. **Reduction**: the gradient of ℓ at the model's output, times s, must equal
-   ∇_o L_i for every example: one gradient of Σ_i L_i at the detached output
-   (cheap: only the loss is redone, in closed form for standard losses).
+1. **Weights**: the gradient of ℓ at the model's output must be w_i ∇_{o_i} L_i
+   for every example, with one w (read off the gradients, see
+   :func:`persample.batch_loss.derive_weights`; a declared ``reduction``
+   also fixes w): one gradient of Σ_i L_i at the detached output (cheap: only
+   the loss is redone, in closed form for standard losses).
 2. **p.grad**: Σ_i g_i from the captured pieces must equal s times the increment
    of ``p.grad`` made by this backward; a loss with terms that are not
    per-example losses (a regulariser, a parameter used in the loss) fails here.
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .._model import trainable_parameters
+from ..batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ..stats import GradStats
 from .capture import NotExact, audit_graph, capturing, find_units, store_grad
 from .fast import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
@@ -39,7 +43,7 @@ from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = (None, "mean", "sum")
 
 
 class ObservationError(RuntimeError):
@@ -51,6 +55,7 @@ class Observation:
     """Filled in when the ``with`` block exits: ``stats`` (None until then)."""
 
     stats: GradStats | None = None
+    skipped: bool = False
     _output: Any = None
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
@@ -58,7 +63,7 @@ class Observation:
 
 @contextlib.contextmanager
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
-              reduction: str = "mean", var: bool = True, inner_products: bool = False) -> Iterator[Observation]:
+              reduction: str | None = None, var: bool = True, inner_products: bool = False) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -91,14 +96,17 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
 
 
 def _observed_stats(observation: Observation, params, before, units, loss_fn, targets, batch_size,
-                    reduction, var, inner_products) -> GradStats:
+                    reduction, var, inner_products) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError("no forward of the model reached a backward inside the block: run "
                                "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`")
     if observation._audit.escape is not None:
         raise NotExact(observation._audit.escape)
-    scale = float(batch_size) if reduction == "mean" else 1.0
-    losses = _check_reduction(observation, loss_fn, targets, batch_size, scale, reduction)
+    if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
+        observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
+        return None
+    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction)
+    scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
     means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
@@ -107,40 +115,68 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
 
 
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
-    """factor · (p.grad − before), a new tensor (statistics must not alias ``p.grad``)."""
+    """factor · (p.grad − before), a new tensor in float32 or wider (statistics must not alias
+    ``p.grad``, and are kept in float32 whatever the autocast or parameter dtype)."""
+    dtype = torch.promote_types(p.dtype, torch.float32)
     if p.grad is None:
-        return torch.zeros_like(p)
-    increment = p.grad.detach().clone() if before is None else p.grad.detach() - before
+        return torch.zeros_like(p, dtype=dtype)
+    increment = p.grad.detach().to(dtype, copy=True) if before is None else p.grad.detach().to(dtype) - before
     return increment.mul_(factor) if factor != 1.0 else increment
 
 
-def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int, scale: float,
-                     reduction: str) -> Tensor:
-    """Per-example losses, after checking s·∂ℓ/∂o == ∇_o L_i for every example."""
+def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int,
+                     reduction: str | None) -> tuple[Tensor, float]:
+    """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
+    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`)."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
-    detached = [t.detach().requires_grad_(i in differentiable) if isinstance(t, Tensor) else t
-                for i, t in enumerate(leaves)]
+    detached = []
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor):
+            t = t.detach()
+            if i in differentiable:  # half-precision outputs (autocast) are compared in float32
+                t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()).requires_grad_(True)
+        detached.append(t)
     with torch.enable_grad():
         losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
-        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-    grads = [torch.zeros_like(detached[i]) if g is None else g for i, g in zip(differentiable, grads)]
-    for i, per_example in zip(differentiable, grads):
-        observed = observation._output_grads[i] * scale
-        err = (observed - per_example).abs().max().item()
-        size = per_example.abs().max().item()
-        if err > 1e-3 * max(size, 1e-12):
-            ratio = (observed * per_example).sum().item() / max(per_example.pow(2).sum().item(), 1e-30)
-            hint = f"observed / expected ≈ {ratio:.4g}"
-            if abs(ratio - batch_size) < 0.05 * batch_size:
-                hint += ", as if the loss were summed: reduction='sum'?"
-            elif abs(ratio * batch_size - 1) < 0.05:
-                hint += ", as if the loss were averaged: reduction='mean'?"
+        if not losses.requires_grad:
             raise ObservationError(
-                f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
-                f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
-                "Declare the reduction the loss really uses, or pass the targets that the loss uses.")
-    return losses.detach()
+                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
+                "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
+                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
+                "persample.causal_lm_loss(), with the labels as targets)")
+        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+    observed = [observation._output_grads[i] for i in differentiable]
+    try:
+        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
+    except BatchLossMismatch as err:
+        raise ObservationError(f"{err}. Declare the per-example loss the backward really combines, or pass "
+                               "the targets that the loss uses") from None
+    weight = common_weight(w, rtol=1e-5)
+    if weight is None:
+        raise ObservationError(
+            "the examples weigh differently in the backwarded loss (w_i from "
+            f"{w.min().item():.4g} to {w.max().item():.4g}; class weights?): observe() needs ℓ = w Σ_i L_i. "
+            "Use a per-example loss that carries the weights (persample.BatchLoss(loss_fn, per_example=<the "
+            "loss with reduction='sum'>)), or tracker.step")
+    if weight <= 0:
+        raise ObservationError("the backwarded loss has no gradient at the model output (or decreases "
+                               "with the per-example losses)")
+    expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)
+    if reduction is not None and expected is None:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if expected is not None and abs(weight - expected) > 1e-3 * expected:
+        hint = f"observed / expected ≈ {weight / expected:.4g}"
+        if abs(weight - 1.0) < 0.05:
+            hint += ", as if the loss were summed: reduction='sum'?"
+        elif abs(weight * batch_size - 1) < 0.05:
+            hint += ", as if the loss were averaged: reduction='mean'?"
+        raise ObservationError(
+            f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
+            f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
+            "Declare the reduction the loss really uses (reduction=None reads it from the backward), "
+            "or pass the targets that the loss uses.")
+    return losses.detach(), weight
 
 
 def _check_against_grad(pieces, means) -> None:
