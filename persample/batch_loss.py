@@ -255,6 +255,7 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
     Raises:
         BatchLossMismatch: ∇_{o_i} ℓ is not a multiple of ∇_{o_i} L_i.
         OpaqueLoss: ℓ does not depend on the batched output tensors alone.
+        NonFiniteLoss: the output or ℓ is not finite.
     """
     from torch.utils._pytree import tree_unflatten
 
@@ -271,6 +272,8 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
         detached.append(t)
     out = tree_unflatten(detached, spec)
     differentiable = [i for i, f in enumerate(floating) if f]
+    if not all(bool(torch.isfinite(detached[i].detach()).all()) for i in differentiable if batched[i]):
+        raise NonFiniteLoss()
     with torch.enable_grad():
         try:
             losses = per_example_losses(per_example_fn, out, targets, batch_size)
@@ -286,6 +289,8 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
         if not isinstance(ell, Tensor) or ell.dim() != 0:
             raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss), got "
                              + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__))
+        if not bool(torch.isfinite(ell.detach())):
+            raise NonFiniteLoss()
         if not ell.requires_grad:
             raise OpaqueLoss()
         batch_grads = torch.autograd.grad(ell, [detached[i] for i in differentiable], allow_unused=True)
@@ -303,6 +308,11 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
     by_leaf = dict(zip(differentiable, batch_grads))
     w = derive_weights([by_leaf[i] for i in on_batched], example_grads, batch_size)
     return w, [i for i, g in by_leaf.items() if g is not None]
+
+
+class NonFiniteLoss(Exception):
+    """Internal: the batch loss or the model output is inf/NaN at this step (a diverged or overflowing
+    step): no weights, and no statistics, can be read from it."""
 
 
 def reachable_leaves(roots: Sequence[Tensor]) -> set[int]:

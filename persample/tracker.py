@@ -39,8 +39,8 @@ from torch.utils.hooks import RemovableHandle
 from ._batch import Batch, as_batch
 from ._model import check_clip_norm, preserved_state, trainable_parameters
 from .api import compute_stats
-from .batch_loss import (BatchLossMismatch, OpaqueLoss, common_weight, loss_parts, reachable_leaves,
-                         weights_at_output)
+from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
+                         reachable_leaves, weights_at_output)
 from .check import check_batch_mean
 from .engines.observe import Observation, observing
 from .stats import GradStats
@@ -174,8 +174,8 @@ class Tracker:
             for x, g in zip(inputs_with_grad, input_grads):
                 if g is not None:
                     x.grad = g * scale if x.grad is None else x.grad + g * scale
-            if with_stats and stats is not None:
-                if not _finite(stats):
+            if with_stats:
+                if stats is None or not _finite(stats):
                     self.skipped.append(step)
                     stats = None
                 elif accumulating:
@@ -251,6 +251,9 @@ class Tracker:
                 weights, used_leaves = weights_at_output(self.batch_loss, per_example, output[0], batch.targets,
                                                          batch.size)
                 factor = common_weight(weights, rtol=1e-5)
+            except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
+                update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
+                return None, update, input_grads
             except OpaqueLoss as opaque:
                 if opaque.per_example:  # the per-example loss is not a function of example i's output alone
                     stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm,
@@ -265,6 +268,8 @@ class Tracker:
                           if id(p) in reached}
                 return stats, update, []
         update, input_grads, factor, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
+        if factor is not None and math.isnan(factor):  # a diverged step: no statistics
+            return None, update, input_grads
         if self.clip_norm is not None and factor is None:
             raise BatchLossMismatch(
                 "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
@@ -389,6 +394,8 @@ class Tracker:
                     factor = common_weight(weights, rtol=1e-5)
                 except OpaqueLoss:
                     opaque = True
+                except NonFiniteLoss:
+                    factor, opaque = math.nan, False
             grads = torch.autograd.grad(loss, [*params.values(), *inputs_with_grad], allow_unused=True)
         update = {name: g for name, g in zip(params, grads) if g is not None}
         if weigh:
