@@ -294,8 +294,8 @@ class Tracker:
         check_batch_mean(self.model, self.batch_loss, batch, scaled)
 
     @contextlib.contextmanager
-    def observe(self, targets: Any = None, *, reduction: str | None = None,
-                batch_size: int | None = None) -> Iterator[Observation]:
+    def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
+                output_module: nn.Module | None = None) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
@@ -313,7 +313,9 @@ class Tracker:
         weights are read from the gradient at the model output and checked; they
         must be equal (w_i = w), and ``reduction="mean"`` (w = 1/B) or ``"sum"``
         (w = 1) additionally asserts which. The loss must be computed from the
-        model's output by ``loss_fn`` (not inside the model, as ``out.loss``).
+        model's output by ``loss_fn`` (not inside the model, as ``out.loss``),
+        or from the output of ``output_module``, a submodule (a Hugging Face
+        model's ``get_output_embeddings()``, whose logits its own loss uses).
 
         A per-example loss that does not describe the backwarded loss, or a
         loss with other terms, raises :class:`persample.engines.observe.ObservationError`
@@ -350,7 +352,8 @@ class Tracker:
             batch_size = int(leaves[0].shape[0])
         with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                        var=self.stats_options["var"],
-                       inner_products=self.stats_options["inner_products"]) as observation:
+                       inner_products=self.stats_options["inner_products"],
+                       output_module=output_module) as observation:
             yield observation
         if observation.stats is None:
             self.skipped.append(self.steps)

@@ -59,12 +59,17 @@ class Observation:
     _output: Any = None
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
+    _roots: Any = None
 
 
 @contextlib.contextmanager
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
-              reduction: str | None = None, var: bool = True, inner_products: bool = False) -> Iterator[Observation]:
-    """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit."""
+              reduction: str | None = None, var: bool = True, inner_products: bool = False,
+              output_module: nn.Module | None = None) -> Iterator[Observation]:
+    """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
+
+    ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
+    for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params = trainable_parameters(model)
@@ -79,13 +84,14 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 leaf.register_hook(store_grad(observation._output_grads, i))
-        roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
-        observation._audit = audit_graph(roots, units, names)
+        observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
-    handle = model.register_forward_hook(root_hook)
+    handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
     try:
         with capturing(units, model, batch_size) as capture:
             yield observation
+            if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
+                observation._audit = audit_graph(observation._roots, units, names)
             capture.end_forward()
             if capture.escape is not None:
                 raise NotExact(capture.escape)
