@@ -101,3 +101,80 @@ def test_hf_track_needs_a_loss_for_models_that_are_not_causal_lms(tmp_path):
     from persample.integrations.transformers import track
     with pytest.raises(ValueError, match="pass loss_fn="):
         track(trainer)
+
+
+# ------------------------------------------------------------------------------------------- lightning
+
+
+def _lightning_module(seed=0):
+    L = pytest.importorskip("lightning")
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Classifier(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+    return Classifier()
+
+
+def _lightning_fit(module, data, *, tracked, accumulation=1, precision="64-true", batch_size=4, **kwargs):
+    L = pytest.importorskip("lightning")
+    import torch.nn.functional as F
+    callbacks = []
+    if tracked:
+        from persample.integrations.lightning import PersampleCallback
+        callbacks.append(PersampleCallback(F.cross_entropy, **kwargs))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=batch_size)
+    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=accumulation, precision=precision,
+                        gradient_clip_val=0.5, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(module, loader)
+    return trainer, (callbacks[0] if callbacks else None)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_lightning_trains_identically_and_its_statistics_are_the_oracles(accumulation):
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
+    start = _lightning_module().double()
+    first = data[0][:4 * accumulation], data[1][:4 * accumulation]
+    grads, _ = oracle_grads(copy.deepcopy(start.net), F.cross_entropy, *first)
+    plain = copy.deepcopy(start)
+    _lightning_fit(plain, data, tracked=False, accumulation=accumulation)
+    tracked = copy.deepcopy(start)
+    trainer, callback = _lightning_fit(tracked, data, tracked=True, accumulation=accumulation)
+    for (name, a), b in zip(plain.named_parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)
+    first_stats = callback.diagnostics.rows[0]
+    oracle = noise.gradient_noise_scale(persample.GradStats.from_per_example(
+        {f"net.{k}": g for k, g in grads.items()}, torch.zeros(4 * accumulation, dtype=torch.float64)))
+    torch.testing.assert_close(first_stats["b_simple"], oracle.b_simple, rtol=1e-7, atol=0)
+    assert len(callback.diagnostics.rows) == 2 // accumulation
+    assert "persample/b_simple" in trainer.callback_metrics
+
+
+def test_lightning_bf16_mixed_with_accumulation_trains_identically():
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+    start = _lightning_module()
+    plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
+    _lightning_fit(plain, data, tracked=False, accumulation=2, precision="bf16-mixed")
+    _, callback = _lightning_fit(tracked, data, tracked=True, accumulation=2, precision="bf16-mixed")
+    for (name, a), b in zip(plain.named_parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    assert len(callback.diagnostics.rows) == 2 and callback.last_stats.n == 8
+    assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())

@@ -60,6 +60,15 @@ class Observation:
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
     _roots: Any = None
+    _before: dict = field(default_factory=dict)
+    _params: dict = field(default_factory=dict)
+
+    def rebase_grads(self) -> None:
+        """Take ``p.grad`` as it is now as the baseline of the backward's increment.
+
+        Call it between the forward and the backward when something else changes ``p.grad`` there
+        (Lightning zero-grads after ``training_step``, before ``backward``)."""
+        self._before = _grad_snapshot(self._params)
 
 
 @contextlib.contextmanager
@@ -73,9 +82,8 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params = trainable_parameters(model)
-    before = {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
     units = find_units(model)
-    observation = Observation()
+    observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
     def root_hook(module, args, output):
@@ -97,7 +105,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
                 raise NotExact(capture.escape)
     finally:
         handle.remove()
-    observation.stats = _observed_stats(observation, params, before, units, loss_fn, targets, batch_size,
+    observation.stats = _observed_stats(observation, params, observation._before, units, loss_fn, targets, batch_size,
                                         reduction, var, inner_products)
 
 
@@ -119,6 +127,10 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
     pieces = _pieces_by_parameter(units, params, means, layout)
     _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
+
+
+def _grad_snapshot(params) -> dict:
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
 
 
 def _upcast_captures(units) -> bool:
