@@ -105,14 +105,15 @@ def _token_losses_sum(output: Any, labels: Tensor, ignore_index: int, shift: boo
 
 
 def causal_lm_loss(*, ignore_index: int = -100, shift: bool = True,
-                   num_items_in_batch: int | Tensor | None = None) -> BatchLoss:
+                   num_items_in_batch: int | Tensor | None = None, reduction: str = "mean") -> BatchLoss:
     """Next-token cross-entropy as Hugging Face's causal-LM models compute it, with its per-example part.
 
     - batch loss: ℓ = (1/N) Σ_i Σ_t ℓ_it over the tokens whose label is not
       ``ignore_index`` (labels shifted left by one when ``shift``, as HF does
       inside ``ForCausalLM`` models), N = their count, or
       ``num_items_in_batch`` when given (HF's count over all micro-batches of
-      a gradient-accumulation step);
+      a gradient-accumulation step); with ``reduction="sum"``, ℓ = Σ_i Σ_t ℓ_it
+      (divide it yourself, e.g. ``tracker.step(x, y, scale=1 / n_tokens)``);
     - per-example loss: L_i = Σ_t ℓ_it, example i's summed token loss (0 for an
       example whose tokens are all ignored).
 
@@ -120,8 +121,13 @@ def causal_lm_loss(*, ignore_index: int = -100, shift: bool = True,
     labels ``[B, T]`` (the input ids, with padding set to ``ignore_index``).
     Half-precision logits are cast to float32 first, as HF does.
     """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
     def batch(output: Any, labels: Tensor) -> Tensor:
         total, count = _token_losses_sum(output, labels, ignore_index, shift)
+        if reduction == "sum":
+            return total
         denominator = count if num_items_in_batch is None else num_items_in_batch
         if isinstance(denominator, Tensor):
             denominator = denominator.to(total.device)

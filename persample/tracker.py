@@ -42,6 +42,7 @@ from .api import compute_stats
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
+from .engines.capture import NotExact
 from .engines.observe import Observation, observing
 from .stats import GradStats
 
@@ -350,11 +351,17 @@ class Tracker:
             if not leaves:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
-        with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
-                       var=self.stats_options["var"],
-                       inner_products=self.stats_options["inner_products"],
-                       output_module=output_module) as observation:
-            yield observation
+        try:
+            with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
+                           var=self.stats_options["var"],
+                           inner_products=self.stats_options["inner_products"],
+                           output_module=output_module) as observation:
+                yield observation
+        except NotExact as err:
+            if hasattr(err, "add_note"):
+                err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
+                             "tracker.step(inputs, targets) falls back to the exact vmap engine)")
+            raise
         if observation.stats is None:
             self.skipped.append(self.steps)
         elif accumulating:

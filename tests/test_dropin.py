@@ -221,3 +221,34 @@ def test_observe_with_a_grad_scaler_reports_unscaled_statistics_and_skips_overfl
     with tracker.observe(y) as overflow:
         (F.cross_entropy(model(x), y) * math.inf).backward()
     assert overflow.skipped and overflow.stats is None and called == [] and tracker.skipped == [1]
+
+
+def test_observe_on_common_model_shapes():
+    """A model that is a single nn.Linear used to fail ("bias is used ... outside the module"); a positional
+    Embedding on torch.arange(T) is refused with a pointer to tracker.step, which handles it exactly."""
+    torch.manual_seed(0)
+    x, y = _data()
+    linear = nn.Linear(4, 3).double()
+    with Tracker(linear, F.cross_entropy).observe(y) as observed:
+        F.cross_entropy(linear(x), y).backward()
+    grads, _ = oracle_grads(linear, F.cross_entropy, x, y)
+    assert_dicts_close(observed.stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.out = nn.Embedding(10, 8), nn.Embedding(5, 8), nn.Linear(8, 3)
+
+        def forward(self, t):
+            return self.out((self.tok(t) + self.pos(torch.arange(t.shape[1]))).mean(1))
+
+    model = Positional().double()
+    tokens = torch.randint(0, 10, (6, 5))
+    with pytest.raises(persample.engines.capture.NotExact) as info:
+        with Tracker(model, F.cross_entropy).observe(y):
+            F.cross_entropy(model(tokens), y).backward()
+    assert any("tracker.step" in note for note in info.value.__notes__)
+    model.zero_grad()
+    stats = Tracker(model, F.cross_entropy).step(tokens, y)
+    grads, _ = oracle_grads(model, F.cross_entropy, tokens, y)
+    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})

@@ -84,6 +84,8 @@ class PersampleCallback(L.pytorch.Callback):
         self.prefix = prefix
         self.options = dict(inner_products=inner_products, var=var)
         self.diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
+        if not inner_products:
+            self.diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
         self.tracker: Tracker | None = None
         self.last_stats: GradStats | None = None
         self._block = self._accumulation = self._observe = self._observation = None

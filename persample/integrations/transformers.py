@@ -130,6 +130,8 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
         output_module = model.get_output_embeddings()
     tracker = Tracker(model, loss_fn, every=every, inner_products=inner_products, var=var)
     diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
+    if not inner_products:
+        diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
     callback = PersampleCallback(trainer, tracker, diagnostics, keys, prefix)
     original = trainer.training_step
 
