@@ -17,7 +17,7 @@ command line. The demo
    gradients equals autograd's gradient on a held-out batch.
 
 Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm):
-``pip install "persample[demo]"``.
+``pip install -e ".[demo]" (in a persample checkout), or pip install scikit-learn matplotlib``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from .tracker import Tracker
 __all__ = ["DemoConfig", "DemoResult", "load_digits", "build_model", "train_epoch", "evaluate",
            "run_demo", "EpochSummary", "format_table"]
 
-EXTRA_HINT = 'pip install "persample[demo]"'
+EXTRA_HINT = 'pip install -e ".[demo]" (in a persample checkout), or: pip install scikit-learn matplotlib'
 
 
 @dataclass
@@ -248,7 +248,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     """Train, log, plot and check, as ``persample demo`` does; returns the paths and the summaries.
 
     Raises:
-        ImportError: scikit-learn or matplotlib missing (``pip install "persample[demo]"``).
+        ImportError: scikit-learn or matplotlib missing (``pip install -e ".[demo]" (in a persample checkout), or pip install scikit-learn matplotlib``).
         persample.MeanMismatchError: the final :func:`persample.check_mean` failed.
     """
     stdout = sys.stdout if stdout is None else stdout

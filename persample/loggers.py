@@ -17,7 +17,7 @@ and send it to several sinks, and to keep it in memory for a plot, use
 
 :class:`CSVLogger` and :class:`JSONLLogger` need only the standard library;
 :class:`TensorBoardLogger` needs the ``tensorboard`` package
-(``pip install "persample[tensorboard]"``).
+(``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``).
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ class TensorBoardLogger(_Sink):
 
     Each numeric key except ``step`` becomes a scalar tag at global step
     ``row["step"]``; per-layer keys (``layer/<prefix>/b_simple``) group by layer.
-    Needs the ``tensorboard`` package: ``pip install "persample[tensorboard]"``.
+    Needs the ``tensorboard`` package: ``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``.
     """
 
     def __init__(self, log_dir: str | os.PathLike, **diagnostics_options: Any):
@@ -317,7 +317,7 @@ class TensorBoardLogger(_Sink):
         except ImportError as err:
             raise ImportError(
                 "persample.loggers.TensorBoardLogger needs the 'tensorboard' package: "
-                "pip install \"persample[tensorboard]\"") from err
+                "pip install -e \".[tensorboard]\" (in a persample checkout), or pip install tensorboard") from err
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._count = 0

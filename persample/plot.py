@@ -1,4 +1,4 @@
-"""Plots of gradient-noise diagnostics over training (needs matplotlib: ``pip install "persample[plot]"``).
+"""Plots of gradient-noise diagnostics over training (needs matplotlib: ``pip install -e ".[plot]"``).
 
 :func:`plot_diagnostics` draws the rows that :class:`persample.loggers.Diagnostics`
 collects (or a ``metrics.csv`` / ``.jsonl`` written by the loggers) as one
@@ -33,7 +33,7 @@ from .noise import DEFAULT_EMA_BETA
 
 __all__ = ["plot_diagnostics", "require_matplotlib", "close"]
 
-_HINT = 'pip install "persample[plot]" (or "persample[demo]")'
+_HINT = 'pip install -e ".[plot]" (in a persample checkout), or: pip install matplotlib'
 
 # Colour-blind-safe palette (Okabe & Ito).
 _BLUE, _ORANGE, _GREEN, _RED, _PURPLE, _SKY, _YELLOW, _GREY = (

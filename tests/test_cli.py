@@ -185,7 +185,7 @@ def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 1
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and 'pip install "persample[demo]"' in err and "scikit-learn" in err
+    assert len(err.splitlines()) == 1 and 'pip install -e ".[demo]"' in err and "scikit-learn" in err
 
 
 def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
