@@ -11,6 +11,8 @@ The flow, from batch to diagnostics::
   loop that writes ḡ into ``p.grad`` and calls hooks with the batch's GradStats.
 - :mod:`persample.distributed`: ``all_reduce_stats`` (the statistics of all
   ranks' batches together) and the Tracker's DDP support.
+- :class:`BatchLoss`, :func:`causal_lm_loss`: batch losses that are not the
+  mean of the per-example losses (token means, sums, class weights), ℓ = Σ_i w_i L_i.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -18,6 +20,7 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 """
 
 from .api import grad_stats, per_sample_grads
+from .batch_loss import BatchLoss, BatchLossMismatch, causal_lm_loss
 from .check import MeanCheck, check_mean
 from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarning, UnsupportedModelError
 from .stats import GradStats
@@ -30,5 +33,5 @@ __version__ = "0.1.0"
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
-    "__version__", "noise", "distributed",
+    "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
 ]

@@ -71,8 +71,8 @@ class Replicas:
         """False inside the wrapper's ``no_sync()``."""
         return self.wrapper is None or bool(getattr(self.wrapper, "require_backward_grad_sync", True))
 
-    def ddp_backward(self, batch: Batch, loss_fn, params: dict[str, nn.Parameter]) -> None:
-        """A plain step through DDP itself: ``loss_fn(ddp(x), y).backward()``.
+    def ddp_backward(self, batch: Batch, loss_fn, params: dict[str, nn.Parameter], scale: float = 1.0) -> None:
+        """A plain step through DDP itself: ``(scale * loss_fn(ddp(x), y)).backward()``.
 
         DDP's reducer then averages the gradients, bucketed and overlapped with
         the backward, honouring ``no_sync()``, communication hooks and the
@@ -87,7 +87,7 @@ class Replicas:
             loss = batch.call(self.wrapper, loss_fn)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
 
     def sync_gradients(self, params: dict[str, nn.Parameter]) -> None:
         if self.wrapper is not None:

@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from .noise import DEFAULT_EMA_BETA
+
 __all__ = ["main", "build_parser"]
 
 _DEMO_DESCRIPTION = """\
@@ -33,9 +35,9 @@ simple noise scale B_simple (EMA; McCandlish et al. 2018), the mean gradient
 signal-to-noise ratio (Liu et al. 2020) and the batch size the norm test asks
 for (Byrd et al. 2012). At the end the command writes
 
-  OUT/metrics.csv       one row per statistics step, plus one per epoch with
-                        the train/test loss and accuracy (--format jsonl:
+  OUT/metrics.csv       one row per statistics step (--format jsonl:
                         OUT/metrics.jsonl)
+  OUT/epochs.csv        one row per epoch: train/test loss and accuracy
   OUT/diagnostics.png   loss, gradient norms, B_simple, GSNR, the three
                         batch-size tests, per-layer noise scale
 
@@ -112,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--every", type=_positive_int, default=1, metavar="K",
                       help="compute per-example statistics (and log a row) every K steps; the other steps "
                            "are a plain backward (default: 1)")
-    demo.add_argument("--ema-beta", type=_unit_interval, default=0.95, metavar="BETA",
-                      help="decay of the EMAs behind the smoothed B_simple, in [0, 1) (default: 0.95)")
+    demo.add_argument("--ema-beta", type=_unit_interval, default=DEFAULT_EMA_BETA, metavar="BETA",
+                      help="decay of the EMAs behind the smoothed B_simple, in [0, 1) (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="seed for the split, the model and the shuffling "
                                                           "(default: 0)")
     demo.add_argument("--train-examples", type=_positive_int, default=None, metavar="N",

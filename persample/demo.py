@@ -10,13 +10,14 @@ command line. The demo
    ``loss.backward()``;
 3. logs every statistics step through :class:`persample.loggers.Diagnostics`
    (B_simple raw and EMA, mean GSNR, the three batch-size tests, per-layer noise
-   scale) into ``metrics.csv`` (or ``.jsonl``);
+   scale) into ``metrics.csv`` (or ``.jsonl``), one row per step, and the
+   per-epoch evaluation into ``epochs.csv``;
 4. prints one summary line per epoch, draws ``diagnostics.png``, and finally
    asserts with :func:`persample.check_mean` that the mean of the per-example
    gradients equals autograd's gradient on a held-out batch.
 
 Needs the ``demo`` extra (scikit-learn, matplotlib, tqdm):
-``pip install "persample[demo]"``.
+``pip install -e ".[demo]" (in a persample checkout), or pip install scikit-learn matplotlib``.
 """
 
 from __future__ import annotations
@@ -35,14 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .check import MeanCheck, check_mean
-from .noise import DEFAULT_NORM_THRESHOLD
+from .noise import DEFAULT_EMA_BETA, DEFAULT_NORM_THRESHOLD
 from .loggers import CSVLogger, Diagnostics, JSONLLogger, TensorBoardLogger
 from .tracker import Tracker
 
 __all__ = ["DemoConfig", "DemoResult", "load_digits", "build_model", "train_epoch", "evaluate",
            "run_demo", "EpochSummary", "format_table"]
 
-EXTRA_HINT = 'pip install "persample[demo]"'
+EXTRA_HINT = 'pip install -e ".[demo]" (in a persample checkout), or: pip install scikit-learn matplotlib'
 
 
 @dataclass
@@ -58,7 +59,7 @@ class DemoConfig:
     momentum: float = 0.9
     every: int = 1
     seed: int = 0
-    ema_beta: float = 0.95
+    ema_beta: float = DEFAULT_EMA_BETA
     train_examples: int | None = None
     format: str = "csv"
     tensorboard: bool = False
@@ -184,6 +185,8 @@ def train_epoch(tracker: Tracker, optimizer: torch.optim.Optimizer, x: Tensor, y
             break
         optimizer.zero_grad()
         tracker.step(x[idx], y[idx])          # instead of loss_fn(model(x), y).backward()
+        if tracker.skipped:
+            raise ValueError(f"training diverged at step {tracker.skipped[0]}: non-finite values in stats.")
         optimizer.step()
         if on_step is not None:
             on_step()
@@ -245,7 +248,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     """Train, log, plot and check, as ``persample demo`` does; returns the paths and the summaries.
 
     Raises:
-        ImportError: scikit-learn or matplotlib missing (``pip install "persample[demo]"``).
+        ImportError: scikit-learn or matplotlib missing (``pip install -e ".[demo]" (in a persample checkout), or pip install scikit-learn matplotlib``).
         persample.MeanMismatchError: the final :func:`persample.check_mean` failed.
     """
     stdout = sys.stdout if stdout is None else stdout
@@ -264,14 +267,17 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
                                                    device=device)
     if len(x_train) < 2:
         raise ValueError(f"the demo needs at least 2 training examples, got {len(x_train)}")
+    batch_size = min(config.batch_size, len(x_train))  # a batch cannot be larger than the data set
     model = build_model(config.model).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
     tracker = Tracker(model, F.cross_entropy, every=config.every, inner_products=True)
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / f"metrics.{config.format}"
+    metrics_path = out / f"metrics.{config.format}"  # one row per statistics step
+    epochs_path = out / f"epochs.{config.format}"  # one row per epoch: evaluation, in a file of its own
     sink = CSVLogger(metrics_path) if config.format == "csv" else JSONLLogger(metrics_path)
+    epoch_sink = CSVLogger(epochs_path) if config.format == "csv" else JSONLLogger(epochs_path)
     sinks: list[Any] = [sink]
     tb_dir = None
     if config.tensorboard:
@@ -284,7 +290,10 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
 
     n_params = sum(p.numel() for p in model.parameters())
     say(f"persample demo: {config.model.upper()} ({n_params:,} parameters) on scikit-learn's 8x8 digits "
-        f"({len(x_train)} train / {len(x_test)} test), batch {config.batch_size}, SGD lr {config.lr:g} "
+        f"({len(x_train)} train / {len(x_test)} test), batch {batch_size}"
+        + (f" (asked for {config.batch_size}, more than the {len(x_train)} training examples)"
+           if batch_size != config.batch_size else "")
+        + f", SGD lr {config.lr:g} "
         f"momentum {config.momentum:g}, {config.epochs} epochs on {device} ({torch.get_num_threads()} CPU "
         f"thread{'s' if torch.get_num_threads() > 1 else ''})")
     say(f"per-example statistics every {config.every} step(s); B_simple EMA beta {config.ema_beta:g}")
@@ -292,7 +301,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     say(format_table())
     generator = torch.Generator().manual_seed(config.seed)
     summaries: list[EpochSummary] = []
-    n_steps = steps_per_epoch(len(x_train), config.batch_size)
+    n_steps = steps_per_epoch(len(x_train), batch_size)
     try:
         for epoch in range(1, config.epochs + 1):
             epoch_box[0] = epoch
@@ -308,21 +317,22 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
                         bar.set_postfix(loss=f"{last['loss']:.3f}", B_simple=f"{last['b_simple_ema']:.3g}",
                                         refresh=False)
             try:
-                train_epoch(tracker, optimizer, x_train, y_train, config.batch_size, generator, on_step)
+                train_epoch(tracker, optimizer, x_train, y_train, batch_size, generator, on_step)
             finally:
                 if bar is not None:
                     bar.close()
             train_eval = evaluate(model, x_train, y_train)
             test_loss, test_acc = evaluate(model, x_test, y_test)
             step_rows = [r for r in diag.rows[first_row:] if "b_simple" in r]
-            diag.log({"step": tracker.steps, "epoch": epoch, "train_loss": train_eval[0],
-                      "train_acc": train_eval[1], "test_loss": test_loss, "test_acc": test_acc})
+            epoch_sink.write({"step": tracker.steps, "epoch": epoch, "train_loss": train_eval[0],
+                              "train_acc": train_eval[1], "test_loss": test_loss, "test_acc": test_acc})
             summary = summarize_epoch(epoch, step_rows, diag.ema.value, train_eval, test_acc,
                                       time.perf_counter() - t_epoch)
             summaries.append(summary)
             say(format_table(summary))
     finally:
         diag.close()
+        epoch_sink.close()
     say("  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018; GSNR: epoch mean of the "
         f"mean per-element GSNR;\n   norm-test B: median batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) "
         "asks for)")
@@ -330,7 +340,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     plot_path = out / "diagnostics.png"
     fig = plot_module.plot_diagnostics(
         diag.rows, plot_path, ema_beta=config.ema_beta,
-        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {config.batch_size}, "
+        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {batch_size}, "
               f"SGD lr {config.lr:g}")
     plot_module.close(fig)
 

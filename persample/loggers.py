@@ -17,7 +17,7 @@ and send it to several sinks, and to keep it in memory for a plot, use
 
 :class:`CSVLogger` and :class:`JSONLLogger` need only the standard library;
 :class:`TensorBoardLogger` needs the ``tensorboard`` package
-(``pip install "persample[tensorboard]"``).
+(``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``).
 """
 
 from __future__ import annotations
@@ -30,12 +30,17 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import torch
+
 from . import noise
 from .stats import GradStats
 
 __all__ = ["Diagnostics", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "read_metrics"]
 
 Row = dict[str, Any]
+
+#: Rows that ``Diagnostics(keep=True)`` keeps (the most recent ones): about 3.3 KB each.
+DEFAULT_KEEP = 10_000
 
 
 class Diagnostics:
@@ -54,17 +59,22 @@ class Diagnostics:
         per_layer: include per-layer columns (``layer/<prefix>/…``).
         extra: a callable ``(tracker, stats) -> dict`` whose items are added to
             each row (e.g. the learning rate or the epoch).
-        keep: keep every row in :attr:`rows`.
+        keep: keep rows in :attr:`rows`: ``True`` keeps the last
+            :data:`DEFAULT_KEEP` (10 000, about 33 MB of rows), an int that many,
+            ``False`` none.
         **thresholds: ``norm_threshold``, ``inner_threshold``,
             ``ortho_threshold`` for the batch-size tests.
 
     Statistics computed without variance or inner products give NaN for the
     diagnostics that need them, with one warning naming the Tracker option that
-    enables them.
+    enables them. A batch of one example (the last batch of an epoch with
+    ``drop_last=False``) or non-finite statistics give a row whose diagnostics
+    are NaN (``n`` and ``loss`` are kept), with one warning, and leave the EMA
+    as it was: training goes on.
     """
 
-    def __init__(self, *sinks: Any, ema_beta: float = 0.99, per_layer: bool = True,
-                 extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None, keep: bool = True,
+    def __init__(self, *sinks: Any, ema_beta: float = noise.DEFAULT_EMA_BETA, per_layer: bool = True,
+                 extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None, keep: bool | int = True,
                  norm_threshold: float = noise.DEFAULT_NORM_THRESHOLD,
                  inner_threshold: float = noise.DEFAULT_INNER_THRESHOLD,
                  ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD):
@@ -75,19 +85,37 @@ class Diagnostics:
         self.ema = noise.NoiseScaleEMA(ema_beta)
         self.per_layer = per_layer
         self.extra = extra
-        self.keep = keep
+        if not isinstance(keep, (bool, int)) or keep < 0:
+            raise ValueError(f"keep must be True, False or a number of rows ≥ 0, got {keep!r}")
+        self.keep = DEFAULT_KEEP if keep is True else int(keep)
         self.thresholds = dict(norm_threshold=norm_threshold, inner_threshold=inner_threshold,
                                ortho_threshold=ortho_threshold)
         self.rows: list[Row] = []
         self._warned: set[str] = set()
+        self._keys: list[str] = []
 
     def row(self, stats: GradStats, step: int) -> Row:
         """The row for ``stats`` at ``step`` (updates the EMA; writes nothing)."""
+        problem = _undiagnosable(stats)
+        if problem is not None:
+            return self._nan_row(stats, step, problem)
         self._warn_missing(stats)
         values = noise.diagnostics(stats, per_layer=self.per_layer, **self.thresholds)
         row: Row = {"step": step, **values}
         row["b_simple_ema"] = self.ema.update(noise.NoiseScale(
             stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan))
+        return row
+
+    def _nan_row(self, stats: GradStats, step: int, problem: str) -> Row:
+        if problem not in self._warned:
+            self._warned.add(problem)
+            warnings.warn(f"persample diagnostics: {problem}; its row is NaN (the EMA skips it). Further such "
+                          "steps are not warned about", stacklevel=4)
+        keys = self._keys or ["n", "loss", "grad_norm", "grad_sq", "trace_cov", "b_simple"]
+        row: Row = {"step": step, **{k: math.nan for k in keys if k != "step"}}
+        row["n"] = float(stats.n)
+        row["loss"] = float(stats.losses.detach().double().mean())
+        row["b_simple_ema"] = self.ema.value
         return row
 
     def __call__(self, tracker: Any, stats: GradStats) -> Row:
@@ -100,8 +128,12 @@ class Diagnostics:
     def log(self, row: Mapping[str, Any]) -> None:
         """Send a row (from :meth:`row`, or any other dict of scalars) to every sink, and keep it."""
         row = dict(row)
+        if not self._keys:
+            self._keys = list(row)
         if self.keep:
             self.rows.append(row)
+            if len(self.rows) > self.keep:
+                del self.rows[:len(self.rows) - self.keep]
         for sink in self.sinks:
             sink.write(row)
 
@@ -128,6 +160,18 @@ class Diagnostics:
         if missing:
             warnings.warn("persample diagnostics: " + "; ".join(missing)
                           + " in persample.Tracker / grad_stats; those columns are NaN", stacklevel=3)
+
+
+def _undiagnosable(stats: GradStats) -> str | None:
+    """Why no diagnostics can be computed from ``stats`` (None when they can)."""
+    if stats.n < 2:
+        return "a batch of one example has no gradient variance (the last batch of an epoch?)"
+    tensors = [*stats.mean.values(), *stats.param_sq_norms.values(), *(stats.m2 or {}).values()]
+    if stats.inner_products is not None:
+        tensors.append(stats.inner_products)
+    if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        return "these statistics are not finite (inf/NaN: an overflowing half-precision step?)"
+    return None
 
 
 class _Sink:
@@ -262,7 +306,7 @@ class TensorBoardLogger(_Sink):
 
     Each numeric key except ``step`` becomes a scalar tag at global step
     ``row["step"]``; per-layer keys (``layer/<prefix>/b_simple``) group by layer.
-    Needs the ``tensorboard`` package: ``pip install "persample[tensorboard]"``.
+    Needs the ``tensorboard`` package: ``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``.
     """
 
     def __init__(self, log_dir: str | os.PathLike, **diagnostics_options: Any):
@@ -273,7 +317,7 @@ class TensorBoardLogger(_Sink):
         except ImportError as err:
             raise ImportError(
                 "persample.loggers.TensorBoardLogger needs the 'tensorboard' package: "
-                "pip install \"persample[tensorboard]\"") from err
+                "pip install -e \".[tensorboard]\" (in a persample checkout), or pip install tensorboard") from err
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._count = 0

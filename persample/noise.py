@@ -59,7 +59,7 @@ __all__ = [
     "NoiseScale", "BatchSizeTest", "NoiseScaleEMA",
     "gradient_noise_scale", "two_batch_noise_scale", "rank_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
     "orthogonality_test", "gradient_diversity", "group_by_layer", "layer_noise_scale", "layer_gsnr",
-    "diagnostics", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
+    "diagnostics", "DEFAULT_EMA_BETA", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
 ]
 
 #: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (θ bounds the
@@ -72,6 +72,9 @@ DEFAULT_INNER_THRESHOLD = 0.9
 #: Default ν of the orthogonality test (Bollapragada et al. 2018): 5.84 ≈ tan 80°,
 #: so the batch gradient may turn up to about 80° away from ḡ.
 DEFAULT_ORTHO_THRESHOLD = 5.84
+#: Default decay of the EMAs behind the smoothed B_simple (NoiseScaleEMA, Diagnostics, the plot and the
+#: demo): 0.95 averages over about 20 statistics steps.
+DEFAULT_EMA_BETA = 0.95
 
 
 # --------------------------------------------------------------------------- helpers
@@ -302,10 +305,10 @@ class NoiseScaleEMA:
     calls :meth:`update` on every statistics step.
 
     Args:
-        beta: the EMA's decay, 0 ≤ beta < 1; 0.99 averages over about 100 updates.
+        beta: the EMA's decay, 0 ≤ beta < 1; the default 0.95 averages over about 20 updates.
     """
 
-    def __init__(self, beta: float = 0.99):
+    def __init__(self, beta: float = DEFAULT_EMA_BETA):
         if not isinstance(beta, (int, float)) or isinstance(beta, bool) or not 0 <= beta < 1:
             raise ValueError(f"beta must be a number with 0 <= beta < 1, got {beta!r}")
         self.beta = float(beta)

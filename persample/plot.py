@@ -1,4 +1,4 @@
-"""Plots of gradient-noise diagnostics over training (needs matplotlib: ``pip install "persample[plot]"``).
+"""Plots of gradient-noise diagnostics over training (needs matplotlib: ``pip install -e ".[plot]"``).
 
 :func:`plot_diagnostics` draws the rows that :class:`persample.loggers.Diagnostics`
 collects (or a ``metrics.csv`` / ``.jsonl`` written by the loggers) as one
@@ -29,9 +29,11 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .noise import DEFAULT_EMA_BETA
+
 __all__ = ["plot_diagnostics", "require_matplotlib", "close"]
 
-_HINT = 'pip install "persample[plot]" (or "persample[demo]")'
+_HINT = 'pip install -e ".[plot]" (in a persample checkout), or: pip install matplotlib'
 
 # Colour-blind-safe palette (Okabe & Ito).
 _BLUE, _ORANGE, _GREEN, _RED, _PURPLE, _SKY, _YELLOW, _GREY = (
@@ -151,7 +153,7 @@ def _dropped_label(label: str, dropped: int) -> str:
 
 
 def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, title: str | None = None,
-                     ema_beta: float = 0.95, batch_size: float | None = None, dpi: int = 110,
+                     ema_beta: float = DEFAULT_EMA_BETA, batch_size: float | None = None, dpi: int = 110,
                      figsize: tuple[float, float] = (13.0, 14.0), max_layers: int = 8):
     """Draw the diagnostics of a training run as one multi-panel figure.
 

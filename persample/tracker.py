@@ -8,28 +8,42 @@ with::
 
     stats = tracker.step(inputs, targets)
 
-``step`` adds the mean gradient ḡ = (1/B) Σ_i g_i into ``p.grad`` exactly as that
-backward would (accumulating into an existing ``.grad``, leaving frozen
-parameters' ``.grad`` as ``None``), so any optimizer, scheduler or gradient
+``step`` adds into ``p.grad`` exactly what that backward would (accumulating
+into an existing ``.grad``, leaving ``.grad`` as ``None`` for frozen parameters
+and for parameters the loss does not reach, filling ``x.grad`` for inputs that
+require grad), on every step, so any optimizer, scheduler or gradient
 accumulation works unchanged; and it calls the registered hooks with the
 batch's :class:`GradStats`.
+
+The statistics describe g_i = ∇ L_i for the per-example loss L_i (by default
+``loss_fn`` on a batch of one; see :mod:`persample.batch_loss` for batch
+losses that are not a mean, such as a token mean over a padded batch).
+The batch loss is ℓ = Σ_i w_i L_i, ``p.grad`` = Σ_i w_i g_i, and when every
+w_i = w, ``p.grad`` = (w·B)·``stats.mean``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch
 from ._data_parallel import LocalGradients, resolve_replicas
-from ._model import check_clip_norm, trainable_parameters
+from ._model import check_clip_norm, preserved_state, trainable_parameters
 from .api import compute_stats
-from .check import batch_loss_grads, check_batch_mean
+from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
+                         reachable_leaves, weights_at_output)
+from .check import check_batch_mean
+from .engines.capture import NotExact
 from .engines.observe import Observation, observing
 from .stats import GradStats
 
@@ -43,12 +57,20 @@ class Tracker:
 
     Args:
         model: the model being trained.
-        loss_fn: per-example loss, ``loss_fn(output, target)`` on a batch of one
-            (standard losses with ``reduction="mean"`` work as they are); on the
-            whole batch it must give the mean loss.
+        loss_fn: the loss your loop backwards, ``loss_fn(output, targets)`` on the
+            whole batch. Called on a batch of one it is the per-example loss L_i
+            the statistics describe, unless ``loss_fn`` is a
+            :class:`persample.BatchLoss` that names its per-example part (as
+            :func:`persample.causal_lm_loss` does for token losses). The batch
+            loss may weigh the examples in any way, ℓ = Σ_i w_i L_i (a mean, a
+            sum, a token mean, class weights): the weights are derived from the
+            loss at the model output and checked on every statistics step,
+            raising :class:`persample.BatchLossMismatch` when the per-example
+            losses do not describe the batch loss.
         every: compute statistics (and call hooks) on steps 0, k, 2k, …; other
             steps are a plain forward+backward with no per-example work.
-        clip_norm: per-example clipping C: ``p.grad += (1/B) Σ_i min(1, C/‖g_i‖) g_i``.
+        clip_norm: per-example clipping C: ``p.grad += w Σ_i min(1, C/‖g_i‖) g_i``
+            (w = 1/B for a mean loss; needs equal weights w_i = w).
             Statistics still describe the raw gradients. Clipping needs
             per-example norms, so every step does per-example work.
         chunk_size, randomness, engine, var, inner_products: as in
@@ -69,8 +91,17 @@ class Tracker:
             per-example work run DDP's own forward and backward. Every rank
             must step in lockstep (the reductions are collectives).
 
-    A step is atomic: if it raises (bad input, the model, a hook, the check),
-    every ``p.grad`` is exactly as it was before the step.
+    A step is atomic for the model: if it raises (bad input, the model, the
+    loss, a hook, the check), every ``p.grad`` (and ``x.grad``), ``last_stats``
+    and ``steps`` are as they were before the step. Hooks that ran before a
+    failing hook are not undone (a logger may have written its row).
+
+    Attributes:
+        steps: steps taken (an :meth:`accumulate` block counts as one).
+        last_stats: the statistics most recently passed to the hooks (None before).
+        skipped: steps whose statistics were not finite (inf/NaN, such as an
+            fp16 overflow that ``GradScaler`` skips): no statistics were
+            returned and no hook was called for them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
@@ -84,6 +115,7 @@ class Tracker:
         trainable_parameters(model)  # fail early on a model with nothing to train
         self.model = model
         self.loss_fn = loss_fn
+        self.batch_loss, self.per_example_loss = loss_parts(loss_fn)
         self.every = every
         self.clip_norm = clip_norm
         self.check_every = check_every
@@ -91,6 +123,8 @@ class Tracker:
                                   inner_products=inner_products)
         self.steps = 0
         self.last_stats: GradStats | None = None
+        self.skipped: list[int] = []
+        self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
 
     # ---------------------------------------------------------------- hooks
@@ -112,74 +146,221 @@ class Tracker:
         step = self.steps if step is None else step
         return step % self.every == 0
 
-    def step(self, inputs: Any, targets: Any = None) -> GradStats | None:
-        """One training step's gradients; returns this batch's GradStats, or None on plain steps."""
+    def step(self, inputs: Any, targets: Any = None, *, scale: float = 1.0) -> GradStats | None:
+        """One training step's gradients, as ``(scale * loss_fn(model(inputs), targets)).backward()``.
+
+        Adds Σ_i w_i g_i · ``scale`` into ``p.grad`` (see :mod:`persample.batch_loss`:
+        w_i are derived from the loss and checked on statistics steps), leaves
+        ``p.grad`` as None for a parameter the loss does not reach, and fills
+        ``x.grad`` for inputs that require grad, as that backward would.
+        ``scale=1/k`` replaces ``(loss / k).backward()`` in a gradient-accumulation
+        loop, ``scale=scaler.get_scale()`` replaces ``scaler.scale(loss).backward()``;
+        the statistics never include it.
+
+        Returns:
+            this batch's :class:`GradStats` (of the unscaled per-example
+            gradients g_i = ∇ L_i) on statistics steps; None on plain steps, and
+            on a statistics step whose statistics are not finite (reported in
+            :attr:`skipped`, hooks not called). Inside :meth:`accumulate`, the
+            micro-batch's statistics (hooks run once, with the merged ones, when
+            the block ends).
+        """
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         batch = as_batch(inputs, targets)
         params = trainable_parameters(self.model)
+        inputs_with_grad = _leaf_inputs_requiring_grad(batch)
         saved = {name: p.grad for name, p in params.items()}
+        saved_inputs = [(x, x.grad) for x in inputs_with_grad]
         step = self.steps
-        with_stats = self.wants_stats(step)
+        accumulating = self._accumulation is not None
+        with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats
         checking = self.check_every > 0 and step % self.check_every == 0
+        previous = self.last_stats
+        per_example_work = with_stats or checking or self.clip_norm is not None
+        ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
         try:
-            if with_stats or checking or self.clip_norm is not None:
-                options = dict(self.stats_options)
-                if self._replicas is not None:  # relative to the global mean, after the reduction
-                    options["inner_products"] = False
-                stats = compute_stats(self.model, self.loss_fn, batch, clip_norm=self.clip_norm,
-                                      fork_rng=False, **options)
-                if checking:
-                    check_batch_mean(self.model, self.loss_fn, batch,
-                                     chunk_size=self.stats_options["chunk_size"],
-                                     randomness=self.stats_options["randomness"])
-                update = stats.mean if self.clip_norm is None else stats.clipped_mean
-                _accumulate(params, update, copy=True)  # stats' tensors must not alias p.grad
-                if self._replicas is not None:
-                    self._replicas.sync_gradients(params)
-            elif self._replicas is not None and self._replicas.wrapper is not None:
-                stats = None
-                self._replicas.ddp_backward(batch, self.loss_fn, params)  # DDP averages, overlapped
+            stats = None
+            if per_example_work:
+                stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
+            elif ddp_backward:
+                update, input_grads = {}, []
+                self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # DDP averages, overlapped
             else:
-                stats = None
-                _accumulate(params, self._plain_gradient(batch, params), copy=False)
-                if self._replicas is not None:
-                    self._replicas.sync_gradients(params)
-            if self._replicas is not None:
-                if with_stats:
-                    stats = self._replicas.reduce_stats(
-                        stats, self.model, self.loss_fn, batch if self.stats_options["inner_products"] else None)
+                update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
+            _accumulate(params, update, scale=scale)
+            for x, g in zip(inputs_with_grad, input_grads):
+                if g is not None:
+                    x.grad = g * scale if x.grad is None else x.grad + g * scale
+            if self._replicas is not None and not ddp_backward:
+                self._replicas.sync_gradients(params)
+            if self._replicas is not None and with_stats and stats is not None:
+                stats = self._replicas.reduce_stats(
+                    stats, self.model, self.per_example_loss, batch if self.stats_options["inner_products"] else None)
             if with_stats:
-                self._publish(stats)
+                if stats is None or not _finite(stats):
+                    self.skipped.append(step)
+                    stats = None
+                elif accumulating:
+                    self._accumulation.parts.append(stats)
+                else:
+                    self._publish(stats)
         except BaseException as err:
             for name, p in params.items():
                 p.grad = saved[name]
+            for x, g in saved_inputs:
+                x.grad = g
+            self.last_stats = previous
             if hasattr(err, "add_note"):
                 err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
             raise
-        self.steps += 1
+        if not accumulating:
+            self.steps += 1
         return stats if with_stats else None
 
     @contextlib.contextmanager
-    def observe(self, targets: Any = None, *, reduction: str = "mean",
-                batch_size: int | None = None) -> Iterator[Observation]:
+    def accumulate(self) -> Iterator["Accumulation"]:
+        """Gradient accumulation: several ``step`` calls (micro-batches) make one training step.
+
+        ::
+
+            with tracker.accumulate() as acc:
+                for x, y in micro_batches:
+                    tracker.step(x, y, scale=1 / len(micro_batches))
+            optimizer.step(); optimizer.zero_grad()
+            acc.stats  # the full batch's GradStats
+
+        All micro-batches of a statistics step compute statistics; on exit they
+        are merged exactly (:meth:`GradStats.merge`) into the statistics of the
+        concatenated batch, the hooks run once with them, and ``tracker.steps``
+        advances by one. Inner products p_i = ⟨g_i, ḡ_m⟩ are each relative to
+        their own micro-batch mean, so the merged record has none (the
+        inner-product and orthogonality tests need the whole batch in one step).
+        """
+        if self._accumulation is not None:
+            raise RuntimeError("tracker.accumulate() blocks cannot be nested")
+        acc = Accumulation(with_stats=self.wants_stats())
+        self._accumulation = acc
+        try:
+            yield acc
+        finally:
+            self._accumulation = None
+        if acc.parts:
+            acc.stats = GradStats.merge_all(acc.parts)
+            self._publish(acc.stats)
+        self.steps += 1
+
+    @property
+    def _local_stats_options(self) -> dict:
+        """The engine options for this process's batch; under DDP, inner products are taken after
+        the reduction, relative to the global mean."""
+        return {**self.stats_options, "inner_products": self.stats_options["inner_products"] and self._replicas is None}
+
+    def _statistics_step(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
+                         checking: bool):
+        """(stats, the p.grad increment Σ_i w_i g_i, the inputs' gradients) of one statistics step.
+
+        The weights w_i are derived at the model output of the engine's own forward (the fast
+        engine) when there is one. When they are equal and no input needs a gradient, the
+        increment is (w·B)·ḡ for the parameters the loss reaches; otherwise (unequal weights,
+        inputs that require grad, the vmap engine, a loss computed inside the model) it comes
+        from one more forward and backward of the batch loss, as ``loss.backward()`` computes it.
+        """
+        per_example = self.per_example_loss
+        output: list = []
+        handle = self.model.register_forward_hook(_first_batch_output(output, batch.size))
+        try:
+            stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False,
+                                  **self._local_stats_options)
+        finally:
+            handle.remove()
+        factor = None
+        if output:
+            try:
+                weights, used_leaves = weights_at_output(self.batch_loss, per_example, output[0], batch.targets,
+                                                         batch.size)
+                factor = common_weight(weights, rtol=1e-5)
+            except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
+                update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
+                return None, update, input_grads
+            except OpaqueLoss as opaque:
+                if opaque.per_example:  # the per-example loss is not a function of example i's output alone
+                    stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm,
+                                          fork_rng=False, **{**self._local_stats_options, "engine": "independent"})
+            if factor is not None and not inputs_with_grad:
+                if checking:
+                    self._check(batch, factor)
+                leaves, _ = tree_flatten(output[0])
+                reached = reachable_leaves([leaves[i] for i in used_leaves])
+                base = stats.mean if self.clip_norm is None else stats.clipped_mean
+                update = {name: base[name] * (factor * batch.size) for name, p in params.items()
+                          if id(p) in reached}
+                return stats, update, []
+        update, input_grads, factor, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
+        if factor is not None and math.isnan(factor):  # a diverged step: no statistics
+            return None, update, input_grads
+        if self.clip_norm is not None and factor is None:
+            raise BatchLossMismatch(
+                "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
+                "gradients can be combined as the loss combines them; this loss's weights differ "
+                + ("(it is computed inside the model)" if opaque else "(class weights?)"))
+        if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
+            factor = _require_multiple(update, stats.mean) / batch.size
+        if self.clip_norm is not None:  # inputs that require grad: p.grad from the clipped gradients
+            update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}
+        if checking:
+            self._check(batch, factor)
+        return stats, update, input_grads
+    def _check(self, batch: Batch, factor: float | None) -> None:
+        """check_every: the vmap engine's per-example gradients (each example in isolation), times the
+        loss's weight, against autograd's gradient of the batch loss."""
+        if factor is None:
+            raise BatchLossMismatch("check_every needs a batch loss that weighs every example equally")
+        reference = compute_stats(self.model, self.per_example_loss, batch, engine="independent", var=False,
+                                  chunk_size=self.stats_options["chunk_size"],
+                                  randomness=self.stats_options["randomness"])
+        scaled = dataclasses.replace(reference, mean={k: v * (factor * batch.size) for k, v in reference.mean.items()})
+        check_batch_mean(self.model, self.batch_loss, batch, scaled)
+
+    @contextlib.contextmanager
+    def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
+                output_module: nn.Module | None = None) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
 
-            with tracker.observe(targets, reduction="mean") as observed:
+            with tracker.observe(targets) as observed:
                 loss = criterion(model(inputs), targets)
-                loss.backward()
+                loss.backward()            # or scaler.scale(loss / k).backward()
             observed.stats  # GradStats (None on steps without statistics)
 
-        The statistics describe the unscaled per-example gradients
-        g_i = ∇ loss_fn(output_i, target_i), whichever reduction the loss uses:
-        ``reduction`` declares how the loss combines those per-example losses,
-        ``"mean"`` (PyTorch's default) or ``"sum"``, so they can be unscaled. A declaration that does not match the loss, or a loss with
-        other terms, raises :class:`persample.engines.observe.ObservationError`
-        after the backward instead of returning wrong statistics. Uses the fast
-        engine only (there is no second pass to fall back on); models it cannot
-        handle exactly raise ``NotExact``, so use :meth:`step` for them.
-        ``p.grad`` is whatever your backward made it. Not available with
-        ``clip_norm`` (clipping must happen before the reduction: use :meth:`step`).
+        The statistics describe the unscaled per-example gradients g_i = ∇ L_i
+        for the Tracker's per-example loss L_i (``loss_fn`` on a batch of one,
+        or a :class:`persample.BatchLoss`'s ``per_example``), whatever the
+        backwarded loss ℓ = Σ_i w_i L_i is: a mean, a sum, a token mean, divided
+        by the accumulation steps, multiplied by a ``GradScaler``'s scale. The
+        weights are read from the gradient at the model output and checked; they
+        must be equal (w_i = w), and ``reduction="mean"`` (w = 1/B) or ``"sum"``
+        (w = 1) additionally asserts which. The loss must be computed from the
+        model's output by ``loss_fn`` (not inside the model, as ``out.loss``),
+        or from the output of ``output_module``, a submodule (a Hugging Face
+        model's ``get_output_embeddings()``, whose logits its own loss uses).
+
+        A per-example loss that does not describe the backwarded loss, or a
+        loss with other terms, raises :class:`persample.engines.observe.ObservationError`
+        after the backward instead of returning wrong statistics. A backward
+        whose output gradients are not finite (inf/NaN: an fp16 step that
+        ``GradScaler`` skips) gives ``observed.skipped = True``, no statistics,
+        and no hook call. Uses the fast engine only (there is no second pass to
+        fall back on); models it cannot handle exactly raise ``NotExact``, so
+        use :meth:`step` for them. ``p.grad`` is whatever your backward made it.
+        Not available with ``clip_norm`` (clipping must happen before the
+        reduction: use :meth:`step`).
+
+        Limits: one forward of the model and one backward inside the block;
+        ``randomness`` does not apply (the forward is yours: its dropout masks
+        are what the statistics describe); inside :meth:`accumulate`, the
+        observed micro-batches are merged like ``step``'s.
 
         Under DDP (run your DDP model's forward and backward in the block), the
         statistics are built from this rank's own gradient, recorded before
@@ -194,10 +375,13 @@ class Tracker:
             raise ValueError("observe() under torch.distributed cannot give inner products relative to the "
                              "global mean gradient (they need a second pass over the inputs, which observe "
                              "does not see): use tracker.step(inputs, targets), or inner_products=False")
-        if not self.wants_stats():
+        accumulating = self._accumulation is not None
+        with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
+        if not with_stats:
             observation = Observation()
             yield observation
-            self.steps += 1
+            if not accumulating:
+                self.steps += 1
             return
         if batch_size is None:
             leaves = [t for t in (tree_flatten(targets)[0] if targets is not None else [])
@@ -207,46 +391,143 @@ class Tracker:
             batch_size = int(leaves[0].shape[0])
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         try:
-            with observing(self.model, self.loss_fn, targets, batch_size=batch_size, reduction=reduction,
+            with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"],
-                           inner_products=self.stats_options["inner_products"]) as observation:
+                           inner_products=self.stats_options["inner_products"],
+                           output_module=output_module) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
                 if local is not None:
                     local.show_local()  # the sum check compares this rank's gradients with its own
+        except NotExact as err:
+            if hasattr(err, "add_note"):
+                err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
+                             "tracker.step(inputs, targets) falls back to the exact engines)")
+            raise
         finally:
             if local is not None:
                 local.restore()
-        if self._replicas is not None:
+        if self._replicas is not None and observation.stats is not None:
             observation.stats = self._replicas.reduce_stats(observation.stats)
-        self._publish(observation.stats)
-        self.steps += 1
+        if observation.stats is None:
+            self.skipped.append(self.steps)
+        elif accumulating:
+            self._accumulation.parts.append(observation.stats)
+        else:
+            self._publish(observation.stats)
+        if not accumulating:
+            self.steps += 1
 
     def _publish(self, stats: GradStats) -> None:
-        """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order."""
-        self.last_stats = stats
-        for hook in list(self._hooks.values()):
-            hook(self, stats)
+        """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order.
+        If a hook raises, ``last_stats`` goes back to what it was (earlier hooks have run)."""
+        previous, self.last_stats = self.last_stats, stats
+        try:
+            for hook in list(self._hooks.values()):
+                hook(self, stats)
+        except BaseException:
+            self.last_stats = previous
+            raise
 
-    def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-        """∇ of the mean loss, as ``loss.backward()`` would compute it (but not yet accumulated)."""
-        grads = batch_loss_grads(self.model, self.loss_fn, batch, params)
-        return {name: g for name, g in grads.items() if g is not None}
+    def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
+                        weigh: bool = False):
+        """∇ of the batch loss for the parameters (None-free: unreached ones are left out) and for the
+        inputs that require grad, as ``loss.backward()`` would compute them (not yet accumulated).
+
+        With ``weigh``, also the loss's common weight w (None when the w_i differ), derived and
+        checked at this forward's output, and whether the loss hides its weights (computed
+        inside the model): returns (update, input grads, w, opaque).
+        """
+        with torch.enable_grad():
+            output = self.model(*batch.args, **batch.kwargs)
+            loss = self.batch_loss(output) if batch.targets is None else self.batch_loss(output, batch.targets)
+            if not isinstance(loss, Tensor) or loss.dim() != 0:
+                raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")
+            factor, opaque = None, False
+            if weigh:
+                try:
+                    weights, _ = weights_at_output(self.batch_loss, self.per_example_loss, output,
+                                                   batch.targets, batch.size)
+                    factor = common_weight(weights, rtol=1e-5)
+                except OpaqueLoss:
+                    opaque = True
+                except NonFiniteLoss:
+                    factor, opaque = math.nan, False
+            grads = torch.autograd.grad(loss, [*params.values(), *inputs_with_grad], allow_unused=True)
+        update = {name: g for name, g in zip(params, grads) if g is not None}
+        if weigh:
+            return update, list(grads[len(params):]), factor, opaque
+        return update, list(grads[len(params):])
 
     def __repr__(self) -> str:
         return (f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
                 f"check_every={self.check_every}, steps={self.steps}, hooks={len(self._hooks)})")
 
 
-def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, copy: bool) -> None:
-    """``p.grad += update`` as autograd's AccumulateGrad does, but out of place (so it can be undone)."""
+@dataclass
+class Accumulation:
+    """What :meth:`Tracker.accumulate` yields: ``stats``, the merged statistics (set on exit;
+    None on steps without statistics), and the micro-batches' own statistics in ``parts``."""
+
+    with_stats: bool
+    parts: list = field(default_factory=list)
+    stats: GradStats | None = None
+
+
+def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
+    """``p.grad += scale * update`` as autograd's AccumulateGrad does, but out of place (so it can be
+    undone); the result never aliases ``update`` (statistics handed to hooks)."""
     for name, g in update.items():
         p = params[name]
         g = g.detach().to(p.dtype)
+        g = g * scale if scale != 1.0 else g
         if p.grad is not None:
             p.grad = p.grad + g
         else:
-            p.grad = g.clone() if copy else g
+            p.grad = g.clone() if scale == 1.0 else g
+
+
+def _first_batch_output(store: list, batch_size: int):
+    """A forward hook keeping the model's first output on the real batch (not inside vmap)."""
+    def hook(module, args, output):
+        if store:
+            return
+        leaves, _ = tree_flatten(output)
+        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            return
+        if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
+            store.append(output)
+    return hook
+
+
+def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
+    leaves, _ = tree_flatten((batch.args, batch.kwargs))
+    return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad and t.is_leaf]
+
+
+def _finite(stats: GradStats) -> bool:
+    tensors = [*stats.mean.values(), *stats.param_sq_norms.values()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:
+    """The loss hides its weights (computed inside the model): p.grad must be c·ḡ for one c; returns c."""
+    names = list(mean)
+    g = torch.cat([grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
+                   for n in names])
+    m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
+    c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
+    rtol = 1e-7 if mean[names[0]].dtype == torch.float64 else 1e-3
+    err = (g - c * m).abs().max().item()
+    if err > rtol * max(g.abs().max().item(), 1e-300):
+        raise BatchLossMismatch(
+            "the gradient of the batch loss is not a multiple of the mean per-example gradient (relative "
+            f"difference {err / max(g.abs().max().item(), 1e-300):.2e}): the examples weigh differently in "
+            "the batch loss, and since the loss is computed inside the model (not from its output) persample "
+            "cannot read the weights. Compute the loss from the model's output in loss_fn, e.g. "
+            "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`")
+    return c
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

@@ -42,11 +42,11 @@ def test_demo_end_to_end_csv(tmp_path):
     assert lines[header].split()[:3] == ["epoch", "train", "loss"]
     assert lines[header + 1].split()[0] == "1" and len(lines[header + 1]) == len(lines[header])  # aligned
     rows = read_metrics(metrics)
-    step_rows = [r for r in rows if r.get("b_simple") == r.get("b_simple")]   # not NaN
-    assert len(step_rows) == 3                                                # 96 examples / 32
+    assert len(rows) == 3 and all(r["b_simple"] == r["b_simple"] for r in rows)  # 96 / 32, one kind of row
     assert {"b_simple_ema", "gsnr_mean", "norm_test_batch", "inner_test", "ortho_test"} <= rows[0].keys()
     assert all(r["epoch"] == 1 for r in rows)
-    assert 0 <= rows[-1]["test_acc"] <= 1 and 0 <= rows[-1]["train_acc"] <= 1
+    epochs = read_metrics(out_dir / "epochs.csv")
+    assert len(epochs) == 1 and 0 <= epochs[0]["test_acc"] <= 1 and 0 <= epochs[0]["train_acc"] <= 1
     with open(metrics, newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,7 +60,7 @@ def test_demo_quiet_jsonl_mlp_every_2(tmp_path):
     assert out.splitlines() == [f"metrics: {tmp_path / 'metrics.jsonl'}", f"plot:    {tmp_path / 'diagnostics.png'}"]
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
-    assert [r["step"] for r in rows if "b_simple" in r] == [0, 2]
+    assert [r["step"] for r in rows] == [0, 2]
     assert "layer/fc3/b_simple" in rows[0] and rows[-1]["epoch"] == 1
     assert (tmp_path / "diagnostics.png").stat().st_size > 10_000
 
@@ -185,7 +185,7 @@ def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 1
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and 'pip install "persample[demo]"' in err and "scikit-learn" in err
+    assert len(err.splitlines()) == 1 and 'pip install -e ".[demo]"' in err and "scikit-learn" in err
 
 
 def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
@@ -193,3 +193,11 @@ def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--lr", "1e6", "--quiet", *TINY]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "non-finite values in stats." in err and "Try a smaller --lr" in err
+
+
+@pytest.mark.slow
+def test_a_batch_size_larger_than_the_data_set_is_reported_as_used(tmp_path):
+    code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--epochs", "1", "--train-examples", "40",
+                                        "--batch-size", "1000", "--no-progress"))
+    assert code == 0, err
+    assert "batch 40 (asked for 1000, more than the 40 training examples)" in out

@@ -139,7 +139,7 @@ def test_tensorboard_logger_writes_events(tmp_path):
 
 def test_tensorboard_missing_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorboard", None)
-    with pytest.raises(ImportError, match=r'pip install "persample\[tensorboard\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[tensorboard\]"'):
         TensorBoardLogger(tmp_path / "tb")
 
 
@@ -160,4 +160,4 @@ def test_noise_and_csv_loggers_import_with_only_torch_and_numpy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert 'IMPORT-ERROR: persample.plot needs matplotlib: pip install "persample[plot]"' in out.stdout
+    assert 'IMPORT-ERROR: persample.plot needs matplotlib: pip install -e ".[plot]"' in out.stdout

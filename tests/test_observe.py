@@ -124,12 +124,21 @@ def test_an_extra_term_on_a_large_layer_is_detected():
 
 
 def test_a_second_backward_inside_the_block_is_detected():
-    """Output gradients add up over backward passes as p.grad does, so the doubled gradient at the
-    output fails the reduction check instead of giving 4x the variance."""
+    """Output gradients add up over backward passes as p.grad does. A declared reduction='mean' then
+    fails instead of giving 4x the variance; undeclared, the weight 2/B is read off the backward and the
+    statistics are still those of the per-example gradients."""
     model, (x, y) = _mlp(), _batch()
     tracker = persample.Tracker(model, F.cross_entropy)
     with pytest.raises(ObservationError, match="does not match reduction='mean'"):
-        with tracker.observe(y):
+        with tracker.observe(y, reduction="mean"):
             loss = F.cross_entropy(model(x), y)
             loss.backward(retain_graph=True)
             loss.backward()
+    model.zero_grad()
+    ref = persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap")
+    with tracker.observe(y) as observed:
+        loss = F.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_dicts_close(observed.stats.var, ref.var)
+    assert_dicts_close(observed.stats.mean, ref.mean)

@@ -86,7 +86,7 @@ def test_no_statistics_is_an_error():
 def test_missing_matplotlib_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    with pytest.raises(ImportError, match=r'pip install "persample\[plot\]"'):
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[plot\]"'):
         plot.plot_diagnostics([{"step": 0, "grad_sq": 1.0}])
 
 

@@ -304,9 +304,10 @@ def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dic
 EXACT_CHECK_NUMEL = 1 << 14
 
 
-def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float) -> list[str]:
+def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float,
+                      rtol: float = 1e-3) -> list[str]:
     """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
-    relative to the compared values' max-abs (``float64_rtol`` in float64, 1e-3 otherwise).
+    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise).
 
     Small parameters are compared whole. Larger ones are compared through a Gaussian probe V from
     a fixed seed (Freivalds; the global RNG is untouched): (1/B)·``projected_sum(V)`` against M·V for
@@ -321,7 +322,7 @@ def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, flo
         got, expected = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
-        rtols.append(float64_rtol if expected.dtype == torch.float64 else 1e-3)
+        rtols.append(float64_rtol if expected.dtype == torch.float64 else rtol)
     if not differences:
         return []
     device = differences[0].device  # parameters may live on several devices

@@ -2,16 +2,19 @@
 
 Inside :func:`observing`, the user's forward and backward run unchanged while
 the fast engine's hooks record each unit's inputs and output gradients. The
-gradients are of the user's loss ℓ, so they are rescaled by s = B for a
-declared ``reduction="mean"`` (ℓ = (1/B) Σ_i L_i) or s = 1 for ``"sum"``.
+gradients are of the user's loss ℓ = w Σ_i L_i (a mean: w = 1/B; a sum: w = 1;
+a token mean: w = 1/N_tokens; divided by accumulation steps or multiplied by a
+loss scale: w times that), so they are rescaled by s = 1/w.
 
-A wrong declaration must not give silently wrong statistics, and comparing
-with ``p.grad`` alone cannot reveal it (every statistic scales consistently).
-So two checks run after the backward:
+A wrong per-example loss must not give silently wrong statistics, and
+comparing with ``p.grad`` alone cannot reveal it (every statistic scales
+consistently). So two checks run after the backward:
 
-1. **Reduction**: the gradient of ℓ at the model's output, times s, must equal
-   ∇_o L_i for every example: one gradient of Σ_i L_i at the detached output
-   (cheap: only the loss is redone, in closed form for standard losses).
+1. **Weights**: the gradient of ℓ at the model's output must be w_i ∇_{o_i} L_i
+   for every example, with one w (read off the gradients, see
+   :func:`persample.batch_loss.derive_weights`; a declared ``reduction``
+   also fixes w): one gradient of Σ_i L_i at the detached output (cheap: only
+   the loss is redone, in closed form for standard losses).
 2. **p.grad**: Σ_i g_i from the captured pieces must equal s times the increment
    of ``p.grad`` made by this backward; a loss with terms that are not
    per-example losses (a regulariser, a parameter used in the loss) fails here.
@@ -29,9 +32,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .._model import autocast_as, trainable_parameters
+from ..batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ..errors import NotExact, ObservationError
 from ..stats import GradStats
 from .capture import audit_graph, capturing, find_units, store_grad
@@ -40,7 +44,7 @@ from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = (None, "mean", "sum")
 
 
 @dataclass
@@ -48,21 +52,35 @@ class Observation:
     """Filled in when the ``with`` block exits: ``stats`` (None until then)."""
 
     stats: GradStats | None = None
+    skipped: bool = False
     _output: Any = None
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
+    _roots: Any = None
+    _before: dict = field(default_factory=dict)
+    _params: dict = field(default_factory=dict)
+
+    def rebase_grads(self) -> None:
+        """Take ``p.grad`` as it is now as the baseline of the backward's increment.
+
+        Call it between the forward and the backward when something else changes ``p.grad`` there
+        (Lightning zero-grads after ``training_step``, before ``backward``)."""
+        self._before = _grad_snapshot(self._params)
 
 
 @contextlib.contextmanager
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
-              reduction: str = "mean", var: bool = True, inner_products: bool = False) -> Iterator[Observation]:
-    """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit."""
+              reduction: str | None = None, var: bool = True, inner_products: bool = False,
+              output_module: nn.Module | None = None) -> Iterator[Observation]:
+    """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
+
+    ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
+    for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params = trainable_parameters(model)
-    before = {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
     units = find_units(model)
-    observation = Observation()
+    observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
     def root_hook(module, args, output):
@@ -71,78 +89,135 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 leaf.register_hook(store_grad(observation._output_grads, i))
-        roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
-        observation._audit = audit_graph(roots, units, names)
+        observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
 
-    handle = model.register_forward_hook(root_hook)
+    handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
     try:
         with capturing(units, model, batch_size) as capture:
             yield observation
+            if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
+                observation._audit = audit_graph(observation._roots, units, names)
             capture.end_forward()
             if capture.escape is not None:
                 raise NotExact(capture.escape)
     finally:
         handle.remove()
     with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
-        observation.stats = _observed_stats(observation, params, before, units, loss_fn, targets, batch_size,
-                                            reduction, var, inner_products)
+        observation.stats = _observed_stats(observation, params, observation._before, units, loss_fn, targets,
+                                            batch_size, reduction, var, inner_products)
 
 
 def _observed_stats(observation: Observation, params, before, units, loss_fn, targets, batch_size,
-                    reduction, var, inner_products) -> GradStats:
+                    reduction, var, inner_products) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError("no forward of the model reached a backward inside the block: run "
                                "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`")
     if observation._audit.escape is not None:
         raise NotExact(observation._audit.escape)
-    scale = float(batch_size) if reduction == "mean" else 1.0
-    losses = _check_reduction(observation, loss_fn, targets, batch_size, scale, reduction)
+    if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
+        observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
+        return None
+    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction)
+    scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
+    half = _upcast_captures(units)
     means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
-    _check_against_grad(pieces, means)
+    _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
 
 
+def _grad_snapshot(params) -> dict:
+    return {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
+
+
+def _upcast_captures(units) -> bool:
+    """Half-precision activations and output gradients (autocast) in float32, so that the statistics
+    are computed and kept in float32 whatever the autocast dtype."""
+    found = []
+
+    def up(t):
+        if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+            found.append(True)
+            return t.float()
+        return t
+    for unit in units:
+        for call in unit.calls:
+            call.args, call.kwargs, call.output = tree_map(up, (call.args, call.kwargs, call.output))
+            call.out_grads = {k: up(v) for k, v in call.out_grads.items()}
+    return bool(found)
+
+
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
-    """factor · (p.grad − before), a new tensor (statistics must not alias ``p.grad``)."""
+    """factor · (p.grad − before), a new tensor in float32 or wider (statistics must not alias
+    ``p.grad``, and are kept in float32 whatever the autocast or parameter dtype)."""
+    dtype = torch.promote_types(p.dtype, torch.float32)
     if p.grad is None:
-        return torch.zeros_like(p)
-    increment = p.grad.detach().clone() if before is None else p.grad.detach() - before
+        return torch.zeros_like(p, dtype=dtype)
+    increment = p.grad.detach().to(dtype, copy=True) if before is None else p.grad.detach().to(dtype) - before
     return increment.mul_(factor) if factor != 1.0 else increment
 
 
-def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int, scale: float,
-                     reduction: str) -> Tensor:
-    """Per-example losses, after checking s·∂ℓ/∂o == ∇_o L_i for every example."""
+def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int,
+                     reduction: str | None) -> tuple[Tensor, float]:
+    """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
+    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`)."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
-    detached = [t.detach().requires_grad_(i in differentiable) if isinstance(t, Tensor) else t
-                for i, t in enumerate(leaves)]
+    detached = []
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor):
+            t = t.detach()
+            if i in differentiable:  # half-precision outputs (autocast) are compared in float32
+                t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()).requires_grad_(True)
+        detached.append(t)
     with torch.enable_grad():
         losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
-        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-    grads = [torch.zeros_like(detached[i]) if g is None else g for i, g in zip(differentiable, grads)]
-    for i, per_example in zip(differentiable, grads):
-        observed = observation._output_grads[i] * scale
-        err = (observed - per_example).abs().max().item()
-        size = per_example.abs().max().item()
-        if err > 1e-3 * max(size, 1e-12):
-            ratio = (observed * per_example).sum().item() / max(per_example.pow(2).sum().item(), 1e-30)
-            hint = f"observed / expected ≈ {ratio:.4g}"
-            if abs(ratio - batch_size) < 0.05 * batch_size:
-                hint += ", as if the loss were summed: reduction='sum'?"
-            elif abs(ratio * batch_size - 1) < 0.05:
-                hint += ", as if the loss were averaged: reduction='mean'?"
+        if not losses.requires_grad:
             raise ObservationError(
-                f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
-                f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
-                "Declare the reduction the loss really uses, or pass the targets that the loss uses.")
-    return losses.detach()
+                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
+                "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
+                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
+                "persample.causal_lm_loss(), with the labels as targets)")
+        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+    observed = [observation._output_grads[i] for i in differentiable]
+    try:
+        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
+    except BatchLossMismatch as err:
+        raise ObservationError(f"{err}. Declare the per-example loss the backward really combines, or pass "
+                               "the targets that the loss uses") from None
+    half = any(g.dtype in (torch.float16, torch.bfloat16) for g in observed)
+    weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
+    if weight is None:
+        raise ObservationError(
+            "the examples weigh differently in the backwarded loss (w_i from "
+            f"{w.min().item():.4g} to {w.max().item():.4g}; class weights?): observe() needs ℓ = w Σ_i L_i. "
+            "Use a per-example loss that carries the weights (persample.BatchLoss(loss_fn, per_example=<the "
+            "loss with reduction='sum'>)), or tracker.step")
+    if weight <= 0:
+        raise ObservationError("the backwarded loss has no gradient at the model output (or decreases "
+                               "with the per-example losses)")
+    expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)
+    if reduction is not None and expected is None:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if expected is not None and abs(weight - expected) > 1e-3 * expected:
+        hint = f"observed / expected ≈ {weight / expected:.4g}"
+        if abs(weight - 1.0) < 0.05:
+            hint += ", as if the loss were summed: reduction='sum'?"
+        elif abs(weight * batch_size - 1) < 0.05:
+            hint += ", as if the loss were averaged: reduction='mean'?"
+        raise ObservationError(
+            f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
+            f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
+            "Declare the reduction the loss really uses (reduction=None reads it from the backward), "
+            "or pass the targets that the loss uses.")
+    return losses.detach(), weight
 
 
-def _check_against_grad(pieces, means) -> None:
-    differing = means_that_differ(pieces, means, float64_rtol=1e-6)
+def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:
+    """Σ_i g_i of the pieces against the p.grad increment (``rtol`` outside float64: 3e-2 when the
+    forward ran in half precision, whose rounding the two sides carry differently)."""
+    differing = means_that_differ(pieces, means, float64_rtol=1e-6, rtol=rtol)
     if differing:
         raise ObservationError(
             f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "

@@ -1,0 +1,344 @@
+"""How a batch loss combines per-example losses: ℓ = Σ_i w_i L_i.
+
+persample's statistics describe per-example gradients g_i = ∇_θ L_i, where
+L_i is **the per-example loss**: ``per_example(output_i[None], target_i[None])``
+on a batch of one (by default the training loop's own ``loss_fn``). A training
+loop backwards a **batch loss** ℓ = ``loss_fn(output, targets)``. Many batch
+losses are not (1/B) Σ_i L_i:
+
+=====================================  ===================  ======================
+batch loss ℓ                           L_i                  w_i
+=====================================  ===================  ======================
+``reduction="mean"`` (the default)     loss of example i    1/B
+``reduction="sum"``                    loss of example i    1
+token mean over a padded batch         Σ_t ℓ_it (summed)    1/N_tokens
+``num_items_in_batch`` (HF, GA)        Σ_t ℓ_it (summed)    1/num_items_in_batch
+``(loss / k).backward()``              as above             w_i / k
+class weights (``weight=c``)           loss_fn on one       c_{y_i} / Σ_j c_{y_j}
+=====================================  ===================  ======================
+
+persample does not ask for w: it **derives** it. Example i's loss depends on
+example i's output o_i alone, so for any batch loss that is a combination
+Σ_i w_i L_i, ∇_{o_i} ℓ = w_i ∇_{o_i} L_i: w_i is read off the two gradients at
+the model output (a loss-only backward, no model backward) and the identity
+is checked for every example. When it fails,
+the per-example loss does not describe the batch loss and
+:class:`BatchLossMismatch` says so; nothing is written.
+
+``p.grad`` = Σ_i w_i g_i, exactly what ``ℓ.backward()`` gives. When every
+w_i equals one w (all rows above but class weights), p.grad = (w·B)·ḡ with
+ḡ = ``stats.mean`` = (1/B) Σ_i g_i: the statistics' mean relates to p.grad by
+the factor w·B (1 for a mean, B for a sum, B/N_tokens for a token mean).
+
+To describe token losses by the example's summed token loss (L_i = Σ_t ℓ_it,
+so that every example weighs 1/N_tokens) pair the batch loss with its
+per-example part in a :class:`BatchLoss`, as :func:`causal_lm_loss` does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["BatchLoss", "BatchLossMismatch", "causal_lm_loss", "loss_parts", "derive_weights",
+           "common_weight"]
+
+
+class BatchLossMismatch(ValueError):
+    """The batch loss is not Σ_i w_i L_i of the declared per-example losses (the message says how)."""
+
+
+@dataclass(frozen=True)
+class BatchLoss:
+    """A batch loss together with the per-example losses it combines.
+
+    Args:
+        batch: ``batch(output, targets)`` on the whole batch: the loss your loop
+            backwards (calling the BatchLoss calls it).
+        per_example: ``per_example(output, targets)`` on a batch of ONE example:
+            L_i, a scalar. The statistics describe g_i = ∇_θ L_i.
+
+    The weights w_i with ℓ = Σ_i w_i L_i are derived and checked (see the
+    module docstring); they are never declared.
+    """
+
+    batch: Callable[..., Tensor]
+    per_example: Callable[..., Tensor]
+
+    def __call__(self, output: Any, targets: Any = None, **kwargs) -> Tensor:
+        return self.batch(output, **kwargs) if targets is None else self.batch(output, targets, **kwargs)
+
+
+def loss_parts(loss_fn: Callable) -> tuple[Callable, Callable]:
+    """(batch loss, per-example loss) of a :class:`BatchLoss` or of a plain loss function
+    (which is then both: L_i = loss_fn on a batch of one)."""
+    if isinstance(loss_fn, BatchLoss):
+        return loss_fn.batch, loss_fn.per_example
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    return loss_fn, loss_fn
+
+
+# ------------------------------------------------------------------------ causal LM
+
+
+def _logits(output: Any) -> Tensor:
+    return output.logits if hasattr(output, "logits") else (output["logits"] if isinstance(output, dict)
+                                                             else output)
+
+
+def _token_losses_sum(output: Any, labels: Tensor, ignore_index: int, shift: bool) -> tuple[Tensor, Tensor]:
+    """(Σ_{i,t} ℓ_it, number of counted tokens), with Hugging Face's label shift."""
+    logits = _logits(output)
+    if shift:
+        labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    flat_labels = labels.reshape(-1).to(logits.device)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as HF: half logits in float32
+    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels,
+                            ignore_index=ignore_index, reduction="sum")
+    return total, (flat_labels != ignore_index).sum()
+
+
+def causal_lm_loss(*, ignore_index: int = -100, shift: bool = True,
+                   num_items_in_batch: int | Tensor | None = None, reduction: str = "mean") -> BatchLoss:
+    """Next-token cross-entropy as Hugging Face's causal-LM models compute it, with its per-example part.
+
+    - batch loss: ℓ = (1/N) Σ_i Σ_t ℓ_it over the tokens whose label is not
+      ``ignore_index`` (labels shifted left by one when ``shift``, as HF does
+      inside ``ForCausalLM`` models), N = their count, or
+      ``num_items_in_batch`` when given (HF's count over all micro-batches of
+      a gradient-accumulation step); with ``reduction="sum"``, ℓ = Σ_i Σ_t ℓ_it
+      (divide it yourself, e.g. ``tracker.step(x, y, scale=1 / n_tokens)``);
+    - per-example loss: L_i = Σ_t ℓ_it, example i's summed token loss (0 for an
+      example whose tokens are all ignored).
+
+    So w_i = 1/N for every example and p.grad = (B/N)·ḡ. Targets are the
+    labels ``[B, T]`` (the input ids, with padding set to ``ignore_index``).
+    Half-precision logits are cast to float32 first, as HF does.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+    def batch(output: Any, labels: Tensor) -> Tensor:
+        total, count = _token_losses_sum(output, labels, ignore_index, shift)
+        if reduction == "sum":
+            return total
+        denominator = count if num_items_in_batch is None else num_items_in_batch
+        if isinstance(denominator, Tensor):
+            denominator = denominator.to(total.device)
+        return total / denominator
+
+    def per_example(output: Any, labels: Tensor) -> Tensor:
+        return _token_losses_sum(output, labels, ignore_index, shift)[0]
+
+    return BatchLoss(batch, per_example)
+
+
+# ------------------------------------------------------------------------ weights
+
+
+def _tolerance(dtypes: Sequence[torch.dtype]) -> float:
+    if all(d == torch.float64 for d in dtypes):
+        return 1e-5  # not 1e-7: float64 models may compute their loss in float32 (HF casts logits .float())
+    if any(d in (torch.float16, torch.bfloat16) for d in dtypes):
+        return 2e-2
+    return 1e-3
+
+
+def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence[Tensor | None],
+                   batch_size: int, *, what: str = "the batch loss") -> Tensor:
+    """w_i with ∇_{o_i} ℓ = w_i ∇_{o_i} L_i for every example, in float64, checked.
+
+    ``batch_grads[k]`` is ∇ℓ at the k-th output tensor, ``example_grads[k]`` the
+    gradient of Σ_i L_i there (both batched on dim 0; None for no gradient).
+    w_i = ⟨a_i, b_i⟩ / ‖b_i‖² from a_i = ∇_{o_i} ℓ and b_i = ∇_{o_i} L_i
+    (dot products summed in float64); an example whose L_i has no gradient
+    there must have none in ℓ either (then w_i = 0). Every example is checked:
+    ‖a_i − w_i b_i‖_∞ ≤ rtol · max(‖a_i‖_∞, ‖w_i b_i‖_∞), with rtol 1e-5 in
+    float64, 1e-3 in float32 and 2e-2 in half precision.
+
+    Raises:
+        BatchLossMismatch: a_i is not a multiple of b_i for some example (the
+            per-example losses do not describe ``what``), or a gradient is not finite.
+    """
+    pairs = [(a, b) for a, b in zip(batch_grads, example_grads) if a is not None or b is not None]
+    pairs = [(torch.zeros_like(b) if a is None else a.detach(), torch.zeros_like(a) if b is None else b.detach())
+             for a, b in pairs]
+    rtol = _tolerance([t.dtype for pair in pairs for t in pair])
+    dot = torch.zeros(batch_size, dtype=torch.float64)
+    bb = torch.zeros(batch_size, dtype=torch.float64)
+    for a, b in pairs:
+        a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
+        if not bool(torch.isfinite(b2).all()):
+            bad = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
+            raise BatchLossMismatch(
+                f"the per-example losses have non-finite gradients at the model output (examples {bad[:5]}): "
+                "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
+                "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
+                "reduction='sum'>), or persample.causal_lm_loss() for token losses")
+        if not bool(torch.isfinite(a2).all()):
+            raise BatchLossMismatch(f"the gradient of {what} at the model output is not finite (inf/NaN)")
+        dot += (a2 * b2).sum(1, dtype=torch.float64).cpu()
+        bb += (b2 * b2).sum(1, dtype=torch.float64).cpu()
+    w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
+    residual = torch.zeros(batch_size, dtype=torch.float64)
+    scale = torch.zeros(batch_size, dtype=torch.float64)
+    for a, b in pairs:
+        a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
+        wb = b2 * w.to(device=b2.device, dtype=b2.dtype)[:, None]
+        if a2.shape[1]:
+            residual = torch.maximum(residual, (a2 - wb).abs().amax(1).double().cpu())
+            scale = torch.maximum(scale, torch.maximum(a2.abs().amax(1), wb.abs().amax(1)).double().cpu())
+    floor = 1e-12 * max(scale.max().item() if scale.numel() else 0.0, 1e-300)
+    bad = (residual > rtol * scale.clamp_min(floor)).nonzero().flatten()
+    if bad.numel():
+        i = int(bad[0])
+        raise BatchLossMismatch(
+            f"{what} is not a weighted sum Σ_i w_i L_i of the per-example losses L_i = "
+            f"per_example(output_i, target_i): at example {i} its gradient at the model output is not a "
+            f"multiple of L_i's (relative residual {(residual[i] / scale[i].clamp_min(1e-300)).item():.2e}). "
+            "The statistics would be wrong. Pass the per-example loss that the batch loss combines, "
+            "e.g. persample.BatchLoss(loss_fn, per_example=...) or persample.causal_lm_loss() for "
+            "token losses, or pass the targets that the loss uses")
+    return w
+
+
+def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
+    """The one weight every example has (within ``rtol``), or None when they differ.
+
+    Rounding is removed when 1/w is within ``rtol`` of an integer (B for a mean,
+    N for a token mean, 1 for a sum): then exactly 1/round(1/w) is returned.
+    """
+    if w.numel() == 0:
+        return None
+    mean = w.mean().item()
+    if mean == 0 or not math.isfinite(mean):
+        return 0.0 if mean == 0 and bool((w == 0).all()) else None
+    if (w - mean).abs().max().item() > rtol * abs(mean):
+        return None
+    inverse = 1.0 / mean
+    nearest = round(inverse)
+    if nearest != 0 and abs(inverse - nearest) <= rtol * abs(inverse):
+        return 1.0 / nearest
+    return mean
+
+
+# ------------------------------------------------------------------------ at the model output
+
+
+class OpaqueLoss(Exception):
+    """Internal: the batch loss is not a function of the model's batched output tensors
+    (say ``lambda out: out.loss``, a loss the model computed itself), so its weights cannot be read there.
+    ``per_example``: neither are the per-example losses, so only an engine that runs the model on each
+    example alone (vmap) can compute them."""
+
+    def __init__(self, per_example: bool = False):
+        super().__init__()
+        self.per_example = per_example
+
+
+def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any, targets: Any,
+                      batch_size: int) -> tuple[Tensor, list[int]]:
+    """Derive and check the weights w_i of ℓ = ``batch_fn(output, targets)`` over
+    L_i = ``per_example_fn`` on example i, at (a detached copy of) ``output``.
+
+    Costs one evaluation of each loss and one loss-only backward of each; the
+    model is not run. Half-precision outputs are compared in float32.
+
+    Returns:
+        w (``[B]`` float64) and the indices of the output's pytree leaves that ℓ
+        depends on.
+
+    w_i = ∂ℓ/∂L_i at this output, so p.grad = Σ_i w_i g_i holds by the chain rule
+    even when ℓ is not linear in the L_i (then w depends on the output, and
+    the statistics' mean relates to p.grad by a factor that changes each step).
+
+    Raises:
+        BatchLossMismatch: ∇_{o_i} ℓ is not a multiple of ∇_{o_i} L_i.
+        OpaqueLoss: ℓ does not depend on the batched output tensors alone.
+        NonFiniteLoss: the output or ℓ is not finite.
+    """
+    from torch.utils._pytree import tree_unflatten
+
+    from .engines.capture import NotExact
+    from .engines.fast import output_leaves, per_example_losses
+
+    leaves, spec, batched = output_leaves(output, batch_size)
+    floating = [isinstance(t, Tensor) and t.is_floating_point() for t in leaves]
+    detached = []
+    for t, is_float in zip(leaves, floating):
+        if is_float:
+            t = t.detach()
+            t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()).requires_grad_(True)
+        detached.append(t)
+    out = tree_unflatten(detached, spec)
+    differentiable = [i for i, f in enumerate(floating) if f]
+    if not all(bool(torch.isfinite(detached[i].detach()).all()) for i in differentiable if batched[i]):
+        raise NonFiniteLoss()
+    with torch.enable_grad():
+        try:
+            losses = per_example_losses(per_example_fn, out, targets, batch_size)
+        except NotExact as err:
+            raise OpaqueLoss(per_example=True) from err
+        example_grads = (torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable],
+                                             allow_unused=True)
+                         if losses.requires_grad else [None] * len(differentiable))
+        if not losses.requires_grad or any(g is not None and not batched[i]
+                                           for i, g in zip(differentiable, example_grads)):
+            raise OpaqueLoss(per_example=True)
+        ell = batch_fn(out) if targets is None else batch_fn(out, targets)
+        if not isinstance(ell, Tensor) or ell.dim() != 0:
+            raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss), got "
+                             + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__))
+        if not bool(torch.isfinite(ell.detach())):
+            raise NonFiniteLoss()
+        if not ell.requires_grad:
+            raise OpaqueLoss()
+        batch_grads = torch.autograd.grad(ell, [detached[i] for i in differentiable], allow_unused=True)
+        if any(g is not None and not batched[i] for i, g in zip(differentiable, batch_grads)):
+            raise OpaqueLoss()
+        if bool(torch.isfinite(ell.detach())) and not bool(torch.isfinite(losses.detach()).all()):
+            bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+            raise BatchLossMismatch(
+                f"the per-example losses of examples {bad[:5]} are not finite while the batch loss is: an "
+                "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
+                "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
+                "reduction='sum'>), or persample.causal_lm_loss() for token losses")
+    on_batched = [i for i in differentiable if batched[i]]
+    example_grads = [g for i, g in zip(differentiable, example_grads) if batched[i]]
+    by_leaf = dict(zip(differentiable, batch_grads))
+    w = derive_weights([by_leaf[i] for i in on_batched], example_grads, batch_size)
+    return w, [i for i, g in by_leaf.items() if g is not None]
+
+
+class NonFiniteLoss(Exception):
+    """Internal: the batch loss or the model output is inf/NaN at this step (a diverged or overflowing
+    step): no weights, and no statistics, can be read from it."""
+
+
+def reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
+    """ids of the leaf tensors (parameters, inputs) that autograd would reach from ``roots``:
+    exactly those that ``backward()`` gives a ``.grad``."""
+    ids: set[int] = set()
+    stack = []
+    for t in roots:
+        if t.grad_fn is not None:
+            stack.append(t.grad_fn)
+        elif t.requires_grad:
+            ids.add(id(t))
+    seen: set = set()
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)
+        if variable is not None:
+            ids.add(id(variable))
+        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
+    return ids

@@ -1,0 +1,138 @@
+"""Per-example gradient statistics in a PyTorch Lightning ``Trainer``, as one ``Callback``.
+
+::
+
+    from persample.integrations.lightning import PersampleCallback
+
+    trainer = L.Trainer(callbacks=[PersampleCallback(F.cross_entropy)], accumulate_grad_batches=2,
+                        precision="bf16-mixed")
+    trainer.fit(module, loader)              # logs persample/b_simple, ... through pl_module.log
+
+With automatic optimisation, the callback observes Lightning's own forward
+(``training_step`` calling the module) and backward with
+:meth:`persample.Tracker.observe`, from ``on_train_batch_start`` to
+``on_after_backward``. Lightning zero-grads between ``training_step`` and the
+backward; the callback takes its ``p.grad`` baseline in ``on_before_backward``,
+after that.
+
+- ``p.grad`` is never touched: training is identical with or without the callback.
+- The statistics describe g_i = ∇ L_i with L_i = ``loss_fn(output_i, target_i)``
+  on a batch of one, where ``output`` is what the LightningModule's ``forward``
+  (or ``output_module``'s) returns. The loss's weight (a mean, a sum, the
+  division by ``accumulate_grad_batches``) is read from the backward and checked.
+- Micro-batches of ``accumulate_grad_batches`` are merged exactly into the
+  statistics of the whole accumulated batch; statistics are read before gradient
+  clipping; under ``precision="bf16-mixed"`` they are computed in float32.
+
+Needs ``lightning`` (``pip install -e ".[lightning]"`` from a source checkout).
+Limits: automatic optimisation, one process, models the fast engine handles exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from ..engines.observe import ObservationError
+from ..loggers import Diagnostics
+from ..noise import DEFAULT_EMA_BETA
+from ..stats import GradStats
+from ..tracker import Tracker
+from ._common import DEFAULT_KEYS, diagnostics_row, require
+
+L = require("lightning", "lightning")
+
+__all__ = ["PersampleCallback"]
+
+
+def _last_element(batch: Any) -> Any:
+    if isinstance(batch, dict):
+        return batch["labels"] if "labels" in batch else batch.get("target", batch.get("y"))
+    return batch[-1]
+
+
+class PersampleCallback(L.pytorch.Callback):
+    """A Lightning callback that logs per-example gradient diagnostics.
+
+    Args:
+        loss_fn: the per-example loss ``loss_fn(output, target)`` on a batch of one
+            (as for :class:`persample.Tracker`), of the output of the module's ``forward``.
+        targets: ``targets(batch)``, the targets of a batch (default: ``batch[-1]``, or
+            ``batch["labels"]`` for a dict).
+        every: statistics on every k-th optimizer step.
+        output_module: ``output_module(pl_module)``, the submodule whose output the loss is
+            computed from when ``training_step`` does not call the LightningModule itself
+            (default: the LightningModule).
+        keys, prefix, sinks, ema_beta, inner_products, var: as in
+            :func:`persample.integrations.transformers.track`.
+
+    Attributes:
+        last_stats: the merged statistics of the last optimizer step that had them.
+        diagnostics: the :class:`persample.loggers.Diagnostics` (its ``rows`` keep the rows).
+    """
+
+    def __init__(self, loss_fn: Callable, *, targets: Callable[[Any], Any] = _last_element, every: int = 1,
+                 output_module: Callable[[Any], nn.Module] | None = None,
+                 keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
+                 ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True):
+        self.loss_fn = loss_fn
+        self.targets = targets
+        self.every = every
+        self.output_module = output_module
+        self.keys = None if keys is None else tuple(keys)
+        self.prefix = prefix
+        self.options = dict(inner_products=inner_products, var=var)
+        self.diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
+        if not inner_products:
+            self.diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
+        self.tracker: Tracker | None = None
+        self.last_stats: GradStats | None = None
+        self._block = self._accumulation = self._observe = self._observation = None
+
+    def on_fit_start(self, trainer, pl_module):
+        if not pl_module.automatic_optimization:
+            raise ValueError("persample's Lightning callback supports automatic optimisation only; with manual "
+                             "optimisation wrap your own backward in tracker.observe(...)")
+        self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._block is None:
+            self._block = self.tracker.accumulate()
+            self._accumulation = self._block.__enter__()
+        module = None if self.output_module is None else self.output_module(pl_module)
+        self._observe = self.tracker.observe(self.targets(batch), output_module=module)
+        self._observation = self._observe.__enter__()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if self._observation is not None:
+            self._observation.rebase_grads()  # after Lightning's zero_grad
+
+    def on_after_backward(self, trainer, pl_module):
+        if self._observe is not None:
+            observe, self._observe = self._observe, None
+            observe.__exit__(None, None, None)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._observe is not None:  # no backward ran (a skipped step): nothing to observe
+            observe, self._observe = self._observe, None
+            try:
+                observe.__exit__(None, None, None)
+            except ObservationError:  # "no forward reached a backward": the step has no statistics
+                pass
+        accumulate = trainer.accumulate_grad_batches
+        last = batch_idx + 1 == trainer.num_training_batches
+        if self._block is None or not ((batch_idx + 1) % accumulate == 0 or last):
+            return
+        block, self._block = self._block, None
+        block.__exit__(None, None, None)
+        stats = self._accumulation.stats
+        if stats is None:
+            return
+        self.last_stats = stats
+        row = diagnostics_row(self.diagnostics, stats, trainer.global_step, self.keys, self.prefix)
+        for name, value in row.items():
+            pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=stats.n)
+
+    def on_train_end(self, trainer, pl_module):
+        self.diagnostics.close()

@@ -1,0 +1,149 @@
+"""Per-example gradient statistics in a Hugging Face ``Trainer``, in one line.
+
+::
+
+    from persample.integrations.transformers import track
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    persample_callback = track(trainer)           # the one added line
+    trainer.train()                               # logs persample/b_simple, ... with the Trainer's own log
+
+How it works. A ``TrainerCallback`` never sees the batch, and the gradients
+are zeroed before ``on_step_end``; so :func:`track` wraps the trainer's
+``training_step`` (this instance only) in :meth:`persample.Tracker.observe`,
+and adds a :class:`PersampleCallback` that merges the micro-batches of a
+gradient-accumulation step and logs the diagnostics through ``trainer.log``
+(so TensorBoard, W&B and ``trainer.state.log_history`` get them).
+
+- ``p.grad`` is never touched: the Trainer's own forward, loss and backward
+  run unchanged, so training is identical with or without :func:`track`.
+- The statistics describe g_i = ∇ L_i with L_i = Σ_t ℓ_it, example i's summed
+  next-token loss (:func:`persample.causal_lm_loss`) for causal LMs, or
+  ``loss_fn(output_i, labels_i)`` on one example for other models. The
+  weight of each example in the Trainer's loss (1/N_tokens, ``num_items_in_batch``,
+  the division by the accumulation steps, a loss scale) is read from its
+  backward and checked (:mod:`persample.batch_loss`).
+- Statistics are read right after each backward: before ``max_grad_norm``
+  clipping, which the Trainer applies later.
+- bf16 / fp16 mixed precision: statistics are computed and kept in float32;
+  an fp16 step that overflows is skipped, as the Trainer's scaler skips it.
+- The micro-batches of one optimizer step are merged exactly into the
+  statistics of the whole accumulated batch (``persample_callback.last_stats``).
+
+Needs ``transformers`` (``pip install -e ".[hf]"`` from a source checkout).
+Limits: one process (no DDP/FSDP/DeepSpeed yet); models the fast engine handles
+exactly (see ``persample`` README, Engines); otherwise ``NotExact`` is raised
+on the first step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+from ..batch_loss import causal_lm_loss
+from ..loggers import Diagnostics
+from ..noise import DEFAULT_EMA_BETA
+from ..stats import GradStats
+from ..tracker import Tracker
+from ._common import DEFAULT_KEYS, diagnostics_row, require
+
+transformers = require("transformers", "hf")
+
+__all__ = ["track", "PersampleCallback"]
+
+
+class PersampleCallback(transformers.TrainerCallback):
+    """Merges the observed micro-batches of each optimizer step and logs their diagnostics.
+
+    Attributes:
+        tracker: the :class:`persample.Tracker` (``every`` counts optimizer steps).
+        diagnostics: the :class:`persample.loggers.Diagnostics` computing the rows (its
+            ``rows`` keep them; pass ``sinks`` to :func:`track` to also write CSV files).
+        last_stats: the merged statistics of the last optimizer step that had them.
+    """
+
+    def __init__(self, trainer: Any, tracker: Tracker, diagnostics: Diagnostics, keys: Sequence[str] | None,
+                 prefix: str):
+        self.trainer = trainer
+        self.tracker = tracker
+        self.diagnostics = diagnostics
+        self.keys = None if keys is None else tuple(keys)
+        self.prefix = prefix
+        self.last_stats: GradStats | None = None
+        self._block = None
+
+    def begin(self) -> None:
+        """Open the accumulation block of an optimizer step (idempotent)."""
+        if self._block is None:
+            self._block = self.tracker.accumulate()
+            self._accumulation = self._block.__enter__()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.begin()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._block is None:
+            return
+        block, self._block = self._block, None
+        block.__exit__(None, None, None)
+        stats = self._accumulation.stats
+        if stats is not None:
+            self.last_stats = stats
+            row = diagnostics_row(self.diagnostics, stats, state.global_step, self.keys, self.prefix)
+            if row:
+                self.trainer.log(row)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._block is not None:
+            self._block.__exit__(None, None, None)
+            self._block = None
+        self.diagnostics.close()
+
+
+def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labels: str = "labels",
+          keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
+          ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True) -> PersampleCallback:
+    """Add per-example gradient statistics to ``trainer`` (a ``transformers.Trainer``); returns the callback.
+
+    Args:
+        trainer: the Trainer, before ``train()``.
+        loss_fn: the per-example loss ``loss_fn(output, labels)`` on a batch of one. Default:
+            :func:`persample.causal_lm_loss` (summed next-token loss) for ``...ForCausalLM`` models;
+            other models need one (e.g. ``lambda out, y: F.cross_entropy(out.logits, y)``).
+        every: statistics on every k-th optimizer step (the others run exactly as without persample).
+        labels: the key of the batch that holds the targets.
+        keys: the diagnostics logged (None: every column of :func:`persample.noise.diagnostics`).
+        prefix: prefix of the logged names.
+        sinks: extra row sinks (``persample.loggers.CSVLogger`` …) for every row, all columns.
+        ema_beta, inner_products, var: as in :class:`persample.loggers.Diagnostics` and :class:`persample.Tracker`.
+    """
+    model = trainer.model
+    output_module = None
+    if loss_fn is None:
+        if not type(model).__name__.endswith("ForCausalLM") and not type(model).__name__.endswith("LMHeadModel"):
+            raise ValueError(f"track(trainer): pass loss_fn= for {type(model).__name__} (the per-example loss "
+                             "loss_fn(output, labels) on a batch of one); the default covers causal LMs only")
+        loss_fn = causal_lm_loss()
+        # HF computes its loss inside forward from the lm_head's logits (mixed precision then returns
+        # float32 copies of them), so the per-example losses are read at the lm_head's output.
+        output_module = model.get_output_embeddings()
+    tracker = Tracker(model, loss_fn, every=every, inner_products=inner_products, var=var)
+    diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
+    if not inner_products:
+        diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
+    callback = PersampleCallback(trainer, tracker, diagnostics, keys, prefix)
+    original = trainer.training_step
+
+    @functools.wraps(original)
+    def training_step(model, inputs, *args, **kwargs):
+        callback.begin()  # also when the Trainer calls training_step outside its loop
+        targets = inputs.get(labels) if hasattr(inputs, "get") else None
+        if targets is None:
+            raise ValueError(f"persample: the batch has no {labels!r} entry (pass labels= to track())")
+        with tracker.observe(targets, output_module=output_module):
+            return original(model, inputs, *args, **kwargs)
+
+    trainer.training_step = training_step
+    trainer.add_callback(callback)
+    return callback
