@@ -45,12 +45,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .errors import BatchLossMismatch
+
 __all__ = ["BatchLoss", "BatchLossMismatch", "causal_lm_loss", "loss_parts", "derive_weights",
            "common_weight"]
-
-
-class BatchLossMismatch(ValueError):
-    """The batch loss is not Σ_i w_i L_i of the declared per-example losses (the message says how)."""
 
 
 @dataclass(frozen=True)
@@ -265,7 +263,7 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
     """
     from torch.utils._pytree import tree_unflatten
 
-    from .engines.capture import NotExact
+    from .errors import NotExact
     from .engines.fast import output_leaves, per_example_losses
 
     leaves, spec, batched = output_leaves(output, batch_size)

@@ -7,6 +7,8 @@
   (``engine="auto"`` then moves on to the next engine); the message says why.
 - :class:`ObservationError`: the backward observed by ``Tracker.observe`` does
   not match the declared per-example loss.
+- :class:`BatchLossMismatch`: the batch loss is not Σ_i w_i L_i of the
+  declared per-example losses (``Tracker``, :mod:`persample.batch_loss`).
 - :class:`MeanMismatchError`: :func:`persample.check_mean` found
   (1/B) Σ_i g_i ≠ autograd's gradient of the mean loss.
 - :class:`SlowPathWarning`: ``engine="auto"`` fell back to the per-example
@@ -15,7 +17,8 @@
 
 from __future__ import annotations
 
-__all__ = ["MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning"]
+__all__ = ["MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "BatchLossMismatch",
+           "SlowPathWarning"]
 
 
 class MeanMismatchError(AssertionError):
@@ -44,6 +47,10 @@ class NotExact(RuntimeError):
 
 class ObservationError(RuntimeError):
     """The observed backward does not match the declared per-example loss (the message says how)."""
+
+
+class BatchLossMismatch(ValueError):
+    """The batch loss is not Σ_i w_i L_i of the declared per-example losses (the message says how)."""
 
 
 class SlowPathWarning(UserWarning):

@@ -43,8 +43,8 @@ from .api import compute_stats
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
-from .engines.capture import NotExact
-from .engines.observe import Observation, observing
+from .errors import NotExact
+from .engines.fast.observe import Observation, observing
 from .stats import GradStats
 
 __all__ = ["Tracker"]
@@ -347,7 +347,7 @@ class Tracker:
         model's ``get_output_embeddings()``, whose logits its own loss uses).
 
         A per-example loss that does not describe the backwarded loss, or a
-        loss with other terms, raises :class:`persample.engines.observe.ObservationError`
+        loss with other terms, raises :class:`persample.ObservationError`
         after the backward instead of returning wrong statistics. A backward
         whose output gradients are not finite (inf/NaN: an fp16 step that
         ``GradScaler`` skips) gives ``observed.skipped = True``, no statistics,

@@ -15,7 +15,7 @@ from torch import nn
 
 import persample
 from persample import BatchLoss, BatchLossMismatch, Tracker
-from persample.engines.observe import ObservationError
+from persample import ObservationError
 
 from zoo import TiedLM, assert_dicts_close, gpt2_tiny, oracle_grads
 

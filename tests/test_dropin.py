@@ -244,7 +244,7 @@ def test_observe_on_common_model_shapes():
 
     model = Positional().double()
     tokens = torch.randint(0, 10, (6, 5))
-    with pytest.raises(persample.engines.capture.NotExact) as info:
+    with pytest.raises(persample.NotExact) as info:
         with Tracker(model, F.cross_entropy).observe(y):
             F.cross_entropy(model(tokens), y).backward()
     assert any("tracker.step" in note for note in info.value.__notes__)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-from persample.engines.rules import find_rule
+from persample.engines.fast.rules import find_rule
 
 from zoo import assert_dicts_close, oracle_grads
 

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-from persample.engines import pieces as pieces_module
-from persample.engines.capture import NotExact
+from persample.engines.fast import pieces as pieces_module
+from persample import NotExact
 
 from zoo import CASE_IDS, CASES, assert_dicts_close, oracle_grads
 
@@ -102,7 +102,7 @@ def test_subclasses_are_matched_by_isinstance():
     class MyLinear(nn.Linear):
         pass
 
-    from persample.engines.rules import find_rule
+    from persample.engines.fast.rules import find_rule
     assert find_rule(MyLinear(2, 3)).name == "linear"
     assert find_rule(nn.ConvTranspose2d(2, 3, 3)) is None  # not a Conv2d: falls back to torch.func
 
@@ -274,7 +274,7 @@ def test_captured_calls_do_not_outlive_the_computation():
     """Hooks on captured outputs must not reference them back (a leak autograd's C++ storage hides)."""
     import gc
 
-    from persample.engines.capture import Call
+    from persample.engines.fast.capture import Call
 
     case = CASES[CASE_IDS.index("hf_gpt2")]
     model, x, y = case.instantiate()
@@ -339,7 +339,7 @@ def test_sum_check_by_probes_sees_small_differences_in_large_layers(kind):
     """A dense difference (a regulariser) of 1% of max|mean| is caught, and one element off by 10%.
     (Probes dilute a single element's difference by about sqrt(columns), so a lone element
     needs to be larger than the 1e-3 relative tolerance of the whole-tensor check.)"""
-    from persample.engines.fast import EXACT_CHECK_NUMEL, means_that_differ
+    from persample.engines.fast.engine import EXACT_CHECK_NUMEL, means_that_differ
     torch.manual_seed(1)
     act, grad = torch.randn(8, 1, 300), torch.randn(8, 1, 200)
     assert 300 * 200 > EXACT_CHECK_NUMEL  # the probe path

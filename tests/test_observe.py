@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-from persample.engines.observe import ObservationError
+from persample import ObservationError
 
 from zoo import CASE_IDS, CASES, assert_dicts_close, call_model, oracle_grads
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..engines.observe import ObservationError
+from ..errors import ObservationError
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats

@@ -2,7 +2,7 @@
 
 A rule turns one call of a module — its input ``x`` and the gradient ``gy`` of
 its output with respect to the summed per-example loss (so unscaled) — into a
-:class:`~persample.engines.pieces.Piece` per parameter.
+:class:`~persample.engines.fast.pieces.Piece` per parameter.
 
 A rule is used only where it provably applies (see :class:`Rule`): the module
 is an instance of the rule's class *and* runs that class's own ``forward``,

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from .._model import autocast_state
-from ..errors import NotExact
+from ..._model import autocast_state
+from ...errors import NotExact
 from .rules import Rule, find_rule
 
 __all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "GraphAudit", "NotExact"]

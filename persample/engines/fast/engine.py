@@ -10,13 +10,16 @@
    (:mod:`.rules`); modules without a rule get their per-example gradients from
    ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its
    captured inputs and output gradients — checked against autograd's sum.
-4. The pieces give norms, second moments (so the unbiased variance
-   M2 = Σ_i g_i∘g_i − B ḡ∘ḡ), inner products ⟨g_i, ḡ⟩ and clipped sums.
+4. The pieces give norms, second moments (the unbiased variance's
+   M2 = Σ_i (g_i − ḡ)², one-pass only where it cannot cancel), inner products
+   ⟨g_i, ḡ⟩ and clipped sums.
 
 Whenever this cannot be exact (a parameter used outside the modules that own
 it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
-that disagrees with autograd, random ops inside a fallback) the engine raises
-:class:`~.capture.NotExact`, and ``engine="auto"`` uses the vmap engine instead.
+that disagrees with autograd, random draws under ``randomness="same"``, hooks
+it cannot apply per example, a loss that is not per example, re-entrant
+checkpointing) the engine raises :class:`~persample.errors.NotExact`, and
+``engine="auto"`` moves on to the vmap engine, then the per-example loop.
 """
 
 from __future__ import annotations
@@ -29,18 +32,18 @@ from torch._C._functorch import is_batchedtensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .._batch import Batch
-from .._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced, rng_snapshot,
-                      trainable_parameters, translate_vmap_error)
-from ..errors import NotExact
-from ..stats import GradStats, clip_factors
-from ._functional import vmap_friendly_modules
+from ..._batch import Batch
+from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced,
+                       rng_snapshot, trainable_parameters, translate_vmap_error)
+from ...errors import NotExact
+from ...stats import GradStats, clip_factors
+from .._functional import vmap_friendly_modules
+from ..loop import is_reentrant_checkpoint_error
+from ..vmap import example_loss, refuse_unseen_hooks
 from .capture import Call, Unit, audit_graph, capturing, find_units
-from .pieces import DensePiece, Piece, as_matrix, combine_pieces
-from .loop import is_reentrant_checkpoint_error
 from .losses import closed_form_losses
+from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .rules import Layout, LayoutError
-from .vmap import example_loss, refuse_unseen_hooks
 
 __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 

@@ -34,12 +34,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from .._model import autocast_as, trainable_parameters
-from ..batch_loss import BatchLossMismatch, common_weight, derive_weights
-from ..errors import NotExact, ObservationError
-from ..stats import GradStats
+from ..._model import autocast_as, trainable_parameters
+from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
+from ...errors import NotExact, ObservationError
+from ...stats import GradStats
 from .capture import audit_graph, capturing, find_units, store_grad
-from .fast import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
+from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
