@@ -319,9 +319,10 @@ class NonFiniteLoss(Exception):
     step): no weights, and no statistics, can be read from it."""
 
 
-def reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
+def reachable_leaves(roots: Sequence[Tensor]) -> set[int] | None:
     """ids of the leaf tensors (parameters, inputs) that autograd would reach from ``roots``:
-    exactly those that ``backward()`` gives a ``.grad``."""
+    exactly those that ``backward()`` gives a ``.grad``; None when the graph hides some
+    (re-entrant activation checkpointing builds the checkpointed part only during backward)."""
     ids: set[int] = set()
     stack = []
     for t in roots:
@@ -335,6 +336,8 @@ def reachable_leaves(roots: Sequence[Tensor]) -> set[int]:
         if fn in seen:
             continue
         seen.add(fn)
+        if fn.name().startswith("CheckpointFunctionBackward"):
+            return None
         variable = getattr(fn, "variable", None)
         if variable is not None:
             ids.add(id(variable))

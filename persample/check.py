@@ -79,8 +79,8 @@ def batch_loss_grads(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
         loss = batch.call(model, loss_fn)
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
-        grads = gradients(loss, params)
-    return {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in grads.items()}
+        grads = gradients(loss, list(params.values()))
+    return {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in zip(params, grads)}
 
 
 def autograd_mean_grad(model: nn.Module, loss_fn: Callable[..., Tensor], batch) -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ example draw its own numbers.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,32 +40,31 @@ LossFn = Callable[..., Tensor]
 DEFAULT_CHUNK = 16
 
 
-def gradients(loss: Tensor, params: dict[str, nn.Parameter], inputs: list[Tensor] = ()) -> dict[str, Tensor | None]:
-    """∇_θ ``loss`` for every parameter (None where unused), without touching ``p.grad``.
+def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor] = ()) -> list[Tensor | None]:
+    """∇ ``loss`` for every tensor of ``wrt`` (None where unused), without touching any ``.grad``.
 
     ``torch.autograd.grad`` where it can; re-entrant activation checkpointing
     (``checkpoint(..., use_reentrant=True)``) refuses it, and then ``backward()``
-    runs into emptied ``.grad`` slots that are restored afterwards, for the
-    parameters and for the tensors in ``inputs`` (inputs that require grad).
+    runs into emptied ``.grad`` slots of ``wrt`` that are restored afterwards,
+    as are those of ``also_restore`` (other leaves the backward reaches, such as
+    inputs that require grad).
     """
     try:  # the graph is retained in case checkpointing refuses midway, having freed part of it
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True, retain_graph=True)
-        return dict(zip(params, grads))
+        return list(torch.autograd.grad(loss, list(wrt), allow_unused=True, retain_graph=True))
     except RuntimeError as err:
         if not is_reentrant_checkpoint_error(err):
             raise
-    hooked = [n for n, p in params.items() if getattr(p, "_post_accumulate_grad_hooks", None)]
-    if hooked:
+    if any(getattr(t, "_post_accumulate_grad_hooks", None) for t in wrt):
         raise RuntimeError(
-            f"parameter {hooked[0]!r} has a post-accumulate-grad hook, and re-entrant checkpointing needs "
-            "backward(), which would run it once per example: use checkpoint(..., use_reentrant=False)")
-    leaves = [*params.values(), *(t for t in inputs if t.requires_grad)]
+            "a parameter has a post-accumulate-grad hook, and re-entrant checkpointing needs backward(), "
+            "which would run it once per example: use checkpoint(..., use_reentrant=False)")
+    leaves = list({id(t): t for t in [*wrt, *also_restore] if t.requires_grad}.values())
     saved = [t.grad for t in leaves]
     try:
         for t in leaves:
             t.grad = None
         loss.backward()
-        return {n: p.grad for n, p in params.items()}
+        return [t.grad for t in wrt]
     finally:
         for t, g in zip(leaves, saved):
             t.grad = g
@@ -103,7 +102,7 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
         with torch.enable_grad():
             loss = check_per_example_loss(example.call(model, loss_fn))
             inputs = [t for t in tree_flatten((example.args, example.kwargs))[0] if isinstance(t, Tensor)]
-            grads = gradients(loss, params, inputs)
+            grads = dict(zip(params, gradients(loss, list(params.values()), inputs)))
         if snapshot is not None and rng_advanced(model, snapshot):
             raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn)))
         for name, p in params.items():
