@@ -49,8 +49,9 @@ def sum_of_squares(g: Tensor, center: Tensor | None = None) -> Tensor:
         d = g if center is None else g - center
         return d.square().sum(0)
     acc = torch.zeros_like(g[0])
+    scratch = None if center is None else torch.empty_like(acc)  # g_i − c, one buffer for every row
     for row in g:
-        d = row if center is None else row - center
+        d = row if center is None else torch.sub(row, center, out=scratch)
         acc.addcmul_(d, d)
     return acc
 

@@ -270,8 +270,9 @@ class OuterPiece(Piece):
         if self.positions != 1:
             return super().quick_centered_second_moment(mean)
         squares = self.second_moment()
-        m2 = squares.addcmul(mean, mean, value=-self.batch_size).clamp_min_(0)
-        return m2, (m2 * cancellation_limit(m2.dtype) < squares).any()
+        m2 = squares.addcmul(mean, mean, value=-self.batch_size)
+        suspect = m2.mul(cancellation_limit(m2.dtype)).lt_(squares).any()  # one temporary, reused
+        return m2.clamp_min_(0), suspect
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
