@@ -654,6 +654,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced case set and fewer repeats (< 3 min on 2 CPU cores)")
+    p.add_argument("--large", action="store_true",
+                   help="add the opt-in large cases (gpt2-large-b8: 35.7 M parameters, T=256; seconds per "
+                        "plain step on 2 CPU cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", type=Path, help="write the records as a JSON list here")
     p.add_argument("--markdown", type=Path, help="write the headline table and all records as markdown here")
@@ -691,7 +694,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
-    cases = select_cases(all_cases(quick=args.quick), args.case)
+    cases = select_cases(all_cases(quick=args.quick, large=args.large), args.case)
     methods = select_methods(all_methods(), args.method)
     if args.list:
         print("cases:  ", " ".join(c.label for c in cases))
