@@ -144,8 +144,21 @@ def small_gpt2_problem(batch_size: int) -> Problem:
     return gpt2_problem(batch_size, layers=2, width=128, heads=2, seq_len=64)
 
 
-def all_cases(quick: bool = False) -> list[Case]:
-    """The cases of a full run, or of a ``--quick`` run."""
+def large_gpt2_problem(batch_size: int, seq_len: int = 256) -> Problem:
+    """The opt-in ``gpt2-large`` case: 10 layers, width 512, 8 heads, vocab 8192, T = 256 (35.7 M
+    parameters, 10.4× the ``gpt2`` case's 3.4 M; 8 layers would give 8.6×)."""
+    return gpt2_problem(batch_size, layers=10, width=512, heads=8, vocab=8192, seq_len=seq_len)
+
+
+#: Cases that a full run leaves out (``--large`` adds them): each plain step takes seconds on 2 CPU
+#: cores, so one case alone takes longer than the rest of a full run.
+LARGE_CASES = [
+    Case("gpt2-large", 8, "HF GPT-2, 10 layers, width 512, vocab 8192, T=256", large_gpt2_problem),
+]
+
+
+def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
+    """The cases of a full run, or of a ``--quick`` run; ``large`` adds :data:`LARGE_CASES`."""
     full = [
         Case("mlp", 32, "MLP 784-512-512-10", mlp_problem, quick=True),
         Case("mlp", 128, "MLP 784-512-512-10", mlp_problem),
@@ -155,10 +168,10 @@ def all_cases(quick: bool = False) -> list[Case]:
         Case("gpt2", 16, "HF GPT-2, 4 layers, width 256, vocab 1000, T=128", gpt2_problem),
     ]
     if not quick:
-        return full
+        return full + (LARGE_CASES if large else [])
     small_gpt2 = Case("gpt2-small", 8, "HF GPT-2, 2 layers, width 128, vocab 1000, T=64",
                       small_gpt2_problem, quick=True)
-    return [c for c in full if c.quick] + [small_gpt2]
+    return [c for c in full if c.quick] + [small_gpt2] + (LARGE_CASES if large else [])
 
 
 def select_cases(cases: list[Case], patterns: list[str] | None) -> list[Case]:

@@ -36,6 +36,9 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # `cases`, `methods` (opacus ships a `benchmarks` package)
+# persample from this checkout, not whichever copy is installed (an editable install of another
+# worktree would otherwise be measured under this checkout's commit)
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
@@ -106,6 +109,7 @@ def versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"torch": torch.__version__, "persample": persample.__version__,
                                   "python": platform.python_version()}
     out["persample_git"] = git_revision()
+    out["persample_path"] = str(Path(persample.__file__).resolve().parent)
     for key, dist in (("opacus", "opacus"), ("backpack", "backpack-for-pytorch"),
                       ("transformers", "transformers")):
         try:
@@ -216,8 +220,8 @@ def memory_meter(device: torch.device):
 
 # ------------------------------------------------------------------ allocator
 #: glibc ``mallopt`` parameters and the values the benchmark sets (see :func:`tune_malloc`).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "trim_threshold": 1 << 30, "top_pad": 64 << 20}
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
+MALLOC_SETTINGS = {"mmap_threshold": 32 << 20, "mmap_max": 0, "trim_threshold": 1 << 30, "top_pad": 64 << 20}
 
 
 def tune_malloc() -> str:
@@ -231,19 +235,31 @@ def tune_malloc() -> str:
     PyTorch's CPU performance guides, which suggest jemalloc or tcmalloc for
     the same reason) applies to every method alike. Returns a description for
     the results.
+
+    ``mmap_max = 0`` serves every block from the heap, however large. Without
+    it, blocks of 32 MiB or more (the largest mmap threshold glibc accepts) were
+    still ``mmap``-ed, page-faulted and unmapped at every call, unless the heap
+    happened to hold a free chunk that large, left there by whatever ran
+    before. On MLP B=32 (a 51 MiB per-example weight gradient) hand-written
+    ``vmap(grad)`` timed right after ``loop`` took 1 page fault per call and
+    ``persample.per_sample_grads`` after it 12,546 (18.8 vs 45.5 ms, 1 thread);
+    in the other order both took 12,546. That order effect was the whole
+    "persample-grads 2.6-4× slower than torch.func" of issue 14.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = all(libc.mallopt(param, value) == 1 for param, value in (
             (_M_MMAP_THRESHOLD, MALLOC_SETTINGS["mmap_threshold"]),
+            (_M_MMAP_MAX, MALLOC_SETTINGS["mmap_max"]),
             (_M_TRIM_THRESHOLD, MALLOC_SETTINGS["trim_threshold"]),
             (_M_TOP_PAD, MALLOC_SETTINGS["top_pad"])))
     except (OSError, AttributeError):
         ok = False
     if not ok:
         return "default (glibc mallopt unavailable)"
-    return ("glibc mallopt: mmap threshold {} MiB, trim threshold {} MiB, top pad {} MiB".format(
-        *(MALLOC_SETTINGS[k] >> 20 for k in ("mmap_threshold", "trim_threshold", "top_pad"))))
+    return ("glibc mallopt: no mmap (mmap max 0, threshold {} MiB), trim threshold {} MiB, "
+            "top pad {} MiB".format(*(MALLOC_SETTINGS[k] >> 20
+                                      for k in ("mmap_threshold", "trim_threshold", "top_pad"))))
 
 
 # ------------------------------------------------------------------ timing
@@ -638,6 +654,9 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="reduced case set and fewer repeats (< 3 min on 2 CPU cores)")
+    p.add_argument("--large", action="store_true",
+                   help="add the opt-in large cases (gpt2-large-b8: 35.7 M parameters, T=256; seconds per "
+                        "plain step on 2 CPU cores)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", type=Path, help="write the records as a JSON list here")
     p.add_argument("--markdown", type=Path, help="write the headline table and all records as markdown here")
@@ -675,7 +694,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
-    cases = select_cases(all_cases(quick=args.quick), args.case)
+    cases = select_cases(all_cases(quick=args.quick, large=args.large), args.case)
     methods = select_methods(all_methods(), args.method)
     if args.list:
         print("cases:  ", " ".join(c.label for c in cases))
