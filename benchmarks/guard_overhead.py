@@ -34,7 +34,7 @@ def guards_off():
     """The fast engine as it was before the guards: every check a no-op."""
     saved = [(engine, "refuse_unseen_hooks", engine.refuse_unseen_hooks),
              (engine, "rng_snapshot", engine.rng_snapshot), (engine, "rng_advanced", engine.rng_advanced),
-             (rules, "has_hooks", rules.has_hooks), (rules, "_computes_as", rules._computes_as),
+             (rules, "has_hooks", rules.has_hooks), (rules, "_rule_for_type", rules._rule_for_type),
              (pieces.OuterPiece, "quick_centered_second_moment", pieces.OuterPiece.quick_centered_second_moment)]
 
     def unflagged(self, mean):
@@ -45,15 +45,23 @@ def guards_off():
     engine.rng_snapshot = lambda model: []
     engine.rng_advanced = lambda model, snapshot: False
     rules.has_hooks = lambda module: False
-    rules._computes_as = lambda module, base, methods: True
+    rules._rule_for_type = lambda module_type: (saved[4][2](module_type)[0], True)
     pieces.OuterPiece.quick_centered_second_moment = unflagged
-    rules._RULES = None
     try:
         yield
     finally:
         for owner, name, value in saved:
             setattr(owner, name, value)
-        rules._RULES = None
+
+
+def _cpu_model() -> str:
+    """The CPU's model name as lscpu reports it (Linux), else the platform's word for it."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        return f"{names[0]}, {len(names)} vCPUs"
+    except (OSError, IndexError):
+        return platform.processor() or platform.machine()
 
 
 def timed(fn, calls: int) -> float:
@@ -93,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(2)
     selected = cases.select_cases(cases.all_cases(), args.case or ["mlp-b128", "cnn-b128", "gpt2-b16", "lstm-b32"])
     rows = [measure(case, var, args.repeats) for case in selected for var in (True, False)]
-    machine = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__, "threads": 2,
+    machine = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": 2,
                "python": sys.version.split()[0]}
     lines = ["| case | var | guarded (ms) | unguarded (ms) | overhead |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['case']} | {'yes' if r['var'] else 'no'} | {r['guarded_s'] * 1e3:.2f} | "
@@ -104,7 +112,7 @@ def main() -> None:
         (out / "guard-overhead-cpu.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=1))
         (out / "guard-overhead-cpu.md").write_text(
             "# Cost of the fast engine's exactness guards (CPU, 2 threads)\n\n"
-            f"torch {machine['torch']}; medians of {args.repeats} interleaved samples per setting; "
+            f"{_cpu_model()}; torch {machine['torch']}; medians of {args.repeats} interleaved samples per setting; "
             "`python benchmarks/guard_overhead.py --save`.\n\n" + "\n".join(lines) + "\n")
 
 

@@ -21,6 +21,7 @@ takes the exact fallback (``torch.func`` on the module alone).
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -238,25 +239,30 @@ def _rules() -> list[Rule]:
     ]
 
 
-_RULES: list[Rule] | None = None
+_RULES: list[Rule] = _rules()
 
 
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _matched_base(module: nn.Module, types: tuple) -> type | None:
-    """The most derived class of ``module``'s MRO that is one of ``types`` (isinstance, by MRO)."""
-    for cls in type(module).__mro__:
+def _matched_base(module_type: type, types: tuple) -> type | None:
+    """The most derived class of ``module_type``'s MRO that is one of ``types`` (isinstance, by MRO)."""
+    for cls in module_type.__mro__:
         if any(cls is t or (isinstance(t, str) and _qualified_name(cls) == t) for t in types):
             return cls
     return None
 
 
-def _computes_as(module: nn.Module, base: type, methods: tuple) -> bool:
-    """Whether ``module`` runs ``base``'s own ``methods`` (not overridden by a subclass or the instance)."""
-    return all(getattr(type(module), m, None) is getattr(base, m, None) and m not in vars(module)
-               for m in methods)
+@functools.lru_cache(maxsize=None)
+def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
+    """(the rule whose class ``module_type`` is an instance of, whether the type runs that class's own
+    ``methods``): the class-level half of :func:`find_rule`, the same for every instance."""
+    for rule in _RULES:
+        base = _matched_base(module_type, rule.types)
+        if base is not None:
+            return rule, all(getattr(module_type, m, None) is getattr(base, m, None) for m in rule.methods)
+    return None, False
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -275,17 +281,11 @@ def global_module_hooks() -> bool:
 
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module`` if every assumption of it holds (see :class:`Rule`), else None."""
-    global _RULES
-    if _RULES is None:
-        _RULES = _rules()
-    for rule in _RULES:
-        base = _matched_base(module, rule.types)
-        if base is None:
-            continue
-        direct = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        nested = any(p.requires_grad for c in module.children() for p in c.parameters())
-        if (direct and direct <= set(rule.params) and not nested and _computes_as(module, base, rule.methods)
-                and not has_hooks(module) and rule.accepts(module)):
-            return rule
+    rule, own_methods = _rule_for_type(type(module))
+    if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
+    direct = {n for n, p in module.named_parameters(recurse=False) if p.requires_grad}
+    nested = any(p.requires_grad for c in module.children() for p in c.parameters())
+    if direct and direct <= set(rule.params) and not nested and not has_hooks(module) and rule.accepts(module):
+        return rule
     return None
