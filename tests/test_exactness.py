@@ -163,3 +163,12 @@ def test_the_loop_is_the_only_engine_that_warns():
         for engine in ("auto", "fast", "vmap", "loop"):
             _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine=engine),
                           model, F.cross_entropy, x, y)
+
+
+def test_observe_on_an_empty_batch_says_so():
+    model = nn.Linear(3, 2)
+    tracker = persample.Tracker(model, F.cross_entropy)
+    empty = torch.zeros(0, dtype=torch.long)
+    with pytest.raises(ValueError, match="at least one example"):
+        with tracker.observe(empty):
+            F.cross_entropy(model(torch.zeros(0, 3)), empty).backward()

@@ -76,6 +76,9 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
 
     ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
     for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits."""
+    if batch_size < 1:
+        raise ValueError(f"observe() needs a batch with at least one example; the targets say {batch_size} "
+                         "(an empty batch has no per-example gradients: skip the step)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params = trainable_parameters(model)
