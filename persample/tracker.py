@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch
 from ._data_parallel import LocalGradients, resolve_replicas
-from ._model import check_clip_norm, preserved_state, trainable_parameters
+from ._model import check_clip_norm, trainable_parameters
 from .api import compute_stats
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
