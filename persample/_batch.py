@@ -3,12 +3,15 @@
 A batch is ``(inputs, targets)``. ``inputs`` is a tensor, a tuple/list of
 tensors (passed positionally to the model) or a mapping of tensors (passed as
 keyword arguments); ``targets`` is a tensor, a tuple/list/mapping of tensors, or
-``None``. Every tensor is batched on dim 0 and all batch sizes agree.
+``None``. Every tensor is batched on dim 0 and all batch sizes agree. Keyword
+inputs that are settings (None, a bool, a number or a string, such as
+``use_cache=False``) are options: every call, of the batch or of one example,
+gets them unchanged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -23,16 +26,21 @@ class Batch:
     """A validated batch: positional args, keyword args and targets, all batched on dim 0."""
 
     args: tuple
-    kwargs: dict
+    kwargs: dict  # keyword inputs that hold tensors, batched on dim 0
     targets: Any
     size: int
+    options: dict = field(default_factory=dict)  # keyword inputs without tensors, passed as they are
 
     def slice(self, start: int, stop: int) -> "Batch":
         """Examples ``start:stop`` as a new batch (views, no copies)."""
         cut = lambda t: t[start:stop]  # noqa: E731
         return Batch(tree_map(cut, self.args), tree_map(cut, self.kwargs),
                      None if self.targets is None else tree_map(cut, self.targets),
-                     min(stop, self.size) - start)
+                     min(stop, self.size) - start, self.options)
+
+    def forward(self, model):
+        """``model(*args, **kwargs, **options)``."""
+        return model(*self.args, **self.kwargs, **self.options)
 
     def chunks(self, chunk_size: int):
         """Consecutive sub-batches of at most ``chunk_size`` examples."""
@@ -40,8 +48,8 @@ class Batch:
             yield self.slice(start, min(start + chunk_size, self.size))
 
     def call(self, model, loss_fn):
-        """``loss_fn(model(*args, **kwargs), targets)`` (or without targets)."""
-        out = model(*self.args, **self.kwargs)
+        """``loss_fn(model(*args, **kwargs, **options), targets)`` (or without targets)."""
+        out = self.forward(model)
         return loss_fn(out) if self.targets is None else loss_fn(out, self.targets)
 
 
@@ -63,10 +71,13 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
     Raises ``TypeError`` for non-tensor leaves and ``ValueError`` for empty
     batches or batch sizes that disagree (naming both sizes).
     """
+    options: dict = {}
     if isinstance(inputs, Tensor):
         args, kwargs = (inputs,), {}
     elif isinstance(inputs, Mapping):
-        args, kwargs = (), dict(inputs)
+        args = ()
+        options = {k: v for k, v in inputs.items() if _is_option(v)}
+        kwargs = {k: v for k, v in inputs.items() if k not in options}
     elif isinstance(inputs, Sequence) and not isinstance(inputs, (str, bytes)):
         args, kwargs = tuple(inputs), {}
     else:
@@ -90,7 +101,12 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
                 f"{target_sizes.pop()} (both must be batched on dim 0)")
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples on dim 0")
-    return Batch(args, kwargs, targets, size)
+    return Batch(args, kwargs, targets, size, options)
+
+
+def _is_option(value: Any) -> bool:
+    """A keyword input that is a setting rather than data: None, a bool, a number or a string."""
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def one_example(obj: Any) -> Any:

@@ -440,7 +440,7 @@ class Tracker:
         inside the model): returns (update, input grads, w, opaque).
         """
         with torch.enable_grad():
-            output = self.model(*batch.args, **batch.kwargs)
+            output = batch.forward(self.model)
             loss = self.batch_loss(output) if batch.targets is None else self.batch_loss(output, batch.targets)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")

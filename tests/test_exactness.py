@@ -17,7 +17,7 @@ from torch import nn
 import persample
 from persample.engines.fast.rules import find_rule
 
-from zoo import assert_dicts_close, oracle_grads
+from zoo import assert_dicts_close, gpt2_tiny, lm_loss, oracle_grads
 
 
 def _oracle_stats(model, loss_fn, x, y):
@@ -172,3 +172,21 @@ def test_observe_on_an_empty_batch_says_so():
     with pytest.raises(ValueError, match="at least one example"):
         with tracker.observe(empty):
             F.cross_entropy(model(torch.zeros(0, 3)), empty).backward()
+
+
+@pytest.mark.parametrize("engine", ["auto", "fast", "vmap", "loop"])
+def test_keyword_options_without_tensors_are_passed_through(engine):
+    """``use_cache=False`` and friends reach every call of the model, batched or per example."""
+    torch.manual_seed(0)
+    model = gpt2_tiny().double()
+    tokens = torch.randint(0, 40, (3, 6))
+    inputs = {"input_ids": tokens, "use_cache": False, "return_dict": True}
+    stats = persample.grad_stats(model, lm_loss, inputs, tokens, engine=engine)
+    grads, losses = oracle_grads(model, lm_loss, {"input_ids": tokens}, tokens)
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+    torch.testing.assert_close(stats.losses, losses, rtol=1e-9, atol=1e-12)
+    if engine == "auto":
+        tracker = persample.Tracker(model, lm_loss)
+        tracker.step(inputs, tokens)
+        assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
+                           {k: g.mean(0) for k, g in grads.items()})

@@ -80,7 +80,7 @@ def per_example_directional_derivatives(model: nn.Module, loss_fn: Callable[...,
         buffers = detached_buffers(model)
 
         def losses_of(trainable):
-            output = functional_call(model, (trainable, frozen, buffers), batch.args, batch.kwargs)
+            output = functional_call(model, (trainable, frozen, buffers), batch.args, {**batch.kwargs, **batch.options})
             return per_example_losses(loss_fn, output, batch.targets, batch.size)
 
         # The fused attention kernels have no forward-mode derivative; the math one is composite.

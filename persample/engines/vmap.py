@@ -63,11 +63,13 @@ def example_loss(loss_fn: LossFn, output, target) -> Tensor:
     return check_per_example_loss(loss_fn(output) if target is None else loss_fn(output, one_example(target)))
 
 
-def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: dict):
-    """L(trainable, args, kwargs, target) for ONE example, returning (loss, loss) for has_aux."""
+def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: dict, options: dict):
+    """L(trainable, args, kwargs, target) for ONE example, returning (loss, loss) for has_aux;
+    ``options`` (keyword inputs without tensors) are passed as they are."""
 
     def loss_of_example(trainable, args, kwargs, target):
-        out = functional_call(model, (trainable, frozen, buffers), one_example(args), one_example(kwargs))
+        out = functional_call(model, (trainable, frozen, buffers), one_example(args),
+                              {**one_example(kwargs), **options})
         loss = example_loss(loss_fn, out, target)
         return loss, loss.detach()
 
@@ -113,7 +115,7 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
                     chunk_size: int | None):
     trainable = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model))
+    loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model), batch.options)
     target_dim = None if batch.targets is None else 0
     fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim),
               randomness=randomness, chunk_size=chunk_size)

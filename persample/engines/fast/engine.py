@@ -64,7 +64,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     rng_before = rng_snapshot(model)
     with torch.enable_grad(), capturing(units, model, batch.size,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
-        output = model(*batch.args, **batch.kwargs)
+        output = batch.forward(model)
         losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
         capture.end_forward()
         if capture.escape is not None:
