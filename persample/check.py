@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ._batch import Batch, as_batch
 from ._model import preserved_state, trainable_parameters
 from .api import compute_stats, grad_stats
-from .engines.loop import gradients
+from .engines._autograd import gradients
 from .errors import MeanMismatchError
 from .stats import GradStats
 

@@ -43,7 +43,7 @@ from .api import compute_stats
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
-from .engines.loop import gradients
+from .engines._autograd import gradients
 from .errors import NotExact
 from .engines.fast.observe import Observation, observing
 from .stats import GradStats

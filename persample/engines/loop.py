@@ -19,7 +19,7 @@ example draw its own numbers.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -29,57 +29,16 @@ from .._batch import Batch
 from .._model import (cuda_devices, first_random_module, randomness_error, restore_rng, rng_advanced,
                       rng_snapshot, trainable_parameters)
 from ..stats import GradStats
+from ._autograd import dense_gradient, gradients
 from .streaming import stream_grad_stats
 from .vmap import check_per_example_loss
 
-__all__ = ["loop_grads", "loop_grad_stats", "gradients", "is_reentrant_checkpoint_error"]
+__all__ = ["loop_grads", "loop_grad_stats"]
 
 LossFn = Callable[..., Tensor]
 
 #: Examples whose gradients are stacked before they are reduced (bounds memory to chunk × P).
 DEFAULT_CHUNK = 16
-
-
-def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor] = ()) -> list[Tensor | None]:
-    """∇ ``loss`` for every tensor of ``wrt`` (None where unused), without touching any ``.grad``.
-
-    ``torch.autograd.grad`` where it can; re-entrant activation checkpointing
-    (``checkpoint(..., use_reentrant=True)``) refuses it, and then ``backward()``
-    runs into emptied ``.grad`` slots of ``wrt`` that are restored afterwards,
-    as are those of ``also_restore`` (other leaves the backward reaches, such as
-    inputs that require grad).
-    """
-    try:  # the graph is retained in case checkpointing refuses midway, having freed part of it
-        return list(torch.autograd.grad(loss, list(wrt), allow_unused=True, retain_graph=True))
-    except RuntimeError as err:
-        if not is_reentrant_checkpoint_error(err):
-            raise
-    if any(getattr(t, "_post_accumulate_grad_hooks", None) for t in wrt):
-        raise RuntimeError(
-            "a parameter has a post-accumulate-grad hook, and re-entrant checkpointing needs backward(), "
-            "which would run it once per example: use checkpoint(..., use_reentrant=False)")
-    leaves = list({id(t): t for t in [*wrt, *also_restore] if t.requires_grad}.values())
-    saved = [t.grad for t in leaves]
-    try:
-        for t in leaves:
-            t.grad = None
-        loss.backward()
-        return [t.grad for t in wrt]
-    finally:
-        for t, g in zip(leaves, saved):
-            t.grad = g
-
-
-def is_reentrant_checkpoint_error(err: BaseException) -> bool:
-    """Whether ``err`` is re-entrant checkpointing refusing ``autograd.grad`` (worded per torch version)."""
-    text = str(err)
-    return isinstance(err, RuntimeError) and "heckpoint" in text and ".grad()" in text
-
-
-def _dense(g: Tensor | None, p: Tensor) -> Tensor:
-    if g is None:
-        return torch.zeros_like(p)
-    return g.to_dense() if g.is_sparse else g
 
 
 def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
@@ -106,7 +65,7 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
         if snapshot is not None and rng_advanced(model, snapshot):
             raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn)))
         for name, p in params.items():
-            rows[name].append(_dense(grads[name], p).detach())
+            rows[name].append(dense_gradient(grads[name], p).detach())
         losses.append(loss.detach())
     return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
 

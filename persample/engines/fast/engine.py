@@ -38,7 +38,7 @@ from ..._model import (autocast_as, detached_buffers, first_random_module, rando
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
-from ..loop import is_reentrant_checkpoint_error
+from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
 from .capture import Call, Unit, audit_graph, capturing, find_units
 from .losses import closed_form_losses
@@ -103,14 +103,6 @@ def _autograd_means(mean_loss: Tensor, params: dict[str, nn.Parameter]) -> tuple
             raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
                            "checkpointed layers' inputs and output gradients from the fast engine") from err
         raise
-
-
-def dense_gradient(g: Tensor | None, p: Tensor) -> Tensor:
-    """A gradient as a dense tensor: zeros for an unused parameter, densified when sparse
-    (``nn.Embedding(sparse=True)``)."""
-    if g is None:
-        return torch.zeros_like(p)
-    return g.to_dense() if g.is_sparse else g
 
 
 def _input_has_batch_sized_dim(batch: Batch) -> bool:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
@@ -122,7 +122,7 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
         return None
     losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction)
     scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
-    half = _upcast_captures(units)
+    half = _captured_half(units)
     means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
@@ -134,21 +134,12 @@ def _grad_snapshot(params) -> dict:
     return {n: None if p.grad is None else p.grad.detach().clone() for n, p in params.items()}
 
 
-def _upcast_captures(units) -> bool:
-    """Half-precision activations and output gradients (autocast) in float32, so that the statistics
-    are computed and kept in float32 whatever the autocast dtype."""
-    found = []
-
-    def up(t):
-        if isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16):
-            found.append(True)
-            return t.float()
-        return t
-    for unit in units:
-        for call in unit.calls:
-            call.args, call.kwargs, call.output = tree_map(up, (call.args, call.kwargs, call.output))
-            call.out_grads = {k: up(v) for k, v in call.out_grads.items()}
-    return bool(found)
+def _captured_half(units) -> bool:
+    """Whether the forward ran in half precision (autocast): the rules upcast what they read to
+    float32 (``engine.at_least_float32``), but sums then agree with ``p.grad`` only to that precision."""
+    return any(isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16)
+               for unit in units for call in unit.calls
+               for t in tree_flatten((call.args, call.out_grads))[0])
 
 
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
