@@ -12,5 +12,6 @@ state on modules or parameters. Each is exact or raises
 
 Beside them: :mod:`.streaming` (chunked reduction shared by vmap and loop),
 :mod:`.directional` (per-example inner products from one forward-mode pass),
-:mod:`._functional` (vmap-friendly forwards for RNNs and train-mode InstanceNorm).
+:mod:`._functional` (vmap-friendly forwards for RNNs and train-mode InstanceNorm),
+:mod:`._autograd` (gradients without touching ``.grad``, also under re-entrant checkpointing).
 """
