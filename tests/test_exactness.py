@@ -190,3 +190,29 @@ def test_keyword_options_without_tensors_are_passed_through(engine):
         tracker.step(inputs, tokens)
         assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
                            {k: g.mean(0) for k, g in grads.items()})
+
+
+class InPlaceOnView(nn.Module):
+    """A Linear on a sequence returns a view of its matmul; ``mul_`` then rewrites the base."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.proj(x)
+        y.mul_(2.0)
+        return self.head(torch.relu(y).mean(1))
+
+
+def test_output_view_modified_in_place_is_refused_by_fast_and_exact_in_auto():
+    torch.manual_seed(0)
+    model = InPlaceOnView().double()
+    x, y = torch.randn(6, 3, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(persample.NotExact, match="proj .*modified in place"):
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y), model, F.cross_entropy, x, y)
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(persample.NotExact, match="modified in place"):
+        with tracker.observe(y):
+            F.cross_entropy(model(x), y).backward()

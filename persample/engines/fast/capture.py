@@ -30,7 +30,7 @@ from ..._model import autocast_state
 from ...errors import NotExact
 from .rules import Rule, find_rule
 
-__all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "GraphAudit", "NotExact"]
+__all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "outputs_modified_in_place", "GraphAudit", "NotExact"]
 
 
 @dataclass(eq=False)
@@ -43,6 +43,14 @@ class Call:
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # output leaf index → gradient
     broadcast: bool = False  # the input had batch dim 1 and the output was expanded to the batch
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
+    view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
+
+    def view_modified_in_place(self) -> bool:
+        """Whether an output that is a view was modified in place after the call. Autograd then routes
+        that gradient around the view's node (``CopySlices`` on its base), so the hook on the output
+        sees none or part of it; the captured gradient would be wrong."""
+        leaves, _ = tree_flatten(self.output)
+        return any(leaves[i]._version != version for i, version in self.view_versions.items())
 
 
 @dataclass(eq=False)
@@ -240,6 +248,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             for leaf_index, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
                     leaf.register_hook(store_grad(call.out_grads, leaf_index))
+                    if leaf._is_view():
+                        call.view_versions[leaf_index] = leaf._version
             return output if broadcast else None
         return hook
 
@@ -267,6 +277,17 @@ def store_grad(grads: dict, leaf_index: int):
         previous = grads.get(leaf_index)
         grads[leaf_index] = grad if previous is None else previous + grad
     return hook
+
+
+def outputs_modified_in_place(units: list[Unit]) -> str | None:
+    """Why the captured output gradients cannot be trusted: a unit's output that is a view was
+    modified in place (``y = self.proj(x); y.mul_(2)`` on a 3-D input), or None."""
+    for unit in units:
+        if any(call.view_modified_in_place() for call in unit.calls):
+            return (f"the output of module {unit.name or '<root>'} ({type(unit.module).__name__}) is a view and "
+                    "was modified in place after the module returned, which hides its gradient from the "
+                    "fast engine's hooks; use an out-of-place op (y = y * 2) or another engine")
+    return None
 
 
 # ---------------------------------------------------------------------------- graph audit

@@ -40,7 +40,7 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import Call, Unit, audit_graph, capturing, find_units
+from .capture import Call, Unit, audit_graph, capturing, find_units, outputs_modified_in_place
 from .losses import closed_form_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .rules import Layout, LayoutError
@@ -71,6 +71,9 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
             raise NotExact(capture.escape)
         if randomness != "different" and rng_advanced(model, rng_before):
             _refuse_random_draws(model, loss_fn, batch, randomness)
+        modified = outputs_modified_in_place(units)
+        if modified is not None:
+            raise NotExact(modified)
         mean_loss = losses.mean()
         audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
