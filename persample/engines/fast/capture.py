@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
@@ -44,6 +45,7 @@ class Call:
     broadcast: bool = False  # the input had batch dim 1 and the output was expanded to the batch
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
+    edges: list = field(default_factory=list)  # autograd edges of the outputs, to backpropagate to them
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
@@ -248,6 +250,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             for leaf_index, leaf in enumerate(leaves):
                 if isinstance(leaf, Tensor) and leaf.requires_grad:
                     leaf.register_hook(store_grad(call.out_grads, leaf_index))
+                    call.edges.append(get_gradient_edge(leaf))
                     if leaf._is_view():
                         call.view_versions[leaf_index] = leaf._version
             return output if broadcast else None

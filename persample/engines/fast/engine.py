@@ -78,14 +78,22 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
             raise NotExact(audit.escape)
-        grads = _autograd_means(mean_loss, params)
-    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(params.items(), grads)}
+        derived = derived_weights(units, params, var)
+        from_autograd = {name: p for name, p in params.items() if name not in derived}
+        edges = [edge for unit in units if any(id(p) in derived.values() for p in unit.params.values())
+                 for call in unit.calls for edge in call.edges]
+        grads = _autograd_means(mean_loss, list(from_autograd.values()) + edges)
+    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
                     grad_scale=float(batch.size))
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout)
+        moments = {name: pieces[name].moments(var) for name in derived}
+        means.update({name: mean for name, (mean, _, _) in moments.items()})
+        means = {name: means[name] for name in params}  # named_parameters() order
+        second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
         return reduce_pieces(pieces, means, at_least_float32(losses.detach()), var=var,
-                             inner_products=inner_products, clip_norm=clip_norm)
+                             inner_products=inner_products, clip_norm=clip_norm, second_moments=second)
 
 
 def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: str) -> None:
@@ -97,10 +105,47 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
                    "which draws independent numbers for every example")
 
 
-def _autograd_means(mean_loss: Tensor, params: dict[str, nn.Parameter]) -> tuple:
-    """autograd's ḡ for every parameter (None where unused)."""
+#: A Linear's weight on sequences at least this long has its g_i formed even without the variance:
+#: the ghost norm would cost more than the memory pass over them.
+MIN_POSITIONS_TO_FORM = 8
+
+
+def derived_weights(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> dict[str, int]:
+    """The weights (name → id) whose mean is Σ_i g_i from their pieces instead of autograd's.
+
+    A weight qualifies when every unit using it has a closed-form rule and the reductions form
+    its g_i anyway: a convolution's, or a Linear's on T > 1 positions when the variance is
+    wanted or T ≥ :data:`MIN_POSITIONS_TO_FORM`. Σ_i g_i is then the weight gradient itself
+    (nanoGNS's observation), so autograd skips that GEMM and only propagates to the units'
+    outputs. Weights that any fallback unit uses keep autograd's mean, which checks the fallback.
+    """
+    users: dict[int, list[Unit]] = {}
+    for unit in units:
+        for p in unit.params.values():
+            users.setdefault(id(p), []).append(unit)
+    derived = {}
+    for name, p in params.items():
+        found = users.get(id(p), [])
+        if (found and all(u.rule is not None for u in found)
+                and any(u.params.get("weight") is p and _forms_weight_gradients(u, var) for u in found)):
+            derived[name] = id(p)
+    return derived
+
+
+def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
+    if unit.rule.name == "conv":
+        return True
+    if unit.rule.name not in ("linear", "hf_conv1d"):
+        return False
+    inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
+    positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)
+    return positions > 1 and (var or positions >= MIN_POSITIONS_TO_FORM)
+
+
+def _autograd_means(mean_loss: Tensor, inputs: list) -> tuple:
+    """autograd's gradient of the mean loss for every input, parameters or edges (None where unused)."""
     try:
-        return torch.autograd.grad(mean_loss, list(params.values()), allow_unused=True)
+        return torch.autograd.grad(mean_loss, inputs, allow_unused=True)
     except RuntimeError as err:
         if is_reentrant_checkpoint_error(err):
             raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
@@ -345,9 +390,13 @@ def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tens
     return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
 
 
-def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor]) -> dict[str, Tensor]:
-    """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``)."""
-    quick = {name: piece.quick_centered_second_moment(mean[name]) for name, piece in pieces.items()}
+def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor],
+                    known: dict[str, tuple] | None = None) -> dict[str, Tensor]:
+    """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``;
+    ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``)."""
+    known = known or {}
+    quick = {name: known[name] if name in known else piece.quick_centered_second_moment(mean[name])
+             for name, piece in pieces.items()}
     suspects = [name for name, (_, suspect) in quick.items() if suspect is not None]
     m2 = {name: value for name, (value, _) in quick.items()}
     if suspects:
@@ -360,14 +409,16 @@ def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor]) -> dict[s
 
 
 def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
-                  inner_products: bool, clip_norm: float | None) -> GradStats:
-    """GradStats from per-parameter pieces and autograd's ḡ = (1/B) Σ_i g_i.
+                  inner_products: bool, clip_norm: float | None,
+                  second_moments: dict[str, tuple] | None = None) -> GradStats:
+    """GradStats from per-parameter pieces and ḡ = (1/B) Σ_i g_i (autograd's, or the pieces').
 
-    M2 = Σ_i (g_i − ḡ)² comes from each piece's cheapest form; where a one-pass form
-    (Σ_i g_i∘g_i − B ḡ∘ḡ) may have cancelled, from the two-pass form (one device sync in all).
+    M2 = Σ_i (g_i − ḡ)² comes from ``second_moments`` or each piece's cheapest form; where a
+    one-pass form (Σ_i g_i∘g_i − B ḡ∘ḡ) may have cancelled, from the two-pass form (one device
+    sync in all).
     """
     n = losses.shape[0]
-    m2 = _second_moments(pieces, mean) if var else None  # first: pieces keep squares their norms reuse
+    m2 = _second_moments(pieces, mean, second_moments) if var else None  # first: pieces keep squares the norms reuse
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     inner = None
     if inner_products:

@@ -117,6 +117,38 @@ class Piece:
         center = mean.to(like.dtype).reshape(like.shape[1:])
         return center / self.scale if self.scale != 1.0 else center
 
+    def moments(self, var: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(ḡ, M2 or None, suspect) from ONE formation of the g_i, for a parameter whose mean autograd
+        did not compute (the engine skips that weight gradient: Σ_i g_i *is* it).
+
+        Around the shift c = the first chunk's mean, each chunk adds Σ_i d_i and S = Σ_i d_i² for
+        d_i = h_i − c; then h̄ = c + Σd/B and M2 = S − (Σd)²/B. S/M2 ≤ 1 + B/b for a first chunk
+        of b examples (exactly two-pass when the batch is one chunk), so this cannot cancel badly;
+        ``suspect`` still flags S > ``cancellation_limit``·M2, where ``centered_second_moment``
+        must be used. Sums over examples are one matrix-vector product per chunk; the norms
+        ‖g_i‖² are kept from the same chunks."""
+        norms, shift, total, squares = [], None, None, None
+        for start, stop, h in self.chunks():
+            ones = h.new_ones(stop - start)
+            norms.append(_sq_norms(h))
+            if shift is None:
+                shift = (ones @ h.reshape(stop - start, -1)).div_(stop - start) if var else None
+            d = (h - shift.view(h.shape[1:])) if var else h
+            d = d.reshape(stop - start, -1)
+            chunk_sum = ones @ d
+            total = chunk_sum if total is None else total.add_(chunk_sum)
+            if var:
+                chunk_squares = ones @ d.square_()
+                squares = chunk_squares if squares is None else squares.add_(chunk_squares)
+        self.__dict__["_chunk_norms"] = torch.cat(norms)
+        if not var:
+            return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
+        m2 = squares.addcmul(total, total, value=-1.0 / self.batch_size)
+        suspect = m2.mul(cancellation_limit(m2.dtype)).lt_(squares).any()
+        mean_h = total.div_(self.batch_size).add_(shift)
+        return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.clamp_min_(0).view(self.shape), 2),
+                suspect)
+
     def sq_norms(self) -> Tensor:
         if "_chunk_norms" in self.__dict__:
             return self._scaled(self.__dict__["_chunk_norms"], 2)
@@ -380,10 +412,13 @@ class RowsPiece(Piece):
         return values.new_zeros(self.shape).index_add_(0, self.row_of, values)
 
     def _unscaled(self, start, stop, out=None):
-        out = self.segments.new_zeros(stop - start, *self.shape)
+        return self.add_unscaled_into(self.segments.new_zeros(stop - start, *self.shape), start, stop)
+
+    def add_unscaled_into(self, total: Tensor, start: int, stop: int) -> Tensor:
+        """``total += h[start:stop]`` in place (one scatter of the segments), and return it."""
         keep = (self.example_of >= start) & (self.example_of < stop)
-        out[self.example_of[keep] - start, self.row_of[keep]] = self.segments[keep]
-        return out
+        return total.index_put_((self.example_of[keep] - start, self.row_of[keep]), self.segments[keep],
+                                accumulate=True)
 
     def sq_norms(self):
         return self._scaled(self._per_example(_sq_norms(self.segments)), 2)
@@ -420,9 +455,25 @@ class SumPiece(Piece):
     def __post_init__(self):
         self.batch_size = self.parts[0].batch_size
         self.shape = self.parts[0].shape
+        scales = {part.scale for part in self.parts}
+        self.scale = scales.pop() if len(scales) == 1 else 1.0  # a shared scale stays out of the chunks
 
-    def _unscaled(self, start, stop, out=None):  # scale 1: each part applies its own
-        return sum(part.materialize(start, stop) for part in self.parts)
+    def _unscaled(self, start, stop, out=None):
+        if any(part.scale != self.scale for part in self.parts):  # scale 1: each part applies its own
+            return sum(part.materialize(start, stop) for part in self.parts)
+        rows = [part for part in self.parts if isinstance(part, RowsPiece)]
+        formed = [part for part in self.parts if not isinstance(part, RowsPiece)]
+        if not formed:
+            total = rows[0].segments.new_zeros(stop - start, *self.shape)
+        else:
+            total = formed[0]._unscaled(start, stop)
+            if not isinstance(formed[0], (OuterPiece, ConvPiece)):
+                total = total.clone()  # a view of stored gradients: never written into
+            for part in formed[1:]:
+                total.add_(part._unscaled(start, stop))
+        for part in rows:  # scattered into the formed sum: no B × P zeros, no B × P additions
+            part.add_unscaled_into(total, start, stop)
+        return total
 
     def sq_norms(self):
         pair = _embedding_and_projection(self.parts)

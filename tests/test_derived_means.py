@@ -1,0 +1,147 @@
+"""Weights whose mean the fast engine takes from its own per-example gradients.
+
+For a Linear on sequences and for convolutions the reductions form every g_i
+anyway, so Σ_i g_i is the weight gradient and autograd skips that GEMM
+(``engine.derived_weights``). These tests pin which weights qualify, that the
+skipped gradient really is skipped, and that mean, variance and norms stay
+equal to the float64 oracle in every path of ``Piece.moments``: one chunk,
+several chunks, and a shift so far from the mean that the two-pass fallback
+must take over.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+from persample.engines.fast import engine, pieces
+
+from zoo import assert_dicts_close, gpt2_tiny, lm_loss, oracle_grads
+
+
+def _oracle(model, loss_fn, x, y):
+    grads, _ = oracle_grads(model, loss_fn, x, y)
+    return ({k: g.mean(0) for k, g in grads.items()}, {k: g.var(0) for k, g in grads.items()},
+            {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+
+
+def _assert_oracle(stats, model, loss_fn, x, y, rtol=1e-9):
+    mean, var, sq = _oracle(model, loss_fn, x, y)
+    assert_dicts_close(stats.mean, mean, rtol=rtol)
+    if stats.m2 is not None:
+        assert_dicts_close(stats.var, var, rtol=rtol)
+    assert_dicts_close(stats.param_sq_norms, sq, rtol=rtol)
+
+
+def _sequence_loss(out, y):
+    return F.cross_entropy(out.mean(1), y)
+
+
+def _spy_derived(monkeypatch) -> list:
+    seen = []
+    original = engine.derived_weights
+
+    def spy(units, params, var):
+        found = original(units, params, var)
+        seen.append(sorted(found))
+        return found
+
+    monkeypatch.setattr(engine, "derived_weights", spy)
+    return seen
+
+
+@pytest.mark.parametrize("var", [True, False])
+def test_sequence_linear_and_conv_weights_are_derived_and_exact(monkeypatch, var):
+    torch.manual_seed(0)
+    seen = _spy_derived(monkeypatch)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(6, 10, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    _assert_oracle(persample.grad_stats(seq, _sequence_loss, x, y, engine="fast", var=var), seq, _sequence_loss, x, y)
+    conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+    xc = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    _assert_oracle(persample.grad_stats(conv, F.cross_entropy, xc, y[:5], engine="fast", var=var),
+                   conv, F.cross_entropy, xc, y[:5])
+    assert seen == [["0.weight", "2.weight"], ["0.weight"]]  # never biases, never the T = 1 head
+
+
+def test_mlp_weights_keep_autograds_mean(monkeypatch):
+    seen = _spy_derived(monkeypatch)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    persample.grad_stats(mlp, F.cross_entropy, torch.randn(6, 5), torch.randint(0, 3, (6,)), engine="fast")
+    assert seen == [[]]  # T = 1: the Goodfellow forms never form g_i, so autograd's GEMM stays
+
+
+def test_short_sequences_without_variance_keep_the_ghost_norm(monkeypatch):
+    seen = _spy_derived(monkeypatch)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    x, y = torch.randn(6, engine.MIN_POSITIONS_TO_FORM - 1, 5), torch.randint(0, 3, (6,))
+    persample.grad_stats(seq, _sequence_loss, x, y, engine="fast", var=False)
+    persample.grad_stats(seq, _sequence_loss, x, y, engine="fast", var=True)
+    assert seen == [[], ["0.weight", "2.weight"]]
+
+
+def test_the_skipped_weight_gradient_is_not_computed(monkeypatch):
+    """autograd is asked for the Linear's output (an edge), not its weight."""
+    asked = []
+    original = engine._autograd_means
+
+    def spy(mean_loss, inputs):
+        asked.append(inputs)
+        return original(mean_loss, inputs)
+
+    monkeypatch.setattr(engine, "_autograd_means", spy)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    persample.grad_stats(seq, _sequence_loss, torch.randn(4, 9, 5), torch.randint(0, 3, (4,)), engine="fast")
+    parameters = [t for t in asked[0] if isinstance(t, torch.Tensor)]
+    assert {id(p) for p in parameters} == {id(seq[0].bias), id(seq[2].bias)}
+
+
+@pytest.mark.parametrize("var", [True, False])
+def test_tied_embedding_and_output_projection_of_gpt2(monkeypatch, var):
+    torch.manual_seed(0)
+    seen = _spy_derived(monkeypatch)
+    model = gpt2_tiny().double()
+    x = torch.randint(0, model.config.vocab_size, (4, 9))
+    _assert_oracle(persample.grad_stats(model, lm_loss, x, x, engine="fast", var=var), model, lm_loss, x, x)
+    assert "transformer.wte.weight" in seen[0] and "transformer.wpe.weight" not in seen[0]
+
+
+def test_several_chunks_with_the_shift_from_the_first(monkeypatch):
+    monkeypatch.setattr(pieces, "CHUNK_ELEMENTS", 7 * 5 * 2)  # two examples per chunk of the first layer
+    torch.manual_seed(0)
+    seq = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    x, y = torch.randn(7, 10, 5, dtype=torch.float64), torch.randint(0, 3, (7,))
+    _assert_oracle(persample.grad_stats(seq, _sequence_loss, x, y, engine="fast"), seq, _sequence_loss, x, y)
+
+
+def test_a_far_shift_falls_back_to_the_two_pass_variance(monkeypatch):
+    """M2 = S − B·(h̄ − c)² around the first chunk's mean c has S/M2 ≤ 1 + B/b (b: the chunk's
+    examples), so it can lose digits only for a large batch with an outlier first chunk: here
+    B = 1200, one example per chunk, example 0 at 1e4 σ. That piece must be flagged and its M2
+    recomputed around the mean."""
+    monkeypatch.setattr(pieces, "CHUNK_ELEMENTS", 2)  # one example (a 1 × 2 weight) per chunk
+    two_pass = []
+    original = pieces.Piece.centered_second_moment
+
+    def spy(self, mean):
+        two_pass.append(self)
+        return original(self, mean)
+
+    monkeypatch.setattr(pieces.Piece, "centered_second_moment", spy)
+    torch.manual_seed(0)
+    B, T = 1200, 2
+    x = 1.0 + torch.randn(B, T, 2) * 1e-4
+    x[0] += 1.0
+    model = nn.Linear(2, 1, bias=False)
+    y = torch.full((B, T, 1), -5.0)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    assert len(two_pass) == 1
+    model64 = nn.Linear(2, 1, bias=False).double()
+    model64.load_state_dict(model.state_dict())
+    grads, _ = oracle_grads(model64, F.mse_loss, x.double(), y.double())
+    exact = grads["weight"].var(0)
+    relative = ((stats.var["weight"].double() - exact).abs() / exact).max().item()
+    assert relative < 1e-4, relative
