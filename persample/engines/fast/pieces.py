@@ -48,6 +48,15 @@ def cancellation_limit(dtype: torch.dtype) -> float:
     return _CANCELLATION_BUDGET.get(dtype, 1e-2) / torch.finfo(dtype).eps
 
 
+def may_have_cancelled(total: Tensor, m2: Tensor) -> Tensor:
+    """0-d bool: whether some element of M2 = ``total`` − (a subtracted square) may have lost more
+    than the dtype's budget, i.e. ``total`` > ``cancellation_limit``·M2 anywhere. Negative
+    rounding (M2 < 0 where the true M2 ≈ 0) is flagged too, so an unflagged M2 is ≥ 0."""
+    if m2.numel() == 0:
+        return torch.zeros((), dtype=torch.bool, device=m2.device)
+    return torch.sub(total, m2, alpha=cancellation_limit(m2.dtype)).max() > 0
+
+
 def _sq_norms(t: Tensor) -> Tensor:
     """Σ over all but dim 0 of t², in one fused kernel."""
     return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
@@ -144,9 +153,9 @@ class Piece:
         if not var:
             return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
         m2 = squares.addcmul(total, total, value=-1.0 / self.batch_size)
-        suspect = m2.mul(cancellation_limit(m2.dtype)).lt_(squares).any()
+        suspect = may_have_cancelled(squares, m2)
         mean_h = total.div_(self.batch_size).add_(shift)
-        return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.clamp_min_(0).view(self.shape), 2),
+        return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.view(self.shape), 2),
                 suspect)
 
     def sq_norms(self) -> Tensor:
@@ -303,8 +312,7 @@ class OuterPiece(Piece):
             return super().quick_centered_second_moment(mean)
         squares = self.second_moment()
         m2 = squares.addcmul(mean, mean, value=-self.batch_size)
-        suspect = m2.mul(cancellation_limit(m2.dtype)).lt_(squares).any()  # one temporary, reused
-        return m2.clamp_min_(0), suspect
+        return m2, may_have_cancelled(squares, m2)
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
