@@ -78,7 +78,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
             raise NotExact(audit.escape)
-        derived = derived_weights(units, params, var)
+        derived = derived_parameters(units, params, var)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         edges = [edge for unit in units if any(id(p) in derived.values() for p in unit.params.values())
                  for call in unit.calls for edge in call.edges]
@@ -110,14 +110,16 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
 MIN_POSITIONS_TO_FORM = 8
 
 
-def derived_weights(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> dict[str, int]:
-    """The weights (name → id) whose mean is Σ_i g_i from their pieces instead of autograd's.
+def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> dict[str, int]:
+    """The parameters (name → id) whose mean is Σ_i g_i from their pieces instead of autograd's.
 
-    A weight qualifies when every unit using it has a closed-form rule and the reductions form
-    its g_i anyway: a convolution's, or a Linear's on T > 1 positions when the variance is
-    wanted or T ≥ :data:`MIN_POSITIONS_TO_FORM`. Σ_i g_i is then the weight gradient itself
-    (nanoGNS's observation), so autograd skips that GEMM and only propagates to the units'
-    outputs. Weights that any fallback unit uses keep autograd's mean, which checks the fallback.
+    A unit qualifies when the reductions form its weight's g_i anyway: a convolution, or a
+    Linear on T > 1 positions when the variance is wanted or T ≥ :data:`MIN_POSITIONS_TO_FORM`.
+    Σ_i g_i is then the weight gradient itself (nanoGNS's observation), so autograd skips that
+    GEMM and only propagates to the unit's outputs; the unit's bias follows (its g_i are a sum
+    over positions, and oneDNN's convolution backward computes a bias gradient at the cost of a
+    weight gradient). A parameter that a fallback unit also uses keeps autograd's mean, which
+    checks the fallback.
     """
     users: dict[int, list[Unit]] = {}
     for unit in units:
@@ -126,8 +128,7 @@ def derived_weights(units: list[Unit], params: dict[str, nn.Parameter], var: boo
     derived = {}
     for name, p in params.items():
         found = users.get(id(p), [])
-        if (found and all(u.rule is not None for u in found)
-                and any(u.params.get("weight") is p and _forms_weight_gradients(u, var) for u in found)):
+        if found and all(u.rule is not None for u in found) and any(_forms_weight_gradients(u, var) for u in found):
             derived[name] = id(p)
     return derived
 

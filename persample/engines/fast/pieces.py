@@ -73,6 +73,8 @@ class Piece:
     batch_size: int
     shape: torch.Size
     scale: float = 1.0
+    #: examples formed together at most (besides the ``CHUNK_ELEMENTS`` bound)
+    max_chunk_examples: int = 1 << 30
 
     def _unscaled(self, start: int, stop: int, out: Tensor | None = None) -> Tensor:
         """h_i = g_i / scale for examples start..stop, ``[stop - start, *shape]`` (``out``: an
@@ -91,7 +93,7 @@ class Piece:
     def chunks(self):
         """(start, stop, h[start:stop]) over the batch; a batch that fits one chunk is formed once."""
         numel = max(1, self.shape.numel())
-        step = max(1, CHUNK_ELEMENTS // numel)
+        step = max(1, min(CHUNK_ELEMENTS // numel, self.max_chunk_examples))
         if step >= self.batch_size:
             whole = self.__dict__.get("_whole")
             if whole is None:
@@ -352,6 +354,8 @@ class ConvPiece(Piece):
     grad: Tensor
     shape: torch.Size
     scale: float = 1.0
+    #: oneDNN's grouped weight-gradient convolution slows down past ~16 groups (2x at 64–128 on CPU)
+    max_chunk_examples: int = 16
 
     def __post_init__(self):
         self.batch_size = self.x.shape[0]
