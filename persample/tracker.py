@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from ._batch import Batch, as_batch
 from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import check_clip_norm, trainable_parameters
-from .api import compute_stats
+from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
@@ -197,13 +197,13 @@ class Tracker:
                 self._replicas.sync_gradients(params)
             if self._replicas is not None and with_stats and stats is not None:
                 stats = self._replicas.reduce_stats(
-                    stats, self.model, self.per_example_loss, batch if self.stats_options["inner_products"] else None)
+                    stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
             if with_stats:
                 if stats is None or not _finite(stats):
                     self.skipped.append(step)
                     stats = None
                 elif accumulating:
-                    self._accumulation.parts.append(stats)
+                    self._add_part(stats)
                 else:
                     self._publish(stats)
         except BaseException as err:
@@ -220,12 +220,12 @@ class Tracker:
         return stats if with_stats else None
 
     @contextlib.contextmanager
-    def accumulate(self) -> Iterator["Accumulation"]:
+    def accumulate(self, reference: str | Mapping[str, Tensor] | None = None) -> Iterator["Accumulation"]:
         """Gradient accumulation: several ``step`` calls (micro-batches) make one training step.
 
         ::
 
-            with tracker.accumulate() as acc:
+            with tracker.accumulate(reference="last") as acc:
                 for x, y in micro_batches:
                     tracker.step(x, y, scale=1 / len(micro_batches))
             optimizer.step(); optimizer.zero_grad()
@@ -234,13 +234,39 @@ class Tracker:
         All micro-batches of a statistics step compute statistics; on exit they
         are merged exactly (:meth:`GradStats.merge`) into the statistics of the
         concatenated batch, the hooks run once with them, and ``tracker.steps``
-        advances by one. Inner products p_i = ⟨g_i, ḡ_m⟩ are each relative to
-        their own micro-batch mean, so the merged record has none (the
-        inner-product and orthogonality tests need the whole batch in one step).
+        advances by one. Works the same with :meth:`observe` blocks.
+
+        Args:
+            reference: the direction r of the inner products p_i = ⟨g_i, r⟩,
+                shared by every micro-batch so that the merged record keeps them
+                (p_i of every example of the whole batch, ``stats.reference`` = r):
+
+                - ``None`` (default): no shared direction. With
+                  ``inner_products=True`` each micro-batch's p_i are relative
+                  to its own mean ḡ_m, and the merged record has none.
+                - ``"last"``: the mean ḡ of the statistics last passed to the
+                  hooks (``tracker.last_stats``: the previous statistics step).
+                  Before any, the block's merged record has no inner products.
+                - ``"first"``: the first micro-batch's own mean ḡ_1 (whose p_i
+                  are relative to it, as with ``inner_products=True``).
+                - a dict ``{name: tensor}`` over every trainable parameter.
+
+                r is not the merged batch's own mean ḡ: see
+                :func:`persample.noise.inner_product_test` for what the tests
+                compute against such an r (the orthogonality test refuses it).
+                A reference implies inner products, whatever ``inner_products``.
         """
         if self._accumulation is not None:
             raise RuntimeError("tracker.accumulate() blocks cannot be nested")
-        acc = Accumulation(with_stats=self.wants_stats())
+        if reference is not None and not isinstance(reference, Mapping) and reference not in ("last", "first"):
+            raise ValueError(f"accumulate(reference=...) must be None, 'last', 'first' or a dict of tensors, "
+                             f"got {reference!r}")
+        acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None)
+        if isinstance(reference, Mapping):
+            acc.reference = prepare_reference(self.model, reference)
+        elif reference == "last" and self.last_stats is not None:
+            acc.reference = prepare_reference(self.model, self.last_stats.mean)
+        acc.first = reference == "first"
         self._accumulation = acc
         try:
             yield acc
@@ -251,11 +277,34 @@ class Tracker:
             self._publish(acc.stats)
         self.steps += 1
 
+    def _add_part(self, stats: GradStats) -> None:
+        """A micro-batch's statistics into the open ``accumulate`` block; with ``reference="first"``,
+        the first one's mean becomes the shared reference (prepared once, and kept by value)."""
+        acc = self._accumulation
+        if acc.first and acc.reference is None and stats.reference is not None:
+            acc.reference = prepare_reference(self.model, stats.reference)
+            stats = dataclasses.replace(stats, reference=acc.reference)
+        acc.parts.append(stats)
+
+    def _inner_request(self) -> tuple[bool, dict | None]:
+        """(inner products against the batch's own mean?, a fixed reference r) for the next statistics:
+        inside ``accumulate(reference=...)``, r once it is known (``"first"``: the first micro-batch
+        computes against its own mean, which becomes r)."""
+        acc = self._accumulation
+        if acc is not None and acc.shared:
+            if acc.reference is not None:
+                return False, acc.reference
+            if acc.first:
+                return True, None
+        return self.stats_options["inner_products"], None
+
     @property
     def _local_stats_options(self) -> dict:
-        """The engine options for this process's batch; under DDP, inner products are taken after
-        the reduction, relative to the global mean."""
-        return {**self.stats_options, "inner_products": self.stats_options["inner_products"] and self._replicas is None}
+        """The engine options for this process's batch; under DDP, inner products against the mean
+        are taken after the reduction, relative to the global mean."""
+        against_mean, reference = self._inner_request()
+        return {**self.stats_options, "inner_products": against_mean and self._replicas is None,
+                "reference": reference}
 
     def _statistics_step(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
                          checking: bool):
@@ -372,10 +421,12 @@ class Tracker:
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
                              "Use tracker.step(inputs, targets) with clip_norm")
-        if self._replicas is not None and self.stats_options["inner_products"]:
+        against_mean, reference = self._inner_request()
+        if self._replicas is not None and against_mean:
             raise ValueError("observe() under torch.distributed cannot give inner products relative to the "
                              "global mean gradient (they need a second pass over the inputs, which observe "
-                             "does not see): use tracker.step(inputs, targets), or inner_products=False")
+                             "does not see): use tracker.step(inputs, targets), inner_products=False, or "
+                             "inside tracker.accumulate(reference='last' or a dict), a shared reference")
         accumulating = self._accumulation is not None
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
         if not with_stats:
@@ -393,8 +444,7 @@ class Tracker:
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
-                           var=self.stats_options["var"],
-                           inner_products=self.stats_options["inner_products"],
+                           var=self.stats_options["var"], inner_products=against_mean, reference=reference,
                            output_module=output_module) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
@@ -413,7 +463,7 @@ class Tracker:
         if observation.stats is None:
             self.skipped.append(self.steps)
         elif accumulating:
-            self._accumulation.parts.append(observation.stats)
+            self._add_part(observation.stats)
         else:
             self._publish(observation.stats)
         if not accumulating:
@@ -468,11 +518,15 @@ class Tracker:
 @dataclass
 class Accumulation:
     """What :meth:`Tracker.accumulate` yields: ``stats``, the merged statistics (set on exit;
-    None on steps without statistics), and the micro-batches' own statistics in ``parts``."""
+    None on steps without statistics), the micro-batches' own statistics in ``parts``, and
+    ``reference``, the shared direction r of their inner products (None until known, or without)."""
 
     with_stats: bool
     parts: list = field(default_factory=list)
     stats: GradStats | None = None
+    reference: dict | None = None
+    shared: bool = False  # accumulate(reference=...) was given
+    first: bool = False  # reference="first": r is the first micro-batch's mean
 
 
 def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
