@@ -341,14 +341,15 @@ class Tracker:
             reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
             if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
                 if checking:
-                    self._check(batch, factor)
+                    self._check(batch, weights)
                 base = stats.mean if self.clip_norm is None else stats.clipped_mean
                 update = {name: base[name] * (factor * batch.size) for name, p in params.items()
                           if id(p) in reached}
                 return stats, update, []
-        update, input_grads, factor, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
-        if factor is not None and math.isnan(factor):  # a diverged step: no statistics
+        update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
+        if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
             return None, update, input_grads
+        factor = None if weights is None else common_weight(weights, rtol=1e-5)
         if self.clip_norm is not None and factor is None:
             raise BatchLossMismatch(
                 "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
@@ -356,20 +357,32 @@ class Tracker:
                 + ("(it is computed inside the model)" if opaque else "(class weights?)"))
         if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
             factor = _require_multiple(update, stats.mean) / batch.size
+            weights = torch.full((batch.size,), factor, dtype=torch.float64)
         if self.clip_norm is not None:  # inputs that require grad: p.grad from the clipped gradients
             update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}
         if checking:
-            self._check(batch, factor)
+            self._check(batch, weights)
         return stats, update, input_grads
-    def _check(self, batch: Batch, factor: float | None) -> None:
-        """check_every: the vmap engine's per-example gradients (each example in isolation), times the
-        loss's weight, against autograd's gradient of the batch loss."""
-        if factor is None:
-            raise BatchLossMismatch("check_every needs a batch loss that weighs every example equally")
-        reference = compute_stats(self.model, self.per_example_loss, batch, engine="independent", var=False,
-                                  chunk_size=self.stats_options["chunk_size"],
-                                  randomness=self.stats_options["randomness"])
-        scaled = dataclasses.replace(reference, mean={k: v * (factor * batch.size) for k, v in reference.mean.items()})
+
+    def _check(self, batch: Batch, weights: Tensor) -> None:
+        """check_every: Σ_i w_i g_i, with g_i from the independent engines (vmap, else the loop: each
+        example in isolation, never the fast engine being checked) and w_i the batch loss's weights
+        (derived and checked at the model output), against autograd's gradient of the batch loss.
+
+        Equal weights w: w·B times the engines' mean. Unequal ones: the engines' mean of the weighted
+        per-example losses w_i L_i (the weights ride along as targets), times B.
+        """
+        options = dict(engine="independent", var=False, chunk_size=self.stats_options["chunk_size"],
+                       randomness=self.stats_options["randomness"])
+        factor = common_weight(weights, rtol=1e-5)
+        if factor is not None:
+            independent = compute_stats(self.model, self.per_example_loss, batch, **options)
+            scale = factor * batch.size
+        else:
+            weighted, weighted_batch = _weighted_examples(self.per_example_loss, batch, weights)
+            independent = compute_stats(self.model, weighted, weighted_batch, **options)
+            scale = float(batch.size)
+        scaled = dataclasses.replace(independent, mean={k: v * scale for k, v in independent.mean.items()})
         check_batch_mean(self.model, self.batch_loss, batch, scaled)
 
     @contextlib.contextmanager
@@ -485,29 +498,28 @@ class Tracker:
         """∇ of the batch loss for the parameters (None-free: unreached ones are left out) and for the
         inputs that require grad, as ``loss.backward()`` would compute them (not yet accumulated).
 
-        With ``weigh``, also the loss's common weight w (None when the w_i differ), derived and
-        checked at this forward's output, and whether the loss hides its weights (computed
-        inside the model): returns (update, input grads, w, opaque).
+        With ``weigh``, also the loss's weights w_i (``[B]`` float64; None when the loss hides them,
+        NaN when it is not finite), derived and checked at this forward's output, and whether the
+        loss hides its weights (computed inside the model): returns (update, input grads, w, opaque).
         """
         with torch.enable_grad():
             output = batch.forward(self.model)
             loss = self.batch_loss(output) if batch.targets is None else self.batch_loss(output, batch.targets)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")
-            factor, opaque = None, False
+            weights, opaque = None, False
             if weigh:
                 try:
                     weights, _ = weights_at_output(self.batch_loss, self.per_example_loss, output,
                                                    batch.targets, batch.size)
-                    factor = common_weight(weights, rtol=1e-5)
                 except OpaqueLoss:
                     opaque = True
                 except NonFiniteLoss:
-                    factor, opaque = math.nan, False
+                    weights = torch.full((batch.size,), math.nan, dtype=torch.float64)
             grads = gradients(loss, [*params.values(), *inputs_with_grad])
         update = {name: g for name, g in zip(params, grads) if g is not None}
         if weigh:
-            return update, list(grads[len(params):]), factor, opaque
+            return update, list(grads[len(params):]), weights, opaque
         return update, list(grads[len(params):])
 
     def __repr__(self) -> str:
@@ -540,6 +552,23 @@ def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, s
             p.grad = p.grad + g
         else:
             p.grad = g.clone() if scale == 1.0 else g
+
+
+def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, weights: Tensor):
+    """(loss, batch) whose per-example loss is w_i L_i: the weights travel as (part of) the targets,
+    so every engine hands example i its own w_i."""
+    from ._batch import device_of
+
+    weights = weights.to(device_of(batch))
+    has_targets = batch.targets is not None
+
+    def weighted(output, targets):
+        w, target = targets if has_targets else (targets, None)
+        loss = per_example_loss(output) if target is None else per_example_loss(output, target)
+        return loss * w.reshape(()).to(loss.dtype)
+
+    targets = (weights, batch.targets) if has_targets else weights
+    return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
 
 
 def _first_batch_output(store: list, batch_size: int):
