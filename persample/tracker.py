@@ -76,11 +76,15 @@ class Tracker:
             per-example norms, so every step does per-example work.
         chunk_size, randomness, engine, var, inner_products: as in
             :func:`persample.grad_stats`. Random ops advance the global RNG as a
-            normal training step would.
-        check_every: every k-th step (k > 0) also asserts
-            :func:`persample.check_mean` on that batch (per-example gradients from
-            the vmap engine, each example in isolation, against autograd),
-            raising :class:`persample.MeanMismatchError` on a mismatch.
+            normal training step would. Inner products against a direction
+            shared by micro-batches: :meth:`accumulate`'s ``reference``.
+        check_every: every k-th step (k > 0) also checks that autograd's
+            gradient of the batch loss equals Σ_i w_i g_i, with g_i from the
+            independent engines (vmap, else the per-example loop: each example
+            in isolation, never the fast engine) and w_i the loss's weights
+            (equal or not: class weights, token means over padding), raising
+            :class:`persample.MeanMismatchError` on a mismatch (a model that
+            couples the examples of a batch).
         distributed: under ``torch.distributed`` (a ``DistributedDataParallel``
             wrapper, or any model once a process group is initialized; ``None``
             detects it): ``step`` leaves ``p.grad`` = (1/W) Σ_r p.grad_r as DDP's
@@ -423,13 +427,18 @@ class Tracker:
         Limits: one forward of the model and one backward inside the block;
         ``randomness`` does not apply (the forward is yours: its dropout masks
         are what the statistics describe); inside :meth:`accumulate`, the
-        observed micro-batches are merged like ``step``'s.
+        observed micro-batches are merged like ``step``'s. Rule modules called
+        on inputs without a batch dim (``self.pos(torch.arange(T))``) are
+        exact; where their batch dim is ambiguous (T == B, or a sequence-first
+        tensor with a dim of size B) ``NotExact`` is raised, and your forward
+        and backward are left as they would be without ``observe``.
 
         Under DDP (run your DDP model's forward and backward in the block), the
         statistics are built from this rank's own gradient, recorded before
         DDP averages ``p.grad``, and then all-reduced into those of the global
         batch; ``p.grad`` stays DDP's average. Inner products relative to the
-        global mean need the inputs for a second pass: use :meth:`step`.
+        global mean need the inputs for a second pass: use :meth:`step`, or a
+        shared reference (``accumulate(reference="last")`` or a dict).
         """
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
