@@ -250,7 +250,8 @@ class Tracker:
                   to its own mean ḡ_m, and the merged record has none.
                 - ``"last"``: the mean ḡ of the statistics last passed to the
                   hooks (``tracker.last_stats``: the previous statistics step).
-                  Before any, the block's merged record has no inner products.
+                  Before any (or after the set of trainable parameters
+                  changed), the block's merged record has no inner products.
                 - ``"first"``: the first micro-batch's own mean ḡ_1 (whose p_i
                   are relative to it, as with ``inner_products=True``).
                 - a dict ``{name: tensor}`` over every trainable parameter.
@@ -268,7 +269,8 @@ class Tracker:
         acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None)
         if isinstance(reference, Mapping):
             acc.reference = prepare_reference(self.model, reference)
-        elif reference == "last" and self.last_stats is not None:
+        elif reference == "last" and self.last_stats is not None \
+                and self.last_stats.mean.keys() == trainable_parameters(self.model).keys():
             acc.reference = prepare_reference(self.model, self.last_stats.mean)
         acc.first = reference == "first"
         self._accumulation = acc

@@ -103,6 +103,13 @@ def test_last_before_any_published_statistics_gives_no_inner_products():
         tracker.step(x[:2], y[:2])
         tracker.step(x[2:], y[2:])
     assert acc.stats.n == 4 and acc.stats.inner_products is None and acc.reference is None
+    first = next(model.parameters())
+    first.requires_grad_(False)  # the trainable parameters changed: the last mean is no direction for them
+    with tracker.accumulate(reference="last") as acc:
+        tracker.step(x[:2], y[:2])
+        tracker.step(x[2:], y[2:])
+    assert acc.stats.n == 4 and acc.stats.inner_products is None
+    first.requires_grad_(True)
 
 
 @pytest.mark.parametrize("reference, error, message", [
