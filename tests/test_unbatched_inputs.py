@@ -172,10 +172,28 @@ class SequenceFirst(nn.Module):
         return self.head(self.scale(h) if self.raw_input else h)
 
 
+class SoftPositions(nn.Module):
+    """Each example mixes the position table with its own weights, w [B, T] @ pos(arange(T)) [T, d]: with
+    T == B the table's dim 0 looks batched but is contracted (silently wrong before)."""
+
+    def __init__(self, t):
+        super().__init__()
+        self.t = t
+        self.score, self.pos, self.head = nn.Linear(2, 1), nn.Embedding(t, 3), nn.Linear(3, 2)
+
+    def forward(self, x):  # [B, T, 2]
+        w = torch.softmax(self.score(x).squeeze(-1), -1)
+        return self.head(w @ self.pos(torch.arange(self.t)))
+
+
 AMBIGUOUS = [
     ("arange_T_equals_B", lambda: Pos(), lambda: _tokens(6, 6), "ambiguous"),
     ("heads_equal_batch", lambda: HeadsEqualBatch(4), lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
      "lines up with dim 1"),
+    ("contracted_table_T_equals_B", lambda: SoftPositions(4), lambda: (torch.randn(4, 4, 2), torch.randint(0, 2, (4,))),
+     "contracts its dim 0"),
+    ("contracted_table_T_ne_B", lambda: SoftPositions(5), lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
+     "not a broadcast over the batch"),
     ("sequence_first_activation_T_equals_B", lambda: SequenceFirst(False),
      lambda: (torch.randn(4, 4, 3), torch.randint(0, 2, (4,))), "may be sequence-first"),
     ("sequence_first_raw_input_T_equals_B", lambda: SequenceFirst(True),
@@ -255,3 +273,31 @@ def test_a_rule_that_reads_dim_0_as_its_batch_is_not_expanded():
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     grads, sq = _expected(model, F.cross_entropy, x, y)
     _assert_stats(persample.grad_stats(model, F.cross_entropy, x, y), grads, sq)
+
+
+def test_outputs_of_frozen_layers_watched_for_their_batch_dim_stay_exact():
+    """A rule module fed by a frozen layer (its input has dim 0 == B but no gradient: watched, since a
+    constant could look the same) stays on the fast path through attention, whose own transposes (inside
+    the rule-less module, handled as a whole) are not the model moving dim 0."""
+
+    class FrozenThenAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8).requires_grad_(False)
+            self.lin = nn.Linear(8, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.tanh(self.lin(self.emb(x)))
+            a, _ = self.att(h, h, h, need_weights=False)
+            return self.head((a + h).mean(1))
+
+    torch.manual_seed(0)
+    model = FrozenThenAttention().double()
+    x, y = _tokens(5, 6)
+    grads, sq = _expected(model, F.cross_entropy, x, y)
+    _assert_stats(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads, sq)
+    with Tracker(model, F.cross_entropy).observe(y) as observed:
+        F.cross_entropy(model(x), y).backward()
+    _assert_stats(observed.stats, grads, sq)

@@ -176,10 +176,12 @@ class _BroadcastWatcher(TorchFunctionMode):
     activation (a constant such as ``torch.arange(T)`` with T == B, a frozen
     layer's output): its dim 0 may be a position. Uses that would treat dim 0
     as something other than the batch go to ``escape``: an op with a tensor of
-    more dims (a broadcast, ``F.linear`` with it as the weight), an op that
-    moves dim 0, a result whose dim 0 is 1 or that may have gained leading
-    dims. Differentiable results are watched in turn (full reductions, such
-    as a loss, and results without gradient are not).
+    more dims (a broadcast), an op that moves dim 0, a product that contracts
+    it (``w @ table``, ``F.linear`` with it as the weight), a result whose dim
+    0 is 1 or that may have gained leading dims. Differentiable results are
+    watched in turn (full reductions, such as a loss, and results without
+    gradient are not); ops inside rule-less modules are theirs (vmapped alone
+    over dim 0 and checked by their sum, as the graph audit treats them).
     """
 
     def __init__(self, batch_size: int):
@@ -190,6 +192,7 @@ class _BroadcastWatcher(TorchFunctionMode):
         self.escape: str | None = None
         self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
         self.paused = 0  # inside rule modules called on an expansion
+        self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -301,12 +304,16 @@ class _BroadcastWatcher(TorchFunctionMode):
         problem = None
         for s in watched:
             label = self.suspects[id(s)][1]
+            if self.in_fallback:  # a rule-less module, vmapped alone over dim 0 and checked by its sum
+                break
             wider = [t for t in operands if t is not s and t.dim() > s.dim()]
             if wider:
                 problem = (f"{name} combines it with a tensor of more dims {tuple(wider[0].shape)}, so its dim 0 "
                            "may line up with a position there")
             elif _moves_dim_zero_op(name, args, kwargs):
                 problem = f"{name} moves its dim 0"
+            elif _contracts_dim_zero(name, args, s):
+                problem = f"{name} contracts its dim 0 with another tensor's dims"
             for r in results:
                 if problem is not None:
                     break
@@ -347,6 +354,28 @@ class _DimMoveWatcher(TorchFunctionMode):
             if name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {}):
                 self.moved = name
         return out
+
+
+#: Products whose operands other than the first (``matmul(a, b)``'s ``b``, ``linear``'s weight) are
+#: contracted over their dim 0 when they are matrices or vectors.
+_PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "mv", "linear", "addmm", "addmv", "dot",
+                       "vdot", "inner", "outer", "ger", "tensordot", "kron", "chain_matmul", "multi_dot"})
+
+
+def _contracts_dim_zero(name: str, args, t: Tensor) -> bool:
+    """Whether product ``name`` sums ``t``'s dim 0 against other dims: ``t`` is not its row operand
+    (``args[0]``; ``args[1]`` for ``addmm``/``addmv``), or a vector or matrix operand of ``dot``-like
+    products. Batched products (``bmm``, ``matmul`` of two tensors of 3 dims or more) keep dim 0."""
+    if name not in _PRODUCTS:
+        return False
+    row = 1 if name in ("addmm", "addmv") else 0
+    if name in ("matmul", "__matmul__", "__rmatmul__") and len(args) > 1 and all(
+            isinstance(a, Tensor) and a.dim() >= 3 for a in args[:2]):
+        return False
+    if name == "__rmatmul__":  # b.__rmatmul__(a) is a @ b: b (args[0]) is the contracted operand
+        return bool(args) and args[0] is t
+    return not (len(args) > row and args[row] is t) or name in ("dot", "vdot", "inner", "outer", "ger",
+                                                               "tensordot", "kron")
 
 
 def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
@@ -444,6 +473,12 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
     on_expansion: list = []  # (module, the expansion it was called on), innermost last
     rule_pre_hooks: list = []  # registered at the first expansion (with no dim watcher)
+    fallbacks_entered: list = []  # rule-less units whose forward is running, innermost last
+    fallback_pre_hooks: list = []  # registered at the first suspect output
+
+    def fallback_pre_hook(module, args, kwargs):
+        watcher.in_fallback += 1
+        fallbacks_entered.append(module)
 
     def pre_hook(unit: Unit):
         def hook(module, args, kwargs):
@@ -468,6 +503,9 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             if on_expansion and on_expansion[-1][0] is module:
                 entry = on_expansion.pop()[1]
                 watcher.paused -= 1
+            if fallbacks_entered and fallbacks_entered[-1] is module:
+                fallbacks_entered.pop()
+                watcher.in_fallback -= 1
             if capture.forward_ended:
                 return None
             with torch._C.DisableTorchFunction():  # the watcher must not see (or redirect) our own ops
@@ -517,6 +555,9 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         if suspect is not None:
             watcher.watch_suspect(output, suspect)
             capture.watch()
+            if not fallback_pre_hooks:  # from now on, rule-less modules' own ops are theirs
+                fallback_pre_hooks.extend(u.module.register_forward_pre_hook(fallback_pre_hook, with_kwargs=True)
+                                          for u in units if u.rule is None)
         return None
 
     capture = Capture(watcher, dim_watcher)
@@ -530,7 +571,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             dim_watcher.__enter__()
         yield capture
     finally:
-        for h in (*handles, *rule_pre_hooks):
+        for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
         capture.end_forward()
 
