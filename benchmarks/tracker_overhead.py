@@ -3,23 +3,30 @@
 A plain training step is ``zero_grad(); loss_fn(model(x), y).backward(); opt.step()``; the tracked
 step replaces the backward line with ``tracker.step(x, y)``. Both loops run interleaved in one
 process (alternating blocks of steps, so drift in machine load hits both equally); only the
-tracker's non-statistics steps are timed. Reported: median per-step time of each, and their ratio.
+tracker's non-statistics steps are timed. Reported: median per-step time of each, and their ratio,
+with the CPU model, the load average before and after (the machines are shared) and the commit.
 
-    python benchmarks/tracker_overhead.py [--steps 400] [--every 10] [--threads 2] [--json OUT]
+    python benchmarks/tracker_overhead.py [--steps 400] [--every 10] [--threads 2] [--json OUT] [--md OUT]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import persample
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import run as bench  # noqa: E402  (also puts this checkout's persample first on sys.path)
+
+import persample  # noqa: E402
 
 
 def mlp():
@@ -84,20 +91,59 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", help="write the records to this file")
+    parser.add_argument("--md", help="write a markdown table of the records to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    common = {"threads": args.threads, "torch": torch.__version__, "machine": bench.cpu_model(),
+              "logical_cpus": os.cpu_count(), "persample_revision": bench.git_revision(),
+              "persample_path": str(Path(persample.__file__).parent)}
     records = []
     for name, build in CASES.items():
-        record = {"case": name, **measure(build, args.batch_size, args.steps, args.every),
-                  "threads": args.threads, "torch": torch.__version__, "machine": platform.processor()
-                  or platform.machine()}
+        load_before = _load()
+        record = {"case": name, **measure(build, args.batch_size, args.steps, args.every), **common,
+                  "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": _load()}
         records.append(record)
         print(f"{name:22s} B={record['batch_size']} every={record['every']}: plain "
               f"{record['plain_step_median_s'] * 1e3:.2f} ms, tracked non-stats step "
-              f"{record['tracked_plain_step_median_s'] * 1e3:.2f} ms, ratio {record['ratio']:.3f}")
+              f"{record['tracked_plain_step_median_s'] * 1e3:.2f} ms, ratio {record['ratio']:.3f} "
+              f"(load {load_before[0]:.1f} → {record['load_average_1_5_15_after'][0]:.1f})")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
+    if args.md:
+        Path(args.md).write_text(markdown(records, args))
+
+
+def _load() -> list[float]:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return [float("nan")] * 3
+
+
+def markdown(records: list[dict], args) -> str:
+    first = records[0]
+    lines = ["# Tracker overhead on steps without statistics (CPU)", "",
+             f"{first['machine']} ({first['logical_cpus']} logical CPUs, shared), {first['threads']} torch "
+             f"threads, torch {first['torch']}, persample `{first['persample_revision']}`; "
+             f"`python benchmarks/tracker_overhead.py --steps {args.steps} --every {args.every} "
+             f"--batch-size {args.batch_size} --threads {args.threads}`.", "",
+             "A plain step is `zero_grad(); loss_fn(model(x), y).backward(); opt.step()`; the tracked step "
+             f"replaces the backward with `Tracker(every={args.every}).step(x, y)`. Both loops run "
+             "interleaved in blocks of 10 steps; only the tracker's steps without statistics are timed. "
+             "Medians per step:", "",
+             "| case | B | steps timed | plain (ms) | tracked, no statistics (ms) | ratio "
+             "| load average before → after (1, 5, 15 min) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for r in records:
+        before = ", ".join(f"{v:.1f}" for v in r["load_average_1_5_15_before"])
+        after = ", ".join(f"{v:.1f}" for v in r["load_average_1_5_15_after"])
+        lines.append(f"| {r['case']} | {r['batch_size']} | {r['steps_timed']} | "
+                     f"{r['plain_step_median_s'] * 1e3:.2f} | {r['tracked_plain_step_median_s'] * 1e3:.2f} | "
+                     f"{r['ratio']:.3f} | {before} → {after} |")
+    lines += ["", "A load average above the 2 cores means other processes competed for them during the run: the "
+              "ratio, measured within one process and interleaved, is more meaningful than the times.", ""]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

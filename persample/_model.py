@@ -123,6 +123,9 @@ def translate_vmap_error(err: RuntimeError) -> RuntimeError | None:
 # ------------------------------------------------------------------------ random numbers
 
 def cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices the model's parameters are on (none without a walk while CUDA is uninitialised)."""
+    if not torch.cuda.is_initialized():
+        return []
     return sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
 
 

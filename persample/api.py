@@ -15,12 +15,13 @@ Conventions (shared by every engine):
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import check_clip_norm, check_supported, preserved_state
+from ._model import check_clip_norm, check_supported, preserved_state, trainable_parameters
 from ._progress import progress_bar
 from .errors import NotExact
 from .engines.fast import fast_grad_stats
@@ -86,7 +87,7 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
 def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
                chunk_size: int | None = None, randomness: Randomness = "error", engine: str = "auto",
                var: bool = True, inner_products: bool = False, clip_norm: float | None = None,
-               progress: bool = False) -> GradStats:
+               progress: bool = False, reference: Mapping[str, Tensor] | None = None) -> GradStats:
     """:class:`GradStats` of the per-example gradients, without keeping ``B × P`` of them.
 
     Same arguments and conventions as :func:`per_sample_grads`, plus:
@@ -107,6 +108,14 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         inner_products: also compute p_i = ⟨g_i, ḡ⟩ (needed by the
             inner-product and orthogonality tests). Costs a second streamed
             pass when the batch spans several chunks.
+        reference: a fixed direction r, ``{name: tensor}`` over every
+            trainable parameter (the keys of ``named_parameters()`` with
+            ``requires_grad``, each of its parameter's shape): the inner
+            products are then p_i = ⟨g_i, r⟩ (implies ``inner_products``; one
+            pass), and ``stats.reference`` is r. Records computed against equal
+            references merge with their inner products (:meth:`GradStats.merge`),
+            so micro-batches or ranks give the whole batch's p_i; see
+            :func:`persample.noise.inner_product_test` for tests against such r.
         clip_norm: also compute ``clipped_mean`` = (1/B) Σ_i min(1, C/‖g_i‖) g_i
             for C = ``clip_norm`` (per-example clipping, as in DP-SGD).
         progress: show a tqdm progress bar over examples (if tqdm is installed).
@@ -114,13 +123,13 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
     _engine_chain(engine, _CHAINS, ENGINES)
     return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
                          randomness=randomness, engine=engine, var=var, inner_products=inner_products,
-                         clip_norm=clip_norm, progress=progress)
+                         clip_norm=clip_norm, progress=progress, reference=reference)
 
 
 def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size: int | None = None,
                   randomness: str = "error", engine: str = "auto", var: bool = True,
                   inner_products: bool = False, clip_norm: float | None = None, progress: bool = False,
-                  fork_rng: bool = True) -> GradStats:
+                  fork_rng: bool = True, reference: Mapping[str, Tensor] | None = None) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
     ``fork_rng=False`` lets random ops advance the global RNG as a training
@@ -130,7 +139,8 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     chain = _engine_chain(engine, _CHAINS)
     check_clip_norm(clip_norm)
     check_supported(model, randomness)
-    options = dict(randomness=randomness, var=var, inner_products=inner_products, clip_norm=clip_norm)
+    options = dict(randomness=randomness, var=var, inner_products=inner_products, clip_norm=clip_norm,
+                   reference=prepare_reference(model, reference))
 
     def run(name: str) -> GradStats:
         if name == "fast":
@@ -141,6 +151,36 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
 
     with preserved_state(model, fork_rng=fork_rng):
         return _first_exact(chain, run)
+
+
+def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
+    """``reference`` checked against the trainable parameters (same names, same shapes, finite) and
+    detached, on each parameter's device in its dtype (at least float32). Tensors already so are
+    kept as they are, so that records computed against one prepared reference share it."""
+    if reference is None:
+        return None
+    if not isinstance(reference, Mapping):
+        raise TypeError(f"reference must be a dict {{parameter name: tensor}}, got {type(reference).__name__}")
+    params = trainable_parameters(model)
+    missing, extra = sorted(set(params) - set(reference)), sorted(set(reference) - set(params))
+    if missing or extra:
+        problems = [f"missing {missing}"] if missing else []
+        problems += [f"not trainable parameters {extra}"] if extra else []
+        raise ValueError("reference must have one tensor per trainable parameter (the names "
+                         f"model.named_parameters() yields with requires_grad): {'; '.join(problems)}")
+    prepared = {}
+    for name, p in params.items():
+        r = reference[name]
+        if not isinstance(r, Tensor) or tuple(r.shape) != tuple(p.shape):
+            what = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
+            raise ValueError(f"reference[{name!r}] must be a tensor of the parameter's shape {tuple(p.shape)}, "
+                             f"got {what}")
+        r = r.detach() if r.requires_grad else r
+        r = r.to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
+        if not bool(torch.isfinite(r).all()):
+            raise ValueError(f"reference[{name!r}] has non-finite values (inf/NaN)")
+        prepared[name] = r
+    return prepared
 
 
 def _engine_chain(engine: str, chains: dict, public: tuple | None = None) -> tuple:

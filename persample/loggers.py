@@ -160,6 +160,13 @@ class Diagnostics:
         if missing:
             warnings.warn("persample diagnostics: " + "; ".join(missing)
                           + " in persample.Tracker / grad_stats; those columns are NaN", stacklevel=3)
+        if stats.inner_products is not None and "reference" not in self._warned \
+                and not noise._reference_is_mean(stats):
+            self._warned.add("reference")
+            warnings.warn("persample diagnostics: these inner products are relative to a shared reference r, not "
+                          "to the batch's own mean (Tracker.accumulate(reference=...)): inner_test is the test "
+                          "along r (persample.noise.inner_product_test), and the orthogonality test columns are "
+                          "NaN", stacklevel=3)
 
 
 def _undiagnosable(stats: GradStats) -> str | None:

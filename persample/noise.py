@@ -474,8 +474,8 @@ def norm_test(stats: GradStats, threshold: float = DEFAULT_NORM_THRESHOLD) -> Ba
     return _make_test("norm", est.trace_cov, est.mean_sq_norm, stats.n, threshold)
 
 
-def _inner_products(fn: str, stats: GradStats) -> Tensor:
-    """p_i = ⟨g_i, ḡ⟩ as float64, after checking that they are relative to the batch mean."""
+def _inner_products(fn: str, stats: GradStats) -> tuple[Tensor, bool]:
+    """(p_i = ⟨g_i, r⟩ as float64, whether the reference r is this batch's own mean ḡ)."""
     if stats.inner_products is None:
         raise ValueError(
             f"{fn} needs the inner products p_i = <g_i, mean gradient>, but these statistics have none: "
@@ -484,19 +484,24 @@ def _inner_products(fn: str, stats: GradStats) -> Tensor:
     if stats.reference is None or stats.reference.keys() != stats.mean.keys():
         raise ValueError(f"{fn}: stats.inner_products has no reference over the same parameters; "
                          f"recompute with inner_products=True")
+    return stats.inner_products.detach().double(), _reference_is_mean(stats)
+
+
+def _reference_is_mean(stats: GradStats) -> bool:
+    """Whether ``stats.reference`` is the batch's own mean ḡ, within the rounding of its dtype."""
     dtype = next(iter(stats.mean.values())).dtype
     rtol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
     diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k]
                                  for k in stats.names))
     scale = max(math.sqrt(_f64_sum_sq(stats.mean.values())),
                 math.sqrt(_f64_sum_sq(stats.reference.values())))
-    if diff > rtol * scale:
-        raise ValueError(
-            f"{fn}: stats.inner_products are relative to a reference that is not this batch's mean "
-            f"gradient (relative difference {diff / scale:.2e} > {rtol:g}); this happens after merging "
-            f"records computed with different references. Compute the statistics of the whole batch "
-            f"in one call with inner_products=True")
-    return stats.inner_products.detach().double()
+    return diff <= rtol * scale
+
+
+def _mean_dot_reference(stats: GradStats) -> float:
+    """⟨ḡ, r⟩ summed in float64."""
+    return sum(float((stats.mean[k].detach().double() * stats.reference[k].detach().to(
+        stats.mean[k].device).double()).sum()) for k in stats.names)
 
 
 def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESHOLD) -> BatchSizeTest:
@@ -507,21 +512,28 @@ def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESH
     direction with high probability, and is looser than the norm test. Passes
     when θ ≤ ``threshold``; suggests B* = Var(p_i) / (threshold²·‖ḡ‖⁴).
 
-    ḡ = 0 gives NaN (every p_i is 0).
+    Against another reference r (``stats.reference``: a direction shared by
+    micro-batches or ranks, such as the previous step's mean, see
+    ``Tracker.accumulate(reference=...)``), p_i = ⟨g_i, r⟩ and r stands in for
+    the direction of the true gradient:
+    θ = sqrt( Var_unbiased(p_i) / (B⟨ḡ, r⟩²) ), the relative standard error of
+    the batch's directional derivative ⟨ḡ, r⟩ along r. It does not depend on
+    r's length, and for r = ḡ (or any c·ḡ, c > 0) it is the test above.
+
+    ḡ = 0 (or ⟨ḡ, r⟩ = 0) gives NaN or inf.
 
     Raises:
         ValueError: no inner products (pass ``inner_products=True`` to
-            ``grad_stats`` / ``Tracker``), inner products relative to something
-            other than the batch mean (after a merge), B = 1, non-finite
-            statistics, or a non-positive threshold.
+            ``grad_stats`` / ``Tracker``), B = 1, non-finite statistics, or a
+            non-positive threshold.
     """
     _require_two("inner_product_test", stats)
     threshold = _check_threshold("inner_product_test", threshold)
     _require_finite("inner_product_test", stats, "mean", "param_sq_norms", "inner_products")
-    p = _inner_products("inner_product_test", stats)
+    p, along_mean = _inner_products("inner_product_test", stats)
     var_p = float(((p - p.mean()) ** 2).sum()) / (stats.n - 1)
-    mean_sq = _f64_sum_sq(stats.mean.values())
-    return _make_test("inner_product", var_p, mean_sq ** 2, stats.n, threshold)
+    signal = _f64_sum_sq(stats.mean.values()) if along_mean else _mean_dot_reference(stats)
+    return _make_test("inner_product", var_p, signal ** 2, stats.n, threshold)
 
 
 def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESHOLD) -> BatchSizeTest:
@@ -535,15 +547,27 @@ def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESH
     suggests B* = [Σ_i (‖g_i‖² − p_i²/‖ḡ‖²)/(B − 1)] / (threshold²·‖ḡ‖²).
     The variance is ≥ 0 by Cauchy–Schwarz; it is clamped at 0 against roundoff.
 
+    Needs inner products relative to the batch's own mean: against another
+    reference r the orthogonal components g_i − (p_i/‖r‖²) r no longer have
+    mean zero, and whether to centre them is a choice the paper does not
+    make, so such records are refused (``diagnostics`` reports NaN).
+
     ḡ = 0 gives NaN.
 
     Raises:
-        ValueError: as :func:`inner_product_test`.
+        ValueError: as :func:`inner_product_test`, and inner products relative
+            to a reference other than this batch's mean.
     """
     _require_two("orthogonality_test", stats)
     threshold = _check_threshold("orthogonality_test", threshold)
     _require_finite("orthogonality_test", stats, "mean", "param_sq_norms", "inner_products")
-    p = _inner_products("orthogonality_test", stats)
+    p, along_mean = _inner_products("orthogonality_test", stats)
+    if not along_mean:
+        raise ValueError(
+            "orthogonality_test needs inner products relative to this batch's mean gradient, but "
+            "stats.reference is another direction (a reference shared by micro-batches or ranks, or records "
+            "merged from other batches). Compute the statistics of the whole batch in one call with "
+            "inner_products=True")
     mean_sq = _f64_sum_sq(stats.mean.values())
     sq = stats.sq_norms.detach().double()
     if mean_sq == 0:
@@ -639,7 +663,9 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
 
     Values that these statistics cannot give are NaN: ``gsnr*`` without
     variance (``var=False``), the inner-product and orthogonality tests without
-    ``inner_products=True``. Everything else follows the functions above
+    ``inner_products=True``, the orthogonality test when the inner products are
+    relative to a reference other than the batch's mean (``inner_test`` is then
+    the test along that reference, see :func:`inner_product_test`). Everything else follows the functions above
     (including their ValueError for B = 1 and non-finite statistics).
     """
     _require_two("diagnostics", stats)
@@ -664,8 +690,9 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     tests = [("norm_test", norm_test, norm_threshold),
              ("inner_test", inner_product_test, inner_threshold),
              ("ortho_test", orthogonality_test, ortho_threshold)]
+    ortho_refused = stats.inner_products is not None and not _reference_is_mean(stats)
     for key, fn, threshold in tests:
-        if key != "norm_test" and stats.inner_products is None:
+        if (key != "norm_test" and stats.inner_products is None) or (key == "ortho_test" and ortho_refused):
             row.update({key: nan, f"{key}_batch": nan, f"{key}_threshold": float(threshold)})
             continue
         result = fn(stats, threshold)

@@ -244,7 +244,7 @@ class GradStats:
             sq[name] = torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
         inner = None
         if reference is not None:
-            inner = sum((grads[k].reshape(n, -1) @ reference[k].reshape(-1)) for k in grads)
+            inner = sum(_inner(grads[k].reshape(n, -1), reference[k].reshape(-1)) for k in grads)
         clipped = None
         if clip_norm is not None:
             factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
@@ -327,6 +327,12 @@ class GradStats:
                 f"var={'yes' if self.m2 is not None else 'no'}, "
                 f"mean_loss={self.losses.mean().item():.4g}, "
                 f"median_norm={norms.median().item():.4g}, |mean|={self.mean_sq_norm.sqrt().item():.4g})")
+
+
+def _inner(rows: Tensor, ref: Tensor) -> Tensor:
+    """``rows @ ref`` in the wider of the two dtypes (at least float32), on ``rows``' device."""
+    dtype = torch.promote_types(torch.promote_types(rows.dtype, ref.dtype), torch.float32)
+    return rows.to(dtype) @ ref.to(device=rows.device, dtype=dtype)
 
 
 def _map_one(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:

@@ -29,7 +29,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from torch.utils.hooks import RemovableHandle
 from ._batch import Batch, as_batch
 from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import check_clip_norm, trainable_parameters
-from .api import compute_stats
+from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
@@ -76,11 +76,15 @@ class Tracker:
             per-example norms, so every step does per-example work.
         chunk_size, randomness, engine, var, inner_products: as in
             :func:`persample.grad_stats`. Random ops advance the global RNG as a
-            normal training step would.
-        check_every: every k-th step (k > 0) also asserts
-            :func:`persample.check_mean` on that batch (per-example gradients from
-            the vmap engine, each example in isolation, against autograd),
-            raising :class:`persample.MeanMismatchError` on a mismatch.
+            normal training step would. Inner products against a direction
+            shared by micro-batches: :meth:`accumulate`'s ``reference``.
+        check_every: every k-th step (k > 0) also checks that autograd's
+            gradient of the batch loss equals Σ_i w_i g_i, with g_i from the
+            independent engines (vmap, else the per-example loop: each example
+            in isolation, never the fast engine) and w_i the loss's weights
+            (equal or not: class weights, token means over padding), raising
+            :class:`persample.MeanMismatchError` on a mismatch (a model that
+            couples the examples of a batch).
         distributed: under ``torch.distributed`` (a ``DistributedDataParallel``
             wrapper, or any model once a process group is initialized; ``None``
             detects it): ``step`` leaves ``p.grad`` = (1/W) Σ_r p.grad_r as DDP's
@@ -197,13 +201,13 @@ class Tracker:
                 self._replicas.sync_gradients(params)
             if self._replicas is not None and with_stats and stats is not None:
                 stats = self._replicas.reduce_stats(
-                    stats, self.model, self.per_example_loss, batch if self.stats_options["inner_products"] else None)
+                    stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
             if with_stats:
                 if stats is None or not _finite(stats):
                     self.skipped.append(step)
                     stats = None
                 elif accumulating:
-                    self._accumulation.parts.append(stats)
+                    self._add_part(stats)
                 else:
                     self._publish(stats)
         except BaseException as err:
@@ -220,12 +224,12 @@ class Tracker:
         return stats if with_stats else None
 
     @contextlib.contextmanager
-    def accumulate(self) -> Iterator["Accumulation"]:
+    def accumulate(self, reference: str | Mapping[str, Tensor] | None = None) -> Iterator["Accumulation"]:
         """Gradient accumulation: several ``step`` calls (micro-batches) make one training step.
 
         ::
 
-            with tracker.accumulate() as acc:
+            with tracker.accumulate(reference="last") as acc:
                 for x, y in micro_batches:
                     tracker.step(x, y, scale=1 / len(micro_batches))
             optimizer.step(); optimizer.zero_grad()
@@ -234,13 +238,41 @@ class Tracker:
         All micro-batches of a statistics step compute statistics; on exit they
         are merged exactly (:meth:`GradStats.merge`) into the statistics of the
         concatenated batch, the hooks run once with them, and ``tracker.steps``
-        advances by one. Inner products p_i = ⟨g_i, ḡ_m⟩ are each relative to
-        their own micro-batch mean, so the merged record has none (the
-        inner-product and orthogonality tests need the whole batch in one step).
+        advances by one. Works the same with :meth:`observe` blocks.
+
+        Args:
+            reference: the direction r of the inner products p_i = ⟨g_i, r⟩,
+                shared by every micro-batch so that the merged record keeps them
+                (p_i of every example of the whole batch, ``stats.reference`` = r):
+
+                - ``None`` (default): no shared direction. With
+                  ``inner_products=True`` each micro-batch's p_i are relative
+                  to its own mean ḡ_m, and the merged record has none.
+                - ``"last"``: the mean ḡ of the statistics last passed to the
+                  hooks (``tracker.last_stats``: the previous statistics step).
+                  Before any (or after the set of trainable parameters
+                  changed), the block's merged record has no inner products.
+                - ``"first"``: the first micro-batch's own mean ḡ_1 (whose p_i
+                  are relative to it, as with ``inner_products=True``).
+                - a dict ``{name: tensor}`` over every trainable parameter.
+
+                r is not the merged batch's own mean ḡ: see
+                :func:`persample.noise.inner_product_test` for what the tests
+                compute against such an r (the orthogonality test refuses it).
+                A reference implies inner products, whatever ``inner_products``.
         """
         if self._accumulation is not None:
             raise RuntimeError("tracker.accumulate() blocks cannot be nested")
-        acc = Accumulation(with_stats=self.wants_stats())
+        if reference is not None and not isinstance(reference, Mapping) and reference not in ("last", "first"):
+            raise ValueError(f"accumulate(reference=...) must be None, 'last', 'first' or a dict of tensors, "
+                             f"got {reference!r}")
+        acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None)
+        if isinstance(reference, Mapping):
+            acc.reference = prepare_reference(self.model, reference)
+        elif reference == "last" and self.last_stats is not None \
+                and self.last_stats.mean.keys() == trainable_parameters(self.model).keys():
+            acc.reference = prepare_reference(self.model, self.last_stats.mean)
+        acc.first = reference == "first"
         self._accumulation = acc
         try:
             yield acc
@@ -251,11 +283,34 @@ class Tracker:
             self._publish(acc.stats)
         self.steps += 1
 
+    def _add_part(self, stats: GradStats) -> None:
+        """A micro-batch's statistics into the open ``accumulate`` block; with ``reference="first"``,
+        the first one's mean becomes the shared reference (prepared once, and kept by value)."""
+        acc = self._accumulation
+        if acc.first and acc.reference is None and stats.reference is not None:
+            acc.reference = prepare_reference(self.model, stats.reference)
+            stats = dataclasses.replace(stats, reference=acc.reference)
+        acc.parts.append(stats)
+
+    def _inner_request(self) -> tuple[bool, dict | None]:
+        """(inner products against the batch's own mean?, a fixed reference r) for the next statistics:
+        inside ``accumulate(reference=...)``, r once it is known (``"first"``: the first micro-batch
+        computes against its own mean, which becomes r)."""
+        acc = self._accumulation
+        if acc is not None and acc.shared:
+            if acc.reference is not None:
+                return False, acc.reference
+            if acc.first:
+                return True, None
+        return self.stats_options["inner_products"], None
+
     @property
     def _local_stats_options(self) -> dict:
-        """The engine options for this process's batch; under DDP, inner products are taken after
-        the reduction, relative to the global mean."""
-        return {**self.stats_options, "inner_products": self.stats_options["inner_products"] and self._replicas is None}
+        """The engine options for this process's batch; under DDP, inner products against the mean
+        are taken after the reduction, relative to the global mean."""
+        against_mean, reference = self._inner_request()
+        return {**self.stats_options, "inner_products": against_mean and self._replicas is None,
+                "reference": reference}
 
     def _statistics_step(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
                          checking: bool):
@@ -292,14 +347,15 @@ class Tracker:
             reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
             if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
                 if checking:
-                    self._check(batch, factor)
+                    self._check(batch, weights)
                 base = stats.mean if self.clip_norm is None else stats.clipped_mean
                 update = {name: base[name] * (factor * batch.size) for name, p in params.items()
                           if id(p) in reached}
                 return stats, update, []
-        update, input_grads, factor, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
-        if factor is not None and math.isnan(factor):  # a diverged step: no statistics
+        update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
+        if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
             return None, update, input_grads
+        factor = None if weights is None else common_weight(weights, rtol=1e-5)
         if self.clip_norm is not None and factor is None:
             raise BatchLossMismatch(
                 "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
@@ -307,20 +363,32 @@ class Tracker:
                 + ("(it is computed inside the model)" if opaque else "(class weights?)"))
         if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
             factor = _require_multiple(update, stats.mean) / batch.size
+            weights = torch.full((batch.size,), factor, dtype=torch.float64)
         if self.clip_norm is not None:  # inputs that require grad: p.grad from the clipped gradients
             update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}
         if checking:
-            self._check(batch, factor)
+            self._check(batch, weights)
         return stats, update, input_grads
-    def _check(self, batch: Batch, factor: float | None) -> None:
-        """check_every: the vmap engine's per-example gradients (each example in isolation), times the
-        loss's weight, against autograd's gradient of the batch loss."""
-        if factor is None:
-            raise BatchLossMismatch("check_every needs a batch loss that weighs every example equally")
-        reference = compute_stats(self.model, self.per_example_loss, batch, engine="independent", var=False,
-                                  chunk_size=self.stats_options["chunk_size"],
-                                  randomness=self.stats_options["randomness"])
-        scaled = dataclasses.replace(reference, mean={k: v * (factor * batch.size) for k, v in reference.mean.items()})
+
+    def _check(self, batch: Batch, weights: Tensor) -> None:
+        """check_every: Σ_i w_i g_i, with g_i from the independent engines (vmap, else the loop: each
+        example in isolation, never the fast engine being checked) and w_i the batch loss's weights
+        (derived and checked at the model output), against autograd's gradient of the batch loss.
+
+        Equal weights w: w·B times the engines' mean. Unequal ones: the engines' mean of the weighted
+        per-example losses w_i L_i (the weights ride along as targets), times B.
+        """
+        options = dict(engine="independent", var=False, chunk_size=self.stats_options["chunk_size"],
+                       randomness=self.stats_options["randomness"])
+        factor = common_weight(weights, rtol=1e-5)
+        if factor is not None:
+            independent = compute_stats(self.model, self.per_example_loss, batch, **options)
+            scale = factor * batch.size
+        else:
+            weighted, weighted_batch = _weighted_examples(self.per_example_loss, batch, weights)
+            independent = compute_stats(self.model, weighted, weighted_batch, **options)
+            scale = float(batch.size)
+        scaled = dataclasses.replace(independent, mean={k: v * scale for k, v in independent.mean.items()})
         check_batch_mean(self.model, self.batch_loss, batch, scaled)
 
     @contextlib.contextmanager
@@ -361,21 +429,28 @@ class Tracker:
         Limits: one forward of the model and one backward inside the block;
         ``randomness`` does not apply (the forward is yours: its dropout masks
         are what the statistics describe); inside :meth:`accumulate`, the
-        observed micro-batches are merged like ``step``'s.
+        observed micro-batches are merged like ``step``'s. Rule modules called
+        on inputs without a batch dim (``self.pos(torch.arange(T))``) are
+        exact; where their batch dim is ambiguous (T == B, or a sequence-first
+        tensor with a dim of size B) ``NotExact`` is raised, and your forward
+        and backward are left as they would be without ``observe``.
 
         Under DDP (run your DDP model's forward and backward in the block), the
         statistics are built from this rank's own gradient, recorded before
         DDP averages ``p.grad``, and then all-reduced into those of the global
         batch; ``p.grad`` stays DDP's average. Inner products relative to the
-        global mean need the inputs for a second pass: use :meth:`step`.
+        global mean need the inputs for a second pass: use :meth:`step`, or a
+        shared reference (``accumulate(reference="last")`` or a dict).
         """
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
                              "Use tracker.step(inputs, targets) with clip_norm")
-        if self._replicas is not None and self.stats_options["inner_products"]:
+        against_mean, reference = self._inner_request()
+        if self._replicas is not None and against_mean:
             raise ValueError("observe() under torch.distributed cannot give inner products relative to the "
                              "global mean gradient (they need a second pass over the inputs, which observe "
-                             "does not see): use tracker.step(inputs, targets), or inner_products=False")
+                             "does not see): use tracker.step(inputs, targets), inner_products=False, or "
+                             "inside tracker.accumulate(reference='last' or a dict), a shared reference")
         accumulating = self._accumulation is not None
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
         if not with_stats:
@@ -393,8 +468,7 @@ class Tracker:
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
-                           var=self.stats_options["var"],
-                           inner_products=self.stats_options["inner_products"],
+                           var=self.stats_options["var"], inner_products=against_mean, reference=reference,
                            output_module=output_module) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
@@ -413,7 +487,7 @@ class Tracker:
         if observation.stats is None:
             self.skipped.append(self.steps)
         elif accumulating:
-            self._accumulation.parts.append(observation.stats)
+            self._add_part(observation.stats)
         else:
             self._publish(observation.stats)
         if not accumulating:
@@ -435,29 +509,28 @@ class Tracker:
         """∇ of the batch loss for the parameters (None-free: unreached ones are left out) and for the
         inputs that require grad, as ``loss.backward()`` would compute them (not yet accumulated).
 
-        With ``weigh``, also the loss's common weight w (None when the w_i differ), derived and
-        checked at this forward's output, and whether the loss hides its weights (computed
-        inside the model): returns (update, input grads, w, opaque).
+        With ``weigh``, also the loss's weights w_i (``[B]`` float64; None when the loss hides them,
+        NaN when it is not finite), derived and checked at this forward's output, and whether the
+        loss hides its weights (computed inside the model): returns (update, input grads, w, opaque).
         """
         with torch.enable_grad():
             output = batch.forward(self.model)
             loss = self.batch_loss(output) if batch.targets is None else self.batch_loss(output, batch.targets)
             if not isinstance(loss, Tensor) or loss.dim() != 0:
                 raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")
-            factor, opaque = None, False
+            weights, opaque = None, False
             if weigh:
                 try:
                     weights, _ = weights_at_output(self.batch_loss, self.per_example_loss, output,
                                                    batch.targets, batch.size)
-                    factor = common_weight(weights, rtol=1e-5)
                 except OpaqueLoss:
                     opaque = True
                 except NonFiniteLoss:
-                    factor, opaque = math.nan, False
+                    weights = torch.full((batch.size,), math.nan, dtype=torch.float64)
             grads = gradients(loss, [*params.values(), *inputs_with_grad])
         update = {name: g for name, g in zip(params, grads) if g is not None}
         if weigh:
-            return update, list(grads[len(params):]), factor, opaque
+            return update, list(grads[len(params):]), weights, opaque
         return update, list(grads[len(params):])
 
     def __repr__(self) -> str:
@@ -468,11 +541,15 @@ class Tracker:
 @dataclass
 class Accumulation:
     """What :meth:`Tracker.accumulate` yields: ``stats``, the merged statistics (set on exit;
-    None on steps without statistics), and the micro-batches' own statistics in ``parts``."""
+    None on steps without statistics), the micro-batches' own statistics in ``parts``, and
+    ``reference``, the shared direction r of their inner products (None until known, or without)."""
 
     with_stats: bool
     parts: list = field(default_factory=list)
     stats: GradStats | None = None
+    reference: dict | None = None
+    shared: bool = False  # accumulate(reference=...) was given
+    first: bool = False  # reference="first": r is the first micro-batch's mean
 
 
 def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
@@ -486,6 +563,23 @@ def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, s
             p.grad = p.grad + g
         else:
             p.grad = g.clone() if scale == 1.0 else g
+
+
+def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, weights: Tensor):
+    """(loss, batch) whose per-example loss is w_i L_i: the weights travel as (part of) the targets,
+    so every engine hands example i its own w_i."""
+    from ._batch import device_of
+
+    weights = weights.to(device_of(batch))
+    has_targets = batch.targets is not None
+
+    def weighted(output, targets):
+        w, target = targets if has_targets else (targets, None)
+        loss = per_example_loss(output) if target is None else per_example_loss(output, target)
+        return loss * w.reshape(()).to(loss.dtype)
+
+    targets = (weights, batch.targets) if has_targets else weights
+    return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
 
 
 def _first_batch_output(store: list, batch_size: int):

@@ -322,6 +322,37 @@ def observe_under_ddp_gives_global_stats_and_keeps_ddp_grads():
     close_dicts(obs2.stats.mean, whole.mean, "observed global mean under no_sync")
 
 
+@scenario(2, 3)
+def accumulate_with_a_shared_reference_keeps_the_global_inner_products():
+    """Micro-batches against one reference r (step: the first micro-batch's global mean; observe: the
+    last published mean) merge into the global batch's p_i = <g_i, r>, in the merged record's order
+    (micro-batch by micro-batch, each the ranks' examples in rank order)."""
+    loss = F.cross_entropy
+    tracked = ddp(mlp(seed=9))
+    tracker = persample.Tracker(tracked, loss)
+    batches = local_batches(2, seed=41)
+    with tracker.accumulate(reference="first") as acc:
+        for i, (x, y, _, _) in enumerate(batches):
+            with (tracked.no_sync() if i == 0 else contextlib.nullcontext()):
+                tracker.step(x, y, scale=0.5)
+    with tracker.accumulate(reference="last") as acc2:
+        for x, y, _, _ in batches:
+            with tracker.observe(y):
+                (loss(tracked(x), y) * 0.5).backward()
+    grads = [persample.per_sample_grads(mlp(seed=9), loss, gx, gy) for _, _, gx, gy in batches]
+    names = list(grads[0])
+    flat = torch.cat([torch.cat([g[k].reshape(len(g[k]), -1) for k in names], 1) for g in grads])
+    first = {k: grads[0][k].mean(0) for k in names}
+    for stats, reference, what in ((acc.stats, first, "step, reference='first'"),
+                                   (acc2.stats, acc.stats.mean, "observe, reference='last'")):
+        assert stats.n == flat.shape[0], what
+        close(stats.inner_products, flat @ torch.cat([reference[k].reshape(-1) for k in names]), what)
+        close(noise.inner_product_test(stats).statistic,
+              noise.inner_product_test(persample.GradStats.from_per_example(
+                  {k: torch.cat([g[k] for g in grads]) for k in names}, stats.losses, reference=reference)).statistic,
+              f"inner-product test, {what}")
+
+
 @scenario(2)
 def tracker_refuses_a_ddp_comm_hook_and_restores_grads():
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks

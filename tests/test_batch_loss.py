@@ -17,7 +17,7 @@ import persample
 from persample import BatchLoss, BatchLossMismatch, Tracker
 from persample import ObservationError
 
-from zoo import TiedLM, assert_dicts_close, gpt2_tiny, oracle_grads
+from zoo import CentersBatch, TiedLM, assert_dicts_close, gpt2_tiny, oracle_grads
 
 
 def padded_tokens(b=5, t=7, vocab=20, seed=0):
@@ -216,3 +216,66 @@ def test_observe_with_unequal_weights_or_a_loss_inside_the_model_raises_clearly(
     with pytest.raises(persample.NotExact, match="shared by the whole batch.*out.loss"):
         with Tracker(gpt2, lambda out: out.loss).observe(batch_size=5):
             gpt2(tokens, labels=tokens).loss.backward()
+
+
+# ------------------------------------------------------------------- check_every with any weights
+
+
+CLASS_WEIGHTS = torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("engine", ["auto", "vmap"])
+def test_check_every_works_with_class_weights(engine, monkeypatch):
+    """Used to raise BatchLossMismatch ("needs a batch loss that weighs every example equally"). The check
+    compares autograd's gradient with Σ_i w_i g_i, g_i from the independent engines (never the fast one)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss_fn = partial(F.cross_entropy, weight=CLASS_WEIGHTS)
+    engines = []
+    real = persample.tracker.compute_stats
+    monkeypatch.setattr(persample.tracker, "compute_stats",
+                        lambda *a, **k: engines.append(k["engine"]) or real(*a, **k))
+    tracker = Tracker(model, loss_fn, check_every=1, engine=engine)
+    stats = tracker.step(x, y)
+    assert "independent" in engines
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    w = CLASS_WEIGHTS[y] / CLASS_WEIGHTS[y].sum()
+    assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
+                       {k: torch.tensordot(w, g, dims=1) for k, g in grads.items()})
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+
+
+@pytest.mark.parametrize("kind", ["tied", "gpt2"])
+def test_check_every_works_with_a_token_mean_over_a_padded_batch(kind):
+    model = _lm(kind)
+    x, y = padded_tokens()
+    expected = copy.deepcopy(model)
+    token_mean(expected(x), y).backward()
+    for loss_fn in (token_mean, persample.causal_lm_loss()):
+        model.zero_grad(set_to_none=True)
+        Tracker(model, loss_fn, check_every=1).step(x, y)
+        for (name, a), b in zip(model.named_parameters(), expected.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_check_every_with_unequal_weights_is_a_real_check():
+    """A model that couples examples fails the check under class weights too, and nothing is written; so
+    does the check itself when given weights other than the loss's."""
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
+    loss_fn = partial(F.cross_entropy, weight=CLASS_WEIGHTS)
+    coupled = CentersBatch().double()  # couples the examples of a batch
+    tracker = Tracker(coupled, loss_fn, check_every=1)
+    with pytest.raises(persample.MeanMismatchError, match=r"lin\.weight"):
+        tracker.step(x, y)
+    assert coupled.lin.weight.grad is None and tracker.steps == 0
+    honest = nn.Sequential(nn.Linear(4, 3)).double()
+    tracker = Tracker(honest, loss_fn)
+    batch = persample._batch.as_batch(x, y)
+    w = CLASS_WEIGHTS[y] / CLASS_WEIGHTS[y].sum()
+    tracker._check(batch, w)  # the loss's own weights pass
+    with pytest.raises(persample.MeanMismatchError):
+        tracker._check(batch, w.roll(1))
+    with pytest.raises(persample.MeanMismatchError):
+        tracker._check(batch, torch.full_like(w, 1 / 6))

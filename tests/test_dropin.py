@@ -225,7 +225,8 @@ def test_observe_with_a_grad_scaler_reports_unscaled_statistics_and_skips_overfl
 
 def test_observe_on_common_model_shapes():
     """A model that is a single nn.Linear used to fail ("bias is used ... outside the module"); a positional
-    Embedding on torch.arange(T) is refused with a pointer to tracker.step, which handles it exactly."""
+    Embedding on torch.arange(T) is exact (its output is expanded over the batch), except with T == B, where
+    its batch dim is ambiguous: refused with a pointer to tracker.step, which handles it exactly."""
     torch.manual_seed(0)
     x, y = _data()
     linear = nn.Linear(4, 3).double()
@@ -244,11 +245,14 @@ def test_observe_on_common_model_shapes():
 
     model = Positional().double()
     tokens = torch.randint(0, 10, (6, 5))
-    with pytest.raises(persample.NotExact) as info:
-        with Tracker(model, F.cross_entropy).observe(y):
-            F.cross_entropy(model(tokens), y).backward()
-    assert any("tracker.step" in note for note in info.value.__notes__)
+    grads, _ = oracle_grads(model, F.cross_entropy, tokens, y)
+    with Tracker(model, F.cross_entropy).observe(y) as observed:
+        F.cross_entropy(model(tokens), y).backward()
+    assert_dicts_close(observed.stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})
     model.zero_grad()
     stats = Tracker(model, F.cross_entropy).step(tokens, y)
-    grads, _ = oracle_grads(model, F.cross_entropy, tokens, y)
     assert_dicts_close(stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})
+    with pytest.raises(persample.NotExact, match="ambiguous") as info:  # T == B: arange(T) looks batched
+        with Tracker(model, F.cross_entropy).observe(y[:5]):
+            F.cross_entropy(model(tokens[:5]), y[:5]).backward()  # B = T = 5
+    assert any("tracker.step" in note for note in info.value.__notes__)

@@ -19,7 +19,7 @@ example draw its own numbers.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +72,8 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
 
 def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
                     chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None) -> GradStats:
+                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None,
+                    reference: Mapping[str, Tensor] | None = None) -> GradStats:
     """:class:`GradStats` from :func:`loop_grads`, reduced ``chunk_size`` examples at a time
     (default :data:`DEFAULT_CHUNK`): peak extra memory O(chunk_size × P + P)."""
     shared_rng = rng_snapshot(model) if randomness == "same" else None
@@ -82,4 +83,4 @@ def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
 
     return stream_grad_stats(grads_fn, batch, chunk_size or DEFAULT_CHUNK, var=var,
                              inner_products=inner_products, clip_norm=clip_norm, progress=progress,
-                             rng_devices=cuda_devices(model))
+                             rng_devices=cuda_devices(model), reference=reference)

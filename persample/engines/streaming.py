@@ -8,7 +8,7 @@ merges them exactly, so peak extra memory is O(chunk_size × P + P).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -24,14 +24,18 @@ GradsFn = Callable[[Batch], "tuple[dict[str, Tensor], Tensor]"]
 
 def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: bool, inner_products: bool,
                       clip_norm: float | None, progress: Callable[[int], None] | None,
-                      rng_devices: list[int]) -> GradStats:
+                      rng_devices: list[int], reference: Mapping[str, Tensor] | None = None) -> GradStats:
     """:class:`GradStats` of ``batch``, ``chunk_size`` examples at a time.
 
     With ``inner_products``, p_i = ⟨g_i, ḡ⟩ needs ḡ first: a batch that spans
     several chunks is streamed twice, the second pass replaying the first pass's
     RNG state (CPU and ``rng_devices``) so random ops draw the same values.
+    With a fixed ``reference`` r, p_i = ⟨g_i, r⟩ in one pass.
     ``progress(k)`` is called after each chunk of k examples of the first pass.
     """
+    if reference is not None:
+        return _stream(grads_fn, batch, chunk_size, var=var, reference=reference, clip_norm=clip_norm,
+                       progress=progress)
     if inner_products and chunk_size >= batch.size:  # one chunk: ḡ is known before reducing
         grads, losses = grads_fn(batch)
         mean = {k: g.mean(0) for k, g in grads.items()}

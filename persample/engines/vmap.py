@@ -17,7 +17,7 @@ checkpointing, backward hooks, tensor hooks on parameters) the engine raises
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -137,7 +137,8 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
 
 def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
                     chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None) -> GradStats:
+                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None,
+                    reference: Mapping[str, Tensor] | None = None) -> GradStats:
     """:class:`GradStats` streamed over chunks: peak extra memory O(chunk_size × P + P).
 
     Each chunk's per-example gradients are reduced to statistics and merged
@@ -150,4 +151,5 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness, None)
         return stream_grad_stats(grads_fn, batch, size, var=var, inner_products=inner_products,
-                                 clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model))
+                                 clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model),
+                                 reference=reference)

@@ -7,21 +7,34 @@ The model is split into *units*: a module with a closed-form rule
 outputs (not ``register_full_backward_hook``, which breaks in-place ops), the
 gradients of those outputs. All hooks are removed on exit, also on error.
 
+A rule module called on an input without a batch dim, or with one of size 1
+(``self.pos(torch.arange(T))``, ``position_ids[None]``), has its output
+expanded to the batch so that its output gradient is per example; a
+``TorchFunctionMode`` (:class:`_BroadcastWatcher`) checks that every use of the
+expansion is a broadcast that cannot change any value of the forward, and
+computes any other use on the original output (so the forward is unchanged
+either way, and the engine then refuses). Outputs whose dim 0 has the batch's
+size by coincidence (``arange(T)`` with T == B) are watched for uses that
+treat dim 0 as a position.
+
 Before the backward, :func:`audit_graph` walks the autograd graph once:
 
 - every call of a rule module puts exactly one edge into each of its
   parameters' ``AccumulateGrad`` nodes, so any other edge is a use no rule
   sees (say ``x @ self.embed.weight.T`` in a parent's ``forward``);
 - transposes, permutes and stacks that move a tensor's dim 0 make a position
-  dim of the batch's size ambiguous.
+  dim of the batch's size ambiguous, and so an expansion that met a tensor with
+  another dim of the batch's size.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
@@ -42,7 +55,8 @@ class Call:
     kwargs: dict
     output: Any = None
     out_grads: dict[int, Tensor] = field(default_factory=dict)  # output leaf index → gradient
-    broadcast: bool = False  # the input had batch dim 1 and the output was expanded to the batch
+    broadcast: bool = False  # the input had batch dim 1 (or none: ``args[0]`` got one) and the output was expanded
+    batch_dim_ambiguous: bool = False  # the expanded output met a batch-first tensor with another dim of size B
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
     edges: list = field(default_factory=list)  # autograd edges of the outputs, to backpropagate to them
@@ -94,44 +108,236 @@ def find_units(model: nn.Module) -> list[Unit]:
 
 # ------------------------------------------------------------------------ broadcast outputs
 
-#: Ops after which a broadcast (expanded) output is the same tensor, values and shape.
-_SAME_VALUE_OPS = frozenset({"to", "type_as", "float", "double", "half", "bfloat16", "contiguous"})
-#: Elementwise ops whose result is unchanged when a size-1 batch operand is expanded to B.
+#: Ops whose result on an expansion is the expansion of their result on the original: casts, copies and
+#: elementwise functions of one tensor (with number arguments only).
+_SAME_VALUE_OPS = frozenset({"to", "type_as", "float", "double", "half", "bfloat16", "contiguous", "clone",
+                             "relu", "gelu", "silu", "tanh", "sigmoid", "exp", "log", "neg", "__neg__", "abs",
+                             "square", "sqrt", "rsqrt", "sin", "cos", "softplus", "elu", "leaky_relu", "clamp"})
+#: Elementwise ops with NumPy broadcasting: replacing an operand by its expansion along dim 0 leaves
+#: the result's values unchanged whenever it leaves the result's shape unchanged.
 _BROADCASTING_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
-                               "__rmul__", "div", "__truediv__", "__rtruediv__"})
+                               "__rmul__", "div", "__truediv__", "__rtruediv__", "pow", "__pow__", "__rpow__",
+                               "maximum", "minimum"})
+#: Their in-place forms (``embeddings += position_embeddings``); the tensor written to must not be expanded.
+_IN_PLACE_BROADCASTING_OPS = frozenset({"add_", "__iadd__", "sub_", "__isub__", "mul_", "__imul__", "div_",
+                                        "__itruediv__"})
+
+
+@dataclass(eq=False)
+class _Expansion:
+    """``tensor`` is ``original`` broadcast to the batch along dim 0 (a new dim, or one of size 1)."""
+
+    tensor: Tensor
+    original: Tensor
+    label: str  # "module pos (its input of shape (5,) has no batch dim ...)", for messages
+    calls: tuple  # the rule calls it comes from
+
+
+def _op_name(func) -> str:
+    name = getattr(func, "__name__", None)
+    if name == "__get__":  # a property: Tensor.T, Tensor.shape, ...
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name or str(func)
+
+
+def _operands(args, kwargs) -> list[Tensor]:
+    """The tensors among the arguments, also inside lists and tuples (``torch.cat([a, b])``)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, Tensor):
+            found.append(a)
+        elif isinstance(a, (list, tuple)):
+            found.extend(t for t in a if isinstance(t, Tensor))
+    return found
+
+
+def _no_dropout(args, kwargs) -> bool:
+    """Whether ``F.dropout(input, p, training, inplace)`` is the identity (p = 0 or not training)."""
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kwargs.get("training", True)
+    inplace = args[3] if len(args) > 3 else kwargs.get("inplace", False)
+    return not inplace and (not training or p == 0)
+
+
+def _is_expansion_of(shape, original, batch_size: int) -> bool:
+    """Whether ``shape`` is ``original`` broadcast to the batch along dim 0 (a new dim, or one of size 1)."""
+    shape, original = tuple(shape), tuple(original)
+    if not shape or shape[0] != batch_size:
+        return False
+    return shape[1:] == original or (len(original) == len(shape) and original[0] == 1 and shape[1:] == original[1:])
 
 
 class _BroadcastWatcher(TorchFunctionMode):
-    """Checks every use of an output that was expanded from batch size 1 to B.
+    """Keeps expanded outputs exact, and watches outputs whose batch dim is in doubt.
 
-    Expanding is exact only when the output meets a batch-sized operand in a
-    broadcasting elementwise op; any other use is kept in ``escape``.
+    A rule module's output is *expanded* to the batch when its input has a batch
+    dim of size 1 or none (position ids, ``torch.arange(T)``), so that its output
+    gradient is per example. The expansion is exact only where it cannot change
+    any value of the forward: when it meets a tensor batched on dim 0 in a
+    broadcasting elementwise op whose result keeps its shape (and the expanded
+    dim 0 lines up with that result's dim 0), or when a cast or an elementwise
+    op with tensors that do not reach dim 0 gives another expansion. Every other
+    use is kept in ``escape`` and computed on the original output, so the
+    forward (the user's own, under ``Tracker.observe``) is unchanged either way;
+    non-tensor results (``.shape``, ``len``) also come from the original.
+
+    A *suspect* output comes from an input whose dim 0 has the batch's size but
+    which comes neither from the model's inputs nor from a differentiable
+    activation (a constant such as ``torch.arange(T)`` with T == B, a frozen
+    layer's output): its dim 0 may be a position. Uses that would treat dim 0
+    as something other than the batch go to ``escape``: an op with a tensor of
+    more dims (a broadcast), an op that moves dim 0, a product that contracts
+    it (``w @ table``, ``F.linear`` with it as the weight), a result whose dim
+    0 is 1 or that may have gained leading dims. Differentiable results are
+    watched in turn (full reductions, such as a loss, and results without
+    gradient are not); ops inside rule-less modules are theirs (vmapped alone
+    over dim 0 and checked by their sum, as the graph audit treats them).
     """
 
     def __init__(self, batch_size: int):
         super().__init__()
         self.batch_size = batch_size
-        self.expanded: dict[int, Tensor] = {}  # id → tensor (kept alive so ids are not reused)
+        self.expanded: dict[int, _Expansion] = {}  # id → expansion (holding the tensor, so ids are not reused)
+        self.suspects: dict[int, tuple] = {}  # id → (weak reference, label)
         self.escape: str | None = None
+        self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
+        self.paused = 0  # inside rule modules called on an expansion
+        self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.escape is None and isinstance(out, Tensor):
-            tensors = [t for t in (*args, *(kwargs or {}).values()) if isinstance(t, Tensor)]
-            if any(id(t) in self.expanded for t in tensors):
-                self._check(getattr(func, "__name__", str(func)), tensors, out)
+        kwargs = kwargs or {}
+        operands = _operands(args, kwargs)
+        expansions = [self.expanded[id(t)] for t in operands if id(t) in self.expanded]
+        out = self._use_expanded(func, args, kwargs, operands, expansions) if expansions else func(*args, **kwargs)
+        if self.suspects:
+            watched = [t for t in operands if id(t) in self.suspects]
+            if watched:
+                self._follow_suspects(_op_name(func), args, kwargs, operands, watched, out)
         return out
 
-    def _check(self, name: str, tensors: list[Tensor], out: Tensor) -> None:
-        if name in _SAME_VALUE_OPS:
-            self.expanded[id(out)] = out
+    # -------------------------------------------------------------- expansions
+    def watch_expansion(self, tensor: Tensor, original: Tensor, label: str, call: Call) -> None:
+        self.expanded[id(tensor)] = _Expansion(tensor, original, label, (call,))
+
+    def _originals(self, value):
+        """``value`` (args, kwargs, or one argument) with every expanded tensor replaced by its original."""
+        if isinstance(value, Tensor):
+            entry = self.expanded.get(id(value))
+            return entry.original if entry is not None else value
+        if isinstance(value, dict):
+            return {k: self._originals(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._originals(v) for v in value)
+        return value
+
+    def _original_result(self, func, args, kwargs):
+        return func(*self._originals(args), **self._originals(kwargs))
+
+    def _escape(self, expansions: list[_Expansion], what: str) -> None:
+        if self.escape is None:
+            self.escape = f"{expansions[0].label}; {what}"
+
+    def _use_expanded(self, func, args, kwargs, operands: list[Tensor], expansions: list[_Expansion]):
+        name = _op_name(func)
+        if self.paused:  # inside a rule module that computes row by row (see capturing)
+            return func(*args, **kwargs)
+        same_value = name in _SAME_VALUE_OPS or (name == "dropout" and _no_dropout(args, kwargs))
+        if same_value and args and id(args[0]) in self.expanded and (len(operands) == 1 or name == "type_as"):
+            return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
+        in_place = name in _IN_PLACE_BROADCASTING_OPS and not (args and id(args[0]) in self.expanded)
+        if name in _BROADCASTING_OPS or in_place:
+            verdict = self._broadcast_verdict(name, operands)
+            if verdict == "batched":
+                return func(*args, **kwargs)
+            if verdict == "expanded" and not in_place:
+                return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs),
+                                     expansions, name)
+            self._escape(expansions, verdict if verdict != "expanded" else
+                         f"{name} writes into a tensor that is not batched on dim 0")
+            return self._original_result(func, args, kwargs)
+        out = self._original_result(func, args, kwargs)
+        if any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
+            self._escape(expansions, f"it is used by {name}, which is not a broadcast over the batch (only "
+                                     "elementwise +, -, *, / with a tensor batched on dim 0, and casts, are)")
+        return out
+
+    def _broadcast_verdict(self, name: str, operands: list[Tensor]) -> str:
+        """"batched" (the result is batched on dim 0 and has the shape it would have without the
+        expansion), "expanded" (the result is itself an expansion), or why the expansion may change it."""
+        batch = self.batch_size
+        try:
+            shape = torch.broadcast_shapes(*[t.shape for t in operands])
+            original = torch.broadcast_shapes(*[self._originals(t).shape for t in operands])
+        except RuntimeError:
+            return f"{name} cannot broadcast it with its other operands once expanded"
+        rank = len(shape)
+        for t in operands:
+            if id(t) in self.expanded and t.dim() != rank:
+                return (f"{name} broadcasts it against a tensor of more dims (result {tuple(shape)}), so its "
+                        f"dim 0 lines up with dim {rank - t.dim()} there, not with the batch")
+        partners = [t for t in operands if id(t) not in self.expanded]
+        if any(t.dim() == rank and t.shape[0] == batch for t in partners):  # a tensor batched on dim 0
+            if tuple(shape) != tuple(original):
+                return f"{name} would give shape {tuple(shape)} with it and {tuple(original)} without"
+            if batch in tuple(shape[1:]):
+                for t in operands:
+                    entry = self.expanded.get(id(t))
+                    if entry is not None:
+                        self.ambiguous.append(entry.label)
+                        for call in entry.calls:
+                            call.batch_dim_ambiguous = True
+            return "batched"
+        if all(t.dim() < rank or t.shape[0] == 1 for t in partners) and _is_expansion_of(shape, original, batch):
+            return "expanded"
+        return f"{name} combines it with no tensor batched on dim 0 (result {tuple(shape)})"
+
+    def _derived(self, out, original, expansions: list[_Expansion], name: str):
+        """``out`` computed from expansions: watched as an expansion of ``original`` when it is one."""
+        if isinstance(out, Tensor) and isinstance(original, Tensor) and _is_expansion_of(
+                out.shape, original.shape, self.batch_size):
+            calls = tuple(call for entry in expansions for call in entry.calls)
+            self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls)
+            return out
+        self._escape(expansions, f"{name} does not keep it an expansion over the batch")
+        return original
+
+    # ---------------------------------------------------------------- suspects
+    def watch_suspect(self, tensor: Tensor, label: str) -> None:
+        key = id(tensor)
+        self.suspects[key] = (weakref.ref(tensor, lambda _, key=key: self.suspects.pop(key, None)), label)
+
+    def _follow_suspects(self, name: str, args, kwargs, operands: list[Tensor], watched: list[Tensor],
+                         out) -> None:
+        results = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0]
+        if not results:  # no gradient flows back through it, or a full reduction (a loss)
             return
-        batch_sized_partner = any(id(t) not in self.expanded and t.dim() > 0 and t.shape[0] == self.batch_size
-                                  for t in tensors)
-        if not (name in _BROADCASTING_OPS and out.dim() > 0 and out.shape[0] == self.batch_size
-                and batch_sized_partner):
-            self.escape = (f"a module's output broadcast over the batch (input batch dim of size 1) is used "
-                           f"by {name}, which may not treat it as a broadcast")
+        problem = None
+        for s in watched:
+            label = self.suspects[id(s)][1]
+            if self.in_fallback:  # a rule-less module, vmapped alone over dim 0 and checked by its sum
+                break
+            wider = [t for t in operands if t is not s and t.dim() > s.dim()]
+            if wider:
+                problem = (f"{name} combines it with a tensor of more dims {tuple(wider[0].shape)}, so its dim 0 "
+                           "may line up with a position there")
+            elif _moves_dim_zero_op(name, args, kwargs):
+                problem = f"{name} moves its dim 0"
+            elif _contracts_dim_zero(name, args, s):
+                problem = f"{name} contracts its dim 0 with another tensor's dims"
+            for r in results:
+                if problem is not None:
+                    break
+                if r.shape[0] == 1:
+                    problem = f"{name} gives shape {tuple(r.shape)}, folding its dim 0 into others"
+                elif r.dim() > s.dim() and tuple(r.shape[r.dim() - s.dim():]) == tuple(s.shape):
+                    problem = f"{name} gives shape {tuple(r.shape)}: it may have gained a leading dim"
+            if problem is not None:
+                if self.escape is None:
+                    self.escape = f"{label}; {problem}. Its batch dim is ambiguous"
+                return
+        for r in results:
+            if id(r) not in self.suspects:
+                self.watch_suspect(r, label)
 
 
 _DIM_MOVING_OPS = frozenset({"transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "t", "T",
@@ -158,6 +364,28 @@ class _DimMoveWatcher(TorchFunctionMode):
             if name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {}):
                 self.moved = name
         return out
+
+
+#: Products whose operands other than the first (``matmul(a, b)``'s ``b``, ``linear``'s weight) are
+#: contracted over their dim 0 when they are matrices or vectors.
+_PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "mv", "linear", "addmm", "addmv", "dot",
+                       "vdot", "inner", "outer", "ger", "tensordot", "kron", "chain_matmul", "multi_dot"})
+
+
+def _contracts_dim_zero(name: str, args, t: Tensor) -> bool:
+    """Whether product ``name`` sums ``t``'s dim 0 against other dims: ``t`` is not its row operand
+    (``args[0]``; ``args[1]`` for ``addmm``/``addmv``), or a vector or matrix operand of ``dot``-like
+    products. Batched products (``bmm``, ``matmul`` of two tensors of 3 dims or more) keep dim 0."""
+    if name not in _PRODUCTS:
+        return False
+    row = 1 if name in ("addmm", "addmv") else 0
+    if name in ("matmul", "__matmul__", "__rmatmul__") and len(args) > 1 and all(
+            isinstance(a, Tensor) and a.dim() >= 3 for a in args[:2]):
+        return False
+    if name == "__rmatmul__":  # b.__rmatmul__(a) is a @ b: b (args[0]) is the contracted operand
+        return bool(args) and args[0] is t
+    return not (len(args) > row and args[row] is t) or name in ("dot", "vdot", "inner", "outer", "ger",
+                                                               "tensordot", "kron")
 
 
 def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
@@ -188,16 +416,25 @@ class Capture:
 
     watcher: _BroadcastWatcher
     dim_watcher: _DimMoveWatcher | None
-    watching: bool = False  # the broadcast watcher is entered (at the first broadcast)
+    watching: bool = False  # the broadcast watcher is entered (at the first expanded or suspect output)
     forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
 
     @property
     def escape(self) -> str | None:
-        return self.watcher.escape
+        if self.watcher.escape is not None:
+            return self.watcher.escape
+        if self.raw_input_moved and self.watcher.ambiguous:
+            return _ambiguous_expansion(self.watcher.ambiguous[0])
+        return None
 
     @property
     def raw_input_moved(self) -> bool:
         return self.dim_watcher is not None and self.dim_watcher.moved is not None
+
+    def watch(self) -> None:
+        if not self.watching:
+            self.watcher.__enter__()
+            self.watching = True
 
     def end_forward(self) -> None:
         """Stop watching ops and recording calls (call once the forward and the losses are done)."""
@@ -210,65 +447,154 @@ class Capture:
             self.dim_watcher.__exit__(None, None, None)
 
 
+def _ambiguous_expansion(label: str) -> str:
+    return (f"{label}; it meets a tensor whose dim 0 has the batch's size and another dim of that size, while "
+            "the forward moves dim 0 of some tensor (a transpose or permute): that tensor may be sequence-first, "
+            "so whether the expansion lines up with the batch is ambiguous")
+
+
 @contextlib.contextmanager
 def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
               watch_dim_moves: bool = False) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
 
     A rule unit called on an input whose dim 0 has size 1 (shared by the batch,
-    such as position ids) gets its output expanded to the batch, so that its
-    output gradient is per example; from then on a ``TorchFunctionMode``
-    checks that the expansion cannot change the result.
+    such as position ids ``arange(T)[None]``), or that has no batch dim at all
+    (``arange(T)``, for a rule that treats such an input as one example), gets
+    its output expanded to the batch, so that its output gradient is per
+    example; the rule then sees the input expanded the same way. From then on a
+    ``TorchFunctionMode`` (:class:`_BroadcastWatcher`) checks that the
+    expansion changes no value of the forward. An input whose dim 0 has the
+    batch's size but that comes neither from the model's inputs nor from an
+    activation (a constant ``arange(T)`` with T == B) is ambiguous; its output
+    is watched for uses that treat dim 0 as a position.
     """
     watcher = _BroadcastWatcher(batch_size)
     handles = []
     active: list = []
     dim_watcher = _DimMoveWatcher(active) if watch_dim_moves else None
+    input_storages: set[int] = set()
 
-    def pre_hook(module, args, kwargs):
-        active.append(module)
+    def model_pre_hook(module, args, kwargs):
+        if not capture.forward_ended:
+            for t in tree_flatten((args, kwargs))[0]:
+                if isinstance(t, Tensor) and _storage(t) is not None:
+                    input_storages.add(_storage(t))
+
+    on_expansion: list = []  # (module, the expansion it was called on), innermost last
+    rule_pre_hooks: list = []  # registered at the first expansion (with no dim watcher)
+    fallbacks_entered: list = []  # rule-less units whose forward is running, innermost last
+    fallback_pre_hooks: list = []  # registered at the first suspect output
+
+    def fallback_pre_hook(module, args, kwargs):
+        watcher.in_fallback += 1
+        fallbacks_entered.append(module)
+
+    def pre_hook(unit: Unit):
+        def hook(module, args, kwargs):
+            if dim_watcher is not None:
+                active.append(module)
+            if unit.rule is None or capture.forward_ended or not args:
+                return
+            entry = watcher.expanded.get(id(args[0])) if isinstance(args[0], Tensor) else None
+            # A rule module computes row by row, so on an expansion it gives the expansion of its result
+            # on the original: let its ops run on the expansion (the rule then sees a batched call).
+            if entry is not None and (entry.original.dim() == args[0].dim()
+                                      or unit.rule.unbatched(module, entry.original)):
+                watcher.paused += 1
+                on_expansion.append((module, entry))
+        return hook
 
     def post_hook(unit: Unit):
         def hook(module, args, kwargs, output):
             if active:
                 active.pop()
+            entry = None
+            if on_expansion and on_expansion[-1][0] is module:
+                entry = on_expansion.pop()[1]
+                watcher.paused -= 1
+            if fallbacks_entered and fallbacks_entered[-1] is module:
+                fallbacks_entered.pop()
+                watcher.in_fallback -= 1
             if capture.forward_ended:
                 return None
-            broadcast = (unit.rule is not None and batch_size > 1 and isinstance(output, Tensor)
-                         and args and isinstance(args[0], Tensor) and args[0].dim() > 0 and args[0].shape[0] == 1
-                         and output.dim() > 0 and output.shape[0] == 1)
-            if broadcast:
-                output = output.expand(batch_size, *output.shape[1:])
-                watcher.expanded[id(output)] = output
-                if not capture.watching:
-                    watcher.__enter__()
-                    capture.watching = True
-            call = Call(args, kwargs, output, broadcast=broadcast,
-                        autocast=autocast_state() if unit.rule is None else None)
-            unit.calls.append(call)
-            leaves, _ = tree_flatten(output)
-            for leaf_index, leaf in enumerate(leaves):
-                if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    leaf.register_hook(store_grad(call.out_grads, leaf_index))
-                    call.edges.append(get_gradient_edge(leaf))
-                    if leaf._is_view():
-                        call.view_versions[leaf_index] = leaf._version
-            return output if broadcast else None
+            with torch._C.DisableTorchFunction():  # the watcher must not see (or redirect) our own ops
+                return record(unit, args, kwargs, output, entry)
         return hook
+
+    def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        expanded = suspect = None
+        x = args[0] if args and isinstance(args[0], Tensor) else None
+        if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
+            if not (isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == batch_size):
+                watcher.escape = watcher.escape or f"{on.label}; module {unit.name or '<root>'} does not keep it one"
+                return None
+            original = output[:1] if on.original.dim() == x.dim() else output[0]
+        elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
+            shape = tuple(x.shape)
+            if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
+                expanded = output.expand(batch_size, *output.shape[1:])
+                label = f"module {unit.name or '<root>'}: its input of shape {shape} has a batch dim of size 1"
+            elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
+                expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
+                args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
+                label = (f"module {unit.name or '<root>'}: its input of shape {shape} has no batch dim (dim 0 "
+                         f"is not the batch of {batch_size}), so its output was expanded over the batch")
+            elif batch_size > 1 and shape and shape[0] == batch_size and x.grad_fn is None \
+                    and _storage(x) not in input_storages:
+                suspect = (f"module {unit.name or '<root>'}: its input of shape {shape} has dim 0 of the batch's "
+                           f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
+                           "activation (a constant such as torch.arange(T) with T == B?)")
+        call = Call(args, kwargs, output if expanded is None else expanded, broadcast=expanded is not None,
+                    autocast=autocast_state() if unit.rule is None else None)
+        unit.calls.append(call)
+        leaves, _ = tree_flatten(call.output)
+        for leaf_index, leaf in enumerate(leaves):
+            if isinstance(leaf, Tensor) and leaf.requires_grad:
+                leaf.register_hook(store_grad(call.out_grads, leaf_index))
+                call.edges.append(get_gradient_edge(leaf))
+                if leaf._is_view():
+                    call.view_versions[leaf_index] = leaf._version
+        if on is not None:
+            watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call))
+            return None
+        if expanded is not None:
+            watcher.watch_expansion(expanded, output, label, call)
+            capture.watch()
+            if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
+                rule_pre_hooks.extend(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True)
+                                      for unit in units if unit.rule is not None)
+            return expanded
+        if suspect is not None:
+            watcher.watch_suspect(output, suspect)
+            capture.watch()
+            if not fallback_pre_hooks:  # from now on, rule-less modules' own ops are theirs
+                fallback_pre_hooks.extend(u.module.register_forward_pre_hook(fallback_pre_hook, with_kwargs=True)
+                                          for u in units if u.rule is None)
+        return None
 
     capture = Capture(watcher, dim_watcher)
     try:
+        handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
         for unit in units:
             if dim_watcher is not None:
-                handles.append(unit.module.register_forward_pre_hook(pre_hook, with_kwargs=True))
+                handles.append(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True))
             handles.append(unit.module.register_forward_hook(post_hook(unit), with_kwargs=True))
         if dim_watcher is not None:
             dim_watcher.__enter__()
         yield capture
     finally:
-        for h in handles:
+        for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
         capture.end_forward()
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of ``t``'s storage (views of a tensor share it); None where there is none."""
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
 
 
 def store_grad(grads: dict, leaf_index: int):
@@ -349,8 +675,15 @@ def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int,
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad`` and dim-0 moves.
 
     Dim-0 moves inside fallback modules (an RNN or attention going time-major
-    internally) do not count: those modules are handled as a whole.
+    internally) do not count: those modules are handled as a whole. An expanded
+    output that met a batch-first tensor with another dim of the batch's size
+    is ambiguous when some dim 0 moved.
     """
+    with torch._C.DisableTorchFunction():  # the broadcast watcher may be on (observe): read the real tensors
+        return _audit_graph(root, units, names)
+
+
+def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str]) -> GraphAudit:
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
     stack = [t.grad_fn for t in (root if isinstance(root, (list, tuple)) else [root])]
@@ -375,6 +708,12 @@ def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int,
             if unit.rule is None:
                 skip.add(id(p))  # fallback units: checked by their sum against autograd instead
             expected[id(p)] = expected.get(id(p), 0) + reached
+    if moved:
+        for unit in units:
+            for call in unit.calls:
+                if call.batch_dim_ambiguous and _reached(call, seen):
+                    return GraphAudit(_ambiguous_expansion(f"module {unit.name or '<root>'}: its output was "
+                                                           "expanded over the batch"), moved)
     for pid, count in uses.items():
         if pid in skip or pid not in names:
             continue

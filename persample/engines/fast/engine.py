@@ -50,7 +50,7 @@ __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
 def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, *,
                     randomness: str = "error", var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None) -> GradStats:
+                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
     Peak extra memory is O(P + activations): the captured activations and
@@ -93,7 +93,8 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         means = {name: means[name] for name in params}  # named_parameters() order
         second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
         return reduce_pieces(pieces, means, at_least_float32(losses.detach()), var=var,
-                             inner_products=inner_products, clip_norm=clip_norm, second_moments=second)
+                             inner_products=inner_products, clip_norm=clip_norm, reference=reference,
+                             second_moments=second)
 
 
 def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: str) -> None:
@@ -411,8 +412,10 @@ def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor],
 
 def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
                   inner_products: bool, clip_norm: float | None,
+                  reference: dict[str, Tensor] | None = None,
                   second_moments: dict[str, tuple] | None = None) -> GradStats:
-    """GradStats from per-parameter pieces and ḡ = (1/B) Σ_i g_i (autograd's, or the pieces').
+    """GradStats from per-parameter pieces and ḡ = (1/B) Σ_i g_i (autograd's, or the pieces'); inner
+    products p_i = ⟨g_i, r⟩ against ``reference`` r when given, else (with ``inner_products``) against ḡ.
 
     M2 = Σ_i (g_i − ḡ)² comes from ``second_moments`` or each piece's cheapest form; where a
     one-pass form (Σ_i g_i∘g_i − B ḡ∘ḡ) may have cancelled, from the two-pass form (one device
@@ -422,12 +425,14 @@ def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Ten
     m2 = _second_moments(pieces, mean, second_moments) if var else None  # first: pieces keep squares the norms reuse
     sq = {name: piece.sq_norms() for name, piece in pieces.items()}
     inner = None
-    if inner_products:
-        inner = sum(piece.inner(mean[name]) for name, piece in pieces.items())
+    if reference is None and inner_products:
+        reference = mean
+    if reference is not None:
+        inner = sum(piece.inner(reference[name].to(mean[name])) for name, piece in pieces.items())
     clipped = None
     if clip_norm is not None:
         factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
         clipped = {name: piece.weighted_sum(factors) / n for name, piece in pieces.items()}
     return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses, inner_products=inner,
-                     reference=mean if inner_products else None, clip_norm=clip_norm, clipped_mean=clipped)
+                     reference=reference, clip_norm=clip_norm, clipped_mean=clipped)
 

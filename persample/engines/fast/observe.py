@@ -71,11 +71,13 @@ class Observation:
 @contextlib.contextmanager
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
               reduction: str | None = None, var: bool = True, inner_products: bool = False,
-              output_module: nn.Module | None = None) -> Iterator[Observation]:
+              output_module: nn.Module | None = None,
+              reference: dict[str, Tensor] | None = None) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
 
     ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
-    for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits."""
+    for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits.
+    ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ)."""
     if batch_size < 1:
         raise ValueError(f"observe() needs a batch with at least one example; the targets say {batch_size} "
                          "(an empty batch has no per-example gradients: skip the step)")
@@ -107,11 +109,11 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
         handle.remove()
     with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
         observation.stats = _observed_stats(observation, params, observation._before, units, loss_fn, targets,
-                                            batch_size, reduction, var, inner_products)
+                                            batch_size, reduction, var, inner_products, reference)
 
 
 def _observed_stats(observation: Observation, params, before, units, loss_fn, targets, batch_size,
-                    reduction, var, inner_products) -> GradStats | None:
+                    reduction, var, inner_products, reference=None) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError("no forward of the model reached a backward inside the block: run "
                                "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`")
@@ -130,7 +132,8 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
     _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
-    return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None)
+    return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None,
+                         reference=reference)
 
 
 def _grad_snapshot(params) -> dict:

@@ -213,6 +213,13 @@ class Rule:
     computes something else: timm's ``StdConv2d``, a channels-last ``LayerNorm2d``),
     which has no hooks (a forward hook that rescales the output changes the
     gradient), and which ``accepts`` (settings the closed form does not cover).
+
+    ``unbatched(module, x)`` says whether the module treats an input ``x`` with
+    no batch dim as one example, computing on ``x[None]`` what it computes on
+    ``x`` (Linear and Embedding on any leading dims, a norm over trailing dims,
+    a convolution's unbatched ``[C, *spatial]`` input): only then may such a
+    call be expanded to the batch (:func:`.capture.capturing`). GroupNorm and
+    BatchNorm read dim 0 of any input as their batch, so they never do.
     """
 
     name: str
@@ -221,21 +228,32 @@ class Rule:
     compute: Callable[..., dict[str, Piece]]
     methods: tuple = ("forward",)
     accepts: Callable[[nn.Module], bool] = lambda m: True
+    unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
+
+
+def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
+    return True
+
+
+def _unbatched_conv(module: nn.Module, x: Tensor) -> bool:
+    return x.dim() == len(module.kernel_size) + 1
 
 
 def _rules() -> list[Rule]:
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return [
-        Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule),
+        Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule, unbatched=_any_leading_dims),
         Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight", "bias"), conv_rule,
-             methods=("forward", "_conv_forward")),
+             methods=("forward", "_conv_forward"), unbatched=_unbatched_conv),
         # max_norm renormalises rows in place, outside autograd: the gradient's form is unchanged.
-        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule, accepts=lambda m: not m.scale_grad_by_freq),
-        Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule),
+        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule, accepts=lambda m: not m.scale_grad_by_freq,
+             unbatched=_any_leading_dims),
+        Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule, unbatched=_any_leading_dims),
         Rule("group_norm", (nn.GroupNorm,), ("weight", "bias"), group_norm_rule),
         Rule("batch_norm_eval", (_BatchNorm,), ("weight", "bias"), batch_norm_eval_rule,
              accepts=lambda m: not m.training and m.running_mean is not None),
-        Rule("hf_conv1d", ("transformers.pytorch_utils.Conv1D",), ("weight", "bias"), hf_conv1d_rule),
+        Rule("hf_conv1d", ("transformers.pytorch_utils.Conv1D",), ("weight", "bias"), hf_conv1d_rule,
+             unbatched=_any_leading_dims),
     ]
 
 
