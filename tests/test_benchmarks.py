@@ -158,3 +158,22 @@ def test_help_lists_every_option():
     assert out.returncode == 0, out.stderr
     for option in ("--quick", "--device", "--json", "--markdown", "--retries"):
         assert option in out.stdout
+
+
+def test_median_of_runs_takes_each_ratio_within_its_own_run():
+    load_bench()  # puts benchmarks/ on sys.path, as median.py expects
+    spec = importlib.util.spec_from_file_location("persample_bench_median", RUN_PY.parent / "median.py")
+    median = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(median)
+
+    def record(method, seconds, ratio, status="ok"):
+        return {"case": "mlp", "batch_size": 32, "method": method, "median_s": seconds, "ratio": ratio,
+                "status": status, "foreign_cpu": 0.0}
+
+    runs = [[record("plain", 1.0, 1.0), record("fast", 1.2, 1.2), record("peer", 2.0, 2.0)],
+            [record("plain", 2.0, 1.0), record("fast", 2.2, 1.1), record("peer", 3.0, 1.5, "wrong")],
+            [record("plain", 3.0, 1.0), record("fast", 3.9, 1.3), record("peer", 6.0, 2.0)]]
+    merged = {r["method"]: r for r in median.median_records(runs)}
+    assert merged["fast"]["ratio"] == 1.2 and merged["plain"]["median_s"] == 2.0
+    assert merged["peer"]["status"] == "wrong"  # wrong in any run is wrong
+    assert merged["fast"]["runs_ratios"] == [1.2, 1.1, 1.3]
