@@ -34,8 +34,10 @@ from ...stats import sum_of_squares
 
 __all__ = ["as_matrix", "Piece", "DensePiece", "OuterPiece", "ConvPiece", "RowsPiece", "SumPiece", "combine_pieces"]
 
-#: Per-example gradient numbers alive at once when a piece is materialised in chunks.
-CHUNK_ELEMENTS = 1 << 20
+#: Per-example gradient numbers alive at once when a piece is materialised in chunks (32 MiB in
+#: float32): large enough that per-chunk costs (P-sized accumulations, kernel launches) stay small
+#: next to forming the chunk, and a constant, so peak extra memory stays O(P + activations).
+CHUNK_ELEMENTS = 1 << 23
 
 
 #: Relative error allowed to a one-pass second moment M2 = Σg² − B·ḡ², by dtype; beyond it the
@@ -46,6 +48,19 @@ _CANCELLATION_BUDGET = {torch.float64: 1e-10, torch.float32: 1e-4}
 def cancellation_limit(dtype: torch.dtype) -> float:
     """The largest Σg²/M2 for which the one-pass M2 is accurate to the dtype's budget."""
     return _CANCELLATION_BUDGET.get(dtype, 1e-2) / torch.finfo(dtype).eps
+
+
+def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:
+    """``total + value`` in place, the first value copied (it may be a view of a reused buffer)."""
+    return value.clone() if total is None else total.add_(value)
+
+
+def _column_sums(flat: Tensor) -> Tensor:
+    """Σ over dim 0 of a ``[b, n]`` chunk: one matrix-vector product (several times faster on CPU
+    than a reduction over dim 0), or the row itself when b = 1 (a view: copy before writing)."""
+    if flat.shape[0] == 1:
+        return flat[0]
+    return flat.new_ones(flat.shape[0]) @ flat
 
 
 def may_have_cancelled(total: Tensor, m2: Tensor) -> Tensor:
@@ -90,10 +105,14 @@ class Piece:
         """A reduction of h turned into that of g: t · scale**power."""
         return t * self.scale ** power if self.scale != 1.0 else t
 
-    def chunks(self):
-        """(start, stop, h[start:stop]) over the batch; a batch that fits one chunk is formed once."""
+    def chunks(self, keep: bool = True):
+        """(start, stop, h[start:stop]) over the batch; a batch that fits one chunk is formed once
+        (and kept for later reductions unless ``keep`` is False)."""
         numel = max(1, self.shape.numel())
         step = max(1, min(CHUNK_ELEMENTS // numel, self.max_chunk_examples))
+        if step >= self.batch_size and not keep and "_whole" not in self.__dict__:
+            yield 0, self.batch_size, self._unscaled(0, self.batch_size)
+            return
         if step >= self.batch_size:
             whole = self.__dict__.get("_whole")
             if whole is None:
@@ -138,19 +157,18 @@ class Piece:
         ``suspect`` still flags S > ``cancellation_limit``·M2, where ``centered_second_moment``
         must be used. Sums over examples are one matrix-vector product per chunk; the norms
         ‖g_i‖² are kept from the same chunks."""
-        norms, shift, total, squares = [], None, None, None
-        for start, stop, h in self.chunks():
-            ones = h.new_ones(stop - start)
-            norms.append(_sq_norms(h))
-            if shift is None:
-                shift = (ones @ h.reshape(stop - start, -1)).div_(stop - start) if var else None
-            d = (h - shift.view(h.shape[1:])) if var else h
-            d = d.reshape(stop - start, -1)
-            chunk_sum = ones @ d
-            total = chunk_sum if total is None else total.add_(chunk_sum)
+        norms, shift, total, squares, d = [], None, None, None, None
+        for start, stop, h in self.chunks(keep=False):  # formed once, and dropped after
+            flat = h.reshape(stop - start, -1)
+            norms.append(_sq_norms(flat))
             if var:
-                chunk_squares = ones @ d.square_()
-                squares = chunk_squares if squares is None else squares.add_(chunk_squares)
+                if shift is None:
+                    shift = _column_sums(flat) / (stop - start)  # a new tensor: chunks reuse one buffer
+                d = torch.sub(flat, shift, out=None if d is None else d[:stop - start])
+            centered = d if var else flat
+            total = _accumulate(total, _column_sums(centered))
+            if var:
+                squares = _accumulate(squares, _column_sums(centered.square_()))
         self.__dict__["_chunk_norms"] = torch.cat(norms)
         if not var:
             return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
