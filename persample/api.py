@@ -38,7 +38,8 @@ ENGINES = ("auto", "fast", "vmap", "loop")
 
 #: The engines each ``engine=`` choice tries, in order; each one is exact or raises ``NotExact``.
 #: ``"independent"`` (internal, for ``check_mean``) leaves out the fast engine, whose mean is
-#: autograd's whole-batch gradient by construction and so cannot test the invariant.
+#: autograd's whole-batch gradient (or, for layers that form their g_i, their sum) and so cannot
+#: test the invariant.
 _CHAINS = {"auto": ("fast", "vmap", "loop"), "fast": ("fast",), "vmap": ("vmap",), "loop": ("loop",),
            "independent": ("vmap", "loop")}
 _GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}

@@ -118,8 +118,8 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     The per-example gradients come from engines that evaluate every example on
     its own: ``vmap``, or the per-example ``loop`` where vmap cannot run the model
     (attention masks, checkpointing, hooks). A model that couples the examples of
-    a batch fails here. (The fast engine's mean *is* autograd's gradient by
-    construction, so it cannot test the invariant.)
+    a batch fails here. (The fast engine's mean is autograd's gradient, or the
+    sum of its own per-example gradients, so it cannot test the invariant.)
 
     Args:
         rtol, atol: tolerances; by default from :func:`default_tolerances` for the

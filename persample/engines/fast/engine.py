@@ -6,6 +6,9 @@
    while :mod:`.capture` records each unit's inputs and output gradients
    (those are of the mean: pieces carry the factor B as their ``scale`` and
    apply it to reduced results, never to activations or gradient chunks).
+   Layers whose reductions form their g_i anyway (:func:`derived_parameters`)
+   are asked for their output gradients only: their ḡ is (1/B) Σ_i g_i, from
+   the same formation as their norms and M2 (``Piece.moments``).
 3. Each parameter gets a :mod:`piece <.pieces>` from a closed-form layer rule
    (:mod:`.rules`); modules without a rule get their per-example gradients from
    ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its
