@@ -1,0 +1,388 @@
+"""Closed forms for recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) in the fast engine.
+
+These modules have no layer rule: they stay fallback units, whose per-example gradients the engine
+checks, summed, against autograd's. Instead of ``vmap`` over the ``vjp`` of the whole module, one
+captured call is recomputed unrolled (plain tensor ops, no autograd) and back-propagated through time
+by hand, which gives every example's gradient of every step's gate pre-activations at once:
+δ_t (input side) and δʰ_t (hidden side; the same tensor except for GRU's n gate, δʰ_n = δ_n ∘ r). Then,
+for example i, with x_t the layer's input and h_{t-1} the hidden state step t read (h0 at the first):
+
+    W_ih: Σ_t δ_t x_tᵀ     W_hh: Σ_t δʰ_t h_{t-1}ᵀ     b_ih: Σ_t δ_t     b_hh: Σ_t δʰ_t
+
+Weights become :class:`OuterPiece` (act = x or h_{t-1}, grad = δ; their norms, second moments and
+inner products are the Linear-on-sequences forms), biases :class:`DensePiece`.
+
+Cells, as PyTorch defines them (gate blocks in this order):
+
+- LSTM (i, f, g, o): z = W_ih x + b_ih + W_hh h + b_hh; i, f, o = σ, g = tanh; c' = f c + i g; h' = o tanh(c');
+- GRU (r, z, n): r, z = σ(W_i· x + b_i· + W_h· h + b_h·); n = tanh(W_in x + b_in + r ∘ (W_hn h + b_hn));
+  h' = (1 − z) n + z h;
+- RNN: h' = tanh or relu(W_ih x + b_ih + W_hh h + b_hh).
+
+Layers stack (layer l reads layer l−1's output, both directions concatenated), and a reverse direction
+runs over the reversed sequence. Cotangents are the captured gradients of ``out``, ``h_n`` (and
+``c_n``), which are of the mean loss: the pieces carry the engine's ``grad_scale``.
+
+:func:`recurrent_pieces` returns None — and the module takes the ``torch.func`` fallback, which is
+exact for any module — whenever any assumption of these formulas is not shown to hold: a subclass or an
+instance-level override, hooks, weights that are not the module's own plain Parameters, ``proj_size``,
+a PackedSequence or unbatched input, inter-layer dropout in training mode, autocast, a dtype other than
+float32 / float64, or a call or output of an unexpected form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from .capture import Call, Unit
+from .pieces import DensePiece, OuterPiece, Piece
+from .rules import has_hooks
+
+__all__ = ["recurrent_pieces"]
+
+#: The exact classes handled, and the cell each runs (``module.mode`` must agree).
+_MODES = {nn.LSTM: ("LSTM",), nn.GRU: ("GRU",), nn.RNN: ("RNN_TANH", "RNN_RELU")}
+#: Methods the module's forward runs: an instance that overrides one computes something else.
+_METHODS = ("forward", "_update_flat_weights", "_init_flat_weights", "_weights_have_changed", "check_forward_args",
+            "check_input", "check_hidden_size", "get_expected_hidden_size", "permute_hidden", "flatten_parameters")
+
+
+@dataclass
+class _Captured:
+    """One call, batch-first: input ``[B, T, in]``, initial states and (unscaled) output cotangents."""
+
+    x: Tensor
+    h0: Tensor  # [L·D, B, H]
+    c0: Tensor | None  # LSTM only
+    d_out: Tensor  # [B, T, D·H]
+    d_hn: Tensor  # [L·D, B, H]
+    d_cn: Tensor | None
+
+
+def recurrent_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece] | None:
+    """Pieces for the trainable weights of one call of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unit,
+    or None where the closed form is not shown to apply (then the exact fallback runs)."""
+    module = unit.module
+    mode = _supported_mode(module, unit)
+    if mode is None:
+        return None
+    captured = _captured(module, call, batch_size, mode)
+    if captured is None:
+        return None
+    with torch.no_grad():
+        return _pieces(module, unit, mode, captured, grad_scale)
+
+
+# ------------------------------------------------------------------------------ preconditions
+
+def _supported_mode(module: nn.Module, unit: Unit) -> str | None:
+    """The cell the module runs, if it is a plain PyTorch recurrent layer this closed form covers."""
+    modes = _MODES.get(type(module))  # exact type: a subclass may compute something else
+    mode = getattr(module, "mode", None)
+    if modes is None or mode not in modes or any(m in vars(module) for m in _METHODS) or has_hooks(module):
+        return None
+    if getattr(module, "proj_size", 0) != 0 or module.hidden_size <= 0 or module.num_layers < 1:
+        return None
+    if module.training and module.dropout > 0 and module.num_layers > 1:
+        return None  # random dropout between layers: the recompute cannot redraw it
+    names = list(module._flat_weights_names)
+    if names != _weight_names(module) or not set(unit.params) <= set(names):
+        return None  # unexpected weights (or trainable tensors the forward does not read)
+    for name in names:
+        p = module._parameters.get(name)
+        if not isinstance(p, nn.Parameter) or getattr(module, name) is not p:  # parametrised / replaced
+            return None
+    return mode
+
+
+def _weight_names(module: nn.Module) -> list[str]:
+    """``_flat_weights_names`` as a module without projections has them."""
+    names = []
+    for layer in range(module.num_layers):
+        for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
+            kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
+            names += [f"{kind}_l{layer}{suffix}" for kind in kinds]
+    return names
+
+
+def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Captured | None:
+    """The call's input, states and cotangents, batch-first, if the call has the expected form."""
+    if call.broadcast or any(enabled for _, enabled, _ in (call.autocast or ())):
+        return None  # under autocast the forward ran in lower precision than a recompute would
+    args, kwargs = call.args, call.kwargs
+    if len(args) > 2 or not set(kwargs) <= {"input", "hx"} or ("input" in kwargs) == bool(args) \
+            or ("hx" in kwargs and len(args) > 1):
+        return None
+    x = args[0] if args else kwargs["input"]
+    hx = args[1] if len(args) > 1 else kwargs.get("hx")
+    weight = module._parameters["weight_ih_l0"]
+    if type(x) not in (Tensor, nn.Parameter) or x.dim() != 3 \
+            or x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype or x.device != weight.device:
+        return None  # PackedSequence (a tuple), unbatched input, other dtypes, tensor subclasses
+    if any(p.dtype != x.dtype or p.device != x.device for p in module._parameters.values() if p is not None):
+        return None
+    x = x.detach() if module.batch_first else x.detach().transpose(0, 1)
+    batch, steps = x.shape[:2]
+    directions, hidden = 2 if module.bidirectional else 1, module.hidden_size
+    states = (module.num_layers * directions, batch, hidden)
+    if batch != batch_size or steps == 0 or x.shape[2] != module.input_size:
+        return None
+    lstm = mode == "LSTM"
+    if hx is None:
+        h0 = x.new_zeros(states)
+        c0 = x.new_zeros(states) if lstm else None
+    elif lstm:
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2 and all(_plain(t, states, x) for t in hx)):
+            return None
+        h0, c0 = hx[0].detach(), hx[1].detach()
+    else:
+        if not _plain(hx, states, x):
+            return None
+        h0, c0 = hx.detach(), None
+    leaves, _ = tree_flatten(call.output)
+    out_shape = (batch, steps, directions * hidden) if module.batch_first else (steps, batch, directions * hidden)
+    shapes = [out_shape, states, states] if lstm else [out_shape, states]
+    if len(leaves) != len(shapes) or any(not isinstance(t, Tensor) or tuple(t.shape) != s
+                                         for t, s in zip(leaves, shapes)):
+        return None
+    if not set(call.out_grads) <= set(range(len(leaves))):
+        return None
+    grads = []
+    for i, leaf in enumerate(leaves):
+        g = call.out_grads.get(i)
+        if g is None:
+            g = x.new_zeros(leaf.shape)
+        elif g.shape != leaf.shape or g.dtype != x.dtype or g.device != x.device:
+            return None
+        grads.append(g)
+    d_out = grads[0] if module.batch_first else grads[0].transpose(0, 1)
+    return _Captured(x.contiguous(), h0, c0, d_out, grads[1], grads[2] if lstm else None)
+
+
+def _plain(t, shape: tuple, x: Tensor) -> bool:
+    return isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == x.dtype and t.device == x.device
+
+
+# ---------------------------------------------------------------------------------- assembly
+
+def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float) -> dict[str, Piece]:
+    """Forward every layer and direction, then back-propagate top-down, collecting the pieces."""
+    directions = 2 if module.bidirectional else 1
+    hidden, batch, steps = module.hidden_size, cap.x.shape[0], cap.x.shape[1]
+    weights = {name: module._parameters[name].detach() for name in module._flat_weights_names}
+    forward_steps = list(range(steps))
+    orders = [forward_steps, forward_steps[::-1]][:directions]
+
+    layers = []  # per layer: (its input [B, T, in], a trace per direction)
+    layer_input = cap.x
+    for layer in range(module.num_layers):
+        traces = []
+        for d, order in enumerate(orders):
+            k, suffix = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = weights["weight_ih" + suffix], weights["weight_hh" + suffix]
+            b_ih, b_hh = weights.get("bias_ih" + suffix), weights.get("bias_hh" + suffix)
+            c0 = cap.c0[k] if cap.c0 is not None else None
+            traces.append(_CELLS[mode].forward(layer_input, w_ih, w_hh, b_ih, b_hh, cap.h0[k], c0, order, mode))
+        layers.append((layer_input, traces))
+        outs = [trace.out for trace in traces]
+        layer_input = outs[0] if directions == 1 else torch.cat(outs, 2)
+
+    pieces: dict[str, Piece] = {}
+    d_layer_out = cap.d_out
+    for layer in reversed(range(module.num_layers)):
+        layer_input, traces = layers[layer]
+        d_input = None
+        for d, trace in enumerate(traces):
+            k, suffix = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
+            d_cn = cap.d_cn[k] if cap.d_cn is not None else None
+            delta_x, delta_h = trace.backward(d_layer_out[..., d * hidden:(d + 1) * hidden], cap.d_hn[k], d_cn)
+            pieces.update(_layer_pieces(unit, suffix, layer_input, trace.h_prev, delta_x, delta_h, weights,
+                                        grad_scale))
+            if layer > 0:  # the gradient reaching the layer below through this direction's input
+                flat = delta_x.reshape(batch * steps, -1) @ weights["weight_ih" + suffix]
+                d_input = flat if d_input is None else d_input.add_(flat)
+        if layer > 0:
+            d_layer_out = d_input.view(batch, steps, -1)
+    return pieces
+
+
+def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: Tensor, delta_h: Tensor,
+                  weights: dict[str, Tensor], grad_scale: float) -> dict[str, Piece]:
+    """The pieces of one layer and direction's trainable weights."""
+    found: dict[str, Piece] = {}
+    for kind, act, delta in (("ih", x, delta_x), ("hh", h_prev, delta_h)):
+        if f"weight_{kind}{suffix}" in unit.params:
+            found[f"weight_{kind}{suffix}"] = OuterPiece(act, delta, weights[f"weight_{kind}{suffix}"].shape,
+                                                         scale=grad_scale)
+        if f"bias_{kind}{suffix}" in unit.params:
+            found[f"bias_{kind}{suffix}"] = DensePiece(delta.sum(1), grad_scale)
+    return found
+
+
+def _previous(seq: Tensor, first: Tensor, order: list[int]) -> Tensor:
+    """``[B, T, H]``: at each time, the state the step read (``first`` at the first step of ``order``)."""
+    if len(order) > 1 and order[0] > order[1]:  # reverse direction: time t read the state of t + 1
+        return torch.cat([seq[:, 1:], first.unsqueeze(1)], 1)
+    return torch.cat([first.unsqueeze(1), seq[:, :-1]], 1)
+
+
+def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
+    """x W_ihᵀ + bias for every step at once: ``[B, T, G·H]``."""
+    flat = x.reshape(-1, x.shape[2])
+    projected = torch.mm(flat, w_ih.t()) if bias is None else torch.addmm(bias, flat, w_ih.t())
+    return projected.view(x.shape[0], x.shape[1], -1)
+
+
+def _combined(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
+    return None if b_ih is None else b_ih + b_hh
+
+
+# ---------------------------------------------------------------------------------------- cells
+
+class _LSTMTrace:
+    """One LSTM direction: the forward's activated gates and cells, and back-propagation through time."""
+
+    @classmethod
+    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
+        self = cls()
+        projected = _input_projection(x, w_ih, _combined(b_ih, b_hh))
+        batch, steps, width = projected.shape
+        hidden = width // 4
+        gates = torch.empty_like(projected)  # σ(i), σ(f), tanh(g), σ(o)
+        cells, tanh_cells, out = (projected.new_empty(batch, steps, hidden) for _ in range(3))
+        w_t = w_hh.t()
+        h, c = h0, c0
+        for t in order:
+            a = torch.addmm(projected[:, t], h, w_t, out=gates[:, t]).view(batch, 4, hidden)
+            a[:, :2].sigmoid_()
+            a[:, 2].tanh_()
+            a[:, 3].sigmoid_()
+            c = torch.mul(a[:, 1], c, out=cells[:, t]).addcmul_(a[:, 0], a[:, 2])
+            h = torch.mul(a[:, 3], torch.tanh(c, out=tanh_cells[:, t]), out=out[:, t])
+        self.order, self.w_hh, self.c0 = order, w_hh, c0
+        self.gates, self.cells, self.tanh_cells, self.out = gates, cells, tanh_cells, out
+        self.h_prev = _previous(out, h0, order)
+        return self
+
+    def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: Tensor) -> tuple[Tensor, Tensor]:
+        """δ for the four gates, ``[B, T, 4H]`` (the same on the input and the hidden side).
+
+        With dh, dc the total gradients at h_t, c_t: δ_o = dh ∘ tanh(c) ∘ o(1−o);
+        dc = dc_{t+1} ∘ f_{t+1} + dh ∘ o ∘ (1 − tanh²c); δ_i = dc ∘ g ∘ i(1−i);
+        δ_f = dc ∘ c_{t−1} ∘ f(1−f); δ_g = dc ∘ i ∘ (1−g²); and dh_{t−1} gets δ W_hh.
+        """
+        batch, steps, width = self.gates.shape
+        hidden = width // 4
+        i, f, g, o = self.gates.view(batch, steps, 4, hidden).unbind(2)
+        c_prev = _previous(self.cells, self.c0, self.order)
+        # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R.
+        p = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)
+        q = self.tanh_cells * o * (1 - o)
+        r = o * (1 - self.tanh_cells * self.tanh_cells)
+        delta = self.gates.new_empty(batch, steps, 4, hidden)
+        dh, dc_carry, later = None, d_cn, None
+        for t in reversed(self.order):
+            if later is None:
+                dh = d_out[:, t] + d_hn
+            else:
+                dh = torch.addmm(d_out[:, t], delta[:, later].view(batch, width), self.w_hh)
+            dc = torch.addcmul(dc_carry, dh, r[:, t])
+            torch.mul(p[:, t], dc.unsqueeze(1), out=delta[:, t, :3])
+            torch.mul(q[:, t], dh, out=delta[:, t, 3])
+            dc_carry = dc.mul_(f[:, t])
+            later = t
+        delta = delta.view(batch, steps, width)
+        return delta, delta
+
+
+class _GRUTrace:
+    """One GRU direction: gates r, z, n and the hidden-side n pre-activation, and BPTT."""
+
+    @classmethod
+    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
+        self = cls()
+        projected = _input_projection(x, w_ih, b_ih)  # b_hh stays inside: r multiplies W_hn h + b_hn
+        batch, steps, width = projected.shape
+        hidden = width // 3
+        gates = torch.empty_like(projected)  # σ(r), σ(z), tanh(n)
+        hidden_side = torch.empty_like(projected)  # W_hh h + b_hh
+        out = projected.new_empty(batch, steps, hidden)
+        w_t = w_hh.t()
+        h = h0
+        for t in order:
+            gh = (torch.mm(h, w_t, out=hidden_side[:, t]) if b_hh is None
+                  else torch.addmm(b_hh, h, w_t, out=hidden_side[:, t]))
+            a, xp = gates[:, t], projected[:, t]
+            torch.add(xp[:, :2 * hidden], gh[:, :2 * hidden], out=a[:, :2 * hidden]).sigmoid_()
+            n = torch.addcmul(xp[:, 2 * hidden:], a[:, :hidden], gh[:, 2 * hidden:], out=a[:, 2 * hidden:]).tanh_()
+            h = torch.addcmul(n, a[:, hidden:2 * hidden], h - n, out=out[:, t])
+        self.order, self.w_hh = order, w_hh
+        self.gates, self.hidden_n, self.out = gates, hidden_side[..., 2 * hidden:], out
+        self.h_prev = _previous(out, h0, order)
+        return self
+
+    def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
+        """(δ ``[B, T, 3H]`` on the input side, δʰ on the hidden side).
+
+        With dh the total gradient at h_t: δ_n = dh ∘ (1−z) ∘ (1−n²); δ_r = δ_n ∘ (W_hn h + b_hn) ∘ r(1−r);
+        δ_z = dh ∘ (h_{t−1} − n) ∘ z(1−z); δʰ = (δ_r, δ_z, δ_n ∘ r); dh_{t−1} = dh ∘ z + δʰ W_hh.
+        Each block is dh times a factor of the forward alone, so one product per step gives all four,
+        laid out (r, z, n hidden, n input) so that δʰ is the first three.
+        """
+        batch, steps, width = self.gates.shape
+        hidden = width // 3
+        r, z, n = self.gates.view(batch, steps, 3, hidden).unbind(2)
+        d_n = (1 - z) * (1 - n * n)
+        factors = torch.stack([d_n * self.hidden_n * r * (1 - r), (self.h_prev - n) * z * (1 - z), d_n * r, d_n], 2)
+        blocks = self.gates.new_empty(batch, steps, 4, hidden)
+        dh, later = None, None
+        for t in reversed(self.order):
+            if later is None:
+                dh = d_out[:, t] + d_hn
+            else:
+                dh = torch.addmm(torch.addcmul(d_out[:, t], dh, z[:, later]), blocks[:, later, :3].view(batch, width),
+                                 self.w_hh)
+            torch.mul(factors[:, t], dh.unsqueeze(1), out=blocks[:, t])
+            later = t
+        delta_h = blocks[:, :, :3].reshape(batch, steps, width).contiguous()
+        delta_x = blocks[:, :, [0, 1, 3]].reshape(batch, steps, width)
+        return delta_x, delta_h
+
+
+class _RNNTrace:
+    """One Elman RNN direction (tanh or relu), and BPTT: δ_t = dh_t ∘ act'(h_t)."""
+
+    @classmethod
+    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
+        self = cls()
+        projected = _input_projection(x, w_ih, _combined(b_ih, b_hh))
+        out = torch.empty_like(projected)
+        w_t = w_hh.t()
+        h = h0
+        for t in order:
+            h = torch.addmm(projected[:, t], h, w_t, out=out[:, t])
+            if mode == "RNN_TANH":
+                h.tanh_()
+            else:
+                h.relu_()
+        self.order, self.w_hh, self.mode, self.out = order, w_hh, mode, out
+        self.h_prev = _previous(out, h0, order)
+        return self
+
+    def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
+        # relu's gradient is taken where the output is > 0, as autograd's threshold_backward does.
+        slope = 1 - self.out * self.out if self.mode == "RNN_TANH" else (self.out > 0).to(self.out.dtype)
+        delta = torch.empty_like(self.out)
+        later = None
+        for t in reversed(self.order):
+            dh = d_out[:, t] + d_hn if later is None else torch.addmm(d_out[:, t], delta[:, later], self.w_hh)
+            torch.mul(dh, slope[:, t], out=delta[:, t])
+            later = t
+        return delta, delta
+
+
+_CELLS = {"LSTM": _LSTMTrace, "GRU": _GRUTrace, "RNN_TANH": _RNNTrace, "RNN_RELU": _RNNTrace}
