@@ -2,10 +2,18 @@
 
 These modules have no layer rule: they stay fallback units, whose per-example gradients the engine
 checks, summed, against autograd's. Instead of ``vmap`` over the ``vjp`` of the whole module, one
-captured call is recomputed unrolled (plain tensor ops, no autograd) and back-propagated through time
-by hand, which gives every example's gradient of every step's gate pre-activations at once:
-δ_t (input side) and δʰ_t (hidden side; the same tensor except for GRU's n gate, δʰ_n = δ_n ∘ r). Then,
-for example i, with x_t the layer's input and h_{t-1} the hidden state step t read (h0 at the first):
+captured call is worked out layer by layer (no autograd, no per-example loop):
+
+1. the layer's hidden states h_t, recomputed by the op the module's forward runs (``torch.lstm`` and
+   friends, one layer at a time, so that a Python loop over steps is never needed for the forward;
+   the captured output is not reused: it holds only the top layer's, and may have been changed in
+   place after the call);
+2. from h_{t-1} and x_t, every step's gates in a few batched ops (LSTM's cell state is an elementwise
+   recurrence, one fused op per step);
+3. back-propagation through time written out, which gives every example's gradient of every step's
+   gate pre-activations: δ_t (input side) and δʰ_t (hidden side; the same tensor except for GRU's n
+   gate, δʰ_n = δ_n ∘ r). Then, for example i, with x_t the layer's input and h_{t-1} the hidden state
+   step t read (h0 at the first):
 
     W_ih: Σ_t δ_t x_tᵀ     W_hh: Σ_t δʰ_t h_{t-1}ᵀ     b_ih: Σ_t δ_t     b_hh: Σ_t δʰ_t
 
@@ -170,26 +178,31 @@ def _plain(t, shape: tuple, x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------- assembly
 
 def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float) -> dict[str, Piece]:
-    """Forward every layer and direction, then back-propagate top-down, collecting the pieces."""
+    """Recompute every layer's output with PyTorch's own kernel, rebuild each direction's gates from
+    it, then back-propagate top-down, collecting the pieces."""
     directions = 2 if module.bidirectional else 1
     hidden, batch, steps = module.hidden_size, cap.x.shape[0], cap.x.shape[1]
     weights = {name: module._parameters[name].detach() for name in module._flat_weights_names}
     forward_steps = list(range(steps))
     orders = [forward_steps, forward_steps[::-1]][:directions]
+    suffixes = [[f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)]
+                for layer in range(module.num_layers)]
 
     layers = []  # per layer: (its input [B, T, in], a trace per direction)
     layer_input = cap.x
     for layer in range(module.num_layers):
+        states = slice(layer * directions, (layer + 1) * directions)
+        output = _layer_output(module, mode, layer_input, cap.h0[states],
+                               None if cap.c0 is None else cap.c0[states], suffixes[layer], weights)
         traces = []
         for d, order in enumerate(orders):
-            k, suffix = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
-            w_ih, w_hh = weights["weight_ih" + suffix], weights["weight_hh" + suffix]
-            b_ih, b_hh = weights.get("bias_ih" + suffix), weights.get("bias_hh" + suffix)
-            c0 = cap.c0[k] if cap.c0 is not None else None
-            traces.append(_CELLS[mode].forward(layer_input, w_ih, w_hh, b_ih, b_hh, cap.h0[k], c0, order, mode))
+            k, suffix = layer * directions + d, suffixes[layer][d]
+            traces.append(_CELLS[mode](
+                layer_input, output[..., d * hidden:(d + 1) * hidden], cap.h0[k],
+                None if cap.c0 is None else cap.c0[k], weights["weight_ih" + suffix], weights["weight_hh" + suffix],
+                weights.get("bias_ih" + suffix), weights.get("bias_hh" + suffix), order, mode))
         layers.append((layer_input, traces))
-        outs = [trace.out for trace in traces]
-        layer_input = outs[0] if directions == 1 else torch.cat(outs, 2)
+        layer_input = output
 
     pieces: dict[str, Piece] = {}
     d_layer_out = cap.d_out
@@ -197,7 +210,7 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
         layer_input, traces = layers[layer]
         d_input = None
         for d, trace in enumerate(traces):
-            k, suffix = layer * directions + d, f"_l{layer}" + ("_reverse" if d else "")
+            k, suffix = layer * directions + d, suffixes[layer][d]
             d_cn = cap.d_cn[k] if cap.d_cn is not None else None
             delta_x, delta_h = trace.backward(d_layer_out[..., d * hidden:(d + 1) * hidden], cap.d_hn[k], d_cn)
             pieces.update(_layer_pieces(unit, suffix, layer_input, trace.h_prev, delta_x, delta_h, weights,
@@ -208,6 +221,20 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
         if layer > 0:
             d_layer_out = d_input.view(batch, steps, -1)
     return pieces
+
+
+_KERNELS = {"LSTM": torch.lstm, "GRU": torch.gru, "RNN_TANH": torch.rnn_tanh, "RNN_RELU": torch.rnn_relu}
+
+
+def _layer_output(module: nn.Module, mode: str, x: Tensor, h0: Tensor, c0: Tensor | None, suffixes: list[str],
+                  weights: dict[str, Tensor]) -> Tensor:
+    """One layer's output sequence ``[B, T, D·H]`` (both directions), by the op the module's forward
+    runs (``torch.lstm`` and friends, one layer, no dropout): the hidden states h_t as the forward
+    computed them, without a Python loop over steps."""
+    kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
+    flat = [weights[kind + suffix] for suffix in suffixes for kind in kinds]
+    hx = (h0, c0) if mode == "LSTM" else h0
+    return _KERNELS[mode](x, hx, flat, module.bias, 1, 0.0, False, module.bidirectional, True)[0].contiguous()
 
 
 def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: Tensor, delta_h: Tensor,
@@ -230,43 +257,37 @@ def _previous(seq: Tensor, first: Tensor, order: list[int]) -> Tensor:
     return torch.cat([first.unsqueeze(1), seq[:, :-1]], 1)
 
 
-def _input_projection(x: Tensor, w_ih: Tensor, bias: Tensor | None) -> Tensor:
-    """x W_ihᵀ + bias for every step at once: ``[B, T, G·H]``."""
+def _linear(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """x_t Wᵀ + bias for every step at once (``x``: ``[B, T, d]``), as a ``[B·T, p]`` matrix."""
     flat = x.reshape(-1, x.shape[2])
-    projected = torch.mm(flat, w_ih.t()) if bias is None else torch.addmm(bias, flat, w_ih.t())
-    return projected.view(x.shape[0], x.shape[1], -1)
-
-
-def _combined(b_ih: Tensor | None, b_hh: Tensor | None) -> Tensor | None:
-    return None if b_ih is None else b_ih + b_hh
+    return torch.mm(flat, w.t()) if bias is None else torch.addmm(bias, flat, w.t())
 
 
 # ---------------------------------------------------------------------------------------- cells
+#
+# Each cell is built from one direction of one layer: its input x, its hidden states h_t (from the
+# layer's kernel), so that h_{t−1} and the gates of every step come out of a few batched ops; only
+# the backward (and LSTM's cell state, an elementwise recurrence) loops over steps.
 
-class _LSTMTrace:
-    """One LSTM direction: the forward's activated gates and cells, and back-propagation through time."""
+class _LSTMCell:
+    """LSTM gates i, f, g, o and cells c_t of every step, and back-propagation through time."""
 
-    @classmethod
-    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
-        self = cls()
-        projected = _input_projection(x, w_ih, _combined(b_ih, b_hh))
-        batch, steps, width = projected.shape
-        hidden = width // 4
-        gates = torch.empty_like(projected)  # σ(i), σ(f), tanh(g), σ(o)
-        cells, tanh_cells, out = (projected.new_empty(batch, steps, hidden) for _ in range(3))
-        w_t = w_hh.t()
-        h, c = h0, c0
-        for t in order:
-            a = torch.addmm(projected[:, t], h, w_t, out=gates[:, t]).view(batch, 4, hidden)
-            a[:, :2].sigmoid_()
-            a[:, 2].tanh_()
-            a[:, 3].sigmoid_()
-            c = torch.mul(a[:, 1], c, out=cells[:, t]).addcmul_(a[:, 0], a[:, 2])
-            h = torch.mul(a[:, 3], torch.tanh(c, out=tanh_cells[:, t]), out=out[:, t])
+    def __init__(self, x, h, h0, c0, w_ih, w_hh, b_ih, b_hh, order, mode):
+        batch, steps, hidden = h.shape
         self.order, self.w_hh, self.c0 = order, w_hh, c0
-        self.gates, self.cells, self.tanh_cells, self.out = gates, cells, tanh_cells, out
-        self.h_prev = _previous(out, h0, order)
-        return self
+        self.h_prev = _previous(h, h0, order)
+        bias = None if b_ih is None else b_ih + b_hh
+        gates = _linear(x, w_ih, bias).addmm_(self.h_prev.view(batch * steps, hidden), w_hh.t())
+        gates = gates.view(batch, steps, 4, hidden)
+        gates[:, :, :2].sigmoid_()
+        gates[:, :, 2].tanh_()
+        gates[:, :, 3].sigmoid_()
+        i, f, g, _ = gates.unbind(2)
+        self.gates, self.cells = gates, torch.empty_like(h)
+        c, cells, inputs, forgets = c0, self.cells.unbind(1), (i * g).unbind(1), f.unbind(1)
+        for t in order:  # c_t = f_t ∘ c_{t−1} + i_t ∘ g_t
+            c = torch.addcmul(inputs[t], forgets[t], c, out=cells[t])
+        self.tanh_cells = self.cells.tanh()
 
     def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: Tensor) -> tuple[Tensor, Tensor]:
         """δ for the four gates, ``[B, T, 4H]`` (the same on the input and the hidden side).
@@ -275,55 +296,44 @@ class _LSTMTrace:
         dc = dc_{t+1} ∘ f_{t+1} + dh ∘ o ∘ (1 − tanh²c); δ_i = dc ∘ g ∘ i(1−i);
         δ_f = dc ∘ c_{t−1} ∘ f(1−f); δ_g = dc ∘ i ∘ (1−g²); and dh_{t−1} gets δ W_hh.
         """
-        batch, steps, width = self.gates.shape
-        hidden = width // 4
-        i, f, g, o = self.gates.view(batch, steps, 4, hidden).unbind(2)
+        batch, steps, _, hidden = self.gates.shape
+        i, f, g, o = self.gates.unbind(2)
         c_prev = _previous(self.cells, self.c0, self.order)
+        tanh_c = self.tanh_cells
         # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R.
-        p = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2)
-        q = self.tanh_cells * o * (1 - o)
-        r = o * (1 - self.tanh_cells * self.tanh_cells)
+        p = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 2).unbind(1)
+        q = (tanh_c * o * (1 - o)).unbind(1)
+        r = (o * (1 - tanh_c * tanh_c)).unbind(1)
+        forgets, d_outs = f.unbind(1), d_out.unbind(1)
         delta = self.gates.new_empty(batch, steps, 4, hidden)
-        dh, dc_carry, later = None, d_cn, None
+        delta_ifg, delta_o = delta[:, :, :3].unbind(1), delta[:, :, 3].unbind(1)
+        delta_flat = delta.view(batch, steps, 4 * hidden).unbind(1)
+        dc, later = d_cn, None
         for t in reversed(self.order):
-            if later is None:
-                dh = d_out[:, t] + d_hn
-            else:
-                dh = torch.addmm(d_out[:, t], delta[:, later].view(batch, width), self.w_hh)
-            dc = torch.addcmul(dc_carry, dh, r[:, t])
-            torch.mul(p[:, t], dc.unsqueeze(1), out=delta[:, t, :3])
-            torch.mul(q[:, t], dh, out=delta[:, t, 3])
-            dc_carry = dc.mul_(f[:, t])
+            dh = d_outs[t] + d_hn if later is None else torch.addmm(d_outs[t], delta_flat[later], self.w_hh)
+            dc = torch.addcmul(dc, dh, r[t])
+            torch.mul(p[t], dc.unsqueeze(1), out=delta_ifg[t])
+            torch.mul(q[t], dh, out=delta_o[t])
+            dc.mul_(forgets[t])  # the part of dc_{t−1} that flows through c_t
             later = t
-        delta = delta.view(batch, steps, width)
+        delta = delta.view(batch, steps, 4 * hidden)
         return delta, delta
 
 
-class _GRUTrace:
-    """One GRU direction: gates r, z, n and the hidden-side n pre-activation, and BPTT."""
+class _GRUCell:
+    """GRU gates r, z, n and the hidden-side n pre-activation of every step, and BPTT."""
 
-    @classmethod
-    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
-        self = cls()
-        projected = _input_projection(x, w_ih, b_ih)  # b_hh stays inside: r multiplies W_hn h + b_hn
-        batch, steps, width = projected.shape
-        hidden = width // 3
-        gates = torch.empty_like(projected)  # σ(r), σ(z), tanh(n)
-        hidden_side = torch.empty_like(projected)  # W_hh h + b_hh
-        out = projected.new_empty(batch, steps, hidden)
-        w_t = w_hh.t()
-        h = h0
-        for t in order:
-            gh = (torch.mm(h, w_t, out=hidden_side[:, t]) if b_hh is None
-                  else torch.addmm(b_hh, h, w_t, out=hidden_side[:, t]))
-            a, xp = gates[:, t], projected[:, t]
-            torch.add(xp[:, :2 * hidden], gh[:, :2 * hidden], out=a[:, :2 * hidden]).sigmoid_()
-            n = torch.addcmul(xp[:, 2 * hidden:], a[:, :hidden], gh[:, 2 * hidden:], out=a[:, 2 * hidden:]).tanh_()
-            h = torch.addcmul(n, a[:, hidden:2 * hidden], h - n, out=out[:, t])
+    def __init__(self, x, h, h0, c0, w_ih, w_hh, b_ih, b_hh, order, mode):
+        batch, steps, hidden = h.shape
         self.order, self.w_hh = order, w_hh
-        self.gates, self.hidden_n, self.out = gates, hidden_side[..., 2 * hidden:], out
-        self.h_prev = _previous(out, h0, order)
-        return self
+        self.h_prev = _previous(h, h0, order)
+        gi = _linear(x, w_ih, b_ih).view(batch, steps, 3 * hidden)
+        gh = _linear(self.h_prev, w_hh, b_hh).view(batch, steps, 3 * hidden)  # r multiplies its n block
+        gates = torch.empty_like(gi)
+        torch.add(gi[..., :2 * hidden], gh[..., :2 * hidden], out=gates[..., :2 * hidden]).sigmoid_()
+        torch.addcmul(gi[..., 2 * hidden:], gates[..., :hidden], gh[..., 2 * hidden:],
+                      out=gates[..., 2 * hidden:]).tanh_()
+        self.gates, self.hidden_n = gates, gh[..., 2 * hidden:]
 
     def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
         """(δ ``[B, T, 3H]`` on the input side, δʰ on the hidden side).
@@ -337,52 +347,42 @@ class _GRUTrace:
         hidden = width // 3
         r, z, n = self.gates.view(batch, steps, 3, hidden).unbind(2)
         d_n = (1 - z) * (1 - n * n)
-        factors = torch.stack([d_n * self.hidden_n * r * (1 - r), (self.h_prev - n) * z * (1 - z), d_n * r, d_n], 2)
+        factors = torch.stack([d_n * self.hidden_n * r * (1 - r), (self.h_prev - n) * z * (1 - z), d_n * r, d_n],
+                              2).unbind(1)
         blocks = self.gates.new_empty(batch, steps, 4, hidden)
+        block_steps, hidden_side = blocks.unbind(1), blocks[:, :, :3].reshape(batch, steps, width).unbind(1)
+        updates, d_outs = z.unbind(1), d_out.unbind(1)
         dh, later = None, None
         for t in reversed(self.order):
             if later is None:
-                dh = d_out[:, t] + d_hn
+                dh = d_outs[t] + d_hn
             else:
-                dh = torch.addmm(torch.addcmul(d_out[:, t], dh, z[:, later]), blocks[:, later, :3].view(batch, width),
-                                 self.w_hh)
-            torch.mul(factors[:, t], dh.unsqueeze(1), out=blocks[:, t])
+                dh = torch.addmm(torch.addcmul(d_outs[t], dh, updates[later]), hidden_side[later], self.w_hh)
+            torch.mul(factors[t], dh.unsqueeze(1), out=block_steps[t])
             later = t
         delta_h = blocks[:, :, :3].reshape(batch, steps, width).contiguous()
         delta_x = blocks[:, :, [0, 1, 3]].reshape(batch, steps, width)
         return delta_x, delta_h
 
 
-class _RNNTrace:
-    """One Elman RNN direction (tanh or relu), and BPTT: δ_t = dh_t ∘ act'(h_t)."""
+class _RNNCell:
+    """Elman RNN (tanh or relu), and BPTT: δ_t = dh_t ∘ act'(h_t)."""
 
-    @classmethod
-    def forward(cls, x, w_ih, w_hh, b_ih, b_hh, h0, c0, order, mode):
-        self = cls()
-        projected = _input_projection(x, w_ih, _combined(b_ih, b_hh))
-        out = torch.empty_like(projected)
-        w_t = w_hh.t()
-        h = h0
-        for t in order:
-            h = torch.addmm(projected[:, t], h, w_t, out=out[:, t])
-            if mode == "RNN_TANH":
-                h.tanh_()
-            else:
-                h.relu_()
-        self.order, self.w_hh, self.mode, self.out = order, w_hh, mode, out
-        self.h_prev = _previous(out, h0, order)
-        return self
+    def __init__(self, x, h, h0, c0, w_ih, w_hh, b_ih, b_hh, order, mode):
+        self.order, self.w_hh = order, w_hh
+        self.h_prev = _previous(h, h0, order)
+        # relu's gradient is taken where the output is > 0, as autograd's threshold_backward does.
+        self.slope = 1 - h * h if mode == "RNN_TANH" else (h > 0).to(h.dtype)
 
     def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
-        # relu's gradient is taken where the output is > 0, as autograd's threshold_backward does.
-        slope = 1 - self.out * self.out if self.mode == "RNN_TANH" else (self.out > 0).to(self.out.dtype)
-        delta = torch.empty_like(self.out)
+        delta = torch.empty_like(self.slope)
+        delta_steps, slopes, d_outs = delta.unbind(1), self.slope.unbind(1), d_out.unbind(1)
         later = None
         for t in reversed(self.order):
-            dh = d_out[:, t] + d_hn if later is None else torch.addmm(d_out[:, t], delta[:, later], self.w_hh)
-            torch.mul(dh, slope[:, t], out=delta[:, t])
+            dh = d_outs[t] + d_hn if later is None else torch.addmm(d_outs[t], delta_steps[later], self.w_hh)
+            torch.mul(dh, slopes[t], out=delta_steps[t])
             later = t
         return delta, delta
 
 
-_CELLS = {"LSTM": _LSTMTrace, "GRU": _GRUTrace, "RNN_TANH": _RNNTrace, "RNN_RELU": _RNNTrace}
+_CELLS = {"LSTM": _LSTMCell, "GRU": _GRUCell, "RNN_TANH": _RNNCell, "RNN_RELU": _RNNCell}
