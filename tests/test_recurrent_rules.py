@@ -9,6 +9,7 @@ from torch import nn
 import persample
 from persample import NotExact
 from persample.engines.fast import engine as engine_module
+from persample.engines.fast import recurrent
 
 from zoo import assert_dicts_close, oracle_grads
 
@@ -72,6 +73,20 @@ def fallback_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def consistency(monkeypatch):
+    """The verdicts of the check that takes a call's output as the top layer's hidden states."""
+    verdicts = []
+    real = recurrent._consistent
+
+    def spy(recomputed, known):
+        verdicts.append(real(recomputed, known))
+        return verdicts[-1]
+
+    monkeypatch.setattr(recurrent, "_consistent", spy)
+    return verdicts
+
+
 def assert_equals_oracle(model, x, y, **kw):
     grads, losses = oracle_grads(model, _loss, x, y)
     stats = persample.grad_stats(model, _loss, x, y, engine="fast", inner_products=True, **kw)
@@ -111,11 +126,45 @@ CLOSED = {
 
 @pytest.mark.parametrize("use", ["out", "hn", "both"])
 @pytest.mark.parametrize("name", list(CLOSED))
-def test_closed_form_equals_the_oracle(name, use, fallback_calls):
+def test_closed_form_equals_the_oracle(name, use, fallback_calls, consistency):
+    """Top layer from the call's output (checked against the cell equations)."""
     model = _build(CLOSED[name], use=use)
     x, y = _batch()
     assert_equals_oracle(model, x, y)
     assert not fallback_calls, "the recurrent layer took the torch.func fallback"
+    assert consistency and all(consistency), "the call's output was not taken as the top layer's states"
+
+
+@pytest.mark.parametrize("name", list(CLOSED))
+def test_closed_form_with_the_recurrence_recomputed(name, fallback_calls, monkeypatch):
+    """Every layer recomputed step by step (as when the call's output does not check out)."""
+    monkeypatch.setattr(recurrent, "_consistent", lambda recomputed, known: False)
+    model = _build(CLOSED[name], use="both")
+    x, y = _batch(8)
+    assert_equals_oracle(model, x, y)
+    assert not fallback_calls
+
+
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN, nn.LSTM])
+def test_output_changed_in_place_after_the_call(cell, fallback_calls, consistency):
+    """An output modified in place is not the layer's hidden states: the recurrence is recomputed.
+
+    (float64 LSTM returns a view, and a tensor hook on a view modified in place never fires, so its
+    gradient is not captured at all; then the sums disagree with autograd's and the engine refuses,
+    as it did with the torch.func fallback. Never a silently wrong number.)"""
+    def masked(rnn, seq):
+        out, state = rnn(seq)
+        out[:, 2:].mul_(0.5)
+        return out, state
+    model = _build(lambda: cell(IN, H, batch_first=True), use="both", call=masked)
+    x, y = _batch(9)
+    try:
+        assert_equals_oracle(model, x, y)
+    except NotExact:
+        assert cell is nn.LSTM
+        return
+    assert not fallback_calls
+    assert consistency == [False]
 
 
 @pytest.mark.parametrize("name", ["lstm-2layer-bidirectional-seq-first", "gru-2layer-bidirectional",
@@ -149,7 +198,7 @@ def test_layer_called_twice(fallback_calls):
     assert not fallback_calls
 
 
-def test_benchmark_shaped_lstm_in_float32(fallback_calls):
+def test_benchmark_shaped_lstm_in_float32(fallback_calls, consistency):
     """Embedding → LSTM → Linear on the last state (the lstm benchmark, smaller), in float32."""
     class Classifier(nn.Module):
         def __init__(self):
@@ -168,6 +217,7 @@ def test_benchmark_shaped_lstm_in_float32(fallback_calls):
     grads, _ = oracle_grads(model.double(), _loss, tokens, y)
     stats = persample.grad_stats(model.float(), _loss, tokens, y, engine="fast")
     assert not fallback_calls
+    assert consistency == [True]  # oneDNN's forward and the cell equations agree to rounding
     for k, g in grads.items():
         torch.testing.assert_close(stats.mean[k].double(), g.mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.var[k].double(), g.var(0), rtol=1e-3, atol=1e-7)
