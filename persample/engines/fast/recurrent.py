@@ -4,13 +4,12 @@ These modules have no layer rule: they stay fallback units, whose per-example gr
 checks, summed, against autograd's. Instead of ``vmap`` over the ``vjp`` of the whole module, one
 captured call is worked out layer by layer (no autograd, no per-example loop):
 
-1. the layer's hidden states h_t, recomputed by the op the module's forward runs (``torch.lstm`` and
-   friends, one layer at a time, so that a Python loop over steps is never needed for the forward;
-   the captured output is not reused: it holds only the top layer's, and may have been changed in
-   place after the call);
-2. from h_{t-1} and x_t, every step's gates in a few batched ops (LSTM's cell state is an elementwise
-   recurrence, one fused op per step);
-3. back-propagation through time written out, which gives every example's gradient of every step's
+1. the top layer's hidden states h_t are the call's output, if the cell equations, evaluated on it
+   (each step from the output's previous step), reproduce it to rounding; then h_{t-1} and every
+   step's gates come out of a few batched ops (LSTM's cell state is an elementwise recurrence, one
+   fused op per step). Lower layers, and an output that does not check out (changed in place after
+   the call), are recomputed step by step from their inputs;
+2. back-propagation through time written out (the cells' own derivatives, no autograd), which gives every example's gradient of every step's
    gate pre-activations: δ_t (input side) and δʰ_t (hidden side; the same tensor except for GRU's n
    gate, δʰ_n = δ_n ∘ r). Then, for example i, with x_t the layer's input and h_{t-1} the hidden state
    step t read (h0 at the first):
