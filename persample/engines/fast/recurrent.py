@@ -9,10 +9,10 @@ captured call is worked out layer by layer (no autograd, no per-example loop):
    step's gates come out of a few batched ops (LSTM's cell state is an elementwise recurrence, one
    fused op per step). Lower layers, and an output that does not check out (changed in place after
    the call), are recomputed step by step from their inputs;
-2. back-propagation through time written out (the cells' own derivatives, no autograd), which gives every example's gradient of every step's
-   gate pre-activations: δ_t (input side) and δʰ_t (hidden side; the same tensor except for GRU's n
-   gate, δʰ_n = δ_n ∘ r). Then, for example i, with x_t the layer's input and h_{t-1} the hidden state
-   step t read (h0 at the first):
+2. back-propagation through time written out (the cells' own derivatives, no autograd), which gives
+   every example's gradient of every step's gate pre-activations: δ_t (input side) and δʰ_t (hidden
+   side; the same tensor except for GRU's n gate, δʰ_n = δ_n ∘ r). Then, for example i, with x_t the
+   layer's input and h_{t-1} the hidden state step t read (h0 at the first):
 
     W_ih: Σ_t δ_t x_tᵀ     W_hh: Σ_t δʰ_t h_{t-1}ᵀ     b_ih: Σ_t δ_t     b_hh: Σ_t δʰ_t
 
@@ -256,6 +256,16 @@ def _tanh_(t: Tensor) -> Tensor:
     return t.mul_(2).sigmoid_().mul_(2).sub_(1)
 
 
+def _sigmoid_slope(a: Tensor) -> Tensor:
+    """σ' from σ's output a: a − a² (one fused op)."""
+    return torch.addcmul(a, a, a, value=-1)
+
+
+def _tanh_slope(a: Tensor) -> Tensor:
+    """tanh' from tanh's output a: 1 − a² (one fused op)."""
+    return torch.addcmul(a.new_ones(()), a, a, value=-1)
+
+
 #: How far (relative to 1 + max |h|) the call's output may be from the cell equations evaluated on it
 #: (each step from the output's previous step) and still be taken as the layer's hidden states.
 #: Recomputing in another order (matmul blocking, oneDNN's fused kernels) moves h by 1–3 ulps (float32,
@@ -337,12 +347,12 @@ class _LSTMCell:
         c_prev = _previous(self.cells, self.c0, self.order)
         tanh_c = self.tanh_cells
         # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R.
-        slope_i, slope_f, _, slope_o = (self.gates * (1 - self.gates)).unbind(2)  # σ' (the g block unused)
+        slope_i, slope_f, _, slope_o = _sigmoid_slope(self.gates).unbind(2)  # (the g block unused)
         p = self.gates.new_empty(batch, steps, 3, hidden)
         torch.mul(g, slope_i, out=p[:, :, 0])
         torch.mul(c_prev, slope_f, out=p[:, :, 1])
-        torch.mul(i, 1 - g * g, out=p[:, :, 2])
-        p, q, r = p.unbind(1), (tanh_c * slope_o).unbind(1), (o * (1 - tanh_c * tanh_c)).unbind(1)
+        torch.mul(i, _tanh_slope(g), out=p[:, :, 2])
+        p, q, r = p.unbind(1), (tanh_c * slope_o).unbind(1), (o * _tanh_slope(tanh_c)).unbind(1)
         forgets, d_outs = f.unbind(1), d_out.unbind(1)
         delta = self.gates.new_empty(batch, steps, 4, hidden)
         delta_ifg, delta_o = delta[:, :, :3].unbind(1), delta[:, :, 3].unbind(1)
@@ -411,9 +421,9 @@ class _GRUCell:
         batch, steps, width = self.gates.shape
         hidden = width // 3
         r, z, n = self.gates.view(batch, steps, 3, hidden).unbind(2)
-        d_n = (1 - z) * (1 - n * n)
-        factors = torch.stack([d_n * self.hidden_n * r * (1 - r), (self.h_prev - n) * z * (1 - z), d_n * r, d_n],
-                              2).unbind(1)
+        d_n = (1 - z) * _tanh_slope(n)
+        factors = torch.stack([d_n * self.hidden_n * _sigmoid_slope(r), (self.h_prev - n) * _sigmoid_slope(z),
+                               d_n * r, d_n], 2).unbind(1)
         blocks = self.gates.new_empty(batch, steps, 4, hidden)
         block_steps, hidden_side = blocks.unbind(1), blocks[:, :, :3].reshape(batch, steps, width).unbind(1)
         updates, d_outs = z.unbind(1), d_out.unbind(1)
@@ -449,7 +459,7 @@ class _RNNCell:
             self.h_prev = _previous(h, h0, order)
         self.out = h
         # relu's gradient is taken where the output is > 0, as autograd's threshold_backward does.
-        self.slope = 1 - h * h if mode == "RNN_TANH" else (h > 0).to(h.dtype)
+        self.slope = _tanh_slope(h) if mode == "RNN_TANH" else (h > 0).to(h.dtype)
 
     def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
         delta = torch.empty_like(self.slope)
