@@ -346,26 +346,33 @@ class _LSTMCell:
         i, f, g, o = self.gates.unbind(2)
         c_prev = _previous(self.cells, self.c0, self.order)
         tanh_c = self.tanh_cells
-        # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R.
+        # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R;
+        # stored time-major, so that every step reads and writes contiguous blocks.
         slope_i, slope_f, _, slope_o = _sigmoid_slope(self.gates).unbind(2)  # (the g block unused)
-        p = self.gates.new_empty(batch, steps, 3, hidden)
-        torch.mul(g, slope_i, out=p[:, :, 0])
-        torch.mul(c_prev, slope_f, out=p[:, :, 1])
-        torch.mul(i, _tanh_slope(g), out=p[:, :, 2])
-        p, q, r = p.unbind(1), (tanh_c * slope_o).unbind(1), (o * _tanh_slope(tanh_c)).unbind(1)
-        forgets, d_outs = f.unbind(1), d_out.unbind(1)
-        delta = self.gates.new_empty(batch, steps, 4, hidden)
-        delta_ifg, delta_o = delta[:, :, :3].unbind(1), delta[:, :, 3].unbind(1)
-        delta_flat = delta.view(batch, steps, 4 * hidden).unbind(1)
-        dc, later = d_cn, None
+        p, q, r, forgets = (self.gates.new_empty(steps, batch, *shape) for shape in ((3, hidden), (hidden,),
+                                                                                   (hidden,), (hidden,)))
+        torch.mul(g, slope_i, out=p.transpose(0, 1)[:, :, 0])
+        torch.mul(c_prev, slope_f, out=p.transpose(0, 1)[:, :, 1])
+        torch.mul(i, _tanh_slope(g), out=p.transpose(0, 1)[:, :, 2])
+        torch.mul(tanh_c, slope_o, out=q.transpose(0, 1))
+        torch.mul(o, _tanh_slope(tanh_c), out=r.transpose(0, 1))
+        forgets.transpose(0, 1).copy_(f)
+        delta = self.gates.new_empty(steps, batch, 4, hidden)
+        # Per-step views made once (unbind costs a fraction of indexing at every step).
+        p, q, r, forgets, d_outs = p.unbind(0), q.unbind(0), r.unbind(0), forgets.unbind(0), d_out.unbind(1)
+        delta_flat, delta_ifg, delta_o = delta.view(steps, batch, -1).unbind(0), delta[:, :, :3].unbind(0), \
+            delta[:, :, 3].unbind(0)
+        dc = d_cn.unsqueeze(1).clone()  # [B, 1, H], broadcast over the three blocks it scales
+        dc_flat = dc.view(batch, hidden)
+        later = None
         for t in reversed(self.order):
             dh = d_outs[t] + d_hn if later is None else torch.addmm(d_outs[t], delta_flat[later], self.w_hh)
-            dc = torch.addcmul(dc, dh, r[t])
-            torch.mul(p[t], dc.unsqueeze(1), out=delta_ifg[t])
+            dc_flat.addcmul_(dh, r[t])
+            torch.mul(p[t], dc, out=delta_ifg[t])
             torch.mul(q[t], dh, out=delta_o[t])
-            dc.mul_(forgets[t])  # the part of dc_{t−1} that flows through c_t
+            dc_flat.mul_(forgets[t])  # the part of dc_{t−1} that flows through c_t
             later = t
-        delta = delta.view(batch, steps, 4 * hidden)
+        delta = delta.transpose(0, 1).reshape(batch, steps, 4 * hidden)
         return delta, delta
 
 
