@@ -230,7 +230,9 @@ def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: T
             found[f"weight_{kind}{suffix}"] = OuterPiece(act, delta, weights[f"weight_{kind}{suffix}"].shape,
                                                          scale=grad_scale)
         if f"bias_{kind}{suffix}" in unit.params:
-            found[f"bias_{kind}{suffix}"] = DensePiece(delta.sum(1), grad_scale)
+            same = kind == "hh" and delta is delta_x and f"bias_ih{suffix}" in found  # LSTM, RNN: b_hh's = b_ih's
+            per_example = found[f"bias_ih{suffix}"].per_example.clone() if same else delta.sum(1)
+            found[f"bias_{kind}{suffix}"] = DensePiece(per_example, grad_scale)
     return found
 
 
