@@ -297,7 +297,12 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
 
 
 def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
-    """Per-example gradients of a rule-less module: vmap over the vjp of the module alone."""
+    """Per-example gradients of a rule-less module: vmap over the vjp of the module alone (recurrent
+    layers: their closed form from :mod:`.recurrent` where it applies; summed, both are checked)."""
+    from .recurrent import recurrent_pieces
+    closed = recurrent_pieces(unit, call, batch_size, grad_scale)
+    if closed is not None:
+        return closed
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
     out_leaves, out_spec = tree_flatten(call.output)
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
