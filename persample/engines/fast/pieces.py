@@ -105,21 +105,13 @@ class Piece:
         """A reduction of h turned into that of g: t · scale**power."""
         return t * self.scale ** power if self.scale != 1.0 else t
 
-    def chunks(self, keep: bool = True):
-        """(start, stop, h[start:stop]) over the batch; a batch that fits one chunk is formed once
-        (and kept for later reductions unless ``keep`` is False)."""
+    def chunks(self):
+        """(start, stop, h[start:stop]) over the batch, each chunk formed when it is reached and valid
+        until the next one (pieces that take ``out`` reuse one buffer). Nothing is kept, so a
+        reduction's extra memory is one chunk, whatever the number of parameters."""
         numel = max(1, self.shape.numel())
-        step = max(1, min(CHUNK_ELEMENTS // numel, self.max_chunk_examples))
-        if step >= self.batch_size and not keep and "_whole" not in self.__dict__:
-            yield 0, self.batch_size, self._unscaled(0, self.batch_size)
-            return
-        if step >= self.batch_size:
-            whole = self.__dict__.get("_whole")
-            if whole is None:
-                whole = self.__dict__["_whole"] = self._unscaled(0, self.batch_size)
-            yield 0, self.batch_size, whole
-            return
-        scratch = self._scratch(step * numel)  # chunks are consumed one at a time: one buffer serves all
+        step = max(1, min(CHUNK_ELEMENTS // numel, self.max_chunk_examples, self.batch_size))
+        scratch = self._scratch(step * numel) if step < self.batch_size else None
         for start in range(0, self.batch_size, step):
             stop = min(start + step, self.batch_size)
             yield start, stop, self._unscaled(start, stop, out=scratch)
@@ -131,16 +123,18 @@ class Piece:
     def _chunk_pass(self, mean: Tensor | None) -> Tensor:
         """Σ_i (h_i − c)∘(h_i − c) for c = ḡ/scale (c = 0 when ``mean`` is None) in one pass over
         the chunks, keeping ‖h_i‖² from the same chunks (``_chunk_norms``), so that the norms cost
-        no second formation."""
-        norms, total, center = [], None, None
-        for _, _, h in self.chunks():
+        no second formation. Sums over examples are matrix-vector products (see ``moments``)."""
+        norms, total, center, d = [], None, None, None
+        for start, stop, h in self.chunks():
+            flat = h.reshape(stop - start, -1)
+            norms.append(_sq_norms(flat))
             if mean is not None and center is None:
-                center = self._center(mean, h)
-            norms.append(_sq_norms(h))
-            squares = sum_of_squares(h, center)
-            total = squares if total is None else total.add_(squares)
+                center = self._center(mean, h).reshape(-1)
+            d = (torch.sub(flat, center, out=None if d is None else d[:stop - start]) if center is not None
+                 else torch.square(flat, out=None if d is None else d[:stop - start]))
+            total = _accumulate(total, _column_sums(d.square_() if center is not None else d))
         self.__dict__["_chunk_norms"] = torch.cat(norms)
-        return total
+        return total.view(self.shape)
 
     def _center(self, mean: Tensor, like: Tensor) -> Tensor:
         """ḡ/scale, the centre of the unscaled h_i, shaped and typed like one h_i of ``like``."""
@@ -158,7 +152,7 @@ class Piece:
         must be used. Sums over examples are one matrix-vector product per chunk; the norms
         ‖g_i‖² are kept from the same chunks."""
         norms, shift, total, squares, d = [], None, None, None, None
-        for start, stop, h in self.chunks(keep=False):  # formed once, and dropped after
+        for start, stop, h in self.chunks():
             flat = h.reshape(stop - start, -1)
             norms.append(_sq_norms(flat))
             if var:
