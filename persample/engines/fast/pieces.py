@@ -120,21 +120,32 @@ class Piece:
         """A buffer ``_unscaled`` can write chunks into, for pieces that use ``out``."""
         return None
 
-    def _chunk_pass(self, mean: Tensor | None) -> Tensor:
-        """Σ_i (h_i − c)∘(h_i − c) for c = ḡ/scale (c = 0 when ``mean`` is None) in one pass over
-        the chunks, keeping ‖h_i‖² from the same chunks (``_chunk_norms``), so that the norms cost
-        no second formation. Sums over examples are matrix-vector products (see ``moments``)."""
-        norms, total, center, d = [], None, None, None
+    def _chunk_pass(self, mean: Tensor | None = None, *, shift: bool = False, sums: bool = False,
+                    squares: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """One pass over the formed chunks: (c, Σ_i d_i, Σ_i d_i∘d_i) for d_i = h_i − c, flat, where c
+        is ḡ/scale for ``mean``, the first chunk's mean with ``shift``, else 0 (then c is None);
+        each sum only when asked for. ‖h_i‖² are kept from the same chunks (``_chunk_norms``), so
+        the norms cost no second formation. Sums over examples are matrix-vector products; the
+        formed chunks are never written into (they may be views of stored gradients)."""
+        norms, center, total, squared, buffer = [], None, None, None, None
         for start, stop, h in self.chunks():
             flat = h.reshape(stop - start, -1)
             norms.append(_sq_norms(flat))
-            if mean is not None and center is None:
+            if center is None and mean is not None:
                 center = self._center(mean, h).reshape(-1)
-            d = (torch.sub(flat, center, out=None if d is None else d[:stop - start]) if center is not None
-                 else torch.square(flat, out=None if d is None else d[:stop - start]))
-            total = _accumulate(total, _column_sums(d.square_() if center is not None else d))
+            elif center is None and shift:
+                center = _column_sums(flat) / (stop - start)  # a new tensor: chunks reuse one buffer
+            out = None if buffer is None else buffer[:stop - start]
+            values = flat if center is None else torch.sub(flat, center, out=out)
+            if sums:
+                total = _accumulate(total, _column_sums(values))
+            if squares:
+                values = torch.square(flat, out=out) if values is flat else values.square_()
+                squared = _accumulate(squared, _column_sums(values))
+            if buffer is None and values is not flat:
+                buffer = values  # the next chunks' d_i go here
         self.__dict__["_chunk_norms"] = torch.cat(norms)
-        return total.view(self.shape)
+        return center, total, squared
 
     def _center(self, mean: Tensor, like: Tensor) -> Tensor:
         """ḡ/scale, the centre of the unscaled h_i, shaped and typed like one h_i of ``like``."""
@@ -151,19 +162,7 @@ class Piece:
         ``suspect`` still flags S > ``cancellation_limit``·M2, where ``centered_second_moment``
         must be used. Sums over examples are one matrix-vector product per chunk; the norms
         ‖g_i‖² are kept from the same chunks."""
-        norms, shift, total, squares, d = [], None, None, None, None
-        for start, stop, h in self.chunks():
-            flat = h.reshape(stop - start, -1)
-            norms.append(_sq_norms(flat))
-            if var:
-                if shift is None:
-                    shift = _column_sums(flat) / (stop - start)  # a new tensor: chunks reuse one buffer
-                d = torch.sub(flat, shift, out=None if d is None else d[:stop - start])
-            centered = d if var else flat
-            total = _accumulate(total, _column_sums(centered))
-            if var:
-                squares = _accumulate(squares, _column_sums(centered.square_()))
-        self.__dict__["_chunk_norms"] = torch.cat(norms)
+        shift, total, squares = self._chunk_pass(shift=var, sums=True, squares=var)
         if not var:
             return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
         m2 = squares.addcmul(total, total, value=-1.0 / self.batch_size)
@@ -179,12 +178,12 @@ class Piece:
 
     def second_moment(self) -> Tensor:
         """Σ_i g_i∘g_i."""
-        return self._scaled(self._chunk_pass(None), 2)
+        return self._scaled(self._chunk_pass()[2].view(self.shape), 2)
 
     def centered_second_moment(self, mean: Tensor) -> Tensor:
         """M2 = Σ_i (g_i − ḡ)² for ḡ = ``mean``, accumulated from the centred h_i − ḡ/s (two-pass:
         no cancellation, whatever |ḡ|/σ is). Forms every g_i, in chunks."""
-        return self._scaled(self._chunk_pass(mean), 2)
+        return self._scaled(self._chunk_pass(mean)[2].view(self.shape), 2)
 
     def quick_centered_second_moment(self, mean: Tensor) -> tuple[Tensor, Tensor | None]:
         """(M2, suspect): M2 by the cheapest exact formula this piece has, and a 0-d bool tensor that
