@@ -83,7 +83,8 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
             raise NotExact(audit.escape)
         derived = derived_parameters(units, params, var)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
-        edges = [edge for unit in units if any(id(p) in derived.values() for p in unit.params.values())
+        derived_ids = {id(params[name]) for name in derived}
+        edges = [edge for unit in units if any(id(p) in derived_ids for p in unit.params.values())
                  for call in unit.calls for edge in call.edges]
         grads = _autograd_means(mean_loss, list(from_autograd.values()) + edges)
     means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)}
@@ -114,8 +115,8 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
 MIN_POSITIONS_TO_FORM = 8
 
 
-def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> dict[str, int]:
-    """The parameters (name → id) whose mean is Σ_i g_i from their pieces instead of autograd's.
+def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> set[str]:
+    """The names of the parameters whose mean is Σ_i g_i from their pieces instead of autograd's.
 
     A unit qualifies when the reductions form its weight's g_i anyway: a convolution, or a
     Linear on T > 1 positions when the variance is wanted or T ≥ :data:`MIN_POSITIONS_TO_FORM`.
@@ -129,12 +130,10 @@ def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: 
     for unit in units:
         for p in unit.params.values():
             users.setdefault(id(p), []).append(unit)
-    derived = {}
-    for name, p in params.items():
-        found = users.get(id(p), [])
-        if found and all(u.rule is not None for u in found) and any(_forms_weight_gradients(u, var) for u in found):
-            derived[name] = id(p)
-    return derived
+    forming = {id(u) for u in units if u.rule is not None and _forms_weight_gradients(u, var)}
+    return {name for name, p in params.items()
+            if (found := users.get(id(p))) and all(u.rule is not None for u in found)
+            and any(id(u) in forming for u in found)}
 
 
 def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
