@@ -12,6 +12,7 @@ gets them unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -30,6 +31,11 @@ class Batch:
     targets: Any
     size: int
     options: dict = field(default_factory=dict)  # keyword inputs without tensors, passed as they are
+
+    @cached_property
+    def input_leaves(self) -> list[Tensor]:
+        """The tensors of ``args`` and ``kwargs``, flattened once."""
+        return tree_flatten((self.args, self.kwargs))[0]
 
     def slice(self, start: int, stop: int) -> "Batch":
         """Examples ``start:stop`` as a new batch (views, no copies)."""
@@ -101,7 +107,9 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
                 f"{target_sizes.pop()} (both must be batched on dim 0)")
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples on dim 0")
-    return Batch(args, kwargs, targets, size, options)
+    batch = Batch(args, kwargs, targets, size, options)
+    batch.__dict__["input_leaves"] = input_leaves  # cached_property's slot: flattened once
+    return batch
 
 
 def _is_option(value: Any) -> bool:
@@ -115,4 +123,4 @@ def one_example(obj: Any) -> Any:
 
 
 def device_of(batch: Batch) -> torch.device:
-    return _leaves((batch.args, batch.kwargs), "inputs")[0].device
+    return batch.input_leaves[0].device

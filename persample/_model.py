@@ -15,7 +15,7 @@ from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
-           "backward_hooked_module", "autocast_state", "autocast_as"]
+           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -77,6 +77,8 @@ def check_supported(model: nn.Module, randomness: str) -> None:
             "persample computes gradients, which torch.inference_mode() forbids: call it outside the "
             "`with torch.inference_mode():` block (torch.no_grad() around it is fine)")
     for name, module in model.named_modules():
+        if not isinstance(module, (_BatchNorm, _DropoutNd, nn.AlphaDropout, nn.RNNBase)):
+            continue  # only these can couple examples or draw random numbers
         label = module_label(name, module)
         if isinstance(module, _BatchNorm) and module.training:
             raise UnsupportedModelError(
@@ -209,6 +211,18 @@ def autocast_as(state: AutocastState | None) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------- hooks
 
+def has_gradient_hooks(model: nn.Module) -> bool:
+    """Whether a trainable parameter has a tensor hook or a module a backward hook (its own or global):
+    one walk over the modules' own dicts; :func:`hooked_parameters` and :func:`backward_hooked_module`
+    then name them."""
+    from torch.nn.modules import module as module_lib
+    if getattr(module_lib, "_global_backward_hooks", None) or getattr(module_lib, "_global_backward_pre_hooks", None):
+        return True
+    return any(m._backward_hooks or m._backward_pre_hooks
+               or any(p is not None and p.requires_grad and p._backward_hooks for p in m._parameters.values())
+               for m in model.modules())
+
+
 def hooked_parameters(model: nn.Module) -> list[str]:
     """Trainable parameters with tensor hooks (``p.register_hook``), which change their gradient."""
     return [n for n, p in model.named_parameters() if p.requires_grad and p._backward_hooks]
@@ -226,9 +240,17 @@ def backward_hooked_module(model: nn.Module) -> str | None:
     return None
 
 
-def mutated_in_forward(model: nn.Module) -> list[Tensor]:
-    """Parameters that a forward changes in place (``nn.Embedding(max_norm=...)`` renormalises rows)."""
-    return [m.weight for m in model.modules() if isinstance(m, nn.Embedding) and m.max_norm is not None]
+def mutated_in_forward(modules) -> list[Tensor]:
+    """Parameters that a forward changes in place (``nn.Embedding(max_norm=...)`` renormalises rows),
+    among ``modules`` (a model's ``modules()``)."""
+    return [m.weight for m in modules if isinstance(m, nn.Embedding) and m.max_norm is not None]
+
+
+def _unique(tensors) -> list[Tensor]:
+    """The tensors that are not None, each once (shared parameters and buffers), in order: what
+    ``model.parameters()`` / ``model.buffers()`` give, gathered from the modules' own dicts in one walk."""
+    seen: set[int] = set()
+    return [t for t in tensors if t is not None and id(t) not in seen and not seen.add(id(t))]
 
 
 @contextlib.contextmanager
@@ -239,10 +261,12 @@ def preserved_state(model: nn.Module, *, restore_buffers: bool = True, fork_rng:
     ``fork_rng`` (not a training step), parameters that a forward changes in place
     (``Embedding(max_norm=...)``) are restored too.
     """
-    flags = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    buffers = ([(b, b.detach().clone()) for b in model.buffers()] if restore_buffers else [])
-    buffers += [(p, p.detach().clone()) for p in (mutated_in_forward(model) if fork_rng else [])]
+    modules = list(model.modules())
+    flags = [(m, m.training) for m in modules]
+    grads = [(p, p.grad) for p in _unique(t for m in modules for t in m._parameters.values())]
+    buffers = ([(b, b.detach().clone()) for b in _unique(t for m in modules for t in m._buffers.values())]
+               if restore_buffers else [])
+    buffers += [(p, p.detach().clone()) for p in (mutated_in_forward(modules) if fork_rng else [])]
     rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng)
     with rng:
         try:

@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .._batch import Batch, one_example
-from .._model import (backward_hooked_module, detached_buffers, first_random_module, hooked_parameters,
-                      is_vmap_randomness_error, randomness_error, trainable_parameters, cuda_devices)
+from .._model import (backward_hooked_module, detached_buffers, first_random_module, has_gradient_hooks,
+                      hooked_parameters, is_vmap_randomness_error, randomness_error, trainable_parameters, cuda_devices)
 from ..errors import NotExact
 from ..stats import GradStats
 from ._functional import vmap_friendly_modules
@@ -79,6 +79,8 @@ def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: d
 def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
     """Raise :class:`NotExact` for hooks that change gradients but that ``engine`` cannot apply per
     example: tensor hooks on parameters, and module backward hooks (the ``loop`` engine honours both)."""
+    if not has_gradient_hooks(model):
+        return
     hooked = hooked_parameters(model)
     if hooked:
         raise NotExact(f"parameter {hooked[0]!r} has a gradient hook (p.register_hook), which the {engine} "

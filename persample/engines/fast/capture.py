@@ -85,17 +85,19 @@ def find_units(model: nn.Module) -> list[Unit]:
     units: list[Unit] = []
     below: dict[nn.Module, bool] = {}
 
+    def trainable_here(module: nn.Module) -> bool:
+        return any(p is not None and p.requires_grad for p in module._parameters.values())
+
     def trainable_below(module: nn.Module) -> bool:
         if module not in below:
-            below[module] = (any(p.requires_grad for p in module.parameters(recurse=False))
-                             or any([trainable_below(c) for c in module.children()]))
+            below[module] = trainable_here(module) or any([trainable_below(c) for c in module.children()])
         return below[module]
 
     def visit(prefix: str, module: nn.Module) -> None:
         if not trainable_below(module):
             return
         rule = find_rule(module)
-        if rule is not None or any(p.requires_grad for p in module.parameters(recurse=False)):
+        if rule is not None or trainable_here(module):
             trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
             units.append(Unit(prefix, module, rule, trainable))
             return

@@ -158,8 +158,7 @@ def _autograd_means(mean_loss: Tensor, inputs: list) -> tuple:
 
 
 def _input_has_batch_sized_dim(batch: Batch) -> bool:
-    leaves, _ = tree_flatten((batch.args, batch.kwargs))
-    return any(isinstance(t, Tensor) and batch.size in tuple(t.shape[1:]) for t in leaves)
+    return any(isinstance(t, Tensor) and batch.size in tuple(t.shape[1:]) for t in batch.input_leaves)
 
 
 def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_size: int) -> Tensor:
