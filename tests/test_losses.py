@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from persample.engines.fast.losses import closed_form_losses
+from persample.engines.fast.losses import closed_form_losses, traced_standard_loss
 
 torch.manual_seed(0)
 WEIGHTS = torch.rand(5, dtype=torch.float64) + 0.1
@@ -82,3 +82,19 @@ def _raises_on_batches(o, t):
 ])
 def test_no_closed_form_falls_back(loss_fn, output, target):
     assert closed_form_losses(loss_fn, output, target) is None
+
+
+def test_the_trace_stops_at_the_first_operation_that_is_not_the_loss_call():
+    """A language-model loss that slices the logits first is not standard: the trace must stop there
+    instead of running the rest of loss_fn (a full cross-entropy, computed again by vmap after it)."""
+    reached = []
+
+    def sliced_loss(logits, tokens):
+        shifted = logits[:, :-1]
+        reached.append("after the slice")
+        return F.cross_entropy(shifted.flatten(0, 1), tokens[:, 1:].flatten())
+
+    logits, tokens = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    assert traced_standard_loss(sliced_loss, logits, tokens) is None
+    assert reached == []
+    assert closed_form_losses(sliced_loss, logits, tokens) is None

@@ -14,11 +14,12 @@ closed form of ``reduction="none"``:
 ``TorchFunctionMode``: it qualifies when the only tensor operation it performs
 is one call of a standard loss with mean reduction, on the model's output (or
 one of its tensors) and the targets, whose result it returns unchanged. The
-standard loss itself is never evaluated there, so the trace costs one Python
-call. This covers ``F.cross_entropy``, ``nn.CrossEntropyLoss(...)`` and plain
-wrappers such as ``lambda out, y: F.cross_entropy(out, y)`` alike. Anything
-else (other operations, other reductions, options with other semantics)
-returns None and the engine falls back to ``vmap`` over ``loss_fn``.
+standard loss itself is never evaluated there, and the trace stops at the first
+other operation, so it costs one Python call. This covers ``F.cross_entropy``,
+``nn.CrossEntropyLoss(...)`` and plain wrappers such as
+``lambda out, y: F.cross_entropy(out, y)`` alike. Anything else (other
+operations, other reductions, options with other semantics) returns None and
+the engine falls back to ``vmap`` over ``loss_fn``.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ class StandardLoss:
 
 class _LossTrace(TorchFunctionMode):
     """Records the standard-loss call of ``loss_fn`` (returning a marker instead of computing it)
-    and whether anything other than metadata queries happened."""
+    and whether anything other than metadata queries happened: at the first such operation
+    the trace stops ``loss_fn`` (a cross-entropy after slicing the logits is not computed twice)."""
 
     def __init__(self):
         super().__init__()
@@ -72,7 +74,12 @@ class _LossTrace(TorchFunctionMode):
             return self.marker
         if func not in _METADATA:
             self.other_ops = True
+            raise _NotStandard  # the answer is known: stop before loss_fn computes anything
         return func(*args, **kwargs)
+
+
+class _NotStandard(Exception):
+    """Raised inside a trace at the first operation that is not the standard loss call."""
 
 
 def traced_standard_loss(loss_fn: Callable, output: Any, targets: Any) -> StandardLoss | None:
