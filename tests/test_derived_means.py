@@ -145,3 +145,32 @@ def test_a_far_shift_falls_back_to_the_two_pass_variance(monkeypatch):
     exact = grads["weight"].var(0)
     relative = ((stats.var["weight"].double() - exact).abs() / exact).max().item()
     assert relative < 1e-4, relative
+
+
+def test_one_chunk_is_the_exact_two_pass_variance_even_far_from_zero(monkeypatch):
+    """When the whole batch is one chunk, its mean is the batch mean: M2 = Σ_i (h_i − h̄)² is formed
+    directly (in place in the chunk), with no shift correction and no cancellation check, so float32
+    M2 stays accurate at |ḡ|/σ ≈ 1e4 without the second formation a suspect piece would cost."""
+    two_pass = []
+    original = pieces.Piece.centered_second_moment
+
+    def spy(self, mean):
+        two_pass.append(self)
+        return original(self, mean)
+
+    monkeypatch.setattr(pieces.Piece, "centered_second_moment", spy)
+    torch.manual_seed(0)
+    B, T = 64, 3
+    x = 1.0 + torch.randn(B, T, 4) * 1e-4
+    model = nn.Linear(4, 2)
+    y = torch.full((B, T, 2), -5.0)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    assert two_pass == []
+    model64 = nn.Linear(4, 2).double()
+    model64.load_state_dict(model.state_dict())
+    grads, _ = oracle_grads(model64, F.mse_loss, x.double(), y.double())
+    for name in ("weight", "bias"):  # the one-pass Σg² − B·ḡ² would have lost every digit (σ²/ḡ² ≈ 1e-8 < ε)
+        exact = grads[name].var(0)
+        relative = ((stats.var[name].double() - exact).abs() / exact).max().item()
+        assert relative < 1e-2, (name, relative)  # the float32 forward's own rounding: about 3e-3
+        assert torch.allclose(stats.mean[name].double(), grads[name].mean(0), rtol=1e-5)
