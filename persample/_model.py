@@ -203,8 +203,12 @@ def autocast_state() -> AutocastState:
 def autocast_as(state: AutocastState | None) -> Iterator[None]:
     """Run under the autocast settings ``state``; ``None`` switches autocast off everywhere
     (statistics are reduced in the precision of their inputs, float32 or better)."""
+    wanted = state or tuple((d, False, None) for d in _autocast_devices())
+    if all(not enabled and not torch.is_autocast_enabled(device) for device, enabled, _ in wanted):
+        yield  # off already, and to stay off: nothing to enter (the usual case, on every call)
+        return
     with contextlib.ExitStack() as stack:
-        for device, enabled, dtype in state or [(d, False, None) for d in _autocast_devices()]:
+        for device, enabled, dtype in wanted:
             stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
         yield
 

@@ -40,6 +40,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from ..._batch import flat_leaves
 from ..._model import autocast_state
 from ...errors import NotExact
 from .rules import Rule, find_rule
@@ -98,7 +99,8 @@ def find_units(model: nn.Module) -> list[Unit]:
             return
         rule = find_rule(module)
         if rule is not None or trainable_here(module):
-            trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+            trainable = (_direct_trainable(module) if rule is not None  # a rule module owns every one it has
+                         else {n: p for n, p in module.named_parameters() if p.requires_grad})
             units.append(Unit(prefix, module, rule, trainable))
             return
         for child_name, child in module.named_children():
@@ -106,6 +108,13 @@ def find_units(model: nn.Module) -> list[Unit]:
 
     visit("", model)
     return units
+
+
+def _direct_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters(recurse=False)`` restricted to ``requires_grad``, read from the module's own dict."""
+    seen: set[int] = set()
+    return {n: p for n, p in module._parameters.items()
+            if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))}
 
 
 # ------------------------------------------------------------------------ broadcast outputs
@@ -592,16 +601,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
 
 def tensors_in(obj) -> list[Tensor]:
-    """The tensors in ``obj``: plain tuples, lists and dicts (a model's usual arguments) are walked
-    directly, anything else (named tuples, registered containers) with pytree, which costs 10 µs
-    more on every call."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if type(obj) in (tuple, list):
-        return [t for item in obj for t in tensors_in(item)]
-    if type(obj) is dict:
-        return [t for item in obj.values() for t in tensors_in(item)]
-    return [leaf for leaf in tree_flatten(obj)[0] if isinstance(leaf, Tensor)]
+    """The tensors among ``obj``'s leaves (:func:`~persample._batch.flat_leaves`)."""
+    return [leaf for leaf in flat_leaves(obj) if isinstance(leaf, Tensor)]
 
 
 def _storage(t: Tensor) -> int | None:

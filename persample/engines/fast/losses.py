@@ -39,6 +39,24 @@ __all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
 _STANDARD = {F.cross_entropy: "ce", F.nll_loss: "nll", F.mse_loss: "mse", F.l1_loss: "l1",
              F.binary_cross_entropy_with_logits: "bce"}
 _SIGNATURES = {function: inspect.signature(function) for function in _STANDARD}
+#: Each standard loss's parameter names in order, and its defaults: binding a call by these costs a tenth of
+#: ``Signature.bind`` (every parameter of these functions is positional-or-keyword).
+_NAMES = {function: tuple(signature.parameters) for function, signature in _SIGNATURES.items()}
+_DEFAULTS = {function: {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+             for function, signature in _SIGNATURES.items()}
+
+
+def _bound_arguments(function: Callable, args: tuple, kwargs: dict) -> dict:
+    """``{parameter: value}`` of one call of a standard loss, defaults included, as
+    ``Signature.bind(...).apply_defaults()`` gives it (which a call that does not bind raises through)."""
+    names = _NAMES[function]
+    if len(args) <= len(names) and all(key in names[len(args):] for key in kwargs):
+        arguments = {**_DEFAULTS[function], **dict(zip(names, args)), **kwargs}
+        if len(arguments) == len(names):
+            return arguments
+    bound = _SIGNATURES[function].bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 #: Queries that read a tensor's metadata and compute nothing: allowed around the loss call.
 _METADATA = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.shape.__get__,
                        torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__})
@@ -67,9 +85,7 @@ class _LossTrace(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _STANDARD and self.call is None and not self.other_ops:
-            bound = _SIGNATURES[func].bind(*args, **kwargs)
-            bound.apply_defaults()
-            self.call = StandardLoss(func, dict(bound.arguments))
+            self.call = StandardLoss(func, _bound_arguments(func, args, kwargs))
             self.marker = torch.empty(())
             return self.marker
         if func not in _METADATA:
@@ -108,7 +124,7 @@ def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise
     per_position = elementwise(output, target, weight=weight, ignore_index=ignore, reduction="none",
                                **({"label_smoothing": options["label_smoothing"]}
                                   if options.get("label_smoothing") else {}))
-    kept = (target != ignore).to(per_position.dtype)
+    kept = target != ignore  # divides as 1 / 0 (an example whose only target is ignored gets NaN)
     if weight is not None:
         kept = kept * weight.to(per_position.dtype)[target.clamp(min=0)]
     if output.dim() == 2:  # one position per example
