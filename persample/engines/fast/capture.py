@@ -60,7 +60,15 @@ class Call:
     batch_dim_ambiguous: bool = False  # the expanded output met a batch-first tensor with another dim of size B
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
-    edges: list = field(default_factory=list)  # autograd edges of the outputs, to backpropagate to them
+    edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
+
+    def receive(self, grads: dict[int, Tensor | None]) -> None:
+        """Store the gradients that one backward pass computed for the outputs (``{leaf index: gradient}``,
+        None where an output did not reach the loss), as the tensor hooks would have."""
+        for leaf_index, grad in grads.items():
+            if grad is not None:
+                previous = self.out_grads.get(leaf_index)
+                self.out_grads[leaf_index] = grad if previous is None else previous + grad
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
@@ -466,8 +474,13 @@ def _ambiguous_expansion(label: str) -> str:
 
 @contextlib.contextmanager
 def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
-              watch_dim_moves: bool = False) -> Iterator[Capture]:
+              watch_dim_moves: bool = False, hook_outputs: bool = True) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
+
+    With ``hook_outputs`` a tensor hook on every output stores the gradients of any backward pass
+    (a training loop's own ``loss.backward()``); without, the caller asks autograd for the
+    outputs' ``Call.edges`` itself and hands the results to ``Call.receive`` (a hook on a fresh
+    tensor costs about 12 µs, and runs Python during the backward).
 
     A rule unit called on an input whose dim 0 has size 1 (shared by the batch,
     such as position ids ``arange(T)[None]``), or that has no batch dim at all
@@ -562,8 +575,9 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         leaves, _ = tree_flatten(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                leaf.register_hook(store_grad(call.out_grads, leaf_index))
-                call.edges.append(get_gradient_edge(leaf))
+                if hook_outputs:
+                    leaf.register_hook(store_grad(call.out_grads, leaf_index))
+                call.edges[leaf_index] = get_gradient_edge(leaf)
                 if leaf._is_view():
                     call.view_versions[leaf_index] = leaf._version
         if on is not None:

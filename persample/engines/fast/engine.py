@@ -2,8 +2,8 @@
 
 1. One ordinary forward of the batch; per-example losses L_i come from
    ``vmap(loss_fn)`` over the model's output (only the loss is vmapped).
-2. One ``torch.autograd.grad`` of (1/B) Σ_i L_i gives ḡ for every parameter,
-   while :mod:`.capture` records each unit's inputs and output gradients
+2. One ``torch.autograd.grad`` of (1/B) Σ_i L_i gives ḡ for every parameter
+   and the gradient of every unit output :mod:`.capture` recorded (with its inputs)
    (those are of the mean: pieces carry the factor B as their ``scale`` and
    apply it to reduced results, never to activations or gradient chunks).
    Layers whose reductions form their g_i anyway (:func:`derived_parameters`)
@@ -65,7 +65,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     refuse_unseen_hooks(model, "fast")
     units = find_units(model)
     rng_before = rng_snapshot(model)
-    with torch.enable_grad(), capturing(units, model, batch.size,
+    with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = batch.forward(model)
         losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
@@ -83,10 +83,11 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
             raise NotExact(audit.escape)
         derived = derived_parameters(units, params, var)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
-        derived_ids = {id(params[name]) for name in derived}
-        edges = [edge for unit in units if any(id(p) in derived_ids for p in unit.params.values())
-                 for call in unit.calls for edge in call.edges]
-        grads = _autograd_means(mean_loss, list(from_autograd.values()) + edges)
+        outputs = [(call, leaf_index, edge) for unit in units for call in unit.calls
+                   for leaf_index, edge in call.edges.items()]
+        grads = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs])
+    for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd):]):
+        call.receive({leaf_index: grad})
     means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
                     grad_scale=float(batch.size))

@@ -82,7 +82,7 @@ def may_have_cancelled(total: Tensor, m2: Tensor) -> Tensor:
 
 def _sq_norms(t: Tensor) -> Tensor:
     """Σ over all but dim 0 of t², in one fused kernel."""
-    return torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1).square()
+    return torch.linalg.vector_norm(t if t.dim() == 2 else t.reshape(t.shape[0], -1), dim=1).square_()
 
 
 def as_matrix(t: Tensor) -> Tensor:
@@ -250,7 +250,7 @@ class DensePiece(Piece):
         return self.per_example[start:stop]
 
     def sq_norms(self):
-        return _sq_norms(self.per_example) * self.scale ** 2
+        return self._scaled(_sq_norms(self.per_example), 2)
 
     def second_moment(self):
         return sum_of_squares(self.per_example) * self.scale ** 2
@@ -339,7 +339,8 @@ class OuterPiece(Piece):
             if "_squares" in self.__dict__:  # the second moment made them: two row sums
                 a2, b2 = self._squares
                 return a2.sum(1) * b2.sum(1)
-            return self._scaled(_sq_norms(self.act[:, 0]) * _sq_norms(self.grad[:, 0]), 2)  # fused kernels
+            norms = torch.linalg.vector_norm(self.act[:, 0], dim=1)  # (‖a_i‖‖b_i‖)²: two fused norms
+            return self._scaled(norms.mul_(torch.linalg.vector_norm(self.grad[:, 0], dim=1)).square_(), 2)
         if "_chunk_norms" not in self.__dict__ and self._ghost_is_cheaper():
             gram_a = torch.bmm(self.act, self.act.transpose(1, 2))
             gram_b = torch.bmm(self.grad, self.grad.transpose(1, 2))
