@@ -53,6 +53,19 @@ def _spy_derived(monkeypatch) -> list:
     return seen
 
 
+def _spy_two_pass(monkeypatch) -> list:
+    """The pieces whose M2 the two-pass ``centered_second_moment`` computes, in call order."""
+    seen = []
+    original = pieces.Piece.centered_second_moment
+
+    def spy(self, mean):
+        seen.append(self)
+        return original(self, mean)
+
+    monkeypatch.setattr(pieces.Piece, "centered_second_moment", spy)
+    return seen
+
+
 @pytest.mark.parametrize("var", [True, False])
 def test_sequence_linear_and_conv_weights_are_derived_and_exact(monkeypatch, var):
     torch.manual_seed(0)
@@ -123,14 +136,7 @@ def test_a_far_shift_falls_back_to_the_two_pass_variance(monkeypatch):
     B = 1200, one example per chunk, example 0 at 1e4 σ. That piece must be flagged and its M2
     recomputed around the mean."""
     monkeypatch.setattr(pieces, "CHUNK_ELEMENTS", 2)  # one example (a 1 × 2 weight) per chunk
-    two_pass = []
-    original = pieces.Piece.centered_second_moment
-
-    def spy(self, mean):
-        two_pass.append(self)
-        return original(self, mean)
-
-    monkeypatch.setattr(pieces.Piece, "centered_second_moment", spy)
+    two_pass = _spy_two_pass(monkeypatch)
     torch.manual_seed(0)
     B, T = 1200, 2
     x = 1.0 + torch.randn(B, T, 2) * 1e-4
@@ -151,14 +157,7 @@ def test_one_chunk_is_the_exact_two_pass_variance_even_far_from_zero(monkeypatch
     """When the whole batch is one chunk, its mean is the batch mean: M2 = Σ_i (h_i − h̄)² is formed
     directly (in place in the chunk), with no shift correction and no cancellation check, so float32
     M2 stays accurate at |ḡ|/σ ≈ 1e4 without the second formation a suspect piece would cost."""
-    two_pass = []
-    original = pieces.Piece.centered_second_moment
-
-    def spy(self, mean):
-        two_pass.append(self)
-        return original(self, mean)
-
-    monkeypatch.setattr(pieces.Piece, "centered_second_moment", spy)
+    two_pass = _spy_two_pass(monkeypatch)
     torch.manual_seed(0)
     B, T = 64, 3
     x = 1.0 + torch.randn(B, T, 4) * 1e-4
