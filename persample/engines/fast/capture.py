@@ -3,9 +3,11 @@
 The model is split into *units*: a module with a closed-form rule
 (:mod:`.rules`), or the top-most module that owns parameters but has no rule
 (a *fallback* unit, which covers its whole subtree). For each call of a unit,
-:func:`capturing` records the call's inputs and, through tensor hooks on its
-outputs (not ``register_full_backward_hook``, which breaks in-place ops), the
-gradients of those outputs. All hooks are removed on exit, also on error.
+:func:`capturing` records the call's inputs and the autograd edges of its
+outputs; the gradients of those outputs come from asking autograd for the edges
+(the fast engine's own backward) or from tensor hooks on the outputs (a training
+loop's ``loss.backward()``; not ``register_full_backward_hook``, which breaks
+in-place ops). All hooks are removed on exit, also on error.
 
 A rule module called on an input without a batch dim, or with one of size 1
 (``self.pos(torch.arange(T))``, ``position_ids[None]``), has its output
@@ -72,8 +74,8 @@ class Call:
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
-        that gradient around the view's node (``CopySlices`` on its base), so the hook on the output
-        sees none or part of it; the captured gradient would be wrong."""
+        that gradient around the view's node (``CopySlices`` on its base), so the hook on the output (or
+        its edge) sees none or part of it; the captured gradient would be wrong."""
         leaves, _ = tree_flatten(self.output)
         return any(leaves[i]._version != version for i, version in self.view_versions.items())
 
