@@ -41,9 +41,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+#: Module types that may draw random numbers in training mode (see :func:`dropout_probability`).
+_DROPPING = (_DropoutNd, nn.AlphaDropout, nn.RNNBase)
+
+
 def dropout_probability(module: nn.Module) -> float:
     """The probability with which ``module`` drops values in training mode (0 for non-random modules)."""
-    if not module.training:
+    if not module.training or not isinstance(module, _DROPPING):
         return 0.0
     if isinstance(module, (_DropoutNd, nn.AlphaDropout)):
         return module.p
@@ -77,7 +81,7 @@ def check_supported(model: nn.Module, randomness: str) -> None:
             "persample computes gradients, which torch.inference_mode() forbids: call it outside the "
             "`with torch.inference_mode():` block (torch.no_grad() around it is fine)")
     for name, module in model.named_modules():
-        if not isinstance(module, (_BatchNorm, _DropoutNd, nn.AlphaDropout, nn.RNNBase)):
+        if not isinstance(module, (_BatchNorm, *_DROPPING)):
             continue  # only these can couple examples or draw random numbers
         label = module_label(name, module)
         if isinstance(module, _BatchNorm) and module.training:
@@ -223,7 +227,7 @@ def has_gradient_hooks(model: nn.Module) -> bool:
     if getattr(module_lib, "_global_backward_hooks", None) or getattr(module_lib, "_global_backward_pre_hooks", None):
         return True
     return any(m._backward_hooks or m._backward_pre_hooks
-               or any(p is not None and p.requires_grad and p._backward_hooks for p in m._parameters.values())
+               or any(p._backward_hooks for p in own_trainable_parameters(m).values())
                for m in model.modules())
 
 
@@ -248,6 +252,14 @@ def mutated_in_forward(modules) -> list[Tensor]:
     """Parameters that a forward changes in place (``nn.Embedding(max_norm=...)`` renormalises rows),
     among ``modules`` (a model's ``modules()``)."""
     return [m.weight for m in modules if isinstance(m, nn.Embedding) and m.max_norm is not None]
+
+
+def own_trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """``named_parameters(recurse=False)`` restricted to ``requires_grad``, read from the module's own
+    dict (each parameter once, under its first name)."""
+    seen: set[int] = set()
+    return {n: p for n, p in module._parameters.items()
+            if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))}
 
 
 def _unique(tensors) -> list[Tensor]:

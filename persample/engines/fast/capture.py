@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..._batch import flat_leaves
-from ..._model import autocast_state
+from ..._model import autocast_state, own_trainable_parameters
 from ...errors import NotExact
 from .rules import Rule, find_rule
 
@@ -63,14 +63,6 @@ class Call:
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
     edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
-
-    def receive(self, grads: dict[int, Tensor | None]) -> None:
-        """Store the gradients that one backward pass computed for the outputs (``{leaf index: gradient}``,
-        None where an output did not reach the loss), as the tensor hooks would have."""
-        for leaf_index, grad in grads.items():
-            if grad is not None:
-                previous = self.out_grads.get(leaf_index)
-                self.out_grads[leaf_index] = grad if previous is None else previous + grad
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
@@ -96,20 +88,19 @@ def find_units(model: nn.Module) -> list[Unit]:
     units: list[Unit] = []
     below: dict[nn.Module, bool] = {}
 
-    def trainable_here(module: nn.Module) -> bool:
-        return any(p is not None and p.requires_grad for p in module._parameters.values())
-
     def trainable_below(module: nn.Module) -> bool:
         if module not in below:
-            below[module] = trainable_here(module) or any([trainable_below(c) for c in module.children()])
+            below[module] = (bool(own_trainable_parameters(module))
+                             or any([trainable_below(c) for c in module.children()]))
         return below[module]
 
     def visit(prefix: str, module: nn.Module) -> None:
         if not trainable_below(module):
             return
         rule = find_rule(module)
-        if rule is not None or trainable_here(module):
-            trainable = (_direct_trainable(module) if rule is not None  # a rule module owns every one it has
+        own = own_trainable_parameters(module)
+        if rule is not None or own:
+            trainable = (own if rule is not None  # a rule module has no trainable nested parameter
                          else {n: p for n, p in module.named_parameters() if p.requires_grad})
             units.append(Unit(prefix, module, rule, trainable))
             return
@@ -118,13 +109,6 @@ def find_units(model: nn.Module) -> list[Unit]:
 
     visit("", model)
     return units
-
-
-def _direct_trainable(module: nn.Module) -> dict[str, nn.Parameter]:
-    """``named_parameters(recurse=False)`` restricted to ``requires_grad``, read from the module's own dict."""
-    seen: set[int] = set()
-    return {n: p for n, p in module._parameters.items()
-            if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))}
 
 
 # ------------------------------------------------------------------------ broadcast outputs
@@ -481,8 +465,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
     With ``hook_outputs`` a tensor hook on every output stores the gradients of any backward pass
     (a training loop's own ``loss.backward()``); without, the caller asks autograd for the
-    outputs' ``Call.edges`` itself and hands the results to ``Call.receive`` (a hook on a fresh
-    tensor costs about 12 µs, and runs Python during the backward).
+    outputs' ``Call.edges`` itself and adds the results with :func:`add_gradient` (a hook on a
+    fresh tensor costs about 12 µs, and runs Python during the backward).
 
     A rule unit called on an input whose dim 0 has size 1 (shared by the batch,
     such as position ids ``arange(T)[None]``), or that has no batch dim at all
@@ -635,9 +619,16 @@ def store_grad(grads: dict, leaf_index: int):
     (and so the output tensor) from a hook on that output would make a cycle through autograd's C++
     hook storage, which Python's garbage collector cannot see, leaking the whole graph."""
     def hook(grad: Tensor) -> None:
+        add_gradient(grads, leaf_index, grad)
+    return hook
+
+
+def add_gradient(grads: dict, leaf_index: int, grad: Tensor | None) -> None:
+    """``grads[leaf_index] += grad``, as ``p.grad`` adds up backward passes; None (an output that did
+    not reach the loss) adds nothing."""
+    if grad is not None:
         previous = grads.get(leaf_index)
         grads[leaf_index] = grad if previous is None else previous + grad
-    return hook
 
 
 def outputs_modified_in_place(units: list[Unit]) -> str | None:

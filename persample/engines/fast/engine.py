@@ -43,7 +43,7 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import Call, Unit, audit_graph, capturing, find_units, outputs_modified_in_place
+from .capture import Call, Unit, add_gradient, audit_graph, capturing, find_units, outputs_modified_in_place
 from .losses import closed_form_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .rules import Layout, LayoutError
@@ -87,7 +87,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
                    for leaf_index, edge in call.edges.items()]
         grads = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs])
     for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd):]):
-        call.receive({leaf_index: grad})
+        add_gradient(call.out_grads, leaf_index, grad)
     means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
                     grad_scale=float(batch.size))

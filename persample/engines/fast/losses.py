@@ -57,6 +57,8 @@ def _bound_arguments(function: Callable, args: tuple, kwargs: dict) -> dict:
     bound = _SIGNATURES[function].bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
 #: Queries that read a tensor's metadata and compute nothing: allowed around the loss call.
 _METADATA = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.shape.__get__,
                        torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__})

@@ -138,7 +138,7 @@ class Piece:
         batch mean, Σ_i d_i = 0 and is not computed (None): the pass is the exact two-pass form.
 
         ‖h_i‖² are kept from the same chunks (``_chunk_norms``), so the norms cost no second
-        formation. Sums over examples are matrix-vector products. d_i is written into the chunk
+        formation. Sums over examples are ``_column_sums``. d_i is written into the chunk
         itself where the piece forms its own chunks (``forms_own_chunks``), else into one buffer:
         stored gradients are never written into."""
         own = self.forms_own_chunks
@@ -183,10 +183,9 @@ class Piece:
         Around the shift c = the first chunk's mean, each chunk adds Σ_i d_i and S = Σ_i d_i² for
         d_i = h_i − c; then h̄ = c + Σd/B and M2 = S − (Σd)²/B. S/M2 ≤ 1 + B/b for a first chunk
         of b examples (exactly two-pass, and never suspect, when the batch is one chunk), so this
-        cannot cancel badly;
-        ``suspect`` still flags S > ``cancellation_limit``·M2, where ``centered_second_moment``
-        must be used. Sums over examples are one matrix-vector product per chunk; the norms
-        ‖g_i‖² are kept from the same chunks."""
+        cannot cancel badly; ``suspect`` still flags S > ``cancellation_limit``·M2, where
+        ``centered_second_moment`` must be used. Sums over examples are ``_column_sums`` per chunk;
+        the norms ‖g_i‖² are kept from the same chunks."""
         shift, total, squares = self._chunk_pass(shift=var, sums=True, squares=var)
         if not var:
             return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
@@ -526,7 +525,7 @@ class SumPiece(Piece):
             total = rows[0].segments.new_zeros(stop - start, *self.shape)
         else:
             total = formed[0]._unscaled(start, stop)
-            if not isinstance(formed[0], (OuterPiece, ConvPiece)):
+            if not formed[0].forms_own_chunks:
                 total = total.clone()  # a view of stored gradients: never written into
             for part in formed[1:]:
                 total.add_(part._unscaled(start, stop))

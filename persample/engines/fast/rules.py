@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
@@ -302,7 +303,7 @@ def find_rule(module: nn.Module) -> Rule | None:
     rule, own_methods = _rule_for_type(type(module))
     if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
-    direct = {n for n, p in module._parameters.items() if p is not None and p.requires_grad}
+    direct = set(own_trainable_parameters(module))
     nested = any(p.requires_grad for c in module.children() for p in c.parameters())
     if direct and direct <= set(rule.params) and not nested and not has_hooks(module) and rule.accepts(module):
         return rule
