@@ -33,10 +33,9 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 from torch.utils.hooks import RemovableHandle
 
-from ._batch import Batch, as_batch
+from ._batch import Batch, as_batch, flat_leaves
 from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import check_clip_norm, trainable_parameters
 from .api import compute_stats, prepare_reference
@@ -343,7 +342,7 @@ class Tracker:
                 if opaque.per_example:  # the per-example loss is not a function of example i's output alone
                     stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm,
                                           fork_rng=False, **{**self._local_stats_options, "engine": "independent"})
-            leaves, _ = tree_flatten(output[0])
+            leaves = flat_leaves(output[0])
             reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
             if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
                 if checking:
@@ -460,7 +459,7 @@ class Tracker:
                 self.steps += 1
             return
         if batch_size is None:
-            leaves = [t for t in (tree_flatten(targets)[0] if targets is not None else [])
+            leaves = [t for t in (flat_leaves(targets) if targets is not None else [])
                       if isinstance(t, Tensor) and t.dim() > 0]
             if not leaves:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
@@ -587,7 +586,7 @@ def _first_batch_output(store: list, batch_size: int):
     def hook(module, args, output):
         if store:
             return
-        leaves, _ = tree_flatten(output)
+        leaves = flat_leaves(output)
         tensors = [t for t in leaves if isinstance(t, Tensor)]
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
             return
@@ -597,7 +596,7 @@ def _first_batch_output(store: list, batch_size: int):
 
 
 def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
-    leaves, _ = tree_flatten((batch.args, batch.kwargs))
+    leaves = flat_leaves((batch.args, batch.kwargs))
     return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad and t.is_leaf]
 
 

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ..._batch import flat_leaves
 from ..._model import autocast_state, own_trainable_parameters
@@ -68,7 +67,7 @@ class Call:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
         that gradient around the view's node (``CopySlices`` on its base), so the hook on the output (or
         its edge) sees none or part of it; the captured gradient would be wrong."""
-        leaves, _ = tree_flatten(self.output)
+        leaves = flat_leaves(self.output)
         return any(leaves[i]._version != version for i, version in self.view_versions.items())
 
 
@@ -86,29 +85,32 @@ class Unit:
 def find_units(model: nn.Module) -> list[Unit]:
     """Rule modules, and top-most rule-less modules owning parameters (covering their subtree)."""
     units: list[Unit] = []
-    below: dict[nn.Module, bool] = {}
-
-    def trainable_below(module: nn.Module) -> bool:
-        if module not in below:
-            below[module] = (bool(own_trainable_parameters(module))
-                             or any([trainable_below(c) for c in module.children()]))
-        return below[module]
-
-    def visit(prefix: str, module: nn.Module) -> None:
-        if not trainable_below(module):
-            return
-        rule = find_rule(module)
-        own = own_trainable_parameters(module)
-        if rule is not None or own:
-            trainable = (own if rule is not None  # a rule module has no trainable nested parameter
-                         else {n: p for n, p in module.named_parameters() if p.requires_grad})
-            units.append(Unit(prefix, module, rule, trainable))
-            return
-        for child_name, child in module.named_children():
-            visit(f"{prefix}.{child_name}" if prefix else child_name, child)
-
-    visit("", model)
+    _add_units("", model, {}, units)
     return units
+
+
+# Module-level recursions, not closures: a closure that calls itself is a reference cycle, which would
+# keep the units (and the activations they capture) alive until the garbage collector runs.
+def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], units: list[Unit]) -> None:
+    if not _trainable_below(module, below):
+        return
+    rule = find_rule(module)
+    own = own_trainable_parameters(module)
+    if rule is not None or own:
+        trainable = (own if rule is not None  # a rule module has no trainable nested parameter
+                     else {n: p for n, p in module.named_parameters() if p.requires_grad})
+        units.append(Unit(prefix, module, rule, trainable))
+        return
+    for child_name, child in module.named_children():
+        _add_units(f"{prefix}.{child_name}" if prefix else child_name, child, below, units)
+
+
+def _trainable_below(module: nn.Module, below: dict[nn.Module, bool]) -> bool:
+    """Whether ``module`` or a module below it owns a trainable parameter (memoised in ``below``)."""
+    if module not in below:
+        below[module] = (bool(own_trainable_parameters(module))
+                         or any([_trainable_below(c, below) for c in module.children()]))
+    return below[module]
 
 
 # ------------------------------------------------------------------------ broadcast outputs
@@ -261,7 +263,7 @@ class _BroadcastWatcher(TorchFunctionMode):
                          f"{name} writes into a tensor that is not batched on dim 0")
             return self._original_result(func, args, kwargs)
         out = self._original_result(func, args, kwargs)
-        if any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
+        if any(isinstance(t, Tensor) for t in flat_leaves(out)):
             self._escape(expansions, f"it is used by {name}, which is not a broadcast over the batch (only "
                                      "elementwise +, -, *, / with a tensor batched on dim 0, and casts, are)")
         return out
@@ -313,7 +315,7 @@ class _BroadcastWatcher(TorchFunctionMode):
 
     def _follow_suspects(self, name: str, args, kwargs, operands: list[Tensor], watched: list[Tensor],
                          out) -> None:
-        results = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0]
+        results = [t for t in flat_leaves(out) if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0]
         if not results:  # no gradient flows back through it, or a full reduction (a loss)
             return
         problem = None
@@ -558,7 +560,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         call = Call(args, kwargs, output if expanded is None else expanded, broadcast=expanded is not None,
                     autocast=autocast_state() if unit.rule is None else None)
         unit.calls.append(call)
-        leaves, _ = tree_flatten(call.output)
+        leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 if hook_outputs:
@@ -682,9 +684,9 @@ def _fallback_internals(units: list[Unit]) -> set:
         if unit.rule is not None:
             continue
         for call in unit.calls:
-            inputs = {t.grad_fn for t in tree_flatten((call.args, call.kwargs))[0]
+            inputs = {t.grad_fn for t in flat_leaves((call.args, call.kwargs))
                       if isinstance(t, Tensor) and t.grad_fn is not None}
-            stack = [t.grad_fn for t in tree_flatten(call.output)[0] if isinstance(t, Tensor)]
+            stack = [t.grad_fn for t in flat_leaves(call.output) if isinstance(t, Tensor)]
             while stack:
                 node = stack.pop()
                 if node is None or node in inside or node in inputs:
@@ -748,5 +750,5 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
 
 
 def _reached(call: Call, seen: set) -> bool:
-    leaves, _ = tree_flatten(call.output)
+    leaves = flat_leaves(call.output)
     return any(isinstance(t, Tensor) and t.grad_fn is not None and t.grad_fn in seen for t in leaves)

@@ -35,7 +35,7 @@ from torch._C._functorch import is_batchedtensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..._batch import Batch
+from ..._batch import Batch, flat_leaves
 from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced,
                        rng_snapshot, trainable_parameters, translate_vmap_error)
 from ...errors import NotExact
@@ -245,7 +245,7 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], mea
 
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
-    leaves, _ = tree_flatten(call.output)
+    leaves = flat_leaves(call.output)
     if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
         raise NotExact(f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule "
                        "does not cover")
@@ -323,7 +323,7 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
         return [t.unsqueeze(d) if d is not None else t for t, d in zip(leaves, dims)]
 
     def tensor_outputs_of(p, args, kwargs):
-        leaves, _ = tree_flatten(functional_call(unit.module, (p, frozen, buffers), args, kwargs))
+        leaves = flat_leaves(functional_call(unit.module, (p, frozen, buffers), args, kwargs))
         return [leaves[i] for i in tensor_outputs]
 
     def one_example_grads(params, leaves, cotangent):

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_leaves
+
+from ..._batch import flat_leaves
 
 __all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
 
@@ -112,8 +113,8 @@ def traced_standard_loss(loss_fn: Callable, output: Any, targets: Any) -> Standa
     call = trace.call
     if call is None or trace.other_ops or result is not trace.marker:
         return None
-    if not any(call.input is leaf for leaf in tree_leaves(output)) \
-            or not any(call.target is leaf for leaf in tree_leaves(targets)):
+    if not any(call.input is leaf for leaf in flat_leaves(output)) \
+            or not any(call.target is leaf for leaf in flat_leaves(targets)):
         return None
     return call
 

@@ -32,8 +32,9 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_unflatten
 
+from ..._batch import flat_leaves
 from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
@@ -90,7 +91,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
 
     def root_hook(module, args, output):
         observation._output = output
-        leaves, _ = tree_flatten(output)
+        leaves = flat_leaves(output)
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
                 leaf.register_hook(store_grad(observation._output_grads, i))
@@ -145,7 +146,7 @@ def _captured_half(units) -> bool:
     float32 (``engine.at_least_float32``), but sums then agree with ``p.grad`` only to that precision."""
     return any(isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16)
                for unit in units for call in unit.calls
-               for t in tree_flatten((call.args, call.out_grads))[0])
+               for t in flat_leaves((call.args, call.out_grads)))
 
 
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:

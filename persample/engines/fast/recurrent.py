@@ -43,8 +43,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
+from ..._batch import flat_leaves
 from .capture import Call, Unit
 from .pieces import DensePiece, OuterPiece, Piece
 from .rules import has_hooks
@@ -151,7 +151,7 @@ def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Cap
         if not _plain(hx, states, x):
             return None
         h0, c0 = hx.detach(), None
-    leaves, _ = tree_flatten(call.output)
+    leaves = flat_leaves(call.output)
     out_shape = (batch, steps, directions * hidden) if module.batch_first else (steps, batch, directions * hidden)
     shapes = [out_shape, states, states] if lstm else [out_shape, states]
     if len(leaves) != len(shapes) or any(not _plain(t, s, x) for t, s in zip(leaves, shapes)):
