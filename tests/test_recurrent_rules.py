@@ -316,3 +316,100 @@ def test_autocast_is_refused():
     assert recurrent_pieces(unit, call(True), B, 1.0) is None
     assert set(recurrent_pieces(unit, call(False), B, 1.0)) == set(unit.params)
     assert recurrent_pieces(unit, call(False), B + 1, 1.0) is None  # not batched over the engine's batch
+
+
+# ------------------------------------------------- the backward through the layer, from the closed form
+
+@pytest.fixture
+def cuts_held(monkeypatch):
+    """Per fast-engine backward: (cuts planned, cuts that held)."""
+    counts = []
+    real = engine_module.cut_backward
+
+    def spy(mean_loss, inputs, cuts, closed_form):
+        grads, held = real(mean_loss, inputs, cuts, closed_form)
+        counts.append((len(cuts), len(held)))
+        return grads, held
+
+    monkeypatch.setattr(engine_module, "cut_backward", spy)
+    return counts
+
+
+class Below(nn.Module):
+    """A Linear below the recurrent layer (so its input needs a gradient), optionally also read by the
+    head directly (``skip``: a path to the loss that bypasses the layer)."""
+
+    def __init__(self, rnn: nn.RNNBase, skip: bool = False, outside_use: bool = False, stacked=None):
+        super().__init__()
+        self.pre, self.rnn, self.skip, self.outside_use, self.stacked = nn.Linear(IN, IN), rnn, skip, outside_use, stacked
+        directions = 2 if rnn.bidirectional else 1
+        self.head = nn.Linear(directions * rnn.hidden_size + (IN if skip else 0), CLASSES)
+
+    def forward(self, x):
+        seq = torch.tanh(self.pre(x))
+        if self.stacked is not None:
+            seq = self.stacked(seq)[0][..., :IN]
+        out, _ = self.rnn(seq if self.rnn.batch_first else seq.transpose(0, 1))
+        features = [out.mean(1 if self.rnn.batch_first else 0)] + ([seq.mean(1)] if self.skip else [])
+        logits = self.head(torch.cat(features, 1))
+        if self.outside_use:  # a weight of the layer read outside it
+            logits = logits * (1 + self.rnn.weight_hh_l0.sum())
+        return logits
+
+
+@pytest.mark.parametrize("name", list(CLOSED))
+def test_the_backward_through_the_layer_comes_from_the_closed_form(name, fallback_calls, cuts_held):
+    """Autograd is not asked to go through the layer: its input gradient is the closed form's δ_x W_ih,
+    pulled back through the Linear below, and its weights' means are the closed form's sums."""
+    torch.manual_seed(0)
+    model = Below(CLOSED[name]()).double()
+    x, y = _batch(10)
+    assert_equals_oracle(model, x, y)
+    grads, _ = oracle_grads(model, _loss, x, y)
+    without_var = persample.grad_stats(model, _loss, x, y, engine="fast", var=False)  # means from one matmul
+    assert_dicts_close(without_var.mean, {k: g.mean(0) for k, g in grads.items()}, atol=1e-12)
+    assert_dicts_close(without_var.param_sq_norms, {k: g.reshape(B, -1).pow(2).sum(1) for k, g in grads.items()},
+                       atol=1e-12)
+    assert not fallback_calls
+    assert cuts_held == [(1, 1), (1, 1)]
+
+
+def test_no_split_where_another_path_reaches_below_the_layer(cuts_held):
+    torch.manual_seed(0)
+    model = Below(nn.LSTM(IN, H, batch_first=True), skip=True).double()
+    x, y = _batch(11)
+    assert_equals_oracle(model, x, y)
+    assert cuts_held == [(0, 0)]
+
+
+def test_a_weight_read_outside_the_layer_is_never_summed_from_the_closed_form_alone(cuts_held):
+    """Its mean has a part the closed form does not see: no split, and the sum check refuses."""
+    torch.manual_seed(0)
+    model = Below(nn.LSTM(IN, H, batch_first=True), outside_use=True).double()
+    x, y = _batch(12)
+    with pytest.raises(NotExact, match="weight_hh_l0"):
+        persample.grad_stats(model, _loss, x, y, engine="fast")
+    assert cuts_held == [(0, 0)]
+    grads, _ = oracle_grads(model, _loss, x, y)
+    stats = persample.grad_stats(model, _loss, x, y, engine="auto")
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()}, atol=1e-12)
+
+
+def test_stacked_layers_split_at_one_of_them(fallback_calls, cuts_held):
+    torch.manual_seed(0)
+    model = Below(nn.GRU(IN, H, batch_first=True), stacked=nn.LSTM(IN, H, batch_first=True)).double()
+    x, y = _batch(13)
+    assert_equals_oracle(model, x, y)
+    assert not fallback_calls
+    assert cuts_held == [(1, 1)]
+
+
+def test_a_call_the_closed_form_turns_down_after_the_split_gets_the_whole_backward(monkeypatch, cuts_held):
+    """If the closed form refuses a call once its output gradients are in, autograd is asked for
+    everything left from the loss, and the layer is an ordinary fallback unit (checked by its sums)."""
+    monkeypatch.setattr(engine_module, "recurrent_closed_form", lambda *args, **kwargs: None)
+    torch.manual_seed(0)
+    model = Below(nn.LSTM(IN, H, num_layers=2, bidirectional=True, batch_first=True)).double()
+    x, y = _batch(14)
+    assert_equals_oracle(model, x, y)
+    assert cuts_held == [(1, 0)]

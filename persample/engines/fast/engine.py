@@ -8,7 +8,9 @@
    apply it to reduced results, never to activations or gradient chunks).
    Layers whose reductions form their g_i anyway (:func:`derived_parameters`)
    are asked for their output gradients only: their ḡ is (1/B) Σ_i g_i, from
-   the same formation as their norms and M2 (``Piece.moments``).
+   the same formation as their norms and M2 (``Piece.moments``). Recurrent
+   layers whose closed form gives their input gradient too are not gone
+   through by autograd at all (:mod:`.cuts`: the backward is split there).
 3. Each parameter gets a :mod:`piece <.pieces>` from a closed-form layer rule
    (:mod:`.rules`); modules without a rule get their per-example gradients from
    ``torch.func`` — ``vmap`` over the ``vjp`` of that module alone, fed its
@@ -44,8 +46,11 @@ from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
 from .capture import Call, Unit, add_gradient, audit_graph, capturing, find_units, outputs_modified_in_place
+from .cuts import Cut, plan_cuts
+from .cuts import backward as cut_backward
 from .losses import closed_form_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
+from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
 __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
@@ -64,7 +69,9 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     params = trainable_parameters(model)
     refuse_unseen_hooks(model, "fast")
     units = find_units(model)
+    modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     rng_before = rng_snapshot(model)
+    grad_scale = float(batch.size)
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = batch.forward(model)
@@ -81,25 +88,47 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
         if audit.escape is not None:
             raise NotExact(audit.escape)
+        planned = plan_cuts(units, modes, mean_loss) if modes else []
         derived = derived_parameters(units, params, var)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [(call, leaf_index, edge) for unit in units for call in unit.calls
                    for leaf_index, edge in call.edges.items()]
-        grads = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs])
+
+        def closed_form(cut: Cut, call: Call, input_grad: bool):
+            return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
+
+        grads, cuts = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs],
+                                      planned, closed_form)
+    delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
     for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd):]):
-        add_gradient(call.out_grads, leaf_index, grad)
-    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)}
+        if id(call) not in delivered:
+            add_gradient(call.out_grads, leaf_index, grad)
+    cut_params = {id(p) for cut in cuts for p in cut.unit.params.values()}
+    derived |= {name for name, p in params.items() if id(p) in cut_params}
+    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)
+             if id(p) not in cut_params}
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
-                    grad_scale=float(batch.size))
+                    grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
-        pieces = _pieces_by_parameter(units, params, means, layout)
-        moments = {name: pieces[name].moments(var) for name in derived}
+        pieces = _pieces_by_parameter(units, params, means, layout, cuts)
+        moments = {name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in cut_params)
+                   for name in derived}
         means.update({name: mean for name, (mean, _, _) in moments.items()})
         means = {name: means[name] for name in params}  # named_parameters() order
         second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
         return reduce_pieces(pieces, means, at_least_float32(losses.detach()), var=var,
                              inner_products=inner_products, clip_norm=clip_norm, reference=reference,
                              second_moments=second)
+
+
+def _derived_moments(piece: Piece, var: bool, param: Tensor, summed: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(ḡ, M2, suspect) of a parameter whose mean autograd did not compute. Without the variance, a
+    cut recurrent layer's ḡ is the weighted sum (1/B) Σ_i g_i in closed form (one matmul), where
+    forming every g_i would cost more; otherwise ``Piece.moments`` forms them once for all three."""
+    if summed and not var:
+        weights = torch.full((piece.batch_size,), 1.0 / piece.batch_size, device=param.device)
+        return piece.weighted_sum(weights), None, None
+    return piece.moments(var)
 
 
 def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: str) -> None:
@@ -147,15 +176,21 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
     return positions > 1 and (var or positions >= MIN_POSITIONS_TO_FORM)
 
 
-def _autograd_means(mean_loss: Tensor, inputs: list) -> tuple:
-    """autograd's gradient of the mean loss for every input, parameters or edges (None where unused)."""
+def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form) -> tuple[list, list[Cut]]:
+    """autograd's gradient of the mean loss for every input, parameters or edges (None where unused),
+    through :func:`.cuts.backward`; and the cuts that held."""
     try:
-        return torch.autograd.grad(mean_loss, inputs, allow_unused=True)
+        return cut_backward(mean_loss, inputs, cuts, closed_form)
     except RuntimeError as err:
         if is_reentrant_checkpoint_error(err):
             raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
                            "checkpointed layers' inputs and output gradients from the fast engine") from err
         raise
+
+
+def recurrent_modes(units: list[Unit]) -> dict[int, str]:
+    """``{id(unit): cell}`` for the rule-less units that are recurrent layers the closed form covers."""
+    return {id(unit): mode for unit in units if unit.rule is None and (mode := recurrent_mode(unit)) is not None}
 
 
 def _input_has_batch_sized_dim(batch: Batch) -> bool:
@@ -221,18 +256,23 @@ def example_output(leaves: list, batched: list[bool], spec):
 
 
 def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor],
-                         layout: Layout) -> dict[str, Piece]:
+                         layout: Layout, cuts: list[Cut] = ()) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
-    gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents)."""
+    gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
+    of ``cuts`` come with their pieces, from the closed form that replaced their backward."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
+    cut_pieces = {id(call): found for cut in cuts for call, found in zip(cut.unit.calls, cut.pieces)}
     for unit in units:
         for call in unit.calls:
-            if not call.out_grads:
+            if id(call) in cut_pieces:
+                found = cut_pieces[id(call)]
+            elif not call.out_grads:
                 continue  # this call's output never reached the loss
-            found = (_rule_pieces(unit, call, layout) if unit.rule is not None
-                     else _fallback_pieces(unit, call, batch_size, layout.grad_scale))
+            else:
+                found = (_rule_pieces(unit, call, layout) if unit.rule is not None
+                         else _fallback_pieces(unit, call, batch_size, layout.grad_scale))
             for local_name, piece in found.items():
                 collected.setdefault(by_id[id(unit.params[local_name])], []).append(piece)
     pieces = {}
@@ -240,7 +280,8 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], mea
         parts = collected.get(name)
         pieces[name] = (combine_pieces(parts) if parts
                         else DensePiece(p.new_zeros(batch_size, *p.shape)))
-    _check_fallback_sums(units, pieces, means, by_id)
+    cut_units = {id(cut.unit) for cut in cuts}
+    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
     return pieces
 
 
@@ -298,7 +339,6 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
 def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module: vmap over the vjp of the module alone (recurrent
     layers: their closed form from :mod:`.recurrent` where it applies; summed, both are checked)."""
-    from .recurrent import recurrent_pieces
     closed = recurrent_pieces(unit, call, batch_size, grad_scale)
     if closed is not None:
         return closed

@@ -1,7 +1,7 @@
 """Closed forms for recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) in the fast engine.
 
 These modules have no layer rule: they stay fallback units, whose per-example gradients the engine
-checks, summed, against autograd's. Instead of ``vmap`` over the ``vjp`` of the whole module, one
+checks, summed, against autograd's (unless the backward is split at the layer, :mod:`.cuts`). Instead of ``vmap`` over the ``vjp`` of the whole module, one
 captured call is worked out layer by layer (no autograd, no per-example loop):
 
 1. the top layer's hidden states h_t are the call's output, if the cell equations, evaluated on it
@@ -17,7 +17,9 @@ captured call is worked out layer by layer (no autograd, no per-example loop):
     W_ih: Σ_t δ_t x_tᵀ     W_hh: Σ_t δʰ_t h_{t-1}ᵀ     b_ih: Σ_t δ_t     b_hh: Σ_t δʰ_t
 
 Weights become :class:`OuterPiece` (act = x or h_{t-1}, grad = δ; their norms, second moments and
-inner products are the Linear-on-sequences forms), biases :class:`DensePiece`.
+inner products are the Linear-on-sequences forms), biases :class:`DensePiece`. Summed over examples
+and directions, δ_t W_ih of layer 0 is the gradient at the call's input, which lets the engine skip
+autograd's own backward through the layer (:mod:`.cuts`); the weights' means are then these sums.
 
 Cells, as PyTorch defines them (gate blocks in this order):
 
@@ -49,7 +51,7 @@ from .capture import Call, Unit
 from .pieces import DensePiece, OuterPiece, Piece
 from .rules import has_hooks
 
-__all__ = ["recurrent_pieces"]
+__all__ = ["recurrent_pieces", "recurrent_mode", "recurrent_closed_form", "cuttable_call"]
 
 #: The exact classes handled, and the cell each runs (``module.mode`` must agree).
 _MODES = {nn.LSTM: ("LSTM",), nn.GRU: ("GRU",), nn.RNN: ("RNN_TANH", "RNN_RELU")}
@@ -74,15 +76,43 @@ class _Captured:
 def recurrent_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece] | None:
     """Pieces for the trainable weights of one call of an ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unit,
     or None where the closed form is not shown to apply (then the exact fallback runs)."""
-    module = unit.module
-    mode = _supported_mode(module, unit)
-    if mode is None:
-        return None
-    captured = _captured(module, call, batch_size, mode)
+    mode = recurrent_mode(unit)
+    found = None if mode is None else recurrent_closed_form(unit, call, batch_size, grad_scale, mode)
+    return None if found is None else found[0]
+
+
+def recurrent_mode(unit: Unit) -> str | None:
+    """The cell a rule-less unit runs, if it is a plain PyTorch recurrent layer the closed form covers
+    (call it while no capture hook is on the module: hooks are a reason to refuse)."""
+    return _supported_mode(unit.module, unit)
+
+
+def recurrent_closed_form(unit: Unit, call: Call, batch_size: int, grad_scale: float, mode: str,
+                          input_grad: bool = False) -> tuple[dict[str, Piece], Tensor | None] | None:
+    """(pieces, with ``input_grad`` the gradient at the call's input, laid out as that input and of
+    the loss the captured output gradients are of) for one call of a unit in ``mode``, or None where
+    the call is not of the form the closed form covers. The input gradient is Σ over directions of
+    δ_x W_ih of layer 0: what autograd's backward through the layer would give."""
+    captured = _captured(unit.module, call, batch_size, mode)
     if captured is None:
         return None
     with torch.no_grad():
-        return _pieces(module, unit, mode, captured, grad_scale)
+        pieces, d_x = _pieces(unit.module, unit, mode, captured, grad_scale, input_grad)
+    if d_x is not None and not unit.module.batch_first:
+        d_x = d_x.transpose(0, 1)
+    return pieces, d_x
+
+
+def cuttable_call(unit: Unit, call: Call) -> bool:
+    """Whether a call's backward can come from the closed form alone: it is of the form the closed form
+    covers, and of its inputs only the sequence may need a gradient (an initial state that requires
+    one would need its own, which the closed form does not give)."""
+    if _under_autocast(call) or call.broadcast or not call.args or len(call.args) > 2 or call.kwargs:
+        return False
+    if not isinstance(call.args[0], Tensor) or call.args[0].dtype not in (torch.float32, torch.float64):
+        return False
+    hx = call.args[1] if len(call.args) > 1 else None
+    return not any(t.requires_grad for t in flat_leaves(hx) if isinstance(t, Tensor))
 
 
 # ------------------------------------------------------------------------------ preconditions
@@ -119,7 +149,7 @@ def _weight_names(module: nn.Module) -> list[str]:
 
 def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Captured | None:
     """The call's input, states and cotangents, batch-first, if the call has the expected form."""
-    if call.broadcast or any(enabled for _, enabled, _ in (call.autocast or ())):
+    if call.broadcast or _under_autocast(call):
         return None  # under autocast the forward ran in lower precision than a recompute would
     args, kwargs = call.args, call.kwargs
     if len(args) > 2 or not set(kwargs) <= {"input", "hx"} or ("input" in kwargs) == bool(args) \
@@ -171,15 +201,21 @@ def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Cap
     return _Captured(x.contiguous(), h0, c0, out, d_out, grads[1], grads[2] if lstm else None)
 
 
+def _under_autocast(call: Call) -> bool:
+    return any(enabled for _, enabled, _ in (call.autocast or ()))
+
+
 def _plain(t, shape: tuple, x: Tensor) -> bool:
     return isinstance(t, Tensor) and tuple(t.shape) == shape and t.dtype == x.dtype and t.device == x.device
 
 
 # ---------------------------------------------------------------------------------- assembly
 
-def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float) -> dict[str, Piece]:
+def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float,
+            input_grad: bool = False) -> tuple[dict[str, Piece], Tensor | None]:
     """Every layer and direction forward (the top layer from the call's output where it checks
-    out), then back-propagation top-down, collecting the pieces."""
+    out), then back-propagation top-down, collecting the pieces; and, with ``input_grad``, the
+    gradient at layer 0's input (batch-first, unscaled like the captured cotangents)."""
     directions, layers = 2 if module.bidirectional else 1, module.num_layers
     hidden, batch, steps = module.hidden_size, cap.x.shape[0], cap.x.shape[1]
     weights = {name: module._parameters[name].detach() for name in module._flat_weights_names}
@@ -213,12 +249,12 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
             delta_x, delta_h = cell.backward(d_layer_out[..., d * hidden:(d + 1) * hidden], cap.d_hn[k], d_cn)
             pieces.update(_layer_pieces(unit, suffix, layer_input, cell.h_prev, delta_x, delta_h, weights,
                                         grad_scale))
-            if layer > 0:  # the gradient reaching the layer below through this direction's input
+            if layer > 0 or input_grad:  # the gradient reaching the layer below through this direction's input
                 flat = delta_x.reshape(batch * steps, -1) @ weights["weight_ih" + suffix]
                 d_input = flat if d_input is None else d_input.add_(flat)
-        if layer > 0:
+        if d_input is not None:
             d_layer_out = d_input.view(batch, steps, -1)
-    return pieces
+    return pieces, d_layer_out if input_grad else None
 
 
 def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: Tensor, delta_h: Tensor,
