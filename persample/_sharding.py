@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor"]
+__all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor"]
 
 _FSDP2_FIX = ("persample computes per-example statistics of replicated parameters only. Train with "
               "DistributedDataParallel (which persample.Tracker supports), or compute statistics on an "
@@ -29,10 +29,15 @@ _FSDP2_FIX = ("persample computes per-example statistics of replicated parameter
               "loaded with the full state dict).")
 
 
+def dtensor_class() -> type | None:
+    """``torch.distributed.tensor.DTensor`` if that module is imported (else no tensor can be one)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None) if module is not None else None
+
+
 def is_dtensor(t) -> bool:
     """Whether ``t`` is a ``torch.distributed.tensor.DTensor`` (a shard of an FSDP2 parameter)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    dtensor = getattr(module, "DTensor", None) if module is not None else None
+    dtensor = dtensor_class()
     return dtensor is not None and isinstance(t, dtensor)
 
 
@@ -47,8 +52,9 @@ def sharding_of(model: nn.Module) -> str | None:
                 return "FSDP2"
             if fsdp1_class is not None and isinstance(module, fsdp1_class):
                 return "FSDP1"
+    dtensor = dtensor_class()
     for p in model.parameters():
-        if is_dtensor(p):
+        if dtensor is not None and isinstance(p, dtensor):
             return "FSDP2"
         if getattr(p, "_fsdp_flattened", False):
             return "FSDP1"

@@ -357,9 +357,12 @@ def _concat(a: Any, b: Any) -> Any:
 
 def _refuse_dtensors(stats: GradStats) -> None:
     """DTensors (FSDP2 shards) would run collectives when printed or reduced: never keep one."""
-    from ._sharding import is_dtensor
+    from ._sharding import dtensor_class
+    dtensor = dtensor_class()
+    if dtensor is None:
+        return
     for name in ("mean", "m2", "param_sq_norms", "clipped_mean", "reference"):
         value = getattr(stats, name)
-        if value is not None and any(is_dtensor(t) for t in value.values()):
+        if value is not None and any(isinstance(t, dtensor) for t in value.values()):
             raise TypeError(f"GradStats.{name} holds DTensors (FSDP2 shards); GradStats keeps plain local "
                             "tensors only: convert with DTensor.to_local() (or full_tensor()) first")

@@ -71,13 +71,15 @@ def _column_sums(flat: Tensor) -> Tensor:
     return flat.new_ones(flat.shape[0]) @ flat
 
 
-def may_have_cancelled(total: Tensor, m2: Tensor) -> Tensor:
-    """0-d bool: whether some element of M2 = ``total`` − (a subtracted square) may have lost more
-    than the dtype's budget, i.e. ``total`` > ``cancellation_limit``·M2 anywhere. Negative
-    rounding (M2 < 0 where the true M2 ≈ 0) is flagged too, so an unflagged M2 is ≥ 0."""
+def may_have_cancelled(m2: Tensor, root: Tensor, weight: float) -> Tensor:
+    """0-d bool: whether some element of M2 = S − ``weight``·``root``² (S: a sum of squares) may have
+    lost more than the dtype's budget, i.e. S > L·M2 for L = ``cancellation_limit``, which is
+    ``weight``·root² > (L − 1)·M2: one pass over M2 and the root, without S. Negative rounding
+    (M2 < 0 where the true M2 ≈ 0) is flagged too, so an unflagged M2 is ≥ 0."""
     if m2.numel() == 0:
         return torch.zeros((), dtype=torch.bool, device=m2.device)
-    return torch.sub(total, m2, alpha=cancellation_limit(m2.dtype)).max() > 0
+    limit = cancellation_limit(m2.dtype)
+    return torch.addcmul(m2, root, root, value=-weight / (limit - 1)).min() < 0
 
 
 def _sq_norms(t: Tensor) -> Tensor:
@@ -191,8 +193,8 @@ class Piece:
             return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
         if total is None:  # one chunk: the shift is the batch mean, and S is the two-pass M2
             return self._scaled(shift.view(self.shape)), self._scaled(squares.view(self.shape), 2), None
-        m2 = squares.addcmul(total, total, value=-1.0 / self.batch_size)
-        suspect = may_have_cancelled(squares, m2)
+        m2 = squares.addcmul_(total, total, value=-1.0 / self.batch_size)
+        suspect = may_have_cancelled(m2, total, 1.0 / self.batch_size)
         mean_h = total.div_(self.batch_size).add_(shift)
         return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.view(self.shape), 2),
                 suspect)
@@ -358,9 +360,8 @@ class OuterPiece(Piece):
         make the piece suspect, and the two-pass ``centered_second_moment`` is used instead."""
         if self.positions != 1:
             return super().quick_centered_second_moment(mean)
-        squares = self.second_moment()
-        m2 = squares.addcmul(mean, mean, value=-self.batch_size)
-        return m2, may_have_cancelled(squares, m2)
+        m2 = self.second_moment().addcmul_(mean, mean, value=-self.batch_size)  # a new tensor: in place
+        return m2, may_have_cancelled(m2, mean, self.batch_size)
 
     def inner(self, ref):
         projected = self.grad @ self._matrix(ref)  # [B, T, d]
