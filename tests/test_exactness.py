@@ -216,3 +216,27 @@ def test_output_view_modified_in_place_is_refused_by_fast_and_exact_in_auto():
     with pytest.raises(persample.NotExact, match="modified in place"):
         with tracker.observe(y):
             F.cross_entropy(model(x), y).backward()
+
+
+class InputChangedAfterTheCall(nn.Module):
+    """A Linear on a sequence (its weight's g_i formed by the engine, so autograd never needs its input),
+    whose input is then changed in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = self.proj(x)
+        x.mul_(2.0)
+        return self.head(torch.relu(y).mean(1))
+
+
+def test_an_input_changed_in_place_after_the_call_is_refused_not_used():
+    """The captured input is not what the module computed with: never form g_i from it. (Autograd's
+    own backward refuses such a model when it reads the saved input.)"""
+    torch.manual_seed(0)
+    model = InputChangedAfterTheCall().double()
+    x, y = torch.randn(6, 9, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(persample.NotExact, match="input of module proj .*modified in place"):
+        persample.grad_stats(model, F.cross_entropy, x.clone(), y, engine="fast")

@@ -413,3 +413,21 @@ def test_a_call_the_closed_form_turns_down_after_the_split_gets_the_whole_backwa
     x, y = _batch(14)
     assert_equals_oracle(model, x, y)
     assert cuts_held == [(1, 0)]
+
+
+def test_a_sequence_changed_in_place_after_the_call_is_refused_not_used():
+    """Autograd's backward through the layer would have refused it (a saved input whose version
+    moved); with the backward split at the layer, autograd never reads that input, so the engine
+    checks the captured inputs' versions itself."""
+    class ChangesItsInput(Below):
+        def forward(self, x):
+            seq = self.pre(x) + 1.0
+            out, _ = self.rnn(seq)
+            seq.mul_(3.0)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = ChangesItsInput(nn.LSTM(IN, H, batch_first=True)).double()
+    x, y = _batch(15)
+    with pytest.raises(NotExact, match="input of module rnn .*modified in place"):
+        persample.grad_stats(model, _loss, x, y, engine="fast")

@@ -45,7 +45,7 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import Call, Unit, add_gradient, audit_graph, capturing, find_units, outputs_modified_in_place
+from .capture import Call, Unit, add_gradient, audit_graph, capturing, find_units, modified_in_place
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
@@ -81,7 +81,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
             raise NotExact(capture.escape)
         if randomness != "different" and rng_advanced(model, rng_before):
             _refuse_random_draws(model, loss_fn, batch, randomness)
-        modified = outputs_modified_in_place(units)
+        modified = modified_in_place(units)
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()

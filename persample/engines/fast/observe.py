@@ -39,7 +39,7 @@ from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
-from .capture import audit_graph, capturing, find_units, outputs_modified_in_place, store_grad
+from .capture import audit_graph, capturing, find_units, modified_in_place, store_grad
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
 
@@ -120,7 +120,7 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
                                "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`")
     if observation._audit.escape is not None:
         raise NotExact(observation._audit.escape)
-    modified = outputs_modified_in_place(units)
+    modified = modified_in_place(units)
     if modified is not None:
         raise NotExact(modified)
     if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
