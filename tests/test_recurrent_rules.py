@@ -429,5 +429,20 @@ def test_a_sequence_changed_in_place_after_the_call_is_refused_not_used():
     torch.manual_seed(0)
     model = ChangesItsInput(nn.LSTM(IN, H, batch_first=True)).double()
     x, y = _batch(15)
-    with pytest.raises(NotExact, match="input of module rnn .*modified in place"):
+    with pytest.raises(NotExact, match="of module rnn .*modified in place"):
+        persample.grad_stats(model, _loss, x, y, engine="fast")
+
+
+def test_a_weight_changed_in_place_after_the_call_is_refused_not_used():
+    class ChangesItsWeight(Below):
+        def forward(self, x):
+            out, _ = self.rnn(torch.tanh(self.pre(x)))
+            with torch.no_grad():
+                self.rnn.weight_hh_l0.mul_(0.5)
+            return self.head(out.mean(1))
+
+    torch.manual_seed(0)
+    model = ChangesItsWeight(nn.GRU(IN, H, batch_first=True)).double()
+    x, y = _batch(16)
+    with pytest.raises(NotExact, match="a parameter of module rnn .*modified in place"):
         persample.grad_stats(model, _loss, x, y, engine="fast")

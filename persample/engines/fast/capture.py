@@ -62,7 +62,7 @@ class Call:
     autocast: Any = None  # autocast settings of a fallback unit's call, to recompute it the same way
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
     edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
-    input_versions: tuple = ()  # the versions of the tensors among the inputs' leaves, at the call
+    input_versions: tuple = ()  # the versions of the input tensors and the unit's parameters, at the call
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
@@ -71,12 +71,12 @@ class Call:
         leaves = flat_leaves(self.output)
         return any(leaves[i]._version != version for i, version in self.view_versions.items())
 
-    def input_modified_in_place(self) -> bool:
-        """Whether an input was modified in place after the call: the captured input is then not what
-        the module computed with. Autograd's own backward would refuse it when it reads the input
-        (a saved tensor whose version moved), but a layer whose weight gradients the engine forms
-        itself need never be gone through by autograd, so the engine must check."""
-        return _versions(self.args, self.kwargs) != self.input_versions
+    def input_modified_in_place(self, params: dict[str, Tensor]) -> bool:
+        """Whether an input or one of the unit's ``params`` was modified in place after the call: what
+        the engine captured is then not what the module computed with. Autograd's own backward would
+        refuse it when it reads a saved tensor whose version moved, but a layer whose gradients the
+        engine forms itself need never be gone through by autograd, so the engine must check."""
+        return _versions(self.args, self.kwargs, list(params.values())) != self.input_versions
 
 
 def _versions(*obj) -> tuple:
@@ -570,7 +570,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                            f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                            "activation (a constant such as torch.arange(T) with T == B?)")
         call = Call(args, kwargs, output if expanded is None else expanded, broadcast=expanded is not None,
-                    autocast=autocast_state() if unit.rule is None else None, input_versions=_versions(args, kwargs))
+                    autocast=autocast_state() if unit.rule is None else None,
+                    input_versions=_versions(args, kwargs, list(unit.params.values())))
         unit.calls.append(call)
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
@@ -651,10 +652,10 @@ def modified_in_place(units: list[Unit]) -> str | None:
     was (``y = self.proj(x); y.mul_(2)`` on a 3-D input)."""
     for unit in units:
         label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
-        if any(call.input_modified_in_place() for call in unit.calls):
-            return (f"an input of {label} was modified in place after the module was called, so the input the "
-                    "fast engine captured is not the one the module computed with (autograd's own backward would "
-                    "refuse it too); use an out-of-place op (x = x * 2) or another engine")
+        if any(call.input_modified_in_place(unit.params) for call in unit.calls):
+            return (f"an input or a parameter of {label} was modified in place after the module was called, so "
+                    "what the fast engine captured is not what the module computed with (autograd's own backward "
+                    "would refuse it too); use an out-of-place op (x = x * 2) or another engine")
         if any(call.view_modified_in_place() for call in unit.calls):
             return (f"the output of {label} is a view and was modified in place after the module returned, which "
                     "hides its gradient from the fast engine's hooks; use an out-of-place op (y = y * 2) or "
