@@ -446,3 +446,23 @@ def test_a_weight_changed_in_place_after_the_call_is_refused_not_used():
     x, y = _batch(16)
     with pytest.raises(NotExact, match="a parameter of module rnn .*modified in place"):
         persample.grad_stats(model, _loss, x, y, engine="fast")
+
+
+def test_split_inside_an_activation_checkpoint(fallback_calls, cuts_held):
+    """Non-reentrant checkpointing of the Linear and the layer: the second phase's pull-back through the
+    Linear recomputes the block (the capture records only the first forward)."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Checkpointed(Below):
+        def block(self, x):
+            return self.rnn(torch.tanh(self.pre(x)))[0]
+
+        def forward(self, x):
+            return self.head(checkpoint(self.block, x, use_reentrant=False).mean(1))
+
+    torch.manual_seed(0)
+    model = Checkpointed(nn.LSTM(IN, H, batch_first=True)).double()
+    x, y = _batch(17)
+    assert_equals_oracle(model, x, y)
+    assert not fallback_calls
+    assert cuts_held == [(1, 1)]
