@@ -34,6 +34,19 @@ def test_fast_equals_vmap_on_the_zoo(case, batch):
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_fast_without_the_variance_equals_vmap_on_the_zoo(case):
+    """``var=False`` takes other paths (means of formed layers from one sum, no second moments)."""
+    model, x, y = case.instantiate(batch=5)
+    fast = _stats(model, case.loss_fn, x, y, "fast", var=False)
+    ref = _stats(model, case.loss_fn, x, y, "vmap", var=False)
+    assert fast.m2 is None
+    assert_dicts_close(fast.mean, ref.mean, 1e-9, 1e-11)
+    assert_dicts_close(fast.param_sq_norms, ref.param_sq_norms, 1e-9, 1e-11)
+    assert_dicts_close(fast.clipped_mean, ref.clipped_mean, 1e-9, 1e-11)
+    torch.testing.assert_close(fast.inner_products, ref.inner_products, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_fast_equals_the_oracle(case):
     model, x, y = case.instantiate(batch=4)
     grads, losses = oracle_grads(model, case.loss_fn, x, y)

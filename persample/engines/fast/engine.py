@@ -125,9 +125,8 @@ def _derived_moments(piece: Piece, var: bool, param: Tensor, summed: bool) -> tu
     """(ḡ, M2, suspect) of a parameter whose mean autograd did not compute. Without the variance, a
     cut recurrent layer's ḡ is the weighted sum (1/B) Σ_i g_i in closed form (one matmul), where
     forming every g_i would cost more; otherwise ``Piece.moments`` forms them once for all three."""
-    if summed and not var:
-        weights = torch.full((piece.batch_size,), 1.0 / piece.batch_size, device=param.device)
-        return piece.weighted_sum(weights), None, None
+    if summed and not var:  # (weights of one: 1/B would be rounded to the weights' dtype)
+        return piece.weighted_sum(torch.ones(piece.batch_size, device=param.device)).div_(piece.batch_size), None, None
     return piece.moments(var)
 
 
