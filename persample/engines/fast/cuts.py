@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from ..._batch import flat_leaves
-from .capture import Call, Unit
+from .capture import Call, Unit, add_gradient
 from .pieces import Piece
 from .recurrent import cuttable_call
 
@@ -131,8 +131,6 @@ def _grad(root: Tensor, inputs: list, retain_graph: bool = False) -> tuple:
 
 def _deliver_output_grads(inputs: list, grads: list, cuts: list[Cut]) -> None:
     """The cut calls' output gradients, from the first phase's answers for their edges."""
-    from .capture import add_gradient
-
     position = {id(edge): i for i, edge in enumerate(inputs)}
     for cut in cuts:
         for call in cut.unit.calls:
