@@ -15,7 +15,12 @@ model: BackPACK's ``Variance`` on the MLP, Opacus's hooks on GPT-2 (BackPACK has
     python benchmarks/scaling.py [--repeats 3] [--budget 8] [--threads 2] [--save] [--only mlp|gpt2]
 
 ``--save`` writes ``results/scaling-cpu-<machine>.{json,md,png}``. A full run takes about
-5 minutes on 2 CPU cores.
+5 minutes on 2 CPU cores. On a shared machine single points move by ±15 % or more, so
+
+    python benchmarks/scaling.py --median RUN1.json RUN2.json RUN3.json --out STEM
+
+writes the median of several runs' JSON files instead (each point's ratio the median of that point's
+ratios, each taken within its own run), with every run's ratios listed below the tables.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 import warnings
@@ -152,7 +158,8 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
     m = meta["machine"]
     fig.suptitle(f"persample scaling, {m['cpu']} ({m['logical_cpus']} CPUs), {m['threads']} threads, "
                  f"torch {m['torch']}, persample {m['versions'].get('persample_git')}\n"
-                 f"load avg {meta['load_before']} → {meta['load_after']} (shared machine: ratios noisy)",
+                 f"load avg {meta['load_before']} → {meta['load_after']} (shared machine: ratios noisy)"
+                 + (f"; median of {len(meta['runs'])} runs" if meta.get("runs") else ""),
                  fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
@@ -171,7 +178,11 @@ def markdown(records: list[dict], meta: dict) -> str:
              f"- allocator: {meta['allocator']}; memory: {meta['memory_method']}",
              f"- timing: {meta['repeats']} samples of ≥ 20 ms per method (fewer calls for slow ones, see "
              "`repeats`), median; ratio = median / plain's median at the same point; † = other processes "
-             "used > 10 % of the CPUs while it was timed", ""]
+             "used > 10 % of the CPUs while it was timed"]
+    if meta.get("runs"):
+        lines.append(f"- the median of {len(meta['runs'])} runs (each ratio taken within its run; every run's "
+                     "ratios below the tables): " + "; ".join(meta["runs"]))
+    lines.append("")
     for sweep in SWEEPS:
         rows = [r for r in records if r["sweep"] == sweep.name]
         methods = ["plain", FAST, "torch.func", sweep.peer]
@@ -193,7 +204,44 @@ def markdown(records: list[dict], meta: dict) -> str:
         lines.append("")
         reasons = {(r["method"], r["reason"]) for r in rows if r["status"] != "ok" and r["reason"]}
         lines += [f"- `{meth}`: {reason}" for meth, reason in sorted(reasons)] + [""]
+        spread = [r for r in rows if r.get("run_ratios") and r["method"] != "plain"]
+        if spread:
+            lines += [f"Every run's ratio ({sweep.name}):", ""]
+            lines += [f"- `{r['method']}` at {sweep.variable} = {r['value']}: "
+                      + " / ".join(_fmt(x) for x in r["run_ratios"]) for r in spread] + [""]
     return "\n".join(lines)
+
+
+def median_of_runs(runs: list[dict]) -> tuple[list[dict], dict]:
+    """(records, meta) of the median of several runs (``{"meta", "records"}`` as ``--out`` writes them): per
+    point and method, the median of the ratios (each taken within its run; None if some run has none),
+    of plain's times and of the peak memories; the worst status (and its reason); the most foreign CPU."""
+    def key(r):
+        return r["sweep"], r["method"], r["value"]
+
+    by_key: dict = {}
+    for run in runs:
+        for r in run["records"]:
+            by_key.setdefault(key(r), []).append(r)
+    records = []
+    for r in runs[0]["records"]:
+        same = by_key[key(r)]
+        ratios = [x["ratio"] for x in same if x.get("ratio") is not None]
+        memories = [x["peak_mem_bytes"] for x in same if x.get("peak_mem_bytes")]
+        times = [x["median_s"] for x in same if x.get("median_s") is not None]
+        worst = next((x for x in same if x["status"] != "ok"), r)
+        records.append({**r, "ratio": statistics.median(ratios) if len(ratios) == len(same) else None,
+                        "median_s": statistics.median(times) if times else None,
+                        "peak_mem_bytes": statistics.median(memories) if memories else None,
+                        "status": worst["status"], "reason": worst["reason"],
+                        "foreign_cpu": max(x.get("foreign_cpu") or 0.0 for x in same),
+                        "run_ratios": [x.get("ratio") for x in same]})
+    metas = [run["meta"] for run in runs]
+    meta = {**metas[0], "load_before": metas[0]["load_before"], "load_after": metas[-1]["load_after"],
+            "total_s": sum(m["total_s"] for m in metas),
+            "runs": [f"{m['machine']['versions'].get('persample_git')}, load average {m['load_before']} → "
+                     f"{m['load_after']}, {m['total_s']:.0f} s" for m in metas]}
+    return records, meta
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -204,7 +252,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--only", choices=[s.name for s in SWEEPS], help="run one sweep")
     p.add_argument("--save", action="store_true", help="write results/scaling-cpu-<machine>.{json,md,png}")
     p.add_argument("--out", type=Path, help="write OUT.json, OUT.md and OUT.png (stem)")
+    p.add_argument("--median", type=Path, nargs="+", metavar="RUN.json",
+                   help="no timing: write the median of these runs (with --out or --save)")
     args = p.parse_args(argv)
+    if args.median:
+        records, meta = median_of_runs([json.loads(path.read_text()) for path in args.median])
+        meta["command"] = "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        stems = [args.out] if args.out else []
+        if args.save:
+            stems.append(bench.RESULTS_DIR / f"scaling-cpu-{bench.machine_slug(meta['machine']['cpu'])}")
+        _write(stems, records, meta)
+        return records
     warnings.filterwarnings("ignore")
     allocator = bench.tune_malloc()
     torch.set_num_threads(args.threads)
@@ -222,6 +280,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     stems = [args.out] if args.out else []
     if args.save:
         stems.append(bench.RESULTS_DIR / f"scaling-cpu-{bench.machine_slug(bench.device_name(settings.device))}")
+    _write(stems, records, meta)
+    return records
+
+
+def _write(stems: list[Path], records: list[dict], meta: dict) -> None:
     text = markdown(records, meta)
     for stem in stems:
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -229,7 +292,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         stem.with_suffix(".md").write_text(text)
         plot(records, meta, stem.with_suffix(".png"))
     print(text)
-    return records
 
 
 if __name__ == "__main__":

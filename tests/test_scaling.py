@@ -67,3 +67,23 @@ def test_large_case_is_opt_in_and_ten_times_gpt2():
     assert [c.label for c in large] == ["gpt2-large-b8"]
     count = lambda problem: sum(p.numel() for p in problem.model.parameters())  # noqa: E731
     assert count(cases.large_gpt2_problem(1)) >= 10 * count(cases.gpt2_problem(1))
+
+
+def test_median_of_runs_takes_each_point_from_its_runs():
+    """Per point the median of the runs' ratios and memories, the worst status, every run's ratio listed."""
+    scaling = load_scaling()
+    runs = []
+    for shift in (0.0, 3.0, 1.0):
+        records, meta = fake_records(scaling)
+        for r in records:
+            if r["method"] != "plain":
+                r["ratio"] += shift
+        runs.append({"meta": {**meta, "load_after": shift}, "records": records})
+    runs[1]["records"][1]["status"], runs[1]["records"][1]["reason"] = "failed", "boom"
+    records, meta = scaling.median_of_runs(runs)
+    first = records[1]  # the fast engine at the first MLP point: 1.5, 4.5, 2.5
+    assert first["method"] == scaling.FAST and first["ratio"] == 2.5 and first["run_ratios"] == [1.5, 4.5, 2.5]
+    assert first["status"] == "failed" and first["reason"] == "boom"
+    assert meta["load_after"] == 1.0 and len(meta["runs"]) == 3 and meta["total_s"] == 3.0
+    text = scaling.markdown(records, meta)
+    assert "the median of 3 runs" in text and "1.50 / 4.50 / 2.50" in text
