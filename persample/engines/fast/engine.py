@@ -22,9 +22,10 @@
 Whenever this cannot be exact (a parameter used outside the modules that own
 it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
-it cannot apply per example, a loss that is not per example, re-entrant
-checkpointing) the engine raises :class:`~persample.errors.NotExact`, and
-``engine="auto"`` moves on to the vmap engine, then the per-example loop.
+it cannot apply per example, a loss that is not per example, a module input or
+parameter changed in place after the module's call, re-entrant checkpointing)
+the engine raises :class:`~persample.errors.NotExact`, and ``engine="auto"``
+moves on to the vmap engine, then the per-example loop.
 """
 
 from __future__ import annotations
