@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["Batch", "as_batch", "flat_leaves"]
+__all__ = ["Batch", "as_batch", "flat_leaves", "tensors_in"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,11 @@ def flat_leaves(obj: Any) -> list:
     if type(obj) is dict:
         return [leaf for item in obj.values() for leaf in flat_leaves(item)]
     return tree_flatten(obj)[0]
+
+
+def tensors_in(obj: Any) -> list[Tensor]:
+    """The tensors among ``obj``'s leaves (:func:`flat_leaves`)."""
+    return [leaf for leaf in flat_leaves(obj) if isinstance(leaf, Tensor)]
 
 
 def _leaves(obj: Any, what: str) -> list[Tensor]:

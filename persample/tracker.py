@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._batch import Batch, as_batch, flat_leaves
+from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import check_clip_norm, trainable_parameters
 from .api import compute_stats, prepare_reference
@@ -459,8 +459,7 @@ class Tracker:
                 self.steps += 1
             return
         if batch_size is None:
-            leaves = [t for t in (flat_leaves(targets) if targets is not None else [])
-                      if isinstance(t, Tensor) and t.dim() > 0]
+            leaves = [t for t in tensors_in(targets) if t.dim() > 0]
             if not leaves:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
@@ -586,8 +585,7 @@ def _first_batch_output(store: list, batch_size: int):
     def hook(module, args, output):
         if store:
             return
-        leaves = flat_leaves(output)
-        tensors = [t for t in leaves if isinstance(t, Tensor)]
+        tensors = tensors_in(output)
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
             return
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
@@ -596,8 +594,7 @@ def _first_batch_output(store: list, batch_size: int):
 
 
 def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
-    leaves = flat_leaves((batch.args, batch.kwargs))
-    return [t for t in leaves if isinstance(t, Tensor) and t.requires_grad and t.is_leaf]
+    return [t for t in batch.input_leaves if t.requires_grad and t.is_leaf]
 
 
 def _finite(stats: GradStats) -> bool:

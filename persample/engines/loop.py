@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .._batch import Batch, flat_leaves
+from .._batch import Batch, tensors_in
 from .._model import (cuda_devices, first_random_module, randomness_error, restore_rng, rng_advanced,
                       rng_snapshot, trainable_parameters)
 from ..stats import GradStats
@@ -59,7 +59,7 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
         snapshot = rng_snapshot(model) if randomness == "error" else None
         with torch.enable_grad():
             loss = check_per_example_loss(example.call(model, loss_fn))
-            inputs = [t for t in flat_leaves((example.args, example.kwargs)) if isinstance(t, Tensor)]
+            inputs = tensors_in((example.args, example.kwargs))
             grads = dict(zip(params, gradients(loss, list(params.values()), inputs)))
         if snapshot is not None and rng_advanced(model, snapshot):
             raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn)))

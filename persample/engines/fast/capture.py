@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
-from ..._batch import flat_leaves
+from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, own_trainable_parameters
 from ...errors import NotExact
 from .rules import Rule, find_rule
@@ -80,7 +80,7 @@ class Call:
 
 
 def _versions(*obj) -> tuple:
-    return tuple(t._version for t in flat_leaves(obj) if isinstance(t, Tensor))
+    return tuple(t._version for t in tensors_in(obj))
 
 
 @dataclass(eq=False)
@@ -615,11 +615,6 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         capture.end_forward()
 
 
-def tensors_in(obj) -> list[Tensor]:
-    """The tensors among ``obj``'s leaves (:func:`~persample._batch.flat_leaves`)."""
-    return [leaf for leaf in flat_leaves(obj) if isinstance(leaf, Tensor)]
-
-
 def _storage(t: Tensor) -> int | None:
     """The address of ``t``'s storage (views of a tensor share it); None where there is none."""
     try:
@@ -703,9 +698,8 @@ def _fallback_internals(units: list[Unit]) -> set:
         if unit.rule is not None:
             continue
         for call in unit.calls:
-            inputs = {t.grad_fn for t in flat_leaves((call.args, call.kwargs))
-                      if isinstance(t, Tensor) and t.grad_fn is not None}
-            stack = [t.grad_fn for t in flat_leaves(call.output) if isinstance(t, Tensor)]
+            inputs = {t.grad_fn for t in tensors_in((call.args, call.kwargs)) if t.grad_fn is not None}
+            stack = [t.grad_fn for t in tensors_in(call.output)]
             while stack:
                 node = stack.pop()
                 if node is None or node in inside or node in inputs:

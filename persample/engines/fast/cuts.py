@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
-from ..._batch import flat_leaves
+from ..._batch import tensors_in
 from .capture import Call, Unit, add_gradient
 from .pieces import Piece
 from .recurrent import cuttable_call
@@ -157,8 +157,7 @@ def _input_nodes(unit: Unit) -> list:
 
 
 def _output_nodes(unit: Unit) -> set:
-    return {t.grad_fn for call in unit.calls for t in flat_leaves(call.output)
-            if isinstance(t, Tensor) and t.grad_fn is not None}
+    return {t.grad_fn for call in unit.calls for t in tensors_in(call.output) if t.grad_fn is not None}
 
 
 def _reachable(starts: list, stop: set) -> set:

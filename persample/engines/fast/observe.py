@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
-from ..._batch import flat_leaves
+from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
@@ -144,9 +144,8 @@ def _grad_snapshot(params) -> dict:
 def _captured_half(units) -> bool:
     """Whether the forward ran in half precision (autocast): the rules upcast what they read to
     float32 (``engine.at_least_float32``), but sums then agree with ``p.grad`` only to that precision."""
-    return any(isinstance(t, Tensor) and t.dtype in (torch.float16, torch.bfloat16)
-               for unit in units for call in unit.calls
-               for t in flat_leaves((call.args, call.out_grads)))
+    return any(t.dtype in (torch.float16, torch.bfloat16)
+               for unit in units for call in unit.calls for t in tensors_in((call.args, call.out_grads)))
 
 
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:

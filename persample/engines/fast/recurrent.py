@@ -46,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..._batch import flat_leaves
+from ..._batch import flat_leaves, tensors_in
 from .capture import Call, Unit
 from .pieces import DensePiece, OuterPiece, Piece
 from .rules import has_hooks
@@ -112,7 +112,7 @@ def cuttable_call(unit: Unit, call: Call) -> bool:
     if not isinstance(call.args[0], Tensor) or call.args[0].dtype not in (torch.float32, torch.float64):
         return False
     hx = call.args[1] if len(call.args) > 1 else None
-    return not any(t.requires_grad for t in flat_leaves(hx) if isinstance(t, Tensor))
+    return not any(t.requires_grad for t in tensors_in(hx))
 
 
 # ------------------------------------------------------------------------------ preconditions
