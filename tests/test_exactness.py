@@ -192,22 +192,24 @@ def test_keyword_options_without_tensors_are_passed_through(engine):
                            {k: g.mean(0) for k, g in grads.items()})
 
 
-class InPlaceOnView(nn.Module):
-    """A Linear on a sequence returns a view of its matmul; ``mul_`` then rewrites the base."""
+class ChangedAfterTheCall(nn.Module):
+    """A Linear on a sequence, then ``mul_`` on its ``changed`` tensor: its ``"output"`` (a view of its
+    matmul, so the base is rewritten) or its ``"input"`` (its weight's g_i are formed by the engine, so
+    autograd never needs that input)."""
 
-    def __init__(self):
+    def __init__(self, changed: str):
         super().__init__()
-        self.proj, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
+        self.proj, self.head, self.changed = nn.Linear(5, 4), nn.Linear(4, 3), changed
 
     def forward(self, x):
         y = self.proj(x)
-        y.mul_(2.0)
+        (y if self.changed == "output" else x).mul_(2.0)
         return self.head(torch.relu(y).mean(1))
 
 
 def test_output_view_modified_in_place_is_refused_by_fast_and_exact_in_auto():
     torch.manual_seed(0)
-    model = InPlaceOnView().double()
+    model = ChangedAfterTheCall("output").double()
     x, y = torch.randn(6, 3, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(persample.NotExact, match="proj .*modified in place"):
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
@@ -218,25 +220,11 @@ def test_output_view_modified_in_place_is_refused_by_fast_and_exact_in_auto():
             F.cross_entropy(model(x), y).backward()
 
 
-class InputChangedAfterTheCall(nn.Module):
-    """A Linear on a sequence (its weight's g_i formed by the engine, so autograd never needs its input),
-    whose input is then changed in place."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj, self.head = nn.Linear(5, 4), nn.Linear(4, 3)
-
-    def forward(self, x):
-        y = self.proj(x)
-        x.mul_(2.0)
-        return self.head(torch.relu(y).mean(1))
-
-
 def test_an_input_changed_in_place_after_the_call_is_refused_not_used():
     """The captured input is not what the module computed with: never form g_i from it. (Autograd's
     own backward refuses such a model when it reads the saved input.)"""
     torch.manual_seed(0)
-    model = InputChangedAfterTheCall().double()
+    model = ChangedAfterTheCall("input").double()
     x, y = torch.randn(6, 9, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     with pytest.raises(persample.NotExact, match="input or a parameter of module proj .*modified in place"):
         persample.grad_stats(model, F.cross_entropy, x.clone(), y, engine="fast")
