@@ -289,9 +289,11 @@ def preserved_state(model: nn.Module, *, restore_buffers: bool = True, fork_rng:
             yield
         finally:
             for m, flag in flags:
-                m.training = flag
+                if m.training is not flag:  # (nn.Module.__setattr__ costs microseconds per module)
+                    m.training = flag
             for p, g in grads:
-                p.grad = g
+                if p.grad is not g:
+                    p.grad = g
             with torch.no_grad():
                 for b, saved in buffers:
                     if b.shape == saved.shape:

@@ -44,6 +44,9 @@ def is_dtensor(t) -> bool:
 def sharding_of(model: nn.Module) -> str | None:
     """``"FSDP2"``, ``"FSDP1"`` or None: how ``model`` (or a module inside it) is sharded."""
     fsdp = sys.modules.get("torch.distributed.fsdp")
+    dtensor = dtensor_class()
+    if fsdp is None and dtensor is None:
+        return None  # neither is imported: no module or parameter can be sharded (see the module docstring)
     if fsdp is not None:
         fsdp2_class = getattr(fsdp, "FSDPModule", None)
         fsdp1_class = getattr(fsdp, "FullyShardedDataParallel", None)
@@ -52,7 +55,6 @@ def sharding_of(model: nn.Module) -> str | None:
                 return "FSDP2"
             if fsdp1_class is not None and isinstance(module, fsdp1_class):
                 return "FSDP1"
-    dtensor = dtensor_class()
     for p in model.parameters():
         if dtensor is not None and isinstance(p, dtensor):
             return "FSDP2"
