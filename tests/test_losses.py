@@ -98,3 +98,30 @@ def test_the_trace_stops_at_the_first_operation_that_is_not_the_loss_call():
     assert traced_standard_loss(sliced_loss, logits, tokens) is None
     assert reached == []
     assert closed_form_losses(sliced_loss, logits, tokens) is None
+
+
+@pytest.mark.parametrize("name", ["gaussian_nll", "masked_select"])
+def test_a_loss_vmap_cannot_run_is_not_exact_and_auto_falls_back(name):
+    """A loss without a closed form that torch.func.vmap cannot run per example (a data-dependent check,
+    an op without a batching rule) was a raw RuntimeError from the fast engine, so engine='auto' never
+    reached the engines that handle it; it is NotExact now, and auto gives the loop's numbers."""
+    import persample
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 6).double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    if name == "gaussian_nll":
+        def loss_fn(o, t):
+            return F.gaussian_nll_loss(o[:, :3], t, F.softplus(o[:, 3:]) + 0.1)
+    else:
+        def loss_fn(o, t):
+            return torch.masked_select(o[:, :3] - t, (t > 0)).pow(2).sum()
+    with pytest.raises(persample.NotExact, match="vmap cannot evaluate loss_fn"):
+        persample.grad_stats(model, loss_fn, x, y, engine="fast")
+    with pytest.warns(persample.SlowPathWarning):
+        auto = persample.grad_stats(model, loss_fn, x, y, engine="auto")
+    loop = persample.grad_stats(model, loss_fn, x, y, engine="loop")
+    for k in loop.mean:
+        torch.testing.assert_close(auto.mean[k], loop.mean[k], rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(auto.var[k], loop.var[k], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(auto.sq_norms, loop.sq_norms, rtol=1e-12, atol=1e-14)

@@ -142,3 +142,49 @@ def test_a_second_backward_inside_the_block_is_detected():
         loss.backward()
     assert_dicts_close(observed.stats.var, ref.var)
     assert_dicts_close(observed.stats.mean, ref.mean)
+
+
+class _WithAuxiliary(nn.Module):
+    """Keeps its hidden activation (and an auxiliary term computed in forward) for the loop's loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux_head = nn.Linear(4, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x):
+        self.hidden = torch.tanh(self.a(x))
+        self.penalty = self.hidden.pow(2).mean()
+        return self.b(self.hidden)
+
+
+AUXILIARY_TERMS = {
+    "activation penalty": lambda m, y: 0.1 * m.hidden.pow(2).mean(),
+    "auxiliary head": lambda m, y: 0.3 * F.cross_entropy(m.aux_head(m.hidden), y),
+    "term computed in forward": lambda m, y: 0.1 * m.penalty,
+}
+
+
+@pytest.mark.parametrize("term", sorted(AUXILIARY_TERMS))
+def test_a_loss_with_a_term_on_a_hidden_activation_is_refused(term):
+    """Deep supervision, an auxiliary head, an activation or load-balancing penalty: the term's gradient
+    enters the layers below the activation, and p.grad has it too, so neither the output-gradient nor the
+    p.grad check saw it, and the statistics described the gradient of the whole sum (mean off by 17–96 %)."""
+    torch.manual_seed(0)
+    model, (x, y) = _WithAuxiliary().double(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(ObservationError, match="activation of the model other than its output.*test_observe.py"):
+        with tracker.observe(y):
+            (F.cross_entropy(model(x), y) + AUXILIARY_TERMS[term](model, y)).backward()
+
+
+def test_reading_a_hidden_activation_without_backwarding_it_is_fine():
+    torch.manual_seed(0)
+    model, (x, y) = _WithAuxiliary().double(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with tracker.observe(y) as observed:
+        loss = F.cross_entropy(model(x), y)
+        activation_norm = model.hidden.norm()  # logged, not backwarded
+        loss.backward()
+    assert torch.isfinite(activation_norm)
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    assert_dicts_close(observed.stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)

@@ -32,6 +32,8 @@ Before the backward, :func:`audit_graph` walks the autograd graph once:
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator
@@ -385,6 +387,105 @@ class _DimMoveWatcher(TorchFunctionMode):
         return out
 
 
+class _UserCodeWatcher(TorchFunctionMode):
+    """Watches the user's code while the capture is on, for two things the graph does not show.
+
+    **Gradient hooks on activations.** Every ``tensor.register_hook(fn)`` on a
+    non-leaf tensor is wrapped to note the first hook that rewrites a gradient
+    (returns a new one, or changes it in place). Such a hook (gradient
+    reversal, scaling, clipping) acts on the whole batch's gradient, while
+    per-example gradients need it applied to each example's: the engine would
+    read the gradient at the tensor before the hook, and a hook that is not
+    linear (a clamp) is not even the same map on one example's gradient as on
+    the batch's. ``torch.func`` (the vmap engine) and the loop apply it per
+    example. Hooks that only look (return None) change nothing and pass; hooks
+    the capture adds itself run with torch functions disabled and are not seen.
+
+    **What the loss reads** (``observe``: after :meth:`watch_loss`, once the
+    model's forward has returned). An op that reads an activation of the
+    forward other than the model's outputs (an auxiliary loss on hidden states,
+    an activation penalty, a second head) gets a hook on its results; if the
+    backward reaches them, the backwarded loss has a term that is not a loss of
+    the output, which the output-gradient and ``p.grad`` checks cannot see (its
+    gradient enters the layers below the activation, and ``p.grad`` has it too).
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.rewritten: str | None = None  # where the first rewriting hook was registered
+        self.outputs: set[int] | None = None  # ids of the model's output tensors, once the forward returned
+        self.after_forward: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # results of later ops
+        self.aux_term: str | None = None  # where a later op read an activation whose term reached the backward
+
+    def watch_loss(self, outputs: list) -> None:
+        self.outputs = {id(t) for t in outputs if isinstance(t, Tensor)}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _REGISTER_HOOK and getattr(args[0] if args else None, "grad_fn", None) is not None:
+            hook = args[1] if len(args) > 1 else kwargs.pop("hook")
+            where = f"a tensor of shape {tuple(args[0].shape)} at {_caller_outside_torch()}"
+            args = (args[0], _RewriteReporter(hook, self, where))
+        out = func(*args, **kwargs)
+        if self.outputs is not None:
+            with torch._C.DisableTorchFunction():
+                self._follow_loss(func, args, kwargs, out)
+        return out
+
+    def _follow_loss(self, func, args, kwargs, out) -> None:
+        results = [t for t in tensors_in(out) if t.requires_grad]
+        reads_activation = any(t.grad_fn is not None and id(t) not in self.outputs and id(t) not in self.after_forward
+                               for t in tensors_in((args, kwargs)) if t.requires_grad)
+        for t in results:
+            self.after_forward[id(t)] = t
+            if reads_activation and t.grad_fn is not None:
+                t.register_hook(_ReachReporter(self, f"{_op_name(func)} at {_caller_outside_torch()}"))
+
+
+class _ReachReporter:
+    """A tensor hook noting that the backward reached a term that read an activation (gradient ≠ 0)."""
+
+    __slots__ = ("watcher", "where")
+
+    def __init__(self, watcher: _UserCodeWatcher, where: str):
+        self.watcher, self.where = watcher, where
+
+    def __call__(self, grad):
+        if self.watcher.aux_term is None and bool((grad != 0).any()):
+            self.watcher.aux_term = self.where
+
+
+class _RewriteReporter:
+    """A user's tensor hook, unchanged in effect, that tells its watcher when it rewrites a gradient."""
+
+    __slots__ = ("hook", "watcher", "where")
+
+    def __init__(self, hook, watcher: _UserCodeWatcher, where: str):
+        self.hook, self.watcher, self.where = hook, watcher, where
+
+    def __call__(self, grad):
+        version = grad._version
+        result = self.hook(grad)
+        if (result is not None and result is not grad) or grad._version != version:
+            self.watcher.rewritten = self.watcher.rewritten or self.where
+        return result
+
+
+_REGISTER_HOOK = Tensor.register_hook
+
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__.split(".")[0]]))
+
+
+def _caller_outside_torch() -> str:
+    """``file:line, in function`` of the innermost caller outside torch and persample."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame = frame.f_back
+    if frame is None:
+        return "an unknown place"
+    return f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}, in {frame.f_code.co_name}"
+
+
 #: Products whose operands other than the first (``matmul(a, b)``'s ``b``, ``linear``'s weight) are
 #: contracted over their dim 0 when they are matrices or vectors.
 _PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "mv", "linear", "addmm", "addmv", "dot",
@@ -435,16 +536,42 @@ class Capture:
 
     watcher: _BroadcastWatcher
     dim_watcher: _DimMoveWatcher | None
+    user_watcher: _UserCodeWatcher | None = None
     watching: bool = False  # the broadcast watcher is entered (at the first expanded or suspect output)
     forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
+    user_watcher_exited: bool = False
 
     @property
     def escape(self) -> str | None:
+        if self.rewritten_gradient is not None:
+            return self.rewritten_gradient
         if self.watcher.escape is not None:
             return self.watcher.escape
         if self.raw_input_moved and self.watcher.ambiguous:
             return _ambiguous_expansion(self.watcher.ambiguous[0])
         return None
+
+    @property
+    def rewritten_gradient(self) -> str | None:
+        """Why the backward's gradients cannot be read per example: a tensor hook registered in the
+        forward rewrote one (known once the backward has run), or None."""
+        if self.user_watcher is None or self.user_watcher.rewritten is None:
+            return None
+        return (f"a gradient hook registered in the forward (tensor.register_hook on {self.user_watcher.rewritten}) "
+                "rewrote the batch's gradient, which the fast engine cannot apply to each example; the vmap and "
+                "loop engines do (engine='auto' takes them)")
+
+    def watch_loss(self, outputs: list) -> None:
+        """From now on (the model's forward has returned), note ops that read an activation other than
+        ``outputs`` and whose results the backward reaches (see :class:`_UserCodeWatcher`)."""
+        if self.user_watcher is not None:
+            self.user_watcher.watch_loss(outputs)
+
+    @property
+    def auxiliary_term(self) -> str | None:
+        """Where the backwarded loss read an activation other than the model's outputs (known once
+        the backward has run), or None."""
+        return None if self.user_watcher is None else self.user_watcher.aux_term
 
     @property
     def raw_input_moved(self) -> bool:
@@ -464,6 +591,9 @@ class Capture:
         if self.dim_watcher is not None and self.dim_watcher.active is not None:
             self.dim_watcher.active = None
             self.dim_watcher.__exit__(None, None, None)
+        if self.user_watcher is not None and not self.user_watcher_exited:
+            self.user_watcher_exited = True
+            self.user_watcher.__exit__(None, None, None)
 
 
 def _ambiguous_expansion(label: str) -> str:
@@ -599,7 +729,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                                           for u in units if u.rule is None)
         return None
 
-    capture = Capture(watcher, dim_watcher)
+    capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
+    capture.user_watcher.__enter__()  # the first mode in, the last out (end_forward)
     try:
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
         for unit in units:

@@ -100,6 +100,8 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
 
         grads, cuts = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs],
                                       planned, closed_form)
+        if capture.rewritten_gradient is not None:
+            raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
     for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd):]):
         if id(call) not in delivered:
@@ -227,7 +229,16 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
         return loss
 
     target_dims = None if targets is None else 0
-    losses = vmap(one, in_dims=([0 if b else None for b in batched], target_dims))(leaves, targets)
+    try:
+        losses = vmap(one, in_dims=([0 if b else None for b in batched], target_dims))(leaves, targets)
+    except NotExact:
+        raise
+    except RuntimeError as err:  # data-dependent control flow, ops without a batching rule
+        clearer = translate_vmap_error(err)
+        if clearer is not None:
+            raise clearer from err
+        raise NotExact(f"torch.func.vmap cannot evaluate loss_fn on each example of the batched output: "
+                       f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     if shared and any(g is not None for g in torch.autograd.grad(
             losses.sum(), list(shared.values()), allow_unused=True, retain_graph=True)):
         raise NotExact(_NOT_PER_EXAMPLE)
