@@ -41,7 +41,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.overrides import TorchFunctionMode
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, own_trainable_parameters
@@ -539,10 +539,14 @@ class Capture:
     user_watcher: _UserCodeWatcher | None = None
     watching: bool = False  # the broadcast watcher is entered (at the first expanded or suspect output)
     forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
+    lost_watch: bool = False  # torch dropped a watcher's mode (see _exit_mode): what it watched is unknown
     user_watcher_exited: bool = False
 
     @property
     def escape(self) -> str | None:
+        if self.lost_watch:
+            return ("part of the forward ran where the fast engine's checks cannot follow it (re-entrant "
+                    "activation checkpointing, use_reentrant=True?); use checkpoint(..., use_reentrant=False)")
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
         if self.watcher.escape is not None:
@@ -582,18 +586,34 @@ class Capture:
             self.watcher.__enter__()
             self.watching = True
 
+    def stop_recording(self) -> None:
+        """Record no more unit calls (the model's forward has returned; a checkpointed layer's
+        recomputation in the backward is not a call); the watchers stay on."""
+        self.forward_ended = True
+
     def end_forward(self) -> None:
         """Stop watching ops and recording calls (call once the forward and the losses are done)."""
         self.forward_ended = True
         if self.watching:
             self.watching = False
-            self.watcher.__exit__(None, None, None)
+            self.lost_watch |= not _exit_mode(self.watcher)
         if self.dim_watcher is not None and self.dim_watcher.active is not None:
             self.dim_watcher.active = None
-            self.dim_watcher.__exit__(None, None, None)
+            self.lost_watch |= not _exit_mode(self.dim_watcher)
         if self.user_watcher is not None and not self.user_watcher_exited:
             self.user_watcher_exited = True
-            self.user_watcher.__exit__(None, None, None)
+            self.lost_watch |= not _exit_mode(self.user_watcher)
+
+
+def _exit_mode(mode: TorchFunctionMode) -> bool:
+    """Leave ``mode`` if it is the innermost torch-function mode; False where torch dropped it: a mode
+    entered inside a re-entrant checkpoint's forward (an ``autograd.Function``) is gone when it returns,
+    and popping anyway would pop another mode."""
+    stack = _get_current_function_mode_stack()
+    if not stack or stack[-1] is not mode:
+        return False
+    mode.__exit__(None, None, None)
+    return True
 
 
 def _ambiguous_expansion(label: str) -> str:
@@ -799,6 +819,10 @@ class GraphAudit:
     dim_zero_moved: bool
 
 
+REENTRANT_CHECKPOINT = ("re-entrant activation checkpointing (use_reentrant=True) hides the checkpointed layers' "
+                        "inputs and output gradients from the fast engine; use checkpoint(..., use_reentrant=False)")
+
+
 def _signed(value: int) -> int:
     """Saved int64 dims come back as unsigned: map 2**64 - k back to -k."""
     return value - (1 << 64) if value >= (1 << 63) else value
@@ -856,12 +880,14 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
     stack = [t.grad_fn for t in (root if isinstance(root, (list, tuple)) else [root])]
+    reentrant = False
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         moved = moved or (node not in internal and _moves_dim_zero(node))
+        reentrant = reentrant or type(node).__name__ == "CheckpointFunctionBackward"
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -869,6 +895,8 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
             if variable is not None:
                 uses[id(variable)] = uses.get(id(variable), 0) + 1
             stack.append(nxt)
+    if reentrant:
+        return GraphAudit(REENTRANT_CHECKPOINT, moved)
     expected: dict[int, int] = {}
     skip: set[int] = set()
     for unit in units:

@@ -46,7 +46,8 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import Call, Unit, add_gradient, audit_graph, capturing, find_units, modified_in_place
+from .capture import (REENTRANT_CHECKPOINT, Call, Unit, add_gradient, audit_graph, capturing, find_units,
+                      modified_in_place)
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
@@ -185,8 +186,7 @@ def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_for
         return cut_backward(mean_loss, inputs, cuts, closed_form)
     except RuntimeError as err:
         if is_reentrant_checkpoint_error(err):
-            raise NotExact("re-entrant activation checkpointing (use_reentrant=True) hides the "
-                           "checkpointed layers' inputs and output gradients from the fast engine") from err
+            raise NotExact(REENTRANT_CHECKPOINT) from err
         raise
 
 

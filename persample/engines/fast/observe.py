@@ -89,38 +89,36 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
-    captures = []  # the capture, for the hook (registered first, so that it sees the module's own output)
+    with capturing(units, model, batch_size) as capture:
+        def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
+            observation._output = output
+            leaves = flat_leaves(output)
+            with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
+                for i, leaf in enumerate(leaves):
+                    if isinstance(leaf, Tensor) and leaf.requires_grad:
+                        leaf.register_hook(store_grad(observation._output_grads, i))
+            observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
+            capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
+            capture.watch_loss(leaves)  # the loss may read these, and what it computes from them
 
-    def root_hook(module, args, output):
-        observation._output = output
-        leaves = flat_leaves(output)
-        with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
-            for i, leaf in enumerate(leaves):
-                if isinstance(leaf, Tensor) and leaf.requires_grad:
-                    leaf.register_hook(store_grad(observation._output_grads, i))
-        observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
-        captures[0].watch_loss(leaves)  # the loss may read these, and what it computes from them
-
-    handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
-    try:
-        with capturing(units, model, batch_size) as capture:
-            captures.append(capture)
+        handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
+        try:
             yield observation
-            if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-                observation._audit = audit_graph(observation._roots, units, names)
-            capture.end_forward()
-            if capture.auxiliary_term is not None:
-                raise ObservationError(
-                    f"the backwarded loss has a term computed from an activation of the model other than its "
-                    f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
-                    "head?). Its gradient reaches the layers below that activation, so the statistics would "
-                    "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
-                    "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
-                    "the output alone")
-            if capture.escape is not None:
-                raise NotExact(capture.escape)
-    finally:
-        handle.remove()
+        finally:
+            handle.remove()
+        if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
+            observation._audit = audit_graph(observation._roots, units, names)
+        capture.end_forward()
+        if capture.auxiliary_term is not None:
+            raise ObservationError(
+                f"the backwarded loss has a term computed from an activation of the model other than its "
+                f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
+                "head?). Its gradient reaches the layers below that activation, so the statistics would "
+                "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
+                "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
+                "the output alone")
+        if capture.escape is not None:
+            raise NotExact(capture.escape)
     with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
         observation.stats = _observed_stats(observation, params, observation._before, units, loss_fn, targets,
                                             batch_size, reduction, var, inner_products, reference)
