@@ -15,7 +15,8 @@ from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
-           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as"]
+           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as", "buffer_state",
+           "restore_buffer_state"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -269,24 +270,57 @@ def _unique(tensors) -> list[Tensor]:
     return [t for t in tensors if t is not None and id(t) not in seen and not seen.add(id(t))]
 
 
+#: A model's buffer slots with what they held: ``[(module, name, tensor, a copy of its value)]``.
+BufferState = list
+
+
+def buffer_state(model: nn.Module) -> BufferState:
+    """The model's buffers as they are now, for :func:`restore_buffer_state`: each slot's tensor and a
+    copy of its value (one copy per tensor, however many slots share it)."""
+    copies: dict[int, Tensor] = {}
+    state = []
+    for module in model.modules():
+        for name, b in module._buffers.items():
+            if b is not None:
+                if id(b) not in copies:
+                    copies[id(b)] = b.detach().clone()
+                state.append((module, name, b, copies[id(b)]))
+    return state
+
+
+def restore_buffer_state(state: BufferState) -> None:
+    """Put the buffers back as :func:`buffer_state` found them: each slot holds its recorded tensor
+    again (a forward may have assigned a new one, ``self.n = self.n + 1``), with the recorded value
+    copied into it in place, so references users hold stay valid. A tensor whose shape changed (a
+    lazy module's buffer, materialised) keeps its new value."""
+    with torch.no_grad():
+        for module, name, tensor, value in state:
+            if module._buffers.get(name) is not tensor:
+                module._buffers[name] = tensor
+            if tensor.shape == value.shape:
+                tensor.copy_(value)
+
+
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, restore_buffers: bool = True, fork_rng: bool = True) -> Iterator[None]:
+def preserved_state(model: nn.Module, *, restore_buffers: bool = True,
+                    fork_rng: bool = True) -> Iterator[BufferState]:
     """Restore training flags, ``p.grad``, buffers and RNG state on exit (also on error).
 
-    Buffers are restored in place, so references users hold stay valid. With
-    ``fork_rng`` (not a training step), parameters that a forward changes in place
-    (``Embedding(max_norm=...)``) are restored too.
+    Buffers are restored in place, a buffer the forward replaced included
+    (:func:`restore_buffer_state`), so references users hold stay valid. Yields
+    the buffers as found (a :func:`buffer_state`; empty without ``restore_buffers``),
+    to go back to midway. With ``fork_rng`` (not a training step), parameters that
+    a forward changes in place (``Embedding(max_norm=...)``) are restored too.
     """
     modules = list(model.modules())
     flags = [(m, m.training) for m in modules]
     grads = [(p, p.grad) for p in _unique(t for m in modules for t in m._parameters.values())]
-    buffers = ([(b, b.detach().clone()) for b in _unique(t for m in modules for t in m._buffers.values())]
-               if restore_buffers else [])
-    buffers += [(p, p.detach().clone()) for p in (mutated_in_forward(modules) if fork_rng else [])]
+    buffers = buffer_state(model) if restore_buffers else []
+    mutated = [(p, p.detach().clone()) for p in (mutated_in_forward(modules) if fork_rng else [])]
     rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng)
     with rng:
         try:
-            yield
+            yield buffers
         finally:
             for m, flag in flags:
                 if m.training is not flag:  # (nn.Module.__setattr__ costs microseconds per module)
@@ -294,10 +328,11 @@ def preserved_state(model: nn.Module, *, restore_buffers: bool = True, fork_rng:
             for p, g in grads:
                 if p.grad is not g:
                     p.grad = g
+            restore_buffer_state(buffers)
             with torch.no_grad():
-                for b, saved in buffers:
-                    if b.shape == saved.shape:
-                        b.copy_(saved)
+                for p, saved in mutated:
+                    if p.shape == saved.shape:
+                        p.copy_(saved)
 
 
 def detached_buffers(model: nn.Module) -> dict[str, Tensor]:

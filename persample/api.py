@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import check_clip_norm, check_supported, preserved_state, trainable_parameters
+from ._model import (check_clip_norm, check_supported, preserved_state, restore_buffer_state,
+                     trainable_parameters)
 from ._progress import progress_bar
 from .errors import NotExact
 from .engines.fast import fast_grad_stats
@@ -76,12 +77,12 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
-    with preserved_state(model):
+    with preserved_state(model) as found:
         def run(name: str):
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
-        grads, _ = _first_exact(chain, run)
+        grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
     return grads
 
 
@@ -150,8 +151,8 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
         with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
             return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
 
-    with preserved_state(model, fork_rng=fork_rng):
-        return _first_exact(chain, run)
+    with preserved_state(model, fork_rng=fork_rng) as found:
+        return _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
 
 
 def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
@@ -191,13 +192,17 @@ def _engine_chain(engine: str, chains: dict, public: tuple | None = None) -> tup
     return chains[engine]
 
 
-def _first_exact(chain: tuple, run: Callable[[str], Any]) -> Any:
+def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], None] = lambda: None) -> Any:
     """``run(name)`` for the engines of ``chain`` in order, until one does not raise ``NotExact``.
 
-    The last engine's ``NotExact`` reaches the caller; reaching the loop after others warns.
+    ``reset()`` runs before each engine after the first, so that every engine starts from the
+    model as found (the buffers), not as a refused engine's forward left it. The last engine's
+    ``NotExact`` reaches the caller; reaching the loop after others warns.
     """
     reasons = []
     for position, name in enumerate(chain):
+        if position:
+            reset()
         if name == "loop" and reasons:
             warnings.warn(SlowPathWarning(
                 "persample: using the exact per-example loop (B forward + backward passes): "

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, resolve_replicas
-from ._model import check_clip_norm, trainable_parameters
+from ._model import buffer_state, check_clip_norm, restore_buffer_state, trainable_parameters
 from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
@@ -161,6 +161,16 @@ class Tracker:
         loop, ``scale=scaler.get_scale()`` replaces ``scaler.scale(loss).backward()``;
         the statistics never include it.
 
+        As with that backward, the parameters' post-accumulate-grad hooks
+        (``p.register_post_accumulate_grad_hook``: optimizer-in-backward, gradient
+        scaling) run once each, after ``p.grad`` has been accumulated (and, under
+        ``distributed``, averaged), for the parameters the loss reaches (last
+        parameters first), then those of the inputs that got ``x.grad``; inside
+        :meth:`accumulate`, once per micro-batch ``step``. The engines never run
+        them. And the model's buffers end as one training forward of the batch
+        leaves them (spectral norm's power iteration, counters, EMAs), whatever
+        the engines ran.
+
         Returns:
             this batch's :class:`GradStats` (of the unscaled per-example
             gradients g_i = ∇ L_i) on statistics steps; None on plain steps, and
@@ -198,6 +208,10 @@ class Tracker:
                     x.grad = g * scale if x.grad is None else x.grad + g * scale
             if self._replicas is not None and not ddp_backward:
                 self._replicas.sync_gradients(params)
+            if not ddp_backward:  # (DDP's own backward has run them)
+                _run_post_accumulate_grad_hooks(
+                    [params[name] for name in reversed(list(update))]
+                    + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None])
             if self._replicas is not None and with_stats and stats is not None:
                 stats = self._replicas.reduce_stats(
                     stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
@@ -320,19 +334,25 @@ class Tracker:
         increment is (w·B)·ḡ for the parameters the loss reaches; otherwise (unequal weights,
         inputs that require grad, the vmap engine, a loss computed inside the model) it comes
         from one more forward and backward of the batch loss, as ``loss.backward()`` computes it.
+
+        Buffers end as one training forward of the batch leaves them: the engines leave no trace
+        (``compute_stats`` restores them), and then either that one more forward updates them, or,
+        when p.grad comes from the statistics, the updates of the first forward of the batch (the
+        fast engine's, also when it then refused) are put back.
         """
         per_example = self.per_example_loss
-        output: list = []
-        handle = self.model.register_forward_hook(_first_batch_output(output, batch.size))
+        first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
+        handle = self.model.register_forward_hook(_first_batch_forward(first_forward, batch.size))
         try:
             stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False,
                                   **self._local_stats_options)
         finally:
             handle.remove()
         factor = None
-        if output:
+        if first_forward:
+            output, buffers_after_forward = first_forward[0]
             try:
-                weights, used_leaves = weights_at_output(self.batch_loss, per_example, output[0], batch.targets,
+                weights, used_leaves = weights_at_output(self.batch_loss, per_example, output, batch.targets,
                                                          batch.size)
                 factor = common_weight(weights, rtol=1e-5)
             except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
@@ -342,7 +362,7 @@ class Tracker:
                 if opaque.per_example:  # the per-example loss is not a function of example i's output alone
                     stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm,
                                           fork_rng=False, **{**self._local_stats_options, "engine": "independent"})
-            leaves = flat_leaves(output[0])
+            leaves = flat_leaves(output)
             reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
             if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
                 if checking:
@@ -350,6 +370,7 @@ class Tracker:
                 base = stats.mean if self.clip_norm is None else stats.clipped_mean
                 update = {name: base[name] * (factor * batch.size) for name, p in params.items()
                           if id(p) in reached}
+                restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
                 return stats, update, []
         update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
         if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
@@ -563,6 +584,16 @@ def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, s
             p.grad = g.clone() if scale == 1.0 else g
 
 
+def _run_post_accumulate_grad_hooks(leaves: list[Tensor]) -> None:
+    """Each leaf's post-accumulate-grad hooks (``register_post_accumulate_grad_hook``), in the order
+    they were registered, called with the leaf as a backward calls them once it has accumulated
+    into its ``.grad``."""
+    for leaf in leaves:
+        for hook in list((leaf._post_accumulate_grad_hooks or {}).values()):
+            if hook(leaf) is not None:
+                raise RuntimeError("Tensor post accumulate grad hooks should return None.")
+
+
 def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, weights: Tensor):
     """(loss, batch) whose per-example loss is w_i L_i: the weights travel as (part of) the targets,
     so every engine hands example i its own w_i."""
@@ -580,8 +611,9 @@ def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, we
     return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
 
 
-def _first_batch_output(store: list, batch_size: int):
-    """A forward hook keeping the model's first output on the real batch (not inside vmap)."""
+def _first_batch_forward(store: list, batch_size: int):
+    """A forward hook keeping the model's first output on the real batch (not inside vmap), with the
+    buffers as that forward left them: ``store`` gets ``(output, buffer_state(model))``."""
     def hook(module, args, output):
         if store:
             return
@@ -589,7 +621,7 @@ def _first_batch_output(store: list, batch_size: int):
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
             return
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
-            store.append(output)
+            store.append((output, buffer_state(module)))
     return hook
 
 

@@ -1,12 +1,14 @@
 """Gradients as every engine and the Tracker take them from autograd.
 
-- :func:`gradients`: ∇ of a loss without touching ``.grad``, also under
-  re-entrant activation checkpointing (which refuses ``autograd.grad``);
+- :func:`gradients`: ∇ of a loss without touching ``.grad`` or running
+  post-accumulate-grad hooks, also under re-entrant activation checkpointing
+  (which refuses ``autograd.grad``);
 - :func:`dense_gradient`: zeros for unused parameters, dense for sparse ones.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -16,33 +18,53 @@ __all__ = ["gradients", "is_reentrant_checkpoint_error", "dense_gradient"]
 
 
 def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor] = ()) -> list[Tensor | None]:
-    """∇ ``loss`` for every tensor of ``wrt`` (None where unused), without touching any ``.grad``.
+    """∇ ``loss`` for every tensor of ``wrt`` (None where unused), without touching any ``.grad``
+    and without running any post-accumulate-grad hook.
 
     ``torch.autograd.grad`` where it can; re-entrant activation checkpointing
     (``checkpoint(..., use_reentrant=True)``) refuses it, and then ``backward()``
-    runs into emptied ``.grad`` slots of ``wrt`` that are restored afterwards,
-    as are those of ``also_restore`` (other leaves the backward reaches, such as
-    inputs that require grad).
+    runs into emptied ``.grad`` slots, restored afterwards, of the leaves it
+    reaches: ``wrt``, the leaves of ``also_restore`` and those the graph shows
+    (inputs that require grad, behind the views a per-example slice makes).
+    Their post-accumulate-grad hooks are held back meanwhile: this backward is
+    not a training step's (:class:`persample.Tracker` runs them once per step).
     """
     try:  # the graph is retained in case checkpointing refuses midway, having freed part of it
         return list(torch.autograd.grad(loss, list(wrt), allow_unused=True, retain_graph=True))
     except RuntimeError as err:
         if not is_reentrant_checkpoint_error(err):
             raise
-    if any(getattr(t, "_post_accumulate_grad_hooks", None) for t in wrt):
-        raise RuntimeError(
-            "a parameter has a post-accumulate-grad hook, and re-entrant checkpointing needs backward(), "
-            "which would run it once per example: use checkpoint(..., use_reentrant=False)")
-    leaves = list({id(t): t for t in [*wrt, *also_restore] if t.requires_grad}.values())
+    leaves = list({id(t): t for t in [*wrt, *also_restore, *graph_leaves(loss)]
+                   if t.is_leaf and t.requires_grad}.values())
     saved = [t.grad for t in leaves]
+    hooked = [(t, t._post_accumulate_grad_hooks) for t in leaves if t._post_accumulate_grad_hooks]
     try:
         for t in leaves:
             t.grad = None
+        for t, _ in hooked:
+            t._post_accumulate_grad_hooks = OrderedDict()  # the user's dict stays as it is, handles too
         loss.backward()
         return [t.grad for t in wrt]
     finally:
+        for t, hooks in hooked:
+            t._post_accumulate_grad_hooks = hooks
         for t, g in zip(leaves, saved):
             t.grad = g
+
+
+def graph_leaves(root: Tensor) -> list[Tensor]:
+    """The leaf tensors whose ``.grad`` a backward from ``root`` accumulates into, as far as the graph
+    shows them before the backward (re-entrant checkpointing builds its part only during it)."""
+    found, stack, seen = [], [root.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if (variable := getattr(node, "variable", None)) is not None:  # an AccumulateGrad node
+            found.append(variable)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
 
 
 def is_reentrant_checkpoint_error(err: BaseException) -> bool:

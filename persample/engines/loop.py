@@ -25,8 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import Batch, tensors_in
-from .._model import (cuda_devices, first_random_module, randomness_error, restore_rng, rng_advanced,
-                      rng_snapshot, trainable_parameters)
+from .._model import (BufferState, buffer_state, cuda_devices, first_random_module, randomness_error,
+                      restore_buffer_state, restore_rng, rng_advanced, rng_snapshot, trainable_parameters)
 from ..stats import GradStats
 from ._autograd import dense_gradient, gradients
 from .streaming import stream_grad_stats
@@ -41,19 +41,26 @@ DEFAULT_CHUNK = 16
 
 
 def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
-               shared_rng: list[Tensor] | None = None) -> tuple[dict[str, Tensor], Tensor]:
+               shared_rng: list[Tensor] | None = None,
+               buffers: BufferState | None = None) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example gradients ``{name: [B, *shape]}`` and losses ``[B]``, one example at a time.
 
+    Every example starts from the buffers ``buffers`` (default: those on entry), as every
+    example of a batch forward sees the same ones (a forward that updates a buffer it reads,
+    such as spectral norm's power iteration, would otherwise move each example along).
     Under ``randomness="same"`` every example starts from the RNG state ``shared_rng``
     (default: the state on entry).
     """
     params = trainable_parameters(model)
+    start = buffer_state(model) if buffers is None else buffers
     rows: dict[str, list[Tensor]] = {n: [] for n in params}
     losses = []
     if randomness == "same" and shared_rng is None:
         shared_rng = rng_snapshot(model)
     for i in range(batch.size):
         example = batch.slice(i, i + 1)
+        if i > 0 or buffers is not None:
+            restore_buffer_state(start)
         if randomness == "same":
             restore_rng(model, shared_rng)
         snapshot = rng_snapshot(model) if randomness == "error" else None
@@ -76,9 +83,10 @@ def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     """:class:`GradStats` from :func:`loop_grads`, reduced ``chunk_size`` examples at a time
     (default :data:`DEFAULT_CHUNK`): peak extra memory O(chunk_size × P + P)."""
     shared_rng = rng_snapshot(model) if randomness == "same" else None
+    start = buffer_state(model)
 
     def grads_fn(chunk: Batch):
-        return loop_grads(model, loss_fn, chunk, randomness=randomness, shared_rng=shared_rng)
+        return loop_grads(model, loss_fn, chunk, randomness=randomness, shared_rng=shared_rng, buffers=start)
 
     return stream_grad_stats(grads_fn, batch, chunk_size or DEFAULT_CHUNK, var=var,
                              inner_products=inner_products, clip_norm=clip_norm, progress=progress,
