@@ -25,7 +25,8 @@ from torch.func import functional_call, grad, vmap
 
 from .._batch import Batch, one_example
 from .._model import (backward_hooked_module, detached_buffers, first_random_module, has_gradient_hooks,
-                      hooked_parameters, is_vmap_randomness_error, randomness_error, trainable_parameters, cuda_devices)
+                      hooked_parameters, is_vmap_randomness_error, randomness_error, restore_rng, rng_snapshot,
+                      trainable_parameters, cuda_devices)
 from ..errors import NotExact
 from ..stats import GradStats
 from ._functional import vmap_friendly_modules
@@ -113,15 +114,26 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str,
-                    chunk_size: int | None):
+def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str):
+    """``fn(b)``: (per-example gradients, losses) of the examples of ``b``. Every call (one per chunk)
+    starts from fresh copies of the buffers as found, so that a forward that updates a buffer it reads
+    (spectral norm's power iteration) computes every chunk's examples from the same state, as one batch
+    forward would; under ``randomness="same"`` from the same RNG state too (one draw for all examples)."""
     trainable = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model), batch.options)
+    buffers = detached_buffers(model)
     target_dim = None if batch.targets is None else 0
-    fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim),
-              randomness=randomness, chunk_size=chunk_size)
-    return lambda b: fn(trainable, b.args, b.kwargs, b.targets)
+    shared_rng = rng_snapshot(model) if randomness == "same" else None
+
+    def grads_of(b: Batch):
+        if shared_rng is not None:
+            restore_rng(model, shared_rng)
+        loss_of_example = _example_loss_fn(model, loss_fn, frozen, {n: t.clone() for n, t in buffers.items()},
+                                           b.options)
+        fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim), randomness=randomness)
+        return fn(trainable, b.args, b.kwargs, b.targets)
+
+    return grads_of
 
 
 def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
@@ -133,8 +145,13 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
     """
     refuse_unseen_hooks(model, "vmap")
     with _engine_context(model, loss_fn, batch):
-        grads_fn = _grads_function(model, loss_fn, batch, randomness, chunk_size)
-        return grads_fn(batch)
+        grads_fn = _grads_function(model, loss_fn, batch, randomness)
+        if chunk_size is None or chunk_size >= batch.size:
+            return grads_fn(batch)
+        parts = [grads_fn(batch.slice(start, min(start + chunk_size, batch.size)))
+                 for start in range(0, batch.size, chunk_size)]
+        return ({n: torch.cat([grads[n] for grads, _ in parts]) for n in parts[0][0]},
+                torch.cat([losses for _, losses in parts]))
 
 
 def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
@@ -151,7 +168,7 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     num_params = sum(p.numel() for p in trainable_parameters(model).values())
     size = chunk_size or auto_chunk_size(num_params, batch.size)
     with _engine_context(model, loss_fn, batch):
-        grads_fn = _grads_function(model, loss_fn, batch, randomness, None)
+        grads_fn = _grads_function(model, loss_fn, batch, randomness)
         return stream_grad_stats(grads_fn, batch, size, var=var, inner_products=inner_products,
                                  clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model),
                                  reference=reference)

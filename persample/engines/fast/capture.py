@@ -65,6 +65,7 @@ class Call:
     view_versions: dict[int, int] = field(default_factory=dict)  # output leaves that are views → version
     edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
     input_versions: tuple = ()  # the versions of the input tensors and the unit's parameters, at the call
+    changed_buffers: bool = False  # a fallback unit's buffers changed during the forward up to this call
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
@@ -79,6 +80,17 @@ class Call:
         refuse it when it reads a saved tensor whose version moved, but a layer whose gradients the
         engine forms itself need never be gone through by autograd, so the engine must check."""
         return _versions(self.args, self.kwargs, list(params.values())) != self.input_versions
+
+
+def _buffer_slots(module: nn.Module) -> list[tuple]:
+    """``(owner, name, tensor, version)`` of every buffer in ``module``'s subtree, to tell later whether
+    a forward updated one in place or assigned a new tensor."""
+    return [(owner, name, t, t._version) for owner in module.modules() for name, t in owner._buffers.items()
+            if t is not None]
+
+
+def _buffers_changed(slots: list[tuple]) -> bool:
+    return any(owner._buffers.get(name) is not t or t._version != version for owner, name, t, version in slots)
 
 
 def _versions(*obj) -> tuple:
@@ -721,7 +733,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                            "activation (a constant such as torch.arange(T) with T == B?)")
         call = Call(args, kwargs, output if expanded is None else expanded, broadcast=expanded is not None,
                     autocast=autocast_state() if unit.rule is None else None,
-                    input_versions=_versions(args, kwargs, list(unit.params.values())))
+                    input_versions=_versions(args, kwargs, list(unit.params.values())),
+                    changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]))
         unit.calls.append(call)
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
@@ -749,6 +762,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                                           for u in units if u.rule is None)
         return None
 
+    fallback_buffers = {id(u): _buffer_slots(u.module) for u in units if u.rule is None}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
     capture.user_watcher.__enter__()  # the first mode in, the last out (end_forward)
     try:
@@ -802,6 +816,10 @@ def modified_in_place(units: list[Unit]) -> str | None:
             return (f"an input or a parameter of {label} was modified in place after the module was called, so "
                     "what the fast engine captured is not what the module computed with (autograd's own backward "
                     "would refuse it too); use an out-of-place op (x = x * 2) or another engine")
+        if any(call.changed_buffers for call in unit.calls):
+            return (f"{label} changed its buffers during the forward (spectral norm's power iteration, a running "
+                    "average?), so the fast engine cannot re-run its call for per-example gradients; the vmap and "
+                    "loop engines compute every example from the buffers as found (engine='auto' takes them)")
         if any(call.view_modified_in_place() for call in unit.calls):
             return (f"the output of {label} is a view and was modified in place after the module returned, which "
                     "hides its gradient from the fast engine's hooks; use an out-of-place op (y = y * 2) or "
