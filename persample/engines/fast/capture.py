@@ -603,15 +603,27 @@ class Capture:
         recomputation in the backward is not a call); the watchers stay on."""
         self.forward_ended = True
 
+    def end_model_forward(self) -> None:
+        """The model's forward has returned and the caller computes the loss itself (the fast engine):
+        stop watching the user's code now, unless a watcher entered later is still on (modes leave in
+        the reverse order), since every op under a torch-function mode costs microseconds."""
+        if not self.watching:
+            self._exit_user_watcher()
+
     def end_forward(self) -> None:
-        """Stop watching ops and recording calls (call once the forward and the losses are done)."""
+        """Stop watching ops and recording calls (call once the forward and the losses are done).
+        Modes leave innermost first: the broadcast watcher (entered during the forward), the
+        user-code watcher, the dim-move watcher (entered first)."""
         self.forward_ended = True
         if self.watching:
             self.watching = False
             self.lost_watch |= not _exit_mode(self.watcher)
+        self._exit_user_watcher()
         if self.dim_watcher is not None and self.dim_watcher.active is not None:
             self.dim_watcher.active = None
             self.lost_watch |= not _exit_mode(self.dim_watcher)
+
+    def _exit_user_watcher(self) -> None:
         if self.user_watcher is not None and not self.user_watcher_exited:
             self.user_watcher_exited = True
             self.lost_watch |= not _exit_mode(self.user_watcher)
@@ -663,9 +675,10 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
     def model_pre_hook(module, args, kwargs):
         if not capture.forward_ended:
-            for t in tensors_in((args, kwargs)):
-                if _storage(t) is not None:
-                    input_storages.add(_storage(t))
+            with torch._C.DisableTorchFunction():  # our own ops: not the user's code (and cheaper)
+                for t in tensors_in((args, kwargs)):
+                    if (storage := _storage(t)) is not None:
+                        input_storages.add(storage)
 
     on_expansion: list = []  # (module, the expansion it was called on), innermost last
     rule_pre_hooks: list = []  # registered at the first expansion (with no dim watcher)
@@ -764,7 +777,6 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
     fallback_buffers = {id(u): _buffer_slots(u.module) for u in units if u.rule is None}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
-    capture.user_watcher.__enter__()  # the first mode in, the last out (end_forward)
     try:
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
         for unit in units:
@@ -773,6 +785,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             handles.append(unit.module.register_forward_hook(post_hook(unit), with_kwargs=True))
         if dim_watcher is not None:
             dim_watcher.__enter__()
+        capture.user_watcher.__enter__()  # inside the dim watcher, outside the broadcast watcher (end_forward)
         yield capture
     finally:
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):

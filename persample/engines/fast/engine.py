@@ -77,6 +77,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = batch.forward(model)
+        capture.end_model_forward()
         losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
         capture.end_forward()
         if capture.escape is not None:
