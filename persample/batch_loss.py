@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .engines._autograd import graph_leaves
 from .errors import BatchLossMismatch
 
 __all__ = ["BatchLoss", "BatchLossMismatch", "causal_lm_loss", "loss_parts", "derive_weights",
@@ -323,23 +324,5 @@ def reachable_leaves(roots: Sequence[Tensor]) -> set[int] | None:
     """ids of the leaf tensors (parameters, inputs) that autograd would reach from ``roots``:
     exactly those that ``backward()`` gives a ``.grad``; None when the graph hides some
     (re-entrant activation checkpointing builds the checkpointed part only during backward)."""
-    ids: set[int] = set()
-    stack = []
-    for t in roots:
-        if t.grad_fn is not None:
-            stack.append(t.grad_fn)
-        elif t.requires_grad:
-            ids.add(id(t))
-    seen: set = set()
-    while stack:
-        fn = stack.pop()
-        if fn in seen:
-            continue
-        seen.add(fn)
-        if fn.name().startswith("CheckpointFunctionBackward"):
-            return None
-        variable = getattr(fn, "variable", None)
-        if variable is not None:
-            ids.add(id(variable))
-        stack.extend(nxt for nxt, _ in fn.next_functions if nxt is not None)
-    return ids
+    leaves, hidden = graph_leaves(roots)
+    return None if hidden else {id(t) for t in leaves}

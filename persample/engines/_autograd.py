@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["gradients", "is_reentrant_checkpoint_error", "dense_gradient"]
+__all__ = ["gradients", "graph_leaves", "is_reentrant_checkpoint_node", "is_reentrant_checkpoint_error",
+           "dense_gradient"]
 
 
 def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor] = ()) -> list[Tensor | None]:
@@ -34,7 +35,7 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor
     except RuntimeError as err:
         if not is_reentrant_checkpoint_error(err):
             raise
-    leaves = list({id(t): t for t in [*wrt, *also_restore, *graph_leaves(loss)]
+    leaves = list({id(t): t for t in [*wrt, *also_restore, *graph_leaves([loss])[0]]
                    if t.is_leaf and t.requires_grad}.values())
     saved = [t.grad for t in leaves]
     hooked = [(t, t._post_accumulate_grad_hooks) for t in leaves if t._post_accumulate_grad_hooks]
@@ -52,19 +53,28 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor
             t.grad = g
 
 
-def graph_leaves(root: Tensor) -> list[Tensor]:
-    """The leaf tensors whose ``.grad`` a backward from ``root`` accumulates into, as far as the graph
-    shows them before the backward (re-entrant checkpointing builds its part only during it)."""
-    found, stack, seen = [], [root.grad_fn], set()
+def graph_leaves(roots: Sequence[Tensor]) -> tuple[list[Tensor], bool]:
+    """(the leaf tensors whose ``.grad`` a backward from ``roots`` accumulates into, as far as the graph
+    shows them before the backward; whether re-entrant checkpointing hides more: it builds its part
+    of the graph only during the backward)."""
+    found = [t for t in roots if t.grad_fn is None and t.requires_grad]
+    stack, seen, hidden = [t.grad_fn for t in roots if t.grad_fn is not None], set(), False
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node in seen:
             continue
         seen.add(node)
+        hidden = hidden or is_reentrant_checkpoint_node(node)
         if (variable := getattr(node, "variable", None)) is not None:  # an AccumulateGrad node
             found.append(variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    return found
+        stack.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    return found, hidden
+
+
+def is_reentrant_checkpoint_node(node) -> bool:
+    """Whether a backward node is re-entrant checkpointing's (``checkpoint(..., use_reentrant=True)``),
+    behind which the checkpointed layers' graph exists only during the backward."""
+    return type(node).__name__.startswith("CheckpointFunctionBackward")
 
 
 def is_reentrant_checkpoint_error(err: BaseException) -> bool:

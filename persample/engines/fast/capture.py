@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, own_trainable_parameters
 from ...errors import NotExact
+from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
 
 __all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "modified_in_place", "GraphAudit", "NotExact"]
@@ -918,7 +919,7 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
             continue
         seen.add(node)
         moved = moved or (node not in internal and _moves_dim_zero(node))
-        reentrant = reentrant or type(node).__name__ == "CheckpointFunctionBackward"
+        reentrant = reentrant or is_reentrant_checkpoint_node(node)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
