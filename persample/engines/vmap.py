@@ -121,15 +121,14 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
     forward would; under ``randomness="same"`` from the same RNG state too (one draw for all examples)."""
     trainable = {n: p.detach() for n, p in trainable_parameters(model).items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-    buffers = detached_buffers(model)
     target_dim = None if batch.targets is None else 0
     shared_rng = rng_snapshot(model) if randomness == "same" else None
 
     def grads_of(b: Batch):
         if shared_rng is not None:
             restore_rng(model, shared_rng)
-        loss_of_example = _example_loss_fn(model, loss_fn, frozen, {n: t.clone() for n, t in buffers.items()},
-                                           b.options)
+        # the model's own buffers never change here: functional_call writes into these clones
+        loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model), b.options)
         fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim), randomness=randomness)
         return fn(trainable, b.args, b.kwargs, b.targets)
 
@@ -148,8 +147,7 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         if chunk_size is None or chunk_size >= batch.size:
             return grads_fn(batch)
-        parts = [grads_fn(batch.slice(start, min(start + chunk_size, batch.size)))
-                 for start in range(0, batch.size, chunk_size)]
+        parts = [grads_fn(chunk) for chunk in batch.chunks(chunk_size)]
         return ({n: torch.cat([grads[n] for grads, _ in parts]) for n in parts[0][0]},
                 torch.cat([losses for _, losses in parts]))
 
