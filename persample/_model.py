@@ -15,8 +15,8 @@ from .errors import UnsupportedModelError
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
-           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as", "buffer_state",
-           "restore_buffer_state"]
+           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as", "buffer_slots",
+           "buffer_state", "restore_buffer_state"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -274,17 +274,20 @@ def _unique(tensors) -> list[Tensor]:
 BufferState = list
 
 
+def buffer_slots(model: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """``(owner, name, tensor)`` for every buffer slot in ``model``'s subtree that holds a tensor."""
+    return [(owner, name, b) for owner in model.modules() for name, b in owner._buffers.items() if b is not None]
+
+
 def buffer_state(model: nn.Module) -> BufferState:
     """The model's buffers as they are now, for :func:`restore_buffer_state`: each slot's tensor and a
     copy of its value (one copy per tensor, however many slots share it)."""
     copies: dict[int, Tensor] = {}
     state = []
-    for module in model.modules():
-        for name, b in module._buffers.items():
-            if b is not None:
-                if id(b) not in copies:
-                    copies[id(b)] = b.detach().clone()
-                state.append((module, name, b, copies[id(b)]))
+    for module, name, b in buffer_slots(model):
+        if id(b) not in copies:
+            copies[id(b)] = b.detach().clone()
+        state.append((module, name, b, copies[id(b)]))
     return state
 
 

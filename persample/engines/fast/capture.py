@@ -44,7 +44,7 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from ..._batch import flat_leaves, tensors_in
-from ..._model import autocast_state, own_trainable_parameters
+from ..._model import autocast_state, buffer_slots, own_trainable_parameters
 from ...errors import NotExact
 from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
@@ -83,11 +83,10 @@ class Call:
         return _versions(self.args, self.kwargs, list(params.values())) != self.input_versions
 
 
-def _buffer_slots(module: nn.Module) -> list[tuple]:
+def _versioned_buffer_slots(module: nn.Module) -> list[tuple]:
     """``(owner, name, tensor, version)`` of every buffer in ``module``'s subtree, to tell later whether
     a forward updated one in place or assigned a new tensor."""
-    return [(owner, name, t, t._version) for owner in module.modules() for name, t in owner._buffers.items()
-            if t is not None]
+    return [(owner, name, t, t._version) for owner, name, t in buffer_slots(module)]
 
 
 def _buffers_changed(slots: list[tuple]) -> bool:
@@ -549,7 +548,7 @@ class Capture:
 
     watcher: _BroadcastWatcher
     dim_watcher: _DimMoveWatcher | None
-    user_watcher: _UserCodeWatcher | None = None
+    user_watcher: _UserCodeWatcher
     watching: bool = False  # the broadcast watcher is entered (at the first expanded or suspect output)
     forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
     lost_watch: bool = False  # torch dropped a watcher's mode (see _exit_mode): what it watched is unknown
@@ -572,7 +571,7 @@ class Capture:
     def rewritten_gradient(self) -> str | None:
         """Why the backward's gradients cannot be read per example: a tensor hook registered in the
         forward rewrote one (known once the backward has run), or None."""
-        if self.user_watcher is None or self.user_watcher.rewritten is None:
+        if self.user_watcher.rewritten is None:
             return None
         return (f"a gradient hook registered in the forward (tensor.register_hook on {self.user_watcher.rewritten}) "
                 "rewrote the batch's gradient, which the fast engine cannot apply to each example; the vmap and "
@@ -581,14 +580,13 @@ class Capture:
     def watch_loss(self, outputs: list) -> None:
         """From now on (the model's forward has returned), note ops that read an activation other than
         ``outputs`` and whose results the backward reaches (see :class:`_UserCodeWatcher`)."""
-        if self.user_watcher is not None:
-            self.user_watcher.watch_loss(outputs)
+        self.user_watcher.watch_loss(outputs)
 
     @property
     def auxiliary_term(self) -> str | None:
         """Where the backwarded loss read an activation other than the model's outputs (known once
         the backward has run), or None."""
-        return None if self.user_watcher is None else self.user_watcher.aux_term
+        return self.user_watcher.aux_term
 
     @property
     def raw_input_moved(self) -> bool:
@@ -625,7 +623,7 @@ class Capture:
             self.lost_watch |= not _exit_mode(self.dim_watcher)
 
     def _exit_user_watcher(self) -> None:
-        if self.user_watcher is not None and not self.user_watcher_exited:
+        if not self.user_watcher_exited:
             self.user_watcher_exited = True
             self.lost_watch |= not _exit_mode(self.user_watcher)
 
@@ -776,7 +774,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                                           for u in units if u.rule is None)
         return None
 
-    fallback_buffers = {id(u): _buffer_slots(u.module) for u in units if u.rule is None}
+    fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
     try:
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
