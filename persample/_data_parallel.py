@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ._batch import Batch
 from ._sharding import refuse_sharded
-from .distributed import DEFAULT_BUCKET_BYTES, all_reduce_gradients, all_reduce_stats, is_distributed
+from .distributed import DEFAULT_BUCKET_BYTES, agree, all_reduce_gradients, all_reduce_stats, is_distributed
 from .errors import UnsupportedModelError
 from .stats import GradStats
 
@@ -94,6 +94,11 @@ class Replicas:
             _refuse_custom_reduction(self.wrapper)
         if self.synchronizes():
             all_reduce_gradients(params, self.group, bucket_bytes=self.bucket_bytes)
+
+    def agree(self, failure: BaseException | None, where: str, *flags: bool) -> list[bool]:
+        """One outcome on every rank (:func:`persample.distributed.agree`): if any rank failed, every
+        rank raises (its own error, or OtherRankFailed); else whether each flag holds on every rank."""
+        return agree(failure, self.group, where=where, flags=flags)
 
     def reduce_stats(self, stats: GradStats, model: nn.Module | None = None, loss_fn=None,
                      batch: Batch | None = None) -> GradStats:

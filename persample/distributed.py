@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from .stats import GradStats, Reduction, field_reductions
 
 __all__ = ["all_reduce_stats", "all_reduce_gradients", "inner_products_with", "is_distributed",
-           "DEFAULT_BUCKET_BYTES"]
+           "agree", "OtherRankFailed", "DEFAULT_BUCKET_BYTES"]
 
 #: Gradient buckets of :func:`all_reduce_gradients`: DDP's default ``bucket_cap_mb=25``.
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
@@ -74,6 +74,55 @@ def _comm_device(group, like: torch.device) -> torch.device:
     if like.type == "cuda" and "gloo" not in backend:
         return like
     return torch.device("cpu")
+
+
+# ------------------------------------------------------------------ one outcome
+
+
+class OtherRankFailed(RuntimeError):
+    """Another rank of the process group raised in the same collective step; this rank raises too.
+
+    Raised by :func:`agree` (``Tracker.step``, ``Tracker.observe`` and ``accumulate`` under
+    ``torch.distributed``) on every rank that did not fail itself, so that a step's outcome is
+    the same on every rank. ``ranks`` lists the ranks that failed; their own exceptions are in
+    their own logs.
+    """
+
+    def __init__(self, message: str, ranks: Sequence[int] = ()):
+        super().__init__(message)
+        self.ranks = tuple(ranks)
+
+
+def agree(failure: BaseException | None, group=None, *, where: str = "persample", flags: Sequence[bool] = ()
+          ) -> list[bool]:
+    """One outcome on every rank: raise everywhere if any rank failed, else return the ranks' flags.
+
+    A collective (one all-reduce of W + len(flags) integers): every rank of ``group`` must call it
+    at the same point, with its own ``failure`` (the exception it caught there, or None) — also
+    the ranks that failed, which is what keeps the others from waiting in a later collective.
+
+    If some rank failed, every rank raises: a failed rank re-raises its own ``failure``, every
+    other rank raises :class:`OtherRankFailed` naming the failed ranks. Otherwise returns, for
+    each of ``flags``, whether it is True on every rank (so that a choice such as "this step has
+    statistics" is the same everywhere).
+    """
+    dist = torch.distributed
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    votes = torch.zeros(world + len(flags), dtype=torch.int64,
+                        device=_comm_device(group, torch.device("cpu")))
+    votes[rank] = failure is not None
+    for k, flag in enumerate(flags):
+        votes[world + k] = int(not flag)
+    dist.all_reduce(votes, group=group)
+    votes = votes.tolist()
+    failed = [r for r in range(world) if votes[r]]
+    if failed:
+        if failure is not None:
+            raise failure
+        raise OtherRankFailed(f"{where}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
+                              f"{world} raised (see that rank's error); this rank raises too and undoes the "
+                              "same work, so that every rank has the same outcome", failed)
+    return [votes[world + k] == 0 for k in range(len(flags))]
 
 
 # ------------------------------------------------------------------ small collectives
@@ -263,11 +312,16 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
 
     # Inner products relative to the global mean: a second B-sized pass.
     if inner_products is not None:
-        local = inner_products(mean)
-        if not isinstance(local, Tensor) or local.shape != (stats.n,):
-            raise ValueError(f"all_reduce_stats: inner_products(direction) must return a tensor of shape "
-                             f"({stats.n},), one value per local example; got "
-                             f"{tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__}")
+        failure = None
+        try:  # this rank's own code between collectives: if it raises here, every rank raises
+            local = inner_products(mean)
+            if not isinstance(local, Tensor) or local.shape != (stats.n,):
+                raise ValueError(f"all_reduce_stats: inner_products(direction) must return a tensor of shape "
+                                 f"({stats.n},), one value per local example; got "
+                                 f"{tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__}")
+        except Exception as err:  # re-raised by agree, on every rank
+            failure = err
+        agree(failure, group, where="all_reduce_stats(inner_products=...)")
         values["inner_products"] = _gather_vectors([local], sizes, group, device)[0]
         values["reference"] = mean
 

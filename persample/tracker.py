@@ -181,11 +181,9 @@ class Tracker:
         """
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
-        batch = as_batch(inputs, targets)
         params = trainable_parameters(self.model)
-        inputs_with_grad = _leaf_inputs_requiring_grad(batch)
         saved = {name: p.grad for name, p in params.items()}
-        saved_inputs = [(x, x.grad) for x in inputs_with_grad]
+        saved_inputs: list = []
         step = self.steps
         accumulating = self._accumulation is not None
         with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats
@@ -193,42 +191,71 @@ class Tracker:
         previous = self.last_stats
         per_example_work = with_stats or checking or self.clip_norm is not None
         ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
+        replicas = self._replicas if not ddp_backward else None  # DDP's own backward reduces by itself
+        part_added = skip_added = False
         try:
-            stats = None
-            if per_example_work:
-                stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
-            elif ddp_backward:
-                update, input_grads = {}, []
-                self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # DDP averages, overlapped
-            else:
-                update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
-            _accumulate(params, update, scale=scale)
-            for x, g in zip(inputs_with_grad, input_grads):
-                if g is not None:
-                    x.grad = g * scale if x.grad is None else x.grad + g * scale
-            if self._replicas is not None and not ddp_backward:
-                self._replicas.sync_gradients(params)
-            if not ddp_backward:  # (DDP's own backward has run them)
-                _run_post_accumulate_grad_hooks(
-                    [params[name] for name in reversed(list(update))]
-                    + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None])
-            if self._replicas is not None and with_stats and stats is not None:
-                stats = self._replicas.reduce_stats(
-                    stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
-            if with_stats:
-                if stats is None or not _finite(stats):
-                    self.skipped.append(step)
-                    stats = None
-                elif accumulating:
-                    self._add_part(stats)
+            stats, failure = None, None
+            try:
+                batch = as_batch(inputs, targets)  # (a bad batch on one rank raises on every rank)
+                inputs_with_grad = _leaf_inputs_requiring_grad(batch)
+                saved_inputs = [(x, x.grad) for x in inputs_with_grad]
+                if per_example_work:
+                    stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
+                elif ddp_backward:
+                    update, input_grads = {}, []
+                    self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # DDP averages, overlapped
                 else:
-                    self._publish(stats)
+                    update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
+                _accumulate(params, update, scale=scale)
+                for x, g in zip(inputs_with_grad, input_grads):
+                    if g is not None:
+                        x.grad = g * scale if x.grad is None else x.grad + g * scale
+            except Exception as err:  # under replicas, re-raised by agree on every rank
+                if replicas is None:
+                    raise
+                failure = err
+            if replicas is not None:
+                # One outcome: if this step failed on any rank, every rank raises here, before any
+                # collective that the failed rank would never join; and statistics are reduced only
+                # where every rank has them (a diverged step on one rank is skipped on all).
+                everyone_has_stats, = replicas.agree(failure, "persample.Tracker.step", stats is not None)
+                if not everyone_has_stats:
+                    stats = None
+                replicas.sync_gradients(params)
+                if with_stats and stats is not None:
+                    stats = replicas.reduce_stats(
+                        stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
+            try:
+                if not ddp_backward:  # (DDP's own backward has run them)
+                    _run_post_accumulate_grad_hooks(
+                        [params[name] for name in reversed(list(update))]
+                        + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None])
+                if with_stats:
+                    if stats is None or not _finite(stats):
+                        self.skipped.append(step)
+                        skip_added = True
+                        stats = None
+                    elif accumulating:
+                        self._add_part(stats)
+                        part_added = True
+                    else:
+                        self._publish(stats)
+            except Exception as err:  # under replicas, re-raised by agree on every rank
+                if replicas is None:
+                    raise
+                failure = err
+            if replicas is not None:  # a hook that raised on one rank undoes the step on every rank
+                replicas.agree(failure, "persample.Tracker.step (hooks)")
         except BaseException as err:
             for name, p in params.items():
                 p.grad = saved[name]
             for x, g in saved_inputs:
                 x.grad = g
             self.last_stats = previous
+            if skip_added:
+                self.skipped.pop()
+            if part_added:
+                self._accumulation.parts.pop()
             if hasattr(err, "add_note"):
                 err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
             raise
@@ -293,7 +320,15 @@ class Tracker:
             self._accumulation = None
         if acc.parts:
             acc.stats = GradStats.merge_all(acc.parts)
-            self._publish(acc.stats)
+            failure = None
+            try:
+                self._publish(acc.stats)
+            except Exception as err:  # under replicas, re-raised by agree on every rank
+                if self._replicas is None:
+                    raise
+                failure = err
+            if self._replicas is not None:  # a hook that raised on one rank raises on every rank
+                self._replicas.agree(failure, "persample.Tracker.accumulate (hooks)")
         self.steps += 1
 
     def _add_part(self, stats: GradStats) -> None:
@@ -485,30 +520,46 @@ class Tracker:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
+        block_done, failure = False, None
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"], inner_products=against_mean, reference=reference,
                            output_module=output_module) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
+                block_done = True
                 if local is not None:
                     local.show_local()  # the sum check compares this rank's gradients with its own
-        except NotExact as err:
-            if hasattr(err, "add_note"):
+        except Exception as err:
+            if isinstance(err, NotExact) and hasattr(err, "add_note"):
                 err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
                              "tracker.step(inputs, targets) falls back to the exact engines)")
-            raise
+            # An error of the user's own block propagates as it would without observe; an error of
+            # persample's after the block (under replicas) goes through agree, so every rank raises.
+            if self._replicas is None or not block_done:
+                raise
+            failure = err
         finally:
             if local is not None:
                 local.restore()
-        if self._replicas is not None and observation.stats is not None:
-            observation.stats = self._replicas.reduce_stats(observation.stats)
-        if observation.stats is None:
-            self.skipped.append(self.steps)
-        elif accumulating:
-            self._add_part(observation.stats)
-        else:
-            self._publish(observation.stats)
+        if self._replicas is not None:
+            everyone_has_stats, = self._replicas.agree(failure, "persample.Tracker.observe",
+                                                       observation.stats is not None)
+            observation.stats = self._replicas.reduce_stats(observation.stats) if everyone_has_stats else None
+        failure = None
+        try:
+            if observation.stats is None:
+                self.skipped.append(self.steps)
+            elif accumulating:
+                self._add_part(observation.stats)
+            else:
+                self._publish(observation.stats)
+        except Exception as err:  # under replicas, re-raised by agree on every rank
+            if self._replicas is None:
+                raise
+            failure = err
+        if self._replicas is not None:
+            self._replicas.agree(failure, "persample.Tracker.observe (hooks)")
         if not accumulating:
             self.steps += 1
 

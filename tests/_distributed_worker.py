@@ -34,11 +34,17 @@ SCENARIOS: dict[str, tuple] = {}
 SPLITS = {2: [4, 4], 3: [2, 5, 3]}
 
 
-def scenario(*worlds):
+def scenario(*worlds, suite="ddp"):
+    """Register a scenario for these world sizes, in a suite (``ddp``: test_distributed.py, ``fsdp``:
+    test_fsdp.py; the environment's PERSAMPLE_SUITE picks the suite a run executes)."""
     def register(fn):
         SCENARIOS[fn.__name__] = (fn, worlds)
+        SUITES[fn.__name__] = suite
         return fn
     return register
+
+
+SUITES: dict[str, str] = {}
 
 
 def rank_world():
@@ -395,6 +401,73 @@ def tracker_refusals_under_ddp_name_the_fix():
         raise AssertionError("observe gave inner products under DDP")
 
 
+# ------------------------------------------------------------------------------ one outcome
+
+
+def _train_catching(model, tracker, batches, bad_step=None):
+    """A user's loop that catches Tracker.step's errors and steps the optimizer anyway; returns
+    [(step, error type)] and checks after every step that the replicas are identical."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    raised = []
+    for step, (x, y, _, _) in enumerate(batches):
+        opt.zero_grad()
+        try:
+            tracker.step(x, y if step != bad_step else y[:-1])
+        except Exception as err:  # noqa: BLE001 - the user's loop goes on
+            raised.append((step, type(err).__name__))
+        opt.step()
+        assert_replicas_identical(model, f"after step {step}")
+    return raised
+
+
+@scenario(2, 3)
+def a_hook_raising_on_one_rank_raises_on_every_rank_and_replicas_stay_equal():
+    rank, world = rank_world()
+    model = ddp(mlp(seed=12))
+    tracker = persample.Tracker(model, F.cross_entropy)
+
+    calls = []
+
+    def logger(t, stats):  # rank 1's logger fails once, on the third call
+        calls.append(t.steps)
+        if rank == 1 and len(calls) == 3:
+            raise RuntimeError("the logger failed")
+    tracker.register_hook(logger)
+    raised = _train_catching(model, tracker, local_batches(4, seed=51))
+    assert raised == [(2, "RuntimeError" if rank == 1 else "OtherRankFailed")], raised
+    assert tracker.steps == 3 and tracker.last_stats.n == sum(SPLITS[world])  # the failed step was undone
+
+
+@scenario(2, 3)
+def bad_input_on_one_rank_raises_on_every_rank_without_a_hang():
+    rank, world = rank_world()
+    model = ddp(mlp(seed=13))
+    tracker = persample.Tracker(model, F.cross_entropy, every=2)
+    batches = local_batches(4, seed=61)
+    raised = _train_catching(model, tracker, batches, bad_step=2 if rank == world - 1 else None)
+    assert raised == [(2, "ValueError" if rank == world - 1 else "OtherRankFailed")], raised
+
+
+@scenario(2)
+def observe_error_on_one_rank_raises_on_every_rank():
+    rank, _ = rank_world()
+    model = ddp(mlp(seed=14))
+    tracker = persample.Tracker(model, F.cross_entropy)
+    x, y, _, _ = local_batches(1, seed=71)[0]
+    try:  # rank 1 declares a reduction its loss does not have: ObservationError after the backward
+        with tracker.observe(y, reduction="sum" if rank == 1 else None):
+            F.cross_entropy(model(x), y).backward()
+    except Exception as err:  # noqa: BLE001
+        expected = "ObservationError" if rank == 1 else "OtherRankFailed"
+        assert type(err).__name__ == expected, (type(err).__name__, err)
+    else:
+        raise AssertionError("no error on this rank")
+    model.zero_grad()
+    with tracker.observe(y) as obs:  # the next block works on every rank
+        F.cross_entropy(model(x), y).backward()
+    assert obs.stats is not None and obs.stats.n == sum(SPLITS[2])
+
+
 # ------------------------------------------------------------------------------ FSDP
 
 
@@ -433,20 +506,29 @@ def fsdp1_is_refused_clearly():
 
 
 def main(out_dir: str) -> None:
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    suite = os.environ.get("PERSAMPLE_SUITE", "ddp")
+    only = os.environ.get("PERSAMPLE_SCENARIO")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("PERSAMPLE_GLOO_TIMEOUT", "60"))))
     rank, world = rank_world()
-    results = {}
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    results: dict[str, str] = {}
+
+    def write(**extra):  # after every scenario: a run cut short still reports what it finished
+        with open(path + ".tmp", "w") as f:
+            json.dump({**results, **extra}, f)
+        os.replace(path + ".tmp", path)
+    write()
     for name, (fn, worlds) in SCENARIOS.items():
-        if world not in worlds:
+        if world not in worlds or SUITES[name] != suite or (only and name != only):
             continue
+        write(**{name: "did not finish (hung or crashed)"})
         try:
             fn()
             results[name] = "ok"
         except Exception:  # noqa: BLE001 - reported to the test, which fails with it
             results[name] = traceback.format_exc()
+        write()
         dist.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
     dist.destroy_process_group()
 
 

@@ -1,0 +1,128 @@
+"""Multi-process FSDP tests (and one-outcome tests): gloo ranks on 127.0.0.1, bounded in time.
+
+The scenarios live in ``tests/_distributed_worker.py`` (suite ``"fsdp"``). Each world size is
+one run of the worker per rank, as subprocesses; the worker writes its results after every
+scenario, so a run cut short by the time limit still reports which scenario did not finish.
+Gloo's init is retried once on a fresh port when a rank never joined the group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+ROOT = WORKER.parent.parent
+TIMEOUT_S = 150
+GLOO_TIMEOUT_S = 30  # a collective left waiting (a bug) fails the scenario after this, not the run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(world: int, out_dir: Path, suite: str, scenario: str | None) -> None:
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PERSAMPLE_SUITE=suite,
+               PERSAMPLE_GLOO_TIMEOUT=str(GLOO_TIMEOUT_S),
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if scenario:
+        env["PERSAMPLE_SCENARIO"] = scenario
+    procs = []
+    for rank in range(world):
+        log = open(out_dir / f"rank{rank}.log", "w")
+        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], cwd=ROOT,
+                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                                       stdout=log, stderr=subprocess.STDOUT), log))
+    try:
+        for proc, _ in procs:
+            proc.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            log.close()
+    (out_dir / "exit_codes.json").write_text(json.dumps([proc.returncode for proc, _ in procs]))
+
+
+def run_world(world: int, out_dir: Path, suite: str = "fsdp", scenario: str | None = None) -> dict[str, list[str]]:
+    """Run the suite's scenarios on ``world`` ranks; {scenario: [outcome on rank 0, rank 1, ...]}."""
+    for attempt in range(2):
+        for old in out_dir.glob("rank*"):
+            old.unlink()
+        _launch(world, out_dir, suite, scenario)
+        joined = all((out_dir / f"rank{r}.json").exists() for r in range(world))
+        if joined:
+            break  # every rank joined the group (the worker writes its file right after init)
+    codes = json.loads((out_dir / "exit_codes.json").read_text())
+    results: dict[str, list[str]] = {}
+    for rank in range(world):
+        path = out_dir / f"rank{rank}.json"
+        tail = (out_dir / f"rank{rank}.log").read_text()[-3000:]
+        if not path.exists():
+            raise RuntimeError(f"rank {rank} of {world} never joined the gloo group (twice); its output "
+                               f"ends with:\n{tail}")
+        for name, outcome in json.loads(path.read_text()).items():
+            if outcome != "ok" and codes[rank] != 0:
+                outcome += f"\n(rank {rank} exited with {codes[rank]}; its output ends with:\n{tail})"
+            results.setdefault(name, []).append(outcome)
+    return results
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    cache = {}
+
+    def get(world: int):
+        if world not in cache:
+            try:
+                cache[world] = run_world(world, tmp_path_factory.mktemp(f"fsdp_world{world}"))
+            except RuntimeError as err:
+                cache[world] = err
+        if isinstance(cache[world], Exception):
+            pytest.fail(str(cache[world]))
+        return cache[world]
+    return get
+
+
+def _scenarios():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return [(name, world) for name, (_, ws) in module.SCENARIOS.items() if module.SUITES[name] == "fsdp"
+            for world in ws]
+
+
+needs_distributed = pytest.mark.skipif(
+    not __import__("torch").distributed.is_available(), reason="torch.distributed is not available")
+
+
+@needs_distributed
+@pytest.mark.parametrize("name,world", _scenarios(), ids=lambda v: str(v))
+def test_scenario(worlds, name, world):
+    outcomes = worlds(world).get(name)
+    assert outcomes is not None, f"{name} did not run on {world} ranks"
+    assert len(outcomes) == world, f"{name}: only {len(outcomes)} of {world} ranks reported"
+    failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o != "ok"]
+    assert not failures, "\n".join(failures)
+
+
+if __name__ == "__main__":  # python tests/test_fsdp.py WORLD [SCENARIO [SUITE]]: one run, for debugging
+    import tempfile
+    out = Path(tempfile.mkdtemp())
+    res = run_world(int(sys.argv[1]), out, sys.argv[3] if len(sys.argv) > 3 else "fsdp",
+                    sys.argv[2] if len(sys.argv) > 2 else None)
+    for name, outcomes in res.items():
+        print(name, ["ok" if o == "ok" else o for o in outcomes])
