@@ -68,6 +68,16 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
     kind = sharding_of(model)
     if kind is None:
         return
+    if kind == "FSDP1":
+        raise UnsupportedModelError(
+            f"{where}: the model is sharded with FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), "
+            "which persample does not support: FSDP1 flattens each wrapped module's parameters into one "
+            "sharded FlatParameter per rank, and its all-gather and reduce-scatter run in hooks that "
+            "persample's engines never trigger, so statistics and gradients would be wrong. Train with "
+            "DistributedDataParallel instead (persample.Tracker(ddp_model, loss_fn) averages p.grad as "
+            "DDP's backward does and hands every rank the statistics of the global batch); FSDP2 "
+            "(torch.distributed.fsdp.fully_shard) is not supported yet either. This refusal is raised on "
+            "every rank, before any collective, and leaves the model as it was.")
     api = ("torch.distributed.fsdp.fully_shard" if kind == "FSDP2"
            else "torch.distributed.fsdp.FullyShardedDataParallel")
     raise UnsupportedModelError(

@@ -502,6 +502,39 @@ def fsdp1_is_refused_clearly():
             raise AssertionError("FSDP1 was not refused")
 
 
+# ------------------------------------------------------------------------------ FSDP1, as a user runs it
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp1_refused_on_every_rank_and_the_ranks_live_on():
+    """FSDP1 with its defaults (flat parameters), as a user would wrap it: every entry point refuses
+    on every rank, naming FSDP1 and DDP as the fix; no rank dies, and the model still trains with
+    FSDP1's own backward afterwards (the refusal left it as it was)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    model = FullyShardedDataParallel(mlp(seed=15), device_id=torch.device("cpu"))
+    x, y, _, _ = local_batches(1, seed=81)[0]
+    calls = {
+        "Tracker(fsdp)": lambda: persample.Tracker(model, F.cross_entropy),
+        "Tracker(fsdp.module)": lambda: persample.Tracker(model.module, F.cross_entropy),
+        "Tracker(distributed=False)": lambda: persample.Tracker(model, F.cross_entropy, distributed=False),
+        "grad_stats": lambda: persample.grad_stats(model, F.cross_entropy, x, y),
+        "per_sample_grads": lambda: persample.per_sample_grads(model.module, F.cross_entropy, x, y),
+    }
+    for what, call in calls.items():
+        try:
+            call()
+        except persample.UnsupportedModelError as err:
+            text = str(err)
+            assert "FSDP1" in text and "FullyShardedDataParallel" in text, (what, text)
+            assert "DistributedDataParallel" in text and "every rank" in text, (what, text)
+        else:
+            raise AssertionError(f"{what}: FSDP1 was not refused")
+    F.cross_entropy(model(x), y).backward()  # FSDP1's own step still works on every rank
+    flags = torch.ones(1)
+    dist.all_reduce(flags)
+    assert flags.item() == dist.get_world_size()
+
+
 # ------------------------------------------------------------------------------ driver
 
 

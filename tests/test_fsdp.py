@@ -126,3 +126,42 @@ if __name__ == "__main__":  # python tests/test_fsdp.py WORLD [SCENARIO [SUITE]]
                     sys.argv[2] if len(sys.argv) > 2 else None)
     for name, outcomes in res.items():
         print(name, ["ok" if o == "ok" else o for o in outcomes])
+
+
+UNCAUGHT = """
+import sys, torch, torch.distributed as dist
+from datetime import timedelta
+from torch import nn
+import torch.nn.functional as F
+import persample
+from torch.distributed.fsdp import FullyShardedDataParallel
+dist.init_process_group("gloo", timeout=timedelta(seconds=30))
+model = FullyShardedDataParallel(nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double(),
+                                 device_id=torch.device("cpu"))
+tracker = persample.Tracker(model, F.cross_entropy)  # refused: the exception ends the script, uncaught
+"""
+
+
+@needs_distributed
+def test_fsdp1_refusal_uncaught_ends_every_rank_with_the_error_not_sigabrt(tmp_path):
+    """A user's script that does not catch the refusal: every rank exits with status 1 and the error
+    (no rank killed by SIGABRT, none left waiting)."""
+    script = tmp_path / "user.py"
+    script.write_text(UNCAUGHT)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=90)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 1, f"rank {rank} exited with {proc.returncode}:\n{out[-3000:]}"
+        assert "UnsupportedModelError" in out and "FSDP1" in out and "terminate called" not in out, out[-3000:]
