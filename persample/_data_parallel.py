@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch
-from ._sharding import refuse_sharded
+from ._sharding import check_fsdp2, refuse_sharded, sharding_of, unsharded
 from .distributed import DEFAULT_BUCKET_BYTES, agree, all_reduce_gradients, all_reduce_stats, is_distributed
 from .errors import UnsupportedModelError
 from .stats import GradStats
@@ -66,6 +66,7 @@ class Replicas:
     wrapper: nn.Module | None          # the DistributedDataParallel wrapper, if the Tracker got one
     group: object = None               # the process group (None: the default group)
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    sharded: bool = False              # an FSDP2 model (fully_shard): steps run FSDP2's own backward
 
     def synchronizes(self) -> bool:
         """False inside the wrapper's ``no_sync()``."""
@@ -119,6 +120,13 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
     ``distributed=None`` means: replicated when a process group is initialized
     (or the model is a DDP wrapper); ``False`` opts out (each rank on its own).
     """
+    if sharding_of(model) == "FSDP2":
+        check_fsdp2(model, "persample.Tracker")
+        if distributed is False:
+            raise ValueError("Tracker(fully_shard(model), distributed=False): an FSDP2 model's parameters are "
+                             "sharded across the ranks, so each rank cannot train on its own; leave "
+                             "distributed unset")
+        return model, Replicas(None, sharded=True)
     refuse_sharded(model, "persample.Tracker")
     ddp = _ddp_class()
     if ddp is not None and isinstance(model, ddp):
@@ -196,3 +204,126 @@ class LocalGradients:
             for n, p in self.params.items():
                 p.grad = self.averaged[n]
             self.averaged = None
+
+
+# ------------------------------------------------------------------------------------ FSDP2
+
+
+def refuse_fsdp2_options(tracker) -> None:
+    """The Tracker options that need per-example work FSDP2's one backward cannot give, refused."""
+    options = tracker.stats_options
+    problems = []
+    if tracker.clip_norm is not None:
+        problems.append("clip_norm (clipping must weigh each example before FSDP2's reduce-scatter)")
+    if tracker.check_every:
+        problems.append("check_every (the independent engines cannot run an FSDP2 model)")
+    if options["inner_products"]:
+        problems.append("inner_products=True (relative to the global mean they need a second pass; use "
+                        "tracker.accumulate(reference=...) for a shared reference)")
+    if options["engine"] not in ("auto", "fast"):
+        problems.append(f"engine={options['engine']!r} (under FSDP2 the statistics come from the fast "
+                        "engine's capture of FSDP2's own backward)")
+    if problems:
+        raise UnsupportedModelError("persample.Tracker on an FSDP2 (fully_shard) model does not support "
+                                    + "; ".join(problems) + ". Leave these options out, or train with DDP")
+
+
+def fsdp2_step(tracker, inputs, targets, scale: float):
+    """``Tracker.step`` on an FSDP2 model: FSDP2's own ``(scale * loss_fn(model(x), y)).backward()``,
+    observed.
+
+    ``p.grad`` is what that backward leaves (the sharded DTensor FSDP2 reduce-scatters, its
+    ``MixedPrecisionPolicy`` included), because it is that backward. On statistics steps every
+    FSDP2 module is unsharded first (:func:`._sharding.unsharded`), so the fast engine's capture
+    sees the full parameters under their usual names; tensor hooks record the gradient that
+    reaches each full parameter on this rank (before FSDP2 reduce-scatters it), which gives this
+    rank's statistics (:func:`persample.engines.fast.observe.observing`); they are then all-reduced
+    into the global batch's (:func:`persample.distributed.all_reduce_stats`: P-sized sums, never a
+    P-sized all-gather). Every rank agrees before the forward, after the statistics and after the
+    hooks, so a failure on one rank raises on every rank and undoes the step there
+    (:func:`persample.distributed.agree`).
+    """
+    from ._batch import as_batch
+    from ._model import trainable_parameters
+    from .engines.fast.observe import observing
+
+    model, replicas = tracker.model, tracker._replicas
+    step = tracker.steps
+    accumulation = tracker._accumulation
+    with_stats = accumulation.with_stats if accumulation is not None else tracker.wants_stats(step)
+    params = trainable_parameters(model)
+    saved = {name: p.grad for name, p in params.items()}
+    previous = tracker.last_stats
+    part_added = skip_added = False
+    try:
+        for p in params.values():  # FSDP2 accumulates into p.grad in place: keep the originals to restore
+            if p.grad is not None:
+                p.grad = p.grad.clone()
+        if not with_stats:  # a plain step is FSDP2's own forward and backward
+            loss = as_batch(inputs, targets).call(model, tracker.batch_loss)
+            _require_scalar(loss)
+            (loss * scale if scale != 1.0 else loss).backward()
+        else:
+            failure, batch = None, None
+            try:
+                batch = as_batch(inputs, targets)
+            except Exception as err:  # before the forward's collectives: every rank raises here
+                failure = err
+            replicas.agree(failure, "persample.Tracker.step (FSDP2)")
+            failure, stats = None, None
+            try:
+                reference = None
+                if accumulation is not None and accumulation.shared and accumulation.reference is not None:
+                    reference = accumulation.reference
+                with unsharded(model):
+                    full = trainable_parameters(model)
+                    local = LocalGradients(full)
+                    try:
+                        with observing(model, tracker.per_example_loss, batch.targets, batch_size=batch.size,
+                                       var=tracker.stats_options["var"], reference=reference) as observation:
+                            with local.recording():
+                                loss = batch.call(model, tracker.batch_loss)
+                                _require_scalar(loss)
+                                (loss * scale if scale != 1.0 else loss).backward()
+                            local.show_local()
+                    finally:
+                        local.restore()
+                stats = observation.stats
+            except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
+                failure = err
+            everyone, = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
+            stats = replicas.reduce_stats(stats) if everyone else None
+            failure = None
+            try:
+                from .tracker import _finite
+                if stats is None or not _finite(stats):
+                    tracker.skipped.append(step)
+                    skip_added, stats = True, None
+                elif accumulation is not None:
+                    tracker._add_part(stats)
+                    part_added = True
+                else:
+                    tracker._publish(stats)
+            except Exception as err:
+                failure = err
+            replicas.agree(failure, "persample.Tracker.step (FSDP2 hooks)")
+    except BaseException as err:
+        for name, p in params.items():
+            p.grad = saved[name]
+        tracker.last_stats = previous
+        if skip_added:
+            tracker.skipped.pop()
+        if part_added:
+            accumulation.parts.pop()
+        if hasattr(err, "add_note"):
+            err.add_note(f"(raised in persample.Tracker.step at step {step} of an FSDP2 model; p.grad was "
+                         "restored)")
+        raise
+    if accumulation is None:
+        tracker.steps += 1
+    return stats if with_stats else None
+
+
+def _require_scalar(loss) -> None:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")

@@ -1,12 +1,15 @@
 """Detect sharded (FSDP) models and DTensors, cheaply, at persample's entry points.
 
-persample does not support sharded parameters yet (see README, "Distributed
-training"): under FSDP each rank holds a shard, the forward all-gathers the
-parameters and the backward reduce-scatters gradients in hooks that
-``torch.autograd.grad`` never triggers. Computing statistics there gave
+Under FSDP each rank holds a shard, the forward all-gathers the parameters and
+the backward reduce-scatters gradients in hooks that ``torch.autograd.grad``
+never triggers. Computing statistics there with persample's own engines gave
 all-zero results, and printing them ran DTensor collectives on one rank (a
-hang). So every entry point refuses such a model with
-:class:`~persample.errors.UnsupportedModelError`, before any work.
+hang). So the functional entry points (``grad_stats``, ``per_sample_grads``,
+``check_mean``) refuse such a model with
+:class:`~persample.errors.UnsupportedModelError`, before any work, and so does
+everything for FSDP1. ``persample.Tracker`` supports FSDP2 (``fully_shard``) by
+observing FSDP2's own forward and backward (:func:`unsharded`,
+:func:`check_fsdp2`, and ``_data_parallel.fsdp2_step``).
 
 Detection looks only at modules that are already imported (``sys.modules``):
 a process that never imported FSDP or DTensor cannot hold one, and the check
@@ -15,18 +18,20 @@ costs nothing there.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from typing import Iterator
 
 from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor"]
+__all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor",
+           "fsdp2_modules", "check_fsdp2", "unsharded", "is_fsdp2_hook"]
 
-_FSDP2_FIX = ("persample computes per-example statistics of replicated parameters only. Train with "
-              "DistributedDataParallel (which persample.Tracker supports), or compute statistics on an "
-              "unsharded copy of the model (for example one rank's model built without fully_shard and "
-              "loaded with the full state dict).")
+_FSDP2_FIX = ("For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
+              "the global batch from FSDP2's own backward (see README, 'FSDP2'); otherwise train with "
+              "DistributedDataParallel, or compute statistics on an unsharded copy of the model.")
 
 
 def dtensor_class() -> type | None:
@@ -63,6 +68,18 @@ def sharding_of(model: nn.Module) -> str | None:
     return None
 
 
+def is_fsdp2_hook(hook) -> bool:
+    """Whether a module hook is FSDP2's own pre- or post-forward hook (``FSDPState._pre_forward`` /
+    ``_post_forward``), which all-gathers, frees and casts (under a ``MixedPrecisionPolicy``)
+    parameters and inputs but leaves every value of the forward as the module computes it. Fails
+    closed: anything it cannot identify is not FSDP2's."""
+    owner = getattr(hook, "__self__", None)
+    module = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
+    state = getattr(module, "FSDPState", None) if module is not None else None
+    return (state is not None and isinstance(owner, state)
+            and getattr(hook, "__name__", None) in ("_pre_forward", "_post_forward"))
+
+
 def refuse_sharded(model: nn.Module, where: str) -> None:
     """Raise :class:`UnsupportedModelError` when ``model`` holds FSDP-sharded parameters."""
     kind = sharding_of(model)
@@ -73,15 +90,16 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
             f"{where}: the model is sharded with FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel), "
             "which persample does not support: FSDP1 flattens each wrapped module's parameters into one "
             "sharded FlatParameter per rank, and its all-gather and reduce-scatter run in hooks that "
-            "persample's engines never trigger, so statistics and gradients would be wrong. Train with "
-            "DistributedDataParallel instead (persample.Tracker(ddp_model, loss_fn) averages p.grad as "
-            "DDP's backward does and hands every rank the statistics of the global batch); FSDP2 "
-            "(torch.distributed.fsdp.fully_shard) is not supported yet either. This refusal is raised on "
-            "every rank, before any collective, and leaves the model as it was.")
+            "persample's engines never trigger, so statistics and gradients would be wrong. Shard with "
+            "FSDP2 instead (torch.distributed.fsdp.fully_shard on the blocks and the root; "
+            "persample.Tracker(fsdp_model, loss_fn).step(x, y) then runs FSDP2's own backward and hands "
+            "every rank the statistics of the global batch), or train with DistributedDataParallel "
+            "(persample.Tracker(ddp_model, loss_fn)). This refusal is raised on every rank, before any "
+            "collective, and leaves the model as it was.")
     api = ("torch.distributed.fsdp.fully_shard" if kind == "FSDP2"
            else "torch.distributed.fsdp.FullyShardedDataParallel")
     raise UnsupportedModelError(
-        f"{where}: the model is sharded with {kind} ({api}), which persample does not support: "
+        f"{where}: the model is sharded with {kind} ({api}), which this entry point does not support: "
         "each rank holds only a shard of every parameter, and FSDP's backward hooks (all-gather, "
         "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). "
         + _FSDP2_FIX)
@@ -107,3 +125,53 @@ def refuse_wrapped(model: nn.Module, where: str) -> None:
 def local_tensor(t: Tensor) -> Tensor:
     """The rank-local tensor of a DTensor (no communication); any other tensor as it is."""
     return t.to_local() if is_dtensor(t) else t
+
+
+# ------------------------------------------------------------------------------------ FSDP2
+
+
+def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that ``fully_shard`` was applied to (``FSDPModule`` instances)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    cls = getattr(fsdp, "FSDPModule", None) if fsdp is not None else None
+    return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
+
+
+def check_fsdp2(model: nn.Module, where: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` is sharded in the one FSDP2 layout persample
+    handles: ``fully_shard`` applied to the root module (and to any submodules), every sharded
+    parameter a DTensor ``Shard(0)`` over a 1-D device mesh (no HSDP, no tensor parallelism)."""
+    mods = fsdp2_modules(model)
+    if not mods or mods[0] is not model:
+        raise UnsupportedModelError(
+            f"{where}: fully_shard was applied to submodules of this model but not to the model itself; "
+            "apply it to the root module too (fully_shard(model) after the blocks, as torchtitan does), so "
+            "that one FSDP2 root drives the forward and the backward")
+    dtensor = dtensor_class()
+    for name, p in model.named_parameters():
+        if dtensor is None or not isinstance(p, dtensor):
+            continue
+        placements = tuple(type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements)
+        if p.device_mesh.ndim != 1 or placements != ("Shard0",):
+            raise UnsupportedModelError(
+                f"{where}: parameter {name!r} is a DTensor with placements {p.placements} on a "
+                f"{p.device_mesh.ndim}-D mesh; persample supports FSDP2's Shard(0) over a 1-D mesh only "
+                "(no HSDP, no tensor parallelism). Use fully_shard over a 1-D mesh, or DDP")
+
+
+@contextlib.contextmanager
+def unsharded(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 module of ``model`` unsharded (``FSDPModule.unshard()``: its module attributes are
+    the full parameters, so ``named_parameters()`` yields them under their usual names) when the
+    block starts. FSDP2's own hooks then reshard as configured (after the forward, after the
+    backward); if the block raises, every module is resharded before the error propagates."""
+    mods = fsdp2_modules(model)
+    for m in mods:
+        m.unshard()
+    try:
+        yield
+    except BaseException:
+        for m in mods:
+            with contextlib.suppress(Exception):
+                m.reshard()
+        raise

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
-from ._data_parallel import LocalGradients, resolve_replicas
+from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
 from ._model import buffer_state, check_clip_norm, restore_buffer_state, trainable_parameters
 from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
@@ -130,6 +130,8 @@ class Tracker:
         self.skipped: list[int] = []
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
+        if self._replicas is not None and self._replicas.sharded:
+            refuse_fsdp2_options(self)
 
     # ---------------------------------------------------------------- hooks
     def register_hook(self, fn: Hook) -> RemovableHandle:
@@ -181,6 +183,8 @@ class Tracker:
         """
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
+        if self._replicas is not None and self._replicas.sharded:  # FSDP2: its own backward, observed
+            return fsdp2_step(self, inputs, targets, scale)
         params = trainable_parameters(self.model)
         saved = {name: p.grad for name, p in params.items()}
         saved_inputs: list = []

@@ -478,14 +478,15 @@ def fsdp2_is_refused_clearly():
     fully_shard(model)
     x, y, _, _ = local_batches(1)[0]
     for call in (lambda: persample.grad_stats(model, F.cross_entropy, x, y),
-                 lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
-                 lambda: persample.Tracker(model, F.cross_entropy)):
+                 lambda: persample.per_sample_grads(model, F.cross_entropy, x, y)):
         try:
             call()
         except persample.UnsupportedModelError as err:
             assert "FSDP2" in str(err) and "fully_shard" in str(err) and "DistributedDataParallel" in str(err), err
+            assert "persample.Tracker(fsdp_model, loss_fn)" in str(err), err  # the fix that works (tested in test_fsdp)
         else:
             raise AssertionError("FSDP2 was not refused")
+    persample.Tracker(model, F.cross_entropy)  # supported (test_fsdp.py)
 
 
 @scenario(2)
@@ -500,6 +501,173 @@ def fsdp1_is_refused_clearly():
             assert "FSDP1" in str(err), err
         else:
             raise AssertionError("FSDP1 was not refused")
+
+
+# ------------------------------------------------------------------------------ FSDP2
+
+
+def oracle(model, loss, x, y):
+    """The float64 oracle on one process: a Python loop of autograd, one example at a time."""
+    rows, losses = [], []
+    params = dict(model.named_parameters())
+    for i in range(len(x)):
+        li = loss(model(x[i:i + 1]), y[i:i + 1])
+        grads = torch.autograd.grad(li, list(params.values()))
+        rows.append({k: g.detach() for k, g in zip(params, grads)})
+        losses.append(li.detach())
+    g = {k: torch.stack([r[k] for r in rows]) for k in params}
+    return dict(n=len(x), mean={k: v.mean(0) for k, v in g.items()},
+                var={k: v.var(0, unbiased=True) for k, v in g.items()},
+                param_sq_norms={k: v.reshape(len(x), -1).pow(2).sum(1) for k, v in g.items()},
+                losses=torch.stack(losses))
+
+
+def check_against_oracle(stats, expected, what):
+    assert stats.n == expected["n"], (what, stats.n, expected["n"])
+    for field in ("mean", "var", "param_sq_norms"):
+        close_dicts(getattr(stats, field), expected[field], f"{what}: {field}")
+    close(stats.losses, expected["losses"], f"{what}: losses")
+    close(stats.sq_norms, sum(expected["param_sq_norms"].values()), f"{what}: sq_norms")
+
+
+def sharded_mlp(seed, *, nested=True, reshard_after_forward=True):
+    from torch.distributed.fsdp import fully_shard
+    model = mlp(seed=seed)
+    if nested:
+        for layer in (model[0], model[2]):
+            fully_shard(layer, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def assert_grads_equal(a, b, what, rtol=1e-12, atol=1e-14):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert type(p.grad).__name__ == "DTensor", (what, n, type(p.grad))
+        close(p.grad.to_local(), q.grad.to_local(), f"{what}: p.grad of {n}", rtol=rtol, atol=atol)
+
+
+def _fsdp2_tracker_against_fsdp2(**shard_options):
+    rank, world = rank_world()
+    loss = F.cross_entropy
+    tracked, plain = sharded_mlp(21, **shard_options), sharded_mlp(21, **shard_options)
+    tracker = persample.Tracker(tracked, loss)
+    seen = []
+    tracker.register_hook(lambda t, stats: seen.append(stats))
+    reference = mlp(seed=21)
+    batches = local_batches(10, seed=91)
+    opt_t = torch.optim.AdamW(tracked.parameters(), lr=0.05)
+    opt_p = torch.optim.AdamW(plain.parameters(), lr=0.05)
+    opt_r = torch.optim.AdamW(reference.parameters(), lr=0.05)
+    for step, (x, y, gx, gy) in enumerate(batches):
+        expected = oracle(reference, loss, gx, gy)
+        for opt in (opt_t, opt_p, opt_r):
+            opt.zero_grad()
+        stats = tracker.step(x, y)
+        loss(plain(x), y).backward()
+        assert_grads_equal(tracked, plain, f"step {step}")
+        check_against_oracle(stats, expected, f"step {step}")
+        assert seen[-1] is stats and stats.part_sizes == tuple(SPLITS[world])
+        # the reference replica takes DDP's step: the mean over ranks of each rank's mean gradient
+        for p in reference.parameters():
+            p.grad = None
+        sizes = SPLITS[world]
+        for r in range(world):
+            rs = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+            (loss(reference(gx[rs]), gy[rs]) / world).backward()
+        opt_t.step()
+        opt_p.step()
+        opt_r.step()
+    full = torch.cat([p.full_tensor().reshape(-1) for p in tracked.parameters()])
+    close(full, flat_params(reference), "parameters after 10 AdamW steps vs DDP's", rtol=1e-10, atol=1e-12)
+    everyone = [torch.empty_like(full) for _ in range(world)]
+    dist.all_gather(everyone, full)
+    assert all(torch.equal(other, full) for other in everyone), "full parameters differ across ranks"
+    del rank
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_tracker_step_equals_fsdp2_backward_and_the_oracle():
+    _fsdp2_tracker_against_fsdp2()
+
+
+@scenario(2, suite="fsdp")
+def fsdp2_tracker_step_reshard_after_forward_false_root_only():
+    _fsdp2_tracker_against_fsdp2(nested=False, reshard_after_forward=False)
+
+
+def assert_full_params_identical(model, what):
+    full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(full) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, full)
+    assert all(torch.equal(other, full) for other in everyone), f"{what}: full parameters differ across ranks"
+    return full
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
+    """Rank 1's hook raises once (step 1), the last rank passes a bad batch once (step 3): every rank
+    raises within the time limit, undoes the step, and after the loop's optimizer.step() the model is
+    the same as one trained without those two steps' gradients."""
+    rank, world = rank_world()
+    loss = F.cross_entropy
+    model, twin = sharded_mlp(23), sharded_mlp(23)
+    tracker = persample.Tracker(model, loss)
+    calls = []
+
+    def logger(t, stats):
+        calls.append(stats.n)
+        if rank == 1 and len(calls) == 2:
+            raise RuntimeError("the logger failed")
+    tracker.register_hook(logger)
+    opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin))
+    raised = []
+    for step, (x, y, _, _) in enumerate(local_batches(5, seed=97)):
+        opt.zero_grad()
+        opt_twin.zero_grad()
+        bad = step == 3 and rank == world - 1
+        try:
+            tracker.step(x, y[:-1] if bad else y)
+        except Exception as err:  # noqa: BLE001 - the user's loop goes on
+            raised.append((step, type(err).__name__))
+        if step not in (1, 3):
+            loss(twin(x), y).backward()
+        opt.step()
+        opt_twin.step()
+        full = assert_full_params_identical(model, f"after step {step}")
+        close(full, torch.cat([p.full_tensor().reshape(-1) for p in twin.parameters()]),
+              f"after step {step}: against the twin without the failed steps", rtol=1e-12, atol=1e-14)
+    expected = [(1, "RuntimeError" if rank == 1 else "OtherRankFailed"),
+                (3, "ValueError" if rank == world - 1 else "OtherRankFailed")]
+    assert raised == expected, raised
+    assert tracker.steps == 3
+
+
+@scenario(2, suite="fsdp")
+def fsdp2_tracker_refuses_what_one_backward_cannot_give():
+    model = sharded_mlp(24)
+    for options, words in (({"clip_norm": 1.0}, "clip_norm"), ({"check_every": 2}, "check_every"),
+                            ({"inner_products": True}, "inner_products"), ({"engine": "vmap"}, "engine")):
+        try:
+            persample.Tracker(model, F.cross_entropy, **options)
+        except persample.UnsupportedModelError as err:
+            assert words in str(err) and "FSDP2" in str(err), err
+        else:
+            raise AssertionError(f"no refusal for {options}")
+    try:
+        persample.Tracker(model, F.cross_entropy, distributed=False)
+    except ValueError as err:
+        assert "sharded" in str(err), err
+    else:
+        raise AssertionError("no refusal for distributed=False")
+    from torch.distributed.fsdp import fully_shard
+    inner_only = mlp(seed=24)
+    fully_shard(inner_only[0])
+    try:
+        persample.Tracker(inner_only, F.cross_entropy)
+    except persample.UnsupportedModelError as err:
+        assert "root module" in str(err), err
+    else:
+        raise AssertionError("no refusal for fully_shard without the root")
 
 
 # ------------------------------------------------------------------------------ FSDP1, as a user runs it

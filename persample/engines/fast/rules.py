@@ -286,8 +286,10 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or global_module_hooks())
+    from ..._sharding import is_fsdp2_hook  # FSDP2's own hooks gather and free parameters: no value changes
+    return bool(any(not is_fsdp2_hook(h) for h in module._forward_hooks.values())
+                or any(not is_fsdp2_hook(h) for h in module._forward_pre_hooks.values())
+                or module._backward_hooks or module._backward_pre_hooks or global_module_hooks())
 
 
 def global_module_hooks() -> bool:
