@@ -670,6 +670,76 @@ def fsdp2_tracker_refuses_what_one_backward_cannot_give():
         raise AssertionError("no refusal for fully_shard without the root")
 
 
+def tiny_gpt2(seed=0):
+    """GPT-2 with tied embedding and LM head (n_layer=2, n_embd=32, vocab 64), float64, no dropout."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+    model = GPT2LMHeadModel(config).double()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def token_batch(n, seed, length=8):
+    """Right-padded token batch: ids, attention mask and labels (-100 on padding)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (n, length), generator=g)
+    lengths = torch.randint(3, length + 1, (n,), generator=g)
+    mask = (torch.arange(length)[None] < lengths[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)
+
+
+def summed_token_loss(logits, labels):
+    """Example i's loss: Σ_t of the next-token cross-entropy over its real tokens (the oracle's own)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_tiny_gpt2_tied_weights_padded_batches():
+    from torch.distributed.fsdp import fully_shard
+    _, world = rank_world()
+    sizes = SPLITS[world]
+    loss = persample.causal_lm_loss()
+
+    def sharded():
+        model = tiny_gpt2(seed=31)
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    tracked, plain, reference = sharded(), sharded(), tiny_gpt2(seed=31)
+    tracker = persample.Tracker(tracked, loss)
+    for step in range(2):
+        ids, mask, labels = token_batch(sum(sizes), seed=101 + step)
+        s = my_slice(sizes)
+        tracked.zero_grad()
+        plain.zero_grad()
+        stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
+        loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
+        assert_grads_equal(tracked, plain, f"GPT-2 step {step}")
+        rows, losses = [], []
+        params = dict(reference.named_parameters())
+        for i in range(len(ids)):
+            li = summed_token_loss(reference(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits,
+                                   labels[i:i + 1])
+            rows.append(torch.autograd.grad(li, list(params.values())))
+            losses.append(li.detach())
+        g = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
+        expected = dict(n=len(ids), mean={k: v.mean(0) for k, v in g.items()},
+                        var={k: v.var(0, unbiased=True) for k, v in g.items()},
+                        param_sq_norms={k: v.reshape(len(ids), -1).pow(2).sum(1) for k, v in g.items()},
+                        losses=torch.stack(losses))
+        assert "lm_head.weight" not in stats.mean and "transformer.wte.weight" in stats.mean  # tied: one name
+        check_against_oracle(stats, expected, f"GPT-2 step {step}")
+        with torch.no_grad():  # the same update on both sharded models and the reference
+            for p, q, r in zip(tracked.parameters(), plain.parameters(), reference.parameters()):
+                p.sub_(0.1 * p.grad)
+                q.sub_(0.1 * q.grad)
+                r.sub_(0.1 * p.grad.full_tensor())  # (a collective: every rank, same order)
+
+
 # ------------------------------------------------------------------------------ FSDP1, as a user runs it
 
 

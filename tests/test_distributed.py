@@ -85,7 +85,8 @@ def _scenarios():
         # Registering scenarios needs only the module body, which imports torch and persample.
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return [(name, world) for name, (_, ws) in module.SCENARIOS.items() for world in ws]
+        return [(name, world) for name, (_, ws) in module.SCENARIOS.items() for world in ws
+                if module.SUITES[name] == "ddp"]  # the "fsdp" suite runs in test_fsdp.py
     finally:
         sys.path.pop(0)
 
