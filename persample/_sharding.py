@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import UnsupportedModelError
 
 __all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor",
-           "fsdp2_modules", "check_fsdp2", "unsharded", "is_fsdp2_hook"]
+           "fsdp2_modules", "check_fsdp2", "unsharded", "unshard_all", "reshard_all", "is_fsdp2_hook"]
 
 _FSDP2_FIX = ("For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
               "the global batch from FSDP2's own backward (see README, 'FSDP2'); otherwise train with "
@@ -165,13 +165,22 @@ def unsharded(model: nn.Module) -> Iterator[None]:
     the full parameters, so ``named_parameters()`` yields them under their usual names) when the
     block starts. FSDP2's own hooks then reshard as configured (after the forward, after the
     backward); if the block raises, every module is resharded before the error propagates."""
-    mods = fsdp2_modules(model)
-    for m in mods:
-        m.unshard()
+    unshard_all(model)
     try:
         yield
     except BaseException:
-        for m in mods:
-            with contextlib.suppress(Exception):
-                m.reshard()
+        reshard_all(model)
         raise
+
+
+def unshard_all(model: nn.Module) -> None:
+    """``unshard()`` every FSDP2 module of ``model`` (all-gathers; a collective on every rank)."""
+    for m in fsdp2_modules(model):
+        m.unshard()
+
+
+def reshard_all(model: nn.Module) -> None:
+    """``reshard()`` every FSDP2 module of ``model`` (after an error: back to the sharded parameters)."""
+    for m in fsdp2_modules(model):
+        with contextlib.suppress(Exception):
+            m.reshard()

@@ -530,9 +530,28 @@ def check_against_oracle(stats, expected, what):
     close(stats.sq_norms, sum(expected["param_sq_norms"].values()), f"{what}: sq_norms")
 
 
-def sharded_mlp(seed, *, nested=True, reshard_after_forward=True):
-    from torch.distributed.fsdp import fully_shard
+class Checkpointed(nn.Module):
+    """A module called through non-reentrant activation checkpointing (torchtitan's default)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(self.inner, x, use_reentrant=False)
+
+
+def mlp_like(seed=0, checkpointed=False):
     model = mlp(seed=seed)
+    if checkpointed:
+        model[0] = Checkpointed(model[0])
+    return model
+
+
+def sharded_mlp(seed, *, nested=True, reshard_after_forward=True, checkpointed=False):
+    from torch.distributed.fsdp import fully_shard
+    model = mlp_like(seed=seed, checkpointed=checkpointed)
     if nested:
         for layer in (model[0], model[2]):
             fully_shard(layer, reshard_after_forward=reshard_after_forward)
@@ -546,14 +565,14 @@ def assert_grads_equal(a, b, what, rtol=1e-12, atol=1e-14):
         close(p.grad.to_local(), q.grad.to_local(), f"{what}: p.grad of {n}", rtol=rtol, atol=atol)
 
 
-def _fsdp2_tracker_against_fsdp2(**shard_options):
+def _fsdp2_tracker_against_fsdp2(observe=False, **shard_options):
     rank, world = rank_world()
     loss = F.cross_entropy
     tracked, plain = sharded_mlp(21, **shard_options), sharded_mlp(21, **shard_options)
     tracker = persample.Tracker(tracked, loss)
     seen = []
     tracker.register_hook(lambda t, stats: seen.append(stats))
-    reference = mlp(seed=21)
+    reference = mlp_like(seed=21, checkpointed=shard_options.get("checkpointed", False))
     batches = local_batches(10, seed=91)
     opt_t = torch.optim.AdamW(tracked.parameters(), lr=0.05)
     opt_p = torch.optim.AdamW(plain.parameters(), lr=0.05)
@@ -562,7 +581,12 @@ def _fsdp2_tracker_against_fsdp2(**shard_options):
         expected = oracle(reference, loss, gx, gy)
         for opt in (opt_t, opt_p, opt_r):
             opt.zero_grad()
-        stats = tracker.step(x, y)
+        if observe:
+            with tracker.observe(y) as observed:
+                loss(tracked(x), y).backward()
+            stats = observed.stats
+        else:
+            stats = tracker.step(x, y)
         loss(plain(x), y).backward()
         assert_grads_equal(tracked, plain, f"step {step}")
         check_against_oracle(stats, expected, f"step {step}")
@@ -593,6 +617,17 @@ def fsdp2_tracker_step_equals_fsdp2_backward_and_the_oracle():
 @scenario(2, suite="fsdp")
 def fsdp2_tracker_step_reshard_after_forward_false_root_only():
     _fsdp2_tracker_against_fsdp2(nested=False, reshard_after_forward=False)
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_observe_around_the_users_own_backward():
+    _fsdp2_tracker_against_fsdp2(observe=True)
+
+
+@scenario(2, suite="fsdp")
+def fsdp2_non_reentrant_checkpointing_step_and_observe():
+    _fsdp2_tracker_against_fsdp2(checkpointed=True)
+    _fsdp2_tracker_against_fsdp2(checkpointed=True, observe=True, reshard_after_forward=False)
 
 
 def assert_full_params_identical(model, what):
