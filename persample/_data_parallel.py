@@ -245,7 +245,6 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     """
     from ._batch import as_batch
     from ._model import trainable_parameters
-    from .engines.fast.observe import observing
 
     model, replicas = tracker.model, tracker._replicas
     step = tracker.steps
@@ -275,20 +274,8 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 reference = None
                 if accumulation is not None and accumulation.shared and accumulation.reference is not None:
                     reference = accumulation.reference
-                with unsharded(model):
-                    full = trainable_parameters(model)
-                    local = LocalGradients(full)
-                    try:
-                        with observing(model, tracker.per_example_loss, batch.targets, batch_size=batch.size,
-                                       var=tracker.stats_options["var"], reference=reference) as observation:
-                            with local.recording():
-                                loss = batch.call(model, tracker.batch_loss)
-                                _require_scalar(loss)
-                                (loss * scale if scale != 1.0 else loss).backward()
-                            local.show_local()
-                    finally:
-                        local.restore()
-                stats = observation.stats
+                stats = observed_fsdp2_backward(model, tracker.batch_loss, tracker.per_example_loss, batch,
+                                                scale=scale, var=tracker.stats_options["var"], reference=reference)
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
                 failure = err
             everyone, = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
@@ -322,6 +309,70 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
+
+
+def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batch: Batch, *, scale: float = 1.0,
+                            var: bool = True, inner_products: bool = False, reference=None) -> GradStats | None:
+    """This rank's statistics (full-size mean and M2 of its own examples, their norms and losses) from
+    FSDP2's own ``(scale * batch_loss(model(x), y)).backward()``, which leaves ``p.grad`` as FSDP2 does.
+
+    Every FSDP2 module is unsharded first, so the fast engine's capture
+    (:func:`persample.engines.fast.observe.observing`) sees the full parameters under their names;
+    tensor hooks record the gradient that reaches each full parameter here, before FSDP2
+    reduce-scatters it, and the observation's sum check compares the per-example gradients with
+    that. A collective: every rank must call it (FSDP2's all-gathers and reduce-scatters).
+    None when the output gradients are not finite (a skipped step).
+    """
+    from ._model import trainable_parameters
+    from .engines.fast.observe import observing
+
+    with unsharded(model):
+        local = LocalGradients(trainable_parameters(model))
+        try:
+            with observing(model, per_example_loss, batch.targets, batch_size=batch.size, var=var,
+                           inner_products=inner_products, reference=reference) as observation:
+                with local.recording():
+                    loss = batch.call(model, batch_loss)
+                    _require_scalar(loss)
+                    (loss * scale if scale != 1.0 else loss).backward()
+                local.show_local()
+        finally:
+            local.restore()
+    return observation.stats
+
+
+def fsdp2_grad_stats(model: nn.Module, loss_fn, batch: Batch, *, var: bool = True, inner_products: bool = False,
+                     reference=None, engine: str = "auto", clip_norm: float | None = None) -> GradStats:
+    """:func:`persample.grad_stats` on an FSDP2 model: this rank's statistics, from one FSDP2 forward
+    and backward (:func:`observed_fsdp2_backward`), with every ``p.grad`` put back as it was.
+
+    A collective (every rank calls it, in step). Each rank gets the statistics of its own batch
+    with full-size ``mean`` and ``m2``; :func:`persample.distributed.all_reduce_stats` then gives
+    the global batch's on every rank.
+    """
+    from ._model import trainable_parameters
+    from .batch_loss import loss_parts
+
+    check_fsdp2(model, "persample.grad_stats")
+    if engine not in ("auto", "fast") or clip_norm is not None:
+        raise UnsupportedModelError(
+            "persample.grad_stats on an FSDP2 (fully_shard) model observes FSDP2's own backward with the "
+            "fast engine: engine must be 'auto' or 'fast', and clip_norm is not supported (leave them out)")
+    params = trainable_parameters(model)
+    saved = {name: p.grad for name, p in params.items()}
+    for p in params.values():  # FSDP2 accumulates into p.grad in place
+        p.grad = None
+    batch_loss, per_example_loss = loss_parts(loss_fn)
+    try:
+        stats = observed_fsdp2_backward(model, batch_loss, per_example_loss, batch, var=var,
+                                        inner_products=inner_products, reference=reference)
+    finally:
+        for name, p in params.items():
+            p.grad = saved[name]
+    if stats is None:
+        raise ValueError("persample.grad_stats: the loss's gradients at the model output are not finite "
+                         "(inf/NaN) on this rank")
+    return stats
 
 
 def _require_scalar(loss) -> None:

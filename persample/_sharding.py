@@ -30,8 +30,9 @@ __all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refu
            "fsdp2_modules", "check_fsdp2", "unsharded", "unshard_all", "reshard_all", "is_fsdp2_hook"]
 
 _FSDP2_FIX = ("For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
-              "the global batch from FSDP2's own backward (see README, 'FSDP2'); otherwise train with "
-              "DistributedDataParallel, or compute statistics on an unsharded copy of the model.")
+              "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
+              "this rank's (then persample.distributed.all_reduce_stats); see README, 'FSDP2'. Otherwise "
+              "train with DistributedDataParallel.")
 
 
 def dtensor_class() -> type | None:

@@ -123,6 +123,12 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         progress: show a tqdm progress bar over examples (if tqdm is installed).
     """
     _engine_chain(engine, _CHAINS, ENGINES)
+    from ._sharding import sharding_of
+    if sharding_of(model) == "FSDP2":  # FSDP2's own forward and backward, observed (a collective)
+        from ._data_parallel import fsdp2_grad_stats
+        return fsdp2_grad_stats(model, loss_fn, as_batch(inputs, targets), var=var, inner_products=inner_products,
+                                reference=prepare_reference(model, reference) if reference is not None else None,
+                                engine=engine, clip_norm=clip_norm)
     return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
                          randomness=randomness, engine=engine, var=var, inner_products=inner_products,
                          clip_norm=clip_norm, progress=progress, reference=reference)

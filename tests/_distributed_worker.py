@@ -477,8 +477,8 @@ def fsdp2_is_refused_clearly():
     model = mlp(seed=9)
     fully_shard(model)
     x, y, _, _ = local_batches(1)[0]
-    for call in (lambda: persample.grad_stats(model, F.cross_entropy, x, y),
-                 lambda: persample.per_sample_grads(model, F.cross_entropy, x, y)):
+    for call in (lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
+                 lambda: persample.check_mean(model, F.cross_entropy, x, y)):
         try:
             call()
         except persample.UnsupportedModelError as err:
@@ -617,6 +617,30 @@ def fsdp2_tracker_step_equals_fsdp2_backward_and_the_oracle():
 @scenario(2, suite="fsdp")
 def fsdp2_tracker_step_reshard_after_forward_false_root_only():
     _fsdp2_tracker_against_fsdp2(nested=False, reshard_after_forward=False)
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_grad_stats_then_all_reduce_stats_equal_the_oracle():
+    _, world = rank_world()
+    loss = F.cross_entropy
+    model, reference = sharded_mlp(25), mlp(seed=25)
+    x, y, gx, gy = local_batches(1, seed=111)[0]
+    model(x).sum().backward()  # an existing p.grad, which grad_stats must leave as it was
+    before = [p.grad.to_local().clone() for p in model.parameters()]
+    local = persample.grad_stats(model, loss, x, y)
+    assert all(torch.equal(p.grad.to_local(), b) for p, b in zip(model.parameters(), before)), "p.grad changed"
+    mine = persample.grad_stats(reference, loss, x, y, engine="loop")
+    close_dicts(local.mean, mine.mean, "this rank's mean")
+    close_dicts(local.var, mine.var, "this rank's var")
+    close(local.sq_norms, mine.sq_norms, "this rank's norms")
+    check_against_oracle(all_reduce_stats(local), oracle(reference, loss, gx, gy), "all_reduce_stats")
+    assert all_reduce_stats(local).part_sizes == tuple(SPLITS[world])
+    try:
+        persample.grad_stats(model, loss, x, y, clip_norm=1.0)
+    except persample.UnsupportedModelError as err:
+        assert "clip_norm" in str(err), err
+    else:
+        raise AssertionError("clip_norm on an FSDP2 model was not refused")
 
 
 @scenario(2, 3, suite="fsdp")
