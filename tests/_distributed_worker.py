@@ -734,7 +734,8 @@ def tiny_gpt2(seed=0):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(seed)
     config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True)
+                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0,
+                        eos_token_id=0)
     model = GPT2LMHeadModel(config).double()
     assert model.lm_head.weight is model.transformer.wte.weight
     return model

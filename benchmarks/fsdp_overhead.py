@@ -1,0 +1,191 @@
+"""Cost of persample under FSDP2, per training step, as a ratio to FSDP2 training without persample.
+
+    python benchmarks/fsdp_overhead.py [--steps 12] [--batch 8] [--quick] [--save]
+
+Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``gpt2`` case of
+``cases.py`` (HF GPT-2, 4 layers, width 256, vocab 1000, T = 128; ``--quick``: the 2-layer, width
+128, T = 64 one) with ``fully_shard`` on every block and on the root. Rank 0 times the median of:
+
+- ``fsdp-plain``: ``zero_grad(); loss_fn(model(x), y).backward(); opt.step()`` — the denominator;
+- ``tracker``: the same step with ``Tracker(model, loss_fn).step(x, y)``, statistics (with the
+  variance) every step: FSDP2's own forward and backward, observed, then the all-reduce of the
+  statistics;
+- ``tracker-novar``: the same with ``var=False``;
+- ``tracker-every-10``: a step of ``Tracker(model, loss_fn, every=10)`` without statistics;
+- ``all_reduce_stats``: the statistics' communication alone (two P-sized all-reduces and the
+  B-sized gathers).
+
+The methods run in interleaved blocks, so drift in the machine's load hits them alike; the load
+average is recorded. Absolute times on a shared CPU mean little; the ratios are the result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+WORLD = 2
+
+
+def timed(fn) -> float:
+    dist.barrier()
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def sharded(model):
+    from torch.distributed.fsdp import fully_shard
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
+def measure(problem, steps: int, block: int) -> dict:
+    import persample
+    from persample.distributed import all_reduce_stats
+
+    loss_fn, x, y = problem.loss_fn, problem.inputs, problem.targets
+    models = {k: sharded(copy.deepcopy(problem.model)) for k in ("plain", "tracker", "novar", "every")}
+    trackers = {"tracker": persample.Tracker(models["tracker"], loss_fn),
+                "novar": persample.Tracker(models["novar"], loss_fn, var=False),
+                "every": persample.Tracker(models["every"], loss_fn, every=10)}
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
+    local = persample.grad_stats(sharded(copy.deepcopy(problem.model)), loss_fn, x, y)
+
+    def plain_step():
+        opts["plain"].zero_grad()
+        loss_fn(models["plain"](x), y).backward()
+        opts["plain"].step()
+
+    def tracker_step(key):
+        def run():
+            if key == "every":
+                trackers[key].steps = 1  # never a statistics step
+            opts[key].zero_grad()
+            trackers[key].step(x, y)
+            opts[key].step()
+        return run
+
+    methods = {"fsdp-plain": plain_step, "tracker": tracker_step("tracker"), "tracker-novar": tracker_step("novar"),
+               "tracker-every-10": tracker_step("every"), "all_reduce_stats": lambda: all_reduce_stats(local)}
+    for fn in methods.values():  # warm up
+        fn()
+        fn()
+    times = {k: [] for k in methods}
+    while len(times["fsdp-plain"]) < steps:
+        for key, fn in methods.items():
+            for _ in range(block):
+                times[key].append(timed(fn))
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    numel = sum(v.numel() for v in local.mean.values())
+    elem = next(iter(local.mean.values())).element_size()
+    world = dist.get_world_size()
+    return {
+        "batch_size_per_rank": int(x.shape[0]), "world_size": world, "parameters": numel,
+        "steps_timed": len(times["fsdp-plain"]), "median_s": medians,
+        "ratio_to_fsdp_plain": {k: v / medians["fsdp-plain"] for k, v in medians.items()},
+        # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends
+        "bytes_sent_per_rank": {
+            "fsdp (all-gather fwd + bwd, reduce-scatter)": 3 * numel * elem * (world - 1) / world,
+            "statistics (2 all-reduces of P sums)": 2 * 2 * numel * elem * (world - 1) / world,
+            "statistics, var=False (1 all-reduce)": 2 * numel * elem * (world - 1) / world,
+        },
+    }
+
+
+def worker(steps: int, batch: int, quick: bool, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    from cases import gpt2_problem, small_gpt2_problem
+
+    torch.manual_seed(0)
+    problem = (small_gpt2_problem if quick else gpt2_problem)(batch)
+    record = measure(problem, steps, block=max(1, steps // 4))
+    record["case"] = "gpt2-small (2 layers, width 128, T=64)" if quick else "gpt2 (4 layers, width 256, T=128)"
+    if dist.get_rank() == 0:
+        print(", ".join(f"{k} {v * 1e3:.1f} ms ({record['ratio_to_fsdp_plain'][k]:.2f}x)"
+                        for k, v in record["median_s"].items()), flush=True)
+        with open(out, "w") as f:
+            json.dump(record, f)
+    dist.destroy_process_group()
+
+
+def launch(args) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = HERE / f".fsdp-overhead-{os.getpid()}.json"
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
+               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
+               "--out", str(out)] + (["--quick"] if args.quick else [])
+    procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(WORLD)]
+    try:
+        for p in procs:
+            p.wait(timeout=args.timeout)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    if any(p.returncode != 0 for p in procs) or not out.exists():
+        raise SystemExit("fsdp_overhead: a worker failed (see its output above)")
+    record = json.loads(out.read_text())
+    out.unlink()
+    return record
+
+
+def markdown(record: dict) -> str:
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    lines = ["# persample under FSDP2: cost per training step", "",
+             f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
+             f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
+             f"load average {load} at the end (a shared machine: ratios only).", "",
+             "| method | median per step | ratio to fsdp-plain |", "|---|---:|---:|"]
+    for k, v in record["median_s"].items():
+        lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× |")
+    lines += ["", "Bytes each rank sends per step (ring collectives, float32 statistics of float32 parameters):", ""]
+    lines += [f"- {k}: {v / 1e6:.2f} MB" for k, v in record["bytes_sent_per_rank"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
+    parser.add_argument("--batch", type=int, default=8, help="examples per rank")
+    parser.add_argument("--quick", action="store_true", help="the 2-layer GPT-2 at T = 64")
+    parser.add_argument("--save", action="store_true", help="write benchmarks/results/fsdp-overhead-cpu.{json,md}")
+    parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.steps, args.batch, args.quick, args.out)
+        return
+    record = launch(args)
+    text = markdown(record)
+    print(text)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "fsdp-overhead-cpu.json").write_text(json.dumps(record, indent=2))
+        (RESULTS / "fsdp-overhead-cpu.md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
