@@ -643,6 +643,33 @@ def fsdp2_grad_stats_then_all_reduce_stats_equal_the_oracle():
         raise AssertionError("clip_norm on an FSDP2 model was not refused")
 
 
+@scenario(2, suite="fsdp")
+def fsdp2_mixed_precision_policy_bf16_parameters_fp32_reduction():
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) on a float32 model: p.grad is FSDP2's
+    own (equal to a plain FSDP2 twin's), and the statistics (kept in float32) are the oracle's on
+    the bf16-rounded computation up to bf16 precision."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+    def build():
+        model = mlp(seed=26, dtype=torch.float32)
+        for layer in (model[0], model[2]):
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
+    tracked, plain = build(), build()
+    loss = F.cross_entropy
+    x, y, gx, gy = local_batches(1, seed=121)[0]
+    stats = persample.Tracker(tracked, loss).step(x.float(), y)
+    loss(plain(x.float()), y).backward()
+    assert_grads_equal(tracked, plain, "bf16 parameters", rtol=0, atol=0)
+    expected = oracle(mlp(seed=26), loss, gx, gy)  # float64: bf16 rounding is the only difference
+    assert stats.mean[next(iter(stats.mean))].dtype == torch.float32
+    for k in expected["mean"]:
+        close(stats.mean[k].double(), expected["mean"][k], f"mean[{k}] (bf16)", rtol=3e-2, atol=3e-2)
+    close(stats.sq_norms.double(), sum(expected["param_sq_norms"].values()), "sq_norms (bf16)", rtol=5e-2, atol=1e-2)
+
+
 @scenario(2, 3, suite="fsdp")
 def fsdp2_observe_around_the_users_own_backward():
     _fsdp2_tracker_against_fsdp2(observe=True)
