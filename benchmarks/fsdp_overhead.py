@@ -154,9 +154,9 @@ def launch(args) -> dict:
 def markdown(record: dict) -> str:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     lines = ["# persample under FSDP2: cost per training step", "",
-             f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
-             f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
-             f"load average {load} at the end (a shared machine: ratios only).", "",
+             (f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
+              f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
+              f"load average {load} at the end (a shared machine: ratios only)."), "",
              "| method | median per step | ratio to fsdp-plain |", "|---|---:|---:|"]
     for k, v in record["median_s"].items():
         lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× |")

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .errors import UnsupportedModelError
 
 __all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor",
-           "fsdp2_modules", "check_fsdp2", "unsharded", "unshard_all", "reshard_all", "is_fsdp2_hook"]
+           "fsdp2_modules", "check_fsdp2", "unsharded", "unshard_all", "restore_sharding", "is_fsdp2_hook"]
 
 _FSDP2_FIX = ("For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
               "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
@@ -162,26 +162,48 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
 
 @contextlib.contextmanager
 def unsharded(model: nn.Module) -> Iterator[None]:
-    """Every FSDP2 module of ``model`` unsharded (``FSDPModule.unshard()``: its module attributes are
-    the full parameters, so ``named_parameters()`` yields them under their usual names) when the
-    block starts. FSDP2's own hooks then reshard as configured (after the forward, after the
-    backward); if the block raises, every module is resharded before the error propagates."""
-    unshard_all(model)
+    """Every FSDP2 module of ``model`` unsharded for the block (:func:`unshard_all`), and resharded as
+    FSDP2's backward would have left it when the block ends (:func:`restore_sharding`), also on error.
+
+    Inside, ``named_parameters()`` yields the full parameters under their usual names, and they stay
+    allocated until the block ends, also after a backward (whose reshard is deferred to the end of
+    the block), so that what reads them after the backward (the fast engine's fallbacks) reads them.
+    """
+    saved = unshard_all(model)
     try:
         yield
-    except BaseException:
-        reshard_all(model)
-        raise
+    finally:
+        restore_sharding(model, saved)
 
 
-def unshard_all(model: nn.Module) -> None:
-    """``unshard()`` every FSDP2 module of ``model`` (all-gathers; a collective on every rank)."""
+def unshard_all(model: nn.Module) -> list:
+    """``unshard()`` every FSDP2 module of ``model`` (all-gathers: a collective on every rank) and defer
+    their reshard after backward; returns what :func:`restore_sharding` needs to undo the deferral.
+
+    Reads each module's parameter groups' ``reshard_after_backward`` (FSDP2 internals, fail closed:
+    an unfamiliar layout raises :class:`UnsupportedModelError`) and sets it with FSDP2's public
+    ``set_reshard_after_backward``."""
+    saved = []
     for m in fsdp2_modules(model):
+        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) if hasattr(m, "_get_fsdp_state") else None
+        if groups is None or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups):
+            raise UnsupportedModelError(
+                f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has no "
+                "parameter groups with a reshard_after_backward flag), so persample cannot show that its "
+                "statistics are exact. Use the torch versions persample is tested with, or DDP")
+        saved.append((m, [g.reshard_after_backward for g in groups]))
+    for m, _ in saved:
+        m.set_reshard_after_backward(False, recurse=False)
         m.unshard()
+    return saved
 
 
-def reshard_all(model: nn.Module) -> None:
-    """``reshard()`` every FSDP2 module of ``model`` (after an error: back to the sharded parameters)."""
-    for m in fsdp2_modules(model):
-        with contextlib.suppress(Exception):
-            m.reshard()
+def restore_sharding(model: nn.Module, saved: list) -> None:
+    """Undo :func:`unshard_all`: each module's ``reshard_after_backward`` as it was, and the modules that
+    reshard after backward resharded (what FSDP2's backward would have done)."""
+    for m, flags in saved:
+        for group, flag in zip(m._get_fsdp_state()._fsdp_param_groups, flags):
+            group.reshard_after_backward = flag
+        if any(flags):
+            with contextlib.suppress(Exception):
+                m.reshard()

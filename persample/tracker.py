@@ -38,7 +38,7 @@ from torch.utils.hooks import RemovableHandle
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
 from ._model import buffer_state, check_clip_norm, restore_buffer_state, trainable_parameters
-from ._sharding import reshard_all, unshard_all
+from ._sharding import restore_sharding, unshard_all
 from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
@@ -525,8 +525,7 @@ class Tracker:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
         sharded = self._replicas is not None and self._replicas.sharded
-        if sharded:  # FSDP2: the block's forward and backward see the full parameters under their names
-            unshard_all(self.model)
+        sharding = unshard_all(self.model) if sharded else None  # FSDP2: the full parameters, by name
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         block_done, failure = False, None
         try:
@@ -545,13 +544,13 @@ class Tracker:
             # An error of the user's own block propagates as it would without observe; an error of
             # persample's after the block (under replicas) goes through agree, so every rank raises.
             if self._replicas is None or not block_done:
-                if sharded:
-                    reshard_all(self.model)
                 raise
             failure = err
         finally:
             if local is not None:
                 local.restore()
+            if sharding is not None:
+                restore_sharding(self.model, sharding)
         if self._replicas is not None:
             everyone_has_stats, = self._replicas.agree(failure, "persample.Tracker.observe",
                                                        observation.stats is not None)

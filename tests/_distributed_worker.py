@@ -827,6 +827,63 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
                 r.sub_(0.1 * p.grad.full_tensor())  # (a collective: every rank, same order)
 
 
+def tiny_llama(seed=0):
+    """A Llama-style model (RMSNorm, rotary, SwiGLU; 2 layers, hidden 32, vocab 64), float64."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=16, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    return LlamaForCausalLM(config).double()
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_tiny_llama_token_mean_over_padding():
+    """p.grad equal to FSDP2's own backward to 1e-12; statistics against the float64 per-example loop to
+    1e-6 of each field's largest entry: Hugging Face's LlamaRMSNorm computes in float32 inside a float64
+    model, so the model itself differs between a batch and its examples by 1e-8 to 1e-7
+    (tests/real_models.py, batch_discrepancy); a fallback module (the RMSNorm) reads the full parameters
+    after FSDP2's backward, which used to free them (a segfault before unshard_all deferred the reshard)."""
+    from torch.distributed.fsdp import fully_shard
+    _, world = rank_world()
+    sizes = SPLITS[world]
+    loss = persample.causal_lm_loss()
+
+    def sharded():
+        model = tiny_llama(seed=41)
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    tracked, plain, reference = sharded(), sharded(), tiny_llama(seed=41)
+    tracker = persample.Tracker(tracked, loss)
+    ids, mask, labels = token_batch(sum(sizes), seed=131)
+    s = my_slice(sizes)
+    stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
+    loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
+    assert_grads_equal(tracked, plain, "Llama")
+    params = dict(reference.named_parameters())
+    rows, losses = [], []
+    for i in range(len(ids)):
+        li = summed_token_loss(reference(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits,
+                               labels[i:i + 1])
+        rows.append(torch.autograd.grad(li, list(params.values()), allow_unused=True))
+        losses.append(li.detach())
+    g = {k: torch.stack([r[j] if r[j] is not None else torch.zeros_like(params[k]) for r in rows])
+         for j, k in enumerate(params)}
+    expected = {"mean": {k: v.mean(0) for k, v in g.items()}, "var": {k: v.var(0) for k, v in g.items()}}
+    assert stats.n == len(ids)
+
+    def near(a, b, what):  # relative to the largest entry, as batch_discrepancy measures the model itself
+        err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
+        assert err < 1e-6, f"{what}: {err:.2e} relative to the largest entry"
+    for k in params:
+        near(stats.mean[k], expected["mean"][k], f"Llama mean[{k}]")
+        near(stats.var[k], expected["var"][k], f"Llama var[{k}]")
+    near(stats.losses, torch.stack(losses), "Llama losses")
+    near(stats.sq_norms, sum(v.reshape(len(ids), -1).pow(2).sum(1) for v in g.values()), "Llama norms")
+
+
 # ------------------------------------------------------------------------------ FSDP1, as a user runs it
 
 
