@@ -13,6 +13,8 @@ The flow, from batch to diagnostics::
   ranks' batches together) and the Tracker's DDP support.
 - :class:`BatchLoss`, :func:`causal_lm_loss`: batch losses that are not the
   mean of the per-example losses (token means, sums, class weights), ℓ = Σ_i w_i L_i.
+- :func:`fix`: replace train-mode BatchNorms by GroupNorms, so that per-example
+  gradients exist (as Opacus's ``ModuleValidator.fix``).
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -25,6 +27,7 @@ from .check import MeanCheck, check_mean
 from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarning, UnsupportedModelError
 from .stats import GradStats
 from .tracker import Tracker
+from .repair import Replacement, fix
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
 from . import distributed  # noqa: E402
 
@@ -34,4 +37,5 @@ __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
     "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
+    "fix", "Replacement",
 ]

@@ -165,6 +165,10 @@ class NoiseScale:
       B_small = each rank's batch, B_big = the global batch, from the ranks'
       mean gradients only. Both are unbiased; the per-example one has lower
       variance (B samples of the noise rather than W).
+    - ``"micro-batch"`` (:meth:`persample.Tracker.accumulate` with
+      ``estimator="micro-batch"``): the same two-batch estimator with B_small =
+      the micro-batches of one optimiser step, for models without per-example
+      gradients (train-mode BatchNorm).
 
     Attributes:
         n: the batch size B (B_big for the rank-level estimator).
