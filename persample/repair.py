@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["fix", "Replacement", "group_count"]
+__all__ = ["Replacement", "fix", "group_count"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +104,9 @@ def fix(model: nn.Module, *, dry_run: bool = False, max_groups: int = 32) -> lis
         there is nothing to replace.
 
     Raises:
-        ValueError: ``model`` itself is a BatchNorm (there is no parent to put the
-            GroupNorm in: build ``nn.GroupNorm`` yourself), or a lazy BatchNorm is
-            not initialised yet (run one forward first).
+        TypeError: ``model`` itself is a BatchNorm (there is no parent to put the
+            GroupNorm in: build ``nn.GroupNorm`` yourself).
+        ValueError: a lazy BatchNorm is not initialised yet (run one forward first).
 
     >>> import torch, persample
     >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU())
@@ -119,7 +119,7 @@ def fix(model: nn.Module, *, dry_run: bool = False, max_groups: int = 32) -> lis
     if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
         raise ValueError(f"max_groups must be a positive integer, got {max_groups!r}")
     if isinstance(model, _BatchNorm):
-        raise ValueError("fix(model) replaces the BatchNorms inside a model, and this model is itself a "
+        raise TypeError("fix(model) replaces the BatchNorms inside a model, and this model is itself a "
                          f"{type(model).__name__}: use nn.GroupNorm({group_count(model.num_features, max_groups)}, "
                          f"{model.num_features}) in its place")
     replaced: dict[int, tuple[nn.Module, Replacement]] = {}
