@@ -66,7 +66,13 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
             :func:`grad_stats` when statistics are enough.
         randomness: what random ops (dropout) do: ``"error"`` (default: refuse,
             naming the module), ``"different"`` (an independent draw per
-            example) or ``"same"`` (one draw shared by all examples).
+            example) or ``"same"`` (one draw shared by all examples). The
+            default refuses because a call here measures a function: with
+            dropout on, each example's gradient is a random draw, and which
+            draws (independent or shared, or none after ``model.eval()``) the
+            numbers describe is the caller's choice to make, not a silent
+            default. :class:`persample.Tracker`, which describes a training
+            step, defaults to ``"different"``: the training forward's own draws.
         engine: ``"vmap"`` (``torch.func``: ``functional_call`` + ``vmap`` +
             ``grad``; buffers passed through, frozen parameters constants),
             ``"loop"`` (one forward + backward per example) or ``"auto"``

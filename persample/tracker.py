@@ -73,7 +73,21 @@ class Tracker:
             (w = 1/B for a mean loss; needs equal weights w_i = w).
             Statistics still describe the raw gradients. Clipping needs
             per-example norms, so every step does per-example work.
-        chunk_size, randomness, engine, var, inner_products: as in
+        randomness: what the statistics of a model that draws random numbers
+            in training mode (dropout) describe. The default ``"different"``:
+            the draws of the training forward itself, an independent mask per
+            example as in any batched forward, so Hugging Face models (dropout
+            0.1) train with default arguments. With the default fast engine one
+            forward gives both ``p.grad`` and the statistics, so ``p.grad`` is
+            exactly the plain backward with the same draws (the same RNG state
+            gives the same masks), and the statistics are those draws'
+            per-example gradients: what :meth:`observe` describes too. Where
+            the fast engine falls back to vmap or the loop, the statistics use
+            their own per-example draws (from the same distribution), and so
+            does ``p.grad`` (w·B·``stats.mean``) when it is built from them.
+            ``"same"`` (one mask shared by the examples) or ``"error"`` (refuse
+            random models, naming the module) as in :func:`persample.grad_stats`.
+        chunk_size, engine, var, inner_products: as in
             :func:`persample.grad_stats`. Random ops advance the global RNG as a
             normal training step would. Inner products against a direction
             shared by micro-batches: :meth:`accumulate`'s ``reference``.
@@ -112,7 +126,7 @@ class Tracker:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
                  clip_norm: float | None = None, chunk_size: int | None = None,
-                 randomness: str = "error", check_every: int = 0, engine: str = "auto",
+                 randomness: str = "different", check_every: int = 0, engine: str = "auto",
                  var: bool = True, inner_products: bool = False, distributed: bool | None = None):
         _require_int("every", every, minimum=1)
         _require_int("check_every", check_every, minimum=0)
@@ -503,7 +517,8 @@ class Tracker:
 
         Limits: one forward of the model and one backward inside the block;
         ``randomness`` does not apply (the forward is yours: its dropout masks
-        are what the statistics describe); inside :meth:`accumulate`, the
+        are what the statistics describe, as with ``step``'s default
+        ``randomness="different"``); inside :meth:`accumulate`, the
         observed micro-batches are merged like ``step``'s. Rule modules called
         on inputs without a batch dim (``self.pos(torch.arange(T))``) are
         exact; where their batch dim is ambiguous (T == B, or a sequence-first
