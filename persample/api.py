@@ -24,6 +24,7 @@ from ._batch import Batch, as_batch
 from ._model import (check_clip_norm, check_supported, preserved_state, restore_buffer_state,
                      trainable_parameters)
 from ._progress import progress_bar
+from ._warn import short_reason, user_stacklevel
 from .errors import NotExact
 from .engines.fast import fast_grad_stats
 from .engines.loop import loop_grad_stats, loop_grads
@@ -210,9 +211,11 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
         if position:
             reset()
         if name == "loop" and reasons:
-            warnings.warn(SlowPathWarning(
-                "persample: using the exact per-example loop (B forward + backward passes): "
-                + "; ".join(reasons)), stacklevel=4)
+            warning = SlowPathWarning(
+                "persample: using the exact per-example loop (B forward + backward passes, slower) because "
+                + "; ".join(short_reason(r) for r in reasons) + ". The engines' full reasons: this warning's .reasons")
+            warning.reasons = list(reasons)
+            warnings.warn(warning, stacklevel=user_stacklevel())
         try:
             return run(name)
         except NotExact as err:

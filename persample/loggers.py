@@ -347,21 +347,41 @@ def read_metrics(path: str | os.PathLike) -> list[Row]:
     """Read back a ``.csv`` or ``.jsonl`` file written by the loggers, as a list of dicts.
 
     Numbers come back as floats (``step`` as int); empty CSV cells and JSON
-    ``null`` as NaN; other strings unchanged.
+    ``null`` as NaN; other strings unchanged. A last row cut short (a run
+    killed while writing it: too few CSV cells, or a line that is not JSON) is
+    dropped with a warning; an incomplete row before the last raises ``ValueError``.
     """
     path = Path(path)
     rows: list[Row] = []
+    incomplete: list[int] = []  # 1-based line numbers of rows cut short
     if path.suffix == ".csv":
         with open(path, newline="", encoding="utf-8") as f:
-            for r in csv.DictReader(f):
+            reader = csv.DictReader(f)
+            for r in reader:
+                if None in r.values() or None in r:  # too few cells, or more cells than the header
+                    incomplete.append(reader.line_num)
+                    continue
                 rows.append({k: _parse(v) for k, v in r.items()})
+            last = reader.line_num
     elif path.suffix in (".jsonl", ".json"):
         with open(path, encoding="utf-8") as f:
-            for line in f:
+            last = 0
+            for last, line in enumerate(f, 1):
                 if line.strip():
-                    rows.append({k: (math.nan if v is None else v) for k, v in json.loads(line).items()})
+                    try:
+                        parsed = json.loads(line)
+                    except json.JSONDecodeError:
+                        incomplete.append(last)
+                        continue
+                    rows.append({k: (math.nan if v is None else v) for k, v in parsed.items()})
     else:
         raise ValueError(f"read_metrics: expected a .csv or .jsonl file, got {str(path)!r}")
+    if incomplete:
+        if incomplete != [last]:
+            raise ValueError(f"read_metrics: {str(path)!r} has incomplete rows before its last one (lines "
+                             f"{', '.join(map(str, incomplete[:5]))}): it is not a file the loggers wrote")
+        warnings.warn(f"read_metrics: the last row of {str(path)!r} (line {last}) is incomplete, as after a run "
+                      "killed while writing it; it was dropped", stacklevel=2)
     for r in rows:
         if isinstance(r.get("step"), float) and math.isfinite(r["step"]):
             r["step"] = int(r["step"])

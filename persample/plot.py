@@ -244,9 +244,10 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
     ax = axes[1, 0]
     _style(ax, "Simple noise scale  B_simple = tr Σ / |G|²", "examples", log=True)
     xs, ys, dropped = _series(stat_rows, "b_simple", positive=True)
-    ax.plot(xs, ys, ".", color=_ORANGE, ms=3, alpha=0.6, label=_dropped_label("per step", dropped))
+    ax.plot(xs, ys, ".", color=_ORANGE, ms=3, alpha=0.6,
+            label=f"per step ({dropped} below noise: |G|² estimate ≤ 0, not shown)" if dropped else "per step")
     xs, ys, _ = _series(stat_rows, "b_simple_ema", positive=True)
-    ax.plot(xs, ys, color=_RED, lw=2.0, label="EMA(tr Σ) / EMA(|G|²)")
+    ax.plot(xs, ys, color=_RED, lw=2.0, label="EMA(tr Σ) / EMA(|G|²): the number to read")
     if batch:
         ax.axhline(batch, color="black", ls="--", lw=1.0, label=f"batch size B = {batch:g}")
     _legend(ax, loc="upper left")

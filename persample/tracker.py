@@ -145,6 +145,7 @@ class Tracker:
         self.last_stats: GradStats | None = None
         self.skipped: list[int] = []
         self.last_noise = None  # the last accumulate(estimator="micro-batch") block's NoiseScale
+        self._nonfinite_rows: list[int] | None = None  # a skipped step's non-finite examples, when known
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
 
@@ -213,6 +214,7 @@ class Tracker:
         ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
         try:
             stats = part = None
+            self._nonfinite_rows = None
             if per_example_work:
                 stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
             elif micro and with_stats:
@@ -244,6 +246,8 @@ class Tracker:
             elif with_stats:
                 if stats is None or not _finite(stats):
                     self.skipped.append(step)
+                    _warn_skipped(step, len(self.skipped), batch.size,
+                                  _nonfinite_examples(stats) if stats is not None else self._nonfinite_rows)
                     stats = None
                 elif accumulating:
                     self._add_part(stats)
@@ -425,6 +429,7 @@ class Tracker:
                                                          batch.size)
                 factor = common_weight(weights, rtol=1e-5)
             except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
+                self._nonfinite_rows = _nonfinite_output_rows(output, batch.size)
                 update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
                 return None, update, input_grads
             except OpaqueLoss as opaque:
@@ -443,6 +448,7 @@ class Tracker:
                 return stats, update, []
         update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
         if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
+            self._nonfinite_rows = _nonfinite_examples(stats) or None
             return None, update, input_grads
         factor = None if weights is None else common_weight(weights, rtol=1e-5)
         if self.clip_norm is not None and factor is None:
@@ -774,6 +780,44 @@ def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
 def _finite(stats: GradStats) -> bool:
     tensors = [*stats.mean.values(), *stats.param_sq_norms.values()]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _nonfinite_examples(stats: GradStats) -> list[int]:
+    """The examples whose loss or gradient norm is not finite."""
+    bad = ~torch.isfinite(stats.losses.detach()) | ~torch.isfinite(stats.sq_norms.detach())
+    return bad.nonzero().flatten().tolist()
+
+
+def _nonfinite_output_rows(output: Any, batch_size: int) -> list[int] | None:
+    """The examples whose rows of the model output are not finite (None when no output leaf is batched)."""
+    bad, found = None, False
+    for t in tensors_in(output):
+        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch_size:
+            rows = ~torch.isfinite(t.detach().reshape(batch_size, -1)).all(1)
+            bad = rows if bad is None else bad | rows
+            found = True
+    return bad.nonzero().flatten().tolist() if found else None
+
+
+def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | None) -> None:
+    """One warning for the first statistics step skipped as not finite, then at 10, 100, … skipped steps."""
+    if count != 1 and not (count >= 10 and math.log10(count).is_integer()):
+        return
+    import warnings
+
+    from ._warn import user_stacklevel
+
+    if examples:
+        shown = ", ".join(map(str, examples[:10])) + (", …" if len(examples) > 10 else "")
+        which = (f"example{'s' if len(examples) > 1 else ''} {shown} (0-based) of this batch of {batch_size} "
+                 f"{'have' if len(examples) > 1 else 'has'} a non-finite output, loss or gradient (a corrupt "
+                 "sample, or a diverged or fp16-overflowing step?)")
+    else:
+        which = "the loss or the gradients are not finite (a diverged or fp16-overflowing step?)"
+    warnings.warn(f"persample: step {step}'s statistics are not finite: {which}. That step has no statistics and "
+                  f"calls no hook (p.grad is what loss.backward() gives); {count} step{'s' if count > 1 else ''} "
+                  "skipped so far (tracker.skipped; warned again at 10, 100, … skipped steps).", RuntimeWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:

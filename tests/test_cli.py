@@ -35,7 +35,7 @@ def test_demo_end_to_end_csv(tmp_path):
     code, out, err = _finish(_persample("demo", "--out", str(out_dir), *TINY))
     assert code == 0, err
     metrics, png = out_dir / "metrics.csv", out_dir / "diagnostics.png"
-    assert f"metrics: {metrics}" in out and f"plot:    {png}" in out
+    assert f"metrics: {metrics}" in out and f"plot:    {png}" in out and f"epochs:  {out_dir / 'epochs.csv'}" in out
     assert "check_mean OK" in out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.lstrip().startswith("epoch"))
@@ -57,7 +57,9 @@ def test_demo_quiet_jsonl_mlp_every_2(tmp_path):
     code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--quiet", "--format", "jsonl",
                                         "--model", "mlp", "--every", "2", *TINY))
     assert code == 0, err
-    assert out.splitlines() == [f"metrics: {tmp_path / 'metrics.jsonl'}", f"plot:    {tmp_path / 'diagnostics.png'}"]
+    assert out.splitlines() == [f"metrics: {tmp_path / 'metrics.jsonl'}  (one row per statistics step)",
+                                f"epochs:  {tmp_path / 'epochs.jsonl'}  (one row per epoch: train/test loss and "
+                                "accuracy)", f"plot:    {tmp_path / 'diagnostics.png'}"]
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 2]
@@ -154,7 +156,9 @@ def test_plot_subcommand_redraws_from_metrics(tmp_path, capsys):
         for r in rows:
             log.write(r)
     assert main(["plot", str(tmp_path / "m.csv"), "-o", str(tmp_path / "p.png")]) == 0
-    assert capsys.readouterr().out.strip() == f"plot: {tmp_path / 'p.png'}" and (tmp_path / "p.png").exists()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"plot: {tmp_path / 'p.png'}" and (tmp_path / "p.png").exists()
+    assert printed[1].startswith("B_simple ≈ 14 examples against a batch of 8: a larger batch would still cut")
     with pytest.raises(SystemExit) as exc:
         main(["plot", str(tmp_path / "missing.csv")])
     err = capsys.readouterr().err
