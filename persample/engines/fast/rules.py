@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
+from ..._torch_compat import global_module_hooks, module_hooks
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
@@ -286,16 +287,7 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or global_module_hooks())
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks registered for every module (``register_module_forward_hook`` and friends) exist."""
-    from torch.nn.modules import module as module_lib
-    return any(getattr(module_lib, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+    return module_hooks(module) or global_module_hooks()
 
 
 def find_rule(module: nn.Module) -> Rule | None:
