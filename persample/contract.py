@@ -274,3 +274,7 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
                  "With clip_norm, the batch loss weighs every example equally",
                  "a per-example loss that carries the weights, or no clip_norm"),
 )
+
+
+if __name__ == "__main__":  # python -m persample.contract: the README's table of refusals
+    print(refusal_table())

@@ -310,7 +310,7 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     try:
         return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
     except LayoutError as err:
-        raise NotExact(f"module {unit.name or '<root>'}: {err}", code="DIM_ZERO_MOVED",
+        raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code,
                        module=unit.name or "<root>") from None
     except Exception as err:  # a precondition of the closed form failed: never guess, fall back
         raise NotExact(f"module {unit.name or '<root>'} ({type(unit.module).__name__}): its {unit.rule.name} "

@@ -40,7 +40,12 @@ __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
 
 class LayoutError(ValueError):
-    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous)."""
+    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous): ``code`` is the
+    precondition of :mod:`persample.contract` it breaks."""
+
+    def __init__(self, message: str, code: str = "DIM_ZERO_MOVED"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,8 @@ def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positio
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: dim 0 is not the batch of {batch.size}")
     if batch.dim_zero_moved and any(size == batch.size for size in t.shape[positions_from:positions_to]):
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
-                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous")
+                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous",
+                          code="BATCH_DIM_AMBIGUOUS")
 
 
 def _sequence(t: Tensor, batch: Layout, feature_dims: int, what: str) -> Tensor:
