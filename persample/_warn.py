@@ -23,7 +23,7 @@ def user_stacklevel() -> int:
     return level
 
 
-def short_reason(reason: str, limit: int = 160) -> str:
+def short_reason(reason: str, limit: int = 200) -> str:
     """The first sentence of an engine's reason, without the text of an inner exception (vmap's own
     message quotes a paragraph of its internals), cut at ``limit`` characters."""
     hint = " (data-dependent control flow, such as .item() on an attention mask)" \
