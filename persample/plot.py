@@ -203,8 +203,9 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
                 epoch_steps.append(float(r["step"]))
             last_epoch = e
     for ax in axes.flat:
-        for s in epoch_steps:
-            ax.axvline(s, color=_GREY, lw=0.6, alpha=0.25, zorder=0)
+        for i, s in enumerate(epoch_steps):  # labelled once, in the loss panel's legend
+            ax.axvline(s, color=_GREY, lw=0.6, alpha=0.25, zorder=0,
+                       label="epoch boundary" if i == 0 and ax is axes.flat[0] else None)
 
     # 1. loss
     ax = axes[0, 0]

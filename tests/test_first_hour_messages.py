@@ -163,3 +163,14 @@ def test_slow_path_warning_points_at_the_users_line_and_is_short():
         assert len(text) < 450 and text.count(". ") <= 2, text
         assert "It looks like you're" not in text and "per-example loop" in text
         assert any("It looks like you're" in r for r in w.message.reasons)  # the full text is kept
+
+
+def test_the_grey_epoch_lines_are_labelled():
+    pytest.importorskip("matplotlib")
+    from persample import plot
+    rows = [{"step": i, "epoch": 1 + i // 3, "n": 4.0, "loss": 1.0, "grad_sq": 1.0, "trace_cov": 2.0,
+             "b_simple": 2.0, "b_simple_ema": 2.0} for i in range(6)]
+    fig = plot.plot_diagnostics(rows)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    plot.close(fig)
+    assert "epoch boundary" in labels
