@@ -10,11 +10,16 @@ undefined. Two fixes, both shown here:
    architecture: do it before training), after which every per-example statistic exists.
 """
 
+import argparse
+import tempfile
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import persample
+from persample.loggers import CSVLogger
 from persample.noise import NoiseScaleEMA, gradient_noise_scale
 
 
@@ -38,20 +43,23 @@ def batches(steps, size=32):
         yield x, (x.mean((2, 3)) @ w).argmax(1)
 
 
-def with_batchnorm(steps: int = 8, k: int = 4) -> float:
-    """BatchNorm kept: the noise scale from k micro-batches per step."""
+def with_batchnorm(metrics: Path, steps: int = 8, k: int = 4) -> float:
+    """BatchNorm kept: the noise scale from k micro-batches per step, logged to ``metrics`` (CSV)."""
     torch.manual_seed(0)
     model = resnet().train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     tracker = persample.Tracker(model, F.cross_entropy)
     ema = NoiseScaleEMA()
-    for x, y in batches(steps):
-        optimizer.zero_grad()
-        with tracker.accumulate(estimator="micro-batch") as acc:
-            for xm, ym in zip(x.chunk(k), y.chunk(k)):
-                tracker.step(xm, ym, scale=1 / k)         # p.grad exactly as (loss / k).backward()
-        optimizer.step()
-        ema.update(acc.noise)                              # grad_sq, trace_cov, b_simple of this step
+    with CSVLogger(metrics) as log:
+        for x, y in batches(steps):
+            optimizer.zero_grad()
+            with tracker.accumulate(estimator="micro-batch") as acc:
+                for xm, ym in zip(x.chunk(k), y.chunk(k)):
+                    tracker.step(xm, ym, scale=1 / k)     # p.grad exactly as (loss / k).backward()
+            optimizer.step()
+            noise = acc.noise                              # grad_sq, trace_cov, b_simple of this step
+            log.write({"step": tracker.steps, "n": noise.n, "grad_sq": noise.grad_sq,
+                       "trace_cov": noise.trace_cov, "b_simple": noise.b_simple, "b_simple_ema": ema.update(noise)})
     print(f"BatchNorm, micro-batches of {x.shape[0] // k}: B_simple (EMA over {steps} steps) ≈ {ema.value:.3g}"
           + ("" if ema.value > 0 else " (not positive: below noise, the EMA needs more steps)"))
     return ema.value
@@ -76,5 +84,11 @@ def with_groupnorm(steps: int = 8) -> float:
 
 
 if __name__ == "__main__":
-    with_batchnorm()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="directory for metrics.csv (default: a temporary one)")
+    args = parser.parse_args()
+    out = args.out or Path(tempfile.mkdtemp(prefix="persample-resnet-"))
+    out.mkdir(parents=True, exist_ok=True)
+    with_batchnorm(out / "metrics.csv")
+    print(f"micro-batch noise scale logged to {out / 'metrics.csv'} (persample plot draws it)")
     with_groupnorm()

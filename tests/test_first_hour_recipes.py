@@ -36,8 +36,11 @@ def test_recipe_hf_causal_lm(monkeypatch, capsys):
     assert out.count("per-sequence summed token loss") == 3 and "HF's token-mean loss" in out
 
 
-def test_recipe_resnet_batchnorm(monkeypatch, capsys):
-    out = _run("recipe_resnet_batchnorm.py", monkeypatch, capsys)
+def test_recipe_resnet_batchnorm(monkeypatch, capsys, tmp_path):
+    out = _run("recipe_resnet_batchnorm.py", monkeypatch, capsys, "--out", str(tmp_path))
+    from persample.loggers import read_metrics
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["n"] == 32 for r in rows)
     assert "5.4: BatchNorm2d(32) -> GroupNorm(32, 32)" in out
     values = [float(v) for v in re.findall(r"B_simple \(EMA over 8 steps\) ≈ (\S+)", out)]
     assert len(values) == 2 and all(v > 0 for v in values), out
