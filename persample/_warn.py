@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import sys
+from types import FrameType
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _SKIPPED = (_PACKAGE, os.path.dirname(os.path.abspath(contextlib.__file__)) + os.sep + "contextlib")
@@ -15,7 +16,7 @@ def user_stacklevel() -> int:
     """``stacklevel`` for a ``warnings.warn`` in the function that calls this: the first frame
     outside the persample package (and ``contextlib``, for ``with tracker.accumulate():``), so that
     the warning names the user's line, whatever the depth of the call inside persample."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     level = 1
     while frame is not None and frame.f_code.co_filename.startswith(_SKIPPED):
         frame = frame.f_back

@@ -61,8 +61,8 @@ def _group_norm_for(bn: _BatchNorm, max_groups: int) -> nn.GroupNorm:
     channels = bn.num_features
     groups = 1 if isinstance(bn, nn.BatchNorm1d) else group_count(channels, max_groups)
     weight = bn.weight if bn.affine else None
-    factory = {} if weight is None else {"device": weight.device, "dtype": weight.dtype}
-    gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine, **factory)
+    gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine,
+                      device=None if weight is None else weight.device, dtype=None if weight is None else weight.dtype)
     if bn.affine:
         with torch.no_grad():
             gn.weight.copy_(bn.weight)
