@@ -108,6 +108,10 @@ def test_fix_group_choice_dry_run_shared_modules_and_refusals():
     assert persample.fix(model) == listed
     assert model[1] is model[3] and isinstance(model[1], nn.GroupNorm)  # one module, one replacement
     assert model[6].weight is None
+    other = nn.Sequential(nn.Conv3d(2, 40, 1), nn.BatchNorm3d(40), nn.Conv3d(40, 64, 1), nn.SyncBatchNorm(64))
+    assert [str(f) for f in persample.fix(other)] == ["1: BatchNorm3d(40) -> GroupNorm(20, 40)",
+                                                      "3: SyncBatchNorm(64) -> GroupNorm(32, 64)"]
+    persample.grad_stats(other.train(), lambda out: out.pow(2).mean(), torch.randn(3, 2, 2, 2, 2))
     with pytest.raises(TypeError, match="itself a BatchNorm2d: use nn.GroupNorm"):
         persample.fix(nn.BatchNorm2d(8))
     with pytest.raises(ValueError, match="not initialised yet"):
