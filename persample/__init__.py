@@ -27,6 +27,7 @@ from .check import MeanCheck, check_mean
 from .errors import (MeanMismatchError, NotExact, ObservationError, PersampleError, SlowPathWarning,
                      UnsupportedModelError)
 from .explain import Explanation, explain
+from .custom_rules import check_rule, register_rule, unregister_rule
 from .stats import GradStats
 from .tracker import Tracker
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
@@ -38,5 +39,5 @@ __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
     "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
-    "PersampleError", "explain", "Explanation",
+    "PersampleError", "explain", "Explanation", "register_rule", "unregister_rule", "check_rule",
 ]
