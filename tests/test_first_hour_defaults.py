@@ -78,7 +78,7 @@ def test_tracker_default_describes_the_training_forwards_own_dropout_masks(famil
     torch.manual_seed(7)
     with warnings.catch_warnings():
         warnings.simplefilter("error", persample.SlowPathWarning)
-        stats = persample.Tracker(model, loss_fn).step(inputs, targets)  # default arguments
+        stats = persample.Tracker(model, loss_fn, inner_products=True).step(inputs, targets)  # default randomness
     # p.grad: the plain backward with the same draws
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=name)
@@ -99,6 +99,8 @@ def test_tracker_default_describes_the_training_forwards_own_dropout_masks(famil
         torch.testing.assert_close(stats.var[n], g.var(0), rtol=1e-9, atol=1e-12, msg=n)
         torch.testing.assert_close(stats.param_sq_norms[n], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12,
                                    msg=n)
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    torch.testing.assert_close(stats.inner_products, flat @ flat.mean(0), rtol=1e-9, atol=1e-12)
 
 
 def _with_default_dropout(family):
