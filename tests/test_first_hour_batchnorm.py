@@ -246,6 +246,20 @@ def test_micro_batch_estimator_refusals_and_warnings():
         with tracker.accumulate(estimator="micro-batch") as acc:
             tracker.step(x, y)
     assert acc.noise is None and tracker.last_noise is None
+    class OwnLoss(nn.Module):  # the loss computed inside the model, as Hugging Face models do with labels=
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            return {"loss": F.cross_entropy(self.net(x), labels)}
+
+    opaque = persample.Tracker(OwnLoss(), lambda out: out["loss"])
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="computed inside the model"):
+        with opaque.accumulate(estimator="micro-batch"):
+            opaque.step({"x": x[:4], "labels": y[:4]})
+    assert all(p.grad is None for p in model.parameters())  # the step was undone
     with pytest.warns(RuntimeWarning, match="not finite"):
         with tracker.accumulate(estimator="micro-batch") as acc:
             tracker.step(x[:4], y[:4])
