@@ -85,7 +85,9 @@ class Tracker:
             per-example gradients: what :meth:`observe` describes too. Where
             the fast engine falls back to vmap or the loop, the statistics use
             their own per-example draws (from the same distribution), and so
-            does ``p.grad`` (w·B·``stats.mean``) when it is built from them.
+            does ``p.grad`` (w·B·``stats.mean``) when the examples weigh
+            equally and the fast engine's forward ran (it gives the weights);
+            otherwise ``p.grad`` comes from one more forward with its own draws.
             ``"same"`` (one mask shared by the examples) or ``"error"`` (refuse
             random models, naming the module) as in :func:`persample.grad_stats`.
         chunk_size, engine, var, inner_products: as in
