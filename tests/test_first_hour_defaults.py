@@ -124,23 +124,27 @@ def _with_default_dropout(family):
 ONE_FORWARD = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox")
 
 
+@pytest.mark.parametrize("variant", ["nomask", "mask-padded"])
 @pytest.mark.parametrize("family", rm.ENCODERS + rm.SEQ2SEQ + rm.DECODERS)
-def test_tracker_step_with_default_arguments_on_every_hf_family_in_train_mode(family):
+def test_tracker_step_with_default_arguments_on_every_hf_family_in_train_mode(family, variant):
     with rm.float64_default():
         torch.manual_seed(0)
         model = _with_default_dropout(family)
-        inputs, labels = rm._text_batch(family, "nomask")
+        inputs, labels = rm._text_batch(family, variant)
+    loss_fn = rm.masked_token_ce if variant == "mask-padded" else rm.token_ce
     plain = copy.deepcopy(model)
     torch.manual_seed(3)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", persample.SlowPathWarning)
-        stats = persample.Tracker(model, rm.token_ce).step(inputs, labels)
+        stats = persample.Tracker(model, loss_fn).step(inputs, labels)
     assert stats is not None and stats.n == rm.B
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    for n, g in grads.items():  # token_ce is a mean over B·T tokens: w = 1/B
-        torch.testing.assert_close(g, stats.mean[n], rtol=1e-9, atol=1e-13, msg=n)
+    assert grads and all(bool(torch.isfinite(g).all()) for g in grads.values())
+    if variant == "nomask":  # token_ce is a mean over B·T tokens: w = 1/B, and p.grad = mean of the g_i
+        for n, g in grads.items():
+            torch.testing.assert_close(g, stats.mean[n], rtol=1e-9, atol=1e-13, msg=n)
     if family in ONE_FORWARD:
         torch.manual_seed(3)
-        rm.token_ce(plain(**inputs), labels).backward()
+        loss_fn(plain(**inputs), labels).backward()
         for (n, p), q in zip(model.named_parameters(), plain.parameters()):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=n)
