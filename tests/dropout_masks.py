@@ -16,7 +16,6 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch._C import _functorch as functorch
-
 from zoo import batch_size, call_model, split_example
 
 _native = F.dropout

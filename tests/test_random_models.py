@@ -17,12 +17,17 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from dropout_masks import (
+    DropoutMasks,
+    batch_backward_oracle,
+    count_dropout_calls,
+    replay_oracle,
+)
 from torch import nn
+from zoo import assert_dicts_close, call_model, lm_loss
 
 import persample
 from persample import NotExact, Tracker, UnsupportedModelError
-from dropout_masks import (DropoutMasks, batch_backward_oracle, count_dropout_calls, replay_oracle)
-from zoo import assert_dicts_close, call_model, gpt2_tiny, lm_loss
 
 B = 6
 
@@ -88,9 +93,9 @@ def _setup(name):
 
 def _expected_stats(grads, losses):
     flat = torch.cat([g.reshape(B, -1) for g in grads.values()], 1)
-    return dict(mean={n: g.mean(0) for n, g in grads.items()},
-                var={n: g.var(0, unbiased=True) for n, g in grads.items()},
-                sq_norms=flat.pow(2).sum(1), losses=losses)
+    return {"mean": {n: g.mean(0) for n, g in grads.items()},
+            "var": {n: g.var(0, unbiased=True) for n, g in grads.items()},
+            "sq_norms": flat.pow(2).sum(1), "losses": losses}
 
 
 def _assert_stats(stats, grads, losses):
@@ -164,9 +169,8 @@ def test_tracker_step_p_grad_and_statistics_under_randomness_different(name, eng
 def test_observe_describes_the_users_forward_masks(name):
     model, loss_fn, x, y, k = _setup(name)
     tracker = Tracker(model, loss_fn)   # randomness does not apply to observe
-    with DropoutMasks() as rec:
-        with tracker.observe(y) as observed:
-            loss_fn(call_model(model, x), y).backward()
+    with DropoutMasks() as rec, tracker.observe(y) as observed:
+        loss_fn(call_model(model, x), y).backward()
     assert len(rec.forwards(k)) == 1
     masks = rec.batch_masks(k, B)
     grads, losses = replay_oracle(model, loss_fn, x, y, masks)
