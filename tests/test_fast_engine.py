@@ -1,5 +1,7 @@
 """The fast engine equals the vmap engine and the oracle; where it cannot be exact it says so."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,9 @@ import persample
 from persample.engines.fast import pieces as pieces_module
 from persample import NotExact
 
-from zoo import CASE_IDS, CASES, assert_dicts_close, oracle_grads
+from dropout_masks import DropoutMasks, replay_oracle
+from oracle_stats import oracle_stats
+from zoo import CASE_IDS, CASES, assert_dicts_close, call_model, oracle_grads
 
 
 def _stats(model, loss_fn, x, y, engine, **kw):
@@ -137,8 +141,9 @@ def test_var_false_gives_mean_and_norms_only():
     model, x, y = case.instantiate()
     stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast", var=False)
     assert stats.var is None
-    ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap")
-    assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
+    want = oracle_stats(model, case.loss_fn, x, y)
+    assert_dicts_close(stats.param_sq_norms, want["param_sq_norms"])
+    assert_dicts_close(stats.mean, want["mean"])
 
 
 # --------------------------------------------------------------- where fast cannot be exact
@@ -253,8 +258,13 @@ def test_dropout_in_rule_layers_is_exact_for_the_masks_drawn():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 2)).double()
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
-    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast", randomness="different")
-    assert stats.n == 6 and all(torch.isfinite(v).all() for v in stats.var.values())
+    with DropoutMasks() as rec:
+        stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast", randomness="different")
+    grads, losses = replay_oracle(model, F.mse_loss, x, y, rec.batch_masks(1, 6))  # the masks drawn, replayed
+    assert stats.n == 6
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})
+    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})
 
 
 def test_hooks_are_removed_even_when_the_model_raises():
@@ -278,9 +288,15 @@ def test_auto_is_what_tracker_uses_and_matches_backward():
     model, x, y = case.instantiate()
     tracker = persample.Tracker(model, case.loss_fn)
     assert tracker.stats_options["engine"] == "auto"
+    want = oracle_stats(model, case.loss_fn, x, y)
+    reference = copy.deepcopy(model)
+    case.loss_fn(call_model(reference, x), y).backward()
     stats = tracker.step(x, y)
-    ref = persample.grad_stats(model, case.loss_fn, x, y, engine="vmap")
-    assert_dicts_close(stats.param_sq_norms, ref.param_sq_norms)
+    assert_dicts_close(stats.param_sq_norms, want["param_sq_norms"])
+    assert_dicts_close(stats.mean, want["mean"])
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert_dicts_close(grads, {n: p.grad for n, p in reference.named_parameters() if p.grad is not None})
+    assert_dicts_close(grads, want["mean"])     # p.grad = (w·B)·mean, w = 1/B
 
 
 def test_captured_calls_do_not_outlive_the_computation():
