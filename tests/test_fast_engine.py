@@ -260,7 +260,7 @@ def test_dropout_in_rule_layers_is_exact_for_the_masks_drawn():
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
     with DropoutMasks() as rec:
         stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast", randomness="different")
-    grads, losses = replay_oracle(model, F.mse_loss, x, y, rec.batch_masks(1, 6))  # the masks drawn, replayed
+    grads, _ = replay_oracle(model, F.mse_loss, x, y, rec.batch_masks(1, 6))  # the masks drawn, replayed
     assert stats.n == 6
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})

@@ -2,7 +2,6 @@
 to the float64 loop-of-autograd oracle."""
 
 import copy
-
 from types import SimpleNamespace
 
 import pytest
