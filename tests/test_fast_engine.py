@@ -57,7 +57,7 @@ def test_fast_equals_the_oracle(case):
     stats = persample.grad_stats(model, case.loss_fn, x, y, engine="fast")
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)
     assert_dicts_close(stats.param_sq_norms, {k: g.reshape(4, -1).pow(2).sum(1) for k, g in grads.items()})
-    torch.testing.assert_close(stats.losses, losses)
+    torch.testing.assert_close(stats.losses, losses, rtol=1e-9, atol=1e-12)
 
 
 def _conv_variants():
@@ -379,12 +379,15 @@ def test_piece_reductions_match_the_formed_gradients(index):
     piece, g = _pieces_with_their_gradients()[index]
     weights = torch.rand(g.shape[0], dtype=torch.float64)
     probe = torch.randn(g[0].numel() // g.shape[1], 3, dtype=torch.float64)
-    torch.testing.assert_close(piece.weighted_sum(weights), torch.einsum("b,b...->...", weights, g))
-    torch.testing.assert_close(piece.projected_sum(probe), g.sum(0).reshape(g.shape[1], -1) @ probe)
-    torch.testing.assert_close(piece.materialize(0, g.shape[0]), g)
-    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1))
-    torch.testing.assert_close(piece.second_moment(), g.pow(2).sum(0))
-    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1))  # now from the cached pass
+    torch.testing.assert_close(piece.weighted_sum(weights), torch.einsum("b,b...->...", weights, g),
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(piece.projected_sum(probe), g.sum(0).reshape(g.shape[1], -1) @ probe,
+                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(piece.materialize(0, g.shape[0]), g, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(piece.second_moment(), g.pow(2).sum(0), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1), rtol=1e-9,
+                               atol=1e-12)  # now from the cached pass
 
 
 @pytest.mark.parametrize("kind", ["dense", "one_element"])

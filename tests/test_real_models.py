@@ -242,8 +242,8 @@ def test_float32_variance_at_high_snr(engine, ratio):
     assert ratio / 3 < snr < ratio * 3, f"construction gives |mean|/std = {snr:.3g}, not ≈ {ratio:g}"
     stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     assert all(v.dtype == torch.float32 for v in stats.var.values())
-    err = _relative_errors(stats.var, want.var).median().item()
-    assert err < 1e-3, f"{engine}: median relative error of var {err:.3g} at |mean|/std ≈ {ratio:g}"
+    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 5.4e-4, loop)
+    assert err < 1e-3, f"{engine}: largest relative error of var {err:.3g} at |mean|/std ≈ {ratio:g}"
 
 
 @pytest.mark.parametrize("engine", ["fast", "auto", "vmap", "loop"])
@@ -255,5 +255,5 @@ def test_bf16_autocast_statistics(engine):
         stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     dtypes = {v.dtype for field in (stats.mean, stats.var) for v in field.values()}
     assert dtypes == {torch.float32}, f"{engine}: statistics in {dtypes}, expected float32"
-    err = _relative_errors(stats.var, want.var).median().item()
-    assert err < 0.05, f"{engine}: median relative error of var {err:.3g} under bf16 autocast"
+    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 0.021)
+    assert err < 0.05, f"{engine}: largest relative error of var {err:.3g} under bf16 autocast"
