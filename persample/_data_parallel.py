@@ -133,17 +133,18 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
 
 
 def _refuse_custom_reduction(ddp: nn.Module) -> None:
+    # mixed_precision first: DDP implements it with a communication hook of its own, which the user did not register
+    if getattr(ddp, "mixed_precision", None) is not None:
+        raise UnsupportedModelError(
+            "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
+            "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
+            "for mixed precision instead, or Tracker.observe around your own DDP backward")
     if getattr(ddp, "_comm_hooks", None):
         raise UnsupportedModelError(
             "persample.Tracker: this DistributedDataParallel model has a communication hook "
             "(register_comm_hook). Tracker.step averages gradients across ranks itself and would not apply "
             "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
             "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook")
-    if getattr(ddp, "mixed_precision", None) is not None:
-        raise UnsupportedModelError(
-            "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
-            "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
-            "for mixed precision instead, or Tracker.observe around your own DDP backward")
 
 
 class LocalGradients:

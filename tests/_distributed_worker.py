@@ -405,6 +405,52 @@ def tracker_refusals_under_ddp_name_the_fix():
         raise AssertionError("observe gave inner products under DDP")
 
 
+@scenario(2)
+def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
+    """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
+    from torch.nn.parallel.distributed import _MixedPrecision
+    from torch.nn.parallel import DistributedDataParallel
+    model = DistributedDataParallel(mlp(seed=8, dtype=torch.float32),
+                                    mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16))
+    tracker = persample.Tracker(model, F.cross_entropy)
+    x, y, _, _ = local_batches(1)[0]
+    x = x.float()
+    try:
+        tracker.step(x, y)
+    except persample.UnsupportedModelError as err:
+        assert "mixed_precision" in str(err) and "torch.autocast" in str(err), err
+    except RuntimeError as err:   # on the CPU, DDP's own forward with mixed_precision cannot run (no events)
+        assert "doesn't support events" in str(err), err
+    else:
+        raise AssertionError("no error for DDP(mixed_precision=...)")
+    assert all(p.grad is None for p in model.parameters()) and tracker.steps == 0
+    from persample._data_parallel import _refuse_custom_reduction   # the refusal itself, also on the CPU
+    try:
+        _refuse_custom_reduction(model)
+    except persample.UnsupportedModelError as err:
+        assert "mixed_precision" in str(err) and "torch.autocast" in str(err), err
+    else:
+        raise AssertionError("no refusal of DDP(mixed_precision=...)")
+
+
+@scenario(2)
+def gradstats_refuses_dtensors():
+    """README: GradStats refuses DTensors, so printing one can never start collectives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    _, world = rank_world()
+    mesh = init_device_mesh("cpu", (world,))
+    rows = torch.randn(4, 3, dtype=torch.float64)
+    try:
+        persample.GradStats(n=4, mean={"w": distribute_tensor(rows.mean(0), mesh, [Replicate()])},
+                            m2={"w": rows.var(0) * 3},
+                            param_sq_norms={"w": rows.pow(2).sum(1)}, losses=torch.zeros(4, dtype=torch.float64))
+    except TypeError as err:
+        assert "DTensors" in str(err) and "to_local" in str(err), err
+    else:
+        raise AssertionError("GradStats kept a DTensor")
+
+
 # ------------------------------------------------------------------------------ FSDP
 
 
@@ -416,6 +462,7 @@ def fsdp2_is_refused_clearly():
     x, y, _, _ = local_batches(1)[0]
     for call in (lambda: persample.grad_stats(model, F.cross_entropy, x, y),
                  lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
+                 lambda: persample.check_mean(model, F.cross_entropy, x, y),
                  lambda: persample.Tracker(model, F.cross_entropy)):
         try:
             call()
@@ -430,9 +477,9 @@ def fsdp1_is_refused_clearly():
     from torch.distributed.fsdp import FullyShardedDataParallel
     model = FullyShardedDataParallel(mlp(seed=9), use_orig_params=True, device_id=torch.device("cpu"))
     x, y, _, _ = local_batches(1)[0]
-    for target in (model, model.module):
+    for target, call in [(t, c) for t in (model, model.module) for c in (persample.grad_stats, persample.check_mean)]:
         try:
-            persample.grad_stats(target, F.cross_entropy, x, y)
+            call(target, F.cross_entropy, x, y)
         except persample.UnsupportedModelError as err:
             assert "FSDP1" in str(err), err
         else:
