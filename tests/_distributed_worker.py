@@ -408,8 +408,10 @@ def tracker_refusals_under_ddp_name_the_fix():
 @scenario(2)
 def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
-    from torch.nn.parallel.distributed import _MixedPrecision
     from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel.distributed import _MixedPrecision
+
+    from persample._data_parallel import _refuse_custom_reduction
     model = DistributedDataParallel(mlp(seed=8, dtype=torch.float32),
                                     mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16))
     tracker = persample.Tracker(model, F.cross_entropy)
@@ -424,8 +426,7 @@ def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     else:
         raise AssertionError("no error for DDP(mixed_precision=...)")
     assert all(p.grad is None for p in model.parameters()) and tracker.steps == 0
-    from persample._data_parallel import _refuse_custom_reduction   # the refusal itself, also on the CPU
-    try:
+    try:   # the refusal itself, also on the CPU
         _refuse_custom_reduction(model)
     except persample.UnsupportedModelError as err:
         assert "mixed_precision" in str(err) and "torch.autocast" in str(err), err
