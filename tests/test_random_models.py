@@ -199,8 +199,9 @@ def test_randomness_same_shares_one_mask(name, engine):
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fast_engine_refuses_randomness_same(name):
     model, loss_fn, x, y, _ = _setup(name)
-    with pytest.raises(NotExact, match="randomness='same'"):
+    with pytest.raises(NotExact, match="randomness='same'") as info:
         persample.grad_stats(model, loss_fn, x, y, engine="fast", randomness="same")
+    assert info.value.code == "RANDOM_SAME_BATCHED"
 
 
 # ----------------------------------------------------------------------------- randomness="error"
@@ -210,10 +211,12 @@ def test_fast_engine_refuses_randomness_same(name):
 def test_randomness_error_refuses(name, engine):
     model, loss_fn, x, y, _ = _setup(name)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(UnsupportedModelError, match="randomness='different'"):
+    with pytest.raises(UnsupportedModelError, match="randomness='different'") as info:
         persample.grad_stats(model, loss_fn, x, y, engine=engine)
-    with pytest.raises(UnsupportedModelError, match="randomness='different'"):
+    assert info.value.code == "RANDOM_UNDER_ERROR"
+    with pytest.raises(UnsupportedModelError, match="randomness='different'") as info:
         Tracker(model, loss_fn, engine=engine).step(x, y)
+    assert info.value.code == "RANDOM_UNDER_ERROR"
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 

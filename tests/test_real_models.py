@@ -44,10 +44,13 @@ import torch.nn.functional as F
 import persample
 from persample import UnsupportedModelError
 
+from test_coverage_lock import load_lock, lock_mismatch
+
 from real_models import (Oracle, RealCase, all_cases, batch_discrepancies, dense, high_snr_problem, mlp, oracle,
                          vector_case)
 
 NotExact = persample.NotExact
+COVERAGE_LOCK = load_lock()
 
 RTOL, ATOL = 1e-9, 1e-12
 NOISE_FACTOR = 10   # a model that is not batch-invariant: atol = 10 × its batch discrepancy, per parameter,
@@ -71,6 +74,7 @@ BY_ID = {case.id: case for case in CASES}
 class Verdict:
     kind: str       # EXACT, REFUSED, WRONG or CRASH
     detail: str = ""
+    code: str | None = None   # a refusal's code (persample/contract.py)
 
     def __str__(self):
         return f"{self.kind}: {self.detail}" if self.detail else self.kind
@@ -205,7 +209,7 @@ def run_entry(case: RealCase, entry: str) -> Verdict:
     try:
         compare = _compute(case, entry, tol)
     except (UnsupportedModelError, NotExact) as err:
-        return Verdict("REFUSED", _first_line(err))
+        return Verdict("REFUSED", _first_line(err), getattr(err, "code", None))
     except persample.MeanMismatchError as err:
         return Verdict("WRONG", _first_line(err))
     except Exception as err:  # noqa: BLE001 — everything else is a crash, by definition
@@ -234,6 +238,9 @@ def test_real_model(case: RealCase, entry: str):
     if case.ill_posed is not None:
         assert re.search(case.ill_posed, verdict.detail, re.IGNORECASE), \
             f"{case.id}::{entry} REFUSED without naming /{case.ill_posed}/: {verdict.detail}"
+    else:   # locked coverage: no new refusal, and a new success updates the lock (tests/test_coverage_lock.py)
+        changed = lock_mismatch(COVERAGE_LOCK, case.id, entry, verdict.kind, verdict.code)
+        assert changed is None, f"{changed}\n({verdict.detail})"
 
 
 def test_oracle_honours_parameter_hooks():
