@@ -20,8 +20,15 @@ def stats_from_rows(grads: dict, losses: torch.Tensor) -> dict:
             "inner_products": flat @ flat_mean, "losses": losses}
 
 
-def oracle_stats(model, loss_fn, inputs, targets=None) -> dict:
-    return stats_from_rows(*oracle_grads(model, loss_fn, inputs, targets))
+def oracle_stats(model, loss_fn, inputs, targets=None, clip_norm: float | None = None) -> dict:
+    """The statistics of the float64 loop oracle; with ``clip_norm`` C also the clipped mean
+    (1/B) Σ_i g_i · min(1, C/‖g_i‖)."""
+    grads, losses = oracle_grads(model, loss_fn, inputs, targets)
+    stats = stats_from_rows(grads, losses)
+    if clip_norm is not None:
+        factor = (clip_norm / stats["sq_norms"].sqrt()).clamp(max=1.0)
+        stats["clipped_mean"] = {n: (g * factor.reshape(-1, *[1] * (g.dim() - 1))).mean(0) for n, g in grads.items()}
+    return stats
 
 
 def noise_scale(grads: dict, b: int) -> dict:
