@@ -147,3 +147,32 @@ def test_scenario(worlds, name, world):
     outcomes = worlds(world)[name]
     failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o != "ok"]
     assert not failures, "\n".join(failures)
+
+
+def test_supervise_tells_a_stalled_rendezvous_from_a_stalled_scenario(tmp_path, monkeypatch):
+    """The driver's time budgets: no results file in time is 'init' (retried on a fresh port), a file that
+    stops growing is 'stalled' (only the scenarios not finished fail), and finished ranks are 'done'."""
+    monkeypatch.setattr(sys.modules[__name__], "INIT_BUDGET_S", 1.0)
+    monkeypatch.setattr(sys.modules[__name__], "SCENARIO_BUDGET_S", 1.0)
+
+    def ranks(code: str, n: int = 2):
+        logs = [open(tmp_path / f"log{i}", "w") for i in range(n)]
+        return [(subprocess.Popen([sys.executable, "-c", code.replace("RANK", str(i))], stdout=log,
+                                  stderr=subprocess.STDOUT), log) for i, log in enumerate(logs)]
+
+    def run(code: str) -> str:
+        procs = ranks(code)
+        try:
+            return _supervise(procs, tmp_path, 2)
+        finally:
+            for proc, log in procs:
+                proc.kill()
+                proc.wait()
+                log.close()
+            for path in tmp_path.glob("rank*.json"):
+                path.unlink()
+
+    write = f"open(r'{tmp_path}/rankRANK.json', 'w').write('{{}}'); "
+    assert run("import time; time.sleep(30)") == "init"
+    assert run(write + "import time; time.sleep(30)") == "stalled"
+    assert run(write) == "done"
