@@ -1,6 +1,7 @@
 """``persample demo`` end to end, in a subprocess, and its one-line errors for bad arguments."""
 
 import csv
+import importlib.util
 import json
 import os
 import shutil
@@ -12,8 +13,10 @@ import torch
 
 from persample.loggers import read_metrics
 
-pytest.importorskip("sklearn")
-pytest.importorskip("matplotlib")
+# Only the tests that train or draw need the demo extra; argument checks, --help and the errors run without it.
+_missing = [name for name in ("sklearn", "matplotlib") if importlib.util.find_spec(name) is None]
+needs_demo = pytest.mark.skipif(bool(_missing), reason=f"needs the demo extra ({', '.join(_missing)} missing)")
+needs_matplotlib = pytest.mark.skipif("matplotlib" in _missing, reason="needs matplotlib")
 
 TINY = ["--epochs", "1", "--train-examples", "96", "--batch-size", "32", "--no-progress"]
 
@@ -29,6 +32,7 @@ def _finish(proc, timeout=300):
     return proc.returncode, out, err
 
 
+@needs_demo
 @pytest.mark.slow
 def test_demo_end_to_end_csv(tmp_path):
     out_dir = tmp_path / "demo out"
@@ -52,6 +56,7 @@ def test_demo_end_to_end_csv(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@needs_demo
 @pytest.mark.slow
 def test_demo_quiet_jsonl_mlp_every_2(tmp_path):
     code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--quiet", "--format", "jsonl",
@@ -147,6 +152,7 @@ def test_console_script_runs():
     assert out.returncode == 0 and out.stdout.startswith("persample "), out.stderr
 
 
+@needs_matplotlib
 def test_plot_subcommand_redraws_from_metrics(tmp_path, capsys):
     from persample.cli import main
     from persample.loggers import CSVLogger
@@ -165,6 +171,7 @@ def test_plot_subcommand_redraws_from_metrics(tmp_path, capsys):
     assert exc.value.code == 2 and len(err.splitlines()) == 1 and "is not a file" in err
 
 
+@needs_demo
 def test_a_failed_check_mean_exits_1_and_tensorboard_is_written(tmp_path, monkeypatch, capsys):
     """In process, with check_mean forced to fail: exit status 1 and the report on stderr."""
     pytest.importorskip("tensorboard")
@@ -183,6 +190,7 @@ def test_a_failed_check_mean_exits_1_and_tensorboard_is_written(tmp_path, monkey
     assert (tmp_path / "metrics.csv").exists()
 
 
+@needs_matplotlib   # without matplotlib the demo names the plot extra first
 def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     from persample.cli import main
     monkeypatch.setitem(sys.modules, "sklearn", None)
@@ -192,6 +200,7 @@ def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     assert len(err.splitlines()) == 1 and 'pip install -e ".[demo]"' in err and "scikit-learn" in err
 
 
+@needs_demo
 def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
     from persample.cli import main
     assert main(["demo", "--out", str(tmp_path), "--lr", "1e6", "--quiet", *TINY]) == 1
@@ -199,6 +208,7 @@ def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "non-finite values in stats." in err and "Try a smaller --lr" in err
 
 
+@needs_demo
 @pytest.mark.slow
 def test_a_batch_size_larger_than_the_data_set_is_reported_as_used(tmp_path):
     code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--epochs", "1", "--train-examples", "40",
