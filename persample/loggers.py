@@ -137,6 +137,18 @@ class Diagnostics:
         for sink in self.sinks:
             sink.write(row)
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to log the rows an uninterrupted run logs: the EMA behind
+        ``b_simple_ema``, the columns seen and the warnings already given (JSON-safe). :attr:`rows`
+        is not saved (the sinks' files hold them; :func:`read_metrics` reads them back)."""
+        return {"ema": self.ema.state_dict(), "keys": list(self._keys), "warned": sorted(self._warned)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.ema.load_state_dict(state["ema"])
+        self._keys = list(state.get("keys", []))
+        self._warned = set(state.get("warned", []))
+
     def close(self) -> None:
         for sink in self.sinks:
             close = getattr(sink, "close", None)
@@ -196,6 +208,17 @@ class _Sink:
     def write(self, row: Mapping[str, Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def state_dict(self) -> dict[str, Any]:
+        """The state of the :class:`Diagnostics` behind this logger as a Tracker hook (see there)."""
+        if self._hook is None:
+            self._hook = Diagnostics(self, keep=False, **self._diagnostics_options)
+        return self._hook.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self._hook is None:
+            self._hook = Diagnostics(self, keep=False, **self._diagnostics_options)
+        self._hook.load_state_dict(state)
+
     def close(self) -> None:
         pass
 
@@ -223,6 +246,51 @@ def _open_for_writing(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def _step_of(value: Any) -> float | None:
+    """A row's step as a number (None when it has none or it does not parse)."""
+    try:
+        step = float(_scalar(value))
+    except (TypeError, ValueError):
+        return None
+    return step if math.isfinite(step) else None
+
+
+def _backup_path(path: Path) -> Path:
+    """``metrics.replaced-1.csv``, ``…-2…``: the first name that does not exist yet."""
+    k = 1
+    while True:
+        candidate = path.with_name(f"{path.stem}.replaced-{k}{path.suffix}")
+        if not candidate.exists():
+            return candidate
+        k += 1
+
+
+def _split_resumed(path: Path, kept: list[Any], dropped: list[Any], first_step: float | None,
+                   step_of: Callable[[Any], float | None]) -> tuple[list[Any], list[Any]]:
+    """Split an existing file's rows at a resumed run's first step: rows before it stay, the rest
+    (written past the checkpoint the run resumed from, or by an earlier run) are replaced."""
+    if first_step is None:
+        return kept, dropped
+    keep, drop = [], []
+    for r in kept:
+        s = step_of(r)
+        (drop if s is not None and s >= first_step else keep).append(r)
+    return keep, drop + dropped
+
+
+def _warn_replaced(what: str, path: Path, n_dropped: int, partial: bool, first_step: Any,
+                   backup: Path | None) -> None:
+    parts = []
+    if n_dropped:
+        parts.append(f"{n_dropped} row(s) from step {_scalar(first_step)} on, written by an earlier run (past the "
+                     f"checkpoint this run resumed from, or another run), are replaced by this run's rows; the old "
+                     f"ones are kept in {str(backup)!r}")
+    if partial:
+        parts.append("an incomplete last line (a run killed mid-write) was dropped")
+    warnings.warn(f"{what}({str(path)!r}) appends to an existing file: " + "; ".join(parts)
+                  + ". Pass a new path to keep runs apart", stacklevel=4)
+
+
 class CSVLogger(_Sink):
     """Write rows to a CSV file, one per statistics step, flushed after each row.
 
@@ -230,6 +298,14 @@ class CSVLogger(_Sink):
     row brings a new key, the file is rewritten with the wider header (earlier
     rows get empty cells there). Floats are written with full precision; NaN
     and inf as ``nan`` / ``inf`` (``float()`` reads them back).
+
+    An existing file is appended to, never overwritten, so a run resumed from a
+    checkpoint continues its log: its rows before the first step this logger
+    writes are kept (with their header), and rows from that step on (written
+    past the checkpoint before the run stopped, or by another run) are replaced
+    by the new ones, so no row is duplicated or lost; the replaced rows are kept
+    in ``<name>.replaced-<k>.csv``, with one warning. An incomplete last line (a
+    run killed mid-write) is dropped, with a warning.
 
     As a Tracker hook, it computes its rows with a :class:`Diagnostics`
     configured by ``**diagnostics_options``.
@@ -240,11 +316,49 @@ class CSVLogger(_Sink):
         self.path = _open_for_writing(path, "CSVLogger")
         self.fields: list[str] = []
         self._rows_written = 0
+        self._resumed = False
+        self._file = open(self.path, "a", newline="", encoding="utf-8")
+
+    def _resume(self, row: Mapping[str, Any]) -> None:
+        """Before the first row: take over an existing file (its header and the rows before ``row``'s step)."""
+        self._resumed = True
+        if self.path.stat().st_size == 0:
+            return
+        with open(self.path, newline="", encoding="utf-8") as f:
+            text = f.read()
+        records = list(csv.reader(text.splitlines(keepends=True)))
+        partial = not text.endswith(("\n", "\r"))
+        if partial:
+            records = records[:-1]
+        if not records:
+            header, body = [], []
+        else:
+            header, body = records[0], records[1:]
+        col = header.index("step") if "step" in header else None
+        first = _step_of(row.get("step"))
+        step_of = (lambda r: _step_of(r[col]) if len(r) > col else None) if col is not None else (lambda r: None)
+        keep, drop = _split_resumed(self.path, body, [], first, step_of)
+        self.fields = list(header)
+        self._rows_written = len(keep)
+        if not drop and not partial:
+            return
+        backup = None
+        if drop:
+            backup = _backup_path(self.path)
+            with open(backup, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([header, *drop])
+        self._file.close()
         self._file = open(self.path, "w", newline="", encoding="utf-8")
+        if header:
+            csv.writer(self._file).writerows([header, *keep])
+        self._file.flush()
+        _warn_replaced("CSVLogger", self.path, len(drop), partial, row.get("step"), backup)
 
     def write(self, row: Mapping[str, Any]) -> None:
         if self._file is None:
             raise ValueError(f"CSVLogger({str(self.path)!r}) is closed")
+        if not self._resumed:
+            self._resume(row)
         new = [k for k in row if k not in self.fields]
         if new:
             self.fields.extend(new)
@@ -284,17 +398,52 @@ def _format_csv(value: Any) -> str:
 class JSONLLogger(_Sink):
     """Write rows to a JSON Lines file (one JSON object per line), flushed after each row.
 
-    NaN and ±inf are not valid JSON; they are written as ``null``.
+    NaN and ±inf are not valid JSON; they are written as ``null``. An existing
+    file is appended to on resume exactly as by :class:`CSVLogger`.
     """
 
     def __init__(self, path: str | os.PathLike, **diagnostics_options: Any):
         super().__init__(**diagnostics_options)
         self.path = _open_for_writing(path, "JSONLLogger")
+        self._resumed = False
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def _resume(self, row: Mapping[str, Any]) -> None:
+        """Before the first row: keep an existing file's rows before ``row``'s step (see :class:`CSVLogger`)."""
+        self._resumed = True
+        if self.path.stat().st_size == 0:
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.read().splitlines(keepends=True)
+        partial = bool(lines) and not lines[-1].endswith("\n")
+        if partial:
+            lines = lines[:-1]
+
+        def step_of(line: str) -> float | None:
+            try:
+                value = json.loads(line)
+            except ValueError:
+                return None
+            return _step_of(value.get("step")) if isinstance(value, dict) else None
+
+        keep, drop = _split_resumed(self.path, lines, [], _step_of(row.get("step")), step_of)
+        if not drop and not partial:
+            return
+        backup = None
+        if drop:
+            backup = _backup_path(self.path)
+            backup.write_text("".join(drop), encoding="utf-8")
+        self._file.close()
         self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write("".join(keep))
+        self._file.flush()
+        _warn_replaced("JSONLLogger", self.path, len(drop), partial, row.get("step"), backup)
 
     def write(self, row: Mapping[str, Any]) -> None:
         if self._file is None:
             raise ValueError(f"JSONLLogger({str(self.path)!r}) is closed")
+        if not self._resumed:
+            self._resume(row)
         clean = {}
         for k, v in row.items():
             v = _scalar(v)

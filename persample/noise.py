@@ -348,6 +348,27 @@ class NoiseScaleEMA:
     def reset(self) -> None:
         self.steps, self._trace_cov, self._grad_sq = 0, 0.0, 0.0
 
+    def state_dict(self) -> dict:
+        """``{"beta", "steps", "trace_cov", "grad_sq"}`` (the raw, uncorrected EMAs): plain floats, JSON-safe.
+
+        >>> ema = NoiseScaleEMA(0.9)
+        >>> ema.update(NoiseScale(8, 2.0, 30.0, 15.0, 0.0, 0.0))
+        15.0
+        >>> again = NoiseScaleEMA(0.9); again.load_state_dict(ema.state_dict()); again.value
+        15.0
+        """
+        return {"beta": self.beta, "steps": self.steps, "trace_cov": self._trace_cov, "grad_sq": self._grad_sq}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore :meth:`state_dict`; a resumed run's values then match an uninterrupted run's exactly."""
+        beta = float(state["beta"])
+        if beta != self.beta:
+            raise ValueError(f"NoiseScaleEMA.load_state_dict: the saved EMA has beta={beta}, this one "
+                             f"beta={self.beta}; construct it with beta={beta} to resume it")
+        self.steps = int(state["steps"])
+        self._trace_cov = float(state["trace_cov"])
+        self._grad_sq = float(state["grad_sq"])
+
     def __repr__(self) -> str:
         return f"NoiseScaleEMA(beta={self.beta}, steps={self.steps}, value={self.value:.4g})"
 
