@@ -28,16 +28,20 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from . import noise
 from .stats import GradStats
 
-__all__ = ["Diagnostics", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "read_metrics"]
+__all__ = ["Diagnostics", "CSVLogger", "JSONLLogger", "TensorBoardLogger", "read_metrics", "tensorboard_tag"]
 
 Row = dict[str, Any]
+
+#: ``Diagnostics.preconditioner`` for a step whose optimizer has no preconditioner yet (before its first
+#: step): the preconditioned columns are NaN. The framework integrations set it.
+PRECONDITIONER_UNDEFINED: Any = object()
 
 #: Rows that ``Diagnostics(keep=True)`` keeps (the most recent ones): about 3.3 KB each.
 DEFAULT_KEEP = 10_000
@@ -62,12 +66,22 @@ class Diagnostics:
         keep: keep rows in :attr:`rows`: ``True`` keeps the last
             :data:`DEFAULT_KEEP` (10 000, about 33 MB of rows), an int that many,
             ``False`` none.
+        tests: the batch-size tests to run (names from :data:`persample.noise.TESTS`);
+            only their columns are computed. Default: the norm test, and the
+            inner-product and orthogonality tests when the statistics have inner
+            products (their columns are NaN otherwise, without a warning).
+        optimizer: an Adam / AdamW optimizer: adds the preconditioned noise
+            scale (``b_precond``, ``b_precond_ema``, …, see
+            :func:`persample.noise.preconditioned_noise_scale`), NaN on steps
+            before the optimizer's first step. Parameters are named through the
+            Tracker's model. ``preconditioner={name: P}`` gives P directly.
         **thresholds: ``norm_threshold``, ``inner_threshold``,
             ``ortho_threshold`` for the batch-size tests.
 
-    Statistics computed without variance or inner products give NaN for the
-    diagnostics that need them, with one warning naming the Tracker option that
-    enables them. A batch of one example (the last batch of an epoch with
+    Columns that were asked for (``tests=``, ``optimizer=``) and that the
+    statistics cannot give are NaN, with one warning naming the Tracker option
+    that enables them; nothing else is warned about (without variance the GSNR
+    columns are NaN, silently). A batch of one example (the last batch of an epoch with
     ``drop_last=False``) or non-finite statistics give a row whose diagnostics
     are NaN (``n`` and ``loss`` are kept), with one warning, and leave the EMA
     as it was: training goes on.
@@ -77,7 +91,16 @@ class Diagnostics:
                  extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None, keep: bool | int = True,
                  norm_threshold: float = noise.DEFAULT_NORM_THRESHOLD,
                  inner_threshold: float = noise.DEFAULT_INNER_THRESHOLD,
-                 ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD):
+                 ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD,
+                 tests: Sequence[str] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 preconditioner: Mapping[str, Any] | None = None, model: torch.nn.Module | None = None):
+        self.tests = None if tests is None else noise._check_tests(tests)
+        if optimizer is not None and preconditioner is not None:
+            raise ValueError("Diagnostics: pass optimizer= or preconditioner=, not both")
+        self.optimizer = optimizer
+        self.preconditioner = preconditioner
+        self.model = model
+        self.ema_precond = noise.NoiseScaleEMA(ema_beta)
         for sink in sinks:
             if not callable(getattr(sink, "write", None)):
                 raise TypeError(f"a sink needs a write(row) method; {type(sink).__name__} has none")
@@ -100,10 +123,29 @@ class Diagnostics:
         if problem is not None:
             return self._nan_row(stats, step, problem)
         self._warn_missing(stats)
-        values = noise.diagnostics(stats, per_layer=self.per_layer, **self.thresholds)
+        tests = self.tests
+        if tests is None:
+            tests = noise.TESTS if stats.inner_products is not None else ("norm",)
+        undefined = self.preconditioner is PRECONDITIONER_UNDEFINED
+        values = noise.diagnostics(stats, per_layer=self.per_layer, tests=tests, optimizer=self.optimizer,
+                                   preconditioner=None if undefined else self.preconditioner, model=self.model,
+                                   **self.thresholds)
+        if undefined:  # the optimizer had not stepped yet: P is undefined on this step
+            values.update(b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan)
+        if self.tests is None and stats.inner_products is None:  # the default's columns, NaN: nothing was asked
+            for key in ("inner_test", "ortho_test"):
+                values.update({key: math.nan, f"{key}_batch": math.nan,
+                               f"{key}_threshold": float(self.thresholds[key.replace("test", "threshold")])})
         row: Row = {"step": step, **values}
         row["b_simple_ema"] = self.ema.update(noise.NoiseScale(
             stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan))
+        if "b_precond" in values:
+            if math.isnan(values["b_precond"]):
+                row["b_precond_ema"] = self.ema_precond.value
+            else:
+                row["b_precond_ema"] = self.ema_precond.update(noise.NoiseScale(
+                    stats.n, values["grad_sq_precond"], values["trace_cov_precond"], values["b_precond"],
+                    math.nan, math.nan))
         return row
 
     def _nan_row(self, stats: GradStats, step: int, problem: str) -> Row:
@@ -119,6 +161,8 @@ class Diagnostics:
         return row
 
     def __call__(self, tracker: Any, stats: GradStats) -> Row:
+        if self.model is None and self.optimizer is not None:
+            self.model = getattr(tracker, "model", None)
         row = self.row(stats, tracker.steps)
         if self.extra is not None:
             row.update(self.extra(tracker, stats))
@@ -141,11 +185,14 @@ class Diagnostics:
         """What a resumed run needs to log the rows an uninterrupted run logs: the EMA behind
         ``b_simple_ema``, the columns seen and the warnings already given (JSON-safe). :attr:`rows`
         is not saved (the sinks' files hold them; :func:`read_metrics` reads them back)."""
-        return {"ema": self.ema.state_dict(), "keys": list(self._keys), "warned": sorted(self._warned)}
+        return {"ema": self.ema.state_dict(), "ema_precond": self.ema_precond.state_dict(), "keys": list(self._keys),
+                "warned": sorted(self._warned)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
         self.ema.load_state_dict(state["ema"])
+        if "ema_precond" in state:
+            self.ema_precond.load_state_dict(state["ema_precond"])
         self._keys = list(state.get("keys", []))
         self._warned = set(state.get("warned", []))
 
@@ -163,17 +210,19 @@ class Diagnostics:
 
     def _warn_missing(self, stats: GradStats) -> None:
         missing = []
-        if stats.m2 is None and "var" not in self._warned:
+        wants_precond = self.optimizer is not None or self.preconditioner is not None
+        if stats.m2 is None and wants_precond and "var" not in self._warned:
             self._warned.add("var")
-            missing.append("the GSNR columns need var=True")
-        if stats.inner_products is None and "inner" not in self._warned:
+            missing.append("the preconditioned noise scale needs var=True")
+        asked_inner = self.tests is not None and {"inner_product", "orthogonality"} & set(self.tests)
+        if stats.inner_products is None and asked_inner and "inner" not in self._warned:
             self._warned.add("inner")
             missing.append("the inner-product and orthogonality tests need inner_products=True")
         if missing:
             warnings.warn("persample diagnostics: " + "; ".join(missing)
                           + " in persample.Tracker / grad_stats; those columns are NaN", stacklevel=3)
         if stats.inner_products is not None and "reference" not in self._warned \
-                and not noise._reference_is_mean(stats):
+                and (self.tests is None or "orthogonality" in self.tests) and not noise._reference_is_mean(stats):
             self._warned.add("reference")
             warnings.warn("persample diagnostics: these inner products are relative to a shared reference r, not "
                           "to the batch's own mean (Tracker.accumulate(reference=...)): inner_test is the test "
@@ -457,16 +506,46 @@ class JSONLLogger(_Sink):
             self._file = None
 
 
+#: Row keys whose TensorBoard tag says what they are (see :func:`tensorboard_tag`).
+TAG_NAMES = {"loss": "example_loss_mean", "n": "batch_size_examples"}
+
+
+def tensorboard_tag(key: str, prefix: str = "persample/") -> str:
+    """The TensorBoard tag of a row key: ``prefix`` + the key, with its unit in the name.
+
+    - ``loss`` → ``example_loss_mean``: the mean over the batch of each example's
+      own loss L_i (for a causal LM, a sequence's **summed** token loss, not the
+      token mean a Trainer reports as ``loss``);
+    - ``n`` → ``batch_size_examples``;
+    - batch sizes (``b_simple``, ``b_simple_ema``, ``b_precond…``, ``rank_b_simple``,
+      the tests' ``…_batch``) get ``_examples``.
+
+    >>> tensorboard_tag("loss"), tensorboard_tag("layer/fc/b_simple"), tensorboard_tag("norm_test_batch")
+    ('persample/example_loss_mean', 'persample/layer/fc/b_simple_examples', 'persample/norm_test_batch_examples')
+    """
+    head, _, last = key.rpartition("/")
+    if not head:
+        last = TAG_NAMES.get(last, last)
+    if last.startswith(("b_simple", "b_precond", "rank_b_simple")) or last.endswith("_batch"):
+        last += "_examples"
+    return f"{prefix}{head + '/' if head else ''}{last}"
+
+
 class TensorBoardLogger(_Sink):
     """Write rows as TensorBoard scalars, through ``torch.utils.tensorboard.SummaryWriter``.
 
     Each numeric key except ``step`` becomes a scalar tag at global step
-    ``row["step"]``; per-layer keys (``layer/<prefix>/b_simple``) group by layer.
+    ``row["step"]``, named by :func:`tensorboard_tag`: prefixed with ``prefix``
+    (``persample/``, so the tags never collide with the training loop's own) and
+    with its unit in the name (``persample/b_simple_examples``,
+    ``persample/example_loss_mean``); per-layer keys
+    (``persample/layer/<module>/b_simple_examples``) group by layer.
     Needs the ``tensorboard`` package: ``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``.
     """
 
-    def __init__(self, log_dir: str | os.PathLike, **diagnostics_options: Any):
+    def __init__(self, log_dir: str | os.PathLike, *, prefix: str = "persample/", **diagnostics_options: Any):
         super().__init__(**diagnostics_options)
+        self.prefix = prefix
         try:
             import tensorboard  # noqa: F401
             from torch.utils.tensorboard import SummaryWriter
@@ -484,7 +563,7 @@ class TensorBoardLogger(_Sink):
             value = _scalar(value)
             if key == "step" or isinstance(value, str) or value is None:
                 continue
-            self.writer.add_scalar(key, float(value), global_step=int(step))
+            self.writer.add_scalar(tensorboard_tag(key, self.prefix), float(value), global_step=int(step))
         self._count += 1
 
     def close(self) -> None:

@@ -57,9 +57,10 @@ from .stats import GradStats
 
 __all__ = [
     "NoiseScale", "BatchSizeTest", "NoiseScaleEMA",
-    "gradient_noise_scale", "two_batch_noise_scale", "rank_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
+    "gradient_noise_scale", "two_batch_noise_scale", "rank_noise_scale", "preconditioned_noise_scale",
+    "layer_preconditioned_noise_scale", "adam_preconditioner", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
     "orthogonality_test", "gradient_diversity", "group_by_layer", "layer_noise_scale", "layer_gsnr",
-    "diagnostics", "DEFAULT_EMA_BETA", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
+    "diagnostics", "TESTS", "DEFAULT_EMA_BETA", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
 ]
 
 #: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (θ bounds the
@@ -179,7 +180,9 @@ class NoiseScale:
         mean_example_sq_norm: m = (1/B) Σ_i ‖g_i‖², the mean squared norm of the
             small batches (of one example each); for the rank-level estimator,
             the mean over ranks of ‖ḡ_r‖².
-        estimator: ``"per-example"`` or ``"rank"`` (see above).
+        estimator: ``"per-example"``, ``"rank"`` (see above) or ``"preconditioned"``
+            (:func:`preconditioned_noise_scale`: the same quantities in the metric
+            of an optimizer's diagonal preconditioner P).
         b_small: B_small: 1 for the per-example estimator, the (harmonic mean
             of the) ranks' batch sizes for the rank-level one.
     """
@@ -290,6 +293,170 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
     return two_batch_noise_scale(b_small, small_sq_norm, stats.n, _f64_sum_sq(stats.mean.values()))
 
 
+# ------------------------------------------------------- preconditioned noise scale
+
+
+def adam_preconditioner(optimizer: torch.optim.Optimizer, names: Sequence[str] | None = None, *,
+                        model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Adam's diagonal preconditioner P_j = 1/(sqrt(v̂_j) + ε) as it stands now, ``{name: P}``.
+
+    v̂ = ``exp_avg_sq`` / (1 − β₂^t) is the bias-corrected second moment after the t
+    steps the optimizer has taken (``max_exp_avg_sq`` with ``amsgrad=True``): read it
+    **before** ``optimizer.step()``, and it is the P that step divides by (up to this
+    step's own update of v, which the noise scale leaves out by design: P must not
+    depend on the gradient it weighs). Works for ``torch.optim.Adam`` and ``AdamW``.
+
+    Parameters are matched to names through ``model.named_parameters()`` (or a
+    ``{name: parameter}`` dict), or through the optimizer's own ``param_names``
+    when it was built from ``model.named_parameters()``.
+
+    >>> import torch
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.Adam(model.parameters(), eps=1e-8)
+    >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> P = adam_preconditioner(opt, model=model)
+    >>> sorted(P), round(float(P["bias"]), 3)   # v̂ = g² after one step: P = 1/(|g| + ε)
+    (['bias', 'weight'], 1.0)
+
+    Raises:
+        ValueError: another optimizer, a parameter the optimizer does not hold, no
+            way to name the parameters, or an optimizer with no state yet (before
+            its first step P is undefined: use B_simple for that step).
+    """
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        raise ValueError(f"the preconditioned noise scale reads Adam's second moments from torch.optim.Adam / "
+                         f"AdamW; {type(optimizer).__name__} is neither: pass preconditioner={{name: P}} "
+                         f"(the diagonal of its preconditioner per parameter) instead")
+    by_name: dict[str, tuple[Tensor, dict]] = {}
+    if model is not None:
+        named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
+        group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+        for name, p in named.items():
+            if id(p) in group_of:
+                by_name[name] = (p, group_of[id(p)])
+    else:
+        for group in optimizer.param_groups:
+            if "param_names" not in group:
+                raise ValueError("adam_preconditioner: cannot tell which parameter is which: pass model= (the "
+                                 "model whose named_parameters() the statistics are keyed by), or build the "
+                                 "optimizer from model.named_parameters()")
+            by_name.update({n: (p, group) for n, p in zip(group["param_names"], group["params"])})
+    wanted = list(by_name) if names is None else list(names)
+    out: dict[str, Tensor] = {}
+    for name in wanted:
+        if name not in by_name:
+            raise ValueError(f"adam_preconditioner: the optimizer holds no parameter named {name!r}; the "
+                             f"statistics and the optimizer must cover the same parameters")
+        p, group = by_name[name]
+        state = optimizer.state.get(p, {})
+        key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+        if key not in state or float(state.get("step", 0)) == 0:
+            raise ValueError(f"adam_preconditioner: {type(optimizer).__name__} has no state for {name!r} yet (it "
+                             f"has not taken a step): Adam's preconditioner is undefined before its first step; "
+                             f"use B_simple there (diagnostics reports NaN for that step)")
+        t = float(state["step"])
+        beta2 = float(group["betas"][1])
+        v_hat = state[key].detach().double() / (1 - beta2 ** t)
+        out[name] = 1.0 / (v_hat.sqrt() + float(group["eps"]))
+    return out
+
+
+def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tensor]) -> NoiseScale:
+    b = stats.n
+    trace, signal, mean_sq = 0.0, 0.0, 0.0
+    for k in names:
+        w = P[k].detach().to(stats.mean[k].device).double()
+        var = stats.m2[k].detach().double() / (b - 1)
+        mu2 = stats.mean[k].detach().double().pow(2)
+        trace += float((w * var).sum())
+        mean_sq += float((w * mu2).sum())
+    signal = mean_sq - trace / b
+    return NoiseScale(b, signal, trace, _div(trace, signal), mean_sq, mean_sq + trace * (b - 1) / b,
+                      estimator="preconditioned")
+
+
+def _resolve_preconditioner(fn: str, stats: GradStats, optimizer, preconditioner, model) -> dict[str, Tensor]:
+    _require_two(fn, stats)
+    if stats.m2 is None:
+        raise ValueError(f"{fn} needs the per-element variance (tr(PΣ) = Σ_j P_j Var_j weighs each element), but "
+                         f"these statistics have none: compute them with var=True (the default) in grad_stats / "
+                         f"Tracker")
+    if (optimizer is None) == (preconditioner is None):
+        raise ValueError(f"{fn}: pass exactly one of optimizer= (torch.optim.Adam / AdamW) and "
+                         f"preconditioner= ({{name: P}}, the diagonal of the preconditioner)")
+    _require_finite(fn, stats, "mean", "m2")
+    if optimizer is not None:
+        return adam_preconditioner(optimizer, stats.names, model=model)
+    P = dict(preconditioner)
+    for k in stats.names:
+        if k not in P:
+            raise ValueError(f"{fn}: preconditioner has no entry for {k!r} (it needs one per parameter of the "
+                             f"statistics, a tensor of the parameter's shape or a scalar)")
+        w = torch.as_tensor(P[k]).detach().double()
+        if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+            raise ValueError(f"{fn}: preconditioner[{k!r}] must be finite and ≥ 0")
+        P[k] = torch.broadcast_to(w.to(stats.mean[k].device), stats.mean[k].shape)
+    return P
+
+
+def preconditioned_noise_scale(stats: GradStats, optimizer: torch.optim.Optimizer | None = None, *,
+                               preconditioner: Mapping[str, Tensor | float] | None = None,
+                               model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> NoiseScale:
+    """The noise scale an Adam-type optimizer sees: B^P = tr(PΣ) / GᵀPG, for a diagonal preconditioner P.
+
+    A step of a preconditioned optimizer moves along P·ḡ, so its loss decrease
+    is governed by the gradient and the noise measured in P's metric: McCandlish
+    et al.'s (2018) argument for B_simple, applied to the step −εPḡ, with P
+    treated as fixed during the step. With Var_j the unbiased per-element
+    variance of the per-example gradients (``stats.m2 / (B − 1)``):
+
+    - tr(PΣ) ≈ Σ_j P_j Var_j                 (``trace_cov``, unbiased)
+    - GᵀPG  ≈ Σ_j P_j (ḡ_j² − Var_j / B)     (``grad_sq``, unbiased: E ḡ_j² = G_j² + Σ_jj/B)
+    - B^P = tr(PΣ) / GᵀPG                   (``b_simple``)
+
+    P comes from ``optimizer`` (Adam / AdamW: P_j = 1/(sqrt(v̂_j) + ε), v̂ the
+    bias-corrected ``exp_avg_sq`` as it stands before this step's update, see
+    :func:`adam_preconditioner`) or from ``preconditioner={name: P}``. With P = 1
+    it is :func:`gradient_noise_scale`'s B_simple.
+
+    When it differs from B_simple: Adam divides each coordinate by its typical
+    gradient size, so coordinates with large gradients (and, usually, large noise:
+    embeddings of rare tokens, the last layer) count for less, and small, quiet
+    ones for more. B^P and B_simple differ when the noise-to-signal ratio is not
+    the same across coordinates of different scale; since the critical batch size
+    of an Adam run is set by B^P (an SGD run's by B_simple), read B^P for Adam.
+
+    Returns:
+        a :class:`NoiseScale` with ``estimator="preconditioned"``,
+        ``mean_sq_norm = Σ_j P_j ḡ_j²`` and ``mean_example_sq_norm`` = (1/B)Σ_i‖g_i‖²_P.
+
+    >>> import torch, persample
+    >>> g = {"w": torch.tensor([[1., 0.], [3., 2.], [2., 1.]], dtype=torch.float64)}   # B = 3 examples
+    >>> stats = persample.GradStats.from_per_example(g, torch.zeros(3, dtype=torch.float64))
+    >>> est = preconditioned_noise_scale(stats, preconditioner={"w": torch.tensor([1., 4.])})
+    >>> est.trace_cov, est.grad_sq   # Var = (1, 1): tr = 1 + 4; ḡ = (2, 1): GᵀPG = (4 − 1/3) + 4(1 − 1/3)
+    (5.0, 6.333333333333333)
+
+    Raises:
+        ValueError: no variance (``var=False``), B = 1, neither or both of
+            ``optimizer`` and ``preconditioner``, an optimizer with no state yet
+            or of another kind (see :func:`adam_preconditioner`), a missing or
+            negative entry, or non-finite statistics.
+    """
+    P = _resolve_preconditioner("preconditioned_noise_scale", stats, optimizer, preconditioner, model)
+    return _preconditioned(stats, stats.names, P)
+
+
+def layer_preconditioned_noise_scale(stats: GradStats, optimizer: torch.optim.Optimizer | None = None, *,
+                                     preconditioner: Mapping[str, Tensor | float] | None = None,
+                                     model: torch.nn.Module | Mapping[str, Tensor] | None = None
+                                     ) -> dict[str, NoiseScale]:
+    """:func:`preconditioned_noise_scale` for each layer (module prefix, see :func:`group_by_layer`);
+    the layers' ``grad_sq`` and ``trace_cov`` add up to the whole model's. Raises as it does."""
+    P = _resolve_preconditioner("layer_preconditioned_noise_scale", stats, optimizer, preconditioner, model)
+    return {layer: _preconditioned(stats, names, P) for layer, names in group_by_layer(stats.names).items()}
+
+
 class NoiseScaleEMA:
     """B_simple over training: the ratio of bias-corrected EMAs of tr Σ and |G|².
 
@@ -351,10 +518,10 @@ class NoiseScaleEMA:
     def state_dict(self) -> dict:
         """``{"beta", "steps", "trace_cov", "grad_sq"}`` (the raw, uncorrected EMAs): plain floats, JSON-safe.
 
-        >>> ema = NoiseScaleEMA(0.9)
+        >>> ema = NoiseScaleEMA(0.5)
         >>> ema.update(NoiseScale(8, 2.0, 30.0, 15.0, 0.0, 0.0))
         15.0
-        >>> again = NoiseScaleEMA(0.9); again.load_state_dict(ema.state_dict()); again.value
+        >>> again = NoiseScaleEMA(0.5); again.load_state_dict(ema.state_dict()); again.value
         15.0
         """
         return {"beta": self.beta, "steps": self.steps, "trace_cov": self._trace_cov, "grad_sq": self._grad_sq}
@@ -665,11 +832,33 @@ def layer_gsnr(stats: GradStats) -> dict[str, float]:
 # -------------------------------------------------------------------- one row
 
 
+#: The batch-size tests :func:`diagnostics` can run, by name.
+TESTS = ("norm", "inner_product", "orthogonality")
+
+
+def _check_tests(tests: Iterable[str]) -> tuple[str, ...]:
+    tests = tuple(tests)
+    unknown = [t for t in tests if t not in TESTS]
+    if unknown:
+        raise ValueError(f"unknown batch-size test(s) {unknown}: choose from {list(TESTS)}")
+    return tests
+
+
+def _optimizer_stepped(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every parameter of ``optimizer`` has a state from a step (Adam's P is defined)."""
+    return all(float(optimizer.state.get(p, {}).get("step", 0)) > 0
+               for g in optimizer.param_groups for p in g["params"])
+
+
 def diagnostics(stats: GradStats, *, per_layer: bool = True,
                 norm_threshold: float = DEFAULT_NORM_THRESHOLD,
                 inner_threshold: float = DEFAULT_INNER_THRESHOLD,
                 ortho_threshold: float = DEFAULT_ORTHO_THRESHOLD,
-                quantiles: Sequence[float] = (0.1, 0.5, 0.9)) -> dict[str, float]:
+                quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+                tests: Iterable[str] = TESTS,
+                optimizer: torch.optim.Optimizer | None = None,
+                preconditioner: Mapping[str, Tensor | float] | None = None,
+                model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Every diagnostic of one batch as a flat ``{name: float}`` row (for loggers and plots).
 
     Keys: ``n``, ``loss`` (mean of the per-example losses), ``grad_norm`` (‖ḡ‖),
@@ -688,8 +877,18 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     relative to a reference other than the batch's mean (``inner_test`` is then
     the test along that reference, see :func:`inner_product_test`). Everything else follows the functions above
     (including their ValueError for B = 1 and non-finite statistics).
+
+    ``tests`` names the batch-size tests to run (of :data:`TESTS`); the columns of
+    the others are left out, not computed.
+
+    With ``optimizer`` (Adam / AdamW, and ``model`` unless the optimizer was built
+    from named parameters) or ``preconditioner``, also ``b_precond``,
+    ``grad_sq_precond`` and ``trace_cov_precond`` (:func:`preconditioned_noise_scale`)
+    and, per layer, ``layer/<prefix>/b_precond``. They are NaN without variance
+    and, for an optimizer, before its first step (P undefined).
     """
     _require_two("diagnostics", stats)
+    tests = _check_tests(tests)
     _require_finite("diagnostics", stats, "mean", "param_sq_norms", "m2", "inner_products")
     nan = math.nan
     norms = stats.norms.detach().double()
@@ -708,11 +907,21 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     if stats.part_sizes is not None and len(stats.part_sizes) >= 2:
         rank = rank_noise_scale(stats)
         row.update(rank_grad_sq=rank.grad_sq, rank_trace_cov=rank.trace_cov, rank_b_simple=rank.b_simple)
-    tests = [("norm_test", norm_test, norm_threshold),
-             ("inner_test", inner_product_test, inner_threshold),
-             ("ortho_test", orthogonality_test, ortho_threshold)]
-    ortho_refused = stats.inner_products is not None and not _reference_is_mean(stats)
-    for key, fn, threshold in tests:
+    precond = None
+    if optimizer is not None or preconditioner is not None:
+        if stats.m2 is not None and (optimizer is None or _optimizer_stepped(optimizer)):
+            P = _resolve_preconditioner("diagnostics", stats, optimizer, preconditioner, model)
+            precond = _preconditioned(stats, stats.names, P)
+            row.update(b_precond=precond.b_simple, grad_sq_precond=precond.grad_sq,
+                       trace_cov_precond=precond.trace_cov)
+        else:
+            row.update(b_precond=nan, grad_sq_precond=nan, trace_cov_precond=nan)
+    runs = [("norm_test", norm_test, norm_threshold),
+            ("inner_test", inner_product_test, inner_threshold),
+            ("ortho_test", orthogonality_test, ortho_threshold)]
+    runs = [run for run, name in zip(runs, TESTS) if name in tests]
+    ortho_refused = "orthogonality" in tests and stats.inner_products is not None and not _reference_is_mean(stats)
+    for key, fn, threshold in runs:
         if (key != "norm_test" and stats.inner_products is None) or (key == "ortho_test" and ortho_refused):
             row.update({key: nan, f"{key}_batch": nan, f"{key}_threshold": float(threshold)})
             continue
@@ -727,4 +936,6 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
             row[f"layer/{layer}/trace_cov"] = lest.trace_cov
             row[f"layer/{layer}/b_simple"] = lest.b_simple
             row[f"layer/{layer}/gsnr"] = _mean_gsnr(stats, names) if stats.m2 is not None else nan
+            if "b_precond" in row:
+                row[f"layer/{layer}/b_precond"] = _preconditioned(stats, names, P).b_simple if precond else nan
     return row

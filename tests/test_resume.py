@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from persample import Tracker, noise
-from persample.loggers import CSVLogger, Diagnostics, JSONLLogger, read_metrics
+from persample.loggers import CSVLogger, JSONLLogger, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -118,6 +118,8 @@ def test_hf_trainer_resumed_from_a_checkpoint_logs_the_same_rows(tmp_path):
     script, ns = _namespace(tmp_path)
     full = ns["hf"](str(tmp_path / "full"))
     assert [r["step"] for r in full] == [1, 3, 5]  # statistics on optimizer steps 0, 2, 4 (logged after them)
+    # AdamW's preconditioned noise scale: undefined (not logged) before its first step, logged after
+    assert ["persample/b_precond" in r for r in full] == [False, True, True]
     part = tmp_path / "part"
     ns["hf"](str(part), stop_at=5)                 # checkpoint-3 saved; rows past it logged; then the run died
     resumed = _resume_in_new_process(script, "hf", part, part / "checkpoint-3", tmp_path)
@@ -131,6 +133,7 @@ def test_lightning_resumed_from_a_checkpoint_logs_the_same_rows(tmp_path):
     full_dir, part = tmp_path / "full", tmp_path / "part"
     full = ns["lightning"](str(full_dir))
     assert len(full) == 8                          # steps 0, 2, …, 14 of 15 (5 an epoch)
+    assert all(r["b_precond"] == r["b_precond"] for r in full[1:])   # AdamW: logged from its second step
     ns["lightning"](str(part), max_epochs=2)       # checkpoints after epochs 1 and 2
     resumed = _resume_in_new_process(script, "lightning", part, part / "epoch=0-step=5.ckpt", tmp_path)
     assert json.dumps(resumed) == json.dumps(full[3:])   # the rows this process logged, from step 6 on

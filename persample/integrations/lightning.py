@@ -20,6 +20,8 @@ after that.
   on a batch of one, where ``output`` is what the LightningModule's ``forward``
   (or ``output_module``'s) returns. The loss's weight (a mean, a sum, the
   division by ``accumulate_grad_batches``) is read from the backward and checked.
+- With Adam / AdamW, the preconditioned noise scale ``persample/b_precond`` is
+  logged too, with P read before each optimizer step.
 - Micro-batches of ``accumulate_grad_batches`` are merged exactly into the
   statistics of the whole accumulated batch; statistics are read before gradient
   clipping; under ``precision="bf16-mixed"`` they are computed in float32.
@@ -39,7 +41,7 @@ from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require
+from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
 
 L = require("lightning", "lightning")
 
@@ -103,6 +105,10 @@ class PersampleCallback(L.pytorch.Callback):
             self._pending_tracker_state = state_dict["tracker"]
         elif state_dict["tracker"] is not None:
             self.tracker.load_state_dict(state_dict["tracker"])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._block is not None and self.tracker.wants_stats():
+            snapshot_preconditioner(self.diagnostics, optimizer, pl_module)
 
     def on_fit_start(self, trainer, pl_module):
         if not pl_module.automatic_optimization:

@@ -29,6 +29,9 @@ gradient-accumulation step and logs the diagnostics through ``trainer.log``
   an fp16 step that overflows is skipped, as the Trainer's scaler skips it.
 - The micro-batches of one optimizer step are merged exactly into the
   statistics of the whole accumulated batch (``persample_callback.last_stats``).
+- With Adam / AdamW (the Trainer's default), the preconditioned noise scale
+  ``persample/b_precond`` is logged too, with P read before each optimizer step
+  (:func:`persample.noise.preconditioned_noise_scale`).
 - Checkpoints keep persample's state (``persample_state.json`` in each
   checkpoint directory: the EMA, ``every``'s step count), and
   ``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run
@@ -54,7 +57,7 @@ from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require
+from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
 
 transformers = require("transformers", "hf")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
@@ -116,6 +119,10 @@ class PersampleCallback(transformers.TrainerCallback):
                           f"{self.STATE_FILE}: the EMA of the noise scale starts over, and every= counts from here",
                           stacklevel=2)
             self.tracker.load_state_dict({"steps": state.global_step, "skipped": []})
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._block is not None and self.tracker.wants_stats():
+            snapshot_preconditioner(self.diagnostics, self.trainer.optimizer, self.tracker.model)
 
     def begin(self) -> None:
         """Open the accumulation block of an optimizer step (idempotent)."""
