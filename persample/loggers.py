@@ -51,6 +51,7 @@ class Diagnostics:
     """A Tracker hook that computes one diagnostics row per statistics step.
 
     Each row is ``{"step": …, **noise.diagnostics(stats, …), "b_simple_ema": …}``
+    (with ``b_simple_ema_lo`` / ``…_hi``, the EMA's 90% interval, :meth:`persample.noise.NoiseScaleEMA.interval`)
     plus whatever ``extra(tracker, stats)`` returns. The row goes to every sink
     (anything with a ``write(row)`` method, such as the loggers below) and, with
     ``keep=True``, into :attr:`rows` (what :func:`persample.plot.plot_diagnostics`
@@ -139,6 +140,7 @@ class Diagnostics:
         row: Row = {"step": step, **values}
         row["b_simple_ema"] = self.ema.update(noise.NoiseScale(
             stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan))
+        row["b_simple_ema_lo"], row["b_simple_ema_hi"] = self.ema.interval(0.9)
         if "b_precond" in values:
             if math.isnan(values["b_precond"]):
                 row["b_precond_ema"] = self.ema_precond.value
