@@ -34,12 +34,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
+from ..._torch_compat import global_module_hooks, module_hooks
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
 
 class LayoutError(ValueError):
-    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous)."""
+    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous): ``code`` is the
+    precondition of :mod:`persample.contract` it breaks."""
+
+    def __init__(self, message: str, code: str = "DIM_ZERO_MOVED"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positio
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: dim 0 is not the batch of {batch.size}")
     if batch.dim_zero_moved and any(size == batch.size for size in t.shape[positions_from:positions_to]):
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
-                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous")
+                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous",
+                          code="BATCH_DIM_AMBIGUOUS")
 
 
 def _sequence(t: Tensor, batch: Layout, feature_dims: int, what: str) -> Tensor:
@@ -286,16 +293,7 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or global_module_hooks())
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks registered for every module (``register_module_forward_hook`` and friends) exist."""
-    from torch.nn.modules import module as module_lib
-    return any(getattr(module_lib, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+    return module_hooks(module) or global_module_hooks()
 
 
 def find_rule(module: nn.Module) -> Rule | None:
