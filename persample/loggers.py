@@ -98,6 +98,10 @@ class Diagnostics:
         self.tests = None if tests is None else noise._check_tests(tests)
         if optimizer is not None and preconditioner is not None:
             raise ValueError("Diagnostics: pass optimizer= or preconditioner=, not both")
+        if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise ValueError(f"Diagnostics(optimizer=...) reads Adam's second moments: torch.optim.Adam or AdamW, "
+                             f"not {type(optimizer).__name__}; pass preconditioner={{name: P}} for another "
+                             f"preconditioned optimizer (B_simple is the noise scale of SGD)")
         self.optimizer = optimizer
         self.preconditioner = preconditioner
         self.model = model
@@ -128,9 +132,21 @@ class Diagnostics:
         if tests is None:
             tests = noise.TESTS if stats.inner_products is not None else ("norm",)
         undefined = self.preconditioner is PRECONDITIONER_UNDEFINED
-        values = noise.diagnostics(stats, per_layer=self.per_layer, tests=tests, optimizer=self.optimizer,
-                                   preconditioner=None if undefined else self.preconditioner, model=self.model,
-                                   **self.thresholds)
+        options = dict(per_layer=self.per_layer, tests=tests, **self.thresholds)
+        try:
+            values = noise.diagnostics(stats, optimizer=self.optimizer, model=self.model,
+                                       preconditioner=None if undefined else self.preconditioner, **options)
+        except ValueError as err:
+            if self.optimizer is None and (self.preconditioner is None or undefined):
+                raise
+            # The preconditioner does not fit these statistics (a parameter the optimizer does not hold, a
+            # missing entry): diagnostics never stop training; the preconditioned columns are NaN.
+            values = noise.diagnostics(stats, **options)
+            undefined = True
+            if "preconditioner" not in self._warned:
+                self._warned.add("preconditioner")
+                warnings.warn(f"persample diagnostics: no preconditioned noise scale ({err}); its columns are NaN",
+                              stacklevel=3)
         if undefined:  # the optimizer had not stepped yet: P is undefined on this step
             values.update(b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan)
         if self.tests is None and stats.inner_products is None:  # the default's columns, NaN: nothing was asked

@@ -1029,10 +1029,11 @@ def _check_tests(tests: Iterable[str]) -> tuple[str, ...]:
     return tests
 
 
-def _optimizer_stepped(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether every parameter of ``optimizer`` has a state from a step (Adam's P is defined)."""
-    return all(float(optimizer.state.get(p, {}).get("step", 0)) > 0
-               for g in optimizer.param_groups for p in g["params"])
+def _optimizer_stepped(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> bool:
+    """Whether every parameter of ``optimizer`` (or of ``params``) has a state from a step (Adam's P is defined)."""
+    if params is None:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+    return all(float(optimizer.state.get(p, {}).get("step", 0)) > 0 for p in params)
 
 
 def diagnostics(stats: GradStats, *, per_layer: bool = True,

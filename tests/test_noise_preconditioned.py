@@ -133,3 +133,23 @@ def test_diagnostics_hook_logs_the_preconditioned_noise_scale():
         assert row["b_precond_ema"] == pytest.approx(ema.update(est), rel=1e-12)
         assert math.isfinite(row["layer/0/b_precond"])
     assert "ema_precond" in diag.state_dict()
+
+
+def test_a_preconditioner_that_does_not_fit_never_stops_training():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    opt = torch.optim.Adam(model[0].parameters(), lr=1e-2)       # holds only the first layer
+    other = torch.optim.SGD(model[2].parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="Adam or AdamW"):
+        Diagnostics(optimizer=other)
+    tracker = Tracker(model, F.mse_loss)
+    diag = Diagnostics(optimizer=opt)
+    tracker.register_hook(diag)
+    x = torch.randn(8, 4)
+    with pytest.warns(UserWarning, match="no parameter named '2.weight'"):
+        for _ in range(3):
+            opt.zero_grad(); other.zero_grad()
+            tracker.step(x, x.sum(1, keepdim=True))
+            opt.step(); other.step()
+    assert len(diag.rows) == 3 and all(math.isnan(r["b_precond"]) for r in diag.rows)
+    assert all(math.isfinite(r["b_simple"]) for r in diag.rows)

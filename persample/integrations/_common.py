@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from ..loggers import Diagnostics
@@ -24,10 +25,18 @@ def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer, Lightning's wrapper
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         diagnostics.preconditioner = None
-    elif noise._optimizer_stepped(optimizer):
-        diagnostics.preconditioner = noise.adam_preconditioner(optimizer, model=model)
-    else:
+        return
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not noise._optimizer_stepped(optimizer, trainable.values()):
         diagnostics.preconditioner = PRECONDITIONER_UNDEFINED
+        return
+    try:
+        diagnostics.preconditioner = noise.adam_preconditioner(optimizer, list(trainable), model=trainable)
+    except ValueError as err:  # diagnostics never stop training: no preconditioned columns, one warning
+        diagnostics.preconditioner = None
+        if "preconditioner" not in diagnostics._warned:
+            diagnostics._warned.add("preconditioner")
+            warnings.warn(f"persample: no preconditioned noise scale: {err}", stacklevel=2)
 
 
 def diagnostics_row(diagnostics: Diagnostics, stats: GradStats, step: int, keys: tuple[str, ...] | None,
