@@ -211,6 +211,10 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
     Precondition("FALLBACK_SUM_MISMATCH", _N, "result", ("fast", "observe"),
                  "A layer without a rule gives per-example gradients that add up to autograd's gradient",
                  "engine='auto' takes the vmap or loop engine"),
+    Precondition("CUSTOM_RULE_SUM_MISMATCH", _N, "result", ("fast", "observe"),
+                 "A rule registered with persample.register_rule gives per-example gradients that add up to "
+                 "autograd's gradient",
+                 "fix the rule (persample.check_rule tests it against a float64 loop), or unregister_rule"),
     # --------------------------------------------------------------------------------- the loss
     Precondition("OUTPUT_NOT_BATCHED", _N, "loss", ("fast", "observe"),
                  "The model's output has a tensor batched on dim 0",

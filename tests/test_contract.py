@@ -238,7 +238,27 @@ def _triggers():
             _classify()[0], partial(F.cross_entropy, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)),
             clip_norm=1.0).step(*_classify()[1:]),
         "MEAN_MISMATCH": _check_mean_on_coupled,
+        "CUSTOM_RULE_SUM_MISMATCH": _doubled_custom_rule,
     }
+
+
+class _Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return x * self.w
+
+
+def _doubled_custom_rule():
+    persample.register_rule(_Scale, lambda m, x, gy: {"w": 2 * x * gy}, params=("w",))
+    try:
+        x, y = _data()
+        torch.manual_seed(0)
+        _fast(nn.Sequential(_Scale(), nn.Linear(3, 2)).double(), x, y)
+    finally:
+        persample.unregister_rule(_Scale)
 
 
 def _infinite_gradient_loss(out, t):

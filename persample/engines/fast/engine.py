@@ -400,13 +400,21 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
 
 def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor],
                          by_id: dict[int, str]) -> None:
-    """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0)."""
+    """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
+    a user's rule (:func:`persample.register_rule`) is held to the same check."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     differing = means_that_differ({n: pieces[n] for n in names}, means, float64_rtol=1e-5)
     if differing:
         raise NotExact(f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
                        "autograd's gradient: the module does not keep examples apart on dim 0",
                        code="FALLBACK_SUM_MISMATCH")
+    checked = [by_id[id(p)] for unit in units if unit.rule is not None and unit.rule.user
+               for p in unit.params.values() if id(p) in by_id]
+    differing = means_that_differ({n: pieces[n] for n in checked if n in pieces}, means, float64_rtol=1e-5)
+    if differing:
+        raise NotExact(f"per-example gradients of {differing[0]!r} from its registered rule do not add up to "
+                       "autograd's gradient: the rule is wrong for this module or call",
+                       code="CUSTOM_RULE_SUM_MISMATCH")
 
 
 #: Parameters with at most this many elements have their sums compared exactly (it is cheap).

@@ -237,6 +237,7 @@ class Rule:
     methods: tuple = ("forward",)
     accepts: Callable[[nn.Module], bool] = lambda m: True
     unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
+    user: bool = False  # registered by persample.register_rule: its sums are checked against autograd's
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -266,6 +267,20 @@ def _rules() -> list[Rule]:
 
 
 _RULES: list[Rule] = _rules()
+
+
+def add_rule(rule: Rule) -> None:
+    """Put a user's rule (:func:`persample.register_rule`) before the built-in ones, replacing an earlier
+    rule for the same types; class-level matches are recomputed from the next call on."""
+    _RULES[:] = [rule] + [r for r in _RULES if r.types != rule.types]
+    _rule_for_type.cache_clear()
+
+
+def remove_rule(module_type: type) -> None:
+    """Drop the user rule for ``module_type`` (built-in rules cannot be removed)."""
+    builtin = {r.types for r in _rules()}
+    _RULES[:] = [r for r in _RULES if r.types != (module_type,) or r.types in builtin]
+    _rule_for_type.cache_clear()
 
 
 def _qualified_name(cls: type) -> str:
