@@ -152,6 +152,34 @@ class Tracker:
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
 
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: ``{"steps": …, "skipped": […]}`` (plain Python, JSON-safe).
+
+        Save it with the model and the optimizer; after :meth:`load_state_dict`,
+        ``every=k`` keeps computing statistics on the same steps (0, k, 2k, …
+        of the whole run) as a run that was never interrupted. Hooks keep their
+        own state (:class:`persample.loggers.Diagnostics`, :class:`persample.noise.NoiseScaleEMA`
+        have ``state_dict()`` too); ``last_stats`` is not saved.
+
+        >>> import torch, persample
+        >>> t = persample.Tracker(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss)
+        >>> _ = t.step(torch.randn(4, 2), torch.randn(4, 1))
+        >>> t.state_dict()
+        {'steps': 1, 'skipped': []}
+        """
+        return {"steps": int(self.steps), "skipped": [int(s) for s in self.skipped]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (outside an :meth:`accumulate` block)."""
+        if self._accumulation is not None:
+            raise RuntimeError("Tracker.load_state_dict inside an accumulate() block: load the state before "
+                               "the block opens (or after it closes)")
+        steps, skipped = state["steps"], state.get("skipped", [])
+        _require_int("state['steps']", steps, minimum=0)
+        self.steps = int(steps)
+        self.skipped = [int(s) for s in skipped]
+
     # ---------------------------------------------------------------- hooks
     def register_hook(self, fn: Hook) -> RemovableHandle:
         """Call ``fn(tracker, stats)`` after every step that computed statistics.
