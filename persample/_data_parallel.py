@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._batch import Batch
 from ._sharding import check_fsdp2, refuse_sharded, sharding_of, unsharded
+from ._torch_compat import ddp_comm_hooks
 from .distributed import DEFAULT_BUCKET_BYTES, agree, all_reduce_gradients, all_reduce_stats, is_distributed
 from .errors import UnsupportedModelError
 from .stats import GradStats
@@ -146,17 +147,20 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
 
 
 def _refuse_custom_reduction(ddp: nn.Module) -> None:
-    if getattr(ddp, "_comm_hooks", None):
-        raise UnsupportedModelError(
-            "persample.Tracker: this DistributedDataParallel model has a communication hook "
-            "(register_comm_hook). Tracker.step averages gradients across ranks itself and would not apply "
-            "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
-            "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook")
+    # mixed_precision first: DDP implements it with a communication hook of its own, which the user did not register
     if getattr(ddp, "mixed_precision", None) is not None:
         raise UnsupportedModelError(
             "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
             "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
-            "for mixed precision instead, or Tracker.observe around your own DDP backward")
+            "for mixed precision instead, or Tracker.observe around your own DDP backward",
+            code="DDP_MIXED_PRECISION")
+    if ddp_comm_hooks(ddp):
+        raise UnsupportedModelError(
+            "persample.Tracker: this DistributedDataParallel model has a communication hook "
+            "(register_comm_hook). Tracker.step averages gradients across ranks itself and would not apply "
+            "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
+            "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook",
+            code="DDP_COMM_HOOK")
 
 
 class LocalGradients:
@@ -225,7 +229,8 @@ def refuse_fsdp2_options(tracker) -> None:
                         "engine's capture of FSDP2's own backward)")
     if problems:
         raise UnsupportedModelError("persample.Tracker on an FSDP2 (fully_shard) model does not support "
-                                    + "; ".join(problems) + ". Leave these options out, or train with DDP")
+                                    + "; ".join(problems) + ". Leave these options out, or train with DDP",
+                                    code="FSDP2_OPTION")
 
 
 def fsdp2_step(tracker, inputs, targets, scale: float):
@@ -357,7 +362,8 @@ def fsdp2_grad_stats(model: nn.Module, loss_fn, batch: Batch, *, var: bool = Tru
     if engine not in ("auto", "fast") or clip_norm is not None:
         raise UnsupportedModelError(
             "persample.grad_stats on an FSDP2 (fully_shard) model observes FSDP2's own backward with the "
-            "fast engine: engine must be 'auto' or 'fast', and clip_norm is not supported (leave them out)")
+            "fast engine: engine must be 'auto' or 'fast', and clip_norm is not supported (leave them out)",
+            code="FSDP2_OPTION")
     params = trainable_parameters(model)
     saved = {name: p.grad for name, p in params.items()}
     for p in params.values():  # FSDP2 accumulates into p.grad in place

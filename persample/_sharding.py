@@ -96,14 +96,14 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
             "persample.Tracker(fsdp_model, loss_fn).step(x, y) then runs FSDP2's own backward and hands "
             "every rank the statistics of the global batch), or train with DistributedDataParallel "
             "(persample.Tracker(ddp_model, loss_fn)). This refusal is raised on every rank, before any "
-            "collective, and leaves the model as it was.")
+            "collective, and leaves the model as it was.", code="SHARDED_MODEL")
     api = ("torch.distributed.fsdp.fully_shard" if kind == "FSDP2"
            else "torch.distributed.fsdp.FullyShardedDataParallel")
     raise UnsupportedModelError(
         f"{where}: the model is sharded with {kind} ({api}), which this entry point does not support: "
         "each rank holds only a shard of every parameter, and FSDP's backward hooks (all-gather, "
         "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). "
-        + _FSDP2_FIX)
+        + _FSDP2_FIX, code="SHARDED_MODEL")
 
 
 def refuse_wrapped(model: nn.Module, where: str) -> None:
@@ -120,7 +120,8 @@ def refuse_wrapped(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: got a DistributedDataParallel wrapper. Pass ddp_model.module for this rank's "
             "statistics and combine the ranks' with persample.distributed.all_reduce_stats(stats), or use "
-            "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does")
+            "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does",
+            code="DDP_WRAPPER")
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -147,7 +148,7 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: fully_shard was applied to submodules of this model but not to the model itself; "
             "apply it to the root module too (fully_shard(model) after the blocks, as torchtitan does), so "
-            "that one FSDP2 root drives the forward and the backward")
+            "that one FSDP2 root drives the forward and the backward", code="SHARDED_MODEL")
     dtensor = dtensor_class()
     for name, p in model.named_parameters():
         if dtensor is None or not isinstance(p, dtensor):
@@ -157,7 +158,7 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
             raise UnsupportedModelError(
                 f"{where}: parameter {name!r} is a DTensor with placements {p.placements} on a "
                 f"{p.device_mesh.ndim}-D mesh; persample supports FSDP2's Shard(0) over a 1-D mesh only "
-                "(no HSDP, no tensor parallelism). Use fully_shard over a 1-D mesh, or DDP")
+                "(no HSDP, no tensor parallelism). Use fully_shard over a 1-D mesh, or DDP", code="SHARDED_MODEL")
 
 
 @contextlib.contextmanager
@@ -181,16 +182,17 @@ def unshard_all(model: nn.Module) -> list:
     their reshard after backward; returns what :func:`restore_sharding` needs to undo the deferral.
 
     Reads each module's parameter groups' ``reshard_after_backward`` (FSDP2 internals, fail closed:
-    an unfamiliar layout raises :class:`UnsupportedModelError`) and sets it with FSDP2's public
+    an unfamiliar layout raises ``NotExact``, code ``TORCH_INTERNALS_UNKNOWN``) and sets it with FSDP2's public
     ``set_reshard_after_backward``."""
     saved = []
     for m in fsdp2_modules(model):
         groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) if hasattr(m, "_get_fsdp_state") else None
         if groups is None or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups):
-            raise UnsupportedModelError(
-                f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has no "
-                "parameter groups with a reshard_after_backward flag), so persample cannot show that its "
-                "statistics are exact. Use the torch versions persample is tested with, or DDP")
+            from .contract import refusal
+            raise refusal("TORCH_INTERNALS_UNKNOWN",
+                          f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has "
+                          "no parameter groups with a reshard_after_backward flag), so persample cannot show that "
+                          "its statistics are exact. Use the torch versions persample is tested with, or DDP")
         saved.append((m, [g.reshard_after_backward for g in groups]))
     for m, _ in saved:
         m.set_reshard_after_backward(False, recurse=False)
