@@ -128,6 +128,11 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         clip_norm: also compute ``clipped_mean`` = (1/B) Σ_i min(1, C/‖g_i‖) g_i
             for C = ``clip_norm`` (per-example clipping, as in DP-SGD).
         progress: show a tqdm progress bar over examples (if tqdm is installed).
+
+    On an FSDP2 model (``fully_shard``) this is a collective: one FSDP2 forward and backward,
+    observed by the fast engine, gives this rank's statistics (full-size ``mean`` and ``m2`` of its
+    own examples), with ``p.grad`` put back; :func:`persample.distributed.all_reduce_stats` then
+    gives the global batch's.
     """
     _engine_chain(engine, _CHAINS, ENGINES)
     from ._sharding import sharding_of

@@ -111,7 +111,10 @@ class Tracker:
             each rank on its own. With a DDP wrapper, ``tracker.model`` is
             ``ddp.module``, on which the engines run, and steps without
             per-example work run DDP's own forward and backward. Every rank
-            must step in lockstep (the reductions are collectives).
+            must step in lockstep (the reductions are collectives). An FSDP2
+            model (``fully_shard``) runs FSDP2's own forward and backward on
+            every step (``p.grad`` is FSDP2's sharded gradient) and observes it
+            on statistics steps (see ``_data_parallel.fsdp2_step``).
 
     A step is atomic for the model: if it raises (bad input, the model, the
     loss, a hook, the check), every ``p.grad`` (and ``x.grad``), ``last_stats``
