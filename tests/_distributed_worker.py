@@ -728,6 +728,28 @@ def fsdp2_mixed_precision_policy_bf16_parameters_fp32_reduction():
 
 
 @scenario(2, 3, suite="fsdp")
+def fsdp2_accumulate_micro_batches():
+    """Two micro-batches in tracker.accumulate(): p.grad is FSDP2's own accumulation of the two scaled
+    backwards, and the merged statistics are the oracle's on all ranks' examples of both."""
+    loss = F.cross_entropy
+    tracked, plain, reference = sharded_mlp(27), sharded_mlp(27), mlp(seed=27)
+    tracker = persample.Tracker(tracked, loss)
+    seen = []
+    tracker.register_hook(lambda t, stats: seen.append(stats))
+    batches = local_batches(2, seed=141)
+    with tracker.accumulate() as acc:
+        for x, y, _, _ in batches:
+            tracker.step(x, y, scale=0.5)
+    for x, y, _, _ in batches:
+        (loss(plain(x), y) * 0.5).backward()
+    assert_grads_equal(tracked, plain, "accumulated")
+    gx = torch.cat([b[2] for b in batches])
+    gy = torch.cat([b[3] for b in batches])
+    check_against_oracle(acc.stats, oracle(reference, loss, gx, gy), "merged micro-batches")
+    assert seen == [acc.stats] and tracker.steps == 1
+
+
+@scenario(2, 3, suite="fsdp")
 def fsdp2_observe_around_the_users_own_backward():
     _fsdp2_tracker_against_fsdp2(observe=True)
 
