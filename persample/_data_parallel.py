@@ -331,6 +331,8 @@ def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batc
     from ._model import trainable_parameters
     from .engines.fast.observe import observing
 
+    from .errors import NotExact
+
     with unsharded(model):
         local = LocalGradients(trainable_parameters(model))
         try:
@@ -341,6 +343,12 @@ def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batc
                     _require_scalar(loss)
                     (loss * scale if scale != 1.0 else loss).backward()
                 local.show_local()
+        except NotExact as err:
+            if hasattr(err, "add_note"):
+                err.add_note("(under FSDP2 the statistics come from the fast engine's capture of FSDP2's own "
+                             "backward only: no other engine can run a sharded model. p.grad is FSDP2's; for "
+                             "statistics of this model, train it with DDP)")
+            raise
         finally:
             local.restore()
     return observation.stats

@@ -655,7 +655,8 @@ class Tracker:
         except Exception as err:
             if isinstance(err, NotExact) and hasattr(err, "add_note"):
                 err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
-                             "tracker.step(inputs, targets) falls back to the exact engines)")
+                             + ("under FSDP2, tracker.step has only that engine too: train with DDP)" if sharded
+                                else "tracker.step(inputs, targets) falls back to the exact engines)"))
             # An error of the user's own block propagates as it would without observe; an error of
             # persample's after the block (under replicas) goes through agree, so every rank raises.
             if self._replicas is None or not block_done:
