@@ -85,7 +85,7 @@ def main():
 
     tracker.register_hook(log)
     generator = torch.Generator().manual_seed(1 + rank)  # each rank its own data
-    for step in range(args.steps):
+    for _ in range(args.steps):
         inputs, labels = token_batch(args.batch_size, length, vocab, generator)
         inputs, labels = {k: v.to(device) for k, v in inputs.items()}, labels.to(device)
         optimizer.zero_grad()

@@ -279,6 +279,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 reference = None
                 if accumulation is not None and accumulation.shared and accumulation.reference is not None:
                     reference = accumulation.reference
+                assert batch is not None  # (agree raised otherwise)
                 stats = observed_fsdp2_backward(model, tracker.batch_loss, tracker.per_example_loss, batch,
                                                 scale=scale, var=tracker.stats_options["var"], reference=reference)
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise

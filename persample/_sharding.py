@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Iterator
+from typing import Any, Iterator, cast
 
 from torch import Tensor, nn
 
@@ -150,9 +150,10 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
             "apply it to the root module too (fully_shard(model) after the blocks, as torchtitan does), so "
             "that one FSDP2 root drives the forward and the backward", code="SHARDED_MODEL")
     dtensor = dtensor_class()
-    for name, p in model.named_parameters():
-        if dtensor is None or not isinstance(p, dtensor):
+    for name, param in model.named_parameters():
+        if dtensor is None or not isinstance(param, dtensor):
             continue
+        p: Any = param  # a DTensor
         placements = tuple(type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements)
         if p.device_mesh.ndim != 1 or placements != ("Shard0",):
             raise UnsupportedModelError(
@@ -186,6 +187,7 @@ def unshard_all(model: nn.Module) -> list:
     ``set_reshard_after_backward``."""
     saved = []
     for m in fsdp2_modules(model):
+        m = cast(Any, m)  # an FSDPModule
         groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) if hasattr(m, "_get_fsdp_state") else None
         if groups is None or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups):
             from .contract import refusal
@@ -204,6 +206,7 @@ def restore_sharding(model: nn.Module, saved: list) -> None:
     """Undo :func:`unshard_all`: each module's ``reshard_after_backward`` as it was, and the modules that
     reshard after backward resharded (what FSDP2's backward would have done)."""
     for m, flags in saved:
+        m = cast(Any, m)
         for group, flag in zip(m._get_fsdp_state()._fsdp_param_groups, flags):
             group.reshard_after_backward = flag
         if any(flags):

@@ -114,15 +114,15 @@ def agree(failure: BaseException | None, group=None, *, where: str = "persample"
     for k, flag in enumerate(flags):
         votes[world + k] = int(not flag)
     dist.all_reduce(votes, group=group)
-    votes = votes.tolist()
-    failed = [r for r in range(world) if votes[r]]
+    counts: list[int] = votes.tolist()
+    failed = [r for r in range(world) if counts[r]]
     if failed:
         if failure is not None:
             raise failure
         raise OtherRankFailed(f"{where}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
                               f"{world} raised (see that rank's error); this rank raises too and undoes the "
                               "same work, so that every rank has the same outcome", failed)
-    return [votes[world + k] == 0 for k in range(len(flags))]
+    return [counts[world + k] == 0 for k in range(len(flags))]
 
 
 # ------------------------------------------------------------------ small collectives

@@ -60,7 +60,7 @@ def _launch(world: int, out_dir: Path, suite: str, scenario: str | None) -> None
 
 def run_world(world: int, out_dir: Path, suite: str = "fsdp", scenario: str | None = None) -> dict[str, list[str]]:
     """Run the suite's scenarios on ``world`` ranks; {scenario: [outcome on rank 0, rank 1, ...]}."""
-    for attempt in range(2):
+    for _attempt in range(2):
         for old in out_dir.glob("rank*"):
             old.unlink()
         _launch(world, out_dir, suite, scenario)
