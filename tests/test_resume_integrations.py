@@ -15,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = textwrap.dedent('''
     import json, os, sys, warnings
     import torch
+    torch.set_num_threads(1)  # float32 sums are then the same in every process, whatever else runs
     from persample.loggers import CSVLogger
 
     def lm_examples(n, T=8, vocab=40):
