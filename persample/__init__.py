@@ -22,7 +22,8 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 from .api import grad_stats, per_sample_grads
 from .batch_loss import BatchLoss, BatchLossMismatch, causal_lm_loss
 from .check import MeanCheck, check_mean
-from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarning, UnsupportedModelError
+from .errors import (MeanMismatchError, NotExact, ObservationError, SkippedStatisticsWarning, SlowPathWarning,
+                     UnsupportedModelError)
 from .stats import GradStats
 from .tracker import Tracker
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
@@ -33,5 +34,6 @@ __version__ = "0.1.0"
 __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
+    "SkippedStatisticsWarning",
     "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
 ]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -43,13 +44,18 @@ from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_we
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
 from .engines._autograd import gradients
-from .errors import NotExact
+from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
 from .engines.fast.observe import Observation, observing
 from .stats import GradStats
 
 __all__ = ["Tracker"]
 
 Hook = Callable[["Tracker", GradStats], None]
+
+#: What ``Tracker(on_refusal=...)`` accepts (see :meth:`Tracker.observe`).
+ON_REFUSAL = ("raise", "skip", "fallback")
+#: The refusals ``on_refusal`` applies to: the statistics of a step cannot be shown exact.
+REFUSALS = (NotExact, ObservationError, UnsupportedModelError, BatchLossMismatch)
 
 
 class Tracker:
@@ -94,6 +100,18 @@ class Tracker:
             ``ddp.module``, on which the engines run, and steps without
             per-example work run DDP's own forward and backward. Every rank
             must step in lockstep (the reductions are collectives).
+        on_refusal: what :meth:`observe` does with a step whose statistics it
+            cannot compute exactly (``NotExact``, ``ObservationError``, …,
+            raised after your backward, which has run as without persample):
+            ``"raise"`` (default) raises it; ``"skip"`` warns once per reason
+            (:class:`persample.SkippedStatisticsWarning`), records the step in
+            :attr:`refused` and :attr:`skipped`, and goes on with no statistics;
+            ``"fallback"`` computes that step's statistics with the exact engines
+            (``engine``, default ``"auto"``: the fast engine's full pass, then vmap,
+            then the loop) on the same batch, which ``observe(inputs=...)`` must
+            then be given, and skips as ``"skip"`` does if they refuse too. The
+            training step (``p.grad``, the optimiser, the schedule) is never
+            changed either way. The framework integrations default to ``"skip"``.
 
     A step is atomic for the model: if it raises (bad input, the model, the
     loss, a hook, the check), every ``p.grad`` (and ``x.grad``), ``last_stats``
@@ -104,15 +122,23 @@ class Tracker:
         steps: steps taken (an :meth:`accumulate` block counts as one).
         last_stats: the statistics most recently passed to the hooks (None before).
         skipped: steps whose statistics were not finite (inf/NaN, such as an
-            fp16 overflow that ``GradScaler`` skips): no statistics were
+            fp16 overflow that ``GradScaler`` skips), or were refused under
+            ``on_refusal="skip"`` / ``"fallback"``: no statistics were
             returned and no hook was called for them.
+        refused: ``(step, reason)`` of every observed (micro-)batch whose
+            statistics were refused under ``on_refusal="skip"`` or ``"fallback"``
+            (with ``"fallback"``, also those the exact engines then computed:
+            the reason says so).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
                  clip_norm: float | None = None, chunk_size: int | None = None,
                  randomness: str = "error", check_every: int = 0, engine: str = "auto",
-                 var: bool = True, inner_products: bool = False, distributed: bool | None = None):
+                 var: bool = True, inner_products: bool = False, distributed: bool | None = None,
+                 on_refusal: str = "raise"):
         _require_int("every", every, minimum=1)
+        if on_refusal not in ON_REFUSAL:
+            raise ValueError(f"on_refusal must be one of {ON_REFUSAL}, got {on_refusal!r}")
         _require_int("check_every", check_every, minimum=0)
         check_clip_norm(clip_norm)
         model, self._replicas = resolve_replicas(model, distributed)
@@ -128,6 +154,9 @@ class Tracker:
         self.steps = 0
         self.last_stats: GradStats | None = None
         self.skipped: list[int] = []
+        self.on_refusal = on_refusal
+        self.refused: list[tuple[int, str]] = []
+        self._warned_reasons: set[str] = set()
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
 
@@ -291,7 +320,7 @@ class Tracker:
             yield acc
         finally:
             self._accumulation = None
-        if acc.parts:
+        if acc.parts and not acc.refused:  # a refused micro-batch: the block has no statistics of its batch
             acc.stats = GradStats.merge_all(acc.parts)
             self._publish(acc.stats)
         self.steps += 1
@@ -413,7 +442,7 @@ class Tracker:
 
     @contextlib.contextmanager
     def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
-                output_module: nn.Module | None = None) -> Iterator[Observation]:
+                output_module: nn.Module | None = None, inputs: Any = None) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
@@ -461,6 +490,16 @@ class Tracker:
         batch; ``p.grad`` stays DDP's average. Inner products relative to the
         global mean need the inputs for a second pass: use :meth:`step`, or a
         shared reference (``accumulate(reference="last")`` or a dict).
+
+        Refusals (the Tracker's ``on_refusal``): where the statistics of the
+        observed backward cannot be shown exact, the refusal is raised after
+        your backward has run (``"raise"``); or the step is counted as skipped
+        with a warning (``"skip"``: ``observed.skipped``, :attr:`refused`); or
+        its statistics come from the exact engines on ``inputs``, the model's
+        inputs of the observed forward (``"fallback"``: one more pass, which
+        describes the per-example gradients of that batch, with the engines'
+        own random draws if the model has random ops; ``randomness`` applies).
+        An error raised by your own code in the block is always raised.
         """
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
@@ -473,6 +512,9 @@ class Tracker:
                              "inside tracker.accumulate(reference='last' or a dict), a shared reference")
         accumulating = self._accumulation is not None
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
+        if with_stats and self.on_refusal == "fallback" and inputs is None:
+            raise ValueError("Tracker(on_refusal='fallback') needs the model's inputs of the observed forward: "
+                             "tracker.observe(targets, inputs=inputs)")
         if not with_stats:
             observation = Observation()
             yield observation
@@ -485,19 +527,26 @@ class Tracker:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
+        body_ran = False  # the block's own code (the user's forward and backward) returned
+        observation = Observation()
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"], inner_products=against_mean, reference=reference,
                            output_module=output_module) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
+                body_ran = True
                 if local is not None:
                     local.show_local()  # the sum check compares this rank's gradients with its own
-        except NotExact as err:
-            if hasattr(err, "add_note"):
-                err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
-                             "tracker.step(inputs, targets) falls back to the exact engines)")
-            raise
+        except REFUSALS as err:
+            if not body_ran or self.on_refusal == "raise":
+                if isinstance(err, NotExact) and hasattr(err, "add_note"):
+                    err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
+                                 "tracker.step(inputs, targets) falls back to the exact engines, and "
+                                 "Tracker(on_refusal='skip' or 'fallback') keeps training going)")
+                raise
+            observation.stats = self._refused_statistics(err, inputs, targets, local)
+            observation.skipped = observation.stats is None
         finally:
             if local is not None:
                 local.restore()
@@ -511,6 +560,40 @@ class Tracker:
             self._publish(observation.stats)
         if not accumulating:
             self.steps += 1
+
+    def _refused_statistics(self, err: BaseException, inputs: Any, targets: Any,
+                            local: LocalGradients | None) -> GradStats | None:
+        """``on_refusal`` "skip" or "fallback" for an observed step whose statistics ``err`` refused: the
+        exact engines' statistics of ``inputs`` ("fallback"), or None after a warning (once per reason).
+        ``p.grad`` is left as the user's backward made it (the engines do not touch it; checked)."""
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        stats = None
+        if local is not None:
+            local.restore()  # DDP's averaged p.grad back (show_local may have run)
+        if self.on_refusal == "fallback":
+            params = trainable_parameters(self.model)
+            grads = {name: p.grad for name, p in params.items()}
+            try:
+                stats = compute_stats(self.model, self.per_example_loss, as_batch(inputs, targets),
+                                      **self._local_stats_options)
+                reason = f"{reason} (statistics from the exact engines instead)"
+            except REFUSALS as second:
+                reason = (f"{reason}; the exact engines refused too: {type(second).__name__}: "
+                          f"{str(second).splitlines()[0] if str(second) else ''}")
+            finally:
+                for name, p in params.items():
+                    p.grad = grads[name]  # the engines never write p.grad; keep it so whatever happened
+        self.refused.append((self.steps, reason))
+        if stats is None:
+            if self._accumulation is not None:
+                self._accumulation.refused = True
+        if reason not in self._warned_reasons:
+            self._warned_reasons.add(reason)
+            what = ("computed by the exact engines" if stats is not None
+                    else "skipped (training goes on; p.grad is the backward's own)")
+            warnings.warn(f"persample: the statistics of step {self.steps} were {what}: {reason}",
+                          SkippedStatisticsWarning, stacklevel=4)
+        return stats
 
     def _publish(self, stats: GradStats) -> None:
         """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order.
@@ -569,6 +652,7 @@ class Accumulation:
     reference: dict | None = None
     shared: bool = False  # accumulate(reference=...) was given
     first: bool = False  # reference="first": r is the first micro-batch's mean
+    refused: bool = False  # a micro-batch's statistics were refused (on_refusal="skip"): none for the block
 
 
 def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
