@@ -129,3 +129,179 @@ def test_tracker_on_refusal_options():
     with pytest.raises(persample.NotExact, match="mine"):
         with tracker.observe(y):
             raise persample.NotExact("mine")
+
+
+# ------------------------------------------------------------------------------------------------ the matrix
+
+
+def llama_tiny():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def lora(model, targets, dropout=0.0, **kwargs):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=dropout,
+                             task_type="CAUSAL_LM", **kwargs)
+    torch.manual_seed(1)
+    model = peft.get_peft_model(model, config)
+    for name, p in model.named_parameters():  # LoRA's B starts at 0: make every adapter gradient non-trivial
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    return model
+
+
+def hf_run(model, examples, tmp_path, *, tracked, steps=1, accumulation=1, eval_steps=None, track_kwargs=None,
+           **args_kwargs):
+    transformers = pytest.importorskip("transformers")
+    evaluation = dict(eval_strategy="steps", eval_steps=eval_steps) if eval_steps else {}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=B // accumulation,
+        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-2, max_grad_norm=0.5,
+        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
+        disable_tqdm=True, per_device_eval_batch_size=B, **evaluation, **args_kwargs)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples,
+                                   eval_dataset=examples[:B] if eval_steps else None)
+    callback = None
+    if tracked:
+        from persample.integrations.transformers import track
+        callback = track(trainer, **(track_kwargs or {}))
+    trainer.train()
+    return trainer, callback
+
+
+def run_cell(model, examples, tmp_path, *, steps=1, exact=True, **kwargs):
+    """Train ``model`` twice (plain, tracked) from the same start: identical parameters; returns the
+    tracked run's (trainer, callback, logged rows). Every statistics step logs the diagnostics or the skip
+    counter that explains their absence."""
+    plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
+    hf_run(plain, examples, tmp_path / "plain", tracked=False, steps=steps, **kwargs)
+    trainer, callback = hf_run(tracked, examples, tmp_path / "tracked", tracked=True, steps=steps, **kwargs)
+    _same_parameters(plain, tracked, exact=exact)
+    logged = _logged(trainer)
+    assert len(logged) == steps
+    for row in logged:
+        present = all(f"persample/{k}" in row for k in ("b_simple", "trace_cov", "grad_sq", "grad_norm"))
+        assert present or (row[SKIPPED] > 0 and KEY not in row), row
+    return trainer, callback, logged
+
+
+@pytest.mark.parametrize("reentrant", [None, False])
+def test_hf_gradient_checkpointing_is_exact(tmp_path, reentrant):
+    """gradient_checkpointing=True installs enable_input_require_grads' hook on the input embeddings and
+    recomputes each block in the backward: the statistics are the oracle's (transformers' default, and
+    use_reentrant=False)."""
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(B)
+    oracle = oracle_noise_scale(copy.deepcopy(model), examples)
+    kwargs = {} if reentrant is None else dict(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    _, callback, logged = run_cell(model, examples, tmp_path, gradient_checkpointing=True, **kwargs)
+    assert logged[0][SKIPPED] == 0 and callback.tracker.refused == []
+    torch.testing.assert_close(logged[0][KEY], oracle.b_simple, rtol=1e-6, atol=0)  # HF: float32 loss
+    torch.testing.assert_close(logged[0]["persample/trace_cov"], oracle.trace_cov, rtol=1e-6, atol=0)
+
+
+def test_hf_reentrant_gradient_checkpointing_is_skipped_naming_the_fix(tmp_path):
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(2 * B)
+    with pytest.warns(persample.SkippedStatisticsWarning, match="gradient checkpointing") as record:
+        _, callback, logged = run_cell(model, examples, tmp_path, steps=2, gradient_checkpointing=True,
+                                       gradient_checkpointing_kwargs={"use_reentrant": True})
+    message = str([w for w in record if issubclass(w.category, persample.SkippedStatisticsWarning)][0].message)
+    assert "gradient_checkpointing_kwargs={'use_reentrant': False}" in message
+    assert [row[SKIPPED] for row in logged] == [1, 2]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_hf_peft_lora_is_exact(tmp_path, arch):
+    """PEFT LoRA (GPT-2 c_attn; Llama q_proj and v_proj): the adapters' inputs are frozen activations of the
+    batch; the statistics of the adapters' gradients are the oracle's."""
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True)
+    else:
+        model = lora(llama_tiny().double(), ["q_proj", "v_proj"])
+    model.train()
+    examples = lm_examples(B)
+    oracle = oracle_noise_scale(copy.deepcopy(model), examples)
+    _, callback, logged = run_cell(model, examples, tmp_path)
+    assert logged[0][SKIPPED] == 0 and callback.tracker.refused == []
+    assert set(callback.last_stats.mean) == {n for n, p in model.named_parameters() if p.requires_grad}
+    rtol = 1e-6  # HF computes its loss (and Llama its RMSNorm) in float32 inside a float64 model
+    torch.testing.assert_close(logged[0][KEY], oracle.b_simple, rtol=rtol, atol=0)
+    torch.testing.assert_close(logged[0]["persample/trace_cov"], oracle.trace_cov, rtol=rtol, atol=0)
+
+
+def test_hf_peft_lora_with_gradient_checkpointing_accumulation_and_evaluation(tmp_path):
+    """LoRA + gradient checkpointing (PEFT and transformers both hook the input embeddings) + accumulation
+    + evaluation between steps: trains as the plain run, with statistics on every step."""
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    examples = lm_examples(3 * B, seed=2)
+    _, callback, logged = run_cell(model, examples, tmp_path, steps=3, accumulation=2, eval_steps=1,
+                                   gradient_checkpointing=True)
+    assert [row[SKIPPED] for row in logged] == [0, 0, 0] and callback.last_stats.n == B
+
+
+def test_hf_bf16_gradient_checkpointing_lora(tmp_path):
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny(), ["c_attn"], fan_in_fan_out=True).train()
+    _, callback, logged = run_cell(model, lm_examples(2 * B, seed=3), tmp_path, steps=2, exact=False, bf16=True,
+                                   gradient_checkpointing=True)
+    assert [row[SKIPPED] for row in logged] == [0, 0]
+    assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())
+
+
+def test_lora_dropout_statistics_describe_the_forwards_own_masks():
+    """lora_dropout > 0 in training: observe's statistics equal a float64 loop that replays, for each example,
+    the dropout masks of the observed forward; p.grad is the plain backward's."""
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], dropout=0.5, fan_in_fan_out=True).train()
+    rows = lm_examples(B)
+    inputs = {k: torch.stack([r[k] for r in rows]) for k in ("input_ids", "attention_mask")}
+    labels = torch.stack([r["labels"] for r in rows])
+    dropouts = [m for n, m in model.named_modules() if n.endswith("lora_dropout.default")]
+    assert dropouts and all(m.p == 0.5 for m in dropouts)
+    plain = copy.deepcopy(model)
+    masks = {}
+
+    def record(module, args, output):
+        masks[module] = torch.where(args[0] != 0, output / args[0], torch.zeros_like(output)).detach()
+    handles = [m.register_forward_hook(record) for m in dropouts]
+    loss_fn = persample.causal_lm_loss()
+    tracker = persample.Tracker(model, loss_fn)
+    with tracker.observe(labels) as observed:
+        loss_fn(model(**inputs), labels).backward()  # the token mean, in float64 (HF's own loss is float32)
+    for h in handles:
+        h.remove()
+    assert observed.stats is not None
+    # the plain backward with the same masks gives the same p.grad
+    example = {}
+    replays = [m.register_forward_hook(lambda m, a, o: a[0] * masks[m][example.get("i", slice(None))])
+               for m in [dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks]]
+    plain_masks = dict(zip([dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks],
+                           [masks[mm] for n, mm in model.named_modules() if mm in masks]))
+    masks.update(plain_masks)
+    loss_fn(plain(**inputs), labels).backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-15)
+    per_example = {n: [] for n, p in plain.named_parameters() if p.requires_grad}
+    for i in range(B):
+        example["i"] = slice(i, i + 1)
+        out = plain(**{k: v[i:i + 1] for k, v in inputs.items()})
+        loss = loss_fn.per_example(out, labels[i:i + 1])
+        grads = torch.autograd.grad(loss, [p for p in plain.parameters() if p.requires_grad])
+        for n, g in zip(per_example, grads):
+            per_example[n].append(g)
+    for h in replays:
+        h.remove()
+    for n, gs in per_example.items():
+        g = torch.stack(gs)
+        torch.testing.assert_close(observed.stats.mean[n], g.mean(0), rtol=1e-9, atol=1e-14)
+        torch.testing.assert_close(observed.stats.var[n], g.var(0), rtol=1e-9, atol=1e-14)

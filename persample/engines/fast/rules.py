@@ -285,9 +285,25 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+    """Whether forward or backward hooks (the module's own, or global ones) may change what it computes.
+    The input-embedding hook of Hugging Face's and PEFT's gradient checkpointing
+    (:func:`_marks_output_requires_grad`) changes no value and no gradient, and does not count."""
+    forward_hooks = [h for h in module._forward_hooks.values() if not _marks_output_requires_grad(h)]
+    return bool(forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks or global_module_hooks())
+
+
+#: (module, function name) of the forward hooks ``output.requires_grad_(True)`` that
+#: ``PreTrainedModel.enable_input_require_grads`` (``gradient_checkpointing_enable()``) and PEFT's
+#: ``prepare_model_for_kbit_training`` / ``PeftModel`` put on the input embeddings.
+_REQUIRES_GRAD_HOOKS = (("transformers.", "make_inputs_require_grads"), ("peft.", "make_inputs_require_grad"))
+
+
+def _marks_output_requires_grad(hook) -> bool:
+    """Whether ``hook`` is one of :data:`_REQUIRES_GRAD_HOOKS`: it only sets ``requires_grad`` on the
+    module's output, which a module with a trainable parameter has anyway (values and gradients unchanged)."""
+    module, name = getattr(hook, "__module__", None) or "", getattr(hook, "__name__", None)
+    return any(module.startswith(prefix) and name == expected for prefix, expected in _REQUIRES_GRAD_HOOKS)
 
 
 def global_module_hooks() -> bool:
