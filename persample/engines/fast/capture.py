@@ -470,7 +470,8 @@ class _UserCodeWatcher(TorchFunctionMode):
         if not results:
             return
         name = _op_name(func)
-        if name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {}):
+        if (name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {})) \
+                or _mixes_dim_zero(name, args, kwargs or {}):
             return
         operands = _operands(args, kwargs)
         if not operands:  # a new tensor (torch.ones(B, ...)): not computed from the inputs
@@ -491,6 +492,28 @@ class _UserCodeWatcher(TorchFunctionMode):
             self.after_forward[id(t)] = t
             if reads_activation and t.grad_fn is not None:
                 t.register_hook(_ReachReporter(self, f"{_op_name(func)} at {_caller_outside_torch()}"))
+
+
+#: Ops that reorder or combine the rows of a dim they are given (``x.flip(0)``, ``x.cumsum(0)``).
+_ALONG_DIM_OPS = frozenset({"flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort",
+                            "argsort", "index_select", "gather", "take_along_dim", "narrow", "scatter", "scatter_add",
+                            "index_add", "index_copy", "index_fill", "repeat_interleave", "unfold", "diff"})
+
+
+def _mixes_dim_zero(name: str, args, kwargs) -> bool:
+    """Whether op ``name`` may reorder or combine the rows of its operand's dim 0 (then its result's dim 0
+    is not that of the batch's examples one by one): an op along dim 0, or indexing dim 0 with a tensor."""
+    first = args[0] if args else None
+    if name == "__getitem__":
+        index = args[1] if len(args) > 1 else None
+        lead = index[0] if isinstance(index, tuple) and index else index
+        return isinstance(lead, (Tensor, list)) or (isinstance(lead, slice) and lead.step not in (None, 1))
+    if name not in _ALONG_DIM_OPS or not isinstance(first, Tensor) or first.dim() == 0:
+        return False
+    dims = [kwargs[k] for k in ("dim", "dims", "shifts_dims") if k in kwargs] + list(args[1:3])
+    flat = [d for r in dims for d in (r if isinstance(r, (list, tuple)) else (r,))]
+    return name in ("take_along_dim", "repeat_interleave") or any(
+        isinstance(d, int) and not isinstance(d, bool) and d % first.dim() == 0 for d in flat)
 
 
 class _ReachReporter:
