@@ -305,3 +305,43 @@ def test_lora_dropout_statistics_describe_the_forwards_own_masks():
         g = torch.stack(gs)
         torch.testing.assert_close(observed.stats.mean[n], g.mean(0), rtol=1e-9, atol=1e-14)
         torch.testing.assert_close(observed.stats.var[n], g.var(0), rtol=1e-9, atol=1e-14)
+
+
+# --------------------------------------------------------------- outputs that carry an intermediate tensor
+
+
+class _HiddenAndLogits(torch.nn.Module):
+    """Returns its logits and the hidden state they are computed from (as ``last_hidden_state`` next to
+    ``logits``, ``encoder_last_hidden_state`` in encoder-decoders)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return {"logits": self.b(h), "last_hidden_state": h, "first": h[:, :2]}
+
+
+def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = _HiddenAndLogits().double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+    def loss(out, t):
+        return F.cross_entropy(out["logits"], t)
+    expected = persample.grad_stats(model, loss, x, y, engine="loop")
+    tracker = persample.Tracker(model, loss)
+    with tracker.observe(y) as observed:
+        loss(model(x), y).backward()
+    for k in expected.mean:
+        torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(observed.stats.param_sq_norms[k], expected.param_sq_norms[k], rtol=1e-9, atol=0)
+    # a loss that also reads the intermediate tensor has a term of an activation: refused, not wrong
+    model.zero_grad()
+    with pytest.raises(persample.ObservationError, match="other than its output"):
+        with tracker.observe(y):
+            out = model(x)
+            (loss(out, y) + out["last_hidden_state"].pow(2).mean()).backward()

@@ -94,12 +94,15 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
             observation._output = output
             leaves = flat_leaves(output)
             with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
+                interior = _interior_leaves(leaves)
                 for i, leaf in enumerate(leaves):
-                    if isinstance(leaf, Tensor) and leaf.requires_grad:
+                    if isinstance(leaf, Tensor) and leaf.requires_grad and i not in interior:
                         leaf.register_hook(store_grad(observation._output_grads, i))
             observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
             capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
-            capture.watch_loss(leaves)  # the loss may read these, and what it computes from them
+            # the loss may read these, and what it computes from them; an interior output read by the loss
+            # is an activation like any other (a term the output-gradient check cannot see)
+            capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
 
         handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
         try:
@@ -146,6 +149,28 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
     _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None,
                          reference=reference)
+
+
+def _interior_leaves(leaves: list) -> set[int]:
+    """Indices of the output tensors that other outputs are computed from (``last_hidden_state`` and
+    ``encoder_last_hidden_state`` next to the ``logits`` computed from them): their gradient in the
+    backward is that of the later layers, not the loss's at the output, so it says nothing of the
+    loss's weights; a loss that reads them has a term of an activation (see ``watch_loss``)."""
+    nodes: dict = {}
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor) and t.grad_fn is not None:
+            nodes.setdefault(t.grad_fn, []).append(i)
+    if len(nodes) < 2:
+        return set()
+    seen: set = set()
+    stack = [nxt for node in nodes for nxt, _ in node.next_functions if nxt is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return {i for node, indices in nodes.items() if node in seen for i in indices}
 
 
 def _grad_snapshot(params) -> dict:
