@@ -527,6 +527,10 @@ class Tracker:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
+        if output_module is None and self._replicas is not None and self._replicas.wrapper is not None:
+            # DDP passes the module's output through its _DDPSink (find_unused_parameters, static_graph):
+            # the loss reads the wrapper's output, so that is the output observed
+            output_module = self._replicas.wrapper
         body_ran = False  # the block's own code (the user's forward and backward) returned
         observation = Observation()
         try:
