@@ -124,6 +124,12 @@ def test_tracker_on_refusal_options():
                 torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-12)
                 torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-12)
         assert len(tracker.refused) == 1 and "gradient hook" in tracker.refused[0][1]
+    # a fallback that fails too (here: inputs that are not the batch's) skips the step, with both reasons
+    tracker = persample.Tracker(model, loss, on_refusal="fallback")
+    with pytest.warns(persample.SkippedStatisticsWarning, match="failed too: ValueError"):
+        with tracker.observe(y, inputs=x[:2]) as observed:
+            loss(model(x), y).backward()
+    assert observed.stats is None and tracker.skipped == [0]
     # an error of the user's own code in the block is raised whatever on_refusal says
     tracker = persample.Tracker(model, loss, on_refusal="skip")
     with pytest.raises(persample.NotExact, match="mine"):
@@ -345,3 +351,136 @@ def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
         with tracker.observe(y):
             out = model(x)
             (loss(out, y) + out["last_hidden_state"].pow(2).mean()).backward()
+
+
+# ------------------------------------------------------------------------------------------------- Lightning
+
+
+def _lm_module(model):
+    L = pytest.importorskip("lightning")
+
+    class LM(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+        def training_step(self, batch, batch_idx):
+            return persample.causal_lm_loss()(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val_loss", self.training_step(batch, batch_idx))
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    return LM()
+
+
+def lightning_run(module, examples, *, tracked, steps, accumulation=1, precision="64-true", validate=False,
+                  **kwargs):
+    L = pytest.importorskip("lightning")
+    from persample.integrations.lightning import PersampleCallback
+    callbacks = [PersampleCallback(persample.causal_lm_loss().per_example, **kwargs)] if tracked else []
+    loader = torch.utils.data.DataLoader(examples, batch_size=B // accumulation)
+    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulation, precision=precision,
+                        gradient_clip_val=0.5, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                        limit_val_batches=1 if validate else 0, val_check_interval=1 if validate else None,
+                        num_sanity_val_steps=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging).*")
+        trainer.fit(module, loader, loader if validate else None)
+    return trainer, (callbacks[0] if callbacks else None)
+
+
+def lightning_cell(model, examples, *, steps=1, exact=True, **kwargs):
+    """Plain and tracked fits from the same start: identical parameters; each statistics step has a row of
+    diagnostics or a skip counter that explains its absence."""
+    start = _lm_module(model)
+    plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
+    lightning_run(plain, examples, tracked=False, steps=steps, **kwargs)
+    trainer, callback = lightning_run(tracked, examples, tracked=True, steps=steps, **kwargs)
+    _same_parameters(plain, tracked, exact=exact)
+    skipped = len(set(callback.tracker.skipped))
+    assert len(callback.diagnostics.rows) + skipped == steps
+    assert trainer.callback_metrics[SKIPPED] == skipped
+    assert (KEY in trainer.callback_metrics) == (skipped < steps)
+    return trainer, callback
+
+
+def _lightning_oracle(model, examples):
+    return oracle_noise_scale(copy.deepcopy(model), examples[:B])
+
+
+@pytest.mark.parametrize("setup", ["checkpointing", "lora-gpt2", "lora-llama"])
+def test_lightning_checkpointing_and_lora_are_exact(setup):
+    torch.manual_seed(0)
+    if setup == "checkpointing":
+        model = gpt2_tiny().double().train()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif setup == "lora-gpt2":
+        model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    else:
+        model = lora(llama_tiny().double(), ["q_proj", "v_proj"]).train()
+    examples = lm_examples(B)
+    oracle = _lightning_oracle(model, examples)
+    _, callback = lightning_cell(model, examples)
+    rtol = 1e-9 if setup != "lora-llama" else 1e-6  # Llama's RMSNorm computes in float32 in a float64 model
+    torch.testing.assert_close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, rtol=rtol, atol=0)
+    torch.testing.assert_close(callback.diagnostics.rows[0]["trace_cov"], oracle.trace_cov, rtol=rtol, atol=0)
+
+
+def test_lightning_reentrant_checkpointing_is_skipped_and_training_goes_on():
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.warns(persample.SkippedStatisticsWarning, match="use_reentrant"):
+        _, callback = lightning_cell(model, lm_examples(2 * B), steps=2)
+    assert callback.tracker.skipped == [0, 1]
+
+
+def test_lightning_lora_checkpointing_accumulation_and_validation():
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, callback = lightning_cell(model, lm_examples(3 * B, seed=4), steps=3, accumulation=2, validate=True)
+    assert callback.tracker.skipped == [] and callback.last_stats.n == B
+
+
+def test_lightning_bf16_lora():
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny(), ["c_attn"], fan_in_fan_out=True).train()
+    _, callback = lightning_cell(model, lm_examples(2 * B, seed=5), steps=2, exact=False, precision="bf16-mixed")
+    assert callback.tracker.skipped == []
+    assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())
+
+
+def test_lightning_refused_step_falls_back_to_the_exact_engines():
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(B)
+    oracle_model = copy.deepcopy(model)
+    _rewrite_gradient_hook(oracle_model)
+    oracle = _lightning_oracle(oracle_model, examples)
+    _rewrite_gradient_hook(model)
+    with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines instead"):
+        _, callback = lightning_cell(model, examples, on_refusal="fallback")
+    assert callback.tracker.skipped == [] and len(callback.tracker.refused) == 1
+    torch.testing.assert_close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, rtol=1e-9, atol=0)
+
+
+def test_lightning_reentrant_checkpointing_fallback_is_exact():
+    """Re-entrant checkpointing: observe refuses; the exact engines (the loop) compute the step's statistics,
+    which are those of the same model without checkpointing."""
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(B)
+    oracle = _lightning_oracle(model, examples)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines instead"):
+        _, callback = lightning_cell(model, examples, on_refusal="fallback")
+    assert callback.tracker.skipped == [] and "use_reentrant" in callback.tracker.refused[0][1]
+    torch.testing.assert_close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, rtol=1e-9, atol=0)
