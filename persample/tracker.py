@@ -442,7 +442,8 @@ class Tracker:
 
     @contextlib.contextmanager
     def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
-                output_module: nn.Module | None = None, inputs: Any = None) -> Iterator[Observation]:
+                output_module: nn.Module | None = None, inputs: Any = None,
+                wrapper: nn.Module | None = None) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
@@ -491,6 +492,13 @@ class Tracker:
         global mean need the inputs for a second pass: use :meth:`step`, or a
         shared reference (``accumulate(reference="last")`` or a dict).
 
+        ``wrapper``: the module your code calls, when it wraps the Tracker's
+        model and passes its output on unchanged (the DDP wrapper that a
+        framework made, Lightning's strategy wrapper): DDP with
+        ``find_unused_parameters`` or ``static_graph`` passes the output (and a
+        loss computed inside) through its ``_DDPSink``, and the loss then reads
+        those tensors. A Tracker given the DDP wrapper itself needs no ``wrapper``.
+
         Refusals (the Tracker's ``on_refusal``): where the statistics of the
         observed backward cannot be shown exact, the refusal is raised after
         your backward has run (``"raise"``); or the step is counted as skipped
@@ -536,7 +544,7 @@ class Tracker:
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"], inner_products=against_mean, reference=reference,
-                           output_module=output_module) as observation:
+                           output_module=output_module, wrapper=wrapper) as observation:
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
                 body_ran = True

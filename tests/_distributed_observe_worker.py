@@ -91,6 +91,72 @@ def observe_equals_step_under_static_graph():
     _observe_equals_step(lambda: mlp(seed=7), static_graph=True)
 
 
+# ------------------------------------------------------------------ the HF Trainer and Lightning under DDP
+
+
+def _gathered(tensor):
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, tensor)
+    return torch.cat(parts)
+
+
+def _hf_under_ddp(**ddp_args):
+    """track(trainer) under the Trainer's own DDP (gloo, 2 ranks, 2 examples each): parameters identical to
+    the untracked run; the logged statistics are those of the global batch (the float64 oracle)."""
+    import copy
+    import tempfile
+
+    import transformers
+
+    from persample.integrations.transformers import track
+    from test_integrations import lm_examples, oracle_noise_scale
+    from zoo import gpt2_tiny
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(8)
+    start = copy.deepcopy(model)
+
+    def run(m, tracked):
+        args = transformers.TrainingArguments(
+            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2,
+            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
+            disable_tqdm=True, ddp_backend="gloo", **ddp_args)
+        trainer = transformers.Trainer(model=m, args=args, train_dataset=examples)
+        seen = []
+        if tracked:
+            callback = track(trainer)
+            inner = trainer.training_step
+
+            def recording(model, inputs, *a, **k):
+                seen.append({key: v.clone() for key, v in inputs.items()})
+                return inner(model, inputs, *a, **k)
+            trainer.training_step = recording
+        trainer.train()
+        return trainer, seen
+    plain = copy.deepcopy(model)
+    run(plain, False)
+    trainer, seen = run(model, True)
+    for (n, a), b in zip(plain.named_parameters(), model.parameters()):
+        close(a, b, f"parameter {n}", rtol=0, atol=0)
+    rows = [h for h in trainer.state.log_history if "persample/b_simple" in h]
+    assert len(rows) == 1 and rows[0]["persample/skipped_steps"] == 0, trainer.state.log_history
+    batch = [dict(input_ids=i, attention_mask=a, labels=y) for i, a, y in zip(
+        _gathered(seen[0]["input_ids"]), _gathered(seen[0]["attention_mask"]), _gathered(seen[0]["labels"]))]
+    oracle = oracle_noise_scale(start, batch)
+    close(rows[0]["persample/b_simple"], oracle.b_simple, "b_simple vs the oracle", rtol=1e-6, atol=0)
+    close(rows[0]["persample/trace_cov"], oracle.trace_cov, "trace_cov vs the oracle", rtol=1e-6, atol=0)
+
+
+@scenario(2)
+def hf_trainer_under_ddp_default_find_unused_parameters():
+    _hf_under_ddp()
+
+
+@scenario(2)
+def hf_trainer_under_ddp_static_graph():
+    _hf_under_ddp(ddp_find_unused_parameters=False, ddp_static_graph=True)
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = rank_world()

@@ -125,7 +125,9 @@ class PersampleCallback(L.pytorch.Callback):
             self._accumulation = self._block.__enter__()
         module = None if self.output_module is None else self.output_module(pl_module)
         inputs = self.inputs(batch) if self.options["on_refusal"] == "fallback" else None
-        self._observe = self.tracker.observe(self.targets(batch), output_module=module, inputs=inputs)
+        wrapper = trainer.strategy.model if trainer.strategy.model is not pl_module else None  # DDP's, say
+        self._observe = self.tracker.observe(self.targets(batch), output_module=module, inputs=inputs,
+                                             wrapper=wrapper)
         self._observation = self._observe.__enter__()
 
     def on_before_backward(self, trainer, pl_module, loss):

@@ -156,7 +156,8 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
         if targets is None:
             raise ValueError(f"persample: the batch has no {labels!r} entry (pass labels= to track())")
         model_inputs = {k: v for k, v in inputs.items() if k != labels} if on_refusal == "fallback" else None
-        with tracker.observe(targets, output_module=output_module, inputs=model_inputs):
+        wrapper = model if model is not trainer.model else None  # DDP (accelerate's wrapper) passes the output on
+        with tracker.observe(targets, output_module=output_module, inputs=model_inputs, wrapper=wrapper):
             return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step

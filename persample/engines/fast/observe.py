@@ -73,12 +73,15 @@ class Observation:
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
               reduction: str | None = None, var: bool = True, inner_products: bool = False,
               output_module: nn.Module | None = None,
-              reference: dict[str, Tensor] | None = None) -> Iterator[Observation]:
+              reference: dict[str, Tensor] | None = None, wrapper: nn.Module | None = None) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
 
     ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
     for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits.
-    ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ)."""
+    ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ).
+    ``wrapper``: a module around ``model`` whose forward passes what it computed from the output on,
+    unchanged in value and gradient (DDP's ``_DDPSink``, which the op watchers cannot see): the tensors it
+    returns count as computed from the output, not as activations of the model."""
     if batch_size < 1:
         raise ValueError(f"observe() needs a batch with at least one example; the targets say {batch_size} "
                          "(an empty batch has no per-example gradients: skip the step)")
@@ -104,11 +107,21 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
 
-        handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
+        def wrapper_hook(module, args, output):
+            if capture.user_watcher.outputs is not None:  # after the model's forward: its output passed on
+                with torch._C.DisableTorchFunction():
+                    for t in tensors_in(output):
+                        if t.requires_grad:
+                            capture.user_watcher.after_forward[id(t)] = t
+
+        handles = [(model if output_module is None else output_module).register_forward_hook(root_hook)]
+        if wrapper is not None:
+            handles.append(wrapper.register_forward_hook(wrapper_hook))
         try:
             yield observation
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
             observation._audit = audit_graph(observation._roots, units, names)
         capture.end_forward()
