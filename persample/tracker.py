@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections import OrderedDict
@@ -545,6 +546,8 @@ class Tracker:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"], inner_products=against_mean, reference=reference,
                            output_module=output_module, wrapper=wrapper) as observation:
+                if local is not None:  # under DDP, this rank's own baseline moves with the observation's
+                    observation._on_rebase.append(functools.partial(_rebase_local, local))
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
                 body_ran = True
@@ -719,6 +722,11 @@ def _first_batch_forward(store: list, batch_size: int):
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
     return hook
+
+
+def _rebase_local(local: LocalGradients) -> None:
+    """``p.grad`` as it is now is the baseline of this rank's own gradient (Observation.rebase_grads)."""
+    local.before = {n: None if p.grad is None else p.grad.detach().clone() for n, p in local.params.items()}
 
 
 def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:

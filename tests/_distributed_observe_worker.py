@@ -157,6 +157,63 @@ def hf_trainer_under_ddp_static_graph():
     _hf_under_ddp(ddp_find_unused_parameters=False, ddp_static_graph=True)
 
 
+def _lightning_under_ddp(**ddp_kwargs):
+    """PersampleCallback under Lightning's DDPStrategy (gloo, 2 ranks, 4 examples each, 2 steps): parameters
+    identical to the untracked run; the first step's statistics are the global batch's oracle."""
+    import copy
+
+    import lightning as L
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from persample import noise
+    from persample.integrations.lightning import PersampleCallback
+    from test_integrations import _lightning_module
+    from zoo import oracle_grads
+    g = torch.Generator().manual_seed(0)
+    data = (torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))
+    start = _lightning_module().double()
+    seen = []
+
+    class Record(L.pytorch.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append([t.clone() for t in batch])
+
+    def fit(module, tracked):
+        callbacks = [PersampleCallback(F.cross_entropy), Record()] if tracked else []
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4)
+        trainer = L.Trainer(max_steps=2, strategy=DDPStrategy(process_group_backend="gloo", **ddp_kwargs),
+                            callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, accelerator="cpu", devices=2, precision="64-true")
+        trainer.fit(module, loader)
+        return callbacks[0] if callbacks else None
+    plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
+    fit(plain, False)
+    callback = fit(tracked, True)
+    for (n, a), b in zip(plain.named_parameters(), tracked.parameters()):
+        close(a, b, f"parameter {n}", rtol=0, atol=0)
+    assert callback.tracker.refused == [] and len(callback.diagnostics.rows) == 2, callback.tracker.refused
+    x, y = _gathered(seen[0][0]), _gathered(seen[0][1])
+    grads, _ = oracle_grads(copy.deepcopy(start.net), F.cross_entropy, x, y)
+    oracle = noise.gradient_noise_scale(persample.GradStats.from_per_example(
+        {f"net.{k}": v for k, v in grads.items()}, torch.zeros(len(y), dtype=torch.float64)))
+    close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, "b_simple vs the oracle", rtol=1e-9, atol=0)
+
+
+@scenario(2)
+def lightning_under_ddp():
+    _lightning_under_ddp()
+
+
+@scenario(2)
+def lightning_under_ddp_find_unused_parameters():
+    _lightning_under_ddp(find_unused_parameters=True)
+
+
+@scenario(2)
+def lightning_under_ddp_static_graph():
+    _lightning_under_ddp(static_graph=True)
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = rank_world()

@@ -60,6 +60,7 @@ class Observation:
     _roots: Any = None
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
+    _on_rebase: list = field(default_factory=list)  # callables that take their own baseline too
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -67,6 +68,8 @@ class Observation:
         Call it between the forward and the backward when something else changes ``p.grad`` there
         (Lightning zero-grads after ``training_step``, before ``backward``)."""
         self._before = _grad_snapshot(self._params)
+        for rebase in self._on_rebase:
+            rebase()
 
 
 @contextlib.contextmanager
@@ -94,6 +97,8 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
 
     with capturing(units, model, batch_size) as capture:
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
+            if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
+                return  # the module's forward, around the real one; a recomputation): not the observed forward
             observation._output = output
             leaves = flat_leaves(output)
             with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
