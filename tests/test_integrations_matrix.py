@@ -164,10 +164,11 @@ def hf_run(model, examples, tmp_path, *, tracked, steps=1, accumulation=1, eval_
            **args_kwargs):
     transformers = pytest.importorskip("transformers")
     evaluation = dict(eval_strategy="steps", eval_steps=eval_steps) if eval_steps else {}
+    args_kwargs.setdefault("save_strategy", "no")
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=B // accumulation,
         gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-2, max_grad_norm=0.5,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
+        logging_steps=1, report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
         disable_tqdm=True, per_device_eval_batch_size=B, **evaluation, **args_kwargs)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples,
                                    eval_dataset=examples[:B] if eval_steps else None)
@@ -484,3 +485,34 @@ def test_lightning_reentrant_checkpointing_fallback_is_exact():
         _, callback = lightning_cell(model, examples, on_refusal="fallback")
     assert callback.tracker.skipped == [] and "use_reentrant" in callback.tracker.refused[0][1]
     torch.testing.assert_close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, rtol=1e-9, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def test_hf_resume_from_a_checkpoint(tmp_path):
+    """A run resumed from a Trainer checkpoint trains as the untracked resumed run and logs its steps."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    examples = lm_examples(3 * B, seed=6)
+    first = copy.deepcopy(model)
+    hf_run(first, examples, tmp_path / "first", tracked=False, steps=3, save_strategy="steps", save_steps=1)
+    checkpoint = str(tmp_path / "first" / "checkpoint-1")
+    runs = {}
+    for tracked in (False, True):
+        m = copy.deepcopy(model)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"resumed{tracked}"), per_device_train_batch_size=B, max_steps=3,
+            learning_rate=1e-2, max_grad_norm=0.5, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+            seed=0, dataloader_drop_last=True, disable_tqdm=True)
+        trainer = transformers.Trainer(model=m, args=args, train_dataset=examples)
+        if tracked:
+            from persample.integrations.transformers import track
+            track(trainer)
+        trainer.train(resume_from_checkpoint=checkpoint)
+        runs[tracked] = (m, trainer)
+    _same_parameters(runs[False][0], runs[True][0])
+    _same_parameters(first, runs[True][0])
+    logged = _logged(runs[True][1])
+    assert [h["step"] for h in logged] == [2, 3] and all(KEY in h and h[SKIPPED] == 0 for h in logged)

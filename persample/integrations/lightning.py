@@ -31,7 +31,7 @@ skipped step), or computed by the exact engines on the batch's inputs
 (``on_refusal="fallback"``, one more pass), or raised (``"raise"``).
 
 Needs ``lightning`` (``pip install -e ".[lightning]"`` from a source checkout).
-Limits: automatic optimisation, one process, models the fast engine handles exactly.
+Limits: automatic optimisation; one process or ``DDPStrategy`` (statistics of the global batch).
 """
 
 from __future__ import annotations

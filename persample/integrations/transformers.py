@@ -39,7 +39,7 @@ gradient-accumulation step and logs the diagnostics through ``trainer.log``
   ``"raise"`` raises.
 
 Needs ``transformers`` (``pip install -e ".[hf]"`` from a source checkout).
-Limits: one process (no DDP/FSDP/DeepSpeed yet).
+Limits: one process or DDP (statistics of the global batch); no FSDP/DeepSpeed yet.
 """
 
 from __future__ import annotations
