@@ -134,7 +134,7 @@ def test_tracker_on_refusal_options():
     tracker = persample.Tracker(model, loss, on_refusal="skip")
     with pytest.raises(persample.NotExact, match="mine"):
         with tracker.observe(y):
-            raise persample.NotExact("mine")
+            raise persample.NotExact("mine", code="MODIFIED_IN_PLACE")
 
 
 # ------------------------------------------------------------------------------------------------ the matrix

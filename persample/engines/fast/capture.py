@@ -41,10 +41,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, buffer_slots, own_trainable_parameters
+from ..._torch_compat import torch_function_mode_stack
+from ...contract import Finding
 from ...errors import NotExact
 from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
@@ -232,7 +234,7 @@ class _BroadcastWatcher(TorchFunctionMode):
         self.batch_size = batch_size
         self.expanded: dict[int, _Expansion] = {}  # id → expansion (holding the tensor, so ids are not reused)
         self.suspects: dict[int, tuple] = {}  # id → (weak reference, label)
-        self.escape: str | None = None
+        self.escape: Finding | None = None
         self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
         self.paused = 0  # inside rule modules called on an expansion
         self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
@@ -268,7 +270,7 @@ class _BroadcastWatcher(TorchFunctionMode):
 
     def _escape(self, expansions: list[_Expansion], what: str) -> None:
         if self.escape is None:
-            self.escape = f"{expansions[0].label}; {what}"
+            self.escape = Finding("EXPANSION_ESCAPES", f"{expansions[0].label}; {what}")
 
     def _use_expanded(self, func, args, kwargs, operands: list[Tensor], expansions: list[_Expansion]):
         name = _op_name(func)
@@ -366,7 +368,7 @@ class _BroadcastWatcher(TorchFunctionMode):
                     problem = f"{name} gives shape {tuple(r.shape)}: it may have gained a leading dim"
             if problem is not None:
                 if self.escape is None:
-                    self.escape = f"{label}; {problem}. Its batch dim is ambiguous"
+                    self.escape = Finding("BATCH_DIM_AMBIGUOUS", f"{label}; {problem}. Its batch dim is ambiguous")
                 return
         for r in results:
             if id(r) not in self.suspects:
@@ -617,11 +619,11 @@ class Capture:
     user_watcher_exited: bool = False
 
     @property
-    def escape(self) -> str | None:
+    def escape(self) -> Finding | None:
         if self.lost_watch:
-            return ("part of the forward ran where the fast engine's checks cannot follow it (re-entrant "
-                    "gradient checkpointing, use_reentrant=True?); use checkpoint(..., use_reentrant=False), "
-                    f"{_HF_NON_REENTRANT}")
+            return Finding("REENTRANT_CHECKPOINT", "part of the forward ran where the fast engine's checks cannot "
+                           "follow it (re-entrant gradient checkpointing, use_reentrant=True?); use "
+                           "checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
         if self.watcher.escape is not None:
@@ -631,14 +633,14 @@ class Capture:
         return None
 
     @property
-    def rewritten_gradient(self) -> str | None:
+    def rewritten_gradient(self) -> Finding | None:
         """Why the backward's gradients cannot be read per example: a tensor hook registered in the
         forward rewrote one (known once the backward has run), or None."""
         if self.user_watcher.rewritten is None:
             return None
-        return (f"a gradient hook registered in the forward (tensor.register_hook on {self.user_watcher.rewritten}) "
-                "rewrote the batch's gradient, which the fast engine cannot apply to each example; the vmap and "
-                "loop engines do (engine='auto' takes them)")
+        return Finding("GRADIENT_REWRITTEN", "a gradient hook registered in the forward (tensor.register_hook on "
+                       f"{self.user_watcher.rewritten}) rewrote the batch's gradient, which the fast engine cannot "
+                       "apply to each example; the vmap and loop engines do (engine='auto' takes them)")
 
     def watch_loss(self, outputs: list) -> None:
         """From now on (the model's forward has returned), note ops that read an activation other than
@@ -695,17 +697,18 @@ def _exit_mode(mode: TorchFunctionMode) -> bool:
     """Leave ``mode`` if it is the innermost torch-function mode; False where torch dropped it: a mode
     entered inside a re-entrant checkpoint's forward (an ``autograd.Function``) is gone when it returns,
     and popping anyway would pop another mode."""
-    stack = _get_current_function_mode_stack()
+    stack = torch_function_mode_stack()
     if not stack or stack[-1] is not mode:
         return False
     mode.__exit__(None, None, None)
     return True
 
 
-def _ambiguous_expansion(label: str) -> str:
-    return (f"{label}; it meets a tensor whose dim 0 has the batch's size and another dim of that size, while "
-            "the forward moves dim 0 of some tensor (a transpose or permute): that tensor may be sequence-first, "
-            "so whether the expansion lines up with the batch is ambiguous")
+def _ambiguous_expansion(label: str) -> Finding:
+    return Finding("BATCH_DIM_AMBIGUOUS", f"{label}; it meets a tensor whose dim 0 has the batch's size and "
+                   "another dim of that size, while the forward moves dim 0 of some tensor (a transpose or "
+                   "permute): that tensor may be sequence-first, so whether the expansion lines up with the batch "
+                   "is ambiguous")
 
 
 @contextlib.contextmanager
@@ -788,7 +791,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
             if not (isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == batch_size):
-                watcher.escape = watcher.escape or f"{on.label}; module {unit.name or '<root>'} does not keep it one"
+                watcher.escape = watcher.escape or Finding(
+                    "EXPANSION_ESCAPES", f"{on.label}; module {unit.name or '<root>'} does not keep it one")
                 return None
             original = output[:1] if on.original.dim() == x.dim() else output[0]
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
@@ -882,24 +886,26 @@ def add_gradient(grads: dict, leaf_index: int, grad: Tensor | None) -> None:
         grads[leaf_index] = grad if previous is None else previous + grad
 
 
-def modified_in_place(units: list[Unit]) -> str | None:
+def modified_in_place(units: list[Unit]) -> Finding | None:
     """Why the captured inputs or output gradients cannot be trusted, or None: a unit's input was
     modified in place after the call (``y = self.proj(x); x.mul_(2)``), or an output that is a view
     was (``y = self.proj(x); y.mul_(2)`` on a 3-D input)."""
     for unit in units:
         label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         if any(call.input_modified_in_place(unit.params) for call in unit.calls):
-            return (f"an input or a parameter of {label} was modified in place after the module was called, so "
-                    "what the fast engine captured is not what the module computed with (autograd's own backward "
-                    "would refuse it too); use an out-of-place op (x = x * 2) or another engine")
+            return Finding("MODIFIED_IN_PLACE", f"an input or a parameter of {label} was modified in place after "
+                           "the module was called, so what the fast engine captured is not what the module "
+                           "computed with (autograd's own backward would refuse it too); use an out-of-place op "
+                           "(x = x * 2) or another engine", module=label)
         if any(call.changed_buffers for call in unit.calls):
-            return (f"{label} changed its buffers during the forward (spectral norm's power iteration, a running "
-                    "average?), so the fast engine cannot re-run its call for per-example gradients; the vmap and "
-                    "loop engines compute every example from the buffers as found (engine='auto' takes them)")
+            return Finding("BUFFERS_CHANGED", f"{label} changed its buffers during the forward (spectral norm's "
+                           "power iteration, a running average?), so the fast engine cannot re-run its call for "
+                           "per-example gradients; the vmap and loop engines compute every example from the "
+                           "buffers as found (engine='auto' takes them)", module=label)
         if any(call.view_modified_in_place() for call in unit.calls):
-            return (f"the output of {label} is a view and was modified in place after the module returned, which "
-                    "hides its gradient from the fast engine's hooks; use an out-of-place op (y = y * 2) or "
-                    "another engine")
+            return Finding("MODIFIED_IN_PLACE", f"the output of {label} is a view and was modified in place after "
+                           "the module returned, which hides its gradient from the fast engine's hooks; use an "
+                           "out-of-place op (y = y * 2) or another engine", module=label)
     return None
 
 
@@ -909,16 +915,16 @@ def modified_in_place(units: list[Unit]) -> str | None:
 class GraphAudit:
     """What one walk of the autograd graph found."""
 
-    escape: str | None
+    escape: Finding | None
     dim_zero_moved: bool
 
 
 _HF_NON_REENTRANT = ("or for Hugging Face models gradient_checkpointing_enable(gradient_checkpointing_kwargs="
                      "{'use_reentrant': False}) (TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
                      "False}); Lightning: your own checkpoint(..., use_reentrant=False))")
-REENTRANT_CHECKPOINT = ("re-entrant gradient checkpointing (use_reentrant=True) hides the checkpointed layers' "
-                        "inputs and output gradients from the fast engine; use checkpoint(..., use_reentrant=False), "
-                        + _HF_NON_REENTRANT)
+REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant gradient checkpointing (use_reentrant=True) "
+                               "hides the checkpointed layers' inputs and output gradients from the fast engine; "
+                               "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
 
 
 def _signed(value: int) -> int:
@@ -1013,9 +1019,9 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
         if pid in skip or pid not in names:
             continue
         if count != expected.get(pid, 0):
-            return GraphAudit(f"parameter {names[pid]!r} is used {count} time(s) in the graph but its module(s) "
-                              f"were called {expected.get(pid, 0)} time(s): it is used outside the module that "
-                              "owns it", moved)
+            return GraphAudit(Finding("PARAMETER_USED_OUTSIDE", f"parameter {names[pid]!r} is used {count} "
+                                      f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
+                                      "time(s): it is used outside the module that owns it"), moved)
     return GraphAudit(None, moved)
 
 
