@@ -567,6 +567,13 @@ class Tracker:
         finally:
             if local is not None:
                 local.restore()
+        if self._replicas is not None and self.on_refusal != "raise" and not _every_rank_has(
+                observation.stats is not None, self._replicas.group):
+            if observation.stats is not None:  # a step of the global batch: none, since a rank has none
+                self.refused.append((self.steps, "another rank had no statistics for this step"))
+                observation.stats, observation.skipped = None, True
+                if accumulating:
+                    self._accumulation.refused = True
         if self._replicas is not None and observation.stats is not None:
             observation.stats = self._replicas.reduce_stats(observation.stats)
         if observation.stats is None:
@@ -724,6 +731,16 @@ def _first_batch_forward(store: list, batch_size: int):
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
     return hook
+
+
+def _every_rank_has(flag: bool, group) -> bool:
+    """Whether ``flag`` holds on every rank of ``group`` (one small all-reduce), so that a step has one
+    outcome across ranks: statistics on all of them, or a skipped step on all of them."""
+    from .distributed import _comm_device
+
+    value = torch.tensor([0.0 if flag else 1.0], device=_comm_device(group, torch.device("cpu")))
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX, group=group)
+    return value.item() == 0.0
 
 
 def _rebase_local(local: LocalGradients) -> None:

@@ -91,6 +91,33 @@ def observe_equals_step_under_static_graph():
     _observe_equals_step(lambda: mlp(seed=7), static_graph=True)
 
 
+@scenario(2)
+def a_refusal_on_one_rank_skips_the_step_on_every_rank():
+    """on_refusal="skip": rank 0 refuses (a gradient hook that rewrites the gradient, here by x 1), rank 1
+    could compute its part: the step is skipped on both (one outcome, nobody left waiting in a collective),
+    and p.grad is DDP's average."""
+    from torch.nn.parallel import DistributedDataParallel
+    rank, _ = rank_world()
+    model = mlp(seed=3)
+    if rank == 0:
+        def rewrite(module, args, output):
+            output.register_hook(lambda g: g * 1.0)
+        model[1].register_forward_hook(rewrite)
+    observed, plain = DistributedDataParallel(model), DistributedDataParallel(mlp(seed=3))
+    tracker = persample.Tracker(observed, F.cross_entropy, on_refusal="skip")
+    x, y, _, _ = local_batches(1, seed=51)[0]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persample.SkippedStatisticsWarning)
+        with tracker.observe(y) as obs:
+            F.cross_entropy(observed(x), y).backward()
+    F.cross_entropy(plain(x), y).backward()
+    assert obs.stats is None and obs.skipped and tracker.skipped == [0], (obs.stats, tracker.skipped)
+    assert tracker.last_stats is None and len(tracker.refused) == 1
+    for (n, a), b in zip(observed.named_parameters(), plain.parameters()):
+        close(a.grad, b.grad, f"p.grad of {n}")
+
+
 # ------------------------------------------------------------------ the HF Trainer and Lightning under DDP
 
 
