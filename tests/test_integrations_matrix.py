@@ -516,3 +516,22 @@ def test_hf_resume_from_a_checkpoint(tmp_path):
     _same_parameters(first, runs[True][0])
     logged = _logged(runs[True][1])
     assert [h["step"] for h in logged] == [2, 3] and all(KEY in h and h[SKIPPED] == 0 for h in logged)
+
+
+def test_observe_hf_output_with_hidden_states_and_cache_is_exact():
+    """GPT-2 returning its hidden states and its key/value cache next to the logits (all computed before
+    them): a token-mean loss on the logits is observed exactly (it was refused as 'not a weighted sum')."""
+    torch.manual_seed(0)
+    model = gpt2_tiny().double()
+    model.config.output_hidden_states, model.config.use_cache = True, True
+    ids = torch.randint(1, 40, (4, 8))
+    loss = persample.causal_lm_loss()
+    expected = persample.grad_stats(model, loss.per_example, {"input_ids": ids}, ids, engine="loop")
+    tracker = persample.Tracker(model, loss)
+    with tracker.observe(ids) as observed:
+        out = model(input_ids=ids)
+        assert len(out.hidden_states) == 3 and out.past_key_values is not None
+        loss(out, ids).backward()
+    for k in expected.mean:
+        torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
