@@ -535,3 +535,34 @@ def test_observe_hf_output_with_hidden_states_and_cache_is_exact():
     for k in expected.mean:
         torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
+
+
+def test_lightning_resume_from_a_checkpoint(tmp_path):
+    """Lightning resumed from a checkpoint (ckpt_path): trains as the untracked resumed run, with statistics
+    on the resumed steps."""
+    L = pytest.importorskip("lightning")
+    from persample.integrations.lightning import PersampleCallback
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    examples = lm_examples(3 * B, seed=7)
+    start = _lm_module(model)
+
+    def fit(module, steps, tracked=False, ckpt_path=None, save=False):
+        callbacks = [PersampleCallback(persample.causal_lm_loss().per_example)] if tracked else []
+        if save:
+            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1,
+                                                                 save_top_k=-1, filename="{step}"))
+        trainer = L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=save,
+                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+                            precision="64-true", num_sanity_val_steps=0, limit_val_batches=0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging).*")
+            trainer.fit(module, torch.utils.data.DataLoader(examples, batch_size=B), ckpt_path=ckpt_path)
+        return callbacks[0] if tracked else None
+    fit(copy.deepcopy(start), 3, save=True)
+    checkpoint = str(tmp_path / "step=1.ckpt")
+    plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
+    fit(plain, 3, ckpt_path=checkpoint)
+    callback = fit(tracked, 3, tracked=True, ckpt_path=checkpoint)
+    _same_parameters(plain, tracked)
+    assert len(callback.diagnostics.rows) == 2 and callback.tracker.skipped == []
