@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
 import persample  # noqa: E402
-from _distributed_worker import close, close_dicts, global_batch, local_batches, mlp, rank_world  # noqa: E402
+from _distributed_worker import close, close_dicts, local_batches, mlp, rank_world  # noqa: E402
 
 SCENARIOS: dict[str, tuple] = {}
 
@@ -151,7 +151,7 @@ def _hf_under_ddp(**ddp_args):
         trainer = transformers.Trainer(model=m, args=args, train_dataset=examples)
         seen = []
         if tracked:
-            callback = track(trainer)
+            track(trainer)
             inner = trainer.training_step
 
             def recording(model, inputs, *a, **k):

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import persample
-from persample import noise
 
 from test_integrations import B, _hf_train, lm_examples, oracle_noise_scale
 from zoo import gpt2_tiny
