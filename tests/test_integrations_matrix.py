@@ -179,13 +179,14 @@ def hf_run(model, examples, tmp_path, *, tracked, steps=1, accumulation=1, eval_
     return trainer, callback
 
 
-def run_cell(model, examples, tmp_path, *, steps=1, exact=True, **kwargs):
+def run_cell(model, examples, tmp_path, *, steps=1, exact=True, track_kwargs=None, **kwargs):
     """Train ``model`` twice (plain, tracked) from the same start: identical parameters; returns the
     tracked run's (trainer, callback, logged rows). Every statistics step logs the diagnostics or the skip
     counter that explains their absence."""
     plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
     hf_run(plain, examples, tmp_path / "plain", tracked=False, steps=steps, **kwargs)
-    trainer, callback = hf_run(tracked, examples, tmp_path / "tracked", tracked=True, steps=steps, **kwargs)
+    trainer, callback = hf_run(tracked, examples, tmp_path / "tracked", tracked=True, steps=steps,
+                               track_kwargs=track_kwargs, **kwargs)
     _same_parameters(plain, tracked, exact=exact)
     logged = _logged(trainer)
     assert len(logged) == steps
@@ -221,6 +222,21 @@ def test_hf_reentrant_gradient_checkpointing_is_skipped_naming_the_fix(tmp_path)
     message = str([w for w in record if issubclass(w.category, persample.SkippedStatisticsWarning)][0].message)
     assert "gradient_checkpointing_kwargs={'use_reentrant': False}" in message
     assert [row[SKIPPED] for row in logged] == [1, 2]
+
+
+def test_hf_reentrant_gradient_checkpointing_fallback_is_exact(tmp_path):
+    """on_refusal="fallback": the exact engines compute the re-entrant step's statistics (those of the same
+    model without checkpointing)."""
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(B)
+    oracle = oracle_noise_scale(copy.deepcopy(model), examples)
+    with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines instead"):
+        _, callback, logged = run_cell(model, examples, tmp_path, gradient_checkpointing=True,
+                                       gradient_checkpointing_kwargs={"use_reentrant": True},
+                                       track_kwargs=dict(on_refusal="fallback"))
+    assert logged[0][SKIPPED] == 0 and callback.tracker.skipped == []
+    torch.testing.assert_close(logged[0][KEY], oracle.b_simple, rtol=1e-9, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

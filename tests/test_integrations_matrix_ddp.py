@@ -34,6 +34,7 @@ def outcomes(tmp_path_factory):
 
 
 @harness.needs_distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("name,world", _scenarios(), ids=lambda v: str(v))
 def test_observe_under_ddp(outcomes, name, world):
     failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes[name]) if o != "ok"]
