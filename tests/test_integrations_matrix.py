@@ -361,6 +361,12 @@ def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
         torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(observed.stats.param_sq_norms[k], expected.param_sq_norms[k], rtol=1e-9, atol=0)
+    flipped = _FrozenBaseAdapter(flip=True).double()
+    tracker = persample.Tracker(flipped, F.cross_entropy)
+    with pytest.raises(persample.NotExact) as refused:
+        with tracker.observe(y):
+            F.cross_entropy(flipped(ids), y).backward()
+    assert refused.value.code == "BATCH_DIM_AMBIGUOUS"
     # a loss that also reads the intermediate tensor has a term of an activation: refused, not wrong
     model.zero_grad()
     with pytest.raises(persample.ObservationError, match="other than its output"):
@@ -581,3 +587,42 @@ def test_lightning_resume_from_a_checkpoint(tmp_path):
     callback = fit(tracked, 3, tracked=True, ckpt_path=checkpoint)
     _same_parameters(plain, tracked)
     assert len(callback.diagnostics.rows) == 2 and callback.tracker.skipped == []
+
+
+class _FrozenBaseAdapter(torch.nn.Module):
+    """A frozen embedding and LayerNorm below a trainable adapter (LoRA's shape): the adapter's input has no
+    gradient, but it is computed from the model's inputs, so dim 0 is the batch even when T == B."""
+
+    def __init__(self, flip=False):
+        super().__init__()
+        self.flip = flip  # rows reordered along dim 0: no longer example i's activation at row i
+        self.embed, self.norm = torch.nn.Embedding(11, 6), torch.nn.LayerNorm(6)
+        self.adapter, self.head = torch.nn.Linear(6, 2, bias=False), torch.nn.Linear(2, 3)
+        for p in (*self.embed.parameters(), *self.norm.parameters()):
+            p.requires_grad_(False)
+
+    def forward(self, ids):
+        h = self.norm(self.embed(ids) * 2.0)
+        h = h.flip(0) if self.flip else h
+        a = self.adapter(h).reshape(h.shape[0], h.shape[1], 2)  # as attention splits heads
+        return self.head(torch.tanh(a)).mean(1)
+
+
+def test_observe_adapter_on_frozen_activations_is_exact_when_T_equals_B():
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    model = _FrozenBaseAdapter().double()
+    ids, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))  # T == B
+    expected = persample.grad_stats(model, F.cross_entropy, ids, y, engine="loop")
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with tracker.observe(y) as observed:
+        F.cross_entropy(model(ids), y).backward()
+    for k in expected.mean:
+        torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
+        torch.testing.assert_close(observed.stats.param_sq_norms[k], expected.param_sq_norms[k], rtol=1e-9, atol=0)
+    flipped = _FrozenBaseAdapter(flip=True).double()
+    tracker = persample.Tracker(flipped, F.cross_entropy)
+    with pytest.raises(persample.NotExact) as refused:
+        with tracker.observe(y):
+            F.cross_entropy(flipped(ids), y).backward()
+    assert refused.value.code == "BATCH_DIM_AMBIGUOUS"

@@ -506,6 +506,8 @@ def _mixes_dim_zero(name: str, args, kwargs) -> bool:
     """Whether op ``name`` may reorder or combine the rows of its operand's dim 0 (then its result's dim 0
     is not that of the batch's examples one by one): an op along dim 0, or indexing dim 0 with a tensor."""
     first = args[0] if args else None
+    if name.startswith("new_"):  # x.new_ones(T, T): a new tensor whose shape is not x's
+        return True
     if name == "__getitem__":
         index = args[1] if len(args) > 1 else None
         lead = index[0] if isinstance(index, tuple) and index else index
