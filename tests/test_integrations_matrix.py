@@ -340,9 +340,14 @@ class _HiddenAndLogits(torch.nn.Module):
         super().__init__()
         self.a, self.b = torch.nn.Linear(5, 6), torch.nn.Linear(6, 3)
 
-    def forward(self, x):
+    def forward(self, x, y=None, aux=0.0):
         h = torch.tanh(self.a(x))
-        return {"logits": self.b(h), "last_hidden_state": h, "first": h[:, :2]}
+        out = {"logits": self.b(h), "last_hidden_state": h, "first": h[:, :2]}
+        if y is not None:  # a loss computed inside the model, with an auxiliary term on the hidden state
+            out["loss"] = torch.nn.functional.cross_entropy(out["logits"], y)
+            if aux:
+                out["loss"] = out["loss"] + aux * h.pow(2).mean()
+        return out
 
 
 def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
@@ -361,6 +366,16 @@ def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
         torch.testing.assert_close(observed.stats.mean[k], expected.mean[k], rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
         torch.testing.assert_close(observed.stats.param_sq_norms[k], expected.param_sq_norms[k], rtol=1e-9, atol=0)
+    # the loss computed inside the model: exact; with a term on the hidden state there: refused, not wrong
+    model.zero_grad()
+    with tracker.observe(y) as observed:
+        model(x, y)["loss"].backward()
+    for k in expected.mean:
+        torch.testing.assert_close(observed.stats.var[k], expected.var[k], rtol=1e-9, atol=1e-15)
+    model.zero_grad()
+    with pytest.raises((persample.ObservationError, persample.BatchLossMismatch)):
+        with tracker.observe(y):
+            model(x, y, aux=0.1)["loss"].backward()
     # a loss that also reads the intermediate tensor has a term of an activation: refused, not wrong
     model.zero_grad()
     with pytest.raises(persample.ObservationError, match="other than its output"):

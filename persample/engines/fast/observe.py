@@ -102,7 +102,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
             observation._output = output
             leaves = flat_leaves(output)
             with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
-                interior = _interior_leaves(leaves)
+                interior = _interior_leaves(leaves, batch_size)
                 for i, leaf in enumerate(leaves):
                     if isinstance(leaf, Tensor) and leaf.requires_grad and i not in interior:
                         leaf.register_hook(store_grad(observation._output_grads, i))
@@ -170,26 +170,41 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
                          reference=reference)
 
 
-def _interior_leaves(leaves: list) -> set[int]:
-    """Indices of the output tensors that other outputs are computed from (``last_hidden_state`` and
-    ``encoder_last_hidden_state`` next to the ``logits`` computed from them): their gradient in the
-    backward is that of the later layers, not the loss's at the output, so it says nothing of the
-    loss's weights; a loss that reads them has a term of an activation (see ``watch_loss``)."""
+def _interior_leaves(leaves: list, batch_size: int) -> set[int]:
+    """Indices of the output tensors that other outputs batched over the examples are computed from
+    (``last_hidden_state`` and ``encoder_last_hidden_state`` next to the ``logits`` computed from them):
+    their gradient in the backward is that of the later layers, not the loss's at the output, so it says
+    nothing of the loss's weights; a loss that reads them has a term of an activation (see
+    ``watch_loss``). A scalar computed from the others (``out.loss``, computed inside the model) makes
+    none of them interior: its gradient at them is the loss's; and an output such a scalar reads other
+    than through the batched outputs (a router's auxiliary loss, inside the model) is not interior either,
+    so the weight check sees that term and refuses."""
     nodes: dict = {}
     for i, t in enumerate(leaves):
         if isinstance(t, Tensor) and t.grad_fn is not None:
             nodes.setdefault(t.grad_fn, []).append(i)
     if len(nodes) < 2:
         return set()
+    batched = {t.grad_fn for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0
+               and t.shape[0] == batch_size}
     seen: set = set()
-    stack = [nxt for node in nodes for nxt, _ in node.next_functions if nxt is not None]
+    stack = [nxt for node in batched for nxt, _ in node.next_functions if nxt is not None]
     while stack:
         node = stack.pop()
         if node in seen:
             continue
         seen.add(node)
         stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
-    return {i for node, indices in nodes.items() if node in seen for i in indices}
+    interior = {node for node in nodes if node in seen}
+    stack = [node for node in nodes if node not in batched]  # scalars: a loss computed inside the model
+    reached: set = set()
+    while stack:
+        node = stack.pop()
+        if node in reached or (node in batched and node not in interior):  # the loss of a batched output
+            continue
+        reached.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return {i for node in interior - reached for i in nodes[node]}
 
 
 def _grad_snapshot(params) -> dict:
