@@ -422,10 +422,22 @@ class _UserCodeWatcher(TorchFunctionMode):
     backward reaches them, the backwarded loss has a term that is not a loss of
     the output, which the output-gradient and ``p.grad`` checks cannot see (its
     gradient enters the layers below the activation, and ``p.grad`` has it too).
+
+    **Frozen activations of the batch** (during the model's forward). A result
+    without gradient whose dim 0 has the batch's size, computed from the
+    model's inputs or from such results (a frozen embedding and LayerNorm
+    below a LoRA adapter, PEFT's frozen base layers) by an op that keeps its
+    operand's dim 0 as its own (not a transpose of dim 0, not a broadcast
+    against a tensor of more dims, not a product contracting it), is batched
+    on dim 0 like the inputs: ``derived`` keeps it, and a rule module called
+    on it is not ambiguous (:class:`_BroadcastWatcher`'s suspects).
     """
 
-    def __init__(self):
+    def __init__(self, batch_size: int = 0):
         super().__init__()
+        self.batch_size = batch_size
+        self.input_storages: set[int] = set()  # storages of the model's inputs (filled by capturing)
+        self.derived: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # frozen results of the batch
         self.rewritten: str | None = None  # where the first rewriting hook was registered
         self.outputs: set[int] | None = None  # ids of the model's output tensors, once the forward returned
         self.after_forward: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # results of later ops
@@ -444,7 +456,35 @@ class _UserCodeWatcher(TorchFunctionMode):
         if self.outputs is not None:
             with torch._C.DisableTorchFunction():
                 self._follow_loss(func, args, kwargs, out)
+        elif self.input_storages:
+            with torch._C.DisableTorchFunction():
+                self._follow_inputs(func, args, kwargs, out)
         return out
+
+    def from_inputs(self, t: Tensor) -> bool:
+        """Whether ``t`` is batched on dim 0 as the model's inputs are: one of them (or a view sharing
+        their storage), or a frozen result computed from them (``derived``)."""
+        return self.derived.get(id(t)) is t or _storage(t) in self.input_storages
+
+    def _follow_inputs(self, func, args, kwargs, out) -> None:
+        batch = self.batch_size
+        results = [t for t in tensors_in(out) if t.grad_fn is None and t.dim() > 0 and t.shape[0] == batch]
+        if not results:
+            return
+        name = _op_name(func)
+        if (name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {})) \
+                or _mixes_dim_zero(name, args, kwargs or {}):
+            return
+        operands = _operands(args, kwargs)
+        if not operands:  # a new tensor (torch.ones(B, ...)): not computed from the inputs
+            return
+        rank = max(t.dim() for t in operands)
+        if not any(t.dim() == rank and t.shape[0] == batch and not _contracts_dim_zero(name, args, t)
+                   and (t.grad_fn is not None or self.from_inputs(t)) for t in operands):
+            return
+        for r in results:
+            if r.dim() >= rank:
+                self.derived[id(r)] = r
 
     def _follow_loss(self, func, args, kwargs, out) -> None:
         results = [t for t in tensors_in(out) if t.requires_grad]
@@ -454,6 +494,30 @@ class _UserCodeWatcher(TorchFunctionMode):
             self.after_forward[id(t)] = t
             if reads_activation and t.grad_fn is not None:
                 t.register_hook(_ReachReporter(self, f"{_op_name(func)} at {_caller_outside_torch()}"))
+
+
+#: Ops that reorder or combine the rows of a dim they are given (``x.flip(0)``, ``x.cumsum(0)``).
+_ALONG_DIM_OPS = frozenset({"flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort",
+                            "argsort", "index_select", "gather", "take_along_dim", "narrow", "scatter", "scatter_add",
+                            "index_add", "index_copy", "index_fill", "repeat_interleave", "unfold", "diff"})
+
+
+def _mixes_dim_zero(name: str, args, kwargs) -> bool:
+    """Whether op ``name`` may reorder or combine the rows of its operand's dim 0 (then its result's dim 0
+    is not that of the batch's examples one by one): an op along dim 0, or indexing dim 0 with a tensor."""
+    first = args[0] if args else None
+    if name.startswith("new_"):  # x.new_ones(T, T): a new tensor whose shape is not x's
+        return True
+    if name == "__getitem__":
+        index = args[1] if len(args) > 1 else None
+        lead = index[0] if isinstance(index, tuple) and index else index
+        return isinstance(lead, (Tensor, list)) or (isinstance(lead, slice) and lead.step not in (None, 1))
+    if name not in _ALONG_DIM_OPS or not isinstance(first, Tensor) or first.dim() == 0:
+        return False
+    dims = [kwargs[k] for k in ("dim", "dims", "shifts_dims") if k in kwargs] + list(args[1:3])
+    flat = [d for r in dims for d in (r if isinstance(r, (list, tuple)) else (r,))]
+    return name in ("take_along_dim", "repeat_interleave") or any(
+        isinstance(d, int) and not isinstance(d, bool) and d % first.dim() == 0 for d in flat)
 
 
 class _ReachReporter:
@@ -560,8 +624,8 @@ class Capture:
     def escape(self) -> Finding | None:
         if self.lost_watch:
             return Finding("REENTRANT_CHECKPOINT", "part of the forward ran where the fast engine's checks cannot "
-                           "follow it (re-entrant activation checkpointing, use_reentrant=True?); use "
-                           "checkpoint(..., use_reentrant=False)")
+                           "follow it (re-entrant gradient checkpointing, use_reentrant=True?); use "
+                           "checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
         if self.watcher.escape is not None:
@@ -674,7 +738,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
     handles = []
     active: list = []
     dim_watcher = _DimMoveWatcher(active) if watch_dim_moves else None
-    input_storages: set[int] = set()
+    input_storages: set[int] = set()  # also the user-code watcher's, which follows them through frozen ops
 
     def model_pre_hook(module, args, kwargs):
         if not capture.forward_ended:
@@ -744,7 +808,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                 label = (f"module {unit.name or '<root>'}: its input of shape {shape} has no batch dim (dim 0 "
                          f"is not the batch of {batch_size}), so its output was expanded over the batch")
             elif batch_size > 1 and shape and shape[0] == batch_size and x.grad_fn is None \
-                    and _storage(x) not in input_storages:
+                    and _storage(x) not in input_storages and not capture.user_watcher.from_inputs(x):
                 suspect = (f"module {unit.name or '<root>'}: its input of shape {shape} has dim 0 of the batch's "
                            f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                            "activation (a constant such as torch.arange(T) with T == B?)")
@@ -780,7 +844,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         return None
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
-    capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
+    capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size))
+    capture.user_watcher.input_storages = input_storages
     try:
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
         for unit in units:
@@ -856,9 +921,12 @@ class GraphAudit:
     dim_zero_moved: bool
 
 
-REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant activation checkpointing (use_reentrant=True) "
+_HF_NON_REENTRANT = ("or for Hugging Face models gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                     "{'use_reentrant': False}) (TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
+                     "False}); Lightning: your own checkpoint(..., use_reentrant=False))")
+REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant gradient checkpointing (use_reentrant=True) "
                                "hides the checkpointed layers' inputs and output gradients from the fast engine; "
-                               "use checkpoint(..., use_reentrant=False)")
+                               "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
 
 
 def _signed(value: int) -> int:
