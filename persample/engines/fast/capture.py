@@ -721,6 +721,10 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        substituted = _substituted_parameter(parameter_slots[id(unit)])
+        if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
+            watcher.escape = watcher.escape or _substitution(unit, substituted)
+            return None
         expanded = suspect = None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -775,6 +779,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         return None
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
+    parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
     try:
         handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
@@ -790,6 +795,33 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
         capture.end_forward()
+
+
+def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """``(owner, name, parameter)`` of every parameter slot in ``module``'s subtree, as found before the
+    forward: a call of the module computes with these very tensors unless something swapped them in."""
+    return [(owner, name, p) for owner in module.modules() for name, p in owner._parameters.items()
+            if p is not None]
+
+
+def _substituted_parameter(slots: list[tuple]) -> str | None:
+    """The name of a parameter slot that holds another tensor than it held before the forward (at a
+    call of its module), or None. ``torch.func.functional_call(module, {"weight": 1.1 * W}, x)`` puts
+    the derived tensor in the slot for the call: what the call's output gradient gives is the gradient
+    with respect to that tensor, which a closed-form rule (or a fallback's re-run with the module's own
+    parameters) would credit to W itself, dropping the chain rule through the derivation."""
+    for owner, name, p in slots:
+        if owner._parameters.get(name) is not p:
+            return name
+    return None
+
+
+def _substitution(unit: Unit, name: str) -> str:
+    return (f"module {unit.name or '<root>'} ({type(unit.module).__name__}) was called with its parameter "
+            f"{name!r} replaced by another tensor (torch.func.functional_call with weights derived from its own: "
+            "1.1·W, W + ε as in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call "
+            "receives is not the parameter's own; the vmap and loop engines differentiate through the "
+            "substitution (engine='auto' takes them)")
 
 
 def _storage(t: Tensor) -> int | None:
