@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +155,15 @@ def restore_rng(model: nn.Module, snapshot: list[Tensor]) -> None:
         torch.cuda.set_rng_state(state, device)
 
 
+def forward_hook_if_possible(module: nn.Module, hook) -> Any:
+    """``module.register_forward_hook(hook)``'s handle, or None where the module takes no hooks (a
+    TorchScript module raises): for hooks that only save work, never for ones a guard relies on."""
+    try:
+        return module.register_forward_hook(hook)
+    except RuntimeError:
+        return None
+
+
 def first_random_module(model: nn.Module, run) -> str:
     """The innermost module whose forward draws random numbers while ``run()`` runs (a label).
 
@@ -175,10 +184,10 @@ def first_random_module(model: nn.Module, run) -> str:
                 found.append(module_label(name, module))
         return hook
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post(name)))
     try:
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre))
+            handles.append(module.register_forward_hook(post(name)))
         with torch.random.fork_rng(devices=cuda_devices(model)), torch.no_grad():
             run()
     except Exception:  # the diagnosis is best effort: the caller raises its own error anyway

@@ -109,7 +109,17 @@ class Unit:
 
 
 def find_units(model: nn.Module) -> list[Unit]:
-    """Rule modules, and top-most rule-less modules owning parameters (covering their subtree)."""
+    """Rule modules, and top-most rule-less modules owning parameters (covering their subtree).
+
+    A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) anywhere in the model is refused:
+    it takes no hooks, runs its submodules' calls inlined where no hook sees them, and cannot be re-run
+    with other parameters by ``torch.func``."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise NotExact(f"module {name or '<root>'} is a TorchScript module (torch.jit.script or "
+                           "torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
+                           "engine (where torch.func can run it) or the per-example loop runs it as it is "
+                           "(engine='auto' takes them)")
     units: list[Unit] = []
     _add_units("", model, {}, units)
     return units
@@ -767,14 +777,14 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             watcher.watch_expansion(expanded, output, label, call)
             capture.watch()
             if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
-                rule_pre_hooks.extend(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True)
+                rule_pre_hooks.extend(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit)
                                       for unit in units if unit.rule is not None)
             return expanded
         if suspect is not None:
             watcher.watch_suspect(output, suspect)
             capture.watch()
             if not fallback_pre_hooks:  # from now on, rule-less modules' own ops are theirs
-                fallback_pre_hooks.extend(u.module.register_forward_pre_hook(fallback_pre_hook, with_kwargs=True)
+                fallback_pre_hooks.extend(_hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u)
                                           for u in units if u.rule is None)
         return None
 
@@ -782,11 +792,11 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
     try:
-        handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
+        handles.append(_hooked(model.register_forward_pre_hook, model_pre_hook, None))
         for unit in units:
             if dim_watcher is not None:
-                handles.append(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True))
-            handles.append(unit.module.register_forward_hook(post_hook(unit), with_kwargs=True))
+                handles.append(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit))
+            handles.append(_hooked(unit.module.register_forward_hook, post_hook(unit), unit))
         if dim_watcher is not None:
             dim_watcher.__enter__()
         capture.user_watcher.__enter__()  # inside the dim watcher, outside the broadcast watcher (end_forward)
@@ -795,6 +805,18 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
         capture.end_forward()
+
+
+def _hooked(register, hook, unit: Unit | None):
+    """``register(hook, with_kwargs=True)``; a module that refuses hooks (a TorchScript module, a
+    wrapper that overrides ``register_forward_hook``) is a refusal, never a crash: without the hook
+    the capture cannot see the calls."""
+    try:
+        return register(hook, with_kwargs=True)
+    except Exception as err:
+        where = "the model" if unit is None else f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
+        raise NotExact(f"the fast engine cannot hook {where}: {type(err).__name__}: "
+                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
 
 
 def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
