@@ -60,8 +60,12 @@ __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
 def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, *,
                     randomness: str = "error", var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None) -> GradStats:
+                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None,
+                    keep_output: list | None = None) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
+
+    ``keep_output``: a list that gets the model's output on the batch once the forward has run (also
+    when the engine then refuses), for checks at the output that need no forward of their own.
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
@@ -77,6 +81,8 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
         output = batch.forward(model)
+        if keep_output is not None:
+            keep_output.append(output)
         capture.end_model_forward()
         losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
         capture.end_forward()
