@@ -14,6 +14,7 @@ Conventions (shared by every engine):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Literal, Mapping
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import (check_clip_norm, check_supported, preserved_state, restore_buffer_state,
+from ._model import (RandomCalls, check_clip_norm, check_supported, preserved_state, restore_buffer_state,
                      trainable_parameters)
 from .batch_loss import check_batch_loss
 from .errors import BatchLossMismatch
@@ -90,10 +91,10 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
-    with preserved_state(model) as found:
+    with preserved_state(model, rewind_rng=randomness != "error") as found:
         # the check's forward: before the work where no random draw is allowed, else after the engines
         if batch_loss_check and randomness == "error":
-            _check_loss_on_batch(model, loss_fn, batch, None, found)
+            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
 
         def run(name: str):
             if name == "vmap":
@@ -187,23 +188,25 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     # Without the fast engine's forward, one of the check's own: before the work where no random draw
     # is allowed, else after the engines (it must not move their draws).
     check_first = batch_loss_check and chain[0] != "fast" and randomness == "error"
-    with preserved_state(model, fork_rng=fork_rng) as found:
+    # The generators are rewound only where the model may draw: other threads share them.
+    with preserved_state(model, fork_rng=fork_rng, rewind_rng=fork_rng and randomness != "error") as found:
         if check_first:
-            _check_loss_on_batch(model, loss_fn, batch, None, found)
+            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
         stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
             _check_loss_on_batch(model, loss_fn, batch, first_forward[0] if first_forward else None, found)
         return stats
 
 
-def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found) -> None:
+def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found,
+                         stop_random: bool = False) -> None:
     """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
     (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
     one more forward of the batch without gradients (buffers then put back as ``found``). A model
     that cannot run the whole batch at once leaves nothing to check."""
     if output is None:
-        try:
-            with torch.no_grad():
+        try:  # under randomness="error", stopped before a random draw (the engines refuse such a model)
+            with torch.no_grad(), RandomCalls(stop=True) if stop_random else contextlib.nullcontext():
                 output = batch.forward(model)
         except Exception:
             return

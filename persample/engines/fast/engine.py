@@ -39,15 +39,15 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
-from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced,
-                       rng_snapshot, trainable_parameters, translate_vmap_error)
+from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, trainable_parameters,
+                       translate_vmap_error)
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import (REENTRANT_CHECKPOINT, Call, Unit, add_gradient, audit_graph, capturing, find_units,
-                      modified_in_place)
+from .capture import (REENTRANT_CHECKPOINT, Call, RandomCallStopped, Unit, add_gradient, audit_graph, capturing,
+                      find_units, modified_in_place)
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
@@ -76,11 +76,14 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     refuse_unseen_hooks(model, "fast")
     units = find_units(model)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
-    rng_before = rng_snapshot(model)
     grad_scale = float(batch.size)
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
-                                        watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
-        output = batch.forward(model)
+                                        watch_dim_moves=_input_has_batch_sized_dim(batch),
+                                        stop_random=randomness != "different") as capture:
+        try:
+            output = batch.forward(model)
+        except RandomCallStopped:  # stopped before it drew
+            _refuse_random_draws(model, loss_fn, batch, randomness)
         if keep_output is not None:
             keep_output.append(output)
         capture.end_model_forward()
@@ -88,13 +91,14 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
-        if randomness != "different" and rng_advanced(model, rng_before):
+        if randomness != "different" and capture.random_call is not None:  # seen in the model's calls
             _refuse_random_draws(model, loss_fn, batch, randomness)
         modified = modified_in_place(units)
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
+        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()}, batch_size=batch.size,
+                            outputs=flat_leaves(output), inputs_moved=capture.raw_input_moved)
         if audit.escape is not None:
             raise NotExact(audit.escape)
         planned = plan_cuts(units, modes, mean_loss) if modes else []
