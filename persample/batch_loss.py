@@ -246,7 +246,11 @@ def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: i
     computed inside the model; it is not finite there; it is not a scalar on the whole batch) nothing
     can be told, and nothing is raised: :func:`persample.check_mean` tests those.
     """
+    from .engines.fast.losses import traced_standard_loss
+
     batch_fn, per_example_fn = loss_parts(loss_fn)
+    if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
+        return  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
     try:
         weights_at_output(batch_fn, per_example_fn, output, targets, batch_size)
     except (OpaqueLoss, NonFiniteLoss, NonFiniteExampleLoss):
