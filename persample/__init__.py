@@ -13,6 +13,8 @@ The flow, from batch to diagnostics::
   ranks' batches together) and the Tracker's DDP support.
 - :class:`BatchLoss`, :func:`causal_lm_loss`: batch losses that are not the
   mean of the per-example losses (token means, sums, class weights), ℓ = Σ_i w_i L_i.
+- :func:`explain`: per module its rule or fallback, every refusal with its code
+  (:mod:`persample.contract`), and the engine each entry point takes.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
   of the mean loss, raising :class:`MeanMismatchError` otherwise.
 
@@ -22,7 +24,10 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 from .api import grad_stats, per_sample_grads
 from .batch_loss import BatchLoss, BatchLossMismatch, causal_lm_loss
 from .check import MeanCheck, check_mean
-from .errors import MeanMismatchError, NotExact, ObservationError, SlowPathWarning, UnsupportedModelError
+from .errors import (MeanMismatchError, NotExact, ObservationError, PersampleError, SlowPathWarning,
+                     UnsupportedModelError)
+from .explain import Explanation, explain
+from .custom_rules import check_rule, register_rule, unregister_rule
 from .stats import GradStats
 from .tracker import Tracker
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
@@ -34,4 +39,5 @@ __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
     "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
+    "PersampleError", "explain", "Explanation", "register_rule", "unregister_rule", "check_rule",
 ]

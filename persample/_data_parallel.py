@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ._batch import Batch
 from ._sharding import refuse_sharded
+from ._torch_compat import ddp_comm_hooks
 from .distributed import DEFAULT_BUCKET_BYTES, all_reduce_gradients, all_reduce_stats, is_distributed
 from .errors import UnsupportedModelError
 from .stats import GradStats
@@ -133,17 +134,19 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
 
 
 def _refuse_custom_reduction(ddp: nn.Module) -> None:
-    if getattr(ddp, "_comm_hooks", None):
+    if ddp_comm_hooks(ddp):
         raise UnsupportedModelError(
             "persample.Tracker: this DistributedDataParallel model has a communication hook "
             "(register_comm_hook). Tracker.step averages gradients across ranks itself and would not apply "
             "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
-            "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook")
+            "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook",
+            code="DDP_COMM_HOOK")
     if getattr(ddp, "mixed_precision", None) is not None:
         raise UnsupportedModelError(
             "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
             "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
-            "for mixed precision instead, or Tracker.observe around your own DDP backward")
+            "for mixed precision instead, or Tracker.observe around your own DDP backward",
+            code="DDP_MIXED_PRECISION")
 
 
 class LocalGradients:

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._sharding import refuse_wrapped
 from .errors import UnsupportedModelError
+from ._torch_compat import global_backward_hooks, module_backward_hooks, tensor_gradient_hooks
 
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
@@ -92,19 +93,20 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 "so per-example gradients are undefined. Fixes: call model.eval() (or eval() on that "
                 "module) to use its running statistics; replace it with nn.GroupNorm or nn.LayerNorm; "
                 "or call torch.func.replace_all_batch_norm_modules_(model) to stop it tracking "
-                "running statistics.")
+                "running statistics.", code="BATCHNORM_TRAIN", module=label)
         if isinstance(module, _BatchNorm) and module.running_mean is None:
             raise UnsupportedModelError(
                 f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "
                 "it normalises with batch statistics even in eval mode, which couples the examples. "
-                "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.")
+                "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.",
+                code="BATCHNORM_NO_RUNNING_STATS", module=label)
         p = dropout_probability(module) if randomness == "error" else 0.0
         if p:
             raise UnsupportedModelError(
                 f"module {label} draws random numbers (dropout p={p}) in training mode, which "
                 "randomness='error' forbids. Pass randomness='different' (an independent mask "
                 "per example, like a normal batch) or randomness='same' (one mask shared by "
-                "all examples), or call model.eval().")
+                "all examples), or call model.eval().", code="RANDOM_UNDER_ERROR", module=label)
 
 
 def randomness_error(where: str) -> UnsupportedModelError:
@@ -113,7 +115,7 @@ def randomness_error(where: str) -> UnsupportedModelError:
         f"{where} draws random numbers (a dropout called as a function, attention dropout_p, ...) while "
         "randomness='error'. Pass randomness='different' for an independent draw per example (what a "
         "normal batch does) or randomness='same' for one draw shared by the batch; or call model.eval() "
-        "(or set the probability to 0) to switch it off.")
+        "(or set the probability to 0) to switch it off.", code="RANDOM_UNDER_ERROR")
 
 
 def is_vmap_randomness_error(err: BaseException) -> bool:
@@ -312,27 +314,24 @@ def has_gradient_hooks(model: nn.Module) -> bool:
     """Whether a trainable parameter has a tensor hook or a module a backward hook (its own or global):
     one walk over the modules' own dicts; :func:`hooked_parameters` and :func:`backward_hooked_module`
     then name them."""
-    from torch.nn.modules import module as module_lib
-    if getattr(module_lib, "_global_backward_hooks", None) or getattr(module_lib, "_global_backward_pre_hooks", None):
+    if global_backward_hooks():
         return True
-    return any(m._backward_hooks or m._backward_pre_hooks
-               or any(p._backward_hooks for p in own_trainable_parameters(m).values())
+    return any(module_backward_hooks(m) or any(tensor_gradient_hooks(p) for p in own_trainable_parameters(m).values())
                for m in model.modules())
 
 
 def hooked_parameters(model: nn.Module) -> list[str]:
     """Trainable parameters with tensor hooks (``p.register_hook``), which change their gradient."""
-    return [n for n, p in model.named_parameters() if p.requires_grad and p._backward_hooks]
+    return [n for n, p in model.named_parameters() if p.requires_grad and tensor_gradient_hooks(p)]
 
 
 def backward_hooked_module(model: nn.Module) -> str | None:
     """The first module with a backward hook (module or global), which may change the gradients
     that reach the modules before it; None when there is none."""
-    from torch.nn.modules import module as module_lib
-    if getattr(module_lib, "_global_backward_hooks", None) or getattr(module_lib, "_global_backward_pre_hooks", None):
+    if global_backward_hooks():
         return "a global module backward hook (register_module_full_backward_hook)"
     for name, module in model.named_modules():
-        if module._backward_hooks or module._backward_pre_hooks:
+        if module_backward_hooks(module):
             return f"module {module_label(name, module)}"
     return None
 

@@ -74,7 +74,7 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
         f"{where}: the model is sharded with {kind} ({api}), which persample does not support: "
         "each rank holds only a shard of every parameter, and FSDP's backward hooks (all-gather, "
         "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). "
-        + _FSDP2_FIX)
+        + _FSDP2_FIX, code="SHARDED_MODEL")
 
 
 def refuse_wrapped(model: nn.Module, where: str) -> None:
@@ -91,7 +91,8 @@ def refuse_wrapped(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: got a DistributedDataParallel wrapper. Pass ddp_model.module for this rank's "
             "statistics and combine the ranks' with persample.distributed.all_reduce_stats(stats), or use "
-            "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does")
+            "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does",
+            code="DDP_WRAPPER")
 
 
 def local_tensor(t: Tensor) -> Tensor:

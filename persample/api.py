@@ -25,6 +25,7 @@ from ._batch import Batch, as_batch
 from ._model import (RandomCalls, check_clip_norm, check_supported, preserved_state, restore_buffer_state,
                      trainable_parameters)
 from .batch_loss import check_batch_loss
+from .contract import refusal
 from .errors import BatchLossMismatch
 from ._progress import progress_bar
 from .errors import NotExact
@@ -215,7 +216,8 @@ def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output
     try:
         check_batch_loss(loss_fn, output, batch.targets, batch.size)
     except BatchLossMismatch as err:
-        raise BatchLossMismatch(
+        raise refusal(
+            "BATCH_LOSS_COUPLED",
             f"loss_fn couples the examples of the batch: {err}. Per-example gradients are those of loss_fn "
             "on each example alone, which is not the loss your batch computes (contrastive losses such as "
             "NT-Xent / SimCLR or CLIP, batch-hard triplets, batch-centred errors, a load-balancing term over "

@@ -179,9 +179,11 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
                 f"the per-example losses have non-finite gradients at the model output (examples {bad[:5]}): "
                 "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
-                "reduction='sum'>), or persample.causal_lm_loss() for token losses")
+                "reduction='sum'>), or persample.causal_lm_loss() for token losses",
+                code="EXAMPLE_LOSS_NOT_FINITE")
         if not bool(torch.isfinite(a2).all()):
-            raise NonFiniteExampleLoss(f"the gradient of {what} at the model output is not finite (inf/NaN)")
+            raise NonFiniteExampleLoss(f"the gradient of {what} at the model output is not finite (inf/NaN)",
+                                       code="BATCH_LOSS_NOT_FINITE")
         dot += (a2 * b2).sum(1, dtype=torch.float64).cpu()
         bb += (b2 * b2).sum(1, dtype=torch.float64).cpu()
     w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
@@ -203,7 +205,7 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
             f"multiple of L_i's (relative residual {(residual[i] / scale[i].clamp_min(1e-300)).item():.2e}). "
             "The statistics would be wrong. Pass the per-example loss that the batch loss combines, "
             "e.g. persample.BatchLoss(loss_fn, per_example=...) or persample.causal_lm_loss() for "
-            "token losses, or pass the targets that the loss uses")
+            "token losses, or pass the targets that the loss uses", code="BATCH_LOSS_MISMATCH")
     return w
 
 
@@ -338,7 +340,8 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
                 f"the per-example losses of examples {bad[:5]} are not finite while the batch loss is: an "
                 "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
-                "reduction='sum'>), or persample.causal_lm_loss() for token losses")
+                "reduction='sum'>), or persample.causal_lm_loss() for token losses",
+                code="EXAMPLE_LOSS_NOT_FINITE")
     on_batched = [i for i in differentiable if batched[i]]
     example_grads = [g for i, g in zip(differentiable, example_grads) if batched[i]]
     by_leaf = dict(zip(differentiable, batch_grads))

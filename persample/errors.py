@@ -13,31 +13,76 @@
   (1/B) Σ_i g_i ≠ autograd's gradient of the mean loss.
 - :class:`SlowPathWarning`: ``engine="auto"`` fell back to the per-example
   loop, which is exact but costs B forward + backward passes.
+
+Every refusal (the first four classes) carries a machine-readable ``code``
+declared in :mod:`persample.contract`, with the statement of the precondition
+that failed, the ``module`` it concerns where there is one, and the ``fix``.
+Match on ``err.code``, never on the prose::
+
+    >>> from persample.errors import NotExact
+    >>> err = NotExact("module 0 (Linear): ...", code="MODIFIED_IN_PLACE", module="0 (Linear)")
+    >>> err.code, err.module
+    ('MODIFIED_IN_PLACE', '0 (Linear)')
 """
 
 from __future__ import annotations
 
-__all__ = ["MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "BatchLossMismatch",
-           "SlowPathWarning"]
+__all__ = ["PersampleError", "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError",
+           "BatchLossMismatch", "SlowPathWarning"]
 
 
-class MeanMismatchError(AssertionError):
+class PersampleError(Exception):
+    """Base of persample's refusals: ``code`` (see :mod:`persample.contract`), ``module`` and ``fix``.
+
+    The message is the first argument, as for any exception; ``str(err)`` ends
+    with ``[code]`` when the error has a code, so logs show it too.
+    """
+
+    def __init__(self, message: str = "", *, code: str | None = None, module: str | None = None,
+                 fix: str | None = None):
+        super().__init__(message)
+        self.code = code if code is not None else getattr(message, "code", None)  # a contract.Finding
+        self.module = module if module is not None else getattr(message, "module", None)
+        self.fix = fix if fix is not None or self.code is None else _declared_fix(self.code)
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return f"{text} [{self.code}]" if self.code else text
+
+    def __reduce__(self):  # picklable across processes (multiprocessing, torch.distributed workers)
+        return _rebuild, (type(self), super().__str__(), self.code, self.module, self.fix)
+
+
+def _declared_fix(code: str) -> str | None:
+    from .contract import PRECONDITIONS  # below errors in the layering: imported when first needed
+    pre = PRECONDITIONS.get(code)
+    return pre.fix if pre is not None else None
+
+
+def _rebuild(cls, message, code, module, fix):
+    return cls(message, code=code, module=module, fix=fix)
+
+
+class MeanMismatchError(PersampleError, AssertionError):
     """The mean of the per-example gradients differs from autograd's gradient of the mean loss.
 
     Raised by :func:`persample.check_mean` (and ``Tracker(check_every=k)``). Its
     ``report`` attribute is the :class:`persample.MeanCheck` that failed.
     """
 
-    def __init__(self, message: str, report=None):
-        super().__init__(message)
+    def __init__(self, message: str, report=None, *, code: str | None = "MEAN_MISMATCH", **kwargs):
+        super().__init__(message, code=code, **kwargs)
         self.report = report
 
+    def __reduce__(self):
+        return MeanMismatchError, (super(PersampleError, self).__str__(), self.report)
 
-class UnsupportedModelError(ValueError):
+
+class UnsupportedModelError(PersampleError, ValueError):
     """The model's per-example gradients are undefined as configured (the message names the fix)."""
 
 
-class NotExact(RuntimeError):
+class NotExact(PersampleError, RuntimeError):
     """An engine cannot give exact statistics for this model or batch (the message says why).
 
     ``engine="auto"`` catches it and moves on to the next exact engine; with an
@@ -45,11 +90,11 @@ class NotExact(RuntimeError):
     """
 
 
-class ObservationError(RuntimeError):
+class ObservationError(PersampleError, RuntimeError):
     """The observed backward does not match the declared per-example loss (the message says how)."""
 
 
-class BatchLossMismatch(ValueError):
+class BatchLossMismatch(PersampleError, ValueError):
     """The batch loss is not Σ_i w_i L_i of the declared per-example losses (the message says how)."""
 
 

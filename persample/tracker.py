@@ -39,6 +39,7 @@ from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, resolve_replicas
 from ._model import (buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state,
                      trainable_parameters)
+from ._torch_compat import is_functorch_wrapped, post_accumulate_grad_hooks
 from .api import compute_stats, prepare_reference
 from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
                          reachable_leaves, weights_at_output)
@@ -383,7 +384,8 @@ class Tracker:
             raise BatchLossMismatch(
                 "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
                 "gradients can be combined as the loss combines them; this loss's weights differ "
-                + ("(it is computed inside the model)" if opaque else "(class weights?)"))
+                + ("(it is computed inside the model)" if opaque else "(class weights?)"),
+                code="CLIP_NEEDS_EQUAL_WEIGHTS")
         if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
             factor = _require_multiple(update, stats.mean) / batch.size
             weights = torch.full((batch.size,), factor, dtype=torch.float64)
@@ -592,7 +594,7 @@ def _run_post_accumulate_grad_hooks(leaves: list[Tensor]) -> None:
     they were registered, called with the leaf as a backward calls them once it has accumulated
     into its ``.grad``."""
     for leaf in leaves:
-        for hook in list((leaf._post_accumulate_grad_hooks or {}).values()):
+        for hook in list((post_accumulate_grad_hooks(leaf) or {}).values()):
             if hook(leaf) is not None:
                 raise RuntimeError("Tensor post accumulate grad hooks should return None.")
 
@@ -621,7 +623,7 @@ def _first_batch_forward(store: list, batch_size: int):
         if store:
             return
         tensors = tensors_in(output)
-        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        if any(is_functorch_wrapped(t) for t in tensors):
             return
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
@@ -654,7 +656,8 @@ def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float
             f"difference {err / max(g.abs().max().item(), 1e-300):.2e}): the examples weigh differently in "
             "the batch loss, and since the loss is computed inside the model (not from its output) persample "
             "cannot read the weights. Compute the loss from the model's output in loss_fn, e.g. "
-            "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`")
+            "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`",
+            code="OPAQUE_LOSS_NOT_MEAN")
     return c
 
 

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from .._torch_compat import post_accumulate_grad_hooks, set_post_accumulate_grad_hooks
 
 __all__ = ["gradients", "graph_leaves", "is_reentrant_checkpoint_node", "is_reentrant_checkpoint_error",
            "dense_gradient"]
@@ -38,17 +39,17 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor
     leaves = list({id(t): t for t in [*wrt, *also_restore, *graph_leaves([loss])[0]]
                    if t.is_leaf and t.requires_grad}.values())
     saved = [t.grad for t in leaves]
-    hooked = [(t, t._post_accumulate_grad_hooks) for t in leaves if t._post_accumulate_grad_hooks]
+    hooked = [(t, hooks) for t in leaves if (hooks := post_accumulate_grad_hooks(t))]
     try:
         for t in leaves:
             t.grad = None
         for t, _ in hooked:
-            t._post_accumulate_grad_hooks = OrderedDict()  # the user's dict stays as it is, handles too
+            set_post_accumulate_grad_hooks(t, None)  # the user's dict stays as it is, handles too
         loss.backward()
         return [t.grad for t in wrt]
     finally:
         for t, hooks in hooked:
-            t._post_accumulate_grad_hooks = hooks
+            set_post_accumulate_grad_hooks(t, hooks)
         for t, g in zip(leaves, saved):
             t.grad = g
 

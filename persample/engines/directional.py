@@ -61,7 +61,8 @@ def per_example_directional_derivatives(model: nn.Module, loss_fn: Callable[...,
         raise UnsupportedModelError(
             f"module {random[0]} draws random numbers (dropout) in training mode: per-example inner "
             "products from a second forward pass would see other dropout masks than the statistics. "
-            "Call model.eval(), or do without inner products (inner_products=False)")
+            "Call model.eval(), or do without inner products (inner_products=False)",
+            code="RANDOM_INNER_PRODUCTS", module=random[0])
     check_supported(model, "error")
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(direction))

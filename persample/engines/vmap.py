@@ -85,10 +85,11 @@ def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
     hooked = hooked_parameters(model)
     if hooked:
         raise NotExact(f"parameter {hooked[0]!r} has a gradient hook (p.register_hook), which the {engine} "
-                       "engine cannot apply to each example's gradient")
+                       "engine cannot apply to each example's gradient", code="PARAMETER_GRADIENT_HOOK")
     owner = backward_hooked_module(model)
     if owner is not None:
-        raise NotExact(f"{owner} has a backward hook, which the {engine} engine cannot apply per example")
+        raise NotExact(f"{owner} has a backward hook, which the {engine} engine cannot apply per example",
+                       code="MODULE_BACKWARD_HOOK", module=owner)
 
 
 @contextlib.contextmanager
@@ -106,7 +107,8 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator
         except RuntimeError as err:
             if is_vmap_randomness_error(err):
                 raise randomness_error(first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))) from err
-            raise NotExact(f"torch.func.vmap cannot run this model: {type(err).__name__}: {_first_line(err)}") from err
+            raise NotExact(f"torch.func.vmap cannot run this model: {type(err).__name__}: {_first_line(err)}",
+                           code="VMAP_CANNOT_RUN") from err
 
 
 def _first_line(err: BaseException) -> str:

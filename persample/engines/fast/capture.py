@@ -41,10 +41,12 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, buffer_slots, own_trainable_parameters, random_call
+from ..._torch_compat import torch_function_mode_stack
+from ...contract import Finding, refusal
 from ...errors import NotExact
 from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
@@ -116,10 +118,10 @@ def find_units(model: nn.Module) -> list[Unit]:
     with other parameters by ``torch.func``."""
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
-            raise NotExact(f"module {name or '<root>'} is a TorchScript module (torch.jit.script or "
-                           "torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
-                           "engine (where torch.func can run it) or the per-example loop runs it as it is "
-                           "(engine='auto' takes them)")
+            raise refusal("TORCHSCRIPT_MODULE", f"module {name or '<root>'} is a TorchScript module (torch.jit.script "
+                          "or torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
+                          "engine (where torch.func can run it) or the per-example loop runs it as it is "
+                          "(engine='auto' takes them)", module=name or "<root>")
     units: list[Unit] = []
     _add_units("", model, {}, units)
     return units
@@ -242,7 +244,7 @@ class _BroadcastWatcher(TorchFunctionMode):
         self.batch_size = batch_size
         self.expanded: dict[int, _Expansion] = {}  # id → expansion (holding the tensor, so ids are not reused)
         self.suspects: dict[int, tuple] = {}  # id → (weak reference, label)
-        self.escape: str | None = None
+        self.escape: Finding | None = None
         self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
         self.paused = 0  # inside rule modules called on an expansion
         self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
@@ -278,7 +280,7 @@ class _BroadcastWatcher(TorchFunctionMode):
 
     def _escape(self, expansions: list[_Expansion], what: str) -> None:
         if self.escape is None:
-            self.escape = f"{expansions[0].label}; {what}"
+            self.escape = Finding("EXPANSION_ESCAPES", f"{expansions[0].label}; {what}")
 
     def _use_expanded(self, func, args, kwargs, operands: list[Tensor], expansions: list[_Expansion]):
         name = _op_name(func)
@@ -376,7 +378,7 @@ class _BroadcastWatcher(TorchFunctionMode):
                     problem = f"{name} gives shape {tuple(r.shape)}: it may have gained a leading dim"
             if problem is not None:
                 if self.escape is None:
-                    self.escape = f"{label}; {problem}. Its batch dim is ambiguous"
+                    self.escape = Finding("BATCH_DIM_AMBIGUOUS", f"{label}; {problem}. Its batch dim is ambiguous")
                 return
         for r in results:
             if id(r) not in self.suspects:
@@ -677,10 +679,11 @@ class Capture:
     user_watcher_exited: bool = False
 
     @property
-    def escape(self) -> str | None:
+    def escape(self) -> Finding | None:
         if self.lost_watch:
-            return ("part of the forward ran where the fast engine's checks cannot follow it (re-entrant "
-                    "activation checkpointing, use_reentrant=True?); use checkpoint(..., use_reentrant=False)")
+            return Finding("REENTRANT_CHECKPOINT", "part of the forward ran where the fast engine's checks cannot "
+                           "follow it (re-entrant activation checkpointing, use_reentrant=True?); use "
+                           "checkpoint(..., use_reentrant=False)")
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
         if self.user_watcher.mixed is not None:
@@ -692,14 +695,14 @@ class Capture:
         return None
 
     @property
-    def rewritten_gradient(self) -> str | None:
+    def rewritten_gradient(self) -> Finding | None:
         """Why the backward's gradients cannot be read per example: a tensor hook registered in the
         forward rewrote one (known once the backward has run), or None."""
         if self.user_watcher.rewritten is None:
             return None
-        return (f"a gradient hook registered in the forward (tensor.register_hook on {self.user_watcher.rewritten}) "
-                "rewrote the batch's gradient, which the fast engine cannot apply to each example; the vmap and "
-                "loop engines do (engine='auto' takes them)")
+        return Finding("GRADIENT_REWRITTEN", "a gradient hook registered in the forward (tensor.register_hook on "
+                       f"{self.user_watcher.rewritten}) rewrote the batch's gradient, which the fast engine cannot "
+                       "apply to each example; the vmap and loop engines do (engine='auto' takes them)")
 
     def watch_loss(self, outputs: list) -> None:
         """From now on (the model's forward has returned), note ops that read an activation other than
@@ -762,17 +765,18 @@ def _exit_mode(mode: TorchFunctionMode) -> bool:
     """Leave ``mode`` if it is the innermost torch-function mode; False where torch dropped it: a mode
     entered inside a re-entrant checkpoint's forward (an ``autograd.Function``) is gone when it returns,
     and popping anyway would pop another mode."""
-    stack = _get_current_function_mode_stack()
+    stack = torch_function_mode_stack()
     if not stack or stack[-1] is not mode:
         return False
     mode.__exit__(None, None, None)
     return True
 
 
-def _ambiguous_expansion(label: str) -> str:
-    return (f"{label}; it meets a tensor whose dim 0 has the batch's size and another dim of that size, while "
-            "the forward moves dim 0 of some tensor (a transpose or permute): that tensor may be sequence-first, "
-            "so whether the expansion lines up with the batch is ambiguous")
+def _ambiguous_expansion(label: str) -> Finding:
+    return Finding("BATCH_DIM_AMBIGUOUS", f"{label}; it meets a tensor whose dim 0 has the batch's size and "
+                   "another dim of that size, while the forward moves dim 0 of some tensor (a transpose or "
+                   "permute): that tensor may be sequence-first, so whether the expansion lines up with the batch "
+                   "is ambiguous")
 
 
 @contextlib.contextmanager
@@ -863,7 +867,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
             if not (isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == batch_size):
-                watcher.escape = watcher.escape or f"{on.label}; module {unit.name or '<root>'} does not keep it one"
+                watcher.escape = watcher.escape or Finding(
+                    "EXPANSION_ESCAPES", f"{on.label}; module {unit.name or '<root>'} does not keep it one")
                 return None
             original = output[:1] if on.original.dim() == x.dim() else output[0]
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
@@ -939,8 +944,8 @@ def _hooked(register, hook, unit: Unit | None):
         return register(hook, with_kwargs=True)
     except Exception as err:
         where = "the model" if unit is None else f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
-        raise NotExact(f"the fast engine cannot hook {where}: {type(err).__name__}: "
-                       f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        raise refusal("CAPTURE_HOOK_REFUSED", f"the fast engine cannot hook {where}: {type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
 
 
 def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
@@ -962,12 +967,13 @@ def _substituted_parameter(slots: list[tuple]) -> str | None:
     return None
 
 
-def _substitution(unit: Unit, name: str) -> str:
-    return (f"module {unit.name or '<root>'} ({type(unit.module).__name__}) was called with its parameter "
-            f"{name!r} replaced by another tensor (torch.func.functional_call with weights derived from its own: "
-            "1.1·W, W + ε as in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call "
-            "receives is not the parameter's own; the vmap and loop engines differentiate through the "
-            "substitution (engine='auto' takes them)")
+def _substitution(unit: Unit, name: str) -> Finding:
+    label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
+    return Finding("PARAMETER_SUBSTITUTED", f"module {label} was called with its parameter {name!r} replaced by "
+                   "another tensor (torch.func.functional_call with weights derived from its own: 1.1·W, W + ε as "
+                   "in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call receives is not "
+                   "the parameter's own; the vmap and loop engines differentiate through the substitution "
+                   "(engine='auto' takes them)", module=label)
 
 
 def _storage(t: Tensor) -> int | None:
@@ -996,24 +1002,26 @@ def add_gradient(grads: dict, leaf_index: int, grad: Tensor | None) -> None:
         grads[leaf_index] = grad if previous is None else previous + grad
 
 
-def modified_in_place(units: list[Unit]) -> str | None:
+def modified_in_place(units: list[Unit]) -> Finding | None:
     """Why the captured inputs or output gradients cannot be trusted, or None: a unit's input was
     modified in place after the call (``y = self.proj(x); x.mul_(2)``), or an output that is a view
     was (``y = self.proj(x); y.mul_(2)`` on a 3-D input)."""
     for unit in units:
         label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         if any(call.input_modified_in_place(unit.params) for call in unit.calls):
-            return (f"an input or a parameter of {label} was modified in place after the module was called, so "
-                    "what the fast engine captured is not what the module computed with (autograd's own backward "
-                    "would refuse it too); use an out-of-place op (x = x * 2) or another engine")
+            return Finding("MODIFIED_IN_PLACE", f"an input or a parameter of {label} was modified in place after "
+                           "the module was called, so what the fast engine captured is not what the module "
+                           "computed with (autograd's own backward would refuse it too); use an out-of-place op "
+                           "(x = x * 2) or another engine", module=label)
         if any(call.changed_buffers for call in unit.calls):
-            return (f"{label} changed its buffers during the forward (spectral norm's power iteration, a running "
-                    "average?), so the fast engine cannot re-run its call for per-example gradients; the vmap and "
-                    "loop engines compute every example from the buffers as found (engine='auto' takes them)")
+            return Finding("BUFFERS_CHANGED", f"{label} changed its buffers during the forward (spectral norm's "
+                           "power iteration, a running average?), so the fast engine cannot re-run its call for "
+                           "per-example gradients; the vmap and loop engines compute every example from the "
+                           "buffers as found (engine='auto' takes them)", module=label)
         if any(call.view_modified_in_place() for call in unit.calls):
-            return (f"the output of {label} is a view and was modified in place after the module returned, which "
-                    "hides its gradient from the fast engine's hooks; use an out-of-place op (y = y * 2) or "
-                    "another engine")
+            return Finding("MODIFIED_IN_PLACE", f"the output of {label} is a view and was modified in place after "
+                           "the module returned, which hides its gradient from the fast engine's hooks; use an "
+                           "out-of-place op (y = y * 2) or another engine", module=label)
     return None
 
 
@@ -1023,12 +1031,13 @@ def modified_in_place(units: list[Unit]) -> str | None:
 class GraphAudit:
     """What one walk of the autograd graph found."""
 
-    escape: str | None
+    escape: Finding | None
     dim_zero_moved: bool
 
 
-REENTRANT_CHECKPOINT = ("re-entrant activation checkpointing (use_reentrant=True) hides the checkpointed layers' "
-                        "inputs and output gradients from the fast engine; use checkpoint(..., use_reentrant=False)")
+REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant activation checkpointing (use_reentrant=True) "
+                               "hides the checkpointed layers' inputs and output gradients from the fast engine; "
+                               "use checkpoint(..., use_reentrant=False)")
 
 
 def _signed(value: int) -> int:
@@ -1054,10 +1063,11 @@ def _moves_dim_zero(node) -> bool:
     return False
 
 
-def batch_mixing(what: str) -> str:
-    return (f"the forward mixes the examples of the batch: {what}, so an example's output depends on other "
-            "examples and its gradient cannot be read off the batch's backward; engine='auto' computes each "
-            "example alone (the vmap engine or the loop: the gradient of loss_fn on a batch of one)")
+def batch_mixing(what: str) -> Finding:
+    return Finding("BATCH_MIXED", f"the forward mixes the examples of the batch: {what}, so an example's output "
+                   "depends on other examples and its gradient cannot be read off the batch's backward; "
+                   "engine='auto' computes each example alone (the vmap engine or the loop: the gradient of "
+                   "loss_fn on a batch of one)")
 
 
 #: Backward nodes (their names without the trailing number) of ops that combine or reorder the rows of
@@ -1257,9 +1267,9 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
         if pid in skip or pid not in names:
             continue
         if count != expected.get(pid, 0):
-            return GraphAudit(f"parameter {names[pid]!r} is used {count} time(s) in the graph but its module(s) "
-                              f"were called {expected.get(pid, 0)} time(s): it is used outside the module that "
-                              "owns it", moved)
+            return GraphAudit(Finding("PARAMETER_USED_OUTSIDE", f"parameter {names[pid]!r} is used {count} "
+                                      f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
+                                      "time(s): it is used outside the module that owns it"), moved)
     return GraphAudit(None, moved)
 
 

@@ -34,13 +34,14 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
-from torch._C._functorch import is_batchedtensor
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
 from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, trainable_parameters,
                        translate_vmap_error)
+from ..._torch_compat import is_batched_tensor
+from ...contract import Finding
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
@@ -151,7 +152,7 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
     if randomness == "error":
         raise randomness_error(first_random_module(model, lambda: batch.call(model, loss_fn)))
     raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward, "
-                   "which draws independent numbers for every example")
+                   "which draws independent numbers for every example", code="RANDOM_SAME_BATCHED")
 
 
 #: A Linear's weight on sequences at least this long has its g_i formed even without the variance:
@@ -227,7 +228,7 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
         return closed
     leaves, spec, batched = output_leaves(output, batch_size)
     if not any(batched):
-        raise NotExact("the model's output has no tensor batched on dim 0")
+        raise NotExact("the model's output has no tensor batched on dim 0", code="OUTPUT_NOT_BATCHED")
     # Differentiable outputs shared by the batch enter through fresh leaves, to see whether L_i reads them.
     shared = {i: t.detach().requires_grad_() for i, (t, b) in enumerate(zip(leaves, batched))
               if isinstance(t, Tensor) and not b and t.requires_grad}
@@ -235,7 +236,7 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
 
     def one(leaves, target):
         loss = example_loss(loss_fn, example_output(leaves, batched, spec), target)
-        if not is_batchedtensor(loss):
+        if not is_batched_tensor(loss):
             raise NotExact(_NOT_PER_EXAMPLE)
         return loss
 
@@ -249,17 +250,18 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
         if clearer is not None:
             raise clearer from err
         raise NotExact(f"torch.func.vmap cannot evaluate loss_fn on each example of the batched output: "
-                       f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+                       f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+                       code="LOSS_NOT_VMAPPABLE") from err
     if shared and any(g is not None for g in torch.autograd.grad(
             losses.sum(), list(shared.values()), allow_unused=True, retain_graph=True)):
         raise NotExact(_NOT_PER_EXAMPLE)
     return losses
 
 
-_NOT_PER_EXAMPLE = ("loss_fn's value for an example depends on a model output shared by the whole batch (a batch "
-                    "loss the model computed, such as Hugging Face's out.loss with labels=, or "
-                    "AdaptiveLogSoftmaxWithLoss's loss): per-example losses cannot be read off a batched "
-                    "forward, so each example is evaluated on its own instead")
+_NOT_PER_EXAMPLE = Finding("LOSS_NOT_PER_EXAMPLE", "loss_fn's value for an example depends on a model output "
+                           "shared by the whole batch (a batch loss the model computed, such as Hugging Face's "
+                           "out.loss with labels=, or AdaptiveLogSoftmaxWithLoss's loss): per-example losses cannot "
+                           "be read off a batched forward, so each example is evaluated on its own instead")
 
 
 def output_leaves(output, batch_size: int) -> tuple[list, Any, list[bool]]:
@@ -311,17 +313,19 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     leaves = flat_leaves(call.output)
     if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
         raise NotExact(f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule "
-                       "does not cover")
+                       "does not cover", code="RULE_NOT_APPLICABLE", module=unit.name or "<root>")
     x = at_least_float32(call.args[0].detach())
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     try:
         return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
     except LayoutError as err:
-        raise NotExact(f"module {unit.name or '<root>'}: {err}") from None
+        raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code,
+                       module=unit.name or "<root>") from None
     except Exception as err:  # a precondition of the closed form failed: never guess, fall back
         raise NotExact(f"module {unit.name or '<root>'} ({type(unit.module).__name__}): its {unit.rule.name} "
-                       f"rule does not apply ({type(err).__name__}: {err})") from err
+                       f"rule does not apply ({type(err).__name__}: {err})", code="RULE_NOT_APPLICABLE",
+                       module=unit.name or "<root>") from err
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -354,7 +358,7 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
     for t, d in zip(in_leaves + out_leaves, in_dims + out_dims):
         if d is not None and (t.dim() <= d or t.shape[d] != batch_size):
             raise NotExact(f"module {type(module).__name__}: a tensor of shape {tuple(t.shape)} is not "
-                           f"batched on dim {d}")
+                           f"batched on dim {d}", code="FALLBACK_NOT_BATCHED")
     return in_dims, out_dims
 
 
@@ -372,7 +376,7 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     for leaf, d in zip(out_leaves, out_dims):
         if isinstance(leaf, Tensor) and d is None:
             raise NotExact(f"module {label} returns a tensor of shape {tuple(leaf.shape)} that is not "
-                           f"batched over the {batch_size} examples")
+                           f"batched over the {batch_size} examples", code="FALLBACK_NOT_BATCHED", module=label)
     tensor_outputs = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]
     cotangents = [call.out_grads[i] * grad_scale if i in call.out_grads else torch.zeros_like(out_leaves[i])
                   for i in tensor_outputs]
@@ -400,18 +404,27 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow
         clearer = translate_vmap_error(err) if isinstance(err, RuntimeError) else None
         raise NotExact(f"module {label} has no closed-form rule and torch.func could not isolate it: "
-                       f"{clearer or err}") from err
+                       f"{clearer or err}", code="FALLBACK_NOT_ISOLATED", module=label) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
 
 
 def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor],
                          by_id: dict[int, str]) -> None:
-    """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0)."""
+    """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
+    a user's rule (:func:`persample.register_rule`) is held to the same check."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     differing = means_that_differ({n: pieces[n] for n in names}, means, float64_rtol=1e-5)
     if differing:
         raise NotExact(f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
-                       "autograd's gradient: the module does not keep examples apart on dim 0")
+                       "autograd's gradient: the module does not keep examples apart on dim 0",
+                       code="FALLBACK_SUM_MISMATCH")
+    checked = [by_id[id(p)] for unit in units if unit.rule is not None and unit.rule.user
+               for p in unit.params.values() if id(p) in by_id]
+    differing = means_that_differ({n: pieces[n] for n in checked if n in pieces}, means, float64_rtol=1e-5)
+    if differing:
+        raise NotExact(f"per-example gradients of {differing[0]!r} from its registered rule do not add up to "
+                       "autograd's gradient: the rule is wrong for this module or call",
+                       code="CUSTOM_RULE_SUM_MISMATCH")
 
 
 #: Parameters with at most this many elements have their sums compared exactly (it is cheap).

@@ -116,7 +116,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
                 "head?). Its gradient reaches the layers below that activation, so the statistics would "
                 "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
                 "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
-                "the output alone")
+                "the output alone", code="OBSERVE_AUXILIARY_TERM")
         if capture.escape is not None:
             raise NotExact(capture.escape)
     with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
@@ -128,7 +128,8 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
                     reduction, var, inner_products, reference=None) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError("no forward of the model reached a backward inside the block: run "
-                               "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`")
+                               "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`",
+                               code="OBSERVE_NO_BACKWARD")
     if observation._audit.escape is not None:
         raise NotExact(observation._audit.escape)
     modified = modified_in_place(units)
@@ -189,14 +190,14 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
                 "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
                 "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
                 "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
-                "persample.causal_lm_loss(), with the labels as targets)")
+                "persample.causal_lm_loss(), with the labels as targets)", code="OBSERVE_LOSS_NOT_FROM_OUTPUT")
         grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
     observed = [observation._output_grads[i] for i in differentiable]
     try:
         w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
     except BatchLossMismatch as err:
         raise ObservationError(f"{err}. Declare the per-example loss the backward really combines, or pass "
-                               "the targets that the loss uses") from None
+                               "the targets that the loss uses", code="OBSERVE_NOT_WEIGHTED_SUM") from None
     half = any(g.dtype in (torch.float16, torch.bfloat16) for g in observed)
     weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
     if weight is None:
@@ -204,10 +205,10 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
             "the examples weigh differently in the backwarded loss (w_i from "
             f"{w.min().item():.4g} to {w.max().item():.4g}; class weights?): observe() needs ℓ = w Σ_i L_i. "
             "Use a per-example loss that carries the weights (persample.BatchLoss(loss_fn, per_example=<the "
-            "loss with reduction='sum'>)), or tracker.step")
+            "loss with reduction='sum'>)), or tracker.step", code="OBSERVE_WEIGHTS_DIFFER")
     if weight <= 0:
         raise ObservationError("the backwarded loss has no gradient at the model output (or decreases "
-                               "with the per-example losses)")
+                               "with the per-example losses)", code="OBSERVE_NO_OUTPUT_GRADIENT")
     expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)
     if reduction is not None and expected is None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -221,7 +222,7 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
             f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
             f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
             "Declare the reduction the loss really uses (reduction=None reads it from the backward), "
-            "or pass the targets that the loss uses.")
+            "or pass the targets that the loss uses.", code="OBSERVE_REDUCTION_MISMATCH")
     return losses.detach(), weight
 
 
@@ -233,4 +234,4 @@ def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:
         raise ObservationError(
             f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
             "has terms that are not per-example losses of the model's output (a regulariser, say), "
-            "or another backward ran inside the block")
+            "or another backward ran inside the block", code="OBSERVE_SUM_MISMATCH")

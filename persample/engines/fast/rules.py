@@ -34,12 +34,18 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
+from ..._torch_compat import global_module_hooks, module_hooks
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
 
 class LayoutError(ValueError):
-    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous)."""
+    """A captured tensor is not laid out batch-first (or its batch dim is ambiguous): ``code`` is the
+    precondition of :mod:`persample.contract` it breaks."""
+
+    def __init__(self, message: str, code: str = "DIM_ZERO_MOVED"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -61,7 +67,8 @@ def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positio
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: dim 0 is not the batch of {batch.size}")
     if batch.dim_zero_moved and any(size == batch.size for size in t.shape[positions_from:positions_to]):
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
-                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous")
+                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous",
+                          code="BATCH_DIM_AMBIGUOUS")
 
 
 def _sequence(t: Tensor, batch: Layout, feature_dims: int, what: str) -> Tensor:
@@ -230,6 +237,7 @@ class Rule:
     methods: tuple = ("forward",)
     accepts: Callable[[nn.Module], bool] = lambda m: True
     unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
+    user: bool = False  # registered by persample.register_rule: its sums are checked against autograd's
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -261,6 +269,20 @@ def _rules() -> list[Rule]:
 _RULES: list[Rule] = _rules()
 
 
+def add_rule(rule: Rule) -> None:
+    """Put a user's rule (:func:`persample.register_rule`) before the built-in ones, replacing an earlier
+    rule for the same types; class-level matches are recomputed from the next call on."""
+    _RULES[:] = [rule] + [r for r in _RULES if r.types != rule.types]
+    _rule_for_type.cache_clear()
+
+
+def remove_rule(module_type: type) -> None:
+    """Drop the user rule for ``module_type`` (built-in rules cannot be removed)."""
+    builtin = {r.types for r in _rules()}
+    _RULES[:] = [r for r in _RULES if r.types != (module_type,) or r.types in builtin]
+    _rule_for_type.cache_clear()
+
+
 def _qualified_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
@@ -286,16 +308,7 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks or global_module_hooks())
-
-
-def global_module_hooks() -> bool:
-    """Whether hooks registered for every module (``register_module_forward_hook`` and friends) exist."""
-    from torch.nn.modules import module as module_lib
-    return any(getattr(module_lib, name, None) for name in (
-        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-        "_global_backward_pre_hooks", "_global_forward_hooks_always_called"))
+    return module_hooks(module) or global_module_hooks()
 
 
 def find_rule(module: nn.Module) -> Rule | None:

@@ -1,0 +1,129 @@
+"""Every private torch internal persample reads, in one place, failing closed.
+
+persample's exactness checks read a few things torch keeps private: the hook
+registries of modules and tensors, the global module hooks, functorch's tensor
+wrappers, the torch-function mode stack and DDP's communication hooks. A torch
+release may rename any of them. Reading one with ``getattr(..., None)`` would
+turn "renamed" into "nothing there", and a closed-form rule would then be
+applied to a model whose hooks change its gradients: a silently wrong number.
+
+Each accessor here instead raises :class:`~persample.errors.NotExact` with code
+``TORCH_INTERNALS_UNKNOWN`` when the layout is not the one it knows, so the fast
+engine refuses and ``engine="auto"`` moves on to the per-example loop, which
+needs none of them.
+
+>>> import torch
+>>> module_hooks(torch.nn.Linear(2, 2))
+False
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+from torch import Tensor, nn
+
+from .contract import refusal
+
+__all__ = ["module_hooks", "module_backward_hooks", "global_module_hooks", "global_backward_hooks",
+           "tensor_gradient_hooks", "post_accumulate_grad_hooks", "set_post_accumulate_grad_hooks",
+           "is_batched_tensor", "is_functorch_wrapped", "torch_function_mode_stack", "ddp_comm_hooks"]
+
+_MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
+_MODULE_BACKWARD = ("_backward_hooks", "_backward_pre_hooks")
+_GLOBAL_FORWARD = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called")
+_GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
+
+
+def unknown(what: str) -> Exception:
+    """The refusal for a torch internal whose layout is not the one persample knows."""
+    import torch
+    return refusal("TORCH_INTERNALS_UNKNOWN",
+                   f"persample cannot read {what} in torch {torch.__version__} (renamed or changed), so it cannot "
+                   "show that no hook changes the gradients; the per-example loop needs no such internals "
+                   "(engine='auto' takes it)")
+
+
+def _read(owner: Any, name: str, what: str, kinds: tuple[type, ...] = (dict,)) -> Any:
+    try:
+        value = getattr(owner, name)
+    except AttributeError:
+        raise unknown(what) from None
+    if value is not None and not isinstance(value, kinds):
+        raise unknown(what)
+    return value
+
+
+def module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or backward hooks of its own (any of its four registries)."""
+    return any(_read(module, name, f"{type(module).__name__}.{name}") for name in _MODULE_FORWARD + _MODULE_BACKWARD)
+
+
+def module_backward_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has backward hooks of its own (``register_full_backward_hook`` and pre-hooks)."""
+    return any(_read(module, name, f"{type(module).__name__}.{name}") for name in _MODULE_BACKWARD)
+
+
+def _module_lib():
+    from torch.nn.modules import module as module_lib
+    return module_lib
+
+
+def global_module_hooks() -> bool:
+    """Whether hooks registered for every module (``register_module_forward_hook`` and friends) exist."""
+    lib = _module_lib()
+    return any(_read(lib, name, f"torch.nn.modules.module.{name}") for name in _GLOBAL_FORWARD + _GLOBAL_BACKWARD)
+
+
+def global_backward_hooks() -> bool:
+    """Whether global module backward hooks (``register_module_full_backward_hook``) exist."""
+    lib = _module_lib()
+    return any(_read(lib, name, f"torch.nn.modules.module.{name}") for name in _GLOBAL_BACKWARD)
+
+
+def tensor_gradient_hooks(t: Tensor) -> bool:
+    """Whether tensor ``t`` has hooks on its gradient (``t.register_hook``)."""
+    return bool(_read(t, "_backward_hooks", "Tensor._backward_hooks"))
+
+
+def post_accumulate_grad_hooks(t: Tensor) -> dict | None:
+    """The post-accumulate-grad hooks of leaf ``t`` (``register_post_accumulate_grad_hook``), or None."""
+    return _read(t, "_post_accumulate_grad_hooks", "Tensor._post_accumulate_grad_hooks")
+
+
+def set_post_accumulate_grad_hooks(t: Tensor, hooks: dict | None) -> None:
+    """Replace ``t``'s post-accumulate-grad registry (``OrderedDict()`` to silence it for a while)."""
+    post_accumulate_grad_hooks(t)  # the attribute is the one torch reads
+    t._post_accumulate_grad_hooks = hooks if hooks is not None else OrderedDict()
+
+
+def _functorch(name: str) -> Callable[[Tensor], bool]:
+    try:
+        from torch._C import _functorch
+        return getattr(_functorch, name)
+    except (ImportError, AttributeError):
+        def missing(_: Tensor) -> bool:
+            raise unknown(f"torch._C._functorch.{name}")
+        return missing
+
+
+is_batched_tensor: Callable[[Tensor], bool] = _functorch("is_batchedtensor")
+"""Whether a tensor is a vmap-batched tensor (inside ``torch.func.vmap``)."""
+
+is_functorch_wrapped: Callable[[Tensor], bool] = _functorch("is_functorch_wrapped_tensor")
+"""Whether a tensor is wrapped by a torch.func transform (grad, vmap, jvp)."""
+
+
+def torch_function_mode_stack() -> list:
+    """The active torch-function modes, innermost last."""
+    try:
+        from torch.overrides import _get_current_function_mode_stack
+    except ImportError:
+        raise unknown("torch.overrides._get_current_function_mode_stack") from None
+    return _get_current_function_mode_stack()
+
+
+def ddp_comm_hooks(ddp: nn.Module) -> bool:
+    """Whether a ``DistributedDataParallel`` model has a communication hook (``register_comm_hook``)."""
+    return bool(_read(ddp, "_comm_hooks", "DistributedDataParallel._comm_hooks", kinds=(list, tuple, dict)))

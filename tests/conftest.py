@@ -1,0 +1,29 @@
+"""Suite-wide checks.
+
+Every refusal persample raises carries a code (persample/contract.py). The static check in
+test_contract.py reads the source; this one watches every refusal actually built while the suite runs,
+so a refusal assembled at run time without a code fails the test that met it.
+"""
+
+import pytest
+
+from persample.errors import MeanMismatchError, PersampleError
+
+_codeless: list[str] = []
+_init = PersampleError.__init__
+
+
+def _recording_init(self, message="", *, code=None, module=None, fix=None):
+    _init(self, message, code=code, module=module, fix=fix)
+    if self.code is None and not isinstance(self, MeanMismatchError):
+        _codeless.append(f"{type(self).__name__}: {str(message)[:200]}")
+
+
+PersampleError.__init__ = _recording_init
+
+
+@pytest.fixture(autouse=True)
+def _every_refusal_has_a_code():
+    _codeless.clear()
+    yield
+    assert not _codeless, f"refusals raised without a code: {_codeless}"
