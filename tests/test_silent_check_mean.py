@@ -111,3 +111,17 @@ def test_a_pure_float64_model_keeps_the_float64_tolerance():
     model = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4)).double()
     x, y = torch.randn(8, 16, dtype=torch.float64), torch.randint(0, 4, (8,))
     assert persample.check_mean(model, F.cross_entropy, x, y).rtol == pytest.approx(1e-7)
+
+
+@pytest.mark.parametrize("engine", ["vmap", "loop"])
+def test_half_precision_statistics_are_accumulated_in_float32(engine):
+    """‖g_i‖² above 65504 overflowed to inf on the vmap and loop engines (the fast engine was right)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4)).half()
+    x, y = torch.randn(8, 16).half(), (torch.randn(8, 4) * 100).half()
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
+    fast = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    for name, sq in stats.param_sq_norms.items():
+        assert sq.dtype == torch.float32 and bool(torch.isfinite(sq).all()), name
+        torch.testing.assert_close(sq, fast.param_sq_norms[name], rtol=1e-2, atol=0)
+        assert stats.mean[name].dtype == torch.float32
