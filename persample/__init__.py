@@ -13,6 +13,8 @@ The flow, from batch to diagnostics::
   ranks' batches together) and the Tracker's DDP support.
 - :class:`BatchLoss`, :func:`causal_lm_loss`: batch losses that are not the
   mean of the per-example losses (token means, sums, class weights), ℓ = Σ_i w_i L_i.
+- :func:`fix`: replace train-mode BatchNorms by GroupNorms, so that per-example
+  gradients exist (as Opacus's ``ModuleValidator.fix``).
 - :func:`explain`: per module its rule or fallback, every refusal with its code
   (:mod:`persample.contract`), and the engine each entry point takes.
 - :func:`check_mean`: asserts mean(per-example gradients) == autograd's gradient
@@ -30,6 +32,7 @@ from .explain import Explanation, explain
 from .custom_rules import check_rule, register_rule, unregister_rule
 from .stats import GradStats
 from .tracker import Tracker
+from .repair import Replacement, fix
 from . import noise  # noqa: E402  (persample.plot stays lazy: matplotlib is an optional extra)
 from . import distributed  # noqa: E402
 
@@ -39,5 +42,6 @@ __all__ = [
     "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
     "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
     "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
+    "fix", "Replacement",
     "PersampleError", "explain", "Explanation", "register_rule", "unregister_rule", "check_rule",
 ]

@@ -134,6 +134,13 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
 
 
 def _refuse_custom_reduction(ddp: nn.Module) -> None:
+    # mixed_precision first: DDP implements it with a communication hook of its own, which the user did not register
+    if getattr(ddp, "mixed_precision", None) is not None:
+        raise UnsupportedModelError(
+            "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
+            "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
+            "for mixed precision instead, or Tracker.observe around your own DDP backward",
+            code="DDP_MIXED_PRECISION")
     if ddp_comm_hooks(ddp):
         raise UnsupportedModelError(
             "persample.Tracker: this DistributedDataParallel model has a communication hook "
@@ -141,12 +148,6 @@ def _refuse_custom_reduction(ddp: nn.Module) -> None:
             "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
             "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook",
             code="DDP_COMM_HOOK")
-    if getattr(ddp, "mixed_precision", None) is not None:
-        raise UnsupportedModelError(
-            "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
-            "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
-            "for mixed precision instead, or Tracker.observe around your own DDP backward",
-            code="DDP_MIXED_PRECISION")
 
 
 class LocalGradients:

@@ -90,10 +90,12 @@ def check_supported(model: nn.Module, randomness: str) -> None:
         if isinstance(module, _BatchNorm) and module.training:
             raise UnsupportedModelError(
                 f"module {label} is a BatchNorm in training mode: it couples the examples of a batch, "
-                "so per-example gradients are undefined. Fixes: call model.eval() (or eval() on that "
-                "module) to use its running statistics; replace it with nn.GroupNorm or nn.LayerNorm; "
-                "or call torch.func.replace_all_batch_norm_modules_(model) to stop it tracking "
-                "running statistics.", code="BATCHNORM_TRAIN", module=label)
+                "so per-example gradients are undefined. Fixes: persample.fix(model) replaces every "
+                "BatchNorm by a GroupNorm (before training: it changes the architecture); or keep "
+                "BatchNorm and measure the gradient noise from micro-batches, each with its own batch "
+                "statistics: `with tracker.accumulate(estimator='micro-batch') as acc:` around k >= 2 "
+                "tracker.step(x_m, y_m, scale=1/k) calls, then acc.noise; or, to use its running "
+                "statistics (evaluation, fine-tuning), model.eval().", code="BATCHNORM_TRAIN", module=label)
         if isinstance(module, _BatchNorm) and module.running_mean is None:
             raise UnsupportedModelError(
                 f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "

@@ -28,6 +28,7 @@ from .batch_loss import check_batch_loss
 from .contract import refusal
 from .errors import BatchLossMismatch
 from ._progress import progress_bar
+from ._warn import short_reason, user_stacklevel
 from .errors import NotExact
 from .engines.fast import fast_grad_stats
 from .engines.loop import loop_grad_stats, loop_grads
@@ -70,7 +71,13 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
             :func:`grad_stats` when statistics are enough.
         randomness: what random ops (dropout) do: ``"error"`` (default: refuse,
             naming the module), ``"different"`` (an independent draw per
-            example) or ``"same"`` (one draw shared by all examples).
+            example) or ``"same"`` (one draw shared by all examples). The
+            default refuses because a call here measures a function: with
+            dropout on, each example's gradient is a random draw, and which
+            draws (independent or shared, or none after ``model.eval()``) the
+            numbers describe is the caller's choice to make, not a silent
+            default. :class:`persample.Tracker`, which describes a training
+            step, defaults to ``"different"``: the training forward's own draws.
         engine: ``"vmap"`` (``torch.func``: ``functional_call`` + ``vmap`` +
             ``grad``; buffers passed through, frozen parameters constants),
             ``"loop"`` (one forward + backward per example) or ``"auto"``
@@ -273,9 +280,11 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
         if position:
             reset()
         if name == "loop" and reasons:
-            warnings.warn(SlowPathWarning(
-                "persample: using the exact per-example loop (B forward + backward passes): "
-                + "; ".join(reasons)), stacklevel=4)
+            warning = SlowPathWarning(
+                "persample: using the exact per-example loop (B forward + backward passes, slower) because "
+                + "; ".join(short_reason(r) for r in reasons) + ". The engines' full reasons: this warning's .reasons")
+            warning.reasons = list(reasons)
+            warnings.warn(warning, stacklevel=user_stacklevel())
         try:
             return run(name)
         except NotExact as err:

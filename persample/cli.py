@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("-o", "--output", type=Path, default=None, metavar="PNG",
                       help="image to write (default: diagnostics.png next to METRICS)")
     plot.add_argument("--title", default=None, help="figure title")
+    plot.add_argument("--force", action="store_true",
+                      help="overwrite the image if it exists (default: write to a new name, diagnostics-1.png, ...)")
     plot.set_defaults(handler=_run_plot, parser=plot)
     return parser
 
@@ -196,7 +198,9 @@ def _run_demo(args: argparse.Namespace) -> int:
         print(f"persample demo: training failed: {err} {notes}".rstrip()
               + (" Try a smaller --lr." if "non-finite" in str(err) else ""), file=sys.stderr)
         return 1
-    print(f"metrics: {result.metrics_path}")
+    print(f"metrics: {result.metrics_path}  (one row per statistics step)")
+    if result.epochs_path is not None:
+        print(f"epochs:  {result.epochs_path}  (one row per epoch: train/test loss and accuracy)")
     print(f"plot:    {result.plot_path}")
     if result.tensorboard_dir is not None:
         print(f"tensorboard: {result.tensorboard_dir}  (tensorboard --logdir {result.tensorboard_dir})")
@@ -210,6 +214,9 @@ def _run_plot(args: argparse.Namespace) -> int:
     if args.metrics.suffix not in (".csv", ".jsonl"):
         parser.error(f"{str(args.metrics)!r}: expected a .csv or .jsonl metrics file")
     output = args.output if args.output is not None else args.metrics.with_name("diagnostics.png")
+    wanted = output
+    if not args.force:
+        output = _free_name(output)
     reason = _check_writable_dir(output.parent if str(output.parent) else Path("."))
     if reason is not None:
         parser.error(f"--output {str(output)!r}: its directory is not writable: {reason}")
@@ -222,8 +229,36 @@ def _run_plot(args: argparse.Namespace) -> int:
         return 1
     except ValueError as err:
         parser.error(str(err))
-    print(f"plot: {output}")
+    print(f"plot: {output}" + (f"  ({wanted} exists; --force overwrites it)" if output != wanted else ""))
+    meaning = _noise_scale_in_words(args.metrics)
+    if meaning:
+        print(meaning)
     return 0
+
+
+def _free_name(path: Path) -> Path:
+    """``path``, or when it exists the first free ``stem-1.suffix``, ``stem-2.suffix``, …"""
+    candidate, k = path, 0
+    while candidate.exists():
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
+
+
+def _noise_scale_in_words(metrics: Path) -> str | None:
+    """The last smoothed B_simple of a metrics file against its batch size, in words (None without them)."""
+    import warnings
+
+    from .loggers import read_metrics
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the plot has already warned about a truncated row
+        rows = read_metrics(metrics)
+    for row in reversed(rows):
+        b, n = row.get("b_simple_ema"), row.get("n")
+        if isinstance(b, float) and isinstance(n, float) and not math.isnan(b) and math.isfinite(n):
+            from .demo import describe_b_simple
+            return describe_b_simple(b, n)
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,9 +124,9 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
     Precondition("BATCHNORM_TRAIN", _U, "setup", _ALL_ENGINES,
                  "No BatchNorm runs in training mode: it normalises with the statistics of the whole batch, "
                  "so example i's loss depends on every other example",
-                 "replace it with GroupNorm (persample.fix(model) where available, or by hand), or measure "
-                 "the noise from micro-batch gradients (Tracker.accumulate); model.eval() trains another "
-                 "function"),
+                 "persample.fix(model) replaces it with GroupNorm; or keep it and measure the noise from "
+                 "micro-batch gradients (Tracker.accumulate(estimator='micro-batch')); model.eval() trains "
+                 "another function"),
     Precondition("BATCHNORM_NO_RUNNING_STATS", _U, "setup", _ALL_ENGINES,
                  "No BatchNorm normalises with batch statistics in eval mode (track_running_stats=False)",
                  "track_running_stats=True and eval(), or GroupNorm / LayerNorm"),

@@ -26,6 +26,7 @@ import math
 import statistics
 import sys
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,47 @@ __all__ = ["DemoConfig", "DemoResult", "load_digits", "build_model", "train_epoc
            "run_demo", "EpochSummary", "format_table"]
 
 EXTRA_HINT = 'pip install -e ".[demo]" (in a persample checkout), or: pip install scikit-learn matplotlib'
+
+
+def require_demo_extras() -> None:
+    """Raise one ImportError naming every missing package of the ``demo`` extra and the one command
+    that installs them all (rather than one error per package, one install at a time)."""
+    import importlib.util
+
+    missing = [name for module, name in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
+               if _missing(module, importlib.util)]
+    if missing:
+        raise ImportError(f"persample demo needs {' and '.join(missing)} (not installed). One command installs "
+                          f"everything the demo uses: {EXTRA_HINT}")
+
+
+def _missing(module: str, util) -> bool:
+    import sys as _sys
+    if module in _sys.modules:
+        return _sys.modules[module] is None
+    try:
+        return util.find_spec(module) is None
+    except (ImportError, ValueError):
+        return True
+
+
+def describe_b_simple(b_simple: float, batch_size: float) -> str:
+    """What a noise scale means for the batch size, in words (McCandlish et al. 2018: up to about
+    B_simple, a larger batch cuts the number of steps almost proportionally; well beyond it, it
+    mostly adds compute).
+
+    >>> describe_b_simple(120, 64)
+    'B_simple ≈ 120 examples against a batch of 64: a larger batch would still cut the number of steps.'
+    """
+    if not math.isfinite(b_simple) or b_simple <= 0:
+        return (f"B_simple is below noise (not yet measurable) against a batch of {batch_size:g}: the gradient "
+                "signal is still swamped by its noise; the EMA needs more statistics steps.")
+    head = f"B_simple ≈ {b_simple:.3g} examples against a batch of {batch_size:g}: "
+    if b_simple > 1.5 * batch_size:
+        return head + "a larger batch would still cut the number of steps."
+    if b_simple >= batch_size / 1.5:
+        return head + "the batch is about the noise scale; a larger batch would cut steps less than in proportion."
+    return head + "a larger batch would mostly add compute; it would cut few steps."
 
 
 @dataclass
@@ -91,6 +133,7 @@ class DemoResult:
     seconds: float
     tensorboard_dir: Path | None = None
     rows: list[dict] = field(default_factory=list, repr=False)
+    epochs_path: Path | None = None
 
 
 # ------------------------------------------------------------------------------ data
@@ -184,7 +227,9 @@ def train_epoch(tracker: Tracker, optimizer: torch.optim.Optimizer, x: Tensor, y
         if len(idx) < 2:
             break
         optimizer.zero_grad()
-        tracker.step(x[idx], y[idx])          # instead of loss_fn(model(x), y).backward()
+        with warnings.catch_warnings():  # a skipped step ends the demo below, with its own message
+            warnings.filterwarnings("ignore", message="persample: step .* not finite", category=RuntimeWarning)
+            tracker.step(x[idx], y[idx])      # instead of loss_fn(model(x), y).backward()
         if tracker.skipped:
             raise ValueError(f"training diverged at step {tracker.skipped[0]}: non-finite values in stats.")
         optimizer.step()
@@ -228,20 +273,28 @@ def format_table(row: EpochSummary | None = None) -> str:
 
     def num(v: float, fmt: str) -> str:
         return format(v, fmt) if math.isfinite(v) else str(v)
+    noise = num(row.b_simple_ema, ".4g") if not (row.b_simple_ema <= 0) else "below noise"
     cells = (str(row.epoch), num(row.train_loss, ".4f"), num(row.train_acc, ".3f"), num(row.test_acc, ".3f"),
-             num(row.b_simple_ema, ".4g"), num(row.gsnr_mean, ".4f"), num(row.norm_test_batch, ".0f"),
+             noise, num(row.gsnr_mean, ".4f"), num(row.norm_test_batch, ".0f"),
              f"{row.seconds:.1f}s")
     return "  ".join(c.rjust(w) for c, w in zip(cells, _WIDTHS))
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
+    if not enabled or not _is_terminal(sys.stderr):  # a bar in a file would interleave with the table
         return None
     try:
         from tqdm.auto import tqdm
     except ImportError:  # the bar is a nicety: without tqdm, train without one
         return None
     return tqdm(total=total, desc=desc, unit="step", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
 
 
 def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
@@ -253,8 +306,8 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     """
     stdout = sys.stdout if stdout is None else stdout
     say = (lambda *a: None) if config.quiet else (lambda text="": print(text, file=stdout, flush=True))
-    from . import plot as plot_module  # fails early, before training, when matplotlib is missing
-    plot_module.require_matplotlib()
+    require_demo_extras()  # fails early, before training, naming every missing package at once
+    from . import plot as plot_module
 
     t0 = time.perf_counter()
     if config.threads > 0:
@@ -333,9 +386,11 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     finally:
         diag.close()
         epoch_sink.close()
-    say("  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018; GSNR: epoch mean of the "
-        f"mean per-element GSNR;\n   norm-test B: median batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) "
-        "asks for)")
+    say("  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018, \"below noise\" while the |G|² "
+        "estimate is not yet positive;\n   GSNR: epoch mean of the mean per-element GSNR; norm-test B: median "
+        f"batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) asks for)")
+    say()
+    say(describe_b_simple(diag.ema.value, batch_size))
 
     plot_path = out / "diagnostics.png"
     fig = plot_module.plot_diagnostics(
@@ -350,4 +405,4 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     say()
     say(f"{report} (held-out batch of {len(x_test[held_out])} test examples)")
     say(f"done in {seconds:.1f}s")
-    return DemoResult(metrics_path, plot_path, summaries, report, seconds, tb_dir, diag.rows)
+    return DemoResult(metrics_path, plot_path, summaries, report, seconds, tb_dir, diag.rows, epochs_path)

@@ -84,6 +84,21 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str, *, positive: bool = Fal
     return xs, ys, dropped
 
 
+def _band(rows: Sequence[Mapping[str, Any]], key: str):
+    """(steps, lower, upper) of ``key``'s interval columns ``key_lo`` / ``key_hi`` where both are finite and
+    the value is positive; a lower end ≤ 0 (the interval reaches "no signal") is drawn at value/100, the
+    bottom of a log axis' useful range."""
+    xs, lo, hi = [], [], []
+    for r in rows:
+        v, a, b = (r.get(k) for k in (key, f"{key}_lo", f"{key}_hi"))
+        if not all(_is_number(x) and math.isfinite(float(x)) for x in (v, a, b)) or float(v) <= 0:
+            continue
+        xs.append(float(r.get("step", len(xs))))
+        lo.append(max(float(a), float(v) / 100))
+        hi.append(max(float(b), float(v)))
+    return xs, lo, hi
+
+
 def _ema_ratio(rows: Sequence[Mapping[str, Any]], num_key: str, den_key: str, beta: float):
     """Steps and bias-corrected EMA(num) / EMA(den), as persample.noise.NoiseScaleEMA computes it."""
     xs, ys = [], []
@@ -203,8 +218,9 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
                 epoch_steps.append(float(r["step"]))
             last_epoch = e
     for ax in axes.flat:
-        for s in epoch_steps:
-            ax.axvline(s, color=_GREY, lw=0.6, alpha=0.25, zorder=0)
+        for i, s in enumerate(epoch_steps):  # labelled once, in the loss panel's legend
+            ax.axvline(s, color=_GREY, lw=0.6, alpha=0.25, zorder=0,
+                       label="epoch boundary" if i == 0 and ax is axes.flat[0] else None)
 
     # 1. loss
     ax = axes[0, 0]
@@ -244,9 +260,16 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
     ax = axes[1, 0]
     _style(ax, "Simple noise scale  B_simple = tr Σ / |G|²", "examples", log=True)
     xs, ys, dropped = _series(stat_rows, "b_simple", positive=True)
-    ax.plot(xs, ys, ".", color=_ORANGE, ms=3, alpha=0.6, label=_dropped_label("per step", dropped))
+    ax.plot(xs, ys, ".", color=_ORANGE, ms=3, alpha=0.6,
+            label=f"per step ({dropped} below noise: |G|² estimate ≤ 0, not shown)" if dropped else "per step")
     xs, ys, _ = _series(stat_rows, "b_simple_ema", positive=True)
-    ax.plot(xs, ys, color=_RED, lw=2.0, label="EMA(tr Σ) / EMA(|G|²)")
+    ax.plot(xs, ys, color=_RED, lw=2.0, label="EMA(tr Σ) / EMA(|G|²): the number to read")
+    band = _band(stat_rows, "b_simple_ema")
+    if band[0]:
+        ax.fill_between(*band, color=_RED, alpha=0.15, lw=0, label="EMA, 90 % interval")
+    px, py, _ = _series(stat_rows, "b_precond_ema", positive=True)
+    if px:
+        ax.plot(px, py, color=_PURPLE, lw=1.6, ls="-.", label="preconditioned (Adam) B^P, EMA")
     if batch:
         ax.axhline(batch, color="black", ls="--", lw=1.0, label=f"batch size B = {batch:g}")
     _legend(ax, loc="upper left")

@@ -75,7 +75,23 @@ class Tracker:
             (w = 1/B for a mean loss; needs equal weights w_i = w).
             Statistics still describe the raw gradients. Clipping needs
             per-example norms, so every step does per-example work.
-        chunk_size, randomness, engine, var, inner_products: as in
+        randomness: what the statistics of a model that draws random numbers
+            in training mode (dropout) describe. The default ``"different"``:
+            the draws of the training forward itself, an independent mask per
+            example as in any batched forward, so Hugging Face models (dropout
+            0.1) train with default arguments. With the default fast engine one
+            forward gives both ``p.grad`` and the statistics, so ``p.grad`` is
+            exactly the plain backward with the same draws (the same RNG state
+            gives the same masks), and the statistics are those draws'
+            per-example gradients: what :meth:`observe` describes too. Where
+            the fast engine falls back to vmap or the loop, the statistics use
+            their own per-example draws (from the same distribution), and so
+            does ``p.grad`` (w·B·``stats.mean``) when the examples weigh
+            equally and the fast engine's forward ran (it gives the weights);
+            otherwise ``p.grad`` comes from one more forward with its own draws.
+            ``"same"`` (one mask shared by the examples) or ``"error"`` (refuse
+            random models, naming the module) as in :func:`persample.grad_stats`.
+        chunk_size, engine, var, inner_products: as in
             :func:`persample.grad_stats`. Random ops advance the global RNG as a
             normal training step would. Inner products against a direction
             shared by micro-batches: :meth:`accumulate`'s ``reference``.
@@ -105,6 +121,8 @@ class Tracker:
     Attributes:
         steps: steps taken (an :meth:`accumulate` block counts as one).
         last_stats: the statistics most recently passed to the hooks (None before).
+        last_noise: the :class:`persample.noise.NoiseScale` of the last
+            ``accumulate(estimator="micro-batch")`` block that had one (None before).
         skipped: steps whose statistics were not finite (inf/NaN, such as an
             fp16 overflow that ``GradScaler`` skips): no statistics were
             returned and no hook was called for them.
@@ -112,7 +130,7 @@ class Tracker:
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
                  clip_norm: float | None = None, chunk_size: int | None = None,
-                 randomness: str = "error", check_every: int = 0, engine: str = "auto",
+                 randomness: str = "different", check_every: int = 0, engine: str = "auto",
                  var: bool = True, inner_products: bool = False, distributed: bool | None = None):
         _require_int("every", every, minimum=1)
         _require_int("check_every", check_every, minimum=0)
@@ -130,8 +148,38 @@ class Tracker:
         self.steps = 0
         self.last_stats: GradStats | None = None
         self.skipped: list[int] = []
+        self.last_noise = None  # the last accumulate(estimator="micro-batch") block's NoiseScale
+        self._nonfinite_rows: list[int] | None = None  # a skipped step's non-finite examples, when known
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs: ``{"steps": …, "skipped": […]}`` (plain Python, JSON-safe).
+
+        Save it with the model and the optimizer; after :meth:`load_state_dict`,
+        ``every=k`` keeps computing statistics on the same steps (0, k, 2k, …
+        of the whole run) as a run that was never interrupted. Hooks keep their
+        own state (:class:`persample.loggers.Diagnostics`, :class:`persample.noise.NoiseScaleEMA`
+        have ``state_dict()`` too); ``last_stats`` is not saved.
+
+        >>> import torch, persample
+        >>> t = persample.Tracker(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss)
+        >>> _ = t.step(torch.randn(4, 2), torch.randn(4, 1))
+        >>> t.state_dict()
+        {'steps': 1, 'skipped': []}
+        """
+        return {"steps": int(self.steps), "skipped": [int(s) for s in self.skipped]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (outside an :meth:`accumulate` block)."""
+        if self._accumulation is not None:
+            raise RuntimeError("Tracker.load_state_dict inside an accumulate() block: load the state before "
+                               "the block opens (or after it closes)")
+        steps, skipped = state["steps"], state.get("skipped", [])
+        _require_int("state['steps']", steps, minimum=0)
+        self.steps = int(steps)
+        self.skipped = [int(s) for s in skipped]
 
     # ---------------------------------------------------------------- hooks
     def register_hook(self, fn: Hook) -> RemovableHandle:
@@ -193,12 +241,18 @@ class Tracker:
         with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats
         checking = self.check_every > 0 and step % self.check_every == 0
         previous = self.last_stats
-        per_example_work = with_stats or checking or self.clip_norm is not None
+        micro = accumulating and self._accumulation.estimator == "micro-batch"
+        per_example_work = not micro and (with_stats or checking or self.clip_norm is not None)
         ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
         try:
-            stats = None
+            stats = part = None
+            self._nonfinite_rows = None
             if per_example_work:
                 stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
+            elif micro and with_stats:
+                update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad,
+                                                                            weigh=True)
+                part = _micro_batch_part(update, weights, opaque, batch.size)
             elif ddp_backward:
                 update, input_grads = {}, []
                 self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # DDP averages, overlapped
@@ -217,9 +271,15 @@ class Tracker:
             if self._replicas is not None and with_stats and stats is not None:
                 stats = self._replicas.reduce_stats(
                     stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
-            if with_stats:
+            if micro and with_stats:
+                self._accumulation.add_micro_batch(part)
+                if part is None:
+                    self.skipped.append(step)
+            elif with_stats:
                 if stats is None or not _finite(stats):
                     self.skipped.append(step)
+                    _warn_skipped(step, len(self.skipped), batch.size,
+                                  _nonfinite_examples(stats) if stats is not None else self._nonfinite_rows)
                     stats = None
                 elif accumulating:
                     self._add_part(stats)
@@ -239,7 +299,8 @@ class Tracker:
         return stats if with_stats else None
 
     @contextlib.contextmanager
-    def accumulate(self, reference: str | Mapping[str, Tensor] | None = None) -> Iterator["Accumulation"]:
+    def accumulate(self, reference: str | Mapping[str, Tensor] | None = None, *,
+                   estimator: str = "per-example") -> Iterator["Accumulation"]:
         """Gradient accumulation: several ``step`` calls (micro-batches) make one training step.
 
         ::
@@ -275,13 +336,51 @@ class Tracker:
                 :func:`persample.noise.inner_product_test` for what the tests
                 compute against such an r (the orthogonality test refuses it).
                 A reference implies inner products, whatever ``inner_products``.
+            estimator: ``"per-example"`` (default: the statistics above) or
+                ``"micro-batch"``, the noise scale from the micro-batches' own
+                gradients, for models whose per-example gradients are undefined
+                (train-mode BatchNorm: each micro-batch has its own batch
+                statistics, so its gradient is well defined). Each ``step`` is
+                then a plain forward and backward (``p.grad`` exactly as
+                ``loss.backward()``; ``step`` returns None), and on a statistics
+                step the block ends with ``acc.noise`` (also
+                ``tracker.last_noise``), a :class:`persample.noise.NoiseScale`
+                with ``estimator="micro-batch"``: McCandlish et al.'s two-batch
+                estimator (arXiv:1812.06162, App. A.1) over the k micro-batches,
+                with G_m the gradient of micro-batch m's loss per unit weight
+                (the mean loss's gradient; for ℓ_m = Σ_i w_i L_i, ∇ℓ_m / Σ_i w_i),
+                b_m its size, B = Σ_m b_m, G_B = Σ_m (b_m/B) G_m, and b the
+                harmonic mean of the b_m (b_m = b for equal micro-batches):
+
+                - |G|² ≈ (B‖G_B‖² − b·mean_m‖G_m‖²)/(B − b)
+                - tr Σ ≈ (mean_m‖G_m‖² − ‖G_B‖²)/(1/b − 1/B)
+                - B_simple = tr Σ / |G|²  (in examples, like the per-example one)
+
+                Both are unbiased when E‖G_m‖² = |G|² + tr Σ/b_m; with
+                BatchNorm, Σ is b times the covariance of size-b micro-batch
+                gradients (there is no per-example one). Feed ``acc.noise`` to a
+                :class:`persample.noise.NoiseScaleEMA` and smooth over steps: one
+                block's estimate is noisy (k samples of the noise, not B). Needs
+                k ≥ 2 micro-batches (with one, ``acc.noise`` is None and a
+                warning says why); hooks are not called (they take GradStats).
+                A micro-batch whose gradient is not finite makes the block's
+                ``acc.noise`` None (the step is in ``skipped``). Not with
+                ``reference``, ``clip_norm``, ``check_every`` (they need
+                per-example gradients), ``observe`` or ``torch.distributed``.
+                The loss must be computed from the model's output (its weights
+                are read there): not ``lambda out: out.loss``.
         """
         if self._accumulation is not None:
             raise RuntimeError("tracker.accumulate() blocks cannot be nested")
+        if estimator not in ("per-example", "micro-batch"):
+            raise ValueError(f"accumulate(estimator=...) must be 'per-example' or 'micro-batch', got {estimator!r}")
+        if estimator == "micro-batch":
+            _refuse_with_micro_batches(reference=reference is not None, clip_norm=self.clip_norm is not None,
+                                       check_every=self.check_every > 0, distributed=self._replicas is not None)
         if reference is not None and not isinstance(reference, Mapping) and reference not in ("last", "first"):
             raise ValueError(f"accumulate(reference=...) must be None, 'last', 'first' or a dict of tensors, "
                              f"got {reference!r}")
-        acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None)
+        acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None, estimator=estimator)
         if isinstance(reference, Mapping):
             acc.reference = prepare_reference(self.model, reference)
         elif reference == "last" and self.last_stats is not None \
@@ -296,6 +395,10 @@ class Tracker:
         if acc.parts:
             acc.stats = GradStats.merge_all(acc.parts)
             self._publish(acc.stats)
+        if acc.estimator == "micro-batch" and acc.with_stats:
+            acc.noise = _micro_batch_noise(acc.micro, acc.micro_sum)
+            if acc.noise is not None:
+                self.last_noise = acc.noise
         self.steps += 1
 
     def _add_part(self, stats: GradStats) -> None:
@@ -360,6 +463,7 @@ class Tracker:
                                                          batch.size)
                 factor = common_weight(weights, rtol=1e-5)
             except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
+                self._nonfinite_rows = _nonfinite_output_rows(output, batch.size)
                 update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
                 return None, update, input_grads
             except OpaqueLoss as opaque:
@@ -378,6 +482,7 @@ class Tracker:
                 return stats, update, []
         update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
         if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
+            self._nonfinite_rows = _nonfinite_examples(stats) or None
             return None, update, input_grads
         factor = None if weights is None else common_weight(weights, rtol=1e-5)
         if self.clip_norm is not None and factor is None:
@@ -453,7 +558,8 @@ class Tracker:
 
         Limits: one forward of the model and one backward inside the block;
         ``randomness`` does not apply (the forward is yours: its dropout masks
-        are what the statistics describe); inside :meth:`accumulate`, the
+        are what the statistics describe, as with ``step``'s default
+        ``randomness="different"``); inside :meth:`accumulate`, the
         observed micro-batches are merged like ``step``'s. Rule modules called
         on inputs without a batch dim (``self.pos(torch.arange(T))``) are
         exact; where their batch dim is ambiguous (T == B, or a sequence-first
@@ -477,6 +583,10 @@ class Tracker:
                              "does not see): use tracker.step(inputs, targets), inner_products=False, or "
                              "inside tracker.accumulate(reference='last' or a dict), a shared reference")
         accumulating = self._accumulation is not None
+        if accumulating and self._accumulation.estimator == "micro-batch":
+            raise ValueError("observe() inside accumulate(estimator='micro-batch') is not supported: the "
+                             "micro-batch estimator needs each micro-batch's own gradient, which step() computes. "
+                             "Use tracker.step(inputs, targets, scale=1/k) in that block")
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
         if not with_stats:
             observation = Observation()
@@ -574,6 +684,20 @@ class Accumulation:
     reference: dict | None = None
     shared: bool = False  # accumulate(reference=...) was given
     first: bool = False  # reference="first": r is the first micro-batch's mean
+    estimator: str = "per-example"
+    micro: list = field(default_factory=list)  # estimator="micro-batch": (b_m, ‖G_m‖²), or None if not finite
+    micro_sum: dict = field(default_factory=dict)  # Σ_m b_m G_m (float64)
+    noise: Any = None  # estimator="micro-batch": the block's NoiseScale (set on exit)
+
+    def add_micro_batch(self, part) -> None:
+        """One micro-batch's (b_m, G_m, ‖G_m‖²) (None: not finite) into the running sums."""
+        if part is None:
+            self.micro.append(None)
+            return
+        size, grad, sq = part
+        for name, g in grad.items():
+            self.micro_sum[name] = self.micro_sum[name] + g * size if name in self.micro_sum else g * size
+        self.micro.append((size, sq))
 
 
 def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
@@ -587,6 +711,60 @@ def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, s
             p.grad = p.grad + g
         else:
             p.grad = g.clone() if scale == 1.0 else g
+
+
+def _micro_batch_part(update: dict[str, Tensor], weights: Tensor | None, opaque: bool, size: int):
+    """(b_m, G_m, ‖G_m‖²) of one micro-batch for the micro-batch noise estimator: G_m = ∇ℓ_m / Σ_i w_i
+    (float64, the unreached parameters left out as zeros), the gradient per unit weight of its batch
+    loss ℓ_m = Σ_i w_i L_i; None when the loss or the gradient is not finite."""
+    if opaque or weights is None:
+        raise ValueError(
+            "accumulate(estimator='micro-batch') reads the loss's weights at the model output, and this loss is "
+            "computed inside the model: compute it from the output in loss_fn (e.g. persample.causal_lm_loss() "
+            "for token losses), not `lambda out: out.loss`")
+    total = float(weights.double().sum())
+    if not math.isfinite(total):
+        return None
+    if total <= 0:
+        raise ValueError(f"accumulate(estimator='micro-batch'): the batch loss's weights sum to {total:g}; the "
+                         "micro-batch gradient per unit weight needs a positive sum (a mean or sum loss)")
+    grad = {name: g.detach().double() / total for name, g in update.items()}
+    sq = math.fsum(float(g.pow(2).sum()) for g in grad.values())
+    return None if not math.isfinite(sq) else (size, grad, sq)
+
+
+def _micro_batch_noise(parts: list, weighted_sum: dict[str, Tensor]):
+    """The two-batch :class:`~persample.noise.NoiseScale` (``estimator="micro-batch"``) of the
+    micro-batches' (b_m, ‖G_m‖²) and Σ_m b_m G_m; None, with a warning, when it cannot be computed."""
+    import warnings
+
+    from .noise import two_batch_noise_scale
+
+    if any(p is None for p in parts):
+        warnings.warn("persample: a micro-batch gradient was not finite (inf/NaN), so this accumulate block has "
+                      "no micro-batch noise estimate (acc.noise is None; see tracker.skipped)", RuntimeWarning,
+                      stacklevel=4)
+        return None
+    if len(parts) < 2:
+        warnings.warn(f"persample: accumulate(estimator='micro-batch') needs at least 2 micro-batches to estimate "
+                      f"the noise, this block had {len(parts)}; acc.noise is None", RuntimeWarning, stacklevel=4)
+        return None
+    big_n = sum(b for b, _ in parts)
+    big = math.fsum(float((total / big_n).pow(2).sum()) for total in weighted_sum.values())
+    small = math.fsum(sq for _, sq in parts) / len(parts)
+    b_small = len(parts) / math.fsum(1.0 / b for b, _ in parts)
+    return dataclasses.replace(two_batch_noise_scale(b_small, small, big_n, big), estimator="micro-batch")
+
+
+def _refuse_with_micro_batches(**conflicts: bool) -> None:
+    why = {"reference": "accumulate(reference=...) (inner products need per-example gradients)",
+           "clip_norm": "clip_norm (clipping needs per-example gradients)",
+           "check_every": "check_every > 0 (the check compares per-example gradients with the batch gradient)",
+           "distributed": "torch.distributed (each rank's micro-batches would give only a local estimate)"}
+    found = [why[name] for name, present in conflicts.items() if present]
+    if found:
+        raise ValueError("accumulate(estimator='micro-batch') is for models without per-example gradients and "
+                         f"cannot be combined with {'; '.join(found)}")
 
 
 def _run_post_accumulate_grad_hooks(leaves: list[Tensor]) -> None:
@@ -637,6 +815,44 @@ def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
 def _finite(stats: GradStats) -> bool:
     tensors = [*stats.mean.values(), *stats.param_sq_norms.values()]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _nonfinite_examples(stats: GradStats) -> list[int]:
+    """The examples whose loss or gradient norm is not finite."""
+    bad = ~torch.isfinite(stats.losses.detach()) | ~torch.isfinite(stats.sq_norms.detach())
+    return bad.nonzero().flatten().tolist()
+
+
+def _nonfinite_output_rows(output: Any, batch_size: int) -> list[int] | None:
+    """The examples whose rows of the model output are not finite (None when no output leaf is batched)."""
+    bad, found = None, False
+    for t in tensors_in(output):
+        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch_size:
+            rows = ~torch.isfinite(t.detach().reshape(batch_size, -1)).all(1)
+            bad = rows if bad is None else bad | rows
+            found = True
+    return bad.nonzero().flatten().tolist() if found else None
+
+
+def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | None) -> None:
+    """One warning for the first statistics step skipped as not finite, then at 10, 100, … skipped steps."""
+    if count != 1 and not (count >= 10 and math.log10(count).is_integer()):
+        return
+    import warnings
+
+    from ._warn import user_stacklevel
+
+    if examples:
+        shown = ", ".join(map(str, examples[:10])) + (", …" if len(examples) > 10 else "")
+        which = (f"example{'s' if len(examples) > 1 else ''} {shown} (0-based) of this batch of {batch_size} "
+                 f"{'have' if len(examples) > 1 else 'has'} a non-finite output, loss or gradient (a corrupt "
+                 "sample, or a diverged or fp16-overflowing step?)")
+    else:
+        which = "the loss or the gradients are not finite (a diverged or fp16-overflowing step?)"
+    warnings.warn(f"persample: step {step}'s statistics are not finite: {which}. That step has no statistics and "
+                  f"calls no hook (p.grad is what loss.backward() gives); {count} step{'s' if count > 1 else ''} "
+                  "skipped so far (tracker.skipped; warned again at 10, 100, … skipped steps).", RuntimeWarning,
+                  stacklevel=user_stacklevel())
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:

@@ -61,6 +61,17 @@ def my_slice(sizes):
     return slice(start, start + sizes[rank])
 
 
+def oracle_stats(model, loss_fn, x, y):
+    """Mean, unbiased variance and squared norms from a float64 loop of autograd (independent of persample)."""
+    params = dict(model.named_parameters())
+    rows = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(params.values()))
+            for i in range(x.shape[0])]
+    grads = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
+    flat = torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], 1)
+    return {"mean": {n: g.mean(0) for n, g in grads.items()}, "var": {n: g.var(0) for n, g in grads.items()},
+            "sq_norms": flat.pow(2).sum(1)}
+
+
 def close(a, b, what, rtol=1e-9, atol=1e-12):
     a, b = (torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) or v.dim() == 0 else v
             for v in (a, b))
@@ -241,15 +252,14 @@ def _tracker_against_ddp_backward(*, wrap_module=False, every=1, accumulate=1, c
         assert_replicas_identical(tracked, f"step {step}")
     close(flat_params(tracked), flat_params(plain), "parameters after training", rtol=1e-10, atol=1e-12)
     assert len(seen) == len(range(0, steps * accumulate, every))
-    # the hooks saw the statistics of the global batch (the concatenation of the ranks' batches)
-    x, y, gx, gy = batches[-1 if every == 1 else 0]
-    if every == 1:
-        # statistics of the last step were computed with the parameters before the last update
-        return
-    whole = persample.grad_stats(mlp(seed=3), loss, gx, gy)
-    assert seen[0].n == whole.n
-    close_dicts(seen[0].mean, whole.mean, "global mean of step 0")
-    close_dicts(seen[0].var, whole.var, "global var of step 0")
+    # the hooks' first statistics (step 0, parameters as initialised, for every `every`) are those of the
+    # global batch (the concatenation of the ranks' batches): the float64 loop oracle on one process
+    _, _, gx, gy = batches[0]
+    whole = oracle_stats(mlp(seed=3), loss, gx, gy)
+    assert seen[0].n == gx.shape[0]
+    close_dicts(seen[0].mean, whole["mean"], "global mean of step 0")
+    close_dicts(seen[0].var, whole["var"], "global var of step 0")
+    close(seen[0].sq_norms, whole["sq_norms"], "global per-example squared norms of step 0")
 
 
 @scenario(2, 3)
@@ -395,6 +405,53 @@ def tracker_refusals_under_ddp_name_the_fix():
         raise AssertionError("observe gave inner products under DDP")
 
 
+@scenario(2)
+def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
+    """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
+    from torch.nn.parallel import DistributedDataParallel
+    from torch.nn.parallel.distributed import _MixedPrecision
+
+    from persample._data_parallel import _refuse_custom_reduction
+    model = DistributedDataParallel(mlp(seed=8, dtype=torch.float32),
+                                    mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16))
+    tracker = persample.Tracker(model, F.cross_entropy)
+    x, y, _, _ = local_batches(1)[0]
+    x = x.float()
+    try:
+        tracker.step(x, y)
+    except persample.UnsupportedModelError as err:
+        assert err.code == "DDP_MIXED_PRECISION", err
+    except RuntimeError as err:   # on the CPU, DDP's own forward with mixed_precision cannot run (no events)
+        assert "doesn't support events" in str(err), err
+    else:
+        raise AssertionError("no error for DDP(mixed_precision=...)")
+    assert all(p.grad is None for p in model.parameters()) and tracker.steps == 0
+    try:   # the refusal itself, also on the CPU
+        _refuse_custom_reduction(model)
+    except persample.UnsupportedModelError as err:
+        assert err.code == "DDP_MIXED_PRECISION" and "torch.autocast" in str(err), err
+    else:
+        raise AssertionError("no refusal of DDP(mixed_precision=...)")
+
+
+@scenario(2)
+def gradstats_refuses_dtensors():
+    """README: GradStats refuses DTensors, so printing one can never start collectives."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    _, world = rank_world()
+    mesh = init_device_mesh("cpu", (world,))
+    rows = torch.randn(4, 3, dtype=torch.float64)
+    try:
+        persample.GradStats(n=4, mean={"w": distribute_tensor(rows.mean(0), mesh, [Replicate()])},
+                            m2={"w": rows.var(0) * 3},
+                            param_sq_norms={"w": rows.pow(2).sum(1)}, losses=torch.zeros(4, dtype=torch.float64))
+    except TypeError as err:
+        assert "DTensors" in str(err) and "to_local" in str(err), err
+    else:
+        raise AssertionError("GradStats kept a DTensor")
+
+
 # ------------------------------------------------------------------------------ FSDP
 
 
@@ -406,6 +463,7 @@ def fsdp2_is_refused_clearly():
     x, y, _, _ = local_batches(1)[0]
     for call in (lambda: persample.grad_stats(model, F.cross_entropy, x, y),
                  lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
+                 lambda: persample.check_mean(model, F.cross_entropy, x, y),
                  lambda: persample.Tracker(model, F.cross_entropy)):
         try:
             call()
@@ -420,9 +478,9 @@ def fsdp1_is_refused_clearly():
     from torch.distributed.fsdp import FullyShardedDataParallel
     model = FullyShardedDataParallel(mlp(seed=9), use_orig_params=True, device_id=torch.device("cpu"))
     x, y, _, _ = local_batches(1)[0]
-    for target in (model, model.module):
+    for target, call in [(t, c) for t in (model, model.module) for c in (persample.grad_stats, persample.check_mean)]:
         try:
-            persample.grad_stats(target, F.cross_entropy, x, y)
+            call(target, F.cross_entropy, x, y)
         except persample.UnsupportedModelError as err:
             assert "FSDP1" in str(err), err
         else:
@@ -432,21 +490,31 @@ def fsdp1_is_refused_clearly():
 # ------------------------------------------------------------------------------ driver
 
 
+def _write(out_dir: str, rank: int, results: dict) -> None:
+    """This rank's results so far (atomically): the driver reads them while the run goes on, to give each
+    scenario its own time budget; an empty file says that gloo's initialisation is done."""
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f)
+    os.replace(path + ".tmp", path)
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = rank_world()
     results = {}
+    _write(out_dir, rank, results)
     for name, (fn, worlds) in SCENARIOS.items():
         if world not in worlds:
             continue
+        torch.manual_seed(0)   # every scenario starts from the same RNG state, whatever ran before it
         try:
             fn()
             results[name] = "ok"
         except Exception:  # noqa: BLE001 - reported to the test, which fails with it
             results[name] = traceback.format_exc()
+        _write(out_dir, rank, results)
         dist.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
     dist.destroy_process_group()
 
 

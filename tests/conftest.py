@@ -1,11 +1,13 @@
-"""Suite-wide checks.
+"""Suite-wide checks and reporting.
 
 Every refusal persample raises carries a code (persample/contract.py). The static check in
 test_contract.py reads the source; this one watches every refusal actually built while the suite runs,
-so a refusal assembled at run time without a code fails the test that met it.
+so a refusal assembled at run time without a code fails the test that met it. The summary says how
+many CUDA tests skipped for want of a device.
 """
 
 import pytest
+import torch
 
 from persample.errors import MeanMismatchError, PersampleError
 
@@ -27,3 +29,12 @@ def _every_refusal_has_a_code():
     _codeless.clear()
     yield
     assert not _codeless, f"refusals raised without a code: {_codeless}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    skipped = terminalreporter.stats.get("skipped", [])
+    cuda = [r for r in skipped if "test_cuda.py" in r.nodeid or "needs a CUDA device" in str(r.longrepr)]
+    if cuda and not torch.cuda.is_available():
+        terminalreporter.write_line(
+            f"persample: no CUDA device here: {len(cuda)} CUDA test(s) skipped; they are not run by CI "
+            "(run `python -m pytest -m cuda tests/test_cuda.py` on a machine with a GPU)")

@@ -134,16 +134,22 @@ def test_persample_methods_follow_the_engines():
     assert "persample-observe" in names and "persample-observe-novar" in names
 
 
+PEER_SKIP = ("the benchmark peers are the [bench] extra (plus backpack-for-pytorch), not in [test]: CI does not "
+             "install them, so this test runs only where they are installed")
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
-def test_peer_scaling_conventions():
-    """Opacus and BackPACK outputs, converted, match persample on a tiny model (where installed)."""
-    pytest.importorskip("opacus")
-    pytest.importorskip("backpack")
+@pytest.mark.parametrize("peer", ["opacus", "backpack"])
+def test_peer_scaling_conventions(peer):
+    """Each peer's outputs, converted (BackPACK's 1/B, Opacus's loss_reduction), match persample on a tiny
+    model; each peer skips only when it is not installed."""
+    if importlib.util.find_spec(peer) is None:
+        pytest.skip(f"{peer} is not installed; {PEER_SKIP}")
     bench, cases, methods = load_bench()
-    peers = methods.select_methods(methods.all_methods(), ["opacus", "backpack"])
+    peers = methods.select_methods(methods.all_methods(), [peer])
     settings = bench.Settings(torch.device("cpu"), repeats=1, budget_s=1.0)
     records, _ = bench.run([tiny_problem(cases)], peers, settings, threads=1, show_progress=False)
-    assert len(records) == 6
+    assert peers and len(records) == len(peers) + 1   # plain, then each of the peer's methods
     for r in records:
         assert r["status"] == "ok" and r["max_rel_err"] < 1e-5, r
 

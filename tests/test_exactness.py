@@ -107,7 +107,7 @@ def test_a_loss_the_model_computed_for_the_batch_is_never_broadcast():
     grads, losses = oracle_grads(model, own_loss, (x, y))
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})
-    torch.testing.assert_close(stats.losses, losses)
+    torch.testing.assert_close(stats.losses, losses, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- randomness
@@ -143,7 +143,7 @@ def test_variance_has_no_catastrophic_cancellation_in_float32(ratio):
     model64.load_state_dict(model.state_dict())
     grads, _ = oracle_grads(model64, F.mse_loss, x.double(), y.double())
     exact = grads["weight"].var(0)
-    relative = ((stats.var["weight"].double() - exact).abs() / exact).median().item()
+    relative = ((stats.var["weight"].double() - exact).abs() / exact).max().item()   # every element
     assert relative < 1e-3, relative
 
 

@@ -41,14 +41,26 @@ def test_diagnostics_rows_follow_the_tracker():
         assert row["lr"] == 0.1
 
 
-def test_missing_options_warn_once_and_give_nan():
-    diag = Diagnostics()
+def test_missing_options_asked_for_warn_once_and_give_nan():
+    diag = Diagnostics(tests=("norm", "inner_product"), optimizer=torch.optim.Adam([torch.zeros(1)]))
     with pytest.warns(UserWarning, match="inner_products=True") as record:
         _tracked_run(diag, steps=3, inner_products=False, var=False)
     assert len([w for w in record if "persample diagnostics" in str(w.message)]) == 1
     assert "var=True" in str(record[0].message)
-    assert all(math.isnan(r["inner_test"]) and math.isnan(r["gsnr_mean"]) for r in diag.rows)
+    assert all(math.isnan(r["inner_test"]) and math.isnan(r["gsnr_mean"]) and math.isnan(r["b_precond"])
+               for r in diag.rows)
     assert all(math.isfinite(r["norm_test"]) for r in diag.rows)
+    assert all("ortho_test" not in r for r in diag.rows)          # not asked: not computed
+
+
+def test_diagnostics_warns_about_nothing_it_was_not_asked_for():
+    import warnings
+    for diag in (Diagnostics(), Diagnostics(tests=("norm",))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _tracked_run(diag, steps=2, inner_products=False, var=False)
+        assert all(math.isfinite(r["norm_test"]) for r in diag.rows)
+    assert set(diag.rows[0]).isdisjoint({"inner_test", "ortho_test", "inner_test_batch", "ortho_test_batch"})
 
 
 def test_csv_logger_round_trip(tmp_path):
@@ -131,8 +143,10 @@ def test_tensorboard_logger_writes_events(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"b_simple", "b_simple_ema", "norm_test", "layer/0/b_simple"} <= set(tags)
-    values = acc.Scalars("b_simple")
+    assert {"persample/b_simple_examples", "persample/b_simple_ema_examples", "persample/norm_test",
+            "persample/layer/0/b_simple_examples", "persample/example_loss_mean"} <= set(tags)
+    assert all(t.startswith("persample/") for t in tags) and "persample/loss" not in tags
+    values = acc.Scalars("persample/b_simple_examples")
     assert [v.step for v in values] == [0, 1]
     assert values[1].value == pytest.approx(diag.rows[1]["b_simple"], rel=1e-6)
 

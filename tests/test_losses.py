@@ -57,7 +57,7 @@ def test_example_with_only_ignored_targets_is_nan_like_the_loss_itself():
     closed = closed_form_losses(F.cross_entropy, output, target)
     reference = _by_loop(F.cross_entropy, output, target)
     assert torch.isnan(closed[0]) and torch.isnan(reference[0])
-    torch.testing.assert_close(closed[1], reference[1])
+    torch.testing.assert_close(closed[1], reference[1], rtol=1e-9, atol=1e-12)
 
 
 def _raises_on_batches(o, t):
@@ -120,8 +120,9 @@ def test_a_loss_vmap_cannot_run_is_not_exact_and_auto_falls_back(name):
         persample.grad_stats(model, loss_fn, x, y, engine="fast")
     with pytest.warns(persample.SlowPathWarning):
         auto = persample.grad_stats(model, loss_fn, x, y, engine="auto")
-    loop = persample.grad_stats(model, loss_fn, x, y, engine="loop")
-    for k in loop.mean:
-        torch.testing.assert_close(auto.mean[k], loop.mean[k], rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(auto.var[k], loop.var[k], rtol=1e-12, atol=1e-14)
-    torch.testing.assert_close(auto.sq_norms, loop.sq_norms, rtol=1e-12, atol=1e-14)
+    from oracle_stats import oracle_stats
+    want = oracle_stats(model, loss_fn, x, y)   # the float64 loop of autograd, not persample's loop engine
+    for k in want["mean"]:
+        torch.testing.assert_close(auto.mean[k], want["mean"][k], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(auto.var[k], want["var"][k], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(auto.sq_norms, want["sq_norms"], rtol=1e-9, atol=1e-12)

@@ -274,6 +274,7 @@ ALL_NEEDING_TWO = [noise.gradient_noise_scale, noise.gsnr, noise.mean_gsnr, nois
 
 @pytest.mark.parametrize("fn", ALL_NEEDING_TWO, ids=lambda f: f.__name__)
 def test_one_example_is_an_error(fn):
+    torch.manual_seed(0)
     grads = {"w": torch.randn(1, 3, dtype=torch.float64)}
     stats = GradStats.from_per_example(grads, torch.zeros(1), reference={"w": grads["w"][0]})
     with pytest.raises(ValueError, match="needs at least 2 examples"):
@@ -281,11 +282,13 @@ def test_one_example_is_an_error(fn):
 
 
 def test_diversity_of_one_example_is_one():
+    torch.manual_seed(0)
     stats = GradStats.from_per_example({"w": torch.randn(1, 3, dtype=torch.float64)}, torch.zeros(1))
     assert noise.gradient_diversity(stats) == pytest.approx(1.0)
 
 
 def test_all_zero_gradient_gives_the_documented_nans():
+    torch.manual_seed(0)
     model = nn.Linear(3, 2).double()
     x, y = torch.randn(4, 3, dtype=torch.float64), torch.randint(0, 2, (4,))
     stats = persample.grad_stats(model, lambda out, t: (out * 0).sum(), x, y, inner_products=True)
@@ -328,6 +331,7 @@ def test_dead_elements_are_left_out_of_mean_gsnr():
                                        ("m2", "stats.m2['w']")])
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_statistics_are_named(field, key, bad):
+    torch.manual_seed(0)
     stats = GradStats.from_per_example({"w": torch.randn(4, 3, dtype=torch.float64)}, torch.zeros(4))
     values = {k: v.clone() for k, v in getattr(stats, field).items()}
     values["w"].view(-1)[0] = bad
@@ -341,6 +345,7 @@ def test_non_finite_statistics_are_named(field, key, bad):
 
 
 def test_non_finite_inner_products_are_named():
+    torch.manual_seed(0)
     grads = {"w": torch.randn(4, 3, dtype=torch.float64)}
     stats = GradStats.from_per_example(grads, torch.zeros(4), reference={"w": grads["w"].mean(0)})
     broken = dataclasses.replace(stats, inner_products=torch.tensor([1.0, math.nan, 0.0, 0.0],
@@ -405,6 +410,7 @@ def test_bad_thresholds(threshold):
 
 def test_float32_statistics_are_reduced_in_float64():
     """|G|² is a difference of close numbers: float32 inputs, float64 arithmetic."""
+    torch.manual_seed(0)
     g64 = torch.randn(64, 1000, dtype=torch.float64) * 0.01 + 1.0     # large mean, small noise
     s64 = GradStats.from_per_example({"w": g64}, torch.zeros(64, dtype=torch.float64))
     s32 = s64.to(dtype=torch.float32)

@@ -72,7 +72,7 @@ def test_non_positive_values_are_counted_not_drawn():
              "b_simple_ema": 5.0} for i, g in enumerate([0.5, -0.5, 0.25, -1.0])]
     fig = plot.plot_diagnostics(rows)
     noise_ax = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("Simple noise scale"))
-    assert any("(2 values ≤ 0 not shown)" in line.get_label() for line in noise_ax.lines)
+    assert any("(2 below noise: |G|² estimate ≤ 0, not shown)" in line.get_label() for line in noise_ax.lines)
     # Panels without data say why instead of staying blank.
     texts = [t.get_text() for ax in fig.axes for t in ax.texts]
     assert any("no batch-size tests" in t for t in texts) and any("var=False" in t for t in texts)

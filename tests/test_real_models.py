@@ -9,9 +9,11 @@ refusal": :func:`run_entry` classifies the outcome as
   report; for ``Tracker.step`` the mean gradient written into ``p.grad`` (frozen parameters keep
   ``grad=None``) and the statistics it returns. Some Hugging Face models are not batch-invariant in
   float64 (they compute norms in float32): their whole-batch gradient differs from the oracle's mean by
-  up to ~1e-7 relative, and no engine can do better. For them atol is raised to 10 × that measured
-  discrepancy × the largest value of the field (``real_models.batch_discrepancy``); for every other
-  model the discrepancy is ~1e-16 and atol stays 1e-12;
+  up to ~1.5e-7 relative, and no engine can do better. For those families only (``NOISE_FAMILIES``),
+  and per parameter, atol is raised to 10 × that parameter's measured discrepancy × the largest value
+  of the field (``real_models.batch_discrepancies``), capped at ``NOISE_CAP`` = 1e-6 relative; a
+  family model whose own discrepancy exceeds half the cap fails (it would couple its examples). For
+  every other model atol stays 1e-12;
 - ``REFUSED``: it raised ``persample.UnsupportedModelError`` or ``NotExact``;
 - ``WRONG``: it returned numbers that differ (or returned numbers on an ill-posed case, or
   ``check_mean`` raised ``MeanMismatchError``);
@@ -42,13 +44,21 @@ import torch.nn.functional as F
 import persample
 from persample import UnsupportedModelError
 
-from real_models import (Oracle, RealCase, all_cases, batch_discrepancy, dense, high_snr_problem, mlp, oracle,
+from test_coverage_lock import load_lock, lock_mismatch
+
+from real_models import (Oracle, RealCase, all_cases, batch_discrepancies, dense, high_snr_problem, mlp, oracle,
                          vector_case)
 
 NotExact = persample.NotExact
+COVERAGE_LOCK = load_lock()
 
 RTOL, ATOL = 1e-9, 1e-12
-NOISE_FACTOR = 10   # a model that is not batch-invariant: atol = 10 × its batch discrepancy
+NOISE_FACTOR = 10   # a model that is not batch-invariant: atol = 10 × its batch discrepancy, per parameter,
+NOISE_CAP = 1e-6    # at most this, relative to the largest value of the field,
+# and only for the families that compute in float32 inside a float64 model (measured at 7e77827: T5, Llama,
+# Mistral, Qwen2 and LoRA-Llama 2e-8 to 1.5e-7; GPT-NeoX, OPT, ViT 2e-11 to 8e-11; every other case ~1e-16)
+NOISE_FAMILIES = ("hf-t5-", "hf-llama-", "hf-mistral-", "hf-qwen2-", "hf-gptneox-", "hf-opt-", "hf-vit-",
+                  "peft-lora-llama-")
 ENGINES = ("auto", "fast", "vmap", "loop")
 ENTRIES = ("per_sample_grads",) + ENGINES + ("check_mean", "tracker")
 MAY_REFUSE = {"fast", "vmap"}
@@ -64,6 +74,7 @@ BY_ID = {case.id: case for case in CASES}
 class Verdict:
     kind: str       # EXACT, REFUSED, WRONG or CRASH
     detail: str = ""
+    code: str | None = None   # a refusal's code (persample/contract.py)
 
     def __str__(self):
         return f"{self.kind}: {self.detail}" if self.detail else self.kind
@@ -79,10 +90,24 @@ class Expected:
     """The oracle of a case and the noise floor it is compared at."""
 
     oracle: Oracle
-    noise: float    # NOISE_FACTOR × the model's batch discrepancy (relative to the largest value of a field)
+    noise: dict     # per parameter: NOISE_FACTOR × its batch discrepancy, at most NOISE_CAP; {} for exact models
 
-    def atol(self, scale: float) -> float:
-        return max(ATOL, self.noise * scale)
+    def atol(self, scale: float, param: str | None = None) -> float:
+        """atol for a field whose largest value is ``scale``: for ``param``'s part of it, or (None) for a field
+        that sums over parameters (norms, losses, inner products: the largest floor)."""
+        floor = self.noise.get(param, 0.0) if param is not None else max(self.noise.values(), default=0.0)
+        return max(ATOL, floor * scale)
+
+
+def noise_floor(case_id: str, discrepancies: dict[str, float]) -> dict[str, float]:
+    """Per parameter NOISE_FACTOR × its discrepancy for the NOISE_FAMILIES, capped; {} for every other case."""
+    if not case_id.startswith(NOISE_FAMILIES):
+        return {}
+    worst = max(discrepancies.values())
+    assert 2 * worst <= NOISE_CAP, (f"{case_id}: the model's batch-vs-example discrepancy {worst:.2e} is beyond "
+                                    f"half the noise cap {NOISE_CAP:g}: it couples its examples, or the cap "
+                                    f"is wrong")
+    return {n: min(NOISE_FACTOR * d, NOISE_CAP) for n, d in discrepancies.items()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -93,13 +118,17 @@ def expected(case_id: str) -> Expected:
     want = oracle(model, case.loss_fn, inputs, targets)
     assert torch.isfinite(want.flat).all() and torch.isfinite(want.losses).all(), f"{case_id}: oracle not finite"
     assert want.flat.abs().max() > 0, f"{case_id}: every gradient is zero, the case tests nothing"
-    return Expected(want, NOISE_FACTOR * batch_discrepancy(model, case.loss_fn, inputs, targets, want))
+    floor = {}
+    if case_id.startswith(NOISE_FAMILIES):
+        floor = noise_floor(case_id, batch_discrepancies(model, case.loss_fn, inputs, targets, want))
+    return Expected(want, floor)
 
 
-def tensor_mismatch(label: str, actual, want: torch.Tensor, tol: Expected, scale: float | None = None) -> str | None:
+def tensor_mismatch(label: str, actual, want: torch.Tensor, tol: Expected, scale: float | None = None,
+                    param: str | None = None) -> str | None:
     """None when ``actual`` matches ``want`` elementwise, |a − e| ≤ atol + RTOL·|e|, else what differs.
 
-    atol is ATOL, raised to the model's noise floor × ``scale`` (the largest |e| of the whole field, all
+    atol is ATOL, raised to ``param``'s noise floor × ``scale`` (the largest |e| of the whole field, all
     parameters of a dict field) for the models that are not batch-invariant in float64.
     """
     if actual is None:
@@ -110,7 +139,7 @@ def tensor_mismatch(label: str, actual, want: torch.Tensor, tol: Expected, scale
     if actual.dtype != want.dtype:
         return f"{label}: dtype {actual.dtype}, expected {want.dtype}"
     size = want.abs().max().item() if scale is None else scale
-    atol = tol.atol(size)
+    atol = tol.atol(size, param)
     if torch.isclose(actual, want, rtol=RTOL, atol=atol).all():
         return None
     err = (actual - want).abs().nan_to_num(float("inf")).max().item()
@@ -124,7 +153,7 @@ def dict_mismatch(label: str, actual, want: dict[str, torch.Tensor], tol: Expect
     if set(actual) != set(want):
         return f"{label}: keys {sorted(set(actual) ^ set(want))} differ"
     scale = max(w.abs().max().item() for w in want.values())
-    return next((m for k in want if (m := tensor_mismatch(f"{label}[{k!r}]", actual[k], want[k], tol, scale))),
+    return next((m for k in want if (m := tensor_mismatch(f"{label}[{k!r}]", actual[k], want[k], tol, scale, k))),
                 None)
 
 
@@ -169,7 +198,10 @@ def _compute(case: RealCase, entry: str, tol: Expected | None):
         report = persample.check_mean(model, loss_fn, inputs, targets, **({"atol": atol} if atol > ATOL else {}))
         return lambda: None if report.ok else f"check_mean report: {report}"
     if entry == "tracker":
-        stats = persample.Tracker(model, loss_fn).step(inputs, targets)
+        # The Tracker's default (randomness="different") trains random models on their own draws
+        # (tests/test_first_hour_defaults.py); the matrix checks the refusal under "error".
+        options = {"randomness": "error"} if case.ill_posed == "randomness" else {}
+        stats = persample.Tracker(model, loss_fn, **options).step(inputs, targets)
         return lambda: grad_mismatch(model, tol) or stats_mismatch(stats, tol, inner_products=False)
     raise AssertionError(f"unknown entry {entry!r}")
 
@@ -180,7 +212,7 @@ def run_entry(case: RealCase, entry: str) -> Verdict:
     try:
         compare = _compute(case, entry, tol)
     except (UnsupportedModelError, NotExact) as err:
-        return Verdict("REFUSED", _first_line(err))
+        return Verdict("REFUSED", _first_line(err), getattr(err, "code", None))
     except persample.MeanMismatchError as err:
         return Verdict("WRONG", _first_line(err))
     except Exception as err:  # noqa: BLE001 — everything else is a crash, by definition
@@ -209,6 +241,9 @@ def test_real_model(case: RealCase, entry: str):
     if case.ill_posed is not None:
         assert re.search(case.ill_posed, verdict.detail, re.IGNORECASE), \
             f"{case.id}::{entry} REFUSED without naming /{case.ill_posed}/: {verdict.detail}"
+    else:   # locked coverage: no new refusal, and a new success updates the lock (tests/test_coverage_lock.py)
+        changed = lock_mismatch(COVERAGE_LOCK, case.id, entry, verdict.kind, verdict.code)
+        assert changed is None, f"{changed}\n({verdict.detail})"
 
 
 def test_oracle_honours_parameter_hooks():
@@ -242,8 +277,8 @@ def test_float32_variance_at_high_snr(engine, ratio):
     assert ratio / 3 < snr < ratio * 3, f"construction gives |mean|/std = {snr:.3g}, not ≈ {ratio:g}"
     stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     assert all(v.dtype == torch.float32 for v in stats.var.values())
-    err = _relative_errors(stats.var, want.var).median().item()
-    assert err < 1e-3, f"{engine}: median relative error of var {err:.3g} at |mean|/std ≈ {ratio:g}"
+    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 5.4e-4, loop)
+    assert err < 1e-3, f"{engine}: largest relative error of var {err:.3g} at |mean|/std ≈ {ratio:g}"
 
 
 @pytest.mark.parametrize("engine", ["fast", "auto", "vmap", "loop"])
@@ -255,5 +290,17 @@ def test_bf16_autocast_statistics(engine):
         stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     dtypes = {v.dtype for field in (stats.mean, stats.var) for v in field.values()}
     assert dtypes == {torch.float32}, f"{engine}: statistics in {dtypes}, expected float32"
-    err = _relative_errors(stats.var, want.var).median().item()
-    assert err < 0.05, f"{engine}: median relative error of var {err:.3g} under bf16 autocast"
+    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 0.021)
+    assert err < 0.05, f"{engine}: largest relative error of var {err:.3g} under bf16 autocast"
+
+
+# ------------------------------------------------------------------------------------ noise floor
+
+
+def test_noise_floor_is_per_parameter_capped_and_only_for_the_families():
+    assert noise_floor("mlp-relu", {"w": 1e-7}) == {}    # a batch-invariant family gets atol 1e-12
+    floor = noise_floor("hf-llama-nomask", {"w": 1e-7, "b": 0.0, "c": 4e-7})
+    assert floor == {"w": pytest.approx(1e-6), "b": 0.0, "c": NOISE_CAP}
+    with pytest.raises(AssertionError, match="couples its examples"):
+        noise_floor("hf-llama-nomask", {"w": 6e-7})
+    assert all(any(case.id.startswith(f) for case in CASES) for f in NOISE_FAMILIES), "a family without a case"

@@ -44,7 +44,8 @@ def test_merge_keeps_inner_products_only_with_a_shared_reference():
               for s in (slice(0, 3), slice(3, 6))]
     merged = halves[0].merge(halves[1])
     flat = torch.cat([g.reshape(6, -1) for g in grads.values()], 1)
-    torch.testing.assert_close(merged.inner_products, flat @ torch.cat([r.reshape(-1) for r in ref.values()]))
+    torch.testing.assert_close(merged.inner_products, flat @ torch.cat([r.reshape(-1) for r in ref.values()]),
+                               rtol=1e-9, atol=1e-12)
     # References are compared by value: an equal clone is the same reference...
     clone = GradStats.from_per_example({k: v[3:] for k, v in grads.items()}, losses[3:],
                                        reference={k: v.clone() for k, v in ref.items()})
@@ -119,7 +120,7 @@ def test_random_mlps_match_oracle(batch, widths, chunk, seed):
     assert_dicts_close(persample.per_sample_grads(model, loss_fn, x, y, chunk_size=chunk), expected)
     stats = persample.grad_stats(model, loss_fn, x, y, chunk_size=chunk)
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in expected.items()})
-    torch.testing.assert_close(stats.losses, losses)
+    torch.testing.assert_close(stats.losses, losses, rtol=1e-9, atol=1e-12)
     if batch > 1:
         assert_dicts_close(stats.var, {k: g.var(0) for k, g in expected.items()})
 

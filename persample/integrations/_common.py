@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 from ..loggers import Diagnostics
@@ -10,7 +11,32 @@ from ..stats import GradStats
 
 #: The diagnostics columns logged by default (see :func:`persample.noise.diagnostics`).
 DEFAULT_KEYS = ("b_simple", "b_simple_ema", "grad_sq", "trace_cov", "gsnr_mean", "norm_test", "norm_test_batch",
-                "grad_norm", "norm_p50")
+                "grad_norm", "norm_p50", "b_precond", "b_precond_ema")
+
+
+def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any) -> None:
+    """Before the optimizer's step: Adam's preconditioner P as it stands (what the step divides by) for the
+    preconditioned noise scale of this step's row (:func:`persample.noise.preconditioned_noise_scale`).
+    Another optimizer: no such columns. Adam before its first step: NaN columns."""
+    import torch
+
+    from .. import noise
+    from ..loggers import PRECONDITIONER_UNDEFINED
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer, Lightning's wrapper
+    if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        diagnostics.preconditioner = None
+        return
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not noise._optimizer_stepped(optimizer, trainable.values()):
+        diagnostics.preconditioner = PRECONDITIONER_UNDEFINED
+        return
+    try:
+        diagnostics.preconditioner = noise.adam_preconditioner(optimizer, list(trainable), model=trainable)
+    except ValueError as err:  # diagnostics never stop training: no preconditioned columns, one warning
+        diagnostics.preconditioner = None
+        if "preconditioner" not in diagnostics._warned:
+            diagnostics._warned.add("preconditioner")
+            warnings.warn(f"persample: no preconditioned noise scale: {err}", stacklevel=2)
 
 
 def diagnostics_row(diagnostics: Diagnostics, stats: GradStats, step: int, keys: tuple[str, ...] | None,

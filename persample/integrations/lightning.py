@@ -20,6 +20,8 @@ after that.
   on a batch of one, where ``output`` is what the LightningModule's ``forward``
   (or ``output_module``'s) returns. The loss's weight (a mean, a sum, the
   division by ``accumulate_grad_batches``) is read from the backward and checked.
+- With Adam / AdamW, the preconditioned noise scale ``persample/b_precond`` is
+  logged too, with P read before each optimizer step.
 - Micro-batches of ``accumulate_grad_batches`` are merged exactly into the
   statistics of the whole accumulated batch; statistics are read before gradient
   clipping; under ``precision="bf16-mixed"`` they are computed in float32.
@@ -39,7 +41,7 @@ from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require
+from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
 
 L = require("lightning", "lightning")
 
@@ -87,14 +89,35 @@ class PersampleCallback(L.pytorch.Callback):
         if not inner_products:
             self.diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
         self.tracker: Tracker | None = None
+        self._pending_tracker_state: dict[str, Any] | None = None  # loaded before on_fit_start made the tracker
         self.last_stats: GradStats | None = None
         self._block = self._accumulation = self._observe = self._observation = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's and the diagnostics' state: Lightning stores it in its checkpoints, and
+        ``trainer.fit(..., ckpt_path=...)`` restores it, so a resumed run logs what an uninterrupted one logs."""
+        tracker = self.tracker.state_dict() if self.tracker is not None else self._pending_tracker_state
+        return {"tracker": tracker, "diagnostics": self.diagnostics.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.diagnostics.load_state_dict(state_dict["diagnostics"])
+        if self.tracker is None:
+            self._pending_tracker_state = state_dict["tracker"]
+        elif state_dict["tracker"] is not None:
+            self.tracker.load_state_dict(state_dict["tracker"])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self._block is not None and self.tracker.wants_stats():
+            snapshot_preconditioner(self.diagnostics, optimizer, pl_module)
 
     def on_fit_start(self, trainer, pl_module):
         if not pl_module.automatic_optimization:
             raise ValueError("persample's Lightning callback supports automatic optimisation only; with manual "
                              "optimisation wrap your own backward in tracker.observe(...)")
         self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
+        if self._pending_tracker_state is not None:
+            self.tracker.load_state_dict(self._pending_tracker_state)
+            self._pending_tracker_state = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self._block is None:

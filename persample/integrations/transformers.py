@@ -29,6 +29,13 @@ gradient-accumulation step and logs the diagnostics through ``trainer.log``
   an fp16 step that overflows is skipped, as the Trainer's scaler skips it.
 - The micro-batches of one optimizer step are merged exactly into the
   statistics of the whole accumulated batch (``persample_callback.last_stats``).
+- With Adam / AdamW (the Trainer's default), the preconditioned noise scale
+  ``persample/b_precond`` is logged too, with P read before each optimizer step
+  (:func:`persample.noise.preconditioned_noise_scale`).
+- Checkpoints keep persample's state (``persample_state.json`` in each
+  checkpoint directory: the EMA, ``every``'s step count), and
+  ``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run
+  logs what an uninterrupted one logs.
 
 Needs ``transformers`` (``pip install -e ".[hf]"`` from a source checkout).
 Limits: one process (no DDP/FSDP/DeepSpeed yet); models the fast engine handles
@@ -39,16 +46,21 @@ on the first step.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Sequence
+import inspect
+import json
+import os
+import warnings
+from typing import Any, Callable, Mapping, Sequence
 
 from ..batch_loss import causal_lm_loss
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require
+from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
 
 transformers = require("transformers", "hf")
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
 __all__ = ["track", "PersampleCallback"]
 
@@ -72,6 +84,45 @@ class PersampleCallback(transformers.TrainerCallback):
         self.prefix = prefix
         self.last_stats: GradStats | None = None
         self._block = None
+        self._resume_from: str | bool | None = None  # trainer.train's resume_from_checkpoint (see track)
+
+    #: The file, in each checkpoint directory, that holds :meth:`state_dict` (JSON).
+    STATE_FILE = "persample_state.json"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The tracker's and the diagnostics' state (JSON-safe): written into every checkpoint
+        directory as :attr:`STATE_FILE`, and read back by ``trainer.train(resume_from_checkpoint=...)``."""
+        return {"tracker": self.tracker.state_dict(), "diagnostics": self.diagnostics.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracker.load_state_dict(state["tracker"])
+        self.diagnostics.load_state_dict(state["diagnostics"])
+
+    def on_save(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        directory = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if os.path.isdir(directory):
+            with open(os.path.join(directory, self.STATE_FILE), "w", encoding="utf-8") as f:
+                json.dump(self.state_dict(), f)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        resume = self._resume_from
+        if isinstance(resume, bool):
+            resume = get_last_checkpoint(args.output_dir) if resume else None
+        path = None if resume is None else os.path.join(str(resume), self.STATE_FILE)
+        if path is not None and os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                self.load_state_dict(json.load(f))
+        elif state.global_step > 0:
+            warnings.warn(f"persample: training resumes at step {state.global_step} but the checkpoint has no "
+                          f"{self.STATE_FILE}: the EMA of the noise scale starts over, and every= counts from here",
+                          stacklevel=2)
+            self.tracker.load_state_dict({"steps": state.global_step, "skipped": []})
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._block is not None and self.tracker.wants_stats():
+            snapshot_preconditioner(self.diagnostics, self.trainer.optimizer, self.tracker.model)
 
     def begin(self) -> None:
         """Open the accumulation block of an optimizer step (idempotent)."""
@@ -145,5 +196,15 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
             return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step
+    original_train = trainer.train
+    signature = inspect.signature(original_train)
+
+    @functools.wraps(original_train)
+    def train(*args, **kwargs):
+        # The checkpoint it resumes from holds persample's state (PersampleCallback.on_train_begin reads it).
+        callback._resume_from = signature.bind(*args, **kwargs).arguments.get("resume_from_checkpoint")
+        return original_train(*args, **kwargs)
+
+    trainer.train = train
     trainer.add_callback(callback)
     return callback

@@ -1086,6 +1086,8 @@ _ALONG_DIMS = {
     "ProdBackward": "_saved_dim", "MedianBackward": "_saved_dim", "NanmedianBackward": "_saved_dim",
     "KthvalueBackward": "_saved_dim", "ModeBackward": "_saved_dim",
 }
+_ROW_INDEXING = frozenset({"IndexSelectBackward", "GatherBackward", "IndexAddBackward", "ScatterAddBackward",
+                           "ScatterBackward"})
 #: Full reductions (no dim saved): every row of the input meets every other.
 _FULL_REDUCTIONS = frozenset({"SumBackward0", "MeanBackward0", "MaxBackward1", "MinBackward1", "MedianBackward0",
                               "NanmedianBackward0", "ProdBackward0", "NormBackward0", "StdBackward0", "VarBackward0"})
@@ -1128,7 +1130,8 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
                 return True, shape, f"{name} reduces or reorders all of a tensor of shape {shape}"
             dims = [dims] if isinstance(dims, int) else list(dims)
             if any(_signed(int(d)) % len(shape) == 0 for d in dims):
-                return True, shape, f"{name} works along dim 0 of a tensor of shape {shape}"
+                # a gather or scatter of rows may be a reordering undone later (PackedSequence's sort)
+                return base not in _ROW_INDEXING, shape, f"{name} works along dim 0 of a tensor of shape {shape}"
             return None
         if base in ("SliceBackward", "SelectBackward"):
             shape = tuple(int(s) for s in node._saved_self_sym_sizes)
