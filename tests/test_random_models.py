@@ -215,7 +215,7 @@ def test_randomness_error_refuses(name, engine):
         persample.grad_stats(model, loss_fn, x, y, engine=engine)
     assert info.value.code == "RANDOM_UNDER_ERROR"
     with pytest.raises(UnsupportedModelError, match="randomness='different'") as info:
-        Tracker(model, loss_fn, engine=engine).step(x, y)
+        Tracker(model, loss_fn, engine=engine, randomness="error").step(x, y)
     assert info.value.code == "RANDOM_UNDER_ERROR"
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
