@@ -80,7 +80,7 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     grad_scale = float(batch.size)
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
                                         watch_dim_moves=_input_has_batch_sized_dim(batch),
-                                        stop_random=randomness != "different") as capture:
+                                        stop_random=randomness == "error") as capture:
         try:
             output = batch.forward(model)
         except RandomCallStopped:  # stopped before it drew
