@@ -39,7 +39,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
-from ._model import buffer_state, check_clip_norm, restore_buffer_state, trainable_parameters
+from ._model import (buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state,
+                     trainable_parameters)
 from ._sharding import restore_sharding, unshard_all
 from ._torch_compat import is_functorch_wrapped, post_accumulate_grad_hooks
 from .api import compute_stats, prepare_reference
@@ -519,12 +520,14 @@ class Tracker:
         """
         per_example = self.per_example_loss
         first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
-        handle = self.model.register_forward_hook(_first_batch_forward(first_forward, batch.size))
+        # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
+        handle = forward_hook_if_possible(self.model, _first_batch_forward(first_forward, batch.size))
         try:
             stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False,
                                   **self._local_stats_options)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         factor = None
         if first_forward:
             output, buffers_after_forward = first_forward[0]

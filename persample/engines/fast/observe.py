@@ -128,7 +128,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
             for handle in handles:
                 handle.remove()
         if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-            observation._audit = audit_graph(observation._roots, units, names)
+            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
         capture.end_forward()
         if capture.auxiliary_term is not None:
             raise ObservationError(
