@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from torch.overrides import TorchFunctionMode
 
 from ._sharding import refuse_wrapped
 from .errors import UnsupportedModelError
@@ -17,7 +18,7 @@ from ._torch_compat import global_backward_hooks, module_backward_hooks, tensor_
 __all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
            "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
            "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as", "buffer_slots",
-           "buffer_state", "restore_buffer_state"]
+           "buffer_state", "restore_buffer_state", "random_call", "RandomCalls", "RandomCallStop"]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -159,38 +160,125 @@ def restore_rng(model: nn.Module, snapshot: list[Tensor]) -> None:
         torch.cuda.set_rng_state(state, device)
 
 
+def forward_hook_if_possible(module: nn.Module, hook) -> Any:
+    """``module.register_forward_hook(hook)``'s handle, or None where the module takes no hooks (a
+    TorchScript module raises): for hooks that only save work, never for ones a guard relies on."""
+    try:
+        return module.register_forward_hook(hook)
+    except RuntimeError:
+        return None
+
+
+#: Calls that draw random numbers whatever their arguments (functions, ``Tensor`` methods).
+_ALWAYS_RANDOM = frozenset({
+    "rand", "rand_like", "randint", "randint_like", "randn", "randn_like", "randperm", "bernoulli", "bernoulli_",
+    "multinomial", "normal", "normal_", "poisson", "uniform_", "exponential_", "geometric_", "log_normal_",
+    "cauchy_", "random_", "_standard_gamma", "_sample_dirichlet", "binomial", "gumbel_softmax",
+    "fractional_max_pool2d", "fractional_max_pool3d", "fractional_max_pool2d_with_indices",
+    "fractional_max_pool3d_with_indices"})
+_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+                       "feature_dropout", "native_dropout", "dropout_", "alpha_dropout_", "feature_dropout_",
+                       "feature_alpha_dropout_"})
+_RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
+_MAYBE_RANDOM = _ALWAYS_RANDOM | _DROPOUTS | _RNN_OPS | {"rrelu", "rrelu_", "scaled_dot_product_attention",
+                                                         "multi_head_attention_forward"}
+
+
+def _argument(args, kwargs, position: int, keyword: str, default=None):
+    return args[position] if len(args) > position else kwargs.get(keyword, default)
+
+
+def random_call(func, args, kwargs) -> str | None:
+    """The name of ``func`` when this call draws random numbers (from any generator), else None.
+
+    Read from the call itself, never from the generators' state (which other threads share): dropouts
+    with p > 0 in training, ``scaled_dot_product_attention`` / ``multi_head_attention_forward`` with
+    ``dropout_p > 0``, ``rrelu`` in training, multi-layer RNN ops with dropout in training, and the
+    sampling functions and methods (``rand*``, ``bernoulli_``, ``normal_``, ``randperm``, ...).
+    """
+    name = getattr(func, "__name__", None)
+    if name not in _MAYBE_RANDOM:
+        return None
+    try:
+        if name in _ALWAYS_RANDOM:
+            return name
+        if name in _DROPOUTS:
+            p = _argument(args, kwargs, 1, "p", 0.5)
+            training = _argument(args, kwargs, 2, "training", kwargs.get("train", True))
+            return name if (training is None or training) and p != 0 else None
+        if name in ("rrelu", "rrelu_"):
+            return name if _argument(args, kwargs, 3, "training", False) else None
+        if name == "scaled_dot_product_attention":
+            return name if _argument(args, kwargs, 4, "dropout_p", 0.0) else None
+        if name == "multi_head_attention_forward":
+            p = _argument(args, kwargs, 10, "dropout_p", 0.0)
+            return name if p and _argument(args, kwargs, 13, "training", True) else None
+        # _VF.lstm / gru / rnn_*: (..., num_layers, dropout, train, ...): dropout between layers only
+        for i in range(1, len(args) - 1):
+            if isinstance(args[i], float) and isinstance(args[i + 1], bool):
+                layers = args[i - 1] if isinstance(args[i - 1], int) else 2
+                return name if args[i] > 0 and args[i + 1] and layers > 1 else None
+        return None
+    except Exception:  # arguments we cannot read: fail closed
+        return name
+
+
+class RandomCalls(TorchFunctionMode):
+    """A torch-function mode noting the first call that draws random numbers (:func:`random_call`);
+    with ``stop``, raising :class:`RandomCallStop` there instead of drawing."""
+
+    def __init__(self, stop: bool = False):
+        super().__init__()
+        self.found: str | None = None
+        self.stop = stop
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.found is None:
+            self.found = random_call(func, args, kwargs)
+            if self.found is not None and self.stop:
+                raise RandomCallStop(self.found)
+        return func(*args, **kwargs)
+
+
+class RandomCallStop(Exception):
+    """:class:`RandomCalls` stopped a run at its first random call, before it drew."""
+
+
 def first_random_module(model: nn.Module, run) -> str:
     """The innermost module whose forward draws random numbers while ``run()`` runs (a label).
 
     Diagnostic only (an error path): ``run()`` is called once more under ``no_grad`` with a
-    pre- and post-hook on every module, inside a forked RNG so nothing observable changes.
+    pre- and post-hook on every module, and stopped at its first random call, before it draws
+    (the generators, which other threads share, are neither advanced nor rewound).
     """
-    found: list[str] = []
+    stack: list[str] = []
     handles = []
-    entered: dict[int, list] = {}
 
-    def pre(module, args):
-        entered.setdefault(id(module), []).append(rng_snapshot(model))
-
-    def post(name):
-        def hook(module, args, output):
-            before = entered[id(module)].pop()
-            if not found and rng_advanced(model, before):
-                found.append(module_label(name, module))
+    def pre(name):
+        def hook(module, args):
+            stack.append(module_label(name, module))
         return hook
 
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post(name)))
+    def post(module, args, output):
+        if stack:
+            stack.pop()
+
+    watcher = RandomCalls(stop=True)
     try:
-        with torch.random.fork_rng(devices=cuda_devices(model)), torch.no_grad():
+        for name, module in model.named_modules():
+            handles.append(module.register_forward_pre_hook(pre(name)))
+            handles.append(module.register_forward_hook(post))
+        with torch.no_grad(), watcher:
             run()
+    except RandomCallStop:
+        return f"module {stack[-1]}" if stack else "the model or its loss_fn"
     except Exception:  # the diagnosis is best effort: the caller raises its own error anyway
         pass
     finally:
         for h in handles:
             h.remove()
-    return f"module {found[0]}" if found else "the model or its loss_fn"
+    return "the model or its loss_fn"
 
 
 # ----------------------------------------------------------------------------- autocast
@@ -307,7 +395,7 @@ def restore_buffer_state(state: BufferState) -> None:
 
 @contextlib.contextmanager
 def preserved_state(model: nn.Module, *, restore_buffers: bool = True,
-                    fork_rng: bool = True) -> Iterator[BufferState]:
+                    fork_rng: bool = True, rewind_rng: bool | None = None) -> Iterator[BufferState]:
     """Restore training flags, ``p.grad``, buffers and RNG state on exit (also on error).
 
     Buffers are restored in place, a buffer the forward replaced included
@@ -315,13 +403,16 @@ def preserved_state(model: nn.Module, *, restore_buffers: bool = True,
     the buffers as found (a :func:`buffer_state`; empty without ``restore_buffers``),
     to go back to midway. With ``fork_rng`` (not a training step), parameters that
     a forward changes in place (``Embedding(max_norm=...)``) are restored too.
+    ``rewind_rng`` (default: ``fork_rng``) restores the global generators on exit; pass False where
+    the model may not draw (``randomness="error"``): other threads share them, and rewinding would
+    make a thread that drew in the meantime draw the same numbers again.
     """
     modules = list(model.modules())
     flags = [(m, m.training) for m in modules]
     grads = [(p, p.grad) for p in _unique(t for m in modules for t in m._parameters.values())]
     buffers = buffer_state(model) if restore_buffers else []
     mutated = [(p, p.detach().clone()) for p in (mutated_in_forward(modules) if fork_rng else [])]
-    rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng)
+    rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng if rewind_rng is None else rewind_rng)
     with rng:
         try:
             yield buffers

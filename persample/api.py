@@ -14,6 +14,7 @@ Conventions (shared by every engine):
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Any, Callable, Literal, Mapping
 
@@ -21,8 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import (check_clip_norm, check_supported, preserved_state, restore_buffer_state,
+from ._model import (RandomCalls, check_clip_norm, check_supported, preserved_state, restore_buffer_state,
                      trainable_parameters)
+from .batch_loss import check_batch_loss
+from .contract import refusal
+from .errors import BatchLossMismatch
 from ._progress import progress_bar
 from ._warn import short_reason, user_stacklevel
 from .errors import NotExact
@@ -49,7 +53,7 @@ _GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}
 
 def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
                      chunk_size: int | None = None, randomness: Randomness = "error",
-                     engine: str = "auto") -> dict[str, Tensor]:
+                     engine: str = "auto", batch_loss_check: bool = True) -> dict[str, Tensor]:
     """Per-example gradients ``{name: Tensor[B, *param.shape]}``; row i is dL_i/dθ, unscaled.
 
     Args:
@@ -79,24 +83,42 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
             ``"loop"`` (one forward + backward per example) or ``"auto"``
             (vmap, and the loop where vmap cannot run the model, e.g. Hugging
             Face attention masks, with a :class:`~persample.SlowPathWarning`).
+        batch_loss_check: check first that ``loss_fn`` on the whole batch is a
+            weighted sum Σ_i w_i L_i of the per-example losses (any weights), at
+            the model's output on the batch: one more forward without gradients
+            and a loss-only backward, never a model backward. A loss that couples
+            the examples (NT-Xent / SimCLR, CLIP, batch-hard triplets,
+            batch-centred errors, a load-balancing term over the batch) then
+            raises :class:`~persample.BatchLossMismatch`, since its per-example
+            gradients (of ``loss_fn`` on each example alone) describe a different
+            loss than the batch's. ``False`` skips the check, for batch-of-one
+            gradients on purpose. A loss computed inside the model (``out.loss``)
+            cannot be checked at the output: :func:`persample.check_mean` tests it.
     """
     batch = as_batch(inputs, targets)
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
-    with preserved_state(model) as found:
+    with preserved_state(model, rewind_rng=randomness != "error") as found:
+        # the check's forward: before the work where no random draw is allowed, else after the engines
+        if batch_loss_check and randomness == "error":
+            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
+
         def run(name: str):
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
+        if batch_loss_check and randomness != "error":
+            _check_loss_on_batch(model, loss_fn, batch, None, found)
     return grads
 
 
 def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
                chunk_size: int | None = None, randomness: Randomness = "error", engine: str = "auto",
                var: bool = True, inner_products: bool = False, clip_norm: float | None = None,
-               progress: bool = False, reference: Mapping[str, Tensor] | None = None) -> GradStats:
+               progress: bool = False, reference: Mapping[str, Tensor] | None = None,
+               batch_loss_check: bool = True) -> GradStats:
     """:class:`GradStats` of the per-example gradients, without keeping ``B × P`` of them.
 
     Same arguments and conventions as :func:`per_sample_grads`, plus:
@@ -128,6 +150,13 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
         clip_norm: also compute ``clipped_mean`` = (1/B) Σ_i min(1, C/‖g_i‖) g_i
             for C = ``clip_norm`` (per-example clipping, as in DP-SGD).
         progress: show a tqdm progress bar over examples (if tqdm is installed).
+        batch_loss_check: check that ``loss_fn`` on the whole batch is Σ_i w_i L_i
+            of the per-example losses, at the model's output (a loss-only
+            backward; the fast engine's own forward gives the output, the other
+            engines one more forward without gradients). Losses that couple the
+            examples raise :class:`~persample.BatchLossMismatch`; ``False`` skips
+            the check, for batch-of-one gradients on purpose (see
+            :func:`per_sample_grads`).
 
     On an FSDP2 model (``fully_shard``) this is a collective: one FSDP2 forward and backward,
     observed by the fast engine, gives this rank's statistics (full-size ``mean`` and ``m2`` of its
@@ -143,17 +172,20 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
                                 engine=engine, clip_norm=clip_norm)
     return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
                          randomness=randomness, engine=engine, var=var, inner_products=inner_products,
-                         clip_norm=clip_norm, progress=progress, reference=reference)
+                         clip_norm=clip_norm, progress=progress, reference=reference,
+                         batch_loss_check=batch_loss_check)
 
 
 def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size: int | None = None,
                   randomness: str = "error", engine: str = "auto", var: bool = True,
                   inner_products: bool = False, clip_norm: float | None = None, progress: bool = False,
-                  fork_rng: bool = True, reference: Mapping[str, Tensor] | None = None) -> GradStats:
+                  fork_rng: bool = True, reference: Mapping[str, Tensor] | None = None,
+                  batch_loss_check: bool = False) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
     ``fork_rng=False`` lets random ops advance the global RNG as a training
-    step would (what :class:`persample.Tracker` wants).
+    step would (what :class:`persample.Tracker` wants). ``batch_loss_check``:
+    see :func:`grad_stats` (off here: the Tracker derives and checks its weights itself).
     """
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _CHAINS)
@@ -162,15 +194,52 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     options = dict(randomness=randomness, var=var, inner_products=inner_products, clip_norm=clip_norm,
                    reference=prepare_reference(model, reference))
 
+    first_forward: list = []  # the fast engine's forward of the batch: its output, for batch_loss_check
+
     def run(name: str) -> GradStats:
         if name == "fast":
-            return fast_grad_stats(model, loss_fn, batch, **options)
+            return fast_grad_stats(model, loss_fn, batch, keep_output=first_forward if batch_loss_check else None,
+                                   **options)
         streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
         with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
             return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
 
-    with preserved_state(model, fork_rng=fork_rng) as found:
-        return _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
+    # Without the fast engine's forward, one of the check's own: before the work where no random draw
+    # is allowed, else after the engines (it must not move their draws).
+    check_first = batch_loss_check and chain[0] != "fast" and randomness == "error"
+    # The generators are rewound only where the model may draw: other threads share them.
+    with preserved_state(model, fork_rng=fork_rng, rewind_rng=fork_rng and randomness != "error") as found:
+        if check_first:
+            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
+        stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
+        if batch_loss_check and not check_first:
+            _check_loss_on_batch(model, loss_fn, batch, first_forward[0] if first_forward else None, found)
+        return stats
+
+
+def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found,
+                         stop_random: bool = False) -> None:
+    """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
+    (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
+    one more forward of the batch without gradients (buffers then put back as ``found``). A model
+    that cannot run the whole batch at once leaves nothing to check."""
+    if output is None:
+        try:  # under randomness="error", stopped before a random draw (the engines refuse such a model)
+            with torch.no_grad(), RandomCalls(stop=True) if stop_random else contextlib.nullcontext():
+                output = batch.forward(model)
+        except Exception:
+            return
+        finally:
+            restore_buffer_state(found)
+    try:
+        check_batch_loss(loss_fn, output, batch.targets, batch.size)
+    except BatchLossMismatch as err:
+        raise refusal(
+            "BATCH_LOSS_COUPLED",
+            f"loss_fn couples the examples of the batch: {err}. Per-example gradients are those of loss_fn "
+            "on each example alone, which is not the loss your batch computes (contrastive losses such as "
+            "NT-Xent / SimCLR or CLIP, batch-hard triplets, batch-centred errors, a load-balancing term over "
+            "the batch). Pass batch_loss_check=False if you want those batch-of-one gradients on purpose") from None
 
 
 def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:

@@ -49,7 +49,7 @@ from .engines._autograd import graph_leaves
 from .errors import BatchLossMismatch
 
 __all__ = ["BatchLoss", "BatchLossMismatch", "causal_lm_loss", "loss_parts", "derive_weights",
-           "common_weight"]
+           "common_weight", "check_batch_loss"]
 
 
 @dataclass(frozen=True)
@@ -175,15 +175,15 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
         if not bool(torch.isfinite(b2).all()):
             bad = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
-            raise BatchLossMismatch(
+            raise NonFiniteExampleLoss(
                 f"the per-example losses have non-finite gradients at the model output (examples {bad[:5]}): "
                 "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
                 "reduction='sum'>), or persample.causal_lm_loss() for token losses",
                 code="EXAMPLE_LOSS_NOT_FINITE")
         if not bool(torch.isfinite(a2).all()):
-            raise BatchLossMismatch(f"the gradient of {what} at the model output is not finite (inf/NaN)",
-                                    code="BATCH_LOSS_NOT_FINITE")
+            raise NonFiniteExampleLoss(f"the gradient of {what} at the model output is not finite (inf/NaN)",
+                                       code="BATCH_LOSS_NOT_FINITE")
         dot += (a2 * b2).sum(1, dtype=torch.float64).cpu()
         bb += (b2 * b2).sum(1, dtype=torch.float64).cpu()
     w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
@@ -230,6 +230,37 @@ def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
 
 
 # ------------------------------------------------------------------------ at the model output
+
+
+class NonFiniteExampleLoss(BatchLossMismatch):
+    """A :class:`BatchLossMismatch` because a loss or its gradient at the output is not finite (an
+    example whose targets are all ignored, say), rather than because the batch loss couples the examples."""
+
+
+def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> None:
+    """Raise :class:`BatchLossMismatch` where ``loss_fn`` on the whole batch is not Σ_i w_i L_i of
+    L_i = ``loss_fn`` on example i alone (a loss that couples the examples: NT-Xent / SimCLR, CLIP,
+    batch-hard triplets, a batch-centred MSE, a load-balancing term over the batch's router outputs).
+
+    One evaluation of each loss and a loss-only backward of each at (a detached copy of) ``output``,
+    the model's output on the batch (:func:`weights_at_output`); the model is not run. Any weights
+    are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is
+    computed inside the model; it is not finite there; it is not a scalar on the whole batch) nothing
+    can be told, and nothing is raised: :func:`persample.check_mean` tests those.
+    """
+    from .engines.fast.losses import traced_standard_loss
+
+    batch_fn, per_example_fn = loss_parts(loss_fn)
+    if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
+        return  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
+    try:
+        weights_at_output(batch_fn, per_example_fn, output, targets, batch_size)
+    except (OpaqueLoss, NonFiniteLoss, NonFiniteExampleLoss):
+        return
+    except BatchLossMismatch:
+        raise
+    except Exception:  # the loss does not run on the whole batch as it is (or not to a scalar): cannot tell
+        return
 
 
 class OpaqueLoss(Exception):
@@ -305,7 +336,7 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
             raise OpaqueLoss()
         if bool(torch.isfinite(ell.detach())) and not bool(torch.isfinite(losses.detach()).all()):
             bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-            raise BatchLossMismatch(
+            raise NonFiniteExampleLoss(
                 f"the per-example losses of examples {bad[:5]} are not finite while the batch loss is: an "
                 "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "

@@ -203,6 +203,21 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
     Precondition("PARAMETER_USED_OUTSIDE", _N, "backward", ("fast", "observe"),
                  "Every parameter a rule covers is used only by the module that owns it",
                  "engine='auto' takes the vmap or loop engine"),
+    Precondition("PARAMETER_SUBSTITUTED", _N, "forward", ("fast", "observe"),
+                 "Every call of a module computes with its own parameters (not with weights derived from them "
+                 "through torch.func.functional_call: 1.1·W, W + ε, a hypernetwork's, an inner MAML step's)",
+                 "engine='auto' takes the vmap or loop engine, which differentiate through the derivation"),
+    Precondition("BATCH_MIXED", _N, "backward", ("fast", "observe"),
+                 "The forward keeps the examples apart along the batch dim (no roll, sort, flip, scan, "
+                 "reduction, cross-row index or x.T @ x over dim 0 on the way to the loss)",
+                 "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one); "
+                 "or take the op out of the forward"),
+    Precondition("TORCHSCRIPT_MODULE", _N, "setup", ("fast", "observe"),
+                 "No module of the model is a TorchScript module (torch.jit.script or torch.jit.trace)",
+                 "engine='auto' takes the vmap engine or the loop; or use the eager module"),
+    Precondition("CAPTURE_HOOK_REFUSED", _N, "setup", ("fast", "observe"),
+                 "Every module the fast engine watches accepts forward hooks",
+                 "engine='auto' takes the vmap engine or the loop"),
     # -------------------------------------------------------------------- layers: rules and fallbacks
     Precondition("RULE_NOT_APPLICABLE", _N, "backward", ("fast", "observe"),
                  "Every layer with a closed-form rule is called the way its rule covers",
@@ -263,6 +278,11 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
                  "the model couples examples or draws random numbers differently per call: see "
                  "the report's largest differences, and explain(model, ...)"),
     # ------------------------------------------------------------------------ batch losses (Tracker)
+    Precondition("BATCH_LOSS_COUPLED", _B, "loss", ("fast", "vmap", "loop"),
+                 "grad_stats / per_sample_grads: loss_fn on the whole batch is a weighted sum Σ_i w_i L_i of "
+                 "loss_fn on each example alone (not NT-Xent, CLIP, batch-hard triplets, batch-centred errors "
+                 "or a load-balancing term over the batch)",
+                 "batch_loss_check=False for the batch-of-one gradients on purpose; or a per-example loss"),
     Precondition("BATCH_LOSS_MISMATCH", _B, "loss", ("tracker", "observe"),
                  "The batch loss is Σ_i w_i L_i of the declared per-example losses",
                  "declare the per-example loss the batch loss combines (persample.BatchLoss), or pass the "

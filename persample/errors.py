@@ -13,6 +13,8 @@
   (1/B) Σ_i g_i ≠ autograd's gradient of the mean loss.
 - :class:`SlowPathWarning`: ``engine="auto"`` fell back to the per-example
   loop, which is exact but costs B forward + backward passes.
+- :class:`SkippedStatisticsWarning`: a ``Tracker(on_refusal="skip" | "fallback")``
+  step had no exact statistics; training went on, the step was counted as skipped.
 
 Every refusal (the first four classes) carries a machine-readable ``code``
 declared in :mod:`persample.contract`, with the statement of the precondition
@@ -28,7 +30,7 @@ Match on ``err.code``, never on the prose::
 from __future__ import annotations
 
 __all__ = ["PersampleError", "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError",
-           "BatchLossMismatch", "SlowPathWarning"]
+           "BatchLossMismatch", "SlowPathWarning", "SkippedStatisticsWarning"]
 
 
 class PersampleError(Exception):
@@ -100,3 +102,9 @@ class BatchLossMismatch(PersampleError, ValueError):
 
 class SlowPathWarning(UserWarning):
     """``engine="auto"`` used the exact per-example loop: correct, but B forward + backward passes."""
+
+
+class SkippedStatisticsWarning(UserWarning):
+    """A step's statistics could not be computed exactly and ``on_refusal`` said not to stop training: the
+    step is counted as skipped (``Tracker.refused``), ``p.grad`` is what the backward made it. Warned once
+    per reason."""

@@ -235,6 +235,8 @@ class GradStats:
             raise ValueError("GradStats.from_per_example needs at least one parameter")
         n = losses.shape[0]
         mean, m2, sq = {}, {} if var else None, {}
+        grads = {name: g.float() if g.is_floating_point() and g.element_size() < 4 else g  # float32 or better:
+                 for name, g in grads.items()}  # half-precision squares overflow (‖g_i‖² > 65504 in float16)
         for name, g in grads.items():
             if g.shape[0] != n:
                 raise ValueError(f"grads[{name!r}] has {g.shape[0]} rows but there are {n} losses")

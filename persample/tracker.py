@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
@@ -37,7 +39,8 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
-from ._model import buffer_state, check_clip_norm, restore_buffer_state, trainable_parameters
+from ._model import (buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state,
+                     trainable_parameters)
 from ._sharding import restore_sharding, unshard_all
 from ._torch_compat import is_functorch_wrapped, post_accumulate_grad_hooks
 from .api import compute_stats, prepare_reference
@@ -45,13 +48,18 @@ from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_we
                          reachable_leaves, weights_at_output)
 from .check import check_batch_mean
 from .engines._autograd import gradients
-from .errors import NotExact
+from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
 from .engines.fast.observe import Observation, observing
 from .stats import GradStats
 
 __all__ = ["Tracker"]
 
 Hook = Callable[["Tracker", GradStats], None]
+
+#: What ``Tracker(on_refusal=...)`` accepts (see :meth:`Tracker.observe`).
+ON_REFUSAL = ("raise", "skip", "fallback")
+#: The refusals ``on_refusal`` applies to: the statistics of a step cannot be shown exact.
+REFUSALS = (NotExact, ObservationError, UnsupportedModelError, BatchLossMismatch)
 
 
 class Tracker:
@@ -115,6 +123,18 @@ class Tracker:
             model (``fully_shard``) runs FSDP2's own forward and backward on
             every step (``p.grad`` is FSDP2's sharded gradient) and observes it
             on statistics steps (see ``_data_parallel.fsdp2_step``).
+        on_refusal: what :meth:`observe` does with a step whose statistics it
+            cannot compute exactly (``NotExact``, ``ObservationError``, …,
+            raised after your backward, which has run as without persample):
+            ``"raise"`` (default) raises it; ``"skip"`` warns once per reason
+            (:class:`persample.SkippedStatisticsWarning`), records the step in
+            :attr:`refused` and :attr:`skipped`, and goes on with no statistics;
+            ``"fallback"`` computes that step's statistics with the exact engines
+            (``engine``, default ``"auto"``: the fast engine's full pass, then vmap,
+            then the loop) on the same batch, which ``observe(inputs=...)`` must
+            then be given, and skips as ``"skip"`` does if they fail too. The
+            training step (``p.grad``, the optimiser, the schedule) is never
+            changed either way. The framework integrations default to ``"skip"``.
 
     A step is atomic for the model: if it raises (bad input, the model, the
     loss, a hook, the check), every ``p.grad`` (and ``x.grad``), ``last_stats``
@@ -127,15 +147,23 @@ class Tracker:
         last_noise: the :class:`persample.noise.NoiseScale` of the last
             ``accumulate(estimator="micro-batch")`` block that had one (None before).
         skipped: steps whose statistics were not finite (inf/NaN, such as an
-            fp16 overflow that ``GradScaler`` skips): no statistics were
+            fp16 overflow that ``GradScaler`` skips), or were refused under
+            ``on_refusal="skip"`` / ``"fallback"``: no statistics were
             returned and no hook was called for them.
+        refused: ``(step, reason)`` of every observed (micro-)batch whose
+            statistics were refused under ``on_refusal="skip"`` or ``"fallback"``
+            (with ``"fallback"``, also those the exact engines then computed:
+            the reason says so).
     """
 
     def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
                  clip_norm: float | None = None, chunk_size: int | None = None,
                  randomness: str = "different", check_every: int = 0, engine: str = "auto",
-                 var: bool = True, inner_products: bool = False, distributed: bool | None = None):
+                 var: bool = True, inner_products: bool = False, distributed: bool | None = None,
+                 on_refusal: str = "raise"):
         _require_int("every", every, minimum=1)
+        if on_refusal not in ON_REFUSAL:
+            raise ValueError(f"on_refusal must be one of {ON_REFUSAL}, got {on_refusal!r}")
         _require_int("check_every", check_every, minimum=0)
         check_clip_norm(clip_norm)
         model, self._replicas = resolve_replicas(model, distributed)
@@ -153,6 +181,9 @@ class Tracker:
         self.skipped: list[int] = []
         self.last_noise = None  # the last accumulate(estimator="micro-batch") block's NoiseScale
         self._nonfinite_rows: list[int] | None = None  # a skipped step's non-finite examples, when known
+        self.on_refusal = on_refusal
+        self.refused: list[tuple[int, str]] = []
+        self._warned_reasons: set[str] = set()
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
         if self._replicas is not None and self._replicas.sharded:
@@ -426,7 +457,7 @@ class Tracker:
             yield acc
         finally:
             self._accumulation = None
-        if acc.parts:
+        if acc.parts and not acc.refused:  # a refused micro-batch: the block has no statistics of its batch
             acc.stats = GradStats.merge_all(acc.parts)
             failure = None
             try:
@@ -489,12 +520,14 @@ class Tracker:
         """
         per_example = self.per_example_loss
         first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
-        handle = self.model.register_forward_hook(_first_batch_forward(first_forward, batch.size))
+        # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
+        handle = forward_hook_if_possible(self.model, _first_batch_forward(first_forward, batch.size))
         try:
             stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False,
                                   **self._local_stats_options)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         factor = None
         if first_forward:
             output, buffers_after_forward = first_forward[0]
@@ -563,7 +596,8 @@ class Tracker:
 
     @contextlib.contextmanager
     def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
-                output_module: nn.Module | None = None) -> Iterator[Observation]:
+                output_module: nn.Module | None = None, inputs: Any = None,
+                wrapper: nn.Module | None = None) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
@@ -612,6 +646,23 @@ class Tracker:
         batch; ``p.grad`` stays DDP's average. Inner products relative to the
         global mean need the inputs for a second pass: use :meth:`step`, or a
         shared reference (``accumulate(reference="last")`` or a dict).
+
+        ``wrapper``: the module your code calls, when it wraps the Tracker's
+        model and passes its output on unchanged (the DDP wrapper that a
+        framework made, Lightning's strategy wrapper): DDP with
+        ``find_unused_parameters`` or ``static_graph`` passes the output (and a
+        loss computed inside) through its ``_DDPSink``, and the loss then reads
+        those tensors. A Tracker given the DDP wrapper itself needs no ``wrapper``.
+
+        Refusals (the Tracker's ``on_refusal``): where the statistics of the
+        observed backward cannot be shown exact, the refusal is raised after
+        your backward has run (``"raise"``); or the step is counted as skipped
+        with a warning (``"skip"``: ``observed.skipped``, :attr:`refused`); or
+        its statistics come from the exact engines on ``inputs``, the model's
+        inputs of the observed forward (``"fallback"``: one more pass, which
+        describes the per-example gradients of that batch, with the engines'
+        own random draws if the model has random ops; ``randomness`` applies).
+        An error raised by your own code in the block is always raised.
         """
         if self.clip_norm is not None:
             raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
@@ -628,6 +679,9 @@ class Tracker:
                              "micro-batch estimator needs each micro-batch's own gradient, which step() computes. "
                              "Use tracker.step(inputs, targets, scale=1/k) in that block")
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
+        if with_stats and self.on_refusal == "fallback" and inputs is None:
+            raise ValueError("Tracker(on_refusal='fallback') needs the model's inputs of the observed forward: "
+                             "tracker.observe(targets, inputs=inputs)")
         if not with_stats:
             observation = Observation()
             yield observation
@@ -642,26 +696,38 @@ class Tracker:
         sharded = self._replicas is not None and self._replicas.sharded
         sharding = unshard_all(self.model) if sharded else None  # FSDP2: the full parameters, by name
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
-        block_done, failure = False, None
+        if output_module is None and self._replicas is not None and self._replicas.wrapper is not None:
+            # DDP passes the module's output through its _DDPSink (find_unused_parameters, static_graph):
+            # the loss reads the wrapper's output, so that is the output observed
+            output_module = self._replicas.wrapper
+        body_ran, failure = False, None  # the block's own code (the user's forward and backward) returned
+        observation = Observation()
         try:
             with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
                            var=self.stats_options["var"], inner_products=against_mean, reference=reference,
-                           output_module=output_module) as observation:
+                           output_module=output_module, wrapper=wrapper) as observation:
+                if local is not None:  # under DDP, this rank's own baseline moves with the observation's
+                    observation._on_rebase.append(functools.partial(_rebase_local, local))
                 with local.recording() if local is not None else contextlib.nullcontext():
                     yield observation
-                block_done = True
+                body_ran = True
                 if local is not None:
                     local.show_local()  # the sum check compares this rank's gradients with its own
         except Exception as err:
-            if isinstance(err, NotExact) and hasattr(err, "add_note"):
-                err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
-                             + ("under FSDP2, tracker.step has only that engine too: train with DDP)" if sharded
-                                else "tracker.step(inputs, targets) falls back to the exact engines)"))
-            # An error of the user's own block propagates as it would without observe; an error of
-            # persample's after the block (under replicas) goes through agree, so every rank raises.
-            if self._replicas is None or not block_done:
-                raise
-            failure = err
+            if isinstance(err, REFUSALS) and body_ran and self.on_refusal != "raise":
+                observation.stats = self._refused_statistics(err, inputs, targets, local)
+                observation.skipped = observation.stats is None
+            else:
+                if isinstance(err, NotExact) and hasattr(err, "add_note"):
+                    err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
+                                 + ("under FSDP2, tracker.step has only that engine too: train with DDP)" if sharded
+                                    else "tracker.step(inputs, targets) falls back to the exact engines, and "
+                                    "Tracker(on_refusal='skip' or 'fallback') keeps training going)"))
+                # An error of the user's own block propagates as it would without observe; an error of
+                # persample's after the block (under replicas) goes through agree, so every rank raises.
+                if self._replicas is None or not body_ran:
+                    raise
+                failure = err
         finally:
             if local is not None:
                 local.restore()
@@ -670,6 +736,11 @@ class Tracker:
         if self._replicas is not None:
             everyone_has_stats, = self._replicas.agree(failure, "persample.Tracker.observe",
                                                        observation.stats is not None)
+            if not everyone_has_stats and observation.stats is not None:  # the global batch has no statistics
+                self.refused.append((self.steps, "another rank had no statistics for this step"))
+                observation.skipped = True
+                if accumulating:
+                    self._accumulation.refused = True
             observation.stats = self._replicas.reduce_stats(observation.stats) if everyone_has_stats else None
         failure = None
         try:
@@ -687,6 +758,40 @@ class Tracker:
             self._replicas.agree(failure, "persample.Tracker.observe (hooks)")
         if not accumulating:
             self.steps += 1
+
+    def _refused_statistics(self, err: BaseException, inputs: Any, targets: Any,
+                            local: LocalGradients | None) -> GradStats | None:
+        """``on_refusal`` "skip" or "fallback" for an observed step whose statistics ``err`` refused: the
+        exact engines' statistics of ``inputs`` ("fallback"), or None after a warning (once per reason).
+        ``p.grad`` is left as the user's backward made it (the engines do not touch it; checked)."""
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        stats = None
+        if local is not None:
+            local.restore()  # DDP's averaged p.grad back (show_local may have run)
+        if self.on_refusal == "fallback":
+            params = trainable_parameters(self.model)
+            grads = {name: p.grad for name, p in params.items()}
+            try:
+                stats = compute_stats(self.model, self.per_example_loss, as_batch(inputs, targets),
+                                      **self._local_stats_options)
+                reason = f"{reason} (statistics from the exact engines instead)"
+            except Exception as second:  # noqa: BLE001 - a diagnostic never stops training (reason warned)
+                reason = (f"{reason}; the exact engines failed too: {type(second).__name__}: "
+                          f"{str(second).splitlines()[0] if str(second) else ''}")
+            finally:
+                for name, p in params.items():
+                    p.grad = grads[name]  # the engines never write p.grad; keep it so whatever happened
+        self.refused.append((self.steps, reason))
+        if stats is None:
+            if self._accumulation is not None:
+                self._accumulation.refused = True
+        if reason not in self._warned_reasons:
+            self._warned_reasons.add(reason)
+            what = ("computed by the exact engines" if stats is not None
+                    else "skipped (training goes on; p.grad is the backward's own)")
+            warnings.warn(f"persample: the statistics of step {self.steps} were {what}: {reason}",
+                          SkippedStatisticsWarning, stacklevel=4)
+        return stats
 
     def _publish(self, stats: GradStats) -> None:
         """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order.
@@ -745,6 +850,7 @@ class Accumulation:
     reference: dict | None = None
     shared: bool = False  # accumulate(reference=...) was given
     first: bool = False  # reference="first": r is the first micro-batch's mean
+    refused: bool = False  # a micro-batch's statistics were refused (on_refusal="skip"): none for the block
     estimator: str = "per-example"
     micro: list = field(default_factory=list)  # estimator="micro-batch": (b_m, ‖G_m‖²), or None if not finite
     micro_sum: dict = field(default_factory=dict)  # Σ_m b_m G_m (float64)
@@ -867,6 +973,11 @@ def _first_batch_forward(store: list, batch_size: int):
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
     return hook
+
+
+def _rebase_local(local: LocalGradients) -> None:
+    """``p.grad`` as it is now is the baseline of this rank's own gradient (Observation.rebase_grads)."""
+    local.before = {n: None if p.grad is None else p.grad.detach().clone() for n, p in local.params.items()}
 
 
 def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:

@@ -97,8 +97,8 @@ class RollMix(nn.Module):
         super().__init__()
         self.w = nn.Parameter(torch.randn(3, 3))
 
-    def forward(self, x):
-        return x.roll(1, 0) @ self.w
+    def forward(self, x):  # (rolling an activation: rows of a raw input mixed on the way are BATCH_MIXED)
+        return (x @ self.w).roll(1, 0)
 
 
 class NotBatchFirst(nn.Module):
@@ -238,8 +238,24 @@ def _triggers():
             _classify()[0], partial(F.cross_entropy, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)),
             clip_norm=1.0).step(*_classify()[1:]),
         "MEAN_MISMATCH": _check_mean_on_coupled,
+        "PARAMETER_SUBSTITUTED": lambda: _fast(_with_forward(
+            lambda s, x: s.b(torch.func.functional_call(s.a, {"weight": 1.1 * s.a.weight}, (x,), strict=False)),
+            a=_lin(3, 4), b=_lin(4, 2)), x, y),
+        "BATCH_MIXED": lambda: _fast(_with_forward(lambda s, x: s.b(s.a(x).roll(1, 0)), a=_lin(3, 4), b=_lin(4, 2)),
+                                     x, y),
+        "TORCHSCRIPT_MODULE": lambda: _fast(torch.jit.script(_mlp()), x, y),
+        "CAPTURE_HOOK_REFUSED": lambda: _fast(_with_forward(lambda s, x: s.a(x), a=_NoHooks(3, 2)).double(), x, y),
+        "BATCH_LOSS_COUPLED": lambda: persample.grad_stats(
+            _mlp(), lambda out, t: F.mse_loss(out - out.mean(0), t - t.mean(0)), x, y),
         "CUSTOM_RULE_SUM_MISMATCH": _doubled_custom_rule,
     }
+
+
+class _NoHooks(nn.Linear):
+    """A wrapper that takes no forward hooks (as a TorchScript module)."""
+
+    def register_forward_hook(self, *args, **kwargs):
+        raise RuntimeError("this module takes no forward hooks")
 
 
 class _Scale(nn.Module):

@@ -19,14 +19,15 @@ example draw its own numbers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .._batch import Batch, tensors_in
-from .._model import (BufferState, buffer_state, cuda_devices, first_random_module, randomness_error,
-                      restore_buffer_state, restore_rng, rng_advanced, rng_snapshot, trainable_parameters)
+from .._model import (BufferState, RandomCalls, RandomCallStop, buffer_state, cuda_devices, first_random_module,
+                      randomness_error, restore_buffer_state, restore_rng, rng_snapshot, trainable_parameters)
 from ..stats import GradStats
 from ._autograd import dense_gradient, gradients
 from .streaming import stream_grad_stats
@@ -63,13 +64,16 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
             restore_buffer_state(start)
         if randomness == "same":
             restore_rng(model, shared_rng)
-        snapshot = rng_snapshot(model) if randomness == "error" else None
+        # random draws seen by what the model calls (stopped before drawing), not by the shared generators
+        watcher = RandomCalls(stop=True) if randomness == "error" else contextlib.nullcontext()
         with torch.enable_grad():
-            loss = check_per_example_loss(example.call(model, loss_fn))
+            try:
+                with watcher:
+                    loss = check_per_example_loss(example.call(model, loss_fn))
+            except RandomCallStop:
+                raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn))) from None
             inputs = tensors_in((example.args, example.kwargs))
             grads = dict(zip(params, gradients(loss, list(params.values()), inputs)))
-        if snapshot is not None and rng_advanced(model, snapshot):
-            raise randomness_error(first_random_module(model, lambda: example.call(model, loss_fn)))
         for name, p in params.items():
             rows[name].append(dense_gradient(grads[name], p).detach())
         losses.append(loss.detach())
@@ -90,4 +94,5 @@ def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
 
     return stream_grad_stats(grads_fn, batch, chunk_size or DEFAULT_CHUNK, var=var,
                              inner_products=inner_products, clip_norm=clip_norm, progress=progress,
-                             rng_devices=cuda_devices(model), reference=reference)
+                             rng_devices=cuda_devices(model), reference=reference,
+                             replay_rng=randomness != "error")

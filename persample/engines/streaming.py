@@ -24,7 +24,8 @@ GradsFn = Callable[[Batch], "tuple[dict[str, Tensor], Tensor]"]
 
 def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: bool, inner_products: bool,
                       clip_norm: float | None, progress: Callable[[int], None] | None,
-                      rng_devices: list[int], reference: Mapping[str, Tensor] | None = None) -> GradStats:
+                      rng_devices: list[int], reference: Mapping[str, Tensor] | None = None,
+                      replay_rng: bool = True) -> GradStats:
     """:class:`GradStats` of ``batch``, ``chunk_size`` examples at a time.
 
     With ``inner_products``, p_i = ⟨g_i, ḡ⟩ needs ḡ first: a batch that spans
@@ -32,6 +33,8 @@ def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: 
     RNG state (CPU and ``rng_devices``) so random ops draw the same values.
     With a fixed ``reference`` r, p_i = ⟨g_i, r⟩ in one pass.
     ``progress(k)`` is called after each chunk of k examples of the first pass.
+    ``replay_rng=False`` (a model that may not draw, ``randomness="error"``): no replay, so the
+    global generators, which other threads share, are never rewound.
     """
     if reference is not None:
         return _stream(grads_fn, batch, chunk_size, var=var, reference=reference, clip_norm=clip_norm,
@@ -43,7 +46,7 @@ def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: 
         if progress is not None:
             progress(batch.size)
         return stats
-    with torch.random.fork_rng(devices=rng_devices, enabled=inner_products):
+    with torch.random.fork_rng(devices=rng_devices, enabled=inner_products and replay_rng):
         stats = _stream(grads_fn, batch, chunk_size, var=var, reference=None, clip_norm=clip_norm,
                         progress=progress)
     if not inner_products:

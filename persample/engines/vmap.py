@@ -171,4 +171,4 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         return stream_grad_stats(grads_fn, batch, size, var=var, inner_products=inner_products,
                                  clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model),
-                                 reference=reference)
+                                 reference=reference, replay_rng=randomness != "error")

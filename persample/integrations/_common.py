@@ -50,6 +50,11 @@ def diagnostics_row(diagnostics: Diagnostics, stats: GradStats, step: int, keys:
             and not isinstance(row[k], bool) and not (isinstance(row[k], float) and math.isnan(row[k]))}
 
 
+def skipped_steps(tracker: Any) -> int:
+    """How many statistics steps of ``tracker`` had no statistics (refused, or not finite)."""
+    return len(set(tracker.skipped))
+
+
 def require(module: str, extra: str) -> Any:
     import importlib
     try:

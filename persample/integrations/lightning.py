@@ -26,8 +26,14 @@ after that.
   statistics of the whole accumulated batch; statistics are read before gradient
   clipping; under ``precision="bf16-mixed"`` they are computed in float32.
 
+Diagnostics never stop training: a step whose statistics cannot be computed
+exactly is skipped by default (``on_refusal="skip"``: one warning per reason,
+counted in ``persample/skipped_steps``, logged with every row and alone on a
+skipped step), or computed by the exact engines on the batch's inputs
+(``on_refusal="fallback"``, one more pass), or raised (``"raise"``).
+
 Needs ``lightning`` (``pip install -e ".[lightning]"`` from a source checkout).
-Limits: automatic optimisation, one process, models the fast engine handles exactly.
+Limits: automatic optimisation; one process or ``DDPStrategy`` (statistics of the global batch).
 """
 
 from __future__ import annotations
@@ -41,17 +47,29 @@ from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
+from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snapshot_preconditioner
 
 L = require("lightning", "lightning")
 
 __all__ = ["PersampleCallback"]
 
 
+_TARGET_KEYS = ("labels", "target", "y")
+
+
 def _last_element(batch: Any) -> Any:
     if isinstance(batch, dict):
         return batch["labels"] if "labels" in batch else batch.get("target", batch.get("y"))
     return batch[-1]
+
+
+def _model_inputs(batch: Any) -> Any:
+    """The model's inputs in a batch (for ``on_refusal="fallback"``): a dict's entries other than its
+    targets, or every element but the last of a tuple (the first alone when there are two)."""
+    if isinstance(batch, dict):
+        target = next((k for k in _TARGET_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k != target}
+    return batch[0] if len(batch) == 2 else tuple(batch[:-1])
 
 
 class PersampleCallback(L.pytorch.Callback):
@@ -66,8 +84,11 @@ class PersampleCallback(L.pytorch.Callback):
         output_module: ``output_module(pl_module)``, the submodule whose output the loss is
             computed from when ``training_step`` does not call the LightningModule itself
             (default: the LightningModule).
-        keys, prefix, sinks, ema_beta, inner_products, var: as in
-            :func:`persample.integrations.transformers.track`.
+        keys, prefix, sinks, ema_beta, inner_products, var, on_refusal: as in
+            :func:`persample.integrations.transformers.track` (``on_refusal="skip"`` by default:
+            a step without exact statistics is counted in ``persample/skipped_steps``).
+        inputs: ``inputs(batch)``, the inputs of the module's forward, for ``on_refusal="fallback"``
+            (default: ``batch[0]``, or a dict's entries other than its targets).
 
     Attributes:
         last_stats: the merged statistics of the last optimizer step that had them.
@@ -77,14 +98,16 @@ class PersampleCallback(L.pytorch.Callback):
     def __init__(self, loss_fn: Callable, *, targets: Callable[[Any], Any] = _last_element, every: int = 1,
                  output_module: Callable[[Any], nn.Module] | None = None,
                  keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
-                 ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True):
+                 ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True,
+                 on_refusal: str = "skip", inputs: Callable[[Any], Any] = _model_inputs):
         self.loss_fn = loss_fn
         self.targets = targets
         self.every = every
         self.output_module = output_module
         self.keys = None if keys is None else tuple(keys)
         self.prefix = prefix
-        self.options = dict(inner_products=inner_products, var=var)
+        self.options = dict(inner_products=inner_products, var=var, on_refusal=on_refusal)
+        self.inputs = inputs
         self.diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
         if not inner_products:
             self.diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
@@ -124,7 +147,10 @@ class PersampleCallback(L.pytorch.Callback):
             self._block = self.tracker.accumulate()
             self._accumulation = self._block.__enter__()
         module = None if self.output_module is None else self.output_module(pl_module)
-        self._observe = self.tracker.observe(self.targets(batch), output_module=module)
+        inputs = self.inputs(batch) if self.options["on_refusal"] == "fallback" else None
+        wrapper = trainer.strategy.model if trainer.strategy.model is not pl_module else None  # DDP's, say
+        self._observe = self.tracker.observe(self.targets(batch), output_module=module, inputs=inputs,
+                                             wrapper=wrapper)
         self._observation = self._observe.__enter__()
 
     def on_before_backward(self, trainer, pl_module, loss):
@@ -150,11 +176,15 @@ class PersampleCallback(L.pytorch.Callback):
         block, self._block = self._block, None
         block.__exit__(None, None, None)
         stats = self._accumulation.stats
+        skipped = {f"{self.prefix}skipped_steps": float(skipped_steps(self.tracker))}
         if stats is None:
+            if self._accumulation.with_stats:  # a skipped step: the counter tells why its keys are absent
+                for name, value in skipped.items():
+                    pl_module.log(name, value, on_step=True, on_epoch=False)
             return
         self.last_stats = stats
         row = diagnostics_row(self.diagnostics, stats, trainer.global_step, self.keys, self.prefix)
-        for name, value in row.items():
+        for name, value in {**row, **skipped}.items():
             pl_module.log(name, value, on_step=True, on_epoch=False, batch_size=stats.n)
 
     def on_train_end(self, trainer, pl_module):

@@ -37,10 +37,16 @@ gradient-accumulation step and logs the diagnostics through ``trainer.log``
   ``trainer.train(resume_from_checkpoint=...)`` restores it, so a resumed run
   logs what an uninterrupted one logs.
 
+- Diagnostics never stop training: a step whose statistics cannot be computed
+  exactly (a model the fast engine cannot follow in the Trainer's own backward)
+  is, by default (``on_refusal="skip"``), skipped with one warning per reason
+  and counted in ``persample/skipped_steps``, which every logged row carries
+  (a skipped step logs that counter alone); ``on_refusal="fallback"`` computes
+  its statistics with the exact engines on the same batch (one more pass);
+  ``"raise"`` raises.
+
 Needs ``transformers`` (``pip install -e ".[hf]"`` from a source checkout).
-Limits: one process (no DDP/FSDP/DeepSpeed yet); models the fast engine handles
-exactly (see ``persample`` README, Engines); otherwise ``NotExact`` is raised
-on the first step.
+Limits: one process or DDP (statistics of the global batch); no FSDP/DeepSpeed yet.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require, snapshot_preconditioner
+from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snapshot_preconditioner
 
 transformers = require("transformers", "hf")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
@@ -84,6 +90,7 @@ class PersampleCallback(transformers.TrainerCallback):
         self.prefix = prefix
         self.last_stats: GradStats | None = None
         self._block = None
+        self._accumulation = None
         self._resume_from: str | bool | None = None  # trainer.train's resume_from_checkpoint (see track)
 
     #: The file, in each checkpoint directory, that holds :meth:`state_dict` (JSON).
@@ -139,11 +146,13 @@ class PersampleCallback(transformers.TrainerCallback):
         block, self._block = self._block, None
         block.__exit__(None, None, None)
         stats = self._accumulation.stats
+        skipped = {f"{self.prefix}skipped_steps": float(skipped_steps(self.tracker))}
         if stats is not None:
             self.last_stats = stats
             row = diagnostics_row(self.diagnostics, stats, state.global_step, self.keys, self.prefix)
-            if row:
-                self.trainer.log(row)
+            self.trainer.log({**row, **skipped})
+        elif self._accumulation.with_stats:  # a skipped step: the counter tells why its keys are absent
+            self.trainer.log(skipped)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._block is not None:
@@ -154,7 +163,8 @@ class PersampleCallback(transformers.TrainerCallback):
 
 def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labels: str = "labels",
           keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
-          ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True) -> PersampleCallback:
+          ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True,
+          on_refusal: str = "skip") -> PersampleCallback:
     """Add per-example gradient statistics to ``trainer`` (a ``transformers.Trainer``); returns the callback.
 
     Args:
@@ -168,6 +178,10 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
         prefix: prefix of the logged names.
         sinks: extra row sinks (``persample.loggers.CSVLogger`` …) for every row, all columns.
         ema_beta, inner_products, var: as in :class:`persample.loggers.Diagnostics` and :class:`persample.Tracker`.
+        on_refusal: a step whose statistics cannot be computed exactly: ``"skip"`` (default: one warning per
+            reason, ``persample/skipped_steps`` counts it), ``"fallback"`` (the exact engines on the same
+            batch, one more pass), or ``"raise"`` (see :class:`persample.Tracker`). Training is the same
+            whatever happens to the statistics.
     """
     model = trainer.model
     output_module = None
@@ -179,7 +193,7 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
         # HF computes its loss inside forward from the lm_head's logits (mixed precision then returns
         # float32 copies of them), so the per-example losses are read at the lm_head's output.
         output_module = model.get_output_embeddings()
-    tracker = Tracker(model, loss_fn, every=every, inner_products=inner_products, var=var)
+    tracker = Tracker(model, loss_fn, every=every, inner_products=inner_products, var=var, on_refusal=on_refusal)
     diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
     if not inner_products:
         diagnostics._warned.add("inner")  # the inner-product tests are off by choice here: no warning
@@ -192,7 +206,9 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
         targets = inputs.get(labels) if hasattr(inputs, "get") else None
         if targets is None:
             raise ValueError(f"persample: the batch has no {labels!r} entry (pass labels= to track())")
-        with tracker.observe(targets, output_module=output_module):
+        model_inputs = {k: v for k, v in inputs.items() if k != labels} if on_refusal == "fallback" else None
+        wrapper = model if model is not trainer.model else None  # DDP (accelerate's wrapper) passes the output on
+        with tracker.observe(targets, output_module=output_module, inputs=model_inputs, wrapper=wrapper):
             return original(model, inputs, *args, **kwargs)
 
     trainer.training_step = training_step

@@ -44,9 +44,9 @@ from torch.autograd.graph import get_gradient_edge
 from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
-from ..._model import autocast_state, buffer_slots, own_trainable_parameters
+from ..._model import autocast_state, buffer_slots, own_trainable_parameters, random_call
 from ..._torch_compat import torch_function_mode_stack
-from ...contract import Finding
+from ...contract import Finding, refusal
 from ...errors import NotExact
 from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
@@ -111,7 +111,17 @@ class Unit:
 
 
 def find_units(model: nn.Module) -> list[Unit]:
-    """Rule modules, and top-most rule-less modules owning parameters (covering their subtree)."""
+    """Rule modules, and top-most rule-less modules owning parameters (covering their subtree).
+
+    A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) anywhere in the model is refused:
+    it takes no hooks, runs its submodules' calls inlined where no hook sees them, and cannot be re-run
+    with other parameters by ``torch.func``."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            raise refusal("TORCHSCRIPT_MODULE", f"module {name or '<root>'} is a TorchScript module (torch.jit.script "
+                          "or torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
+                          "engine (where torch.func can run it) or the per-example loop runs it as it is "
+                          "(engine='auto' takes them)", module=name or "<root>")
     units: list[Unit] = []
     _add_units("", model, {}, units)
     return units
@@ -356,7 +366,7 @@ class _BroadcastWatcher(TorchFunctionMode):
                 problem = (f"{name} combines it with a tensor of more dims {tuple(wider[0].shape)}, so its dim 0 "
                            "may line up with a position there")
             elif _moves_dim_zero_op(name, args, kwargs):
-                problem = f"{name} moves its dim 0"
+                problem = f"{name} {'moves' if name in _DIM_MOVING_OPS else 'works along'} its dim 0"
             elif _contracts_dim_zero(name, args, s):
                 problem = f"{name} contracts its dim 0 with another tensor's dims"
             for r in results:
@@ -422,10 +432,26 @@ class _UserCodeWatcher(TorchFunctionMode):
     backward reaches them, the backwarded loss has a term that is not a loss of
     the output, which the output-gradient and ``p.grad`` checks cannot see (its
     gradient enters the layers below the activation, and ``p.grad`` has it too).
+
+    **Frozen activations of the batch** (during the model's forward). A result
+    without gradient whose dim 0 has the batch's size, computed from the
+    model's inputs or from such results (a frozen embedding and LayerNorm
+    below a LoRA adapter, PEFT's frozen base layers) by an op that keeps its
+    operand's dim 0 as its own (not a transpose of dim 0, not a broadcast
+    against a tensor of more dims, not a product contracting it), is batched
+    on dim 0 like the inputs: ``derived`` keeps it, and a rule module called
+    on it is not ambiguous (:class:`_BroadcastWatcher`'s suspects).
     """
 
-    def __init__(self):
+    def __init__(self, batch_size: int = 0, stop_random: bool = False):
         super().__init__()
+        self.batch_size = batch_size
+        self.stop_random = stop_random
+        self.input_storages: set[int] = set()  # storages of the model's inputs (filled by capturing)
+        self.derived: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # frozen results of the batch
+        self.mixed: str | None = None  # the first op that mixed the rows of a raw input on the way to the loss
+        self.tainted: dict[int, tuple] = {}  # id → (weak reference, what): raw tensors whose rows were mixed
+        self.random: str | None = None  # the first call of the forward that drew random numbers
         self.rewritten: str | None = None  # where the first rewriting hook was registered
         self.outputs: set[int] | None = None  # ids of the model's output tensors, once the forward returned
         self.after_forward: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # results of later ops
@@ -440,11 +466,71 @@ class _UserCodeWatcher(TorchFunctionMode):
             hook = args[1] if len(args) > 1 else kwargs.pop("hook")
             where = f"a tensor of shape {tuple(args[0].shape)} at {_caller_outside_torch()}"
             args = (args[0], _RewriteReporter(hook, self, where))
+        mixing = None
+        if self.outputs is None:
+            name = getattr(func, "__name__", None)
+            if self.mixed is None and self.batch_size > 1 and name in _RAW_MIXING:
+                mixing = _mixes_raw_rows(name, args, kwargs, self.batch_size)
+            if self.random is None:
+                self.random = random_call(func, args, kwargs)
+                if self.random is not None and self.stop_random:
+                    raise RandomCallStopped(self.random)  # before it draws
         out = func(*args, **kwargs)
         if self.outputs is not None:
             with torch._C.DisableTorchFunction():
                 self._follow_loss(func, args, kwargs, out)
+        else:
+            if self.input_storages:
+                with torch._C.DisableTorchFunction():
+                    self._follow_inputs(func, args, kwargs, out)
+            if self.mixed is None and (mixing is not None or self.tainted):
+                with torch._C.DisableTorchFunction():
+                    self._follow_mixing(mixing, args, kwargs, out)
         return out
+
+    def from_inputs(self, t: Tensor) -> bool:
+        """Whether ``t`` is batched on dim 0 as the model's inputs are: one of them (or a view sharing
+        their storage), or a frozen result computed from them (``derived``)."""
+        return self.derived.get(id(t)) is t or _storage(t) in self.input_storages
+
+    def _follow_inputs(self, func, args, kwargs, out) -> None:
+        batch = self.batch_size
+        results = [t for t in tensors_in(out) if t.grad_fn is None and t.dim() > 0 and t.shape[0] == batch]
+        if not results:
+            return
+        name = _op_name(func)
+        if (name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {})) \
+                or _mixes_dim_zero(name, args, kwargs or {}):
+            return
+        operands = _operands(args, kwargs)
+        if not operands:  # a new tensor (torch.ones(B, ...)): not computed from the inputs
+            return
+        rank = max(t.dim() for t in operands)
+        if not any(t.dim() == rank and t.shape[0] == batch and not _contracts_dim_zero(name, args, t)
+                   and (t.grad_fn is not None or self.from_inputs(t)) for t in operands):
+            return
+        for r in results:
+            if r.dim() >= rank:
+                self.derived[id(r)] = r
+
+    def _follow_mixing(self, mixing: str | None, args, kwargs, out) -> None:
+        """Follow rows mixed across examples in tensors that do not require grad (no backward node shows
+        them) until they enter the differentiable forward (a batch-mean normalisation of the input fed to
+        a layer); where they never do (a running mean kept in a buffer), they change nothing."""
+        if mixing is None:
+            for t in _operands(args, kwargs):
+                entry = self.tainted.get(id(t))
+                if entry is not None and entry[0]() is t:
+                    mixing = entry[1]
+                    break
+            if mixing is None:
+                return
+        results = tensors_in(out)
+        if any(r.requires_grad for r in results):
+            self.mixed = mixing
+            return
+        for r in results:
+            self.tainted[id(r)] = (weakref.ref(r), mixing)
 
     def _follow_loss(self, func, args, kwargs, out) -> None:
         results = [t for t in tensors_in(out) if t.requires_grad]
@@ -454,6 +540,81 @@ class _UserCodeWatcher(TorchFunctionMode):
             self.after_forward[id(t)] = t
             if reads_activation and t.grad_fn is not None:
                 t.register_hook(_ReachReporter(self, f"{_op_name(func)} at {_caller_outside_torch()}"))
+
+
+#: Ops that reorder or combine the rows of a dim they are given (``x.flip(0)``, ``x.cumsum(0)``).
+_ALONG_DIM_OPS = frozenset({"flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort",
+                            "argsort", "index_select", "gather", "take_along_dim", "narrow", "scatter", "scatter_add",
+                            "index_add", "index_copy", "index_fill", "repeat_interleave", "unfold", "diff"})
+
+
+def _mixes_dim_zero(name: str, args, kwargs) -> bool:
+    """Whether op ``name`` may reorder or combine the rows of its operand's dim 0 (then its result's dim 0
+    is not that of the batch's examples one by one): an op along dim 0, or indexing dim 0 with a tensor."""
+    first = args[0] if args else None
+    if name.startswith("new_"):  # x.new_ones(T, T): a new tensor whose shape is not x's
+        return True
+    if name == "__getitem__":
+        index = args[1] if len(args) > 1 else None
+        lead = index[0] if isinstance(index, tuple) and index else index
+        return isinstance(lead, (Tensor, list)) or (isinstance(lead, slice) and lead.step not in (None, 1))
+    if name not in _ALONG_DIM_OPS or not isinstance(first, Tensor) or first.dim() == 0:
+        return False
+    dims = [kwargs[k] for k in ("dim", "dims", "shifts_dims") if k in kwargs] + list(args[1:3])
+    flat = [d for r in dims for d in (r if isinstance(r, (list, tuple)) else (r,))]
+    return name in ("take_along_dim", "repeat_interleave") or any(
+        isinstance(d, int) and not isinstance(d, bool) and d % first.dim() == 0 for d in flat)
+
+
+#: Ops that combine or reorder rows along a dim: name → (position of the dim argument, its keyword, default;
+#: "all": along every dim). Reductions without a dim (a mask's token count) are not counted here.
+_RAW_MIXING = {
+    "roll": (2, "dims", "all"), "flip": (1, "dims", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1),
+    "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "logcumsumexp": (1, "dim", None),
+    "cummax": (1, "dim", None), "cummin": (1, "dim", None), "mean": (1, "dim", None), "sum": (1, "dim", None),
+    "nansum": (1, "dim", None), "std": (1, "dim", None), "var": (1, "dim", None), "amax": (1, "dim", None),
+    "amin": (1, "dim", None), "max": (1, "dim", None), "min": (1, "dim", None), "softmax": (1, "dim", None),
+    "log_softmax": (1, "dim", None), "logsumexp": (1, "dim", None), "prod": (1, "dim", None),
+    "median": (1, "dim", None), "topk": (2, "dim", -1), "kthvalue": (2, "dim", -1),
+    "index_select": (1, "dim", None), "gather": (1, "dim", None), "__getitem__": (1, None, None),
+}
+
+
+def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
+    """Where op ``name`` combines or reorders the rows of a floating tensor that does not require grad
+    (a raw input: no backward node shows it) and whose dim 0 has the batch's size, along dim 0."""
+    t = args[0] if args else None
+    if not isinstance(t, Tensor) or t.requires_grad or not t.is_floating_point() or t.dim() == 0 \
+            or t.shape[0] != batch_size:
+        return None
+    position, keyword, default = _RAW_MIXING[name]
+    if name == "__getitem__":
+        index = args[1] if len(args) > 1 else None
+        first = index[0] if isinstance(index, tuple) and index else index
+        if isinstance(first, slice):
+            rows = range(batch_size)[first]
+            if rows == range(batch_size):
+                return None
+            return f"slicing {first} the rows of a tensor of shape {tuple(t.shape)}"
+        if not isinstance(first, Tensor) or first.dim() != 1:
+            return None
+        in_place = first.shape[0] == batch_size and (
+            bool(first.all()) if first.dtype == torch.bool
+            else bool(torch.equal(first.cpu(), torch.arange(batch_size))))
+        return None if in_place else f"indexing with rows of other examples a tensor of shape {tuple(t.shape)}"
+    dims = args[position] if len(args) > position else kwargs.get(keyword, default)
+    if dims == "all":
+        return f"{name} over all of a tensor of shape {tuple(t.shape)}"
+    dims = [dims] if isinstance(dims, int) and not isinstance(dims, bool) else dims
+    if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return None
+    if any(d % t.dim() == 0 for d in dims):
+        return f"{name} along dim 0 of a tensor of shape {tuple(t.shape)} that does not require grad (an input?)"
+    return None
+
+
+class RandomCallStopped(Exception):
+    """The forward was stopped at its first random call, before it drew (``capturing(stop_random=True)``)."""
 
 
 class _ReachReporter:
@@ -539,9 +700,34 @@ def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
         return ndim == 2
     if name == "permute":
         dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
-        return bool(dims) and dims[0] % ndim != 0
-    flat = [d for r in rest[:2] for d in (r if isinstance(r, (list, tuple)) else (r,))]
-    return any(isinstance(d, int) and d % ndim == 0 for d in flat)
+        return bool(dims) and _is_dim(dims[0]) and dims[0] % ndim != 0
+    if name in _DIM_MOVING_OPS:  # transpose, swapaxes, movedim: their first two arguments are dims
+        flat = [d for r in rest[:2] for d in (r if isinstance(r, (list, tuple)) else (r,))]
+        return any(_is_dim(d) and d % ndim == 0 for d in flat)
+    spec = _DIM_ARGUMENT.get(name)  # ops that take a dim: read it where it is (not sizes, not flags)
+    if spec is None:
+        return False
+    position, keyword, default = spec
+    dims = args[position] if len(args) > position else kwargs.get(keyword, default)
+    if dims == "all":
+        return True
+    dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
+    return any(_is_dim(d) and d % ndim == 0 for d in dims)
+
+
+def _is_dim(d) -> bool:
+    """An int that can be a dim index (a bool is an int in Python: ``F.dropout(x, p, False)``)."""
+    return isinstance(d, int) and not isinstance(d, bool)
+
+
+#: Ops with a dim argument that works along that dim, beyond :data:`_RAW_MIXING`'s: name → (position of
+#: the dim argument, its keyword, its default).
+_DIM_ARGUMENT = {**{name: spec for name, spec in _RAW_MIXING.items() if name != "__getitem__"},
+                 "cat": (1, "dim", 0), "concat": (1, "dim", 0), "concatenate": (1, "dim", 0),
+                 "narrow": (1, "dim", None), "select": (1, "dim", None), "split": (2, "dim", 0),
+                 "chunk": (2, "dim", 0), "unbind": (1, "dim", 0), "tensor_split": (2, "dim", 0),
+                 "repeat_interleave": (2, "dim", None), "diff": (2, "dim", -1), "index_add": (1, "dim", None),
+                 "scatter": (1, "dim", None), "scatter_add": (1, "dim", None)}
 
 
 @dataclass
@@ -560,10 +746,12 @@ class Capture:
     def escape(self) -> Finding | None:
         if self.lost_watch:
             return Finding("REENTRANT_CHECKPOINT", "part of the forward ran where the fast engine's checks cannot "
-                           "follow it (re-entrant activation checkpointing, use_reentrant=True?); use "
-                           "checkpoint(..., use_reentrant=False)")
+                           "follow it (re-entrant gradient checkpointing, use_reentrant=True?); use "
+                           "checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
+        if self.user_watcher.mixed is not None:
+            return batch_mixing(self.user_watcher.mixed)
         if self.watcher.escape is not None:
             return self.watcher.escape
         if self.raw_input_moved and self.watcher.ambiguous:
@@ -590,6 +778,12 @@ class Capture:
         """Where the backwarded loss read an activation other than the model's outputs (known once
         the backward has run), or None."""
         return self.user_watcher.aux_term
+
+    @property
+    def random_call(self) -> str | None:
+        """The first call of the model's forward that drew random numbers (seen by what the model
+        calls, not by the generators' state, which other threads share), or None."""
+        return self.user_watcher.random
 
     @property
     def raw_input_moved(self) -> bool:
@@ -651,7 +845,8 @@ def _ambiguous_expansion(label: str) -> Finding:
 
 @contextlib.contextmanager
 def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
-              watch_dim_moves: bool = False, hook_outputs: bool = True) -> Iterator[Capture]:
+              watch_dim_moves: bool = False, hook_outputs: bool = True,
+              stop_random: bool = False) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
 
     With ``hook_outputs`` a tensor hook on every output stores the gradients of any backward pass
@@ -669,12 +864,15 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
     batch's size but that comes neither from the model's inputs nor from an
     activation (a constant ``arange(T)`` with T == B) is ambiguous; its output
     is watched for uses that treat dim 0 as a position.
+
+    ``stop_random``: the forward's first call that would draw random numbers raises
+    :class:`RandomCallStopped` instead (``Capture.random_call`` notes it either way).
     """
     watcher = _BroadcastWatcher(batch_size)
     handles = []
     active: list = []
     dim_watcher = _DimMoveWatcher(active) if watch_dim_moves else None
-    input_storages: set[int] = set()
+    input_storages: set[int] = set()  # also the user-code watcher's, which follows them through frozen ops
 
     def model_pre_hook(module, args, kwargs):
         if not capture.forward_ended:
@@ -725,6 +923,10 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        substituted = _substituted_parameter(parameter_slots[id(unit)])
+        if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
+            watcher.escape = watcher.escape or _substitution(unit, substituted)
+            return None
         expanded = suspect = None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -744,7 +946,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                 label = (f"module {unit.name or '<root>'}: its input of shape {shape} has no batch dim (dim 0 "
                          f"is not the batch of {batch_size}), so its output was expanded over the batch")
             elif batch_size > 1 and shape and shape[0] == batch_size and x.grad_fn is None \
-                    and _storage(x) not in input_storages:
+                    and _storage(x) not in input_storages and not capture.user_watcher.from_inputs(x):
                 suspect = (f"module {unit.name or '<root>'}: its input of shape {shape} has dim 0 of the batch's "
                            f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                            "activation (a constant such as torch.arange(T) with T == B?)")
@@ -768,25 +970,27 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             watcher.watch_expansion(expanded, output, label, call)
             capture.watch()
             if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
-                rule_pre_hooks.extend(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True)
+                rule_pre_hooks.extend(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit)
                                       for unit in units if unit.rule is not None)
             return expanded
         if suspect is not None:
             watcher.watch_suspect(output, suspect)
             capture.watch()
             if not fallback_pre_hooks:  # from now on, rule-less modules' own ops are theirs
-                fallback_pre_hooks.extend(u.module.register_forward_pre_hook(fallback_pre_hook, with_kwargs=True)
+                fallback_pre_hooks.extend(_hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u)
                                           for u in units if u.rule is None)
         return None
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
-    capture = Capture(watcher, dim_watcher, _UserCodeWatcher())
+    parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
+    capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
+    capture.user_watcher.input_storages = input_storages
     try:
-        handles.append(model.register_forward_pre_hook(model_pre_hook, with_kwargs=True))
+        handles.append(_hooked(model.register_forward_pre_hook, model_pre_hook, None))
         for unit in units:
             if dim_watcher is not None:
-                handles.append(unit.module.register_forward_pre_hook(pre_hook(unit), with_kwargs=True))
-            handles.append(unit.module.register_forward_hook(post_hook(unit), with_kwargs=True))
+                handles.append(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit))
+            handles.append(_hooked(unit.module.register_forward_hook, post_hook(unit), unit))
         if dim_watcher is not None:
             dim_watcher.__enter__()
         capture.user_watcher.__enter__()  # inside the dim watcher, outside the broadcast watcher (end_forward)
@@ -795,6 +999,46 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
         capture.end_forward()
+
+
+def _hooked(register, hook, unit: Unit | None):
+    """``register(hook, with_kwargs=True)``; a module that refuses hooks (a TorchScript module, a
+    wrapper that overrides ``register_forward_hook``) is a refusal, never a crash: without the hook
+    the capture cannot see the calls."""
+    try:
+        return register(hook, with_kwargs=True)
+    except Exception as err:
+        where = "the model" if unit is None else f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
+        raise refusal("CAPTURE_HOOK_REFUSED", f"the fast engine cannot hook {where}: {type(err).__name__}: "
+                      f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+
+
+def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
+    """``(owner, name, parameter)`` of every parameter slot in ``module``'s subtree, as found before the
+    forward: a call of the module computes with these very tensors unless something swapped them in."""
+    return [(owner, name, p) for owner in module.modules() for name, p in owner._parameters.items()
+            if p is not None]
+
+
+def _substituted_parameter(slots: list[tuple]) -> str | None:
+    """The name of a parameter slot that holds another tensor than it held before the forward (at a
+    call of its module), or None. ``torch.func.functional_call(module, {"weight": 1.1 * W}, x)`` puts
+    the derived tensor in the slot for the call: what the call's output gradient gives is the gradient
+    with respect to that tensor, which a closed-form rule (or a fallback's re-run with the module's own
+    parameters) would credit to W itself, dropping the chain rule through the derivation."""
+    for owner, name, p in slots:
+        if owner._parameters.get(name) is not p:
+            return name
+    return None
+
+
+def _substitution(unit: Unit, name: str) -> Finding:
+    label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
+    return Finding("PARAMETER_SUBSTITUTED", f"module {label} was called with its parameter {name!r} replaced by "
+                   "another tensor (torch.func.functional_call with weights derived from its own: 1.1·W, W + ε as "
+                   "in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call receives is not "
+                   "the parameter's own; the vmap and loop engines differentiate through the substitution "
+                   "(engine='auto' takes them)", module=label)
 
 
 def _storage(t: Tensor) -> int | None:
@@ -856,9 +1100,12 @@ class GraphAudit:
     dim_zero_moved: bool
 
 
-REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant activation checkpointing (use_reentrant=True) "
+_HF_NON_REENTRANT = ("or for Hugging Face models gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                     "{'use_reentrant': False}) (TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
+                     "False}); Lightning: your own checkpoint(..., use_reentrant=False))")
+REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant gradient checkpointing (use_reentrant=True) "
                                "hides the checkpointed layers' inputs and output gradients from the fast engine; "
-                               "use checkpoint(..., use_reentrant=False)")
+                               "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
 
 
 def _signed(value: int) -> int:
@@ -884,6 +1131,108 @@ def _moves_dim_zero(node) -> bool:
     return False
 
 
+def batch_mixing(what: str) -> Finding:
+    return Finding("BATCH_MIXED", f"the forward mixes the examples of the batch: {what}, so an example's output "
+                   "depends on other examples and its gradient cannot be read off the batch's backward; "
+                   "engine='auto' computes each example alone (the vmap engine or the loop: the gradient of "
+                   "loss_fn on a batch of one)")
+
+
+#: Backward nodes (their names without the trailing number) of ops that combine or reorder the rows of
+#: their input along the dims that an attribute holds; None: along every dim (a full reduction).
+_ALONG_DIMS = {
+    "RollBackward": "_saved_dims", "FlipBackward": "_saved_dims", "SortBackward": "_saved_dim",
+    "CumsumBackward": "_saved_dim", "CumprodBackward": "_saved_dim", "LogcumsumexpBackward": "_saved_dim",
+    "CummaxBackward": "_saved_dim", "CumminBackward": "_saved_dim", "IndexSelectBackward": "_saved_dim",
+    "GatherBackward": "_saved_dim", "IndexAddBackward": "_saved_dim", "ScatterAddBackward": "_saved_dim",
+    "ScatterBackward": "_saved_dim", "MeanBackward": "_saved_dim", "SumBackward": "_saved_dim",
+    "NansumBackward": "_saved_dim", "MaxBackward": "_saved_dim", "MinBackward": "_saved_dim",
+    "AmaxBackward": "_saved_dim", "AminBackward": "_saved_dim", "StdBackward": "_saved_dim",
+    "VarBackward": "_saved_dim", "StdMeanBackward": "_saved_dim", "VarMeanBackward": "_saved_dim",
+    "SoftmaxBackward": "_saved_dim", "LogSoftmaxBackward": "_saved_dim", "LogsumexpBackward": "_saved_dim",
+    "LinalgVectorNormBackward": "_saved_dim", "NormBackward": "_saved_dim", "TopkBackward": "_saved_dim",
+    "ProdBackward": "_saved_dim", "MedianBackward": "_saved_dim", "NanmedianBackward": "_saved_dim",
+    "KthvalueBackward": "_saved_dim", "ModeBackward": "_saved_dim",
+}
+_ROW_INDEXING = frozenset({"IndexSelectBackward", "GatherBackward", "IndexAddBackward", "ScatterAddBackward",
+                           "ScatterBackward"})
+#: Full reductions (no dim saved): every row of the input meets every other.
+_FULL_REDUCTIONS = frozenset({"SumBackward0", "MeanBackward0", "MaxBackward1", "MinBackward1", "MedianBackward0",
+                              "NanmedianBackward0", "ProdBackward0", "NormBackward0", "StdBackward0", "VarBackward0"})
+
+
+def _node_input_shape(node) -> tuple | None:
+    """The shape of the tensor an op read: its saved sizes or self, else its output's (shape-keeping ops)."""
+    sizes = getattr(node, "_saved_self_sym_sizes", None)
+    if sizes is not None:
+        return tuple(int(s) for s in sizes)
+    saved = getattr(node, "_saved_self", None)
+    if isinstance(saved, Tensor):
+        return tuple(saved.shape)
+    metadata = getattr(node, "_input_metadata", None)
+    return tuple(metadata[0].shape) if metadata else None
+
+
+def _of_parameters_only(node) -> bool:
+    return all(nxt is None or hasattr(nxt, "variable") for nxt, _ in node.next_functions)
+
+
+def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None:
+    """(certain, the tensor's shape, what) where the op of backward node ``node`` combines or reorders the
+    rows of a tensor whose dim 0 has the batch's size along dim 0, else None. Certain for reductions, scans, sorts,
+    rolls, flips and gathers over dim 0; not certain (dim 0 may be a position once some dim 0 moved)
+    for slices, selections and indexing across rows, and ``a @ b`` with ``a`` a transposed activation."""
+    if batch_size is None or batch_size < 2:
+        return None
+    name = node.name()
+    base = name.rstrip("0123456789")
+    try:
+        if name in _FULL_REDUCTIONS or base in _ALONG_DIMS:
+            if _of_parameters_only(node):
+                return None
+            shape = _node_input_shape(node)
+            if not shape or shape[0] != batch_size:
+                return None
+            dims = None if name in _FULL_REDUCTIONS else getattr(node, _ALONG_DIMS[base], None)
+            if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
+                return True, shape, f"{name} reduces or reorders all of a tensor of shape {shape}"
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            if any(_signed(int(d)) % len(shape) == 0 for d in dims):
+                # a gather or scatter of rows may be a reordering undone later (PackedSequence's sort)
+                return base not in _ROW_INDEXING, shape, f"{name} works along dim 0 of a tensor of shape {shape}"
+            return None
+        if base in ("SliceBackward", "SelectBackward"):
+            shape = tuple(int(s) for s in node._saved_self_sym_sizes)
+            if not shape or shape[0] != batch_size or _signed(int(node._saved_dim)) % len(shape) != 0:
+                return None
+            if base == "SliceBackward":
+                start, end, step = _signed(int(node._saved_start)), _signed(int(node._saved_end)), int(node._saved_step)
+                if step == 1 and start in (0, -batch_size) and end >= batch_size:
+                    return None
+            return False, shape, f"{name} takes part of dim 0 of a tensor of shape {shape}"
+        if base == "IndexBackward":
+            shape = tuple(int(s) for s in node._saved_self_sym_sizes)
+            indices = list(node._saved_indices)
+            if not shape or shape[0] != batch_size or not indices or indices[0] is None:
+                return None
+            first = indices[0]
+            if first.dim() == 1 and first.shape[0] == batch_size and (
+                    bool(first.all()) if first.dtype == torch.bool
+                    else bool(torch.equal(first.cpu(), torch.arange(batch_size)))):
+                return None  # every row in place (x[arange(B), j], an all-true mask)
+            return False, shape, f"{name} indexes dim 0 of a tensor of shape {shape} with rows of other examples"
+        if base in ("MmBackward", "AddmmBackward"):
+            self_node = node.next_functions[1 if base == "AddmmBackward" else 0][0]
+            sizes = getattr(node, "_saved_self_sym_sizes", None) or getattr(node, "_saved_mat1_sym_sizes", None)
+            if (self_node is not None and sizes is not None and int(sizes[-1]) == batch_size
+                    and not hasattr(self_node, "variable") and _moves_dim_zero(self_node)):
+                # a 2-D activation with B rows is batch-first (a sequence's rows are B·T)
+                return True, (batch_size,), f"{name} contracts a transposed activation's dim 0 (x.T @ y) over the batch"
+    except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
+        return False, (), f"{name}, whose saved arguments cannot be read, works along some dim of the batch"
+    return None
+
+
 def _fallback_internals(units: list[Unit]) -> set:
     """Backward nodes created inside fallback calls: reachable from a call's outputs before its inputs."""
     inside: set = set()
@@ -902,39 +1251,75 @@ def _fallback_internals(units: list[Unit]) -> set:
     return inside
 
 
-def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str]) -> GraphAudit:
-    """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad`` and dim-0 moves.
+def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str], *,
+                batch_size: int | None = None, outputs: list | None = None, inputs_moved: bool = False) -> GraphAudit:
+    """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad``, dim-0 moves and, with
+    ``batch_size``, ops that mix the examples along the batch dim.
 
     Dim-0 moves inside fallback modules (an RNN or attention going time-major
     internally) do not count: those modules are handled as a whole. An expanded
     output that met a batch-first tensor with another dim of the batch's size
     is ambiguous when some dim 0 moved.
+
+    The model's side of the graph is what the model's ``outputs`` batched on dim 0 are computed
+    from (default: the roots themselves; the fast engine passes them, so that the loss's own mean
+    over the examples is not the model's). There, an op that combines or reorders the rows of a
+    tensor whose dim 0 has the batch's size (:func:`_mixes_batch`: roll, sort, flip, a scan or
+    reduction over dim 0, an index or gather across rows, ``h.T @ h``) makes an example's output
+    depend on other examples: the batch's backward then has no per-example reading. ``inputs_moved``:
+    an op moved a raw input's dim 0 (which the graph does not show).
     """
     with torch._C.DisableTorchFunction():  # the broadcast watcher may be on (observe): read the real tensors
-        return _audit_graph(root, units, names)
+        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved)
 
 
-def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str]) -> GraphAudit:
+def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str],
+                 batch_size: int | None = None, outputs: list | None = None, inputs_moved: bool = False) -> GraphAudit:
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
-    stack = [t.grad_fn for t in (root if isinstance(root, (list, tuple)) else [root])]
+    roots = list(root) if isinstance(root, (list, tuple)) else [root]
+    model_side: set = set()
+    if batch_size is not None:
+        model_side = {t.grad_fn for t in (roots if outputs is None else outputs)
+                      if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size}
+    checked: set = set()  # model-side nodes looked at for batch mixing
+    mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
+    stack = [(t.grad_fn, False) for t in roots]
     reentrant = False
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
+        node, inside = stack.pop()
+        if node is None:
             continue
-        seen.add(node)
-        moved = moved or (node not in internal and _moves_dim_zero(node))
-        reentrant = reentrant or is_reentrant_checkpoint_node(node)
+        inside = inside or node in model_side
+        first = node not in seen
+        if not first and (not inside or node in checked):
+            continue
+        if inside:
+            checked.add(node)
+            if node not in internal and (found := _mixes_batch(node, batch_size)) is not None:
+                mixing.append(found)
+        if first:
+            seen.add(node)
+            moved = moved or (node not in internal and _moves_dim_zero(node))
+            reentrant = reentrant or is_reentrant_checkpoint_node(node)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
             variable = getattr(nxt, "variable", None)
-            if variable is not None:
+            if variable is not None and first:
                 uses[id(variable)] = uses.get(id(variable), 0) + 1
-            stack.append(nxt)
+            stack.append((nxt, inside))
     if reentrant:
         return GraphAudit(REENTRANT_CHECKPOINT, moved)
+    if mixing:
+        # Where some tensor may be sequence-first (a dim 0 moved, a recurrent or batch_first=False module),
+        # dim 0 of a tensor with another dim of the batch's size may be a position: the layout checks decide.
+        seq_first = moved or inputs_moved or any(
+            isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
+            for u in units if u.rule is None)
+        for certain, shape, what in mixing:
+            if not seq_first or (certain and batch_size not in shape[1:]):
+                return GraphAudit(batch_mixing(what), moved)
     expected: dict[int, int] = {}
     skip: set[int] = set()
     for unit in units:

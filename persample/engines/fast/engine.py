@@ -38,8 +38,8 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
-from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, rng_advanced,
-                       rng_snapshot, trainable_parameters, translate_vmap_error)
+from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, trainable_parameters,
+                       translate_vmap_error)
 from ..._torch_compat import is_batched_tensor
 from ...contract import Finding
 from ...errors import NotExact
@@ -47,8 +47,8 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import (REENTRANT_CHECKPOINT, Call, Unit, add_gradient, audit_graph, capturing, find_units,
-                      modified_in_place)
+from .capture import (REENTRANT_CHECKPOINT, Call, RandomCallStopped, Unit, add_gradient, audit_graph, capturing,
+                      find_units, modified_in_place)
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
@@ -61,8 +61,12 @@ __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
 def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, *,
                     randomness: str = "error", var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None) -> GradStats:
+                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None,
+                    keep_output: list | None = None) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
+
+    ``keep_output``: a list that gets the model's output on the batch once the forward has run (also
+    when the engine then refuses), for checks at the output that need no forward of their own.
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
@@ -73,23 +77,29 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     refuse_unseen_hooks(model, "fast")
     units = find_units(model)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
-    rng_before = rng_snapshot(model)
     grad_scale = float(batch.size)
     with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
-                                        watch_dim_moves=_input_has_batch_sized_dim(batch)) as capture:
-        output = batch.forward(model)
+                                        watch_dim_moves=_input_has_batch_sized_dim(batch),
+                                        stop_random=randomness == "error") as capture:
+        try:
+            output = batch.forward(model)
+        except RandomCallStopped:  # stopped before it drew
+            _refuse_random_draws(model, loss_fn, batch, randomness)
+        if keep_output is not None:
+            keep_output.append(output)
         capture.end_model_forward()
         losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
-        if randomness != "different" and rng_advanced(model, rng_before):
+        if randomness != "different" and capture.random_call is not None:  # seen in the model's calls
             _refuse_random_draws(model, loss_fn, batch, randomness)
         modified = modified_in_place(units)
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()})
+        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()}, batch_size=batch.size,
+                            outputs=flat_leaves(output), inputs_moved=capture.raw_input_moved)
         if audit.escape is not None:
             raise NotExact(audit.escape)
         planned = plan_cuts(units, modes, mean_loss) if modes else []

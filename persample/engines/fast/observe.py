@@ -60,6 +60,7 @@ class Observation:
     _roots: Any = None
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
+    _on_rebase: list = field(default_factory=list)  # callables that take their own baseline too
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -67,18 +68,23 @@ class Observation:
         Call it between the forward and the backward when something else changes ``p.grad`` there
         (Lightning zero-grads after ``training_step``, before ``backward``)."""
         self._before = _grad_snapshot(self._params)
+        for rebase in self._on_rebase:
+            rebase()
 
 
 @contextlib.contextmanager
 def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
               reduction: str | None = None, var: bool = True, inner_products: bool = False,
               output_module: nn.Module | None = None,
-              reference: dict[str, Tensor] | None = None) -> Iterator[Observation]:
+              reference: dict[str, Tensor] | None = None, wrapper: nn.Module | None = None) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
 
     ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
     for models that compute their loss inside ``forward`` from, say, their ``lm_head``'s logits.
-    ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ)."""
+    ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ).
+    ``wrapper``: a module around ``model`` whose forward passes what it computed from the output on,
+    unchanged in value and gradient (DDP's ``_DDPSink``, which the op watchers cannot see): the tensors it
+    returns count as computed from the output, not as activations of the model."""
     if batch_size < 1:
         raise ValueError(f"observe() needs a batch with at least one example; the targets say {batch_size} "
                          "(an empty batch has no per-example gradients: skip the step)")
@@ -91,23 +97,38 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
 
     with capturing(units, model, batch_size) as capture:
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
+            if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
+                return  # the module's forward, around the real one; a recomputation): not the observed forward
             observation._output = output
             leaves = flat_leaves(output)
             with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
+                interior = _interior_leaves(leaves, batch_size)
                 for i, leaf in enumerate(leaves):
-                    if isinstance(leaf, Tensor) and leaf.requires_grad:
+                    if isinstance(leaf, Tensor) and leaf.requires_grad and i not in interior:
                         leaf.register_hook(store_grad(observation._output_grads, i))
             observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
             capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
-            capture.watch_loss(leaves)  # the loss may read these, and what it computes from them
+            # the loss may read these, and what it computes from them; an interior output read by the loss
+            # is an activation like any other (a term the output-gradient check cannot see)
+            capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
 
-        handle = (model if output_module is None else output_module).register_forward_hook(root_hook)
+        def wrapper_hook(module, args, output):
+            if capture.user_watcher.outputs is not None:  # after the model's forward: its output passed on
+                with torch._C.DisableTorchFunction():
+                    for t in tensors_in(output):
+                        if t.requires_grad:
+                            capture.user_watcher.after_forward[id(t)] = t
+
+        handles = [(model if output_module is None else output_module).register_forward_hook(root_hook)]
+        if wrapper is not None:
+            handles.append(wrapper.register_forward_hook(wrapper_hook))
         try:
             yield observation
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-            observation._audit = audit_graph(observation._roots, units, names)
+            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
         capture.end_forward()
         if capture.auxiliary_term is not None:
             raise ObservationError(
@@ -147,6 +168,43 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
     _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
     return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None,
                          reference=reference)
+
+
+def _interior_leaves(leaves: list, batch_size: int) -> set[int]:
+    """Indices of the output tensors that other outputs batched over the examples are computed from
+    (``last_hidden_state`` and ``encoder_last_hidden_state`` next to the ``logits`` computed from them):
+    their gradient in the backward is that of the later layers, not the loss's at the output, so it says
+    nothing of the loss's weights; a loss that reads them has a term of an activation (see
+    ``watch_loss``). A scalar computed from the others (``out.loss``, computed inside the model) makes
+    none of them interior: its gradient at them is the loss's; and an output such a scalar reads other
+    than through the batched outputs (a router's auxiliary loss, inside the model) is not interior either,
+    so the weight check sees that term and refuses."""
+    nodes: dict = {}
+    for i, t in enumerate(leaves):
+        if isinstance(t, Tensor) and t.grad_fn is not None:
+            nodes.setdefault(t.grad_fn, []).append(i)
+    if len(nodes) < 2:
+        return set()
+    batched = {t.grad_fn for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0
+               and t.shape[0] == batch_size}
+    seen: set = set()
+    stack = [nxt for node in batched for nxt, _ in node.next_functions if nxt is not None]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    interior = {node for node in nodes if node in seen}
+    stack = [node for node in nodes if node not in batched]  # scalars: a loss computed inside the model
+    reached: set = set()
+    while stack:
+        node = stack.pop()
+        if node in reached or (node in batched and node not in interior):  # the loss of a batched output
+            continue
+        reached.add(node)
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return {i for node in interior - reached for i in nodes[node]}
 
 
 def _grad_snapshot(params) -> dict:

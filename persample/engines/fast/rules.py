@@ -307,20 +307,38 @@ def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
 
 
 def has_hooks(module: nn.Module) -> bool:
-    """Whether forward or backward hooks (the module's own, or global ones) may change what it computes."""
-    return (module_hooks(module) and not _only_fsdp2_hooks(module)) or global_module_hooks()
+    """Whether forward or backward hooks (the module's own, or global ones) may change what it computes.
+    Hooks that change no value and no gradient do not count: FSDP2's own pre- and post-forward hooks
+    (:func:`persample._sharding.is_fsdp2_hook`: they all-gather, free and cast parameters) and the
+    input-embedding hook of Hugging Face's and PEFT's gradient checkpointing
+    (:func:`_marks_output_requires_grad`). ``module_hooks`` reads the registries first, failing closed
+    on an unknown layout."""
+    if global_module_hooks():
+        return True
+    return module_hooks(module) and not _only_harmless_hooks(module)
 
 
-def _only_fsdp2_hooks(module: nn.Module) -> bool:
-    """Whether every hook of ``module`` is FSDP2's own pre- or post-forward hook
-    (:func:`persample._sharding.is_fsdp2_hook`): they all-gather, free and cast parameters but change
-    no value of the forward, so they do not keep a rule from applying. (``module_hooks`` has read the
-    registries first, failing closed on an unknown layout.)"""
+#: (module, function name) of the forward hooks ``output.requires_grad_(True)`` that
+#: ``PreTrainedModel.enable_input_require_grads`` (``gradient_checkpointing_enable()``) and PEFT's
+#: ``prepare_model_for_kbit_training`` / ``PeftModel`` put on the input embeddings.
+_REQUIRES_GRAD_HOOKS = (("transformers.", "make_inputs_require_grads"), ("peft.", "make_inputs_require_grad"))
+
+
+def _marks_output_requires_grad(hook) -> bool:
+    """Whether ``hook`` is one of :data:`_REQUIRES_GRAD_HOOKS`: it only sets ``requires_grad`` on the
+    module's output, which a module with a trainable parameter has anyway (values and gradients unchanged)."""
+    module, name = getattr(hook, "__module__", None) or "", getattr(hook, "__name__", None)
+    return any(module.startswith(prefix) and name == expected for prefix, expected in _REQUIRES_GRAD_HOOKS)
+
+
+def _only_harmless_hooks(module: nn.Module) -> bool:
+    """Whether every hook of ``module`` (which has some) is FSDP2's own or a forward hook of
+    :data:`_REQUIRES_GRAD_HOOKS`; any backward hook counts."""
     from ..._sharding import is_fsdp2_hook
     if module_backward_hooks(module):
         return False
-    return all(is_fsdp2_hook(hook) for registry in (module._forward_hooks, module._forward_pre_hooks)
-               for hook in registry.values())
+    return (all(is_fsdp2_hook(h) for h in module._forward_pre_hooks.values())
+            and all(is_fsdp2_hook(h) or _marks_output_requires_grad(h) for h in module._forward_hooks.values()))
 
 
 def find_rule(module: nn.Module) -> Rule | None:
