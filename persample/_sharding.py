@@ -139,6 +139,28 @@ def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
     return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
 
 
+def fsdp2_sharded_slots(model: nn.Module) -> dict[tuple[int, str], Tensor]:
+    """``{(id(owner module), parameter name): sharded parameter}`` for every parameter FSDP2 manages in
+    ``model`` (empty without FSDP2): the DTensor FSDP2 puts back in that slot when it reshards, which is
+    the slot's own parameter, not a substitute. Reads FSDP2's parameter groups (fail closed: an
+    unfamiliar layout raises ``NotExact``, code ``TORCH_INTERNALS_UNKNOWN``)."""
+    slots: dict[tuple[int, str], Tensor] = {}
+    for m in fsdp2_modules(model):
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        groups = getattr(state, "_fsdp_param_groups", None)
+        try:
+            for group in groups:
+                for fsdp_param in group.fsdp_params:
+                    info = fsdp_param._module_info
+                    slots[(id(info.module), info.param_name)] = fsdp_param.sharded_param
+        except (AttributeError, TypeError):
+            from .contract import refusal
+            raise refusal("TORCH_INTERNALS_UNKNOWN", "persample: this torch version's FSDP2 parameter groups are "
+                          "unfamiliar (no fsdp_params with _module_info and sharded_param), so persample cannot "
+                          "tell FSDP2's resharding from a substituted parameter. Use DDP") from None
+    return slots
+
+
 def check_fsdp2(model: nn.Module, where: str) -> None:
     """Raise :class:`UnsupportedModelError` unless ``model`` is sharded in the one FSDP2 layout persample
     handles: ``fully_shard`` applied to the root module (and to any submodules), every sharded

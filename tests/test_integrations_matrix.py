@@ -634,4 +634,4 @@ def test_observe_adapter_on_frozen_activations_is_exact_when_T_equals_B():
     with pytest.raises(persample.NotExact) as refused:
         with tracker.observe(y):
             F.cross_entropy(flipped(ids), y).backward()
-    assert refused.value.code == "BATCH_DIM_AMBIGUOUS"
+    assert refused.value.code == "BATCH_MIXED"  # flip(0) mixes the rows of examples

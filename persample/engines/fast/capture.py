@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state, buffer_slots, own_trainable_parameters, random_call
+from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import torch_function_mode_stack
 from ...contract import Finding, refusal
 from ...errors import NotExact
@@ -923,7 +924,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
-        substituted = _substituted_parameter(parameter_slots[id(unit)])
+        substituted = _substituted_parameter(parameter_slots[id(unit)], resharded)
         if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
             watcher.escape = watcher.escape or _substitution(unit, substituted)
             return None
@@ -983,6 +984,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
+    resharded = fsdp2_sharded_slots(model) if sharding_of(model) == "FSDP2" else {}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
     capture.user_watcher.input_storages = input_storages
     try:
@@ -1020,14 +1022,17 @@ def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
             if p is not None]
 
 
-def _substituted_parameter(slots: list[tuple]) -> str | None:
+def _substituted_parameter(slots: list[tuple], resharded: dict) -> str | None:
     """The name of a parameter slot that holds another tensor than it held before the forward (at a
     call of its module), or None. ``torch.func.functional_call(module, {"weight": 1.1 * W}, x)`` puts
     the derived tensor in the slot for the call: what the call's output gradient gives is the gradient
     with respect to that tensor, which a closed-form rule (or a fallback's re-run with the module's own
-    parameters) would credit to W itself, dropping the chain rule through the derivation."""
+    parameters) would credit to W itself, dropping the chain rule through the derivation.
+    ``resharded`` maps FSDP2's slots to their sharded parameter, which FSDP2's post-forward hook puts
+    back before this check runs (:func:`persample._sharding.fsdp2_sharded_slots`)."""
     for owner, name, p in slots:
-        if owner._parameters.get(name) is not p:
+        held = owner._parameters.get(name)
+        if held is not p and (not resharded or resharded.get((id(owner), name)) is not held):
             return name
     return None
 
