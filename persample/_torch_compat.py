@@ -57,12 +57,20 @@ def _read(owner: Any, name: str, what: str, kinds: tuple[type, ...] = (dict,)) -
 
 def module_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks of its own (any of its four registries)."""
-    return any(_read(module, name, f"{type(module).__name__}.{name}") for name in _MODULE_FORWARD + _MODULE_BACKWARD)
+    try:  # the attributes read directly: this runs for every module on every call
+        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                    or module._backward_pre_hooks)
+    except AttributeError:
+        raise unknown(f"{type(module).__name__}'s hook registries ({', '.join(_MODULE_FORWARD + _MODULE_BACKWARD)})"
+                      ) from None
 
 
 def module_backward_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has backward hooks of its own (``register_full_backward_hook`` and pre-hooks)."""
-    return any(_read(module, name, f"{type(module).__name__}.{name}") for name in _MODULE_BACKWARD)
+    try:
+        return bool(module._backward_hooks or module._backward_pre_hooks)
+    except AttributeError:
+        raise unknown(f"{type(module).__name__}'s backward hook registries ({', '.join(_MODULE_BACKWARD)})") from None
 
 
 def _module_lib():
@@ -84,7 +92,10 @@ def global_backward_hooks() -> bool:
 
 def tensor_gradient_hooks(t: Tensor) -> bool:
     """Whether tensor ``t`` has hooks on its gradient (``t.register_hook``)."""
-    return bool(_read(t, "_backward_hooks", "Tensor._backward_hooks"))
+    try:
+        return bool(t._backward_hooks)
+    except AttributeError:
+        raise unknown("Tensor._backward_hooks") from None
 
 
 def post_accumulate_grad_hooks(t: Tensor) -> dict | None:

@@ -429,13 +429,19 @@ def test_a_renamed_module_hook_registry_refuses(monkeypatch, attribute):
     assert info.value.code == "TORCH_INTERNALS_UNKNOWN"
 
 
-def test_a_changed_tensor_hook_registry_refuses(monkeypatch):
-    from persample import _torch_compat
-    model = _mlp()
-    x, y = _data()
-    monkeypatch.setattr(_torch_compat, "_read", _raising_reader(_torch_compat._read, "_backward_hooks"))
+def test_a_renamed_tensor_hook_registry_refuses(monkeypatch):
+    from persample import _model, _torch_compat
+
+    class Renamed:  # a tensor of a torch whose hook registry has another name
+        pass
+
     with pytest.raises(NotExact) as info:
-        persample.grad_stats(model, F.mse_loss, x, y, engine="vmap")
+        _torch_compat.tensor_gradient_hooks(Renamed())
+    assert info.value.code == "TORCH_INTERNALS_UNKNOWN"
+    monkeypatch.setattr(_model, "tensor_gradient_hooks", lambda t: _torch_compat.tensor_gradient_hooks(Renamed()))
+    x, y = _data()
+    with pytest.raises(NotExact) as info:
+        persample.grad_stats(_mlp(), F.mse_loss, x, y, engine="vmap")
     assert info.value.code == "TORCH_INTERNALS_UNKNOWN"
 
 
