@@ -61,8 +61,12 @@ class Case:
     def build(self, device: str | torch.device = "cpu") -> Problem:
         torch.manual_seed(SEED)
         problem = self.builder(self.batch_size)
-        return dataclasses.replace(problem, model=problem.model.to(device),
-                                   inputs=problem.inputs.to(device), targets=problem.targets.to(device))
+        return dataclasses.replace(
+            problem,
+            model=problem.model.to(device),
+            inputs=problem.inputs.to(device),
+            targets=problem.targets.to(device),
+        )
 
 
 # ----------------------------------------------------------------- losses
@@ -84,8 +88,7 @@ def next_token_loss(output, tokens: Tensor) -> Tensor:
 # ----------------------------------------------------------------- models
 def mlp_problem(batch_size: int) -> Problem:
     """MLP 784-512-512-10 with ReLU on MNIST-shaped random inputs."""
-    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                          nn.Linear(512, 10))
+    model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
     x = torch.randn(batch_size, 784)
     y = torch.randint(0, 10, (batch_size,))
     return Problem(model, x, y, classification_loss)
@@ -94,9 +97,17 @@ def mlp_problem(batch_size: int) -> Problem:
 def cnn_problem(batch_size: int) -> Problem:
     """MNIST-style CNN: conv5x5(16)-pool-conv5x5(32)-pool-Linear(512, 128)-Linear(128, 10)."""
     model = nn.Sequential(
-        nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+        nn.Conv2d(1, 16, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5, padding=2),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 7 * 7, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
+    )
     x = torch.randn(batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (batch_size,))
     return Problem(model, x, y, classification_loss)
@@ -124,15 +135,25 @@ def lstm_problem(batch_size: int, seq_len: int = 32) -> Problem:
     return Problem(model, tokens, y, classification_loss)
 
 
-def gpt2_problem(batch_size: int, *, layers: int = 4, width: int = 256, heads: int = 4,
-                 vocab: int = 1000, seq_len: int = 128) -> Problem:
+def gpt2_problem(
+    batch_size: int, *, layers: int = 4, width: int = 256, heads: int = 4, vocab: int = 1000, seq_len: int = 128
+) -> Problem:
     """Hugging Face GPT-2 LM built from a config (no download), next-token loss on random tokens."""
     import transformers
 
     config = transformers.GPT2Config(
-        n_layer=layers, n_embd=width, n_head=heads, vocab_size=vocab, n_positions=seq_len,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
-        bos_token_id=0, eos_token_id=0)
+        n_layer=layers,
+        n_embd=width,
+        n_head=heads,
+        vocab_size=vocab,
+        n_positions=seq_len,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        use_cache=False,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = transformers.GPT2LMHeadModel(config)
     model.train()  # dropout is 0; training mode so that Opacus records activations
     tokens = torch.randint(0, vocab, (batch_size, seq_len))
@@ -169,8 +190,9 @@ def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
     ]
     if not quick:
         return full + (LARGE_CASES if large else [])
-    small_gpt2 = Case("gpt2-small", 8, "HF GPT-2, 2 layers, width 128, vocab 1000, T=64",
-                      small_gpt2_problem, quick=True)
+    small_gpt2 = Case(
+        "gpt2-small", 8, "HF GPT-2, 2 layers, width 128, vocab 1000, T=64", small_gpt2_problem, quick=True
+    )
     return [c for c in full if c.quick] + [small_gpt2] + (LARGE_CASES if large else [])
 
 

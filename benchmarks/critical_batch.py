@@ -78,6 +78,7 @@ class Task:
 
 def digits_task(target: float) -> Task:
     from sklearn.datasets import load_digits
+
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     x = (x - x.mean(0)) / (x.std(0) + 1e-3)
@@ -158,8 +159,11 @@ def sweep(task: Task, opt_name: str, batches: list[int], lrs: list[float], max_s
         runs = {lr: steps_to_target(task, opt_name, lr, b, max_steps) for lr in lrs}
         done = {lr: s for lr, s in runs.items() if s is not None}
         best = min(done, key=done.get) if done else None
-        out[b] = {"runs": {str(lr): s for lr, s in runs.items()}, "lr": best,
-                  "steps": done.get(best) if best is not None else None}
+        out[b] = {
+            "runs": {str(lr): s for lr, s in runs.items()},
+            "lr": best,
+            "steps": done.get(best) if best is not None else None,
+        }
         print(f"  {task.name} {opt_name} B={b:5d}: steps {out[b]['steps']} (lr {best})", flush=True)
     return out
 
@@ -200,18 +204,22 @@ def measured_noise_scale(task: Task, opt_name: str, lr: float, batch: int, max_s
             reached = step
             break
     rows = diag.rows
-    half = rows[len(rows) // 2:]
+    half = rows[len(rows) // 2 :]
 
     def run_average(num: str, den: str) -> float:  # Σ tr Σ / Σ |G|² over the run: the EMA with β → 1
         pairs = [(r[num], r[den]) for r in rows if math.isfinite(r.get(num, math.nan))]
         return math.fsum(p[0] for p in pairs) / math.fsum(p[1] for p in pairs) if pairs else math.nan
 
-    out = {"batch": batch, "lr": lr, "steps": reached,
-           "b_simple_ema_at_target": rows[-1]["b_simple_ema"],
-           "b_simple_ema_interval_at_target": [rows[-1]["b_simple_ema_lo"], rows[-1]["b_simple_ema_hi"]],
-           "b_simple_ema_median_2nd_half": float(np.median([r["b_simple_ema"] for r in half])),
-           "b_simple_run_average": run_average("trace_cov", "grad_sq"),
-           "trajectory": [(r["step"], r["b_simple_ema"], r.get("b_precond_ema", math.nan)) for r in rows[::5]]}
+    out = {
+        "batch": batch,
+        "lr": lr,
+        "steps": reached,
+        "b_simple_ema_at_target": rows[-1]["b_simple_ema"],
+        "b_simple_ema_interval_at_target": [rows[-1]["b_simple_ema_lo"], rows[-1]["b_simple_ema_hi"]],
+        "b_simple_ema_median_2nd_half": float(np.median([r["b_simple_ema"] for r in half])),
+        "b_simple_run_average": run_average("trace_cov", "grad_sq"),
+        "trajectory": [(r["step"], r["b_simple_ema"], r.get("b_precond_ema", math.nan)) for r in rows[::5]],
+    }
     if opt_name == "adam":
         out["b_precond_ema_at_target"] = rows[-1]["b_precond_ema"]
         out["b_precond_ema_median_2nd_half"] = float(np.nanmedian([r["b_precond_ema"] for r in half]))
@@ -234,8 +242,9 @@ class NoiseBatchSchedule:
         return int(min(self.k_max, max(1, round(ema / self.micro))))
 
 
-def scheduled_run(task: Task, lr_for: Callable[[int], float], micro: int, k_max: int, max_steps: int,
-                  seed: int = 0) -> dict:
+def scheduled_run(
+    task: Task, lr_for: Callable[[int], float], micro: int, k_max: int, max_steps: int, seed: int = 0
+) -> dict:
     torch.manual_seed(seed)
     model = task.make_model()
     opt = torch.optim.SGD(model.parameters(), lr=lr_for(micro))
@@ -259,8 +268,8 @@ def scheduled_run(task: Task, lr_for: Callable[[int], float], micro: int, k_max:
         examples += k * micro
         sizes.append(k * micro)
         if step in check and task.train_loss(model) <= task.target:
-            return {"steps": step, "examples": examples, "batch_sizes": sizes[::max(1, len(sizes) // 50)]}
-    return {"steps": None, "examples": examples, "batch_sizes": sizes[::max(1, len(sizes) // 50)]}
+            return {"steps": step, "examples": examples, "batch_sizes": sizes[:: max(1, len(sizes) // 50)]}
+    return {"steps": None, "examples": examples, "batch_sizes": sizes[:: max(1, len(sizes) // 50)]}
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -275,8 +284,14 @@ def run(quick: bool) -> dict:
         batches = [8, 16, 32, 64, 128, 256, 512, 1024]
         sgd_lrs, adam_lrs, max_steps = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2], [1e-3, 3e-3, 1e-2, 3e-2, 6e-2], 5000
     tasks = [digits_task(target=0.02), lm_task(target_excess=0.02)]
-    result: dict = {"quick": quick, "batches": batches, "sgd_lrs": sgd_lrs, "adam_lrs": adam_lrs,
-                    "max_steps": max_steps, "tasks": {}}
+    result: dict = {
+        "quick": quick,
+        "batches": batches,
+        "sgd_lrs": sgd_lrs,
+        "adam_lrs": adam_lrs,
+        "max_steps": max_steps,
+        "tasks": {},
+    }
     for task in tasks:
         t0 = time.time()
         print(f"{task.name}: target training loss {task.target:.4f}", flush=True)
@@ -285,16 +300,25 @@ def run(quick: bool) -> dict:
             table = sweep(task, opt_name, batches, lrs, max_steps)
             points = [(b, v["steps"]) for b, v in table.items() if v["steps"] is not None]
             fit = fit_frontier(points)
-            ref = 32 if 32 in table and table[32]["lr"] is not None else next(
-                b for b in batches if table[b]["lr"] is not None)
+            ref = (
+                32
+                if 32 in table and table[32]["lr"] is not None
+                else next(b for b in batches if table[b]["lr"] is not None)
+            )
             measured = measured_noise_scale(task, opt_name, table[ref]["lr"], ref, max_steps)
             entry[opt_name] = {"sweep": table, "fit": fit, "measured": measured}
-            print(f"  {opt_name}: B_crit {fit['b_crit']:.1f} (S_min {fit['s_min']:.1f}, E_min {fit['e_min']:.0f}); "
-                  f"at B={ref}: B_simple EMA at target {measured['b_simple_ema_at_target']:.1f}, run average "
-                  f"{measured['b_simple_run_average']:.1f}"
-                  + (f"; B^P EMA at target {measured['b_precond_ema_at_target']:.1f}, run average "
-                     f"{measured['b_precond_run_average']:.1f}" if opt_name == "adam" else ""),
-                  flush=True)
+            print(
+                f"  {opt_name}: B_crit {fit['b_crit']:.1f} (S_min {fit['s_min']:.1f}, E_min {fit['e_min']:.0f}); "
+                f"at B={ref}: B_simple EMA at target {measured['b_simple_ema_at_target']:.1f}, run average "
+                f"{measured['b_simple_run_average']:.1f}"
+                + (
+                    f"; B^P EMA at target {measured['b_precond_ema_at_target']:.1f}, run average "
+                    f"{measured['b_precond_run_average']:.1f}"
+                    if opt_name == "adam"
+                    else ""
+                ),
+                flush=True,
+            )
         sgd = entry["sgd"]["sweep"]
         tuned = sorted((b, v["lr"]) for b, v in sgd.items() if v["lr"] is not None)
 
@@ -308,13 +332,19 @@ def run(quick: bool) -> dict:
         # steps than the schedule (None when every fixed batch size needs more steps).
         rivals = [t for t in fixed if sched["steps"] is not None and t[1] <= sched["steps"]]
         rival = min(rivals, key=lambda t: t[2]) if rivals else None
-        entry["schedule"] = {**sched, "best_fixed_examples": {"batch": best_e[0], "steps": best_e[1],
-                                                              "examples": best_e[2]},
-                             "best_fixed_at_no_more_steps": None if rival is None else {
-                                 "batch": rival[0], "steps": rival[1], "examples": rival[2]}}
-        print(f"  schedule: steps {sched['steps']}, examples {sched['examples']}; fewest examples of a fixed "
-              f"batch size: B={best_e[0]}, {best_e[1]} steps, {best_e[2]} examples; at no more steps: "
-              + ("none" if rival is None else f"B={rival[0]}, {rival[1]} steps, {rival[2]} examples"), flush=True)
+        entry["schedule"] = {
+            **sched,
+            "best_fixed_examples": {"batch": best_e[0], "steps": best_e[1], "examples": best_e[2]},
+            "best_fixed_at_no_more_steps": None
+            if rival is None
+            else {"batch": rival[0], "steps": rival[1], "examples": rival[2]},
+        }
+        print(
+            f"  schedule: steps {sched['steps']}, examples {sched['examples']}; fewest examples of a fixed "
+            f"batch size: B={best_e[0]}, {best_e[1]} steps, {best_e[2]} examples; at no more steps: "
+            + ("none" if rival is None else f"B={rival[0]}, {rival[1]} steps, {rival[2]} examples"),
+            flush=True,
+        )
         entry["seconds"] = time.time() - t0
         result["tasks"][task.name] = entry
     return result
@@ -322,8 +352,10 @@ def run(quick: bool) -> dict:
 
 def plot(result: dict, path: str) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     names = list(result["tasks"])
     fig, axes = plt.subplots(1, len(names), figsize=(6.2 * len(names), 4.8), squeeze=False)
     for ax, name in zip(axes[0], names):
@@ -339,19 +371,38 @@ def plot(result: dict, path: str) -> None:
             if math.isfinite(fit["b_crit"]):
                 bs = np.geomspace(pts[0][0] / 2, pts[-1][0] * 2, 100)
                 ss = fit["s_min"] + fit["e_min"] / bs
-                ax.plot(ss * bs, ss, "-", color=color, alpha=0.6,
-                        label=f"{opt_name.upper()} fit: B_crit = {fit['b_crit']:.0f}")
+                ax.plot(
+                    ss * bs,
+                    ss,
+                    "-",
+                    color=color,
+                    alpha=0.6,
+                    label=f"{opt_name.upper()} fit: B_crit = {fit['b_crit']:.0f}",
+                )
             m = entry[opt_name]["measured"]
             est = m["b_simple_run_average"] if opt_name == "sgd" else m["b_precond_run_average"]
             if math.isfinite(fit["b_crit"]) and est > 0:
                 sb = fit["s_min"] + fit["e_min"] / est
-                ax.plot([sb * est], [sb], "*", ms=16, color=color, mec="black",
-                        label=f"{opt_name.upper()}: frontier at persample's "
-                              f"{'B_simple' if opt_name == 'sgd' else 'B^P'} = {est:.0f} (run average)")
+                ax.plot(
+                    [sb * est],
+                    [sb],
+                    "*",
+                    ms=16,
+                    color=color,
+                    mec="black",
+                    label=f"{opt_name.upper()}: frontier at persample's "
+                    f"{'B_simple' if opt_name == 'sgd' else 'B^P'} = {est:.0f} (run average)",
+                )
         sched = entry["schedule"]
         if sched["steps"]:
-            ax.plot([sched["examples"]], [sched["steps"]], "D", color="#2ca02c", ms=9,
-                    label=f"SGD, batch from B_simple EMA: {sched['steps']} steps")
+            ax.plot(
+                [sched["examples"]],
+                [sched["steps"]],
+                "D",
+                color="#2ca02c",
+                ms=9,
+                label=f"SGD, batch from B_simple EMA: {sched['steps']} steps",
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("examples E to reach the target loss")
@@ -359,8 +410,10 @@ def plot(result: dict, path: str) -> None:
         ax.set_title(f"{name}: target loss {entry['target']:.3f}", loc="left")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7.5)
-    fig.suptitle("Critical batch size: the S–E frontier, and persample's noise-scale estimates on it"
-                 + ("  (--quick)" if result["quick"] else ""))
+    fig.suptitle(
+        "Critical batch size: the S–E frontier, and persample's noise-scale estimates on it"
+        + ("  (--quick)" if result["quick"] else "")
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -77,8 +77,10 @@ def measure_case(name: str, problem, steps: int, block: int) -> dict:
     sparse = DistributedDataParallel(copy.deepcopy(problem.model))
     sparse_tracker = persample.Tracker(sparse, loss_fn, every=10)
     local_tracker = persample.Tracker(local_model, loss_fn, distributed=False)
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in
-            (("plain", plain), ("tracked", tracked), ("local", local_model), ("sparse", sparse))}
+    opts = {
+        k: torch.optim.SGD(m.parameters(), lr=1e-3)
+        for k, m in (("plain", plain), ("tracked", tracked), ("local", local_model), ("sparse", sparse))
+    }
     stats = persample.grad_stats(tracked.module, loss_fn, x, y)
     params = dict(tracked.module.named_parameters())
     for p in params.values():
@@ -105,10 +107,14 @@ def measure_case(name: str, problem, steps: int, block: int) -> dict:
         local_tracker.step(x, y)
         opts["local"].step()
 
-    methods = {"ddp-plain": plain_step, "tracker-ddp": tracker_ddp_step, "tracker-ddp-plain": tracker_plain_step,
-               "tracker-local": tracker_local_step,
-               "all_reduce_stats": lambda: all_reduce_stats(stats),
-               "all_reduce_gradients": lambda: all_reduce_gradients(params)}
+    methods = {
+        "ddp-plain": plain_step,
+        "tracker-ddp": tracker_ddp_step,
+        "tracker-ddp-plain": tracker_plain_step,
+        "tracker-local": tracker_local_step,
+        "all_reduce_stats": lambda: all_reduce_stats(stats),
+        "all_reduce_gradients": lambda: all_reduce_gradients(params),
+    }
     for fn in methods.values():  # warm up
         fn()
         fn()
@@ -120,8 +126,11 @@ def measure_case(name: str, problem, steps: int, block: int) -> dict:
     medians = {k: statistics.median(v) for k, v in times.items()}
     numel = sum(p.numel() for p in params.values())
     return {
-        "case": name, "batch_size_per_rank": int(x.shape[0]), "world_size": dist.get_world_size(),
-        "parameters": numel, "steps_timed": len(times["ddp-plain"]),
+        "case": name,
+        "batch_size_per_rank": int(x.shape[0]),
+        "world_size": dist.get_world_size(),
+        "parameters": numel,
+        "steps_timed": len(times["ddp-plain"]),
         "median_s": medians,
         "ratio_to_ddp_plain": {k: v / medians["ddp-plain"] for k, v in medians.items()},
         "communication_added_by_tracker_s": medians["tracker-ddp"] - medians["tracker-local"],
@@ -135,14 +144,21 @@ def worker(steps: int, out: str) -> None:
     from cases import mlp_problem, small_gpt2_problem
 
     records = []
-    for name, builder, batch, case_steps in (("mlp-784-512-512-10", mlp_problem, 128, steps),
-                                             ("gpt2-small", small_gpt2_problem, 8, max(6, steps // 3))):
+    for name, builder, batch, case_steps in (
+        ("mlp-784-512-512-10", mlp_problem, 128, steps),
+        ("gpt2-small", small_gpt2_problem, 8, max(6, steps // 3)),
+    ):
         torch.manual_seed(0)
         records.append(measure_case(name, builder(batch), case_steps, block=max(1, case_steps // 5)))
         if dist.get_rank() == 0:
             r = records[-1]
-            print(f"{name}: " + ", ".join(f"{k} {v * 1e3:.2f} ms ({r['ratio_to_ddp_plain'][k]:.2f}x)"
-                                          for k, v in r["median_s"].items()), flush=True)
+            print(
+                f"{name}: "
+                + ", ".join(
+                    f"{k} {v * 1e3:.2f} ms ({r['ratio_to_ddp_plain'][k]:.2f}x)" for k, v in r["median_s"].items()
+                ),
+                flush=True,
+            )
     if dist.get_rank() == 0:
         with open(out, "w") as f:
             json.dump(records, f)
@@ -154,11 +170,22 @@ def launch(steps: int, timeout: int) -> list[dict]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = HERE / f".ddp-overhead-{os.getpid()}.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", "--steps", str(steps), "--out", str(out)],
-                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(WORLD)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--worker", "--steps", str(steps), "--out", str(out)],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+        )
+        for r in range(WORLD)
+    ]
     try:
         for p in procs:
             p.wait(timeout=timeout)
@@ -174,33 +201,56 @@ def launch(steps: int, timeout: int) -> list[dict]:
 
 
 def machine() -> dict:
-    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "python": platform.python_version(), "processes": WORLD, "threads_per_process": 1,
-            "backend": "gloo", "load_average_1_5_15": list(os.getloadavg())}
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "processes": WORLD,
+        "threads_per_process": 1,
+        "backend": "gloo",
+        "load_average_1_5_15": list(os.getloadavg()),
+    }
 
 
 def markdown(info: dict, records: list[dict]) -> str:
-    lines = ["# persample under DDP: cost per training step", "",
-             f"{info['processes']} gloo processes × {info['threads_per_process']} thread on {info['cpu']} "
-             f"({info['cores']} cores), torch {info['torch']}, Python {info['python']}; load average "
-             f"{', '.join(f'{v:.1f}' for v in info['load_average_1_5_15'])} at the end of the run "
-             "(the machine is shared: absolute times are only indicative, ratios less so).", "",
-             "Median per step on rank 0, and ratio to `ddp-plain` (DDP training without persample):", "",
-             "| case | B/rank | P | ddp-plain | tracker-ddp | tracker-ddp-plain | tracker-local | all_reduce_stats "
-             "| all_reduce_gradients |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "# persample under DDP: cost per training step",
+        "",
+        f"{info['processes']} gloo processes × {info['threads_per_process']} thread on {info['cpu']} "
+        f"({info['cores']} cores), torch {info['torch']}, Python {info['python']}; load average "
+        f"{', '.join(f'{v:.1f}' for v in info['load_average_1_5_15'])} at the end of the run "
+        "(the machine is shared: absolute times are only indicative, ratios less so).",
+        "",
+        "Median per step on rank 0, and ratio to `ddp-plain` (DDP training without persample):",
+        "",
+        "| case | B/rank | P | ddp-plain | tracker-ddp | tracker-ddp-plain | tracker-local | all_reduce_stats "
+        "| all_reduce_gradients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in records:
-        cells = [f"{r['median_s'][k] * 1e3:.2f} ms ({r['ratio_to_ddp_plain'][k]:.2f}×)"
-                 for k in ("ddp-plain", "tracker-ddp", "tracker-ddp-plain", "tracker-local", "all_reduce_stats",
-                           "all_reduce_gradients")]
+        cells = [
+            f"{r['median_s'][k] * 1e3:.2f} ms ({r['ratio_to_ddp_plain'][k]:.2f}×)"
+            for k in (
+                "ddp-plain",
+                "tracker-ddp",
+                "tracker-ddp-plain",
+                "tracker-local",
+                "all_reduce_stats",
+                "all_reduce_gradients",
+            )
+        ]
         lines.append(f"| {r['case']} | {r['batch_size_per_rank']} | {r['parameters']:,} | " + " | ".join(cells) + " |")
-    lines += ["", "- `tracker-ddp`: `Tracker(ddp_model).step` with statistics every step (local statistics, "
-              "gradient all-reduce, statistics all-reduce).",
-              "- `tracker-ddp-plain`: a step of `Tracker(ddp_model, every=10)` without statistics (DDP's own "
-              "backward).",
-              "- `tracker-local`: the same statistics with `distributed=False`, no communication.",
-              "- `all_reduce_stats`: the statistics' communication alone (2 P-sized sums + B-sized gathers); "
-              "`all_reduce_gradients`: the gradient all-reduce alone, which DDP pays too.", ""]
+    lines += [
+        "",
+        "- `tracker-ddp`: `Tracker(ddp_model).step` with statistics every step (local statistics, "
+        "gradient all-reduce, statistics all-reduce).",
+        "- `tracker-ddp-plain`: a step of `Tracker(ddp_model, every=10)` without statistics (DDP's own backward).",
+        "- `tracker-local`: the same statistics with `distributed=False`, no communication.",
+        "- `all_reduce_stats`: the statistics' communication alone (2 P-sized sums + B-sized gathers); "
+        "`all_reduce_gradients`: the gradient all-reduce alone, which DDP pays too.",
+        "",
+    ]
     return "\n".join(lines)
 
 

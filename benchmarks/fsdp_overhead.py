@@ -50,6 +50,7 @@ def timed(fn) -> float:
 
 def sharded(model):
     from torch.distributed.fsdp import fully_shard
+
     for block in model.transformer.h:
         fully_shard(block)
     fully_shard(model)
@@ -62,9 +63,11 @@ def measure(problem, steps: int, block: int) -> dict:
 
     loss_fn, x, y = problem.loss_fn, problem.inputs, problem.targets
     models = {k: sharded(copy.deepcopy(problem.model)) for k in ("plain", "tracker", "novar", "every")}
-    trackers = {"tracker": persample.Tracker(models["tracker"], loss_fn),
-                "novar": persample.Tracker(models["novar"], loss_fn, var=False),
-                "every": persample.Tracker(models["every"], loss_fn, every=10)}
+    trackers = {
+        "tracker": persample.Tracker(models["tracker"], loss_fn),
+        "novar": persample.Tracker(models["novar"], loss_fn, var=False),
+        "every": persample.Tracker(models["every"], loss_fn, every=10),
+    }
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
     local = persample.grad_stats(sharded(copy.deepcopy(problem.model)), loss_fn, x, y)
 
@@ -80,10 +83,16 @@ def measure(problem, steps: int, block: int) -> dict:
             opts[key].zero_grad()
             trackers[key].step(x, y)
             opts[key].step()
+
         return run
 
-    methods = {"fsdp-plain": plain_step, "tracker": tracker_step("tracker"), "tracker-novar": tracker_step("novar"),
-               "tracker-every-10": tracker_step("every"), "all_reduce_stats": lambda: all_reduce_stats(local)}
+    methods = {
+        "fsdp-plain": plain_step,
+        "tracker": tracker_step("tracker"),
+        "tracker-novar": tracker_step("novar"),
+        "tracker-every-10": tracker_step("every"),
+        "all_reduce_stats": lambda: all_reduce_stats(local),
+    }
     for fn in methods.values():  # warm up
         fn()
         fn()
@@ -97,8 +106,11 @@ def measure(problem, steps: int, block: int) -> dict:
     elem = next(iter(local.mean.values())).element_size()
     world = dist.get_world_size()
     return {
-        "batch_size_per_rank": int(x.shape[0]), "world_size": world, "parameters": numel,
-        "steps_timed": len(times["fsdp-plain"]), "median_s": medians,
+        "batch_size_per_rank": int(x.shape[0]),
+        "world_size": world,
+        "parameters": numel,
+        "steps_timed": len(times["fsdp-plain"]),
+        "median_s": medians,
         "ratio_to_fsdp_plain": {k: v / medians["fsdp-plain"] for k, v in medians.items()},
         # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends
         "bytes_sent_per_rank": {
@@ -119,8 +131,12 @@ def worker(steps: int, batch: int, quick: bool, out: str) -> None:
     record = measure(problem, steps, block=max(1, steps // 4))
     record["case"] = "gpt2-small (2 layers, width 128, T=64)" if quick else "gpt2 (4 layers, width 256, T=128)"
     if dist.get_rank() == 0:
-        print(", ".join(f"{k} {v * 1e3:.1f} ms ({record['ratio_to_fsdp_plain'][k]:.2f}x)"
-                        for k, v in record["median_s"].items()), flush=True)
+        print(
+            ", ".join(
+                f"{k} {v * 1e3:.1f} ms ({record['ratio_to_fsdp_plain'][k]:.2f}x)" for k, v in record["median_s"].items()
+            ),
+            flush=True,
+        )
         with open(out, "w") as f:
             json.dump(record, f)
     dist.destroy_process_group()
@@ -131,11 +147,26 @@ def launch(args) -> dict:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = HERE / f".fsdp-overhead-{os.getpid()}.json"
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, __file__, "--worker", "--steps", str(args.steps), "--batch", str(args.batch),
-               "--out", str(out)] + (["--quick"] if args.quick else [])
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(WORLD),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--out",
+        str(out),
+    ] + (["--quick"] if args.quick else [])
     procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(WORLD)]
     try:
         for p in procs:
@@ -153,11 +184,18 @@ def launch(args) -> dict:
 
 def markdown(record: dict) -> str:
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    lines = ["# persample under FSDP2: cost per training step", "",
-             (f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
-              f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
-              f"load average {load} at the end (a shared machine: ratios only)."), "",
-             "| method | median per step | ratio to fsdp-plain |", "|---|---:|---:|"]
+    lines = [
+        "# persample under FSDP2: cost per training step",
+        "",
+        (
+            f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
+            f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
+            f"load average {load} at the end (a shared machine: ratios only)."
+        ),
+        "",
+        "| method | median per step | ratio to fsdp-plain |",
+        "|---|---:|---:|",
+    ]
     for k, v in record["median_s"].items():
         lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× |")
     lines += ["", "Bytes each rank sends per step (ring collectives, float32 statistics of float32 parameters):", ""]

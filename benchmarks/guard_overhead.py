@@ -32,10 +32,14 @@ from persample.engines.fast import engine, pieces, rules
 @contextlib.contextmanager
 def guards_off():
     """The fast engine as it was before the guards: every check a no-op."""
-    saved = [(engine, "refuse_unseen_hooks", engine.refuse_unseen_hooks),
-             (engine, "rng_snapshot", engine.rng_snapshot), (engine, "rng_advanced", engine.rng_advanced),
-             (rules, "has_hooks", rules.has_hooks), (rules, "_rule_for_type", rules._rule_for_type),
-             (pieces.OuterPiece, "quick_centered_second_moment", pieces.OuterPiece.quick_centered_second_moment)]
+    saved = [
+        (engine, "refuse_unseen_hooks", engine.refuse_unseen_hooks),
+        (engine, "rng_snapshot", engine.rng_snapshot),
+        (engine, "rng_advanced", engine.rng_advanced),
+        (rules, "has_hooks", rules.has_hooks),
+        (rules, "_rule_for_type", rules._rule_for_type),
+        (pieces.OuterPiece, "quick_centered_second_moment", pieces.OuterPiece.quick_centered_second_moment),
+    ]
 
     def unflagged(self, mean):
         m2, _ = saved[-1][2](self, mean)
@@ -88,8 +92,15 @@ def measure(case: cases.Case, var: bool, repeats: int) -> dict:
         with guards_off():
             bare.append(timed(stats, calls))
     g, b = statistics.median(guarded), statistics.median(bare)
-    return {"case": case.label, "var": var, "guarded_s": g, "unguarded_s": b, "overhead": g / b - 1,
-            "repeats": repeats, "calls_per_sample": calls}
+    return {
+        "case": case.label,
+        "var": var,
+        "guarded_s": g,
+        "unguarded_s": b,
+        "overhead": g / b - 1,
+        "repeats": repeats,
+        "calls_per_sample": calls,
+    }
 
 
 def main() -> None:
@@ -101,11 +112,13 @@ def main() -> None:
     torch.set_num_threads(2)
     selected = cases.select_cases(cases.all_cases(), args.case or ["mlp-b128", "cnn-b128", "gpt2-b16", "lstm-b32"])
     rows = [measure(case, var, args.repeats) for case in selected for var in (True, False)]
-    machine = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": 2,
-               "python": sys.version.split()[0]}
+    machine = {"cpu": _cpu_model(), "torch": torch.__version__, "threads": 2, "python": sys.version.split()[0]}
     lines = ["| case | var | guarded (ms) | unguarded (ms) | overhead |", "|---|---|---:|---:|---:|"]
-    lines += [f"| {r['case']} | {'yes' if r['var'] else 'no'} | {r['guarded_s'] * 1e3:.2f} | "
-              f"{r['unguarded_s'] * 1e3:.2f} | {r['overhead'] * 100:+.1f} % |" for r in rows]
+    lines += [
+        f"| {r['case']} | {'yes' if r['var'] else 'no'} | {r['guarded_s'] * 1e3:.2f} | "
+        f"{r['unguarded_s'] * 1e3:.2f} | {r['overhead'] * 100:+.1f} % |"
+        for r in rows
+    ]
     print("\n".join(lines))
     if args.save:
         out = Path(__file__).parent / "results"
@@ -113,7 +126,8 @@ def main() -> None:
         (out / "guard-overhead-cpu.md").write_text(
             "# Cost of the fast engine's exactness guards (CPU, 2 threads)\n\n"
             f"{_cpu_model()}; torch {machine['torch']}; medians of {args.repeats} interleaved samples per setting; "
-            "`python benchmarks/guard_overhead.py --save`.\n\n" + "\n".join(lines) + "\n")
+            "`python benchmarks/guard_overhead.py --save`.\n\n" + "\n".join(lines) + "\n"
+        )
 
 
 if __name__ == "__main__":

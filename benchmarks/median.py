@@ -51,14 +51,23 @@ def render(runs: list[list[dict]], paths: list[Path]) -> str:
     lines = [f"# Median of {len(runs)} runs of `benchmarks/run.py`", ""]
     for path, run in zip(paths, runs):
         first = run[0]
-        lines.append(f"- `{path.name}`: {first['device_name']}, {first['threads']} threads, persample "
-                     f"{first['versions'].get('persample_git', '?')}, started {first['started']}, "
-                     f"{first['total_s']:.0f} s, load average {first['load_before']} → {first['load_after']}")
-    lines += ["", "Median ratio to `plain` over the runs (each ratio taken within its own run); bold: fastest "
-              "correct method of the row; †: another process used > 10 % of the CPUs in some run.", "",
-              headline_table(merged), "", "## Every run's ratio", "",
-              "| case | method | " + " | ".join(f"`{p.name}`" for p in paths) + " |",
-              "|---|---|" + "---:|" * len(paths)]
+        lines.append(
+            f"- `{path.name}`: {first['device_name']}, {first['threads']} threads, persample "
+            f"{first['versions'].get('persample_git', '?')}, started {first['started']}, "
+            f"{first['total_s']:.0f} s, load average {first['load_before']} → {first['load_after']}"
+        )
+    lines += [
+        "",
+        "Median ratio to `plain` over the runs (each ratio taken within its own run); bold: fastest "
+        "correct method of the row; †: another process used > 10 % of the CPUs in some run.",
+        "",
+        headline_table(merged),
+        "",
+        "## Every run's ratio",
+        "",
+        "| case | method | " + " | ".join(f"`{p.name}`" for p in paths) + " |",
+        "|---|---|" + "---:|" * len(paths),
+    ]
     for r in merged:
         if r["method"] == "plain":
             continue

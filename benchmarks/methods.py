@@ -41,8 +41,16 @@ from persample.api import ENGINES
 
 from cases import Problem
 
-__all__ = ["Method", "Prepared", "Unsupported", "WrongResult", "all_methods", "select_methods",
-           "reference_quantities", "max_rel_err"]
+__all__ = [
+    "Method",
+    "Prepared",
+    "Unsupported",
+    "WrongResult",
+    "all_methods",
+    "select_methods",
+    "reference_quantities",
+    "max_rel_err",
+]
 
 Quantities = dict[str, dict[str, Tensor]]
 
@@ -104,8 +112,10 @@ def _collect(model: nn.Module, field_name: str, peer: str) -> dict[str, Tensor]:
     out = {n: getattr(p, field_name, None) for n, p in params.items()}
     missing = [n for n, v in out.items() if v is None]
     if missing:
-        raise Unsupported(f"{peer} computed no {field_name} for {len(missing)} of {len(out)} parameters "
-                          f"(modules {', '.join(_owner_types(model, missing))}), e.g. {missing[0]}")
+        raise Unsupported(
+            f"{peer} computed no {field_name} for {len(missing)} of {len(out)} parameters "
+            f"(modules {', '.join(_owner_types(model, missing))}), e.g. {missing[0]}"
+        )
     return out
 
 
@@ -129,8 +139,10 @@ def loop(problem: Problem) -> Prepared:
     x, y = problem.inputs, problem.targets
 
     def step():
-        rows = [torch.autograd.grad(problem.loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(params.values()))
-                for i in range(problem.batch_size)]
+        rows = [
+            torch.autograd.grad(problem.loss_fn(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
+            for i in range(problem.batch_size)
+        ]
         return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
 
     return Prepared(step, lambda raw: {"grads": raw})
@@ -183,6 +195,7 @@ def floor_hooks(var: bool) -> Callable[[Problem], Prepared]:
                 def hook(module, inputs, output):
                     acts[name] = inputs[0].detach()
                     output.register_hook(lambda g: grads.__setitem__(name, g))
+
                 return hook
 
             handles = [m.register_forward_hook(keep(n)) for n, m in linears.items()]
@@ -194,12 +207,13 @@ def floor_hooks(var: bool) -> Callable[[Problem], Prepared]:
                     h.remove()
             sq_norms, m2 = {}, {}
             for name in linears:
-                a2, b2 = acts[name].square(), grads[name].square().mul_(batch ** 2)
+                a2, b2 = acts[name].square(), grads[name].square().mul_(batch**2)
                 b_sq = b2.sum(1)
                 sq_norms[f"{name}.weight"], sq_norms[f"{name}.bias"] = a2.sum(1) * b_sq, b_sq
                 if var:
-                    m2[f"{name}.weight"] = (b2.t() @ a2).addcmul_(mean[f"{name}.weight"], mean[f"{name}.weight"],
-                                                                   value=-batch)
+                    m2[f"{name}.weight"] = (b2.t() @ a2).addcmul_(
+                        mean[f"{name}.weight"], mean[f"{name}.weight"], value=-batch
+                    )
                     m2[f"{name}.bias"] = b2.sum(0).addcmul_(mean[f"{name}.bias"], mean[f"{name}.bias"], value=-batch)
             return mean, sq_norms, m2
 
@@ -233,8 +247,7 @@ def persample_stats(engine: str, var: bool) -> Callable[[Problem], Prepared]:
         model = copy.deepcopy(problem.model)
 
         def step():
-            return persample.grad_stats(model, problem.loss_fn, problem.inputs, problem.targets,
-                                        engine=engine, var=var)
+            return persample.grad_stats(model, problem.loss_fn, problem.inputs, problem.targets, engine=engine, var=var)
 
         return Prepared(step, lambda stats: _stats_quantities(stats, var))
 
@@ -284,16 +297,15 @@ def opacus(force_functorch: bool) -> Callable[[Problem], Prepared]:
         from opacus.validators import ModuleValidator
 
         model = ModuleValidator.fix(copy.deepcopy(problem.model))
-        swapped = sorted({type(m).__name__ for m in model.modules()}
-                         - {type(m).__name__ for m in problem.model.modules()})
-        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean",
-                                   force_functorch=force_functorch)
+        swapped = sorted(
+            {type(m).__name__ for m in model.modules()} - {type(m).__name__ for m in problem.model.modules()}
+        )
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="mean", force_functorch=force_functorch)
 
         def step():
             wrapped.zero_grad(set_to_none=True)
             problem.loss_fn(wrapped(problem.inputs), problem.targets).backward()
-            return (_collect(model, "grad_sample", "Opacus"),
-                    {n: p.grad for n, p in _trainable(model).items()})
+            return (_collect(model, "grad_sample", "Opacus"), {n: p.grad for n, p in _trainable(model).items()})
 
         def convert(raw):
             grad_sample, mean = raw
@@ -306,8 +318,9 @@ def opacus(force_functorch: bool) -> Callable[[Problem], Prepared]:
 
 
 # ------------------------------------------------------------------ BackPACK
-def _backpack_method(extension_name: str, field_name: str,
-                     to_persample: Callable[[Tensor, int], Tensor], quantity: str):
+def _backpack_method(
+    extension_name: str, field_name: str, to_persample: Callable[[Tensor, int], Tensor], quantity: str
+):
     def prepare(problem: Problem) -> Prepared:
         import backpack
         from backpack import extensions
@@ -321,8 +334,7 @@ def _backpack_method(extension_name: str, field_name: str,
             loss = problem.mean_loss(model)
             with backpack.backpack(extension()):
                 loss.backward()
-            return (_collect(model, field_name, "BackPACK"),
-                    {n: p.grad for n, p in _trainable(model).items()})
+            return (_collect(model, field_name, "BackPACK"), {n: p.grad for n, p in _trainable(model).items()})
 
         def convert(raw):
             values, mean = raw
@@ -334,8 +346,8 @@ def _backpack_method(extension_name: str, field_name: str,
 
 
 backpack_batchgrad = _backpack_method("BatchGrad", "grad_batch", lambda g, B: g * B, "grads")
-backpack_variance = _backpack_method("Variance", "variance", lambda v, B: v * (B ** 3 / (B - 1)), "var")
-backpack_batchl2 = _backpack_method("BatchL2Grad", "batch_l2", lambda s, B: s * B ** 2, "sq_norms")
+backpack_variance = _backpack_method("Variance", "variance", lambda v, B: v * (B**3 / (B - 1)), "var")
+backpack_batchl2 = _backpack_method("BatchL2Grad", "batch_l2", lambda s, B: s * B**2, "sq_norms")
 
 
 # ------------------------------------------------------------------ registry

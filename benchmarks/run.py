@@ -44,14 +44,21 @@ import torch  # noqa: E402
 
 import persample  # noqa: E402
 from cases import Case, all_cases, select_cases  # noqa: E402
-from methods import (Method, Unsupported, WrongResult, all_methods, max_rel_err,  # noqa: E402
-                     reference_quantities, select_methods)
+from methods import (
+    Method,
+    Unsupported,
+    WrongResult,
+    all_methods,
+    max_rel_err,  # noqa: E402
+    reference_quantities,
+    select_methods,
+)
 
-TOLERANCE = 1e-3          # max_rel_err above this (float32) makes the status "wrong"
-WARMUP_CALLS = 2          # untimed calls before timing; the first one's output is checked
-MIN_REPEATS = 3           # the time budget never cuts the repeats below this
-MIN_SAMPLE_S = 0.02       # each timed sample repeats the call until it lasts at least this long
-CONTENTION = 0.10         # other processes using more than this share of all CPUs: timing is retried
+TOLERANCE = 1e-3  # max_rel_err above this (float32) makes the status "wrong"
+WARMUP_CALLS = 2  # untimed calls before timing; the first one's output is checked
+MIN_REPEATS = 3  # the time budget never cuts the repeats below this
+MIN_SAMPLE_S = 0.02  # each timed sample repeats the call until it lasts at least this long
+CONTENTION = 0.10  # other processes using more than this share of all CPUs: timing is retried
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -87,10 +94,16 @@ def git_revision() -> str | None:
 
     root = Path(__file__).resolve().parent.parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return rev + ("-dirty" if dirty else "")
@@ -106,12 +119,14 @@ def load_average() -> float | None:
 
 def versions() -> dict[str, str | None]:
     """Versions of torch, persample and the peers (None when not installed)."""
-    out: dict[str, str | None] = {"torch": torch.__version__, "persample": persample.__version__,
-                                  "python": platform.python_version()}
+    out: dict[str, str | None] = {
+        "torch": torch.__version__,
+        "persample": persample.__version__,
+        "python": platform.python_version(),
+    }
     out["persample_git"] = git_revision()
     out["persample_path"] = str(Path(persample.__file__).resolve().parent)
-    for key, dist in (("opacus", "opacus"), ("backpack", "backpack-for-pytorch"),
-                      ("transformers", "transformers")):
+    for key, dist in (("opacus", "opacus"), ("backpack", "backpack-for-pytorch"), ("transformers", "transformers")):
         try:
             out[key] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -123,9 +138,11 @@ def versions() -> dict[str, str | None]:
 class CudaPeak:
     """Peak of ``torch.cuda.max_memory_allocated`` during one call, above what was allocated before it."""
 
-    description = ("torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
-                   "memory_allocated() before the call (tensors only; excludes the caching "
-                   "allocator's reserve and the CUDA context)")
+    description = (
+        "torch.cuda.max_memory_allocated() after reset_peak_memory_stats(), minus "
+        "memory_allocated() before the call (tensors only; excludes the caching "
+        "allocator's reserve and the CUDA context)"
+    )
 
     def measure(self, call: Callable[[], object]) -> int:
         gc.collect()
@@ -168,9 +185,11 @@ class RssPeak:
     output, which is still alive when VmHWM is read.
     """
 
-    description = ("Linux peak RSS: VmHWM after the call, reset beforehand by writing 5 to "
-                   "/proc/self/clear_refs, minus VmRSS before the call (after gc and malloc_trim); "
-                   "process-wide resident memory, including allocator overhead")
+    description = (
+        "Linux peak RSS: VmHWM after the call, reset beforehand by writing 5 to "
+        "/proc/self/clear_refs, minus VmRSS before the call (after gc and malloc_trim); "
+        "process-wide resident memory, including allocator overhead"
+    )
 
     def measure(self, call: Callable[[], object]) -> int:
         gc.collect()
@@ -248,18 +267,22 @@ def tune_malloc() -> str:
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = all(libc.mallopt(param, value) == 1 for param, value in (
-            (_M_MMAP_THRESHOLD, MALLOC_SETTINGS["mmap_threshold"]),
-            (_M_MMAP_MAX, MALLOC_SETTINGS["mmap_max"]),
-            (_M_TRIM_THRESHOLD, MALLOC_SETTINGS["trim_threshold"]),
-            (_M_TOP_PAD, MALLOC_SETTINGS["top_pad"])))
+        ok = all(
+            libc.mallopt(param, value) == 1
+            for param, value in (
+                (_M_MMAP_THRESHOLD, MALLOC_SETTINGS["mmap_threshold"]),
+                (_M_MMAP_MAX, MALLOC_SETTINGS["mmap_max"]),
+                (_M_TRIM_THRESHOLD, MALLOC_SETTINGS["trim_threshold"]),
+                (_M_TOP_PAD, MALLOC_SETTINGS["top_pad"]),
+            )
+        )
     except (OSError, AttributeError):
         ok = False
     if not ok:
         return "default (glibc mallopt unavailable)"
-    return ("glibc mallopt: no mmap (mmap max 0, threshold {} MiB), trim threshold {} MiB, "
-            "top pad {} MiB".format(*(MALLOC_SETTINGS[k] >> 20
-                                      for k in ("mmap_threshold", "trim_threshold", "top_pad"))))
+    return "glibc mallopt: no mmap (mmap max 0, threshold {} MiB), trim threshold {} MiB, top pad {} MiB".format(
+        *(MALLOC_SETTINGS[k] >> 20 for k in ("mmap_threshold", "trim_threshold", "top_pad"))
+    )
 
 
 # ------------------------------------------------------------------ timing
@@ -313,8 +336,9 @@ def calls_per_sample(seconds_per_call: float) -> int:
     return max(1, math.ceil(MIN_SAMPLE_S / max(seconds_per_call, 1e-9)))
 
 
-def timed_repeats(step: Callable[[], object], count: int, sync, *, retries: int,
-                  wait_s: float, calls: int = 1) -> tuple[list[float], float | None, int]:
+def timed_repeats(
+    step: Callable[[], object], count: int, sync, *, retries: int, wait_s: float, calls: int = 1
+) -> tuple[list[float], float | None, int]:
     """``count`` timed samples of ``calls`` calls each, retried (after ``wait_s``) while other
     processes load the CPU.
 
@@ -346,8 +370,10 @@ def repeats_within_budget(seconds_per_call: float, repeats: int, budget_s: float
 # ------------------------------------------------------------------ one record
 def classify_failure(err: BaseException) -> tuple[str, str]:
     """(status, one-line reason) for an exception raised by a method."""
-    if (isinstance(err, (Unsupported, NotImplementedError, persample.UnsupportedModelError))
-            or type(err).__name__ == "NotExact"):  # persample's fast engine: cannot be exact here
+    if (
+        isinstance(err, (Unsupported, NotImplementedError, persample.UnsupportedModelError))
+        or type(err).__name__ == "NotExact"
+    ):  # persample's fast engine: cannot be exact here
         status = "unsupported"
     elif isinstance(err, WrongResult):
         status = "wrong"
@@ -360,8 +386,17 @@ def classify_failure(err: BaseException) -> tuple[str, str]:
 
 def measure_method(method: Method, problem, reference, settings: "Settings", memory) -> dict:
     """Check, time and measure one method on one problem; never raises."""
-    record = {"median_s": None, "min_s": None, "peak_mem_bytes": None, "max_rel_err": None,
-              "repeats": 0, "status": "ok", "reason": "", "foreign_cpu": None, "attempts": 0}
+    record = {
+        "median_s": None,
+        "min_s": None,
+        "peak_mem_bytes": None,
+        "max_rel_err": None,
+        "repeats": 0,
+        "status": "ok",
+        "reason": "",
+        "foreign_cpu": None,
+        "attempts": 0,
+    }
     missing = method.missing_requirements()
     if missing:
         return {**record, "status": "unavailable", "reason": f"not installed: {', '.join(missing)}"}
@@ -376,10 +411,17 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         per_call = timed_sample(prepared.step, 1, sync)  # the last warm-up call sizes the samples
         calls = calls_per_sample(per_call)
         count = repeats_within_budget(per_call * calls, settings.repeats, settings.budget_s)
-        times, foreign, attempts = timed_repeats(prepared.step, count, sync, retries=settings.retries,
-                                                 wait_s=settings.wait_s, calls=calls)
-        record.update(median_s=statistics.median(times), min_s=min(times), repeats=count,
-                      calls_per_sample=calls, foreign_cpu=foreign, attempts=attempts)
+        times, foreign, attempts = timed_repeats(
+            prepared.step, count, sync, retries=settings.retries, wait_s=settings.wait_s, calls=calls
+        )
+        record.update(
+            median_s=statistics.median(times),
+            min_s=min(times),
+            repeats=count,
+            calls_per_sample=calls,
+            foreign_cpu=foreign,
+            attempts=attempts,
+        )
         prepared.release()
         record["peak_mem_bytes"] = memory.measure(prepared.step)
         prepared.release()
@@ -431,6 +473,7 @@ class Progress:
         if enabled:
             try:
                 from tqdm import tqdm
+
                 self.bar = tqdm(total=total, unit="pair", file=sys.stderr, dynamic_ncols=True)
             except ImportError:
                 pass
@@ -456,14 +499,15 @@ class Settings:
     """How each method is measured."""
 
     device: torch.device
-    repeats: int            # timed samples (cut by the budget for slow methods, never below MIN_REPEATS)
-    budget_s: float         # seconds of timed calls per method
-    retries: int = 0        # re-timings when other processes load the CPU (see ForeignLoad)
-    wait_s: float = 10.0    # pause before each re-timing
+    repeats: int  # timed samples (cut by the budget for slow methods, never below MIN_REPEATS)
+    budget_s: float  # seconds of timed calls per method
+    retries: int = 0  # re-timings when other processes load the CPU (see ForeignLoad)
+    wait_s: float = 10.0  # pause before each re-timing
 
 
-def run_case(case: Case, methods: list[Method], settings: Settings, *, memory, common: dict,
-             progress: Progress) -> list[dict]:
+def run_case(
+    case: Case, methods: list[Method], settings: Settings, *, memory, common: dict, progress: Progress
+) -> list[dict]:
     """Records of every method on one case; ratios are to this case's ``plain``."""
     try:
         problem = case.build(settings.device)
@@ -475,15 +519,31 @@ def run_case(case: Case, methods: list[Method], settings: Settings, *, memory, c
     for method in methods:
         progress.start(f"{case.label} {method.name}")
         if problem is None:
-            result = {"median_s": None, "min_s": None, "peak_mem_bytes": None, "max_rel_err": None,
-                      "repeats": 0, "status": build_status, "reason": reason, "foreign_cpu": None,
-                      "attempts": 0}
+            result = {
+                "median_s": None,
+                "min_s": None,
+                "peak_mem_bytes": None,
+                "max_rel_err": None,
+                "repeats": 0,
+                "status": build_status,
+                "reason": reason,
+                "foreign_cpu": None,
+                "attempts": 0,
+            }
         else:
             result = measure_method(method, problem, reference, settings, memory)
         if problem is not None and reference is None and result["status"] == "ok":
             result["reason"] = f"unchecked: reference failed ({reference_error})"
-        records.append({"case": case.name, "method": method.name, "batch_size": case.batch_size,
-                        "description": case.description, **result, **common})
+        records.append(
+            {
+                "case": case.name,
+                "method": method.name,
+                "batch_size": case.batch_size,
+                "description": case.description,
+                **result,
+                **common,
+            }
+        )
         gc.collect()
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()  # hand back what one method cached before the next one runs
@@ -494,19 +554,37 @@ def run_case(case: Case, methods: list[Method], settings: Settings, *, memory, c
     return records
 
 
-def run(cases: list[Case], methods: list[Method], settings: Settings, *, threads: int,
-        show_progress: bool = True, allocator: str = "default") -> tuple[list[dict], dict]:
+def run(
+    cases: list[Case],
+    methods: list[Method],
+    settings: Settings,
+    *,
+    threads: int,
+    show_progress: bool = True,
+    allocator: str = "default",
+) -> tuple[list[dict], dict]:
     """Every (case, method) record, and the run's metadata (``allocator``: how the process's
     allocator was set up, recorded as is)."""
     torch.set_num_threads(threads)
     memory = memory_meter(settings.device)
     device = settings.device
-    meta = {"device": device.type, "device_name": device_name(device), "threads": torch.get_num_threads(),
-            "versions": versions(), "memory_method": memory.description,
-            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_before": load_average(), "allocator": allocator}
-    common = {"device": meta["device"], "device_name": meta["device_name"], "threads": meta["threads"],
-              "torch_version": torch.__version__, "persample_version": persample.__version__}
+    meta = {
+        "device": device.type,
+        "device_name": device_name(device),
+        "threads": torch.get_num_threads(),
+        "versions": versions(),
+        "memory_method": memory.description,
+        "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "load_before": load_average(),
+        "allocator": allocator,
+    }
+    common = {
+        "device": meta["device"],
+        "device_name": meta["device_name"],
+        "threads": meta["threads"],
+        "torch_version": torch.__version__,
+        "persample_version": persample.__version__,
+    }
     progress = Progress(len(cases) * len(methods), enabled=show_progress)
     records: list[dict] = []
     start = time.perf_counter()
@@ -565,15 +643,20 @@ def headline_table(records: list[dict]) -> str:
     ``n/a``: the method does not support the model; ``–``: not installed.
     """
     methods = [m for m in _method_order(records) if m != "plain"]
-    lines = ["| case | plain (ms) | " + " | ".join(f"`{m}`" for m in methods) + " |",
-             "|---|---:|" + "---:|" * len(methods)]
+    lines = [
+        "| case | plain (ms) | " + " | ".join(f"`{m}`" for m in methods) + " |",
+        "|---|---:|" + "---:|" * len(methods),
+    ]
     for label, rs in _groups(records):
         by_method = {r["method"]: r for r in rs}
         ok = [r for r in rs if r["method"] != "plain" and r["status"] == "ok" and r["ratio"] is not None]
         best = min(ok, key=lambda r: r["ratio"])["method"] if ok else None
         plain = by_method.get("plain")
-        plain_cell = (_fmt_ms(plain["median_s"]) + ("†" if contended(plain) else "")
-                      if plain and plain["median_s"] is not None else "failed")
+        plain_cell = (
+            _fmt_ms(plain["median_s"]) + ("†" if contended(plain) else "")
+            if plain and plain["median_s"] is not None
+            else "failed"
+        )
         cells = [_cell(by_method.get(m), m == best) for m in methods]
         lines.append(f"| {label} | {plain_cell} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -581,98 +664,143 @@ def headline_table(records: list[dict]) -> str:
 
 def records_table(records: list[dict]) -> str:
     """Markdown: every record with its time, ratio, peak memory, error and status."""
-    lines = ["| case | B | method | median (ms) | min (ms) | ratio | peak mem (MiB) | max rel err | repeats "
-             "| other CPU | status |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "| case | B | method | median (ms) | min (ms) | ratio | peak mem (MiB) | max rel err | repeats "
+        "| other CPU | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in records:
         mem = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         ratio = "" if r["ratio"] is None else _fmt_ratio(r["ratio"])
         other = "" if r.get("foreign_cpu") is None else f"{r['foreign_cpu']:.0%}"
-        lines.append(f"| {r['case']} | {r['batch_size']} | `{r['method']}` | {_fmt_ms(r['median_s'])} | "
-                     f"{_fmt_ms(r.get('min_s'))} | {ratio} | {mem} | {err} | {r['repeats']} | {other} | "
-                     f"{r['status']} |")
+        lines.append(
+            f"| {r['case']} | {r['batch_size']} | `{r['method']}` | {_fmt_ms(r['median_s'])} | "
+            f"{_fmt_ms(r.get('min_s'))} | {ratio} | {mem} | {err} | {r['repeats']} | {other} | "
+            f"{r['status']} |"
+        )
     return "\n".join(lines)
 
 
 def notes_list(records: list[dict]) -> str:
     """Markdown bullets: the reason of every record that has one."""
-    notes = [f"- {r['case']} B={r['batch_size']} `{r['method']}` ({r['status']}): {r['reason']}"
-             for r in records if r["reason"]]
+    notes = [
+        f"- {r['case']} B={r['batch_size']} `{r['method']}` ({r['status']}): {r['reason']}"
+        for r in records
+        if r["reason"]
+    ]
     return "\n".join(notes) or "- none"
 
 
 def render_markdown(records: list[dict], meta: dict) -> str:
     v = meta["versions"]
     peers = ", ".join(f"{k} {v[k] or 'not installed'}" for k in ("opacus", "backpack", "transformers"))
-    return "\n".join([
-        f"# persample benchmarks: {meta['device_name']}",
-        "",
-        f"- Device: {meta['device']}, {meta['device_name']}; {meta['threads']} torch threads",
-        f"- torch {v['torch']}, persample {v['persample']} (git {v['persample_git']}), Python {v['python']}; {peers}",
-        f"- Command: `{meta.get('command', '')}`; started {meta['started']}, took {meta['total_s']:.0f} s; "
-        f"1-min load average {meta['load_before']} before, {meta['load_after']} after",
-        f"- Time: median over `repeats` samples of the time per call, each sample being as many back-to-back "
-        f"calls as last {MIN_SAMPLE_S * 1e3:.0f} ms, after {WARMUP_CALLS} warm-up calls; ratio = median / `plain` "
-        "median in the same run (lower is better). Each call is a full step, forward pass included.",
-        f"- Peak memory: {meta['memory_method']}.",
-        f"- Allocator: {meta.get('allocator', 'default')} (`--default-malloc` keeps glibc's defaults).",
-        f"- Contention: `other CPU` is the share of all CPUs that other processes used while a method was "
-        f"timed; above {CONTENTION:.0%} the timing was retried up to `--retries` times and the least "
-        "contended attempt kept.",
-        f"- Checked against `persample.per_sample_grads`: max |a−b| / max |b| over all parameters; "
-        f"status `wrong` above {TOLERANCE:g}.",
-        "",
-        "## Headline: time ratio to `plain`",
-        "",
-        headline_table(records),
-        "",
-        "Bold: fastest correct method of the row (plain aside). `wrong`: output disagrees with persample; "
-        "`failed`: raised an error; `n/a`: model not supported; `–`: not installed; "
-        f"†: other processes used more than {CONTENTION:.0%} of the CPUs while it was timed (see `other CPU`).",
-        "",
-        "## All records",
-        "",
-        records_table(records),
-        "",
-        "## Notes and failures",
-        "",
-        notes_list(records),
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# persample benchmarks: {meta['device_name']}",
+            "",
+            f"- Device: {meta['device']}, {meta['device_name']}; {meta['threads']} torch threads",
+            f"- torch {v['torch']}, persample {v['persample']} (git {v['persample_git']}), "
+            f"Python {v['python']}; {peers}",
+            f"- Command: `{meta.get('command', '')}`; started {meta['started']}, took {meta['total_s']:.0f} s; "
+            f"1-min load average {meta['load_before']} before, {meta['load_after']} after",
+            f"- Time: median over `repeats` samples of the time per call, each sample being as many back-to-back "
+            f"calls as last {MIN_SAMPLE_S * 1e3:.0f} ms, after {WARMUP_CALLS} warm-up calls; ratio = median / `plain` "
+            "median in the same run (lower is better). Each call is a full step, forward pass included.",
+            f"- Peak memory: {meta['memory_method']}.",
+            f"- Allocator: {meta.get('allocator', 'default')} (`--default-malloc` keeps glibc's defaults).",
+            f"- Contention: `other CPU` is the share of all CPUs that other processes used while a method was "
+            f"timed; above {CONTENTION:.0%} the timing was retried up to `--retries` times and the least "
+            "contended attempt kept.",
+            f"- Checked against `persample.per_sample_grads`: max |a−b| / max |b| over all parameters; "
+            f"status `wrong` above {TOLERANCE:g}.",
+            "",
+            "## Headline: time ratio to `plain`",
+            "",
+            headline_table(records),
+            "",
+            "Bold: fastest correct method of the row (plain aside). `wrong`: output disagrees with persample; "
+            "`failed`: raised an error; `n/a`: model not supported; `–`: not installed; "
+            f"†: other processes used more than {CONTENTION:.0%} of the CPUs while it was timed (see `other CPU`).",
+            "",
+            "## All records",
+            "",
+            records_table(records),
+            "",
+            "## Notes and failures",
+            "",
+            notes_list(records),
+            "",
+        ]
+    )
 
 
 def write_json(records: list[dict], meta: dict, path: Path) -> None:
-    run_info = {k: meta.get(k) for k in ("versions", "memory_method", "started", "total_s", "load_before",
-                                     "load_after", "command", "allocator")}
+    run_info = {
+        k: meta.get(k)
+        for k in (
+            "versions",
+            "memory_method",
+            "started",
+            "total_s",
+            "load_before",
+            "load_after",
+            "command",
+            "allocator",
+        )
+    }
     out = [{**r, **run_info} for r in records]
     path.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
 
 
 # ------------------------------------------------------------------ CLI
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--quick", action="store_true", help="reduced case set and fewer repeats (< 3 min on 2 CPU cores)")
-    p.add_argument("--large", action="store_true",
-                   help="add the opt-in large cases (gpt2-large-b8: 35.7 M parameters, T=256; seconds per "
-                        "plain step on 2 CPU cores)")
+    p.add_argument(
+        "--large",
+        action="store_true",
+        help="add the opt-in large cases (gpt2-large-b8: 35.7 M parameters, T=256; seconds per "
+        "plain step on 2 CPU cores)",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--json", type=Path, help="write the records as a JSON list here")
     p.add_argument("--markdown", type=Path, help="write the headline table and all records as markdown here")
-    p.add_argument("--save", action="store_true",
-                   help="also write benchmarks/results/<device>-<machine>.json and .md (the committed results)")
+    p.add_argument(
+        "--save",
+        action="store_true",
+        help="also write benchmarks/results/<device>-<machine>.json and .md (the committed results)",
+    )
     p.add_argument("--case", action="append", help="only cases whose label (e.g. mlp-b32) contains this; repeatable")
-    p.add_argument("--method", action="append", help="only methods whose name contains this (plain always runs); repeatable")
+    p.add_argument(
+        "--method", action="append", help="only methods whose name contains this (plain always runs); repeatable"
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: 2 on CPU, torch's default on CUDA)")
-    p.add_argument("--repeats", type=int, help="timed samples per method (default: 9 on CPU, 25 on CUDA, 5 with "
-                   f"--quick); a sample is as many calls as last {MIN_SAMPLE_S * 1e3:.0f} ms")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="keep glibc's default allocator settings (see benchmarks/README.md, Timing)")
-    p.add_argument("--budget", type=float, help="seconds of timed calls per method before the repeats are cut "
-                                                   f"(never below {MIN_REPEATS}); default 60, 10 with --quick")
-    p.add_argument("--retries", type=int, help="re-time a method up to N times while other processes use more "
-                   f"than {CONTENTION:.0%}% of the CPUs (default 2, 0 with --quick)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="timed samples per method (default: 9 on CPU, 25 on CUDA, 5 with "
+        f"--quick); a sample is as many calls as last {MIN_SAMPLE_S * 1e3:.0f} ms",
+    )
+    p.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default allocator settings (see benchmarks/README.md, Timing)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        help="seconds of timed calls per method before the repeats are cut "
+        f"(never below {MIN_REPEATS}); default 60, 10 with --quick",
+    )
+    p.add_argument(
+        "--retries",
+        type=int,
+        help="re-time a method up to N times while other processes use more "
+        f"than {CONTENTION:.0%}% of the CPUs (default 2, 0 with --quick)",
+    )
     p.add_argument("--retry-wait", type=float, default=10.0, help="seconds to wait before a re-timing (default 10)")
     p.add_argument("--list", action="store_true", help="list the selected cases and methods and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -703,12 +831,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not cases:
         sys.exit(f"no case matches {args.case}; see --list")
     warnings.filterwarnings("ignore")  # peers warn on every wrap; failures are recorded, not warned
-    settings = Settings(torch.device(args.device), repeats=args.repeats, budget_s=args.budget,
-                        retries=args.retries, wait_s=args.retry_wait)
+    settings = Settings(
+        torch.device(args.device),
+        repeats=args.repeats,
+        budget_s=args.budget,
+        retries=args.retries,
+        wait_s=args.retry_wait,
+    )
     # A process-wide setting: made here, by the script, never by run() (which tests call in-process).
     allocator = tune_malloc() if args.device == "cpu" and not args.default_malloc else "default"
-    records, meta = run(cases, methods, settings, threads=args.threads, show_progress=not args.no_progress,
-                        allocator=allocator)
+    records, meta = run(
+        cases, methods, settings, threads=args.threads, show_progress=not args.no_progress, allocator=allocator
+    )
     meta["command"] = "python benchmarks/run.py " + " ".join(sys.argv[1:] if argv is None else argv)
     markdown = render_markdown(records, meta)
     outputs = [(args.json, args.markdown)]
@@ -721,8 +855,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if md_path:
             md_path.write_text(markdown)
     print(headline_table(records))
-    print(f"\n{len(records)} records in {meta['total_s']:.0f} s on {meta['device_name']}, "
-          f"{meta['threads']} threads", file=sys.stderr)
+    print(
+        f"\n{len(records)} records in {meta['total_s']:.0f} s on {meta['device_name']}, {meta['threads']} threads",
+        file=sys.stderr,
+    )
     return records
 
 

@@ -48,14 +48,18 @@ BATCH_SIZES = (8, 32, 128, 512)
 SEQ_LENS = (64, 256, 1024)
 GPT2_BATCH = 4
 FAST = "persample-stats-fast"
-LABELS = {FAST: "persample fast (mean, var, norms)", "torch.func": "torch.func vmap(grad) (B × P)",
-          "backpack-variance": "BackPACK Variance", "opacus-hooks": "Opacus hooks (B × P)"}
+LABELS = {
+    FAST: "persample fast (mean, var, norms)",
+    "torch.func": "torch.func vmap(grad) (B × P)",
+    "backpack-variance": "BackPACK Variance",
+    "opacus-hooks": "Opacus hooks (B × P)",
+}
 
 
 @dataclass(frozen=True)
 class Sweep:
-    name: str          # "mlp" / "gpt2"
-    variable: str      # "B" / "T"
+    name: str  # "mlp" / "gpt2"
+    variable: str  # "B" / "T"
     values: tuple
     peer: str
     description: str
@@ -63,21 +67,32 @@ class Sweep:
     def case(self, value: int) -> Case:
         if self.name == "mlp":
             return Case("mlp", value, "MLP 784-512-512-10", mlp_problem)
-        return Case(f"gpt2-t{value}", GPT2_BATCH, f"HF GPT-2 4x256, vocab 1000, T={value}",
-                    partial(gpt2_problem, seq_len=value))
+        return Case(
+            f"gpt2-t{value}", GPT2_BATCH, f"HF GPT-2 4x256, vocab 1000, T={value}", partial(gpt2_problem, seq_len=value)
+        )
 
 
 SWEEPS = (
     Sweep("mlp", "B", BATCH_SIZES, "backpack-variance", "MLP 784-512-512-10 (670 k parameters)"),
-    Sweep("gpt2", "T", SEQ_LENS, "opacus-hooks",
-          f"HF GPT-2, 4 layers, width 256, vocab 1000 (3.4 M parameters), B = {GPT2_BATCH}"),
+    Sweep(
+        "gpt2",
+        "T",
+        SEQ_LENS,
+        "opacus-hooks",
+        f"HF GPT-2, 4 layers, width 256, vocab 1000 (3.4 M parameters), B = {GPT2_BATCH}",
+    ),
 )
 
 
 def machine() -> dict:
     """CPU model (lscpu's, from /proc/cpuinfo), logical CPUs, torch version and threads."""
-    return {"cpu": bench.cpu_model(), "logical_cpus": os.cpu_count(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "versions": bench.versions()}
+    return {
+        "cpu": bench.cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "versions": bench.versions(),
+    }
 
 
 def sweep_records(sweep: Sweep, settings, memory, log) -> list[dict]:
@@ -87,12 +102,12 @@ def sweep_records(sweep: Sweep, settings, memory, log) -> list[dict]:
     for value in sweep.values:
         case = sweep.case(value)
         log(f"{sweep.name} {sweep.variable}={value}")
-        recs = bench.run_case(case, methods, settings, memory=memory, common={},
-                              progress=bench.Progress(len(methods), enabled=False))
+        recs = bench.run_case(
+            case, methods, settings, memory=memory, common={}, progress=bench.Progress(len(methods), enabled=False)
+        )
         for r in recs:
             r.update(sweep=sweep.name, variable=sweep.variable, value=value)
-            log(f"  {r['method']:22s} {r['status']:8s} ratio {_fmt(r['ratio'])}  "
-                f"mem {_mib(r['peak_mem_bytes'])} MiB")
+            log(f"  {r['method']:22s} {r['status']:8s} ratio {_fmt(r['ratio'])}  mem {_mib(r['peak_mem_bytes'])} MiB")
         records += recs
     return records
 
@@ -107,13 +122,19 @@ def _mib(b) -> str:
 
 def plot(records: list[dict], meta: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8.5))
-    styles = {FAST: ("tab:blue", "o"), "torch.func": ("tab:red", "s"), "backpack-variance": ("tab:green", "^"),
-              "opacus-hooks": ("tab:purple", "v"), "plain": ("0.4", ".")}
+    styles = {
+        FAST: ("tab:blue", "o"),
+        "torch.func": ("tab:red", "s"),
+        "backpack-variance": ("tab:green", "^"),
+        "opacus-hooks": ("tab:purple", "v"),
+        "plain": ("0.4", "."),
+    }
     for row, sweep in enumerate(SWEEPS):
         rows = [r for r in records if r["sweep"] == sweep.name]
         ax_t, ax_m = axes[row]
@@ -126,18 +147,27 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
                 label += " [wrong]"
             timed = [(r["value"], r["ratio"]) for r in pts if r["ratio"] is not None]
             if method != "plain" and timed:
-                ax_t.plot(*zip(*timed), marker=marker, color=color, label=label,
-                          linestyle="--" if wrong else "-")
+                ax_t.plot(*zip(*timed), marker=marker, color=color, label=label, linestyle="--" if wrong else "-")
             mem = [(r["value"], r["peak_mem_bytes"] / 2**20) for r in pts if r["peak_mem_bytes"]]
             if mem:
-                ax_m.plot(*zip(*mem), marker=marker, color=color,
-                          label="plain step" if method == "plain" else label,
-                          linestyle=":" if method == "plain" else ("--" if wrong else "-"))
+                ax_m.plot(
+                    *zip(*mem),
+                    marker=marker,
+                    color=color,
+                    label="plain step" if method == "plain" else label,
+                    linestyle=":" if method == "plain" else ("--" if wrong else "-"),
+                )
         if sweep.name == "mlp":  # the B × P float32 gradients that materialising methods hold
             params = 784 * 512 + 512 + 512 * 512 + 512 + 512 * 10 + 10
             xs = list(sweep.values)
-            ax_m.plot(xs, [b * params * 4 / 2**20 for b in xs], color="0.6", linestyle="-.", linewidth=1,
-                      label="B × P × 4 bytes")
+            ax_m.plot(
+                xs,
+                [b * params * 4 / 2**20 for b in xs],
+                color="0.6",
+                linestyle="-.",
+                linewidth=1,
+                label="B × P × 4 bytes",
+            )
         ax_t.axhline(1.0, color="0.5", linewidth=0.8)
         for ax in (ax_t, ax_m):
             ax.set_xscale("log", base=2)
@@ -156,11 +186,13 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
         ax_t.legend(fontsize=7)
         ax_m.legend(fontsize=7)
     m = meta["machine"]
-    fig.suptitle(f"persample scaling, {m['cpu']} ({m['logical_cpus']} CPUs), {m['threads']} threads, "
-                 f"torch {m['torch']}, persample {m['versions'].get('persample_git')}\n"
-                 f"load avg {meta['load_before']} → {meta['load_after']} (shared machine: ratios noisy)"
-                 + (f"; median of {len(meta['runs'])} runs" if meta.get("runs") else ""),
-                 fontsize=9)
+    fig.suptitle(
+        f"persample scaling, {m['cpu']} ({m['logical_cpus']} CPUs), {m['threads']} threads, "
+        f"torch {m['torch']}, persample {m['versions'].get('persample_git')}\n"
+        f"load avg {meta['load_before']} → {meta['load_after']} (shared machine: ratios noisy)"
+        + (f"; median of {len(meta['runs'])} runs" if meta.get("runs") else ""),
+        fontsize=9,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -168,36 +200,50 @@ def plot(records: list[dict], meta: dict, path: Path) -> None:
 
 def markdown(records: list[dict], meta: dict) -> str:
     m = meta["machine"]
-    lines = ["# persample scaling (`benchmarks/scaling.py`)", "",
-             f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['threads']} torch threads; "
-             f"torch {m['torch']}; persample {m['versions'].get('persample_git')}; "
-             f"Opacus {m['versions'].get('opacus')}, BackPACK {m['versions'].get('backpack')}, "
-             f"transformers {m['versions'].get('transformers')}",
-             f"- load average (1 min) before / after: {meta['load_before']} / {meta['load_after']}; "
-             f"run took {meta['total_s']:.0f} s; command `{meta['command']}`",
-             f"- allocator: {meta['allocator']}; memory: {meta['memory_method']}",
-             f"- timing: {meta['repeats']} samples of ≥ 20 ms per method (fewer calls for slow ones, see "
-             "`repeats`), median; ratio = median / plain's median at the same point; † = other processes "
-             "used > 10 % of the CPUs while it was timed"]
+    lines = [
+        "# persample scaling (`benchmarks/scaling.py`)",
+        "",
+        f"- machine: {m['cpu']}, {m['logical_cpus']} logical CPUs; {m['threads']} torch threads; "
+        f"torch {m['torch']}; persample {m['versions'].get('persample_git')}; "
+        f"Opacus {m['versions'].get('opacus')}, BackPACK {m['versions'].get('backpack')}, "
+        f"transformers {m['versions'].get('transformers')}",
+        f"- load average (1 min) before / after: {meta['load_before']} / {meta['load_after']}; "
+        f"run took {meta['total_s']:.0f} s; command `{meta['command']}`",
+        f"- allocator: {meta['allocator']}; memory: {meta['memory_method']}",
+        f"- timing: {meta['repeats']} samples of ≥ 20 ms per method (fewer calls for slow ones, see "
+        "`repeats`), median; ratio = median / plain's median at the same point; † = other processes "
+        "used > 10 % of the CPUs while it was timed",
+    ]
     if meta.get("runs"):
-        lines.append(f"- the median of {len(meta['runs'])} runs (each ratio taken within its run; every run's "
-                     "ratios below the tables): " + "; ".join(meta["runs"]))
+        lines.append(
+            f"- the median of {len(meta['runs'])} runs (each ratio taken within its run; every run's "
+            "ratios below the tables): " + "; ".join(meta["runs"])
+        )
     lines.append("")
     for sweep in SWEEPS:
         rows = [r for r in records if r["sweep"] == sweep.name]
         methods = ["plain", FAST, "torch.func", sweep.peer]
-        lines += [f"## {sweep.name}: {sweep.description}, sweep over {sweep.variable}", "",
-                  f"| {sweep.variable} | plain (ms) | " + " | ".join(f"`{x}` ratio" for x in methods[1:])
-                  + " | " + " | ".join(f"`{x}` MiB" for x in methods) + " |",
-                  "|---:|---:|" + "---:|" * (2 * len(methods) - 1)]
+        lines += [
+            f"## {sweep.name}: {sweep.description}, sweep over {sweep.variable}",
+            "",
+            f"| {sweep.variable} | plain (ms) | "
+            + " | ".join(f"`{x}` ratio" for x in methods[1:])
+            + " | "
+            + " | ".join(f"`{x}` MiB" for x in methods)
+            + " |",
+            "|---:|---:|" + "---:|" * (2 * len(methods) - 1),
+        ]
         for value in sweep.values:
             by = {r["method"]: r for r in rows if r["value"] == value}
             plain = by.get("plain", {})
             cells = [str(value), bench._fmt_ms(plain.get("median_s")) or "-"]
             for meth in methods[1:]:
                 r = by.get(meth, {})
-                text = _fmt(r.get("ratio")) if r.get("status") == "ok" else (
-                    f"{_fmt(r.get('ratio'))} {r.get('status')}" if r else "-")
+                text = (
+                    _fmt(r.get("ratio"))
+                    if r.get("status") == "ok"
+                    else (f"{_fmt(r.get('ratio'))} {r.get('status')}" if r else "-")
+                )
                 cells.append(text + ("†" if bench.contended(r) else ""))
             cells += [_mib(by.get(meth, {}).get("peak_mem_bytes")) for meth in methods]
             lines.append("| " + " | ".join(cells) + " |")
@@ -207,8 +253,10 @@ def markdown(records: list[dict], meta: dict) -> str:
         spread = [r for r in rows if r.get("run_ratios") and r["method"] != "plain"]
         if spread:
             lines += [f"Every run's ratio ({sweep.name}):", ""]
-            lines += [f"- `{r['method']}` at {sweep.variable} = {r['value']}: "
-                      + " / ".join(_fmt(x) for x in r["run_ratios"]) for r in spread] + [""]
+            lines += [
+                f"- `{r['method']}` at {sweep.variable} = {r['value']}: " + " / ".join(_fmt(x) for x in r["run_ratios"])
+                for r in spread
+            ] + [""]
     return "\n".join(lines)
 
 
@@ -216,6 +264,7 @@ def median_of_runs(runs: list[dict]) -> tuple[list[dict], dict]:
     """(records, meta) of the median of several runs (``{"meta", "records"}`` as ``--out`` writes them): per
     point and method, the median of the ratios (each taken within its run; None if some run has none),
     of plain's times and of the peak memories; the worst status (and its reason); the most foreign CPU."""
+
     def key(r):
         return r["sweep"], r["method"], r["value"]
 
@@ -230,17 +279,30 @@ def median_of_runs(runs: list[dict]) -> tuple[list[dict], dict]:
         memories = [x["peak_mem_bytes"] for x in same if x.get("peak_mem_bytes")]
         times = [x["median_s"] for x in same if x.get("median_s") is not None]
         worst = next((x for x in same if x["status"] != "ok"), r)
-        records.append({**r, "ratio": statistics.median(ratios) if len(ratios) == len(same) else None,
-                        "median_s": statistics.median(times) if times else None,
-                        "peak_mem_bytes": statistics.median(memories) if memories else None,
-                        "status": worst["status"], "reason": worst["reason"],
-                        "foreign_cpu": max(x.get("foreign_cpu") or 0.0 for x in same),
-                        "run_ratios": [x.get("ratio") for x in same]})
+        records.append(
+            {
+                **r,
+                "ratio": statistics.median(ratios) if len(ratios) == len(same) else None,
+                "median_s": statistics.median(times) if times else None,
+                "peak_mem_bytes": statistics.median(memories) if memories else None,
+                "status": worst["status"],
+                "reason": worst["reason"],
+                "foreign_cpu": max(x.get("foreign_cpu") or 0.0 for x in same),
+                "run_ratios": [x.get("ratio") for x in same],
+            }
+        )
     metas = [run["meta"] for run in runs]
-    meta = {**metas[0], "load_before": metas[0]["load_before"], "load_after": metas[-1]["load_after"],
-            "total_s": sum(m["total_s"] for m in metas),
-            "runs": [f"{m['machine']['versions'].get('persample_git')}, load average {m['load_before']} → "
-                     f"{m['load_after']}, {m['total_s']:.0f} s" for m in metas]}
+    meta = {
+        **metas[0],
+        "load_before": metas[0]["load_before"],
+        "load_after": metas[-1]["load_after"],
+        "total_s": sum(m["total_s"] for m in metas),
+        "runs": [
+            f"{m['machine']['versions'].get('persample_git')}, load average {m['load_before']} → "
+            f"{m['load_after']}, {m['total_s']:.0f} s"
+            for m in metas
+        ],
+    }
     return records, meta
 
 
@@ -252,8 +314,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--only", choices=[s.name for s in SWEEPS], help="run one sweep")
     p.add_argument("--save", action="store_true", help="write results/scaling-cpu-<machine>.{json,md,png}")
     p.add_argument("--out", type=Path, help="write OUT.json, OUT.md and OUT.png (stem)")
-    p.add_argument("--median", type=Path, nargs="+", metavar="RUN.json",
-                   help="no timing: write the median of these runs (with --out or --save)")
+    p.add_argument(
+        "--median",
+        type=Path,
+        nargs="+",
+        metavar="RUN.json",
+        help="no timing: write the median of these runs (with --out or --save)",
+    )
     args = p.parse_args(argv)
     if args.median:
         records, meta = median_of_runs([json.loads(path.read_text()) for path in args.median])
@@ -268,9 +335,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     torch.set_num_threads(args.threads)
     settings = bench.Settings(torch.device("cpu"), repeats=args.repeats, budget_s=args.budget)
     memory = bench.memory_meter(settings.device)
-    meta = {"machine": machine(), "load_before": bench.load_average(), "allocator": allocator,
-            "memory_method": memory.description, "repeats": args.repeats,
-            "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv)}
+    meta = {
+        "machine": machine(),
+        "load_before": bench.load_average(),
+        "allocator": allocator,
+        "memory_method": memory.description,
+        "repeats": args.repeats,
+        "command": "python benchmarks/scaling.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    }
     start = time.perf_counter()
     records = []
     for sweep in SWEEPS:

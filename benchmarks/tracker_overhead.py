@@ -30,13 +30,24 @@ import persample  # noqa: E402
 
 
 def mlp():
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
-                         nn.Linear(512, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
 
 
 def cnn():
-    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(512, 64), nn.ReLU(), nn.Linear(64, 10))
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(512, 64),
+        nn.ReLU(),
+        nn.Linear(64, 10),
+    )
 
 
 CASES = {"mlp-784-512-512-10": mlp, "cnn-mnist": cnn}
@@ -79,9 +90,14 @@ def measure(build, batch_size: int, steps: int, every: int, block: int = 10) -> 
             if not stats_step:
                 tracked_times.append(time.perf_counter() - t0)
     plain_median, tracked_median = statistics.median(plain_times), statistics.median(tracked_times)
-    return {"batch_size": batch_size, "every": every, "steps_timed": len(tracked_times),
-            "plain_step_median_s": plain_median, "tracked_plain_step_median_s": tracked_median,
-            "ratio": tracked_median / plain_median}
+    return {
+        "batch_size": batch_size,
+        "every": every,
+        "steps_timed": len(tracked_times),
+        "plain_step_median_s": plain_median,
+        "tracked_plain_step_median_s": tracked_median,
+        "ratio": tracked_median / plain_median,
+    }
 
 
 def main() -> None:
@@ -94,19 +110,31 @@ def main() -> None:
     parser.add_argument("--md", help="write a markdown table of the records to this file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    common = {"threads": args.threads, "torch": torch.__version__, "machine": bench.cpu_model(),
-              "logical_cpus": os.cpu_count(), "persample_revision": bench.git_revision(),
-              "persample_path": str(Path(persample.__file__).parent)}
+    common = {
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": bench.cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "persample_revision": bench.git_revision(),
+        "persample_path": str(Path(persample.__file__).parent),
+    }
     records = []
     for name, build in CASES.items():
         load_before = _load()
-        record = {"case": name, **measure(build, args.batch_size, args.steps, args.every), **common,
-                  "load_average_1_5_15_before": load_before, "load_average_1_5_15_after": _load()}
+        record = {
+            "case": name,
+            **measure(build, args.batch_size, args.steps, args.every),
+            **common,
+            "load_average_1_5_15_before": load_before,
+            "load_average_1_5_15_after": _load(),
+        }
         records.append(record)
-        print(f"{name:22s} B={record['batch_size']} every={record['every']}: plain "
-              f"{record['plain_step_median_s'] * 1e3:.2f} ms, tracked non-stats step "
-              f"{record['tracked_plain_step_median_s'] * 1e3:.2f} ms, ratio {record['ratio']:.3f} "
-              f"(load {load_before[0]:.1f} → {record['load_average_1_5_15_after'][0]:.1f})")
+        print(
+            f"{name:22s} B={record['batch_size']} every={record['every']}: plain "
+            f"{record['plain_step_median_s'] * 1e3:.2f} ms, tracked non-stats step "
+            f"{record['tracked_plain_step_median_s'] * 1e3:.2f} ms, ratio {record['ratio']:.3f} "
+            f"(load {load_before[0]:.1f} → {record['load_average_1_5_15_after'][0]:.1f})"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
@@ -123,26 +151,37 @@ def _load() -> list[float]:
 
 def markdown(records: list[dict], args) -> str:
     first = records[0]
-    lines = ["# Tracker overhead on steps without statistics (CPU)", "",
-             f"{first['machine']} ({first['logical_cpus']} logical CPUs, shared), {first['threads']} torch "
-             f"threads, torch {first['torch']}, persample `{first['persample_revision']}`; "
-             f"`python benchmarks/tracker_overhead.py --steps {args.steps} --every {args.every} "
-             f"--batch-size {args.batch_size} --threads {args.threads}`.", "",
-             "A plain step is `zero_grad(); loss_fn(model(x), y).backward(); opt.step()`; the tracked step "
-             f"replaces the backward with `Tracker(every={args.every}).step(x, y)`. Both loops run "
-             "interleaved in blocks of 10 steps; only the tracker's steps without statistics are timed. "
-             "Medians per step:", "",
-             "| case | B | steps timed | plain (ms) | tracked, no statistics (ms) | ratio "
-             "| load average before → after (1, 5, 15 min) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        "# Tracker overhead on steps without statistics (CPU)",
+        "",
+        f"{first['machine']} ({first['logical_cpus']} logical CPUs, shared), {first['threads']} torch "
+        f"threads, torch {first['torch']}, persample `{first['persample_revision']}`; "
+        f"`python benchmarks/tracker_overhead.py --steps {args.steps} --every {args.every} "
+        f"--batch-size {args.batch_size} --threads {args.threads}`.",
+        "",
+        "A plain step is `zero_grad(); loss_fn(model(x), y).backward(); opt.step()`; the tracked step "
+        f"replaces the backward with `Tracker(every={args.every}).step(x, y)`. Both loops run "
+        "interleaved in blocks of 10 steps; only the tracker's steps without statistics are timed. "
+        "Medians per step:",
+        "",
+        "| case | B | steps timed | plain (ms) | tracked, no statistics (ms) | ratio "
+        "| load average before → after (1, 5, 15 min) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in records:
         before = ", ".join(f"{v:.1f}" for v in r["load_average_1_5_15_before"])
         after = ", ".join(f"{v:.1f}" for v in r["load_average_1_5_15_after"])
-        lines.append(f"| {r['case']} | {r['batch_size']} | {r['steps_timed']} | "
-                     f"{r['plain_step_median_s'] * 1e3:.2f} | {r['tracked_plain_step_median_s'] * 1e3:.2f} | "
-                     f"{r['ratio']:.3f} | {before} → {after} |")
-    lines += ["", "A load average above the 2 cores means other processes competed for them during the run: the "
-              "ratio, measured within one process and interleaved, is more meaningful than the times.", ""]
+        lines.append(
+            f"| {r['case']} | {r['batch_size']} | {r['steps_timed']} | "
+            f"{r['plain_step_median_s'] * 1e3:.2f} | {r['tracked_plain_step_median_s'] * 1e3:.2f} | "
+            f"{r['ratio']:.3f} | {before} → {after} |"
+        )
+    lines += [
+        "",
+        "A load average above the 2 cores means other processes competed for them during the run: the "
+        "ratio, measured within one process and interleaved, is more meaningful than the times.",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -23,9 +23,13 @@ def main() -> None:
         config = DemoConfig(out=Path(tmp), progress=False, quiet=True)
         result = run_demo(config)
         full = Path(tmp) / "small.png"
-        fig = plot.plot_diagnostics(result.rows, full, dpi=64, ema_beta=config.ema_beta,
-                                    title=f"persample demo: CNN on 8x8 digits, batch {config.batch_size}, "
-                                          f"SGD lr {config.lr:g}")
+        fig = plot.plot_diagnostics(
+            result.rows,
+            full,
+            dpi=64,
+            ema_beta=config.ema_beta,
+            title=f"persample demo: CNN on 8x8 digits, batch {config.batch_size}, SGD lr {config.lr:g}",
+        )
         plot.close(fig)
         image = Image.open(full).convert("RGB")
         small = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)

@@ -35,11 +35,20 @@ def main():
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=96, n_positions=32)
     model = transformers.GPT2LMHeadModel(config)
     args = transformers.TrainingArguments(
-        output_dir=tempfile.mkdtemp(prefix="hf-trainer-"), per_device_train_batch_size=8, gradient_accumulation_steps=2, max_steps=12,
-        learning_rate=3e-3, max_grad_norm=1.0, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True,
-        disable_tqdm=True)
+        output_dir=tempfile.mkdtemp(prefix="hf-trainer-"),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        max_steps=12,
+        learning_rate=3e-3,
+        max_grad_norm=1.0,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=dataset())
-    callback = track(trainer)                                  # <- the one added line
+    callback = track(trainer)  # <- the one added line
     trainer.train()
     rows = [h for h in trainer.state.log_history if "persample/b_simple" in h]
     print(f"{'step':>4}  {'B_simple':>9}  {'EMA':>7}")

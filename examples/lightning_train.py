@@ -1,6 +1,6 @@
 """A Lightning run with per-example gradient statistics: one callback.
 
-    python examples/lightning_train.py       # CPU, bf16-mixed, accumulate_grad_batches=2, < 1 minute
+python examples/lightning_train.py       # CPU, bf16-mixed, accumulate_grad_batches=2, < 1 minute
 """
 
 import warnings
@@ -39,16 +39,28 @@ def main():
     y = torch.randint(0, 4, (1024,), generator=g)
     x = centers[y] + torch.randn(1024, 32, generator=g)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32, shuffle=True)
-    callback = PersampleCallback(F.cross_entropy)               # <- the one added callback
-    trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=2, precision="bf16-mixed", gradient_clip_val=1.0,
-                        callbacks=[callback], logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", devices=1)
+    callback = PersampleCallback(F.cross_entropy)  # <- the one added callback
+    trainer = L.Trainer(
+        max_epochs=2,
+        accumulate_grad_batches=2,
+        precision="bf16-mixed",
+        gradient_clip_val=1.0,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(Classifier(), loader)
     rows = callback.diagnostics.rows
     print(f"{len(rows)} optimizer steps with statistics (64 examples each)")
     for row in rows[::8]:
-        print(f"step {row['step']:3d}  loss {row['loss']:.3f}  B_simple {row['b_simple']:8.4g}  "
-              f"EMA {row['b_simple_ema']:8.4g}")
+        print(
+            f"step {row['step']:3d}  loss {row['loss']:.3f}  B_simple {row['b_simple']:8.4g}  "
+            f"EMA {row['b_simple_ema']:8.4g}"
+        )
 
 
 if __name__ == "__main__":

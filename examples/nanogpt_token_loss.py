@@ -47,7 +47,7 @@ class GPT(nn.Module):
         self.ln, self.head = nn.LayerNorm(dim), nn.Linear(dim, vocab, bias=False)
 
     def forward(self, idx):
-        x = self.tok(idx) + self.pos[:, :idx.shape[1]]
+        x = self.tok(idx) + self.pos[:, : idx.shape[1]]
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln(x))
@@ -81,8 +81,10 @@ def main(argv=None):
     ema = NoiseScaleEMA()
     # batch loss: the summed token loss (divided below); per-example part: each sequence's summed token loss
     tracker = persample.Tracker(model, persample.causal_lm_loss(reduction="sum"))
-    print(f"{'step':>4}  {'loss':>6}  {'B_simple':>9}  {'EMA':>7}  (examples per optimizer step: "
-          f"{args.micro_batch * args.accumulation})")
+    print(
+        f"{'step':>4}  {'loss':>6}  {'B_simple':>9}  {'EMA':>7}  (examples per optimizer step: "
+        f"{args.micro_batch * args.accumulation})"
+    )
     for step in range(args.steps):
         micro = [next(data) for _ in range(args.accumulation)]
         num_items = sum(int((y[:, 1:] != -100).sum()) for _, y in micro)  # tokens of the accumulated batch

@@ -20,14 +20,16 @@ def main(steps: int = 20, clip: float = 4.0) -> float:
     tracker = persample.Tracker(model, F.cross_entropy, clip_norm=clip)
     for step in range(steps):
         x, y = torch.randn(16, 10), torch.randint(0, 3, (16,))
-        x[0] *= 100                                                   # one outlier example per batch
+        x[0] *= 100  # one outlier example per batch
         optimizer.zero_grad()
-        stats = tracker.step(x, y)                                    # p.grad: mean of clipped g_i
+        stats = tracker.step(x, y)  # p.grad: mean of clipped g_i
         optimizer.step()
         clipped = int((stats.norms > clip).sum())
         if step % 5 == 0:
-            print(f"step {step}: {clipped}/16 examples clipped, largest ‖g_i‖ {stats.norms.max():.3g}, "
-                  f"‖p.grad‖ {torch.cat([p.grad.flatten() for p in model.parameters()]).norm():.3g} (≤ {clip})")
+            print(
+                f"step {step}: {clipped}/16 examples clipped, largest ‖g_i‖ {stats.norms.max():.3g}, "
+                f"‖p.grad‖ {torch.cat([p.grad.flatten() for p in model.parameters()]).norm():.3g} (≤ {clip})"
+            )
     return float(torch.cat([p.grad.flatten() for p in model.parameters()]).norm())
 
 

@@ -27,7 +27,7 @@ def main(steps: int = 40, batch: int = 16) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
     w = torch.randn(10, 3)
     tracker = persample.Tracker(model, F.cross_entropy)
-    diagnostics = Diagnostics()                               # keeps its rows; pass loggers to write them too
+    diagnostics = Diagnostics()  # keeps its rows; pass loggers to write them too
     tracker.register_hook(diagnostics)
     for _ in range(steps):
         x = torch.randn(batch, 10)
@@ -38,8 +38,10 @@ def main(steps: int = 40, batch: int = 16) -> dict:
     below = sum(1 for r in rows if not r["b_simple"] > 0)
     last = rows[-1]
     print(f"{len(rows)} rows; {below} per-step B_simple values below noise (|G|² estimate ≤ 0): read the EMA")
-    print(f"last step: loss {last['loss']:.3f}, mean GSNR {last['gsnr_mean']:.3g}, "
-          f"norm test asks for a batch of {last['norm_test_batch']:.0f}")
+    print(
+        f"last step: loss {last['loss']:.3f}, mean GSNR {last['gsnr_mean']:.3g}, "
+        f"norm test asks for a batch of {last['norm_test_batch']:.0f}"
+    )
     print(describe_b_simple(last["b_simple_ema"], batch))
     return last
 

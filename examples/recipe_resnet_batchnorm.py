@@ -24,14 +24,28 @@ from persample.noise import NoiseScaleEMA, gradient_noise_scale
 
 
 def block(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                         nn.Conv2d(cout, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+        nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(),
+    )
 
 
 def resnet():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                         block(8, 8, 1), block(8, 16, 2), block(16, 32, 2),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        block(8, 8, 1),
+        block(8, 16, 2),
+        block(16, 32, 2),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 10),
+    )
 
 
 def batches(steps, size=32):
@@ -55,13 +69,23 @@ def with_batchnorm(metrics: Path, steps: int = 8, k: int = 4) -> float:
             optimizer.zero_grad()
             with tracker.accumulate(estimator="micro-batch") as acc:
                 for xm, ym in zip(x.chunk(k), y.chunk(k)):
-                    tracker.step(xm, ym, scale=1 / k)     # p.grad exactly as (loss / k).backward()
+                    tracker.step(xm, ym, scale=1 / k)  # p.grad exactly as (loss / k).backward()
             optimizer.step()
-            noise = acc.noise                              # grad_sq, trace_cov, b_simple of this step
-            log.write({"step": tracker.steps, "n": noise.n, "grad_sq": noise.grad_sq,
-                       "trace_cov": noise.trace_cov, "b_simple": noise.b_simple, "b_simple_ema": ema.update(noise)})
-    print(f"BatchNorm, micro-batches of {x.shape[0] // k}: B_simple (EMA over {steps} steps) ≈ {ema.value:.3g}"
-          + ("" if ema.value > 0 else " (not positive: below noise, the EMA needs more steps)"))
+            noise = acc.noise  # grad_sq, trace_cov, b_simple of this step
+            log.write(
+                {
+                    "step": tracker.steps,
+                    "n": noise.n,
+                    "grad_sq": noise.grad_sq,
+                    "trace_cov": noise.trace_cov,
+                    "b_simple": noise.b_simple,
+                    "b_simple_ema": ema.update(noise),
+                }
+            )
+    print(
+        f"BatchNorm, micro-batches of {x.shape[0] // k}: B_simple (EMA over {steps} steps) ≈ {ema.value:.3g}"
+        + ("" if ema.value > 0 else " (not positive: below noise, the EMA needs more steps)")
+    )
     return ema.value
 
 
@@ -78,8 +102,10 @@ def with_groupnorm(steps: int = 8) -> float:
         stats = tracker.step(x, y)
         optimizer.step()
         ema.update(gradient_noise_scale(stats))
-    print(f"GroupNorm, per-example: B_simple (EMA over {steps} steps) ≈ {ema.value:.3g}"
-          + ("" if ema.value > 0 else " (not positive: below noise, the EMA needs more steps)"))
+    print(
+        f"GroupNorm, per-example: B_simple (EMA over {steps} steps) ≈ {ema.value:.3g}"
+        + ("" if ema.value > 0 else " (not positive: below noise, the EMA needs more steps)")
+    )
     return ema.value
 
 

@@ -27,16 +27,16 @@ def main(out: str, steps: int = 60, every: int = 10) -> list[int]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     w_true = torch.randn(20, 4)
 
-    tracker = persample.Tracker(model, F.cross_entropy, every=every)       # statistics every `every` steps
+    tracker = persample.Tracker(model, F.cross_entropy, every=every)  # statistics every `every` steps
     logged = []
-    tracker.register_hook(lambda t, stats: logged.append(t.steps))        # (just to show which steps)
+    tracker.register_hook(lambda t, stats: logged.append(t.steps))  # (just to show which steps)
     with TensorBoardLogger(out) as tensorboard:
-        tracker.register_hook(tensorboard)                                # one row of scalars per statistics step
+        tracker.register_hook(tensorboard)  # one row of scalars per statistics step
         for _ in range(steps):
             x = torch.randn(32, 20)
             y = (x @ w_true).argmax(1)
             optimizer.zero_grad()
-            tracker.step(x, y)                                            # instead of loss.backward()
+            tracker.step(x, y)  # instead of loss.backward()
             optimizer.step()
     print(f"statistics (and TensorBoard scalars) on steps {logged}; tensorboard --logdir {out}")
     return logged

@@ -57,8 +57,10 @@ def main():
     x, y = make_data()
     sampler = DistributedSampler(TensorDataset(x, y), num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(TensorDataset(x, y), batch_size=args.batch_size, sampler=sampler)
-    model = DistributedDataParallel(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).to(device),
-                                    device_ids=[device.index] if cuda else None)
+    model = DistributedDataParallel(
+        nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 4)).to(device),
+        device_ids=[device.index] if cuda else None,
+    )
     loss_fn = nn.CrossEntropyLoss()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
 
@@ -72,8 +74,9 @@ def main():
             rank_level.update(noise.rank_noise_scale(stats))
             line += f"   B_simple (rank-level) {rank_level.value:8.1f}"
         if rank == 0:
-            print(f"step {tracker.steps:4d}  global batch {stats.n}  loss {stats.losses.mean():.4f}  {line}",
-                  flush=True)
+            print(
+                f"step {tracker.steps:4d}  global batch {stats.n}  loss {stats.losses.mean():.4f}  {line}", flush=True
+            )
 
     tracker.register_hook(log)
     for epoch in range(args.epochs):
@@ -84,13 +87,12 @@ def main():
             if args.plain:
                 loss_fn(model(inputs), targets).backward()
             else:
-                tracker.step(inputs, targets)          # <- the only changed line
+                tracker.step(inputs, targets)  # <- the only changed line
             optimizer.step()
         with torch.no_grad():
             acc = (model.module(x.to(device)).argmax(1) == y.to(device)).float().mean()
         if rank == 0:
-            print(f"epoch {epoch}: accuracy {acc:.3f} ({world} ranks, {args.batch_size} examples per rank)",
-                  flush=True)
+            print(f"epoch {epoch}: accuracy {acc:.3f} ({world} ranks, {args.batch_size} examples per rank)", flush=True)
     dist.destroy_process_group()
 
 

@@ -60,9 +60,19 @@ def main():
 
     torch.manual_seed(0)  # the same initial weights on every rank
     vocab, length = 64, 32
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=vocab, n_positions=length, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=64,
+        n_head=2,
+        vocab_size=vocab,
+        n_positions=length,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).to(device)
     for block in model.transformer.h:
         fully_shard(block)
@@ -80,8 +90,10 @@ def main():
             rank_level.update(noise.rank_noise_scale(stats))
             line += f"   B_simple (rank-level) {rank_level.value:8.1f}"
         if rank == 0:
-            print(f"step {tracker.steps:4d}  global batch {stats.n}  mean L_i {stats.losses.mean():7.3f}  {line}",
-                  flush=True)
+            print(
+                f"step {tracker.steps:4d}  global batch {stats.n}  mean L_i {stats.losses.mean():7.3f}  {line}",
+                flush=True,
+            )
 
     tracker.register_hook(log)
     generator = torch.Generator().manual_seed(1 + rank)  # each rank its own data
@@ -95,7 +107,7 @@ def main():
             with tracker.observe(labels):
                 loss_fn(model(**inputs), labels).backward()
         else:
-            tracker.step(inputs, labels)          # <- the only changed line
+            tracker.step(inputs, labels)  # <- the only changed line
         optimizer.step()
     if rank == 0:
         print(f"done: {args.steps} steps on {world} ranks, {args.batch_size} sequences per rank", flush=True)

@@ -23,8 +23,10 @@ def make_data(n=2048, dim=32, classes=4, seed=0):
 
 def log_norm_quantiles(tracker, stats):
     q = torch.quantile(stats.norms, torch.tensor([0.1, 0.5, 0.9], dtype=stats.norms.dtype))
-    print(f"step {tracker.steps:4d}  loss {stats.losses.mean():.4f}  per-example |g| "
-          f"p10 {q[0]:.3f}  p50 {q[1]:.3f}  p90 {q[2]:.3f}  |mean g| {stats.mean_sq_norm.sqrt():.3f}")
+    print(
+        f"step {tracker.steps:4d}  loss {stats.losses.mean():.4f}  per-example |g| "
+        f"p10 {q[0]:.3f}  p50 {q[1]:.3f}  p90 {q[2]:.3f}  |mean g| {stats.mean_sq_norm.sqrt():.3f}"
+    )
 
 
 def main():
@@ -49,7 +51,7 @@ def main():
             if args.plain:
                 loss_fn(model(inputs), targets).backward()
             else:
-                tracker.step(inputs, targets)          # <- the only changed line
+                tracker.step(inputs, targets)  # <- the only changed line
             optimizer.step()
         with torch.no_grad():
             acc = (model(x).argmax(1) == y).float().mean()

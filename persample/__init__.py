@@ -26,9 +26,15 @@ Per-example gradients are unscaled: row i is dL_i/dθ, never divided by B.
 from .api import grad_stats, per_sample_grads
 from .batch_loss import BatchLoss, BatchLossMismatch, causal_lm_loss
 from .check import MeanCheck, check_mean
-from .errors import (MeanMismatchError, NotExact, ObservationError, PersampleError, SkippedStatisticsWarning,
-                     SlowPathWarning,
-                     UnsupportedModelError)
+from .errors import (
+    MeanMismatchError,
+    NotExact,
+    ObservationError,
+    PersampleError,
+    SkippedStatisticsWarning,
+    SlowPathWarning,
+    UnsupportedModelError,
+)
 from .explain import Explanation, explain
 from .custom_rules import check_rule, register_rule, unregister_rule
 from .stats import GradStats
@@ -40,10 +46,30 @@ from . import distributed  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
-    "per_sample_grads", "grad_stats", "check_mean", "GradStats", "Tracker", "MeanCheck",
-    "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError", "SlowPathWarning",
+    "per_sample_grads",
+    "grad_stats",
+    "check_mean",
+    "GradStats",
+    "Tracker",
+    "MeanCheck",
+    "MeanMismatchError",
+    "UnsupportedModelError",
+    "NotExact",
+    "ObservationError",
+    "SlowPathWarning",
     "SkippedStatisticsWarning",
-    "__version__", "noise", "distributed", "BatchLoss", "BatchLossMismatch", "causal_lm_loss",
-    "fix", "Replacement",
-    "PersampleError", "explain", "Explanation", "register_rule", "unregister_rule", "check_rule",
+    "__version__",
+    "noise",
+    "distributed",
+    "BatchLoss",
+    "BatchLossMismatch",
+    "causal_lm_loss",
+    "fix",
+    "Replacement",
+    "PersampleError",
+    "explain",
+    "Explanation",
+    "register_rule",
+    "unregister_rule",
+    "check_rule",
 ]

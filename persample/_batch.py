@@ -40,9 +40,13 @@ class Batch:
     def slice(self, start: int, stop: int) -> "Batch":
         """Examples ``start:stop`` as a new batch (views, no copies)."""
         cut = lambda t: t[start:stop]  # noqa: E731
-        return Batch(tree_map(cut, self.args), tree_map(cut, self.kwargs),
-                     None if self.targets is None else tree_map(cut, self.targets),
-                     min(stop, self.size) - start, self.options)
+        return Batch(
+            tree_map(cut, self.args),
+            tree_map(cut, self.kwargs),
+            None if self.targets is None else tree_map(cut, self.targets),
+            min(stop, self.size) - start,
+            self.options,
+        )
 
     def forward(self, model):
         """``model(*args, **kwargs, **options)``."""
@@ -86,7 +90,8 @@ def _leaves(obj: Any, what: str) -> list[Tensor]:
         if not isinstance(leaf, Tensor):
             raise TypeError(
                 f"{what} must be tensors (or tuples/lists/dicts of tensors) batched on dim 0; "
-                f"found {type(leaf).__name__}")
+                f"found {type(leaf).__name__}"
+            )
         if leaf.dim() == 0:
             raise ValueError(f"{what} must be batched on dim 0, but a 0-d tensor was given")
     return leaves
@@ -110,7 +115,8 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
     else:
         raise TypeError(
             "inputs must be a tensor, a tuple/list of tensors (positional) or a dict of tensors "
-            f"(keyword), not {type(inputs).__name__}")
+            f"(keyword), not {type(inputs).__name__}"
+        )
     input_leaves = _leaves((args, kwargs), "inputs")
     if not input_leaves:
         raise ValueError("inputs contain no tensor: at least one tensor batched on dim 0 is needed")
@@ -125,7 +131,8 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
         if target_sizes and target_sizes != {size}:
             raise ValueError(
                 f"batch sizes disagree: inputs have {size} examples but targets have "
-                f"{target_sizes.pop()} (both must be batched on dim 0)")
+                f"{target_sizes.pop()} (both must be batched on dim 0)"
+            )
     if size == 0:
         raise ValueError("empty batch: inputs have 0 examples on dim 0")
     batch = Batch(args, kwargs, targets, size, options)

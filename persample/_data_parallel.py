@@ -57,6 +57,7 @@ def _ddp_class():
     if not torch.distributed.is_available():
         return None
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel
 
 
@@ -64,10 +65,10 @@ def _ddp_class():
 class Replicas:
     """The model's replication across a process group, as the Tracker sees it."""
 
-    wrapper: nn.Module | None          # the DistributedDataParallel wrapper, if the Tracker got one
-    group: object = None               # the process group (None: the default group)
+    wrapper: nn.Module | None  # the DistributedDataParallel wrapper, if the Tracker got one
+    group: object = None  # the process group (None: the default group)
     bucket_bytes: int = DEFAULT_BUCKET_BYTES
-    sharded: bool = False              # an FSDP2 model (fully_shard): steps run FSDP2's own backward
+    sharded: bool = False  # an FSDP2 model (fully_shard): steps run FSDP2's own backward
 
     def synchronizes(self) -> bool:
         """False inside the wrapper's ``no_sync()``."""
@@ -102,8 +103,9 @@ class Replicas:
         rank raises (its own error, or OtherRankFailed); else whether each flag holds on every rank."""
         return agree(failure, self.group, where=where, flags=flags)
 
-    def reduce_stats(self, stats: GradStats, model: nn.Module | None = None, loss_fn=None,
-                     batch: Batch | None = None) -> GradStats:
+    def reduce_stats(
+        self, stats: GradStats, model: nn.Module | None = None, loss_fn=None, batch: Batch | None = None
+    ) -> GradStats:
         """Global statistics; with ``model``, ``loss_fn`` and ``batch``, also inner products
         relative to the global mean (one forward-mode pass of the local batch)."""
         inner = None
@@ -112,6 +114,7 @@ class Replicas:
 
             def inner(direction):
                 return per_example_directional_derivatives(model, loss_fn, batch, direction)
+
         return all_reduce_stats(stats, self.group, inner_products=inner)
 
 
@@ -124,19 +127,24 @@ def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Mod
     if sharding_of(model) == "FSDP2":
         check_fsdp2(model, "persample.Tracker")
         if distributed is False:
-            raise ValueError("Tracker(fully_shard(model), distributed=False): an FSDP2 model's parameters are "
-                             "sharded across the ranks, so each rank cannot train on its own; leave "
-                             "distributed unset")
+            raise ValueError(
+                "Tracker(fully_shard(model), distributed=False): an FSDP2 model's parameters are "
+                "sharded across the ranks, so each rank cannot train on its own; leave "
+                "distributed unset"
+            )
         return model, Replicas(None, sharded=True)
     refuse_sharded(model, "persample.Tracker")
     ddp = _ddp_class()
     if ddp is not None and isinstance(model, ddp):
         if distributed is False:
-            raise ValueError("Tracker(DistributedDataParallel(...), distributed=False) would write each rank's "
-                             "own gradient and let the replicas drift apart: pass the wrapper without "
-                             "distributed=False, or pass ddp.module if each rank should train on its own")
-        return model.module, Replicas(model, model.process_group,
-                                      getattr(model, "bucket_bytes_cap", DEFAULT_BUCKET_BYTES))
+            raise ValueError(
+                "Tracker(DistributedDataParallel(...), distributed=False) would write each rank's "
+                "own gradient and let the replicas drift apart: pass the wrapper without "
+                "distributed=False, or pass ddp.module if each rank should train on its own"
+            )
+        return model.module, Replicas(
+            model, model.process_group, getattr(model, "bucket_bytes_cap", DEFAULT_BUCKET_BYTES)
+        )
     if distributed is None:
         distributed = is_distributed()
     if distributed:
@@ -153,14 +161,16 @@ def _refuse_custom_reduction(ddp: nn.Module) -> None:
             "persample.Tracker: DistributedDataParallel(mixed_precision=...) is not supported by "
             "Tracker.step, which averages gradients itself, in the parameters' dtype. Use torch.autocast "
             "for mixed precision instead, or Tracker.observe around your own DDP backward",
-            code="DDP_MIXED_PRECISION")
+            code="DDP_MIXED_PRECISION",
+        )
     if ddp_comm_hooks(ddp):
         raise UnsupportedModelError(
             "persample.Tracker: this DistributedDataParallel model has a communication hook "
             "(register_comm_hook). Tracker.step averages gradients across ranks itself and would not apply "
             "the hook, so p.grad would differ from DDP's backward. Use Tracker.observe around your own "
             "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook",
-            code="DDP_COMM_HOOK")
+            code="DDP_COMM_HOOK",
+        )
 
 
 class LocalGradients:
@@ -192,6 +202,7 @@ class LocalGradients:
         def record(grad: Tensor) -> None:
             grad = grad.detach()
             self.increments[name] = grad.clone() if name not in self.increments else self.increments[name] + grad
+
         return record
 
     def show_local(self) -> None:
@@ -222,15 +233,22 @@ def refuse_fsdp2_options(tracker) -> None:
     if tracker.check_every:
         problems.append("check_every (the independent engines cannot run an FSDP2 model)")
     if options["inner_products"]:
-        problems.append("inner_products=True (relative to the global mean they need a second pass; use "
-                        "tracker.accumulate(reference=...) for a shared reference)")
+        problems.append(
+            "inner_products=True (relative to the global mean they need a second pass; use "
+            "tracker.accumulate(reference=...) for a shared reference)"
+        )
     if options["engine"] not in ("auto", "fast"):
-        problems.append(f"engine={options['engine']!r} (under FSDP2 the statistics come from the fast "
-                        "engine's capture of FSDP2's own backward)")
+        problems.append(
+            f"engine={options['engine']!r} (under FSDP2 the statistics come from the fast "
+            "engine's capture of FSDP2's own backward)"
+        )
     if problems:
-        raise UnsupportedModelError("persample.Tracker on an FSDP2 (fully_shard) model does not support "
-                                    + "; ".join(problems) + ". Leave these options out, or train with DDP",
-                                    code="FSDP2_OPTION")
+        raise UnsupportedModelError(
+            "persample.Tracker on an FSDP2 (fully_shard) model does not support "
+            + "; ".join(problems)
+            + ". Leave these options out, or train with DDP",
+            code="FSDP2_OPTION",
+        )
 
 
 def fsdp2_step(tracker, inputs, targets, scale: float):
@@ -280,15 +298,23 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 if accumulation is not None and accumulation.shared and accumulation.reference is not None:
                     reference = accumulation.reference
                 assert batch is not None  # (agree raised otherwise)
-                stats = observed_fsdp2_backward(model, tracker.batch_loss, tracker.per_example_loss, batch,
-                                                scale=scale, var=tracker.stats_options["var"], reference=reference)
+                stats = observed_fsdp2_backward(
+                    model,
+                    tracker.batch_loss,
+                    tracker.per_example_loss,
+                    batch,
+                    scale=scale,
+                    var=tracker.stats_options["var"],
+                    reference=reference,
+                )
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
                 failure = err
-            everyone, = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
+            (everyone,) = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
             stats = replicas.reduce_stats(stats) if everyone else None
             failure = None
             try:
                 from .tracker import _finite
+
                 if stats is None or not _finite(stats):
                     tracker.skipped.append(step)
                     skip_added, stats = True, None
@@ -309,16 +335,24 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
         if part_added:
             accumulation.parts.pop()
         if hasattr(err, "add_note"):
-            err.add_note(f"(raised in persample.Tracker.step at step {step} of an FSDP2 model; p.grad was "
-                         "restored)")
+            err.add_note(f"(raised in persample.Tracker.step at step {step} of an FSDP2 model; p.grad was restored)")
         raise
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
 
 
-def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batch: Batch, *, scale: float = 1.0,
-                            var: bool = True, inner_products: bool = False, reference=None) -> GradStats | None:
+def observed_fsdp2_backward(
+    model: nn.Module,
+    batch_loss,
+    per_example_loss,
+    batch: Batch,
+    *,
+    scale: float = 1.0,
+    var: bool = True,
+    inner_products: bool = False,
+    reference=None,
+) -> GradStats | None:
     """This rank's statistics (full-size mean and M2 of its own examples, their norms and losses) from
     FSDP2's own ``(scale * batch_loss(model(x), y)).backward()``, which leaves ``p.grad`` as FSDP2 does.
 
@@ -337,8 +371,15 @@ def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batc
     with unsharded(model):
         local = LocalGradients(trainable_parameters(model))
         try:
-            with observing(model, per_example_loss, batch.targets, batch_size=batch.size, var=var,
-                           inner_products=inner_products, reference=reference) as observation:
+            with observing(
+                model,
+                per_example_loss,
+                batch.targets,
+                batch_size=batch.size,
+                var=var,
+                inner_products=inner_products,
+                reference=reference,
+            ) as observation:
                 with local.recording():
                     loss = batch.call(model, batch_loss)
                     _require_scalar(loss)
@@ -346,17 +387,28 @@ def observed_fsdp2_backward(model: nn.Module, batch_loss, per_example_loss, batc
                 local.show_local()
         except NotExact as err:
             if hasattr(err, "add_note"):
-                err.add_note("(under FSDP2 the statistics come from the fast engine's capture of FSDP2's own "
-                             "backward only: no other engine can run a sharded model. p.grad is FSDP2's; for "
-                             "statistics of this model, train it with DDP)")
+                err.add_note(
+                    "(under FSDP2 the statistics come from the fast engine's capture of FSDP2's own "
+                    "backward only: no other engine can run a sharded model. p.grad is FSDP2's; for "
+                    "statistics of this model, train it with DDP)"
+                )
             raise
         finally:
             local.restore()
     return observation.stats
 
 
-def fsdp2_grad_stats(model: nn.Module, loss_fn, batch: Batch, *, var: bool = True, inner_products: bool = False,
-                     reference=None, engine: str = "auto", clip_norm: float | None = None) -> GradStats:
+def fsdp2_grad_stats(
+    model: nn.Module,
+    loss_fn,
+    batch: Batch,
+    *,
+    var: bool = True,
+    inner_products: bool = False,
+    reference=None,
+    engine: str = "auto",
+    clip_norm: float | None = None,
+) -> GradStats:
     """:func:`persample.grad_stats` on an FSDP2 model: this rank's statistics, from one FSDP2 forward
     and backward (:func:`observed_fsdp2_backward`), with every ``p.grad`` put back as it was.
 
@@ -372,21 +424,24 @@ def fsdp2_grad_stats(model: nn.Module, loss_fn, batch: Batch, *, var: bool = Tru
         raise UnsupportedModelError(
             "persample.grad_stats on an FSDP2 (fully_shard) model observes FSDP2's own backward with the "
             "fast engine: engine must be 'auto' or 'fast', and clip_norm is not supported (leave them out)",
-            code="FSDP2_OPTION")
+            code="FSDP2_OPTION",
+        )
     params = trainable_parameters(model)
     saved = {name: p.grad for name, p in params.items()}
     for p in params.values():  # FSDP2 accumulates into p.grad in place
         p.grad = None
     batch_loss, per_example_loss = loss_parts(loss_fn)
     try:
-        stats = observed_fsdp2_backward(model, batch_loss, per_example_loss, batch, var=var,
-                                        inner_products=inner_products, reference=reference)
+        stats = observed_fsdp2_backward(
+            model, batch_loss, per_example_loss, batch, var=var, inner_products=inner_products, reference=reference
+        )
     finally:
         for name, p in params.items():
             p.grad = saved[name]
     if stats is None:
-        raise ValueError("persample.grad_stats: the loss's gradients at the model output are not finite "
-                         "(inf/NaN) on this rank")
+        raise ValueError(
+            "persample.grad_stats: the loss's gradients at the model output are not finite (inf/NaN) on this rank"
+        )
     return stats
 
 

@@ -15,10 +15,30 @@ from ._sharding import refuse_wrapped
 from .errors import UnsupportedModelError
 from ._torch_compat import global_backward_hooks, module_backward_hooks, tensor_gradient_hooks
 
-__all__ = ["trainable_parameters", "check_supported", "preserved_state", "translate_vmap_error", "module_label",
-           "rng_snapshot", "rng_advanced", "restore_rng", "cuda_devices", "first_random_module", "randomness_error", "hooked_parameters",
-           "backward_hooked_module", "has_gradient_hooks", "autocast_state", "autocast_as", "buffer_slots",
-           "buffer_state", "restore_buffer_state", "random_call", "RandomCalls", "RandomCallStop"]
+__all__ = [
+    "trainable_parameters",
+    "check_supported",
+    "preserved_state",
+    "translate_vmap_error",
+    "module_label",
+    "rng_snapshot",
+    "rng_advanced",
+    "restore_rng",
+    "cuda_devices",
+    "first_random_module",
+    "randomness_error",
+    "hooked_parameters",
+    "backward_hooked_module",
+    "has_gradient_hooks",
+    "autocast_state",
+    "autocast_as",
+    "buffer_slots",
+    "buffer_state",
+    "restore_buffer_state",
+    "random_call",
+    "RandomCalls",
+    "RandomCallStop",
+]
 
 RANDOMNESS_CHOICES = ("error", "different", "same")
 
@@ -40,7 +60,8 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     if not params:
         raise ValueError(
             f"{type(model).__name__} has no trainable parameters (none with requires_grad=True); "
-            "there are no gradients to compute")
+            "there are no gradients to compute"
+        )
     return params
 
 
@@ -82,7 +103,8 @@ def check_supported(model: nn.Module, randomness: str) -> None:
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "persample computes gradients, which torch.inference_mode() forbids: call it outside the "
-            "`with torch.inference_mode():` block (torch.no_grad() around it is fine)")
+            "`with torch.inference_mode():` block (torch.no_grad() around it is fine)"
+        )
     for name, module in model.named_modules():
         if not isinstance(module, (_BatchNorm, *_DROPPING)):
             continue  # only these can couple examples or draw random numbers
@@ -95,20 +117,28 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 "BatchNorm and measure the gradient noise from micro-batches, each with its own batch "
                 "statistics: `with tracker.accumulate(estimator='micro-batch') as acc:` around k >= 2 "
                 "tracker.step(x_m, y_m, scale=1/k) calls, then acc.noise; or, to use its running "
-                "statistics (evaluation, fine-tuning), model.eval().", code="BATCHNORM_TRAIN", module=label)
+                "statistics (evaluation, fine-tuning), model.eval().",
+                code="BATCHNORM_TRAIN",
+                module=label,
+            )
         if isinstance(module, _BatchNorm) and module.running_mean is None:
             raise UnsupportedModelError(
                 f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "
                 "it normalises with batch statistics even in eval mode, which couples the examples. "
                 "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.",
-                code="BATCHNORM_NO_RUNNING_STATS", module=label)
+                code="BATCHNORM_NO_RUNNING_STATS",
+                module=label,
+            )
         p = dropout_probability(module) if randomness == "error" else 0.0
         if p:
             raise UnsupportedModelError(
                 f"module {label} draws random numbers (dropout p={p}) in training mode, which "
                 "randomness='error' forbids. Pass randomness='different' (an independent mask "
                 "per example, like a normal batch) or randomness='same' (one mask shared by "
-                "all examples), or call model.eval().", code="RANDOM_UNDER_ERROR", module=label)
+                "all examples), or call model.eval().",
+                code="RANDOM_UNDER_ERROR",
+                module=label,
+            )
 
 
 def randomness_error(where: str) -> UnsupportedModelError:
@@ -117,7 +147,9 @@ def randomness_error(where: str) -> UnsupportedModelError:
         f"{where} draws random numbers (a dropout called as a function, attention dropout_p, ...) while "
         "randomness='error'. Pass randomness='different' for an independent draw per example (what a "
         "normal batch does) or randomness='same' for one draw shared by the batch; or call model.eval() "
-        "(or set the probability to 0) to switch it off.", code="RANDOM_UNDER_ERROR")
+        "(or set the probability to 0) to switch it off.",
+        code="RANDOM_UNDER_ERROR",
+    )
 
 
 def is_vmap_randomness_error(err: BaseException) -> bool:
@@ -133,6 +165,7 @@ def translate_vmap_error(err: RuntimeError) -> RuntimeError | None:
 
 
 # ------------------------------------------------------------------------ random numbers
+
 
 def cuda_devices(model: nn.Module) -> list[int]:
     """The CUDA devices the model's parameters are on (none without a walk while CUDA is uninitialised)."""
@@ -170,18 +203,60 @@ def forward_hook_if_possible(module: nn.Module, hook) -> Any:
 
 
 #: Calls that draw random numbers whatever their arguments (functions, ``Tensor`` methods).
-_ALWAYS_RANDOM = frozenset({
-    "rand", "rand_like", "randint", "randint_like", "randn", "randn_like", "randperm", "bernoulli", "bernoulli_",
-    "multinomial", "normal", "normal_", "poisson", "uniform_", "exponential_", "geometric_", "log_normal_",
-    "cauchy_", "random_", "_standard_gamma", "_sample_dirichlet", "binomial", "gumbel_softmax",
-    "fractional_max_pool2d", "fractional_max_pool3d", "fractional_max_pool2d_with_indices",
-    "fractional_max_pool3d_with_indices"})
-_DROPOUTS = frozenset({"dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
-                       "feature_dropout", "native_dropout", "dropout_", "alpha_dropout_", "feature_dropout_",
-                       "feature_alpha_dropout_"})
+_ALWAYS_RANDOM = frozenset(
+    {
+        "rand",
+        "rand_like",
+        "randint",
+        "randint_like",
+        "randn",
+        "randn_like",
+        "randperm",
+        "bernoulli",
+        "bernoulli_",
+        "multinomial",
+        "normal",
+        "normal_",
+        "poisson",
+        "uniform_",
+        "exponential_",
+        "geometric_",
+        "log_normal_",
+        "cauchy_",
+        "random_",
+        "_standard_gamma",
+        "_sample_dirichlet",
+        "binomial",
+        "gumbel_softmax",
+        "fractional_max_pool2d",
+        "fractional_max_pool3d",
+        "fractional_max_pool2d_with_indices",
+        "fractional_max_pool3d_with_indices",
+    }
+)
+_DROPOUTS = frozenset(
+    {
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "feature_dropout",
+        "native_dropout",
+        "dropout_",
+        "alpha_dropout_",
+        "feature_dropout_",
+        "feature_alpha_dropout_",
+    }
+)
 _RNN_OPS = frozenset({"lstm", "gru", "rnn_tanh", "rnn_relu"})
-_MAYBE_RANDOM = _ALWAYS_RANDOM | _DROPOUTS | _RNN_OPS | {"rrelu", "rrelu_", "scaled_dot_product_attention",
-                                                         "multi_head_attention_forward"}
+_MAYBE_RANDOM = (
+    _ALWAYS_RANDOM
+    | _DROPOUTS
+    | _RNN_OPS
+    | {"rrelu", "rrelu_", "scaled_dot_product_attention", "multi_head_attention_forward"}
+)
 
 
 def _argument(args, kwargs, position: int, keyword: str, default=None):
@@ -258,6 +333,7 @@ def first_random_module(model: nn.Module, run) -> str:
     def pre(name):
         def hook(module, args):
             stack.append(module_label(name, module))
+
         return hook
 
     def post(module, args, output):
@@ -312,14 +388,17 @@ def autocast_as(state: AutocastState | None) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------- hooks
 
+
 def has_gradient_hooks(model: nn.Module) -> bool:
     """Whether a trainable parameter has a tensor hook or a module a backward hook (its own or global):
     one walk over the modules' own dicts; :func:`hooked_parameters` and :func:`backward_hooked_module`
     then name them."""
     if global_backward_hooks():
         return True
-    return any(module_backward_hooks(m) or any(tensor_gradient_hooks(p) for p in own_trainable_parameters(m).values())
-               for m in model.modules())
+    return any(
+        module_backward_hooks(m) or any(tensor_gradient_hooks(p) for p in own_trainable_parameters(m).values())
+        for m in model.modules()
+    )
 
 
 def hooked_parameters(model: nn.Module) -> list[str]:
@@ -348,8 +427,11 @@ def own_trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     """``named_parameters(recurse=False)`` restricted to ``requires_grad``, read from the module's own
     dict (each parameter once, under its first name)."""
     seen: set[int] = set()
-    return {n: p for n, p in module._parameters.items()
-            if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))}
+    return {
+        n: p
+        for n, p in module._parameters.items()
+        if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))
+    }
 
 
 def _unique(tensors) -> list[Tensor]:
@@ -394,8 +476,9 @@ def restore_buffer_state(state: BufferState) -> None:
 
 
 @contextlib.contextmanager
-def preserved_state(model: nn.Module, *, restore_buffers: bool = True,
-                    fork_rng: bool = True, rewind_rng: bool | None = None) -> Iterator[BufferState]:
+def preserved_state(
+    model: nn.Module, *, restore_buffers: bool = True, fork_rng: bool = True, rewind_rng: bool | None = None
+) -> Iterator[BufferState]:
     """Restore training flags, ``p.grad``, buffers and RNG state on exit (also on error).
 
     Buffers are restored in place, a buffer the forward replaced included

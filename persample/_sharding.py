@@ -26,13 +26,27 @@ from torch import Tensor, nn
 
 from .errors import UnsupportedModelError
 
-__all__ = ["dtensor_class", "is_dtensor", "sharding_of", "refuse_sharded", "refuse_wrapped", "local_tensor",
-           "fsdp2_modules", "check_fsdp2", "unsharded", "unshard_all", "restore_sharding", "is_fsdp2_hook"]
+__all__ = [
+    "dtensor_class",
+    "is_dtensor",
+    "sharding_of",
+    "refuse_sharded",
+    "refuse_wrapped",
+    "local_tensor",
+    "fsdp2_modules",
+    "check_fsdp2",
+    "unsharded",
+    "unshard_all",
+    "restore_sharding",
+    "is_fsdp2_hook",
+]
 
-_FSDP2_FIX = ("For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
-              "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
-              "this rank's (then persample.distributed.all_reduce_stats); see README, 'FSDP2'. Otherwise "
-              "train with DistributedDataParallel.")
+_FSDP2_FIX = (
+    "For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
+    "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
+    "this rank's (then persample.distributed.all_reduce_stats); see README, 'FSDP2'. Otherwise "
+    "train with DistributedDataParallel."
+)
 
 
 def dtensor_class() -> type | None:
@@ -77,8 +91,11 @@ def is_fsdp2_hook(hook) -> bool:
     owner = getattr(hook, "__self__", None)
     module = sys.modules.get("torch.distributed.fsdp._fully_shard._fsdp_state")
     state = getattr(module, "FSDPState", None) if module is not None else None
-    return (state is not None and isinstance(owner, state)
-            and getattr(hook, "__name__", None) in ("_pre_forward", "_post_forward"))
+    return (
+        state is not None
+        and isinstance(owner, state)
+        and getattr(hook, "__name__", None) in ("_pre_forward", "_post_forward")
+    )
 
 
 def refuse_sharded(model: nn.Module, where: str) -> None:
@@ -96,14 +113,16 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
             "persample.Tracker(fsdp_model, loss_fn).step(x, y) then runs FSDP2's own backward and hands "
             "every rank the statistics of the global batch), or train with DistributedDataParallel "
             "(persample.Tracker(ddp_model, loss_fn)). This refusal is raised on every rank, before any "
-            "collective, and leaves the model as it was.", code="SHARDED_MODEL")
-    api = ("torch.distributed.fsdp.fully_shard" if kind == "FSDP2"
-           else "torch.distributed.fsdp.FullyShardedDataParallel")
+            "collective, and leaves the model as it was.",
+            code="SHARDED_MODEL",
+        )
+    api = "torch.distributed.fsdp.fully_shard" if kind == "FSDP2" else "torch.distributed.fsdp.FullyShardedDataParallel"
     raise UnsupportedModelError(
         f"{where}: the model is sharded with {kind} ({api}), which this entry point does not support: "
         "each rank holds only a shard of every parameter, and FSDP's backward hooks (all-gather, "
-        "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). "
-        + _FSDP2_FIX, code="SHARDED_MODEL")
+        "reduce-scatter) would not run, so statistics and gradients would be wrong (all zeros). " + _FSDP2_FIX,
+        code="SHARDED_MODEL",
+    )
 
 
 def refuse_wrapped(model: nn.Module, where: str) -> None:
@@ -121,7 +140,8 @@ def refuse_wrapped(model: nn.Module, where: str) -> None:
             f"{where}: got a DistributedDataParallel wrapper. Pass ddp_model.module for this rank's "
             "statistics and combine the ranks' with persample.distributed.all_reduce_stats(stats), or use "
             "persample.Tracker(ddp_model, loss_fn), which does both and averages p.grad as DDP does",
-            code="DDP_WRAPPER")
+            code="DDP_WRAPPER",
+        )
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -155,9 +175,13 @@ def fsdp2_sharded_slots(model: nn.Module) -> dict[tuple[int, str], Tensor]:
                     slots[(id(info.module), info.param_name)] = fsdp_param.sharded_param
         except (AttributeError, TypeError):
             from .contract import refusal
-            raise refusal("TORCH_INTERNALS_UNKNOWN", "persample: this torch version's FSDP2 parameter groups are "
-                          "unfamiliar (no fsdp_params with _module_info and sharded_param), so persample cannot "
-                          "tell FSDP2's resharding from a substituted parameter. Use DDP") from None
+
+            raise refusal(
+                "TORCH_INTERNALS_UNKNOWN",
+                "persample: this torch version's FSDP2 parameter groups are "
+                "unfamiliar (no fsdp_params with _module_info and sharded_param), so persample cannot "
+                "tell FSDP2's resharding from a substituted parameter. Use DDP",
+            ) from None
     return slots
 
 
@@ -170,7 +194,9 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
         raise UnsupportedModelError(
             f"{where}: fully_shard was applied to submodules of this model but not to the model itself; "
             "apply it to the root module too (fully_shard(model) after the blocks, as torchtitan does), so "
-            "that one FSDP2 root drives the forward and the backward", code="SHARDED_MODEL")
+            "that one FSDP2 root drives the forward and the backward",
+            code="SHARDED_MODEL",
+        )
     dtensor = dtensor_class()
     for name, param in model.named_parameters():
         if dtensor is None or not isinstance(param, dtensor):
@@ -181,7 +207,9 @@ def check_fsdp2(model: nn.Module, where: str) -> None:
             raise UnsupportedModelError(
                 f"{where}: parameter {name!r} is a DTensor with placements {p.placements} on a "
                 f"{p.device_mesh.ndim}-D mesh; persample supports FSDP2's Shard(0) over a 1-D mesh only "
-                "(no HSDP, no tensor parallelism). Use fully_shard over a 1-D mesh, or DDP", code="SHARDED_MODEL")
+                "(no HSDP, no tensor parallelism). Use fully_shard over a 1-D mesh, or DDP",
+                code="SHARDED_MODEL",
+            )
 
 
 @contextlib.contextmanager
@@ -213,10 +241,13 @@ def unshard_all(model: nn.Module) -> list:
         groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) if hasattr(m, "_get_fsdp_state") else None
         if groups is None or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups):
             from .contract import refusal
-            raise refusal("TORCH_INTERNALS_UNKNOWN",
-                          f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has "
-                          "no parameter groups with a reshard_after_backward flag), so persample cannot show that "
-                          "its statistics are exact. Use the torch versions persample is tested with, or DDP")
+
+            raise refusal(
+                "TORCH_INTERNALS_UNKNOWN",
+                f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has "
+                "no parameter groups with a reshard_after_backward flag), so persample cannot show that "
+                "its statistics are exact. Use the torch versions persample is tested with, or DDP",
+            )
         saved.append((m, [g.reshard_after_backward for g in groups]))
     for m, _ in saved:
         m.set_reshard_after_backward(False, recurse=False)

@@ -26,9 +26,19 @@ from torch import Tensor, nn
 
 from .contract import refusal
 
-__all__ = ["module_hooks", "module_backward_hooks", "global_module_hooks", "global_backward_hooks",
-           "tensor_gradient_hooks", "post_accumulate_grad_hooks", "set_post_accumulate_grad_hooks",
-           "is_batched_tensor", "is_functorch_wrapped", "torch_function_mode_stack", "ddp_comm_hooks"]
+__all__ = [
+    "module_hooks",
+    "module_backward_hooks",
+    "global_module_hooks",
+    "global_backward_hooks",
+    "tensor_gradient_hooks",
+    "post_accumulate_grad_hooks",
+    "set_post_accumulate_grad_hooks",
+    "is_batched_tensor",
+    "is_functorch_wrapped",
+    "torch_function_mode_stack",
+    "ddp_comm_hooks",
+]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
 _MODULE_BACKWARD = ("_backward_hooks", "_backward_pre_hooks")
@@ -39,10 +49,13 @@ _GLOBAL_BACKWARD = ("_global_backward_hooks", "_global_backward_pre_hooks")
 def unknown(what: str) -> Exception:
     """The refusal for a torch internal whose layout is not the one persample knows."""
     import torch
-    return refusal("TORCH_INTERNALS_UNKNOWN",
-                   f"persample cannot read {what} in torch {torch.__version__} (renamed or changed), so it cannot "
-                   "show that no hook changes the gradients; the per-example loop needs no such internals "
-                   "(engine='auto' takes it)")
+
+    return refusal(
+        "TORCH_INTERNALS_UNKNOWN",
+        f"persample cannot read {what} in torch {torch.__version__} (renamed or changed), so it cannot "
+        "show that no hook changes the gradients; the per-example loop needs no such internals "
+        "(engine='auto' takes it)",
+    )
 
 
 def _read(owner: Any, name: str, what: str, kinds: tuple[type, ...] = (dict,)) -> Any:
@@ -58,11 +71,13 @@ def _read(owner: Any, name: str, what: str, kinds: tuple[type, ...] = (dict,)) -
 def module_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or backward hooks of its own (any of its four registries)."""
     try:  # the attributes read directly: this runs for every module on every call
-        return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                    or module._backward_pre_hooks)
+        return bool(
+            module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+        )
     except AttributeError:
-        raise unknown(f"{type(module).__name__}'s hook registries ({', '.join(_MODULE_FORWARD + _MODULE_BACKWARD)})"
-                      ) from None
+        raise unknown(
+            f"{type(module).__name__}'s hook registries ({', '.join(_MODULE_FORWARD + _MODULE_BACKWARD)})"
+        ) from None
 
 
 def module_backward_hooks(module: nn.Module) -> bool:
@@ -75,6 +90,7 @@ def module_backward_hooks(module: nn.Module) -> bool:
 
 def _module_lib():
     from torch.nn.modules import module as module_lib
+
     return module_lib
 
 
@@ -112,10 +128,13 @@ def set_post_accumulate_grad_hooks(t: Tensor, hooks: dict | None) -> None:
 def _functorch(name: str) -> Callable[[Tensor], bool]:
     try:
         from torch._C import _functorch
+
         return getattr(_functorch, name)
     except (ImportError, AttributeError):
+
         def missing(_: Tensor) -> bool:
             raise unknown(f"torch._C._functorch.{name}")
+
         return missing
 
 

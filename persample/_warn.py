@@ -27,14 +27,17 @@ def user_stacklevel() -> int:
 def short_reason(reason: str, limit: int = 200) -> str:
     """The first sentence of an engine's reason, without the text of an inner exception (vmap's own
     message quotes a paragraph of its internals), cut at ``limit`` characters."""
-    hint = " (data-dependent control flow, such as .item() on an attention mask)" \
-        if "calling .item()" in reason or "data-dependent control flow" in reason else ""
+    hint = (
+        " (data-dependent control flow, such as .item() on an attention mask)"
+        if "calling .item()" in reason or "data-dependent control flow" in reason
+        else ""
+    )
     text = reason.strip().splitlines()[0] if reason.strip() else reason
     inner = re.search(r": [A-Za-z_.]*(Error|Exception)\b", text)
     if inner:
-        text = text[:inner.start()]
+        text = text[: inner.start()]
     end = re.search(r"[.;](\s|$)", text)
     if end:
-        text = text[:end.start()]
-    text = text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+        text = text[: end.start()]
+    text = text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
     return text + hint

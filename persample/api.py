@@ -22,8 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, as_batch
-from ._model import (RandomCalls, check_clip_norm, check_supported, preserved_state, restore_buffer_state,
-                     trainable_parameters)
+from ._model import (
+    RandomCalls,
+    check_clip_norm,
+    check_supported,
+    preserved_state,
+    restore_buffer_state,
+    trainable_parameters,
+)
 from .batch_loss import check_batch_loss
 from .contract import refusal
 from .errors import BatchLossMismatch
@@ -46,14 +52,27 @@ ENGINES = ("auto", "fast", "vmap", "loop")
 #: ``"independent"`` (internal, for ``check_mean``) leaves out the fast engine, whose mean is
 #: autograd's whole-batch gradient (or, for layers that form their g_i, their sum) and so cannot
 #: test the invariant.
-_CHAINS = {"auto": ("fast", "vmap", "loop"), "fast": ("fast",), "vmap": ("vmap",), "loop": ("loop",),
-           "independent": ("vmap", "loop")}
+_CHAINS = {
+    "auto": ("fast", "vmap", "loop"),
+    "fast": ("fast",),
+    "vmap": ("vmap",),
+    "loop": ("loop",),
+    "independent": ("vmap", "loop"),
+}
 _GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}
 
 
-def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
-                     chunk_size: int | None = None, randomness: Randomness = "error",
-                     engine: str = "auto", batch_loss_check: bool = True) -> dict[str, Tensor]:
+def per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+    engine: str = "auto",
+    batch_loss_check: bool = True,
+) -> dict[str, Tensor]:
     """Per-example gradients ``{name: Tensor[B, *param.shape]}``; row i is dL_i/dθ, unscaled.
 
     Args:
@@ -108,17 +127,29 @@ def per_sample_grads(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: An
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
+
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and randomness != "error":
             _check_loss_on_batch(model, loss_fn, batch, None, found)
     return grads
 
 
-def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
-               chunk_size: int | None = None, randomness: Randomness = "error", engine: str = "auto",
-               var: bool = True, inner_products: bool = False, clip_norm: float | None = None,
-               progress: bool = False, reference: Mapping[str, Tensor] | None = None,
-               batch_loss_check: bool = True) -> GradStats:
+def grad_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    chunk_size: int | None = None,
+    randomness: Randomness = "error",
+    engine: str = "auto",
+    var: bool = True,
+    inner_products: bool = False,
+    clip_norm: float | None = None,
+    progress: bool = False,
+    reference: Mapping[str, Tensor] | None = None,
+    batch_loss_check: bool = True,
+) -> GradStats:
     """:class:`GradStats` of the per-example gradients, without keeping ``B × P`` of them.
 
     Same arguments and conventions as :func:`per_sample_grads`, plus:
@@ -165,22 +196,52 @@ def grad_stats(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = No
     """
     _engine_chain(engine, _CHAINS, ENGINES)
     from ._sharding import sharding_of
+
     if sharding_of(model) == "FSDP2":  # FSDP2's own forward and backward, observed (a collective)
         from ._data_parallel import fsdp2_grad_stats
-        return fsdp2_grad_stats(model, loss_fn, as_batch(inputs, targets), var=var, inner_products=inner_products,
-                                reference=prepare_reference(model, reference) if reference is not None else None,
-                                engine=engine, clip_norm=clip_norm)
-    return compute_stats(model, loss_fn, as_batch(inputs, targets), chunk_size=chunk_size,
-                         randomness=randomness, engine=engine, var=var, inner_products=inner_products,
-                         clip_norm=clip_norm, progress=progress, reference=reference,
-                         batch_loss_check=batch_loss_check)
+
+        return fsdp2_grad_stats(
+            model,
+            loss_fn,
+            as_batch(inputs, targets),
+            var=var,
+            inner_products=inner_products,
+            reference=prepare_reference(model, reference) if reference is not None else None,
+            engine=engine,
+            clip_norm=clip_norm,
+        )
+    return compute_stats(
+        model,
+        loss_fn,
+        as_batch(inputs, targets),
+        chunk_size=chunk_size,
+        randomness=randomness,
+        engine=engine,
+        var=var,
+        inner_products=inner_products,
+        clip_norm=clip_norm,
+        progress=progress,
+        reference=reference,
+        batch_loss_check=batch_loss_check,
+    )
 
 
-def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size: int | None = None,
-                  randomness: str = "error", engine: str = "auto", var: bool = True,
-                  inner_products: bool = False, clip_norm: float | None = None, progress: bool = False,
-                  fork_rng: bool = True, reference: Mapping[str, Tensor] | None = None,
-                  batch_loss_check: bool = False) -> GradStats:
+def compute_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    chunk_size: int | None = None,
+    randomness: str = "error",
+    engine: str = "auto",
+    var: bool = True,
+    inner_products: bool = False,
+    clip_norm: float | None = None,
+    progress: bool = False,
+    fork_rng: bool = True,
+    reference: Mapping[str, Tensor] | None = None,
+    batch_loss_check: bool = False,
+) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
     ``fork_rng=False`` lets random ops advance the global RNG as a training
@@ -191,15 +252,21 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
     chain = _engine_chain(engine, _CHAINS)
     check_clip_norm(clip_norm)
     check_supported(model, randomness)
-    options = dict(randomness=randomness, var=var, inner_products=inner_products, clip_norm=clip_norm,
-                   reference=prepare_reference(model, reference))
+    options = dict(
+        randomness=randomness,
+        var=var,
+        inner_products=inner_products,
+        clip_norm=clip_norm,
+        reference=prepare_reference(model, reference),
+    )
 
     first_forward: list = []  # the fast engine's forward of the batch: its output, for batch_loss_check
 
     def run(name: str) -> GradStats:
         if name == "fast":
-            return fast_grad_stats(model, loss_fn, batch, keep_output=first_forward if batch_loss_check else None,
-                                   **options)
+            return fast_grad_stats(
+                model, loss_fn, batch, keep_output=first_forward if batch_loss_check else None, **options
+            )
         streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
         with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
             return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
@@ -217,8 +284,9 @@ def compute_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, chunk_size
         return stats
 
 
-def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found,
-                         stop_random: bool = False) -> None:
+def _check_loss_on_batch(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found, stop_random: bool = False
+) -> None:
     """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
     (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
     one more forward of the batch without gradients (buffers then put back as ``found``). A model
@@ -239,7 +307,8 @@ def _check_loss_on_batch(model: nn.Module, loss_fn: LossFn, batch: Batch, output
             f"loss_fn couples the examples of the batch: {err}. Per-example gradients are those of loss_fn "
             "on each example alone, which is not the loss your batch computes (contrastive losses such as "
             "NT-Xent / SimCLR or CLIP, batch-hard triplets, batch-centred errors, a load-balancing term over "
-            "the batch). Pass batch_loss_check=False if you want those batch-of-one gradients on purpose") from None
+            "the batch). Pass batch_loss_check=False if you want those batch-of-one gradients on purpose",
+        ) from None
 
 
 def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
@@ -255,15 +324,18 @@ def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) 
     if missing or extra:
         problems = [f"missing {missing}"] if missing else []
         problems += [f"not trainable parameters {extra}"] if extra else []
-        raise ValueError("reference must have one tensor per trainable parameter (the names "
-                         f"model.named_parameters() yields with requires_grad): {'; '.join(problems)}")
+        raise ValueError(
+            "reference must have one tensor per trainable parameter (the names "
+            f"model.named_parameters() yields with requires_grad): {'; '.join(problems)}"
+        )
     prepared = {}
     for name, p in params.items():
         r = reference[name]
         if not isinstance(r, Tensor) or tuple(r.shape) != tuple(p.shape):
             what = tuple(r.shape) if isinstance(r, Tensor) else type(r).__name__
-            raise ValueError(f"reference[{name!r}] must be a tensor of the parameter's shape {tuple(p.shape)}, "
-                             f"got {what}")
+            raise ValueError(
+                f"reference[{name!r}] must be a tensor of the parameter's shape {tuple(p.shape)}, got {what}"
+            )
         r = r.detach() if r.requires_grad else r
         r = r.to(device=p.device, dtype=torch.promote_types(p.dtype, torch.float32))
         if not bool(torch.isfinite(r).all()):
@@ -293,7 +365,9 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
         if name == "loop" and reasons:
             warning = SlowPathWarning(
                 "persample: using the exact per-example loop (B forward + backward passes, slower) because "
-                + "; ".join(short_reason(r) for r in reasons) + ". The engines' full reasons: this warning's .reasons")
+                + "; ".join(short_reason(r) for r in reasons)
+                + ". The engines' full reasons: this warning's .reasons"
+            )
             warning.reasons = list(reasons)
             warnings.warn(warning, stacklevel=user_stacklevel())
         try:
@@ -306,6 +380,5 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                   or chunk_size < 1):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")

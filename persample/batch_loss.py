@@ -48,8 +48,15 @@ from torch import Tensor
 from .engines._autograd import graph_leaves
 from .errors import BatchLossMismatch
 
-__all__ = ["BatchLoss", "BatchLossMismatch", "causal_lm_loss", "loss_parts", "derive_weights",
-           "common_weight", "check_batch_loss"]
+__all__ = [
+    "BatchLoss",
+    "BatchLossMismatch",
+    "causal_lm_loss",
+    "loss_parts",
+    "derive_weights",
+    "common_weight",
+    "check_batch_loss",
+]
 
 
 @dataclass(frozen=True)
@@ -87,8 +94,7 @@ def loss_parts(loss_fn: Callable) -> tuple[Callable, Callable]:
 
 
 def _logits(output: Any) -> Tensor:
-    return output.logits if hasattr(output, "logits") else (output["logits"] if isinstance(output, dict)
-                                                             else output)
+    return output.logits if hasattr(output, "logits") else (output["logits"] if isinstance(output, dict) else output)
 
 
 def _token_losses_sum(output: Any, labels: Tensor, ignore_index: int, shift: bool) -> tuple[Tensor, Tensor]:
@@ -98,13 +104,19 @@ def _token_losses_sum(output: Any, labels: Tensor, ignore_index: int, shift: boo
         labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     flat_labels = labels.reshape(-1).to(logits.device)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # as HF: half logits in float32
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat_labels,
-                            ignore_index=ignore_index, reduction="sum")
+    total = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), flat_labels, ignore_index=ignore_index, reduction="sum"
+    )
     return total, (flat_labels != ignore_index).sum()
 
 
-def causal_lm_loss(*, ignore_index: int = -100, shift: bool = True,
-                   num_items_in_batch: int | Tensor | None = None, reduction: str = "mean") -> BatchLoss:
+def causal_lm_loss(
+    *,
+    ignore_index: int = -100,
+    shift: bool = True,
+    num_items_in_batch: int | Tensor | None = None,
+    reduction: str = "mean",
+) -> BatchLoss:
     """Next-token cross-entropy as Hugging Face's causal-LM models compute it, with its per-example part.
 
     - batch loss: ℓ = (1/N) Σ_i Σ_t ℓ_it over the tokens whose label is not
@@ -149,8 +161,13 @@ def _tolerance(dtypes: Sequence[torch.dtype]) -> float:
     return 1e-3
 
 
-def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence[Tensor | None],
-                   batch_size: int, *, what: str = "the batch loss") -> Tensor:
+def derive_weights(
+    batch_grads: Sequence[Tensor | None],
+    example_grads: Sequence[Tensor | None],
+    batch_size: int,
+    *,
+    what: str = "the batch loss",
+) -> Tensor:
     """w_i with ∇_{o_i} ℓ = w_i ∇_{o_i} L_i for every example, in float64, checked.
 
     ``batch_grads[k]`` is ∇ℓ at the k-th output tensor, ``example_grads[k]`` the
@@ -166,8 +183,10 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
             per-example losses do not describe ``what``), or a gradient is not finite.
     """
     pairs = [(a, b) for a, b in zip(batch_grads, example_grads) if a is not None or b is not None]
-    pairs = [(torch.zeros_like(b) if a is None else a.detach(), torch.zeros_like(a) if b is None else b.detach())
-             for a, b in pairs]
+    pairs = [
+        (torch.zeros_like(b) if a is None else a.detach(), torch.zeros_like(a) if b is None else b.detach())
+        for a, b in pairs
+    ]
     rtol = _tolerance([t.dtype for pair in pairs for t in pair])
     dot = torch.zeros(batch_size, dtype=torch.float64)
     bb = torch.zeros(batch_size, dtype=torch.float64)
@@ -180,10 +199,12 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
                 "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
                 "reduction='sum'>), or persample.causal_lm_loss() for token losses",
-                code="EXAMPLE_LOSS_NOT_FINITE")
+                code="EXAMPLE_LOSS_NOT_FINITE",
+            )
         if not bool(torch.isfinite(a2).all()):
-            raise NonFiniteExampleLoss(f"the gradient of {what} at the model output is not finite (inf/NaN)",
-                                       code="BATCH_LOSS_NOT_FINITE")
+            raise NonFiniteExampleLoss(
+                f"the gradient of {what} at the model output is not finite (inf/NaN)", code="BATCH_LOSS_NOT_FINITE"
+            )
         dot += (a2 * b2).sum(1, dtype=torch.float64).cpu()
         bb += (b2 * b2).sum(1, dtype=torch.float64).cpu()
     w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
@@ -205,7 +226,9 @@ def derive_weights(batch_grads: Sequence[Tensor | None], example_grads: Sequence
             f"multiple of L_i's (relative residual {(residual[i] / scale[i].clamp_min(1e-300)).item():.2e}). "
             "The statistics would be wrong. Pass the per-example loss that the batch loss combines, "
             "e.g. persample.BatchLoss(loss_fn, per_example=...) or persample.causal_lm_loss() for "
-            "token losses, or pass the targets that the loss uses", code="BATCH_LOSS_MISMATCH")
+            "token losses, or pass the targets that the loss uses",
+            code="BATCH_LOSS_MISMATCH",
+        )
     return w
 
 
@@ -274,8 +297,9 @@ class OpaqueLoss(Exception):
         self.per_example = per_example
 
 
-def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any, targets: Any,
-                      batch_size: int) -> tuple[Tensor, list[int]]:
+def weights_at_output(
+    batch_fn: Callable, per_example_fn: Callable, output: Any, targets: Any, batch_size: int
+) -> tuple[Tensor, list[int]]:
     """Derive and check the weights w_i of ℓ = ``batch_fn(output, targets)`` over
     L_i = ``per_example_fn`` on example i, at (a detached copy of) ``output``.
 
@@ -317,16 +341,21 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
             losses = per_example_losses(per_example_fn, out, targets, batch_size)
         except NotExact as err:
             raise OpaqueLoss(per_example=True) from err
-        example_grads = (torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable],
-                                             allow_unused=True)
-                         if losses.requires_grad else [None] * len(differentiable))
-        if not losses.requires_grad or any(g is not None and not batched[i]
-                                           for i, g in zip(differentiable, example_grads)):
+        example_grads = (
+            torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+            if losses.requires_grad
+            else [None] * len(differentiable)
+        )
+        if not losses.requires_grad or any(
+            g is not None and not batched[i] for i, g in zip(differentiable, example_grads)
+        ):
             raise OpaqueLoss(per_example=True)
         ell = batch_fn(out) if targets is None else batch_fn(out, targets)
         if not isinstance(ell, Tensor) or ell.dim() != 0:
-            raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss), got "
-                             + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__))
+            raise ValueError(
+                "loss_fn on the whole batch must return a scalar (the batch loss), got "
+                + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__)
+            )
         if not bool(torch.isfinite(ell.detach())):
             raise NonFiniteLoss()
         if not ell.requires_grad:
@@ -341,7 +370,8 @@ def weights_at_output(batch_fn: Callable, per_example_fn: Callable, output: Any,
                 "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
                 "reduction='sum'>), or persample.causal_lm_loss() for token losses",
-                code="EXAMPLE_LOSS_NOT_FINITE")
+                code="EXAMPLE_LOSS_NOT_FINITE",
+            )
     on_batched = [i for i in differentiable if batched[i]]
     example_grads = [g for i, g in zip(differentiable, example_grads) if batched[i]]
     by_leaf = dict(zip(differentiable, batch_grads))

@@ -56,8 +56,10 @@ class MeanCheck:
 
     def __str__(self) -> str:
         verdict = "OK" if self.ok else f"MISMATCH in {len(self.mismatches)} of {len(self.errors)} parameters"
-        return (f"check_mean {verdict}: max rel err {self.max_rel_err:.2e}, max abs err "
-                f"{self.max_abs_err:.2e} over {len(self.errors)} parameters (rtol={self.rtol:g}, atol={self.atol:g})")
+        return (
+            f"check_mean {verdict}: max rel err {self.max_rel_err:.2e}, max abs err "
+            f"{self.max_abs_err:.2e} over {len(self.errors)} parameters (rtol={self.rtol:g}, atol={self.atol:g})"
+        )
 
 
 def default_tolerances(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
@@ -68,8 +70,7 @@ def default_tolerances(dtype: torch.dtype, device: torch.device) -> tuple[float,
     if dtype == torch.float64:
         return 1e-7, 1e-12
     if dtype == torch.float32:
-        tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32
-                                          or torch.backends.cudnn.allow_tf32)
+        tf32 = device.type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32)
         return (5e-3 if tf32 else 1e-4), 1e-6
     return 2e-2, 1e-3  # float16 / bfloat16
 
@@ -90,8 +91,13 @@ class _Precisions(TorchFunctionMode):
         return out
 
 
-def batch_loss_grads(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
-                     params: dict[str, nn.Parameter], precisions: set | None = None) -> dict[str, Tensor | None]:
+def batch_loss_grads(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch,
+    params: dict[str, nn.Parameter],
+    precisions: set | None = None,
+) -> dict[str, Tensor | None]:
     """∇_θ loss_fn(model(X), Y) on the whole batch, without touching ``p.grad``
     (None for a parameter the loss does not use, as ``loss.backward()`` leaves it). ``precisions``
     gets the floating dtypes the forward computed differentiable values in."""
@@ -107,18 +113,24 @@ def batch_loss_grads(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
     return {n: g.to_dense() if g is not None and g.is_sparse else g for n, g in zip(params, grads)}
 
 
-def autograd_mean_grad(model: nn.Module, loss_fn: Callable[..., Tensor], batch,
-                       precisions: set | None = None) -> dict[str, Tensor]:
+def autograd_mean_grad(
+    model: nn.Module, loss_fn: Callable[..., Tensor], batch, precisions: set | None = None
+) -> dict[str, Tensor]:
     """∇_θ loss_fn(model(X), Y) on the whole batch, zeros for unused parameters."""
     params = trainable_parameters(model)
     grads = batch_loss_grads(model, loss_fn, batch, params, precisions)
     return {n: torch.zeros_like(p) if grads[n] is None else grads[n] for n, p in params.items()}
 
 
-def compare_means(per_example_mean: dict[str, Tensor], autograd: dict[str, Tensor], *,
-                  rtol: float | None = None, atol: float | None = None,
-                  term_scales: dict[str, float] | None = None,
-                  precisions: set | None = None) -> MeanCheck:
+def compare_means(
+    per_example_mean: dict[str, Tensor],
+    autograd: dict[str, Tensor],
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    term_scales: dict[str, float] | None = None,
+    precisions: set | None = None,
+) -> MeanCheck:
     """Compare per parameter: ok when ‖a − b‖_∞ ≤ atol + rtol·s, s = max(‖b‖_∞, ``term_scales[name]``).
 
     Both sides are sums of B terms whose rounding is relative to the terms, not to their sum: where
@@ -154,9 +166,17 @@ def _term_scales(stats: GradStats) -> dict[str, float]:
     return scales
 
 
-def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, targets: Any = None, *,
-               rtol: float | None = None, atol: float | None = None, stats: GradStats | None = None,
-               **grad_stats_kwargs) -> MeanCheck:
+def check_mean(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    inputs: Any,
+    targets: Any = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    stats: GradStats | None = None,
+    **grad_stats_kwargs,
+) -> MeanCheck:
     """Assert that (1/B) Σ_i g_i equals autograd's gradient of ``loss_fn(model(X), Y)``.
 
     The whole-batch loss must be the mean of the per-example losses (true for
@@ -188,37 +208,63 @@ def check_mean(model: nn.Module, loss_fn: Callable[..., Tensor], inputs: Any, ta
     batch = as_batch(inputs, targets)
     if stats is None:
         options = {"var": False, **grad_stats_kwargs}
-        stats = (grad_stats(model, loss_fn, inputs, targets, **options) if "engine" in options
-                 else compute_stats(model, loss_fn, batch, engine="independent", **options))
+        stats = (
+            grad_stats(model, loss_fn, inputs, targets, **options)
+            if "engine" in options
+            else compute_stats(model, loss_fn, batch, engine="independent", **options)
+        )
     return check_batch_mean(model, loss_fn, batch, stats, rtol=rtol, atol=atol)
 
 
-def check_batch_mean(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch,
-                     stats: GradStats | None = None, *, rtol: float | None = None, atol: float | None = None,
-                     chunk_size: int | None = None, randomness: str = "error") -> MeanCheck:
+def check_batch_mean(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    stats: GradStats | None = None,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    chunk_size: int | None = None,
+    randomness: str = "error",
+) -> MeanCheck:
     """:func:`check_mean` for a validated batch (computing vmap statistics unless given)."""
     if stats is None:
-        stats = compute_stats(model, loss_fn, batch, engine="independent", var=False, chunk_size=chunk_size,
-                              randomness=randomness)
+        stats = compute_stats(
+            model, loss_fn, batch, engine="independent", var=False, chunk_size=chunk_size, randomness=randomness
+        )
     precisions: set = set()
     with preserved_state(model):
         reference = autograd_mean_grad(model, loss_fn, batch, precisions)
-    report = compare_means(stats.mean, reference, rtol=rtol, atol=atol, term_scales=_term_scales(stats),
-                           precisions=precisions)
+    report = compare_means(
+        stats.mean, reference, rtol=rtol, atol=atol, term_scales=_term_scales(stats), precisions=precisions
+    )
     if not report.ok:
-        lines = [f"  {name}: max abs err {e.max_abs_err:.3e}, rel err {e.rel_err:.3e}"
-                 for name, e in report.mismatches.items()]
+        lines = [
+            f"  {name}: max abs err {e.max_abs_err:.3e}, rel err {e.rel_err:.3e}"
+            for name, e in report.mismatches.items()
+        ]
         first = next(iter(reference.values()))
-        lower = sorted({str(d).replace("torch.", "") for d in precisions
-                        if d.is_floating_point and d.itemsize < first.element_size()})
+        lower = sorted(
+            {
+                str(d).replace("torch.", "")
+                for d in precisions
+                if d.is_floating_point and d.itemsize < first.element_size()
+            }
+        )
         raise MeanMismatchError(
             f"mean of per-example gradients differs from autograd's gradient of the mean loss for "
             f"{len(lines)} of {len(report.errors)} parameters (rtol={report.rtol:g}, atol={report.atol:g}, "
             "relative to the larger of the gradient and its per-example terms):\n"
             + "\n".join(lines)
             + "\nLikely causes: the model couples the examples of a batch (batch statistics, "
-              "train-mode BatchNorm, ops across dim 0), random ops, or a loss_fn whose whole-batch "
-              "reduction is not the mean."
-            + (f" (The forward computes in {', '.join(lower)} as well, whose rounding the tolerance "
-               "already allows for.)" if lower else ""), report)
+            "train-mode BatchNorm, ops across dim 0), random ops, or a loss_fn whose whole-batch "
+            "reduction is not the mean."
+            + (
+                f" (The forward computes in {', '.join(lower)} as well, whose rounding the tolerance "
+                "already allows for.)"
+                if lower
+                else ""
+            ),
+            report,
+        )
     return report

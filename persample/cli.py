@@ -57,6 +57,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _checked(convert, accept, what: str):
     """An argparse type: ``convert(text)`` that ``accept`` allows, else a one-line error naming ``what``."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -65,6 +66,7 @@ def _checked(convert, accept, what: str):
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
+
     return parse
 
 
@@ -89,58 +91,119 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="persample",
-                     description="persample: per-example gradients and gradient-noise diagnostics for PyTorch.")
+    parser = _Parser(
+        prog="persample", description="persample: per-example gradients and gradient-noise diagnostics for PyTorch."
+    )
     from . import __version__
+
     parser.add_argument("--version", action="version", version=f"persample {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train on 8x8 digits and show gradient-noise diagnostics",
-                          description=_DEMO_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    demo.add_argument("--out", type=Path, default=Path("persample-demo"), metavar="DIR",
-                      help="directory for metrics.csv and diagnostics.png; created if missing "
-                           "(default: ./persample-demo)")
-    demo.add_argument("--epochs", type=_positive_int, default=6, metavar="N",
-                      help="passes over the training set (default: 6)")
-    demo.add_argument("--device", type=_device, default="cpu", metavar="{cpu,cuda}",
-                      help="where to train: 'cpu', 'cuda' or 'cuda:N' (default: cpu)")
-    demo.add_argument("--model", choices=("cnn", "mlp"), default="cnn",
-                      help="cnn: two conv layers + two linear (38k parameters); mlp: three linear layers "
-                           "(17k parameters) (default: cnn)")
-    demo.add_argument("--batch-size", type=_batch_size, default=64, metavar="B",
-                      help="examples per step, at least 2 (default: 64)")
-    demo.add_argument("--lr", type=_positive_float, default=0.05,
-                      help="SGD learning rate, with momentum 0.9 (default: 0.05)")
-    demo.add_argument("--every", type=_positive_int, default=1, metavar="K",
-                      help="compute per-example statistics (and log a row) every K steps; the other steps "
-                           "are a plain backward (default: 1)")
-    demo.add_argument("--ema-beta", type=_unit_interval, default=DEFAULT_EMA_BETA, metavar="BETA",
-                      help="decay of the EMAs behind the smoothed B_simple, in [0, 1) (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="seed for the split, the model and the shuffling "
-                                                          "(default: 0)")
-    demo.add_argument("--train-examples", type=_positive_int, default=None, metavar="N",
-                      help="train on only the first N training examples (for quick runs; default: all 1,438)")
-    demo.add_argument("--format", choices=("csv", "jsonl"), default="csv",
-                      help="metrics file format: metrics.csv or metrics.jsonl (default: csv)")
-    demo.add_argument("--tensorboard", action="store_true",
-                      help="also write TensorBoard scalars to OUT/tensorboard (needs the tensorboard package)")
-    demo.add_argument("--threads", type=_non_negative_int, default=1, metavar="N",
-                      help="CPU threads for torch; the model is tiny, and one thread avoids OpenMP slow-downs "
-                           "when other processes share the cores (0: torch's default; default: 1)")
+    demo = sub.add_parser(
+        "demo",
+        help="train on 8x8 digits and show gradient-noise diagnostics",
+        description=_DEMO_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    demo.add_argument(
+        "--out",
+        type=Path,
+        default=Path("persample-demo"),
+        metavar="DIR",
+        help="directory for metrics.csv and diagnostics.png; created if missing (default: ./persample-demo)",
+    )
+    demo.add_argument(
+        "--epochs", type=_positive_int, default=6, metavar="N", help="passes over the training set (default: 6)"
+    )
+    demo.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        metavar="{cpu,cuda}",
+        help="where to train: 'cpu', 'cuda' or 'cuda:N' (default: cpu)",
+    )
+    demo.add_argument(
+        "--model",
+        choices=("cnn", "mlp"),
+        default="cnn",
+        help="cnn: two conv layers + two linear (38k parameters); mlp: three linear layers "
+        "(17k parameters) (default: cnn)",
+    )
+    demo.add_argument(
+        "--batch-size", type=_batch_size, default=64, metavar="B", help="examples per step, at least 2 (default: 64)"
+    )
+    demo.add_argument(
+        "--lr", type=_positive_float, default=0.05, help="SGD learning rate, with momentum 0.9 (default: 0.05)"
+    )
+    demo.add_argument(
+        "--every",
+        type=_positive_int,
+        default=1,
+        metavar="K",
+        help="compute per-example statistics (and log a row) every K steps; the other steps "
+        "are a plain backward (default: 1)",
+    )
+    demo.add_argument(
+        "--ema-beta",
+        type=_unit_interval,
+        default=DEFAULT_EMA_BETA,
+        metavar="BETA",
+        help="decay of the EMAs behind the smoothed B_simple, in [0, 1) (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed for the split, the model and the shuffling (default: 0)"
+    )
+    demo.add_argument(
+        "--train-examples",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="train on only the first N training examples (for quick runs; default: all 1,438)",
+    )
+    demo.add_argument(
+        "--format",
+        choices=("csv", "jsonl"),
+        default="csv",
+        help="metrics file format: metrics.csv or metrics.jsonl (default: csv)",
+    )
+    demo.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard scalars to OUT/tensorboard (needs the tensorboard package)",
+    )
+    demo.add_argument(
+        "--threads",
+        type=_non_negative_int,
+        default=1,
+        metavar="N",
+        help="CPU threads for torch; the model is tiny, and one thread avoids OpenMP slow-downs "
+        "when other processes share the cores (0: torch's default; default: 1)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
-    demo.add_argument("--quiet", action="store_true",
-                      help="print only the paths of the files written (and errors)")
+    demo.add_argument("--quiet", action="store_true", help="print only the paths of the files written (and errors)")
     demo.set_defaults(handler=_run_demo, parser=demo)
 
-    plot = sub.add_parser("plot", help="draw diagnostics.png from a metrics.csv / .jsonl file",
-                          description="Draw the diagnostics figure from a metrics file written by "
-                                      "persample's loggers (e.g. by persample demo).")
+    plot = sub.add_parser(
+        "plot",
+        help="draw diagnostics.png from a metrics.csv / .jsonl file",
+        description="Draw the diagnostics figure from a metrics file written by "
+        "persample's loggers (e.g. by persample demo).",
+    )
     plot.add_argument("metrics", type=Path, help="a .csv or .jsonl file written by persample.loggers")
-    plot.add_argument("-o", "--output", type=Path, default=None, metavar="PNG",
-                      help="image to write (default: diagnostics.png next to METRICS)")
+    plot.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="image to write (default: diagnostics.png next to METRICS)",
+    )
     plot.add_argument("--title", default=None, help="figure title")
-    plot.add_argument("--force", action="store_true",
-                      help="overwrite the image if it exists (default: write to a new name, diagnostics-1.png, ...)")
+    plot.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite the image if it exists (default: write to a new name, diagnostics-1.png, ...)",
+    )
     plot.set_defaults(handler=_run_plot, parser=plot)
     return parser
 
@@ -162,10 +225,13 @@ def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
     if not device.startswith("cuda"):
         return
     import torch
+
     if not torch.cuda.is_available():
         build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
-        parser.error(f"--device {device}: CUDA was requested but is not available "
-                     f"({build}; torch {torch.__version__}); use --device cpu")
+        parser.error(
+            f"--device {device}: CUDA was requested but is not available "
+            f"({build}; torch {torch.__version__}); use --device cpu"
+        )
     if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
         parser.error(f"--device {device}: there are only {torch.cuda.device_count()} CUDA device(s)")
 
@@ -180,11 +246,23 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
     from .errors import MeanMismatchError
 
-    config = DemoConfig(out=args.out, epochs=args.epochs, device=args.device, model=args.model,
-                        batch_size=args.batch_size, lr=args.lr, every=args.every, seed=args.seed,
-                        ema_beta=args.ema_beta, train_examples=args.train_examples, format=args.format,
-                        tensorboard=args.tensorboard, threads=args.threads, progress=not args.no_progress,
-                        quiet=args.quiet)
+    config = DemoConfig(
+        out=args.out,
+        epochs=args.epochs,
+        device=args.device,
+        model=args.model,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        every=args.every,
+        seed=args.seed,
+        ema_beta=args.ema_beta,
+        train_examples=args.train_examples,
+        format=args.format,
+        tensorboard=args.tensorboard,
+        threads=args.threads,
+        progress=not args.no_progress,
+        quiet=args.quiet,
+    )
     try:
         result = run_demo(config)
     except ImportError as err:
@@ -195,8 +273,11 @@ def _run_demo(args: argparse.Namespace) -> int:
         return 1
     except ValueError as err:  # e.g. training diverged: non-finite gradients reach the diagnostics
         notes = " ".join(getattr(err, "__notes__", []))
-        print(f"persample demo: training failed: {err} {notes}".rstrip()
-              + (" Try a smaller --lr." if "non-finite" in str(err) else ""), file=sys.stderr)
+        print(
+            f"persample demo: training failed: {err} {notes}".rstrip()
+            + (" Try a smaller --lr." if "non-finite" in str(err) else ""),
+            file=sys.stderr,
+        )
         return 1
     print(f"metrics: {result.metrics_path}  (one row per statistics step)")
     if result.epochs_path is not None:
@@ -222,6 +303,7 @@ def _run_plot(args: argparse.Namespace) -> int:
         parser.error(f"--output {str(output)!r}: its directory is not writable: {reason}")
     try:
         from . import plot
+
         fig = plot.plot_diagnostics(args.metrics, output, title=args.title)
         plot.close(fig)
     except ImportError as err:
@@ -250,6 +332,7 @@ def _noise_scale_in_words(metrics: Path) -> str | None:
     import warnings
 
     from .loggers import read_metrics
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the plot has already warned about a truncated row
         rows = read_metrics(metrics)
@@ -257,6 +340,7 @@ def _noise_scale_in_words(metrics: Path) -> str | None:
         b, n = row.get("b_simple_ema"), row.get("n")
         if isinstance(b, float) and isinstance(n, float) and not math.isnan(b) and math.isfinite(n):
             from .demo import describe_b_simple
+
             return describe_b_simple(b, n)
     return None
 

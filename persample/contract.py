@@ -32,8 +32,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import (BatchLossMismatch, MeanMismatchError, NotExact, ObservationError, PersampleError,
-                     UnsupportedModelError)
+from .errors import (
+    BatchLossMismatch,
+    MeanMismatchError,
+    NotExact,
+    ObservationError,
+    PersampleError,
+    UnsupportedModelError,
+)
 
 __all__ = ["Precondition", "PRECONDITIONS", "Finding", "refusal", "enforce", "refusal_table"]
 
@@ -101,8 +107,10 @@ def refusal_table() -> str:
     """The README's table of refusals, generated from :data:`PRECONDITIONS` (markdown)."""
     rows = ["| code | raises | stage | applies to | precondition | fix |", "|---|---|---|---|---|---|"]
     for pre in PRECONDITIONS.values():
-        rows.append(f"| `{pre.code}` | `{pre.error.__name__}` | {pre.stage} | {', '.join(pre.pipelines)} | "
-                    f"{pre.statement} | {pre.fix} |")
+        rows.append(
+            f"| `{pre.code}` | `{pre.error.__name__}` | {pre.stage} | {', '.join(pre.pipelines)} | "
+            f"{pre.statement} | {pre.fix} |"
+        )
     return "\n".join(rows)
 
 
@@ -121,187 +129,421 @@ _U, _N, _O, _B = UnsupportedModelError, NotExact, ObservationError, BatchLossMis
 #: Every precondition, in the order a pipeline checks them (setup first).
 PRECONDITIONS: dict[str, Precondition] = _declare(
     # ------------------------------------------------------------------ setup: the model as configured
-    Precondition("BATCHNORM_TRAIN", _U, "setup", _ALL_ENGINES,
-                 "No BatchNorm runs in training mode: it normalises with the statistics of the whole batch, "
-                 "so example i's loss depends on every other example",
-                 "persample.fix(model) replaces it with GroupNorm; or keep it and measure the noise from "
-                 "micro-batch gradients (Tracker.accumulate(estimator='micro-batch')); model.eval() trains "
-                 "another function"),
-    Precondition("BATCHNORM_NO_RUNNING_STATS", _U, "setup", _ALL_ENGINES,
-                 "No BatchNorm normalises with batch statistics in eval mode (track_running_stats=False)",
-                 "track_running_stats=True and eval(), or GroupNorm / LayerNorm"),
-    Precondition("RANDOM_UNDER_ERROR", _U, "forward", ("fast", "vmap", "loop", "tracker", "check"),
-                 "No random numbers are drawn under randomness='error'",
-                 "randomness='different' (an independent draw per example, as a batch does) or 'same', "
-                 "or model.eval()"),
-    Precondition("SHARDED_MODEL", _U, "setup", ("fast", "vmap", "loop", "tracker", "check"),
-                 "The model's parameters are not sharded by FSDP",
-                 "wrap it with DistributedDataParallel, or compute statistics on an unsharded replica"),
-    Precondition("FSDP2_OPTION", _U, "setup", ("fast", "tracker"),
-                 "On an FSDP2 model the statistics come from FSDP2's own one backward, observed, so no option "
-                 "needs another pass",
-                 "leave out clip_norm, check_every, inner_products=True and engines other than 'fast' / 'auto' "
-                 "(or train with DDP)"),
-    Precondition("DDP_WRAPPER", _U, "setup", ("fast", "vmap", "loop", "check"),
-                 "The functional entry points get the module, not a DistributedDataParallel wrapper",
-                 "pass ddp.module and combine ranks with persample.distributed.all_reduce_stats, or use "
-                 "persample.Tracker(ddp_model, loss_fn)"),
-    Precondition("DDP_COMM_HOOK", _U, "setup", ("tracker", "distributed"),
-                 "Tracker.step averages gradients itself, so DDP has no communication hook to apply",
-                 "use Tracker.observe around your own DDP backward, or DDP without the hook"),
-    Precondition("DDP_MIXED_PRECISION", _U, "setup", ("tracker", "distributed"),
-                 "Tracker.step averages gradients in the parameters' dtype, so DDP has no mixed_precision",
-                 "use torch.autocast, or Tracker.observe around your own DDP backward"),
-    Precondition("RANDOM_INNER_PRODUCTS", _U, "setup", ("fast", "vmap", "loop"),
-                 "Inner products against a second forward need the same random draws as the statistics",
-                 "model.eval(), or inner_products=False"),
-    Precondition("TORCH_INTERNALS_UNKNOWN", _N, "setup", ("fast", "observe", "vmap", "tracker"),
-                 "persample can read the torch internals it needs (hook registries, functorch wrappers) in "
-                 "the layout it knows",
-                 "engine='auto' takes the per-example loop, which needs none of them; report the torch "
-                 "version"),
+    Precondition(
+        "BATCHNORM_TRAIN",
+        _U,
+        "setup",
+        _ALL_ENGINES,
+        "No BatchNorm runs in training mode: it normalises with the statistics of the whole batch, "
+        "so example i's loss depends on every other example",
+        "persample.fix(model) replaces it with GroupNorm; or keep it and measure the noise from "
+        "micro-batch gradients (Tracker.accumulate(estimator='micro-batch')); model.eval() trains "
+        "another function",
+    ),
+    Precondition(
+        "BATCHNORM_NO_RUNNING_STATS",
+        _U,
+        "setup",
+        _ALL_ENGINES,
+        "No BatchNorm normalises with batch statistics in eval mode (track_running_stats=False)",
+        "track_running_stats=True and eval(), or GroupNorm / LayerNorm",
+    ),
+    Precondition(
+        "RANDOM_UNDER_ERROR",
+        _U,
+        "forward",
+        ("fast", "vmap", "loop", "tracker", "check"),
+        "No random numbers are drawn under randomness='error'",
+        "randomness='different' (an independent draw per example, as a batch does) or 'same', or model.eval()",
+    ),
+    Precondition(
+        "SHARDED_MODEL",
+        _U,
+        "setup",
+        ("fast", "vmap", "loop", "tracker", "check"),
+        "The model's parameters are not sharded by FSDP",
+        "wrap it with DistributedDataParallel, or compute statistics on an unsharded replica",
+    ),
+    Precondition(
+        "FSDP2_OPTION",
+        _U,
+        "setup",
+        ("fast", "tracker"),
+        "On an FSDP2 model the statistics come from FSDP2's own one backward, observed, so no option "
+        "needs another pass",
+        "leave out clip_norm, check_every, inner_products=True and engines other than 'fast' / 'auto' "
+        "(or train with DDP)",
+    ),
+    Precondition(
+        "DDP_WRAPPER",
+        _U,
+        "setup",
+        ("fast", "vmap", "loop", "check"),
+        "The functional entry points get the module, not a DistributedDataParallel wrapper",
+        "pass ddp.module and combine ranks with persample.distributed.all_reduce_stats, or use "
+        "persample.Tracker(ddp_model, loss_fn)",
+    ),
+    Precondition(
+        "DDP_COMM_HOOK",
+        _U,
+        "setup",
+        ("tracker", "distributed"),
+        "Tracker.step averages gradients itself, so DDP has no communication hook to apply",
+        "use Tracker.observe around your own DDP backward, or DDP without the hook",
+    ),
+    Precondition(
+        "DDP_MIXED_PRECISION",
+        _U,
+        "setup",
+        ("tracker", "distributed"),
+        "Tracker.step averages gradients in the parameters' dtype, so DDP has no mixed_precision",
+        "use torch.autocast, or Tracker.observe around your own DDP backward",
+    ),
+    Precondition(
+        "RANDOM_INNER_PRODUCTS",
+        _U,
+        "setup",
+        ("fast", "vmap", "loop"),
+        "Inner products against a second forward need the same random draws as the statistics",
+        "model.eval(), or inner_products=False",
+    ),
+    Precondition(
+        "TORCH_INTERNALS_UNKNOWN",
+        _N,
+        "setup",
+        ("fast", "observe", "vmap", "tracker"),
+        "persample can read the torch internals it needs (hook registries, functorch wrappers) in the layout it knows",
+        "engine='auto' takes the per-example loop, which needs none of them; report the torch version",
+    ),
     # ---------------------------------------------------------------- hooks that change gradients
-    Precondition("PARAMETER_GRADIENT_HOOK", _N, "setup", ("fast", "observe", "vmap"),
-                 "No parameter has a tensor hook (p.register_hook), which changes its gradient",
-                 "engine='auto' takes the per-example loop, which applies it to each example"),
-    Precondition("MODULE_BACKWARD_HOOK", _N, "setup", ("fast", "observe", "vmap"),
-                 "No module has a backward hook, which may change the gradients of the modules before it",
-                 "engine='auto' takes the per-example loop, which applies it to each example"),
-    Precondition("GRADIENT_REWRITTEN", _N, "backward", ("fast", "observe"),
-                 "No tensor hook registered in the forward rewrites an activation's gradient",
-                 "engine='auto' takes the vmap or loop engine, which apply it per example"),
+    Precondition(
+        "PARAMETER_GRADIENT_HOOK",
+        _N,
+        "setup",
+        ("fast", "observe", "vmap"),
+        "No parameter has a tensor hook (p.register_hook), which changes its gradient",
+        "engine='auto' takes the per-example loop, which applies it to each example",
+    ),
+    Precondition(
+        "MODULE_BACKWARD_HOOK",
+        _N,
+        "setup",
+        ("fast", "observe", "vmap"),
+        "No module has a backward hook, which may change the gradients of the modules before it",
+        "engine='auto' takes the per-example loop, which applies it to each example",
+    ),
+    Precondition(
+        "GRADIENT_REWRITTEN",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "No tensor hook registered in the forward rewrites an activation's gradient",
+        "engine='auto' takes the vmap or loop engine, which apply it per example",
+    ),
     # ------------------------------------------------------------------ forward: what the model does
-    Precondition("VMAP_CANNOT_RUN", _N, "forward", ("vmap",),
-                 "torch.func.vmap can run the model (no data-dependent control flow, .item(), or op "
-                 "without a batching rule)",
-                 "engine='auto' takes the per-example loop"),
-    Precondition("RANDOM_SAME_BATCHED", _N, "forward", ("fast",),
-                 "Under randomness='same' the forward draws no random numbers (a batched forward draws "
-                 "per element)",
-                 "randomness='different', or engine='vmap' (engine='auto' takes it)"),
-    Precondition("REENTRANT_CHECKPOINT", _N, "backward", ("fast", "observe"),
-                 "No re-entrant activation checkpointing hides layers' inputs and output gradients",
-                 "checkpoint(..., use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs="
-                 "{'use_reentrant': False})"),
-    Precondition("EXPANSION_ESCAPES", _N, "forward", ("fast", "observe"),
-                 "A layer output expanded over the batch (its input shared by all examples) is used only "
-                 "in broadcasts with batched tensors",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("BATCH_DIM_AMBIGUOUS", _N, "forward", ("fast", "observe"),
-                 "Every layer input with dim 0 of the batch's size is batched on dim 0 (not a position "
-                 "table of length B, nor sequence-first)",
-                 "pass batch_first tensors, or engine='auto' (vmap or the loop)"),
-    Precondition("DIM_ZERO_MOVED", _N, "backward", ("fast", "observe"),
-                 "Every activation a closed-form rule reads has the examples on dim 0, unambiguously",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("MODIFIED_IN_PLACE", _N, "backward", ("fast", "observe"),
-                 "No layer input, parameter or output view is changed in place after the layer's call",
-                 "use an out-of-place op (x = x * 2), or engine='auto'"),
-    Precondition("BUFFERS_CHANGED", _N, "backward", ("fast", "observe"),
-                 "A module the fast engine re-runs does not change its buffers during the forward",
-                 "engine='auto' takes the vmap or loop engine, which start from the buffers as found"),
-    Precondition("PARAMETER_USED_OUTSIDE", _N, "backward", ("fast", "observe"),
-                 "Every parameter a rule covers is used only by the module that owns it",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("PARAMETER_SUBSTITUTED", _N, "forward", ("fast", "observe"),
-                 "Every call of a module computes with its own parameters (not with weights derived from them "
-                 "through torch.func.functional_call: 1.1·W, W + ε, a hypernetwork's, an inner MAML step's)",
-                 "engine='auto' takes the vmap or loop engine, which differentiate through the derivation"),
-    Precondition("BATCH_MIXED", _N, "backward", ("fast", "observe"),
-                 "The forward keeps the examples apart along the batch dim (no roll, sort, flip, scan, "
-                 "reduction, cross-row index or x.T @ x over dim 0 on the way to the loss)",
-                 "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one); "
-                 "or take the op out of the forward"),
-    Precondition("TORCHSCRIPT_MODULE", _N, "setup", ("fast", "observe"),
-                 "No module of the model is a TorchScript module (torch.jit.script or torch.jit.trace)",
-                 "engine='auto' takes the vmap engine or the loop; or use the eager module"),
-    Precondition("CAPTURE_HOOK_REFUSED", _N, "setup", ("fast", "observe"),
-                 "Every module the fast engine watches accepts forward hooks",
-                 "engine='auto' takes the vmap engine or the loop"),
+    Precondition(
+        "VMAP_CANNOT_RUN",
+        _N,
+        "forward",
+        ("vmap",),
+        "torch.func.vmap can run the model (no data-dependent control flow, .item(), or op without a batching rule)",
+        "engine='auto' takes the per-example loop",
+    ),
+    Precondition(
+        "RANDOM_SAME_BATCHED",
+        _N,
+        "forward",
+        ("fast",),
+        "Under randomness='same' the forward draws no random numbers (a batched forward draws per element)",
+        "randomness='different', or engine='vmap' (engine='auto' takes it)",
+    ),
+    Precondition(
+        "REENTRANT_CHECKPOINT",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "No re-entrant activation checkpointing hides layers' inputs and output gradients",
+        "checkpoint(..., use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False})",
+    ),
+    Precondition(
+        "EXPANSION_ESCAPES",
+        _N,
+        "forward",
+        ("fast", "observe"),
+        "A layer output expanded over the batch (its input shared by all examples) is used only "
+        "in broadcasts with batched tensors",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "BATCH_DIM_AMBIGUOUS",
+        _N,
+        "forward",
+        ("fast", "observe"),
+        "Every layer input with dim 0 of the batch's size is batched on dim 0 (not a position "
+        "table of length B, nor sequence-first)",
+        "pass batch_first tensors, or engine='auto' (vmap or the loop)",
+    ),
+    Precondition(
+        "DIM_ZERO_MOVED",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "Every activation a closed-form rule reads has the examples on dim 0, unambiguously",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "MODIFIED_IN_PLACE",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "No layer input, parameter or output view is changed in place after the layer's call",
+        "use an out-of-place op (x = x * 2), or engine='auto'",
+    ),
+    Precondition(
+        "BUFFERS_CHANGED",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "A module the fast engine re-runs does not change its buffers during the forward",
+        "engine='auto' takes the vmap or loop engine, which start from the buffers as found",
+    ),
+    Precondition(
+        "PARAMETER_USED_OUTSIDE",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "Every parameter a rule covers is used only by the module that owns it",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "PARAMETER_SUBSTITUTED",
+        _N,
+        "forward",
+        ("fast", "observe"),
+        "Every call of a module computes with its own parameters (not with weights derived from them "
+        "through torch.func.functional_call: 1.1·W, W + ε, a hypernetwork's, an inner MAML step's)",
+        "engine='auto' takes the vmap or loop engine, which differentiate through the derivation",
+    ),
+    Precondition(
+        "BATCH_MIXED",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "The forward keeps the examples apart along the batch dim (no roll, sort, flip, scan, "
+        "reduction, cross-row index or x.T @ x over dim 0 on the way to the loss)",
+        "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one); "
+        "or take the op out of the forward",
+    ),
+    Precondition(
+        "TORCHSCRIPT_MODULE",
+        _N,
+        "setup",
+        ("fast", "observe"),
+        "No module of the model is a TorchScript module (torch.jit.script or torch.jit.trace)",
+        "engine='auto' takes the vmap engine or the loop; or use the eager module",
+    ),
+    Precondition(
+        "CAPTURE_HOOK_REFUSED",
+        _N,
+        "setup",
+        ("fast", "observe"),
+        "Every module the fast engine watches accepts forward hooks",
+        "engine='auto' takes the vmap engine or the loop",
+    ),
     # -------------------------------------------------------------------- layers: rules and fallbacks
-    Precondition("RULE_NOT_APPLICABLE", _N, "backward", ("fast", "observe"),
-                 "Every layer with a closed-form rule is called the way its rule covers",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("FALLBACK_NOT_BATCHED", _N, "backward", ("fast", "observe"),
-                 "Every layer without a rule keeps the examples on its batch dim, in and out",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("FALLBACK_NOT_ISOLATED", _N, "backward", ("fast", "observe"),
-                 "torch.func can run every layer without a rule on its own, example by example",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("FALLBACK_SUM_MISMATCH", _N, "result", ("fast", "observe"),
-                 "A layer without a rule gives per-example gradients that add up to autograd's gradient",
-                 "engine='auto' takes the vmap or loop engine"),
-    Precondition("CUSTOM_RULE_SUM_MISMATCH", _N, "result", ("fast", "observe"),
-                 "A rule registered with persample.register_rule gives per-example gradients that add up to "
-                 "autograd's gradient",
-                 "fix the rule (persample.check_rule tests it against a float64 loop), or unregister_rule"),
+    Precondition(
+        "RULE_NOT_APPLICABLE",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "Every layer with a closed-form rule is called the way its rule covers",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "FALLBACK_NOT_BATCHED",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "Every layer without a rule keeps the examples on its batch dim, in and out",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "FALLBACK_NOT_ISOLATED",
+        _N,
+        "backward",
+        ("fast", "observe"),
+        "torch.func can run every layer without a rule on its own, example by example",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "FALLBACK_SUM_MISMATCH",
+        _N,
+        "result",
+        ("fast", "observe"),
+        "A layer without a rule gives per-example gradients that add up to autograd's gradient",
+        "engine='auto' takes the vmap or loop engine",
+    ),
+    Precondition(
+        "CUSTOM_RULE_SUM_MISMATCH",
+        _N,
+        "result",
+        ("fast", "observe"),
+        "A rule registered with persample.register_rule gives per-example gradients that add up to autograd's gradient",
+        "fix the rule (persample.check_rule tests it against a float64 loop), or unregister_rule",
+    ),
     # --------------------------------------------------------------------------------- the loss
-    Precondition("OUTPUT_NOT_BATCHED", _N, "loss", ("fast", "observe"),
-                 "The model's output has a tensor batched on dim 0",
-                 "return per-example outputs, or engine='auto'"),
-    Precondition("LOSS_NOT_PER_EXAMPLE", _N, "loss", ("fast", "observe"),
-                 "loss_fn's value for an example depends on that example's output alone (not on a loss "
-                 "the model computed for the whole batch)",
-                 "give a loss_fn of the logits and the labels (persample.causal_lm_loss() for causal LMs), "
-                 "or engine='auto'"),
-    Precondition("LOSS_NOT_VMAPPABLE", _N, "loss", ("fast", "observe"),
-                 "torch.func.vmap can evaluate loss_fn on each example of the batched output",
-                 "engine='auto' takes the per-example loop"),
+    Precondition(
+        "OUTPUT_NOT_BATCHED",
+        _N,
+        "loss",
+        ("fast", "observe"),
+        "The model's output has a tensor batched on dim 0",
+        "return per-example outputs, or engine='auto'",
+    ),
+    Precondition(
+        "LOSS_NOT_PER_EXAMPLE",
+        _N,
+        "loss",
+        ("fast", "observe"),
+        "loss_fn's value for an example depends on that example's output alone (not on a loss "
+        "the model computed for the whole batch)",
+        "give a loss_fn of the logits and the labels (persample.causal_lm_loss() for causal LMs), or engine='auto'",
+    ),
+    Precondition(
+        "LOSS_NOT_VMAPPABLE",
+        _N,
+        "loss",
+        ("fast", "observe"),
+        "torch.func.vmap can evaluate loss_fn on each example of the batched output",
+        "engine='auto' takes the per-example loop",
+    ),
     # ---------------------------------------------------------------- observe: the user's backward
-    Precondition("OBSERVE_NO_BACKWARD", _O, "backward", ("observe",),
-                 "A forward of the model reached a backward inside the observe block",
-                 "run loss_fn(model(inputs), targets).backward() inside `with tracker.observe(...)`"),
-    Precondition("OBSERVE_AUXILIARY_TERM", _O, "backward", ("observe",),
-                 "The backwarded loss has no term computed from an activation other than the model's output",
-                 "keep such terms out of the observed backward, or use Tracker.step / grad_stats"),
-    Precondition("OBSERVE_LOSS_NOT_FROM_OUTPUT", _O, "loss", ("observe",),
-                 "loss_fn(output, targets) depends on the model's batched outputs",
-                 "give the Tracker a loss_fn of the output and the targets"),
-    Precondition("OBSERVE_NOT_WEIGHTED_SUM", _O, "loss", ("observe",),
-                 "The backwarded loss is a weighted sum Σ_i w_i L_i of the declared per-example losses",
-                 "declare the per-example loss the backward combines, or pass the targets the loss uses"),
-    Precondition("OBSERVE_NO_OUTPUT_GRADIENT", _O, "loss", ("observe",),
-                 "The backwarded loss has a gradient at the model output that grows with the per-example losses",
-                 "backward the loss of the model's output inside the block"),
-    Precondition("OBSERVE_WEIGHTS_DIFFER", _O, "loss", ("observe",),
-                 "The backwarded loss weighs every example alike (ℓ = w Σ_i L_i)",
-                 "a per-example loss that carries the weights (persample.BatchLoss), or Tracker.step"),
-    Precondition("OBSERVE_REDUCTION_MISMATCH", _O, "loss", ("observe",),
-                 "The loss's gradient at the output matches the declared reduction of the per-example losses",
-                 "declare the reduction the loss uses (reduction=None reads it from the backward)"),
-    Precondition("OBSERVE_SUM_MISMATCH", _O, "result", ("observe",),
-                 "The per-example gradients add up to the change in p.grad",
-                 "keep regularisers and other backwards out of the observe block"),
+    Precondition(
+        "OBSERVE_NO_BACKWARD",
+        _O,
+        "backward",
+        ("observe",),
+        "A forward of the model reached a backward inside the observe block",
+        "run loss_fn(model(inputs), targets).backward() inside `with tracker.observe(...)`",
+    ),
+    Precondition(
+        "OBSERVE_AUXILIARY_TERM",
+        _O,
+        "backward",
+        ("observe",),
+        "The backwarded loss has no term computed from an activation other than the model's output",
+        "keep such terms out of the observed backward, or use Tracker.step / grad_stats",
+    ),
+    Precondition(
+        "OBSERVE_LOSS_NOT_FROM_OUTPUT",
+        _O,
+        "loss",
+        ("observe",),
+        "loss_fn(output, targets) depends on the model's batched outputs",
+        "give the Tracker a loss_fn of the output and the targets",
+    ),
+    Precondition(
+        "OBSERVE_NOT_WEIGHTED_SUM",
+        _O,
+        "loss",
+        ("observe",),
+        "The backwarded loss is a weighted sum Σ_i w_i L_i of the declared per-example losses",
+        "declare the per-example loss the backward combines, or pass the targets the loss uses",
+    ),
+    Precondition(
+        "OBSERVE_NO_OUTPUT_GRADIENT",
+        _O,
+        "loss",
+        ("observe",),
+        "The backwarded loss has a gradient at the model output that grows with the per-example losses",
+        "backward the loss of the model's output inside the block",
+    ),
+    Precondition(
+        "OBSERVE_WEIGHTS_DIFFER",
+        _O,
+        "loss",
+        ("observe",),
+        "The backwarded loss weighs every example alike (ℓ = w Σ_i L_i)",
+        "a per-example loss that carries the weights (persample.BatchLoss), or Tracker.step",
+    ),
+    Precondition(
+        "OBSERVE_REDUCTION_MISMATCH",
+        _O,
+        "loss",
+        ("observe",),
+        "The loss's gradient at the output matches the declared reduction of the per-example losses",
+        "declare the reduction the loss uses (reduction=None reads it from the backward)",
+    ),
+    Precondition(
+        "OBSERVE_SUM_MISMATCH",
+        _O,
+        "result",
+        ("observe",),
+        "The per-example gradients add up to the change in p.grad",
+        "keep regularisers and other backwards out of the observe block",
+    ),
     # ------------------------------------------------------------------ the invariant, asserted
-    Precondition("MEAN_MISMATCH", MeanMismatchError, "result", ("check", "tracker"),
-                 "The mean of the per-example gradients equals autograd's gradient of the mean loss",
-                 "the model couples examples or draws random numbers differently per call: see "
-                 "the report's largest differences, and explain(model, ...)"),
+    Precondition(
+        "MEAN_MISMATCH",
+        MeanMismatchError,
+        "result",
+        ("check", "tracker"),
+        "The mean of the per-example gradients equals autograd's gradient of the mean loss",
+        "the model couples examples or draws random numbers differently per call: see "
+        "the report's largest differences, and explain(model, ...)",
+    ),
     # ------------------------------------------------------------------------ batch losses (Tracker)
-    Precondition("BATCH_LOSS_COUPLED", _B, "loss", ("fast", "vmap", "loop"),
-                 "grad_stats / per_sample_grads: loss_fn on the whole batch is a weighted sum Σ_i w_i L_i of "
-                 "loss_fn on each example alone (not NT-Xent, CLIP, batch-hard triplets, batch-centred errors "
-                 "or a load-balancing term over the batch)",
-                 "batch_loss_check=False for the batch-of-one gradients on purpose; or a per-example loss"),
-    Precondition("BATCH_LOSS_MISMATCH", _B, "loss", ("tracker", "observe"),
-                 "The batch loss is Σ_i w_i L_i of the declared per-example losses",
-                 "declare the per-example loss the batch loss combines (persample.BatchLoss), or pass the "
-                 "targets the loss uses"),
-    Precondition("BATCH_LOSS_NOT_FINITE", _B, "loss", ("tracker", "observe"),
-                 "The batch loss's gradient at the model output is finite",
-                 "find the example that overflows (grad_stats reports per-example losses), or lower the "
-                 "learning rate"),
-    Precondition("EXAMPLE_LOSS_NOT_FINITE", _B, "loss", ("tracker", "observe"),
-                 "Every per-example loss is finite where the batch loss is (no example with all targets ignored)",
-                 "describe each example by a sum: persample.BatchLoss(loss_fn, per_example=<reduction='sum'>), "
-                 "or persample.causal_lm_loss()"),
-    Precondition("OPAQUE_LOSS_NOT_MEAN", _B, "loss", ("tracker",),
-                 "A loss computed inside the model gives p.grad that is a multiple of the mean per-example "
-                 "gradient",
-                 "give a loss_fn of the output and the targets (persample.causal_lm_loss() for token losses)"),
-    Precondition("CLIP_NEEDS_EQUAL_WEIGHTS", _B, "loss", ("tracker",),
-                 "With clip_norm, the batch loss weighs every example equally",
-                 "a per-example loss that carries the weights, or no clip_norm"),
+    Precondition(
+        "BATCH_LOSS_COUPLED",
+        _B,
+        "loss",
+        ("fast", "vmap", "loop"),
+        "grad_stats / per_sample_grads: loss_fn on the whole batch is a weighted sum Σ_i w_i L_i of "
+        "loss_fn on each example alone (not NT-Xent, CLIP, batch-hard triplets, batch-centred errors "
+        "or a load-balancing term over the batch)",
+        "batch_loss_check=False for the batch-of-one gradients on purpose; or a per-example loss",
+    ),
+    Precondition(
+        "BATCH_LOSS_MISMATCH",
+        _B,
+        "loss",
+        ("tracker", "observe"),
+        "The batch loss is Σ_i w_i L_i of the declared per-example losses",
+        "declare the per-example loss the batch loss combines (persample.BatchLoss), or pass the targets the loss uses",
+    ),
+    Precondition(
+        "BATCH_LOSS_NOT_FINITE",
+        _B,
+        "loss",
+        ("tracker", "observe"),
+        "The batch loss's gradient at the model output is finite",
+        "find the example that overflows (grad_stats reports per-example losses), or lower the learning rate",
+    ),
+    Precondition(
+        "EXAMPLE_LOSS_NOT_FINITE",
+        _B,
+        "loss",
+        ("tracker", "observe"),
+        "Every per-example loss is finite where the batch loss is (no example with all targets ignored)",
+        "describe each example by a sum: persample.BatchLoss(loss_fn, per_example=<reduction='sum'>), "
+        "or persample.causal_lm_loss()",
+    ),
+    Precondition(
+        "OPAQUE_LOSS_NOT_MEAN",
+        _B,
+        "loss",
+        ("tracker",),
+        "A loss computed inside the model gives p.grad that is a multiple of the mean per-example gradient",
+        "give a loss_fn of the output and the targets (persample.causal_lm_loss() for token losses)",
+    ),
+    Precondition(
+        "CLIP_NEEDS_EQUAL_WEIGHTS",
+        _B,
+        "loss",
+        ("tracker",),
+        "With clip_norm, the batch loss weighs every example equally",
+        "a per-example loss that carries the weights, or no clip_norm",
+    ),
 )
 
 

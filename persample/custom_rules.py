@@ -46,9 +46,15 @@ __all__ = ["register_rule", "unregister_rule", "check_rule", "RuleCheck"]
 PerExample = Callable[[nn.Module, Tensor, Tensor], "dict[str, Tensor]"]
 
 
-def register_rule(module_type: type, per_example: PerExample, *, params: tuple[str, ...] = ("weight", "bias"),
-                  name: str | None = None, accepts: Callable[[nn.Module], bool] | None = None,
-                  methods: tuple[str, ...] = ("forward",)) -> None:
+def register_rule(
+    module_type: type,
+    per_example: PerExample,
+    *,
+    params: tuple[str, ...] = ("weight", "bias"),
+    name: str | None = None,
+    accepts: Callable[[nn.Module], bool] | None = None,
+    methods: tuple[str, ...] = ("forward",),
+) -> None:
     """Give the fast engine a closed form for ``module_type`` (and subclasses that keep its ``methods``).
 
     Args:
@@ -65,6 +71,7 @@ def register_rule(module_type: type, per_example: PerExample, *, params: tuple[s
     """
     from .engines.fast.rules import Rule, add_rule
     from .engines.fast.pieces import DensePiece
+
     if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
         raise TypeError(f"module_type must be an nn.Module subclass, got {module_type!r}")
     if not callable(per_example):
@@ -75,8 +82,11 @@ def register_rule(module_type: type, per_example: PerExample, *, params: tuple[s
     def compute(module: nn.Module, x: Tensor, gy: Tensor, layout) -> dict:
         if x.dim() == 0 or x.shape[0] != layout.size or gy.dim() == 0 or gy.shape[0] != layout.size:
             from .engines.fast.rules import LayoutError
-            raise LayoutError(f"{type(module).__name__}: input {tuple(x.shape)} or output gradient "
-                              f"{tuple(gy.shape)} is not batched on dim 0 (batch of {layout.size})")
+
+            raise LayoutError(
+                f"{type(module).__name__}: input {tuple(x.shape)} or output gradient "
+                f"{tuple(gy.shape)} is not batched on dim 0 (batch of {layout.size})"
+            )
         grads = per_example(module, x, gy)
         pieces = {}
         for pname in params:
@@ -85,19 +95,31 @@ def register_rule(module_type: type, per_example: PerExample, *, params: tuple[s
                 continue
             g = grads.get(pname) if isinstance(grads, dict) else None
             if not isinstance(g, Tensor) or tuple(g.shape) != (layout.size, *p.shape):
-                raise ValueError(f"the {name or module_type.__name__} rule gave "
-                                 f"{None if g is None else tuple(g.shape)} for {pname!r}, expected "
-                                 f"{(layout.size, *p.shape)}")
+                raise ValueError(
+                    f"the {name or module_type.__name__} rule gave "
+                    f"{None if g is None else tuple(g.shape)} for {pname!r}, expected "
+                    f"{(layout.size, *p.shape)}"
+                )
             pieces[pname] = DensePiece(g, layout.grad_scale)
         return pieces
 
-    add_rule(Rule(name or module_type.__name__, (module_type,), tuple(params), compute, methods=tuple(methods),
-                  accepts=accepts or (lambda m: True), user=True))
+    add_rule(
+        Rule(
+            name or module_type.__name__,
+            (module_type,),
+            tuple(params),
+            compute,
+            methods=tuple(methods),
+            accepts=accepts or (lambda m: True),
+            user=True,
+        )
+    )
 
 
 def unregister_rule(module_type: type) -> None:
     """Remove the rule registered for ``module_type`` (built-in rules stay)."""
     from .engines.fast.rules import remove_rule
+
     remove_rule(module_type)
 
 
@@ -125,6 +147,7 @@ def check_rule(module: nn.Module, *inputs: Tensor, rtol: float = 1e-9, seed: int
     from .api import grad_stats
     from .errors import NotExact
     from .explain import explain
+
     model = copy.deepcopy(module).double()
     xs = tuple(x.double() if x.is_floating_point() else x for x in inputs)
     with torch.no_grad():
@@ -138,16 +161,23 @@ def check_rule(module: nn.Module, *inputs: Tensor, rtol: float = 1e-9, seed: int
     report = explain(model, loss_fn, xs if len(xs) > 1 else xs[0], r)
     treatment = next((m.treatment for m in report.modules if m.name == ""), "no parameters")
     if not treatment.startswith("rule: "):
-        raise NotExact(f"{type(module).__name__} does not take a closed-form rule here ({treatment})",
-                       code="RULE_NOT_APPLICABLE", module=type(module).__name__)
+        raise NotExact(
+            f"{type(module).__name__} does not take a closed-form rule here ({treatment})",
+            code="RULE_NOT_APPLICABLE",
+            module=type(module).__name__,
+        )
     stats = grad_stats(model, loss_fn, xs if len(xs) > 1 else xs[0], r, engine="fast")
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     rows = []
     for i in range(len(r)):
-        loss = loss_fn(model(*(x[i:i + 1] for x in xs)), r[i:i + 1])
+        loss = loss_fn(model(*(x[i : i + 1] for x in xs)), r[i : i + 1])
         grads = torch.autograd.grad(loss, [dict(model.named_parameters())[n] for n in names], allow_unused=True)
-        rows.append({n: (g if g is not None else torch.zeros_like(dict(model.named_parameters())[n]))
-                     for n, g in zip(names, grads)})
+        rows.append(
+            {
+                n: (g if g is not None else torch.zeros_like(dict(model.named_parameters())[n]))
+                for n, g in zip(names, grads)
+            }
+        )
     oracle = {n: torch.stack([row[n] for row in rows]) for n in names}
 
     def error(field: str, got: dict, want: dict) -> float:
@@ -156,12 +186,16 @@ def check_rule(module: nn.Module, *inputs: Tensor, rtol: float = 1e-9, seed: int
             scale = want[n].abs().max().item() or 1.0
             worst = max(worst, (got[n] - want[n]).abs().max().item() / scale)
         if worst > rtol:
-            raise AssertionError(f"{treatment}: {field} differs from the float64 oracle by {worst:.2e} relative "
-                                 f"(rtol {rtol:g})")
+            raise AssertionError(
+                f"{treatment}: {field} differs from the float64 oracle by {worst:.2e} relative (rtol {rtol:g})"
+            )
         return worst
 
-    return RuleCheck(treatment.removeprefix("rule: "),
-                     error("mean", stats.mean, {n: g.mean(0) for n, g in oracle.items()}),
-                     error("var", stats.var, {n: g.var(0) for n, g in oracle.items()}),
-                     error("param_sq_norms", stats.param_sq_norms,
-                           {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in oracle.items()}))
+    return RuleCheck(
+        treatment.removeprefix("rule: "),
+        error("mean", stats.mean, {n: g.mean(0) for n, g in oracle.items()}),
+        error("var", stats.var, {n: g.var(0) for n, g in oracle.items()}),
+        error(
+            "param_sq_norms", stats.param_sq_norms, {n: g.reshape(len(g), -1).pow(2).sum(1) for n, g in oracle.items()}
+        ),
+    )

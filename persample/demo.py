@@ -41,8 +41,17 @@ from .noise import DEFAULT_EMA_BETA, DEFAULT_NORM_THRESHOLD
 from .loggers import CSVLogger, Diagnostics, JSONLLogger, TensorBoardLogger
 from .tracker import Tracker
 
-__all__ = ["DemoConfig", "DemoResult", "load_digits", "build_model", "train_epoch", "evaluate",
-           "run_demo", "EpochSummary", "format_table"]
+__all__ = [
+    "DemoConfig",
+    "DemoResult",
+    "load_digits",
+    "build_model",
+    "train_epoch",
+    "evaluate",
+    "run_demo",
+    "EpochSummary",
+    "format_table",
+]
 
 EXTRA_HINT = 'pip install -e ".[demo]" (in a persample checkout), or: pip install scikit-learn matplotlib'
 
@@ -52,15 +61,21 @@ def require_demo_extras() -> None:
     that installs them all (rather than one error per package, one install at a time)."""
     import importlib.util
 
-    missing = [name for module, name in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
-               if _missing(module, importlib.util)]
+    missing = [
+        name
+        for module, name in (("matplotlib", "matplotlib"), ("sklearn", "scikit-learn"))
+        if _missing(module, importlib.util)
+    ]
     if missing:
-        raise ImportError(f"persample demo needs {' and '.join(missing)} (not installed). One command installs "
-                          f"everything the demo uses: {EXTRA_HINT}")
+        raise ImportError(
+            f"persample demo needs {' and '.join(missing)} (not installed). One command installs "
+            f"everything the demo uses: {EXTRA_HINT}"
+        )
 
 
 def _missing(module: str, util) -> bool:
     import sys as _sys
+
     if module in _sys.modules:
         return _sys.modules[module] is None
     try:
@@ -78,8 +93,10 @@ def describe_b_simple(b_simple: float, batch_size: float) -> str:
     'B_simple ≈ 120 examples against a batch of 64: a larger batch would still cut the number of steps.'
     """
     if not math.isfinite(b_simple) or b_simple <= 0:
-        return (f"B_simple is below noise (not yet measurable) against a batch of {batch_size:g}: the gradient "
-                "signal is still swamped by its noise; the EMA needs more statistics steps.")
+        return (
+            f"B_simple is below noise (not yet measurable) against a batch of {batch_size:g}: the gradient "
+            "signal is still swamped by its noise; the EMA needs more statistics steps."
+        )
     head = f"B_simple ≈ {b_simple:.3g} examples against a batch of {batch_size:g}: "
     if b_simple > 1.5 * batch_size:
         return head + "a larger batch would still cut the number of steps."
@@ -139,8 +156,9 @@ class DemoResult:
 # ------------------------------------------------------------------------------ data
 
 
-def load_digits(*, seed: int = 0, test_fraction: float = 0.2, train_examples: int | None = None,
-                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def load_digits(
+    *, seed: int = 0, test_fraction: float = 0.2, train_examples: int | None = None, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """scikit-learn's digits as ``(x_train, y_train, x_test, y_test)``; x is ``[N, 1, 8, 8]`` float32.
 
     Pixels (0–16) are scaled to [0, 1] and standardised with the training
@@ -182,17 +200,35 @@ def build_model(kind: str = "cnn") -> nn.Module:
     - ``mlp``: fc(64→128) – ReLU – fc(128→64) – ReLU – fc(64→10); 17k parameters.
     """
     if kind == "cnn":
-        return nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(1, 16, 3, padding=1)), ("norm1", nn.GroupNorm(4, 16)), ("act1", nn.ReLU()),
-            ("conv2", nn.Conv2d(16, 32, 3, padding=1)), ("act2", nn.ReLU()), ("pool", nn.MaxPool2d(2)),
-            ("flatten", nn.Flatten()), ("fc1", nn.Linear(32 * 4 * 4, 64)), ("act3", nn.ReLU()),
-            ("fc2", nn.Linear(64, 10)),
-        ]))
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("conv1", nn.Conv2d(1, 16, 3, padding=1)),
+                    ("norm1", nn.GroupNorm(4, 16)),
+                    ("act1", nn.ReLU()),
+                    ("conv2", nn.Conv2d(16, 32, 3, padding=1)),
+                    ("act2", nn.ReLU()),
+                    ("pool", nn.MaxPool2d(2)),
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(32 * 4 * 4, 64)),
+                    ("act3", nn.ReLU()),
+                    ("fc2", nn.Linear(64, 10)),
+                ]
+            )
+        )
     if kind == "mlp":
-        return nn.Sequential(OrderedDict([
-            ("flatten", nn.Flatten()), ("fc1", nn.Linear(64, 128)), ("act1", nn.ReLU()),
-            ("fc2", nn.Linear(128, 64)), ("act2", nn.ReLU()), ("fc3", nn.Linear(64, 10)),
-        ]))
+        return nn.Sequential(
+            OrderedDict(
+                [
+                    ("flatten", nn.Flatten()),
+                    ("fc1", nn.Linear(64, 128)),
+                    ("act1", nn.ReLU()),
+                    ("fc2", nn.Linear(128, 64)),
+                    ("act2", nn.ReLU()),
+                    ("fc3", nn.Linear(64, 10)),
+                ]
+            )
+        )
     raise ValueError(f"model must be 'cnn' or 'mlp', got {kind!r}")
 
 
@@ -206,16 +242,23 @@ def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> t
     model.eval()
     loss, correct = 0.0, 0
     for start in range(0, len(x), batch_size):
-        out = model(x[start:start + batch_size])
-        target = y[start:start + batch_size]
+        out = model(x[start : start + batch_size])
+        target = y[start : start + batch_size]
         loss += float(F.cross_entropy(out, target, reduction="sum"))
         correct += int((out.argmax(1) == target).sum())
     model.train(was_training)
     return loss / len(x), correct / len(x)
 
 
-def train_epoch(tracker: Tracker, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, batch_size: int,
-                generator: torch.Generator, on_step: Callable[[], None] | None = None) -> None:
+def train_epoch(
+    tracker: Tracker,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    batch_size: int,
+    generator: torch.Generator,
+    on_step: Callable[[], None] | None = None,
+) -> None:
     """One pass over a reshuffled training set. The backward line is ``tracker.step``.
 
     The last, incomplete batch is dropped when it has a single example (the noise
@@ -223,13 +266,13 @@ def train_epoch(tracker: Tracker, optimizer: torch.optim.Optimizer, x: Tensor, y
     """
     order = torch.randperm(len(x), generator=generator).to(x.device)
     for start in range(0, len(x), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         if len(idx) < 2:
             break
         optimizer.zero_grad()
         with warnings.catch_warnings():  # a skipped step ends the demo below, with its own message
             warnings.filterwarnings("ignore", message="persample: step .* not finite", category=RuntimeWarning)
-            tracker.step(x[idx], y[idx])      # instead of loss_fn(model(x), y).backward()
+            tracker.step(x[idx], y[idx])  # instead of loss_fn(model(x), y).backward()
         if tracker.skipped:
             raise ValueError(f"training diverged at step {tracker.skipped[0]}: non-finite values in stats.")
         optimizer.step()
@@ -246,8 +289,9 @@ def _finite(values):
     return [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
 
 
-def summarize_epoch(epoch: int, rows: list[dict], ema: float, train: tuple[float, float],
-                    test_acc: float, seconds: float) -> EpochSummary:
+def summarize_epoch(
+    epoch: int, rows: list[dict], ema: float, train: tuple[float, float], test_acc: float, seconds: float
+) -> EpochSummary:
     """The table line of an epoch from its diagnostics rows.
 
     GSNR is the mean of the steps' mean GSNR; the norm-test batch size is the
@@ -256,13 +300,19 @@ def summarize_epoch(epoch: int, rows: list[dict], ema: float, train: tuple[float
     gsnr = _finite(r.get("gsnr_mean", math.nan) for r in rows)
     batch = [r.get("norm_test_batch", math.nan) for r in rows]
     batch = [b for b in batch if not math.isnan(b)]
-    return EpochSummary(epoch, train[0], train[1], test_acc, ema,
-                        statistics.fmean(gsnr) if gsnr else math.nan,
-                        statistics.median(batch) if batch else math.nan, seconds)
+    return EpochSummary(
+        epoch,
+        train[0],
+        train[1],
+        test_acc,
+        ema,
+        statistics.fmean(gsnr) if gsnr else math.nan,
+        statistics.median(batch) if batch else math.nan,
+        seconds,
+    )
 
 
-TABLE_HEADER = ("epoch", "train loss", "train acc", "test acc", "B_simple(EMA)", "mean GSNR", "norm-test B",
-                "time")
+TABLE_HEADER = ("epoch", "train loss", "train acc", "test acc", "B_simple(EMA)", "mean GSNR", "norm-test B", "time")
 _WIDTHS = (5, 10, 9, 8, 13, 9, 11, 6)
 
 
@@ -273,10 +323,18 @@ def format_table(row: EpochSummary | None = None) -> str:
 
     def num(v: float, fmt: str) -> str:
         return format(v, fmt) if math.isfinite(v) else str(v)
+
     noise = num(row.b_simple_ema, ".4g") if not (row.b_simple_ema <= 0) else "below noise"
-    cells = (str(row.epoch), num(row.train_loss, ".4f"), num(row.train_acc, ".3f"), num(row.test_acc, ".3f"),
-             noise, num(row.gsnr_mean, ".4f"), num(row.norm_test_batch, ".0f"),
-             f"{row.seconds:.1f}s")
+    cells = (
+        str(row.epoch),
+        num(row.train_loss, ".4f"),
+        num(row.train_acc, ".3f"),
+        num(row.test_acc, ".3f"),
+        noise,
+        num(row.gsnr_mean, ".4f"),
+        num(row.norm_test_batch, ".0f"),
+        f"{row.seconds:.1f}s",
+    )
     return "  ".join(c.rjust(w) for c, w in zip(cells, _WIDTHS))
 
 
@@ -301,7 +359,8 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     """Train, log, plot and check, as ``persample demo`` does; returns the paths and the summaries.
 
     Raises:
-        ImportError: scikit-learn or matplotlib missing (``pip install -e ".[demo]" (in a persample checkout), or pip install scikit-learn matplotlib``).
+        ImportError: scikit-learn or matplotlib missing (``pip install -e ".[demo]"`` in a persample
+            checkout, or ``pip install scikit-learn matplotlib``).
         persample.MeanMismatchError: the final :func:`persample.check_mean` failed.
     """
     stdout = sys.stdout if stdout is None else stdout
@@ -316,8 +375,9 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     torch.manual_seed(config.seed)
-    x_train, y_train, x_test, y_test = load_digits(seed=config.seed, train_examples=config.train_examples,
-                                                   device=device)
+    x_train, y_train, x_test, y_test = load_digits(
+        seed=config.seed, train_examples=config.train_examples, device=device
+    )
     if len(x_train) < 2:
         raise ValueError(f"the demo needs at least 2 training examples, got {len(x_train)}")
     batch_size = min(config.batch_size, len(x_train))  # a batch cannot be larger than the data set
@@ -337,18 +397,26 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
         tb_dir = out / "tensorboard"
         sinks.append(TensorBoardLogger(tb_dir))
     epoch_box = [0]
-    diag = Diagnostics(*sinks, ema_beta=config.ema_beta,
-                       extra=lambda t, s: {"epoch": epoch_box[0], "lr": optimizer.param_groups[0]["lr"]})
+    diag = Diagnostics(
+        *sinks,
+        ema_beta=config.ema_beta,
+        extra=lambda t, s: {"epoch": epoch_box[0], "lr": optimizer.param_groups[0]["lr"]},
+    )
     tracker.register_hook(diag)
 
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"persample demo: {config.model.upper()} ({n_params:,} parameters) on scikit-learn's 8x8 digits "
+    say(
+        f"persample demo: {config.model.upper()} ({n_params:,} parameters) on scikit-learn's 8x8 digits "
         f"({len(x_train)} train / {len(x_test)} test), batch {batch_size}"
-        + (f" (asked for {config.batch_size}, more than the {len(x_train)} training examples)"
-           if batch_size != config.batch_size else "")
+        + (
+            f" (asked for {config.batch_size}, more than the {len(x_train)} training examples)"
+            if batch_size != config.batch_size
+            else ""
+        )
         + f", SGD lr {config.lr:g} "
         f"momentum {config.momentum:g}, {config.epochs} epochs on {device} ({torch.get_num_threads()} CPU "
-        f"thread{'s' if torch.get_num_threads() > 1 else ''})")
+        f"thread{'s' if torch.get_num_threads() > 1 else ''})"
+    )
     say(f"per-example statistics every {config.every} step(s); B_simple EMA beta {config.ema_beta:g}")
     say()
     say(format_table())
@@ -367,8 +435,10 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
                     bar.update(1)
                     last = diag.rows[-1] if diag.rows else None
                     if last is not None and "b_simple_ema" in last:
-                        bar.set_postfix(loss=f"{last['loss']:.3f}", B_simple=f"{last['b_simple_ema']:.3g}",
-                                        refresh=False)
+                        bar.set_postfix(
+                            loss=f"{last['loss']:.3f}", B_simple=f"{last['b_simple_ema']:.3g}", refresh=False
+                        )
+
             try:
                 train_epoch(tracker, optimizer, x_train, y_train, batch_size, generator, on_step)
             finally:
@@ -377,26 +447,39 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
             train_eval = evaluate(model, x_train, y_train)
             test_loss, test_acc = evaluate(model, x_test, y_test)
             step_rows = [r for r in diag.rows[first_row:] if "b_simple" in r]
-            epoch_sink.write({"step": tracker.steps, "epoch": epoch, "train_loss": train_eval[0],
-                              "train_acc": train_eval[1], "test_loss": test_loss, "test_acc": test_acc})
-            summary = summarize_epoch(epoch, step_rows, diag.ema.value, train_eval, test_acc,
-                                      time.perf_counter() - t_epoch)
+            epoch_sink.write(
+                {
+                    "step": tracker.steps,
+                    "epoch": epoch,
+                    "train_loss": train_eval[0],
+                    "train_acc": train_eval[1],
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                }
+            )
+            summary = summarize_epoch(
+                epoch, step_rows, diag.ema.value, train_eval, test_acc, time.perf_counter() - t_epoch
+            )
             summaries.append(summary)
             say(format_table(summary))
     finally:
         diag.close()
         epoch_sink.close()
-    say("  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018, \"below noise\" while the |G|² "
+    say(
+        '  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018, "below noise" while the |G|² '
         "estimate is not yet positive;\n   GSNR: epoch mean of the mean per-element GSNR; norm-test B: median "
-        f"batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) asks for)")
+        f"batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) asks for)"
+    )
     say()
     say(describe_b_simple(diag.ema.value, batch_size))
 
     plot_path = out / "diagnostics.png"
     fig = plot_module.plot_diagnostics(
-        diag.rows, plot_path, ema_beta=config.ema_beta,
-        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {batch_size}, "
-              f"SGD lr {config.lr:g}")
+        diag.rows,
+        plot_path,
+        ema_beta=config.ema_beta,
+        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {batch_size}, SGD lr {config.lr:g}",
+    )
     plot_module.close(fig)
 
     held_out = slice(0, min(200, len(x_test)))

@@ -46,8 +46,15 @@ from torch import Tensor, nn
 
 from .stats import GradStats, Reduction, field_reductions
 
-__all__ = ["all_reduce_stats", "all_reduce_gradients", "inner_products_with", "is_distributed",
-           "agree", "OtherRankFailed", "DEFAULT_BUCKET_BYTES"]
+__all__ = [
+    "all_reduce_stats",
+    "all_reduce_gradients",
+    "inner_products_with",
+    "is_distributed",
+    "agree",
+    "OtherRankFailed",
+    "DEFAULT_BUCKET_BYTES",
+]
 
 #: Gradient buckets of :func:`all_reduce_gradients`: DDP's default ``bucket_cap_mb=25``.
 DEFAULT_BUCKET_BYTES = 25 * 1024 * 1024
@@ -62,8 +69,10 @@ def is_distributed(group=None) -> bool:
 
 def _require_group(fn: str) -> None:
     if not is_distributed():
-        raise RuntimeError(f"{fn} needs an initialized torch.distributed process group: call "
-                           "torch.distributed.init_process_group(...) first (torchrun sets up the environment)")
+        raise RuntimeError(
+            f"{fn} needs an initialized torch.distributed process group: call "
+            "torch.distributed.init_process_group(...) first (torchrun sets up the environment)"
+        )
 
 
 def _comm_device(group, like: torch.device) -> torch.device:
@@ -93,8 +102,9 @@ class OtherRankFailed(RuntimeError):
         self.ranks = tuple(ranks)
 
 
-def agree(failure: BaseException | None, group=None, *, where: str = "persample", flags: Sequence[bool] = ()
-          ) -> list[bool]:
+def agree(
+    failure: BaseException | None, group=None, *, where: str = "persample", flags: Sequence[bool] = ()
+) -> list[bool]:
     """One outcome on every rank: raise everywhere if any rank failed, else return the ranks' flags.
 
     A collective (one all-reduce of W + len(flags) integers): every rank of ``group`` must call it
@@ -108,8 +118,7 @@ def agree(failure: BaseException | None, group=None, *, where: str = "persample"
     """
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    votes = torch.zeros(world + len(flags), dtype=torch.int64,
-                        device=_comm_device(group, torch.device("cpu")))
+    votes = torch.zeros(world + len(flags), dtype=torch.int64, device=_comm_device(group, torch.device("cpu")))
     votes[rank] = failure is not None
     for k, flag in enumerate(flags):
         votes[world + k] = int(not flag)
@@ -119,9 +128,12 @@ def agree(failure: BaseException | None, group=None, *, where: str = "persample"
     if failed:
         if failure is not None:
             raise failure
-        raise OtherRankFailed(f"{where}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
-                              f"{world} raised (see that rank's error); this rank raises too and undoes the "
-                              "same work, so that every rank has the same outcome", failed)
+        raise OtherRankFailed(
+            f"{where}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
+            f"{world} raised (see that rank's error); this rank raises too and undoes the "
+            "same work, so that every rank has the same outcome",
+            failed,
+        )
     return [counts[world + k] == 0 for k in range(len(flags))]
 
 
@@ -134,9 +146,13 @@ def _all_gather_rows(tensor: Tensor, group, world: int) -> list[Tensor]:
     return out
 
 
-def _all_reduce_sums(tensors: Sequence[Tensor], group, device: torch.device,
-                     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-                     prepare: Callable[[Tensor, list[int]], None] | None = None) -> list[Tensor]:
+def _all_reduce_sums(
+    tensors: Sequence[Tensor],
+    group,
+    device: torch.device,
+    bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+    prepare: Callable[[Tensor, list[int]], None] | None = None,
+) -> list[Tensor]:
     """Σ over ranks of each tensor (same shapes and dtypes on every rank), through flat buckets
     of at most ``bucket_bytes`` per dtype, all launched before any is waited for.
     ``prepare(flat, indices)`` may transform a bucket in place before it is sent."""
@@ -152,7 +168,7 @@ def _all_reduce_sums(tensors: Sequence[Tensor], group, device: torch.device,
         offset = 0
         for i in indices:
             t = tensors[i]
-            results[i] = flat[offset:offset + t.numel()].view(t.shape).to(t.device)
+            results[i] = flat[offset : offset + t.numel()].view(t.shape).to(t.device)
             offset += t.numel()
     return results
 
@@ -180,7 +196,7 @@ def _gather_vectors(rows: Sequence[Tensor], sizes: list[int], group, device: tor
     width = max(sizes)
     mine = torch.zeros(len(rows), width, dtype=torch.float64, device=device)
     for k, row in enumerate(rows):
-        mine[k, :row.shape[0]] = row.detach().to(device=device, dtype=torch.float64)
+        mine[k, : row.shape[0]] = row.detach().to(device=device, dtype=torch.float64)
     gathered = _all_gather_rows(mine, group, len(sizes))
     whole = torch.cat([part[:, :n] for part, n in zip(gathered, sizes)], dim=1)
     return [whole[k].to(device=row.device, dtype=row.dtype) for k, row in enumerate(rows)]
@@ -188,8 +204,18 @@ def _gather_vectors(rows: Sequence[Tensor], sizes: list[int], group, device: tor
 
 # ------------------------------------------------------------------------ the header
 
-_HEADER = ("n", "mean_sq_norm", "has_m2", "clip_norm", "has_inner", "has_reference", "reference_sum",
-           "reference_sq_sum", "layout", "num_params")
+_HEADER = (
+    "n",
+    "mean_sq_norm",
+    "has_m2",
+    "clip_norm",
+    "has_inner",
+    "has_reference",
+    "reference_sum",
+    "reference_sq_sum",
+    "layout",
+    "num_params",
+)
 
 
 def _layout_fingerprint(stats: GradStats) -> float:
@@ -204,11 +230,18 @@ def _header(stats: GradStats, device: torch.device) -> Tensor:
     if ref is not None:
         ref_sum = float(sum(v.detach().double().sum() for v in ref.values()))
         ref_sq = float(sum(v.detach().double().pow(2).sum() for v in ref.values()))
-    values = dict(n=stats.n, mean_sq_norm=float(stats.mean_sq_norm), has_m2=stats.m2 is not None,
-                  clip_norm=float("nan") if stats.clip_norm is None else float(stats.clip_norm),
-                  has_inner=stats.inner_products is not None, has_reference=ref is not None,
-                  reference_sum=ref_sum, reference_sq_sum=ref_sq, layout=_layout_fingerprint(stats),
-                  num_params=len(stats.mean))
+    values = dict(
+        n=stats.n,
+        mean_sq_norm=float(stats.mean_sq_norm),
+        has_m2=stats.m2 is not None,
+        clip_norm=float("nan") if stats.clip_norm is None else float(stats.clip_norm),
+        has_inner=stats.inner_products is not None,
+        has_reference=ref is not None,
+        reference_sum=ref_sum,
+        reference_sq_sum=ref_sq,
+        layout=_layout_fingerprint(stats),
+        num_params=len(stats.mean),
+    )
     return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
 
 
@@ -260,8 +293,10 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
 
     headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
     if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
-        raise ValueError("all_reduce_stats: the ranks' statistics cover different parameters (names, shapes "
-                         "or dtypes differ); every rank must compute statistics of the same model")
+        raise ValueError(
+            "all_reduce_stats: the ranks' statistics cover different parameters (names, shapes "
+            "or dtypes differ); every rank must compute statistics of the same model"
+        )
     sizes = [int(n) for n in _column(headers, "n")]
     total = sum(sizes)
     declared = field_reductions()
@@ -281,13 +316,20 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     names = stats.names
     # Round 1: weighted means (P-sized sums of n_r·μ_r) and per-example vectors (B-sized gathers).
     weighted = [f for f, fr in declared.items() if fr.reduction is Reduction.WEIGHTED_MEAN and present(f)]
-    sums = _all_reduce_sums([getattr(stats, f)[k] for f in weighted for k in names], group, device,
-                            prepare=lambda flat, _: flat.mul_(stats.n))
+    sums = _all_reduce_sums(
+        [getattr(stats, f)[k] for f in weighted for k in names],
+        group,
+        device,
+        prepare=lambda flat, _: flat.mul_(stats.n),
+    )
     values: dict = dict(shared)
     for i, f in enumerate(weighted):
-        values[f] = {k: s.div_(total) for k, s in zip(names, sums[i * len(names):(i + 1) * len(names)])}
-    concat = [f for f, fr in declared.items() if fr.reduction is Reduction.CONCAT
-              and (inner_products is None or f != "inner_products") and present(f)]
+        values[f] = {k: s.div_(total) for k, s in zip(names, sums[i * len(names) : (i + 1) * len(names)])}
+    concat = [
+        f
+        for f, fr in declared.items()
+        if fr.reduction is Reduction.CONCAT and (inner_products is None or f != "inner_products") and present(f)
+    ]
     rows = [r for f in concat for r in _as_rows(getattr(stats, f))]
     gathered = iter(_gather_vectors(rows, sizes, group, device))
     for f in concat:
@@ -305,10 +347,9 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
         d.sub_(torch.cat([global_means[i].reshape(-1).to(device) for i in indices]))
         flat.addcmul_(d, d, value=stats.n)
 
-    reduced = _all_reduce_sums([getattr(stats, f)[k] for f in chan for k in names], group, device,
-                               prepare=add_spread)
+    reduced = _all_reduce_sums([getattr(stats, f)[k] for f in chan for k in names], group, device, prepare=add_spread)
     for i, f in enumerate(chan):
-        values[f] = dict(zip(names, reduced[i * len(names):(i + 1) * len(names)]))
+        values[f] = dict(zip(names, reduced[i * len(names) : (i + 1) * len(names)]))
 
     # Inner products relative to the global mean: a second B-sized pass.
     if inner_products is not None:
@@ -316,9 +357,11 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
         try:  # this rank's own code between collectives: if it raises here, every rank raises
             local = inner_products(mean)
             if not isinstance(local, Tensor) or local.shape != (stats.n,):
-                raise ValueError(f"all_reduce_stats: inner_products(direction) must return a tensor of shape "
-                                 f"({stats.n},), one value per local example; got "
-                                 f"{tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__}")
+                raise ValueError(
+                    f"all_reduce_stats: inner_products(direction) must return a tensor of shape "
+                    f"({stats.n},), one value per local example; got "
+                    f"{tuple(local.shape) if isinstance(local, Tensor) else type(local).__name__}"
+                )
         except Exception as err:  # re-raised by agree, on every rank
             failure = err
         agree(failure, group, where="all_reduce_stats(inner_products=...)")
@@ -380,8 +423,9 @@ def inner_products_with(model: nn.Module, loss_fn: Callable[..., Tensor], inputs
 # ------------------------------------------------------------------------- gradients
 
 
-def all_reduce_gradients(params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter], group=None, *,
-                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> None:
+def all_reduce_gradients(
+    params: Mapping[str, nn.Parameter] | Iterable[nn.Parameter], group=None, *, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+) -> None:
     """``p.grad ← (1/W) Σ_r p.grad_r`` on every rank, as ``DistributedDataParallel``'s backward leaves it.
 
     Like DDP's reducer, each gradient is multiplied by 1/W and the products are

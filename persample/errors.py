@@ -29,8 +29,16 @@ Match on ``err.code``, never on the prose::
 
 from __future__ import annotations
 
-__all__ = ["PersampleError", "MeanMismatchError", "UnsupportedModelError", "NotExact", "ObservationError",
-           "BatchLossMismatch", "SlowPathWarning", "SkippedStatisticsWarning"]
+__all__ = [
+    "PersampleError",
+    "MeanMismatchError",
+    "UnsupportedModelError",
+    "NotExact",
+    "ObservationError",
+    "BatchLossMismatch",
+    "SlowPathWarning",
+    "SkippedStatisticsWarning",
+]
 
 
 class PersampleError(Exception):
@@ -40,8 +48,9 @@ class PersampleError(Exception):
     with ``[code]`` when the error has a code, so logs show it too.
     """
 
-    def __init__(self, message: str = "", *, code: str | None = None, module: str | None = None,
-                 fix: str | None = None):
+    def __init__(
+        self, message: str = "", *, code: str | None = None, module: str | None = None, fix: str | None = None
+    ):
         super().__init__(message)
         self.code = code if code is not None else getattr(message, "code", None)  # a contract.Finding
         self.module = module if module is not None else getattr(message, "module", None)
@@ -57,6 +66,7 @@ class PersampleError(Exception):
 
 def _declared_fix(code: str) -> str | None:
     from .contract import PRECONDITIONS  # below errors in the layering: imported when first needed
+
     pre = PRECONDITIONS.get(code)
     return pre.fix if pre is not None else None
 

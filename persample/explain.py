@@ -30,14 +30,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-import torch
 from torch import Tensor, nn
 
 from ._batch import as_batch
-from ._model import (dropout_probability, hooked_parameters, module_label, preserved_state, require_module,
-                     trainable_parameters)
+from ._model import (
+    dropout_probability,
+    hooked_parameters,
+    module_label,
+    preserved_state,
+    require_module,
+    trainable_parameters,
+)
 from .contract import PRECONDITIONS
-from .errors import NotExact, PersampleError, UnsupportedModelError
+from .errors import PersampleError, UnsupportedModelError
 
 __all__ = ["explain", "Explanation", "ModuleTreatment", "EngineVerdict", "Refusal"]
 
@@ -98,17 +103,23 @@ class Explanation:
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
+
         return dataclasses.asdict(self)
 
     def __str__(self) -> str:
-        lines = [f"persample.explain: B = {self.batch_size}, {self.parameters:,} trainable parameters", "",
-                 "| module | type | parameters | treatment |", "|---|---|---:|---|"]
+        lines = [
+            f"persample.explain: B = {self.batch_size}, {self.parameters:,} trainable parameters",
+            "",
+            "| module | type | parameters | treatment |",
+            "|---|---|---:|---|",
+        ]
         lines += [f"| {m.name or '<root>'} | {m.type} | {m.parameters:,} | {m.treatment} |" for m in self.modules]
         lines += ["", "| engine | exact | peak extra memory | cost | refusal |", "|---|---|---:|---|---|"]
         for v in self.engines.values():
             why = f"`{v.refusal.code}`: {v.refusal.message}" if v.refusal else ""
-            lines.append(f"| {v.engine} | {'yes' if v.exact else 'no'} | {_bytes(v.peak_extra_bytes)} | {v.cost} | "
-                         f"{why} |")
+            lines.append(
+                f"| {v.engine} | {'yes' if v.exact else 'no'} | {_bytes(v.peak_extra_bytes)} | {v.cost} | {why} |"
+            )
         lines += ["", "| entry point (engine='auto') | engine |", "|---|---|"]
         lines += [f"| {k} | {v or 'refused'} |" for k, v in self.entry_points.items()]
         if self.refusals:
@@ -125,8 +136,15 @@ def _bytes(n: int) -> str:
     return f"{n} B"
 
 
-def explain(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None, *,
-            randomness: str = "error", chunk_size: int | None = None) -> Explanation:
+def explain(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Any,
+    targets: Any = None,
+    *,
+    randomness: str = "error",
+    chunk_size: int | None = None,
+) -> Explanation:
     """What each engine makes of ``model`` on this batch, and which one each entry point takes.
 
     Arguments as for :func:`persample.grad_stats` (``loss_fn`` is called on a batch of ONE
@@ -165,8 +183,9 @@ def explain(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None,
         return EngineVerdict(name, True, None, memory, cost)
 
     verdicts["fast"] = run("fast", lambda: fast_grad_stats(model, loss_fn, batch, randomness=randomness))
-    verdicts["vmap"] = run("vmap", lambda: vmap_grad_stats(model, loss_fn, batch, randomness=randomness,
-                                                           chunk_size=chunk_size))
+    verdicts["vmap"] = run(
+        "vmap", lambda: vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
+    )
     verdicts["loop"] = run("loop", lambda: None)
 
     def first_exact(chain: tuple) -> str | None:
@@ -179,9 +198,11 @@ def explain(model: nn.Module, loss_fn: LossFn, inputs: Any, targets: Any = None,
                 return None
         return None
 
-    entry_points = {"grad_stats": first_exact(_CHAINS["auto"]),
-                    "per_sample_grads": first_exact(_GRADS_CHAINS["auto"]),
-                    "Tracker.observe": first_exact(("fast",))}
+    entry_points = {
+        "grad_stats": first_exact(_CHAINS["auto"]),
+        "per_sample_grads": first_exact(_GRADS_CHAINS["auto"]),
+        "Tracker.observe": first_exact(("fast",)),
+    }
     return Explanation(batch.size, count, modules, setup, verdicts, entry_points)
 
 
@@ -190,6 +211,7 @@ def _setup_refusals(model: nn.Module, randomness: str) -> list[Refusal]:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from ._model import backward_hooked_module, check_supported
+
     found: list[Refusal] = []
     for name, module in model.named_modules():
         label = module_label(name, module)
@@ -197,15 +219,22 @@ def _setup_refusals(model: nn.Module, randomness: str) -> list[Refusal]:
             code = "BATCHNORM_TRAIN" if module.training else "BATCHNORM_NO_RUNNING_STATS"
             found.append(Refusal.declared(code, label))
         elif randomness == "error" and dropout_probability(module):
-            found.append(Refusal.declared("RANDOM_UNDER_ERROR", label, f"{label} draws random numbers "
-                                          f"(p={dropout_probability(module)}) in training mode"))
+            found.append(
+                Refusal.declared(
+                    "RANDOM_UNDER_ERROR",
+                    label,
+                    f"{label} draws random numbers (p={dropout_probability(module)}) in training mode",
+                )
+            )
     try:
         check_supported(model, randomness)  # also what the loop above does not see (sharding, wrappers)
     except UnsupportedModelError as err:
         if not any(r.code == err.code and r.module == err.module for r in found):
             found.append(Refusal.of(err))
-    found += [Refusal.declared("PARAMETER_GRADIENT_HOOK", name, f"parameter {name!r} has a gradient hook")
-              for name in hooked_parameters(model)]
+    found += [
+        Refusal.declared("PARAMETER_GRADIENT_HOOK", name, f"parameter {name!r} has a gradient hook")
+        for name in hooked_parameters(model)
+    ]
     owner = backward_hooked_module(model)
     if owner is not None:
         found.append(Refusal.declared("MODULE_BACKWARD_HOOK", owner, f"{owner} has a backward hook"))
@@ -215,6 +244,7 @@ def _setup_refusals(model: nn.Module, randomness: str) -> list[Refusal]:
 def _treatment(unit) -> ModuleTreatment:
     from .engines.fast.recurrent import recurrent_mode
     from .engines.fast.rules import _rule_for_type, has_hooks
+
     count = sum(p.numel() for p in unit.params.values())
     if unit.rule is not None:
         how = f"rule: {unit.rule.name}"

@@ -88,20 +88,30 @@ class Diagnostics:
     as it was: training goes on.
     """
 
-    def __init__(self, *sinks: Any, ema_beta: float = noise.DEFAULT_EMA_BETA, per_layer: bool = True,
-                 extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None, keep: bool | int = True,
-                 norm_threshold: float = noise.DEFAULT_NORM_THRESHOLD,
-                 inner_threshold: float = noise.DEFAULT_INNER_THRESHOLD,
-                 ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD,
-                 tests: Sequence[str] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 preconditioner: Mapping[str, Any] | None = None, model: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        *sinks: Any,
+        ema_beta: float = noise.DEFAULT_EMA_BETA,
+        per_layer: bool = True,
+        extra: Callable[[Any, GradStats], Mapping[str, Any]] | None = None,
+        keep: bool | int = True,
+        norm_threshold: float = noise.DEFAULT_NORM_THRESHOLD,
+        inner_threshold: float = noise.DEFAULT_INNER_THRESHOLD,
+        ortho_threshold: float = noise.DEFAULT_ORTHO_THRESHOLD,
+        tests: Sequence[str] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        preconditioner: Mapping[str, Any] | None = None,
+        model: torch.nn.Module | None = None,
+    ):
         self.tests = None if tests is None else noise._check_tests(tests)
         if optimizer is not None and preconditioner is not None:
             raise ValueError("Diagnostics: pass optimizer= or preconditioner=, not both")
         if optimizer is not None and not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            raise ValueError(f"Diagnostics(optimizer=...) reads Adam's second moments: torch.optim.Adam or AdamW, "
-                             f"not {type(optimizer).__name__}; pass preconditioner={{name: P}} for another "
-                             f"preconditioned optimizer (B_simple is the noise scale of SGD)")
+            raise ValueError(
+                f"Diagnostics(optimizer=...) reads Adam's second moments: torch.optim.Adam or AdamW, "
+                f"not {type(optimizer).__name__}; pass preconditioner={{name: P}} for another "
+                f"preconditioned optimizer (B_simple is the noise scale of SGD)"
+            )
         self.optimizer = optimizer
         self.preconditioner = preconditioner
         self.model = model
@@ -116,8 +126,9 @@ class Diagnostics:
         if not isinstance(keep, (bool, int)) or keep < 0:
             raise ValueError(f"keep must be True, False or a number of rows ≥ 0, got {keep!r}")
         self.keep = DEFAULT_KEEP if keep is True else int(keep)
-        self.thresholds = dict(norm_threshold=norm_threshold, inner_threshold=inner_threshold,
-                               ortho_threshold=ortho_threshold)
+        self.thresholds = dict(
+            norm_threshold=norm_threshold, inner_threshold=inner_threshold, ortho_threshold=ortho_threshold
+        )
         self.rows: list[Row] = []
         self._warned: set[str] = set()
         self._keys: list[str] = []
@@ -134,8 +145,13 @@ class Diagnostics:
         undefined = self.preconditioner is PRECONDITIONER_UNDEFINED
         options = dict(per_layer=self.per_layer, tests=tests, **self.thresholds)
         try:
-            values = noise.diagnostics(stats, optimizer=self.optimizer, model=self.model,
-                                       preconditioner=None if undefined else self.preconditioner, **options)
+            values = noise.diagnostics(
+                stats,
+                optimizer=self.optimizer,
+                model=self.model,
+                preconditioner=None if undefined else self.preconditioner,
+                **options,
+            )
         except ValueError as err:
             if self.optimizer is None and (self.preconditioner is None or undefined):
                 raise
@@ -145,32 +161,49 @@ class Diagnostics:
             undefined = True
             if "preconditioner" not in self._warned:
                 self._warned.add("preconditioner")
-                warnings.warn(f"persample diagnostics: no preconditioned noise scale ({err}); its columns are NaN",
-                              stacklevel=3)
+                warnings.warn(
+                    f"persample diagnostics: no preconditioned noise scale ({err}); its columns are NaN", stacklevel=3
+                )
         if undefined:  # the optimizer had not stepped yet: P is undefined on this step
             values.update(b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan)
         if self.tests is None and stats.inner_products is None:  # the default's columns, NaN: nothing was asked
             for key in ("inner_test", "ortho_test"):
-                values.update({key: math.nan, f"{key}_batch": math.nan,
-                               f"{key}_threshold": float(self.thresholds[key.replace("test", "threshold")])})
+                values.update(
+                    {
+                        key: math.nan,
+                        f"{key}_batch": math.nan,
+                        f"{key}_threshold": float(self.thresholds[key.replace("test", "threshold")]),
+                    }
+                )
         row: Row = {"step": step, **values}
-        row["b_simple_ema"] = self.ema.update(noise.NoiseScale(
-            stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan))
+        row["b_simple_ema"] = self.ema.update(
+            noise.NoiseScale(stats.n, values["grad_sq"], values["trace_cov"], values["b_simple"], math.nan, math.nan)
+        )
         row["b_simple_ema_lo"], row["b_simple_ema_hi"] = self.ema.interval(0.9)
         if "b_precond" in values:
             if math.isnan(values["b_precond"]):
                 row["b_precond_ema"] = self.ema_precond.value
             else:
-                row["b_precond_ema"] = self.ema_precond.update(noise.NoiseScale(
-                    stats.n, values["grad_sq_precond"], values["trace_cov_precond"], values["b_precond"],
-                    math.nan, math.nan))
+                row["b_precond_ema"] = self.ema_precond.update(
+                    noise.NoiseScale(
+                        stats.n,
+                        values["grad_sq_precond"],
+                        values["trace_cov_precond"],
+                        values["b_precond"],
+                        math.nan,
+                        math.nan,
+                    )
+                )
         return row
 
     def _nan_row(self, stats: GradStats, step: int, problem: str) -> Row:
         if problem not in self._warned:
             self._warned.add(problem)
-            warnings.warn(f"persample diagnostics: {problem}; its row is NaN (the EMA skips it). Further such "
-                          "steps are not warned about", stacklevel=4)
+            warnings.warn(
+                f"persample diagnostics: {problem}; its row is NaN (the EMA skips it). Further such "
+                "steps are not warned about",
+                stacklevel=4,
+            )
         keys = self._keys or ["n", "loss", "grad_norm", "grad_sq", "trace_cov", "b_simple"]
         row: Row = {"step": step, **{k: math.nan for k in keys if k != "step"}}
         row["n"] = float(stats.n)
@@ -195,7 +228,7 @@ class Diagnostics:
         if self.keep:
             self.rows.append(row)
             if len(self.rows) > self.keep:
-                del self.rows[:len(self.rows) - self.keep]
+                del self.rows[: len(self.rows) - self.keep]
         for sink in self.sinks:
             sink.write(row)
 
@@ -203,8 +236,12 @@ class Diagnostics:
         """What a resumed run needs to log the rows an uninterrupted run logs: the EMA behind
         ``b_simple_ema``, the columns seen and the warnings already given (JSON-safe). :attr:`rows`
         is not saved (the sinks' files hold them; :func:`read_metrics` reads them back)."""
-        return {"ema": self.ema.state_dict(), "ema_precond": self.ema_precond.state_dict(), "keys": list(self._keys),
-                "warned": sorted(self._warned)}
+        return {
+            "ema": self.ema.state_dict(),
+            "ema_precond": self.ema_precond.state_dict(),
+            "keys": list(self._keys),
+            "warned": sorted(self._warned),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`."""
@@ -237,15 +274,26 @@ class Diagnostics:
             self._warned.add("inner")
             missing.append("the inner-product and orthogonality tests need inner_products=True")
         if missing:
-            warnings.warn("persample diagnostics: " + "; ".join(missing)
-                          + " in persample.Tracker / grad_stats; those columns are NaN", stacklevel=3)
-        if stats.inner_products is not None and "reference" not in self._warned \
-                and (self.tests is None or "orthogonality" in self.tests) and not noise._reference_is_mean(stats):
+            warnings.warn(
+                "persample diagnostics: "
+                + "; ".join(missing)
+                + " in persample.Tracker / grad_stats; those columns are NaN",
+                stacklevel=3,
+            )
+        if (
+            stats.inner_products is not None
+            and "reference" not in self._warned
+            and (self.tests is None or "orthogonality" in self.tests)
+            and not noise._reference_is_mean(stats)
+        ):
             self._warned.add("reference")
-            warnings.warn("persample diagnostics: these inner products are relative to a shared reference r, not "
-                          "to the batch's own mean (Tracker.accumulate(reference=...)): inner_test is the test "
-                          "along r (persample.noise.inner_product_test), and the orthogonality test columns are "
-                          "NaN", stacklevel=3)
+            warnings.warn(
+                "persample diagnostics: these inner products are relative to a shared reference r, not "
+                "to the batch's own mean (Tracker.accumulate(reference=...)): inner_test is the test "
+                "along r (persample.noise.inner_product_test), and the orthogonality test columns are "
+                "NaN",
+                stacklevel=3,
+            )
 
 
 def _undiagnosable(stats: GradStats) -> str | None:
@@ -332,8 +380,9 @@ def _backup_path(path: Path) -> Path:
         k += 1
 
 
-def _split_resumed(path: Path, kept: list[Any], dropped: list[Any], first_step: float | None,
-                   step_of: Callable[[Any], float | None]) -> tuple[list[Any], list[Any]]:
+def _split_resumed(
+    path: Path, kept: list[Any], dropped: list[Any], first_step: float | None, step_of: Callable[[Any], float | None]
+) -> tuple[list[Any], list[Any]]:
     """Split an existing file's rows at a resumed run's first step: rows before it stay, the rest
     (written past the checkpoint the run resumed from, or by an earlier run) are replaced."""
     if first_step is None:
@@ -345,17 +394,22 @@ def _split_resumed(path: Path, kept: list[Any], dropped: list[Any], first_step: 
     return keep, drop + dropped
 
 
-def _warn_replaced(what: str, path: Path, n_dropped: int, partial: bool, first_step: Any,
-                   backup: Path | None) -> None:
+def _warn_replaced(what: str, path: Path, n_dropped: int, partial: bool, first_step: Any, backup: Path | None) -> None:
     parts = []
     if n_dropped:
-        parts.append(f"{n_dropped} row(s) from step {_scalar(first_step)} on, written by an earlier run (past the "
-                     f"checkpoint this run resumed from, or another run), are replaced by this run's rows; the old "
-                     f"ones are kept in {str(backup)!r}")
+        parts.append(
+            f"{n_dropped} row(s) from step {_scalar(first_step)} on, written by an earlier run (past the "
+            f"checkpoint this run resumed from, or another run), are replaced by this run's rows; the old "
+            f"ones are kept in {str(backup)!r}"
+        )
     if partial:
         parts.append("an incomplete last line (a run killed mid-write) was dropped")
-    warnings.warn(f"{what}({str(path)!r}) appends to an existing file: " + "; ".join(parts)
-                  + ". Pass a new path to keep runs apart", stacklevel=4)
+    warnings.warn(
+        f"{what}({str(path)!r}) appends to an existing file: "
+        + "; ".join(parts)
+        + ". Pass a new path to keep runs apart",
+        stacklevel=4,
+    )
 
 
 class CSVLogger(_Sink):
@@ -558,7 +612,8 @@ class TensorBoardLogger(_Sink):
     with its unit in the name (``persample/b_simple_examples``,
     ``persample/example_loss_mean``); per-layer keys
     (``persample/layer/<module>/b_simple_examples``) group by layer.
-    Needs the ``tensorboard`` package: ``pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard``.
+    Needs the ``tensorboard`` package: ``pip install -e ".[tensorboard]"`` in a persample checkout, or
+    ``pip install tensorboard``.
     """
 
     def __init__(self, log_dir: str | os.PathLike, *, prefix: str = "persample/", **diagnostics_options: Any):
@@ -570,7 +625,8 @@ class TensorBoardLogger(_Sink):
         except ImportError as err:
             raise ImportError(
                 "persample.loggers.TensorBoardLogger needs the 'tensorboard' package: "
-                "pip install -e \".[tensorboard]\" (in a persample checkout), or pip install tensorboard") from err
+                'pip install -e ".[tensorboard]" (in a persample checkout), or pip install tensorboard'
+            ) from err
         self.log_dir = Path(log_dir)
         self.writer = SummaryWriter(log_dir=str(self.log_dir))
         self._count = 0
@@ -624,10 +680,15 @@ def read_metrics(path: str | os.PathLike) -> list[Row]:
         raise ValueError(f"read_metrics: expected a .csv or .jsonl file, got {str(path)!r}")
     if incomplete:
         if incomplete != [last]:
-            raise ValueError(f"read_metrics: {str(path)!r} has incomplete rows before its last one (lines "
-                             f"{', '.join(map(str, incomplete[:5]))}): it is not a file the loggers wrote")
-        warnings.warn(f"read_metrics: the last row of {str(path)!r} (line {last}) is incomplete, as after a run "
-                      "killed while writing it; it was dropped", stacklevel=2)
+            raise ValueError(
+                f"read_metrics: {str(path)!r} has incomplete rows before its last one (lines "
+                f"{', '.join(map(str, incomplete[:5]))}): it is not a file the loggers wrote"
+            )
+        warnings.warn(
+            f"read_metrics: the last row of {str(path)!r} (line {last}) is incomplete, as after a run "
+            "killed while writing it; it was dropped",
+            stacklevel=2,
+        )
     for r in rows:
         if isinstance(r.get("step"), float) and math.isfinite(r["step"]):
             r["step"] = int(r["step"])
@@ -641,4 +702,3 @@ def _parse(text: str) -> Any:
         return float(text)
     except ValueError:
         return text
-

@@ -56,11 +56,31 @@ from torch import Tensor
 from .stats import GradStats
 
 __all__ = [
-    "NoiseScale", "BatchSizeTest", "NoiseScaleEMA",
-    "gradient_noise_scale", "two_batch_noise_scale", "rank_noise_scale", "preconditioned_noise_scale",
-    "layer_preconditioned_noise_scale", "adam_preconditioner", "jackknife_noise_scale", "gsnr", "mean_gsnr", "norm_test", "inner_product_test",
-    "orthogonality_test", "gradient_diversity", "group_by_layer", "layer_noise_scale", "layer_gsnr",
-    "diagnostics", "TESTS", "DEFAULT_EMA_BETA", "DEFAULT_NORM_THRESHOLD", "DEFAULT_INNER_THRESHOLD", "DEFAULT_ORTHO_THRESHOLD",
+    "NoiseScale",
+    "BatchSizeTest",
+    "NoiseScaleEMA",
+    "gradient_noise_scale",
+    "two_batch_noise_scale",
+    "rank_noise_scale",
+    "preconditioned_noise_scale",
+    "layer_preconditioned_noise_scale",
+    "adam_preconditioner",
+    "jackknife_noise_scale",
+    "gsnr",
+    "mean_gsnr",
+    "norm_test",
+    "inner_product_test",
+    "orthogonality_test",
+    "gradient_diversity",
+    "group_by_layer",
+    "layer_noise_scale",
+    "layer_gsnr",
+    "diagnostics",
+    "TESTS",
+    "DEFAULT_EMA_BETA",
+    "DEFAULT_NORM_THRESHOLD",
+    "DEFAULT_INNER_THRESHOLD",
+    "DEFAULT_ORTHO_THRESHOLD",
 ]
 
 #: Default θ of the norm test. Byrd et al. (2012) require θ < 1 (θ bounds the
@@ -105,21 +125,26 @@ def _require_finite(fn: str, stats: GradStats, *fields: str) -> None:
         if where is not None:
             raise ValueError(
                 f"{fn}: non-finite values in {where}; the per-example gradients or losses "
-                f"overflowed or are NaN (check the loss, the learning rate, or mixed-precision scaling)")
+                f"overflowed or are NaN (check the loss, the learning rate, or mixed-precision scaling)"
+            )
 
 
 def _require_two(fn: str, stats: GradStats) -> None:
     if not isinstance(stats, GradStats):
         raise TypeError(f"{fn} takes a GradStats, not {type(stats).__name__}")
     if stats.n < 2:
-        raise ValueError(f"{fn} needs at least 2 examples (got a GradStats with n={stats.n}): "
-                         f"a variance cannot be estimated from one example")
+        raise ValueError(
+            f"{fn} needs at least 2 examples (got a GradStats with n={stats.n}): "
+            f"a variance cannot be estimated from one example"
+        )
 
 
 def _require_var(fn: str, stats: GradStats) -> None:
     if stats.m2 is None:
-        raise ValueError(f"{fn} needs the per-element variance, but these statistics have none: "
-                         f"compute them with var=True (the default) in grad_stats / Tracker")
+        raise ValueError(
+            f"{fn} needs the per-element variance, but these statistics have none: "
+            f"compute them with var=True (the default) in grad_stats / Tracker"
+        )
 
 
 def _div(num: float, den: float) -> float:
@@ -140,9 +165,9 @@ class _Moments:
     """Float64 scalars of (a subset of the parameters of) one GradStats."""
 
     n: int
-    mean_sq: float     # ‖ḡ‖²
-    m: float           # (1/B) Σ_i ‖g_i‖²
-    trace: float | None = None   # Σ_j Var_j from the per-element variance, when it was kept
+    mean_sq: float  # ‖ḡ‖²
+    m: float  # (1/B) Σ_i ‖g_i‖²
+    trace: float | None = None  # Σ_j Var_j from the per-element variance, when it was kept
 
 
 def _moments(stats: GradStats, names: Sequence[str] | None = None) -> _Moments:
@@ -240,12 +265,14 @@ def _noise_scale(mo: _Moments, jackknife: Mapping[str, float] | None = None, why
     else:
         grad_sq = (b * mo.mean_sq - mo.m) / (b - 1)
         trace_cov = max((mo.m - mo.mean_sq) * b / (b - 1), 0.0)
-    return NoiseScale(b, grad_sq, trace_cov, _div(trace_cov, grad_sq), mo.mean_sq, mo.m,
-                      stderr=jackknife, stderr_missing=why)
+    return NoiseScale(
+        b, grad_sq, trace_cov, _div(trace_cov, grad_sq), mo.mean_sq, mo.m, stderr=jackknife, stderr_missing=why
+    )
 
 
-def jackknife_noise_scale(n: int, sq_norms: Tensor, inner_products: Tensor, mean_sq_norm: Tensor | float
-                          ) -> dict[str, Tensor]:
+def jackknife_noise_scale(
+    n: int, sq_norms: Tensor, inner_products: Tensor, mean_sq_norm: Tensor | float
+) -> dict[str, Tensor]:
     """Delete-one jackknife standard errors of |G|², tr Σ and B_simple, in closed form (no second pass).
 
     Leaving example i out of a batch of B (g_i, ḡ, s_i = ‖g_i‖², p_i = ⟨g_i, ḡ⟩):
@@ -291,6 +318,7 @@ def _normal_quantile(level: float) -> float:
     if not isinstance(level, (int, float)) or not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     from statistics import NormalDist
+
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
@@ -298,20 +326,28 @@ def _t_quantile(level: float, dof: int) -> float:
     """Student-t two-sided quantile by the Cornish–Fisher expansion around the normal (error < 1e-3 for dof ≥ 4)."""
     z = _normal_quantile(level)
     v = float(dof)
-    return (z + (z ** 3 + z) / (4 * v) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * v ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * v ** 3))
+    return (
+        z
+        + (z**3 + z) / (4 * v)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * v**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * v**3)
+    )
 
 
 def _stats_jackknife(stats: GradStats, names: Sequence[str] | None = None) -> tuple[dict[str, float] | None, str]:
     """The jackknife standard errors of ``stats`` (all parameters), or None and why not."""
     if stats.inner_products is None:
-        return None, ("no standard error: these statistics have no inner products <g_i, mean gradient>; compute "
-                      "them with inner_products=True (grad_stats / Tracker) to get the jackknife interval")
+        return None, (
+            "no standard error: these statistics have no inner products <g_i, mean gradient>; compute "
+            "them with inner_products=True (grad_stats / Tracker) to get the jackknife interval"
+        )
     if names is not None and list(names) != stats.names:
         return None, "no standard error per layer: the inner products are over all parameters"
     if not _reference_is_mean(stats):
-        return None, ("no standard error: the inner products are relative to a shared reference, not this batch's "
-                      "mean gradient (records merged from micro-batches or ranks); the jackknife needs <g_i, mean>")
+        return None, (
+            "no standard error: the inner products are relative to a shared reference, not this batch's "
+            "mean gradient (records merged from micro-batches or ranks); the jackknife needs <g_i, mean>"
+        )
     if stats.n < 3:
         return None, "no standard error: the jackknife needs at least 3 examples"
     mean_sq = _f64_sum_sq(stats.mean.values())
@@ -385,14 +421,24 @@ def two_batch_noise_scale(b_small: float, small_sq_norm: float, b_big: float, bi
     b_small, b_big = float(b_small), float(b_big)
     small_sq_norm, big_sq_norm = float(small_sq_norm), float(big_sq_norm)
     if not 0 < b_small < b_big:
-        raise ValueError(f"two_batch_noise_scale needs 0 < b_small < b_big, got b_small={b_small}, b_big={b_big} "
-                         "(with one rank, or no smaller batch, there is nothing to compare)")
+        raise ValueError(
+            f"two_batch_noise_scale needs 0 < b_small < b_big, got b_small={b_small}, b_big={b_big} "
+            "(with one rank, or no smaller batch, there is nothing to compare)"
+        )
     if not (math.isfinite(small_sq_norm) and math.isfinite(big_sq_norm)):
         raise ValueError(f"two_batch_noise_scale: non-finite squared norms ({small_sq_norm}, {big_sq_norm})")
     grad_sq = (b_big * big_sq_norm - b_small * small_sq_norm) / (b_big - b_small)
     trace_cov = (small_sq_norm - big_sq_norm) / (1 / b_small - 1 / b_big)
-    return NoiseScale(int(b_big) if b_big.is_integer() else b_big, grad_sq, trace_cov, _div(trace_cov, grad_sq),
-                      big_sq_norm, small_sq_norm, estimator="rank", b_small=b_small)
+    return NoiseScale(
+        int(b_big) if b_big.is_integer() else b_big,
+        grad_sq,
+        trace_cov,
+        _div(trace_cov, grad_sq),
+        big_sq_norm,
+        small_sq_norm,
+        estimator="rank",
+        b_small=b_small,
+    )
 
 
 def rank_noise_scale(stats: GradStats) -> NoiseScale:
@@ -414,9 +460,11 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
     if not isinstance(stats, GradStats):
         raise TypeError(f"rank_noise_scale takes a GradStats, not {type(stats).__name__}")
     if stats.part_sizes is None:
-        raise ValueError("rank_noise_scale needs the per-rank batch sizes and mean-gradient norms of an "
-                         "all-reduced record: call stats.all_reduce() (persample.distributed) first; "
-                         "Tracker does this under torch.distributed")
+        raise ValueError(
+            "rank_noise_scale needs the per-rank batch sizes and mean-gradient norms of an "
+            "all-reduced record: call stats.all_reduce() (persample.distributed) first; "
+            "Tracker does this under torch.distributed"
+        )
     if len(stats.part_sizes) < 2:
         raise ValueError(f"rank_noise_scale needs at least 2 ranks, got {len(stats.part_sizes)}")
     _require_finite("rank_noise_scale", stats, "mean")
@@ -429,8 +477,12 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
 # ------------------------------------------------------- preconditioned noise scale
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, names: Sequence[str] | None = None, *,
-                        model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer,
+    names: Sequence[str] | None = None,
+    *,
+    model: torch.nn.Module | Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
     """Adam's diagonal preconditioner P_j = 1/(sqrt(v̂_j) + ε) as it stands now, ``{name: P}``.
 
     v̂ = ``exp_avg_sq`` / (1 − β₂^t) is the bias-corrected second moment after the t
@@ -457,9 +509,11 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, names: Sequence[str] |
             its first step P is undefined: use B_simple for that step).
     """
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        raise ValueError(f"the preconditioned noise scale reads Adam's second moments from torch.optim.Adam / "
-                         f"AdamW; {type(optimizer).__name__} is neither: pass preconditioner={{name: P}} "
-                         f"(the diagonal of its preconditioner per parameter) instead")
+        raise ValueError(
+            f"the preconditioned noise scale reads Adam's second moments from torch.optim.Adam / "
+            f"AdamW; {type(optimizer).__name__} is neither: pass preconditioner={{name: P}} "
+            f"(the diagonal of its preconditioner per parameter) instead"
+        )
     by_name: dict[str, tuple[Tensor, dict]] = {}
     if model is not None:
         named = dict(model.named_parameters()) if isinstance(model, torch.nn.Module) else dict(model)
@@ -470,26 +524,32 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, names: Sequence[str] |
     else:
         for group in optimizer.param_groups:
             if "param_names" not in group:
-                raise ValueError("adam_preconditioner: cannot tell which parameter is which: pass model= (the "
-                                 "model whose named_parameters() the statistics are keyed by), or build the "
-                                 "optimizer from model.named_parameters()")
+                raise ValueError(
+                    "adam_preconditioner: cannot tell which parameter is which: pass model= (the "
+                    "model whose named_parameters() the statistics are keyed by), or build the "
+                    "optimizer from model.named_parameters()"
+                )
             by_name.update({n: (p, group) for n, p in zip(group["param_names"], group["params"])})
     wanted = list(by_name) if names is None else list(names)
     out: dict[str, Tensor] = {}
     for name in wanted:
         if name not in by_name:
-            raise ValueError(f"adam_preconditioner: the optimizer holds no parameter named {name!r}; the "
-                             f"statistics and the optimizer must cover the same parameters")
+            raise ValueError(
+                f"adam_preconditioner: the optimizer holds no parameter named {name!r}; the "
+                f"statistics and the optimizer must cover the same parameters"
+            )
         p, group = by_name[name]
         state = optimizer.state.get(p, {})
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
         if key not in state or float(state.get("step", 0)) == 0:
-            raise ValueError(f"adam_preconditioner: {type(optimizer).__name__} has no state for {name!r} yet (it "
-                             f"has not taken a step): Adam's preconditioner is undefined before its first step; "
-                             f"use B_simple there (diagnostics reports NaN for that step)")
+            raise ValueError(
+                f"adam_preconditioner: {type(optimizer).__name__} has no state for {name!r} yet (it "
+                f"has not taken a step): Adam's preconditioner is undefined before its first step; "
+                f"use B_simple there (diagnostics reports NaN for that step)"
+            )
         t = float(state["step"])
         beta2 = float(group["betas"][1])
-        v_hat = state[key].detach().double() / (1 - beta2 ** t)
+        v_hat = state[key].detach().double() / (1 - beta2**t)
         out[name] = 1.0 / (v_hat.sqrt() + float(group["eps"]))
     return out
 
@@ -504,27 +564,34 @@ def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tens
         trace += float((w * var).sum())
         mean_sq += float((w * mu2).sum())
     signal = mean_sq - trace / b
-    return NoiseScale(b, signal, trace, _div(trace, signal), mean_sq, mean_sq + trace * (b - 1) / b,
-                      estimator="preconditioned")
+    return NoiseScale(
+        b, signal, trace, _div(trace, signal), mean_sq, mean_sq + trace * (b - 1) / b, estimator="preconditioned"
+    )
 
 
 def _resolve_preconditioner(fn: str, stats: GradStats, optimizer, preconditioner, model) -> dict[str, Tensor]:
     _require_two(fn, stats)
     if stats.m2 is None:
-        raise ValueError(f"{fn} needs the per-element variance (tr(PΣ) = Σ_j P_j Var_j weighs each element), but "
-                         f"these statistics have none: compute them with var=True (the default) in grad_stats / "
-                         f"Tracker")
+        raise ValueError(
+            f"{fn} needs the per-element variance (tr(PΣ) = Σ_j P_j Var_j weighs each element), but "
+            f"these statistics have none: compute them with var=True (the default) in grad_stats / "
+            f"Tracker"
+        )
     if (optimizer is None) == (preconditioner is None):
-        raise ValueError(f"{fn}: pass exactly one of optimizer= (torch.optim.Adam / AdamW) and "
-                         f"preconditioner= ({{name: P}}, the diagonal of the preconditioner)")
+        raise ValueError(
+            f"{fn}: pass exactly one of optimizer= (torch.optim.Adam / AdamW) and "
+            f"preconditioner= ({{name: P}}, the diagonal of the preconditioner)"
+        )
     _require_finite(fn, stats, "mean", "m2")
     if optimizer is not None:
         return adam_preconditioner(optimizer, stats.names, model=model)
     P = dict(preconditioner)
     for k in stats.names:
         if k not in P:
-            raise ValueError(f"{fn}: preconditioner has no entry for {k!r} (it needs one per parameter of the "
-                             f"statistics, a tensor of the parameter's shape or a scalar)")
+            raise ValueError(
+                f"{fn}: preconditioner has no entry for {k!r} (it needs one per parameter of the "
+                f"statistics, a tensor of the parameter's shape or a scalar)"
+            )
         w = torch.as_tensor(P[k]).detach().double()
         if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
             raise ValueError(f"{fn}: preconditioner[{k!r}] must be finite and ≥ 0")
@@ -532,9 +599,13 @@ def _resolve_preconditioner(fn: str, stats: GradStats, optimizer, preconditioner
     return P
 
 
-def preconditioned_noise_scale(stats: GradStats, optimizer: torch.optim.Optimizer | None = None, *,
-                               preconditioner: Mapping[str, Tensor | float] | None = None,
-                               model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> NoiseScale:
+def preconditioned_noise_scale(
+    stats: GradStats,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    preconditioner: Mapping[str, Tensor | float] | None = None,
+    model: torch.nn.Module | Mapping[str, Tensor] | None = None,
+) -> NoiseScale:
     """The noise scale an Adam-type optimizer sees: B^P = tr(PΣ) / GᵀPG, for a diagonal preconditioner P.
 
     A step of a preconditioned optimizer moves along P·ḡ, so its loss decrease
@@ -580,10 +651,13 @@ def preconditioned_noise_scale(stats: GradStats, optimizer: torch.optim.Optimize
     return _preconditioned(stats, stats.names, P)
 
 
-def layer_preconditioned_noise_scale(stats: GradStats, optimizer: torch.optim.Optimizer | None = None, *,
-                                     preconditioner: Mapping[str, Tensor | float] | None = None,
-                                     model: torch.nn.Module | Mapping[str, Tensor] | None = None
-                                     ) -> dict[str, NoiseScale]:
+def layer_preconditioned_noise_scale(
+    stats: GradStats,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    preconditioner: Mapping[str, Tensor | float] | None = None,
+    model: torch.nn.Module | Mapping[str, Tensor] | None = None,
+) -> dict[str, NoiseScale]:
     """:func:`preconditioned_noise_scale` for each layer (module prefix, see :func:`group_by_layer`);
     the layers' ``grad_sq`` and ``trace_cov`` add up to the whole model's. Raises as it does."""
     P = _resolve_preconditioner("layer_preconditioned_noise_scale", stats, optimizer, preconditioner, model)
@@ -636,7 +710,7 @@ class NoiseScaleEMA:
         self._grad_sq = b * self._grad_sq + (1 - b) * est.grad_sq
         self.steps += 1
         self._history.append((float(est.trace_cov), float(est.grad_sq)))
-        del self._history[:-self.window]
+        del self._history[: -self.window]
         return self.value
 
     def interval(self, level: float = 0.9, batches: int = 10) -> tuple[float, float]:
@@ -663,9 +737,9 @@ class NoiseScaleEMA:
         if k < 4:
             return math.nan, math.nan
         size = len(h) // k
-        h = h[len(h) - k * size:]
-        t = [math.fsum(x[0] for x in h[i * size:(i + 1) * size]) / size for i in range(k)]
-        g = [math.fsum(x[1] for x in h[i * size:(i + 1) * size]) / size for i in range(k)]
+        h = h[len(h) - k * size :]
+        t = [math.fsum(x[0] for x in h[i * size : (i + 1) * size]) / size for i in range(k)]
+        g = [math.fsum(x[1] for x in h[i * size : (i + 1) * size]) / size for i in range(k)]
         g_bar = math.fsum(g) / k
         if not g_bar > 0:
             return math.nan, math.nan
@@ -682,12 +756,12 @@ class NoiseScaleEMA:
     @property
     def trace_cov(self) -> float:
         """Bias-corrected EMA of tr Σ (NaN before the first update)."""
-        return self._trace_cov / (1 - self.beta ** self.steps) if self.steps else math.nan
+        return self._trace_cov / (1 - self.beta**self.steps) if self.steps else math.nan
 
     @property
     def grad_sq(self) -> float:
         """Bias-corrected EMA of |G|² (NaN before the first update)."""
-        return self._grad_sq / (1 - self.beta ** self.steps) if self.steps else math.nan
+        return self._grad_sq / (1 - self.beta**self.steps) if self.steps else math.nan
 
     @property
     def value(self) -> float:
@@ -710,20 +784,28 @@ class NoiseScaleEMA:
         >>> again = NoiseScaleEMA(0.5); again.load_state_dict(ema.state_dict()); again.value
         15.0
         """
-        return {"beta": self.beta, "steps": self.steps, "trace_cov": self._trace_cov, "grad_sq": self._grad_sq,
-                "window": self.window, "history": [list(x) for x in self._history]}
+        return {
+            "beta": self.beta,
+            "steps": self.steps,
+            "trace_cov": self._trace_cov,
+            "grad_sq": self._grad_sq,
+            "window": self.window,
+            "history": [list(x) for x in self._history],
+        }
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore :meth:`state_dict`; a resumed run's values then match an uninterrupted run's exactly."""
         beta = float(state["beta"])
         if beta != self.beta:
-            raise ValueError(f"NoiseScaleEMA.load_state_dict: the saved EMA has beta={beta}, this one "
-                             f"beta={self.beta}; construct it with beta={beta} to resume it")
+            raise ValueError(
+                f"NoiseScaleEMA.load_state_dict: the saved EMA has beta={beta}, this one "
+                f"beta={self.beta}; construct it with beta={beta} to resume it"
+            )
         self.steps = int(state["steps"])
         self._trace_cov = float(state["trace_cov"])
         self._grad_sq = float(state["grad_sq"])
         self.window = int(state.get("window", self.window))
-        self._history = [(float(a), float(b)) for a, b in state.get("history", [])][-self.window:]
+        self._history = [(float(a), float(b)) for a, b in state.get("history", [])][-self.window :]
 
     def __repr__(self) -> str:
         return f"NoiseScaleEMA(beta={self.beta}, steps={self.steps}, value={self.value:.4g})"
@@ -810,8 +892,12 @@ class BatchSizeTest:
 
 
 def _check_threshold(fn: str, threshold: float) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or not threshold > 0 \
-            or not math.isfinite(threshold):
+    if (
+        not isinstance(threshold, (int, float))
+        or isinstance(threshold, bool)
+        or not threshold > 0
+        or not math.isfinite(threshold)
+    ):
         raise ValueError(f"{fn}: threshold must be a positive finite number, got {threshold!r}")
     return float(threshold)
 
@@ -819,7 +905,7 @@ def _check_threshold(fn: str, threshold: float) -> float:
 def _make_test(name: str, variance: float, scale: float, n: int, threshold: float) -> BatchSizeTest:
     """statistic = sqrt(variance / (B·scale)); suggested B = variance / (threshold²·scale)."""
     stat = _sqrt(_div(variance, n * scale))
-    b_star = _div(variance, threshold ** 2 * scale)
+    b_star = _div(variance, threshold**2 * scale)
     if math.isfinite(b_star):
         # Roundoff guard: B·(θ/η)² = 31.999999999 must suggest 32, not 33.
         suggested = float(max(1, math.ceil(b_star * (1 - 1e-12))))
@@ -857,10 +943,12 @@ def _inner_products(fn: str, stats: GradStats) -> tuple[Tensor, bool]:
         raise ValueError(
             f"{fn} needs the inner products p_i = <g_i, mean gradient>, but these statistics have none: "
             f"pass inner_products=True to persample.grad_stats / persample.Tracker (records merged "
-            f"from batches with different references lose them)")
+            f"from batches with different references lose them)"
+        )
     if stats.reference is None or stats.reference.keys() != stats.mean.keys():
-        raise ValueError(f"{fn}: stats.inner_products has no reference over the same parameters; "
-                         f"recompute with inner_products=True")
+        raise ValueError(
+            f"{fn}: stats.inner_products has no reference over the same parameters; recompute with inner_products=True"
+        )
     return stats.inner_products.detach().double(), _reference_is_mean(stats)
 
 
@@ -868,17 +956,17 @@ def _reference_is_mean(stats: GradStats) -> bool:
     """Whether ``stats.reference`` is the batch's own mean ḡ, within the rounding of its dtype."""
     dtype = next(iter(stats.mean.values())).dtype
     rtol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
-    diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k]
-                                 for k in stats.names))
-    scale = max(math.sqrt(_f64_sum_sq(stats.mean.values())),
-                math.sqrt(_f64_sum_sq(stats.reference.values())))
+    diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k] for k in stats.names))
+    scale = max(math.sqrt(_f64_sum_sq(stats.mean.values())), math.sqrt(_f64_sum_sq(stats.reference.values())))
     return diff <= rtol * scale
 
 
 def _mean_dot_reference(stats: GradStats) -> float:
     """⟨ḡ, r⟩ summed in float64."""
-    return sum(float((stats.mean[k].detach().double() * stats.reference[k].detach().to(
-        stats.mean[k].device).double()).sum()) for k in stats.names)
+    return sum(
+        float((stats.mean[k].detach().double() * stats.reference[k].detach().to(stats.mean[k].device).double()).sum())
+        for k in stats.names
+    )
 
 
 def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESHOLD) -> BatchSizeTest:
@@ -910,7 +998,7 @@ def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESH
     p, along_mean = _inner_products("inner_product_test", stats)
     var_p = float(((p - p.mean()) ** 2).sum()) / (stats.n - 1)
     signal = _f64_sum_sq(stats.mean.values()) if along_mean else _mean_dot_reference(stats)
-    return _make_test("inner_product", var_p, signal ** 2, stats.n, threshold)
+    return _make_test("inner_product", var_p, signal**2, stats.n, threshold)
 
 
 def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESHOLD) -> BatchSizeTest:
@@ -944,7 +1032,8 @@ def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESH
             "orthogonality_test needs inner products relative to this batch's mean gradient, but "
             "stats.reference is another direction (a reference shared by micro-batches or ranks, or records "
             "merged from other batches). Compute the statistics of the whole batch in one call with "
-            "inner_products=True")
+            "inner_products=True"
+        )
     mean_sq = _f64_sum_sq(stats.mean.values())
     sq = stats.sq_norms.detach().double()
     if mean_sq == 0:
@@ -1040,15 +1129,19 @@ def _optimizer_stepped(optimizer: torch.optim.Optimizer, params: Iterable[Tensor
     return all(float(optimizer.state.get(p, {}).get("step", 0)) > 0 for p in params)
 
 
-def diagnostics(stats: GradStats, *, per_layer: bool = True,
-                norm_threshold: float = DEFAULT_NORM_THRESHOLD,
-                inner_threshold: float = DEFAULT_INNER_THRESHOLD,
-                ortho_threshold: float = DEFAULT_ORTHO_THRESHOLD,
-                quantiles: Sequence[float] = (0.1, 0.5, 0.9),
-                tests: Iterable[str] = TESTS,
-                optimizer: torch.optim.Optimizer | None = None,
-                preconditioner: Mapping[str, Tensor | float] | None = None,
-                model: torch.nn.Module | Mapping[str, Tensor] | None = None) -> dict[str, float]:
+def diagnostics(
+    stats: GradStats,
+    *,
+    per_layer: bool = True,
+    norm_threshold: float = DEFAULT_NORM_THRESHOLD,
+    inner_threshold: float = DEFAULT_INNER_THRESHOLD,
+    ortho_threshold: float = DEFAULT_ORTHO_THRESHOLD,
+    quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+    tests: Iterable[str] = TESTS,
+    optimizer: torch.optim.Optimizer | None = None,
+    preconditioner: Mapping[str, Tensor | float] | None = None,
+    model: torch.nn.Module | Mapping[str, Tensor] | None = None,
+) -> dict[str, float]:
     """Every diagnostic of one batch as a flat ``{name: float}`` row (for loggers and plots).
 
     Keys: ``n``, ``loss`` (mean of the per-example losses), ``grad_norm`` (‖ḡ‖),
@@ -1093,9 +1186,13 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
     }
     for q, v in zip(quantiles, qs.tolist()):
         row[f"norm_p{round(q * 100):d}"] = v
-    row.update(grad_sq=est.grad_sq, trace_cov=est.trace_cov, b_simple=est.b_simple,
-               gsnr_mean=_mean_gsnr(stats, stats.names) if stats.m2 is not None else nan,
-               diversity=_div(est.mean_example_sq_norm, stats.n * est.mean_sq_norm))
+    row.update(
+        grad_sq=est.grad_sq,
+        trace_cov=est.trace_cov,
+        b_simple=est.b_simple,
+        gsnr_mean=_mean_gsnr(stats, stats.names) if stats.m2 is not None else nan,
+        diversity=_div(est.mean_example_sq_norm, stats.n * est.mean_sq_norm),
+    )
     if est.stderr is not None:
         lo, hi = est.interval(0.9)
         row.update(b_simple_stderr=est.stderr["b_simple"], b_simple_lo=lo, b_simple_hi=hi)
@@ -1107,13 +1204,14 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
         if stats.m2 is not None and (optimizer is None or _optimizer_stepped(optimizer)):
             P = _resolve_preconditioner("diagnostics", stats, optimizer, preconditioner, model)
             precond = _preconditioned(stats, stats.names, P)
-            row.update(b_precond=precond.b_simple, grad_sq_precond=precond.grad_sq,
-                       trace_cov_precond=precond.trace_cov)
+            row.update(b_precond=precond.b_simple, grad_sq_precond=precond.grad_sq, trace_cov_precond=precond.trace_cov)
         else:
             row.update(b_precond=nan, grad_sq_precond=nan, trace_cov_precond=nan)
-    runs = [("norm_test", norm_test, norm_threshold),
-            ("inner_test", inner_product_test, inner_threshold),
-            ("ortho_test", orthogonality_test, ortho_threshold)]
+    runs = [
+        ("norm_test", norm_test, norm_threshold),
+        ("inner_test", inner_product_test, inner_threshold),
+        ("ortho_test", orthogonality_test, ortho_threshold),
+    ]
     runs = [run for run, name in zip(runs, TESTS) if name in tests]
     ortho_refused = "orthogonality" in tests and stats.inner_products is not None and not _reference_is_mean(stats)
     for key, fn, threshold in runs:
@@ -1121,8 +1219,9 @@ def diagnostics(stats: GradStats, *, per_layer: bool = True,
             row.update({key: nan, f"{key}_batch": nan, f"{key}_threshold": float(threshold)})
             continue
         result = fn(stats, threshold)
-        row.update({key: result.statistic, f"{key}_batch": result.suggested_batch_size,
-                    f"{key}_threshold": result.threshold})
+        row.update(
+            {key: result.statistic, f"{key}_batch": result.suggested_batch_size, f"{key}_threshold": result.threshold}
+        )
     if per_layer:
         groups = group_by_layer(stats.names)
         for layer, names in groups.items():

@@ -37,7 +37,15 @@ _HINT = 'pip install -e ".[plot]" (in a persample checkout), or: pip install mat
 
 # Colour-blind-safe palette (Okabe & Ito).
 _BLUE, _ORANGE, _GREEN, _RED, _PURPLE, _SKY, _YELLOW, _GREY = (
-    "#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#555555")
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#555555",
+)
 _CYCLE = [_BLUE, _ORANGE, _GREEN, _RED, _PURPLE, _SKY, "#000000", _YELLOW]
 
 
@@ -49,6 +57,7 @@ def require_matplotlib():
     except ImportError as err:
         raise ImportError(f"persample.plot needs matplotlib: {_HINT}") from err
     import matplotlib
+
     return matplotlib
 
 
@@ -60,6 +69,7 @@ def close(fig) -> None:
 def _rows(source: Any) -> list[Mapping[str, Any]]:
     if isinstance(source, (str, os.PathLike)):
         from .loggers import read_metrics
+
         return read_metrics(source)
     if hasattr(source, "rows"):
         return list(source.rows)
@@ -130,7 +140,7 @@ def _layers(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     for r in rows:
         for k in r:
             if k.startswith("layer/") and k.endswith("/grad_sq"):
-                seen.setdefault(k[len("layer/"):-len("/grad_sq")], None)
+                seen.setdefault(k[len("layer/") : -len("/grad_sq")], None)
     return list(seen)
 
 
@@ -159,17 +169,24 @@ def _legend(ax, **kw) -> None:
 
 
 def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color=_GREY,
-            wrap=True)
+    ax.text(0.5, 0.5, text, transform=ax.transAxes, ha="center", va="center", fontsize=9, color=_GREY, wrap=True)
 
 
 def _dropped_label(label: str, dropped: int) -> str:
     return f"{label} ({dropped} values ≤ 0 not shown)" if dropped else label
 
 
-def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, title: str | None = None,
-                     ema_beta: float = DEFAULT_EMA_BETA, batch_size: float | None = None, dpi: int = 110,
-                     figsize: tuple[float, float] = (13.0, 14.0), max_layers: int = 8):
+def plot_diagnostics(
+    source: Any,
+    path: str | os.PathLike | None = None,
+    *,
+    title: str | None = None,
+    ema_beta: float = DEFAULT_EMA_BETA,
+    batch_size: float | None = None,
+    dpi: int = 110,
+    figsize: tuple[float, float] = (13.0, 14.0),
+    max_layers: int = 8,
+):
     """Draw the diagnostics of a training run as one multi-panel figure.
 
     Args:
@@ -199,8 +216,10 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
     rows = _rows(source)
     stat_rows = [r for r in rows if _is_number(r.get("grad_sq"))]
     if not stat_rows:
-        raise ValueError("plot_diagnostics: no rows with gradient statistics to draw "
-                         "(expected rows from persample.loggers.Diagnostics or its CSV/JSONL files)")
+        raise ValueError(
+            "plot_diagnostics: no rows with gradient statistics to draw "
+            "(expected rows from persample.loggers.Diagnostics or its CSV/JSONL files)"
+        )
     batch = batch_size if batch_size is not None else _batch_size(stat_rows)
 
     fig = Figure(figsize=figsize, dpi=dpi, layout="constrained")
@@ -219,8 +238,14 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
             last_epoch = e
     for ax in axes.flat:
         for i, s in enumerate(epoch_steps):  # labelled once, in the loss panel's legend
-            ax.axvline(s, color=_GREY, lw=0.6, alpha=0.25, zorder=0,
-                       label="epoch boundary" if i == 0 and ax is axes.flat[0] else None)
+            ax.axvline(
+                s,
+                color=_GREY,
+                lw=0.6,
+                alpha=0.25,
+                zorder=0,
+                label="epoch boundary" if i == 0 and ax is axes.flat[0] else None,
+            )
 
     # 1. loss
     ax = axes[0, 0]
@@ -260,8 +285,15 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
     ax = axes[1, 0]
     _style(ax, "Simple noise scale  B_simple = tr Σ / |G|²", "examples", log=True)
     xs, ys, dropped = _series(stat_rows, "b_simple", positive=True)
-    ax.plot(xs, ys, ".", color=_ORANGE, ms=3, alpha=0.6,
-            label=f"per step ({dropped} below noise: |G|² estimate ≤ 0, not shown)" if dropped else "per step")
+    ax.plot(
+        xs,
+        ys,
+        ".",
+        color=_ORANGE,
+        ms=3,
+        alpha=0.6,
+        label=f"per step ({dropped} below noise: |G|² estimate ≤ 0, not shown)" if dropped else "per step",
+    )
     xs, ys, _ = _series(stat_rows, "b_simple_ema", positive=True)
     ax.plot(xs, ys, color=_RED, lw=2.0, label="EMA(tr Σ) / EMA(|G|²): the number to read")
     band = _band(stat_rows, "b_simple_ema")
@@ -289,9 +321,11 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
     # 5. batch-size tests
     ax = axes[2, 0]
     _style(ax, "Batch-size tests (a test passes below its dashed threshold)", "θ, ν", log=True)
-    tests = [("norm_test", "norm θ (Byrd et al. 2012)", _BLUE),
-             ("inner_test", "inner-product θ (Bollapragada et al. 2018)", _ORANGE),
-             ("ortho_test", "orthogonality ν (Bollapragada et al. 2018)", _GREEN)]
+    tests = [
+        ("norm_test", "norm θ (Byrd et al. 2012)", _BLUE),
+        ("inner_test", "inner-product θ (Bollapragada et al. 2018)", _ORANGE),
+        ("ortho_test", "orthogonality ν (Bollapragada et al. 2018)", _GREEN),
+    ]
     any_test = False
     thresholds: dict[float, list[tuple[str, str]]] = {}
     for key, label, color in tests:
@@ -308,10 +342,16 @@ def plot_diagnostics(source: Any, path: str | os.PathLike | None = None, *, titl
         k = len(entries)
         for i, (_, color) in enumerate(entries):
             ax.axhline(value, color=color, lw=1.4, ls=(4 * i, (4, 4 * (k - 1) if k > 1 else 3)))
-        ax.annotate(f"threshold {value:g}: " + " & ".join(name for name, _ in entries),
-                    xy=(0.99, value), xycoords=("axes fraction", "data"), ha="right", va="bottom",
-                    fontsize=8, color=entries[0][1],
-                    bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.85))
+        ax.annotate(
+            f"threshold {value:g}: " + " & ".join(name for name, _ in entries),
+            xy=(0.99, value),
+            xycoords=("axes fraction", "data"),
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color=entries[0][1],
+            bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.85),
+        )
     if any_test:
         _legend(ax, loc="upper left")
     else:
@@ -378,5 +418,5 @@ def _smooth(xs: Sequence[float], ys: Sequence[float], beta: float):
     out, s = [], 0.0
     for t, y in enumerate(ys, 1):
         s = beta * s + (1 - beta) * y
-        out.append(s / (1 - beta ** t))
+        out.append(s / (1 - beta**t))
     return list(xs), out

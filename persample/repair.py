@@ -61,8 +61,14 @@ def _group_norm_for(bn: _BatchNorm, max_groups: int) -> nn.GroupNorm:
     channels = bn.num_features
     groups = 1 if isinstance(bn, nn.BatchNorm1d) else group_count(channels, max_groups)
     weight = bn.weight if bn.affine else None
-    gn = nn.GroupNorm(groups, channels, eps=bn.eps, affine=bn.affine,
-                      device=None if weight is None else weight.device, dtype=None if weight is None else weight.dtype)
+    gn = nn.GroupNorm(
+        groups,
+        channels,
+        eps=bn.eps,
+        affine=bn.affine,
+        device=None if weight is None else weight.device,
+        dtype=None if weight is None else weight.dtype,
+    )
     if bn.affine:
         with torch.no_grad():
             gn.weight.copy_(bn.weight)
@@ -119,9 +125,11 @@ def fix(model: nn.Module, *, dry_run: bool = False, max_groups: int = 32) -> lis
     if not isinstance(max_groups, int) or isinstance(max_groups, bool) or max_groups < 1:
         raise ValueError(f"max_groups must be a positive integer, got {max_groups!r}")
     if isinstance(model, _BatchNorm):
-        raise TypeError("fix(model) replaces the BatchNorms inside a model, and this model is itself a "
-                         f"{type(model).__name__}: use nn.GroupNorm({group_count(model.num_features, max_groups)}, "
-                         f"{model.num_features}) in its place")
+        raise TypeError(
+            "fix(model) replaces the BatchNorms inside a model, and this model is itself a "
+            f"{type(model).__name__}: use nn.GroupNorm({group_count(model.num_features, max_groups)}, "
+            f"{model.num_features}) in its place"
+        )
     replaced: dict[int, tuple[nn.Module, Replacement]] = {}
     slots = []  # (parent, attribute name, the BatchNorm)
     for parent_name, parent in model.named_modules(remove_duplicate=False):
@@ -129,15 +137,23 @@ def fix(model: nn.Module, *, dry_run: bool = False, max_groups: int = 32) -> lis
             if not isinstance(child, _BatchNorm):
                 continue
             if isinstance(child, nn.modules.lazy.LazyModuleMixin) and child.has_uninitialized_params():
-                raise ValueError(f"{parent_name + '.' if parent_name else ''}{child_name} "
-                                 f"({type(child).__name__}) is not initialised yet: run one forward of the model "
-                                 "before fix(model)")
+                raise ValueError(
+                    f"{parent_name + '.' if parent_name else ''}{child_name} "
+                    f"({type(child).__name__}) is not initialised yet: run one forward of the model "
+                    "before fix(model)"
+                )
             slots.append((parent, child_name, child))
             if id(child) not in replaced:
                 new = _group_norm_for(child, max_groups)
                 name = f"{parent_name}.{child_name}" if parent_name else child_name
-                replaced[id(child)] = (new, Replacement(name, f"{type(child).__name__}({child.num_features})",
-                                                          f"GroupNorm({new.num_groups}, {new.num_channels})"))
+                replaced[id(child)] = (
+                    new,
+                    Replacement(
+                        name,
+                        f"{type(child).__name__}({child.num_features})",
+                        f"GroupNorm({new.num_groups}, {new.num_channels})",
+                    ),
+                )
     if not dry_run:
         for parent, child_name, child in slots:
             setattr(parent, child_name, replaced[id(child)][0])

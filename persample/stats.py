@@ -34,8 +34,15 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor
 
-__all__ = ["GradStats", "Reduction", "FieldReduction", "field_reductions", "clip_factors",
-           "sum_of_squares", "same_value"]
+__all__ = [
+    "GradStats",
+    "Reduction",
+    "FieldReduction",
+    "field_reductions",
+    "clip_factors",
+    "sum_of_squares",
+    "same_value",
+]
 
 
 def sum_of_squares(g: Tensor, center: Tensor | None = None) -> Tensor:
@@ -168,7 +175,9 @@ class GradStats:
             raise ValueError("GradStats: 'param_sq_norms' and 'mean' must have the same parameter names")
         for name, sq in self.param_sq_norms.items():
             if sq.shape != (self.n,):
-                raise ValueError(f"GradStats: param_sq_norms[{name!r}] has shape {tuple(sq.shape)}, expected ({self.n},)")
+                raise ValueError(
+                    f"GradStats: param_sq_norms[{name!r}] has shape {tuple(sq.shape)}, expected ({self.n},)"
+                )
         if self.losses.shape != (self.n,):
             raise ValueError(f"GradStats: losses has shape {tuple(self.losses.shape)}, expected ({self.n},)")
         if self.inner_products is not None and self.inner_products.shape != (self.n,):
@@ -177,10 +186,13 @@ class GradStats:
             raise ValueError("GradStats: clip_norm and clipped_mean go together")
         if (self.part_sizes is None) != (self.part_mean_sq_norms is None):
             raise ValueError("GradStats: part_sizes and part_mean_sq_norms go together")
-        if self.part_sizes is not None and (sum(self.part_sizes) != self.n
-                                            or len(self.part_sizes) != len(self.part_mean_sq_norms)):
-            raise ValueError(f"GradStats: part_sizes {self.part_sizes} must add up to n={self.n}, one "
-                             "per entry of part_mean_sq_norms")
+        if self.part_sizes is not None and (
+            sum(self.part_sizes) != self.n or len(self.part_sizes) != len(self.part_mean_sq_norms)
+        ):
+            raise ValueError(
+                f"GradStats: part_sizes {self.part_sizes} must add up to n={self.n}, one "
+                "per entry of part_mean_sq_norms"
+            )
         _refuse_dtensors(self)
 
     # ------------------------------------------------------------------ views
@@ -235,8 +247,10 @@ class GradStats:
             raise ValueError("GradStats.from_per_example needs at least one parameter")
         n = losses.shape[0]
         mean, m2, sq = {}, {} if var else None, {}
-        grads = {name: g.float() if g.is_floating_point() and g.element_size() < 4 else g  # float32 or better:
-                 for name, g in grads.items()}  # half-precision squares overflow (‖g_i‖² > 65504 in float16)
+        grads = {
+            name: g.float() if g.is_floating_point() and g.element_size() < 4 else g  # float32 or better:
+            for name, g in grads.items()
+        }  # half-precision squares overflow (‖g_i‖² > 65504 in float16)
         for name, g in grads.items():
             if g.shape[0] != n:
                 raise ValueError(f"grads[{name!r}] has {g.shape[0]} rows but there are {n} losses")
@@ -251,8 +265,17 @@ class GradStats:
         if clip_norm is not None:
             factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
             clipped = {k: torch.tensordot(factors, g, dims=1) / n for k, g in grads.items()}
-        return cls(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses,
-                   inner_products=inner, reference=reference, clip_norm=clip_norm, clipped_mean=clipped)
+        return cls(
+            n=n,
+            mean=mean,
+            m2=m2,
+            param_sq_norms=sq,
+            losses=losses,
+            inner_products=inner,
+            reference=reference,
+            clip_norm=clip_norm,
+            clipped_mean=clipped,
+        )
 
     # ---------------------------------------------------------------- merging
     def merge(self, other: "GradStats") -> "GradStats":
@@ -274,8 +297,11 @@ class GradStats:
             missing = sorted(set(self.mean) ^ set(other.mean))
             raise ValueError(f"cannot merge GradStats over different parameters: {missing}")
         declared = field_reductions()
-        shared = {name: getattr(self, name) if same_value(getattr(self, name), getattr(other, name)) else None
-                  for name, fr in declared.items() if fr.reduction is Reduction.SHARED}
+        shared = {
+            name: getattr(self, name) if same_value(getattr(self, name), getattr(other, name)) else None
+            for name, fr in declared.items()
+            if fr.reduction is Reduction.SHARED
+        }
         na, nb = self.n, other.n
         n = na + nb
         values: dict[str, Any] = dict(shared)
@@ -290,8 +316,7 @@ class GradStats:
             elif fr.reduction is Reduction.WEIGHTED_MEAN:
                 values[name] = _map_pair(a, b, lambda x, y: x + (y - x) * (nb / n))
             elif fr.reduction is Reduction.CHAN_M2:
-                values[name] = {k: a[k] + b[k] + (other.mean[k] - self.mean[k]).pow(2) * (na * nb / n)
-                                for k in a}
+                values[name] = {k: a[k] + b[k] + (other.mean[k] - self.mean[k]).pow(2) * (na * nb / n) for k in a}
             elif fr.reduction in (Reduction.CONCAT, Reduction.PARTS):
                 values[name] = _map_pair(a, b, _concat)
             else:  # pragma: no cover - a new Reduction without a merge rule
@@ -312,23 +337,28 @@ class GradStats:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "GradStats":
         """A copy with every tensor field (and tensor of a dict field) moved to ``device`` / cast to
         ``dtype``; scalar and tuple fields are kept as they are."""
+
         def move(value):
             return _map_one(value, lambda t: t.to(device=device, dtype=dtype))
+
         return GradStats(**{name: move(getattr(self, name)) for name in field_reductions()})
 
     def all_reduce(self, group=None, *, inner_products=None) -> "GradStats":
         """The statistics of the batch concatenated over all ranks of ``group``:
         :func:`persample.distributed.all_reduce_stats` (a collective: every rank must call it)."""
         from .distributed import all_reduce_stats
+
         return all_reduce_stats(self, group, inner_products=inner_products)
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())
         norms = self.norms
-        return (f"GradStats(n={self.n}, params={len(self.mean)} ({numel} elements), "
-                f"var={'yes' if self.m2 is not None else 'no'}, "
-                f"mean_loss={self.losses.mean().item():.4g}, "
-                f"median_norm={norms.median().item():.4g}, |mean|={self.mean_sq_norm.sqrt().item():.4g})")
+        return (
+            f"GradStats(n={self.n}, params={len(self.mean)} ({numel} elements), "
+            f"var={'yes' if self.m2 is not None else 'no'}, "
+            f"mean_loss={self.losses.mean().item():.4g}, "
+            f"median_norm={norms.median().item():.4g}, |mean|={self.mean_sq_norm.sqrt().item():.4g})"
+        )
 
 
 def _inner(rows: Tensor, ref: Tensor) -> Tensor:
@@ -360,11 +390,14 @@ def _concat(a: Any, b: Any) -> Any:
 def _refuse_dtensors(stats: GradStats) -> None:
     """DTensors (FSDP2 shards) would run collectives when printed or reduced: never keep one."""
     from ._sharding import dtensor_class
+
     dtensor = dtensor_class()
     if dtensor is None:
         return
     for name in ("mean", "m2", "param_sq_norms", "clipped_mean", "reference"):
         value = getattr(stats, name)
         if value is not None and any(isinstance(t, dtensor) for t in value.values()):
-            raise TypeError(f"GradStats.{name} holds DTensors (FSDP2 shards); GradStats keeps plain local "
-                            "tensors only: convert with DTensor.to_local() (or full_tensor()) first")
+            raise TypeError(
+                f"GradStats.{name} holds DTensors (FSDP2 shards); GradStats keeps plain local "
+                "tensors only: convert with DTensor.to_local() (or full_tensor()) first"
+            )

@@ -39,13 +39,19 @@ from torch.utils.hooks import RemovableHandle
 
 from ._batch import Batch, as_batch, flat_leaves, tensors_in
 from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
-from ._model import (buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state,
-                     trainable_parameters)
+from ._model import buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state, trainable_parameters
 from ._sharding import restore_sharding, unshard_all
 from ._torch_compat import is_functorch_wrapped, post_accumulate_grad_hooks
 from .api import compute_stats, prepare_reference
-from .batch_loss import (BatchLossMismatch, NonFiniteLoss, OpaqueLoss, common_weight, loss_parts,
-                         reachable_leaves, weights_at_output)
+from .batch_loss import (
+    BatchLossMismatch,
+    NonFiniteLoss,
+    OpaqueLoss,
+    common_weight,
+    loss_parts,
+    reachable_leaves,
+    weights_at_output,
+)
 from .check import check_batch_mean
 from .engines._autograd import gradients
 from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
@@ -156,11 +162,22 @@ class Tracker:
             the reason says so).
     """
 
-    def __init__(self, model: nn.Module, loss_fn: Callable[..., Tensor], *, every: int = 1,
-                 clip_norm: float | None = None, chunk_size: int | None = None,
-                 randomness: str = "different", check_every: int = 0, engine: str = "auto",
-                 var: bool = True, inner_products: bool = False, distributed: bool | None = None,
-                 on_refusal: str = "raise"):
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[..., Tensor],
+        *,
+        every: int = 1,
+        clip_norm: float | None = None,
+        chunk_size: int | None = None,
+        randomness: str = "different",
+        check_every: int = 0,
+        engine: str = "auto",
+        var: bool = True,
+        inner_products: bool = False,
+        distributed: bool | None = None,
+        on_refusal: str = "raise",
+    ):
         _require_int("every", every, minimum=1)
         if on_refusal not in ON_REFUSAL:
             raise ValueError(f"on_refusal must be one of {ON_REFUSAL}, got {on_refusal!r}")
@@ -174,8 +191,9 @@ class Tracker:
         self.every = every
         self.clip_norm = clip_norm
         self.check_every = check_every
-        self.stats_options = dict(chunk_size=chunk_size, randomness=randomness, engine=engine, var=var,
-                                  inner_products=inner_products)
+        self.stats_options = dict(
+            chunk_size=chunk_size, randomness=randomness, engine=engine, var=var, inner_products=inner_products
+        )
         self.steps = 0
         self.last_stats: GradStats | None = None
         self.skipped: list[int] = []
@@ -210,8 +228,10 @@ class Tracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` (outside an :meth:`accumulate` block)."""
         if self._accumulation is not None:
-            raise RuntimeError("Tracker.load_state_dict inside an accumulate() block: load the state before "
-                               "the block opens (or after it closes)")
+            raise RuntimeError(
+                "Tracker.load_state_dict inside an accumulate() block: load the state before "
+                "the block opens (or after it closes)"
+            )
         steps, skipped = state["steps"], state.get("skipped", [])
         _require_int("state['steps']", steps, minimum=0)
         self.steps = int(steps)
@@ -292,8 +312,9 @@ class Tracker:
                 if per_example_work:
                     stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
                 elif micro and with_stats:
-                    update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad,
-                                                                                weigh=True)
+                    update, input_grads, weights, opaque = self._plain_gradient(
+                        batch, params, inputs_with_grad, weigh=True
+                    )
                     part = _micro_batch_part(update, weights, opaque, batch.size)
                 elif ddp_backward:
                     update, input_grads = {}, []
@@ -312,24 +333,30 @@ class Tracker:
                 # One outcome: if this step failed on any rank, every rank raises here, before any
                 # collective that the failed rank would never join; and statistics are reduced only
                 # where every rank has them (a diverged step on one rank is skipped on all).
-                everyone_has_stats, = replicas.agree(failure, "persample.Tracker.step", stats is not None)
+                (everyone_has_stats,) = replicas.agree(failure, "persample.Tracker.step", stats is not None)
                 if not everyone_has_stats:
                     stats = None
                 replicas.sync_gradients(params)
                 if with_stats and stats is not None:
                     stats = replicas.reduce_stats(
-                        stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None)
+                        stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None
+                    )
             try:
                 if not ddp_backward:  # (DDP's own backward has run them)
                     _run_post_accumulate_grad_hooks(
                         [params[name] for name in reversed(list(update))]
-                        + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None])
+                        + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None]
+                    )
                 if with_stats and not micro:
                     if stats is None or not _finite(stats):
                         self.skipped.append(step)
                         skip_added = True
-                        _warn_skipped(step, len(self.skipped), batch.size,
-                                      _nonfinite_examples(stats) if stats is not None else self._nonfinite_rows)
+                        _warn_skipped(
+                            step,
+                            len(self.skipped),
+                            batch.size,
+                            _nonfinite_examples(stats) if stats is not None else self._nonfinite_rows,
+                        )
                         stats = None
                     elif accumulating:
                         self._add_part(stats)
@@ -364,8 +391,9 @@ class Tracker:
         return stats if with_stats else None
 
     @contextlib.contextmanager
-    def accumulate(self, reference: str | Mapping[str, Tensor] | None = None, *,
-                   estimator: str = "per-example") -> Iterator["Accumulation"]:
+    def accumulate(
+        self, reference: str | Mapping[str, Tensor] | None = None, *, estimator: str = "per-example"
+    ) -> Iterator["Accumulation"]:
         """Gradient accumulation: several ``step`` calls (micro-batches) make one training step.
 
         ::
@@ -440,16 +468,24 @@ class Tracker:
         if estimator not in ("per-example", "micro-batch"):
             raise ValueError(f"accumulate(estimator=...) must be 'per-example' or 'micro-batch', got {estimator!r}")
         if estimator == "micro-batch":
-            _refuse_with_micro_batches(reference=reference is not None, clip_norm=self.clip_norm is not None,
-                                       check_every=self.check_every > 0, distributed=self._replicas is not None)
+            _refuse_with_micro_batches(
+                reference=reference is not None,
+                clip_norm=self.clip_norm is not None,
+                check_every=self.check_every > 0,
+                distributed=self._replicas is not None,
+            )
         if reference is not None and not isinstance(reference, Mapping) and reference not in ("last", "first"):
-            raise ValueError(f"accumulate(reference=...) must be None, 'last', 'first' or a dict of tensors, "
-                             f"got {reference!r}")
+            raise ValueError(
+                f"accumulate(reference=...) must be None, 'last', 'first' or a dict of tensors, got {reference!r}"
+            )
         acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None, estimator=estimator)
         if isinstance(reference, Mapping):
             acc.reference = prepare_reference(self.model, reference)
-        elif reference == "last" and self.last_stats is not None \
-                and self.last_stats.mean.keys() == trainable_parameters(self.model).keys():
+        elif (
+            reference == "last"
+            and self.last_stats is not None
+            and self.last_stats.mean.keys() == trainable_parameters(self.model).keys()
+        ):
             acc.reference = prepare_reference(self.model, self.last_stats.mean)
         acc.first = reference == "first"
         self._accumulation = acc
@@ -500,11 +536,11 @@ class Tracker:
         """The engine options for this process's batch; under DDP, inner products against the mean
         are taken after the reduction, relative to the global mean."""
         against_mean, reference = self._inner_request()
-        return {**self.stats_options, "inner_products": against_mean and self._replicas is None,
-                "reference": reference}
+        return {**self.stats_options, "inner_products": against_mean and self._replicas is None, "reference": reference}
 
-    def _statistics_step(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
-                         checking: bool):
+    def _statistics_step(
+        self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor], checking: bool
+    ):
         """(stats, the p.grad increment Σ_i w_i g_i, the inputs' gradients) of one statistics step.
 
         The weights w_i are derived at the model output of the engine's own forward (the fast
@@ -523,8 +559,9 @@ class Tracker:
         # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
         handle = forward_hook_if_possible(self.model, _first_batch_forward(first_forward, batch.size))
         try:
-            stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False,
-                                  **self._local_stats_options)
+            stats = compute_stats(
+                self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False, **self._local_stats_options
+            )
         finally:
             if handle is not None:
                 handle.remove()
@@ -532,8 +569,9 @@ class Tracker:
         if first_forward:
             output, buffers_after_forward = first_forward[0]
             try:
-                weights, used_leaves = weights_at_output(self.batch_loss, per_example, output, batch.targets,
-                                                         batch.size)
+                weights, used_leaves = weights_at_output(
+                    self.batch_loss, per_example, output, batch.targets, batch.size
+                )
                 factor = common_weight(weights, rtol=1e-5)
             except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
                 self._nonfinite_rows = _nonfinite_output_rows(output, batch.size)
@@ -541,16 +579,21 @@ class Tracker:
                 return None, update, input_grads
             except OpaqueLoss as opaque:
                 if opaque.per_example:  # the per-example loss is not a function of example i's output alone
-                    stats = compute_stats(self.model, per_example, batch, clip_norm=self.clip_norm,
-                                          fork_rng=False, **{**self._local_stats_options, "engine": "independent"})
+                    stats = compute_stats(
+                        self.model,
+                        per_example,
+                        batch,
+                        clip_norm=self.clip_norm,
+                        fork_rng=False,
+                        **{**self._local_stats_options, "engine": "independent"},
+                    )
             leaves = flat_leaves(output)
             reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
             if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
                 if checking:
                     self._check(batch, weights)
                 base = stats.mean if self.clip_norm is None else stats.clipped_mean
-                update = {name: base[name] * (factor * batch.size) for name, p in params.items()
-                          if id(p) in reached}
+                update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}
                 restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
                 return stats, update, []
         update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
@@ -563,7 +606,8 @@ class Tracker:
                 "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
                 "gradients can be combined as the loss combines them; this loss's weights differ "
                 + ("(it is computed inside the model)" if opaque else "(class weights?)"),
-                code="CLIP_NEEDS_EQUAL_WEIGHTS")
+                code="CLIP_NEEDS_EQUAL_WEIGHTS",
+            )
         if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
             factor = _require_multiple(update, stats.mean) / batch.size
             weights = torch.full((batch.size,), factor, dtype=torch.float64)
@@ -581,8 +625,12 @@ class Tracker:
         Equal weights w: w·B times the engines' mean. Unequal ones: the engines' mean of the weighted
         per-example losses w_i L_i (the weights ride along as targets), times B.
         """
-        options = dict(engine="independent", var=False, chunk_size=self.stats_options["chunk_size"],
-                       randomness=self.stats_options["randomness"])
+        options = dict(
+            engine="independent",
+            var=False,
+            chunk_size=self.stats_options["chunk_size"],
+            randomness=self.stats_options["randomness"],
+        )
         factor = common_weight(weights, rtol=1e-5)
         if factor is not None:
             independent = compute_stats(self.model, self.per_example_loss, batch, **options)
@@ -595,9 +643,16 @@ class Tracker:
         check_batch_mean(self.model, self.batch_loss, batch, scaled)
 
     @contextlib.contextmanager
-    def observe(self, targets: Any = None, *, reduction: str | None = None, batch_size: int | None = None,
-                output_module: nn.Module | None = None, inputs: Any = None,
-                wrapper: nn.Module | None = None) -> Iterator[Observation]:
+    def observe(
+        self,
+        targets: Any = None,
+        *,
+        reduction: str | None = None,
+        batch_size: int | None = None,
+        output_module: nn.Module | None = None,
+        inputs: Any = None,
+        wrapper: nn.Module | None = None,
+    ) -> Iterator[Observation]:
         """Drop-in mode: statistics from your own ``loss.backward()``, with no second pass.
 
         ::
@@ -665,23 +720,31 @@ class Tracker:
         An error raised by your own code in the block is always raised.
         """
         if self.clip_norm is not None:
-            raise ValueError("observe() cannot clip: the backward has already reduced the gradients. "
-                             "Use tracker.step(inputs, targets) with clip_norm")
+            raise ValueError(
+                "observe() cannot clip: the backward has already reduced the gradients. "
+                "Use tracker.step(inputs, targets) with clip_norm"
+            )
         against_mean, reference = self._inner_request()
         if self._replicas is not None and against_mean:
-            raise ValueError("observe() under torch.distributed cannot give inner products relative to the "
-                             "global mean gradient (they need a second pass over the inputs, which observe "
-                             "does not see): use tracker.step(inputs, targets), inner_products=False, or "
-                             "inside tracker.accumulate(reference='last' or a dict), a shared reference")
+            raise ValueError(
+                "observe() under torch.distributed cannot give inner products relative to the "
+                "global mean gradient (they need a second pass over the inputs, which observe "
+                "does not see): use tracker.step(inputs, targets), inner_products=False, or "
+                "inside tracker.accumulate(reference='last' or a dict), a shared reference"
+            )
         accumulating = self._accumulation is not None
         if accumulating and self._accumulation.estimator == "micro-batch":
-            raise ValueError("observe() inside accumulate(estimator='micro-batch') is not supported: the "
-                             "micro-batch estimator needs each micro-batch's own gradient, which step() computes. "
-                             "Use tracker.step(inputs, targets, scale=1/k) in that block")
+            raise ValueError(
+                "observe() inside accumulate(estimator='micro-batch') is not supported: the "
+                "micro-batch estimator needs each micro-batch's own gradient, which step() computes. "
+                "Use tracker.step(inputs, targets, scale=1/k) in that block"
+            )
         with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
         if with_stats and self.on_refusal == "fallback" and inputs is None:
-            raise ValueError("Tracker(on_refusal='fallback') needs the model's inputs of the observed forward: "
-                             "tracker.observe(targets, inputs=inputs)")
+            raise ValueError(
+                "Tracker(on_refusal='fallback') needs the model's inputs of the observed forward: "
+                "tracker.observe(targets, inputs=inputs)"
+            )
         if not with_stats:
             observation = Observation()
             yield observation
@@ -703,9 +766,18 @@ class Tracker:
         body_ran, failure = False, None  # the block's own code (the user's forward and backward) returned
         observation = Observation()
         try:
-            with observing(self.model, self.per_example_loss, targets, batch_size=batch_size, reduction=reduction,
-                           var=self.stats_options["var"], inner_products=against_mean, reference=reference,
-                           output_module=output_module, wrapper=wrapper) as observation:
+            with observing(
+                self.model,
+                self.per_example_loss,
+                targets,
+                batch_size=batch_size,
+                reduction=reduction,
+                var=self.stats_options["var"],
+                inner_products=against_mean,
+                reference=reference,
+                output_module=output_module,
+                wrapper=wrapper,
+            ) as observation:
                 if local is not None:  # under DDP, this rank's own baseline moves with the observation's
                     observation._on_rebase.append(functools.partial(_rebase_local, local))
                 with local.recording() if local is not None else contextlib.nullcontext():
@@ -719,10 +791,15 @@ class Tracker:
                 observation.skipped = observation.stats is None
             else:
                 if isinstance(err, NotExact) and hasattr(err, "add_note"):
-                    err.add_note("(observe() has only the fast engine, which cannot be exact for this model; "
-                                 + ("under FSDP2, tracker.step has only that engine too: train with DDP)" if sharded
-                                    else "tracker.step(inputs, targets) falls back to the exact engines, and "
-                                    "Tracker(on_refusal='skip' or 'fallback') keeps training going)"))
+                    err.add_note(
+                        "(observe() has only the fast engine, which cannot be exact for this model; "
+                        + (
+                            "under FSDP2, tracker.step has only that engine too: train with DDP)"
+                            if sharded
+                            else "tracker.step(inputs, targets) falls back to the exact engines, and "
+                            "Tracker(on_refusal='skip' or 'fallback') keeps training going)"
+                        )
+                    )
                 # An error of the user's own block propagates as it would without observe; an error of
                 # persample's after the block (under replicas) goes through agree, so every rank raises.
                 if self._replicas is None or not body_ran:
@@ -734,8 +811,9 @@ class Tracker:
             if sharding is not None:
                 restore_sharding(self.model, sharding)
         if self._replicas is not None:
-            everyone_has_stats, = self._replicas.agree(failure, "persample.Tracker.observe",
-                                                       observation.stats is not None)
+            (everyone_has_stats,) = self._replicas.agree(
+                failure, "persample.Tracker.observe", observation.stats is not None
+            )
             if not everyone_has_stats and observation.stats is not None:  # the global batch has no statistics
                 self.refused.append((self.steps, "another rank had no statistics for this step"))
                 observation.skipped = True
@@ -759,8 +837,9 @@ class Tracker:
         if not accumulating:
             self.steps += 1
 
-    def _refused_statistics(self, err: BaseException, inputs: Any, targets: Any,
-                            local: LocalGradients | None) -> GradStats | None:
+    def _refused_statistics(
+        self, err: BaseException, inputs: Any, targets: Any, local: LocalGradients | None
+    ) -> GradStats | None:
         """``on_refusal`` "skip" or "fallback" for an observed step whose statistics ``err`` refused: the
         exact engines' statistics of ``inputs`` ("fallback"), or None after a warning (once per reason).
         ``p.grad`` is left as the user's backward made it (the engines do not touch it; checked)."""
@@ -772,12 +851,15 @@ class Tracker:
             params = trainable_parameters(self.model)
             grads = {name: p.grad for name, p in params.items()}
             try:
-                stats = compute_stats(self.model, self.per_example_loss, as_batch(inputs, targets),
-                                      **self._local_stats_options)
+                stats = compute_stats(
+                    self.model, self.per_example_loss, as_batch(inputs, targets), **self._local_stats_options
+                )
                 reason = f"{reason} (statistics from the exact engines instead)"
             except Exception as second:  # noqa: BLE001 - a diagnostic never stops training (reason warned)
-                reason = (f"{reason}; the exact engines failed too: {type(second).__name__}: "
-                          f"{str(second).splitlines()[0] if str(second) else ''}")
+                reason = (
+                    f"{reason}; the exact engines failed too: {type(second).__name__}: "
+                    f"{str(second).splitlines()[0] if str(second) else ''}"
+                )
             finally:
                 for name, p in params.items():
                     p.grad = grads[name]  # the engines never write p.grad; keep it so whatever happened
@@ -787,10 +869,16 @@ class Tracker:
                 self._accumulation.refused = True
         if reason not in self._warned_reasons:
             self._warned_reasons.add(reason)
-            what = ("computed by the exact engines" if stats is not None
-                    else "skipped (training goes on; p.grad is the backward's own)")
-            warnings.warn(f"persample: the statistics of step {self.steps} were {what}: {reason}",
-                          SkippedStatisticsWarning, stacklevel=4)
+            what = (
+                "computed by the exact engines"
+                if stats is not None
+                else "skipped (training goes on; p.grad is the backward's own)"
+            )
+            warnings.warn(
+                f"persample: the statistics of step {self.steps} were {what}: {reason}",
+                SkippedStatisticsWarning,
+                stacklevel=4,
+            )
         return stats
 
     def _publish(self, stats: GradStats) -> None:
@@ -804,8 +892,9 @@ class Tracker:
             self.last_stats = previous
             raise
 
-    def _plain_gradient(self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor],
-                        weigh: bool = False):
+    def _plain_gradient(
+        self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor], weigh: bool = False
+    ):
         """∇ of the batch loss for the parameters (None-free: unreached ones are left out) and for the
         inputs that require grad, as ``loss.backward()`` would compute them (not yet accumulated).
 
@@ -821,8 +910,9 @@ class Tracker:
             weights, opaque = None, False
             if weigh:
                 try:
-                    weights, _ = weights_at_output(self.batch_loss, self.per_example_loss, output,
-                                                   batch.targets, batch.size)
+                    weights, _ = weights_at_output(
+                        self.batch_loss, self.per_example_loss, output, batch.targets, batch.size
+                    )
                 except OpaqueLoss:
                     opaque = True
                 except NonFiniteLoss:
@@ -830,12 +920,14 @@ class Tracker:
             grads = gradients(loss, [*params.values(), *inputs_with_grad])
         update = {name: g for name, g in zip(params, grads) if g is not None}
         if weigh:
-            return update, list(grads[len(params):]), weights, opaque
-        return update, list(grads[len(params):])
+            return update, list(grads[len(params) :]), weights, opaque
+        return update, list(grads[len(params) :])
 
     def __repr__(self) -> str:
-        return (f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
-                f"check_every={self.check_every}, steps={self.steps}, hooks={len(self._hooks)})")
+        return (
+            f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
+            f"check_every={self.check_every}, steps={self.steps}, hooks={len(self._hooks)})"
+        )
 
 
 @dataclass
@@ -888,13 +980,16 @@ def _micro_batch_part(update: dict[str, Tensor], weights: Tensor | None, opaque:
         raise ValueError(
             "accumulate(estimator='micro-batch') reads the loss's weights at the model output, and this loss is "
             "computed inside the model: compute it from the output in loss_fn (e.g. persample.causal_lm_loss() "
-            "for token losses), not `lambda out: out.loss`")
+            "for token losses), not `lambda out: out.loss`"
+        )
     total = float(weights.double().sum())
     if not math.isfinite(total):
         return None
     if total <= 0:
-        raise ValueError(f"accumulate(estimator='micro-batch'): the batch loss's weights sum to {total:g}; the "
-                         "micro-batch gradient per unit weight needs a positive sum (a mean or sum loss)")
+        raise ValueError(
+            f"accumulate(estimator='micro-batch'): the batch loss's weights sum to {total:g}; the "
+            "micro-batch gradient per unit weight needs a positive sum (a mean or sum loss)"
+        )
     grad = {name: g.detach().double() / total for name, g in update.items()}
     sq = math.fsum(float(g.pow(2).sum()) for g in grad.values())
     return None if not math.isfinite(sq) else (size, grad, sq)
@@ -908,13 +1003,20 @@ def _micro_batch_noise(parts: list, weighted_sum: dict[str, Tensor]):
     from .noise import two_batch_noise_scale
 
     if any(p is None for p in parts):
-        warnings.warn("persample: a micro-batch gradient was not finite (inf/NaN), so this accumulate block has "
-                      "no micro-batch noise estimate (acc.noise is None; see tracker.skipped)", RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(
+            "persample: a micro-batch gradient was not finite (inf/NaN), so this accumulate block has "
+            "no micro-batch noise estimate (acc.noise is None; see tracker.skipped)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
     if len(parts) < 2:
-        warnings.warn(f"persample: accumulate(estimator='micro-batch') needs at least 2 micro-batches to estimate "
-                      f"the noise, this block had {len(parts)}; acc.noise is None", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"persample: accumulate(estimator='micro-batch') needs at least 2 micro-batches to estimate "
+            f"the noise, this block had {len(parts)}; acc.noise is None",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
     big_n = sum(b for b, _ in parts)
     big = math.fsum(float((total / big_n).pow(2).sum()) for total in weighted_sum.values())
@@ -924,14 +1026,18 @@ def _micro_batch_noise(parts: list, weighted_sum: dict[str, Tensor]):
 
 
 def _refuse_with_micro_batches(**conflicts: bool) -> None:
-    why = {"reference": "accumulate(reference=...) (inner products need per-example gradients)",
-           "clip_norm": "clip_norm (clipping needs per-example gradients)",
-           "check_every": "check_every > 0 (the check compares per-example gradients with the batch gradient)",
-           "distributed": "torch.distributed (each rank's micro-batches would give only a local estimate)"}
+    why = {
+        "reference": "accumulate(reference=...) (inner products need per-example gradients)",
+        "clip_norm": "clip_norm (clipping needs per-example gradients)",
+        "check_every": "check_every > 0 (the check compares per-example gradients with the batch gradient)",
+        "distributed": "torch.distributed (each rank's micro-batches would give only a local estimate)",
+    }
     found = [why[name] for name, present in conflicts.items() if present]
     if found:
-        raise ValueError("accumulate(estimator='micro-batch') is for models without per-example gradients and "
-                         f"cannot be combined with {'; '.join(found)}")
+        raise ValueError(
+            "accumulate(estimator='micro-batch') is for models without per-example gradients and "
+            f"cannot be combined with {'; '.join(found)}"
+        )
 
 
 def _run_post_accumulate_grad_hooks(leaves: list[Tensor]) -> None:
@@ -964,6 +1070,7 @@ def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, we
 def _first_batch_forward(store: list, batch_size: int):
     """A forward hook keeping the model's first output on the real batch (not inside vmap), with the
     buffers as that forward left them: ``store`` gets ``(output, buffer_state(model))``."""
+
     def hook(module, args, output):
         if store:
             return
@@ -972,6 +1079,7 @@ def _first_batch_forward(store: list, batch_size: int):
             return
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
+
     return hook
 
 
@@ -1016,22 +1124,31 @@ def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | 
 
     if examples:
         shown = ", ".join(map(str, examples[:10])) + (", …" if len(examples) > 10 else "")
-        which = (f"example{'s' if len(examples) > 1 else ''} {shown} (0-based) of this batch of {batch_size} "
-                 f"{'have' if len(examples) > 1 else 'has'} a non-finite output, loss or gradient (a corrupt "
-                 "sample, or a diverged or fp16-overflowing step?)")
+        which = (
+            f"example{'s' if len(examples) > 1 else ''} {shown} (0-based) of this batch of {batch_size} "
+            f"{'have' if len(examples) > 1 else 'has'} a non-finite output, loss or gradient (a corrupt "
+            "sample, or a diverged or fp16-overflowing step?)"
+        )
     else:
         which = "the loss or the gradients are not finite (a diverged or fp16-overflowing step?)"
-    warnings.warn(f"persample: step {step}'s statistics are not finite: {which}. That step has no statistics and "
-                  f"calls no hook (p.grad is what loss.backward() gives); {count} step{'s' if count > 1 else ''} "
-                  "skipped so far (tracker.skipped; warned again at 10, 100, … skipped steps).", RuntimeWarning,
-                  stacklevel=user_stacklevel())
+    warnings.warn(
+        f"persample: step {step}'s statistics are not finite: {which}. That step has no statistics and "
+        f"calls no hook (p.grad is what loss.backward() gives); {count} step{'s' if count > 1 else ''} "
+        "skipped so far (tracker.skipped; warned again at 10, 100, … skipped steps).",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:
     """The loss hides its weights (computed inside the model): p.grad must be c·ḡ for one c; returns c."""
     names = list(mean)
-    g = torch.cat([grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
-                   for n in names])
+    g = torch.cat(
+        [
+            grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
+            for n in names
+        ]
+    )
     m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
     c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
     # Unequal weights differ at O(1); models that compute parts in float32 (Qwen2's and Llama's RMSNorm)
@@ -1045,7 +1162,8 @@ def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float
             "the batch loss, and since the loss is computed inside the model (not from its output) persample "
             "cannot read the weights. Compute the loss from the model's output in loss_fn, e.g. "
             "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`",
-            code="OPAQUE_LOSS_NOT_MEAN")
+            code="OPAQUE_LOSS_NOT_MEAN",
+        )
     return c
 
 

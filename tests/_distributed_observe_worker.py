@@ -32,6 +32,7 @@ def scenario(*worlds):
     def register(fn):
         SCENARIOS[fn.__name__] = (fn, worlds)
         return fn
+
     return register
 
 
@@ -49,6 +50,7 @@ class WithUnused(nn.Module):
 
 def _observe_equals_step(make, **ddp_kwargs):
     from torch.nn.parallel import DistributedDataParallel
+
     loss = F.cross_entropy
     observed = DistributedDataParallel(make(), **ddp_kwargs)
     stepped = DistributedDataParallel(make(), **ddp_kwargs)
@@ -96,16 +98,20 @@ def a_refusal_on_one_rank_skips_the_step_on_every_rank():
     could compute its part: the step is skipped on both (one outcome, nobody left waiting in a collective),
     and p.grad is DDP's average."""
     from torch.nn.parallel import DistributedDataParallel
+
     rank, _ = rank_world()
     model = mlp(seed=3)
     if rank == 0:
+
         def rewrite(module, args, output):
             output.register_hook(lambda g: g * 1.0)
+
         model[1].register_forward_hook(rewrite)
     observed, plain = DistributedDataParallel(model), DistributedDataParallel(mlp(seed=3))
     tracker = persample.Tracker(observed, F.cross_entropy, on_refusal="skip")
     x, y, _, _ = local_batches(1, seed=51)[0]
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", persample.SkippedStatisticsWarning)
         with tracker.observe(y) as obs:
@@ -137,6 +143,7 @@ def _hf_under_ddp(**ddp_args):
     from persample.integrations.transformers import track
     from test_integrations import lm_examples, oracle_noise_scale
     from zoo import gpt2_tiny
+
     torch.manual_seed(0)
     model = gpt2_tiny().double().train()
     examples = lm_examples(8)
@@ -144,9 +151,20 @@ def _hf_under_ddp(**ddp_args):
 
     def run(m, tracked):
         args = transformers.TrainingArguments(
-            output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=1, learning_rate=1e-2,
-            logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
-            disable_tqdm=True, ddp_backend="gloo", **ddp_args)
+            output_dir=tempfile.mkdtemp(),
+            per_device_train_batch_size=2,
+            max_steps=1,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            dataloader_drop_last=True,
+            disable_tqdm=True,
+            ddp_backend="gloo",
+            **ddp_args,
+        )
         trainer = transformers.Trainer(model=m, args=args, train_dataset=examples)
         seen = []
         if tracked:
@@ -156,9 +174,11 @@ def _hf_under_ddp(**ddp_args):
             def recording(model, inputs, *a, **k):
                 seen.append({key: v.clone() for key, v in inputs.items()})
                 return inner(model, inputs, *a, **k)
+
             trainer.training_step = recording
         trainer.train()
         return trainer, seen
+
     plain = copy.deepcopy(model)
     run(plain, False)
     trainer, seen = run(model, True)
@@ -166,8 +186,12 @@ def _hf_under_ddp(**ddp_args):
         close(a, b, f"parameter {n}", rtol=0, atol=0)
     rows = [h for h in trainer.state.log_history if "persample/b_simple" in h]
     assert len(rows) == 1 and rows[0]["persample/skipped_steps"] == 0, trainer.state.log_history
-    batch = [dict(input_ids=i, attention_mask=a, labels=y) for i, a, y in zip(
-        _gathered(seen[0]["input_ids"]), _gathered(seen[0]["attention_mask"]), _gathered(seen[0]["labels"]))]
+    batch = [
+        dict(input_ids=i, attention_mask=a, labels=y)
+        for i, a, y in zip(
+            _gathered(seen[0]["input_ids"]), _gathered(seen[0]["attention_mask"]), _gathered(seen[0]["labels"])
+        )
+    ]
     oracle = oracle_noise_scale(start, batch)
     close(rows[0]["persample/b_simple"], oracle.b_simple, "b_simple vs the oracle", rtol=1e-6, atol=0)
     close(rows[0]["persample/trace_cov"], oracle.trace_cov, "trace_cov vs the oracle", rtol=1e-6, atol=0)
@@ -195,6 +219,7 @@ def _lightning_under_ddp(**ddp_kwargs):
     from persample.integrations.lightning import PersampleCallback
     from test_integrations import _lightning_module
     from zoo import oracle_grads
+
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g))
     start = _lightning_module().double()
@@ -207,11 +232,21 @@ def _lightning_under_ddp(**ddp_kwargs):
     def fit(module, tracked):
         callbacks = [PersampleCallback(F.cross_entropy), Record()] if tracked else []
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=4)
-        trainer = L.Trainer(max_steps=2, strategy=DDPStrategy(process_group_backend="gloo", **ddp_kwargs),
-                            callbacks=callbacks, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, accelerator="cpu", devices=2, precision="64-true")
+        trainer = L.Trainer(
+            max_steps=2,
+            strategy=DDPStrategy(process_group_backend="gloo", **ddp_kwargs),
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=2,
+            precision="64-true",
+        )
         trainer.fit(module, loader)
         return callbacks[0] if callbacks else None
+
     plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
     fit(plain, False)
     callback = fit(tracked, True)
@@ -220,8 +255,11 @@ def _lightning_under_ddp(**ddp_kwargs):
     assert callback.tracker.refused == [] and len(callback.diagnostics.rows) == 2, callback.tracker.refused
     x, y = _gathered(seen[0][0]), _gathered(seen[0][1])
     grads, _ = oracle_grads(copy.deepcopy(start.net), F.cross_entropy, x, y)
-    oracle = noise.gradient_noise_scale(persample.GradStats.from_per_example(
-        {f"net.{k}": v for k, v in grads.items()}, torch.zeros(len(y), dtype=torch.float64)))
+    oracle = noise.gradient_noise_scale(
+        persample.GradStats.from_per_example(
+            {f"net.{k}": v for k, v in grads.items()}, torch.zeros(len(y), dtype=torch.float64)
+        )
+    )
     close(callback.diagnostics.rows[0]["b_simple"], oracle.b_simple, "b_simple vs the oracle", rtol=1e-9, atol=0)
 
 

@@ -37,10 +37,12 @@ SPLITS = {2: [4, 4], 3: [2, 5, 3]}
 def scenario(*worlds, suite="ddp"):
     """Register a scenario for these world sizes, in a suite (``ddp``: test_distributed.py, ``fsdp``:
     test_fsdp.py; the environment's PERSAMPLE_SUITE picks the suite a run executes)."""
+
     def register(fn):
         SCENARIOS[fn.__name__] = (fn, worlds)
         SUITES[fn.__name__] = suite
         return fn
+
     return register
 
 
@@ -70,17 +72,24 @@ def my_slice(sizes):
 def oracle_stats(model, loss_fn, x, y):
     """Mean, unbiased variance and squared norms from a float64 loop of autograd (independent of persample)."""
     params = dict(model.named_parameters())
-    rows = [torch.autograd.grad(loss_fn(model(x[i:i + 1]), y[i:i + 1]), list(params.values()))
-            for i in range(x.shape[0])]
+    rows = [
+        torch.autograd.grad(loss_fn(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
+        for i in range(x.shape[0])
+    ]
     grads = {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
     flat = torch.cat([g.reshape(x.shape[0], -1) for g in grads.values()], 1)
-    return {"mean": {n: g.mean(0) for n, g in grads.items()}, "var": {n: g.var(0) for n, g in grads.items()},
-            "sq_norms": flat.pow(2).sum(1)}
+    return {
+        "mean": {n: g.mean(0) for n, g in grads.items()},
+        "var": {n: g.var(0) for n, g in grads.items()},
+        "sq_norms": flat.pow(2).sum(1),
+    }
 
 
 def close(a, b, what, rtol=1e-9, atol=1e-12):
-    a, b = (torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) or v.dim() == 0 else v
-            for v in (a, b))
+    a, b = (
+        torch.as_tensor(v, dtype=torch.float64) if not isinstance(v, torch.Tensor) or v.dim() == 0 else v
+        for v in (a, b)
+    )
     torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
@@ -113,7 +122,7 @@ def _check_global_stats(engine):
     assert reduced.part_sizes == tuple(sizes)
     small = []
     for r, part in enumerate(reduced.part_mean_sq_norms):
-        rs = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+        rs = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
         small.append(persample.grad_stats(model, loss, x[rs], y[rs], engine=engine).mean_sq_norm)
         close(part, small[-1], f"part_mean_sq_norms[{r}]")
     # both noise estimators on the reduced record equal their formulas on the concatenated batch
@@ -149,12 +158,14 @@ def shared_reference_keeps_inner_products_without_a_second_pass():
     model, loss = mlp(), F.cross_entropy
     x, y = global_batch(sum(sizes))
     reference = {n: torch.full_like(p, 0.25) for n, p in model.named_parameters()}
-    grads, losses = persample.per_sample_grads(model, loss, x, y), None
-    whole = persample.GradStats.from_per_example(grads, persample.grad_stats(model, loss, x, y).losses,
-                                                 reference=reference)
+    grads = persample.per_sample_grads(model, loss, x, y)
+    whole = persample.GradStats.from_per_example(
+        grads, persample.grad_stats(model, loss, x, y).losses, reference=reference
+    )
     s = my_slice(sizes)
-    local = persample.GradStats.from_per_example({k: v[s] for k, v in grads.items()}, whole.losses[s],
-                                                 reference={k: v.clone() for k, v in reference.items()})
+    local = persample.GradStats.from_per_example(
+        {k: v[s] for k, v in grads.items()}, whole.losses[s], reference={k: v.clone() for k, v in reference.items()}
+    )
     reduced = all_reduce_stats(local)
     close(reduced.inner_products, whole.inner_products, "inner_products")
     # a reference that differs on one rank drops them (as merge does), on every rank
@@ -168,11 +179,13 @@ def shared_reference_keeps_inner_products_without_a_second_pass():
 @scenario(2, 3)
 def all_reduce_gradients_is_the_mean_over_ranks_with_none_as_zero():
     from persample.distributed import all_reduce_gradients
+
     rank, world = rank_world()
     params = {n: nn.Parameter(torch.zeros(s, dtype=torch.float64)) for n, s in (("a", 3), ("b", 2), ("c", 4))}
-    grads = {r: {"a": torch.arange(3.0, dtype=torch.float64) * (r + 1), "b": torch.full((2,), 1.0 + r,
-                                                                                         dtype=torch.float64)}
-             for r in range(world)}
+    grads = {
+        r: {"a": torch.arange(3.0, dtype=torch.float64) * (r + 1), "b": torch.full((2,), 1.0 + r, dtype=torch.float64)}
+        for r in range(world)
+    }
     params["a"].grad = grads[rank]["a"].clone()
     if rank == 0:  # 'b' has a gradient on rank 0 only; 'c' on none
         params["b"].grad = grads[0]["b"].clone()
@@ -201,6 +214,7 @@ def mismatched_parameters_raise_before_p_sized_collectives():
 
 def ddp(model):
     from torch.nn.parallel import DistributedDataParallel
+
     return DistributedDataParallel(model)
 
 
@@ -231,8 +245,7 @@ def _tracker_against_ddp_backward(*, wrap_module=False, every=1, accumulate=1, c
     """Tracker(ddp) (or Tracker(ddp.module)) vs DDP's own backward, with SGD+momentum, step by step."""
     loss = F.cross_entropy
     tracked, plain = ddp(mlp(seed=3)), ddp(mlp(seed=3))
-    tracker = persample.Tracker(tracked.module if wrap_module else tracked, loss, every=every,
-                                check_every=check_every)
+    tracker = persample.Tracker(tracked.module if wrap_module else tracked, loss, every=every, check_every=check_every)
     seen = []
     tracker.register_hook(lambda t, stats: seen.append(stats))
     opt_t = torch.optim.SGD(tracked.parameters(), lr=0.1, momentum=0.9)
@@ -244,9 +257,9 @@ def _tracker_against_ddp_backward(*, wrap_module=False, every=1, accumulate=1, c
         for micro in range(accumulate):
             x, y, gx, gy = batches[step * accumulate + micro]
             last = micro == accumulate - 1
-            with (contextlib.nullcontext() if last else tracked.no_sync()):
+            with contextlib.nullcontext() if last else tracked.no_sync():
                 tracker.step(x, y)
-            with (contextlib.nullcontext() if last else plain.no_sync()):
+            with contextlib.nullcontext() if last else plain.no_sync():
                 loss(plain(x), y).backward()
             if not last:  # inside no_sync both keep this rank's own accumulated gradient
                 for (n, a), b in zip(tracked.named_parameters(), plain.parameters()):
@@ -311,8 +324,7 @@ def tracker_inner_products_are_relative_to_the_global_mean():
     stats = tracker.step(x, y)
     whole = persample.grad_stats(mlp(seed=6), loss, gx, gy, inner_products=True)
     close(stats.inner_products, whole.inner_products, "inner products")
-    close(noise.inner_product_test(stats).statistic, noise.inner_product_test(whole).statistic,
-          "inner-product test")
+    close(noise.inner_product_test(stats).statistic, noise.inner_product_test(whole).statistic, "inner-product test")
 
 
 @scenario(2, 3)
@@ -349,7 +361,7 @@ def accumulate_with_a_shared_reference_keeps_the_global_inner_products():
     batches = local_batches(2, seed=41)
     with tracker.accumulate(reference="first") as acc:
         for i, (x, y, _, _) in enumerate(batches):
-            with (tracked.no_sync() if i == 0 else contextlib.nullcontext()):
+            with tracked.no_sync() if i == 0 else contextlib.nullcontext():
                 tracker.step(x, y, scale=0.5)
     with tracker.accumulate(reference="last") as acc2:
         for x, y, _, _ in batches:
@@ -359,19 +371,27 @@ def accumulate_with_a_shared_reference_keeps_the_global_inner_products():
     names = list(grads[0])
     flat = torch.cat([torch.cat([g[k].reshape(len(g[k]), -1) for k in names], 1) for g in grads])
     first = {k: grads[0][k].mean(0) for k in names}
-    for stats, reference, what in ((acc.stats, first, "step, reference='first'"),
-                                   (acc2.stats, acc.stats.mean, "observe, reference='last'")):
+    for stats, reference, what in (
+        (acc.stats, first, "step, reference='first'"),
+        (acc2.stats, acc.stats.mean, "observe, reference='last'"),
+    ):
         assert stats.n == flat.shape[0], what
         close(stats.inner_products, flat @ torch.cat([reference[k].reshape(-1) for k in names]), what)
-        close(noise.inner_product_test(stats).statistic,
-              noise.inner_product_test(persample.GradStats.from_per_example(
-                  {k: torch.cat([g[k] for g in grads]) for k in names}, stats.losses, reference=reference)).statistic,
-              f"inner-product test, {what}")
+        close(
+            noise.inner_product_test(stats).statistic,
+            noise.inner_product_test(
+                persample.GradStats.from_per_example(
+                    {k: torch.cat([g[k] for g in grads]) for k in names}, stats.losses, reference=reference
+                )
+            ).statistic,
+            f"inner-product test, {what}",
+        )
 
 
 @scenario(2)
 def tracker_refuses_a_ddp_comm_hook_and_restores_grads():
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
     model = ddp(mlp(seed=8))
     model.register_comm_hook(None, default_hooks.allreduce_hook)
     tracker = persample.Tracker(model, F.cross_entropy)
@@ -442,6 +462,7 @@ def a_hook_raising_on_one_rank_raises_on_every_rank_and_replicas_stay_equal():
         calls.append(t.steps)
         if rank == 1 and len(calls) == 3:
             raise RuntimeError("the logger failed")
+
     tracker.register_hook(logger)
     raised = _train_catching(model, tracker, local_batches(4, seed=51))
     assert raised == [(2, "RuntimeError" if rank == 1 else "OtherRankFailed")], raised
@@ -485,8 +506,10 @@ def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     from torch.nn.parallel.distributed import _MixedPrecision
 
     from persample._data_parallel import _refuse_custom_reduction
-    model = DistributedDataParallel(mlp(seed=8, dtype=torch.float32),
-                                    mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16))
+
+    model = DistributedDataParallel(
+        mlp(seed=8, dtype=torch.float32), mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16)
+    )
     tracker = persample.Tracker(model, F.cross_entropy)
     x, y, _, _ = local_batches(1)[0]
     x = x.float()
@@ -494,12 +517,12 @@ def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
         tracker.step(x, y)
     except persample.UnsupportedModelError as err:
         assert err.code == "DDP_MIXED_PRECISION", err
-    except RuntimeError as err:   # on the CPU, DDP's own forward with mixed_precision cannot run (no events)
+    except RuntimeError as err:  # on the CPU, DDP's own forward with mixed_precision cannot run (no events)
         assert "doesn't support events" in str(err), err
     else:
         raise AssertionError("no error for DDP(mixed_precision=...)")
     assert all(p.grad is None for p in model.parameters()) and tracker.steps == 0
-    try:   # the refusal itself, also on the CPU
+    try:  # the refusal itself, also on the CPU
         _refuse_custom_reduction(model)
     except persample.UnsupportedModelError as err:
         assert err.code == "DDP_MIXED_PRECISION" and "torch.autocast" in str(err), err
@@ -512,13 +535,18 @@ def gradstats_refuses_dtensors():
     """README: GradStats refuses DTensors, so printing one can never start collectives."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, distribute_tensor
+
     _, world = rank_world()
     mesh = init_device_mesh("cpu", (world,))
     rows = torch.randn(4, 3, dtype=torch.float64)
     try:
-        persample.GradStats(n=4, mean={"w": distribute_tensor(rows.mean(0), mesh, [Replicate()])},
-                            m2={"w": rows.var(0) * 3},
-                            param_sq_norms={"w": rows.pow(2).sum(1)}, losses=torch.zeros(4, dtype=torch.float64))
+        persample.GradStats(
+            n=4,
+            mean={"w": distribute_tensor(rows.mean(0), mesh, [Replicate()])},
+            m2={"w": rows.var(0) * 3},
+            param_sq_norms={"w": rows.pow(2).sum(1)},
+            losses=torch.zeros(4, dtype=torch.float64),
+        )
     except TypeError as err:
         assert "DTensors" in str(err) and "to_local" in str(err), err
     else:
@@ -531,11 +559,14 @@ def gradstats_refuses_dtensors():
 @scenario(2)
 def fsdp2_is_refused_clearly():
     from torch.distributed.fsdp import fully_shard
+
     model = mlp(seed=9)
     fully_shard(model)
     x, y, _, _ = local_batches(1)[0]
-    for call in (lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
-                 lambda: persample.check_mean(model, F.cross_entropy, x, y)):
+    for call in (
+        lambda: persample.per_sample_grads(model, F.cross_entropy, x, y),
+        lambda: persample.check_mean(model, F.cross_entropy, x, y),
+    ):
         try:
             call()
         except persample.UnsupportedModelError as err:
@@ -549,6 +580,7 @@ def fsdp2_is_refused_clearly():
 @scenario(2)
 def fsdp1_is_refused_clearly():
     from torch.distributed.fsdp import FullyShardedDataParallel
+
     model = FullyShardedDataParallel(mlp(seed=9), use_orig_params=True, device_id=torch.device("cpu"))
     x, y, _, _ = local_batches(1)[0]
     for target, call in [(t, c) for t in (model, model.module) for c in (persample.grad_stats, persample.check_mean)]:
@@ -568,15 +600,18 @@ def oracle(model, loss, x, y):
     rows, losses = [], []
     params = dict(model.named_parameters())
     for i in range(len(x)):
-        li = loss(model(x[i:i + 1]), y[i:i + 1])
+        li = loss(model(x[i : i + 1]), y[i : i + 1])
         grads = torch.autograd.grad(li, list(params.values()))
         rows.append({k: g.detach() for k, g in zip(params, grads)})
         losses.append(li.detach())
     g = {k: torch.stack([r[k] for r in rows]) for k in params}
-    return dict(n=len(x), mean={k: v.mean(0) for k, v in g.items()},
-                var={k: v.var(0, unbiased=True) for k, v in g.items()},
-                param_sq_norms={k: v.reshape(len(x), -1).pow(2).sum(1) for k, v in g.items()},
-                losses=torch.stack(losses))
+    return dict(
+        n=len(x),
+        mean={k: v.mean(0) for k, v in g.items()},
+        var={k: v.var(0, unbiased=True) for k, v in g.items()},
+        param_sq_norms={k: v.reshape(len(x), -1).pow(2).sum(1) for k, v in g.items()},
+        losses=torch.stack(losses),
+    )
 
 
 def check_against_oracle(stats, expected, what):
@@ -596,6 +631,7 @@ class Checkpointed(nn.Module):
 
     def forward(self, x):
         from torch.utils.checkpoint import checkpoint
+
         return checkpoint(self.inner, x, use_reentrant=False)
 
 
@@ -608,6 +644,7 @@ def mlp_like(seed=0, checkpointed=False):
 
 def sharded_mlp(seed, *, nested=True, reshard_after_forward=True, checkpointed=False):
     from torch.distributed.fsdp import fully_shard
+
     model = mlp_like(seed=seed, checkpointed=checkpointed)
     if nested:
         for layer in (model[0], model[2]):
@@ -653,7 +690,7 @@ def _fsdp2_tracker_against_fsdp2(observe=False, **shard_options):
             p.grad = None
         sizes = SPLITS[world]
         for r in range(world):
-            rs = slice(sum(sizes[:r]), sum(sizes[:r + 1]))
+            rs = slice(sum(sizes[:r]), sum(sizes[: r + 1]))
             (loss(reference(gx[rs]), gy[rs]) / world).backward()
         opt_t.step()
         opt_p.step()
@@ -706,6 +743,7 @@ def fsdp2_mixed_precision_policy_bf16_parameters_fp32_reduction():
     own (equal to a plain FSDP2 twin's), and the statistics (kept in float32) are the oracle's on
     the bf16-rounded computation up to bf16 precision."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
 
     def build():
@@ -714,6 +752,7 @@ def fsdp2_mixed_precision_policy_bf16_parameters_fp32_reduction():
             fully_shard(layer, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model
+
     tracked, plain = build(), build()
     loss = F.cross_entropy
     x, y, gx, gy = local_batches(1, seed=121)[0]
@@ -783,6 +822,7 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
         calls.append(stats.n)
         if rank == 1 and len(calls) == 2:
             raise RuntimeError("the logger failed")
+
     tracker.register_hook(logger)
     opt, opt_twin = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (model, twin))
     raised = []
@@ -799,10 +839,17 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
         opt.step()
         opt_twin.step()
         full = assert_full_params_identical(model, f"after step {step}")
-        close(full, torch.cat([p.full_tensor().reshape(-1) for p in twin.parameters()]),
-              f"after step {step}: against the twin without the failed steps", rtol=1e-12, atol=1e-14)
-    expected = [(1, "RuntimeError" if rank == 1 else "OtherRankFailed"),
-                (3, "ValueError" if rank == world - 1 else "OtherRankFailed")]
+        close(
+            full,
+            torch.cat([p.full_tensor().reshape(-1) for p in twin.parameters()]),
+            f"after step {step}: against the twin without the failed steps",
+            rtol=1e-12,
+            atol=1e-14,
+        )
+    expected = [
+        (1, "RuntimeError" if rank == 1 else "OtherRankFailed"),
+        (3, "ValueError" if rank == world - 1 else "OtherRankFailed"),
+    ]
     assert raised == expected, raised
     assert tracker.steps == 3
 
@@ -810,8 +857,12 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
 @scenario(2, suite="fsdp")
 def fsdp2_tracker_refuses_what_one_backward_cannot_give():
     model = sharded_mlp(24)
-    for options, words in (({"clip_norm": 1.0}, "clip_norm"), ({"check_every": 2}, "check_every"),
-                            ({"inner_products": True}, "inner_products"), ({"engine": "vmap"}, "engine")):
+    for options, words in (
+        ({"clip_norm": 1.0}, "clip_norm"),
+        ({"check_every": 2}, "check_every"),
+        ({"inner_products": True}, "inner_products"),
+        ({"engine": "vmap"}, "engine"),
+    ):
         try:
             persample.Tracker(model, F.cross_entropy, **options)
         except persample.UnsupportedModelError as err:
@@ -825,6 +876,7 @@ def fsdp2_tracker_refuses_what_one_backward_cannot_give():
     else:
         raise AssertionError("no refusal for distributed=False")
     from torch.distributed.fsdp import fully_shard
+
     inner_only = mlp(seed=24)
     fully_shard(inner_only[0])
     try:
@@ -838,10 +890,21 @@ def fsdp2_tracker_refuses_what_one_backward_cannot_give():
 def tiny_gpt2(seed=0):
     """GPT-2 with tied embedding and LM head (n_layer=2, n_embd=32, vocab 64), float64, no dropout."""
     from transformers import GPT2Config, GPT2LMHeadModel
+
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=16, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, bos_token_id=0,
-                        eos_token_id=0)
+    config = GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=2,
+        vocab_size=64,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     model = GPT2LMHeadModel(config).double()
     assert model.lm_head.weight is model.transformer.wte.weight
     return model
@@ -858,13 +921,15 @@ def token_batch(n, seed, length=8):
 
 def summed_token_loss(logits, labels):
     """Example i's loss: Σ_t of the next-token cross-entropy over its real tokens (the oracle's own)."""
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                           ignore_index=-100, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 @scenario(2, 3, suite="fsdp")
 def fsdp2_tiny_gpt2_tied_weights_padded_batches():
     from torch.distributed.fsdp import fully_shard
+
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
@@ -875,6 +940,7 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
             fully_shard(block)
         fully_shard(model)
         return model
+
     tracked, plain, reference = sharded(), sharded(), tiny_gpt2(seed=31)
     tracker = persample.Tracker(tracked, loss)
     for step in range(2):
@@ -888,15 +954,19 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
         rows, losses = [], []
         params = dict(reference.named_parameters())
         for i in range(len(ids)):
-            li = summed_token_loss(reference(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits,
-                                   labels[i:i + 1])
+            li = summed_token_loss(
+                reference(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits, labels[i : i + 1]
+            )
             rows.append(torch.autograd.grad(li, list(params.values())))
             losses.append(li.detach())
         g = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
-        expected = dict(n=len(ids), mean={k: v.mean(0) for k, v in g.items()},
-                        var={k: v.var(0, unbiased=True) for k, v in g.items()},
-                        param_sq_norms={k: v.reshape(len(ids), -1).pow(2).sum(1) for k, v in g.items()},
-                        losses=torch.stack(losses))
+        expected = dict(
+            n=len(ids),
+            mean={k: v.mean(0) for k, v in g.items()},
+            var={k: v.var(0, unbiased=True) for k, v in g.items()},
+            param_sq_norms={k: v.reshape(len(ids), -1).pow(2).sum(1) for k, v in g.items()},
+            losses=torch.stack(losses),
+        )
         assert "lm_head.weight" not in stats.mean and "transformer.wte.weight" in stats.mean  # tied: one name
         check_against_oracle(stats, expected, f"GPT-2 step {step}")
         with torch.no_grad():  # the same update on both sharded models and the reference
@@ -909,10 +979,21 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
 def tiny_llama(seed=0):
     """A Llama-style model (RMSNorm, rotary, SwiGLU; 2 layers, hidden 32, vocab 64), float64."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                         num_key_value_heads=1, vocab_size=64, max_position_embeddings=16, pad_token_id=0,
-                         bos_token_id=1, eos_token_id=2, attn_implementation="eager")
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        max_position_embeddings=16,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        attn_implementation="eager",
+    )
     return LlamaForCausalLM(config).double()
 
 
@@ -924,6 +1005,7 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     (tests/real_models.py, batch_discrepancy); a fallback module (the RMSNorm) reads the full parameters
     after FSDP2's backward, which used to free them (a segfault before unshard_all deferred the reshard)."""
     from torch.distributed.fsdp import fully_shard
+
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
@@ -934,6 +1016,7 @@ def fsdp2_tiny_llama_token_mean_over_padding():
             fully_shard(layer)
         fully_shard(model)
         return model
+
     tracked, plain, reference = sharded(), sharded(), tiny_llama(seed=41)
     tracker = persample.Tracker(tracked, loss)
     ids, mask, labels = token_batch(sum(sizes), seed=131)
@@ -944,18 +1027,22 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     params = dict(reference.named_parameters())
     rows, losses = [], []
     for i in range(len(ids)):
-        li = summed_token_loss(reference(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).logits,
-                               labels[i:i + 1])
+        li = summed_token_loss(
+            reference(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).logits, labels[i : i + 1]
+        )
         rows.append(torch.autograd.grad(li, list(params.values()), allow_unused=True))
         losses.append(li.detach())
-    g = {k: torch.stack([r[j] if r[j] is not None else torch.zeros_like(params[k]) for r in rows])
-         for j, k in enumerate(params)}
+    g = {
+        k: torch.stack([r[j] if r[j] is not None else torch.zeros_like(params[k]) for r in rows])
+        for j, k in enumerate(params)
+    }
     expected = {"mean": {k: v.mean(0) for k, v in g.items()}, "var": {k: v.var(0) for k, v in g.items()}}
     assert stats.n == len(ids)
 
     def near(a, b, what):  # relative to the largest entry, as batch_discrepancy measures the model itself
         err = (a - b).abs().max().item() / max(b.abs().max().item(), 1e-300)
         assert err < 1e-6, f"{what}: {err:.2e} relative to the largest entry"
+
     for k in params:
         near(stats.mean[k], expected["mean"][k], f"Llama mean[{k}]")
         near(stats.var[k], expected["var"][k], f"Llama var[{k}]")
@@ -972,6 +1059,7 @@ def fsdp1_refused_on_every_rank_and_the_ranks_live_on():
     on every rank, naming FSDP1 and DDP as the fix; no rank dies, and the model still trains with
     FSDP1's own backward afterwards (the refusal left it as it was)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
+
     model = FullyShardedDataParallel(mlp(seed=15), device_id=torch.device("cpu"))
     x, y, _, _ = local_batches(1, seed=81)[0]
     calls = {
@@ -1018,7 +1106,7 @@ def main(out_dir: str) -> None:
     for name, (fn, worlds) in SCENARIOS.items():
         if world not in worlds or SUITES[name] != suite or (only and name != only):
             continue
-        torch.manual_seed(0)   # every scenario starts from the same RNG state, whatever ran before it
+        torch.manual_seed(0)  # every scenario starts from the same RNG state, whatever ran before it
         try:
             fn()
             results[name] = "ok"

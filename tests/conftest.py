@@ -37,4 +37,5 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if cuda and not torch.cuda.is_available():
         terminalreporter.write_line(
             f"persample: no CUDA device here: {len(cuda)} CUDA test(s) skipped; they are not run by CI "
-            "(run `python -m pytest -m cuda tests/test_cuda.py` on a machine with a GPU)")
+            "(run `python -m pytest -m cuda tests/test_cuda.py` on a machine with a GPU)"
+        )

@@ -66,7 +66,7 @@ class DropoutMasks:
     def forwards(self, per_forward: int) -> list[list[tuple[torch.Tensor, bool]]]:
         """The calls grouped into forwards of ``per_forward`` dropout calls each."""
         assert len(self.calls) % per_forward == 0, (len(self.calls), per_forward)
-        return [self.calls[i:i + per_forward] for i in range(0, len(self.calls), per_forward)]
+        return [self.calls[i : i + per_forward] for i in range(0, len(self.calls), per_forward)]
 
     def example_masks(self, per_forward: int, b: int) -> list[list[torch.Tensor]]:
         """Per example, its masks (each shaped like one example's activation), as the engine drew them.
@@ -78,7 +78,7 @@ class DropoutMasks:
             rows: list[list[torch.Tensor]] = []
             for forward in per_example:
                 masks = [m for m, _ in forward]
-                if forward[0][1]:   # a vmap chunk: dim 0 is the example
+                if forward[0][1]:  # a vmap chunk: dim 0 is the example
                     rows += [[m[j] for m in masks] for j in range(masks[0].shape[0])]
                 else:
                     rows.append(masks)
@@ -91,7 +91,7 @@ class DropoutMasks:
         batch = [f for f in self.forwards(per_forward) if not f[0][1] and f[0][0].shape[0] == b]
         assert batch, "no forward of the whole batch was recorded"
         masks = [m for m, _ in batch[which]]
-        return [[m[i:i + 1] for m in masks] for i in range(b)]
+        return [[m[i : i + 1] for m in masks] for i in range(b)]
 
     @contextlib.contextmanager
     def replaying(self, masks: list[torch.Tensor]):

@@ -14,10 +14,15 @@ def stats_from_rows(grads: dict, losses: torch.Tensor) -> dict:
     mean = {n: g.mean(0) for n, g in grads.items()}
     flat = torch.cat([g.reshape(b, -1) for g in grads.values()], 1)
     flat_mean = torch.cat([m.reshape(-1) for m in mean.values()])
-    return {"n": b, "mean": mean, "var": {n: g.var(0, unbiased=True) for n, g in grads.items()},
-            "sq_norms": flat.pow(2).sum(1),
-            "param_sq_norms": {n: g.reshape(b, -1).pow(2).sum(1) for n, g in grads.items()},
-            "inner_products": flat @ flat_mean, "losses": losses}
+    return {
+        "n": b,
+        "mean": mean,
+        "var": {n: g.var(0, unbiased=True) for n, g in grads.items()},
+        "sq_norms": flat.pow(2).sum(1),
+        "param_sq_norms": {n: g.reshape(b, -1).pow(2).sum(1) for n, g in grads.items()},
+        "inner_products": flat @ flat_mean,
+        "losses": losses,
+    }
 
 
 def oracle_stats(model, loss_fn, inputs, targets=None, clip_norm: float | None = None) -> dict:

@@ -36,11 +36,11 @@ from torch.utils.checkpoint import checkpoint
 
 from zoo import batch_size, call_model, split_example
 
-B = 3          # examples per batch
-T = 6          # sequence length
-V = 40         # vocabulary
-H = 16         # hidden size of the Hugging Face models
-PAD_LENGTHS = (6, 4, 3)   # real tokens per example in the padded batches
+B = 3  # examples per batch
+T = 6  # sequence length
+V = 40  # vocabulary
+H = 16  # hidden size of the Hugging Face models
+PAD_LENGTHS = (6, 4, 3)  # real tokens per example in the padded batches
 
 # ---------------------------------------------------------------------------------------- oracle
 
@@ -111,24 +111,23 @@ def _gradients(model, loss_fn, inputs, targets) -> tuple[Tensor, dict[str, Tenso
         finally:
             for p, g in zip(params, saved):
                 p.grad = g
-    return loss.detach(), {n: torch.zeros_like(p) if g is None else dense(g)
-                           for (n, p), g in zip(named.items(), grads)}
+    return loss.detach(), {n: torch.zeros_like(p) if g is None else dense(g) for (n, p), g in zip(named.items(), grads)}
 
 
 def oracle(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any = None) -> Oracle:
     """A Python loop of autograd, one example (a batch of one) at a time."""
     losses, rows = [], {}
     for i in range(batch_size(inputs)):
-        loss, grads = _gradients(model, loss_fn, split_example(inputs, i),
-                                 None if targets is None else split_example(targets, i))
+        loss, grads = _gradients(
+            model, loss_fn, split_example(inputs, i), None if targets is None else split_example(targets, i)
+        )
         losses.append(loss)
         for n, g in grads.items():
             rows.setdefault(n, []).append(g)
     return Oracle({n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses))
 
 
-def batch_discrepancy(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any,
-                      want: Oracle) -> float:
+def batch_discrepancy(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any, want: Oracle) -> float:
     """max_n ‖∇_n(batch loss) − ḡ_n‖_∞ / max_n ‖ḡ_n‖_∞ over parameters n, ḡ the oracle mean: how far the
     model itself is from computing the same numbers for a batch as for its examples one at a time.
 
@@ -140,8 +139,9 @@ def batch_discrepancy(model: nn.Module, loss_fn: Callable, inputs: Any, targets:
     return max(batch_discrepancies(model, loss_fn, inputs, targets, want).values())
 
 
-def batch_discrepancies(model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any,
-                        want: Oracle) -> dict[str, float]:
+def batch_discrepancies(
+    model: nn.Module, loss_fn: Callable, inputs: Any, targets: Any, want: Oracle
+) -> dict[str, float]:
     """Per parameter n, ‖∇_n(batch loss) − ḡ_n‖_∞ / max_m ‖ḡ_m‖_∞: :func:`batch_discrepancy` before the max
     over parameters (the scale is the model's largest mean element, so a parameter whose gradient is zero
     in exact arithmetic, such as an attention key bias, gets its absolute discrepancy, not 0/0)."""
@@ -160,7 +160,7 @@ class RealCase:
     id: str
     make: Callable[[], tuple[nn.Module, Any, Any]]
     loss_fn: Callable
-    ill_posed: str | None = None   # regex every refusal must match; None: an exact answer exists
+    ill_posed: str | None = None  # regex every refusal must match; None: an exact answer exists
 
     def instantiate(self, seed: int = 0):
         """A fresh ``(model, inputs, targets)``: same seed, same numbers, every call."""
@@ -227,7 +227,7 @@ def padding_mask(side: str, length: int = T) -> Tensor:
         if side == "right":
             mask[i, :n] = 1
         else:
-            mask[i, length - n:] = 1
+            mask[i, length - n :] = 1
     return mask
 
 
@@ -247,39 +247,124 @@ def _config(family: str, attn: str, **extra):
     tf = _transformers()
     layers = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, max_position_embeddings=32)
     bert_like = dict(hidden_size=H, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **layers)
-    llama_like = dict(hidden_size=H, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      **layers)
+    llama_like = dict(hidden_size=H, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2, **layers)
     configs = {
         "bert": (tf.BertConfig, dict(pad_token_id=0, **bert_like)),
         "roberta": (tf.RobertaConfig, dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)),
-        "distilbert": (tf.DistilBertConfig, dict(dim=H, n_layers=1, n_heads=2, hidden_dim=24, dropout=0.0,
-                                                 attention_dropout=0.0, seq_classif_dropout=0.0,
-                                                 max_position_embeddings=32, pad_token_id=0)),
-        "albert": (tf.AlbertConfig, dict(embedding_size=8, classifier_dropout_prob=0.0, pad_token_id=0,
-                                         **bert_like)),
-        "t5": (tf.T5Config, dict(d_model=H, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1, num_heads=2,
-                                 relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
-                                 eos_token_id=1, decoder_start_token_id=0)),
-        "bart": (tf.BartConfig, dict(d_model=H, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-                                     decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24,
-                                     max_position_embeddings=32, dropout=0.0, attention_dropout=0.0,
-                                     activation_dropout=0.0, pad_token_id=1, bos_token_id=0, eos_token_id=2,
-                                     decoder_start_token_id=2, forced_eos_token_id=None)),
-        "gpt2": (tf.GPT2Config, dict(n_embd=H, n_layer=1, n_head=2, n_positions=32, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2,
-                                     pad_token_id=0)),
+        "distilbert": (
+            tf.DistilBertConfig,
+            dict(
+                dim=H,
+                n_layers=1,
+                n_heads=2,
+                hidden_dim=24,
+                dropout=0.0,
+                attention_dropout=0.0,
+                seq_classif_dropout=0.0,
+                max_position_embeddings=32,
+                pad_token_id=0,
+            ),
+        ),
+        "albert": (tf.AlbertConfig, dict(embedding_size=8, classifier_dropout_prob=0.0, pad_token_id=0, **bert_like)),
+        "t5": (
+            tf.T5Config,
+            dict(
+                d_model=H,
+                d_kv=8,
+                d_ff=24,
+                num_layers=1,
+                num_decoder_layers=1,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            ),
+        ),
+        "bart": (
+            tf.BartConfig,
+            dict(
+                d_model=H,
+                encoder_layers=1,
+                decoder_layers=1,
+                encoder_attention_heads=2,
+                decoder_attention_heads=2,
+                encoder_ffn_dim=24,
+                decoder_ffn_dim=24,
+                max_position_embeddings=32,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+                pad_token_id=1,
+                bos_token_id=0,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+                forced_eos_token_id=None,
+            ),
+        ),
+        "gpt2": (
+            tf.GPT2Config,
+            dict(
+                n_embd=H,
+                n_layer=1,
+                n_head=2,
+                n_positions=32,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=1,
+                eos_token_id=2,
+                pad_token_id=0,
+            ),
+        ),
         "llama": (tf.LlamaConfig, llama_like),
         "mistral": (tf.MistralConfig, dict(sliding_window=4, **llama_like)),
         "qwen2": (tf.Qwen2Config, dict(use_sliding_window=False, **llama_like)),
-        "gpt_neox": (tf.GPTNeoXConfig, dict(hidden_size=H, rotary_pct=0.5, hidden_dropout=0.0,
-                                            attention_dropout=0.0, use_parallel_residual=True,
-                                            pad_token_id=0, bos_token_id=1, eos_token_id=2, **layers)),
-        "opt": (tf.OPTConfig, dict(hidden_size=H, ffn_dim=24, num_hidden_layers=1, num_attention_heads=2,
-                                   word_embed_proj_dim=H, max_position_embeddings=32, dropout=0.0,
-                                   attention_dropout=0.0, pad_token_id=1, bos_token_id=2, eos_token_id=2)),
-        "vit": (tf.ViTConfig, dict(hidden_size=H, image_size=8, patch_size=4, num_channels=3,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                   num_hidden_layers=1, num_attention_heads=2, intermediate_size=24)),
+        "gpt_neox": (
+            tf.GPTNeoXConfig,
+            dict(
+                hidden_size=H,
+                rotary_pct=0.5,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+                use_parallel_residual=True,
+                pad_token_id=0,
+                bos_token_id=1,
+                eos_token_id=2,
+                **layers,
+            ),
+        ),
+        "opt": (
+            tf.OPTConfig,
+            dict(
+                hidden_size=H,
+                ffn_dim=24,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                word_embed_proj_dim=H,
+                max_position_embeddings=32,
+                dropout=0.0,
+                attention_dropout=0.0,
+                pad_token_id=1,
+                bos_token_id=2,
+                eos_token_id=2,
+            ),
+        ),
+        "vit": (
+            tf.ViTConfig,
+            dict(
+                hidden_size=H,
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+                hidden_dropout_prob=0.0,
+                attention_probs_dropout_prob=0.0,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=24,
+            ),
+        ),
     }
     cls, kwargs = configs[family]
     return cls(**{**kwargs, "vocab_size": V, "num_labels": 3, "attn_implementation": attn, **extra})
@@ -288,9 +373,21 @@ def _config(family: str, attn: str, **extra):
 def hf_model(family: str, head: str, attn: str = "eager", train: bool = False, **config_extra) -> nn.Module:
     """``transformers.<Family><head>`` from a tiny config, float64, in eval mode unless ``train``."""
     tf = _transformers()
-    names = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "albert": "Albert",
-             "t5": "T5", "bart": "Bart", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral",
-             "qwen2": "Qwen2", "gpt_neox": "GPTNeoX", "opt": "OPT", "vit": "ViT"}
+    names = {
+        "bert": "Bert",
+        "roberta": "Roberta",
+        "distilbert": "DistilBert",
+        "albert": "Albert",
+        "t5": "T5",
+        "bart": "Bart",
+        "gpt2": "GPT2",
+        "llama": "Llama",
+        "mistral": "Mistral",
+        "qwen2": "Qwen2",
+        "gpt_neox": "GPTNeoX",
+        "opt": "OPT",
+        "vit": "ViT",
+    }
     if family == "gpt2" and head == "ForCausalLM":
         head = "LMHeadModel"
     config = _config(family, attn, **config_extra)
@@ -312,16 +409,27 @@ def own_loss_in_float64(model: nn.Module, family: str) -> nn.Module:
     return model
 
 
-PAD_ID = {"bert": 0, "roberta": 1, "distilbert": 0, "albert": 0, "t5": 0, "bart": 1, "gpt2": 0, "llama": 0,
-          "mistral": 0, "qwen2": 0, "gpt_neox": 0, "opt": 1}
+PAD_ID = {
+    "bert": 0,
+    "roberta": 1,
+    "distilbert": 0,
+    "albert": 0,
+    "t5": 0,
+    "bart": 1,
+    "gpt2": 0,
+    "llama": 0,
+    "mistral": 0,
+    "qwen2": 0,
+    "gpt_neox": 0,
+    "opt": 1,
+}
 ENCODERS = ("bert", "roberta", "distilbert", "albert")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt")
 SEQ2SEQ = ("t5", "bart")
 
 
 def _lm_head(family):
-    return "ForMaskedLM" if family in ENCODERS else "ForConditionalGeneration" if family in SEQ2SEQ \
-        else "ForCausalLM"
+    return "ForMaskedLM" if family in ENCODERS else "ForConditionalGeneration" if family in SEQ2SEQ else "ForCausalLM"
 
 
 def _text_batch(family: str, variant: str):
@@ -349,7 +457,7 @@ def _text_batch(family: str, variant: str):
             inputs["decoder_attention_mask"] = dec_mask
     elif variant == "own-loss":
         if family in SEQ2SEQ:
-            del inputs["decoder_input_ids"]        # the model shifts the labels right itself
+            del inputs["decoder_input_ids"]  # the model shifts the labels right itself
         inputs["labels"] = torch.randint(0, 3, (B,)) if family in ENCODERS else labels
         return inputs, None
     return inputs, labels
@@ -373,17 +481,26 @@ def hf_vit_case(variant: str) -> RealCase:
     def make():
         pixels, y = torch.randn(B, 3, 8, 8), torch.randint(0, 3, (B,))
         model = hf_model("vit", "ForImageClassification")
-        return (model, {"pixel_values": pixels, "labels": y}, None) if variant == "own-loss" \
+        return (
+            (model, {"pixel_values": pixels, "labels": y}, None)
+            if variant == "own-loss"
             else (model, {"pixel_values": pixels}, y)
+        )
 
     return RealCase(f"hf-vit-{variant}", make, own_loss if variant == "own-loss" else class_ce)
 
 
 def hf_checkpointing_case(family: str, reentrant: bool) -> RealCase:
     """HF gradient checkpointing (train mode, every dropout 0, two layers), user token loss."""
+
     def make():
-        model = hf_model(family, "ForCausalLM", train=True, use_cache=False,
-                         **({"n_layer": 2} if family == "gpt2" else {"num_hidden_layers": 2}))
+        model = hf_model(
+            family,
+            "ForCausalLM",
+            train=True,
+            use_cache=False,
+            **({"n_layer": 2} if family == "gpt2" else {"num_hidden_layers": 2}),
+        )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
         return model, {"input_ids": tokens()}, tokens()
 
@@ -398,8 +515,14 @@ def lora_case(family: str, variant: str) -> RealCase:
     def make():
         peft = pytest.importorskip("peft")
         base = own_loss_in_float64(hf_model(family, "ForCausalLM"), family)
-        config = peft.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.0, target_modules=targets,
-                                 init_lora_weights=False, fan_in_fan_out=family == "gpt2")
+        config = peft.LoraConfig(
+            r=2,
+            lora_alpha=4,
+            lora_dropout=0.0,
+            target_modules=targets,
+            init_lora_weights=False,
+            fan_in_fan_out=family == "gpt2",
+        )
         model = peft.get_peft_model(base, config).to(torch.float64).eval()
         return (model, *_text_batch(family, variant))
 
@@ -415,12 +538,19 @@ def hf_cases() -> list[RealCase]:
             # Eager attention of HF 5.x gives NaN on the fully masked query rows of left padding (and NaN
             # gradients everywhere); GPT-2 and every model's SDPA path keep them finite.
             cases.append(hf_text_case(family, "mask-padded-left", "eager" if family == "gpt2" else "sdpa"))
-    cases += [hf_text_case("bert", "mask-padded", "sdpa"), hf_text_case("gpt2", "mask-padded", "sdpa"),
-              hf_text_case("llama", "mask-padded", "sdpa")]
+    cases += [
+        hf_text_case("bert", "mask-padded", "sdpa"),
+        hf_text_case("gpt2", "mask-padded", "sdpa"),
+        hf_text_case("llama", "mask-padded", "sdpa"),
+    ]
     cases += [hf_vit_case("logits"), hf_vit_case("own-loss")]
     cases += [hf_checkpointing_case(f, r) for f in ("gpt2", "llama") for r in (True, False)]
-    cases += [lora_case("gpt2", "mask-padded"), lora_case("gpt2", "own-loss"),
-              lora_case("llama", "nomask"), lora_case("llama", "own-loss")]
+    cases += [
+        lora_case("gpt2", "mask-padded"),
+        lora_case("gpt2", "own-loss"),
+        lora_case("llama", "nomask"),
+        lora_case("llama", "own-loss"),
+    ]
     return cases
 
 
@@ -431,8 +561,9 @@ class StdConv2d(nn.Conv2d):
     """timm's StdConv2d: the weight is standardised per output channel (batch_norm over the weight)."""
 
     def forward(self, x):
-        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True,
-                         momentum=0.0, eps=1e-6).reshape_as(self.weight)
+        w = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0, eps=1e-6
+        ).reshape_as(self.weight)
         return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
@@ -520,19 +651,23 @@ class TokenClassifier(nn.Module):
 def image_case(id: str, build: Callable[[], nn.Module], shape=(3, 7, 7)) -> RealCase:
     def make():
         return build().eval(), torch.randn(B, *shape), torch.randint(0, 3, (B,))
+
     return RealCase(id, make, class_ce)
 
 
 def token_case(id: str, build: Callable[[], nn.Module], high: int = 20, loss_fn=class_ce) -> RealCase:
     def make():
         return build(), torch.randint(0, high, (B, T)), torch.randint(0, 3, (B,))
+
     return RealCase(id, make, loss_fn)
 
 
-def vector_case(id: str, build: Callable[[], nn.Module], shape=(6,), train: bool = False,
-                ill_posed: str | None = None) -> RealCase:
+def vector_case(
+    id: str, build: Callable[[], nn.Module], shape=(6,), train: bool = False, ill_posed: str | None = None
+) -> RealCase:
     def make():
         return build().train(train), torch.randn(B, *shape), torch.randint(0, 3, (B,))
+
     return RealCase(id, make, class_ce, ill_posed)
 
 
@@ -545,18 +680,22 @@ def timm_cases() -> list[RealCase]:
         def build():
             norm = LayerNorm2d(4)
             _perturb(norm)
-            return nn.Sequential(nn.Conv2d(3, 4, 1), norm, nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                 nn.Linear(4, 3))
+            return nn.Sequential(
+                nn.Conv2d(3, 4, 1), norm, nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+            )
+
         return image_case(f"timm-layernorm2d-w{'-eq' if width == 4 else '-ne'}-c", build, (3, 5, width))
 
     return [
         image_case("timm-stdconv2d-batchnorm-trick", lambda: conv_classifier(StdConv2d(3, 4, 3, padding=1))),
         image_case("timm-stdconv2d-mean-var", lambda: conv_classifier(StdConv2dMeanVar(3, 4, 3))),
         image_case("timm-conv2d-same", lambda: conv_classifier(Conv2dSame(3, 4, 3, stride=2))),
-        ln2d(4), ln2d(6),
+        ln2d(4),
+        ln2d(6),
         vector_case("timm-equal-linear", lambda: nn.Sequential(EqualLinear(6, 8), nn.Tanh(), EqualLinear(8, 3))),
-        token_case("timm-position-embedding-arange",
-                   lambda: TokenClassifier(nn.Embedding(20, 8), PositionEmbedding(T, 8))),
+        token_case(
+            "timm-position-embedding-arange", lambda: TokenClassifier(nn.Embedding(20, 8), PositionEmbedding(T, 8))
+        ),
         token_case("timm-clamped-embedding", lambda: TokenClassifier(ClampedEmbedding(16, 8)), high=20),
         token_case("timm-offset-embedding", lambda: TokenClassifier(OffsetEmbedding(22, 8)), high=20),
     ]
@@ -570,24 +709,29 @@ def hooked_mlp(register: Callable[[nn.Sequential], Any]) -> Callable[[], nn.Modu
         model = mlp()
         register(model)
         return model
+
     return build
 
 
 def hook_cases() -> list[RealCase]:
     calls = []
     return [
-        vector_case("hook-forward-output-x2",
-                    hooked_mlp(lambda m: m[2].register_forward_hook(lambda mod, args, out: out * 2))),
-        vector_case("hook-forward-pre-scales-input",
-                    hooked_mlp(lambda m: m[2].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,)))),
-        vector_case("hook-param-grad-halved",
-                    hooked_mlp(lambda m: m[2].weight.register_hook(lambda g: g * 0.5))),
-        vector_case("hook-full-backward-returns-none",
-                    hooked_mlp(lambda m: m[2].register_full_backward_hook(
-                        lambda mod, gin, gout: calls.append(len(gin))))),
-        vector_case("hook-full-backward-scales-grad-input",
-                    hooked_mlp(lambda m: m[2].register_full_backward_hook(
-                        lambda mod, gin, gout: (gin[0] * 0.5,)))),
+        vector_case(
+            "hook-forward-output-x2", hooked_mlp(lambda m: m[2].register_forward_hook(lambda mod, args, out: out * 2))
+        ),
+        vector_case(
+            "hook-forward-pre-scales-input",
+            hooked_mlp(lambda m: m[2].register_forward_pre_hook(lambda mod, args: (args[0] * 0.5,))),
+        ),
+        vector_case("hook-param-grad-halved", hooked_mlp(lambda m: m[2].weight.register_hook(lambda g: g * 0.5))),
+        vector_case(
+            "hook-full-backward-returns-none",
+            hooked_mlp(lambda m: m[2].register_full_backward_hook(lambda mod, gin, gout: calls.append(len(gin)))),
+        ),
+        vector_case(
+            "hook-full-backward-scales-grad-input",
+            hooked_mlp(lambda m: m[2].register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 0.5,))),
+        ),
     ]
 
 
@@ -611,8 +755,10 @@ class Checkpointed(nn.Module):
 
 
 def checkpoint_cases() -> list[RealCase]:
-    return [vector_case(f"torch-checkpoint-{'reentrant' if r else 'nonreentrant'}", lambda r=r: Checkpointed(r))
-            for r in (True, False)]
+    return [
+        vector_case(f"torch-checkpoint-{'reentrant' if r else 'nonreentrant'}", lambda r=r: Checkpointed(r))
+        for r in (True, False)
+    ]
 
 
 # ------------------------------------------------------------------------------------- odd modules
@@ -628,8 +774,9 @@ class PackedLSTM(nn.Module):
         self.out = nn.Linear(8, 3)
 
     def forward(self, ids, lengths):
-        packed = nn.utils.rnn.pack_padded_sequence(self.embed(ids), lengths.cpu(), batch_first=True,
-                                                   enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.embed(ids), lengths.cpu(), batch_first=True, enforce_sorted=False
+        )
         h, _ = self.lstm(packed)
         h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
         last = h[torch.arange(len(ids)), lengths - 1]
@@ -707,8 +854,10 @@ def odd_cases() -> list[RealCase]:
             _perturb(norm)
             pool = nn.AdaptiveAvgPool1d(1) if dim == 1 else nn.AdaptiveAvgPool2d(1)
             return nn.Sequential(norm, nn.Tanh(), pool, nn.Flatten(), nn.Linear(3, 3))
-        return vector_case(f"odd-instancenorm{dim}d-train-tracked", build, (3, 7) if dim == 1 else (3, 5, 5),
-                           train=True)
+
+        return vector_case(
+            f"odd-instancenorm{dim}d-train-tracked", build, (3, 7) if dim == 1 else (3, 5, 5), train=True
+        )
 
     def packed_lstm():
         lengths = torch.tensor([6, 3, 2])
@@ -729,7 +878,8 @@ def odd_cases() -> list[RealCase]:
     return [
         embed_case("odd-embedding-max-norm", max_norm=1.0),
         embed_case("odd-embedding-sparse", sparse=True),
-        instance_norm_case(1), instance_norm_case(2),
+        instance_norm_case(1),
+        instance_norm_case(2),
         RealCase("odd-packed-sequence-lstm", packed_lstm, class_ce),
         RealCase("odd-adaptive-log-softmax", adaptive_softmax, own_loss),
         RealCase("odd-model-computes-batch-loss", own_batch_loss, own_loss),
@@ -762,8 +912,13 @@ class Probe(nn.Module):
     ``call(layer, x)`` applies the layer (default ``layer(x)``).
     """
 
-    def __init__(self, layer: nn.Module, example: Tensor, seq_first: bool = False,
-                 call: Callable[[nn.Module, Tensor], Any] | None = None):
+    def __init__(
+        self,
+        layer: nn.Module,
+        example: Tensor,
+        seq_first: bool = False,
+        call: Callable[[nn.Module, Tensor], Any] | None = None,
+    ):
         super().__init__()
         self.layer, self.seq_first, self.call = layer, seq_first, call
         with torch.no_grad():
@@ -783,13 +938,22 @@ class Probe(nn.Module):
         return self.head(self.features(x))
 
 
-def layer_case(id: str, layer: Callable[[], nn.Module], shape: tuple, *, ints: int | None = None,
-               seq_first: bool = False, call=None) -> RealCase:
+def layer_case(
+    id: str,
+    layer: Callable[[], nn.Module],
+    shape: tuple,
+    *,
+    ints: int | None = None,
+    seq_first: bool = False,
+    call=None,
+) -> RealCase:
     """One layer in a :class:`Probe`, eval mode, on a float (or, with ``ints``, token) batch of ``shape``."""
+
     def make():
         x = torch.randint(0, ints, (B, *shape)) if ints else torch.randn(B, *shape)
         model = Probe(_perturb(layer()), x, seq_first, call)
         return model.eval(), x, torch.randint(0, 3, (B,))
+
     return RealCase(f"layer-{id}", make, class_ce)
 
 
@@ -815,22 +979,32 @@ def layer_cases() -> list[RealCase]:
         layer_case("linear-3d", lambda: nn.Linear(6, 8), seq),
         layer_case("conv1d-stride2-pad1", lambda: nn.Conv1d(3, 4, 3, stride=2, padding=1), (3, 9)),
         layer_case("conv1d-same-dilation2", lambda: nn.Conv1d(3, 4, 3, padding="same", dilation=2), (3, 9)),
-        layer_case("conv1d-groups2-reflect", lambda: nn.Conv1d(4, 4, 3, padding=1, groups=2,
-                                                              padding_mode="reflect"), (4, 9)),
+        layer_case(
+            "conv1d-groups2-reflect", lambda: nn.Conv1d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"), (4, 9)
+        ),
         layer_case("conv2d-stride2-pad1", lambda: nn.Conv2d(2, 4, 3, stride=2, padding=1), (2, 7, 7)),
         layer_case("conv2d-valid-dilation2", lambda: nn.Conv2d(2, 4, 3, padding="valid", dilation=2), (2, 7, 7)),
-        layer_case("conv2d-same-circular", lambda: nn.Conv2d(2, 4, 3, padding="same", padding_mode="circular"),
-                   (2, 6, 6)),
+        layer_case(
+            "conv2d-same-circular", lambda: nn.Conv2d(2, 4, 3, padding="same", padding_mode="circular"), (2, 6, 6)
+        ),
         layer_case("conv2d-depthwise", lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (4, 6, 6)),
-        layer_case("conv2d-groups2-rect-nobias", lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0),
-                                                                  groups=2, bias=False), (4, 7, 6)),
+        layer_case(
+            "conv2d-groups2-rect-nobias",
+            lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), groups=2, bias=False),
+            (4, 7, 6),
+        ),
         layer_case("conv3d-stride-pad", lambda: nn.Conv3d(2, 3, 2, stride=(1, 2, 1), padding=1), (2, 4, 5, 4)),
-        layer_case("conv3d-same-groups2-reflect", lambda: nn.Conv3d(2, 4, 3, padding="same", groups=2,
-                                                                   padding_mode="reflect"), (2, 4, 4, 4)),
+        layer_case(
+            "conv3d-same-groups2-reflect",
+            lambda: nn.Conv3d(2, 4, 3, padding="same", groups=2, padding_mode="reflect"),
+            (2, 4, 4, 4),
+        ),
         layer_case("convtranspose1d-stride2", lambda: nn.ConvTranspose1d(3, 4, 3, stride=2), (3, 5)),
-        layer_case("convtranspose2d-groups2-outpad", lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1,
-                                                                               output_padding=1, groups=2),
-                   (2, 4, 4)),
+        layer_case(
+            "convtranspose2d-groups2-outpad",
+            lambda: nn.ConvTranspose2d(2, 4, 3, stride=2, padding=1, output_padding=1, groups=2),
+            (2, 4, 4),
+        ),
         layer_case("embedding-padding-idx", lambda: nn.Embedding(20, 8, padding_idx=0), (T,), ints=20),
         layer_case("layernorm", lambda: nn.LayerNorm(6), seq),
         layer_case("rmsnorm", lambda: nn.RMSNorm(6), seq),
@@ -839,16 +1013,24 @@ def layer_cases() -> list[RealCase]:
         layer_case("batchnorm1d-eval", lambda: nn.BatchNorm1d(6), (6,)),
         layer_case("batchnorm2d-eval", lambda: nn.BatchNorm2d(3), (3, 5, 5)),
         layer_case("rnn-seq-first", lambda: nn.RNN(6, 8), seq, seq_first=True),
-        layer_case("gru-2layer-bidirectional", lambda: nn.GRU(6, 8, num_layers=2, bidirectional=True,
-                                                             batch_first=True), seq),
+        layer_case(
+            "gru-2layer-bidirectional", lambda: nn.GRU(6, 8, num_layers=2, bidirectional=True, batch_first=True), seq
+        ),
         layer_case("lstm-bidirectional-seq-first", lambda: nn.LSTM(6, 8, bidirectional=True), seq, seq_first=True),
         layer_case("lstm-2layer", lambda: nn.LSTM(6, 8, num_layers=2, batch_first=True), seq),
         layer_case("mha-batch-first", lambda: nn.MultiheadAttention(6, 2, batch_first=True), seq, call=_attend),
         layer_case("mha-seq-first", lambda: nn.MultiheadAttention(6, 2), seq, seq_first=True, call=_attend),
-        layer_case("transformer-encoder-layer-norm-first", lambda: nn.TransformerEncoderLayer(
-            6, 2, 12, dropout=0.0, batch_first=True, norm_first=True), seq),
-        layer_case("transformer-encoder-layer-seq-first", lambda: nn.TransformerEncoderLayer(
-            6, 2, 12, dropout=0.0), seq, seq_first=True),
+        layer_case(
+            "transformer-encoder-layer-norm-first",
+            lambda: nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True, norm_first=True),
+            seq,
+        ),
+        layer_case(
+            "transformer-encoder-layer-seq-first",
+            lambda: nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0),
+            seq,
+            seq_first=True,
+        ),
         layer_case("bilinear", lambda: nn.Bilinear(4, 3, 5), (7,), call=lambda m, x: m(x[:, :4], x[:, 4:])),
         layer_case("prelu-channels", lambda: nn.PReLU(3), (3, 5)),
         layer_case("raw-parameters", RawParameters, (6,)),

@@ -109,19 +109,24 @@ def test_num_items_in_batch_normalises_over_the_whole_accumulated_batch():
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
     whole = Tracker(copy.deepcopy(model), persample.causal_lm_loss()).step(
-        torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro]))
+        torch.cat([x for x, _ in micro]), torch.cat([y for _, y in micro])
+    )
     assert acc.stats.n == 6
     assert_dicts_close(acc.stats.mean, whole.mean)
     assert_dicts_close(acc.stats.var, whole.var, atol=1e-11)
 
 
 @pytest.mark.parametrize("every", [1, 2])
-@pytest.mark.parametrize("loss_fn", [
-    partial(F.cross_entropy, reduction="sum"),
-    partial(F.cross_entropy, weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)),
-    partial(F.cross_entropy, weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="sum"),
-    lambda out, y: F.cross_entropy(out, y, ignore_index=1, reduction="sum"),
-], ids=["sum", "class_weights", "class_weights_sum", "ignore_index_sum"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        partial(F.cross_entropy, reduction="sum"),
+        partial(F.cross_entropy, weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)),
+        partial(F.cross_entropy, weight=torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64), reduction="sum"),
+        lambda out, y: F.cross_entropy(out, y, ignore_index=1, reduction="sum"),
+    ],
+    ids=["sum", "class_weights", "class_weights_sum", "ignore_index_sum"],
+)
 def test_classification_batch_losses_give_the_loops_own_grad(loss_fn, every):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
@@ -199,8 +204,12 @@ def test_observe_reads_the_weight_of_a_token_mean_backward(backward):
     rtol, atol = (1e-9, 1e-12) if backward == "causal_lm_loss" else (1e-4, 1e-7)
     assert_dicts_close(observed.stats.mean, {k: g.mean(0) for k, g in grads.items()}, rtol=rtol, atol=atol)
     assert_dicts_close(observed.stats.var, {k: g.var(0) for k, g in grads.items()}, rtol=rtol, atol=atol)
-    assert_dicts_close(observed.stats.param_sq_norms, {k: g.reshape(5, -1).pow(2).sum(1) for k, g in grads.items()},
-                       rtol=rtol, atol=atol)
+    assert_dicts_close(
+        observed.stats.param_sq_norms,
+        {k: g.reshape(5, -1).pow(2).sum(1) for k, g in grads.items()},
+        rtol=rtol,
+        atol=atol,
+    )
 
 
 def test_observe_with_unequal_weights_or_a_loss_inside_the_model_raises_clearly():
@@ -234,15 +243,17 @@ def test_check_every_works_with_class_weights(engine, monkeypatch):
     loss_fn = partial(F.cross_entropy, weight=CLASS_WEIGHTS)
     engines = []
     real = persample.tracker.compute_stats
-    monkeypatch.setattr(persample.tracker, "compute_stats",
-                        lambda *a, **k: engines.append(k["engine"]) or real(*a, **k))
+    monkeypatch.setattr(
+        persample.tracker, "compute_stats", lambda *a, **k: engines.append(k["engine"]) or real(*a, **k)
+    )
     tracker = Tracker(model, loss_fn, check_every=1, engine=engine)
     stats = tracker.step(x, y)
     assert "independent" in engines
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     w = CLASS_WEIGHTS[y] / CLASS_WEIGHTS[y].sum()
-    assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
-                       {k: torch.tensordot(w, g, dims=1) for k, g in grads.items()})
+    assert_dicts_close(
+        {n: p.grad for n, p in model.named_parameters()}, {k: torch.tensordot(w, g, dims=1) for k, g in grads.items()}
+    )
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
 
 

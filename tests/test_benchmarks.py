@@ -17,8 +17,22 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_PY = ROOT / "benchmarks" / "run.py"
-FIELDS = ("case", "method", "device", "batch_size", "median_s", "ratio", "peak_mem_bytes", "max_rel_err",
-          "status", "torch_version", "threads", "device_name", "repeats", "reason")
+FIELDS = (
+    "case",
+    "method",
+    "device",
+    "batch_size",
+    "median_s",
+    "ratio",
+    "peak_mem_bytes",
+    "max_rel_err",
+    "status",
+    "torch_version",
+    "threads",
+    "device_name",
+    "repeats",
+    "reason",
+)
 
 
 def load_bench():
@@ -43,23 +57,54 @@ def keep_thread_count():
 def tiny_problem(cases):
     def build(batch_size):
         model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-        return cases.Problem(model, torch.randn(batch_size, 6), torch.randint(0, 3, (batch_size,)),
-                             cases.classification_loss)
+        return cases.Problem(
+            model, torch.randn(batch_size, 6), torch.randint(0, 3, (batch_size,)), cases.classification_loss
+        )
+
     return cases.Case("tiny", 4, "Linear-ReLU-Linear", build)
 
 
 def test_quick_cli_writes_checked_records(tmp_path):
     out, md = tmp_path / "out.json", tmp_path / "out.md"
-    cmd = [sys.executable, str(RUN_PY), "--quick", "--case", "mlp", "--method", "persample",
-           "--method", "floor-hooks", "--method", "backpack-batchl2", "--method", "opacus-hooks", "--repeats", "1", "--budget", "1",
-           "--no-progress", "--json", str(out), "--markdown", str(md)]
+    cmd = [
+        sys.executable,
+        str(RUN_PY),
+        "--quick",
+        "--case",
+        "mlp",
+        "--method",
+        "persample",
+        "--method",
+        "floor-hooks",
+        "--method",
+        "backpack-batchl2",
+        "--method",
+        "opacus-hooks",
+        "--repeats",
+        "1",
+        "--budget",
+        "1",
+        "--no-progress",
+        "--json",
+        str(out),
+        "--markdown",
+        str(md),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {r["case"] for r in records} == {"mlp"}
     methods = {r["method"]: r for r in records}
-    assert {"plain", "persample-grads", "persample-stats-vmap", "persample-stats-vmap-novar",
-            "persample-observe", "persample-observe-novar", "backpack-batchl2", "opacus-hooks"} <= methods.keys()
+    assert {
+        "plain",
+        "persample-grads",
+        "persample-stats-vmap",
+        "persample-stats-vmap-novar",
+        "persample-observe",
+        "persample-observe-novar",
+        "backpack-batchl2",
+        "opacus-hooks",
+    } <= methods.keys()
     for r in records:
         assert set(FIELDS) <= r.keys()
         assert r["device"] == "cpu" and r["threads"] == 2 and r["batch_size"] == 32
@@ -85,8 +130,7 @@ def test_unbuildable_case_is_recorded():
 
     settings = bench.Settings(torch.device("cpu"), repeats=1, budget_s=1.0)
     chosen = [methods.Method("plain", methods.plain), methods.Method("loop", methods.loop)]
-    records, _ = bench.run([cases.Case("needs-hf", 2, "", build)], chosen, settings, threads=1,
-                           show_progress=False)
+    records, _ = bench.run([cases.Case("needs-hf", 2, "", build)], chosen, settings, threads=1, show_progress=False)
     assert [r["status"] for r in records] == ["unavailable", "unavailable"]
     assert "transformers" in records[0]["reason"]
 
@@ -105,9 +149,13 @@ def test_failures_are_recorded_and_never_stop_the_run():
         prepared = methods.plain(problem)
         return methods.Prepared(prepared.step, lambda raw: {"mean": {k: 2 * v for k, v in raw.items()}})
 
-    chosen = [M("plain", methods.plain), M("raises", raises), M("wrong-scale", doubled),
-              M("needs-missing-peer", methods.plain, requires=("no_such_module_for_persample_tests",)),
-              M("unsupported", unsupported)]
+    chosen = [
+        M("plain", methods.plain),
+        M("raises", raises),
+        M("wrong-scale", doubled),
+        M("needs-missing-peer", methods.plain, requires=("no_such_module_for_persample_tests",)),
+        M("unsupported", unsupported),
+    ]
     settings = bench.Settings(torch.device("cpu"), repeats=1, budget_s=1.0)
     records, meta = bench.run([tiny_problem(cases)], chosen, settings, threads=1, show_progress=False)
     got = {r["method"]: r for r in records}
@@ -134,8 +182,10 @@ def test_persample_methods_follow_the_engines():
     assert "persample-observe" in names and "persample-observe-novar" in names
 
 
-PEER_SKIP = ("the benchmark peers are the [bench] extra (plus backpack-for-pytorch), not in [test]: CI does not "
-             "install them, so this test runs only where they are installed")
+PEER_SKIP = (
+    "the benchmark peers are the [bench] extra (plus backpack-for-pytorch), not in [test]: CI does not "
+    "install them, so this test runs only where they are installed"
+)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -149,7 +199,7 @@ def test_peer_scaling_conventions(peer):
     peers = methods.select_methods(methods.all_methods(), [peer])
     settings = bench.Settings(torch.device("cpu"), repeats=1, budget_s=1.0)
     records, _ = bench.run([tiny_problem(cases)], peers, settings, threads=1, show_progress=False)
-    assert peers and len(records) == len(peers) + 1   # plain, then each of the peer's methods
+    assert peers and len(records) == len(peers) + 1  # plain, then each of the peer's methods
     for r in records:
         assert r["status"] == "ok" and r["max_rel_err"] < 1e-5, r
 
@@ -173,12 +223,21 @@ def test_median_of_runs_takes_each_ratio_within_its_own_run():
     spec.loader.exec_module(median)
 
     def record(method, seconds, ratio, status="ok"):
-        return {"case": "mlp", "batch_size": 32, "method": method, "median_s": seconds, "ratio": ratio,
-                "status": status, "foreign_cpu": 0.0}
+        return {
+            "case": "mlp",
+            "batch_size": 32,
+            "method": method,
+            "median_s": seconds,
+            "ratio": ratio,
+            "status": status,
+            "foreign_cpu": 0.0,
+        }
 
-    runs = [[record("plain", 1.0, 1.0), record("fast", 1.2, 1.2), record("peer", 2.0, 2.0)],
-            [record("plain", 2.0, 1.0), record("fast", 2.2, 1.1), record("peer", 3.0, 1.5, "wrong")],
-            [record("plain", 3.0, 1.0), record("fast", 3.9, 1.3), record("peer", 6.0, 2.0)]]
+    runs = [
+        [record("plain", 1.0, 1.0), record("fast", 1.2, 1.2), record("peer", 2.0, 2.0)],
+        [record("plain", 2.0, 1.0), record("fast", 2.2, 1.1), record("peer", 3.0, 1.5, "wrong")],
+        [record("plain", 3.0, 1.0), record("fast", 3.9, 1.3), record("peer", 6.0, 2.0)],
+    ]
     merged = {r["method"]: r for r in median.median_records(runs)}
     assert merged["fast"]["ratio"] == 1.2 and merged["plain"]["median_s"] == 2.0
     assert merged["peer"]["status"] == "wrong"  # wrong in any run is wrong

@@ -23,8 +23,14 @@ TINY = ["--epochs", "1", "--train-examples", "96", "--batch-size", "32", "--no-p
 
 def _persample(*args, cwd=None):
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, "-m", "persample", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "persample", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        env=env,
+    )
 
 
 def _finish(proc, timeout=300):
@@ -59,12 +65,17 @@ def test_demo_end_to_end_csv(tmp_path):
 @needs_demo
 @pytest.mark.slow
 def test_demo_quiet_jsonl_mlp_every_2(tmp_path):
-    code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--quiet", "--format", "jsonl",
-                                        "--model", "mlp", "--every", "2", *TINY))
+    code, out, err = _finish(
+        _persample(
+            "demo", "--out", str(tmp_path), "--quiet", "--format", "jsonl", "--model", "mlp", "--every", "2", *TINY
+        )
+    )
     assert code == 0, err
-    assert out.splitlines() == [f"metrics: {tmp_path / 'metrics.jsonl'}  (one row per statistics step)",
-                                f"epochs:  {tmp_path / 'epochs.jsonl'}  (one row per epoch: train/test loss and "
-                                "accuracy)", f"plot:    {tmp_path / 'diagnostics.png'}"]
+    assert out.splitlines() == [
+        f"metrics: {tmp_path / 'metrics.jsonl'}  (one row per statistics step)",
+        f"epochs:  {tmp_path / 'epochs.jsonl'}  (one row per epoch: train/test loss and accuracy)",
+        f"plot:    {tmp_path / 'diagnostics.png'}",
+    ]
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [0, 2]
@@ -90,31 +101,38 @@ def test_bad_arguments_in_a_subprocess_give_one_line_and_exit_2(tmp_path):
         "unwritable out": (["--out", str(blocker / "sub")], "is not a writable directory"),
     }
     if not torch.cuda.is_available():
-        cases["cuda absent"] = (["--device", "cuda", "--out", str(tmp_path / "o")],
-                                "CUDA was requested but is not available")
+        cases["cuda absent"] = (
+            ["--device", "cuda", "--out", str(tmp_path / "o")],
+            "CUDA was requested but is not available",
+        )
     procs = {name: _persample("demo", *args) for name, (args, _) in cases.items()}
     for name, proc in procs.items():
         _check_one_line_error(*_finish(proc, timeout=120), cases[name][1])
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["--device", "gpu"], "unknown device 'gpu'"),
-    (["--device", "cuda:x"], "unknown device 'cuda:x'"),
-    (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
-    (["--epochs", "two"], "expected a positive integer, got 'two'"),
-    (["--batch-size", "1"], "must be at least 2"),
-    (["--lr", "-1"], "expected a positive number"),
-    (["--lr", "nan"], "expected a positive number"),
-    (["--every", "0"], "expected a positive integer"),
-    (["--threads", "-1"], "expected a non-negative integer"),
-    (["--ema-beta", "1"], "expected a number in [0, 1)"),
-    (["--model", "resnet"], "invalid choice: 'resnet'"),
-    (["--format", "xml"], "invalid choice: 'xml'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["--device", "gpu"], "unknown device 'gpu'"),
+        (["--device", "cuda:x"], "unknown device 'cuda:x'"),
+        (["--epochs", "0"], "argument --epochs: expected a positive integer, got '0'"),
+        (["--epochs", "two"], "expected a positive integer, got 'two'"),
+        (["--batch-size", "1"], "must be at least 2"),
+        (["--lr", "-1"], "expected a positive number"),
+        (["--lr", "nan"], "expected a positive number"),
+        (["--every", "0"], "expected a positive integer"),
+        (["--threads", "-1"], "expected a non-negative integer"),
+        (["--ema-beta", "1"], "expected a number in [0, 1)"),
+        (["--model", "resnet"], "invalid choice: 'resnet'"),
+        (["--format", "xml"], "invalid choice: 'xml'"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else None,
+)
 def test_bad_arguments_in_process(args, expected, tmp_path, capsys):
     from persample.cli import main
+
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--out", str(tmp_path / "o"), *args])
     captured = capsys.readouterr()
@@ -123,6 +141,7 @@ def test_bad_arguments_in_process(args, expected, tmp_path, capsys):
 
 def test_out_that_is_a_file_is_refused(tmp_path, capsys):
     from persample.cli import main
+
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     with pytest.raises(SystemExit) as exc:
@@ -133,12 +152,28 @@ def test_out_that_is_a_file_is_refused(tmp_path, capsys):
 
 def test_help_explains_every_option(capsys):
     from persample.cli import main
+
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--help"])
     out = capsys.readouterr().out
     assert exc.value.code == 0
-    for option in ("--out", "--epochs", "--device", "--model", "--batch-size", "--lr", "--every", "--seed",
-                   "--no-progress", "--quiet", "--ema-beta", "--train-examples", "--format", "--tensorboard", "--threads"):
+    for option in (
+        "--out",
+        "--epochs",
+        "--device",
+        "--model",
+        "--batch-size",
+        "--lr",
+        "--every",
+        "--seed",
+        "--no-progress",
+        "--quiet",
+        "--ema-beta",
+        "--train-examples",
+        "--format",
+        "--tensorboard",
+        "--threads",
+    ):
         assert option in out
     assert "8x8" in out and "check_mean" in out
     assert main([]) == 2 and "demo" in capsys.readouterr().err
@@ -156,8 +191,19 @@ def test_console_script_runs():
 def test_plot_subcommand_redraws_from_metrics(tmp_path, capsys):
     from persample.cli import main
     from persample.loggers import CSVLogger
-    rows = [{"step": i, "n": 8, "loss": 1.0 / (i + 1), "grad_sq": 1.0, "trace_cov": 10.0 + i, "b_simple": 10.0 + i,
-             "b_simple_ema": 10.0 + i} for i in range(5)]
+
+    rows = [
+        {
+            "step": i,
+            "n": 8,
+            "loss": 1.0 / (i + 1),
+            "grad_sq": 1.0,
+            "trace_cov": 10.0 + i,
+            "b_simple": 10.0 + i,
+            "b_simple_ema": 10.0 + i,
+        }
+        for i in range(5)
+    ]
     with CSVLogger(tmp_path / "m.csv") as log:
         for r in rows:
             log.write(r)
@@ -181,6 +227,7 @@ def test_a_failed_check_mean_exits_1_and_tensorboard_is_written(tmp_path, monkey
 
     def failing_check(*args, **kwargs):
         raise MeanMismatchError("mean of per-example gradients differs from autograd's gradient (forced)")
+
     monkeypatch.setattr(persample.demo, "check_mean", failing_check)
     code = main(["demo", "--out", str(tmp_path), "--tensorboard", "--quiet", *TINY])
     captured = capsys.readouterr()
@@ -190,9 +237,10 @@ def test_a_failed_check_mean_exits_1_and_tensorboard_is_written(tmp_path, monkey
     assert (tmp_path / "metrics.csv").exists()
 
 
-@needs_matplotlib   # without matplotlib the demo names the plot extra first
+@needs_matplotlib  # without matplotlib the demo names the plot extra first
 def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
     from persample.cli import main
+
     monkeypatch.setitem(sys.modules, "sklearn", None)
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     assert main(["demo", "--out", str(tmp_path), *TINY]) == 1
@@ -203,6 +251,7 @@ def test_missing_demo_extra_names_it(tmp_path, monkeypatch, capsys):
 @needs_demo
 def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
     from persample.cli import main
+
     assert main(["demo", "--out", str(tmp_path), "--lr", "1e6", "--quiet", *TINY]) == 1
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "non-finite values in stats." in err and "Try a smaller --lr" in err
@@ -211,7 +260,19 @@ def test_a_diverging_run_fails_with_a_message_not_a_traceback(tmp_path, capsys):
 @needs_demo
 @pytest.mark.slow
 def test_a_batch_size_larger_than_the_data_set_is_reported_as_used(tmp_path):
-    code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--epochs", "1", "--train-examples", "40",
-                                        "--batch-size", "1000", "--no-progress"))
+    code, out, err = _finish(
+        _persample(
+            "demo",
+            "--out",
+            str(tmp_path),
+            "--epochs",
+            "1",
+            "--train-examples",
+            "40",
+            "--batch-size",
+            "1000",
+            "--no-progress",
+        )
+    )
     assert code == 0, err
     assert "batch 40 (asked for 1000, more than the 40 training examples)" in out

@@ -120,22 +120,27 @@ class DropsInside(nn.Module):
 
 
 def _time_major(t):
-    model = _with_forward(lambda s, x: s.out(torch.tanh(s.inp(x.transpose(0, 1))).mean(0)),
-                          inp=_lin(3, 4), out=_lin(4, 2))
+    model = _with_forward(
+        lambda s, x: s.out(torch.tanh(s.inp(x.transpose(0, 1))).mean(0)), inp=_lin(3, 4), out=_lin(4, 2)
+    )
     torch.manual_seed(0)
     return model, torch.randn(5, t, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
 
 
 def _broadcast_misuse():
-    model = _with_forward(lambda s, x: s.out(x.mean(1) + s.pos(torch.arange(6).unsqueeze(0)).sum(0).sum(0)),
-                          pos=nn.Embedding(6, 4), out=_lin(4, 2))
+    model = _with_forward(
+        lambda s, x: s.out(x.mean(1) + s.pos(torch.arange(6).unsqueeze(0)).sum(0).sum(0)),
+        pos=nn.Embedding(6, 4),
+        out=_lin(4, 2),
+    )
     torch.manual_seed(0)
     return model, torch.randn(5, 6, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
 
 
 def _escaped_tie():
-    model = _with_forward(lambda s, t: torch.tanh(s.mix(s.embed(t))) @ s.embed.weight.T,
-                          embed=nn.Embedding(10, 4), mix=_lin(4, 4))
+    model = _with_forward(
+        lambda s, t: torch.tanh(s.mix(s.embed(t))) @ s.embed.weight.T, embed=nn.Embedding(10, 4), mix=_lin(4, 4)
+    )
     torch.manual_seed(0)
     tokens, y = torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5, 3))
     return model, tokens, y, lambda out, t: F.cross_entropy(out.flatten(0, 1), t.flatten())
@@ -143,8 +148,7 @@ def _escaped_tie():
 
 def _spectral():
     torch.manual_seed(0)
-    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(),
-                         nn.Linear(4, 2)).double()
+    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
 
 
 def _hooked_parameter():
@@ -172,6 +176,7 @@ def _check_mean_on_coupled():
 
 # ------------------------------------------------------------------------------ triggers, by code
 
+
 def _triggers():
     x, y = _data()
     return {
@@ -184,8 +189,12 @@ def _triggers():
         "MODULE_BACKWARD_HOOK": lambda: _fast(_hooked_module(), x, y),
         "GRADIENT_REWRITTEN": lambda: _fast(_with_forward(_rewrites_gradient, a=_lin(3, 4), b=_lin(4, 2)), x, y),
         "VMAP_CANNOT_RUN": lambda: persample.grad_stats(
-            _with_forward(lambda s, x: s.a(x) * (1.0 if x.sum().item() > 0 else 2.0), a=_lin()), F.mse_loss, x, y,
-            engine="vmap"),
+            _with_forward(lambda s, x: s.a(x) * (1.0 if x.sum().item() > 0 else 2.0), a=_lin()),
+            F.mse_loss,
+            x,
+            y,
+            engine="vmap",
+        ),
         "RANDOM_SAME_BATCHED": lambda: _fast(_mlp(nn.Dropout(0.5)), x, y, randomness="same"),
         "REENTRANT_CHECKPOINT": lambda: _fast(_with_forward(_reentrant, a=_lin(3, 4), b=_lin(4, 2)), x, y),
         "EXPANSION_ESCAPES": lambda: _fast(*_broadcast_misuse()),
@@ -197,56 +206,88 @@ def _triggers():
         "RULE_NOT_APPLICABLE": lambda: _fast(_with_forward(lambda s, x: s.a(input=x), a=_lin()), x, y),
         "FALLBACK_NOT_BATCHED": lambda: _fast(
             _with_forward(lambda s, x: s.head(s.core(x).mean(0)), core=NotBatchFirst(), head=_lin(2, 2)),
-            torch.randn(5, 7, 3, dtype=torch.float64), y),
-        "FALLBACK_NOT_ISOLATED": lambda: _fast(_with_forward(lambda s, x: s.head(s.core(x)), core=DropsInside(),
-                                                             head=_lin()), x, y, randomness="different"),
-        "FALLBACK_SUM_MISMATCH": lambda: _fast(_with_forward(lambda s, x: s.head(s.mix(x)), mix=RollMix(),
-                                                             head=_lin()), x, y),
-        "OUTPUT_NOT_BATCHED": lambda: _fast(_with_forward(lambda s, x: s.a(x).sum(), a=_lin()), x, y,
-                                            loss_fn=lambda out, t: out),
-        "LOSS_NOT_PER_EXAMPLE": lambda: _fast(_with_forward(lambda s, x: (s.a(x), s.a(x).pow(2).mean()), a=_lin()),
-                                              x, y, loss_fn=lambda out, t: out[1] + 0 * out[0].sum()),
-        "LOSS_NOT_VMAPPABLE": lambda: _fast(_mlp(), x, y,
-                                            loss_fn=lambda out, t: F.mse_loss(out, t) * (1 if out.sum().item() else 2)),
+            torch.randn(5, 7, 3, dtype=torch.float64),
+            y,
+        ),
+        "FALLBACK_NOT_ISOLATED": lambda: _fast(
+            _with_forward(lambda s, x: s.head(s.core(x)), core=DropsInside(), head=_lin()), x, y, randomness="different"
+        ),
+        "FALLBACK_SUM_MISMATCH": lambda: _fast(
+            _with_forward(lambda s, x: s.head(s.mix(x)), mix=RollMix(), head=_lin()), x, y
+        ),
+        "OUTPUT_NOT_BATCHED": lambda: _fast(
+            _with_forward(lambda s, x: s.a(x).sum(), a=_lin()), x, y, loss_fn=lambda out, t: out
+        ),
+        "LOSS_NOT_PER_EXAMPLE": lambda: _fast(
+            _with_forward(lambda s, x: (s.a(x), s.a(x).pow(2).mean()), a=_lin()),
+            x,
+            y,
+            loss_fn=lambda out, t: out[1] + 0 * out[0].sum(),
+        ),
+        "LOSS_NOT_VMAPPABLE": lambda: _fast(
+            _mlp(), x, y, loss_fn=lambda out, t: F.mse_loss(out, t) * (1 if out.sum().item() else 2)
+        ),
         "OBSERVE_NO_BACKWARD": lambda: _observe(_mlp(), x, y, lambda m, x, y: None),
         "OBSERVE_AUXILIARY_TERM": lambda: _observe(
-            _with_forward(_stores_hidden, a=_lin(3, 4), b=_lin(4, 2)), x, y,
-            lambda m, x, y: (F.mse_loss(m(x), y) + m.hidden.pow(2).mean()).backward()),
-        "OBSERVE_LOSS_NOT_FROM_OUTPUT": lambda: _observe(_mlp(), x, y, lambda m, x, y: m(x).sum().backward(),
-                                                         loss_fn=lambda out, t: t.sum()),
-        "OBSERVE_NOT_WEIGHTED_SUM": lambda: _observe(_mlp(), x, y,
-                                                     lambda m, x, y: (m(x) - y).abs().pow(3).mean().backward()),
-        "OBSERVE_NO_OUTPUT_GRADIENT": lambda: _observe(_mlp(), x, y,
-                                                       lambda m, x, y: (-F.mse_loss(m(x), y)).backward()),
+            _with_forward(_stores_hidden, a=_lin(3, 4), b=_lin(4, 2)),
+            x,
+            y,
+            lambda m, x, y: (F.mse_loss(m(x), y) + m.hidden.pow(2).mean()).backward(),
+        ),
+        "OBSERVE_LOSS_NOT_FROM_OUTPUT": lambda: _observe(
+            _mlp(), x, y, lambda m, x, y: m(x).sum().backward(), loss_fn=lambda out, t: t.sum()
+        ),
+        "OBSERVE_NOT_WEIGHTED_SUM": lambda: _observe(
+            _mlp(), x, y, lambda m, x, y: (m(x) - y).abs().pow(3).mean().backward()
+        ),
+        "OBSERVE_NO_OUTPUT_GRADIENT": lambda: _observe(_mlp(), x, y, lambda m, x, y: (-F.mse_loss(m(x), y)).backward()),
         "OBSERVE_WEIGHTS_DIFFER": lambda: _observe(
-            _classify()[0], _classify()[1], _classify()[2],
+            _classify()[0],
+            _classify()[1],
+            _classify()[2],
             lambda m, x, y: F.cross_entropy(m(x), y, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)).backward(),
-            loss_fn=F.cross_entropy),
+            loss_fn=F.cross_entropy,
+        ),
         "OBSERVE_REDUCTION_MISMATCH": lambda: _observe(
-            _mlp(), x, y, lambda m, x, y: F.mse_loss(m(x), y, reduction="sum").backward(), reduction="mean"),
+            _mlp(), x, y, lambda m, x, y: F.mse_loss(m(x), y, reduction="sum").backward(), reduction="mean"
+        ),
         "OBSERVE_SUM_MISMATCH": lambda: _observe(
-            _mlp(), x, y, lambda m, x, y: (F.mse_loss(m(x), y) + m[0].weight.pow(2).sum()).backward()),
+            _mlp(), x, y, lambda m, x, y: (F.mse_loss(m(x), y) + m[0].weight.pow(2).sum()).backward()
+        ),
         "BATCH_LOSS_MISMATCH": lambda: Tracker(
-            _classify()[0], BatchLoss(F.cross_entropy, per_example=lambda out, t: F.mse_loss(
-                out, F.one_hot(t, 2).double()))).step(*_classify()[1:]),
+            _classify()[0],
+            BatchLoss(F.cross_entropy, per_example=lambda out, t: F.mse_loss(out, F.one_hot(t, 2).double())),
+        ).step(*_classify()[1:]),
         "BATCH_LOSS_NOT_FINITE": lambda: Tracker(
-            _mlp(), BatchLoss(_infinite_gradient_loss, per_example=F.mse_loss)).step(x, y),
-        "EXAMPLE_LOSS_NOT_FINITE": lambda: Tracker(
-            _mlp(), BatchLoss(_masked_mse, per_example=_masked_mse)).step(x, _with_mask(y)),
+            _mlp(), BatchLoss(_infinite_gradient_loss, per_example=F.mse_loss)
+        ).step(x, y),
+        "EXAMPLE_LOSS_NOT_FINITE": lambda: Tracker(_mlp(), BatchLoss(_masked_mse, per_example=_masked_mse)).step(
+            x, _with_mask(y)
+        ),
         "OPAQUE_LOSS_NOT_MEAN": lambda: _opaque_weighted_loss(),
         "CLIP_NEEDS_EQUAL_WEIGHTS": lambda: Tracker(
-            _classify()[0], partial(F.cross_entropy, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)),
-            clip_norm=1.0).step(*_classify()[1:]),
+            _classify()[0],
+            partial(F.cross_entropy, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)),
+            clip_norm=1.0,
+        ).step(*_classify()[1:]),
         "MEAN_MISMATCH": _check_mean_on_coupled,
-        "PARAMETER_SUBSTITUTED": lambda: _fast(_with_forward(
-            lambda s, x: s.b(torch.func.functional_call(s.a, {"weight": 1.1 * s.a.weight}, (x,), strict=False)),
-            a=_lin(3, 4), b=_lin(4, 2)), x, y),
-        "BATCH_MIXED": lambda: _fast(_with_forward(lambda s, x: s.b(s.a(x).roll(1, 0)), a=_lin(3, 4), b=_lin(4, 2)),
-                                     x, y),
+        "PARAMETER_SUBSTITUTED": lambda: _fast(
+            _with_forward(
+                lambda s, x: s.b(torch.func.functional_call(s.a, {"weight": 1.1 * s.a.weight}, (x,), strict=False)),
+                a=_lin(3, 4),
+                b=_lin(4, 2),
+            ),
+            x,
+            y,
+        ),
+        "BATCH_MIXED": lambda: _fast(
+            _with_forward(lambda s, x: s.b(s.a(x).roll(1, 0)), a=_lin(3, 4), b=_lin(4, 2)), x, y
+        ),
         "TORCHSCRIPT_MODULE": lambda: _fast(torch.jit.script(_mlp()), x, y),
         "CAPTURE_HOOK_REFUSED": lambda: _fast(_with_forward(lambda s, x: s.a(x), a=_NoHooks(3, 2)).double(), x, y),
         "BATCH_LOSS_COUPLED": lambda: persample.grad_stats(
-            _mlp(), lambda out, t: F.mse_loss(out - out.mean(0), t - t.mean(0)), x, y),
+            _mlp(), lambda out, t: F.mse_loss(out - out.mean(0), t - t.mean(0)), x, y
+        ),
         "CUSTOM_RULE_SUM_MISMATCH": _doubled_custom_rule,
     }
 
@@ -297,8 +338,9 @@ def _with_mask(y):
 
 def _normalised_table():
     """GroupNorm on a buffer [3, 4, 2]: its dim 0 is not the batch, so the rule has no batch to read."""
-    model = _with_forward(lambda s, x: s.head((x + s.norm(s.table)).mean(1).flatten(1)),
-                          norm=nn.GroupNorm(2, 4), head=_lin(8, 2))
+    model = _with_forward(
+        lambda s, x: s.head((x + s.norm(s.table)).mean(1).flatten(1)), norm=nn.GroupNorm(2, 4), head=_lin(8, 2)
+    )
     model.register_buffer("table", torch.randn(3, 4, 2, dtype=torch.float64))
     torch.manual_seed(0)
     return model, torch.randn(5, 3, 4, 2, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
@@ -318,10 +360,12 @@ def _fsdp1_flagged():
 def _directional_with_dropout():
     from persample._batch import as_batch
     from persample.engines.directional import per_example_directional_derivatives
+
     model = _mlp(nn.Dropout(0.5))
     x, y = _data()
-    per_example_directional_derivatives(model, F.mse_loss, as_batch(x, y),
-                                        {n: torch.ones_like(p) for n, p in model.named_parameters()})
+    per_example_directional_derivatives(
+        model, F.mse_loss, as_batch(x, y), {n: torch.ones_like(p) for n, p in model.named_parameters()}
+    )
 
 
 def _opaque_weighted_loss():
@@ -358,7 +402,8 @@ def test_the_registry_and_the_triggers_cover_the_same_codes():
     covered = set(_triggers()) | TRIGGERED_IN_A_PROCESS_GROUP | TRIGGERED_BY_A_RENAME
     assert covered == set(PRECONDITIONS), (
         f"declared without a trigger: {sorted(set(PRECONDITIONS) - covered)}; "
-        f"triggered but not declared: {sorted(covered - set(PRECONDITIONS))}")
+        f"triggered but not declared: {sorted(covered - set(PRECONDITIONS))}"
+    )
 
 
 def test_ddp_refusals_in_a_one_process_group():
@@ -398,14 +443,20 @@ def test_ddp_refusals_in_a_one_process_group():
 
 # ------------------------------------------------------------------------ torch internals fail closed
 
-RENAMABLE = ["_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks", "_global_forward_hooks_always_called"]
+RENAMABLE = [
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+    "_global_forward_hooks_always_called",
+]
 
 
 @pytest.mark.parametrize("name", RENAMABLE)
 def test_a_renamed_global_hook_registry_refuses_and_auto_stays_exact(monkeypatch, name):
     """torch itself reads these names, so the rename is simulated where persample reads them."""
     from persample import _torch_compat
+
     monkeypatch.setattr(_torch_compat, "_read", _raising_reader(_torch_compat._read, name))
     model = _mlp()
     x, y = _data()
@@ -417,7 +468,9 @@ def test_a_renamed_global_hook_registry_refuses_and_auto_stays_exact(monkeypatch
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("attribute", ["_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks"])
+@pytest.mark.parametrize(
+    "attribute", ["_forward_hooks", "_backward_hooks", "_forward_pre_hooks", "_backward_pre_hooks"]
+)
 def test_a_renamed_module_hook_registry_refuses(monkeypatch, attribute):
     model = _mlp()
     x, y = _data()
@@ -450,6 +503,7 @@ def _raising_reader(read, name):
         if attribute == name:
             return read(object(), attribute, what, kinds)  # as if the attribute had gone
         return read(owner, attribute, what, kinds)
+
     return reader
 
 
@@ -466,6 +520,7 @@ def test_a_registry_of_an_unknown_type_refuses():
 
 # ------------------------------------------------------------------------------- the registry itself
 
+
 def test_no_refusal_is_raised_without_a_code():
     """Every NotExact / UnsupportedModelError / ObservationError / BatchLossMismatch built in the library
     passes a code, or is built from a Finding (which carries one)."""
@@ -474,13 +529,15 @@ def test_no_refusal_is_raised_without_a_code():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) in RAISED:
                 if not any(k.arg == "code" for k in node.keywords) and not (
-                        node.args and isinstance(node.args[0], (ast.Name, ast.Attribute))):
+                    node.args and isinstance(node.args[0], (ast.Name, ast.Attribute))
+                ):
                     missing.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not missing, missing
 
 
 def test_every_code_the_library_names_is_declared():
     import re
+
     named = set()
     for path in (ROOT / "persample").rglob("*.py"):
         text = path.read_text()
@@ -501,7 +558,10 @@ def test_findings_refusals_and_enforce():
     with pytest.raises(NotExact) as info:
         enforce(None, finding, Finding("PARAMETER_USED_OUTSIDE", "later"))
     assert (info.value.code, info.value.module, str(info.value)) == (
-        "MODIFIED_IN_PLACE", "0 (Linear)", "x was changed [MODIFIED_IN_PLACE]")
+        "MODIFIED_IN_PLACE",
+        "0 (Linear)",
+        "x was changed [MODIFIED_IN_PLACE]",
+    )
     enforce(None, None)
     with pytest.raises(KeyError, match="undeclared"):
         Finding("NO_SUCH_CODE", "x")

@@ -35,14 +35,20 @@ def lock_mismatch(lock: dict, case_id: str, entry: str, kind: str, code: str | N
         return None
     locked = lock.get(case_id, {}).get(entry)
     if kind == "REFUSED" and locked is None:
-        return (f"{case_id}::{entry} newly refuses ({code}): a coverage regression. If it is intended, add "
-                f'"{entry}": "{code}" under "{case_id}" in {LOCK_PATH.name} (or run `{UPDATE}`) and say why')
+        return (
+            f"{case_id}::{entry} newly refuses ({code}): a coverage regression. If it is intended, add "
+            f'"{entry}": "{code}" under "{case_id}" in {LOCK_PATH.name} (or run `{UPDATE}`) and say why'
+        )
     if kind == "REFUSED" and code != locked:
-        return (f"{case_id}::{entry} refuses with {code}, locked as {locked}: update {LOCK_PATH.name} "
-                f"(`{UPDATE}`) if the new reason is right")
+        return (
+            f"{case_id}::{entry} refuses with {code}, locked as {locked}: update {LOCK_PATH.name} "
+            f"(`{UPDATE}`) if the new reason is right"
+        )
     if kind == "EXACT" and locked is not None:
-        return (f"{case_id}::{entry} is now exact (was refused with {locked}): remove it from {LOCK_PATH.name} "
-                f"(or run `{UPDATE}`) so that coverage stays locked at the new level")
+        return (
+            f"{case_id}::{entry} is now exact (was refused with {locked}): remove it from {LOCK_PATH.name} "
+            f"(or run `{UPDATE}`) so that coverage stays locked at the new level"
+        )
     return None
 
 
@@ -52,6 +58,7 @@ def test_refusals_are_locked():
     from real_models import all_cases
 
     from persample.contract import PRECONDITIONS
+
     lock = load_lock()
     cases = {case.id: case for case in all_cases()}
     for case_id, entries in lock.items():
@@ -67,14 +74,16 @@ def test_refusals_are_locked():
     exact = next(c for c in cases if cases[c].ill_posed is None and "fast" not in lock.get(c, {}))
     assert "newly refuses" in lock_mismatch(lock, exact, "fast", "REFUSED", "ANY")
     assert lock_mismatch(lock, exact, "fast", "EXACT", None) is None
-    assert lock_mismatch(lock, case_id, "auto", "EXACT", None) is None   # auto & co. are held to EXACT elsewhere
+    assert lock_mismatch(lock, case_id, "auto", "EXACT", None) is None  # auto & co. are held to EXACT elsewhere
 
 
 def _regenerate() -> None:
     import warnings
+
     warnings.simplefilter("ignore")
     sys.path.insert(0, str(Path(__file__).parent))
     import test_real_models as matrix
+
     refusals: dict[str, dict[str, str]] = {}
     for case in matrix.CASES:
         if case.ill_posed is not None:
@@ -84,9 +93,18 @@ def _regenerate() -> None:
             if verdict.kind == "REFUSED":
                 refusals.setdefault(case.id, {})[entry] = verdict.code
             print(f"{case.id}::{entry} {verdict.kind} {verdict.code or ''}", flush=True)
-    LOCK_PATH.write_text(json.dumps({
-        "about": "refusals of the real-model matrix on cases with an exact answer; see tests/test_coverage_lock.py",
-        "refusals": refusals}, indent=1, sort_keys=True) + "\n")
+    LOCK_PATH.write_text(
+        json.dumps(
+            {
+                "about": "refusals of the real-model matrix on cases with an exact answer; "
+                "see tests/test_coverage_lock.py",
+                "refusals": refusals,
+            },
+            indent=1,
+            sort_keys=True,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

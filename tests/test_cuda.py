@@ -13,8 +13,7 @@ import persample
 from oracle_stats import oracle_stats
 from zoo import CASE_IDS, CASES, assert_dicts_close
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
 def _to(obj, device):
@@ -28,10 +27,11 @@ def _to(obj, device):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_cuda_matches_cpu_in_float64(case):
     model, inputs, targets = case.instantiate(batch=6)
-    cpu = oracle_stats(model, case.loss_fn, inputs, targets)   # float64 loop of autograd, on the CPU
+    cpu = oracle_stats(model, case.loss_fn, inputs, targets)  # float64 loop of autograd, on the CPU
     cuda_model = model.cuda()
-    gpu = persample.grad_stats(cuda_model, case.loss_fn, _to(inputs, "cuda"), _to(targets, "cuda"),
-                               chunk_size=4, inner_products=True)
+    gpu = persample.grad_stats(
+        cuda_model, case.loss_fn, _to(inputs, "cuda"), _to(targets, "cuda"), chunk_size=4, inner_products=True
+    )
     gpu = gpu.to("cpu")
     assert_dicts_close(gpu.mean, cpu["mean"])
     assert_dicts_close(gpu.var, cpu["var"], atol=1e-11)

@@ -25,8 +25,9 @@ def test_linear_rule_through_the_harness(b, t, d, p, bias):
 
 
 @FEW
-@given(b=batch, c=dims, o=dims, k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 1),
-       two_d=st.booleans())
+@given(
+    b=batch, c=dims, o=dims, k=st.integers(1, 3), stride=st.integers(1, 2), pad=st.integers(0, 1), two_d=st.booleans()
+)
 def test_conv_rule_through_the_harness(b, c, o, k, stride, pad, two_d):
     torch.manual_seed(0)
     conv = (nn.Conv2d if two_d else nn.Conv1d)(c, o, k, stride=stride, padding=pad)
@@ -127,6 +128,7 @@ def test_a_wrong_rule_is_refused_on_every_call():
 
 def test_a_rule_wrong_only_in_its_spread_is_caught_by_the_harness():
     """g_i + c_i with Σ_i c_i = 0 passes the sum check; the harness's variance and norms catch it."""
+
     def shifted(m, x, gy):
         g = _scale_rule(m, x, gy)["w"]
         return {"w": g + torch.linspace(-1, 1, len(g), dtype=g.dtype)[:, None]}

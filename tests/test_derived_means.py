@@ -24,8 +24,11 @@ from zoo import assert_dicts_close, gpt2_tiny, lm_loss, oracle_grads
 
 def _oracle(model, loss_fn, x, y):
     grads, _ = oracle_grads(model, loss_fn, x, y)
-    return ({k: g.mean(0) for k, g in grads.items()}, {k: g.var(0) for k, g in grads.items()},
-            {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+    return (
+        {k: g.mean(0) for k, g in grads.items()},
+        {k: g.var(0) for k, g in grads.items()},
+        {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()},
+    )
 
 
 def _assert_oracle(stats, model, loss_fn, x, y, rtol=1e-9):
@@ -75,8 +78,9 @@ def test_sequence_linear_and_conv_weights_are_derived_and_exact(monkeypatch, var
     _assert_oracle(persample.grad_stats(seq, _sequence_loss, x, y, engine="fast", var=var), seq, _sequence_loss, x, y)
     conv = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
     xc = torch.randn(5, 2, 6, 6, dtype=torch.float64)
-    _assert_oracle(persample.grad_stats(conv, F.cross_entropy, xc, y[:5], engine="fast", var=var),
-                   conv, F.cross_entropy, xc, y[:5])
+    _assert_oracle(
+        persample.grad_stats(conv, F.cross_entropy, xc, y[:5], engine="fast", var=var), conv, F.cross_entropy, xc, y[:5]
+    )
     assert seen == [["0.bias", "0.weight", "2.bias", "2.weight"], ["0.bias", "0.weight"]]  # never the T = 1 head
 
 

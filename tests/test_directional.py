@@ -30,8 +30,10 @@ def test_directional_derivatives_refuse_dropout_and_bad_directions():
         per_example_directional_derivatives(model, nn.functional.cross_entropy, batch, direction)
     model.eval()
     with pytest.raises(ValueError, match=r"no entry for the trainable parameters \['2.bias'\]"):
-        per_example_directional_derivatives(model, nn.functional.cross_entropy, batch,
-                                            {k: v for k, v in direction.items() if k != "2.bias"})
+        per_example_directional_derivatives(
+            model, nn.functional.cross_entropy, batch, {k: v for k, v in direction.items() if k != "2.bias"}
+        )
     with pytest.raises(ValueError, match=r"direction\['0.weight'\] has shape \(3,\)"):
-        per_example_directional_derivatives(model, nn.functional.cross_entropy, batch,
-                                            {**direction, "0.weight": torch.zeros(3)})
+        per_example_directional_derivatives(
+            model, nn.functional.cross_entropy, batch, {**direction, "0.weight": torch.zeros(3)}
+        )

@@ -22,8 +22,8 @@ import pytest
 
 WORKER = Path(__file__).with_name("_distributed_worker.py")
 ROOT = WORKER.parent.parent
-INIT_BUDGET_S = 60       # gloo's rendezvous, per try
-INIT_TRIES = 2           # a rendezvous that fails or stalls (a port taken meanwhile, a loaded machine) is retried
+INIT_BUDGET_S = 60  # gloo's rendezvous, per try
+INIT_TRIES = 2  # a rendezvous that fails or stalls (a port taken meanwhile, a loaded machine) is retried
 SCENARIO_BUDGET_S = 120  # each scenario: the run is stopped only when no rank finishes one for this long
 
 
@@ -41,15 +41,30 @@ def _read(path: Path) -> dict | None:
 
 
 def _start(world: int, out_dir: Path) -> list:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     procs = []
     for rank in range(world):
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], cwd=ROOT,
-                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), str(out_dir)],
+                    cwd=ROOT,
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     return procs
 
 
@@ -92,13 +107,18 @@ def run_world(world: int, out_dir: Path) -> dict[str, list[str]]:
             break
     else:
         tail = (run_dir / "rank0.log").read_text()[-4000:]
-        raise RuntimeError(f"gloo did not initialise {world} ranks in {INIT_TRIES} tries of {INIT_BUDGET_S} s; "
-                           f"rank 0's output ends with:\n{tail}")
+        raise RuntimeError(
+            f"gloo did not initialise {world} ranks in {INIT_TRIES} tries of {INIT_BUDGET_S} s; "
+            f"rank 0's output ends with:\n{tail}"
+        )
     results: dict[str, list[str]] = {name: [] for name, w in _scenarios() if w == world}
     for rank in range(world):
         done = _read(run_dir / f"rank{rank}.json") or {}
-        why = (f"rank {rank} of {world} did not finish it: no rank finished a scenario for {SCENARIO_BUDGET_S} s"
-               if status == "stalled" else f"rank {rank} of {world} crashed before finishing it")
+        why = (
+            f"rank {rank} of {world} did not finish it: no rank finished a scenario for {SCENARIO_BUDGET_S} s"
+            if status == "stalled"
+            else f"rank {rank} of {world} crashed before finishing it"
+        )
         tail = (run_dir / f"rank{rank}.log").read_text()[-4000:]
         for name in results:
             results[name].append(done.get(name, f"{why}; its output ends with:\n{tail}"))
@@ -118,6 +138,7 @@ def worlds(tmp_path_factory):
         if isinstance(cache[world], Exception):
             pytest.fail(str(cache[world]))
         return cache[world]
+
     return get
 
 
@@ -125,12 +146,14 @@ def _scenarios():
     sys.path.insert(0, str(WORKER.parent))
     try:
         import importlib.util
+
         spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
         # Registering scenarios needs only the module body, which imports torch and persample.
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return [(name, world) for name, (_, ws) in module.SCENARIOS.items() for world in ws
-                if module.SUITES[name] == "ddp"]  # the "fsdp" suite runs in test_fsdp.py
+        return [
+            (name, world) for name, (_, ws) in module.SCENARIOS.items() for world in ws if module.SUITES[name] == "ddp"
+        ]  # the "fsdp" suite runs in test_fsdp.py
     finally:
         sys.path.pop(0)
 
@@ -139,7 +162,8 @@ _scenarios = functools.cache(_scenarios)
 
 
 needs_distributed = pytest.mark.skipif(
-    not __import__("torch").distributed.is_available(), reason="torch.distributed is not available")
+    not __import__("torch").distributed.is_available(), reason="torch.distributed is not available"
+)
 
 
 @needs_distributed
@@ -158,8 +182,15 @@ def test_supervise_tells_a_stalled_rendezvous_from_a_stalled_scenario(tmp_path, 
 
     def ranks(code: str, n: int = 2):
         logs = [open(tmp_path / f"log{i}", "w") for i in range(n)]
-        return [(subprocess.Popen([sys.executable, "-c", code.replace("RANK", str(i))], stdout=log,
-                                  stderr=subprocess.STDOUT), log) for i, log in enumerate(logs)]
+        return [
+            (
+                subprocess.Popen(
+                    [sys.executable, "-c", code.replace("RANK", str(i))], stdout=log, stderr=subprocess.STDOUT
+                ),
+                log,
+            )
+            for i, log in enumerate(logs)
+        ]
 
     def run(code: str) -> str:
         procs = ranks(code)

@@ -5,8 +5,15 @@ import importlib
 
 import pytest
 
-MODULES = ["persample.errors", "persample.contract", "persample.explain", "persample.custom_rules",
-           "persample._torch_compat", "persample.repair", "persample.demo"]
+MODULES = [
+    "persample.errors",
+    "persample.contract",
+    "persample.explain",
+    "persample.custom_rules",
+    "persample._torch_compat",
+    "persample.repair",
+    "persample.demo",
+]
 
 
 @pytest.mark.parametrize("name", MODULES)

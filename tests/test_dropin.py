@@ -115,7 +115,7 @@ def test_accumulate_merges_micro_batches_into_the_full_batch_statistics():
     tracker.register_hook(lambda t, s: seen.append(s))
     with tracker.accumulate() as acc:
         for i in range(3):
-            micro = tracker.step(x[3 * i:3 * i + 3], y[3 * i:3 * i + 3], scale=1 / 3)
+            micro = tracker.step(x[3 * i : 3 * i + 3], y[3 * i : 3 * i + 3], scale=1 / 3)
             assert micro.n == 3
     grads, losses = oracle_grads(model, F.cross_entropy, x, y)
     assert acc.stats.n == 9 and seen == [acc.stats] and tracker.steps == 1
@@ -166,7 +166,9 @@ def test_diagnostics_keeps_a_bounded_number_of_rows_by_default():
     diag = Diagnostics()
     for i in range(persample.loggers.DEFAULT_KEEP + 5):
         diag.log({"step": i})
-    assert len(diag.rows) == persample.loggers.DEFAULT_KEEP and diag.rows[-1]["step"] == persample.loggers.DEFAULT_KEEP + 4
+    assert (
+        len(diag.rows) == persample.loggers.DEFAULT_KEEP and diag.rows[-1]["step"] == persample.loggers.DEFAULT_KEEP + 4
+    )
     small = Diagnostics(keep=3)
     for i in range(5):
         small.log({"step": i})
@@ -197,13 +199,15 @@ def test_observe_under_bfloat16_autocast_keeps_float32_statistics():
             out = model(x)
         F.cross_entropy(out.float(), y).backward()
     stats = observed.stats
-    assert all(v.dtype == torch.float32 for v in (*stats.mean.values(), *stats.var.values(),
-                                                  *stats.param_sq_norms.values()))
+    assert all(
+        v.dtype == torch.float32 for v in (*stats.mean.values(), *stats.var.values(), *stats.param_sq_norms.values())
+    )
     grads, _ = oracle_grads(copy.deepcopy(model).double(), F.cross_entropy, x.double(), y)
     for k, g in grads.items():  # bf16 forward: a few percent
         torch.testing.assert_close(stats.mean[k].double(), g.mean(0), rtol=0.05, atol=2e-3)
-        torch.testing.assert_close(stats.param_sq_norms[k].double(), g.reshape(16, -1).pow(2).sum(1),
-                                   rtol=0.1, atol=1e-3)
+        torch.testing.assert_close(
+            stats.param_sq_norms[k].double(), g.reshape(16, -1).pow(2).sum(1), rtol=0.1, atol=1e-3
+        )
 
 
 def test_observe_with_a_grad_scaler_reports_unscaled_statistics_and_skips_overflows():
@@ -212,7 +216,7 @@ def test_observe_with_a_grad_scaler_reports_unscaled_statistics_and_skips_overfl
     x, y = torch.randn(6, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
     tracker = Tracker(model, F.cross_entropy)
     with tracker.observe(y) as observed:
-        (F.cross_entropy(model(x), y) * 2.0 ** 16).backward()  # scaler.scale(loss).backward()
+        (F.cross_entropy(model(x), y) * 2.0**16).backward()  # scaler.scale(loss).backward()
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     assert_dicts_close(observed.stats.param_sq_norms, {k: g.reshape(6, -1).pow(2).sum(1) for k, g in grads.items()})
     assert_dicts_close(observed.stats.mean, {k: g.mean(0) for k, g in grads.items()})

@@ -82,8 +82,11 @@ def test_bad_randomness_and_engine():
 def test_train_mode_batchnorm_names_module_and_fixes():
     model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Flatten(), nn.LazyLinear(3))
     model(torch.randn(2, 2, 8))
-    with pytest.raises(UnsupportedModelError, match=r"module 1 \(BatchNorm1d\).*persample.fix\(model\).*GroupNorm.*"
-                                                    r"estimator='micro-batch'.*eval\(\)"):
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"module 1 \(BatchNorm1d\).*persample.fix\(model\).*GroupNorm.*"
+        r"estimator='micro-batch'.*eval\(\)",
+    ):
         persample.per_sample_grads(model, F.cross_entropy, torch.randn(3, 2, 8), torch.randint(0, 3, (3,)))
 
 
@@ -116,6 +119,7 @@ def test_functional_dropout_points_to_randomness():
 
 # ------------------------------------------------------------------ model left as found
 
+
 class _Counting(nn.Module):
     """A model with a buffer, eval-mode BatchNorm and a loss that can be made to fail."""
 
@@ -131,10 +135,12 @@ class _Counting(nn.Module):
 
 
 def _snapshot(model):
-    return ({n: b.clone() for n, b in model.named_buffers()},
-            [m.training for m in model.modules()],
-            [None if p.grad is None else (p.grad, p.grad.clone()) for p in model.parameters()],
-            torch.get_rng_state())
+    return (
+        {n: b.clone() for n, b in model.named_buffers()},
+        [m.training for m in model.modules()],
+        [None if p.grad is None else (p.grad, p.grad.clone()) for p in model.parameters()],
+        torch.get_rng_state(),
+    )
 
 
 def _assert_unchanged(model, snap):
@@ -175,8 +181,9 @@ def test_model_left_as_found(fn, fails):
 def test_check_mean_catches_a_model_that_couples_examples():
     torch.manual_seed(0)
     with pytest.raises(MeanMismatchError, match=r"lin\.weight: max abs err .*rel err") as info:
-        persample.check_mean(CentersBatch().double(), F.cross_entropy, torch.randn(6, 4).double(),
-                             torch.randint(0, 3, (6,)))
+        persample.check_mean(
+            CentersBatch().double(), F.cross_entropy, torch.randn(6, 4).double(), torch.randint(0, 3, (6,))
+        )
     assert isinstance(info.value, AssertionError)
     assert not info.value.report.ok and "lin.weight" in info.value.report.mismatches
 
@@ -189,5 +196,12 @@ def test_check_mean_report_and_tolerances():
     report64 = persample.check_mean(model.double(), F.cross_entropy, x.double(), y)
     assert report64.rtol == 1e-7 and report64.max_rel_err < 1e-12
     with pytest.raises(MeanMismatchError):  # an impossible tolerance must fail on float32 noise
-        persample.check_mean(_mlp(), F.cross_entropy, x, y, rtol=0.0, atol=0.0,
-                             stats=persample.grad_stats(_mlp(), F.cross_entropy, x, y, engine="vmap", chunk_size=3))
+        persample.check_mean(
+            _mlp(),
+            F.cross_entropy,
+            x,
+            y,
+            rtol=0.0,
+            atol=0.0,
+            stats=persample.grad_stats(_mlp(), F.cross_entropy, x, y, engine="vmap", chunk_size=3),
+        )

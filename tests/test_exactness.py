@@ -22,8 +22,12 @@ from zoo import assert_dicts_close, gpt2_tiny, lm_loss, oracle_grads
 
 def _oracle_stats(model, loss_fn, x, y):
     grads, losses = oracle_grads(model, loss_fn, x, y)
-    return {k: g.mean(0) for k, g in grads.items()}, {k: g.var(0) for k, g in grads.items()}, \
-        {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()}, losses
+    return (
+        {k: g.mean(0) for k, g in grads.items()},
+        {k: g.var(0) for k, g in grads.items()},
+        {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()},
+        losses,
+    )
 
 
 def _assert_exact(stats, model, loss_fn, x, y):
@@ -35,6 +39,7 @@ def _assert_exact(stats, model, loss_fn, x, y):
 
 
 # ------------------------------------------------------------------------- rule contract
+
 
 class ScaledLinear(nn.Linear):
     """An equalised-learning-rate Linear: same parameters, different function."""
@@ -84,6 +89,7 @@ def test_parameter_gradient_hook_is_refused_by_fast_and_vmap_and_honoured_by_aut
 
 # ------------------------------------------------------------------- per-example losses
 
+
 class ComputesItsOwnLoss(nn.Module):
     """Returns (logits, the batch's mean loss), as Hugging Face models do with labels=."""
 
@@ -112,6 +118,7 @@ def test_a_loss_the_model_computed_for_the_batch_is_never_broadcast():
 
 # ---------------------------------------------------------------------------- randomness
 
+
 def test_same_randomness_draws_one_mask_for_every_example_in_the_loop():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.5), nn.Linear(8, 3)).double()
@@ -121,7 +128,7 @@ def test_same_randomness_draws_one_mask_for_every_example_in_the_loop():
     rows = []
     for i in range(4):  # the oracle: every example starts from the same generator state
         torch.random.set_rng_state(state)
-        loss = F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])
+        loss = F.cross_entropy(model(x[i : i + 1]), y[i : i + 1])
         rows.append(torch.autograd.grad(loss, [model[0].weight])[0])
     torch.testing.assert_close(stats.mean["0.weight"], torch.stack(rows).mean(0), rtol=1e-9, atol=1e-12)
     with pytest.raises(persample.NotExact, match="randomness='same'"):
@@ -129,6 +136,7 @@ def test_same_randomness_draws_one_mask_for_every_example_in_the_loop():
 
 
 # ------------------------------------------------------------------------------ numerics
+
 
 @pytest.mark.parametrize("ratio", [1e3, 1e4])
 def test_variance_has_no_catastrophic_cancellation_in_float32(ratio):
@@ -143,11 +151,12 @@ def test_variance_has_no_catastrophic_cancellation_in_float32(ratio):
     model64.load_state_dict(model.state_dict())
     grads, _ = oracle_grads(model64, F.mse_loss, x.double(), y.double())
     exact = grads["weight"].var(0)
-    relative = ((stats.var["weight"].double() - exact).abs() / exact).max().item()   # every element
+    relative = ((stats.var["weight"].double() - exact).abs() / exact).max().item()  # every element
     assert relative < 1e-3, relative
 
 
 # ------------------------------------------------------------------------ clear messages
+
 
 def test_inference_mode_says_where_to_call():
     model, x, y = nn.Linear(3, 2), torch.randn(4, 3), torch.randint(0, 2, (4,))
@@ -161,8 +170,9 @@ def test_the_loop_is_the_only_engine_that_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for engine in ("auto", "fast", "vmap", "loop"):
-            _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine=engine),
-                          model, F.cross_entropy, x, y)
+            _assert_exact(
+                persample.grad_stats(model, F.cross_entropy, x, y, engine=engine), model, F.cross_entropy, x, y
+            )
 
 
 def test_observe_on_an_empty_batch_says_so():
@@ -188,8 +198,7 @@ def test_keyword_options_without_tensors_are_passed_through(engine):
     if engine == "auto":
         tracker = persample.Tracker(model, lm_loss)
         tracker.step(inputs, tokens)
-        assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
-                           {k: g.mean(0) for k, g in grads.items()})
+        assert_dicts_close({n: p.grad for n, p in model.named_parameters()}, {k: g.mean(0) for k, g in grads.items()})
 
 
 class ChangedAfterTheCall(nn.Module):

@@ -28,6 +28,7 @@ def _engine_auto_takes(monkeypatch, call):
             result = run(name)
             used.append(name)
             return result
+
         return original(chain, run_and_record, reset)
 
     monkeypatch.setattr(api, "_first_exact", recording)
@@ -47,12 +48,14 @@ def test_explain_names_the_engine_auto_takes(monkeypatch, case):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         report = persample.explain(model, case.loss_fn, inputs, targets, randomness=randomness)
-    used, code = _engine_auto_takes(monkeypatch, lambda: persample.grad_stats(
-        model, case.loss_fn, inputs, targets, randomness=randomness))
+    used, code = _engine_auto_takes(
+        monkeypatch, lambda: persample.grad_stats(model, case.loss_fn, inputs, targets, randomness=randomness)
+    )
     assert report.entry_points["grad_stats"] == used, str(report)
     if used is None:
-        assert code in {r.code for r in report.refusals} | {v.refusal.code for v in report.engines.values()
-                                                             if v.refusal}
+        assert code in {r.code for r in report.refusals} | {
+            v.refusal.code for v in report.engines.values() if v.refusal
+        }
     fast = report.engines["fast"]
     if not fast.exact:
         with pytest.raises(PersampleError) as info, warnings.catch_warnings():
@@ -63,13 +66,17 @@ def test_explain_names_the_engine_auto_takes(monkeypatch, case):
 
 def test_explain_lists_every_refusal_with_codes_and_modules():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.2), nn.Linear(4, 4),
-                          nn.BatchNorm1d(4), nn.Linear(4, 2))
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.2), nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+    )
     model[3].weight.register_hook(lambda g: g)
     report = persample.explain(model, F.cross_entropy, torch.randn(6, 3), torch.randint(0, 2, (6,)))
     assert [(r.code, r.module) for r in report.refusals] == [
-        ("BATCHNORM_TRAIN", "1 (BatchNorm1d)"), ("RANDOM_UNDER_ERROR", "2 (Dropout)"),
-        ("BATCHNORM_TRAIN", "4 (BatchNorm1d)"), ("PARAMETER_GRADIENT_HOOK", "3.weight")]
+        ("BATCHNORM_TRAIN", "1 (BatchNorm1d)"),
+        ("RANDOM_UNDER_ERROR", "2 (Dropout)"),
+        ("BATCHNORM_TRAIN", "4 (BatchNorm1d)"),
+        ("PARAMETER_GRADIENT_HOOK", "3.weight"),
+    ]
     assert all(r.fix for r in report.refusals)
     assert report.entry_points == {"grad_stats": None, "per_sample_grads": None, "Tracker.observe": None}
     assert [m.treatment for m in report.modules][:1] == ["rule: linear"]

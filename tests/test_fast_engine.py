@@ -100,8 +100,11 @@ class SequenceModel(nn.Module):
 @pytest.mark.parametrize("norm", ["layer", "rms", "layer2d"])
 def test_sequence_rules_ghost_and_materialised_paths(d, p, length, norm):
     torch.manual_seed(1)
-    layer = {"layer": nn.LayerNorm(d), "rms": nn.RMSNorm(d, eps=1e-5),
-             "layer2d": nn.Sequential(nn.Unflatten(-1, (2, d // 2)), nn.LayerNorm((2, d // 2)), nn.Flatten(-2))}[norm]
+    layer = {
+        "layer": nn.LayerNorm(d),
+        "rms": nn.RMSNorm(d, eps=1e-5),
+        "layer2d": nn.Sequential(nn.Unflatten(-1, (2, d // 2)), nn.LayerNorm((2, d // 2)), nn.Flatten(-2)),
+    }[norm]
     model = SequenceModel(d, p, layer).double()
     with torch.no_grad():
         for m in model.modules():
@@ -118,6 +121,7 @@ def test_subclasses_are_matched_by_isinstance():
         pass
 
     from persample.engines.fast.rules import find_rule
+
     assert find_rule(MyLinear(2, 3)).name == "linear"
     assert find_rule(nn.ConvTranspose2d(2, 3, 3)) is None  # not a Conv2d: falls back to torch.func
 
@@ -145,6 +149,7 @@ def test_var_false_gives_mean_and_norms_only():
 
 
 # --------------------------------------------------------------- where fast cannot be exact
+
 
 class EscapedTie(nn.Module):
     """Uses the embedding's weight in its own forward, outside the Embedding module."""
@@ -215,16 +220,29 @@ class DropoutInFallback(nn.Module):
 
 
 NOT_EXACT = [
-    ("escaped_tie", EscapedTie, lambda: (torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5, 3))),
-     lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()), "outside the module"),
-    ("time_major_T_ne_B", TimeMajor, lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)), F.mse_loss,
-     "dim 0 is not the batch"),
-    ("time_major_T_eq_B", TimeMajor, lambda: (torch.randn(5, 5, 3), torch.randn(5, 2)), F.mse_loss,
-     "ambiguous"),
-    ("broadcast_misuse", BroadcastMisuse, lambda: (torch.randn(5, 6, 4), torch.randn(5, 2)), F.mse_loss,
-     "broadcast"),
-    ("fallback_not_batch_first", WrapsNotBatchFirst, lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)),
-     F.mse_loss, "not batched"),
+    (
+        "escaped_tie",
+        EscapedTie,
+        lambda: (torch.randint(0, 10, (5, 3)), torch.randint(0, 10, (5, 3))),
+        lambda out, y: F.cross_entropy(out.flatten(0, 1), y.flatten()),
+        "outside the module",
+    ),
+    (
+        "time_major_T_ne_B",
+        TimeMajor,
+        lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)),
+        F.mse_loss,
+        "dim 0 is not the batch",
+    ),
+    ("time_major_T_eq_B", TimeMajor, lambda: (torch.randn(5, 5, 3), torch.randn(5, 2)), F.mse_loss, "ambiguous"),
+    ("broadcast_misuse", BroadcastMisuse, lambda: (torch.randn(5, 6, 4), torch.randn(5, 2)), F.mse_loss, "broadcast"),
+    (
+        "fallback_not_batch_first",
+        WrapsNotBatchFirst,
+        lambda: (torch.randn(5, 7, 3), torch.randn(5, 2)),
+        F.mse_loss,
+        "not batched",
+    ),
 ]
 
 
@@ -294,7 +312,7 @@ def test_auto_is_what_tracker_uses_and_matches_backward():
     assert_dicts_close(stats.mean, want["mean"])
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert_dicts_close(grads, {n: p.grad for n, p in reference.named_parameters() if p.grad is not None})
-    assert_dicts_close(grads, want["mean"])     # p.grad = (w·B)·mean, w = 1/B
+    assert_dicts_close(grads, want["mean"])  # p.grad = (w·B)·mean, w = 1/B
 
 
 def test_captured_calls_do_not_outlive_the_computation():
@@ -314,7 +332,6 @@ def test_captured_calls_do_not_outlive_the_computation():
     for _ in range(3):
         persample.grad_stats(model, case.loss_fn, x, y, engine="fast")
     assert live_calls() == before
-
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn_groupnorm_pool", "hf_gpt2"])
@@ -340,9 +357,12 @@ def test_a_call_leaves_nothing_for_the_garbage_collector_to_free(name):
         gc.garbage.clear()
     assert held == []
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in
-                                  ("tied_weights", "hf_gpt2", "cnn_groupnorm_pool", "transformer_encoder")],
-                         ids=lambda c: c.name)
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.name in ("tied_weights", "hf_gpt2", "cnn_groupnorm_pool", "transformer_encoder")],
+    ids=lambda c: c.name,
+)
 def test_chunked_materialisation_gives_the_same_statistics(case, monkeypatch):
     """Force pieces to be formed a few examples at a time (the path large layers take)."""
     model, x, y = case.instantiate(batch=5)
@@ -362,8 +382,8 @@ def _pieces_with_their_gradients():
     conv_grads = []
     for i in range(b):  # autograd, one example at a time
         w = conv.weight.detach().clone().requires_grad_()
-        out = F.conv2d(F.pad(x[i:i + 1], (1, 1, 1, 1), mode="reflect"), w, None, 1, 0, 1, 2)
-        conv_grads.append(s * torch.autograd.grad(out, w, gy[i:i + 1])[0])
+        out = F.conv2d(F.pad(x[i : i + 1], (1, 1, 1, 1), mode="reflect"), w, None, 1, 0, 1, 2)
+        conv_grads.append(s * torch.autograd.grad(out, w, gy[i : i + 1])[0])
     return [
         (pieces_module.OuterPiece(act, grad, torch.Size([p, d]), scale=s), outer),
         (pieces_module.OuterPiece(act, grad, torch.Size([d, p]), transposed=True, scale=s), outer.transpose(1, 2)),
@@ -377,15 +397,18 @@ def test_piece_reductions_match_the_formed_gradients(index):
     piece, g = _pieces_with_their_gradients()[index]
     weights = torch.rand(g.shape[0], dtype=torch.float64)
     probe = torch.randn(g[0].numel() // g.shape[1], 3, dtype=torch.float64)
-    torch.testing.assert_close(piece.weighted_sum(weights), torch.einsum("b,b...->...", weights, g),
-                               rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(piece.projected_sum(probe), g.sum(0).reshape(g.shape[1], -1) @ probe,
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        piece.weighted_sum(weights), torch.einsum("b,b...->...", weights, g), rtol=1e-9, atol=1e-12
+    )
+    torch.testing.assert_close(
+        piece.projected_sum(probe), g.sum(0).reshape(g.shape[1], -1) @ probe, rtol=1e-9, atol=1e-12
+    )
     torch.testing.assert_close(piece.materialize(0, g.shape[0]), g, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(piece.second_moment(), g.pow(2).sum(0), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(piece.sq_norms(), g.flatten(1).pow(2).sum(1), rtol=1e-9,
-                               atol=1e-12)  # now from the cached pass
+    torch.testing.assert_close(
+        piece.sq_norms(), g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12
+    )  # now from the cached pass
 
 
 @pytest.mark.parametrize("kind", ["dense", "one_element"])
@@ -394,6 +417,7 @@ def test_sum_check_by_probes_sees_small_differences_in_large_layers(kind):
     (Probes dilute a single element's difference by about sqrt(columns), so a lone element
     needs to be larger than the 1e-3 relative tolerance of the whole-tensor check.)"""
     from persample.engines.fast.engine import EXACT_CHECK_NUMEL, means_that_differ
+
     torch.manual_seed(1)
     act, grad = torch.randn(8, 1, 300), torch.randn(8, 1, 200)
     assert 300 * 200 > EXACT_CHECK_NUMEL  # the probe path

@@ -98,19 +98,30 @@ def test_fix_replaces_every_batchnorm_and_gives_exact_per_example_stats_in_train
 def test_fix_group_choice_dry_run_shared_modules_and_refusals():
     assert [persample.repair.group_count(c) for c in (1, 6, 32, 48, 64, 96, 37)] == [1, 6, 32, 24, 32, 32, 1]
     shared = nn.BatchNorm2d(48)
-    model = nn.Sequential(nn.Conv2d(3, 48, 1), shared, nn.Conv2d(48, 48, 1), shared,
-                          nn.Flatten(), nn.LazyLinear(2), nn.BatchNorm1d(2, affine=False))
+    model = nn.Sequential(
+        nn.Conv2d(3, 48, 1),
+        shared,
+        nn.Conv2d(48, 48, 1),
+        shared,
+        nn.Flatten(),
+        nn.LazyLinear(2),
+        nn.BatchNorm1d(2, affine=False),
+    )
     model(torch.randn(2, 3, 2, 2))  # initialise the lazy layer
     listed = persample.fix(model, dry_run=True)
-    assert [str(f) for f in listed] == ["1: BatchNorm2d(48) -> GroupNorm(24, 48)",
-                                        "6: BatchNorm1d(2) -> GroupNorm(1, 2)"]
+    assert [str(f) for f in listed] == [
+        "1: BatchNorm2d(48) -> GroupNorm(24, 48)",
+        "6: BatchNorm1d(2) -> GroupNorm(1, 2)",
+    ]
     assert isinstance(model[1], nn.BatchNorm2d)  # dry run: nothing changed
     assert persample.fix(model) == listed
     assert model[1] is model[3] and isinstance(model[1], nn.GroupNorm)  # one module, one replacement
     assert model[6].weight is None
     other = nn.Sequential(nn.Conv3d(2, 40, 1), nn.BatchNorm3d(40), nn.Conv3d(40, 64, 1), nn.SyncBatchNorm(64))
-    assert [str(f) for f in persample.fix(other)] == ["1: BatchNorm3d(40) -> GroupNorm(20, 40)",
-                                                      "3: SyncBatchNorm(64) -> GroupNorm(32, 64)"]
+    assert [str(f) for f in persample.fix(other)] == [
+        "1: BatchNorm3d(40) -> GroupNorm(20, 40)",
+        "3: SyncBatchNorm(64) -> GroupNorm(32, 64)",
+    ]
     persample.grad_stats(other.train(), lambda out: out.pow(2).mean(), torch.randn(3, 2, 2, 2, 2))
     with pytest.raises(TypeError, match="itself a BatchNorm2d: use nn.GroupNorm"):
         persample.fix(nn.BatchNorm2d(8))
@@ -131,7 +142,7 @@ def _plain_accumulated(model, micro_batches, scale):
 def test_micro_batch_noise_of_a_train_mode_batchnorm_resnet_matches_its_formula():
     model = resnet()
     x, y = batch(12)
-    micro_batches = [(x[i:i + 3], y[i:i + 3]) for i in range(0, 12, 3)]
+    micro_batches = [(x[i : i + 3], y[i : i + 3]) for i in range(0, 12, 3)]
     reference = copy.deepcopy(model)
     # the formula, from each micro-batch's gradient materialised by autograd (float64)
     grads = []
@@ -173,8 +184,12 @@ def test_micro_batch_noise_with_unequal_micro_batches_and_a_sum_loss():
     x, y = torch.randn(9, 4, dtype=torch.float64), torch.randint(0, 2, (9,))
     sizes = [(0, 4), (4, 9)]
     ref = copy.deepcopy(model)
-    grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss_fn(ref(x[a:b]), y[a:b]) / (b - a),
-                                                                   list(ref.parameters()))]) for a, b in sizes]
+    grads = [
+        torch.cat(
+            [g.reshape(-1) for g in torch.autograd.grad(loss_fn(ref(x[a:b]), y[a:b]) / (b - a), list(ref.parameters()))]
+        )
+        for a, b in sizes
+    ]
     big = float(((4 * grads[0] + 5 * grads[1]) / 9).pow(2).sum())
     small = (float(grads[0].pow(2).sum()) + float(grads[1].pow(2).sum())) / 2
     b_small = 2 / (1 / 4 + 1 / 5)
@@ -212,7 +227,7 @@ def test_micro_batch_estimator_agrees_with_the_per_example_one_and_the_truth():
         y = x @ w_star[0] + s * torch.randn(k * b, dtype=torch.float64)
         with tracker.accumulate(estimator="micro-batch") as acc:
             for m in range(k):
-                tracker.step(x[m * b:(m + 1) * b], y[m * b:(m + 1) * b], scale=1 / k)
+                tracker.step(x[m * b : (m + 1) * b], y[m * b : (m + 1) * b], scale=1 / k)
         micro.append((acc.noise.grad_sq, acc.noise.trace_cov))
         per_example.append(gradient_noise_scale(persample.grad_stats(model, loss_fn, x, y)))
         model.zero_grad(set_to_none=True)  # no optimiser step: δ stays, so the truth stays
@@ -246,6 +261,7 @@ def test_micro_batch_estimator_refusals_and_warnings():
         with tracker.accumulate(estimator="micro-batch") as acc:
             tracker.step(x, y)
     assert acc.noise is None and tracker.last_noise is None
+
     class OwnLoss(nn.Module):  # the loss computed inside the model, as Hugging Face models do with labels=
         def __init__(self):
             super().__init__()
@@ -294,7 +310,7 @@ def test_batchnorm_error_names_only_fixes_that_work():
     tracker = persample.Tracker(model, F.cross_entropy)
     with tracker.accumulate(estimator="micro-batch") as acc:
         for i in range(0, 6, 3):
-            tracker.step(x[i:i + 3], y[i:i + 3], scale=1 / 2)
+            tracker.step(x[i : i + 3], y[i : i + 3], scale=1 / 2)
     assert math.isfinite(acc.noise.b_simple)
     # fix 3: eval mode (running statistics: a different function, for evaluation or fine-tuning)
     persample.grad_stats(copy.deepcopy(model).eval(), F.cross_entropy, x, y)

@@ -15,8 +15,10 @@ import persample
 
 transformers = pytest.importorskip("transformers")
 
-HIDDEN_DROPOUT = {"gpt2": dict(resid_pdrop=0.1, embd_pdrop=0.1),
-                  "bert": dict(hidden_dropout_prob=0.1, classifier_dropout=0.1)}
+HIDDEN_DROPOUT = {
+    "gpt2": dict(resid_pdrop=0.1, embd_pdrop=0.1),
+    "bert": dict(hidden_dropout_prob=0.1, classifier_dropout=0.1),
+}
 
 
 def _cls_loss(out, y):
@@ -32,11 +34,16 @@ def _tiny(family):
             model = rm.hf_model("gpt2", "ForCausalLM", train=True, n_layer=2, **HIDDEN_DROPOUT["gpt2"])
             tokens = torch.randint(0, rm.V, (4, 6))
             return model, {"input_ids": tokens}, tokens, rm.token_ce
-        model = rm.hf_model("bert", "ForSequenceClassification", train=True, num_hidden_layers=2,
-                            **HIDDEN_DROPOUT["bert"])
+        model = rm.hf_model(
+            "bert", "ForSequenceClassification", train=True, num_hidden_layers=2, **HIDDEN_DROPOUT["bert"]
+        )
         tokens = torch.randint(0, rm.V, (4, 6))
-        return model, {"input_ids": tokens, "token_type_ids": torch.zeros_like(tokens)}, \
-            torch.randint(0, 3, (4,)), _cls_loss
+        return (
+            model,
+            {"input_ids": tokens, "token_type_ids": torch.zeros_like(tokens)},
+            torch.randint(0, 3, (4,)),
+            _cls_loss,
+        )
 
 
 def _record_masks(model):
@@ -44,11 +51,13 @@ def _record_masks(model):
     masks, handles = {}, []
     for name, module in model.named_modules():
         if isinstance(module, nn.Dropout) and module.p > 0:
+
             def hook(mod, args, out, name=name):
                 assert name not in masks, "each dropout is called once per forward"
                 (x,) = args
                 assert bool((x != 0).all()), "a zero input hides its mask"
                 masks[name] = (out * (1 - mod.p) / x).round()
+
             handles.append(module.register_forward_hook(hook))
     return masks, handles
 
@@ -58,8 +67,10 @@ def _replay_masks(model, masks, i):
     handles = []
     for name, module in model.named_modules():
         if name in masks:
+
             def hook(mod, args, out, name=name):
-                return args[0] * masks[name][i:i + 1] / (1 - mod.p)
+                return args[0] * masks[name][i : i + 1] / (1 - mod.p)
+
             handles.append(module.register_forward_hook(hook))
     return handles
 
@@ -87,8 +98,8 @@ def test_tracker_default_describes_the_training_forwards_own_dropout_masks(famil
     rows = {n: [] for n in params}
     for i in range(4):
         handles = _replay_masks(replay, masks, i)
-        one = {k: v[i:i + 1] for k, v in inputs.items()}
-        loss = loss_fn(replay(**one), targets[i:i + 1])
+        one = {k: v[i : i + 1] for k, v in inputs.items()}
+        loss = loss_fn(replay(**one), targets[i : i + 1])
         for h in handles:
             h.remove()
         for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
@@ -97,8 +108,7 @@ def test_tracker_default_describes_the_training_forwards_own_dropout_masks(famil
     for n, g in grads.items():
         torch.testing.assert_close(stats.mean[n], g.mean(0), rtol=1e-9, atol=1e-12, msg=n)
         torch.testing.assert_close(stats.var[n], g.var(0), rtol=1e-9, atol=1e-12, msg=n)
-        torch.testing.assert_close(stats.param_sq_norms[n], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12,
-                                   msg=n)
+        torch.testing.assert_close(stats.param_sq_norms[n], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12, msg=n)
     flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
     torch.testing.assert_close(stats.inner_products, flat @ flat.mean(0), rtol=1e-9, atol=1e-12)
 
@@ -110,9 +120,20 @@ def _with_default_dropout(family):
     for key, value in config.to_dict().items():
         if "drop" in key and isinstance(value, float):
             setattr(config, key, getattr(defaults, key))
-    names = {"bert": "Bert", "roberta": "Roberta", "distilbert": "DistilBert", "albert": "Albert", "t5": "T5",
-             "bart": "Bart", "gpt2": "GPT2", "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2",
-             "gpt_neox": "GPTNeoX", "opt": "OPT"}
+    names = {
+        "bert": "Bert",
+        "roberta": "Roberta",
+        "distilbert": "DistilBert",
+        "albert": "Albert",
+        "t5": "T5",
+        "bart": "Bart",
+        "gpt2": "GPT2",
+        "llama": "Llama",
+        "mistral": "Mistral",
+        "qwen2": "Qwen2",
+        "gpt_neox": "GPTNeoX",
+        "opt": "OPT",
+    }
     head = rm._lm_head(family)
     head = "LMHeadModel" if family == "gpt2" else head
     return getattr(transformers, names[family] + head)(config).to(torch.float64).train()

@@ -55,15 +55,24 @@ def test_the_tenth_skipped_step_is_warned_again():
 def _write_rows(path, n=3):
     with CSVLogger(path) as log:
         for i in range(n):
-            log.write({"step": i, "n": 8, "loss": 1.0 / (i + 1), "grad_sq": 1.0, "trace_cov": 10.0,
-                       "b_simple": 10.0, "b_simple_ema": 10.0})
+            log.write(
+                {
+                    "step": i,
+                    "n": 8,
+                    "loss": 1.0 / (i + 1),
+                    "grad_sq": 1.0,
+                    "trace_cov": 10.0,
+                    "b_simple": 10.0,
+                    "b_simple_ema": 10.0,
+                }
+            )
 
 
 def test_read_metrics_drops_a_truncated_last_row_with_a_warning(tmp_path):
     path = tmp_path / "m.csv"
     _write_rows(path)
     text = path.read_text()
-    path.write_text(text[:text.rstrip("\n").rfind(",")])  # killed while writing the last row
+    path.write_text(text[: text.rstrip("\n").rfind(",")])  # killed while writing the last row
     with pytest.warns(UserWarning, match="last row .* is incomplete"):
         rows = read_metrics(path)
     assert [r["step"] for r in rows] == [0, 1]
@@ -81,6 +90,7 @@ def test_read_metrics_drops_a_truncated_last_row_with_a_warning(tmp_path):
 def test_plot_command_reads_a_truncated_file_and_never_overwrites_without_force(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     from persample.cli import main
+
     path = tmp_path / "m.csv"
     _write_rows(path, 4)
     with open(path, "a") as f:
@@ -107,6 +117,7 @@ def test_plot_command_reads_a_truncated_file_and_never_overwrites_without_force(
 
 def test_demo_without_extras_names_the_one_extra_once(tmp_path, monkeypatch, capsys):
     from persample.cli import main
+
     for name in ("matplotlib", "matplotlib.pyplot", "sklearn", "sklearn.datasets"):
         monkeypatch.setitem(sys.modules, name, None)
     assert main(["demo", "--out", str(tmp_path), "--epochs", "1"]) == 1
@@ -121,8 +132,10 @@ def test_demo_output_in_a_file_has_no_progress_bar_and_its_summary_explains_itse
     pytest.importorskip("matplotlib")
     pytest.importorskip("tqdm")
     from persample.cli import main
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--train-examples", "96",
-                 "--batch-size", "32"]) == 0  # progress on, but stderr is not a terminal
+
+    assert (
+        main(["demo", "--out", str(tmp_path), "--epochs", "1", "--train-examples", "96", "--batch-size", "32"]) == 0
+    )  # progress on, but stderr is not a terminal
     captured = capsys.readouterr()
     assert "epoch 1/1" not in captured.err and "\r" not in captured.err
     assert f"epochs:  {tmp_path / 'epochs.csv'}" in captured.out
@@ -131,8 +144,10 @@ def test_demo_output_in_a_file_has_no_progress_bar_and_its_summary_explains_itse
 
 def test_noise_scale_in_words_and_below_noise_in_the_table():
     from persample.demo import EpochSummary, describe_b_simple, format_table
-    assert describe_b_simple(120, 64) == ("B_simple ≈ 120 examples against a batch of 64: a larger batch would "
-                                          "still cut the number of steps.")
+
+    assert describe_b_simple(120, 64) == (
+        "B_simple ≈ 120 examples against a batch of 64: a larger batch would still cut the number of steps."
+    )
     assert "about the noise scale" in describe_b_simple(60, 64)
     assert "mostly add compute" in describe_b_simple(8, 64)
     assert "below noise" in describe_b_simple(-30.0, 64) and "below noise" in describe_b_simple(math.nan, 64)
@@ -146,6 +161,7 @@ def test_noise_scale_in_words_and_below_noise_in_the_table():
 def test_slow_path_warning_points_at_the_users_line_and_is_short():
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     import real_models as rm
+
     case = next(c for c in rm.all_cases() if c.id == "hf-bart-mask-padded")  # fast and vmap refuse it
     model, inputs, targets = case.instantiate()
     with warnings.catch_warnings(record=True) as caught:
@@ -168,8 +184,20 @@ def test_slow_path_warning_points_at_the_users_line_and_is_short():
 def test_the_grey_epoch_lines_are_labelled():
     pytest.importorskip("matplotlib")
     from persample import plot
-    rows = [{"step": i, "epoch": 1 + i // 3, "n": 4.0, "loss": 1.0, "grad_sq": 1.0, "trace_cov": 2.0,
-             "b_simple": 2.0, "b_simple_ema": 2.0} for i in range(6)]
+
+    rows = [
+        {
+            "step": i,
+            "epoch": 1 + i // 3,
+            "n": 4.0,
+            "loss": 1.0,
+            "grad_sq": 1.0,
+            "trace_cov": 2.0,
+            "b_simple": 2.0,
+            "b_simple_ema": 2.0,
+        }
+        for i in range(6)
+    ]
     fig = plot.plot_diagnostics(rows)
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     plot.close(fig)

@@ -21,8 +21,14 @@ def _run(name, monkeypatch, capsys, *args):
 
 
 def test_every_recipe_is_tested():
-    assert set(RECIPES) == {"recipe_tensorboard.py", "recipe_hf_causal_lm.py", "recipe_resnet_batchnorm.py",
-                            "recipe_clipping.py", "recipe_tracin.py", "recipe_reading_diagnostics.py"}
+    assert set(RECIPES) == {
+        "recipe_tensorboard.py",
+        "recipe_hf_causal_lm.py",
+        "recipe_resnet_batchnorm.py",
+        "recipe_clipping.py",
+        "recipe_tracin.py",
+        "recipe_reading_diagnostics.py",
+    }
 
 
 def test_recipe_tensorboard(monkeypatch, capsys, tmp_path):
@@ -39,6 +45,7 @@ def test_recipe_hf_causal_lm(monkeypatch, capsys):
 def test_recipe_resnet_batchnorm(monkeypatch, capsys, tmp_path):
     out = _run("recipe_resnet_batchnorm.py", monkeypatch, capsys, "--out", str(tmp_path))
     from persample.loggers import read_metrics
+
     rows = read_metrics(tmp_path / "metrics.csv")
     assert [r["step"] for r in rows] == list(range(1, 9)) and all(r["n"] == 32 for r in rows)
     assert "5.4: BatchNorm2d(32) -> GroupNorm(32, 32)" in out

@@ -24,7 +24,7 @@ from torch import nn
 
 from persample import Tracker
 
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.bfloat16: 2.0 ** -8}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8}
 
 
 class SeqLinear(nn.Module):
@@ -37,9 +37,13 @@ class SeqLinear(nn.Module):
 
 
 def _conv():
-    return (nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(),
-                          nn.Linear(8 * 6 * 6, 5)),
-            torch.randn(16, 3, 8, 8), torch.randint(0, 5, (16,)))
+    return (
+        nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 6 * 6, 5)
+        ),
+        torch.randn(16, 3, 8, 8),
+        torch.randint(0, 5, (16,)),
+    )
 
 
 def _seq():
@@ -47,8 +51,11 @@ def _seq():
 
 
 def _mlp():
-    return (nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5)), torch.randn(32, 20),
-            torch.randint(0, 5, (32,)))
+    return (
+        nn.Sequential(nn.Linear(20, 64), nn.ReLU(), nn.Linear(64, 5)),
+        torch.randn(32, 20),
+        torch.randint(0, 5, (32,)),
+    )
 
 
 def _abs_products(model, x, y):
@@ -74,8 +81,9 @@ def _abs_products(model, x, y):
             a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
             weight, bias, n = d2.T @ a2, d2.sum(0), d2.shape[0]
         else:
-            weight = torch.nn.grad.conv2d_weight(a, module.weight.shape, d, module.stride, module.padding,
-                                                 module.dilation, module.groups)
+            weight = torch.nn.grad.conv2d_weight(
+                a, module.weight.shape, d, module.stride, module.padding, module.dilation, module.groups
+            )
             bias, n = d.sum((0, 2, 3)), d.shape[0] * d.shape[2] * d.shape[3]
         bounds[f"{name}.weight"] = (weight, n)
         bounds[f"{name}.bias"] = (bias, n)
@@ -89,7 +97,7 @@ def test_p_grad_equals_backward_to_the_stated_rounding_bound(make, dtype):
     model, x, y = make()
     model, x = model.to(dtype), x.to(dtype)
     reference = copy.deepcopy(model)
-    bounds = _abs_products(reference, x, y)          # reference.grad: loss.backward()
+    bounds = _abs_products(reference, x, y)  # reference.grad: loss.backward()
     Tracker(model, F.cross_entropy).step(x, y)
     u = UNIT_ROUNDOFF[dtype]
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
@@ -113,6 +121,6 @@ def test_float32_p_grad_is_not_always_bitwise_and_the_bound_is_not_vacuous():
     weight = model[0].weight.grad
     assert not torch.equal(weight, reference[0].weight.grad)
     abs_sum, n = bounds["0.weight"]
-    gamma = (n + 3) * 2.0 ** -24 / (1 - (n + 3) * 2.0 ** -24)
+    gamma = (n + 3) * 2.0**-24 / (1 - (n + 3) * 2.0**-24)
     wrong = weight.double() * (1 + 1e-3)
     assert ((wrong - reference[0].weight.grad.double()).abs() > 2 * gamma * abs_sum).any()

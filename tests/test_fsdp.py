@@ -32,18 +32,34 @@ def _free_port() -> int:
 
 
 def _launch(world: int, out_dir: Path, suite: str, scenario: str | None) -> None:
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PERSAMPLE_SUITE=suite,
-               PERSAMPLE_GLOO_TIMEOUT=str(GLOO_TIMEOUT_S),
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(world),
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PERSAMPLE_SUITE=suite,
+        PERSAMPLE_GLOO_TIMEOUT=str(GLOO_TIMEOUT_S),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
     if scenario:
         env["PERSAMPLE_SCENARIO"] = scenario
     procs = []
     for rank in range(world):
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen([sys.executable, str(WORKER), str(out_dir)], cwd=ROOT,
-                                       env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                                       stdout=log, stderr=subprocess.STDOUT), log))
+        procs.append(
+            (
+                subprocess.Popen(
+                    [sys.executable, str(WORKER), str(out_dir)],
+                    cwd=ROOT,
+                    env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+                log,
+            )
+        )
     try:
         for proc, _ in procs:
             proc.wait(timeout=TIMEOUT_S)
@@ -74,8 +90,9 @@ def run_world(world: int, out_dir: Path, suite: str = "fsdp", scenario: str | No
         path = out_dir / f"rank{rank}.json"
         tail = (out_dir / f"rank{rank}.log").read_text()[-3000:]
         if not path.exists():
-            raise RuntimeError(f"rank {rank} of {world} never joined the gloo group (twice); its output "
-                               f"ends with:\n{tail}")
+            raise RuntimeError(
+                f"rank {rank} of {world} never joined the gloo group (twice); its output ends with:\n{tail}"
+            )
         done = json.loads(path.read_text())
         for name in expected:
             outcome = done.get(name, f"rank {rank} did not finish it (hung past {TIMEOUT_S} s or crashed)")
@@ -98,21 +115,23 @@ def worlds(tmp_path_factory):
         if isinstance(cache[world], Exception):
             pytest.fail(str(cache[world]))
         return cache[world]
+
     return get
 
 
 @functools.cache
 def _scenarios(suite: str = "fsdp"):
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return [(name, world) for name, (_, ws) in module.SCENARIOS.items() if module.SUITES[name] == suite
-            for world in ws]
+    return [(name, world) for name, (_, ws) in module.SCENARIOS.items() if module.SUITES[name] == suite for world in ws]
 
 
 needs_distributed = pytest.mark.skipif(
-    not __import__("torch").distributed.is_available(), reason="torch.distributed is not available")
+    not __import__("torch").distributed.is_available(), reason="torch.distributed is not available"
+)
 
 
 @needs_distributed
@@ -125,9 +144,11 @@ def test_scenario(worlds, name, world):
 
 if __name__ == "__main__":  # python tests/test_fsdp.py WORLD [SCENARIO [SUITE]]: one run, for debugging
     import tempfile
+
     out = Path(tempfile.mkdtemp())
-    res = run_world(int(sys.argv[1]), out, sys.argv[3] if len(sys.argv) > 3 else "fsdp",
-                    sys.argv[2] if len(sys.argv) > 2 else None)
+    res = run_world(
+        int(sys.argv[1]), out, sys.argv[3] if len(sys.argv) > 3 else "fsdp", sys.argv[2] if len(sys.argv) > 2 else None
+    )
     for name, outcomes in res.items():
         print(name, ["ok" if o == "ok" else o for o in outcomes])
 
@@ -152,11 +173,26 @@ def test_fsdp1_refusal_uncaught_ends_every_rank_with_the_error_not_sigabrt(tmp_p
     (no rank killed by SIGABRT, none left waiting)."""
     script = tmp_path / "user.py"
     script.write_text(UNCAUGHT)
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2",
-               GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    procs = [subprocess.Popen([sys.executable, str(script)], cwd=ROOT, env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE="2",
+        GLOO_SOCKET_IFNAME="lo",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            cwd=ROOT,
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     outputs = []
     try:
         for proc in procs:

@@ -97,8 +97,12 @@ def test_a_rewriting_hook_is_refused_by_the_fast_engine_and_auto_is_exact(kind, 
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_tracker_step_with_a_gradient_reversal_layer_writes_the_backward_s_gradient(kind):
     model, x, y = _problem(kind, "reversal")
-    plain = {n: g for n, g in zip(dict(model.named_parameters()),
-                                  torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters())))}
+    plain = {
+        n: g
+        for n, g in zip(
+            dict(model.named_parameters()), torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        )
+    }
     persample.Tracker(model, F.cross_entropy).step(x, y)
     assert_dicts_close({n: p.grad for n, p in model.named_parameters()}, plain)
 

@@ -12,7 +12,7 @@ from oracle_stats import noise_scale
 from zoo import gpt2_tiny, oracle_grads
 
 B, T, VOCAB = 4, 8, 40
-BF16_MEAN_RTOL, BF16_NOISE_RTOL = 0.02, 0.05   # bf16 autocast against the float64 oracle
+BF16_MEAN_RTOL, BF16_NOISE_RTOL = 0.02, 0.05  # bf16 autocast against the float64 oracle
 
 
 def lm_examples(n, seed=0):
@@ -23,8 +23,13 @@ def lm_examples(n, seed=0):
         ids = torch.randint(1, VOCAB, (T,), generator=g)
         length = T if i == 0 else int(torch.randint(3, T + 1, (1,), generator=g))
         mask = (torch.arange(T) < length).long()
-        rows.append({"input_ids": ids * mask, "attention_mask": mask,
-                     "labels": torch.where(mask.bool(), ids, torch.full_like(ids, -100))})
+        rows.append(
+            {
+                "input_ids": ids * mask,
+                "attention_mask": mask,
+                "labels": torch.where(mask.bool(), ids, torch.full_like(ids, -100)),
+            }
+        )
     return rows
 
 
@@ -32,14 +37,17 @@ def summed_token_loss(out, labels):
     """L_i = Σ_t ℓ_it, HF's next-token loss of one example, summed over its counted tokens (written out here,
     not persample's causal_lm_loss)."""
     logits = out.logits[:, :-1]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="sum")
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
 
 
 def oracle_noise_scale(model, examples):
     """B_simple of the summed next-token losses, from the float64 loop of autograd (formula written out)."""
-    inputs = {"input_ids": torch.stack([e["input_ids"] for e in examples]),
-              "attention_mask": torch.stack([e["attention_mask"] for e in examples])}
+    inputs = {
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "attention_mask": torch.stack([e["attention_mask"] for e in examples]),
+    }
     labels = torch.stack([e["labels"] for e in examples])
     grads, _ = oracle_grads(model.double(), summed_token_loss, inputs, labels)
     return SimpleNamespace(**noise_scale(grads, len(examples)), grads=grads)
@@ -51,14 +59,26 @@ def oracle_noise_scale(model, examples):
 def _hf_train(model, examples, tmp_path, *, tracked, steps, accumulation, bf16=False, **kwargs):
     transformers = pytest.importorskip("transformers")
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=B // accumulation,
-        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-2, max_grad_norm=0.5,
-        logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, seed=0, dataloader_drop_last=True,
-        bf16=bf16, disable_tqdm=True)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=B // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=1e-2,
+        max_grad_norm=0.5,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+        bf16=bf16,
+        disable_tqdm=True,
+    )
     trainer = transformers.Trainer(model=model, args=args, train_dataset=examples)
     callback = None
     if tracked:
         from persample.integrations.transformers import track
+
         callback = track(trainer, **kwargs)
     trainer.train()
     return trainer, callback
@@ -70,10 +90,17 @@ def test_hf_trainer_trains_identically_and_logs_the_oracles_noise_scale(tmp_path
     model = gpt2_tiny().double().train()
     examples = lm_examples(B)
     oracle = oracle_noise_scale(copy.deepcopy(model), examples)
-    _, _ = _hf_train(plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=1,
-                     accumulation=accumulation)
-    trainer, callback = _hf_train(tracked := copy.deepcopy(model), examples, tmp_path / "tracked", tracked=True,
-                                  steps=1, accumulation=accumulation)
+    _, _ = _hf_train(
+        plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=1, accumulation=accumulation
+    )
+    trainer, callback = _hf_train(
+        tracked := copy.deepcopy(model),
+        examples,
+        tmp_path / "tracked",
+        tracked=True,
+        steps=1,
+        accumulation=accumulation,
+    )
     for (name, a), b in zip(plain.named_parameters(), tracked.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # observe never touches p.grad
     logged = [h for h in trainer.state.log_history if "persample/b_simple" in h]
@@ -96,10 +123,19 @@ def test_hf_trainer_several_steps_bf16_and_every(tmp_path):
     torch.manual_seed(0)
     model = gpt2_tiny().train()
     examples = lm_examples(3 * B, seed=1)
-    _hf_train(plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=3,
-              accumulation=2, bf16=True)
-    trainer, callback = _hf_train(tracked := copy.deepcopy(model), examples, tmp_path / "tracked", tracked=True,
-                                  steps=3, accumulation=2, bf16=True, every=2)
+    _hf_train(
+        plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=3, accumulation=2, bf16=True
+    )
+    trainer, callback = _hf_train(
+        tracked := copy.deepcopy(model),
+        examples,
+        tmp_path / "tracked",
+        tracked=True,
+        steps=3,
+        accumulation=2,
+        bf16=True,
+        every=2,
+    )
     for (name, a), b in zip(plain.named_parameters(), tracked.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0, msg=name)  # observe never touches p.grad
     steps = [h["step"] for h in trainer.state.log_history if "persample/b_simple" in h]
@@ -114,10 +150,13 @@ def test_hf_trainer_bf16_accumulation_statistics_are_the_oracles_to_bf16_roundin
     torch.manual_seed(0)
     model = gpt2_tiny().train()
     examples = lm_examples(B, seed=1)
-    inputs = {"input_ids": torch.stack([e["input_ids"] for e in examples]),
-              "attention_mask": torch.stack([e["attention_mask"] for e in examples])}
-    grads, _ = oracle_grads(copy.deepcopy(model).double(), summed_token_loss, inputs,
-                            torch.stack([e["labels"] for e in examples]))
+    inputs = {
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+        "attention_mask": torch.stack([e["attention_mask"] for e in examples]),
+    }
+    grads, _ = oracle_grads(
+        copy.deepcopy(model).double(), summed_token_loss, inputs, torch.stack([e["labels"] for e in examples])
+    )
     oracle = noise_scale(grads, B)
     trainer, callback = _hf_train(model, examples, tmp_path, tracked=True, steps=1, accumulation=2, bf16=True)
     stats = callback.last_stats
@@ -133,12 +172,15 @@ def test_hf_trainer_bf16_accumulation_statistics_are_the_oracles_to_bf16_roundin
 
 def test_hf_track_needs_a_loss_for_models_that_are_not_causal_lms(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                     intermediate_size=16, num_labels=3)
+    config = transformers.BertConfig(
+        vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=3
+    )
     model = transformers.BertForSequenceClassification(config)
-    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(
-        output_dir=str(tmp_path), report_to=[], use_cpu=True))
+    trainer = transformers.Trainer(
+        model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    )
     from persample.integrations.transformers import track
+
     with pytest.raises(ValueError, match="pass loss_fn="):
         track(trainer)
 
@@ -174,11 +216,22 @@ def _lightning_fit(module, data, *, tracked, accumulation=1, precision="64-true"
     callbacks = []
     if tracked:
         from persample.integrations.lightning import PersampleCallback
+
         callbacks.append(PersampleCallback(F.cross_entropy, **kwargs))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data), batch_size=batch_size)
-    trainer = L.Trainer(max_epochs=1, accumulate_grad_batches=accumulation, precision=precision,
-                        gradient_clip_val=0.5, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer = L.Trainer(
+        max_epochs=1,
+        accumulate_grad_batches=accumulation,
+        precision=precision,
+        gradient_clip_val=0.5,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.fit(module, loader)
     return trainer, (callbacks[0] if callbacks else None)
 
@@ -188,7 +241,7 @@ def test_lightning_trains_identically_and_its_statistics_are_the_oracles(accumul
     g = torch.Generator().manual_seed(0)
     data = (torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g))
     start = _lightning_module().double()
-    first = data[0][:4 * accumulation], data[1][:4 * accumulation]
+    first = data[0][: 4 * accumulation], data[1][: 4 * accumulation]
     grads, _ = oracle_grads(copy.deepcopy(start.net), F.cross_entropy, *first)
     plain = copy.deepcopy(start)
     _lightning_fit(plain, data, tracked=False, accumulation=accumulation)
@@ -218,7 +271,9 @@ def test_lightning_bf16_mixed_with_accumulation_trains_identically():
     assert len(callback.diagnostics.rows) == 2 and callback.last_stats.n == 8
     assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())
     # the first step's merged statistics (8 examples, two micro-batches) against the float64 oracle
-    torch.testing.assert_close(callback.diagnostics.rows[0]["b_simple"], oracle["b_simple"], rtol=BF16_NOISE_RTOL,
-                               atol=0)
-    torch.testing.assert_close(callback.diagnostics.rows[0]["trace_cov"], oracle["trace_cov"],
-                               rtol=BF16_NOISE_RTOL, atol=0)
+    torch.testing.assert_close(
+        callback.diagnostics.rows[0]["b_simple"], oracle["b_simple"], rtol=BF16_NOISE_RTOL, atol=0
+    )
+    torch.testing.assert_close(
+        callback.diagnostics.rows[0]["trace_cov"], oracle["trace_cov"], rtol=BF16_NOISE_RTOL, atol=0
+    )

@@ -30,8 +30,10 @@ def _same_parameters(a, b, exact=True):
 def _rewrite_gradient_hook(model):
     """A forward hook whose gradient hook rewrites the batch's gradient (clamps it): the observed backward
     cannot be split per example, so observe refuses (the vmap and loop engines apply it per example)."""
+
     def hook(module, args, output):
         output.register_hook(lambda g: g.clamp(-1e-2, 1e-2))
+
     return model.transformer.ln_f.register_forward_hook(hook)
 
 
@@ -49,8 +51,9 @@ def test_hf_refused_statistics_skip_the_step_and_training_is_unchanged(tmp_path)
     examples = lm_examples(2 * B)
     _hf_train(plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=2, accumulation=1)
     with pytest.warns(persample.SkippedStatisticsWarning, match="gradient hook") as record:
-        trainer, callback = _hf_train(tracked := copy.deepcopy(model), examples, tmp_path / "tracked",
-                                      tracked=True, steps=2, accumulation=1)
+        trainer, callback = _hf_train(
+            tracked := copy.deepcopy(model), examples, tmp_path / "tracked", tracked=True, steps=2, accumulation=1
+        )
     assert sum(issubclass(w.category, persample.SkippedStatisticsWarning) for w in record) == 1  # once
     _same_parameters(plain, tracked)
     logged = _logged(trainer)
@@ -69,8 +72,15 @@ def test_hf_refused_statistics_fall_back_to_the_exact_engines(tmp_path):
     _rewrite_gradient_hook(model)
     _hf_train(plain := copy.deepcopy(model), examples, tmp_path / "plain", tracked=False, steps=1, accumulation=1)
     with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines"):
-        trainer, callback = _hf_train(tracked := copy.deepcopy(model), examples, tmp_path / "tracked",
-                                      tracked=True, steps=1, accumulation=1, on_refusal="fallback")
+        trainer, callback = _hf_train(
+            tracked := copy.deepcopy(model),
+            examples,
+            tmp_path / "tracked",
+            tracked=True,
+            steps=1,
+            accumulation=1,
+            on_refusal="fallback",
+        )
     _same_parameters(plain, tracked)
     logged = _logged(trainer)
     assert len(logged) == 1 and logged[0][SKIPPED] == 0
@@ -87,11 +97,13 @@ def test_hf_on_refusal_raise_raises_after_the_backward(tmp_path):
 
 def test_tracker_on_refusal_options():
     from torch import nn
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
 
     def double_gradient(module, args, output):
         output.register_hook(lambda g: g * 2)
+
     model[1].register_forward_hook(double_gradient)
     x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
     loss = nn.functional.cross_entropy
@@ -141,16 +153,26 @@ def test_tracker_on_refusal_options():
 
 def llama_tiny():
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-                                      bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config).eval()
 
 
 def lora(model, targets, dropout=0.0, **kwargs):
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets, lora_dropout=dropout,
-                             task_type="CAUSAL_LM", **kwargs)
+    config = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=targets, lora_dropout=dropout, task_type="CAUSAL_LM", **kwargs
+    )
     torch.manual_seed(1)
     model = peft.get_peft_model(model, config)
     for name, p in model.named_parameters():  # LoRA's B starts at 0: make every adapter gradient non-trivial
@@ -159,21 +181,36 @@ def lora(model, targets, dropout=0.0, **kwargs):
     return model
 
 
-def hf_run(model, examples, tmp_path, *, tracked, steps=1, accumulation=1, eval_steps=None, track_kwargs=None,
-           **args_kwargs):
+def hf_run(
+    model, examples, tmp_path, *, tracked, steps=1, accumulation=1, eval_steps=None, track_kwargs=None, **args_kwargs
+):
     transformers = pytest.importorskip("transformers")
     evaluation = dict(eval_strategy="steps", eval_steps=eval_steps) if eval_steps else {}
     args_kwargs.setdefault("save_strategy", "no")
     args = transformers.TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=B // accumulation,
-        gradient_accumulation_steps=accumulation, max_steps=steps, learning_rate=1e-2, max_grad_norm=0.5,
-        logging_steps=1, report_to=[], use_cpu=True, seed=0, dataloader_drop_last=True,
-        disable_tqdm=True, per_device_eval_batch_size=B, **evaluation, **args_kwargs)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=examples,
-                                   eval_dataset=examples[:B] if eval_steps else None)
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=B // accumulation,
+        gradient_accumulation_steps=accumulation,
+        max_steps=steps,
+        learning_rate=1e-2,
+        max_grad_norm=0.5,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        per_device_eval_batch_size=B,
+        **evaluation,
+        **args_kwargs,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=examples, eval_dataset=examples[:B] if eval_steps else None
+    )
     callback = None
     if tracked:
         from persample.integrations.transformers import track
+
         callback = track(trainer, **(track_kwargs or {}))
     trainer.train()
     return trainer, callback
@@ -185,8 +222,9 @@ def run_cell(model, examples, tmp_path, *, steps=1, exact=True, track_kwargs=Non
     counter that explains their absence."""
     plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
     hf_run(plain, examples, tmp_path / "plain", tracked=False, steps=steps, **kwargs)
-    trainer, callback = hf_run(tracked, examples, tmp_path / "tracked", tracked=True, steps=steps,
-                               track_kwargs=track_kwargs, **kwargs)
+    trainer, callback = hf_run(
+        tracked, examples, tmp_path / "tracked", tracked=True, steps=steps, track_kwargs=track_kwargs, **kwargs
+    )
     _same_parameters(plain, tracked, exact=exact)
     logged = _logged(trainer)
     assert len(logged) == steps
@@ -217,8 +255,14 @@ def test_hf_reentrant_gradient_checkpointing_is_skipped_naming_the_fix(tmp_path)
     model = gpt2_tiny().double().train()
     examples = lm_examples(2 * B)
     with pytest.warns(persample.SkippedStatisticsWarning, match="gradient checkpointing") as record:
-        _, callback, logged = run_cell(model, examples, tmp_path, steps=2, gradient_checkpointing=True,
-                                       gradient_checkpointing_kwargs={"use_reentrant": True})
+        _, callback, logged = run_cell(
+            model,
+            examples,
+            tmp_path,
+            steps=2,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+        )
     message = str([w for w in record if issubclass(w.category, persample.SkippedStatisticsWarning)][0].message)
     assert "gradient_checkpointing_kwargs={'use_reentrant': False}" in message
     assert [row[SKIPPED] for row in logged] == [1, 2]
@@ -232,9 +276,14 @@ def test_hf_reentrant_gradient_checkpointing_fallback_is_exact(tmp_path):
     examples = lm_examples(B)
     oracle = oracle_noise_scale(copy.deepcopy(model), examples)
     with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines instead"):
-        _, callback, logged = run_cell(model, examples, tmp_path, gradient_checkpointing=True,
-                                       gradient_checkpointing_kwargs={"use_reentrant": True},
-                                       track_kwargs=dict(on_refusal="fallback"))
+        _, callback, logged = run_cell(
+            model,
+            examples,
+            tmp_path,
+            gradient_checkpointing=True,
+            gradient_checkpointing_kwargs={"use_reentrant": True},
+            track_kwargs=dict(on_refusal="fallback"),
+        )
     assert logged[0][SKIPPED] == 0 and callback.tracker.skipped == []
     torch.testing.assert_close(logged[0][KEY], oracle.b_simple, rtol=1e-9, atol=0)
 
@@ -265,16 +314,18 @@ def test_hf_peft_lora_with_gradient_checkpointing_accumulation_and_evaluation(tm
     torch.manual_seed(0)
     model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
     examples = lm_examples(3 * B, seed=2)
-    _, callback, logged = run_cell(model, examples, tmp_path, steps=3, accumulation=2, eval_steps=1,
-                                   gradient_checkpointing=True)
+    _, callback, logged = run_cell(
+        model, examples, tmp_path, steps=3, accumulation=2, eval_steps=1, gradient_checkpointing=True
+    )
     assert [row[SKIPPED] for row in logged] == [0, 0, 0] and callback.last_stats.n == B
 
 
 def test_hf_bf16_gradient_checkpointing_lora(tmp_path):
     torch.manual_seed(0)
     model = lora(gpt2_tiny(), ["c_attn"], fan_in_fan_out=True).train()
-    _, callback, logged = run_cell(model, lm_examples(2 * B, seed=3), tmp_path, steps=2, exact=False, bf16=True,
-                                   gradient_checkpointing=True)
+    _, callback, logged = run_cell(
+        model, lm_examples(2 * B, seed=3), tmp_path, steps=2, exact=False, bf16=True, gradient_checkpointing=True
+    )
     assert [row[SKIPPED] for row in logged] == [0, 0]
     assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())
 
@@ -294,6 +345,7 @@ def test_lora_dropout_statistics_describe_the_forwards_own_masks():
 
     def record(module, args, output):
         masks[module] = torch.where(args[0] != 0, output / args[0], torch.zeros_like(output)).detach()
+
     handles = [m.register_forward_hook(record) for m in dropouts]
     loss_fn = persample.causal_lm_loss()
     tracker = persample.Tracker(model, loss_fn)
@@ -304,10 +356,16 @@ def test_lora_dropout_statistics_describe_the_forwards_own_masks():
     assert observed.stats is not None
     # the plain backward with the same masks gives the same p.grad
     example = {}
-    replays = [m.register_forward_hook(lambda m, a, o: a[0] * masks[m][example.get("i", slice(None))])
-               for m in [dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks]]
-    plain_masks = dict(zip([dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks],
-                           [masks[mm] for n, mm in model.named_modules() if mm in masks]))
+    replays = [
+        m.register_forward_hook(lambda m, a, o: a[0] * masks[m][example.get("i", slice(None))])
+        for m in [dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks]
+    ]
+    plain_masks = dict(
+        zip(
+            [dict(plain.named_modules())[n] for n, mm in model.named_modules() if mm in masks],
+            [masks[mm] for n, mm in model.named_modules() if mm in masks],
+        )
+    )
     masks.update(plain_masks)
     loss_fn(plain(**inputs), labels).backward()
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
@@ -316,8 +374,8 @@ def test_lora_dropout_statistics_describe_the_forwards_own_masks():
     per_example = {n: [] for n, p in plain.named_parameters() if p.requires_grad}
     for i in range(B):
         example["i"] = slice(i, i + 1)
-        out = plain(**{k: v[i:i + 1] for k, v in inputs.items()})
-        loss = loss_fn.per_example(out, labels[i:i + 1])
+        out = plain(**{k: v[i : i + 1] for k, v in inputs.items()})
+        loss = loss_fn.per_example(out, labels[i : i + 1])
         grads = torch.autograd.grad(loss, [p for p in plain.parameters() if p.requires_grad])
         for n, g in zip(per_example, grads):
             per_example[n].append(g)
@@ -352,12 +410,14 @@ class _HiddenAndLogits(torch.nn.Module):
 
 def test_observe_output_that_carries_an_intermediate_tensor_is_exact():
     import torch.nn.functional as F
+
     torch.manual_seed(0)
     model = _HiddenAndLogits().double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
 
     def loss(out, t):
         return F.cross_entropy(out["logits"], t)
+
     expected = persample.grad_stats(model, loss, x, y, engine="loop")
     tracker = persample.Tracker(model, loss)
     with tracker.observe(y) as observed:
@@ -410,17 +470,28 @@ def _lm_module(model):
     return LM()
 
 
-def lightning_run(module, examples, *, tracked, steps, accumulation=1, precision="64-true", validate=False,
-                  **kwargs):
+def lightning_run(module, examples, *, tracked, steps, accumulation=1, precision="64-true", validate=False, **kwargs):
     L = pytest.importorskip("lightning")
     from persample.integrations.lightning import PersampleCallback
+
     callbacks = [PersampleCallback(persample.causal_lm_loss().per_example, **kwargs)] if tracked else []
     loader = torch.utils.data.DataLoader(examples, batch_size=B // accumulation)
-    trainer = L.Trainer(max_steps=steps, accumulate_grad_batches=accumulation, precision=precision,
-                        gradient_clip_val=0.5, callbacks=callbacks, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                        limit_val_batches=1 if validate else 0, val_check_interval=1 if validate else None,
-                        num_sanity_val_steps=0)
+    trainer = L.Trainer(
+        max_steps=steps,
+        accumulate_grad_batches=accumulation,
+        precision=precision,
+        gradient_clip_val=0.5,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        limit_val_batches=1 if validate else 0,
+        val_check_interval=1 if validate else None,
+        num_sanity_val_steps=0,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging).*")
         trainer.fit(module, loader, loader if validate else None)
@@ -533,12 +604,23 @@ def test_hf_resume_from_a_checkpoint(tmp_path):
     for tracked in (False, True):
         m = copy.deepcopy(model)
         args = transformers.TrainingArguments(
-            output_dir=str(tmp_path / f"resumed{tracked}"), per_device_train_batch_size=B, max_steps=3,
-            learning_rate=1e-2, max_grad_norm=0.5, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-            seed=0, dataloader_drop_last=True, disable_tqdm=True)
+            output_dir=str(tmp_path / f"resumed{tracked}"),
+            per_device_train_batch_size=B,
+            max_steps=3,
+            learning_rate=1e-2,
+            max_grad_norm=0.5,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            seed=0,
+            dataloader_drop_last=True,
+            disable_tqdm=True,
+        )
         trainer = transformers.Trainer(model=m, args=args, train_dataset=examples)
         if tracked:
             from persample.integrations.transformers import track
+
             track(trainer)
         trainer.train(resume_from_checkpoint=checkpoint)
         runs[tracked] = (m, trainer)
@@ -572,6 +654,7 @@ def test_lightning_resume_from_a_checkpoint(tmp_path):
     on the resumed steps."""
     L = pytest.importorskip("lightning")
     from persample.integrations.lightning import PersampleCallback
+
     torch.manual_seed(0)
     model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
     examples = lm_examples(3 * B, seed=7)
@@ -580,15 +663,29 @@ def test_lightning_resume_from_a_checkpoint(tmp_path):
     def fit(module, steps, tracked=False, ckpt_path=None, save=False):
         callbacks = [PersampleCallback(persample.causal_lm_loss().per_example)] if tracked else []
         if save:
-            callbacks.append(L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1,
-                                                                 save_top_k=-1, filename="{step}"))
-        trainer = L.Trainer(max_steps=steps, callbacks=callbacks, logger=False, enable_checkpointing=save,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
-                            precision="64-true", num_sanity_val_steps=0, limit_val_batches=0)
+            callbacks.append(
+                L.pytorch.callbacks.ModelCheckpoint(
+                    dirpath=tmp_path, every_n_train_steps=1, save_top_k=-1, filename="{step}"
+                )
+            )
+        trainer = L.Trainer(
+            max_steps=steps,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=save,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+            precision="64-true",
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+        )
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging).*")
             trainer.fit(module, torch.utils.data.DataLoader(examples, batch_size=B), ckpt_path=ckpt_path)
         return callbacks[0] if tracked else None
+
     fit(copy.deepcopy(start), 3, save=True)
     checkpoint = str(tmp_path / "step=1.ckpt")
     plain, tracked = copy.deepcopy(start), copy.deepcopy(start)
@@ -619,6 +716,7 @@ class _FrozenBaseAdapter(torch.nn.Module):
 
 def test_observe_adapter_on_frozen_activations_is_exact_when_T_equals_B():
     import torch.nn.functional as F
+
     torch.manual_seed(0)
     model = _FrozenBaseAdapter().double()
     ids, y = torch.randint(0, 11, (6, 6)), torch.randint(0, 3, (6,))  # T == B

@@ -47,14 +47,16 @@ def test_missing_options_asked_for_warn_once_and_give_nan():
         _tracked_run(diag, steps=3, inner_products=False, var=False)
     assert len([w for w in record if "persample diagnostics" in str(w.message)]) == 1
     assert "var=True" in str(record[0].message)
-    assert all(math.isnan(r["inner_test"]) and math.isnan(r["gsnr_mean"]) and math.isnan(r["b_precond"])
-               for r in diag.rows)
+    assert all(
+        math.isnan(r["inner_test"]) and math.isnan(r["gsnr_mean"]) and math.isnan(r["b_precond"]) for r in diag.rows
+    )
     assert all(math.isfinite(r["norm_test"]) for r in diag.rows)
-    assert all("ortho_test" not in r for r in diag.rows)          # not asked: not computed
+    assert all("ortho_test" not in r for r in diag.rows)  # not asked: not computed
 
 
 def test_diagnostics_warns_about_nothing_it_was_not_asked_for():
     import warnings
+
     for diag in (Diagnostics(), Diagnostics(tests=("norm",))):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -73,7 +75,7 @@ def test_csv_logger_round_trip(tmp_path):
     for got, want in zip(rows, diag.rows):
         assert got.keys() == want.keys()
         for k, v in want.items():
-            assert got[k] == v or (math.isnan(got[k]) and math.isnan(v)), k   # repr keeps every digit
+            assert got[k] == v or (math.isnan(got[k]) and math.isnan(v)), k  # repr keeps every digit
     assert isinstance(rows[0]["step"], int)
     with open(path, newline="") as f:
         header = next(csv.reader(f))
@@ -89,8 +91,7 @@ def test_csv_logger_widens_its_header(tmp_path):
     log.close()
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows == [["step", "a", "b", "note"], ["0", "1.5", "", ""], ["1", "nan", "inf", ""],
-                    ["2", "", "-2.0", "x"]]
+    assert rows == [["step", "a", "b", "note"], ["0", "1.5", "", ""], ["1", "nan", "inf", ""], ["2", "", "-2.0", "x"]]
     back = read_metrics(path)
     assert back[1]["b"] == math.inf and math.isnan(back[0]["b"]) and back[2]["note"] == "x"
     with pytest.raises(ValueError, match="closed"):
@@ -140,11 +141,17 @@ def test_tensorboard_logger_writes_events(tmp_path):
     events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     acc = EventAccumulator(str(tmp_path / "tb"))
     acc.Reload()
     tags = acc.Tags()["scalars"]
-    assert {"persample/b_simple_examples", "persample/b_simple_ema_examples", "persample/norm_test",
-            "persample/layer/0/b_simple_examples", "persample/example_loss_mean"} <= set(tags)
+    assert {
+        "persample/b_simple_examples",
+        "persample/b_simple_ema_examples",
+        "persample/norm_test",
+        "persample/layer/0/b_simple_examples",
+        "persample/example_loss_mean",
+    } <= set(tags)
     assert all(t.startswith("persample/") for t in tags) and "persample/loss" not in tags
     values = acc.Scalars("persample/b_simple_examples")
     assert [v.step for v in values] == [0, 1]

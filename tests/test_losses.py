@@ -12,7 +12,7 @@ WEIGHTS = torch.rand(5, dtype=torch.float64) + 0.1
 
 
 def _by_loop(loss_fn, output, target):
-    return torch.stack([loss_fn(output[i:i + 1], target[i:i + 1]) for i in range(output.shape[0])])
+    return torch.stack([loss_fn(output[i : i + 1], target[i : i + 1]) for i in range(output.shape[0])])
 
 
 def _class_target(shape, ignore=False):
@@ -32,8 +32,13 @@ CASES = [
     ("l1_fn", F.l1_loss, (6, 4), None, False),
     ("bce_pos_weight", nn.BCEWithLogitsLoss(pos_weight=torch.rand(4, dtype=torch.float64)), (6, 4), None, False),
     ("ce_wrapper", lambda o, t: F.cross_entropy(o, t), (6, 5), (6,), False),
-    ("module_in_wrapper_reading_shapes", lambda o, t: nn.MSELoss()(o, t) if o.shape == t.shape else None,
-     (6, 3), None, False),
+    (
+        "module_in_wrapper_reading_shapes",
+        lambda o, t: nn.MSELoss()(o, t) if o.shape == t.shape else None,
+        (6, 3),
+        None,
+        False,
+    ),
 ]
 
 
@@ -66,20 +71,23 @@ def _raises_on_batches(o, t):
     return F.cross_entropy(o, t)
 
 
-@pytest.mark.parametrize("loss_fn, output, target", [
-    (lambda o, t: 2 * F.cross_entropy(o, t), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # result changed
-    (lambda o, t: F.cross_entropy(o, t) + o.square().mean(), torch.randn(3, 4), torch.randint(0, 4, (3,))),
-    (lambda o, t: F.cross_entropy(o.log_softmax(1), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
-    (lambda o, t: F.cross_entropy(o[:, :2], t), torch.randn(3, 4), torch.randint(0, 2, (3,))),  # sliced output
-    (lambda o, t: F.cross_entropy(o, t.clone()), torch.randn(3, 4), torch.randint(0, 4, (3,))),
-    (lambda o, t: F.cross_entropy(torch.randn(3, 4), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
-    (_raises_on_batches, torch.randn(3, 4), torch.randint(0, 4, (3,))),
-    (F.cross_entropy, torch.randn(3, 4), None),                                              # no targets
-    (nn.CrossEntropyLoss(reduction="sum"), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # other reduction
-    (nn.MSELoss(), torch.randn(3, 4), torch.randn(3, 1)),                                   # broadcasting
-    (F.cross_entropy, torch.randn(3, 4), torch.rand(3, 4)),                                 # probability targets
-    (nn.BCEWithLogitsLoss(weight=torch.rand(4)), torch.randn(3, 4), torch.rand(3, 4)),      # element weights
-])
+@pytest.mark.parametrize(
+    "loss_fn, output, target",
+    [
+        (lambda o, t: 2 * F.cross_entropy(o, t), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # result changed
+        (lambda o, t: F.cross_entropy(o, t) + o.square().mean(), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+        (lambda o, t: F.cross_entropy(o.log_softmax(1), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+        (lambda o, t: F.cross_entropy(o[:, :2], t), torch.randn(3, 4), torch.randint(0, 2, (3,))),  # sliced output
+        (lambda o, t: F.cross_entropy(o, t.clone()), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+        (lambda o, t: F.cross_entropy(torch.randn(3, 4), t), torch.randn(3, 4), torch.randint(0, 4, (3,))),
+        (_raises_on_batches, torch.randn(3, 4), torch.randint(0, 4, (3,))),
+        (F.cross_entropy, torch.randn(3, 4), None),  # no targets
+        (nn.CrossEntropyLoss(reduction="sum"), torch.randn(3, 4), torch.randint(0, 4, (3,))),  # other reduction
+        (nn.MSELoss(), torch.randn(3, 4), torch.randn(3, 1)),  # broadcasting
+        (F.cross_entropy, torch.randn(3, 4), torch.rand(3, 4)),  # probability targets
+        (nn.BCEWithLogitsLoss(weight=torch.rand(4)), torch.randn(3, 4), torch.rand(3, 4)),  # element weights
+    ],
+)
 def test_no_closed_form_falls_back(loss_fn, output, target):
     assert closed_form_losses(loss_fn, output, target) is None
 
@@ -111,17 +119,21 @@ def test_a_loss_vmap_cannot_run_is_not_exact_and_auto_falls_back(name):
     model = nn.Linear(6, 6).double()
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
     if name == "gaussian_nll":
+
         def loss_fn(o, t):
             return F.gaussian_nll_loss(o[:, :3], t, F.softplus(o[:, 3:]) + 0.1)
     else:
+
         def loss_fn(o, t):
             return torch.masked_select(o[:, :3] - t, (t > 0)).pow(2).sum()
+
     with pytest.raises(persample.NotExact, match="vmap cannot evaluate loss_fn"):
         persample.grad_stats(model, loss_fn, x, y, engine="fast")
     with pytest.warns(persample.SlowPathWarning):
         auto = persample.grad_stats(model, loss_fn, x, y, engine="auto")
     from oracle_stats import oracle_stats
-    want = oracle_stats(model, loss_fn, x, y)   # the float64 loop of autograd, not persample's loop engine
+
+    want = oracle_stats(model, loss_fn, x, y)  # the float64 loop of autograd, not persample's loop engine
     for k in want["mean"]:
         torch.testing.assert_close(auto.mean[k], want["mean"][k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(auto.var[k], want["var"][k], rtol=1e-9, atol=1e-12)

@@ -13,8 +13,9 @@ from persample import GradStats, Tracker, noise
 from zoo import CASE_IDS, CASES, oracle_grads
 
 RTOL = 1e-9
-NOISE_CASES = [CASES[CASE_IDS.index(n)] for n in
-               ("mlp", "cnn_groupnorm_pool", "raw_parameters", "tied_weights", "two_inputs")]
+NOISE_CASES = [
+    CASES[CASE_IDS.index(n)] for n in ("mlp", "cnn_groupnorm_pool", "raw_parameters", "tied_weights", "two_inputs")
+]
 
 
 def flat(grads):
@@ -28,15 +29,20 @@ def reference_values(G):
     gbar = G.mean(0)
     mean_sq = gbar.pow(2).sum()
     sq = G.pow(2).sum(1)
-    trace = G.var(0, unbiased=True).sum()                      # Σ_j Var_unbiased(g_ij)
+    trace = G.var(0, unbiased=True).sum()  # Σ_j Var_unbiased(g_ij)
     grad_sq = (B * mean_sq - sq.mean()) / (B - 1)
     p = G @ gbar
-    ortho = G - (p / mean_sq)[:, None] * gbar                   # components orthogonal to ḡ
+    ortho = G - (p / mean_sq)[:, None] * gbar  # components orthogonal to ḡ
     return dict(
-        B=B, mean_sq=mean_sq.item(), grad_sq=grad_sq.item(), trace=trace.item(),
+        B=B,
+        mean_sq=mean_sq.item(),
+        grad_sq=grad_sq.item(),
+        trace=trace.item(),
         b_simple=(trace / grad_sq).item(),
-        norm=math.sqrt(trace / (B * mean_sq)), norm_var=trace.item(),
-        inner=math.sqrt(p.var(unbiased=True) / (B * mean_sq ** 2)), inner_var=p.var(unbiased=True).item(),
+        norm=math.sqrt(trace / (B * mean_sq)),
+        norm_var=trace.item(),
+        inner=math.sqrt(p.var(unbiased=True) / (B * mean_sq**2)),
+        inner_var=p.var(unbiased=True).item(),
         ortho=math.sqrt(ortho.pow(2).sum() / (B - 1) / (B * mean_sq)),
         ortho_var=(ortho.pow(2).sum() / (B - 1)).item(),
         diversity=(sq.sum() / G.sum(0).pow(2).sum()).item(),
@@ -60,19 +66,27 @@ def case_stats(request):
 def test_every_function_matches_its_formula(case_stats, chunk_size):
     grads, stats = case_stats
     if chunk_size is not None:  # streamed in several chunks, inner products in a second pass
-        stats = GradStats.merge_all([
-            GradStats.from_per_example({k: g[s:s + chunk_size] for k, g in grads.items()},
-                                       torch.zeros(len(range(s, min(s + chunk_size, 6)))),
-                                       reference=stats.reference)
-            for s in range(0, 6, chunk_size)])
+        stats = GradStats.merge_all(
+            [
+                GradStats.from_per_example(
+                    {k: g[s : s + chunk_size] for k, g in grads.items()},
+                    torch.zeros(len(range(s, min(s + chunk_size, 6)))),
+                    reference=stats.reference,
+                )
+                for s in range(0, 6, chunk_size)
+            ]
+        )
     ref = reference_values(flat(grads))
     est = noise.gradient_noise_scale(stats)
     close(est.grad_sq, ref["grad_sq"])
     close(est.trace_cov, ref["trace"])
     close(est.b_simple, ref["b_simple"])
     close(est.mean_sq_norm, ref["mean_sq"])
-    for test, key, thr in ((noise.norm_test, "norm", 0.9), (noise.inner_product_test, "inner", 0.9),
-                           (noise.orthogonality_test, "ortho", 5.84)):
+    for test, key, thr in (
+        (noise.norm_test, "norm", 0.9),
+        (noise.inner_product_test, "inner", 0.9),
+        (noise.orthogonality_test, "ortho", 5.84),
+    ):
         result = test(stats)
         close(result.statistic, ref[key])
         close(result.variance, ref[f"{key}_var"])
@@ -125,8 +139,12 @@ def test_per_layer_groups_by_module_prefix(case_stats):
 
 def test_group_by_layer_names():
     names = ["encoder.layer.0.attn.weight", "encoder.layer.0.attn.bias", "scale", "head.weight", "w"]
-    assert noise.group_by_layer(names) == {"encoder.layer.0.attn": names[:2], "scale": ["scale"],
-                                           "head": ["head.weight"], "w": ["w"]}
+    assert noise.group_by_layer(names) == {
+        "encoder.layer.0.attn": names[:2],
+        "scale": ["scale"],
+        "head": ["head.weight"],
+        "w": ["w"],
+    }
 
 
 def test_diagnostics_row_agrees_with_the_functions(case_stats):
@@ -139,8 +157,7 @@ def test_diagnostics_row_agrees_with_the_functions(case_stats):
     assert row["inner_test_batch"] == noise.inner_product_test(stats).suggested_batch_size
     assert row["ortho_test_threshold"] == noise.DEFAULT_ORTHO_THRESHOLD
     close(row["grad_norm"], math.sqrt(est.mean_sq_norm))
-    close(row["norm_p50"], stats.norms.median().item() if stats.n % 2 else
-          torch.quantile(stats.norms, 0.5).item())
+    close(row["norm_p50"], stats.norms.median().item() if stats.n % 2 else torch.quantile(stats.norms, 0.5).item())
     for layer, s in noise.layer_noise_scale(stats).items():
         assert row[f"layer/{layer}/b_simple"] == s.b_simple
     assert all(isinstance(v, float) for v in row.values())
@@ -179,18 +196,23 @@ def test_unbiased_monte_carlo_and_plug_in_is_biased():
     grads, losses, true_grad_sq, true_trace = _population()
     gen = torch.Generator().manual_seed(0)
     B, draws = 8, 10000
-    rows = [noise.gradient_noise_scale(_stats_of(grads, losses, torch.randint(0, 10, (B,), generator=gen)))
-            for _ in range(draws)]
+    rows = [
+        noise.gradient_noise_scale(_stats_of(grads, losses, torch.randint(0, 10, (B,), generator=gen)))
+        for _ in range(draws)
+    ]
 
     def mean_and_se(values):
         t = torch.tensor(values, dtype=torch.float64)
         return t.mean().item(), t.std().item() / math.sqrt(len(values))
+
     g_mean, g_se = mean_and_se([r.grad_sq for r in rows])
     t_mean, t_se = mean_and_se([r.trace_cov for r in rows])
     p_mean, p_se = mean_and_se([r.mean_sq_norm for r in rows])
-    print(f"\n|G|^2: true {true_grad_sq:.5f}, mean of {draws} estimates {g_mean:.5f} ± {g_se:.5f}"
-          f"\ntr S : true {true_trace:.5f}, mean of {draws} estimates {t_mean:.5f} ± {t_se:.5f}"
-          f"\nplug-in |gbar|^2: {p_mean:.5f} ± {p_se:.5f} (expected bias tr S/B = {true_trace / B:.5f})")
+    print(
+        f"\n|G|^2: true {true_grad_sq:.5f}, mean of {draws} estimates {g_mean:.5f} ± {g_se:.5f}"
+        f"\ntr S : true {true_trace:.5f}, mean of {draws} estimates {t_mean:.5f} ± {t_se:.5f}"
+        f"\nplug-in |gbar|^2: {p_mean:.5f} ± {p_se:.5f} (expected bias tr S/B = {true_trace / B:.5f})"
+    )
     assert abs(g_mean - true_grad_sq) < 4 * g_se
     assert abs(t_mean - true_trace) < 4 * t_se
     # The test has the power to see a bias of tr Σ / B.
@@ -222,18 +244,18 @@ def test_ema_against_a_hand_computation():
         trace = (sq - G.pow(2).sum().item()) * B / (B - 1)
         num = beta * num + (1 - beta) * trace
         den = beta * den + (1 - beta) * grad_sq
-        corrected_num, corrected_den = num / (1 - beta ** t), den / (1 - beta ** t)
+        corrected_num, corrected_den = num / (1 - beta**t), den / (1 - beta**t)
         close(ema.trace_cov, corrected_num)
         close(ema.grad_sq, corrected_den)
         close(value, corrected_num / corrected_den)
     ratios = [noise.gradient_noise_scale(s).b_simple for s in seq]
-    assert ema.value != pytest.approx(sum(ratios) / len(ratios), rel=1e-3)   # never the mean of ratios
+    assert ema.value != pytest.approx(sum(ratios) / len(ratios), rel=1e-3)  # never the mean of ratios
 
 
 def test_ema_first_update_is_the_raw_estimate_and_beta_zero_tracks_the_last():
     seq = [_random_stats(s) for s in range(3)]
     ema = noise.NoiseScaleEMA(0.99)
-    close(ema.update(seq[0]), noise.gradient_noise_scale(seq[0]).b_simple)   # bias correction
+    close(ema.update(seq[0]), noise.gradient_noise_scale(seq[0]).b_simple)  # bias correction
     last = noise.NoiseScaleEMA(0.0)
     for s in seq:
         last.update(s)
@@ -267,9 +289,17 @@ def test_ema_as_a_tracker_hook():
 
 # --------------------------------------------------------------------- edge cases
 
-ALL_NEEDING_TWO = [noise.gradient_noise_scale, noise.gsnr, noise.mean_gsnr, noise.norm_test,
-                   noise.inner_product_test, noise.orthogonality_test, noise.layer_noise_scale,
-                   noise.layer_gsnr, noise.diagnostics]
+ALL_NEEDING_TWO = [
+    noise.gradient_noise_scale,
+    noise.gsnr,
+    noise.mean_gsnr,
+    noise.norm_test,
+    noise.inner_product_test,
+    noise.orthogonality_test,
+    noise.layer_noise_scale,
+    noise.layer_gsnr,
+    noise.diagnostics,
+]
 
 
 @pytest.mark.parametrize("fn", ALL_NEEDING_TWO, ids=lambda f: f.__name__)
@@ -309,13 +339,16 @@ def test_all_zero_gradient_gives_the_documented_nans():
 
 def test_zero_mean_with_disagreeing_examples_gives_inf():
     v = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
-    stats = GradStats.from_per_example({"w": torch.cat([v, -v])}, torch.zeros(2, dtype=torch.float64),
-                                       reference={"w": torch.zeros(3, dtype=torch.float64)})
+    stats = GradStats.from_per_example(
+        {"w": torch.cat([v, -v])},
+        torch.zeros(2, dtype=torch.float64),
+        reference={"w": torch.zeros(3, dtype=torch.float64)},
+    )
     result = noise.norm_test(stats)
     assert result.statistic == math.inf and result.suggested_batch_size == math.inf and not result.passed
     assert noise.gradient_diversity(stats) == math.inf
     est = noise.gradient_noise_scale(stats)
-    assert est.grad_sq < 0 and est.b_simple < 0      # documented: negative |G|² estimate
+    assert est.grad_sq < 0 and est.b_simple < 0  # documented: negative |G|² estimate
     assert math.isnan(noise.inner_product_test(stats).statistic)
 
 
@@ -327,8 +360,9 @@ def test_dead_elements_are_left_out_of_mean_gsnr():
     assert noise.mean_gsnr(stats) == pytest.approx(4.0)
 
 
-@pytest.mark.parametrize("field,key", [("mean", "stats.mean['w']"), ("param_sq_norms", "stats.param_sq_norms['w']"),
-                                       ("m2", "stats.m2['w']")])
+@pytest.mark.parametrize(
+    "field,key", [("mean", "stats.mean['w']"), ("param_sq_norms", "stats.param_sq_norms['w']"), ("m2", "stats.m2['w']")]
+)
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_non_finite_statistics_are_named(field, key, bad):
     torch.manual_seed(0)
@@ -336,9 +370,17 @@ def test_non_finite_statistics_are_named(field, key, bad):
     values = {k: v.clone() for k, v in getattr(stats, field).items()}
     values["w"].view(-1)[0] = bad
     broken = dataclasses.replace(stats, **{field: values})
-    fns = [noise.gsnr, noise.mean_gsnr, noise.layer_gsnr] if field == "m2" else \
-        [noise.gradient_noise_scale, noise.norm_test, noise.gradient_diversity, noise.layer_noise_scale,
-         noise.diagnostics]
+    fns = (
+        [noise.gsnr, noise.mean_gsnr, noise.layer_gsnr]
+        if field == "m2"
+        else [
+            noise.gradient_noise_scale,
+            noise.norm_test,
+            noise.gradient_diversity,
+            noise.layer_noise_scale,
+            noise.diagnostics,
+        ]
+    )
     for fn in fns:
         with pytest.raises(ValueError, match=r"non-finite values in " + key.replace("[", r"\[")):
             fn(broken)
@@ -348,8 +390,7 @@ def test_non_finite_inner_products_are_named():
     torch.manual_seed(0)
     grads = {"w": torch.randn(4, 3, dtype=torch.float64)}
     stats = GradStats.from_per_example(grads, torch.zeros(4), reference={"w": grads["w"].mean(0)})
-    broken = dataclasses.replace(stats, inner_products=torch.tensor([1.0, math.nan, 0.0, 0.0],
-                                                                    dtype=torch.float64))
+    broken = dataclasses.replace(stats, inner_products=torch.tensor([1.0, math.nan, 0.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match=r"non-finite values in stats.inner_products \(1 of 4"):
         noise.inner_product_test(broken)
 
@@ -361,7 +402,7 @@ def test_tests_without_inner_products_say_how_to_get_them():
     for test in (noise.inner_product_test, noise.orthogonality_test):
         with pytest.raises(ValueError, match=r"pass inner_products=True to persample.grad_stats"):
             test(stats)
-    noise.norm_test(stats)   # needs no inner products
+    noise.norm_test(stats)  # needs no inner products
     row = noise.diagnostics(stats)
     assert math.isnan(row["inner_test"]) and math.isnan(row["ortho_test_batch"])
     assert math.isfinite(row["norm_test"])
@@ -379,8 +420,10 @@ def test_merge_with_a_shared_reference_is_exact_and_different_references_are_ref
     # Halves relative to the whole batch's mean merge into exactly the whole batch's test.
     grads, losses = oracle_grads(model, case.loss_fn, x, y)
     ref = whole.reference
-    halves = [GradStats.from_per_example({k: g[s] for k, g in grads.items()}, losses[s], reference=ref)
-              for s in (slice(0, 3), slice(3, 6))]
+    halves = [
+        GradStats.from_per_example({k: g[s] for k, g in grads.items()}, losses[s], reference=ref)
+        for s in (slice(0, 3), slice(3, 6))
+    ]
     merged = halves[0].merge(halves[1])
     for test in (noise.inner_product_test, noise.orthogonality_test):
         close(test(merged).statistic, test(whole).statistic)
@@ -411,7 +454,7 @@ def test_bad_thresholds(threshold):
 def test_float32_statistics_are_reduced_in_float64():
     """|G|² is a difference of close numbers: float32 inputs, float64 arithmetic."""
     torch.manual_seed(0)
-    g64 = torch.randn(64, 1000, dtype=torch.float64) * 0.01 + 1.0     # large mean, small noise
+    g64 = torch.randn(64, 1000, dtype=torch.float64) * 0.01 + 1.0  # large mean, small noise
     s64 = GradStats.from_per_example({"w": g64}, torch.zeros(64, dtype=torch.float64))
     s32 = s64.to(dtype=torch.float32)
     ref = reference_values(g64)

@@ -13,7 +13,7 @@ import critical_batch  # noqa: E402
 
 
 def test_frontier_fit_recovers_b_crit():
-    s_min, e_min = 40.0, 4000.0                    # B_crit = 100
+    s_min, e_min = 40.0, 4000.0  # B_crit = 100
     points = [(b, round(s_min + e_min / b)) for b in (8, 32, 128, 512, 1024)]
     fit = critical_batch.fit_frontier(points)
     assert fit["b_crit"] == pytest.approx(100.0, rel=0.02)

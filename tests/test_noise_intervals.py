@@ -18,7 +18,7 @@ def _loo_oracle(g):
     b = g.shape[0]
     thetas = []
     for i in range(b):
-        h = torch.cat([g[:i], g[i + 1:]])
+        h = torch.cat([g[:i], g[i + 1 :]])
         stats = GradStats.from_per_example({"w": h}, torch.zeros(b - 1, dtype=torch.float64))
         est = noise.gradient_noise_scale(stats)
         thetas.append((est.grad_sq, est.trace_cov, est.b_simple))
@@ -43,7 +43,7 @@ def test_jackknife_closed_form_is_the_leave_one_out_loop():
 
 def test_jackknife_by_hand():
     # Four examples of one coordinate: g = 0, 1, 2, 5, so tr Σ is the variance.
-    g = torch.tensor([[0.], [1.], [2.], [5.]], dtype=torch.float64)
+    g = torch.tensor([[0.0], [1.0], [2.0], [5.0]], dtype=torch.float64)
     # leave-one-out unbiased variances: {1,2,5}: 13/3; {0,2,5}: 19/3; {0,1,5}: 7; {0,1,2}: 1
     loo = np.array([13 / 3, 19 / 3, 7.0, 1.0])
     by_hand = math.sqrt(3 / 4 * ((loo - loo.mean()) ** 2).sum())
@@ -95,8 +95,9 @@ def test_jackknife_interval_covers_the_true_noise_scale(b):
         assert 0.85 <= hit.mean() <= 0.95, (name, b, hit.mean())
     # the vectorised path is the library's own: one trial through GradStats gives the same interval
     t = 3
-    stats = GradStats.from_per_example({"w": torch.from_numpy(g[t])}, torch.zeros(b, dtype=torch.float64),
-                                       reference={"w": torch.from_numpy(mean[t])})
+    stats = GradStats.from_per_example(
+        {"w": torch.from_numpy(g[t])}, torch.zeros(b, dtype=torch.float64), reference={"w": torch.from_numpy(mean[t])}
+    )
     est = noise.gradient_noise_scale(stats)
     assert est.stderr["b_simple"] == pytest.approx(float(se["b_simple"][t]), rel=1e-9)
     assert est.b_simple == pytest.approx(trace[t] / grad_sq[t], rel=1e-9)
@@ -112,8 +113,16 @@ def test_ema_interval_covers_a_stationary_noise_scale():
         m = sq.mean(-1)
         ema = noise.NoiseScaleEMA(0.95)
         for s in range(steps):
-            ema.update(noise.NoiseScale(b, (b * mean_sq[s] - m[s]) / (b - 1), (m[s] - mean_sq[s]) * b / (b - 1),
-                                        math.nan, math.nan, math.nan))
+            ema.update(
+                noise.NoiseScale(
+                    b,
+                    (b * mean_sq[s] - m[s]) / (b - 1),
+                    (m[s] - mean_sq[s]) * b / (b - 1),
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                )
+            )
         lo, hi = ema.interval(0.9)
         hits += lo <= truth <= hi
     assert 0.8 <= hits / trials <= 0.98, hits / trials
@@ -126,22 +135,23 @@ def _linear_stats(ratio, engine, dtype):
     torch.manual_seed(0)
     b, d = 64, 256
     c = torch.randn(d, dtype=torch.float64)
-    x = c + torch.randn(b, d, dtype=torch.float64) / ratio      # nearly identical examples: |ḡ|/σ large
+    x = c + torch.randn(b, d, dtype=torch.float64) / ratio  # nearly identical examples: |ḡ|/σ large
     w = torch.randn(1, d, dtype=torch.float64) * 0.01
     y = (x @ w.T).squeeze(1) + 1.0 + torch.randn(b, dtype=torch.float64) / ratio
     model = torch.nn.Linear(d, 1).to(dtype)
     with torch.no_grad():
         model.weight.copy_(w)
         model.bias.zero_()
-    return persample.grad_stats(model, lambda o, t: F.mse_loss(o.squeeze(-1), t), x.to(dtype), y.to(dtype),
-                                engine=engine)
+    return persample.grad_stats(
+        model, lambda o, t: F.mse_loss(o.squeeze(-1), t), x.to(dtype), y.to(dtype), engine=engine
+    )
 
 
 @pytest.mark.parametrize("engine", ["fast", "vmap"])
 def test_float32_b_simple_is_within_one_percent_of_float64_up_to_1e4(engine):
     for ratio in (1e3, 1e4, 1e5):
         exact = noise.gradient_noise_scale(_linear_stats(ratio, "vmap", torch.float64))
-        signal = math.sqrt(exact.mean_sq_norm / exact.trace_cov)     # |ḡ| / sqrt(tr Σ)
+        signal = math.sqrt(exact.mean_sq_norm / exact.trace_cov)  # |ḡ| / sqrt(tr Σ)
         single = noise.gradient_noise_scale(_linear_stats(ratio, engine, torch.float32))
         assert single.b_simple == pytest.approx(exact.b_simple, rel=1e-2), (ratio, signal)
     assert signal > 1e4

@@ -36,7 +36,7 @@ def _oracle(model, opt, x, y, names=None, amsgrad=False):
     """B^P from a loop of autograd in float64 and Adam's state, read here on its own."""
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     trace = signal = 0.0
-    for (name, p) in model.named_parameters():
+    for name, p in model.named_parameters():
         if names is not None and name not in names:
             continue
         st = opt.state[p]
@@ -49,8 +49,9 @@ def _oracle(model, opt, x, y, names=None, amsgrad=False):
     return trace, signal, trace / signal
 
 
-@pytest.mark.parametrize("cls,amsgrad", [(torch.optim.Adam, False), (torch.optim.AdamW, False),
-                                         (torch.optim.Adam, True)])
+@pytest.mark.parametrize(
+    "cls,amsgrad", [(torch.optim.Adam, False), (torch.optim.AdamW, False), (torch.optim.Adam, True)]
+)
 def test_preconditioned_noise_scale_is_the_oracles(cls, amsgrad):
     model, opt, x, y = _model_and_adam(cls=cls, amsgrad=amsgrad)
     stats = persample.grad_stats(model, F.cross_entropy, x, y)
@@ -71,9 +72,9 @@ def test_preconditioned_noise_scale_is_the_oracles(cls, amsgrad):
 
 def test_by_hand_and_p_equal_one_is_b_simple():
     # B = 3 examples of a 2-vector: g = (1, 0), (3, 2), (2, 1); ḡ = (2, 1); Var = (1, 1).
-    g = {"w": torch.tensor([[1., 0.], [3., 2.], [2., 1.]], dtype=torch.float64)}
+    g = {"w": torch.tensor([[1.0, 0.0], [3.0, 2.0], [2.0, 1.0]], dtype=torch.float64)}
     stats = GradStats.from_per_example(g, torch.zeros(3, dtype=torch.float64))
-    est = noise.preconditioned_noise_scale(stats, preconditioner={"w": torch.tensor([1., 4.])})
+    est = noise.preconditioned_noise_scale(stats, preconditioner={"w": torch.tensor([1.0, 4.0])})
     # tr(PΣ) = 1·1 + 4·1 = 5;  GᵀPG = 1·(4 − 1/3) + 4·(1 − 1/3) = 19/3;  B^P = 15/19
     assert est.trace_cov == pytest.approx(5.0, rel=1e-15)
     assert est.grad_sq == pytest.approx(19 / 3, rel=1e-15)
@@ -81,14 +82,16 @@ def test_by_hand_and_p_equal_one_is_b_simple():
     plain = noise.gradient_noise_scale(stats)
     ones = noise.preconditioned_noise_scale(stats, preconditioner={"w": 1.0})
     assert (ones.trace_cov, ones.grad_sq, ones.b_simple) == pytest.approx(
-        (plain.trace_cov, plain.grad_sq, plain.b_simple), rel=1e-12)
+        (plain.trace_cov, plain.grad_sq, plain.b_simple), rel=1e-12
+    )
 
 
 def test_named_parameter_optimizer_needs_no_model():
     model, opt, x, y = _model_and_adam(named=True)
     stats = persample.grad_stats(model, F.cross_entropy, x, y)
-    assert noise.preconditioned_noise_scale(stats, opt).b_simple == pytest.approx(_oracle(model, opt, x, y)[2],
-                                                                                   rel=1e-9)
+    assert noise.preconditioned_noise_scale(stats, opt).b_simple == pytest.approx(
+        _oracle(model, opt, x, y)[2], rel=1e-9
+    )
 
 
 def test_preconditioned_refusals():
@@ -107,7 +110,7 @@ def test_preconditioned_refusals():
     with pytest.raises(ValueError, match="exactly one"):
         noise.preconditioned_noise_scale(stats)
     with pytest.raises(ValueError, match="no entry for '2.bias'"):
-        noise.preconditioned_noise_scale(stats, preconditioner={"0.weight": 1., "0.bias": 1., "2.weight": 1.})
+        noise.preconditioned_noise_scale(stats, preconditioner={"0.weight": 1.0, "0.bias": 1.0, "2.weight": 1.0})
 
 
 def test_diagnostics_hook_logs_the_preconditioned_noise_scale():
@@ -138,7 +141,7 @@ def test_diagnostics_hook_logs_the_preconditioned_noise_scale():
 def test_a_preconditioner_that_does_not_fit_never_stops_training():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
-    opt = torch.optim.Adam(model[0].parameters(), lr=1e-2)       # holds only the first layer
+    opt = torch.optim.Adam(model[0].parameters(), lr=1e-2)  # holds only the first layer
     other = torch.optim.SGD(model[2].parameters(), lr=1e-2)
     with pytest.raises(ValueError, match="Adam or AdamW"):
         Diagnostics(optimizer=other)
@@ -148,8 +151,10 @@ def test_a_preconditioner_that_does_not_fit_never_stops_training():
     x = torch.randn(8, 4)
     with pytest.warns(UserWarning, match="no parameter named '2.weight'"):
         for _ in range(3):
-            opt.zero_grad(); other.zero_grad()
+            opt.zero_grad()
+            other.zero_grad()
             tracker.step(x, x.sum(1, keepdim=True))
-            opt.step(); other.step()
+            opt.step()
+            other.step()
     assert len(diag.rows) == 3 and all(math.isnan(r["b_precond"]) for r in diag.rows)
     assert all(math.isfinite(r["b_simple"]) for r in diag.rows)

@@ -44,12 +44,14 @@ def test_sum_reduction_declared_and_used():
         F.cross_entropy(model(x), y, reduction="sum").backward()
     assert_dicts_close(observed.stats.var, want["var"])
     assert_dicts_close(observed.stats.mean, want["mean"])
-    assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: 6 * m for n, m in want["mean"].items()})   # p.grad = (w·B)·mean, w = 1
+    assert_dicts_close(
+        {n: p.grad for n, p in model.named_parameters()}, {n: 6 * m for n, m in want["mean"].items()}
+    )  # p.grad = (w·B)·mean, w = 1
 
 
-@pytest.mark.parametrize("declared, used, hint", [("mean", "sum", "reduction='sum'"),
-                                                  ("sum", "mean", "reduction='mean'")])
+@pytest.mark.parametrize(
+    "declared, used, hint", [("mean", "sum", "reduction='sum'"), ("sum", "mean", "reduction='mean'")]
+)
 def test_a_wrong_reduction_is_detected_not_silent(declared, used, hint):
     model, (x, y) = _mlp(), _batch()
     tracker = persample.Tracker(model, F.cross_entropy)
@@ -79,12 +81,14 @@ def test_accumulates_on_existing_grads_and_every_k():
     tracker.register_hook(lambda t, s: seen.append(s))
     with tracker.observe(y) as first:
         F.cross_entropy(model(x), y).backward()
-    assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: old[n] + want["mean"][n] for n in old})          # old + mean
+    assert_dicts_close(
+        {n: p.grad for n, p in model.named_parameters()}, {n: old[n] + want["mean"][n] for n in old}
+    )  # old + mean
     with tracker.observe(y) as second:
         F.cross_entropy(model(x), y).backward()
-    assert_dicts_close({n: p.grad for n, p in model.named_parameters()},
-                       {n: old[n] + 2 * want["mean"][n] for n in old})      # a step without statistics too
+    assert_dicts_close(
+        {n: p.grad for n, p in model.named_parameters()}, {n: old[n] + 2 * want["mean"][n] for n in old}
+    )  # a step without statistics too
     assert_dicts_close(first.stats.var, want["var"])
     assert_dicts_close(first.stats.mean, want["mean"])
     assert second.stats is None and tracker.steps == 2 and seen == [first.stats]

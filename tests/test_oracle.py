@@ -53,8 +53,9 @@ def test_tied_weight_appears_once_and_sums_both_uses():
     untied.head.weight = torch.nn.Parameter(model.embed.weight.detach().clone())
     parts, _ = oracle_grads(untied, case.loss_fn, inputs, targets)
     assert torch.count_nonzero(parts["head.weight"]) > 0 and torch.count_nonzero(parts["embed.weight"]) > 0
-    torch.testing.assert_close(grads["embed.weight"], parts["embed.weight"] + parts["head.weight"],
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        grads["embed.weight"], parts["embed.weight"] + parts["head.weight"], rtol=1e-9, atol=1e-12
+    )
 
 
 def test_frozen_parameters_are_left_out():

@@ -12,8 +12,16 @@ from persample.loggers import CSVLogger, Diagnostics, JSONLLogger  # noqa: E402
 
 from zoo import CASE_IDS, CASES  # noqa: E402
 
-PANEL_TITLES = ["Loss", "Gradient norms", "Simple noise scale", "Mean gradient signal-to-noise",
-                "Batch-size tests", "Batch size each test asks for", "Per-layer noise scale", "Per-layer mean GSNR"]
+PANEL_TITLES = [
+    "Loss",
+    "Gradient norms",
+    "Simple noise scale",
+    "Mean gradient signal-to-noise",
+    "Batch-size tests",
+    "Batch size each test asks for",
+    "Per-layer noise scale",
+    "Per-layer mean GSNR",
+]
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +76,10 @@ def test_plot_from_a_metrics_file(run_rows, tmp_path, suffix):
 
 
 def test_non_positive_values_are_counted_not_drawn():
-    rows = [{"step": i, "n": 4.0, "loss": 1.0, "grad_sq": g, "trace_cov": 1.0, "b_simple": 1.0 / g,
-             "b_simple_ema": 5.0} for i, g in enumerate([0.5, -0.5, 0.25, -1.0])]
+    rows = [
+        {"step": i, "n": 4.0, "loss": 1.0, "grad_sq": g, "trace_cov": 1.0, "b_simple": 1.0 / g, "b_simple_ema": 5.0}
+        for i, g in enumerate([0.5, -0.5, 0.25, -1.0])
+    ]
     fig = plot.plot_diagnostics(rows)
     noise_ax = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("Simple noise scale"))
     assert any("(2 below noise: |G|² estimate ≤ 0, not shown)" in line.get_label() for line in noise_ax.lines)

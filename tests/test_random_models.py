@@ -55,8 +55,9 @@ class TinyTransformerLayer(nn.Module):
 
 def _mlp():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Tanh(),
-                          nn.Dropout(0.3), nn.Linear(8, 3)).double()
+    model = nn.Sequential(
+        nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)
+    ).double()
     x, y = torch.randn(B, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
     return model, F.cross_entropy, x, y
 
@@ -71,10 +72,19 @@ def _transformer():
 def _gpt2():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(2)
-    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
-                                     resid_pdrop=0.2, embd_pdrop=0.2, attn_pdrop=0.2,
-                                     bos_token_id=0, eos_token_id=0)
-    config._attn_implementation = "eager"     # attention dropout through F.dropout, so it is recorded
+    config = transformers.GPT2Config(
+        n_layer=1,
+        n_embd=16,
+        n_head=2,
+        vocab_size=40,
+        n_positions=16,
+        resid_pdrop=0.2,
+        embd_pdrop=0.2,
+        attn_pdrop=0.2,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    config._attn_implementation = "eager"  # attention dropout through F.dropout, so it is recorded
     model = transformers.GPT2LMHeadModel(config).double().train()
     tokens = torch.randint(0, 40, (B, 6))
     return model, lm_loss, tokens, tokens
@@ -93,9 +103,12 @@ def _setup(name):
 
 def _expected_stats(grads, losses):
     flat = torch.cat([g.reshape(B, -1) for g in grads.values()], 1)
-    return {"mean": {n: g.mean(0) for n, g in grads.items()},
-            "var": {n: g.var(0, unbiased=True) for n, g in grads.items()},
-            "sq_norms": flat.pow(2).sum(1), "losses": losses}
+    return {
+        "mean": {n: g.mean(0) for n, g in grads.items()},
+        "var": {n: g.var(0, unbiased=True) for n, g in grads.items()},
+        "sq_norms": flat.pow(2).sum(1),
+        "losses": losses,
+    }
 
 
 def _assert_stats(stats, grads, losses):
@@ -130,15 +143,17 @@ def test_recorder_is_native_dropout():
 
 # ------------------------------------------------------------------------- randomness="different"
 
+
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("engine", ["fast", "vmap", "loop"])
 def test_grad_stats_describe_the_masks_the_engine_drew(name, engine):
     model, loss_fn, x, y, k = _setup(name)
     with DropoutMasks() as rec:
-        stats = persample.grad_stats(model, loss_fn, x, y, engine=engine, randomness="different",
-                                     chunk_size=4 if engine == "vmap" else None)
+        stats = persample.grad_stats(
+            model, loss_fn, x, y, engine=engine, randomness="different", chunk_size=4 if engine == "vmap" else None
+        )
     masks = rec.example_masks(k, B)
-    if engine != "fast":   # an independent draw per example, not one mask for all
+    if engine != "fast":  # an independent draw per example, not one mask for all
         assert any(not torch.equal(masks[0][0], masks[i][0]) for i in range(1, B))
     grads, losses = replay_oracle(model, loss_fn, x, y, masks)
     _assert_stats(stats, grads, losses)
@@ -159,16 +174,16 @@ def test_tracker_step_p_grad_and_statistics_under_randomness_different(name, eng
     p_grad = _grads(model)
     assert_dicts_close(p_grad, batch_backward_oracle(model, loss_fn, x, y, rec.batch_masks(k, B)))
     if engine in ("auto", "fast"):
-        assert len(rec.forwards(k)) == 1            # one forward for both
-        assert_dicts_close(p_grad, stats.mean)      # p.grad = (w·B)·mean, w = 1/B
+        assert len(rec.forwards(k)) == 1  # one forward for both
+        assert_dicts_close(p_grad, stats.mean)  # p.grad = (w·B)·mean, w = 1/B
     else:
-        assert _differs(p_grad, stats.mean)         # the documented exception
+        assert _differs(p_grad, stats.mean)  # the documented exception
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_observe_describes_the_users_forward_masks(name):
     model, loss_fn, x, y, k = _setup(name)
-    tracker = Tracker(model, loss_fn)   # randomness does not apply to observe
+    tracker = Tracker(model, loss_fn)  # randomness does not apply to observe
     with DropoutMasks() as rec, tracker.observe(y) as observed:
         loss_fn(call_model(model, x), y).backward()
     assert len(rec.forwards(k)) == 1
@@ -176,18 +191,20 @@ def test_observe_describes_the_users_forward_masks(name):
     grads, losses = replay_oracle(model, loss_fn, x, y, masks)
     _assert_stats(observed.stats, grads, losses)
     assert_dicts_close(_grads(model), batch_backward_oracle(model, loss_fn, x, y, masks))
-    assert_dicts_close(_grads(model), observed.stats.mean)   # p.grad = (w·B)·mean
+    assert_dicts_close(_grads(model), observed.stats.mean)  # p.grad = (w·B)·mean
 
 
 # ------------------------------------------------------------------------------ randomness="same"
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("engine", ["vmap", "loop"])
 def test_randomness_same_shares_one_mask(name, engine):
     model, loss_fn, x, y, k = _setup(name)
     with DropoutMasks() as rec:
-        stats = persample.grad_stats(model, loss_fn, x, y, engine=engine, randomness="same",
-                                     chunk_size=4 if engine == "vmap" else None)
+        stats = persample.grad_stats(
+            model, loss_fn, x, y, engine=engine, randomness="same", chunk_size=4 if engine == "vmap" else None
+        )
     masks = rec.example_masks(k, B)
     for i in range(1, B):
         for a, b in zip(masks[0], masks[i]):
@@ -205,6 +222,7 @@ def test_fast_engine_refuses_randomness_same(name):
 
 
 # ----------------------------------------------------------------------------- randomness="error"
+
 
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("engine", ["auto", "fast", "vmap", "loop"])
@@ -240,24 +258,41 @@ def test_auto_falling_back_to_vmap_keeps_p_grad_equal_to_the_mean():
     k = count_dropout_calls(model, x)
     with DropoutMasks() as rec:
         stats = Tracker(model, F.mse_loss, randomness="different").step(x, y)
-    assert [under_vmap for _, under_vmap in rec.calls] == [False, True]   # fast's refused forward, then vmap
+    assert [under_vmap for _, under_vmap in rec.calls] == [False, True]  # fast's refused forward, then vmap
     grads, losses = replay_oracle(model, F.mse_loss, x, y, rec.example_masks(k, B))
     _assert_stats(stats, grads, losses)
     assert_dicts_close(_grads(model), stats.mean)
 
 
-@pytest.mark.parametrize("engine", [
-    "auto",
-    pytest.param("vmap", marks=pytest.mark.xfail(strict=True, reason=(
-        "README: p.grad = (w·B)·stats.mean except under randomness='different' on vmap/loop; under "
-        "randomness='same' Tracker(engine='vmap') takes p.grad from one more batch forward with its own "
-        "(per-example different) draws: on this MLP max|p.grad - mean| / max|mean| = 2.54 (0.weight), "
-        "4.41 (0.bias), 0.36 (6.bias). Either the README's exception also covers 'same', or p.grad should "
-        "be (w·B)·mean as with engine='auto'"))),
-    pytest.param("loop", marks=pytest.mark.xfail(strict=True, reason=(
-        "as for vmap: under randomness='same' Tracker(engine='loop') p.grad comes from an extra batch "
-        "forward; max|p.grad - mean| / max|mean| = 2.54 (0.weight), 4.41 (0.bias) on this MLP"))),
-])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        "auto",
+        pytest.param(
+            "vmap",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "README: p.grad = (w·B)·stats.mean except under randomness='different' on vmap/loop; under "
+                    "randomness='same' Tracker(engine='vmap') takes p.grad from one more batch forward with its own "
+                    "(per-example different) draws: on this MLP max|p.grad - mean| / max|mean| = 2.54 (0.weight), "
+                    "4.41 (0.bias), 0.36 (6.bias). Either the README's exception also covers 'same', or p.grad should "
+                    "be (w·B)·mean as with engine='auto'"
+                ),
+            ),
+        ),
+        pytest.param(
+            "loop",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "as for vmap: under randomness='same' Tracker(engine='loop') p.grad comes from an extra batch "
+                    "forward; max|p.grad - mean| / max|mean| = 2.54 (0.weight), 4.41 (0.bias) on this MLP"
+                ),
+            ),
+        ),
+    ],
+)
 def test_tracker_step_under_randomness_same(engine):
     """The statistics describe the one shared mask; the README's rule p.grad = (w·B)·mean has its only
     exception under randomness='different'."""

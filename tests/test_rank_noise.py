@@ -15,7 +15,7 @@ def _parts(sizes, seed=0, dim=6):
     losses = torch.rand(sum(sizes), generator=g, dtype=torch.float64)
     records, start = [], 0
     for n in sizes:
-        rec = GradStats.from_per_example({"w": grads[start:start + n]}, losses[start:start + n])
+        rec = GradStats.from_per_example({"w": grads[start : start + n]}, losses[start : start + n])
         records.append(dataclasses.replace(rec, part_sizes=(n,), part_mean_sq_norms=(float(rec.mean_sq_norm),)))
         start += n
     return grads, GradStats.merge_all(records)

@@ -38,14 +38,17 @@ def _failing_loss(fail_from_call: int):
         if len(calls) - 1 >= fail_from_call:
             raise ArithmeticError("loss_fn failed")
         return F.cross_entropy(out, y)
+
     return loss_fn
 
 
 def _state(model, x):
-    return ({n: (p.grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
-            {n: p.detach().clone() for n, p in model.named_parameters()},
-            {n: b.clone() for n, b in model.named_buffers()},
-            (x.grad, None if x.grad is None else x.grad.clone()))
+    return (
+        {n: (p.grad, None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()},
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        (x.grad, None if x.grad is None else x.grad.clone()),
+    )
 
 
 def _assert_state(model, x, before, buffers_too=True):
@@ -89,7 +92,7 @@ def test_x_grad_is_restored_after_a_failed_hook():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     x, y = torch.randn(5, 4, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (5,))
     tracker = Tracker(model, F.cross_entropy)
-    tracker.step(x, y)                       # a good step: x.grad is the backward's
+    tracker.step(x, y)  # a good step: x.grad is the backward's
     reference = x.detach().clone().requires_grad_(True)
     F.cross_entropy(model(reference), y).backward()
     torch.testing.assert_close(x.grad, reference.grad, rtol=1e-9, atol=1e-12)
@@ -117,8 +120,8 @@ def _autocast_loop_oracle(model, x, y):
     rows = {n: [] for n, _ in model.named_parameters()}
     for i in range(x.shape[0]):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(x[i:i + 1])
-        grads = torch.autograd.grad(F.cross_entropy(out.float(), y[i:i + 1]), list(model.parameters()))
+            out = model(x[i : i + 1])
+        grads = torch.autograd.grad(F.cross_entropy(out.float(), y[i : i + 1]), list(model.parameters()))
         for (n, _), g in zip(model.named_parameters(), grads):
             rows[n].append(g.double())
     return {n: torch.stack(r) for n, r in rows.items()}

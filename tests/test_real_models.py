@@ -46,19 +46,36 @@ from persample import UnsupportedModelError
 
 from test_coverage_lock import load_lock, lock_mismatch
 
-from real_models import (Oracle, RealCase, all_cases, batch_discrepancies, dense, high_snr_problem, mlp, oracle,
-                         vector_case)
+from real_models import (
+    Oracle,
+    RealCase,
+    all_cases,
+    batch_discrepancies,
+    dense,
+    high_snr_problem,
+    mlp,
+    oracle,
+    vector_case,
+)
 
 NotExact = persample.NotExact
 COVERAGE_LOCK = load_lock()
 
 RTOL, ATOL = 1e-9, 1e-12
-NOISE_FACTOR = 10   # a model that is not batch-invariant: atol = 10 × its batch discrepancy, per parameter,
-NOISE_CAP = 1e-6    # at most this, relative to the largest value of the field,
+NOISE_FACTOR = 10  # a model that is not batch-invariant: atol = 10 × its batch discrepancy, per parameter,
+NOISE_CAP = 1e-6  # at most this, relative to the largest value of the field,
 # and only for the families that compute in float32 inside a float64 model (measured at 7e77827: T5, Llama,
 # Mistral, Qwen2 and LoRA-Llama 2e-8 to 1.5e-7; GPT-NeoX, OPT, ViT 2e-11 to 8e-11; every other case ~1e-16)
-NOISE_FAMILIES = ("hf-t5-", "hf-llama-", "hf-mistral-", "hf-qwen2-", "hf-gptneox-", "hf-opt-", "hf-vit-",
-                  "peft-lora-llama-")
+NOISE_FAMILIES = (
+    "hf-t5-",
+    "hf-llama-",
+    "hf-mistral-",
+    "hf-qwen2-",
+    "hf-gptneox-",
+    "hf-opt-",
+    "hf-vit-",
+    "peft-lora-llama-",
+)
 ENGINES = ("auto", "fast", "vmap", "loop")
 ENTRIES = ("per_sample_grads",) + ENGINES + ("check_mean", "tracker")
 MAY_REFUSE = {"fast", "vmap"}
@@ -72,9 +89,9 @@ BY_ID = {case.id: case for case in CASES}
 
 @dataclass(frozen=True)
 class Verdict:
-    kind: str       # EXACT, REFUSED, WRONG or CRASH
+    kind: str  # EXACT, REFUSED, WRONG or CRASH
     detail: str = ""
-    code: str | None = None   # a refusal's code (persample/contract.py)
+    code: str | None = None  # a refusal's code (persample/contract.py)
 
     def __str__(self):
         return f"{self.kind}: {self.detail}" if self.detail else self.kind
@@ -90,7 +107,7 @@ class Expected:
     """The oracle of a case and the noise floor it is compared at."""
 
     oracle: Oracle
-    noise: dict     # per parameter: NOISE_FACTOR × its batch discrepancy, at most NOISE_CAP; {} for exact models
+    noise: dict  # per parameter: NOISE_FACTOR × its batch discrepancy, at most NOISE_CAP; {} for exact models
 
     def atol(self, scale: float, param: str | None = None) -> float:
         """atol for a field whose largest value is ``scale``: for ``param``'s part of it, or (None) for a field
@@ -104,9 +121,11 @@ def noise_floor(case_id: str, discrepancies: dict[str, float]) -> dict[str, floa
     if not case_id.startswith(NOISE_FAMILIES):
         return {}
     worst = max(discrepancies.values())
-    assert 2 * worst <= NOISE_CAP, (f"{case_id}: the model's batch-vs-example discrepancy {worst:.2e} is beyond "
-                                    f"half the noise cap {NOISE_CAP:g}: it couples its examples, or the cap "
-                                    f"is wrong")
+    assert 2 * worst <= NOISE_CAP, (
+        f"{case_id}: the model's batch-vs-example discrepancy {worst:.2e} is beyond "
+        f"half the noise cap {NOISE_CAP:g}: it couples its examples, or the cap "
+        f"is wrong"
+    )
     return {n: min(NOISE_FACTOR * d, NOISE_CAP) for n, d in discrepancies.items()}
 
 
@@ -124,8 +143,9 @@ def expected(case_id: str) -> Expected:
     return Expected(want, floor)
 
 
-def tensor_mismatch(label: str, actual, want: torch.Tensor, tol: Expected, scale: float | None = None,
-                    param: str | None = None) -> str | None:
+def tensor_mismatch(
+    label: str, actual, want: torch.Tensor, tol: Expected, scale: float | None = None, param: str | None = None
+) -> str | None:
     """None when ``actual`` matches ``want`` elementwise, |a − e| ≤ atol + RTOL·|e|, else what differs.
 
     atol is ATOL, raised to ``param``'s noise floor × ``scale`` (the largest |e| of the whole field, all
@@ -143,8 +163,9 @@ def tensor_mismatch(label: str, actual, want: torch.Tensor, tol: Expected, scale
     if torch.isclose(actual, want, rtol=RTOL, atol=atol).all():
         return None
     err = (actual - want).abs().nan_to_num(float("inf")).max().item()
-    return (f"{label}: max abs err {err:.2e}, rel err {err / size if size else float('inf'):.2e}"
-            + ("" if atol == ATOL else f" (atol raised to the model's noise floor {atol:.1e})"))
+    return f"{label}: max abs err {err:.2e}, rel err {err / size if size else float('inf'):.2e}" + (
+        "" if atol == ATOL else f" (atol raised to the model's noise floor {atol:.1e})"
+    )
 
 
 def dict_mismatch(label: str, actual, want: dict[str, torch.Tensor], tol: Expected) -> str | None:
@@ -153,19 +174,20 @@ def dict_mismatch(label: str, actual, want: dict[str, torch.Tensor], tol: Expect
     if set(actual) != set(want):
         return f"{label}: keys {sorted(set(actual) ^ set(want))} differ"
     scale = max(w.abs().max().item() for w in want.values())
-    return next((m for k in want if (m := tensor_mismatch(f"{label}[{k!r}]", actual[k], want[k], tol, scale, k))),
-                None)
+    return next((m for k in want if (m := tensor_mismatch(f"{label}[{k!r}]", actual[k], want[k], tol, scale, k))), None)
 
 
 def stats_mismatch(stats, tol: Expected, inner_products: bool = True) -> str | None:
     want = tol.oracle
     if stats.n != len(want.losses):
         return f"n = {stats.n}, expected {len(want.losses)}"
-    checks = [dict_mismatch("mean", stats.mean, want.mean, tol),
-              dict_mismatch("var", stats.var, want.var, tol),
-              dict_mismatch("param_sq_norms", stats.param_sq_norms, want.param_sq_norms, tol),
-              tensor_mismatch("sq_norms", stats.sq_norms, want.sq_norms, tol),
-              tensor_mismatch("losses", stats.losses, want.losses, tol)]
+    checks = [
+        dict_mismatch("mean", stats.mean, want.mean, tol),
+        dict_mismatch("var", stats.var, want.var, tol),
+        dict_mismatch("param_sq_norms", stats.param_sq_norms, want.param_sq_norms, tol),
+        tensor_mismatch("sq_norms", stats.sq_norms, want.sq_norms, tol),
+        tensor_mismatch("losses", stats.losses, want.losses, tol),
+    ]
     if inner_products:
         checks.append(tensor_mismatch("inner_products", stats.inner_products, want.inner_products, tol))
     return next((m for m in checks if m), None)
@@ -189,8 +211,7 @@ def _compute(case: RealCase, entry: str, tol: Expected | None):
         rows = persample.per_sample_grads(model, loss_fn, inputs, targets)
         return lambda: dict_mismatch("per_sample_grads", rows, tol.oracle.rows, tol)
     if entry in ENGINES:
-        stats = persample.grad_stats(model, loss_fn, inputs, targets, engine=entry, var=True,
-                                     inner_products=True)
+        stats = persample.grad_stats(model, loss_fn, inputs, targets, engine=entry, var=True, inner_products=True)
         return lambda: stats_mismatch(stats, tol)
     if entry == "check_mean":
         # A model that is not batch-invariant in float64 gets the matrix's noise floor as atol.
@@ -208,7 +229,7 @@ def _compute(case: RealCase, entry: str, tol: Expected | None):
 
 def run_entry(case: RealCase, entry: str) -> Verdict:
     """Run ``entry`` on ``case`` and classify the outcome as EXACT, REFUSED, WRONG or CRASH."""
-    tol = None if case.ill_posed is not None else expected(case.id)   # an oracle failure is no verdict
+    tol = None if case.ill_posed is not None else expected(case.id)  # an oracle failure is no verdict
     try:
         compare = _compute(case, entry, tol)
     except (UnsupportedModelError, NotExact) as err:
@@ -232,16 +253,19 @@ def allowed(case: RealCase, entry: str) -> set[str]:
 # ----------------------------------------------------------------------------------------- matrix
 
 
-@pytest.mark.parametrize("case, entry", [pytest.param(case, entry, id=f"{case.id}::{entry}")
-                                         for case in CASES for entry in ENTRIES])
+@pytest.mark.parametrize(
+    "case, entry", [pytest.param(case, entry, id=f"{case.id}::{entry}") for case in CASES for entry in ENTRIES]
+)
 def test_real_model(case: RealCase, entry: str):
     verdict = run_entry(case, entry)
-    assert verdict.kind in allowed(case, entry), \
+    assert verdict.kind in allowed(case, entry), (
         f"{case.id}::{entry} is {verdict} (allowed: {' or '.join(sorted(allowed(case, entry)))})"
+    )
     if case.ill_posed is not None:
-        assert re.search(case.ill_posed, verdict.detail, re.IGNORECASE), \
+        assert re.search(case.ill_posed, verdict.detail, re.IGNORECASE), (
             f"{case.id}::{entry} REFUSED without naming /{case.ill_posed}/: {verdict.detail}"
-    else:   # locked coverage: no new refusal, and a new success updates the lock (tests/test_coverage_lock.py)
+        )
+    else:  # locked coverage: no new refusal, and a new success updates the lock (tests/test_coverage_lock.py)
         changed = lock_mismatch(COVERAGE_LOCK, case.id, entry, verdict.kind, verdict.code)
         assert changed is None, f"{changed}\n({verdict.detail})"
 
@@ -249,7 +273,7 @@ def test_real_model(case: RealCase, entry: str):
 def test_oracle_honours_parameter_hooks():
     """The parameter hook halves the oracle's gradient: it is ground truth, not an artefact to remove."""
     hooked = expected("hook-param-grad-halved").oracle
-    plain_case = vector_case("plain-mlp", mlp)   # same seed: same weights and batch, no hook
+    plain_case = vector_case("plain-mlp", mlp)  # same seed: same weights and batch, no hook
     model, inputs, targets = plain_case.instantiate()
     plain = oracle(model, plain_case.loss_fn, inputs, targets)
     torch.testing.assert_close(hooked.rows["2.weight"], plain.rows["2.weight"] * 0.5, rtol=1e-12, atol=0)
@@ -277,7 +301,7 @@ def test_float32_variance_at_high_snr(engine, ratio):
     assert ratio / 3 < snr < ratio * 3, f"construction gives |mean|/std = {snr:.3g}, not ≈ {ratio:g}"
     stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     assert all(v.dtype == torch.float32 for v in stats.var.values())
-    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 5.4e-4, loop)
+    err = _relative_errors(stats.var, want.var).max().item()  # every element (measured: at most 5.4e-4, loop)
     assert err < 1e-3, f"{engine}: largest relative error of var {err:.3g} at |mean|/std ≈ {ratio:g}"
 
 
@@ -290,7 +314,7 @@ def test_bf16_autocast_statistics(engine):
         stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     dtypes = {v.dtype for field in (stats.mean, stats.var) for v in field.values()}
     assert dtypes == {torch.float32}, f"{engine}: statistics in {dtypes}, expected float32"
-    err = _relative_errors(stats.var, want.var).max().item()   # every element (measured: at most 0.021)
+    err = _relative_errors(stats.var, want.var).max().item()  # every element (measured: at most 0.021)
     assert err < 0.05, f"{engine}: largest relative error of var {err:.3g} under bf16 autocast"
 
 
@@ -298,7 +322,7 @@ def test_bf16_autocast_statistics(engine):
 
 
 def test_noise_floor_is_per_parameter_capped_and_only_for_the_families():
-    assert noise_floor("mlp-relu", {"w": 1e-7}) == {}    # a batch-invariant family gets atol 1e-12
+    assert noise_floor("mlp-relu", {"w": 1e-7}) == {}  # a batch-invariant family gets atol 1e-12
     floor = noise_floor("hf-llama-nomask", {"w": 1e-7, "b": 0.0, "c": 4e-7})
     assert floor == {"w": pytest.approx(1e-6), "b": 0.0, "c": NOISE_CAP}
     with pytest.raises(AssertionError, match="couples its examples"):

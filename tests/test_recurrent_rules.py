@@ -26,8 +26,11 @@ class Recurrent(nn.Module):
         self.rnn, self.use, self.call = rnn, use, call
         directions = 2 if rnn.bidirectional else 1
         self.states = rnn.num_layers * directions
-        width = {"out": directions * (rnn.proj_size or rnn.hidden_size), "hn": 2 * rnn.hidden_size,
-                 "both": (directions + 2) * rnn.hidden_size}[use]
+        width = {
+            "out": directions * (rnn.proj_size or rnn.hidden_size),
+            "hn": 2 * rnn.hidden_size,
+            "both": (directions + 2) * rnn.hidden_size,
+        }[use]
         self.head = nn.Linear(width, CLASSES)
         self.init = nn.Linear(IN, 2 * rnn.hidden_size) if init_state else None
 
@@ -93,8 +96,7 @@ def assert_equals_oracle(model, x, y, **kw):
     mean = {k: g.mean(0) for k, g in grads.items()}
     assert_dicts_close(stats.mean, mean, atol=1e-12)
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-12)
-    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(B, -1).pow(2).sum(1) for k, g in grads.items()},
-                       atol=1e-12)
+    assert_dicts_close(stats.param_sq_norms, {k: g.reshape(B, -1).pow(2).sum(1) for k, g in grads.items()}, atol=1e-12)
     inner = sum((g.reshape(B, -1) @ mean[k].reshape(-1)) for k, g in grads.items())
     torch.testing.assert_close(stats.inner_products, inner, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(stats.losses, losses, rtol=1e-9, atol=1e-12)
@@ -118,8 +120,9 @@ CLOSED = {
     "gru-2layer-bidirectional": lambda: nn.GRU(IN, H, num_layers=2, bidirectional=True, batch_first=True),
     "gru-seq-first-no-bias": lambda: nn.GRU(IN, H, bias=False),
     "rnn-tanh": lambda: nn.RNN(IN, H, batch_first=True),
-    "rnn-relu-2layer-bidirectional": lambda: nn.RNN(IN, H, num_layers=2, nonlinearity="relu", bidirectional=True,
-                                                    batch_first=True),
+    "rnn-relu-2layer-bidirectional": lambda: nn.RNN(
+        IN, H, num_layers=2, nonlinearity="relu", bidirectional=True, batch_first=True
+    ),
     "rnn-seq-first-no-bias": lambda: nn.RNN(IN, H, bias=False),
 }
 
@@ -152,13 +155,15 @@ def test_output_changed_in_place_after_the_call(cell, fallback_calls, consistenc
     (float64 LSTM returns a view, and a tensor hook on a view modified in place never fires, so its
     gradient is not captured at all; then the sums disagree with autograd's and the engine refuses,
     as it did with the torch.func fallback. Never a silently wrong number.)"""
+
     def masked(rnn, seq):
         out, state = rnn(seq)
         out[:, 2:].mul_(0.5)
         return out, state
+
     model = _build(lambda: cell(IN, H, batch_first=True), use="both", call=masked)
     x, y = _batch(9)
-    if cell is nn.LSTM:   # the refusal is the expected outcome, asserted (not a pass by an early return)
+    if cell is nn.LSTM:  # the refusal is the expected outcome, asserted (not a pass by an early return)
         with pytest.raises(NotExact):
             assert_equals_oracle(model, x, y)
         return
@@ -167,8 +172,15 @@ def test_output_changed_in_place_after_the_call(cell, fallback_calls, consistenc
     assert consistency == [False]
 
 
-@pytest.mark.parametrize("name", ["lstm-2layer-bidirectional-seq-first", "gru-2layer-bidirectional",
-                                  "rnn-relu-2layer-bidirectional", "lstm-no-bias"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "lstm-2layer-bidirectional-seq-first",
+        "gru-2layer-bidirectional",
+        "rnn-relu-2layer-bidirectional",
+        "lstm-no-bias",
+    ],
+)
 def test_initial_states_passed_in(name, fallback_calls):
     model = _build(CLOSED[name], use="both", init_state=True)
     x, y = _batch(1)
@@ -189,9 +201,11 @@ def test_frozen_weights_have_no_statistics(fallback_calls):
 
 def test_layer_called_twice(fallback_calls):
     """Two calls of one LSTM: the pieces of each call add up per example."""
+
     def twice(rnn, seq):
         out, _ = rnn(seq)
         return rnn(torch.tanh(out[..., :IN]))
+
     model = _build(CLOSED["lstm"], use="both", call=twice)
     x, y = _batch(3)
     assert_equals_oracle(model, x, y)
@@ -200,6 +214,7 @@ def test_layer_called_twice(fallback_calls):
 
 def test_benchmark_shaped_lstm_in_float32(fallback_calls, consistency):
     """Embedding → LSTM → Linear on the last state (the lstm benchmark, smaller), in float32."""
+
     class Classifier(nn.Module):
         def __init__(self):
             super().__init__()
@@ -221,11 +236,13 @@ def test_benchmark_shaped_lstm_in_float32(fallback_calls, consistency):
     for k, g in grads.items():
         torch.testing.assert_close(stats.mean[k].double(), g.mean(0), rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(stats.var[k].double(), g.var(0), rtol=1e-3, atol=1e-7)
-        torch.testing.assert_close(stats.param_sq_norms[k].double(), g.reshape(6, -1).pow(2).sum(1),
-                                   rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(
+            stats.param_sq_norms[k].double(), g.reshape(6, -1).pow(2).sum(1), rtol=1e-4, atol=1e-7
+        )
 
 
 # ----------------------------------------------------------------------------- refused cases
+
 
 class Packed(nn.Module):
     def __init__(self):
@@ -279,7 +296,7 @@ def test_parametrised_weight_takes_the_fallback(fallback_calls):
     nn.utils.parametrize.register_parametrization(model.rnn, "weight_hh_l0", _Scaled())
     x, y = _batch(5)
     grads, _ = oracle_grads(model, _loss, x, y)
-    stats = persample.grad_stats(model, _loss, x, y, engine="fast")   # exact, through the fallback (not a refusal)
+    stats = persample.grad_stats(model, _loss, x, y, engine="fast")  # exact, through the fallback (not a refusal)
     assert fallback_calls
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-12)
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
@@ -309,14 +326,21 @@ def test_autocast_is_refused():
     unit = Unit("rnn", rnn, None, dict(rnn.named_parameters()))
 
     def call(enabled):
-        return Call((x,), {}, output, {0: torch.ones(B, T, H, dtype=torch.float64)},
-                    autocast=(("cpu", enabled, torch.bfloat16),))
+        return Call(
+            (x,),
+            {},
+            output,
+            {0: torch.ones(B, T, H, dtype=torch.float64)},
+            autocast=(("cpu", enabled, torch.bfloat16),),
+        )
+
     assert recurrent_pieces(unit, call(True), B, 1.0) is None
     assert set(recurrent_pieces(unit, call(False), B, 1.0)) == set(unit.params)
     assert recurrent_pieces(unit, call(False), B + 1, 1.0) is None  # not batched over the engine's batch
 
 
 # ------------------------------------------------- the backward through the layer, from the closed form
+
 
 @pytest.fixture
 def cuts_held(monkeypatch):
@@ -339,7 +363,13 @@ class Below(nn.Module):
 
     def __init__(self, rnn: nn.RNNBase, skip: bool = False, outside_use: bool = False, stacked=None):
         super().__init__()
-        self.pre, self.rnn, self.skip, self.outside_use, self.stacked = nn.Linear(IN, IN), rnn, skip, outside_use, stacked
+        self.pre, self.rnn, self.skip, self.outside_use, self.stacked = (
+            nn.Linear(IN, IN),
+            rnn,
+            skip,
+            outside_use,
+            stacked,
+        )
         directions = 2 if rnn.bidirectional else 1
         self.head = nn.Linear(directions * rnn.hidden_size + (IN if skip else 0), CLASSES)
 
@@ -366,8 +396,9 @@ def test_the_backward_through_the_layer_comes_from_the_closed_form(name, fallbac
     grads, _ = oracle_grads(model, _loss, x, y)
     without_var = persample.grad_stats(model, _loss, x, y, engine="fast", var=False)  # means from one matmul
     assert_dicts_close(without_var.mean, {k: g.mean(0) for k, g in grads.items()}, atol=1e-12)
-    assert_dicts_close(without_var.param_sq_norms, {k: g.reshape(B, -1).pow(2).sum(1) for k, g in grads.items()},
-                       atol=1e-12)
+    assert_dicts_close(
+        without_var.param_sq_norms, {k: g.reshape(B, -1).pow(2).sum(1) for k, g in grads.items()}, atol=1e-12
+    )
     assert not fallback_calls
     assert cuts_held == [(1, 1), (1, 1)]
 
@@ -418,6 +449,7 @@ def test_what_the_layer_read_changed_in_place_after_the_call_is_refused_not_used
     """Autograd's backward through the layer would have refused it (a saved tensor whose version
     moved); with the backward split at the layer, autograd never reads those tensors, so the engine
     checks the versions of the captured inputs and of the layer's parameters itself."""
+
     class ChangesWhatItRead(Below):
         def forward(self, x):
             seq = self.pre(x) + 1.0

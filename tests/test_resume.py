@@ -28,11 +28,11 @@ def _rows(logger, steps):
 @pytest.mark.parametrize("cls,suffix", [(CSVLogger, "csv"), (JSONLLogger, "jsonl")])
 def test_loggers_append_and_replace_rows_past_the_checkpoint(tmp_path, cls, suffix):
     path = tmp_path / f"m.{suffix}"
-    _rows(cls(path), range(6))            # the first run logged steps 0..5, then stopped
+    _rows(cls(path), range(6))  # the first run logged steps 0..5, then stopped
     with pytest.warns(UserWarning, match="2 row.*step 4") as record:
-        _rows(cls(path), range(4, 8))     # resumed from the checkpoint at step 4
+        _rows(cls(path), range(4, 8))  # resumed from the checkpoint at step 4
     assert len(record) == 1
-    assert [r["step"] for r in read_metrics(path)] == list(range(8))   # nothing lost, nothing twice
+    assert [r["step"] for r in read_metrics(path)] == list(range(8))  # nothing lost, nothing twice
     backup = tmp_path / f"m.replaced-1.{suffix}"
     assert [r["step"] for r in read_metrics(backup)] == [4, 5]
     uninterrupted = tmp_path / f"u.{suffix}"
@@ -54,7 +54,7 @@ def test_csv_logger_drops_a_truncated_last_line_when_it_appends(tmp_path):
     path = tmp_path / "m.csv"
     _rows(CSVLogger(path), range(3))
     with open(path, "a") as f:
-        f.write("3,1.0")                   # killed mid-write
+        f.write("3,1.0")  # killed mid-write
     with pytest.warns(UserWarning, match="incomplete last line"):
         _rows(CSVLogger(path), range(3, 5))
     assert [r["step"] for r in read_metrics(path)] == list(range(5))
@@ -66,8 +66,12 @@ def test_state_dicts_round_trip_through_json():
         ema.update(noise.NoiseScale(8, 1.0 + k, 10.0 * k + 1, 0.0, 0.0, 0.0))
     again = noise.NoiseScaleEMA(0.9)
     again.load_state_dict(json.loads(json.dumps(ema.state_dict())))
-    assert (again.steps, again.value, again.trace_cov, again.grad_sq) == (ema.steps, ema.value, ema.trace_cov,
-                                                                          ema.grad_sq)
+    assert (again.steps, again.value, again.trace_cov, again.grad_sq) == (
+        ema.steps,
+        ema.value,
+        ema.trace_cov,
+        ema.grad_sq,
+    )
     with pytest.raises(ValueError, match="beta=0.9"):
         noise.NoiseScaleEMA(0.5).load_state_dict(ema.state_dict())
     tracker = Tracker(torch.nn.Linear(2, 1), torch.nn.functional.mse_loss, every=2)
@@ -77,7 +81,7 @@ def test_state_dicts_round_trip_through_json():
     assert tracker.steps == 6 and tracker.wants_stats()
 
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import sys, torch
     import persample
     from persample.loggers import CSVLogger, Diagnostics, JSONLLogger
@@ -108,7 +112,7 @@ SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         run(sys.argv[1], int(sys.argv[2]), resume=sys.argv[3])
-''')
+""")
 
 
 def test_plain_loop_resumed_in_a_new_process_logs_the_same_rows(tmp_path):
@@ -122,8 +126,13 @@ def test_plain_loop_resumed_in_a_new_process_logs_the_same_rows(tmp_path):
     # past the checkpoint until the run died at step 6.
     namespace["run"](part, 6, save_at=3)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, "-W", "ignore", str(script), part, "9", part + ".pt"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", str(script), part, "9", part + ".pt"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     for suffix in (".csv", ".jsonl"):
         assert open(part + suffix).read() == open(full + suffix).read()

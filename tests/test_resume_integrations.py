@@ -12,7 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, os, sys, warnings
     import torch
     torch.set_num_threads(1)  # float32 sums are then the same in every process, whatever else runs
@@ -94,7 +94,7 @@ SCRIPT = textwrap.dedent('''
         rows = hf(out, resume=resume) if which == "hf" else lightning(out, resume=resume)
         with open(result, "w") as f:
             json.dump(rows, f)
-''')
+""")
 
 
 def _namespace(tmp_path):
@@ -108,8 +108,13 @@ def _namespace(tmp_path):
 def _resume_in_new_process(script, which, out, checkpoint, tmp_path):
     result = tmp_path / f"{which}-resumed.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    done = subprocess.run([sys.executable, str(script), which, str(out), str(checkpoint), str(result)],
-                          env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(script), which, str(out), str(checkpoint), str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(result.read_text())
 
@@ -122,7 +127,7 @@ def test_hf_trainer_resumed_from_a_checkpoint_logs_the_same_rows(tmp_path):
     # AdamW's preconditioned noise scale: undefined (not logged) before its first step, logged after
     assert ["persample/b_precond" in r for r in full] == [False, True, True]
     part = tmp_path / "part"
-    ns["hf"](str(part), stop_at=5)                 # checkpoint-3 saved; rows past it logged; then the run died
+    ns["hf"](str(part), stop_at=5)  # checkpoint-3 saved; rows past it logged; then the run died
     resumed = _resume_in_new_process(script, "hf", part, part / "checkpoint-3", tmp_path)
     assert json.dumps(resumed, sort_keys=True) == json.dumps(full, sort_keys=True)  # to the last digit
     assert (part / "persample.csv").read_text() == (tmp_path / "full" / "persample.csv").read_text()
@@ -133,9 +138,9 @@ def test_lightning_resumed_from_a_checkpoint_logs_the_same_rows(tmp_path):
     script, ns = _namespace(tmp_path)
     full_dir, part = tmp_path / "full", tmp_path / "part"
     full = ns["lightning"](str(full_dir))
-    assert len(full) == 8                          # steps 0, 2, …, 14 of 15 (5 an epoch)
-    assert all(r["b_precond"] == r["b_precond"] for r in full[1:])   # AdamW: logged from its second step
-    ns["lightning"](str(part), max_epochs=2)       # checkpoints after epochs 1 and 2
+    assert len(full) == 8  # steps 0, 2, …, 14 of 15 (5 an epoch)
+    assert all(r["b_precond"] == r["b_precond"] for r in full[1:])  # AdamW: logged from its second step
+    ns["lightning"](str(part), max_epochs=2)  # checkpoints after epochs 1 and 2
     resumed = _resume_in_new_process(script, "lightning", part, part / "epoch=0-step=5.ckpt", tmp_path)
-    assert json.dumps(resumed) == json.dumps(full[3:])   # the rows this process logged, from step 6 on
+    assert json.dumps(resumed) == json.dumps(full[3:])  # the rows this process logged, from step 6 on
     assert (part / "persample.csv").read_text() == (full_dir / "persample.csv").read_text()

@@ -28,14 +28,36 @@ def fake_records(scaling):
         for k, value in enumerate(sweep.values):
             for method in ("plain", scaling.FAST, "torch.func", sweep.peer):
                 wrong = method == "opacus-hooks"
-                records.append({"sweep": sweep.name, "variable": sweep.variable, "value": value, "method": method,
-                                "median_s": 0.01 * (k + 1), "ratio": 1.0 if method == "plain" else 1.5 + k,
-                                "peak_mem_bytes": (k + 1) << 20, "status": "wrong" if wrong else "ok",
-                                "reason": "shape mismatch" if wrong else "", "foreign_cpu": 0.0})
-    meta = {"machine": {"cpu": "Test CPU", "logical_cpus": 2, "torch": torch.__version__, "threads": 2,
-                        "versions": {"persample_git": "abc"}},
-            "load_before": 0.1, "load_after": 0.2, "allocator": "test", "memory_method": "test", "repeats": 3,
-            "command": "python benchmarks/scaling.py", "total_s": 1.0}
+                records.append(
+                    {
+                        "sweep": sweep.name,
+                        "variable": sweep.variable,
+                        "value": value,
+                        "method": method,
+                        "median_s": 0.01 * (k + 1),
+                        "ratio": 1.0 if method == "plain" else 1.5 + k,
+                        "peak_mem_bytes": (k + 1) << 20,
+                        "status": "wrong" if wrong else "ok",
+                        "reason": "shape mismatch" if wrong else "",
+                        "foreign_cpu": 0.0,
+                    }
+                )
+    meta = {
+        "machine": {
+            "cpu": "Test CPU",
+            "logical_cpus": 2,
+            "torch": torch.__version__,
+            "threads": 2,
+            "versions": {"persample_git": "abc"},
+        },
+        "load_before": 0.1,
+        "load_after": 0.2,
+        "allocator": "test",
+        "memory_method": "test",
+        "repeats": 3,
+        "command": "python benchmarks/scaling.py",
+        "total_s": 1.0,
+    }
     return records, meta
 
 

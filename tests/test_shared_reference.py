@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import persample
 from persample import GradStats, Tracker, noise
@@ -41,8 +40,9 @@ def test_every_engine_gives_inner_products_against_a_fixed_reference(engine, cas
     grads, _ = oracle_grads(model, case.loss_fn, x, y)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        stats = persample.grad_stats(model, case.loss_fn, x, y, engine=engine, reference=reference,
-                                     chunk_size=2)  # the streamed engines: one pass over 3 chunks
+        stats = persample.grad_stats(
+            model, case.loss_fn, x, y, engine=engine, reference=reference, chunk_size=2
+        )  # the streamed engines: one pass over 3 chunks
     torch.testing.assert_close(stats.inner_products, _expected_inner(grads, reference), rtol=1e-9, atol=1e-12)
     assert all(torch.equal(stats.reference[k], reference[k]) for k in reference)
 
@@ -55,8 +55,7 @@ def test_observe_gives_inner_products_against_a_fixed_reference():
     with tracker.accumulate(reference=reference) as acc:
         with tracker.observe(y) as observed:
             MLP.loss_fn(model(x), y).backward()
-    torch.testing.assert_close(observed.stats.inner_products, _expected_inner(grads, reference), rtol=1e-9,
-                               atol=1e-12)
+    torch.testing.assert_close(observed.stats.inner_products, _expected_inner(grads, reference), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(acc.stats.inner_products, _expected_inner(grads, reference), rtol=1e-9, atol=1e-12)
 
 
@@ -76,8 +75,7 @@ def test_accumulated_micro_batches_keep_the_whole_batchs_inner_products(case, mo
     rows = []
     tracker.register_hook(lambda t, s: rows.append(s))
     model.zero_grad()
-    with tracker.accumulate(reference="last" if mode == "observe" else (reference if mode == "dict" else mode)) \
-            as acc:
+    with tracker.accumulate(reference="last" if mode == "observe" else (reference if mode == "dict" else mode)) as acc:
         for part in (slice(0, 2), slice(2, 3), slice(3, 6)):
             if mode == "observe":
                 with tracker.observe(y[part]):
@@ -112,12 +110,15 @@ def test_last_before_any_published_statistics_gives_no_inner_products():
     first.requires_grad_(True)
 
 
-@pytest.mark.parametrize("reference, error, message", [
-    ("previous", ValueError, "must be None, 'last', 'first' or a dict"),
-    ({"0.weight": torch.zeros(1)}, ValueError, "missing"),
-    ("shape", ValueError, r"reference\['0.weight'\] must be a tensor of the parameter's shape"),
-    ("nan", ValueError, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "reference, error, message",
+    [
+        ("previous", ValueError, "must be None, 'last', 'first' or a dict"),
+        ({"0.weight": torch.zeros(1)}, ValueError, "missing"),
+        ("shape", ValueError, r"reference\['0.weight'\] must be a tensor of the parameter's shape"),
+        ("nan", ValueError, "non-finite"),
+    ],
+)
 def test_bad_references_are_named(reference, error, message):
     model, x, y = MLP.instantiate(batch=4)
     if reference in ("shape", "nan"):
@@ -139,8 +140,11 @@ def _stats_against(reference_of, n=8, p=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     grads = torch.randn(n, p, generator=g, dtype=torch.float64) + 0.7
     reference = reference_of(grads)
-    return grads, reference, GradStats.from_per_example({"w": grads}, torch.zeros(n, dtype=torch.float64),
-                                                        reference={"w": reference})
+    return (
+        grads,
+        reference,
+        GradStats.from_per_example({"w": grads}, torch.zeros(n, dtype=torch.float64), reference={"w": reference}),
+    )
 
 
 def test_inner_product_test_against_any_reference():
@@ -155,7 +159,8 @@ def test_inner_product_test_against_any_reference():
     _, _, along_mean = _stats_against(lambda g: g.mean(0))
     _, _, along_scaled_mean = _stats_against(lambda g: 3.0 * g.mean(0))
     assert noise.inner_product_test(along_scaled_mean).statistic == pytest.approx(
-        noise.inner_product_test(along_mean).statistic, rel=1e-12)
+        noise.inner_product_test(along_mean).statistic, rel=1e-12
+    )
 
 
 def test_orthogonality_test_and_diagnostics_against_another_reference():

@@ -28,7 +28,7 @@ MIXES = {
     "gram": lambda h: h @ (h.T @ h) / 10,
     "cumsum": lambda h: h.cumsum(0) / 3,
     "flip": lambda h: h.flip(0),
-    "permutation": lambda h: h[torch.tensor(PERMUTATION[:h.shape[0]]) % h.shape[0]],
+    "permutation": lambda h: h[torch.tensor(PERMUTATION[: h.shape[0]]) % h.shape[0]],
     "max": lambda h: h + h.max(0).values,
     "sum_keepdim": lambda h: h + h.sum(0, keepdim=True) / 6,
     "softmax0": lambda h: h.softmax(0),
@@ -73,8 +73,11 @@ def test_fast_and_observe_refuse(name, where):
             F.cross_entropy(model(x), y).backward()
 
 
-@pytest.mark.parametrize("name,where", [c for c in CASES if c[0] != "permutation"],
-                         ids=[i for i, c in zip(IDS, CASES) if c[0] != "permutation"])
+@pytest.mark.parametrize(
+    "name,where",
+    [c for c in CASES if c[0] != "permutation"],
+    ids=[i for i, c in zip(IDS, CASES) if c[0] != "permutation"],
+)
 def test_auto_is_the_batch_of_one_oracle(name, where):
     model, x, y = _case(name, where)
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)  # loss_fn(model(x_i[None]), y_i[None]), float64
@@ -85,12 +88,21 @@ def test_auto_is_the_batch_of_one_oracle(name, where):
     assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("op", [lambda h: h[torch.arange(h.shape[0])], lambda h: h[:, 1:].mean(1, keepdim=True) + h,
-                                lambda h: h.softmax(-1), lambda h: h.sort(-1).values, lambda h: h.cumsum(1),
-                                lambda h: h.flip(1), lambda h: h.roll(1, 1), lambda h: h[:],
-                                lambda h: h - h.mean(1, keepdim=True)],
-                         ids=["arange-index", "mean1", "softmax-1", "sort-1", "cumsum1", "flip1", "roll1", "full-slice",
-                              "centre1"])
+@pytest.mark.parametrize(
+    "op",
+    [
+        lambda h: h[torch.arange(h.shape[0])],
+        lambda h: h[:, 1:].mean(1, keepdim=True) + h,
+        lambda h: h.softmax(-1),
+        lambda h: h.sort(-1).values,
+        lambda h: h.cumsum(1),
+        lambda h: h.flip(1),
+        lambda h: h.roll(1, 1),
+        lambda h: h[:],
+        lambda h: h - h.mean(1, keepdim=True),
+    ],
+    ids=["arange-index", "mean1", "softmax-1", "sort-1", "cumsum1", "flip1", "roll1", "full-slice", "centre1"],
+)
 @pytest.mark.parametrize("where", ["hidden", "input"])
 def test_ops_that_keep_examples_apart_stay_on_the_fast_engine(op, where):
     torch.manual_seed(0)

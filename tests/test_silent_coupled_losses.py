@@ -67,11 +67,13 @@ def _case(name):
     torch.manual_seed(0)
     x = torch.randn(6, 5, dtype=torch.float64)
     model = (MoE() if name == "moe" else nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6))).double()
-    loss_fn, y = {"nt_xent": (nt_xent, None),
-                  "triplet": (batch_hard_triplet, torch.tensor([0, 0, 1, 1, 2, 2])),
-                  "clip": (clip_loss, None),
-                  "centred_mse": (centred_mse, torch.randn(6, 6, dtype=torch.float64)),
-                  "moe": (moe_loss, torch.randint(0, 6, (6,)))}[name]
+    loss_fn, y = {
+        "nt_xent": (nt_xent, None),
+        "triplet": (batch_hard_triplet, torch.tensor([0, 0, 1, 1, 2, 2])),
+        "clip": (clip_loss, None),
+        "centred_mse": (centred_mse, torch.randn(6, 6, dtype=torch.float64)),
+        "moe": (moe_loss, torch.randint(0, 6, (6,))),
+    }[name]
     return model, loss_fn, x, y
 
 
@@ -84,8 +86,9 @@ def test_grad_stats_refuses_a_coupled_loss(name, engine):
     model, loss_fn, x, y = _case(name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", persample.SlowPathWarning)
-        with pytest.raises(BatchLossMismatch, match="loss_fn couples the examples of the batch.*"
-                                                    "batch_loss_check=False"):
+        with pytest.raises(
+            BatchLossMismatch, match="loss_fn couples the examples of the batch.*batch_loss_check=False"
+        ):
             persample.grad_stats(model, loss_fn, x, y, engine=engine)
 
 
@@ -109,19 +112,25 @@ def test_opting_out_gives_the_batch_of_one_gradients(name):
     assert_dicts_close(per_example, grads)
 
 
-@pytest.mark.parametrize("loss_fn", [F.cross_entropy, lambda o, y: F.cross_entropy(o, y, reduction="sum"),
-                                     lambda o, y: F.cross_entropy(o, y, weight=torch.tensor([1.0, 2.0, 0.5],
-                                                                                             dtype=o.dtype)),
-                                     lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1) * 3.0],
-                         ids=["mean", "sum", "class-weights", "scaled"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        F.cross_entropy,
+        lambda o, y: F.cross_entropy(o, y, reduction="sum"),
+        lambda o, y: F.cross_entropy(o, y, weight=torch.tensor([1.0, 2.0, 0.5], dtype=o.dtype)),
+        lambda o, y: F.cross_entropy(o, y, label_smoothing=0.1) * 3.0,
+    ],
+    ids=["mean", "sum", "class-weights", "scaled"],
+)
 def test_weighted_sums_of_per_example_losses_pass_the_check(loss_fn):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     grads, _ = oracle_grads(model, loss_fn, x, y)
     for engine in ("fast", "vmap", "loop"):
-        assert_dicts_close(persample.grad_stats(model, loss_fn, x, y, engine=engine).mean,
-                           {k: g.mean(0) for k, g in grads.items()})
+        assert_dicts_close(
+            persample.grad_stats(model, loss_fn, x, y, engine=engine).mean, {k: g.mean(0) for k, g in grads.items()}
+        )
     assert_dicts_close(persample.per_sample_grads(model, loss_fn, x, y), grads)
 
 
@@ -153,5 +162,6 @@ def test_a_random_model_with_a_coupled_loss_is_refused_too(engine):
     with pytest.raises(BatchLossMismatch, match=r"loss_fn couples the examples.*\[BATCH_LOSS_COUPLED\]"):
         persample.grad_stats(model, nt_xent, x, randomness="different", engine=engine)
     with pytest.raises(BatchLossMismatch, match=r"loss_fn couples the examples.*\[BATCH_LOSS_COUPLED\]"):
-        persample.per_sample_grads(model, nt_xent, x, randomness="different", engine="loop" if engine == "loop"
-                                   else "vmap")
+        persample.per_sample_grads(
+            model, nt_xent, x, randomness="different", engine="loop" if engine == "loop" else "vmap"
+        )

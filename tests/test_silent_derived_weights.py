@@ -63,8 +63,12 @@ class Derived(nn.Module):
         return self.out(torch.tanh(h2))
 
 
-CASES = [(kind, plain, target) for kind in ("scale", "sam", "hyper", "maml") for plain in (True, False)
-         for target in ("lin", "raw")]
+CASES = [
+    (kind, plain, target)
+    for kind in ("scale", "sam", "hyper", "maml")
+    for plain in (True, False)
+    for target in ("lin", "raw")
+]
 IDS = [f"{k}-{'plain' if p else 'only'}-{t}" for k, p, t in CASES]
 
 
@@ -101,8 +105,11 @@ def test_grad_stats_is_exact_or_refused(kind, plain, target):
 @pytest.mark.parametrize("kind", ["scale", "sam", "maml"])
 def test_fast_refuses_a_substituted_parameter_by_name(kind):
     model, x, y, _, _ = _setup(kind, True, "lin")
-    with pytest.raises(persample.NotExact, match=r"module lin \(Linear\) was called with its parameter 'weight' "
-                                                 r"replaced by another tensor"):
+    with pytest.raises(
+        persample.NotExact,
+        match=r"module lin \(Linear\) was called with its parameter 'weight' "
+        r"replaced by another tensor",
+    ):
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
 
 
@@ -118,8 +125,9 @@ def test_tracker_step_writes_the_exact_p_grad(kind, plain, target):
     assert_dicts_close(written, {k: g.mean(0) for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("kind,plain,target", [("scale", True, "lin"), ("scale", False, "lin"),
-                                               ("scale", True, "raw"), ("sam", True, "lin")])
+@pytest.mark.parametrize(
+    "kind,plain,target", [("scale", True, "lin"), ("scale", False, "lin"), ("scale", True, "raw"), ("sam", True, "lin")]
+)
 def test_observe_refuses(kind, plain, target):
     model, x, y, _, _ = _setup(kind, plain, target)
     tracker = persample.Tracker(model, F.cross_entropy)

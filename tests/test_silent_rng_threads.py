@@ -32,7 +32,7 @@ class Augmenter:
 
     def _run(self):
         while not self._stop.is_set():
-            self.draws.append(int(torch.randint(0, 2 ** 62, (1,)).item()))
+            self.draws.append(int(torch.randint(0, 2**62, (1,)).item()))
 
     def __enter__(self):
         self._thread.start()
@@ -114,5 +114,7 @@ def test_dropout_that_is_off_is_not_a_random_call():
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     for engine in ("fast", "loop"):
-        assert_dicts_close(persample.grad_stats(model, F.cross_entropy, x, y, engine=engine).mean,
-                           {k: g.mean(0) for k, g in grads.items()})
+        assert_dicts_close(
+            persample.grad_stats(model, F.cross_entropy, x, y, engine=engine).mean,
+            {k: g.mean(0) for k, g in grads.items()},
+        )

@@ -19,8 +19,7 @@ from zoo import assert_dicts_close
 
 def _spectral_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(5, 6)), nn.Tanh(),
-                         nn.Linear(6, 3)).double()
+    return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(5, 6)), nn.Tanh(), nn.Linear(6, 3)).double()
 
 
 def _batch(b=7):
@@ -31,10 +30,15 @@ def _batch(b=7):
 def _oracle_mean(model, x, y):
     """autograd's gradient of the mean loss of one batch forward from the buffers as found (a copy)."""
     import copy
+
     twin = copy.deepcopy(model)
     params = [p for p in twin.parameters() if p.requires_grad]
-    return dict(zip([n for n, p in twin.named_parameters() if p.requires_grad],
-                    torch.autograd.grad(F.cross_entropy(twin(x), y), params)))
+    return dict(
+        zip(
+            [n for n, p in twin.named_parameters() if p.requires_grad],
+            torch.autograd.grad(F.cross_entropy(twin(x), y), params),
+        )
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [None, 2, 3])
@@ -63,7 +67,8 @@ def test_randomness_same_shares_one_draw_across_chunks():
     results = []
     for chunk_size in (7, 2):
         torch.manual_seed(3)
-        results.append(persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap", randomness="same",
-                                            chunk_size=chunk_size))
+        results.append(
+            persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap", randomness="same", chunk_size=chunk_size)
+        )
     torch.testing.assert_close(results[1].sq_norms, results[0].sq_norms, rtol=1e-12, atol=0)
     assert_dicts_close(results[1].mean, results[0].mean)

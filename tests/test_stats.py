@@ -14,8 +14,10 @@ from zoo import CASE_IDS, CASES, assert_dicts_close, oracle_grads
 
 def _random_grads(n, seed):
     g = torch.Generator().manual_seed(seed)
-    grads = {"a": torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * 3 + 1,
-             "b": torch.randn(n, 4, generator=g, dtype=torch.float64)}
+    grads = {
+        "a": torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * 3 + 1,
+        "b": torch.randn(n, 4, generator=g, dtype=torch.float64),
+    }
     return grads, torch.rand(n, generator=g, dtype=torch.float64)
 
 
@@ -40,15 +42,19 @@ def test_merge_equals_stats_of_concatenation(n_a, n_b, seed):
 def test_merge_keeps_inner_products_only_with_a_shared_reference():
     grads, losses = _random_grads(6, 1)
     ref = {k: v.mean(0) for k, v in grads.items()}
-    halves = [GradStats.from_per_example({k: v[s] for k, v in grads.items()}, losses[s], reference=ref)
-              for s in (slice(0, 3), slice(3, 6))]
+    halves = [
+        GradStats.from_per_example({k: v[s] for k, v in grads.items()}, losses[s], reference=ref)
+        for s in (slice(0, 3), slice(3, 6))
+    ]
     merged = halves[0].merge(halves[1])
     flat = torch.cat([g.reshape(6, -1) for g in grads.values()], 1)
-    torch.testing.assert_close(merged.inner_products, flat @ torch.cat([r.reshape(-1) for r in ref.values()]),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        merged.inner_products, flat @ torch.cat([r.reshape(-1) for r in ref.values()]), rtol=1e-9, atol=1e-12
+    )
     # References are compared by value: an equal clone is the same reference...
-    clone = GradStats.from_per_example({k: v[3:] for k, v in grads.items()}, losses[3:],
-                                       reference={k: v.clone() for k, v in ref.items()})
+    clone = GradStats.from_per_example(
+        {k: v[3:] for k, v in grads.items()}, losses[3:], reference={k: v.clone() for k, v in ref.items()}
+    )
     torch.testing.assert_close(halves[0].merge(clone).inner_products, merged.inner_products, rtol=0, atol=0)
     # ...and a reference that differs in one element is not.
     moved = {k: v.clone() for k, v in ref.items()}
@@ -83,8 +89,9 @@ def test_var_false_keeps_mean_and_norms_only():
     assert merged.var is None and merged.n == 10
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("cnn_groupnorm_pool", "gru", "hf_gpt2")],
-                         ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.name in ("cnn_groupnorm_pool", "gru", "hf_gpt2")], ids=lambda c: c.name
+)
 def test_chunk_size_changes_memory_never_results(case):
     model, inputs, targets = case.instantiate(batch=7)
     reference = persample.grad_stats(model, case.loss_fn, inputs, targets, chunk_size=7)
@@ -105,8 +112,12 @@ def test_merge_of_two_grad_stats_calls_equals_one_call():
 
 
 @settings(max_examples=25, deadline=None)
-@given(batch=st.integers(1, 6), widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
-       chunk=st.integers(1, 7), seed=st.integers(0, 1000))
+@given(
+    batch=st.integers(1, 6),
+    widths=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+    chunk=st.integers(1, 7),
+    seed=st.integers(0, 1000),
+)
 def test_random_mlps_match_oracle(batch, widths, chunk, seed):
     torch.manual_seed(seed)
     layers = []
@@ -126,12 +137,16 @@ def test_random_mlps_match_oracle(batch, widths, chunk, seed):
 
 
 @settings(max_examples=15, deadline=None)
-@given(batch=st.integers(1, 4), channels=st.integers(1, 3), size=st.integers(4, 7),
-       kernel=st.integers(1, 3), seed=st.integers(0, 1000))
+@given(
+    batch=st.integers(1, 4),
+    channels=st.integers(1, 3),
+    size=st.integers(4, 7),
+    kernel=st.integers(1, 3),
+    seed=st.integers(0, 1000),
+)
 def test_random_convnets_match_oracle(batch, channels, size, kernel, seed):
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Conv2d(channels, 2, kernel), nn.ReLU(), nn.Flatten(),
-                          nn.LazyLinear(3)).double()
+    model = nn.Sequential(nn.Conv2d(channels, 2, kernel), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3)).double()
     x = torch.randn(batch, channels, size, size, dtype=torch.float64)
     model(x)  # materialise the lazy layer
     y = torch.randint(0, 3, (batch,))

@@ -8,8 +8,10 @@ from persample.stats import Reduction, field_reductions, same_value
 
 def _record(n, seed, *, clip=None, reference=None):
     g = torch.Generator().manual_seed(seed)
-    grads = {"w": torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * 2 + 1,
-             "b": torch.randn(n, 4, generator=g, dtype=torch.float64)}
+    grads = {
+        "w": torch.randn(n, 3, 2, generator=g, dtype=torch.float64) * 2 + 1,
+        "b": torch.randn(n, 4, generator=g, dtype=torch.float64),
+    }
     losses = torch.rand(n, generator=g, dtype=torch.float64)
     return grads, losses, GradStats.from_per_example(grads, losses, reference=reference, clip_norm=clip)
 
@@ -25,8 +27,7 @@ def test_every_field_declares_its_reduction():
     assert declared["reference"].reduction is Reduction.SHARED
     assert declared["clipped_mean"].reduction is Reduction.WEIGHTED_MEAN
     assert declared["clipped_mean"].requires == "clip_norm"
-    assert {f for f, d in declared.items() if d.reduction is Reduction.PARTS} == {"part_sizes",
-                                                                                  "part_mean_sq_norms"}
+    assert {f for f, d in declared.items() if d.reduction is Reduction.PARTS} == {"part_sizes", "part_mean_sq_norms"}
 
 
 def test_merge_of_clipped_means_is_the_clipped_mean_of_the_concatenation():
@@ -44,6 +45,7 @@ def test_parts_are_kept_only_when_both_records_have_them():
     _, _, a = _record(3, 1)
     _, _, b = _record(2, 2)
     import dataclasses
+
     pa = dataclasses.replace(a, part_sizes=(3,), part_mean_sq_norms=(1.0,))
     pb = dataclasses.replace(b, part_sizes=(2,), part_mean_sq_norms=(2.0,))
     assert pa.merge(pb).part_sizes == (3, 2) and pa.merge(pb).part_mean_sq_norms == (1.0, 2.0)

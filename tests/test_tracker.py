@@ -12,8 +12,9 @@ from persample import MeanMismatchError, Tracker
 
 from zoo import CASE_IDS, CASES, CentersBatch, call_model, oracle_grads
 
-TRAINING_CASES = [CASES[CASE_IDS.index(n)] for n in
-                  ("mlp", "cnn_groupnorm_pool", "tied_weights", "lstm", "two_inputs", "hf_gpt2")]
+TRAINING_CASES = [
+    CASES[CASE_IDS.index(n)] for n in ("mlp", "cnn_groupnorm_pool", "tied_weights", "lstm", "two_inputs", "hf_gpt2")
+]
 
 
 def _train(model, case, batches, *, tracker_kwargs=None, steps_per_update=1):
@@ -74,8 +75,14 @@ def test_hooks_run_in_order_every_k_and_can_be_removed():
     tracker.register_hook(lambda t, s: calls.append(("second", t.steps, s.n)))
     results = [tracker.step(*case.make_batch(4)) for _ in range(7)]
     assert [r is not None for r in results] == [True, False, False, True, False, False, True]
-    assert calls == [("first", 0, 4), ("second", 0, 4), ("first", 3, 4), ("second", 3, 4),
-                     ("first", 6, 4), ("second", 6, 4)]
+    assert calls == [
+        ("first", 0, 4),
+        ("second", 0, 4),
+        ("first", 3, 4),
+        ("second", 3, 4),
+        ("first", 6, 4),
+        ("second", 6, 4),
+    ]
     assert tracker.steps == 7
     first.remove()
     calls.clear()
@@ -138,8 +145,7 @@ def test_check_every_passes_on_an_honest_model_and_runs_on_its_schedule(monkeypa
     model, x, y = case.instantiate()
     seen = []
     real = persample.tracker.check_batch_mean
-    monkeypatch.setattr(persample.tracker, "check_batch_mean",
-                        lambda *a, **k: seen.append(1) or real(*a, **k))
+    monkeypatch.setattr(persample.tracker, "check_batch_mean", lambda *a, **k: seen.append(1) or real(*a, **k))
     tracker = Tracker(model, case.loss_fn, every=1, check_every=2)
     for _ in range(5):
         tracker.step(x, y)
@@ -181,8 +187,7 @@ def test_a_step_that_raises_leaves_every_grad_as_it_was(failure, every):
         tracker.register_hook(lambda t, s: (_ for _ in ()).throw(ValueError("hook failed")))
     snap = _grad_snapshot(model)
     bad_x = {"bad_input": torch.randn(4, 4), "model": torch.randn(5, 7)}.get(failure, x)
-    expected = {"bad_input": ValueError, "hook": ValueError, "model": RuntimeError,
-                "check": MeanMismatchError}[failure]
+    expected = {"bad_input": ValueError, "hook": ValueError, "model": RuntimeError, "check": MeanMismatchError}[failure]
     with pytest.raises(expected) as info:
         tracker.step(bad_x, y)
     _assert_grads_unchanged(model, snap)
@@ -199,11 +204,14 @@ def test_random_ops_advance_the_rng_like_training():
     assert not torch.equal(first.sq_norms, second.sq_norms)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(every=0), "every must be an integer"),
-    (dict(check_every=-1), "check_every must be an integer"),
-    (dict(clip_norm=0.0), "clip_norm must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(every=0), "every must be an integer"),
+        (dict(check_every=-1), "check_every must be an integer"),
+        (dict(clip_norm=0.0), "clip_norm must be a positive number"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         Tracker(nn.Linear(2, 2), F.mse_loss, **kwargs)

@@ -37,6 +37,7 @@ def one_thread():
 
 # ----------------------------------------------------------------------------------------- models
 
+
 class Counting(nn.Module):
     """An MLP whose forward counts its calls and keeps an EMA of its input's batch mean (buffers that a
     training forward updates). ``reassign``: the buffers are replaced (``self.n = self.n + 1``), else
@@ -85,8 +86,7 @@ def build(name, seed=0):
 
 def batches(n=4, size=4, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(size, 5, dtype=F64, generator=g), torch.randint(0, 3, (size,), generator=g))
-            for _ in range(n)]
+    return [(torch.randn(size, 5, dtype=F64, generator=g), torch.randint(0, 3, (size,), generator=g)) for _ in range(n)]
 
 
 def buffers_of(model):
@@ -131,16 +131,28 @@ def train(model, data, *, tracker_kwargs=None, loss_fn=F.cross_entropy, input_gr
 #: (engine, model) pairs the engine can run. The fast engine refuses spectral norm (NotExact) after its
 #: forward, so there "auto" falls back to vmap (and leaves that forward's buffer writes behind); the in-place
 #: counter makes vmap refuse, so for it "auto" is the fast engine, and the loop where that cannot be used.
-ENGINE_MODELS = [("auto", "spectral_parametrization"), ("auto", "spectral_hook"), ("auto", "counting"),
-                 ("auto", "counting_reassigned"), ("fast", "counting"), ("fast", "counting_reassigned"),
-                 ("vmap", "spectral_parametrization"), ("vmap", "counting_reassigned"),
-                 ("loop", "spectral_hook"), ("loop", "counting")]
+ENGINE_MODELS = [
+    ("auto", "spectral_parametrization"),
+    ("auto", "spectral_hook"),
+    ("auto", "counting"),
+    ("auto", "counting_reassigned"),
+    ("fast", "counting"),
+    ("fast", "counting_reassigned"),
+    ("vmap", "spectral_parametrization"),
+    ("vmap", "counting_reassigned"),
+    ("loop", "spectral_hook"),
+    ("loop", "counting"),
+]
 
 #: Tracker paths: p.grad from the statistics (no second forward), a plain step (every=2), the check's
 #: independent engines, and one more forward + backward for p.grad (inputs that require grad, class weights).
-PATHS = {"stats": ({}, F.cross_entropy, False), "every_2": ({"every": 2}, F.cross_entropy, False),
-         "check_every": ({"check_every": 1}, F.cross_entropy, False),
-         "input_grad": ({}, F.cross_entropy, True), "class_weights": ({}, weighted_ce, False)}
+PATHS = {
+    "stats": ({}, F.cross_entropy, False),
+    "every_2": ({"every": 2}, F.cross_entropy, False),
+    "check_every": ({"check_every": 1}, F.cross_entropy, False),
+    "input_grad": ({}, F.cross_entropy, True),
+    "class_weights": ({}, weighted_ce, False),
+}
 
 
 @pytest.mark.parametrize("path", list(PATHS))
@@ -150,8 +162,9 @@ def test_training_trajectory_keeps_one_forward_of_buffer_updates(engine, model_n
     base, data = build(model_name), batches()
     plain, tracked = copy.deepcopy(base), copy.deepcopy(base)
     plain_x = train(plain, data, loss_fn=loss_fn, input_grad=input_grad)
-    tracked_x = train(tracked, data, loss_fn=loss_fn, input_grad=input_grad,
-                      tracker_kwargs=dict(engine=engine, **options))
+    tracked_x = train(
+        tracked, data, loss_fn=loss_fn, input_grad=input_grad, tracker_kwargs=dict(engine=engine, **options)
+    )
     assert_state_close(tracked, plain, f"{engine} {path}")
     if input_grad:
         for a, b in zip(tracked_x, plain_x):
@@ -176,7 +189,7 @@ def test_accumulation_keeps_one_forward_per_micro_batch():
     opt_p, opt_t = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (plain, tracked))
     tracker = Tracker(tracked, F.cross_entropy)
     for step in range(3):
-        micro = data[2 * step:2 * step + 2]
+        micro = data[2 * step : 2 * step + 2]
         for x, y in micro:
             (F.cross_entropy(plain(x), y) / 2).backward()
         with tracker.accumulate():
@@ -231,7 +244,8 @@ def test_observe_keeps_the_users_own_forward(model_name):
 FUNCTIONAL = {
     "grad_stats": lambda m, x, y, engine: persample.grad_stats(m, F.cross_entropy, x, y, engine=engine),
     "per_sample_grads": lambda m, x, y, engine: persample.per_sample_grads(
-        m, F.cross_entropy, x, y, engine="auto" if engine == "fast" else engine),
+        m, F.cross_entropy, x, y, engine="auto" if engine == "fast" else engine
+    ),
     "check_mean": lambda m, x, y, engine: persample.check_mean(m, F.cross_entropy, x, y),
 }
 
@@ -262,6 +276,7 @@ def test_loop_engine_gives_every_example_the_buffers_as_found(model_name, chunk_
 
 # ----------------------------------------------------------------- post-accumulate-grad hooks (bug 2)
 
+
 class Head2(nn.Module):
     """An MLP with an unused second head: the loss does not reach ``unused``."""
 
@@ -275,17 +290,27 @@ class Head2(nn.Module):
 
 def halving_hooks(model, calls):
     """On every parameter, a post-accumulate-grad hook that halves p.grad and counts its calls."""
+
     def hook(name):
         def halve(p):
             calls[name] = calls.get(name, 0) + 1
             p.grad.mul_(0.5)
+
         return halve
+
     return [p.register_post_accumulate_grad_hook(hook(n)) for n, p in model.named_parameters()]
 
 
-HOOK_PATHS = {"auto": {}, "vmap": {"engine": "vmap"}, "loop": {"engine": "loop"}, "every_2": {"every": 2},
-              "check_every": {"check_every": 1}, "clip_norm": {"clip_norm": 1e6},
-              "input_grad": {}, "class_weights": {}}
+HOOK_PATHS = {
+    "auto": {},
+    "vmap": {"engine": "vmap"},
+    "loop": {"engine": "loop"},
+    "every_2": {"every": 2},
+    "check_every": {"check_every": 1},
+    "clip_norm": {"clip_norm": 1e6},
+    "input_grad": {},
+    "class_weights": {},
+}
 
 
 @pytest.mark.parametrize("path", list(HOOK_PATHS))
@@ -321,12 +346,16 @@ def optimizer_in_backward(model):
     def step(p):
         optimizers[p].step()
         optimizers[p].zero_grad()
+
     for p in model.parameters():
         p.register_post_accumulate_grad_hook(step)
 
 
-@pytest.mark.parametrize("options", [{}, {"engine": "fast"}, {"engine": "vmap"}, {"engine": "loop"}, {"every": 2}],
-                         ids=["auto", "fast", "vmap", "loop", "every_2"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"engine": "fast"}, {"engine": "vmap"}, {"engine": "loop"}, {"every": 2}],
+    ids=["auto", "fast", "vmap", "loop", "every_2"],
+)
 def test_optimizer_in_backward_trains_as_the_plain_loop(options):
     base = build("counting_reassigned")
     plain, tracked = copy.deepcopy(base), copy.deepcopy(base)
@@ -376,6 +405,7 @@ def test_functional_api_runs_no_post_accumulate_hook():
 
 # ----------------------------------------------------------------------- re-entrant checkpointing (bug 3)
 
+
 class Checkpointed(nn.Module):
     """A block under re-entrant activation checkpointing (autograd.grad is refused through it)."""
 
@@ -388,8 +418,11 @@ class Checkpointed(nn.Module):
         return self.c(checkpoint(self.block, torch.tanh(self.a(x)), use_reentrant=True))
 
 
-@pytest.mark.parametrize("options", [{}, {"engine": "loop"}, {"check_every": 1}, {"every": 2}],
-                         ids=["auto", "loop", "check_every", "every_2"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"engine": "loop"}, {"check_every": 1}, {"every": 2}],
+    ids=["auto", "loop", "check_every", "every_2"],
+)
 def test_reentrant_checkpoint_input_grad_is_the_backwards(options):
     torch.manual_seed(0)
     model = Checkpointed().to(F64)
@@ -440,6 +473,7 @@ def test_reentrant_checkpoint_with_post_accumulate_hooks_runs_them_once():
 
 
 # ------------------------------------------------------------------------------------------- DDP
+
 
 @pytest.fixture
 def one_rank():

@@ -188,16 +188,36 @@ class SoftPositions(nn.Module):
 
 AMBIGUOUS = [
     ("arange_T_equals_B", lambda: Pos(), lambda: _tokens(6, 6), "ambiguous"),
-    ("heads_equal_batch", lambda: HeadsEqualBatch(4), lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
-     "lines up with dim 1"),
-    ("contracted_table_T_equals_B", lambda: SoftPositions(4), lambda: (torch.randn(4, 4, 2), torch.randint(0, 2, (4,))),
-     "contracts its dim 0"),
-    ("contracted_table_T_ne_B", lambda: SoftPositions(5), lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
-     "not a broadcast over the batch"),
-    ("sequence_first_activation_T_equals_B", lambda: SequenceFirst(False),
-     lambda: (torch.randn(4, 4, 3), torch.randint(0, 2, (4,))), "may be sequence-first"),
-    ("sequence_first_raw_input_T_equals_B", lambda: SequenceFirst(True),
-     lambda: (torch.randn(4, 4, 3), torch.randint(0, 2, (4,))), "may be sequence-first"),
+    (
+        "heads_equal_batch",
+        lambda: HeadsEqualBatch(4),
+        lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
+        "lines up with dim 1",
+    ),
+    (
+        "contracted_table_T_equals_B",
+        lambda: SoftPositions(4),
+        lambda: (torch.randn(4, 4, 2), torch.randint(0, 2, (4,))),
+        "contracts its dim 0",
+    ),
+    (
+        "contracted_table_T_ne_B",
+        lambda: SoftPositions(5),
+        lambda: (torch.randn(4, 5, 2), torch.randint(0, 2, (4,))),
+        "not a broadcast over the batch",
+    ),
+    (
+        "sequence_first_activation_T_equals_B",
+        lambda: SequenceFirst(False),
+        lambda: (torch.randn(4, 4, 3), torch.randint(0, 2, (4,))),
+        "may be sequence-first",
+    ),
+    (
+        "sequence_first_raw_input_T_equals_B",
+        lambda: SequenceFirst(True),
+        lambda: (torch.randn(4, 4, 3), torch.randint(0, 2, (4,))),
+        "may be sequence-first",
+    ),
 ]
 
 

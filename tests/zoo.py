@@ -20,10 +20,10 @@ from torch import nn
 def split_example(obj, i):
     """Example i of a tensor / tuple / dict batch, kept as a batch of one."""
     if isinstance(obj, torch.Tensor):
-        return obj[i:i + 1]
+        return obj[i : i + 1]
     if isinstance(obj, dict):
-        return {k: v[i:i + 1] for k, v in obj.items()}
-    return tuple(t[i:i + 1] for t in obj)
+        return {k: v[i : i + 1] for k, v in obj.items()}
+    return tuple(t[i : i + 1] for t in obj)
 
 
 def call_model(model, inputs):
@@ -183,8 +183,15 @@ class Encoder(nn.Module):
 
 
 def _conv1d_bn_eval():
-    model = nn.Sequential(nn.Conv1d(3, 6, 3), nn.BatchNorm1d(6), nn.ReLU(), nn.Conv1d(6, 4, 3),
-                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3))
+    model = nn.Sequential(
+        nn.Conv1d(3, 6, 3),
+        nn.BatchNorm1d(6),
+        nn.ReLU(),
+        nn.Conv1d(6, 4, 3),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
     bn = model[1]
     with torch.no_grad():
         bn.running_mean.uniform_(-0.5, 0.5)
@@ -203,9 +210,18 @@ def _partly_frozen():
 
 def gpt2_tiny():
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_embd=16,
+        n_head=2,
+        vocab_size=40,
+        n_positions=16,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.GPT2LMHeadModel(config).eval()
 
 
@@ -218,6 +234,7 @@ def lm_loss(out, tokens):
 def cls_batch(shape, classes=3):
     def make(b):
         return torch.randn(b, *shape, dtype=torch.float64), torch.randint(0, classes, (b,))
+
     return make
 
 
@@ -225,12 +242,15 @@ def token_batch(vocab, length, classes=None):
     def make(b):
         tokens = torch.randint(0, vocab, (b, length))
         return tokens, (tokens if classes is None else torch.randint(0, classes, (b,)))
+
     return make
 
 
 def two_input_batch(b):
-    return ((torch.randn(b, 5, dtype=torch.float64), torch.randn(b, 3, dtype=torch.float64)),
-            torch.randn(b, 2, dtype=torch.float64))
+    return (
+        (torch.randn(b, 5, dtype=torch.float64), torch.randn(b, 3, dtype=torch.float64)),
+        torch.randn(b, 2, dtype=torch.float64),
+    )
 
 
 @dataclass
@@ -250,14 +270,32 @@ class Case:
 
 
 CASES = [
-    Case("mlp", lambda: nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.Tanh(),
-                                      nn.Linear(10, 3)), cls_batch((6,))),
-    Case("cnn_groupnorm_pool", lambda: nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1), nn.GroupNorm(2, 4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 6, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(6, 3)), cls_batch((2, 8, 8))),
+    Case(
+        "mlp",
+        lambda: nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 10), nn.Tanh(), nn.Linear(10, 3)),
+        cls_batch((6,)),
+    ),
+    Case(
+        "cnn_groupnorm_pool",
+        lambda: nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1),
+            nn.GroupNorm(2, 4),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(4, 6, 3),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(6, 3),
+        ),
+        cls_batch((2, 8, 8)),
+    ),
     Case("conv1d_batchnorm_eval", _conv1d_bn_eval, cls_batch((3, 10))),
-    Case("raw_parameters", RawParams, lambda b: (torch.randn(b, 6, dtype=torch.float64),
-                                                 torch.randn(b, 4, dtype=torch.float64)), F.mse_loss),
+    Case(
+        "raw_parameters",
+        RawParams,
+        lambda b: (torch.randn(b, 6, dtype=torch.float64), torch.randn(b, 4, dtype=torch.float64)),
+        F.mse_loss,
+    ),
     Case("module_reused", Reused, cls_batch((6,))),
     Case("tied_weights", TiedLM, token_batch(20, 7), lm_loss),
     Case("in_place", InPlace, cls_batch((6,))),
@@ -268,8 +306,11 @@ CASES = [
     Case("rnn", lambda: Recurrent(nn.RNN), token_batch(30, 6, classes=3)),
     Case("gru", lambda: Recurrent(nn.GRU, num_layers=2), token_batch(30, 6, classes=3)),
     Case("lstm", lambda: Recurrent(nn.LSTM), token_batch(30, 6, classes=3)),
-    Case("lstm_bidirectional_proj", lambda: Recurrent(nn.LSTM, num_layers=2, bidirectional=True, proj_size=5),
-         token_batch(30, 6, classes=3)),
+    Case(
+        "lstm_bidirectional_proj",
+        lambda: Recurrent(nn.LSTM, num_layers=2, bidirectional=True, proj_size=5),
+        token_batch(30, 6, classes=3),
+    ),
     Case("hf_gpt2", gpt2_tiny, token_batch(40, 8), lm_loss),
 ]
 

@@ -15,8 +15,13 @@ from torch import Tensor
 
 from .._torch_compat import post_accumulate_grad_hooks, set_post_accumulate_grad_hooks
 
-__all__ = ["gradients", "graph_leaves", "is_reentrant_checkpoint_node", "is_reentrant_checkpoint_error",
-           "dense_gradient"]
+__all__ = [
+    "gradients",
+    "graph_leaves",
+    "is_reentrant_checkpoint_node",
+    "is_reentrant_checkpoint_error",
+    "dense_gradient",
+]
 
 
 def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor] = ()) -> list[Tensor | None]:
@@ -36,8 +41,9 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor
     except RuntimeError as err:
         if not is_reentrant_checkpoint_error(err):
             raise
-    leaves = list({id(t): t for t in [*wrt, *also_restore, *graph_leaves([loss])[0]]
-                   if t.is_leaf and t.requires_grad}.values())
+    leaves = list(
+        {id(t): t for t in [*wrt, *also_restore, *graph_leaves([loss])[0]] if t.is_leaf and t.requires_grad}.values()
+    )
     saved = [t.grad for t in leaves]
     hooked = [(t, hooks) for t in leaves if (hooks := post_accumulate_grad_hooks(t))]
     try:

@@ -28,8 +28,9 @@ from torch.nn.utils.rnn import PackedSequence
 __all__ = ["rnn_forward", "instance_norm_forward", "vmap_friendly_modules"]
 
 
-def _cell_step(mode: str, x_proj: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor,
-               b_hh: Tensor | None, w_hr: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _cell_step(
+    mode: str, x_proj: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
     """One time step given the precomputed input projection ``x_proj = x W_ihᵀ + b_ih``."""
     h_proj = F.linear(h, w_hh, b_hh)
     if mode == "LSTM":
@@ -47,8 +48,9 @@ def _cell_step(mode: str, x_proj: Tensor, h: Tensor, c: Tensor | None, w_hh: Ten
     return act(x_proj + h_proj), None
 
 
-def _run_direction(module: nn.RNNBase, layer: int, reverse: bool, x: Tensor, h: Tensor,
-                   c: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _run_direction(
+    module: nn.RNNBase, layer: int, reverse: bool, x: Tensor, h: Tensor, c: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run one layer in one direction over time-major ``x: [T, N, F]``."""
     sfx = f"_l{layer}" + ("_reverse" if reverse else "")
     get = lambda name: getattr(module, name + sfx, None)  # noqa: E731  (swapped by functional_call)
@@ -69,7 +71,8 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx=None):
         raise NotImplementedError(
             f"persample does not support PackedSequence inputs to {type(module).__name__} yet; "
             "pad the sequences instead (per-example gradients need no packing: each example is "
-            "processed on its own)")
+            "processed on its own)"
+        )
     is_lstm = module.mode == "LSTM"
     unbatched = input.dim() == 2
     if unbatched:
@@ -92,8 +95,7 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx=None):
         outputs = []
         for d in range(dirs):
             k = layer * dirs + d
-            out, h, c = _run_direction(module, layer, d == 1, layer_input, h0[k],
-                                       None if c0 is None else c0[k])
+            out, h, c = _run_direction(module, layer, d == 1, layer_input, h0[k], None if c0 is None else c0[k])
             outputs.append(out)
             h_n.append(h)
             c_n.append(c)

@@ -35,8 +35,10 @@ try:  # torch >= 2.3
     def _math_attention():
         return sdpa_kernel([SDPBackend.MATH])
 except ImportError:  # pragma: no cover - older torch
+
     def _math_attention():
         return torch.backends.cuda.sdp_kernel(enable_flash=False, enable_mem_efficient=False, enable_math=True)
+
 
 from .._batch import Batch
 from .._model import check_supported, detached_buffers, dropout_probability, preserved_state, trainable_parameters
@@ -46,8 +48,9 @@ from ._functional import vmap_friendly_modules
 __all__ = ["per_example_directional_derivatives"]
 
 
-def per_example_directional_derivatives(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch,
-                                        direction: Mapping[str, Tensor]) -> Tensor:
+def per_example_directional_derivatives(
+    model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, direction: Mapping[str, Tensor]
+) -> Tensor:
     """p_i = ⟨g_i, v⟩ for every example of ``batch``: a tensor of shape ``[B]``.
 
     ``direction`` must have an entry for every trainable parameter (the keys
@@ -62,7 +65,9 @@ def per_example_directional_derivatives(model: nn.Module, loss_fn: Callable[...,
             f"module {random[0]} draws random numbers (dropout) in training mode: per-example inner "
             "products from a second forward pass would see other dropout masks than the statistics. "
             "Call model.eval(), or do without inner products (inner_products=False)",
-            code="RANDOM_INNER_PRODUCTS", module=random[0])
+            code="RANDOM_INNER_PRODUCTS",
+            module=random[0],
+        )
     check_supported(model, "error")
     params = trainable_parameters(model)
     missing = sorted(set(params) - set(direction))

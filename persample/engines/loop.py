@@ -26,8 +26,19 @@ import torch
 from torch import Tensor, nn
 
 from .._batch import Batch, tensors_in
-from .._model import (BufferState, RandomCalls, RandomCallStop, buffer_state, cuda_devices, first_random_module,
-                      randomness_error, restore_buffer_state, restore_rng, rng_snapshot, trainable_parameters)
+from .._model import (
+    BufferState,
+    RandomCalls,
+    RandomCallStop,
+    buffer_state,
+    cuda_devices,
+    first_random_module,
+    randomness_error,
+    restore_buffer_state,
+    restore_rng,
+    rng_snapshot,
+    trainable_parameters,
+)
 from ..stats import GradStats
 from ._autograd import dense_gradient, gradients
 from .streaming import stream_grad_stats
@@ -41,9 +52,15 @@ LossFn = Callable[..., Tensor]
 DEFAULT_CHUNK = 16
 
 
-def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
-               shared_rng: list[Tensor] | None = None,
-               buffers: BufferState | None = None) -> tuple[dict[str, Tensor], Tensor]:
+def loop_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    shared_rng: list[Tensor] | None = None,
+    buffers: BufferState | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
     """Per-example gradients ``{name: [B, *shape]}`` and losses ``[B]``, one example at a time.
 
     Every example starts from the buffers ``buffers`` (default: those on entry), as every
@@ -80,10 +97,19 @@ def loop_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: s
     return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
 
 
-def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
-                    chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None,
-                    reference: Mapping[str, Tensor] | None = None) -> GradStats:
+def loop_grad_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    chunk_size: int | None = None,
+    var: bool = True,
+    inner_products: bool = False,
+    clip_norm: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    reference: Mapping[str, Tensor] | None = None,
+) -> GradStats:
     """:class:`GradStats` from :func:`loop_grads`, reduced ``chunk_size`` examples at a time
     (default :data:`DEFAULT_CHUNK`): peak extra memory O(chunk_size × P + P)."""
     shared_rng = rng_snapshot(model) if randomness == "same" else None
@@ -92,7 +118,15 @@ def loop_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     def grads_fn(chunk: Batch):
         return loop_grads(model, loss_fn, chunk, randomness=randomness, shared_rng=shared_rng, buffers=start)
 
-    return stream_grad_stats(grads_fn, batch, chunk_size or DEFAULT_CHUNK, var=var,
-                             inner_products=inner_products, clip_norm=clip_norm, progress=progress,
-                             rng_devices=cuda_devices(model), reference=reference,
-                             replay_rng=randomness != "error")
+    return stream_grad_stats(
+        grads_fn,
+        batch,
+        chunk_size or DEFAULT_CHUNK,
+        var=var,
+        inner_products=inner_products,
+        clip_norm=clip_norm,
+        progress=progress,
+        rng_devices=cuda_devices(model),
+        reference=reference,
+        replay_rng=randomness != "error",
+    )

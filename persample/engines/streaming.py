@@ -22,10 +22,19 @@ __all__ = ["GradsFn", "stream_grad_stats"]
 GradsFn = Callable[[Batch], "tuple[dict[str, Tensor], Tensor]"]
 
 
-def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: bool, inner_products: bool,
-                      clip_norm: float | None, progress: Callable[[int], None] | None,
-                      rng_devices: list[int], reference: Mapping[str, Tensor] | None = None,
-                      replay_rng: bool = True) -> GradStats:
+def stream_grad_stats(
+    grads_fn: GradsFn,
+    batch: Batch,
+    chunk_size: int,
+    *,
+    var: bool,
+    inner_products: bool,
+    clip_norm: float | None,
+    progress: Callable[[int], None] | None,
+    rng_devices: list[int],
+    reference: Mapping[str, Tensor] | None = None,
+    replay_rng: bool = True,
+) -> GradStats:
     """:class:`GradStats` of ``batch``, ``chunk_size`` examples at a time.
 
     With ``inner_products``, p_i = ⟨g_i, ḡ⟩ needs ḡ first: a batch that spans
@@ -37,8 +46,9 @@ def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: 
     global generators, which other threads share, are never rewound.
     """
     if reference is not None:
-        return _stream(grads_fn, batch, chunk_size, var=var, reference=reference, clip_norm=clip_norm,
-                       progress=progress)
+        return _stream(
+            grads_fn, batch, chunk_size, var=var, reference=reference, clip_norm=clip_norm, progress=progress
+        )
     if inner_products and chunk_size >= batch.size:  # one chunk: ḡ is known before reducing
         grads, losses = grads_fn(batch)
         mean = {k: g.mean(0) for k, g in grads.items()}
@@ -47,23 +57,19 @@ def stream_grad_stats(grads_fn: GradsFn, batch: Batch, chunk_size: int, *, var: 
             progress(batch.size)
         return stats
     with torch.random.fork_rng(devices=rng_devices, enabled=inner_products and replay_rng):
-        stats = _stream(grads_fn, batch, chunk_size, var=var, reference=None, clip_norm=clip_norm,
-                        progress=progress)
+        stats = _stream(grads_fn, batch, chunk_size, var=var, reference=None, clip_norm=clip_norm, progress=progress)
     if not inner_products:
         return stats
     reference = stats.mean
-    with_inner = _stream(grads_fn, batch, chunk_size, var=False, reference=reference, clip_norm=None,
-                         progress=None)
+    with_inner = _stream(grads_fn, batch, chunk_size, var=False, reference=reference, clip_norm=None, progress=None)
     return dataclasses.replace(stats, inner_products=with_inner.inner_products, reference=reference)
 
 
-def _stream(grads_fn: GradsFn, batch: Batch, size: int, *, var: bool, reference, clip_norm,
-            progress) -> GradStats:
+def _stream(grads_fn: GradsFn, batch: Batch, size: int, *, var: bool, reference, clip_norm, progress) -> GradStats:
     parts = []
     for chunk in batch.chunks(size):
         grads, losses = grads_fn(chunk)
-        parts.append(GradStats.from_per_example(grads, losses, var=var, reference=reference,
-                                                clip_norm=clip_norm))
+        parts.append(GradStats.from_per_example(grads, losses, var=var, reference=reference, clip_norm=clip_norm))
         del grads
         if progress is not None:
             progress(chunk.size)

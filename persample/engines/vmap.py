@@ -24,16 +24,32 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from .._batch import Batch, one_example
-from .._model import (backward_hooked_module, detached_buffers, first_random_module, has_gradient_hooks,
-                      hooked_parameters, is_vmap_randomness_error, randomness_error, restore_rng, rng_snapshot,
-                      trainable_parameters, cuda_devices)
+from .._model import (
+    backward_hooked_module,
+    detached_buffers,
+    first_random_module,
+    has_gradient_hooks,
+    hooked_parameters,
+    is_vmap_randomness_error,
+    randomness_error,
+    restore_rng,
+    rng_snapshot,
+    trainable_parameters,
+    cuda_devices,
+)
 from ..errors import NotExact
 from ..stats import GradStats
 from ._functional import vmap_friendly_modules
 from .streaming import stream_grad_stats
 
-__all__ = ["per_example_grads", "vmap_grad_stats", "auto_chunk_size", "refuse_unseen_hooks",
-           "check_per_example_loss", "example_loss"]
+__all__ = [
+    "per_example_grads",
+    "vmap_grad_stats",
+    "auto_chunk_size",
+    "refuse_unseen_hooks",
+    "check_per_example_loss",
+    "example_loss",
+]
 
 LossFn = Callable[..., Tensor]
 
@@ -54,7 +70,8 @@ def check_per_example_loss(loss) -> Tensor:
             "loss_fn must return a scalar for ONE example: persample calls it on a batch of one, "
             f"loss_fn(model(x_i[None]), y_i[None]), but it returned shape {tuple(loss.shape)}. "
             "Use a reduction such as 'mean' or 'sum' (the PyTorch default 'mean' works as it is), "
-            "not reduction='none'.")
+            "not reduction='none'."
+        )
     return loss
 
 
@@ -69,8 +86,9 @@ def _example_loss_fn(model: nn.Module, loss_fn: LossFn, frozen: dict, buffers: d
     ``options`` (keyword inputs without tensors) are passed as they are."""
 
     def loss_of_example(trainable, args, kwargs, target):
-        out = functional_call(model, (trainable, frozen, buffers), one_example(args),
-                              {**one_example(kwargs), **options})
+        out = functional_call(
+            model, (trainable, frozen, buffers), one_example(args), {**one_example(kwargs), **options}
+        )
         loss = example_loss(loss_fn, out, target)
         return loss, loss.detach()
 
@@ -84,12 +102,18 @@ def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
         return
     hooked = hooked_parameters(model)
     if hooked:
-        raise NotExact(f"parameter {hooked[0]!r} has a gradient hook (p.register_hook), which the {engine} "
-                       "engine cannot apply to each example's gradient", code="PARAMETER_GRADIENT_HOOK")
+        raise NotExact(
+            f"parameter {hooked[0]!r} has a gradient hook (p.register_hook), which the {engine} "
+            "engine cannot apply to each example's gradient",
+            code="PARAMETER_GRADIENT_HOOK",
+        )
     owner = backward_hooked_module(model)
     if owner is not None:
-        raise NotExact(f"{owner} has a backward hook, which the {engine} engine cannot apply per example",
-                       code="MODULE_BACKWARD_HOOK", module=owner)
+        raise NotExact(
+            f"{owner} has a backward hook, which the {engine} engine cannot apply per example",
+            code="MODULE_BACKWARD_HOOK",
+            module=owner,
+        )
 
 
 @contextlib.contextmanager
@@ -106,9 +130,13 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator
             yield
         except RuntimeError as err:
             if is_vmap_randomness_error(err):
-                raise randomness_error(first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))) from err
-            raise NotExact(f"torch.func.vmap cannot run this model: {type(err).__name__}: {_first_line(err)}",
-                           code="VMAP_CANNOT_RUN") from err
+                raise randomness_error(
+                    first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))
+                ) from err
+            raise NotExact(
+                f"torch.func.vmap cannot run this model: {type(err).__name__}: {_first_line(err)}",
+                code="VMAP_CANNOT_RUN",
+            ) from err
 
 
 def _first_line(err: BaseException) -> str:
@@ -137,8 +165,9 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
     return grads_of
 
 
-def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
-                      chunk_size: int | None = None) -> tuple[dict[str, Tensor], Tensor]:
+def per_example_grads(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error", chunk_size: int | None = None
+) -> tuple[dict[str, Tensor], Tensor]:
     """Materialised per-example gradients ``{name: [B, *shape]}`` and losses ``[B]``.
 
     ``chunk_size`` is passed to ``vmap``: it bounds the working memory of the
@@ -150,14 +179,25 @@ def per_example_grads(model: nn.Module, loss_fn: LossFn, batch: Batch, *, random
         if chunk_size is None or chunk_size >= batch.size:
             return grads_fn(batch)
         parts = [grads_fn(chunk) for chunk in batch.chunks(chunk_size)]
-        return ({n: torch.cat([grads[n] for grads, _ in parts]) for n in parts[0][0]},
-                torch.cat([losses for _, losses in parts]))
+        return (
+            {n: torch.cat([grads[n] for grads, _ in parts]) for n in parts[0][0]},
+            torch.cat([losses for _, losses in parts]),
+        )
 
 
-def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomness: str = "error",
-                    chunk_size: int | None = None, var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, progress: Callable[[int], None] | None = None,
-                    reference: Mapping[str, Tensor] | None = None) -> GradStats:
+def vmap_grad_stats(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    chunk_size: int | None = None,
+    var: bool = True,
+    inner_products: bool = False,
+    clip_norm: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    reference: Mapping[str, Tensor] | None = None,
+) -> GradStats:
     """:class:`GradStats` streamed over chunks: peak extra memory O(chunk_size × P + P).
 
     Each chunk's per-example gradients are reduced to statistics and merged
@@ -169,6 +209,15 @@ def vmap_grad_stats(model: nn.Module, loss_fn: LossFn, batch: Batch, *, randomne
     size = chunk_size or auto_chunk_size(num_params, batch.size)
     with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
-        return stream_grad_stats(grads_fn, batch, size, var=var, inner_products=inner_products,
-                                 clip_norm=clip_norm, progress=progress, rng_devices=cuda_devices(model),
-                                 reference=reference, replay_rng=randomness != "error")
+        return stream_grad_stats(
+            grads_fn,
+            batch,
+            size,
+            var=var,
+            inner_products=inner_products,
+            clip_norm=clip_norm,
+            progress=progress,
+            rng_devices=cuda_devices(model),
+            reference=reference,
+            replay_rng=randomness != "error",
+        )

@@ -10,8 +10,19 @@ from ..loggers import Diagnostics
 from ..stats import GradStats
 
 #: The diagnostics columns logged by default (see :func:`persample.noise.diagnostics`).
-DEFAULT_KEYS = ("b_simple", "b_simple_ema", "grad_sq", "trace_cov", "gsnr_mean", "norm_test", "norm_test_batch",
-                "grad_norm", "norm_p50", "b_precond", "b_precond_ema")
+DEFAULT_KEYS = (
+    "b_simple",
+    "b_simple_ema",
+    "grad_sq",
+    "trace_cov",
+    "gsnr_mean",
+    "norm_test",
+    "norm_test_batch",
+    "grad_norm",
+    "norm_p50",
+    "b_precond",
+    "b_precond_ema",
+)
 
 
 def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any) -> None:
@@ -22,6 +33,7 @@ def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any
 
     from .. import noise
     from ..loggers import PRECONDITIONER_UNDEFINED
+
     optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer, Lightning's wrapper
     if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
         diagnostics.preconditioner = None
@@ -39,15 +51,21 @@ def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any
             warnings.warn(f"persample: no preconditioned noise scale: {err}", stacklevel=2)
 
 
-def diagnostics_row(diagnostics: Diagnostics, stats: GradStats, step: int, keys: tuple[str, ...] | None,
-                    prefix: str) -> dict[str, float]:
+def diagnostics_row(
+    diagnostics: Diagnostics, stats: GradStats, step: int, keys: tuple[str, ...] | None, prefix: str
+) -> dict[str, float]:
     """The row of ``stats`` (through ``diagnostics``, which keeps the EMA and writes its sinks),
     restricted to ``keys`` (all when None), as ``{prefix + key: float}``."""
     row = diagnostics.row(stats, step)
     diagnostics.log(row)
     names = [k for k in row if k != "step"] if keys is None else [k for k in keys if k in row]
-    return {f"{prefix}{k}": float(row[k]) for k in names if isinstance(row[k], (int, float))
-            and not isinstance(row[k], bool) and not (isinstance(row[k], float) and math.isnan(row[k]))}
+    return {
+        f"{prefix}{k}": float(row[k])
+        for k in names
+        if isinstance(row[k], (int, float))
+        and not isinstance(row[k], bool)
+        and not (isinstance(row[k], float) and math.isnan(row[k]))
+    }
 
 
 def skipped_steps(tracker: Any) -> int:
@@ -57,8 +75,11 @@ def skipped_steps(tracker: Any) -> int:
 
 def require(module: str, extra: str) -> Any:
     import importlib
+
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ImportError(f"this integration needs {module!r}: pip install -e \".[{extra}]\" (from a source "
-                          f"checkout of persample) or pip install {module}") from err
+        raise ImportError(
+            f'this integration needs {module!r}: pip install -e ".[{extra}]" (from a source '
+            f"checkout of persample) or pip install {module}"
+        ) from err

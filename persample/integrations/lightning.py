@@ -95,11 +95,22 @@ class PersampleCallback(L.pytorch.Callback):
         diagnostics: the :class:`persample.loggers.Diagnostics` (its ``rows`` keep the rows).
     """
 
-    def __init__(self, loss_fn: Callable, *, targets: Callable[[Any], Any] = _last_element, every: int = 1,
-                 output_module: Callable[[Any], nn.Module] | None = None,
-                 keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
-                 ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True,
-                 on_refusal: str = "skip", inputs: Callable[[Any], Any] = _model_inputs):
+    def __init__(
+        self,
+        loss_fn: Callable,
+        *,
+        targets: Callable[[Any], Any] = _last_element,
+        every: int = 1,
+        output_module: Callable[[Any], nn.Module] | None = None,
+        keys: Sequence[str] | None = DEFAULT_KEYS,
+        prefix: str = "persample/",
+        sinks: Sequence[Any] = (),
+        ema_beta: float = DEFAULT_EMA_BETA,
+        inner_products: bool = False,
+        var: bool = True,
+        on_refusal: str = "skip",
+        inputs: Callable[[Any], Any] = _model_inputs,
+    ):
         self.loss_fn = loss_fn
         self.targets = targets
         self.every = every
@@ -135,8 +146,10 @@ class PersampleCallback(L.pytorch.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         if not pl_module.automatic_optimization:
-            raise ValueError("persample's Lightning callback supports automatic optimisation only; with manual "
-                             "optimisation wrap your own backward in tracker.observe(...)")
+            raise ValueError(
+                "persample's Lightning callback supports automatic optimisation only; with manual "
+                "optimisation wrap your own backward in tracker.observe(...)"
+            )
         self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
         if self._pending_tracker_state is not None:
             self.tracker.load_state_dict(self._pending_tracker_state)
@@ -149,8 +162,7 @@ class PersampleCallback(L.pytorch.Callback):
         module = None if self.output_module is None else self.output_module(pl_module)
         inputs = self.inputs(batch) if self.options["on_refusal"] == "fallback" else None
         wrapper = trainer.strategy.model if trainer.strategy.model is not pl_module else None  # DDP's, say
-        self._observe = self.tracker.observe(self.targets(batch), output_module=module, inputs=inputs,
-                                             wrapper=wrapper)
+        self._observe = self.tracker.observe(self.targets(batch), output_module=module, inputs=inputs, wrapper=wrapper)
         self._observation = self._observe.__enter__()
 
     def on_before_backward(self, trainer, pl_module, loss):

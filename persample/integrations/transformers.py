@@ -81,8 +81,9 @@ class PersampleCallback(transformers.TrainerCallback):
         last_stats: the merged statistics of the last optimizer step that had them.
     """
 
-    def __init__(self, trainer: Any, tracker: Tracker, diagnostics: Diagnostics, keys: Sequence[str] | None,
-                 prefix: str):
+    def __init__(
+        self, trainer: Any, tracker: Tracker, diagnostics: Diagnostics, keys: Sequence[str] | None, prefix: str
+    ):
         self.trainer = trainer
         self.tracker = tracker
         self.diagnostics = diagnostics
@@ -122,9 +123,11 @@ class PersampleCallback(transformers.TrainerCallback):
             with open(path, encoding="utf-8") as f:
                 self.load_state_dict(json.load(f))
         elif state.global_step > 0:
-            warnings.warn(f"persample: training resumes at step {state.global_step} but the checkpoint has no "
-                          f"{self.STATE_FILE}: the EMA of the noise scale starts over, and every= counts from here",
-                          stacklevel=2)
+            warnings.warn(
+                f"persample: training resumes at step {state.global_step} but the checkpoint has no "
+                f"{self.STATE_FILE}: the EMA of the noise scale starts over, and every= counts from here",
+                stacklevel=2,
+            )
             self.tracker.load_state_dict({"steps": state.global_step, "skipped": []})
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
@@ -161,10 +164,20 @@ class PersampleCallback(transformers.TrainerCallback):
         self.diagnostics.close()
 
 
-def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labels: str = "labels",
-          keys: Sequence[str] | None = DEFAULT_KEYS, prefix: str = "persample/", sinks: Sequence[Any] = (),
-          ema_beta: float = DEFAULT_EMA_BETA, inner_products: bool = False, var: bool = True,
-          on_refusal: str = "skip") -> PersampleCallback:
+def track(
+    trainer: Any,
+    *,
+    loss_fn: Callable | None = None,
+    every: int = 1,
+    labels: str = "labels",
+    keys: Sequence[str] | None = DEFAULT_KEYS,
+    prefix: str = "persample/",
+    sinks: Sequence[Any] = (),
+    ema_beta: float = DEFAULT_EMA_BETA,
+    inner_products: bool = False,
+    var: bool = True,
+    on_refusal: str = "skip",
+) -> PersampleCallback:
     """Add per-example gradient statistics to ``trainer`` (a ``transformers.Trainer``); returns the callback.
 
     Args:
@@ -187,8 +200,10 @@ def track(trainer: Any, *, loss_fn: Callable | None = None, every: int = 1, labe
     output_module = None
     if loss_fn is None:
         if not type(model).__name__.endswith("ForCausalLM") and not type(model).__name__.endswith("LMHeadModel"):
-            raise ValueError(f"track(trainer): pass loss_fn= for {type(model).__name__} (the per-example loss "
-                             "loss_fn(output, labels) on a batch of one); the default covers causal LMs only")
+            raise ValueError(
+                f"track(trainer): pass loss_fn= for {type(model).__name__} (the per-example loss "
+                "loss_fn(output, labels) on a batch of one); the default covers causal LMs only"
+            )
         loss_fn = causal_lm_loss()
         # HF computes its loss inside forward from the lm_head's logits (mixed precision then returns
         # float32 copies of them), so the per-example losses are read at the lm_head's output.

@@ -52,7 +52,17 @@ from ...errors import NotExact
 from .._autograd import is_reentrant_checkpoint_node
 from .rules import Rule, find_rule
 
-__all__ = ["Unit", "Call", "find_units", "capturing", "store_grad", "audit_graph", "modified_in_place", "GraphAudit", "NotExact"]
+__all__ = [
+    "Unit",
+    "Call",
+    "find_units",
+    "capturing",
+    "store_grad",
+    "audit_graph",
+    "modified_in_place",
+    "GraphAudit",
+    "NotExact",
+]
 
 
 @dataclass(eq=False)
@@ -119,10 +129,14 @@ def find_units(model: nn.Module) -> list[Unit]:
     with other parameters by ``torch.func``."""
     for name, module in model.named_modules():
         if isinstance(module, torch.jit.ScriptModule):
-            raise refusal("TORCHSCRIPT_MODULE", f"module {name or '<root>'} is a TorchScript module (torch.jit.script "
-                          "or torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
-                          "engine (where torch.func can run it) or the per-example loop runs it as it is "
-                          "(engine='auto' takes them)", module=name or "<root>")
+            raise refusal(
+                "TORCHSCRIPT_MODULE",
+                f"module {name or '<root>'} is a TorchScript module (torch.jit.script "
+                "or torch.jit.trace): the fast engine cannot hook its calls or isolate its layers; the vmap "
+                "engine (where torch.func can run it) or the per-example loop runs it as it is "
+                "(engine='auto' takes them)",
+                module=name or "<root>",
+            )
     units: list[Unit] = []
     _add_units("", model, {}, units)
     return units
@@ -136,8 +150,11 @@ def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], uni
     rule = find_rule(module)
     own = own_trainable_parameters(module)
     if rule is not None or own:
-        trainable = (own if rule is not None  # a rule module has no trainable nested parameter
-                     else {n: p for n, p in module.named_parameters() if p.requires_grad})
+        trainable = (
+            own
+            if rule is not None  # a rule module has no trainable nested parameter
+            else {n: p for n, p in module.named_parameters() if p.requires_grad}
+        )
         units.append(Unit(prefix, module, rule, trainable))
         return
     for child_name, child in module.named_children():
@@ -147,8 +164,9 @@ def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], uni
 def _trainable_below(module: nn.Module, below: dict[nn.Module, bool]) -> bool:
     """Whether ``module`` or a module below it owns a trainable parameter (memoised in ``below``)."""
     if module not in below:
-        below[module] = (bool(own_trainable_parameters(module))
-                         or any([_trainable_below(c, below) for c in module.children()]))
+        below[module] = bool(own_trainable_parameters(module)) or any(
+            [_trainable_below(c, below) for c in module.children()]
+        )
     return below[module]
 
 
@@ -156,17 +174,64 @@ def _trainable_below(module: nn.Module, below: dict[nn.Module, bool]) -> bool:
 
 #: Ops whose result on an expansion is the expansion of their result on the original: casts, copies and
 #: elementwise functions of one tensor (with number arguments only).
-_SAME_VALUE_OPS = frozenset({"to", "type_as", "float", "double", "half", "bfloat16", "contiguous", "clone",
-                             "relu", "gelu", "silu", "tanh", "sigmoid", "exp", "log", "neg", "__neg__", "abs",
-                             "square", "sqrt", "rsqrt", "sin", "cos", "softplus", "elu", "leaky_relu", "clamp"})
+_SAME_VALUE_OPS = frozenset(
+    {
+        "to",
+        "type_as",
+        "float",
+        "double",
+        "half",
+        "bfloat16",
+        "contiguous",
+        "clone",
+        "relu",
+        "gelu",
+        "silu",
+        "tanh",
+        "sigmoid",
+        "exp",
+        "log",
+        "neg",
+        "__neg__",
+        "abs",
+        "square",
+        "sqrt",
+        "rsqrt",
+        "sin",
+        "cos",
+        "softplus",
+        "elu",
+        "leaky_relu",
+        "clamp",
+    }
+)
 #: Elementwise ops with NumPy broadcasting: replacing an operand by its expansion along dim 0 leaves
 #: the result's values unchanged whenever it leaves the result's shape unchanged.
-_BROADCASTING_OPS = frozenset({"add", "__add__", "__radd__", "sub", "__sub__", "__rsub__", "mul", "__mul__",
-                               "__rmul__", "div", "__truediv__", "__rtruediv__", "pow", "__pow__", "__rpow__",
-                               "maximum", "minimum"})
+_BROADCASTING_OPS = frozenset(
+    {
+        "add",
+        "__add__",
+        "__radd__",
+        "sub",
+        "__sub__",
+        "__rsub__",
+        "mul",
+        "__mul__",
+        "__rmul__",
+        "div",
+        "__truediv__",
+        "__rtruediv__",
+        "pow",
+        "__pow__",
+        "__rpow__",
+        "maximum",
+        "minimum",
+    }
+)
 #: Their in-place forms (``embeddings += position_embeddings``); the tensor written to must not be expanded.
-_IN_PLACE_BROADCASTING_OPS = frozenset({"add_", "__iadd__", "sub_", "__isub__", "mul_", "__imul__", "div_",
-                                        "__itruediv__"})
+_IN_PLACE_BROADCASTING_OPS = frozenset(
+    {"add_", "__iadd__", "sub_", "__isub__", "mul_", "__imul__", "div_", "__itruediv__"}
+)
 
 
 @dataclass(eq=False)
@@ -296,19 +361,23 @@ class _BroadcastWatcher(TorchFunctionMode):
             if verdict == "batched":
                 return func(*args, **kwargs)
             if verdict == "expanded" and not in_place:
-                return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs),
-                                     expansions, name)
-            self._escape(expansions, verdict if verdict != "expanded" else
-                         f"{name} writes into a tensor that is not batched on dim 0")
+                return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
+            self._escape(
+                expansions,
+                verdict if verdict != "expanded" else f"{name} writes into a tensor that is not batched on dim 0",
+            )
             return self._original_result(func, args, kwargs)
         out = self._original_result(func, args, kwargs)
         if any(isinstance(t, Tensor) for t in flat_leaves(out)):
-            self._escape(expansions, f"it is used by {name}, which is not a broadcast over the batch (only "
-                                     "elementwise +, -, *, / with a tensor batched on dim 0, and casts, are)")
+            self._escape(
+                expansions,
+                f"it is used by {name}, which is not a broadcast over the batch (only "
+                "elementwise +, -, *, / with a tensor batched on dim 0, and casts, are)",
+            )
         return out
 
     def _broadcast_verdict(self, name: str, operands: list[Tensor]) -> str:
-        """"batched" (the result is batched on dim 0 and has the shape it would have without the
+        """ "batched" (the result is batched on dim 0 and has the shape it would have without the
         expansion), "expanded" (the result is itself an expansion), or why the expansion may change it."""
         batch = self.batch_size
         try:
@@ -319,8 +388,10 @@ class _BroadcastWatcher(TorchFunctionMode):
         rank = len(shape)
         for t in operands:
             if id(t) in self.expanded and t.dim() != rank:
-                return (f"{name} broadcasts it against a tensor of more dims (result {tuple(shape)}), so its "
-                        f"dim 0 lines up with dim {rank - t.dim()} there, not with the batch")
+                return (
+                    f"{name} broadcasts it against a tensor of more dims (result {tuple(shape)}), so its "
+                    f"dim 0 lines up with dim {rank - t.dim()} there, not with the batch"
+                )
         partners = [t for t in operands if id(t) not in self.expanded]
         if any(t.dim() == rank and t.shape[0] == batch for t in partners):  # a tensor batched on dim 0
             if tuple(shape) != tuple(original):
@@ -339,8 +410,11 @@ class _BroadcastWatcher(TorchFunctionMode):
 
     def _derived(self, out, original, expansions: list[_Expansion], name: str):
         """``out`` computed from expansions: watched as an expansion of ``original`` when it is one."""
-        if isinstance(out, Tensor) and isinstance(original, Tensor) and _is_expansion_of(
-                out.shape, original.shape, self.batch_size):
+        if (
+            isinstance(out, Tensor)
+            and isinstance(original, Tensor)
+            and _is_expansion_of(out.shape, original.shape, self.batch_size)
+        ):
             calls = tuple(call for entry in expansions for call in entry.calls)
             self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls)
             return out
@@ -352,8 +426,7 @@ class _BroadcastWatcher(TorchFunctionMode):
         key = id(tensor)
         self.suspects[key] = (weakref.ref(tensor, lambda _, key=key: self.suspects.pop(key, None)), label)
 
-    def _follow_suspects(self, name: str, args, kwargs, operands: list[Tensor], watched: list[Tensor],
-                         out) -> None:
+    def _follow_suspects(self, name: str, args, kwargs, operands: list[Tensor], watched: list[Tensor], out) -> None:
         results = [t for t in flat_leaves(out) if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0]
         if not results:  # no gradient flows back through it, or a full reduction (a loss)
             return
@@ -364,8 +437,10 @@ class _BroadcastWatcher(TorchFunctionMode):
                 break
             wider = [t for t in operands if t is not s and t.dim() > s.dim()]
             if wider:
-                problem = (f"{name} combines it with a tensor of more dims {tuple(wider[0].shape)}, so its dim 0 "
-                           "may line up with a position there")
+                problem = (
+                    f"{name} combines it with a tensor of more dims {tuple(wider[0].shape)}, so its dim 0 "
+                    "may line up with a position there"
+                )
             elif _moves_dim_zero_op(name, args, kwargs):
                 problem = f"{name} {'moves' if name in _DIM_MOVING_OPS else 'works along'} its dim 0"
             elif _contracts_dim_zero(name, args, s):
@@ -375,7 +450,7 @@ class _BroadcastWatcher(TorchFunctionMode):
                     break
                 if r.shape[0] == 1:
                     problem = f"{name} gives shape {tuple(r.shape)}, folding its dim 0 into others"
-                elif r.dim() > s.dim() and tuple(r.shape[r.dim() - s.dim():]) == tuple(s.shape):
+                elif r.dim() > s.dim() and tuple(r.shape[r.dim() - s.dim() :]) == tuple(s.shape):
                     problem = f"{name} gives shape {tuple(r.shape)}: it may have gained a leading dim"
             if problem is not None:
                 if self.escape is None:
@@ -386,8 +461,23 @@ class _BroadcastWatcher(TorchFunctionMode):
                 self.watch_suspect(r, label)
 
 
-_DIM_MOVING_OPS = frozenset({"transpose", "swapaxes", "swapdims", "movedim", "moveaxis", "permute", "t", "T",
-                             "mT", "mH", "adjoint", "stack", "einsum"})
+_DIM_MOVING_OPS = frozenset(
+    {
+        "transpose",
+        "swapaxes",
+        "swapdims",
+        "movedim",
+        "moveaxis",
+        "permute",
+        "t",
+        "T",
+        "mT",
+        "mH",
+        "adjoint",
+        "stack",
+        "einsum",
+    }
+)
 
 
 class _DimMoveWatcher(TorchFunctionMode):
@@ -500,15 +590,21 @@ class _UserCodeWatcher(TorchFunctionMode):
         if not results:
             return
         name = _op_name(func)
-        if (name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {})) \
-                or _mixes_dim_zero(name, args, kwargs or {}):
+        if (name in _DIM_MOVING_OPS and _moves_dim_zero_op(name, args, kwargs or {})) or _mixes_dim_zero(
+            name, args, kwargs or {}
+        ):
             return
         operands = _operands(args, kwargs)
         if not operands:  # a new tensor (torch.ones(B, ...)): not computed from the inputs
             return
         rank = max(t.dim() for t in operands)
-        if not any(t.dim() == rank and t.shape[0] == batch and not _contracts_dim_zero(name, args, t)
-                   and (t.grad_fn is not None or self.from_inputs(t)) for t in operands):
+        if not any(
+            t.dim() == rank
+            and t.shape[0] == batch
+            and not _contracts_dim_zero(name, args, t)
+            and (t.grad_fn is not None or self.from_inputs(t))
+            for t in operands
+        ):
             return
         for r in results:
             if r.dim() >= rank:
@@ -535,8 +631,11 @@ class _UserCodeWatcher(TorchFunctionMode):
 
     def _follow_loss(self, func, args, kwargs, out) -> None:
         results = [t for t in tensors_in(out) if t.requires_grad]
-        reads_activation = any(t.grad_fn is not None and id(t) not in self.outputs and id(t) not in self.after_forward
-                               for t in tensors_in((args, kwargs)) if t.requires_grad)
+        reads_activation = any(
+            t.grad_fn is not None and id(t) not in self.outputs and id(t) not in self.after_forward
+            for t in tensors_in((args, kwargs))
+            if t.requires_grad
+        )
         for t in results:
             self.after_forward[id(t)] = t
             if reads_activation and t.grad_fn is not None:
@@ -544,9 +643,31 @@ class _UserCodeWatcher(TorchFunctionMode):
 
 
 #: Ops that reorder or combine the rows of a dim they are given (``x.flip(0)``, ``x.cumsum(0)``).
-_ALONG_DIM_OPS = frozenset({"flip", "roll", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp", "sort",
-                            "argsort", "index_select", "gather", "take_along_dim", "narrow", "scatter", "scatter_add",
-                            "index_add", "index_copy", "index_fill", "repeat_interleave", "unfold", "diff"})
+_ALONG_DIM_OPS = frozenset(
+    {
+        "flip",
+        "roll",
+        "cumsum",
+        "cumprod",
+        "cummax",
+        "cummin",
+        "logcumsumexp",
+        "sort",
+        "argsort",
+        "index_select",
+        "gather",
+        "take_along_dim",
+        "narrow",
+        "scatter",
+        "scatter_add",
+        "index_add",
+        "index_copy",
+        "index_fill",
+        "repeat_interleave",
+        "unfold",
+        "diff",
+    }
+)
 
 
 def _mixes_dim_zero(name: str, args, kwargs) -> bool:
@@ -564,20 +685,41 @@ def _mixes_dim_zero(name: str, args, kwargs) -> bool:
     dims = [kwargs[k] for k in ("dim", "dims", "shifts_dims") if k in kwargs] + list(args[1:3])
     flat = [d for r in dims for d in (r if isinstance(r, (list, tuple)) else (r,))]
     return name in ("take_along_dim", "repeat_interleave") or any(
-        isinstance(d, int) and not isinstance(d, bool) and d % first.dim() == 0 for d in flat)
+        isinstance(d, int) and not isinstance(d, bool) and d % first.dim() == 0 for d in flat
+    )
 
 
 #: Ops that combine or reorder rows along a dim: name → (position of the dim argument, its keyword, default;
 #: "all": along every dim). Reductions without a dim (a mask's token count) are not counted here.
 _RAW_MIXING = {
-    "roll": (2, "dims", "all"), "flip": (1, "dims", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1),
-    "cumsum": (1, "dim", None), "cumprod": (1, "dim", None), "logcumsumexp": (1, "dim", None),
-    "cummax": (1, "dim", None), "cummin": (1, "dim", None), "mean": (1, "dim", None), "sum": (1, "dim", None),
-    "nansum": (1, "dim", None), "std": (1, "dim", None), "var": (1, "dim", None), "amax": (1, "dim", None),
-    "amin": (1, "dim", None), "max": (1, "dim", None), "min": (1, "dim", None), "softmax": (1, "dim", None),
-    "log_softmax": (1, "dim", None), "logsumexp": (1, "dim", None), "prod": (1, "dim", None),
-    "median": (1, "dim", None), "topk": (2, "dim", -1), "kthvalue": (2, "dim", -1),
-    "index_select": (1, "dim", None), "gather": (1, "dim", None), "__getitem__": (1, None, None),
+    "roll": (2, "dims", "all"),
+    "flip": (1, "dims", None),
+    "sort": (1, "dim", -1),
+    "argsort": (1, "dim", -1),
+    "cumsum": (1, "dim", None),
+    "cumprod": (1, "dim", None),
+    "logcumsumexp": (1, "dim", None),
+    "cummax": (1, "dim", None),
+    "cummin": (1, "dim", None),
+    "mean": (1, "dim", None),
+    "sum": (1, "dim", None),
+    "nansum": (1, "dim", None),
+    "std": (1, "dim", None),
+    "var": (1, "dim", None),
+    "amax": (1, "dim", None),
+    "amin": (1, "dim", None),
+    "max": (1, "dim", None),
+    "min": (1, "dim", None),
+    "softmax": (1, "dim", None),
+    "log_softmax": (1, "dim", None),
+    "logsumexp": (1, "dim", None),
+    "prod": (1, "dim", None),
+    "median": (1, "dim", None),
+    "topk": (2, "dim", -1),
+    "kthvalue": (2, "dim", -1),
+    "index_select": (1, "dim", None),
+    "gather": (1, "dim", None),
+    "__getitem__": (1, None, None),
 }
 
 
@@ -585,8 +727,13 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
     """Where op ``name`` combines or reorders the rows of a floating tensor that does not require grad
     (a raw input: no backward node shows it) and whose dim 0 has the batch's size, along dim 0."""
     t = args[0] if args else None
-    if not isinstance(t, Tensor) or t.requires_grad or not t.is_floating_point() or t.dim() == 0 \
-            or t.shape[0] != batch_size:
+    if (
+        not isinstance(t, Tensor)
+        or t.requires_grad
+        or not t.is_floating_point()
+        or t.dim() == 0
+        or t.shape[0] != batch_size
+    ):
         return None
     position, keyword, default = _RAW_MIXING[name]
     if name == "__getitem__":
@@ -600,8 +747,8 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
         if not isinstance(first, Tensor) or first.dim() != 1:
             return None
         in_place = first.shape[0] == batch_size and (
-            bool(first.all()) if first.dtype == torch.bool
-            else bool(torch.equal(first.cpu(), torch.arange(batch_size))))
+            bool(first.all()) if first.dtype == torch.bool else bool(torch.equal(first.cpu(), torch.arange(batch_size)))
+        )
         return None if in_place else f"indexing with rows of other examples a tensor of shape {tuple(t.shape)}"
     dims = args[position] if len(args) > position else kwargs.get(keyword, default)
     if dims == "all":
@@ -664,8 +811,27 @@ def _caller_outside_torch() -> str:
 
 #: Products whose operands other than the first (``matmul(a, b)``'s ``b``, ``linear``'s weight) are
 #: contracted over their dim 0 when they are matrices or vectors.
-_PRODUCTS = frozenset({"matmul", "__matmul__", "__rmatmul__", "mm", "mv", "linear", "addmm", "addmv", "dot",
-                       "vdot", "inner", "outer", "ger", "tensordot", "kron", "chain_matmul", "multi_dot"})
+_PRODUCTS = frozenset(
+    {
+        "matmul",
+        "__matmul__",
+        "__rmatmul__",
+        "mm",
+        "mv",
+        "linear",
+        "addmm",
+        "addmv",
+        "dot",
+        "vdot",
+        "inner",
+        "outer",
+        "ger",
+        "tensordot",
+        "kron",
+        "chain_matmul",
+        "multi_dot",
+    }
+)
 
 
 def _contracts_dim_zero(name: str, args, t: Tensor) -> bool:
@@ -675,13 +841,23 @@ def _contracts_dim_zero(name: str, args, t: Tensor) -> bool:
     if name not in _PRODUCTS:
         return False
     row = 1 if name in ("addmm", "addmv") else 0
-    if name in ("matmul", "__matmul__", "__rmatmul__") and len(args) > 1 and all(
-            isinstance(a, Tensor) and a.dim() >= 3 for a in args[:2]):
+    if (
+        name in ("matmul", "__matmul__", "__rmatmul__")
+        and len(args) > 1
+        and all(isinstance(a, Tensor) and a.dim() >= 3 for a in args[:2])
+    ):
         return False
     if name == "__rmatmul__":  # b.__rmatmul__(a) is a @ b: b (args[0]) is the contracted operand
         return bool(args) and args[0] is t
-    return not (len(args) > row and args[row] is t) or name in ("dot", "vdot", "inner", "outer", "ger",
-                                                               "tensordot", "kron")
+    return not (len(args) > row and args[row] is t) or name in (
+        "dot",
+        "vdot",
+        "inner",
+        "outer",
+        "ger",
+        "tensordot",
+        "kron",
+    )
 
 
 def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
@@ -723,12 +899,23 @@ def _is_dim(d) -> bool:
 
 #: Ops with a dim argument that works along that dim, beyond :data:`_RAW_MIXING`'s: name → (position of
 #: the dim argument, its keyword, its default).
-_DIM_ARGUMENT = {**{name: spec for name, spec in _RAW_MIXING.items() if name != "__getitem__"},
-                 "cat": (1, "dim", 0), "concat": (1, "dim", 0), "concatenate": (1, "dim", 0),
-                 "narrow": (1, "dim", None), "select": (1, "dim", None), "split": (2, "dim", 0),
-                 "chunk": (2, "dim", 0), "unbind": (1, "dim", 0), "tensor_split": (2, "dim", 0),
-                 "repeat_interleave": (2, "dim", None), "diff": (2, "dim", -1), "index_add": (1, "dim", None),
-                 "scatter": (1, "dim", None), "scatter_add": (1, "dim", None)}
+_DIM_ARGUMENT = {
+    **{name: spec for name, spec in _RAW_MIXING.items() if name != "__getitem__"},
+    "cat": (1, "dim", 0),
+    "concat": (1, "dim", 0),
+    "concatenate": (1, "dim", 0),
+    "narrow": (1, "dim", None),
+    "select": (1, "dim", None),
+    "split": (2, "dim", 0),
+    "chunk": (2, "dim", 0),
+    "unbind": (1, "dim", 0),
+    "tensor_split": (2, "dim", 0),
+    "repeat_interleave": (2, "dim", None),
+    "diff": (2, "dim", -1),
+    "index_add": (1, "dim", None),
+    "scatter": (1, "dim", None),
+    "scatter_add": (1, "dim", None),
+}
 
 
 @dataclass
@@ -746,9 +933,12 @@ class Capture:
     @property
     def escape(self) -> Finding | None:
         if self.lost_watch:
-            return Finding("REENTRANT_CHECKPOINT", "part of the forward ran where the fast engine's checks cannot "
-                           "follow it (re-entrant gradient checkpointing, use_reentrant=True?); use "
-                           "checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
+            return Finding(
+                "REENTRANT_CHECKPOINT",
+                "part of the forward ran where the fast engine's checks cannot "
+                "follow it (re-entrant gradient checkpointing, use_reentrant=True?); use "
+                "checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT,
+            )
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
         if self.user_watcher.mixed is not None:
@@ -765,9 +955,12 @@ class Capture:
         forward rewrote one (known once the backward has run), or None."""
         if self.user_watcher.rewritten is None:
             return None
-        return Finding("GRADIENT_REWRITTEN", "a gradient hook registered in the forward (tensor.register_hook on "
-                       f"{self.user_watcher.rewritten}) rewrote the batch's gradient, which the fast engine cannot "
-                       "apply to each example; the vmap and loop engines do (engine='auto' takes them)")
+        return Finding(
+            "GRADIENT_REWRITTEN",
+            "a gradient hook registered in the forward (tensor.register_hook on "
+            f"{self.user_watcher.rewritten}) rewrote the batch's gradient, which the fast engine cannot "
+            "apply to each example; the vmap and loop engines do (engine='auto' takes them)",
+        )
 
     def watch_loss(self, outputs: list) -> None:
         """From now on (the model's forward has returned), note ops that read an activation other than
@@ -838,16 +1031,25 @@ def _exit_mode(mode: TorchFunctionMode) -> bool:
 
 
 def _ambiguous_expansion(label: str) -> Finding:
-    return Finding("BATCH_DIM_AMBIGUOUS", f"{label}; it meets a tensor whose dim 0 has the batch's size and "
-                   "another dim of that size, while the forward moves dim 0 of some tensor (a transpose or "
-                   "permute): that tensor may be sequence-first, so whether the expansion lines up with the batch "
-                   "is ambiguous")
+    return Finding(
+        "BATCH_DIM_AMBIGUOUS",
+        f"{label}; it meets a tensor whose dim 0 has the batch's size and "
+        "another dim of that size, while the forward moves dim 0 of some tensor (a transpose or "
+        "permute): that tensor may be sequence-first, so whether the expansion lines up with the batch "
+        "is ambiguous",
+    )
 
 
 @contextlib.contextmanager
-def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
-              watch_dim_moves: bool = False, hook_outputs: bool = True,
-              stop_random: bool = False) -> Iterator[Capture]:
+def capturing(
+    units: list[Unit],
+    model: nn.Module,
+    batch_size: int,
+    *,
+    watch_dim_moves: bool = False,
+    hook_outputs: bool = True,
+    stop_random: bool = False,
+) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
 
     With ``hook_outputs`` a tensor hook on every output stores the gradients of any backward pass
@@ -900,10 +1102,12 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             entry = watcher.expanded.get(id(args[0])) if isinstance(args[0], Tensor) else None
             # A rule module computes row by row, so on an expansion it gives the expansion of its result
             # on the original: let its ops run on the expansion (the rule then sees a batched call).
-            if entry is not None and (entry.original.dim() == args[0].dim()
-                                      or unit.rule.unbatched(module, entry.original)):
+            if entry is not None and (
+                entry.original.dim() == args[0].dim() or unit.rule.unbatched(module, entry.original)
+            ):
                 watcher.paused += 1
                 on_expansion.append((module, entry))
+
         return hook
 
     def post_hook(unit: Unit):
@@ -921,6 +1125,7 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
                 return None
             with torch._C.DisableTorchFunction():  # the watcher must not see (or redirect) our own ops
                 return record(unit, args, kwargs, output, entry)
+
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
@@ -933,7 +1138,8 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
             if not (isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == batch_size):
                 watcher.escape = watcher.escape or Finding(
-                    "EXPANSION_ESCAPES", f"{on.label}; module {unit.name or '<root>'} does not keep it one")
+                    "EXPANSION_ESCAPES", f"{on.label}; module {unit.name or '<root>'} does not keep it one"
+                )
                 return None
             original = output[:1] if on.original.dim() == x.dim() else output[0]
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
@@ -944,17 +1150,32 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
-                label = (f"module {unit.name or '<root>'}: its input of shape {shape} has no batch dim (dim 0 "
-                         f"is not the batch of {batch_size}), so its output was expanded over the batch")
-            elif batch_size > 1 and shape and shape[0] == batch_size and x.grad_fn is None \
-                    and _storage(x) not in input_storages and not capture.user_watcher.from_inputs(x):
-                suspect = (f"module {unit.name or '<root>'}: its input of shape {shape} has dim 0 of the batch's "
-                           f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
-                           "activation (a constant such as torch.arange(T) with T == B?)")
-        call = Call(args, kwargs, output if expanded is None else expanded, broadcast=expanded is not None,
-                    autocast=autocast_state() if unit.rule is None else None,
-                    input_versions=_versions(args, kwargs, list(unit.params.values())),
-                    changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]))
+                label = (
+                    f"module {unit.name or '<root>'}: its input of shape {shape} has no batch dim (dim 0 "
+                    f"is not the batch of {batch_size}), so its output was expanded over the batch"
+                )
+            elif (
+                batch_size > 1
+                and shape
+                and shape[0] == batch_size
+                and x.grad_fn is None
+                and _storage(x) not in input_storages
+                and not capture.user_watcher.from_inputs(x)
+            ):
+                suspect = (
+                    f"module {unit.name or '<root>'}: its input of shape {shape} has dim 0 of the batch's "
+                    f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
+                    "activation (a constant such as torch.arange(T) with T == B?)"
+                )
+        call = Call(
+            args,
+            kwargs,
+            output if expanded is None else expanded,
+            broadcast=expanded is not None,
+            autocast=autocast_state() if unit.rule is None else None,
+            input_versions=_versions(args, kwargs, list(unit.params.values())),
+            changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
+        )
         unit.calls.append(call)
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
@@ -971,15 +1192,19 @@ def capturing(units: list[Unit], model: nn.Module, batch_size: int, *,
             watcher.watch_expansion(expanded, output, label, call)
             capture.watch()
             if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
-                rule_pre_hooks.extend(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit)
-                                      for unit in units if unit.rule is not None)
+                rule_pre_hooks.extend(
+                    _hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit)
+                    for unit in units
+                    if unit.rule is not None
+                )
             return expanded
         if suspect is not None:
             watcher.watch_suspect(output, suspect)
             capture.watch()
             if not fallback_pre_hooks:  # from now on, rule-less modules' own ops are theirs
-                fallback_pre_hooks.extend(_hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u)
-                                          for u in units if u.rule is None)
+                fallback_pre_hooks.extend(
+                    _hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u) for u in units if u.rule is None
+                )
         return None
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
@@ -1011,15 +1236,17 @@ def _hooked(register, hook, unit: Unit | None):
         return register(hook, with_kwargs=True)
     except Exception as err:
         where = "the model" if unit is None else f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
-        raise refusal("CAPTURE_HOOK_REFUSED", f"the fast engine cannot hook {where}: {type(err).__name__}: "
-                      f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        raise refusal(
+            "CAPTURE_HOOK_REFUSED",
+            f"the fast engine cannot hook {where}: {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+        ) from err
 
 
 def _parameter_slots(module: nn.Module) -> list[tuple[nn.Module, str, Tensor]]:
     """``(owner, name, parameter)`` of every parameter slot in ``module``'s subtree, as found before the
     forward: a call of the module computes with these very tensors unless something swapped them in."""
-    return [(owner, name, p) for owner in module.modules() for name, p in owner._parameters.items()
-            if p is not None]
+    return [(owner, name, p) for owner in module.modules() for name, p in owner._parameters.items() if p is not None]
 
 
 def _substituted_parameter(slots: list[tuple], resharded: dict) -> str | None:
@@ -1039,11 +1266,15 @@ def _substituted_parameter(slots: list[tuple], resharded: dict) -> str | None:
 
 def _substitution(unit: Unit, name: str) -> Finding:
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
-    return Finding("PARAMETER_SUBSTITUTED", f"module {label} was called with its parameter {name!r} replaced by "
-                   "another tensor (torch.func.functional_call with weights derived from its own: 1.1·W, W + ε as "
-                   "in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call receives is not "
-                   "the parameter's own; the vmap and loop engines differentiate through the substitution "
-                   "(engine='auto' takes them)", module=label)
+    return Finding(
+        "PARAMETER_SUBSTITUTED",
+        f"module {label} was called with its parameter {name!r} replaced by "
+        "another tensor (torch.func.functional_call with weights derived from its own: 1.1·W, W + ε as "
+        "in SAM, a hypernetwork's output, an inner MAML step), so the gradient its call receives is not "
+        "the parameter's own; the vmap and loop engines differentiate through the substitution "
+        "(engine='auto' takes them)",
+        module=label,
+    )
 
 
 def _storage(t: Tensor) -> int | None:
@@ -1059,8 +1290,10 @@ def store_grad(grads: dict, leaf_index: int):
     backward passes add up, as in ``p.grad``). It stores into ``grads`` only: referencing the Call
     (and so the output tensor) from a hook on that output would make a cycle through autograd's C++
     hook storage, which Python's garbage collector cannot see, leaking the whole graph."""
+
     def hook(grad: Tensor) -> None:
         add_gradient(grads, leaf_index, grad)
+
     return hook
 
 
@@ -1079,23 +1312,36 @@ def modified_in_place(units: list[Unit]) -> Finding | None:
     for unit in units:
         label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         if any(call.input_modified_in_place(unit.params) for call in unit.calls):
-            return Finding("MODIFIED_IN_PLACE", f"an input or a parameter of {label} was modified in place after "
-                           "the module was called, so what the fast engine captured is not what the module "
-                           "computed with (autograd's own backward would refuse it too); use an out-of-place op "
-                           "(x = x * 2) or another engine", module=label)
+            return Finding(
+                "MODIFIED_IN_PLACE",
+                f"an input or a parameter of {label} was modified in place after "
+                "the module was called, so what the fast engine captured is not what the module "
+                "computed with (autograd's own backward would refuse it too); use an out-of-place op "
+                "(x = x * 2) or another engine",
+                module=label,
+            )
         if any(call.changed_buffers for call in unit.calls):
-            return Finding("BUFFERS_CHANGED", f"{label} changed its buffers during the forward (spectral norm's "
-                           "power iteration, a running average?), so the fast engine cannot re-run its call for "
-                           "per-example gradients; the vmap and loop engines compute every example from the "
-                           "buffers as found (engine='auto' takes them)", module=label)
+            return Finding(
+                "BUFFERS_CHANGED",
+                f"{label} changed its buffers during the forward (spectral norm's "
+                "power iteration, a running average?), so the fast engine cannot re-run its call for "
+                "per-example gradients; the vmap and loop engines compute every example from the "
+                "buffers as found (engine='auto' takes them)",
+                module=label,
+            )
         if any(call.view_modified_in_place() for call in unit.calls):
-            return Finding("MODIFIED_IN_PLACE", f"the output of {label} is a view and was modified in place after "
-                           "the module returned, which hides its gradient from the fast engine's hooks; use an "
-                           "out-of-place op (y = y * 2) or another engine", module=label)
+            return Finding(
+                "MODIFIED_IN_PLACE",
+                f"the output of {label} is a view and was modified in place after "
+                "the module returned, which hides its gradient from the fast engine's hooks; use an "
+                "out-of-place op (y = y * 2) or another engine",
+                module=label,
+            )
     return None
 
 
 # ---------------------------------------------------------------------------- graph audit
+
 
 @dataclass(frozen=True)
 class GraphAudit:
@@ -1105,12 +1351,17 @@ class GraphAudit:
     dim_zero_moved: bool
 
 
-_HF_NON_REENTRANT = ("or for Hugging Face models gradient_checkpointing_enable(gradient_checkpointing_kwargs="
-                     "{'use_reentrant': False}) (TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
-                     "False}); Lightning: your own checkpoint(..., use_reentrant=False))")
-REENTRANT_CHECKPOINT = Finding("REENTRANT_CHECKPOINT", "re-entrant gradient checkpointing (use_reentrant=True) "
-                               "hides the checkpointed layers' inputs and output gradients from the fast engine; "
-                               "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT)
+_HF_NON_REENTRANT = (
+    "or for Hugging Face models gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False}) (TrainingArguments(gradient_checkpointing_kwargs={'use_reentrant': "
+    "False}); Lightning: your own checkpoint(..., use_reentrant=False))"
+)
+REENTRANT_CHECKPOINT = Finding(
+    "REENTRANT_CHECKPOINT",
+    "re-entrant gradient checkpointing (use_reentrant=True) "
+    "hides the checkpointed layers' inputs and output gradients from the fast engine; "
+    "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT,
+)
 
 
 def _signed(value: int) -> int:
@@ -1137,33 +1388,72 @@ def _moves_dim_zero(node) -> bool:
 
 
 def batch_mixing(what: str) -> Finding:
-    return Finding("BATCH_MIXED", f"the forward mixes the examples of the batch: {what}, so an example's output "
-                   "depends on other examples and its gradient cannot be read off the batch's backward; "
-                   "engine='auto' computes each example alone (the vmap engine or the loop: the gradient of "
-                   "loss_fn on a batch of one)")
+    return Finding(
+        "BATCH_MIXED",
+        f"the forward mixes the examples of the batch: {what}, so an example's output "
+        "depends on other examples and its gradient cannot be read off the batch's backward; "
+        "engine='auto' computes each example alone (the vmap engine or the loop: the gradient of "
+        "loss_fn on a batch of one)",
+    )
 
 
 #: Backward nodes (their names without the trailing number) of ops that combine or reorder the rows of
 #: their input along the dims that an attribute holds; None: along every dim (a full reduction).
 _ALONG_DIMS = {
-    "RollBackward": "_saved_dims", "FlipBackward": "_saved_dims", "SortBackward": "_saved_dim",
-    "CumsumBackward": "_saved_dim", "CumprodBackward": "_saved_dim", "LogcumsumexpBackward": "_saved_dim",
-    "CummaxBackward": "_saved_dim", "CumminBackward": "_saved_dim", "IndexSelectBackward": "_saved_dim",
-    "GatherBackward": "_saved_dim", "IndexAddBackward": "_saved_dim", "ScatterAddBackward": "_saved_dim",
-    "ScatterBackward": "_saved_dim", "MeanBackward": "_saved_dim", "SumBackward": "_saved_dim",
-    "NansumBackward": "_saved_dim", "MaxBackward": "_saved_dim", "MinBackward": "_saved_dim",
-    "AmaxBackward": "_saved_dim", "AminBackward": "_saved_dim", "StdBackward": "_saved_dim",
-    "VarBackward": "_saved_dim", "StdMeanBackward": "_saved_dim", "VarMeanBackward": "_saved_dim",
-    "SoftmaxBackward": "_saved_dim", "LogSoftmaxBackward": "_saved_dim", "LogsumexpBackward": "_saved_dim",
-    "LinalgVectorNormBackward": "_saved_dim", "NormBackward": "_saved_dim", "TopkBackward": "_saved_dim",
-    "ProdBackward": "_saved_dim", "MedianBackward": "_saved_dim", "NanmedianBackward": "_saved_dim",
-    "KthvalueBackward": "_saved_dim", "ModeBackward": "_saved_dim",
+    "RollBackward": "_saved_dims",
+    "FlipBackward": "_saved_dims",
+    "SortBackward": "_saved_dim",
+    "CumsumBackward": "_saved_dim",
+    "CumprodBackward": "_saved_dim",
+    "LogcumsumexpBackward": "_saved_dim",
+    "CummaxBackward": "_saved_dim",
+    "CumminBackward": "_saved_dim",
+    "IndexSelectBackward": "_saved_dim",
+    "GatherBackward": "_saved_dim",
+    "IndexAddBackward": "_saved_dim",
+    "ScatterAddBackward": "_saved_dim",
+    "ScatterBackward": "_saved_dim",
+    "MeanBackward": "_saved_dim",
+    "SumBackward": "_saved_dim",
+    "NansumBackward": "_saved_dim",
+    "MaxBackward": "_saved_dim",
+    "MinBackward": "_saved_dim",
+    "AmaxBackward": "_saved_dim",
+    "AminBackward": "_saved_dim",
+    "StdBackward": "_saved_dim",
+    "VarBackward": "_saved_dim",
+    "StdMeanBackward": "_saved_dim",
+    "VarMeanBackward": "_saved_dim",
+    "SoftmaxBackward": "_saved_dim",
+    "LogSoftmaxBackward": "_saved_dim",
+    "LogsumexpBackward": "_saved_dim",
+    "LinalgVectorNormBackward": "_saved_dim",
+    "NormBackward": "_saved_dim",
+    "TopkBackward": "_saved_dim",
+    "ProdBackward": "_saved_dim",
+    "MedianBackward": "_saved_dim",
+    "NanmedianBackward": "_saved_dim",
+    "KthvalueBackward": "_saved_dim",
+    "ModeBackward": "_saved_dim",
 }
-_ROW_INDEXING = frozenset({"IndexSelectBackward", "GatherBackward", "IndexAddBackward", "ScatterAddBackward",
-                           "ScatterBackward"})
+_ROW_INDEXING = frozenset(
+    {"IndexSelectBackward", "GatherBackward", "IndexAddBackward", "ScatterAddBackward", "ScatterBackward"}
+)
 #: Full reductions (no dim saved): every row of the input meets every other.
-_FULL_REDUCTIONS = frozenset({"SumBackward0", "MeanBackward0", "MaxBackward1", "MinBackward1", "MedianBackward0",
-                              "NanmedianBackward0", "ProdBackward0", "NormBackward0", "StdBackward0", "VarBackward0"})
+_FULL_REDUCTIONS = frozenset(
+    {
+        "SumBackward0",
+        "MeanBackward0",
+        "MaxBackward1",
+        "MinBackward1",
+        "MedianBackward0",
+        "NanmedianBackward0",
+        "ProdBackward0",
+        "NormBackward0",
+        "StdBackward0",
+        "VarBackward0",
+    }
+)
 
 
 def _node_input_shape(node) -> tuple | None:
@@ -1221,16 +1511,27 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
             if not shape or shape[0] != batch_size or not indices or indices[0] is None:
                 return None
             first = indices[0]
-            if first.dim() == 1 and first.shape[0] == batch_size and (
-                    bool(first.all()) if first.dtype == torch.bool
-                    else bool(torch.equal(first.cpu(), torch.arange(batch_size)))):
+            if (
+                first.dim() == 1
+                and first.shape[0] == batch_size
+                and (
+                    bool(first.all())
+                    if first.dtype == torch.bool
+                    else bool(torch.equal(first.cpu(), torch.arange(batch_size)))
+                )
+            ):
                 return None  # every row in place (x[arange(B), j], an all-true mask)
             return False, shape, f"{name} indexes dim 0 of a tensor of shape {shape} with rows of other examples"
         if base in ("MmBackward", "AddmmBackward"):
             self_node = node.next_functions[1 if base == "AddmmBackward" else 0][0]
             sizes = getattr(node, "_saved_self_sym_sizes", None) or getattr(node, "_saved_mat1_sym_sizes", None)
-            if (self_node is not None and sizes is not None and int(sizes[-1]) == batch_size
-                    and not hasattr(self_node, "variable") and _moves_dim_zero(self_node)):
+            if (
+                self_node is not None
+                and sizes is not None
+                and int(sizes[-1]) == batch_size
+                and not hasattr(self_node, "variable")
+                and _moves_dim_zero(self_node)
+            ):
                 # a 2-D activation with B rows is batch-first (a sequence's rows are B·T)
                 return True, (batch_size,), f"{name} contracts a transposed activation's dim 0 (x.T @ y) over the batch"
     except (AttributeError, IndexError, RuntimeError, TypeError, ValueError):
@@ -1256,8 +1557,15 @@ def _fallback_internals(units: list[Unit]) -> set:
     return inside
 
 
-def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str], *,
-                batch_size: int | None = None, outputs: list | None = None, inputs_moved: bool = False) -> GraphAudit:
+def audit_graph(
+    root: Tensor | list[Tensor],
+    units: list[Unit],
+    names: dict[int, str],
+    *,
+    batch_size: int | None = None,
+    outputs: list | None = None,
+    inputs_moved: bool = False,
+) -> GraphAudit:
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad``, dim-0 moves and, with
     ``batch_size``, ops that mix the examples along the batch dim.
 
@@ -1278,15 +1586,24 @@ def audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int,
         return _audit_graph(root, units, names, batch_size, outputs, inputs_moved)
 
 
-def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int, str],
-                 batch_size: int | None = None, outputs: list | None = None, inputs_moved: bool = False) -> GraphAudit:
+def _audit_graph(
+    root: Tensor | list[Tensor],
+    units: list[Unit],
+    names: dict[int, str],
+    batch_size: int | None = None,
+    outputs: list | None = None,
+    inputs_moved: bool = False,
+) -> GraphAudit:
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
     roots = list(root) if isinstance(root, (list, tuple)) else [root]
     model_side: set = set()
     if batch_size is not None:
-        model_side = {t.grad_fn for t in (roots if outputs is None else outputs)
-                      if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size}
+        model_side = {
+            t.grad_fn
+            for t in (roots if outputs is None else outputs)
+            if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
+        }
     checked: set = set()  # model-side nodes looked at for batch mixing
     mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
     stack = [(t.grad_fn, False) for t in roots]
@@ -1319,9 +1636,15 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
     if mixing:
         # Where some tensor may be sequence-first (a dim 0 moved, a recurrent or batch_first=False module),
         # dim 0 of a tensor with another dim of the batch's size may be a position: the layout checks decide.
-        seq_first = moved or inputs_moved or any(
-            isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
-            for u in units if u.rule is None)
+        seq_first = (
+            moved
+            or inputs_moved
+            or any(
+                isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
+                for u in units
+                if u.rule is None
+            )
+        )
         for certain, shape, what in mixing:
             if not seq_first or (certain and batch_size not in shape[1:]):
                 return GraphAudit(batch_mixing(what), moved)
@@ -1337,15 +1660,23 @@ def _audit_graph(root: Tensor | list[Tensor], units: list[Unit], names: dict[int
         for unit in units:
             for call in unit.calls:
                 if call.batch_dim_ambiguous and _reached(call, seen):
-                    return GraphAudit(_ambiguous_expansion(f"module {unit.name or '<root>'}: its output was "
-                                                           "expanded over the batch"), moved)
+                    return GraphAudit(
+                        _ambiguous_expansion(f"module {unit.name or '<root>'}: its output was expanded over the batch"),
+                        moved,
+                    )
     for pid, count in uses.items():
         if pid in skip or pid not in names:
             continue
         if count != expected.get(pid, 0):
-            return GraphAudit(Finding("PARAMETER_USED_OUTSIDE", f"parameter {names[pid]!r} is used {count} "
-                                      f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
-                                      "time(s): it is used outside the module that owns it"), moved)
+            return GraphAudit(
+                Finding(
+                    "PARAMETER_USED_OUTSIDE",
+                    f"parameter {names[pid]!r} is used {count} "
+                    f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
+                    "time(s): it is used outside the module that owns it",
+                ),
+                moved,
+            )
     return GraphAudit(None, moved)
 
 

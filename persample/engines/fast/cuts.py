@@ -60,8 +60,11 @@ class Cut:
 def plan_cuts(units: list[Unit], modes: dict[int, str], root: Tensor) -> list[Cut]:
     """The units whose backward can be cut exactly (see the module docstring), given ``modes``:
     ``{id(unit): cell}`` for the rule-less units the closed form covers."""
-    cuts = [Cut(unit, modes[id(unit)]) for unit in units
-            if id(unit) in modes and unit.calls and all(cuttable_call(unit, call) for call in unit.calls)]
+    cuts = [
+        Cut(unit, modes[id(unit)])
+        for unit in units
+        if id(unit) in modes and unit.calls and all(cuttable_call(unit, call) for call in unit.calls)
+    ]
     for cut in cuts:
         cut.below = _reachable(_input_nodes(cut.unit), stop=set())
     outputs = {node for cut in cuts for node in _output_nodes(cut.unit)}
@@ -70,8 +73,12 @@ def plan_cuts(units: list[Unit], modes: dict[int, str], root: Tensor) -> list[Cu
         outputs = {node for cut in cuts for node in _output_nodes(cut.unit)}
         params = {_accumulator(p): cut for cut in cuts for p in cut.unit.params.values()}
         reached = _reachable([root.grad_fn], stop=outputs)
-        outside_users = {id(params[nxt]) for node in reached.union(*(cut.below for cut in cuts))
-                         for nxt, _ in node.next_functions if nxt in params}
+        outside_users = {
+            id(params[nxt])
+            for node in reached.union(*(cut.below for cut in cuts))
+            for nxt, _ in node.next_functions
+            if nxt in params
+        }
         exact = [cut for cut in cuts if id(cut) not in outside_users and not cut.below & reached]
         if len(exact) == len(cuts):
             return cuts
@@ -79,8 +86,9 @@ def plan_cuts(units: list[Unit], modes: dict[int, str], root: Tensor) -> list[Cu
     return []
 
 
-def backward(mean_loss: Tensor, inputs: list, cuts: list[Cut],
-             closed_form: Callable[[Cut, Call, bool], tuple | None]) -> tuple[list, list[Cut]]:
+def backward(
+    mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form: Callable[[Cut, Call, bool], tuple | None]
+) -> tuple[list, list[Cut]]:
     """autograd's gradient of ``mean_loss`` for every input (parameters or edges; None where unused),
     with the backward through the ``cuts`` replaced by their closed forms; and the cuts that held
     (their units' parameters, if among ``inputs``, then get None: their means are the pieces' sums).

@@ -38,8 +38,14 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
-from ..._model import (autocast_as, detached_buffers, first_random_module, randomness_error, trainable_parameters,
-                       translate_vmap_error)
+from ..._model import (
+    autocast_as,
+    detached_buffers,
+    first_random_module,
+    randomness_error,
+    trainable_parameters,
+    translate_vmap_error,
+)
 from ..._torch_compat import is_batched_tensor
 from ...contract import Finding
 from ...errors import NotExact
@@ -47,8 +53,17 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import (REENTRANT_CHECKPOINT, Call, RandomCallStopped, Unit, add_gradient, audit_graph, capturing,
-                      find_units, modified_in_place)
+from .capture import (
+    REENTRANT_CHECKPOINT,
+    Call,
+    RandomCallStopped,
+    Unit,
+    add_gradient,
+    audit_graph,
+    capturing,
+    find_units,
+    modified_in_place,
+)
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
@@ -59,10 +74,18 @@ from .rules import Layout, LayoutError
 __all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
 
 
-def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Batch, *,
-                    randomness: str = "error", var: bool = True, inner_products: bool = False,
-                    clip_norm: float | None = None, reference: dict[str, Tensor] | None = None,
-                    keep_output: list | None = None) -> GradStats:
+def fast_grad_stats(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    var: bool = True,
+    inner_products: bool = False,
+    clip_norm: float | None = None,
+    reference: dict[str, Tensor] | None = None,
+    keep_output: list | None = None,
+) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
     ``keep_output``: a list that gets the model's output on the batch once the forward has run (also
@@ -78,9 +101,17 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
     units = find_units(model)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
-    with torch.enable_grad(), capturing(units, model, batch.size, hook_outputs=False,
-                                        watch_dim_moves=_input_has_batch_sized_dim(batch),
-                                        stop_random=randomness == "error") as capture:
+    with (
+        torch.enable_grad(),
+        capturing(
+            units,
+            model,
+            batch.size,
+            hook_outputs=False,
+            watch_dim_moves=_input_has_batch_sized_dim(batch),
+            stop_random=randomness == "error",
+        ) as capture,
+    ):
         try:
             output = batch.forward(model)
         except RandomCallStopped:  # stopped before it drew
@@ -98,46 +129,67 @@ def fast_grad_stats(model: nn.Module, loss_fn: Callable[..., Tensor], batch: Bat
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(mean_loss, units, {id(p): n for n, p in params.items()}, batch_size=batch.size,
-                            outputs=flat_leaves(output), inputs_moved=capture.raw_input_moved)
+        audit = audit_graph(
+            mean_loss,
+            units,
+            {id(p): n for n, p in params.items()},
+            batch_size=batch.size,
+            outputs=flat_leaves(output),
+            inputs_moved=capture.raw_input_moved,
+        )
         if audit.escape is not None:
             raise NotExact(audit.escape)
         planned = plan_cuts(units, modes, mean_loss) if modes else []
         derived = derived_parameters(units, params, var)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
-        outputs = [(call, leaf_index, edge) for unit in units for call in unit.calls
-                   for leaf_index, edge in call.edges.items()]
+        outputs = [
+            (call, leaf_index, edge) for unit in units for call in unit.calls for leaf_index, edge in call.edges.items()
+        ]
 
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        grads, cuts = _autograd_means(mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs],
-                                      planned, closed_form)
+        grads, cuts = _autograd_means(
+            mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
+        )
         if capture.rewritten_gradient is not None:
             raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
-    for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd):]):
+    for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd) :]):
         if id(call) not in delivered:
             add_gradient(call.out_grads, leaf_index, grad)
     cut_params = {id(p) for cut in cuts for p in cut.unit.params.values()}
     derived |= {name for name, p in params.items() if id(p) in cut_params}
-    means = {name: at_least_float32(dense_gradient(g, p)) for (name, p), g in zip(from_autograd.items(), grads)
-             if id(p) not in cut_params}
-    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved,
-                    grad_scale=grad_scale)
+    means = {
+        name: at_least_float32(dense_gradient(g, p))
+        for (name, p), g in zip(from_autograd.items(), grads)
+        if id(p) not in cut_params
+    }
+    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
-        moments = {name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in cut_params)
-                   for name in derived}
+        moments = {
+            name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in cut_params)
+            for name in derived
+        }
         means.update({name: mean for name, (mean, _, _) in moments.items()})
         means = {name: means[name] for name in params}  # named_parameters() order
         second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
-        return reduce_pieces(pieces, means, at_least_float32(losses.detach()), var=var,
-                             inner_products=inner_products, clip_norm=clip_norm, reference=reference,
-                             second_moments=second)
+        return reduce_pieces(
+            pieces,
+            means,
+            at_least_float32(losses.detach()),
+            var=var,
+            inner_products=inner_products,
+            clip_norm=clip_norm,
+            reference=reference,
+            second_moments=second,
+        )
 
 
-def _derived_moments(piece: Piece, var: bool, param: Tensor, summed: bool) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def _derived_moments(
+    piece: Piece, var: bool, param: Tensor, summed: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(ḡ, M2, suspect) of a parameter whose mean autograd did not compute. Without the variance, a
     cut recurrent layer's ḡ is the weighted sum (1/B) Σ_i g_i in closed form (one matmul), where
     forming every g_i would cost more; otherwise ``Piece.moments`` forms them once for all three."""
@@ -151,8 +203,11 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
     the whole batch) a batched forward, which draws per element, is not what was asked."""
     if randomness == "error":
         raise randomness_error(first_random_module(model, lambda: batch.call(model, loss_fn)))
-    raise NotExact("randomness='same' (one draw shared by all examples) differs from a batched forward, "
-                   "which draws independent numbers for every example", code="RANDOM_SAME_BATCHED")
+    raise NotExact(
+        "randomness='same' (one draw shared by all examples) differs from a batched forward, "
+        "which draws independent numbers for every example",
+        code="RANDOM_SAME_BATCHED",
+    )
 
 
 #: A Linear's weight on sequences at least this long has its g_i formed even without the variance:
@@ -176,9 +231,13 @@ def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: 
         for p in unit.params.values():
             users.setdefault(id(p), []).append(unit)
     forming = {id(u) for u in units if u.rule is not None and _forms_weight_gradients(u, var)}
-    return {name for name, p in params.items()
-            if (found := users.get(id(p))) and all(u.rule is not None for u in found)
-            and any(id(u) in forming for u in found)}
+    return {
+        name
+        for name, p in params.items()
+        if (found := users.get(id(p)))
+        and all(u.rule is not None for u in found)
+        and any(id(u) in forming for u in found)
+    }
 
 
 def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
@@ -230,8 +289,11 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
     if not any(batched):
         raise NotExact("the model's output has no tensor batched on dim 0", code="OUTPUT_NOT_BATCHED")
     # Differentiable outputs shared by the batch enter through fresh leaves, to see whether L_i reads them.
-    shared = {i: t.detach().requires_grad_() for i, (t, b) in enumerate(zip(leaves, batched))
-              if isinstance(t, Tensor) and not b and t.requires_grad}
+    shared = {
+        i: t.detach().requires_grad_()
+        for i, (t, b) in enumerate(zip(leaves, batched))
+        if isinstance(t, Tensor) and not b and t.requires_grad
+    }
     leaves = [shared.get(i, t) for i, t in enumerate(leaves)]
 
     def one(leaves, target):
@@ -249,19 +311,26 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
         clearer = translate_vmap_error(err)
         if clearer is not None:
             raise clearer from err
-        raise NotExact(f"torch.func.vmap cannot evaluate loss_fn on each example of the batched output: "
-                       f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
-                       code="LOSS_NOT_VMAPPABLE") from err
-    if shared and any(g is not None for g in torch.autograd.grad(
-            losses.sum(), list(shared.values()), allow_unused=True, retain_graph=True)):
+        raise NotExact(
+            f"torch.func.vmap cannot evaluate loss_fn on each example of the batched output: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}",
+            code="LOSS_NOT_VMAPPABLE",
+        ) from err
+    if shared and any(
+        g is not None
+        for g in torch.autograd.grad(losses.sum(), list(shared.values()), allow_unused=True, retain_graph=True)
+    ):
         raise NotExact(_NOT_PER_EXAMPLE)
     return losses
 
 
-_NOT_PER_EXAMPLE = Finding("LOSS_NOT_PER_EXAMPLE", "loss_fn's value for an example depends on a model output "
-                           "shared by the whole batch (a batch loss the model computed, such as Hugging Face's "
-                           "out.loss with labels=, or AdaptiveLogSoftmaxWithLoss's loss): per-example losses cannot "
-                           "be read off a batched forward, so each example is evaluated on its own instead")
+_NOT_PER_EXAMPLE = Finding(
+    "LOSS_NOT_PER_EXAMPLE",
+    "loss_fn's value for an example depends on a model output "
+    "shared by the whole batch (a batch loss the model computed, such as Hugging Face's "
+    "out.loss with labels=, or AdaptiveLogSoftmaxWithLoss's loss): per-example losses cannot "
+    "be read off a batched forward, so each example is evaluated on its own instead",
+)
 
 
 def output_leaves(output, batch_size: int) -> tuple[list, Any, list[bool]]:
@@ -279,8 +348,9 @@ def example_output(leaves: list, batched: list[bool], spec):
     return tree_unflatten([t.unsqueeze(0) if b else t for t, b in zip(leaves, batched)], spec)
 
 
-def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor],
-                         layout: Layout, cuts: list[Cut] = ()) -> dict[str, Piece]:
+def _pieces_by_parameter(
+    units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor], layout: Layout, cuts: list[Cut] = ()
+) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
     gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
     of ``cuts`` come with their pieces, from the closed form that replaced their backward."""
@@ -295,15 +365,17 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], mea
             elif not call.out_grads:
                 continue  # this call's output never reached the loss
             else:
-                found = (_rule_pieces(unit, call, layout) if unit.rule is not None
-                         else _fallback_pieces(unit, call, batch_size, layout.grad_scale))
+                found = (
+                    _rule_pieces(unit, call, layout)
+                    if unit.rule is not None
+                    else _fallback_pieces(unit, call, batch_size, layout.grad_scale)
+                )
             for local_name, piece in found.items():
                 collected.setdefault(by_id[id(unit.params[local_name])], []).append(piece)
     pieces = {}
     for name, p in params.items():
         parts = collected.get(name)
-        pieces[name] = (combine_pieces(parts) if parts
-                        else DensePiece(p.new_zeros(batch_size, *p.shape)))
+        pieces[name] = combine_pieces(parts) if parts else DensePiece(p.new_zeros(batch_size, *p.shape))
     cut_units = {id(cut.unit) for cut in cuts}
     _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
     return pieces
@@ -312,20 +384,25 @@ def _pieces_by_parameter(units: list[Unit], params: dict[str, nn.Parameter], mea
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     leaves = flat_leaves(call.output)
     if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
-        raise NotExact(f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule "
-                       "does not cover", code="RULE_NOT_APPLICABLE", module=unit.name or "<root>")
+        raise NotExact(
+            f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule does not cover",
+            code="RULE_NOT_APPLICABLE",
+            module=unit.name or "<root>",
+        )
     x = at_least_float32(call.args[0].detach())
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     try:
         return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
     except LayoutError as err:
-        raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code,
-                       module=unit.name or "<root>") from None
+        raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code, module=unit.name or "<root>") from None
     except Exception as err:  # a precondition of the closed form failed: never guess, fall back
-        raise NotExact(f"module {unit.name or '<root>'} ({type(unit.module).__name__}): its {unit.rule.name} "
-                       f"rule does not apply ({type(err).__name__}: {err})", code="RULE_NOT_APPLICABLE",
-                       module=unit.name or "<root>") from err
+        raise NotExact(
+            f"module {unit.name or '<root>'} ({type(unit.module).__name__}): its {unit.rule.name} "
+            f"rule does not apply ({type(err).__name__}: {err})",
+            code="RULE_NOT_APPLICABLE",
+            module=unit.name or "<root>",
+        ) from err
 
 
 def at_least_float32(t: Tensor) -> Tensor:
@@ -341,14 +418,14 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
     ``batch_first=False`` their sequences too; anything else is batched on
     dim 0 when its dim 0 has the batch's size.
     """
+
     def default(t):
         return 0 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch_size else None
 
     in_dims, out_dims = [default(t) for t in in_leaves], [default(t) for t in out_leaves]
     sequence_dim = 0 if getattr(module, "batch_first", True) else 1
     if isinstance(module, nn.RNNBase):
-        in_dims = [(sequence_dim if i == 0 else 1) if isinstance(t, Tensor) else None
-                   for i, t in enumerate(in_leaves)]
+        in_dims = [(sequence_dim if i == 0 else 1) if isinstance(t, Tensor) else None for i, t in enumerate(in_leaves)]
         out_dims = [sequence_dim if i == 0 else 1 for i in range(len(out_leaves))]
     elif isinstance(module, nn.MultiheadAttention) and sequence_dim == 1:
         tensors = [i for i, t in enumerate(in_leaves) if isinstance(t, Tensor)]
@@ -357,8 +434,10 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
         out_dims[0] = 1
     for t, d in zip(in_leaves + out_leaves, in_dims + out_dims):
         if d is not None and (t.dim() <= d or t.shape[d] != batch_size):
-            raise NotExact(f"module {type(module).__name__}: a tensor of shape {tuple(t.shape)} is not "
-                           f"batched on dim {d}", code="FALLBACK_NOT_BATCHED")
+            raise NotExact(
+                f"module {type(module).__name__}: a tensor of shape {tuple(t.shape)} is not batched on dim {d}",
+                code="FALLBACK_NOT_BATCHED",
+            )
     return in_dims, out_dims
 
 
@@ -375,11 +454,17 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     in_dims, out_dims = _fallback_batch_dims(unit.module, in_leaves, out_leaves, batch_size)
     for leaf, d in zip(out_leaves, out_dims):
         if isinstance(leaf, Tensor) and d is None:
-            raise NotExact(f"module {label} returns a tensor of shape {tuple(leaf.shape)} that is not "
-                           f"batched over the {batch_size} examples", code="FALLBACK_NOT_BATCHED", module=label)
+            raise NotExact(
+                f"module {label} returns a tensor of shape {tuple(leaf.shape)} that is not "
+                f"batched over the {batch_size} examples",
+                code="FALLBACK_NOT_BATCHED",
+                module=label,
+            )
     tensor_outputs = [i for i, leaf in enumerate(out_leaves) if isinstance(leaf, Tensor)]
-    cotangents = [call.out_grads[i] * grad_scale if i in call.out_grads else torch.zeros_like(out_leaves[i])
-                  for i in tensor_outputs]
+    cotangents = [
+        call.out_grads[i] * grad_scale if i in call.out_grads else torch.zeros_like(out_leaves[i])
+        for i in tensor_outputs
+    ]
     cotangent_dims = [out_dims[i] for i in tensor_outputs]
     params = {n: p.detach() for n, p in unit.params.items()}
     frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in params}
@@ -400,39 +485,54 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     try:
         with autocast_as(call.autocast), torch.no_grad(), vmap_friendly_modules(unit.module):
             per_example = vmap(one_example_grads, in_dims=(None, in_dims, cotangent_dims), randomness="error")(
-                params, in_leaves, cotangents)
+                params, in_leaves, cotangents
+            )
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow
         clearer = translate_vmap_error(err) if isinstance(err, RuntimeError) else None
-        raise NotExact(f"module {label} has no closed-form rule and torch.func could not isolate it: "
-                       f"{clearer or err}", code="FALLBACK_NOT_ISOLATED", module=label) from err
+        raise NotExact(
+            f"module {label} has no closed-form rule and torch.func could not isolate it: {clearer or err}",
+            code="FALLBACK_NOT_ISOLATED",
+            module=label,
+        ) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
 
 
-def _check_fallback_sums(units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor],
-                         by_id: dict[int, str]) -> None:
+def _check_fallback_sums(
+    units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor], by_id: dict[int, str]
+) -> None:
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
     a user's rule (:func:`persample.register_rule`) is held to the same check."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     differing = means_that_differ({n: pieces[n] for n in names}, means, float64_rtol=1e-5)
     if differing:
-        raise NotExact(f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
-                       "autograd's gradient: the module does not keep examples apart on dim 0",
-                       code="FALLBACK_SUM_MISMATCH")
-    checked = [by_id[id(p)] for unit in units if unit.rule is not None and unit.rule.user
-               for p in unit.params.values() if id(p) in by_id]
+        raise NotExact(
+            f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
+            "autograd's gradient: the module does not keep examples apart on dim 0",
+            code="FALLBACK_SUM_MISMATCH",
+        )
+    checked = [
+        by_id[id(p)]
+        for unit in units
+        if unit.rule is not None and unit.rule.user
+        for p in unit.params.values()
+        if id(p) in by_id
+    ]
     differing = means_that_differ({n: pieces[n] for n in checked if n in pieces}, means, float64_rtol=1e-5)
     if differing:
-        raise NotExact(f"per-example gradients of {differing[0]!r} from its registered rule do not add up to "
-                       "autograd's gradient: the rule is wrong for this module or call",
-                       code="CUSTOM_RULE_SUM_MISMATCH")
+        raise NotExact(
+            f"per-example gradients of {differing[0]!r} from its registered rule do not add up to "
+            "autograd's gradient: the rule is wrong for this module or call",
+            code="CUSTOM_RULE_SUM_MISMATCH",
+        )
 
 
 #: Parameters with at most this many elements have their sums compared exactly (it is cheap).
 EXACT_CHECK_NUMEL = 1 << 14
 
 
-def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float,
-                      rtol: float = 1e-3) -> list[str]:
+def means_that_differ(
+    pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float, rtol: float = 1e-3
+) -> list[str]:
     """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
     relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise).
 
@@ -453,8 +553,9 @@ def means_that_differ(pieces: dict[str, Piece], means: dict[str, Tensor], *, flo
     if not differences:
         return []
     device = differences[0].device  # parameters may live on several devices
-    tolerance = (torch.tensor(rtols, dtype=torch.float64, device=device)
-                 * torch.stack([s.to(device) for s in sizes]).clamp_min(1e-12))
+    tolerance = torch.tensor(rtols, dtype=torch.float64, device=device) * torch.stack(
+        [s.to(device) for s in sizes]
+    ).clamp_min(1e-12)
     flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()
     return [name for name, bad in zip(pieces, flags) if bad]
 
@@ -474,13 +575,16 @@ def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tens
     return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
 
 
-def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor],
-                    known: dict[str, tuple] | None = None) -> dict[str, Tensor]:
+def _second_moments(
+    pieces: dict[str, Piece], mean: dict[str, Tensor], known: dict[str, tuple] | None = None
+) -> dict[str, Tensor]:
     """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``;
     ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``)."""
     known = known or {}
-    quick = {name: known[name] if name in known else piece.quick_centered_second_moment(mean[name])
-             for name, piece in pieces.items()}
+    quick = {
+        name: known[name] if name in known else piece.quick_centered_second_moment(mean[name])
+        for name, piece in pieces.items()
+    }
     suspects = [name for name, (_, suspect) in quick.items() if suspect is not None]
     m2 = {name: value for name, (value, _) in quick.items()}
     if suspects:
@@ -492,10 +596,17 @@ def _second_moments(pieces: dict[str, Piece], mean: dict[str, Tensor],
     return m2
 
 
-def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Tensor, *, var: bool,
-                  inner_products: bool, clip_norm: float | None,
-                  reference: dict[str, Tensor] | None = None,
-                  second_moments: dict[str, tuple] | None = None) -> GradStats:
+def reduce_pieces(
+    pieces: dict[str, Piece],
+    mean: dict[str, Tensor],
+    losses: Tensor,
+    *,
+    var: bool,
+    inner_products: bool,
+    clip_norm: float | None,
+    reference: dict[str, Tensor] | None = None,
+    second_moments: dict[str, tuple] | None = None,
+) -> GradStats:
     """GradStats from per-parameter pieces and ḡ = (1/B) Σ_i g_i (autograd's, or the pieces'); inner
     products p_i = ⟨g_i, r⟩ against ``reference`` r when given, else (with ``inner_products``) against ḡ.
 
@@ -515,6 +626,14 @@ def reduce_pieces(pieces: dict[str, Piece], mean: dict[str, Tensor], losses: Ten
     if clip_norm is not None:
         factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)
         clipped = {name: piece.weighted_sum(factors) / n for name, piece in pieces.items()}
-    return GradStats(n=n, mean=mean, m2=m2, param_sq_norms=sq, losses=losses, inner_products=inner,
-                     reference=reference, clip_norm=clip_norm, clipped_mean=clipped)
-
+    return GradStats(
+        n=n,
+        mean=mean,
+        m2=m2,
+        param_sq_norms=sq,
+        losses=losses,
+        inner_products=inner,
+        reference=reference,
+        clip_norm=clip_norm,
+        clipped_mean=clipped,
+    )

@@ -37,21 +37,28 @@ from ..._batch import flat_leaves
 __all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
 
 #: The standard losses with a closed form here, and their kind.
-_STANDARD = {F.cross_entropy: "ce", F.nll_loss: "nll", F.mse_loss: "mse", F.l1_loss: "l1",
-             F.binary_cross_entropy_with_logits: "bce"}
+_STANDARD = {
+    F.cross_entropy: "ce",
+    F.nll_loss: "nll",
+    F.mse_loss: "mse",
+    F.l1_loss: "l1",
+    F.binary_cross_entropy_with_logits: "bce",
+}
 _SIGNATURES = {function: inspect.signature(function) for function in _STANDARD}
 #: Each standard loss's parameter names in order, and its defaults: binding a call by these costs a tenth of
 #: ``Signature.bind`` (every parameter of these functions is positional-or-keyword).
 _NAMES = {function: tuple(signature.parameters) for function, signature in _SIGNATURES.items()}
-_DEFAULTS = {function: {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
-             for function, signature in _SIGNATURES.items()}
+_DEFAULTS = {
+    function: {name: p.default for name, p in signature.parameters.items() if p.default is not p.empty}
+    for function, signature in _SIGNATURES.items()
+}
 
 
 def _bound_arguments(function: Callable, args: tuple, kwargs: dict) -> dict:
     """``{parameter: value}`` of one call of a standard loss, defaults included, as
     ``Signature.bind(...).apply_defaults()`` gives it (which a call that does not bind raises through)."""
     names = _NAMES[function]
-    if len(args) <= len(names) and all(key in names[len(args):] for key in kwargs):
+    if len(args) <= len(names) and all(key in names[len(args) :] for key in kwargs):
         arguments = {**_DEFAULTS[function], **dict(zip(names, args)), **kwargs}
         if len(arguments) == len(names):
             return arguments
@@ -61,8 +68,17 @@ def _bound_arguments(function: Callable, args: tuple, kwargs: dict) -> dict:
 
 
 #: Queries that read a tensor's metadata and compute nothing: allowed around the loss call.
-_METADATA = frozenset({torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.shape.__get__,
-                       torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__})
+_METADATA = frozenset(
+    {
+        torch.Tensor.size,
+        torch.Tensor.dim,
+        torch.Tensor.numel,
+        torch.Tensor.shape.__get__,
+        torch.Tensor.dtype.__get__,
+        torch.Tensor.device.__get__,
+        torch.Tensor.ndim.__get__,
+    }
+)
 
 
 class StandardLoss:
@@ -113,20 +129,29 @@ def traced_standard_loss(loss_fn: Callable, output: Any, targets: Any) -> Standa
     call = trace.call
     if call is None or trace.other_ops or result is not trace.marker:
         return None
-    if not any(call.input is leaf for leaf in flat_leaves(output)) \
-            or not any(call.target is leaf for leaf in flat_leaves(targets)):
+    if not any(call.input is leaf for leaf in flat_leaves(output)) or not any(
+        call.target is leaf for leaf in flat_leaves(targets)
+    ):
         return None
     return call
 
 
 def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise: Callable) -> Tensor | None:
-    if output.dim() < 2 or target.dtype not in (torch.long, torch.int64, torch.int32) \
-            or target.shape != output.shape[:1] + output.shape[2:]:
+    if (
+        output.dim() < 2
+        or target.dtype not in (torch.long, torch.int64, torch.int32)
+        or target.shape != output.shape[:1] + output.shape[2:]
+    ):
         return None
     weight, ignore = options.get("weight"), options.get("ignore_index", -100)
-    per_position = elementwise(output, target, weight=weight, ignore_index=ignore, reduction="none",
-                               **({"label_smoothing": options["label_smoothing"]}
-                                  if options.get("label_smoothing") else {}))
+    per_position = elementwise(
+        output,
+        target,
+        weight=weight,
+        ignore_index=ignore,
+        reduction="none",
+        **({"label_smoothing": options["label_smoothing"]} if options.get("label_smoothing") else {}),
+    )
     kept = target != ignore  # divides as 1 / 0 (an example whose only target is ignored gets NaN)
     if weight is not None:
         kept = kept * weight.to(per_position.dtype)[target.clamp(min=0)]
@@ -149,8 +174,11 @@ def closed_form_losses(loss_fn: Callable, output: Any, targets: Any) -> Tensor |
     if call is None or not isinstance(call.input, Tensor) or not isinstance(call.target, Tensor):
         return None
     options = call.options
-    if options.pop("reduction") != "mean" or options.pop("size_average") is not None \
-            or options.pop("reduce") is not None:
+    if (
+        options.pop("reduction") != "mean"
+        or options.pop("size_average") is not None
+        or options.pop("reduce") is not None
+    ):
         return None
     if call.kind in ("ce", "nll"):
         return _class_index_loss(call.input, call.target, options, call.function)

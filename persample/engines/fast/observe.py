@@ -73,10 +73,19 @@ class Observation:
 
 
 @contextlib.contextmanager
-def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *, batch_size: int,
-              reduction: str | None = None, var: bool = True, inner_products: bool = False,
-              output_module: nn.Module | None = None,
-              reference: dict[str, Tensor] | None = None, wrapper: nn.Module | None = None) -> Iterator[Observation]:
+def observing(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    targets: Any,
+    *,
+    batch_size: int,
+    reduction: str | None = None,
+    var: bool = True,
+    inner_products: bool = False,
+    output_module: nn.Module | None = None,
+    reference: dict[str, Tensor] | None = None,
+    wrapper: nn.Module | None = None,
+) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
 
     ``output_module``: the submodule whose output the loss is computed from (default: ``model``),
@@ -86,8 +95,10 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     unchanged in value and gradient (DDP's ``_DDPSink``, which the op watchers cannot see): the tensors it
     returns count as computed from the output, not as activations of the model."""
     if batch_size < 1:
-        raise ValueError(f"observe() needs a batch with at least one example; the targets say {batch_size} "
-                         "(an empty batch has no per-example gradients: skip the step)")
+        raise ValueError(
+            f"observe() needs a batch with at least one example; the targets say {batch_size} "
+            "(an empty batch has no per-example gradients: skip the step)"
+        )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params = trainable_parameters(model)
@@ -96,6 +107,7 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
     names = {id(p): n for n, p in params.items()}
 
     with capturing(units, model, batch_size) as capture:
+
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
             if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
                 return  # the module's forward, around the real one; a recomputation): not the observed forward
@@ -137,20 +149,46 @@ def observing(model: nn.Module, loss_fn: Callable[..., Tensor], targets: Any, *,
                 "head?). Its gradient reaches the layers below that activation, so the statistics would "
                 "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
                 "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
-                "the output alone", code="OBSERVE_AUXILIARY_TERM")
+                "the output alone",
+                code="OBSERVE_AUXILIARY_TERM",
+            )
         if capture.escape is not None:
             raise NotExact(capture.escape)
     with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
-        observation.stats = _observed_stats(observation, params, observation._before, units, loss_fn, targets,
-                                            batch_size, reduction, var, inner_products, reference)
+        observation.stats = _observed_stats(
+            observation,
+            params,
+            observation._before,
+            units,
+            loss_fn,
+            targets,
+            batch_size,
+            reduction,
+            var,
+            inner_products,
+            reference,
+        )
 
 
-def _observed_stats(observation: Observation, params, before, units, loss_fn, targets, batch_size,
-                    reduction, var, inner_products, reference=None) -> GradStats | None:
+def _observed_stats(
+    observation: Observation,
+    params,
+    before,
+    units,
+    loss_fn,
+    targets,
+    batch_size,
+    reduction,
+    var,
+    inner_products,
+    reference=None,
+) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
-        raise ObservationError("no forward of the model reached a backward inside the block: run "
-                               "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`",
-                               code="OBSERVE_NO_BACKWARD")
+        raise ObservationError(
+            "no forward of the model reached a backward inside the block: run "
+            "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`",
+            code="OBSERVE_NO_BACKWARD",
+        )
     if observation._audit.escape is not None:
         raise NotExact(observation._audit.escape)
     modified = modified_in_place(units)
@@ -166,8 +204,9 @@ def _observed_stats(observation: Observation, params, before, units, loss_fn, ta
     layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
     pieces = _pieces_by_parameter(units, params, means, layout)
     _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
-    return reduce_pieces(pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None,
-                         reference=reference)
+    return reduce_pieces(
+        pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
+    )
 
 
 def _interior_leaves(leaves: list, batch_size: int) -> set[int]:
@@ -185,8 +224,11 @@ def _interior_leaves(leaves: list, batch_size: int) -> set[int]:
             nodes.setdefault(t.grad_fn, []).append(i)
     if len(nodes) < 2:
         return set()
-    batched = {t.grad_fn for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0
-               and t.shape[0] == batch_size}
+    batched = {
+        t.grad_fn
+        for t in leaves
+        if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
+    }
     seen: set = set()
     stack = [nxt for node in batched for nxt, _ in node.next_functions if nxt is not None]
     while stack:
@@ -214,8 +256,12 @@ def _grad_snapshot(params) -> dict:
 def _captured_half(units) -> bool:
     """Whether the forward ran in half precision (autocast): the rules upcast what they read to
     float32 (``engine.at_least_float32``), but sums then agree with ``p.grad`` only to that precision."""
-    return any(t.dtype in (torch.float16, torch.bfloat16)
-               for unit in units for call in unit.calls for t in tensors_in((call.args, call.out_grads)))
+    return any(
+        t.dtype in (torch.float16, torch.bfloat16)
+        for unit in units
+        for call in unit.calls
+        for t in tensors_in((call.args, call.out_grads))
+    )
 
 
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
@@ -228,8 +274,9 @@ def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) 
     return increment.mul_(factor) if factor != 1.0 else increment
 
 
-def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int,
-                     reduction: str | None) -> tuple[Tensor, float]:
+def _check_reduction(
+    observation: Observation, loss_fn, targets, batch_size: int, reduction: str | None
+) -> tuple[Tensor, float]:
     """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
     ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`)."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
@@ -248,14 +295,18 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
                 "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
                 "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
                 "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
-                "persample.causal_lm_loss(), with the labels as targets)", code="OBSERVE_LOSS_NOT_FROM_OUTPUT")
+                "persample.causal_lm_loss(), with the labels as targets)",
+                code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
+            )
         grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
     observed = [observation._output_grads[i] for i in differentiable]
     try:
         w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
     except BatchLossMismatch as err:
-        raise ObservationError(f"{err}. Declare the per-example loss the backward really combines, or pass "
-                               "the targets that the loss uses", code="OBSERVE_NOT_WEIGHTED_SUM") from None
+        raise ObservationError(
+            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
+            code="OBSERVE_NOT_WEIGHTED_SUM",
+        ) from None
     half = any(g.dtype in (torch.float16, torch.bfloat16) for g in observed)
     weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
     if weight is None:
@@ -263,10 +314,14 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
             "the examples weigh differently in the backwarded loss (w_i from "
             f"{w.min().item():.4g} to {w.max().item():.4g}; class weights?): observe() needs ℓ = w Σ_i L_i. "
             "Use a per-example loss that carries the weights (persample.BatchLoss(loss_fn, per_example=<the "
-            "loss with reduction='sum'>)), or tracker.step", code="OBSERVE_WEIGHTS_DIFFER")
+            "loss with reduction='sum'>)), or tracker.step",
+            code="OBSERVE_WEIGHTS_DIFFER",
+        )
     if weight <= 0:
-        raise ObservationError("the backwarded loss has no gradient at the model output (or decreases "
-                               "with the per-example losses)", code="OBSERVE_NO_OUTPUT_GRADIENT")
+        raise ObservationError(
+            "the backwarded loss has no gradient at the model output (or decreases with the per-example losses)",
+            code="OBSERVE_NO_OUTPUT_GRADIENT",
+        )
     expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)
     if reduction is not None and expected is None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -280,7 +335,9 @@ def _check_reduction(observation: Observation, loss_fn, targets, batch_size: int
             f"the loss's gradient at the model output does not match reduction={reduction!r} of the "
             f"per-example losses loss_fn(output_i, target_i) ({hint}); the statistics would be wrong. "
             "Declare the reduction the loss really uses (reduction=None reads it from the backward), "
-            "or pass the targets that the loss uses.", code="OBSERVE_REDUCTION_MISMATCH")
+            "or pass the targets that the loss uses.",
+            code="OBSERVE_REDUCTION_MISMATCH",
+        )
     return losses.detach(), weight
 
 
@@ -292,4 +349,6 @@ def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:
         raise ObservationError(
             f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
             "has terms that are not per-example losses of the model's output (a regulariser, say), "
-            "or another backward ran inside the block", code="OBSERVE_SUM_MISMATCH")
+            "or another backward ran inside the block",
+            code="OBSERVE_SUM_MISMATCH",
+        )

@@ -115,7 +115,7 @@ class Piece:
 
     def _scaled(self, t: Tensor, power: int = 1) -> Tensor:
         """A reduction of h turned into that of g: t · scale**power."""
-        return t * self.scale ** power if self.scale != 1.0 else t
+        return t * self.scale**power if self.scale != 1.0 else t
 
     def chunks(self):
         """(start, stop, h[start:stop]) over the batch, each chunk formed when it is reached and valid
@@ -132,8 +132,9 @@ class Piece:
         """A buffer ``_unscaled`` can write chunks into, for pieces that use ``out``."""
         return None
 
-    def _chunk_pass(self, mean: Tensor | None = None, *, shift: bool = False, sums: bool = False,
-                    squares: bool = True) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def _chunk_pass(
+        self, mean: Tensor | None = None, *, shift: bool = False, sums: bool = False, squares: bool = True
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """One pass over the formed chunks: (c, Σ_i d_i, Σ_i d_i∘d_i) for d_i = h_i − c, flat, where c
         is ḡ/scale for ``mean``, the first chunk's mean with ``shift``, else 0 (then c is None);
         each sum only when asked for. With ``shift`` and one chunk for the whole batch, c is the
@@ -196,8 +197,7 @@ class Piece:
         m2 = squares.addcmul_(total, total, value=-1.0 / self.batch_size)
         suspect = may_have_cancelled(m2, total, 1.0 / self.batch_size)
         mean_h = total.div_(self.batch_size).add_(shift)
-        return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.view(self.shape), 2),
-                suspect)
+        return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.view(self.shape), 2), suspect)
 
     def sq_norms(self) -> Tensor:
         if "_chunk_norms" in self.__dict__:
@@ -254,7 +254,7 @@ class DensePiece(Piece):
         return self._scaled(_sq_norms(self.per_example), 2)
 
     def second_moment(self):
-        return sum_of_squares(self.per_example) * self.scale ** 2
+        return sum_of_squares(self.per_example) * self.scale**2
 
     def centered_second_moment(self, mean):
         """Two-pass M2. Small rows (biases, norms) around their own column mean, which is ḡ/s up to
@@ -316,7 +316,7 @@ class OuterPiece(Piece):
         grad, act = self.grad[start:stop], self.act[start:stop]
         left, right = (act, grad) if self.transposed else (grad, act)  # stored d × p: form Aᵀ B, no copy
         if out is not None:
-            out = out[:(stop - start) * self.shape.numel()].view(stop - start, left.shape[2], right.shape[2])
+            out = out[: (stop - start) * self.shape.numel()].view(stop - start, left.shape[2], right.shape[2])
         return torch.bmm(left.transpose(1, 2), right, out=out).view(stop - start, *self.shape)
 
     def _scratch(self, numel):
@@ -332,7 +332,7 @@ class OuterPiece(Piece):
         second moment and reused by the norms when both are wanted."""
         b2 = self.grad[:, 0].square()
         if self.scale != 1.0:
-            b2.mul_(self.scale ** 2)
+            b2.mul_(self.scale**2)
         return self.act[:, 0].square(), b2
 
     def sq_norms(self):
@@ -418,8 +418,18 @@ class ConvPiece(Piece):
         channels_out = gy.shape[1]
         weight = conv.weight.new_empty(channels_out, *self.shape[1:])
         _, grad_weight, _ = torch.ops.aten.convolution_backward(
-            gy, x, weight, None, conv.stride, padding, conv.dilation, False, [0] * (x.dim() - 2),
-            groups, [False, True, False])
+            gy,
+            x,
+            weight,
+            None,
+            conv.stride,
+            padding,
+            conv.dilation,
+            False,
+            [0] * (x.dim() - 2),
+            groups,
+            [False, True, False],
+        )
         return grad_weight
 
     def _unscaled(self, start, stop, out=None):
@@ -476,8 +486,9 @@ class RowsPiece(Piece):
     def add_unscaled_into(self, total: Tensor, start: int, stop: int) -> Tensor:
         """``total += h[start:stop]`` in place (one scatter of the segments), and return it."""
         keep = (self.example_of >= start) & (self.example_of < stop)
-        return total.index_put_((self.example_of[keep] - start, self.row_of[keep]), self.segments[keep],
-                                accumulate=True)
+        return total.index_put_(
+            (self.example_of[keep] - start, self.row_of[keep]), self.segments[keep], accumulate=True
+        )
 
     def sq_norms(self):
         return self._scaled(self._per_example(_sq_norms(self.segments)), 2)
@@ -569,7 +580,7 @@ def _rows_outer_cross(rows: RowsPiece, outer: OuterPiece) -> Tensor:
     start = 0
     for i, count in enumerate(counts):  # segments are sorted by example (torch.unique sorts the keys)
         if count:
-            seg, at = rows.segments[start:start + count], rows.row_of[start:start + count]
+            seg, at = rows.segments[start : start + count], rows.row_of[start : start + count]
             cross[i] = ((outer.act[i] @ seg.t()) * outer.grad[i][:, at]).sum()
             start += count
     return cross * (rows.scale * outer.scale)
@@ -585,14 +596,29 @@ def combine_pieces(pieces: list[Piece]) -> Piece:
     if len(pieces) == 1:
         return pieces[0]
     first = pieces[0]
-    if all(isinstance(p, OuterPiece) and p.transposed == first.transposed and p.scale == first.scale
-           and p.act.shape[2] == first.act.shape[2] and p.grad.shape[2] == first.grad.shape[2] for p in pieces):
-        return OuterPiece(torch.cat([p.act for p in pieces], 1), torch.cat([p.grad for p in pieces], 1),
-                          first.shape, first.transposed, first.scale)
-    if all(isinstance(p, RowsPiece) and p.padding_idx == first.padding_idx and p.scale == first.scale
-           for p in pieces):
-        return RowsPiece(torch.cat([p.ids for p in pieces], 1), torch.cat([p.grad for p in pieces], 1),
-                         first.shape, first.padding_idx, first.scale)
+    if all(
+        isinstance(p, OuterPiece)
+        and p.transposed == first.transposed
+        and p.scale == first.scale
+        and p.act.shape[2] == first.act.shape[2]
+        and p.grad.shape[2] == first.grad.shape[2]
+        for p in pieces
+    ):
+        return OuterPiece(
+            torch.cat([p.act for p in pieces], 1),
+            torch.cat([p.grad for p in pieces], 1),
+            first.shape,
+            first.transposed,
+            first.scale,
+        )
+    if all(isinstance(p, RowsPiece) and p.padding_idx == first.padding_idx and p.scale == first.scale for p in pieces):
+        return RowsPiece(
+            torch.cat([p.ids for p in pieces], 1),
+            torch.cat([p.grad for p in pieces], 1),
+            first.shape,
+            first.padding_idx,
+            first.scale,
+        )
     if all(isinstance(p, DensePiece) for p in pieces):
         return DensePiece(sum(p.materialize(0, p.batch_size) for p in pieces))
     return SumPiece(list(pieces))

@@ -1,8 +1,9 @@
 """Closed forms for recurrent layers (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``) in the fast engine.
 
 These modules have no layer rule: they stay fallback units, whose per-example gradients the engine
-checks, summed, against autograd's (unless the backward is split at the layer, :mod:`.cuts`). Instead of ``vmap`` over the ``vjp`` of the whole module, one
-captured call is worked out layer by layer (no autograd, no per-example loop):
+checks, summed, against autograd's (unless the backward is split at the layer, :mod:`.cuts`). Instead of
+``vmap`` over the ``vjp`` of the whole module, one captured call is worked out layer by layer (no autograd,
+no per-example loop):
 
 1. the top layer's hidden states h_t are the call's output, if the cell equations, evaluated on it
    (each step from the output's previous step), reproduce it to rounding; then h_{t-1} and every
@@ -56,8 +57,18 @@ __all__ = ["recurrent_pieces", "recurrent_mode", "recurrent_closed_form", "cutta
 #: The exact classes handled, and the cell each runs (``module.mode`` must agree).
 _MODES = {nn.LSTM: ("LSTM",), nn.GRU: ("GRU",), nn.RNN: ("RNN_TANH", "RNN_RELU")}
 #: Methods the module's forward runs: an instance that overrides one computes something else.
-_METHODS = ("forward", "_update_flat_weights", "_init_flat_weights", "_weights_have_changed", "check_forward_args",
-            "check_input", "check_hidden_size", "get_expected_hidden_size", "permute_hidden", "flatten_parameters")
+_METHODS = (
+    "forward",
+    "_update_flat_weights",
+    "_init_flat_weights",
+    "_weights_have_changed",
+    "check_forward_args",
+    "check_input",
+    "check_hidden_size",
+    "get_expected_hidden_size",
+    "permute_hidden",
+    "flatten_parameters",
+)
 
 
 @dataclass
@@ -87,8 +98,9 @@ def recurrent_mode(unit: Unit) -> str | None:
     return _supported_mode(unit.module, unit)
 
 
-def recurrent_closed_form(unit: Unit, call: Call, batch_size: int, grad_scale: float, mode: str,
-                          input_grad: bool = False) -> tuple[dict[str, Piece], Tensor | None] | None:
+def recurrent_closed_form(
+    unit: Unit, call: Call, batch_size: int, grad_scale: float, mode: str, input_grad: bool = False
+) -> tuple[dict[str, Piece], Tensor | None] | None:
     """(pieces, with ``input_grad`` the gradient at the call's input, laid out as that input and of
     the loss the captured output gradients are of) for one call of a unit in ``mode``, or None where
     the call is not of the form the closed form covers. The input gradient is Σ over directions of
@@ -117,6 +129,7 @@ def cuttable_call(unit: Unit, call: Call) -> bool:
 
 # ------------------------------------------------------------------------------ preconditions
 
+
 def _supported_mode(module: nn.Module, unit: Unit) -> str | None:
     """The cell the module runs, if it is a plain PyTorch recurrent layer this closed form covers."""
     modes = _MODES.get(type(module))  # exact type: a subclass may compute something else
@@ -141,7 +154,7 @@ def _weight_names(module: nn.Module) -> list[str]:
     """``_flat_weights_names`` as a module without projections has them."""
     names = []
     for layer in range(module.num_layers):
-        for suffix in ("", "_reverse")[:2 if module.bidirectional else 1]:
+        for suffix in ("", "_reverse")[: 2 if module.bidirectional else 1]:
             kinds = ("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias else ("weight_ih", "weight_hh")
             names += [f"{kind}_l{layer}{suffix}" for kind in kinds]
     return names
@@ -152,14 +165,23 @@ def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Cap
     if call.broadcast or _under_autocast(call):
         return None  # under autocast the forward ran in lower precision than a recompute would
     args, kwargs = call.args, call.kwargs
-    if len(args) > 2 or not set(kwargs) <= {"input", "hx"} or ("input" in kwargs) == bool(args) \
-            or ("hx" in kwargs and len(args) > 1):
+    if (
+        len(args) > 2
+        or not set(kwargs) <= {"input", "hx"}
+        or ("input" in kwargs) == bool(args)
+        or ("hx" in kwargs and len(args) > 1)
+    ):
         return None
     x = args[0] if args else kwargs["input"]
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     weight = module._parameters["weight_ih_l0"]
-    if type(x) not in (Tensor, nn.Parameter) or x.dim() != 3 \
-            or x.dtype not in (torch.float32, torch.float64) or x.dtype != weight.dtype or x.device != weight.device:
+    if (
+        type(x) not in (Tensor, nn.Parameter)
+        or x.dim() != 3
+        or x.dtype not in (torch.float32, torch.float64)
+        or x.dtype != weight.dtype
+        or x.device != weight.device
+    ):
         return None  # PackedSequence (a tuple), unbatched input, other dtypes, tensor subclasses
     if any(p.dtype != x.dtype or p.device != x.device for p in module._parameters.values() if p is not None):
         return None
@@ -196,8 +218,11 @@ def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Cap
         elif g.shape != leaf.shape or g.dtype != x.dtype or g.device != x.device:
             return None
         grads.append(g)
-    out, d_out = (leaves[0].detach(), grads[0]) if module.batch_first else \
-        (leaves[0].detach().transpose(0, 1), grads[0].transpose(0, 1))
+    out, d_out = (
+        (leaves[0].detach(), grads[0])
+        if module.batch_first
+        else (leaves[0].detach().transpose(0, 1), grads[0].transpose(0, 1))
+    )
     return _Captured(x.contiguous(), h0, c0, out, d_out, grads[1], grads[2] if lstm else None)
 
 
@@ -211,8 +236,10 @@ def _plain(t, shape: tuple, x: Tensor) -> bool:
 
 # ---------------------------------------------------------------------------------- assembly
 
-def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float,
-            input_grad: bool = False) -> tuple[dict[str, Piece], Tensor | None]:
+
+def _pieces(
+    module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float, input_grad: bool = False
+) -> tuple[dict[str, Piece], Tensor | None]:
     """Every layer and direction forward (the top layer from the call's output where it checks
     out), then back-propagation top-down, collecting the pieces; and, with ``input_grad``, the
     gradient at layer 0's input (batch-first, unscaled like the captured cotangents)."""
@@ -229,11 +256,21 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
         cells = []
         for d, order in enumerate(orders):
             k, suffix = layer * directions + d, suffixes[layer][d]
-            known = cap.out[..., d * hidden:(d + 1) * hidden] if layer == layers - 1 else None
-            cells.append(_CELLS[mode](
-                layer_input, known, cap.h0[k], None if cap.c0 is None else cap.c0[k],
-                weights["weight_ih" + suffix], weights["weight_hh" + suffix],
-                weights.get("bias_ih" + suffix), weights.get("bias_hh" + suffix), order, mode))
+            known = cap.out[..., d * hidden : (d + 1) * hidden] if layer == layers - 1 else None
+            cells.append(
+                _CELLS[mode](
+                    layer_input,
+                    known,
+                    cap.h0[k],
+                    None if cap.c0 is None else cap.c0[k],
+                    weights["weight_ih" + suffix],
+                    weights["weight_hh" + suffix],
+                    weights.get("bias_ih" + suffix),
+                    weights.get("bias_hh" + suffix),
+                    order,
+                    mode,
+                )
+            )
         recorded.append((layer_input, cells))
         if layer < layers - 1:
             layer_input = cells[0].out if directions == 1 else torch.cat([cell.out for cell in cells], 2)
@@ -246,9 +283,8 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
         for d, cell in enumerate(cells):
             k, suffix = layer * directions + d, suffixes[layer][d]
             d_cn = cap.d_cn[k] if cap.d_cn is not None else None
-            delta_x, delta_h = cell.backward(d_layer_out[..., d * hidden:(d + 1) * hidden], cap.d_hn[k], d_cn)
-            pieces.update(_layer_pieces(unit, suffix, layer_input, cell.h_prev, delta_x, delta_h, weights,
-                                        grad_scale))
+            delta_x, delta_h = cell.backward(d_layer_out[..., d * hidden : (d + 1) * hidden], cap.d_hn[k], d_cn)
+            pieces.update(_layer_pieces(unit, suffix, layer_input, cell.h_prev, delta_x, delta_h, weights, grad_scale))
             if layer > 0 or input_grad:  # the gradient reaching the layer below through this direction's input
                 flat = delta_x.reshape(batch * steps, -1) @ weights["weight_ih" + suffix]
                 d_input = flat if d_input is None else d_input.add_(flat)
@@ -257,14 +293,23 @@ def _pieces(module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale
     return pieces, d_layer_out if input_grad else None
 
 
-def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: Tensor, delta_h: Tensor,
-                  weights: dict[str, Tensor], grad_scale: float) -> dict[str, Piece]:
+def _layer_pieces(
+    unit: Unit,
+    suffix: str,
+    x: Tensor,
+    h_prev: Tensor,
+    delta_x: Tensor,
+    delta_h: Tensor,
+    weights: dict[str, Tensor],
+    grad_scale: float,
+) -> dict[str, Piece]:
     """The pieces of one layer and direction's trainable weights."""
     found: dict[str, Piece] = {}
     for kind, act, delta in (("ih", x, delta_x), ("hh", h_prev, delta_h)):
         if f"weight_{kind}{suffix}" in unit.params:
-            found[f"weight_{kind}{suffix}"] = OuterPiece(act, delta, weights[f"weight_{kind}{suffix}"].shape,
-                                                         scale=grad_scale)
+            found[f"weight_{kind}{suffix}"] = OuterPiece(
+                act, delta, weights[f"weight_{kind}{suffix}"].shape, scale=grad_scale
+            )
         if f"bias_{kind}{suffix}" in unit.params:
             same = kind == "hh" and delta is delta_x and f"bias_ih{suffix}" in found  # LSTM, RNN: b_hh's = b_ih's
             per_example = found[f"bias_ih{suffix}"].per_example.clone() if same else delta.sum(1)
@@ -273,6 +318,7 @@ def _layer_pieces(unit: Unit, suffix: str, x: Tensor, h_prev: Tensor, delta_x: T
 
 
 # ------------------------------------------------------------------------------------ helpers
+
 
 def _previous(seq: Tensor, first: Tensor, order: list[int]) -> Tensor:
     """``[B, T, H]``: at each time, the state the step read (``first`` at the first step of ``order``)."""
@@ -328,6 +374,7 @@ def _consistent(recomputed: Tensor, known: Tensor) -> bool:
 # an output changed after the call) the recurrence runs step by step. Then back-propagation
 # through time, one matmul and a few elementwise ops per step.
 
+
 class _LSTMCell:
     """LSTM gates i, f, g, o and cells c_t of every step, and back-propagation through time."""
 
@@ -340,8 +387,12 @@ class _LSTMCell:
     def _from_output(self, x, h, h0, c0, w_ih, w_hh, bias) -> bool:
         batch, steps, hidden = h.shape
         self.h_prev = _previous(h, h0, self.order)
-        gates = _linear(x, w_ih, bias).view(batch * steps, 4 * hidden).addmm_(
-            self.h_prev.view(batch * steps, hidden), w_hh.t()).view(batch, steps, 4, hidden)
+        gates = (
+            _linear(x, w_ih, bias)
+            .view(batch * steps, 4 * hidden)
+            .addmm_(self.h_prev.view(batch * steps, hidden), w_hh.t())
+            .view(batch, steps, 4, hidden)
+        )
         gates[:, :, 2].mul_(2)
         gates.sigmoid_()
         i, f, g, o = gates.unbind(2)
@@ -357,7 +408,7 @@ class _LSTMCell:
         batch, steps = x.shape[:2]
         hidden = w_hh.shape[1]
         doubled = torch.ones(4 * hidden, 1, dtype=x.dtype, device=x.device)
-        doubled[2 * hidden:3 * hidden] = 2  # the g block doubled (exactly), for tanh(z) = 2σ(2z) − 1
+        doubled[2 * hidden : 3 * hidden] = 2  # the g block doubled (exactly), for tanh(z) = 2σ(2z) − 1
         gates = _linear(x, w_ih * doubled, None if bias is None else bias * doubled[:, 0])
         gates = gates.view(batch, steps, 4, hidden)
         cells, tanh_cells, out = (x.new_empty(batch, steps, hidden) for _ in range(3))
@@ -388,8 +439,9 @@ class _LSTMCell:
         # Everything but the recurrence, for all steps at once: δ_ifg = dc ∘ P, δ_o = dh ∘ Q, dc ∋ dh ∘ R;
         # stored time-major, so that every step reads and writes contiguous blocks.
         slope_i, slope_f, _, slope_o = _sigmoid_slope(self.gates).unbind(2)  # (the g block unused)
-        p, q, r, forgets = (self.gates.new_empty(steps, batch, *shape) for shape in ((3, hidden), (hidden,),
-                                                                                   (hidden,), (hidden,)))
+        p, q, r, forgets = (
+            self.gates.new_empty(steps, batch, *shape) for shape in ((3, hidden), (hidden,), (hidden,), (hidden,))
+        )
         torch.mul(g, slope_i, out=p.transpose(0, 1)[:, :, 0])
         torch.mul(c_prev, slope_f, out=p.transpose(0, 1)[:, :, 1])
         torch.mul(i, _tanh_slope(g), out=p.transpose(0, 1)[:, :, 2])
@@ -399,8 +451,11 @@ class _LSTMCell:
         delta = self.gates.new_empty(steps, batch, 4, hidden)
         # Per-step views made once (unbind costs a fraction of indexing at every step).
         p, q, r, forgets, d_outs = p.unbind(0), q.unbind(0), r.unbind(0), forgets.unbind(0), d_out.unbind(1)
-        delta_flat, delta_ifg, delta_o = delta.view(steps, batch, -1).unbind(0), delta[:, :, :3].unbind(0), \
-            delta[:, :, 3].unbind(0)
+        delta_flat, delta_ifg, delta_o = (
+            delta.view(steps, batch, -1).unbind(0),
+            delta[:, :, :3].unbind(0),
+            delta[:, :, 3].unbind(0),
+        )
         dc = d_cn.unsqueeze(1).clone()  # [B, 1, H], broadcast over the three blocks it scales
         dc_flat = dc.view(batch, hidden)
         later = None
@@ -428,11 +483,14 @@ class _GRUCell:
         self.h_prev = _previous(h, h0, self.order)
         gi, gh = _linear(x, w_ih, b_ih), _linear(self.h_prev, w_hh, b_hh)  # r multiplies gh's n block
         gates = torch.empty_like(gi)
-        torch.add(gi[..., :2 * hidden], gh[..., :2 * hidden], out=gates[..., :2 * hidden]).sigmoid_()
-        n = _tanh_(torch.addcmul(gi[..., 2 * hidden:], gates[..., :hidden], gh[..., 2 * hidden:],
-                                 out=gates[..., 2 * hidden:]))
-        self.gates, self.hidden_n, self.out = gates, gh[..., 2 * hidden:], h
-        return _consistent(torch.addcmul(n, gates[..., hidden:2 * hidden], self.h_prev - n), h)
+        torch.add(gi[..., : 2 * hidden], gh[..., : 2 * hidden], out=gates[..., : 2 * hidden]).sigmoid_()
+        n = _tanh_(
+            torch.addcmul(
+                gi[..., 2 * hidden :], gates[..., :hidden], gh[..., 2 * hidden :], out=gates[..., 2 * hidden :]
+            )
+        )
+        self.gates, self.hidden_n, self.out = gates, gh[..., 2 * hidden :], h
+        return _consistent(torch.addcmul(n, gates[..., hidden : 2 * hidden], self.h_prev - n), h)
 
     def _recurrence(self, x, h0, w_ih, w_hh, b_ih, b_hh):
         batch, steps = x.shape[:2]
@@ -440,10 +498,19 @@ class _GRUCell:
         gi = _linear(x, w_ih, b_ih)
         gh, gates = torch.empty_like(gi), torch.empty_like(gi)
         out = x.new_empty(batch, steps, hidden)
-        gh_t, gi_rz, gh_rz, rz = (t.unbind(1) for t in (gh, gi[..., :2 * hidden], gh[..., :2 * hidden],
-                                                        gates[..., :2 * hidden]))
-        gi_n, gh_n, r, z, n = (t.unbind(1) for t in (gi[..., 2 * hidden:], gh[..., 2 * hidden:], gates[..., :hidden],
-                                                     gates[..., hidden:2 * hidden], gates[..., 2 * hidden:]))
+        gh_t, gi_rz, gh_rz, rz = (
+            t.unbind(1) for t in (gh, gi[..., : 2 * hidden], gh[..., : 2 * hidden], gates[..., : 2 * hidden])
+        )
+        gi_n, gh_n, r, z, n = (
+            t.unbind(1)
+            for t in (
+                gi[..., 2 * hidden :],
+                gh[..., 2 * hidden :],
+                gates[..., :hidden],
+                gates[..., hidden : 2 * hidden],
+                gates[..., 2 * hidden :],
+            )
+        )
         h_t, w_t, h = out.unbind(1), w_hh.t(), h0
         for t in self.order:
             if b_hh is None:
@@ -453,7 +520,7 @@ class _GRUCell:
             torch.add(gi_rz[t], gh_rz[t], out=rz[t]).sigmoid_()
             _tanh_(torch.addcmul(gi_n[t], r[t], gh_n[t], out=n[t]))
             h = torch.addcmul(n[t], z[t], h - n[t], out=h_t[t])  # (1 − z) n + z h
-        self.gates, self.hidden_n, self.out = gates, gh[..., 2 * hidden:], out
+        self.gates, self.hidden_n, self.out = gates, gh[..., 2 * hidden :], out
         self.h_prev = _previous(out, h0, self.order)
 
     def backward(self, d_out: Tensor, d_hn: Tensor, d_cn: None) -> tuple[Tensor, Tensor]:
@@ -468,8 +535,9 @@ class _GRUCell:
         hidden = width // 3
         r, z, n = self.gates.view(batch, steps, 3, hidden).unbind(2)
         d_n = (1 - z) * _tanh_slope(n)
-        factors = torch.stack([d_n * self.hidden_n * _sigmoid_slope(r), (self.h_prev - n) * _sigmoid_slope(z),
-                               d_n * r, d_n], 2).unbind(1)
+        factors = torch.stack(
+            [d_n * self.hidden_n * _sigmoid_slope(r), (self.h_prev - n) * _sigmoid_slope(z), d_n * r, d_n], 2
+        ).unbind(1)
         blocks = self.gates.new_empty(batch, steps, 4, hidden)
         block_steps, hidden_side = blocks.unbind(1), blocks[:, :, :3].reshape(batch, steps, width).unbind(1)
         updates, d_outs = z.unbind(1), d_out.unbind(1)

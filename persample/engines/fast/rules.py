@@ -66,15 +66,17 @@ def _check_batch_first(t: Tensor, batch: Layout, *, positions_from: int, positio
     if t.dim() == 0 or t.shape[0] != batch.size:
         raise LayoutError(f"{what} has shape {tuple(t.shape)}: dim 0 is not the batch of {batch.size}")
     if batch.dim_zero_moved and any(size == batch.size for size in t.shape[positions_from:positions_to]):
-        raise LayoutError(f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
-                          f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous",
-                          code="BATCH_DIM_AMBIGUOUS")
+        raise LayoutError(
+            f"{what} has shape {tuple(t.shape)}: the forward moves dim 0 of some tensor and a "
+            f"position dim equals the batch size {batch.size}, so the batch dim is ambiguous",
+            code="BATCH_DIM_AMBIGUOUS",
+        )
 
 
 def _sequence(t: Tensor, batch: Layout, feature_dims: int, what: str) -> Tensor:
     """``[B, *positions, *features]`` → ``[B, T, prod(features)]`` after checking the layout."""
     _check_batch_first(t, batch, positions_from=1, positions_to=t.dim() - feature_dims, what=what)
-    return t.reshape(batch.size, -1, math.prod(t.shape[t.dim() - feature_dims:]))
+    return t.reshape(batch.size, -1, math.prod(t.shape[t.dim() - feature_dims :]))
 
 
 def _channels(t: Tensor, batch: Layout, what: str) -> Tensor:
@@ -102,19 +104,25 @@ def _weight_pieces(module: nn.Module, weight: Callable[[], Piece]) -> dict[str, 
 
 # ------------------------------------------------------------------------------------ rules
 
+
 def linear_rule(module: nn.Linear, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """y = x Wᵀ + b on ``[B, *, d]``: W_i = Σ_t b_t a_tᵀ, bias_i = Σ_t b_t."""
     a, b = _sequence(x, batch, 1, "Linear input"), _sequence(gy, batch, 1, "Linear output gradient")
-    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, scale=batch.grad_scale)),
-            **_bias_piece(module, _positions_sum(b), batch)}
+    return {
+        **_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, scale=batch.grad_scale)),
+        **_bias_piece(module, _positions_sum(b), batch),
+    }
 
 
 def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """Hugging Face ``Conv1D``: y = x W + b with W stored as d × p (a transposed Linear)."""
     a, b = _sequence(x, batch, 1, "Conv1D input"), _sequence(gy, batch, 1, "Conv1D output gradient")
-    return {**_weight_pieces(module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True,
-                                                        scale=batch.grad_scale)),
-            **_bias_piece(module, _positions_sum(b), batch)}
+    return {
+        **_weight_pieces(
+            module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True, scale=batch.grad_scale)
+        ),
+        **_bias_piece(module, _positions_sum(b), batch),
+    }
 
 
 def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -126,13 +134,14 @@ def unfold_patches(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
     and returned as a transposed view of a contiguous ``[B, C·K, L]`` tensor.
     """
     x = padded_input(conv, x)
-    out = [(n - d * (k - 1) - 1) // s + 1
-           for n, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)]
+    out = [
+        (n - d * (k - 1) - 1) // s + 1 for n, k, s, d in zip(x.shape[2:], conv.kernel_size, conv.stride, conv.dilation)
+    ]
     slices = []
     for offsets in itertools.product(*[range(k) for k in conv.kernel_size]):
         index = [slice(None), slice(None)] + [
-            slice(o * d, o * d + s * (m - 1) + 1, s)
-            for o, d, s, m in zip(offsets, conv.dilation, conv.stride, out)]
+            slice(o * d, o * d + s * (m - 1) + 1, s) for o, d, s, m in zip(offsets, conv.dilation, conv.stride, out)
+        ]
         slices.append(x[tuple(index)])
     patches = torch.stack(slices, 2)  # [B, C, K, *out], contiguous
     return patches.reshape(x.shape[0], -1, math.prod(out)).transpose(1, 2)
@@ -166,14 +175,20 @@ def embedding_rule(module: nn.Embedding, ids: Tensor, gy: Tensor, batch: Layout)
     """Rows of W: g_i = Σ_t e_{id_t} b_tᵀ (padding_idx rows get nothing)."""
     _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding input")
     grad = _sequence(gy, batch, 1, "Embedding output gradient")
-    return _weight_pieces(module, lambda: RowsPiece(ids.reshape(batch.size, -1), grad, module.weight.shape,
-                                                    module.padding_idx, scale=batch.grad_scale))
+    return _weight_pieces(
+        module,
+        lambda: RowsPiece(
+            ids.reshape(batch.size, -1), grad, module.weight.shape, module.padding_idx, scale=batch.grad_scale
+        ),
+    )
 
 
 def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t; x̂ and b are ``[B, T, *param_shape]``."""
+
     def weight() -> Piece:
         return DensePiece((gy * x_hat).sum(1), batch.grad_scale)
+
     return {**_weight_pieces(module, weight), **_bias_piece(module, gy.sum(1), batch)}
 
 
@@ -194,8 +209,12 @@ def group_norm_rule(module: nn.GroupNorm, x: Tensor, gy: Tensor, batch: Layout) 
     """GroupNorm on ``[B, C, *]``: per-channel γ, β."""
     with torch.no_grad():
         x_hat = F.group_norm(x, module.num_groups, eps=module.eps)
-    return _affine_pieces(module, _channels(x_hat, batch, "GroupNorm input").transpose(1, 2),
-                          _channels(gy, batch, "GroupNorm output gradient").transpose(1, 2), batch)
+    return _affine_pieces(
+        module,
+        _channels(x_hat, batch, "GroupNorm input").transpose(1, 2),
+        _channels(gy, batch, "GroupNorm output gradient").transpose(1, 2),
+        batch,
+    )
 
 
 def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
@@ -203,11 +222,16 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
     with torch.no_grad():
         shape = (1, -1) + (1,) * (x.dim() - 2)
         x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-    return _affine_pieces(module, _channels(x_hat, batch, "BatchNorm input").transpose(1, 2),
-                          _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2), batch)
+    return _affine_pieces(
+        module,
+        _channels(x_hat, batch, "BatchNorm input").transpose(1, 2),
+        _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2),
+        batch,
+    )
 
 
 # ------------------------------------------------------------------------------- matching
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -252,17 +276,39 @@ def _rules() -> list[Rule]:
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return [
         Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule, unbatched=_any_leading_dims),
-        Rule("conv", (nn.Conv1d, nn.Conv2d, nn.Conv3d), ("weight", "bias"), conv_rule,
-             methods=("forward", "_conv_forward"), unbatched=_unbatched_conv),
+        Rule(
+            "conv",
+            (nn.Conv1d, nn.Conv2d, nn.Conv3d),
+            ("weight", "bias"),
+            conv_rule,
+            methods=("forward", "_conv_forward"),
+            unbatched=_unbatched_conv,
+        ),
         # max_norm renormalises rows in place, outside autograd: the gradient's form is unchanged.
-        Rule("embedding", (nn.Embedding,), ("weight",), embedding_rule, accepts=lambda m: not m.scale_grad_by_freq,
-             unbatched=_any_leading_dims),
+        Rule(
+            "embedding",
+            (nn.Embedding,),
+            ("weight",),
+            embedding_rule,
+            accepts=lambda m: not m.scale_grad_by_freq,
+            unbatched=_any_leading_dims,
+        ),
         Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule, unbatched=_any_leading_dims),
         Rule("group_norm", (nn.GroupNorm,), ("weight", "bias"), group_norm_rule),
-        Rule("batch_norm_eval", (_BatchNorm,), ("weight", "bias"), batch_norm_eval_rule,
-             accepts=lambda m: not m.training and m.running_mean is not None),
-        Rule("hf_conv1d", ("transformers.pytorch_utils.Conv1D",), ("weight", "bias"), hf_conv1d_rule,
-             unbatched=_any_leading_dims),
+        Rule(
+            "batch_norm_eval",
+            (_BatchNorm,),
+            ("weight", "bias"),
+            batch_norm_eval_rule,
+            accepts=lambda m: not m.training and m.running_mean is not None,
+        ),
+        Rule(
+            "hf_conv1d",
+            ("transformers.pytorch_utils.Conv1D",),
+            ("weight", "bias"),
+            hf_conv1d_rule,
+            unbatched=_any_leading_dims,
+        ),
     ]
 
 
@@ -335,10 +381,12 @@ def _only_harmless_hooks(module: nn.Module) -> bool:
     """Whether every hook of ``module`` (which has some) is FSDP2's own or a forward hook of
     :data:`_REQUIRES_GRAD_HOOKS`; any backward hook counts."""
     from ..._sharding import is_fsdp2_hook
+
     if module_backward_hooks(module):
         return False
-    return (all(is_fsdp2_hook(h) for h in module._forward_pre_hooks.values())
-            and all(is_fsdp2_hook(h) or _marks_output_requires_grad(h) for h in module._forward_hooks.values()))
+    return all(is_fsdp2_hook(h) for h in module._forward_pre_hooks.values()) and all(
+        is_fsdp2_hook(h) or _marks_output_requires_grad(h) for h in module._forward_hooks.values()
+    )
 
 
 def find_rule(module: nn.Module) -> Rule | None:
