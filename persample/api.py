@@ -75,6 +75,16 @@ def per_sample_grads(
 ) -> dict[str, Tensor]:
     """Per-example gradients ``{name: Tensor[B, *param.shape]}``; row i is dL_i/dθ, unscaled.
 
+    >>> import torch, persample
+    >>> model = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
+    >>> grads = persample.per_sample_grads(model, torch.nn.functional.mse_loss, x, y)
+    >>> grads["weight"].shape                      # one gradient per example, never divided by B
+    torch.Size([5, 2, 3])
+    >>> torch.nn.functional.mse_loss(model(x), y).backward()
+    >>> torch.allclose(grads["weight"].mean(0), model.weight.grad, atol=1e-6)  # the invariant
+    True
+
     Args:
         model: any ``nn.Module``, on any device and dtype.
         loss_fn: ``loss_fn(output, target)`` (or ``loss_fn(output)`` when
@@ -151,6 +161,15 @@ def grad_stats(
     batch_loss_check: bool = True,
 ) -> GradStats:
     """:class:`GradStats` of the per-example gradients, without keeping ``B × P`` of them.
+
+    Mean (1/B) Σ_i g_i, unbiased per-element variance 1/(B−1) Σ_i (g_i − ḡ)², and the squared
+    norms ‖g_i‖² of the unscaled per-example gradients g_i = dL_i/dθ.
+
+    >>> import torch, persample
+    >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    >>> stats = persample.grad_stats(model, torch.nn.functional.mse_loss, torch.randn(6, 3), torch.randn(6, 2))
+    >>> stats.n, stats.var["0.weight"].shape, stats.sq_norms.shape
+    (6, torch.Size([4, 3]), torch.Size([6]))
 
     Same arguments and conventions as :func:`per_sample_grads`, plus:
 

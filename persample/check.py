@@ -179,6 +179,12 @@ def check_mean(
 ) -> MeanCheck:
     """Assert that (1/B) Σ_i g_i equals autograd's gradient of ``loss_fn(model(X), Y)``.
 
+    >>> import torch, persample
+    >>> model = torch.nn.Linear(3, 2).double()
+    >>> x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    >>> persample.check_mean(model, torch.nn.functional.mse_loss, x, y).ok
+    True
+
     The whole-batch loss must be the mean of the per-example losses (true for
     standard losses with their default ``mean`` reduction). Random ops make the
     two passes draw different values, so check models in ``eval()`` or without them.

@@ -281,6 +281,16 @@ class GradStats:
     def merge(self, other: "GradStats") -> "GradStats":
         """Exact statistics of the concatenation (``self``'s examples first).
 
+        >>> import torch, persample
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> loss = torch.nn.functional.mse_loss
+        >>> whole = persample.grad_stats(model, loss, x, y)
+        >>> first = persample.grad_stats(model, loss, x[:3], y[:3])
+        >>> parts = first.merge(persample.grad_stats(model, loss, x[3:], y[3:]))
+        >>> torch.allclose(parts.var["weight"], whole.var["weight"])
+        True
+
         Each field follows its declared :class:`Reduction`. With counts n_a,
         n_b, means μ_a, μ_b and δ = μ_b − μ_a: μ = μ_a + δ·n_b/n and
         M2 = M2_a + M2_b + δ²·n_a·n_b/n. Per-example vectors are concatenated.

@@ -259,6 +259,13 @@ class Tracker:
     def step(self, inputs: Any, targets: Any = None, *, scale: float = 1.0) -> GradStats | None:
         """One training step's gradients, as ``(scale * loss_fn(model(inputs), targets)).backward()``.
 
+        >>> import torch, persample
+        >>> model = torch.nn.Linear(3, 1)
+        >>> tracker = persample.Tracker(model, torch.nn.functional.mse_loss)
+        >>> stats = tracker.step(torch.randn(4, 3), torch.randn(4, 1))   # instead of loss.backward()
+        >>> model.weight.grad.shape, stats.norms.shape                    # p.grad written, and the statistics
+        (torch.Size([1, 3]), torch.Size([4]))
+
         Adds Σ_i w_i g_i · ``scale`` into ``p.grad`` (see :mod:`persample.batch_loss`:
         w_i are derived from the loss and checked on statistics steps), leaves
         ``p.grad`` as None for a parameter the loss does not reach, and fills

@@ -13,6 +13,10 @@ MODULES = [
     "persample._torch_compat",
     "persample.repair",
     "persample.demo",
+    "persample.api",
+    "persample.check",
+    "persample.stats",
+    "persample.tracker",
 ]
 
 
