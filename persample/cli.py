@@ -133,7 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_batch_size, default=64, metavar="B", help="examples per step, at least 2 (default: 64)"
     )
     demo.add_argument(
-        "--lr", type=_positive_float, default=0.05, help="SGD learning rate, with momentum 0.9 (default: 0.05)"
+        "--lr",
+        type=_positive_float,
+        default=None,
+        help="learning rate (default: 0.05 for SGD with momentum 0.9, 0.002 for Adam)",
+    )
+    demo.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="sgd (with momentum) or adam; with adam the Adam-aware noise scale B^P is logged, drawn and "
+        "summarised too (default: sgd)",
     )
     demo.add_argument(
         "--every",
@@ -253,6 +263,7 @@ def _run_demo(args: argparse.Namespace) -> int:
         model=args.model,
         batch_size=args.batch_size,
         lr=args.lr,
+        optimizer=args.optimizer,
         every=args.every,
         seed=args.seed,
         ema_beta=args.ema_beta,

@@ -84,6 +84,10 @@ def _missing(module: str, util) -> bool:
         return True
 
 
+#: The demo's learning rate per optimizer when none is given.
+DEFAULT_LR = {"sgd": 0.05, "adam": 2e-3}
+
+
 def describe_b_simple(b_simple: float, batch_size: float) -> str:
     """What a noise scale means for the batch size, in words (McCandlish et al. 2018: up to about
     B_simple, a larger batch cuts the number of steps almost proportionally; well beyond it, it
@@ -114,8 +118,9 @@ class DemoConfig:
     device: str = "cpu"
     model: str = "cnn"
     batch_size: int = 64
-    lr: float = 0.05
+    lr: float | None = None  # None: the optimizer's default in DEFAULT_LR
     momentum: float = 0.9
+    optimizer: str = "sgd"  # "sgd" (with momentum) or "adam" (then the Adam-aware B^P is logged and shown)
     every: int = 1
     seed: int = 0
     ema_beta: float = DEFAULT_EMA_BETA
@@ -382,7 +387,16 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
         raise ValueError(f"the demo needs at least 2 training examples, got {len(x_train)}")
     batch_size = min(config.batch_size, len(x_train))  # a batch cannot be larger than the data set
     model = build_model(config.model).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+    if config.optimizer not in DEFAULT_LR:
+        raise ValueError(f"optimizer must be one of {tuple(DEFAULT_LR)}, got {config.optimizer!r}")
+    lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
+    adam = config.optimizer == "adam"
+    optimizer: torch.optim.Optimizer = (
+        torch.optim.Adam(model.parameters(), lr=lr)
+        if adam
+        else torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum)
+    )
+    optimizer_label = f"Adam lr {lr:g}" if adam else f"SGD lr {lr:g} momentum {config.momentum:g}"
     tracker = Tracker(model, F.cross_entropy, every=config.every, inner_products=True)
 
     out = Path(config.out)
@@ -401,6 +415,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
         *sinks,
         ema_beta=config.ema_beta,
         extra=lambda t, s: {"epoch": epoch_box[0], "lr": optimizer.param_groups[0]["lr"]},
+        optimizer=optimizer if adam else None,  # Adam: also the preconditioned noise scale B^P
     )
     tracker.register_hook(diag)
 
@@ -413,8 +428,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
             if batch_size != config.batch_size
             else ""
         )
-        + f", SGD lr {config.lr:g} "
-        f"momentum {config.momentum:g}, {config.epochs} epochs on {device} ({torch.get_num_threads()} CPU "
+        + f", {optimizer_label}, {config.epochs} epochs on {device} ({torch.get_num_threads()} CPU "
         f"thread{'s' if torch.get_num_threads() > 1 else ''})"
     )
     say(f"per-example statistics every {config.every} step(s); B_simple EMA beta {config.ema_beta:g}")
@@ -472,13 +486,20 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     )
     say()
     say(describe_b_simple(diag.ema.value, batch_size))
+    precond = [r["b_precond_ema"] for r in diag.rows if isinstance(r.get("b_precond_ema"), float)]
+    if adam and precond and math.isfinite(precond[-1]):
+        value = f"≈ {precond[-1]:.3g} examples" if precond[-1] > 0 else "is below noise (its GᵀPG EMA is not positive)"
+        say(
+            f"Adam-aware B^P {value} (EMA of tr(PΣ) over EMA of GᵀPG, P = 1/(sqrt(v̂) + ε)): "
+            "the noise scale under Adam's preconditioner; B_simple assumes plain SGD."
+        )
 
     plot_path = out / "diagnostics.png"
     fig = plot_module.plot_diagnostics(
         diag.rows,
         plot_path,
         ema_beta=config.ema_beta,
-        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {batch_size}, SGD lr {config.lr:g}",
+        title=f"persample demo: {config.model.upper()} on 8x8 digits, batch {batch_size}, {optimizer_label}",
     )
     plot_module.close(fig)
 

@@ -64,6 +64,16 @@ def test_demo_end_to_end_csv(tmp_path):
 
 @needs_demo
 @pytest.mark.slow
+def test_demo_with_adam_logs_and_summarises_the_preconditioned_noise_scale(tmp_path):
+    code, out, err = _finish(_persample("demo", "--out", str(tmp_path), "--optimizer", "adam", *TINY))
+    assert code == 0, err
+    assert "Adam lr 0.002" in out and "Adam-aware B^P" in out
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert {"b_precond", "b_precond_ema", "grad_sq_precond", "trace_cov_precond"} <= rows[-1].keys()
+    assert rows[0]["b_precond"] != rows[0]["b_precond"]  # NaN: Adam has no second moments before its first step
+    assert all(r["trace_cov_precond"] > 0 for r in rows[1:])
+
+
 def test_demo_quiet_jsonl_mlp_every_2(tmp_path):
     code, out, err = _finish(
         _persample(
