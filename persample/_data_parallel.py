@@ -313,9 +313,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
             stats = replicas.reduce_stats(stats) if everyone else None
             failure = None
             try:
-                from .tracker import _finite
-
-                if stats is None or not _finite(stats):
+                if stats is None or not stats.is_finite():
                     tracker.skipped.append(step)
                     skip_added, stats = True, None
                 elif accumulation is not None:

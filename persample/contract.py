@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import errors
 from .errors import (
     BatchLossMismatch,
     MeanMismatchError,
@@ -545,6 +546,14 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "a per-example loss that carries the weights, or no clip_norm",
     ),
 )
+
+
+def _fix_of(code: str) -> str | None:
+    pre = PRECONDITIONS.get(code)
+    return pre.fix if pre is not None else None
+
+
+errors.declared_fix = _fix_of  # errors sits below the registry: it is told the fixes, it does not import them
 
 
 if __name__ == "__main__":  # python -m persample.contract: the README's table of refusals

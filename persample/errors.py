@@ -29,6 +29,8 @@ Match on ``err.code``, never on the prose::
 
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = [
     "PersampleError",
     "MeanMismatchError",
@@ -64,11 +66,17 @@ class PersampleError(Exception):
         return _rebuild, (type(self), super().__str__(), self.code, self.module, self.fix)
 
 
-def _declared_fix(code: str) -> str | None:
-    from .contract import PRECONDITIONS  # below errors in the layering: imported when first needed
+def _no_declared_fix(code: str) -> str | None:
+    return None
 
-    pre = PRECONDITIONS.get(code)
-    return pre.fix if pre is not None else None
+
+#: The fix declared for a code: set by :mod:`persample.contract` when it is imported (errors sits below
+#: the registry and does not import it).
+declared_fix: Callable[[str], str | None] = _no_declared_fix
+
+
+def _declared_fix(code: str) -> str | None:
+    return declared_fix(code)
 
 
 def _rebuild(cls, message, code, module, fix):

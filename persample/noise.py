@@ -462,7 +462,7 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
     if stats.part_sizes is None:
         raise ValueError(
             "rank_noise_scale needs the per-rank batch sizes and mean-gradient norms of an "
-            "all-reduced record: call stats.all_reduce() (persample.distributed) first; "
+            "all-reduced record: call persample.distributed.all_reduce_stats(stats) first; "
             "Tracker does this under torch.distributed"
         )
     if len(stats.part_sizes) < 2:

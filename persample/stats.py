@@ -353,12 +353,10 @@ class GradStats:
 
         return GradStats(**{name: move(getattr(self, name)) for name in field_reductions()})
 
-    def all_reduce(self, group=None, *, inner_products=None) -> "GradStats":
-        """The statistics of the batch concatenated over all ranks of ``group``:
-        :func:`persample.distributed.all_reduce_stats` (a collective: every rank must call it)."""
-        from .distributed import all_reduce_stats
-
-        return all_reduce_stats(self, group, inner_products=inner_products)
+    def is_finite(self) -> bool:
+        """Whether the mean and every per-example squared norm are finite (no inf/NaN from a diverged step)."""
+        tensors = [*self.mean.values(), *self.param_sq_norms.values()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())

@@ -355,7 +355,7 @@ class Tracker:
                         + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None]
                     )
                 if with_stats and not micro:
-                    if stats is None or not _finite(stats):
+                    if stats is None or not stats.is_finite():
                         self.skipped.append(step)
                         skip_added = True
                         _warn_skipped(
@@ -1097,11 +1097,6 @@ def _rebase_local(local: LocalGradients) -> None:
 
 def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
     return [t for t in batch.input_leaves if t.requires_grad and t.is_leaf]
-
-
-def _finite(stats: GradStats) -> bool:
-    tensors = [*stats.mean.values(), *stats.param_sq_norms.values()]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def _nonfinite_examples(stats: GradStats) -> list[int]:

@@ -75,7 +75,7 @@ def test_rank_estimator_is_unbiased_with_unequal_batches():
 
 def test_rank_estimator_needs_an_all_reduced_record_with_two_ranks():
     grads, stats = _parts([3, 3])
-    with pytest.raises(ValueError, match=r"all-reduced record: call stats.all_reduce\(\)"):
+    with pytest.raises(ValueError, match=r"all-reduced record: call persample.distributed.all_reduce_stats\(stats\)"):
         noise.rank_noise_scale(GradStats.from_per_example({"w": grads}, stats.losses))
     one = dataclasses.replace(stats, part_sizes=(6,), part_mean_sq_norms=(1.0,))
     with pytest.raises(ValueError, match="at least 2 ranks, got 1"):
