@@ -60,7 +60,7 @@ from .stats import GradStats
 
 __all__ = ["Tracker"]
 
-Hook = Callable[["Tracker", GradStats], None]
+Hook = Callable[["Tracker", GradStats], object]  # the return value is ignored (Diagnostics returns its row)
 
 #: What ``Tracker(on_refusal=...)`` accepts (see :meth:`Tracker.observe`).
 ON_REFUSAL = ("raise", "skip", "fallback")

@@ -391,7 +391,7 @@ def _only_harmless_hooks(module: nn.Module) -> bool:
 
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module`` if every assumption of it holds (see :class:`Rule`), else None."""
-    rule, own_methods = _rule_for_type(type(module))
+    rule, own_methods = _rule_for_type(type(module))  # type: ignore[arg-type]  # classes are hashable
     if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
     direct = set(own_trainable_parameters(module))
