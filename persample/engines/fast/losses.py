@@ -96,7 +96,7 @@ class _LossTrace(TorchFunctionMode):
     and whether anything other than metadata queries happened: at the first such operation
     the trace stops ``loss_fn`` (a cross-entropy after slicing the logits is not computed twice)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.call: StandardLoss | None = None
         self.marker: Tensor | None = None
