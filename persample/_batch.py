@@ -104,6 +104,7 @@ def as_batch(inputs: Any, targets: Any = None) -> Batch:
     batches or batch sizes that disagree (naming both sizes).
     """
     options: dict = {}
+    args: tuple[Any, ...]
     if isinstance(inputs, Tensor):
         args, kwargs = (inputs,), {}
     elif isinstance(inputs, Mapping):

@@ -157,7 +157,7 @@ def is_vmap_randomness_error(err: BaseException) -> bool:
     return isinstance(err, RuntimeError) and "randomness" in msg and "vmap" in msg
 
 
-def translate_vmap_error(err: RuntimeError) -> RuntimeError | None:
+def translate_vmap_error(err: RuntimeError) -> Exception | None:
     """A clearer error for failures that ``torch.func.vmap`` reports cryptically."""
     if is_vmap_randomness_error(err):
         return randomness_error("the model")
@@ -430,7 +430,8 @@ def own_trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {
         n: p
         for n, p in module._parameters.items()
-        if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))
+        # set.add returns None: `not seen.add(...)` records the id and keeps the item
+        if p is not None and p.requires_grad and id(p) not in seen and not seen.add(id(p))  # type: ignore[func-returns-value]
     }
 
 
@@ -438,7 +439,8 @@ def _unique(tensors) -> list[Tensor]:
     """The tensors that are not None, each once (shared parameters and buffers), in order: what
     ``model.parameters()`` / ``model.buffers()`` give, gathered from the modules' own dicts in one walk."""
     seen: set[int] = set()
-    return [t for t in tensors if t is not None and id(t) not in seen and not seen.add(id(t))]
+    # set.add returns None: `not seen.add(...)` records the id and keeps the item
+    return [t for t in tensors if t is not None and id(t) not in seen and not seen.add(id(t))]  # type: ignore[func-returns-value]
 
 
 #: A model's buffer slots with what they held: ``[(module, name, tensor, a copy of its value)]``.

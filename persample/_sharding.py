@@ -146,7 +146,7 @@ def refuse_wrapped(model: nn.Module, where: str) -> None:
 
 def local_tensor(t: Tensor) -> Tensor:
     """The rank-local tensor of a DTensor (no communication); any other tensor as it is."""
-    return t.to_local() if is_dtensor(t) else t
+    return t.to_local() if is_dtensor(t) else t  # type: ignore[attr-defined]  # a DTensor here (is_dtensor)
 
 
 # ------------------------------------------------------------------------------------ FSDP2
@@ -166,10 +166,10 @@ def fsdp2_sharded_slots(model: nn.Module) -> dict[tuple[int, str], Tensor]:
     unfamiliar layout raises ``NotExact``, code ``TORCH_INTERNALS_UNKNOWN``)."""
     slots: dict[tuple[int, str], Tensor] = {}
     for m in fsdp2_modules(model):
-        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None  # type: ignore[operator]  # FSDPModule method
         groups = getattr(state, "_fsdp_param_groups", None)
         try:
-            for group in groups:
+            for group in groups:  # type: ignore[union-attr]  # None raises TypeError: caught below (fail closed)
                 for fsdp_param in group.fsdp_params:
                     info = fsdp_param._module_info
                     slots[(id(info.module), info.param_name)] = fsdp_param.sharded_param

@@ -271,7 +271,7 @@ def compute_stats(
     chain = _engine_chain(engine, _CHAINS)
     check_clip_norm(clip_norm)
     check_supported(model, randomness)
-    options = dict(
+    options: dict[str, Any] = dict(
         randomness=randomness,
         var=var,
         inner_products=inner_products,
@@ -377,7 +377,7 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
     model as found (the buffers), not as a refused engine's forward left it. The last engine's
     ``NotExact`` reaches the caller; reaching the loop after others warns.
     """
-    reasons = []
+    reasons: list[str] = []
     for position, name in enumerate(chain):
         if position:
             reset()

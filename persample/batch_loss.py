@@ -182,10 +182,13 @@ def derive_weights(
         BatchLossMismatch: a_i is not a multiple of b_i for some example (the
             per-example losses do not describe ``what``), or a gradient is not finite.
     """
-    pairs = [(a, b) for a, b in zip(batch_grads, example_grads) if a is not None or b is not None]
+    present = [(a, b) for a, b in zip(batch_grads, example_grads) if a is not None or b is not None]
     pairs = [
-        (torch.zeros_like(b) if a is None else a.detach(), torch.zeros_like(a) if b is None else b.detach())
-        for a, b in pairs
+        (
+            torch.zeros_like(b) if a is None else a.detach(),  # type: ignore[arg-type]  # one of a, b is set
+            torch.zeros_like(a) if b is None else b.detach(),  # type: ignore[arg-type]  # one of a, b is set
+        )
+        for a, b in present
     ]
     rtol = _tolerance([t.dtype for pair in pairs for t in pair])
     dot = torch.zeros(batch_size, dtype=torch.float64)
@@ -193,9 +196,9 @@ def derive_weights(
     for a, b in pairs:
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
         if not bool(torch.isfinite(b2).all()):
-            bad = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
+            bad_rows = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
             raise NonFiniteExampleLoss(
-                f"the per-example losses have non-finite gradients at the model output (examples {bad[:5]}): "
+                f"the per-example losses have non-finite gradients at the model output (examples {bad_rows[:5]}): "
                 "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
                 "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
                 "reduction='sum'>), or persample.causal_lm_loss() for token losses",
@@ -341,7 +344,7 @@ def weights_at_output(
             losses = per_example_losses(per_example_fn, out, targets, batch_size)
         except NotExact as err:
             raise OpaqueLoss(per_example=True) from err
-        example_grads = (
+        example_grads: Sequence[Tensor | None] = (
             torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
             if losses.requires_grad
             else [None] * len(differentiable)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 from torch import Tensor, nn
@@ -79,7 +79,7 @@ class _Precisions(TorchFunctionMode):
     """Notes the dtypes of the differentiable floating results of every op (the precisions the
     forward really computes in: a float64 model may compute in float32 inside, as Gemma's RMSNorm)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.dtypes: set[torch.dtype] = set()
 
@@ -106,7 +106,7 @@ def batch_loss_grads(
         with watcher:
             loss = batch.call(model, loss_fn)
         if precisions is not None:
-            precisions |= watcher.dtypes
+            precisions |= cast(_Precisions, watcher).dtypes
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
         grads = gradients(loss, list(params.values()))
@@ -119,7 +119,7 @@ def autograd_mean_grad(
     """∇_θ loss_fn(model(X), Y) on the whole batch, zeros for unused parameters."""
     params = trainable_parameters(model)
     grads = batch_loss_grads(model, loss_fn, batch, params, precisions)
-    return {n: torch.zeros_like(p) if grads[n] is None else grads[n] for n, p in params.items()}
+    return {n: torch.zeros_like(p) if grads[n] is None else cast(Tensor, grads[n]) for n, p in params.items()}
 
 
 def compare_means(

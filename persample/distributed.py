@@ -39,7 +39,7 @@ the same order, with statistics over the same parameters.
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -151,7 +151,7 @@ def _all_reduce_sums(
     group,
     device: torch.device,
     bucket_bytes: int = DEFAULT_BUCKET_BYTES,
-    prepare: Callable[[Tensor, list[int]], None] | None = None,
+    prepare: Callable[[Tensor, list[int]], object] | None = None,
 ) -> list[Tensor]:
     """Σ over ranks of each tensor (same shapes and dtypes on every rank), through flat buckets
     of at most ``bucket_bytes`` per dtype, all launched before any is waited for.
@@ -170,7 +170,7 @@ def _all_reduce_sums(
             t = tensors[i]
             results[i] = flat[offset : offset + t.numel()].view(t.shape).to(t.device)
             offset += t.numel()
-    return results
+    return cast("list[Tensor]", results)  # every slot is filled above
 
 
 def _buckets(tensors: Sequence[Tensor], bucket_bytes: int) -> list[list[int]]:

@@ -121,6 +121,9 @@ class BatchLossMismatch(PersampleError, ValueError):
 class SlowPathWarning(UserWarning):
     """``engine="auto"`` used the exact per-example loop: correct, but B forward + backward passes."""
 
+    #: the refused engines' reasons, ``"engine: message"`` (set by ``grad_stats``)
+    reasons: list[str]
+
 
 class SkippedStatisticsWarning(UserWarning):
     """A step's statistics could not be computed exactly and ``on_refusal`` said not to stop training: the

@@ -128,7 +128,7 @@ class Explanation:
         return "\n".join(lines)
 
 
-def _bytes(n: int) -> str:
+def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -251,7 +251,7 @@ def _treatment(unit) -> ModuleTreatment:
     elif recurrent_mode(unit) is not None:
         how = f"closed form: {recurrent_mode(unit)} (checked against autograd)"
     else:
-        rule, own_methods = _rule_for_type(type(unit.module))
+        rule, own_methods = _rule_for_type(type(unit.module))  # type: ignore[arg-type]  # classes are hashable
         if rule is None:
             why = "no rule for this type"
         elif not own_methods:

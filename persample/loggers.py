@@ -28,7 +28,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import torch
 
@@ -143,7 +143,7 @@ class Diagnostics:
         if tests is None:
             tests = noise.TESTS if stats.inner_products is not None else ("norm",)
         undefined = self.preconditioner is PRECONDITIONER_UNDEFINED
-        options = dict(per_layer=self.per_layer, tests=tests, **self.thresholds)
+        options: dict[str, Any] = dict(per_layer=self.per_layer, tests=tests, **self.thresholds)
         try:
             values = noise.diagnostics(
                 stats,
@@ -387,6 +387,8 @@ def _split_resumed(
     (written past the checkpoint the run resumed from, or by an earlier run) are replaced."""
     if first_step is None:
         return kept, dropped
+    keep: list[Any]
+    drop: list[Any]
     keep, drop = [], []
     for r in kept:
         s = step_of(r)
@@ -438,7 +440,7 @@ class CSVLogger(_Sink):
         self.fields: list[str] = []
         self._rows_written = 0
         self._resumed = False
-        self._file = open(self.path, "a", newline="", encoding="utf-8")
+        self._file: TextIO | None = open(self.path, "a", newline="", encoding="utf-8")
 
     def _resume(self, row: Mapping[str, Any]) -> None:
         """Before the first row: take over an existing file (its header and the rows before ``row``'s step)."""
@@ -468,6 +470,7 @@ class CSVLogger(_Sink):
             backup = _backup_path(self.path)
             with open(backup, "w", newline="", encoding="utf-8") as f:
                 csv.writer(f).writerows([header, *drop])
+        assert self._file is not None  # called from write(), which refuses a closed logger
         self._file.close()
         self._file = open(self.path, "w", newline="", encoding="utf-8")
         if header:
@@ -494,6 +497,7 @@ class CSVLogger(_Sink):
         self._file.flush()
 
     def _rewrite(self) -> None:
+        assert self._file is not None  # called from write(), which refuses a closed logger
         self._file.close()
         with open(self.path, newline="", encoding="utf-8") as f:
             old = list(csv.DictReader(f))
@@ -527,7 +531,7 @@ class JSONLLogger(_Sink):
         super().__init__(**diagnostics_options)
         self.path = _open_for_writing(path, "JSONLLogger")
         self._resumed = False
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._file: TextIO | None = open(self.path, "a", encoding="utf-8")
 
     def _resume(self, row: Mapping[str, Any]) -> None:
         """Before the first row: keep an existing file's rows before ``row``'s step (see :class:`CSVLogger`)."""
@@ -554,6 +558,7 @@ class JSONLLogger(_Sink):
         if drop:
             backup = _backup_path(self.path)
             backup.write_text("".join(drop), encoding="utf-8")
+        assert self._file is not None  # called from write(), which refuses a closed logger
         self._file.close()
         self._file = open(self.path, "w", encoding="utf-8")
         self._file.write("".join(keep))

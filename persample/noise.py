@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -173,7 +173,7 @@ class _Moments:
 def _moments(stats: GradStats, names: Sequence[str] | None = None) -> _Moments:
     names = stats.names if names is None else list(names)
     mean_sq = _f64_sum_sq(stats.mean[k] for k in names)
-    per_example = sum(stats.param_sq_norms[k].detach().double() for k in names)
+    per_example = cast(Tensor, sum(stats.param_sq_norms[k].detach().double() for k in names))  # names not empty
     trace = None
     if stats.m2 is not None and stats.n > 1:
         trace = math.fsum(float(stats.m2[k].detach().double().sum()) for k in names) / (stats.n - 1)
@@ -220,7 +220,7 @@ class NoiseScale:
             of the) ranks' batch sizes for the rank-level one.
     """
 
-    n: int
+    n: float  # an int but for the two-batch estimator with a non-integer B_big (two_batch_noise_scale)
     grad_sq: float
     trace_cov: float
     b_simple: float
@@ -470,7 +470,7 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
     _require_finite("rank_noise_scale", stats, "mean")
     world = len(stats.part_sizes)
     b_small = world / sum(1.0 / n for n in stats.part_sizes)
-    small_sq_norm = math.fsum(stats.part_mean_sq_norms) / world
+    small_sq_norm = math.fsum(stats.part_mean_sq_norms) / world  # type: ignore[arg-type]  # set with part_sizes
     return two_batch_noise_scale(b_small, small_sq_norm, stats.n, _f64_sum_sq(stats.mean.values()))
 
 
@@ -555,6 +555,7 @@ def adam_preconditioner(
 
 
 def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tensor]) -> NoiseScale:
+    assert stats.m2 is not None  # callers check var=True
     b = stats.n
     trace, signal, mean_sq = 0.0, 0.0, 0.0
     for k in names:
@@ -828,6 +829,7 @@ def gsnr(stats: GradStats) -> dict[str, Tensor]:
     _require_two("gsnr", stats)
     _require_var("gsnr", stats)
     _require_finite("gsnr", stats, "mean", "m2")
+    assert stats.m2 is not None  # _require_var
     out = {}
     for name, mu in stats.mean.items():
         var = stats.m2[name].detach().double() / (stats.n - 1)
@@ -836,6 +838,7 @@ def gsnr(stats: GradStats) -> dict[str, Tensor]:
 
 
 def _mean_gsnr(stats: GradStats, names: Sequence[str]) -> float:
+    assert stats.m2 is not None  # callers check var=True
     total, count = 0.0, 0
     for name in names:
         var = stats.m2[name].detach().double() / (stats.n - 1)
@@ -954,6 +957,7 @@ def _inner_products(fn: str, stats: GradStats) -> tuple[Tensor, bool]:
 
 def _reference_is_mean(stats: GradStats) -> bool:
     """Whether ``stats.reference`` is the batch's own mean ḡ, within the rounding of its dtype."""
+    assert stats.reference is not None  # called with inner products, which come with their reference
     dtype = next(iter(stats.mean.values())).dtype
     rtol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
     diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k] for k in stats.names))
@@ -963,6 +967,7 @@ def _reference_is_mean(stats: GradStats) -> bool:
 
 def _mean_dot_reference(stats: GradStats) -> float:
     """⟨ḡ, r⟩ summed in float64."""
+    assert stats.reference is not None  # called with inner products, which come with their reference
     return sum(
         float((stats.mean[k].detach().double() * stats.reference[k].detach().to(stats.mean[k].device).double()).sum())
         for k in stats.names

@@ -66,7 +66,7 @@ def close(fig) -> None:
     fig.clear()
 
 
-def _rows(source: Any) -> list[Mapping[str, Any]]:
+def _rows(source: Any) -> Sequence[Mapping[str, Any]]:
     if isinstance(source, (str, os.PathLike)):
         from .loggers import read_metrics
 
@@ -78,6 +78,8 @@ def _rows(source: Any) -> list[Mapping[str, Any]]:
 
 def _series(rows: Sequence[Mapping[str, Any]], key: str, *, positive: bool = False):
     """(steps, values, n_dropped) of the rows that have a finite ``key`` (and > 0 with ``positive``)."""
+    xs: list[float]
+    ys: list[float]
     xs, ys, dropped = [], [], 0
     for r in rows:
         v = r.get(key)
@@ -98,7 +100,13 @@ def _band(rows: Sequence[Mapping[str, Any]], key: str):
     """(steps, lower, upper) of ``key``'s interval columns ``key_lo`` / ``key_hi`` where both are finite and
     the value is positive; a lower end ≤ 0 (the interval reaches "no signal") is drawn at value/100, the
     bottom of a log axis' useful range."""
+    xs: list[float]
+    lo: list[float]
+    hi: list[float]
     xs, lo, hi = [], [], []
+    v: Any
+    a: Any
+    b: Any
     for r in rows:
         v, a, b = (r.get(k) for k in (key, f"{key}_lo", f"{key}_hi"))
         if not all(_is_number(x) and math.isfinite(float(x)) for x in (v, a, b)) or float(v) <= 0:

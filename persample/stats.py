@@ -29,7 +29,7 @@ from __future__ import annotations
 import enum
 import math
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 from torch import Tensor
@@ -187,7 +187,7 @@ class GradStats:
         if (self.part_sizes is None) != (self.part_mean_sq_norms is None):
             raise ValueError("GradStats: part_sizes and part_mean_sq_norms go together")
         if self.part_sizes is not None and (
-            sum(self.part_sizes) != self.n or len(self.part_sizes) != len(self.part_mean_sq_norms)
+            sum(self.part_sizes) != self.n or len(self.part_sizes) != len(self.part_mean_sq_norms)  # type: ignore[arg-type]  # both set (checked above)
         ):
             raise ValueError(
                 f"GradStats: part_sizes {self.part_sizes} must add up to n={self.n}, one "
@@ -224,7 +224,7 @@ class GradStats:
     @property
     def mean_sq_norm(self) -> Tensor:
         """‖ḡ‖², the squared norm of the mean gradient (a 0-d float64 tensor, summed in float64)."""
-        return sum(m.double().pow(2).sum() for m in self.mean.values())
+        return cast(Tensor, sum(m.double().pow(2).sum() for m in self.mean.values()))  # mean is never empty
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -246,6 +246,7 @@ class GradStats:
         if not grads:
             raise ValueError("GradStats.from_per_example needs at least one parameter")
         n = losses.shape[0]
+        m2: dict[str, Tensor] | None
         mean, m2, sq = {}, {} if var else None, {}
         grads = {
             name: g.float() if g.is_floating_point() and g.element_size() < 4 else g  # float32 or better:
@@ -260,7 +261,7 @@ class GradStats:
             sq[name] = torch.linalg.vector_norm(g.reshape(n, -1), dim=1).square()
         inner = None
         if reference is not None:
-            inner = sum(_inner(grads[k].reshape(n, -1), reference[k].reshape(-1)) for k in grads)
+            inner = cast(Tensor, sum(_inner(grads[k].reshape(n, -1), reference[k].reshape(-1)) for k in grads))
         clipped = None
         if clip_norm is not None:
             factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)

@@ -60,7 +60,7 @@ from .stats import GradStats
 
 __all__ = ["Tracker"]
 
-Hook = Callable[["Tracker", GradStats], None]
+Hook = Callable[["Tracker", GradStats], object]  # the return value is ignored (Diagnostics returns its row)
 
 #: What ``Tracker(on_refusal=...)`` accepts (see :meth:`Tracker.observe`).
 ON_REFUSAL = ("raise", "skip", "fallback")
@@ -191,7 +191,7 @@ class Tracker:
         self.every = every
         self.clip_norm = clip_norm
         self.check_every = check_every
-        self.stats_options = dict(
+        self.stats_options: dict[str, Any] = dict(
             chunk_size=chunk_size, randomness=randomness, engine=engine, var=var, inner_products=inner_products
         )
         self.steps = 0
@@ -301,10 +301,10 @@ class Tracker:
         saved_inputs: list = []
         step = self.steps
         accumulating = self._accumulation is not None
-        with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats
+        with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats  # type: ignore[union-attr]  # accumulating
         checking = self.check_every > 0 and step % self.check_every == 0
         previous = self.last_stats
-        micro = accumulating and self._accumulation.estimator == "micro-batch"
+        micro = accumulating and self._accumulation.estimator == "micro-batch"  # type: ignore[union-attr]  # accumulating
         per_example_work = not micro and (with_stats or checking or self.clip_norm is not None)
         ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
         replicas = self._replicas if not ddp_backward else None  # DDP's own backward reduces by itself
@@ -325,7 +325,8 @@ class Tracker:
                     part = _micro_batch_part(update, weights, opaque, batch.size)
                 elif ddp_backward:
                     update, input_grads = {}, []
-                    self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # DDP averages, overlapped
+                    # DDP averages, overlapped (ddp_backward: replicas are set)
+                    self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # type: ignore[union-attr]
                 else:
                     update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
                 _accumulate(params, update, scale=scale)
@@ -377,7 +378,7 @@ class Tracker:
             if replicas is not None:  # a hook that raised on one rank undoes the step on every rank
                 replicas.agree(failure, "persample.Tracker.step (hooks)")
             if micro and with_stats:  # (after every check: the running sums cannot be undone)
-                self._accumulation.add_micro_batch(part)
+                self._accumulation.add_micro_batch(part)  # type: ignore[union-attr]  # micro: accumulating
                 if part is None:
                     self.skipped.append(step)
         except BaseException as err:
@@ -389,7 +390,7 @@ class Tracker:
             if skip_added:
                 self.skipped.pop()
             if part_added:
-                self._accumulation.parts.pop()
+                self._accumulation.parts.pop()  # type: ignore[union-attr]  # a part was added: accumulating
             if hasattr(err, "add_note"):
                 err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
             raise
@@ -521,6 +522,7 @@ class Tracker:
         """A micro-batch's statistics into the open ``accumulate`` block; with ``reference="first"``,
         the first one's mean becomes the shared reference (prepared once, and kept by value)."""
         acc = self._accumulation
+        assert acc is not None  # called inside an accumulate block
         if acc.first and acc.reference is None and stats.reference is not None:
             acc.reference = prepare_reference(self.model, stats.reference)
             stats = dataclasses.replace(stats, reference=acc.reference)
@@ -584,8 +586,8 @@ class Tracker:
                 self._nonfinite_rows = _nonfinite_output_rows(output, batch.size)
                 update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
                 return None, update, input_grads
-            except OpaqueLoss as opaque:
-                if opaque.per_example:  # the per-example loss is not a function of example i's output alone
+            except OpaqueLoss as refusal:
+                if refusal.per_example:  # the per-example loss is not a function of example i's output alone
                     stats = compute_stats(
                         self.model,
                         per_example,
@@ -600,7 +602,8 @@ class Tracker:
                 if checking:
                     self._check(batch, weights)
                 base = stats.mean if self.clip_norm is None else stats.clipped_mean
-                update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}
+                # factor is set (reached is), and base is clipped_mean when clip_norm is
+                update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}  # type: ignore[index, operator]
                 restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
                 return stats, update, []
         update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
@@ -619,7 +622,8 @@ class Tracker:
             factor = _require_multiple(update, stats.mean) / batch.size
             weights = torch.full((batch.size,), factor, dtype=torch.float64)
         if self.clip_norm is not None:  # inputs that require grad: p.grad from the clipped gradients
-            update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}
+            # clip_norm: clipped_mean is computed, and factor is set (refused above otherwise)
+            update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}  # type: ignore[index, operator]
         if checking:
             self._check(batch, weights)
         return stats, update, input_grads
@@ -632,7 +636,7 @@ class Tracker:
         Equal weights w: w·B times the engines' mean. Unequal ones: the engines' mean of the weighted
         per-example losses w_i L_i (the weights ride along as targets), times B.
         """
-        options = dict(
+        options: dict[str, Any] = dict(
             engine="independent",
             var=False,
             chunk_size=self.stats_options["chunk_size"],
@@ -740,13 +744,13 @@ class Tracker:
                 "inside tracker.accumulate(reference='last' or a dict), a shared reference"
             )
         accumulating = self._accumulation is not None
-        if accumulating and self._accumulation.estimator == "micro-batch":
+        if accumulating and self._accumulation.estimator == "micro-batch":  # type: ignore[union-attr]  # accumulating
             raise ValueError(
                 "observe() inside accumulate(estimator='micro-batch') is not supported: the "
                 "micro-batch estimator needs each micro-batch's own gradient, which step() computes. "
                 "Use tracker.step(inputs, targets, scale=1/k) in that block"
             )
-        with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()
+        with_stats = self._accumulation.with_stats if accumulating else self.wants_stats()  # type: ignore[union-attr]  # accumulating
         if with_stats and self.on_refusal == "fallback" and inputs is None:
             raise ValueError(
                 "Tracker(on_refusal='fallback') needs the model's inputs of the observed forward: "
@@ -825,8 +829,9 @@ class Tracker:
                 self.refused.append((self.steps, "another rank had no statistics for this step"))
                 observation.skipped = True
                 if accumulating:
-                    self._accumulation.refused = True
-            observation.stats = self._replicas.reduce_stats(observation.stats) if everyone_has_stats else None
+                    self._accumulation.refused = True  # type: ignore[union-attr]  # accumulating
+            # everyone_has_stats: this rank's stats are set too
+            observation.stats = self._replicas.reduce_stats(observation.stats) if everyone_has_stats else None  # type: ignore[arg-type]
         failure = None
         try:
             if observation.stats is None:
@@ -1113,7 +1118,7 @@ def _nonfinite_output_rows(output: Any, batch_size: int) -> list[int] | None:
             rows = ~torch.isfinite(t.detach().reshape(batch_size, -1)).all(1)
             bad = rows if bad is None else bad | rows
             found = True
-    return bad.nonzero().flatten().tolist() if found else None
+    return bad.nonzero().flatten().tolist() if found else None  # type: ignore[union-attr]  # found: bad is set
 
 
 def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | None) -> None:

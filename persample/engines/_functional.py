@@ -18,7 +18,7 @@ module's ``forward`` through these; the module is restored on exit, also on erro
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ def _cell_step(
     """One time step given the precomputed input projection ``x_proj = x W_ihᵀ + b_ih``."""
     h_proj = F.linear(h, w_hh, b_hh)
     if mode == "LSTM":
+        assert c is not None  # an LSTM carries its cell state
         i, f, g, o = (x_proj + h_proj).chunk(4, dim=-1)
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -53,7 +54,7 @@ def _run_direction(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Run one layer in one direction over time-major ``x: [T, N, F]``."""
     sfx = f"_l{layer}" + ("_reverse" if reverse else "")
-    get = lambda name: getattr(module, name + sfx, None)  # noqa: E731  (swapped by functional_call)
+    get: Callable[[str], Any] = lambda name: getattr(module, name + sfx, None)  # noqa: E731  (swapped by functional_call)
     x_proj = F.linear(x, get("weight_ih"), get("bias_ih"))
     w_hh, b_hh = get("weight_hh"), get("bias_hh")
     w_hr = get("weight_hr") if module.proj_size > 0 else None
@@ -90,24 +91,26 @@ def rnn_forward(module: nn.RNNBase, input: Tensor, hx=None):
     else:
         h0, c0 = hx if is_lstm else (hx, None)
 
-    layer_input, h_n, c_n = input, [], []
+    h_list: list[Tensor] = []
+    c_list: list[Tensor | None] = []
+    layer_input = input
     for layer in range(module.num_layers):
         outputs = []
         for d in range(dirs):
             k = layer * dirs + d
             out, h, c = _run_direction(module, layer, d == 1, layer_input, h0[k], None if c0 is None else c0[k])
             outputs.append(out)
-            h_n.append(h)
-            c_n.append(c)
+            h_list.append(h)
+            c_list.append(c)
         layer_input = torch.cat(outputs, dim=-1) if dirs == 2 else outputs[0]
         if module.dropout and module.training and layer < module.num_layers - 1:
             layer_input = F.dropout(layer_input, module.dropout, training=True)
 
-    output, h_n = layer_input, torch.stack(h_n)
-    c_n = torch.stack(c_n) if is_lstm else None
+    output, h_n = layer_input, torch.stack(h_list)
+    c_n = torch.stack(cast("list[Tensor]", c_list)) if is_lstm else None  # an LSTM's cell states are tensors
     if unbatched:
         output, h_n = output.squeeze(1), h_n.squeeze(1)
-        c_n = c_n.squeeze(1) if is_lstm else None
+        c_n = c_n.squeeze(1) if is_lstm else None  # type: ignore[union-attr]  # set for an LSTM (above)
     elif module.batch_first:
         output = output.transpose(0, 1)
     return (output, (h_n, c_n)) if is_lstm else (output, h_n)

@@ -91,5 +91,5 @@ def per_example_directional_derivatives(
 
         # The fused attention kernels have no forward-mode derivative; the math one is composite.
         with torch.no_grad(), vmap_friendly_modules(model), _math_attention():
-            _, derivatives = jvp(losses_of, (primals,), (tangents,))
+            _, derivatives = jvp(losses_of, (primals,), (tangents,))  # type: ignore[misc]  # 2 without has_aux
     return derivatives.detach()

@@ -80,6 +80,7 @@ def loop_grads(
         if i > 0 or buffers is not None:
             restore_buffer_state(start)
         if randomness == "same":
+            assert shared_rng is not None  # taken above for randomness="same"
             restore_rng(model, shared_rng)
         # random draws seen by what the model calls (stopped before drawing), not by the shared generators
         watcher = RandomCalls(stop=True) if randomness == "error" else contextlib.nullcontext()

@@ -72,7 +72,7 @@ def _model_inputs(batch: Any) -> Any:
     return batch[0] if len(batch) == 2 else tuple(batch[:-1])
 
 
-class PersampleCallback(L.pytorch.Callback):
+class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L is loaded at run time (require)
     """A Lightning callback that logs per-example gradient diagnostics.
 
     Args:

@@ -56,13 +56,13 @@ import inspect
 import json
 import os
 import warnings
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 from ..batch_loss import causal_lm_loss
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
-from ..tracker import Tracker
+from ..tracker import Accumulation, Tracker
 from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snapshot_preconditioner
 
 transformers = require("transformers", "hf")
@@ -71,7 +71,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 __all__ = ["track", "PersampleCallback"]
 
 
-class PersampleCallback(transformers.TrainerCallback):
+class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defined]  # loaded at run time (require)
     """Merges the observed micro-batches of each optimizer step and logs their diagnostics.
 
     Attributes:
@@ -90,8 +90,8 @@ class PersampleCallback(transformers.TrainerCallback):
         self.keys = None if keys is None else tuple(keys)
         self.prefix = prefix
         self.last_stats: GradStats | None = None
-        self._block = None
-        self._accumulation = None
+        self._block: ContextManager[Accumulation] | None = None
+        self._accumulation: Accumulation | None = None
         self._resume_from: str | bool | None = None  # trainer.train's resume_from_checkpoint (see track)
 
     #: The file, in each checkpoint directory, that holds :meth:`state_dict` (JSON).

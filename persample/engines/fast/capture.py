@@ -36,7 +36,8 @@ import os
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from types import FrameType
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -88,7 +89,7 @@ class Call:
         leaves = flat_leaves(self.output)
         return any(leaves[i]._version != version for i, version in self.view_versions.items())
 
-    def input_modified_in_place(self, params: dict[str, Tensor]) -> bool:
+    def input_modified_in_place(self, params: Mapping[str, Tensor]) -> bool:
         """Whether an input or one of the unit's ``params`` was modified in place after the call: what
         the engine captured is then not what the module computed with. Autograd's own backward would
         refuse it when it reads a saved tensor whose version moved, but a layer whose gradients the
@@ -424,7 +425,8 @@ class _BroadcastWatcher(TorchFunctionMode):
     # ---------------------------------------------------------------- suspects
     def watch_suspect(self, tensor: Tensor, label: str) -> None:
         key = id(tensor)
-        self.suspects[key] = (weakref.ref(tensor, lambda _, key=key: self.suspects.pop(key, None)), label)
+        # mypy cannot infer a lambda with a default argument
+        self.suspects[key] = (weakref.ref(tensor, lambda _, key=key: self.suspects.pop(key, None)), label)  # type: ignore[misc]
 
     def _follow_suspects(self, name: str, args, kwargs, operands: list[Tensor], watched: list[Tensor], out) -> None:
         results = [t for t in flat_leaves(out) if isinstance(t, Tensor) and t.requires_grad and t.dim() > 0]
@@ -490,7 +492,7 @@ class _DimMoveWatcher(TorchFunctionMode):
 
     def __init__(self, active: list):
         super().__init__()
-        self.active = active
+        self.active: list | None = active
         self.moved: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -632,7 +634,8 @@ class _UserCodeWatcher(TorchFunctionMode):
     def _follow_loss(self, func, args, kwargs, out) -> None:
         results = [t for t in tensors_in(out) if t.requires_grad]
         reads_activation = any(
-            t.grad_fn is not None and id(t) not in self.outputs and id(t) not in self.after_forward
+            # called once the forward returned, when self.outputs is set
+            t.grad_fn is not None and id(t) not in self.outputs and id(t) not in self.after_forward  # type: ignore[operator]
             for t in tensors_in((args, kwargs))
             if t.requires_grad
         )
@@ -796,12 +799,13 @@ class _RewriteReporter:
 
 _REGISTER_HOOK = Tensor.register_hook
 
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__.split(".")[0]]))
+# both are packages loaded from files (their __file__ and this module's __package__ are set)
+_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep for m in (torch, sys.modules[__package__.split(".")[0]]))  # type: ignore[type-var, operator, union-attr]
 
 
 def _caller_outside_torch() -> str:
     """``file:line, in function`` of the innermost caller outside torch and persample."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
         frame = frame.f_back
     if frame is None:
@@ -881,10 +885,10 @@ def _moves_dim_zero_op(name: str, args, kwargs) -> bool:
     if name in _DIM_MOVING_OPS:  # transpose, swapaxes, movedim: their first two arguments are dims
         flat = [d for r in rest[:2] for d in (r if isinstance(r, (list, tuple)) else (r,))]
         return any(_is_dim(d) and d % ndim == 0 for d in flat)
-    spec = _DIM_ARGUMENT.get(name)  # ops that take a dim: read it where it is (not sizes, not flags)
-    if spec is None:
+    dim_spec = _DIM_ARGUMENT.get(name)  # ops that take a dim: read it where it is (not sizes, not flags)
+    if dim_spec is None:
         return False
-    position, keyword, default = spec
+    position, keyword, default = dim_spec
     dims = args[position] if len(args) > position else kwargs.get(keyword, default)
     if dims == "all":
         return True
@@ -1141,7 +1145,7 @@ def capturing(
                     "EXPANSION_ESCAPES", f"{on.label}; module {unit.name or '<root>'} does not keep it one"
                 )
                 return None
-            original = output[:1] if on.original.dim() == x.dim() else output[0]
+            original = output[:1] if on.original.dim() == x.dim() else output[0]  # type: ignore[union-attr]  # on: x is set
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
             shape = tuple(x.shape)
             if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
@@ -1594,6 +1598,7 @@ def _audit_graph(
     outputs: list | None = None,
     inputs_moved: bool = False,
 ) -> GraphAudit:
+    uses: dict[int, int]
     seen, uses, moved = set(), {}, False
     internal = _fallback_internals(units)
     roots = list(root) if isinstance(root, (list, tuple)) else [root]

@@ -30,7 +30,7 @@ moves on to the vmap engine, then the per-example loop.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
@@ -241,6 +241,7 @@ def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: 
 
 
 def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
+    assert unit.rule is not None  # asked of units with a rule only
     if unit.rule.name == "conv":
         return True
     if unit.rule.name not in ("linear", "hf_conv1d"):
@@ -349,7 +350,11 @@ def example_output(leaves: list, batched: list[bool], spec):
 
 
 def _pieces_by_parameter(
-    units: list[Unit], params: dict[str, nn.Parameter], means: dict[str, Tensor], layout: Layout, cuts: list[Cut] = ()
+    units: list[Unit],
+    params: dict[str, nn.Parameter],
+    means: dict[str, Tensor],
+    layout: Layout,
+    cuts: Sequence[Cut] = (),
 ) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
     gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
@@ -382,6 +387,7 @@ def _pieces_by_parameter(
 
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
+    assert unit.rule is not None  # called for units with a rule only
     leaves = flat_leaves(call.output)
     if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
         raise NotExact(
@@ -563,7 +569,7 @@ def means_that_differ(
 def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor]:
     """((1/B) Σ_i g_i, mean) whole for small parameters; both times a probe V for larger ones."""
     if mean.numel() <= EXACT_CHECK_NUMEL:
-        key = ("average", piece.batch_size, mean.dtype, mean.device)
+        key: tuple[Any, ...] = ("average", piece.batch_size, mean.dtype, mean.device)
         if key not in constants:
             constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
         return piece.weighted_sum(constants[key]), mean
@@ -621,7 +627,7 @@ def reduce_pieces(
     if reference is None and inner_products:
         reference = mean
     if reference is not None:
-        inner = sum(piece.inner(reference[name].to(mean[name])) for name, piece in pieces.items())
+        inner = cast(Tensor, sum(piece.inner(reference[name].to(mean[name])) for name, piece in pieces.items()))
     clipped = None
     if clip_norm is not None:
         factors = clip_factors(torch.stack(list(sq.values())).sum(0), clip_norm)

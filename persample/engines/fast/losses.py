@@ -37,7 +37,7 @@ from ..._batch import flat_leaves
 __all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
 
 #: The standard losses with a closed form here, and their kind.
-_STANDARD = {
+_STANDARD: dict[Callable[..., Tensor], str] = {
     F.cross_entropy: "ce",
     F.nll_loss: "nll",
     F.mse_loss: "mse",
@@ -73,10 +73,11 @@ _METADATA = frozenset(
         torch.Tensor.size,
         torch.Tensor.dim,
         torch.Tensor.numel,
-        torch.Tensor.shape.__get__,
-        torch.Tensor.dtype.__get__,
+        # descriptors at run time; the stubs type them as their values
+        torch.Tensor.shape.__get__,  # type: ignore[attr-defined]
+        torch.Tensor.dtype.__get__,  # type: ignore[attr-defined]
         torch.Tensor.device.__get__,
-        torch.Tensor.ndim.__get__,
+        torch.Tensor.ndim.__get__,  # type: ignore[attr-defined]
     }
 )
 
@@ -95,7 +96,7 @@ class _LossTrace(TorchFunctionMode):
     and whether anything other than metadata queries happened: at the first such operation
     the trace stops ``loss_fn`` (a cross-entropy after slicing the logits is not computed twice)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.call: StandardLoss | None = None
         self.marker: Tensor | None = None

@@ -322,7 +322,7 @@ def _check_reduction(
             "the backwarded loss has no gradient at the model output (or decreases with the per-example losses)",
             code="OBSERVE_NO_OUTPUT_GRADIENT",
         )
-    expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)
+    expected = {"mean": 1.0 / batch_size, "sum": 1.0}.get(reduction)  # type: ignore[arg-type]  # .get(None) is None
     if reduction is not None and expected is None:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if expected is not None and abs(weight - expected) > 1e-3 * expected:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -189,14 +190,15 @@ class Piece:
         cannot cancel badly; ``suspect`` still flags S > ``cancellation_limit``·M2, where
         ``centered_second_moment`` must be used. Sums over examples are ``_column_sums`` per chunk;
         the norms ‖g_i‖² are kept from the same chunks."""
+        # _chunk_pass gives the sums (sums=True) and, with var, the shift and squares; total is None for one chunk
         shift, total, squares = self._chunk_pass(shift=var, sums=True, squares=var)
         if not var:
-            return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None
+            return self._scaled(total.div_(self.batch_size).view(self.shape)), None, None  # type: ignore[union-attr]
         if total is None:  # one chunk: the shift is the batch mean, and S is the two-pass M2
-            return self._scaled(shift.view(self.shape)), self._scaled(squares.view(self.shape), 2), None
-        m2 = squares.addcmul_(total, total, value=-1.0 / self.batch_size)
+            return self._scaled(shift.view(self.shape)), self._scaled(squares.view(self.shape), 2), None  # type: ignore[union-attr]
+        m2 = squares.addcmul_(total, total, value=-1.0 / self.batch_size)  # type: ignore[union-attr]
         suspect = may_have_cancelled(m2, total, 1.0 / self.batch_size)
-        mean_h = total.div_(self.batch_size).add_(shift)
+        mean_h = total.div_(self.batch_size).add_(shift)  # type: ignore[arg-type]
         return (self._scaled(mean_h.view(self.shape)), self._scaled(m2.view(self.shape), 2), suspect)
 
     def sq_norms(self) -> Tensor:
@@ -206,12 +208,12 @@ class Piece:
 
     def second_moment(self) -> Tensor:
         """Σ_i g_i∘g_i."""
-        return self._scaled(self._chunk_pass()[2].view(self.shape), 2)
+        return self._scaled(self._chunk_pass()[2].view(self.shape), 2)  # type: ignore[union-attr]  # squares=True
 
     def centered_second_moment(self, mean: Tensor) -> Tensor:
         """M2 = Σ_i (g_i − ḡ)² for ḡ = ``mean``, accumulated from the centred h_i − ḡ/s (two-pass:
         no cancellation, whatever |ḡ|/σ is). Forms every g_i, in chunks."""
-        return self._scaled(self._chunk_pass(mean)[2].view(self.shape), 2)
+        return self._scaled(self._chunk_pass(mean)[2].view(self.shape), 2)  # type: ignore[union-attr]  # squares=True
 
     def quick_centered_second_moment(self, mean: Tensor) -> tuple[Tensor, Tensor | None]:
         """(M2, suspect): M2 by the cheapest exact formula this piece has, and a 0-d bool tensor that
@@ -396,7 +398,7 @@ class ConvPiece(Piece):
     cost of the usual weight-gradient convolution and without unfolding patches.
     """
 
-    conv: nn.Module
+    conv: nn.modules.conv._ConvNd
     x: Tensor
     grad: Tensor
     shape: torch.Size
@@ -595,7 +597,7 @@ def combine_pieces(pieces: list[Piece]) -> Piece:
     """
     if len(pieces) == 1:
         return pieces[0]
-    first = pieces[0]
+    first: Any = pieces[0]  # a piece of the kind that all() below checks every piece is
     if all(
         isinstance(p, OuterPiece)
         and p.transposed == first.transposed
@@ -604,21 +606,21 @@ def combine_pieces(pieces: list[Piece]) -> Piece:
         and p.grad.shape[2] == first.grad.shape[2]
         for p in pieces
     ):
-        return OuterPiece(
-            torch.cat([p.act for p in pieces], 1),
-            torch.cat([p.grad for p in pieces], 1),
+        return OuterPiece(  # every piece is an OuterPiece (all() above)
+            torch.cat([p.act for p in pieces], 1),  # type: ignore[attr-defined]
+            torch.cat([p.grad for p in pieces], 1),  # type: ignore[attr-defined]
             first.shape,
             first.transposed,
             first.scale,
         )
     if all(isinstance(p, RowsPiece) and p.padding_idx == first.padding_idx and p.scale == first.scale for p in pieces):
-        return RowsPiece(
-            torch.cat([p.ids for p in pieces], 1),
-            torch.cat([p.grad for p in pieces], 1),
+        return RowsPiece(  # every piece is a RowsPiece (all() above)
+            torch.cat([p.ids for p in pieces], 1),  # type: ignore[attr-defined]
+            torch.cat([p.grad for p in pieces], 1),  # type: ignore[attr-defined]
             first.shape,
             first.padding_idx,
             first.scale,
         )
     if all(isinstance(p, DensePiece) for p in pieces):
-        return DensePiece(sum(p.materialize(0, p.batch_size) for p in pieces))
+        return DensePiece(cast(Tensor, sum(p.materialize(0, p.batch_size) for p in pieces)))  # pieces: 2 or more
     return SumPiece(list(pieces))

@@ -43,6 +43,7 @@ float32 / float64, or a call or output of an unexpected form.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -105,11 +106,11 @@ def recurrent_closed_form(
     the loss the captured output gradients are of) for one call of a unit in ``mode``, or None where
     the call is not of the form the closed form covers. The input gradient is Σ over directions of
     δ_x W_ih of layer 0: what autograd's backward through the layer would give."""
-    captured = _captured(unit.module, call, batch_size, mode)
+    captured = _captured(cast(nn.RNNBase, unit.module), call, batch_size, mode)  # mode: a recurrent layer
     if captured is None:
         return None
     with torch.no_grad():
-        pieces, d_x = _pieces(unit.module, unit, mode, captured, grad_scale, input_grad)
+        pieces, d_x = _pieces(cast(nn.RNNBase, unit.module), unit, mode, captured, grad_scale, input_grad)
     if d_x is not None and not unit.module.batch_first:
         d_x = d_x.transpose(0, 1)
     return pieces, d_x
@@ -136,12 +137,13 @@ def _supported_mode(module: nn.Module, unit: Unit) -> str | None:
     mode = getattr(module, "mode", None)
     if modes is None or mode not in modes or any(m in vars(module) for m in _METHODS) or has_hooks(module):
         return None
-    if getattr(module, "proj_size", 0) != 0 or module.hidden_size <= 0 or module.num_layers < 1:
+    # from here the module's exact type is one of _MODES': an nn.RNNBase (attributes typed Tensor | Module)
+    if getattr(module, "proj_size", 0) != 0 or module.hidden_size <= 0 or module.num_layers < 1:  # type: ignore[operator]
         return None
-    if module.training and module.dropout > 0 and module.num_layers > 1:
+    if module.training and module.dropout > 0 and module.num_layers > 1:  # type: ignore[operator]
         return None  # random dropout between layers: the recompute cannot redraw it
-    names = list(module._flat_weights_names)
-    if names != _weight_names(module) or not set(unit.params) <= set(names):
+    names = list(module._flat_weights_names)  # type: ignore[arg-type]
+    if names != _weight_names(module) or not set(unit.params) <= set(names):  # type: ignore[arg-type]
         return None  # unexpected weights (or trainable tensors the forward does not read)
     for name in names:
         p = module._parameters.get(name)
@@ -150,7 +152,7 @@ def _supported_mode(module: nn.Module, unit: Unit) -> str | None:
     return mode
 
 
-def _weight_names(module: nn.Module) -> list[str]:
+def _weight_names(module: nn.RNNBase) -> list[str]:
     """``_flat_weights_names`` as a module without projections has them."""
     names = []
     for layer in range(module.num_layers):
@@ -160,7 +162,7 @@ def _weight_names(module: nn.Module) -> list[str]:
     return names
 
 
-def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Captured | None:
+def _captured(module: nn.RNNBase, call: Call, batch_size: int, mode: str) -> _Captured | None:
     """The call's input, states and cotangents, batch-first, if the call has the expected form."""
     if call.broadcast or _under_autocast(call):
         return None  # under autocast the forward ran in lower precision than a recompute would
@@ -179,8 +181,8 @@ def _captured(module: nn.Module, call: Call, batch_size: int, mode: str) -> _Cap
         type(x) not in (Tensor, nn.Parameter)
         or x.dim() != 3
         or x.dtype not in (torch.float32, torch.float64)
-        or x.dtype != weight.dtype
-        or x.device != weight.device
+        or x.dtype != weight.dtype  # type: ignore[union-attr]  # a Parameter (_supported_mode)
+        or x.device != weight.device  # type: ignore[union-attr]
     ):
         return None  # PackedSequence (a tuple), unbatched input, other dtypes, tensor subclasses
     if any(p.dtype != x.dtype or p.device != x.device for p in module._parameters.values() if p is not None):
@@ -238,14 +240,15 @@ def _plain(t, shape: tuple, x: Tensor) -> bool:
 
 
 def _pieces(
-    module: nn.Module, unit: Unit, mode: str, cap: _Captured, grad_scale: float, input_grad: bool = False
+    module: nn.RNNBase, unit: Unit, mode: str, cap: _Captured, grad_scale: float, input_grad: bool = False
 ) -> tuple[dict[str, Piece], Tensor | None]:
     """Every layer and direction forward (the top layer from the call's output where it checks
     out), then back-propagation top-down, collecting the pieces; and, with ``input_grad``, the
     gradient at layer 0's input (batch-first, unscaled like the captured cotangents)."""
     directions, layers = 2 if module.bidirectional else 1, module.num_layers
     hidden, batch, steps = module.hidden_size, cap.x.shape[0], cap.x.shape[1]
-    weights = {name: module._parameters[name].detach() for name in module._flat_weights_names}
+    # each is a Parameter (_supported_mode)
+    weights = {name: module._parameters[name].detach() for name in module._flat_weights_names}  # type: ignore[union-attr]
     forward_steps = list(range(steps))
     orders = [forward_steps, forward_steps[::-1]][:directions]
     suffixes = [[f"_l{layer}" + ("_reverse" if d else "") for d in range(directions)] for layer in range(layers)]
@@ -253,7 +256,7 @@ def _pieces(
     recorded = []  # per layer: (its input [B, T, in], a cell per direction)
     layer_input = cap.x
     for layer in range(layers):
-        cells = []
+        cells: list[Any] = []  # one cell class per mode (their backward's arguments differ)
         for d, order in enumerate(orders):
             k, suffix = layer * directions + d, suffixes[layer][d]
             known = cap.out[..., d * hidden : (d + 1) * hidden] if layer == layers - 1 else None
@@ -312,7 +315,8 @@ def _layer_pieces(
             )
         if f"bias_{kind}{suffix}" in unit.params:
             same = kind == "hh" and delta is delta_x and f"bias_ih{suffix}" in found  # LSTM, RNN: b_hh's = b_ih's
-            per_example = found[f"bias_ih{suffix}"].per_example.clone() if same else delta.sum(1)
+            # found's bias_ih piece is the DensePiece made above
+            per_example = found[f"bias_ih{suffix}"].per_example.clone() if same else delta.sum(1)  # type: ignore[attr-defined]
             found[f"bias_{kind}{suffix}"] = DensePiece(per_example, grad_scale)
     return found
 
@@ -450,7 +454,8 @@ class _LSTMCell:
         forgets.transpose(0, 1).copy_(f)
         delta = self.gates.new_empty(steps, batch, 4, hidden)
         # Per-step views made once (unbind costs a fraction of indexing at every step).
-        p, q, r, forgets, d_outs = p.unbind(0), q.unbind(0), r.unbind(0), forgets.unbind(0), d_out.unbind(1)
+        # the per-step views replace the tensors of the same names
+        p, q, r, forgets, d_outs = p.unbind(0), q.unbind(0), r.unbind(0), forgets.unbind(0), d_out.unbind(1)  # type: ignore[assignment]
         delta_flat, delta_ifg, delta_o = (
             delta.view(steps, batch, -1).unbind(0),
             delta[:, :, :3].unbind(0),
@@ -546,7 +551,8 @@ class _GRUCell:
             if later is None:
                 dh = d_outs[t] + d_hn
             else:
-                dh = torch.addmm(torch.addcmul(d_outs[t], dh, updates[later]), hidden_side[later], self.w_hh)
+                # dh was set at the first step (later is None there)
+                dh = torch.addmm(torch.addcmul(d_outs[t], dh, updates[later]), hidden_side[later], self.w_hh)  # type: ignore[arg-type]
             torch.mul(factors[t], dh.unsqueeze(1), out=block_steps[t])
             later = t
         delta_h = blocks[:, :, :3].reshape(batch, steps, width).contiguous()

@@ -119,7 +119,9 @@ def hf_conv1d_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> d
     a, b = _sequence(x, batch, 1, "Conv1D input"), _sequence(gy, batch, 1, "Conv1D output gradient")
     return {
         **_weight_pieces(
-            module, lambda: OuterPiece(a, b, module.weight.shape, transposed=True, scale=batch.grad_scale)
+            # nn.Module.__getattr__ is typed Tensor | Module: here it is the Conv1D's weight
+            module,
+            lambda: OuterPiece(a, b, module.weight.shape, transposed=True, scale=batch.grad_scale),  # type: ignore[arg-type]
         ),
         **_bias_piece(module, _positions_sum(b), batch),
     }
@@ -194,12 +196,12 @@ def _affine_pieces(module: nn.Module, x_hat: Tensor, gy: Tensor, batch: Layout) 
 
 def layer_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
     """LayerNorm / RMSNorm over the trailing ``normalized_shape`` dims."""
-    shape = tuple(module.normalized_shape)
+    shape = tuple(module.normalized_shape)  # type: ignore[arg-type]  # a LayerNorm/RMSNorm attribute (not a Tensor)
     with torch.no_grad():
         if isinstance(module, nn.LayerNorm):
             x_hat = F.layer_norm(x, shape, eps=module.eps)
         else:
-            x_hat = F.rms_norm(x, shape, eps=module.eps)
+            x_hat = F.rms_norm(x, shape, eps=module.eps)  # type: ignore[arg-type]  # RMSNorm.eps: float | None
     k = len(shape)
     flat = lambda t, what: _sequence(t, batch, k, what).reshape(batch.size, -1, *shape)  # noqa: E731
     return _affine_pieces(module, flat(x_hat, "norm input"), flat(gy, "norm output gradient"), batch)
@@ -221,7 +223,8 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
     """Eval-mode BatchNorm: x̂ = (x − running_mean)/sqrt(running_var + eps), per channel."""
     with torch.no_grad():
         shape = (1, -1) + (1,) * (x.dim() - 2)
-        x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
+        # the rule accepts a module with running statistics only (its accepts=), so they are tensors
+        x_hat = (x - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)  # type: ignore[union-attr, operator]
     return _affine_pieces(
         module,
         _channels(x_hat, batch, "BatchNorm input").transpose(1, 2),
@@ -269,7 +272,7 @@ def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
 
 
 def _unbatched_conv(module: nn.Module, x: Tensor) -> bool:
-    return x.dim() == len(module.kernel_size) + 1
+    return x.dim() == len(module.kernel_size) + 1  # type: ignore[arg-type]  # a conv's kernel_size tuple
 
 
 def _rules() -> list[Rule]:
@@ -391,7 +394,7 @@ def _only_harmless_hooks(module: nn.Module) -> bool:
 
 def find_rule(module: nn.Module) -> Rule | None:
     """The rule for ``module`` if every assumption of it holds (see :class:`Rule`), else None."""
-    rule, own_methods = _rule_for_type(type(module))
+    rule, own_methods = _rule_for_type(type(module))  # type: ignore[arg-type]  # classes are hashable
     if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
     direct = set(own_trainable_parameters(module))
