@@ -56,6 +56,7 @@ from .check import check_batch_mean
 from .engines._autograd import gradients
 from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
 from .engines.fast.observe import Observation, observing
+from .explain import Explanation, explain
 from .stats import GradStats
 
 __all__ = ["Tracker"]
@@ -206,6 +207,19 @@ class Tracker:
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
         if self._replicas is not None and self._replicas.sharded:
             refuse_fsdp2_options(self)
+
+    def explain(self, inputs: Any, targets: Any = None) -> Explanation:
+        """:func:`persample.explain` for this Tracker's model, per-example loss and ``randomness``: per module
+        its rule or fallback, every refusal with its code, and the engine a statistics step
+        (``entry_points["grad_stats"]`` under the Tracker's ``engine="auto"``) and :meth:`observe`
+        (``entry_points["Tracker.observe"]``) take on this batch. The model is left as found.
+
+        >>> import torch, persample
+        >>> tracker = persample.Tracker(torch.nn.Linear(3, 1), torch.nn.functional.mse_loss)
+        >>> tracker.explain(torch.randn(4, 3), torch.randn(4, 1)).entry_points["Tracker.observe"]
+        'fast'
+        """
+        return explain(self.model, self.per_example_loss, inputs, targets, randomness=self.stats_options["randomness"])
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

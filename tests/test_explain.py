@@ -104,3 +104,13 @@ def test_explain_leaves_the_model_as_found():
     persample.explain(model, F.mse_loss, torch.randn(5, 3), torch.randn(5, 2))
     assert all(p.grad is None for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_tracker_explain_uses_the_trackers_loss_and_randomness():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.3), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    report = persample.Tracker(model, F.mse_loss).explain(x, y)  # the Tracker's default: randomness="different"
+    assert report.refusals == () and report.entry_points["grad_stats"] == "fast"
+    refused = persample.Tracker(model, F.mse_loss, randomness="error").explain(x, y)
+    assert [r.code for r in refused.refusals] == ["RANDOM_UNDER_ERROR"] and refused.entry_points["grad_stats"] is None
