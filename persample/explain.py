@@ -156,7 +156,7 @@ def explain(
     """
     from .api import _CHAINS, _GRADS_CHAINS
     from .engines.fast import fast_grad_stats
-    from .engines.fast.capture import find_units
+    from .engines.fast.units import find_units
     from .engines.vmap import auto_chunk_size, vmap_grad_stats
 
     require_module(model)

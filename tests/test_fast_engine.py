@@ -319,7 +319,7 @@ def test_captured_calls_do_not_outlive_the_computation():
     """Hooks on captured outputs must not reference them back (a leak autograd's C++ storage hides)."""
     import gc
 
-    from persample.engines.fast.capture import Call
+    from persample.engines.fast.units import Call
 
     case = CASES[CASE_IDS.index("hf_gpt2")]
     model, x, y = case.instantiate()
@@ -341,7 +341,7 @@ def test_a_call_leaves_nothing_for_the_garbage_collector_to_free(name):
     into the next (twice the activation memory) and made the collector run about every 7 calls."""
     import gc
 
-    from persample.engines.fast.capture import Call, Unit
+    from persample.engines.fast.units import Call, Unit
 
     case = CASES[CASE_IDS.index(name)]
     model, x, y = case.instantiate()

@@ -316,7 +316,7 @@ def test_training_mode_dropout_between_layers_is_not_silently_wrong(fallback_cal
 
 def test_autocast_is_refused():
     """Under autocast the forward ran in lower precision than a recompute would: no closed form."""
-    from persample.engines.fast.capture import Call, Unit
+    from persample.engines.fast.units import Call, Unit
     from persample.engines.fast.recurrent import recurrent_pieces
 
     torch.manual_seed(0)

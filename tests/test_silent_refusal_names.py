@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-from persample.engines.fast.capture import _moves_dim_zero_op
+from persample.engines.fast.watchers import _moves_dim_zero_op
 
 from zoo import assert_dicts_close, oracle_grads
 

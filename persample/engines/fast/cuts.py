@@ -40,7 +40,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from ..._batch import tensors_in
-from .capture import Call, Unit, add_gradient
+from .units import Call, Unit, add_gradient
 from .pieces import Piece
 from .recurrent import cuttable_call
 

@@ -53,17 +53,11 @@ from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_unseen_hooks
-from .capture import (
-    REENTRANT_CHECKPOINT,
-    Call,
-    RandomCallStopped,
-    Unit,
-    add_gradient,
-    audit_graph,
-    capturing,
-    find_units,
-    modified_in_place,
-)
+from .audit import REENTRANT_CHECKPOINT, audit_graph
+from .capture import capturing
+from .in_place import modified_in_place
+from .units import Call, Unit, add_gradient, find_units
+from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses

@@ -39,7 +39,10 @@ from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
-from .capture import audit_graph, capturing, find_units, modified_in_place, store_grad
+from .audit import audit_graph
+from .capture import capturing
+from .in_place import modified_in_place
+from .units import find_units, store_grad
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .rules import Layout
 

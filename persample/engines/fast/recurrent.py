@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._batch import flat_leaves, tensors_in
-from .capture import Call, Unit
+from .units import Call, Unit
 from .pieces import DensePiece, OuterPiece, Piece
 from .rules import has_hooks
 
