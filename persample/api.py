@@ -30,7 +30,7 @@ from ._model import (
     restore_buffer_state,
     trainable_parameters,
 )
-from .batch_loss import check_batch_loss
+from .batch_loss import check_batch_loss, loss_parts
 from .contract import refusal
 from .errors import BatchLossMismatch
 from ._progress import progress_bar
@@ -299,17 +299,29 @@ def compute_stats(
             _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
         stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
-            _check_loss_on_batch(model, loss_fn, batch, first_forward[0] if first_forward else None, found)
+            output, standard = (first_forward + [None, False])[:2]
+            _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
         return stats
 
 
 def _check_loss_on_batch(
-    model: nn.Module, loss_fn: LossFn, batch: Batch, output: Any, found, stop_random: bool = False
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    output: Any,
+    found,
+    stop_random: bool = False,
+    standard_loss: bool = False,
 ) -> None:
     """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
     (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
     one more forward of the batch without gradients (buffers then put back as ``found``). A model
-    that cannot run the whole batch at once leaves nothing to check."""
+    that cannot run the whole batch at once leaves nothing to check. ``standard_loss``: the fast engine
+    found ``loss_fn`` to be one standard loss on this ``output`` (a weighted sum by its form), so the
+    check, which would trace it again to find the same, has nothing to do."""
+    batch_fn, per_example_fn = loss_parts(loss_fn)
+    if standard_loss and output is not None and batch_fn is per_example_fn:
+        return
     if output is None:
         try:  # under randomness="error", stopped before a random draw (the engines refuse such a model)
             with torch.no_grad(), RandomCalls(stop=True) if stop_random else contextlib.nullcontext():

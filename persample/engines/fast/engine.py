@@ -83,7 +83,9 @@ def fast_grad_stats(
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
     ``keep_output``: a list that gets the model's output on the batch once the forward has run (also
-    when the engine then refuses), for checks at the output that need no forward of their own.
+    when the engine then refuses), for checks at the output that need no forward of their own; then
+    ``True`` if ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
+    is a weighted sum of per-example losses by its form.
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
@@ -113,7 +115,14 @@ def fast_grad_stats(
         if keep_output is not None:
             keep_output.append(output)
         capture.end_model_forward()
-        losses = per_example_losses(loss_fn, output, batch.targets, batch.size)
+        closed = closed_form_losses(loss_fn, output, batch.targets)
+        losses = (
+            closed
+            if closed is not None
+            else per_example_losses(loss_fn, output, batch.targets, batch.size, closed_form=False)
+        )
+        if keep_output is not None and closed is not None:
+            keep_output.append(True)
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
@@ -265,7 +274,9 @@ def _input_has_batch_sized_dim(batch: Batch) -> bool:
     return any(isinstance(t, Tensor) and batch.size in tuple(t.shape[1:]) for t in batch.input_leaves)
 
 
-def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_size: int) -> Tensor:
+def per_example_losses(
+    loss_fn: Callable[..., Tensor], output, targets, batch_size: int, *, closed_form: bool = True
+) -> Tensor:
     """L_i = loss_fn(output_i[None], target_i[None]) for every example, differentiably: ``[B]``.
 
     Standard losses, also inside plain wrappers, have a closed form (:mod:`.losses`);
@@ -277,7 +288,7 @@ def per_example_losses(loss_fn: Callable[..., Tensor], output, targets, batch_si
     reads a differentiable output shared by the whole batch, raises :class:`NotExact`
     instead of being broadcast.
     """
-    closed = closed_form_losses(loss_fn, output, targets)
+    closed = closed_form_losses(loss_fn, output, targets) if closed_form else None  # False: the caller tried
     if closed is not None:
         return closed
     leaves, spec, batched = output_leaves(output, batch_size)
