@@ -105,12 +105,22 @@ def check_supported(model: nn.Module, randomness: str) -> None:
             "persample computes gradients, which torch.inference_mode() forbids: call it outside the "
             "`with torch.inference_mode():` block (torch.no_grad() around it is fine)"
         )
+    for refused in unsupported_modules(model, randomness):
+        raise refused
+
+
+def unsupported_modules(model: nn.Module, randomness: str) -> Iterator[UnsupportedModelError]:
+    """The refusal of every module that makes per-example gradients undefined as configured (one per
+    module, in ``named_modules()`` order): train-mode BatchNorm, BatchNorm without running statistics,
+    random modules in training mode under ``randomness="error"``. :func:`check_supported` raises the
+    first; :func:`persample.explain` lists them all.
+    """
     for name, module in model.named_modules():
         if not isinstance(module, (_BatchNorm, *_DROPPING)):
             continue  # only these can couple examples or draw random numbers
         label = module_label(name, module)
         if isinstance(module, _BatchNorm) and module.training:
-            raise UnsupportedModelError(
+            yield UnsupportedModelError(
                 f"module {label} is a BatchNorm in training mode: it couples the examples of a batch, "
                 "so per-example gradients are undefined. Fixes: persample.fix(model) replaces every "
                 "BatchNorm by a GroupNorm (before training: it changes the architecture); or keep "
@@ -121,17 +131,19 @@ def check_supported(model: nn.Module, randomness: str) -> None:
                 code="BATCHNORM_TRAIN",
                 module=label,
             )
+            continue
         if isinstance(module, _BatchNorm) and module.running_mean is None:
-            raise UnsupportedModelError(
+            yield UnsupportedModelError(
                 f"module {label} is a BatchNorm without running statistics (track_running_stats=False): "
                 "it normalises with batch statistics even in eval mode, which couples the examples. "
                 "Fixes: use track_running_stats=True and model.eval(), or nn.GroupNorm / nn.LayerNorm.",
                 code="BATCHNORM_NO_RUNNING_STATS",
                 module=label,
             )
+            continue
         p = dropout_probability(module) if randomness == "error" else 0.0
         if p:
-            raise UnsupportedModelError(
+            yield UnsupportedModelError(
                 f"module {label} draws random numbers (dropout p={p}) in training mode, which "
                 "randomness='error' forbids. Pass randomness='different' (an independent mask "
                 "per example, like a normal batch) or randomness='same' (one mask shared by "

@@ -34,9 +34,7 @@ from torch import Tensor, nn
 
 from ._batch import as_batch
 from ._model import (
-    dropout_probability,
     hooked_parameters,
-    module_label,
     preserved_state,
     require_module,
     trainable_parameters,
@@ -208,26 +206,11 @@ def explain(
 
 def _setup_refusals(model: nn.Module, randomness: str) -> list[Refusal]:
     """Every refusal of the model as configured, found without running it (all, not the first)."""
-    from torch.nn.modules.batchnorm import _BatchNorm
+    from ._model import backward_hooked_module, check_supported, unsupported_modules
 
-    from ._model import backward_hooked_module, check_supported
-
-    found: list[Refusal] = []
-    for name, module in model.named_modules():
-        label = module_label(name, module)
-        if isinstance(module, _BatchNorm) and (module.training or module.running_mean is None):
-            code = "BATCHNORM_TRAIN" if module.training else "BATCHNORM_NO_RUNNING_STATS"
-            found.append(Refusal.declared(code, label))
-        elif randomness == "error" and dropout_probability(module):
-            found.append(
-                Refusal.declared(
-                    "RANDOM_UNDER_ERROR",
-                    label,
-                    f"{label} draws random numbers (p={dropout_probability(module)}) in training mode",
-                )
-            )
+    found = [Refusal.of(err) for err in unsupported_modules(model, randomness)]
     try:
-        check_supported(model, randomness)  # also what the loop above does not see (sharding, wrappers)
+        check_supported(model, randomness)  # also what is not a module's (sharding, DDP wrappers)
     except UnsupportedModelError as err:
         if not any(r.code == err.code and r.module == err.module for r in found):
             found.append(Refusal.of(err))
@@ -248,8 +231,8 @@ def _treatment(unit) -> ModuleTreatment:
     count = sum(p.numel() for p in unit.params.values())
     if unit.rule is not None:
         how = f"rule: {unit.rule.name}"
-    elif recurrent_mode(unit) is not None:
-        how = f"closed form: {recurrent_mode(unit)} (checked against autograd)"
+    elif (mode := recurrent_mode(unit)) is not None:
+        how = f"closed form: {mode} (checked against autograd)"
     else:
         rule, own_methods = _rule_for_type(type(unit.module))  # type: ignore[arg-type]  # classes are hashable
         if rule is None:
