@@ -37,6 +37,7 @@ from ._progress import progress_bar
 from ._warn import short_reason, user_stacklevel
 from .errors import NotExact
 from .engines.fast import fast_grad_stats
+from .engines.fast.grads import fast_per_example_grads
 from .engines.loop import loop_grad_stats, loop_grads
 from .engines.vmap import per_example_grads, vmap_grad_stats
 from .errors import SlowPathWarning
@@ -59,7 +60,7 @@ _CHAINS = {
     "loop": ("loop",),
     "independent": ("vmap", "loop"),
 }
-_GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}
+_GRADS_CHAINS = {"auto": ("fast", "vmap", "loop"), "fast": ("fast",), "vmap": ("vmap",), "loop": ("loop",)}
 
 
 def per_sample_grads(
@@ -96,7 +97,8 @@ def per_sample_grads(
             tensors (keyword arguments), each batched on dim 0.
         targets: a tensor (or tuple/dict of tensors) batched on dim 0, or None.
         chunk_size: examples per ``vmap`` chunk; bounds working memory, never
-            changes results. The ``B × P`` result is always materialised: use
+            changes results (the fast engine forms at most ``2**23`` gradient
+            numbers at a time besides the result). The ``B × P`` result is always materialised: use
             :func:`grad_stats` when statistics are enough.
         randomness: what random ops (dropout) do: ``"error"`` (default: refuse,
             naming the module), ``"different"`` (an independent draw per
@@ -107,11 +109,16 @@ def per_sample_grads(
             numbers describe is the caller's choice to make, not a silent
             default. :class:`persample.Tracker`, which describes a training
             step, defaults to ``"different"``: the training forward's own draws.
-        engine: ``"vmap"`` (``torch.func``: ``functional_call`` + ``vmap`` +
-            ``grad``; buffers passed through, frozen parameters constants),
-            ``"loop"`` (one forward + backward per example) or ``"auto"``
-            (vmap, and the loop where vmap cannot run the model, e.g. Hugging
-            Face attention masks, with a :class:`~persample.SlowPathWarning`).
+        engine: ``"fast"`` (one forward + backward; each layer's g_i formed
+            from its input and output gradient by its closed-form rule, or by
+            ``torch.func`` on that module alone; raises :class:`~persample.NotExact`
+            where it cannot show it is exact), ``"vmap"`` (``torch.func``:
+            ``functional_call`` + ``vmap`` + ``grad``; buffers passed through,
+            frozen parameters constants), ``"loop"`` (one forward + backward per
+            example) or ``"auto"`` (the first of fast, vmap, loop that is exact;
+            reaching the loop warns with :class:`~persample.SlowPathWarning`).
+            Every engine gives the same numbers (up to rounding); the result
+            is in each parameter's dtype.
         batch_loss_check: check first that ``loss_fn`` on the whole batch is a
             weighted sum Σ_i w_i L_i of the per-example losses (any weights), at
             the model's output on the batch: one more forward without gradients
@@ -123,24 +130,32 @@ def per_sample_grads(
             loss than the batch's. ``False`` skips the check, for batch-of-one
             gradients on purpose. A loss computed inside the model (``out.loss``)
             cannot be checked at the output: :func:`persample.check_mean` tests it.
+            The fast engine's own forward gives the output (no forward more).
     """
     batch = as_batch(inputs, targets)
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
+    first_forward: list = []  # the fast engine's forward of the batch: its output, for batch_loss_check
+    # Without the fast engine's forward, one of the check's own: before the work where no random draw
+    # is allowed, else after the engines (it must not move their draws).
+    check_first = batch_loss_check and chain[0] != "fast" and randomness == "error"
     with preserved_state(model, rewind_rng=randomness != "error") as found:
-        # the check's forward: before the work where no random draw is allowed, else after the engines
-        if batch_loss_check and randomness == "error":
+        if check_first:
             _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
 
         def run(name: str):
+            if name == "fast":
+                keep = first_forward if batch_loss_check else None
+                return fast_per_example_grads(model, loss_fn, batch, randomness=randomness, keep_output=keep)
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
 
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
-        if batch_loss_check and randomness != "error":
-            _check_loss_on_batch(model, loss_fn, batch, None, found)
+        if batch_loss_check and not check_first:
+            output, standard = (first_forward + [None, False])[:2]
+            _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
     return grads
 
 

@@ -30,6 +30,7 @@ moves on to the vmap engine, then the per-example loop.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, cast
 
 import torch
@@ -65,7 +66,7 @@ from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
-__all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
+__all__ = ["fast_grad_stats", "fast_pieces", "FastPieces", "NotExact", "per_example_losses"]
 
 
 def fast_grad_stats(
@@ -92,6 +93,55 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
+    found = fast_pieces(model, loss_fn, batch, randomness=randomness, var=var, keep_output=keep_output)
+    pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
+    with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
+        moments = {
+            name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in found.cut_params)
+            for name in derived
+        }
+        means.update({name: mean for name, (mean, _, _) in moments.items()})
+        means = {name: means[name] for name in params}  # named_parameters() order
+        second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
+        return reduce_pieces(
+            pieces,
+            means,
+            found.losses,
+            var=var,
+            inner_products=inner_products,
+            clip_norm=clip_norm,
+            reference=reference,
+            second_moments=second,
+        )
+
+
+@dataclass
+class FastPieces:
+    """What one forward + backward of the fast engine leaves: a piece per trainable parameter, the
+    means autograd computed (every parameter but the ``derived`` ones, whose mean is Σ_i g_i of their
+    piece), the per-example losses ``[B]`` and the ids of parameters of cut recurrent layers."""
+
+    pieces: dict[str, Piece]
+    means: dict[str, Tensor]
+    losses: Tensor
+    params: dict[str, nn.Parameter]
+    derived: set[str]
+    cut_params: set[int]
+
+
+def fast_pieces(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    var: bool = True,
+    keep_output: list | None = None,
+    form_all: bool = False,
+) -> FastPieces:
+    """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
+    :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
+    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
     params = trainable_parameters(model)
     refuse_unseen_hooks(model, "fast")
     units = find_units(model)
@@ -143,7 +193,7 @@ def fast_grad_stats(
         if audit.escape is not None:
             raise NotExact(audit.escape)
         planned = plan_cuts(units, modes, mean_loss) if modes else []
-        derived = derived_parameters(units, params, var)
+        derived = derived_parameters(units, params, var, form_all=form_all)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [
             (call, leaf_index, edge) for unit in units for call in unit.calls for leaf_index, edge in call.edges.items()
@@ -171,23 +221,7 @@ def fast_grad_stats(
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
-        moments = {
-            name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in cut_params)
-            for name in derived
-        }
-        means.update({name: mean for name, (mean, _, _) in moments.items()})
-        means = {name: means[name] for name in params}  # named_parameters() order
-        second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
-        return reduce_pieces(
-            pieces,
-            means,
-            at_least_float32(losses.detach()),
-            var=var,
-            inner_products=inner_products,
-            clip_norm=clip_norm,
-            reference=reference,
-            second_moments=second,
-        )
+    return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
 def _derived_moments(
@@ -218,7 +252,9 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
 MIN_POSITIONS_TO_FORM = 8
 
 
-def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> set[str]:
+def derived_parameters(
+    units: list[Unit], params: dict[str, nn.Parameter], var: bool, *, form_all: bool = False
+) -> set[str]:
     """The names of the parameters whose mean is Σ_i g_i from their pieces instead of autograd's.
 
     A unit qualifies when the reductions form its weight's g_i anyway: a convolution, or a
@@ -227,18 +263,23 @@ def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: 
     GEMM and only propagates to the unit's outputs; the unit's bias follows (its g_i are a sum
     over positions, and oneDNN's convolution backward computes a bias gradient at the cost of a
     weight gradient). A parameter that a fallback unit also uses keeps autograd's mean, which
-    checks the fallback.
+    checks the fallback. ``form_all``: every unit with a built-in rule qualifies (a user's rule
+    keeps autograd's mean, which checks it).
     """
     users: dict[int, list[Unit]] = {}
     for unit in units:
         for p in unit.params.values():
             users.setdefault(id(p), []).append(unit)
-    forming = {id(u) for u in units if u.rule is not None and _forms_weight_gradients(u, var)}
+    forming = {
+        id(u)
+        for u in units
+        if u.rule is not None and (not u.rule.user if form_all else _forms_weight_gradients(u, var))
+    }
     return {
         name
         for name, p in params.items()
         if (found := users.get(id(p)))
-        and all(u.rule is not None for u in found)
+        and all(u.rule is not None and (id(u) in forming or not form_all) for u in found)
         and any(id(u) in forming for u in found)
     }
 
