@@ -234,10 +234,11 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
 
 
 def _fallback_internals(units: list[Unit]) -> set:
-    """Backward nodes created inside fallback calls: reachable from a call's outputs before its inputs."""
+    """Backward nodes created inside fallback calls (and calls of rules that recompute the whole call):
+    reachable from a call's outputs before its inputs."""
     inside: set = set()
     for unit in units:
-        if unit.rule is not None:
+        if unit.rule is not None and not unit.rule.whole_call:
             continue
         for call in unit.calls:
             inputs = {t.grad_fn for t in tensors_in((call.args, call.kwargs)) if t.grad_fn is not None}
@@ -337,7 +338,7 @@ def _audit_graph(
             or any(
                 isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
                 for u in units
-                if u.rule is None
+                if u.rule is None or u.rule.whole_call
             )
         )
         for certain, shape, what in mixing:

@@ -434,8 +434,17 @@ def _pieces_by_parameter(
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     assert unit.rule is not None  # called for units with a rule only
+    if unit.rule.whole_call and not call.broadcast:
+        grads = {index: at_least_float32(g) for index, g in call.out_grads.items()}
+        return _guarded(unit, lambda: unit.rule.compute(unit.module, call, grads, layout))  # type: ignore[union-attr]
     leaves = flat_leaves(call.output)
-    if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
+    if (
+        unit.rule.whole_call
+        or len(call.args) < 1
+        or not isinstance(call.args[0], Tensor)
+        or 0 not in call.out_grads
+        or len(leaves) != 1
+    ):
         raise NotExact(
             f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule does not cover",
             code="RULE_NOT_APPLICABLE",
@@ -444,8 +453,15 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     x = at_least_float32(call.args[0].detach())
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
+    grad = at_least_float32(call.out_grads[0])
+    return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
+
+
+def _guarded(unit: Unit, compute: Callable[[], dict[str, Piece]]) -> dict[str, Piece]:
+    """``compute()``, a rule's pieces; a failed precondition of the closed form is :class:`NotExact`."""
+    assert unit.rule is not None
     try:
-        return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
+        return compute()
     except LayoutError as err:
         raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code, module=unit.name or "<root>") from None
     except Exception as err:  # a precondition of the closed form failed: never guess, fall back

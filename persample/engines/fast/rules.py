@@ -17,21 +17,25 @@ takes the exact fallback (``torch.func`` on the module alone).
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+| MultiheadAttention            | in_proj: [Σ_t b^q_t q_tᵀ; Σ_s b^k_s k_sᵀ; Σ_s b^v_s v_sᵀ]; out_proj |
+|                               | as a Linear on the attention's output (see ``mha_rule``)   |
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..._batch import flat_leaves
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
 from ..._torch_compat import global_module_hooks, module_backward_hooks, module_hooks
@@ -233,6 +237,146 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
     )
 
 
+#: Largest difference allowed between the recomputed and the captured attention output, relative to the
+#: output's largest magnitude, by the captured output's dtype (rounding of another summation order).
+_RECOMPUTE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _mha_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of ``nn.MultiheadAttention.forward`` by name, defaults filled in."""
+    bound = inspect.signature(nn.MultiheadAttention.forward).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True: not attended) as 0 / −inf, a float mask as it is (added to the scores)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """``nn.MultiheadAttention``: Linear maps around scaled dot-product attention.
+
+    q = Q W_qᵀ + b_q, k = K W_kᵀ + b_k, v = V W_vᵀ + b_v ([W_q; W_k; W_v] = ``in_proj_weight``),
+    per head c = softmax(q kᵀ/√d_h + mask) v, y = c W_oᵀ + b_o (``out_proj``). Attention never mixes
+    examples, so with ∂L/∂q, ∂L/∂k, ∂L/∂v, ∂L/∂y of example i (its own loss):
+    in_proj_weight_i = [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ], in_proj_bias_i = [Σ_t ∂q_t; Σ_s ∂k_s;
+    Σ_s ∂v_s], out_proj.weight_i = Σ_t ∂y_t c_tᵀ, out_proj.bias_i = Σ_t ∂y_t. The attention is
+    recomputed from the call's inputs (masks as ``F.multi_head_attention_forward`` merges them:
+    boolean True → −inf, float added, ``key_padding_mask`` per key; a query whose keys are all masked
+    gets NaN with ``need_weights``, else 0 as from ``scaled_dot_product_attention``), checked against the captured
+    output (a mismatch means the recomputation is not this module's function: no rule), and
+    differentiated by autograd from ∂L/∂y (and ∂L/∂weights where ``need_weights`` returned them and
+    they reach the loss) to ∂q, ∂k, ∂v: O(B·H·T·S) work, no per-example pass.
+    """
+    bound = _mha_arguments(call.args, call.kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
+        raise LayoutError("MultiheadAttention called on unbatched inputs (not [B, T, E] or [T, B, E])")
+    same_kv, self_attention = key is value, query is key and key is value
+    grad_out = out_grads.get(0)
+    dtype = grad_out.dtype if grad_out is not None else out_grads[1].dtype
+    if grad_out is not None and not module.batch_first:
+        grad_out = grad_out.transpose(0, 1)
+
+    def batch_first(t: Tensor, what: str) -> Tensor:
+        t = t if module.batch_first else t.transpose(0, 1)
+        _check_batch_first(t, batch, positions_from=1, positions_to=2, what=f"MultiheadAttention {what}")
+        if not module.batch_first and t.shape[1] == batch.size:  # dim 0 of a [T, B, E] input is also B long
+            raise LayoutError(
+                f"MultiheadAttention {what} of shape {tuple(t.shape)} (batch_first=False): the sequence "
+                f"length equals the batch size {batch.size}, so the batch dim is ambiguous",
+                code="BATCH_DIM_AMBIGUOUS",
+            )
+        return t.detach().to(dtype)
+
+    q_in, k_in, v_in = batch_first(query, "query"), batch_first(key, "key"), batch_first(value, "value")
+    size, heads, embed = batch.size, module.num_heads, module.embed_dim
+    head_dim, target, source = embed // heads, q_in.shape[1], k_in.shape[1]
+    weight = module.in_proj_weight.detach().to(dtype)
+    bias = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
+    w_q, w_k, w_v = weight.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    mask = _additive_mask(bound["attn_mask"], dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.view(size, heads, target, source)
+    padding = _additive_mask(bound["key_padding_mask"], dtype)
+    if padding is not None:
+        padding = padding.view(size, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    with torch.enable_grad():
+        q = F.linear(q_in, w_q, b_q).requires_grad_()
+        k = F.linear(k_in, w_k, b_k).requires_grad_()
+        v = F.linear(v_in, w_v, b_v).requires_grad_()
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(size, -1, heads, head_dim).transpose(1, 2)
+
+        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(head_dim)
+        if mask is None:
+            attention = torch.softmax(scores, dim=-1)
+        elif bound["need_weights"]:  # the explicit path: a query with every key masked gets NaN
+            attention = torch.softmax(scores + mask, dim=-1)
+        else:  # scaled_dot_product_attention: such a query gets 0 (and passes no gradient)
+            empty = (mask == float("-inf")).all(dim=-1, keepdim=True)
+            attention = torch.softmax((scores + mask).masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+        context = (attention @ split(v)).transpose(1, 2).reshape(size, target, embed)
+        out_proj = module.out_proj
+        y = F.linear(context, out_proj.weight.detach().to(dtype), _detached(out_proj.bias, dtype))
+        _check_recomputed(y, flat_leaves(call.output)[0], module.batch_first)
+        outputs, grads = [y], [grad_out if grad_out is not None else torch.zeros_like(y)]
+        if 1 in out_grads:  # the attention weights reach the loss
+            weights = attention.mean(dim=1) if bound["average_attn_weights"] else attention
+            outputs.append(weights)
+            grads.append(out_grads[1].to(dtype))
+        d_q, d_k, d_v = torch.autograd.grad(outputs, (q, k, v), grads, allow_unused=True, materialize_grads=True)
+    d_y, scale = grads[0], batch.grad_scale
+    pieces: dict[str, Piece] = {}
+    if module.in_proj_weight.requires_grad:
+        if self_attention:  # one input: the three blocks are one outer product over the same positions
+            act, grad = q_in, torch.cat([d_q, d_k, d_v], dim=-1)
+        else:  # blocks over their own positions, the others' rows zero: Σ over T + 2S positions
+            zeros_t, zeros_s = d_q.new_zeros(size, target, embed), d_k.new_zeros(size, source, embed)
+            act = torch.cat([q_in, k_in, v_in] if not same_kv else [q_in, k_in], dim=1)
+            rows_q = torch.cat([d_q, zeros_t, zeros_t], dim=-1)
+            if same_kv:
+                grad = torch.cat([rows_q, torch.cat([zeros_s, d_k, d_v], dim=-1)], dim=1)
+            else:
+                rows_k, rows_v = torch.cat([zeros_s, d_k, zeros_s], -1), torch.cat([zeros_s, zeros_s, d_v], -1)
+                grad = torch.cat([rows_q, rows_k, rows_v], dim=1)
+        pieces["in_proj_weight"] = OuterPiece(act, grad, module.in_proj_weight.shape, scale=scale)
+    if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
+        per_example = torch.cat([d_q.sum(1), d_k.sum(1), d_v.sum(1)], dim=-1)
+        pieces["in_proj_bias"] = DensePiece(per_example, scale)
+    if out_proj.weight.requires_grad:
+        pieces["out_proj.weight"] = OuterPiece(context.detach(), d_y, out_proj.weight.shape, scale=scale)
+    if isinstance(out_proj.bias, nn.Parameter) and out_proj.bias.requires_grad:
+        pieces["out_proj.bias"] = DensePiece(_positions_sum(d_y), scale)
+    return pieces
+
+
+def _detached(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.detach().to(dtype)
+
+
+def _check_recomputed(y: Tensor, captured: Tensor, batch_first: bool) -> None:
+    """The recomputed attention output ``y`` (batch first) must be the captured one up to rounding
+    (:data:`_RECOMPUTE_RTOL` of its largest magnitude, NaN where it is NaN): else the closed form is
+    not this module's function (a subclass's or a future torch's semantics), and no rule applies."""
+    want = (captured if batch_first else captured.transpose(0, 1)).detach().to(y.dtype)
+    rtol = _RECOMPUTE_RTOL.get(captured.dtype, 1e-2)
+    got = y.detach()
+    if want.shape != got.shape or not torch.equal(want.isnan(), got.isnan()):
+        raise ValueError("the recomputed attention output differs from the module's (shape or NaNs)")
+    largest = want.nan_to_num(0.0, 0.0, 0.0).abs().max()
+    if bool((got - want).nan_to_num(0.0, 0.0, 0.0).abs().max() > rtol * largest.clamp_min(1e-30)):
+        raise ValueError("the recomputed attention output differs from the module's beyond rounding")
+
+
 # ------------------------------------------------------------------------------- matching
 
 
@@ -265,6 +409,10 @@ class Rule:
     accepts: Callable[[nn.Module], bool] = lambda m: True
     unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
     user: bool = False  # registered by persample.register_rule: its sums are checked against autograd's
+    #: ``compute(module, call, out_grads, layout)`` on the whole recorded call (every argument, every output
+    #: gradient by leaf index); the module's own ops are not audited (as a fallback's): the rule recomputes
+    #: the call and checks its output. ``params`` may then name parameters of submodules (``out_proj.weight``).
+    whole_call: bool = False
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -312,7 +460,32 @@ def _rules() -> list[Rule]:
             hf_conv1d_rule,
             unbatched=_any_leading_dims,
         ),
+        Rule(
+            "multihead_attention",
+            (nn.MultiheadAttention,),
+            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"),
+            mha_rule,
+            accepts=_mha_covered,
+            whole_call=True,
+        ),
     ]
+
+
+def _mha_covered(module: nn.Module) -> bool:
+    """The settings :func:`mha_rule` covers: one packed in-projection (kdim = vdim = embed_dim), no
+    ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their own), no attention
+    dropout in training (random), ``out_proj`` a plain Linear. Other settings take the exact fallback."""
+    m = cast(nn.MultiheadAttention, module)
+    return (
+        m._qkv_same_embed_dim
+        and m.bias_k is None
+        and m.bias_v is None
+        and not m.add_zero_attn
+        and (m.dropout == 0.0 or not m.training)
+        and type(m.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        and not m.out_proj._forward_hooks  # never called (the attention uses its weight), but be strict
+        and isinstance(m.out_proj.weight, nn.Parameter)
+    )
 
 
 _RULES: list[Rule] = _rules()
@@ -397,8 +570,11 @@ def find_rule(module: nn.Module) -> Rule | None:
     rule, own_methods = _rule_for_type(type(module))  # type: ignore[arg-type]  # classes are hashable
     if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
-    direct = set(own_trainable_parameters(module))
-    nested = any(p.requires_grad for c in module.children() for p in c.parameters())
+    if rule.whole_call:  # its parameters may be its submodules': all must be the rule's
+        direct, nested = {n for n, p in module.named_parameters() if p.requires_grad}, False
+    else:
+        direct = set(own_trainable_parameters(module))
+        nested = any(p.requires_grad for c in module.children() for p in c.parameters())
     if direct and direct <= set(rule.params) and not nested and not has_hooks(module) and rule.accepts(module):
         return rule
     return None

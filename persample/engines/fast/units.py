@@ -107,7 +107,7 @@ def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], uni
     if rule is not None or own:
         trainable = (
             own
-            if rule is not None  # a rule module has no trainable nested parameter
+            if rule is not None and not rule.whole_call  # such a rule module has no trainable nested parameter
             else {n: p for n, p in module.named_parameters() if p.requires_grad}
         )
         units.append(Unit(prefix, module, rule, trainable))
