@@ -249,6 +249,16 @@ def capturing(
             if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
                 expanded = output.expand(batch_size, *output.shape[1:])
                 label = f"module {unit.name or '<root>'}: its input of shape {shape} has a batch dim of size 1"
+            elif unit.rule.batchless_output and batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
+                # a rule that re-runs the call (an embedding of positions made in its forward) finds its ids
+                expanded = output.expand(batch_size, *output.shape[1:])
+                label = f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has batch dim 1"
+            elif unit.rule.batchless_output and output.dim() > 0 and output.shape[0] != batch_size:
+                expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
+                label = (
+                    f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has no batch dim "
+                    f"(dim 0 is not the batch of {batch_size}), so it was expanded over the batch"
+                )
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch

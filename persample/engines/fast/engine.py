@@ -434,7 +434,7 @@ def _pieces_by_parameter(
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     assert unit.rule is not None  # called for units with a rule only
-    if unit.rule.whole_call and not call.broadcast:
+    if unit.rule.whole_call:
         grads = {index: at_least_float32(g) for index, g in call.out_grads.items()}
         return _guarded(unit, lambda: unit.rule.compute(unit.module, call, grads, layout))  # type: ignore[union-attr]
     leaves = flat_leaves(call.output)

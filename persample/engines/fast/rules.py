@@ -17,6 +17,8 @@ takes the exact fallback (``torch.func`` on the module alone).
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+| Embedding subclass (own forward) | W: c · Σ_t e_{id_t} b_tᵀ, ids and c from re-running its forward |
+| EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
 | MultiheadAttention            | in_proj: [Σ_t b^q_t q_tᵀ; Σ_s b^k_s k_sᵀ; Σ_s b^v_s v_sᵀ]; out_proj |
 |                               | as a Linear on the attention's output (see ``mha_rule``)   |
 """
@@ -34,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves
 from ..._model import own_trainable_parameters
@@ -273,6 +276,8 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
     differentiated by autograd from ∂L/∂y (and ∂L/∂weights where ``need_weights`` returned them and
     they reach the loss) to ∂q, ∂k, ∂v: O(B·H·T·S) work, no per-example pass.
     """
+    if call.broadcast:
+        raise LayoutError("MultiheadAttention called with batch dim 1 and its output expanded")
     bound = _mha_arguments(call.args, call.kwargs)
     query, key, value = bound["query"], bound["key"], bound["value"]
     if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
@@ -377,6 +382,152 @@ def _check_recomputed(y: Tensor, captured: Tensor, batch_first: bool) -> None:
         raise ValueError("the recomputed attention output differs from the module's beyond rounding")
 
 
+class _TorchCalls(TorchFunctionMode):
+    """Logs every top-level torch function call of a forward: ``(func, args, kwargs, result)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        self.log.append((func, args, kwargs, result))
+        return result
+
+
+_MULTIPLY = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
+
+#: Functions that map each element on its own (with Python numbers or 0-d tensors beside): ids made
+#: from the module's input by a chain of these keep its rows, so its batch dim.
+_ELEMENTWISE = frozenset(
+    "add __add__ __radd__ sub __sub__ __rsub__ mul __mul__ __rmul__ remainder __mod__ floor_divide "
+    "__floordiv__ clamp clamp_min clamp_max to long int".split()
+)
+
+
+def _elementwise_of(t: Tensor, source: Any, log: list[tuple]) -> bool:
+    """Whether ``t`` is ``source``, or made from it by logged :data:`_ELEMENTWISE` calls of the same shape."""
+    made = {id(entry[3]): entry for entry in log if isinstance(entry[3], Tensor)}
+    while t is not source:
+        entry = made.get(id(t))
+        if entry is None or getattr(entry[0], "__name__", None) not in _ELEMENTWISE:
+            return False
+        operands = [a for a in (*entry[1], *entry[2].values()) if isinstance(a, Tensor) and a.dim() > 0]
+        if len(operands) != 1 or operands[0].shape != t.shape:
+            return False
+        t = operands[0]
+    return True
+
+
+def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """An ``nn.Embedding`` subclass with its own ``forward`` that computes ids from its arguments and
+    returns ``F.embedding(ids, self.weight)`` (``super().forward(ids)``), or that times a constant c:
+    Hugging Face's learned positional embeddings (BART: ``arange(T) + offset``, expanded to the
+    batch or of batch 1) and scaled word embeddings. W_i = c · Σ_t e_{id_it} b_itᵀ, as for Embedding.
+
+    The forward is re-run on the call's arguments (no gradients) with every torch call logged: there
+    must be one ``F.embedding`` on ``self.weight``, its result returned as it is or times a Python
+    number (the last call), and the re-run must return the captured output. The ids must be the
+    module's input or made from it element by element (``ids + offset``, a clamp), or the same row
+    for every example (positions expanded to the batch), or of batch dim 1 or none (the engine then
+    expanded the output over the batch): other ids made in the forward with dim 0 of the batch's
+    size could be positions (``arange(T)`` with T = B). Anything else (another op on the result, a
+    second lookup) is no rule's: the engine refuses with the reason.
+    """
+    calls = _TorchCalls()
+    with torch.no_grad(), calls:
+        returned = type(module).forward(module, *call.args, **call.kwargs)
+    lookups = [entry for entry in calls.log if entry[0] is F.embedding]
+    if len(lookups) != 1:
+        raise ValueError(f"its forward makes {len(lookups)} embedding lookups (one is covered)")
+    _, args, kwargs, looked_up = lookups[0]
+    bound = inspect.signature(F.embedding).bind(*args, **kwargs)
+    bound.apply_defaults()
+    if bound.arguments["weight"] is not module.weight or bound.arguments["scale_grad_by_freq"]:
+        raise ValueError("its lookup is not on its own weight, or scales gradients by frequency")
+    factor = 1.0
+    if returned is not looked_up:
+        func, margs, _, result = calls.log[-1]
+        others = [a for a in margs if a is not looked_up]
+        if not (
+            result is returned
+            and func in _MULTIPLY
+            and len(margs) == 2
+            and len(others) == 1
+            and isinstance(others[0], (int, float))
+        ):
+            raise ValueError("it returns something else than its lookup (or the lookup times a number)")
+        factor = float(others[0])
+    captured = flat_leaves(call.output)[0]
+    if not (isinstance(returned, Tensor) and torch.equal(returned.expand_as(captured), captured.detach())):
+        raise ValueError("its forward, re-run, does not give the captured output")
+    ids = bound.arguments["input"]
+    if call.broadcast and captured.dim() == looked_up.dim() + 1:  # no batch dim: one example's ids
+        ids = ids.unsqueeze(0).expand(batch.size, *ids.shape)
+    elif call.broadcast:
+        if ids.dim() == 0 or ids.shape[0] != 1:
+            raise LayoutError(f"Embedding ids of shape {tuple(ids.shape)} for an output of batch 1")
+        ids = ids.expand(batch.size, *ids.shape[1:])
+    _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding ids")
+    given = bool(call.args) and _elementwise_of(ids, call.args[0], calls.log)  # checked by the capture
+    if not (call.broadcast or given or (ids.dim() >= 2 and bool((ids == ids[:1]).all()))):
+        raise LayoutError(
+            f"Embedding ids of shape {tuple(ids.shape)} made in its forward: dim 0 has the batch's size, but "
+            "they are neither its input nor the same positions for every example, so dim 0 may not be the batch",
+            code="BATCH_DIM_AMBIGUOUS",
+        )
+    grad = _sequence(out_grads[0], batch, 1, "Embedding output gradient")
+    padding = bound.arguments["padding_idx"]
+    if padding is not None and padding < 0:
+        padding += module.weight.shape[0]
+    return _weight_pieces(
+        module,
+        lambda: RowsPiece(
+            ids.reshape(batch.size, -1), grad, module.weight.shape, padding, scale=batch.grad_scale * factor
+        ),
+    )
+
+
+def embedding_bag_rule(module: nn.EmbeddingBag, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """``nn.EmbeddingBag`` with one bag per example (``[B, L]`` ids, or 1-D ids with ``offsets``):
+    W_i = Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ, with w_j the ``per_sample_weights`` (mode ``sum``), 1 (``sum``)
+    or 1/n_i for the n_i entries of the bag that are not ``padding_idx`` (``mean``); padding entries
+    give nothing. Bags are padded to the longest with an id no row has, so the Embedding piece applies
+    (rows [B, L_max], output gradients b_i times w_j per entry). Mode ``max`` takes the fallback."""
+    bound = inspect.signature(nn.EmbeddingBag.forward).bind(None, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    ids, offsets, weights = bound.arguments["input"], bound.arguments["offsets"], bound.arguments["per_sample_weights"]
+    grad = out_grads[0]
+    _check_batch_first(grad, batch, positions_from=1, positions_to=1, what="EmbeddingBag output gradient")
+    if ids.dim() == 2:
+        bags = ids
+        w = weights if weights is not None else torch.ones(bags.shape, dtype=grad.dtype, device=grad.device)
+    else:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        if starts.shape[0] != batch.size:
+            raise LayoutError(f"EmbeddingBag has {starts.shape[0]} bags for a batch of {batch.size}")
+        ends = torch.cat([starts[1:], starts.new_tensor([ids.shape[0]])])
+        if module.include_last_offset:
+            ends[-1] = offsets[-1]
+        lengths = ends - starts
+        width = int(lengths.max()) if lengths.numel() else 0
+        slot = torch.arange(width, device=ids.device)
+        inside = slot < lengths[:, None]
+        where = (starts[:, None] + slot).clamp(max=max(ids.shape[0] - 1, 0))
+        bags = torch.where(inside, ids[where], -1)
+        flat = weights if weights is not None else torch.ones(ids.shape, dtype=grad.dtype, device=grad.device)
+        w = torch.where(inside, flat[where], 0).to(grad.dtype)
+    w = w.to(grad.dtype)
+    if module.padding_idx is not None:
+        bags = bags.masked_fill(bags == module.padding_idx, -1)
+    if module.mode == "mean":
+        counts = (bags != -1).sum(1, keepdim=True).clamp(min=1)
+        w = w / counts
+    per_entry = w.unsqueeze(-1) * grad.unsqueeze(1)  # [B, L_max, d]
+    return _weight_pieces(module, lambda: RowsPiece(bags, per_entry, module.weight.shape, -1, scale=batch.grad_scale))
+
+
 # ------------------------------------------------------------------------------- matching
 
 
@@ -413,6 +564,9 @@ class Rule:
     #: gradient by leaf index); the module's own ops are not audited (as a fallback's): the rule recomputes
     #: the call and checks its output. ``params`` may then name parameters of submodules (``out_proj.weight``).
     whole_call: bool = False
+    #: an output of batch dim 1, or with no batch dim, is the same for every example: the engine expands
+    #: it over the batch (a positional embedding made in the forward) and the rule finds out how
+    batchless_output: bool = False
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -468,6 +622,25 @@ def _rules() -> list[Rule]:
             accepts=_mha_covered,
             whole_call=True,
         ),
+        # nn.Embedding subclasses with their own forward (the rule above needs nn.Embedding's own)
+        Rule(
+            "embedding_recomputed",
+            (nn.Embedding,),
+            ("weight",),
+            embedding_call_rule,
+            methods=(),
+            accepts=lambda m: not m.scale_grad_by_freq,
+            whole_call=True,
+            batchless_output=True,
+        ),
+        Rule(
+            "embedding_bag",
+            (nn.EmbeddingBag,),
+            ("weight",),
+            embedding_bag_rule,
+            accepts=lambda m: m.mode in ("sum", "mean") and not m.scale_grad_by_freq and m.max_norm is None,
+            whole_call=True,
+        ),
     ]
 
 
@@ -521,11 +694,14 @@ def _matched_base(module_type: type, types: tuple) -> type | None:
 def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
     """(the rule whose class ``module_type`` is an instance of, whether the type runs that class's own
     ``methods``): the class-level half of :func:`find_rule`, the same for every instance."""
+    found: tuple[Rule | None, bool] = (None, False)
     for rule in _RULES:
         base = _matched_base(module_type, rule.types)
         if base is not None:
-            return rule, all(getattr(module_type, m, None) is getattr(base, m, None) for m in rule.methods)
-    return None, False
+            if all(getattr(module_type, m, None) is getattr(base, m, None) for m in rule.methods):
+                return rule, True
+            found = found if found[0] is not None else (rule, False)  # a later rule may cover the subclass
+    return found
 
 
 def has_hooks(module: nn.Module) -> bool:
