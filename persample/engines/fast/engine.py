@@ -288,7 +288,7 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
     assert unit.rule is not None  # asked of units with a rule only
     if unit.rule.name == "conv":
         return True
-    if unit.rule.name not in ("linear", "hf_conv1d"):
+    if unit.rule.name not in ("linear", "hf_conv1d", "multihead_attention"):  # attention: its query positions
         return False
     inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
     positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)

@@ -321,15 +321,13 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         def split(t: Tensor) -> Tensor:
             return t.view(size, -1, heads, head_dim).transpose(1, 2)
 
-        scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(head_dim)
-        if mask is None:
-            attention = torch.softmax(scores, dim=-1)
-        elif bound["need_weights"]:  # the explicit path: a query with every key masked gets NaN
-            attention = torch.softmax(scores + mask, dim=-1)
-        else:  # scaled_dot_product_attention: such a query gets 0 (and passes no gradient)
-            empty = (mask == float("-inf")).all(dim=-1, keepdim=True)
-            attention = torch.softmax((scores + mask).masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
-        context = (attention @ split(v)).transpose(1, 2).reshape(size, target, embed)
+        if bound["need_weights"]:  # the explicit path: a query with every key masked gets NaN
+            scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(head_dim)
+            attention = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            heads_out = attention @ split(v)
+        else:  # scaled_dot_product_attention, as the module calls it (such a query gets 0)
+            heads_out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        context = heads_out.transpose(1, 2).reshape(size, target, embed)
         out_proj = module.out_proj
         y = F.linear(context, out_proj.weight.detach().to(dtype), _detached(out_proj.bias, dtype))
         _check_recomputed(y, flat_leaves(call.output)[0], module.batch_first)
