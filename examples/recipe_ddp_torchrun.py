@@ -99,6 +99,7 @@ def main():
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if rank == 0:  # tracker.step leaves p.grad as DDP's backward does, so the replicas never drift apart
         print(f"replicas identical on {world} ranks: {bool(torch.equal(low, high))}", flush=True)
+    dist.barrier()  # no rank tears gloo down while another still finishes its last collective
     dist.destroy_process_group()
 
 
