@@ -17,6 +17,7 @@ Both are smoothed with :class:`persample.noise.NoiseScaleEMA`.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -99,6 +100,8 @@ def main():
     dist.all_reduce(high, op=dist.ReduceOp.MAX)
     if rank == 0:  # tracker.step leaves p.grad as DDP's backward does, so the replicas never drift apart
         print(f"replicas identical on {world} ranks: {bool(torch.equal(low, high))}", flush=True)
+    del tracker, model, optimizer  # release DDP's reducer (and its gloo state) before the process group
+    gc.collect()
     dist.barrier()  # no rank tears gloo down while another still finishes its last collective
     dist.destroy_process_group()
 

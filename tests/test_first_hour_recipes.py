@@ -95,8 +95,17 @@ def test_recipe_lightning(monkeypatch, capsys):
     assert len(emas) == 4 and all(v > 0 for v in emas), out
 
 
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
 def test_recipe_ddp_torchrun(tmp_path):
-    """Two gloo processes under torchrun (bounded in time), as the recipe's docstring runs it."""
+    """Two gloo processes under torchrun (bounded in time), as the recipe's docstring runs it.
+
+    A gloo process can abort at interpreter exit, after its work and ``destroy_process_group`` are done, with
+    the C++ message TEARDOWN_ABORT: measured on this loaded machine in 1 run of 8 of the recipe's ``--plain``
+    loop (no persample) and 3 of 10 of the recipe, and in none of 31 (14 ``--plain``, 17 not) once the recipe
+    releases DDP and collects garbage before destroying the group. A run that aborts so after printing its
+    complete output, and only such a run, is retried once."""
     root = EXAMPLES.parent
     env = dict(
         os.environ,
@@ -106,11 +115,15 @@ def test_recipe_ddp_torchrun(tmp_path):
     )
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(EXAMPLES / "recipe_ddp_torchrun.py"), "--epochs", "1"]
-    try:
-        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    except subprocess.TimeoutExpired as timeout:
-        pytest.fail(f"torchrun ran past 120 s: {timeout.stdout}{timeout.stderr}")
-    out = done.stdout
+    for attempt in range(2):
+        try:
+            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as timeout:
+            pytest.fail(f"torchrun ran past 120 s: {timeout.stdout}{timeout.stderr}")
+        out = done.stdout
+        complete = "replicas identical on 2 ranks: True" in out
+        if done.returncode == 0 or not (complete and TEARDOWN_ABORT in out + done.stderr) or attempt:
+            break
     assert done.returncode == 0, out + done.stderr[-3000:]
     steps = re.findall(r"step +(\d+) +global batch 128 .* B_simple \(rank-level\) +(\S+)", out)
     assert [int(s) for s, _ in steps] == list(range(0, 32, 5)), out  # every=5, rank 0 prints once per step
