@@ -434,7 +434,8 @@ def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch:
     second lookup) is no rule's: the engine refuses with the reason.
     """
     calls = _TorchCalls()
-    with torch.no_grad(), calls:
+    devices = [module.weight.device] if module.weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), calls:  # a random draw must not move the RNG
         returned = type(module).forward(module, *call.args, **call.kwargs)
     lookups = [entry for entry in calls.log if entry[0] is F.embedding]
     if len(lookups) != 1:
