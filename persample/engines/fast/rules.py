@@ -8,7 +8,10 @@ A rule is used only where it provably applies (see :class:`Rule`): the module
 is an instance of the rule's class *and* runs that class's own ``forward``,
 owns exactly the rule's parameters, and has no hooks. A subclass with its own
 ``forward``, a parametrised weight or a user hook gets no rule, and the module
-takes the exact fallback (``torch.func`` on the module alone).
+takes the exact fallback (``torch.func`` on the module alone); an Embedding
+subclass gets the ``embedding_recomputed`` rule, which re-runs its forward to
+show what it computes. Rules with ``whole_call`` (MultiheadAttention,
+EmbeddingBag, Embedding subclasses) read the whole recorded call.
 
 | module                        | per-example gradient of example i                          |
 |-------------------------------|------------------------------------------------------------|
@@ -17,10 +20,10 @@ takes the exact fallback (``torch.func`` on the module alone).
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
-| Embedding subclass (own forward) | W: c · Σ_t e_{id_t} b_tᵀ, ids and c from re-running its forward |
+| Embedding subclass            | W: c · Σ_t e_{id_t} b_tᵀ (ids, c: its forward re-run)      |
 | EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
-| MultiheadAttention            | in_proj: [Σ_t b^q_t q_tᵀ; Σ_s b^k_s k_sᵀ; Σ_s b^v_s v_sᵀ]; out_proj |
-|                               | as a Linear on the attention's output (see ``mha_rule``)   |
+| MultiheadAttention            | in_proj: [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ];    |
+|                               | out_proj: a Linear on the attention's output (mha_rule)    |
 """
 
 from __future__ import annotations
