@@ -228,11 +228,28 @@ def test_observe_with_unequal_weights_or_a_loss_inside_the_model_raises_clearly(
     with pytest.raises(ObservationError, match="weigh differently"):
         with Tracker(model, F.cross_entropy).observe(y):
             F.cross_entropy(model(x), y, weight=weight).backward()
-    gpt2 = _lm("gpt2")
-    tokens = padded_tokens()[0]
+
+    class WithLoss(nn.Module):  # a loss computed inside a model that is not a Hugging Face head
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            logits = self.net(x)
+            return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+    with_loss = WithLoss()
     with pytest.raises(persample.NotExact, match="shared by the whole batch.*out.loss"):
+        with Tracker(with_loss, lambda out: out["loss"]).observe(batch_size=6):
+            with_loss(x, labels=y)["loss"].backward()
+    # a Hugging Face causal LM's own loss: recomputed per example (persample/engines/fast/model_loss.py);
+    # a token mean weighs a padded batch's examples by n_i / N, which observe cannot undo
+    gpt2 = _lm("gpt2")
+    tokens, labels = padded_tokens()
+    with pytest.raises(ObservationError, match="weighs the examples differently") as info:
         with Tracker(gpt2, lambda out: out.loss).observe(batch_size=5):
-            gpt2(tokens, labels=tokens).loss.backward()
+            gpt2(tokens, labels=labels).loss.backward()
+    assert info.value.code == "OBSERVE_WEIGHTS_DIFFER"
 
 
 # ------------------------------------------------------------------- check_every with any weights

@@ -222,3 +222,72 @@ def test_an_example_with_every_label_ignored_is_refused():
         persample.grad_stats(model, own_loss, inputs, engine="fast")
     assert info.value.code == "MODEL_LOSS_NOT_RECOMPUTED"
     assert "example 2" in str(info.value)
+
+
+# ----------------------------------------------------------------------------- Tracker.observe
+
+
+def _observe(model, inputs, scale=1.0):
+    tracker = persample.Tracker(model, own_loss)
+    with tracker.observe(batch_size=B) as observed:
+        (scale * model(**inputs).loss).backward()
+    return observed.stats
+
+
+@pytest.mark.parametrize("name", ["single-label", "regression", "masked-lm-unpadded"])
+def test_observe_around_the_models_own_backward(name):
+    """Tracker.observe around `model(**batch, labels=...).loss.backward()` (scaled, as under gradient
+    accumulation): the statistics of the model's own per-example losses, from the user's one backward.
+    (Question answering is left out: its qa_outputs.bias has a gradient that is 0 in exact arithmetic,
+    ~1e-17 in float64, which observe's p.grad sum check compares at a relative tolerance and refuses,
+    OBSERVE_SUM_MISMATCH: a false refusal of engine.means_that_differ, not of the own loss.)"""
+    if name == "masked-lm-unpadded":
+        model, inputs = _case("masked-lm")
+        inputs["labels"] = tokens()  # every token counted: equal weights 1 / (B T)
+    else:
+        model, inputs = _case(name)
+    want = oracle(model, own_loss, inputs)
+    _assert_matches(_observe(model, inputs, scale=0.5), want)
+
+
+def test_observe_refuses_unequal_token_weights_and_other_terms():
+    model, inputs = _case("causal-padded")
+    with pytest.raises(persample.ObservationError) as info:
+        _observe(model, inputs)
+    assert info.value.code == "OBSERVE_WEIGHTS_DIFFER"
+    model.zero_grad(set_to_none=True)
+    model.loss_function = _loss_with_extra_term
+    inputs["labels"] = inputs["input_ids"]
+    with pytest.raises(NotExact) as info:
+        _observe(model, inputs)
+    assert info.value.code == "MODEL_LOSS_NOT_RECOMPUTED"
+
+
+@pytest.mark.parametrize("divides", [True, False])
+def test_num_items_equal_to_the_token_count_is_told_apart_by_the_graph(divides):
+    """The Trainer passes num_items_in_batch = K = N, the batch's token count: then Σ_t ℓ_it / K (a loss that
+    divides by K) and the token mean (a loss that ignores it, as BART's inline loss does) are the same batch
+    loss, but not the same loss of an example alone. The oracle calls the model on each example with K."""
+    model, inputs = _case("causal-padded")
+    if divides:
+        model.loss_function = _causal_lm_loss_over
+    count = int((F.pad(inputs["labels"], (0, 1), value=-100)[:, 1:] != -100).sum())
+    inputs = {**inputs, "num_items_in_batch": count}
+    rows = []
+    for i in range(B):
+        example = {k: v if k == "num_items_in_batch" else v[i : i + 1] for k, v in inputs.items()}
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(model(**example).loss, model.parameters())]))
+    want = torch.stack(rows)
+    stats = persample.grad_stats(model, own_loss, inputs, engine="fast")
+    torch.testing.assert_close(stats.sq_norms, want.pow(2).sum(1), rtol=RTOL, atol=ATOL)
+
+
+def test_the_saved_reduction_is_read_failing_closed():
+    from persample import _torch_compat
+
+    logits = torch.randn(4, 3, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 0])
+    assert _torch_compat.nll_loss_reduction(F.cross_entropy(logits, target, reduction="sum").grad_fn) == 2
+    with pytest.raises(NotExact) as info:
+        _torch_compat.nll_loss_reduction(object())  # a torch that keeps it under another name
+    assert info.value.code == "TORCH_INTERNALS_UNKNOWN"

@@ -14,11 +14,14 @@ causal LM (``ForCausalLM``,  mean over i's tokens of CE(logits_t, labels_{t+1}),
 ``LMHeadModel``)             labels shifted left, ``-100`` ignored
 seq2seq LM, masked LM,       mean over i's tokens of CE(logits_t, labels_t),       n_i / N
 token classification         ``-100`` ignored
-any of these with            Σ_t ℓ_it / K                                          1
-``num_items_in_batch=K``
+any of these with            Σ_t ℓ_it / K (a loss that divides by K; one that      1
+``num_items_in_batch=K``     ignores K is the row above; when K equals the batch's
+                             count, the cross entropy in ``out.loss``'s graph,
+                             summed or averaged, tells which)
 sequence / image             ``config.problem_type``: MSE over the labels          1 / B
-classification               (regression), CE (single label), BCE-with-logits
-                             over the labels (multi label)
+classification               (regression), CE (single label; / K with
+                             ``num_items_in_batch``, then w_i = 1),
+                             BCE-with-logits over the labels (multi label)
 question answering           (CE(start) + CE(end)) / 2                            1 / B
 ===========================  ===================================================  =================
 
@@ -38,12 +41,15 @@ checks on the batch that
    of another form, label smoothing, a weight per class, a sum, fails here);
 3. its value is Σ_i w_i L_i.
 
-A model whose loss fails one of them raises :class:`~persample.NotExact` with code
+After the user's own backward (``Tracker.observe``, :func:`observed_model_losses`), check 2 reads the
+gradient the backward left at the logits, and allows one common scale c (ℓ = c · out.loss: an
+accumulation divisor, a loss scale). A model whose loss fails one of them raises :class:`~persample.NotExact` with code
 ``MODEL_LOSS_NOT_RECOMPUTED`` (``engine="auto"`` moves on to the engines that run each example alone).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -54,7 +60,7 @@ from torch.overrides import TorchFunctionMode
 
 from ...contract import refusal
 
-__all__ = ["ModelLoss", "model_losses", "reads_model_loss", "head_kind"]
+__all__ = ["ModelLoss", "model_losses", "observed_model_losses", "reads_model_loss", "head_kind"]
 
 IGNORE_INDEX = -100
 
@@ -150,8 +156,9 @@ def _leaf(output: Any, leaves: list, name: str) -> int | None:
 
 
 def _token_losses(logits: Tensor, labels: Tensor, shift: bool, dtype: torch.dtype, items: Any):
-    """(L_i, w_i) of a token cross entropy: mean over example i's counted tokens (or Σ_t / K)."""
-    if labels.shape != logits.shape[:-1]:
+    """(L_i, w_i) of a token cross entropy: the mean over example i's counted tokens, w_i = n_i / N; or,
+    with ``items`` = K (``num_items_in_batch``), Σ_t ℓ_it / K, w_i = 1."""
+    if labels.shape != logits.shape[:-1] or labels.is_floating_point():
         return None
     if shift:
         labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
@@ -159,10 +166,9 @@ def _token_losses(logits: Tensor, labels: Tensor, shift: bool, dtype: torch.dtyp
     x = logits.to(dtype).reshape(-1, logits.shape[-1])
     flat = labels.reshape(-1).to(x.device)
     per_token = F.cross_entropy(x, flat, ignore_index=IGNORE_INDEX, reduction="none").reshape(batch, -1)
-    counts = (flat != IGNORE_INDEX).reshape(batch, -1).sum(1)
     if items is not None:
-        divisor = float(items.item() if isinstance(items, Tensor) else items)
-        return per_token.sum(1) / divisor, torch.ones(batch, dtype=torch.float64)
+        return per_token.sum(1) / _count(items), torch.ones(batch, dtype=torch.float64)
+    counts = (flat != IGNORE_INDEX).reshape(batch, -1).sum(1)
     if bool((counts == 0).any()):
         i = int((counts == 0).nonzero()[0])
         raise refusal(
@@ -175,7 +181,13 @@ def _token_losses(logits: Tensor, labels: Tensor, shift: bool, dtype: torch.dtyp
     return per_token.sum(1) / counts.to(per_token.dtype), counts64 / counts64.sum()
 
 
-def _sequence_losses(logits: Tensor, labels: Tensor, config, dtype: torch.dtype):
+def _count(items: Any) -> float:
+    return float(items.item() if isinstance(items, Tensor) else items)
+
+
+def _sequence_losses(logits: Tensor, labels: Tensor, config, dtype: torch.dtype, items: Any):
+    """(L_i, w_i) of ``config.problem_type``'s loss: w_i = 1 / B; or, single label with ``items`` = K
+    (Hugging Face's ``fixed_cross_entropy``), CE_i / K and w_i = 1."""
     batch = logits.shape[0]
     uniform = torch.full((batch,), 1.0 / batch, dtype=torch.float64)
     problem, classes = getattr(config, "problem_type", None), getattr(config, "num_labels", None)
@@ -188,9 +200,10 @@ def _sequence_losses(logits: Tensor, labels: Tensor, config, dtype: torch.dtype)
             return None
         return F.mse_loss(x, y, reduction="none").mean(1), uniform
     if problem == "single_label_classification":
-        if labels.shape != (batch,) or bool((labels == IGNORE_INDEX).any()):
+        if labels.shape != (batch,) or labels.is_floating_point() or bool((labels == IGNORE_INDEX).any()):
             return None
-        return F.cross_entropy(x, labels.to(x.device), reduction="none"), uniform
+        losses = F.cross_entropy(x, labels.to(x.device), reduction="none")
+        return (losses, uniform) if items is None else (losses / _count(items), torch.ones(batch, dtype=torch.float64))
     if problem == "multi_label_classification":
         if labels.shape != x.shape:
             return None
@@ -212,28 +225,34 @@ def _qa_losses(start: Tensor, end: Tensor, starts: Tensor, ends: Tensor, dtype: 
     return losses, torch.full((batch,), 1.0 / batch, dtype=torch.float64)
 
 
-def _candidate(kind: str, model: nn.Module, output: Any, leaves: list, inputs: dict, dtype: torch.dtype):
-    """(L_i, w_i, indices of the output leaves read) of the head's loss, or None."""
+Candidate = Callable[[], "tuple[Tensor, Tensor] | None"]
+
+
+def _candidates(
+    kind: str, model: nn.Module, output: Any, leaves: list, inputs: dict, dtype: torch.dtype
+) -> tuple[list[Candidate], tuple[int, ...]]:
+    """The forms the head's loss may take, each a callable giving (L_i, w_i) or None, and the indices
+    of the output leaves they read. With ``num_items_in_batch``, the loss divided by it (Hugging Face's
+    loss functions) comes first, then the one that ignores it (losses written inline in modelling files)."""
     items = inputs.get("num_items_in_batch")
     if kind == "qa":
         s, e = _leaf(output, leaves, "start_logits"), _leaf(output, leaves, "end_logits")
         starts, ends = inputs.get("start_positions"), inputs.get("end_positions")
         if s is None or e is None or not isinstance(starts, Tensor) or not isinstance(ends, Tensor):
-            return None
-        found = _qa_losses(leaves[s], leaves[e], starts, ends, dtype)
-        return None if found is None else (*found, (s, e))
+            return [], ()
+        return [lambda: _qa_losses(leaves[s], leaves[e], starts, ends, dtype)], (s, e)
     logits, labels = _leaf(output, leaves, "logits"), inputs.get("labels")
     if logits is None or not isinstance(labels, Tensor):
-        return None
+        return [], ()
+    counts = [items, None] if items is not None else [None]
     if kind == "sequence":
-        if items is not None:
-            return None
-        found = _sequence_losses(leaves[logits], labels, _base_model(model).config, dtype)
+        config = _base_model(model).config
+        forms: list[Candidate] = [
+            functools.partial(_sequence_losses, leaves[logits], labels, config, dtype, k) for k in counts
+        ]
     else:
-        if labels.is_floating_point():
-            return None
-        found = _token_losses(leaves[logits], labels, kind == "causal", dtype, items)
-    return None if found is None else (*found, (logits,))
+        forms = [functools.partial(_token_losses, leaves[logits], labels, kind == "causal", dtype, k) for k in counts]
+    return forms, (logits,)
 
 
 # ------------------------------------------------------------------------------------ the checks
@@ -282,16 +301,8 @@ def _not_recomputed(kind: str, why: str):
     )
 
 
-def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, targets: Any) -> ModelLoss | None:
-    """The per-example losses of a Hugging Face model's own ``out.loss``, checked (module docstring).
-
-    None when ``loss_fn`` is not ``out.loss`` of a recognised head called with its labels (the caller
-    then treats ``loss_fn`` as any other). Raises :class:`~persample.NotExact`
-    (``MODEL_LOSS_NOT_RECOMPUTED``) when it is, but ``out.loss`` is not Σ_i w_i L_i of the recomputed
-    losses. Costs a loss-only forward and two loss-only backwards at the output; the model is not run.
-    """
-    from torch.utils._pytree import tree_flatten
-
+def _own_loss(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, targets: Any):
+    """(head kind, out.loss) when ``loss_fn`` reads a recognised head's own differentiable loss, else None."""
     if not isinstance(inputs, dict):
         return None
     kind = head_kind(model)
@@ -300,30 +311,170 @@ def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, 
     own = reads_model_loss(loss_fn, output, targets)
     if own is None or not own.requires_grad:
         return None
+    return kind, own
+
+
+def _check_value(kind: str, own: Tensor, losses: Tensor, weights: Tensor) -> None:
+    combined = (weights.to(losses) * losses.detach()).sum()
+    rtol = 1e-9 if own.dtype == torch.float64 else 1e-5
+    if not bool(torch.isclose(combined, own.detach().to(combined), rtol=rtol, atol=0.0)):
+        raise _not_recomputed(kind, f"its value {own.item():.8g} is not Σ_i w_i L_i = {combined.item():.8g}")
+
+
+def _mismatch(kind: str, example: int, weights: Tensor):
+    return _not_recomputed(
+        kind,
+        f"its gradient at the logits is not w_i ∇L_i for example {example} (w_i = {weights[example].item():.6g}, "
+        "the head's weight: n_i / N for token losses, 1 / B otherwise); a loss of another form (label "
+        "smoothing, class weights, a sum)?",
+    )
+
+
+def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, targets: Any) -> ModelLoss | None:
+    """The per-example losses of a Hugging Face model's own ``out.loss``, checked (module docstring).
+
+    None when ``loss_fn`` is not ``out.loss`` of a recognised head called with its labels (the caller
+    then treats ``loss_fn`` as any other). Raises :class:`~persample.NotExact`
+    (``MODEL_LOSS_NOT_RECOMPUTED``) when it is, but ``out.loss`` is not Σ_i w_i L_i of the recomputed
+    losses. ``output`` is the model's output with its graph; costs a loss-only forward and two loss-only
+    backwards at the output per form tried; the model is not run.
+    """
+    from torch.utils._pytree import tree_flatten
+
+    found = _own_loss(model, loss_fn, output, inputs, targets)
+    if found is None:
+        return None
+    kind, own = found
     leaves, _ = tree_flatten(output)
-    with torch.enable_grad():
-        found = _candidate(kind, model, output, leaves, inputs, own.dtype)
-        if found is None:
-            return None
-        losses, expected, used = found
-        read = [leaves[i] for i in used]
-        batch = losses.shape[0]
-        if any(not t.requires_grad or t.shape[0] != batch for t in read):
-            return None
-        if _reaches_model_elsewhere(own, read):
-            raise _not_recomputed(kind, "it has a term that does not come from the logits (an auxiliary loss?)")
-        batch_grads = torch.autograd.grad(own, read, retain_graph=True, allow_unused=True)
-        example_grads = torch.autograd.grad(losses.sum(), read, retain_graph=True, allow_unused=True)
-    float64 = own.dtype == torch.float64
-    example = _first_mismatch(batch_grads, example_grads, expected, rtol=1e-7 if float64 else 1e-4)
-    if example is not None:
+    forms, used = _candidates(kind, model, output, leaves, inputs, own.dtype)
+    read = [leaves[i] for i in used]
+    if not forms or any(not t.requires_grad for t in read):
+        return None
+    if _reaches_model_elsewhere(own, read):
+        raise _not_recomputed(kind, "it has a term that does not come from the logits (an auxiliary loss?)")
+    passing, first_error = [], None
+    for number, form in enumerate(forms):
+        with torch.enable_grad():
+            computed = form()
+            if computed is None:
+                continue
+            losses, weights = computed
+            batch_grads = torch.autograd.grad(own, read, retain_graph=True, allow_unused=True)
+            example_grads = torch.autograd.grad(losses.sum(), read, retain_graph=True, allow_unused=True)
+        rtol = 1e-7 if own.dtype == torch.float64 else 1e-4
+        example = _first_mismatch(batch_grads, example_grads, weights, rtol=rtol)
+        if example is None:
+            _check_value(kind, own, losses, weights)
+            passing.append((number, ModelLoss(losses, weights, used, kind)))
+        else:
+            first_error = first_error or _mismatch(kind, example, weights)
+    if passing:
+        return _one_form(kind, own, passing)
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def _one_form(kind: str, own: Tensor, passing: list):
+    """The form of the loss among those that fit the batch. With ``num_items_in_batch`` = K equal to the
+    batch's count of labels, ``Σ_t ℓ_it / K`` (form 0, a loss that divides by K) and the token mean (form
+    1, a loss that ignores K) give the same batch loss and gradient but not the same loss of an example
+    alone; the cross entropy in ``out.loss``'s graph tells them apart: summed (form 0) or averaged (form 1)."""
+    first = passing[0][1]
+    if len(passing) == 1 or all(torch.allclose(m.losses, first.losses, rtol=1e-9, atol=0.0) for _, m in passing):
+        return first
+    reductions = _cross_entropy_reductions(own)
+    want = 0 if reductions == {2} else 1 if reductions == {1} else None
+    chosen = next((m for number, m in passing if number == want), None)
+    if chosen is None:
         raise _not_recomputed(
             kind,
-            f"its gradient at the logits is not w_i ∇L_i for example {example} (w_i = "
-            f"{expected[example].item():.6g}, the head's weight: n_i / N for token losses, 1 / B otherwise); "
-            "a loss of another form (label smoothing, class weights, a sum)?",
+            "num_items_in_batch equals the batch's count of labels, so the batch cannot show whether the "
+            "model divides its loss by it, and its graph does not say either (its cross entropies are "
+            f"reduced by {sorted(reductions)})",
         )
-    combined = (expected.to(losses) * losses.detach()).sum()
-    if not bool(torch.isclose(combined, own.detach(), rtol=1e-9 if float64 else 1e-5, atol=0.0)):
-        raise _not_recomputed(kind, f"its value {own.item():.8g} is not Σ_i w_i L_i = {combined.item():.8g}")
-    return ModelLoss(losses, expected, tuple(used), kind)
+    return chosen
+
+
+def _cross_entropy_reductions(loss: Tensor) -> set[int]:
+    """The reductions (1 mean, 2 sum) of the NllLoss nodes in ``loss``'s graph, down to the logits."""
+    from ..._torch_compat import nll_loss_reduction
+
+    found: set[int] = set()
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__.startswith("NllLoss"):
+            found.add(nll_loss_reduction(node))
+            continue
+        stack.extend(nxt for nxt, _ in node.next_functions)
+    return found
+
+
+def observed_model_losses(
+    model: nn.Module,
+    loss_fn: Callable,
+    output: Any,
+    inputs: Any,
+    targets: Any,
+    detached: list,
+    observed: dict[int, Tensor],
+) -> tuple[ModelLoss, Tensor] | None:
+    """:func:`model_losses` after the user's backward (``Tracker.observe``): the losses are recomputed at
+    the ``detached`` output leaves (differentiable copies), and the gradient check reads the ``observed``
+    gradients of the backwarded loss ℓ = c · out.loss at the output leaves (a scale c: an accumulation
+    divisor, a loss scale). Returns the losses and the weights of ℓ, c · w_i (checked: the same c for
+    every example), or None when ``loss_fn`` is not a recognised head's own loss."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    found = _own_loss(model, loss_fn, output, inputs, targets)
+    if found is None:
+        return None
+    kind, own = found
+    leaves, spec = tree_flatten(output)
+    copy = tree_unflatten(detached, spec)
+    forms, used = _candidates(kind, model, copy, detached, inputs, own.dtype)
+    if not forms or any(i not in observed for i in used):
+        return None
+    if _reaches_model_elsewhere(own, [leaves[i] for i in used]):  # the graph's nodes outlive its backward
+        raise _not_recomputed(kind, "it has a term that does not come from the logits (an auxiliary loss?)")
+    passing, first_error = [], None
+    for number, form in enumerate(forms):
+        with torch.enable_grad():
+            computed = form()
+            if computed is None:
+                continue
+            losses, weights = computed
+            example_grads = torch.autograd.grad(losses.sum(), [detached[i] for i in used], allow_unused=True)
+        batch_grads = [observed[i] for i in used]
+        scale = _common_scale(batch_grads, example_grads, weights)
+        rtol = 1e-7 if own.dtype == torch.float64 else 1e-4
+        example = _first_mismatch(batch_grads, example_grads, weights * scale, rtol=rtol)
+        if example is None:
+            _check_value(kind, own, losses, weights)
+            passing.append((number, ModelLoss(losses.detach(), weights * scale, used, kind)))
+        else:
+            first_error = first_error or _mismatch(kind, example, weights)
+    if passing:
+        chosen = _one_form(kind, own, passing)
+        return chosen, chosen.weights
+    if first_error is not None:
+        raise first_error
+    return None
+
+
+def _common_scale(batch_grads, example_grads, weights: Tensor) -> float:
+    """c minimising Σ_i ‖a_i − c w_i b_i‖² (dot products in float64)."""
+    dot = bb = 0.0
+    for a, b in zip(batch_grads, example_grads):
+        if a is None or b is None:
+            continue
+        w = weights.to(torch.float64).reshape(-1, *[1] * (b.dim() - 1)).to(b.device)
+        wb = b.detach().to(torch.float64) * w
+        dot += float((a.detach().to(torch.float64) * wb).sum())
+        bb += float((wb * wb).sum())
+    return dot / bb if bb > 0 else 0.0
