@@ -191,6 +191,11 @@ def _sequence_losses(logits: Tensor, labels: Tensor, config, dtype: torch.dtype,
     batch = logits.shape[0]
     uniform = torch.full((batch,), 1.0 / batch, dtype=torch.float64)
     problem, classes = getattr(config, "problem_type", None), getattr(config, "num_labels", None)
+    if problem is None:  # as Hugging Face infers it (a model that then computes another loss fails the checks)
+        single = not labels.is_floating_point()
+        problem = (
+            "regression" if classes == 1 else "single_label_classification" if single else "multi_label_classification"
+        )
     x = logits.to(dtype)
     if logits.dim() != 2 or logits.shape[1] != classes:
         return None
