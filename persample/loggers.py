@@ -165,7 +165,9 @@ class Diagnostics:
                     f"persample diagnostics: no preconditioned noise scale ({err}); its columns are NaN", stacklevel=3
                 )
         if undefined:  # the optimizer had not stepped yet: P is undefined on this step
-            values.update(b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan)
+            values.update(
+                b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan, precond_excluded=math.nan
+            )
         if self.tests is None and stats.inner_products is None:  # the default's columns, NaN: nothing was asked
             for key in ("inner_test", "ortho_test"):
                 values.update(
