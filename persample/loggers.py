@@ -72,7 +72,8 @@ class Diagnostics:
             inner-product and orthogonality tests when the statistics have inner
             products (their columns are NaN otherwise, without a warning).
         optimizer: an Adam / AdamW optimizer: adds the preconditioned noise
-            scale (``b_precond``, ``b_precond_ema``, …, see
+            scale (``b_precond``, ``b_precond_ema`` and its 90% interval
+            ``b_precond_ema_lo`` / ``_hi``, ``precond_excluded``, …, see
             :func:`persample.noise.preconditioned_noise_scale`), NaN on steps
             before the optimizer's first step. Parameters are named through the
             Tracker's model. ``preconditioner={name: P}`` gives P directly.
@@ -196,6 +197,7 @@ class Diagnostics:
                         math.nan,
                     )
                 )
+            row["b_precond_ema_lo"], row["b_precond_ema_hi"] = self.ema_precond.interval(0.9)
         return row
 
     def _nan_row(self, stats: GradStats, step: int, problem: str) -> Row:

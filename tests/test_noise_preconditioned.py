@@ -285,3 +285,37 @@ def test_adam_demo_b_precond_ema_is_positive_and_follows_the_steps():
     signal = sorted(abs(r["grad_sq_precond"]) for r in rows)
     assert signal[-1] < 20 * signal[len(signal) // 2]  # no step swamps the EMA
     assert all(r["precond_excluded"] > 0 for r in rows)  # the dead inputs are left out, and counted
+
+
+def test_hook_logs_the_b_precond_ema_interval_and_the_demo_prints_it():
+    from persample.demo import EpochSummary, describe_b_precond, format_table, summarize_epoch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    tracker = Tracker(model, F.mse_loss)
+    diag = Diagnostics(optimizer=opt, ema_beta=0.5, per_layer=False, tests=("norm",))
+    tracker.register_hook(diag)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        x = torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        tracker.step(x, x.sum(1, keepdim=True) + torch.randn(8, 1, generator=g))
+        opt.step()
+    assert all(math.isnan(r["b_precond_ema_lo"]) for r in diag.rows[:4])  # fewer than 4 updates: no interval
+    ema = noise.NoiseScaleEMA(0.5)
+    for r in diag.rows[1:]:
+        ema.update(noise.NoiseScale(8, r["grad_sq_precond"], r["trace_cov_precond"], r["b_precond"], 0.0, 0.0))
+    last = diag.rows[-1]
+    assert (last["b_precond_ema_lo"], last["b_precond_ema_hi"]) == pytest.approx(ema.interval(0.9), rel=1e-12)
+    assert last["b_precond_ema_lo"] < last["b_precond_ema"] < last["b_precond_ema_hi"]
+    summary = summarize_epoch(1, diag.rows, diag.ema.value, (0.5, 0.9), 0.8, 1.0)
+    assert summary.b_precond_ema == last["b_precond_ema"]
+    header, line = format_table(precond=True), format_table(summary, precond=True)
+    assert "B_simple(EMA)     B^P(EMA)  mean GSNR" in header and len(line) == len(header)
+    assert f"{last['b_precond_ema']:.4g}" in line.split()
+    sgd = EpochSummary(1, 0.5, 0.9, 0.8, 12.0, 0.1, 40.0, 1.0)
+    assert "B^P" not in format_table() and len(format_table(sgd)) == len(format_table())
+    text = describe_b_precond(last["b_precond_ema"], last["b_precond_ema_lo"], last["b_precond_ema_hi"], last)
+    assert text.startswith(f"Adam-aware B^P ≈ {last['b_precond_ema']:.3g} examples [90% interval ")
+    assert describe_b_precond(-3.0).startswith("Adam-aware B^P is below noise")
