@@ -666,8 +666,9 @@ def preconditioned_noise_scale(
 
     P comes from ``optimizer`` (Adam / AdamW: P_j = 1/(sqrt(v̂_j) + ε) where v̂_j > 0
     and 0 where v̂_j = 0, v̂ the bias-corrected ``exp_avg_sq`` as it stands before
-    this step's update, see :func:`adam_preconditioner` and ``docs/noise.md``) or from ``preconditioner={name: P}``. With P = 1
-    it is :func:`gradient_noise_scale`'s B_simple.
+    this step's update, see :func:`adam_preconditioner` and ``docs/noise.md``) or
+    from ``preconditioner={name: P}``. With P = 1 it is :func:`gradient_noise_scale`'s
+    B_simple.
 
     Coordinates with P_j = 0 weigh nothing in either sum, and ``excluded`` counts
     them. From an optimizer, they are the coordinates Adam has no second-moment
