@@ -291,3 +291,21 @@ def test_the_saved_reduction_is_read_failing_closed():
     with pytest.raises(NotExact) as info:
         _torch_compat.nll_loss_reduction(object())  # a torch that keeps it under another name
     assert info.value.code == "TORCH_INTERNALS_UNKNOWN"
+
+
+def test_observe_finds_an_auxiliary_term_in_the_models_own_loss():
+    """A term of out.loss computed from a hidden state, in the user's own backward: the graph of out.loss
+    (its nodes outlive the backward) reaches the model other than through the logits."""
+    model, inputs = _case("single-label")
+    original = model.forward
+
+    def forward(**kwargs):
+        out = original(**kwargs, output_hidden_states=True)
+        out.loss = out.loss + 1e-3 * out.hidden_states[-1].pow(2).mean()
+        out.hidden_states = None
+        return out
+
+    model.forward = forward
+    with pytest.raises(NotExact) as info:
+        _observe(model, inputs)
+    assert info.value.code == "MODEL_LOSS_NOT_RECOMPUTED"
