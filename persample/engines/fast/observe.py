@@ -123,6 +123,9 @@ def observing(
                         leaf.register_hook(store_grad(observation._output_grads, i))
             observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
             capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
+            if capture.no_grad_calls:  # re-entrant checkpointing? its blocks' calls come in the backward
+                with torch._C.DisableTorchFunction():
+                    capture.follow_checkpoints(observation._roots)
             # the loss may read these, and what it computes from them; an interior output read by the loss
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
@@ -143,7 +146,9 @@ def observing(
             for handle in handles:
                 handle.remove()
         if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
+            observation._audit = audit_graph(
+                observation._roots, units, names, batch_size=batch_size, recomputed=capture.recomputed
+            )
         capture.end_forward()
         if capture.auxiliary_term is not None:
             raise ObservationError(
