@@ -37,8 +37,10 @@ class Stack(nn.Module):
             h = h - h.mean(0)  # every example's output depends on the others
         if self.mode == "parameter_outside":
             h = h + h @ self.c.weight.T @ self.c.weight  # c's weight used outside c
-        if self.mode == "rewrites_gradient" and h.requires_grad:
-            h.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
+        if self.mode == "rewrites_gradient":
+            h = h * 1.0  # computed in the block: requires grad in the recomputation only
+            if h.requires_grad:
+                h.register_hook(lambda g: g.clamp(-1e-3, 1e-3))
         if self.nested and self.checkpointed:
             h = checkpoint(self.block[:2], h, use_reentrant=True)
             return self.block[2:](h)
@@ -114,7 +116,8 @@ def test_reentrant_checkpointed_linear_stack_is_exact(nested):
 )
 def test_guards_hold_inside_a_reentrant_block(mode, code):
     """What the block does in its recomputation is audited as the forward would be: a batch mean, a parameter
-    used outside its module, a gradient hook that rewrites the batch's gradient are refused with their code."""
+    used outside its module, a gradient hook that rewrites the batch's gradient (registered in the
+    recomputation only: in the forward's no_grad pass nothing requires grad) are refused with their code."""
     torch.manual_seed(0)
     model, (x, y) = Stack(mode).double(), _batch()
     tracker = persample.Tracker(model, F.cross_entropy)
@@ -125,24 +128,31 @@ def test_guards_hold_inside_a_reentrant_block(mode, code):
     assert _get_current_function_mode_stack() == []
 
 
-def test_reentrant_checkpoint_without_layers_inside_is_still_refused():
-    """A checkpoint whose block calls no layer is not followed (nothing to record; its graph stays hidden):
-    refused as before, naming the fix."""
+def test_reentrant_checkpoint_without_layers_inside_is_still_refused_and_the_fix_works():
+    """A checkpoint whose block calls no layer (an activation function) is not followed (nothing to record;
+    its graph stays hidden): refused as before, naming the setting (use_reentrant=True) and the fix,
+    use_reentrant=False, which makes the same model exact."""
 
     class Raw(nn.Module):
         def __init__(self):
             super().__init__()
-            self.a, self.w = nn.Linear(4, 8), nn.Parameter(torch.randn(8, 3))
+            self.a, self.c = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.reentrant = True
 
         def forward(self, x):
-            return checkpoint(lambda h: torch.tanh(h) @ self.w, self.a(x), use_reentrant=True)
+            return self.c(checkpoint(lambda h: torch.tanh(h) * 2, self.a(x), use_reentrant=self.reentrant))
 
     torch.manual_seed(0)
     model, (x, y) = Raw().double(), _batch()
-    with pytest.raises(persample.NotExact, match="use_reentrant=False") as raised:
+    with pytest.raises(persample.NotExact, match=r"use_reentrant=True.*use_reentrant=False") as raised:
         with persample.Tracker(model, F.cross_entropy).observe(y):
             F.cross_entropy(model(x), y).backward()
     assert raised.value.code == "REENTRANT_CHECKPOINT"
+    model.reentrant = False  # the fix the message names
+    expected = oracle_stats(model, lambda out, t: F.cross_entropy(out, t, reduction="sum"), x, y)
+    with persample.Tracker(model, F.cross_entropy).observe(y) as observed:
+        F.cross_entropy(model(x), y).backward()
+    _assert_oracle(observed.stats, expected)
 
 
 def _llama_tiny():
@@ -177,3 +187,27 @@ def test_hf_reentrant_gradient_checkpointing_observe_is_exact(arch):
     loss(plain(input_ids=ids), ids).backward()
     for (n, p), q in zip(model.named_parameters(), plain.parameters()):
         assert torch.equal(p.grad, q.grad), n
+
+
+def test_dropout_in_a_reentrant_block_uses_the_forwards_masks():
+    """The checkpoint recomputes its block with the forward's random state (preserve_rng_state), so dropout
+    in the block draws the forward's masks again: the statistics are those of the same forward without
+    checkpointing (same seed, same masks), and p.grad is that forward's."""
+    torch.manual_seed(0)
+    model, (x, y) = Stack().double(), _batch()
+    model.block.insert(2, nn.Dropout(0.5))
+    model.train()
+    results = []
+    for checkpointed in (True, False):
+        model.checkpointed = checkpointed
+        model.zero_grad()
+        torch.manual_seed(1)
+        with persample.Tracker(model, F.cross_entropy).observe(y) as observed:
+            F.cross_entropy(model(x), y).backward()
+        results.append((observed.stats, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (stats, grads), (plain_stats, plain_grads) = results
+    for k in plain_grads:
+        torch.testing.assert_close(grads[k], plain_grads[k], rtol=1e-12, atol=1e-15, msg=k)
+        torch.testing.assert_close(stats.var[k], plain_stats.var[k], rtol=1e-12, atol=1e-15, msg=k)
+    torch.testing.assert_close(stats.sq_norms, plain_stats.sq_norms, rtol=1e-12, atol=1e-15)
+    assert float(stats.var["block.0.weight"].abs().sum()) > 0
