@@ -211,3 +211,30 @@ def test_dropout_in_a_reentrant_block_uses_the_forwards_masks():
         torch.testing.assert_close(stats.var[k], plain_stats.var[k], rtol=1e-12, atol=1e-15, msg=k)
     torch.testing.assert_close(stats.sq_norms, plain_stats.sq_norms, rtol=1e-12, atol=1e-15)
     assert float(stats.var["block.0.weight"].abs().sum()) > 0
+
+
+def test_following_a_checkpoint_leaves_no_reference_cycle():
+    """The wrapped checkpoint functions refer to the capture; they are given back when the observation ends,
+    so the step's graph and activations are freed by reference counting alone (no cycle through autograd's
+    nodes, which the garbage collector may not see)."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model, (x, y) = Stack().double(), _batch()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    F.cross_entropy(model(x), y).backward()  # torch imports lazily on its first checkpoint
+    gc.collect()
+    gc.disable()
+    try:
+        refs = []
+        for _ in range(2):
+            with tracker.observe(y):
+                out = model(x)
+                refs.append(weakref.ref(out))
+                refs.extend(weakref.ref(node) for node in _checkpoint_nodes(out))
+                F.cross_entropy(out, y).backward()
+            del out
+        assert len(refs) == 4 and all(r() is None for r in refs)
+    finally:
+        gc.enable()
