@@ -298,6 +298,46 @@ def test_hf_peft_lora_with_reentrant_gradient_checkpointing_is_exact(tmp_path, a
     torch.testing.assert_close(logged[0]["persample/trace_cov"], oracle.trace_cov, rtol=rtol, atol=0)
 
 
+def test_hf_peft_dora_refusal_names_the_setting_and_its_fix_works(tmp_path):
+    """PEFT DoRA (use_dora=True) calls lora_A on an identity matrix for its weight norm: observe refuses it.
+    The skip warning names the setting (it named only the module and an expansion), training is unchanged,
+    and the fix it names, on_refusal='fallback', gives the oracle's statistics."""
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True, use_dora=True).train()
+    examples = lm_examples(B)
+    oracle = oracle_noise_scale(copy.deepcopy(model), examples)
+    with pytest.warns(persample.SkippedStatisticsWarning, match=r"use_dora=True") as record:
+        _, callback, logged = run_cell(model, examples, tmp_path / "skip")
+    message = str([w for w in record if issubclass(w.category, persample.SkippedStatisticsWarning)][0].message)
+    assert "PEFT's DoRA" in message and "on_refusal='fallback'" in message
+    assert logged[0][SKIPPED] == 1
+    with pytest.warns(persample.SkippedStatisticsWarning, match="exact engines instead"):
+        _, callback, logged = run_cell(model, examples, tmp_path / "fallback", track_kwargs=dict(on_refusal="fallback"))
+    assert logged[0][SKIPPED] == 0 and callback.tracker.skipped == []
+    torch.testing.assert_close(logged[0][KEY], oracle.b_simple, rtol=1e-6, atol=0)  # HF: float32 loss
+
+
+def test_refusals_name_peft_adapters_only():
+    """The setting named is PEFT's only where the module is a PEFT LoRA layer (a model's own ``lora_A``
+    is not PEFT's); a plain LoRA adapter is named, with no fix claimed."""
+    from persample.engines.fast.observe import peft_setting
+
+    class Own(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Module()
+            self.layer.lora_A = torch.nn.Linear(2, 2)
+
+    assert peft_setting(Own(), "module layer.lora_A: its input ...") is None
+    model = lora(gpt2_tiny(), ["c_attn"], fan_in_fan_out=True)
+    path = "base_model.model.transformer.h.0.attn.c_attn"
+    assert (
+        peft_setting(model, f"module {path}.lora_B.default: ...")
+        == f"the setting involved: PEFT's LoRA adapter on {path}"
+    )
+    assert peft_setting(model, "module base_model.model.lm_head: ...") is None
+
+
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_hf_peft_lora_is_exact(tmp_path, arch):
     """PEFT LoRA (GPT-2 c_attn; Llama q_proj and v_proj): the adapters' inputs are frozen activations of the
