@@ -358,23 +358,37 @@ def test_hf_peft_lora_is_exact(tmp_path, arch):
     torch.testing.assert_close(logged[0]["persample/trace_cov"], oracle.trace_cov, rtol=rtol, atol=0)
 
 
-def test_hf_peft_lora_with_gradient_checkpointing_accumulation_and_evaluation(tmp_path):
-    """LoRA + gradient checkpointing (PEFT and transformers both hook the input embeddings) + accumulation
-    + evaluation between steps: trains as the plain run, with statistics on every step."""
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_hf_peft_lora_with_gradient_checkpointing_accumulation_and_evaluation(tmp_path, reentrant):
+    """LoRA + gradient checkpointing (PEFT and transformers both hook the input embeddings; transformers'
+    default, and re-entrant) + accumulation + evaluation between steps: trains as the plain run, with
+    statistics on every step."""
     torch.manual_seed(0)
     model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
     examples = lm_examples(3 * B, seed=2)
+    kwargs = {} if reentrant is None else dict(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     _, callback, logged = run_cell(
-        model, examples, tmp_path, steps=3, accumulation=2, eval_steps=1, gradient_checkpointing=True
+        model, examples, tmp_path, steps=3, accumulation=2, eval_steps=1, gradient_checkpointing=True, **kwargs
     )
     assert [row[SKIPPED] for row in logged] == [0, 0, 0] and callback.last_stats.n == B
 
 
-def test_hf_bf16_gradient_checkpointing_lora(tmp_path):
+@pytest.mark.parametrize("reentrant", [None, True])
+def test_hf_bf16_gradient_checkpointing_lora(tmp_path, reentrant):
+    """bf16 autocast + gradient checkpointing (the re-entrant recomputation runs under the forward's
+    autocast) + LoRA: statistics on every step, in float32."""
     torch.manual_seed(0)
     model = lora(gpt2_tiny(), ["c_attn"], fan_in_fan_out=True).train()
+    kwargs = {} if reentrant is None else dict(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     _, callback, logged = run_cell(
-        model, lm_examples(2 * B, seed=3), tmp_path, steps=2, exact=False, bf16=True, gradient_checkpointing=True
+        model,
+        lm_examples(2 * B, seed=3),
+        tmp_path,
+        steps=2,
+        exact=False,
+        bf16=True,
+        gradient_checkpointing=True,
+        **kwargs,
     )
     assert [row[SKIPPED] for row in logged] == [0, 0]
     assert all(v.dtype == torch.float32 for v in callback.last_stats.mean.values())
