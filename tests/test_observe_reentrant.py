@@ -238,3 +238,36 @@ def test_following_a_checkpoint_leaves_no_reference_cycle():
         assert len(refs) == 4 and all(r() is None for r in refs)
     finally:
         gc.enable()
+
+
+def test_layer_on_a_batch_of_one_inside_a_reentrant_block_is_refused_naming_the_setting():
+    """A layer called on positions shared by the batch (arange(T)[None]) inside the block: its output would
+    be expanded over the batch in the recomputation, where no watcher checked the forward's uses of it, so
+    observe refuses, naming re-entrant checkpointing and its fix (which is then exact)."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok, self.pos, self.head = nn.Embedding(10, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+            self.reentrant = True
+
+        def _block(self, h):
+            return torch.tanh(h + self.pos(torch.arange(h.shape[1])[None]))
+
+        def forward(self, ids):
+            h = checkpoint(self._block, self.tok(ids), use_reentrant=self.reentrant)
+            return self.head(h).mean(1)
+
+    torch.manual_seed(0)
+    model = Positions().double()
+    ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
+    with pytest.raises(persample.NotExact, match=r"batch dim of size 1.*use_reentrant=True") as raised:
+        with persample.Tracker(model, F.cross_entropy).observe(y):
+            F.cross_entropy(model(ids), y).backward()
+    assert raised.value.code == "REENTRANT_CHECKPOINT"
+    assert _get_current_function_mode_stack() == []
+    model.reentrant = False
+    expected = oracle_stats(model, lambda out, t: F.cross_entropy(out, t, reduction="sum"), ids, y)
+    with persample.Tracker(model, F.cross_entropy).observe(y) as observed:
+        F.cross_entropy(model(ids), y).backward()
+    _assert_oracle(observed.stats, expected)
