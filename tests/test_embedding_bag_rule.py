@@ -12,7 +12,7 @@ from persample.engines.fast.rules import find_rule
 from zoo import assert_dicts_close, oracle_grads
 
 V, D, B = 13, 4, 4
-LENGTHS = [3, 1, 0, 4]  # example 2's bag is empty
+LENGTHS = [3, 1, 0, 4]  # entries that are not padding (example 2 has none)
 
 
 class Bags(nn.Module):
@@ -26,25 +26,25 @@ class Bags(nn.Module):
 
 
 class FlatBags(nn.Module):
-    """Batched inputs (ids [B, L_max] padded, lengths [B], weights [B, L_max]) flattened into one
-    1-D ids tensor with offsets, as a recommender's forward does."""
+    """Batched ids [B, L] flattened into one 1-D ids tensor with offsets (bags of L entries; shorter bags
+    padded with ``padding_idx``), as a recommender's forward does."""
 
     def __init__(self, last_offset=False, **options):
         super().__init__()
         self.model, self.last_offset = Bags(include_last_offset=last_offset, **options), last_offset
 
-    def forward(self, ids, lengths, weights=None):
-        keep = torch.arange(ids.shape[1]) < lengths[:, None]
-        ends = lengths.cumsum(0)
-        offsets = torch.cat([lengths.new_zeros(1), ends if self.last_offset else ends[:-1]])
-        return self.model(ids[keep], offsets, None if weights is None else weights[keep])
+    def forward(self, ids, weights=None):
+        size, length = ids.shape
+        offsets = torch.arange(size + 1 if self.last_offset else size) * length
+        return self.model(ids.reshape(-1), offsets, None if weights is None else weights.reshape(-1))
 
 
 def _padded_batch(weighted):
     g = torch.Generator().manual_seed(5)
-    ids = torch.randint(0, V, (B, max(LENGTHS)), generator=g)
-    ids[0, 1] = 0  # a padding entry when padding_idx=0
-    inputs = {"ids": ids, "lengths": torch.tensor(LENGTHS)}
+    ids = torch.randint(1, V, (B, max(LENGTHS)), generator=g)
+    for i, n in enumerate(LENGTHS):
+        ids[i, n:] = 0  # padding entries when padding_idx=0 (example 2's bag is all padding)
+    inputs = {"ids": ids}
     if weighted:
         inputs["weights"] = torch.rand(ids.shape, generator=g, dtype=torch.float64)
     return inputs, torch.randn(B, 2, generator=g, dtype=torch.float64)

@@ -112,7 +112,7 @@ def test_subclass_rule_is_exact(build):
     [
         (lambda: Model(Positions(T + 2, D), words=Squashed(V, D)), T, "RULE_NOT_APPLICABLE"),
         (lambda: Model(Unbatched(B, D)), B, "BATCH_DIM_AMBIGUOUS"),
-        (lambda: Model(Positions(T + 2, D), words=Flipped(V, D)), T, "BATCH_DIM_AMBIGUOUS"),
+        (lambda: Model(Positions(T + 2, D), words=Flipped(V, D)), T, "BATCH_MIXED"),
     ],
     ids=["other-op", "positions-without-batch-dim-of-length-B", "rows-reordered"],
 )
