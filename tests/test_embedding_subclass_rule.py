@@ -52,6 +52,17 @@ class Flipped(nn.Embedding):
         return super().forward(ids.flip(0))
 
 
+class ScaledByBuffer(nn.Embedding):
+    """Gemma: a 0-d buffer, cast to the weight's dtype."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("embed_scale", torch.tensor(1.7), persistent=False)
+
+    def forward(self, ids):
+        return super().forward(ids) * self.embed_scale.to(self.weight.dtype)
+
+
 class Squashed(nn.Embedding):
     """Another op on the lookup: not covered."""
 
@@ -91,8 +102,15 @@ def _batch(length=T):
         lambda: Model(PositionsOfBatchOne(T + 2, D)),
         lambda: Model(Positions(T + 2, D), words=Scaled(V, D, padding_idx=0)),
         lambda: Model(Unbatched(T, D), words=Offset(V, D)),
+        lambda: Model(Positions(T + 2, D), words=ScaledByBuffer(V, D, padding_idx=0)),
     ],
-    ids=["positions", "positions-batch-1", "scaled-words", "positions-without-batch-dim+offset-words"],
+    ids=[
+        "positions",
+        "positions-batch-1",
+        "scaled-words",
+        "positions-without-batch-dim+offset-words",
+        "buffer-scaled-words",
+    ],
 )
 def test_subclass_rule_is_exact(build):
     torch.manual_seed(0)

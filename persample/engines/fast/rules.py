@@ -423,7 +423,8 @@ def _elementwise_of(t: Tensor, source: Any, log: list[tuple]) -> bool:
 
 def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
     """An ``nn.Embedding`` subclass with its own ``forward`` that computes ids from its arguments and
-    returns ``F.embedding(ids, self.weight)`` (``super().forward(ids)``), or that times a constant c:
+    returns ``F.embedding(ids, self.weight)`` (``super().forward(ids)``), or that times a constant c
+    (a Python number, or a 0-d tensor without gradient such as Gemma's ``embed_scale`` buffer):
     Hugging Face's learned positional embeddings (BART: ``arange(T) + offset``, expanded to the
     batch or of batch 1) and scaled word embeddings. W_i = c · Σ_t e_{id_it} b_itᵀ, as for Embedding.
 
@@ -457,10 +458,13 @@ def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch:
             and func in _MULTIPLY
             and len(margs) == 2
             and len(others) == 1
-            and isinstance(others[0], (int, float))
+            and (
+                isinstance(others[0], (int, float))
+                or (isinstance(others[0], Tensor) and others[0].dim() == 0 and not others[0].requires_grad)
+            )
         ):
             raise ValueError("it returns something else than its lookup (or the lookup times a number)")
-        factor = float(others[0])
+        factor = float(others[0])  # a 0-d tensor (Gemma's embed_scale buffer): one device sync
     captured = flat_leaves(call.output)[0]
     if not (isinstance(returned, Tensor) and torch.equal(returned.expand_as(captured), captured.detach())):
         raise ValueError("its forward, re-run, does not give the captured output")
