@@ -88,6 +88,33 @@ def module_backward_hooks(module: nn.Module) -> bool:
         raise unknown(f"{type(module).__name__}'s backward hook registries ({', '.join(_MODULE_BACKWARD)})") from None
 
 
+def structure_key(module: nn.Module) -> tuple:
+    """What the fast engine's plan (:mod:`persample.engines.fast.plan`) fingerprints of ``module``: its
+    class, training flag and instance attribute names, the identities of its children and parameters,
+    each parameter's ``requires_grad`` and gradient-hook handles, and the handles of its four hook
+    registries (handle ids only grow, so any change of a registry changes them)."""
+    try:
+        return (
+            type(module),
+            module.training,
+            tuple(module.__dict__),
+            tuple([id(c) for c in module._modules.values()]),
+            tuple(
+                [
+                    (id(p), p.requires_grad, tuple(p._backward_hooks or ()))
+                    for p in module._parameters.values()
+                    if p is not None
+                ]
+            ),
+            tuple(module._forward_hooks),
+            tuple(module._forward_pre_hooks),
+            tuple(module._backward_hooks),
+            tuple(module._backward_pre_hooks),
+        )
+    except AttributeError:
+        raise unknown(f"{type(module).__name__}'s registries (_modules, _parameters, hooks)") from None
+
+
 def _module_lib():
     from torch.nn.modules import module as module_lib
 

@@ -43,7 +43,6 @@ from ..._model import (
     detached_buffers,
     first_random_module,
     randomness_error,
-    trainable_parameters,
     translate_vmap_error,
 )
 from ..._torch_compat import is_batched_tensor
@@ -52,11 +51,12 @@ from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
-from ..vmap import example_loss, refuse_unseen_hooks
+from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph
 from .capture import capturing
 from .in_place import modified_in_place
-from .units import Call, Unit, add_gradient, find_units
+from .plan import model_plan, refuse_gradient_hooks
+from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
@@ -92,9 +92,8 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    params = trainable_parameters(model)
-    refuse_unseen_hooks(model, "fast")
-    units = find_units(model)
+    params, units, hooks = model_plan(model)  # the model's structure: found once, then fingerprinted
+    refuse_gradient_hooks(model, hooks, "fast")
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
     with (
