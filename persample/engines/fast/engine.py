@@ -92,7 +92,7 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    params, units, hooks = model_plan(model)  # the model's structure: found once, then fingerprinted
+    params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     refuse_gradient_hooks(model, hooks, "fast")
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
@@ -105,6 +105,7 @@ def fast_grad_stats(
             hook_outputs=False,
             watch_dim_moves=_input_has_batch_sized_dim(batch),
             stop_random=randomness == "error",
+            sharding=sharding,
         ) as capture,
     ):
         try:

@@ -105,11 +105,11 @@ def observing(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    params, units, _ = model_plan(model)  # the model's structure: found once, then fingerprinted
+    params, units, _, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
-    with capturing(units, model, batch_size) as capture:
+    with capturing(units, model, batch_size, sharding=sharding) as capture:
 
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
             if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through

@@ -2,7 +2,9 @@
 
 Every call of the fast engine (``grad_stats(engine="fast")``, ``Tracker.step``, ``Tracker.observe``) needs
 the model's trainable parameters, its units (:func:`.units.find_units`: rules chosen per module, fallbacks
-covering their subtrees) and whether any hook changes the gradients (:func:`..vmap.refuse_unseen_hooks`).
+covering their subtrees), whether any hook changes the gradients (:func:`..vmap.refuse_unseen_hooks`) and
+how the model is sharded (:func:`..._sharding.sharding_of`: once ``torch.distributed`` is imported, as
+``torch._dynamo`` and Hugging Face import it, a walk over every module and parameter).
 These depend only on the model's structure, yet finding them walks every module, every call: on a small
 model they are a fifth of a call's Python work.
 
@@ -32,16 +34,17 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 from ..._model import has_gradient_hooks, trainable_parameters
+from ..._sharding import sharding_of
 from ..._torch_compat import global_module_hooks, structure_key
 from ..vmap import refuse_unseen_hooks
 from .units import Unit, find_units
 
-__all__ = ["Plan", "model_plan", "fingerprint", "forget"]
+__all__ = ["Plan", "Planned", "model_plan", "fingerprint", "forget"]
 
 
 @dataclass(eq=False)
@@ -53,6 +56,7 @@ class Plan:
     params: dict[str, nn.Parameter]  # the trainable parameters, in ``named_parameters()`` order
     units: list[tuple[str, int, Any, dict[str, nn.Parameter]]]  # (name, module index, rule, params)
     gradient_hooks: bool  # whether a parameter or module has a gradient hook (then refused as before)
+    sharding: str | None  # :func:`..._sharding.sharding_of` (FSDP wraps change classes and parameters)
 
     def live_modules(self, model: nn.Module) -> list[nn.Module] | None:
         """The plan's modules (``model`` first), or None where one was garbage-collected."""
@@ -86,8 +90,17 @@ def fingerprint(modules: list[nn.Module]) -> tuple:
     return tuple([structure_key(m) for m in modules])
 
 
-def model_plan(model: nn.Module) -> tuple[dict[str, nn.Parameter], list[Unit], bool]:
-    """``(trainable parameters, fresh units, gradient hooks)`` for one call of the fast engine: from
+class Planned(NamedTuple):
+    """What one call of the fast engine takes from the plan (the dict and the list are the caller's)."""
+
+    params: dict[str, nn.Parameter]
+    units: list[Unit]
+    gradient_hooks: bool
+    sharding: str | None
+
+
+def model_plan(model: nn.Module) -> Planned:
+    """``(trainable parameters, fresh units, gradient hooks, sharding)`` for one call of the fast engine: from
     the plan where its fingerprint still matches, else found afresh (raising as
     :func:`.._model.trainable_parameters` and :func:`.units.find_units` do) and planned for the next
     call. The parameters' dict and the units are the caller's to change."""
@@ -99,23 +112,24 @@ def model_plan(model: nn.Module) -> tuple[dict[str, nn.Parameter], list[Unit], b
         if modules is not None and fingerprint(modules) == plan.key:
             units = plan.fresh_units(modules)
             if units or not plan.units:
-                return dict(plan.params), units, plan.gradient_hooks
-    params, units, hooks = _found(model)
+                return Planned(dict(plan.params), units, plan.gradient_hooks, plan.sharding)
+    found = _found(model)
     modules = list(model.modules())
     index = {id(m): i for i, m in enumerate(modules)}
     _PLANS[model] = Plan(
         key=fingerprint(modules),
         modules=[None, *(weakref.ref(m) for m in modules[1:])],
-        params=dict(params),
-        units=[(u.name, index[id(u.module)], u.rule, dict(u.params)) for u in units],
-        gradient_hooks=hooks,
+        params=dict(found.params),
+        units=[(u.name, index[id(u.module)], u.rule, dict(u.params)) for u in found.units],
+        gradient_hooks=found.gradient_hooks,
+        sharding=found.sharding,
     )
-    return params, units, hooks
+    return found
 
 
-def _found(model: nn.Module) -> tuple[dict[str, nn.Parameter], list[Unit], bool]:
+def _found(model: nn.Module) -> Planned:
     params = trainable_parameters(model)
-    return params, find_units(model), has_gradient_hooks(model)
+    return Planned(params, find_units(model), has_gradient_hooks(model), sharding_of(model))
 
 
 def refuse_gradient_hooks(model: nn.Module, hooks: bool, engine: str) -> None:
