@@ -144,3 +144,45 @@ def test_the_plan_does_not_keep_the_model_alive():
     del model
     gc.collect()
     assert ref() is None
+
+
+class _TwoTowers(nn.Module):
+    """A text tower the batch uses and a vision tower it does not (a text-only batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+        self.vision = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3))
+
+    def forward(self, x, image=None):
+        out = self.text(x)
+        return out if image is None else out + self.vision(image)
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.7])
+def test_parameters_the_backward_never_reaches_are_exact_zeros(clip_norm):
+    torch.manual_seed(0)
+    model, (x, y) = _TwoTowers().double(), _data()
+    got = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast", inner_products=True, clip_norm=clip_norm)
+    want = oracle_stats(model, F.cross_entropy, x, y, clip_norm=clip_norm)
+    assert_dicts_close(got.mean, want["mean"], 1e-9, 1e-11)
+    assert_dicts_close(got.var, want["var"], 1e-9, 1e-11)
+    assert_dicts_close(got.param_sq_norms, want["param_sq_norms"], 1e-9, 1e-11)
+    torch.testing.assert_close(got.inner_products, want["inner_products"], rtol=1e-9, atol=1e-11)
+    if clip_norm is not None:
+        assert_dicts_close(got.clipped_mean, want["clipped_mean"], 1e-9, 1e-11)
+    for name in ("vision.0.weight", "vision.2.bias"):
+        assert not got.mean[name].any() and not got.var[name].any() and not got.param_sq_norms[name].any()
+        assert got.mean[name].dtype == torch.float64
+
+
+def test_unreached_parameters_form_no_per_example_rows(monkeypatch):
+    from persample.engines.fast import engine
+
+    torch.manual_seed(0)
+    model, (x, y) = _TwoTowers().double(), _data()
+    shapes = []
+    real = engine.ZeroPiece._unscaled
+    monkeypatch.setattr(engine.ZeroPiece, "_unscaled", lambda self, *a, **k: shapes.append(a) or real(self, *a, **k))
+    persample.grad_stats(model, F.cross_entropy, x, y, engine="fast", inner_products=True, clip_norm=0.7)
+    assert shapes == []

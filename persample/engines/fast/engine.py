@@ -385,10 +385,49 @@ def _pieces_by_parameter(
     pieces = {}
     for name, p in params.items():
         parts = collected.get(name)
-        pieces[name] = combine_pieces(parts) if parts else DensePiece(p.new_zeros(batch_size, *p.shape))
+        pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
     _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
     return pieces
+
+
+class ZeroPiece(Piece):
+    """g_i = 0 for every example: a parameter that no captured output gradient reached (a branch the
+    batch does not use: the vision tower of a multimodal model given a text-only batch). Every
+    reduction is a zero tensor of its size, in the parameter's dtype, without forming a single row,
+    so such parameters cost an allocation each, not B rows (issue 22: 69x a plain step before)."""
+
+    def __init__(self, batch_size: int, shape: torch.Size, *, like: Tensor):
+        self.batch_size, self.shape, self._like = batch_size, shape, like
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
+
+    def _unscaled(self, start, stop, out=None):
+        return self._zeros(stop - start, *self.shape)
+
+    def moments(self, var):
+        return self._zeros(*self.shape), (self._zeros(*self.shape) if var else None), None
+
+    def sq_norms(self):
+        return self._zeros(self.batch_size)
+
+    def second_moment(self):
+        return self._zeros(*self.shape)
+
+    def centered_second_moment(self, mean):
+        """Σ_i (0 − ḡ)² = B ḡ∘ḡ (zero, as ḡ is, for a parameter autograd did not reach either)."""
+        center = mean.to(self._like.dtype).reshape(self.shape)
+        return center.square() * self.batch_size
+
+    def quick_centered_second_moment(self, mean):
+        return self.centered_second_moment(mean), None
+
+    def inner(self, ref):
+        return self._zeros(self.batch_size)
+
+    def weighted_sum(self, weights):
+        return self._zeros(*self.shape)
 
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
