@@ -6,7 +6,8 @@ statistics step and on a plain step, ``Tracker.observe``) this script reports, f
 warm-up calls:
 
 - ``py_calls``: Python function calls (``sys.setprofile`` "call" events, C calls not counted);
-- ``syncs``: host-device synchronisations, counted by :class:`SyncCounter`, a ``TorchDispatchMode`` that
+- ``syncs``: host-device synchronisations (``plain``, a forward and backward without persample, gives the
+  model's own, which every entry point includes), counted by :class:`SyncCounter`, a ``TorchDispatchMode`` that
   sees every aten op: ``_local_scalar_dense`` (``.item()``, ``bool(t)``, ``float(t)``), ``is_nonzero``,
   ``equal``, ``nonzero`` and the ops whose output shape depends on the data (``masked_select``,
   ``unique``, ...). On CPU nothing stalls, but the same ops stall a CUDA stream.
@@ -137,6 +138,13 @@ def entry_points(problem: cases.Problem) -> dict[str, Callable[[], object]]:
     """One call of each measured entry point on its own copy of ``problem.model``. The Tracker's
     ``every=2`` makes its calls alternate statistics step, plain step (see :func:`count`)."""
     out: dict[str, Callable[[], object]] = {}
+    plain_model = copy.deepcopy(problem.model)
+
+    def plain(model=plain_model):  # the model's own host reads (a mask built with .item(), ...): the floor
+        _clear(model)
+        problem.mean_loss(model).backward()
+
+    out["plain"] = plain
     for var in (True, False):
         model = copy.deepcopy(problem.model)
 

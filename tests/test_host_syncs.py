@@ -35,6 +35,7 @@ def _mlp(cases):
 
 # entry point -> most host reads allowed per call on the MLP (all counted, see the module docstring)
 LIMITS = {
+    "plain": 0,  # the MLP itself reads nothing to the host
     "grad_stats-fast": 1,  # the one-pass second moments' cancellation flag
     "grad_stats-fast-novar": 0,
     "tracker-step-plain": 0,
