@@ -314,11 +314,14 @@ def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
     """
     if w.numel() == 0:
         return None
-    values = w.double().tolist()  # one host read; the rest is Python
-    mean = math.fsum(values) / len(values)
+    values = w.double().tolist()  # one host read; the rest is Python's builtins (no loop in Python)
+    try:
+        mean = math.fsum(values) / len(values)
+    except (ValueError, OverflowError):  # inf - inf, or a sum beyond float64: no common weight
+        return None
     if mean == 0 or not math.isfinite(mean):
-        return 0.0 if mean == 0 and all(v == 0 for v in values) else None
-    if max(abs(v - mean) for v in values) > rtol * abs(mean):
+        return 0.0 if mean == 0 and not any(values) else None
+    if max(max(values) - mean, mean - min(values)) > rtol * abs(mean):
         return None
     inverse = 1.0 / mean
     nearest = round(inverse)

@@ -186,3 +186,23 @@ def test_unreached_parameters_form_no_per_example_rows(monkeypatch):
     monkeypatch.setattr(engine.ZeroPiece, "_unscaled", lambda self, *a, **k: shapes.append(a) or real(self, *a, **k))
     persample.grad_stats(model, F.cross_entropy, x, y, engine="fast", inner_products=True, clip_norm=0.7)
     assert shapes == []
+
+
+def test_tracker_steps_reuse_one_plan():
+    """The Tracker hooks the model's root for each step (its first forward); the root owns no
+    parameter, so the plan is kept, and the statistics stay the oracle's."""
+    model, (x, y) = _mlp(), _data()
+    tracker = persample.Tracker(model, F.cross_entropy)
+    tracker.step(x, y)
+    first = plan_module._PLANS[model]
+    stats = tracker.step(x, y)
+    assert plan_module._PLANS[model] is first
+    want = oracle_stats(model, F.cross_entropy, x, y)
+    assert_dicts_close(stats.var, want["var"], 1e-9, 1e-11)
+
+
+def test_a_forward_hook_on_a_container_after_the_first_call_is_seen():
+    model, (x, y) = _mlp(), _data()
+    _planned(model, x, y)
+    model.register_forward_hook(lambda m, args, out: out * 3)  # the root (no parameters): the plan is kept
+    _assert_oracle(model, x, y)

@@ -16,8 +16,10 @@ from each module the plan saw, from the root down:
   as a patched ``forward`` adds one);
 - the identity of every child and every parameter, each parameter's ``requires_grad`` and its gradient
   hooks' handles;
-- the handles of the module's four hook registries (a hook added, removed or replaced changes them:
-  handle ids only grow).
+- the handles of the module's backward hook registries and, where the module has parameters of its
+  own, of its forward hook registries (a hook added, removed or replaced changes them: handle ids only
+  grow). A module without parameters is never a rule unit and its forward hooks change no gradient hook,
+  so they change nothing the plan holds: the Tracker's own hook on the model's root each step keeps it.
 
 The children's identities chain the walk: a module swapped anywhere changes its parent's entry. Global
 module hooks are not fingerprinted: with any, there is no plan and everything is found as before. What
