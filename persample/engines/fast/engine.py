@@ -422,7 +422,7 @@ class ZeroPiece(Piece):
     def centered_second_moment(self, mean):
         """Σ_i (0 − ḡ)² = B ḡ∘ḡ (zero, as ḡ is, for a parameter autograd did not reach either)."""
         center = mean.to(self._like.dtype).reshape(self.shape)
-        return center.square() * self.batch_size
+        return center.square().mul_(self.batch_size)  # one new tensor (2 M parameters: no second one)
 
     def quick_centered_second_moment(self, mean):
         return self.centered_second_moment(mean), None
