@@ -108,3 +108,22 @@ def test_explain_names_the_fast_engine_for_per_sample_grads():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     report = persample.explain(model, F.mse_loss, torch.randn(6, 3), torch.randn(6, 2))
     assert report.entry_points["per_sample_grads"] == "fast"
+
+
+def test_parameters_the_batch_does_not_reach_get_zero_rows():
+    """A branch the forward does not use: ZeroPiece forms its rows as one zero tensor."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    model = TwoHeads().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    got = persample.per_sample_grads(model, F.mse_loss, x, y, engine="fast")
+    assert_dicts_close(got, oracle_grads(model, F.mse_loss, x, y)[0])
+    assert not got["unused.weight"].any() and got["unused.weight"].shape == (5, 2, 3)
