@@ -126,6 +126,9 @@ def observing(
             # the loss may read these, and what it computes from them; an interior output read by the loss
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
+            # every unit's calls are recorded by now; the audit's probe of the rows (audit.rows_leak) needs the
+            # graph, which the loop's backward frees
+            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
 
         def wrapper_hook(module, args, output):
             if capture.user_watcher.outputs is not None:  # after the model's forward: its output passed on
@@ -142,8 +145,6 @@ def observing(
         finally:
             for handle in handles:
                 handle.remove()
-        if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
         capture.end_forward()
         if capture.auxiliary_term is not None:
             raise ObservationError(
