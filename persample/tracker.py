@@ -30,30 +30,27 @@ import functools
 import math
 import warnings
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from ._batch import Batch, as_batch, flat_leaves, tensors_in
+from ._accumulation import Accumulation, micro_batch_noise, micro_batch_part, refuse_with_micro_batches
+from ._batch import as_batch, tensors_in
 from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
-from ._model import buffer_state, check_clip_norm, forward_hook_if_possible, restore_buffer_state, trainable_parameters
-from ._sharding import restore_sharding, unshard_all
-from ._torch_compat import is_functorch_wrapped, post_accumulate_grad_hooks
-from .api import compute_stats, prepare_reference
-from .batch_loss import (
-    BatchLossMismatch,
-    NonFiniteLoss,
-    OpaqueLoss,
-    common_weight,
-    loss_parts,
-    reachable_leaves,
-    weights_at_output,
+from ._grad_writer import (
+    GradSnapshot,
+    accumulate_into_grads,
+    add_input_gradients,
+    leaf_inputs_requiring_grad,
+    run_post_accumulate_grad_hooks,
+    written_leaves,
 )
-from .check import check_batch_mean
-from .engines._autograd import gradients
+from ._model import check_clip_norm, trainable_parameters
+from ._sharding import restore_sharding, unshard_all
+from ._step_plan import StepConfig, nonfinite_examples, plain_gradient, plan_step, statistics_step
+from .api import compute_stats, prepare_reference
+from .batch_loss import BatchLossMismatch, loss_parts
 from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
 from .engines.fast.observe import Observation, observing
 from .explain import Explanation, explain
@@ -199,7 +196,6 @@ class Tracker:
         self.last_stats: GradStats | None = None
         self.skipped: list[int] = []
         self.last_noise = None  # the last accumulate(estimator="micro-batch") block's NoiseScale
-        self._nonfinite_rows: list[int] | None = None  # a skipped step's non-finite examples, when known
         self.on_refusal = on_refusal
         self.refused: list[tuple[int, str]] = []
         self._warned_reasons: set[str] = set()
@@ -311,42 +307,43 @@ class Tracker:
         if self._replicas is not None and self._replicas.sharded:  # FSDP2: its own backward, observed
             return fsdp2_step(self, inputs, targets, scale)
         params = trainable_parameters(self.model)
-        saved = {name: p.grad for name, p in params.items()}
-        saved_inputs: list = []
+        snapshot = GradSnapshot(params)
         step = self.steps
-        accumulating = self._accumulation is not None
-        with_stats = self.wants_stats(step) if not accumulating else self._accumulation.with_stats  # type: ignore[union-attr]  # accumulating
-        checking = self.check_every > 0 and step % self.check_every == 0
+        accumulation = self._accumulation
+        plan = plan_step(
+            step,
+            every=self.every,
+            check_every=self.check_every,
+            clip_norm=self.clip_norm,
+            accumulation=accumulation,
+            ddp_wrapper=self._replicas is not None and self._replicas.wrapper is not None,
+        )
         previous = self.last_stats
-        micro = accumulating and self._accumulation.estimator == "micro-batch"  # type: ignore[union-attr]  # accumulating
-        per_example_work = not micro and (with_stats or checking or self.clip_norm is not None)
-        ddp_backward = not per_example_work and self._replicas is not None and self._replicas.wrapper is not None
-        replicas = self._replicas if not ddp_backward else None  # DDP's own backward reduces by itself
+        replicas = self._replicas if not plan.ddp_backward else None  # DDP's own backward reduces by itself
         part_added = skip_added = False
         try:
-            stats = part = failure = None
-            self._nonfinite_rows = None
+            stats = part = failure = nonfinite_rows = None
             try:
                 batch = as_batch(inputs, targets)  # (a bad batch on one rank raises on every rank)
-                inputs_with_grad = _leaf_inputs_requiring_grad(batch)
-                saved_inputs = [(x, x.grad) for x in inputs_with_grad]
-                if per_example_work:
-                    stats, update, input_grads = self._statistics_step(batch, params, inputs_with_grad, checking)
-                elif micro and with_stats:
-                    update, input_grads, weights, opaque = self._plain_gradient(
-                        batch, params, inputs_with_grad, weigh=True
+                inputs_with_grad = leaf_inputs_requiring_grad(batch)
+                snapshot.add_inputs(inputs_with_grad)
+                if plan.per_example_work:
+                    outcome = statistics_step(self._step_config, batch, params, inputs_with_grad, plan.checking)
+                    stats, update, input_grads = outcome.stats, outcome.update, outcome.input_grads
+                    nonfinite_rows = outcome.nonfinite_rows
+                elif plan.micro and plan.with_stats:
+                    update, input_grads, weights, opaque = plain_gradient(
+                        self._step_config, batch, params, inputs_with_grad, weigh=True
                     )
-                    part = _micro_batch_part(update, weights, opaque, batch.size)
-                elif ddp_backward:
+                    part = micro_batch_part(update, weights, opaque, batch.size)
+                elif plan.ddp_backward:
                     update, input_grads = {}, []
                     # DDP averages, overlapped (ddp_backward: replicas are set)
                     self._replicas.ddp_backward(batch, self.batch_loss, params, scale)  # type: ignore[union-attr]
                 else:
-                    update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
-                _accumulate(params, update, scale=scale)
-                for x, g in zip(inputs_with_grad, input_grads):
-                    if g is not None:
-                        x.grad = g * scale if x.grad is None else x.grad + g * scale
+                    update, input_grads = plain_gradient(self._step_config, batch, params, inputs_with_grad)
+                accumulate_into_grads(params, update, scale=scale)
+                add_input_gradients(inputs_with_grad, input_grads, scale=scale)
             except Exception as err:  # under replicas, re-raised by agree on every rank
                 if replicas is None:
                     raise
@@ -359,17 +356,14 @@ class Tracker:
                 if not everyone_has_stats:
                     stats = None
                 replicas.sync_gradients(params)
-                if with_stats and stats is not None:
+                if plan.with_stats and stats is not None:
                     stats = replicas.reduce_stats(
                         stats, self.model, self.per_example_loss, batch if self._inner_request()[0] else None
                     )
             try:
-                if not ddp_backward:  # (DDP's own backward has run them)
-                    _run_post_accumulate_grad_hooks(
-                        [params[name] for name in reversed(list(update))]
-                        + [x for x, g in zip(inputs_with_grad, input_grads) if g is not None]
-                    )
-                if with_stats and not micro:
+                if not plan.ddp_backward:  # (DDP's own backward has run them)
+                    run_post_accumulate_grad_hooks(written_leaves(params, update, inputs_with_grad, input_grads))
+                if plan.with_stats and not plan.micro:
                     if stats is None or not stats.is_finite():
                         self.skipped.append(step)
                         skip_added = True
@@ -377,10 +371,10 @@ class Tracker:
                             step,
                             len(self.skipped),
                             batch.size,
-                            _nonfinite_examples(stats) if stats is not None else self._nonfinite_rows,
+                            nonfinite_examples(stats) if stats is not None else nonfinite_rows,
                         )
                         stats = None
-                    elif accumulating:
+                    elif accumulation is not None:
                         self._add_part(stats)
                         part_added = True
                     else:
@@ -391,26 +385,28 @@ class Tracker:
                 failure = err
             if replicas is not None:  # a hook that raised on one rank undoes the step on every rank
                 replicas.agree(failure, "persample.Tracker.step (hooks)")
-            if micro and with_stats:  # (after every check: the running sums cannot be undone)
-                self._accumulation.add_micro_batch(part)  # type: ignore[union-attr]  # micro: accumulating
+            if plan.micro and plan.with_stats:  # (after every check: the running sums cannot be undone)
+                accumulation.add_micro_batch(part)  # type: ignore[union-attr]  # micro: accumulating
                 if part is None:
                     self.skipped.append(step)
         except BaseException as err:
-            for name, p in params.items():
-                p.grad = saved[name]
-            for x, g in saved_inputs:
-                x.grad = g
+            snapshot.restore()
             self.last_stats = previous
             if skip_added:
                 self.skipped.pop()
             if part_added:
-                self._accumulation.parts.pop()  # type: ignore[union-attr]  # a part was added: accumulating
+                accumulation.parts.pop()  # type: ignore[union-attr]  # a part was added: accumulating
             if hasattr(err, "add_note"):
                 err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
             raise
-        if not accumulating:
+        if accumulation is None:
             self.steps += 1
-        return stats if with_stats else None
+        return stats if plan.with_stats else None
+
+    @property
+    def _step_config(self) -> StepConfig:
+        """The model, the losses and this process's engine options, for the step planner."""
+        return StepConfig(self.model, self.batch_loss, self.per_example_loss, self.clip_norm, self._local_stats_options)
 
     @contextlib.contextmanager
     def accumulate(
@@ -490,7 +486,7 @@ class Tracker:
         if estimator not in ("per-example", "micro-batch"):
             raise ValueError(f"accumulate(estimator=...) must be 'per-example' or 'micro-batch', got {estimator!r}")
         if estimator == "micro-batch":
-            _refuse_with_micro_batches(
+            refuse_with_micro_batches(
                 reference=reference is not None,
                 clip_norm=self.clip_norm is not None,
                 check_every=self.check_every > 0,
@@ -527,7 +523,7 @@ class Tracker:
             if self._replicas is not None:  # a hook that raised on one rank raises on every rank
                 self._replicas.agree(failure, "persample.Tracker.accumulate (hooks)")
         if acc.estimator == "micro-batch" and acc.with_stats:
-            acc.noise = _micro_batch_noise(acc.micro, acc.micro_sum)
+            acc.noise = micro_batch_noise(acc.micro, acc.micro_sum)
             if acc.noise is not None:
                 self.last_noise = acc.noise
         self.steps += 1
@@ -560,112 +556,6 @@ class Tracker:
         are taken after the reduction, relative to the global mean."""
         against_mean, reference = self._inner_request()
         return {**self.stats_options, "inner_products": against_mean and self._replicas is None, "reference": reference}
-
-    def _statistics_step(
-        self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor], checking: bool
-    ):
-        """(stats, the p.grad increment Σ_i w_i g_i, the inputs' gradients) of one statistics step.
-
-        The weights w_i are derived at the model output of the engine's own forward (the fast
-        engine) when there is one. When they are equal and no input needs a gradient, the
-        increment is (w·B)·ḡ for the parameters the loss reaches; otherwise (unequal weights,
-        inputs that require grad, the vmap engine, a loss computed inside the model) it comes
-        from one more forward and backward of the batch loss, as ``loss.backward()`` computes it.
-
-        Buffers end as one training forward of the batch leaves them: the engines leave no trace
-        (``compute_stats`` restores them), and then either that one more forward updates them, or,
-        when p.grad comes from the statistics, the updates of the first forward of the batch (the
-        fast engine's, also when it then refused) are put back.
-        """
-        per_example = self.per_example_loss
-        first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
-        # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
-        handle = forward_hook_if_possible(self.model, _first_batch_forward(first_forward, batch.size))
-        try:
-            stats = compute_stats(
-                self.model, per_example, batch, clip_norm=self.clip_norm, fork_rng=False, **self._local_stats_options
-            )
-        finally:
-            if handle is not None:
-                handle.remove()
-        factor = None
-        if first_forward:
-            output, buffers_after_forward = first_forward[0]
-            try:
-                weights, used_leaves = weights_at_output(
-                    self.batch_loss, per_example, output, batch.targets, batch.size
-                )
-                factor = common_weight(weights, rtol=1e-5)
-            except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
-                self._nonfinite_rows = _nonfinite_output_rows(output, batch.size)
-                update, input_grads = self._plain_gradient(batch, params, inputs_with_grad)
-                return None, update, input_grads
-            except OpaqueLoss as refusal:
-                if refusal.per_example:  # the per-example loss is not a function of example i's output alone
-                    stats = compute_stats(
-                        self.model,
-                        per_example,
-                        batch,
-                        clip_norm=self.clip_norm,
-                        fork_rng=False,
-                        **{**self._local_stats_options, "engine": "independent"},
-                    )
-            leaves = flat_leaves(output)
-            reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
-            if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
-                if checking:
-                    self._check(batch, weights)
-                base = stats.mean if self.clip_norm is None else stats.clipped_mean
-                # factor is set (reached is), and base is clipped_mean when clip_norm is
-                update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}  # type: ignore[index, operator]
-                restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
-                return stats, update, []
-        update, input_grads, weights, opaque = self._plain_gradient(batch, params, inputs_with_grad, weigh=True)
-        if weights is not None and not bool(torch.isfinite(weights).all()):  # a diverged step: no statistics
-            self._nonfinite_rows = _nonfinite_examples(stats) or None
-            return None, update, input_grads
-        factor = None if weights is None else common_weight(weights, rtol=1e-5)
-        if self.clip_norm is not None and factor is None:
-            raise BatchLossMismatch(
-                "clip_norm needs a batch loss that weighs every example equally (w_i = w), so that the clipped "
-                "gradients can be combined as the loss combines them; this loss's weights differ "
-                + ("(it is computed inside the model)" if opaque else "(class weights?)"),
-                code="CLIP_NEEDS_EQUAL_WEIGHTS",
-            )
-        if opaque:  # the loss hides its weights: p.grad must be a multiple of the mean of the g_i
-            factor = _require_multiple(update, stats.mean) / batch.size
-            weights = torch.full((batch.size,), factor, dtype=torch.float64)
-        if self.clip_norm is not None:  # inputs that require grad: p.grad from the clipped gradients
-            # clip_norm: clipped_mean is computed, and factor is set (refused above otherwise)
-            update = {name: stats.clipped_mean[name] * (factor * batch.size) for name in update}  # type: ignore[index, operator]
-        if checking:
-            self._check(batch, weights)
-        return stats, update, input_grads
-
-    def _check(self, batch: Batch, weights: Tensor) -> None:
-        """check_every: Σ_i w_i g_i, with g_i from the independent engines (vmap, else the loop: each
-        example in isolation, never the fast engine being checked) and w_i the batch loss's weights
-        (derived and checked at the model output), against autograd's gradient of the batch loss.
-
-        Equal weights w: w·B times the engines' mean. Unequal ones: the engines' mean of the weighted
-        per-example losses w_i L_i (the weights ride along as targets), times B.
-        """
-        options: dict[str, Any] = dict(
-            engine="independent",
-            var=False,
-            chunk_size=self.stats_options["chunk_size"],
-            randomness=self.stats_options["randomness"],
-        )
-        factor = common_weight(weights, rtol=1e-5)
-        if factor is not None:
-            independent = compute_stats(self.model, self.per_example_loss, batch, **options)
-            scale = factor * batch.size
-        else:
-            weighted, weighted_batch = _weighted_examples(self.per_example_loss, batch, weights)
-            independent = compute_stats(self.model, weighted, weighted_batch, **options)
-            scale = float(batch.size)
-        scaled = dataclasses.replace(independent, mean={k: v * scale for k, v in independent.mean.items()})
-        check_batch_mean(self.model, self.batch_loss, batch, scaled)
 
     @contextlib.contextmanager
     def observe(
@@ -918,37 +808,6 @@ class Tracker:
             self.last_stats = previous
             raise
 
-    def _plain_gradient(
-        self, batch: Batch, params: dict[str, nn.Parameter], inputs_with_grad: list[Tensor], weigh: bool = False
-    ):
-        """∇ of the batch loss for the parameters (None-free: unreached ones are left out) and for the
-        inputs that require grad, as ``loss.backward()`` would compute them (not yet accumulated).
-
-        With ``weigh``, also the loss's weights w_i (``[B]`` float64; None when the loss hides them,
-        NaN when it is not finite), derived and checked at this forward's output, and whether the
-        loss hides its weights (computed inside the model): returns (update, input grads, w, opaque).
-        """
-        with torch.enable_grad():
-            output = batch.forward(self.model)
-            loss = self.batch_loss(output) if batch.targets is None else self.batch_loss(output, batch.targets)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn on the whole batch must return a scalar (the batch loss)")
-            weights, opaque = None, False
-            if weigh:
-                try:
-                    weights, _ = weights_at_output(
-                        self.batch_loss, self.per_example_loss, output, batch.targets, batch.size
-                    )
-                except OpaqueLoss:
-                    opaque = True
-                except NonFiniteLoss:
-                    weights = torch.full((batch.size,), math.nan, dtype=torch.float64)
-            grads = gradients(loss, [*params.values(), *inputs_with_grad])
-        update = {name: g for name, g in zip(params, grads) if g is not None}
-        if weigh:
-            return update, list(grads[len(params) :]), weights, opaque
-        return update, list(grads[len(params) :])
-
     def __repr__(self) -> str:
         return (
             f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
@@ -956,183 +815,9 @@ class Tracker:
         )
 
 
-@dataclass
-class Accumulation:
-    """What :meth:`Tracker.accumulate` yields: ``stats``, the merged statistics (set on exit;
-    None on steps without statistics), the micro-batches' own statistics in ``parts``, and
-    ``reference``, the shared direction r of their inner products (None until known, or without)."""
-
-    with_stats: bool
-    parts: list = field(default_factory=list)
-    stats: GradStats | None = None
-    reference: dict | None = None
-    shared: bool = False  # accumulate(reference=...) was given
-    first: bool = False  # reference="first": r is the first micro-batch's mean
-    refused: bool = False  # a micro-batch's statistics were refused (on_refusal="skip"): none for the block
-    estimator: str = "per-example"
-    micro: list = field(default_factory=list)  # estimator="micro-batch": (b_m, ‖G_m‖²), or None if not finite
-    micro_sum: dict = field(default_factory=dict)  # Σ_m b_m G_m (float64)
-    noise: Any = None  # estimator="micro-batch": the block's NoiseScale (set on exit)
-
-    def add_micro_batch(self, part) -> None:
-        """One micro-batch's (b_m, G_m, ‖G_m‖²) (None: not finite) into the running sums."""
-        if part is None:
-            self.micro.append(None)
-            return
-        size, grad, sq = part
-        for name, g in grad.items():
-            self.micro_sum[name] = self.micro_sum[name] + g * size if name in self.micro_sum else g * size
-        self.micro.append((size, sq))
-
-
-def _accumulate(params: dict[str, nn.Parameter], update: dict[str, Tensor], *, scale: float = 1.0) -> None:
-    """``p.grad += scale * update`` as autograd's AccumulateGrad does, but out of place (so it can be
-    undone); the result never aliases ``update`` (statistics handed to hooks)."""
-    for name, g in update.items():
-        p = params[name]
-        g = g.detach().to(p.dtype)
-        g = g * scale if scale != 1.0 else g
-        if p.grad is not None:
-            p.grad = p.grad + g
-        else:
-            p.grad = g.clone() if scale == 1.0 else g
-
-
-def _micro_batch_part(update: dict[str, Tensor], weights: Tensor | None, opaque: bool, size: int):
-    """(b_m, G_m, ‖G_m‖²) of one micro-batch for the micro-batch noise estimator: G_m = ∇ℓ_m / Σ_i w_i
-    (float64, the unreached parameters left out as zeros), the gradient per unit weight of its batch
-    loss ℓ_m = Σ_i w_i L_i; None when the loss or the gradient is not finite."""
-    if opaque or weights is None:
-        raise ValueError(
-            "accumulate(estimator='micro-batch') reads the loss's weights at the model output, and this loss is "
-            "computed inside the model: compute it from the output in loss_fn (e.g. persample.causal_lm_loss() "
-            "for token losses), not `lambda out: out.loss`"
-        )
-    total = float(weights.double().sum())
-    if not math.isfinite(total):
-        return None
-    if total <= 0:
-        raise ValueError(
-            f"accumulate(estimator='micro-batch'): the batch loss's weights sum to {total:g}; the "
-            "micro-batch gradient per unit weight needs a positive sum (a mean or sum loss)"
-        )
-    grad = {name: g.detach().double() / total for name, g in update.items()}
-    sq = math.fsum(float(g.pow(2).sum()) for g in grad.values())
-    return None if not math.isfinite(sq) else (size, grad, sq)
-
-
-def _micro_batch_noise(parts: list, weighted_sum: dict[str, Tensor]):
-    """The two-batch :class:`~persample.noise.NoiseScale` (``estimator="micro-batch"``) of the
-    micro-batches' (b_m, ‖G_m‖²) and Σ_m b_m G_m; None, with a warning, when it cannot be computed."""
-    import warnings
-
-    from .noise import two_batch_noise_scale
-
-    if any(p is None for p in parts):
-        warnings.warn(
-            "persample: a micro-batch gradient was not finite (inf/NaN), so this accumulate block has "
-            "no micro-batch noise estimate (acc.noise is None; see tracker.skipped)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
-    if len(parts) < 2:
-        warnings.warn(
-            f"persample: accumulate(estimator='micro-batch') needs at least 2 micro-batches to estimate "
-            f"the noise, this block had {len(parts)}; acc.noise is None",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return None
-    big_n = sum(b for b, _ in parts)
-    big = math.fsum(float((total / big_n).pow(2).sum()) for total in weighted_sum.values())
-    small = math.fsum(sq for _, sq in parts) / len(parts)
-    b_small = len(parts) / math.fsum(1.0 / b for b, _ in parts)
-    return dataclasses.replace(two_batch_noise_scale(b_small, small, big_n, big), estimator="micro-batch")
-
-
-def _refuse_with_micro_batches(**conflicts: bool) -> None:
-    why = {
-        "reference": "accumulate(reference=...) (inner products need per-example gradients)",
-        "clip_norm": "clip_norm (clipping needs per-example gradients)",
-        "check_every": "check_every > 0 (the check compares per-example gradients with the batch gradient)",
-        "distributed": "torch.distributed (each rank's micro-batches would give only a local estimate)",
-    }
-    found = [why[name] for name, present in conflicts.items() if present]
-    if found:
-        raise ValueError(
-            "accumulate(estimator='micro-batch') is for models without per-example gradients and "
-            f"cannot be combined with {'; '.join(found)}"
-        )
-
-
-def _run_post_accumulate_grad_hooks(leaves: list[Tensor]) -> None:
-    """Each leaf's post-accumulate-grad hooks (``register_post_accumulate_grad_hook``), in the order
-    they were registered, called with the leaf as a backward calls them once it has accumulated
-    into its ``.grad``."""
-    for leaf in leaves:
-        for hook in list((post_accumulate_grad_hooks(leaf) or {}).values()):
-            if hook(leaf) is not None:
-                raise RuntimeError("Tensor post accumulate grad hooks should return None.")
-
-
-def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, weights: Tensor):
-    """(loss, batch) whose per-example loss is w_i L_i: the weights travel as (part of) the targets,
-    so every engine hands example i its own w_i."""
-    from ._batch import device_of
-
-    weights = weights.to(device_of(batch))
-    has_targets = batch.targets is not None
-
-    def weighted(output, targets):
-        w, target = targets if has_targets else (targets, None)
-        loss = per_example_loss(output) if target is None else per_example_loss(output, target)
-        return loss * w.reshape(()).to(loss.dtype)
-
-    targets = (weights, batch.targets) if has_targets else weights
-    return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
-
-
-def _first_batch_forward(store: list, batch_size: int):
-    """A forward hook keeping the model's first output on the real batch (not inside vmap), with the
-    buffers as that forward left them: ``store`` gets ``(output, buffer_state(model))``."""
-
-    def hook(module, args, output):
-        if store:
-            return
-        tensors = tensors_in(output)
-        if any(is_functorch_wrapped(t) for t in tensors):
-            return
-        if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
-            store.append((output, buffer_state(module)))
-
-    return hook
-
-
 def _rebase_local(local: LocalGradients) -> None:
     """``p.grad`` as it is now is the baseline of this rank's own gradient (Observation.rebase_grads)."""
     local.before = {n: None if p.grad is None else p.grad.detach().clone() for n, p in local.params.items()}
-
-
-def _leaf_inputs_requiring_grad(batch: Batch) -> list[Tensor]:
-    return [t for t in batch.input_leaves if t.requires_grad and t.is_leaf]
-
-
-def _nonfinite_examples(stats: GradStats) -> list[int]:
-    """The examples whose loss or gradient norm is not finite."""
-    bad = ~torch.isfinite(stats.losses.detach()) | ~torch.isfinite(stats.sq_norms.detach())
-    return bad.nonzero().flatten().tolist()
-
-
-def _nonfinite_output_rows(output: Any, batch_size: int) -> list[int] | None:
-    """The examples whose rows of the model output are not finite (None when no output leaf is batched)."""
-    bad, found = None, False
-    for t in tensors_in(output):
-        if t.is_floating_point() and t.dim() > 0 and t.shape[0] == batch_size:
-            rows = ~torch.isfinite(t.detach().reshape(batch_size, -1)).all(1)
-            bad = rows if bad is None else bad | rows
-            found = True
-    return bad.nonzero().flatten().tolist() if found else None  # type: ignore[union-attr]  # found: bad is set
 
 
 def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | None) -> None:
@@ -1159,33 +844,6 @@ def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | 
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
-
-
-def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:
-    """The loss hides its weights (computed inside the model): p.grad must be c·ḡ for one c; returns c."""
-    names = list(mean)
-    g = torch.cat(
-        [
-            grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
-            for n in names
-        ]
-    )
-    m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
-    c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
-    # Unequal weights differ at O(1); models that compute parts in float32 (Qwen2's and Llama's RMSNorm)
-    # differ from a float64 multiple by ~1e-7 at most.
-    rtol = 1e-5 if mean[names[0]].dtype == torch.float64 else 1e-3
-    err = (g - c * m).abs().max().item()
-    if err > rtol * max(g.abs().max().item(), 1e-300):
-        raise BatchLossMismatch(
-            "the gradient of the batch loss is not a multiple of the mean per-example gradient (relative "
-            f"difference {err / max(g.abs().max().item(), 1e-300):.2e}): the examples weigh differently in "
-            "the batch loss, and since the loss is computed inside the model (not from its output) persample "
-            "cannot read the weights. Compute the loss from the model's output in loss_fn, e.g. "
-            "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`",
-            code="OPAQUE_LOSS_NOT_MEAN",
-        )
-    return c
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

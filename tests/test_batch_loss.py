@@ -16,6 +16,7 @@ from torch import nn
 import persample
 from persample import BatchLoss, BatchLossMismatch, Tracker
 from persample import ObservationError
+from persample._step_plan import check_against_autograd
 
 from zoo import CentersBatch, TiedLM, assert_dicts_close, gpt2_tiny, oracle_grads
 
@@ -242,9 +243,9 @@ def test_check_every_works_with_class_weights(engine, monkeypatch):
     x, y = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 2, 1, 0])
     loss_fn = partial(F.cross_entropy, weight=CLASS_WEIGHTS)
     engines = []
-    real = persample.tracker.compute_stats
+    real = persample._step_plan.compute_stats
     monkeypatch.setattr(
-        persample.tracker, "compute_stats", lambda *a, **k: engines.append(k["engine"]) or real(*a, **k)
+        persample._step_plan, "compute_stats", lambda *a, **k: engines.append(k["engine"]) or real(*a, **k)
     )
     tracker = Tracker(model, loss_fn, check_every=1, engine=engine)
     stats = tracker.step(x, y)
@@ -285,8 +286,8 @@ def test_check_every_with_unequal_weights_is_a_real_check():
     tracker = Tracker(honest, loss_fn)
     batch = persample._batch.as_batch(x, y)
     w = CLASS_WEIGHTS[y] / CLASS_WEIGHTS[y].sum()
-    tracker._check(batch, w)  # the loss's own weights pass
+    check_against_autograd(tracker._step_config, batch, w)  # the loss's own weights pass
     with pytest.raises(persample.MeanMismatchError):
-        tracker._check(batch, w.roll(1))
+        check_against_autograd(tracker._step_config, batch, w.roll(1))
     with pytest.raises(persample.MeanMismatchError):
-        tracker._check(batch, torch.full_like(w, 1 / 6))
+        check_against_autograd(tracker._step_config, batch, torch.full_like(w, 1 / 6))

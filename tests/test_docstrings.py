@@ -17,6 +17,8 @@ MODULES = [
     "persample.check",
     "persample.stats",
     "persample.tracker",
+    "persample._grad_writer",
+    "persample._step_plan",
 ]
 
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
+import persample._step_plan
 from persample import MeanMismatchError, Tracker
 
 from zoo import CASE_IDS, CASES, CentersBatch, call_model, oracle_grads
@@ -144,8 +145,8 @@ def test_check_every_passes_on_an_honest_model_and_runs_on_its_schedule(monkeypa
     case = CASES[0]
     model, x, y = case.instantiate()
     seen = []
-    real = persample.tracker.check_batch_mean
-    monkeypatch.setattr(persample.tracker, "check_batch_mean", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = persample._step_plan.check_batch_mean
+    monkeypatch.setattr(persample._step_plan, "check_batch_mean", lambda *a, **k: seen.append(1) or real(*a, **k))
     tracker = Tracker(model, case.loss_fn, every=1, check_every=2)
     for _ in range(5):
         tracker.step(x, y)
