@@ -257,3 +257,26 @@ def test_eval_mode_functional_batch_norm_stays_on_the_fast_engine():
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+
+
+def test_a_width_equal_to_the_batch_size_is_exact_and_a_broadcast_across_it_is_refused(monkeypatch):
+    """With D == B, an activation's shape cannot tell rows from columns: a plain MLP stays on the fast
+    engine without probing the rows, while ``h + h.sum(1)`` (example k's sum added to column k of every
+    row) is refused."""
+    from persample.engines.fast import audit
+
+    probes = []
+    original = audit.rows_leak
+    monkeypatch.setattr(audit, "rows_leak", lambda *a, **k: probes.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads, _ = oracle_grads(plain, F.cross_entropy, x, y)
+    stats = persample.grad_stats(plain, F.cross_entropy, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+    assert not probes
+    model = Mixing(lambda h: h + h.sum(1) / 4, "hidden").double()
+    model.a, model.b = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "BATCH_MIXED"

@@ -256,6 +256,34 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
     return None
 
 
+#: Unary elementwise ops, whose result keeps the rows of their input where they were (a transpose or a
+#: contraction feeding them is a node of its own, checked for itself). A square activation (a width equal
+#: to the batch's size) then runs no probe through a plain MLP. Binary ops are not here: with a width equal
+#: to the batch's size, ``h + h.sum(1)`` broadcasts a per-example vector across the examples.
+_ROW_WISE = frozenset(
+    {
+        "ReluBackward",
+        "TanhBackward",
+        "SigmoidBackward",
+        "GeluBackward",
+        "SiluBackward",
+        "ThresholdBackward",
+        "LeakyReluBackward",
+        "EluBackward",
+        "SoftplusBackward",
+        "HardtanhBackward",
+        "NativeDropoutBackward",
+        "ToCopyBackward",
+        "CloneBackward",
+        "NegBackward",
+        "ExpBackward",
+        "LogBackward",
+        "SqrtBackward",
+        "RsqrtBackward",
+    }
+)
+
+
 def _batch_dim_off_lead(node, batch_size: int | None) -> bool:
     """Whether a model-side op's result may hold the batch elsewhere than on a leading dim 0: a dim other
     than 0 of the batch's size (``h.T``, ``h @ h.T``, ``cdist(h, h)``), a dim 0 that is not a multiple of
@@ -263,6 +291,13 @@ def _batch_dim_off_lead(node, batch_size: int | None) -> bool:
     not count; a result whose shape cannot be read does (fail closed: the probe then runs)."""
     if batch_size is None or batch_size < 2 or _of_parameters_only(node):
         return False
+    base = node.name().rstrip("0123456789")
+    if base in _ROW_WISE:
+        return False  # whatever the shapes, row j of the result comes from row j of the inputs
+    if base in ("AddmmBackward", "MmBackward"):  # x @ W.T with W a parameter: a contraction over features
+        weight = node.next_functions[-1][0]
+        if weight is not None and _of_parameters_only(weight):
+            return False
     try:
         shapes = [tuple(int(s) for s in m.shape) for m in node._input_metadata]  # the op's outputs
     except (AttributeError, RuntimeError, TypeError, ValueError):
