@@ -466,8 +466,8 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
             # (an index of the batch's rows, a train-mode batch norm): no per-example reading exists.
             raise refusal(
                 "BATCH_OF_ONE_FAILS",
-                f"engine='auto' computes each example alone because {mixed}, but the model fails on a batch "
-                f"of one ({type(err).__name__}: "
+                f"engine='auto' computes each example alone because {mixed}, but the model (or loss_fn) fails "
+                f"on a batch of one ({type(err).__name__}: "
                 f"{str(err).splitlines()[0] if str(err) else ''}). Fix: {PRECONDITIONS['BATCH_OF_ONE_FAILS'].fix}",
             ) from err
     raise AssertionError("unreachable: an engine chain is never empty")
