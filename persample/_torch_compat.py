@@ -38,6 +38,7 @@ __all__ = [
     "is_functorch_wrapped",
     "torch_function_mode_stack",
     "ddp_comm_hooks",
+    "nll_loss_reduction",
 ]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
@@ -157,3 +158,12 @@ def torch_function_mode_stack() -> list:
 def ddp_comm_hooks(ddp: nn.Module) -> bool:
     """Whether a ``DistributedDataParallel`` model has a communication hook (``register_comm_hook``)."""
     return bool(_read(ddp, "_comm_hooks", "DistributedDataParallel._comm_hooks", kinds=(list, tuple, dict)))
+
+
+def nll_loss_reduction(node: Any) -> int:
+    """The reduction an ``NllLoss`` autograd node was computed with: 0 none, 1 mean, 2 sum (its saved
+    ``_saved_reduction``). Raises ``TORCH_INTERNALS_UNKNOWN`` when the node does not hold it as an int."""
+    value = _read(node, "_saved_reduction", f"the reduction saved on {type(node).__name__}", (int,))
+    if value not in (0, 1, 2):
+        raise unknown(f"the reduction saved on {type(node).__name__} ({value!r})")
+    return value

@@ -44,6 +44,7 @@ from .capture import capturing
 from .in_place import modified_in_place
 from .units import find_units, store_grad
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
+from .model_loss import observed_model_losses
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
@@ -64,6 +65,7 @@ class Observation:
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
     _on_rebase: list = field(default_factory=list)  # callables that take their own baseline too
+    _inputs: dict | None = None  # the model's keyword inputs of the observed forward (labels=: its own loss)
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -137,7 +139,16 @@ def observing(
                         if t.requires_grad:
                             capture.user_watcher.after_forward[id(t)] = t
 
-        handles = [(model if output_module is None else output_module).register_forward_hook(root_hook)]
+        def root_hook_with_inputs(module, args, kwargs, output):
+            if observation._output is None:
+                observation._inputs = dict(kwargs)
+            root_hook(module, args, output)
+
+        handles = [
+            model.register_forward_hook(root_hook_with_inputs, with_kwargs=True)
+            if output_module is None
+            else output_module.register_forward_hook(root_hook)
+        ]
         if wrapper is not None:
             handles.append(wrapper.register_forward_hook(wrapper_hook))
         try:
@@ -171,6 +182,7 @@ def observing(
             var,
             inner_products,
             reference,
+            model,
         )
 
 
@@ -186,6 +198,7 @@ def _observed_stats(
     var,
     inner_products,
     reference=None,
+    model=None,
 ) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError(
@@ -201,7 +214,7 @@ def _observed_stats(
     if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
         observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
         return None
-    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction)
+    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
     scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
     half = _captured_half(units)
     means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
@@ -279,10 +292,11 @@ def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) 
 
 
 def _check_reduction(
-    observation: Observation, loss_fn, targets, batch_size: int, reduction: str | None
+    observation: Observation, loss_fn, targets, batch_size: int, reduction: str | None, model=None
 ) -> tuple[Tensor, float]:
     """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
-    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`)."""
+    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`; for a
+    Hugging Face model's own ``out.loss``, :func:`.model_loss.observed_model_losses`)."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
     detached = []
@@ -292,27 +306,28 @@ def _check_reduction(
             if i in differentiable:  # half-precision outputs (autocast) are compared in float32
                 t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()).requires_grad_(True)
         detached.append(t)
-    with torch.enable_grad():
-        losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
-        if not losses.requires_grad:
-            raise ObservationError(
-                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
-                "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
-                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
-                "persample.causal_lm_loss(), with the labels as targets)",
-                code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
-            )
-        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-    observed = [observation._output_grads[i] for i in differentiable]
-    try:
-        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
-    except BatchLossMismatch as err:
-        raise ObservationError(
-            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
-            code="OBSERVE_NOT_WEIGHTED_SUM",
-        ) from None
-    half = any(g.dtype in (torch.float16, torch.bfloat16) for g in observed)
+    own = (
+        None
+        if model is None
+        else observed_model_losses(
+            model, loss_fn, observation._output, observation._inputs, targets, detached, observation._output_grads
+        )
+    )
+    if own is not None:
+        losses, w = own[0].losses, own[1]
+    else:
+        losses, w = _weights_of_output(observation, loss_fn, targets, batch_size, detached, spec, differentiable)
+    half = any(observation._output_grads[i].dtype in (torch.float16, torch.bfloat16) for i in differentiable)
     weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
+    if weight is None and own is not None:
+        raise ObservationError(
+            f"the model's own loss weighs the examples differently (w_i from {w.min().item():.4g} to "
+            f"{w.max().item():.4g}: a token mean over the batch weighs example i by its share n_i / N of the "
+            "tokens), and observe() needs ℓ = w Σ_i L_i. Give the Tracker a loss whose per-example losses "
+            "the backward weighs equally (persample.causal_lm_loss(): each example's summed token loss), or "
+            "use tracker.step",
+            code="OBSERVE_WEIGHTS_DIFFER",
+        )
     if weight is None:
         raise ObservationError(
             "the examples weigh differently in the backwarded loss (w_i from "
@@ -343,6 +358,32 @@ def _check_reduction(
             code="OBSERVE_REDUCTION_MISMATCH",
         )
     return losses.detach(), weight
+
+
+def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: int, detached, spec, differentiable):
+    """Per-example losses ``loss_fn`` on each example's output, and the weights w_i of the backwarded loss
+    at the output (:func:`persample.batch_loss.derive_weights`)."""
+    with torch.enable_grad():
+        losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
+        if not losses.requires_grad:
+            raise ObservationError(
+                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
+                "inside the model (`lambda out: out.loss`) of a model that is not a Hugging Face head with "
+                "its labels among the keyword inputs? observe() recomputes each example's loss from the "
+                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
+                "persample.causal_lm_loss(), with the labels as targets)",
+                code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
+            )
+        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+    observed = [observation._output_grads[i] for i in differentiable]
+    try:
+        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
+    except BatchLossMismatch as err:
+        raise ObservationError(
+            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
+            code="OBSERVE_NOT_WEIGHTED_SUM",
+        ) from None
+    return losses, w
 
 
 def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:
