@@ -81,3 +81,22 @@ def test_a_wrong_fallback_is_still_caught_under_half_precision_autocast(dtype):
         with pytest.raises(persample.NotExact) as err:
             persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert err.value.code == "FALLBACK_SUM_MISMATCH"
+
+
+class Centring(Raw):
+    """A rule-less layer that centres its input over the batch before using w: it couples the examples."""
+
+    def forward(self, x):
+        return super().forward(x - x.mean(0))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_coupled_fallback_is_still_refused_under_half_precision_autocast(dtype):
+    torch.manual_seed(0)
+    model = Net()
+    model.raw = Centring(32)
+    x, y = _data(16)
+    with torch.autocast("cpu", dtype=dtype):
+        with pytest.raises(persample.NotExact) as err:
+            persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "FALLBACK_SUM_MISMATCH"  # the sum check itself, at the half-precision tolerance
