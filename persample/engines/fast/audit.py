@@ -227,6 +227,12 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
             if getattr(node, "_saved_training", True) is False or not shape or shape[0] != batch_size:
                 return None  # eval mode normalises each row with the running statistics
             return True, shape, f"{name} normalises with the statistics of the whole batch (training=True)"
+        if base == "NativeLayerNormBackward":  # layer_norm(h, h.shape): statistics over every dim, dim 0 too
+            shape = tuple(int(s) for s in node._saved_input.shape)
+            normalized = tuple(node._saved_normalized_shape)
+            if not shape or shape[0] != batch_size or len(normalized) < len(shape):
+                return None
+            return True, shape, f"{name} normalises over dim 0 too (normalized_shape {normalized} of shape {shape})"
         if base == "IndexPutBackward":  # out[idx] = h: row j of out gets row idx⁻¹(j) of h
             shape = _node_input_shape(node)
             indices = list(node._saved_indices)
