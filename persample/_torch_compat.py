@@ -39,6 +39,8 @@ __all__ = [
     "torch_function_mode_stack",
     "ddp_comm_hooks",
     "nll_loss_reduction",
+    "checkpoint_run_function",
+    "set_checkpoint_run_function",
 ]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
@@ -167,3 +169,19 @@ def nll_loss_reduction(node: Any) -> int:
     if value not in (0, 1, 2):
         raise unknown(f"the reduction saved on {type(node).__name__} ({value!r})")
     return value
+
+
+def checkpoint_run_function(node: Any) -> Callable | None:
+    """The function that re-entrant checkpointing's backward node (``CheckpointFunctionBackward``, which is
+    its ``ctx``) runs again during the backward (``ctx.run_function``), or None where torch keeps it
+    elsewhere: the caller then cannot follow the recomputation and refuses (REENTRANT_CHECKPOINT), as it
+    did before it could."""
+    run = getattr(node, "run_function", None)
+    return run if callable(run) else None
+
+
+def set_checkpoint_run_function(node: Any, run: Callable) -> None:
+    """Replace what ``node`` (see :func:`checkpoint_run_function`) runs again during the backward."""
+    if checkpoint_run_function(node) is None:
+        raise unknown("CheckpointFunctionBackward.run_function")
+    node.run_function = run

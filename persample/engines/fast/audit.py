@@ -59,7 +59,13 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _moves_dim_zero(node) -> bool:
+def _is_parameter(node, activations: frozenset | set = frozenset()) -> bool:
+    """Whether a backward node is a leaf's ``AccumulateGrad`` (a parameter's, unless it is one of
+    ``activations``: the leaves a re-entrant checkpoint's recomputation detaches its block's inputs into)."""
+    return hasattr(node, "variable") and node not in activations
+
+
+def _moves_dim_zero(node, activations: frozenset | set = frozenset()) -> bool:
     """Whether a backward node belongs to an op that moved some activation's dim 0."""
     name = node.name()
     try:
@@ -71,7 +77,7 @@ def _moves_dim_zero(node) -> bool:
                 return _signed(tuple(node._saved_dims)[0]) % ndim != 0
             return _signed(node._saved_dim) % ndim == 0
         if name.startswith("TBackward"):  # .t() of a 2-D activation (not of a weight)
-            return not all(hasattr(nxt, "variable") for nxt, _ in node.next_functions if nxt is not None)
+            return not all(_is_parameter(nxt, activations) for nxt, _ in node.next_functions if nxt is not None)
     except (AttributeError, IndexError, ZeroDivisionError):
         return True
     return False
@@ -177,11 +183,13 @@ def _every_row(index: Tensor, batch_size: int) -> bool:
     return bool(torch.equal(index.cpu(), torch.arange(batch_size)))
 
 
-def _of_parameters_only(node) -> bool:
-    return all(nxt is None or hasattr(nxt, "variable") for nxt, _ in node.next_functions)
+def _of_parameters_only(node, activations: frozenset | set = frozenset()) -> bool:
+    return all(nxt is None or _is_parameter(nxt, activations) for nxt, _ in node.next_functions)
 
 
-def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None:
+def _mixes_batch(
+    node, batch_size: int | None, activations: frozenset | set = frozenset()
+) -> tuple[bool, tuple, str] | None:
     """(certain, the tensor's shape, what) where the op of backward node ``node`` combines or reorders the
     rows of a tensor whose dim 0 has the batch's size along dim 0, else None. Certain for reductions, scans, sorts,
     rolls, flips and gathers over dim 0; not certain (dim 0 may be a position once some dim 0 moved)
@@ -192,7 +200,7 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
     base = name.rstrip("0123456789")
     try:
         if name in _FULL_REDUCTIONS or base in _ALONG_DIMS:
-            if _of_parameters_only(node):
+            if _of_parameters_only(node, activations):
                 return None
             shape = _node_input_shape(node)
             if not shape or shape[0] != batch_size:
@@ -228,21 +236,17 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
                 return None  # eval mode normalises each row with the running statistics
             return True, shape, f"{name} normalises with the statistics of the whole batch (training=True)"
         if base == "NativeLayerNormBackward":  # layer_norm(h, h.shape): statistics over every dim, dim 0 too
-            shape = tuple(int(s) for s in node._saved_input.shape)
+            shape = _node_input_shape(node)  # its output's: a saved tensor is freed by the backward (observe)
             normalized = tuple(node._saved_normalized_shape)
             if not shape or shape[0] != batch_size or len(normalized) < len(shape):
                 return None
             return True, shape, f"{name} normalises over dim 0 too (normalized_shape {normalized} of shape {shape})"
         if base == "IndexPutBackward":  # out[idx] = h: row j of out gets row idx⁻¹(j) of h
             shape = _node_input_shape(node)
-            indices = list(node._saved_indices)
-            if (
-                not shape
-                or shape[0] != batch_size
-                or not indices
-                or indices[0] is None
-                or _every_row(indices[0], batch_size)
-            ):
+            if not shape or shape[0] != batch_size:
+                return None
+            indices = list(node._saved_indices)  # freed by a backward (observe): then refused as unreadable
+            if not indices or indices[0] is None or _every_row(indices[0], batch_size):
                 return None
             return False, shape, f"{name} writes rows of other examples into dim 0 of a tensor of shape {shape}"
         if base in ("MmBackward", "AddmmBackward"):
@@ -252,8 +256,8 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
                 self_node is not None
                 and sizes is not None
                 and int(sizes[-1]) == batch_size
-                and not hasattr(self_node, "variable")
-                and _moves_dim_zero(self_node)
+                and not _is_parameter(self_node, activations)
+                and _moves_dim_zero(self_node, activations)
             ):
                 # a 2-D activation with B rows is batch-first (a sequence's rows are B·T)
                 return True, (batch_size,), f"{name} contracts a transposed activation's dim 0 (x.T @ y) over the batch"
@@ -290,19 +294,62 @@ _ROW_WISE = frozenset(
 )
 
 
-def _batch_dim_off_lead(node, batch_size: int | None) -> bool:
+def _seq_first(units: list[Unit], inputs_moved: bool) -> bool:
+    """Whether some tensor may be sequence-first: a raw input's dim 0 moved, or a recurrent or
+    ``batch_first=False`` module runs as a fallback."""
+    return inputs_moved or any(
+        isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
+        for u in units
+        if u.rule is None
+    )
+
+
+def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Finding | None:
+    """The probe of the rows (:func:`rows_leak`) taken at the end of the model's forward, while its graph
+    is alive, for an audit that runs after the backward (observe: ``audit_graph(..., rows=...)``). None
+    where no model-side tensor holds the batch's size off dim 0 (:func:`_batch_dim_off_lead`), and where
+    the model's side holds a re-entrant checkpoint (the probe cannot backward through one; the audit
+    after the backward walks its recomputed block with the named checks)."""
+    if batch_size is None or batch_size < 2:
+        return None
+    with torch._C.DisableTorchFunction():
+        internal = _fallback_internals(units)
+        stack: list = [
+            t.grad_fn
+            for t in outputs
+            if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
+        ]
+        seen: set = set()
+        moved = False
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if is_reentrant_checkpoint_node(node):
+                return None
+            if not moved and node not in internal:
+                moved = _batch_dim_off_lead(node, batch_size)
+            stack.extend(nxt for nxt, _ in node.next_functions)
+        if not moved:
+            return None
+        leak = rows_leak(outputs, units, batch_size, seq_first=_seq_first(units, False))
+    return None if leak is None else batch_mixing(leak)
+
+
+def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | set = frozenset()) -> bool:
     """Whether a model-side op's result may hold the batch elsewhere than on a leading dim 0: a dim other
     than 0 of the batch's size (``h.T``, ``h @ h.T``, ``cdist(h, h)``), a dim 0 that is not a multiple of
     the batch's size (``h.reshape(3, 8)``, ``h.mean(0)``), or no dim at all. Ops of parameters alone do
     not count; a result whose shape cannot be read does (fail closed: the probe then runs)."""
-    if batch_size is None or batch_size < 2 or _of_parameters_only(node):
+    if batch_size is None or batch_size < 2 or _of_parameters_only(node, activations):
         return False
     base = node.name().rstrip("0123456789")
     if base in _ROW_WISE:
         return False  # whatever the shapes, row j of the result comes from row j of the inputs
     if base in ("AddmmBackward", "MmBackward"):  # x @ W.T with W a parameter: a contraction over features
         weight = node.next_functions[-1][0]
-        if weight is not None and _of_parameters_only(weight):
+        if weight is not None and _of_parameters_only(weight, activations):
             return False
     try:
         shapes = [tuple(int(s) for s in m.shape) for m in node._input_metadata]  # the op's outputs
@@ -411,6 +458,8 @@ def audit_graph(
     batch_size: int | None = None,
     outputs: list | None = None,
     inputs_moved: bool = False,
+    recomputed: dict | None = None,
+    rows: Finding | None | str = "probe",
 ) -> GraphAudit:
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad``, dim-0 moves and, with
     ``batch_size``, ops that mix the examples along the batch dim.
@@ -427,9 +476,19 @@ def audit_graph(
     reduction over dim 0, an index or gather across rows, ``h.T @ h``) makes an example's output
     depend on other examples: the batch's backward then has no per-example reading. ``inputs_moved``:
     an op moved a raw input's dim 0 (which the graph does not show).
+
+    A re-entrant checkpoint's node hides the graph of its block (built only in the backward): it is
+    refused unless ``recomputed`` holds that graph's roots (the outputs of the block's recomputation,
+    :meth:`.capture.Capture.follow_checkpoints`), through which the walk goes on as if the block's graph
+    hung below the node (the recomputation's inputs are leaves detached from the node's own inputs,
+    which the walk reaches through the node).
+
+    ``rows``: ``"probe"`` probes the rows of the batch (:func:`rows_leak`) where the shapes call for it,
+    which needs the graph before any backward (the fast engine); otherwise the verdict of that probe,
+    taken earlier by :func:`rows_check` (observe: at the end of the forward), a Finding or None.
     """
     with torch._C.DisableTorchFunction():  # the broadcast watcher may be on (observe): read the real tensors
-        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved)
+        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved, recomputed or {}, rows)
 
 
 def _audit_graph(
@@ -439,6 +498,8 @@ def _audit_graph(
     batch_size: int | None = None,
     outputs: list | None = None,
     inputs_moved: bool = False,
+    recomputed: dict | None = None,
+    rows: Finding | None | str = "probe",
 ) -> GraphAudit:
     uses: dict[int, int]
     seen, uses, moved = set(), {}, False
@@ -456,6 +517,7 @@ def _audit_graph(
     mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
     stack = [(t.grad_fn, False) for t in roots]
     reentrant = False
+    detached: set = set()  # the AccumulateGrad nodes of recomputed blocks' inputs: activations, not parameters
     while stack:
         node, inside = stack.pop()
         if node is None:
@@ -466,14 +528,21 @@ def _audit_graph(
             continue
         if inside:
             checked.add(node)
-            if node not in internal and (found := _mixes_batch(node, batch_size)) is not None:
+            if node not in internal and (found := _mixes_batch(node, batch_size, detached)) is not None:
                 mixing.append(found)
-            if not batch_moved and node not in internal:
-                batch_moved = _batch_dim_off_lead(node, batch_size)  # type: ignore[arg-type]  # set: inside
+            if rows == "probe" and not batch_moved and node not in internal:
+                batch_moved = _batch_dim_off_lead(node, batch_size, detached)
         if first:
             seen.add(node)
-            moved = moved or (node not in internal and _moves_dim_zero(node))
-            reentrant = reentrant or is_reentrant_checkpoint_node(node)
+            moved = moved or (node not in internal and _moves_dim_zero(node, detached))
+        if is_reentrant_checkpoint_node(node):
+            block = (recomputed or {}).get(node)
+            if block is None:  # not followed, or not recomputed: its block's graph is unknown
+                reentrant = True
+            else:
+                block_roots, block_inputs = block
+                detached.update(block_inputs)
+                stack.extend((t.grad_fn, inside) for t in block_roots)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -514,13 +583,12 @@ def _audit_graph(
                         _ambiguous_expansion(f"module {unit.name or '<root>'}: its output was expanded over the batch"),
                         moved,
                     )
+    if isinstance(rows, Finding):
+        return GraphAudit(rows, moved)
     if batch_moved and batch_size is not None:
-        seq_first = inputs_moved or any(
-            isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
-            for u in units
-            if u.rule is None
+        leak = rows_leak(
+            roots if outputs is None else outputs, units, batch_size, seq_first=_seq_first(units, inputs_moved)
         )
-        leak = rows_leak(roots if outputs is None else outputs, units, batch_size, seq_first=seq_first)
         if leak is not None:
             return GraphAudit(batch_mixing(leak), moved)
     for pid, count in uses.items():

@@ -27,6 +27,7 @@ Either failure raises :class:`ObservationError`.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -39,7 +40,7 @@ from ..._model import autocast_as, trainable_parameters
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
-from .audit import audit_graph
+from .audit import audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
 from .units import find_units, store_grad
@@ -61,6 +62,7 @@ class Observation:
     _output: Any = None
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
+    _rows: Any = None  # the probe of the rows at the end of the forward (audit.rows_check): a Finding or None
     _roots: Any = None
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
@@ -125,12 +127,15 @@ def observing(
                         leaf.register_hook(store_grad(observation._output_grads, i))
             observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
             capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
+            if capture.no_grad_calls:  # re-entrant checkpointing? its blocks' calls come in the backward
+                with torch._C.DisableTorchFunction():
+                    capture.follow_checkpoints(observation._roots)
             # the loss may read these, and what it computes from them; an interior output read by the loss
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
-            # every unit's calls are recorded by now; the audit's probe of the rows (audit.rows_leak) needs the
-            # graph, which the loop's backward frees
-            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
+            # every unit's calls are recorded by now; the probe of the rows (audit.rows_check) needs the
+            # graph, which the loop's backward frees: its verdict goes to the audit after the backward
+            observation._rows = rows_check(observation._roots, units, batch_size)
 
         def wrapper_hook(module, args, output):
             if capture.user_watcher.outputs is not None:  # after the model's forward: its output passed on
@@ -156,20 +161,30 @@ def observing(
         finally:
             for handle in handles:
                 handle.remove()
-        capture.end_forward()
-        if capture.auxiliary_term is not None:
-            raise ObservationError(
-                f"the backwarded loss has a term computed from an activation of the model other than its "
-                f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
-                "head?). Its gradient reaches the layers below that activation, so the statistics would "
-                "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
-                "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
-                "the output alone",
-                code="OBSERVE_AUXILIARY_TERM",
-            )
-        if capture.escape is not None:
-            raise NotExact(capture.escape)
-    with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
+        with _naming_the_setting(model):
+            if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
+                observation._audit = audit_graph(
+                    observation._roots,
+                    units,
+                    names,
+                    batch_size=batch_size,
+                    recomputed=capture.recomputed,
+                    rows=observation._rows,
+                )
+            capture.end_forward()
+            if capture.auxiliary_term is not None:
+                raise ObservationError(
+                    f"the backwarded loss has a term computed from an activation of the model other than its "
+                    f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
+                    "head?). Its gradient reaches the layers below that activation, so the statistics would "
+                    "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
+                    "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
+                    "the output alone",
+                    code="OBSERVE_AUXILIARY_TERM",
+                )
+            if capture.escape is not None:
+                raise NotExact(capture.escape)
+    with _naming_the_setting(model), autocast_as(None):  # statistics in float32 or better, whatever the autocast
         observation.stats = _observed_stats(
             observation,
             params,
@@ -184,6 +199,52 @@ def observing(
             reference,
             model,
         )
+
+
+#: A module path inside a PEFT LoRA adapter: the LoRA layer's path, then the adapter's part.
+_PEFT_PART = re.compile(r"([\w.]+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\b")
+
+_FALLBACK_FIX = (
+    "on_refusal='fallback' (Tracker(..., on_refusal='fallback'); track(trainer, on_refusal='fallback'); "
+    "PersampleCallback(..., on_refusal='fallback')) computes such a step's statistics with the exact engines "
+    "on the same batch"
+)
+
+
+def peft_setting(model: nn.Module, message: str) -> str | None:
+    """The PEFT setting behind a refusal whose message names a module inside a LoRA adapter, in words,
+    with the fix where one is known to work; None where the message names none.
+
+    DoRA (``LoraConfig(use_dora=True)``) computes each adapted layer's weight norm by calling ``lora_A`` on
+    an identity matrix, which is not a batch of examples: the fast engine cannot split that call per
+    example and refuses; the exact engines (``on_refusal='fallback'``) are exact on it."""
+    found = _PEFT_PART.search(message)
+    if found is None:
+        return None
+    path = found.group(1)
+    layer = dict(model.named_modules()).get(path)
+    if layer is None or not type(layer).__module__.startswith("peft."):
+        return None
+    dora = getattr(layer, "use_dora", None)
+    if isinstance(dora, dict) and any(dora.values()):
+        return (
+            f"the setting that causes it: PEFT's DoRA (LoraConfig(use_dora=True)) on {path}, which calls its "
+            f"adapter on an identity matrix to compute the weight norm; fix: {_FALLBACK_FIX}, or "
+            "LoraConfig(use_dora=False)"
+        )
+    return f"the setting involved: PEFT's LoRA adapter on {path}"
+
+
+@contextlib.contextmanager
+def _naming_the_setting(model: nn.Module) -> Iterator[None]:
+    """Re-raise a refusal from within with the training setting that causes it named (:func:`peft_setting`)."""
+    try:
+        yield
+    except (NotExact, ObservationError) as err:
+        setting = peft_setting(model, Exception.__str__(err))
+        if setting is None:
+            raise
+        raise type(err)(f"{Exception.__str__(err)}; {setting}", code=err.code, module=err.module, fix=err.fix) from err
 
 
 def _observed_stats(
