@@ -357,7 +357,10 @@ class GradStats:
     def is_finite(self) -> bool:
         """Whether the mean and every per-example squared norm are finite (no inf/NaN from a diverged step)."""
         tensors = [*self.mean.values(), *self.param_sq_norms.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not tensors:
+            return True
+        device = tensors[0].device  # one host read (a device sync) for all of them, not one per tensor
+        return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())

@@ -219,6 +219,7 @@ def capturing(
     watch_dim_moves: bool = False,
     hook_outputs: bool = True,
     stop_random: bool = False,
+    sharding: str | None | bool = True,
 ) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
 
@@ -240,6 +241,9 @@ def capturing(
 
     ``stop_random``: the forward's first call that would draw random numbers raises
     :class:`RandomCallStopped` instead (``Capture.random_call`` notes it either way).
+
+    ``sharding``: :func:`..._sharding.sharding_of` ``(model)`` where the caller knows it (the per-model
+    plan); True (the default) finds it.
     """
     watcher = _BroadcastWatcher(batch_size)
     handles = []
@@ -396,7 +400,9 @@ def capturing(
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
-    resharded = fsdp2_sharded_slots(model) if sharding_of(model) == "FSDP2" else {}
+    if sharding is True:
+        sharding = sharding_of(model)
+    resharded = fsdp2_sharded_slots(model) if sharding == "FSDP2" else {}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
     capture.user_watcher.input_storages = input_storages
     try:

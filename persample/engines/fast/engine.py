@@ -44,7 +44,6 @@ from ..._model import (
     detached_buffers,
     first_random_module,
     randomness_error,
-    trainable_parameters,
     translate_vmap_error,
 )
 from ..._torch_compat import is_batched_tensor
@@ -53,11 +52,12 @@ from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
-from ..vmap import example_loss, refuse_unseen_hooks
+from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph
 from .capture import capturing
 from .in_place import modified_in_place
-from .units import Call, Unit, add_gradient, find_units
+from .plan import model_plan, refuse_gradient_hooks
+from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
@@ -94,9 +94,8 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    params = trainable_parameters(model)
-    refuse_unseen_hooks(model, "fast")
-    units = find_units(model)
+    params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
+    refuse_gradient_hooks(model, hooks, "fast")
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
     with (
@@ -108,6 +107,7 @@ def fast_grad_stats(
             hook_outputs=False,
             watch_dim_moves=_input_has_batch_sized_dim(batch),
             stop_random=randomness == "error",
+            sharding=sharding,
         ) as capture,
     ):
         try:
@@ -390,10 +390,49 @@ def _pieces_by_parameter(
     pieces = {}
     for name, p in params.items():
         parts = collected.get(name)
-        pieces[name] = combine_pieces(parts) if parts else DensePiece(p.new_zeros(batch_size, *p.shape))
+        pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
     _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
     return pieces
+
+
+class ZeroPiece(Piece):
+    """g_i = 0 for every example: a parameter that no captured output gradient reached (a branch the
+    batch does not use: the vision tower of a multimodal model given a text-only batch). Every
+    reduction is a zero tensor of its size, in the parameter's dtype, without forming a single row,
+    so such parameters cost an allocation each, not B rows (issue 22: 69x a plain step before)."""
+
+    def __init__(self, batch_size: int, shape: torch.Size, *, like: Tensor):
+        self.batch_size, self.shape, self._like = batch_size, shape, like
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
+
+    def _unscaled(self, start, stop, out=None):
+        return self._zeros(stop - start, *self.shape)
+
+    def moments(self, var):
+        return self._zeros(*self.shape), (self._zeros(*self.shape) if var else None), None
+
+    def sq_norms(self):
+        return self._zeros(self.batch_size)
+
+    def second_moment(self):
+        return self._zeros(*self.shape)
+
+    def centered_second_moment(self, mean):
+        """Σ_i (0 − ḡ)² = B ḡ∘ḡ (zero, as ḡ is, for a parameter autograd did not reach either)."""
+        center = mean.to(self._like.dtype).reshape(self.shape)
+        return center.square().mul_(self.batch_size)  # one new tensor (2 M parameters: no second one)
+
+    def quick_centered_second_moment(self, mean):
+        return self.centered_second_moment(mean), None
+
+    def inner(self, ref):
+        return self._zeros(self.batch_size)
+
+    def weighted_sum(self, weights):
+        return self._zeros(*self.shape)
 
 
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:

@@ -36,14 +36,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
 from ..._batch import flat_leaves, tensors_in
-from ..._model import autocast_as, trainable_parameters
+from ..._model import autocast_as
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
 from .audit import audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .units import find_units, store_grad
+from .units import store_grad
+from .plan import model_plan
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .model_loss import observed_model_losses
 from .rules import Layout
@@ -108,12 +109,11 @@ def observing(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    params = trainable_parameters(model)
-    units = find_units(model)
+    params, units, _, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
-    with capturing(units, model, batch_size) as capture:
+    with capturing(units, model, batch_size, sharding=sharding) as capture:
 
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
             if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
