@@ -338,30 +338,61 @@ class NonFiniteExampleLoss(BatchLossMismatch):
     example whose targets are all ignored, say), rather than because the batch loss couples the examples."""
 
 
-def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> None:
+def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> bool:
     """Raise :class:`BatchLossMismatch` where ``loss_fn`` on the whole batch is not Σ_i w_i L_i of
     L_i = ``loss_fn`` on example i alone (a loss that couples the examples: NT-Xent / SimCLR, CLIP,
     batch-hard triplets, a batch-centred MSE, a load-balancing term over the batch's router outputs).
 
     One evaluation of each loss and a loss-only backward of each at (a detached copy of) ``output``,
     the model's output on the batch (:func:`weights_at_output`); the model is not run. Any weights
-    are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is
-    computed inside the model; it is not finite there; it is not a scalar on the whole batch) nothing
-    can be told, and nothing is raised: :func:`persample.check_mean` tests those.
+    are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is not
+    finite there; it is not a scalar on the whole batch) nothing can be told, and nothing is raised.
+
+    Returns:
+        True where the loss is computed inside the model (``lambda out: out.loss``): its weights cannot
+        be read at the output, and the caller checks it on the parameters' gradients instead
+        (:func:`gradient_multiple`).
     """
     from .engines.fast.losses import traced_standard_loss
 
     batch_fn, per_example_fn = loss_parts(loss_fn)
     if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
-        return  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
+        return False  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
     try:
         weights_at_output(batch_fn, per_example_fn, output, targets, batch_size)
-    except (OpaqueLoss, NonFiniteLoss, NonFiniteExampleLoss):
-        return
+    except OpaqueLoss:
+        return True
+    except (NonFiniteLoss, NonFiniteExampleLoss):
+        return False
     except BatchLossMismatch:
         raise
     except Exception:  # the loss does not run on the whole batch as it is (or not to a scalar): cannot tell
-        return
+        return False
+    return False
+
+
+def gradient_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> tuple[float, float]:
+    """(c, relative difference) of the batch loss's gradient ``grad`` = ∇_θ ℓ against c·ḡ, the multiple of
+    the mean per-example gradient ``mean`` = ḡ = (1/B) Σ_i ∇_θ L_i closest to it (least squares):
+    max |∇ℓ − c·ḡ| / max |∇ℓ|. A batch loss ℓ = w Σ_i L_i (a mean, a sum) gives c = w·B and a difference at
+    rounding level; a loss that couples the examples, or weighs them unequally, gives O(1). A parameter
+    missing from ``grad`` (unused by ℓ) counts as a zero gradient.
+
+    >>> import torch
+    >>> gradient_multiple({"w": torch.tensor([2.0, 4.0])}, {"w": torch.tensor([1.0, 2.0])})
+    (2.0, 0.0)
+    """
+    names = list(mean)
+    g = torch.cat(
+        [
+            grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
+            for n in names
+        ]
+    )
+    m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
+    c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
+    scale = g.abs().max().item() if g.numel() else 0.0
+    return c, ((g - c * m).abs().max().item() / scale if scale > 0 else 0.0)
 
 
 class OpaqueLoss(Exception):

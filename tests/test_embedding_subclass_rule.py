@@ -129,7 +129,8 @@ def test_subclass_rule_is_exact(build):
     "build, length, code",
     [
         (lambda: Model(Positions(T + 2, D), words=Squashed(V, D)), T, "RULE_NOT_APPLICABLE"),
-        (lambda: Model(Unbatched(B, D)), B, "BATCH_DIM_AMBIGUOUS"),
+        # a position table of length B: the row probe (BATCH_MIXED) or the rule (BATCH_DIM_AMBIGUOUS) refuses
+        (lambda: Model(Unbatched(B, D)), B, ("BATCH_MIXED", "BATCH_DIM_AMBIGUOUS")),
         (lambda: Model(Positions(T + 2, D), words=Flipped(V, D)), T, "BATCH_MIXED"),
     ],
     ids=["other-op", "positions-without-batch-dim-of-length-B", "rows-reordered"],
@@ -140,7 +141,7 @@ def test_what_the_rule_does_not_cover_is_refused_and_auto_stays_exact(build, len
     ids, y = _batch(length)
     with pytest.raises(NotExact) as err:
         persample.per_sample_grads(model, F.mse_loss, ids, y, engine="fast")
-    assert err.value.code == code
+    assert err.value.code in ((code,) if isinstance(code, str) else code)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", persample.SlowPathWarning)
         assert_dicts_close(

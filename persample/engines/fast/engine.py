@@ -30,6 +30,7 @@ moves on to the vmap engine, then the per-example loop.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, cast
 
@@ -617,7 +618,15 @@ def _check_fallback_sums(
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
     a user's rule (:func:`persample.register_rule`) is held to the same check."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
-    differing = means_that_differ({n: pieces[n] for n in names}, means, float64_rtol=1e-5)
+    half = {
+        by_id[id(p)]: half_precision_rtol(unit) for unit in units if unit.rule is None for p in unit.params.values()
+    }
+    differing = means_that_differ(
+        {n: pieces[n] for n in names},
+        means,
+        float64_rtol=1e-5,
+        rtols={n: r for n, r in half.items() if r is not None},
+    )
     if differing:
         raise NotExact(
             f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
@@ -644,11 +653,41 @@ def _check_fallback_sums(
 EXACT_CHECK_NUMEL = 1 << 14
 
 
+def half_precision_rtol(unit: Unit) -> float | None:
+    """The tolerance of a fallback unit's sum check where autocast computed its calls in float16 or
+    bfloat16 (else None: the float32 / float64 tolerances hold).
+
+    Both sides of the check are computed in that dtype: autograd's gradient of the batch, and the
+    per-example gradients of torch.func (then summed in float32). Each rounds its results to the compute
+    dtype (relative error ≤ ε/2 per element, ε = ``torch.finfo(dtype).eps``) and reduces over the n rows of
+    a call's input (the examples times their positions), a sum whose rounding grows as log2(n)·ε for the
+    blocked and pairwise sums of matmul kernels. Hence rtol = ε·(2 + log2 n): 0.031 for a batch of 4 in
+    bfloat16, 0.078 for 256 rows; an honest module differs by about ε/2 (2–4e-3 measured in bfloat16 at
+    B = 4 to 256), a module that does not keep the examples apart by O(1).
+    """
+    eps, rows = 0.0, 1
+    for call in unit.calls:
+        dtypes = [dtype for _, enabled, dtype in (call.autocast or ()) if enabled]
+        half = [torch.finfo(d).eps for d in dtypes if d in (torch.float16, torch.bfloat16)]
+        if half:
+            eps = max(eps, *half)
+            leaves = [t for t in flat_leaves((call.args, call.kwargs)) if isinstance(t, Tensor) and t.dim() > 0]
+            if leaves:
+                rows = max(rows, leaves[0].numel() // max(leaves[0].shape[-1], 1) * len(unit.calls))
+    return None if eps == 0.0 else eps * (2 + math.log2(rows))
+
+
 def means_that_differ(
-    pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float, rtol: float = 1e-3
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    *,
+    float64_rtol: float,
+    rtol: float = 1e-3,
+    rtols: dict[str, float] | None = None,
 ) -> list[str]:
     """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
-    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise).
+    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise; ``rtols``
+    raises it per name, for the pieces computed in half precision: :func:`half_precision_rtol`).
 
     Small parameters are compared whole. Larger ones are compared through a Gaussian probe V from
     a fixed seed (Freivalds; the global RNG is untouched): (1/B)·``projected_sum(V)`` against M·V for
@@ -658,16 +697,18 @@ def means_that_differ(
     sync in all.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
-    differences, sizes, rtols = [], [], []
+    rtols_by_name = rtols or {}
+    differences, sizes, tolerances = [], [], []
     for name, piece in pieces.items():
         got, expected = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
-        rtols.append(float64_rtol if expected.dtype == torch.float64 else rtol)
+        base = float64_rtol if expected.dtype == torch.float64 else rtol
+        tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
     if not differences:
         return []
     device = differences[0].device  # parameters may live on several devices
-    tolerance = torch.tensor(rtols, dtype=torch.float64, device=device) * torch.stack(
+    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * torch.stack(
         [s.to(device) for s in sizes]
     ).clamp_min(1e-12)
     flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()
