@@ -47,8 +47,8 @@ def _spy_derived(monkeypatch) -> list:
     seen = []
     original = engine.derived_parameters
 
-    def spy(units, params, var):
-        found = original(units, params, var)
+    def spy(units, params, var, **kwargs):
+        found = original(units, params, var, **kwargs)
         seen.append(sorted(found))
         return found
 
