@@ -38,16 +38,20 @@ the same order, with statistics over the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import zlib
 from typing import Callable, Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import Tensor, nn
 
-from .stats import GradStats, Reduction, field_reductions
+from .stats import SHARD_SUMS, GradStats, Reduction, Shard, field_reductions, shard_rows
 
 __all__ = [
     "all_reduce_stats",
+    "reduce_scatter_stats",
+    "refresh_shard_sums",
     "all_reduce_gradients",
     "inner_products_with",
     "is_distributed",
@@ -286,6 +290,11 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     _require_group("all_reduce_stats")
     if not isinstance(stats, GradStats):
         raise TypeError(f"all_reduce_stats takes a GradStats, not {type(stats).__name__}")
+    if stats.shard is not None:
+        raise ValueError(
+            "all_reduce_stats: these statistics are already those of the global batch, sharded across the "
+            "ranks (stats.shard, from an FSDP2 Tracker or reduce_scatter_stats); use them as they are"
+        )
     dist = torch.distributed
     world = dist.get_world_size(group)
     first = next(iter(stats.mean.values()))
@@ -371,12 +380,207 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     for f, fr in declared.items():
         if fr.reduction is Reduction.SUM:
             values[f] = total
-        elif fr.reduction is Reduction.PARTS:
+        elif fr.reduction in (Reduction.PARTS, Reduction.SHARD):
             values[f] = None
         values.setdefault(f, None)
     values["part_sizes"] = tuple(sizes)
     values["part_mean_sq_norms"] = tuple(_column(headers, "mean_sq_norm"))
     return GradStats(**values)
+
+
+# ------------------------------------------------------------------------ reduce-scatter
+
+
+def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
+    """The statistics of the batch concatenated over all ranks, with ``mean`` and ``m2`` SHARDED: rank r
+    keeps only its rows of each parameter (FSDP2's ``Shard(0)`` layout, :func:`persample.stats.shard_rows`),
+    and every scalar is exact for the whole model (:class:`persample.stats.Shard`).
+
+    What it sends, per rank (ring collectives), for P parameters, batch sizes n_r and W ranks:
+
+    - one reduce-scatter of 2P float64 sums: (W−1)/W × 16P bytes; with ``var=False``, of P sums in the
+      statistics' dtype (float32 at least): (W−1)/W × 4P bytes for float32;
+    - one all-gather of the per-example vectors, B-sized rows (losses, per-parameter norms);
+    - one all-reduce of 6 float64 sums per parameter tensor, and a small header all-gather.
+
+    Never a P-sized all-gather, and no second P-sized round: the mean and M2 travel together.
+
+    The numerical choice. Chan's update for W parts is M2 = Σ_r [M2_r + n_r (μ_r − μ)²], which needs the
+    global μ on every element before the reduction (a second P-sized round, or a P-sized all-gather of
+    μ). Expanding the square, Σ_r n_r (μ_r − μ)² = Σ_r n_r μ_r² − N μ², so
+
+        S1 = Σ_r n_r μ_r,   S2 = Σ_r (M2_r + n_r μ_r²),   μ = S1 / N,   M2 = S2 − S1·μ
+
+    needs only the sums S1 and S2, one reduce-scatter. The subtraction cancels: its rounding error is
+    about ε·S2 ≈ ε·N(Var + μ²), i.e. relative to M2 about ε·(1 + μ²/Var). So both sums are formed
+    and reduced in float64 (ε = 1.1e-16) whatever the statistics' dtype, and M2 is computed there and
+    then cast back: for float32 statistics the error stays below float32 rounding unless an element's
+    μ²/Var exceeds ~1e8; for float64 ones it is ~1e-16 · μ²/Var relative. Each M2_r itself is this
+    rank's own (two-pass) sum of squared deviations, so the cancellation is only between ranks. M2 is
+    clamped at 0 (a negative value is rounding). μ is formed from S1 alone, so it has no cancellation.
+
+    A collective: every rank calls it, with statistics over the same parameters (names, shapes,
+    dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
+    refuses clipping); inner products (per-example rows) are gathered when every rank holds the same
+    reference.
+    """
+    _require_group("reduce_scatter_stats")
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"reduce_scatter_stats takes a GradStats, not {type(stats).__name__}")
+    if stats.shard is not None:
+        raise ValueError("reduce_scatter_stats: these statistics are already sharded (stats.shard)")
+    if stats.clip_norm is not None:
+        raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
+    dist = torch.distributed
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    first = next(iter(stats.mean.values()))
+    device = _comm_device(group, first.device)
+
+    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
+        raise ValueError(
+            "reduce_scatter_stats: the ranks' statistics cover different parameters (names, shapes "
+            "or dtypes differ); every rank must compute statistics of the same model"
+        )
+    sizes = [int(n) for n in _column(headers, "n")]
+    total = sum(sizes)
+    names = stats.names
+    with_m2 = all(_column(headers, "has_m2"))
+    reference = _shared_reference(stats, headers, group, device)
+    shapes = {k: tuple(stats.mean[k].shape) for k in names}
+    for k, shape in shapes.items():
+        if not shape:
+            raise ValueError(f"reduce_scatter_stats: parameter {k!r} is 0-d; FSDP2's Shard(0) needs dim 0")
+    rows = {d: {k: shard_rows(shapes[k], d, world) for k in names} for d in range(world)}
+
+    # One reduce-scatter of [S1 | S2] per destination rank, in float64 (see the docstring); with
+    # var=False only S1, which has no cancellation, in the statistics' own dtype (float32 at least).
+    dtypes = {t.dtype for t in stats.mean.values()}
+    wire = torch.float64
+    if not with_m2 and len(dtypes) == 1:
+        wire = torch.promote_types(dtypes.pop(), torch.float32)
+    n_r = float(stats.n)
+    parts: list[list[Tensor]] = [[] for _ in range(world)]
+    for k in names:
+        mu = stats.mean[k].detach().to(device=device, dtype=wire)
+        s1 = (mu * n_r).reshape(shapes[k][0], -1)
+        s2 = None
+        if with_m2:
+            assert stats.m2 is not None
+            s2 = stats.m2[k].detach().to(device=device, dtype=torch.float64).addcmul(mu, mu, value=n_r)
+            s2 = s2.reshape(shapes[k][0], -1)
+        for d in range(world):
+            start, stop = rows[d][k]
+            parts[d].append(s1[start:stop].reshape(-1))
+            if s2 is not None:
+                parts[d].append(s2[start:stop].reshape(-1))
+    lengths = [sum(t.numel() for t in p) for p in parts]
+    width = max(lengths)
+    send = torch.zeros(world, width, dtype=wire, device=device)
+    for d in range(world):
+        if parts[d]:
+            torch.cat(parts[d], out=send[d, : lengths[d]])
+    del parts
+    mine = torch.empty(width, dtype=wire, device=device)
+    dist.reduce_scatter(mine, list(send.unbind(0)), group=group)
+    del send
+
+    mean: dict[str, Tensor] = {}
+    m2: dict[str, Tensor] | None = {} if with_m2 else None
+    offset = 0
+    for k in names:
+        start, stop = rows[rank][k]
+        shape = (stop - start, *shapes[k][1:])
+        count = (stop - start) * (math.prod(shapes[k][1:]) if len(shapes[k]) > 1 else 1)
+        s1 = mine[offset : offset + count].view(shape)
+        offset += count
+        mu = s1 / total
+        out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
+        mean[k] = mu.to(device=out_device, dtype=dtype)
+        if m2 is not None:
+            s2 = mine[offset : offset + count].view(shape)
+            offset += count
+            m2[k] = (s2 - s1 * mu).clamp_(min=0.0).to(device=out_device, dtype=dtype)
+
+    # Per-example rows (B-sized), gathered as in all_reduce_stats.
+    concat = ["param_sq_norms", "losses"]
+    if stats.inner_products is not None and all(_column(headers, "has_inner")) and reference is not None:
+        concat.append("inner_products")
+    vectors = [r for f in concat for r in _as_rows(getattr(stats, f))]
+    gathered = iter(_gather_vectors(vectors, sizes, group, device))
+    values: dict = {}
+    for f in concat:
+        value = getattr(stats, f)
+        values[f] = {k: next(gathered) for k in value} if isinstance(value, Mapping) else next(gathered)
+
+    layout = Shard(rank=rank, world=world, rows=dict(rows[rank]), shapes=shapes)
+    if "inner_products" not in values:
+        reference = None
+    sums = _all_reduce_shard_sums(mean, m2, reference, layout, total, group, device)
+    layout = dataclasses.replace(layout, sums=sums)
+    return GradStats(
+        n=total,
+        mean=mean,
+        m2=m2,
+        param_sq_norms=values["param_sq_norms"],
+        losses=values["losses"],
+        inner_products=values.get("inner_products"),
+        reference=reference,
+        part_sizes=tuple(sizes),
+        part_mean_sq_norms=tuple(_column(headers, "mean_sq_norm")),
+        shard=layout,
+    )
+
+
+def _all_reduce_shard_sums(
+    mean: Mapping[str, Tensor],
+    m2: Mapping[str, Tensor] | None,
+    reference: Mapping[str, Tensor] | None,
+    layout: Shard,
+    n: int,
+    group,
+    device: torch.device,
+) -> dict[str, tuple[float, ...]]:
+    """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
+    then one all-reduce of a [K, 6] float64 matrix (K parameter tensors)."""
+    names = list(mean)
+    local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64)
+    for i, k in enumerate(names):
+        mu = mean[k].detach().double()
+        sq = mu.pow(2)
+        local[i, 0] = sq.sum()
+        if m2 is not None:
+            local[i, 1] = m2[k].detach().double().sum()
+            if n > 1:
+                var = m2[k].detach().double() / (n - 1)
+                keep = var > 0
+                local[i, 2] = (sq[keep] / var[keep]).sum()
+                local[i, 3] = keep.sum()
+        if reference is not None:
+            r = layout.reference_rows(k, reference[k].detach().to(mu.device).double())
+            local[i, 4] = (mu * r).sum()
+            local[i, 5] = (r - mu).pow(2).sum()
+    flat = local.to(device)
+    torch.distributed.all_reduce(flat, group=group)
+    return {k: tuple(flat[i].tolist()) for i, k in enumerate(names)}
+
+
+def refresh_shard_sums(stats: GradStats, group=None) -> GradStats:
+    """``stats`` with its :class:`~persample.stats.Shard` sums recomputed from its shards (one small
+    all-reduce: a collective, every rank). A merge of sharded records (``accumulate``) drops them."""
+    if stats.shard is None or stats.shard.sums is not None:
+        return stats
+    first = next(iter(stats.mean.values()))
+    sums = _all_reduce_shard_sums(
+        stats.mean,
+        stats.m2,
+        stats.reference if stats.inner_products is not None else None,
+        stats.shard,
+        stats.n,
+        group,
+        _comm_device(group, first.device),
+    )
+    return dataclasses.replace(stats, shard=dataclasses.replace(stats.shard, sums=sums))
 
 
 def _as_rows(value) -> list[Tensor]:

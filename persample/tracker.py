@@ -499,6 +499,11 @@ class Tracker:
         acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None, estimator=estimator)
         if isinstance(reference, Mapping):
             acc.reference = prepare_reference(self.model, reference)
+        elif reference == "last" and self.last_stats is not None and self.last_stats.shard is not None:
+            raise ValueError(
+                "accumulate(reference='last') under FSDP2: the last statistics hold only this rank's shard "
+                "of the mean; pass the reference as a dict of full tensors, the same on every rank"
+            )
         elif (
             reference == "last"
             and self.last_stats is not None
@@ -513,6 +518,8 @@ class Tracker:
             self._accumulation = None
         if acc.parts and not acc.refused:  # a refused micro-batch: the block has no statistics of its batch
             acc.stats = GradStats.merge_all(acc.parts)
+            if self._replicas is not None:  # FSDP2: the merged shards' global sums (a small all-reduce)
+                acc.stats = self._replicas.after_merge(acc.stats)
             failure = None
             try:
                 self._publish(acc.stats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import sys
 import traceback
@@ -27,7 +28,7 @@ torch.set_num_threads(1)
 
 import persample  # noqa: E402
 from persample import noise  # noqa: E402
-from persample.distributed import all_reduce_stats, inner_products_with  # noqa: E402
+from persample.distributed import all_reduce_stats, inner_products_with, reduce_scatter_stats  # noqa: E402
 
 SCENARIOS: dict[str, tuple] = {}
 #: batch sizes per rank of the statistics scenarios, by world size: equal for 2, unequal for 3
@@ -605,21 +606,84 @@ def oracle(model, loss, x, y):
         rows.append({k: g.detach() for k, g in zip(params, grads)})
         losses.append(li.detach())
     g = {k: torch.stack([r[k] for r in rows]) for k in params}
+    return oracle_from_rows(g, torch.stack(losses))
+
+
+def oracle_from_rows(g, losses):
+    """The oracle's fields from per-example gradients ``g[name]: [n, *shape]`` (one process, float64)."""
+    n = len(losses)
     return dict(
-        n=len(x),
+        n=n,
         mean={k: v.mean(0) for k, v in g.items()},
         var={k: v.var(0, unbiased=True) for k, v in g.items()},
-        param_sq_norms={k: v.reshape(len(x), -1).pow(2).sum(1) for k, v in g.items()},
-        losses=torch.stack(losses),
+        param_sq_norms={k: v.reshape(n, -1).pow(2).sum(1) for k, v in g.items()},
+        losses=losses,
+        grads=g,
     )
 
 
-def check_against_oracle(stats, expected, what):
+def rows_of(stats, name, full):
+    """This rank's rows of a full-size tensor when ``stats`` is sharded (FSDP2), else ``full``."""
+    if stats.shard is None:
+        return full
+    start, stop = stats.shard.rows[name]
+    return full[start:stop]
+
+
+def same_number(a, b, what, rtol=1e-9, atol=1e-12):
+    if math.isnan(a) or math.isnan(b):
+        assert math.isnan(a) and math.isnan(b), (what, a, b)
+    elif math.isinf(a) or math.isinf(b):
+        assert a == b, (what, a, b)
+    else:
+        assert abs(a - b) <= atol + rtol * abs(b), f"{what}: {a!r} vs {b!r}"
+
+
+def check_sharded_scalars(stats, expected, what, model=None, rtol=1e-9, loose=()):
+    """A sharded record (FSDP2): its layout is FSDP2's own (``p.to_local()`` rows), and every scalar
+    (‖ḡ‖², tr Σ, the noise scale, GSNR, diagnostics per layer) equals one process's statistics of the
+    concatenated batch, built from the oracle's per-example gradients. Diagnostics keys containing a
+    word of ``loose`` are only required to be finite (see the GPT-2 scenario)."""
+    _, world = rank_world()
+    assert stats.shard is not None and stats.shard.world == world, (what, stats.shard)
+    if model is not None:
+        for name, p in model.named_parameters():
+            local = p.to_local().shape
+            assert stats.mean[name].shape == local, (what, name, stats.mean[name].shape, local)
+    one = persample.GradStats.from_per_example(expected["grads"], expected["losses"])
+    same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), f"{what}: |mean|^2", rtol=rtol)
+    same_number(stats.param_m2_sum(), one.param_m2_sum(), f"{what}: sum of M2", rtol=rtol)
+    ours, theirs = noise.gradient_noise_scale(stats), noise.gradient_noise_scale(one)
+    for field in ("grad_sq", "trace_cov", "b_simple"):
+        same_number(getattr(ours, field), getattr(theirs, field), f"{what}: noise scale {field}", rtol=rtol)
+    row, expected_row = noise.diagnostics(stats, per_layer=True), noise.diagnostics(one, per_layer=True)
+    bad = []
+    for key, value in expected_row.items():
+        try:
+            if any(word in key for word in loose):
+                assert math.isfinite(row[key]) == math.isfinite(value), (what, key, row[key], value)
+                continue
+            same_number(row[key], value, f"{what}: diagnostics[{key!r}]", rtol=rtol, atol=1e-9)
+        except AssertionError as e:
+            bad.append(str(e))
+    assert not bad, bad
+    everyone = [None] * world
+    dist.all_gather_object(everyone, [float(stats.mean_sq_norm), stats.shard.sums])
+    assert all(e == everyone[0] for e in everyone), f"{what}: the ranks' global sums differ"
+
+
+def check_against_oracle(stats, expected, what, model=None, loose=()):
     assert stats.n == expected["n"], (what, stats.n, expected["n"])
-    for field in ("mean", "var", "param_sq_norms"):
-        close_dicts(getattr(stats, field), expected[field], f"{what}: {field}")
+    for field in ("mean", "var"):
+        got = getattr(stats, field)
+        assert got.keys() == expected[field].keys(), (what, field, sorted(got), sorted(expected[field]))
+        for k in got:
+            close(got[k], rows_of(stats, k, expected[field][k]), f"{what}: {field}[{k}]")
+    close_dicts(stats.param_sq_norms, expected["param_sq_norms"], f"{what}: param_sq_norms")
     close(stats.losses, expected["losses"], f"{what}: losses")
     close(stats.sq_norms, sum(expected["param_sq_norms"].values()), f"{what}: sq_norms")
+    if stats.shard is not None:
+        check_sharded_scalars(stats, expected, what, model, loose=loose)
 
 
 class Checkpointed(nn.Module):
@@ -683,8 +747,11 @@ def _fsdp2_tracker_against_fsdp2(observe=False, **shard_options):
             stats = tracker.step(x, y)
         loss(plain(x), y).backward()
         assert_grads_equal(tracked, plain, f"step {step}")
-        check_against_oracle(stats, expected, f"step {step}")
+        check_against_oracle(stats, expected, f"step {step}", model=tracked)
         assert seen[-1] is stats and stats.part_sizes == tuple(SPLITS[world])
+        if len(set(SPLITS[world])) == 1:  # equal batches: FSDP2's reduce-scattered p.grad is the mean shard
+            for name, p in tracked.named_parameters():
+                close(stats.mean[name], p.grad.to_local(), f"step {step}: mean shard of {name} vs FSDP2's p.grad")
         # the reference replica takes DDP's step: the mean over ranks of each rank's mean gradient
         for p in reference.parameters():
             p.grad = None
@@ -727,8 +794,12 @@ def fsdp2_grad_stats_then_all_reduce_stats_equal_the_oracle():
     close_dicts(local.mean, mine.mean, "this rank's mean")
     close_dicts(local.var, mine.var, "this rank's var")
     close(local.sq_norms, mine.sq_norms, "this rank's norms")
-    check_against_oracle(all_reduce_stats(local), oracle(reference, loss, gx, gy), "all_reduce_stats")
+    expected = oracle(reference, loss, gx, gy)
+    check_against_oracle(all_reduce_stats(local), expected, "all_reduce_stats")
     assert all_reduce_stats(local).part_sizes == tuple(SPLITS[world])
+    sharded = reduce_scatter_stats(local)
+    check_against_oracle(sharded, expected, "reduce_scatter_stats", model=model)
+    assert sharded.part_sizes == tuple(SPLITS[world])
     try:
         persample.grad_stats(model, loss, x, y, clip_norm=1.0)
     except persample.UnsupportedModelError as err:
@@ -762,7 +833,7 @@ def fsdp2_mixed_precision_policy_bf16_parameters_fp32_reduction():
     expected = oracle(mlp(seed=26), loss, gx, gy)  # float64: bf16 rounding is the only difference
     assert stats.mean[next(iter(stats.mean))].dtype == torch.float32
     for k in expected["mean"]:
-        close(stats.mean[k].double(), expected["mean"][k], f"mean[{k}] (bf16)", rtol=3e-2, atol=3e-2)
+        close(stats.mean[k].double(), rows_of(stats, k, expected["mean"][k]), f"mean[{k}] (bf16)", rtol=3e-2, atol=3e-2)
     close(stats.sq_norms.double(), sum(expected["param_sq_norms"].values()), "sq_norms (bf16)", rtol=5e-2, atol=1e-2)
 
 
@@ -784,7 +855,8 @@ def fsdp2_accumulate_micro_batches():
     assert_grads_equal(tracked, plain, "accumulated")
     gx = torch.cat([b[2] for b in batches])
     gy = torch.cat([b[3] for b in batches])
-    check_against_oracle(acc.stats, oracle(reference, loss, gx, gy), "merged micro-batches")
+    check_against_oracle(acc.stats, oracle(reference, loss, gx, gy), "merged micro-batches", model=tracked)
+    assert acc.stats.shard is not None and acc.stats.shard.sums is not None
     assert seen == [acc.stats] and tracker.steps == 1
 
 
@@ -960,15 +1032,13 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
             rows.append(torch.autograd.grad(li, list(params.values())))
             losses.append(li.detach())
         g = {k: torch.stack([r[j] for r in rows]) for j, k in enumerate(params)}
-        expected = dict(
-            n=len(ids),
-            mean={k: v.mean(0) for k, v in g.items()},
-            var={k: v.var(0, unbiased=True) for k, v in g.items()},
-            param_sq_norms={k: v.reshape(len(ids), -1).pow(2).sum(1) for k, v in g.items()},
-            losses=torch.stack(losses),
-        )
+        expected = oracle_from_rows(g, torch.stack(losses))
         assert "lm_head.weight" not in stats.mean and "transformer.wte.weight" in stats.mean  # tied: one name
-        check_against_oracle(stats, expected, f"GPT-2 step {step}")
+        # GSNR (mean of ḡ_j²/Var_j over Var_j > 0) is ill-conditioned here: the key bias of c_attn has a
+        # structurally zero gradient (softmax's shift invariance), so its elements hold rounding noise
+        # (~1e-17) in any computation, and their ratio is noise too (1e-2 apart between two exact
+        # computations). Those columns are not compared; the MLP scenarios compare GSNR at 1e-9.
+        check_against_oracle(stats, expected, f"GPT-2 step {step}", model=tracked, loose=("gsnr",))
         with torch.no_grad():  # the same update on both sharded models and the reference
             for p, q, r in zip(tracked.parameters(), plain.parameters(), reference.parameters()):
                 p.sub_(0.1 * p.grad)
@@ -1044,8 +1114,8 @@ def fsdp2_tiny_llama_token_mean_over_padding():
         assert err < 1e-6, f"{what}: {err:.2e} relative to the largest entry"
 
     for k in params:
-        near(stats.mean[k], expected["mean"][k], f"Llama mean[{k}]")
-        near(stats.var[k], expected["var"][k], f"Llama var[{k}]")
+        near(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"Llama mean[{k}]")
+        near(stats.var[k], rows_of(stats, k, expected["var"][k]), f"Llama var[{k}]")
     near(stats.losses, torch.stack(losses), "Llama losses")
     near(stats.sq_norms, sum(v.reshape(len(ids), -1).pow(2).sum(1) for v in g.values()), "Llama norms")
 
