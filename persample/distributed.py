@@ -460,28 +460,24 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     if not with_m2 and len(dtypes) == 1:
         wire = torch.promote_types(dtypes.pop(), torch.float32)
     n_r = float(stats.n)
-    parts: list[list[Tensor]] = [[] for _ in range(world)]
-    for k in names:
-        mu = stats.mean[k].detach().to(device=device, dtype=wire)
-        s1 = (mu * n_r).reshape(shapes[k][0], -1)
-        s2 = None
-        if with_m2:
-            assert stats.m2 is not None
-            s2 = stats.m2[k].detach().to(device=device, dtype=torch.float64).addcmul(mu, mu, value=n_r)
-            s2 = s2.reshape(shapes[k][0], -1)
+    per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
+    fields = 2 if with_m2 else 1
+    lengths = [fields * sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
+    send = torch.zeros(world, max(lengths), dtype=wire, device=device)
+    offsets = [0] * world
+    for k in names:  # written in place into each destination's slice: no temporaries of size P
+        mu = stats.mean[k].detach().to(device).reshape(shapes[k][0], -1)
+        m2_k = stats.m2[k].detach().to(device).reshape(shapes[k][0], -1) if with_m2 else None  # type: ignore[index]
         for d in range(world):
             start, stop = rows[d][k]
-            parts[d].append(s1[start:stop].reshape(-1))
-            if s2 is not None:
-                parts[d].append(s2[start:stop].reshape(-1))
-    lengths = [sum(t.numel() for t in p) for p in parts]
-    width = max(lengths)
-    send = torch.zeros(world, width, dtype=wire, device=device)
-    for d in range(world):
-        if parts[d]:
-            torch.cat(parts[d], out=send[d, : lengths[d]])
-    del parts
-    mine = torch.empty(width, dtype=wire, device=device)
+            count, o = (stop - start) * per_row[k], offsets[d]
+            s1 = send[d, o : o + count].view(stop - start, per_row[k])
+            s1.copy_(mu[start:stop]).mul_(n_r)
+            if m2_k is not None:  # M2_r + n_r μ_r², in float64: (n_r μ_r)·μ_r
+                s2 = send[d, o + count : o + 2 * count].view(stop - start, per_row[k])
+                s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
+            offsets[d] = o + fields * count
+    mine = torch.empty(send.shape[1], dtype=wire, device=device)
     dist.reduce_scatter(mine, list(send.unbind(0)), group=group)
     del send
 
@@ -491,16 +487,15 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     for k in names:
         start, stop = rows[rank][k]
         shape = (stop - start, *shapes[k][1:])
-        count = (stop - start) * (math.prod(shapes[k][1:]) if len(shapes[k]) > 1 else 1)
-        s1 = mine[offset : offset + count].view(shape)
-        offset += count
-        mu = s1 / total
+        count = (stop - start) * per_row[k]
+        s1 = mine[offset : offset + count]
         out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
-        mean[k] = mu.to(device=out_device, dtype=dtype)
-        if m2 is not None:
-            s2 = mine[offset : offset + count].view(shape)
-            offset += count
-            m2[k] = (s2 - s1 * mu).clamp_(min=0.0).to(device=out_device, dtype=dtype)
+        if m2 is not None:  # M2 = S2 − S1·μ, in place in the received buffer (μ written after)
+            s2 = mine[offset + count : offset + 2 * count]
+            s2.addcmul_(s1, s1, value=-1.0 / total).clamp_(min=0.0)
+            m2[k] = s2.view(shape).to(device=out_device, dtype=dtype)
+        mean[k] = s1.div_(total).view(shape).to(device=out_device, dtype=dtype)
+        offset += fields * count
 
     # Per-example rows (B-sized), gathered as in all_reduce_stats.
     concat = ["param_sq_norms", "losses"]
@@ -544,25 +539,33 @@ def _all_reduce_shard_sums(
     """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
     then one all-reduce of a [K, 6] float64 matrix (K parameter tensors)."""
     names = list(mean)
+    lengths = torch.tensor([mean[k].numel() for k in names])
+
+    def flat(values) -> Tensor:
+        return torch.cat([v.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for v in values])
+
+    def per_param(column: Tensor) -> Tensor:  # Σ over each parameter's elements (empty shards: 0)
+        return torch.segment_reduce(column, "sum", lengths=lengths)
+
     local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64)
-    for i, k in enumerate(names):
-        mu = mean[k].detach().double()
-        sq = mu.pow(2)
-        local[i, 0] = sq.sum()
-        if m2 is not None:
-            local[i, 1] = m2[k].detach().double().sum()
-            if n > 1:
-                var = m2[k].detach().double() / (n - 1)
-                keep = var > 0
-                local[i, 2] = (sq[keep] / var[keep]).sum()
-                local[i, 3] = keep.sum()
-        if reference is not None:
-            r = layout.reference_rows(k, reference[k].detach().to(mu.device).double())
-            local[i, 4] = (mu * r).sum()
-            local[i, 5] = (r - mu).pow(2).sum()
-    flat = local.to(device)
-    torch.distributed.all_reduce(flat, group=group)
-    return {k: tuple(flat[i].tolist()) for i, k in enumerate(names)}
+    mu = flat(mean[k] for k in names)
+    sq = mu.square()
+    local[:, 0] = per_param(sq)
+    if m2 is not None:
+        m2_flat = flat(m2[k] for k in names)
+        local[:, 1] = per_param(m2_flat)
+        if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
+            keep = m2_flat > 0
+            var = m2_flat / (n - 1)
+            local[:, 2] = per_param(torch.where(keep, sq / var.where(keep, 1.0), 0.0))
+            local[:, 3] = per_param(keep.double())
+    if reference is not None:
+        r = flat(layout.reference_rows(k, reference[k]) for k in names)
+        local[:, 4] = per_param(mu * r)
+        local[:, 5] = per_param((r - mu).square())
+    summed = local.to(device)
+    torch.distributed.all_reduce(summed, group=group)
+    return {k: tuple(summed[i].tolist()) for i, k in enumerate(names)}
 
 
 def refresh_shard_sums(stats: GradStats, group=None) -> GradStats:
