@@ -463,7 +463,9 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
     fields = 2 if with_m2 else 1
     lengths = [fields * sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
-    send = torch.zeros(world, max(lengths), dtype=wire, device=device)
+    send = torch.empty(world, max(lengths), dtype=wire, device=device)
+    for d in range(world):  # only the padding needs zeros: every other element is written below
+        send[d, lengths[d] :].zero_()
     offsets = [0] * world
     for k in names:  # written in place into each destination's slice: no temporaries of size P
         mu = stats.mean[k].detach().to(device).reshape(shapes[k][0], -1)

@@ -927,6 +927,34 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
 
 
 @scenario(2, suite="fsdp")
+def fsdp2_tracker_built_before_fully_shard_adopts_it():
+    """accelerate shards the HF Trainer's model in place inside train(), after track(trainer) built the
+    Tracker: the first step sees the sharding and runs as an FSDP2 step (p.grad = FSDP2's, statistics
+    global and sharded, equal to the oracle); FSDP1 applied late is refused on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    loss = F.cross_entropy
+    tracked, plain, reference = mlp_like(seed=28), sharded_mlp(28), mlp(seed=28)
+    tracker = persample.Tracker(tracked, loss)  # not sharded yet: replicated, as under DDP
+    for layer in (tracked[0], tracked[2]):
+        fully_shard(layer)
+    fully_shard(tracked)
+    x, y, gx, gy = local_batches(1, seed=151)[0]
+    stats = tracker.step(x, y)
+    loss(plain(x), y).backward()
+    assert_grads_equal(tracked, plain, "late fully_shard")
+    check_against_oracle(stats, oracle(reference, loss, gx, gy), "late fully_shard", model=tracked)
+    clipped = persample.Tracker(mlp_like(seed=28), loss, clip_norm=1.0)
+    fully_shard(clipped.model)
+    try:
+        clipped.step(x, y)
+    except persample.UnsupportedModelError as err:
+        assert err.code == "FSDP2_OPTION" and "clip_norm" in str(err), err
+    else:
+        raise AssertionError("clip_norm on a model sharded after the Tracker was built was not refused")
+
+
+@scenario(2, suite="fsdp")
 def fsdp2_tracker_refuses_what_one_backward_cannot_give():
     model = sharded_mlp(24)
     for options, words in (
