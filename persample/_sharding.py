@@ -44,7 +44,7 @@ __all__ = [
 _FSDP2_FIX = (
     "For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
     "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
-    "this rank's (then persample.distributed.all_reduce_stats); see README, 'FSDP2'. Otherwise "
+    "this rank's (then persample.distributed.all_reduce_stats); see docs/fsdp.md. Otherwise "
     "train with DistributedDataParallel."
 )
 
