@@ -17,8 +17,10 @@ persample returns the float64-oracle answer or refuses. Each refusal is one
 The watchers and the graph audit only collect evidence: a :class:`Finding` is the
 text of what they saw, tagged with the code of the precondition it breaks.
 :func:`refusal` turns a code and a detail into the exception to raise, and
-``NotExact(finding)`` picks the code up from the finding itself. The README's
-table of refusals is :func:`refusal_table`'s output (a test keeps them in step).
+``NotExact(finding)`` picks the code up from the finding itself. The table of
+refusals on the documentation site (``docs/engines.md``, between the
+``refusals:begin`` / ``refusals:end`` markers) is :func:`refusal_table`'s output:
+``python -m persample.contract --write`` rewrites it, and a test keeps the two in step.
 
 >>> from persample.contract import PRECONDITIONS, refusal
 >>> PRECONDITIONS["BATCHNORM_TRAIN"].error.__name__
@@ -104,8 +106,13 @@ def enforce(*findings: str | None) -> None:
             raise finding.error() if isinstance(finding, Finding) else NotExact(finding)
 
 
+TABLE_PAGE = "docs/engines.md"
+"""The documentation page that holds :func:`refusal_table` between its markers (relative to the checkout)."""
+TABLE_MARKERS = ("<!-- refusals:begin -->", "<!-- refusals:end -->")
+
+
 def refusal_table() -> str:
-    """The README's table of refusals, generated from :data:`PRECONDITIONS` (markdown)."""
+    """The documentation's table of refusals, generated from :data:`PRECONDITIONS` (markdown)."""
     rows = ["| code | raises | stage | applies to | precondition | fix |", "|---|---|---|---|---|---|"]
     for pre in PRECONDITIONS.values():
         rows.append(
@@ -556,5 +563,37 @@ def _fix_of(code: str) -> str | None:
 errors.declared_fix = _fix_of  # errors sits below the registry: it is told the fixes, it does not import them
 
 
-if __name__ == "__main__":  # python -m persample.contract: the README's table of refusals
-    print(refusal_table())
+def with_refusal_table(page: str) -> str:
+    r"""``page`` (markdown text) with the text between :data:`TABLE_MARKERS` replaced by :func:`refusal_table`.
+
+    Raises ``ValueError`` when the page does not hold both markers, in that order.
+
+    >>> print(with_refusal_table("intro\n<!-- refusals:begin -->\nold\n<!-- refusals:end -->\n").splitlines()[2])
+    | code | raises | stage | applies to | precondition | fix |
+    """
+    begin, end = TABLE_MARKERS
+    head, sep, rest = page.partition(begin)
+    _, sep2, tail = rest.partition(end)
+    if not sep or not sep2:
+        raise ValueError(f"the page has no {begin} ... {end} markers")
+    return f"{head}{begin}\n{refusal_table()}\n{end}{tail}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m persample.contract``: print the table; ``--write [PAGE]``: rewrite it in PAGE (from a checkout)."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(prog="python -m persample.contract", description=main.__doc__)
+    parser.add_argument("--write", nargs="?", const=TABLE_PAGE, metavar="PAGE", help=f"default: {TABLE_PAGE}")
+    args = parser.parse_args(argv)
+    if args.write is None:
+        print(refusal_table())
+        return
+    path = Path(args.write)
+    path.write_text(with_refusal_table(path.read_text()))
+    print(f"wrote the table of {len(PRECONDITIONS)} refusals into {path}")
+
+
+if __name__ == "__main__":  # python -m persample.contract [--write]: the documentation's table of refusals
+    main()

@@ -30,7 +30,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Mapping, TextIO
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,28 @@ def describe_b_simple(b_simple: float, batch_size: float) -> str:
     return head + "a larger batch would mostly add compute; it would cut few steps."
 
 
+def describe_b_precond(value: float, lo: Any = None, hi: Any = None, row: Mapping[str, Any] | None = None) -> str:
+    """The Adam-aware noise scale B^P (EMA) in words, with its 90% interval and the coordinates left out.
+
+    >>> text = describe_b_precond(84.0, 60.0, 110.0, {"precond_excluded": 12.0})
+    >>> text[:50]
+    'Adam-aware B^P ≈ 84 examples [90% interval 60–110]'
+    >>> "12 coordinates without a second moment yet are left out" in text
+    True
+    """
+    if value > 0:
+        text = f"Adam-aware B^P ≈ {value:.3g} examples"
+        if isinstance(lo, float) and isinstance(hi, float) and math.isfinite(lo) and math.isfinite(hi):
+            text += f" [90% interval {max(lo, 0.0):.3g}–{hi:.3g}]"
+    else:
+        text = "Adam-aware B^P is below noise (its GᵀPG EMA is not positive)"
+    text += " (EMA of tr(PΣ) over EMA of GᵀPG, P = 1/(sqrt(v̂) + ε)"
+    excluded = (row or {}).get("precond_excluded")
+    if isinstance(excluded, float) and math.isfinite(excluded) and excluded > 0:
+        text += f"; {excluded:.0f} coordinates without a second moment yet are left out"
+    return text + "): the noise scale under Adam's preconditioner; B_simple assumes plain SGD."
+
+
 @dataclass
 class DemoConfig:
     """Every option of ``persample demo`` (see ``persample demo --help``)."""
@@ -144,6 +166,7 @@ class EpochSummary:
     gsnr_mean: float
     norm_test_batch: float
     seconds: float
+    b_precond_ema: float | None = None  # with Adam: the preconditioned noise scale's EMA (a column of its own)
 
 
 @dataclass
@@ -300,8 +323,10 @@ def summarize_epoch(
     """The table line of an epoch from its diagnostics rows.
 
     GSNR is the mean of the steps' mean GSNR; the norm-test batch size is the
-    median over the steps (robust to the inf of a step with ḡ ≈ 0).
+    median over the steps (robust to the inf of a step with ḡ ≈ 0); B^P is the
+    last row's ``b_precond_ema`` when the rows have one (an Adam run).
     """
+    precond = rows[-1].get("b_precond_ema") if rows else None
     gsnr = _finite(r.get("gsnr_mean", math.nan) for r in rows)
     batch = [r.get("norm_test_batch", math.nan) for r in rows]
     batch = [b for b in batch if not math.isnan(b)]
@@ -314,6 +339,7 @@ def summarize_epoch(
         statistics.fmean(gsnr) if gsnr else math.nan,
         statistics.median(batch) if batch else math.nan,
         seconds,
+        float(precond) if isinstance(precond, (int, float)) else None,
     )
 
 
@@ -321,26 +347,35 @@ TABLE_HEADER = ("epoch", "train loss", "train acc", "test acc", "B_simple(EMA)",
 _WIDTHS = (5, 10, 9, 8, 13, 9, 11, 6)
 
 
-def format_table(row: EpochSummary | None = None) -> str:
-    """The table header (``row=None``) or one aligned table line."""
+def format_table(row: EpochSummary | None = None, *, precond: bool = False) -> str:
+    """The table header (``row=None``) or one aligned table line; ``precond``: with a ``B^P(EMA)`` column
+    (the Adam-aware noise scale) after ``B_simple(EMA)``."""
+    header: tuple[str, ...] = TABLE_HEADER
+    widths: tuple[int, ...] = _WIDTHS
+    if precond:
+        header, widths = header[:5] + ("B^P(EMA)",) + header[5:], widths[:5] + (11,) + widths[5:]
     if row is None:
-        return "  ".join(h.rjust(w) for h, w in zip(TABLE_HEADER, _WIDTHS))
+        return "  ".join(h.rjust(w) for h, w in zip(header, widths))
 
     def num(v: float, fmt: str) -> str:
         return format(v, fmt) if math.isfinite(v) else str(v)
 
-    noise = num(row.b_simple_ema, ".4g") if not (row.b_simple_ema <= 0) else "below noise"
+    def noise_scale(v: float) -> str:
+        return num(v, ".4g") if not (v <= 0) else "below noise"
+
+    noise = noise_scale(row.b_simple_ema)
     cells = (
         str(row.epoch),
         num(row.train_loss, ".4f"),
         num(row.train_acc, ".3f"),
         num(row.test_acc, ".3f"),
         noise,
+        *((noise_scale(math.nan if row.b_precond_ema is None else row.b_precond_ema),) if precond else ()),
         num(row.gsnr_mean, ".4f"),
         num(row.norm_test_batch, ".0f"),
         f"{row.seconds:.1f}s",
     )
-    return "  ".join(c.rjust(w) for c, w in zip(cells, _WIDTHS))
+    return "  ".join(c.rjust(w) for c, w in zip(cells, widths))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -433,7 +468,7 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
     )
     say(f"per-example statistics every {config.every} step(s); B_simple EMA beta {config.ema_beta:g}")
     say()
-    say(format_table())
+    say(format_table(precond=adam))
     generator = torch.Generator().manual_seed(config.seed)
     summaries: list[EpochSummary] = []
     n_steps = steps_per_epoch(len(x_train), batch_size)
@@ -475,24 +510,23 @@ def run_demo(config: DemoConfig, stdout: TextIO | None = None) -> DemoResult:
                 epoch, step_rows, diag.ema.value, train_eval, test_acc, time.perf_counter() - t_epoch
             )
             summaries.append(summary)
-            say(format_table(summary))
+            say(format_table(summary, precond=adam))
     finally:
         diag.close()
         epoch_sink.close()
     say(
         '  (B_simple: EMA of tr Σ over EMA of |G|², McCandlish et al. 2018, "below noise" while the |G|² '
-        "estimate is not yet positive;\n   GSNR: epoch mean of the mean per-element GSNR; norm-test B: median "
+        "estimate is not yet positive;\n"
+        + ("   B^P: the same under Adam's preconditioner P, EMA of tr(PΣ) over EMA of GᵀPG;\n" if adam else "")
+        + "   GSNR: epoch mean of the mean per-element GSNR; norm-test B: median "
         f"batch size the norm test (θ = {DEFAULT_NORM_THRESHOLD:g}) asks for)"
     )
     say()
     say(describe_b_simple(diag.ema.value, batch_size))
-    precond = [r["b_precond_ema"] for r in diag.rows if isinstance(r.get("b_precond_ema"), float)]
-    if adam and precond and math.isfinite(precond[-1]):
-        value = f"≈ {precond[-1]:.3g} examples" if precond[-1] > 0 else "is below noise (its GᵀPG EMA is not positive)"
-        say(
-            f"Adam-aware B^P {value} (EMA of tr(PΣ) over EMA of GᵀPG, P = 1/(sqrt(v̂) + ε)): "
-            "the noise scale under Adam's preconditioner; B_simple assumes plain SGD."
-        )
+    last = diag.rows[-1] if diag.rows else {}
+    b_precond = last.get("b_precond_ema", math.nan)
+    if adam and isinstance(b_precond, float) and math.isfinite(b_precond):
+        say(describe_b_precond(b_precond, last.get("b_precond_ema_lo"), last.get("b_precond_ema_hi"), last))
 
     plot_path = out / "diagnostics.png"
     fig = plot_module.plot_diagnostics(

@@ -72,7 +72,8 @@ class Diagnostics:
             inner-product and orthogonality tests when the statistics have inner
             products (their columns are NaN otherwise, without a warning).
         optimizer: an Adam / AdamW optimizer: adds the preconditioned noise
-            scale (``b_precond``, ``b_precond_ema``, …, see
+            scale (``b_precond``, ``b_precond_ema`` and its 90% interval
+            ``b_precond_ema_lo`` / ``_hi``, ``precond_excluded``, …, see
             :func:`persample.noise.preconditioned_noise_scale`), NaN on steps
             before the optimizer's first step. Parameters are named through the
             Tracker's model. ``preconditioner={name: P}`` gives P directly.
@@ -165,7 +166,9 @@ class Diagnostics:
                     f"persample diagnostics: no preconditioned noise scale ({err}); its columns are NaN", stacklevel=3
                 )
         if undefined:  # the optimizer had not stepped yet: P is undefined on this step
-            values.update(b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan)
+            values.update(
+                b_precond=math.nan, grad_sq_precond=math.nan, trace_cov_precond=math.nan, precond_excluded=math.nan
+            )
         if self.tests is None and stats.inner_products is None:  # the default's columns, NaN: nothing was asked
             for key in ("inner_test", "ortho_test"):
                 values.update(
@@ -194,6 +197,7 @@ class Diagnostics:
                         math.nan,
                     )
                 )
+            row["b_precond_ema_lo"], row["b_precond_ema_hi"] = self.ema_precond.interval(0.9)
         return row
 
     def _nan_row(self, stats: GradStats, step: int, problem: str) -> Row:

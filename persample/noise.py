@@ -236,6 +236,12 @@ class NoiseScale:
             of an optimizer's diagonal preconditioner P).
         b_small: B_small: 1 for the per-example estimator, the (harmonic mean
             of the) ranks' batch sizes for the rank-level one.
+        stderr: the jackknife standard errors ``{"grad_sq", "trace_cov", "b_simple"}``
+            behind :meth:`interval`, or None (``stderr_missing`` says why).
+        excluded: for ``"preconditioned"``, the number of coordinates with P_j = 0,
+            which weigh nothing in either sum: with an Adam optimizer, those it has
+            no second-moment estimate for yet (v̂_j = 0, see :func:`adam_preconditioner`);
+            0 for the other estimators.
     """
 
     n: float  # an int but for the two-batch estimator with a non-integer B_big (two_batch_noise_scale)
@@ -248,6 +254,7 @@ class NoiseScale:
     b_small: float = 1.0
     stderr: Mapping[str, float] | None = None
     stderr_missing: str = ""
+    excluded: int = 0
 
     def interval(self, level: float = 0.9, of: str = "b_simple") -> tuple[float, float]:
         """A ``level`` confidence interval for ``of`` (``"b_simple"``, ``"grad_sq"`` or ``"trace_cov"``):
@@ -501,13 +508,30 @@ def adam_preconditioner(
     *,
     model: torch.nn.Module | Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
-    """Adam's diagonal preconditioner P_j = 1/(sqrt(v̂_j) + ε) as it stands now, ``{name: P}``.
+    """Adam's diagonal preconditioner as it stands now, ``{name: P}``: P_j = 1/(sqrt(v̂_j) + ε) where
+    Adam has a second-moment estimate (v̂_j > 0), and P_j = 0 (the coordinate is left out) where it has none.
 
     v̂ = ``exp_avg_sq`` / (1 − β₂^t) is the bias-corrected second moment after the t
     steps the optimizer has taken (``max_exp_avg_sq`` with ``amsgrad=True``): read it
     **before** ``optimizer.step()``, and it is the P that step divides by (up to this
     step's own update of v, which the noise scale leaves out by design: P must not
     depend on the gradient it weighs). Works for ``torch.optim.Adam`` and ``AdamW``.
+
+    **Uninformed coordinates.** v̂_j = 0 means every gradient coordinate j has had so far
+    was exactly 0: a ReLU unit or an input feature that has been silent, an embedding
+    row not yet seen, a parameter that has had no gradient at all (Adam then holds no
+    state for it). Adam has no scale for such a coordinate. Its next update is not a
+    step along P·g for any P fixed in advance: with m and v both 0 before it, the update
+    is lr·(1−β₁)/(1−β₁^t)·sqrt((1−β₂^t)/(1−β₂))·sign(g_j), whatever |g_j| is. Read
+    before the step, the formula would give it the weight 1/ε (1e8 for the default ε),
+    so a coordinate's first nonzero gradient would swamp both sums of the noise scale
+    (in ``persample demo --optimizer adam`` it made GᵀPG −34857 on one step against ~60
+    on the others, and left the B^P EMA negative for 80 steps). Such coordinates get
+    P_j = 0: the noise scale is then the one over the coordinates Adam has a scale for,
+    P stays a function of the past only (so the estimates stay unbiased given P), and
+    :attr:`NoiseScale.excluded` counts the coordinates left out. Why not v̂ after the
+    step instead: P would then depend on this batch's gradient, the quantity it weighs
+    (E ḡ_j² = G_j² + Σ_jj/B needs P fixed); and a floor on v̂ would be an arbitrary scale.
 
     Parameters are matched to names through ``model.named_parameters()`` (or a
     ``{name: parameter}`` dict), or through the optimizer's own ``param_names``
@@ -516,10 +540,12 @@ def adam_preconditioner(
     >>> import torch
     >>> model = torch.nn.Linear(2, 1)
     >>> opt = torch.optim.Adam(model.parameters(), eps=1e-8)
-    >>> model(torch.ones(1, 2)).sum().backward(); opt.step()
+    >>> model(torch.tensor([[1., 0.]])).sum().backward(); opt.step()
     >>> P = adam_preconditioner(opt, model=model)
     >>> sorted(P), round(float(P["bias"]), 3)   # v̂ = g² after one step: P = 1/(|g| + ε)
     (['bias', 'weight'], 1.0)
+    >>> (P["weight"] > 0).tolist()   # the second input was 0: no gradient yet, so no scale: left out
+    [[True, False]]
 
     Raises:
         ValueError: another optimizer, a parameter the optimizer does not hold, no
@@ -549,26 +575,37 @@ def adam_preconditioner(
                 )
             by_name.update({n: (p, group) for n, p in zip(group["param_names"], group["params"])})
     wanted = list(by_name) if names is None else list(names)
-    out: dict[str, Tensor] = {}
     for name in wanted:
         if name not in by_name:
             raise ValueError(
                 f"adam_preconditioner: the optimizer holds no parameter named {name!r}; the "
                 f"statistics and the optimizer must cover the same parameters"
             )
+    if not _optimizer_stepped(optimizer):
+        raise ValueError(
+            f"adam_preconditioner: {type(optimizer).__name__} has no state yet (it has not taken a "
+            f"step): Adam's preconditioner is undefined before its first step; use B_simple there "
+            f"(diagnostics reports NaN for that step)"
+        )
+    out: dict[str, Tensor] = {}
+    for name in wanted:
         p, group = by_name[name]
         state = optimizer.state.get(p, {})
+        if float(state.get("step", 0)) == 0:  # no gradient yet, so no state: every coordinate is uninformed
+            out[name] = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            continue
         key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
-        if key not in state or float(state.get("step", 0)) == 0:
+        if key not in state:
             raise ValueError(
-                f"adam_preconditioner: {type(optimizer).__name__} has no state for {name!r} yet (it "
-                f"has not taken a step): Adam's preconditioner is undefined before its first step; "
-                f"use B_simple there (diagnostics reports NaN for that step)"
+                f"adam_preconditioner: the state of {name!r} has no {key!r} (amsgrad={bool(group.get('amsgrad'))} "
+                f"was changed after the optimizer stepped?); Adam's preconditioner cannot be read from it"
             )
         t = float(state["step"])
         beta2 = float(group["betas"][1])
         v_hat = state[key].detach().double() / (1 - beta2**t)
-        out[name] = 1.0 / (v_hat.sqrt() + float(group["eps"]))
+        informed = v_hat > 0
+        # where(informed, ...) also keeps ε = 0 finite: 1/sqrt(0) never reaches P
+        out[name] = torch.where(informed, 1.0 / (v_hat.sqrt() + float(group["eps"])), torch.zeros_like(v_hat))
     return out
 
 
@@ -576,16 +613,24 @@ def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tens
     assert stats.m2 is not None  # callers check var=True
     _refuse_sharded("preconditioned_noise_scale", stats)
     b = stats.n
-    trace, signal, mean_sq = 0.0, 0.0, 0.0
+    trace, signal, mean_sq, excluded = 0.0, 0.0, 0.0, 0
     for k in names:
-        w = P[k].detach().to(stats.mean[k].device).double()
+        w = torch.broadcast_to(P[k].detach().to(stats.mean[k].device).double(), stats.mean[k].shape)
         var = stats.m2[k].detach().double() / (b - 1)
         mu2 = stats.mean[k].detach().double().pow(2)
         trace += float((w * var).sum())
         mean_sq += float((w * mu2).sum())
+        excluded += int((w == 0).sum())
     signal = mean_sq - trace / b
     return NoiseScale(
-        b, signal, trace, _div(trace, signal), mean_sq, mean_sq + trace * (b - 1) / b, estimator="preconditioned"
+        b,
+        signal,
+        trace,
+        _div(trace, signal),
+        mean_sq,
+        mean_sq + trace * (b - 1) / b,
+        estimator="preconditioned",
+        excluded=excluded,
     )
 
 
@@ -639,10 +684,17 @@ def preconditioned_noise_scale(
     - GᵀPG  ≈ Σ_j P_j (ḡ_j² − Var_j / B)     (``grad_sq``, unbiased: E ḡ_j² = G_j² + Σ_jj/B)
     - B^P = tr(PΣ) / GᵀPG                   (``b_simple``)
 
-    P comes from ``optimizer`` (Adam / AdamW: P_j = 1/(sqrt(v̂_j) + ε), v̂ the
-    bias-corrected ``exp_avg_sq`` as it stands before this step's update, see
-    :func:`adam_preconditioner`) or from ``preconditioner={name: P}``. With P = 1
-    it is :func:`gradient_noise_scale`'s B_simple.
+    P comes from ``optimizer`` (Adam / AdamW: P_j = 1/(sqrt(v̂_j) + ε) where v̂_j > 0
+    and 0 where v̂_j = 0, v̂ the bias-corrected ``exp_avg_sq`` as it stands before
+    this step's update, see :func:`adam_preconditioner` and ``docs/noise.md``) or
+    from ``preconditioner={name: P}``. With P = 1 it is :func:`gradient_noise_scale`'s
+    B_simple.
+
+    Coordinates with P_j = 0 weigh nothing in either sum, and ``excluded`` counts
+    them. From an optimizer, they are the coordinates Adam has no second-moment
+    estimate for yet (v̂_j = 0: every gradient they had so far was 0); Adam has no
+    scale for them, and 1/ε would swamp both sums, so B^P is the noise scale over
+    the coordinates Adam has a scale for (see :func:`adam_preconditioner` for why).
 
     When it differs from B_simple: Adam divides each coordinate by its typical
     gradient size, so coordinates with large gradients (and, usually, large noise:
@@ -653,7 +705,8 @@ def preconditioned_noise_scale(
 
     Returns:
         a :class:`NoiseScale` with ``estimator="preconditioned"``,
-        ``mean_sq_norm = Σ_j P_j ḡ_j²`` and ``mean_example_sq_norm`` = (1/B)Σ_i‖g_i‖²_P.
+        ``mean_sq_norm = Σ_j P_j ḡ_j²``, ``mean_example_sq_norm`` = (1/B)Σ_i‖g_i‖²_P
+        and ``excluded`` = #{j: P_j = 0}.
 
     >>> import torch, persample
     >>> g = {"w": torch.tensor([[1., 0.], [3., 2.], [2., 1.]], dtype=torch.float64)}   # B = 3 examples
@@ -661,6 +714,9 @@ def preconditioned_noise_scale(
     >>> est = preconditioned_noise_scale(stats, preconditioner={"w": torch.tensor([1., 4.])})
     >>> est.trace_cov, est.grad_sq   # Var = (1, 1): tr = 1 + 4; ḡ = (2, 1): GᵀPG = (4 − 1/3) + 4(1 − 1/3)
     (5.0, 6.333333333333333)
+    >>> est = preconditioned_noise_scale(stats, preconditioner={"w": torch.tensor([1., 0.])})
+    >>> est.trace_cov, est.grad_sq, est.excluded   # the second coordinate left out: the first one's alone
+    (1.0, 3.6666666666666665, 1)
 
     Raises:
         ValueError: no variance (``var=False``), B = 1, neither or both of
@@ -1157,10 +1213,11 @@ def _check_tests(tests: Iterable[str]) -> tuple[str, ...]:
 
 
 def _optimizer_stepped(optimizer: torch.optim.Optimizer, params: Iterable[Tensor] | None = None) -> bool:
-    """Whether every parameter of ``optimizer`` (or of ``params``) has a state from a step (Adam's P is defined)."""
+    """Whether some parameter of ``optimizer`` (or of ``params``) has a state from a step: then Adam's P is
+    defined (a parameter without state is uninformed, P = 0 there: see :func:`adam_preconditioner`)."""
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"]]
-    return all(float(optimizer.state.get(p, {}).get("step", 0)) > 0 for p in params)
+    return any(float(optimizer.state.get(p, {}).get("step", 0)) > 0 for p in params)
 
 
 def diagnostics(
@@ -1202,7 +1259,8 @@ def diagnostics(
 
     With ``optimizer`` (Adam / AdamW, and ``model`` unless the optimizer was built
     from named parameters) or ``preconditioner``, also ``b_precond``,
-    ``grad_sq_precond`` and ``trace_cov_precond`` (:func:`preconditioned_noise_scale`)
+    ``grad_sq_precond``, ``trace_cov_precond`` and ``precond_excluded`` (the number
+    of coordinates left out, P_j = 0: :func:`preconditioned_noise_scale`)
     and, per layer, ``layer/<prefix>/b_precond``. They are NaN without variance
     and, for an optimizer, before its first step (P undefined).
     """
@@ -1238,9 +1296,14 @@ def diagnostics(
         if stats.m2 is not None and stats.shard is None and (optimizer is None or _optimizer_stepped(optimizer)):
             P = _resolve_preconditioner("diagnostics", stats, optimizer, preconditioner, model)
             precond = _preconditioned(stats, stats.names, P)
-            row.update(b_precond=precond.b_simple, grad_sq_precond=precond.grad_sq, trace_cov_precond=precond.trace_cov)
+            row.update(
+                b_precond=precond.b_simple,
+                grad_sq_precond=precond.grad_sq,
+                trace_cov_precond=precond.trace_cov,
+                precond_excluded=float(precond.excluded),
+            )
         else:
-            row.update(b_precond=nan, grad_sq_precond=nan, trace_cov_precond=nan)
+            row.update(b_precond=nan, grad_sq_precond=nan, trace_cov_precond=nan, precond_excluded=nan)
     runs = [
         ("norm_test", norm_test, norm_threshold),
         ("inner_test", inner_product_test, inner_threshold),

@@ -310,6 +310,9 @@ def plot_diagnostics(
     px, py, _ = _series(stat_rows, "b_precond_ema", positive=True)
     if px:
         ax.plot(px, py, color=_PURPLE, lw=1.6, ls="-.", label="preconditioned (Adam) B^P, EMA")
+        band = _band(stat_rows, "b_precond_ema")
+        if band[0]:
+            ax.fill_between(*band, color=_PURPLE, alpha=0.12, lw=0, label="B^P EMA, 90 % interval")
     if batch:
         ax.axhline(batch, color="black", ls="--", lw=1.0, label=f"batch size B = {batch:g}")
     _legend(ax, loc="upper left")

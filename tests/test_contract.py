@@ -17,7 +17,16 @@ from torch.utils.checkpoint import checkpoint
 
 import persample
 from persample import BatchLoss, Tracker
-from persample.contract import PRECONDITIONS, Finding, enforce, refusal, refusal_table
+from persample.contract import (
+    PRECONDITIONS,
+    TABLE_MARKERS,
+    TABLE_PAGE,
+    Finding,
+    enforce,
+    refusal,
+    refusal_table,
+    with_refusal_table,
+)
 from persample.errors import NotExact, PersampleError
 from zoo import assert_dicts_close, oracle_grads
 
@@ -546,11 +555,26 @@ def test_every_code_the_library_names_is_declared():
 
 
 def test_the_readme_table_is_the_registrys():
-    readme = (ROOT / "README.md").read_text()
-    begin, end = "<!-- refusals:begin -->", "<!-- refusals:end -->"
-    assert begin in readme and end in readme
-    table = readme.split(begin)[1].split(end)[0].strip()
-    assert table == refusal_table(), "regenerate with: python -m persample.contract > table (see README)"
+    """The table of refusals moved from the README to the documentation site (docs/engines.md, TABLE_PAGE)."""
+    page = (ROOT / TABLE_PAGE).read_text()
+    begin, end = TABLE_MARKERS
+    assert page.count(begin) == 1 and page.count(end) == 1
+    table = page.split(begin)[1].split(end)[0].strip()
+    assert table == refusal_table(), f"regenerate with: python -m persample.contract --write ({TABLE_PAGE})"
+
+
+def test_the_generator_rewrites_the_table_in_place(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text(f"# Title\n\n{TABLE_MARKERS[0]}\n| stale |\n{TABLE_MARKERS[1]}\n\nafter\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "persample.contract", "--write", str(page)], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert text == f"# Title\n\n{TABLE_MARKERS[0]}\n{refusal_table()}\n{TABLE_MARKERS[1]}\n\nafter\n"
+    page.write_text("no markers")
+    with pytest.raises(ValueError, match="markers"):
+        with_refusal_table(page.read_text())
 
 
 def test_findings_refusals_and_enforce():

@@ -1,7 +1,9 @@
 """Every recipe under examples/recipe_*.py runs as a script (small sizes, CPU) and does what it says."""
 
+import os
 import re
 import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -9,7 +11,12 @@ import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 RECIPES = sorted(p.name for p in EXAMPLES.glob("recipe_*.py"))
-NEEDS = {"recipe_tensorboard.py": "tensorboard", "recipe_hf_causal_lm.py": "transformers"}
+NEEDS = {
+    "recipe_tensorboard.py": "tensorboard",
+    "recipe_hf_causal_lm.py": "transformers",
+    "recipe_hf_trainer.py": "transformers",
+    "recipe_lightning.py": "lightning",
+}
 
 
 def _run(name, monkeypatch, capsys, *args):
@@ -28,6 +35,9 @@ def test_every_recipe_is_tested():
         "recipe_clipping.py",
         "recipe_tracin.py",
         "recipe_reading_diagnostics.py",
+        "recipe_hf_trainer.py",
+        "recipe_lightning.py",
+        "recipe_ddp_torchrun.py",
     }
 
 
@@ -69,3 +79,52 @@ def test_recipe_tracin(monkeypatch, capsys):
 def test_recipe_reading_diagnostics(monkeypatch, capsys):
     out = _run("recipe_reading_diagnostics.py", monkeypatch, capsys)
     assert "40 rows;" in out and "against a batch of 16" in out
+
+
+def test_recipe_hf_trainer(monkeypatch, capsys):
+    pytest.importorskip("accelerate")
+    out = _run("recipe_hf_trainer.py", monkeypatch, capsys)
+    assert "12 optimizer steps logged persample/b_simple through trainer.log" in out, out
+    assert "last optimizer step: GradStats(n=16," in out  # 2 micro-batches of 8 merged into one step
+
+
+def test_recipe_lightning(monkeypatch, capsys):
+    out = _run("recipe_lightning.py", monkeypatch, capsys)
+    assert "32 optimizer steps with statistics (64 examples each)" in out, out
+    emas = [float(v) for v in re.findall(r"EMA +(\S+)", out)]
+    assert len(emas) == 4 and all(v > 0 for v in emas), out
+
+
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def test_recipe_ddp_torchrun(tmp_path):
+    """Two gloo processes under torchrun (bounded in time), as the recipe's docstring runs it.
+
+    A gloo process can abort at interpreter exit, after its work and ``destroy_process_group`` are done, with
+    the C++ message TEARDOWN_ABORT: measured on this loaded machine in 1 run of 8 of the recipe's ``--plain``
+    loop (no persample) and 3 of 10 of the recipe, and in none of 31 (14 ``--plain``, 17 not) once the recipe
+    releases DDP and collects garbage before destroying the group. A run that aborts so after printing its
+    complete output, and only such a run, is retried once."""
+    root = EXAMPLES.parent
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        GLOO_SOCKET_IFNAME="lo",
+        PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(EXAMPLES / "recipe_ddp_torchrun.py"), "--epochs", "1"]
+    for attempt in range(2):
+        try:
+            done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as timeout:
+            pytest.fail(f"torchrun ran past 120 s: {timeout.stdout}{timeout.stderr}")
+        out = done.stdout
+        complete = "replicas identical on 2 ranks: True" in out
+        if done.returncode == 0 or not (complete and TEARDOWN_ABORT in out + done.stderr) or attempt:
+            break
+    assert done.returncode == 0, out + done.stderr[-3000:]
+    steps = re.findall(r"step +(\d+) +global batch 128 .* B_simple \(rank-level\) +(\S+)", out)
+    assert [int(s) for s, _ in steps] == list(range(0, 32, 5)), out  # every=5, rank 0 prints once per step
+    assert "epoch 0: accuracy" in out and "replicas identical on 2 ranks: True" in out, out

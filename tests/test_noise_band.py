@@ -27,6 +27,8 @@ def test_noise_panel_draws_the_interval_band_and_the_preconditioned_line():
                 "b_simple_ema_lo": float("nan") if step < 3 else (ema - 30.0 if step == 5 else ema - 5),
                 "b_simple_ema_hi": float("nan") if step < 3 else ema + 5,
                 "b_precond_ema": ema / 2,
+                "b_precond_ema_lo": float("nan") if step < 3 else ema / 2 - 4,
+                "b_precond_ema_hi": float("nan") if step < 3 else ema / 2 + 4,
             }
         )
     fig = plot.plot_diagnostics(rows)
@@ -36,4 +38,8 @@ def test_noise_panel_draws_the_interval_band_and_the_preconditioned_line():
     ys = bands[0].get_paths()[0].vertices[:, 1]
     assert ys.min() > 0  # a lower end ≤ 0 is drawn on the log axis, not dropped
     assert any(line.get_label().startswith("preconditioned") for line in ax.lines)
+    precond = [c for c in ax.collections if c.get_label() == "B^P EMA, 90 % interval"]
+    assert len(precond) == 1
+    ys = precond[0].get_paths()[0].vertices[:, 1]
+    assert ys.min() == pytest.approx(11.5 - 4) and ys.max() == pytest.approx(31.0 / 2 + 4)
     plot.close(fig)

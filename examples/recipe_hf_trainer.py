@@ -1,6 +1,7 @@
-"""A Hugging Face Trainer run with per-example gradient statistics: one added line.
+"""Recipe: a Hugging Face Trainer run with per-example gradient statistics, one added line.
 
-    python examples/hf_trainer.py        # tiny GPT-2 from a config (no download), CPU, < 1 minute
+    pip install -e ".[hf]"                       # transformers + accelerate
+    python examples/recipe_hf_trainer.py         # tiny GPT-2 from a config (no download), CPU, < 1 minute
 
 The causal-LM loss is Hugging Face's own (token mean over the padded batch, with
 num_items_in_batch across 2 accumulation steps, max_grad_norm clipping);
@@ -54,7 +55,9 @@ def main():
     print(f"{'step':>4}  {'B_simple':>9}  {'EMA':>7}")
     for h in rows:
         print(f"{h['step']:4d}  {h['persample/b_simple']:9.4g}  {h['persample/b_simple_ema']:7.4g}")
+    print(f"{len(rows)} optimizer steps logged persample/b_simple through trainer.log")
     print(f"last optimizer step: {callback.last_stats}")
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,6 +1,11 @@
-"""A Lightning run with per-example gradient statistics: one callback.
+"""Recipe: a Lightning run with per-example gradient statistics, one callback.
 
-python examples/lightning_train.py       # CPU, bf16-mixed, accumulate_grad_batches=2, < 1 minute
+    pip install -e ".[lightning]"
+    python examples/recipe_lightning.py      # CPU, bf16-mixed, accumulate_grad_batches=2, < 1 minute
+
+``PersampleCallback(loss_fn)`` observes Lightning's own forward and backward (training is identical
+with or without it), merges the micro-batches of each optimizer step and logs ``persample/...``
+through ``pl_module.log``; ``callback.diagnostics.rows`` keeps the rows.
 """
 
 import warnings
@@ -61,6 +66,7 @@ def main():
             f"step {row['step']:3d}  loss {row['loss']:.3f}  B_simple {row['b_simple']:8.4g}  "
             f"EMA {row['b_simple_ema']:8.4g}"
         )
+    return rows
 
 
 if __name__ == "__main__":

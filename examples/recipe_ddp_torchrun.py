@@ -1,8 +1,8 @@
-"""Data-parallel training with DDP and a Tracker: the global gradient noise scale, logged from rank 0.
+"""Recipe: DDP with torchrun and a Tracker: the global gradient noise scale, logged from rank 0.
 
-    torchrun --nproc_per_node 2 examples/train_ddp.py            # CPU, gloo
-    torchrun --nproc_per_node 2 examples/train_ddp.py --plain    # the same loop with loss.backward()
-    torchrun --nproc_per_node 1 examples/train_ddp.py            # on a CUDA machine: nccl, one GPU per rank
+    torchrun --standalone --nproc_per_node 2 examples/recipe_ddp_torchrun.py           # CPU, gloo
+    torchrun --standalone --nproc_per_node 2 examples/recipe_ddp_torchrun.py --plain   # loss.backward()
+    torchrun --standalone --nproc_per_node 4 examples/recipe_ddp_torchrun.py           # CUDA: nccl, 1 GPU per rank
 
 Each rank trains on its own shard of the data (DistributedSampler). ``tracker.step(x, y)``
 replaces ``loss_fn(ddp_model(x), y).backward()``: p.grad is the mean over ranks, as DDP's
@@ -17,6 +17,7 @@ Both are smoothed with :class:`persample.noise.NoiseScaleEMA`.
 """
 
 import argparse
+import gc
 import os
 
 import torch
@@ -93,6 +94,15 @@ def main():
             acc = (model.module(x.to(device)).argmax(1) == y.to(device)).float().mean()
         if rank == 0:
             print(f"epoch {epoch}: accuracy {acc:.3f} ({world} ranks, {args.batch_size} examples per rank)", flush=True)
+    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    low, high = flat.clone(), flat.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if rank == 0:  # tracker.step leaves p.grad as DDP's backward does, so the replicas never drift apart
+        print(f"replicas identical on {world} ranks: {bool(torch.equal(low, high))}", flush=True)
+    del tracker, model, optimizer  # release DDP's reducer (and its gloo state) before the process group
+    gc.collect()
+    dist.barrier()  # no rank tears gloo down while another still finishes its last collective
     dist.destroy_process_group()
 
 
