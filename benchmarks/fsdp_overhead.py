@@ -1,6 +1,6 @@
 """Cost of persample under FSDP2, per training step, as a ratio to FSDP2 training without persample.
 
-    python benchmarks/fsdp_overhead.py [--steps 12] [--batch 8] [--quick] [--save]
+    python benchmarks/fsdp_overhead.py [--steps 12] [--batch 8] [--runs 3] [--quick] [--save]
 
 Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``gpt2`` case of
 ``cases.py`` (HF GPT-2, 4 layers, width 256, vocab 1000, T = 128; ``--quick``: the 2-layer, width
@@ -19,7 +19,9 @@ Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``g
   two P-sized all-reduces, for comparison).
 
 The methods run in interleaved blocks, so drift in the machine's load hits them alike; the load
-average is recorded. Absolute times on a shared CPU mean little; the ratios are the result.
+average is recorded. ``--runs N`` repeats the whole measurement in N fresh process pairs and reports
+the median over runs of each run's own ratio. Absolute times on a shared CPU mean little; the
+ratios are the result.
 """
 
 from __future__ import annotations
@@ -207,6 +209,23 @@ def launch(args) -> dict:
     return record
 
 
+def combine(records: list[dict]) -> dict:
+    """One record of several runs: the first run's fields, every run's medians and ratios, and the median
+    over runs of each run's own ratio (``ratio_to_fsdp_plain``)."""
+    out = dict(records[0])
+    out["runs"] = [
+        {k: r[k] for k in ("median_s", "ratio_to_fsdp_plain", "load_average_before", "load_average_after")}
+        for r in records
+    ]
+    out["ratio_to_fsdp_plain"] = {
+        k: statistics.median(r["ratio_to_fsdp_plain"][k] for r in records) for k in records[0]["ratio_to_fsdp_plain"]
+    }
+    out["median_s"] = {k: statistics.median(r["median_s"][k] for r in records) for k in records[0]["median_s"]}
+    out["load_average_before"] = records[0]["load_average_before"]
+    out["load_average_after"] = records[-1]["load_average_after"]
+    return out
+
+
 def markdown(record: dict) -> str:
     before = ", ".join(f"{v:.1f}" for v in record.get("load_average_before", ()))
     load = ", ".join(f"{v:.1f}" for v in record.get("load_average_after", os.getloadavg()))
@@ -220,11 +239,19 @@ def markdown(record: dict) -> str:
             "only, every method measured in the same run, interleaved)."
         ),
         "",
-        "| method | median per step | ratio to fsdp-plain |",
-        "|---|---:|---:|",
+    ]
+    runs = record.get("runs", [record])
+    lines += [
+        f"{len(runs)} run(s); load average (1 min) per run: "
+        + ", ".join(f"{r['load_average_before'][0]:.1f} → {r['load_average_after'][0]:.1f}" for r in runs)
+        + ".",
+        "",
+        "| method | median per step | ratio to fsdp-plain (median over runs) | ratio in each run |",
+        "|---|---:|---:|---|",
     ]
     for k, v in record["median_s"].items():
-        lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× |")
+        each = ", ".join(f"{r['ratio_to_fsdp_plain'][k]:.2f}" for r in runs)
+        lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× | {each} |")
     lines += ["", "Bytes each rank sends per step (ring collectives, float32 parameters):", ""]
     lines += [f"- {k}: {v / 1e6:.2f} MB" for k, v in record["bytes_sent_per_rank"].items()]
     return "\n".join(lines) + "\n"
@@ -235,6 +262,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=8, help="examples per rank")
     parser.add_argument("--quick", action="store_true", help="the 2-layer GPT-2 at T = 64")
+    parser.add_argument("--runs", type=int, default=1, help="independent runs (fresh processes); median ratio")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/fsdp-overhead-cpu.{json,md}")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -243,7 +271,7 @@ def main() -> None:
     if args.worker:
         worker(args.steps, args.batch, args.quick, args.out)
         return
-    record = launch(args)
+    record = combine([launch(args) for _ in range(args.runs)])
     text = markdown(record)
     print(text)
     if args.save:

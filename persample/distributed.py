@@ -541,15 +541,16 @@ def _all_reduce_shard_sums(
     """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
     then one all-reduce of a [K, 6] float64 matrix (K parameter tensors)."""
     names = list(mean)
-    lengths = torch.tensor([mean[k].numel() for k in names])
+    where = next(iter(mean.values())).device  # the shards' own device (CUDA stays on CUDA)
+    lengths = torch.tensor([mean[k].numel() for k in names], device=where)
 
     def flat(values) -> Tensor:
-        return torch.cat([v.detach().reshape(-1).to(device="cpu", dtype=torch.float64) for v in values])
+        return torch.cat([v.detach().reshape(-1).to(device=where, dtype=torch.float64) for v in values])
 
     def per_param(column: Tensor) -> Tensor:  # Σ over each parameter's elements (empty shards: 0)
         return torch.segment_reduce(column, "sum", lengths=lengths)
 
-    local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64)
+    local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64, device=where)
     mu = flat(mean[k] for k in names)
     sq = mu.square()
     local[:, 0] = per_param(sq)
