@@ -135,7 +135,9 @@ def statistics_step(
     if first_forward:
         output, buffers_after_forward = first_forward[0]
         try:
-            weights, used_leaves = weights_at_output(config.batch_loss, per_example, output, batch.targets, batch.size)
+            weights, used_leaves = weights_at_output(
+                config.batch_loss, per_example, output, batch.targets, batch.size, **_model_inputs(model, batch)
+            )
             factor = common_weight(weights, rtol=1e-5)
         except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
             update, input_grads = plain_gradient(config, batch, params, inputs_with_grad)
@@ -225,7 +227,14 @@ def plain_gradient(
         weights, opaque = None, False
         if weigh:
             try:
-                weights, _ = weights_at_output(batch_loss, config.per_example_loss, output, batch.targets, batch.size)
+                weights, _ = weights_at_output(
+                    batch_loss,
+                    config.per_example_loss,
+                    output,
+                    batch.targets,
+                    batch.size,
+                    **_model_inputs(config.model, batch),
+                )
             except OpaqueLoss:
                 opaque = True
             except NonFiniteLoss:
@@ -235,6 +244,11 @@ def plain_gradient(
     if weigh:
         return update, list(grads[len(params) :]), weights, opaque
     return update, list(grads[len(params) :])
+
+
+def _model_inputs(model: nn.Module, batch: Batch) -> dict:
+    """weights_at_output's view of the model and its keyword inputs (a Hugging Face model's own loss)."""
+    return {"model": model, "inputs": {**batch.options, **batch.kwargs}}
 
 
 def nonfinite_examples(stats: GradStats) -> list[int]:

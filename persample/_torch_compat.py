@@ -38,6 +38,9 @@ __all__ = [
     "is_functorch_wrapped",
     "torch_function_mode_stack",
     "ddp_comm_hooks",
+    "nll_loss_reduction",
+    "checkpoint_run_function",
+    "set_checkpoint_run_function",
 ]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
@@ -157,3 +160,28 @@ def torch_function_mode_stack() -> list:
 def ddp_comm_hooks(ddp: nn.Module) -> bool:
     """Whether a ``DistributedDataParallel`` model has a communication hook (``register_comm_hook``)."""
     return bool(_read(ddp, "_comm_hooks", "DistributedDataParallel._comm_hooks", kinds=(list, tuple, dict)))
+
+
+def nll_loss_reduction(node: Any) -> int:
+    """The reduction an ``NllLoss`` autograd node was computed with: 0 none, 1 mean, 2 sum (its saved
+    ``_saved_reduction``). Raises ``TORCH_INTERNALS_UNKNOWN`` when the node does not hold it as an int."""
+    value = _read(node, "_saved_reduction", f"the reduction saved on {type(node).__name__}", (int,))
+    if value not in (0, 1, 2):
+        raise unknown(f"the reduction saved on {type(node).__name__} ({value!r})")
+    return value
+
+
+def checkpoint_run_function(node: Any) -> Callable | None:
+    """The function that re-entrant checkpointing's backward node (``CheckpointFunctionBackward``, which is
+    its ``ctx``) runs again during the backward (``ctx.run_function``), or None where torch keeps it
+    elsewhere: the caller then cannot follow the recomputation and refuses (REENTRANT_CHECKPOINT), as it
+    did before it could."""
+    run = getattr(node, "run_function", None)
+    return run if callable(run) else None
+
+
+def set_checkpoint_run_function(node: Any, run: Callable) -> None:
+    """Replace what ``node`` (see :func:`checkpoint_run_function`) runs again during the backward."""
+    if checkpoint_run_function(node) is None:
+        raise unknown("CheckpointFunctionBackward.run_function")
+    node.run_function = run

@@ -301,7 +301,14 @@ class OpaqueLoss(Exception):
 
 
 def weights_at_output(
-    batch_fn: Callable, per_example_fn: Callable, output: Any, targets: Any, batch_size: int
+    batch_fn: Callable,
+    per_example_fn: Callable,
+    output: Any,
+    targets: Any,
+    batch_size: int,
+    *,
+    model: Any = None,
+    inputs: Any = None,
 ) -> tuple[Tensor, list[int]]:
     """Derive and check the weights w_i of ℓ = ``batch_fn(output, targets)`` over
     L_i = ``per_example_fn`` on example i, at (a detached copy of) ``output``.
@@ -321,11 +328,24 @@ def weights_at_output(
         BatchLossMismatch: ∇_{o_i} ℓ is not a multiple of ∇_{o_i} L_i.
         OpaqueLoss: ℓ does not depend on the batched output tensors alone.
         NonFiniteLoss: the output or ℓ is not finite.
+        NotExact: ``MODEL_LOSS_NOT_RECOMPUTED`` (with ``model`` and ``inputs``, the keyword inputs of the
+            batch): ℓ is a Hugging Face model's own ``out.loss`` that is not the loss of its head.
+
+    With ``model`` and ``inputs``, a Hugging Face model's own loss (``lambda out: out.loss``, with
+    ``labels=`` among ``inputs``) is read at ``output`` itself, whose graph from ``out.loss`` to the logits
+    must still be there: the per-example losses are recomputed from the logits and the weights checked
+    (:func:`persample.engines.fast.model_loss.model_losses`).
     """
     from torch.utils._pytree import tree_unflatten
 
     from .errors import NotExact
     from .engines.fast import output_leaves, per_example_losses
+    from .engines.fast.model_loss import model_losses
+
+    if model is not None and batch_fn is per_example_fn:
+        own = model_losses(model, per_example_fn, output, inputs, targets)
+        if own is not None:
+            return own.weights, list(own.leaves)
 
     leaves, spec, batched = output_leaves(output, batch_size)
     floating = [isinstance(t, Tensor) and t.is_floating_point() for t in leaves]

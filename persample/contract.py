@@ -418,6 +418,17 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "give a loss_fn of the logits and the labels (persample.causal_lm_loss() for causal LMs), or engine='auto'",
     ),
     Precondition(
+        "MODEL_LOSS_NOT_RECOMPUTED",
+        _N,
+        "loss",
+        ("fast", "observe", "tracker"),
+        "A Hugging Face model's own loss (out.loss with labels=) is the Hugging Face loss of its head, "
+        "Σ_i w_i L_i of per-example losses recomputed from its logits (no other term, no example "
+        "with every label ignored)",
+        "give a loss_fn of the logits and the labels (persample.causal_lm_loss() for causal LMs), or "
+        "engine='auto' (each example alone)",
+    ),
+    Precondition(
         "LOSS_NOT_VMAPPABLE",
         _N,
         "loss",

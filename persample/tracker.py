@@ -603,7 +603,11 @@ class Tracker:
         weights are read from the gradient at the model output and checked; they
         must be equal (w_i = w), and ``reduction="mean"`` (w = 1/B) or ``"sum"``
         (w = 1) additionally asserts which. The loss must be computed from the
-        model's output by ``loss_fn`` (not inside the model, as ``out.loss``),
+        model's output by ``loss_fn`` (not inside the model, as ``out.loss``,
+        except a Hugging Face head's own loss from the ``labels=`` of its
+        keyword inputs, recomputed per example from the logits: see
+        :mod:`persample.engines.fast.model_loss`; a padded token mean weighs
+        the examples unequally and is refused here),
         or from the output of ``output_module``, a submodule (a Hugging Face
         model's ``get_output_embeddings()``, whose logits its own loss uses).
 

@@ -266,6 +266,34 @@ def _config(family: str, attn: str, **extra):
             ),
         ),
         "albert": (tf.AlbertConfig, dict(embedding_size=8, classifier_dropout_prob=0.0, pad_token_id=0, **bert_like)),
+        "electra": (tf.ElectraConfig, dict(embedding_size=8, pad_token_id=0, **bert_like)),
+        "mobilebert": (
+            tf.MobileBertConfig,
+            dict(
+                embedding_size=8,
+                intra_bottleneck_size=8,
+                true_hidden_size=8,
+                num_feedforward_networks=1,
+                classifier_dropout=0.0,
+                pad_token_id=0,
+                **bert_like,
+            ),
+        ),
+        "mpnet": (tf.MPNetConfig, dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)),
+        "xlm_roberta": (tf.XLMRobertaConfig, dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)),
+        "esm": (tf.EsmConfig, dict(pad_token_id=1, mask_token_id=2, position_embedding_type="absolute", **bert_like)),
+        "deberta_v2": (
+            tf.DebertaV2Config,
+            dict(
+                pad_token_id=0,
+                relative_attention=True,
+                position_buckets=8,
+                max_relative_positions=16,
+                pos_att_type=["p2c", "c2p"],
+                pooler_dropout=0.0,
+                **bert_like,
+            ),
+        ),
         "t5": (
             tf.T5Config,
             dict(
@@ -378,6 +406,12 @@ def hf_model(family: str, head: str, attn: str = "eager", train: bool = False, *
         "roberta": "Roberta",
         "distilbert": "DistilBert",
         "albert": "Albert",
+        "electra": "Electra",
+        "mobilebert": "MobileBert",
+        "mpnet": "MPNet",
+        "xlm_roberta": "XLMRoberta",
+        "esm": "Esm",
+        "deberta_v2": "DebertaV2",
         "t5": "T5",
         "bart": "Bart",
         "gpt2": "GPT2",
@@ -414,6 +448,12 @@ PAD_ID = {
     "roberta": 1,
     "distilbert": 0,
     "albert": 0,
+    "electra": 0,
+    "mobilebert": 0,
+    "mpnet": 1,
+    "xlm_roberta": 1,
+    "esm": 1,
+    "deberta_v2": 0,
     "t5": 0,
     "bart": 1,
     "gpt2": 0,
@@ -424,12 +464,20 @@ PAD_ID = {
     "opt": 1,
 }
 ENCODERS = ("bert", "roberta", "distilbert", "albert")
+# encoders whose padded batches and position / token-type ids the matrix covers since issue 22
+MORE_ENCODERS = ("electra", "mobilebert", "mpnet", "xlm_roberta", "esm", "deberta_v2")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt")
 SEQ2SEQ = ("t5", "bart")
 
 
 def _lm_head(family):
-    return "ForMaskedLM" if family in ENCODERS else "ForConditionalGeneration" if family in SEQ2SEQ else "ForCausalLM"
+    return (
+        "ForMaskedLM"
+        if family in ENCODERS + MORE_ENCODERS
+        else "ForConditionalGeneration"
+        if family in SEQ2SEQ
+        else "ForCausalLM"
+    )
 
 
 def _text_batch(family: str, variant: str):
@@ -445,7 +493,7 @@ def _text_batch(family: str, variant: str):
         inputs["attention_mask"] = torch.ones_like(ids)
         if dec_ids is not None:
             inputs["decoder_attention_mask"] = torch.ones_like(dec_ids)
-    elif variant.startswith("mask-padded"):
+    elif variant.startswith("mask-padded") or variant == "own-loss-padded":
         mask = padding_mask("left" if variant.endswith("left") else "right")
         inputs["input_ids"], enc_labels = padded(ids, labels, mask, PAD_ID[family])
         inputs["attention_mask"] = mask
@@ -455,26 +503,59 @@ def _text_batch(family: str, variant: str):
             dec_mask = padding_mask("right")
             inputs["decoder_input_ids"], labels = padded(dec_ids, dec_labels, dec_mask, PAD_ID[family])
             inputs["decoder_attention_mask"] = dec_mask
+        if variant == "own-loss-padded":  # the model's own loss of a padded batch (labels -100 on padding)
+            if family not in ENCODERS + MORE_ENCODERS:  # and on a few real tokens: 2 counted per example, so
+                labels = labels.clone()  # that the batch loss is the mean of the examples' (the matrix's premise;
+                labels[:, 3:] = -100  # unequal counts, weights n_i / N: tests/test_model_loss.py)
+            inputs["labels"] = torch.randint(0, 3, (B,)) if family in ENCODERS + MORE_ENCODERS else labels
+            return inputs, None
     elif variant == "own-loss":
         if family in SEQ2SEQ:
             del inputs["decoder_input_ids"]  # the model shifts the labels right itself
-        inputs["labels"] = torch.randint(0, 3, (B,)) if family in ENCODERS else labels
+        inputs["labels"] = torch.randint(0, 3, (B,)) if family in ENCODERS + MORE_ENCODERS else labels
         return inputs, None
     return inputs, labels
 
 
 def hf_text_case(family: str, variant: str, attn: str = "eager") -> RealCase:
-    head = "ForSequenceClassification" if (variant == "own-loss" and family in ENCODERS) else _lm_head(family)
-    loss_fn = own_loss if variant == "own-loss" else masked_token_ce if "padded" in variant else token_ce
+    own = variant.startswith("own-loss")
+    head = "ForSequenceClassification" if own and family in ENCODERS + MORE_ENCODERS else _lm_head(family)
+    loss_fn = own_loss if own else masked_token_ce if "padded" in variant else token_ce
 
     def make():
         model = hf_model(family, head, attn)
-        if variant == "own-loss":
+        if own:
             own_loss_in_float64(model, family)
         return (model, *_text_batch(family, variant))
 
     name = family.replace("_", "") + ("" if attn == "eager" else "-" + attn)
     return RealCase(f"hf-{name}-{variant}", make, loss_fn)
+
+
+def hf_head_case(family: str, head: str, variant: str, **config) -> RealCase:
+    """A padded batch (right padding, PAD_LENGTHS) scored by the model's own loss of ``head``: masked LM and
+    token classification (labels -100 on padding and on real tokens past the third), question answering,
+    or sequence regression / multi-label classification (``config``)."""
+
+    def make():
+        model = hf_model(family, head, **config)
+        mask = padding_mask("right")
+        inputs: dict[str, Tensor] = {
+            "input_ids": tokens().masked_fill(mask == 0, PAD_ID[family]),
+            "attention_mask": mask,
+        }
+        if head == "ForQuestionAnswering":
+            inputs["start_positions"], inputs["end_positions"] = torch.tensor([0, 2, 1]), torch.tensor([3, 3, 2])
+        elif head == "ForSequenceClassification":
+            classes = config.get("num_labels", 3)
+            inputs["labels"] = torch.randn(B) if classes == 1 else torch.randint(0, 2, (B, classes)).double()
+        else:
+            labels = tokens() if head == "ForMaskedLM" else torch.randint(0, 3, mask.shape)
+            labels[:, 3:] = -100  # 3 labels counted per example (padding and real tokens not scored), so that
+            inputs["labels"] = labels  # the batch loss is the mean of the examples' (the matrix's premise)
+        return model, inputs, None
+
+    return RealCase(f"hf-{family.replace('_', '')}-{variant}", make, own_loss)
 
 
 def hf_vit_case(variant: str) -> RealCase:
@@ -542,6 +623,19 @@ def hf_cases() -> list[RealCase]:
         hf_text_case("bert", "mask-padded", "sdpa"),
         hf_text_case("gpt2", "mask-padded", "sdpa"),
         hf_text_case("llama", "mask-padded", "sdpa"),
+    ]
+    # issue 22: more encoders (padding, position and token-type ids), and the model's own loss of padded batches
+    for family in MORE_ENCODERS:
+        cases += [hf_text_case(family, v) for v in ("mask-padded", "own-loss")]
+    cases += [hf_text_case(family, "own-loss-padded") for family in ("bert", "roberta", "electra", "gpt2", "llama")]
+    cases += [
+        hf_head_case("bert", "ForMaskedLM", "own-loss-mlm-padded"),
+        hf_head_case("roberta", "ForTokenClassification", "own-loss-tokens-padded"),
+        hf_head_case("bert", "ForQuestionAnswering", "own-loss-qa-padded", num_labels=2),
+        hf_head_case("distilbert", "ForSequenceClassification", "own-loss-regression", num_labels=1),
+        hf_head_case(
+            "electra", "ForSequenceClassification", "own-loss-multilabel", problem_type="multi_label_classification"
+        ),
     ]
     cases += [hf_vit_case("logits"), hf_vit_case("own-loss")]
     cases += [hf_checkpointing_case(f, r) for f in ("gpt2", "llama") for r in (True, False)]

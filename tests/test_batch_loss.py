@@ -170,8 +170,10 @@ def test_a_per_example_token_mean_of_an_all_padding_example_is_an_error_not_nan(
 
 
 def test_a_loss_computed_inside_the_model():
-    """`lambda out: out.loss`: weights cannot be read at the output; equal ones are still recognised from
-    p.grad, unequal ones (padding) raise instead of writing a different p.grad."""
+    """`lambda out: out.loss` of a Hugging Face causal LM: the per-example losses are recomputed from the
+    logits (persample/engines/fast/model_loss.py), so the weights n_i / N of a padded batch are known and
+    checked, and p.grad is the model's own gradient. (Before: padding raised OPAQUE_LOSS_NOT_MEAN.) HF's
+    loss casts the logits to float32: the statistics agree with the loop to float32 rounding."""
     model = _lm("gpt2")
     tokens = padded_tokens()[0]
     inputs = {"input_ids": tokens, "labels": tokens}
@@ -182,11 +184,16 @@ def test_a_loss_computed_inside_the_model():
     assert stats.n == 5
     for a, b in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
-    model.zero_grad()
-    _, labels = padded_tokens()
-    with pytest.raises(BatchLossMismatch, match="computed inside the model"):
-        Tracker(model, loss_fn).step({"input_ids": tokens, "labels": labels})
-    assert all(p.grad is None for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    reference.zero_grad(set_to_none=True)
+    padded = {"input_ids": tokens, "labels": padded_tokens()[1]}
+    reference(**padded).loss.backward()
+    stats = Tracker(model, loss_fn).step(padded)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    grads, losses = oracle_grads(model, loss_fn, padded)
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()}, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(stats.losses, losses.to(stats.losses), rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("backward", ["causal_lm_loss", "hugging_face"])
@@ -221,11 +228,28 @@ def test_observe_with_unequal_weights_or_a_loss_inside_the_model_raises_clearly(
     with pytest.raises(ObservationError, match="weigh differently"):
         with Tracker(model, F.cross_entropy).observe(y):
             F.cross_entropy(model(x), y, weight=weight).backward()
-    gpt2 = _lm("gpt2")
-    tokens = padded_tokens()[0]
+
+    class WithLoss(nn.Module):  # a loss computed inside a model that is not a Hugging Face head
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            logits = self.net(x)
+            return {"logits": logits, "loss": F.cross_entropy(logits, labels)}
+
+    with_loss = WithLoss()
     with pytest.raises(persample.NotExact, match="shared by the whole batch.*out.loss"):
+        with Tracker(with_loss, lambda out: out["loss"]).observe(batch_size=6):
+            with_loss(x, labels=y)["loss"].backward()
+    # a Hugging Face causal LM's own loss: recomputed per example (persample/engines/fast/model_loss.py);
+    # a token mean weighs a padded batch's examples by n_i / N, which observe cannot undo
+    gpt2 = _lm("gpt2")
+    tokens, labels = padded_tokens()
+    with pytest.raises(ObservationError, match="weighs the examples differently") as info:
         with Tracker(gpt2, lambda out: out.loss).observe(batch_size=5):
-            gpt2(tokens, labels=tokens).loss.backward()
+            gpt2(tokens, labels=labels).loss.backward()
+    assert info.value.code == "OBSERVE_WEIGHTS_DIFFER"
 
 
 # ------------------------------------------------------------------- check_every with any weights

@@ -274,6 +274,7 @@ def _triggers():
             x, _with_mask(y)
         ),
         "OPAQUE_LOSS_NOT_MEAN": lambda: _opaque_weighted_loss(),
+        "MODEL_LOSS_NOT_RECOMPUTED": lambda: _model_loss_with_class_weights(),
         "CLIP_NEEDS_EQUAL_WEIGHTS": lambda: Tracker(
             _classify()[0],
             partial(F.cross_entropy, weight=torch.tensor([0.2, 3.0], dtype=torch.float64)),
@@ -391,6 +392,25 @@ def _opaque_weighted_loss():
             return {"logits": logits, "loss": F.cross_entropy(logits, y, weight=weight)}
 
     Tracker(WithLoss(), lambda out: out["loss"]).step({"x": x, "y": y})
+
+
+def _model_loss_with_class_weights():
+    """A Hugging Face-style classification head (by its name and config) whose own loss weighs the classes."""
+    model, x, y = _classify()
+    weight = torch.tensor([0.2, 3.0], dtype=torch.float64)
+
+    class TinyForSequenceClassification(nn.Module):
+        config = type("Config", (), {"num_labels": 2, "problem_type": "single_label_classification"})()
+
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, labels):
+            logits = self.net(x)
+            return {"logits": logits, "loss": F.cross_entropy(logits, labels, weight=weight)}
+
+    persample.grad_stats(TinyForSequenceClassification(), lambda out: out["loss"], {"x": x, "labels": y}, engine="fast")
 
 
 TRIGGERED_IN_A_PROCESS_GROUP = {"DDP_WRAPPER", "DDP_COMM_HOOK", "DDP_MIXED_PRECISION", "FSDP2_OPTION"}

@@ -170,12 +170,12 @@ def test_hf_trainer_bf16_accumulation_statistics_are_the_oracles_to_bf16_roundin
     torch.testing.assert_close(logged[0]["persample/trace_cov"], oracle["trace_cov"], rtol=BF16_NOISE_RTOL, atol=0)
 
 
-def test_hf_track_needs_a_loss_for_models_that_are_not_causal_lms(tmp_path):
+def test_hf_track_needs_a_loss_for_models_without_a_known_head(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.BertConfig(
         vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, num_labels=3
     )
-    model = transformers.BertForSequenceClassification(config)
+    model = transformers.BertModel(config)
     trainer = transformers.Trainer(
         model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     )
@@ -183,6 +183,34 @@ def test_hf_track_needs_a_loss_for_models_that_are_not_causal_lms(tmp_path):
 
     with pytest.raises(ValueError, match="pass loss_fn="):
         track(trainer)
+
+
+def test_hf_trainer_sequence_classifier_with_its_own_loss(tmp_path):
+    """A sequence classifier needs no loss_fn: the statistics are those of the model's own loss (out.loss,
+    recomputed per example from the logits), equal to the float64 loop over examples. (Used to raise
+    "pass loss_fn=".) The Trainer passes num_items_in_batch, which BERT's inline loss ignores."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    model = transformers.BertForSequenceClassification(config).double().train()
+    examples = [{**e, "labels": torch.tensor(i % 3)} for i, e in enumerate(lm_examples(B))]
+    inputs = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "attention_mask", "labels")}
+    grads, _ = oracle_grads(copy.deepcopy(model), lambda out: out.loss, inputs)
+    _, callback = _hf_train(model, examples, tmp_path, tracked=True, steps=1, accumulation=1)
+    stats = callback.last_stats
+    assert stats.n == B
+    for name, g in grads.items():
+        torch.testing.assert_close(stats.mean[name], g.mean(0), rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(stats.var[name], g.var(0), rtol=1e-9, atol=1e-12, msg=name)
 
 
 # ------------------------------------------------------------------------------------------- lightning

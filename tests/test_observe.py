@@ -201,10 +201,12 @@ def test_reading_a_hidden_activation_without_backwarding_it_is_fine():
     assert_dicts_close(observed.stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)
 
 
-def test_reentrant_checkpointing_is_refused_cleanly_and_leaves_no_mode_behind():
+def test_reentrant_checkpointing_is_exact_and_leaves_no_mode_behind():
     """With checkpoint(..., use_reentrant=True) observe crashed with torch's 'trying to pop from empty mode
     stack' (a watcher entered inside the checkpoint's recomputation was dropped by torch), on this and on every
-    later observe. Now the graph audit names the checkpointing, and torch's mode stack is left as found."""
+    later observe; then it refused (REENTRANT_CHECKPOINT). Now it follows the recomputation: the statistics are
+    the oracle's (of the same model run without checkpointing), and torch's mode stack is left as found
+    (more in tests/test_observe_reentrant.py)."""
     from torch.overrides import _get_current_function_mode_stack
     from torch.utils.checkpoint import checkpoint
 
@@ -214,13 +216,17 @@ def test_reentrant_checkpointing_is_refused_cleanly_and_leaves_no_mode_behind():
             self.a, self.block, self.c = nn.Linear(4, 8), nn.Sequential(nn.Linear(8, 8), nn.Tanh()), nn.Linear(8, 3)
 
         def forward(self, x):
-            return self.c(checkpoint(self.block, torch.tanh(self.a(x)), use_reentrant=True))
+            h = torch.tanh(self.a(x))
+            return self.c(checkpoint(self.block, h, use_reentrant=True) if self.checkpointed else self.block(h))
 
     torch.manual_seed(0)
     model, (x, y) = Checkpointed().double(), _batch()
     tracker = persample.Tracker(model, F.cross_entropy)
+    model.checkpointed = False  # the oracle's autograd.grad is refused by re-entrant checkpointing
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    model.checkpointed = True
     for _ in range(2):
-        with pytest.raises(persample.NotExact, match="use_reentrant=False"):
-            with tracker.observe(y):
-                F.cross_entropy(model(x), y).backward()
+        with tracker.observe(y) as observed:
+            F.cross_entropy(model(x), y).backward()
         assert _get_current_function_mode_stack() == []
+        assert_dicts_close(observed.stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-11)

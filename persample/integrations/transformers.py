@@ -58,7 +58,10 @@ import os
 import warnings
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
+from torch import Tensor
+
 from ..batch_loss import causal_lm_loss
+from ..engines.fast.model_loss import head_kind
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
@@ -68,7 +71,7 @@ from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snap
 transformers = require("transformers", "hf")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
-__all__ = ["track", "PersampleCallback"]
+__all__ = ["track", "PersampleCallback", "model_own_loss"]
 
 
 class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defined]  # loaded at run time (require)
@@ -164,6 +167,14 @@ class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defi
         self.diagnostics.close()
 
 
+def model_own_loss(output: Any, labels: Any = None) -> Tensor:
+    """``output.loss``: the model's own loss, from the ``labels`` in its inputs (``labels`` is ignored here).
+
+    The fast engine recomputes it per example from the logits and checks it
+    (:mod:`persample.engines.fast.model_loss`): L_i is the model's own loss on example i alone."""
+    return output.loss
+
+
 def track(
     trainer: Any,
     *,
@@ -183,8 +194,12 @@ def track(
     Args:
         trainer: the Trainer, before ``train()``.
         loss_fn: the per-example loss ``loss_fn(output, labels)`` on a batch of one. Default:
-            :func:`persample.causal_lm_loss` (summed next-token loss) for ``...ForCausalLM`` models;
-            other models need one (e.g. ``lambda out, y: F.cross_entropy(out.logits, y)``).
+            :func:`persample.causal_lm_loss` (summed next-token loss) for causal LMs; for masked LM,
+            seq2seq, token and sequence classification heads, the model's own loss
+            (:func:`model_own_loss`: L_i is ``out.loss`` of example i alone, called as the Trainer calls
+            the model, so with ``num_items_in_batch`` = K where the model's loss divides by it, L_i is
+            example i's summed loss / K); other models need one
+            (e.g. ``lambda out, y: F.cross_entropy(out.logits, y)``).
         every: statistics on every k-th optimizer step (the others run exactly as without persample).
         labels: the key of the batch that holds the targets.
         keys: the diagnostics logged (None: every column of :func:`persample.noise.diagnostics`).
@@ -198,16 +213,22 @@ def track(
     """
     model = trainer.model
     output_module = None
+    own_loss = False
     if loss_fn is None:
-        if not type(model).__name__.endswith("ForCausalLM") and not type(model).__name__.endswith("LMHeadModel"):
+        kind = head_kind(model)
+        if kind == "causal":
+            loss_fn = causal_lm_loss()
+            # HF computes its loss inside forward from the lm_head's logits (mixed precision then returns
+            # float32 copies of them), so the per-example losses are read at the lm_head's output.
+            output_module = model.get_output_embeddings()
+        elif kind in ("tokens", "sequence"):
+            loss_fn, own_loss = model_own_loss, True
+        else:
             raise ValueError(
                 f"track(trainer): pass loss_fn= for {type(model).__name__} (the per-example loss "
-                "loss_fn(output, labels) on a batch of one); the default covers causal LMs only"
+                "loss_fn(output, labels) on a batch of one); the default covers Hugging Face causal LM, "
+                "masked LM, seq2seq, token and sequence classification heads only"
             )
-        loss_fn = causal_lm_loss()
-        # HF computes its loss inside forward from the lm_head's logits (mixed precision then returns
-        # float32 copies of them), so the per-example losses are read at the lm_head's output.
-        output_module = model.get_output_embeddings()
     tracker = Tracker(model, loss_fn, every=every, inner_products=inner_products, var=var, on_refusal=on_refusal)
     diagnostics = Diagnostics(*sinks, ema_beta=ema_beta)
     if not inner_products:
@@ -221,7 +242,9 @@ def track(
         targets = inputs.get(labels) if hasattr(inputs, "get") else None
         if targets is None:
             raise ValueError(f"persample: the batch has no {labels!r} entry (pass labels= to track())")
-        model_inputs = {k: v for k, v in inputs.items() if k != labels} if on_refusal == "fallback" else None
+        model_inputs = None
+        if on_refusal == "fallback":  # the model's own loss needs its labels among its inputs
+            model_inputs = dict(inputs) if own_loss else {k: v for k, v in inputs.items() if k != labels}
         wrapper = model if model is not trainer.model else None  # DDP (accelerate's wrapper) passes the output on
         with tracker.observe(targets, output_module=output_module, inputs=model_inputs, wrapper=wrapper):
             return original(model, inputs, *args, **kwargs)

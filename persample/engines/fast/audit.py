@@ -59,7 +59,13 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= (1 << 63) else value
 
 
-def _moves_dim_zero(node) -> bool:
+def _is_parameter(node, activations: frozenset | set = frozenset()) -> bool:
+    """Whether a backward node is a leaf's ``AccumulateGrad`` (a parameter's, unless it is one of
+    ``activations``: the leaves a re-entrant checkpoint's recomputation detaches its block's inputs into)."""
+    return hasattr(node, "variable") and node not in activations
+
+
+def _moves_dim_zero(node, activations: frozenset | set = frozenset()) -> bool:
     """Whether a backward node belongs to an op that moved some activation's dim 0."""
     name = node.name()
     try:
@@ -71,7 +77,7 @@ def _moves_dim_zero(node) -> bool:
                 return _signed(tuple(node._saved_dims)[0]) % ndim != 0
             return _signed(node._saved_dim) % ndim == 0
         if name.startswith("TBackward"):  # .t() of a 2-D activation (not of a weight)
-            return not all(hasattr(nxt, "variable") for nxt, _ in node.next_functions if nxt is not None)
+            return not all(_is_parameter(nxt, activations) for nxt, _ in node.next_functions if nxt is not None)
     except (AttributeError, IndexError, ZeroDivisionError):
         return True
     return False
@@ -162,11 +168,13 @@ def _node_input_shape(node) -> tuple | None:
     return tuple(metadata[0].shape) if metadata else None
 
 
-def _of_parameters_only(node) -> bool:
-    return all(nxt is None or hasattr(nxt, "variable") for nxt, _ in node.next_functions)
+def _of_parameters_only(node, activations: frozenset | set = frozenset()) -> bool:
+    return all(nxt is None or _is_parameter(nxt, activations) for nxt, _ in node.next_functions)
 
 
-def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None:
+def _mixes_batch(
+    node, batch_size: int | None, activations: frozenset | set = frozenset()
+) -> tuple[bool, tuple, str] | None:
     """(certain, the tensor's shape, what) where the op of backward node ``node`` combines or reorders the
     rows of a tensor whose dim 0 has the batch's size along dim 0, else None. Certain for reductions, scans, sorts,
     rolls, flips and gathers over dim 0; not certain (dim 0 may be a position once some dim 0 moved)
@@ -177,7 +185,7 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
     base = name.rstrip("0123456789")
     try:
         if name in _FULL_REDUCTIONS or base in _ALONG_DIMS:
-            if _of_parameters_only(node):
+            if _of_parameters_only(node, activations):
                 return None
             shape = _node_input_shape(node)
             if not shape or shape[0] != batch_size:
@@ -223,8 +231,8 @@ def _mixes_batch(node, batch_size: int | None) -> tuple[bool, tuple, str] | None
                 self_node is not None
                 and sizes is not None
                 and int(sizes[-1]) == batch_size
-                and not hasattr(self_node, "variable")
-                and _moves_dim_zero(self_node)
+                and not _is_parameter(self_node, activations)
+                and _moves_dim_zero(self_node, activations)
             ):
                 # a 2-D activation with B rows is batch-first (a sequence's rows are B·T)
                 return True, (batch_size,), f"{name} contracts a transposed activation's dim 0 (x.T @ y) over the batch"
@@ -259,6 +267,7 @@ def audit_graph(
     batch_size: int | None = None,
     outputs: list | None = None,
     inputs_moved: bool = False,
+    recomputed: dict | None = None,
 ) -> GraphAudit:
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad``, dim-0 moves and, with
     ``batch_size``, ops that mix the examples along the batch dim.
@@ -275,9 +284,15 @@ def audit_graph(
     reduction over dim 0, an index or gather across rows, ``h.T @ h``) makes an example's output
     depend on other examples: the batch's backward then has no per-example reading. ``inputs_moved``:
     an op moved a raw input's dim 0 (which the graph does not show).
+
+    A re-entrant checkpoint's node hides the graph of its block (built only in the backward): it is
+    refused unless ``recomputed`` holds that graph's roots (the outputs of the block's recomputation,
+    :meth:`.capture.Capture.follow_checkpoints`), through which the walk goes on as if the block's graph
+    hung below the node (the recomputation's inputs are leaves detached from the node's own inputs,
+    which the walk reaches through the node).
     """
     with torch._C.DisableTorchFunction():  # the broadcast watcher may be on (observe): read the real tensors
-        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved)
+        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved, recomputed or {})
 
 
 def _audit_graph(
@@ -287,6 +302,7 @@ def _audit_graph(
     batch_size: int | None = None,
     outputs: list | None = None,
     inputs_moved: bool = False,
+    recomputed: dict | None = None,
 ) -> GraphAudit:
     uses: dict[int, int]
     seen, uses, moved = set(), {}, False
@@ -303,6 +319,7 @@ def _audit_graph(
     mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
     stack = [(t.grad_fn, False) for t in roots]
     reentrant = False
+    detached: set = set()  # the AccumulateGrad nodes of recomputed blocks' inputs: activations, not parameters
     while stack:
         node, inside = stack.pop()
         if node is None:
@@ -313,12 +330,19 @@ def _audit_graph(
             continue
         if inside:
             checked.add(node)
-            if node not in internal and (found := _mixes_batch(node, batch_size)) is not None:
+            if node not in internal and (found := _mixes_batch(node, batch_size, detached)) is not None:
                 mixing.append(found)
         if first:
             seen.add(node)
-            moved = moved or (node not in internal and _moves_dim_zero(node))
-            reentrant = reentrant or is_reentrant_checkpoint_node(node)
+            moved = moved or (node not in internal and _moves_dim_zero(node, detached))
+        if is_reentrant_checkpoint_node(node):
+            block = (recomputed or {}).get(node)
+            if block is None:  # not followed, or not recomputed: its block's graph is unknown
+                reentrant = True
+            else:
+                block_roots, block_inputs = block
+                detached.update(block_inputs)
+                stack.extend((t.grad_fn, inside) for t in block_roots)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue

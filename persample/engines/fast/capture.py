@@ -11,8 +11,8 @@ they run; the graph audit (:mod:`.audit`) and the in-place checks (:mod:`.in_pla
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,8 @@ from torch.overrides import TorchFunctionMode
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state
 from ..._sharding import fsdp2_sharded_slots, sharding_of
-from ..._torch_compat import torch_function_mode_stack
+from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
+from .._autograd import is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
 from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
@@ -41,6 +42,14 @@ class Capture:
     forward_ended: bool = False  # later calls (activation checkpointing recomputing in backward) are not recorded
     lost_watch: bool = False  # torch dropped a watcher's mode (see _exit_mode): what it watched is unknown
     user_watcher_exited: bool = False
+    no_grad_calls: bool = False  # a unit ran with gradients off in the forward (re-entrant checkpointing's first pass)
+    recomputing: int = 0  # > 0 while a followed re-entrant checkpoint recomputes its block in the backward
+    #: re-entrant checkpoint nodes followed (see :meth:`follow_checkpoints`) → (the recomputed outputs, the
+    #: AccumulateGrad nodes of the leaves the recomputation detached its inputs into), None until the
+    #: backward recomputed them: the graph audit walks on through them
+    recomputed: dict = field(default_factory=dict)
+    recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
+    _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
 
     @property
     def escape(self) -> Finding | None:
@@ -53,8 +62,9 @@ class Capture:
             )
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
-        if self.user_watcher.mixed is not None:
-            return batch_mixing(self.user_watcher.mixed)
+        mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
+        if mixed is not None:
+            return batch_mixing(mixed)
         if self.watcher.escape is not None:
             return self.watcher.escape
         if self.raw_input_moved and self.watcher.ambiguous:
@@ -65,12 +75,15 @@ class Capture:
     def rewritten_gradient(self) -> Finding | None:
         """Why the backward's gradients cannot be read per example: a tensor hook registered in the
         forward rewrote one (known once the backward has run), or None."""
-        if self.user_watcher.rewritten is None:
+        rewritten = next(
+            (w.rewritten for w in (self.user_watcher, *self.recompute_watchers) if w.rewritten is not None), None
+        )
+        if rewritten is None:
             return None
         return Finding(
             "GRADIENT_REWRITTEN",
             "a gradient hook registered in the forward (tensor.register_hook on "
-            f"{self.user_watcher.rewritten}) rewrote the batch's gradient, which the fast engine cannot "
+            f"{rewritten}) rewrote the batch's gradient, which the fast engine cannot "
             "apply to each example; the vmap and loop engines do (engine='auto' takes them)",
         )
 
@@ -94,6 +107,61 @@ class Capture:
     @property
     def raw_input_moved(self) -> bool:
         return self.dim_watcher is not None and self.dim_watcher.moved is not None
+
+    def follow_checkpoints(self, roots: list) -> None:
+        """Follow every re-entrant checkpoint (``checkpoint(..., use_reentrant=True)``) in the graph of
+        ``roots`` through the backward (``observe``: the capture stays on through the user's backward).
+
+        Such a checkpoint runs its block under ``no_grad`` in the forward (its units' calls carry no
+        gradient) and, in the backward, runs the block again with gradients on (from the inputs it saved,
+        with the forward's random state) and backwards its outputs. Wrapped here, that recomputation is
+        recorded as the block's calls (:meth:`recomputation`): their inputs have the forward's values and
+        the inner backward delivers their output gradients, which is all a rule needs. Its outputs are kept
+        for the graph audit, which walks on through them (a checkpoint not followed, or not recomputed,
+        stays a refusal). Call with torch functions disabled."""
+        stack, seen = [t.grad_fn for t in roots if isinstance(t, Tensor) and t.grad_fn is not None], set()
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if is_reentrant_checkpoint_node(node) and node not in self.recomputed:
+                run = checkpoint_run_function(node)
+                if run is not None:
+                    self.recomputed[node] = None
+                    self._followed.append((node, run))
+                    set_checkpoint_run_function(node, self.recomputation(node, run))
+            stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+
+    def recomputation(self, node: Any, run: Callable) -> Callable:
+        """``run`` (a checkpoint's block), recorded: its unit calls are recorded, a user-code watcher sees
+        its ops (hooks it registers on activations, rows it mixes), and its outputs are kept under ``node``."""
+
+        def recompute(*args):
+            watcher = _UserCodeWatcher(self.watcher.batch_size)
+            self.recompute_watchers.append(watcher)
+            self.recomputing += 1
+            try:
+                with watcher:
+                    out = run(*args)
+            finally:
+                self.recomputing -= 1
+            with torch._C.DisableTorchFunction():
+                roots = [t for t in tensors_in(out) if t.grad_fn is not None]
+                inputs = {get_gradient_edge(t).node for t in tensors_in(args) if t.is_leaf and t.requires_grad}
+                self.recomputed[node] = (roots, inputs)
+                self.follow_checkpoints(roots)  # re-entrant checkpoints nested in the block
+            return out
+
+        return recompute
+
+    def unfollow_checkpoints(self) -> None:
+        """Give the followed checkpoints their own functions back and drop what was kept of them (the
+        wrappers refer to this capture: left in place they would keep it, and the graph, alive)."""
+        for node, run in self._followed:
+            set_checkpoint_run_function(node, run)
+        self._followed.clear()
+        self.recomputed.clear()
 
     def watch(self) -> None:
         if not self.watching:
@@ -223,7 +291,12 @@ def capturing(
             if fallbacks_entered and fallbacks_entered[-1] is module:
                 fallbacks_entered.pop()
                 watcher.in_fallback -= 1
-            if capture.forward_ended:
+            if capture.forward_ended and not capture.recomputing:
+                return None
+            if not torch.is_grad_enabled():
+                # a call with gradients off carries none: its output can gain a grad_fn only as a custom
+                # Function's output (re-entrant checkpointing's first pass), whose gradient is not this call's
+                capture.no_grad_calls = True
                 return None
             with torch._C.DisableTorchFunction():  # the watcher must not see (or redirect) our own ops
                 return record(unit, args, kwargs, output, entry)
@@ -237,6 +310,7 @@ def capturing(
             return None
         expanded = suspect = None
         x = args[0] if args and isinstance(args[0], Tensor) else None
+        recomputing = capture.forward_ended  # record() runs after the forward only in a followed recomputation
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
             if not (isinstance(output, Tensor) and output.dim() > 0 and output.shape[0] == batch_size):
                 watcher.escape = watcher.escape or Finding(
@@ -261,6 +335,7 @@ def capturing(
                 and shape
                 and shape[0] == batch_size
                 and x.grad_fn is None
+                and not (recomputing and x.requires_grad)  # the block's input, detached by the checkpoint
                 and _storage(x) not in input_storages
                 and not capture.user_watcher.from_inputs(x)
             ):
@@ -269,6 +344,16 @@ def capturing(
                     f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                     "activation (a constant such as torch.arange(T) with T == B?)"
                 )
+        if recomputing and (expanded is not None or suspect is not None):
+            # the forward's first pass (no gradients) saw no such call, so no watcher checked its expansion
+            watcher.escape = watcher.escape or Finding(
+                "REENTRANT_CHECKPOINT",
+                f"{label if expanded is not None else suspect}, in a block under re-entrant gradient "
+                "checkpointing (use_reentrant=True), whose recomputation in the backward the fast engine's "
+                "checks cannot follow for such an input; use checkpoint(..., use_reentrant=False), "
+                + _HF_NON_REENTRANT,
+            )
+            return None
         call = Call(
             args,
             kwargs,
@@ -327,6 +412,7 @@ def capturing(
     finally:
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
+        capture.unfollow_checkpoints()
         capture.end_forward()
 
 

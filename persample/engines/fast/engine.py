@@ -61,6 +61,7 @@ from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
 from .losses import closed_form_losses
+from .model_loss import model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
@@ -116,6 +117,9 @@ def fast_grad_stats(
             keep_output.append(output)
         capture.end_model_forward()
         closed = closed_form_losses(loss_fn, output, batch.targets)
+        if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
+            own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
+            closed = None if own is None else own.losses
         losses = (
             closed
             if closed is not None

@@ -27,6 +27,7 @@ Either failure raises :class:`ObservationError`.
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -44,6 +45,7 @@ from .capture import capturing
 from .in_place import modified_in_place
 from .units import find_units, store_grad
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
+from .model_loss import observed_model_losses
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
@@ -64,6 +66,7 @@ class Observation:
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
     _on_rebase: list = field(default_factory=list)  # callables that take their own baseline too
+    _inputs: dict | None = None  # the model's keyword inputs of the observed forward (labels=: its own loss)
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -123,6 +126,9 @@ def observing(
                         leaf.register_hook(store_grad(observation._output_grads, i))
             observation._roots = [t for t in leaves if isinstance(t, Tensor) and t.grad_fn is not None]
             capture.stop_recording()  # later unit calls are not this forward's (checkpoint recomputations)
+            if capture.no_grad_calls:  # re-entrant checkpointing? its blocks' calls come in the backward
+                with torch._C.DisableTorchFunction():
+                    capture.follow_checkpoints(observation._roots)
             # the loss may read these, and what it computes from them; an interior output read by the loss
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
@@ -134,7 +140,16 @@ def observing(
                         if t.requires_grad:
                             capture.user_watcher.after_forward[id(t)] = t
 
-        handles = [(model if output_module is None else output_module).register_forward_hook(root_hook)]
+        def root_hook_with_inputs(module, args, kwargs, output):
+            if observation._output is None:
+                observation._inputs = dict(kwargs)
+            root_hook(module, args, output)
+
+        handles = [
+            model.register_forward_hook(root_hook_with_inputs, with_kwargs=True)
+            if output_module is None
+            else output_module.register_forward_hook(root_hook)
+        ]
         if wrapper is not None:
             handles.append(wrapper.register_forward_hook(wrapper_hook))
         try:
@@ -142,22 +157,25 @@ def observing(
         finally:
             for handle in handles:
                 handle.remove()
-        if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
-            observation._audit = audit_graph(observation._roots, units, names, batch_size=batch_size)
-        capture.end_forward()
-        if capture.auxiliary_term is not None:
-            raise ObservationError(
-                f"the backwarded loss has a term computed from an activation of the model other than its "
-                f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
-                "head?). Its gradient reaches the layers below that activation, so the statistics would "
-                "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
-                "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
-                "the output alone",
-                code="OBSERVE_AUXILIARY_TERM",
-            )
-        if capture.escape is not None:
-            raise NotExact(capture.escape)
-    with autocast_as(None):  # statistics in float32 or better, whatever the loop's autocast
+        with _naming_the_setting(model):
+            if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
+                observation._audit = audit_graph(
+                    observation._roots, units, names, batch_size=batch_size, recomputed=capture.recomputed
+                )
+            capture.end_forward()
+            if capture.auxiliary_term is not None:
+                raise ObservationError(
+                    f"the backwarded loss has a term computed from an activation of the model other than its "
+                    f"output ({capture.auxiliary_term}: an auxiliary loss, an activation penalty, a second "
+                    "head?). Its gradient reaches the layers below that activation, so the statistics would "
+                    "describe the gradient of the whole sum, not of the per-example loss of the output. Keep "
+                    "such terms out of the observed backward, or use persample.grad_stats with a loss_fn of "
+                    "the output alone",
+                    code="OBSERVE_AUXILIARY_TERM",
+                )
+            if capture.escape is not None:
+                raise NotExact(capture.escape)
+    with _naming_the_setting(model), autocast_as(None):  # statistics in float32 or better, whatever the autocast
         observation.stats = _observed_stats(
             observation,
             params,
@@ -170,7 +188,54 @@ def observing(
             var,
             inner_products,
             reference,
+            model,
         )
+
+
+#: A module path inside a PEFT LoRA adapter: the LoRA layer's path, then the adapter's part.
+_PEFT_PART = re.compile(r"([\w.]+?)\.(lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)\b")
+
+_FALLBACK_FIX = (
+    "on_refusal='fallback' (Tracker(..., on_refusal='fallback'); track(trainer, on_refusal='fallback'); "
+    "PersampleCallback(..., on_refusal='fallback')) computes such a step's statistics with the exact engines "
+    "on the same batch"
+)
+
+
+def peft_setting(model: nn.Module, message: str) -> str | None:
+    """The PEFT setting behind a refusal whose message names a module inside a LoRA adapter, in words,
+    with the fix where one is known to work; None where the message names none.
+
+    DoRA (``LoraConfig(use_dora=True)``) computes each adapted layer's weight norm by calling ``lora_A`` on
+    an identity matrix, which is not a batch of examples: the fast engine cannot split that call per
+    example and refuses; the exact engines (``on_refusal='fallback'``) are exact on it."""
+    found = _PEFT_PART.search(message)
+    if found is None:
+        return None
+    path = found.group(1)
+    layer = dict(model.named_modules()).get(path)
+    if layer is None or not type(layer).__module__.startswith("peft."):
+        return None
+    dora = getattr(layer, "use_dora", None)
+    if isinstance(dora, dict) and any(dora.values()):
+        return (
+            f"the setting that causes it: PEFT's DoRA (LoraConfig(use_dora=True)) on {path}, which calls its "
+            f"adapter on an identity matrix to compute the weight norm; fix: {_FALLBACK_FIX}, or "
+            "LoraConfig(use_dora=False)"
+        )
+    return f"the setting involved: PEFT's LoRA adapter on {path}"
+
+
+@contextlib.contextmanager
+def _naming_the_setting(model: nn.Module) -> Iterator[None]:
+    """Re-raise a refusal from within with the training setting that causes it named (:func:`peft_setting`)."""
+    try:
+        yield
+    except (NotExact, ObservationError) as err:
+        setting = peft_setting(model, Exception.__str__(err))
+        if setting is None:
+            raise
+        raise type(err)(f"{Exception.__str__(err)}; {setting}", code=err.code, module=err.module, fix=err.fix) from err
 
 
 def _observed_stats(
@@ -185,6 +250,7 @@ def _observed_stats(
     var,
     inner_products,
     reference=None,
+    model=None,
 ) -> GradStats | None:
     if observation._output is None or not observation._output_grads:
         raise ObservationError(
@@ -200,7 +266,7 @@ def _observed_stats(
     if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
         observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
         return None
-    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction)
+    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
     scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
     half = _captured_half(units)
     means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
@@ -278,10 +344,11 @@ def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) 
 
 
 def _check_reduction(
-    observation: Observation, loss_fn, targets, batch_size: int, reduction: str | None
+    observation: Observation, loss_fn, targets, batch_size: int, reduction: str | None, model=None
 ) -> tuple[Tensor, float]:
     """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
-    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`)."""
+    ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`; for a
+    Hugging Face model's own ``out.loss``, :func:`.model_loss.observed_model_losses`)."""
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
     detached = []
@@ -291,27 +358,28 @@ def _check_reduction(
             if i in differentiable:  # half-precision outputs (autocast) are compared in float32
                 t = (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t.clone()).requires_grad_(True)
         detached.append(t)
-    with torch.enable_grad():
-        losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
-        if not losses.requires_grad:
-            raise ObservationError(
-                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
-                "inside the model (`lambda out: out.loss`)? observe() recomputes each example's loss from the "
-                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
-                "persample.causal_lm_loss(), with the labels as targets)",
-                code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
-            )
-        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-    observed = [observation._output_grads[i] for i in differentiable]
-    try:
-        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
-    except BatchLossMismatch as err:
-        raise ObservationError(
-            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
-            code="OBSERVE_NOT_WEIGHTED_SUM",
-        ) from None
-    half = any(g.dtype in (torch.float16, torch.bfloat16) for g in observed)
+    own = (
+        None
+        if model is None
+        else observed_model_losses(
+            model, loss_fn, observation._output, observation._inputs, targets, detached, observation._output_grads
+        )
+    )
+    if own is not None:
+        losses, w = own[0].losses, own[1]
+    else:
+        losses, w = _weights_of_output(observation, loss_fn, targets, batch_size, detached, spec, differentiable)
+    half = any(observation._output_grads[i].dtype in (torch.float16, torch.bfloat16) for i in differentiable)
     weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
+    if weight is None and own is not None:
+        raise ObservationError(
+            f"the model's own loss weighs the examples differently (w_i from {w.min().item():.4g} to "
+            f"{w.max().item():.4g}: a token mean over the batch weighs example i by its share n_i / N of the "
+            "tokens), and observe() needs ℓ = w Σ_i L_i. Give the Tracker a loss whose per-example losses "
+            "the backward weighs equally (persample.causal_lm_loss(): each example's summed token loss), or "
+            "use tracker.step",
+            code="OBSERVE_WEIGHTS_DIFFER",
+        )
     if weight is None:
         raise ObservationError(
             "the examples weigh differently in the backwarded loss (w_i from "
@@ -342,6 +410,32 @@ def _check_reduction(
             code="OBSERVE_REDUCTION_MISMATCH",
         )
     return losses.detach(), weight
+
+
+def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: int, detached, spec, differentiable):
+    """Per-example losses ``loss_fn`` on each example's output, and the weights w_i of the backwarded loss
+    at the output (:func:`persample.batch_loss.derive_weights`)."""
+    with torch.enable_grad():
+        losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
+        if not losses.requires_grad:
+            raise ObservationError(
+                "loss_fn(output, targets) does not depend on the model's batched outputs: is the loss computed "
+                "inside the model (`lambda out: out.loss`) of a model that is not a Hugging Face head with "
+                "its labels among the keyword inputs? observe() recomputes each example's loss from the "
+                "model's output, so give the Tracker a loss_fn of the output and the targets (for causal LMs "
+                "persample.causal_lm_loss(), with the labels as targets)",
+                code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
+            )
+        grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+    observed = [observation._output_grads[i] for i in differentiable]
+    try:
+        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
+    except BatchLossMismatch as err:
+        raise ObservationError(
+            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
+            code="OBSERVE_NOT_WEIGHTED_SUM",
+        ) from None
+    return losses, w
 
 
 def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:

@@ -588,16 +588,12 @@ _RAW_MIXING = {
 
 
 def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
-    """Where op ``name`` combines or reorders the rows of a floating tensor that does not require grad
-    (a raw input: no backward node shows it) and whose dim 0 has the batch's size, along dim 0."""
+    """Where op ``name`` combines or reorders the rows of a tensor that does not require grad (a raw
+    input: no backward node shows it) and whose dim 0 has the batch's size, along dim 0. Integer and
+    boolean tensors count too: indices derived from the inputs (position ids from a cumsum of the padding
+    mask) that mix the examples reach the differentiable forward through an embedding."""
     t = args[0] if args else None
-    if (
-        not isinstance(t, Tensor)
-        or t.requires_grad
-        or not t.is_floating_point()
-        or t.dim() == 0
-        or t.shape[0] != batch_size
-    ):
+    if not isinstance(t, Tensor) or t.requires_grad or t.dim() == 0 or t.shape[0] != batch_size:
         return None
     position, keyword, default = _RAW_MIXING[name]
     if name == "__getitem__":
