@@ -650,7 +650,8 @@ def check_sharded_scalars(stats, expected, what, model=None, rtol=1e-9, loose=()
         for name, p in model.named_parameters():
             local = p.to_local().shape
             assert stats.mean[name].shape == local, (what, name, stats.mean[name].shape, local)
-    one = persample.GradStats.from_per_example(expected["grads"], expected["losses"])
+    reference = stats.reference if stats.inner_products is not None else None
+    one = persample.GradStats.from_per_example(expected["grads"], expected["losses"], reference=reference)
     same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), f"{what}: |mean|^2", rtol=rtol)
     same_number(stats.param_m2_sum(), one.param_m2_sum(), f"{what}: sum of M2", rtol=rtol)
     ours, theirs = noise.gradient_noise_scale(stats), noise.gradient_noise_scale(one)
@@ -924,6 +925,33 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
     ]
     assert raised == expected, raised
     assert tracker.steps == 3
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_shared_reference_gives_global_inner_products_and_tests():
+    """accumulate(reference=r) under FSDP2: the inner products <g_i, r> of every example, and the
+    inner-product test (<ḡ, r> from the shards' global sums), equal one process's on the concatenated
+    batch; with two micro-batches, the merged shards' sums are refreshed."""
+    loss = F.cross_entropy
+    tracked, reference_model = sharded_mlp(29), mlp(seed=29)
+    tracker = persample.Tracker(tracked, loss)
+    g = torch.Generator().manual_seed(7)
+    ref = {k: torch.randn(p.shape, generator=g, dtype=torch.float64) for k, p in reference_model.named_parameters()}
+    batches = local_batches(2, seed=161)
+    with tracker.accumulate(reference=ref) as acc:
+        for x, y, _, _ in batches:
+            tracker.step(x, y, scale=0.5)
+    stats = acc.stats
+    gx, gy = torch.cat([b[2] for b in batches]), torch.cat([b[3] for b in batches])
+    # the global batch in the order the ranks' rows are gathered: micro-batch 1 of every rank, then 2
+    expected = oracle(reference_model, loss, gx, gy)
+    check_against_oracle(stats, expected, "shared reference", model=tracked)
+    n = expected["n"]
+    inner = sum(expected["grads"][k].reshape(n, -1) @ ref[k].reshape(-1) for k in ref)
+    close(stats.inner_products, inner, "inner products <g_i, r>")
+    one = persample.GradStats.from_per_example(expected["grads"], expected["losses"], reference=ref)
+    for test in (noise.inner_product_test, noise.norm_test):
+        same_number(test(stats).statistic, test(one).statistic, f"{test.__name__} with a shared reference")
 
 
 @scenario(2, suite="fsdp")
