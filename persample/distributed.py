@@ -462,12 +462,14 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     n_r = float(stats.n)
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
     fields = 2 if with_m2 else 1
-    lengths = [fields * sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
-    send = torch.empty(world, max(lengths), dtype=wire, device=device)
+    # Each destination's slot: [S1 of every parameter | S2 of every parameter], so that the received
+    # mean and M2 are each one contiguous float64 block (their global sums need no copy).
+    sizes_of = [sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
+    send = torch.empty(world, fields * max(sizes_of), dtype=wire, device=device)
     for d in range(world):  # only the padding needs zeros: every other element is written below
-        send[d, lengths[d] :].zero_()
+        send[d, fields * sizes_of[d] :].zero_()
     offsets = [0] * world
-    for k in names:  # written in place into each destination's slice: no temporaries of size P
+    for k in names:  # written in place into each destination's slot: no temporaries of size P
         mu = stats.mean[k].detach().to(device).reshape(shapes[k][0], -1)
         m2_k = stats.m2[k].detach().to(device).reshape(shapes[k][0], -1) if with_m2 else None  # type: ignore[index]
         for d in range(world):
@@ -476,13 +478,20 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
             s1 = send[d, o : o + count].view(stop - start, per_row[k])
             s1.copy_(mu[start:stop]).mul_(n_r)
             if m2_k is not None:  # M2_r + n_r μ_r², in float64: (n_r μ_r)·μ_r
-                s2 = send[d, o + count : o + 2 * count].view(stop - start, per_row[k])
+                o2 = sizes_of[d] + o
+                s2 = send[d, o2 : o2 + count].view(stop - start, per_row[k])
                 s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
-            offsets[d] = o + fields * count
+            offsets[d] = o + count
     mine = torch.empty(send.shape[1], dtype=wire, device=device)
     dist.reduce_scatter(mine, list(send.unbind(0)), group=group)
     del send
 
+    length = sizes_of[rank]
+    flat_s1 = mine[:length]
+    flat_m2 = None
+    if with_m2:  # M2 = S2 − S1·μ = S2 − S1²/N, in place in the received buffer (before μ overwrites S1)
+        flat_m2 = mine[length : 2 * length].addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)
+    flat_mean = flat_s1.div_(total)
     mean: dict[str, Tensor] = {}
     m2: dict[str, Tensor] | None = {} if with_m2 else None
     offset = 0
@@ -490,14 +499,11 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         start, stop = rows[rank][k]
         shape = (stop - start, *shapes[k][1:])
         count = (stop - start) * per_row[k]
-        s1 = mine[offset : offset + count]
         out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
-        if m2 is not None:  # M2 = S2 − S1·μ, in place in the received buffer (μ written after)
-            s2 = mine[offset + count : offset + 2 * count]
-            s2.addcmul_(s1, s1, value=-1.0 / total).clamp_(min=0.0)
-            m2[k] = s2.view(shape).to(device=out_device, dtype=dtype)
-        mean[k] = s1.div_(total).view(shape).to(device=out_device, dtype=dtype)
-        offset += fields * count
+        mean[k] = flat_mean[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+        if m2 is not None and flat_m2 is not None:
+            m2[k] = flat_m2[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+        offset += count
 
     # Per-example rows (B-sized), gathered as in all_reduce_stats.
     concat = ["param_sq_norms", "losses"]
@@ -513,7 +519,11 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     layout = Shard(rank=rank, world=world, rows=dict(rows[rank]), shapes=shapes)
     if "inner_products" not in values:
         reference = None
-    sums = _all_reduce_shard_sums(mean, m2, reference, layout, total, group, device)
+    received = flat_mean.dtype == torch.float64 and all(  # the statistics are the received float64 blocks
+        t.dtype == torch.float64 and t.device == flat_mean.device for t in mean.values()
+    )
+    flats = (flat_mean, flat_m2) if received else None
+    sums = _all_reduce_shard_sums(mean, m2, reference, layout, total, group, device, flats=flats)
     layout = dataclasses.replace(layout, sums=sums)
     return GradStats(
         n=total,
@@ -537,9 +547,11 @@ def _all_reduce_shard_sums(
     n: int,
     group,
     device: torch.device,
+    flats: tuple[Tensor, Tensor | None] | None = None,
 ) -> dict[str, tuple[float, ...]]:
     """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
-    then one all-reduce of a [K, 6] float64 matrix (K parameter tensors)."""
+    then one all-reduce of a [K, 6] float64 matrix (K parameter tensors). ``flats``: the mean and M2
+    already flat and float64, in ``mean``'s order (no copy)."""
     names = list(mean)
     where = next(iter(mean.values())).device  # the shards' own device (CUDA stays on CUDA)
     lengths = torch.tensor([mean[k].numel() for k in names], device=where)
@@ -551,11 +563,11 @@ def _all_reduce_shard_sums(
         return torch.segment_reduce(column, "sum", lengths=lengths)
 
     local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64, device=where)
-    mu = flat(mean[k] for k in names)
+    mu = flat(mean[k] for k in names) if flats is None else flats[0]
     sq = mu.square()
     local[:, 0] = per_param(sq)
     if m2 is not None:
-        m2_flat = flat(m2[k] for k in names)
+        m2_flat = flat(m2[k] for k in names) if flats is None or flats[1] is None else flats[1]
         local[:, 1] = per_param(m2_flat)
         if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
             keep = m2_flat > 0

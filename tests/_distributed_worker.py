@@ -954,6 +954,29 @@ def fsdp2_shared_reference_gives_global_inner_products_and_tests():
         same_number(test(stats).statistic, test(one).statistic, f"{test.__name__} with a shared reference")
 
 
+@scenario(2, 3, suite="fsdp")
+def fsdp2_var_false_float32_reduces_the_mean_alone():
+    """var=False on a float32 model: only the mean's sums travel, in float32; the mean shard, norms and
+    ‖ḡ‖² equal the float64 oracle to float32 precision, and there is no M2."""
+    from torch.distributed.fsdp import fully_shard
+
+    loss = F.cross_entropy
+    model = mlp(seed=30, dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    x, y, gx, gy = local_batches(1, seed=171)[0]
+    stats = persample.Tracker(model, loss, var=False).step(x.float(), y)
+    expected = oracle(mlp(seed=30), loss, gx, gy)
+    assert stats.m2 is None and stats.shard is not None and stats.n == expected["n"]
+    for k, mean in stats.mean.items():
+        assert mean.dtype == torch.float32 and mean.shape == dict(model.named_parameters())[k].to_local().shape
+        close(mean.double(), rows_of(stats, k, expected["mean"][k]), f"mean[{k}] (float32)", rtol=1e-5, atol=1e-6)
+    close(stats.sq_norms.double(), sum(expected["param_sq_norms"].values()), "sq_norms (float32)", rtol=1e-5, atol=1e-6)
+    full_mean_sq = sum(float(v.pow(2).sum()) for v in expected["mean"].values())
+    same_number(float(stats.mean_sq_norm), full_mean_sq, "|mean|^2 (float32)", rtol=1e-5)
+
+
 @scenario(2, suite="fsdp")
 def fsdp2_tracker_built_before_fully_shard_adopts_it():
     """accelerate shards the HF Trainer's model in place inside train(), after track(trainer) built the
