@@ -135,6 +135,29 @@ def lstm_problem(batch_size: int, seq_len: int = 32) -> Problem:
     return Problem(model, tokens, y, classification_loss)
 
 
+class AttentionClassifier(nn.Module):
+    """Embedding → ``nn.MultiheadAttention`` (self-attention, batch first) → Linear on the mean position."""
+
+    def __init__(self, vocab: int = 1000, embed: int = 128, heads: int = 4, classes: int = 10):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.attention = nn.MultiheadAttention(embed, heads, batch_first=True)
+        self.head = nn.Linear(embed, classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embedding(tokens)
+        out, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(out.mean(1))
+
+
+def mha_problem(batch_size: int, seq_len: int = 64) -> Problem:
+    """Self-attention classifier (vocab 1000, width 128, 4 heads, 10 classes) on sequences of 64 tokens."""
+    model = AttentionClassifier()
+    tokens = torch.randint(0, 1000, (batch_size, seq_len))
+    y = torch.randint(0, 10, (batch_size,))
+    return Problem(model, tokens, y, classification_loss)
+
+
 def gpt2_problem(
     batch_size: int, *, layers: int = 4, width: int = 256, heads: int = 4, vocab: int = 1000, seq_len: int = 128
 ) -> Problem:
@@ -186,6 +209,7 @@ def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
         Case("cnn", 32, "CNN conv5x5(16)-conv5x5(32)-Linear-Linear", cnn_problem, quick=True),
         Case("cnn", 128, "CNN conv5x5(16)-conv5x5(32)-Linear-Linear", cnn_problem),
         Case("lstm", 32, "Embedding(1000, 64)-LSTM(128)-Linear, T=32", lstm_problem, quick=True),
+        Case("mha", 32, "Embedding(1000, 128)-MultiheadAttention(4 heads)-Linear, T=64", mha_problem, quick=True),
         Case("gpt2", 16, "HF GPT-2, 4 layers, width 256, vocab 1000, T=128", gpt2_problem),
     ]
     if not quick:

@@ -18,7 +18,9 @@ it never stops the run. See ``benchmarks/README.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
@@ -55,6 +57,8 @@ from methods import (
 )
 
 TOLERANCE = 1e-3  # max_rel_err above this (float32) makes the status "wrong"
+AUTOCAST_TOLERANCE = 5e-2  # under bf16/fp16 autocast (the reference runs under it too)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 WARMUP_CALLS = 2  # untimed calls before timing; the first one's output is checked
 MIN_REPEATS = 3  # the time budget never cuts the repeats below this
 MIN_SAMPLE_S = 0.02  # each timed sample repeats the call until it lasts at least this long
@@ -402,8 +406,10 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         return {**record, "status": "unavailable", "reason": f"not installed: {', '.join(missing)}"}
     sync = synchronizer(settings.device)
     try:
-        prepared = method.prepare(problem)
-        checked = check_output(prepared, reference, sync)
+        with settings.autocasting():
+            prepared = _autocast_prepared(method.prepare(problem), settings)
+        tolerance = TOLERANCE if settings.autocast is None else AUTOCAST_TOLERANCE
+        checked = check_output(prepared, reference, sync, tolerance)
         reason = "; ".join(filter(None, [checked.pop("reason", ""), prepared.notes]))
         record.update(checked, reason=reason)
         for _ in range(WARMUP_CALLS - 2):  # the checked call was the first warm-up call
@@ -431,7 +437,7 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
     return record
 
 
-def check_output(prepared, reference, sync) -> dict:
+def check_output(prepared, reference, sync, tolerance: float = TOLERANCE) -> dict:
     """Call the step once and compare its converted output with the reference."""
     raw = prepared.step()
     sync()
@@ -449,7 +455,7 @@ def check_output(prepared, reference, sync) -> dict:
     if mismatches:
         rest = "" if err is None else f"; the other parameters: max_rel_err {err:.3g}"
         return {"status": "wrong", "max_rel_err": finite, "reason": "; ".join(mismatches[:3]) + rest}
-    if err is None or not err <= TOLERANCE:
+    if err is None or not err <= tolerance:
         return {"status": "wrong", "max_rel_err": finite, "reason": f"max_rel_err {err} at {where}"}
     return {"max_rel_err": err}
 
@@ -503,6 +509,30 @@ class Settings:
     budget_s: float  # seconds of timed calls per method
     retries: int = 0  # re-timings when other processes load the CPU (see ForeignLoad)
     wait_s: float = 10.0  # pause before each re-timing
+    autocast: str | None = None  # "bf16"/"fp16": every call (the reference's too) under torch.autocast
+
+    def autocasting(self):
+        """The autocast context of every call (a no-op context without ``autocast``)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.autocast])
+
+
+def _autocast_prepared(prepared, settings: "Settings"):
+    """``prepared`` with its step (and its conversion) run under the run's autocast."""
+    if settings.autocast is None:
+        return prepared
+    step, convert = prepared.step, prepared.convert
+
+    def autocast_step():
+        with settings.autocasting():
+            return step()
+
+    def autocast_convert(raw):
+        with settings.autocasting():
+            return convert(raw)
+
+    return dataclasses.replace(prepared, step=autocast_step, convert=autocast_convert)
 
 
 def run_case(
@@ -511,7 +541,8 @@ def run_case(
     """Records of every method on one case; ratios are to this case's ``plain``."""
     try:
         problem = case.build(settings.device)
-        reference, reference_error = reference_for(problem)
+        with settings.autocasting():
+            reference, reference_error = reference_for(problem)
     except Exception as err:  # noqa: BLE001 - e.g. transformers missing for GPT-2
         problem, reason = None, f"case could not be built: {classify_failure(err)[1]}"
         build_status = "unavailable" if isinstance(err, ImportError) else "failed"
@@ -576,6 +607,7 @@ def run(
         "memory_method": memory.description,
         "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "load_before": load_average(),
+        "autocast": settings.autocast,
         "allocator": allocator,
     }
     common = {
@@ -699,7 +731,8 @@ def render_markdown(records: list[dict], meta: dict) -> str:
         [
             f"# persample benchmarks: {meta['device_name']}",
             "",
-            f"- Device: {meta['device']}, {meta['device_name']}; {meta['threads']} torch threads",
+            f"- Device: {meta['device']}, {meta['device_name']}; {meta['threads']} torch threads"
+            + (f"; every call under torch.autocast({meta['autocast']})" if meta.get("autocast") else ""),
             f"- torch {v['torch']}, persample {v['persample']} (git {v['persample_git']}), "
             f"Python {v['python']}; {peers}",
             f"- Command: `{meta.get('command', '')}`; started {meta['started']}, took {meta['total_s']:.0f} s; "
@@ -747,6 +780,7 @@ def write_json(records: list[dict], meta: dict, path: Path) -> None:
             "load_after",
             "command",
             "allocator",
+            "autocast",
         )
     }
     out = [{**r, **run_info} for r in records]
@@ -766,6 +800,12 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         "plain step on 2 CPU cores)",
     )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument(
+        "--autocast",
+        choices=tuple(AUTOCAST_DTYPES),
+        help="run every call (and the reference) under torch.autocast in this dtype; "
+        f"outputs are checked at max_rel_err {AUTOCAST_TOLERANCE:g}",
+    )
     p.add_argument("--json", type=Path, help="write the records as a JSON list here")
     p.add_argument("--markdown", type=Path, help="write the headline table and all records as markdown here")
     p.add_argument(
@@ -837,6 +877,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         budget_s=args.budget,
         retries=args.retries,
         wait_s=args.retry_wait,
+        autocast=args.autocast,
     )
     # A process-wide setting: made here, by the script, never by run() (which tests call in-process).
     allocator = tune_malloc() if args.device == "cpu" and not args.default_malloc else "default"

@@ -91,6 +91,30 @@ def module_backward_hooks(module: nn.Module) -> bool:
         raise unknown(f"{type(module).__name__}'s backward hook registries ({', '.join(_MODULE_BACKWARD)})") from None
 
 
+def structure_key(module: nn.Module) -> tuple:
+    """What the fast engine's plan (:mod:`persample.engines.fast.plan`) fingerprints of ``module``: its
+    class, training flag and instance attribute names, the identities of its children and parameters,
+    each parameter's ``requires_grad`` and gradient-hook handles, the handles of its backward hook
+    registries, and, for a module with parameters of its own, of its forward hook registries (handle
+    ids only grow, so any change of a registry changes them). A forward hook on a module without
+    parameters (a container: the Tracker hooks the model's root each step) changes nothing the plan
+    holds: such a module is never a rule unit, and forward hooks change no gradient hook."""
+    try:
+        params = [p for p in module._parameters.values() if p is not None]
+        return (
+            type(module),
+            module.training,
+            tuple(module.__dict__),
+            tuple([id(c) for c in module._modules.values()]),
+            tuple([(id(p), p.requires_grad, tuple(p._backward_hooks or ())) for p in params]),
+            (tuple(module._forward_hooks), tuple(module._forward_pre_hooks)) if params else (),
+            tuple(module._backward_hooks),
+            tuple(module._backward_pre_hooks),
+        )
+    except AttributeError:
+        raise unknown(f"{type(module).__name__}'s registries (_modules, _parameters, hooks)") from None
+
+
 def _module_lib():
     from torch.nn.modules import module as module_lib
 

@@ -30,13 +30,14 @@ from ._model import (
     restore_buffer_state,
     trainable_parameters,
 )
-from .batch_loss import check_batch_loss, loss_parts
-from .contract import refusal
+from .batch_loss import check_batch_loss, gradient_multiple, loss_parts
+from .contract import PRECONDITIONS, refusal
 from .errors import BatchLossMismatch
 from ._progress import progress_bar
 from ._warn import short_reason, user_stacklevel
-from .errors import NotExact
+from .errors import NotExact, PersampleError
 from .engines.fast import fast_grad_stats
+from .engines.fast.grads import fast_per_example_grads
 from .engines.loop import loop_grad_stats, loop_grads
 from .engines.vmap import per_example_grads, vmap_grad_stats
 from .errors import SlowPathWarning
@@ -59,7 +60,7 @@ _CHAINS = {
     "loop": ("loop",),
     "independent": ("vmap", "loop"),
 }
-_GRADS_CHAINS = {"auto": ("vmap", "loop"), "vmap": ("vmap",), "loop": ("loop",)}
+_GRADS_CHAINS = {"auto": ("fast", "vmap", "loop"), "fast": ("fast",), "vmap": ("vmap",), "loop": ("loop",)}
 
 
 def per_sample_grads(
@@ -96,7 +97,8 @@ def per_sample_grads(
             tensors (keyword arguments), each batched on dim 0.
         targets: a tensor (or tuple/dict of tensors) batched on dim 0, or None.
         chunk_size: examples per ``vmap`` chunk; bounds working memory, never
-            changes results. The ``B × P`` result is always materialised: use
+            changes results (the fast engine forms at most ``2**23`` gradient
+            numbers at a time besides the result). The ``B × P`` result is always materialised: use
             :func:`grad_stats` when statistics are enough.
         randomness: what random ops (dropout) do: ``"error"`` (default: refuse,
             naming the module), ``"different"`` (an independent draw per
@@ -107,11 +109,16 @@ def per_sample_grads(
             numbers describe is the caller's choice to make, not a silent
             default. :class:`persample.Tracker`, which describes a training
             step, defaults to ``"different"``: the training forward's own draws.
-        engine: ``"vmap"`` (``torch.func``: ``functional_call`` + ``vmap`` +
-            ``grad``; buffers passed through, frozen parameters constants),
-            ``"loop"`` (one forward + backward per example) or ``"auto"``
-            (vmap, and the loop where vmap cannot run the model, e.g. Hugging
-            Face attention masks, with a :class:`~persample.SlowPathWarning`).
+        engine: ``"fast"`` (one forward + backward; each layer's g_i formed
+            from its input and output gradient by its closed-form rule, or by
+            ``torch.func`` on that module alone; raises :class:`~persample.NotExact`
+            where it cannot show it is exact), ``"vmap"`` (``torch.func``:
+            ``functional_call`` + ``vmap`` + ``grad``; buffers passed through,
+            frozen parameters constants), ``"loop"`` (one forward + backward per
+            example) or ``"auto"`` (the first of fast, vmap, loop that is exact;
+            reaching the loop warns with :class:`~persample.SlowPathWarning`).
+            Every engine gives the same numbers (up to rounding); the result
+            is in each parameter's dtype.
         batch_loss_check: check first that ``loss_fn`` on the whole batch is a
             weighted sum Σ_i w_i L_i of the per-example losses (any weights), at
             the model's output on the batch: one more forward without gradients
@@ -123,24 +130,35 @@ def per_sample_grads(
             loss than the batch's. ``False`` skips the check, for batch-of-one
             gradients on purpose. A loss computed inside the model (``out.loss``)
             cannot be checked at the output: :func:`persample.check_mean` tests it.
+            The fast engine's own forward gives the output (no forward more).
     """
     batch = as_batch(inputs, targets)
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _GRADS_CHAINS)
     check_supported(model, randomness)
+    first_forward: list = []  # the fast engine's forward of the batch: its output, for batch_loss_check
+    # Without the fast engine's forward, one of the check's own: before the work where no random draw
+    # is allowed, else after the engines (it must not move their draws).
+    check_first = batch_loss_check and chain[0] != "fast" and randomness == "error"
     with preserved_state(model, rewind_rng=randomness != "error") as found:
-        # the check's forward: before the work where no random draw is allowed, else after the engines
-        if batch_loss_check and randomness == "error":
-            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
+        opaque = False
+        if check_first:
+            opaque = _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
 
         def run(name: str):
+            if name == "fast":
+                keep = first_forward if batch_loss_check else None
+                return fast_per_example_grads(model, loss_fn, batch, randomness=randomness, keep_output=keep)
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
 
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
-        if batch_loss_check and randomness != "error":
-            _check_loss_on_batch(model, loss_fn, batch, None, found)
+        if batch_loss_check and not check_first:
+            output, standard = (first_forward + [None, False])[:2]
+            opaque = _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
+        if opaque and randomness == "error":
+            _check_loss_in_the_model(model, loss_fn, batch, {k: g.mean(0) for k, g in grads.items()}, found)
     return grads
 
 
@@ -295,12 +313,15 @@ def compute_stats(
     check_first = batch_loss_check and chain[0] != "fast" and randomness == "error"
     # The generators are rewound only where the model may draw: other threads share them.
     with preserved_state(model, fork_rng=fork_rng, rewind_rng=fork_rng and randomness != "error") as found:
+        opaque = False
         if check_first:
-            _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
+            opaque = _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
         stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
             output, standard = (first_forward + [None, False])[:2]
-            _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
+            opaque = _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
+        if opaque and randomness == "error":
+            _check_loss_in_the_model(model, loss_fn, batch, stats.mean, found)
         return stats
 
 
@@ -312,26 +333,29 @@ def _check_loss_on_batch(
     found,
     stop_random: bool = False,
     standard_loss: bool = False,
-) -> None:
+) -> bool:
     """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
     (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
     one more forward of the batch without gradients (buffers then put back as ``found``). A model
     that cannot run the whole batch at once leaves nothing to check. ``standard_loss``: the fast engine
     found ``loss_fn`` to be one standard loss on this ``output`` (a weighted sum by its form), so the
-    check, which would trace it again to find the same, has nothing to do."""
+    check, which would trace it again to find the same, has nothing to do.
+
+    Returns True where the loss is computed inside the model (its weights cannot be read at the output):
+    the caller then checks it on the gradients (:func:`_check_loss_in_the_model`)."""
     batch_fn, per_example_fn = loss_parts(loss_fn)
     if standard_loss and output is not None and batch_fn is per_example_fn:
-        return
+        return False
     if output is None:
         try:  # under randomness="error", stopped before a random draw (the engines refuse such a model)
             with torch.no_grad(), RandomCalls(stop=True) if stop_random else contextlib.nullcontext():
                 output = batch.forward(model)
         except Exception:
-            return
+            return False
         finally:
             restore_buffer_state(found)
     try:
-        check_batch_loss(loss_fn, output, batch.targets, batch.size)
+        return check_batch_loss(loss_fn, output, batch.targets, batch.size)
     except BatchLossMismatch as err:
         raise refusal(
             "BATCH_LOSS_COUPLED",
@@ -340,6 +364,46 @@ def _check_loss_on_batch(
             "NT-Xent / SimCLR or CLIP, batch-hard triplets, batch-centred errors, a load-balancing term over "
             "the batch). Pass batch_loss_check=False if you want those batch-of-one gradients on purpose",
         ) from None
+
+
+def _check_loss_in_the_model(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, mean: Mapping[str, Tensor], found
+) -> None:
+    """``batch_loss_check`` for a loss computed inside the model (``lambda out: out.loss``), whose weights
+    cannot be read at the output: one more forward and backward of the batch (no ``.grad`` written,
+    buffers put back as ``found``), and ∇_θ ℓ must be c·ḡ, a multiple of the mean per-example gradient
+    ḡ = ``mean`` (:func:`persample.batch_loss.gradient_multiple`), as for ℓ = w·Σ_i L_i. An in-model loss
+    that couples the examples (NT-Xent over the batch) or weighs them unequally (a token mean over padded
+    examples) raises :class:`BatchLossMismatch` (``BATCH_LOSS_COUPLED``). Only under
+    ``randomness="error"``: a forward that draws would differ from the engines'. A model that cannot run
+    the whole batch at once leaves nothing to check."""
+    batch_fn, _ = loss_parts(loss_fn)
+    params = trainable_parameters(model)
+    try:
+        with torch.enable_grad(), RandomCalls(stop=True):
+            output = batch.forward(model)
+            ell = batch_fn(output) if batch.targets is None else batch_fn(output, batch.targets)
+            used = [(n, p) for n, p in params.items() if n in mean]
+            grads = torch.autograd.grad(ell, [p for _, p in used], allow_unused=True)
+    except Exception:
+        return
+    finally:
+        restore_buffer_state(found)
+    grad = {n: g for (n, _), g in zip(used, grads) if g is not None}
+    _, difference = gradient_multiple(grad, {n: mean[n] for n, _ in used})
+    # Equal weights give rounding-level differences (models that compute parts in float32 inside: ~1e-7)
+    rtol = 1e-5 if all(mean[n].dtype == torch.float64 for n, _ in used) else 1e-3
+    if difference > rtol:
+        raise refusal(
+            "BATCH_LOSS_COUPLED",
+            "loss_fn returns a loss computed inside the model, whose weights cannot be read at the model's "
+            "output, and its gradient on the whole batch is not a multiple of the mean per-example gradient "
+            f"(relative difference {difference:.2e}): the loss couples the examples of the batch (NT-Xent / "
+            "SimCLR, CLIP, batch-hard triplets, a term over the batch) or weighs them unequally (a token "
+            "mean over padded examples). Per-example gradients are those of the loss on each example alone. "
+            "Compute the loss from the model's output in loss_fn (persample.causal_lm_loss() for token "
+            "losses), or pass batch_loss_check=False if you want those batch-of-one gradients on purpose",
+        )
 
 
 def prepare_reference(model: nn.Module, reference: Mapping[str, Tensor] | None) -> dict[str, Tensor] | None:
@@ -390,6 +454,7 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
     ``NotExact`` reaches the caller; reaching the loop after others warns.
     """
     reasons: list[str] = []
+    mixed = ""  # why an engine refused with BATCH_MIXED: the later ones run the model on a batch of one
     for position, name in enumerate(chain):
         if position:
             reset()
@@ -407,6 +472,19 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
             if position == len(chain) - 1:
                 raise
             reasons.append(f"{name}: {err}")
+            if getattr(err, "code", None) == "BATCH_MIXED":
+                mixed = short_reason(reasons[-1])
+        except Exception as err:
+            if not mixed or isinstance(err, PersampleError):
+                raise
+            # The fast engine saw the forward combine the examples; on a batch of one the model itself fails
+            # (an index of the batch's rows, a train-mode batch norm): no per-example reading exists.
+            raise refusal(
+                "BATCH_OF_ONE_FAILS",
+                f"engine='auto' computes each example alone because {mixed}, but the model (or loss_fn) fails "
+                f"on a batch of one ({type(err).__name__}: "
+                f"{str(err).splitlines()[0] if str(err) else ''}). Fix: {PRECONDITIONS['BATCH_OF_ONE_FAILS'].fix}",
+            ) from err
     raise AssertionError("unreachable: an engine chain is never empty")
 
 

@@ -37,6 +37,7 @@ per-example part in a :class:`BatchLoss`, as :func:`causal_lm_loss` does.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -167,6 +168,7 @@ def derive_weights(
     batch_size: int,
     *,
     what: str = "the batch loss",
+    checks: HostChecks | None = None,
 ) -> Tensor:
     """w_i with ∇_{o_i} ℓ = w_i ∇_{o_i} L_i for every example, in float64, checked.
 
@@ -190,40 +192,40 @@ def derive_weights(
         )
         for a, b in present
     ]
+    checks = HostChecks() if checks is None else checks
+    if not pairs:
+        checks.resolve()
+        return torch.zeros(batch_size, dtype=torch.float64)
     rtol = _tolerance([t.dtype for pair in pairs for t in pair])
-    dot = torch.zeros(batch_size, dtype=torch.float64)
-    bb = torch.zeros(batch_size, dtype=torch.float64)
+    device = pairs[0][0].device  # everything stays there; one host read at the end (HostChecks)
+    dot = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    bb = torch.zeros(batch_size, dtype=torch.float64, device=device)
     for a, b in pairs:
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
-        if not bool(torch.isfinite(b2).all()):
-            bad_rows = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
-            raise NonFiniteExampleLoss(
-                f"the per-example losses have non-finite gradients at the model output (examples {bad_rows[:5]}): "
-                "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
-                "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
-                "reduction='sum'>), or persample.causal_lm_loss() for token losses",
-                code="EXAMPLE_LOSS_NOT_FINITE",
-            )
-        if not bool(torch.isfinite(a2).all()):
-            raise NonFiniteExampleLoss(
+        checks.add(~torch.isfinite(b2).all(), functools.partial(_example_loss_not_finite, b2))
+        checks.add(
+            ~torch.isfinite(a2).all(),
+            lambda: NonFiniteExampleLoss(
                 f"the gradient of {what} at the model output is not finite (inf/NaN)", code="BATCH_LOSS_NOT_FINITE"
-            )
-        dot += (a2 * b2).sum(1, dtype=torch.float64).cpu()
-        bb += (b2 * b2).sum(1, dtype=torch.float64).cpu()
+            ),
+        )
+        dot += (a2 * b2).sum(1, dtype=torch.float64).to(device)
+        bb += (b2 * b2).sum(1, dtype=torch.float64).to(device)
     w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
-    residual = torch.zeros(batch_size, dtype=torch.float64)
-    scale = torch.zeros(batch_size, dtype=torch.float64)
+    residual = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    scale = torch.zeros(batch_size, dtype=torch.float64, device=device)
     for a, b in pairs:
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
         wb = b2 * w.to(device=b2.device, dtype=b2.dtype)[:, None]
         if a2.shape[1]:
-            residual = torch.maximum(residual, (a2 - wb).abs().amax(1).double().cpu())
-            scale = torch.maximum(scale, torch.maximum(a2.abs().amax(1), wb.abs().amax(1)).double().cpu())
-    floor = 1e-12 * max(scale.max().item() if scale.numel() else 0.0, 1e-300)
-    bad = (residual > rtol * scale.clamp_min(floor)).nonzero().flatten()
-    if bad.numel():
-        i = int(bad[0])
-        raise BatchLossMismatch(
+            residual = torch.maximum(residual, (a2 - wb).abs().amax(1).double().to(device))
+            scale = torch.maximum(scale, torch.maximum(a2.abs().amax(1), wb.abs().amax(1)).double().to(device))
+    floor = 1e-12 * scale.max().clamp_min(1e-300)
+    bad = residual > rtol * scale.clamp_min(floor)
+
+    def mismatch() -> BatchLossMismatch:
+        i = int(bad.nonzero().flatten()[0])
+        return BatchLossMismatch(
             f"{what} is not a weighted sum Σ_i w_i L_i of the per-example losses L_i = "
             f"per_example(output_i, target_i): at example {i} its gradient at the model output is not a "
             f"multiple of L_i's (relative residual {(residual[i] / scale[i].clamp_min(1e-300)).item():.2e}). "
@@ -232,7 +234,76 @@ def derive_weights(
             "token losses, or pass the targets that the loss uses",
             code="BATCH_LOSS_MISMATCH",
         )
-    return w
+
+    checks.add(bad.any(), mismatch)
+    return torch.tensor(checks.resolve(w), dtype=torch.float64)
+
+
+def _example_losses_not_finite(losses: Tensor) -> NonFiniteExampleLoss:
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    return NonFiniteExampleLoss(
+        f"the per-example losses of examples {bad[:5]} are not finite while the batch loss is: an "
+        "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
+        "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
+        "reduction='sum'>), or persample.causal_lm_loss() for token losses",
+        code="EXAMPLE_LOSS_NOT_FINITE",
+    )
+
+
+def _example_loss_not_finite(b2: Tensor) -> NonFiniteExampleLoss:
+    bad_rows = (~torch.isfinite(b2)).any(1).nonzero().flatten().tolist()
+    return NonFiniteExampleLoss(
+        f"the per-example losses have non-finite gradients at the model output (examples {bad_rows[:5]}): "
+        "an example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
+        "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
+        "reduction='sum'>), or persample.causal_lm_loss() for token losses",
+        code="EXAMPLE_LOSS_NOT_FINITE",
+    )
+
+
+class HostChecks:
+    """Checks whose outcome lives on the device, read to the host at once: each :meth:`add` gives a
+    boolean tensor (True: the check fails) and the error it raises; :meth:`resolve` reads every flag
+    (and the values it is given) in one device-to-host copy, and raises the error of the first failing
+    check, in the order they were added, as if each had been read where it was added. Code that runs
+    between an :meth:`add` and the :meth:`resolve` must not depend on the check having passed, except
+    through an exception: there, call :meth:`raise_first` first, so that an earlier failing check
+    wins as before."""
+
+    def __init__(self) -> None:
+        self._flags: list[Tensor] = []
+        self._errors: list[Callable[[], BaseException] | type[BaseException]] = []
+
+    def add(self, failed: Tensor, error: Callable[[], BaseException] | type[BaseException]) -> None:
+        self._flags.append(failed.reshape(()))
+        self._errors.append(error)
+
+    def resolve(self, values: Tensor | None = None) -> list[float]:
+        """Raise the first failing check's error; else return ``values`` (a 1-d tensor) as floats."""
+        parts = [f.to(dtype=torch.float64) for f in self._flags]
+        if values is not None:
+            parts.append(values.reshape(-1).to(torch.float64))
+        if not parts:
+            return []
+        device = parts[0].device
+        host = torch.cat([p.reshape(-1).to(device) for p in parts]).tolist()  # the one host read
+        n = len(self._flags)
+        self._raise(host[:n])
+        return host[n:]
+
+    def raise_first(self) -> None:
+        """Raise the first failing check's error, if any (after an exception, before letting it go)."""
+        if self._flags:
+            self._raise(torch.stack([f.to(self._flags[0].device) for f in self._flags]).tolist())
+
+    def _raise(self, flags: list) -> None:
+        for failed, error in zip(flags, self._errors):
+            if failed:
+                self._flags.clear()
+                self._errors.clear()
+                raise error()
+        self._flags.clear()
+        self._errors.clear()
 
 
 def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
@@ -243,10 +314,14 @@ def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
     """
     if w.numel() == 0:
         return None
-    mean = w.mean().item()
+    values = w.double().tolist()  # one host read; the rest is Python's builtins (no loop in Python)
+    try:
+        mean = math.fsum(values) / len(values)
+    except (ValueError, OverflowError):  # inf - inf, or a sum beyond float64: no common weight
+        return None
     if mean == 0 or not math.isfinite(mean):
-        return 0.0 if mean == 0 and bool((w == 0).all()) else None
-    if (w - mean).abs().max().item() > rtol * abs(mean):
+        return 0.0 if mean == 0 and not any(values) else None
+    if max(max(values) - mean, mean - min(values)) > rtol * abs(mean):
         return None
     inverse = 1.0 / mean
     nearest = round(inverse)
@@ -263,30 +338,61 @@ class NonFiniteExampleLoss(BatchLossMismatch):
     example whose targets are all ignored, say), rather than because the batch loss couples the examples."""
 
 
-def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> None:
+def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> bool:
     """Raise :class:`BatchLossMismatch` where ``loss_fn`` on the whole batch is not Σ_i w_i L_i of
     L_i = ``loss_fn`` on example i alone (a loss that couples the examples: NT-Xent / SimCLR, CLIP,
     batch-hard triplets, a batch-centred MSE, a load-balancing term over the batch's router outputs).
 
     One evaluation of each loss and a loss-only backward of each at (a detached copy of) ``output``,
     the model's output on the batch (:func:`weights_at_output`); the model is not run. Any weights
-    are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is
-    computed inside the model; it is not finite there; it is not a scalar on the whole batch) nothing
-    can be told, and nothing is raised: :func:`persample.check_mean` tests those.
+    are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is not
+    finite there; it is not a scalar on the whole batch) nothing can be told, and nothing is raised.
+
+    Returns:
+        True where the loss is computed inside the model (``lambda out: out.loss``): its weights cannot
+        be read at the output, and the caller checks it on the parameters' gradients instead
+        (:func:`gradient_multiple`).
     """
     from .engines.fast.losses import traced_standard_loss
 
     batch_fn, per_example_fn = loss_parts(loss_fn)
     if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
-        return  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
+        return False  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
     try:
         weights_at_output(batch_fn, per_example_fn, output, targets, batch_size)
-    except (OpaqueLoss, NonFiniteLoss, NonFiniteExampleLoss):
-        return
+    except OpaqueLoss:
+        return True
+    except (NonFiniteLoss, NonFiniteExampleLoss):
+        return False
     except BatchLossMismatch:
         raise
     except Exception:  # the loss does not run on the whole batch as it is (or not to a scalar): cannot tell
-        return
+        return False
+    return False
+
+
+def gradient_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> tuple[float, float]:
+    """(c, relative difference) of the batch loss's gradient ``grad`` = ∇_θ ℓ against c·ḡ, the multiple of
+    the mean per-example gradient ``mean`` = ḡ = (1/B) Σ_i ∇_θ L_i closest to it (least squares):
+    max |∇ℓ − c·ḡ| / max |∇ℓ|. A batch loss ℓ = w Σ_i L_i (a mean, a sum) gives c = w·B and a difference at
+    rounding level; a loss that couples the examples, or weighs them unequally, gives O(1). A parameter
+    missing from ``grad`` (unused by ℓ) counts as a zero gradient.
+
+    >>> import torch
+    >>> gradient_multiple({"w": torch.tensor([2.0, 4.0])}, {"w": torch.tensor([1.0, 2.0])})
+    (2.0, 0.0)
+    """
+    names = list(mean)
+    g = torch.cat(
+        [
+            grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
+            for n in names
+        ]
+    )
+    m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
+    c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
+    scale = g.abs().max().item() if g.numel() else 0.0
+    return c, ((g - c * m).abs().max().item() / scale if scale > 0 else 0.0)
 
 
 class OpaqueLoss(Exception):
@@ -357,48 +463,47 @@ def weights_at_output(
         detached.append(t)
     out = tree_unflatten(detached, spec)
     differentiable = [i for i, f in enumerate(floating) if f]
-    if not all(bool(torch.isfinite(detached[i].detach()).all()) for i in differentiable if batched[i]):
-        raise NonFiniteLoss()
-    with torch.enable_grad():
-        try:
-            losses = per_example_losses(per_example_fn, out, targets, batch_size)
-        except NotExact as err:
-            raise OpaqueLoss(per_example=True) from err
-        example_grads: Sequence[Tensor | None] = (
-            torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-            if losses.requires_grad
-            else [None] * len(differentiable)
-        )
-        if not losses.requires_grad or any(
-            g is not None and not batched[i] for i, g in zip(differentiable, example_grads)
-        ):
-            raise OpaqueLoss(per_example=True)
-        ell = batch_fn(out) if targets is None else batch_fn(out, targets)
-        if not isinstance(ell, Tensor) or ell.dim() != 0:
-            raise ValueError(
-                "loss_fn on the whole batch must return a scalar (the batch loss), got "
-                + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__)
+    # The checks below are read from the device once, with the weights (HostChecks), in this order.
+    checks = HostChecks()
+    for i in differentiable:
+        if batched[i]:
+            checks.add(~torch.isfinite(detached[i].detach()).all(), NonFiniteLoss)
+    try:
+        with torch.enable_grad():
+            try:
+                losses = per_example_losses(per_example_fn, out, targets, batch_size)
+            except NotExact as err:
+                raise OpaqueLoss(per_example=True) from err
+            example_grads: Sequence[Tensor | None] = (
+                torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+                if losses.requires_grad
+                else [None] * len(differentiable)
             )
-        if not bool(torch.isfinite(ell.detach())):
-            raise NonFiniteLoss()
-        if not ell.requires_grad:
-            raise OpaqueLoss()
-        batch_grads = torch.autograd.grad(ell, [detached[i] for i in differentiable], allow_unused=True)
-        if any(g is not None and not batched[i] for i, g in zip(differentiable, batch_grads)):
-            raise OpaqueLoss()
-        if bool(torch.isfinite(ell.detach())) and not bool(torch.isfinite(losses.detach()).all()):
-            bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-            raise NonFiniteExampleLoss(
-                f"the per-example losses of examples {bad[:5]} are not finite while the batch loss is: an "
-                "example whose targets are all ignored gets NaN from a mean over its own tokens. Describe "
-                "each example by a sum instead: persample.BatchLoss(loss_fn, per_example=<the same loss with "
-                "reduction='sum'>), or persample.causal_lm_loss() for token losses",
-                code="EXAMPLE_LOSS_NOT_FINITE",
-            )
+            if not losses.requires_grad or any(
+                g is not None and not batched[i] for i, g in zip(differentiable, example_grads)
+            ):
+                raise OpaqueLoss(per_example=True)
+            ell = batch_fn(out) if targets is None else batch_fn(out, targets)
+            if not isinstance(ell, Tensor) or ell.dim() != 0:
+                raise ValueError(
+                    "loss_fn on the whole batch must return a scalar (the batch loss), got "
+                    + (f"shape {tuple(ell.shape)}" if isinstance(ell, Tensor) else type(ell).__name__)
+                )
+            checks.add(~torch.isfinite(ell.detach()), NonFiniteLoss)
+            if not ell.requires_grad:
+                raise OpaqueLoss()
+            batch_grads = torch.autograd.grad(ell, [detached[i] for i in differentiable], allow_unused=True)
+            if any(g is not None and not batched[i] for i, g in zip(differentiable, batch_grads)):
+                raise OpaqueLoss()
+            example_losses = losses.detach()
+            checks.add(~torch.isfinite(example_losses).all(), lambda: _example_losses_not_finite(example_losses))
+    except BaseException:
+        checks.raise_first()  # a check added before the exception fails: its error, as when read in order
+        raise
     on_batched = [i for i in differentiable if batched[i]]
     example_grads = [g for i, g in zip(differentiable, example_grads) if batched[i]]
     by_leaf = dict(zip(differentiable, batch_grads))
-    w = derive_weights([by_leaf[i] for i in on_batched], example_grads, batch_size)
+    w = derive_weights([by_leaf[i] for i in on_batched], example_grads, batch_size, checks=checks)
     return w, [i for i, g in by_leaf.items() if g is not None]
 
 

@@ -40,6 +40,7 @@ from .errors import (
     MeanMismatchError,
     NotExact,
     ObservationError,
+    OtherRankFailed,
     PersampleError,
     UnsupportedModelError,
 )
@@ -343,6 +344,16 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "or take the op out of the forward",
     ),
     Precondition(
+        "BATCH_OF_ONE_FAILS",
+        _U,
+        "forward",
+        ("vmap", "loop"),
+        "Where the forward mixes the examples (BATCH_MIXED), engine='auto' computes each example alone: "
+        "the model must run on a batch of one",
+        "take the op that combines the examples out of the forward (a train-mode batch norm: persample.fix; "
+        "a fixed permutation or index of the batch's rows: apply it to the data outside the model)",
+    ),
+    Precondition(
         "TORCHSCRIPT_MODULE",
         _N,
         "setup",
@@ -562,6 +573,16 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         ("tracker",),
         "With clip_norm, the batch loss weighs every example equally",
         "a per-example loss that carries the weights, or no clip_norm",
+    ),
+    Precondition(
+        "OTHER_RANK_FAILED",
+        OtherRankFailed,
+        "result",
+        ("tracker", "distributed"),
+        "Every rank of the process group completes the step: where one rank raises, every other rank raises "
+        "OtherRankFailed in the same collective step, so that all ranks have one outcome",
+        "read the failed ranks' own errors in their logs (err.ranks lists them) and fix that; this rank "
+        "undid the same work",
     ),
 )
 

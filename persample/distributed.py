@@ -46,6 +46,7 @@ from typing import Callable, Iterable, Mapping, Sequence, cast
 import torch
 from torch import Tensor, nn
 
+from .errors import OtherRankFailed
 from .stats import SHARD_SUMS, GradStats, Reduction, Shard, field_reductions, shard_rows
 
 __all__ = [
@@ -90,20 +91,6 @@ def _comm_device(group, like: torch.device) -> torch.device:
 
 
 # ------------------------------------------------------------------ one outcome
-
-
-class OtherRankFailed(RuntimeError):
-    """Another rank of the process group raised in the same collective step; this rank raises too.
-
-    Raised by :func:`agree` (``Tracker.step``, ``Tracker.observe`` and ``accumulate`` under
-    ``torch.distributed``) on every rank that did not fail itself, so that a step's outcome is
-    the same on every rank. ``ranks`` lists the ranks that failed; their own exceptions are in
-    their own logs.
-    """
-
-    def __init__(self, message: str, ranks: Sequence[int] = ()):
-        super().__init__(message)
-        self.ranks = tuple(ranks)
 
 
 def agree(

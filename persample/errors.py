@@ -29,7 +29,7 @@ Match on ``err.code``, never on the prose::
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 __all__ = [
     "PersampleError",
@@ -38,6 +38,7 @@ __all__ = [
     "NotExact",
     "ObservationError",
     "BatchLossMismatch",
+    "OtherRankFailed",
     "SlowPathWarning",
     "SkippedStatisticsWarning",
 ]
@@ -116,6 +117,34 @@ class ObservationError(PersampleError, RuntimeError):
 
 class BatchLossMismatch(PersampleError, ValueError):
     """The batch loss is not Σ_i w_i L_i of the declared per-example losses (the message says how)."""
+
+
+class OtherRankFailed(PersampleError, RuntimeError):
+    """Another rank of the process group raised in the same collective step; this rank raises too
+    (code ``OTHER_RANK_FAILED``).
+
+    Raised by :func:`persample.distributed.agree` (``Tracker.step``, ``Tracker.observe`` and
+    ``accumulate`` under ``torch.distributed``) on every rank that did not fail itself, so that a step's
+    outcome is the same on every rank. ``ranks`` lists the ranks that failed; their own exceptions are in
+    their own logs. Picklable with its ``ranks`` and ``code``.
+
+    >>> import pickle
+    >>> err = pickle.loads(pickle.dumps(OtherRankFailed("rank 1 of 2 raised", ranks=[1])))
+    >>> err.code, err.ranks, isinstance(err, RuntimeError)
+    ('OTHER_RANK_FAILED', (1,), True)
+    """
+
+    def __init__(self, message: str = "", ranks: Sequence[int] = (), **kwargs):
+        kwargs.setdefault("code", "OTHER_RANK_FAILED")
+        super().__init__(message, **kwargs)
+        self.ranks = tuple(ranks)
+
+    def __reduce__(self):
+        return _rebuild_other_rank_failed, (super(PersampleError, self).__str__(), self.ranks, self.module, self.fix)
+
+
+def _rebuild_other_rank_failed(message, ranks, module, fix):
+    return OtherRankFailed(message, ranks, module=module, fix=fix)
 
 
 class SlowPathWarning(UserWarning):

@@ -9,7 +9,7 @@ One call answers the questions asked before a long run:
 - per engine (fast, vmap, loop): exact, or refused with its code
   (:mod:`persample.contract`) and the reason, found by running it on the batch;
 - the engine each entry point takes (``engine="auto"`` is the first exact one of
-  fast, vmap, loop for ``grad_stats``; vmap, loop for ``per_sample_grads``; the
+  fast, vmap, loop for ``grad_stats`` and ``per_sample_grads``; the
   fast engine alone for ``Tracker.observe``);
 - the expected peak extra memory and relative cost of each engine.
 

@@ -477,7 +477,10 @@ class GradStats:
                 bool(torch.isfinite(t).all()) for t in self.param_sq_norms.values()
             )
         tensors = [*self.mean.values(), *self.param_sq_norms.values()]
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
+        if not tensors:
+            return True
+        device = tensors[0].device  # one host read (a device sync) for all of them, not one per tensor
+        return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())

@@ -492,6 +492,8 @@ def observe_error_on_one_rank_raises_on_every_rank():
     except Exception as err:  # noqa: BLE001
         expected = "ObservationError" if rank == 1 else "OtherRankFailed"
         assert type(err).__name__ == expected, (type(err).__name__, err)
+        if rank != 1:
+            assert err.code == "OTHER_RANK_FAILED", err
     else:
         raise AssertionError("no error on this rank")
     model.zero_grad()

@@ -1115,6 +1115,14 @@ def layer_cases() -> list[RealCase]:
         layer_case("mha-batch-first", lambda: nn.MultiheadAttention(6, 2, batch_first=True), seq, call=_attend),
         layer_case("mha-seq-first", lambda: nn.MultiheadAttention(6, 2), seq, seq_first=True, call=_attend),
         layer_case(
+            "mha-need-weights-causal",
+            lambda: nn.MultiheadAttention(6, 2, batch_first=True),
+            seq,
+            call=lambda layer, x: layer(x, x, x, attn_mask=torch.triu(torch.ones(5, 5, dtype=torch.bool), 1)),
+        ),
+        layer_case("embedding-bag-mean", lambda: nn.EmbeddingBag(20, 8, mode="mean", padding_idx=0), (T,), ints=20),
+        layer_case("embedding-bag-sum", lambda: nn.EmbeddingBag(20, 8, mode="sum"), (T,), ints=20),
+        layer_case(
             "transformer-encoder-layer-norm-first",
             lambda: nn.TransformerEncoderLayer(6, 2, 12, dropout=0.0, batch_first=True, norm_first=True),
             seq,

@@ -293,6 +293,12 @@ def _triggers():
         "BATCH_MIXED": lambda: _fast(
             _with_forward(lambda s, x: s.b(s.a(x).roll(1, 0)), a=_lin(3, 4), b=_lin(4, 2)), x, y
         ),
+        "BATCH_OF_ONE_FAILS": lambda: persample.grad_stats(  # engine="auto": the fallback runs one example alone
+            _with_forward(lambda s, x: s.b(s.a(x)[torch.tensor([1, 0, 3, 2, 4])]), a=_lin(3, 4), b=_lin(4, 2)),
+            F.mse_loss,
+            x,
+            y,
+        ),
         "TORCHSCRIPT_MODULE": lambda: _fast(torch.jit.script(_mlp()), x, y),
         "CAPTURE_HOOK_REFUSED": lambda: _fast(_with_forward(lambda s, x: s.a(x), a=_NoHooks(3, 2)).double(), x, y),
         "BATCH_LOSS_COUPLED": lambda: persample.grad_stats(
@@ -413,7 +419,15 @@ def _model_loss_with_class_weights():
     persample.grad_stats(TinyForSequenceClassification(), lambda out: out["loss"], {"x": x, "labels": y}, engine="fast")
 
 
-TRIGGERED_IN_A_PROCESS_GROUP = {"DDP_WRAPPER", "DDP_COMM_HOOK", "DDP_MIXED_PRECISION", "FSDP2_OPTION"}
+# OTHER_RANK_FAILED: tests/_distributed_worker.py (another rank fails in a 2- and 4-process group) and
+# test_other_rank_failed_has_a_code_and_pickles below
+TRIGGERED_IN_A_PROCESS_GROUP = {
+    "DDP_WRAPPER",
+    "DDP_COMM_HOOK",
+    "DDP_MIXED_PRECISION",
+    "FSDP2_OPTION",
+    "OTHER_RANK_FAILED",
+}
 TRIGGERED_BY_A_RENAME = {"TORCH_INTERNALS_UNKNOWN"}
 
 
@@ -617,3 +631,17 @@ def test_refusals_survive_pickling_with_their_code():
     for err in (refusal("MODIFIED_IN_PLACE", "x", module="m"), persample.MeanMismatchError("m", report=None)):
         back = pickle.loads(pickle.dumps(err))
         assert (type(back), back.code, back.module, str(back)) == (type(err), err.code, err.module, str(err))
+
+
+def test_other_rank_failed_has_a_code_and_pickles():
+    """``OtherRankFailed`` (raised by ``persample.distributed.agree`` where another rank failed) is a refusal
+    with a code, still a RuntimeError, and survives pickling with its ranks (workers send it between
+    processes)."""
+    from persample.distributed import OtherRankFailed
+
+    err = OtherRankFailed("rank 1 of 2 raised", [1])
+    assert isinstance(err, PersampleError) and isinstance(err, RuntimeError)
+    assert (err.code, err.ranks, err.fix) == ("OTHER_RANK_FAILED", (1,), PRECONDITIONS["OTHER_RANK_FAILED"].fix)
+    back = pickle.loads(pickle.dumps(err))
+    assert (type(back), back.code, back.ranks, str(back)) == (OtherRankFailed, err.code, err.ranks, str(err))
+    assert str(err).endswith("[OTHER_RANK_FAILED]")

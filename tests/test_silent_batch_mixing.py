@@ -151,3 +151,135 @@ def test_a_running_mean_of_the_inputs_kept_in_a_buffer_is_not_mixing():
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+
+
+# Contractions and reductions over the batch dim, written as users write them: einsum with the batch letter
+# summed, tensordot / bmm / baddbmm / matmul of transposed views, attention over the batch, distances,
+# covariances, normalisation over dim 0, train-mode functional batch norm, scatters from other rows.
+_ROWS = torch.tensor([1, 0, 3, 2, 5, 4])
+CONTRACTIONS = {
+    "einsum-bi,bj->ij": lambda h: h @ torch.einsum("bi,bj->ij", h, h) / 10,
+    "einsum-bi,ci->bc": lambda h: torch.einsum("bi,ci->bc", h, h) @ h / 10,
+    "einsum-bi->i": lambda h: h + torch.einsum("bi->i", h) / 10,
+    "tensordot-dim0": lambda h: h @ torch.tensordot(h, h, dims=([0], [0])) / 10,
+    "bmm-transposed": lambda h: h @ torch.bmm(h.T.unsqueeze(0), h.unsqueeze(0))[0] / 10,
+    "baddbmm-transposed": lambda h: (
+        h @ torch.baddbmm(torch.zeros(1, 4, 4, dtype=h.dtype), h.T.unsqueeze(0), h.unsqueeze(0))[0] / 10
+    ),
+    "matmul-h-hT": lambda h: torch.matmul(h, h.T) @ h / 10,
+    "attention-over-batch": lambda h: (h @ h.T).softmax(-1) @ h,
+    "sdpa-over-batch": lambda h: F.scaled_dot_product_attention(h[None], h[None], h[None])[0],
+    "cdist": lambda h: torch.cdist(h, h) @ h / 10,
+    "pdist": lambda h: h * torch.pdist(h).sum() / 10,
+    "normalize-dim0": lambda h: F.normalize(h, dim=0),
+    "logsumexp0": lambda h: h - h.logsumexp(0),
+    "vector_norm0": lambda h: h / torch.linalg.vector_norm(h, dim=0),
+    "median0": lambda h: h - h.median(0).values,
+    "quantile0": lambda h: h - h.quantile(0.5, dim=0),
+    "amax0": lambda h: h - h.amax(0),
+    "mean-of-all": lambda h: h - h.mean(),
+    "layer_norm-over-batch": lambda h: F.layer_norm(h, h.shape),
+    "group_norm-of-transpose": lambda h: F.group_norm(h.T[None], 1)[0].T,
+    "detached-centre": lambda h: h - h.detach().mean(0),
+    "diff0": lambda h: torch.cat([h[:1], h.diff(dim=0)]),
+    "transpose-reshape": lambda h: h.T.reshape(h.shape),
+    "index_add-other-rows": lambda h: torch.zeros_like(h).index_add(0, _ROWS[: h.shape[0]] % h.shape[0], h),
+    "scatter_add-other-rows": lambda h: torch.zeros_like(h).scatter_add(
+        0, (_ROWS[: h.shape[0]] % h.shape[0])[:, None].expand_as(h), h
+    ),
+    "index_put-other-rows": lambda h: torch.zeros_like(h).index_put((_ROWS[: h.shape[0]] % h.shape[0],), h),
+    # on a batch of one these are NaN (an unbiased spread of one row): the oracle's answer too
+    "std0": lambda h: h / h.std(0),
+    "var0": lambda h: h + h.var(0, keepdim=True),
+    "cov": lambda h: h @ torch.cov(h.T),
+    "corrcoef": lambda h: h @ torch.corrcoef(h.T) / 4,
+}
+
+
+def _contraction(name):
+    torch.manual_seed(0)
+    model = Mixing(CONTRACTIONS[name], "hidden").double()
+    return model, torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+
+
+@pytest.mark.parametrize("name", list(CONTRACTIONS))
+def test_contractions_over_the_batch_are_refused_by_fast_and_observe_and_exact_through_auto(name):
+    model, x, y = _contraction(name)
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "BATCH_MIXED"
+    tracker = persample.Tracker(model, F.cross_entropy)
+    with pytest.raises(persample.NotExact) as err:
+        with tracker.observe(y):
+            F.cross_entropy(model(x), y).backward()
+    assert err.value.code == "BATCH_MIXED"
+    assert "cannot be shown apart" not in str(err.value)  # found, not a probe that could not run
+    model.zero_grad()
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persample.SlowPathWarning)
+        stats = persample.grad_stats(model, F.cross_entropy, x, y)
+    for k, g in grads.items():
+        torch.testing.assert_close(stats.mean[k], g.mean(0), rtol=1e-9, atol=1e-12, equal_nan=True)
+        torch.testing.assert_close(
+            stats.param_sq_norms[k], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12, equal_nan=True
+        )
+
+
+@pytest.mark.parametrize(
+    "mix",
+    [lambda h: F.batch_norm(h, None, None, training=True), lambda h: h[torch.tensor([1, 0, 3, 2, 5, 4])]],
+    ids=["functional-batch_norm-training", "fixed-permutation-of-6-rows"],
+)
+def test_a_mixing_model_that_fails_on_one_example_is_refused_with_a_code(mix):
+    """Refused by fast and observe; ``auto``'s batch-of-one fallback runs the model on one example, where it
+    raises its own error (a batch norm of one row, an index past row 0): that becomes a refusal with a code."""
+    torch.manual_seed(0)
+    model = Mixing(mix, "hidden").double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "BATCH_MIXED"
+    with pytest.raises(persample.NotExact) as err:
+        with persample.Tracker(model, F.cross_entropy).observe(y):
+            F.cross_entropy(model(x), y).backward()
+    assert err.value.code == "BATCH_MIXED"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persample.SlowPathWarning)
+        with pytest.raises(persample.UnsupportedModelError) as err:
+            persample.grad_stats(model, F.cross_entropy, x, y)
+    assert err.value.code == "BATCH_OF_ONE_FAILS"
+    assert isinstance(err.value.__cause__, (ValueError, IndexError, RuntimeError))
+
+
+def test_eval_mode_functional_batch_norm_stays_on_the_fast_engine():
+    torch.manual_seed(0)
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.5
+    model = Mixing(lambda h: F.batch_norm(h, mean, var, training=False), "hidden").double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+
+
+def test_a_width_equal_to_the_batch_size_is_exact_and_a_broadcast_across_it_is_refused(monkeypatch):
+    """With D == B, an activation's shape cannot tell rows from columns: a plain MLP stays on the fast
+    engine without probing the rows, while ``h + h.sum(1)`` (example k's sum added to column k of every
+    row) is refused."""
+    from persample.engines.fast import audit
+
+    probes = []
+    original = audit.rows_leak
+    monkeypatch.setattr(audit, "rows_leak", lambda *a, **k: probes.append(1) or original(*a, **k))
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads, _ = oracle_grads(plain, F.cross_entropy, x, y)
+    stats = persample.grad_stats(plain, F.cross_entropy, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+    assert not probes
+    model = Mixing(lambda h: h + h.sum(1) / 4, "hidden").double()
+    model.a, model.b = nn.Linear(5, 6).double(), nn.Linear(6, 3).double()
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "BATCH_MIXED"

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..._batch import flat_leaves, tensors_in
 from ...contract import Finding
 from .._autograd import is_reentrant_checkpoint_node
-from .units import Call, Unit
+from .units import Call, Unit, probing
 
 
 def _ambiguous_expansion(label: str) -> Finding:
@@ -168,6 +168,21 @@ def _node_input_shape(node) -> tuple | None:
     return tuple(metadata[0].shape) if metadata else None
 
 
+#: Batch norms, whose saved ``training`` says whether they normalise with the batch's own statistics.
+_BATCH_NORMS = frozenset(
+    {"NativeBatchNormBackward", "CudnnBatchNormBackward", "MiopenBatchNormBackward", "NativeBatchNormLegitBackward"}
+)
+
+
+def _every_row(index: Tensor, batch_size: int) -> bool:
+    """Whether ``index`` along dim 0 keeps every row in place: ``arange(B)`` or an all-true mask of B rows."""
+    if index.dim() != 1 or index.shape[0] != batch_size:
+        return False
+    if index.dtype == torch.bool:
+        return bool(index.all())
+    return bool(torch.equal(index.cpu(), torch.arange(batch_size)))
+
+
 def _of_parameters_only(node, activations: frozenset | set = frozenset()) -> bool:
     return all(nxt is None or _is_parameter(nxt, activations) for nxt, _ in node.next_functions)
 
@@ -212,18 +227,28 @@ def _mixes_batch(
             indices = list(node._saved_indices)
             if not shape or shape[0] != batch_size or not indices or indices[0] is None:
                 return None
-            first = indices[0]
-            if (
-                first.dim() == 1
-                and first.shape[0] == batch_size
-                and (
-                    bool(first.all())
-                    if first.dtype == torch.bool
-                    else bool(torch.equal(first.cpu(), torch.arange(batch_size)))
-                )
-            ):
+            if _every_row(indices[0], batch_size):
                 return None  # every row in place (x[arange(B), j], an all-true mask)
             return False, shape, f"{name} indexes dim 0 of a tensor of shape {shape} with rows of other examples"
+        if base in _BATCH_NORMS:
+            shape = _node_input_shape(node)
+            if getattr(node, "_saved_training", True) is False or not shape or shape[0] != batch_size:
+                return None  # eval mode normalises each row with the running statistics
+            return True, shape, f"{name} normalises with the statistics of the whole batch (training=True)"
+        if base == "NativeLayerNormBackward":  # layer_norm(h, h.shape): statistics over every dim, dim 0 too
+            shape = _node_input_shape(node)  # its output's: a saved tensor is freed by the backward (observe)
+            normalized = tuple(node._saved_normalized_shape)
+            if not shape or shape[0] != batch_size or len(normalized) < len(shape):
+                return None
+            return True, shape, f"{name} normalises over dim 0 too (normalized_shape {normalized} of shape {shape})"
+        if base == "IndexPutBackward":  # out[idx] = h: row j of out gets row idx⁻¹(j) of h
+            shape = _node_input_shape(node)
+            if not shape or shape[0] != batch_size:
+                return None
+            indices = list(node._saved_indices)  # freed by a backward (observe): then refused as unreadable
+            if not indices or indices[0] is None or _every_row(indices[0], batch_size):
+                return None
+            return False, shape, f"{name} writes rows of other examples into dim 0 of a tensor of shape {shape}"
         if base in ("MmBackward", "AddmmBackward"):
             self_node = node.next_functions[1 if base == "AddmmBackward" else 0][0]
             sizes = getattr(node, "_saved_self_sym_sizes", None) or getattr(node, "_saved_mat1_sym_sizes", None)
@@ -241,11 +266,178 @@ def _mixes_batch(
     return None
 
 
+#: Unary elementwise ops, whose result keeps the rows of their input where they were (a transpose or a
+#: contraction feeding them is a node of its own, checked for itself). A square activation (a width equal
+#: to the batch's size) then runs no probe through a plain MLP. Binary ops are not here: with a width equal
+#: to the batch's size, ``h + h.sum(1)`` broadcasts a per-example vector across the examples.
+_ROW_WISE = frozenset(
+    {
+        "ReluBackward",
+        "TanhBackward",
+        "SigmoidBackward",
+        "GeluBackward",
+        "SiluBackward",
+        "ThresholdBackward",
+        "LeakyReluBackward",
+        "EluBackward",
+        "SoftplusBackward",
+        "HardtanhBackward",
+        "NativeDropoutBackward",
+        "ToCopyBackward",
+        "CloneBackward",
+        "NegBackward",
+        "ExpBackward",
+        "LogBackward",
+        "SqrtBackward",
+        "RsqrtBackward",
+    }
+)
+
+
+def _seq_first(units: list[Unit], inputs_moved: bool) -> bool:
+    """Whether some tensor may be sequence-first: a raw input's dim 0 moved, or a recurrent or
+    ``batch_first=False`` module runs as a fallback."""
+    return inputs_moved or any(
+        isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
+        for u in units
+        if u.rule is None
+    )
+
+
+def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Finding | None:
+    """The probe of the rows (:func:`rows_leak`) taken at the end of the model's forward, while its graph
+    is alive, for an audit that runs after the backward (observe: ``audit_graph(..., rows=...)``). None
+    where no model-side tensor holds the batch's size off dim 0 (:func:`_batch_dim_off_lead`), and where
+    the model's side holds a re-entrant checkpoint (the probe cannot backward through one; the audit
+    after the backward walks its recomputed block with the named checks)."""
+    if batch_size is None or batch_size < 2:
+        return None
+    with torch._C.DisableTorchFunction():
+        internal = _fallback_internals(units)
+        stack: list = [
+            t.grad_fn
+            for t in outputs
+            if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
+        ]
+        seen: set = set()
+        moved = False
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if is_reentrant_checkpoint_node(node):
+                return None
+            if not moved and node not in internal:
+                moved = _batch_dim_off_lead(node, batch_size)
+            stack.extend(nxt for nxt, _ in node.next_functions)
+        if not moved:
+            return None
+        leak = rows_leak(outputs, units, batch_size, seq_first=_seq_first(units, False))
+    return None if leak is None else batch_mixing(leak)
+
+
+def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | set = frozenset()) -> bool:
+    """Whether a model-side op's result may hold the batch elsewhere than on a leading dim 0: a dim other
+    than 0 of the batch's size (``h.T``, ``h @ h.T``, ``cdist(h, h)``), a dim 0 that is not a multiple of
+    the batch's size (``h.reshape(3, 8)``, ``h.mean(0)``), or no dim at all. Ops of parameters alone do
+    not count; a result whose shape cannot be read does (fail closed: the probe then runs)."""
+    if batch_size is None or batch_size < 2 or _of_parameters_only(node, activations):
+        return False
+    base = node.name().rstrip("0123456789")
+    if base in _ROW_WISE:
+        return False  # whatever the shapes, row j of the result comes from row j of the inputs
+    if base in ("AddmmBackward", "MmBackward"):  # x @ W.T with W a parameter: a contraction over features
+        weight = node.next_functions[-1][0]
+        if weight is not None and _of_parameters_only(weight, activations):
+            return False
+    try:
+        shapes = [tuple(int(s) for s in m.shape) for m in node._input_metadata]  # the op's outputs
+    except (AttributeError, RuntimeError, TypeError, ValueError):
+        return True
+    return any(not shape or shape[0] % batch_size != 0 or batch_size in shape[1:] for shape in shapes)
+
+
+def _probe_cotangent(t: Tensor) -> Tensor:
+    """A fixed cotangent for ``t`` (no generator drawn from: other threads share them) whose odd rows
+    along dim 0 are zero: cos(1.618·k + 0.3) over its elements, signs and sizes varied so that no
+    sum over rows cancels by construction."""
+    k = torch.arange(t.numel(), device=t.device, dtype=torch.float64).reshape(t.shape)
+    v = torch.cos(k * 1.618 + 0.3)
+    v[1::2] = 0
+    return v.to(t.dtype)
+
+
+def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: bool = False) -> str | None:
+    """Where the gradient of the even examples' outputs reaches the rows of odd examples at a unit's
+    input or output (then some op in between combines the rows of different examples), else None.
+
+    This is the definition of batch mixing read off the graph itself, whatever the op (an einsum or
+    tensordot over the batch letter, ``bmm``/``matmul`` of transposed views, ``cdist``, ``cov``,
+    attention or a convolution run over the batch dim): for the layer rules to be exact, row j of every
+    activation may reach example j's output only, so ∂(Σ_{i even} v_i·out_i)/∂a has zero odd rows.
+    One backward to the activations alone (no parameter gradient), with the user's gradient hooks and
+    the capture's own skipped (:func:`probing`). Pairs of rows of the same parity are not told apart; the
+    graph audit's named checks (roll, flip, permutations) cover those. With a sequence-first module, an
+    activation with another dim of the batch's size may have positions on dim 0: not counted.
+    """
+    roots = [
+        t
+        for t in outputs
+        if isinstance(t, Tensor)
+        and t.grad_fn is not None
+        and t.dim() > 0
+        and t.shape[0] == batch_size
+        and (t.is_floating_point() or t.is_complex())
+    ]
+    seen: dict[int, tuple[Tensor, str]] = {}
+    for unit in units:
+        for call in unit.calls:
+            for where, value in (("input", (call.args, call.kwargs)), ("output", call.output)):
+                for t in tensors_in(value):
+                    if (
+                        t.requires_grad
+                        and t.dim() > 0
+                        and t.shape[0] == batch_size
+                        and id(t) not in seen
+                        and not (seq_first and batch_size in tuple(t.shape[1:]))
+                        and t.layout == torch.strided
+                        and t.stride(0) != 0  # an expansion over the batch: its rows are not examples
+                    ):
+                        seen[id(t)] = (t, f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)}")
+    if not roots or not seen:
+        return None
+    activations = [t for t, _ in seen.values()]
+    try:
+        with probing():
+            grads = torch.autograd.grad(
+                roots,
+                activations,
+                grad_outputs=[_probe_cotangent(t) for t in roots],
+                retain_graph=True,
+                allow_unused=True,
+            )
+    except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
+        return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
+    for (_, label), g in reversed(list(zip(seen.values(), grads))):  # the last one names where it happens
+        if g is None or g.layout != torch.strided:
+            continue
+        odd = g[1::2]
+        if bool(((odd != 0) & torch.isfinite(odd)).any()):
+            return (
+                f"an op after {label} combines the rows of different examples (the gradient of some "
+                "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
+                "over the batch dim, cdist, cov, attention or a convolution across the batch?)"
+            )
+    return None
+
+
 def _fallback_internals(units: list[Unit]) -> set:
-    """Backward nodes created inside fallback calls: reachable from a call's outputs before its inputs."""
+    """Backward nodes created inside fallback calls (and calls of rules that recompute the whole call):
+    reachable from a call's outputs before its inputs."""
     inside: set = set()
     for unit in units:
-        if unit.rule is not None:
+        if unit.rule is not None and not unit.rule.whole_call:
             continue
         for call in unit.calls:
             inputs = {t.grad_fn for t in tensors_in((call.args, call.kwargs)) if t.grad_fn is not None}
@@ -268,6 +460,7 @@ def audit_graph(
     outputs: list | None = None,
     inputs_moved: bool = False,
     recomputed: dict | None = None,
+    rows: Finding | None | str = "probe",
 ) -> GraphAudit:
     """Walk the graph of ``root`` once: parameter uses per ``AccumulateGrad``, dim-0 moves and, with
     ``batch_size``, ops that mix the examples along the batch dim.
@@ -290,9 +483,13 @@ def audit_graph(
     :meth:`.capture.Capture.follow_checkpoints`), through which the walk goes on as if the block's graph
     hung below the node (the recomputation's inputs are leaves detached from the node's own inputs,
     which the walk reaches through the node).
+
+    ``rows``: ``"probe"`` probes the rows of the batch (:func:`rows_leak`) where the shapes call for it,
+    which needs the graph before any backward (the fast engine); otherwise the verdict of that probe,
+    taken earlier by :func:`rows_check` (observe: at the end of the forward), a Finding or None.
     """
     with torch._C.DisableTorchFunction():  # the broadcast watcher may be on (observe): read the real tensors
-        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved, recomputed or {})
+        return _audit_graph(root, units, names, batch_size, outputs, inputs_moved, recomputed or {}, rows)
 
 
 def _audit_graph(
@@ -303,6 +500,7 @@ def _audit_graph(
     outputs: list | None = None,
     inputs_moved: bool = False,
     recomputed: dict | None = None,
+    rows: Finding | None | str = "probe",
 ) -> GraphAudit:
     uses: dict[int, int]
     seen, uses, moved = set(), {}, False
@@ -316,6 +514,7 @@ def _audit_graph(
             if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
         }
     checked: set = set()  # model-side nodes looked at for batch mixing
+    batch_moved = False  # some model-side tensor has the batch's size off dim 0 (see _batch_dim_off_lead)
     mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
     stack = [(t.grad_fn, False) for t in roots]
     reentrant = False
@@ -332,6 +531,8 @@ def _audit_graph(
             checked.add(node)
             if node not in internal and (found := _mixes_batch(node, batch_size, detached)) is not None:
                 mixing.append(found)
+            if rows == "probe" and not batch_moved and node not in internal:
+                batch_moved = _batch_dim_off_lead(node, batch_size, detached)
         if first:
             seen.add(node)
             moved = moved or (node not in internal and _moves_dim_zero(node, detached))
@@ -361,7 +562,7 @@ def _audit_graph(
             or any(
                 isinstance(u.module, nn.RNNBase) or getattr(u.module, "batch_first", True) is False
                 for u in units
-                if u.rule is None
+                if u.rule is None or u.rule.whole_call
             )
         )
         for certain, shape, what in mixing:
@@ -383,6 +584,14 @@ def _audit_graph(
                         _ambiguous_expansion(f"module {unit.name or '<root>'}: its output was expanded over the batch"),
                         moved,
                     )
+    if isinstance(rows, Finding):
+        return GraphAudit(rows, moved)
+    if batch_moved and batch_size is not None:
+        leak = rows_leak(
+            roots if outputs is None else outputs, units, batch_size, seq_first=_seq_first(units, inputs_moved)
+        )
+        if leak is not None:
+            return GraphAudit(batch_mixing(leak), moved)
     for pid, count in uses.items():
         if pid in skip or pid not in names:
             continue

@@ -219,6 +219,7 @@ def capturing(
     watch_dim_moves: bool = False,
     hook_outputs: bool = True,
     stop_random: bool = False,
+    sharding: str | None | bool = True,
 ) -> Iterator[Capture]:
     """Record unit calls and output gradients within the block.
 
@@ -240,6 +241,9 @@ def capturing(
 
     ``stop_random``: the forward's first call that would draw random numbers raises
     :class:`RandomCallStopped` instead (``Capture.random_call`` notes it either way).
+
+    ``sharding``: :func:`..._sharding.sharding_of` ``(model)`` where the caller knows it (the per-model
+    plan); True (the default) finds it.
     """
     watcher = _BroadcastWatcher(batch_size)
     handles = []
@@ -323,6 +327,16 @@ def capturing(
             if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
                 expanded = output.expand(batch_size, *output.shape[1:])
                 label = f"module {unit.name or '<root>'}: its input of shape {shape} has a batch dim of size 1"
+            elif unit.rule.batchless_output and batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
+                # a rule that re-runs the call (an embedding of positions made in its forward) finds its ids
+                expanded = output.expand(batch_size, *output.shape[1:])
+                label = f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has batch dim 1"
+            elif unit.rule.batchless_output and output.dim() > 0 and output.shape[0] != batch_size:
+                expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
+                label = (
+                    f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has no batch dim "
+                    f"(dim 0 is not the batch of {batch_size}), so it was expanded over the batch"
+                )
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
@@ -396,7 +410,9 @@ def capturing(
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
-    resharded = fsdp2_sharded_slots(model) if sharding_of(model) == "FSDP2" else {}
+    if sharding is True:
+        sharding = sharding_of(model)
+    resharded = fsdp2_sharded_slots(model) if sharding == "FSDP2" else {}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
     capture.user_watcher.input_storages = input_storages
     try:

@@ -30,6 +30,8 @@ moves on to the vmap engine, then the per-example loop.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence, cast
 
 import torch
@@ -43,7 +45,6 @@ from ..._model import (
     detached_buffers,
     first_random_module,
     randomness_error,
-    trainable_parameters,
     translate_vmap_error,
 )
 from ..._torch_compat import is_batched_tensor
@@ -52,11 +53,12 @@ from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
-from ..vmap import example_loss, refuse_unseen_hooks
+from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph
 from .capture import capturing
 from .in_place import modified_in_place
-from .units import Call, Unit, add_gradient, find_units
+from .plan import model_plan, refuse_gradient_hooks
+from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
@@ -66,7 +68,7 @@ from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
-__all__ = ["fast_grad_stats", "NotExact", "per_example_losses"]
+__all__ = ["fast_grad_stats", "fast_pieces", "FastPieces", "NotExact", "per_example_losses"]
 
 
 def fast_grad_stats(
@@ -93,9 +95,57 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    params = trainable_parameters(model)
-    refuse_unseen_hooks(model, "fast")
-    units = find_units(model)
+    found = fast_pieces(model, loss_fn, batch, randomness=randomness, var=var, keep_output=keep_output)
+    pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
+    with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
+        moments = {
+            name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in found.cut_params)
+            for name in derived
+        }
+        means.update({name: mean for name, (mean, _, _) in moments.items()})
+        means = {name: means[name] for name in params}  # named_parameters() order
+        second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
+        return reduce_pieces(
+            pieces,
+            means,
+            found.losses,
+            var=var,
+            inner_products=inner_products,
+            clip_norm=clip_norm,
+            reference=reference,
+            second_moments=second,
+        )
+
+
+@dataclass
+class FastPieces:
+    """What one forward + backward of the fast engine leaves: a piece per trainable parameter, the
+    means autograd computed (every parameter but the ``derived`` ones, whose mean is Σ_i g_i of their
+    piece), the per-example losses ``[B]`` and the ids of parameters of cut recurrent layers."""
+
+    pieces: dict[str, Piece]
+    means: dict[str, Tensor]
+    losses: Tensor
+    params: dict[str, nn.Parameter]
+    derived: set[str]
+    cut_params: set[int]
+
+
+def fast_pieces(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    *,
+    randomness: str = "error",
+    var: bool = True,
+    keep_output: list | None = None,
+    form_all: bool = False,
+) -> FastPieces:
+    """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
+    :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
+    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
+    params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
+    refuse_gradient_hooks(model, hooks, "fast")
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
     with (
@@ -107,6 +157,7 @@ def fast_grad_stats(
             hook_outputs=False,
             watch_dim_moves=_input_has_batch_sized_dim(batch),
             stop_random=randomness == "error",
+            sharding=sharding,
         ) as capture,
     ):
         try:
@@ -147,7 +198,7 @@ def fast_grad_stats(
         if audit.escape is not None:
             raise NotExact(audit.escape)
         planned = plan_cuts(units, modes, mean_loss) if modes else []
-        derived = derived_parameters(units, params, var)
+        derived = derived_parameters(units, params, var, form_all=form_all)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [
             (call, leaf_index, edge) for unit in units for call in unit.calls for leaf_index, edge in call.edges.items()
@@ -175,23 +226,7 @@ def fast_grad_stats(
     layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
-        moments = {
-            name: _derived_moments(pieces[name], var, params[name], summed=id(params[name]) in cut_params)
-            for name in derived
-        }
-        means.update({name: mean for name, (mean, _, _) in moments.items()})
-        means = {name: means[name] for name in params}  # named_parameters() order
-        second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
-        return reduce_pieces(
-            pieces,
-            means,
-            at_least_float32(losses.detach()),
-            var=var,
-            inner_products=inner_products,
-            clip_norm=clip_norm,
-            reference=reference,
-            second_moments=second,
-        )
+    return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
 def _derived_moments(
@@ -222,7 +257,9 @@ def _refuse_random_draws(model: nn.Module, loss_fn, batch: Batch, randomness: st
 MIN_POSITIONS_TO_FORM = 8
 
 
-def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: bool) -> set[str]:
+def derived_parameters(
+    units: list[Unit], params: dict[str, nn.Parameter], var: bool, *, form_all: bool = False
+) -> set[str]:
     """The names of the parameters whose mean is Σ_i g_i from their pieces instead of autograd's.
 
     A unit qualifies when the reductions form its weight's g_i anyway: a convolution, or a
@@ -231,18 +268,23 @@ def derived_parameters(units: list[Unit], params: dict[str, nn.Parameter], var: 
     GEMM and only propagates to the unit's outputs; the unit's bias follows (its g_i are a sum
     over positions, and oneDNN's convolution backward computes a bias gradient at the cost of a
     weight gradient). A parameter that a fallback unit also uses keeps autograd's mean, which
-    checks the fallback.
+    checks the fallback. ``form_all``: every unit with a built-in rule qualifies (a user's rule
+    keeps autograd's mean, which checks it).
     """
     users: dict[int, list[Unit]] = {}
     for unit in units:
         for p in unit.params.values():
             users.setdefault(id(p), []).append(unit)
-    forming = {id(u) for u in units if u.rule is not None and _forms_weight_gradients(u, var)}
+    forming = {
+        id(u)
+        for u in units
+        if u.rule is not None and (not u.rule.user if form_all else _forms_weight_gradients(u, var))
+    }
     return {
         name
         for name, p in params.items()
         if (found := users.get(id(p)))
-        and all(u.rule is not None for u in found)
+        and all(u.rule is not None and (id(u) in forming or not form_all) for u in found)
         and any(id(u) in forming for u in found)
     }
 
@@ -251,7 +293,7 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
     assert unit.rule is not None  # asked of units with a rule only
     if unit.rule.name == "conv":
         return True
-    if unit.rule.name not in ("linear", "hf_conv1d"):
+    if unit.rule.name not in ("linear", "hf_conv1d", "multihead_attention"):  # attention: its query positions
         return False
     inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
     positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)
@@ -389,16 +431,67 @@ def _pieces_by_parameter(
     pieces = {}
     for name, p in params.items():
         parts = collected.get(name)
-        pieces[name] = combine_pieces(parts) if parts else DensePiece(p.new_zeros(batch_size, *p.shape))
+        pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
     _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
     return pieces
 
 
+class ZeroPiece(Piece):
+    """g_i = 0 for every example: a parameter that no captured output gradient reached (a branch the
+    batch does not use: the vision tower of a multimodal model given a text-only batch). Every
+    reduction is a zero tensor of its size, in the parameter's dtype, without forming a single row,
+    so such parameters cost an allocation each, not B rows (issue 22: 69x a plain step before)."""
+
+    def __init__(self, batch_size: int, shape: torch.Size, *, like: Tensor):
+        self.batch_size, self.shape, self._like = batch_size, shape, like
+
+    def _zeros(self, *shape: int) -> Tensor:
+        return torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
+
+    def _unscaled(self, start, stop, out=None):
+        return self._zeros(stop - start, *self.shape)
+
+    def materialize_all(self):
+        return self._zeros(self.batch_size, *self.shape)
+
+    def moments(self, var):
+        return self._zeros(*self.shape), (self._zeros(*self.shape) if var else None), None
+
+    def sq_norms(self):
+        return self._zeros(self.batch_size)
+
+    def second_moment(self):
+        return self._zeros(*self.shape)
+
+    def centered_second_moment(self, mean):
+        """Σ_i (0 − ḡ)² = B ḡ∘ḡ (zero, as ḡ is, for a parameter autograd did not reach either)."""
+        center = mean.to(self._like.dtype).reshape(self.shape)
+        return center.square().mul_(self.batch_size)  # one new tensor (2 M parameters: no second one)
+
+    def quick_centered_second_moment(self, mean):
+        return self.centered_second_moment(mean), None
+
+    def inner(self, ref):
+        return self._zeros(self.batch_size)
+
+    def weighted_sum(self, weights):
+        return self._zeros(*self.shape)
+
+
 def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     assert unit.rule is not None  # called for units with a rule only
+    if unit.rule.whole_call:
+        grads = {index: at_least_float32(g) for index, g in call.out_grads.items()}
+        return _guarded(unit, lambda: unit.rule.compute(unit.module, call, grads, layout))  # type: ignore[union-attr]
     leaves = flat_leaves(call.output)
-    if len(call.args) < 1 or not isinstance(call.args[0], Tensor) or 0 not in call.out_grads or len(leaves) != 1:
+    if (
+        unit.rule.whole_call
+        or len(call.args) < 1
+        or not isinstance(call.args[0], Tensor)
+        or 0 not in call.out_grads
+        or len(leaves) != 1
+    ):
         raise NotExact(
             f"module {unit.name or '<root>'} was called in a way its {unit.rule.name} rule does not cover",
             code="RULE_NOT_APPLICABLE",
@@ -407,8 +500,15 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     x = at_least_float32(call.args[0].detach())
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
+    grad = at_least_float32(call.out_grads[0])
+    return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
+
+
+def _guarded(unit: Unit, compute: Callable[[], dict[str, Piece]]) -> dict[str, Piece]:
+    """``compute()``, a rule's pieces; a failed precondition of the closed form is :class:`NotExact`."""
+    assert unit.rule is not None
     try:
-        return unit.rule.compute(unit.module, x, at_least_float32(call.out_grads[0]), layout)
+        return compute()
     except LayoutError as err:
         raise NotExact(f"module {unit.name or '<root>'}: {err}", code=err.code, module=unit.name or "<root>") from None
     except Exception as err:  # a precondition of the closed form failed: never guess, fall back
@@ -518,7 +618,15 @@ def _check_fallback_sums(
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
     a user's rule (:func:`persample.register_rule`) is held to the same check."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
-    differing = means_that_differ({n: pieces[n] for n in names}, means, float64_rtol=1e-5)
+    half = {
+        by_id[id(p)]: half_precision_rtol(unit) for unit in units if unit.rule is None for p in unit.params.values()
+    }
+    differing = means_that_differ(
+        {n: pieces[n] for n in names},
+        means,
+        float64_rtol=1e-5,
+        rtols={n: r for n, r in half.items() if r is not None},
+    )
     if differing:
         raise NotExact(
             f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
@@ -545,11 +653,41 @@ def _check_fallback_sums(
 EXACT_CHECK_NUMEL = 1 << 14
 
 
+def half_precision_rtol(unit: Unit) -> float | None:
+    """The tolerance of a fallback unit's sum check where autocast computed its calls in float16 or
+    bfloat16 (else None: the float32 / float64 tolerances hold).
+
+    Both sides of the check are computed in that dtype: autograd's gradient of the batch, and the
+    per-example gradients of torch.func (then summed in float32). Each rounds its results to the compute
+    dtype (relative error ≤ ε/2 per element, ε = ``torch.finfo(dtype).eps``) and reduces over the n rows of
+    a call's input (the examples times their positions), a sum whose rounding grows as log2(n)·ε for the
+    blocked and pairwise sums of matmul kernels. Hence rtol = ε·(2 + log2 n): 0.031 for a batch of 4 in
+    bfloat16, 0.078 for 256 rows; an honest module differs by about ε/2 (2–4e-3 measured in bfloat16 at
+    B = 4 to 256), a module that does not keep the examples apart by O(1).
+    """
+    eps, rows = 0.0, 1
+    for call in unit.calls:
+        dtypes = [dtype for _, enabled, dtype in (call.autocast or ()) if enabled]
+        half = [torch.finfo(d).eps for d in dtypes if d in (torch.float16, torch.bfloat16)]
+        if half:
+            eps = max(eps, *half)
+            leaves = [t for t in flat_leaves((call.args, call.kwargs)) if isinstance(t, Tensor) and t.dim() > 0]
+            if leaves:
+                rows = max(rows, leaves[0].numel() // max(leaves[0].shape[-1], 1) * len(unit.calls))
+    return None if eps == 0.0 else eps * (2 + math.log2(rows))
+
+
 def means_that_differ(
-    pieces: dict[str, Piece], means: dict[str, Tensor], *, float64_rtol: float, rtol: float = 1e-3
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    *,
+    float64_rtol: float,
+    rtol: float = 1e-3,
+    rtols: dict[str, float] | None = None,
 ) -> list[str]:
     """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
-    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise).
+    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise; ``rtols``
+    raises it per name, for the pieces computed in half precision: :func:`half_precision_rtol`).
 
     Small parameters are compared whole. Larger ones are compared through a Gaussian probe V from
     a fixed seed (Freivalds; the global RNG is untouched): (1/B)·``projected_sum(V)`` against M·V for
@@ -559,16 +697,18 @@ def means_that_differ(
     sync in all.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
-    differences, sizes, rtols = [], [], []
+    rtols_by_name = rtols or {}
+    differences, sizes, tolerances = [], [], []
     for name, piece in pieces.items():
         got, expected = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
-        rtols.append(float64_rtol if expected.dtype == torch.float64 else rtol)
+        base = float64_rtol if expected.dtype == torch.float64 else rtol
+        tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
     if not differences:
         return []
     device = differences[0].device  # parameters may live on several devices
-    tolerance = torch.tensor(rtols, dtype=torch.float64, device=device) * torch.stack(
+    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * torch.stack(
         [s.to(device) for s in sizes]
     ).clamp_min(1e-12)
     flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()

@@ -36,14 +36,15 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
 from ..._batch import flat_leaves, tensors_in
-from ..._model import autocast_as, trainable_parameters
+from ..._model import autocast_as
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
-from .audit import audit_graph
+from .audit import audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .units import find_units, store_grad
+from .units import store_grad
+from .plan import model_plan
 from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
 from .model_loss import observed_model_losses
 from .rules import Layout
@@ -62,6 +63,7 @@ class Observation:
     _output: Any = None
     _output_grads: dict = field(default_factory=dict)
     _audit: Any = None
+    _rows: Any = None  # the probe of the rows at the end of the forward (audit.rows_check): a Finding or None
     _roots: Any = None
     _before: dict = field(default_factory=dict)
     _params: dict = field(default_factory=dict)
@@ -107,12 +109,11 @@ def observing(
         )
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    params = trainable_parameters(model)
-    units = find_units(model)
+    params, units, _, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     observation = Observation(_params=params, _before=_grad_snapshot(params))
     names = {id(p): n for n, p in params.items()}
 
-    with capturing(units, model, batch_size) as capture:
+    with capturing(units, model, batch_size, sharding=sharding) as capture:
 
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
             if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
@@ -132,6 +133,9 @@ def observing(
             # the loss may read these, and what it computes from them; an interior output read by the loss
             # is an activation like any other (a term the output-gradient check cannot see)
             capture.watch_loss([t for i, t in enumerate(leaves) if i not in interior])
+            # every unit's calls are recorded by now; the probe of the rows (audit.rows_check) needs the
+            # graph, which the loop's backward frees: its verdict goes to the audit after the backward
+            observation._rows = rows_check(observation._roots, units, batch_size)
 
         def wrapper_hook(module, args, output):
             if capture.user_watcher.outputs is not None:  # after the model's forward: its output passed on
@@ -160,7 +164,12 @@ def observing(
         with _naming_the_setting(model):
             if observation._roots is not None:  # after the forward: every unit's calls are recorded by now
                 observation._audit = audit_graph(
-                    observation._roots, units, names, batch_size=batch_size, recomputed=capture.recomputed
+                    observation._roots,
+                    units,
+                    names,
+                    batch_size=batch_size,
+                    recomputed=capture.recomputed,
+                    rows=observation._rows,
                 )
             capture.end_forward()
             if capture.auxiliary_term is not None:

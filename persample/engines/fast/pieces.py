@@ -114,6 +114,36 @@ class Piece:
         h = self._unscaled(start, stop)
         return h * self.scale if self.scale != 1.0 else h
 
+    def materialize_all(self) -> Tensor:
+        """g_i for every example, ``[B, *shape]``. One chunk: as formed; several: formed chunk by chunk
+        into the result (pieces that take ``out`` write there directly), so the extra memory is at
+        most one chunk besides the B × P result."""
+        result: Tensor | None = None
+        own = True  # result is a new tensor (not a view of stored gradients)
+        for start, stop in self._chunk_ranges():
+            if result is None:
+                formed = self._unscaled(start, stop)
+                if stop == self.batch_size:  # one chunk: the whole result
+                    result, own = formed.reshape(self.batch_size, *self.shape), self.forms_own_chunks
+                    break
+                result = formed.new_empty(self.batch_size, *self.shape)
+                result.view(self.batch_size, -1)[start:stop].copy_(formed.reshape(stop - start, -1))
+                continue
+            target = result.view(self.batch_size, -1)[start:stop]
+            formed = self._unscaled(start, stop, out=target.view(-1))
+            if formed.data_ptr() != target.data_ptr():  # a piece that does not write into ``out``
+                target.copy_(formed.reshape(stop - start, -1))
+        assert result is not None  # a batch has at least one example
+        if self.scale == 1.0:
+            return result if own else result.clone()  # never hand out stored tensors
+        return result.mul_(self.scale) if own else result * self.scale
+
+    def _chunk_ranges(self) -> list[tuple[int, int]]:
+        """(start, stop) of the chunks :meth:`chunks` forms."""
+        numel = max(1, self.shape.numel())
+        step = max(1, min(CHUNK_ELEMENTS // numel, self.max_chunk_examples, self.batch_size))
+        return [(start, min(start + step, self.batch_size)) for start in range(0, self.batch_size, step)]
+
     def _scaled(self, t: Tensor, power: int = 1) -> Tensor:
         """A reduction of h turned into that of g: t · scale**power."""
         return t * self.scale**power if self.scale != 1.0 else t
@@ -323,6 +353,24 @@ class OuterPiece(Piece):
 
     def _scratch(self, numel):
         return self.act.new_empty(numel)
+
+    def materialize_all(self) -> Tensor:
+        """g_i for every example, formed straight into the ``[B, *shape]`` result by one batched
+        product (T = 1: a broadcast outer product), the scale folded into the smaller factor: no
+        chunk, no copy and no pass over the result besides forming it."""
+        grad, act = self.grad, self.act
+        if self.scale != 1.0:
+            if grad.numel() <= act.numel():
+                grad = grad * self.scale
+            else:
+                act = act * self.scale
+        left, right = (act, grad) if self.transposed else (grad, act)  # stored d × p: form Aᵀ B
+        result = left.new_empty(self.batch_size, left.shape[2], right.shape[2])
+        if self.positions == 1:
+            torch.mul(left.transpose(1, 2), right, out=result)
+        else:
+            torch.bmm(left.transpose(1, 2), right, out=result)
+        return result.view(self.batch_size, *self.shape)
 
     def _ghost_is_cheaper(self) -> bool:
         p, d = self.grad.shape[-1], self.act.shape[-1]

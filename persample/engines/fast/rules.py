@@ -8,7 +8,10 @@ A rule is used only where it provably applies (see :class:`Rule`): the module
 is an instance of the rule's class *and* runs that class's own ``forward``,
 owns exactly the rule's parameters, and has no hooks. A subclass with its own
 ``forward``, a parametrised weight or a user hook gets no rule, and the module
-takes the exact fallback (``torch.func`` on the module alone).
+takes the exact fallback (``torch.func`` on the module alone); an Embedding
+subclass gets the ``embedding_recomputed`` rule, which re-runs its forward to
+show what it computes. Rules with ``whole_call`` (MultiheadAttention,
+EmbeddingBag, Embedding subclasses) read the whole recorded call.
 
 | module                        | per-example gradient of example i                          |
 |-------------------------------|------------------------------------------------------------|
@@ -17,21 +20,28 @@ takes the exact fallback (``torch.func`` on the module alone).
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+| Embedding subclass            | W: c · Σ_t e_{id_t} b_tᵀ (ids, c: its forward re-run)      |
+| EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
+| MultiheadAttention            | in_proj: [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ];    |
+|                               | out_proj: a Linear on the attention's output (mha_rule)    |
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import itertools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.overrides import TorchFunctionMode
 
+from ..._batch import flat_leaves
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
 from ..._torch_compat import global_module_hooks, module_backward_hooks, module_hooks
@@ -233,6 +243,297 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
     )
 
 
+#: Largest difference allowed between the recomputed and the captured attention output, relative to the
+#: output's largest magnitude, by the captured output's dtype (rounding of another summation order).
+_RECOMPUTE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+
+def _mha_arguments(args: tuple, kwargs: dict) -> dict:
+    """The arguments of ``nn.MultiheadAttention.forward`` by name, defaults filled in."""
+    bound = inspect.signature(nn.MultiheadAttention.forward).bind(None, *args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (True: not attended) as 0 / −inf, a float mask as it is (added to the scores)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """``nn.MultiheadAttention``: Linear maps around scaled dot-product attention.
+
+    q = Q W_qᵀ + b_q, k = K W_kᵀ + b_k, v = V W_vᵀ + b_v ([W_q; W_k; W_v] = ``in_proj_weight``),
+    per head c = softmax(q kᵀ/√d_h + mask) v, y = c W_oᵀ + b_o (``out_proj``). Attention never mixes
+    examples, so with ∂L/∂q, ∂L/∂k, ∂L/∂v, ∂L/∂y of example i (its own loss):
+    in_proj_weight_i = [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ], in_proj_bias_i = [Σ_t ∂q_t; Σ_s ∂k_s;
+    Σ_s ∂v_s], out_proj.weight_i = Σ_t ∂y_t c_tᵀ, out_proj.bias_i = Σ_t ∂y_t. The attention is
+    recomputed from the call's inputs (masks as ``F.multi_head_attention_forward`` merges them:
+    boolean True → −inf, float added, ``key_padding_mask`` per key; a query whose keys are all masked
+    gets NaN with ``need_weights``, else 0 as from ``scaled_dot_product_attention``), checked against the captured
+    output (a mismatch means the recomputation is not this module's function: no rule), and
+    differentiated by autograd from ∂L/∂y (and ∂L/∂weights where ``need_weights`` returned them and
+    they reach the loss) to ∂q, ∂k, ∂v: O(B·H·T·S) work, no per-example pass.
+    """
+    if call.broadcast:
+        raise LayoutError("MultiheadAttention called with batch dim 1 and its output expanded")
+    bound = _mha_arguments(call.args, call.kwargs)
+    query, key, value = bound["query"], bound["key"], bound["value"]
+    if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
+        raise LayoutError("MultiheadAttention called on unbatched inputs (not [B, T, E] or [T, B, E])")
+    same_kv, self_attention = key is value, query is key and key is value
+    grad_out = out_grads.get(0)
+    dtype = grad_out.dtype if grad_out is not None else out_grads[1].dtype
+    if grad_out is not None and not module.batch_first:
+        grad_out = grad_out.transpose(0, 1)
+
+    def batch_first(t: Tensor, what: str) -> Tensor:
+        t = t if module.batch_first else t.transpose(0, 1)
+        _check_batch_first(t, batch, positions_from=1, positions_to=2, what=f"MultiheadAttention {what}")
+        if not module.batch_first and t.shape[1] == batch.size:  # dim 0 of a [T, B, E] input is also B long
+            raise LayoutError(
+                f"MultiheadAttention {what} of shape {tuple(t.shape)} (batch_first=False): the sequence "
+                f"length equals the batch size {batch.size}, so the batch dim is ambiguous",
+                code="BATCH_DIM_AMBIGUOUS",
+            )
+        return t.detach().to(dtype)
+
+    q_in, k_in, v_in = batch_first(query, "query"), batch_first(key, "key"), batch_first(value, "value")
+    size, heads, embed = batch.size, module.num_heads, module.embed_dim
+    head_dim, target, source = embed // heads, q_in.shape[1], k_in.shape[1]
+    weight = module.in_proj_weight.detach().to(dtype)
+    bias = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
+    w_q, w_k, w_v = weight.chunk(3)
+    b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
+    mask = _additive_mask(bound["attn_mask"], dtype)
+    if mask is not None and mask.dim() == 3:
+        mask = mask.view(size, heads, target, source)
+    padding = _additive_mask(bound["key_padding_mask"], dtype)
+    if padding is not None:
+        padding = padding.view(size, 1, 1, source)
+        mask = padding if mask is None else mask + padding
+    with torch.enable_grad():
+        q = F.linear(q_in, w_q, b_q).requires_grad_()
+        k = F.linear(k_in, w_k, b_k).requires_grad_()
+        v = F.linear(v_in, w_v, b_v).requires_grad_()
+
+        def split(t: Tensor) -> Tensor:
+            return t.view(size, -1, heads, head_dim).transpose(1, 2)
+
+        if bound["need_weights"]:  # the explicit path: a query with every key masked gets NaN
+            scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(head_dim)
+            attention = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            heads_out = attention @ split(v)
+        else:  # scaled_dot_product_attention, as the module calls it (such a query gets 0)
+            heads_out = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+        context = heads_out.transpose(1, 2).reshape(size, target, embed)
+        out_proj = module.out_proj
+        y = F.linear(context, out_proj.weight.detach().to(dtype), _detached(out_proj.bias, dtype))
+        _check_recomputed(y, flat_leaves(call.output)[0], module.batch_first)
+        outputs, grads = [y], [grad_out if grad_out is not None else torch.zeros_like(y)]
+        if 1 in out_grads:  # the attention weights reach the loss
+            weights = attention.mean(dim=1) if bound["average_attn_weights"] else attention
+            outputs.append(weights)
+            grads.append(out_grads[1].to(dtype))
+        d_q, d_k, d_v = torch.autograd.grad(outputs, (q, k, v), grads, allow_unused=True, materialize_grads=True)
+    d_y, scale = grads[0], batch.grad_scale
+    pieces: dict[str, Piece] = {}
+    if module.in_proj_weight.requires_grad:
+        if self_attention:  # one input: the three blocks are one outer product over the same positions
+            act, grad = q_in, torch.cat([d_q, d_k, d_v], dim=-1)
+        else:  # blocks over their own positions, the others' rows zero: Σ over T + 2S positions
+            zeros_t, zeros_s = d_q.new_zeros(size, target, embed), d_k.new_zeros(size, source, embed)
+            act = torch.cat([q_in, k_in, v_in] if not same_kv else [q_in, k_in], dim=1)
+            rows_q = torch.cat([d_q, zeros_t, zeros_t], dim=-1)
+            if same_kv:
+                grad = torch.cat([rows_q, torch.cat([zeros_s, d_k, d_v], dim=-1)], dim=1)
+            else:
+                rows_k, rows_v = torch.cat([zeros_s, d_k, zeros_s], -1), torch.cat([zeros_s, zeros_s, d_v], -1)
+                grad = torch.cat([rows_q, rows_k, rows_v], dim=1)
+        pieces["in_proj_weight"] = OuterPiece(act, grad, module.in_proj_weight.shape, scale=scale)
+    if module.in_proj_bias is not None and module.in_proj_bias.requires_grad:
+        per_example = torch.cat([d_q.sum(1), d_k.sum(1), d_v.sum(1)], dim=-1)
+        pieces["in_proj_bias"] = DensePiece(per_example, scale)
+    if out_proj.weight.requires_grad:
+        pieces["out_proj.weight"] = OuterPiece(context.detach(), d_y, out_proj.weight.shape, scale=scale)
+    if isinstance(out_proj.bias, nn.Parameter) and out_proj.bias.requires_grad:
+        pieces["out_proj.bias"] = DensePiece(_positions_sum(d_y), scale)
+    return pieces
+
+
+def _detached(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.detach().to(dtype)
+
+
+def _check_recomputed(y: Tensor, captured: Tensor, batch_first: bool) -> None:
+    """The recomputed attention output ``y`` (batch first) must be the captured one up to rounding
+    (:data:`_RECOMPUTE_RTOL` of its largest magnitude, NaN where it is NaN): else the closed form is
+    not this module's function (a subclass's or a future torch's semantics), and no rule applies."""
+    want = (captured if batch_first else captured.transpose(0, 1)).detach().to(y.dtype)
+    rtol = _RECOMPUTE_RTOL.get(captured.dtype, 1e-2)
+    got = y.detach()
+    if want.shape != got.shape or not torch.equal(want.isnan(), got.isnan()):
+        raise ValueError("the recomputed attention output differs from the module's (shape or NaNs)")
+    largest = want.nan_to_num(0.0, 0.0, 0.0).abs().max()
+    if bool((got - want).nan_to_num(0.0, 0.0, 0.0).abs().max() > rtol * largest.clamp_min(1e-30)):
+        raise ValueError("the recomputed attention output differs from the module's beyond rounding")
+
+
+class _TorchCalls(TorchFunctionMode):
+    """Logs every top-level torch function call of a forward: ``(func, args, kwargs, result)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        self.log.append((func, args, kwargs, result))
+        return result
+
+
+_MULTIPLY = (torch.mul, Tensor.mul, Tensor.__mul__, Tensor.__rmul__)
+
+#: Functions that map each element on its own (with Python numbers or 0-d tensors beside): ids made
+#: from the module's input by a chain of these keep its rows, so its batch dim.
+_ELEMENTWISE = frozenset(
+    "add __add__ __radd__ sub __sub__ __rsub__ mul __mul__ __rmul__ remainder __mod__ floor_divide "
+    "__floordiv__ clamp clamp_min clamp_max to long int".split()
+)
+
+
+def _elementwise_of(t: Tensor, source: Any, log: list[tuple]) -> bool:
+    """Whether ``t`` is ``source``, or made from it by logged :data:`_ELEMENTWISE` calls of the same shape."""
+    made = {id(entry[3]): entry for entry in log if isinstance(entry[3], Tensor)}
+    while t is not source:
+        entry = made.get(id(t))
+        if entry is None or getattr(entry[0], "__name__", None) not in _ELEMENTWISE:
+            return False
+        operands = [a for a in (*entry[1], *entry[2].values()) if isinstance(a, Tensor) and a.dim() > 0]
+        if len(operands) != 1 or operands[0].shape != t.shape:
+            return False
+        t = operands[0]
+    return True
+
+
+def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """An ``nn.Embedding`` subclass with its own ``forward`` that computes ids from its arguments and
+    returns ``F.embedding(ids, self.weight)`` (``super().forward(ids)``), or that times a constant c
+    (a Python number, or a 0-d tensor without gradient such as Gemma's ``embed_scale`` buffer):
+    Hugging Face's learned positional embeddings (BART: ``arange(T) + offset``, expanded to the
+    batch or of batch 1) and scaled word embeddings. W_i = c · Σ_t e_{id_it} b_itᵀ, as for Embedding.
+
+    The forward is re-run on the call's arguments (no gradients) with every torch call logged: there
+    must be one ``F.embedding`` on ``self.weight``, its result returned as it is or times a Python
+    number (the last call), and the re-run must return the captured output. The ids must be the
+    module's input or made from it element by element (``ids + offset``, a clamp), or the same row
+    for every example (positions expanded to the batch), or of batch dim 1 or none (the engine then
+    expanded the output over the batch): other ids made in the forward with dim 0 of the batch's
+    size could be positions (``arange(T)`` with T = B). Anything else (another op on the result, a
+    second lookup) is no rule's: the engine refuses with the reason.
+    """
+    calls = _TorchCalls()
+    devices = [module.weight.device] if module.weight.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), calls:  # a random draw must not move the RNG
+        returned = type(module).forward(module, *call.args, **call.kwargs)
+    lookups = [entry for entry in calls.log if entry[0] is F.embedding]
+    if len(lookups) != 1:
+        raise ValueError(f"its forward makes {len(lookups)} embedding lookups (one is covered)")
+    _, args, kwargs, looked_up = lookups[0]
+    bound = inspect.signature(F.embedding).bind(*args, **kwargs)
+    bound.apply_defaults()
+    if bound.arguments["weight"] is not module.weight or bound.arguments["scale_grad_by_freq"]:
+        raise ValueError("its lookup is not on its own weight, or scales gradients by frequency")
+    factor = 1.0
+    if returned is not looked_up:
+        func, margs, _, result = calls.log[-1]
+        others = [a for a in margs if a is not looked_up]
+        if not (
+            result is returned
+            and func in _MULTIPLY
+            and len(margs) == 2
+            and len(others) == 1
+            and (
+                isinstance(others[0], (int, float))
+                or (isinstance(others[0], Tensor) and others[0].dim() == 0 and not others[0].requires_grad)
+            )
+        ):
+            raise ValueError("it returns something else than its lookup (or the lookup times a number)")
+        factor = float(others[0])  # a 0-d tensor (Gemma's embed_scale buffer): one device sync
+    captured = flat_leaves(call.output)[0]
+    if not (isinstance(returned, Tensor) and torch.equal(returned.expand_as(captured), captured.detach())):
+        raise ValueError("its forward, re-run, does not give the captured output")
+    ids = bound.arguments["input"]
+    if call.broadcast and captured.dim() == looked_up.dim() + 1:  # no batch dim: one example's ids
+        ids = ids.unsqueeze(0).expand(batch.size, *ids.shape)
+    elif call.broadcast:
+        if ids.dim() == 0 or ids.shape[0] != 1:
+            raise LayoutError(f"Embedding ids of shape {tuple(ids.shape)} for an output of batch 1")
+        ids = ids.expand(batch.size, *ids.shape[1:])
+    _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding ids")
+    given = bool(call.args) and _elementwise_of(ids, call.args[0], calls.log)  # checked by the capture
+    if not (call.broadcast or given or (ids.dim() >= 2 and bool((ids == ids[:1]).all()))):
+        raise LayoutError(
+            f"Embedding ids of shape {tuple(ids.shape)} made in its forward: dim 0 has the batch's size, but "
+            "they are neither its input nor the same positions for every example, so dim 0 may not be the batch",
+            code="BATCH_DIM_AMBIGUOUS",
+        )
+    grad = _sequence(out_grads[0], batch, 1, "Embedding output gradient")
+    padding = bound.arguments["padding_idx"]
+    if padding is not None and padding < 0:
+        padding += module.weight.shape[0]
+    return _weight_pieces(
+        module,
+        lambda: RowsPiece(
+            ids.reshape(batch.size, -1), grad, module.weight.shape, padding, scale=batch.grad_scale * factor
+        ),
+    )
+
+
+def embedding_bag_rule(module: nn.EmbeddingBag, call: Any, out_grads: dict, batch: Layout) -> dict[str, Piece]:
+    """``nn.EmbeddingBag`` with one bag per example (``[B, L]`` ids, or 1-D ids with ``offsets``):
+    W_i = Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ, with w_j the ``per_sample_weights`` (mode ``sum``), 1 (``sum``)
+    or 1/n_i for the n_i entries of the bag that are not ``padding_idx`` (``mean``); padding entries
+    give nothing. Bags are padded to the longest with an id no row has, so the Embedding piece applies
+    (rows [B, L_max], output gradients b_i times w_j per entry). Mode ``max`` takes the fallback."""
+    bound = inspect.signature(nn.EmbeddingBag.forward).bind(None, *call.args, **call.kwargs)
+    bound.apply_defaults()
+    ids, offsets, weights = bound.arguments["input"], bound.arguments["offsets"], bound.arguments["per_sample_weights"]
+    grad = out_grads[0]
+    _check_batch_first(grad, batch, positions_from=1, positions_to=1, what="EmbeddingBag output gradient")
+    if ids.dim() == 2:
+        bags = ids
+        w = weights if weights is not None else torch.ones(bags.shape, dtype=grad.dtype, device=grad.device)
+    else:
+        starts = offsets[:-1] if module.include_last_offset else offsets
+        if starts.shape[0] != batch.size:
+            raise LayoutError(f"EmbeddingBag has {starts.shape[0]} bags for a batch of {batch.size}")
+        ends = torch.cat([starts[1:], starts.new_tensor([ids.shape[0]])])
+        if module.include_last_offset:
+            ends[-1] = offsets[-1]
+        lengths = ends - starts
+        width = int(lengths.max()) if lengths.numel() else 0
+        slot = torch.arange(width, device=ids.device)
+        inside = slot < lengths[:, None]
+        where = (starts[:, None] + slot).clamp(max=max(ids.shape[0] - 1, 0))
+        bags = torch.where(inside, ids[where], -1)
+        flat = weights if weights is not None else torch.ones(ids.shape, dtype=grad.dtype, device=grad.device)
+        w = torch.where(inside, flat[where], 0).to(grad.dtype)
+    w = w.to(grad.dtype)
+    if module.padding_idx is not None:
+        bags = bags.masked_fill(bags == module.padding_idx, -1)
+    if module.mode == "mean":
+        counts = (bags != -1).sum(1, keepdim=True).clamp(min=1)
+        w = w / counts
+    per_entry = w.unsqueeze(-1) * grad.unsqueeze(1)  # [B, L_max, d]
+    return _weight_pieces(module, lambda: RowsPiece(bags, per_entry, module.weight.shape, -1, scale=batch.grad_scale))
+
+
 # ------------------------------------------------------------------------------- matching
 
 
@@ -265,6 +566,13 @@ class Rule:
     accepts: Callable[[nn.Module], bool] = lambda m: True
     unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
     user: bool = False  # registered by persample.register_rule: its sums are checked against autograd's
+    #: ``compute(module, call, out_grads, layout)`` on the whole recorded call (every argument, every output
+    #: gradient by leaf index); the module's own ops are not audited (as a fallback's): the rule recomputes
+    #: the call and checks its output. ``params`` may then name parameters of submodules (``out_proj.weight``).
+    whole_call: bool = False
+    #: an output of batch dim 1, or with no batch dim, is the same for every example: the engine expands
+    #: it over the batch (a positional embedding made in the forward) and the rule finds out how
+    batchless_output: bool = False
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -312,7 +620,51 @@ def _rules() -> list[Rule]:
             hf_conv1d_rule,
             unbatched=_any_leading_dims,
         ),
+        Rule(
+            "multihead_attention",
+            (nn.MultiheadAttention,),
+            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"),
+            mha_rule,
+            accepts=_mha_covered,
+            whole_call=True,
+        ),
+        # nn.Embedding subclasses with their own forward (the rule above needs nn.Embedding's own)
+        Rule(
+            "embedding_recomputed",
+            (nn.Embedding,),
+            ("weight",),
+            embedding_call_rule,
+            methods=(),
+            accepts=lambda m: not m.scale_grad_by_freq,
+            whole_call=True,
+            batchless_output=True,
+        ),
+        Rule(
+            "embedding_bag",
+            (nn.EmbeddingBag,),
+            ("weight",),
+            embedding_bag_rule,
+            accepts=lambda m: m.mode in ("sum", "mean") and not m.scale_grad_by_freq and m.max_norm is None,
+            whole_call=True,
+        ),
     ]
+
+
+def _mha_covered(module: nn.Module) -> bool:
+    """The settings :func:`mha_rule` covers: one packed in-projection (kdim = vdim = embed_dim), no
+    ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their own), no attention
+    dropout in training (random), ``out_proj`` a plain Linear. Other settings take the exact fallback."""
+    m = cast(nn.MultiheadAttention, module)
+    return (
+        m._qkv_same_embed_dim
+        and m.bias_k is None
+        and m.bias_v is None
+        and not m.add_zero_attn
+        and (m.dropout == 0.0 or not m.training)
+        and type(m.out_proj) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        and not m.out_proj._forward_hooks  # never called (the attention uses its weight), but be strict
+        and isinstance(m.out_proj.weight, nn.Parameter)
+    )
 
 
 _RULES: list[Rule] = _rules()
@@ -348,11 +700,14 @@ def _matched_base(module_type: type, types: tuple) -> type | None:
 def _rule_for_type(module_type: type) -> tuple[Rule | None, bool]:
     """(the rule whose class ``module_type`` is an instance of, whether the type runs that class's own
     ``methods``): the class-level half of :func:`find_rule`, the same for every instance."""
+    found: tuple[Rule | None, bool] = (None, False)
     for rule in _RULES:
         base = _matched_base(module_type, rule.types)
         if base is not None:
-            return rule, all(getattr(module_type, m, None) is getattr(base, m, None) for m in rule.methods)
-    return None, False
+            if all(getattr(module_type, m, None) is getattr(base, m, None) for m in rule.methods):
+                return rule, True
+            found = found if found[0] is not None else (rule, False)  # a later rule may cover the subclass
+    return found
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -397,8 +752,11 @@ def find_rule(module: nn.Module) -> Rule | None:
     rule, own_methods = _rule_for_type(type(module))  # type: ignore[arg-type]  # classes are hashable
     if rule is None or not own_methods or any(m in vars(module) for m in rule.methods):
         return None
-    direct = set(own_trainable_parameters(module))
-    nested = any(p.requires_grad for c in module.children() for p in c.parameters())
+    if rule.whole_call:  # its parameters may be its submodules': all must be the rule's
+        direct, nested = {n for n, p in module.named_parameters() if p.requires_grad}, False
+    else:
+        direct = set(own_trainable_parameters(module))
+        nested = any(p.requires_grad for c in module.children() for p in c.parameters())
     if direct and direct <= set(rule.params) and not nested and not has_hooks(module) and rule.accepts(module):
         return rule
     return None

@@ -8,8 +8,10 @@ autograd edges of its outputs and, once a backward ran, their gradients (:func:`
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -107,7 +109,7 @@ def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], uni
     if rule is not None or own:
         trainable = (
             own
-            if rule is not None  # a rule module has no trainable nested parameter
+            if rule is not None and not rule.whole_call  # such a rule module has no trainable nested parameter
             else {n: p for n, p in module.named_parameters() if p.requires_grad}
         )
         units.append(Unit(prefix, module, rule, trainable))
@@ -133,6 +135,25 @@ def _storage(t: Tensor) -> int | None:
         return None
 
 
+_PROBE = threading.local()
+
+
+@contextlib.contextmanager
+def probing() -> Iterator[None]:
+    """Within the block, a backward is the graph audit's own probe (:func:`.audit.rows_leak`), not the
+    batch's: the capture's gradient hooks store nothing and the user's tensor hooks seen in the forward
+    do not run (:func:`probe_running` tells them)."""
+    _PROBE.depth = getattr(_PROBE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _PROBE.depth -= 1
+
+
+def probe_running() -> bool:
+    return getattr(_PROBE, "depth", 0) > 0
+
+
 def store_grad(grads: dict, leaf_index: int):
     """A tensor hook that adds each gradient reaching an output into ``grads[leaf_index]`` (several
     backward passes add up, as in ``p.grad``). It stores into ``grads`` only: referencing the Call
@@ -140,7 +161,8 @@ def store_grad(grads: dict, leaf_index: int):
     hook storage, which Python's garbage collector cannot see, leaking the whole graph."""
 
     def hook(grad: Tensor) -> None:
-        add_gradient(grads, leaf_index, grad)
+        if not probe_running():
+            add_gradient(grads, leaf_index, grad)
 
     return hook
 

@@ -27,7 +27,7 @@ from torch.overrides import TorchFunctionMode
 from ..._batch import flat_leaves, tensors_in
 from ..._model import random_call
 from ...contract import Finding
-from .units import Call, _storage
+from .units import Call, _storage, probe_running
 
 
 #: Ops whose result on an expansion is the expansion of their result on the original: casts, copies and
@@ -634,6 +634,8 @@ class _ReachReporter:
         self.watcher, self.where = watcher, where
 
     def __call__(self, grad):
+        if probe_running():
+            return
         if self.watcher.aux_term is None and bool((grad != 0).any()):
             self.watcher.aux_term = self.where
 
@@ -647,6 +649,8 @@ class _RewriteReporter:
         self.hook, self.watcher, self.where = hook, watcher, where
 
     def __call__(self, grad):
+        if probe_running():  # the graph audit's probe: not a gradient of the batch's loss
+            return None
         version = grad._version
         result = self.hook(grad)
         if (result is not None and result is not grad) or grad._version != version:

@@ -1,0 +1,145 @@
+"""The per-model plan: what the fast engine finds from the model's structure alone, found once and reused.
+
+Every call of the fast engine (``grad_stats(engine="fast")``, ``Tracker.step``, ``Tracker.observe``) needs
+the model's trainable parameters, its units (:func:`.units.find_units`: rules chosen per module, fallbacks
+covering their subtrees), whether any hook changes the gradients (:func:`..vmap.refuse_unseen_hooks`) and
+how the model is sharded (:func:`..._sharding.sharding_of`: once ``torch.distributed`` is imported, as
+``torch._dynamo`` and Hugging Face import it, a walk over every module and parameter).
+These depend only on the model's structure, yet finding them walks every module, every call: on a small
+model they are a fifth of a call's Python work.
+
+A :class:`Plan` keeps them, in a :class:`weakref.WeakKeyDictionary` keyed by the model (no state on the
+model or its parameters). Every call re-validates it with a *fingerprint* (:func:`fingerprint`), read
+from each module the plan saw, from the root down:
+
+- the module's class, its training flag and the names in its ``__dict__`` (an instance attribute such
+  as a patched ``forward`` adds one);
+- the identity of every child and every parameter, each parameter's ``requires_grad`` and its gradient
+  hooks' handles;
+- the handles of the module's backward hook registries and, where the module has parameters of its
+  own, of its forward hook registries (a hook added, removed or replaced changes them: handle ids only
+  grow). A module without parameters is never a rule unit and its forward hooks change no gradient hook,
+  so they change nothing the plan holds: the Tracker's own hook on the model's root each step keeps it.
+
+The children's identities chain the walk: a module swapped anywhere changes its parent's entry. Global
+module hooks are not fingerprinted: with any, there is no plan and everything is found as before. What
+the fingerprint cannot vouch for is checked on every call as before: a rule's ``accepts`` reads the
+module's settings (``Embedding.scale_grad_by_freq``, a BatchNorm's running statistics), so it runs again
+for every rule unit; everything that depends on the call (inputs, the graph, in-place changes, random
+draws) is checked by the capture and the audit on every call, as without a plan.
+
+The plan holds its modules by weak reference (it must not keep the model alive through the dictionary's
+value) and its parameters strongly (so that their ids cannot be reused while it lives).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from torch import nn
+
+from ..._model import has_gradient_hooks, trainable_parameters
+from ..._sharding import sharding_of
+from ..._torch_compat import global_module_hooks, structure_key
+from ..vmap import refuse_unseen_hooks
+from .units import Unit, find_units
+
+__all__ = ["Plan", "Planned", "model_plan", "fingerprint", "forget"]
+
+
+@dataclass(eq=False)
+class Plan:
+    """What the model's structure gives: see the module docstring."""
+
+    key: tuple  # the fingerprint it was made under
+    modules: list  # weak references to the modules, in ``model.modules()`` order (the root's is None)
+    params: dict[str, nn.Parameter]  # the trainable parameters, in ``named_parameters()`` order
+    units: list[tuple[str, int, Any, dict[str, nn.Parameter]]]  # (name, module index, rule, params)
+    gradient_hooks: bool  # whether a parameter or module has a gradient hook (then refused as before)
+    sharding: str | None  # :func:`..._sharding.sharding_of` (FSDP wraps change classes and parameters)
+
+    def live_modules(self, model: nn.Module) -> list[nn.Module] | None:
+        """The plan's modules (``model`` first), or None where one was garbage-collected."""
+        found = [model]
+        for ref in self.modules[1:]:
+            module = ref()
+            if module is None:
+                return None
+            found.append(module)
+        return found
+
+    def fresh_units(self, modules: list[nn.Module]) -> list[Unit]:
+        """New :class:`Unit` objects (with no calls recorded) for one call. A rule's ``accepts`` reads the
+        module's settings, which the fingerprint does not cover: it is asked again, and where it no
+        longer accepts the module, None tells the caller to find the units afresh."""
+        units = []
+        for name, index, rule, params in self.units:
+            module = modules[index]
+            if rule is not None and not rule.accepts(module):
+                return []
+            units.append(Unit(name, module, rule, dict(params)))
+        return units
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def fingerprint(modules: list[nn.Module]) -> tuple:
+    """The structure of the tree under ``modules[0]`` as :func:`.._torch_compat.structure_key` reads it,
+    module by module (see the module docstring)."""
+    return tuple([structure_key(m) for m in modules])
+
+
+class Planned(NamedTuple):
+    """What one call of the fast engine takes from the plan (the dict and the list are the caller's)."""
+
+    params: dict[str, nn.Parameter]
+    units: list[Unit]
+    gradient_hooks: bool
+    sharding: str | None
+
+
+def model_plan(model: nn.Module) -> Planned:
+    """``(trainable parameters, fresh units, gradient hooks, sharding)`` for one call of the fast engine: from
+    the plan where its fingerprint still matches, else found afresh (raising as
+    :func:`.._model.trainable_parameters` and :func:`.units.find_units` do) and planned for the next
+    call. The parameters' dict and the units are the caller's to change."""
+    if not isinstance(model, nn.Module) or global_module_hooks():
+        return _found(model)
+    plan = _PLANS.get(model)
+    if plan is not None:
+        modules = plan.live_modules(model)
+        if modules is not None and fingerprint(modules) == plan.key:
+            units = plan.fresh_units(modules)
+            if units or not plan.units:
+                return Planned(dict(plan.params), units, plan.gradient_hooks, plan.sharding)
+    found = _found(model)
+    modules = list(model.modules())
+    index = {id(m): i for i, m in enumerate(modules)}
+    _PLANS[model] = Plan(
+        key=fingerprint(modules),
+        modules=[None, *(weakref.ref(m) for m in modules[1:])],
+        params=dict(found.params),
+        units=[(u.name, index[id(u.module)], u.rule, dict(u.params)) for u in found.units],
+        gradient_hooks=found.gradient_hooks,
+        sharding=found.sharding,
+    )
+    return found
+
+
+def _found(model: nn.Module) -> Planned:
+    params = trainable_parameters(model)
+    return Planned(params, find_units(model), has_gradient_hooks(model), sharding_of(model))
+
+
+def refuse_gradient_hooks(model: nn.Module, hooks: bool, engine: str) -> None:
+    """:func:`..vmap.refuse_unseen_hooks` where the plan found gradient hooks (it names them)."""
+    if hooks:
+        refuse_unseen_hooks(model, engine)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop ``model``'s plan (tests; the next call finds everything afresh)."""
+    _PLANS.pop(model, None)
