@@ -1,6 +1,6 @@
 """Cost of persample under FSDP2, per training step, as a ratio to FSDP2 training without persample.
 
-    python benchmarks/fsdp_overhead.py [--steps 12] [--batch 8] [--quick] [--save]
+    python benchmarks/fsdp_overhead.py [--steps 12] [--batch 8] [--runs 3] [--quick] [--save]
 
 Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``gpt2`` case of
 ``cases.py`` (HF GPT-2, 4 layers, width 256, vocab 1000, T = 128; ``--quick``: the 2-layer, width
@@ -8,15 +8,20 @@ Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``g
 
 - ``fsdp-plain``: ``zero_grad(); loss_fn(model(x), y).backward(); opt.step()`` — the denominator;
 - ``tracker``: the same step with ``Tracker(model, loss_fn).step(x, y)``, statistics (with the
-  variance) every step: FSDP2's own forward and backward, observed, then the all-reduce of the
-  statistics;
+  variance) every step: FSDP2's own forward and backward, observed, then the reduce-scatter of the
+  statistics (each rank keeps its shard of the mean and M2);
 - ``tracker-novar``: the same with ``var=False``;
 - ``tracker-every-10``: a step of ``Tracker(model, loss_fn, every=10)`` without statistics;
-- ``all_reduce_stats``: the statistics' communication alone (two P-sized all-reduces and the
-  B-sized gathers).
+- the breakdown: ``observed-backward`` (the plain step with this rank's statistics captured, no
+  reduction: unshard everything, capture, sum check), ``reduce_scatter_stats`` /
+  ``reduce_scatter_stats-novar`` (the statistics' communication alone: one reduce-scatter, the
+  B-sized gathers, one small all-reduce), and ``all_reduce_stats`` (the old full-size reduction,
+  two P-sized all-reduces, for comparison).
 
 The methods run in interleaved blocks, so drift in the machine's load hits them alike; the load
-average is recorded. Absolute times on a shared CPU mean little; the ratios are the result.
+average is recorded. ``--runs N`` repeats the whole measurement in N fresh process pairs and reports
+the median over runs of each run's own ratio. Absolute times on a shared CPU mean little; the
+ratios are the result.
 """
 
 from __future__ import annotations
@@ -58,11 +63,16 @@ def sharded(model):
 
 
 def measure(problem, steps: int, block: int) -> dict:
+    import dataclasses
+
     import persample
-    from persample.distributed import all_reduce_stats
+    from persample._batch import as_batch
+    from persample._data_parallel import observed_fsdp2_backward
+    from persample.batch_loss import loss_parts
+    from persample.distributed import all_reduce_stats, reduce_scatter_stats
 
     loss_fn, x, y = problem.loss_fn, problem.inputs, problem.targets
-    models = {k: sharded(copy.deepcopy(problem.model)) for k in ("plain", "tracker", "novar", "every")}
+    models = {k: sharded(copy.deepcopy(problem.model)) for k in ("plain", "tracker", "novar", "every", "observed")}
     trackers = {
         "tracker": persample.Tracker(models["tracker"], loss_fn),
         "novar": persample.Tracker(models["novar"], loss_fn, var=False),
@@ -70,6 +80,14 @@ def measure(problem, steps: int, block: int) -> dict:
     }
     opts = {k: torch.optim.SGD(m.parameters(), lr=1e-3) for k, m in models.items()}
     local = persample.grad_stats(sharded(copy.deepcopy(problem.model)), loss_fn, x, y)
+    local_novar = dataclasses.replace(local, m2=None)
+    batch_loss, per_example_loss = loss_parts(loss_fn)
+    batch = as_batch(x, y)
+
+    def observed_step():
+        opts["observed"].zero_grad()
+        observed_fsdp2_backward(models["observed"], batch_loss, per_example_loss, batch)
+        opts["observed"].step()
 
     def plain_step():
         opts["plain"].zero_grad()
@@ -91,6 +109,9 @@ def measure(problem, steps: int, block: int) -> dict:
         "tracker": tracker_step("tracker"),
         "tracker-novar": tracker_step("novar"),
         "tracker-every-10": tracker_step("every"),
+        "observed-backward": observed_step,
+        "reduce_scatter_stats": lambda: reduce_scatter_stats(local),
+        "reduce_scatter_stats-novar": lambda: reduce_scatter_stats(local_novar),
         "all_reduce_stats": lambda: all_reduce_stats(local),
     }
     for fn in methods.values():  # warm up
@@ -105,6 +126,7 @@ def measure(problem, steps: int, block: int) -> dict:
     numel = sum(v.numel() for v in local.mean.values())
     elem = next(iter(local.mean.values())).element_size()
     world = dist.get_world_size()
+    rows = (len(local.mean) + 1) * int(x.shape[0]) * 8  # per-parameter norms and losses, float64
     return {
         "batch_size_per_rank": int(x.shape[0]),
         "world_size": world,
@@ -115,8 +137,10 @@ def measure(problem, steps: int, block: int) -> dict:
         # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends
         "bytes_sent_per_rank": {
             "fsdp (all-gather fwd + bwd, reduce-scatter)": 3 * numel * elem * (world - 1) / world,
-            "statistics (2 all-reduces of P sums)": 2 * 2 * numel * elem * (world - 1) / world,
-            "statistics, var=False (1 all-reduce)": 2 * numel * elem * (world - 1) / world,
+            "statistics: reduce-scatter of 2P float64 sums": 2 * numel * 8 * (world - 1) / world,
+            "statistics, var=False: reduce-scatter of P sums": numel * max(elem, 4) * (world - 1) / world,
+            "statistics: per-example rows (all-gather, B-sized)": rows * (world - 1),
+            "before (all_reduce_stats): 2 all-reduces of P sums": 2 * 2 * numel * elem * (world - 1) / world,
         },
     }
 
@@ -128,7 +152,10 @@ def worker(steps: int, batch: int, quick: bool, out: str) -> None:
 
     torch.manual_seed(0)
     problem = (small_gpt2_problem if quick else gpt2_problem)(batch)
+    load_before = os.getloadavg()
     record = measure(problem, steps, block=max(1, steps // 4))
+    record["load_average_before"] = load_before
+    record["load_average_after"] = os.getloadavg()
     record["case"] = "gpt2-small (2 layers, width 128, T=64)" if quick else "gpt2 (4 layers, width 256, T=128)"
     if dist.get_rank() == 0:
         print(
@@ -182,23 +209,50 @@ def launch(args) -> dict:
     return record
 
 
+def combine(records: list[dict]) -> dict:
+    """One record of several runs: the first run's fields, every run's medians and ratios, and the median
+    over runs of each run's own ratio (``ratio_to_fsdp_plain``)."""
+    out = dict(records[0])
+    out["runs"] = [
+        {k: r[k] for k in ("median_s", "ratio_to_fsdp_plain", "load_average_before", "load_average_after")}
+        for r in records
+    ]
+    out["ratio_to_fsdp_plain"] = {
+        k: statistics.median(r["ratio_to_fsdp_plain"][k] for r in records) for k in records[0]["ratio_to_fsdp_plain"]
+    }
+    out["median_s"] = {k: statistics.median(r["median_s"][k] for r in records) for k in records[0]["median_s"]}
+    out["load_average_before"] = records[0]["load_average_before"]
+    out["load_average_after"] = records[-1]["load_average_after"]
+    return out
+
+
 def markdown(record: dict) -> str:
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    before = ", ".join(f"{v:.1f}" for v in record.get("load_average_before", ()))
+    load = ", ".join(f"{v:.1f}" for v in record.get("load_average_after", os.getloadavg()))
     lines = [
         "# persample under FSDP2: cost per training step",
         "",
         (
             f"{record['world_size']} gloo processes × 1 thread, {record['case']}, B = "
             f"{record['batch_size_per_rank']} per rank, P = {record['parameters']:,}; torch {torch.__version__}; "
-            f"load average {load} at the end (a shared machine: ratios only)."
+            f"load average {before} at the start, {load} at the end (a shared 2-core machine: ratios "
+            "only, every method measured in the same run, interleaved)."
         ),
         "",
-        "| method | median per step | ratio to fsdp-plain |",
-        "|---|---:|---:|",
+    ]
+    runs = record.get("runs", [record])
+    lines += [
+        f"{len(runs)} run(s); load average (1 min) per run: "
+        + ", ".join(f"{r['load_average_before'][0]:.1f} → {r['load_average_after'][0]:.1f}" for r in runs)
+        + ".",
+        "",
+        "| method | median per step | ratio to fsdp-plain (median over runs) | ratio in each run |",
+        "|---|---:|---:|---|",
     ]
     for k, v in record["median_s"].items():
-        lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× |")
-    lines += ["", "Bytes each rank sends per step (ring collectives, float32 statistics of float32 parameters):", ""]
+        each = ", ".join(f"{r['ratio_to_fsdp_plain'][k]:.2f}" for r in runs)
+        lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× | {each} |")
+    lines += ["", "Bytes each rank sends per step (ring collectives, float32 parameters):", ""]
     lines += [f"- {k}: {v / 1e6:.2f} MB" for k, v in record["bytes_sent_per_rank"].items()]
     return "\n".join(lines) + "\n"
 
@@ -208,6 +262,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="timed steps per method")
     parser.add_argument("--batch", type=int, default=8, help="examples per rank")
     parser.add_argument("--quick", action="store_true", help="the 2-layer GPT-2 at T = 64")
+    parser.add_argument("--runs", type=int, default=1, help="independent runs (fresh processes); median ratio")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/fsdp-overhead-cpu.{json,md}")
     parser.add_argument("--timeout", type=int, default=900)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -216,7 +271,7 @@ def main() -> None:
     if args.worker:
         worker(args.steps, args.batch, args.quick, args.out)
         return
-    record = launch(args)
+    record = combine([launch(args) for _ in range(args.runs)])
     text = markdown(record)
     print(text)
     if args.save:

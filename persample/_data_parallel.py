@@ -46,7 +46,15 @@ from torch import Tensor, nn
 from ._batch import Batch
 from ._sharding import check_fsdp2, refuse_sharded, sharding_of, unsharded
 from ._torch_compat import ddp_comm_hooks
-from .distributed import DEFAULT_BUCKET_BYTES, agree, all_reduce_gradients, all_reduce_stats, is_distributed
+from .distributed import (
+    DEFAULT_BUCKET_BYTES,
+    agree,
+    all_reduce_gradients,
+    all_reduce_stats,
+    is_distributed,
+    reduce_scatter_stats,
+    refresh_shard_sums,
+)
 from .errors import UnsupportedModelError
 from .stats import GradStats
 
@@ -107,7 +115,11 @@ class Replicas:
         self, stats: GradStats, model: nn.Module | None = None, loss_fn=None, batch: Batch | None = None
     ) -> GradStats:
         """Global statistics; with ``model``, ``loss_fn`` and ``batch``, also inner products
-        relative to the global mean (one forward-mode pass of the local batch)."""
+        relative to the global mean (one forward-mode pass of the local batch). Under FSDP2
+        (``sharded``) the mean and M2 are reduce-scattered: each rank keeps its shard
+        (:func:`persample.distributed.reduce_scatter_stats`)."""
+        if self.sharded:
+            return reduce_scatter_stats(stats, self.group)
         inner = None
         if batch is not None:
             from .engines.directional import per_example_directional_derivatives
@@ -116,6 +128,10 @@ class Replicas:
                 return per_example_directional_derivatives(model, loss_fn, batch, direction)
 
         return all_reduce_stats(stats, self.group, inner_products=inner)
+
+    def after_merge(self, stats: GradStats) -> GradStats:
+        """Merged sharded statistics with their global sums recomputed (a small all-reduce)."""
+        return refresh_shard_sums(stats, self.group) if self.sharded else stats
 
 
 def resolve_replicas(model: nn.Module, distributed: bool | None) -> tuple[nn.Module, Replicas | None]:

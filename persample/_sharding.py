@@ -44,7 +44,7 @@ __all__ = [
 _FSDP2_FIX = (
     "For an FSDP2 model, persample.Tracker(fsdp_model, loss_fn).step(x, y) gives exact statistics of "
     "the global batch from FSDP2's own backward, and persample.grad_stats(fsdp_model, loss_fn, x, y) "
-    "this rank's (then persample.distributed.all_reduce_stats); see README, 'FSDP2'. Otherwise "
+    "this rank's (then persample.distributed.all_reduce_stats); see docs/fsdp.md. Otherwise "
     "train with DistributedDataParallel."
 )
 
@@ -229,39 +229,60 @@ def unsharded(model: nn.Module) -> Iterator[None]:
 
 
 def unshard_all(model: nn.Module) -> list:
-    """``unshard()`` every FSDP2 module of ``model`` (all-gathers: a collective on every rank) and defer
-    their reshard after backward; returns what :func:`restore_sharding` needs to undo the deferral.
+    """``unshard()`` every FSDP2 module of ``model`` (all-gathers: a collective on every rank), and keep
+    them unsharded until :func:`restore_sharding`: no reshard after forward (so nothing the capture
+    recorded in the forward is freed before the backward reads it, and the backward all-gathers
+    nothing again) and none after backward. Returns what :func:`restore_sharding` needs to undo it.
 
-    Reads each module's parameter groups' ``reshard_after_backward`` (FSDP2 internals, fail closed:
-    an unfamiliar layout raises ``NotExact``, code ``TORCH_INTERNALS_UNKNOWN``) and sets it with FSDP2's public
-    ``set_reshard_after_backward``."""
+    Reads and restores each module's parameter groups' ``reshard_after_backward`` and
+    ``post_forward_mesh_info`` and its state's ``_auto_reshard_after_forward`` (FSDP2 internals, fail
+    closed: an unfamiliar layout raises ``NotExact``, code ``TORCH_INTERNALS_UNKNOWN``), and sets them
+    with FSDP2's public ``set_reshard_after_backward`` / ``set_reshard_after_forward``."""
     saved = []
     for m in fsdp2_modules(model):
         m = cast(Any, m)  # an FSDPModule
-        groups = getattr(m._get_fsdp_state(), "_fsdp_param_groups", None) if hasattr(m, "_get_fsdp_state") else None
-        if groups is None or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups):
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if (
+            groups is None
+            or not hasattr(state, "_auto_reshard_after_forward")
+            or any(not isinstance(getattr(g, "reshard_after_backward", None), bool) for g in groups)
+            or any(not hasattr(g, "post_forward_mesh_info") for g in groups)
+        ):
             from .contract import refusal
 
             raise refusal(
                 "TORCH_INTERNALS_UNKNOWN",
                 f"persample: this torch version's FSDP2 internals are unfamiliar ({type(m).__name__} has "
-                "no parameter groups with a reshard_after_backward flag), so persample cannot show that "
-                "its statistics are exact. Use the torch versions persample is tested with, or DDP",
+                "no parameter groups with reshard_after_backward and post_forward_mesh_info), so "
+                "persample cannot show that its statistics are exact. Use the torch versions persample "
+                "is tested with, or DDP",
             )
-        saved.append((m, [g.reshard_after_backward for g in groups]))
-    for m, _ in saved:
+        saved.append(
+            (
+                m,
+                [g.reshard_after_backward for g in groups],
+                [g.post_forward_mesh_info for g in groups],
+                state._auto_reshard_after_forward,  # type: ignore[union-attr]  # checked above
+            )
+        )
+    for m, *_ in saved:
         m.set_reshard_after_backward(False, recurse=False)
+        m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     return saved
 
 
 def restore_sharding(model: nn.Module, saved: list) -> None:
-    """Undo :func:`unshard_all`: each module's ``reshard_after_backward`` as it was, and the modules that
+    """Undo :func:`unshard_all`: each module's resharding settings as they were, and the modules that
     reshard after backward resharded (what FSDP2's backward would have done)."""
-    for m, flags in saved:
+    for m, flags, post_forward, auto in saved:
         m = cast(Any, m)
-        for group, flag in zip(m._get_fsdp_state()._fsdp_param_groups, flags):
+        state = m._get_fsdp_state()
+        for group, flag, info in zip(state._fsdp_param_groups, flags, post_forward):
             group.reshard_after_backward = flag
+            group.post_forward_mesh_info = info
+        state._auto_reshard_after_forward = auto
         if any(flags):
             with contextlib.suppress(Exception):
                 m.reshard()

@@ -38,6 +38,8 @@ the same order, with statistics over the same parameters.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import zlib
 from typing import Callable, Iterable, Mapping, Sequence, cast
 
@@ -45,10 +47,12 @@ import torch
 from torch import Tensor, nn
 
 from .errors import OtherRankFailed
-from .stats import GradStats, Reduction, field_reductions
+from .stats import SHARD_SUMS, GradStats, Reduction, Shard, field_reductions, shard_rows
 
 __all__ = [
     "all_reduce_stats",
+    "reduce_scatter_stats",
+    "refresh_shard_sums",
     "all_reduce_gradients",
     "inner_products_with",
     "is_distributed",
@@ -273,6 +277,11 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     _require_group("all_reduce_stats")
     if not isinstance(stats, GradStats):
         raise TypeError(f"all_reduce_stats takes a GradStats, not {type(stats).__name__}")
+    if stats.shard is not None:
+        raise ValueError(
+            "all_reduce_stats: these statistics are already those of the global batch, sharded across the "
+            "ranks (stats.shard, from an FSDP2 Tracker or reduce_scatter_stats); use them as they are"
+        )
     dist = torch.distributed
     world = dist.get_world_size(group)
     first = next(iter(stats.mean.values()))
@@ -358,12 +367,225 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     for f, fr in declared.items():
         if fr.reduction is Reduction.SUM:
             values[f] = total
-        elif fr.reduction is Reduction.PARTS:
+        elif fr.reduction in (Reduction.PARTS, Reduction.SHARD):
             values[f] = None
         values.setdefault(f, None)
     values["part_sizes"] = tuple(sizes)
     values["part_mean_sq_norms"] = tuple(_column(headers, "mean_sq_norm"))
     return GradStats(**values)
+
+
+# ------------------------------------------------------------------------ reduce-scatter
+
+
+def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
+    """The statistics of the batch concatenated over all ranks, with ``mean`` and ``m2`` SHARDED: rank r
+    keeps only its rows of each parameter (FSDP2's ``Shard(0)`` layout, :func:`persample.stats.shard_rows`),
+    and every scalar is exact for the whole model (:class:`persample.stats.Shard`).
+
+    What it sends, per rank (ring collectives), for P parameters, batch sizes n_r and W ranks:
+
+    - one reduce-scatter of 2P float64 sums: (W−1)/W × 16P bytes; with ``var=False``, of P sums in the
+      statistics' dtype (float32 at least): (W−1)/W × 4P bytes for float32;
+    - one all-gather of the per-example vectors, B-sized rows (losses, per-parameter norms);
+    - one all-reduce of 6 float64 sums per parameter tensor, and a small header all-gather.
+
+    Never a P-sized all-gather, and no second P-sized round: the mean and M2 travel together.
+
+    The numerical choice. Chan's update for W parts is M2 = Σ_r [M2_r + n_r (μ_r − μ)²], which needs the
+    global μ on every element before the reduction (a second P-sized round, or a P-sized all-gather of
+    μ). Expanding the square, Σ_r n_r (μ_r − μ)² = Σ_r n_r μ_r² − N μ², so
+
+        S1 = Σ_r n_r μ_r,   S2 = Σ_r (M2_r + n_r μ_r²),   μ = S1 / N,   M2 = S2 − S1·μ
+
+    needs only the sums S1 and S2, one reduce-scatter. The subtraction cancels: its rounding error is
+    about ε·S2 ≈ ε·N(Var + μ²), i.e. relative to M2 about ε·(1 + μ²/Var). So both sums are formed
+    and reduced in float64 (ε = 1.1e-16) whatever the statistics' dtype, and M2 is computed there and
+    then cast back: for float32 statistics the error stays below float32 rounding unless an element's
+    μ²/Var exceeds ~1e8; for float64 ones it is ~1e-16 · μ²/Var relative. Each M2_r itself is this
+    rank's own (two-pass) sum of squared deviations, so the cancellation is only between ranks. M2 is
+    clamped at 0 (a negative value is rounding). μ is formed from S1 alone, so it has no cancellation.
+
+    A collective: every rank calls it, with statistics over the same parameters (names, shapes,
+    dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
+    refuses clipping); inner products (per-example rows) are gathered when every rank holds the same
+    reference.
+    """
+    _require_group("reduce_scatter_stats")
+    if not isinstance(stats, GradStats):
+        raise TypeError(f"reduce_scatter_stats takes a GradStats, not {type(stats).__name__}")
+    if stats.shard is not None:
+        raise ValueError("reduce_scatter_stats: these statistics are already sharded (stats.shard)")
+    if stats.clip_norm is not None:
+        raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
+    dist = torch.distributed
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    first = next(iter(stats.mean.values()))
+    device = _comm_device(group, first.device)
+
+    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
+        raise ValueError(
+            "reduce_scatter_stats: the ranks' statistics cover different parameters (names, shapes "
+            "or dtypes differ); every rank must compute statistics of the same model"
+        )
+    sizes = [int(n) for n in _column(headers, "n")]
+    total = sum(sizes)
+    names = stats.names
+    with_m2 = all(_column(headers, "has_m2"))
+    reference = _shared_reference(stats, headers, group, device)
+    shapes = {k: tuple(stats.mean[k].shape) for k in names}
+    for k, shape in shapes.items():
+        if not shape:
+            raise ValueError(f"reduce_scatter_stats: parameter {k!r} is 0-d; FSDP2's Shard(0) needs dim 0")
+    rows = {d: {k: shard_rows(shapes[k], d, world) for k in names} for d in range(world)}
+
+    # One reduce-scatter of [S1 | S2] per destination rank, in float64 (see the docstring); with
+    # var=False only S1, which has no cancellation, in the statistics' own dtype (float32 at least).
+    dtypes = {t.dtype for t in stats.mean.values()}
+    wire = torch.float64
+    if not with_m2 and len(dtypes) == 1:
+        wire = torch.promote_types(dtypes.pop(), torch.float32)
+    n_r = float(stats.n)
+    per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
+    fields = 2 if with_m2 else 1
+    # Each destination's slot: [S1 of every parameter | S2 of every parameter], so that the received
+    # mean and M2 are each one contiguous float64 block (their global sums need no copy).
+    sizes_of = [sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
+    send = torch.empty(world, fields * max(sizes_of), dtype=wire, device=device)
+    for d in range(world):  # only the padding needs zeros: every other element is written below
+        send[d, fields * sizes_of[d] :].zero_()
+    offsets = [0] * world
+    for k in names:  # written in place into each destination's slot: no temporaries of size P
+        mu = stats.mean[k].detach().to(device).reshape(shapes[k][0], -1)
+        m2_k = stats.m2[k].detach().to(device).reshape(shapes[k][0], -1) if with_m2 else None  # type: ignore[index]
+        for d in range(world):
+            start, stop = rows[d][k]
+            count, o = (stop - start) * per_row[k], offsets[d]
+            s1 = send[d, o : o + count].view(stop - start, per_row[k])
+            s1.copy_(mu[start:stop]).mul_(n_r)
+            if m2_k is not None:  # M2_r + n_r μ_r², in float64: (n_r μ_r)·μ_r
+                o2 = sizes_of[d] + o
+                s2 = send[d, o2 : o2 + count].view(stop - start, per_row[k])
+                s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
+            offsets[d] = o + count
+    mine = torch.empty(send.shape[1], dtype=wire, device=device)
+    dist.reduce_scatter(mine, list(send.unbind(0)), group=group)
+    del send
+
+    length = sizes_of[rank]
+    flat_s1 = mine[:length]
+    flat_m2 = None
+    if with_m2:  # M2 = S2 − S1·μ = S2 − S1²/N, in place in the received buffer (before μ overwrites S1)
+        flat_m2 = mine[length : 2 * length].addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)
+    flat_mean = flat_s1.div_(total)
+    mean: dict[str, Tensor] = {}
+    m2: dict[str, Tensor] | None = {} if with_m2 else None
+    offset = 0
+    for k in names:
+        start, stop = rows[rank][k]
+        shape = (stop - start, *shapes[k][1:])
+        count = (stop - start) * per_row[k]
+        out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
+        mean[k] = flat_mean[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+        if m2 is not None and flat_m2 is not None:
+            m2[k] = flat_m2[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+        offset += count
+
+    # Per-example rows (B-sized), gathered as in all_reduce_stats.
+    concat = ["param_sq_norms", "losses"]
+    if stats.inner_products is not None and all(_column(headers, "has_inner")) and reference is not None:
+        concat.append("inner_products")
+    vectors = [r for f in concat for r in _as_rows(getattr(stats, f))]
+    gathered = iter(_gather_vectors(vectors, sizes, group, device))
+    values: dict = {}
+    for f in concat:
+        value = getattr(stats, f)
+        values[f] = {k: next(gathered) for k in value} if isinstance(value, Mapping) else next(gathered)
+
+    layout = Shard(rank=rank, world=world, rows=dict(rows[rank]), shapes=shapes)
+    if "inner_products" not in values:
+        reference = None
+    received = flat_mean.dtype == torch.float64 and all(  # the statistics are the received float64 blocks
+        t.dtype == torch.float64 and t.device == flat_mean.device for t in mean.values()
+    )
+    flats = (flat_mean, flat_m2) if received else None
+    sums = _all_reduce_shard_sums(mean, m2, reference, layout, total, group, device, flats=flats)
+    layout = dataclasses.replace(layout, sums=sums)
+    return GradStats(
+        n=total,
+        mean=mean,
+        m2=m2,
+        param_sq_norms=values["param_sq_norms"],
+        losses=values["losses"],
+        inner_products=values.get("inner_products"),
+        reference=reference,
+        part_sizes=tuple(sizes),
+        part_mean_sq_norms=tuple(_column(headers, "mean_sq_norm")),
+        shard=layout,
+    )
+
+
+def _all_reduce_shard_sums(
+    mean: Mapping[str, Tensor],
+    m2: Mapping[str, Tensor] | None,
+    reference: Mapping[str, Tensor] | None,
+    layout: Shard,
+    n: int,
+    group,
+    device: torch.device,
+    flats: tuple[Tensor, Tensor | None] | None = None,
+) -> dict[str, tuple[float, ...]]:
+    """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
+    then one all-reduce of a [K, 6] float64 matrix (K parameter tensors). ``flats``: the mean and M2
+    already flat and float64, in ``mean``'s order (no copy)."""
+    names = list(mean)
+    where = next(iter(mean.values())).device  # the shards' own device (CUDA stays on CUDA)
+    lengths = torch.tensor([mean[k].numel() for k in names], device=where)
+
+    def flat(values) -> Tensor:
+        return torch.cat([v.detach().reshape(-1).to(device=where, dtype=torch.float64) for v in values])
+
+    def per_param(column: Tensor) -> Tensor:  # Σ over each parameter's elements (empty shards: 0)
+        return torch.segment_reduce(column, "sum", lengths=lengths)
+
+    local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64, device=where)
+    mu = flat(mean[k] for k in names) if flats is None else flats[0]
+    sq = mu.square()
+    local[:, 0] = per_param(sq)
+    if m2 is not None:
+        m2_flat = flat(m2[k] for k in names) if flats is None or flats[1] is None else flats[1]
+        local[:, 1] = per_param(m2_flat)
+        if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
+            keep = m2_flat > 0
+            var = m2_flat / (n - 1)
+            local[:, 2] = per_param(torch.where(keep, sq / var.where(keep, 1.0), 0.0))
+            local[:, 3] = per_param(keep.double())
+    if reference is not None:
+        r = flat(layout.reference_rows(k, reference[k]) for k in names)
+        local[:, 4] = per_param(mu * r)
+        local[:, 5] = per_param((r - mu).square())
+    summed = local.to(device)
+    torch.distributed.all_reduce(summed, group=group)
+    return {k: tuple(summed[i].tolist()) for i, k in enumerate(names)}
+
+
+def refresh_shard_sums(stats: GradStats, group=None) -> GradStats:
+    """``stats`` with its :class:`~persample.stats.Shard` sums recomputed from its shards (one small
+    all-reduce: a collective, every rank). A merge of sharded records (``accumulate``) drops them."""
+    if stats.shard is None or stats.shard.sums is not None:
+        return stats
+    first = next(iter(stats.mean.values()))
+    sums = _all_reduce_shard_sums(
+        stats.mean,
+        stats.m2,
+        stats.reference if stats.inner_products is not None else None,
+        stats.shard,
+        stats.n,
+        group,
+        _comm_device(group, first.device),
+    )
+    return dataclasses.replace(stats, shard=dataclasses.replace(stats.shard, sums=sums))
 
 
 def _as_rows(value) -> list[Tensor]:

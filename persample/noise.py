@@ -105,6 +105,24 @@ def _f64_sum_sq(tensors: Iterable[Tensor]) -> float:
     return float(sum(t.detach().double().pow(2).sum() for t in tensors))
 
 
+def _mean_sq(stats: GradStats, names: Sequence[str] | None = None) -> float:
+    """‖ḡ‖² over ``names`` (default: all) in float64; for a sharded record (FSDP2), the whole mean's,
+    from its global sums (``stats.shard``), with no communication."""
+    if stats.shard is not None:
+        return stats.param_mean_sq(names)
+    return _f64_sum_sq(stats.mean[k] for k in (stats.names if names is None else names))
+
+
+def _refuse_sharded(fn: str, stats: GradStats) -> None:
+    if stats.shard is not None:
+        raise ValueError(
+            f"{fn} weighs every element of the mean and variance, but these statistics hold only this "
+            f"rank's shard of them (FSDP2, stats.shard); it would need a collective. Compute it from "
+            f"your optimizer's sharded state and the shards, summed with torch.distributed.all_reduce, "
+            f"or train with DDP"
+        )
+
+
 def _nonfinite_where(name: str, tensors: Mapping[str, Tensor] | Tensor) -> str | None:
     """'field[param] (k of n elements)' for the first non-finite tensor, or None."""
     items = {None: tensors}.items() if isinstance(tensors, Tensor) else tensors.items()
@@ -172,11 +190,11 @@ class _Moments:
 
 def _moments(stats: GradStats, names: Sequence[str] | None = None) -> _Moments:
     names = stats.names if names is None else list(names)
-    mean_sq = _f64_sum_sq(stats.mean[k] for k in names)
+    mean_sq = _mean_sq(stats, names)
     per_example = cast(Tensor, sum(stats.param_sq_norms[k].detach().double() for k in names))  # names not empty
     trace = None
     if stats.m2 is not None and stats.n > 1:
-        trace = math.fsum(float(stats.m2[k].detach().double().sum()) for k in names) / (stats.n - 1)
+        trace = stats.param_m2_sum(names) / (stats.n - 1)
     return _Moments(stats.n, mean_sq, float(per_example.mean()), trace)
 
 
@@ -357,7 +375,7 @@ def _stats_jackknife(stats: GradStats, names: Sequence[str] | None = None) -> tu
         )
     if stats.n < 3:
         return None, "no standard error: the jackknife needs at least 3 examples"
-    mean_sq = _f64_sum_sq(stats.mean.values())
+    mean_sq = _mean_sq(stats)
     se = jackknife_noise_scale(stats.n, stats.sq_norms, stats.inner_products, mean_sq)
     return {k: float(v) for k, v in se.items()}, ""
 
@@ -478,7 +496,7 @@ def rank_noise_scale(stats: GradStats) -> NoiseScale:
     world = len(stats.part_sizes)
     b_small = world / sum(1.0 / n for n in stats.part_sizes)
     small_sq_norm = math.fsum(stats.part_mean_sq_norms) / world  # type: ignore[arg-type]  # set with part_sizes
-    return two_batch_noise_scale(b_small, small_sq_norm, stats.n, _f64_sum_sq(stats.mean.values()))
+    return two_batch_noise_scale(b_small, small_sq_norm, stats.n, _mean_sq(stats))
 
 
 # ------------------------------------------------------- preconditioned noise scale
@@ -593,6 +611,7 @@ def adam_preconditioner(
 
 def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tensor]) -> NoiseScale:
     assert stats.m2 is not None  # callers check var=True
+    _refuse_sharded("preconditioned_noise_scale", stats)
     b = stats.n
     trace, signal, mean_sq, excluded = 0.0, 0.0, 0.0, 0
     for k in names:
@@ -617,6 +636,7 @@ def _preconditioned(stats: GradStats, names: Sequence[str], P: Mapping[str, Tens
 
 def _resolve_preconditioner(fn: str, stats: GradStats, optimizer, preconditioner, model) -> dict[str, Tensor]:
     _require_two(fn, stats)
+    _refuse_sharded(fn, stats)
     if stats.m2 is None:
         raise ValueError(
             f"{fn} needs the per-element variance (tr(PΣ) = Σ_j P_j Var_j weighs each element), but "
@@ -895,6 +915,9 @@ def gsnr(stats: GradStats) -> dict[str, Tensor]:
 
 def _mean_gsnr(stats: GradStats, names: Sequence[str]) -> float:
     assert stats.m2 is not None  # callers check var=True
+    if stats.shard is not None:  # the global sums over every shard (stats.shard.sums)
+        count = stats.shard.total("gsnr_count", names)
+        return stats.shard.total("gsnr", names) / count if count else math.nan
     total, count = 0.0, 0
     for name in names:
         var = stats.m2[name].detach().double() / (stats.n - 1)
@@ -1016,14 +1039,20 @@ def _reference_is_mean(stats: GradStats) -> bool:
     assert stats.reference is not None  # called with inner products, which come with their reference
     dtype = next(iter(stats.mean.values())).dtype
     rtol = 1e-6 if dtype == torch.float64 else (1e-3 if dtype == torch.float32 else 1e-2)
+    if stats.shard is not None:
+        diff = _sqrt(stats.shard.total("ref_diff_sq", stats.names))
+        scale = max(_sqrt(_mean_sq(stats)), math.sqrt(_f64_sum_sq(stats.reference.values())))
+        return diff <= rtol * scale
     diff = math.sqrt(_f64_sum_sq(stats.reference[k].to(stats.mean[k].device) - stats.mean[k] for k in stats.names))
-    scale = max(math.sqrt(_f64_sum_sq(stats.mean.values())), math.sqrt(_f64_sum_sq(stats.reference.values())))
+    scale = max(math.sqrt(_mean_sq(stats)), math.sqrt(_f64_sum_sq(stats.reference.values())))
     return diff <= rtol * scale
 
 
 def _mean_dot_reference(stats: GradStats) -> float:
     """⟨ḡ, r⟩ summed in float64."""
     assert stats.reference is not None  # called with inner products, which come with their reference
+    if stats.shard is not None:
+        return stats.shard.total("ref_dot", stats.names)
     return sum(
         float((stats.mean[k].detach().double() * stats.reference[k].detach().to(stats.mean[k].device).double()).sum())
         for k in stats.names
@@ -1058,7 +1087,7 @@ def inner_product_test(stats: GradStats, threshold: float = DEFAULT_INNER_THRESH
     _require_finite("inner_product_test", stats, "mean", "param_sq_norms", "inner_products")
     p, along_mean = _inner_products("inner_product_test", stats)
     var_p = float(((p - p.mean()) ** 2).sum()) / (stats.n - 1)
-    signal = _f64_sum_sq(stats.mean.values()) if along_mean else _mean_dot_reference(stats)
+    signal = _mean_sq(stats) if along_mean else _mean_dot_reference(stats)
     return _make_test("inner_product", var_p, signal**2, stats.n, threshold)
 
 
@@ -1095,7 +1124,7 @@ def orthogonality_test(stats: GradStats, threshold: float = DEFAULT_ORTHO_THRESH
             "merged from other batches). Compute the statistics of the whole batch in one call with "
             "inner_products=True"
         )
-    mean_sq = _f64_sum_sq(stats.mean.values())
+    mean_sq = _mean_sq(stats)
     sq = stats.sq_norms.detach().double()
     if mean_sq == 0:
         var_o = math.nan
@@ -1264,7 +1293,7 @@ def diagnostics(
         row.update(rank_grad_sq=rank.grad_sq, rank_trace_cov=rank.trace_cov, rank_b_simple=rank.b_simple)
     precond = None
     if optimizer is not None or preconditioner is not None:
-        if stats.m2 is not None and (optimizer is None or _optimizer_stepped(optimizer)):
+        if stats.m2 is not None and stats.shard is None and (optimizer is None or _optimizer_stepped(optimizer)):
             P = _resolve_preconditioner("diagnostics", stats, optimizer, preconditioner, model)
             precond = _preconditioned(stats, stats.names, P)
             row.update(

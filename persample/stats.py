@@ -12,7 +12,9 @@ yields:
 - ``losses``: L_i, shape ``[n]``;
 - ``inner_products``: p_i = ⟨g_i, r⟩ for a fixed reference direction r (by
   default the batch mean ḡ), shape ``[n]``; optional;
-- ``clipped_mean``: (1/n) Σ_i min(1, C/‖g_i‖) g_i for ``clip_norm`` C; optional.
+- ``clipped_mean``: (1/n) Σ_i min(1, C/‖g_i‖) g_i for ``clip_norm`` C; optional;
+- ``shard``: None, or (under FSDP2, see :class:`Shard`) where this rank's rows of ``mean`` and ``m2``
+  sit in each parameter, with the global per-parameter sums every scalar is computed from.
 
 ``merge`` is exact (Chan, Golub & LeVeque's pairwise update), so statistics of
 chunks, micro-batches or processes combine into the statistics of the
@@ -26,6 +28,7 @@ declaration instead of listing the fields by hand.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import math
 from dataclasses import dataclass, field, fields
@@ -42,6 +45,9 @@ __all__ = [
     "clip_factors",
     "sum_of_squares",
     "same_value",
+    "Shard",
+    "shard_rows",
+    "SHARD_SUMS",
 ]
 
 
@@ -84,6 +90,10 @@ class Reduction(enum.Enum):
     - ``PARTS``: one entry per part, concatenated; set by
       :func:`persample.distributed.all_reduce_stats` (one entry per rank) and
       kept by ``merge`` only when both records have it.
+    - ``SHARD``: the :class:`Shard` layout of a sharded record (FSDP2). ``merge`` needs both
+      records sharded alike, merges ``mean`` and ``m2`` row by row (exact: Chan's update is per
+      element) and drops the global sums, which a merge cannot know without the other ranks
+      (:func:`persample.distributed.refresh_shard_sums` recomputes them, a collective).
     """
 
     SUM = "sum"
@@ -92,6 +102,7 @@ class Reduction(enum.Enum):
     CONCAT = "concat"
     SHARED = "shared"
     PARTS = "parts"
+    SHARD = "shard"
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,70 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     return bool(torch.equal(a, b.to(a.device)))
 
 
+#: The global per-parameter sums a sharded record carries (float64, all-reduced over the shards):
+#: ``mean_sq`` = Σ_j ḡ_j², ``m2`` = Σ_j M2_j, ``gsnr`` = Σ_{j: Var_j>0} ḡ_j²/Var_j and ``gsnr_count``
+#: its number of terms, ``ref_dot`` = Σ_j ḡ_j r_j and ``ref_diff_sq`` = Σ_j (r_j − ḡ_j)² (r: the
+#: record's reference; 0 without one, and the m2/gsnr columns 0 without M2).
+SHARD_SUMS = ("mean_sq", "m2", "gsnr", "gsnr_count", "ref_dot", "ref_diff_sq")
+
+
+def shard_rows(shape: tuple[int, ...], rank: int, world: int) -> tuple[int, int]:
+    """``[start, stop)`` of dim 0 that rank ``rank`` of ``world`` holds of a parameter of ``shape``
+    under FSDP2's ``Shard(0)``: chunks of ⌈d₀/W⌉ rows (``torch.chunk``), the last ranks' shorter or
+    empty — the rows of ``p.to_local()`` without FSDP2's padding.
+
+    >>> shard_rows((5, 3), 3, 4), shard_rows((5, 3), 2, 4)
+    ((5, 5), (4, 5))
+    """
+    if not shape:
+        raise ValueError("shard_rows: a 0-d parameter has no dim 0 to shard")
+    d0 = shape[0]
+    chunk = -(-d0 // world)
+    start = min(rank * chunk, d0)
+    return start, min(start + chunk, d0)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Where a sharded :class:`GradStats`' ``mean`` and ``m2`` sit (FSDP2, Shard(0)).
+
+    ``mean[name]`` and ``m2[name]`` hold rows ``rows[name]`` = [start, stop) of dim 0 of the
+    parameter of full shape ``shapes[name]`` (:func:`shard_rows`: this rank's rows of FSDP2's
+    ``p.grad.to_local()``, without padding). ``sums[name]`` holds the global float64 sums of
+    :data:`SHARD_SUMS` over all shards, from which every scalar (‖ḡ‖², tr Σ, noise scales, GSNR) is
+    computed without any further communication; None after a :meth:`GradStats.merge` (stale).
+    """
+
+    rank: int
+    world: int
+    rows: Mapping[str, tuple[int, int]]
+    shapes: Mapping[str, tuple[int, ...]]
+    sums: Mapping[str, tuple[float, ...]] | None = None
+
+    def same_layout(self, other: "Shard") -> bool:
+        return (self.rank, self.world, dict(self.rows), dict(self.shapes)) == (
+            other.rank,
+            other.world,
+            dict(other.rows),
+            dict(other.shapes),
+        )
+
+    def total(self, column: str, names) -> float:
+        """Σ over ``names`` of the global sum ``column`` (one of :data:`SHARD_SUMS`)."""
+        if self.sums is None:
+            raise ValueError(
+                "GradStats: these sharded statistics were merged, and their global sums are stale; "
+                "persample.distributed.refresh_shard_sums(stats) recomputes them (a collective: every rank)"
+            )
+        i = SHARD_SUMS.index(column)
+        return math.fsum(self.sums[k][i] for k in names)
+
+    def reference_rows(self, name: str, reference: Tensor) -> Tensor:
+        """This rank's rows of a full-size tensor (a reference direction) of parameter ``name``."""
+        start, stop = self.rows[name]
+        return reference[start:stop]
+
+
 @dataclass(frozen=True, eq=False, repr=False)
 class GradStats:
     """Sufficient statistics of one batch of per-example gradients.
@@ -165,6 +240,7 @@ class GradStats:
     clipped_mean: dict[str, Tensor] | None = _declare(Reduction.WEIGHTED_MEAN, requires="clip_norm", default=None)
     part_sizes: tuple[int, ...] | None = _declare(Reduction.PARTS, default=None)
     part_mean_sq_norms: tuple[float, ...] | None = _declare(Reduction.PARTS, default=None)
+    shard: Shard | None = _declare(Reduction.SHARD, default=None)
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -193,6 +269,16 @@ class GradStats:
                 f"GradStats: part_sizes {self.part_sizes} must add up to n={self.n}, one "
                 "per entry of part_mean_sq_norms"
             )
+        if self.shard is not None:
+            for name, mean in self.mean.items():
+                start, stop = self.shard.rows[name]
+                expected = (stop - start, *self.shard.shapes[name][1:])
+                for what, t in (("mean", mean), ("m2", None if self.m2 is None else self.m2[name])):
+                    if t is not None and tuple(t.shape) != expected:
+                        raise ValueError(
+                            f"GradStats: sharded {what}[{name!r}] has shape {tuple(t.shape)}, expected rows "
+                            f"[{start}, {stop}) of {self.shard.shapes[name]}"
+                        )
         _refuse_dtensors(self)
 
     # ------------------------------------------------------------------ views
@@ -223,8 +309,28 @@ class GradStats:
 
     @property
     def mean_sq_norm(self) -> Tensor:
-        """‖ḡ‖², the squared norm of the mean gradient (a 0-d float64 tensor, summed in float64)."""
+        """‖ḡ‖², the squared norm of the mean gradient (a 0-d float64 tensor, summed in float64); of the
+        whole mean also when this record holds a shard of it (from ``shard.sums``)."""
+        if self.shard is not None:
+            device = next(iter(self.mean.values())).device
+            return torch.tensor(self.shard.total("mean_sq", self.names), dtype=torch.float64, device=device)
         return cast(Tensor, sum(m.double().pow(2).sum() for m in self.mean.values()))  # mean is never empty
+
+    def param_mean_sq(self, names=None) -> float:
+        """Σ over ``names`` (default: all) of ‖ḡ[name]‖², in float64; global for a sharded record."""
+        names = self.names if names is None else list(names)
+        if self.shard is not None:
+            return self.shard.total("mean_sq", names)
+        return float(sum(self.mean[k].detach().double().pow(2).sum() for k in names))
+
+    def param_m2_sum(self, names=None) -> float:
+        """Σ over ``names`` (default: all) of Σ_j M2_j, in float64; global for a sharded record."""
+        if self.m2 is None:
+            raise ValueError("GradStats: no M2 (statistics computed with var=False)")
+        names = self.names if names is None else list(names)
+        if self.shard is not None:
+            return self.shard.total("m2", names)
+        return math.fsum(float(self.m2[k].detach().double().sum()) for k in names)
 
     # -------------------------------------------------------------- building
     @classmethod
@@ -307,6 +413,11 @@ class GradStats:
         if self.mean.keys() != other.mean.keys():
             missing = sorted(set(self.mean) ^ set(other.mean))
             raise ValueError(f"cannot merge GradStats over different parameters: {missing}")
+        a_shard, b_shard = self.shard, other.shard
+        if (a_shard is None) != (b_shard is None) or (
+            a_shard is not None and b_shard is not None and not a_shard.same_layout(b_shard)
+        ):
+            raise ValueError("cannot merge GradStats sharded differently (or sharded with unsharded)")
         declared = field_reductions()
         shared = {
             name: getattr(self, name) if same_value(getattr(self, name), getattr(other, name)) else None
@@ -322,7 +433,9 @@ class GradStats:
             a, b = getattr(self, name), getattr(other, name)
             if fr.reduction is Reduction.SUM:
                 values[name] = a + b
-            elif a is None or b is None or (fr.requires is not None and shared[fr.requires] is None):
+            elif fr.reduction is not Reduction.SHARD and (
+                a is None or b is None or (fr.requires is not None and shared[fr.requires] is None)
+            ):
                 values[name] = None
             elif fr.reduction is Reduction.WEIGHTED_MEAN:
                 values[name] = _map_pair(a, b, lambda x, y: x + (y - x) * (nb / n))
@@ -330,6 +443,8 @@ class GradStats:
                 values[name] = {k: a[k] + b[k] + (other.mean[k] - self.mean[k]).pow(2) * (na * nb / n) for k in a}
             elif fr.reduction in (Reduction.CONCAT, Reduction.PARTS):
                 values[name] = _map_pair(a, b, _concat)
+            elif fr.reduction is Reduction.SHARD:  # the same layout (checked above); the sums are stale
+                values[name] = None if a is None else dataclasses.replace(a, sums=None)
             else:  # pragma: no cover - a new Reduction without a merge rule
                 raise NotImplementedError(f"GradStats.merge has no rule for {fr.reduction}")
         return GradStats(**values)
@@ -355,7 +470,12 @@ class GradStats:
         return GradStats(**{name: move(getattr(self, name)) for name in field_reductions()})
 
     def is_finite(self) -> bool:
-        """Whether the mean and every per-example squared norm are finite (no inf/NaN from a diverged step)."""
+        """Whether the mean and every per-example squared norm are finite (no inf/NaN from a diverged step);
+        for a sharded record, the whole mean's (its global ‖ḡ‖², the same on every rank)."""
+        if self.shard is not None and self.shard.sums is not None:
+            return math.isfinite(self.shard.total("mean_sq", self.names)) and all(
+                bool(torch.isfinite(t).all()) for t in self.param_sq_norms.values()
+            )
         tensors = [*self.mean.values(), *self.param_sq_norms.values()]
         if not tensors:
             return True

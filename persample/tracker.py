@@ -47,7 +47,7 @@ from ._grad_writer import (
     written_leaves,
 )
 from ._model import check_clip_norm, trainable_parameters
-from ._sharding import restore_sharding, unshard_all
+from ._sharding import restore_sharding, sharding_of, unshard_all
 from ._step_plan import StepConfig, nonfinite_examples, plain_gradient, plan_step, statistics_step
 from .api import compute_stats, prepare_reference
 from .batch_loss import BatchLossMismatch, loss_parts
@@ -204,6 +204,16 @@ class Tracker:
         if self._replicas is not None and self._replicas.sharded:
             refuse_fsdp2_options(self)
 
+    def _adopt_late_sharding(self) -> None:
+        """A model sharded with ``fully_shard`` after the Tracker was built (accelerate shards the HF
+        Trainer's model in place inside ``train()``): from then on, steps are FSDP2 steps, as if the
+        Tracker had been built on the sharded model; FSDP1 is refused. Checked until the first step."""
+        if self.steps or self._replicas is not None and self._replicas.sharded:
+            return
+        if sharding_of(self.model) is not None:
+            self.model, self._replicas = resolve_replicas(self.model, None)
+            refuse_fsdp2_options(self)
+
     def explain(self, inputs: Any, targets: Any = None) -> Explanation:
         """:func:`persample.explain` for this Tracker's model, per-example loss and ``randomness``: per module
         its rule or fallback, every refusal with its code, and the engine a statistics step
@@ -304,6 +314,7 @@ class Tracker:
         """
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
+        self._adopt_late_sharding()
         if self._replicas is not None and self._replicas.sharded:  # FSDP2: its own backward, observed
             return fsdp2_step(self, inputs, targets, scale)
         params = trainable_parameters(self.model)
@@ -499,6 +510,11 @@ class Tracker:
         acc = Accumulation(with_stats=self.wants_stats(), shared=reference is not None, estimator=estimator)
         if isinstance(reference, Mapping):
             acc.reference = prepare_reference(self.model, reference)
+        elif reference == "last" and self.last_stats is not None and self.last_stats.shard is not None:
+            raise ValueError(
+                "accumulate(reference='last') under FSDP2: the last statistics hold only this rank's shard "
+                "of the mean; pass the reference as a dict of full tensors, the same on every rank"
+            )
         elif (
             reference == "last"
             and self.last_stats is not None
@@ -513,6 +529,8 @@ class Tracker:
             self._accumulation = None
         if acc.parts and not acc.refused:  # a refused micro-batch: the block has no statistics of its batch
             acc.stats = GradStats.merge_all(acc.parts)
+            if self._replicas is not None:  # FSDP2: the merged shards' global sums (a small all-reduce)
+                acc.stats = self._replicas.after_merge(acc.stats)
             failure = None
             try:
                 self._publish(acc.stats)
@@ -651,6 +669,7 @@ class Tracker:
                 "does not see): use tracker.step(inputs, targets), inner_products=False, or "
                 "inside tracker.accumulate(reference='last' or a dict), a shared reference"
             )
+        self._adopt_late_sharding()
         accumulating = self._accumulation is not None
         if accumulating and self._accumulation.estimator == "micro-batch":  # type: ignore[union-attr]  # accumulating
             raise ValueError(
