@@ -46,7 +46,8 @@ gradient-accumulation step and logs the diagnostics through ``trainer.log``
   ``"raise"`` raises.
 
 Needs ``transformers`` (``pip install -e ".[hf]"`` from a source checkout).
-Limits: one process or DDP (statistics of the global batch); no FSDP/DeepSpeed yet.
+Limits: one process, DDP or FSDP2 (statistics of the global batch; FSDP2 with accelerate is untested on
+GPU); no FSDP1, no DeepSpeed.
 """
 
 from __future__ import annotations
