@@ -236,6 +236,18 @@ def _header(stats: GradStats, device: torch.device) -> Tensor:
     return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
 
 
+def _agreed_headers(stats: GradStats, group, world: int, device: torch.device, where: str) -> Tensor:
+    """Every rank's :func:`_header` row (gathered, on the CPU); raises ``ValueError`` on every rank alike
+    where the ranks' statistics cover different parameters."""
+    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
+        raise ValueError(
+            f"{where}: the ranks' statistics cover different parameters (names, shapes "
+            "or dtypes differ); every rank must compute statistics of the same model"
+        )
+    return headers
+
+
 def _column(headers: Tensor, name: str) -> list[float]:
     return headers[:, _HEADER.index(name)].tolist()
 
@@ -287,12 +299,7 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
     first = next(iter(stats.mean.values()))
     device = _comm_device(group, first.device)
 
-    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
-    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
-        raise ValueError(
-            "all_reduce_stats: the ranks' statistics cover different parameters (names, shapes "
-            "or dtypes differ); every rank must compute statistics of the same model"
-        )
+    headers = _agreed_headers(stats, group, world, device, "all_reduce_stats")
     sizes = [int(n) for n in _column(headers, "n")]
     total = sum(sizes)
     declared = field_reductions()
@@ -423,12 +430,7 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     first = next(iter(stats.mean.values()))
     device = _comm_device(group, first.device)
 
-    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
-    if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
-        raise ValueError(
-            "reduce_scatter_stats: the ranks' statistics cover different parameters (names, shapes "
-            "or dtypes differ); every rank must compute statistics of the same model"
-        )
+    headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats")
     sizes = [int(n) for n in _column(headers, "n")]
     total = sum(sizes)
     names = stats.names
