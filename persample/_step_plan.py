@@ -29,6 +29,7 @@ from ._torch_compat import is_functorch_wrapped
 from .api import compute_stats
 from .batch_loss import (
     BatchLossMismatch,
+    gradient_multiple,
     NonFiniteLoss,
     OpaqueLoss,
     common_weight,
@@ -302,24 +303,16 @@ def _first_batch_forward(store: list, batch_size: int):
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:
-    """The loss hides its weights (computed inside the model): p.grad must be c·ḡ for one c; returns c."""
-    names = list(mean)
-    g = torch.cat(
-        [
-            grad[n].detach().reshape(-1).double() if n in grad else mean[n].new_zeros(mean[n].numel()).double()
-            for n in names
-        ]
-    )
-    m = torch.cat([mean[n].detach().reshape(-1).double() for n in names])
-    c = (g @ m / (m @ m)).item() if (m @ m).item() > 0 else 0.0
+    """The loss hides its weights (computed inside the model): p.grad must be c·ḡ for one c
+    (:func:`persample.batch_loss.gradient_multiple`); returns c."""
+    c, difference = gradient_multiple(grad, mean)
     # Unequal weights differ at O(1); models that compute parts in float32 (Qwen2's and Llama's RMSNorm)
     # differ from a float64 multiple by ~1e-7 at most.
-    rtol = 1e-5 if mean[names[0]].dtype == torch.float64 else 1e-3
-    err = (g - c * m).abs().max().item()
-    if err > rtol * max(g.abs().max().item(), 1e-300):
+    rtol = 1e-5 if next(iter(mean.values())).dtype == torch.float64 else 1e-3
+    if difference > rtol:
         raise BatchLossMismatch(
             "the gradient of the batch loss is not a multiple of the mean per-example gradient (relative "
-            f"difference {err / max(g.abs().max().item(), 1e-300):.2e}): the examples weigh differently in "
+            f"difference {difference:.2e}): the examples weigh differently in "
             "the batch loss, and since the loss is computed inside the model (not from its output) persample "
             "cannot read the weights. Compute the loss from the model's output in loss_fn, e.g. "
             "persample.causal_lm_loss() for token losses, instead of `lambda out: out.loss`",
