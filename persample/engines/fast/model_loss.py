@@ -357,6 +357,22 @@ def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, 
         return None
     if _reaches_model_elsewhere(own, read):
         raise _not_recomputed(kind, "it has a term that does not come from the logits (an auxiliary loss?)")
+    batch_grads = torch.autograd.grad(own, read, retain_graph=True, allow_unused=True)
+
+    def fit(losses: Tensor, weights: Tensor) -> tuple[tuple, ModelLoss]:
+        example_grads = torch.autograd.grad(losses.sum(), read, retain_graph=True, allow_unused=True)
+        return example_grads, ModelLoss(losses, weights, used, kind)
+
+    return _choose_form(kind, own, forms, batch_grads, fit)
+
+
+def _choose_form(kind: str, own: Tensor, forms: list, batch_grads, fit: Callable) -> ModelLoss | None:
+    """The form among ``forms`` whose per-example losses explain ``out.loss`` = ``own``: for each form that
+    applies, ``fit(losses, weights)`` gives the examples' loss gradients at the used output leaves and the
+    :class:`ModelLoss` it would be; the batch's gradients there (``batch_grads``) must be
+    Σ_i (that ModelLoss's weights)_i ∇L_i, and ``own``'s value Σ_i w_i L_i. Of the forms that pass,
+    :func:`_one_form`; if none passes, the first mismatch is raised; None when no form applies."""
+    rtol = 1e-7 if own.dtype == torch.float64 else 1e-4
     passing, first_error = [], None
     for number, form in enumerate(forms):
         with torch.enable_grad():
@@ -364,13 +380,11 @@ def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, 
             if computed is None:
                 continue
             losses, weights = computed
-            batch_grads = torch.autograd.grad(own, read, retain_graph=True, allow_unused=True)
-            example_grads = torch.autograd.grad(losses.sum(), read, retain_graph=True, allow_unused=True)
-        rtol = 1e-7 if own.dtype == torch.float64 else 1e-4
-        example = _first_mismatch(batch_grads, example_grads, weights, rtol=rtol)
+            example_grads, candidate = fit(losses, weights)
+        example = _first_mismatch(batch_grads, example_grads, candidate.weights, rtol=rtol)
         if example is None:
             _check_value(kind, own, losses, weights)
-            passing.append((number, ModelLoss(losses, weights, used, kind)))
+            passing.append((number, candidate))
         else:
             first_error = first_error or _mismatch(kind, example, weights)
     if passing:
@@ -447,29 +461,15 @@ def observed_model_losses(
         return None
     if _reaches_model_elsewhere(own, [leaves[i] for i in used]):  # the graph's nodes outlive its backward
         raise _not_recomputed(kind, "it has a term that does not come from the logits (an auxiliary loss?)")
-    passing, first_error = [], None
-    for number, form in enumerate(forms):
-        with torch.enable_grad():
-            computed = form()
-            if computed is None:
-                continue
-            losses, weights = computed
-            example_grads = torch.autograd.grad(losses.sum(), [detached[i] for i in used], allow_unused=True)
-        batch_grads = [observed[i] for i in used]
+    batch_grads = [observed[i] for i in used]
+
+    def fit(losses: Tensor, weights: Tensor) -> tuple[tuple, ModelLoss]:
+        example_grads = torch.autograd.grad(losses.sum(), [detached[i] for i in used], allow_unused=True)
         scale = _common_scale(batch_grads, example_grads, weights)
-        rtol = 1e-7 if own.dtype == torch.float64 else 1e-4
-        example = _first_mismatch(batch_grads, example_grads, weights * scale, rtol=rtol)
-        if example is None:
-            _check_value(kind, own, losses, weights)
-            passing.append((number, ModelLoss(losses.detach(), weights * scale, used, kind)))
-        else:
-            first_error = first_error or _mismatch(kind, example, weights)
-    if passing:
-        chosen = _one_form(kind, own, passing)
-        return chosen, chosen.weights
-    if first_error is not None:
-        raise first_error
-    return None
+        return example_grads, ModelLoss(losses.detach(), weights * scale, used, kind)
+
+    chosen = _choose_form(kind, own, forms, batch_grads, fit)
+    return None if chosen is None else (chosen, chosen.weights)
 
 
 def _common_scale(batch_grads, example_grads, weights: Tensor) -> float:
