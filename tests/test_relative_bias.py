@@ -161,3 +161,31 @@ def test_a_bias_that_also_reaches_the_loss_otherwise_is_refused(leak):
     if leak != "batch_summed":  # a model of the batch (its summed scores), not of each example: no exact answer
         grads, _ = oracle_grads(model, F.cross_entropy, x, y)
         _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y), grads)  # auto: another engine
+
+
+class FlattenedRows(nn.Module):
+    """OPT's decoder: a LayerNorm on the batch's tokens flattened to rows [B·T, D] (dim 0 is not the batch,
+    so its output is expanded), then viewed back to [B, T, D]. The rows hold the batch: the view must not
+    be applied per example (it would bring the batch to dim 1 under the expansion's); it escapes as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp, self.norm, self.head = nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.norm(self.inp(x).reshape(-1, D))  # [B·T, D]
+        return self.head(h.view(x.shape[0], T, D))  # [B, T, 3], the model's output
+
+
+def _token_mean_loss(out, y):
+    return F.cross_entropy(out.mean(1), y)
+
+
+def test_a_rearranged_expansion_of_the_batchs_own_rows_still_escapes():
+    model = _model(FlattenedRows)
+    x, y = _data()
+    with pytest.raises(NotExact) as err:
+        persample.grad_stats(model, _token_mean_loss, x, y, engine="fast")
+    assert err.value.code == "EXPANSION_ESCAPES"
+    grads, _ = oracle_grads(model, _token_mean_loss, x, y)
+    _assert_exact(persample.grad_stats(model, _token_mean_loss, x, y), grads)

@@ -19,6 +19,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from types import FrameType
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -126,6 +127,9 @@ class _Expansion:
     original: Tensor
     label: str  # "module pos (its input of shape (5,) has no batch dim ...)", for messages
     calls: tuple  # the rule calls it comes from
+    #: computed from parameters and constants alone (a relative-position bucket index into an Embedding),
+    #: so that none of the original's dims can hold the batch: shape ops may then rearrange it per example
+    constant: bool = False
 
 
 def _op_name(func) -> str:
@@ -274,6 +278,9 @@ class _BroadcastWatcher(TorchFunctionMode):
         self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
         self.paused = 0  # inside rule modules called on an expansion
         self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
+        #: whether a tensor may carry the batch's data (an activation, an input, a frozen result of one); set
+        #: by the capture, which knows the inputs. Until then every tensor may.
+        self.batch_dependent: Callable[[Tensor], bool] = lambda t: True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -287,8 +294,8 @@ class _BroadcastWatcher(TorchFunctionMode):
         return out
 
     # -------------------------------------------------------------- expansions
-    def watch_expansion(self, tensor: Tensor, original: Tensor, label: str, call: Call) -> None:
-        self.expanded[id(tensor)] = _Expansion(tensor, original, label, (call,))
+    def watch_expansion(self, tensor: Tensor, original: Tensor, label: str, call: Call, constant: bool = False) -> None:
+        self.expanded[id(tensor)] = _Expansion(tensor, original, label, (call,), constant)
 
     def _originals(self, value):
         """``value`` (args, kwargs, or one argument) with every expanded tensor replaced by its original."""
@@ -314,16 +321,20 @@ class _BroadcastWatcher(TorchFunctionMode):
             return func(*args, **kwargs)
         same_value = name in _SAME_VALUE_OPS or (name == "dropout" and _no_dropout(args, kwargs))
         if same_value and args and id(args[0]) in self.expanded and (len(operands) == 1 or name == "type_as"):
-            return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
-        if name in _SHAPE_OPS and args and id(args[0]) in self.expanded:
-            return self._rearranged(func, name, args, kwargs, expansions)
+            return self._derived(
+                func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name, operands
+            )
+        if name in _SHAPE_OPS and args and id(args[0]) in self.expanded and self.expanded[id(args[0])].constant:
+            return self._rearranged(func, name, args, kwargs, operands, expansions)
         in_place = name in _IN_PLACE_BROADCASTING_OPS and not (args and id(args[0]) in self.expanded)
         if name in _BROADCASTING_OPS or in_place:
             verdict = self._broadcast_verdict(name, operands)
             if verdict == "batched":
                 return func(*args, **kwargs)
             if verdict == "expanded" and not in_place:
-                return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
+                return self._derived(
+                    func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name, operands
+                )
             self._escape(
                 expansions,
                 verdict if verdict != "expanded" else f"{name} writes into a tensor that is not batched on dim 0",
@@ -338,12 +349,15 @@ class _BroadcastWatcher(TorchFunctionMode):
             )
         return out
 
-    def _rearranged(self, func, name: str, args, kwargs, expansions: list[_Expansion]):
-        """A shape op on an expansion E of ``original`` (``permute``, ``unsqueeze``, basic indexing, ``view``,
-        ``expand``...): the op applied to each example, E_i ↦ op(E_i), which has the values of op(original)
-        and routes the gradient of example i to E_i. Its result is an expansion again, or batched outright
-        where the op itself broadcasts the original's new or size-1 dim 0 to the batch (MPNet's
-        ``bias.expand(B, -1, T, T)``); anything else escapes."""
+    def _rearranged(self, func, name: str, args, kwargs, operands: list[Tensor], expansions: list[_Expansion]):
+        """A shape op on a constant expansion E of ``original`` (``permute``, ``unsqueeze``, basic indexing,
+        ``view``, ``expand``...): the op applied to each example, E_i ↦ op(E_i), which has the values of
+        op(original) and routes the gradient of example i to E_i. Its result is an expansion again, or batched
+        outright where the op itself broadcasts the original's new or size-1 dim 0 to the batch (MPNet's
+        ``bias.expand(B, -1, T, T)``); anything else escapes. Only constant expansions (computed from
+        parameters and constants alone): a dim of an original computed from the batch's activations may
+        hold the batch (OPT's rows of B·T tokens, a sequence-first tensor), which a rearrangement would
+        bring to dim 0 under the expansion's."""
         entry = self.expanded[id(args[0])]
         original = self._original_result(func, args, kwargs)
         if not isinstance(original, Tensor):  # .shape-like results come from the original
@@ -371,7 +385,7 @@ class _BroadcastWatcher(TorchFunctionMode):
             return original
         if original.dim() > 0 and original.shape[0] == 1:
             out = out.squeeze(1)  # the expansion along the original's dim 0 of size 1, as broadcasts expect
-        return self._derived(out, original, expansions, name)
+        return self._derived(out, original, expansions, name, operands)
 
     def _note_ambiguous(self, shape: tuple, entries: list[_Expansion]) -> None:
         """A batched result from an expansion: where another of its dims has the batch's size, a raw input
@@ -408,15 +422,19 @@ class _BroadcastWatcher(TorchFunctionMode):
             return "expanded"
         return f"{name} combines it with no tensor batched on dim 0 (result {tuple(shape)})"
 
-    def _derived(self, out, original, expansions: list[_Expansion], name: str):
-        """``out`` computed from expansions: watched as an expansion of ``original`` when it is one."""
+    def _derived(self, out, original, expansions: list[_Expansion], name: str, operands: list[Tensor]):
+        """``out`` computed from expansions: watched as an expansion of ``original`` when it is one (a
+        constant one when the expansions are and its other operands cannot carry the batch's data)."""
         if (
             isinstance(out, Tensor)
             and isinstance(original, Tensor)
             and _is_expansion_of(out.shape, original.shape, self.batch_size)
         ):
             calls = tuple(call for entry in expansions for call in entry.calls)
-            self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls)
+            constant = all(entry.constant for entry in expansions) and not any(
+                self.batch_dependent(t) for t in operands if id(t) not in self.expanded
+            )
+            self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls, constant)
             return out
         self._escape(expansions, f"{name} does not keep it an expansion over the batch")
         return original
