@@ -189,3 +189,40 @@ def test_a_rearranged_expansion_of_the_batchs_own_rows_still_escapes():
     assert err.value.code == "EXPANSION_ESCAPES"
     grads, _ = oracle_grads(model, _token_mean_loss, x, y)
     _assert_exact(persample.grad_stats(model, _token_mean_loss, x, y), grads)
+
+
+# ------------------------------------------------- rows of a raw input gathered in place (DeBERTa's own loss)
+
+
+class GatheredInput(nn.Module):
+    """The forward gathers rows of its raw input along dim 0, as DeBERTa-v2's own loss gathers the labelled
+    rows of ``labels`` (``torch.gather(labels, 0, (labels >= 0).nonzero().view(-1))``)."""
+
+    def __init__(self, rows: str):
+        super().__init__()
+        self.rows = rows
+        self.a, self.b = nn.Linear(D, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # x: [B, D]
+        kept = (x[:, 0] > -1e9).nonzero().view(-1)  # every row: arange(B)
+        if self.rows == "gather":
+            x = torch.gather(x, 0, kept[:, None].expand(-1, x.shape[1]))
+        elif self.rows == "index_select":
+            x = torch.index_select(x, 0, kept)
+        elif self.rows == "permuted":  # rows of other examples: mixing
+            x = torch.gather(x, 0, kept.flip(0)[:, None].expand(-1, x.shape[1]))
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("rows", ["gather", "index_select", "permuted"])
+def test_rows_of_a_raw_input_gathered_in_place_are_not_mixing(rows):
+    model = _model(GatheredInput, rows)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(B, D, generator=g, dtype=torch.float64), torch.randint(0, 3, (B,), generator=g)
+    if rows == "permuted":
+        with pytest.raises(NotExact) as err:
+            persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+        assert err.value.code == "BATCH_MIXED"
+        return
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads)

@@ -773,8 +773,28 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
     if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         return None
     if any(d % t.dim() == 0 for d in dims):
+        if name in ("gather", "index_select") and _rows_in_place(name, args, kwargs, t, batch_size):
+            return None  # DeBERTa's own loss: the labelled rows of the labels, all of them
         return f"{name} along dim 0 of a tensor of shape {tuple(t.shape)} that does not require grad (an input?)"
     return None
+
+
+def _rows_in_place(name: str, args, kwargs, t: Tensor, batch_size: int) -> bool:
+    """Whether ``gather(t, 0, index)`` or ``index_select(t, 0, index)`` reads row i of ``t`` into row i of
+    its result, for every i (the index is ``arange(B)``, broadcast along the other dims for ``gather``)."""
+    index = args[2] if len(args) > 2 else kwargs.get("index")
+    if (
+        not isinstance(index, Tensor)
+        or index.dtype not in (torch.int64, torch.int32)
+        or index.shape[:1] != (batch_size,)
+    ):
+        return False
+    if name == "index_select":
+        return index.dim() == 1 and bool(torch.equal(index.cpu(), torch.arange(batch_size, dtype=index.dtype)))
+    if index.dim() != t.dim():
+        return False
+    rows = torch.arange(batch_size, dtype=index.dtype).view(batch_size, *[1] * (t.dim() - 1))
+    return bool(torch.equal(index.cpu(), rows.expand(index.shape)))
 
 
 class RandomCallStopped(Exception):
