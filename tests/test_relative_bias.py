@@ -23,13 +23,13 @@ class RelBiasAttention(nn.Module):
     """Two attention layers over x [B, T, D] whose scores [B, H, T, T] get a bias from an Embedding of a
     (T, T) bucket index (shape [T, T, H]), computed once and used by both layers as T5 and MPNet do."""
 
-    def __init__(self, mode: str):
+    def __init__(self, mode: str, heads: int = H):
         super().__init__()
-        self.mode = mode
-        self.rel = nn.Embedding(7, H)
-        self.q1, self.q2 = nn.Linear(D, H * 3), nn.Linear(D, H * 3)
+        self.mode, self.h = mode, heads
+        self.rel = nn.Embedding(7, self.h)
+        self.q1, self.q2 = nn.Linear(D, self.h * 3), nn.Linear(D, self.h * 3)
         # no key bias: the softmax over keys cancels its gradient (zero up to rounding, for every example)
-        self.k1, self.k2 = nn.Linear(D, H * 3, bias=False), nn.Linear(D, H * 3, bias=False)
+        self.k1, self.k2 = nn.Linear(D, self.h * 3, bias=False), nn.Linear(D, self.h * 3, bias=False)
         self.v, self.head = nn.Linear(D, D), nn.Linear(D, 3)
 
     def bias(self, x, mask):
@@ -37,7 +37,7 @@ class RelBiasAttention(nn.Module):
         buckets = (idx[None, :] - idx[:, None]).clamp(-3, 3) + 3  # [T, T], no batch dim
         values = self.rel(buckets)  # [T, T, H]
         if self.mode == "view":  # a view and a transpose instead of a permute
-            return values.reshape(T * T, H).transpose(0, 1).view(1, H, T, T)
+            return values.reshape(T * T, self.h).transpose(0, 1).view(1, self.h, T, T)
         values = values.permute([2, 0, 1]).unsqueeze(0)  # [1, H, T, T]
         if self.mode == "sliced":  # T5: position_bias[:, :, -T:, :]
             values = values[:, :, -T:, :]
@@ -48,7 +48,9 @@ class RelBiasAttention(nn.Module):
         return values
 
     def layer(self, x, q, k, bias):
-        scores = (q(x).view(x.shape[0], T, H, 3).transpose(1, 2)) @ (k(x).view(x.shape[0], T, H, 3).permute(0, 2, 3, 1))
+        scores = (q(x).view(x.shape[0], T, self.h, 3).transpose(1, 2)) @ (
+            k(x).view(x.shape[0], T, self.h, 3).permute(0, 2, 3, 1)
+        )
         if self.mode == "in_place":  # T5: scores += position_bias
             scores += bias
         else:
@@ -93,6 +95,15 @@ def test_relative_bias_is_exact_in_the_fast_engine(mode):
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     assert grads["rel.weight"].reshape(B, -1).std(0).max() > 1e-3  # the bias's gradient differs by example
     _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads)
+
+
+def test_relative_bias_with_as_many_heads_as_examples_is_exact():
+    """heads == B: the permuted bias [H, T, T] has dim 0 of the batch's size by coincidence."""
+    for mode in ("reused", "expanded", "masked"):
+        model = _model(RelBiasAttention, mode, B)
+        x, y = _data()
+        grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+        _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads)
 
 
 @pytest.mark.parametrize("mode", ["reused", "expanded"])
@@ -226,3 +237,23 @@ def test_rows_of_a_raw_input_gathered_in_place_are_not_mixing(rows):
         return
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads)
+
+
+# ------------------------------------------------------------------- Hugging Face T5 and MPNet, under observe
+
+
+@pytest.mark.parametrize("case_id", ["hf-t5-mask-padded", "hf-mpnet-mask-padded"])
+def test_hugging_face_relative_bias_under_observe(case_id):
+    """The real-model matrix checks every entry point but observe; here observe (the user's own
+    backward) on T5 and MPNet with padded batches, against the matrix's float64 loop oracle at its
+    tolerance (T5 computes its norms in float32: docs/coverage.md)."""
+    pytest.importorskip("transformers")
+    import test_real_models as matrix
+
+    from zoo import call_model
+
+    case = matrix.BY_ID[case_id]
+    model, inputs, targets = case.instantiate()
+    with Tracker(model, case.loss_fn).observe(targets) as observed:
+        case.loss_fn(call_model(model, inputs), targets).backward()
+    assert matrix.stats_mismatch(observed.stats, matrix.expected(case_id), inner_products=False) is None
