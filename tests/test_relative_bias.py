@@ -106,6 +106,19 @@ def test_relative_bias_with_as_many_heads_as_examples_is_exact():
         _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), grads)
 
 
+def test_a_bucket_index_with_as_many_positions_as_examples_is_refused():
+    """T == B: the (T, T) index has dim 0 of the batch's size and comes from no input, so it may be one row
+    per example as well as one per position; the fast engine cannot tell, and refuses. auto is exact."""
+    model = _model(RelBiasAttention, "reused")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(T, T, D, generator=g, dtype=torch.float64), torch.randint(0, 3, (T,), generator=g)
+    with pytest.raises(NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "BATCH_DIM_AMBIGUOUS"
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y), grads)
+
+
 @pytest.mark.parametrize("mode", ["reused", "expanded"])
 def test_relative_bias_is_exact_under_observe_and_step(mode):
     model = _model(RelBiasAttention, mode)
