@@ -36,6 +36,10 @@ class RelBiasAttention(nn.Module):
         idx = torch.arange(T)
         buckets = (idx[None, :] - idx[:, None]).clamp(-3, 3) + 3  # [T, T], no batch dim
         values = self.rel(buckets)  # [T, T, H]
+        if self.mode == "rearranged":  # narrow, unflatten, select, movedim, flatten
+            wide = self.rel((idx[None, :] - torch.arange(T + 1)[:, None]).clamp(-3, 3) + 3)  # [T + 1, T, H]
+            values = wide.narrow(0, 1, T).unflatten(2, (self.h, 1)).select(3, 0)  # [T, T, H]
+            return values.movedim(2, 0).flatten(1, 2).unflatten(1, (T, T)).unsqueeze(0)
         if self.mode == "view":  # a view and a transpose instead of a permute
             return values.reshape(T * T, self.h).transpose(0, 1).view(1, self.h, T, T)
         values = values.permute([2, 0, 1]).unsqueeze(0)  # [1, H, T, T]
@@ -88,7 +92,7 @@ def _assert_exact(stats, grads):
     assert_dicts_close(stats.param_sq_norms, {k: g.reshape(b, -1).pow(2).sum(1) for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("mode", ["once", "reused", "in_place", "sliced", "expanded", "masked", "view"])
+@pytest.mark.parametrize("mode", ["once", "reused", "in_place", "sliced", "expanded", "masked", "view", "rearranged"])
 def test_relative_bias_is_exact_in_the_fast_engine(mode):
     model = _model(RelBiasAttention, mode)
     x, y = _data()

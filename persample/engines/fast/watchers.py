@@ -105,6 +105,11 @@ _SHAPE_OPS = frozenset(
         "view",
         "reshape",
         "flatten",
+        "unflatten",
+        "movedim",
+        "moveaxis",
+        "narrow",
+        "select",
         "__getitem__",
         "expand",
         "expand_as",
@@ -209,6 +214,20 @@ def _per_example(name: str, args, kwargs, entry: _Expansion, batch_size: int, wa
         end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
         first, last = dim(start), dim(end)
         return None if first is None or last is None else (e.flatten(first, last), False)
+    if name == "unflatten":
+        d = dim(rest[0]) if len(rest) == 2 else None
+        sizes = sizes_of([rest[1]]) if d is not None else None
+        return None if d is None or sizes is None else (e.unflatten(d, sizes), False)
+    if name in ("movedim", "moveaxis"):
+        if len(rest) != 2:
+            return None
+        source, destination = (dims_of([r]) for r in rest)
+        return None if source is None or destination is None else (e.movedim(source, destination), False)
+    if name in ("narrow", "select"):
+        d = dim(rest[0]) if len(rest) == (3 if name == "narrow" else 2) else None
+        if d is None or not all(_is_dim(v) for v in rest[1:]):
+            return None
+        return (e.narrow(d, *rest[1:]) if name == "narrow" else e.select(d, rest[1])), False
     if name == "__getitem__":
         index = rest[0] if len(rest) == 1 else None
         index = index if isinstance(index, tuple) else (index,)
