@@ -271,7 +271,8 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         _N,
         "backward",
         ("fast", "observe"),
-        "No re-entrant activation checkpointing hides layers' inputs and output gradients",
+        "A re-entrant activation checkpoint's recomputation in the backward can be followed (no layer in its "
+        "block is called on an input shared by the batch; torch exposes the block's function)",
         "checkpoint(..., use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False})",
     ),
     Precondition(

@@ -23,7 +23,7 @@ from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state
 from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
-from .._autograd import is_reentrant_checkpoint_node
+from .._autograd import graph_leaves, is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
 from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
@@ -49,6 +49,9 @@ class Capture:
     #: backward recomputed them: the graph audit walks on through them
     recomputed: dict = field(default_factory=dict)
     recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
+    #: called with the leaves (other than the block's detached inputs) that a recomputed block's graph reaches,
+    #: before the checkpoint's inner backward accumulates into them (the fast engine empties their .grad)
+    on_recomputed_leaves: Callable[[list], None] | None = None
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
 
     @property
@@ -150,6 +153,9 @@ class Capture:
                 roots = [t for t in tensors_in(out) if t.grad_fn is not None]
                 inputs = {get_gradient_edge(t).node for t in tensors_in(args) if t.is_leaf and t.requires_grad}
                 self.recomputed[node] = (roots, inputs)
+                if self.on_recomputed_leaves is not None:
+                    leaves = graph_leaves(roots)[0]
+                    self.on_recomputed_leaves([t for t in leaves if get_gradient_edge(t).node not in inputs])
                 self.follow_checkpoints(roots)  # re-entrant checkpoints nested in the block
             return out
 
@@ -381,7 +387,7 @@ def capturing(
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                if hook_outputs:
+                if hook_outputs or recomputing:  # a recomputed call's edges exist only within the backward
                     leaf.register_hook(store_grad(call.out_grads, leaf_index))
                 call.edges[leaf_index] = get_gradient_edge(leaf)
                 if leaf._is_view():

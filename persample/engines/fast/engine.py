@@ -23,9 +23,16 @@ Whenever this cannot be exact (a parameter used outside the modules that own
 it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
 it cannot apply per example, a loss that is not per example, a module input or
-parameter changed in place after the module's call, re-entrant checkpointing)
-the engine raises :class:`~persample.errors.NotExact`, and ``engine="auto"``
-moves on to the vmap engine, then the per-example loop.
+parameter changed in place after the module's call, a re-entrant checkpoint whose
+recomputation it cannot follow) the engine raises :class:`~persample.errors.NotExact`,
+and ``engine="auto"`` moves on to the vmap engine, then the per-example loop.
+
+Re-entrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) runs
+its block under no_grad in the forward and again inside the backward, where it
+refuses ``torch.autograd.grad``. The engine then follows the recomputation as
+``observe`` does (:func:`_backward_through_recomputations`): one ``backward()``
+into emptied ``.grad`` slots, the block's calls recorded as they are recomputed,
+and the graph audited after the backward, recomputed blocks included.
 """
 
 from __future__ import annotations
@@ -52,9 +59,9 @@ from ...contract import Finding
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
-from .._autograd import dense_gradient, is_reentrant_checkpoint_error
+from .._autograd import dense_gradient, fresh_grad_slots, graph_leaves, is_reentrant_checkpoint_error
 from ..vmap import example_loss
-from .audit import REENTRANT_CHECKPOINT, audit_graph
+from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
 from .plan import model_plan, refuse_gradient_hooks
@@ -167,6 +174,7 @@ def fast_pieces(
         if keep_output is not None:
             keep_output.append(output)
         capture.end_model_forward()
+        followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
@@ -187,17 +195,28 @@ def fast_pieces(
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(
-            mean_loss,
-            units,
-            {id(p): n for n, p in params.items()},
-            batch_size=batch.size,
-            outputs=flat_leaves(output),
-            inputs_moved=capture.raw_input_moved,
-        )
-        if audit.escape is not None:
-            raise NotExact(audit.escape)
-        planned = plan_cuts(units, modes, mean_loss) if modes else []
+
+        def audit(rows: Finding | None | str = "probe"):
+            return audit_graph(
+                mean_loss,
+                units,
+                {id(p): n for n, p in params.items()},
+                batch_size=batch.size,
+                outputs=flat_leaves(output),
+                inputs_moved=capture.raw_input_moved,
+                recomputed=capture.recomputed,
+                rows=rows,
+            )
+
+        if not followed:
+            audited = audit()
+            if audited.escape is not None and audited.escape.code == "REENTRANT_CHECKPOINT":
+                followed = _follow_reentrant_checkpoints(capture, output, called_without_grad=False)
+            if not followed and audited.escape is not None:
+                raise NotExact(audited.escape)
+        if followed:  # the checkpointed blocks' graphs exist only in the backward: audited after it
+            rows = rows_check(flat_leaves(output), units, batch.size)
+        planned = plan_cuts(units, modes, mean_loss) if modes and not followed else []
         derived = derived_parameters(units, params, var, form_all=form_all)
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [
@@ -207,9 +226,19 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        grads, cuts = _autograd_means(
-            mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
-        )
+        if followed:
+            grads = _backward_through_recomputations(
+                mean_loss, capture, list(from_autograd.values()), [edge for _, _, edge in outputs], model, batch
+            )
+            cuts: list[Cut] = []
+            audited = audit(rows)
+            found = capture.escape or audited.escape or modified_in_place(units)
+            if found is not None:
+                raise NotExact(found)
+        else:
+            grads, cuts = _autograd_means(
+                mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
+            )
         if capture.rewritten_gradient is not None:
             raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
@@ -223,7 +252,7 @@ def fast_pieces(
         for (name, p), g in zip(from_autograd.items(), grads)
         if id(p) not in cut_params
     }
-    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
+    layout = Layout(batch.size, dim_zero_moved=audited.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
@@ -309,6 +338,64 @@ def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_for
         if is_reentrant_checkpoint_error(err):
             raise NotExact(REENTRANT_CHECKPOINT) from err
         raise
+
+
+def _follow_reentrant_checkpoints(capture, output, called_without_grad: bool = True) -> bool:
+    """Whether the model's forward went through re-entrant checkpoints (``checkpoint(..., use_reentrant=True)``)
+    that the capture now follows (:meth:`.capture.Capture.follow_checkpoints`): their blocks ran under
+    no_grad in the forward, and the backward runs them again with gradients, when their calls are recorded,
+    their output gradients delivered by hooks and their graph audited.
+
+    ``called_without_grad``: look only if some unit was called with gradients off in the forward
+    (``Capture.no_grad_calls``, as in a checkpointed block with layers); False: look anyway (the graph audit
+    met a checkpoint, say one whose block calls no layer)."""
+    if called_without_grad and not capture.no_grad_calls:
+        return False
+    with torch._C.DisableTorchFunction():  # our own walk: not the user's code
+        capture.follow_checkpoints([t for t in flat_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None])
+    return bool(capture.recomputed)
+
+
+def _backward_through_recomputations(
+    mean_loss: Tensor, capture, wrt: list[Tensor], edges: list, model: nn.Module, batch: Batch
+) -> list:
+    """autograd's gradient of ``mean_loss`` for every parameter of ``wrt`` and every edge of ``edges`` (None
+    where unused), in the order ``wrt + edges``, through followed re-entrant checkpoints, which refuse
+    ``autograd.grad`` and ``backward(inputs=...)``.
+
+    One ``backward()``: parameters accumulate into emptied ``.grad`` slots (:class:`.._autograd.fresh_grad_slots`:
+    the model's trainable parameters, the inputs that require grad, every leaf the graph shows and, as each
+    block is recomputed, every leaf its graph reaches), restored afterwards with their post-accumulate-grad
+    hooks held back meanwhile. Each edge's gradient is what the edge's node receives for that output (a
+    pre-hook on the node, as ``autograd.grad`` of the edge gives it); the recomputed calls' output gradients
+    come from their own tensor hooks (:func:`.capture.capturing`). The graph outside the blocks is retained
+    for the audit that follows."""
+    position: dict = {}
+    for i, edge in enumerate(edges):
+        position.setdefault(edge.node, []).append((i, edge.output_nr))
+    edge_grads: list = [None] * len(edges)
+
+    def pre_hook(node):
+        def hook(grad_outputs):
+            for i, nr in position[node]:
+                edge_grads[i] = grad_outputs[nr] if nr < len(grad_outputs) else None
+
+        return hook
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    leaves = [*wrt, *trainable, *(t for t in batch.input_leaves if isinstance(t, Tensor))]
+    handles = []
+    try:
+        with fresh_grad_slots([*leaves, *graph_leaves([mean_loss])[0]]) as slots:
+            capture.on_recomputed_leaves = slots.add
+            handles = [node.register_prehook(pre_hook(node)) for node in position]
+            mean_loss.backward(retain_graph=True)
+            grads = [p.grad for p in wrt]
+    finally:
+        capture.on_recomputed_leaves = None
+        for handle in handles:
+            handle.remove()
+    return [*grads, *edge_grads]
 
 
 def recurrent_modes(units: list[Unit]) -> dict[int, str]:
