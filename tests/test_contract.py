@@ -165,9 +165,22 @@ def _spectral():
     return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
 
 
+class _Gain(nn.Module):
+    """A module without a closed-form rule (the fast engine's fallback) with a raw parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, h):
+        return h * self.gain
+
+
 def _hooked_parameter():
-    model = _mlp()
-    model[0].weight.register_hook(lambda g: 2 * g)
+    # the fast engine applies a parameter's hook to each example's gradient only where a built-in rule forms
+    # them; a fallback module's are checked against autograd's mean, which the hook would change
+    model = _mlp(_Gain())
+    model[1].gain.register_hook(lambda g: 2 * g)
     return model
 
 
