@@ -150,3 +150,15 @@ def test_module_backward_hooks_stay_on_the_loop_and_say_why():
     report = persample.explain(model, F.cross_entropy, x, y)
     assert report.entry_points["grad_stats"] == "loop"
     assert {v.refusal.code for v in (report.engines["fast"], report.engines["vmap"])} == {"MODULE_BACKWARD_HOOK"}
+
+
+def test_a_hook_on_a_sparse_embedding_is_refused():
+    """The loop hands a sparse Embedding's hook a sparse gradient; the fast engine's rows are dense: refused."""
+    torch.manual_seed(0)
+    model = Tokens().double()
+    model.embed = nn.Embedding(12, 6, sparse=True).double()
+    model.embed.weight.register_hook(lambda g: g * 2)
+    ids, y = _data()
+    with pytest.raises(persample.NotExact, match="sparse") as raised:
+        persample.grad_stats(model, F.cross_entropy, ids, y, engine="fast")
+    assert raised.value.code == "PARAMETER_GRADIENT_HOOK"

@@ -231,3 +231,56 @@ def test_a_layer_on_a_batch_of_one_in_the_block_is_still_refused_and_the_fix_wor
     model.reentrant = False
     expected = oracle_stats(model, _summed, ids, y)
     _assert_oracle(persample.grad_stats(model, F.cross_entropy, ids, y, engine="fast", inner_products=True), expected)
+
+
+class RecurrentBlock(nn.Module):
+    """A GRU (no closed-form rule here: the fast engine's torch.func fallback) inside the re-entrant block."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.gru, self.c = nn.Linear(4, 6), nn.GRU(6, 5, batch_first=True), nn.Linear(5, 3)
+        self.checkpointed = True
+
+    def _block(self, h):
+        return self.gru(h)[0]
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        h = checkpoint(self._block, h, use_reentrant=True) if self.checkpointed else self._block(h)
+        return self.c(h[:, -1])
+
+
+def test_a_fallback_module_inside_the_block_is_exact():
+    """The recomputed call of a module without a rule gets its rows from torch.func on the recomputation's
+    inputs and output gradients, checked against autograd's sum as any fallback."""
+    torch.manual_seed(0)
+    model = RecurrentBlock().double()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 7, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    rows, _ = oracle_grads(_plain(model), _summed, x, y)
+    _assert_oracle(
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast", inner_products=True),
+        oracle_stats(_plain(model), _summed, x, y),
+    )
+    got = persample.per_sample_grads(model, F.cross_entropy, x, y)
+    for n in rows:
+        torch.testing.assert_close(got[n], rows[n], rtol=1e-9, atol=1e-14, msg=n)
+
+
+def test_peft_lora_gpt2_under_reentrant_checkpointing_takes_the_fast_engine():
+    """PEFT LoRA with re-entrant gradient checkpointing (the QLoRA recipe's setting): transformers hooks the
+    input embeddings so that the blocks get gradients; the fast engine is exact (the oracle: the same model
+    without checkpointing) and leaves every p.grad None."""
+    pytest.importorskip("peft")
+    from test_integrations import summed_token_loss
+    from test_integrations_matrix import lora
+    from zoo import gpt2_tiny
+
+    torch.manual_seed(0)
+    model = lora(gpt2_tiny().double(), ["c_attn"], fan_in_fan_out=True).train()
+    ids = torch.randint(1, 40, (4, 8), generator=torch.Generator().manual_seed(1))
+    expected = oracle_stats(copy.deepcopy(model), summed_token_loss, {"input_ids": ids}, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    stats = persample.grad_stats(model, summed_token_loss, {"input_ids": ids}, ids, engine="fast", inner_products=True)
+    _assert_oracle(stats, expected)
+    assert all(p.grad is None for p in model.parameters())

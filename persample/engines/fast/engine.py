@@ -395,6 +395,8 @@ def _refuse_hooks_not_per_example(
                 problem = f"{label} has no built-in closed-form rule"
             elif not unit.calls:
                 problem = f"{label} was not called with gradients"
+            elif getattr(unit.module, "sparse", False) is True:
+                problem = f"{label} gives it a sparse gradient, which the loop hands the hook as it is"
             for call in unit.calls:
                 x = call.args[0] if call.args else None
                 if problem is None and (
