@@ -162,3 +162,18 @@ def test_a_hook_on_a_sparse_embedding_is_refused():
     with pytest.raises(persample.NotExact, match="sparse") as raised:
         persample.grad_stats(model, F.cross_entropy, ids, y, engine="fast")
     assert raised.value.code == "PARAMETER_GRADIENT_HOOK"
+
+
+def test_a_hook_under_reentrant_checkpointing_is_refused_before_any_backward():
+    """The fast engine's backward() through a re-entrant checkpoint would call the hook on the batch's gradient:
+    refused before it runs (the hook is never called), and auto's loop is exact."""
+    from test_fast_reentrant import Stack, _batch
+
+    torch.manual_seed(0)
+    model, (x, y) = Stack().double(), _batch()
+    calls: list = []
+    model.block[0].weight.register_hook(lambda g: calls.append(1))
+    with pytest.raises(persample.NotExact, match="re-entrant") as raised:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert raised.value.code == "PARAMETER_GRADIENT_HOOK" and calls == []
+    assert all(p.grad is None for p in model.parameters())

@@ -229,6 +229,8 @@ def fast_pieces(
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
         if followed:
+            if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
+                _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
             grads = _backward_through_recomputations(
                 mean_loss, capture, list(from_autograd.values()), [edge for _, _, edge in outputs], model, batch
             )
@@ -478,8 +480,10 @@ def _backward_through_recomputations(
 
     def pre_hook(node):
         def hook(grad_outputs):
-            for i, nr in position[node]:
-                edge_grads[i] = grad_outputs[nr] if nr < len(grad_outputs) else None
+            for i, nr in position[node]:  # added up: a leaf's node may run in a block's backward and outside
+                grad = grad_outputs[nr] if nr < len(grad_outputs) else None
+                if grad is not None:
+                    edge_grads[i] = grad if edge_grads[i] is None else edge_grads[i] + grad
 
         return hook
 
