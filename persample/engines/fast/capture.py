@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
@@ -53,6 +54,7 @@ class Capture:
     #: before the checkpoint's inner backward accumulates into them (the fast engine empties their .grad)
     on_recomputed_leaves: Callable[[list], None] | None = None
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
+    packed: str | None = None  # the first module called on a PackedSequence (its data interleaves the examples)
 
     @property
     def escape(self) -> Finding | None:
@@ -65,6 +67,14 @@ class Capture:
             )
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
+        if self.packed is not None:  # before the sort of the lengths that packing did, which the watcher saw
+            return Finding(
+                "BATCH_MIXED",
+                f"{self.packed} takes a PackedSequence (pack_padded_sequence or pack_sequence), whose data "
+                "holds the examples' time steps interleaved in one time-major tensor, sorted by length: the "
+                "fast engine cannot split it per example (and vmap cannot pack: each example's length is a "
+                "shape of its own); engine='auto' computes each example alone (the per-example loop)",
+            )
         mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
         if mixed is not None:
             return batch_mixing(mixed)
@@ -314,6 +324,8 @@ def capturing(
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        if capture.packed is None and args and isinstance(args[0], PackedSequence):
+            capture.packed = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         substituted = _substituted_parameter(parameter_slots[id(unit)], resharded)
         if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
             watcher.escape = watcher.escape or _substitution(unit, substituted)
