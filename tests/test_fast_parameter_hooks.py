@@ -177,3 +177,18 @@ def test_a_hook_under_reentrant_checkpointing_is_refused_before_any_backward():
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert raised.value.code == "PARAMETER_GRADIENT_HOOK" and calls == []
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_tracker_step_writes_the_users_own_backward_and_the_loops_statistics():
+    """With the fast engine now taking a hooked model, Tracker.step must not write p.grad from the statistics'
+    mean, (1/B) Σ_i H(g_i), which is not H of the batch's gradient that loss.backward() gives for a hook that
+    is not linear: p.grad is the user's own backward's, the statistics the loop's."""
+    calls: list = []
+    model, (ids, y) = _hooked_model(calls), _data()
+    rows, losses = oracle_grads(model, F.cross_entropy, ids, y)
+    F.cross_entropy(model(ids), y).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    stats = persample.Tracker(model, F.cross_entropy).step(ids, y)
+    _assert_close({n: p.grad for n, p in model.named_parameters()}, want, rtol=1e-12, atol=1e-15)
+    _assert_close(stats.var, stats_from_rows(rows, losses)["var"])
