@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, flat_leaves, tensors_in
-from ._model import buffer_state, forward_hook_if_possible, restore_buffer_state
+from ._model import buffer_state, forward_hook_if_possible, hooked_parameters, restore_buffer_state
 from ._torch_compat import is_functorch_wrapped
 from .api import compute_stats
 from .batch_loss import (
@@ -149,7 +149,9 @@ def statistics_step(
                 stats = compute_stats(model, per_example, batch, clip_norm=clip_norm, fork_rng=False, **options)
         leaves = flat_leaves(output)
         reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
-        if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
+        # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
+        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient
+        if reached is not None and not inputs_with_grad and not hooked_parameters(model):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean

@@ -48,8 +48,8 @@ _HF_NON_REENTRANT = (
 
 REENTRANT_CHECKPOINT = Finding(
     "REENTRANT_CHECKPOINT",
-    "re-entrant gradient checkpointing (use_reentrant=True) "
-    "hides the checkpointed layers' inputs and output gradients from the fast engine; "
+    "re-entrant gradient checkpointing (use_reentrant=True) whose recomputation in the backward the fast "
+    "engine cannot follow hides the checkpointed layers' inputs and output gradients from it; "
     "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT,
 )
 

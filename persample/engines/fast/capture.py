@@ -17,13 +17,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state
 from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
-from .._autograd import is_reentrant_checkpoint_node
+from .._autograd import graph_leaves, is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
 from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
@@ -49,7 +50,11 @@ class Capture:
     #: backward recomputed them: the graph audit walks on through them
     recomputed: dict = field(default_factory=dict)
     recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
+    #: called with the leaves (other than the block's detached inputs) that a recomputed block's graph reaches,
+    #: before the checkpoint's inner backward accumulates into them (the fast engine empties their .grad)
+    on_recomputed_leaves: Callable[[list], None] | None = None
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
+    packed: str | None = None  # the first module called on a PackedSequence (its data interleaves the examples)
 
     @property
     def escape(self) -> Finding | None:
@@ -62,6 +67,14 @@ class Capture:
             )
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
+        if self.packed is not None:  # before the sort of the lengths that packing did, which the watcher saw
+            return Finding(
+                "BATCH_MIXED",
+                f"{self.packed} takes a PackedSequence (pack_padded_sequence or pack_sequence), whose data "
+                "holds the examples' time steps interleaved in one time-major tensor, sorted by length: the "
+                "fast engine cannot split it per example (and vmap cannot pack: each example's length is a "
+                "shape of its own); engine='auto' computes each example alone (the per-example loop)",
+            )
         mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
         if mixed is not None:
             return batch_mixing(mixed)
@@ -150,6 +163,9 @@ class Capture:
                 roots = [t for t in tensors_in(out) if t.grad_fn is not None]
                 inputs = {get_gradient_edge(t).node for t in tensors_in(args) if t.is_leaf and t.requires_grad}
                 self.recomputed[node] = (roots, inputs)
+                if self.on_recomputed_leaves is not None:
+                    leaves = graph_leaves(roots)[0]
+                    self.on_recomputed_leaves([t for t in leaves if get_gradient_edge(t).node not in inputs])
                 self.follow_checkpoints(roots)  # re-entrant checkpoints nested in the block
             return out
 
@@ -308,6 +324,8 @@ def capturing(
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        if capture.packed is None and args and isinstance(args[0], PackedSequence):
+            capture.packed = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         substituted = _substituted_parameter(parameter_slots[id(unit)], resharded)
         if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
             watcher.escape = watcher.escape or _substitution(unit, substituted)
@@ -383,7 +401,7 @@ def capturing(
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                if hook_outputs:
+                if hook_outputs or recomputing:  # a recomputed call's edges exist only within the backward
                     leaf.register_hook(store_grad(call.out_grads, leaf_index))
                 call.edges[leaf_index] = get_gradient_edge(leaf)
                 if leaf._is_view():

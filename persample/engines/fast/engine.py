@@ -23,9 +23,16 @@ Whenever this cannot be exact (a parameter used outside the modules that own
 it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
 it cannot apply per example, a loss that is not per example, a module input or
-parameter changed in place after the module's call, re-entrant checkpointing)
-the engine raises :class:`~persample.errors.NotExact`, and ``engine="auto"``
-moves on to the vmap engine, then the per-example loop.
+parameter changed in place after the module's call, a re-entrant checkpoint whose
+recomputation it cannot follow) the engine raises :class:`~persample.errors.NotExact`,
+and ``engine="auto"`` moves on to the vmap engine, then the per-example loop.
+
+Re-entrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) runs
+its block under no_grad in the forward and again inside the backward, where it
+refuses ``torch.autograd.grad``. The engine then follows the recomputation as
+``observe`` does (:func:`_backward_through_recomputations`): one ``backward()``
+into emptied ``.grad`` slots, the block's calls recorded as they are recomputed,
+and the graph audited after the backward, recomputed blocks included.
 """
 
 from __future__ import annotations
@@ -42,22 +49,24 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..._batch import Batch, flat_leaves
 from ..._model import (
     autocast_as,
+    backward_hooked_module,
+    hooked_parameters,
     detached_buffers,
     first_random_module,
     randomness_error,
     translate_vmap_error,
 )
-from ..._torch_compat import is_batched_tensor
+from ..._torch_compat import is_batched_tensor, tensor_gradient_hook_functions
 from ...contract import Finding
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
-from .._autograd import dense_gradient, is_reentrant_checkpoint_error
+from .._autograd import dense_gradient, fresh_grad_slots, graph_leaves, is_reentrant_checkpoint_error
 from ..vmap import example_loss
-from .audit import REENTRANT_CHECKPOINT, audit_graph
+from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .plan import model_plan, refuse_gradient_hooks
+from .plan import model_plan
 from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
@@ -145,7 +154,7 @@ def fast_pieces(
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
     autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
-    refuse_gradient_hooks(model, hooks, "fast")
+    hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
     with (
@@ -167,6 +176,7 @@ def fast_pieces(
         if keep_output is not None:
             keep_output.append(output)
         capture.end_model_forward()
+        followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
@@ -187,18 +197,29 @@ def fast_pieces(
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(
-            mean_loss,
-            units,
-            {id(p): n for n, p in params.items()},
-            batch_size=batch.size,
-            outputs=flat_leaves(output),
-            inputs_moved=capture.raw_input_moved,
-        )
-        if audit.escape is not None:
-            raise NotExact(audit.escape)
-        planned = plan_cuts(units, modes, mean_loss) if modes else []
-        derived = derived_parameters(units, params, var, form_all=form_all)
+
+        def audit(rows: Finding | None | str = "probe"):
+            return audit_graph(
+                mean_loss,
+                units,
+                {id(p): n for n, p in params.items()},
+                batch_size=batch.size,
+                outputs=flat_leaves(output),
+                inputs_moved=capture.raw_input_moved,
+                recomputed=capture.recomputed,
+                rows=rows,
+            )
+
+        if not followed:
+            audited = audit()
+            if audited.escape is not None and audited.escape.code == "REENTRANT_CHECKPOINT":
+                followed = _follow_reentrant_checkpoints(capture, output, called_without_grad=False)
+            if not followed and audited.escape is not None:
+                raise NotExact(audited.escape)
+        if followed:  # the checkpointed blocks' graphs exist only in the backward: audited after it
+            rows = rows_check(flat_leaves(output), units, batch.size)
+        planned = plan_cuts(units, modes, mean_loss) if modes and not followed else []
+        derived = derived_parameters(units, params, var, form_all=form_all) | set(hooked)  # hooks: never on ḡ
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [
             (call, leaf_index, edge) for unit in units for call in unit.calls for leaf_index, edge in call.edges.items()
@@ -207,15 +228,30 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        grads, cuts = _autograd_means(
-            mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
-        )
+        if followed:
+            if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
+                _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
+            grads = _backward_through_recomputations(
+                mean_loss, capture, list(from_autograd.values()), [edge for _, _, edge in outputs], model, batch
+            )
+            cuts: list[Cut] = []
+            audited = audit(rows)
+            found = capture.escape or audited.escape or modified_in_place(units)
+            if found is not None:
+                raise NotExact(found)
+        else:
+            grads, cuts = _autograd_means(
+                mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
+            )
         if capture.rewritten_gradient is not None:
             raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
     for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd) :]):
         if id(call) not in delivered:
             add_gradient(call.out_grads, leaf_index, grad)
+    if hooked:
+        moved = audited.dim_zero_moved or capture.raw_input_moved
+        _refuse_hooks_not_per_example(hooked, units, batch.size, followed, moved)
     cut_params = {id(p) for cut in cuts for p in cut.unit.params.values()}
     derived |= {name for name, p in params.items() if id(p) in cut_params}
     means = {
@@ -223,9 +259,11 @@ def fast_pieces(
         for (name, p), g in zip(from_autograd.items(), grads)
         if id(p) not in cut_params
     }
-    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
+    layout = Layout(batch.size, dim_zero_moved=audited.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
+        for name, p in hooked.items():
+            pieces[name] = _hooked_piece(name, pieces[name], p)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
@@ -309,6 +347,160 @@ def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_for
         if is_reentrant_checkpoint_error(err):
             raise NotExact(REENTRANT_CHECKPOINT) from err
         raise
+
+
+def _parameters_with_hooks(model: nn.Module, hooks: bool) -> dict[str, nn.Parameter]:
+    """The trainable parameters with tensor hooks (``p.register_hook``), by name; a module backward hook
+    (its own or global) is refused: it may change the gradients reaching every module before it, per
+    example, which one batch backward cannot apply (MODULE_BACKWARD_HOOK)."""
+    if not hooks:
+        return {}
+    owner = backward_hooked_module(model)
+    if owner is not None:
+        raise NotExact(
+            f"{owner} has a backward hook, which the fast engine cannot apply per example",
+            code="MODULE_BACKWARD_HOOK",
+            module=owner,
+        )
+    named = dict(model.named_parameters())
+    return {name: named[name] for name in hooked_parameters(model)}
+
+
+def _refuse_hooks_not_per_example(
+    hooked: dict[str, nn.Parameter], units: list[Unit], batch_size: int, reentrant: bool, moved: bool
+) -> None:
+    """PARAMETER_GRADIENT_HOOK unless each hooked parameter's per-example gradients are exactly what the
+    per-example loop hands its hooks (:func:`_hooked_piece`).
+
+    The loop's g_i is H(∇_p L_i), H the parameter's hooks in order, called by ``autograd.grad`` on example
+    i's own gradient, and only where example i's graph reaches p (else g_i = 0, H not called). A leaf's
+    hooks change that leaf's gradient alone, so every other parameter's g_i is unchanged. Hence the
+    conditions: p belongs to modules with a built-in closed-form rule (which give ∇_p L_i exactly; a
+    fallback's or a user rule's rows are checked against autograd's mean, which the hook would change),
+    each of their calls takes the whole batch on dim 0 and its output reaches the loss (so every
+    example's graph reaches p, as in the loop), and no batch dim moved (dim 0 is the examples). Under
+    re-entrant checkpointing the engine's ``backward()`` would call the hooks on the batch's gradient."""
+    for name, p in hooked.items():
+        users = [unit for unit in units if any(q is p for q in unit.params.values())]
+        problem = None
+        if reentrant:
+            problem = "re-entrant checkpointing makes the engine's own backward() call it on the batch's gradient"
+        elif moved:
+            problem = "some tensor's dim 0 moved, so dim 0 may not be the examples"
+        elif not users:
+            problem = "no module that owns it was found"
+        for unit in users:
+            label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
+            if problem is not None:
+                break
+            if unit.rule is None or unit.rule.user:
+                problem = f"{label} has no built-in closed-form rule"
+            elif not unit.calls:
+                problem = f"{label} was not called with gradients"
+            elif getattr(unit.module, "sparse", False) is True:
+                problem = f"{label} gives it a sparse gradient, which the loop hands the hook as it is"
+            for call in unit.calls:
+                x = call.args[0] if call.args else None
+                if problem is None and (
+                    call.broadcast
+                    or not isinstance(x, Tensor)
+                    or x.dim() == 0
+                    or x.shape[0] != batch_size
+                    or not call.out_grads
+                ):
+                    problem = f"{label} is called on something other than the whole batch, or does not reach the loss"
+        if problem is not None:
+            raise NotExact(
+                f"parameter {name!r} has a gradient hook (p.register_hook), which the fast engine applies to "
+                f"each example's gradient only where it can form them exactly as the loop does, but {problem}",
+                code="PARAMETER_GRADIENT_HOOK",
+            )
+
+
+def _hooked_piece(name: str, piece: Piece, p: nn.Parameter) -> DensePiece:
+    """Example i's gradient g_i = H(∇_p L_i), H the hooks on ``p`` (``p.register_hook``) called in
+    registration order, each on what the one before returned (None: unchanged), on ∇_p L_i in p's dtype:
+    what ``autograd.grad`` hands them in the per-example loop, B calls as there. Rows as formed by
+    ``piece`` (unscaled), so memory O(B × p.numel())."""
+    functions = tensor_gradient_hook_functions(p)
+    rows = piece.materialize_all()
+    hooked = []
+    for i in range(rows.shape[0]):
+        g = rows[i].to(p.dtype, copy=True)
+        for hook in functions:
+            with torch.no_grad():  # as autograd calls them without create_graph
+                result = hook(g)
+            if result is not None:
+                if not isinstance(result, Tensor) or result.shape != p.shape or result.dtype != p.dtype:
+                    raise NotExact(
+                        f"the gradient hook of parameter {name!r} returned "
+                        f"{type(result).__name__ if not isinstance(result, Tensor) else tuple(result.shape)}, "
+                        "not a gradient of its shape and dtype",
+                        code="PARAMETER_GRADIENT_HOOK",
+                    )
+                g = result
+        hooked.append(g)
+    return DensePiece(at_least_float32(torch.stack(hooked).detach()))
+
+
+def _follow_reentrant_checkpoints(capture, output, called_without_grad: bool = True) -> bool:
+    """Whether the model's forward went through re-entrant checkpoints (``checkpoint(..., use_reentrant=True)``)
+    that the capture now follows (:meth:`.capture.Capture.follow_checkpoints`): their blocks ran under
+    no_grad in the forward, and the backward runs them again with gradients, when their calls are recorded,
+    their output gradients delivered by hooks and their graph audited.
+
+    ``called_without_grad``: look only if some unit was called with gradients off in the forward
+    (``Capture.no_grad_calls``, as in a checkpointed block with layers); False: look anyway (the graph audit
+    met a checkpoint, say one whose block calls no layer)."""
+    if called_without_grad and not capture.no_grad_calls:
+        return False
+    with torch._C.DisableTorchFunction():  # our own walk: not the user's code
+        capture.follow_checkpoints([t for t in flat_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None])
+    return bool(capture.recomputed)
+
+
+def _backward_through_recomputations(
+    mean_loss: Tensor, capture, wrt: list[Tensor], edges: list, model: nn.Module, batch: Batch
+) -> list:
+    """autograd's gradient of ``mean_loss`` for every parameter of ``wrt`` and every edge of ``edges`` (None
+    where unused), in the order ``wrt + edges``, through followed re-entrant checkpoints, which refuse
+    ``autograd.grad`` and ``backward(inputs=...)``.
+
+    One ``backward()``: parameters accumulate into emptied ``.grad`` slots (:class:`.._autograd.fresh_grad_slots`:
+    the model's trainable parameters, the inputs that require grad, every leaf the graph shows and, as each
+    block is recomputed, every leaf its graph reaches), restored afterwards with their post-accumulate-grad
+    hooks held back meanwhile. Each edge's gradient is what the edge's node receives for that output (a
+    pre-hook on the node, as ``autograd.grad`` of the edge gives it); the recomputed calls' output gradients
+    come from their own tensor hooks (:func:`.capture.capturing`). The graph outside the blocks is retained
+    for the audit that follows."""
+    position: dict = {}
+    for i, edge in enumerate(edges):
+        position.setdefault(edge.node, []).append((i, edge.output_nr))
+    edge_grads: list = [None] * len(edges)
+
+    def pre_hook(node):
+        def hook(grad_outputs):
+            for i, nr in position[node]:  # added up: a leaf's node may run in a block's backward and outside
+                grad = grad_outputs[nr] if nr < len(grad_outputs) else None
+                if grad is not None:
+                    edge_grads[i] = grad if edge_grads[i] is None else edge_grads[i] + grad
+
+        return hook
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    leaves = [*wrt, *trainable, *(t for t in batch.input_leaves if isinstance(t, Tensor))]
+    handles = []
+    try:
+        with fresh_grad_slots([*leaves, *graph_leaves([mean_loss])[0]]) as slots:
+            capture.on_recomputed_leaves = slots.add
+            handles = [node.register_prehook(pre_hook(node)) for node in position]
+            mean_loss.backward(retain_graph=True)
+            grads = [p.grad for p in wrt]
+    finally:
+        capture.on_recomputed_leaves = None
+        for handle in handles:
+            handle.remove()
+    return [*grads, *edge_grads]
 
 
 def recurrent_modes(units: list[Unit]) -> dict[int, str]:
