@@ -20,6 +20,7 @@ EmbeddingBag, Embedding subclasses) read the whole recorded call.
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+| InstanceNorm on input stats   | the same, with x̂ from example i's own statistics           |
 | Embedding subclass            | W: c · Σ_t e_{id_t} b_tᵀ (ids, c: its forward re-run)      |
 | EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
 | MultiheadAttention            | in_proj: [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ];    |
@@ -241,6 +242,29 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
         _channels(gy, batch, "BatchNorm output gradient").transpose(1, 2),
         batch,
     )
+
+
+def instance_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """InstanceNorm (``affine=True``) normalising with the input's own statistics (train mode, or no
+    running statistics): x̂_{i,c} = (x_{i,c} − mean(x_{i,c})) / sqrt(var(x_{i,c}) + eps) over the
+    spatial positions of example i and channel c alone, so γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t per
+    channel. The running buffers (``track_running_stats=True``) are only written by such a forward,
+    never read: the per-example gradients do not depend on them, and the rule recomputes x̂ without
+    them (the one update stays the user's forward's). Eval mode with running statistics reads them:
+    no rule (the exact fallback, which does not change them there)."""
+    with torch.no_grad():
+        x_hat = F.instance_norm(x, eps=module.eps)  # type: ignore[arg-type]  # an InstanceNorm's eps: float
+    return _affine_pieces(
+        module,
+        _channels(x_hat, batch, "InstanceNorm input").transpose(1, 2),
+        _channels(gy, batch, "InstanceNorm output gradient").transpose(1, 2),
+        batch,
+    )
+
+
+def _instance_stats(module: nn.Module) -> bool:
+    """An InstanceNorm that normalises with the input's own statistics (as ``forward`` decides)."""
+    return bool(module.training or not module.track_running_stats)
 
 
 #: Largest difference allowed between the recomputed and the captured attention output, relative to the
@@ -612,6 +636,14 @@ def _rules() -> list[Rule]:
             ("weight", "bias"),
             batch_norm_eval_rule,
             accepts=lambda m: not m.training and m.running_mean is not None,
+        ),
+        Rule(
+            "instance_norm",
+            (nn.modules.instancenorm._InstanceNorm,),
+            ("weight", "bias"),
+            instance_norm_rule,
+            methods=("forward", "_apply_instance_norm", "_handle_no_batch_input"),
+            accepts=_instance_stats,
         ),
         Rule(
             "hf_conv1d",
