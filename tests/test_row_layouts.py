@@ -92,3 +92,102 @@ def test_eval_mode_instance_norm_reads_its_buffers_and_takes_the_exact_fallback(
     model, (x, y) = _instance_norm_model(2).eval(), _instance_batch(2)
     assert find_rule(model[0]) is None  # it reads running_mean / running_var: not the rule's x̂
     _check_fast(model, x, y)
+
+
+# ------------------------------------------------------------------- flattenings and sequence-first calls
+
+B, T, D = 4, 3, 5
+
+
+class FlatFeedForward(nn.Module):
+    """OPT's decoder-layer shape: LayerNorm, fc1, fc2 on the (B·T, D) flattening, a residual there, viewed back.
+
+    ``mix``: how the flattening is made and undone — "none" (reshape of the batch-first tensor, exact),
+    "seq-first" (a reshape after a transpose that puts T first: rows of different examples interleave),
+    "roll" (the flat output rolled by 2T rows: examples swapped two apart, of the same parity), "regroup"
+    (the flat output viewed back as (T, B, ·) and transposed)."""
+
+    def __init__(self, mix: str = "none"):
+        super().__init__()
+        self.mix = mix
+        self.embed = nn.Linear(2, D)
+        self.norm = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, 7)
+        self.fc2 = nn.Linear(7, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.embed(x)  # (B, T, D), batch-first
+        shape = h.shape
+        flat = h.transpose(0, 1).reshape(-1, D) if self.mix == "seq-first" else h.reshape(-1, D)
+        y = flat + self.fc2(torch.relu(self.fc1(self.norm(flat))))
+        if self.mix == "roll":
+            y = y.roll(2 * T, 0)
+        if self.mix == "seq-first":
+            h = y.view(T, -1, D).transpose(0, 1)
+        elif self.mix == "regroup":
+            h = y.view(T, -1, D).transpose(0, 1)
+        else:
+            h = y.view(shape)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+class SeqFirstBlock(nn.Module):
+    """A batch-first input transposed to (T, B, D), a LayerNorm and a Linear there, transposed back;
+    ``roll``: the sequence-first activation rolled by 2 along its batch dim (examples of one parity swapped)."""
+
+    def __init__(self, roll: bool = False):
+        super().__init__()
+        self.roll = roll
+        self.norm = nn.LayerNorm(2)
+        self.proj = nn.Linear(2, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = x.transpose(0, 1)  # (T, B, 2)
+        h = self.proj(self.norm(h) * 2.0 + 1.0)
+        if self.roll:
+            h = h.roll(2, 1)
+        return self.head(torch.tanh(h.transpose(0, 1))).mean(1)
+
+
+def _sequence_batch():
+    torch.manual_seed(2)
+    return torch.randn(B, T, 2, dtype=F64), torch.randint(0, 3, (B,))
+
+
+def _built(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args).to(F64)
+
+
+def test_rule_layers_on_a_flattening_of_the_batch_read_each_examples_rows():
+    model, (x, y) = _built(FlatFeedForward), _sequence_batch()
+    _check_fast(model, x, y)
+    assert persample.explain(model, F.cross_entropy, x, y).entry_points["grad_stats"] == "fast"
+
+
+def test_rule_layers_on_a_sequence_first_tensor_read_each_examples_slice():
+    model, (x, y) = _built(SeqFirstBlock), _sequence_batch()
+    _check_fast(model, x, y)
+
+
+@pytest.mark.parametrize(
+    "cls, args, code",
+    [
+        (FlatFeedForward, ("seq-first",), "EXPANSION_ESCAPES"),  # no place: T first, then flattened
+        (FlatFeedForward, ("roll",), "BATCH_MIXED"),  # a named op along the flattened rows
+        (FlatFeedForward, ("regroup",), "BATCH_MIXED"),  # the probe of the rows
+        (SeqFirstBlock, (True,), "BATCH_MIXED"),  # a named op along the batch dim of a sequence-first tensor
+    ],
+    ids=["flattened-after-transpose", "rolled-rows", "regrouped-rows", "seq-first-rolled"],
+)
+def test_flattenings_and_transposes_that_mix_the_examples_are_refused_and_auto_stays_exact(cls, args, code):
+    model, (x, y) = _built(cls, *args), _sequence_batch()
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == code
+    stats = persample.grad_stats(model, F.cross_entropy, x, y)  # auto: another engine, exact
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})

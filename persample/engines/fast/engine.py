@@ -65,6 +65,7 @@ from .cuts import backward as cut_backward
 from .losses import closed_form_losses
 from .model_loss import model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
+from .places import batch_first
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
@@ -501,6 +502,8 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     grad = at_least_float32(call.out_grads[0])
+    if call.place is not None:  # a flattening or a sequence-first input: example i where its place says
+        x, grad = batch_first(x, call.place, layout.size), batch_first(grad, call.place, layout.size)
     return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
 
 
