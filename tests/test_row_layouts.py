@@ -26,6 +26,7 @@ import persample
 from persample import Tracker
 from persample.engines.fast.rules import find_rule
 
+from oracle_stats import oracle_stats
 from zoo import assert_dicts_close, oracle_grads
 
 F64 = torch.float64
@@ -191,3 +192,74 @@ def test_flattenings_and_transposes_that_mix_the_examples_are_refused_and_auto_s
     grads, _ = oracle_grads(model, F.cross_entropy, x, y)
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
     assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})
+
+
+@pytest.mark.parametrize("cls", [FlatFeedForward, SeqFirstBlock], ids=["flattening", "seq-first"])
+def test_observe_reads_placed_calls_from_the_users_backward(cls):
+    model, (x, y) = _built(cls), _sequence_batch()
+    want = oracle_stats(model, F.cross_entropy, x, y)
+    tracker = Tracker(model, F.cross_entropy, inner_products=True)
+    with tracker.observe(y) as observed:
+        F.cross_entropy(model(x), y).backward()
+    assert_dicts_close(observed.stats.mean, want["mean"])
+    assert_dicts_close(observed.stats.var, want["var"], atol=1e-11)
+    assert_dicts_close(observed.stats.param_sq_norms, want["param_sq_norms"])
+
+
+@pytest.mark.parametrize(
+    "cls, args", [(FlatFeedForward, ("roll",)), (FlatFeedForward, ("regroup",)), (SeqFirstBlock, (True,))]
+)
+def test_observe_refuses_placed_calls_whose_rows_mix(cls, args):
+    model, (x, y) = _built(cls, *args), _sequence_batch()
+    tracker = Tracker(model, F.cross_entropy)
+    with pytest.raises(persample.NotExact) as err:
+        with tracker.observe(y):
+            F.cross_entropy(model(x), y).backward()
+    assert err.value.code == "BATCH_MIXED"
+
+
+def test_observe_on_opt_with_a_padded_batch_gives_the_loops_statistics():
+    """OPT's decoder layer (LayerNorm, fc1, fc2 on the (B·T, D) flattening; positions from a cumsum of the
+    padding mask): observe around the user's backward gives the loop's statistics. OPT computes some
+    norms in float32 inside a float64 model (tests/test_real_models.py NOISE_FAMILIES): atol 1e-7 of the
+    field's largest value."""
+    pytest.importorskip("transformers")
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from real_models import all_cases
+
+    case = next(c for c in all_cases() if c.id == "hf-opt-mask-padded")
+    model, inputs, targets = case.instantiate()
+    loop = persample.grad_stats(model, case.loss_fn, inputs, targets, engine="loop")
+    tracker = Tracker(model, case.loss_fn)
+    with tracker.observe(targets) as observed:
+        case.loss_fn(model(**inputs), targets).backward()
+    for field in ("mean", "var"):
+        got, want = getattr(observed.stats, field), getattr(loop, field)
+        scale = max(float(v.abs().max()) for v in want.values())
+        assert_dicts_close(got, want, rtol=1e-7, atol=1e-7 * scale)
+
+
+class FlatWrittenAcrossExamples(nn.Module):
+    """Frozen inputs flattened to (B·T, 2), then the last example's rows copied over the first's in place (a view
+    of the flattening: no gradient shows it), before a Linear: the first output depends on the last example."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(2, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        flat = x.reshape(-1, 2).clone()
+        rows = flat[:]
+        rows[:T] = rows[-T:].clone()
+        return self.head(torch.tanh(self.proj(flat)).view(-1, T, D)).mean(1)
+
+
+def test_a_flattening_written_with_other_examples_rows_loses_its_place():
+    model, (x, y) = _built(FlatWrittenAcrossExamples), _sequence_batch()
+    with pytest.raises(persample.NotExact) as err:  # read by its place, the statistics would be wrong
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code == "EXPANSION_ESCAPES"  # as before places: an input without a batch dim

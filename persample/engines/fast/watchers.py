@@ -325,6 +325,11 @@ class _BroadcastWatcher(TorchFunctionMode):
                 self.watch_suspect(r, label)
 
 
+def _in_place_name(name: str) -> bool:
+    """A torch method that writes into its first argument (``add_``, ``copy_``, ``masked_fill_``)."""
+    return name.endswith("_") and not name.endswith("__")
+
+
 _DIM_MOVING_OPS = frozenset(
     {
         "transpose",
@@ -459,6 +464,10 @@ class _UserCodeWatcher(TorchFunctionMode):
         """Note the place of a flattening or a transpose of a tensor batched on dim 0, and carry places
         through elementwise ops (:func:`.places.made`, :func:`.places.carried`)."""
         name = _op_name(func)
+        if self.placed and (name == "__setitem__" or name in _IN_PLACE_BROADCASTING_OPS or _in_place_name(name)):
+            with torch._C.DisableTorchFunction():
+                self._mutated(name, args, kwargs)
+            return
         if name in _FLATTENING_OPS or name in _TRANSPOSING_OPS:
             with torch._C.DisableTorchFunction():
                 place = made(name, args, out, self.batch_size, self._batched)
@@ -474,6 +483,22 @@ class _UserCodeWatcher(TorchFunctionMode):
             return
         if place is not None:
             self.set_place(out, place)
+
+    def _mutated(self, name: str, args, kwargs) -> None:
+        """An op wrote into ``args[0]``: every placed tensor sharing its storage loses its place (its rows
+        may now hold other examples' values), unless the op is elementwise and carries the place
+        (``h += bias``, ``relu_``)."""
+        target = args[0] if args else None
+        if not isinstance(target, Tensor):
+            return
+        place = self.place_of(target)
+        elementwise = name in _IN_PLACE_BROADCASTING_OPS or name.rstrip("_") in _SAME_VALUE_OPS
+        if place is not None and elementwise and carried(_operands(args, kwargs), target, self.place_of) == place:
+            return
+        storage = _storage(target)
+        for key, t in list(self.placed.items()):
+            if t is target or (storage is not None and _storage(t) == storage):
+                self.placed.pop(key, None)
 
     def _batched(self, t: Tensor) -> bool:
         """Whether ``t`` (dim 0 of the batch's size) is batched there: an activation or the inputs'."""
