@@ -296,9 +296,21 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
         return True
     if unit.rule.name not in ("linear", "hf_conv1d", "multihead_attention"):  # attention: its query positions
         return False
-    inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
-    positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)
+    calls = [call for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
+    positions = sum(_positions(call.args[0], call.place) for call in calls if call.args[0].dim() >= 2)
     return positions > 1 and (var or positions >= MIN_POSITIONS_TO_FORM)
+
+
+def _positions(x: Tensor, place: Any) -> int:
+    """An example's number of positions in input ``x`` of a call (its rows: all dims but the batch's and
+    the last), with the batch where the call's place says (:mod:`.places`), else on dim 0."""
+    if place is None:
+        examples = x.shape[0]
+    elif place.positions:
+        examples = x.shape[0] // max(1, math.prod(place.positions))
+    else:
+        examples = x.shape[place.dim]
+    return x.numel() // max(1, examples * x.shape[-1])
 
 
 def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form) -> tuple[list, list[Cut]]:
