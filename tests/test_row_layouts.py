@@ -263,3 +263,50 @@ def test_a_flattening_written_with_other_examples_rows_loses_its_place():
     with pytest.raises(persample.NotExact) as err:  # read by its place, the statistics would be wrong
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert err.value.code == "EXPANSION_ESCAPES"  # as before places: an input without a batch dim
+
+
+def _made(op: str, t, *args):
+    from persample.engines.fast.places import made
+
+    out = getattr(t, op)(*args)
+    return made(op, (t, *args), out, 4, lambda _: True)
+
+
+def test_places_are_read_off_the_ops_own_arguments():
+    from persample.engines.fast.places import Place
+
+    t = torch.zeros(4, 3, 2, 5)
+    assert _made("reshape", t, -1, 5) == Place(positions=(3, 2))
+    assert _made("reshape", t, 12, 10) == Place(positions=(3,))  # merges both ends: rows 3i … 3i + 2
+    assert _made("view", t, 24, 5) == Place(positions=(3, 2))
+    assert _made("flatten", t, 0, 1) == Place(positions=(3,))
+    assert _made("reshape", t, 4, 30) is None  # dim 0 is the batch: nothing to place
+    assert _made("reshape", t, 6, 20) is None  # 6 rows for 4 examples: rows straddle examples
+    assert _made("view", t, torch.int16) is None  # another dtype: not a reshape
+    assert _made("transpose", t, 0, 2) == Place(dim=2)
+    assert _made("transpose", t, 1, 2) is None  # dim 0 stays
+    assert _made("movedim", t, 0, 3) == Place(dim=3)
+    assert _made("permute", t, 1, 2, 0, 3) == Place(dim=2)
+    same = torch.zeros(4, 4, 3)  # T == B: read off the arguments, not the shapes
+    from persample.engines.fast.places import made
+
+    assert made("transpose", (same, 0, 1), same.transpose(0, 1), 4, lambda _: True) is None  # dim 0 is B long
+    assert made("reshape", (t, -1, 5), t.reshape(-1, 5), 4, lambda _: False) is None  # not batched there
+
+
+class FlatHeads(nn.Module):
+    """(B, T, 2, 3) flattened to (B·T, 6) (both ends merged) before a Linear, viewed back."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = x.repeat(1, 1, 3).view(-1, T, 2, 3) * 1.5
+        return self.head(torch.tanh(self.proj(h.reshape(-1, 6))).view(-1, T, D)).mean(1)
+
+
+def test_a_reshape_that_merges_both_ends_reads_each_examples_rows():
+    model, (x, y) = _built(FlatHeads), _sequence_batch()
+    _check_fast(model, x, y)

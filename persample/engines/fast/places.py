@@ -75,8 +75,8 @@ _TRANSPOSING_OPS = frozenset({"transpose", "swapaxes", "swapdims", "movedim", "m
 
 def made(name: str, args: tuple, out, batch_size: int, batched: Callable[[Tensor], bool]) -> Place | None:
     """The place of ``out`` where op ``name`` made one from a tensor batched on dim 0 (``batched``):
-    a reshape that merges dim 0 with the dims after it and keeps the rest (``(B, T, D)`` → ``(B·T, D)``),
-    or a transpose, swap or permutation that moves dim 0 alone (``(B, T, D)`` → ``(T, B, D)``)."""
+    a reshape whose dim 0 is a multiple k·B of the batch's size (``(B, T, D)`` → ``(B·T, D)``: example i's
+    rows are i·k … (i+1)·k − 1), or a transpose, swap or move of dim 0 (``(B, T, D)`` → ``(T, B, D)``)."""
     t = args[0] if args else None
     if (
         not isinstance(t, Tensor)
@@ -90,12 +90,17 @@ def made(name: str, args: tuple, out, batch_size: int, batched: Callable[[Tensor
         return None
     shape, result = tuple(t.shape), tuple(out.shape)
     if name in _FLATTENING_OPS:
-        if out.dim() >= t.dim():
+        # Row-major order: element e of t belongs to example e // prod(shape[1:]). When out's dim 0 is k·B,
+        # each of out's rows holds prod(shape[1:]) / k elements of one example, and example i's are rows
+        # i·k … (i+1)·k − 1, whatever the other dims. Where the reshape merges dim 0 with whole dims
+        # (B, T, D) → (B·T, D), the positions are those dims (the rule's layout checks see them).
+        if out.dtype != t.dtype or out.numel() != t.numel() or result[0] % batch_size != 0:
             return None
-        merged = t.dim() - out.dim() + 1  # dims 0 … merged-1 of t become dim 0 of out
-        if result[1:] != shape[merged:] or result[0] != math.prod(shape[:merged]):
-            return None
-        return Place(positions=shape[1:merged])
+        k = result[0] // batch_size
+        merged = t.dim() - out.dim() + 1  # where dims 0 … merged-1 of t become dim 0 of out
+        if 1 < merged <= t.dim() and result[1:] == shape[merged:] and math.prod(shape[1:merged]) == k:
+            return Place(positions=shape[1:merged])
+        return Place(positions=(k,))
     if name in _TRANSPOSING_OPS and out.dim() == t.dim():
         d = _where_dim_zero_goes(name, args, t.dim())
         if d is None or d == 0 or result[d] != batch_size:

@@ -468,6 +468,10 @@ class _UserCodeWatcher(TorchFunctionMode):
             with torch._C.DisableTorchFunction():
                 self._mutated(name, args, kwargs)
             return
+        if self.placed and isinstance(kwargs.get("out"), Tensor):  # torch.add(a, b, out=h) writes into h
+            with torch._C.DisableTorchFunction():
+                self._mutated("out=", (kwargs["out"],), {})
+            return
         if name in _FLATTENING_OPS or name in _TRANSPOSING_OPS:
             with torch._C.DisableTorchFunction():
                 place = made(name, args, out, self.batch_size, self._batched)
