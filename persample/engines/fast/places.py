@@ -5,7 +5,7 @@ whose rows are each one example's:
 
 - a **flattening**: ``h.reshape(-1, D)`` of a batch-first ``h`` of shape ``(B, *positions, D)`` (OPT's
   decoder layer runs its LayerNorm, fc1 and fc2 on ``(B·T, D)`` and views the result back). Row-major
-  order puts example i's rows at ``i·k … (i+1)·k − 1`` with ``k = prod(positions)``:
+  order puts example i's rows at ``i·k … (i+1)·k − 1`` for any reshape whose dim 0 is ``k·B``:
   :class:`Place` ``(positions=...)``;
 - a **sequence-first** tensor: ``h.transpose(0, d)`` of a batch-first ``h`` (``batch_first=False``
   layers, ``(T, B, D)``): example i is the slice ``i`` of dim ``d``: :class:`Place` ``(dim=d)``.
@@ -18,8 +18,9 @@ position table broadcast over the batch). A rule that computes each row of its i
 (``Rule.feature_dims``: Linear, Conv1D, LayerNorm, RMSNorm, Embedding) called on a placed input, with the
 batch among those leading dims, reads example i's rows where the place says (:func:`batch_first`) and its
 output has the same place (:func:`through_rule`); MultiheadAttention with ``batch_first=False`` keeps a
-query batched on dim 1 batched on dim 1 (:func:`output_place`). Any other op drops the place: its
-result, handed to a rule, is what it was before (an input without batch dim, expanded and watched).
+query batched on dim 1 batched on dim 1 (:func:`output_place`). Any other op gives no place: its
+result, handed to a rule, is what it was before (an input without batch dim, expanded and watched). An op
+that writes into a placed tensor or a view of its storage takes the place away unless it carries it.
 
 Where the place cannot be vouched for, nothing changes. What happens to a placed call's output after the
 call (a flattening viewed back as ``(T, B, D)``, rows rolled or summed across examples) is the graph
