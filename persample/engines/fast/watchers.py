@@ -463,7 +463,10 @@ class _UserCodeWatcher(TorchFunctionMode):
     def _follow_places(self, func, args, kwargs, out) -> None:
         """Note the place of a flattening or a transpose of a tensor batched on dim 0, and carry places
         through elementwise ops (:func:`.places.made`, :func:`.places.carried`)."""
-        name = _op_name(func)
+        name = getattr(func, "__name__", None)  # no place-making op is a property (_op_name's __get__ case)
+        if not self.placed and name not in _FLATTENING_OPS and name not in _TRANSPOSING_OPS:
+            return  # the common case: nothing placed yet, and not an op that places
+        name = name or ""
         if self.placed and (name == "__setitem__" or name in _IN_PLACE_BROADCASTING_OPS or _in_place_name(name)):
             with torch._C.DisableTorchFunction():
                 self._mutated(name, args, kwargs)
