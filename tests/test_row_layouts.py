@@ -72,6 +72,8 @@ def test_train_mode_instance_norm_with_running_stats_is_exact_and_leaves_buffers
     _check_fast(copy.deepcopy(model), x, y)  # the oracle's own forwards update a copy's buffers
     persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     persample.grad_stats(model, F.cross_entropy, x, y)  # auto
+    persample.per_sample_grads(model, F.cross_entropy, x, y)
+    persample.check_mean(model, F.cross_entropy, x, y)
     for n, b in model.named_buffers():
         assert torch.equal(b, before[n]), n
     assert persample.explain(model, F.cross_entropy, x, y).entry_points["grad_stats"] == "fast"
