@@ -366,6 +366,8 @@ def capturing(
                     f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                     "activation (a constant such as torch.arange(T) with T == B?)"
                 )
+        # computed from parameters and constants alone (a relative-position bucket index): no dim holds the batch
+        constant = expanded is not None and not any(batch_dependent(t) for t in tensors_in((args, kwargs)))
         if recomputing and (expanded is not None or suspect is not None):
             # the forward's first pass (no gradients) saw no such call, so no watcher checked its expansion
             watcher.escape = watcher.escape or Finding(
@@ -397,14 +399,15 @@ def capturing(
                 if leaf._is_view():
                     call.view_versions[leaf_index] = leaf._version
         if on is not None:
-            watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call))
+            constant = on.constant and not any(batch_dependent(t) for t in tensors_in((call.args[1:], kwargs)))
+            watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call), constant)
             return None
         if place is not None:
             capture.user_watcher.set_place(output, place)
         elif x is not None and not recomputing and (kept := _output_place(unit, x, output)) is not None:
             capture.user_watcher.set_place(flat_leaves(output)[0], kept)
         if expanded is not None:
-            watcher.watch_expansion(expanded, output, label, call)
+            watcher.watch_expansion(expanded, output, label, call, constant=constant)
             capture.watch()
             if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
                 rule_pre_hooks.extend(
@@ -447,6 +450,14 @@ def capturing(
     resharded = fsdp2_sharded_slots(model) if sharding == "FSDP2" else {}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
     capture.user_watcher.input_storages = input_storages
+    user_watcher = capture.user_watcher  # not the capture: the watcher would keep it alive
+
+    def batch_dependent(t: Tensor) -> bool:
+        """Whether ``t`` may carry the batch's data: an activation, an input (or a view of one), or a frozen
+        result computed from one. Parameters, buffers and constants (``torch.arange(T)``) cannot."""
+        return t.grad_fn is not None or _storage(t) in input_storages or user_watcher.from_inputs(t)
+
+    watcher.batch_dependent = batch_dependent
     try:
         handles.append(_hooked(model.register_forward_pre_hook, model_pre_hook, None))
         for unit in units:
