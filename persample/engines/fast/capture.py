@@ -28,6 +28,7 @@ from .._autograd import graph_leaves, is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
 from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
+from .places import output_place, through_rule
 from .in_place import _parameter_slots, _substituted_parameter, _substitution
 from .audit import _HF_NON_REENTRANT, _ambiguous_expansion, batch_mixing
 
@@ -330,7 +331,7 @@ def capturing(
         if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
             watcher.escape = watcher.escape or _substitution(unit, substituted)
             return None
-        expanded = suspect = None
+        expanded = suspect = place = None
         x = args[0] if args and isinstance(args[0], Tensor) else None
         recomputing = capture.forward_ended  # record() runs after the forward only in a followed recomputation
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -355,6 +356,13 @@ def capturing(
                     f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has no batch dim "
                     f"(dim 0 is not the batch of {batch_size}), so it was expanded over the batch"
                 )
+            elif (
+                x.dim() > 0
+                and shape[0] != batch_size
+                and not recomputing
+                and (place := through_rule(unit.rule, unit.module, x, capture.user_watcher.place_of(x))) is not None
+            ):
+                pass  # a flattening or a sequence-first input of a row-wise rule: read by its place (.places)
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
@@ -396,6 +404,8 @@ def capturing(
             autocast=autocast_state() if unit.rule is None else None,
             input_versions=_versions(args, kwargs, list(unit.params.values())),
             changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
+            place=place,
+            batched_kwargs=_batched_kwargs(unit, kwargs),
         )
         unit.calls.append(call)
         leaves = flat_leaves(call.output)
@@ -410,6 +420,10 @@ def capturing(
             constant = on.constant and not any(batch_dependent(t) for t in tensors_in((call.args[1:], kwargs)))
             watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call), constant)
             return None
+        if place is not None:
+            capture.user_watcher.set_place(output, place)
+        elif x is not None and not recomputing and (kept := _output_place(unit, x, output)) is not None:
+            capture.user_watcher.set_place(flat_leaves(output)[0], kept)
         if expanded is not None:
             watcher.watch_expansion(expanded, output, label, call, constant=constant)
             capture.watch()
@@ -428,6 +442,24 @@ def capturing(
                     _hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u) for u in units if u.rule is None
                 )
         return None
+
+    def _batched_kwargs(unit: Unit, kwargs: dict) -> tuple:
+        if unit.rule is None or not unit.rule.whole_call or batch_size < 2:
+            return ()
+        return tuple(
+            k
+            for k, t in kwargs.items()
+            if isinstance(t, Tensor)
+            and t.dim() > 0
+            and t.shape[0] == batch_size
+            and (t.grad_fn is not None or capture.user_watcher.from_inputs(t))
+        )
+
+    def _output_place(unit: Unit, x: Tensor, output):
+        leaves = flat_leaves(output)
+        if not leaves or not isinstance(leaves[0], Tensor) or leaves[0].dim() == 0 or leaves[0].shape[0] == batch_size:
+            return None
+        return output_place(unit.rule, unit.module, x, capture.user_watcher.place_of(x))
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}

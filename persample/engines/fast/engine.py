@@ -74,6 +74,7 @@ from .cuts import backward as cut_backward
 from .losses import closed_form_losses
 from .model_loss import model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
+from .places import batch_first
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
@@ -333,9 +334,21 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
         return True
     if unit.rule.name not in ("linear", "hf_conv1d", "multihead_attention"):  # attention: its query positions
         return False
-    inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
-    positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)
+    calls = [call for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
+    positions = sum(_positions(call.args[0], call.place) for call in calls if call.args[0].dim() >= 2)
     return positions > 1 and (var or positions >= MIN_POSITIONS_TO_FORM)
+
+
+def _positions(x: Tensor, place: Any) -> int:
+    """An example's number of positions in input ``x`` of a call (its rows: all dims but the batch's and
+    the last), with the batch where the call's place says (:mod:`.places`), else on dim 0."""
+    if place is None:
+        examples = x.shape[0]
+    elif place.positions:
+        examples = x.shape[0] // max(1, math.prod(place.positions))
+    else:
+        examples = x.shape[place.dim]
+    return x.numel() // max(1, examples * x.shape[-1])
 
 
 def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form) -> tuple[list, list[Cut]]:
@@ -693,6 +706,8 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     grad = at_least_float32(call.out_grads[0])
+    if call.place is not None:  # a flattening or a sequence-first input: example i where its place says
+        x, grad = batch_first(x, call.place, layout.size), batch_first(grad, call.place, layout.size)
     return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
 
 

@@ -37,6 +37,10 @@ class Call:
     edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
     input_versions: tuple = ()  # the versions of the input tensors and the unit's parameters, at the call
     changed_buffers: bool = False  # a fallback unit's buffers changed during the forward up to this call
+    place: Any = None  # a .places.Place: where a row-wise rule's input and output hold the batch (not dim 0)
+    #: keyword arguments of a whole-call rule's call batched on dim 0 as the model's inputs are (one of them, a
+    #: frozen result computed from them: position ids from a cumsum of the padding mask) or activations
+    batched_kwargs: tuple = ()
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes

@@ -29,6 +29,7 @@ from ..._batch import flat_leaves, tensors_in
 from ..._model import random_call
 from ...contract import Finding
 from .units import Call, _storage, probe_running
+from .places import _FLATTENING_OPS, _TRANSPOSING_OPS, Place, carried, made
 
 
 #: Ops whose result on an expansion is the expansion of their result on the original: casts, copies and
@@ -499,6 +500,11 @@ class _BroadcastWatcher(TorchFunctionMode):
                 self.watch_suspect(r, label)
 
 
+def _in_place_name(name: str) -> bool:
+    """A torch method that writes into its first argument (``add_``, ``copy_``, ``masked_fill_``)."""
+    return name.endswith("_") and not name.endswith("__")
+
+
 _DIM_MOVING_OPS = frozenset(
     {
         "transpose",
@@ -585,6 +591,8 @@ class _UserCodeWatcher(TorchFunctionMode):
         self.outputs: set[int] | None = None  # ids of the model's output tensors, once the forward returned
         self.after_forward: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # results of later ops
         self.aux_term: str | None = None  # where a later op read an activation whose term reached the backward
+        self.placed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id → tensor with a place
+        self.places: dict[int, Place] = {}  # id → its place (see .places), valid while ``placed`` holds it
 
     def watch_loss(self, outputs: list) -> None:
         self.outputs = {id(t) for t in outputs if isinstance(t, Tensor)}
@@ -615,7 +623,68 @@ class _UserCodeWatcher(TorchFunctionMode):
             if self.mixed is None and (mixing is not None or self.tainted):
                 with torch._C.DisableTorchFunction():
                     self._follow_mixing(mixing, args, kwargs, out)
+            if self.batch_size > 1:
+                self._follow_places(func, args, kwargs, out)
         return out
+
+    def place_of(self, t) -> Place | None:
+        """Where ``t`` holds the batch when not on dim 0 alone (:mod:`.places`), or None."""
+        return self.places.get(id(t)) if self.placed.get(id(t)) is t else None
+
+    def set_place(self, t: Tensor, place: Place) -> None:
+        self.placed[id(t)] = t
+        self.places[id(t)] = place
+
+    def _follow_places(self, func, args, kwargs, out) -> None:
+        """Note the place of a flattening or a transpose of a tensor batched on dim 0, and carry places
+        through elementwise ops (:func:`.places.made`, :func:`.places.carried`)."""
+        name = getattr(func, "__name__", None)  # no place-making op is a property (_op_name's __get__ case)
+        if not self.placed and name not in _FLATTENING_OPS and name not in _TRANSPOSING_OPS:
+            return  # the common case: nothing placed yet, and not an op that places
+        name = name or ""
+        if self.placed and (name == "__setitem__" or name in _IN_PLACE_BROADCASTING_OPS or _in_place_name(name)):
+            with torch._C.DisableTorchFunction():
+                self._mutated(name, args, kwargs)
+            return
+        if self.placed and isinstance(kwargs.get("out"), Tensor):  # torch.add(a, b, out=h) writes into h
+            with torch._C.DisableTorchFunction():
+                self._mutated("out=", (kwargs["out"],), {})
+            return
+        if name in _FLATTENING_OPS or name in _TRANSPOSING_OPS:
+            with torch._C.DisableTorchFunction():
+                place = made(name, args, out, self.batch_size, self._batched)
+        elif self.placed and (
+            name in _SAME_VALUE_OPS
+            or name in _BROADCASTING_OPS
+            or name in _IN_PLACE_BROADCASTING_OPS
+            or name == "dropout"
+        ):
+            with torch._C.DisableTorchFunction():
+                place = carried(_operands(args, kwargs), out, self.place_of)
+        else:
+            return
+        if place is not None:
+            self.set_place(out, place)
+
+    def _mutated(self, name: str, args, kwargs) -> None:
+        """An op wrote into ``args[0]``: every placed tensor sharing its storage loses its place (its rows
+        may now hold other examples' values), unless the op is elementwise and carries the place
+        (``h += bias``, ``relu_``)."""
+        target = args[0] if args else None
+        if not isinstance(target, Tensor):
+            return
+        place = self.place_of(target)
+        elementwise = name in _IN_PLACE_BROADCASTING_OPS or name.rstrip("_") in _SAME_VALUE_OPS
+        if place is not None and elementwise and carried(_operands(args, kwargs), target, self.place_of) == place:
+            return
+        storage = _storage(target)
+        for key, t in list(self.placed.items()):
+            if t is target or (storage is not None and _storage(t) == storage):
+                self.placed.pop(key, None)
+
+    def _batched(self, t: Tensor) -> bool:
+        """Whether ``t`` (dim 0 of the batch's size) is batched there: an activation or the inputs'."""
+        return t.grad_fn is not None or self.from_inputs(t)
 
     def from_inputs(self, t: Tensor) -> bool:
         """Whether ``t`` is batched on dim 0 as the model's inputs are: one of them (or a view sharing
