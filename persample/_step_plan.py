@@ -126,19 +126,19 @@ def statistics_step(
     fast engine's, also when it then refused) are put back.
     """
     with one_host_read() as step_reads:
-        finite: list[bool] = []  # the statistics' finiteness, once read
+        finite: dict[int, bool] = {}  # id(statistics) -> their finiteness, once read
         outcome = _statistics_step(config, batch, params, inputs_with_grad, checking, step_reads, finite)
-    if outcome.stats is not None and finite:
-        outcome.finite = finite[-1]  # (the last statistics computed are the outcome's)
+    if outcome.stats is not None:
+        outcome.finite = finite.get(id(outcome.stats))  # (still alive: ids cannot have been reused)
     return outcome
 
 
-def _finite_later(stats: GradStats, step_reads: HostChecks, finite: list[bool]) -> None:
-    """``finite`` gets ``stats.is_finite()`` when ``step_reads`` are read (nothing where it is not known
-    unread: the Tracker then asks the statistics)."""
+def _finite_later(stats: GradStats, step_reads: HostChecks, finite: dict[int, bool]) -> None:
+    """``finite[id(stats)]`` gets ``stats.is_finite()`` when ``step_reads`` are read (nothing where it is
+    not known unread: the Tracker then asks the statistics)."""
     flag = stats.finite_flag()
     if flag is not None:
-        step_reads.defer(flag, lambda read: finite.append(bool(read[0])))
+        step_reads.defer(flag, lambda read: finite.__setitem__(id(stats), bool(read[0])))
 
 
 def _statistics_step(
@@ -148,7 +148,7 @@ def _statistics_step(
     inputs_with_grad: list[Tensor],
     checking: bool,
     step_reads: HostChecks,
-    finite: list[bool],
+    finite: dict[int, bool],
 ) -> StepOutcome:
     """:func:`statistics_step` inside its :func:`one_host_read`: the fast engine's cancellation flags,
     the statistics' finiteness and the checks of the weights at the output are read in one copy."""
