@@ -40,7 +40,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
-from ..._host_reads import open_checks
+from ..._host_reads import HostChecks, open_checks
 from ..._model import (
     autocast_as,
     detached_buffers,
@@ -407,10 +407,13 @@ def _pieces_by_parameter(
     means: dict[str, Tensor],
     layout: Layout,
     cuts: Sequence[Cut] = (),
+    checks: HostChecks | None = None,
 ) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
     gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
-    of ``cuts`` come with their pieces, from the closed form that replaced their backward."""
+    of ``cuts`` come with their pieces, from the closed form that replaced their backward. The
+    fallbacks' sum checks are read at once, or added to ``checks`` (observe, which has no engine to
+    fall back to: its refusal may come when the step's checks are read)."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
@@ -434,7 +437,7 @@ def _pieces_by_parameter(
         parts = collected.get(name)
         pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
-    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
+    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id, checks)
     return pieces
 
 
@@ -614,26 +617,36 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
 
 
 def _check_fallback_sums(
-    units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor], by_id: dict[int, str]
+    units: list[Unit],
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    by_id: dict[int, str],
+    checks: HostChecks | None = None,
 ) -> None:
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
-    a user's rule (:func:`persample.register_rule`) is held to the same check."""
+    a user's rule (:func:`persample.register_rule`) is held to the same check. With ``checks``, the
+    fallbacks' check is added there (read with the step's other checks) instead of read now."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     half = {
         by_id[id(p)]: half_precision_rtol(unit) for unit in units if unit.rule is None for p in unit.params.values()
     }
-    differing = means_that_differ(
-        {n: pieces[n] for n in names},
-        means,
-        float64_rtol=1e-5,
-        rtols={n: r for n, r in half.items() if r is not None},
-    )
-    if differing:
-        raise NotExact(
+    fallbacks = {n: pieces[n] for n in names}
+    flags = differing_flags(fallbacks, means, float64_rtol=1e-5, rtols={n: r for n, r in half.items() if r is not None})
+
+    def mismatch(read: list | None = None) -> NotExact:
+        differing = [n for n, bad in zip(fallbacks, flags.tolist() if read is None else read) if bad]  # type: ignore[union-attr]  # flags is set
+        return NotExact(
             f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
             "autograd's gradient: the module does not keep examples apart on dim 0",
             code="FALLBACK_SUM_MISMATCH",
         )
+
+    if flags is not None and checks is not None:
+        checks.add(flags.any(), mismatch)  # (the error reads which, only when it is raised)
+    elif flags is not None:
+        read = flags.tolist()
+        if any(read):
+            raise mismatch(read)
     checked = [
         by_id[id(p)]
         for unit in units

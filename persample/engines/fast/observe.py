@@ -288,14 +288,14 @@ def _observed_stats(
                 half = _captured_half(units)
                 means = {n: _mean_from_increment(p, before[n], scale / batch_size) for n, p in params.items()}
                 layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
-                pieces = _pieces_by_parameter(units, params, means, layout)
+                pieces = _pieces_by_parameter(units, params, means, layout, checks=step_reads)
+                _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads)
+                stats = reduce_pieces(
+                    pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
+                )
             except BaseException:
-                step_reads.raise_first()  # the gradients were not finite: that, not what it caused
+                step_reads.raise_first()  # a check added before failed (gradients not finite): that error
                 raise
-            _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads)
-            stats = reduce_pieces(
-                pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
-            )
     except _NotFinite:
         observation.skipped = True
         return None
@@ -475,17 +475,18 @@ def _check_against_grad(pieces, means, rtol: float = 1e-3, checks: HostChecks | 
         return
     names = list(pieces)
 
-    def refuse_a_difference(read: list[float]) -> None:
-        differing = [name for name, bad in zip(names, read) if bad]
-        if differing:
-            raise ObservationError(
-                f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
-                "has terms that are not per-example losses of the model's output (a regulariser, say), "
-                "or another backward ran inside the block",
-                code="OBSERVE_SUM_MISMATCH",
-            )
+    def mismatch(read: list | None = None) -> ObservationError:
+        differing = [name for name, bad in zip(names, flags.tolist() if read is None else read) if bad]
+        return ObservationError(
+            f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
+            "has terms that are not per-example losses of the model's output (a regulariser, say), "
+            "or another backward ran inside the block",
+            code="OBSERVE_SUM_MISMATCH",
+        )
 
-    if checks is None:
-        refuse_a_difference(flags.tolist())
-    else:
-        checks.defer(flags, refuse_a_difference)
+    if checks is not None:
+        checks.add(flags.any(), mismatch)  # (the error reads which, only when it is raised)
+        return
+    read = flags.tolist()
+    if any(read):
+        raise mismatch(read)
