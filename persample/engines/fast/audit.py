@@ -456,13 +456,20 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
             )
     except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
         return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
-    for (key, (_, label)), g in reversed(list(zip(seen.items(), grads))):  # the last one names where it happens
+    probed = []
+    for (key, (_, label)), g in zip(seen.items(), grads):
         if g is None or g.layout != torch.strided:
             continue
         if key in placed:
             g = batch_first(g, placed[key], batch_size)
-        odd = g[1::2]
-        if bool(((odd != 0) & torch.isfinite(odd)).any()):
+        probed.append((label, g[1::2]))
+    if not probed:
+        return None
+    device = probed[0][1].device
+    # one host read for every activation's flag (not one each)
+    flags = torch.stack([((odd != 0) & torch.isfinite(odd)).any().to(device) for _, odd in probed]).tolist()
+    for (label, _), leaked in reversed(list(zip(probed, flags))):  # the last one names where it happens
+        if leaked:
             return (
                 f"an op after {label} combines the rows of different examples (the gradient of some "
                 "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "

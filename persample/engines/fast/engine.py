@@ -47,6 +47,7 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
+from ..._host_reads import HostChecks, open_checks
 from ..._model import (
     autocast_as,
     backward_hooked_module,
@@ -611,10 +612,13 @@ def _pieces_by_parameter(
     means: dict[str, Tensor],
     layout: Layout,
     cuts: Sequence[Cut] = (),
+    checks: HostChecks | None = None,
 ) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
     gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
-    of ``cuts`` come with their pieces, from the closed form that replaced their backward."""
+    of ``cuts`` come with their pieces, from the closed form that replaced their backward. The
+    fallbacks' sum checks are read at once, or added to ``checks`` (observe, which has no engine to
+    fall back to: its refusal may come when the step's checks are read)."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
@@ -638,7 +642,7 @@ def _pieces_by_parameter(
         parts = collected.get(name)
         pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
-    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
+    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id, checks)
     return pieces
 
 
@@ -820,26 +824,36 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
 
 
 def _check_fallback_sums(
-    units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor], by_id: dict[int, str]
+    units: list[Unit],
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    by_id: dict[int, str],
+    checks: HostChecks | None = None,
 ) -> None:
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
-    a user's rule (:func:`persample.register_rule`) is held to the same check."""
+    a user's rule (:func:`persample.register_rule`) is held to the same check. With ``checks``, the
+    fallbacks' check is added there (read with the step's other checks) instead of read now."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     half = {
         by_id[id(p)]: half_precision_rtol(unit) for unit in units if unit.rule is None for p in unit.params.values()
     }
-    differing = means_that_differ(
-        {n: pieces[n] for n in names},
-        means,
-        float64_rtol=1e-5,
-        rtols={n: r for n, r in half.items() if r is not None},
-    )
-    if differing:
-        raise NotExact(
+    fallbacks = {n: pieces[n] for n in names}
+    flags = differing_flags(fallbacks, means, float64_rtol=1e-5, rtols={n: r for n, r in half.items() if r is not None})
+
+    def mismatch(read: list | None = None) -> NotExact:
+        differing = [n for n, bad in zip(fallbacks, flags.tolist() if read is None else read) if bad]  # type: ignore[union-attr]  # flags is set
+        return NotExact(
             f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
             "autograd's gradient: the module does not keep examples apart on dim 0",
             code="FALLBACK_SUM_MISMATCH",
         )
+
+    if flags is not None and checks is not None:
+        checks.add(flags.any(), mismatch)  # (the error reads which, only when it is raised)
+    elif flags is not None:
+        read = flags.tolist()
+        if any(read):
+            raise mismatch(read)
     checked = [
         by_id[id(p)]
         for unit in units
@@ -884,6 +898,12 @@ def half_precision_rtol(unit: Unit) -> float | None:
     return None if eps == 0.0 else eps * (2 + math.log2(rows))
 
 
+#: A difference below ``rtol`` × this × the largest gradient compared (per element) is rounding: a gradient
+#: that is 0 in exact arithmetic (a question-answering head's bias, shifted under a softmax over positions)
+#: is ~ε × the gradients it is summed from, which a tolerance relative to itself alone would refuse.
+MODEL_SCALE_FLOOR = 1e-3
+
+
 def means_that_differ(
     pieces: dict[str, Piece],
     means: dict[str, Tensor],
@@ -892,56 +912,80 @@ def means_that_differ(
     rtol: float = 1e-3,
     rtols: dict[str, float] | None = None,
 ) -> list[str]:
-    """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
-    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise; ``rtols``
-    raises it per name, for the pieces computed in half precision: :func:`half_precision_rtol`).
+    """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding
+    (:func:`differing_flags`, read to the host: one device sync in all)."""
+    flags = differing_flags(pieces, means, float64_rtol=float64_rtol, rtol=rtol, rtols=rtols)
+    return [] if flags is None else [name for name, bad in zip(pieces, flags.tolist()) if bad]
+
+
+def differing_flags(
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    *,
+    float64_rtol: float,
+    rtol: float = 1e-3,
+    rtols: dict[str, float] | None = None,
+) -> Tensor | None:
+    """Per name of ``pieces``, in order, whether (1/B) Σ_i g_i from the piece differs from ``means[name]``
+    by more than rounding, as a bool tensor on the device, unread (None when there is nothing to compare).
+
+    A difference D is rounding when ‖D‖_∞ ≤ rtol_k · max(‖mean_k‖_∞, ``MODEL_SCALE_FLOOR`` · m, 1e-12), with
+    rtol_k = ``float64_rtol`` in float64, ``rtol`` otherwise (``rtols`` raises it per name, for the pieces
+    computed in half precision: :func:`half_precision_rtol`), and m the largest ‖mean_j‖_∞ of the compared
+    parameters: a gradient that is zero in exact arithmetic is compared at the model's rounding, not at its
+    own (~ε · m), and is no longer refused for its noise; any difference above that floor still is.
 
     Small parameters are compared whole. Larger ones are compared through a Gaussian probe V from
     a fixed seed (Freivalds; the global RNG is untouched): (1/B)·``projected_sum(V)`` against M·V for
     M = ``as_matrix(mean)``. A difference D ≠ 0 shows in D·V, whose entries are Gaussian with the
-    spread of D's rows: one column when M has many rows, four otherwise. The pieces' closed forms
-    make this O(activations) instead of one more weight-gradient product per layer. One device
-    sync in all.
+    spread of D's rows: one column when M has many rows, four otherwise (for m, ‖M·V‖_∞ is divided by
+    √(columns of M), the gain of a Gaussian sum). The pieces' closed forms make this O(activations)
+    instead of one more weight-gradient product per layer.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
     rtols_by_name = rtols or {}
-    differences, sizes, tolerances = [], [], []
+    differences, sizes, tolerances, gains = [], [], [], []
     for name, piece in pieces.items():
-        got, expected = _sum_and_expected(piece, means[name], constants)
+        got, expected, gain = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
+        gains.append(gain)
         base = float64_rtol if expected.dtype == torch.float64 else rtol
         tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
     if not differences:
-        return []
+        return None
     device = differences[0].device  # parameters may live on several devices
-    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * torch.stack(
-        [s.to(device) for s in sizes]
-    ).clamp_min(1e-12)
-    flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()
-    return [name for name, bad in zip(pieces, flags) if bad]
+    size = torch.stack([s.to(device) for s in sizes])
+    largest = (size / torch.tensor(gains, dtype=torch.float64, device=device)).max()
+    scale = torch.maximum(size, MODEL_SCALE_FLOOR * largest).clamp_min(1e-12)
+    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * scale
+    return torch.stack([d.to(device) for d in differences]) > tolerance
 
 
-def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor]:
-    """((1/B) Σ_i g_i, mean) whole for small parameters; both times a probe V for larger ones."""
+def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
+    """((1/B) Σ_i g_i, mean, 1) whole for small parameters; both times a probe V for larger ones, and
+    √(columns of V's product), the gain of a Gaussian sum."""
     if mean.numel() <= EXACT_CHECK_NUMEL:
         key: tuple[Any, ...] = ("average", piece.batch_size, mean.dtype, mean.device)
         if key not in constants:
             constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
-        return piece.weighted_sum(constants[key]), mean
+        return piece.weighted_sum(constants[key]), mean, 1.0
     matrix = as_matrix(mean)
     key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
     if key not in constants:
         generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
         constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
-    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key], gain
 
 
 def _second_moments(
     pieces: dict[str, Piece], mean: dict[str, Tensor], known: dict[str, tuple] | None = None
 ) -> dict[str, Tensor]:
     """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``;
-    ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``)."""
+    ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``). The cancellation flags are read
+    at once; inside a step's :func:`persample._host_reads.one_host_read`, with the step's other host reads,
+    and the two-pass form then replaces the flagged entries of the returned dict in place."""
     known = known or {}
     quick = {
         name: known[name] if name in known else piece.quick_centered_second_moment(mean[name])
@@ -951,10 +995,25 @@ def _second_moments(
     m2 = {name: value for name, (value, _) in quick.items()}
     if suspects:
         device = quick[suspects[0]][1].device
-        flags = torch.stack([quick[name][1].to(device) for name in suspects]).tolist()
-        for name, cancelled in zip(suspects, flags):
-            if cancelled:
-                m2[name] = pieces[name].centered_second_moment(mean[name])
+        flags = torch.stack([quick[name][1].to(device) for name in suspects])
+        # Only the suspects' pieces and means are kept until the flags are read.
+        suspected = {name: (pieces[name], mean[name]) for name in suspects}
+
+        def two_pass_where_cancelled(cancelled: list[float]) -> None:
+            if not any(cancelled):
+                return
+            # (read later: maybe inside the caller's autocast, or where the weights' check enables grad)
+            with autocast_as(None), torch.no_grad():
+                for name, flag in zip(suspected, cancelled):
+                    if flag:
+                        piece, piece_mean = suspected[name]
+                        m2[name] = piece.centered_second_moment(piece_mean)
+
+        step = open_checks()
+        if step is None:
+            two_pass_where_cancelled(flags.tolist())
+        else:  # read with the step's other checks: m2 (in the GradStats) is final once they are read
+            step.defer(flags, two_pass_where_cancelled)
     return m2
 
 
