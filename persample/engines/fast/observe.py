@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_as
-from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
+from ...batch_loss import BatchLossMismatch, all_finite, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
 from .audit import audit_graph, rows_check
@@ -272,7 +272,7 @@ def _observed_stats(
     modified = modified_in_place(units)
     if modified is not None:
         raise NotExact(modified)
-    if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
+    if not all(bool(all_finite(g)) for g in observation._output_grads.values()):
         observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
         return None
     losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
