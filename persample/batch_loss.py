@@ -154,21 +154,24 @@ def causal_lm_loss(
 # ------------------------------------------------------------------------ weights
 
 
+#: Tensors of at most this many elements are checked by the plain forms (``torch.isfinite(t).all()``,
+#: ``t.abs().amax(1)``): fewer ops, and at this size each op's fixed cost outweighs its pass.
+_SMALL = 1 << 15
+
+
 def all_finite(t: Tensor) -> Tensor:
     """0-d bool tensor on ``t``'s device: whether every element of ``t`` is finite (no inf, no NaN), without
-    a host read. From one ``aminmax`` pass, which propagates NaN and holds ±inf at its ends: about 20x
-    cheaper on CPU than ``torch.isfinite(t).all()`` (which writes a bool tensor of t's size, then reads
-    it) on a language model's logits. Non-floating tensors are finite.
+    a host read. A large floating tensor is read once by ``aminmax`` (which propagates NaN and holds ±inf at
+    its ends): on CPU about 20x cheaper than ``torch.isfinite(t).all()``, which writes four tensors of t's
+    size, on a language model's logits.
 
     >>> import torch
     >>> bool(all_finite(torch.tensor([1.0, 2.0]))), bool(all_finite(torch.tensor([1.0, float("nan")])))
     (True, False)
     """
-    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
-        return torch.ones((), dtype=torch.bool, device=t.device)
-    if t.is_complex():
+    if t.numel() <= _SMALL or not t.is_floating_point():
         return torch.isfinite(t).all()
-    low, high = torch.aminmax(t)
+    low, high = torch.aminmax(t)  # (over a dim, aminmax is slow on CPU: see _row_abs_max)
     return torch.isfinite(low) & torch.isfinite(high)
 
 
@@ -218,7 +221,7 @@ def derive_weights(
     device = pairs[0][0].device  # everything stays there; one host read at the end (HostChecks)
     dot = torch.zeros(batch_size, dtype=torch.float64, device=device)
     bb = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    largest = []  # (‖a_i‖_∞, ‖b_i‖_∞) per pair: one read of each, which also shows whether they are finite
+    largest = []  # (‖a_i‖_∞, ‖b_i‖_∞) per pair, read once: they also show whether a and b are finite
     for a, b in pairs:
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
         a_max, b_max = _row_abs_max(a2), _row_abs_max(b2)
@@ -275,12 +278,14 @@ def _example_losses_not_finite(losses: Tensor) -> NonFiniteExampleLoss:
 
 
 def _row_abs_max(t: Tensor) -> Tensor:
-    """max_j |t[i, j]| per row of a ``[B, n]`` tensor, from one ``aminmax`` read (no |t| tensor); NaN in a
-    row gives NaN, ±inf gives inf; 0 for rows of no element."""
+    """max_j |t[i, j]| per row of a ``[B, n]`` tensor; NaN in a row gives NaN, ±inf gives inf; 0 for rows of
+    no element. A large tensor is read by ``amax`` and ``amin`` without writing |t| (``aminmax`` over a dim
+    is 15-25x slower than the two on CPU)."""
     if t.shape[1] == 0:
         return t.new_zeros(t.shape[0])
-    low, high = torch.aminmax(t, dim=1)
-    return torch.maximum(high, -low)
+    if t.numel() <= _SMALL:
+        return t.abs().amax(1)
+    return torch.maximum(t.amax(1), t.amin(1).neg_())
 
 
 def _example_loss_not_finite(b2: Tensor) -> NonFiniteExampleLoss:

@@ -17,8 +17,8 @@ from persample.batch_loss import BatchLossMismatch, _row_abs_max, all_finite, de
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_all_finite_and_row_maxima_agree_with_the_plain_forms(dtype):
     generator = torch.Generator().manual_seed(0)
-    for trial in range(40):
-        t = torch.randn(4, 1 + trial * 37, generator=generator).to(dtype)
+    for trial in range(40):  # past 8192 columns the large-tensor forms (aminmax, amax and amin)
+        t = torch.randn(4, 1 + trial * 37 + (trial % 2) * 9000, generator=generator).to(dtype)
         if trial % 4:
             flat = t.view(-1)
             at = torch.randint(0, flat.numel(), (1 + trial % 3,), generator=generator)
@@ -52,7 +52,7 @@ def test_the_weights_check_writes_three_output_sized_tensors():
     the maxima read a and b without writing (before: fifteen; torch.isfinite alone writes four, abs, ne,
     eq and mul, and ran twice, then w·b, a − w·b and three |·|)."""
     torch.manual_seed(0)
-    b = torch.randn(8, 3000)
+    b = torch.randn(8, 5000)  # past the size below which the plain forms are used
     w = torch.rand(8) + 0.5
     a = b * w[:, None]
     with _LargeWrites(b.numel()) as mode:
