@@ -331,10 +331,16 @@ def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Find
             if not moved and node not in internal:
                 moved = _batch_dim_off_lead(node, batch_size)
             stack.extend(nxt for nxt, _ in node.next_functions)
-        if not moved:
+        if not moved and not _token_row_calls(units):
             return None
         leak = rows_leak(outputs, units, batch_size, seq_first=_seq_first(units, False))
     return None if leak is None else batch_mixing(leak)
+
+
+def _token_row_calls(units: list[Unit]) -> bool:
+    """Whether some call is on a flattened token batch (:func:`.units.token_rows`): its row map is a claim
+    the probe of the rows (:func:`rows_leak`) must check."""
+    return any(call.rows_per_example > 1 for unit in units for call in unit.calls)
 
 
 def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | set = frozenset()) -> bool:
@@ -358,14 +364,20 @@ def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | s
     return any(not shape or shape[0] % batch_size != 0 or batch_size in shape[1:] for shape in shapes)
 
 
-def _probe_cotangent(t: Tensor) -> Tensor:
-    """A fixed cotangent for ``t`` (no generator drawn from: other threads share them) whose odd rows
-    along dim 0 are zero: cos(1.618·k + 0.3) over its elements, signs and sizes varied so that no
-    sum over rows cancels by construction."""
+def _probe_cotangent(t: Tensor, bit: int = 0, value: int = 0) -> Tensor:
+    """A fixed cotangent for ``t`` (no generator drawn from: other threads share them) whose rows i along
+    dim 0 with bit ``bit`` of i other than ``value`` are zero (by default: the odd rows): cos(1.618·k + 0.3)
+    over its elements, signs and sizes varied so that no sum over rows cancels by construction."""
     k = torch.arange(t.numel(), device=t.device, dtype=torch.float64).reshape(t.shape)
     v = torch.cos(k * 1.618 + 0.3)
-    v[1::2] = 0
+    v[(torch.arange(t.shape[0], device=t.device) >> bit) % 2 != value] = 0
     return v.to(t.dtype)
+
+
+def _other_rows(g: Tensor, batch_size: int, k: int, bit: int, value: int) -> Tensor:
+    """The rows of ``g`` (B·k rows, row r of example r // k) of the examples whose bit ``bit`` is not ``value``."""
+    examples = (torch.arange(batch_size, device=g.device) >> bit) % 2 != value
+    return g.reshape(batch_size, k, -1)[examples]
 
 
 def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: bool = False) -> str | None:
@@ -390,45 +402,59 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
         and t.shape[0] == batch_size
         and (t.is_floating_point() or t.is_complex())
     ]
-    seen: dict[int, tuple[Tensor, str]] = {}
+    seen: dict[int, tuple[Tensor, str, int]] = {}  # id → (tensor, label, rows per example)
     for unit in units:
         for call in unit.calls:
+            k = call.rows_per_example  # a flattened token batch: row r is example r // k's (units.token_rows)
             for where, value in (("input", (call.args, call.kwargs)), ("output", call.output)):
                 for t in tensors_in(value):
                     if (
                         t.requires_grad
                         and t.dim() > 0
-                        and t.shape[0] == batch_size
+                        and t.shape[0] == batch_size * k
                         and id(t) not in seen
-                        and not (seq_first and batch_size in tuple(t.shape[1:]))
+                        and not (k == 1 and seq_first and batch_size in tuple(t.shape[1:]))
                         and t.layout == torch.strided
                         and t.stride(0) != 0  # an expansion over the batch: its rows are not examples
                     ):
-                        seen[id(t)] = (t, f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)}")
+                        label = f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)}"
+                        seen[id(t)] = (t, label + (f" (token rows, {k} per example)" if k > 1 else ""), k)
     if not roots or not seen:
         return None
-    activations = [t for t, _ in seen.values()]
-    try:
-        with probing():
-            grads = torch.autograd.grad(
-                roots,
-                activations,
-                grad_outputs=[_probe_cotangent(t) for t in roots],
-                retain_graph=True,
-                allow_unused=True,
-            )
-    except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
-        return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
-    for (_, label), g in reversed(list(zip(seen.values(), grads))):  # the last one names where it happens
-        if g is None or g.layout != torch.strided:
-            continue
-        odd = g[1::2]
-        if bool(((odd != 0) & torch.isfinite(odd)).any()):
-            return (
-                f"an op after {label} combines the rows of different examples (the gradient of some "
-                "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
-                "over the batch dim, cdist, cov, attention or a convolution across the batch?)"
-            )
+    # One pass, cotangents on the even examples' outputs, checks that no odd row is reached. A call on
+    # token rows (units.token_rows) claims a map row → example that its rows may not show (a gather of
+    # rows reorders them), so its tensors get the passes that pin every example's index bit by bit: for
+    # each bit j of the example index and each value v, the examples with bit j = v reach no row claimed
+    # by an example with bit j ≠ v (2·⌈log2 B⌉ passes in all, the first one shared).
+    passes = [(0, 0)]
+    if any(k > 1 for _, _, k in seen.values()):
+        passes += [
+            (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
+        ]
+    for bit, value in passes:
+        probed = [(t, label, k) for t, label, k in seen.values() if (bit, value) == (0, 0) or k > 1]
+        try:
+            with probing():
+                grads = torch.autograd.grad(
+                    roots,
+                    [t for t, _, _ in probed],
+                    grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+        except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
+            return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
+        for (_, label, k), g in reversed(list(zip(probed, grads))):  # the last one names where it happens
+            if g is None or g.layout != torch.strided:
+                continue
+            other = g[1::2] if k == 1 else _other_rows(g, batch_size, k, bit, value)
+            if bool(((other != 0) & torch.isfinite(other)).any()):
+                return (
+                    f"an op after {label} combines the rows of different examples (the gradient of some "
+                    "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
+                    "over the batch dim, cdist, cov, attention, a convolution across the batch, or a gather "
+                    "that moves token rows to another example?)"
+                )
     return None
 
 
@@ -586,7 +612,7 @@ def _audit_graph(
                     )
     if isinstance(rows, Finding):
         return GraphAudit(rows, moved)
-    if batch_moved and batch_size is not None:
+    if (batch_moved or (rows == "probe" and _token_row_calls(units))) and batch_size is not None:
         leak = rows_leak(
             roots if outputs is None else outputs, units, batch_size, seq_first=_seq_first(units, inputs_moved)
         )

@@ -25,7 +25,17 @@ from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
 from .._autograd import is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
-from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
+from .rules import rows_apart
+from .units import (
+    Call,
+    Unit,
+    _buffers_changed,
+    _storage,
+    _versioned_buffer_slots,
+    _versions,
+    store_grad,
+    token_rows,
+)
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
 from .in_place import _parameter_slots, _substituted_parameter, _substitution
 from .audit import _HF_NON_REENTRANT, _ambiguous_expansion, batch_mixing
@@ -313,6 +323,7 @@ def capturing(
             watcher.escape = watcher.escape or _substitution(unit, substituted)
             return None
         expanded = suspect = None
+        rows = 1
         x = args[0] if args and isinstance(args[0], Tensor) else None
         recomputing = capture.forward_ended  # record() runs after the forward only in a followed recomputation
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -337,6 +348,8 @@ def capturing(
                     f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has no batch dim "
                     f"(dim 0 is not the batch of {batch_size}), so it was expanded over the batch"
                 )
+            elif rows_apart(unit.rule) and (k := token_rows(x, [output], batch_size, from_batch)) > 1:
+                rows = k  # a row-wise rule on a flattened token batch (an MoE's h.view(-1, d)): segment sums
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
@@ -358,6 +371,8 @@ def capturing(
                     f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                     "activation (a constant such as torch.arange(T) with T == B?)"
                 )
+        elif unit.rule is None and x is not None:  # a fallback on a flattened token batch (an MoE router, experts)
+            rows = token_rows(x, [*tensors_in((args, kwargs)), *tensors_in(output)], batch_size, from_batch)
         if recomputing and (expanded is not None or suspect is not None):
             # the forward's first pass (no gradients) saw no such call, so no watcher checked its expansion
             watcher.escape = watcher.escape or Finding(
@@ -376,6 +391,7 @@ def capturing(
             autocast=autocast_state() if unit.rule is None else None,
             input_versions=_versions(args, kwargs, list(unit.params.values())),
             changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
+            rows_per_example=rows,
         )
         unit.calls.append(call)
         leaves = flat_leaves(call.output)
@@ -407,6 +423,12 @@ def capturing(
                     _hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u) for u in units if u.rule is None
                 )
         return None
+
+    def from_batch(x: Tensor) -> bool:
+        """Whether ``x`` comes from the batch: an activation (not of parameters alone) or the inputs."""
+        if x.grad_fn is not None:
+            return not all(nxt is None or hasattr(nxt, "variable") for nxt, _ in x.grad_fn.next_functions)
+        return _storage(x) in input_storages or capture.user_watcher.from_inputs(x)
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}

@@ -501,6 +501,8 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     grad = at_least_float32(call.out_grads[0])
+    if call.rows_per_example > 1:  # [B·k, *] rows, row r of example r // k: the rule's pieces on [B, k, *]
+        x, grad = (t.reshape(layout.size, call.rows_per_example, *t.shape[1:]) for t in (x, grad))
     return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
 
 
@@ -559,6 +561,8 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
 def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module: vmap over the vjp of the module alone (recurrent
     layers: their closed form from :mod:`.recurrent` where it applies; summed, both are checked)."""
+    if call.rows_per_example > 1:
+        return _token_rows_pieces(unit, call, batch_size, grad_scale)
     closed = recurrent_pieces(unit, call, batch_size, grad_scale)
     if closed is not None:
         return closed
@@ -610,6 +614,126 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
             module=label,
         ) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
+
+
+def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
+    """Per-example gradients of a rule-less module called on a flattened token batch (an MoE router or its
+    experts on ``h.view(-1, d)``): every tensor of the call has B·k rows on dim 0, row r of example r // k
+    (:func:`.units.token_rows`; the graph audit's probe checked that map on the rows that carry gradients).
+
+    The module is called again on each example's segment of rows alone, and
+    g_b = (∂ module(θ; rows of b) / ∂θ)ᵀ · (output gradient rows of b),
+    the sum over b's rows of the per-row terms (a segment sum), whatever the module does inside: gathers of
+    tokens to experts, ``index_add_`` back, data-dependent loops. That is example b's gradient only if the
+    module computes b's rows alone as it did in the batch: each segment's outputs are compared with the
+    batch's rows (``TOKEN_ROWS_DIFFER`` otherwise: a capacity limit, or routing that depends on other
+    examples' tokens), and the pieces' sum with autograd's gradient (:func:`_check_fallback_sums`).
+    B calls of the module on k rows each: the work of one call, without vmap (an MoE layer's data-dependent
+    control flow runs as it is)."""
+    label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
+    k = call.rows_per_example
+    n = batch_size * k
+    out_leaves = flat_leaves(call.output)
+    in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
+    in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
+    for t in [*in_leaves, *out_leaves]:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != n:
+            raise NotExact(
+                f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {n} token rows",
+                code="FALLBACK_NOT_BATCHED",
+                module=label,
+            )
+    graded = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and i in call.out_grads]
+    names = list(unit.params)
+    frozen = {n_: p.detach() for n_, p in unit.module.named_parameters() if n_ not in unit.params}
+    buffers = detached_buffers(unit.module)
+
+    def rows(t: Any, b: int) -> Any:
+        return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    with autocast_as(call.autocast), torch.enable_grad():
+        for b in range(batch_size):
+            params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
+            args, kwargs = tree_unflatten([rows(t, b) for t in in_leaves], in_spec)
+            try:
+                leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))
+            except Exception as err:  # noqa: BLE001 - the module refuses a segment: not shown exact
+                raise NotExact(
+                    f"module {label} could not be called on one example's {k} token rows: {type(err).__name__}: {err}",
+                    code="FALLBACK_NOT_ISOLATED",
+                    module=label,
+                ) from err
+            for i, (alone, batched) in enumerate(zip(leaves, out_leaves)):
+                if isinstance(batched, Tensor) and not _same_rows(alone, rows(batched, b)):
+                    raise NotExact(
+                        f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
+                        "differently from those rows of the batch's call: its rows depend on other examples' "
+                        "tokens (an expert capacity, batch-dependent routing)",
+                        code="TOKEN_ROWS_DIFFER",
+                        module=label,
+                    )
+            outputs = [leaves[i] for i in graded if leaves[i].requires_grad]
+            cotangents = [rows(call.out_grads[i], b) * grad_scale for i in graded if leaves[i].requires_grad]
+            cotangents = _external_cotangents(outputs, cotangents)
+            grads: Sequence[Tensor | None] = (
+                torch.autograd.grad(outputs, list(params.values()), cotangents, allow_unused=True)
+                if outputs
+                else [None] * len(names)
+            )
+            for name, p, g in zip(names, params.values(), grads):
+                per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
+    return {name: DensePiece(at_least_float32(torch.stack(gs))) for name, gs in per_example.items()}
+
+
+def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> list[Tensor]:
+    """The part of each output's captured gradient that came from outside the module.
+
+    A hook on an output sees all of its gradient, also what flows back into it from the module's other
+    outputs computed from it (an MoE router returns its logits and the routing weights made from them:
+    the logits' gradient holds the weights'). Fed as it is to a backward of all the outputs, that part
+    would count twice. With D(i) the outputs computed from output i (found in the recomputed graph),
+    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext."""
+    edges = [(y.grad_fn, y.output_nr) for y in outputs]
+    below = []  # below[j]: indices i of the outputs that y_j is computed from
+    for j, y in enumerate(outputs):
+        seen, stack, found = set(), [y.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for nxt in node.next_functions:
+                if nxt in edges:
+                    found.add(edges.index(nxt))
+                stack.append(nxt[0])
+        below.append(found - {j})
+    downstream = [[j for j in range(len(outputs)) if i in below[j]] for i in range(len(outputs))]
+    external = list(cotangents)
+    for i in sorted(range(len(outputs)), key=lambda i: len(downstream[i])):
+        if downstream[i]:
+            (internal,) = torch.autograd.grad(
+                [outputs[j] for j in downstream[i]],
+                [outputs[i]],
+                [external[j] for j in downstream[i]],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            if internal is not None:
+                external[i] = cotangents[i] - internal
+    return external
+
+
+def _same_rows(alone: Any, batched: Any) -> bool:
+    """Whether a segment's output equals the batch's rows: exactly for integers (expert indices), to
+    1e-6 relative for floating point (a matmul of fewer rows may round differently)."""
+    if not isinstance(alone, Tensor) or not isinstance(batched, Tensor) or alone.shape != batched.shape:
+        return False
+    batched = batched.detach()
+    if not alone.is_floating_point():
+        return bool(torch.equal(alone, batched))
+    scale = batched.abs().max().item() if batched.numel() else 0.0
+    return bool(torch.allclose(alone.detach(), batched, rtol=1e-6, atol=1e-6 * scale))
 
 
 def _check_fallback_sums(
