@@ -197,3 +197,48 @@ def test_an_expert_capacity_over_the_batch_is_refused():
         persample.grad_stats(model, token_ce, ids, y, engine="fast")
     assert info.value.code == "TOKEN_ROWS_DIFFER", str(info.value)
     assert "experts" in str(info.value)
+
+
+def test_experts_that_draw_random_numbers_are_not_recomputed():
+    """Dropout inside the experts (train mode, randomness="different"): a segment recomputed alone would
+    draw other masks, so the engine stops before the draw (FALLBACK_NOT_ISOLATED)."""
+
+    class DroppingExperts(Experts):
+        def forward(self, x, index, weights):
+            return F.dropout(super().forward(x, index, weights), 0.5, self.training)
+
+    model, ids, y = problem()
+    model.experts.__class__ = DroppingExperts
+    with pytest.raises(NotExact) as info:
+        persample.grad_stats(model.train(), token_ce, ids, y, engine="fast", randomness="different")
+    assert info.value.code == "FALLBACK_NOT_ISOLATED", str(info.value)
+    assert "random" in str(info.value)
+
+
+def test_a_capacity_mask_over_the_flattened_batch_is_refused():
+    """The same capacity computed in the block, without gradient (a cumsum of the routing mask over all
+    token rows), and fed to the experts as routing weights: no graph and no recomputed segment shows it;
+    the user-code watcher follows the mixed rows into the forward (BATCH_MIXED), and auto stays exact."""
+
+    class BlockCapacity(TopKMoE):
+        def forward(self, ids):
+            h = self.embed(ids)
+            x = h.reshape(-1, D)
+            _, weights, index = self.router(x)
+            with torch.no_grad():
+                onehot = F.one_hot(index[:, 0], 4)
+                keep = ((onehot.cumsum(0) * onehot).sum(-1) <= 3).to(x.dtype)
+            out = self.experts(x, index, weights * keep[:, None])
+            return self.head(h + out.reshape(h.shape))
+
+    torch.manual_seed(0)
+    model = BlockCapacity().double()
+    ids, y = torch.randint(0, V, (B, T)), torch.randint(0, C, (B, T))
+    with pytest.raises(NotExact) as info:
+        persample.grad_stats(model, token_ce, ids, y, engine="fast")
+    assert info.value.code == "BATCH_MIXED", str(info.value)
+    assert "token rows" in str(info.value)
+    rows, _ = oracle_grads(model, token_ce, ids, y)
+    with pytest.warns(persample.SlowPathWarning):
+        stats = persample.grad_stats(model, token_ce, ids, y)
+    close(stats.mean, {n: g.mean(0) for n, g in rows.items()})

@@ -60,6 +60,7 @@ class Capture:
     recomputed: dict = field(default_factory=dict)
     recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
+    token_rows: set = field(default_factory=set)  # the row counts B·k of the unit calls on token rows
 
     @property
     def escape(self) -> Finding | None:
@@ -75,6 +76,17 @@ class Capture:
         mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
         if mixed is not None:
             return batch_mixing(mixed)
+        mixed = next(
+            (
+                what
+                for w in (self.user_watcher, *self.recompute_watchers)
+                for rows, what in w.token_mixed.items()
+                if rows in self.token_rows
+            ),
+            None,
+        )
+        if mixed is not None:  # a mask over the flattened batch's token rows (an expert capacity?)
+            return batch_mixing(f"{mixed}, whose rows are the token rows of a flattened batch")
         if self.watcher.escape is not None:
             return self.watcher.escape
         if self.raw_input_moved and self.watcher.ambiguous:
@@ -394,6 +406,8 @@ def capturing(
             rows_per_example=rows,
         )
         unit.calls.append(call)
+        if rows > 1:
+            capture.token_rows.add(batch_size * rows)
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:

@@ -41,6 +41,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
 from ..._model import (
+    RandomCalls,
+    RandomCallStop,
     autocast_as,
     detached_buffers,
     first_random_module,
@@ -657,7 +659,15 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
             args, kwargs = tree_unflatten([rows(t, b) for t in in_leaves], in_spec)
             try:
-                leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))
+                with RandomCalls(stop=True):  # a draw would differ from the forward's (and move the RNG)
+                    leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))
+            except RandomCallStop as stop:
+                raise NotExact(
+                    f"module {label} has no closed-form rule and draws random numbers ({stop}): its call on "
+                    "one example's token rows cannot be recomputed with the forward's draws",
+                    code="FALLBACK_NOT_ISOLATED",
+                    module=label,
+                ) from None
             except Exception as err:  # noqa: BLE001 - the module refuses a segment: not shown exact
                 raise NotExact(
                     f"module {label} could not be called on one example's {k} token rows: {type(err).__name__}: {err}",
@@ -694,7 +704,7 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
     the logits' gradient holds the weights'). Fed as it is to a backward of all the outputs, that part
     would count twice. With D(i) the outputs computed from output i (found in the recomputed graph),
     processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext."""
-    edges = [(y.grad_fn, y.output_nr) for y in outputs]
+    edges = {(y.grad_fn, y.output_nr): i for i, y in enumerate(outputs) if y.grad_fn is not None}
     below = []  # below[j]: indices i of the outputs that y_j is computed from
     for j, y in enumerate(outputs):
         seen, stack, found = set(), [y.grad_fn], set()
@@ -704,8 +714,8 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
                 continue
             seen.add(node)
             for nxt in node.next_functions:
-                if nxt in edges:
-                    found.add(edges.index(nxt))
+                if nxt[0] is not None and nxt in edges:
+                    found.add(edges[nxt])
                 stack.append(nxt[0])
         below.append(found - {j})
     downstream = [[j for j in range(len(outputs)) if i in below[j]] for i in range(len(outputs))]
