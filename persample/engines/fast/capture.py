@@ -440,8 +440,10 @@ def capturing(
 
     def from_batch(x: Tensor) -> bool:
         """Whether ``x`` comes from the batch: an activation (not of parameters alone) or the inputs."""
-        if x.grad_fn is not None:
-            return not all(nxt is None or hasattr(nxt, "variable") for nxt, _ in x.grad_fn.next_functions)
+        if x.grad_fn is not None and not all(
+            nxt is None or hasattr(nxt, "variable") for nxt, _ in x.grad_fn.next_functions
+        ):
+            return True
         return _storage(x) in input_storages or capture.user_watcher.from_inputs(x)
 
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
