@@ -340,7 +340,7 @@ def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Find
 def _token_row_calls(units: list[Unit]) -> bool:
     """Whether some call is on a flattened token batch (:func:`.units.token_rows`): its row map is a claim
     the probe of the rows (:func:`rows_leak`) must check."""
-    return any(call.rows_per_example > 1 for unit in units for call in unit.calls)
+    return any(call.rows_per_example > 1 or call.gathered for unit in units for call in unit.calls)
 
 
 def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | set = frozenset()) -> bool:
@@ -375,7 +375,8 @@ def _probe_cotangent(t: Tensor, bit: int = 0, value: int = 0) -> Tensor:
 
 
 def _other_rows(g: Tensor, batch_size: int, k: int, bit: int, value: int) -> Tensor:
-    """The rows of ``g`` (B·k rows, row r of example r // k) of the examples whose bit ``bit`` is not ``value``."""
+    """The rows of ``g`` (B·k rows, row r of example r // k; k = 1: batch rows) of the examples whose bit
+    ``bit`` is not ``value`` (by default, the odd examples' rows)."""
     examples = (torch.arange(batch_size, device=g.device) >> bit) % 2 != value
     return g.reshape(batch_size, k, -1)[examples]
 
@@ -402,9 +403,16 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
         and t.shape[0] == batch_size
         and (t.is_floating_point() or t.is_complex())
     ]
-    seen: dict[int, tuple[Tensor, str, int]] = {}  # id → (tensor, label, rows per example)
+    seen: dict[int, tuple[Tensor, str, int]] = {}  # id → (tensor, label, rows per example; 0: gathered rows)
+    gathered: dict[int, Call] = {}  # id of a gathered call's output → the call, whose row_examples are read here
     for unit in units:
         for call in unit.calls:
+            if call.gathered:
+                out = call.output
+                if isinstance(out, Tensor) and out.requires_grad and out.layout == torch.strided:
+                    label = f"module {unit.name or '<root>'}'s output of shape {tuple(out.shape)} (gathered token rows)"
+                    seen[id(out)], gathered[id(out)] = (out, label, 0), call
+                continue
             k = call.rows_per_example  # a flattened token batch: row r is example r // k's (units.token_rows)
             for where, value in (("input", (call.args, call.kwargs)), ("output", call.output)):
                 for t in tensors_in(value):
@@ -427,12 +435,14 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
     # each bit j of the example index and each value v, the examples with bit j = v reach no row claimed
     # by an example with bit j ≠ v (2·⌈log2 B⌉ passes in all, the first one shared).
     passes = [(0, 0)]
-    if any(k > 1 for _, _, k in seen.values()):
+    reached: dict[int, dict[tuple[int, int], Tensor]] = {i: {} for i in gathered}  # rows each pass reaches
+    if any(k != 1 for _, _, k in seen.values()):
         passes += [
             (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
         ]
     for bit, value in passes:
-        probed = [(t, label, k) for t, label, k in seen.values() if (bit, value) == (0, 0) or k > 1]
+        probed = list(seen.values())  # with token rows, every call's rows get every pass (a gather of B rows
+        # from token rows is not batch rows, whatever its size)
         try:
             with probing():
                 grads = torch.autograd.grad(
@@ -444,10 +454,16 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
                 )
         except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
             return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
-        for (_, label, k), g in reversed(list(zip(probed, grads))):  # the last one names where it happens
+        for (t, label, k), g in reversed(list(zip(probed, grads))):  # the last one names where it happens
+            if k == 0:  # gathered rows: note which rows the examples with bit j = v reach
+                rows = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+                if g is not None and g.layout == torch.strided:
+                    rows = ((g != 0) & torch.isfinite(g)).reshape(t.shape[0], -1).any(1)
+                reached[id(t)][(bit, value)] = rows
+                continue
             if g is None or g.layout != torch.strided:
                 continue
-            other = g[1::2] if k == 1 else _other_rows(g, batch_size, k, bit, value)
+            other = _other_rows(g, batch_size, k, bit, value)
             if bool(((other != 0) & torch.isfinite(other)).any()):
                 return (
                     f"an op after {label} combines the rows of different examples (the gradient of some "
@@ -455,7 +471,33 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
                     "over the batch dim, cdist, cov, attention, a convolution across the batch, or a gather "
                     "that moves token rows to another example?)"
                 )
+    for i, call in gathered.items():
+        examples = _examples_of_rows(reached[i], batch_size)
+        if examples is None:
+            return (
+                f"an op after {seen[i][1]} combines the rows of different examples (one of its rows is "
+                "reached by the outputs of two examples)"
+            )
+        call.row_examples = examples
     return None
+
+
+def _examples_of_rows(reached: dict[tuple[int, int], Tensor], batch_size: int) -> Tensor | None:
+    """Each row's example index from the probe's passes (``reached[(j, v)]``: the rows that the outputs of
+    the examples with bit j = v reach): bit j of row r's example is v where only the pass (j, v) reaches it;
+    −1 for a row no pass reaches; None where a row is reached for both values of a bit (two examples)."""
+    bits = max(1, (batch_size - 1).bit_length())
+    first = reached[(0, 0)]
+    examples = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+    unreached = torch.ones_like(first)
+    any_pass = first | reached[(0, 1)]
+    for bit in range(bits):
+        zero, one = reached[(bit, 0)], reached[(bit, 1)]
+        if bool((zero & one).any()) or not torch.equal(zero | one, any_pass):
+            return None
+        examples |= one.long() << bit
+        unreached &= ~(zero | one)
+    return examples.masked_fill(unreached, -1)
 
 
 def _fallback_internals(units: list[Unit]) -> set:

@@ -61,6 +61,7 @@ class Capture:
     recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
     token_rows: set = field(default_factory=set)  # the row counts B·k of the unit calls on token rows
+    token_nodes: set = field(default_factory=set)  # grad_fns of those calls' tensors (and of gathered calls')
 
     @property
     def escape(self) -> Finding | None:
@@ -336,6 +337,7 @@ def capturing(
             return None
         expanded = suspect = None
         rows = 1
+        gathered = False
         x = args[0] if args and isinstance(args[0], Tensor) else None
         recomputing = capture.forward_ended  # record() runs after the forward only in a followed recomputation
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -347,7 +349,18 @@ def capturing(
             original = output[:1] if on.original.dim() == x.dim() else output[0]  # type: ignore[union-attr]  # on: x is set
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
             shape = tuple(x.shape)
-            if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
+            if (
+                rows_apart(unit.rule)
+                and x.dim() > 1
+                and (shape[0] != batch_size or x.dim() == 2)  # [B, T, d] after an MoE block: batch rows
+                and output.dim() > 0
+                and output.shape[0] == shape[0]
+                and x.grad_fn is not None
+                and capture.token_nodes
+                and _reaches(x.grad_fn, capture.token_nodes)
+            ):
+                gathered = True  # rows gathered from token rows (an expert Linear's x[token]): map from the probe
+            elif batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
                 expanded = output.expand(batch_size, *output.shape[1:])
                 label = f"module {unit.name or '<root>'}: its input of shape {shape} has a batch dim of size 1"
             elif unit.rule.batchless_output and batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
@@ -404,10 +417,15 @@ def capturing(
             input_versions=_versions(args, kwargs, list(unit.params.values())),
             changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
             rows_per_example=rows,
+            gathered=gathered,
         )
         unit.calls.append(call)
         if rows > 1:
             capture.token_rows.add(batch_size * rows)
+        if rows > 1 or gathered:  # rows of token rows: what is computed from them may be gathered
+            capture.token_nodes.update(
+                t.grad_fn for t in (*tensors_in((args, kwargs)), *tensors_in(output)) if t.grad_fn is not None
+            )
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
@@ -468,6 +486,21 @@ def capturing(
             h.remove()
         capture.unfollow_checkpoints()
         capture.end_forward()
+
+
+def _reaches(node, targets: set, limit: int = 256) -> bool:
+    """Whether the backward graph below ``node`` reaches one of ``targets`` within ``limit`` nodes (the
+    rows of a call computed from token rows: gathered, and maybe passed through row-wise layers)."""
+    stack, seen = [node], set[Any]()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current is None or current in seen:
+            continue
+        if current in targets:
+            return True
+        seen.add(current)
+        stack.extend(nxt for nxt, _ in current.next_functions)
+    return False
 
 
 def _hooked(register, hook, unit: Unit | None):

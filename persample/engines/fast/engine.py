@@ -505,7 +505,47 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     grad = at_least_float32(call.out_grads[0])
     if call.rows_per_example > 1:  # [B·k, *] rows, row r of example r // k: the rule's pieces on [B, k, *]
         x, grad = (t.reshape(layout.size, call.rows_per_example, *t.shape[1:]) for t in (x, grad))
+    elif call.gathered:
+        x, grad = _by_example(unit, call, x, grad, layout.size)
     return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
+
+
+def _by_example(unit: Unit, call: Call, x: Tensor, grad: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """A row-wise rule's input and output gradient on gathered rows (an expert Linear's ``x[token]``), laid
+    out ``[B, m, *]``: example b's rows (``call.row_examples``, read off the graph by the probe of the rows)
+    in its first slots, zeros after (m: the most rows of one example). The rule's pieces on that layout are
+    per example the sum over its own rows: a segment sum. A row that no example's output reaches must have
+    no gradient (it adds nothing to any example), else the rows cannot be attributed."""
+    label = unit.name or "<root>"
+    examples = call.row_examples
+    if examples is None or examples.shape[0] != x.shape[0]:
+        raise NotExact(
+            f"module {label}: the examples of its gathered rows were not read off the graph",
+            code="BATCH_MIXED",
+            module=label,
+        )
+    examples = examples.to(x.device)
+    owned = examples >= 0
+    if not bool(owned.all()) and bool(grad[~owned].ne(0).any()):
+        raise NotExact(
+            f"module {label}: a gathered row that no example's output reaches in the probe has a gradient",
+            code="BATCH_MIXED",
+            module=label,
+        )
+    examples, x, grad = examples[owned], x[owned], grad[owned]
+    order = torch.argsort(examples, stable=True)
+    examples, x, grad = examples[order], x[order], grad[order]
+    counts = torch.bincount(examples, minlength=batch_size)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(examples.shape[0], device=x.device) - starts[examples]
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+
+    def laid_out(t: Tensor) -> Tensor:
+        out = t.new_zeros(batch_size, width, *t.shape[1:])
+        out[examples, slots] = t
+        return out
+
+    return laid_out(x), laid_out(grad)
 
 
 def _guarded(unit: Unit, compute: Callable[[], dict[str, Piece]]) -> dict[str, Piece]:

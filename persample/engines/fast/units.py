@@ -40,6 +40,11 @@ class Call:
     #: k > 1: a call on a flattened token batch (an MoE layer's ``h.view(-1, d)``): dim 0 of its tensors has
     #: B·k rows, row r of example r // k (:func:`token_rows`); the graph audit's probe checks that map
     rows_per_example: int = 1
+    #: a row-wise rule's call on rows gathered from token rows (an expert's ``x[token]``): each row's example
+    #: is read off the graph by the probe of the rows (:func:`.audit.rows_leak` sets ``row_examples``: [N]
+    #: example indices, −1 for a row no example reaches), and the rule's pieces are segment sums over them
+    gathered: bool = False
+    row_examples: Tensor | None = None
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
