@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -85,7 +85,9 @@ def module_label(name: str, module: nn.Module) -> str:
     return f"{name or '<root>'} ({type(module).__name__})"
 
 
-def check_supported(model: nn.Module, randomness: str) -> None:
+def check_supported(
+    model: nn.Module, randomness: str, sharding: Callable[[nn.Module], str | None] | None = None
+) -> None:
     """Reject models whose per-example gradients are undefined, before any work.
 
     - Inside ``torch.inference_mode()`` nothing can be differentiated.
@@ -94,10 +96,11 @@ def check_supported(model: nn.Module, randomness: str) -> None:
     - Random modules (dropout) in training mode under ``randomness="error"``
       (random ops called as functions are caught while the engines run).
     - FSDP-sharded models and ``DistributedDataParallel`` wrappers
-      (:func:`._sharding.refuse_wrapped`: pass ``ddp.module``).
+      (:func:`._sharding.refuse_wrapped`: pass ``ddp.module``; ``sharding`` finds out how the model
+      is sharded, :func:`._sharding.sharding_of` by default).
     """
     require_module(model)
-    refuse_wrapped(model, "persample")
+    refuse_wrapped(model, "persample", sharding)
     if randomness not in RANDOMNESS_CHOICES:
         raise ValueError(f"randomness must be one of {RANDOMNESS_CHOICES}, got {randomness!r}")
     if torch.is_inference_mode_enabled():

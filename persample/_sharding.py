@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Any, Iterator, cast
+from typing import Any, Callable, Iterator, cast
 
 from torch import Tensor, nn
 
@@ -98,9 +98,10 @@ def is_fsdp2_hook(hook) -> bool:
     )
 
 
-def refuse_sharded(model: nn.Module, where: str) -> None:
-    """Raise :class:`UnsupportedModelError` when ``model`` holds FSDP-sharded parameters."""
-    kind = sharding_of(model)
+def refuse_sharded(model: nn.Module, where: str, sharding: Callable[[nn.Module], str | None] | None = None) -> None:
+    """Raise :class:`UnsupportedModelError` when ``model`` holds FSDP-sharded parameters (``sharding``:
+    how to find out, :func:`sharding_of` by default; the fast engine's per-model plan knows it)."""
+    kind = (sharding or sharding_of)(model)
     if kind is None:
         return
     if kind == "FSDP1":
@@ -125,14 +126,14 @@ def refuse_sharded(model: nn.Module, where: str) -> None:
     )
 
 
-def refuse_wrapped(model: nn.Module, where: str) -> None:
+def refuse_wrapped(model: nn.Module, where: str, sharding: Callable[[nn.Module], str | None] | None = None) -> None:
     """Refuse FSDP-sharded models and DDP wrappers at the functional entry points (grad_stats & co.).
 
     A ``DistributedDataParallel`` forward prepares DDP's reducer for a backward
     that these functions never run; this rank's statistics come from
     ``ddp.module`` (then :func:`persample.distributed.all_reduce_stats`).
     """
-    refuse_sharded(model, where)
+    refuse_sharded(model, where, sharding)
     ddp_module = sys.modules.get("torch.nn.parallel.distributed")
     ddp = getattr(ddp_module, "DistributedDataParallel", None) if ddp_module is not None else None
     if ddp is not None and isinstance(model, ddp):

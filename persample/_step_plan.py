@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from ._batch import Batch, flat_leaves, tensors_in
-from ._model import buffer_state, forward_hook_if_possible, restore_buffer_state
+from ._host_reads import HostChecks, one_host_read
+from ._model import buffer_state, forward_hook_if_possible, hooked_parameters, restore_buffer_state
 from ._torch_compat import is_functorch_wrapped
 from .api import compute_stats
 from .batch_loss import (
@@ -101,6 +102,7 @@ class StepOutcome:
     update: dict[str, Tensor]
     input_grads: list
     nonfinite_rows: list[int] | None = None
+    finite: bool | None = None  # stats.is_finite(), read with the step's other host reads (None: not read)
 
 
 def statistics_step(
@@ -123,6 +125,33 @@ def statistics_step(
     when p.grad comes from the statistics, the updates of the first forward of the batch (the
     fast engine's, also when it then refused) are put back.
     """
+    with one_host_read() as step_reads:
+        finite: dict[int, bool] = {}  # id(statistics) -> their finiteness, once read
+        outcome = _statistics_step(config, batch, params, inputs_with_grad, checking, step_reads, finite)
+    if outcome.stats is not None:
+        outcome.finite = finite.get(id(outcome.stats))  # (still alive: ids cannot have been reused)
+    return outcome
+
+
+def _finite_later(stats: GradStats, step_reads: HostChecks, finite: dict[int, bool]) -> None:
+    """``finite[id(stats)]`` gets ``stats.is_finite()`` when ``step_reads`` are read (nothing where it is
+    not known unread: the Tracker then asks the statistics)."""
+    flag = stats.finite_flag()
+    if flag is not None:
+        step_reads.defer(flag, lambda read: finite.__setitem__(id(stats), bool(read[0])))
+
+
+def _statistics_step(
+    config: StepConfig,
+    batch: Batch,
+    params: dict[str, nn.Parameter],
+    inputs_with_grad: list[Tensor],
+    checking: bool,
+    step_reads: HostChecks,
+    finite: dict[int, bool],
+) -> StepOutcome:
+    """:func:`statistics_step` inside its :func:`one_host_read`: the fast engine's cancellation flags,
+    the statistics' finiteness and the checks of the weights at the output are read in one copy."""
     model, per_example, clip_norm = config.model, config.per_example_loss, config.clip_norm
     first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
     # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
@@ -132,6 +161,7 @@ def statistics_step(
     finally:
         if handle is not None:
             handle.remove()
+    _finite_later(stats, step_reads, finite)  # read with the weights' checks below
     factor = None
     if first_forward:
         output, buffers_after_forward = first_forward[0]
@@ -147,9 +177,12 @@ def statistics_step(
             if refusal.per_example:  # the per-example loss is not a function of example i's output alone
                 options = {**config.stats_options, "engine": "independent"}
                 stats = compute_stats(model, per_example, batch, clip_norm=clip_norm, fork_rng=False, **options)
+                _finite_later(stats, step_reads, finite)
         leaves = flat_leaves(output)
         reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
-        if reached is not None and not inputs_with_grad:  # None: checkpointing hides what is reached
+        # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
+        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient
+        if reached is not None and not inputs_with_grad and not hooked_parameters(model):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean

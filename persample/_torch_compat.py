@@ -32,6 +32,7 @@ __all__ = [
     "global_module_hooks",
     "global_backward_hooks",
     "tensor_gradient_hooks",
+    "tensor_gradient_hook_functions",
     "post_accumulate_grad_hooks",
     "set_post_accumulate_grad_hooks",
     "is_batched_tensor",
@@ -139,6 +140,15 @@ def tensor_gradient_hooks(t: Tensor) -> bool:
         return bool(t._backward_hooks)
     except AttributeError:
         raise unknown("Tensor._backward_hooks") from None
+
+
+def tensor_gradient_hook_functions(t: Tensor) -> list[Callable]:
+    """The hooks on tensor ``t``'s gradient (``t.register_hook``), in the order autograd calls them."""
+    hooks = _read(t, "_backward_hooks", "Tensor._backward_hooks")
+    functions = list((hooks or {}).values())
+    if not all(callable(f) for f in functions):
+        raise unknown("Tensor._backward_hooks")
+    return functions
 
 
 def post_accumulate_grad_hooks(t: Tensor) -> dict | None:

@@ -38,6 +38,7 @@ from ._warn import short_reason, user_stacklevel
 from .errors import NotExact, PersampleError
 from .engines.fast import fast_grad_stats
 from .engines.fast.grads import fast_per_example_grads
+from .engines.fast.plan import planned_sharding
 from .engines.loop import loop_grad_stats, loop_grads
 from .engines.vmap import per_example_grads, vmap_grad_stats
 from .errors import SlowPathWarning
@@ -232,9 +233,8 @@ def grad_stats(
     gives the global batch's.
     """
     _engine_chain(engine, _CHAINS, ENGINES)
-    from ._sharding import sharding_of
-
-    if sharding_of(model) == "FSDP2":  # FSDP2's own forward and backward, observed (a collective)
+    sharding = planned_sharding(model)
+    if sharding == "FSDP2":  # FSDP2's own forward and backward, observed (a collective)
         from ._data_parallel import fsdp2_grad_stats
 
         return fsdp2_grad_stats(
@@ -251,6 +251,7 @@ def grad_stats(
         model,
         loss_fn,
         as_batch(inputs, targets),
+        sharding=lambda _: sharding,  # (found just now)
         chunk_size=chunk_size,
         randomness=randomness,
         engine=engine,
@@ -278,17 +279,19 @@ def compute_stats(
     fork_rng: bool = True,
     reference: Mapping[str, Tensor] | None = None,
     batch_loss_check: bool = False,
+    sharding: Callable[[nn.Module], str | None] = planned_sharding,
 ) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
     ``fork_rng=False`` lets random ops advance the global RNG as a training
     step would (what :class:`persample.Tracker` wants). ``batch_loss_check``:
-    see :func:`grad_stats` (off here: the Tracker derives and checks its weights itself).
+    see :func:`grad_stats` (off here: the Tracker derives and checks its weights itself). ``sharding``:
+    how :func:`check_supported` finds how the model is sharded (the per-model plan's, where it holds).
     """
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _CHAINS)
     check_clip_norm(clip_norm)
-    check_supported(model, randomness)
+    check_supported(model, randomness, sharding)
     options: dict[str, Any] = dict(
         randomness=randomness,
         var=var,

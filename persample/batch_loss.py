@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._host_reads import HostChecks
 from .engines._autograd import graph_leaves
 from .errors import BatchLossMismatch
 
@@ -236,7 +237,7 @@ def derive_weights(
         )
 
     checks.add(bad.any(), mismatch)
-    return torch.tensor(checks.resolve(w), dtype=torch.float64)
+    return host_weights(checks.resolve(w))
 
 
 def _example_losses_not_finite(losses: Tensor) -> NonFiniteExampleLoss:
@@ -261,49 +262,23 @@ def _example_loss_not_finite(b2: Tensor) -> NonFiniteExampleLoss:
     )
 
 
-class HostChecks:
-    """Checks whose outcome lives on the device, read to the host at once: each :meth:`add` gives a
-    boolean tensor (True: the check fails) and the error it raises; :meth:`resolve` reads every flag
-    (and the values it is given) in one device-to-host copy, and raises the error of the first failing
-    check, in the order they were added, as if each had been read where it was added. Code that runs
-    between an :meth:`add` and the :meth:`resolve` must not depend on the check having passed, except
-    through an exception: there, call :meth:`raise_first` first, so that an earlier failing check
-    wins as before."""
+#: The attribute of a weights tensor built on the host from values read off the device (``host_weights``)
+#: that holds those values: :func:`common_weight` takes them instead of reading the tensor again.
+_HOST_VALUES = "_persample_host_values"
 
-    def __init__(self) -> None:
-        self._flags: list[Tensor] = []
-        self._errors: list[Callable[[], BaseException] | type[BaseException]] = []
 
-    def add(self, failed: Tensor, error: Callable[[], BaseException] | type[BaseException]) -> None:
-        self._flags.append(failed.reshape(()))
-        self._errors.append(error)
+def host_weights(values: list[float]) -> Tensor:
+    """w_i as a float64 host tensor built from ``values`` (floats already read from the device), which
+    keeps them: :func:`common_weight` of it reads nothing (no device copy, no sync; on a CPU run
+    ``SyncCounter`` would count a ``.tolist()`` of a host tensor like a device read). Nothing modifies
+    such a tensor in place (every consumer makes new tensors from it).
 
-    def resolve(self, values: Tensor | None = None) -> list[float]:
-        """Raise the first failing check's error; else return ``values`` (a 1-d tensor) as floats."""
-        parts = [f.to(dtype=torch.float64) for f in self._flags]
-        if values is not None:
-            parts.append(values.reshape(-1).to(torch.float64))
-        if not parts:
-            return []
-        device = parts[0].device
-        host = torch.cat([p.reshape(-1).to(device) for p in parts]).tolist()  # the one host read
-        n = len(self._flags)
-        self._raise(host[:n])
-        return host[n:]
-
-    def raise_first(self) -> None:
-        """Raise the first failing check's error, if any (after an exception, before letting it go)."""
-        if self._flags:
-            self._raise(torch.stack([f.to(self._flags[0].device) for f in self._flags]).tolist())
-
-    def _raise(self, flags: list) -> None:
-        for failed, error in zip(flags, self._errors):
-            if failed:
-                self._flags.clear()
-                self._errors.clear()
-                raise error()
-        self._flags.clear()
-        self._errors.clear()
+    >>> common_weight(host_weights([0.25, 0.25]))
+    0.25
+    """
+    w = torch.tensor(values, dtype=torch.float64)
+    setattr(w, _HOST_VALUES, list(values))
+    return w
 
 
 def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
@@ -314,7 +289,9 @@ def common_weight(w: Tensor, rtol: float = 1e-6) -> float | None:
     """
     if w.numel() == 0:
         return None
-    values = w.double().tolist()  # one host read; the rest is Python's builtins (no loop in Python)
+    values = getattr(w, _HOST_VALUES, None)  # derive_weights' weights: already read, they live on the host
+    if values is None:
+        values = w.double().tolist()  # one host read; the rest is Python's builtins (no loop in Python)
     try:
         mean = math.fsum(values) / len(values)
     except (ValueError, OverflowError):  # inf - inf, or a sum beyond float64: no common weight

@@ -230,8 +230,10 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         _N,
         "setup",
         ("fast", "observe", "vmap"),
-        "No parameter has a tensor hook (p.register_hook), which changes its gradient",
-        "engine='auto' takes the per-example loop, which applies it to each example",
+        "A parameter's tensor hook (p.register_hook) can be applied to each example's gradient (the fast "
+        "engine: the parameter's modules have a built-in rule and are called on the whole batch)",
+        "engine='auto' takes an engine that applies it to each example (the fast engine where it can, else "
+        "the per-example loop)",
     ),
     Precondition(
         "MODULE_BACKWARD_HOOK",
@@ -271,7 +273,8 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         _N,
         "backward",
         ("fast", "observe"),
-        "No re-entrant activation checkpointing hides layers' inputs and output gradients",
+        "A re-entrant activation checkpoint's recomputation in the backward can be followed (no layer in its "
+        "block is called on an input shared by the batch; torch exposes the block's function)",
         "checkpoint(..., use_reentrant=False) (Hugging Face: gradient_checkpointing_kwargs={'use_reentrant': False})",
     ),
     Precondition(

@@ -170,7 +170,15 @@ def explain(
 
     def run(name: str, fn: Callable[[], Any]) -> EngineVerdict:
         memory, cost = _estimate(name, count, element, batch.size, chunk)
-        refused = next((r for r in setup if r.code is None or name in PRECONDITIONS[r.code].pipelines), None)
+        refused = next(
+            (
+                r
+                for r in setup
+                if r.code is None
+                or (name in PRECONDITIONS[r.code].pipelines and (name, r.code) not in _DECIDED_BY_RUNNING)
+            ),
+            None,
+        )
         if refused is not None:
             return EngineVerdict(name, False, refused, memory, cost)
         try:
@@ -202,6 +210,11 @@ def explain(
         "Tracker.observe": first_exact(("fast",)),
     }
     return Explanation(batch.size, count, modules, setup, verdicts, entry_points)
+
+
+#: (engine, code) pairs that the setup refusal does not decide: the engine, run, applies the precondition where
+#: it can (the fast engine hands each example's gradient to a parameter's hooks where its rule forms them)
+_DECIDED_BY_RUNNING = {("fast", "PARAMETER_GRADIENT_HOOK")}
 
 
 def _setup_refusals(model: nn.Module, randomness: str) -> list[Refusal]:

@@ -476,11 +476,19 @@ class GradStats:
             return math.isfinite(self.shard.total("mean_sq", self.names)) and all(
                 bool(torch.isfinite(t).all()) for t in self.param_sq_norms.values()
             )
+        flag = self.finite_flag()
+        return True if flag is None else bool(flag)  # one host read (a device sync) for all of them
+
+    def finite_flag(self) -> Tensor | None:
+        """:meth:`is_finite` of an unsharded record as a 0-d bool tensor on the device, unread (None where
+        there is nothing to check, or for a sharded record, whose check needs its global sums)."""
+        if self.shard is not None and self.shard.sums is not None:
+            return None
         tensors = [*self.mean.values(), *self.param_sq_norms.values()]
         if not tensors:
-            return True
-        device = tensors[0].device  # one host read (a device sync) for all of them, not one per tensor
-        return bool(torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all())
+            return None
+        device = tensors[0].device
+        return torch.stack([torch.isfinite(t).all().to(device) for t in tensors]).all()
 
     def __repr__(self) -> str:
         numel = sum(v.numel() for v in self.mean.values())

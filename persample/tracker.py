@@ -333,7 +333,7 @@ class Tracker:
         replicas = self._replicas if not plan.ddp_backward else None  # DDP's own backward reduces by itself
         part_added = skip_added = False
         try:
-            stats = part = failure = nonfinite_rows = None
+            stats = part = failure = nonfinite_rows = finite = None
             try:
                 batch = as_batch(inputs, targets)  # (a bad batch on one rank raises on every rank)
                 inputs_with_grad = leaf_inputs_requiring_grad(batch)
@@ -341,7 +341,7 @@ class Tracker:
                 if plan.per_example_work:
                     outcome = statistics_step(self._step_config, batch, params, inputs_with_grad, plan.checking)
                     stats, update, input_grads = outcome.stats, outcome.update, outcome.input_grads
-                    nonfinite_rows = outcome.nonfinite_rows
+                    nonfinite_rows, finite = outcome.nonfinite_rows, outcome.finite
                 elif plan.micro and plan.with_stats:
                     update, input_grads, weights, opaque = plain_gradient(
                         self._step_config, batch, params, inputs_with_grad, weigh=True
@@ -375,7 +375,9 @@ class Tracker:
                 if not plan.ddp_backward:  # (DDP's own backward has run them)
                     run_post_accumulate_grad_hooks(written_leaves(params, update, inputs_with_grad, input_grads))
                 if plan.with_stats and not plan.micro:
-                    if stats is None or not stats.is_finite():
+                    if replicas is not None or finite is None:  # (the reduced statistics, or not read yet)
+                        finite = stats is not None and stats.is_finite()
+                    if stats is None or not finite:
                         self.skipped.append(step)
                         skip_added = True
                         _warn_skipped(

@@ -94,7 +94,12 @@ def _modified_after_call(self, x):
 
 
 def _reentrant(self, x):
-    return self.b(checkpoint(lambda t: torch.tanh(self.a(t)), x.requires_grad_(), use_reentrant=True))
+    # the fast engine follows a re-entrant checkpoint's recomputation, but not a layer in it called on an input
+    # shared by the batch (batch dim 1): the forward's no_grad pass had no watcher check the expansion's uses
+    def block(h):
+        return torch.tanh(h + self.c(torch.ones(1, 4, dtype=h.dtype)))
+
+    return self.b(checkpoint(block, self.a(x), use_reentrant=True))
 
 
 def _rolls_inside_fallback(self, x):
@@ -162,9 +167,22 @@ def _spectral():
     return nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(3, 4)), nn.Tanh(), nn.Linear(4, 2)).double()
 
 
+class _Gain(nn.Module):
+    """A module without a closed-form rule (the fast engine's fallback) with a raw parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, h):
+        return h * self.gain
+
+
 def _hooked_parameter():
-    model = _mlp()
-    model[0].weight.register_hook(lambda g: 2 * g)
+    # the fast engine applies a parameter's hook to each example's gradient only where a built-in rule forms
+    # them; a fallback module's are checked against autograd's mean, which the hook would change
+    model = _mlp(_Gain())
+    model[1].gain.register_hook(lambda g: 2 * g)
     return model
 
 
@@ -213,7 +231,9 @@ def _triggers():
             engine="vmap",
         ),
         "RANDOM_SAME_BATCHED": lambda: _fast(_mlp(nn.Dropout(0.5)), x, y, randomness="same"),
-        "REENTRANT_CHECKPOINT": lambda: _fast(_with_forward(_reentrant, a=_lin(3, 4), b=_lin(4, 2)), x, y),
+        "REENTRANT_CHECKPOINT": lambda: _fast(
+            _with_forward(_reentrant, a=_lin(3, 4), b=_lin(4, 2), c=_lin(4, 4)), x, y
+        ),
         "EXPANSION_ESCAPES": lambda: _fast(*_broadcast_misuse()),
         "BATCH_DIM_AMBIGUOUS": lambda: _fast(*_time_major(5)),
         "DIM_ZERO_MOVED": lambda: _fast(*_normalised_table()),

@@ -74,14 +74,24 @@ def test_forward_hook_that_rescales_an_output_is_honoured():
     _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), model, F.cross_entropy, x, y)
 
 
-def test_parameter_gradient_hook_is_refused_by_fast_and_vmap_and_honoured_by_auto():
+def test_parameter_gradient_hook_is_refused_by_vmap_and_honoured_by_fast_and_auto():
+    """vmap refuses a parameter's hook; the fast engine applies it to each example's gradient (a Linear's
+    rule forms them), as the loop does; a hook on a module without a rule sends auto to the loop."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     model[0].weight.register_hook(lambda g: g * 0.5)
     x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
-    for engine in ("fast", "vmap"):
-        with pytest.raises(persample.NotExact, match=r"'0.weight' has a gradient hook"):
-            persample.grad_stats(model, F.cross_entropy, x, y, engine=engine)
+    with pytest.raises(persample.NotExact, match=r"'0.weight' has a gradient hook"):
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="vmap")
+    _assert_exact(persample.grad_stats(model, F.cross_entropy, x, y, engine="fast"), model, F.cross_entropy, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", persample.SlowPathWarning)
+        stats = persample.grad_stats(model, F.cross_entropy, x, y)
+    _assert_exact(stats, model, F.cross_entropy, x, y)
+    model[1] = nn.PReLU().double()  # no closed-form rule: its hooked weight's rows are not formed
+    model[1].weight.register_hook(lambda g: g * 0.5)
+    with pytest.raises(persample.NotExact, match=r"'1.weight' has a gradient hook.*no built-in closed-form rule"):
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     with pytest.warns(persample.SlowPathWarning, match="per-example loop"):
         stats = persample.grad_stats(model, F.cross_entropy, x, y)
     _assert_exact(stats, model, F.cross_entropy, x, y)

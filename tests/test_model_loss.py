@@ -243,13 +243,13 @@ def _observe(model, inputs, scale=1.0):
     return observed.stats
 
 
-@pytest.mark.parametrize("name", ["single-label", "regression", "masked-lm-unpadded"])
+@pytest.mark.parametrize("name", ["single-label", "regression", "masked-lm-unpadded", "question-answering"])
 def test_observe_around_the_models_own_backward(name):
     """Tracker.observe around `model(**batch, labels=...).loss.backward()` (scaled, as under gradient
     accumulation): the statistics of the model's own per-example losses, from the user's one backward.
-    (Question answering is left out: its qa_outputs.bias has a gradient that is 0 in exact arithmetic,
-    ~1e-17 in float64, which observe's p.grad sum check compares at a relative tolerance and refuses,
-    OBSERVE_SUM_MISMATCH: a false refusal of engine.means_that_differ, not of the own loss.)"""
+    Question answering: its qa_outputs.bias has a gradient that is 0 in exact arithmetic (a shift of the
+    logits under a softmax over positions), ~1e-17 in float64; observe's p.grad sum check compared it at
+    a tolerance relative to itself alone and refused it (OBSERVE_SUM_MISMATCH), a false refusal."""
     if name == "masked-lm-unpadded":
         model, inputs = _case("masked-lm")
         inputs["labels"] = tokens()  # every token counted: equal weights 1 / (B T)
@@ -257,6 +257,23 @@ def test_observe_around_the_models_own_backward(name):
         model, inputs = _case(name)
     want = oracle(model, own_loss, inputs)
     _assert_matches(_observe(model, inputs, scale=0.5), want)
+
+
+@pytest.mark.parametrize("relative", [1e-3, 1e-7])
+def test_observe_still_refuses_a_small_real_difference_in_a_zero_gradient(relative):
+    """The sum check's floor for gradients that are zero in exact arithmetic is rounding of the model's
+    gradients, not more: a term of the backwarded loss that gives the QA head's bias (exactly 0 without it)
+    a gradient of 1e-7 of the model's largest is still refused."""
+    model, inputs = _case("question-answering")
+    model(**inputs).loss.backward()
+    largest = max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None)
+    model.zero_grad(set_to_none=True)
+    tracker = persample.Tracker(model, own_loss)
+    with pytest.raises(persample.ObservationError) as info:
+        with tracker.observe(batch_size=B):
+            (model(**inputs).loss + relative * largest * model.qa_outputs.bias.sum()).backward()
+    assert info.value.code == "OBSERVE_SUM_MISMATCH"
+    assert "qa_outputs.bias" in str(info.value)
 
 
 def test_observe_refuses_unequal_token_weights_and_other_terms():

@@ -49,10 +49,16 @@ def _planned(model, x, y):
     return first
 
 
-def test_a_gradient_hook_added_after_the_first_call_is_refused():
+def test_a_gradient_hook_added_after_the_first_call_is_seen():
+    """The plan sees the hook: a hook on a rule module's weight is applied to each example's gradient (the
+    oracle's loop honours it too); one on a rule-less module's parameter is refused."""
     model, (x, y) = _mlp(), _data()
     _planned(model, x, y)
-    model[2].weight.register_hook(lambda g: 2 * g)
+    model[2].weight.register_hook(lambda g: g.clamp(-0.05, 0.05))
+    _assert_oracle(model, x, y)
+    model[1].register_parameter("gain", nn.Parameter(torch.ones(6, dtype=torch.float64)))  # structure changes
+    model[1].gain.register_hook(lambda g: 2 * g)
+    model[1].forward = lambda h: torch.tanh(h) * model[1].gain  # a module without a rule uses it
     with pytest.raises(NotExact) as err:
         _fast(model, x, y)
     assert err.value.code == "PARAMETER_GRADIENT_HOOK"

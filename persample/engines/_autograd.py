@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -17,6 +18,7 @@ from .._torch_compat import post_accumulate_grad_hooks, set_post_accumulate_grad
 
 __all__ = [
     "gradients",
+    "fresh_grad_slots",
     "graph_leaves",
     "is_reentrant_checkpoint_node",
     "is_reentrant_checkpoint_error",
@@ -41,23 +43,51 @@ def gradients(loss: Tensor, wrt: Sequence[Tensor], also_restore: Sequence[Tensor
     except RuntimeError as err:
         if not is_reentrant_checkpoint_error(err):
             raise
-    leaves = list(
-        {id(t): t for t in [*wrt, *also_restore, *graph_leaves([loss])[0]] if t.is_leaf and t.requires_grad}.values()
-    )
-    saved = [t.grad for t in leaves]
-    hooked = [(t, hooks) for t in leaves if (hooks := post_accumulate_grad_hooks(t))]
-    try:
-        for t in leaves:
-            t.grad = None
-        for t, _ in hooked:
-            set_post_accumulate_grad_hooks(t, None)  # the user's dict stays as it is, handles too
+    leaves = [*wrt, *also_restore, *graph_leaves([loss])[0]]
+    with fresh_grad_slots(leaves):
         loss.backward()
         return [t.grad for t in wrt]
-    finally:
-        for t, hooks in hooked:
-            set_post_accumulate_grad_hooks(t, hooks)
-        for t, g in zip(leaves, saved):
-            t.grad = g
+
+
+class fresh_grad_slots(contextlib.AbstractContextManager):
+    """Within the block, a backward accumulates into emptied ``.grad`` slots of ``leaves`` (those that are
+    leaves and require grad), whose post-accumulate-grad hooks are held back; on exit every slot gets its
+    ``.grad`` back and every hook registry its hooks, also when the block raised.
+
+    ``add(more)``: empty more slots the same way (leaves that only a backward shows: re-entrant
+    checkpointing builds its block's graph in the backward); a leaf already held is left as it is."""
+
+    def __init__(self, leaves: Sequence[Tensor]):
+        self._held: dict[int, tuple[Tensor, Tensor | None, dict | None]] = {}
+        self._initial = leaves
+
+    def __enter__(self) -> "fresh_grad_slots":
+        try:
+            self.add(self._initial)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def add(self, leaves: Sequence[Tensor]) -> None:
+        for t in leaves:
+            if not (t.is_leaf and t.requires_grad) or id(t) in self._held:
+                continue
+            hooks = post_accumulate_grad_hooks(t)
+            self._held[id(t)] = (t, t.grad, hooks)
+            t.grad = None
+            if hooks:
+                set_post_accumulate_grad_hooks(t, None)  # the user's dict stays as it is, handles too
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for t, grad, hooks in self._held.values():
+            if hooks:
+                set_post_accumulate_grad_hooks(t, hooks)
+            t.grad = grad
+        self._held.clear()
 
 
 def graph_leaves(roots: Sequence[Tensor]) -> tuple[list[Tensor], bool]:

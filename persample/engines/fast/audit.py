@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..._batch import flat_leaves, tensors_in
 from ...contract import Finding
 from .._autograd import is_reentrant_checkpoint_node
+from .places import Place, batch_first
 from .units import Call, Unit, probing
 
 
@@ -48,8 +49,8 @@ _HF_NON_REENTRANT = (
 
 REENTRANT_CHECKPOINT = Finding(
     "REENTRANT_CHECKPOINT",
-    "re-entrant gradient checkpointing (use_reentrant=True) "
-    "hides the checkpointed layers' inputs and output gradients from the fast engine; "
+    "re-entrant gradient checkpointing (use_reentrant=True) whose recomputation in the backward the fast "
+    "engine cannot follow hides the checkpointed layers' inputs and output gradients from it; "
     "use checkpoint(..., use_reentrant=False), " + _HF_NON_REENTRANT,
 )
 
@@ -188,46 +189,72 @@ def _of_parameters_only(node, activations: frozenset | set = frozenset()) -> boo
 
 
 def _mixes_batch(
-    node, batch_size: int | None, activations: frozenset | set = frozenset()
+    node,
+    batch_size: int | None,
+    activations: frozenset | set = frozenset(),
+    *,
+    flattened: bool = False,
+    seq_first: bool = False,
 ) -> tuple[bool, tuple, str] | None:
     """(certain, the tensor's shape, what) where the op of backward node ``node`` combines or reorders the
     rows of a tensor whose dim 0 has the batch's size along dim 0, else None. Certain for reductions, scans, sorts,
     rolls, flips and gathers over dim 0; not certain (dim 0 may be a position once some dim 0 moved)
-    for slices, selections and indexing across rows, and ``a @ b`` with ``a`` a transposed activation."""
+    for slices, selections and indexing across rows, and ``a @ b`` with ``a`` a transposed activation.
+
+    With calls on flattenings (``flattened``, :mod:`.places`), a dim 0 that is a multiple of the batch's size
+    counts as the batch's too (``(B·T, D)``: a roll by 2T rows would swap examples of one parity, which the
+    probe of the rows cannot tell); with calls on sequence-first tensors (``seq_first``), an op along
+    another dim of the batch's size mixes the examples for certain (the shape returned is then ``()``)."""
     if batch_size is None or batch_size < 2:
         return None
     name = node.name()
     base = name.rstrip("0123456789")
+
+    def rows(n: int) -> bool:
+        return n == batch_size or (flattened and n > batch_size and n % batch_size == 0)
+
     try:
         if name in _FULL_REDUCTIONS or base in _ALONG_DIMS:
             if _of_parameters_only(node, activations):
                 return None
             shape = _node_input_shape(node)
-            if not shape or shape[0] != batch_size:
+            if not shape:
+                return None
+            others = {a for a in range(1, len(shape)) if shape[a] == batch_size} if seq_first else set()
+            if not rows(shape[0]) and not others:
                 return None
             dims = None if name in _FULL_REDUCTIONS else getattr(node, _ALONG_DIMS[base], None)
             if dims is None or (isinstance(dims, (tuple, list)) and len(dims) == 0):
-                return True, shape, f"{name} reduces or reorders all of a tensor of shape {shape}"
+                what = f"{name} reduces or reorders all of a tensor of shape {shape}"
+                return (True, shape, what) if rows(shape[0]) else (True, (), what)
             dims = [dims] if isinstance(dims, int) else list(dims)
-            if any(_signed(int(d)) % len(shape) == 0 for d in dims):
+            normal = {_signed(int(d)) % len(shape) for d in dims}
+            if 0 in normal and rows(shape[0]):
                 # a gather or scatter of rows may be a reordering undone later (PackedSequence's sort)
                 return base not in _ROW_INDEXING, shape, f"{name} works along dim 0 of a tensor of shape {shape}"
+            if normal & others:
+                return (
+                    True,
+                    (),
+                    f"{name} works along dim {min(normal & others)} of a tensor of shape {shape}, "
+                    + ("which holds the batch of a sequence-first call"),
+                )
             return None
         if base in ("SliceBackward", "SelectBackward"):
             shape = tuple(int(s) for s in node._saved_self_sym_sizes)
-            if not shape or shape[0] != batch_size or _signed(int(node._saved_dim)) % len(shape) != 0:
+            if not shape or not rows(shape[0]) or _signed(int(node._saved_dim)) % len(shape) != 0:
                 return None
             if base == "SliceBackward":
                 start, end, step = _signed(int(node._saved_start)), _signed(int(node._saved_end)), int(node._saved_step)
-                if step == 1 and start in (0, -batch_size) and end >= batch_size:
+                if step == 1 and start in (0, -shape[0]) and end >= shape[0]:
                     return None
             return False, shape, f"{name} takes part of dim 0 of a tensor of shape {shape}"
         if base == "IndexBackward":
             shape = tuple(int(s) for s in node._saved_self_sym_sizes)
             indices = list(node._saved_indices)
-            if not shape or shape[0] != batch_size or not indices or indices[0] is None:
+            if not shape or not rows(shape[0]) or not indices or indices[0] is None:
                 return None
-            if _every_row(indices[0], batch_size):
+            if _every_row(indices[0], shape[0]):
                 return None  # every row in place (x[arange(B), j], an all-true mask)
             return False, shape, f"{name} indexes dim 0 of a tensor of shape {shape} with rows of other examples"
         if base in _BATCH_NORMS:
@@ -243,10 +270,10 @@ def _mixes_batch(
             return True, shape, f"{name} normalises over dim 0 too (normalized_shape {normalized} of shape {shape})"
         if base == "IndexPutBackward":  # out[idx] = h: row j of out gets row idx⁻¹(j) of h
             shape = _node_input_shape(node)
-            if not shape or shape[0] != batch_size:
+            if not shape or not rows(shape[0]):
                 return None
             indices = list(node._saved_indices)  # freed by a backward (observe): then refused as unreadable
-            if not indices or indices[0] is None or _every_row(indices[0], batch_size):
+            if not indices or indices[0] is None or _every_row(indices[0], shape[0]):
                 return None
             return False, shape, f"{name} writes rows of other examples into dim 0 of a tensor of shape {shape}"
         if base in ("MmBackward", "AddmmBackward"):
@@ -255,7 +282,7 @@ def _mixes_batch(
             if (
                 self_node is not None
                 and sizes is not None
-                and int(sizes[-1]) == batch_size
+                and rows(int(sizes[-1]))
                 and not _is_parameter(self_node, activations)
                 and _moves_dim_zero(self_node, activations)
             ):
@@ -331,7 +358,7 @@ def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Find
             if not moved and node not in internal:
                 moved = _batch_dim_off_lead(node, batch_size)
             stack.extend(nxt for nxt, _ in node.next_functions)
-        if not moved and not _token_row_calls(units):
+        if not moved and not any(_places(units).values()) and not _token_row_calls(units):
             return None
         leak = rows_leak(outputs, units, batch_size, seq_first=_seq_first(units, False))
     return None if leak is None else batch_mixing(leak)
@@ -404,6 +431,7 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
         and (t.is_floating_point() or t.is_complex())
     ]
     seen: dict[int, tuple[Tensor, str, int]] = {}  # id → (tensor, label, rows per example; 0: gathered rows)
+    placed: dict[int, Place] = {}  # tensors read by a place: their rows are example i's where it says
     gathered: dict[int, Call] = {}  # id of a gathered call's output → the call, whose row_examples are read here
     for unit in units:
         for call in unit.calls:
@@ -413,6 +441,16 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
                     label = f"module {unit.name or '<root>'}'s output of shape {tuple(out.shape)} (gathered token rows)"
                     seen[id(out)], gathered[id(out)] = (out, label, 0), call
                 continue
+            if call.place is not None:
+                for where, t in (("input", call.args[0]), ("output", flat_leaves(call.output)[0])):
+                    if isinstance(t, Tensor) and t.requires_grad and t.layout == torch.strided and id(t) not in seen:
+                        seen[id(t)] = (
+                            t,
+                            f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)} "
+                            f"({call.place.describe()})",
+                            1,
+                        )
+                        placed[id(t)] = call.place
             k = call.rows_per_example  # a flattened token batch: row r is example r // k's (units.token_rows)
             for where, value in (("input", (call.args, call.kwargs)), ("output", call.output)):
                 for t in tensors_in(value):
@@ -433,38 +471,47 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
     # token rows (units.token_rows) claims a map row → example that its rows may not show (a gather of
     # rows reorders them), so its tensors get the passes that pin every example's index bit by bit: for
     # each bit j of the example index and each value v, the examples with bit j = v reach no row claimed
-    # by an example with bit j ≠ v (2·⌈log2 B⌉ passes in all, the first one shared).
+    # by an example with bit j ≠ v (2·⌈log2 B⌉ passes in all, the first one shared). With token rows, every
+    # call's rows get every pass (a gather of B rows from token rows is not batch rows, whatever its size).
     passes = [(0, 0)]
     reached: dict[int, dict[tuple[int, int], Tensor]] = {i: {} for i in gathered}  # rows each pass reaches
     if any(k != 1 for _, _, k in seen.values()):
         passes += [
             (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
         ]
+    entries = list(seen.items())
     for bit, value in passes:
-        probed = list(seen.values())  # with token rows, every call's rows get every pass (a gather of B rows
-        # from token rows is not batch rows, whatever its size)
         try:
             with probing():
                 grads = torch.autograd.grad(
                     roots,
-                    [t for t, _, _ in probed],
+                    [t for _, (t, _, _) in entries],
                     grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
                     retain_graph=True,
                     allow_unused=True,
                 )
         except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
             return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
-        for (t, label, k), g in reversed(list(zip(probed, grads))):  # the last one names where it happens
+        probed = []
+        for (key, (t, label, k)), g in zip(entries, grads):
             if k == 0:  # gathered rows: note which rows the examples with bit j = v reach
                 rows = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
                 if g is not None and g.layout == torch.strided:
                     rows = ((g != 0) & torch.isfinite(g)).reshape(t.shape[0], -1).any(1)
-                reached[id(t)][(bit, value)] = rows
+                reached[key][(bit, value)] = rows
                 continue
             if g is None or g.layout != torch.strided:
                 continue
-            other = _other_rows(g, batch_size, k, bit, value)
-            if bool(((other != 0) & torch.isfinite(other)).any()):
+            if key in placed:
+                g = batch_first(g, placed[key], batch_size)
+            probed.append((label, _other_rows(g, batch_size, k, bit, value)))
+        if not probed:
+            continue
+        device = probed[0][1].device
+        # one host read for every activation's flag (not one each)
+        flags = torch.stack([((other != 0) & torch.isfinite(other)).any().to(device) for _, other in probed]).tolist()
+        for (label, _), leaked in reversed(list(zip(probed, flags))):  # the last one names where it happens
+            if leaked:
                 return (
                     f"an op after {label} combines the rows of different examples (the gradient of some "
                     "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
@@ -498,6 +545,13 @@ def _examples_of_rows(reached: dict[tuple[int, int], Tensor], batch_size: int) -
         examples |= one.long() << bit
         unreached &= ~(zero | one)
     return examples.masked_fill(unreached, -1)
+
+
+def _places(units: list[Unit]) -> dict[str, bool]:
+    """Whether some call read its input by a place (:mod:`.places`): a flattening, a sequence-first tensor
+    (the keywords of :func:`_mixes_batch`). Such calls always get the probe of the rows."""
+    found = [call.place for unit in units for call in unit.calls if call.place is not None]
+    return {"flattened": any(p.positions for p in found), "seq_first": any(not p.positions for p in found)}
 
 
 def _fallback_internals(units: list[Unit]) -> set:
@@ -582,6 +636,7 @@ def _audit_graph(
             if isinstance(t, Tensor) and t.grad_fn is not None and t.dim() > 0 and t.shape[0] == batch_size
         }
     checked: set = set()  # model-side nodes looked at for batch mixing
+    places = _places(units)  # calls on flattenings or sequence-first tensors (.places)
     batch_moved = False  # some model-side tensor has the batch's size off dim 0 (see _batch_dim_off_lead)
     mixing: list[tuple[bool, tuple, str]] = []  # (certain, shape, what): certain unless dim 0 may not be the batch
     stack = [(t.grad_fn, False) for t in roots]
@@ -597,7 +652,7 @@ def _audit_graph(
             continue
         if inside:
             checked.add(node)
-            if node not in internal and (found := _mixes_batch(node, batch_size, detached)) is not None:
+            if node not in internal and (found := _mixes_batch(node, batch_size, detached, **places)) is not None:
                 mixing.append(found)
             if rows == "probe" and not batch_moved and node not in internal:
                 batch_moved = _batch_dim_off_lead(node, batch_size, detached)
@@ -633,7 +688,12 @@ def _audit_graph(
                 if u.rule is None or u.rule.whole_call
             )
         )
+        # With calls on token rows the probe of the rows pins every row's example bit by bit (rows_leak), so a
+        # gather or scatter of a flattening's rows (an expert's x[token], index_add_) is left to it
+        token_rows_probed = _token_row_calls(units)
         for certain, shape, what in mixing:
+            if token_rows_probed and not certain and shape and shape[0] != batch_size:
+                continue
             if not seq_first or (certain and batch_size not in shape[1:]):
                 return GraphAudit(batch_mixing(what), moved)
     expected: dict[int, int] = {}
@@ -654,7 +714,9 @@ def _audit_graph(
                     )
     if isinstance(rows, Finding):
         return GraphAudit(rows, moved)
-    if (batch_moved or (rows == "probe" and _token_row_calls(units))) and batch_size is not None:
+    if (
+        batch_moved or (rows == "probe" and (any(places.values()) or _token_row_calls(units)))
+    ) and batch_size is not None:
         leak = rows_leak(
             roots if outputs is None else outputs, units, batch_size, seq_first=_seq_first(units, inputs_moved)
         )

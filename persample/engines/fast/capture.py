@@ -17,13 +17,14 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
+from torch.nn.utils.rnn import PackedSequence
 from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_state
 from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
-from .._autograd import is_reentrant_checkpoint_node
+from .._autograd import graph_leaves, is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
 from .rules import rows_apart
 from .units import (
@@ -37,6 +38,7 @@ from .units import (
     token_rows,
 )
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
+from .places import output_place, through_rule
 from .in_place import _parameter_slots, _substituted_parameter, _substitution
 from .audit import _HF_NON_REENTRANT, _ambiguous_expansion, batch_mixing
 
@@ -59,9 +61,13 @@ class Capture:
     #: backward recomputed them: the graph audit walks on through them
     recomputed: dict = field(default_factory=dict)
     recompute_watchers: list = field(default_factory=list)  # user-code watchers of the recomputations
+    #: called with the leaves (other than the block's detached inputs) that a recomputed block's graph reaches,
+    #: before the checkpoint's inner backward accumulates into them (the fast engine empties their .grad)
+    on_recomputed_leaves: Callable[[list], None] | None = None
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
     token_rows: set = field(default_factory=set)  # the row counts B·k of the unit calls on token rows
     token_nodes: set = field(default_factory=set)  # grad_fns of those calls' tensors (and of gathered calls')
+    packed: str | None = None  # the first module called on a PackedSequence (its data interleaves the examples)
 
     @property
     def escape(self) -> Finding | None:
@@ -74,6 +80,14 @@ class Capture:
             )
         if self.rewritten_gradient is not None:
             return self.rewritten_gradient
+        if self.packed is not None:  # before the sort of the lengths that packing did, which the watcher saw
+            return Finding(
+                "BATCH_MIXED",
+                f"{self.packed} takes a PackedSequence (pack_padded_sequence or pack_sequence), whose data "
+                "holds the examples' time steps interleaved in one time-major tensor, sorted by length: the "
+                "fast engine cannot split it per example (and vmap cannot pack: each example's length is a "
+                "shape of its own); engine='auto' computes each example alone (the per-example loop)",
+            )
         mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
         if mixed is not None:
             return batch_mixing(mixed)
@@ -173,6 +187,9 @@ class Capture:
                 roots = [t for t in tensors_in(out) if t.grad_fn is not None]
                 inputs = {get_gradient_edge(t).node for t in tensors_in(args) if t.is_leaf and t.requires_grad}
                 self.recomputed[node] = (roots, inputs)
+                if self.on_recomputed_leaves is not None:
+                    leaves = graph_leaves(roots)[0]
+                    self.on_recomputed_leaves([t for t in leaves if get_gradient_edge(t).node not in inputs])
                 self.follow_checkpoints(roots)  # re-entrant checkpoints nested in the block
             return out
 
@@ -331,11 +348,13 @@ def capturing(
         return hook
 
     def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+        if capture.packed is None and args and isinstance(args[0], PackedSequence):
+            capture.packed = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         substituted = _substituted_parameter(parameter_slots[id(unit)], resharded)
         if substituted is not None:  # the call computed with another tensor than the parameter a rule credits
             watcher.escape = watcher.escape or _substitution(unit, substituted)
             return None
-        expanded = suspect = None
+        expanded = suspect = place = None
         rows = 1
         gathered = False
         x = args[0] if args and isinstance(args[0], Tensor) else None
@@ -357,6 +376,7 @@ def capturing(
                 and output.shape[0] == shape[0]
                 and x.grad_fn is not None
                 and capture.token_nodes
+                and capture.user_watcher.place_of(x) is None  # a flattening with a place: read by it (.places)
                 and _reaches(x.grad_fn, capture.token_nodes)
             ):
                 gathered = True  # rows gathered from token rows (an expert Linear's x[token]): map from the probe
@@ -373,8 +393,13 @@ def capturing(
                     f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)} has no batch dim "
                     f"(dim 0 is not the batch of {batch_size}), so it was expanded over the batch"
                 )
-            elif rows_apart(unit.rule) and (k := token_rows(x, [output], batch_size, from_batch)) > 1:
-                rows = k  # a row-wise rule on a flattened token batch (an MoE's h.view(-1, d)): segment sums
+            elif (
+                x.dim() > 0
+                and shape[0] != batch_size
+                and not recomputing
+                and (place := through_rule(unit.rule, unit.module, x, capture.user_watcher.place_of(x))) is not None
+            ):
+                pass  # a flattening or a sequence-first input of a row-wise rule: read by its place (.places)
             elif (x.dim() == 0 or shape[0] != batch_size) and unit.rule.unbatched(unit.module, x):
                 expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
                 args = (x.unsqueeze(0), *args[1:])  # one example; the rule expands it to the batch
@@ -398,6 +423,8 @@ def capturing(
                 )
         elif unit.rule is None and x is not None:  # a fallback on a flattened token batch (an MoE router, experts)
             rows = token_rows(x, [*tensors_in((args, kwargs)), *tensors_in(output)], batch_size, from_batch)
+        # computed from parameters and constants alone (a relative-position bucket index): no dim holds the batch
+        constant = expanded is not None and not any(batch_dependent(t) for t in tensors_in((args, kwargs)))
         if recomputing and (expanded is not None or suspect is not None):
             # the forward's first pass (no gradients) saw no such call, so no watcher checked its expansion
             watcher.escape = watcher.escape or Finding(
@@ -418,27 +445,34 @@ def capturing(
             changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
             rows_per_example=rows,
             gathered=gathered,
+            place=place,
+            batched_kwargs=_batched_kwargs(unit, kwargs),
         )
         unit.calls.append(call)
         if rows > 1:
             capture.token_rows.add(batch_size * rows)
-        if rows > 1 or gathered:  # rows of token rows: what is computed from them may be gathered
+        if rows > 1 or gathered or place is not None:  # token rows: what is computed from them may be gathered
             capture.token_nodes.update(
                 t.grad_fn for t in (*tensors_in((args, kwargs)), *tensors_in(output)) if t.grad_fn is not None
             )
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
-                if hook_outputs:
+                if hook_outputs or recomputing:  # a recomputed call's edges exist only within the backward
                     leaf.register_hook(store_grad(call.out_grads, leaf_index))
                 call.edges[leaf_index] = get_gradient_edge(leaf)
                 if leaf._is_view():
                     call.view_versions[leaf_index] = leaf._version
         if on is not None:
-            watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call))
+            constant = on.constant and not any(batch_dependent(t) for t in tensors_in((call.args[1:], kwargs)))
+            watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call), constant)
             return None
+        if place is not None:
+            capture.user_watcher.set_place(output, place)
+        elif x is not None and not recomputing and (kept := _output_place(unit, x, output)) is not None:
+            capture.user_watcher.set_place(flat_leaves(output)[0], kept)
         if expanded is not None:
-            watcher.watch_expansion(expanded, output, label, call)
+            watcher.watch_expansion(expanded, output, label, call, constant=constant)
             capture.watch()
             if dim_watcher is None and not rule_pre_hooks:  # from now on, rule modules may get expansions
                 rule_pre_hooks.extend(
@@ -464,6 +498,24 @@ def capturing(
             return True
         return _storage(x) in input_storages or capture.user_watcher.from_inputs(x)
 
+    def _batched_kwargs(unit: Unit, kwargs: dict) -> tuple:
+        if unit.rule is None or not unit.rule.whole_call or batch_size < 2:
+            return ()
+        return tuple(
+            k
+            for k, t in kwargs.items()
+            if isinstance(t, Tensor)
+            and t.dim() > 0
+            and t.shape[0] == batch_size
+            and (t.grad_fn is not None or capture.user_watcher.from_inputs(t))
+        )
+
+    def _output_place(unit: Unit, x: Tensor, output):
+        leaves = flat_leaves(output)
+        if not leaves or not isinstance(leaves[0], Tensor) or leaves[0].dim() == 0 or leaves[0].shape[0] == batch_size:
+            return None
+        return output_place(unit.rule, unit.module, x, capture.user_watcher.place_of(x))
+
     fallback_buffers = {id(u): _versioned_buffer_slots(u.module) for u in units if u.rule is None}
     parameter_slots = {id(u): _parameter_slots(u.module) for u in units}
     if sharding is True:
@@ -471,6 +523,14 @@ def capturing(
     resharded = fsdp2_sharded_slots(model) if sharding == "FSDP2" else {}
     capture = Capture(watcher, dim_watcher, _UserCodeWatcher(batch_size, stop_random))
     capture.user_watcher.input_storages = input_storages
+    user_watcher = capture.user_watcher  # not the capture: the watcher would keep it alive
+
+    def batch_dependent(t: Tensor) -> bool:
+        """Whether ``t`` may carry the batch's data: an activation, an input (or a view of one), or a frozen
+        result computed from one. Parameters, buffers and constants (``torch.arange(T)``) cannot."""
+        return t.grad_fn is not None or _storage(t) in input_storages or user_watcher.from_inputs(t)
+
+    watcher.batch_dependent = batch_dependent
     try:
         handles.append(_hooked(model.register_forward_pre_hook, model_pre_hook, None))
         for unit in units:

@@ -23,9 +23,16 @@ Whenever this cannot be exact (a parameter used outside the modules that own
 it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
 it cannot apply per example, a loss that is not per example, a module input or
-parameter changed in place after the module's call, re-entrant checkpointing)
-the engine raises :class:`~persample.errors.NotExact`, and ``engine="auto"``
-moves on to the vmap engine, then the per-example loop.
+parameter changed in place after the module's call, a re-entrant checkpoint whose
+recomputation it cannot follow) the engine raises :class:`~persample.errors.NotExact`,
+and ``engine="auto"`` moves on to the vmap engine, then the per-example loop.
+
+Re-entrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) runs
+its block under no_grad in the forward and again inside the backward, where it
+refuses ``torch.autograd.grad``. The engine then follows the recomputation as
+``observe`` does (:func:`_backward_through_recomputations`): one ``backward()``
+into emptied ``.grad`` slots, the block's calls recorded as they are recomputed,
+and the graph audited after the backward, recomputed blocks included.
 """
 
 from __future__ import annotations
@@ -40,26 +47,29 @@ from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
+from ..._host_reads import HostChecks, open_checks
 from ..._model import (
     RandomCalls,
     RandomCallStop,
     autocast_as,
+    backward_hooked_module,
+    hooked_parameters,
     detached_buffers,
     first_random_module,
     randomness_error,
     translate_vmap_error,
 )
-from ..._torch_compat import is_batched_tensor
+from ..._torch_compat import is_batched_tensor, tensor_gradient_hook_functions
 from ...contract import Finding
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
-from .._autograd import dense_gradient, is_reentrant_checkpoint_error
+from .._autograd import dense_gradient, fresh_grad_slots, graph_leaves, is_reentrant_checkpoint_error
 from ..vmap import example_loss
-from .audit import REENTRANT_CHECKPOINT, audit_graph
+from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .plan import model_plan, refuse_gradient_hooks
+from .plan import model_plan
 from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
@@ -67,6 +77,7 @@ from .cuts import backward as cut_backward
 from .losses import closed_form_losses
 from .model_loss import model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
+from .places import batch_first
 from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
 from .rules import Layout, LayoutError
 
@@ -147,7 +158,7 @@ def fast_pieces(
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
     autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
-    refuse_gradient_hooks(model, hooks, "fast")
+    hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
     with (
@@ -169,6 +180,7 @@ def fast_pieces(
         if keep_output is not None:
             keep_output.append(output)
         capture.end_model_forward()
+        followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
@@ -189,18 +201,29 @@ def fast_pieces(
         if modified is not None:
             raise NotExact(modified)
         mean_loss = losses.mean()
-        audit = audit_graph(
-            mean_loss,
-            units,
-            {id(p): n for n, p in params.items()},
-            batch_size=batch.size,
-            outputs=flat_leaves(output),
-            inputs_moved=capture.raw_input_moved,
-        )
-        if audit.escape is not None:
-            raise NotExact(audit.escape)
-        planned = plan_cuts(units, modes, mean_loss) if modes else []
-        derived = derived_parameters(units, params, var, form_all=form_all)
+
+        def audit(rows: Finding | None | str = "probe"):
+            return audit_graph(
+                mean_loss,
+                units,
+                {id(p): n for n, p in params.items()},
+                batch_size=batch.size,
+                outputs=flat_leaves(output),
+                inputs_moved=capture.raw_input_moved,
+                recomputed=capture.recomputed,
+                rows=rows,
+            )
+
+        if not followed:
+            audited = audit()
+            if audited.escape is not None and audited.escape.code == "REENTRANT_CHECKPOINT":
+                followed = _follow_reentrant_checkpoints(capture, output, called_without_grad=False)
+            if not followed and audited.escape is not None:
+                raise NotExact(audited.escape)
+        if followed:  # the checkpointed blocks' graphs exist only in the backward: audited after it
+            rows = rows_check(flat_leaves(output), units, batch.size)
+        planned = plan_cuts(units, modes, mean_loss) if modes and not followed else []
+        derived = derived_parameters(units, params, var, form_all=form_all) | set(hooked)  # hooks: never on ḡ
         from_autograd = {name: p for name, p in params.items() if name not in derived}
         outputs = [
             (call, leaf_index, edge) for unit in units for call in unit.calls for leaf_index, edge in call.edges.items()
@@ -209,15 +232,30 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        grads, cuts = _autograd_means(
-            mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
-        )
+        if followed:
+            if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
+                _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
+            grads = _backward_through_recomputations(
+                mean_loss, capture, list(from_autograd.values()), [edge for _, _, edge in outputs], model, batch
+            )
+            cuts: list[Cut] = []
+            audited = audit(rows)
+            found = capture.escape or audited.escape or modified_in_place(units)
+            if found is not None:
+                raise NotExact(found)
+        else:
+            grads, cuts = _autograd_means(
+                mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
+            )
         if capture.rewritten_gradient is not None:
             raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
     for (call, leaf_index, _), grad in zip(outputs, grads[len(from_autograd) :]):
         if id(call) not in delivered:
             add_gradient(call.out_grads, leaf_index, grad)
+    if hooked:
+        moved = audited.dim_zero_moved or capture.raw_input_moved
+        _refuse_hooks_not_per_example(hooked, units, batch.size, followed, moved)
     cut_params = {id(p) for cut in cuts for p in cut.unit.params.values()}
     derived |= {name for name, p in params.items() if id(p) in cut_params}
     means = {
@@ -225,9 +263,11 @@ def fast_pieces(
         for (name, p), g in zip(from_autograd.items(), grads)
         if id(p) not in cut_params
     }
-    layout = Layout(batch.size, dim_zero_moved=audit.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
+    layout = Layout(batch.size, dim_zero_moved=audited.dim_zero_moved or capture.raw_input_moved, grad_scale=grad_scale)
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
+        for name, p in hooked.items():
+            pieces[name] = _hooked_piece(name, pieces[name], p)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
@@ -297,9 +337,21 @@ def _forms_weight_gradients(unit: Unit, var: bool) -> bool:
         return True
     if unit.rule.name not in ("linear", "hf_conv1d", "multihead_attention"):  # attention: its query positions
         return False
-    inputs = [call.args[0] for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
-    positions = sum(x.numel() // max(1, x.shape[0] * x.shape[-1]) for x in inputs if x.dim() >= 2)
+    calls = [call for call in unit.calls if call.args and isinstance(call.args[0], Tensor)]
+    positions = sum(_positions(call.args[0], call.place) for call in calls if call.args[0].dim() >= 2)
     return positions > 1 and (var or positions >= MIN_POSITIONS_TO_FORM)
+
+
+def _positions(x: Tensor, place: Any) -> int:
+    """An example's number of positions in input ``x`` of a call (its rows: all dims but the batch's and
+    the last), with the batch where the call's place says (:mod:`.places`), else on dim 0."""
+    if place is None:
+        examples = x.shape[0]
+    elif place.positions:
+        examples = x.shape[0] // max(1, math.prod(place.positions))
+    else:
+        examples = x.shape[place.dim]
+    return x.numel() // max(1, examples * x.shape[-1])
 
 
 def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form) -> tuple[list, list[Cut]]:
@@ -311,6 +363,160 @@ def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_for
         if is_reentrant_checkpoint_error(err):
             raise NotExact(REENTRANT_CHECKPOINT) from err
         raise
+
+
+def _parameters_with_hooks(model: nn.Module, hooks: bool) -> dict[str, nn.Parameter]:
+    """The trainable parameters with tensor hooks (``p.register_hook``), by name; a module backward hook
+    (its own or global) is refused: it may change the gradients reaching every module before it, per
+    example, which one batch backward cannot apply (MODULE_BACKWARD_HOOK)."""
+    if not hooks:
+        return {}
+    owner = backward_hooked_module(model)
+    if owner is not None:
+        raise NotExact(
+            f"{owner} has a backward hook, which the fast engine cannot apply per example",
+            code="MODULE_BACKWARD_HOOK",
+            module=owner,
+        )
+    named = dict(model.named_parameters())
+    return {name: named[name] for name in hooked_parameters(model)}
+
+
+def _refuse_hooks_not_per_example(
+    hooked: dict[str, nn.Parameter], units: list[Unit], batch_size: int, reentrant: bool, moved: bool
+) -> None:
+    """PARAMETER_GRADIENT_HOOK unless each hooked parameter's per-example gradients are exactly what the
+    per-example loop hands its hooks (:func:`_hooked_piece`).
+
+    The loop's g_i is H(∇_p L_i), H the parameter's hooks in order, called by ``autograd.grad`` on example
+    i's own gradient, and only where example i's graph reaches p (else g_i = 0, H not called). A leaf's
+    hooks change that leaf's gradient alone, so every other parameter's g_i is unchanged. Hence the
+    conditions: p belongs to modules with a built-in closed-form rule (which give ∇_p L_i exactly; a
+    fallback's or a user rule's rows are checked against autograd's mean, which the hook would change),
+    each of their calls takes the whole batch on dim 0 and its output reaches the loss (so every
+    example's graph reaches p, as in the loop), and no batch dim moved (dim 0 is the examples). Under
+    re-entrant checkpointing the engine's ``backward()`` would call the hooks on the batch's gradient."""
+    for name, p in hooked.items():
+        users = [unit for unit in units if any(q is p for q in unit.params.values())]
+        problem = None
+        if reentrant:
+            problem = "re-entrant checkpointing makes the engine's own backward() call it on the batch's gradient"
+        elif moved:
+            problem = "some tensor's dim 0 moved, so dim 0 may not be the examples"
+        elif not users:
+            problem = "no module that owns it was found"
+        for unit in users:
+            label = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
+            if problem is not None:
+                break
+            if unit.rule is None or unit.rule.user:
+                problem = f"{label} has no built-in closed-form rule"
+            elif not unit.calls:
+                problem = f"{label} was not called with gradients"
+            elif getattr(unit.module, "sparse", False) is True:
+                problem = f"{label} gives it a sparse gradient, which the loop hands the hook as it is"
+            for call in unit.calls:
+                x = call.args[0] if call.args else None
+                if problem is None and (
+                    call.broadcast
+                    or not isinstance(x, Tensor)
+                    or x.dim() == 0
+                    or x.shape[0] != batch_size
+                    or not call.out_grads
+                ):
+                    problem = f"{label} is called on something other than the whole batch, or does not reach the loss"
+        if problem is not None:
+            raise NotExact(
+                f"parameter {name!r} has a gradient hook (p.register_hook), which the fast engine applies to "
+                f"each example's gradient only where it can form them exactly as the loop does, but {problem}",
+                code="PARAMETER_GRADIENT_HOOK",
+            )
+
+
+def _hooked_piece(name: str, piece: Piece, p: nn.Parameter) -> DensePiece:
+    """Example i's gradient g_i = H(∇_p L_i), H the hooks on ``p`` (``p.register_hook``) called in
+    registration order, each on what the one before returned (None: unchanged), on ∇_p L_i in p's dtype:
+    what ``autograd.grad`` hands them in the per-example loop, B calls as there. Rows as formed by
+    ``piece`` (unscaled), so memory O(B × p.numel())."""
+    functions = tensor_gradient_hook_functions(p)
+    rows = piece.materialize_all()
+    hooked = []
+    for i in range(rows.shape[0]):
+        g = rows[i].to(p.dtype, copy=True)
+        for hook in functions:
+            with torch.no_grad():  # as autograd calls them without create_graph
+                result = hook(g)
+            if result is not None:
+                if not isinstance(result, Tensor) or result.shape != p.shape or result.dtype != p.dtype:
+                    raise NotExact(
+                        f"the gradient hook of parameter {name!r} returned "
+                        f"{type(result).__name__ if not isinstance(result, Tensor) else tuple(result.shape)}, "
+                        "not a gradient of its shape and dtype",
+                        code="PARAMETER_GRADIENT_HOOK",
+                    )
+                g = result
+        hooked.append(g)
+    return DensePiece(at_least_float32(torch.stack(hooked).detach()))
+
+
+def _follow_reentrant_checkpoints(capture, output, called_without_grad: bool = True) -> bool:
+    """Whether the model's forward went through re-entrant checkpoints (``checkpoint(..., use_reentrant=True)``)
+    that the capture now follows (:meth:`.capture.Capture.follow_checkpoints`): their blocks ran under
+    no_grad in the forward, and the backward runs them again with gradients, when their calls are recorded,
+    their output gradients delivered by hooks and their graph audited.
+
+    ``called_without_grad``: look only if some unit was called with gradients off in the forward
+    (``Capture.no_grad_calls``, as in a checkpointed block with layers); False: look anyway (the graph audit
+    met a checkpoint, say one whose block calls no layer)."""
+    if called_without_grad and not capture.no_grad_calls:
+        return False
+    with torch._C.DisableTorchFunction():  # our own walk: not the user's code
+        capture.follow_checkpoints([t for t in flat_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None])
+    return bool(capture.recomputed)
+
+
+def _backward_through_recomputations(
+    mean_loss: Tensor, capture, wrt: list[Tensor], edges: list, model: nn.Module, batch: Batch
+) -> list:
+    """autograd's gradient of ``mean_loss`` for every parameter of ``wrt`` and every edge of ``edges`` (None
+    where unused), in the order ``wrt + edges``, through followed re-entrant checkpoints, which refuse
+    ``autograd.grad`` and ``backward(inputs=...)``.
+
+    One ``backward()``: parameters accumulate into emptied ``.grad`` slots (:class:`.._autograd.fresh_grad_slots`:
+    the model's trainable parameters, the inputs that require grad, every leaf the graph shows and, as each
+    block is recomputed, every leaf its graph reaches), restored afterwards with their post-accumulate-grad
+    hooks held back meanwhile. Each edge's gradient is what the edge's node receives for that output (a
+    pre-hook on the node, as ``autograd.grad`` of the edge gives it); the recomputed calls' output gradients
+    come from their own tensor hooks (:func:`.capture.capturing`). The graph outside the blocks is retained
+    for the audit that follows."""
+    position: dict = {}
+    for i, edge in enumerate(edges):
+        position.setdefault(edge.node, []).append((i, edge.output_nr))
+    edge_grads: list = [None] * len(edges)
+
+    def pre_hook(node):
+        def hook(grad_outputs):
+            for i, nr in position[node]:  # added up: a leaf's node may run in a block's backward and outside
+                grad = grad_outputs[nr] if nr < len(grad_outputs) else None
+                if grad is not None:
+                    edge_grads[i] = grad if edge_grads[i] is None else edge_grads[i] + grad
+
+        return hook
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    leaves = [*wrt, *trainable, *(t for t in batch.input_leaves if isinstance(t, Tensor))]
+    handles = []
+    try:
+        with fresh_grad_slots([*leaves, *graph_leaves([mean_loss])[0]]) as slots:
+            capture.on_recomputed_leaves = slots.add
+            handles = [node.register_prehook(pre_hook(node)) for node in position]
+            mean_loss.backward(retain_graph=True)
+            grads = [p.grad for p in wrt]
+    finally:
+        capture.on_recomputed_leaves = None
+        for handle in handles:
+            handle.remove()
+    return [*grads, *edge_grads]
 
 
 def recurrent_modes(units: list[Unit]) -> dict[int, str]:
@@ -408,10 +614,13 @@ def _pieces_by_parameter(
     means: dict[str, Tensor],
     layout: Layout,
     cuts: Sequence[Cut] = (),
+    checks: HostChecks | None = None,
 ) -> dict[str, Piece]:
     """One piece per parameter; captured output gradients times ``layout.grad_scale`` are the
     gradients of Σ_i L_i (rules fold the factor in; fallbacks scale their cotangents). The calls
-    of ``cuts`` come with their pieces, from the closed form that replaced their backward."""
+    of ``cuts`` come with their pieces, from the closed form that replaced their backward. The
+    fallbacks' sum checks are read at once, or added to ``checks`` (observe, which has no engine to
+    fall back to: its refusal may come when the step's checks are read)."""
     batch_size = layout.size
     by_id = {id(p): name for name, p in params.items()}
     collected: dict[str, list[Piece]] = {}
@@ -435,7 +644,7 @@ def _pieces_by_parameter(
         parts = collected.get(name)
         pieces[name] = combine_pieces(parts) if parts else ZeroPiece(batch_size, p.shape, like=p)
     cut_units = {id(cut.unit) for cut in cuts}
-    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id)
+    _check_fallback_sums([unit for unit in units if id(unit) not in cut_units], pieces, means, by_id, checks)
     return pieces
 
 
@@ -503,7 +712,9 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     if call.broadcast:
         x = x.expand(layout.size, *x.shape[1:])
     grad = at_least_float32(call.out_grads[0])
-    if call.rows_per_example > 1:  # [B·k, *] rows, row r of example r // k: the rule's pieces on [B, k, *]
+    if call.place is not None:  # a flattening or a sequence-first input: example i where its place says
+        x, grad = batch_first(x, call.place, layout.size), batch_first(grad, call.place, layout.size)
+    elif call.rows_per_example > 1:  # [B·k, *] rows, row r of example r // k: the rule's pieces on [B, k, *]
         x, grad = (t.reshape(layout.size, call.rows_per_example, *t.shape[1:]) for t in (x, grad))
     elif call.gathered:
         x, grad = _by_example(unit, call, x, grad, layout.size)
@@ -790,26 +1001,36 @@ def _same_rows(alone: Any, batched: Any) -> bool:
 
 
 def _check_fallback_sums(
-    units: list[Unit], pieces: dict[str, Piece], means: dict[str, Tensor], by_id: dict[int, str]
+    units: list[Unit],
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    by_id: dict[int, str],
+    checks: HostChecks | None = None,
 ) -> None:
     """A fallback is exact only if (1/B) Σ_i g_i equals autograd's gradient (batch dim really dim 0);
-    a user's rule (:func:`persample.register_rule`) is held to the same check."""
+    a user's rule (:func:`persample.register_rule`) is held to the same check. With ``checks``, the
+    fallbacks' check is added there (read with the step's other checks) instead of read now."""
     names = [by_id[id(p)] for unit in units if unit.rule is None for p in unit.params.values()]
     half = {
         by_id[id(p)]: half_precision_rtol(unit) for unit in units if unit.rule is None for p in unit.params.values()
     }
-    differing = means_that_differ(
-        {n: pieces[n] for n in names},
-        means,
-        float64_rtol=1e-5,
-        rtols={n: r for n, r in half.items() if r is not None},
-    )
-    if differing:
-        raise NotExact(
+    fallbacks = {n: pieces[n] for n in names}
+    flags = differing_flags(fallbacks, means, float64_rtol=1e-5, rtols={n: r for n, r in half.items() if r is not None})
+
+    def mismatch(read: list | None = None) -> NotExact:
+        differing = [n for n, bad in zip(fallbacks, flags.tolist() if read is None else read) if bad]  # type: ignore[union-attr]  # flags is set
+        return NotExact(
             f"per-example gradients of {differing[0]!r} from torch.func do not add up to "
             "autograd's gradient: the module does not keep examples apart on dim 0",
             code="FALLBACK_SUM_MISMATCH",
         )
+
+    if flags is not None and checks is not None:
+        checks.add(flags.any(), mismatch)  # (the error reads which, only when it is raised)
+    elif flags is not None:
+        read = flags.tolist()
+        if any(read):
+            raise mismatch(read)
     checked = [
         by_id[id(p)]
         for unit in units
@@ -854,6 +1075,12 @@ def half_precision_rtol(unit: Unit) -> float | None:
     return None if eps == 0.0 else eps * (2 + math.log2(rows))
 
 
+#: A difference below ``rtol`` × this × the largest gradient compared (per element) is rounding: a gradient
+#: that is 0 in exact arithmetic (a question-answering head's bias, shifted under a softmax over positions)
+#: is ~ε × the gradients it is summed from, which a tolerance relative to itself alone would refuse.
+MODEL_SCALE_FLOOR = 1e-3
+
+
 def means_that_differ(
     pieces: dict[str, Piece],
     means: dict[str, Tensor],
@@ -862,56 +1089,80 @@ def means_that_differ(
     rtol: float = 1e-3,
     rtols: dict[str, float] | None = None,
 ) -> list[str]:
-    """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding,
-    relative to the compared values' max-abs (``float64_rtol`` in float64, ``rtol`` otherwise; ``rtols``
-    raises it per name, for the pieces computed in half precision: :func:`half_precision_rtol`).
+    """The names whose (1/B) Σ_i g_i from the piece differs from ``means[name]`` by more than rounding
+    (:func:`differing_flags`, read to the host: one device sync in all)."""
+    flags = differing_flags(pieces, means, float64_rtol=float64_rtol, rtol=rtol, rtols=rtols)
+    return [] if flags is None else [name for name, bad in zip(pieces, flags.tolist()) if bad]
+
+
+def differing_flags(
+    pieces: dict[str, Piece],
+    means: dict[str, Tensor],
+    *,
+    float64_rtol: float,
+    rtol: float = 1e-3,
+    rtols: dict[str, float] | None = None,
+) -> Tensor | None:
+    """Per name of ``pieces``, in order, whether (1/B) Σ_i g_i from the piece differs from ``means[name]``
+    by more than rounding, as a bool tensor on the device, unread (None when there is nothing to compare).
+
+    A difference D is rounding when ‖D‖_∞ ≤ rtol_k · max(‖mean_k‖_∞, ``MODEL_SCALE_FLOOR`` · m, 1e-12), with
+    rtol_k = ``float64_rtol`` in float64, ``rtol`` otherwise (``rtols`` raises it per name, for the pieces
+    computed in half precision: :func:`half_precision_rtol`), and m the largest ‖mean_j‖_∞ of the compared
+    parameters: a gradient that is zero in exact arithmetic is compared at the model's rounding, not at its
+    own (~ε · m), and is no longer refused for its noise; any difference above that floor still is.
 
     Small parameters are compared whole. Larger ones are compared through a Gaussian probe V from
     a fixed seed (Freivalds; the global RNG is untouched): (1/B)·``projected_sum(V)`` against M·V for
     M = ``as_matrix(mean)``. A difference D ≠ 0 shows in D·V, whose entries are Gaussian with the
-    spread of D's rows: one column when M has many rows, four otherwise. The pieces' closed forms
-    make this O(activations) instead of one more weight-gradient product per layer. One device
-    sync in all.
+    spread of D's rows: one column when M has many rows, four otherwise (for m, ‖M·V‖_∞ is divided by
+    √(columns of M), the gain of a Gaussian sum). The pieces' closed forms make this O(activations)
+    instead of one more weight-gradient product per layer.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
     rtols_by_name = rtols or {}
-    differences, sizes, tolerances = [], [], []
+    differences, sizes, tolerances, gains = [], [], [], []
     for name, piece in pieces.items():
-        got, expected = _sum_and_expected(piece, means[name], constants)
+        got, expected, gain = _sum_and_expected(piece, means[name], constants)
         differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
         sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
+        gains.append(gain)
         base = float64_rtol if expected.dtype == torch.float64 else rtol
         tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
     if not differences:
-        return []
+        return None
     device = differences[0].device  # parameters may live on several devices
-    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * torch.stack(
-        [s.to(device) for s in sizes]
-    ).clamp_min(1e-12)
-    flags = (torch.stack([d.to(device) for d in differences]) > tolerance).tolist()
-    return [name for name, bad in zip(pieces, flags) if bad]
+    size = torch.stack([s.to(device) for s in sizes])
+    largest = (size / torch.tensor(gains, dtype=torch.float64, device=device)).max()
+    scale = torch.maximum(size, MODEL_SCALE_FLOOR * largest).clamp_min(1e-12)
+    tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * scale
+    return torch.stack([d.to(device) for d in differences]) > tolerance
 
 
-def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor]:
-    """((1/B) Σ_i g_i, mean) whole for small parameters; both times a probe V for larger ones."""
+def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
+    """((1/B) Σ_i g_i, mean, 1) whole for small parameters; both times a probe V for larger ones, and
+    √(columns of V's product), the gain of a Gaussian sum."""
     if mean.numel() <= EXACT_CHECK_NUMEL:
         key: tuple[Any, ...] = ("average", piece.batch_size, mean.dtype, mean.device)
         if key not in constants:
             constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
-        return piece.weighted_sum(constants[key]), mean
+        return piece.weighted_sum(constants[key]), mean, 1.0
     matrix = as_matrix(mean)
     key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
     if key not in constants:
         generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
         constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
-    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key]
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key], gain
 
 
 def _second_moments(
     pieces: dict[str, Piece], mean: dict[str, Tensor], known: dict[str, tuple] | None = None
 ) -> dict[str, Tensor]:
     """M2 per parameter, exact without catastrophic cancellation (see ``Piece.quick_centered_second_moment``;
-    ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``)."""
+    ``known``: (M2, suspect) pairs computed already, by ``Piece.moments``). The cancellation flags are read
+    at once; inside a step's :func:`persample._host_reads.one_host_read`, with the step's other host reads,
+    and the two-pass form then replaces the flagged entries of the returned dict in place."""
     known = known or {}
     quick = {
         name: known[name] if name in known else piece.quick_centered_second_moment(mean[name])
@@ -921,10 +1172,25 @@ def _second_moments(
     m2 = {name: value for name, (value, _) in quick.items()}
     if suspects:
         device = quick[suspects[0]][1].device
-        flags = torch.stack([quick[name][1].to(device) for name in suspects]).tolist()
-        for name, cancelled in zip(suspects, flags):
-            if cancelled:
-                m2[name] = pieces[name].centered_second_moment(mean[name])
+        flags = torch.stack([quick[name][1].to(device) for name in suspects])
+        # Only the suspects' pieces and means are kept until the flags are read.
+        suspected = {name: (pieces[name], mean[name]) for name in suspects}
+
+        def two_pass_where_cancelled(cancelled: list[float]) -> None:
+            if not any(cancelled):
+                return
+            # (read later: maybe inside the caller's autocast, or where the weights' check enables grad)
+            with autocast_as(None), torch.no_grad():
+                for name, flag in zip(suspected, cancelled):
+                    if flag:
+                        piece, piece_mean = suspected[name]
+                        m2[name] = piece.centered_second_moment(piece_mean)
+
+        step = open_checks()
+        if step is None:
+            two_pass_where_cancelled(flags.tolist())
+        else:  # read with the step's other checks: m2 (in the GradStats) is final once they are read
+            step.defer(flags, two_pass_where_cancelled)
     return m2
 
 

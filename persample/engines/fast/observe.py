@@ -18,7 +18,7 @@ consistently). So two checks run after the backward:
 2. **p.grad**: Σ_i g_i from the captured pieces must equal s times the increment
    of ``p.grad`` made by this backward; a loss with terms that are not
    per-example losses (a regulariser, a parameter used in the loss) fails here.
-   Compared through random probes (:func:`.fast.means_that_differ`), at the
+   Compared through random probes (:func:`.engine.differing_flags`), at the
    cost of the activations rather than of another weight gradient.
 
 Either failure raises :class:`ObservationError`.
@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_unflatten
 
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_as
+from ..._host_reads import HostChecks, one_host_read
 from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
@@ -45,7 +46,7 @@ from .capture import capturing
 from .in_place import modified_in_place
 from .units import store_grad
 from .plan import model_plan
-from .engine import _pieces_by_parameter, output_leaves, per_example_losses, means_that_differ, reduce_pieces
+from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
 from .model_loss import observed_model_losses
 from .rules import Layout
 
@@ -272,19 +273,37 @@ def _observed_stats(
     modified = modified_in_place(units)
     if modified is not None:
         raise NotExact(modified)
-    if not all(bool(torch.isfinite(g).all()) for g in observation._output_grads.values()):
-        observation.skipped = True  # an overflowing fp16 step: GradScaler skips it, and so do the statistics
+    # The host reads of what follows are two: the output gradients' finiteness with the weights' checks
+    # and values (read where the weights are derived), then the sums' check with the second moments'
+    # cancellation flags (when the block ends). Each check still fires as if read where it is added.
+    try:
+        with one_host_read() as step_reads:
+            grads = list(observation._output_grads.values())
+            device = grads[0].device
+            # an overflowing fp16 step: GradScaler skips it, and so do the statistics
+            step_reads.add(~torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all(), _NotFinite)
+            try:
+                losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
+                scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
+                half = _captured_half(units)
+                means = {n: _mean_from_increment(p, before[n], scale / batch_size) for n, p in params.items()}
+                layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
+                pieces = _pieces_by_parameter(units, params, means, layout, checks=step_reads)
+                _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads)
+                stats = reduce_pieces(
+                    pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
+                )
+            except BaseException:
+                step_reads.raise_first()  # a check added before failed (gradients not finite): that error
+                raise
+    except _NotFinite:
+        observation.skipped = True
         return None
-    losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
-    scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
-    half = _captured_half(units)
-    means = {name: _mean_from_increment(p, before[name], scale / batch_size) for name, p in params.items()}
-    layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
-    pieces = _pieces_by_parameter(units, params, means, layout)
-    _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3)
-    return reduce_pieces(
-        pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
-    )
+    return stats
+
+
+class _NotFinite(Exception):
+    """Internal: the observed backward's output gradients are not finite (the step has no statistics)."""
 
 
 def _interior_leaves(leaves: list, batch_size: int) -> set[int]:
@@ -447,14 +466,27 @@ def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: i
     return losses, w
 
 
-def _check_against_grad(pieces, means, rtol: float = 1e-3) -> None:
+def _check_against_grad(pieces, means, rtol: float = 1e-3, checks: HostChecks | None = None) -> None:
     """Σ_i g_i of the pieces against the p.grad increment (``rtol`` outside float64: 3e-2 when the
-    forward ran in half precision, whose rounding the two sides carry differently)."""
-    differing = means_that_differ(pieces, means, float64_rtol=1e-6, rtol=rtol)
-    if differing:
-        raise ObservationError(
+    forward ran in half precision, whose rounding the two sides carry differently); read when
+    ``checks`` are (now without them)."""
+    flags = differing_flags(pieces, means, float64_rtol=1e-6, rtol=rtol)
+    if flags is None:
+        return
+    names = list(pieces)
+
+    def mismatch(read: list | None = None) -> ObservationError:
+        differing = [name for name, bad in zip(names, flags.tolist() if read is None else read) if bad]
+        return ObservationError(
             f"per-example gradients of {differing[0]!r} do not add up to the change in its p.grad: the loss "
             "has terms that are not per-example losses of the model's output (a regulariser, say), "
             "or another backward ran inside the block",
             code="OBSERVE_SUM_MISMATCH",
         )
+
+    if checks is not None:
+        checks.add(flags.any(), mismatch)  # (the error reads which, only when it is raised)
+        return
+    read = flags.tolist()
+    if any(read):
+        raise mismatch(read)

@@ -550,7 +550,9 @@ class RowsPiece(Piece):
         """Σ_i (g_i[r] − ḡ_r)² = Σ_{u at row r} (S_u − ḡ_r)² + (B − n_r)·ḡ_r², with n_r the examples
         that use row r (the others' g_i[r] is 0): centred, so exact without cancellation."""
         center = mean.to(self.segments.dtype) / self.scale
-        used_by = torch.bincount(self.row_of, minlength=self.shape[0]).to(center.dtype)
+        # (a bincount's output length is read from the device: a scatter into the known rows is not)
+        ones = torch.ones_like(self.row_of, dtype=center.dtype)
+        used_by = center.new_zeros(self.shape[0]).index_add_(0, self.row_of, ones)
         total = self._rows((self.segments - center[self.row_of]).square())
         return self._scaled(total.addcmul_((self.batch_size - used_by).unsqueeze(1), center.square()), 2)
 

@@ -43,10 +43,11 @@ from torch import nn
 from ..._model import has_gradient_hooks, trainable_parameters
 from ..._sharding import sharding_of
 from ..._torch_compat import global_module_hooks, structure_key
+from ...errors import NotExact
 from ..vmap import refuse_unseen_hooks
 from .units import Unit, find_units
 
-__all__ = ["Plan", "Planned", "model_plan", "fingerprint", "forget"]
+__all__ = ["Plan", "Planned", "model_plan", "planned_sharding", "fingerprint", "forget"]
 
 
 @dataclass(eq=False)
@@ -127,6 +128,28 @@ def model_plan(model: nn.Module) -> Planned:
         sharding=found.sharding,
     )
     return found
+
+
+def planned_sharding(model: nn.Module) -> str | None:
+    """:func:`..._sharding.sharding_of` ``(model)``, from the model's plan where there is one and its
+    fingerprint still matches (no walk of every module and parameter), else found by that walk (no plan is
+    made here). Sound because every way of sharding a model changes what the fingerprint reads:
+    ``fully_shard`` changes the class of the modules it shards and replaces their parameters by DTensors,
+    FSDP1 wraps a module in a new one and flattens its parameters into new ``FlatParameter``s.
+
+    >>> import torch
+    >>> planned_sharding(torch.nn.Linear(2, 1)) is None
+    True
+    """
+    plan = _PLANS.get(model) if isinstance(model, nn.Module) else None
+    if plan is not None:
+        try:
+            modules = None if global_module_hooks() else plan.live_modules(model)
+            if modules is not None and fingerprint(modules) == plan.key:
+                return plan.sharding
+        except NotExact:  # torch internals it cannot read: the walk needs none (the engines refuse later)
+            pass
+    return sharding_of(model)
 
 
 def _found(model: nn.Module) -> Planned:

@@ -20,6 +20,7 @@ EmbeddingBag, Embedding subclasses) read the whole recorded call.
 | Embedding                     | W: Σ_t e_{id_t} b_tᵀ                                       |
 | LayerNorm, RMSNorm, GroupNorm | γ: Σ_t b_t ∘ x̂_t;  β: Σ_t b_t                              |
 | BatchNorm in eval mode        | the same, with x̂ from the running statistics              |
+| InstanceNorm on input stats   | the same, with x̂ from example i's own statistics           |
 | Embedding subclass            | W: c · Σ_t e_{id_t} b_tᵀ (ids, c: its forward re-run)      |
 | EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
 | MultiheadAttention            | in_proj: [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ];    |
@@ -243,6 +244,29 @@ def batch_norm_eval_rule(module: _BatchNorm, x: Tensor, gy: Tensor, batch: Layou
     )
 
 
+def instance_norm_rule(module: nn.Module, x: Tensor, gy: Tensor, batch: Layout) -> dict[str, Piece]:
+    """InstanceNorm (``affine=True``) normalising with the input's own statistics (train mode, or no
+    running statistics): x̂_{i,c} = (x_{i,c} − mean(x_{i,c})) / sqrt(var(x_{i,c}) + eps) over the
+    spatial positions of example i and channel c alone, so γ_i = Σ_t b_t ∘ x̂_t, β_i = Σ_t b_t per
+    channel. The running buffers (``track_running_stats=True``) are only written by such a forward,
+    never read: the per-example gradients do not depend on them, and the rule recomputes x̂ without
+    them (the one update stays the user's forward's). Eval mode with running statistics reads them:
+    no rule (the exact fallback, which does not change them there)."""
+    with torch.no_grad():
+        x_hat = F.instance_norm(x, eps=module.eps)  # type: ignore[arg-type]  # an InstanceNorm's eps: float
+    return _affine_pieces(
+        module,
+        _channels(x_hat, batch, "InstanceNorm input").transpose(1, 2),
+        _channels(gy, batch, "InstanceNorm output gradient").transpose(1, 2),
+        batch,
+    )
+
+
+def _instance_stats(module: nn.Module) -> bool:
+    """An InstanceNorm that normalises with the input's own statistics (as ``forward`` decides)."""
+    return bool(module.training or not module.track_running_stats)
+
+
 #: Largest difference allowed between the recomputed and the captured attention output, relative to the
 #: output's largest magnitude, by the captured output's dtype (rounding of another summation order).
 _RECOMPUTE_RTOL = {torch.float64: 1e-9, torch.float32: 1e-4}
@@ -431,7 +455,9 @@ def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch:
     The forward is re-run on the call's arguments (no gradients) with every torch call logged: there
     must be one ``F.embedding`` on ``self.weight``, its result returned as it is or times a Python
     number (the last call), and the re-run must return the captured output. The ids must be the
-    module's input or made from it element by element (``ids + offset``, a clamp), or the same row
+    module's input or made from it element by element (``ids + offset``, a clamp), or from a keyword
+    argument that the capture found batched like the model's inputs (``Call.batched_kwargs``: OPT's
+    ``position_ids``, a cumsum of the padding mask along the sequence), or the same row
     for every example (positions expanded to the batch), or of batch dim 1 or none (the engine then
     expanded the output over the batch): other ids made in the forward with dim 0 of the batch's
     size could be positions (``arange(T)`` with T = B). Anything else (another op on the result, a
@@ -477,6 +503,7 @@ def embedding_call_rule(module: nn.Embedding, call: Any, out_grads: dict, batch:
         ids = ids.expand(batch.size, *ids.shape[1:])
     _check_batch_first(ids, batch, positions_from=1, positions_to=ids.dim(), what="Embedding ids")
     given = bool(call.args) and _elementwise_of(ids, call.args[0], calls.log)  # checked by the capture
+    given = given or any(_elementwise_of(ids, call.kwargs[k], calls.log) for k in call.batched_kwargs)
     if not (call.broadcast or given or (ids.dim() >= 2 and bool((ids == ids[:1]).all()))):
         raise LayoutError(
             f"Embedding ids of shape {tuple(ids.shape)} made in its forward: dim 0 has the batch's size, but "
@@ -573,6 +600,11 @@ class Rule:
     #: an output of batch dim 1, or with no batch dim, is the same for every example: the engine expands
     #: it over the batch (a positional embedding made in the forward) and the rule finds out how
     batchless_output: bool = False
+    #: a rule that computes each row of its input's leading dims alone (Linear, LayerNorm, Embedding): the
+    #: number of trailing dims it computes over (None: not such a rule). Its call may then have the batch
+    #: elsewhere among the leading dims (a ``(B·T, D)`` flattening, a ``(T, B, D)`` tensor): see
+    #: :mod:`.layouts`
+    feature_dims: Callable[[nn.Module], int] | None = None
 
 
 def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
@@ -586,6 +618,10 @@ def rows_apart(rule: Rule) -> bool:
     return rule.unbatched is _any_leading_dims and not rule.whole_call and not rule.batchless_output
 
 
+def _one_dim(module: nn.Module) -> int:
+    return 1
+
+
 def _unbatched_conv(module: nn.Module, x: Tensor) -> bool:
     return x.dim() == len(module.kernel_size) + 1  # type: ignore[arg-type]  # a conv's kernel_size tuple
 
@@ -593,7 +629,14 @@ def _unbatched_conv(module: nn.Module, x: Tensor) -> bool:
 def _rules() -> list[Rule]:
     rms = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return [
-        Rule("linear", (nn.Linear,), ("weight", "bias"), linear_rule, unbatched=_any_leading_dims),
+        Rule(
+            "linear",
+            (nn.Linear,),
+            ("weight", "bias"),
+            linear_rule,
+            unbatched=_any_leading_dims,
+            feature_dims=_one_dim,
+        ),
         Rule(
             "conv",
             (nn.Conv1d, nn.Conv2d, nn.Conv3d),
@@ -610,8 +653,16 @@ def _rules() -> list[Rule]:
             embedding_rule,
             accepts=lambda m: not m.scale_grad_by_freq,
             unbatched=_any_leading_dims,
+            feature_dims=lambda m: 0,
         ),
-        Rule("layer_norm", (nn.LayerNorm, *rms), ("weight", "bias"), layer_norm_rule, unbatched=_any_leading_dims),
+        Rule(
+            "layer_norm",
+            (nn.LayerNorm, *rms),
+            ("weight", "bias"),
+            layer_norm_rule,
+            unbatched=_any_leading_dims,
+            feature_dims=lambda m: len(m.normalized_shape),  # type: ignore[arg-type]  # a tuple of ints
+        ),
         Rule("group_norm", (nn.GroupNorm,), ("weight", "bias"), group_norm_rule),
         Rule(
             "batch_norm_eval",
@@ -621,11 +672,20 @@ def _rules() -> list[Rule]:
             accepts=lambda m: not m.training and m.running_mean is not None,
         ),
         Rule(
+            "instance_norm",
+            (nn.modules.instancenorm._InstanceNorm,),
+            ("weight", "bias"),
+            instance_norm_rule,
+            methods=("forward", "_apply_instance_norm", "_handle_no_batch_input"),
+            accepts=_instance_stats,
+        ),
+        Rule(
             "hf_conv1d",
             ("transformers.pytorch_utils.Conv1D",),
             ("weight", "bias"),
             hf_conv1d_rule,
             unbatched=_any_leading_dims,
+            feature_dims=_one_dim,
         ),
         Rule(
             "multihead_attention",

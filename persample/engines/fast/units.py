@@ -45,6 +45,10 @@ class Call:
     #: example indices, −1 for a row no example reaches), and the rule's pieces are segment sums over them
     gathered: bool = False
     row_examples: Tensor | None = None
+    place: Any = None  # a .places.Place: where a row-wise rule's input and output hold the batch (not dim 0)
+    #: keyword arguments of a whole-call rule's call batched on dim 0 as the model's inputs are (one of them, a
+    #: frozen result computed from them: position ids from a cumsum of the padding mask) or activations
+    batched_kwargs: tuple = ()
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes

@@ -19,6 +19,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from types import FrameType
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from ..._batch import flat_leaves, tensors_in
 from ..._model import random_call
 from ...contract import Finding
 from .units import Call, _storage, probe_running
+from .places import _FLATTENING_OPS, _TRANSPOSING_OPS, Place, carried, made
 
 
 #: Ops whose result on an expansion is the expansion of their result on the original: casts, copies and
@@ -90,6 +92,33 @@ _BROADCASTING_OPS = frozenset(
 )
 
 
+#: Ops that only rearrange (or repeat, by a broadcast) one tensor's elements: applied to each example of an
+#: expansion with their dims moved past the batch dim (:func:`_per_example`), they give the expansion of their
+#: result on the original, and the batch's gradient reaches the expansion example by example.
+_SHAPE_OPS = frozenset(
+    {
+        "permute",
+        "transpose",
+        "swapaxes",
+        "swapdims",
+        "unsqueeze",
+        "squeeze",
+        "view",
+        "reshape",
+        "flatten",
+        "unflatten",
+        "movedim",
+        "moveaxis",
+        "narrow",
+        "select",
+        "__getitem__",
+        "expand",
+        "expand_as",
+        "broadcast_to",
+    }
+)
+
+
 #: Their in-place forms (``embeddings += position_embeddings``); the tensor written to must not be expanded.
 _IN_PLACE_BROADCASTING_OPS = frozenset(
     {"add_", "__iadd__", "sub_", "__isub__", "mul_", "__imul__", "div_", "__itruediv__"}
@@ -104,6 +133,9 @@ class _Expansion:
     original: Tensor
     label: str  # "module pos (its input of shape (5,) has no batch dim ...)", for messages
     calls: tuple  # the rule calls it comes from
+    #: computed from parameters and constants alone (a relative-position bucket index into an Embedding),
+    #: so that none of the original's dims can hold the batch: shape ops may then rearrange it per example
+    constant: bool = False
 
 
 def _op_name(func) -> str:
@@ -130,6 +162,96 @@ def _no_dropout(args, kwargs) -> bool:
     training = args[2] if len(args) > 2 else kwargs.get("training", True)
     inplace = args[3] if len(args) > 3 else kwargs.get("inplace", False)
     return not inplace and (not training or p == 0)
+
+
+def _per_example(name: str, args, kwargs, entry: _Expansion, batch_size: int, watcher) -> tuple[Tensor, bool] | None:
+    """Shape op ``name`` (``args[0]`` is ``entry.tensor``) applied to each example of the expansion: the op's
+    dims on the original moved one past the batch dim, on the expansion in new-dim form E (B, *original).
+    Returns (result, batched): result is (B, *op(original).shape) with example i's row op(E_i), or, where
+    ``batched``, op(original) itself with dim 0 broadcast to the batch example by example (an expand of
+    the original's new or size-1 dim 0 to B). None where the arguments are not plain ints, sizes or basic
+    indices (a tensor index, another expansion, a dtype)."""
+    o = entry.original
+    n = o.dim()
+    tensor = entry.tensor
+    e = tensor if tensor.dim() == n + 1 else tensor.unsqueeze(1)  # new-dim form (B, *o.shape)
+    rest = [*args[1:], *kwargs.values()]
+    if any(id(t) in watcher.expanded for t in rest if isinstance(t, Tensor)):
+        return None
+
+    def dim(d, rank=n) -> int | None:
+        if not _is_dim(d) or rank == 0 or not -rank <= d < rank:
+            return None
+        return d % rank + 1
+
+    def dims_of(values, rank=n) -> list[int] | None:
+        flat = values[0] if len(values) == 1 and isinstance(values[0], (list, tuple)) else values
+        moved = [dim(d, rank) for d in flat]
+        return None if any(d is None for d in moved) else moved  # type: ignore[return-value]
+
+    def sizes_of(values) -> list[int] | None:
+        flat = values[0] if len(values) == 1 and isinstance(values[0], (list, tuple, torch.Size)) else values
+        return list(flat) if all(_is_dim(s) for s in flat) else None
+
+    if name == "permute":
+        moved = dims_of(rest)
+        return None if moved is None or len(moved) != n else (e.permute(0, *moved), False)
+    if name in ("transpose", "swapaxes", "swapdims"):
+        moved = dims_of(rest)
+        return None if moved is None or len(moved) != 2 else (e.transpose(*moved), False)
+    if name == "unsqueeze":
+        d = dim(rest[0], n + 1) if len(rest) == 1 else None
+        return None if d is None else (e.unsqueeze(d), False)
+    if name == "squeeze":
+        if not rest:
+            return e.squeeze(tuple(i + 1 for i, s in enumerate(o.shape) if s == 1)), False
+        moved = dims_of(rest)
+        return None if moved is None else (e.squeeze(tuple(moved)), False)
+    if name in ("view", "reshape"):
+        sizes = sizes_of(rest)
+        return None if sizes is None else (e.reshape(batch_size, *sizes), False)
+    if name == "flatten":
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        first, last = dim(start), dim(end)
+        return None if first is None or last is None else (e.flatten(first, last), False)
+    if name == "unflatten":
+        d = dim(rest[0]) if len(rest) == 2 else None
+        sizes = sizes_of([rest[1]]) if d is not None else None
+        return None if d is None or sizes is None else (e.unflatten(d, sizes), False)
+    if name in ("movedim", "moveaxis"):
+        if len(rest) != 2:
+            return None
+        source, destination = (dims_of([r]) for r in rest)
+        return None if source is None or destination is None else (e.movedim(source, destination), False)
+    if name in ("narrow", "select"):
+        d = dim(rest[0]) if len(rest) == (3 if name == "narrow" else 2) else None
+        if d is None or not all(_is_dim(v) for v in rest[1:]):
+            return None
+        return (e.narrow(d, *rest[1:]) if name == "narrow" else e.select(d, rest[1])), False
+    if name == "__getitem__":
+        index = rest[0] if len(rest) == 1 else None
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(i is None or i is Ellipsis or isinstance(i, slice) or _is_dim(i) for i in index):
+            return None
+        if any(
+            isinstance(i, slice) and not all(v is None or _is_dim(v) for v in (i.start, i.stop, i.step)) for i in index
+        ):
+            return None
+        return e[(slice(None),) + index], False
+    if name in ("expand", "expand_as", "broadcast_to"):
+        if name == "expand_as":
+            sizes = list(rest[0].shape) if len(rest) == 1 and isinstance(rest[0], Tensor) else None
+        else:
+            sizes = sizes_of([v for v in rest if not isinstance(v, bool)])  # expand(*sizes, implicit=False)
+        if sizes is None:
+            return None
+        if sizes and sizes[0] == batch_size and len(sizes) == n + 1:  # a new dim 0 broadcast to the batch
+            return e.expand(batch_size, *sizes[1:]), True
+        if sizes and sizes[0] == batch_size and len(sizes) == n and n > 0 and o.shape[0] == 1:  # dim 0 of size 1
+            return e.squeeze(1).expand(*sizes), True
+        return e.expand(batch_size, *sizes), False
+    return None
 
 
 def _is_expansion_of(shape, original, batch_size: int) -> bool:
@@ -176,6 +298,9 @@ class _BroadcastWatcher(TorchFunctionMode):
         self.ambiguous: list[str] = []  # expansions met by batch-first tensors with another dim of size B
         self.paused = 0  # inside rule modules called on an expansion
         self.in_fallback = 0  # inside rule-less modules, handled as a whole (their own dim-0 moves are theirs)
+        #: whether a tensor may carry the batch's data (an activation, an input, a frozen result of one); set
+        #: by the capture, which knows the inputs. Until then every tensor may.
+        self.batch_dependent: Callable[[Tensor], bool] = lambda t: True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -189,8 +314,8 @@ class _BroadcastWatcher(TorchFunctionMode):
         return out
 
     # -------------------------------------------------------------- expansions
-    def watch_expansion(self, tensor: Tensor, original: Tensor, label: str, call: Call) -> None:
-        self.expanded[id(tensor)] = _Expansion(tensor, original, label, (call,))
+    def watch_expansion(self, tensor: Tensor, original: Tensor, label: str, call: Call, constant: bool = False) -> None:
+        self.expanded[id(tensor)] = _Expansion(tensor, original, label, (call,), constant)
 
     def _originals(self, value):
         """``value`` (args, kwargs, or one argument) with every expanded tensor replaced by its original."""
@@ -216,14 +341,20 @@ class _BroadcastWatcher(TorchFunctionMode):
             return func(*args, **kwargs)
         same_value = name in _SAME_VALUE_OPS or (name == "dropout" and _no_dropout(args, kwargs))
         if same_value and args and id(args[0]) in self.expanded and (len(operands) == 1 or name == "type_as"):
-            return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
+            return self._derived(
+                func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name, operands
+            )
+        if name in _SHAPE_OPS and args and id(args[0]) in self.expanded and self.expanded[id(args[0])].constant:
+            return self._rearranged(func, name, args, kwargs, operands, expansions)
         in_place = name in _IN_PLACE_BROADCASTING_OPS and not (args and id(args[0]) in self.expanded)
         if name in _BROADCASTING_OPS or in_place:
             verdict = self._broadcast_verdict(name, operands)
             if verdict == "batched":
                 return func(*args, **kwargs)
             if verdict == "expanded" and not in_place:
-                return self._derived(func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name)
+                return self._derived(
+                    func(*args, **kwargs), self._original_result(func, args, kwargs), expansions, name, operands
+                )
             self._escape(
                 expansions,
                 verdict if verdict != "expanded" else f"{name} writes into a tensor that is not batched on dim 0",
@@ -237,6 +368,53 @@ class _BroadcastWatcher(TorchFunctionMode):
                 "elementwise +, -, *, / with a tensor batched on dim 0, and casts, are)",
             )
         return out
+
+    def _rearranged(self, func, name: str, args, kwargs, operands: list[Tensor], expansions: list[_Expansion]):
+        """A shape op on a constant expansion E of ``original`` (``permute``, ``unsqueeze``, basic indexing,
+        ``view``, ``expand``...): the op applied to each example, E_i ↦ op(E_i), which has the values of
+        op(original) and routes the gradient of example i to E_i. Its result is an expansion again, or batched
+        outright where the op itself broadcasts the original's new or size-1 dim 0 to the batch (MPNet's
+        ``bias.expand(B, -1, T, T)``); anything else escapes. Only constant expansions (computed from
+        parameters and constants alone): a dim of an original computed from the batch's activations may
+        hold the batch (OPT's rows of B·T tokens, a sequence-first tensor), which a rearrangement would
+        bring to dim 0 under the expansion's."""
+        entry = self.expanded[id(args[0])]
+        original = self._original_result(func, args, kwargs)
+        if not isinstance(original, Tensor):  # .shape-like results come from the original
+            return original
+        try:
+            found = _per_example(name, args, kwargs, entry, self.batch_size, self)
+        except (RuntimeError, TypeError, IndexError, ValueError):  # arguments the original took, read otherwise
+            found = None
+        if found is None:
+            self._escape(
+                expansions, f"{name} with these arguments is not one the engine can apply to each example of it"
+            )
+            return original
+        out, batched = found
+        if batched:
+            if tuple(out.shape) != tuple(original.shape):
+                self._escape(
+                    expansions, f"{name} gives shape {tuple(out.shape)} per example, not {tuple(original.shape)}"
+                )
+                return original
+            self._note_ambiguous(tuple(out.shape), [entry])
+            return out
+        if tuple(out.shape) != (self.batch_size, *original.shape):
+            self._escape(expansions, f"{name} does not keep it an expansion over the batch")
+            return original
+        if original.dim() > 0 and original.shape[0] == 1:
+            out = out.squeeze(1)  # the expansion along the original's dim 0 of size 1, as broadcasts expect
+        return self._derived(out, original, expansions, name, operands)
+
+    def _note_ambiguous(self, shape: tuple, entries: list[_Expansion]) -> None:
+        """A batched result from an expansion: where another of its dims has the batch's size, a raw input
+        whose dim 0 moved may have lined up with it (see :func:`..audit._ambiguous_expansion`)."""
+        if self.batch_size in tuple(shape[1:]):
+            for entry in entries:
+                self.ambiguous.append(entry.label)
+                for call in entry.calls:
+                    call.batch_dim_ambiguous = True
 
     def _broadcast_verdict(self, name: str, operands: list[Tensor]) -> str:
         """ "batched" (the result is batched on dim 0 and has the shape it would have without the
@@ -258,27 +436,25 @@ class _BroadcastWatcher(TorchFunctionMode):
         if any(t.dim() == rank and t.shape[0] == batch for t in partners):  # a tensor batched on dim 0
             if tuple(shape) != tuple(original):
                 return f"{name} would give shape {tuple(shape)} with it and {tuple(original)} without"
-            if batch in tuple(shape[1:]):
-                for t in operands:
-                    entry = self.expanded.get(id(t))
-                    if entry is not None:
-                        self.ambiguous.append(entry.label)
-                        for call in entry.calls:
-                            call.batch_dim_ambiguous = True
+            self._note_ambiguous(tuple(shape), [self.expanded[id(t)] for t in operands if id(t) in self.expanded])
             return "batched"
         if all(t.dim() < rank or t.shape[0] == 1 for t in partners) and _is_expansion_of(shape, original, batch):
             return "expanded"
         return f"{name} combines it with no tensor batched on dim 0 (result {tuple(shape)})"
 
-    def _derived(self, out, original, expansions: list[_Expansion], name: str):
-        """``out`` computed from expansions: watched as an expansion of ``original`` when it is one."""
+    def _derived(self, out, original, expansions: list[_Expansion], name: str, operands: list[Tensor]):
+        """``out`` computed from expansions: watched as an expansion of ``original`` when it is one (a
+        constant one when the expansions are and its other operands cannot carry the batch's data)."""
         if (
             isinstance(out, Tensor)
             and isinstance(original, Tensor)
             and _is_expansion_of(out.shape, original.shape, self.batch_size)
         ):
             calls = tuple(call for entry in expansions for call in entry.calls)
-            self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls)
+            constant = all(entry.constant for entry in expansions) and not any(
+                self.batch_dependent(t) for t in operands if id(t) not in self.expanded
+            )
+            self.expanded[id(out)] = _Expansion(out, original, expansions[0].label, calls, constant)
             return out
         self._escape(expansions, f"{name} does not keep it an expansion over the batch")
         return original
@@ -322,6 +498,11 @@ class _BroadcastWatcher(TorchFunctionMode):
         for r in results:
             if id(r) not in self.suspects:
                 self.watch_suspect(r, label)
+
+
+def _in_place_name(name: str) -> bool:
+    """A torch method that writes into its first argument (``add_``, ``copy_``, ``masked_fill_``)."""
+    return name.endswith("_") and not name.endswith("__")
 
 
 _DIM_MOVING_OPS = frozenset(
@@ -415,6 +596,8 @@ class _UserCodeWatcher(TorchFunctionMode):
         self.outputs: set[int] | None = None  # ids of the model's output tensors, once the forward returned
         self.after_forward: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # results of later ops
         self.aux_term: str | None = None  # where a later op read an activation whose term reached the backward
+        self.placed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id → tensor with a place
+        self.places: dict[int, Place] = {}  # id → its place (see .places), valid while ``placed`` holds it
 
     def watch_loss(self, outputs: list) -> None:
         self.outputs = {id(t) for t in outputs if isinstance(t, Tensor)}
@@ -447,10 +630,71 @@ class _UserCodeWatcher(TorchFunctionMode):
             if self.mixed is None and (mixing is not None or self.tainted):
                 with torch._C.DisableTorchFunction():
                     self._follow_mixing(mixing, args, kwargs, out)
+            if self.batch_size > 1:
+                self._follow_places(func, args, kwargs, out)
             if token_mixing is not None or self.token_tainted:
                 with torch._C.DisableTorchFunction():
                     self._follow_token_mixing(token_mixing, args, kwargs, out)
         return out
+
+    def place_of(self, t) -> Place | None:
+        """Where ``t`` holds the batch when not on dim 0 alone (:mod:`.places`), or None."""
+        return self.places.get(id(t)) if self.placed.get(id(t)) is t else None
+
+    def set_place(self, t: Tensor, place: Place) -> None:
+        self.placed[id(t)] = t
+        self.places[id(t)] = place
+
+    def _follow_places(self, func, args, kwargs, out) -> None:
+        """Note the place of a flattening or a transpose of a tensor batched on dim 0, and carry places
+        through elementwise ops (:func:`.places.made`, :func:`.places.carried`)."""
+        name = getattr(func, "__name__", None)  # no place-making op is a property (_op_name's __get__ case)
+        if not self.placed and name not in _FLATTENING_OPS and name not in _TRANSPOSING_OPS:
+            return  # the common case: nothing placed yet, and not an op that places
+        name = name or ""
+        if self.placed and (name == "__setitem__" or name in _IN_PLACE_BROADCASTING_OPS or _in_place_name(name)):
+            with torch._C.DisableTorchFunction():
+                self._mutated(name, args, kwargs)
+            return
+        if self.placed and isinstance(kwargs.get("out"), Tensor):  # torch.add(a, b, out=h) writes into h
+            with torch._C.DisableTorchFunction():
+                self._mutated("out=", (kwargs["out"],), {})
+            return
+        if name in _FLATTENING_OPS or name in _TRANSPOSING_OPS:
+            with torch._C.DisableTorchFunction():
+                place = made(name, args, out, self.batch_size, self._batched)
+        elif self.placed and (
+            name in _SAME_VALUE_OPS
+            or name in _BROADCASTING_OPS
+            or name in _IN_PLACE_BROADCASTING_OPS
+            or name == "dropout"
+        ):
+            with torch._C.DisableTorchFunction():
+                place = carried(_operands(args, kwargs), out, self.place_of)
+        else:
+            return
+        if place is not None:
+            self.set_place(out, place)
+
+    def _mutated(self, name: str, args, kwargs) -> None:
+        """An op wrote into ``args[0]``: every placed tensor sharing its storage loses its place (its rows
+        may now hold other examples' values), unless the op is elementwise and carries the place
+        (``h += bias``, ``relu_``)."""
+        target = args[0] if args else None
+        if not isinstance(target, Tensor):
+            return
+        place = self.place_of(target)
+        elementwise = name in _IN_PLACE_BROADCASTING_OPS or name.rstrip("_") in _SAME_VALUE_OPS
+        if place is not None and elementwise and carried(_operands(args, kwargs), target, self.place_of) == place:
+            return
+        storage = _storage(target)
+        for key, t in list(self.placed.items()):
+            if t is target or (storage is not None and _storage(t) == storage):
+                self.placed.pop(key, None)
+
+    def _batched(self, t: Tensor) -> bool:
+        """Whether ``t`` (dim 0 of the batch's size) is batched there: an activation or the inputs'."""
+        return t.grad_fn is not None or self.from_inputs(t)
 
     def _follow_token_mixing(self, mixing: tuple[int, str] | None, args, kwargs, out) -> None:
         """:meth:`_follow_mixing` for raw tensors of token rows: ``mixing`` is (row count, what)."""
@@ -644,6 +888,8 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
     if not isinstance(dims, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
         return None
     if any(d % t.dim() == 0 for d in dims):
+        if name in ("gather", "index_select") and _rows_in_place(name, args, kwargs, t, batch_size):
+            return None  # DeBERTa's own loss: the labelled rows of the labels, all of them
         return f"{name} along dim 0 of a tensor of shape {tuple(t.shape)} that does not require grad (an input?)"
     return None
 
@@ -660,6 +906,24 @@ def _mixes_token_rows(name: str, args, kwargs, batch_size: int) -> tuple[int, st
         return None
     what = _mixes_raw_rows(name, args, kwargs, rows)
     return None if what is None else (rows, what)
+
+
+def _rows_in_place(name: str, args, kwargs, t: Tensor, batch_size: int) -> bool:
+    """Whether ``gather(t, 0, index)`` or ``index_select(t, 0, index)`` reads row i of ``t`` into row i of
+    its result, for every i (the index is ``arange(B)``, broadcast along the other dims for ``gather``)."""
+    index = args[2] if len(args) > 2 else kwargs.get("index")
+    if (
+        not isinstance(index, Tensor)
+        or index.dtype not in (torch.int64, torch.int32)
+        or index.shape[:1] != (batch_size,)
+    ):
+        return False
+    if name == "index_select":
+        return index.dim() == 1 and bool(torch.equal(index.cpu(), torch.arange(batch_size, dtype=index.dtype)))
+    if index.dim() != t.dim():
+        return False
+    rows = torch.arange(batch_size, dtype=index.dtype).view(batch_size, *[1] * (t.dim() - 1))
+    return bool(torch.equal(index.cpu(), rows.expand(index.shape)))
 
 
 class RandomCallStopped(Exception):
