@@ -21,6 +21,7 @@ OPTIONAL_PAGES = {
     "coverage.md",
     "rules.md",
     "contract.md",
+    "spot-check.md",
 }
 
 
