@@ -803,6 +803,17 @@ def fsdp2_grad_stats_then_all_reduce_stats_equal_the_oracle():
     sharded = reduce_scatter_stats(local)
     check_against_oracle(sharded, expected, "reduce_scatter_stats", model=model)
     assert sharded.part_sizes == tuple(SPLITS[world])
+    import persample.distributed as pd
+
+    rule = pd.sums_by_all_reduce
+    assert rule()  # gloo: one all-reduce of the fused buffer; NCCL's path (a reduce-scatter) too, forced:
+    pd.sums_by_all_reduce = lambda group=None: False  # type: ignore[assignment]
+    try:
+        scattered = reduce_scatter_stats(local)
+    finally:
+        pd.sums_by_all_reduce = rule  # type: ignore[assignment]
+    check_against_oracle(scattered, expected, "reduce_scatter_stats through a reduce-scatter", model=model)
+    assert scattered.shard.same_layout(sharded.shard) and scattered.part_sizes == sharded.part_sizes
     try:
         persample.grad_stats(model, loss, x, y, clip_norm=1.0)
     except persample.UnsupportedModelError as err:
@@ -977,6 +988,50 @@ def fsdp2_var_false_float32_reduces_the_mean_alone():
     close(stats.sq_norms.double(), sum(expected["param_sq_norms"].values()), "sq_norms (float32)", rtol=1e-5, atol=1e-6)
     full_mean_sq = sum(float(v.pow(2).sum()) for v in expected["mean"].values())
     same_number(float(stats.mean_sq_norm), full_mean_sq, "|mean|^2 (float32)", rtol=1e-5)
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_float32_sums_meet_the_single_process_bound():
+    """A float32 model: the statistics' sums travel in float32, as the single-process fast engine
+    accumulates them. Targets far from the outputs make the last bias's per-example gradients nearly
+    equal (μ²/Var ≈ 1e4), where M2 = S2 − S1²/N would cancel beyond the engine's bound in float32
+    (an error of about 1e-3 of Var): those elements are flagged and summed again in float64. Each
+    parameter's mean and variance are then as close to the float64 oracle as one process's float32
+    grad_stats on the whole batch is (within 4×, or 4e-6 of the
+    largest element)."""
+    import persample.distributed as pd
+    from torch.distributed.fsdp import fully_shard
+
+    _, world = rank_world()
+    loss = F.mse_loss
+    model = mlp(seed=32, dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    x, _, gx, _ = local_batches(1, seed=181)[0]
+    g = torch.Generator().manual_seed(182)
+    gy = 100.0 + 0.01 * torch.randn(gx.shape[0], 3, generator=g, dtype=torch.float64)
+    y = gy[my_slice(SPLITS[world])]
+    calls = []
+    exact_at = pd._float64_sums_at
+    pd._float64_sums_at = lambda *a, **k: calls.append(1) or exact_at(*a, **k)  # type: ignore[assignment]
+    try:
+        stats = persample.Tracker(model, loss).step(x.float(), y.float())
+    finally:
+        pd._float64_sums_at = exact_at  # type: ignore[assignment]
+    expected = oracle(mlp(seed=32), loss, gx, gy)
+    one = persample.grad_stats(mlp(seed=32, dtype=torch.float32), loss, gx.float(), gy.float())
+    for field in ("mean", "var"):
+        for k, got in getattr(stats, field).items():
+            assert got.dtype == torch.float32, (field, k, got.dtype)
+            want = expected[field][k]
+            bound = float((getattr(one, field)[k].double() - want).abs().max())  # what one process meets
+            error = float((got.double() - rows_of(stats, k, want)).abs().max()) if got.numel() else 0.0
+            limit = 4 * max(bound, 1e-6 * float(want.abs().max()))
+            assert error <= limit, f"{field}[{k}]: error {error:.3g}, one process's {bound:.3g}, limit {limit:.3g}"
+    assert calls, "no element was flagged: the test no longer covers the float64 path"
+    same_number(stats.param_m2_sum(), one.param_m2_sum(), "sum of M2 (float32)", rtol=1e-5)
+    same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), "|mean|^2 (float32)", rtol=1e-5)
 
 
 @scenario(2, suite="fsdp")
