@@ -1034,6 +1034,56 @@ def fsdp2_float32_sums_meet_the_single_process_bound():
     same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), "|mean|^2 (float32)", rtol=1e-5)
 
 
+@scenario(2, 3, suite="fsdp")
+def fsdp2_a_rank_with_no_examples_is_refused_on_every_rank_without_a_hang():
+    """Uneven batches where one rank's share is empty (B_r = 0): a statistics step (Tracker.step,
+    observe, grad_stats) raises the refusal FSDP2_EMPTY_RANK on EVERY rank, naming the empty rank,
+    before any collective (the scenario's gloo timeout bounds it), with p.grad unchanged; a step without
+    statistics is FSDP2's own forward and backward, also on the empty rank (p.grad equal to a plain
+    FSDP2 twin's); and the next statistics step, with examples everywhere, is exact."""
+    rank, world = rank_world()
+    sizes = {2: [3, 0], 3: [2, 0, 3]}[world]
+    loss = F.cross_entropy
+    model, twin, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
+    gx, gy = global_batch(sum(sizes), seed=191)
+    x, y = gx[my_slice(sizes)], gy[my_slice(sizes)]
+    tracker = persample.Tracker(model, loss)
+    body = []
+
+    def refused(fn, what):
+        try:
+            fn()
+        except persample.UnsupportedModelError as err:
+            assert err.code == "FSDP2_EMPTY_RANK", (what, err.code, str(err))
+            assert f"rank 1 of {world} has no examples" in str(err), (what, str(err))
+        else:
+            raise AssertionError(f"{what}: a rank with no examples was not refused")
+        assert all(p.grad is None for p in model.parameters()), f"{what}: p.grad changed"
+
+    def observed():
+        with tracker.observe(y):
+            body.append(1)
+            loss(model(x), y).backward()
+
+    refused(lambda: tracker.step(x, y), "Tracker.step")
+    refused(observed, "Tracker.observe")
+    assert not body, "observe ran the user's forward and backward after refusing"
+    refused(lambda: persample.grad_stats(model, loss, x, y), "grad_stats")
+    assert tracker.steps == 0 and tracker.last_stats is None
+    # a step without statistics: FSDP2's own forward and backward, on 0 examples too
+    plain = persample.Tracker(model, loss, every=2)
+    plain.steps = 1
+    assert plain.step(x, y) is None
+    loss(twin(x), y).backward()
+    assert_grads_equal(model, twin, "a step without statistics, one rank empty")
+    model.zero_grad()
+    # the next statistics step, with examples on every rank
+    x, y, gx, gy = local_batches(1, seed=193)[0]
+    stats = tracker.step(x, y)
+    check_against_oracle(stats, oracle(reference, loss, gx, gy), "after the refusal", model=model)
+    del rank
+
+
 @scenario(2, suite="fsdp")
 def fsdp2_tracker_built_before_fully_shard_adopts_it():
     """accelerate shards the HF Trainer's model in place inside train(), after track(trainer) built the
