@@ -436,8 +436,9 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
       (``persample.engines.fast.pieces.cancellation_limit``: ε·S2/M2 ≤ 1e-4). Each rank counts its
       elements with S2 > limit · M2 (their count travels with the global sums, no extra round); where
       any rank has some, the S1 and S2 of just those elements are formed and summed again in float64
-      (an all-gather of their positions, an all-reduce of 2 float64 numbers per element, and the
-      global sums again), so that no element is less accurate than that bound;
+      (an all-gather of their positions and an all-reduce of 2 float64 numbers per element, whose
+      result every rank holds, so that each adds those elements' share of the global sums itself),
+      so that no element is less accurate than that bound;
     - ``var=False``: S1 alone (no cancellation), in the same precision.
 
     A collective: every rank calls it, with statistics over the same parameters (names, shapes,
@@ -523,6 +524,7 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         dist.all_reduce(send, group=group)
         mine = slots[rank].clone()  # only this rank's slot outlives the buffer
         whole = [torch.cat([block[r, j, :n] for r, n in enumerate(sizes)]) for j in range(len(vectors))]
+        del block
         gathered = iter([w.to(device=row.device, dtype=row.dtype) for w, row in zip(whole, vectors)])
     else:
         mine = torch.empty(slot, dtype=wire, device=device)
@@ -571,14 +573,13 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
     # in one all-reduce of a [max(K, W), 7] float64 matrix. Flagged elements are left out of the sums
     # here (zeros contribute nothing) and added below once they are exact.
     lengths = [(rows[rank][k][1] - rows[rank][k][0]) * per_row[k] for k in names]
-    mu64 = flat_mean.double()  # a copy when the sums travelled in float32 (the only case with flags)
-    m2_64 = flat_m2.double() if flat_m2 is not None else None
+    flagged = risky is not None and risky.numel() > 0
+    mu64 = flat_mean.to(torch.float64, copy=flagged)  # copies where flagged elements are zeroed below
+    m2_64 = flat_m2.to(torch.float64, copy=flagged) if flat_m2 is not None else None
     r64 = None
     if reference is not None:
         r64 = _flat64((layout.reference_rows(k, reference[k]) for k in names), device)
-    flagged = risky is not None and risky.numel() > 0
     if flagged:
-        r_flagged = r64[risky].clone() if r64 is not None else None
         for column in (mu64, m2_64, r64):
             if column is not None:
                 column[risky] = 0.0
@@ -592,36 +593,39 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
     global_sums = table[: len(names), : len(SHARD_SUMS)]
     if any(counts):  # the float32 sums may have cancelled beyond the engine's bound there: float64 for those
         assert flat_m2 is not None and risky is not None  # flags come only with float32 M2
-        slot_params = []  # per destination: (name, first element of its rows, offset in the slot, length)
+        slot_params = []  # per destination: (name, first element of its rows, offset in the slot)
         for d in range(world):
             o, here = 0, []
             for k in names:
                 start, stop = rows[d][k]
-                here.append((k, start * per_row[k], o, (stop - start) * per_row[k]))
+                here.append((k, start * per_row[k], o))
                 o += (stop - start) * per_row[k]
             slot_params.append(here)
-        exact_mean, exact_m2 = _float64_sums_at(stats, risky, counts, slot_params, total, group, device)
-        flat_mean[risky] = exact_mean.to(flat_mean)
-        flat_m2[risky] = exact_m2.to(flat_m2)
-        which = torch.searchsorted(
-            torch.tensor([o for _, _, o, _ in slot_params[rank]], dtype=torch.int64, device=device),
-            risky,
-            right=True,
-        ).sub_(1)  # the parameter of each flagged position
+        exact = _float64_sums_at(stats, risky, counts, slot_params, total, group, device)
+        # Every rank now holds μ and M2 of every rank's flagged elements: their share of the global sums
+        # is added on every rank alike, with no further collective (as stored: rounded to the sums' dtype).
+        for d, (which, elements, mu_d, m2_d) in enumerate(exact):
+            mu_d, m2_d = mu_d.to(wire).double(), m2_d.to(wire).double()
+            if d == rank:
+                flat_mean[risky] = mu_d.to(wire)
+                flat_m2[risky] = m2_d.to(wire)
+            r_d = None
+            if reference is not None:
+                r_d = torch.empty_like(mu_d)
+                for j in which.unique().tolist():
+                    picked = which == j
+                    name = slot_params[d][j][0]
+                    r_d[picked] = (
+                        reference[name]
+                        .detach()
+                        .reshape(-1)[elements[picked].to(reference[name].device)]
+                        .to(device=device, dtype=torch.float64)
+                    )
 
-        def by_index(column: Tensor) -> Tensor:
-            return torch.zeros(len(names), dtype=torch.float64, device=device).index_add_(0, which, column)
+            def by_index(column: Tensor, which: Tensor = which) -> Tensor:
+                return torch.zeros(len(names), dtype=torch.float64, device=device).index_add_(0, which, column)
 
-        added = _local_shard_sums(
-            flat_mean[risky].double(),
-            flat_m2[risky].double(),
-            r_flagged if flagged else None,
-            total,
-            by_index,
-            len(names),
-        )
-        dist.all_reduce(added, group=group)
-        global_sums = global_sums + added
+            global_sums = global_sums + _local_shard_sums(mu_d, m2_d, r_d, total, by_index, len(names))
     mean, m2 = shards()
     sums = {k: tuple(row) for k, row in zip(names, global_sums.tolist())}
     layout = dataclasses.replace(layout, sums=sums)
@@ -695,39 +699,47 @@ def _float64_sums_at(
     stats: GradStats,
     positions: Tensor,
     counts: list[int],
-    slot_params: list[list[tuple[str, int, int, int]]],
+    slot_params: list[list[tuple[str, int, int]]],
     total: int,
     group,
     device: torch.device,
-) -> tuple[Tensor, Tensor]:
-    """(μ, M2) in float64 at ``positions`` of this rank's slot, from S1 and S2 formed and summed in
-    float64 at every rank's flagged positions only: one all-gather of the positions (padded to the
-    largest count) and one all-reduce of [Σ counts, 2] float64 sums. ``slot_params[d]``: for each
-    parameter, (name, its first element in d's rows, its offset in d's slot, its length there)."""
-    world, rank = len(counts), torch.distributed.get_rank(group)
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """For every rank d, (parameter index, element index in that parameter, μ, M2) of d's flagged
+    ``positions`` (this rank's are ``positions``), μ and M2 from S1 and S2 formed and summed in float64:
+    one all-gather of the positions (padded to the largest count) and one all-reduce of
+    [Σ counts, 2] float64 sums, whose result every rank holds. ``slot_params[d]``: for each parameter,
+    (name, its first element in d's rows, its offset in d's slot)."""
+    world = len(counts)
     mine = torch.full((max(counts),), -1, dtype=torch.int64, device=device)
     mine[: positions.numel()] = positions.to(device)
     everyone = _all_gather_rows(mine, group, world)
     n_r = float(stats.n)
     send = torch.zeros(sum(counts), 2, dtype=torch.float64, device=device)
+    located = []
     at = 0
     for d in range(world):
         pos = everyone[d][: counts[d]]
-        starts = torch.tensor([o for _, _, o, _ in slot_params[d]], dtype=torch.int64, device=device)
-        which = torch.searchsorted(starts, pos, right=True) - 1  # the parameter of each position
+        starts = torch.tensor([o for _, _, o in slot_params[d]], dtype=torch.int64, device=device)
+        which = torch.searchsorted(starts, pos, right=True).sub_(1)  # the parameter of each position
+        elements = torch.empty_like(pos)
         for j in which.unique().tolist():
-            name, first, offset, _ = slot_params[d][j]
+            name, first, offset = slot_params[d][j]
             picked = (which == j).nonzero().squeeze(1)
-            elements = (pos[picked] - offset + first).to(stats.mean[name].device)
-            mu = stats.mean[name].detach().reshape(-1)[elements].to(device=device, dtype=torch.float64)
-            m2 = stats.m2[name].detach().reshape(-1)[elements].to(device=device, dtype=torch.float64)  # type: ignore[index]
+            elements[picked] = pos[picked] - offset + first
+            where = elements[picked].to(stats.mean[name].device)
+            mu = stats.mean[name].detach().reshape(-1)[where].to(device=device, dtype=torch.float64)
+            m2 = stats.m2[name].detach().reshape(-1)[where].to(device=device, dtype=torch.float64)  # type: ignore[index]
             send[at + picked, 0] = n_r * mu
             send[at + picked, 1] = m2 + n_r * mu * mu
+        located.append((which, elements))
         at += counts[d]
     torch.distributed.all_reduce(send, group=group)
-    here = send[sum(counts[:rank]) : sum(counts[: rank + 1])]
-    s1, s2 = here[:, 0], here[:, 1]
-    return s1 / total, (s2 - s1 * s1 / total).clamp_(min=0.0)
+    out, at = [], 0
+    for d, (which, elements) in enumerate(located):
+        s1, s2 = send[at : at + counts[d], 0], send[at : at + counts[d], 1]
+        out.append((which, elements, s1 / total, (s2 - s1 * s1 / total).clamp_(min=0.0)))
+        at += counts[d]
+    return out
 
 
 def refresh_shard_sums(stats: GradStats, group=None) -> GradStats:

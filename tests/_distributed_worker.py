@@ -1032,6 +1032,26 @@ def fsdp2_float32_sums_meet_the_single_process_bound():
     assert calls, "no element was flagged: the test no longer covers the float64 path"
     same_number(stats.param_m2_sum(), one.param_m2_sum(), "sum of M2 (float32)", rtol=1e-5)
     same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), "|mean|^2 (float32)", rtol=1e-5)
+    # with a shared reference r: the flagged elements' share of <mean, r> and |r - mean|^2 is added on
+    # every rank alike
+    g = torch.Generator().manual_seed(183)
+    ref = {k: torch.randn(v.shape, generator=g) for k, v in expected["mean"].items()}
+    calls.clear()
+    pd._float64_sums_at = lambda *a, **k: calls.append(1) or exact_at(*a, **k)  # type: ignore[assignment]
+    try:
+        with_ref = reduce_scatter_stats(persample.grad_stats(model, loss, x.float(), y.float(), reference=ref))
+    finally:
+        pd._float64_sums_at = exact_at  # type: ignore[assignment]
+    assert calls and with_ref.reference is not None
+    names = with_ref.names
+    products = [expected["mean"][k] * ref[k].double() for k in names]
+    dot, size = sum(float(v.sum()) for v in products), sum(float(v.abs().sum()) for v in products)
+    diff = sum(float((ref[k].double() - expected["mean"][k]).pow(2).sum()) for k in names)
+    same_number(with_ref.shard.total("ref_dot", names), dot, "<mean, r> (float32)", rtol=0, atol=1e-5 * size)
+    same_number(with_ref.shard.total("ref_diff_sq", names), diff, "|r - mean|^2 (float32)", rtol=1e-5)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, with_ref.shard.sums)
+    assert all(e == everyone[0] for e in everyone), "the ranks' global sums differ"
 
 
 @scenario(2, 3, suite="fsdp")
