@@ -510,11 +510,18 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
             start, stop = rows[d][k]
             count, o = (stop - start) * per_row[k], offsets[d]
             s1 = slots[d, o : o + count].view(stop - start, per_row[k])
-            s1.copy_(mu[start:stop]).mul_(n_r)
+            fused = mu.dtype == wire  # one pass each, computed in the wire's dtype (else: cast first)
+            if fused:
+                torch.mul(mu[start:stop], n_r, out=s1)
+            else:
+                s1.copy_(mu[start:stop]).mul_(n_r)
             if m2_k is not None:  # M2_r + n_r μ_r²: (n_r μ_r)·μ_r
                 o2 = sizes_of[d] + o
                 s2 = slots[d, o2 : o2 + count].view(stop - start, per_row[k])
-                s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
+                if fused and m2_k.dtype == wire:
+                    torch.addcmul(m2_k[start:stop], s1, mu[start:stop], out=s2)
+                else:
+                    s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
             offsets[d] = o + count
     if by_all_reduce:
         block = send[world * slot :].view(world, len(vectors), width)
