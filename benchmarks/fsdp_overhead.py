@@ -14,9 +14,20 @@ Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``g
 - ``tracker-every-10``: a step of ``Tracker(model, loss_fn, every=10)`` without statistics;
 - the breakdown: ``observed-backward`` (the plain step with this rank's statistics captured, no
   reduction: unshard everything, capture, sum check), ``reduce_scatter_stats`` /
-  ``reduce_scatter_stats-novar`` (the statistics' communication alone: one reduce-scatter, the
-  B-sized gathers, one small all-reduce), and ``all_reduce_stats`` (the old full-size reduction,
+  ``reduce_scatter_stats-novar`` (the statistics' communication alone: on gloo one all-reduce of
+  the fused [S1 | S2 | per-example rows] buffer in the statistics' precision, a header all-gather
+  and one small all-reduce), ``reduce_scatter_stats-float64`` (the same with the sums forced to
+  float64, as before this change) and ``all_reduce_stats`` (full-size statistics on every rank,
   two P-sized all-reduces, for comparison).
+
+It also counts the bytes each collective is handed during one step of each kind (FSDP2's own
+all-gathers and reduce-scatters included: every ``torch.distributed`` collective is wrapped while
+the step runs) and converts them to bytes sent per rank by a ring algorithm: 2(W−1)/W × size for an
+all-reduce, (W−1)/W × input for a reduce-scatter, (W−1) × input for an all-gather.
+
+The measurement behind docs/fsdp.md (about 3 minutes on a quiet 2-core machine):
+
+    OMP_NUM_THREADS=1 python benchmarks/fsdp_overhead.py --runs 3 --save
 
 The methods run in interleaved blocks, so drift in the machine's load hits them alike; the load
 average is recorded. ``--runs N`` repeats the whole measurement in N fresh process pairs and reports
@@ -104,6 +115,11 @@ def measure(problem, steps: int, block: int) -> dict:
 
         return run
 
+    def float64_sums():
+        from persample.distributed import _reduce_scatter_stats
+
+        _reduce_scatter_stats(local, None, float64=True)
+
     methods = {
         "fsdp-plain": plain_step,
         "tracker": tracker_step("tracker"),
@@ -112,11 +128,17 @@ def measure(problem, steps: int, block: int) -> dict:
         "observed-backward": observed_step,
         "reduce_scatter_stats": lambda: reduce_scatter_stats(local),
         "reduce_scatter_stats-novar": lambda: reduce_scatter_stats(local_novar),
+        "reduce_scatter_stats-float64": float64_sums,
         "all_reduce_stats": lambda: all_reduce_stats(local),
     }
     for fn in methods.values():  # warm up
         fn()
         fn()
+    counted = {}
+    for key in ("fsdp-plain", "tracker", "tracker-novar", "tracker-every-10", "reduce_scatter_stats"):
+        with counting_bytes() as sent:
+            methods[key]()
+        counted[key] = sent
     times = {k: [] for k in methods}
     while len(times["fsdp-plain"]) < steps:
         for key, fn in methods.items():
@@ -126,7 +148,7 @@ def measure(problem, steps: int, block: int) -> dict:
     numel = sum(v.numel() for v in local.mean.values())
     elem = next(iter(local.mean.values())).element_size()
     world = dist.get_world_size()
-    rows = (len(local.mean) + 1) * int(x.shape[0]) * 8  # per-parameter norms and losses, float64
+    rows = (len(local.mean) + 1) * int(x.shape[0]) * elem  # per-parameter norms and losses
     return {
         "batch_size_per_rank": int(x.shape[0]),
         "world_size": world,
@@ -134,15 +156,76 @@ def measure(problem, steps: int, block: int) -> dict:
         "steps_timed": len(times["fsdp-plain"]),
         "median_s": medians,
         "ratio_to_fsdp_plain": {k: v / medians["fsdp-plain"] for k, v in medians.items()},
-        # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends
+        # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends, on paper
         "bytes_sent_per_rank": {
             "fsdp (all-gather fwd + bwd, reduce-scatter)": 3 * numel * elem * (world - 1) / world,
-            "statistics: reduce-scatter of 2P float64 sums": 2 * numel * 8 * (world - 1) / world,
-            "statistics, var=False: reduce-scatter of P sums": numel * max(elem, 4) * (world - 1) / world,
-            "statistics: per-example rows (all-gather, B-sized)": rows * (world - 1),
-            "before (all_reduce_stats): 2 all-reduces of P sums": 2 * 2 * numel * elem * (world - 1) / world,
+            "statistics, gloo: all-reduce of 2P sums (float32) and the rows": 2
+            * (2 * numel * elem + world * rows)
+            * (world - 1)
+            / world,
+            "statistics, NCCL: reduce-scatter of 2P sums (float32), all-gather of the rows": (
+                2 * numel * elem * (world - 1) / world + rows * (world - 1)
+            ),
+            "statistics, var=False, gloo: all-reduce of P sums and the rows": 2
+            * (numel * elem + world * rows)
+            * (world - 1)
+            / world,
+            "before this round: reduce-scatter of 2P float64 sums, all-gather of the rows": (
+                2 * numel * 8 * (world - 1) / world + rows * 2 * (world - 1)
+            ),
         },
+        # measured: the bytes handed to every collective during one step, as a ring sends them
+        "bytes_counted_per_rank": counted,
     }
+
+
+RING = {  # bytes a rank sends in a ring collective, from the size of what it hands in
+    "all_reduce": lambda size, world: 2 * size * (world - 1) / world,
+    "reduce_scatter": lambda size, world: size * (world - 1) / world,
+    "reduce_scatter_tensor": lambda size, world: size * (world - 1) / world,
+    "all_gather": lambda size, world: size * (world - 1),
+    "all_gather_into_tensor": lambda size, world: size * (world - 1),
+    "reduce_scatter_single": lambda size, world: size * (world - 1) / world,  # FSDP2's, in torch 2.13
+    "all_gather_single": lambda size, world: size * (world - 1),
+}
+
+
+def _payload(name: str, args, kwargs) -> int:
+    """Bytes of the tensor a rank hands to collective ``name`` (its own part for gathers)."""
+    if name in ("reduce_scatter",):
+        parts = kwargs.get("input_list", args[1] if len(args) > 1 else [])
+        return sum(t.numel() * t.element_size() for t in parts)
+    if name in ("reduce_scatter_tensor", "all_gather_into_tensor", "reduce_scatter_single", "all_gather_single"):
+        t = kwargs.get("input") if "input" in kwargs else kwargs.get("input_tensor", args[1] if len(args) > 1 else None)
+    elif name == "all_gather":
+        t = kwargs.get("tensor", args[1] if len(args) > 1 else None)
+    else:
+        t = kwargs.get("tensor", args[0] if args else None)
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class counting_bytes:
+    """Wrap every ring collective of ``torch.distributed`` while the block runs; the result maps each
+    collective's name to the bytes this rank sends (ring formulas, :data:`RING`), plus ``total``."""
+
+    def __enter__(self) -> dict:
+        self.sent: dict = {"total": 0.0}
+        self.saved = {name: getattr(dist, name) for name in RING if hasattr(dist, name)}
+        world = dist.get_world_size()
+        for name, original in self.saved.items():
+
+            def wrapped(*args, _name=name, _original=original, **kwargs):
+                sent = RING[_name](_payload(_name, args, kwargs), world)
+                self.sent[_name] = self.sent.get(_name, 0.0) + sent
+                self.sent["total"] += sent
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, wrapped)
+        return self.sent
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.saved.items():
+            setattr(dist, name, original)
 
 
 def worker(steps: int, batch: int, quick: bool, out: str) -> None:
@@ -252,8 +335,21 @@ def markdown(record: dict) -> str:
     for k, v in record["median_s"].items():
         each = ", ".join(f"{r['ratio_to_fsdp_plain'][k]:.2f}" for r in runs)
         lines.append(f"| {k} | {v * 1e3:.1f} ms | {record['ratio_to_fsdp_plain'][k]:.2f}× | {each} |")
-    lines += ["", "Bytes each rank sends per step (ring collectives, float32 parameters):", ""]
+    lines += ["", "Bytes each rank sends per step, on paper (ring collectives, float32 parameters):", ""]
     lines += [f"- {k}: {v / 1e6:.2f} MB" for k, v in record["bytes_sent_per_rank"].items()]
+    counted = record.get("bytes_counted_per_rank")
+    if counted:
+        lines += [
+            "",
+            "Bytes each rank sends in one step, counted (every torch.distributed collective wrapped while "
+            "the step runs; ring formulas), in MB:",
+            "",
+            "| step | total | " + " | ".join(RING) + " |",
+            "|---|---:|" + "---:|" * len(RING),
+        ]
+        for key, sent in counted.items():
+            cells = " | ".join(f"{sent.get(name, 0.0) / 1e6:.2f}" for name in RING)
+            lines.append(f"| {key} | {sent['total'] / 1e6:.2f} | {cells} |")
     return "\n".join(lines) + "\n"
 
 

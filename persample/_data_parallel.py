@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -297,17 +297,18 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
         for p in params.values():  # FSDP2 accumulates into p.grad in place: keep the originals to restore
             if p.grad is not None:
                 p.grad = p.grad.clone()
-        if not with_stats:  # a plain step is FSDP2's own forward and backward
-            loss = as_batch(inputs, targets).call(model, tracker.batch_loss)
+        if not with_stats:  # a plain step is FSDP2's own forward and backward (of 0 examples too)
+            loss = _any_batch(inputs, targets).call(model, tracker.batch_loss)
             _require_scalar(loss)
             (loss * scale if scale != 1.0 else loss).backward()
         else:
             failure, batch = None, None
+            empty = _empty_batch(inputs)
             try:
-                batch = as_batch(inputs, targets)
+                batch = None if empty else as_batch(inputs, targets)
             except Exception as err:  # before the forward's collectives: every rank raises here
                 failure = err
-            replicas.agree(failure, "persample.Tracker.step (FSDP2)")
+            agree_on_examples(replicas.group, failure, empty, "persample.Tracker.step (FSDP2)")
             failure, stats = None, None
             try:
                 reference = None
@@ -354,6 +355,57 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
+
+
+def _empty_batch(inputs) -> bool:
+    """Whether ``inputs`` is a batch of 0 examples: tensors batched on dim 0, every one of length 0."""
+    from ._batch import tensors_in
+
+    leaves = [t for t in tensors_in(inputs) if t.dim() > 0]
+    return bool(leaves) and all(int(t.shape[0]) == 0 for t in leaves)
+
+
+def _any_batch(inputs, targets) -> Batch:
+    """:func:`persample._batch.as_batch`, and also a batch of 0 examples, which FSDP2's own forward and
+    backward take (a rank's share of an uneven global batch can be empty)."""
+    from ._batch import as_batch
+
+    if not _empty_batch(inputs):
+        return as_batch(inputs, targets)
+    if isinstance(inputs, Tensor):
+        return Batch((inputs,), {}, targets, 0)
+    if isinstance(inputs, Mapping):
+        return Batch((), dict(inputs), targets, 0)
+    return Batch(tuple(inputs), {}, targets, 0)
+
+
+def agree_on_examples(group, failure: BaseException | None, empty: bool, where: str) -> None:
+    """Before the first collective of an FSDP2 statistics step, one outcome on every rank (a collective:
+    one all-reduce of 2W integers): if some rank failed, every rank raises (:func:`persample.distributed.agree`);
+    if some rank has no examples, every rank raises the refusal ``FSDP2_EMPTY_RANK``, naming those ranks.
+
+    The statistics of an FSDP2 step come from the fast engine's capture of FSDP2's own backward on each
+    rank, which needs at least one example there; nothing has run yet, so ``p.grad`` is unchanged."""
+    from .contract import refusal
+
+    dist = torch.distributed
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    present = agree(
+        None if empty else failure, group, where=where, flags=[not (empty and r == rank) for r in range(world)]
+    )
+    missing = [r for r, here in enumerate(present) if not here]
+    if missing:
+        ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {world}"
+        raise refusal(
+            "FSDP2_EMPTY_RANK",
+            f"{where}: {ranks} {'have' if len(missing) > 1 else 'has'} no examples in this statistics step. "
+            "Under FSDP2 the statistics come from the fast engine's capture of FSDP2's own backward on every "
+            "rank, which needs at least one example per rank. Every rank raises this, before any other "
+            "collective, and p.grad is unchanged. Give every rank at least one example (torch's "
+            "DistributedSampler pads the ranks to equal sizes; drop_last=True drops a short last batch), or "
+            "take this step without statistics (Tracker(every=k); a step without statistics runs FSDP2's "
+            "own forward and backward, also on 0 examples)",
+        )
 
 
 def observed_fsdp2_backward(
@@ -415,7 +467,8 @@ def observed_fsdp2_backward(
 def fsdp2_grad_stats(
     model: nn.Module,
     loss_fn,
-    batch: Batch,
+    inputs,
+    targets=None,
     *,
     var: bool = True,
     inner_products: bool = False,
@@ -428,7 +481,9 @@ def fsdp2_grad_stats(
 
     A collective (every rank calls it, in step). Each rank gets the statistics of its own batch
     with full-size ``mean`` and ``m2``; :func:`persample.distributed.all_reduce_stats` then gives
-    the global batch's on every rank.
+    the global batch's on every rank. A bad batch on one rank raises on every rank (the others:
+    ``OtherRankFailed``), and a rank with 0 examples makes every rank raise ``FSDP2_EMPTY_RANK``
+    (:func:`agree_on_examples`), before any of FSDP2's collectives.
     """
     from ._model import trainable_parameters
     from .batch_loss import loss_parts
@@ -440,6 +495,16 @@ def fsdp2_grad_stats(
             "fast engine: engine must be 'auto' or 'fast', and clip_norm is not supported (leave them out)",
             code="FSDP2_OPTION",
         )
+    from ._batch import as_batch
+
+    failure, batch = None, None
+    empty = _empty_batch(inputs)
+    try:
+        batch = None if empty else as_batch(inputs, targets)
+    except Exception as err:  # before FSDP2's collectives: every rank raises here
+        failure = err
+    agree_on_examples(None, failure, empty, "persample.grad_stats (FSDP2)")
+    assert batch is not None  # (agree_on_examples raised otherwise)
     params = trainable_parameters(model)
     saved = {name: p.grad for name, p in params.items()}
     for p in params.values():  # FSDP2 accumulates into p.grad in place

@@ -237,10 +237,11 @@ def grad_stats(
     if sharding == "FSDP2":  # FSDP2's own forward and backward, observed (a collective)
         from ._data_parallel import fsdp2_grad_stats
 
-        return fsdp2_grad_stats(
+        return fsdp2_grad_stats(  # validates the batch itself: every rank raises alike (a collective)
             model,
             loss_fn,
-            as_batch(inputs, targets),
+            inputs,
+            targets,
             var=var,
             inner_products=inner_products,
             reference=prepare_reference(model, reference) if reference is not None else None,

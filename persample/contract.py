@@ -184,6 +184,16 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "(or train with DDP)",
     ),
     Precondition(
+        "FSDP2_EMPTY_RANK",
+        _U,
+        "setup",
+        ("fast", "observe", "tracker"),
+        "Under FSDP2, every rank has at least one example on a statistics step: each rank's statistics "
+        "come from the fast engine's capture of FSDP2's own backward on that rank's examples",
+        "give every rank at least one example (DistributedSampler pads the ranks to equal sizes), or take "
+        "that step without statistics (Tracker(every=k)); every rank raises it, before any collective",
+    ),
+    Precondition(
         "DDP_WRAPPER",
         _U,
         "setup",

@@ -59,6 +59,7 @@ __all__ = [
     "agree",
     "OtherRankFailed",
     "DEFAULT_BUCKET_BYTES",
+    "sums_by_all_reduce",
 ]
 
 #: Gradient buckets of :func:`all_reduce_gradients`: DDP's default ``bucket_cap_mb=25``.
@@ -206,7 +207,11 @@ _HEADER = (
     "reference_sq_sum",
     "layout",
     "num_params",
+    "narrow",
 )
+
+#: Dtypes whose every value a float32 holds exactly (the statistics' sums may then travel in float32).
+_NARROW = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _layout_fingerprint(stats: GradStats) -> float:
@@ -232,8 +237,19 @@ def _header(stats: GradStats, device: torch.device) -> Tensor:
         reference_sq_sum=ref_sq,
         layout=_layout_fingerprint(stats),
         num_params=len(stats.mean),
+        narrow=all(t.dtype in _NARROW for t in _sent_tensors(stats)),
     )
     return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
+
+
+def _sent_tensors(stats: GradStats) -> list[Tensor]:
+    """The tensors of ``stats`` that :func:`reduce_scatter_stats` sends."""
+    out = list(stats.mean.values()) + list(stats.param_sq_norms.values()) + [stats.losses]
+    if stats.m2 is not None:
+        out += list(stats.m2.values())
+    if stats.inner_products is not None:
+        out.append(stats.inner_products)
+    return out
 
 
 def _agreed_headers(stats: GradStats, group, world: int, device: torch.device, where: str) -> Tensor:
@@ -390,28 +406,40 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     keeps only its rows of each parameter (FSDP2's ``Shard(0)`` layout, :func:`persample.stats.shard_rows`),
     and every scalar is exact for the whole model (:class:`persample.stats.Shard`).
 
-    What it sends, per rank (ring collectives), for P parameters, batch sizes n_r and W ranks:
+    What it sends: ONE P-sized collective of a fused buffer holding, for every destination rank, the sums
+    S1 and S2 below over that rank's rows (and, on gloo, the per-example rows too); then one all-reduce
+    of 7 float64 sums per parameter tensor, and a small header all-gather before (which checks that the
+    ranks' statistics cover the same parameters before anything P-sized is sent). Never a P-sized
+    all-gather, and no second P-sized round: the mean and M2 travel together.
 
-    - one reduce-scatter of 2P float64 sums: (W−1)/W × 16P bytes; with ``var=False``, of P sums in the
-      statistics' dtype (float32 at least): (W−1)/W × 4P bytes for float32;
-    - one all-gather of the per-example vectors, B-sized rows (losses, per-parameter norms);
-    - one all-reduce of 6 float64 sums per parameter tensor, and a small header all-gather.
+    **Which collective** (a fixed rule per backend, no timing at run time): on gloo, an all-reduce of
+    the whole buffer, of which each rank keeps its slot, with the B-sized per-example rows folded in
+    (each rank writes its own rows, zeros elsewhere: the sum is the gather, exactly); gloo's
+    reduce-scatter costs more than its all-reduce of the same buffer (measured: 64 ms against 51 ms for
+    55 MB, 2 ranks on a quiet CPU; 270 ms against 147 ms under load). On NCCL (and any other backend),
+    a reduce-scatter, which sends half the bytes of a ring all-reduce, then an all-gather of the rows.
 
-    Never a P-sized all-gather, and no second P-sized round: the mean and M2 travel together.
-
-    The numerical choice. Chan's update for W parts is M2 = Σ_r [M2_r + n_r (μ_r − μ)²], which needs the
-    global μ on every element before the reduction (a second P-sized round, or a P-sized all-gather of
-    μ). Expanding the square, Σ_r n_r (μ_r − μ)² = Σ_r n_r μ_r² − N μ², so
+    **The numerical choice.** Chan's update for W parts is M2 = Σ_r [M2_r + n_r (μ_r − μ)²], which needs
+    the global μ on every element before the reduction (a second P-sized round, or a P-sized all-gather
+    of μ). Expanding the square, Σ_r n_r (μ_r − μ)² = Σ_r n_r μ_r² − N μ², so
 
         S1 = Σ_r n_r μ_r,   S2 = Σ_r (M2_r + n_r μ_r²),   μ = S1 / N,   M2 = S2 − S1·μ
 
-    needs only the sums S1 and S2, one reduce-scatter. The subtraction cancels: its rounding error is
-    about ε·S2 ≈ ε·N(Var + μ²), i.e. relative to M2 about ε·(1 + μ²/Var). So both sums are formed
-    and reduced in float64 (ε = 1.1e-16) whatever the statistics' dtype, and M2 is computed there and
-    then cast back: for float32 statistics the error stays below float32 rounding unless an element's
-    μ²/Var exceeds ~1e8; for float64 ones it is ~1e-16 · μ²/Var relative. Each M2_r itself is this
-    rank's own (two-pass) sum of squared deviations, so the cancellation is only between ranks. M2 is
-    clamped at 0 (a negative value is rounding). μ is formed from S1 alone, so it has no cancellation.
+    needs only the sums S1 and S2. The subtraction cancels: its rounding error is about ε·S2, i.e.
+    ε·S2/M2 relative to M2. Each M2_r is this rank's own sum of squared deviations, so the cancellation
+    is only between ranks. M2 is clamped at 0 (a negative value is rounding); μ is formed from S1 alone,
+    so it has no cancellation. The sums travel in the statistics' own precision:
+
+    - float64 statistics (or any rank's tensors not exactly float32-representable): float64, ε = 1.1e-16;
+    - float32 statistics (what the single-process fast engine accumulates in for a float32 model, and
+      what it returns): float32, with the single-process engine's own bound on a one-pass M2
+      (``persample.engines.fast.pieces.cancellation_limit``: ε·S2/M2 ≤ 1e-4). Each rank counts its
+      elements with S2 > limit · M2 (their count travels with the global sums, no extra round); where
+      any rank has some, the S1 and S2 of just those elements are formed and summed again in float64
+      (an all-gather of their positions and an all-reduce of 2 float64 numbers per element, whose
+      result every rank holds, so that each adds those elements' share of the global sums itself),
+      so that no element is less accurate than that bound;
+    - ``var=False``: S1 alone (no cancellation), in the same precision.
 
     A collective: every rank calls it, with statistics over the same parameters (names, shapes,
     dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
@@ -425,6 +453,19 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         raise ValueError("reduce_scatter_stats: these statistics are already sharded (stats.shard)")
     if stats.clip_norm is not None:
         raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
+    return _reduce_scatter_stats(stats, group, float64=False)
+
+
+def sums_by_all_reduce(group=None) -> bool:
+    """The rule for :func:`reduce_scatter_stats`' one P-sized collective: True (an all-reduce of the
+    fused buffer, each rank keeping its slot, the per-example rows folded in) on a gloo group, False
+    (a reduce-scatter, then an all-gather of the rows) on NCCL and any other backend."""
+    backend = str(torch.distributed.get_backend(group)).lower()
+    return "gloo" in backend and "nccl" not in backend
+
+
+def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStats:
+    """:func:`reduce_scatter_stats`; ``float64``: the sums in float64 whatever the statistics' dtype."""
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     first = next(iter(stats.mean.values()))
@@ -441,22 +482,26 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         if not shape:
             raise ValueError(f"reduce_scatter_stats: parameter {k!r} is 0-d; FSDP2's Shard(0) needs dim 0")
     rows = {d: {k: shard_rows(shapes[k], d, world) for k in names} for d in range(world)}
+    concat = ["param_sq_norms", "losses"]
+    if stats.inner_products is not None and all(_column(headers, "has_inner")) and reference is not None:
+        concat.append("inner_products")
+    vectors = [r for f in concat for r in _as_rows(getattr(stats, f))]
 
-    # One reduce-scatter of [S1 | S2] per destination rank, in float64 (see the docstring); with
-    # var=False only S1, which has no cancellation, in the statistics' own dtype (float32 at least).
-    dtypes = {t.dtype for t in stats.mean.values()}
-    wire = torch.float64
-    if not with_m2 and len(dtypes) == 1:
-        wire = torch.promote_types(dtypes.pop(), torch.float32)
+    # The fused buffer: for each destination d a slot [S1 of every parameter | S2 of every parameter]
+    # over d's rows (so that the received mean and M2 are each one contiguous block), then, when the
+    # collective is an all-reduce, a [W, len(vectors), max n_r] block of per-example rows.
+    wire = torch.float32 if not float64 and all(_column(headers, "narrow")) else torch.float64
+    by_all_reduce = sums_by_all_reduce(group)
     n_r = float(stats.n)
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
     fields = 2 if with_m2 else 1
-    # Each destination's slot: [S1 of every parameter | S2 of every parameter], so that the received
-    # mean and M2 are each one contiguous float64 block (their global sums need no copy).
     sizes_of = [sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
-    send = torch.empty(world, fields * max(sizes_of), dtype=wire, device=device)
+    slot, width = fields * max(sizes_of), max(sizes)
+    folded = world * len(vectors) * width if by_all_reduce else 0
+    send = torch.empty(world * slot + folded, dtype=wire, device=device)
+    slots = send[: world * slot].view(world, slot)
     for d in range(world):  # only the padding needs zeros: every other element is written below
-        send[d, fields * sizes_of[d] :].zero_()
+        slots[d, fields * sizes_of[d] :].zero_()
     offsets = [0] * world
     for k in names:  # written in place into each destination's slot: no temporaries of size P
         mu = stats.mean[k].detach().to(device).reshape(shapes[k][0], -1)
@@ -464,55 +509,132 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         for d in range(world):
             start, stop = rows[d][k]
             count, o = (stop - start) * per_row[k], offsets[d]
-            s1 = send[d, o : o + count].view(stop - start, per_row[k])
-            s1.copy_(mu[start:stop]).mul_(n_r)
-            if m2_k is not None:  # M2_r + n_r μ_r², in float64: (n_r μ_r)·μ_r
+            s1 = slots[d, o : o + count].view(stop - start, per_row[k])
+            fused = mu.dtype == wire  # one pass each, computed in the wire's dtype (else: cast first)
+            if fused:
+                torch.mul(mu[start:stop], n_r, out=s1)
+            else:
+                s1.copy_(mu[start:stop]).mul_(n_r)
+            if m2_k is not None:  # M2_r + n_r μ_r²: (n_r μ_r)·μ_r
                 o2 = sizes_of[d] + o
-                s2 = send[d, o2 : o2 + count].view(stop - start, per_row[k])
-                s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
+                s2 = slots[d, o2 : o2 + count].view(stop - start, per_row[k])
+                if fused and m2_k.dtype == wire:
+                    torch.addcmul(m2_k[start:stop], s1, mu[start:stop], out=s2)
+                else:
+                    s2.copy_(m2_k[start:stop]).addcmul_(s1, mu[start:stop])
             offsets[d] = o + count
-    mine = torch.empty(send.shape[1], dtype=wire, device=device)
-    dist.reduce_scatter(mine, list(send.unbind(0)), group=group)
-    del send
+    if by_all_reduce:
+        block = send[world * slot :].view(world, len(vectors), width)
+        block.zero_()
+        for j, row in enumerate(vectors):
+            block[rank, j, : stats.n] = row.detach().to(device)
+        dist.all_reduce(send, group=group)
+        mine = slots[rank].clone()  # only this rank's slot outlives the buffer
+        whole = [torch.cat([block[r, j, :n] for r, n in enumerate(sizes)]) for j in range(len(vectors))]
+        del block
+        gathered = iter([w.to(device=row.device, dtype=row.dtype) for w, row in zip(whole, vectors)])
+    else:
+        mine = torch.empty(slot, dtype=wire, device=device)
+        dist.reduce_scatter(mine, list(slots.unbind(0)), group=group)
+        gathered = iter(_gather_vectors(vectors, sizes, group, device))
+    del send, slots
 
     length = sizes_of[rank]
     flat_s1 = mine[:length]
     flat_m2 = None
+    risky = None  # positions in this rank's slot where float32 sums may have cancelled
     if with_m2:  # M2 = S2 − S1·μ = S2 − S1²/N, in place in the received buffer (before μ overwrites S1)
-        flat_m2 = mine[length : 2 * length].addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)
-    flat_mean = flat_s1.div_(total)
-    mean: dict[str, Tensor] = {}
-    m2: dict[str, Tensor] | None = {} if with_m2 else None
-    offset = 0
-    for k in names:
-        start, stop = rows[rank][k]
-        shape = (stop - start, *shapes[k][1:])
-        count = (stop - start) * per_row[k]
-        out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
-        mean[k] = flat_mean[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
-        if m2 is not None and flat_m2 is not None:
-            m2[k] = flat_m2[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
-        offset += count
+        flat_s2 = mine[length : 2 * length]
+        if wire != torch.float64:  # S2 > limit·M2 ⟺ (limit/N)·S1² > (limit − 1)·S2, where S2 > 0
+            from .engines.fast.pieces import cancellation_limit
 
-    # Per-example rows (B-sized), gathered as in all_reduce_stats.
-    concat = ["param_sq_norms", "losses"]
-    if stats.inner_products is not None and all(_column(headers, "has_inner")) and reference is not None:
-        concat.append("inner_products")
-    vectors = [r for f in concat for r in _as_rows(getattr(stats, f))]
-    gathered = iter(_gather_vectors(vectors, sizes, group, device))
+            limit = cancellation_limit(wire)
+            flags = flat_s1.square().mul_(limit / total).gt_(flat_s2 * (limit - 1.0)).logical_and_(flat_s2 > 0)
+            risky = flags.nonzero().squeeze(1)
+        flat_m2 = flat_s2.addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)
+    flat_mean = flat_s1.div_(total)
+    layout = Shard(rank=rank, world=world, rows=dict(rows[rank]), shapes=shapes)
     values: dict = {}
     for f in concat:
         value = getattr(stats, f)
         values[f] = {k: next(gathered) for k in value} if isinstance(value, Mapping) else next(gathered)
-
-    layout = Shard(rank=rank, world=world, rows=dict(rows[rank]), shapes=shapes)
     if "inner_products" not in values:
         reference = None
-    received = flat_mean.dtype == torch.float64 and all(  # the statistics are the received float64 blocks
-        t.dtype == torch.float64 and t.device == flat_mean.device for t in mean.values()
+
+    def shards() -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        mean: dict[str, Tensor] = {}
+        m2: dict[str, Tensor] | None = {} if with_m2 else None
+        offset = 0
+        for k in names:
+            start, stop = rows[rank][k]
+            shape = (stop - start, *shapes[k][1:])
+            count = (stop - start) * per_row[k]
+            out_device, dtype = stats.mean[k].device, stats.mean[k].dtype
+            mean[k] = flat_mean[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+            if m2 is not None and flat_m2 is not None:
+                m2[k] = flat_m2[offset : offset + count].view(shape).to(device=out_device, dtype=dtype)
+            offset += count
+        return mean, m2
+
+    # The global sums of every parameter's shard (SHARD_SUMS), and every rank's count of flagged elements,
+    # in one all-reduce of a [max(K, W), 7] float64 matrix. Flagged elements are left out of the sums
+    # here (zeros contribute nothing) and added below once they are exact.
+    lengths = [(rows[rank][k][1] - rows[rank][k][0]) * per_row[k] for k in names]
+    flagged = risky is not None and risky.numel() > 0
+    mu64 = flat_mean.to(torch.float64, copy=flagged)  # copies where flagged elements are zeroed below
+    m2_64 = flat_m2.to(torch.float64, copy=flagged) if flat_m2 is not None else None
+    r64 = None
+    if reference is not None:
+        r64 = _flat64((layout.reference_rows(k, reference[k]) for k in names), device)
+    if flagged:
+        for column in (mu64, m2_64, r64):
+            if column is not None:
+                column[risky] = 0.0
+    table = torch.zeros(max(len(names), world), len(SHARD_SUMS) + 1, dtype=torch.float64, device=device)
+    table[: len(names), : len(SHARD_SUMS)] = _local_shard_sums(
+        mu64, m2_64, r64, total, _segment_sums(lengths), len(names)
     )
-    flats = (flat_mean, flat_m2) if received else None
-    sums = _all_reduce_shard_sums(mean, m2, reference, layout, total, group, device, flats=flats)
+    table[rank, len(SHARD_SUMS)] = 0 if risky is None else risky.numel()
+    dist.all_reduce(table, group=group)
+    counts = [int(c) for c in table[:world, len(SHARD_SUMS)].tolist()]
+    global_sums = table[: len(names), : len(SHARD_SUMS)]
+    if any(counts):  # the float32 sums may have cancelled beyond the engine's bound there: float64 for those
+        assert flat_m2 is not None and risky is not None  # flags come only with float32 M2
+        slot_params = []  # per destination: (name, first element of its rows, offset in the slot)
+        for d in range(world):
+            o, here = 0, []
+            for k in names:
+                start, stop = rows[d][k]
+                here.append((k, start * per_row[k], o))
+                o += (stop - start) * per_row[k]
+            slot_params.append(here)
+        exact = _float64_sums_at(stats, risky, counts, slot_params, total, group, device)
+        # Every rank now holds μ and M2 of every rank's flagged elements: their share of the global sums
+        # is added on every rank alike, with no further collective (as stored: rounded to the sums' dtype).
+        for d, (which, elements, mu_d, m2_d) in enumerate(exact):
+            mu_d, m2_d = mu_d.to(wire).double(), m2_d.to(wire).double()
+            if d == rank:
+                flat_mean[risky] = mu_d.to(wire)
+                flat_m2[risky] = m2_d.to(wire)
+            r_d = None
+            if reference is not None:
+                r_d = torch.empty_like(mu_d)
+                for j in which.unique().tolist():
+                    picked = which == j
+                    name = slot_params[d][j][0]
+                    r_d[picked] = (
+                        reference[name]
+                        .detach()
+                        .reshape(-1)[elements[picked].to(reference[name].device)]
+                        .to(device=device, dtype=torch.float64)
+                    )
+
+            def by_index(column: Tensor, which: Tensor = which) -> Tensor:
+                return torch.zeros(len(names), dtype=torch.float64, device=device).index_add_(0, which, column)
+
+            global_sums = global_sums + _local_shard_sums(mu_d, m2_d, r_d, total, by_index, len(names))
+    mean, m2 = shards()
+    sums = {k: tuple(row) for k, row in zip(names, global_sums.tolist())}
     layout = dataclasses.replace(layout, sums=sums)
     return GradStats(
         n=total,
@@ -528,6 +650,36 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
     )
 
 
+def _local_shard_sums(
+    mu: Tensor, m2: Tensor | None, r: Tensor | None, n: int, per_param: Callable[[Tensor], Tensor], k: int
+) -> Tensor:
+    """This rank's part of the [k, 6] float64 :data:`persample.stats.SHARD_SUMS` of k parameter tensors:
+    ``per_param`` sums an element-wise column (float64, flat, of ``mu``'s length) per parameter. ``mu``,
+    ``m2``, ``r``: the flat float64 mean, M2 and reference rows (None: that column stays 0)."""
+    local = torch.zeros(k, len(SHARD_SUMS), dtype=torch.float64, device=mu.device)
+    sq = mu.square()
+    local[:, 0] = per_param(sq)
+    if m2 is not None:
+        local[:, 1] = per_param(m2)
+        if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
+            keep = m2 > 0
+            local[:, 2] = per_param(torch.where(keep, sq.mul_(n - 1).div_(m2.where(keep, 1.0)), 0.0))
+            local[:, 3] = per_param(keep.double())
+    if r is not None:
+        local[:, 4] = per_param(mu * r)
+        local[:, 5] = per_param((r - mu).square_())
+    return local
+
+
+def _segment_sums(lengths: Sequence[int]) -> Callable[[Tensor], Tensor]:
+    """Σ over consecutive segments of these lengths (one per parameter; empty ones give 0)."""
+    return lambda column: torch.stack([part.sum() for part in column.split(list(lengths))])
+
+
+def _flat64(tensors: Iterable[Tensor], device: torch.device) -> Tensor:
+    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float64) for t in tensors])
+
+
 def _all_reduce_shard_sums(
     mean: Mapping[str, Tensor],
     m2: Mapping[str, Tensor] | None,
@@ -536,40 +688,65 @@ def _all_reduce_shard_sums(
     n: int,
     group,
     device: torch.device,
-    flats: tuple[Tensor, Tensor | None] | None = None,
 ) -> dict[str, tuple[float, ...]]:
-    """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its rows,
-    then one all-reduce of a [K, 6] float64 matrix (K parameter tensors). ``flats``: the mean and M2
-    already flat and float64, in ``mean``'s order (no copy)."""
+    """The global :data:`persample.stats.SHARD_SUMS` of every parameter: this rank's sums over its
+    rows, then one all-reduce of a [K, 6] float64 matrix (K parameter tensors)."""
     names = list(mean)
     where = next(iter(mean.values())).device  # the shards' own device (CUDA stays on CUDA)
-    lengths = torch.tensor([mean[k].numel() for k in names], device=where)
-
-    def flat(values) -> Tensor:
-        return torch.cat([v.detach().reshape(-1).to(device=where, dtype=torch.float64) for v in values])
-
-    def per_param(column: Tensor) -> Tensor:  # Σ over each parameter's elements (empty shards: 0)
-        return torch.segment_reduce(column, "sum", lengths=lengths)
-
-    local = torch.zeros(len(names), len(SHARD_SUMS), dtype=torch.float64, device=where)
-    mu = flat(mean[k] for k in names) if flats is None else flats[0]
-    sq = mu.square()
-    local[:, 0] = per_param(sq)
-    if m2 is not None:
-        m2_flat = flat(m2[k] for k in names) if flats is None or flats[1] is None else flats[1]
-        local[:, 1] = per_param(m2_flat)
-        if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
-            keep = m2_flat > 0
-            var = m2_flat / (n - 1)
-            local[:, 2] = per_param(torch.where(keep, sq / var.where(keep, 1.0), 0.0))
-            local[:, 3] = per_param(keep.double())
-    if reference is not None:
-        r = flat(layout.reference_rows(k, reference[k]) for k in names)
-        local[:, 4] = per_param(mu * r)
-        local[:, 5] = per_param((r - mu).square())
+    mu = _flat64((mean[k] for k in names), where)
+    m2_flat = _flat64((m2[k] for k in names), where) if m2 is not None else None
+    r = _flat64((layout.reference_rows(k, reference[k]) for k in names), where) if reference is not None else None
+    local = _local_shard_sums(mu, m2_flat, r, n, _segment_sums([mean[k].numel() for k in names]), len(names))
     summed = local.to(device)
     torch.distributed.all_reduce(summed, group=group)
-    return {k: tuple(summed[i].tolist()) for i, k in enumerate(names)}
+    return {k: tuple(row) for k, row in zip(names, summed.tolist())}
+
+
+def _float64_sums_at(
+    stats: GradStats,
+    positions: Tensor,
+    counts: list[int],
+    slot_params: list[list[tuple[str, int, int]]],
+    total: int,
+    group,
+    device: torch.device,
+) -> list[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """For every rank d, (parameter index, element index in that parameter, μ, M2) of d's flagged
+    ``positions`` (this rank's are ``positions``), μ and M2 from S1 and S2 formed and summed in float64:
+    one all-gather of the positions (padded to the largest count) and one all-reduce of
+    [Σ counts, 2] float64 sums, whose result every rank holds. ``slot_params[d]``: for each parameter,
+    (name, its first element in d's rows, its offset in d's slot)."""
+    world = len(counts)
+    mine = torch.full((max(counts),), -1, dtype=torch.int64, device=device)
+    mine[: positions.numel()] = positions.to(device)
+    everyone = _all_gather_rows(mine, group, world)
+    n_r = float(stats.n)
+    send = torch.zeros(sum(counts), 2, dtype=torch.float64, device=device)
+    located = []
+    at = 0
+    for d in range(world):
+        pos = everyone[d][: counts[d]]
+        starts = torch.tensor([o for _, _, o in slot_params[d]], dtype=torch.int64, device=device)
+        which = torch.searchsorted(starts, pos, right=True).sub_(1)  # the parameter of each position
+        elements = torch.empty_like(pos)
+        for j in which.unique().tolist():
+            name, first, offset = slot_params[d][j]
+            picked = (which == j).nonzero().squeeze(1)
+            elements[picked] = pos[picked] - offset + first
+            where = elements[picked].to(stats.mean[name].device)
+            mu = stats.mean[name].detach().reshape(-1)[where].to(device=device, dtype=torch.float64)
+            m2 = stats.m2[name].detach().reshape(-1)[where].to(device=device, dtype=torch.float64)  # type: ignore[index]
+            send[at + picked, 0] = n_r * mu
+            send[at + picked, 1] = m2 + n_r * mu * mu
+        located.append((which, elements))
+        at += counts[d]
+    torch.distributed.all_reduce(send, group=group)
+    out, at = [], 0
+    for d, (which, elements) in enumerate(located):
+        s1, s2 = send[at : at + counts[d], 0], send[at : at + counts[d], 1]
+        out.append((which, elements, s1 / total, (s2 - s1 * s1 / total).clamp_(min=0.0)))
+        at += counts[d]
+    return out
 
 
 def refresh_shard_sums(stats: GradStats, group=None) -> GradStats:

@@ -37,7 +37,7 @@ from torch.utils.hooks import RemovableHandle
 
 from ._accumulation import Accumulation, micro_batch_noise, micro_batch_part, refuse_with_micro_batches
 from ._batch import as_batch, tensors_in
-from ._data_parallel import LocalGradients, fsdp2_step, refuse_fsdp2_options, resolve_replicas
+from ._data_parallel import LocalGradients, agree_on_examples, fsdp2_step, refuse_fsdp2_options, resolve_replicas
 from ._grad_writer import (
     GradSnapshot,
     accumulate_into_grads,
@@ -697,6 +697,8 @@ class Tracker:
                 raise ValueError("observe() needs the batch size: pass targets batched on dim 0, or batch_size=")
             batch_size = int(leaves[0].shape[0])
         sharded = self._replicas is not None and self._replicas.sharded
+        if sharded:  # before FSDP2's first collective: a rank without examples is refused on every rank
+            agree_on_examples(self._replicas.group, None, batch_size == 0, "persample.Tracker.observe (FSDP2)")  # type: ignore[union-attr]
         sharding = unshard_all(self.model) if sharded else None  # FSDP2: the full parameters, by name
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         if output_module is None and self._replicas is not None and self._replicas.wrapper is not None:

@@ -803,6 +803,17 @@ def fsdp2_grad_stats_then_all_reduce_stats_equal_the_oracle():
     sharded = reduce_scatter_stats(local)
     check_against_oracle(sharded, expected, "reduce_scatter_stats", model=model)
     assert sharded.part_sizes == tuple(SPLITS[world])
+    import persample.distributed as pd
+
+    rule = pd.sums_by_all_reduce
+    assert rule()  # gloo: one all-reduce of the fused buffer; NCCL's path (a reduce-scatter) too, forced:
+    pd.sums_by_all_reduce = lambda group=None: False  # type: ignore[assignment]
+    try:
+        scattered = reduce_scatter_stats(local)
+    finally:
+        pd.sums_by_all_reduce = rule  # type: ignore[assignment]
+    check_against_oracle(scattered, expected, "reduce_scatter_stats through a reduce-scatter", model=model)
+    assert scattered.shard.same_layout(sharded.shard) and scattered.part_sizes == sharded.part_sizes
     try:
         persample.grad_stats(model, loss, x, y, clip_norm=1.0)
     except persample.UnsupportedModelError as err:
@@ -977,6 +988,120 @@ def fsdp2_var_false_float32_reduces_the_mean_alone():
     close(stats.sq_norms.double(), sum(expected["param_sq_norms"].values()), "sq_norms (float32)", rtol=1e-5, atol=1e-6)
     full_mean_sq = sum(float(v.pow(2).sum()) for v in expected["mean"].values())
     same_number(float(stats.mean_sq_norm), full_mean_sq, "|mean|^2 (float32)", rtol=1e-5)
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_float32_sums_meet_the_single_process_bound():
+    """A float32 model: the statistics' sums travel in float32, as the single-process fast engine
+    accumulates them. Targets far from the outputs make the last bias's per-example gradients nearly
+    equal (μ²/Var ≈ 1e4), where M2 = S2 − S1²/N would cancel beyond the engine's bound in float32
+    (an error of about 1e-3 of Var): those elements are flagged and summed again in float64. Each
+    parameter's mean and variance are then as close to the float64 oracle as one process's float32
+    grad_stats on the whole batch is (within 4×, or 4e-6 of the
+    largest element)."""
+    import persample.distributed as pd
+    from torch.distributed.fsdp import fully_shard
+
+    _, world = rank_world()
+    loss = F.mse_loss
+    model = mlp(seed=32, dtype=torch.float32)
+    for layer in (model[0], model[2]):
+        fully_shard(layer)
+    fully_shard(model)
+    x, _, gx, _ = local_batches(1, seed=181)[0]
+    g = torch.Generator().manual_seed(182)
+    gy = 100.0 + 0.01 * torch.randn(gx.shape[0], 3, generator=g, dtype=torch.float64)
+    y = gy[my_slice(SPLITS[world])]
+    calls = []
+    exact_at = pd._float64_sums_at
+    pd._float64_sums_at = lambda *a, **k: calls.append(1) or exact_at(*a, **k)  # type: ignore[assignment]
+    try:
+        stats = persample.Tracker(model, loss).step(x.float(), y.float())
+    finally:
+        pd._float64_sums_at = exact_at  # type: ignore[assignment]
+    expected = oracle(mlp(seed=32), loss, gx, gy)
+    one = persample.grad_stats(mlp(seed=32, dtype=torch.float32), loss, gx.float(), gy.float())
+    for field in ("mean", "var"):
+        for k, got in getattr(stats, field).items():
+            assert got.dtype == torch.float32, (field, k, got.dtype)
+            want = expected[field][k]
+            bound = float((getattr(one, field)[k].double() - want).abs().max())  # what one process meets
+            error = float((got.double() - rows_of(stats, k, want)).abs().max()) if got.numel() else 0.0
+            limit = 4 * max(bound, 1e-6 * float(want.abs().max()))
+            assert error <= limit, f"{field}[{k}]: error {error:.3g}, one process's {bound:.3g}, limit {limit:.3g}"
+    assert calls, "no element was flagged: the test no longer covers the float64 path"
+    same_number(stats.param_m2_sum(), one.param_m2_sum(), "sum of M2 (float32)", rtol=1e-5)
+    same_number(float(stats.mean_sq_norm), float(one.mean_sq_norm), "|mean|^2 (float32)", rtol=1e-5)
+    # with a shared reference r: the flagged elements' share of <mean, r> and |r - mean|^2 is added on
+    # every rank alike
+    g = torch.Generator().manual_seed(183)
+    ref = {k: torch.randn(v.shape, generator=g) for k, v in expected["mean"].items()}
+    calls.clear()
+    pd._float64_sums_at = lambda *a, **k: calls.append(1) or exact_at(*a, **k)  # type: ignore[assignment]
+    try:
+        with_ref = reduce_scatter_stats(persample.grad_stats(model, loss, x.float(), y.float(), reference=ref))
+    finally:
+        pd._float64_sums_at = exact_at  # type: ignore[assignment]
+    assert calls and with_ref.reference is not None
+    names = with_ref.names
+    products = [expected["mean"][k] * ref[k].double() for k in names]
+    dot, size = sum(float(v.sum()) for v in products), sum(float(v.abs().sum()) for v in products)
+    diff = sum(float((ref[k].double() - expected["mean"][k]).pow(2).sum()) for k in names)
+    same_number(with_ref.shard.total("ref_dot", names), dot, "<mean, r> (float32)", rtol=0, atol=1e-5 * size)
+    same_number(with_ref.shard.total("ref_diff_sq", names), diff, "|r - mean|^2 (float32)", rtol=1e-5)
+    everyone = [None] * world
+    dist.all_gather_object(everyone, with_ref.shard.sums)
+    assert all(e == everyone[0] for e in everyone), "the ranks' global sums differ"
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_a_rank_with_no_examples_is_refused_on_every_rank_without_a_hang():
+    """Uneven batches where one rank's share is empty (B_r = 0): a statistics step (Tracker.step,
+    observe, grad_stats) raises the refusal FSDP2_EMPTY_RANK on EVERY rank, naming the empty rank,
+    before any collective (the scenario's gloo timeout bounds it), with p.grad unchanged; a step without
+    statistics is FSDP2's own forward and backward, also on the empty rank (p.grad equal to a plain
+    FSDP2 twin's); and the next statistics step, with examples everywhere, is exact."""
+    rank, world = rank_world()
+    sizes = {2: [3, 0], 3: [2, 0, 3]}[world]
+    loss = F.cross_entropy
+    model, twin, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
+    gx, gy = global_batch(sum(sizes), seed=191)
+    x, y = gx[my_slice(sizes)], gy[my_slice(sizes)]
+    tracker = persample.Tracker(model, loss)
+    body = []
+
+    def refused(fn, what):
+        try:
+            fn()
+        except persample.UnsupportedModelError as err:
+            assert err.code == "FSDP2_EMPTY_RANK", (what, err.code, str(err))
+            assert f"rank 1 of {world} has no examples" in str(err), (what, str(err))
+        else:
+            raise AssertionError(f"{what}: a rank with no examples was not refused")
+        assert all(p.grad is None for p in model.parameters()), f"{what}: p.grad changed"
+
+    def observed():
+        with tracker.observe(y):
+            body.append(1)
+            loss(model(x), y).backward()
+
+    refused(lambda: tracker.step(x, y), "Tracker.step")
+    refused(observed, "Tracker.observe")
+    assert not body, "observe ran the user's forward and backward after refusing"
+    refused(lambda: persample.grad_stats(model, loss, x, y), "grad_stats")
+    assert tracker.steps == 0 and tracker.last_stats is None
+    # a step without statistics: FSDP2's own forward and backward, on 0 examples too
+    plain = persample.Tracker(model, loss, every=2)
+    plain.steps = 1
+    assert plain.step(x, y) is None
+    loss(twin(x), y).backward()
+    assert_grads_equal(model, twin, "a step without statistics, one rank empty")
+    model.zero_grad()
+    # the next statistics step, with examples on every rank
+    x, y, gx, gy = local_batches(1, seed=193)[0]
+    stats = tracker.step(x, y)
+    check_against_oracle(stats, oracle(reference, loss, gx, gy), "after the refusal", model=model)
+    del rank
 
 
 @scenario(2, suite="fsdp")

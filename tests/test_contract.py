@@ -455,6 +455,7 @@ TRIGGERED_IN_A_PROCESS_GROUP = {
     "DDP_COMM_HOOK",
     "DDP_MIXED_PRECISION",
     "FSDP2_OPTION",
+    "FSDP2_EMPTY_RANK",
     "OTHER_RANK_FAILED",
 }
 TRIGGERED_BY_A_RENAME = {"TORCH_INTERNALS_UNKNOWN"}
@@ -505,12 +506,19 @@ def test_ddp_refusals_in_a_one_process_group():
         sharded = nn.Linear(3, 2)
         fully_shard(sharded)
         code_of(lambda: persample.Tracker(sharded, nn.functional.mse_loss, clip_norm=1.0))
+        code_of(lambda: persample.Tracker(sharded, nn.functional.mse_loss).step(x[:0], y[:0]))
         print(" ".join(map(str, codes)))
         dist.destroy_process_group()
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["DDP_WRAPPER", "DDP_COMM_HOOK", "DDP_MIXED_PRECISION", "FSDP2_OPTION"]
+    assert done.stdout.split() == [
+        "DDP_WRAPPER",
+        "DDP_COMM_HOOK",
+        "DDP_MIXED_PRECISION",
+        "FSDP2_OPTION",
+        "FSDP2_EMPTY_RANK",
+    ]
 
 
 # ------------------------------------------------------------------------ torch internals fail closed
