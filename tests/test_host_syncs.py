@@ -43,17 +43,16 @@ TINY = {
 # cancellation flags, the statistics' finiteness, the weights' checks and values. observe reads two:
 # that copy where the weights are derived (the scale of its pieces depends on them), and the sums'
 # checks (of the fallbacks, and against p.grad) with the cancellation flags at the end. Beyond them, per module kind:
-# - Embedding (LSTM, MHA, GPT-2: wte and wpe): one ``unique`` of the (example, row) keys per table,
-#   whose count sizes the piece;
+# - Embedding (LSTM, MHA, GPT-2: wte and wpe): none (fixed-size segments: sort, not ``unique``);
 # - LSTM: whether the layer's output is its cell equations' (which backward to run);
 # - MultiheadAttention: the recomputed output against the module's (``equal`` on NaNs, and a max);
-# - GPT-2's tied embedding without the variance: a ``bincount`` of tokens per example and its read.
+# - GPT-2's tied embedding without the variance: none (its cross term is one batched product, no ``bincount``).
 LIMITS = {
     "mlp": {"grad_stats-fast": 1, "grad_stats-fast-novar": 0, "observe": 2, "observe-novar": 2},
     "cnn": {"grad_stats-fast": 1, "grad_stats-fast-novar": 0, "observe": 2, "observe-novar": 2},
-    "lstm": {"grad_stats-fast": 3, "grad_stats-fast-novar": 2, "observe": 4, "observe-novar": 4},
-    "mha": {"grad_stats-fast": 4, "grad_stats-fast-novar": 3, "observe": 5, "observe-novar": 5},
-    "gpt2": {"grad_stats-fast": 3, "grad_stats-fast-novar": 3, "observe": 4, "observe-novar": 6},
+    "lstm": {"grad_stats-fast": 2, "grad_stats-fast-novar": 1, "observe": 3, "observe-novar": 3},
+    "mha": {"grad_stats-fast": 3, "grad_stats-fast-novar": 2, "observe": 4, "observe-novar": 4},
+    "gpt2": {"grad_stats-fast": 1, "grad_stats-fast-novar": 1, "observe": 2, "observe-novar": 2},
 }
 for _case, _limits in LIMITS.items():  # Tracker.step: as grad_stats on a statistics step, none on a plain step
     _limits.update({"plain": 0, "tracker-step-stats": _limits["grad_stats-fast"], "tracker-step-plain": 0})

@@ -503,6 +503,11 @@ class RowsPiece(Piece):
     (one per distinct token of an example); then ‖g_i‖² = Σ_{u∈i} ‖S_u‖²,
     Σ_i g_i∘g_i = scatter-add of S_u² into rows, ⟨g_i, R⟩ = Σ_{u∈i} ⟨S_u, R[row_u]⟩.
     Cost O(B·T·d), independent of V. Rows equal to ``padding_idx`` get no gradient.
+
+    Every size here is known on the host: the n = B·T positions give n segment slots, sorted by
+    (example, row); the U ≤ n distinct pairs fill the first U slots and the rest hold zeros (example 0,
+    row 0, ``valid`` False), which add nothing to any sum. No ``unique``, no boolean-mask indexing, so no
+    host-device synchronisation.
     """
 
     ids: Tensor
@@ -517,12 +522,24 @@ class RowsPiece(Piece):
         tokens = self.ids.shape[1]
         example = torch.arange(self.batch_size, device=self.ids.device).repeat_interleave(tokens)
         ids, grad = self.ids.reshape(-1), self.grad.reshape(-1, dim)
-        if self.padding_idx is not None:
-            keep = ids != self.padding_idx
-            example, ids, grad = example[keep], ids[keep], grad[keep]
-        keys, inverse = torch.unique(example * rows + ids, return_inverse=True)
+        real = None
+        if self.padding_idx is not None:  # padding positions (an id no row may have, e.g. -1): zero, row 0
+            real = ids != self.padding_idx
+            grad = grad * real.unsqueeze(1).to(grad.dtype)
+            ids = torch.where(real, ids, 0)
+        keys = example * rows + ids
+        sorted_keys, order = torch.sort(keys)
+        starts = torch.ones_like(sorted_keys, dtype=torch.bool)
+        starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
+        slot_sorted = starts.cumsum(0) - 1  # the segment of each sorted position: 0 … U − 1
+        inverse = torch.empty_like(slot_sorted).scatter_(0, order, slot_sorted)
         self.segments = grad.new_zeros(keys.shape[0], dim).index_add_(0, inverse, grad)
-        self.example_of, self.row_of = keys // rows, keys % rows
+        slot_keys = torch.zeros_like(sorted_keys).scatter_(0, slot_sorted, sorted_keys)
+        self.occupied = torch.arange(keys.shape[0], device=keys.device) <= slot_sorted[-1]
+        self.example_of, self.row_of = slot_keys // rows, slot_keys % rows
+        self.valid = self.occupied  # the slots of an (example, row) pair that gets a gradient
+        if real is not None:  # a segment of padding positions alone gets none and uses no row
+            self.valid = self.valid & (torch.zeros_like(keys).index_add_(0, inverse, real.long()) > 0)
 
     def _per_example(self, values: Tensor) -> Tensor:
         return values.new_zeros(self.batch_size).index_add_(0, self.example_of, values)
@@ -534,11 +551,12 @@ class RowsPiece(Piece):
         return self.add_unscaled_into(self.segments.new_zeros(stop - start, *self.shape), start, stop)
 
     def add_unscaled_into(self, total: Tensor, start: int, stop: int) -> Tensor:
-        """``total += h[start:stop]`` in place (one scatter of the segments), and return it."""
+        """``total += h[start:stop]`` in place (one scatter of the segments), and return it. Segments of
+        other examples are scattered as zeros into example ``start`` (fixed sizes: no host read)."""
         keep = (self.example_of >= start) & (self.example_of < stop)
-        return total.index_put_(
-            (self.example_of[keep] - start, self.row_of[keep]), self.segments[keep], accumulate=True
-        )
+        at = torch.where(keep, self.example_of - start, 0)
+        values = self.segments * keep.unsqueeze(1).to(self.segments.dtype)
+        return total.index_put_((at, self.row_of), values, accumulate=True)
 
     def sq_norms(self):
         return self._scaled(self._per_example(_sq_norms(self.segments)), 2)
@@ -551,9 +569,10 @@ class RowsPiece(Piece):
         that use row r (the others' g_i[r] is 0): centred, so exact without cancellation."""
         center = mean.to(self.segments.dtype) / self.scale
         # (a bincount's output length is read from the device: a scatter into the known rows is not)
-        ones = torch.ones_like(self.row_of, dtype=center.dtype)
+        ones = self.valid.to(center.dtype)  # the empty slots use no row
         used_by = center.new_zeros(self.shape[0]).index_add_(0, self.row_of, ones)
-        total = self._rows((self.segments - center[self.row_of]).square())
+        deviation = (self.segments - center[self.row_of]) * ones.unsqueeze(1)  # empty slots: no deviation
+        total = self._rows(deviation.square())
         return self._scaled(total.addcmul_((self.batch_size - used_by).unsqueeze(1), center.square()), 2)
 
     def inner(self, ref):
@@ -626,16 +645,22 @@ def _embedding_and_projection(parts: list) -> tuple | None:
 def _rows_outer_cross(rows: RowsPiece, outer: OuterPiece) -> Tensor:
     """⟨G_rows,i, G_outer,i⟩ without forming either: G_outer,i = s·B_iᵀA_i has row r equal to
     s·Σ_t B_i[t, r] A_i[t], so the inner product with segment S_u at row r_u is
-    s·Σ_t B_i[t, r_u] ⟨A_i[t], S_u⟩ — one [T, U_i] matmul per example over its distinct tokens."""
-    counts = torch.bincount(rows.example_of, minlength=rows.batch_size).tolist()
-    cross = rows.segments.new_zeros(rows.batch_size)
-    start = 0
-    for i, count in enumerate(counts):  # segments are sorted by example (torch.unique sorts the keys)
-        if count:
-            seg, at = rows.segments[start : start + count], rows.row_of[start : start + count]
-            cross[i] = ((outer.act[i] @ seg.t()) * outer.grad[i][:, at]).sum()
-            start += count
-    return cross * (rows.scale * outer.scale)
+    s·Σ_t B_i[t, r_u] ⟨A_i[t], S_u⟩. Each example's segments are laid out in a ``[B, n_max, d]`` block
+    (n_max: the positions per example, a bound on its distinct tokens), then one batched
+    ``[T, d] @ [d, n_max]`` product and a gather of B at the segments' rows: fixed sizes, no host read."""
+    batch, slots = rows.batch_size, rows.ids.shape[1]
+    examples = rows.example_of
+    occupied = rows.occupied  # (a padding row's zero segments included: they sit between the others)
+    counts = torch.zeros(batch, dtype=torch.long, device=examples.device).index_add_(0, examples, occupied.long())
+    first = counts.cumsum(0) - counts  # segments are sorted by example: example i's start at first[i]
+    position = (torch.arange(examples.shape[0], device=examples.device) - first[examples]).clamp(0, slots - 1)
+    laid = rows.segments.new_zeros(batch, slots, rows.segments.shape[1])
+    laid.index_put_((examples, position), rows.segments * occupied.unsqueeze(1).to(laid.dtype), accumulate=True)
+    at = rows.row_of.new_zeros(batch, slots).index_put_((examples, position), rows.row_of * occupied, accumulate=True)
+    act = outer.act.to(laid.dtype)
+    products = torch.bmm(act, laid.transpose(1, 2))  # [B, T, n_max]: ⟨A_i[t], S_u⟩
+    grads = torch.gather(outer.grad.to(laid.dtype), 2, at.unsqueeze(1).expand(-1, outer.grad.shape[1], -1))
+    return (products * grads).sum((1, 2)) * (rows.scale * outer.scale)
 
 
 def combine_pieces(pieces: list[Piece]) -> Piece:
