@@ -475,7 +475,7 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
             if position == len(chain) - 1:
                 raise
             reasons.append(f"{name}: {err}")
-            if getattr(err, "code", None) == "BATCH_MIXED":
+            if getattr(err, "code", None) in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE"):
                 mixed = short_reason(reasons[-1])
         except Exception as err:
             if not mixed or isinstance(err, PersampleError):

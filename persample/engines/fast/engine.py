@@ -51,6 +51,7 @@ from ..._host_reads import HostChecks, open_checks
 from ..._model import (
     autocast_as,
     backward_hooked_module,
+    buffer_state,
     hooked_parameters,
     detached_buffers,
     first_random_module,
@@ -67,7 +68,9 @@ from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .plan import model_plan
+from .alone import check_alone
+from .alone import signature as alone_signature
+from .plan import checked_alone, model_plan, remember_alone
 from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
@@ -159,6 +162,8 @@ def fast_pieces(
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
+    spot = _spot_check_signature(model, batch, randomness, sharding)  # None: this call has no spot check
+    buffers_found = buffer_state(model) if spot is not None else []
     with (
         torch.enable_grad(),
         capturing(
@@ -266,7 +271,21 @@ def fast_pieces(
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
         for name, p in hooked.items():
             pieces[name] = _hooked_piece(name, pieces[name], p)
+    if spot is not None and capture.random_call is None:  # a forward that draws cannot be replayed alone
+        if check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found).verdict:
+            remember_alone(model, spot)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
+
+
+def _spot_check_signature(model: nn.Module, batch: Batch, randomness: str, sharding: str | None) -> tuple | None:
+    """The input signature under which this call runs the spot check against the definition
+    (:mod:`.alone`), or None where it does not: a batch of one (nothing to compare), a sharded model (a
+    batch-of-one forward would run the shards' collectives on this rank alone: the audit alone vouches
+    there), or a verdict already in the model's plan for this signature."""
+    if batch.size < 2 or sharding is not None:
+        return None
+    key = alone_signature(batch, randomness)
+    return None if checked_alone(model, key) else key
 
 
 def _derived_moments(

@@ -1,0 +1,181 @@
+"""The spot check against the definition: examples 0 and B − 1 computed alone, once per input signature.
+
+The fast engine reads every g_i off ONE batched forward and backward. That is right only if the forward
+treats each example as it would treat it alone, on a batch of one, which is the definition
+(L_i = ``loss_fn(model(x_i[None]), y_i[None])``). The capture's watchers and the graph audit see ops that
+mix rows (a roll, a reduction over dim 0, a cross-row index); they cannot see a forward that treats an
+example by its *position* in the batch or by the batch's *size*, where no gradient crosses rows:
+``x[0] = 0``, ``x / x.shape[0]``, ``h * torch.arange(B)[:, None]``, ``x + x[-1]`` (row 0's gradient is
+its own), ``x.narrow(0, 0, 1)``, ``torch.stack(reversed(x.unbind(0)))``, ``index_fill`` of row 0.
+
+:func:`check_alone` compares the engine's own per-example results for j ∈ {0, B − 1} with plain autograd
+on example j alone (``torch.autograd.grad`` of ``loss_fn(model(x_j[None]), y_j[None])`` with respect to
+the trainable parameters; no ``.grad`` is touched): the loss L_j and every parameter's g_j, at a tolerance
+from the dtype (:func:`tolerance`). Both ends are needed: ``x + x[-1]`` changes only example 0 (example
+B − 1 adds itself, as alone), ``h[-1] = 0`` only example B − 1. A difference, or an error when the model
+runs example j alone, is the refusal ``EXAMPLE_DIFFERS_ALONE`` (``engine="auto"`` then computes each
+example alone: vmap or the loop).
+
+It runs where the per-model plan (:mod:`.plan`) has no verdict yet for the call's input signature
+(:func:`signature`): a passed check is remembered there, so repeated calls pay nothing; the first pays two
+batch-of-one forward + backward passes. Buffers are put back as the engine's call found them before each
+example (every example of a batch forward sees the same buffers) and as the batch's forward left them at
+the end. Random draws are never made by the check: a forward that draws (dropout under
+``randomness="different"``) is not checked (its draws alone could not be those of the batch) and gets no
+verdict; a draw seen only alone stops the check before it draws. What it cannot see: see
+``docs/spot-check.md``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from ..._batch import Batch, tensors_in
+from ..._model import RandomCalls, RandomCallStop, autocast_state, buffer_state, restore_buffer_state
+from ...contract import refusal
+from .._autograd import dense_gradient, gradients
+from ..vmap import check_per_example_loss
+from .pieces import Piece
+
+__all__ = ["signature", "check_alone", "tolerance", "CheckedAlone"]
+
+
+def _leaf_key(t: Any) -> tuple:
+    if isinstance(t, Tensor):
+        return (t.dtype, t.device.type, t.dim(), t.requires_grad)
+    return (type(t).__name__,)
+
+
+def signature(batch: Batch, randomness: str) -> tuple:
+    """What a verdict of the spot check holds for: the inputs' and targets' structure (per tensor its
+    dtype, device type, number of dims and whether it requires grad; the keyword names; the options'
+    values), the randomness mode and the autocast settings. Not the sizes: a forward that treats an
+    example by its position or by the batch size does so at every size of at least 2 (a batch of one
+    has no position to get wrong, and gets no verdict)."""
+    from torch.utils._pytree import tree_flatten
+
+    args, arg_spec = tree_flatten((batch.args, batch.kwargs))
+    targets, target_spec = tree_flatten(batch.targets)
+    options = tuple(sorted((k, repr(v)) for k, v in batch.options.items()))
+    return (
+        str(arg_spec),
+        tuple(_leaf_key(t) for t in args),
+        str(target_spec),
+        tuple(_leaf_key(t) for t in targets),
+        options,
+        randomness,
+        autocast_state(),
+    )
+
+
+def tolerance(dtypes: list[torch.dtype], autocast: bool, device_types: set[str]) -> float:
+    """Relative tolerance of the comparison, from the precision the forward ran in.
+
+    A batch-of-one forward may reduce in another order than the batched one (other kernels), so the
+    two agree to rounding only: float64 1e-5 (not 1e-9: some Hugging Face families compute norms and
+    softmaxes in float32 inside a float64 model, which puts 1e-11 … 1.5e-7 relative between a batch and
+    its examples alone; ``tests/real_models.py``, ``NOISE_FAMILIES``), float32 1e-3 (1e-2 on CUDA with
+    TF32 matmuls allowed), half precision or autocast 5e-2. A position or batch-size effect changes an
+    example's gradient by O(1) of itself (0.4 … 2.9 on the battery's forms)."""
+    if autocast or any(d in (torch.float16, torch.bfloat16) for d in dtypes):
+        return 5e-2
+    if all(d == torch.float64 for d in dtypes):
+        return 1e-5
+    if "cuda" in device_types and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+        return 1e-2
+    return 1e-3
+
+
+class CheckedAlone:
+    """The outcome of :func:`check_alone`: ``verdict`` True where the check ran and passed (remember it),
+    False where it could not run (a random draw, a non-finite value): nothing to remember."""
+
+    def __init__(self, verdict: bool, reason: str = ""):
+        self.verdict, self.reason = verdict, reason
+
+
+def check_alone(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    params: dict[str, nn.Parameter],
+    pieces: dict[str, Piece],
+    losses: Tensor,
+    buffers_found: list,
+) -> CheckedAlone:
+    """Compare the engine's L_j and g_j (``losses[j]``, ``pieces[name].materialize(j, j + 1)``) with
+    autograd on example j alone, for j ∈ {0, B − 1}; raise ``EXAMPLE_DIFFERS_ALONE`` (:class:`NotExact`)
+    on a difference beyond :func:`tolerance` or where the model fails on example j alone.
+
+    ``buffers_found``: the buffers as the engine's call found them (:func:`.._model.buffer_state`); every
+    example runs from them, and the buffers end as the batch's forward left them."""
+    after = buffer_state(model)
+    try:
+        for j in sorted({0, batch.size - 1}):
+            restore_buffer_state(buffers_found)
+            outcome = _check_one(model, loss_fn, batch, params, pieces, losses, j)
+            if outcome is not None:
+                return CheckedAlone(False, outcome)
+    finally:
+        restore_buffer_state(after)
+    return CheckedAlone(True)
+
+
+def _check_one(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: Batch,
+    params: dict[str, nn.Parameter],
+    pieces: dict[str, Piece],
+    losses: Tensor,
+    j: int,
+) -> str | None:
+    """None where example j agrees; a reason where the check could not be made; raises on a difference."""
+    example = batch.slice(j, j + 1)
+    try:
+        with torch.enable_grad(), RandomCalls(stop=True):
+            loss = check_per_example_loss(example.call(model, loss_fn))
+            grads = gradients(loss, list(params.values()), tensors_in((example.args, example.kwargs)))
+    except RandomCallStop:
+        return "the forward draws random numbers alone"
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else ""
+        raise refusal(
+            "EXAMPLE_DIFFERS_ALONE",
+            f"example {j} of the batch could not be computed alone, on a batch of one, to check the fast "
+            f"engine's reading of it ({type(err).__name__}: {first}); per-example gradients are those of "
+            "loss_fn on each example alone. engine='auto' computes each example alone (vmap or the loop)",
+        ) from err
+    alone = {name: dense_gradient(g, p).detach() for (name, p), g in zip(params.items(), grads)}
+    batched = {name: pieces[name].materialize(j, j + 1).reshape(p.shape) for name, p in params.items()}
+    values = [loss.detach(), losses[j], *alone.values(), *batched.values()]
+    if not all(bool(torch.isfinite(v).all()) for v in values):
+        return "a value is not finite"
+    dtypes = [p.dtype for p in params.values()] + [loss.dtype]
+    autocast = any(enabled for _, enabled, _ in autocast_state())
+    rtol = tolerance(dtypes, autocast, {p.device.type for p in params.values()})
+    la, lb = float(loss.detach().double()), float(losses[j].double())
+    worst: tuple[float, str] | None = None
+    if abs(la - lb) > rtol * max(abs(la), abs(lb)):
+        worst = (abs(la - lb) / max(abs(la), abs(lb)), f"its loss is {lb:.6g} in the batch, {la:.6g} alone")
+    norms = {name: max(float(alone[name].double().norm()), float(batched[name].double().norm())) for name in params}
+    floor = 1e-3 * max(norms.values(), default=0.0)
+    for name in params:
+        a = alone[name].double()
+        b = batched[name].to(device=a.device, dtype=torch.float64).reshape(a.shape)
+        scale = max(norms[name], floor)
+        diff = float((a - b).norm())
+        if diff > rtol * scale and (worst is None or diff / scale > worst[0]):
+            worst = (diff / scale, f"the gradient of {name} differs by {diff / scale:.2e} of its norm")
+    if worst is not None:
+        raise refusal(
+            "EXAMPLE_DIFFERS_ALONE",
+            f"example {j}'s gradient in the batch differs from its gradient alone ({worst[1]}; tolerance "
+            f"{rtol:g}): the forward treats an example by its position in the batch or by the batch size "
+            "(x[0], x.shape[0], arange(B), narrow/split/unbind along dim 0), which no gradient shows. "
+            "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one)",
+        )
+    return None
