@@ -28,6 +28,7 @@ verdict; a draw seen only alone stops the check before it draws. What it cannot 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -124,6 +125,19 @@ def check_alone(
     return CheckedAlone(True)
 
 
+def _norms_and_inner(piece: Piece, alone: Tensor, j: int) -> tuple[float, float, float]:
+    """(‖a‖², ‖b‖², ⟨b, a⟩) in float64 for a = ``alone`` and b = the piece's g_j: from the piece's closed
+    forms where it has them (``sq_norms`` and ``inner``, no row formed), else from row j formed alone."""
+    a = alone.double()
+    a2 = float(a.square().sum())
+    if type(piece).inner is not Piece.inner:  # a closed form (outer products, rows, sums, zeros)
+        norms = piece.sq_norms()
+        ref = alone.reshape(piece.shape).to(device=norms.device, dtype=norms.dtype)
+        return a2, float(norms[j].double()), float(piece.inner(ref)[j].double())
+    b = piece.materialize(j, j + 1).reshape(a.shape).to(device=a.device, dtype=torch.float64)
+    return a2, float(b.square().sum()), float((a * b).sum())
+
+
 def _check_one(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -150,26 +164,26 @@ def _check_one(
             "loss_fn on each example alone. engine='auto' computes each example alone (vmap or the loop)",
         ) from err
     alone = {name: dense_gradient(g, p).detach() for (name, p), g in zip(params.items(), grads)}
-    batched = {name: pieces[name].materialize(j, j + 1).reshape(p.shape) for name, p in params.items()}
-    values = [loss.detach(), losses[j], *alone.values(), *batched.values()]
-    if not all(bool(torch.isfinite(v).all()) for v in values):
+    # per parameter (‖a‖², ‖b‖², ⟨b, a⟩) of a = g_j alone, b = the engine's g_j: b = a iff both are ‖a‖²
+    found = {name: _norms_and_inner(pieces[name], alone[name], j) for name in params}
+    la, lb = float(loss.detach().double()), float(losses[j].double())
+    if not all(math.isfinite(v) for v in (la, lb, *(v for three in found.values() for v in three))):
         return "a value is not finite"
     dtypes = [p.dtype for p in params.values()] + [loss.dtype]
     autocast = any(enabled for _, enabled, _ in autocast_state())
     rtol = tolerance(dtypes, autocast, {p.device.type for p in params.values()})
-    la, lb = float(loss.detach().double()), float(losses[j].double())
     worst: tuple[float, str] | None = None
     if abs(la - lb) > rtol * max(abs(la), abs(lb)):
         worst = (abs(la - lb) / max(abs(la), abs(lb)), f"its loss is {lb:.6g} in the batch, {la:.6g} alone")
-    norms = {name: max(float(alone[name].double().norm()), float(batched[name].double().norm())) for name in params}
-    floor = 1e-3 * max(norms.values(), default=0.0)
-    for name in params:
-        a = alone[name].double()
-        b = batched[name].to(device=a.device, dtype=torch.float64).reshape(a.shape)
-        scale = max(norms[name], floor)
-        diff = float((a - b).norm())
-        if diff > rtol * scale and (worst is None or diff / scale > worst[0]):
-            worst = (diff / scale, f"the gradient of {name} differs by {diff / scale:.2e} of its norm")
+    floor = 1e-6 * max((max(a2, b2) for a2, b2, _ in found.values()), default=0.0)  # (1e-3 of a norm)²
+    for name, (a2, b2, ab) in found.items():
+        scale = max(a2, b2, floor)
+        differs = max(abs(b2 - a2), abs(ab - a2)) / (2 * scale) if scale > 0 else 0.0
+        if differs > rtol and (worst is None or differs > worst[0]):
+            worst = (
+                differs,
+                f"for {name}, ‖g_j‖² is {b2:.6g} in the batch and {a2:.6g} alone, ⟨g_j batch, g_j alone⟩ {ab:.6g}",
+            )
     if worst is not None:
         raise refusal(
             "EXAMPLE_DIFFERS_ALONE",

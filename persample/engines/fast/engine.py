@@ -680,6 +680,9 @@ class ZeroPiece(Piece):
     def _unscaled(self, start, stop, out=None):
         return self._zeros(stop - start, *self.shape)
 
+    def materialize(self, start, stop):
+        return self._zeros(stop - start, *self.shape)
+
     def materialize_all(self):
         return self._zeros(self.batch_size, *self.shape)
 
