@@ -50,10 +50,11 @@ def _leaf_key(t: Any) -> tuple:
     return (type(t).__name__,)
 
 
-def signature(batch: Batch, randomness: str) -> tuple:
+def signature(batch: Batch) -> tuple:
     """What a verdict of the spot check holds for: the inputs' and targets' structure (per tensor its
     dtype, device type, number of dims and whether it requires grad; the keyword names; the options'
-    values), the randomness mode and the autocast settings. Not the sizes: a forward that treats an
+    values) and the autocast settings. Not the randomness mode (a forward that draws is never checked, so
+    a verdict is about a forward that draws nothing, under any mode), nor the sizes: a forward that treats an
     example by its position or by the batch size does so at every size of at least 2 (a batch of one
     has no position to get wrong, and gets no verdict)."""
     from torch.utils._pytree import tree_flatten
@@ -67,7 +68,6 @@ def signature(batch: Batch, randomness: str) -> tuple:
         str(target_spec),
         tuple(_leaf_key(t) for t in targets),
         options,
-        randomness,
         autocast_state(),
     )
 

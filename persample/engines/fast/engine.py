@@ -162,7 +162,7 @@ def fast_pieces(
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
-    spot = _spot_check_signature(model, batch, randomness, sharding)  # None: this call has no spot check
+    spot = _spot_check_signature(model, batch, sharding)  # None: this call has no spot check
     buffers_found = buffer_state(model) if spot is not None else []
     with (
         torch.enable_grad(),
@@ -277,14 +277,14 @@ def fast_pieces(
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
-def _spot_check_signature(model: nn.Module, batch: Batch, randomness: str, sharding: str | None) -> tuple | None:
+def _spot_check_signature(model: nn.Module, batch: Batch, sharding: str | None) -> tuple | None:
     """The input signature under which this call runs the spot check against the definition
     (:mod:`.alone`), or None where it does not: a batch of one (nothing to compare), a sharded model (a
     batch-of-one forward would run the shards' collectives on this rank alone: the audit alone vouches
     there), or a verdict already in the model's plan for this signature."""
     if batch.size < 2 or sharding is not None:
         return None
-    key = alone_signature(batch, randomness)
+    key = alone_signature(batch)
     return None if checked_alone(model, key) else key
 
 
