@@ -34,10 +34,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..._batch import Batch, tensors_in
+from ..._batch import Batch
 from ..._model import RandomCalls, RandomCallStop, autocast_state, buffer_state, restore_buffer_state
 from ...contract import refusal
-from .._autograd import dense_gradient, gradients
+from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import check_per_example_loss
 from .pieces import Piece
 
@@ -138,6 +138,16 @@ def _norms_and_inner(piece: Piece, alone: Tensor, j: int) -> tuple[float, float,
     return a2, float(b.square().sum()), float((a * b).sum())
 
 
+def _failed_alone(j: int, err: BaseException) -> Exception:
+    first = str(err).splitlines()[0] if str(err) else ""
+    return refusal(
+        "EXAMPLE_DIFFERS_ALONE",
+        f"example {j} of the batch could not be computed alone, on a batch of one, to check the fast "
+        f"engine's reading of it ({type(err).__name__}: {first}); per-example gradients are those of "
+        "loss_fn on each example alone. engine='auto' computes each example alone (vmap or the loop)",
+    )
+
+
 def _check_one(
     model: nn.Module,
     loss_fn: Callable[..., Tensor],
@@ -152,17 +162,15 @@ def _check_one(
     try:
         with torch.enable_grad(), RandomCalls(stop=True):
             loss = check_per_example_loss(example.call(model, loss_fn))
-            grads = gradients(loss, list(params.values()), tensors_in((example.args, example.kwargs)))
+            grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     except RandomCallStop:
         return "the forward draws random numbers alone"
+    except RuntimeError as err:  # backward() would be needed, which writes .grad of leaves it cannot all name
+        if is_reentrant_checkpoint_error(err):
+            return "a re-entrant checkpoint refuses torch.autograd.grad"
+        raise _failed_alone(j, err) from err
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else ""
-        raise refusal(
-            "EXAMPLE_DIFFERS_ALONE",
-            f"example {j} of the batch could not be computed alone, on a batch of one, to check the fast "
-            f"engine's reading of it ({type(err).__name__}: {first}); per-example gradients are those of "
-            "loss_fn on each example alone. engine='auto' computes each example alone (vmap or the loop)",
-        ) from err
+        raise _failed_alone(j, err) from err
     alone = {name: dense_gradient(g, p).detach() for (name, p), g in zip(params.items(), grads)}
     # per parameter (‖a‖², ‖b‖², ⟨b, a⟩) of a = g_j alone, b = the engine's g_j: b = a iff both are ‖a‖²
     found = {name: _norms_and_inner(pieces[name], alone[name], j) for name in params}

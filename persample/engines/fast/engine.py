@@ -271,7 +271,8 @@ def fast_pieces(
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
         for name, p in hooked.items():
             pieces[name] = _hooked_piece(name, pieces[name], p)
-    if spot is not None and capture.random_call is None:  # a forward that draws cannot be replayed alone
+    # a forward that draws cannot be replayed alone; re-entrant checkpoints refuse torch.autograd.grad
+    if spot is not None and capture.random_call is None and not followed:
         if check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found).verdict:
             remember_alone(model, spot)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
