@@ -22,8 +22,10 @@ batch-of-one forward + backward passes. Buffers are put back as the engine's cal
 example (every example of a batch forward sees the same buffers) and as the batch's forward left them at
 the end. Random draws are never made by the check: a forward that draws (dropout under
 ``randomness="different"``) is not checked (its draws alone could not be those of the batch) and gets no
-verdict; a draw seen only alone stops the check before it draws. What it cannot see: see
-``docs/spot-check.md``.
+verdict; a draw seen only alone stops the check before it draws. No ``.grad`` is touched (never
+``backward()``: a re-entrant checkpoint, which refuses ``torch.autograd.grad``, is not checked). Forward
+hooks and parameter tensor hooks fire on the two passes alone too. What it cannot see (interior positions,
+effects that appear only on later batches of a checked signature, ``Tracker.observe``): ``docs/spot-check.md``.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..._batch import Batch
+from ..._batch import Batch, flat_leaves
 from ..._model import RandomCalls, RandomCallStop, autocast_state, buffer_state, restore_buffer_state
 from ...contract import refusal
 from .._autograd import dense_gradient, is_reentrant_checkpoint_error
@@ -51,23 +53,20 @@ def _leaf_key(t: Any) -> tuple:
 
 
 def signature(batch: Batch) -> tuple:
-    """What a verdict of the spot check holds for: the inputs' and targets' structure (per tensor its
-    dtype, device type, number of dims and whether it requires grad; the keyword names; the options'
-    values) and the autocast settings. Not the randomness mode (a forward that draws is never checked, so
-    a verdict is about a forward that draws nothing, under any mode), nor the sizes: a forward that treats an
-    example by its position or by the batch size does so at every size of at least 2 (a batch of one
-    has no position to get wrong, and gets no verdict)."""
-    from torch.utils._pytree import tree_flatten
-
-    args, arg_spec = tree_flatten((batch.args, batch.kwargs))
-    targets, target_spec = tree_flatten(batch.targets)
-    options = tuple(sorted((k, repr(v)) for k, v in batch.options.items()))
+    """What a verdict of the spot check holds for: the inputs' and targets' structure (the number of
+    positional inputs, the keyword names, per tensor leaf its dtype, device type, number of dims and
+    whether it requires grad; the options' values) and the autocast settings. Not the randomness mode
+    (a forward that draws is never checked, so a verdict is about a forward that draws nothing, under
+    any mode), nor the sizes: a forward that treats an example by its position or by the batch size
+    does so at every size of at least 2 (a batch of one has no position to get wrong, and gets no
+    verdict)."""
     return (
-        str(arg_spec),
-        tuple(_leaf_key(t) for t in args),
-        str(target_spec),
-        tuple(_leaf_key(t) for t in targets),
-        options,
+        len(batch.args),
+        tuple(batch.kwargs),
+        tuple(_leaf_key(t) for t in batch.input_leaves),
+        type(batch.targets).__name__,
+        tuple(_leaf_key(t) for t in flat_leaves(batch.targets)),
+        tuple(sorted((k, repr(v)) for k, v in batch.options.items())),
         autocast_state(),
     )
 

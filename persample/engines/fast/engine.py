@@ -24,7 +24,9 @@ it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
 it cannot apply per example, a loss that is not per example, a module input or
 parameter changed in place after the module's call, a re-entrant checkpoint whose
-recomputation it cannot follow) the engine raises :class:`~persample.errors.NotExact`,
+recomputation it cannot follow, examples 0 or B − 1 whose loss or gradient alone differs
+from the batch's reading: :mod:`.alone`, once per plan and input signature) the engine
+raises :class:`~persample.errors.NotExact`,
 and ``engine="auto"`` moves on to the vmap engine, then the per-example loop.
 
 Re-entrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) runs
