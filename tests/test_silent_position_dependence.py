@@ -231,3 +231,27 @@ def test_float32_position_independent_models_pass_the_check():
     stats = persample.grad_stats(model, nn.functional.mse_loss, x, y, engine="fast")
     want = oracle_stats(model.double(), nn.functional.mse_loss, x.double(), y.double())
     assert_dicts_close({n: v.double() for n, v in stats.mean.items()}, want["mean"], 1e-4, 1e-6)
+
+
+def test_ddp_tracker_checks_its_own_examples_in_a_one_process_group():
+    """Under DDP the engines run on ddp.module: the spot check runs on this rank's examples, its refusal goes
+    through the Tracker's all-ranks path (agree), and auto's statistics are the oracle's."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no process group yet")
+    model, x, y = _case("raw x/B")
+    want = oracle_stats(model, loss_fn, x, y)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(persample.NotExact) as caught:
+            persample.Tracker(ddp, loss_fn, engine="fast").step(x, y)
+        assert caught.value.code == "EXAMPLE_DIFFERS_ALONE"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            stats = persample.Tracker(ddp, loss_fn).step(x, y)
+    finally:
+        dist.destroy_process_group()
+    assert_dicts_close(stats.mean, want["mean"])
+    assert_dicts_close(stats.var, want["var"])
