@@ -30,8 +30,10 @@ effects that appear only on later batches of a checked signature, ``Tracker.obse
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +45,25 @@ from .._autograd import dense_gradient, is_reentrant_checkpoint_error
 from ..vmap import check_per_example_loss
 from .pieces import Piece
 
-__all__ = ["signature", "check_alone", "tolerance", "CheckedAlone"]
+__all__ = ["signature", "check_alone", "tolerance", "CheckedAlone", "without_spot_check", "spot_check_off"]
+
+_OFF: ContextVar[bool] = ContextVar("persample_spot_check_off", default=False)
+
+
+@contextlib.contextmanager
+def without_spot_check() -> Iterator[None]:
+    """No spot check inside the block: for callers that compare every example with the loop themselves
+    (:func:`persample.check_rule`'s harness), where the check would only refuse first."""
+    token = _OFF.set(True)
+    try:
+        yield
+    finally:
+        _OFF.reset(token)
+
+
+def spot_check_off() -> bool:
+    """Whether the caller is inside :func:`without_spot_check`."""
+    return _OFF.get()
 
 
 def _leaf_key(t: Any) -> tuple:
@@ -196,7 +216,8 @@ def _check_one(
             "EXAMPLE_DIFFERS_ALONE",
             f"example {j}'s gradient in the batch differs from its gradient alone ({worst[1]}; tolerance "
             f"{rtol:g}): the forward treats an example by its position in the batch or by the batch size "
-            "(x[0], x.shape[0], arange(B), narrow/split/unbind along dim 0), which no gradient shows. "
-            "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one)",
+            "(x[0], x.shape[0], arange(B), narrow/split/unbind along dim 0), which no gradient shows, or a "
+            "custom rule (persample.register_rule) gives wrong per-example gradients (persample.check_rule "
+            "names it). engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one)",
         )
     return None

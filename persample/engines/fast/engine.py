@@ -70,7 +70,7 @@ from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .alone import check_alone
+from .alone import check_alone, spot_check_off
 from .alone import signature as alone_signature
 from .plan import checked_alone, model_plan, remember_alone
 from .units import Call, Unit, add_gradient
@@ -284,8 +284,9 @@ def _spot_check_signature(model: nn.Module, batch: Batch, sharding: str | None) 
     """The input signature under which this call runs the spot check against the definition
     (:mod:`.alone`), or None where it does not: a batch of one (nothing to compare), a sharded model (a
     batch-of-one forward would run the shards' collectives on this rank alone: the audit alone vouches
-    there), or a verdict already in the model's plan for this signature."""
-    if batch.size < 2 or sharding is not None:
+    there), inside :func:`.alone.without_spot_check`, or a verdict already in the model's plan for this
+    signature."""
+    if batch.size < 2 or sharding is not None or spot_check_off():
         return None
     key = alone_signature(batch)
     return None if checked_alone(model, key) else key
