@@ -155,6 +155,27 @@ def causal_lm_loss(
 # ------------------------------------------------------------------------ weights
 
 
+#: Tensors of at most this many elements are checked by the plain forms (``torch.isfinite(t).all()``,
+#: ``t.abs().amax(1)``): fewer ops, and at this size each op's fixed cost outweighs its pass.
+_SMALL = 1 << 15
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """0-d bool tensor on ``t``'s device: whether every element of ``t`` is finite (no inf, no NaN), without
+    a host read. A large floating tensor is read once by ``aminmax`` (which propagates NaN and holds ±inf at
+    its ends): on CPU about 20x cheaper than ``torch.isfinite(t).all()``, which writes four tensors of t's
+    size, on a language model's logits.
+
+    >>> import torch
+    >>> bool(all_finite(torch.tensor([1.0, 2.0]))), bool(all_finite(torch.tensor([1.0, float("nan")])))
+    (True, False)
+    """
+    if t.numel() <= _SMALL or not t.is_floating_point():
+        return torch.isfinite(t).all()
+    low, high = torch.aminmax(t)  # (over a dim, aminmax is slow on CPU: see _row_abs_max)
+    return torch.isfinite(low) & torch.isfinite(high)
+
+
 def _tolerance(dtypes: Sequence[torch.dtype]) -> float:
     if all(d == torch.float64 for d in dtypes):
         return 1e-5  # not 1e-7: float64 models may compute their loss in float32 (HF casts logits .float())
@@ -201,11 +222,14 @@ def derive_weights(
     device = pairs[0][0].device  # everything stays there; one host read at the end (HostChecks)
     dot = torch.zeros(batch_size, dtype=torch.float64, device=device)
     bb = torch.zeros(batch_size, dtype=torch.float64, device=device)
+    largest = []  # (‖a_i‖_∞, ‖b_i‖_∞) per pair, read once: they also show whether a and b are finite
     for a, b in pairs:
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
-        checks.add(~torch.isfinite(b2).all(), functools.partial(_example_loss_not_finite, b2))
+        a_max, b_max = _row_abs_max(a2), _row_abs_max(b2)
+        largest.append((a_max, b_max))
+        checks.add(~torch.isfinite(b_max).all(), functools.partial(_example_loss_not_finite, b2))
         checks.add(
-            ~torch.isfinite(a2).all(),
+            ~torch.isfinite(a_max).all(),
             lambda: NonFiniteExampleLoss(
                 f"the gradient of {what} at the model output is not finite (inf/NaN)", code="BATCH_LOSS_NOT_FINITE"
             ),
@@ -215,12 +239,15 @@ def derive_weights(
     w = torch.where(bb > 0, dot / bb.clamp_min(1e-300), torch.zeros_like(bb))
     residual = torch.zeros(batch_size, dtype=torch.float64, device=device)
     scale = torch.zeros(batch_size, dtype=torch.float64, device=device)
-    for a, b in pairs:
+    for (a, b), (a_max, b_max) in zip(pairs, largest):
         a2, b2 = a.reshape(batch_size, -1), b.reshape(batch_size, -1)
-        wb = b2 * w.to(device=b2.device, dtype=b2.dtype)[:, None]
+        w_b = w.to(device=b2.device, dtype=b2.dtype)
         if a2.shape[1]:
-            residual = torch.maximum(residual, (a2 - wb).abs().amax(1).double().to(device))
-            scale = torch.maximum(scale, torch.maximum(a2.abs().amax(1), wb.abs().amax(1)).double().to(device))
+            # a_i − w_i b_i in one pass (no w·b tensor); ‖w_i b_i‖_∞ = |w_i|·‖b_i‖_∞ (rounding is monotone)
+            residual = torch.maximum(
+                residual, _row_abs_max(torch.addcmul(a2, b2, w_b[:, None], value=-1)).double().to(device)
+            )
+            scale = torch.maximum(scale, torch.maximum(a_max, w_b.abs() * b_max).double().to(device))
     floor = 1e-12 * scale.max().clamp_min(1e-300)
     bad = residual > rtol * scale.clamp_min(floor)
 
@@ -249,6 +276,17 @@ def _example_losses_not_finite(losses: Tensor) -> NonFiniteExampleLoss:
         "reduction='sum'>), or persample.causal_lm_loss() for token losses",
         code="EXAMPLE_LOSS_NOT_FINITE",
     )
+
+
+def _row_abs_max(t: Tensor) -> Tensor:
+    """max_j |t[i, j]| per row of a ``[B, n]`` tensor; NaN in a row gives NaN, ±inf gives inf; 0 for rows of
+    no element. A large tensor is read by ``amax`` and ``amin`` without writing |t| (``aminmax`` over a dim
+    is 15-25x slower than the two on CPU)."""
+    if t.shape[1] == 0:
+        return t.new_zeros(t.shape[0])
+    if t.numel() <= _SMALL:
+        return t.abs().amax(1)
+    return torch.maximum(t.amax(1), t.amin(1).neg_())
 
 
 def _example_loss_not_finite(b2: Tensor) -> NonFiniteExampleLoss:
@@ -444,7 +482,7 @@ def weights_at_output(
     checks = HostChecks()
     for i in differentiable:
         if batched[i]:
-            checks.add(~torch.isfinite(detached[i].detach()).all(), NonFiniteLoss)
+            checks.add(~all_finite(detached[i].detach()), NonFiniteLoss)
     try:
         with torch.enable_grad():
             try:

@@ -419,6 +419,16 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "engine='auto' takes the vmap or loop engine",
     ),
     Precondition(
+        "TOKEN_ROWS_DIFFER",
+        _N,
+        "result",
+        ("fast", "observe"),
+        "A layer without a rule called on a flattened token batch (an MoE router or its experts on "
+        "h.view(-1, d)) computes each example's rows alone as it computed them in the batch (no expert "
+        "capacity or other routing that depends on other examples' tokens)",
+        "engine='auto' takes the vmap or loop engine (each example alone)",
+    ),
+    Precondition(
         "CUSTOM_RULE_SUM_MISMATCH",
         _N,
         "result",

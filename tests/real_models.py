@@ -248,6 +248,7 @@ def _config(family: str, attn: str, **extra):
     layers = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=24, max_position_embeddings=32)
     bert_like = dict(hidden_size=H, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **layers)
     llama_like = dict(hidden_size=H, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2, **layers)
+    moe = dict(experts_implementation="eager", output_router_logits=False)
     configs = {
         "bert": (tf.BertConfig, dict(pad_token_id=0, **bert_like)),
         "roberta": (tf.RobertaConfig, dict(pad_token_id=1, bos_token_id=0, eos_token_id=2, **bert_like)),
@@ -349,6 +350,23 @@ def _config(family: str, attn: str, **extra):
         "llama": (tf.LlamaConfig, llama_like),
         "mistral": (tf.MistralConfig, dict(sliding_window=4, **llama_like)),
         "qwen2": (tf.Qwen2Config, dict(use_sliding_window=False, **llama_like)),
+        # issue 22, MoE: four experts, top-2 routing, eager experts (a loop over the experts that gathers their
+        # tokens and index_add_s them back; the default grouped_mm refuses float64), no router aux loss
+        # (output_router_logits=False, every config's default: that term couples the batch)
+        "mixtral": (tf.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, **moe, **llama_like)),
+        "qwen2_moe": (
+            tf.Qwen2MoeConfig,
+            dict(
+                num_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=8,
+                shared_expert_intermediate_size=12,
+                **moe,
+                **llama_like,
+            ),
+        ),
+        "olmoe": (tf.OlmoeConfig, dict(num_experts=4, num_experts_per_tok=2, **moe, **llama_like)),
+        "granitemoe": (tf.GraniteMoeConfig, dict(num_local_experts=4, num_experts_per_tok=2, **moe, **llama_like)),
         "gpt_neox": (
             tf.GPTNeoXConfig,
             dict(
@@ -418,6 +436,10 @@ def hf_model(family: str, head: str, attn: str = "eager", train: bool = False, *
         "llama": "Llama",
         "mistral": "Mistral",
         "qwen2": "Qwen2",
+        "mixtral": "Mixtral",
+        "qwen2_moe": "Qwen2Moe",
+        "olmoe": "Olmoe",
+        "granitemoe": "GraniteMoe",
         "gpt_neox": "GPTNeoX",
         "opt": "OPT",
         "vit": "ViT",
@@ -438,7 +460,7 @@ def causal_lm_loss(logits, labels, vocab_size, ignore_index=-100, **kwargs):
 
 
 def own_loss_in_float64(model: nn.Module, family: str) -> nn.Module:
-    if family in DECODERS:
+    if family in DECODERS + MOE:
         model.loss_function = causal_lm_loss
     return model
 
@@ -460,6 +482,10 @@ PAD_ID = {
     "llama": 0,
     "mistral": 0,
     "qwen2": 0,
+    "mixtral": 0,
+    "qwen2_moe": 0,
+    "olmoe": 0,
+    "granitemoe": 0,
     "gpt_neox": 0,
     "opt": 1,
 }
@@ -467,6 +493,7 @@ ENCODERS = ("bert", "roberta", "distilbert", "albert")
 # encoders whose padded batches and position / token-type ids the matrix covers since issue 22
 MORE_ENCODERS = ("electra", "mobilebert", "mpnet", "xlm_roberta", "esm", "deberta_v2")
 DECODERS = ("gpt2", "llama", "mistral", "qwen2", "gpt_neox", "opt")
+MOE = ("mixtral", "qwen2_moe", "olmoe", "granitemoe")  # mixture-of-experts decoders (issue 22)
 SEQ2SEQ = ("t5", "bart")
 
 
@@ -638,6 +665,8 @@ def hf_cases() -> list[RealCase]:
         ),
     ]
     cases += [hf_vit_case("logits"), hf_vit_case("own-loss")]
+    # issue 22: mixture-of-experts routing (tokens of different examples meet in one expert)
+    cases += [hf_text_case(family, v) for family in MOE for v in ("nomask", "mask-padded", "own-loss")]
     cases += [hf_checkpointing_case(f, r) for f in ("gpt2", "llama") for r in (True, False)]
     cases += [
         lora_case("gpt2", "mask-padded"),

@@ -28,6 +28,8 @@ from persample.contract import (
     with_refusal_table,
 )
 from persample.errors import NotExact, PersampleError
+from test_moe_routing import problem as moe_problem
+from test_moe_routing import token_ce as moe_token_ce
 from zoo import assert_dicts_close, oracle_grads
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -201,6 +203,12 @@ def _check_mean_on_coupled():
     persample.check_mean(model, F.mse_loss, x, y, engine="vmap")
 
 
+def _moe_with_capacity():
+    """An MoE whose experts drop the tokens past a capacity counted over the whole flattened batch."""
+    model, ids, y = moe_problem(capacity=4)
+    return model, ids, y
+
+
 # ------------------------------------------------------------------------------ triggers, by code
 
 
@@ -244,6 +252,7 @@ def _triggers():
         "FALLBACK_SUM_MISMATCH": lambda: _fast(
             _with_forward(lambda s, x: s.head(s.mix(x)), mix=RollMix(), head=_lin()), x, y
         ),
+        "TOKEN_ROWS_DIFFER": lambda: _fast(*_moe_with_capacity(), loss_fn=moe_token_ce),
         "OUTPUT_NOT_BATCHED": lambda: _fast(
             _with_forward(lambda s, x: s.a(x).sum(), a=_lin()), x, y, loss_fn=lambda out, t: out
         ),

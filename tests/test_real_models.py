@@ -75,6 +75,11 @@ NOISE_FAMILIES = (
     "hf-opt-",
     "hf-vit-",
     "peft-lora-llama-",
+    # issue 22: the MoE decoders compute RMSNorm (and Mixtral's router softmax) in float32 too
+    "hf-mixtral-",
+    "hf-qwen2moe-",
+    "hf-olmoe-",
+    "hf-granitemoe-",
 )
 ENGINES = ("auto", "fast", "vmap", "loop")
 ENTRIES = ("per_sample_grads",) + ENGINES + ("check_mean", "tracker")

@@ -358,10 +358,16 @@ def rows_check(outputs: list, units: list[Unit], batch_size: int | None) -> Find
             if not moved and node not in internal:
                 moved = _batch_dim_off_lead(node, batch_size)
             stack.extend(nxt for nxt, _ in node.next_functions)
-        if not moved and not any(_places(units).values()):
+        if not moved and not any(_places(units).values()) and not _token_row_calls(units):
             return None
         leak = rows_leak(outputs, units, batch_size, seq_first=_seq_first(units, False))
     return None if leak is None else batch_mixing(leak)
+
+
+def _token_row_calls(units: list[Unit]) -> bool:
+    """Whether some call is on a flattened token batch (:func:`.units.token_rows`): its row map is a claim
+    the probe of the rows (:func:`rows_leak`) must check."""
+    return any(call.rows_per_example > 1 or call.gathered for unit in units for call in unit.calls)
 
 
 def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | set = frozenset()) -> bool:
@@ -385,14 +391,21 @@ def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | s
     return any(not shape or shape[0] % batch_size != 0 or batch_size in shape[1:] for shape in shapes)
 
 
-def _probe_cotangent(t: Tensor) -> Tensor:
-    """A fixed cotangent for ``t`` (no generator drawn from: other threads share them) whose odd rows
-    along dim 0 are zero: cos(1.618·k + 0.3) over its elements, signs and sizes varied so that no
-    sum over rows cancels by construction."""
+def _probe_cotangent(t: Tensor, bit: int = 0, value: int = 0) -> Tensor:
+    """A fixed cotangent for ``t`` (no generator drawn from: other threads share them) whose rows i along
+    dim 0 with bit ``bit`` of i other than ``value`` are zero (by default: the odd rows): cos(1.618·k + 0.3)
+    over its elements, signs and sizes varied so that no sum over rows cancels by construction."""
     k = torch.arange(t.numel(), device=t.device, dtype=torch.float64).reshape(t.shape)
     v = torch.cos(k * 1.618 + 0.3)
-    v[1::2] = 0
+    v[(torch.arange(t.shape[0], device=t.device) >> bit) % 2 != value] = 0
     return v.to(t.dtype)
+
+
+def _other_rows(g: Tensor, batch_size: int, k: int, bit: int, value: int) -> Tensor:
+    """The rows of ``g`` (B·k rows, row r of example r // k; k = 1: batch rows) of the examples whose bit
+    ``bit`` is not ``value`` (by default, the odd examples' rows)."""
+    examples = (torch.arange(batch_size, device=g.device) >> bit) % 2 != value
+    return g.reshape(batch_size, k, -1)[examples]
 
 
 def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: bool = False) -> str | None:
@@ -417,10 +430,17 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
         and t.shape[0] == batch_size
         and (t.is_floating_point() or t.is_complex())
     ]
-    seen: dict[int, tuple[Tensor, str]] = {}
+    seen: dict[int, tuple[Tensor, str, int]] = {}  # id → (tensor, label, rows per example; 0: gathered rows)
     placed: dict[int, Place] = {}  # tensors read by a place: their rows are example i's where it says
+    gathered: dict[int, Call] = {}  # id of a gathered call's output → the call, whose row_examples are read here
     for unit in units:
         for call in unit.calls:
+            if call.gathered:
+                out = call.output
+                if isinstance(out, Tensor) and out.requires_grad and out.layout == torch.strided:
+                    label = f"module {unit.name or '<root>'}'s output of shape {tuple(out.shape)} (gathered token rows)"
+                    seen[id(out)], gathered[id(out)] = (out, label, 0), call
+                continue
             if call.place is not None:
                 for where, t in (("input", call.args[0]), ("output", flat_leaves(call.output)[0])):
                     if isinstance(t, Tensor) and t.requires_grad and t.layout == torch.strided and id(t) not in seen:
@@ -428,54 +448,103 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
                             t,
                             f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)} "
                             f"({call.place.describe()})",
+                            1,
                         )
                         placed[id(t)] = call.place
+            k = call.rows_per_example  # a flattened token batch: row r is example r // k's (units.token_rows)
             for where, value in (("input", (call.args, call.kwargs)), ("output", call.output)):
                 for t in tensors_in(value):
                     if (
                         t.requires_grad
                         and t.dim() > 0
-                        and t.shape[0] == batch_size
+                        and t.shape[0] == batch_size * k
                         and id(t) not in seen
-                        and not (seq_first and batch_size in tuple(t.shape[1:]))
+                        and not (k == 1 and seq_first and batch_size in tuple(t.shape[1:]))
                         and t.layout == torch.strided
                         and t.stride(0) != 0  # an expansion over the batch: its rows are not examples
                     ):
-                        seen[id(t)] = (t, f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)}")
+                        label = f"module {unit.name or '<root>'}'s {where} of shape {tuple(t.shape)}"
+                        seen[id(t)] = (t, label + (f" (token rows, {k} per example)" if k > 1 else ""), k)
     if not roots or not seen:
         return None
-    activations = [t for t, _ in seen.values()]
-    try:
-        with probing():
-            grads = torch.autograd.grad(
-                roots,
-                activations,
-                grad_outputs=[_probe_cotangent(t) for t in roots],
-                retain_graph=True,
-                allow_unused=True,
-            )
-    except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
-        return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
-    probed = []
-    for (key, (_, label)), g in zip(seen.items(), grads):
-        if g is None or g.layout != torch.strided:
+    # One pass, cotangents on the even examples' outputs, checks that no odd row is reached. A call on
+    # token rows (units.token_rows) claims a map row → example that its rows may not show (a gather of
+    # rows reorders them), so its tensors get the passes that pin every example's index bit by bit: for
+    # each bit j of the example index and each value v, the examples with bit j = v reach no row claimed
+    # by an example with bit j ≠ v (2·⌈log2 B⌉ passes in all, the first one shared). With token rows, every
+    # call's rows get every pass (a gather of B rows from token rows is not batch rows, whatever its size).
+    passes = [(0, 0)]
+    reached: dict[int, dict[tuple[int, int], Tensor]] = {i: {} for i in gathered}  # rows each pass reaches
+    if any(k != 1 for _, _, k in seen.values()):
+        passes += [
+            (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
+        ]
+    entries = list(seen.items())
+    for bit, value in passes:
+        try:
+            with probing():
+                grads = torch.autograd.grad(
+                    roots,
+                    [t for _, (t, _, _) in entries],
+                    grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+        except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
+            return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
+        probed = []
+        for (key, (t, label, k)), g in zip(entries, grads):
+            if k == 0:  # gathered rows: note which rows the examples with bit j = v reach
+                rows = torch.zeros(t.shape[0], dtype=torch.bool, device=t.device)
+                if g is not None and g.layout == torch.strided:
+                    rows = ((g != 0) & torch.isfinite(g)).reshape(t.shape[0], -1).any(1)
+                reached[key][(bit, value)] = rows
+                continue
+            if g is None or g.layout != torch.strided:
+                continue
+            if key in placed:
+                g = batch_first(g, placed[key], batch_size)
+            probed.append((label, _other_rows(g, batch_size, k, bit, value)))
+        if not probed:
             continue
-        if key in placed:
-            g = batch_first(g, placed[key], batch_size)
-        probed.append((label, g[1::2]))
-    if not probed:
-        return None
-    device = probed[0][1].device
-    # one host read for every activation's flag (not one each)
-    flags = torch.stack([((odd != 0) & torch.isfinite(odd)).any().to(device) for _, odd in probed]).tolist()
-    for (label, _), leaked in reversed(list(zip(probed, flags))):  # the last one names where it happens
-        if leaked:
+        device = probed[0][1].device
+        # one host read for every activation's flag (not one each)
+        flags = torch.stack([((other != 0) & torch.isfinite(other)).any().to(device) for _, other in probed]).tolist()
+        for (label, _), leaked in reversed(list(zip(probed, flags))):  # the last one names where it happens
+            if leaked:
+                return (
+                    f"an op after {label} combines the rows of different examples (the gradient of some "
+                    "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
+                    "over the batch dim, cdist, cov, attention, a convolution across the batch, or a gather "
+                    "that moves token rows to another example?)"
+                )
+    for i, call in gathered.items():
+        examples = _examples_of_rows(reached[i], batch_size)
+        if examples is None:
             return (
-                f"an op after {label} combines the rows of different examples (the gradient of some "
-                "examples' outputs reaches other examples' rows there: an einsum, tensordot, bmm or matmul "
-                "over the batch dim, cdist, cov, attention or a convolution across the batch?)"
+                f"an op after {seen[i][1]} combines the rows of different examples (one of its rows is "
+                "reached by the outputs of two examples)"
             )
+        call.row_examples = examples
     return None
+
+
+def _examples_of_rows(reached: dict[tuple[int, int], Tensor], batch_size: int) -> Tensor | None:
+    """Each row's example index from the probe's passes (``reached[(j, v)]``: the rows that the outputs of
+    the examples with bit j = v reach): bit j of row r's example is v where only the pass (j, v) reaches it;
+    −1 for a row no pass reaches; None where a row is reached for both values of a bit (two examples)."""
+    bits = max(1, (batch_size - 1).bit_length())
+    first = reached[(0, 0)]
+    examples = torch.zeros(first.shape[0], dtype=torch.long, device=first.device)
+    unreached = torch.ones_like(first)
+    any_pass = first | reached[(0, 1)]
+    for bit in range(bits):
+        zero, one = reached[(bit, 0)], reached[(bit, 1)]
+        if bool((zero & one).any()) or not torch.equal(zero | one, any_pass):
+            return None
+        examples |= one.long() << bit
+        unreached &= ~(zero | one)
+    return examples.masked_fill(unreached, -1)
 
 
 def _places(units: list[Unit]) -> dict[str, bool]:
@@ -619,7 +688,12 @@ def _audit_graph(
                 if u.rule is None or u.rule.whole_call
             )
         )
+        # With calls on token rows the probe of the rows pins every row's example bit by bit (rows_leak), so a
+        # gather or scatter of a flattening's rows (an expert's x[token], index_add_) is left to it
+        token_rows_probed = _token_row_calls(units)
         for certain, shape, what in mixing:
+            if token_rows_probed and not certain and shape and shape[0] != batch_size:
+                continue
             if not seq_first or (certain and batch_size not in shape[1:]):
                 return GraphAudit(batch_mixing(what), moved)
     expected: dict[int, int] = {}
@@ -640,7 +714,9 @@ def _audit_graph(
                     )
     if isinstance(rows, Finding):
         return GraphAudit(rows, moved)
-    if (batch_moved or (rows == "probe" and any(places.values()))) and batch_size is not None:
+    if (
+        batch_moved or (rows == "probe" and (any(places.values()) or _token_row_calls(units)))
+    ) and batch_size is not None:
         leak = rows_leak(
             roots if outputs is None else outputs, units, batch_size, seq_first=_seq_first(units, inputs_moved)
         )

@@ -26,7 +26,17 @@ from ..._sharding import fsdp2_sharded_slots, sharding_of
 from ..._torch_compat import checkpoint_run_function, set_checkpoint_run_function, torch_function_mode_stack
 from .._autograd import graph_leaves, is_reentrant_checkpoint_node
 from ...contract import Finding, refusal
-from .units import Call, Unit, _buffers_changed, _storage, _versioned_buffer_slots, _versions, store_grad
+from .rules import rows_apart
+from .units import (
+    Call,
+    Unit,
+    _buffers_changed,
+    _storage,
+    _versioned_buffer_slots,
+    _versions,
+    store_grad,
+    token_rows,
+)
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
 from .places import output_place, through_rule
 from .in_place import _parameter_slots, _substituted_parameter, _substitution
@@ -55,6 +65,8 @@ class Capture:
     #: before the checkpoint's inner backward accumulates into them (the fast engine empties their .grad)
     on_recomputed_leaves: Callable[[list], None] | None = None
     _followed: list = field(default_factory=list)  # (node, its own run_function), put back on exit
+    token_rows: set = field(default_factory=set)  # the row counts B·k of the unit calls on token rows
+    token_nodes: set = field(default_factory=set)  # grad_fns of those calls' tensors (and of gathered calls')
     packed: str | None = None  # the first module called on a PackedSequence (its data interleaves the examples)
 
     @property
@@ -79,6 +91,17 @@ class Capture:
         mixed = next((w.mixed for w in (self.user_watcher, *self.recompute_watchers) if w.mixed is not None), None)
         if mixed is not None:
             return batch_mixing(mixed)
+        mixed = next(
+            (
+                what
+                for w in (self.user_watcher, *self.recompute_watchers)
+                for rows, what in w.token_mixed.items()
+                if rows in self.token_rows
+            ),
+            None,
+        )
+        if mixed is not None:  # a mask over the flattened batch's token rows (an expert capacity?)
+            return batch_mixing(f"{mixed}, whose rows are the token rows of a flattened batch")
         if self.watcher.escape is not None:
             return self.watcher.escape
         if self.raw_input_moved and self.watcher.ambiguous:
@@ -332,6 +355,8 @@ def capturing(
             watcher.escape = watcher.escape or _substitution(unit, substituted)
             return None
         expanded = suspect = place = None
+        rows = 1
+        gathered = False
         x = args[0] if args and isinstance(args[0], Tensor) else None
         recomputing = capture.forward_ended  # record() runs after the forward only in a followed recomputation
         if on is not None:  # called on an expansion: its output is one too, or the forward must not trust it
@@ -343,7 +368,19 @@ def capturing(
             original = output[:1] if on.original.dim() == x.dim() else output[0]  # type: ignore[union-attr]  # on: x is set
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
             shape = tuple(x.shape)
-            if batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
+            if (
+                rows_apart(unit.rule)
+                and x.dim() > 1
+                and (shape[0] != batch_size or x.dim() == 2)  # [B, T, d] after an MoE block: batch rows
+                and output.dim() > 0
+                and output.shape[0] == shape[0]
+                and x.grad_fn is not None
+                and capture.token_nodes
+                and capture.user_watcher.place_of(x) is None  # a flattening with a place: read by it (.places)
+                and _reaches(x.grad_fn, capture.token_nodes)
+            ):
+                gathered = True  # rows gathered from token rows (an expert Linear's x[token]): map from the probe
+            elif batch_size > 1 and x.dim() > 0 and shape[0] == 1 and output.dim() > 0 and output.shape[0] == 1:
                 expanded = output.expand(batch_size, *output.shape[1:])
                 label = f"module {unit.name or '<root>'}: its input of shape {shape} has a batch dim of size 1"
             elif unit.rule.batchless_output and batch_size > 1 and output.dim() > 0 and output.shape[0] == 1:
@@ -384,6 +421,8 @@ def capturing(
                     f"size {batch_size} but comes neither from the model's inputs nor from a differentiable "
                     "activation (a constant such as torch.arange(T) with T == B?)"
                 )
+        elif unit.rule is None and x is not None:  # a fallback on a flattened token batch (an MoE router, experts)
+            rows = token_rows(x, [*tensors_in((args, kwargs)), *tensors_in(output)], batch_size, from_batch)
         # computed from parameters and constants alone (a relative-position bucket index): no dim holds the batch
         constant = expanded is not None and not any(batch_dependent(t) for t in tensors_in((args, kwargs)))
         if recomputing and (expanded is not None or suspect is not None):
@@ -404,10 +443,18 @@ def capturing(
             autocast=autocast_state() if unit.rule is None else None,
             input_versions=_versions(args, kwargs, list(unit.params.values())),
             changed_buffers=unit.rule is None and _buffers_changed(fallback_buffers[id(unit)]),
+            rows_per_example=rows,
+            gathered=gathered,
             place=place,
             batched_kwargs=_batched_kwargs(unit, kwargs),
         )
         unit.calls.append(call)
+        if rows > 1:
+            capture.token_rows.add(batch_size * rows)
+        if rows > 1 or gathered or place is not None:  # token rows: what is computed from them may be gathered
+            capture.token_nodes.update(
+                t.grad_fn for t in (*tensors_in((args, kwargs)), *tensors_in(output)) if t.grad_fn is not None
+            )
         leaves = flat_leaves(call.output)
         for leaf_index, leaf in enumerate(leaves):
             if isinstance(leaf, Tensor) and leaf.requires_grad:
@@ -442,6 +489,14 @@ def capturing(
                     _hooked(u.module.register_forward_pre_hook, fallback_pre_hook, u) for u in units if u.rule is None
                 )
         return None
+
+    def from_batch(x: Tensor) -> bool:
+        """Whether ``x`` comes from the batch: an activation (not of parameters alone) or the inputs."""
+        if x.grad_fn is not None and not all(
+            nxt is None or hasattr(nxt, "variable") for nxt, _ in x.grad_fn.next_functions
+        ):
+            return True
+        return _storage(x) in input_storages or capture.user_watcher.from_inputs(x)
 
     def _batched_kwargs(unit: Unit, kwargs: dict) -> tuple:
         if unit.rule is None or not unit.rule.whole_call or batch_size < 2:
@@ -491,6 +546,21 @@ def capturing(
             h.remove()
         capture.unfollow_checkpoints()
         capture.end_forward()
+
+
+def _reaches(node, targets: set, limit: int = 256) -> bool:
+    """Whether the backward graph below ``node`` reaches one of ``targets`` within ``limit`` nodes (the
+    rows of a call computed from token rows: gathered, and maybe passed through row-wise layers)."""
+    stack, seen = [node], set[Any]()
+    while stack and len(seen) < limit:
+        current = stack.pop()
+        if current is None or current in seen:
+            continue
+        if current in targets:
+            return True
+        seen.add(current)
+        stack.extend(nxt for nxt, _ in current.next_functions)
+    return False
 
 
 def _hooked(register, hook, unit: Unit | None):

@@ -51,6 +51,8 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..._batch import Batch, flat_leaves
 from ..._host_reads import HostChecks, open_checks
 from ..._model import (
+    RandomCalls,
+    RandomCallStop,
     autocast_as,
     backward_hooked_module,
     buffer_state,
@@ -738,7 +740,49 @@ def _rule_pieces(unit: Unit, call: Call, layout: Layout) -> dict[str, Piece]:
     grad = at_least_float32(call.out_grads[0])
     if call.place is not None:  # a flattening or a sequence-first input: example i where its place says
         x, grad = batch_first(x, call.place, layout.size), batch_first(grad, call.place, layout.size)
+    elif call.rows_per_example > 1:  # [B·k, *] rows, row r of example r // k: the rule's pieces on [B, k, *]
+        x, grad = (t.reshape(layout.size, call.rows_per_example, *t.shape[1:]) for t in (x, grad))
+    elif call.gathered:
+        x, grad = _by_example(unit, call, x, grad, layout.size)
     return _guarded(unit, lambda: unit.rule.compute(unit.module, x, grad, layout))  # type: ignore[union-attr]
+
+
+def _by_example(unit: Unit, call: Call, x: Tensor, grad: Tensor, batch_size: int) -> tuple[Tensor, Tensor]:
+    """A row-wise rule's input and output gradient on gathered rows (an expert Linear's ``x[token]``), laid
+    out ``[B, m, *]``: example b's rows (``call.row_examples``, read off the graph by the probe of the rows)
+    in its first slots, zeros after (m: the most rows of one example). The rule's pieces on that layout are
+    per example the sum over its own rows: a segment sum. A row that no example's output reaches must have
+    no gradient (it adds nothing to any example), else the rows cannot be attributed."""
+    label = unit.name or "<root>"
+    examples = call.row_examples
+    if examples is None or examples.shape[0] != x.shape[0]:
+        raise NotExact(
+            f"module {label}: the examples of its gathered rows were not read off the graph",
+            code="BATCH_MIXED",
+            module=label,
+        )
+    examples = examples.to(x.device)
+    owned = examples >= 0
+    if not bool(owned.all()) and bool(grad[~owned].ne(0).any()):
+        raise NotExact(
+            f"module {label}: a gathered row that no example's output reaches in the probe has a gradient",
+            code="BATCH_MIXED",
+            module=label,
+        )
+    examples, x, grad = examples[owned], x[owned], grad[owned]
+    order = torch.argsort(examples, stable=True)
+    examples, x, grad = examples[order], x[order], grad[order]
+    counts = torch.bincount(examples, minlength=batch_size)
+    starts = torch.cumsum(counts, 0) - counts
+    slots = torch.arange(examples.shape[0], device=x.device) - starts[examples]
+    width = max(int(counts.max()) if counts.numel() else 0, 1)
+
+    def laid_out(t: Tensor) -> Tensor:
+        out = t.new_zeros(batch_size, width, *t.shape[1:])
+        out[examples, slots] = t
+        return out
+
+    return laid_out(x), laid_out(grad)
 
 
 def _guarded(unit: Unit, compute: Callable[[], dict[str, Piece]]) -> dict[str, Piece]:
@@ -796,6 +840,8 @@ def _fallback_batch_dims(module: nn.Module, in_leaves: list, out_leaves: list, b
 def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module: vmap over the vjp of the module alone (recurrent
     layers: their closed form from :mod:`.recurrent` where it applies; summed, both are checked)."""
+    if call.rows_per_example > 1:
+        return _token_rows_pieces(unit, call, batch_size, grad_scale)
     closed = recurrent_pieces(unit, call, batch_size, grad_scale)
     if closed is not None:
         return closed
@@ -847,6 +893,137 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
             module=label,
         ) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
+
+
+def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
+    """Per-example gradients of a rule-less module called on a flattened token batch (an MoE router or its
+    experts on ``h.view(-1, d)``): every tensor of the call has B·k rows on dim 0, row r of example r // k
+    (:func:`.units.token_rows`; the graph audit's probe checked that map on the rows that carry gradients).
+
+    The module is called again on each example's segment of rows alone, and
+    g_b = (∂ module(θ; rows of b) / ∂θ)ᵀ · (output gradient rows of b),
+    the sum over b's rows of the per-row terms (a segment sum), whatever the module does inside: gathers of
+    tokens to experts, ``index_add_`` back, data-dependent loops. That is example b's gradient only if the
+    module computes b's rows alone as it did in the batch: each segment's outputs are compared with the
+    batch's rows (``TOKEN_ROWS_DIFFER`` otherwise: a capacity limit, or routing that depends on other
+    examples' tokens), and the pieces' sum with autograd's gradient (:func:`_check_fallback_sums`).
+    B calls of the module on k rows each: the work of one call, without vmap (an MoE layer's data-dependent
+    control flow runs as it is)."""
+    label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
+    k = call.rows_per_example
+    n = batch_size * k
+    out_leaves = flat_leaves(call.output)
+    in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
+    in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
+    for t in [*in_leaves, *out_leaves]:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != n:
+            raise NotExact(
+                f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {n} token rows",
+                code="FALLBACK_NOT_BATCHED",
+                module=label,
+            )
+    graded = [i for i, t in enumerate(out_leaves) if isinstance(t, Tensor) and i in call.out_grads]
+    names = list(unit.params)
+    frozen = {n_: p.detach() for n_, p in unit.module.named_parameters() if n_ not in unit.params}
+    buffers = detached_buffers(unit.module)
+
+    def rows(t: Any, b: int) -> Any:
+        return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
+
+    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    with autocast_as(call.autocast), torch.enable_grad():
+        for b in range(batch_size):
+            params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
+            args, kwargs = tree_unflatten([rows(t, b) for t in in_leaves], in_spec)
+            try:
+                with RandomCalls(stop=True):  # a draw would differ from the forward's (and move the RNG)
+                    leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))
+            except RandomCallStop as stop:
+                raise NotExact(
+                    f"module {label} has no closed-form rule and draws random numbers ({stop}): its call on "
+                    "one example's token rows cannot be recomputed with the forward's draws",
+                    code="FALLBACK_NOT_ISOLATED",
+                    module=label,
+                ) from None
+            except Exception as err:  # noqa: BLE001 - the module refuses a segment: not shown exact
+                raise NotExact(
+                    f"module {label} could not be called on one example's {k} token rows: {type(err).__name__}: {err}",
+                    code="FALLBACK_NOT_ISOLATED",
+                    module=label,
+                ) from err
+            for i, (alone, batched) in enumerate(zip(leaves, out_leaves)):
+                if isinstance(batched, Tensor) and not _same_rows(alone, rows(batched, b)):
+                    raise NotExact(
+                        f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
+                        "differently from those rows of the batch's call: its rows depend on other examples' "
+                        "tokens (an expert capacity, batch-dependent routing)",
+                        code="TOKEN_ROWS_DIFFER",
+                        module=label,
+                    )
+            outputs = [leaves[i] for i in graded if leaves[i].requires_grad]
+            cotangents = [rows(call.out_grads[i], b) * grad_scale for i in graded if leaves[i].requires_grad]
+            cotangents = _external_cotangents(outputs, cotangents)
+            grads: Sequence[Tensor | None] = (
+                torch.autograd.grad(outputs, list(params.values()), cotangents, allow_unused=True)
+                if outputs
+                else [None] * len(names)
+            )
+            for name, p, g in zip(names, params.values(), grads):
+                per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
+    return {name: DensePiece(at_least_float32(torch.stack(gs))) for name, gs in per_example.items()}
+
+
+def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> list[Tensor]:
+    """The part of each output's captured gradient that came from outside the module.
+
+    A hook on an output sees all of its gradient, also what flows back into it from the module's other
+    outputs computed from it (an MoE router returns its logits and the routing weights made from them:
+    the logits' gradient holds the weights'). Fed as it is to a backward of all the outputs, that part
+    would count twice. With D(i) the outputs computed from output i (found in the recomputed graph),
+    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext."""
+    edges = {(y.grad_fn, y.output_nr): i for i, y in enumerate(outputs) if y.grad_fn is not None}
+    below = []  # below[j]: indices i of the outputs that y_j is computed from
+    for j, y in enumerate(outputs):
+        seen, stack, found = set(), [y.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for nxt in node.next_functions:
+                if nxt[0] is not None and nxt in edges:
+                    found.add(edges[nxt])
+                stack.append(nxt[0])
+        below.append(found - {j})
+    downstream = [[j for j in range(len(outputs)) if i in below[j]] for i in range(len(outputs))]
+    external = list(cotangents)
+    for i in sorted(range(len(outputs)), key=lambda i: len(downstream[i])):
+        if downstream[i]:
+            (internal,) = torch.autograd.grad(
+                [outputs[j] for j in downstream[i]],
+                [outputs[i]],
+                [external[j] for j in downstream[i]],
+                retain_graph=True,
+                allow_unused=True,
+            )
+            if internal is not None:
+                external[i] = cotangents[i] - internal
+    return external
+
+
+def _same_rows(alone: Any, batched: Any) -> bool:
+    """Whether a segment's output equals the batch's rows: exactly for integers (expert indices), and for
+    floating point to a rounding tolerance of its dtype (1e-6 float64, 1e-5 float32, 1e-2 half precision,
+    relative to the largest value; a matmul of fewer rows may round differently). A routing that depends on
+    other examples' tokens changes whole rows (a token dropped, another expert), far beyond that."""
+    if not isinstance(alone, Tensor) or not isinstance(batched, Tensor) or alone.shape != batched.shape:
+        return False
+    batched = batched.detach()
+    if not alone.is_floating_point():
+        return bool(torch.equal(alone, batched))
+    tolerance = 1e-6 if batched.dtype == torch.float64 else 1e-5 if batched.element_size() >= 4 else 1e-2
+    scale = batched.abs().max().item() if batched.numel() else 0.0
+    return bool(torch.allclose(alone.detach(), batched, rtol=tolerance, atol=tolerance * scale))
 
 
 def _check_fallback_sums(

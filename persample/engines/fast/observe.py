@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_unflatten
 from ..._batch import flat_leaves, tensors_in
 from ..._model import autocast_as
 from ..._host_reads import HostChecks, one_host_read
-from ...batch_loss import BatchLossMismatch, common_weight, derive_weights
+from ...batch_loss import BatchLossMismatch, all_finite, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
 from .audit import audit_graph, rows_check
@@ -281,7 +281,7 @@ def _observed_stats(
             grads = list(observation._output_grads.values())
             device = grads[0].device
             # an overflowing fp16 step: GradScaler skips it, and so do the statistics
-            step_reads.add(~torch.stack([torch.isfinite(g).all().to(device) for g in grads]).all(), _NotFinite)
+            step_reads.add(~torch.stack([all_finite(g).to(device) for g in grads]).all(), _NotFinite)
             try:
                 losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
                 scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i

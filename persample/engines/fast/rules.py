@@ -611,6 +611,13 @@ def _any_leading_dims(module: nn.Module, x: Tensor) -> bool:
     return True
 
 
+def rows_apart(rule: Rule) -> bool:
+    """Whether ``rule`` computes row by row over any leading dims (Linear, Embedding, LayerNorm, RMSNorm, HF's
+    Conv1D): then a call on ``[B·k, *features]`` rows is the call on ``[B, k, *features]``, and its pieces are
+    the rule's on that reshape (per example, the sum over its k rows: a segment sum)."""
+    return rule.unbatched is _any_leading_dims and not rule.whole_call and not rule.batchless_output
+
+
 def _one_dim(module: nn.Module) -> int:
     return 1
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,14 @@ class Call:
     edges: dict[int, Any] = field(default_factory=dict)  # output leaf index → its autograd edge
     input_versions: tuple = ()  # the versions of the input tensors and the unit's parameters, at the call
     changed_buffers: bool = False  # a fallback unit's buffers changed during the forward up to this call
+    #: k > 1: a call on a flattened token batch (an MoE layer's ``h.view(-1, d)``): dim 0 of its tensors has
+    #: B·k rows, row r of example r // k (:func:`token_rows`); the graph audit's probe checks that map
+    rows_per_example: int = 1
+    #: a row-wise rule's call on rows gathered from token rows (an expert's ``x[token]``): each row's example
+    #: is read off the graph by the probe of the rows (:func:`.audit.rows_leak` sets ``row_examples``: [N]
+    #: example indices, −1 for a row no example reaches), and the rule's pieces are segment sums over them
+    gathered: bool = False
+    row_examples: Tensor | None = None
     place: Any = None  # a .places.Place: where a row-wise rule's input and output hold the batch (not dim 0)
     #: keyword arguments of a whole-call rule's call batched on dim 0 as the model's inputs are (one of them, a
     #: frozen result computed from them: position ids from a cumsum of the padding mask) or activations
@@ -55,6 +63,31 @@ class Call:
         refuse it when it reads a saved tensor whose version moved, but a layer whose gradients the
         engine forms itself need never be gone through by autograd, so the engine must check."""
         return _versions(self.args, self.kwargs, list(params.values())) != self.input_versions
+
+
+def token_rows(x: Tensor, leaves: list, batch_size: int, from_batch: Callable[[Tensor], bool]) -> int:
+    """k > 1 where a call is on a flattened token batch, else 1: its first input ``x`` comes from the batch
+    (``from_batch``: an activation or the model's inputs, not a constant) and has B·k rows on dim 0, and every
+    tensor in ``leaves`` (the call's other inputs and outputs) with a dim has those B·k rows on dim 0.
+
+    The engine then reads row r as example r // k's (the rows of ``h.view(-1, d)`` for ``h`` of shape
+    ``[B, T, d]``, T = k): the segment of rows [b·k, (b+1)·k) is example b's. That map is a claim, not a
+    fact: the graph audit's probe (:func:`.audit.rows_leak`) checks it on the call's tensors that require
+    grad (the gradient of the even examples' outputs must reach no row of an odd example), and a fallback
+    recomputes each segment alone and compares it with the batch's rows (:func:`.engine._token_rows_pieces`).
+
+    >>> h = torch.zeros(3, 6, 4, requires_grad=True).tanh().view(-1, 4)
+    >>> token_rows(h, [h[:, :2]], 3, lambda t: True), token_rows(h, [h[:5]], 3, lambda t: True)
+    (6, 1)
+    """
+    if x.dim() == 0 or batch_size < 1:
+        return 1
+    n = x.shape[0]
+    if n <= batch_size or n % batch_size:
+        return 1
+    if any(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != n for t in leaves):
+        return 1
+    return n // batch_size if from_batch(x) else 1
 
 
 def _versioned_buffer_slots(module: nn.Module) -> list[tuple]:

@@ -585,6 +585,11 @@ class _UserCodeWatcher(TorchFunctionMode):
         self.input_storages: set[int] = set()  # storages of the model's inputs (filled by capturing)
         self.derived: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # frozen results of the batch
         self.mixed: str | None = None  # the first op that mixed the rows of a raw input on the way to the loss
+        #: the same for raw tensors of B·k token rows (k > 1, a flattened batch: an MoE's routing mask):
+        #: row count → the first op that mixed them on the way to the loss (capture: refused where some
+        #: unit call is on that many token rows, units.token_rows); and their tainted results
+        self.token_mixed: dict[int, str] = {}
+        self.token_tainted: dict[int, tuple] = {}
         self.tainted: dict[int, tuple] = {}  # id → (weak reference, what): raw tensors whose rows were mixed
         self.random: str | None = None  # the first call of the forward that drew random numbers
         self.rewritten: str | None = None  # where the first rewriting hook was registered
@@ -603,11 +608,13 @@ class _UserCodeWatcher(TorchFunctionMode):
             hook = args[1] if len(args) > 1 else kwargs.pop("hook")
             where = f"a tensor of shape {tuple(args[0].shape)} at {_caller_outside_torch()}"
             args = (args[0], _RewriteReporter(hook, self, where))
-        mixing = None
+        mixing = token_mixing = None
         if self.outputs is None:
             name = getattr(func, "__name__", None)
             if self.mixed is None and self.batch_size > 1 and name in _RAW_MIXING:
                 mixing = _mixes_raw_rows(name, args, kwargs, self.batch_size)
+            if self.batch_size > 1 and name in _RAW_MIXING:
+                token_mixing = _mixes_token_rows(name, args, kwargs, self.batch_size)
             if self.random is None:
                 self.random = random_call(func, args, kwargs)
                 if self.random is not None and self.stop_random:
@@ -625,6 +632,9 @@ class _UserCodeWatcher(TorchFunctionMode):
                     self._follow_mixing(mixing, args, kwargs, out)
             if self.batch_size > 1:
                 self._follow_places(func, args, kwargs, out)
+            if token_mixing is not None or self.token_tainted:
+                with torch._C.DisableTorchFunction():
+                    self._follow_token_mixing(token_mixing, args, kwargs, out)
         return out
 
     def place_of(self, t) -> Place | None:
@@ -685,6 +695,23 @@ class _UserCodeWatcher(TorchFunctionMode):
     def _batched(self, t: Tensor) -> bool:
         """Whether ``t`` (dim 0 of the batch's size) is batched there: an activation or the inputs'."""
         return t.grad_fn is not None or self.from_inputs(t)
+
+    def _follow_token_mixing(self, mixing: tuple[int, str] | None, args, kwargs, out) -> None:
+        """:meth:`_follow_mixing` for raw tensors of token rows: ``mixing`` is (row count, what)."""
+        if mixing is None:
+            for t in _operands(args, kwargs):
+                entry = self.token_tainted.get(id(t))
+                if entry is not None and entry[0]() is t:
+                    mixing = entry[1]
+                    break
+            if mixing is None:
+                return
+        results = tensors_in(out)
+        if any(r.requires_grad for r in results):
+            self.token_mixed.setdefault(*mixing)
+            return
+        for r in results:
+            self.token_tainted[id(r)] = (weakref.ref(r), mixing)
 
     def from_inputs(self, t: Tensor) -> bool:
         """Whether ``t`` is batched on dim 0 as the model's inputs are: one of them (or a view sharing
@@ -865,6 +892,20 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
             return None  # DeBERTa's own loss: the labelled rows of the labels, all of them
         return f"{name} along dim 0 of a tensor of shape {tuple(t.shape)} that does not require grad (an input?)"
     return None
+
+
+def _mixes_token_rows(name: str, args, kwargs, batch_size: int) -> tuple[int, str] | None:
+    """(B·k, what) where op ``name`` combines or reorders along dim 0 the rows of a tensor that does not
+    require grad and has B·k rows, k > 1 (token rows of a flattened batch: an MoE's routing mask, whose
+    cumsum over the tokens is an expert capacity counted over the whole batch), else None."""
+    t = args[0] if args else None
+    if not isinstance(t, Tensor) or t.requires_grad or t.dim() == 0:
+        return None
+    rows = t.shape[0]
+    if rows <= batch_size or rows % batch_size:
+        return None
+    what = _mixes_raw_rows(name, args, kwargs, rows)
+    return None if what is None else (rows, what)
 
 
 def _rows_in_place(name: str, args, kwargs, t: Tensor, batch_size: int) -> bool:
