@@ -126,9 +126,10 @@ def check_alone(
     losses: Tensor,
     buffers_found: list,
 ) -> CheckedAlone:
-    """Compare the engine's L_j and g_j (``losses[j]``, ``pieces[name].materialize(j, j + 1)``) with
-    autograd on example j alone, for j ∈ {0, B − 1}; raise ``EXAMPLE_DIFFERS_ALONE`` (:class:`NotExact`)
-    on a difference beyond :func:`tolerance` or where the model fails on example j alone.
+    """Compare the engine's L_j and g_j (``losses[j]``; per parameter ‖g_j‖² and ⟨g_j, g_j alone⟩ from the
+    pieces, :func:`_norms_and_inner`) with autograd on example j alone, for j ∈ {0, B − 1}; raise
+    ``EXAMPLE_DIFFERS_ALONE`` (:class:`NotExact`) on a difference beyond :func:`tolerance` or where the
+    model fails on example j alone.
 
     ``buffers_found``: the buffers as the engine's call found them (:func:`.._model.buffer_state`); every
     example runs from them, and the buffers end as the batch's forward left them."""
