@@ -476,7 +476,10 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
             if position == len(chain) - 1:
                 raise
             reasons.append(f"{name}: {err}")
-            if getattr(err, "code", None) == "BATCH_MIXED":
+            # an example that differs alone (not one that fails alone: that error is the model's, raised as it is
+            # by the engines that run each example alone)
+            code = getattr(err, "code", None)
+            if code == "BATCH_MIXED" or (code == "EXAMPLE_DIFFERS_ALONE" and err.__cause__ is None):
                 mixed = short_reason(reasons[-1])
         except Exception as err:
             if not mixed or isinstance(err, PersampleError):

@@ -357,11 +357,24 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "or take the op out of the forward",
     ),
     Precondition(
+        "EXAMPLE_DIFFERS_ALONE",
+        _N,
+        "result",
+        ("fast", "tracker"),
+        "The forward treats every example as it treats it alone: examples 0 and B-1 computed alone, on a "
+        "batch of one (plain autograd), give the fast engine's loss and gradient for them; checked once per "
+        "model structure and input signature (no position or batch-size effect: x[0], x.shape[0], "
+        "arange(B), narrow/split/unbind along dim 0)",
+        "engine='auto' computes each example alone (vmap or the loop: loss_fn on a batch of one); or take "
+        "the position or batch-size dependence out of the forward",
+    ),
+    Precondition(
         "BATCH_OF_ONE_FAILS",
         _U,
         "forward",
         ("vmap", "loop"),
-        "Where the forward mixes the examples (BATCH_MIXED), engine='auto' computes each example alone: "
+        "Where the forward mixes the examples (BATCH_MIXED, EXAMPLE_DIFFERS_ALONE), engine='auto' computes "
+        "each example alone: "
         "the model must run on a batch of one",
         "take the op that combines the examples out of the forward (a train-mode batch norm: persample.fix; "
         "a fixed permutation or index of the batch's rows: apply it to the data outside the model)",

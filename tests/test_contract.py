@@ -322,6 +322,11 @@ def _triggers():
         "BATCH_MIXED": lambda: _fast(
             _with_forward(lambda s, x: s.b(s.a(x).roll(1, 0)), a=_lin(3, 4), b=_lin(4, 2)), x, y
         ),
+        "EXAMPLE_DIFFERS_ALONE": lambda: _fast(  # example 0 is zeroed by its position: no gradient crosses rows
+            _with_forward(lambda s, x: s.b(s.a(x).index_fill(0, torch.tensor([0]), 0.0)), a=_lin(3, 4), b=_lin(4, 2)),
+            x,
+            y,
+        ),
         "BATCH_OF_ONE_FAILS": lambda: persample.grad_stats(  # engine="auto": the fallback runs one example alone
             _with_forward(lambda s, x: s.b(s.a(x)[torch.tensor([1, 0, 3, 2, 4])]), a=_lin(3, 4), b=_lin(4, 2)),
             F.mse_loss,

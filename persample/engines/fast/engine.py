@@ -24,7 +24,9 @@ it, an activation whose batch dim is not dim 0 or is ambiguous, a fallback
 that disagrees with autograd, random draws under ``randomness="same"``, hooks
 it cannot apply per example, a loss that is not per example, a module input or
 parameter changed in place after the module's call, a re-entrant checkpoint whose
-recomputation it cannot follow) the engine raises :class:`~persample.errors.NotExact`,
+recomputation it cannot follow, examples 0 or B − 1 whose loss or gradient alone differs
+from the batch's reading: :mod:`.alone`, once per plan and input signature) the engine
+raises :class:`~persample.errors.NotExact`,
 and ``engine="auto"`` moves on to the vmap engine, then the per-example loop.
 
 Re-entrant activation checkpointing (``checkpoint(..., use_reentrant=True)``) runs
@@ -53,6 +55,7 @@ from ..._model import (
     RandomCallStop,
     autocast_as,
     backward_hooked_module,
+    buffer_state,
     hooked_parameters,
     detached_buffers,
     first_random_module,
@@ -69,7 +72,9 @@ from ..vmap import example_loss
 from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
-from .plan import model_plan
+from .alone import check_alone, spot_check_off
+from .alone import signature as alone_signature
+from .plan import checked_alone, model_plan, remember_alone
 from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
@@ -161,6 +166,8 @@ def fast_pieces(
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
     grad_scale = float(batch.size)
+    spot = _spot_check_signature(model, batch, sharding)  # None: this call has no spot check
+    buffers_found = buffer_state(model) if spot is not None else []
     with (
         torch.enable_grad(),
         capturing(
@@ -268,7 +275,23 @@ def fast_pieces(
         pieces = _pieces_by_parameter(units, params, means, layout, cuts)
         for name, p in hooked.items():
             pieces[name] = _hooked_piece(name, pieces[name], p)
+    # a forward that draws cannot be replayed alone; re-entrant checkpoints refuse torch.autograd.grad
+    if spot is not None and capture.random_call is None and not followed:
+        if check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found).verdict:
+            remember_alone(model, spot)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
+
+
+def _spot_check_signature(model: nn.Module, batch: Batch, sharding: str | None) -> tuple | None:
+    """The input signature under which this call runs the spot check against the definition
+    (:mod:`.alone`), or None where it does not: a batch of one (nothing to compare), a sharded model (a
+    batch-of-one forward would run the shards' collectives on this rank alone: the audit alone vouches
+    there), inside :func:`.alone.without_spot_check`, or a verdict already in the model's plan for this
+    signature."""
+    if batch.size < 2 or sharding is not None or spot_check_off():
+        return None
+    key = alone_signature(batch)
+    return None if checked_alone(model, key) else key
 
 
 def _derived_moments(
@@ -661,6 +684,9 @@ class ZeroPiece(Piece):
         return torch.zeros(shape, dtype=self._like.dtype, device=self._like.device)
 
     def _unscaled(self, start, stop, out=None):
+        return self._zeros(stop - start, *self.shape)
+
+    def materialize(self, start, stop):
         return self._zeros(stop - start, *self.shape)
 
     def materialize_all(self):

@@ -35,7 +35,7 @@ value) and its parameters strongly (so that their ids cannot be reused while it 
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from torch import nn
@@ -47,7 +47,16 @@ from ...errors import NotExact
 from ..vmap import refuse_unseen_hooks
 from .units import Unit, find_units
 
-__all__ = ["Plan", "Planned", "model_plan", "planned_sharding", "fingerprint", "forget"]
+__all__ = [
+    "Plan",
+    "Planned",
+    "model_plan",
+    "planned_sharding",
+    "fingerprint",
+    "forget",
+    "checked_alone",
+    "remember_alone",
+]
 
 
 @dataclass(eq=False)
@@ -60,6 +69,7 @@ class Plan:
     units: list[tuple[str, int, Any, dict[str, nn.Parameter]]]  # (name, module index, rule, params)
     gradient_hooks: bool  # whether a parameter or module has a gradient hook (then refused as before)
     sharding: str | None  # :func:`..._sharding.sharding_of` (FSDP wraps change classes and parameters)
+    alone: set = field(default_factory=set)  # input signatures whose spot check passed (:mod:`.alone`)
 
     def live_modules(self, model: nn.Module) -> list[nn.Module] | None:
         """The plan's modules (``model`` first), or None where one was garbage-collected."""
@@ -161,6 +171,21 @@ def refuse_gradient_hooks(model: nn.Module, hooks: bool, engine: str) -> None:
     """:func:`..vmap.refuse_unseen_hooks` where the plan found gradient hooks (it names them)."""
     if hooks:
         refuse_unseen_hooks(model, engine)
+
+
+def checked_alone(model: nn.Module, key: tuple) -> bool:
+    """Whether the spot check (:mod:`.alone`) passed for input signature ``key`` under ``model``'s current
+    plan (a plan made afresh, the structure having changed, has no verdict). Call it after
+    :func:`model_plan` in the same call: that is what validated the plan. No plan: False (checked every call)."""
+    plan = _PLANS.get(model) if isinstance(model, nn.Module) and not global_module_hooks() else None
+    return plan is not None and key in plan.alone
+
+
+def remember_alone(model: nn.Module, key: tuple) -> None:
+    """Record that the spot check passed for ``key`` in ``model``'s plan (nothing where there is none)."""
+    plan = _PLANS.get(model) if isinstance(model, nn.Module) and not global_module_hooks() else None
+    if plan is not None:
+        plan.alone.add(key)
 
 
 def forget(model: nn.Module) -> None:
