@@ -267,3 +267,42 @@ def test_an_interior_position_is_not_seen():
     x, y = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 1, dtype=torch.float64)
     with pytest.raises(persample.NotExact):
         persample.grad_stats(model, loss_fn, x, y, engine="fast")
+
+
+class _RotatedAtTheEnd(nn.Module):
+    """The last example's gradient below l2 is turned by a small angle (a skew-symmetric S, through a
+    term whose value is zero): its norm and its inner product with the unturned gradient change only at
+    O(ε²), the gradient itself at O(ε). The forward's values are those of the plain model."""
+
+    def __init__(self, eps):
+        super().__init__()
+        torch.manual_seed(3)
+        self.l1, self.l2 = nn.Linear(3, 5).double(), nn.Linear(5, 2).double()
+        skew = torch.randn(5, 5, dtype=torch.float64)
+        self.register_buffer("skew", skew - skew.T)
+        self.eps = eps
+
+    def forward(self, x):
+        h = self.l1(x)
+        turned = h @ self.skew
+        last = (torch.arange(h.shape[0]) == h.shape[0] - 1).to(h.dtype)[:, None]
+        return self.l2(torch.tanh(h + self.eps * last * (turned - turned.detach())))
+
+
+def test_a_small_turn_of_one_examples_gradient_is_refused_in_float64():
+    """In float64 the check reads ‖g_j batch − g_j alone‖ itself, not only the squared norms (which see a
+    turn by ε only at ε²: 1e-6 here, under the 1e-5 tolerance, so the numbers were 1e-3 off, silently)."""
+    model = _RotatedAtTheEnd(1e-3)
+    torch.manual_seed(4)
+    x, y = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 2, dtype=torch.float64)
+
+    def loss(out, t):
+        return ((out - t) ** 2).sum()
+
+    with pytest.raises(persample.NotExact) as caught:
+        persample.grad_stats(model, loss, x, y, engine="fast")
+    assert caught.value.code == "EXAMPLE_DIFFERS_ALONE"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = persample.grad_stats(model, loss, x, y)
+    assert_dicts_close(stats.mean, oracle_stats(model, loss, x, y)["mean"], rtol=1e-9, atol=1e-12)
