@@ -306,3 +306,45 @@ def test_a_small_turn_of_one_examples_gradient_is_refused_in_float64():
         warnings.simplefilter("ignore")
         stats = persample.grad_stats(model, loss, x, y)
     assert_dicts_close(stats.mean, oracle_stats(model, loss, x, y)["mean"], rtol=1e-9, atol=1e-12)
+
+
+def _observed(model, x, y):
+    """Tracker.observe around the user's own backward of the batch's loss: its statistics, or the refusal's code."""
+    model.zero_grad()
+    tracker = persample.Tracker(model, loss_fn)
+    try:
+        with tracker.observe(y) as observed:
+            loss_fn(model(x), y).backward()
+    except (persample.NotExact, persample.ObservationError) as err:
+        return err.code
+    return observed.stats
+
+
+@pytest.mark.parametrize("name", list(FORMS))
+def test_observe_refuses_or_is_the_oracle(name):
+    """observe reads the user's own backward of the batch: the forms that treat an example by its
+    position or by the batch size are refused there too (the spot check runs on the observed forward's
+    inputs, examples 0 and B − 1 alone), never read as per-example gradients."""
+    model, x, y = _case(name)
+    got = _observed(model, x, y)
+    if isinstance(got, str):
+        assert got == ("BATCH_MIXED" if name in MIXED else "EXAMPLE_DIFFERS_ALONE"), got
+        return
+    expected = oracle_stats(model, loss_fn, x, y)
+    assert_dicts_close(got.mean, expected["mean"], rtol=1e-9, atol=1e-12)
+    assert_dicts_close(got.var, expected["var"], rtol=1e-9, atol=1e-12)
+
+
+def test_observe_checks_once_per_signature():
+    """The first observed step of a signature runs examples 0 and B − 1 alone; later ones read the plan."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    x, y = torch.randn(B, 3, dtype=torch.float64), torch.randint(0, 2, (B,))
+    tracker = persample.Tracker(model, torch.nn.functional.cross_entropy)
+    for _ in range(2):
+        model.zero_grad()
+        with tracker.observe(y):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+    assert calls == [B, 1, 1, B]

@@ -25,7 +25,9 @@ the end. Random draws are never made by the check: a forward that draws (dropout
 verdict; a draw seen only alone stops the check before it draws. No ``.grad`` is touched (never
 ``backward()``: a re-entrant checkpoint, which refuses ``torch.autograd.grad``, is not checked). Forward
 hooks and parameter tensor hooks fire on the two passes alone too. What it cannot see (interior positions,
-effects that appear only on later batches of a checked signature, ``Tracker.observe``): ``docs/spot-check.md``.
+effects that appear only on later batches of a checked signature, ``Tracker.observe`` where the forward's
+inputs are not all batched): ``docs/spot-check.md``. ``Tracker.observe`` runs it on the observed forward's
+inputs (:mod:`.observe`).
 """
 
 from __future__ import annotations

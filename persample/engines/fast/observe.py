@@ -35,8 +35,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_unflatten
 
-from ..._batch import flat_leaves, tensors_in
-from ..._model import autocast_as
+from ..._batch import Batch, flat_leaves, tensors_in
+from ..._model import autocast_as, autocast_state, buffer_state
 from ..._host_reads import HostChecks, one_host_read
 from ...batch_loss import BatchLossMismatch, all_finite, common_weight, derive_weights
 from ...errors import NotExact, ObservationError
@@ -45,7 +45,9 @@ from .audit import audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
 from .units import store_grad
-from .plan import model_plan
+from .alone import check_alone, spot_check_off
+from .alone import signature as alone_signature
+from .plan import checked_alone, model_plan, remember_alone
 from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
 from .model_loss import observed_model_losses
 from .rules import Layout
@@ -70,6 +72,10 @@ class Observation:
     _params: dict = field(default_factory=dict)
     _on_rebase: list = field(default_factory=list)  # callables that take their own baseline too
     _inputs: dict | None = None  # the model's keyword inputs of the observed forward (labels=: its own loss)
+    # the spot check against the definition (.alone), where this forward's signature has no verdict yet:
+    # (the observed forward's batch, its signature, the buffers as the forward found them, its autocast)
+    _spot: tuple | None = None
+    _replayable: bool = False  # no random draw, no re-entrant recomputation: example j can run alone
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -150,11 +156,18 @@ def observing(
                 observation._inputs = dict(kwargs)
             root_hook(module, args, output)
 
+        def root_pre_hook(module, args, kwargs):  # the inputs, and the buffers as the forward finds them
+            if observation._output is None and observation._spot is None:
+                with torch._C.DisableTorchFunction():  # the capture's watchers see the model, not us
+                    observation._spot = _spot_check_call(model, args, kwargs, targets, batch_size)
+
         handles = [
             model.register_forward_hook(root_hook_with_inputs, with_kwargs=True)
             if output_module is None
             else output_module.register_forward_hook(root_hook)
         ]
+        if output_module is None and sharding is None and not spot_check_off():
+            handles.append(model.register_forward_pre_hook(root_pre_hook, with_kwargs=True))
         if wrapper is not None:
             handles.append(wrapper.register_forward_hook(wrapper_hook))
         try:
@@ -173,6 +186,7 @@ def observing(
                     rows=observation._rows,
                 )
             capture.end_forward()
+            observation._replayable = capture.random_call is None and not capture.recomputed
             if capture.auxiliary_term is not None:
                 raise ObservationError(
                     f"the backwarded loss has a term computed from an activation of the model other than its "
@@ -299,7 +313,33 @@ def _observed_stats(
     except _NotFinite:
         observation.skipped = True
         return None
+    if observation._spot is not None and observation._replayable:
+        batch, key, buffers_found, autocast = observation._spot
+        with autocast_as(autocast):  # example j alone runs as the observed forward ran (bf16 autocast, ...)
+            checked = check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found)
+        if checked.verdict:
+            remember_alone(model, key)
     return stats
+
+
+def _spot_check_call(model: nn.Module, args: tuple, kwargs: dict, targets: Any, batch_size: int) -> tuple | None:
+    """(batch, signature, buffers, autocast settings) for the spot check of the observed forward
+    ``model(*args, **kwargs)``, or None where it has none: a batch of one, a verdict already in the plan
+    for this signature, or inputs that are not all batched on dim 0 (a tensor shared by the batch, a
+    non-tensor positional argument: a batch of one of them is not defined, so observe relies on the graph
+    audit alone there)."""
+    if batch_size < 2:
+        return None
+    options = {k: v for k, v in kwargs.items() if not isinstance(v, Tensor) and not tensors_in(v)}
+    data = {k: v for k, v in kwargs.items() if k not in options}
+    leaves = flat_leaves((args, data, targets))
+    if not all(isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == batch_size for t in leaves if t is not None):
+        return None
+    if any(t is None for t in flat_leaves(args)):
+        return None
+    batch = Batch(tuple(args), data, targets, batch_size, options)
+    key = alone_signature(batch)
+    return None if checked_alone(model, key) else (batch, key, buffer_state(model), autocast_state())
 
 
 class _NotFinite(Exception):
