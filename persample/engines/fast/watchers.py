@@ -19,7 +19,7 @@ import sys
 import weakref
 from dataclasses import dataclass
 from types import FrameType
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -698,20 +698,9 @@ class _UserCodeWatcher(TorchFunctionMode):
 
     def _follow_token_mixing(self, mixing: tuple[int, str] | None, args, kwargs, out) -> None:
         """:meth:`_follow_mixing` for raw tensors of token rows: ``mixing`` is (row count, what)."""
-        if mixing is None:
-            for t in _operands(args, kwargs):
-                entry = self.token_tainted.get(id(t))
-                if entry is not None and entry[0]() is t:
-                    mixing = entry[1]
-                    break
-            if mixing is None:
-                return
-        results = tensors_in(out)
-        if any(r.requires_grad for r in results):
-            self.token_mixed.setdefault(*mixing)
-            return
-        for r in results:
-            self.token_tainted[id(r)] = (weakref.ref(r), mixing)
+        found = _follow_taint(self.token_tainted, mixing, args, kwargs, out)
+        if found is not None:
+            self.token_mixed.setdefault(*found)
 
     def from_inputs(self, t: Tensor) -> bool:
         """Whether ``t`` is batched on dim 0 as the model's inputs are: one of them (or a view sharing
@@ -748,20 +737,9 @@ class _UserCodeWatcher(TorchFunctionMode):
         """Follow rows mixed across examples in tensors that do not require grad (no backward node shows
         them) until they enter the differentiable forward (a batch-mean normalisation of the input fed to
         a layer); where they never do (a running mean kept in a buffer), they change nothing."""
-        if mixing is None:
-            for t in _operands(args, kwargs):
-                entry = self.tainted.get(id(t))
-                if entry is not None and entry[0]() is t:
-                    mixing = entry[1]
-                    break
-            if mixing is None:
-                return
-        results = tensors_in(out)
-        if any(r.requires_grad for r in results):
-            self.mixed = mixing
-            return
-        for r in results:
-            self.tainted[id(r)] = (weakref.ref(r), mixing)
+        found = _follow_taint(self.tainted, mixing, args, kwargs, out)
+        if found is not None:
+            self.mixed = found
 
     def _follow_loss(self, func, args, kwargs, out) -> None:
         results = [t for t in tensors_in(out) if t.requires_grad]
@@ -856,6 +834,27 @@ _RAW_MIXING = {
     "gather": (1, "dim", None),
     "__getitem__": (1, None, None),
 }
+
+
+def _follow_taint(tainted: dict, mixing: Any, args, kwargs, out) -> Any:
+    """One op of the taint that mixed rows leave on tensors without grad: ``mixing`` (what mixed them,
+    found at this op) or the taint of an operand in ``tainted`` (id → (weakref, what)). Returned where
+    it reaches a result that requires grad (the differentiable forward); else the results carry it on
+    and None is returned."""
+    if mixing is None:
+        for t in _operands(args, kwargs):
+            entry = tainted.get(id(t))
+            if entry is not None and entry[0]() is t:
+                mixing = entry[1]
+                break
+        if mixing is None:
+            return None
+    results = tensors_in(out)
+    if any(r.requires_grad for r in results):
+        return mixing
+    for r in results:
+        tainted[id(r)] = (weakref.ref(r), mixing)
+    return None
 
 
 def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
