@@ -44,7 +44,6 @@ from ..._model import has_gradient_hooks, trainable_parameters
 from ..._sharding import sharding_of
 from ..._torch_compat import global_module_hooks, structure_key
 from ...errors import NotExact
-from ..vmap import refuse_unseen_hooks
 from .units import Unit, find_units
 
 __all__ = [
@@ -165,12 +164,6 @@ def planned_sharding(model: nn.Module) -> str | None:
 def _found(model: nn.Module) -> Planned:
     params = trainable_parameters(model)
     return Planned(params, find_units(model), has_gradient_hooks(model), sharding_of(model))
-
-
-def refuse_gradient_hooks(model: nn.Module, hooks: bool, engine: str) -> None:
-    """:func:`..vmap.refuse_unseen_hooks` where the plan found gradient hooks (it names them)."""
-    if hooks:
-        refuse_unseen_hooks(model, engine)
 
 
 def checked_alone(model: nn.Module, key: tuple) -> bool:
