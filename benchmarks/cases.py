@@ -31,17 +31,28 @@ class Problem:
     """A built case: the model, one batch, and the per-example loss."""
 
     model: nn.Module
-    inputs: Tensor
+    inputs: Tensor | dict[str, Tensor]  # a dict: keyword inputs (``input_ids``, ``attention_mask``)
     targets: Tensor
     loss_fn: Callable[[object, Tensor], Tensor]
 
     @property
     def batch_size(self) -> int:
-        return int(self.inputs.shape[0])
+        return int(self.targets.shape[0])
+
+    def forward(self, model: nn.Module, inputs: Tensor | dict[str, Tensor] | None = None):
+        """``model`` on ``inputs`` (default: this batch's), positional or by keyword."""
+        inputs = self.inputs if inputs is None else inputs
+        return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+    def rows(self, start: int, stop: int) -> Tensor | dict[str, Tensor]:
+        """Examples ``start:stop`` of the inputs."""
+        if isinstance(self.inputs, dict):
+            return {k: v[start:stop] for k, v in self.inputs.items()}
+        return self.inputs[start:stop]
 
     def mean_loss(self, model: nn.Module | None = None) -> Tensor:
         """The mean loss of the batch under ``model`` (default: this problem's model)."""
-        return self.loss_fn((model or self.model)(self.inputs), self.targets)
+        return self.loss_fn(self.forward(model or self.model), self.targets)
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,11 @@ class Case:
         return dataclasses.replace(
             problem,
             model=problem.model.to(device),
-            inputs=problem.inputs.to(device),
+            inputs=(
+                {k: v.to(device) for k, v in problem.inputs.items()}
+                if isinstance(problem.inputs, dict)
+                else problem.inputs.to(device)
+            ),
             targets=problem.targets.to(device),
         )
 
@@ -83,6 +98,19 @@ def next_token_loss(output, tokens: Tensor) -> Tensor:
     """
     logits = output.logits if hasattr(output, "logits") else output
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def masked_next_token_loss(output, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy of a padded batch: each example's mean over its counted tokens (labels
+    ``-100`` are padding), then the mean over the examples. On a batch of one it is the example's own
+    token mean, so on a batch it is the mean of the per-example losses."""
+    logits = output.logits if hasattr(output, "logits") else output
+    shifted = labels[:, 1:]
+    per_token = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=-100, reduction="none"
+    ).view(shifted.shape)
+    counted = (shifted != -100).sum(1).clamp(min=1)
+    return (per_token.sum(1) / counted).mean()
 
 
 # ----------------------------------------------------------------- models
@@ -183,6 +211,18 @@ def gpt2_problem(
     return Problem(model, tokens, tokens, next_token_loss)
 
 
+def gpt2_masked_problem(batch_size: int, seq_len: int = 128, **sizes: int) -> Problem:
+    """The ``gpt2`` case on a right-padded batch: lengths drawn from [T/2, T], an ``attention_mask`` and
+    labels ``-100`` on the padding (:func:`masked_next_token_loss`); ``sizes``: :func:`gpt2_problem`'s."""
+    unmasked = gpt2_problem(batch_size, seq_len=seq_len, **sizes)
+    lengths = torch.randint(seq_len // 2, seq_len + 1, (batch_size,))
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    tokens = unmasked.targets
+    labels = tokens.masked_fill(mask == 0, -100)
+    inputs = {"input_ids": tokens, "attention_mask": mask}
+    return Problem(unmasked.model, inputs, labels, masked_next_token_loss)
+
+
 def small_gpt2_problem(batch_size: int) -> Problem:
     """The ``--quick`` GPT-2: 2 layers, width 128, T = 64."""
     return gpt2_problem(batch_size, layers=2, width=128, heads=2, seq_len=64)
@@ -211,6 +251,7 @@ def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
         Case("lstm", 32, "Embedding(1000, 64)-LSTM(128)-Linear, T=32", lstm_problem, quick=True),
         Case("mha", 32, "Embedding(1000, 128)-MultiheadAttention(4 heads)-Linear, T=64", mha_problem, quick=True),
         Case("gpt2", 16, "HF GPT-2, 4 layers, width 256, vocab 1000, T=128", gpt2_problem),
+        Case("gpt2-masked", 16, "the gpt2 case right-padded (lengths T/2..T), attention_mask", gpt2_masked_problem),
     ]
     if not quick:
         return full + (LARGE_CASES if large else [])

@@ -136,11 +136,13 @@ def loop(problem: Problem) -> Prepared:
     """One example at a time: B forward/backward passes with ``torch.autograd.grad``, then stack."""
     model = copy.deepcopy(problem.model)
     params = _trainable(model)
-    x, y = problem.inputs, problem.targets
+    y = problem.targets
 
     def step():
         rows = [
-            torch.autograd.grad(problem.loss_fn(model(x[i : i + 1]), y[i : i + 1]), list(params.values()))
+            torch.autograd.grad(
+                problem.loss_fn(problem.forward(model, problem.rows(i, i + 1)), y[i : i + 1]), list(params.values())
+            )
             for i in range(problem.batch_size)
         ]
         return {n: torch.stack([r[k] for r in rows]) for k, n in enumerate(params)}
@@ -156,7 +158,10 @@ def torch_func(problem: Problem) -> Prepared:
     buffers = dict(model.named_buffers())
 
     def example_loss(params, x, y):
-        out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
+        if isinstance(x, dict):  # keyword inputs
+            out = functional_call(model, (params, buffers), (), {k: v.unsqueeze(0) for k, v in x.items()})
+        else:
+            out = functional_call(model, (params, buffers), (x.unsqueeze(0),))
         return problem.loss_fn(out, y.unsqueeze(0))
 
     per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
@@ -184,7 +189,7 @@ def floor_hooks(var: bool) -> Callable[[Problem], Prepared]:
         params = _trainable(model)
         linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
         owned = {f"{n}.{k}" for n, m in linears.items() for k, _ in m.named_parameters()}
-        if owned != set(params) or problem.inputs.dim() != 2:
+        if owned != set(params) or not isinstance(problem.inputs, Tensor) or problem.inputs.dim() != 2:
             raise Unsupported("the hand-written floor covers only models of Linear layers on 2-D inputs")
         batch = problem.batch_size
 
@@ -304,7 +309,7 @@ def opacus(force_functorch: bool) -> Callable[[Problem], Prepared]:
 
         def step():
             wrapped.zero_grad(set_to_none=True)
-            problem.loss_fn(wrapped(problem.inputs), problem.targets).backward()
+            problem.loss_fn(problem.forward(wrapped), problem.targets).backward()
             return (_collect(model, "grad_sample", "Opacus"), {n: p.grad for n, p in _trainable(model).items()})
 
         def convert(raw):

@@ -35,6 +35,7 @@ TINY = {
     "lstm": lambda cases: cases.lstm_problem(4, seq_len=6),
     "mha": lambda cases: cases.mha_problem(4, seq_len=6),
     "gpt2": lambda cases: cases.gpt2_problem(3, layers=1, width=32, heads=2, vocab=50, seq_len=8),
+    "gpt2_masked": lambda cases: cases.gpt2_masked_problem(3, layers=1, width=32, heads=2, vocab=50, seq_len=8),
 }
 
 # case -> entry point -> most host reads allowed per call beyond the model's own (``plain``: GPT-2's
@@ -53,6 +54,7 @@ LIMITS = {
     "lstm": {"grad_stats-fast": 2, "grad_stats-fast-novar": 1, "observe": 3, "observe-novar": 3},
     "mha": {"grad_stats-fast": 3, "grad_stats-fast-novar": 2, "observe": 4, "observe-novar": 4},
     "gpt2": {"grad_stats-fast": 1, "grad_stats-fast-novar": 1, "observe": 2, "observe-novar": 2},
+    "gpt2_masked": {"grad_stats-fast": 1, "grad_stats-fast-novar": 1, "observe": 2, "observe-novar": 2},
 }
 for _case, _limits in LIMITS.items():  # Tracker.step: as grad_stats on a statistics step, none on a plain step
     _limits.update({"plain": 0, "tracker-step-stats": _limits["grad_stats-fast"], "tracker-step-plain": 0})
