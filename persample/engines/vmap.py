@@ -46,6 +46,7 @@ __all__ = [
     "per_example_grads",
     "vmap_grad_stats",
     "auto_chunk_size",
+    "refuse_module_backward_hooks",
     "refuse_unseen_hooks",
     "check_per_example_loss",
     "example_loss",
@@ -107,6 +108,12 @@ def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
             "engine cannot apply to each example's gradient",
             code="PARAMETER_GRADIENT_HOOK",
         )
+    refuse_module_backward_hooks(model, engine)
+
+
+def refuse_module_backward_hooks(model: nn.Module, engine: str) -> None:
+    """Raise ``MODULE_BACKWARD_HOOK`` (:class:`NotExact`) where a module backward hook (its own or global)
+    may change the gradients reaching every module before it, per example, which ``engine`` cannot apply."""
     owner = backward_hooked_module(model)
     if owner is not None:
         raise NotExact(

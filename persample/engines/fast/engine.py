@@ -54,7 +54,6 @@ from ..._model import (
     RandomCalls,
     RandomCallStop,
     autocast_as,
-    backward_hooked_module,
     buffer_state,
     hooked_parameters,
     detached_buffers,
@@ -68,7 +67,7 @@ from ...errors import NotExact
 from ...stats import GradStats, clip_factors
 from .._functional import vmap_friendly_modules
 from .._autograd import dense_gradient, fresh_grad_slots, graph_leaves, is_reentrant_checkpoint_error
-from ..vmap import example_loss
+from ..vmap import example_loss, refuse_module_backward_hooks
 from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
 from .capture import capturing
 from .in_place import modified_in_place
@@ -394,13 +393,7 @@ def _parameters_with_hooks(model: nn.Module, hooks: bool) -> dict[str, nn.Parame
     example, which one batch backward cannot apply (MODULE_BACKWARD_HOOK)."""
     if not hooks:
         return {}
-    owner = backward_hooked_module(model)
-    if owner is not None:
-        raise NotExact(
-            f"{owner} has a backward hook, which the fast engine cannot apply per example",
-            code="MODULE_BACKWARD_HOOK",
-            module=owner,
-        )
+    refuse_module_backward_hooks(model, "fast")
     named = dict(model.named_parameters())
     return {name: named[name] for name in hooked_parameters(model)}
 
