@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 import persample
 from oracle_stats import oracle_stats
-from zoo import oracle_grads
+from zoo import CheckpointedPositions, oracle_grads
 
 
 class Stack(nn.Module):
@@ -208,21 +208,8 @@ def test_a_layer_on_a_batch_of_one_in_the_block_is_still_refused_and_the_fix_wor
     recomputation, where no watcher checked the forward's uses of it: REENTRANT_CHECKPOINT, naming the
     setting and its fix, use_reentrant=False, which is then exact."""
 
-    class Positions(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok, self.pos, self.head = nn.Embedding(10, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
-            self.reentrant = True
-
-        def _block(self, h):
-            return torch.tanh(h + self.pos(torch.arange(h.shape[1])[None]))
-
-        def forward(self, ids):
-            h = checkpoint(self._block, self.tok(ids), use_reentrant=self.reentrant)
-            return self.head(h).mean(1)
-
     torch.manual_seed(0)
-    model = Positions().double()
+    model = CheckpointedPositions().double()
     ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
     with pytest.raises(persample.NotExact, match=r"batch dim of size 1.*use_reentrant=True") as raised:
         persample.grad_stats(model, F.cross_entropy, ids, y, engine="fast")

@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 import persample
 from oracle_stats import oracle_stats
+from zoo import CheckpointedPositions
 from test_integrations import summed_token_loss
 from zoo import gpt2_tiny
 
@@ -245,21 +246,8 @@ def test_layer_on_a_batch_of_one_inside_a_reentrant_block_is_refused_naming_the_
     be expanded over the batch in the recomputation, where no watcher checked the forward's uses of it, so
     observe refuses, naming re-entrant checkpointing and its fix (which is then exact)."""
 
-    class Positions(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.tok, self.pos, self.head = nn.Embedding(10, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
-            self.reentrant = True
-
-        def _block(self, h):
-            return torch.tanh(h + self.pos(torch.arange(h.shape[1])[None]))
-
-        def forward(self, ids):
-            h = checkpoint(self._block, self.tok(ids), use_reentrant=self.reentrant)
-            return self.head(h).mean(1)
-
     torch.manual_seed(0)
-    model = Positions().double()
+    model = CheckpointedPositions().double()
     ids, y = torch.randint(0, 10, (6, 5)), torch.randint(0, 3, (6,))
     with pytest.raises(persample.NotExact, match=r"batch dim of size 1.*use_reentrant=True") as raised:
         with persample.Tracker(model, F.cross_entropy).observe(y):

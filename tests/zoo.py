@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 # ----------------------------------------------------------------------------- oracle
 
@@ -315,3 +316,21 @@ CASES = [
 ]
 
 CASE_IDS = [c.name for c in CASES]
+
+
+class CheckpointedPositions(nn.Module):
+    """A layer called on positions shared by the batch (``arange(T)[None]``) inside a checkpointed block:
+    re-entrant (``reentrant = True``) the fast engine and observe refuse it (REENTRANT_CHECKPOINT);
+    non-re-entrant, the fix their message names, it is exact."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.head = nn.Embedding(10, 4), nn.Embedding(5, 4), nn.Linear(4, 3)
+        self.reentrant = True
+
+    def _block(self, h):
+        return torch.tanh(h + self.pos(torch.arange(h.shape[1])[None]))
+
+    def forward(self, ids):
+        h = checkpoint(self._block, self.tok(ids), use_reentrant=self.reentrant)
+        return self.head(h).mean(1)
