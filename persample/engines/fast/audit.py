@@ -321,6 +321,57 @@ _ROW_WISE = frozenset(
 )
 
 
+#: Ops that compute each index of their input's dim 0 on its own, whatever the other dims hold: pooling
+#: (over spatial dims, per sample and channel), and, with parameter weights, convolution and GroupNorm
+#: (per sample N). Their result keeps the batch on dim 0 where their input had it, so a channel count
+#: equal to the batch's size (a CNN at B = 32 with 32 channels) runs no probe of the rows. An unbatched
+#: call reaches them through an ``unsqueeze`` (a node of its own, checked for itself).
+_PER_SAMPLE = frozenset(
+    {
+        "ConvolutionBackward",
+        "NativeGroupNormBackward",
+        "MaxPool2DWithIndicesBackward",
+        "MaxPool3DWithIndicesBackward",
+        "AvgPool2DBackward",
+        "AvgPool3DBackward",
+        "AdaptiveAvgPool2DBackward",
+        "AdaptiveAvgPool3DBackward",
+        "AdaptiveMaxPool2DBackward",
+        "AdaptiveMaxPool3DBackward",
+    }
+)
+
+#: Views and reshapes: where dim 0 keeps its size, row i of the result is row i of the input (they follow
+#: the logical row-major order). Reductions, scans, sorts and softmaxes along dims other than 0
+#: (:data:`_ALONG_DIMS`, not the row indexing ones) keep the rows too.
+_RESHAPES = frozenset({"ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"})
+
+
+def _keeps_rows(node, base: str, activations: frozenset | set) -> bool:
+    """Whether the op of ``node`` (name ``base`` without its number) maps row i of dim 0 of its activation
+    input to row i of its result and nothing else there: see :data:`_PER_SAMPLE` and :data:`_RESHAPES`.
+    The activation must be a node of the graph (checked for itself, so by induction its dim 0 holds the
+    batch); the op's other inputs (weights, biases) must come from parameters alone. Unreadable saved
+    arguments: not known to keep the rows (the probe runs)."""
+    edges = [nxt for nxt, _ in node.next_functions]
+    if not edges or edges[0] is None or _is_parameter(edges[0], activations):
+        return False
+    if not all(nxt is None or _of_parameters_only(nxt, activations) for nxt in edges[1:]):
+        return False
+    try:
+        if base in _RESHAPES:
+            return int(node._saved_self_sym_sizes[0]) == int(node._input_metadata[0].shape[0])
+        if base in _ALONG_DIMS and base not in _ROW_INDEXING and node.name() not in _FULL_REDUCTIONS:
+            dims, shape = getattr(node, _ALONG_DIMS[base], None), _node_input_shape(node)
+            dims = [dims] if isinstance(dims, int) else list(dims or ())
+            if not dims or not shape:
+                return False  # no dims saved: along every dim, dim 0 included
+            return 0 not in {_signed(int(d)) % len(shape) for d in dims}
+    except (AttributeError, IndexError, RuntimeError, TypeError, ValueError, ZeroDivisionError):
+        return False
+    return base in _PER_SAMPLE
+
+
 def _seq_first(units: list[Unit], inputs_moved: bool) -> bool:
     """Whether some tensor may be sequence-first: a raw input's dim 0 moved, or a recurrent or
     ``batch_first=False`` module runs as a fallback."""
@@ -378,7 +429,7 @@ def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | s
     if batch_size is None or batch_size < 2 or _of_parameters_only(node, activations):
         return False
     base = node.name().rstrip("0123456789")
-    if base in _ROW_WISE:
+    if base in _ROW_WISE or _keeps_rows(node, base, activations):
         return False  # whatever the shapes, row j of the result comes from row j of the inputs
     if base in ("AddmmBackward", "MmBackward"):  # x @ W.T with W a parameter: a contraction over features
         weight = node.next_functions[-1][0]
