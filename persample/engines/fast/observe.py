@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import torch
 from torch import Tensor, nn
@@ -50,6 +50,7 @@ from .alone import signature as alone_signature
 from .plan import checked_alone, model_plan, remember_alone
 from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
 from .model_loss import observed_model_losses
+from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
@@ -303,9 +304,19 @@ def _observed_stats(
                 means = {n: _mean_from_increment(p, before[n], scale / batch_size) for n, p in params.items()}
                 layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
                 pieces = _pieces_by_parameter(units, params, means, layout, checks=step_reads)
-                _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads)
+                differences, second = _formed_sums(pieces, means, var)
+                _check_against_grad(
+                    pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads, differences=differences
+                )
                 stats = reduce_pieces(
-                    pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
+                    pieces,
+                    means,
+                    losses,
+                    var=var,
+                    inner_products=inner_products,
+                    clip_norm=None,
+                    reference=reference,
+                    second_moments=second,
                 )
             except BaseException:
                 step_reads.raise_first()  # a check added before failed (gradients not finite): that error
@@ -506,11 +517,61 @@ def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: i
     return losses, w
 
 
-def _check_against_grad(pieces, means, rtol: float = 1e-3, checks: HostChecks | None = None) -> None:
+def _sum_from_formation(piece: Piece) -> bool:
+    """Whether the check of this piece's Σ_i g_i against ``p.grad`` is cheaper from the pass that forms
+    its g_i for the statistics anyway (:func:`_formed_sums`: one more read of each formed chunk) than
+    from the piece's own closed form: a convolution's (``projected_sum`` is its whole weight-gradient
+    convolution once more), and a Linear map's on T > 1 positions where the statistics form its g_i
+    (with the variance, or for the norms where the ghost norm costs more) and T·(p + d) > p·d (its
+    projected sum over the activations then reads more than the formed g_i). Only the cost depends on
+    this: every other piece is checked by its closed form, as before."""
+    kind = type(piece)
+    if kind is ConvPiece:
+        return True
+    if kind is OuterPiece:
+        outer = cast(OuterPiece, piece)
+        return outer.positions != 1 and not outer._ghost_is_cheaper()
+    return False
+
+
+def _formed_sums(
+    pieces: dict[str, Piece], means: dict[str, Tensor], var: bool
+) -> tuple[dict[str, Tensor], dict[str, tuple] | None]:
+    """(D per name, (M2, None) per name with ``var``) for the pieces whose statistics form their g_i
+    anyway and whose check is cheaper from them (:func:`_sum_from_formation`), from that one formation.
+
+    The pass goes over the chunks around ḡ, the mean of the p.grad increment: with d_i = g_i − ḡ it adds
+    D = (1/B) Σ_i d_i = (1/B) Σ_i g_i − ḡ, the difference that the check of the sum against ``p.grad``
+    compares (:func:`.engine.differing_flags`, whole or through the same probe: the same comparison,
+    without a second product of the whole batch such as a convolution's weight gradient), and
+    M2 = Σ_i d_i², the two-pass form ``centered_second_moment(ḡ)`` gives (exact, nothing to flag);
+    the norms ‖g_i‖² are kept from the same chunks."""
+    differences: dict[str, Tensor] = {}
+    second: dict[str, tuple] = {}
+    for name, piece in pieces.items():
+        if not _sum_from_formation(piece):
+            continue
+        _, total, squares = piece._chunk_pass(means[name], sums=True, squares=var)
+        assert total is not None  # sums=True around a given centre: always summed
+        differences[name] = piece._scaled(total.view(piece.shape)).div_(piece.batch_size)
+        if var:
+            assert squares is not None  # squares=var
+            second[name] = (piece._scaled(squares.view(piece.shape), 2), None)
+    return differences, (second if var else None)
+
+
+def _check_against_grad(
+    pieces,
+    means,
+    rtol: float = 1e-3,
+    checks: HostChecks | None = None,
+    differences: dict[str, Tensor] | None = None,
+) -> None:
     """Σ_i g_i of the pieces against the p.grad increment (``rtol`` outside float64: 3e-2 when the
     forward ran in half precision, whose rounding the two sides carry differently); read when
-    ``checks`` are (now without them)."""
-    flags = differing_flags(pieces, means, float64_rtol=1e-6, rtol=rtol)
+    ``checks`` are (now without them). ``differences``: (1/B) Σ_i g_i − mean where it is known already
+    (:func:`_formed_sums`)."""
+    flags = differing_flags(pieces, means, float64_rtol=1e-6, rtol=rtol, differences=differences)
     if flags is None:
         return
     names = list(pieces)
