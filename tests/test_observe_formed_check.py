@@ -183,3 +183,17 @@ def test_no_second_weight_gradient_convolution(var):
     assert observed.stats is not None
     chunks = -(-B // ConvPiece.max_chunk_examples)
     assert counted.count == plain.count + 2 * chunks  # two convolutions, their g_i formed once
+
+
+def test_probes_are_drawn_once_per_shape_and_are_plain_tensors():
+    """The check's Gaussian probes are kept across calls (drawn from a seed fixed by their shape), and a
+    probe first drawn under ``torch.inference_mode`` is a plain tensor that later calls can use anywhere."""
+    engine_mod._PROBES.clear()
+    matrix = torch.zeros(20, 30)
+    with torch.inference_mode():
+        first = engine_mod._probe(matrix, {})
+    assert not first.is_inference()
+    assert engine_mod._probe(matrix, {}) is first
+    engine_mod._PROBES.clear()
+    again = engine_mod._probe(matrix, {})
+    assert again is not first and torch.equal(again, first)

@@ -1153,19 +1153,27 @@ def differing_flags(
         else:
             got, expected, gain = _sum_and_expected(piece, means[name], constants)
             difference = got - expected
-        gaps.append(torch.linalg.vector_norm(difference, float("inf")).double())
-        sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
+        gaps.append(torch.linalg.vector_norm(difference, float("inf")))
+        sizes.append(torch.linalg.vector_norm(expected, float("inf")))
         gains.append(gain)
         base = float64_rtol if expected.dtype == torch.float64 else rtol
         tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
     if not gaps:
         return None
     device = gaps[0].device  # parameters may live on several devices
-    size = torch.stack([s.to(device) for s in sizes])
+    size = _as_float64_vector(sizes, device)
     largest = (size / torch.tensor(gains, dtype=torch.float64, device=device)).max()
     scale = torch.maximum(size, MODEL_SCALE_FLOOR * largest).clamp_min(1e-12)
     tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * scale
-    return torch.stack([d.to(device) for d in gaps]) > tolerance
+    return _as_float64_vector(gaps, device) > tolerance
+
+
+def _as_float64_vector(values: list[Tensor], device: torch.device) -> Tensor:
+    """0-d tensors (maxima of |x|: exact in any float dtype) as one float64 vector on ``device``: one stack
+    (which promotes to the widest dtype) and one cast where they share the device."""
+    if all(v.device == device for v in values):
+        return torch.stack(values).double()
+    return torch.stack([v.double().to(device) for v in values])
 
 
 def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
@@ -1194,13 +1202,27 @@ def _projected_difference(difference: Tensor, mean: Tensor, constants: dict) -> 
     return as_matrix(difference.to(matrix.dtype)) @ probe, matrix @ probe, gain
 
 
+#: Probes kept across calls, by (columns, probe columns, dtype, device): each is drawn from a seed fixed by
+#: its shape, so a call finds the one it would draw (at most ``_PROBES_KEPT``; then drawn afresh).
+_PROBES: dict[tuple, Tensor] = {}
+_PROBES_KEPT = 256
+
+
 def _probe(matrix: Tensor, constants: dict) -> Tensor:
     """The Gaussian probe V for a ``[rows, columns]`` matrix: one column when it has many rows, four
-    otherwise; from a fixed seed (the global RNG is untouched), made once per shape."""
+    otherwise; from a seed fixed by its shape (the global RNG is untouched), drawn once per shape and
+    process (``_PROBES``), not once per call."""
     key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
     if key not in constants:
-        generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
-        constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
+        probe = _PROBES.get(key)
+        if probe is None:
+            generator = torch.Generator(device=matrix.device).manual_seed(4 * key[1] + key[2])
+            with torch.inference_mode(False):  # a plain tensor, whatever mode the first call ran in
+                probe = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
+            if len(_PROBES) >= _PROBES_KEPT:
+                _PROBES.clear()
+            _PROBES[key] = probe
+        constants[key] = probe
     return constants[key]
 
 
