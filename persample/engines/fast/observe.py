@@ -540,23 +540,27 @@ def _formed_sums(
     """(D per name, (M2, None) per name with ``var``) for the pieces whose statistics form their g_i
     anyway and whose check is cheaper from them (:func:`_sum_from_formation`), from that one formation.
 
-    The pass goes over the chunks around ḡ, the mean of the p.grad increment: with d_i = g_i − ḡ it adds
-    D = (1/B) Σ_i d_i = (1/B) Σ_i g_i − ḡ, the difference that the check of the sum against ``p.grad``
-    compares (:func:`.engine.differing_flags`, whole or through the same probe: the same comparison,
-    without a second product of the whole batch such as a convolution's weight gradient), and
-    M2 = Σ_i d_i², the two-pass form ``centered_second_moment(ḡ)`` gives (exact, nothing to flag);
-    the norms ‖g_i‖² are kept from the same chunks."""
+    With the variance the pass goes over the chunks around ḡ, the mean of the p.grad increment: with
+    d_i = g_i − ḡ it adds D = (1/B) Σ_i d_i = (1/B) Σ_i g_i − ḡ, the difference that the check of the sum
+    against ``p.grad`` compares (:func:`.engine.differing_flags`, whole or through the same probe: the
+    same comparison, without a second product of the whole batch such as a convolution's weight
+    gradient), and M2 = Σ_i d_i², the two-pass form ``centered_second_moment(ḡ)`` gives (exact, nothing
+    to flag). Without it the pass adds Σ_i g_i as it is formed (no centring), and D = (1/B) Σ_i g_i − ḡ.
+    Either way the norms ‖g_i‖² are kept from the same chunks."""
     differences: dict[str, Tensor] = {}
     second: dict[str, tuple] = {}
     for name, piece in pieces.items():
         if not _sum_from_formation(piece):
             continue
-        _, total, squares = piece._chunk_pass(means[name], sums=True, squares=var)
-        assert total is not None  # sums=True around a given centre: always summed
-        differences[name] = piece._scaled(total.view(piece.shape)).div_(piece.batch_size)
         if var:
-            assert squares is not None  # squares=var
+            _, total, squares = piece._chunk_pass(means[name], sums=True, squares=True)
+            assert total is not None and squares is not None  # summed around a given centre
+            differences[name] = piece._scaled(total.view(piece.shape)).div_(piece.batch_size)
             second[name] = (piece._scaled(squares.view(piece.shape), 2), None)
+        else:
+            _, total, _ = piece._chunk_pass(sums=True, squares=False)
+            assert total is not None  # no centre, no shift: summed as formed
+            differences[name] = torch.sub(piece._scaled(total.view(piece.shape)).div_(piece.batch_size), means[name])
     return differences, (second if var else None)
 
 
