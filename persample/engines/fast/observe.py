@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, cast
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -415,11 +415,17 @@ def _captured_half(units) -> bool:
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
     """factor · (p.grad − before), a new tensor in float32 or wider (statistics must not alias
     ``p.grad``, and are kept in float32 whatever the autocast or parameter dtype)."""
-    dtype = torch.promote_types(p.dtype, torch.float32)
+    dtype = p.dtype if p.dtype in _WIDE else torch.promote_types(p.dtype, torch.float32)
     if p.grad is None:
         return torch.zeros_like(p, dtype=dtype)
-    increment = p.grad.detach().to(dtype, copy=True) if before is None else p.grad.detach().to(dtype) - before
+    grad = p.grad.detach()
+    if before is None and grad.dtype == dtype and factor != 1.0:
+        return torch.mul(grad, factor)  # one pass: the same rounding as a copy scaled in place
+    increment = grad.to(dtype, copy=True) if before is None else grad.to(dtype) - before
     return increment.mul_(factor) if factor != 1.0 else increment
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def _check_reduction(
@@ -526,12 +532,9 @@ def _sum_from_formation(piece: Piece) -> bool:
     projected sum over the activations then reads more than the formed g_i). Only the cost depends on
     this: every other piece is checked by its closed form, as before."""
     kind = type(piece)
-    if kind is ConvPiece:
-        return True
     if kind is OuterPiece:
-        outer = cast(OuterPiece, piece)
-        return outer.positions != 1 and not outer._ghost_is_cheaper()
-    return False
+        return piece.positions != 1 and not piece._ghost_is_cheaper()  # type: ignore[attr-defined]  # an OuterPiece
+    return kind is ConvPiece
 
 
 def _formed_sums(
