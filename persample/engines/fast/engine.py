@@ -1121,6 +1121,7 @@ def differing_flags(
     float64_rtol: float,
     rtol: float = 1e-3,
     rtols: dict[str, float] | None = None,
+    differences: dict[str, Tensor] | None = None,
 ) -> Tensor | None:
     """Per name of ``pieces``, in order, whether (1/B) Σ_i g_i from the piece differs from ``means[name]``
     by more than rounding, as a bool tensor on the device, unread (None when there is nothing to compare).
@@ -1137,25 +1138,42 @@ def differing_flags(
     spread of D's rows: one column when M has many rows, four otherwise (for m, ‖M·V‖_∞ is divided by
     √(columns of M), the gain of a Gaussian sum). The pieces' closed forms make this O(activations)
     instead of one more weight-gradient product per layer.
+
+    ``differences``: D = (1/B) Σ_i g_i − ``means[name]`` already known for some names (a pass that formed
+    the g_i for the statistics summed them too); D is then compared as above, whole or through the
+    same probe, in place of the difference of the piece's sum and the mean: the same comparison.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
     rtols_by_name = rtols or {}
-    differences, sizes, tolerances, gains = [], [], [], []
+    known = differences or {}
+    gaps, sizes, tolerances, gains = [], [], [], []
     for name, piece in pieces.items():
-        got, expected, gain = _sum_and_expected(piece, means[name], constants)
-        differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
-        sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
+        if name in known:
+            difference, expected, gain = _projected_difference(known[name], means[name], constants)
+        else:
+            got, expected, gain = _sum_and_expected(piece, means[name], constants)
+            difference = got - expected
+        gaps.append(torch.linalg.vector_norm(difference, float("inf")))
+        sizes.append(torch.linalg.vector_norm(expected, float("inf")))
         gains.append(gain)
         base = float64_rtol if expected.dtype == torch.float64 else rtol
         tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
-    if not differences:
+    if not gaps:
         return None
-    device = differences[0].device  # parameters may live on several devices
-    size = torch.stack([s.to(device) for s in sizes])
+    device = gaps[0].device  # parameters may live on several devices
+    size = _as_float64_vector(sizes, device)
     largest = (size / torch.tensor(gains, dtype=torch.float64, device=device)).max()
     scale = torch.maximum(size, MODEL_SCALE_FLOOR * largest).clamp_min(1e-12)
     tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * scale
-    return torch.stack([d.to(device) for d in differences]) > tolerance
+    return _as_float64_vector(gaps, device) > tolerance
+
+
+def _as_float64_vector(values: list[Tensor], device: torch.device) -> Tensor:
+    """0-d tensors (maxima of |x|: exact in any float dtype) as one float64 vector on ``device``: one stack
+    (which promotes to the widest dtype) and one cast where they share the device."""
+    if all(v.device == device for v in values):
+        return torch.stack(values).double()
+    return torch.stack([v.double().to(device) for v in values])
 
 
 def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
@@ -1167,12 +1185,45 @@ def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tens
             constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
         return piece.weighted_sum(constants[key]), mean, 1.0
     matrix = as_matrix(mean)
+    probe = _probe(matrix, constants)
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return piece.projected_sum(probe) / piece.batch_size, matrix @ probe, gain
+
+
+def _projected_difference(difference: Tensor, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
+    """(D, mean, 1) whole for small parameters; both times the probe V of :func:`_sum_and_expected` for
+    larger ones, and the gain: for a known D = (1/B) Σ_i g_i − mean, what that function's two results
+    differ by."""
+    if mean.numel() <= EXACT_CHECK_NUMEL:
+        return difference, mean, 1.0
+    matrix = as_matrix(mean)
+    probe = _probe(matrix, constants)
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return as_matrix(difference.to(matrix.dtype)) @ probe, matrix @ probe, gain
+
+
+#: Probes kept across calls, by (columns, probe columns, dtype, device): each is drawn from a seed fixed by
+#: its shape, so a call finds the one it would draw (at most ``_PROBES_KEPT``; then drawn afresh).
+_PROBES: dict[tuple, Tensor] = {}
+_PROBES_KEPT = 256
+
+
+def _probe(matrix: Tensor, constants: dict) -> Tensor:
+    """The Gaussian probe V for a ``[rows, columns]`` matrix: one column when it has many rows, four
+    otherwise; from a seed fixed by its shape (the global RNG is untouched), drawn once per shape and
+    process (``_PROBES``), not once per call."""
     key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
     if key not in constants:
-        generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
-        constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
-    gain = math.sqrt(max(matrix.shape[1], 1))
-    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key], gain
+        probe = _PROBES.get(key)
+        if probe is None:
+            generator = torch.Generator(device=matrix.device).manual_seed(4 * key[1] + key[2])
+            with torch.inference_mode(False):  # a plain tensor, whatever mode the first call ran in
+                probe = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
+            if len(_PROBES) >= _PROBES_KEPT:
+                _PROBES.clear()
+            _PROBES[key] = probe
+        constants[key] = probe
+    return constants[key]
 
 
 def _second_moments(
