@@ -923,7 +923,14 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
     def rows(t: Any, b: int) -> Any:
         return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
 
-    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    # B forwards, each with its own parameter leaves (disjoint graphs); then one comparison with the batch's
+    # rows per output, and one backward for all segments together (the graphs do not meet, so each segment's
+    # leaves get that segment's gradient alone): B calls of the module, not B backward passes
+    segments: list[dict[str, Tensor]] = []
+    alone_leaves: list[list[Any]] = []
+    outputs: list[Tensor] = []
+    cotangents: list[Tensor] = []
+    owners: list[int] = []  # the segment of each output
     with autocast_as(call.autocast), torch.enable_grad():
         for b in range(batch_size):
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
@@ -944,25 +951,36 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
                     code="FALLBACK_NOT_ISOLATED",
                     module=label,
                 ) from err
-            for i, (alone, batched) in enumerate(zip(leaves, out_leaves)):
-                if isinstance(batched, Tensor) and not _same_rows(alone, rows(batched, b)):
-                    raise NotExact(
-                        f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
-                        "differently from those rows of the batch's call: its rows depend on other examples' "
-                        "tokens (an expert capacity, batch-dependent routing)",
-                        code="TOKEN_ROWS_DIFFER",
-                        module=label,
-                    )
-            outputs = [leaves[i] for i in graded if leaves[i].requires_grad]
-            cotangents = [rows(call.out_grads[i], b) * grad_scale for i in graded if leaves[i].requires_grad]
-            cotangents = _external_cotangents(outputs, cotangents)
-            grads: Sequence[Tensor | None] = (
-                torch.autograd.grad(outputs, list(params.values()), cotangents, allow_unused=True)
-                if outputs
-                else [None] * len(names)
+            segments.append(params)
+            alone_leaves.append(leaves)
+            for i in graded:
+                if i < len(leaves) and isinstance(leaves[i], Tensor) and leaves[i].requires_grad:
+                    outputs.append(leaves[i])
+                    cotangents.append(rows(call.out_grads[i], b) * grad_scale)
+                    owners.append(b)
+        differing = _first_differing_segment(alone_leaves, out_leaves, k)
+        if differing is not None:
+            b, i = differing
+            raise NotExact(
+                f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
+                "differently from those rows of the batch's call: its rows depend on other examples' "
+                "tokens (an expert capacity, batch-dependent routing)",
+                code="TOKEN_ROWS_DIFFER",
+                module=label,
             )
-            for name, p, g in zip(names, params.values(), grads):
-                per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
+        cotangents = _external_cotangents(outputs, cotangents)
+        leaves_in = [p for params in segments for p in params.values()]
+        grads: Sequence[Tensor | None] = (
+            torch.autograd.grad(outputs, leaves_in, cotangents, allow_unused=True)
+            if outputs
+            else [None] * len(leaves_in)
+        )
+    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    flat = iter(zip(leaves_in, grads))
+    for _ in range(batch_size):
+        for name in names:
+            p, g = next(flat)
+            per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
     return {name: DensePiece(at_least_float32(torch.stack(gs))) for name, gs in per_example.items()}
 
 
@@ -973,7 +991,13 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
     outputs computed from it (an MoE router returns its logits and the routing weights made from them:
     the logits' gradient holds the weights'). Fed as it is to a backward of all the outputs, that part
     would count twice. With D(i) the outputs computed from output i (found in the recomputed graph),
-    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext."""
+    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext.
+
+    ``outputs`` may hold several segments' outputs, of graphs that do not meet: the outputs whose
+    downstream outputs are all done are done together, in one backward (a y_j not computed from y_i adds
+    nothing to y_i's part)."""
+    if len(outputs) < 2:
+        return list(cotangents)
     edges = {(y.grad_fn, y.output_nr): i for i, y in enumerate(outputs) if y.grad_fn is not None}
     below = []  # below[j]: indices i of the outputs that y_j is computed from
     for j, y in enumerate(outputs):
@@ -990,18 +1014,58 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
         below.append(found - {j})
     downstream = [[j for j in range(len(outputs)) if i in below[j]] for i in range(len(outputs))]
     external = list(cotangents)
-    for i in sorted(range(len(outputs)), key=lambda i: len(downstream[i])):
-        if downstream[i]:
-            (internal,) = torch.autograd.grad(
-                [outputs[j] for j in downstream[i]],
-                [outputs[i]],
-                [external[j] for j in downstream[i]],
-                retain_graph=True,
-                allow_unused=True,
-            )
-            if internal is not None:
-                external[i] = cotangents[i] - internal
+    done = {i for i in range(len(outputs)) if not downstream[i]}
+    while len(done) < len(outputs):
+        ready = [i for i in range(len(outputs)) if i not in done and all(j in done for j in downstream[i])]
+        if not ready:  # outputs computed from each other both ways cannot happen in a graph
+            raise RuntimeError("persample: the module's outputs form a cycle")
+        used = sorted({j for i in ready for j in downstream[i]})
+        internal = torch.autograd.grad(
+            [outputs[j] for j in used],
+            [outputs[i] for i in ready],
+            [external[j] for j in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for i, part in zip(ready, internal):
+            if part is not None:
+                external[i] = cotangents[i] - part
+        done.update(ready)
     return external
+
+
+def _first_differing_segment(alone: list[list[Any]], batched: list[Any], k: int) -> tuple[int, int] | None:
+    """The first (example, output) whose segment, computed alone, differs from the batch's rows
+    (:func:`_same_rows`), or None. Each output's B segments are compared in one pass where they are tensors
+    of the batch's row shape (one read of the result), else segment by segment."""
+    for i, whole in enumerate(batched):
+        if not isinstance(whole, Tensor):
+            continue
+        parts = [leaves[i] if i < len(leaves) else None for leaves in alone]
+        if whole.dim() > 0 and all(
+            isinstance(t, Tensor) and t.shape == (k, *whole.shape[1:]) and t.dtype == whole.dtype for t in parts
+        ):
+            if _same_segments(
+                torch.stack([t.detach() for t in parts]), whole.detach().reshape(len(parts), k, *whole.shape[1:])
+            ):  # type: ignore[union-attr]  # checked tensors above
+                continue
+        for b, t in enumerate(parts):
+            if not _same_rows(t, whole[b * k : (b + 1) * k] if whole.dim() > 0 else whole):
+                return b, i
+    return None
+
+
+def _same_segments(alone: Tensor, batched: Tensor) -> bool:
+    """:func:`_same_rows` for every segment at once: ``[B, k, *]`` each, the tolerance relative to each
+    segment's largest value."""
+    if not alone.is_floating_point():
+        return bool(torch.equal(alone, batched))
+    tolerance = 1e-6 if batched.dtype == torch.float64 else 1e-5 if batched.element_size() >= 4 else 1e-2
+    scale = (
+        batched.abs().reshape(batched.shape[0], -1).amax(1) if batched.numel() else batched.new_zeros(batched.shape[0])
+    )
+    bound = (scale * tolerance).reshape(-1, *[1] * (batched.dim() - 1)) + tolerance * batched.abs()
+    return bool(((alone - batched).abs() <= bound).all())
 
 
 def _same_rows(alone: Any, batched: Any) -> bool:
