@@ -1042,12 +1042,10 @@ def _first_differing_segment(alone: list[list[Any]], batched: list[Any], k: int)
         if not isinstance(whole, Tensor):
             continue
         parts = [leaves[i] if i < len(leaves) else None for leaves in alone]
-        if whole.dim() > 0 and all(
-            isinstance(t, Tensor) and t.shape == (k, *whole.shape[1:]) and t.dtype == whole.dtype for t in parts
-        ):
-            if _same_segments(
-                torch.stack([t.detach() for t in parts]), whole.detach().reshape(len(parts), k, *whole.shape[1:])
-            ):  # type: ignore[union-attr]  # checked tensors above
+        tensors = [t for t in parts if isinstance(t, Tensor) and t.shape == (k, *whole.shape[1:])]
+        if whole.dim() > 0 and len(tensors) == len(parts) and all(t.dtype == whole.dtype for t in tensors):
+            stacked = torch.stack([t.detach() for t in tensors])
+            if _same_segments(stacked, whole.detach().reshape(len(parts), k, *whole.shape[1:])):
                 continue
         for b, t in enumerate(parts):
             if not _same_rows(t, whole[b * k : (b + 1) * k] if whole.dim() > 0 else whole):
