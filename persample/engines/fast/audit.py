@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -531,15 +533,20 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
             (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
         ]
     entries = list(seen.items())
-    for bit, value in passes:
+    together = _passes_together(roots, [t for _, (t, _, _) in entries], passes)
+    for index, (bit, value) in enumerate(passes):
         try:
             with probing():
-                grads = torch.autograd.grad(
-                    roots,
-                    [t for _, (t, _, _) in entries],
-                    grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
-                    retain_graph=True,
-                    allow_unused=True,
+                grads = (
+                    together[index]
+                    if together is not None
+                    else torch.autograd.grad(
+                        roots,
+                        [t for _, (t, _, _) in entries],
+                        grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
                 )
         except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
             return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
@@ -578,6 +585,34 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
             )
         call.row_examples = examples
     return None
+
+
+#: The most numbers (passes × the probed activations' elements) that the probe's passes hold at once when they
+#: run as one batched backward (32 MiB in float32); beyond it, they run one by one.
+_PASSES_TOGETHER_ELEMENTS = 1 << 23
+
+
+def _passes_together(roots: list[Tensor], inputs: list[Tensor], passes: list[tuple[int, int]]) -> list | None:
+    """The probe's passes (:func:`rows_leak`) as one backward with their cotangents stacked
+    (``is_grads_batched``): each pass's gradients, as the pass alone computes them, else None (one pass,
+    more numbers than ``_PASSES_TOGETHER_ELEMENTS``, or a graph that torch cannot run batched: the passes
+    then run one by one). One run of the graph instead of 2·⌈log2 B⌉: what dominates on small models."""
+    if len(passes) < 2 or len(passes) * sum(t.numel() for t in inputs) > _PASSES_TOGETHER_ELEMENTS:
+        return None
+    try:
+        with probing(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a backward op without a batching rule runs in a loop: still exact
+            stacked = torch.autograd.grad(
+                roots,
+                inputs,
+                grad_outputs=[torch.stack([_probe_cotangent(t, bit, v) for bit, v in passes]) for t in roots],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+    except Exception:  # noqa: BLE001 - no batched backward for some op: the passes one by one decide
+        return None
+    return [[None if g is None else g[index] for g in stacked] for index in range(len(passes))]
 
 
 def _examples_of_rows(reached: dict[tuple[int, int], Tensor], batch_size: int) -> Tensor | None:
