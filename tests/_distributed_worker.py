@@ -502,6 +502,193 @@ def observe_error_on_one_rank_raises_on_every_rank():
     assert obs.stats is not None and obs.stats.n == sum(SPLITS[2])
 
 
+def _raises_on_every_rank(call, what, expected):
+    """``call()`` raises on every rank: ``expected`` is {rank: error type name} (default OtherRankFailed);
+    an ``EMPTY_RANK`` refusal is checked by its code, the same on every rank."""
+    rank, _ = rank_world()
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - checked below
+        want = expected.get(rank, "OtherRankFailed")
+        got = getattr(err, "code", None) if want == "EMPTY_RANK" else type(err).__name__
+        assert got == want, (what, rank, type(err).__name__, str(err)[:400])
+        if want == "EMPTY_RANK":
+            assert "rank 1 of" in str(err) and "has no examples" in str(err), (what, str(err))
+        return err
+    raise AssertionError(f"{what}: no error on rank {rank}")
+
+
+@scenario(2, 3)
+def ddp_a_rank_with_no_examples_is_refused_on_every_rank_without_a_hang():
+    """Rank 1 has no examples (2 ranks: [3, 0]; 3 ranks: [2, 0, 3]). Tracker.step (a statistics step and a
+    plain step through DDP's own backward) and Tracker.observe raise EMPTY_RANK on EVERY rank, naming rank 1,
+    before DDP's all-reduce (the scenario's gloo timeout bounds it; before, observe raised on rank 1 only
+    and the others waited in DDP's backward until gloo's timeout); p.grad is unchanged, the empty rank's
+    observe block does not run; then a step with examples everywhere is exact and the replicas equal."""
+    rank, world = rank_world()
+    sizes = {2: [3, 0], 3: [2, 0, 3]}[world]
+    loss = F.cross_entropy
+    model = ddp(mlp(seed=34))
+    gx, gy = global_batch(sum(sizes), seed=195)
+    x, y = gx[my_slice(sizes)], gy[my_slice(sizes)]
+    tracker = persample.Tracker(model, loss)
+    plain = persample.Tracker(model, loss, every=2)
+    plain.steps = 1  # a step without statistics: DDP's own forward and backward
+    body = []
+
+    def observed():
+        with tracker.observe(y):
+            body.append(1)
+            loss(model(x), y).backward()
+
+    everyone = {r: "EMPTY_RANK" for r in range(world)}
+    for what, call in (("Tracker.step", lambda: tracker.step(x, y)), ("plain step", lambda: plain.step(x, y))):
+        _raises_on_every_rank(call, what, everyone)
+        assert all(p.grad is None for p in model.parameters()), f"{what}: p.grad changed"
+    _raises_on_every_rank(observed, "Tracker.observe", everyone)
+    assert all(p.grad is None for p in model.parameters()), "observe: p.grad changed"
+    assert (not body) if rank == 1 else body == [1], body
+    assert tracker.steps == 0 and plain.steps == 1 and tracker.last_stats is None
+    x, y, gx, gy = local_batches(1, seed=197)[0]
+    stats = tracker.step(x, y)
+    whole = oracle_stats(mlp(seed=34), loss, gx, gy)
+    close_dicts(stats.mean, whole["mean"], "mean after the refusals")
+    close_dicts(stats.var, whole["var"], "var after the refusals")
+    model.zero_grad()
+    with tracker.observe(y) as obs:
+        loss(model(x), y).backward()
+    close_dicts(obs.stats.mean, whole["mean"], "observed mean after the refusals")
+    assert_replicas_identical(model, "after the refusals")
+
+
+def assert_grads_identical(model, what):
+    """p.grad (NaN included) is the same on every rank."""
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None] + [torch.zeros(1)])
+    everyone = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, grads)
+    for r, g in enumerate(everyone):
+        assert torch.equal(g.isnan(), grads.isnan()) and torch.equal(g.nan_to_num(), grads.nan_to_num()), (
+            f"{what}: rank {r}'s p.grad differs from this rank's"
+        )
+
+
+def _flaky_loss(fail):
+    """cross_entropy that raises while ``fail[0]`` is set (a loss that fails on one rank's batch)."""
+
+    def loss(out, y):
+        if fail[0]:
+            raise RuntimeError("the loss failed on this rank")
+        return F.cross_entropy(out, y)
+
+    return loss
+
+
+@scenario(2, 3)
+def ddp_one_rank_failing_in_each_way_gives_one_outcome_and_equal_replicas():
+    """The sweep: under DDP, Tracker.step (a statistics step, and a plain step through DDP's own backward)
+    and Tracker.observe, with ONE rank (the last) failing in each way a user's data or code can: an input
+    of the wrong dtype (its forward raises), a batch whose targets do not match its inputs, a NaN in one
+    example, a loss that raises, a hook that raises. Every rank raises (the failed rank its own error, the
+    others OtherRankFailed), or every rank returns the same outcome (NaN: the step is skipped everywhere);
+    none waits (the scenario's gloo timeout bounds each); the user's loop catches the error and steps the
+    optimizer, and the replicas stay identical. Before, a plain step and observe left the other ranks
+    waiting in DDP's all-reduce for a forward or loss that raised on one rank."""
+    rank, world = rank_world()
+    bad_rank = world - 1
+    fail = [False]
+    model = ddp(mlp(seed=36))
+    loss = _flaky_loss(fail)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trackers = {"step": persample.Tracker(model, loss), "plain": persample.Tracker(model, loss, every=2)}
+    trackers["plain"].steps = 1
+    hooked = []
+
+    def hook(t, stats):
+        if hooked and rank == bad_rank:
+            raise RuntimeError("the hook failed on this rank")
+
+    for t in trackers.values():
+        t.register_hook(hook)
+    x, y, _, _ = local_batches(1, seed=199)[0]
+    own = {"dtype": "RuntimeError", "targets": "ValueError", "loss": "RuntimeError", "hook": "RuntimeError"}
+    entries = ("step", "plain", "observe")
+    for way in ("dtype", "targets", "nan", "loss", "hook"):
+        for entry in entries:
+            if way == "hook" and entry == "plain":
+                continue  # a plain step calls no hook
+            bad = rank == bad_rank
+            xb = x.float() if bad and way == "dtype" else x.clone()
+            if bad and way == "nan":
+                xb[1, 0] = float("nan")
+            yb = y[:-1] if bad and way == "targets" else y
+            fail[0] = bad and way == "loss"
+            hooked[:] = [1] if way == "hook" else []
+            opt.zero_grad()
+            what = f"{entry}, {way} on rank {bad_rank}"
+            expected = {bad_rank: own[way]} if way in own else None
+            if way == "targets" and entry == "observe":
+                expected = {bad_rank: "ObservationError"}  # observe reads the batch size from the targets
+            if entry == "observe":
+                tracker = trackers["step"]
+
+                def call(tracker=tracker, xb=xb, yb=yb):
+                    with tracker.observe(yb) as obs:
+                        loss(model(xb), y).backward()
+                    return obs.stats
+            else:
+
+                def call(tracker=trackers[entry], xb=xb, yb=yb):
+                    return tracker.step(xb, yb)
+
+            if expected is None:  # NaN in one example of one rank: no statistics for this step, anywhere
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert call() is None, what
+            else:
+                _raises_on_every_rank(call, what, expected)
+            fail[0] = False
+            assert_grads_identical(model, what)
+            if way != "nan":  # (a NaN gradient, the same on every replica, would make every parameter NaN)
+                opt.step()
+            assert_replicas_identical(model, f"after {what}")
+    hooked.clear()
+    opt.zero_grad()
+    stats = trackers["step"].step(x, y)
+    assert stats is not None and stats.n == sum(SPLITS[world])
+    assert_replicas_identical(model, "after the sweep")
+
+
+@scenario(2, 3)
+def grad_stats_and_all_reduce_stats_agree_before_the_reduction():
+    """grad_stats is this rank's own computation (no collective); all_reduce_stats is a collective. A rank
+    whose grad_stats raises (no examples, a bad input) would leave the others waiting in all_reduce_stats:
+    ``persample.distributed.agree`` in between (docs/ranks.md) makes every rank raise instead."""
+    from persample.distributed import agree
+
+    rank, world = rank_world()
+    model, loss = mlp(seed=37), F.cross_entropy
+    x, y, gx, gy = local_batches(1, seed=201)[0]
+    for way in ("empty", "dtype", "none"):
+        bad = rank == world - 1 and way != "none"
+        xb, yb = (x[:0], y[:0]) if bad and way == "empty" else (x.float() if bad else x, y)
+        failure = local = None
+        try:
+            local = persample.grad_stats(model, loss, xb, yb)
+        except Exception as err:  # noqa: BLE001 - agreed on below
+            failure = err
+        try:
+            agree(failure, where="grad_stats")
+            reduced = all_reduce_stats(local)
+        except Exception as err:  # noqa: BLE001
+            assert way != "none", err
+            assert type(err).__name__ == ("OtherRankFailed" if rank != world - 1 else type(failure).__name__), err
+        else:
+            assert way == "none", f"{way}: no error on rank {rank}"
+            close_dicts(reduced.mean, oracle_stats(mlp(seed=37), loss, gx, gy)["mean"], "mean")
+
+
 @scenario(2)
 def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
