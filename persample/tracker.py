@@ -733,6 +733,7 @@ class Tracker:
                 reference=reference,
                 output_module=output_module,
                 wrapper=wrapper,
+                inputs_of_model=gate is not None and output_module is self._replicas.wrapper,  # type: ignore[union-attr]
             ) as observation:
                 if local is not None:  # under DDP, this rank's own baseline moves with the observation's
                     observation._on_rebase.append(functools.partial(_rebase_local, local))

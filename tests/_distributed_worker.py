@@ -689,6 +689,100 @@ def grad_stats_and_all_reduce_stats_agree_before_the_reduction():
             close_dicts(reduced.mean, oracle_stats(mlp(seed=37), loss, gx, gy)["mean"], "mean")
 
 
+class ScaledByPosition(nn.Module):
+    """An MLP whose hidden activations are scaled by their position in the batch, ``h * arange(B)``,
+    where the batch is marked (its first input's first feature above 50): a position effect that no op
+    mixes rows for (docs/spot-check.md), present only in the marked ranks' batches."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.net = mlp(seed)
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        if bool(x[0, 0] > 50):
+            h = h * torch.arange(1, h.shape[0] + 1, dtype=h.dtype)[:, None]
+        return self.net[2](h)
+
+
+def _marked_batch(marked, seed):
+    """This rank's batch and the global one, the last rank's first example marked where ``marked``."""
+    _, world = rank_world()
+    x, y, gx, gy = local_batches(1, seed=seed)[0]
+    gx = gx.clone()
+    if marked:
+        gx[sum(SPLITS[world][:-1]), 0] = 100.0
+    return gx[my_slice(SPLITS[world])], y, gx, gy
+
+
+@scenario(2, 3)
+def ddp_observe_runs_the_spot_check_on_the_module():
+    """Tracker.observe under DDP runs the spot check against the definition (each example alone) on
+    ddp.module, from the inputs of the observed forward. Before, observe watched the DDP wrapper's output
+    and skipped the check, so a position-dependent forward gave the global statistics of a wrong
+    per-example gradient, silently. Now every rank whose batch has the effect raises
+    EXAMPLE_DIFFERS_ALONE and the others OtherRankFailed (only the last rank's data is marked);
+    on_refusal='skip' skips the step on every rank. p.grad stays DDP's own average (the check's
+    torch.autograd.grad on ddp.module does not fire DDP's reducer), the replicas stay equal, and
+    Tracker.step (engine='auto': vmap on the marked rank) gives the definition's global statistics."""
+    rank, world = rank_world()
+    loss = F.cross_entropy
+
+    def make():
+        return ddp(ScaledByPosition(seed=38))
+
+    observed, plain = make(), make()
+    tracker = persample.Tracker(observed, loss)
+    opt = torch.optim.SGD(observed.parameters(), lr=0.1)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    x, y, gx, gy = _marked_batch(True, seed=203)
+
+    def observe(tracker=tracker):
+        with tracker.observe(y) as obs:
+            loss(observed(x), y).backward()
+        return obs
+
+    err = _raises_on_every_rank(observe, "observe, a position effect on the last rank", {world - 1: "NotExact"})
+    if rank == world - 1:
+        assert err.code == "EXAMPLE_DIFFERS_ALONE", err
+    loss(plain(x), y).backward()
+    for (n, a), b in zip(observed.named_parameters(), plain.parameters()):
+        close(a.grad, b.grad, f"p.grad of {n} after the refused observe (DDP's own)")
+    opt.step()
+    opt_plain.step()
+    assert_replicas_identical(observed, "after the refused observe and the optimizer's step")
+    observed.zero_grad()
+    plain.zero_grad()
+    skipping = persample.Tracker(observed, loss, on_refusal="skip")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persample.SkippedStatisticsWarning)
+        obs = observe(skipping)
+    assert obs.stats is None and obs.skipped and skipping.skipped == [0], (obs.stats, skipping.skipped)
+    # the definition's global statistics: Tracker.step (engine="auto") and a float64 loop over every example
+    observed.zero_grad()
+    stats = persample.Tracker(observed, loss).step(x, y)
+    reference = ScaledByPosition(seed=38)
+    reference.load_state_dict(observed.module.state_dict())
+    whole = oracle_stats(reference, loss, gx, gy)  # one example at a time: each example alone
+    close_dicts(stats.mean, whole["mean"], "Tracker.step's global mean")
+    close_dicts(stats.var, whole["var"], "Tracker.step's global var")
+    # where no rank's batch has the effect, the check passes and the observed statistics are the oracle's
+    fresh, twin = make(), make()
+    x, y, gx, gy = _marked_batch(False, seed=205)
+    with persample.Tracker(fresh, loss).observe(y) as obs:
+        loss(fresh(x), y).backward()
+    loss(twin(x), y).backward()
+    for (n, a), b in zip(fresh.named_parameters(), twin.parameters()):
+        close(a.grad, b.grad, f"p.grad of {n} after a checked observe (the check fired no reducer)")
+    whole = oracle_stats(ScaledByPosition(seed=38), loss, gx, gy)
+    close_dicts(obs.stats.mean, whole["mean"], "observed global mean, checked")
+    fresh.zero_grad()
+    loss(fresh(x), y).backward()  # DDP's next iteration: no pending reduction left by the check
+    assert_replicas_identical(fresh, "after a checked observe")
+
+
 @scenario(2)
 def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
