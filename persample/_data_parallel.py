@@ -99,15 +99,9 @@ class Replicas:
             if p.grad is not None:
                 p.grad = p.grad.clone()
         with torch.enable_grad():
-            failure, loss = None, None
-            try:
-                loss = batch.call(self.wrapper, loss_fn)
-                if not isinstance(loss, Tensor) or loss.dim() != 0:
-                    raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
-            except Exception as err:  # re-raised by agree, on every rank
-                failure = err
-            self.agree(failure, "persample.Tracker.step (DDP's forward)")
-            assert loss is not None  # (agree raised otherwise)
+            loss = loss_on_every_rank(
+                lambda: batch.call(self.wrapper, loss_fn), self.group, "persample.Tracker.step (DDP's forward)"
+            )
             (loss * scale if scale != 1.0 else loss).backward()
 
     def agreed_batch(self, inputs, targets, where: str) -> Batch:
@@ -373,8 +367,12 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
             if p.grad is not None:
                 p.grad = p.grad.clone()
         if not with_stats:  # a plain step is FSDP2's own forward and backward (of 0 examples too)
-            loss = _any_batch(inputs, targets).call(model, tracker.batch_loss)
-            _require_scalar(loss)
+            batch = _any_batch(inputs, targets)
+            loss = loss_on_every_rank(
+                lambda: batch.call(model, tracker.batch_loss),
+                replicas.group,
+                "persample.Tracker.step (FSDP2's forward)",
+            )
             (loss * scale if scale != 1.0 else loss).backward()
         else:
             failure, batch = None, None
@@ -395,6 +393,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                     tracker.batch_loss,
                     tracker.per_example_loss,
                     batch,
+                    group=replicas.group,
                     scale=scale,
                     var=tracker.stats_options["var"],
                     reference=reference,
@@ -430,6 +429,22 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
+
+
+def loss_on_every_rank(compute, group, where: str) -> Tensor:
+    """``compute()`` (a forward and the batch loss, a scalar), then one agreement (an all-reduce of W
+    integers) before the backward: a forward or loss that raised on one rank raises on every rank (the
+    others: ``OtherRankFailed``) before the backward's collectives (DDP's all-reduce, FSDP2's
+    reduce-scatter) would wait for that rank."""
+    failure, loss = None, None
+    try:
+        loss = compute()
+        _require_scalar(loss)
+    except Exception as err:  # re-raised by agree, on every rank
+        failure = err
+    agree(failure, group, where=where)
+    assert loss is not None  # (agree raised otherwise)
+    return loss
 
 
 def _empty_batch(inputs) -> bool:
@@ -510,6 +525,7 @@ def observed_fsdp2_backward(
     per_example_loss,
     batch: Batch,
     *,
+    group=None,
     scale: float = 1.0,
     var: bool = True,
     inner_products: bool = False,
@@ -542,9 +558,10 @@ def observed_fsdp2_backward(
                 inner_products=inner_products,
                 reference=reference,
             ) as observation:
-                with local.recording():
-                    loss = batch.call(model, batch_loss)
-                    _require_scalar(loss)
+                with local.recording():  # (every module is unsharded: the forward has no collective)
+                    loss = loss_on_every_rank(
+                        lambda: batch.call(model, batch_loss), group, "persample (FSDP2's forward)"
+                    )
                     (loss * scale if scale != 1.0 else loss).backward()
                 local.show_local()
         except NotExact as err:
@@ -613,10 +630,13 @@ def fsdp2_grad_stats(
     finally:
         for name, p in params.items():
             p.grad = saved[name]
+    failure = None
     if stats is None:
-        raise ValueError(
+        failure = ValueError(
             "persample.grad_stats: the loss's gradients at the model output are not finite (inf/NaN) on this rank"
         )
+    agree(failure, None, where="persample.grad_stats (FSDP2)")  # one outcome: the caller reduces next
+    assert stats is not None  # (agree raised otherwise)
     return stats
 
 

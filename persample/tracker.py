@@ -708,8 +708,8 @@ class Tracker:
         sharded = self._replicas is not None and self._replicas.sharded
         if sharded:  # before FSDP2's first collective: a rank without examples is refused on every rank
             agree_on_examples(self._replicas.group, None, batch_size == 0, "persample.Tracker.observe (FSDP2)")  # type: ignore[union-attr]
-        gate = None  # under DDP: one agreement before DDP's reducer runs (BackwardGate)
-        if self._replicas is not None and not sharded:
+        gate = None  # under DDP: one agreement before DDP's reducer runs (BackwardGate; not under FSDP2, whose
+        if self._replicas is not None and not sharded:  # state an aborted backward leaves behind is not reusable)
             gate = BackwardGate(self._replicas, "persample.Tracker.observe")
             if batch_size == 0:  # every rank raises EMPTY_RANK (the others when their backward starts)
                 gate.open(empty=True)

@@ -1222,6 +1222,64 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
 
 
 @scenario(2, 3, suite="fsdp")
+def fsdp2_one_rank_failing_in_each_way_gives_one_outcome():
+    """The sweep under FSDP2: Tracker.step (a statistics step; a step without statistics) and grad_stats,
+    with ONE rank (the last) failing: an input of the wrong dtype (its forward raises), a loss that raises,
+    a NaN in one example. Every rank raises (the failed rank its own error, the others OtherRankFailed), or
+    every rank has the same outcome (NaN: Tracker.step's statistics are skipped everywhere); none waits and
+    none dies. Before, a forward or loss that raised on one rank sent that rank into persample's agreement
+    while the others were in FSDP2's reduce-scatter: gloo aborted the process ("collective mismatch").
+    After each, the loop's optimizer steps and the full parameters are identical across ranks.
+    (A forward that raises on one rank in a step without statistics cannot be agreed on: FSDP2's
+    all-gathers run inside the forward; docs/ranks.md.)"""
+    rank, world = rank_world()
+    bad_rank = world - 1
+    fail = [False]
+    model = sharded_mlp(39)
+    loss = _flaky_loss(fail)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker, plain = persample.Tracker(model, loss), persample.Tracker(model, loss, every=2)
+    plain.steps = 1
+    x, y, _, _ = local_batches(1, seed=207)[0]
+    own = {"dtype": "RuntimeError", "loss": "RuntimeError", "nan": "ValueError"}
+    for way in ("dtype", "loss", "nan"):
+        for entry in ("step", "plain", "grad_stats"):
+            if entry == "plain" and way == "dtype":
+                continue  # (FSDP2's all-gathers run inside the forward: not agreed on)
+            bad = rank == bad_rank
+            xb = x.float() if bad and way == "dtype" else x.clone()
+            if bad and way == "nan":
+                xb[1, 0] = float("nan")
+            fail[0] = bad and way == "loss"
+            opt.zero_grad()
+            what = f"{entry}, {way} on rank {bad_rank}"
+            if entry == "grad_stats":
+
+                def call(xb=xb):
+                    return persample.grad_stats(model, loss, xb, y)
+            else:
+
+                def call(t=tracker if entry == "step" else plain, xb=xb):
+                    return t.step(xb, y)
+
+            if way == "nan" and entry != "grad_stats":  # no statistics for this step, on any rank
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert call() is None, what
+            else:
+                _raises_on_every_rank(call, what, {bad_rank: own[way]})
+            fail[0] = False
+            if way != "nan":
+                opt.step()
+            assert_full_params_identical(model, f"after {what}")
+    opt.zero_grad()
+    stats = tracker.step(x, y)
+    assert stats is not None and stats.n == sum(SPLITS[world])
+
+
+@scenario(2, 3, suite="fsdp")
 def fsdp2_shared_reference_gives_global_inner_products_and_tests():
     """accumulate(reference=r) under FSDP2: the inner products <g_i, r> of every example, and the
     inner-product test (<ḡ, r> from the shards' global sums), equal one process's on the concatenated
