@@ -28,6 +28,12 @@ DDP features that change the all-reduce itself (communication hooks such as
 fp16 compression, DDP's mixed precision) are refused: persample reduces the
 gradients itself, and would silently not apply them.
 
+One outcome on every rank (docs/ranks.md): each step agrees on its batch before any collective
+(:meth:`Replicas.agreed_batch`: a bad batch raises on every rank, a rank with no examples makes every
+rank raise ``EMPTY_RANK``), plain steps agree between DDP's forward and its backward
+(:func:`loss_on_every_rank`), and ``Tracker.observe`` agrees when the backward reaches the module's
+output (:class:`BackwardGate`), before DDP's reducer sends anything.
+
 For ``Tracker.observe``, where the user's own DDP backward runs,
 :class:`LocalGradients` records the gradient that enters each parameter (this
 rank's, before DDP averages it) so that the observed statistics and their sum

@@ -745,6 +745,8 @@ def ddp_observe_runs_the_spot_check_on_the_module():
     err = _raises_on_every_rank(observe, "observe, a position effect on the last rank", {world - 1: "NotExact"})
     if rank == world - 1:
         assert err.code == "EXAMPLE_DIFFERS_ALONE", err
+    else:  # the other ranks' OtherRankFailed names the refusal the failed rank raised
+        assert f"rank {world - 1}: EXAMPLE_DIFFERS_ALONE" in str(err), str(err)
     loss(plain(x), y).backward()
     for (n, a), b in zip(observed.named_parameters(), plain.parameters()):
         close(a.grad, b.grad, f"p.grad of {n} after the refused observe (DDP's own)")
@@ -1711,15 +1713,20 @@ def _write(out_dir: str, rank: int, results: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, scenarios: dict | None = None, suites: dict | None = None) -> None:
+    """Join the gloo group and run this world's scenarios (``scenarios``/``suites``: another worker's
+    registry; default this module's) of the environment's suite (PERSAMPLE_SUITE, every scenario of a
+    registry without suites), or only PERSAMPLE_SCENARIO, writing the results after each."""
+    scenarios = SCENARIOS if scenarios is None else scenarios
+    suites = SUITES if suites is None else suites
     suite = os.environ.get("PERSAMPLE_SUITE", "ddp")
     only = os.environ.get("PERSAMPLE_SCENARIO")
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("PERSAMPLE_GLOO_TIMEOUT", "60"))))
     rank, world = rank_world()
     results = {}
     _write(out_dir, rank, results)
-    for name, (fn, worlds) in SCENARIOS.items():
-        if world not in worlds or SUITES[name] != suite or (only and name != only):
+    for name, (fn, worlds) in scenarios.items():
+        if world not in worlds or suites.get(name, "ddp") != suite or (only and name != only):
             continue
         torch.manual_seed(0)  # every scenario starts from the same RNG state, whatever ran before it
         try:
