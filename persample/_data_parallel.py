@@ -17,7 +17,8 @@ the two cross-rank steps around them:
 
 Plain steps (no statistics, no clipping, no check) with a DDP wrapper run
 DDP's own forward and backward instead (:meth:`Replicas.ddp_backward`), so
-they cost exactly what DDP's backward costs, overlap included.
+they cost what DDP's backward costs, overlap included, plus two all-reduces of a
+few integers (the agreements below).
 
 The statistics engines call ``ddp.module`` directly, not DDP's forward, so DDP's
 per-forward buffer broadcast (``broadcast_buffers``) does not run in

@@ -1538,6 +1538,16 @@ def token_batch(n, seed, length=8):
     return ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)
 
 
+def sharded_per_block(model, blocks):
+    """``model`` with ``fully_shard`` on each of ``blocks(model)`` and on the root (torchtitan's layout)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def summed_token_loss(logits, labels):
     """Example i's loss: Σ_t of the next-token cross-entropy over its real tokens (the oracle's own)."""
     return F.cross_entropy(
@@ -1547,18 +1557,13 @@ def summed_token_loss(logits, labels):
 
 @scenario(2, 3, suite="fsdp")
 def fsdp2_tiny_gpt2_tied_weights_padded_batches():
-    from torch.distributed.fsdp import fully_shard
 
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
 
     def sharded():
-        model = tiny_gpt2(seed=31)
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        return sharded_per_block(tiny_gpt2(seed=31), lambda m: m.transformer.h)
 
     tracked, plain, reference = sharded(), sharded(), tiny_gpt2(seed=31)
     tracker = persample.Tracker(tracked, loss)
@@ -1621,18 +1626,13 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     model, so the model itself differs between a batch and its examples by 1e-8 to 1e-7
     (tests/real_models.py, batch_discrepancy); a fallback module (the RMSNorm) reads the full parameters
     after FSDP2's backward, which used to free them (a segfault before unshard_all deferred the reshard)."""
-    from torch.distributed.fsdp import fully_shard
 
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
 
     def sharded():
-        model = tiny_llama(seed=41)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return sharded_per_block(tiny_llama(seed=41), lambda m: m.model.layers)
 
     tracked, plain, reference = sharded(), sharded(), tiny_llama(seed=41)
     tracker = persample.Tracker(tracked, loss)
