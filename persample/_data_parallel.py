@@ -17,7 +17,8 @@ the two cross-rank steps around them:
 
 Plain steps (no statistics, no clipping, no check) with a DDP wrapper run
 DDP's own forward and backward instead (:meth:`Replicas.ddp_backward`), so
-they cost exactly what DDP's backward costs, overlap included.
+they cost what DDP's backward costs, overlap included, plus two all-reduces of a
+few integers (the agreements below).
 
 The statistics engines call ``ddp.module`` directly, not DDP's forward, so DDP's
 per-forward buffer broadcast (``broadcast_buffers``) does not run in
@@ -27,6 +28,12 @@ forward (train-mode BatchNorm), so replicas' buffers stay as they were.
 DDP features that change the all-reduce itself (communication hooks such as
 fp16 compression, DDP's mixed precision) are refused: persample reduces the
 gradients itself, and would silently not apply them.
+
+One outcome on every rank (docs/ranks.md): each step agrees on its batch before any collective
+(:meth:`Replicas.agreed_batch`: a bad batch raises on every rank, a rank with no examples makes every
+rank raise ``EMPTY_RANK``), plain steps agree between DDP's forward and its backward
+(:func:`loss_on_every_rank`), and ``Tracker.observe`` agrees when the backward reaches the module's
+output (:class:`BackwardGate`), before DDP's reducer sends anything.
 
 For ``Tracker.observe``, where the user's own DDP backward runs,
 :class:`LocalGradients` records the gradient that enters each parameter (this
@@ -58,7 +65,7 @@ from .distributed import (
 from .errors import UnsupportedModelError
 from .stats import GradStats
 
-__all__ = ["Replicas", "resolve_replicas", "LocalGradients"]
+__all__ = ["Replicas", "resolve_replicas", "LocalGradients", "BackwardGate"]
 
 
 def _ddp_class():
@@ -90,15 +97,35 @@ class Replicas:
         rest of its configuration. Existing gradients are replaced by copies
         first, so that the Tracker can still restore the originals if the step
         raises (the backward accumulates into ``p.grad`` in place).
+
+        Between the forward and the backward the ranks agree (one all-reduce of W
+        integers): a forward or a loss that raised on one rank raises on every rank,
+        before DDP's reducer would wait for that rank's gradients.
         """
         for p in params.values():
             if p.grad is not None:
                 p.grad = p.grad.clone()
         with torch.enable_grad():
-            loss = batch.call(self.wrapper, loss_fn)
-            if not isinstance(loss, Tensor) or loss.dim() != 0:
-                raise ValueError("loss_fn on the whole batch must return a scalar (the mean loss)")
+            loss = loss_on_every_rank(
+                lambda: batch.call(self.wrapper, loss_fn), self.group, "persample.Tracker.step (DDP's forward)"
+            )
             (loss * scale if scale != 1.0 else loss).backward()
+
+    def agreed_batch(self, inputs, targets, where: str) -> Batch:
+        """This rank's batch, once every rank has one (one all-reduce of 2W integers, before any other
+        collective of the step): a bad batch on one rank raises on every rank (the others:
+        ``OtherRankFailed``), and a rank with no examples makes every rank raise ``EMPTY_RANK``."""
+        from ._batch import as_batch
+
+        failure, batch = None, None
+        empty = _empty_batch(inputs)
+        try:
+            batch = None if empty else as_batch(inputs, targets)
+        except Exception as err:  # re-raised by agree_on_examples, on every rank
+            failure = err
+        agree_on_examples(self.group, failure, empty, where, sharded=False)
+        assert batch is not None  # (agree_on_examples raised otherwise)
+        return batch
 
     def sync_gradients(self, params: dict[str, nn.Parameter]) -> None:
         if self.wrapper is not None:
@@ -187,6 +214,55 @@ def _refuse_custom_reduction(ddp: nn.Module) -> None:
             "DDP backward (which keeps DDP's reduction, hook included), or DDP without the hook",
             code="DDP_COMM_HOOK",
         )
+
+
+class BackwardGate:
+    """Under DDP, ``Tracker.observe``'s agreement before DDP's reducer runs: one all-reduce of 2W
+    integers, made by every rank either when the gradient reaches the module's output (the start of
+    the user's backward, before any parameter's gradient and so before DDP's reducer sends anything),
+    or, on a rank whose block raised before that, when the block ends, or, on a rank with no examples,
+    instead of running the block. So an error in one rank's forward or loss, or a rank without
+    examples, raises on every rank (``OtherRankFailed``, or ``EMPTY_RANK`` on every rank) instead of
+    leaving the others waiting in DDP's all-reduce. An error after the backward has started (in the
+    backward itself, on one rank) cannot be agreed on here: DDP's reducer is already waiting."""
+
+    def __init__(self, replicas: Replicas, where: str):
+        self.replicas, self.where = replicas, where
+        self.opened = False  # this rank has made the agreement
+        self.failed = False  # and it raised (every rank raises there)
+
+    def open(self, failure: BaseException | None = None, empty: bool = False) -> None:
+        if self.opened:
+            return
+        self.opened = True
+        try:
+            agree_on_examples(self.replicas.group, failure, empty, self.where, sharded=False)
+        except BaseException:
+            self.failed = True
+            raise
+
+    @contextlib.contextmanager
+    def watching(self, model: nn.Module) -> Iterator[None]:
+        """Opens the gate when the backward reaches an output of ``model``'s forward."""
+        from ._batch import tensors_in
+
+        def on_output(module, args, output):
+            with torch._C.DisableTorchFunction():  # the capture's watchers see the model's hooks, not ours
+                for t in tensors_in(output):
+                    if t.requires_grad:
+                        t.register_hook(self._reached)
+
+        handle = model.register_forward_hook(on_output)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _reached(self, grad: Tensor) -> None:
+        from .engines.fast.units import probe_running
+
+        if not probe_running():  # (the graph audit's probe is not the user's backward)
+            self.open()
 
 
 class LocalGradients:
@@ -298,8 +374,12 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
             if p.grad is not None:
                 p.grad = p.grad.clone()
         if not with_stats:  # a plain step is FSDP2's own forward and backward (of 0 examples too)
-            loss = _any_batch(inputs, targets).call(model, tracker.batch_loss)
-            _require_scalar(loss)
+            batch = _any_batch(inputs, targets)
+            loss = loss_on_every_rank(
+                lambda: batch.call(model, tracker.batch_loss),
+                replicas.group,
+                "persample.Tracker.step (FSDP2's forward)",
+            )
             (loss * scale if scale != 1.0 else loss).backward()
         else:
             failure, batch = None, None
@@ -320,6 +400,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                     tracker.batch_loss,
                     tracker.per_example_loss,
                     batch,
+                    group=replicas.group,
                     scale=scale,
                     var=tracker.stats_options["var"],
                     reference=reference,
@@ -357,6 +438,22 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     return stats if with_stats else None
 
 
+def loss_on_every_rank(compute, group, where: str) -> Tensor:
+    """``compute()`` (a forward and the batch loss, a scalar), then one agreement (an all-reduce of W
+    integers) before the backward: a forward or loss that raised on one rank raises on every rank (the
+    others: ``OtherRankFailed``) before the backward's collectives (DDP's all-reduce, FSDP2's
+    reduce-scatter) would wait for that rank."""
+    failure, loss = None, None
+    try:
+        loss = compute()
+        _require_scalar(loss)
+    except Exception as err:  # re-raised by agree, on every rank
+        failure = err
+    agree(failure, group, where=where)
+    assert loss is not None  # (agree raised otherwise)
+    return loss
+
+
 def _empty_batch(inputs) -> bool:
     """Whether ``inputs`` is a batch of 0 examples: tensors batched on dim 0, every one of length 0."""
     from ._batch import tensors_in
@@ -379,33 +476,54 @@ def _any_batch(inputs, targets) -> Batch:
     return Batch(tuple(inputs), {}, targets, 0)
 
 
-def agree_on_examples(group, failure: BaseException | None, empty: bool, where: str) -> None:
-    """Before the first collective of an FSDP2 statistics step, one outcome on every rank (a collective:
-    one all-reduce of 2W integers): if some rank failed, every rank raises (:func:`persample.distributed.agree`);
-    if some rank has no examples, every rank raises the refusal ``FSDP2_EMPTY_RANK``, naming those ranks.
+def agree_on_examples(
+    group, failure: BaseException | None, empty: bool, where: str, *, sharded: bool = True, flags: tuple = ()
+) -> list[bool]:
+    """Before the first collective of a step, one outcome on every rank (a collective: one all-reduce of
+    2W + len(flags) integers): if some rank failed, every rank raises (:func:`persample.distributed.agree`);
+    if some rank has no examples, every rank raises the same refusal, naming those ranks:
+    ``FSDP2_EMPTY_RANK`` under FSDP2 (``sharded``), ``EMPTY_RANK`` under DDP / replicas. Else returns,
+    for each of ``flags``, whether it holds on every rank.
 
-    The statistics of an FSDP2 step come from the fast engine's capture of FSDP2's own backward on each
-    rank, which needs at least one example there; nothing has run yet, so ``p.grad`` is unchanged."""
+    Under FSDP2 the statistics come from the fast engine's capture of FSDP2's own backward on each
+    rank, which needs at least one example there. Under DDP the step's ``p.grad`` is the average of
+    the ranks' mean gradients, and the mean over 0 examples is not defined (NaN for a mean loss).
+    Nothing has run yet where it is called, so ``p.grad`` is unchanged."""
     from .contract import refusal
 
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     present = agree(
-        None if empty else failure, group, where=where, flags=[not (empty and r == rank) for r in range(world)]
+        None if empty else failure,
+        group,
+        where=where,
+        flags=[not (empty and r == rank) for r in range(world)] + [bool(f) for f in flags],
     )
-    missing = [r for r, here in enumerate(present) if not here]
+    missing = [r for r, here in enumerate(present[:world]) if not here]
     if missing:
         ranks = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} of {world}"
+        have = "have" if len(missing) > 1 else "has"
+        if sharded:
+            raise refusal(
+                "FSDP2_EMPTY_RANK",
+                f"{where}: {ranks} {have} no examples in this statistics step. Under FSDP2 the statistics "
+                "come from the fast engine's capture of FSDP2's own backward on every rank, which needs at "
+                "least one example per rank. Every rank raises this, before any other collective, and p.grad "
+                "is unchanged. Give every rank at least one example (torch's DistributedSampler pads the "
+                "ranks to equal sizes; drop_last=True drops a short last batch), or take this step without "
+                "statistics (Tracker(every=k); a step without statistics runs FSDP2's own forward and "
+                "backward, also on 0 examples)",
+            )
         raise refusal(
-            "FSDP2_EMPTY_RANK",
-            f"{where}: {ranks} {'have' if len(missing) > 1 else 'has'} no examples in this statistics step. "
-            "Under FSDP2 the statistics come from the fast engine's capture of FSDP2's own backward on every "
-            "rank, which needs at least one example per rank. Every rank raises this, before any other "
-            "collective, and p.grad is unchanged. Give every rank at least one example (torch's "
-            "DistributedSampler pads the ranks to equal sizes; drop_last=True drops a short last batch), or "
-            "take this step without statistics (Tracker(every=k); a step without statistics runs FSDP2's "
-            "own forward and backward, also on 0 examples)",
+            "EMPTY_RANK",
+            f"{where}: {ranks} {have} no examples in this step. Under DDP the step's p.grad is the average "
+            "of every rank's mean gradient, which is not defined for 0 examples (a mean loss over them is "
+            "NaN, and DDP's backward would average that into every rank's p.grad). Every rank raises this "
+            "before any other collective (an observe block does not run), and p.grad is unchanged. Give "
+            "every rank at least one example (torch's DistributedSampler pads the ranks to equal sizes; "
+            "drop_last=True drops a short last batch)",
         )
+    return present[world:]
 
 
 def observed_fsdp2_backward(
@@ -414,6 +532,7 @@ def observed_fsdp2_backward(
     per_example_loss,
     batch: Batch,
     *,
+    group=None,
     scale: float = 1.0,
     var: bool = True,
     inner_products: bool = False,
@@ -446,9 +565,10 @@ def observed_fsdp2_backward(
                 inner_products=inner_products,
                 reference=reference,
             ) as observation:
-                with local.recording():
-                    loss = batch.call(model, batch_loss)
-                    _require_scalar(loss)
+                with local.recording():  # (every module is unsharded: the forward has no collective)
+                    loss = loss_on_every_rank(
+                        lambda: batch.call(model, batch_loss), group, "persample (FSDP2's forward)"
+                    )
                     (loss * scale if scale != 1.0 else loss).backward()
                 local.show_local()
         except NotExact as err:
@@ -517,10 +637,13 @@ def fsdp2_grad_stats(
     finally:
         for name, p in params.items():
             p.grad = saved[name]
+    failure = None
     if stats is None:
-        raise ValueError(
+        failure = ValueError(
             "persample.grad_stats: the loss's gradients at the model output are not finite (inf/NaN) on this rank"
         )
+    agree(failure, None, where="persample.grad_stats (FSDP2)")  # one outcome: the caller reduces next
+    assert stats is not None  # (agree raised otherwise)
     return stats
 
 

@@ -194,6 +194,16 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "that step without statistics (Tracker(every=k)); every rank raises it, before any collective",
     ),
     Precondition(
+        "EMPTY_RANK",
+        _U,
+        "setup",
+        ("observe", "tracker", "distributed"),
+        "Under DDP (replicas in a process group), every rank has at least one example in a Tracker step or "
+        "an observed step: p.grad is the average of the ranks' mean gradients, undefined for 0 examples",
+        "give every rank at least one example (DistributedSampler pads the ranks to equal sizes, "
+        "drop_last=True drops a short last batch); every rank raises it, before any collective",
+    ),
+    Precondition(
         "DDP_WRAPPER",
         _U,
         "setup",

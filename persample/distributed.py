@@ -104,14 +104,18 @@ def agree(
     the ranks that failed, which is what keeps the others from waiting in a later collective.
 
     If some rank failed, every rank raises: a failed rank re-raises its own ``failure``, every
-    other rank raises :class:`OtherRankFailed` naming the failed ranks. Otherwise returns, for
+    other rank raises :class:`OtherRankFailed` naming the failed ranks and the refusal code each
+    raised, if it had one (the vote carries it, no extra traffic). Otherwise returns, for
     each of ``flags``, whether it is True on every rank (so that a choice such as "this step has
     statistics" is the same everywhere).
     """
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
+    codes = _vote_codes()
     votes = torch.zeros(world + len(flags), dtype=torch.int64, device=_comm_device(group, torch.device("cpu")))
-    votes[rank] = failure is not None
+    if failure is not None:  # 1: no known code; 2 + k: the k-th code of the registry
+        code = getattr(failure, "code", None)
+        votes[rank] = 2 + codes.index(code) if code in codes else 1
     for k, flag in enumerate(flags):
         votes[world + k] = int(not flag)
     dist.all_reduce(votes, group=group)
@@ -120,13 +124,21 @@ def agree(
     if failed:
         if failure is not None:
             raise failure
+        named = [f"rank {r}: {codes[counts[r] - 2]}" for r in failed if counts[r] >= 2]
         raise OtherRankFailed(
             f"{where}: rank{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed))} of "
-            f"{world} raised (see that rank's error); this rank raises too and undoes the "
-            "same work, so that every rank has the same outcome",
+            f"{world} raised{' (' + '; '.join(named) + ')' if named else ''} (see that rank's error); this rank "
+            "raises too and undoes the same work, so that every rank has the same outcome",
             failed,
         )
     return [counts[world + k] == 0 for k in range(len(flags))]
+
+
+def _vote_codes() -> list[str]:
+    """The refusal codes in a fixed order (the same on every rank), for :func:`agree`'s votes."""
+    from .contract import PRECONDITIONS
+
+    return sorted(PRECONDITIONS)
 
 
 # ------------------------------------------------------------------ small collectives

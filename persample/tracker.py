@@ -37,7 +37,14 @@ from torch.utils.hooks import RemovableHandle
 
 from ._accumulation import Accumulation, micro_batch_noise, micro_batch_part, refuse_with_micro_batches
 from ._batch import as_batch, tensors_in
-from ._data_parallel import LocalGradients, agree_on_examples, fsdp2_step, refuse_fsdp2_options, resolve_replicas
+from ._data_parallel import (
+    BackwardGate,
+    LocalGradients,
+    agree_on_examples,
+    fsdp2_step,
+    refuse_fsdp2_options,
+    resolve_replicas,
+)
 from ._grad_writer import (
     GradSnapshot,
     accumulate_into_grads,
@@ -334,8 +341,10 @@ class Tracker:
         part_added = skip_added = False
         try:
             stats = part = failure = nonfinite_rows = finite = None
+            # under DDP, before any collective: a bad or empty batch on one rank raises on every rank
+            agreed = None if self._replicas is None else self._replicas.agreed_batch(inputs, targets, _STEP)
             try:
-                batch = as_batch(inputs, targets)  # (a bad batch on one rank raises on every rank)
+                batch = agreed if agreed is not None else as_batch(inputs, targets)
                 inputs_with_grad = leaf_inputs_requiring_grad(batch)
                 snapshot.add_inputs(inputs_with_grad)
                 if plan.per_example_work:
@@ -699,6 +708,11 @@ class Tracker:
         sharded = self._replicas is not None and self._replicas.sharded
         if sharded:  # before FSDP2's first collective: a rank without examples is refused on every rank
             agree_on_examples(self._replicas.group, None, batch_size == 0, "persample.Tracker.observe (FSDP2)")  # type: ignore[union-attr]
+        gate = None  # under DDP: one agreement before DDP's reducer runs (BackwardGate; not under FSDP2, whose
+        if self._replicas is not None and not sharded:  # state an aborted backward leaves behind is not reusable)
+            gate = BackwardGate(self._replicas, "persample.Tracker.observe")
+            if batch_size == 0:  # every rank raises EMPTY_RANK (the others when their backward starts)
+                gate.open(empty=True)
         sharding = unshard_all(self.model) if sharded else None  # FSDP2: the full parameters, by name
         local = None if self._replicas is None else LocalGradients(trainable_parameters(self.model))
         if output_module is None and self._replicas is not None and self._replicas.wrapper is not None:
@@ -719,11 +733,13 @@ class Tracker:
                 reference=reference,
                 output_module=output_module,
                 wrapper=wrapper,
+                inputs_of_model=gate is not None and output_module is self._replicas.wrapper,  # type: ignore[union-attr]
             ) as observation:
                 if local is not None:  # under DDP, this rank's own baseline moves with the observation's
                     observation._on_rebase.append(functools.partial(_rebase_local, local))
                 with local.recording() if local is not None else contextlib.nullcontext():
-                    yield observation
+                    with gate.watching(self.model) if gate is not None else contextlib.nullcontext():
+                        yield observation
                 body_ran = True
                 if local is not None:
                     local.show_local()  # the sum check compares this rank's gradients with its own
@@ -744,7 +760,11 @@ class Tracker:
                     )
                 # An error of the user's own block propagates as it would without observe; an error of
                 # persample's after the block (under replicas) goes through agree, so every rank raises.
-                if self._replicas is None or not body_ran:
+                # Under DDP the block's error goes through the gate first, if this rank's backward had not
+                # started (the others agree when theirs starts); after that, through the agree below.
+                if gate is not None and not gate.opened:
+                    gate.open(err)  # re-raises err here
+                if self._replicas is None or not body_ran and (gate is None or gate.failed):
                     raise
                 failure = err
         finally:
@@ -840,6 +860,9 @@ class Tracker:
             f"Tracker({type(self.model).__name__}, every={self.every}, clip_norm={self.clip_norm}, "
             f"check_every={self.check_every}, steps={self.steps}, hooks={len(self._hooks)})"
         )
+
+
+_STEP = "persample.Tracker.step"
 
 
 def _rebase_local(local: LocalGradients) -> None:

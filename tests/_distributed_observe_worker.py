@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import os
 import sys
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -23,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 torch.set_num_threads(1)
 
 import persample  # noqa: E402
-from _distributed_worker import _write, close, close_dicts, local_batches, mlp, rank_world  # noqa: E402
+from _distributed_worker import close, close_dicts, local_batches, main, mlp, rank_world  # noqa: E402
 
 SCENARIOS: dict[str, tuple] = {}
 
@@ -278,25 +276,5 @@ def lightning_under_ddp_static_graph():
     _lightning_under_ddp(static_graph=True)
 
 
-def main(out_dir: str) -> None:
-    """As ``_distributed_worker.main``: results written after each scenario (the driver watches them grow)."""
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    rank, world = rank_world()
-    results = {}
-    _write(out_dir, rank, results)
-    for name, (fn, worlds) in SCENARIOS.items():
-        if world not in worlds:
-            continue
-        torch.manual_seed(0)
-        try:
-            fn()
-            results[name] = "ok"
-        except Exception:  # noqa: BLE001 - reported to the test, which fails with it
-            results[name] = traceback.format_exc()
-        _write(out_dir, rank, results)
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+if __name__ == "__main__":  # _distributed_worker's driver, with this registry
+    main(sys.argv[1], SCENARIOS, {})

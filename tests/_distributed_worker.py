@@ -502,6 +502,289 @@ def observe_error_on_one_rank_raises_on_every_rank():
     assert obs.stats is not None and obs.stats.n == sum(SPLITS[2])
 
 
+def _raises_on_every_rank(call, what, expected):
+    """``call()`` raises on every rank: ``expected`` is {rank: error type name} (default OtherRankFailed);
+    an ``EMPTY_RANK`` refusal is checked by its code, the same on every rank."""
+    rank, _ = rank_world()
+    try:
+        call()
+    except Exception as err:  # noqa: BLE001 - checked below
+        want = expected.get(rank, "OtherRankFailed")
+        got = getattr(err, "code", None) if want == "EMPTY_RANK" else type(err).__name__
+        assert got == want, (what, rank, type(err).__name__, str(err)[:400])
+        if want == "EMPTY_RANK":
+            assert "rank 1 of" in str(err) and "has no examples" in str(err), (what, str(err))
+        return err
+    raise AssertionError(f"{what}: no error on rank {rank}")
+
+
+@scenario(2, 3)
+def ddp_a_rank_with_no_examples_is_refused_on_every_rank_without_a_hang():
+    """Rank 1 has no examples (2 ranks: [3, 0]; 3 ranks: [2, 0, 3]). Tracker.step (a statistics step and a
+    plain step through DDP's own backward) and Tracker.observe raise EMPTY_RANK on EVERY rank, naming rank 1,
+    before DDP's all-reduce (the scenario's gloo timeout bounds it; before, observe raised on rank 1 only
+    and the others waited in DDP's backward until gloo's timeout); p.grad is unchanged, the empty rank's
+    observe block does not run; then a step with examples everywhere is exact and the replicas equal."""
+    rank, world = rank_world()
+    sizes = {2: [3, 0], 3: [2, 0, 3]}[world]
+    loss = F.cross_entropy
+    model = ddp(mlp(seed=34))
+    gx, gy = global_batch(sum(sizes), seed=195)
+    x, y = gx[my_slice(sizes)], gy[my_slice(sizes)]
+    tracker = persample.Tracker(model, loss)
+    plain = persample.Tracker(model, loss, every=2)
+    plain.steps = 1  # a step without statistics: DDP's own forward and backward
+    body = []
+
+    def observed():
+        with tracker.observe(y):
+            body.append(1)
+            loss(model(x), y).backward()
+
+    everyone = {r: "EMPTY_RANK" for r in range(world)}
+    for what, call in (("Tracker.step", lambda: tracker.step(x, y)), ("plain step", lambda: plain.step(x, y))):
+        _raises_on_every_rank(call, what, everyone)
+        assert all(p.grad is None for p in model.parameters()), f"{what}: p.grad changed"
+    _raises_on_every_rank(observed, "Tracker.observe", everyone)
+    assert all(p.grad is None for p in model.parameters()), "observe: p.grad changed"
+    assert (not body) if rank == 1 else body == [1], body
+    assert tracker.steps == 0 and plain.steps == 1 and tracker.last_stats is None
+    x, y, gx, gy = local_batches(1, seed=197)[0]
+    stats = tracker.step(x, y)
+    whole = oracle_stats(mlp(seed=34), loss, gx, gy)
+    close_dicts(stats.mean, whole["mean"], "mean after the refusals")
+    close_dicts(stats.var, whole["var"], "var after the refusals")
+    model.zero_grad()
+    with tracker.observe(y) as obs:
+        loss(model(x), y).backward()
+    close_dicts(obs.stats.mean, whole["mean"], "observed mean after the refusals")
+    assert_replicas_identical(model, "after the refusals")
+
+
+def assert_grads_identical(model, what):
+    """p.grad (NaN included) is the same on every rank."""
+    grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None] + [torch.zeros(1)])
+    everyone = [torch.empty_like(grads) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, grads)
+    for r, g in enumerate(everyone):
+        assert torch.equal(g.isnan(), grads.isnan()) and torch.equal(g.nan_to_num(), grads.nan_to_num()), (
+            f"{what}: rank {r}'s p.grad differs from this rank's"
+        )
+
+
+def _flaky_loss(fail):
+    """cross_entropy that raises while ``fail[0]`` is set (a loss that fails on one rank's batch)."""
+
+    def loss(out, y):
+        if fail[0]:
+            raise RuntimeError("the loss failed on this rank")
+        return F.cross_entropy(out, y)
+
+    return loss
+
+
+@scenario(2, 3)
+def ddp_one_rank_failing_in_each_way_gives_one_outcome_and_equal_replicas():
+    """The sweep: under DDP, Tracker.step (a statistics step, and a plain step through DDP's own backward)
+    and Tracker.observe, with ONE rank (the last) failing in each way a user's data or code can: an input
+    of the wrong dtype (its forward raises), a batch whose targets do not match its inputs, a NaN in one
+    example, a loss that raises, a hook that raises. Every rank raises (the failed rank its own error, the
+    others OtherRankFailed), or every rank returns the same outcome (NaN: the step is skipped everywhere);
+    none waits (the scenario's gloo timeout bounds each); the user's loop catches the error and steps the
+    optimizer, and the replicas stay identical. Before, a plain step and observe left the other ranks
+    waiting in DDP's all-reduce for a forward or loss that raised on one rank."""
+    rank, world = rank_world()
+    bad_rank = world - 1
+    fail = [False]
+    model = ddp(mlp(seed=36))
+    loss = _flaky_loss(fail)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trackers = {"step": persample.Tracker(model, loss), "plain": persample.Tracker(model, loss, every=2)}
+    trackers["plain"].steps = 1
+    hooked = []
+
+    def hook(t, stats):
+        if hooked and rank == bad_rank:
+            raise RuntimeError("the hook failed on this rank")
+
+    for t in trackers.values():
+        t.register_hook(hook)
+    x, y, _, _ = local_batches(1, seed=199)[0]
+    own = {"dtype": "RuntimeError", "targets": "ValueError", "loss": "RuntimeError", "hook": "RuntimeError"}
+    entries = ("step", "plain", "observe")
+    for way in ("dtype", "targets", "nan", "loss", "hook"):
+        for entry in entries:
+            if way == "hook" and entry == "plain":
+                continue  # a plain step calls no hook
+            bad = rank == bad_rank
+            xb = x.float() if bad and way == "dtype" else x.clone()
+            if bad and way == "nan":
+                xb[1, 0] = float("nan")
+            yb = y[:-1] if bad and way == "targets" else y
+            fail[0] = bad and way == "loss"
+            hooked[:] = [1] if way == "hook" else []
+            opt.zero_grad()
+            what = f"{entry}, {way} on rank {bad_rank}"
+            expected = {bad_rank: own[way]} if way in own else None
+            if way == "targets" and entry == "observe":
+                expected = {bad_rank: "ObservationError"}  # observe reads the batch size from the targets
+            if entry == "observe":
+                tracker = trackers["step"]
+
+                def call(tracker=tracker, xb=xb, yb=yb):
+                    with tracker.observe(yb) as obs:
+                        loss(model(xb), y).backward()
+                    return obs.stats
+            else:
+
+                def call(tracker=trackers[entry], xb=xb, yb=yb):
+                    return tracker.step(xb, yb)
+
+            if expected is None:  # NaN in one example of one rank: no statistics for this step, anywhere
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert call() is None, what
+            else:
+                _raises_on_every_rank(call, what, expected)
+            fail[0] = False
+            assert_grads_identical(model, what)
+            if way != "nan":  # (a NaN gradient, the same on every replica, would make every parameter NaN)
+                opt.step()
+            assert_replicas_identical(model, f"after {what}")
+    hooked.clear()
+    opt.zero_grad()
+    stats = trackers["step"].step(x, y)
+    assert stats is not None and stats.n == sum(SPLITS[world])
+    assert_replicas_identical(model, "after the sweep")
+
+
+@scenario(2, 3)
+def grad_stats_and_all_reduce_stats_agree_before_the_reduction():
+    """grad_stats is this rank's own computation (no collective); all_reduce_stats is a collective. A rank
+    whose grad_stats raises (no examples, a bad input) would leave the others waiting in all_reduce_stats:
+    ``persample.distributed.agree`` in between (docs/ranks.md) makes every rank raise instead."""
+    from persample.distributed import agree
+
+    rank, world = rank_world()
+    model, loss = mlp(seed=37), F.cross_entropy
+    x, y, gx, gy = local_batches(1, seed=201)[0]
+    for way in ("empty", "dtype", "none"):
+        bad = rank == world - 1 and way != "none"
+        xb, yb = (x[:0], y[:0]) if bad and way == "empty" else (x.float() if bad else x, y)
+        failure = local = None
+        try:
+            local = persample.grad_stats(model, loss, xb, yb)
+        except Exception as err:  # noqa: BLE001 - agreed on below
+            failure = err
+        try:
+            agree(failure, where="grad_stats")
+            reduced = all_reduce_stats(local)
+        except Exception as err:  # noqa: BLE001
+            assert way != "none", err
+            assert type(err).__name__ == ("OtherRankFailed" if rank != world - 1 else type(failure).__name__), err
+        else:
+            assert way == "none", f"{way}: no error on rank {rank}"
+            close_dicts(reduced.mean, oracle_stats(mlp(seed=37), loss, gx, gy)["mean"], "mean")
+
+
+class ScaledByPosition(nn.Module):
+    """An MLP whose hidden activations are scaled by their position in the batch, ``h * arange(B)``,
+    where the batch is marked (its first input's first feature above 50): a position effect that no op
+    mixes rows for (docs/spot-check.md), present only in the marked ranks' batches."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.net = mlp(seed)
+
+    def forward(self, x):
+        h = torch.tanh(self.net[0](x))
+        if bool(x[0, 0] > 50):
+            h = h * torch.arange(1, h.shape[0] + 1, dtype=h.dtype)[:, None]
+        return self.net[2](h)
+
+
+def _marked_batch(marked, seed):
+    """This rank's batch and the global one, the last rank's first example marked where ``marked``."""
+    _, world = rank_world()
+    x, y, gx, gy = local_batches(1, seed=seed)[0]
+    gx = gx.clone()
+    if marked:
+        gx[sum(SPLITS[world][:-1]), 0] = 100.0
+    return gx[my_slice(SPLITS[world])], y, gx, gy
+
+
+@scenario(2, 3)
+def ddp_observe_runs_the_spot_check_on_the_module():
+    """Tracker.observe under DDP runs the spot check against the definition (each example alone) on
+    ddp.module, from the inputs of the observed forward. Before, observe watched the DDP wrapper's output
+    and skipped the check, so a position-dependent forward gave the global statistics of a wrong
+    per-example gradient, silently. Now every rank whose batch has the effect raises
+    EXAMPLE_DIFFERS_ALONE and the others OtherRankFailed (only the last rank's data is marked);
+    on_refusal='skip' skips the step on every rank. p.grad stays DDP's own average (the check's
+    torch.autograd.grad on ddp.module does not fire DDP's reducer), the replicas stay equal, and
+    Tracker.step (engine='auto': vmap on the marked rank) gives the definition's global statistics."""
+    rank, world = rank_world()
+    loss = F.cross_entropy
+
+    def make():
+        return ddp(ScaledByPosition(seed=38))
+
+    observed, plain = make(), make()
+    tracker = persample.Tracker(observed, loss)
+    opt = torch.optim.SGD(observed.parameters(), lr=0.1)
+    opt_plain = torch.optim.SGD(plain.parameters(), lr=0.1)
+    x, y, gx, gy = _marked_batch(True, seed=203)
+
+    def observe(tracker=tracker):
+        with tracker.observe(y) as obs:
+            loss(observed(x), y).backward()
+        return obs
+
+    err = _raises_on_every_rank(observe, "observe, a position effect on the last rank", {world - 1: "NotExact"})
+    if rank == world - 1:
+        assert err.code == "EXAMPLE_DIFFERS_ALONE", err
+    else:  # the other ranks' OtherRankFailed names the refusal the failed rank raised
+        assert f"rank {world - 1}: EXAMPLE_DIFFERS_ALONE" in str(err), str(err)
+    loss(plain(x), y).backward()
+    for (n, a), b in zip(observed.named_parameters(), plain.parameters()):
+        close(a.grad, b.grad, f"p.grad of {n} after the refused observe (DDP's own)")
+    opt.step()
+    opt_plain.step()
+    assert_replicas_identical(observed, "after the refused observe and the optimizer's step")
+    observed.zero_grad()
+    plain.zero_grad()
+    skipping = persample.Tracker(observed, loss, on_refusal="skip")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", persample.SkippedStatisticsWarning)
+        obs = observe(skipping)
+    assert obs.stats is None and obs.skipped and skipping.skipped == [0], (obs.stats, skipping.skipped)
+    # the definition's global statistics: Tracker.step (engine="auto") and a float64 loop over every example
+    observed.zero_grad()
+    stats = persample.Tracker(observed, loss).step(x, y)
+    reference = ScaledByPosition(seed=38)
+    reference.load_state_dict(observed.module.state_dict())
+    whole = oracle_stats(reference, loss, gx, gy)  # one example at a time: each example alone
+    close_dicts(stats.mean, whole["mean"], "Tracker.step's global mean")
+    close_dicts(stats.var, whole["var"], "Tracker.step's global var")
+    # where no rank's batch has the effect, the check passes and the observed statistics are the oracle's
+    fresh, twin = make(), make()
+    x, y, gx, gy = _marked_batch(False, seed=205)
+    with persample.Tracker(fresh, loss).observe(y) as obs:
+        loss(fresh(x), y).backward()
+    loss(twin(x), y).backward()
+    for (n, a), b in zip(fresh.named_parameters(), twin.parameters()):
+        close(a.grad, b.grad, f"p.grad of {n} after a checked observe (the check fired no reducer)")
+    whole = oracle_stats(ScaledByPosition(seed=38), loss, gx, gy)
+    close_dicts(obs.stats.mean, whole["mean"], "observed global mean, checked")
+    fresh.zero_grad()
+    loss(fresh(x), y).backward()  # DDP's next iteration: no pending reduction left by the check
+    assert_replicas_identical(fresh, "after a checked observe")
+
+
 @scenario(2)
 def tracker_refuses_ddp_mixed_precision_and_leaves_grads():
     """README: DDP's mixed_precision is refused by step (it averages gradients itself and would not apply it)."""
@@ -941,6 +1224,64 @@ def fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent():
 
 
 @scenario(2, 3, suite="fsdp")
+def fsdp2_one_rank_failing_in_each_way_gives_one_outcome():
+    """The sweep under FSDP2: Tracker.step (a statistics step; a step without statistics) and grad_stats,
+    with ONE rank (the last) failing: an input of the wrong dtype (its forward raises), a loss that raises,
+    a NaN in one example. Every rank raises (the failed rank its own error, the others OtherRankFailed), or
+    every rank has the same outcome (NaN: Tracker.step's statistics are skipped everywhere); none waits and
+    none dies. Before, a forward or loss that raised on one rank sent that rank into persample's agreement
+    while the others were in FSDP2's reduce-scatter: gloo aborted the process ("collective mismatch").
+    After each, the loop's optimizer steps and the full parameters are identical across ranks.
+    (A forward that raises on one rank in a step without statistics cannot be agreed on: FSDP2's
+    all-gathers run inside the forward; docs/ranks.md.)"""
+    rank, world = rank_world()
+    bad_rank = world - 1
+    fail = [False]
+    model = sharded_mlp(39)
+    loss = _flaky_loss(fail)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker, plain = persample.Tracker(model, loss), persample.Tracker(model, loss, every=2)
+    plain.steps = 1
+    x, y, _, _ = local_batches(1, seed=207)[0]
+    own = {"dtype": "RuntimeError", "loss": "RuntimeError", "nan": "ValueError"}
+    for way in ("dtype", "loss", "nan"):
+        for entry in ("step", "plain", "grad_stats"):
+            if entry == "plain" and way == "dtype":
+                continue  # (FSDP2's all-gathers run inside the forward: not agreed on)
+            bad = rank == bad_rank
+            xb = x.float() if bad and way == "dtype" else x.clone()
+            if bad and way == "nan":
+                xb[1, 0] = float("nan")
+            fail[0] = bad and way == "loss"
+            opt.zero_grad()
+            what = f"{entry}, {way} on rank {bad_rank}"
+            if entry == "grad_stats":
+
+                def call(xb=xb):
+                    return persample.grad_stats(model, loss, xb, y)
+            else:
+
+                def call(t=tracker if entry == "step" else plain, xb=xb):
+                    return t.step(xb, y)
+
+            if way == "nan" and entry != "grad_stats":  # no statistics for this step, on any rank
+                import warnings
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    assert call() is None, what
+            else:
+                _raises_on_every_rank(call, what, {bad_rank: own[way]})
+            fail[0] = False
+            if way != "nan":
+                opt.step()
+            assert_full_params_identical(model, f"after {what}")
+    opt.zero_grad()
+    stats = tracker.step(x, y)
+    assert stats is not None and stats.n == sum(SPLITS[world])
+
+
+@scenario(2, 3, suite="fsdp")
 def fsdp2_shared_reference_gives_global_inner_products_and_tests():
     """accumulate(reference=r) under FSDP2: the inner products <g_i, r> of every example, and the
     inner-product test (<ḡ, r> from the shards' global sums), equal one process's on the concatenated
@@ -1197,6 +1538,16 @@ def token_batch(n, seed, length=8):
     return ids.masked_fill(mask == 0, 0), mask, ids.masked_fill(mask == 0, -100)
 
 
+def sharded_per_block(model, blocks):
+    """``model`` with ``fully_shard`` on each of ``blocks(model)`` and on the root (torchtitan's layout)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for block in blocks(model):
+        fully_shard(block)
+    fully_shard(model)
+    return model
+
+
 def summed_token_loss(logits, labels):
     """Example i's loss: Σ_t of the next-token cross-entropy over its real tokens (the oracle's own)."""
     return F.cross_entropy(
@@ -1206,18 +1557,13 @@ def summed_token_loss(logits, labels):
 
 @scenario(2, 3, suite="fsdp")
 def fsdp2_tiny_gpt2_tied_weights_padded_batches():
-    from torch.distributed.fsdp import fully_shard
 
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
 
     def sharded():
-        model = tiny_gpt2(seed=31)
-        for block in model.transformer.h:
-            fully_shard(block)
-        fully_shard(model)
-        return model
+        return sharded_per_block(tiny_gpt2(seed=31), lambda m: m.transformer.h)
 
     tracked, plain, reference = sharded(), sharded(), tiny_gpt2(seed=31)
     tracker = persample.Tracker(tracked, loss)
@@ -1280,18 +1626,13 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     model, so the model itself differs between a batch and its examples by 1e-8 to 1e-7
     (tests/real_models.py, batch_discrepancy); a fallback module (the RMSNorm) reads the full parameters
     after FSDP2's backward, which used to free them (a segfault before unshard_all deferred the reshard)."""
-    from torch.distributed.fsdp import fully_shard
 
     _, world = rank_world()
     sizes = SPLITS[world]
     loss = persample.causal_lm_loss()
 
     def sharded():
-        model = tiny_llama(seed=41)
-        for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
+        return sharded_per_block(tiny_llama(seed=41), lambda m: m.model.layers)
 
     tracked, plain, reference = sharded(), sharded(), tiny_llama(seed=41)
     tracker = persample.Tracker(tracked, loss)
@@ -1372,15 +1713,20 @@ def _write(out_dir: str, rank: int, results: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def main(out_dir: str) -> None:
+def main(out_dir: str, scenarios: dict | None = None, suites: dict | None = None) -> None:
+    """Join the gloo group and run this world's scenarios (``scenarios``/``suites``: another worker's
+    registry; default this module's) of the environment's suite (PERSAMPLE_SUITE, every scenario of a
+    registry without suites), or only PERSAMPLE_SCENARIO, writing the results after each."""
+    scenarios = SCENARIOS if scenarios is None else scenarios
+    suites = SUITES if suites is None else suites
     suite = os.environ.get("PERSAMPLE_SUITE", "ddp")
     only = os.environ.get("PERSAMPLE_SCENARIO")
     dist.init_process_group("gloo", timeout=timedelta(seconds=int(os.environ.get("PERSAMPLE_GLOO_TIMEOUT", "60"))))
     rank, world = rank_world()
     results = {}
     _write(out_dir, rank, results)
-    for name, (fn, worlds) in SCENARIOS.items():
-        if world not in worlds or SUITES[name] != suite or (only and name != only):
+    for name, (fn, worlds) in scenarios.items():
+        if world not in worlds or suites.get(name, "ddp") != suite or (only and name != only):
             continue
         torch.manual_seed(0)  # every scenario starts from the same RNG state, whatever ran before it
         try:

@@ -461,6 +461,7 @@ TRIGGERED_IN_A_PROCESS_GROUP = {
     "DDP_MIXED_PRECISION",
     "FSDP2_OPTION",
     "FSDP2_EMPTY_RANK",
+    "EMPTY_RANK",
     "OTHER_RANK_FAILED",
 }
 TRIGGERED_BY_A_RENAME = {"TORCH_INTERNALS_UNKNOWN"}
@@ -512,6 +513,7 @@ def test_ddp_refusals_in_a_one_process_group():
         fully_shard(sharded)
         code_of(lambda: persample.Tracker(sharded, nn.functional.mse_loss, clip_norm=1.0))
         code_of(lambda: persample.Tracker(sharded, nn.functional.mse_loss).step(x[:0], y[:0]))
+        code_of(lambda: persample.Tracker(ddp, nn.functional.mse_loss).step(x[:0], y[:0]))
         print(" ".join(map(str, codes)))
         dist.destroy_process_group()
     """)
@@ -523,6 +525,7 @@ def test_ddp_refusals_in_a_one_process_group():
         "DDP_MIXED_PRECISION",
         "FSDP2_OPTION",
         "FSDP2_EMPTY_RANK",
+        "EMPTY_RANK",
     ]
 
 

@@ -5,6 +5,11 @@ every scenario the worker registers becomes one test here, which fails with that
 from each rank. Time is bounded per scenario (``SCENARIO_BUDGET_S`` without any rank finishing one), so
 one slow scenario on a loaded machine fails only itself and what had not run yet, and gloo's rendezvous
 is retried once on a fresh port.
+
+The launcher here (``gloo_env``, ``spawn``, ``reap``, ``run_world``, ``worlds_fixture``, ``scenarios_of``)
+is shared by test_fsdp.py (the worker's "fsdp" suite), test_fsdp_frameworks.py and
+test_integrations_matrix_ddp.py. ``python tests/test_distributed.py WORLD [SCENARIO [SUITE]]`` runs one
+world, for debugging.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def _start(world: int, out_dir: Path) -> list:
-    env = dict(
+def gloo_env(world: int, **extra: str) -> dict:
+    """The environment of a run of ``world`` gloo ranks on 127.0.0.1 (a fresh port), without RANK."""
+    return dict(
         os.environ,
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(_free_port()),
@@ -49,23 +55,56 @@ def _start(world: int, out_dir: Path) -> list:
         GLOO_SOCKET_IFNAME="lo",
         OMP_NUM_THREADS="1",
         PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        **extra,
     )
+
+
+def spawn(world: int, argv: list, env: dict, *, cwd: Path = ROOT, logs: Path | None = None) -> list:
+    """One process per rank (RANK and LOCAL_RANK set): [(process, log file or None)]. Output goes to
+    ``logs/rank{r}.log`` when ``logs`` is given, else to a pipe (read by :func:`reap`)."""
     procs = []
     for rank in range(world):
-        log = open(out_dir / f"rank{rank}.log", "w")
+        log = open(logs / f"rank{rank}.log", "w") if logs is not None else None
         procs.append(
             (
                 subprocess.Popen(
-                    [sys.executable, str(WORKER), str(out_dir)],
-                    cwd=ROOT,
+                    argv,
+                    cwd=cwd,
                     env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)),
-                    stdout=log,
+                    stdout=log if log is not None else subprocess.PIPE,
                     stderr=subprocess.STDOUT,
+                    text=True,
                 ),
                 log,
             )
         )
     return procs
+
+
+def reap(procs: list, timeout: float | None = None) -> list[str]:
+    """Wait for every rank (``timeout`` seconds in all, when given), kill the ones left, close the logs;
+    the piped output of each rank ('' where it went to a log)."""
+    outputs = []
+    try:
+        for proc, _ in procs:
+            outputs.append(proc.communicate(timeout=timeout)[0] or "")
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for proc, log in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if log is not None:
+                log.close()
+    return outputs + [""] * (len(procs) - len(outputs))
+
+
+def _start(world: int, out_dir: Path, worker: Path, suite: str, gloo_timeout: int, scenario: str | None) -> list:
+    env = gloo_env(world, PERSAMPLE_SUITE=suite, PERSAMPLE_GLOO_TIMEOUT=str(gloo_timeout))
+    if scenario:
+        env["PERSAMPLE_SCENARIO"] = scenario
+    return spawn(world, [sys.executable, str(worker), str(out_dir)], env, logs=out_dir)
 
 
 def _supervise(procs: list, out_dir: Path, world: int) -> str:
@@ -88,21 +127,28 @@ def _supervise(procs: list, out_dir: Path, world: int) -> str:
     return "done"
 
 
-def run_world(world: int, out_dir: Path) -> dict[str, list[str]]:
-    """Run every scenario on ``world`` ranks; {scenario: [result of rank 0, rank 1, ...]}. A scenario that a
-    rank did not finish has that rank's log tail (and why) in its place."""
+def run_world(
+    world: int,
+    out_dir: Path,
+    suite: str = "ddp",
+    *,
+    worker: Path | None = None,
+    gloo_timeout: int = 60,
+    scenario: str | None = None,
+) -> dict[str, list[str]]:
+    """Run every scenario of ``suite`` (or only ``scenario``) on ``world`` ranks; {scenario: [result of
+    rank 0, rank 1, ...]}. A scenario that a rank did not finish has that rank's log tail (and why) in its
+    place. ``gloo_timeout``: the ranks' collective timeout, so that a rank left waiting (a bug) fails its
+    scenario, not the run."""
+    worker = WORKER if worker is None else worker
     for attempt in range(INIT_TRIES):
         run_dir = out_dir / f"try{attempt}"
         run_dir.mkdir()
-        procs = _start(world, run_dir)
+        procs = _start(world, run_dir, worker, suite, gloo_timeout, scenario)
         try:
             status = _supervise(procs, run_dir, world)
         finally:
-            for proc, log in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                log.close()
+            reap(procs, timeout=0)
         if status != "init":
             break
     else:
@@ -111,13 +157,15 @@ def run_world(world: int, out_dir: Path) -> dict[str, list[str]]:
             f"gloo did not initialise {world} ranks in {INIT_TRIES} tries of {INIT_BUDGET_S} s; "
             f"rank 0's output ends with:\n{tail}"
         )
-    results: dict[str, list[str]] = {name: [] for name, w in _scenarios() if w == world}
-    for rank in range(world):
+    results: dict[str, list[str]] = {
+        name: [] for name, w in scenarios_of(worker, suite) if w == world and scenario in (None, name)
+    }
+    for rank, (proc, _) in enumerate(procs):
         done = _read(run_dir / f"rank{rank}.json") or {}
         why = (
             f"rank {rank} of {world} did not finish it: no rank finished a scenario for {SCENARIO_BUDGET_S} s"
             if status == "stalled"
-            else f"rank {rank} of {world} crashed before finishing it"
+            else f"rank {rank} of {world} exited with {proc.returncode} before finishing it"
         )
         tail = (run_dir / f"rank{rank}.log").read_text()[-4000:]
         for name in results:
@@ -125,40 +173,58 @@ def run_world(world: int, out_dir: Path) -> dict[str, list[str]]:
     return results
 
 
-@pytest.fixture(scope="module")
-def worlds(tmp_path_factory):
-    cache = {}
+def worlds_fixture(suite: str = "ddp", *, worker: Path | None = None, gloo_timeout: int = 60):
+    """A module-scoped fixture ``worlds(W)``: every scenario of ``suite`` run once on W ranks, cached;
+    a run that could not start fails the test that asked for it."""
 
-    def get(world: int):
-        if world not in cache:
-            try:
-                cache[world] = run_world(world, tmp_path_factory.mktemp(f"world{world}"))
-            except RuntimeError as err:
-                cache[world] = err
-        if isinstance(cache[world], Exception):
-            pytest.fail(str(cache[world]))
-        return cache[world]
+    @pytest.fixture(scope="module")
+    def worlds(tmp_path_factory):
+        cache: dict = {}
 
-    return get
+        def get(world: int):
+            if world not in cache:
+                try:
+                    out = tmp_path_factory.mktemp(f"{suite}_world{world}")
+                    cache[world] = run_world(world, out, suite, worker=worker, gloo_timeout=gloo_timeout)
+                except RuntimeError as err:
+                    cache[world] = err
+            if isinstance(cache[world], Exception):
+                pytest.fail(str(cache[world]))
+            return cache[world]
+
+        return get
+
+    return worlds
 
 
-def _scenarios():
-    sys.path.insert(0, str(WORKER.parent))
+worlds = worlds_fixture("ddp")
+
+
+@functools.cache
+def scenarios_of(worker: Path = WORKER, suite: str | None = "ddp") -> list[tuple[str, int]]:
+    """[(scenario, world size)] that ``worker`` registers in ``suite`` (None: a worker without suites)."""
+    import importlib.util
+
+    sys.path.insert(0, str(worker.parent))
     try:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_distributed_worker", WORKER)
+        spec = importlib.util.spec_from_file_location(worker.stem, worker)
         # Registering scenarios needs only the module body, which imports torch and persample.
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        return [
-            (name, world) for name, (_, ws) in module.SCENARIOS.items() for world in ws if module.SUITES[name] == "ddp"
-        ]  # the "fsdp" suite runs in test_fsdp.py
     finally:
         sys.path.pop(0)
+    suites = getattr(module, "SUITES", {})
+    return [
+        (name, world)
+        for name, (_, ws) in module.SCENARIOS.items()
+        for world in ws
+        if suite is None or suites.get(name, "ddp") == suite
+    ]
 
 
-_scenarios = functools.cache(_scenarios)
+def failures_of(outcomes: list[str]) -> str:
+    """The ranks' outcomes that are not "ok", for an assertion message ('' if every rank passed)."""
+    return "\n".join(f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o != "ok")
 
 
 needs_distributed = pytest.mark.skipif(
@@ -167,11 +233,10 @@ needs_distributed = pytest.mark.skipif(
 
 
 @needs_distributed
-@pytest.mark.parametrize("name,world", _scenarios(), ids=lambda v: str(v))
+@pytest.mark.parametrize("name,world", scenarios_of(WORKER, "ddp"), ids=lambda v: str(v))
 def test_scenario(worlds, name, world):
-    outcomes = worlds(world)[name]
-    failures = [f"rank {r}:\n{o}" for r, o in enumerate(outcomes) if o != "ok"]
-    assert not failures, "\n".join(failures)
+    failures = failures_of(worlds(world)[name])
+    assert not failures, failures
 
 
 def test_supervise_tells_a_stalled_rendezvous_from_a_stalled_scenario(tmp_path, monkeypatch):
@@ -208,3 +273,16 @@ def test_supervise_tells_a_stalled_rendezvous_from_a_stalled_scenario(tmp_path, 
     assert run("import time; time.sleep(30)") == "init"
     assert run(write + "import time; time.sleep(30)") == "stalled"
     assert run(write) == "done"
+
+
+if __name__ == "__main__":  # python tests/test_distributed.py WORLD [SCENARIO [SUITE]]: one run, for debugging
+    import tempfile
+
+    res = run_world(
+        int(sys.argv[1]),
+        Path(tempfile.mkdtemp()),
+        sys.argv[3] if len(sys.argv) > 3 else "ddp",
+        scenario=sys.argv[2] if len(sys.argv) > 2 else None,
+    )
+    for name, outcomes in res.items():
+        print(name, ["ok" if o == "ok" else o for o in outcomes])

@@ -16,15 +16,13 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from test_distributed import gloo_env, reap, spawn
+
 TIMEOUT_S = 150
 
 pytestmark = pytest.mark.skipif(
@@ -180,43 +178,11 @@ report(sharding=sharding_of(trainer.model), wrapped=type(trainer.model_wrapped).
 def _run(tmp_path: Path, source: str, *args: str) -> list[dict]:
     script = tmp_path / "user.py"
     script.write_text(source)
-    port = socket.socket()
-    port.bind(("127.0.0.1", 0))
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port.getsockname()[1]),
-        WORLD_SIZE="2",
-        LOCAL_WORLD_SIZE="2",
-        GROUP_RANK="0",
-        TORCHELASTIC_RUN_ID="persample-test",
-        GLOO_SOCKET_IFNAME="lo",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-    )
-    port.close()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(tmp_path), *args],
-            cwd=tmp_path,
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    env = gloo_env(2, LOCAL_WORLD_SIZE="2", GROUP_RANK="0", TORCHELASTIC_RUN_ID="persample-test")
+    procs = spawn(2, [sys.executable, str(script), str(tmp_path), *args], env, cwd=tmp_path)
+    outputs = reap(procs, timeout=TIMEOUT_S)
     results = []
-    for rank, (proc, out) in enumerate(zip(procs, outputs)):
+    for rank, ((proc, _), out) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0 and "terminate called" not in out, (
             f"rank {rank} exited with {proc.returncode}:\n{out[-3000:]}"
         )

@@ -101,6 +101,7 @@ def observing(
     output_module: nn.Module | None = None,
     reference: dict[str, Tensor] | None = None,
     wrapper: nn.Module | None = None,
+    inputs_of_model: bool = False,
 ) -> Iterator[Observation]:
     """Capture one forward + ``loss.backward()`` of ``model`` and build its GradStats on exit.
 
@@ -109,7 +110,9 @@ def observing(
     ``reference``: a fixed direction r for the inner products p_i = ⟨g_i, r⟩ (default: ḡ).
     ``wrapper``: a module around ``model`` whose forward passes what it computed from the output on,
     unchanged in value and gradient (DDP's ``_DDPSink``, which the op watchers cannot see): the tensors it
-    returns count as computed from the output, not as activations of the model."""
+    returns count as computed from the output, not as activations of the model.
+    ``inputs_of_model``: with ``output_module`` a module that calls ``model`` (DDP's wrapper), the spot
+    check still reads the observed inputs from ``model``'s own forward (the wrapper passes them on)."""
     if batch_size < 1:
         raise ValueError(
             f"observe() needs a batch with at least one example; the targets say {batch_size} "
@@ -167,7 +170,7 @@ def observing(
             if output_module is None
             else output_module.register_forward_hook(root_hook)
         ]
-        if output_module is None and sharding is None and not spot_check_off():
+        if (output_module is None or inputs_of_model) and sharding is None and not spot_check_off():
             handles.append(model.register_forward_pre_hook(root_pre_hook, with_kwargs=True))
         if wrapper is not None:
             handles.append(wrapper.register_forward_hook(wrapper_hook))
