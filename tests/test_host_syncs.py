@@ -97,6 +97,17 @@ def test_host_reads_per_call_stay_at_their_limits(call_counts, case):
     assert not over, over
 
 
+def test_a_cnn_with_as_many_channels_as_examples_reads_no_more(call_counts):
+    """B = 16 equals the first convolution's channels: every activation has a dim of the batch's size off
+    dim 0, which used to run the audit's probe of the rows (one more read, and a backward) on every call.
+    Convolutions, pooling and a flattening keep each example's rows, so the counts stay the CNN's."""
+    module, cases = call_counts
+    torch.manual_seed(0)
+    counts = module.count(cases.cnn_problem(16))
+    over = {name: r["sync_ops"] for name, r in counts.items() if r["syncs"] > LIMITS["cnn"][name]}
+    assert not over, over
+
+
 @pytest.mark.parametrize("case", ["mlp", "gpt2"])
 def test_plain_steps_of_a_tracker_with_every_k_read_nothing(call_counts, case):
     """Tracker(every=3): steps 1 and 2 are a plain forward and backward, with no host read of persample's."""

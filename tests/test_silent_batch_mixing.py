@@ -283,3 +283,82 @@ def test_a_width_equal_to_the_batch_size_is_exact_and_a_broadcast_across_it_is_r
     with pytest.raises(persample.NotExact) as err:
         persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     assert err.value.code == "BATCH_MIXED"
+
+
+class _SquareCNN(nn.Module):
+    """Six channels at B = 6: every activation has a dim of the batch's size after dim 0."""
+
+    def __init__(self, mix=None):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3)
+        self.norm = nn.GroupNorm(2, 6)
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+        self.mix = mix
+
+    def forward(self, x):
+        h = F.max_pool2d(torch.relu(self.norm(self.conv(x))), 2)
+        if self.mix is not None:
+            h = self.mix(h)
+        h = F.avg_pool2d(self.conv2(h), 1)
+        return self.head(F.adaptive_avg_pool2d(h, 1).view(h.shape[0], -1))
+
+
+#: Mixes that keep every shape (B = C = 6), so only the probe of the rows can see them.
+SQUARE_MIXES = {
+    "transpose01": lambda h: h.transpose(0, 1),
+    "permute": lambda h: h.permute(1, 0, 2, 3),
+    "einsum-swap": lambda h: torch.einsum("bchw->cbhw", h),
+    "group_norm-of-transpose": lambda h: F.group_norm(h.transpose(0, 1), 2).transpose(0, 1),
+}
+
+
+def _counted_probes(monkeypatch) -> list:
+    from persample.engines.fast import audit
+
+    probes: list = []
+    original = audit.rows_leak
+    monkeypatch.setattr(audit, "rows_leak", lambda *a, **k: probes.append(1) or original(*a, **k))
+    return probes
+
+
+def test_channels_equal_to_the_batch_size_are_exact_without_a_probe(monkeypatch):
+    """Convolutions, GroupNorm, pooling and a flattening view compute each example on its own whatever its
+    channel count: a CNN with as many channels as examples stays on the fast engine, exact, with no probe of
+    the rows (a backward through the whole model on every call)."""
+    probes = _counted_probes(monkeypatch)
+    torch.manual_seed(0)
+    model = _SquareCNN().double()
+    x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+    assert not probes
+
+
+def test_a_per_sample_op_between_two_transposes_is_exact():
+    """Pooling is per sample and per channel, so a pool run on the transposed batch keeps the examples apart:
+    exact, not refused."""
+    torch.manual_seed(0)
+    model = _SquareCNN(lambda h: F.max_pool2d(h.transpose(0, 1), 1).transpose(0, 1)).double()
+    x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+
+
+@pytest.mark.parametrize("name", list(SQUARE_MIXES))
+def test_a_shape_keeping_mix_across_square_channels_is_still_refused(name):
+    """The same model with the batch and the channels swapped somewhere: every shape is as before, so only
+    the transpose's own node, the probe or the spot check can tell; fast and observe refuse with a code."""
+    torch.manual_seed(0)
+    model = _SquareCNN(SQUARE_MIXES[name]).double()
+    x, y = torch.randn(6, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+    assert err.value.code in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE")
+    with pytest.raises(persample.NotExact) as err:
+        with persample.Tracker(model, F.cross_entropy).observe(y):
+            F.cross_entropy(model(x), y).backward()
+    assert err.value.code in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE")

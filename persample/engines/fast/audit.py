@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -321,6 +323,57 @@ _ROW_WISE = frozenset(
 )
 
 
+#: Ops that compute each index of their input's dim 0 on its own, whatever the other dims hold: pooling
+#: (over spatial dims, per sample and channel), and, with parameter weights, convolution and GroupNorm
+#: (per sample N). Their result keeps the batch on dim 0 where their input had it, so a channel count
+#: equal to the batch's size (a CNN at B = 32 with 32 channels) runs no probe of the rows. An unbatched
+#: call reaches them through an ``unsqueeze`` (a node of its own, checked for itself).
+_PER_SAMPLE = frozenset(
+    {
+        "ConvolutionBackward",
+        "NativeGroupNormBackward",
+        "MaxPool2DWithIndicesBackward",
+        "MaxPool3DWithIndicesBackward",
+        "AvgPool2DBackward",
+        "AvgPool3DBackward",
+        "AdaptiveAvgPool2DBackward",
+        "AdaptiveAvgPool3DBackward",
+        "AdaptiveMaxPool2DBackward",
+        "AdaptiveMaxPool3DBackward",
+    }
+)
+
+#: Views and reshapes: where dim 0 keeps its size, row i of the result is row i of the input (they follow
+#: the logical row-major order). Reductions, scans, sorts and softmaxes along dims other than 0
+#: (:data:`_ALONG_DIMS`, not the row indexing ones) keep the rows too.
+_RESHAPES = frozenset({"ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"})
+
+
+def _keeps_rows(node, base: str, activations: frozenset | set) -> bool:
+    """Whether the op of ``node`` (name ``base`` without its number) maps row i of dim 0 of its activation
+    input to row i of its result and nothing else there: see :data:`_PER_SAMPLE` and :data:`_RESHAPES`.
+    The activation must be a node of the graph (checked for itself, so by induction its dim 0 holds the
+    batch); the op's other inputs (weights, biases) must come from parameters alone. Unreadable saved
+    arguments: not known to keep the rows (the probe runs)."""
+    edges = [nxt for nxt, _ in node.next_functions]
+    if not edges or edges[0] is None or _is_parameter(edges[0], activations):
+        return False
+    if not all(nxt is None or _of_parameters_only(nxt, activations) for nxt in edges[1:]):
+        return False
+    try:
+        if base in _RESHAPES:
+            return int(node._saved_self_sym_sizes[0]) == int(node._input_metadata[0].shape[0])
+        if base in _ALONG_DIMS and base not in _ROW_INDEXING and node.name() not in _FULL_REDUCTIONS:
+            dims, shape = getattr(node, _ALONG_DIMS[base], None), _node_input_shape(node)
+            dims = [dims] if isinstance(dims, int) else list(dims or ())
+            if not dims or not shape:
+                return False  # no dims saved: along every dim, dim 0 included
+            return 0 not in {_signed(int(d)) % len(shape) for d in dims}
+    except (AttributeError, IndexError, RuntimeError, TypeError, ValueError, ZeroDivisionError):
+        return False
+    return base in _PER_SAMPLE
+
+
 def _seq_first(units: list[Unit], inputs_moved: bool) -> bool:
     """Whether some tensor may be sequence-first: a raw input's dim 0 moved, or a recurrent or
     ``batch_first=False`` module runs as a fallback."""
@@ -378,7 +431,7 @@ def _batch_dim_off_lead(node, batch_size: int | None, activations: frozenset | s
     if batch_size is None or batch_size < 2 or _of_parameters_only(node, activations):
         return False
     base = node.name().rstrip("0123456789")
-    if base in _ROW_WISE:
+    if base in _ROW_WISE or _keeps_rows(node, base, activations):
         return False  # whatever the shapes, row j of the result comes from row j of the inputs
     if base in ("AddmmBackward", "MmBackward"):  # x @ W.T with W a parameter: a contraction over features
         weight = node.next_functions[-1][0]
@@ -480,15 +533,20 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
             (bit, v) for bit in range(max(1, (batch_size - 1).bit_length())) for v in (0, 1) if (bit, v) != (0, 0)
         ]
     entries = list(seen.items())
-    for bit, value in passes:
+    together = _passes_together(roots, [t for _, (t, _, _) in entries], passes)
+    for index, (bit, value) in enumerate(passes):
         try:
             with probing():
-                grads = torch.autograd.grad(
-                    roots,
-                    [t for _, (t, _, _) in entries],
-                    grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
-                    retain_graph=True,
-                    allow_unused=True,
+                grads = (
+                    together[index]
+                    if together is not None
+                    else torch.autograd.grad(
+                        roots,
+                        [t for _, (t, _, _) in entries],
+                        grad_outputs=[_probe_cotangent(t, bit, value) for t in roots],
+                        retain_graph=True,
+                        allow_unused=True,
+                    )
                 )
         except RuntimeError as err:  # a graph the probe cannot run: refuse rather than trust the rows
             return f"the rows of the batch cannot be shown apart ({type(err).__name__}: {str(err).splitlines()[0]})"
@@ -527,6 +585,34 @@ def rows_leak(outputs: list, units: list[Unit], batch_size: int, *, seq_first: b
             )
         call.row_examples = examples
     return None
+
+
+#: The most numbers (passes × the probed activations' elements) that the probe's passes hold at once when they
+#: run as one batched backward (32 MiB in float32); beyond it, they run one by one.
+_PASSES_TOGETHER_ELEMENTS = 1 << 23
+
+
+def _passes_together(roots: list[Tensor], inputs: list[Tensor], passes: list[tuple[int, int]]) -> list | None:
+    """The probe's passes (:func:`rows_leak`) as one backward with their cotangents stacked
+    (``is_grads_batched``): each pass's gradients, as the pass alone computes them, else None (one pass,
+    more numbers than ``_PASSES_TOGETHER_ELEMENTS``, or a graph that torch cannot run batched: the passes
+    then run one by one). One run of the graph instead of 2·⌈log2 B⌉: what dominates on small models."""
+    if len(passes) < 2 or len(passes) * sum(t.numel() for t in inputs) > _PASSES_TOGETHER_ELEMENTS:
+        return None
+    try:
+        with probing(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a backward op without a batching rule runs in a loop: still exact
+            stacked = torch.autograd.grad(
+                roots,
+                inputs,
+                grad_outputs=[torch.stack([_probe_cotangent(t, bit, v) for bit, v in passes]) for t in roots],
+                retain_graph=True,
+                allow_unused=True,
+                is_grads_batched=True,
+            )
+    except Exception:  # noqa: BLE001 - no batched backward for some op: the passes one by one decide
+        return None
+    return [[None if g is None else g[index] for g in stacked] for index in range(len(passes))]
 
 
 def _examples_of_rows(reached: dict[tuple[int, int], Tensor], batch_size: int) -> Tensor | None:

@@ -975,7 +975,14 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
     def rows(t: Any, b: int) -> Any:
         return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
 
-    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    # B forwards, each with its own parameter leaves (disjoint graphs); then one comparison with the batch's
+    # rows per output, and one backward for all segments together (the graphs do not meet, so each segment's
+    # leaves get that segment's gradient alone): B calls of the module, not B backward passes
+    segments: list[dict[str, Tensor]] = []
+    alone_leaves: list[list[Any]] = []
+    outputs: list[Tensor] = []
+    cotangents: list[Tensor] = []
+    owners: list[int] = []  # the segment of each output
     with autocast_as(call.autocast), torch.enable_grad():
         for b in range(batch_size):
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
@@ -996,25 +1003,36 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
                     code="FALLBACK_NOT_ISOLATED",
                     module=label,
                 ) from err
-            for i, (alone, batched) in enumerate(zip(leaves, out_leaves)):
-                if isinstance(batched, Tensor) and not _same_rows(alone, rows(batched, b)):
-                    raise NotExact(
-                        f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
-                        "differently from those rows of the batch's call: its rows depend on other examples' "
-                        "tokens (an expert capacity, batch-dependent routing)",
-                        code="TOKEN_ROWS_DIFFER",
-                        module=label,
-                    )
-            outputs = [leaves[i] for i in graded if leaves[i].requires_grad]
-            cotangents = [rows(call.out_grads[i], b) * grad_scale for i in graded if leaves[i].requires_grad]
-            cotangents = _external_cotangents(outputs, cotangents)
-            grads: Sequence[Tensor | None] = (
-                torch.autograd.grad(outputs, list(params.values()), cotangents, allow_unused=True)
-                if outputs
-                else [None] * len(names)
+            segments.append(params)
+            alone_leaves.append(leaves)
+            for i in graded:
+                if i < len(leaves) and isinstance(leaves[i], Tensor) and leaves[i].requires_grad:
+                    outputs.append(leaves[i])
+                    cotangents.append(rows(call.out_grads[i], b) * grad_scale)
+                    owners.append(b)
+        differing = _first_differing_segment(alone_leaves, out_leaves, k)
+        if differing is not None:
+            b, i = differing
+            raise NotExact(
+                f"module {label}, called on example {b}'s {k} token rows alone, computes output {i} "
+                "differently from those rows of the batch's call: its rows depend on other examples' "
+                "tokens (an expert capacity, batch-dependent routing)",
+                code="TOKEN_ROWS_DIFFER",
+                module=label,
             )
-            for name, p, g in zip(names, params.values(), grads):
-                per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
+        cotangents = _external_cotangents(outputs, cotangents)
+        leaves_in = [p for params in segments for p in params.values()]
+        grads: Sequence[Tensor | None] = (
+            torch.autograd.grad(outputs, leaves_in, cotangents, allow_unused=True)
+            if outputs
+            else [None] * len(leaves_in)
+        )
+    per_example: dict[str, list[Tensor]] = {name: [] for name in names}
+    flat = iter(zip(leaves_in, grads))
+    for _ in range(batch_size):
+        for name in names:
+            p, g = next(flat)
+            per_example[name].append(torch.zeros_like(p) if g is None else g.detach())
     return {name: DensePiece(at_least_float32(torch.stack(gs))) for name, gs in per_example.items()}
 
 
@@ -1025,7 +1043,13 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
     outputs computed from it (an MoE router returns its logits and the routing weights made from them:
     the logits' gradient holds the weights'). Fed as it is to a backward of all the outputs, that part
     would count twice. With D(i) the outputs computed from output i (found in the recomputed graph),
-    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext."""
+    processed downstream first: c_i,ext = c_i − (∂(y_D(i))/∂y_i)ᵀ c_D(i),ext.
+
+    ``outputs`` may hold several segments' outputs, of graphs that do not meet: the outputs whose
+    downstream outputs are all done are done together, in one backward (a y_j not computed from y_i adds
+    nothing to y_i's part)."""
+    if len(outputs) < 2:
+        return list(cotangents)
     edges = {(y.grad_fn, y.output_nr): i for i, y in enumerate(outputs) if y.grad_fn is not None}
     below = []  # below[j]: indices i of the outputs that y_j is computed from
     for j, y in enumerate(outputs):
@@ -1042,18 +1066,56 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
         below.append(found - {j})
     downstream = [[j for j in range(len(outputs)) if i in below[j]] for i in range(len(outputs))]
     external = list(cotangents)
-    for i in sorted(range(len(outputs)), key=lambda i: len(downstream[i])):
-        if downstream[i]:
-            (internal,) = torch.autograd.grad(
-                [outputs[j] for j in downstream[i]],
-                [outputs[i]],
-                [external[j] for j in downstream[i]],
-                retain_graph=True,
-                allow_unused=True,
-            )
-            if internal is not None:
-                external[i] = cotangents[i] - internal
+    done = {i for i in range(len(outputs)) if not downstream[i]}
+    while len(done) < len(outputs):
+        ready = [i for i in range(len(outputs)) if i not in done and all(j in done for j in downstream[i])]
+        if not ready:  # outputs computed from each other both ways cannot happen in a graph
+            raise RuntimeError("persample: the module's outputs form a cycle")
+        used = sorted({j for i in ready for j in downstream[i]})
+        internal = torch.autograd.grad(
+            [outputs[j] for j in used],
+            [outputs[i] for i in ready],
+            [external[j] for j in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        for i, part in zip(ready, internal):
+            if part is not None:
+                external[i] = cotangents[i] - part
+        done.update(ready)
     return external
+
+
+def _first_differing_segment(alone: list[list[Any]], batched: list[Any], k: int) -> tuple[int, int] | None:
+    """The first (example, output) whose segment, computed alone, differs from the batch's rows
+    (:func:`_same_rows`), or None. Each output's B segments are compared in one pass where they are tensors
+    of the batch's row shape (one read of the result), else segment by segment."""
+    for i, whole in enumerate(batched):
+        if not isinstance(whole, Tensor):
+            continue
+        parts = [leaves[i] if i < len(leaves) else None for leaves in alone]
+        tensors = [t for t in parts if isinstance(t, Tensor) and t.shape == (k, *whole.shape[1:])]
+        if whole.dim() > 0 and len(tensors) == len(parts) and all(t.dtype == whole.dtype for t in tensors):
+            stacked = torch.stack([t.detach() for t in tensors])
+            if _same_segments(stacked, whole.detach().reshape(len(parts), k, *whole.shape[1:])):
+                continue
+        for b, t in enumerate(parts):
+            if not _same_rows(t, whole[b * k : (b + 1) * k] if whole.dim() > 0 else whole):
+                return b, i
+    return None
+
+
+def _same_segments(alone: Tensor, batched: Tensor) -> bool:
+    """:func:`_same_rows` for every segment at once: ``[B, k, *]`` each, the tolerance relative to each
+    segment's largest value."""
+    if not alone.is_floating_point():
+        return bool(torch.equal(alone, batched))
+    tolerance = 1e-6 if batched.dtype == torch.float64 else 1e-5 if batched.element_size() >= 4 else 1e-2
+    scale = (
+        batched.abs().reshape(batched.shape[0], -1).amax(1) if batched.numel() else batched.new_zeros(batched.shape[0])
+    )
+    bound = (scale * tolerance).reshape(-1, *[1] * (batched.dim() - 1)) + tolerance * batched.abs()
+    return bool(((alone - batched).abs() <= bound).all())
 
 
 def _same_rows(alone: Any, batched: Any) -> bool:
@@ -1173,6 +1235,7 @@ def differing_flags(
     float64_rtol: float,
     rtol: float = 1e-3,
     rtols: dict[str, float] | None = None,
+    differences: dict[str, Tensor] | None = None,
 ) -> Tensor | None:
     """Per name of ``pieces``, in order, whether (1/B) Σ_i g_i from the piece differs from ``means[name]``
     by more than rounding, as a bool tensor on the device, unread (None when there is nothing to compare).
@@ -1189,25 +1252,42 @@ def differing_flags(
     spread of D's rows: one column when M has many rows, four otherwise (for m, ‖M·V‖_∞ is divided by
     √(columns of M), the gain of a Gaussian sum). The pieces' closed forms make this O(activations)
     instead of one more weight-gradient product per layer.
+
+    ``differences``: D = (1/B) Σ_i g_i − ``means[name]`` already known for some names (a pass that formed
+    the g_i for the statistics summed them too); D is then compared as above, whole or through the
+    same probe, in place of the difference of the piece's sum and the mean: the same comparison.
     """
     constants: dict[tuple, Tensor] = {}  # probes and averaging weights, made once per shape
     rtols_by_name = rtols or {}
-    differences, sizes, tolerances, gains = [], [], [], []
+    known = differences or {}
+    gaps, sizes, tolerances, gains = [], [], [], []
     for name, piece in pieces.items():
-        got, expected, gain = _sum_and_expected(piece, means[name], constants)
-        differences.append(torch.linalg.vector_norm(got - expected, float("inf")).double())
-        sizes.append(torch.linalg.vector_norm(expected, float("inf")).double())
+        if name in known:
+            difference, expected, gain = _projected_difference(known[name], means[name], constants)
+        else:
+            got, expected, gain = _sum_and_expected(piece, means[name], constants)
+            difference = got - expected
+        gaps.append(torch.linalg.vector_norm(difference, float("inf")))
+        sizes.append(torch.linalg.vector_norm(expected, float("inf")))
         gains.append(gain)
         base = float64_rtol if expected.dtype == torch.float64 else rtol
         tolerances.append(max(base, rtols_by_name.get(name, 0.0)))
-    if not differences:
+    if not gaps:
         return None
-    device = differences[0].device  # parameters may live on several devices
-    size = torch.stack([s.to(device) for s in sizes])
+    device = gaps[0].device  # parameters may live on several devices
+    size = _as_float64_vector(sizes, device)
     largest = (size / torch.tensor(gains, dtype=torch.float64, device=device)).max()
     scale = torch.maximum(size, MODEL_SCALE_FLOOR * largest).clamp_min(1e-12)
     tolerance = torch.tensor(tolerances, dtype=torch.float64, device=device) * scale
-    return torch.stack([d.to(device) for d in differences]) > tolerance
+    return _as_float64_vector(gaps, device) > tolerance
+
+
+def _as_float64_vector(values: list[Tensor], device: torch.device) -> Tensor:
+    """0-d tensors (maxima of |x|: exact in any float dtype) as one float64 vector on ``device``: one stack
+    (which promotes to the widest dtype) and one cast where they share the device."""
+    if all(v.device == device for v in values):
+        return torch.stack(values).double()
+    return torch.stack([v.double().to(device) for v in values])
 
 
 def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
@@ -1219,12 +1299,45 @@ def _sum_and_expected(piece: Piece, mean: Tensor, constants: dict) -> tuple[Tens
             constants[key] = torch.full(key[1:2], 1.0 / piece.batch_size, dtype=mean.dtype, device=mean.device)
         return piece.weighted_sum(constants[key]), mean, 1.0
     matrix = as_matrix(mean)
+    probe = _probe(matrix, constants)
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return piece.projected_sum(probe) / piece.batch_size, matrix @ probe, gain
+
+
+def _projected_difference(difference: Tensor, mean: Tensor, constants: dict) -> tuple[Tensor, Tensor, float]:
+    """(D, mean, 1) whole for small parameters; both times the probe V of :func:`_sum_and_expected` for
+    larger ones, and the gain: for a known D = (1/B) Σ_i g_i − mean, what that function's two results
+    differ by."""
+    if mean.numel() <= EXACT_CHECK_NUMEL:
+        return difference, mean, 1.0
+    matrix = as_matrix(mean)
+    probe = _probe(matrix, constants)
+    gain = math.sqrt(max(matrix.shape[1], 1))
+    return as_matrix(difference.to(matrix.dtype)) @ probe, matrix @ probe, gain
+
+
+#: Probes kept across calls, by (columns, probe columns, dtype, device): each is drawn from a seed fixed by
+#: its shape, so a call finds the one it would draw (at most ``_PROBES_KEPT``; then drawn afresh).
+_PROBES: dict[tuple, Tensor] = {}
+_PROBES_KEPT = 256
+
+
+def _probe(matrix: Tensor, constants: dict) -> Tensor:
+    """The Gaussian probe V for a ``[rows, columns]`` matrix: one column when it has many rows, four
+    otherwise; from a seed fixed by its shape (the global RNG is untouched), drawn once per shape and
+    process (``_PROBES``), not once per call."""
     key = ("probe", matrix.shape[1], 1 if matrix.shape[0] >= 16 else 4, matrix.dtype, matrix.device)
     if key not in constants:
-        generator = torch.Generator(device=matrix.device).manual_seed(len(constants))
-        constants[key] = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
-    gain = math.sqrt(max(matrix.shape[1], 1))
-    return piece.projected_sum(constants[key]) / piece.batch_size, matrix @ constants[key], gain
+        probe = _PROBES.get(key)
+        if probe is None:
+            generator = torch.Generator(device=matrix.device).manual_seed(4 * key[1] + key[2])
+            with torch.inference_mode(False):  # a plain tensor, whatever mode the first call ran in
+                probe = torch.randn(key[1:3], generator=generator, dtype=matrix.dtype, device=matrix.device)
+            if len(_PROBES) >= _PROBES_KEPT:
+                _PROBES.clear()
+            _PROBES[key] = probe
+        constants[key] = probe
+    return constants[key]
 
 
 def _second_moments(

@@ -50,6 +50,7 @@ from .alone import signature as alone_signature
 from .plan import checked_alone, model_plan, remember_alone
 from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
 from .model_loss import observed_model_losses
+from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
 
 __all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
@@ -303,9 +304,19 @@ def _observed_stats(
                 means = {n: _mean_from_increment(p, before[n], scale / batch_size) for n, p in params.items()}
                 layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
                 pieces = _pieces_by_parameter(units, params, means, layout, checks=step_reads)
-                _check_against_grad(pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads)
+                differences, second = _formed_sums(pieces, means, var)
+                _check_against_grad(
+                    pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads, differences=differences
+                )
                 stats = reduce_pieces(
-                    pieces, means, losses, var=var, inner_products=inner_products, clip_norm=None, reference=reference
+                    pieces,
+                    means,
+                    losses,
+                    var=var,
+                    inner_products=inner_products,
+                    clip_norm=None,
+                    reference=reference,
+                    second_moments=second,
                 )
             except BaseException:
                 step_reads.raise_first()  # a check added before failed (gradients not finite): that error
@@ -404,11 +415,17 @@ def _captured_half(units) -> bool:
 def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) -> Tensor:
     """factor · (p.grad − before), a new tensor in float32 or wider (statistics must not alias
     ``p.grad``, and are kept in float32 whatever the autocast or parameter dtype)."""
-    dtype = torch.promote_types(p.dtype, torch.float32)
+    dtype = p.dtype if p.dtype in _WIDE else torch.promote_types(p.dtype, torch.float32)
     if p.grad is None:
         return torch.zeros_like(p, dtype=dtype)
-    increment = p.grad.detach().to(dtype, copy=True) if before is None else p.grad.detach().to(dtype) - before
+    grad = p.grad.detach()
+    if before is None and grad.dtype == dtype and factor != 1.0:
+        return torch.mul(grad, factor)  # one pass: the same rounding as a copy scaled in place
+    increment = grad.to(dtype, copy=True) if before is None else grad.to(dtype) - before
     return increment.mul_(factor) if factor != 1.0 else increment
+
+
+_WIDE = (torch.float32, torch.float64)
 
 
 def _check_reduction(
@@ -506,11 +523,62 @@ def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: i
     return losses, w
 
 
-def _check_against_grad(pieces, means, rtol: float = 1e-3, checks: HostChecks | None = None) -> None:
+def _sum_from_formation(piece: Piece) -> bool:
+    """Whether the check of this piece's Σ_i g_i against ``p.grad`` is cheaper from the pass that forms
+    its g_i for the statistics anyway (:func:`_formed_sums`: one more read of each formed chunk) than
+    from the piece's own closed form: a convolution's (``projected_sum`` is its whole weight-gradient
+    convolution once more), and a Linear map's on T > 1 positions where the statistics form its g_i
+    (with the variance, or for the norms where the ghost norm costs more) and T·(p + d) > p·d (its
+    projected sum over the activations then reads more than the formed g_i). Only the cost depends on
+    this: every other piece is checked by its closed form, as before."""
+    kind = type(piece)
+    if kind is OuterPiece:
+        return piece.positions != 1 and not piece._ghost_is_cheaper()  # type: ignore[attr-defined]  # an OuterPiece
+    return kind is ConvPiece
+
+
+def _formed_sums(
+    pieces: dict[str, Piece], means: dict[str, Tensor], var: bool
+) -> tuple[dict[str, Tensor], dict[str, tuple] | None]:
+    """(D per name, (M2, None) per name with ``var``) for the pieces whose statistics form their g_i
+    anyway and whose check is cheaper from them (:func:`_sum_from_formation`), from that one formation.
+
+    With the variance the pass goes over the chunks around ḡ, the mean of the p.grad increment: with
+    d_i = g_i − ḡ it adds D = (1/B) Σ_i d_i = (1/B) Σ_i g_i − ḡ, the difference that the check of the sum
+    against ``p.grad`` compares (:func:`.engine.differing_flags`, whole or through the same probe: the
+    same comparison, without a second product of the whole batch such as a convolution's weight
+    gradient), and M2 = Σ_i d_i², the two-pass form ``centered_second_moment(ḡ)`` gives (exact, nothing
+    to flag). Without it the pass adds Σ_i g_i as it is formed (no centring), and D = (1/B) Σ_i g_i − ḡ.
+    Either way the norms ‖g_i‖² are kept from the same chunks."""
+    differences: dict[str, Tensor] = {}
+    second: dict[str, tuple] = {}
+    for name, piece in pieces.items():
+        if not _sum_from_formation(piece):
+            continue
+        if var:
+            _, total, squares = piece._chunk_pass(means[name], sums=True, squares=True)
+            assert total is not None and squares is not None  # summed around a given centre
+            differences[name] = piece._scaled(total.view(piece.shape)).div_(piece.batch_size)
+            second[name] = (piece._scaled(squares.view(piece.shape), 2), None)
+        else:
+            _, total, _ = piece._chunk_pass(sums=True, squares=False)
+            assert total is not None  # no centre, no shift: summed as formed
+            differences[name] = torch.sub(piece._scaled(total.view(piece.shape)).div_(piece.batch_size), means[name])
+    return differences, (second if var else None)
+
+
+def _check_against_grad(
+    pieces,
+    means,
+    rtol: float = 1e-3,
+    checks: HostChecks | None = None,
+    differences: dict[str, Tensor] | None = None,
+) -> None:
     """Σ_i g_i of the pieces against the p.grad increment (``rtol`` outside float64: 3e-2 when the
     forward ran in half precision, whose rounding the two sides carry differently); read when
-    ``checks`` are (now without them)."""
-    flags = differing_flags(pieces, means, float64_rtol=1e-6, rtol=rtol)
+    ``checks`` are (now without them). ``differences``: (1/B) Σ_i g_i − mean where it is known already
+    (:func:`_formed_sums`)."""
+    flags = differing_flags(pieces, means, float64_rtol=1e-6, rtol=rtol, differences=differences)
     if flags is None:
         return
     names = list(pieces)
