@@ -156,8 +156,17 @@ def _statistics_step(
     first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
     # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
     handle = forward_hook_if_possible(model, _first_batch_forward(first_forward, batch.size))
+    engine_output: list = []  # the fast engine's: its losses and their gradient at the output (AtOutput)
     try:
-        stats = compute_stats(model, per_example, batch, clip_norm=clip_norm, fork_rng=False, **config.stats_options)
+        stats = compute_stats(
+            model,
+            per_example,
+            batch,
+            clip_norm=clip_norm,
+            fork_rng=False,
+            engine_output=engine_output,
+            **config.stats_options,
+        )
     finally:
         if handle is not None:
             handle.remove()
@@ -165,9 +174,17 @@ def _statistics_step(
     factor = None
     if first_forward:
         output, buffers_after_forward = first_forward[0]
+        # where the engine's forward gave this output, its backward gave L_i and their gradient there
+        at_output = engine_output[2] if len(engine_output) == 3 and engine_output[0] is output else None
         try:
             weights, used_leaves = weights_at_output(
-                config.batch_loss, per_example, output, batch.targets, batch.size, **_model_inputs(model, batch)
+                config.batch_loss,
+                per_example,
+                output,
+                batch.targets,
+                batch.size,
+                at_output=at_output,
+                **_model_inputs(model, batch),
             )
             factor = common_weight(weights, rtol=1e-5)
         except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics

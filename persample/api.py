@@ -156,8 +156,10 @@ def per_sample_grads(
 
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
-            output, standard = (first_forward + [None, False])[:2]
-            opaque = _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
+            output, standard, at_output = first_forward + [None, False, None][len(first_forward) :]
+            opaque = _check_loss_on_batch(
+                model, loss_fn, batch, output, found, standard_loss=standard, at_output=at_output
+            )
         if opaque and randomness == "error":
             _check_loss_in_the_model(model, loss_fn, batch, {k: g.mean(0) for k, g in grads.items()}, found)
     return grads
@@ -281,6 +283,7 @@ def compute_stats(
     reference: Mapping[str, Tensor] | None = None,
     batch_loss_check: bool = False,
     sharding: Callable[[nn.Module], str | None] = planned_sharding,
+    engine_output: list | None = None,
 ) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
@@ -288,6 +291,9 @@ def compute_stats(
     step would (what :class:`persample.Tracker` wants). ``batch_loss_check``:
     see :func:`grad_stats` (off here: the Tracker derives and checks its weights itself). ``sharding``:
     how :func:`check_supported` finds how the model is sharded (the per-model plan's, where it holds).
+    ``engine_output``: without ``batch_loss_check``, a list that gets what the fast engine keeps of its
+    forward (``keep_output`` of :func:`~persample.engines.fast.engine.fast_grad_stats`), for the
+    caller's own check at the output.
     """
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _CHAINS)
@@ -302,12 +308,11 @@ def compute_stats(
     )
 
     first_forward: list = []  # the fast engine's forward of the batch: its output, for batch_loss_check
+    kept = first_forward if batch_loss_check else engine_output
 
     def run(name: str) -> GradStats:
         if name == "fast":
-            return fast_grad_stats(
-                model, loss_fn, batch, keep_output=first_forward if batch_loss_check else None, **options
-            )
+            return fast_grad_stats(model, loss_fn, batch, keep_output=kept, **options)
         streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
         with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
             return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
@@ -322,8 +327,10 @@ def compute_stats(
             opaque = _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
         stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
-            output, standard = (first_forward + [None, False])[:2]
-            opaque = _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard)
+            output, standard, at_output = first_forward + [None, False, None][len(first_forward) :]
+            opaque = _check_loss_on_batch(
+                model, loss_fn, batch, output, found, standard_loss=standard, at_output=at_output
+            )
         if opaque and randomness == "error":
             _check_loss_in_the_model(model, loss_fn, batch, stats.mean, found)
         return stats
@@ -337,13 +344,16 @@ def _check_loss_on_batch(
     found,
     stop_random: bool = False,
     standard_loss: bool = False,
+    at_output: Any = None,
 ) -> bool:
     """``batch_loss_check``: raise :class:`BatchLossMismatch` where ``loss_fn`` couples the examples
     (:func:`persample.batch_loss.check_batch_loss`), at ``output`` or, without one, at the output of
     one more forward of the batch without gradients (buffers then put back as ``found``). A model
     that cannot run the whole batch at once leaves nothing to check. ``standard_loss``: the fast engine
     found ``loss_fn`` to be one standard loss on this ``output`` (a weighted sum by its form), so the
-    check, which would trace it again to find the same, has nothing to do.
+    check, which would trace it again to find the same, has nothing to do. ``at_output``: what the fast
+    engine's backward left at ``output`` (:class:`persample.engines.fast.engine.AtOutput`), which the check
+    then need not compute again.
 
     Returns True where the loss is computed inside the model (its weights cannot be read at the output):
     the caller then checks it on the gradients (:func:`_check_loss_in_the_model`)."""
@@ -359,7 +369,7 @@ def _check_loss_on_batch(
         finally:
             restore_buffer_state(found)
     try:
-        return check_batch_loss(loss_fn, output, batch.targets, batch.size)
+        return check_batch_loss(loss_fn, output, batch.targets, batch.size, at_output=at_output)
     except BatchLossMismatch as err:
         raise refusal(
             "BATCH_LOSS_COUPLED",

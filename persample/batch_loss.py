@@ -353,7 +353,7 @@ class NonFiniteExampleLoss(BatchLossMismatch):
     example whose targets are all ignored, say), rather than because the batch loss couples the examples."""
 
 
-def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int) -> bool:
+def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: int, at_output: Any = None) -> bool:
     """Raise :class:`BatchLossMismatch` where ``loss_fn`` on the whole batch is not Σ_i w_i L_i of
     L_i = ``loss_fn`` on example i alone (a loss that couples the examples: NT-Xent / SimCLR, CLIP,
     batch-hard triplets, a batch-centred MSE, a load-balancing term over the batch's router outputs).
@@ -362,6 +362,8 @@ def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: i
     the model's output on the batch (:func:`weights_at_output`); the model is not run. Any weights
     are allowed (means, sums, class weights). Where the loss cannot be read at the output (it is not
     finite there; it is not a scalar on the whole batch) nothing can be told, and nothing is raised.
+    ``at_output``: the fast engine's per-example losses at this very output and their gradient there
+    (:class:`persample.engines.fast.engine.AtOutput`), which the check then does not compute again.
 
     Returns:
         True where the loss is computed inside the model (``lambda out: out.loss``): its weights cannot
@@ -374,7 +376,8 @@ def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: i
     if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
         return False  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
     try:
-        weights_at_output(batch_fn, per_example_fn, output, targets, batch_size)
+        found = at_output if batch_fn is per_example_fn else None  # the engine evaluated loss_fn per example
+        weights_at_output(batch_fn, per_example_fn, output, targets, batch_size, at_output=found)
     except OpaqueLoss:
         return True
     except (NonFiniteLoss, NonFiniteExampleLoss):
@@ -430,6 +433,7 @@ def weights_at_output(
     *,
     model: Any = None,
     inputs: Any = None,
+    at_output: Any = None,
 ) -> tuple[Tensor, list[int]]:
     """Derive and check the weights w_i of ℓ = ``batch_fn(output, targets)`` over
     L_i = ``per_example_fn`` on example i, at (a detached copy of) ``output``.
@@ -456,6 +460,11 @@ def weights_at_output(
     ``labels=`` among ``inputs``) is read at ``output`` itself, whose graph from ``out.loss`` to the logits
     must still be there: the per-example losses are recomputed from the logits and the weights checked
     (:func:`persample.engines.fast.model_loss.model_losses`).
+
+    ``at_output``: the per-example losses L_i = ``per_example_fn`` on example i of this very ``output``,
+    and ∇_o (1/B) Σ_i L_i at its floating leaves, from the fast engine's own backward
+    (:class:`persample.engines.fast.engine.AtOutput`): then they are not evaluated and differentiated
+    again, and b_i = B · that gradient (w_i is derived against it, then divided by B).
     """
     from torch.utils._pytree import tree_unflatten
 
@@ -485,19 +494,25 @@ def weights_at_output(
             checks.add(~all_finite(detached[i].detach()), NonFiniteLoss)
     try:
         with torch.enable_grad():
-            try:
-                losses = per_example_losses(per_example_fn, out, targets, batch_size)
-            except NotExact as err:
-                raise OpaqueLoss(per_example=True) from err
-            example_grads: Sequence[Tensor | None] = (
-                torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-                if losses.requires_grad
-                else [None] * len(differentiable)
-            )
-            if not losses.requires_grad or any(
-                g is not None and not batched[i] for i, g in zip(differentiable, example_grads)
-            ):
-                raise OpaqueLoss(per_example=True)
+            example_grads: Sequence[Tensor | None]
+            if at_output is not None and set(at_output.mean_grads) == set(differentiable):
+                losses = at_output.losses  # the engine's: every floating leaf batched (AtOutput)
+                example_grads = [at_output.mean_grads[i] for i in differentiable]
+            else:
+                at_output = None
+                try:
+                    losses = per_example_losses(per_example_fn, out, targets, batch_size)
+                except NotExact as err:
+                    raise OpaqueLoss(per_example=True) from err
+                example_grads = (
+                    torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
+                    if losses.requires_grad
+                    else [None] * len(differentiable)
+                )
+                if not losses.requires_grad or any(
+                    g is not None and not batched[i] for i, g in zip(differentiable, example_grads)
+                ):
+                    raise OpaqueLoss(per_example=True)
             ell = batch_fn(out) if targets is None else batch_fn(out, targets)
             if not isinstance(ell, Tensor) or ell.dim() != 0:
                 raise ValueError(
@@ -519,6 +534,9 @@ def weights_at_output(
     example_grads = [g for i, g in zip(differentiable, example_grads) if batched[i]]
     by_leaf = dict(zip(differentiable, batch_grads))
     w = derive_weights([by_leaf[i] for i in on_batched], example_grads, batch_size, checks=checks)
+    if at_output is not None:  # derived against the gradient of the mean (1/B) Σ_i L_i
+        read = getattr(w, _HOST_VALUES, None)  # already on the host: divided there, still no read
+        w = w / batch_size if read is None else host_weights([v / batch_size for v in read])
     return w, [i for i, g in by_leaf.items() if g is not None]
 
 

@@ -674,9 +674,12 @@ def _local_shard_sums(
     if m2 is not None:
         local[:, 1] = per_param(m2)
         if n > 1:  # ḡ_j² / Var_j over the elements with Var_j > 0, and their count
-            keep = m2 > 0
-            local[:, 2] = per_param(torch.where(keep, sq.mul_(n - 1).div_(m2.where(keep, 1.0)), 0.0))
-            local[:, 3] = per_param(keep.double())
+            # in place in sq (the same numbers as torch.where(keep, ratio, 0), without two more P-sized
+            # tensors: freshly allocated memory is paid in page faults on CPU), then the count in that buffer
+            keep = m2 > 0  # (NaN: not kept)
+            ratio = sq.mul_(n - 1).div_(m2).masked_fill_(keep.logical_not(), 0.0)
+            local[:, 2] = per_param(ratio)
+            local[:, 3] = per_param(ratio.copy_(keep))
     if r is not None:
         local[:, 4] = per_param(mu * r)
         local[:, 5] = per_param((r - mu).square_())

@@ -45,6 +45,7 @@ from typing import Any, Callable, Sequence, cast
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -104,8 +105,10 @@ def fast_grad_stats(
 
     ``keep_output``: a list that gets the model's output on the batch once the forward has run (also
     when the engine then refuses), for checks at the output that need no forward of their own; then
-    ``True`` if ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
-    is a weighted sum of per-example losses by its form.
+    whether ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
+    is a weighted sum of per-example losses by its form; then, once the backward has run, an
+    :class:`AtOutput` (the per-example losses and their mean's gradient at the output, which the
+    check at the output would otherwise compute again) or None.
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
@@ -132,6 +135,32 @@ def fast_grad_stats(
             reference=reference,
             second_moments=second,
         )
+
+
+@dataclass
+class AtOutput:
+    """What the fast engine's own backward already knows at the model's output, for the batch-loss check
+    (:func:`persample.batch_loss.weights_at_output`): ``losses``, the per-example losses L_i ``[B]``
+    (detached, at least float32), and ``mean_grads``, ∇_o (1/B) Σ_i L_i at each floating leaf o of the
+    output's pytree (its index in ``tree_flatten(output)``; None where L_i does not reach it), each L_i
+    being ``loss_fn`` on example i's output alone (vmapped). Made only where every floating leaf is
+    batched, reached by the graph and in float32 or float64, so that these are exactly what the check
+    computes on a detached copy of the output, up to the factor 1/B."""
+
+    losses: Tensor
+    mean_grads: dict[int, Tensor | None]
+
+
+def _loss_leaves_at_output(output: Any, batch_size: int) -> list[tuple[int, Tensor]] | None:
+    """(index, leaf) of every floating leaf of the output's pytree, where :class:`AtOutput` can be made
+    for them (every such leaf batched, in the graph, float32 or float64), else None."""
+    leaves, _, batched = output_leaves(output, batch_size)
+    floating = [(i, t) for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
+    if not floating or any(
+        not batched[i] or not t.requires_grad or t.dtype not in (torch.float32, torch.float64) for i, t in floating
+    ):
+        return None
+    return floating
 
 
 @dataclass
@@ -191,13 +220,17 @@ def fast_pieces(
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
             closed = None if own is None else own.losses
+        standard = closed is not None  # a weighted sum of per-example losses by its form (checked, if own)
         losses = (
             closed
             if closed is not None
             else per_example_losses(loss_fn, output, batch.targets, batch.size, closed_form=False)
         )
-        if keep_output is not None and closed is not None:
-            keep_output.append(True)
+        if keep_output is not None:
+            keep_output.append(standard)
+        # vmapped losses: their gradient at the output comes with the backward, for the check at the output
+        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and closed is None else None
+        at_output: AtOutput | None = None
         capture.end_forward()
         if capture.escape is not None:
             raise NotExact(capture.escape)
@@ -239,6 +272,7 @@ def fast_pieces(
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
         if followed:
+            loss_leaves = None  # the backward runs through the recomputations: the check computes its own
             if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
                 _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
             grads = _backward_through_recomputations(
@@ -250,9 +284,22 @@ def fast_pieces(
             if found is not None:
                 raise NotExact(found)
         else:
+            if planned:  # the output's gradient could come from a cut's closed form: the check computes its own
+                loss_leaves = None
+            at_leaves = [get_gradient_edge(t) for _, t in loss_leaves or []]
             grads, cuts = _autograd_means(
-                mean_loss, list(from_autograd.values()) + [edge for _, _, edge in outputs], planned, closed_form
+                mean_loss,
+                list(from_autograd.values()) + [edge for _, _, edge in outputs],
+                planned,
+                closed_form,
+                at_leaves,
             )
+            if loss_leaves is not None and keep_output is not None:
+                leaf_grads = grads[len(grads) - len(at_leaves) :]
+                at_output = AtOutput(
+                    at_least_float32(losses.detach()), {i: g for (i, _), g in zip(loss_leaves, leaf_grads)}
+                )
+            grads = grads[: len(grads) - len(at_leaves)]
         if capture.rewritten_gradient is not None:
             raise NotExact(capture.rewritten_gradient)
     delivered = {id(call) for cut in planned for call in cut.unit.calls}  # the cut backward added theirs
@@ -278,6 +325,8 @@ def fast_pieces(
     if spot is not None and capture.random_call is None and not followed:
         if check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found).verdict:
             remember_alone(model, spot)
+    if keep_output is not None and len(keep_output) == 2:  # the output and whether the loss is standard
+        keep_output.append(at_output)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 
 
@@ -376,11 +425,14 @@ def _positions(x: Tensor, place: Any) -> int:
     return x.numel() // max(1, examples * x.shape[-1])
 
 
-def _autograd_means(mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form) -> tuple[list, list[Cut]]:
+def _autograd_means(
+    mean_loss: Tensor, inputs: list, cuts: list[Cut], closed_form, also: Sequence = ()
+) -> tuple[list, list[Cut]]:
     """autograd's gradient of the mean loss for every input, parameters or edges (None where unused),
-    through :func:`.cuts.backward`; and the cuts that held."""
+    through :func:`.cuts.backward`; and the cuts that held. ``also``: more edges (the model output's,
+    for :class:`AtOutput`), whose gradients follow those of ``inputs`` in the same backward."""
     try:
-        return cut_backward(mean_loss, inputs, cuts, closed_form)
+        return cut_backward(mean_loss, [*inputs, *also], cuts, closed_form)
     except RuntimeError as err:
         if is_reentrant_checkpoint_error(err):
             raise NotExact(REENTRANT_CHECKPOINT) from err
