@@ -156,8 +156,11 @@ def _statistics_step(
     first_forward: list = []  # the first forward of the batch: (its output, the buffers as it left them)
     # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
     handle = forward_hook_if_possible(model, _first_batch_forward(first_forward, batch.size))
+    used: list = []  # the engine whose statistics these are
     try:
-        stats = compute_stats(model, per_example, batch, clip_norm=clip_norm, fork_rng=False, **config.stats_options)
+        stats = compute_stats(
+            model, per_example, batch, clip_norm=clip_norm, fork_rng=False, engine_used=used, **config.stats_options
+        )
     finally:
         if handle is not None:
             handle.remove()
@@ -181,8 +184,12 @@ def _statistics_step(
         leaves = flat_leaves(output)
         reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
         # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
-        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient
-        if reached is not None and not inputs_with_grad and not hooked_parameters(model):
+        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient.
+        # vmap and the loop compute each example alone: where the fast engine refused because the forward
+        # couples the examples, their mean is not the batch's gradient, which loss.backward() gives (clipping
+        # combines the clipped g_i by definition)
+        coupled = any(isinstance(u, tuple) and u[1] in COUPLING_CODES for u in used) and clip_norm is None
+        if reached is not None and not coupled and not inputs_with_grad and not hooked_parameters(model):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean
@@ -210,6 +217,24 @@ def _statistics_step(
     if checking:
         check_against_autograd(config, batch, weights)
     return StepOutcome(stats, update, input_grads)
+
+
+#: Refusals of the fast engine that say the batch's forward does not compute each example as it computes it
+#: alone (it mixes rows, depends on positions or the batch size, or a module's batch gradient is not the sum of
+#: its examples' gradients): then Σ_i w_i g_i of the examples alone is not the gradient loss.backward() gives.
+COUPLING_CODES = frozenset(
+    {
+        "BATCH_MIXED",
+        "EXAMPLE_DIFFERS_ALONE",
+        "FALLBACK_SUM_MISMATCH",
+        "FALLBACK_NOT_BATCHED",
+        "TOKEN_ROWS_DIFFER",
+        "GRADIENT_REWRITTEN",
+        "CUSTOM_RULE_SUM_MISMATCH",
+        "BUFFERS_CHANGED",
+        "LOSS_NOT_PER_EXAMPLE",
+    }
+)
 
 
 def check_against_autograd(config: StepConfig, batch: Batch, weights: Tensor) -> None:
