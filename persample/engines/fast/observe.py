@@ -407,7 +407,10 @@ def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) 
     dtype = torch.promote_types(p.dtype, torch.float32)
     if p.grad is None:
         return torch.zeros_like(p, dtype=dtype)
-    increment = p.grad.detach().to(dtype, copy=True) if before is None else p.grad.detach().to(dtype) - before
+    grad = p.grad.detach()
+    grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
+    before = before.to_dense() if before is not None and before.is_sparse else before
+    increment = grad.to(dtype, copy=True) if before is None else grad.to(dtype) - before
     return increment.mul_(factor) if factor != 1.0 else increment
 
 
