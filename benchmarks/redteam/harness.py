@@ -54,7 +54,7 @@ def oracle(make, loss_fn, x, y):
         loss = loss_fn(out) if y is None else loss_fn(out, split(y, i))
         gs = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for n, g in zip(names, gs):
-            rows[n].append(torch.zeros_like(params[n]) if g is None else g.detach())
+            rows[n].append(torch.zeros_like(params[n]) if g is None else (g.to_dense() if g.is_sparse else g).detach())
         losses.append(loss.detach())
     rows = {n: torch.stack(r) for n, r in rows.items()}
     return rows, torch.stack(losses)
@@ -65,12 +65,13 @@ def plain_grad(make, loss_fn, x, y):
     out = call(model, x)
     loss = loss_fn(out) if y is None else loss_fn(out, y)
     loss.backward()
-    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+    return {n: (None if p.grad is None else p.grad.to_dense().clone()) for n, p in model.named_parameters()}
 
 
 def rel(a, b):
     if a is None or b is None:
         return 0.0 if (a is None and b is None) else float("inf")
+    a, b = a.to_dense(), b.to_dense()
     a, b = a.double(), b.double()
     if a.shape != b.shape:
         return float("inf")
