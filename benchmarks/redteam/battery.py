@@ -735,6 +735,9 @@ LOSSES = {
         (X(B, 3, seed=7) > 0).double(),
     ),
     "cosine embedding loss": (lambda o, y: F.cosine_embedding_loss(o, y, torch.ones(o.shape[0])), X(B, 3, seed=8)),
+    "position-weighted sum (arange+1)": (lambda o, y: (F.cross_entropy(o, y, reduction="none") * torch.arange(1, o.shape[0] + 1)).sum(), yc),
+    "position-weighted sum (arange)": (lambda o, y: (F.cross_entropy(o, y, reduction="none") * torch.arange(o.shape[0])).mean(), yc),
+    "first example only": (lambda o, y: F.cross_entropy(o[:1], y[:1]), yc),
     "ctc-like: loss.mean() of per-ex via numel": (lambda o, y: (o - y).pow(2).sum() / o.numel(), X(B, 3, seed=5)),
 }
 _GLOBAL = {}

@@ -50,6 +50,7 @@ __all__ = [
     "auto_chunk_size",
     "refuse_module_backward_hooks",
     "refuse_unseen_hooks",
+    "refuse_compiled_sharing",
     "check_per_example_loss",
     "example_loss",
 ]
@@ -111,6 +112,29 @@ def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
             code="PARAMETER_GRADIENT_HOOK",
         )
     refuse_module_backward_hooks(model, engine)
+
+
+def refuse_compiled_sharing(model: nn.Module) -> None:
+    """Raise ``VMAP_CANNOT_RUN`` (:class:`NotExact`) where a parameter is reached both inside a
+    ``torch.compile``d submodule and outside it (``self.l1`` and ``torch.compile(nn.Sequential(self.l1, ...))``).
+    ``torch.func.functional_call`` on such a model leaves the compiled module's cached graph without that
+    parameter's gradient for every later call, the user's own training included (torch 2.13; a whole model
+    compiled, or a compiled submodule whose parameters are its own, is fine)."""
+    inside: set[int] = set()
+    outside: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if "_orig_mod" in name.split("."):
+            inside.add(id(p))
+        else:
+            outside.setdefault(id(p), name)
+    shared = [outside[i] for i in inside if i in outside]
+    if shared:
+        raise refusal(
+            "VMAP_CANNOT_RUN",
+            f"parameter {shared[0]!r} is used both inside a torch.compile'd submodule and outside it: "
+            "torch.func.functional_call would leave the compiled module without its gradient for every later "
+            f"call. Fix: {PRECONDITIONS['VMAP_CANNOT_RUN'].fix}",
+        )
 
 
 def refuse_module_backward_hooks(model: nn.Module, engine: str) -> None:
@@ -241,6 +265,7 @@ def per_example_grads(
     computation, not the ``B × P`` result.
     """
     refuse_unseen_hooks(model, "vmap")
+    refuse_compiled_sharing(model)
     with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         if chunk_size is None or chunk_size >= batch.size:
@@ -272,6 +297,7 @@ def vmap_grad_stats(
     ``chunk_size=None`` picks :func:`auto_chunk_size`.
     """
     refuse_unseen_hooks(model, "vmap")
+    refuse_compiled_sharing(model)
     num_params = sum(p.numel() for p in trainable_parameters(model).values())
     size = chunk_size or auto_chunk_size(num_params, batch.size)
     with _engine_context(model, loss_fn, batch):
