@@ -31,23 +31,40 @@ class _Scale(nn.Module):
         return x * self.w
 
 
-def _turned(module, x, grad_output):
-    """Example i's gradient x_i ∘ δ_i, except example 0's turned by 4 % (orthogonally), given to example 1."""
-    g = (x * grad_output).clone()
-    g0 = g[0].double()
-    v = torch.roll(g0, 1)
-    d = v - (v @ g0) / (g0 @ g0) * g0
-    d = (d * (0.04 * g0.norm() / d.norm())).to(g.dtype)
-    g[0] += d
-    g[1] -= d
-    return {"w": g}
+def _turned_by(turn):
+    def turned(module, x, grad_output):
+        """Example i's gradient x_i ∘ δ_i, except example 0's turned by ``turn`` (orthogonally), given to
+        example 1 (so that the sum stays autograd's)."""
+        g = (x * grad_output).float()
+        g0 = g[0].double()
+        v = torch.roll(g0, 1)
+        d = v - (v @ g0) / (g0 @ g0) * g0
+        d = (d * (turn * g0.norm() / d.norm())).to(g.dtype)
+        g[0] += d
+        g[1] -= d
+        return {"w": g}
+
+    return turned
 
 
 @pytest.fixture
 def turned_rule():
-    persample.register_rule(_Scale, _turned, params=("w",))
+    persample.register_rule(_Scale, _turned_by(0.04), params=("w",))
     yield
     persample.unregister_rule(_Scale)
+
+
+def test_a_turned_gradient_is_refused_under_bf16_autocast():
+    """Under autocast the squares passed a 30 % turn (tolerance 5e-2 on squares, halved); a batch and its
+    example alone differ by ~3e-3 there, so a 20 % turn is refused now."""
+    persample.register_rule(_Scale, _turned_by(0.2), params=("w",))
+    try:
+        model, (x, y) = _model(), _batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(persample.NotExact) as info:
+            persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
+        assert info.value.code == "EXAMPLE_DIFFERS_ALONE"
+    finally:
+        persample.unregister_rule(_Scale)
 
 
 def _model():
@@ -74,8 +91,11 @@ def test_a_turned_gradient_is_refused_in_float32_and_auto_is_exact(turned_rule):
 
 
 def test_float32_batches_without_a_turn_still_pass():
-    """No false refusal: the built-in rules in float32 (Linear, rows formed once per signature)."""
+    """No false refusal: the built-in rules in float32 (Linear, rows formed once per signature), and under
+    bf16 autocast."""
     model, (x, y) = _model(), _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     stats = persample.grad_stats(model, F.cross_entropy, x, y, engine="fast")
     oracle = oracle_stats(model.double(), F.cross_entropy, x.double(), y)
     torch.testing.assert_close(stats.sq_norms.double(), oracle["sq_norms"], rtol=1e-4, atol=0)
