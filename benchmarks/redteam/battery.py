@@ -688,6 +688,10 @@ CASES["MLP input batch stride non-contig"] = ((lambda: (mlp, F.cross_entropy, X(
 
 
 # --------------------------------------------------------------- losses
+def _ce_none(o, y):
+    return F.cross_entropy(o, y, reduction="none")
+
+
 def _sum_ce(o, y):
     return F.cross_entropy(o, y, reduction="sum")
 
@@ -735,8 +739,8 @@ LOSSES = {
         (X(B, 3, seed=7) > 0).double(),
     ),
     "cosine embedding loss": (lambda o, y: F.cosine_embedding_loss(o, y, torch.ones(o.shape[0])), X(B, 3, seed=8)),
-    "position-weighted sum (arange+1)": (lambda o, y: (F.cross_entropy(o, y, reduction="none") * torch.arange(1, o.shape[0] + 1)).sum(), yc),
-    "position-weighted sum (arange)": (lambda o, y: (F.cross_entropy(o, y, reduction="none") * torch.arange(o.shape[0])).mean(), yc),
+    "position-weighted sum (arange+1)": (lambda o, y: (_ce_none(o, y) * torch.arange(1, o.shape[0] + 1)).sum(), yc),
+    "position-weighted sum (arange)": (lambda o, y: (_ce_none(o, y) * torch.arange(o.shape[0])).mean(), yc),
     "first example only": (lambda o, y: F.cross_entropy(o[:1], y[:1]), yc),
     "ctc-like: loss.mean() of per-ex via numel": (lambda o, y: (o - y).pow(2).sum() / o.numel(), X(B, 3, seed=5)),
 }

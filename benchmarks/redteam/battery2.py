@@ -69,17 +69,17 @@ CASES = {
 }
 
 
-def batches():
+def batches(first_size=4):
     g = torch.Generator().manual_seed(0)
-    small = torch.rand(4, 4, generator=g) * 2 - 1
+    small = torch.rand(first_size, 4, generator=g) * 2 - 1
     big = torch.randn(6, 4, generator=g) * 3
     big[0, 0] = 4.0
-    y4, y6 = torch.randint(0, 3, (4,), generator=g), torch.randint(0, 3, (6,), generator=g)
+    y4, y6 = torch.randint(0, 3, (first_size,), generator=g), torch.randint(0, 3, (6,), generator=g)
     return (small, y4), (big, y6)
 
 
-def later(entry, f):
-    (x1, y1), (x2, y2) = batches()
+def later(entry, f, first_size=4):
+    (x1, y1), (x2, y2) = batches(first_size)
     make = lambda: Body(f)  # noqa: E731
     model = make()
     rows, losses = oracle(make, F.cross_entropy, x2, y2)
@@ -116,15 +116,17 @@ def later(entry, f):
 
 
 def main():
-    for name, f in CASES.items():
-        res = {}
-        for entry in ("fast", "auto", "psg-fast", "step", "observe"):
-            try:
-                res[entry] = later(entry, f)
-            except Exception as e:  # noqa: BLE001
-                res[entry] = refusal(e)
-        flag = "!!" if any(v.startswith(("WRONG", "CRASH")) for v in res.values()) else "  "
-        print(f"{flag} {name}: " + "; ".join(f"{k}={v}" for k, v in res.items()), flush=True)
+    for first_size in (4, 6):  # a first batch of another size, then of the same size
+        for name, f in CASES.items():
+            res = {}
+            for entry in ("fast", "auto", "psg-fast", "step", "observe"):
+                try:
+                    res[entry] = later(entry, f, first_size)
+                except Exception as e:  # noqa: BLE001
+                    res[entry] = refusal(e)
+            flag = "!!" if any(v.startswith(("WRONG", "CRASH")) for v in res.values()) else "  "
+            line = "; ".join(f"{k}={v}" for k, v in res.items())
+            print(f"{flag} {name} (first batch of {first_size}, then 6): {line}", flush=True)
 
 
 if __name__ == "__main__":

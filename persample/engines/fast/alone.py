@@ -75,14 +75,16 @@ def _leaf_key(t: Any) -> tuple:
 
 
 def signature(batch: Batch) -> tuple:
-    """What a verdict of the spot check holds for: the inputs' and targets' structure (the number of
-    positional inputs, the keyword names, per tensor leaf its dtype, device type, number of dims and
-    whether it requires grad; the options' values) and the autocast settings. Not the randomness mode
+    """What a verdict of the spot check holds for: the batch size, the inputs' and targets' structure (the
+    number of positional inputs, the keyword names, per tensor leaf its dtype, device type, number of dims
+    and whether it requires grad; the options' values) and the autocast settings. Not the randomness mode
     (a forward that draws is never checked, so a verdict is about a forward that draws nothing, under
-    any mode), nor the sizes: a forward that treats an example by its position or by the batch size
-    does so at every size of at least 2 (a batch of one has no position to get wrong, and gets no
-    verdict)."""
+    any mode), nor the other sizes (sequence lengths: dynamic padding does not pay every step). The batch
+    size is in: a forward may treat the examples by the batch size only at some sizes (``x * 2 if
+    x.shape[0] >= 6``), which a verdict at another size would vouch for; each size seen pays its two
+    batch-of-one passes once (a batch of one has no position to get wrong, and gets no verdict)."""
     return (
+        batch.size,
         len(batch.args),
         tuple(batch.kwargs),
         tuple(_leaf_key(t) for t in batch.input_leaves),
