@@ -38,6 +38,7 @@ from .batch_loss import (
     weights_at_output,
 )
 from .check import check_batch_mean
+from .contract import PRECONDITIONS
 from .engines._autograd import gradients
 from .stats import GradStats
 
@@ -186,9 +187,9 @@ def _statistics_step(
         # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
         # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient.
         # vmap and the loop compute each example alone: where the fast engine refused because the forward
-        # couples the examples, their mean is not the batch's gradient, which loss.backward() gives (clipping
-        # combines the clipped g_i by definition)
-        coupled = any(isinstance(u, tuple) and u[1] in COUPLING_CODES for u in used) and clip_norm is None
+        # couples the examples, or before its audit of the forward could tell, their mean may not be the batch's
+        # gradient, which loss.backward() gives (clipping combines the clipped g_i by definition)
+        coupled = clip_norm is None and any(_may_couple(u[1]) for u in used if isinstance(u, tuple))
         if reached is not None and not coupled and not inputs_with_grad and not hooked_parameters(model):
             if checking:
                 check_against_autograd(config, batch, weights)
@@ -235,6 +236,20 @@ COUPLING_CODES = frozenset(
         "LOSS_NOT_PER_EXAMPLE",
     }
 )
+
+
+def _may_couple(code: str | None) -> bool:
+    """Whether a refusal of the fast engine leaves open that the batch's forward couples the examples: a
+    coupling code, or a refusal in the forward, before the graph audit of the backward could tell (a
+    substituted parameter, an ambiguous batch dim; setup-stage refusals run no forward, so p.grad comes from
+    the backward anyway). ``RANDOM_SAME_BATCHED`` aside: a forward that draws has no one batch gradient, and
+    p.grad follows the engine's draws (docs/concepts.md). Loss-stage refusals (a Hugging Face model's own
+    loss) keep (w·B)·mean, to spare those models a second backward per step: a forward that couples the
+    examples behind one is the residual (docs/redteam.md)."""
+    if code in COUPLING_CODES:
+        return True
+    pre = PRECONDITIONS.get(code or "")
+    return pre is None or (pre.stage in ("setup", "forward") and code != "RANDOM_SAME_BATCHED")
 
 
 def check_against_autograd(config: StepConfig, batch: Batch, weights: Tensor) -> None:

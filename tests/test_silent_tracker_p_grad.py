@@ -41,6 +41,10 @@ COUPLED = {
     "h + h.sum(0)": lambda s, x: (lambda h: s.l2(h + 0.3 * h.sum(0, keepdim=True)))(torch.tanh(s.l1(x))),  # BATCH_MIXED
     "x * (B > 4)": lambda s, x: s.l2(torch.tanh(s.l1(x * (2.0 if x.shape[0] > 4 else 1.0)))),  # EXAMPLE_DIFFERS_ALONE
     "h - h.detach().mean(0)": lambda s, x: (lambda h: s.l2(h - h.detach().mean(0)))(torch.tanh(s.l1(x))),
+    # refused before the audit of the backward could see the coupling (PARAMETER_SUBSTITUTED, forward stage)
+    "substituted weight + h.sum(0)": lambda s, x: (lambda h: s.l2(h + 0.3 * h.sum(0, keepdim=True)))(
+        torch.tanh(torch.func.functional_call(s.l1, {"weight": 1.1 * s.l1.weight, "bias": s.l1.bias}, (x,)))
+    ),
 }
 
 
