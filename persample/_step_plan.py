@@ -38,6 +38,7 @@ from .batch_loss import (
     weights_at_output,
 )
 from .check import check_batch_mean
+from .contract import PRECONDITIONS
 from .engines._autograd import gradients
 from .stats import GradStats
 
@@ -157,6 +158,7 @@ def _statistics_step(
     # (None on a TorchScript model, which takes no hooks: p.grad then comes from one more backward)
     handle = forward_hook_if_possible(model, _first_batch_forward(first_forward, batch.size))
     engine_output: list = []  # the fast engine's: its losses and their gradient at the output (AtOutput)
+    used: list = []  # the engine whose statistics these are
     try:
         stats = compute_stats(
             model,
@@ -165,6 +167,7 @@ def _statistics_step(
             clip_norm=clip_norm,
             fork_rng=False,
             engine_output=engine_output,
+            engine_used=used,
             **config.stats_options,
         )
     finally:
@@ -198,8 +201,12 @@ def _statistics_step(
         leaves = flat_leaves(output)
         reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
         # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
-        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient
-        if reached is not None and not inputs_with_grad and not hooked_parameters(model):
+        # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient.
+        # vmap and the loop compute each example alone: where the fast engine refused because the forward
+        # couples the examples, or before its audit of the forward could tell, their mean may not be the batch's
+        # gradient, which loss.backward() gives (clipping combines the clipped g_i by definition)
+        coupled = clip_norm is None and any(_may_couple(u[1]) for u in used if isinstance(u, tuple))
+        if reached is not None and not coupled and not inputs_with_grad and not hooked_parameters(model):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean
@@ -227,6 +234,38 @@ def _statistics_step(
     if checking:
         check_against_autograd(config, batch, weights)
     return StepOutcome(stats, update, input_grads)
+
+
+#: Refusals of the fast engine that say the batch's forward does not compute each example as it computes it
+#: alone (it mixes rows, depends on positions or the batch size, or a module's batch gradient is not the sum of
+#: its examples' gradients): then Σ_i w_i g_i of the examples alone is not the gradient loss.backward() gives.
+COUPLING_CODES = frozenset(
+    {
+        "BATCH_MIXED",
+        "EXAMPLE_DIFFERS_ALONE",
+        "FALLBACK_SUM_MISMATCH",
+        "FALLBACK_NOT_BATCHED",
+        "TOKEN_ROWS_DIFFER",
+        "GRADIENT_REWRITTEN",
+        "CUSTOM_RULE_SUM_MISMATCH",
+        "BUFFERS_CHANGED",
+        "LOSS_NOT_PER_EXAMPLE",
+    }
+)
+
+
+def _may_couple(code: str | None) -> bool:
+    """Whether a refusal of the fast engine leaves open that the batch's forward couples the examples: a
+    coupling code, or a refusal in the forward, before the graph audit of the backward could tell (a
+    substituted parameter, an ambiguous batch dim; setup-stage refusals run no forward, so p.grad comes from
+    the backward anyway). ``RANDOM_SAME_BATCHED`` aside: a forward that draws has no one batch gradient, and
+    p.grad follows the engine's draws (docs/concepts.md). Loss-stage refusals (a Hugging Face model's own
+    loss) keep (w·B)·mean, to spare those models a second backward per step: a forward that couples the
+    examples behind one is the residual (docs/redteam.md)."""
+    if code in COUPLING_CODES:
+        return True
+    pre = PRECONDITIONS.get(code or "")
+    return pre is None or (pre.stage in ("setup", "forward") and code != "RANDOM_SAME_BATCHED")
 
 
 def check_against_autograd(config: StepConfig, batch: Batch, weights: Tensor) -> None:

@@ -284,6 +284,7 @@ def compute_stats(
     batch_loss_check: bool = False,
     sharding: Callable[[nn.Module], str | None] = planned_sharding,
     engine_output: list | None = None,
+    engine_used: list | None = None,
 ) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
 
@@ -293,7 +294,8 @@ def compute_stats(
     how :func:`check_supported` finds how the model is sharded (the per-model plan's, where it holds).
     ``engine_output``: without ``batch_loss_check``, a list that gets what the fast engine keeps of its
     forward (``keep_output`` of :func:`~persample.engines.fast.engine.fast_grad_stats`), for the
-    caller's own check at the output.
+    caller's own check at the output. ``engine_used``: a list that gets ``(name, code)`` for each engine
+    that refused, then the name of the engine whose statistics are returned.
     """
     _check_chunk_size(chunk_size)
     chain = _engine_chain(engine, _CHAINS)
@@ -311,11 +313,20 @@ def compute_stats(
     kept = first_forward if batch_loss_check else engine_output
 
     def run(name: str) -> GradStats:
-        if name == "fast":
-            return fast_grad_stats(model, loss_fn, batch, keep_output=kept, **options)
-        streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
-        with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
-            return streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
+        try:
+            if name == "fast":
+                stats = fast_grad_stats(model, loss_fn, batch, keep_output=kept, **options)
+            else:
+                streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
+                with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
+                    stats = streamed(model, loss_fn, batch, chunk_size=chunk_size, progress=update, **options)
+        except NotExact as err:
+            if engine_used is not None:
+                engine_used.append((name, err.code))
+            raise
+        if engine_used is not None:
+            engine_used.append(name)
+        return stats
 
     # Without the fast engine's forward, one of the check's own: before the work where no random draw
     # is allowed, else after the engines (it must not move their draws).

@@ -281,6 +281,17 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         "engine='auto' takes the per-example loop",
     ),
     Precondition(
+        "PARAMETER_NOT_SUBSTITUTED",
+        _N,
+        "forward",
+        ("vmap",),
+        "Every trainable parameter the forward and loss_fn read is reached through the model's modules, where "
+        "torch.func.functional_call substitutes it (not read by loss_fn from the model, as a regulariser "
+        "of the weights, nor through a reference kept outside the module tree): a read of the parameter itself "
+        "is a constant to torch.func, and its term of the gradient would be lost",
+        "engine='auto' takes the per-example loop, which differentiates every read",
+    ),
+    Precondition(
         "RANDOM_SAME_BATCHED",
         _N,
         "forward",

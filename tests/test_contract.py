@@ -212,6 +212,13 @@ def _moe_with_capacity():
 # ------------------------------------------------------------------------------ triggers, by code
 
 
+def _regularised_in_the_loss(x, y):
+    """loss_fn reads the model's weights (a regulariser): torch.func would see them as constants."""
+    model = _mlp()
+    loss_fn = lambda out, t: F.mse_loss(out, t) + 0.1 * model[0].weight.pow(2).sum()  # noqa: E731
+    persample.grad_stats(model, loss_fn, x, y, engine="vmap")
+
+
 def _triggers():
     x, y = _data()
     return {
@@ -223,6 +230,7 @@ def _triggers():
         "PARAMETER_GRADIENT_HOOK": lambda: _fast(_hooked_parameter(), x, y),
         "MODULE_BACKWARD_HOOK": lambda: _fast(_hooked_module(), x, y),
         "GRADIENT_REWRITTEN": lambda: _fast(_with_forward(_rewrites_gradient, a=_lin(3, 4), b=_lin(4, 2)), x, y),
+        "PARAMETER_NOT_SUBSTITUTED": lambda: _regularised_in_the_loss(x, y),
         "VMAP_CANNOT_RUN": lambda: persample.grad_stats(
             _with_forward(lambda s, x: s.a(x) * (1.0 if x.sum().item() > 0 else 2.0), a=_lin()),
             F.mse_loss,

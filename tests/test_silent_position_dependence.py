@@ -135,7 +135,8 @@ def test_fast_refuses_and_auto_is_the_oracle(name):
 
 def test_the_check_runs_once_per_signature():
     """Two batch-of-one forwards on the first call; none on the next call with the same signature (the
-    plan's verdict), nor on another batch size; again after the model's structure changes (a new plan)."""
+    plan's verdict); two again at another batch size, once (a forward may depend on the batch size only at
+    some sizes); again after the model's structure changes (a new plan)."""
     torch.manual_seed(0)
     model = Form(lambda s, x: s.l2(torch.tanh(s.l1(x)))).double()
     x, y = torch.randn(B, 3, dtype=torch.float64), torch.randn(B, 1, dtype=torch.float64)
@@ -144,19 +145,21 @@ def test_the_check_runs_once_per_signature():
     assert model.calls == 1 + 2
     persample.grad_stats(model, loss_fn, x, y, engine="fast", var=False)
     persample.per_sample_grads(model, loss_fn, x, y, engine="fast")
+    assert model.calls == 3 + 2
+    persample.grad_stats(model, loss_fn, x[:3], y[:3], engine="fast")  # another batch size: checked once
     persample.grad_stats(model, loss_fn, x[:3], y[:3], engine="fast")
-    assert model.calls == 3 + 3
+    assert model.calls == 5 + 3 + 1
     tracker = persample.Tracker(model, loss_fn, engine="fast")
     tracker.step(x, y)
     tracker.step(x, y)
-    assert model.calls == 6 + 2
+    assert model.calls == 9 + 2
     persample.grad_stats(model, loss_fn, {"x": x}, y, engine="fast")  # another signature (keywords): checked
-    assert model.calls == 8 + 3
+    assert model.calls == 11 + 3
     model.l1.weight.requires_grad_(False)  # another structure: a new plan, checked again
     persample.grad_stats(model, loss_fn, x, y, engine="fast")
-    assert model.calls == 11 + 3
+    assert model.calls == 14 + 3
     persample.grad_stats(model, loss_fn, x[:1], y[:1], engine="fast")  # a batch of one: nothing to check
-    assert model.calls == 14 + 1
+    assert model.calls == 17 + 1
 
 
 def test_a_refused_signature_is_checked_again_and_refused_again():

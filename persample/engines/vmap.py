@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
+from torch.overrides import TorchFunctionMode
 
 from .._batch import Batch, one_example
 from .._model import (
@@ -37,6 +38,7 @@ from .._model import (
     trainable_parameters,
     cuda_devices,
 )
+from ..contract import PRECONDITIONS, refusal
 from ..errors import NotExact
 from ..stats import GradStats
 from ._functional import vmap_friendly_modules
@@ -48,6 +50,7 @@ __all__ = [
     "auto_chunk_size",
     "refuse_module_backward_hooks",
     "refuse_unseen_hooks",
+    "refuse_compiled_sharing",
     "check_per_example_loss",
     "example_loss",
 ]
@@ -111,6 +114,29 @@ def refuse_unseen_hooks(model: nn.Module, engine: str) -> None:
     refuse_module_backward_hooks(model, engine)
 
 
+def refuse_compiled_sharing(model: nn.Module) -> None:
+    """Raise ``VMAP_CANNOT_RUN`` (:class:`NotExact`) where a parameter is reached both inside a
+    ``torch.compile``d submodule and outside it (``self.l1`` and ``torch.compile(nn.Sequential(self.l1, ...))``).
+    ``torch.func.functional_call`` on such a model leaves the compiled module's cached graph without that
+    parameter's gradient for every later call, the user's own training included (torch 2.13; a whole model
+    compiled, or a compiled submodule whose parameters are its own, is fine)."""
+    inside: set[int] = set()
+    outside: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if "_orig_mod" in name.split("."):
+            inside.add(id(p))
+        else:
+            outside.setdefault(id(p), name)
+    shared = [outside[i] for i in inside if i in outside]
+    if shared:
+        raise refusal(
+            "VMAP_CANNOT_RUN",
+            f"parameter {shared[0]!r} is used both inside a torch.compile'd submodule and outside it: "
+            "torch.func.functional_call would leave the compiled module without its gradient for every later "
+            f"call. Fix: {PRECONDITIONS['VMAP_CANNOT_RUN'].fix}",
+        )
+
+
 def refuse_module_backward_hooks(model: nn.Module, engine: str) -> None:
     """Raise ``MODULE_BACKWARD_HOOK`` (:class:`NotExact`) where a module backward hook (its own or global)
     may change the gradients reaching every module before it, per example, which ``engine`` cannot apply."""
@@ -136,6 +162,8 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator
         try:
             yield
         except RuntimeError as err:
+            if isinstance(err, NotExact) and err.code is not None:  # a refusal of its own (_ParameterReads)
+                raise
             if is_vmap_randomness_error(err):
                 raise randomness_error(
                     first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))
@@ -151,12 +179,67 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
+#: Tensor functions and properties that read a parameter's metadata, or nothing a gradient flows through
+#: (``p.shape``, ``p.dtype``, ``p.data``, ``p.detach()``): no term of the gradient is lost there.
+_METADATA = frozenset(
+    {
+        *("dim", "size", "numel", "stride", "is_floating_point", "is_complex", "element_size", "detach"),
+        *("shape", "dtype", "device", "data", "grad", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout"),
+        *("is_cuda", "is_sparse", "is_meta", "itemsize", "nbytes", "names", "_version"),
+    }
+)
+
+
+def _function_name(func) -> str | None:
+    """``func``'s name; for a property read (``p.T``, ``p.shape``: a ``__get__``), the property's."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None)
+    return name
+
+
+class _ParameterReads(TorchFunctionMode):
+    """Refuses (``PARAMETER_NOT_SUBSTITUTED``) an op that reads a trainable parameter itself while
+    ``functional_call`` substitutes the model's parameters: ``loss_fn`` reading ``model.weight`` (a
+    regulariser), or a forward reading a reference kept outside the module tree. ``torch.func`` sees such a
+    read as a constant, so that term of each example's gradient would be lost, silently."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self.names = {id(p): n for n, p in params.items()}
+
+    def _check(self, value) -> None:
+        if isinstance(value, nn.Parameter):
+            name = self.names.get(id(value))
+            if name is not None:
+                raise refusal(
+                    "PARAMETER_NOT_SUBSTITUTED",
+                    f"parameter {name!r} is read by the forward or loss_fn outside the modules that "
+                    "torch.func.functional_call substitutes (loss_fn reading the model's weights, a reference kept "
+                    "outside the module tree): torch.func would differentiate it as a constant and lose that term "
+                    f"of each example's gradient. Fix: {PRECONDITIONS['PARAMETER_NOT_SUBSTITUTED'].fix}",
+                )
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._check(item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _function_name(func) in _METADATA:  # reads no value that a gradient flows through
+            return func(*args, **kwargs)
+        self._check(args)  # (a Parameter does not show in ``types``: its __torch_function__ is disabled)
+        if kwargs:
+            self._check(tuple(kwargs.values()))
+        return func(*args, **kwargs)
+
+
 def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str):
     """``fn(b)``: (per-example gradients, losses) of the examples of ``b``. Every call (one per chunk)
     starts from fresh copies of the buffers as found, so that a forward that updates a buffer it reads
     (spectral norm's power iteration) computes every chunk's examples from the same state, as one batch
     forward would; under ``randomness="same"`` from the same RNG state too (one draw for all examples)."""
-    trainable = {n: p.detach() for n, p in trainable_parameters(model).items()}
+    parameters = trainable_parameters(model)
+    trainable = {n: p.detach() for n, p in parameters.items()}
     frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
     target_dim = None if batch.targets is None else 0
     shared_rng = rng_snapshot(model) if randomness == "same" else None
@@ -167,7 +250,8 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
         # the model's own buffers never change here: functional_call writes into these clones
         loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model), b.options)
         fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim), randomness=randomness)
-        return fn(trainable, b.args, b.kwargs, b.targets)
+        with _ParameterReads(parameters):
+            return fn(trainable, b.args, b.kwargs, b.targets)
 
     return grads_of
 
@@ -181,6 +265,7 @@ def per_example_grads(
     computation, not the ``B × P`` result.
     """
     refuse_unseen_hooks(model, "vmap")
+    refuse_compiled_sharing(model)
     with _engine_context(model, loss_fn, batch):
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         if chunk_size is None or chunk_size >= batch.size:
@@ -212,6 +297,7 @@ def vmap_grad_stats(
     ``chunk_size=None`` picks :func:`auto_chunk_size`.
     """
     refuse_unseen_hooks(model, "vmap")
+    refuse_compiled_sharing(model)
     num_params = sum(p.numel() for p in trainable_parameters(model).values())
     size = chunk_size or auto_chunk_size(num_params, batch.size)
     with _engine_context(model, loss_fn, batch):

@@ -75,14 +75,16 @@ def _leaf_key(t: Any) -> tuple:
 
 
 def signature(batch: Batch) -> tuple:
-    """What a verdict of the spot check holds for: the inputs' and targets' structure (the number of
-    positional inputs, the keyword names, per tensor leaf its dtype, device type, number of dims and
-    whether it requires grad; the options' values) and the autocast settings. Not the randomness mode
+    """What a verdict of the spot check holds for: the batch size, the inputs' and targets' structure (the
+    number of positional inputs, the keyword names, per tensor leaf its dtype, device type, number of dims
+    and whether it requires grad; the options' values) and the autocast settings. Not the randomness mode
     (a forward that draws is never checked, so a verdict is about a forward that draws nothing, under
-    any mode), nor the sizes: a forward that treats an example by its position or by the batch size
-    does so at every size of at least 2 (a batch of one has no position to get wrong, and gets no
-    verdict)."""
+    any mode), nor the other sizes (sequence lengths: dynamic padding does not pay every step). The batch
+    size is in: a forward may treat the examples by the batch size only at some sizes (``x * 2 if
+    x.shape[0] >= 6``), which a verdict at another size would vouch for; each size seen pays its two
+    batch-of-one passes once (a batch of one has no position to get wrong, and gets no verdict)."""
     return (
+        batch.size,
         len(batch.args),
         tuple(batch.kwargs),
         tuple(_leaf_key(t) for t in batch.input_leaves),
@@ -147,17 +149,20 @@ def check_alone(
     return CheckedAlone(True)
 
 
-def _norms_and_inner(piece: Piece, alone: Tensor, j: int) -> tuple[float, float, float]:
-    """(‖a‖², ‖b‖², ⟨b, a⟩) in float64 for a = ``alone`` and b = the piece's g_j: from the piece's closed
-    forms where it has them (``sq_norms`` and ``inner``, no row formed), else from row j formed alone."""
+def _norms_and_inner(piece: Piece, alone: Tensor, j: int, form: bool) -> tuple[float, float, float, float]:
+    """(‖a‖², ‖b‖², ⟨b, a⟩, ‖b − a‖²) in float64 for a = ``alone`` and b = the piece's g_j: with ``form``, or
+    where the piece has no closed forms, from row j formed (one row: as many numbers as ``alone``), so that
+    ‖b − a‖ is read directly; else from the closed forms (``sq_norms`` and ``inner``, no row formed), where
+    ‖b − a‖² = ‖a‖² − 2⟨b, a⟩ + ‖b‖²."""
     a = alone.double()
     a2 = float(a.square().sum())
-    if type(piece).inner is not Piece.inner:  # a closed form (outer products, rows, sums, zeros)
+    if not form and type(piece).inner is not Piece.inner:  # a closed form (outer products, rows, sums, zeros)
         norms = piece.sq_norms()
         ref = alone.reshape(piece.shape).to(device=norms.device, dtype=norms.dtype)
-        return a2, float(norms[j].double()), float(piece.inner(ref)[j].double())
+        b2, ab = float(norms[j].double()), float(piece.inner(ref)[j].double())
+        return a2, b2, ab, max(a2 - 2 * ab + b2, 0.0)
     b = piece.materialize(j, j + 1).reshape(a.shape).to(device=a.device, dtype=torch.float64)
-    return a2, float(b.square().sum()), float((a * b).sum())
+    return a2, float(b.square().sum()), float((a * b).sum()), float((b - a).square().sum())
 
 
 def _failed_alone(j: int, err: BaseException) -> Exception:
@@ -194,26 +199,30 @@ def _check_one(
     except Exception as err:
         raise _failed_alone(j, err) from err
     alone = {name: dense_gradient(g, p).detach() for (name, p), g in zip(params.items(), grads)}
-    # per parameter (‖a‖², ‖b‖², ⟨b, a⟩) of a = g_j alone, b = the engine's g_j: b = a iff both are ‖a‖²
-    found = {name: _norms_and_inner(pieces[name], alone[name], j) for name in params}
-    la, lb = float(loss.detach().double()), float(losses[j].double())
-    if not all(math.isfinite(v) for v in (la, lb, *(v for three in found.values() for v in three))):
-        return "a value is not finite"
     dtypes = [p.dtype for p in params.values()] + [loss.dtype]
     autocast = any(enabled for _, enabled, _ in autocast_state())
     rtol = tolerance(dtypes, autocast, {p.device.type for p in params.values()})
-    # float64 sums leave ‖b − a‖² = ‖a‖² − 2⟨b, a⟩ + ‖b‖² accurate to ~1e-15 of ‖a‖², far below rtol²; in
-    # float32 the pieces' rounding (~1e-7 of ‖a‖²) is too close to rtol² = 1e-6 to read it
-    wide = not autocast and all(d == torch.float64 for d in dtypes)
+    # float64 sums leave ‖b − a‖² = ‖a‖² − 2⟨b, a⟩ + ‖b‖² accurate to ~1e-15 of ‖a‖², far below rtol². In
+    # lower precision the pieces' rounding is too close to rtol² to read it there (float32: ~1e-7 of ‖a‖²
+    # against 1e-6), and the squares alone miss a turn of g_j: b = a + δ with δ ⟂ a moves ‖b‖² and ⟨b, a⟩ by
+    # ‖δ‖² only, so a 4 % turn passed in float32 and a 30 % one under autocast; row j is formed instead and
+    # ‖b − a‖ read directly (float32 rounding ~1e-6 of ‖a‖; a bf16 autocast batch and its example alone
+    # differ by ~3e-3, against 5e-2)
+    form = autocast or not all(d == torch.float64 for d in dtypes)
+    # per parameter (‖a‖², ‖b‖², ⟨b, a⟩, ‖b − a‖²) of a = g_j alone, b = the engine's g_j: b = a iff both are ‖a‖²
+    found = {name: _norms_and_inner(pieces[name], alone[name], j, form) for name in params}
+    la, lb = float(loss.detach().double()), float(losses[j].double())
+    if not all(math.isfinite(v) for v in (la, lb, *(v for four in found.values() for v in four))):
+        return "a value is not finite"
     worst: tuple[float, str] | None = None
     if abs(la - lb) > rtol * max(abs(la), abs(lb)):
         worst = (abs(la - lb) / max(abs(la), abs(lb)), f"its loss is {lb:.6g} in the batch, {la:.6g} alone")
-    floor = 1e-6 * max((max(a2, b2) for a2, b2, _ in found.values()), default=0.0)  # (1e-3 of a norm)²
-    for name, (a2, b2, ab) in found.items():
+    floor = 1e-6 * max((max(a2, b2) for a2, b2, _, _ in found.values()), default=0.0)  # (1e-3 of a norm)²
+    for name, (a2, b2, ab, d2) in found.items():
         scale = max(a2, b2, floor)
         differs = max(abs(b2 - a2), abs(ab - a2)) / (2 * scale) if scale > 0 else 0.0
-        if wide and scale > 0:  # in float64, ‖b − a‖ / ‖a‖ itself: a difference orthogonal to a shows
-            differs = max(differs, math.sqrt(max(a2 - 2 * ab + b2, 0.0) / scale))  # only squared above
+        if scale > 0:  # ‖b − a‖ / ‖a‖ itself: a difference orthogonal to a shows only squared above
+            differs = max(differs, math.sqrt(d2 / scale))
         if differs > rtol and (worst is None or differs > worst[0]):
             worst = (
                 differs,

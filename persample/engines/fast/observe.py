@@ -422,6 +422,8 @@ def _mean_from_increment(p: nn.Parameter, before: Tensor | None, factor: float) 
     if p.grad is None:
         return torch.zeros_like(p, dtype=dtype)
     grad = p.grad.detach()
+    grad = grad.to_dense() if grad.is_sparse else grad  # nn.Embedding(sparse=True)
+    before = before.to_dense() if before is not None and before.is_sparse else before
     if before is None and grad.dtype == dtype and factor != 1.0:
         return torch.mul(grad, factor)  # one pass: the same rounding as a copy scaled in place
     increment = grad.to(dtype, copy=True) if before is None else grad.to(dtype) - before
