@@ -143,20 +143,23 @@ class AtOutput:
     (:func:`persample.batch_loss.weights_at_output`): ``losses``, the per-example losses L_i ``[B]``
     (detached, at least float32), and ``mean_grads``, ∇_o (1/B) Σ_i L_i at each floating leaf o of the
     output's pytree (its index in ``tree_flatten(output)``; None where L_i does not reach it), each L_i
-    being ``loss_fn`` on example i's output alone (vmapped). Made only where every floating leaf is
-    batched, reached by the graph and in float32 or float64, so that these are exactly what the check
-    computes on a detached copy of the output, up to the factor 1/B."""
+    being ``loss_fn`` on example i's output alone (vmapped). Made only where the output has one floating
+    leaf, batched, reached by the graph and in float32 or float64, so that these are exactly what the check
+    computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`)."""
 
     losses: Tensor
     mean_grads: dict[int, Tensor | None]
 
 
 def _loss_leaves_at_output(output: Any, batch_size: int) -> list[tuple[int, Tensor]] | None:
-    """(index, leaf) of every floating leaf of the output's pytree, where :class:`AtOutput` can be made
-    for them (every such leaf batched, in the graph, float32 or float64), else None."""
+    """(index, leaf) of the floating leaf of the output's pytree, where :class:`AtOutput` can be made for it
+    (batched, in the graph, float32 or float64), else None. Only for an output with ONE floating leaf: the
+    backward gives the total derivative at a tensor of the graph, and where one output leaf feeds another
+    (an encoder's last hidden state, read by the decoder that makes the logits) that is not the derivative
+    of the loss through that leaf alone, which the check computes on a detached copy of the output."""
     leaves, _, batched = output_leaves(output, batch_size)
     floating = [(i, t) for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.is_floating_point()]
-    if not floating or any(
+    if len(floating) != 1 or any(
         not batched[i] or not t.requires_grad or t.dtype not in (torch.float32, torch.float64) for i, t in floating
     ):
         return None
