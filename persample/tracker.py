@@ -283,7 +283,7 @@ class Tracker:
         step = self.steps if step is None else step
         return step % self.every == 0
 
-    def step(self, inputs: Any, targets: Any = None, *, scale: float = 1.0) -> GradStats | None:
+    def step(self, inputs: Any, targets: Any = None, *, scale: Any = 1.0) -> GradStats | None:
         """One training step's gradients, as ``(scale * loss_fn(model(inputs), targets)).backward()``.
 
         >>> import torch, persample
@@ -298,8 +298,14 @@ class Tracker:
         ``p.grad`` as None for a parameter the loss does not reach, and fills
         ``x.grad`` for inputs that require grad, as that backward would.
         ``scale=1/k`` replaces ``(loss / k).backward()`` in a gradient-accumulation
-        loop, ``scale=scaler.get_scale()`` replaces ``scaler.scale(loss).backward()``;
-        the statistics never include it.
+        loop, ``scale=scaler`` (a ``torch.amp.GradScaler``) replaces
+        ``scaler.scale(loss).backward()`` (the scaler's current scale, initialised as
+        ``scaler.scale`` does, so that ``scaler.step`` works on the first step; a bare
+        ``scaler.get_scale()`` leaves a fresh scaler uninitialised);
+        the statistics never include it. Under fp16 autocast the per-example work
+        runs its backward unscaled, so an overflow or underflow of the scaled fp16
+        backward is not reproduced: for bit-for-bit ``GradScaler`` training wrap
+        ``scaler.scale(loss).backward()`` in :meth:`observe` instead.
 
         As with that backward, the parameters' post-accumulate-grad hooks
         (``p.register_post_accumulate_grad_hook``: optimizer-in-backward, gradient
@@ -319,8 +325,7 @@ class Tracker:
             micro-batch's statistics (hooks run once, with the merged ones, when
             the block ends).
         """
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
-            raise ValueError(f"scale must be a finite number, got {scale!r}")
+        scale = _scale_value(scale, self.model)
         self._adopt_late_sharding()
         if self._replicas is not None and self._replicas.sharded:  # FSDP2: its own backward, observed
             return fsdp2_step(self, inputs, targets, scale)
@@ -894,6 +899,22 @@ def _warn_skipped(step: int, count: int, batch_size: int, examples: list[int] | 
         RuntimeWarning,
         stacklevel=user_stacklevel(),
     )
+
+
+def _scale_value(scale: Any, model: nn.Module) -> float:
+    """``step``'s ``scale`` as a number: a finite number as given, or a ``torch.amp.GradScaler``'s current
+    scale (1.0 when disabled), initialised on the model's device as ``scaler.scale(loss)`` initialises it."""
+    import torch
+
+    if isinstance(scale, torch.amp.GradScaler):
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        return float(scale.scale(torch.ones((), device=device)))
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(
+            f"scale must be a finite number or a torch.amp.GradScaler, got {scale!r} (with a GradScaler, pass "
+            "scale=scaler: scaler.get_scale() does not initialise a fresh scaler)"
+        )
+    return float(scale)
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

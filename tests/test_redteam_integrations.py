@@ -1,0 +1,111 @@
+"""Red-team findings in the layer users touch in training loops (the Tracker's options and the integrations):
+each test trains against a plain loop without persample and checks the statistics against the float64 loop of
+autograd (docs/redteam-integrations.md lists the scenarios tried)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+from zoo import oracle_grads
+
+
+def _mlp(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
+
+
+def _batches(n_steps, dtype=torch.float32, sizes=(4, 3, 5, 2)):
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(sizes[i % len(sizes)], 5, generator=g, dtype=dtype), torch.randint(0, 3, (sizes[i % len(sizes)],)))
+        for i in range(n_steps)
+    ]
+
+
+def test_step_takes_a_fresh_grad_scaler_as_its_scale_and_trains_as_the_plain_loop():
+    """`step(scale=scaler)` on a fresh GradScaler: the documented `scale=scaler.get_scale()` left the scaler
+    uninitialised, and `scaler.step` then raised on the first step (AssertionError: _scale is None)."""
+    plain, tracked = _mlp(torch.float64), _mlp(torch.float64)
+    opt_p, opt_t = (torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (plain, tracked))
+    scaler_p, scaler_t = (torch.amp.GradScaler("cpu", init_scale=2.0**10) for _ in range(2))
+    tracker = persample.Tracker(tracked, F.cross_entropy)
+    for x, y in _batches(3, torch.float64):
+        opt_p.zero_grad()
+        opt_t.zero_grad()
+        scaler_p.scale(F.cross_entropy(plain(x), y)).backward()
+        start = copy.deepcopy(tracked)
+        stats = tracker.step(x, y, scale=scaler_t)
+        grads, _ = oracle_grads(start, F.cross_entropy, x, y)
+        for name, g in grads.items():  # the statistics never include the scale
+            torch.testing.assert_close(stats.mean[name], g.mean(0), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(stats.var[name], g.var(0), rtol=1e-9, atol=1e-12)
+        for scaler, opt in ((scaler_p, opt_p), (scaler_t, opt_t)):
+            scaler.step(opt)
+            scaler.update()
+    assert scaler_t.get_scale() == scaler_p.get_scale()
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
+
+
+def test_step_under_bf16_autocast_with_a_grad_scaler_trains_as_the_plain_loop():
+    plain, tracked = _mlp(), _mlp()
+    opt_p, opt_t = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, tracked))
+    scaler_p, scaler_t = (torch.amp.GradScaler("cpu") for _ in range(2))
+    tracker = persample.Tracker(tracked, F.cross_entropy)
+    for x, y in _batches(3):
+        opt_p.zero_grad()
+        opt_t.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(plain(x), y)
+        scaler_p.scale(loss).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            stats = tracker.step(x, y, scale=scaler_t)
+        assert stats is not None and stats.n == x.shape[0]
+        for scaler, opt in ((scaler_p, opt_p), (scaler_t, opt_t)):
+            scaler.step(opt)
+            scaler.update()
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_a_disabled_grad_scaler_is_scale_one_and_a_bad_scale_names_the_scaler():
+    model = _mlp(torch.float64)
+    x, y = _batches(1, torch.float64)[0]
+    tracker = persample.Tracker(model, F.cross_entropy)
+    tracker.step(x, y, scale=torch.amp.GradScaler("cpu", enabled=False))
+    want = torch.autograd.grad(F.cross_entropy(model(x), y), model[0].weight)[0]
+    torch.testing.assert_close(model[0].weight.grad, want, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="GradScaler"):
+        tracker.step(x, y, scale=float("inf"))
+
+
+def test_observe_around_a_scaled_fp16_backward_trains_bit_for_bit_and_skips_the_overflowing_steps():
+    """fp16 autocast + GradScaler with an overflowing first step: observe around `scaler.scale(loss).backward()`
+    leaves p.grad as the plain loop's (the scaler skips the same steps), and the overflowing steps have no
+    statistics (handled on main; kept as the recommended fp16 recipe)."""
+    plain, tracked = _mlp(), _mlp()
+    opt_p, opt_t = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, tracked))
+    scaler_p, scaler_t = (torch.amp.GradScaler("cpu", init_scale=2.0**20) for _ in range(2))
+    tracker = persample.Tracker(tracked, F.cross_entropy)
+    data = _batches(4)
+    data[1] = (data[1][0] * 1e6, data[1][1])
+    for x, y in data:
+        opt_p.zero_grad()
+        opt_t.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = F.cross_entropy(plain(x), y)
+        scaler_p.scale(loss).backward()
+        with tracker.observe(y):
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = F.cross_entropy(tracked(x), y)
+            scaler_t.scale(loss).backward()
+        for scaler, opt in ((scaler_p, opt_p), (scaler_t, opt_t)):
+            scaler.step(opt)
+            scaler.update()
+    assert tracker.skipped and scaler_t.get_scale() == scaler_p.get_scale()
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
