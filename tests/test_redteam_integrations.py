@@ -109,3 +109,78 @@ def test_observe_around_a_scaled_fp16_backward_trains_bit_for_bit_and_skips_the_
     assert tracker.skipped and scaler_t.get_scale() == scaler_p.get_scale()
     for a, b in zip(plain.parameters(), tracked.parameters()):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_lightning_accumulation_over_an_iterable_dataset_merges_only_each_optimizer_steps_batches():
+    """An IterableDataset (epoch length unknown to Lightning's batch count): Lightning steps the optimizer
+    at the end of each epoch whatever the accumulation; the callback counted batches and merged the
+    epoch's last micro-batch with the next epoch's first ones (statistics of 11 examples that no step used)."""
+    L = pytest.importorskip("lightning")
+    from persample.integrations.lightning import PersampleCallback
+
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(11, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (11,), generator=g)
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(x_all, y_all))
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(torch.float64)
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    class Record(L.pytorch.Callback):  # the model and the batches of each optimizer step
+        def __init__(self):
+            self.steps = {}
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            model, batches = self.steps.setdefault(trainer.global_step, (copy.deepcopy(module.net), []))
+            batches.append(batch)
+
+    def fit(module, callbacks):
+        trainer = L.Trainer(
+            max_epochs=2,
+            accumulate_grad_batches=3,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        trainer.fit(module, torch.utils.data.DataLoader(Stream(), batch_size=3))
+
+    plain, tracked = Module(), Module()
+    fit(plain, [])
+    record, callback = Record(), PersampleCallback(F.cross_entropy)
+    published = []
+    start = callback.on_fit_start
+
+    def on_fit_start(trainer, module):
+        start(trainer, module)
+        callback.tracker.register_hook(lambda _, stats: published.append((trainer.global_step - 1, stats)))
+
+    callback.on_fit_start = on_fit_start
+    fit(tracked, [record, callback])
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert [stats.n for _, stats in published] == [9, 2, 9, 2]
+    for step, stats in published:
+        model, batches = record.steps[step]
+        grads, _ = oracle_grads(
+            model, F.cross_entropy, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+        )
+        for name, g in grads.items():
+            torch.testing.assert_close(stats.mean[f"net.{name}"], g.mean(0), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(stats.var[f"net.{name}"], g.var(0), rtol=1e-9, atol=1e-12)

@@ -126,6 +126,7 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
         self._pending_tracker_state: dict[str, Any] | None = None  # loaded before on_fit_start made the tracker
         self.last_stats: GradStats | None = None
         self._block = self._accumulation = self._observe = self._observation = None
+        self._stepped = False  # an optimizer step ran during the current batch (on_before_optimizer_step)
 
     def state_dict(self) -> dict[str, Any]:
         """The tracker's and the diagnostics' state: Lightning stores it in its checkpoints, and
@@ -141,6 +142,10 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
             self.tracker.load_state_dict(state_dict["tracker"])
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Lightning's own decision that this batch ends an optimizer step (after its backward): the block
+        # closes at this batch's end. Counting batches cannot tell the last batch of an epoch whose
+        # length is unknown (an IterableDataset), where Lightning steps too.
+        self._stepped = True
         if self._block is not None and self.tracker.wants_stats():
             snapshot_preconditioner(self.diagnostics, optimizer, pl_module)
 
@@ -151,6 +156,8 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
                 "optimisation wrap your own backward in tracker.observe(...)"
             )
         self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
+        self._block = self._accumulation = self._observe = self._observation = None
+        self._stepped = False
         if self._pending_tracker_state is not None:
             self.tracker.load_state_dict(self._pending_tracker_state)
             self._pending_tracker_state = None
@@ -181,9 +188,8 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
                 observe.__exit__(None, None, None)
             except ObservationError:  # "no forward reached a backward": the step has no statistics
                 pass
-        accumulate = trainer.accumulate_grad_batches
-        last = batch_idx + 1 == trainer.num_training_batches
-        if self._block is None or not ((batch_idx + 1) % accumulate == 0 or last):
+        stepped, self._stepped = self._stepped, False
+        if self._block is None or not stepped:  # micro-batches until the optimizer steps
             return
         block, self._block = self._block, None
         block.__exit__(None, None, None)
