@@ -31,7 +31,7 @@ class Accumulation:
     reference: dict | None = None
     shared: bool = False  # accumulate(reference=...) was given
     first: bool = False  # reference="first": r is the first micro-batch's mean
-    refused: bool = False  # a micro-batch's statistics were refused (on_refusal="skip"): none for the block
+    refused: bool = False  # a micro-batch had no statistics (refused, or not finite): none for the block
     estimator: str = "per-example"
     micro: list = field(default_factory=list)  # estimator="micro-batch": (b_m, ‖G_m‖²), or None if not finite
     micro_sum: dict = field(default_factory=dict)  # Σ_m b_m G_m (float64)

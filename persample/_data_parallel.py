@@ -368,7 +368,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     params = trainable_parameters(model)
     saved = {name: p.grad for name, p in params.items()}
     previous = tracker.last_stats
-    part_added = skip_added = False
+    part_added = skip_added = refused_before = False
     try:
         for p in params.values():  # FSDP2 accumulates into p.grad in place: keep the originals to restore
             if p.grad is not None:
@@ -414,6 +414,8 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 if stats is None or not stats.is_finite():
                     tracker.skipped.append(step)
                     skip_added, stats = True, None
+                    if accumulation is not None:  # the block's batch has no statistics (not its other parts')
+                        refused_before, accumulation.refused = accumulation.refused, True
                 elif accumulation is not None:
                     tracker._add_part(stats)
                     part_added = True
@@ -428,6 +430,8 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
         tracker.last_stats = previous
         if skip_added:
             tracker.skipped.pop()
+            if accumulation is not None:
+                accumulation.refused = refused_before
         if part_added:
             accumulation.parts.pop()
         if hasattr(err, "add_note"):

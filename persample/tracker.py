@@ -342,6 +342,7 @@ class Tracker:
             ddp_wrapper=self._replicas is not None and self._replicas.wrapper is not None,
         )
         previous = self.last_stats
+        refused_before = accumulation is not None and accumulation.refused
         replicas = self._replicas if not plan.ddp_backward else None  # DDP's own backward reduces by itself
         part_added = skip_added = False
         try:
@@ -394,6 +395,8 @@ class Tracker:
                     if stats is None or not finite:
                         self.skipped.append(step)
                         skip_added = True
+                        if accumulation is not None:  # the block's batch has no statistics (not its other parts')
+                            accumulation.refused = True
                         _warn_skipped(
                             step,
                             len(self.skipped),
@@ -423,6 +426,8 @@ class Tracker:
                 self.skipped.pop()
             if part_added:
                 accumulation.parts.pop()  # type: ignore[union-attr]  # a part was added: accumulating
+            if accumulation is not None:
+                accumulation.refused = refused_before
             if hasattr(err, "add_note"):
                 err.add_note(f"(raised in persample.Tracker.step at step {step}; p.grad was restored)")
             raise
@@ -452,7 +457,10 @@ class Tracker:
         All micro-batches of a statistics step compute statistics; on exit they
         are merged exactly (:meth:`GradStats.merge`) into the statistics of the
         concatenated batch, the hooks run once with them, and ``tracker.steps``
-        advances by one. Works the same with :meth:`observe` blocks.
+        advances by one. A micro-batch without statistics (not finite, or refused
+        under ``on_refusal``) leaves the block without any (``acc.stats`` None, the
+        step in :attr:`skipped`, no hook call): the others' would describe part of
+        the batch only. Works the same with :meth:`observe` blocks.
 
         Args:
             reference: the direction r of the inner products p_i = ⟨g_i, r⟩,
@@ -792,6 +800,8 @@ class Tracker:
         try:
             if observation.stats is None:
                 self.skipped.append(self.steps)
+                if accumulating:  # a micro-batch without statistics: the block's batch has none
+                    self._accumulation.refused = True  # type: ignore[union-attr]  # accumulating
             elif accumulating:
                 self._add_part(observation.stats)
             else:

@@ -2,6 +2,7 @@
 each test trains against a plain loop without persample and checks the statistics against the float64 loop of
 autograd (docs/redteam-integrations.md lists the scenarios tried)."""
 
+import contextlib
 import copy
 
 import pytest
@@ -184,3 +185,30 @@ def test_lightning_accumulation_over_an_iterable_dataset_merges_only_each_optimi
         for name, g in grads.items():
             torch.testing.assert_close(stats.mean[f"net.{name}"], g.mean(0), rtol=1e-9, atol=1e-12)
             torch.testing.assert_close(stats.var[f"net.{name}"], g.var(0), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("how", ["step", "observe"])
+def test_an_accumulated_step_with_a_non_finite_micro_batch_has_no_statistics(how):
+    """A micro-batch whose statistics are not finite (a NaN input; an fp16 overflow) inside accumulate():
+    the block published the other micro-batches' statistics as the step's (n = 3 of 7 examples, while
+    the step itself was in tracker.skipped and its p.grad NaN)."""
+    model = _mlp(torch.float64)
+    tracker = persample.Tracker(model, F.cross_entropy)
+    published = []
+    tracker.register_hook(lambda _, stats: published.append(stats))
+    (x1, y1), (x2, y2) = _batches(2, torch.float64)
+    x1 = x1.clone()
+    x1[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning) if how == "step" else contextlib.nullcontext():
+        with tracker.accumulate() as acc:
+            for x, y in ((x1, y1), (x2, y2)):
+                if how == "step":
+                    tracker.step(x, y, scale=0.5)
+                else:
+                    with tracker.observe(y):
+                        (F.cross_entropy(model(x), y) * 0.5).backward()
+    assert acc.stats is None and published == [] and tracker.skipped[-1] == 0 and tracker.steps == 1
+    with tracker.accumulate() as acc:  # the next block is whole again
+        for x, y in ((x2, y2), (x2, y2)):
+            tracker.step(x, y, scale=0.5)
+    assert acc.stats is not None and acc.stats.n == 2 * x2.shape[0] and len(published) == 1
