@@ -58,7 +58,7 @@ from ._sharding import restore_sharding, sharding_of, unshard_all
 from ._step_plan import StepConfig, nonfinite_examples, plain_gradient, plan_step, statistics_step
 from .api import compute_stats, prepare_reference
 from .batch_loss import BatchLossMismatch, loss_parts
-from .errors import NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
+from .errors import MeanMismatchError, NotExact, ObservationError, SkippedStatisticsWarning, UnsupportedModelError
 from .engines.fast.observe import Observation, observing
 from .explain import Explanation, explain
 from .stats import GradStats
@@ -146,6 +146,11 @@ class Tracker:
             then be given, and skips as ``"skip"`` does if they fail too. The
             training step (``p.grad``, the optimiser, the schedule) is never
             changed either way. The framework integrations default to ``"skip"``.
+            :meth:`step` already falls back to the exact engines (``engine="auto"``);
+            with ``"skip"`` or ``"fallback"``, a step whose statistics they all refuse
+            (a BatchNorm in training mode) is skipped the same way, its ``p.grad``
+            the plain backward of the batch loss with the same random draws (not
+            with ``clip_norm``, which needs the per-example gradients: raised).
 
     A step is atomic for the model: if it raises (bad input, the model, the
     loss, a hook, the check), every ``p.grad`` (and ``x.grad``), ``last_stats``
@@ -346,7 +351,7 @@ class Tracker:
         replicas = self._replicas if not plan.ddp_backward else None  # DDP's own backward reduces by itself
         part_added = skip_added = False
         try:
-            stats = part = failure = nonfinite_rows = finite = None
+            stats = part = failure = nonfinite_rows = finite = refusal = None
             # under DDP, before any collective: a bad or empty batch on one rank raises on every rank
             agreed = None if self._replicas is None else self._replicas.agreed_batch(inputs, targets, _STEP)
             try:
@@ -354,9 +359,20 @@ class Tracker:
                 inputs_with_grad = leaf_inputs_requiring_grad(batch)
                 snapshot.add_inputs(inputs_with_grad)
                 if plan.per_example_work:
-                    outcome = statistics_step(self._step_config, batch, params, inputs_with_grad, plan.checking)
-                    stats, update, input_grads = outcome.stats, outcome.update, outcome.input_grads
-                    nonfinite_rows, finite = outcome.nonfinite_rows, outcome.finite
+                    # on_refusal "skip"/"fallback" (the exact engines have already been tried): a refused step
+                    # is the plain backward of the batch loss, with the random draws it would have had
+                    rng = _rng_state() if self.on_refusal != "raise" and self.clip_norm is None else None
+                    try:
+                        outcome = statistics_step(self._step_config, batch, params, inputs_with_grad, plan.checking)
+                    except REFUSALS as err:
+                        if rng is None or isinstance(err, MeanMismatchError):
+                            raise
+                        _set_rng_state(rng)
+                        update, input_grads = plain_gradient(self._step_config, batch, params, inputs_with_grad)
+                        refusal = err
+                    else:
+                        stats, update, input_grads = outcome.stats, outcome.update, outcome.input_grads
+                        nonfinite_rows, finite = outcome.nonfinite_rows, outcome.finite
                 elif plan.micro and plan.with_stats:
                     update, input_grads, weights, opaque = plain_gradient(
                         self._step_config, batch, params, inputs_with_grad, weigh=True
@@ -397,12 +413,15 @@ class Tracker:
                         skip_added = True
                         if accumulation is not None:  # the block's batch has no statistics (not its other parts')
                             accumulation.refused = True
-                        _warn_skipped(
-                            step,
-                            len(self.skipped),
-                            batch.size,
-                            nonfinite_examples(stats) if stats is not None else nonfinite_rows,
-                        )
+                        if refusal is not None:  # refused under on_refusal "skip" / "fallback": warned once per reason
+                            self._skip_refused_step(step, refusal)
+                        else:
+                            _warn_skipped(
+                                step,
+                                len(self.skipped),
+                                batch.size,
+                                nonfinite_examples(stats) if stats is not None else nonfinite_rows,
+                            )
                         stats = None
                     elif accumulation is not None:
                         self._add_part(stats)
@@ -859,6 +878,20 @@ class Tracker:
             )
         return stats
 
+    def _skip_refused_step(self, step: int, err: BaseException) -> None:
+        """``step`` under ``on_refusal`` "skip" / "fallback": every exact engine refused its statistics
+        (``err``); its ``p.grad`` is the plain backward's. Recorded in :attr:`refused`, warned once per reason."""
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        self.refused.append((step, reason))
+        if reason not in self._warned_reasons:
+            self._warned_reasons.add(reason)
+            warnings.warn(
+                f"persample: the statistics of step {step} were skipped (training goes on; p.grad is "
+                f"loss.backward()'s): {reason}",
+                SkippedStatisticsWarning,
+                stacklevel=3,
+            )
+
     def _publish(self, stats: GradStats) -> None:
         """Keep ``stats`` as ``last_stats`` and call the hooks with it, in registration order.
         If a hook raises, ``last_stats`` goes back to what it was (earlier hooks have run)."""
@@ -925,6 +958,22 @@ def _scale_value(scale: Any, model: nn.Module) -> float:
             "scale=scaler: scaler.get_scale() does not initialise a fresh scaler)"
         )
     return float(scale)
+
+
+def _rng_state() -> tuple[Any, Any]:
+    """The global random generators' states (CPU, and CUDA's where initialised)."""
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Any, Any]) -> None:
+    import torch
+
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

@@ -212,3 +212,46 @@ def test_an_accumulated_step_with_a_non_finite_micro_batch_has_no_statistics(how
         for x, y in ((x2, y2), (x2, y2)):
             tracker.step(x, y, scale=0.5)
     assert acc.stats is not None and acc.stats.n == 2 * x2.shape[0] and len(published) == 1
+
+
+def test_step_with_on_refusal_skip_trains_through_a_refused_step_as_the_plain_loop():
+    """Tracker(on_refusal="skip").step on a model every exact engine refuses in training mode (BatchNorm)
+    raised UnsupportedModelError and stopped training; now the step is the plain backward (the same
+    dropout draws), skipped with the reason, and the eval-mode steps between have the oracle's statistics."""
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Dropout(0.3), nn.Tanh(), nn.Linear(7, 3)).double()
+
+    plain, tracked = make(), make()
+    opt_p, opt_t = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (plain, tracked))
+    tracker = persample.Tracker(tracked, F.cross_entropy, on_refusal="skip")
+    with pytest.warns(persample.SkippedStatisticsWarning, match="BATCHNORM_TRAIN"):
+        for i, (x, y) in enumerate(_batches(4, torch.float64, sizes=(6,))):
+            training = i % 2 == 0
+            plain.train(training)
+            tracked.train(training)
+            opt_p.zero_grad()
+            opt_t.zero_grad()
+            torch.manual_seed(100 + i)
+            F.cross_entropy(plain(x), y).backward()
+            start = copy.deepcopy(tracked)
+            torch.manual_seed(100 + i)
+            stats = tracker.step(x, y)
+            if training:
+                assert stats is None
+            else:
+                grads, _ = oracle_grads(start, F.cross_entropy, x, y)
+                for name, g in grads.items():
+                    torch.testing.assert_close(stats.mean[name], g.mean(0), rtol=1e-9, atol=1e-12)
+                    torch.testing.assert_close(stats.var[name], g.var(0), rtol=1e-9, atol=1e-12)
+            for a, b in zip(plain.parameters(), tracked.parameters()):
+                torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14)
+            opt_p.step()
+            opt_t.step()
+    assert tracker.skipped == [0, 2] and [s for s, _ in tracker.refused] == [0, 2]
+    for a, b in zip([*plain.parameters(), *plain.buffers()], [*tracked.parameters(), *tracked.buffers()]):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    clipping = persample.Tracker(make(), F.cross_entropy, on_refusal="skip", clip_norm=1.0)
+    with pytest.raises(persample.UnsupportedModelError):  # clipping needs the per-example gradients
+        clipping.step(*_batches(1, torch.float64, sizes=(6,))[0])
