@@ -255,3 +255,108 @@ def test_step_with_on_refusal_skip_trains_through_a_refused_step_as_the_plain_lo
     clipping = persample.Tracker(make(), F.cross_entropy, on_refusal="skip", clip_norm=1.0)
     with pytest.raises(persample.UnsupportedModelError):  # clipping needs the per-example gradients
         clipping.step(*_batches(1, torch.float64, sizes=(6,))[0])
+
+
+def test_lightning_manual_optimization_with_its_own_accumulation_is_exact():
+    """Manual optimisation (zero_grad, manual_backward, opt.step every 2 batches in training_step): the callback
+    raised ValueError at fit start, stopping training; it now follows the module's own optimizer steps."""
+    L = pytest.importorskip("lightning")
+    from persample.integrations.lightning import PersampleCallback
+
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (12,), generator=g)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(torch.float64)
+            self.automatic_optimization = False
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            if batch_idx % 2 == 0:
+                opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]) / 2)
+            if batch_idx % 2 == 1:
+                opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def fit(module, callbacks):
+        trainer = L.Trainer(
+            max_epochs=1,
+            callbacks=callbacks,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+            devices=1,
+        )
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=3)
+        trainer.fit(module, loader)
+
+    plain, tracked = Module(), Module()
+    fit(plain, [])
+    callback = PersampleCallback(F.cross_entropy)
+    starts = []  # the parameters before each optimizer step
+
+    class Record(L.pytorch.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx % 2 == 0:
+                starts.append(copy.deepcopy(module.net))
+
+    fit(tracked, [Record(), callback])
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert [row["n"] for row in callback.diagnostics.rows] == [6, 6]
+    grads, _ = oracle_grads(starts[1], F.cross_entropy, x_all[6:], y_all[6:])
+    for name, g in grads.items():  # the last step's merged statistics (two micro-batches of 3)
+        torch.testing.assert_close(callback.last_stats.mean[f"net.{name}"], g.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(callback.last_stats.var[f"net.{name}"], g.var(0), rtol=1e-9, atol=1e-12)
+
+
+def test_lightning_two_manual_backwards_in_a_batch_skip_the_step_with_a_reason():
+    L = pytest.importorskip("lightning")
+    from persample.integrations.lightning import PersampleCallback
+
+    g = torch.Generator().manual_seed(0)
+    x_all, y_all = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _mlp(torch.float64)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+            self.manual_backward(self(batch[0]).pow(2).mean())  # a second loss the observation never sees
+            opt.step()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = PersampleCallback(F.cross_entropy)
+    trainer = L.Trainer(
+        max_epochs=1,
+        callbacks=[callback],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+    )
+    with pytest.warns(persample.SkippedStatisticsWarning, match="more than one backward"):
+        trainer.fit(Module(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=3))
+    assert callback.diagnostics.rows == [] and callback.tracker.skipped == [0, 1]

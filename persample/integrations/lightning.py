@@ -13,7 +13,10 @@ With automatic optimisation, the callback observes Lightning's own forward
 :meth:`persample.Tracker.observe`, from ``on_train_batch_start`` to
 ``on_after_backward``. Lightning zero-grads between ``training_step`` and the
 backward; the callback takes its ``p.grad`` baseline in ``on_before_backward``,
-after that.
+after that. The micro-batches observed until the optimizer steps (``on_before_optimizer_step``:
+``accumulate_grad_batches``, the end of an epoch, also of an ``IterableDataset``) make one step.
+With manual optimisation the same holds for ``self.manual_backward(loss)`` (one per batch)
+and ``opt.step()`` in ``training_step``, with whatever accumulation the module does.
 
 - ``p.grad`` is never touched: training is identical with or without the callback.
 - The statistics describe g_i = ∇ L_i with L_i = ``loss_fn(output_i, target_i)``
@@ -33,16 +36,17 @@ skipped step), or computed by the exact engines on the batch's inputs
 (``on_refusal="fallback"``, one more pass), or raised (``"raise"``).
 
 Needs ``lightning`` (``pip install -e ".[lightning]"`` from a source checkout).
-Limits: automatic optimisation; one process or ``DDPStrategy`` (statistics of the global batch).
+Limits: one backward per batch; one process or ``DDPStrategy`` (statistics of the global batch).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..errors import ObservationError
+from ..errors import ObservationError, SkippedStatisticsWarning
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
@@ -150,11 +154,6 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
             snapshot_preconditioner(self.diagnostics, optimizer, pl_module)
 
     def on_fit_start(self, trainer, pl_module):
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "persample's Lightning callback supports automatic optimisation only; with manual "
-                "optimisation wrap your own backward in tracker.observe(...)"
-            )
         self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
         self._block = self._accumulation = self._observe = self._observation = None
         self._stepped = False
@@ -173,8 +172,31 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
         self._observation = self._observe.__enter__()
 
     def on_before_backward(self, trainer, pl_module, loss):
-        if self._observation is not None:
+        if self._observe is None:  # a second backward in this batch (manual optimisation)
+            self._second_backward()
+        elif self._observation is not None:
             self._observation.rebase_grads()  # after Lightning's zero_grad
+
+    def _second_backward(self) -> None:
+        """The observed backward is not the batch's only one (``manual_backward`` twice): p.grad holds
+        what the observation did not see, so this optimizer step has no statistics (skipped, with a reason)."""
+        acc, tracker = self._accumulation, self.tracker
+        if acc is None or tracker is None or not acc.with_stats or acc.refused:
+            return
+        acc.refused = True
+        tracker.skipped.append(tracker.steps)
+        reason = (
+            "more than one backward in a training batch (manual_backward called twice): the statistics "
+            "observe the first only; call manual_backward once per batch, on the summed loss"
+        )
+        tracker.refused.append((tracker.steps, reason))
+        if reason not in tracker._warned_reasons:
+            tracker._warned_reasons.add(reason)
+            warnings.warn(
+                f"persample: the statistics of step {tracker.steps} were skipped (training goes on): {reason}",
+                SkippedStatisticsWarning,
+                stacklevel=2,
+            )
 
     def on_after_backward(self, trainer, pl_module):
         if self._observe is not None:
