@@ -360,3 +360,26 @@ def test_lightning_two_manual_backwards_in_a_batch_skip_the_step_with_a_reason()
     with pytest.warns(persample.SkippedStatisticsWarning, match="more than one backward"):
         trainer.fit(Module(), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x_all, y_all), batch_size=3))
     assert callback.diagnostics.rows == [] and callback.tracker.skipped == [0, 1]
+
+
+def test_hf_trainer_batch_without_the_labels_key_trains_on_and_skips_the_statistics(tmp_path):
+    """track(trainer, labels=<a key the batches lack>): training_step raised ValueError on the first step and
+    stopped training; now the steps run as without persample, each skipped with the reason (one warning)."""
+    pytest.importorskip("transformers")
+    from test_integrations import _hf_train, lm_examples
+
+    from zoo import gpt2_tiny
+
+    torch.manual_seed(0)
+    model = gpt2_tiny().double().train()
+    examples = lm_examples(4)
+    plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
+    _hf_train(plain, examples, tmp_path / "plain", tracked=False, steps=2, accumulation=2)
+    with pytest.warns(persample.SkippedStatisticsWarning, match="no 'targets' entry"):
+        trainer, callback = _hf_train(
+            tracked, examples, tmp_path / "tracked", tracked=True, steps=2, accumulation=2, labels="targets"
+        )
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert callback.tracker.skipped == [0, 1] and callback.last_stats is None
+    assert [h["persample/skipped_steps"] for h in trainer.state.log_history if "persample/skipped_steps" in h] == [1, 2]

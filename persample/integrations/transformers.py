@@ -63,6 +63,7 @@ from torch import Tensor
 
 from ..batch_loss import causal_lm_loss
 from ..engines.fast.model_loss import head_kind
+from ..errors import SkippedStatisticsWarning
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
@@ -143,6 +144,22 @@ class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defi
         if self._block is None:
             self._block = self.tracker.accumulate()
             self._accumulation = self._block.__enter__()
+
+    def skip_step(self, reason: str) -> None:
+        """This optimizer step has no statistics (``reason`` warned once, in ``tracker.refused``); training goes on."""
+        acc, tracker = self._accumulation, self.tracker
+        if acc is None or not acc.with_stats or acc.refused:
+            return
+        acc.refused = True
+        tracker.skipped.append(tracker.steps)
+        tracker.refused.append((tracker.steps, reason))
+        if reason not in tracker._warned_reasons:
+            tracker._warned_reasons.add(reason)
+            warnings.warn(
+                f"persample: the statistics of step {tracker.steps} were skipped (training goes on): {reason}",
+                SkippedStatisticsWarning,
+                stacklevel=3,
+            )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.begin()
@@ -241,8 +258,12 @@ def track(
     def training_step(model, inputs, *args, **kwargs):
         callback.begin()  # also when the Trainer calls training_step outside its loop
         targets = inputs.get(labels) if hasattr(inputs, "get") else None
-        if targets is None:
-            raise ValueError(f"persample: the batch has no {labels!r} entry (pass labels= to track())")
+        if targets is None:  # diagnostics never stop training: this step has no statistics, with a reason
+            callback.skip_step(
+                f"the batch has no {labels!r} entry (keys: {sorted(inputs) if hasattr(inputs, 'keys') else '?'}): "
+                "pass track(trainer, labels=<the key of the targets>)"
+            )
+            return original(model, inputs, *args, **kwargs)
         model_inputs = None
         if on_refusal == "fallback":  # the model's own loss needs its labels among its inputs
             model_inputs = dict(inputs) if own_loss else {k: v for k, v in inputs.items() if k != labels}
