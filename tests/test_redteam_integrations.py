@@ -383,3 +383,64 @@ def test_hf_trainer_batch_without_the_labels_key_trains_on_and_skips_the_statist
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert callback.tracker.skipped == [0, 1] and callback.last_stats is None
     assert [h["persample/skipped_steps"] for h in trainer.state.log_history if "persample/skipped_steps" in h] == [1, 2]
+
+
+@pytest.mark.parametrize("head", ["causal", "sequence"])
+def test_hf_trainer_label_smoothing_statistics_are_the_smoothed_losses(tmp_path, monkeypatch, head):
+    """TrainingArguments(label_smoothing_factor=0.1): the Trainer backwards the ε-smoothed loss (its
+    LabelSmoother), and the default per-example loss was the unsmoothed one, so every step was skipped
+    (OBSERVE_NOT_WEIGHTED_SUM). Now the statistics are those of the smoothed losses, as the float64 loop."""
+    transformers = pytest.importorskip("transformers")
+    from test_integrations import VOCAB, _hf_train, lm_examples
+
+    from zoo import gpt2_tiny
+
+    torch.manual_seed(0)
+    examples = lm_examples(4)
+    if head == "causal":
+        model = gpt2_tiny().double().train()
+
+        def smoothed(out, labels):  # example i's summed smoothed next-token loss, written out
+            logits = out.logits[:, :-1]
+            return F.cross_entropy(
+                logits.reshape(-1, VOCAB), labels[:, 1:].reshape(-1), label_smoothing=0.1, reduction="sum"
+            )
+    else:
+        config = transformers.BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=16,
+            num_labels=3,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        model = transformers.BertForSequenceClassification(config).double().train()
+        examples = [{**e, "labels": torch.tensor(i % 3)} for i, e in enumerate(examples)]
+
+        def smoothed(out, labels):
+            return F.cross_entropy(out.logits, labels, label_smoothing=0.1, reduction="sum")
+
+    inputs = {k: torch.stack([e[k] for e in examples]) for k in ("input_ids", "attention_mask")}
+    labels = torch.stack([e["labels"] for e in examples])
+    grads, _ = oracle_grads(copy.deepcopy(model), smoothed, inputs, labels)
+    original = transformers.TrainingArguments.__init__
+
+    def smoothing_args(self, *args, **kwargs):  # the helper's arguments, plus the smoothing
+        original(self, *args, **{**kwargs, "label_smoothing_factor": 0.1})
+
+    monkeypatch.setattr(transformers.TrainingArguments, "__init__", smoothing_args)
+    plain, tracked = copy.deepcopy(model), copy.deepcopy(model)
+    _hf_train(plain, examples, tmp_path / "plain", tracked=False, steps=1, accumulation=2)
+    _, callback = _hf_train(tracked, examples, tmp_path / "tracked", tracked=True, steps=1, accumulation=2)
+    for a, b in zip(plain.parameters(), tracked.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert callback.tracker.skipped == [] and callback.last_stats.n == 4
+    # HF's smoothing sums in float32: each field held to float32 rounding of its largest element in the model
+    # (attention's key bias has an identically zero gradient: rounding noise there)
+    for field, reduce in (("mean", lambda g: g.mean(0)), ("var", lambda g: g.var(0))):
+        scale = max(float(reduce(g).abs().max()) for g in grads.values())
+        for name, g in grads.items():
+            got = getattr(callback.last_stats, field)[name].double()
+            assert float((got - reduce(g)).abs().max()) < 1e-6 * scale, (field, name)

@@ -59,6 +59,7 @@ import os
 import warnings
 from typing import Any, Callable, ContextManager, Mapping, Sequence
 
+import torch
 from torch import Tensor
 
 from ..batch_loss import causal_lm_loss
@@ -73,7 +74,7 @@ from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snap
 transformers = require("transformers", "hf")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
 
-__all__ = ["track", "PersampleCallback", "model_own_loss"]
+__all__ = ["track", "PersampleCallback", "model_own_loss", "smoothed_label_loss"]
 
 
 class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defined]  # loaded at run time (require)
@@ -193,6 +194,36 @@ def model_own_loss(output: Any, labels: Any = None) -> Tensor:
     return output.loss
 
 
+def smoothed_label_loss(epsilon: float, *, shift: bool = False, ignore_index: int = -100) -> Callable:
+    """L_i = Σ_t ℓ_it, example i's summed ε-smoothed cross entropy over its counted positions (labels not
+    ``ignore_index``; next-token, labels shifted left by one, with ``shift``): the per-example part of the
+    Trainer's ``label_smoothing_factor=ε`` loss, (1/N) Σ_i L_i with N the counted positions of the batch.
+    ``output`` is the logits, or a model output holding them; half-precision logits are cast to float32.
+
+    >>> import torch
+    >>> loss = smoothed_label_loss(0.1)
+    >>> round(float(loss(torch.zeros(1, 4), torch.tensor([2]))), 4)  # log 4, whatever the smoothing
+    1.3863
+    """
+    import torch.nn.functional as F
+
+    def per_example(output: Any, labels: Tensor) -> Tensor:
+        logits = output if isinstance(output, Tensor) else output["logits"]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]),
+            labels.reshape(-1),
+            ignore_index=ignore_index,
+            label_smoothing=epsilon,
+            reduction="sum",
+        )
+
+    return per_example
+
+
 def track(
     trainer: Any,
     *,
@@ -211,7 +242,9 @@ def track(
 
     Args:
         trainer: the Trainer, before ``train()``.
-        loss_fn: the per-example loss ``loss_fn(output, labels)`` on a batch of one. Default:
+        loss_fn: the per-example loss ``loss_fn(output, labels)`` on a batch of one. With the Trainer's
+            ``label_smoothing_factor`` = ε > 0, the default for these heads is :func:`smoothed_label_loss`
+            (the ε-smoothed loss the Trainer backwards). Otherwise, default:
             :func:`persample.causal_lm_loss` (summed next-token loss) for causal LMs; for masked LM,
             seq2seq, token and sequence classification heads, the model's own loss
             (:func:`model_own_loss`: L_i is ``out.loss`` of example i alone, called as the Trainer calls
@@ -232,7 +265,14 @@ def track(
     model = trainer.model
     output_module = None
     own_loss = False
-    if loss_fn is None:
+    smoothing = float(getattr(getattr(trainer, "args", None), "label_smoothing_factor", 0.0) or 0.0)
+    if loss_fn is None and smoothing > 0 and head_kind(model) in ("causal", "tokens", "sequence"):
+        # The Trainer's LabelSmoother: labels popped from the inputs, ε-smoothed cross entropy of the logits,
+        # a mean over the counted positions (labels shifted by one for causal LMs)
+        causal = head_kind(model) == "causal"
+        loss_fn = smoothed_label_loss(smoothing, shift=causal)
+        output_module = model.get_output_embeddings() if causal else None
+    elif loss_fn is None:
         kind = head_kind(model)
         if kind == "causal":
             loss_fn = causal_lm_loss()
