@@ -255,6 +255,14 @@ class Diagnostics:
         self._keys = list(state.get("keys", []))
         self._warned = set(state.get("warned", []))
 
+    def reopen(self) -> None:
+        """Reopen the sinks that :meth:`close` closed and can write again (``reopen()``: the file loggers),
+        before training starts again on the same trainer."""
+        for sink in self.sinks:
+            reopen = getattr(sink, "reopen", None)
+            if callable(reopen):
+                reopen()
+
     def close(self) -> None:
         for sink in self.sinks:
             close = getattr(sink, "close", None)
@@ -500,6 +508,14 @@ class CSVLogger(_Sink):
         self._rows_written += 1
         self._file.flush()
 
+    def reopen(self) -> None:
+        """After :meth:`close`, write again: the file is taken over as by a new logger on it (rows from the
+        next row's step on are replaced, the others kept). The integrations call it when training starts
+        again on the same trainer (a second ``trainer.train()`` / ``trainer.fit()``). Open: nothing to do."""
+        if self._file is None:
+            self._file = open(self.path, "a", newline="", encoding="utf-8")
+            self.fields, self._rows_written, self._resumed = [], 0, False
+
     def _rewrite(self) -> None:
         assert self._file is not None  # called from write(), which refuses a closed logger
         self._file.close()
@@ -580,6 +596,12 @@ class JSONLLogger(_Sink):
             clean[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         self._file.write(json.dumps(clean, allow_nan=False) + "\n")
         self._file.flush()
+
+    def reopen(self) -> None:
+        """After :meth:`close`, write again, as :meth:`CSVLogger.reopen`."""
+        if self._file is None:
+            self._file = open(self.path, "a", encoding="utf-8")
+            self._resumed = False
 
     def close(self) -> None:
         if self._file is not None:

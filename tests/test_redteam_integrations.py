@@ -444,3 +444,34 @@ def test_hf_trainer_label_smoothing_statistics_are_the_smoothed_losses(tmp_path,
         for name, g in grads.items():
             got = getattr(callback.last_stats, field)[name].double()
             assert float((got - reduce(g)).abs().max()) < 1e-6 * scale, (field, name)
+
+
+def test_hf_trainer_trained_twice_with_a_csv_sink_writes_on(tmp_path):
+    """trainer.train() twice (a notebook re-run; train(resume_from_checkpoint=...) on the same trainer): the
+    callback closes its sinks when training ends, and the second train() raised ValueError ("CSVLogger is
+    closed") on its first step. The integrations now reopen their file sinks when training starts again (resume rules)."""
+    pytest.importorskip("transformers")
+    from test_integrations import _hf_train, lm_examples
+
+    from persample.loggers import CSVLogger, JSONLLogger, read_metrics
+    from zoo import gpt2_tiny
+
+    torch.manual_seed(0)
+    csv_path, jsonl_path = tmp_path / "rows.csv", tmp_path / "rows.jsonl"
+    trainer, callback = _hf_train(
+        gpt2_tiny().double().train(),
+        lm_examples(4),
+        tmp_path / "run",
+        tracked=True,
+        steps=2,
+        accumulation=2,
+        sinks=[CSVLogger(csv_path), JSONLLogger(jsonl_path)],
+    )
+    first = read_metrics(csv_path)
+    with pytest.warns(UserWarning, match="replaced by this run's rows"):
+        trainer.train()  # from step 0 again: its rows replace the first run's, which are kept aside
+    for path in (csv_path, jsonl_path):
+        rows = read_metrics(path)
+        assert [r["step"] for r in rows] == [1, 2] and rows[0]["b_simple"] != first[0]["b_simple"]
+        assert rows[-1]["b_simple"] == callback.diagnostics.rows[-1]["b_simple"]
+    assert [r["step"] for r in read_metrics(tmp_path / "rows.replaced-1.csv")] == [1, 2]

@@ -155,6 +155,7 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
 
     def on_fit_start(self, trainer, pl_module):
         self.tracker = Tracker(pl_module, self.loss_fn, every=self.every, **self.options)
+        self.diagnostics.reopen()  # closed by an earlier fit's on_train_end
         self._block = self._accumulation = self._observe = self._observation = None
         self._stepped = False
         if self._pending_tracker_state is not None:

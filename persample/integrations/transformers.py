@@ -121,6 +121,7 @@ class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defi
                 json.dump(self.state_dict(), f)
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.diagnostics.reopen()  # closed by an earlier train()'s on_train_end
         resume = self._resume_from
         if isinstance(resume, bool):
             resume = get_last_checkpoint(args.output_dir) if resume else None
