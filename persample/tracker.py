@@ -570,6 +570,17 @@ class Tracker:
             yield acc
         finally:
             self._accumulation = None
+        if acc.parts and not acc.refused and len({tuple(part.mean) for part in acc.parts}) > 1:
+            # parameters frozen or unfrozen between micro-batches: no statistics of the whole batch for them
+            acc.refused = True
+            self.skipped.append(self.steps)
+            self._skip_refused_step(
+                self.steps,
+                ValueError(
+                    "the trainable parameters changed inside the accumulate() block (requires_grad set between "
+                    "its micro-batches): freeze or unfreeze parameters between optimizer steps"
+                ),
+            )
         if acc.parts and not acc.refused:  # a refused micro-batch: the block has no statistics of its batch
             acc.stats = GradStats.merge_all(acc.parts)
             if self._replicas is not None:  # FSDP2: the merged shards' global sums (a small all-reduce)

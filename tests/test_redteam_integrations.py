@@ -449,7 +449,8 @@ def test_hf_trainer_label_smoothing_statistics_are_the_smoothed_losses(tmp_path,
 def test_hf_trainer_trained_twice_with_a_csv_sink_writes_on(tmp_path):
     """trainer.train() twice (a notebook re-run; train(resume_from_checkpoint=...) on the same trainer): the
     callback closes its sinks when training ends, and the second train() raised ValueError ("CSVLogger is
-    closed") on its first step. The integrations now reopen their file sinks when training starts again (resume rules)."""
+    closed") on its first step. The integrations now reopen their file sinks when training starts again
+    (resume rules)."""
     pytest.importorskip("transformers")
     from test_integrations import _hf_train, lm_examples
 
@@ -475,3 +476,29 @@ def test_hf_trainer_trained_twice_with_a_csv_sink_writes_on(tmp_path):
         assert [r["step"] for r in rows] == [1, 2] and rows[0]["b_simple"] != first[0]["b_simple"]
         assert rows[-1]["b_simple"] == callback.diagnostics.rows[-1]["b_simple"]
     assert [r["step"] for r in read_metrics(tmp_path / "rows.replaced-1.csv")] == [1, 2]
+
+
+@pytest.mark.parametrize("how", ["step", "observe"])
+def test_a_parameter_frozen_between_micro_batches_skips_the_step_instead_of_raising(how):
+    """requires_grad_(False) between the micro-batches of one accumulate() block: the block's exit raised
+    ValueError ("cannot merge GradStats over different parameters") and stopped training."""
+    model = _mlp(torch.float64)
+    reference = _mlp(torch.float64)
+    tracker = persample.Tracker(model, F.cross_entropy)
+    x, y = _batches(1, torch.float64)[0]
+    with pytest.warns(persample.SkippedStatisticsWarning, match="trainable parameters changed"):
+        with tracker.accumulate() as acc:
+            for net in (model, reference):
+                net[0].weight.requires_grad_(True)
+            for _ in range(2):
+                if how == "step":
+                    tracker.step(x, y, scale=0.5)
+                else:
+                    with tracker.observe(y):
+                        (F.cross_entropy(model(x), y) * 0.5).backward()
+                (F.cross_entropy(reference(x), y) * 0.5).backward()
+                for net in (model, reference):
+                    net[0].weight.requires_grad_(False)
+    assert acc.stats is None and tracker.skipped == [0] and tracker.steps == 1
+    for a, b in zip(reference.parameters(), model.parameters()):  # p.grad as the plain loop leaves it
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-12, atol=1e-14)
