@@ -763,6 +763,7 @@ class Tracker:
             # the loss reads the wrapper's output, so that is the output observed
             output_module = self._replicas.wrapper
         body_ran, failure = False, None  # the block's own code (the user's forward and backward) returned
+        refused_here = False  # refused here or on another rank (recorded in self.refused), not just not finite
         observation = Observation()
         try:
             with observing(
@@ -789,6 +790,7 @@ class Tracker:
         except Exception as err:
             if isinstance(err, REFUSALS) and body_ran and self.on_refusal != "raise":
                 observation.stats = self._refused_statistics(err, inputs, targets, local)
+                refused_here = True
                 observation.skipped = observation.stats is None
             else:
                 if isinstance(err, NotExact) and hasattr(err, "add_note"):
@@ -821,6 +823,7 @@ class Tracker:
             )
             if not everyone_has_stats and observation.stats is not None:  # the global batch has no statistics
                 self.refused.append((self.steps, "another rank had no statistics for this step"))
+                refused_here = True
                 observation.skipped = True
                 if accumulating:
                     self._accumulation.refused = True  # type: ignore[union-attr]  # accumulating
@@ -832,6 +835,8 @@ class Tracker:
                 self.skipped.append(self.steps)
                 if accumulating:  # a micro-batch without statistics: the block's batch has none
                     self._accumulation.refused = True  # type: ignore[union-attr]  # accumulating
+                if not refused_here:  # not finite (an fp16 overflow): warned as step() warns
+                    _warn_skipped(self.steps, len(self.skipped), batch_size, None)
             elif accumulating:
                 self._add_part(observation.stats)
             else:
