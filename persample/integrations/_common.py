@@ -6,6 +6,7 @@ import math
 import warnings
 from typing import Any
 
+from ..errors import SkippedStatisticsWarning
 from ..loggers import Diagnostics
 from ..stats import GradStats
 
@@ -23,6 +24,25 @@ DEFAULT_KEYS = (
     "b_precond",
     "b_precond_ema",
 )
+
+
+def skip_block_statistics(tracker: Any, accumulation: Any, reason: str, stacklevel: int = 2) -> None:
+    """The optimizer step under way (``accumulation``, the Tracker's open block) gets no statistics: it is
+    added to ``tracker.skipped`` and, with ``reason``, to ``tracker.refused``, and ``reason`` is warned once
+    (:class:`~persample.SkippedStatisticsWarning`); training goes on. Nothing happens outside a block with
+    statistics, or where the block was already refused."""
+    if accumulation is None or tracker is None or not accumulation.with_stats or accumulation.refused:
+        return
+    accumulation.refused = True
+    tracker.skipped.append(tracker.steps)
+    tracker.refused.append((tracker.steps, reason))
+    if reason not in tracker._warned_reasons:
+        tracker._warned_reasons.add(reason)
+        warnings.warn(
+            f"persample: the statistics of step {tracker.steps} were skipped (training goes on): {reason}",
+            SkippedStatisticsWarning,
+            stacklevel=stacklevel + 1,
+        )
 
 
 def snapshot_preconditioner(diagnostics: Diagnostics, optimizer: Any, model: Any) -> None:

@@ -41,17 +41,23 @@ Limits: one backward per batch; one process or ``DDPStrategy`` (statistics of th
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from ..errors import ObservationError, SkippedStatisticsWarning
+from ..errors import ObservationError
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snapshot_preconditioner
+from ._common import (
+    DEFAULT_KEYS,
+    diagnostics_row,
+    require,
+    skip_block_statistics,
+    skipped_steps,
+    snapshot_preconditioner,
+)
 
 L = require("lightning", "lightning")
 
@@ -181,23 +187,11 @@ class PersampleCallback(L.pytorch.Callback):  # type: ignore[name-defined]  # L 
     def _second_backward(self) -> None:
         """The observed backward is not the batch's only one (``manual_backward`` twice): p.grad holds
         what the observation did not see, so this optimizer step has no statistics (skipped, with a reason)."""
-        acc, tracker = self._accumulation, self.tracker
-        if acc is None or tracker is None or not acc.with_stats or acc.refused:
-            return
-        acc.refused = True
-        tracker.skipped.append(tracker.steps)
         reason = (
             "more than one backward in a training batch (manual_backward called twice): the statistics "
             "observe the first only; call manual_backward once per batch, on the summed loss"
         )
-        tracker.refused.append((tracker.steps, reason))
-        if reason not in tracker._warned_reasons:
-            tracker._warned_reasons.add(reason)
-            warnings.warn(
-                f"persample: the statistics of step {tracker.steps} were skipped (training goes on): {reason}",
-                SkippedStatisticsWarning,
-                stacklevel=2,
-            )
+        skip_block_statistics(self.tracker, self._accumulation, reason, stacklevel=2)
 
     def on_after_backward(self, trainer, pl_module):
         if self._observe is not None:

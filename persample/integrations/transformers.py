@@ -64,12 +64,18 @@ from torch import Tensor
 
 from ..batch_loss import causal_lm_loss
 from ..engines.fast.model_loss import head_kind
-from ..errors import SkippedStatisticsWarning
 from ..loggers import Diagnostics
 from ..noise import DEFAULT_EMA_BETA
 from ..stats import GradStats
 from ..tracker import Accumulation, Tracker
-from ._common import DEFAULT_KEYS, diagnostics_row, require, skipped_steps, snapshot_preconditioner
+from ._common import (
+    DEFAULT_KEYS,
+    diagnostics_row,
+    require,
+    skip_block_statistics,
+    skipped_steps,
+    snapshot_preconditioner,
+)
 
 transformers = require("transformers", "hf")
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint  # noqa: E402
@@ -149,19 +155,7 @@ class PersampleCallback(transformers.TrainerCallback):  # type: ignore[name-defi
 
     def skip_step(self, reason: str) -> None:
         """This optimizer step has no statistics (``reason`` warned once, in ``tracker.refused``); training goes on."""
-        acc, tracker = self._accumulation, self.tracker
-        if acc is None or not acc.with_stats or acc.refused:
-            return
-        acc.refused = True
-        tracker.skipped.append(tracker.steps)
-        tracker.refused.append((tracker.steps, reason))
-        if reason not in tracker._warned_reasons:
-            tracker._warned_reasons.add(reason)
-            warnings.warn(
-                f"persample: the statistics of step {tracker.steps} were skipped (training goes on): {reason}",
-                SkippedStatisticsWarning,
-                stacklevel=3,
-            )
+        skip_block_statistics(self.tracker, self._accumulation, reason, stacklevel=3)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.begin()
