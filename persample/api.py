@@ -156,10 +156,7 @@ def per_sample_grads(
 
         grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
-            output, standard, at_output = first_forward + [None, False, None][len(first_forward) :]
-            opaque = _check_loss_on_batch(
-                model, loss_fn, batch, output, found, standard_loss=standard, at_output=at_output
-            )
+            opaque = _check_loss_at_kept_output(model, loss_fn, batch, first_forward, found)
         if opaque and randomness == "error":
             _check_loss_in_the_model(model, loss_fn, batch, {k: g.mean(0) for k, g in grads.items()}, found)
     return grads
@@ -338,13 +335,17 @@ def compute_stats(
             opaque = _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
         stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
         if batch_loss_check and not check_first:
-            output, standard, at_output = first_forward + [None, False, None][len(first_forward) :]
-            opaque = _check_loss_on_batch(
-                model, loss_fn, batch, output, found, standard_loss=standard, at_output=at_output
-            )
+            opaque = _check_loss_at_kept_output(model, loss_fn, batch, first_forward, found)
         if opaque and randomness == "error":
             _check_loss_in_the_model(model, loss_fn, batch, stats.mean, found)
         return stats
+
+
+def _check_loss_at_kept_output(model: nn.Module, loss_fn: LossFn, batch: Batch, kept: list, found) -> bool:
+    """:func:`_check_loss_on_batch` after the engines, on what the fast engine kept of its forward (``kept``:
+    ``[output, standard_loss, at_output]``, as many as it kept; nothing where another engine ran)."""
+    output, standard, at_output = kept + [None, False, None][len(kept) :]
+    return _check_loss_on_batch(model, loss_fn, batch, output, found, standard_loss=standard, at_output=at_output)
 
 
 def _check_loss_on_batch(
