@@ -54,14 +54,38 @@ def rank_world():
     return dist.get_rank(), dist.get_world_size()
 
 
+#: None: the MLP takes one vector per example; an int T: T positions per example, averaged at the end
+#: (``on_sequences``), where the statistics form every g_i of the Linear maps and, under FSDP2, the
+#: Tracker skips their weight-gradient products
+POSITIONS: int | None = None
+
+
+class MeanOverPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+@contextlib.contextmanager
+def on_sequences(positions=4):
+    """The MLP scenarios run inside on T = ``positions`` positions per example."""
+    global POSITIONS
+    POSITIONS = positions
+    try:
+        yield
+    finally:
+        POSITIONS = None
+
+
 def mlp(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    layers = [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers, *([MeanOverPositions()] if POSITIONS else [])).to(dtype)
 
 
 def global_batch(n, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    shape = (n, 5) if POSITIONS is None else (n, POSITIONS, 5)
+    return torch.randn(*shape, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
 
 
 def my_slice(sizes):
@@ -1033,6 +1057,9 @@ def _fsdp2_tracker_against_fsdp2(observe=False, **shard_options):
             stats = tracker.step(x, y)
         loss(plain(x), y).backward()
         assert_grads_equal(tracked, plain, f"step {step}")
+        if not observe:  # on sequences every product is skipped (Σ_i g_i written instead); else none
+            names = {n for n, _ in tracked.named_parameters()} if POSITIONS else set()
+            assert tracker._fsdp2_skipped == names, (sorted(tracker._fsdp2_skipped), sorted(names))
         check_against_oracle(stats, expected, f"step {step}", model=tracked)
         assert seen[-1] is stats and stats.part_sizes == tuple(SPLITS[world])
         if len(set(SPLITS[world])) == 1:  # equal batches: FSDP2's reduce-scattered p.grad is the mean shard
@@ -1155,6 +1182,34 @@ def fsdp2_accumulate_micro_batches():
     check_against_oracle(acc.stats, oracle(reference, loss, gx, gy), "merged micro-batches", model=tracked)
     assert acc.stats.shard is not None and acc.stats.shard.sums is not None
     assert seen == [acc.stats] and tracker.steps == 1
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_skipped_products_equal_fsdp2_backward():
+    """On sequences the statistics form every g_i of the Linear maps, so Tracker.step skips their
+    weight-gradient products and writes Σ_i g_i as each unsharded gradient before FSDP2's own
+    reduce-scatter: p.grad equal to FSDP2's own backward to 1e-12 (nested and root-only, resharded after
+    forward or not, checkpointed, 10 AdamW steps against DDP), accumulated micro-batches with an earlier
+    p.grad and scale 0.5, var=False, and a failure on one rank (the deferred gradients dropped everywhere)."""
+    with on_sequences():
+        _fsdp2_tracker_against_fsdp2()
+        _fsdp2_tracker_against_fsdp2(nested=False, reshard_after_forward=False)
+        _fsdp2_tracker_against_fsdp2(checkpointed=True)
+        fsdp2_accumulate_micro_batches()
+        fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent()
+    with on_sequences(8):  # without the variance, g_i are formed (for the norms) from T = 8 positions on
+        loss = F.cross_entropy
+        tracked, plain, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
+        tracker = persample.Tracker(tracked, loss, var=False)
+        x, y, gx, gy = local_batches(1, seed=151)[0]
+        stats = tracker.step(x, y)
+        loss(plain(x), y).backward()
+        assert_grads_equal(tracked, plain, "var=False")
+        assert tracker._fsdp2_skipped == {n for n, _ in tracked.named_parameters()}
+        expected = oracle(reference, loss, gx, gy)
+        for k in expected["mean"]:
+            close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"var=False: mean[{k}]")
+        close(stats.sq_norms, sum(expected["param_sq_norms"].values()), "var=False: sq_norms")
 
 
 @scenario(2, 3, suite="fsdp")
@@ -1575,6 +1630,10 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
         stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
         loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
         assert_grads_equal(tracked, plain, f"GPT-2 step {step}")
+        # the weight-gradient products the statistics make unneeded were skipped (Σ_i g_i written instead):
+        # the Linear maps on sequences (Conv1D), and the tied embedding through its LM head
+        skipped = tracker._fsdp2_skipped
+        assert "transformer.wte.weight" in skipped and "transformer.h.0.attn.c_attn.weight" in skipped, sorted(skipped)
         rows, losses = [], []
         params = dict(reference.named_parameters())
         for i in range(len(ids)):
