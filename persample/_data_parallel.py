@@ -418,6 +418,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 )
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
                 if settled:  # raised by the agreement itself, or after it: every rank raises already
+                    tracker._fsdp2_skipped = frozenset(skipped)
                     raise
                 failure = err
             tracker._fsdp2_skipped = frozenset(skipped)

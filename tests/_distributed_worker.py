@@ -1197,6 +1197,7 @@ def fsdp2_skipped_products_equal_fsdp2_backward():
         _fsdp2_tracker_against_fsdp2(checkpointed=True)
         fsdp2_accumulate_micro_batches()
         fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent()
+        _regulariser_and_nan_keep_fsdp2s_gradient()
     with on_sequences(8):  # without the variance, g_i are formed (for the norms) from T = 8 positions on
         loss = F.cross_entropy
         tracked, plain, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
@@ -1210,6 +1211,43 @@ def fsdp2_skipped_products_equal_fsdp2_backward():
         for k in expected["mean"]:
             close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"var=False: mean[{k}]")
         close(stats.sq_norms, sum(expected["param_sq_norms"].values()), "var=False: sq_norms")
+
+
+def _regulariser_and_nan_keep_fsdp2s_gradient():
+    """A loss term that reads a parameter itself (a regulariser) keeps that parameter's product: skipping
+    it would drop the term's gradient silently; observe's sum check then refuses the step on every rank
+    (OBSERVE_SUM_MISMATCH), with p.grad as it was. A NaN in one example on one rank: no statistics on any
+    rank, and p.grad is still FSDP2's own (the skipped products' sums in closed form), NaN for NaN."""
+    rank, world = rank_world()
+    tracked, plain = sharded_mlp(35), sharded_mlp(35)
+    x, y, _, _ = local_batches(1, seed=161)[0]
+
+    def regularised(out, target):
+        return F.cross_entropy(out, target) + 0.01 * tracked[0].weight.pow(2).sum()
+
+    tracker = persample.Tracker(tracked, regularised)
+    before = [p.grad for p in tracked.parameters()]
+    err = _raises_on_every_rank(
+        lambda: tracker.step(x, y), "a regulariser", {r: "ObservationError" for r in range(world)}
+    )
+    assert err.code == "OBSERVE_SUM_MISMATCH" and "0.weight" not in tracker._fsdp2_skipped, (err.code, str(err)[:300])
+    assert "2.weight" in tracker._fsdp2_skipped, sorted(tracker._fsdp2_skipped)
+    assert all(p.grad is b for p, b in zip(tracked.parameters(), before)), "p.grad changed by a failed step"
+    tracker = persample.Tracker(tracked, F.cross_entropy)
+    xb = x.clone()
+    if rank == world - 1:
+        xb[1, 0, 0] = float("nan")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.step(xb, y) is None
+    F.cross_entropy(plain(xb), y).backward()
+    assert tracker._fsdp2_skipped == {n for n, _ in tracked.named_parameters()}
+    for (n, p), q in zip(tracked.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(
+            p.grad.to_local(), q.grad.to_local(), rtol=1e-12, atol=1e-14, equal_nan=True, msg=lambda m: f"NaN: {n}: {m}"
+        )
 
 
 @scenario(2, 3, suite="fsdp")
