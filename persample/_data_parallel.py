@@ -139,14 +139,20 @@ class Replicas:
         return agree(failure, self.group, where=where, flags=flags)
 
     def reduce_stats(
-        self, stats: GradStats, model: nn.Module | None = None, loss_fn=None, batch: Batch | None = None
+        self,
+        stats: GradStats,
+        model: nn.Module | None = None,
+        loss_fn=None,
+        batch: Batch | None = None,
+        *,
+        reduced: tuple[float, dict[str, Tensor]] | None = None,
     ) -> GradStats:
         """Global statistics; with ``model``, ``loss_fn`` and ``batch``, also inner products
         relative to the global mean (one forward-mode pass of the local batch). Under FSDP2
         (``sharded``) the mean and M2 are reduce-scattered: each rank keeps its shard
         (:func:`persample.distributed.reduce_scatter_stats`)."""
-        if self.sharded:
-            return reduce_scatter_stats(stats, self.group)
+        if self.sharded:  # (``reduced``: S1 known already, reduce_scatter_stats)
+            return reduce_scatter_stats(stats, self.group, reduced=reduced)
         inner = None
         if batch is not None:
             from .engines.directional import per_example_directional_derivatives
@@ -391,7 +397,7 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
             agree_on_examples(replicas.group, failure, empty, "persample.Tracker.step (FSDP2)")
             failure, stats = None, None
             settled: list[bool] = []  # the agreement's outcome, once observed_fsdp2_backward asked for it
-            skipped: set[str] = set()  # the parameters whose weight-gradient product the backward skipped
+            info: dict = {}  # what observed_fsdp2_backward did: the skipped products, the loss's weight, ...
             tracker._fsdp2_skipped = frozenset()
 
             def settle(failure: BaseException | None, has_stats: bool) -> bool:
@@ -414,19 +420,24 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                     var=tracker.stats_options["var"],
                     reference=reference,
                     settle=settle,
-                    skipped=skipped,
+                    info=info,
                 )
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
                 if settled:  # raised by the agreement itself, or after it: every rank raises already
-                    tracker._fsdp2_skipped = frozenset(skipped)
+                    tracker._fsdp2_skipped = frozenset(info.get("skipped", ()))
                     raise
                 failure = err
-            tracker._fsdp2_skipped = frozenset(skipped)
+            tracker._fsdp2_skipped = frozenset(info.get("skipped", ()))
             if settled:
                 everyone = settled[-1]
             else:
                 (everyone,) = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
-            stats = replicas.reduce_stats(stats) if everyone else None
+            fresh = all(g is None for g in saved.values())  # p.grad is then FSDP2's reduced sum of this step alone
+            stats = (
+                replicas.reduce_stats(stats, reduced=_reduced_sums(params, info) if fresh else None)
+                if everyone
+                else None
+            )
             failure = None
             try:
                 if stats is None or not stats.is_finite():
@@ -458,6 +469,26 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
+
+
+def _reduced_sums(params: dict[str, nn.Parameter], info: dict) -> tuple[float, dict[str, Tensor]] | None:
+    """``reduce_scatter_stats``' ``reduced`` after a statistics step that started without ``p.grad``: FSDP2's
+    reduce-scatter left p.grad = (1/D) Σ_r c Σ_{i∈r} g_i, so S1 = Σ_r n_r μ_r = (D/c) · p.grad on every
+    rank's rows, where the backwarded loss weighs every example by the same c = 1/m on every rank, m an
+    integer (a mean over the same batch size, a sum, times a scale 1/k; checked across ranks by the
+    reduction's header: where the factors differ, S1 travels as before). None where FSDP2's reduction
+    is not one persample reads (a casting ``MixedPrecisionPolicy``: its bf16 product is not the sums)."""
+    weight, divide = info.get("weight"), info.get("divide")
+    if not weight or not divide or weight <= 0:
+        return None
+    inverse = 1.0 / weight
+    if inverse != round(inverse):  # (common_weight snaps 1/B, 1/N and 1 exactly; anything else: S1 travels)
+        return None
+    shards = {}
+    for name, p in params.items():
+        grad = p.grad
+        shards[name] = grad.to_local() if grad is not None else torch.zeros_like(p.to_local())  # type: ignore[attr-defined]
+    return divide * round(inverse), shards
 
 
 def loss_on_every_rank(compute, group, where: str) -> Tensor:
@@ -560,7 +591,7 @@ def observed_fsdp2_backward(
     inner_products: bool = False,
     reference=None,
     settle=None,
-    skipped: set[str] | None = None,
+    info: dict | None = None,
 ) -> GradStats | None:
     """This rank's statistics (full-size mean and M2 of its own examples, their norms and losses) from
     FSDP2's own ``(scale * batch_loss(model(x), y)).backward()``, which leaves ``p.grad`` as FSDP2 does.
@@ -580,8 +611,10 @@ def observed_fsdp2_backward(
     is asked only for the other leaves and the units' outputs, and once every rank agreed, Σ_i g_i (times
     the loss's weight) is written as each such parameter's unsharded gradient and FSDP2's own
     post-backward reduce-scatters them with the rest into ``p.grad``. A rank that failed makes every rank
-    drop the deferred gradients (``p.grad`` as it was). ``skipped`` (a set) gets the names of the
-    parameters whose product was skipped. Every rank takes the same path (agreed with the
+    drop the deferred gradients (``p.grad`` as it was). ``info`` (a dict) gets ``skipped``, the names
+    of the parameters whose product was skipped; ``weight``, the backwarded loss's weight w on this
+    rank; and ``divide``, what FSDP2 divides the ranks' sum by (None where FSDP2's reduction is not
+    one persample can read: a casting ``MixedPrecisionPolicy``, ...). Every rank takes the same path (agreed with the
     forward's outcome); where one cannot (a casting ``MixedPrecisionPolicy``, unfamiliar FSDP2 internals,
     re-entrant checkpointing, no parameter to skip), every rank runs FSDP2's own backward as before.
     """
@@ -593,6 +626,8 @@ def observed_fsdp2_backward(
     with unsharded(model):
         local = LocalGradients(trainable_parameters(model))
         reduction = _deferrable_reduction(model, local.params) if settle is not None else None
+        if info is not None:
+            info.update(skipped=set(), weight=None, divide=reduction.divide_factor() if reduction else None)
         hooked = _hooked(local.params) if reduction is not None else set()
         deferred: set[str] = set()
         failure: BaseException | None = None
@@ -625,8 +660,8 @@ def observed_fsdp2_backward(
                         assert reduction is not None  # (skip is empty without it)
                         observation.derived = frozenset(skip)
                         deferred = set(skip)
-                        if skipped is not None:
-                            skipped.update(skip)
+                        if info is not None:
+                            info["skipped"] = set(skip)
                         reduction.defer()
                         loss.backward(inputs=_backward_inputs(loss, observation, local.params, skip))
                     else:
@@ -651,6 +686,8 @@ def observed_fsdp2_backward(
         if settle is None:
             return observation.stats if observation is not None else None
         stats = observation.stats if observation is not None and failure is None else None
+        if info is not None and observation is not None:
+            info["weight"] = observation.weight
         try:
             settle(failure, stats is not None)  # raises on every rank if one failed
             if deferred:

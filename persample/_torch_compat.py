@@ -246,6 +246,15 @@ class FSDP2Reduction:
         self._by_param = by_param  # id(unsharded parameter) → its FSDPParam
         self._saved: list[bool] | None = None
 
+    def divide_factor(self) -> float | None:
+        """What FSDP2 divides the sum of the ranks' gradients by: ``set_gradient_divide_factor``'s factor,
+        else the size of the reduce-scatter group (the mean over ranks); None where groups differ."""
+        factors = set()
+        for g in self._groups:
+            factor = g.gradient_divide_factor
+            factors.add(float(factor) if factor is not None else float(g._reduce_scatter_process_group.size()))
+        return factors.pop() if len(factors) == 1 else None
+
     def manages(self, param: Tensor) -> bool:
         """Whether ``param`` is one of this model's unsharded FSDP2 parameters."""
         return id(param) in self._by_param
@@ -297,7 +306,12 @@ def fsdp2_reduction(root: nn.Module, modules: list[nn.Module]) -> FSDP2Reduction
         by_param: dict[int, Any] = {}
         for m in modules:
             for group in m._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
-                if group.reduce_grads is not True or not isinstance(group.fsdp_params, list):
+                if (
+                    group.reduce_grads is not True
+                    or not isinstance(group.fsdp_params, list)
+                    or not isinstance(group.gradient_divide_factor, (float, int, type(None)))
+                    or not callable(getattr(group._reduce_scatter_process_group, "size", None))
+                ):
                     return None
                 groups.append(group)
                 for fsdp_param in group.fsdp_params:

@@ -220,6 +220,7 @@ _HEADER = (
     "layout",
     "num_params",
     "narrow",
+    "sums_factor",  # reduce_scatter_stats(reduced=(f, R)): f, where S1 = f·R is known already (else NaN)
 )
 
 #: Dtypes whose every value a float32 holds exactly (the statistics' sums may then travel in float32).
@@ -232,7 +233,7 @@ def _layout_fingerprint(stats: GradStats) -> float:
     return float(zlib.crc32(text.encode()))
 
 
-def _header(stats: GradStats, device: torch.device) -> Tensor:
+def _header(stats: GradStats, device: torch.device, sums_factor: float = float("nan")) -> Tensor:
     ref = stats.reference
     ref_sum = ref_sq = 0.0
     if ref is not None:
@@ -250,6 +251,7 @@ def _header(stats: GradStats, device: torch.device) -> Tensor:
         layout=_layout_fingerprint(stats),
         num_params=len(stats.mean),
         narrow=all(t.dtype in _NARROW for t in _sent_tensors(stats)),
+        sums_factor=sums_factor,
     )
     return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
 
@@ -264,10 +266,12 @@ def _sent_tensors(stats: GradStats) -> list[Tensor]:
     return out
 
 
-def _agreed_headers(stats: GradStats, group, world: int, device: torch.device, where: str) -> Tensor:
+def _agreed_headers(
+    stats: GradStats, group, world: int, device: torch.device, where: str, sums_factor: float = float("nan")
+) -> Tensor:
     """Every rank's :func:`_header` row (gathered, on the CPU); raises ``ValueError`` on every rank alike
     where the ranks' statistics cover different parameters."""
-    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    headers = torch.stack(_all_gather_rows(_header(stats, device, sums_factor), group, world)).cpu()
     if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
         raise ValueError(
             f"{where}: the ranks' statistics cover different parameters (names, shapes "
@@ -413,7 +417,9 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
 # ------------------------------------------------------------------------ reduce-scatter
 
 
-def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
+def reduce_scatter_stats(
+    stats: GradStats, group=None, *, reduced: tuple[float, Mapping[str, Tensor]] | None = None
+) -> GradStats:
     """The statistics of the batch concatenated over all ranks, with ``mean`` and ``m2`` SHARDED: rank r
     keeps only its rows of each parameter (FSDP2's ``Shard(0)`` layout, :func:`persample.stats.shard_rows`),
     and every scalar is exact for the whole model (:class:`persample.stats.Shard`).
@@ -453,6 +459,19 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
       so that no element is less accurate than that bound;
     - ``var=False``: S1 alone (no cancellation), in the same precision.
 
+    **S1 known already** (``reduced=(f, R)``): ``R[name]`` is this rank's rows (the layout above) of a
+    tensor with S1 = f · R, already reduced over the ranks; under FSDP2, the sharded ``p.grad`` that a
+    step's reduce-scatter left from nothing, when every rank backwarded c · Σ_{i∈r} g_i with the same c
+    and FSDP2 divided the sum by D: f = D / c (:func:`persample._data_parallel.fsdp2_step`). Then S1
+    does not travel: the buffer holds S2 alone (``var=False``: only the per-example rows), which saves
+    P · s of the P-sized collective (half of it with the variance, all of it without). The factor
+    travels in the header: where any rank passes none, or the ranks' factors differ, S1 travels as
+    above on every rank. R must hold the sums to the statistics' own precision (FSDP2's product in the
+    statistics' dtype, no casting ``MixedPrecisionPolicy``). With the variance R is used only in float64:
+    M2 = S2 − S1·μ cancels, and a float32 R's rounding (a few ε of a reduce-scatter, a division and a
+    product) is not the rounding the float32 cancellation flags bound, so float32 statistics keep S1 in
+    the buffer.
+
     A collective: every rank calls it, with statistics over the same parameters (names, shapes,
     dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
     refuses clipping); inner products (per-example rows) are gathered when every rank holds the same
@@ -465,7 +484,7 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         raise ValueError("reduce_scatter_stats: these statistics are already sharded (stats.shard)")
     if stats.clip_norm is not None:
         raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
-    return _reduce_scatter_stats(stats, group, float64=False)
+    return _reduce_scatter_stats(stats, group, float64=False, reduced=reduced)
 
 
 def sums_by_all_reduce(group=None) -> bool:
@@ -476,14 +495,25 @@ def sums_by_all_reduce(group=None) -> bool:
     return "gloo" in backend and "nccl" not in backend
 
 
-def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStats:
+def _reduce_scatter_stats(
+    stats: GradStats, group, *, float64: bool, reduced: tuple[float, Mapping[str, Tensor]] | None = None
+) -> GradStats:
     """:func:`reduce_scatter_stats`; ``float64``: the sums in float64 whatever the statistics' dtype."""
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     first = next(iter(stats.mean.values()))
     device = _comm_device(group, first.device)
 
-    headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats")
+    # S1 = f·R is used where M2 = S2 − S1·μ cannot amplify R's rounding beyond the sums' own: without the
+    # variance (no subtraction), or with R in float64 (float32 statistics keep S1 in the buffer, where their
+    # cancellation flags bound the same rounding they see)
+    factor = float("nan")
+    if reduced is not None and not float64:
+        if stats.m2 is None or all(reduced[1][k].dtype == torch.float64 for k in stats.mean):
+            factor = float(reduced[0])
+    headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats", factor)
+    factors = _column(headers, "sums_factor")
+    known = not any(math.isnan(f) for f in factors) and _all_equal(factors)  # S1 = f·R on every rank
     sizes = [int(n) for n in _column(headers, "n")]
     total = sum(sizes)
     names = stats.names
@@ -506,7 +536,7 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
     by_all_reduce = sums_by_all_reduce(group)
     n_r = float(stats.n)
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
-    fields = 2 if with_m2 else 1
+    fields = (1 if with_m2 else 0) if known else (2 if with_m2 else 1)  # S1 and S2, or S2 alone
     sizes_of = [sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
     slot, width = fields * max(sizes_of), max(sizes)
     folded = world * len(vectors) * width if by_all_reduce else 0
@@ -521,6 +551,15 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         for d in range(world):
             start, stop = rows[d][k]
             count, o = (stop - start) * per_row[k], offsets[d]
+            if known:  # S2 alone: M2_r + n_r μ_r², in the wire's dtype
+                if m2_k is not None:
+                    s2 = slots[d, o : o + count].view(stop - start, per_row[k])
+                    if mu.dtype == wire and m2_k.dtype == wire:
+                        torch.addcmul(m2_k[start:stop], mu[start:stop], mu[start:stop], value=n_r, out=s2)
+                    else:
+                        s2.copy_(m2_k[start:stop]).addcmul_(mu[start:stop].to(wire), mu[start:stop].to(wire), value=n_r)
+                offsets[d] = o + count
+                continue
             s1 = slots[d, o : o + count].view(stop - start, per_row[k])
             fused = mu.dtype == wire  # one pass each, computed in the wire's dtype (else: cast first)
             if fused:
@@ -547,11 +586,28 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         gathered = iter([w.to(device=row.device, dtype=row.dtype) for w, row in zip(whole, vectors)])
     else:
         mine = torch.empty(slot, dtype=wire, device=device)
-        dist.reduce_scatter(mine, list(slots.unbind(0)), group=group)
+        if slot:  # (S1 known and no variance: nothing P-sized to send)
+            dist.reduce_scatter(mine, list(slots.unbind(0)), group=group)
         gathered = iter(_gather_vectors(vectors, sizes, group, device))
     del send, slots
 
     length = sizes_of[rank]
+    if known:  # S1 = f·R, this rank's rows of every parameter in the slot's order
+        assert reduced is not None  # (a factor in this rank's header)
+        flat_s1 = torch.empty(length, dtype=wire, device=device)
+        o = 0
+        for k in names:
+            start, stop = rows[rank][k]
+            count = (stop - start) * per_row[k]
+            r_k = reduced[1][k].detach().to(device=device).reshape(-1)
+            if r_k.numel() != count:
+                raise ValueError(
+                    f"reduce_scatter_stats: reduced[{k!r}] holds {r_k.numel()} elements, not this rank's "
+                    f"{count} (rows {start}:{stop} of {shapes[k]})"
+                )
+            torch.mul(r_k.to(wire), factor, out=flat_s1[o : o + count])
+            o += count
+        mine = torch.cat([flat_s1, mine[:length]]) if with_m2 else flat_s1
     flat_s1 = mine[:length]
     flat_m2 = None
     risky = None  # positions in this rank's slot where float32 sums may have cancelled

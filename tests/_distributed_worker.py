@@ -1198,6 +1198,7 @@ def fsdp2_skipped_products_equal_fsdp2_backward():
         fsdp2_accumulate_micro_batches()
         fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent()
         _regulariser_and_nan_keep_fsdp2s_gradient()
+        _s1_from_fsdp2s_reduce_scatter()
     with on_sequences(8):  # without the variance, g_i are formed (for the norms) from T = 8 positions on
         loss = F.cross_entropy
         tracked, plain, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
@@ -1211,6 +1212,61 @@ def fsdp2_skipped_products_equal_fsdp2_backward():
         for k in expected["mean"]:
             close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"var=False: mean[{k}]")
         close(stats.sq_norms, sum(expected["param_sq_norms"].values()), "var=False: sq_norms")
+
+
+@contextlib.contextmanager
+def largest_all_reduce():
+    """The most elements one ``dist.all_reduce`` was handed while the block ran (``[n]`` on exit)."""
+    seen = [0]
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        seen[0] = max(seen[0], tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield seen
+    finally:
+        dist.all_reduce = original
+
+
+def _s1_from_fsdp2s_reduce_scatter():
+    """A step that starts without p.grad, with every rank's loss weighing its examples by the same c (equal
+    batches, a mean): FSDP2's reduce-scatter already summed S1 = Σ_r n_r μ_r into p.grad, so persample's
+    one P-sized all-reduce carries S2 alone (about P elements, not 2P; without the variance only the
+    per-example rows), and the statistics are still the oracle's. Uneven batches (3 ranks: c = 1/B_r
+    differs) or an earlier p.grad: S1 travels as before (2P)."""
+    _, world = rank_world()
+    loss = F.cross_entropy
+    for var in (True, False):
+        tracked, plain, reference = sharded_mlp(37), sharded_mlp(37), mlp(seed=37)
+        numel = sum(p.numel() for p in reference.parameters())
+        tracker = persample.Tracker(tracked, loss, var=var)
+        x, y, gx, gy = local_batches(1, seed=171)[0]
+        for earlier in (False, True):
+            if earlier:
+                F.cross_entropy(tracked(x), y).backward()
+                F.cross_entropy(plain(x), y).backward()
+            with largest_all_reduce() as largest:
+                stats = tracker.step(x, y)
+            loss(plain(x), y).backward()
+            assert_grads_equal(tracked, plain, f"S1 from FSDP2 (var={var}, earlier p.grad: {earlier})")
+            expected = oracle(reference, loss, gx, gy)
+            what = f"S1 from FSDP2 (var={var}, earlier p.grad: {earlier})"
+            if var:
+                check_against_oracle(stats, expected, what, model=tracked)
+            else:
+                for k in expected["mean"]:
+                    close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"{what}: mean[{k}]")
+                close(stats.sq_norms, sum(expected["param_sq_norms"].values()), f"{what}: sq_norms")
+            equal = len(set(SPLITS[world])) == 1 and not earlier
+            fields = (1 if var else 0) if equal else (2 if var else 1)
+            rows = world * (len(list(reference.parameters())) + 1) * max(SPLITS[world])  # the norms and losses
+            sums = largest[0] - rows  # the sums' part of the buffer: fields · P, plus the slots' padding
+            assert fields * numel <= sums < fields * numel + numel // 2, (what, largest[0], rows, numel, fields)
+            for p, q in zip(tracked.parameters(), plain.parameters()):
+                p.grad = q.grad = None
 
 
 def _regulariser_and_nan_keep_fsdp2s_gradient():
