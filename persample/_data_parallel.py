@@ -688,11 +688,16 @@ def observed_fsdp2_backward(
         stats = observation.stats if observation is not None and failure is None else None
         if info is not None and observation is not None:
             info["weight"] = observation.weight
+        if deferred and failure is None:  # before the agreement: a rank that cannot write them fails it
+            try:
+                assert reduction is not None and observation is not None
+                _write_formed_sums(observation, stats, local.params, deferred, reduction)
+            except Exception as err:
+                failure, stats = err, None
         try:
             settle(failure, stats is not None)  # raises on every rank if one failed
             if deferred:
-                assert reduction is not None and observation is not None
-                _write_formed_sums(observation, stats, local.params, deferred, reduction)
+                assert reduction is not None
                 reduction.reduce()  # FSDP2's own post-backward: the reduce-scatter of every group
         except BaseException:
             if deferred:
