@@ -733,7 +733,7 @@ def _skipped_products(observation, loss: Tensor, params: dict, reduction, hooked
     from .engines.fast.observe import formed_parameters
 
     names = formed_parameters(observation, var) - hooked
-    if not names:
+    if not names or not reduction.reaches_every_group():
         return set()
     leaves, hidden = graph_leaves([loss])
     if hidden:

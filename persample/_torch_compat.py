@@ -255,6 +255,15 @@ class FSDP2Reduction:
             factors.add(float(factor) if factor is not None else float(g._reduce_scatter_process_group.size()))
         return factors.pop() if len(factors) == 1 else None
 
+    def reaches_every_group(self) -> bool:
+        """Whether the root's end of backward (:meth:`reduce`) reaches every group: it walks the states of
+        the root's context, which FSDP2 fills in its first forward (ask after the forward)."""
+        try:
+            reached = {id(g) for state in self._root._state_ctx.all_states for g in state._fsdp_param_groups}
+        except (AttributeError, TypeError):
+            return False
+        return all(id(g) in reached for g in self._groups)
+
     def manages(self, param: Tensor) -> bool:
         """Whether ``param`` is one of this model's unsharded FSDP2 parameters."""
         return id(param) in self._by_param
@@ -326,6 +335,6 @@ def fsdp2_reduction(root: nn.Module, modules: list[nn.Module]) -> FSDP2Reduction
                     ):
                         return None
                     by_param[id(param)] = fsdp_param
-    except AttributeError:
+    except (AttributeError, AssertionError, TypeError):
         return None
     return FSDP2Reduction(root_state, groups, by_param)

@@ -1794,6 +1794,13 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
     loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
     assert_grads_equal(tracked, plain, "Llama")
+    skipped = tracker._fsdp2_skipped  # the Linear maps' products skipped; the RMSNorm (a fallback) keeps its own
+    assert {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    } <= skipped
+    assert not skipped & {"model.norm.weight", "model.layers.0.input_layernorm.weight"}, sorted(skipped)
     params = dict(reference.named_parameters())
     rows, losses = [], []
     for i in range(len(ids)):
