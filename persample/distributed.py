@@ -467,10 +467,10 @@ def reduce_scatter_stats(
     P · s of the P-sized collective (half of it with the variance, all of it without). The factor
     travels in the header: where any rank passes none, or the ranks' factors differ, S1 travels as
     above on every rank. R must hold the sums to the statistics' own precision (FSDP2's product in the
-    statistics' dtype, no casting ``MixedPrecisionPolicy``). With the variance R is used only in float64:
-    M2 = S2 − S1·μ cancels, and a float32 R's rounding (a few ε of a reduce-scatter, a division and a
-    product) is not the rounding the float32 cancellation flags bound, so float32 statistics keep S1 in
-    the buffer.
+    statistics' dtype, no casting ``MixedPrecisionPolicy``). With the variance, M2 = S2 − S1·μ cancels,
+    and a float32 R carries a few ε more rounding than the buffer's S1 (a reduce-scatter, a division, a
+    product): the float32 cancellation flags' limit is then divided by :data:`R_ROUNDING`, so that the
+    elements that could exceed the same bound are summed again in float64 (more of them are flagged).
 
     A collective: every rank calls it, with statistics over the same parameters (names, shapes,
     dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
@@ -485,6 +485,14 @@ def reduce_scatter_stats(
     if stats.clip_norm is not None:
         raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
     return _reduce_scatter_stats(stats, group, float64=False, reduced=reduced)
+
+
+#: How many times the rounding of the buffer's float32 sums S1 = f·R may carry, at most: FSDP2's
+#: reduce-scatter of the ranks' c·n_r·μ_r (its sum and its division by D), the product by f, and μ_r's own
+#: rounding from the gradient it was read from. M2 = S2 − S1²/N then errs by about 2·R_ROUNDING·ε·S2 at
+#: most, against about 3ε·S2 from the buffer: the cancellation flags' limit is divided by this, so that
+#: every element past the same bound is summed again in float64 (:func:`_float64_sums_at`).
+R_ROUNDING = 4.0
 
 
 def sums_by_all_reduce(group=None) -> bool:
@@ -504,12 +512,16 @@ def _reduce_scatter_stats(
     first = next(iter(stats.mean.values()))
     device = _comm_device(group, first.device)
 
-    # S1 = f·R is used where M2 = S2 − S1·μ cannot amplify R's rounding beyond the sums' own: without the
-    # variance (no subtraction), or with R in float64 (float32 statistics keep S1 in the buffer, where their
-    # cancellation flags bound the same rounding they see)
+    # S1 = f·R where its rounding is bounded: without the variance (no subtraction), with R in float64, or
+    # with R and the statistics in float32, where the cancellation flags below then bound R's rounding too
     factor = float("nan")
     if reduced is not None and not float64:
-        if stats.m2 is None or all(reduced[1][k].dtype == torch.float64 for k in stats.mean):
+        dtypes = {reduced[1][k].dtype for k in stats.mean} | {v.dtype for v in stats.mean.values()}
+        if (
+            stats.m2 is None
+            or {reduced[1][k].dtype for k in stats.mean} == {torch.float64}
+            or dtypes == {torch.float32}
+        ):
             factor = float(reduced[0])
     headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats", factor)
     factors = _column(headers, "sums_factor")
@@ -534,6 +546,9 @@ def _reduce_scatter_stats(
     # collective is an all-reduce, a [W, len(vectors), max n_r] block of per-example rows.
     wire = torch.float32 if not float64 and all(_column(headers, "narrow")) else torch.float64
     by_all_reduce = sums_by_all_reduce(group)
+    if known and with_m2 and wire != torch.float32:  # no flags in float64: R must be float64 (as on every rank)
+        assert reduced is not None  # (a factor in this rank's header)
+        known = all(reduced[1][k].dtype == torch.float64 for k in names)
     n_r = float(stats.n)
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
     fields = (1 if with_m2 else 0) if known else (2 if with_m2 else 1)  # S1 and S2, or S2 alone
@@ -616,7 +631,9 @@ def _reduce_scatter_stats(
         if wire != torch.float64:  # S2 > limit·M2 ⟺ (limit/N)·S1² > (limit − 1)·S2, where S2 > 0
             from .engines.fast.pieces import cancellation_limit
 
-            limit = cancellation_limit(wire)
+            # S1 = f·R carries R's rounding besides the sums' (FSDP2's reduce-scatter, its division and the
+            # product by f: a few ε against the buffer's one), so the bound is kept with a lower limit
+            limit = cancellation_limit(wire) / (R_ROUNDING if known else 1.0)
             flags = flat_s1.square().mul_(limit / total).gt_(flat_s2 * (limit - 1.0)).logical_and_(flat_s2 > 0)
             risky = flags.nonzero().squeeze(1)
         flat_m2 = flat_s2.addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)
