@@ -210,8 +210,14 @@ def _statistics_step(
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean
-            # factor is set (reached is), and base is clipped_mean when clip_norm is
-            update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}  # type: ignore[index, operator]
+            # factor is set (reached is), and base is clipped_mean when clip_norm is. A mean loss gives
+            # factor · B = 1: x · 1.0 is x, so no copy here (the writer copies: p.grad never aliases the stats)
+            multiple = factor * batch.size  # type: ignore[operator]
+            update = {
+                name: base[name] if multiple == 1.0 else base[name] * multiple  # type: ignore[index]
+                for name, p in params.items()
+                if id(p) in reached
+            }
             restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
             return StepOutcome(stats, update, [])
     update, input_grads, weights, opaque = plain_gradient(config, batch, params, inputs_with_grad, weigh=True)

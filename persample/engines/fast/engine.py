@@ -143,7 +143,8 @@ class AtOutput:
     (:func:`persample.batch_loss.weights_at_output`): ``losses``, the per-example losses L_i ``[B]``
     (detached, at least float32), and ``mean_grads``, ∇_o (1/B) Σ_i L_i at each floating leaf o of the
     output's pytree (its index in ``tree_flatten(output)``; None where L_i does not reach it), each L_i
-    being ``loss_fn`` on example i's output alone (vmapped). Made only where the output has one floating
+    being ``loss_fn`` on example i's output alone (vmapped, or the closed form of a standard loss, which the
+    check's own :func:`per_example_losses` takes too). Made only where the output has one floating
     leaf, batched, reached by the graph and in float32 or float64, so that these are exactly what the check
     computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`)."""
 
@@ -220,6 +221,7 @@ def fast_pieces(
         capture.end_model_forward()
         followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
+        standard_form = closed is not None  # (not a model's own loss, whose check reads the model's graph)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
             closed = None if own is None else own.losses
@@ -231,8 +233,10 @@ def fast_pieces(
         )
         if keep_output is not None:
             keep_output.append(standard)
-        # vmapped losses: their gradient at the output comes with the backward, for the check at the output
-        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and closed is None else None
+        # vmapped losses and closed forms (the check's own per_example_losses takes the same closed form): their
+        # gradient at the output comes with the backward, for the check at the output (not a model's own loss)
+        reusable = closed is None or standard_form
+        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and reusable else None
         at_output: AtOutput | None = None
         capture.end_forward()
         if capture.escape is not None:
