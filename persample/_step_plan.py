@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ._batch import Batch, flat_leaves, tensors_in
 from ._host_reads import HostChecks, one_host_read
 from ._model import buffer_state, forward_hook_if_possible, hooked_parameters, restore_buffer_state
-from ._torch_compat import is_functorch_wrapped
+from ._torch_compat import inert_hook, is_functorch_wrapped
 from .api import compute_stats
 from .batch_loss import (
     BatchLossMismatch,
@@ -394,7 +394,9 @@ def _first_batch_forward(store: list, batch_size: int):
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
 
-    return hook
+    # it returns None and changes nothing: the fast engine's plan and rules do not count it (a root with
+    # parameters of its own, hooked anew each step, keeps its plan and its rule)
+    return inert_hook(hook)
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:

@@ -135,3 +135,78 @@ def test_finite_flag_keeps_huge_finite_values_and_mixed_dtypes_finite():
         assert dataclasses.replace(stats, mean=mean).is_finite()
     mixed = {**huge, names[1]: torch.full_like(huge[names[1]], float("nan"))}
     assert not dataclasses.replace(stats, mean=mixed).is_finite()
+
+
+class _RootWithParameter(nn.Module):
+    """A model whose root has a parameter of its own (a learned output scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 3))
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+def _root_models():
+    torch.manual_seed(0)
+    return {"root-parameter": _RootWithParameter().double(), "bare-linear": nn.Linear(5, 3).double()}
+
+
+@pytest.fixture
+def plans_made(monkeypatch):
+    """How often the fast engine finds a model's plan afresh (units, rules, hooks, sharding)."""
+    import persample.engines.fast.plan as plan
+
+    calls = []
+    original = plan._found
+
+    def counted(model):
+        calls.append(1)
+        return original(model)
+
+    monkeypatch.setattr(plan, "_found", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["root-parameter", "bare-linear"])
+def test_tracker_steps_on_a_root_with_parameters_keep_one_plan_and_its_rules(kind, plans_made):
+    """The Tracker hooks the model's root anew each step (to keep the first forward's output). On a root
+    with parameters of its own that hook changed the plan's fingerprint, so every step found the plan
+    afresh (and ran the spot check again), and a bare ``nn.Linear`` lost its rule to the fallback."""
+    import persample.engines.fast.plan as plan
+
+    model = _root_models()[kind]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    reference = copy.deepcopy(model)
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    tracker = persample.Tracker(model, F.cross_entropy, engine="fast")
+    for step in range(3):
+        for p in model.parameters():
+            p.grad = None
+        stats = tracker.step(x, y)
+        for k, g in grads.items():
+            torch.testing.assert_close(stats.mean[k], g.mean(0), rtol=1e-9, atol=1e-12)
+            torch.testing.assert_close(stats.param_sq_norms[k], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    assert len(plans_made) == 1
+    if kind == "bare-linear":  # its rule (a root with a parameter of its own is a fallback: not a rule's module)
+        assert [rule is not None for _, _, rule, _ in plan._PLANS[model].units] == [True]
+    F.cross_entropy(reference(x), y).backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", ["root-parameter", "bare-linear"])
+def test_a_users_forward_hook_on_such_a_root_still_changes_the_plan(kind, plans_made):
+    model = _root_models()[kind]
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    tracker = persample.Tracker(model, F.cross_entropy)
+    tracker.step(x, y)
+    model.register_forward_hook(lambda module, args, output: output * 2.0)  # changes what the root computes
+    grads, _ = oracle_grads(model, F.cross_entropy, x, y)
+    stats = tracker.step(x, y)
+    assert len(plans_made) == 2
+    for k, g in grads.items():
+        torch.testing.assert_close(stats.mean[k], g.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.param_sq_norms[k], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)

@@ -100,6 +100,7 @@ def fast_grad_stats(
     clip_norm: float | None = None,
     reference: dict[str, Tensor] | None = None,
     keep_output: list | None = None,
+    closed_form_at_output: bool = False,
 ) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
@@ -108,14 +109,23 @@ def fast_grad_stats(
     whether ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
     is a weighted sum of per-example losses by its form; then, once the backward has run, an
     :class:`AtOutput` (the per-example losses and their mean's gradient at the output, which the
-    check at the output would otherwise compute again) or None.
+    check at the output would otherwise compute again) or None; for a standard loss only with
+    ``closed_form_at_output`` (see :func:`fast_pieces`).
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    found = fast_pieces(model, loss_fn, batch, randomness=randomness, var=var, keep_output=keep_output)
+    found = fast_pieces(
+        model,
+        loss_fn,
+        batch,
+        randomness=randomness,
+        var=var,
+        keep_output=keep_output,
+        closed_form_at_output=closed_form_at_output,
+    )
     pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         moments = {
@@ -190,10 +200,13 @@ def fast_pieces(
     var: bool = True,
     keep_output: list | None = None,
     form_all: bool = False,
+    closed_form_at_output: bool = False,
 ) -> FastPieces:
     """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
-    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
+    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work).
+    ``closed_form_at_output``: an :class:`AtOutput` also where the loss has a closed form (the Tracker's check
+    at the output reads it; ``grad_stats``' check knows such a loss by its form and reads none)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
@@ -233,10 +246,11 @@ def fast_pieces(
         )
         if keep_output is not None:
             keep_output.append(standard)
-        # vmapped losses and closed forms (the check's own per_example_losses takes the same closed form): their
-        # gradient at the output comes with the backward, for the check at the output (not a model's own loss)
-        reusable = closed is None or standard_form
-        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and reusable else None
+        # vmapped losses, and closed forms where the caller's check reads them (the check's own
+        # per_example_losses takes the same closed form; not a model's own loss): their gradient at the output
+        # comes with the backward, for the check at the output (found below, where a backward can give it)
+        wants_at_output = keep_output is not None and (closed is None or standard_form and closed_form_at_output)
+        loss_leaves: list[tuple[int, Tensor]] | None = None
         at_output: AtOutput | None = None
         capture.end_forward()
         if capture.escape is not None:
@@ -278,8 +292,7 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        if followed:
-            loss_leaves = None  # the backward runs through the recomputations: the check computes its own
+        if followed:  # the backward runs through the recomputations: the check computes its own (no loss_leaves)
             if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
                 _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
             grads = _backward_through_recomputations(
@@ -291,8 +304,8 @@ def fast_pieces(
             if found is not None:
                 raise NotExact(found)
         else:
-            if planned:  # the output's gradient could come from a cut's closed form: the check computes its own
-                loss_leaves = None
+            if wants_at_output and not planned:  # (a cut's closed form could give the output's gradient: not read)
+                loss_leaves = _loss_leaves_at_output(output, batch.size)
             at_leaves = [get_gradient_edge(t) for _, t in loss_leaves or []]
             grads, cuts = _autograd_means(
                 mean_loss,
