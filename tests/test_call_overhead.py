@@ -210,3 +210,22 @@ def test_a_users_forward_hook_on_such_a_root_still_changes_the_plan(kind, plans_
     for k, g in grads.items():
         torch.testing.assert_close(stats.mean[k], g.mean(0), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(stats.param_sq_norms[k], g.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+
+
+def test_call_counts_times_every_entry_point_interleaved():
+    """``benchmarks/call_counts.py --time``: a CPU time per entry point, the Tracker's two kinds of step apart."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parent.parent / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import call_counts
+        import cases
+    finally:
+        sys.path.remove(bench)
+    times = call_counts.cpu_times(cases.mlp_problem(4), 2)
+    expected = {"plain", "grad_stats-fast", "grad_stats-fast-novar", "observe", "observe-novar"}
+    assert set(times) == expected | {"tracker-step-stats", "tracker-step-plain"}
+    assert all(ms >= 0 for ms in times.values())
+    assert set(call_counts.cpu_times(cases.mlp_problem(4), 1, ["observe"])) == {"observe", "observe-novar"}
