@@ -375,3 +375,40 @@ def test_an_error_inside_the_attention_leaves_no_mode_behind():
     with pytest.raises(Exception):
         persample.grad_stats(model, F.mse_loss, {"x": x, "memory": memory, "padding": padding}, torch.randn(B, 2))
     assert len(_torch_compat.torch_function_mode_stack()) == stack
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+def test_under_activation_checkpointing(reentrant, monkeypatch):
+    """Non-re-entrant checkpointing keeps the forward's graph (only saved tensors are recomputed): the
+    recorded projections' edges still get their gradients. Re-entrant checkpointing runs the block without
+    gradients, then again in the backward, where nothing is recorded: observe recomputes the attention."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=True).double()
+
+    class Checkpointed(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            self.embed, self.layer, self.reentrant = nn.Linear(4, E), layer, reentrant
+
+        def forward(self, x):
+            return checkpoint(self.layer, self.embed(x), use_reentrant=self.reentrant).mean(1)
+
+    model = Checkpointed(reentrant).double()
+    reference = Checkpointed(False).double()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(B, T, 4, dtype=torch.float64), torch.randn(B, E, dtype=torch.float64)
+    want, _ = oracle_grads(reference, F.mse_loss, x, y)
+    recorded = []
+    real = rules._recorded_pieces
+    monkeypatch.setattr(rules, "_recorded_pieces", lambda *a: recorded.append(real(*a)) or recorded[-1])
+    with persample.Tracker(model, F.mse_loss).observe(y) as observed:
+        F.mse_loss(model(x), y).backward()
+    for name, rows in want.items():
+        torch.testing.assert_close(observed.stats.mean[name], rows.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(observed.stats.var[name], rows.var(0), rtol=1e-9, atol=1e-12)
+    assert [r is not None for r in recorded] == [not reentrant]
+    if not reentrant:
+        got = persample.per_sample_grads(model, F.mse_loss, x, y, engine="fast")
+        assert_dicts_close(got, want)
