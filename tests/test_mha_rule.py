@@ -412,3 +412,19 @@ def test_under_activation_checkpointing(reentrant, monkeypatch):
     if not reentrant:
         got = persample.per_sample_grads(model, F.mse_loss, x, y, engine="fast")
         assert_dicts_close(got, want)
+
+
+def test_only_the_modules_own_covered_call_is_recorded():
+    """covered_call: the module's own parameters, no bias_k/bias_v, zero attention, separate projection
+    weights, static keys or dropout in training; anything else runs as it is (and is recomputed)."""
+    mha = nn.MultiheadAttention(E, H, dropout=0.1)
+    q = torch.randn(T, B, E)
+    own = (q, q, q, E, H, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.1, mha.out_proj.weight)
+    kwargs = {"training": False, "need_weights": False}
+    assert mha_capture.covered_call(mha, (*own, mha.out_proj.bias), kwargs)
+    assert not mha_capture.covered_call(mha, (*own, mha.out_proj.bias), {**kwargs, "training": True})
+    assert not mha_capture.covered_call(mha, (*own, mha.out_proj.bias), {**kwargs, "static_k": q})
+    assert not mha_capture.covered_call(mha, (*own, nn.Linear(E, E).bias), kwargs)
+    other = (*own[:9], True, *own[10:], mha.out_proj.bias)  # add_zero_attn
+    assert not mha_capture.covered_call(mha, other, kwargs)
+    assert not mha_capture.covered_call(mha, (*own, mha.out_proj.bias), {**kwargs, "unknown": 1})

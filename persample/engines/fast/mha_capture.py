@@ -93,19 +93,18 @@ def _recorded_forward() -> Callable | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _signature() -> inspect.Signature:
-    return inspect.signature(F.multi_head_attention_forward)
+def _parameter_names() -> tuple[str, ...]:
+    return tuple(inspect.signature(F.multi_head_attention_forward).parameters)
 
 
 def covered_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
     """Whether ``F.multi_head_attention_forward(*args, **kwargs)`` is ``module``'s own call with the settings
     the recorded form covers: its own packed in-projection and out-projection parameters, no
     ``bias_k``/``bias_v``, ``add_zero_attn``, static keys or separate projection weights, no dropout."""
-    try:
-        bound = _signature().bind(*args, **kwargs)
-    except TypeError:
+    names = _parameter_names()
+    if len(args) > len(names) or any(k not in names or k in names[: len(args)] for k in kwargs):
         return False
-    a = bound.arguments
+    a = dict(zip(names, args), **kwargs)  # the arguments passed, by name (defaults: None, False, True)
     out_proj = module.out_proj
     return (
         a.get("in_proj_weight") is module.in_proj_weight
