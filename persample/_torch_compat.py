@@ -222,11 +222,13 @@ def set_checkpoint_run_function(node: Any, run: Callable) -> None:
     node.run_function = run
 
 
-#: Fingerprints (:func:`_source_fingerprint`) of ``F.multi_head_attention_forward`` and
-#: ``F._in_projection_packed`` whose code persample's MultiheadAttention capture was checked against
-#: (tests/test_mha_rule.py): with the covered settings, ``in_proj_weight`` / ``in_proj_bias`` (or row blocks
-#: of them) and ``out_proj.weight`` / ``out_proj.bias`` enter only ``linear`` calls. torch 2.13.
-_KNOWN_MHA_CODE = frozenset({("f1fe7b58852beaff", "37b12309f520826d")})
+#: Fingerprints (:func:`_source_fingerprint`) of ``F.multi_head_attention_forward``,
+#: ``F._in_projection_packed`` and ``F._in_projection`` whose code persample's MultiheadAttention capture
+#: was checked against (tests/test_mha_rule.py): with the covered settings, the projection weights
+#: (``in_proj_weight`` or its row blocks; ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``), the
+#: blocks of ``in_proj_bias`` and ``out_proj.weight`` / ``out_proj.bias`` enter only ``linear`` calls.
+#: torch 2.13.
+_KNOWN_MHA_CODE = frozenset({("f1fe7b58852beaff", "37b12309f520826d", "0163899bd8347f48")})
 
 
 def _source_fingerprint(fn: Callable) -> str:
@@ -248,8 +250,8 @@ def _source_fingerprint(fn: Callable) -> str:
 _MHA_FUNCTIONS: list = []  # [the answer of mha_functions()], filled at its first call
 
 
-def mha_functions() -> tuple[Callable, Callable] | None:
-    """``(F.multi_head_attention_forward, F._in_projection_packed)`` where their code is one of
+def mha_functions() -> tuple[Callable, Callable, Callable] | None:
+    """``(F.multi_head_attention_forward, F._in_projection_packed, F._in_projection)`` where their code is one of
     :data:`_KNOWN_MHA_CODE`, else None: another torch's attention code may use the projection weights
     elsewhere than in the ``linear`` calls that the fast engine's MultiheadAttention capture records
     (:mod:`persample.engines.fast.mha_capture`), so the caller keeps its recomputing path (which checks
@@ -263,9 +265,13 @@ def mha_functions() -> tuple[Callable, Callable] | None:
 
         found = None
         try:
-            forward, packed = F.multi_head_attention_forward, getattr(F, "_in_projection_packed")
-            if (_source_fingerprint(forward), _source_fingerprint(packed)) in _KNOWN_MHA_CODE:
-                found = (forward, packed)
+            functions = (
+                F.multi_head_attention_forward,
+                getattr(F, "_in_projection_packed"),
+                getattr(F, "_in_projection"),
+            )
+            if tuple(_source_fingerprint(fn) for fn in functions) in _KNOWN_MHA_CODE:
+                found = functions
         except (AttributeError, OSError, TypeError, SyntaxError):  # renamed, or no source to read
             found = None
         _MHA_FUNCTIONS.append(found)

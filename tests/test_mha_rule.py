@@ -158,28 +158,39 @@ def test_without_biases_and_with_frozen_in_projection():
     _check(model, inputs, targets)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"add_bias_kv": True}, {"add_zero_attn": True}, {"kdim": 6, "vdim": 5}],
-    ids=["bias_kv", "zero_attn", "kdim"],
-)
+@pytest.mark.parametrize("options", [{"add_bias_kv": True}, {"add_zero_attn": True}], ids=["bias_kv", "zero_attn"])
 def test_settings_outside_the_rule_take_the_exact_fallback(options):
     torch.manual_seed(0)
-    inputs, targets = _inputs("self" if "kdim" not in options else "kv_apart")
-    model = Attention("self" if "kdim" not in options else "kv_apart", **options)
-    if "kdim" in options:
-        model.memory = nn.Linear(4, 6)
-        model.forward = _kdim_forward(model)
-    _check(model, inputs, targets, rule=False)
+    inputs, targets = _inputs("self")
+    _check(Attention("self", **options), inputs, targets, rule=False)
 
 
-def _kdim_forward(model):
-    value = nn.Linear(4, 5).double()
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+@pytest.mark.parametrize(
+    "options", [{"kdim": 6, "vdim": 5}, {"kdim": 6, "vdim": 6}, {"kdim": 6, "vdim": 5, "bias": False}]
+)
+def test_kdim_and_vdim_separate_projection_weights(options, batch_first):
+    """kdim or vdim ≠ embed_dim: q_proj_weight, k_proj_weight, v_proj_weight, each on its own input."""
+    torch.manual_seed(0)
+    inputs, targets = _inputs("cross", padding=True)
+    model = Attention("cross", **options)
+    model.memory = nn.Linear(4, 6)
+    model.forward = _kdim_forward(model, options["vdim"], batch_first)
+    model.mha.batch_first = batch_first
+    _check(model, inputs, targets)
+
+
+def _kdim_forward(model, vdim, batch_first):
+    value = nn.Linear(4, vdim).double()
     model.value = value
 
-    def forward(x, memory):
-        out, _ = model.mha(model.embed(x), model.memory(memory), model.value(memory), need_weights=False)
-        return model.head(out.mean(1))
+    def forward(x, memory, padding):
+        q, k = model.embed(x), model.memory(memory)
+        v = k if vdim == 6 else model.value(memory)  # kdim = vdim: key is value
+        if not batch_first:
+            q, k, v = q.transpose(0, 1), k.transpose(0, 1), (k.transpose(0, 1) if vdim == 6 else v.transpose(0, 1))
+        out, _ = model.mha(q, k, v, key_padding_mask=padding, need_weights=False)
+        return model.head((out if batch_first else out.transpose(0, 1)).mean(1))
 
     return forward
 
@@ -356,6 +367,12 @@ def test_an_unchecked_torch_recomputes_the_attention_and_checks_it(monkeypatch):
     torch.manual_seed(0)
     inputs, targets = _inputs("cross", padding=True)
     _check(Attention("cross", batch_first=False), inputs, targets)
+    assert checked
+    checked.clear()
+    model = Attention("cross", kdim=6, vdim=5)
+    model.memory = nn.Linear(4, 6)
+    model.forward = _kdim_forward(model, 5, True)
+    _check(model, inputs, targets)
     assert checked
 
 

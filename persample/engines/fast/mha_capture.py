@@ -63,7 +63,7 @@ def _recorded_forward() -> Callable | None:
     found = mha_functions()
     if found is None:
         return None
-    forward, packed = found
+    forward, packed, separate = found
     namespace = dict(forward.__globals__)
 
     def clone(fn: Any) -> Any:
@@ -88,6 +88,7 @@ def _recorded_forward() -> Callable | None:
 
     namespace["linear"] = _recording_linear
     namespace["_in_projection_packed"] = clone(packed)
+    namespace["_in_projection"] = clone(separate)
     namespace["multi_head_attention_forward"] = multi_head_attention_forward  # handed to lower modes by name
     return multi_head_attention_forward
 
@@ -99,8 +100,9 @@ def _parameter_names() -> tuple[str, ...]:
 
 def covered_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bool:
     """Whether ``F.multi_head_attention_forward(*args, **kwargs)`` is ``module``'s own call with the settings
-    the recorded form covers: its own packed in-projection and out-projection parameters, no
-    ``bias_k``/``bias_v``, ``add_zero_attn``, static keys or separate projection weights, no dropout."""
+    the recorded form covers: its own in-projection (packed, or separate weights where kdim or vdim differ
+    from embed_dim) and out-projection parameters, no ``bias_k``/``bias_v``, ``add_zero_attn`` or static
+    keys, no dropout."""
     names = _parameter_names()
     if len(args) > len(names) or any(k not in names or k in names[: len(args)] for k in kwargs):
         return False
@@ -108,13 +110,16 @@ def covered_call(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> bo
     out_proj = module.out_proj
     return (
         a.get("in_proj_weight") is module.in_proj_weight
+        and a.get("q_proj_weight") is module.q_proj_weight
+        and a.get("k_proj_weight") is module.k_proj_weight
+        and a.get("v_proj_weight") is module.v_proj_weight
+        and bool(a.get("use_separate_proj_weight", False)) is not module._qkv_same_embed_dim
         and a.get("in_proj_bias") is module.in_proj_bias
         and a.get("out_proj_weight") is out_proj.weight
         and a.get("out_proj_bias") is out_proj.bias
         and a.get("bias_k") is None
         and a.get("bias_v") is None
         and a.get("add_zero_attn") is False
-        and not a.get("use_separate_proj_weight", False)
         and a.get("static_k") is None
         and a.get("static_v") is None
         and (a.get("dropout_p") == 0.0 or a.get("training", True) is False)

@@ -342,9 +342,14 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         return recorded
     size, heads, embed = batch.size, module.num_heads, module.embed_dim
     head_dim, target, source = embed // heads, q_in.shape[1], k_in.shape[1]
-    weight = module.in_proj_weight.detach().to(dtype)
+    packed = module._qkv_same_embed_dim
+    if packed:
+        w_q, w_k, w_v = module.in_proj_weight.detach().to(dtype).chunk(3)
+    else:  # kdim or vdim differ from embed_dim: three weights of their own
+        w_q, w_k, w_v = (
+            w.detach().to(dtype) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        )
     bias = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
-    w_q, w_k, w_v = weight.chunk(3)
     b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
     mask = _additive_mask(bound["attn_mask"], dtype)
     if mask is not None and mask.dim() == 3:
@@ -379,7 +384,11 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         d_q, d_k, d_v = torch.autograd.grad(outputs, (q, k, v), grads, allow_unused=True, materialize_grads=True)
     d_y, scale = grads[0], batch.grad_scale
     pieces: dict[str, Piece] = {}
-    if module.in_proj_weight.requires_grad:
+    if not packed:
+        for name, act, d in (("q_proj_weight", q_in, d_q), ("k_proj_weight", k_in, d_k), ("v_proj_weight", v_in, d_v)):
+            if getattr(module, name).requires_grad:
+                pieces[name] = OuterPiece(act, d, getattr(module, name).shape, scale=scale)
+    elif module.in_proj_weight.requires_grad:
         if self_attention:  # one input: the three blocks are one outer product over the same positions
             act, grad = q_in, torch.cat([d_q, d_k, d_v], dim=-1)
         else:  # blocks over their own positions, the others' rows zero: Σ over T + 2S positions
@@ -417,7 +426,9 @@ def _recorded_pieces(
     Each in-projection ``linear(X, W[r0:r1], b[r0:r1])`` has X one of the call's query, key, value in
     sequence-first form ([T, B, E], batch on dim 1) and rows [r0, r1) of ``in_proj_weight`` (disjoint
     blocks); example i's gradient of those rows is Σ_t ∂P_{t,i} X_{t,i}ᵀ, ∂P the gradient at that call's
-    output. The out-projection's input c is [T·B, E] with row t·B + b of example b: its output is the
+    output. With kdim or vdim ≠ embed_dim the three are ``linear(Q, q_proj_weight, b[0:E])``,
+    ``linear(K, k_proj_weight, b[E:2E])``, ``linear(V, v_proj_weight, b[2E:3E])``, each a weight of its
+    own. The out-projection's input c is [T·B, E] with row t·B + b of example b: its output is the
     module's output (sequence first) viewed [T, B, E], checked by storage, shape and strides.
     """
     inner = getattr(call, "inner", None)
@@ -425,7 +436,9 @@ def _recorded_pieces(
         return None
     size, embed = batch.size, module.embed_dim
     weight, bias, out_proj = module.in_proj_weight, module.in_proj_bias, module.out_proj
-    blocks: list[tuple[Tensor, Tensor | None, int, int]] = []  # (X batch first, ∂P batch first, r0, r1)
+    separate = {id(w): j for j, w in enumerate((module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))}
+    #: (the weight's name, X batch first, ∂P batch first, rows r0, r1 of in_proj_weight and in_proj_bias)
+    blocks: list[tuple[str, Tensor, Tensor | None, int, int]] = []
     context: Tensor | None = None
     for i, (x, w, b, projected) in enumerate(inner.linears):
         if w is out_proj.weight:
@@ -435,22 +448,37 @@ def _recorded_pieces(
             if context is None:
                 return None
             continue
-        rows = _rows_of(w, weight)
+        if weight is not None:  # packed: a block of rows of in_proj_weight, on the query, key or value
+            name, rows, candidates = "in_proj_weight", _rows_of(w, weight), inputs
+        elif id(w) in separate:  # q_proj_weight, k_proj_weight, v_proj_weight: on their own input alone
+            j = separate[id(w)]
+            name, rows, candidates = (
+                ("q_proj_weight", "k_proj_weight", "v_proj_weight")[j],
+                (j * embed, (j + 1) * embed),
+                inputs[j : j + 1],
+            )
+        else:
+            return None
         if rows is None or not _same_rows(b, bias, rows) or projected.shape != (*x.shape[:-1], rows[1] - rows[0]):
             return None
-        x_first = _sequence_first_input(x, inputs, module.batch_first, size)
+        x_first = _sequence_first_input(x, candidates, module.batch_first, size)
         if x_first is None:
             return None
         g = out_grads.get(-1 - i)
-        blocks.append((x_first.transpose(0, 1), None if g is None else g.transpose(0, 1), *rows))
-    if context is None or not blocks:
+        blocks.append((name, x_first.transpose(0, 1), None if g is None else g.transpose(0, 1), *rows))
+    names = [block[0] for block in blocks]
+    if (
+        context is None
+        or not blocks
+        or (weight is None and sorted(names) != ["k_proj_weight", "q_proj_weight", "v_proj_weight"])
+    ):
         return None
-    blocks.sort(key=lambda block: block[2])
-    if any(a[3] > b[2] for a, b in zip(blocks, blocks[1:])):
+    blocks.sort(key=lambda block: block[3])
+    if any(a[4] > b[3] for a, b in zip(blocks, blocks[1:])):
         return None  # overlapping row blocks: not the packed projection
     target = context.shape[1]
     d_y = grad_out if grad_out is not None else context.new_zeros(size, target, embed, dtype=dtype)
-    scale, width = batch.grad_scale, weight.shape[0]
+    scale, width = batch.grad_scale, 3 * embed
 
     def padded(g: Tensor | None, x: Tensor, r0: int, r1: int) -> Tensor:
         if g is None:
@@ -458,15 +486,20 @@ def _recorded_pieces(
         return g if (r0, r1) == (0, width) else F.pad(g, (r0, width - r1))
 
     pieces: dict[str, Piece] = {}
-    if weight.requires_grad:
-        acts = [x.detach().to(dtype) for x, _, _, _ in blocks]
-        grads = [padded(g, x, r0, r1) for x, g, r0, r1 in blocks]
+    if weight is not None and weight.requires_grad:
+        acts = [x.detach().to(dtype) for _, x, _, _, _ in blocks]
+        grads = [padded(g, x, r0, r1) for _, x, g, r0, r1 in blocks]
         act, grad = (acts[0], grads[0]) if len(blocks) == 1 else (torch.cat(acts, 1), torch.cat(grads, 1))
         pieces["in_proj_weight"] = OuterPiece(act, grad, weight.shape, scale=scale)
+    for name, x, g, r0, r1 in blocks:
+        w = getattr(module, name)
+        if weight is None and w.requires_grad:  # separate weights
+            grad = g if g is not None else x.new_zeros(size, x.shape[1], r1 - r0, dtype=dtype)
+            pieces[name] = OuterPiece(x.detach().to(dtype), grad, w.shape, scale=scale)
     if bias is not None and bias.requires_grad:
         sums = [
             x.new_zeros(size, width, dtype=dtype) if g is None else F.pad(g.sum(1), (r0, width - r1))
-            for x, g, r0, r1 in blocks
+            for _, x, g, r0, r1 in blocks
         ]
         pieces["in_proj_bias"] = DensePiece(functools.reduce(torch.add, sums), scale)
     if out_proj.weight.requires_grad:
@@ -840,7 +873,15 @@ def _rules() -> list[Rule]:
         Rule(
             "multihead_attention",
             (nn.MultiheadAttention,),
-            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"),
+            (
+                "in_proj_weight",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+                "in_proj_bias",
+                "out_proj.weight",
+                "out_proj.bias",
+            ),
             mha_rule,
             accepts=_mha_covered,
             whole_call=True,
@@ -868,13 +909,13 @@ def _rules() -> list[Rule]:
 
 
 def _mha_covered(module: nn.Module) -> bool:
-    """The settings :func:`mha_rule` covers: one packed in-projection (kdim = vdim = embed_dim), no
-    ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their own), no attention
-    dropout in training (random), ``out_proj`` a plain Linear. Other settings take the exact fallback."""
+    """The settings :func:`mha_rule` covers: a packed in-projection (kdim = vdim = embed_dim) or three
+    separate ones, no ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their
+    own), no attention dropout in training (random), ``out_proj`` a plain Linear. Other settings take the
+    exact fallback."""
     m = cast(nn.MultiheadAttention, module)
     return (
-        m._qkv_same_embed_dim
-        and m.bias_k is None
+        m.bias_k is None
         and m.bias_v is None
         and not m.add_zero_attn
         and (m.dropout == 0.0 or not m.training)
