@@ -379,7 +379,10 @@ def test_an_unchecked_torch_recomputes_the_attention_and_checks_it(monkeypatch):
 def test_the_installed_torchs_attention_code_is_the_checked_one():
     """A torch whose F.multi_head_attention_forward differs takes the recomputing path (exact, slower):
     read its code, check that the projection weights enter only ``linear`` calls, run this file, and add
-    its fingerprint to persample._torch_compat._KNOWN_MHA_CODE."""
+    its fingerprint to persample._torch_compat._KNOWN_MHA_CODE. Asserted on the torch the fingerprints were
+    checked on (CI's pin); another torch is told, as a skip, that its code has not been checked."""
+    if not torch.__version__.startswith("2.13."):
+        pytest.skip(f"torch {torch.__version__}: its attention code was not checked; the recomputing path runs")
     assert _torch_compat.mha_functions() is not None, torch.__version__
 
 
