@@ -42,6 +42,7 @@ __all__ = [
     "nll_loss_reduction",
     "checkpoint_run_function",
     "set_checkpoint_run_function",
+    "mha_functions",
     "inert_hook",
     "is_inert_hook",
 ]
@@ -247,3 +248,59 @@ def set_checkpoint_run_function(node: Any, run: Callable) -> None:
     if checkpoint_run_function(node) is None:
         raise unknown("CheckpointFunctionBackward.run_function")
     node.run_function = run
+
+
+#: Fingerprints (:func:`_source_fingerprint`) of ``F.multi_head_attention_forward``,
+#: ``F._in_projection_packed`` and ``F._in_projection`` whose code persample's MultiheadAttention capture
+#: was checked against (tests/test_mha_rule.py): with the covered settings, the projection weights
+#: (``in_proj_weight`` or its row blocks; ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``), the
+#: blocks of ``in_proj_bias`` and ``out_proj.weight`` / ``out_proj.bias`` enter only ``linear`` calls.
+#: torch 2.13.
+_KNOWN_MHA_CODE = frozenset({("f1fe7b58852beaff", "37b12309f520826d", "0163899bd8347f48")})
+
+
+def _source_fingerprint(fn: Callable) -> str:
+    """sha256 (16 hex digits) of ``fn``'s source without comments, layout and docstring (``ast.unparse``)."""
+    import ast
+    import hashlib
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    node = tree.body[0]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
+_MHA_FUNCTIONS: list = []  # [the answer of mha_functions()], filled at its first call
+
+
+def mha_functions() -> tuple[Callable, Callable, Callable] | None:
+    """``(F.multi_head_attention_forward, F._in_projection_packed, F._in_projection)`` where their code is one of
+    :data:`_KNOWN_MHA_CODE`, else None: another torch's attention code may use the projection weights
+    elsewhere than in the ``linear`` calls that the fast engine's MultiheadAttention capture records
+    (:mod:`persample.engines.fast.mha_capture`), so the caller keeps its recomputing path (which checks
+    itself against the module's output). Computed once per process.
+
+    >>> mha_functions() is None or callable(mha_functions()[0])
+    True
+    """
+    if not _MHA_FUNCTIONS:
+        import torch.nn.functional as F
+
+        found = None
+        try:
+            functions = (
+                F.multi_head_attention_forward,
+                getattr(F, "_in_projection_packed"),
+                getattr(F, "_in_projection"),
+            )
+            if tuple(_source_fingerprint(fn) for fn in functions) in _KNOWN_MHA_CODE:
+                found = functions
+        except (AttributeError, OSError, TypeError, SyntaxError):  # renamed, or no source to read
+            found = None
+        _MHA_FUNCTIONS.append(found)
+    return _MHA_FUNCTIONS[0]
