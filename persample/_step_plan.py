@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ._batch import Batch, flat_leaves, tensors_in
 from ._host_reads import HostChecks, one_host_read
-from ._model import buffer_state, forward_hook_if_possible, hooked_parameters, restore_buffer_state
-from ._torch_compat import inert_hook, is_functorch_wrapped
+from ._model import buffer_state, forward_hook_if_possible, restore_buffer_state
+from ._torch_compat import inert_hook, is_functorch_wrapped, tensor_gradient_hooks
 from .api import compute_stats
 from .batch_loss import (
     BatchLossMismatch,
@@ -206,7 +206,7 @@ def _statistics_step(
         # couples the examples, or before its audit of the forward could tell, their mean may not be the batch's
         # gradient, which loss.backward() gives (clipping combines the clipped g_i by definition)
         coupled = clip_norm is None and any(_may_couple(u[1]) for u in used if isinstance(u, tuple))
-        if reached is not None and not coupled and not inputs_with_grad and not hooked_parameters(model):
+        if reached is not None and not coupled and not inputs_with_grad and not _any_gradient_hook(params):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean
@@ -379,6 +379,13 @@ def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, we
 
     targets = (weights, batch.targets) if has_targets else weights
     return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
+
+
+def _any_gradient_hook(params: dict[str, nn.Parameter]) -> bool:
+    """Whether one of the step's trainable parameters has a tensor hook (``p.register_hook``, read now: one
+    the forward registered counts). ``hooked_parameters(model)`` without its walk of every module: the step
+    writes p.grad of these parameters only, and a hook on any other is never called by their backward."""
+    return any(tensor_gradient_hooks(p) for p in params.values())
 
 
 def _first_batch_forward(store: list, batch_size: int):
