@@ -43,6 +43,8 @@ __all__ = [
     "checkpoint_run_function",
     "set_checkpoint_run_function",
     "mha_functions",
+    "inert_hook",
+    "is_inert_hook",
 ]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
@@ -93,6 +95,24 @@ def module_backward_hooks(module: nn.Module) -> bool:
         raise unknown(f"{type(module).__name__}'s backward hook registries ({', '.join(_MODULE_BACKWARD)})") from None
 
 
+#: The attribute that marks a forward hook of persample's own as inert (:func:`inert_hook`).
+_INERT = "_persample_inert_hook"
+
+
+def inert_hook(fn: Any) -> Any:
+    """Mark ``fn``, a forward hook of persample's own that returns None and changes no value, no gradient
+    and no module (the Tracker's hook that keeps the first forward's output), as inert: the plan's
+    fingerprint (:func:`structure_key`) and the rules' hook check (``rules.has_hooks``) do not count it.
+    Returns ``fn``."""
+    setattr(fn, _INERT, True)
+    return fn
+
+
+def is_inert_hook(fn: Any) -> bool:
+    """Whether ``fn`` was marked by :func:`inert_hook`."""
+    return getattr(fn, _INERT, False) is True
+
+
 def structure_key(module: nn.Module) -> tuple:
     """What the fast engine's plan (:mod:`persample.engines.fast.plan`) fingerprints of ``module``: its
     class, training flag and instance attribute names, the identities of its children and parameters,
@@ -100,16 +120,24 @@ def structure_key(module: nn.Module) -> tuple:
     registries, and, for a module with parameters of its own, of its forward hook registries (handle
     ids only grow, so any change of a registry changes them). A forward hook on a module without
     parameters (a container: the Tracker hooks the model's root each step) changes nothing the plan
-    holds: such a module is never a rule unit, and forward hooks change no gradient hook."""
+    holds: such a module is never a rule unit, and forward hooks change no gradient hook; nor does an
+    :func:`inert_hook` of persample's own on a module with parameters (the Tracker's on a root that has
+    some)."""
     try:
         params = [p for p in module._parameters.values() if p is not None]
+        forward = module._forward_hooks
         return (
             type(module),
             module.training,
             tuple(module.__dict__),
             tuple([id(c) for c in module._modules.values()]),
             tuple([(id(p), p.requires_grad, tuple(p._backward_hooks or ())) for p in params]),
-            (tuple(module._forward_hooks), tuple(module._forward_pre_hooks)) if params else (),
+            (
+                tuple([k for k, h in forward.items() if not is_inert_hook(h)]) if forward else (),
+                tuple(module._forward_pre_hooks),
+            )
+            if params
+            else (),
             tuple(module._backward_hooks),
             tuple(module._backward_pre_hooks),
         )

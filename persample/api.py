@@ -312,7 +312,11 @@ def compute_stats(
     def run(name: str) -> GradStats:
         try:
             if name == "fast":
-                stats = fast_grad_stats(model, loss_fn, batch, keep_output=kept, **options)
+                # (the Tracker's check at the output reads a standard loss's L_i off the backward too)
+                at_output = kept is not None and kept is engine_output
+                stats = fast_grad_stats(
+                    model, loss_fn, batch, keep_output=kept, closed_form_at_output=at_output, **options
+                )
             else:
                 streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
                 with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:

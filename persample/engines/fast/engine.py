@@ -100,6 +100,7 @@ def fast_grad_stats(
     clip_norm: float | None = None,
     reference: dict[str, Tensor] | None = None,
     keep_output: list | None = None,
+    closed_form_at_output: bool = False,
 ) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
@@ -108,14 +109,23 @@ def fast_grad_stats(
     whether ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
     is a weighted sum of per-example losses by its form; then, once the backward has run, an
     :class:`AtOutput` (the per-example losses and their mean's gradient at the output, which the
-    check at the output would otherwise compute again) or None.
+    check at the output would otherwise compute again) or None; for a standard loss only with
+    ``closed_form_at_output`` (see :func:`fast_pieces`).
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    found = fast_pieces(model, loss_fn, batch, randomness=randomness, var=var, keep_output=keep_output)
+    found = fast_pieces(
+        model,
+        loss_fn,
+        batch,
+        randomness=randomness,
+        var=var,
+        keep_output=keep_output,
+        closed_form_at_output=closed_form_at_output,
+    )
     pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         moments = {
@@ -143,7 +153,8 @@ class AtOutput:
     (:func:`persample.batch_loss.weights_at_output`): ``losses``, the per-example losses L_i ``[B]``
     (detached, at least float32), and ``mean_grads``, ∇_o (1/B) Σ_i L_i at each floating leaf o of the
     output's pytree (its index in ``tree_flatten(output)``; None where L_i does not reach it), each L_i
-    being ``loss_fn`` on example i's output alone (vmapped). Made only where the output has one floating
+    being ``loss_fn`` on example i's output alone (vmapped, or the closed form of a standard loss, which the
+    check's own :func:`per_example_losses` takes too). Made only where the output has one floating
     leaf, batched, reached by the graph and in float32 or float64, so that these are exactly what the check
     computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`)."""
 
@@ -189,10 +200,13 @@ def fast_pieces(
     var: bool = True,
     keep_output: list | None = None,
     form_all: bool = False,
+    closed_form_at_output: bool = False,
 ) -> FastPieces:
     """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
-    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
+    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work).
+    ``closed_form_at_output``: an :class:`AtOutput` also where the loss has a closed form (the Tracker's check
+    at the output reads it; ``grad_stats``' check knows such a loss by its form and reads none)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
@@ -220,6 +234,7 @@ def fast_pieces(
         capture.end_model_forward()
         followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
+        standard_form = closed is not None  # (not a model's own loss, whose check reads the model's graph)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
             closed = None if own is None else own.losses
@@ -231,8 +246,11 @@ def fast_pieces(
         )
         if keep_output is not None:
             keep_output.append(standard)
-        # vmapped losses: their gradient at the output comes with the backward, for the check at the output
-        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and closed is None else None
+        # vmapped losses, and closed forms where the caller's check reads them (the check's own
+        # per_example_losses takes the same closed form; not a model's own loss): their gradient at the output
+        # comes with the backward, for the check at the output (found below, where a backward can give it)
+        wants_at_output = keep_output is not None and (closed is None or standard_form and closed_form_at_output)
+        loss_leaves: list[tuple[int, Tensor]] | None = None
         at_output: AtOutput | None = None
         capture.end_forward()
         if capture.escape is not None:
@@ -274,8 +292,7 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        if followed:
-            loss_leaves = None  # the backward runs through the recomputations: the check computes its own
+        if followed:  # the backward runs through the recomputations: the check computes its own (no loss_leaves)
             if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
                 _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
             grads = _backward_through_recomputations(
@@ -287,8 +304,8 @@ def fast_pieces(
             if found is not None:
                 raise NotExact(found)
         else:
-            if planned:  # the output's gradient could come from a cut's closed form: the check computes its own
-                loss_leaves = None
+            if wants_at_output and not planned:  # (a cut's closed form could give the output's gradient: not read)
+                loss_leaves = _loss_leaves_at_output(output, batch.size)
             at_leaves = [get_gradient_edge(t) for _, t in loss_leaves or []]
             grads, cuts = _autograd_means(
                 mean_loss,

@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from ..._batch import flat_leaves
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
-from ..._torch_compat import global_module_hooks, module_backward_hooks, module_hooks
+from ..._torch_compat import global_module_hooks, is_inert_hook, module_backward_hooks, module_hooks
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
@@ -973,7 +973,8 @@ def has_hooks(module: nn.Module) -> bool:
     Hooks that change no value and no gradient do not count: FSDP2's own pre- and post-forward hooks
     (:func:`persample._sharding.is_fsdp2_hook`: they all-gather, free and cast parameters) and the
     input-embedding hook of Hugging Face's and PEFT's gradient checkpointing
-    (:func:`_marks_output_requires_grad`). ``module_hooks`` reads the registries first, failing closed
+    (:func:`_marks_output_requires_grad`), and persample's own inert hooks (``_torch_compat.inert_hook``:
+    the Tracker's on the model's root). ``module_hooks`` reads the registries first, failing closed
     on an unknown layout."""
     if global_module_hooks():
         return True
@@ -1001,7 +1002,7 @@ def _only_harmless_hooks(module: nn.Module) -> bool:
     if module_backward_hooks(module):
         return False
     return all(is_fsdp2_hook(h) for h in module._forward_pre_hooks.values()) and all(
-        is_fsdp2_hook(h) or _marks_output_requires_grad(h) for h in module._forward_hooks.values()
+        is_fsdp2_hook(h) or _marks_output_requires_grad(h) or is_inert_hook(h) for h in module._forward_hooks.values()
     )
 
 
