@@ -195,34 +195,30 @@ def _shrunk(cfg_cls, default, depth=0):
     return kw
 
 
-def tiny_config(model_type: str):
+def tiny_config(model_type: str, minimal: bool = False):
+    """The tiny config; ``minimal``: only layers, vocabulary and labels shrunk (where the generic shrink breaks
+    a model's own size relations)."""
     from transformers import CONFIG_MAPPING
 
     cfg_cls = CONFIG_MAPPING[model_type]
     default = cfg_cls()
     kw = _shrunk(cfg_cls, default)
-    kw.update(num_labels=3, attn_implementation="eager")
+    kw.update(num_labels=3, attn_implementation="eager", use_cache=False, experts_implementation="eager")
+    keep = ("num_hidden_layers", "vocab_size", "num_labels", "attn_implementation", "pad_token_id", "use_cache")
+    keep += ("experts_implementation", "hidden_size", "d_model", "n_embd", "intermediate_size", "num_layers", "n_layer")
+    keep += ("num_attention_heads", "n_head", "max_position_embeddings", "num_local_experts", "num_experts")
+    if minimal:
+        kw = {k: v for k, v in kw.items() if k in keep}
     try:
         cfg = cfg_cls(**kw)
     except Exception:  # noqa: BLE001  the shrink broke a validation: keep only the main fields
-        main = {
-            k: v
-            for k, v in kw.items()
-            if k in ("num_hidden_layers", "vocab_size", "num_labels", "attn_implementation", "pad_token_id")
-        }
-        cfg = cfg_cls(**main)
-    for name in ("pad_token_id",):
-        if getattr(cfg, name, None) is None:
+        cfg = cfg_cls(**{k: v for k, v in kw.items() if k in keep})
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        if c is not None and getattr(c, "pad_token_id", None) is None:
             try:
-                setattr(cfg, name, 0)
+                c.pad_token_id = 0
             except Exception:  # noqa: BLE001
                 pass
-    text = getattr(cfg, "text_config", None)
-    if text is not None and getattr(text, "pad_token_id", None) is None:
-        try:
-            text.pad_token_id = 0
-        except Exception:  # noqa: BLE001
-            pass
     return cfg
 
 
@@ -280,11 +276,11 @@ def own_loss(out):
     return out.loss if hasattr(out, "loss") else out[0]
 
 
-def build(model_type: str, head: str):
+def build(model_type: str, head: str, minimal: bool = False):
     import torch
     import transformers
 
-    cfg = tiny_config(model_type)
+    cfg = tiny_config(model_type, minimal)
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -425,6 +421,10 @@ def grads_errors(g, rows) -> dict:
     return {"rows": (worst, where)}
 
 
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
 def _outcome(fn):
     """('ok', value) | ('refused', code) | ('crash', 'Type: message')."""
     import persample
@@ -450,30 +450,33 @@ def one_run(model_type: str, head: str, variant: str) -> dict:
 
     rec: dict = {"type": model_type, "head": head, "variant": variant}
     t0 = time.time()
-    try:
-        model, cfg = build(model_type, head)
-    except RunTimeout:
-        raise
-    except Exception as e:  # noqa: BLE001
-        rec.update(status="skip", reason=f"build: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
-        return rec
-    rec["class"] = type(model).__name__
-    rec["params"] = sum(p.numel() for p in model.parameters())
-    inputs, targets, loss_fn = batch(cfg, head, variant)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ref, batch_loss = plain_grads(model, loss_fn, inputs, targets)
-            if not torch.isfinite(batch_loss):
-                raise ValueError("non-finite batch loss")
-            rows, losses = oracle(model, loss_fn, inputs, targets)
-    except RunTimeout:
-        raise
-    except Exception as e:  # noqa: BLE001
-        rec.update(
-            status="skip",
-            reason=f"plain autograd: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
-        )
+    for minimal in (False, True):  # the generic shrink first; where the model then fails, only the main fields
+        try:
+            model, cfg = build(model_type, head, minimal)
+        except RunTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            rec.update(status="skip", reason=f"build: {_short(e)}")
+            continue
+        rec["class"] = type(model).__name__
+        rec["params"] = sum(p.numel() for p in model.parameters())
+        rec["config"] = "minimal" if minimal else "tiny"
+        inputs, targets, loss_fn = batch(cfg, head, variant)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ref, batch_loss = plain_grads(model, loss_fn, inputs, targets)
+                if not torch.isfinite(batch_loss):
+                    raise ValueError("non-finite batch loss")
+                rows, losses = oracle(model, loss_fn, inputs, targets)
+        except RunTimeout:
+            raise
+        except Exception as e:  # noqa: BLE001
+            rec.update(status="skip", reason=f"plain autograd: {_short(e)}")
+            continue
+        rec.pop("reason", None)
+        break
+    if rec.get("status") == "skip":
         return rec
     # the model's own batch-vs-example discrepancy (float32 rounding inside a float64 model; or coupling)
     big = max((r.mean(0).abs().max().item() for r in rows.values()), default=1.0) + 1e-30
@@ -482,6 +485,10 @@ def one_run(model_type: str, head: str, variant: str) -> dict:
     floor = disc if disc <= 1e-6 else 1e-6
     tol = max(HARD_TOL, 30 * floor)
     rec["tol"] = tol
+    # a loss the model computes in float32 (Hugging Face's token losses cast the logits with .float()):
+    # the loss of a batch and of an example alone then agree to float32 rounding only
+    loss_tol = tol if batch_loss.dtype == torch.float64 else max(tol, 1e-5)
+    rec["loss_tol"] = loss_tol
     rec["status"] = "run"
     state = copy.deepcopy(model.state_dict())
 
@@ -507,8 +514,8 @@ def one_run(model_type: str, head: str, variant: str) -> dict:
             results[entry] = {"outcome": kind, "why": val}
             continue
         errs = grads_errors(val, rows) if entry == "psg-auto" else stats_errors(val, rows, losses)
-        worst = max(errs, key=lambda k: errs[k][0])
-        verdict = "exact" if errs[worst][0] <= tol else "MISMATCH"
+        worst = max(errs, key=lambda k: errs[k][0] / (loss_tol if k == "loss" else tol))
+        verdict = "exact" if errs[worst][0] <= (loss_tol if worst == "loss" else tol) else "MISMATCH"
         results[entry] = {
             "outcome": verdict,
             "errors": {k: v[0] for k, v in errs.items()},
@@ -544,8 +551,11 @@ def _key(r) -> str:
 
 
 def worker(todo_file: str, out: str, limit: int) -> None:
+    import resource
+
     todo = json.loads(Path(todo_file).read_text())
     signal.signal(signal.SIGALRM, _alarm)
+    resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a config left large fails to build, no swap
     for run in todo:
         with open(out + ".progress", "a") as f:
             f.write(_key(run) + "\n")
