@@ -59,6 +59,7 @@ AUTO = {
 }
 VARIANTS = ("nomask", "padded", "own")
 HARD_TOL = 1e-8
+MAX_PARAMS = 3_000_000
 
 # ------------------------------------------------------------------------------------------ tiny configs
 
@@ -291,6 +292,10 @@ def build(model_type: str, head: str, minimal: bool = False):
     import transformers
 
     cfg = tiny_config(model_type, minimal)
+    with torch.device("meta"):  # count first: a config the shrink missed is skipped, not built for minutes
+        n = sum(p.numel() for p in getattr(transformers, AUTO[head]).from_config(cfg).parameters())
+    if n > MAX_PARAMS:
+        raise ValueError(f"still {n / 1e6:.1f} M parameters after the shrink (limit {MAX_PARAMS / 1e6:.0f} M)")
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
