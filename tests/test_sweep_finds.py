@@ -1,0 +1,81 @@
+"""Defects found by the architecture sweep (benchmarks/hf_sweep.py, docs/coverage-sweep.md), each on a tiny model
+that has the same pattern as the Hugging Face architecture where the sweep found it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import persample
+
+
+class Attention(nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.proj = nn.Linear(4, 3)  # draws (kaiming_uniform_)
+        self.sparse = sparse
+
+    def forward(self, x):
+        if self.sparse:
+            raise ValueError("the sparse attention cannot run this short sequence")
+        return self.proj(x)
+
+
+class SwitchingAttention(nn.Module):
+    """Hugging Face BigBird's pattern: its first forward on a short sequence switches the attention. It
+    sets the flag first, then builds the new attention module (whose Linear init draws random numbers) and
+    moves the projection over; a forward stopped between the two leaves a flag that does not match the module."""
+
+    def __init__(self):
+        super().__init__()
+        self.kind = "sparse"
+        self.attention = Attention(sparse=True)
+
+    def forward(self, x):
+        if self.kind == "sparse":
+            self.kind = "full"
+            full = Attention(sparse=False)
+            full.proj = self.attention.proj
+            self.attention = full
+        return self.attention(x)
+
+
+def _oracle(model, x, y):
+    rows = {n: [] for n, _ in model.named_parameters()}
+    for i in range(len(x)):
+        m = SwitchingAttention().double()
+        m.load_state_dict(model.state_dict())
+        loss = F.mse_loss(m(x[i : i + 1]), y[i : i + 1])
+        for (n, p), g in zip(m.named_parameters(), torch.autograd.grad(loss, list(m.parameters()))):
+            rows[n].append(g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+@pytest.mark.parametrize("engine", ["auto", "fast", "vmap", "loop"])
+def test_a_forward_stopped_at_its_first_draw_leaves_the_model_as_found(engine):
+    """Under randomness="error" persample stops the forward at its first random call, before it draws. The
+    refusal must leave the model as it was found: before the fix the flag stayed switched and the old module
+    stayed in place, so every later forward raised, persample's and the user's own (all 12 BigBird runs of the
+    sweep crashed with BigBird's ValueError, and the model was broken for training)."""
+    torch.manual_seed(0)
+    model = SwitchingAttention().double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(persample.PersampleError) as err, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
+    assert err.value.code == "RANDOM_UNDER_ERROR"
+    assert model.kind == "sparse" and model.attention.sparse  # as found
+    if engine == "vmap":  # torch.func cannot draw an unbatched init per example: refused again, with its code
+        return
+    # the fix the message names works, and is exact
+    want = _oracle(model, x, y)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine=engine, randomness="different")
+    for n, r in want.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    model(x)  # and the user's own forward runs
