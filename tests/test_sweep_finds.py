@@ -79,3 +79,73 @@ def test_a_forward_stopped_at_its_first_draw_leaves_the_model_as_found(engine):
         torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
     model(x)  # and the user's own forward runs
+
+
+def _bart_causal_lm():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(
+        vocab_size=40,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=24,
+        decoder_ffn_dim=24,
+        max_position_embeddings=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    return transformers.BartForCausalLM(config).double().eval()
+
+
+def _own_loss_oracle(model, inputs):
+    params = dict(model.named_parameters())
+    rows: dict[str, list] = {n: [] for n in params}
+    losses = []
+    for i in range(len(inputs["input_ids"])):
+        loss = model(**{k: v[i : i + 1] for k, v in inputs.items()}).loss
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            rows[n].append(torch.zeros_like(params[n]) if g is None else g)
+        losses.append(loss.detach())
+    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+
+
+def _assert_oracle(stats, rows, losses):
+    for n, r in rows.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.losses.to(losses), losses, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_the_unshifted_loss_of_a_causal_decoder_takes_the_fast_engine(padded):
+    """BartForCausalLM (and Marian's, MBart's, BlenderBot's, BigBirdPegasus's causal decoders) score `labels` as
+    they are, CE(logits_t, labels_t), leaving the shift to the caller; the fast engine recomputed every causal
+    head's loss with the shift, its checks refused (MODEL_LOSS_NOT_RECOMPUTED) and auto fell to vmap or the loop
+    (7 architectures in the sweep). The unshifted form is tried after the shifted one fails, held to the same
+    checks, and is the float64 oracle's answer (BART's inline loss keeps the logits' dtype)."""
+    model = _bart_causal_lm()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 40, (4, 6), generator=g)
+    labels = torch.randint(3, 40, (4, 6), generator=g)
+    inputs = {"input_ids": ids, "labels": labels}
+    if padded:  # two padded examples; their labels ignored there; each example keeps its own count
+        mask = torch.ones(4, 6, dtype=torch.long)
+        mask[2, 4:] = mask[3, 3:] = 0
+        inputs.update(attention_mask=mask, labels=labels.masked_fill(mask == 0, -100))
+    rows, losses = _own_loss_oracle(model, inputs)
+
+    def own(out):
+        return out.loss
+
+    _assert_oracle(persample.grad_stats(model, own, inputs, engine="fast"), rows, losses)
+    if not padded:  # observe needs equal weights (a padded token mean is OBSERVE_WEIGHTS_DIFFER)
+        tracker = persample.Tracker(model, own)
+        with tracker.observe(batch_size=4) as observed:
+            model(**inputs).loss.backward()
+        _assert_oracle(observed.stats, rows, losses)
