@@ -149,3 +149,81 @@ def test_the_unshifted_loss_of_a_causal_decoder_takes_the_fast_engine(padded):
         with tracker.observe(batch_size=4) as observed:
             model(**inputs).loss.backward()
         _assert_oracle(observed.stats, rows, losses)
+
+
+class FlatteningRouter(nn.Module):
+    """DeepSeek-V3's / GLM-4-MoE's router: a raw weight, the batch flattened inside (``h.view(-1, d)``),
+    token rows out: ``[B, T, d]`` in, ``[B·T, E]`` out. ``mix``: each row also reads the batch's mean token
+    (not per example: must be refused)."""
+
+    def __init__(self, d: int = 5, experts: int = 3, mix: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d))
+        self.mix = mix
+
+    def forward(self, h):
+        x = h.reshape(-1, h.shape[-1])
+        if self.mix:
+            x = x + x.mean(0, keepdim=True)
+        logits = F.linear(x, self.weight)
+        return logits.softmax(-1), logits
+
+
+class RoutedModel(nn.Module):
+    def __init__(self, mix: bool = False):
+        super().__init__()
+        self.embed = nn.Linear(4, 5)
+        self.router = FlatteningRouter(mix=mix)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        probs, logits = self.router(h)
+        mixed = probs * logits.tanh()
+        return self.head(mixed.view(*x.shape[:2], -1)).mean(1)
+
+
+def _plain_oracle(model, x, y):
+    rows: dict[str, list] = {n: [] for n, _ in model.named_parameters()}
+    for i in range(len(x)):
+        loss = F.mse_loss(model(x[i : i + 1]), y[i : i + 1])
+        for (n, _), g in zip(model.named_parameters(), torch.autograd.grad(loss, list(model.parameters()))):
+            rows[n].append(g)
+    return {n: torch.stack(r) for n, r in rows.items()}
+
+
+def test_a_module_that_flattens_the_batch_itself_takes_the_fast_engine():
+    """A rule-less module with [B, T, d] in and [B·T, E] out (it flattens the batch inside, as DeepSeek-V3's,
+    GLM-4-MoE's and Kimi's routers do) was refused FALLBACK_NOT_BATCHED, and auto took the per-example loop
+    on their MoE models (6 model types in the sweep). Its per-example gradients are now segment sums over each
+    example's T rows, each segment computed alone and compared with the batch's rows: the oracle's at 1e-9."""
+    torch.manual_seed(0)
+    model = RoutedModel().double()
+    x, y = torch.randn(4, 6, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    want = _plain_oracle(model, x, y)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    for n, r in want.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    grads = persample.per_sample_grads(model, F.mse_loss, x, y, engine="fast")
+    for n, r in want.items():
+        torch.testing.assert_close(grads[n], r, rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_a_flattening_module_that_mixes_the_examples_is_refused():
+    """The same module with every token row reading the batch's mean token: not per example. The fast engine
+    refuses with a code (its rows differ alone, or the graph shows the mixing) and auto is the oracle's."""
+    torch.manual_seed(0)
+    model = RoutedModel(mix=True).double()
+    x, y = torch.randn(4, 6, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    assert err.value.code
+    want = _plain_oracle(model, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = persample.grad_stats(model, F.mse_loss, x, y, engine="auto")
+    for n, r in want.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
