@@ -227,3 +227,47 @@ def test_a_flattening_module_that_mixes_the_examples_is_refused():
     for n, r in want.items():
         torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
         torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
+
+
+class SinkAttention(nn.Module):
+    """GPT-OSS's attention in miniature: a raw parameter (its ``sinks``) makes the whole module a fallback,
+    and it returns ``(output, weights)`` with the output computed from the weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.sink = nn.Parameter(torch.randn(1))
+
+    def forward(self, x):
+        weights = torch.cat([x @ x.transpose(1, 2), self.sink.expand(*x.shape[:2], 1)], -1).softmax(-1)[..., :-1]
+        return self.proj(weights @ x), weights
+
+
+class SinkModel(nn.Module):
+    def __init__(self, use_weights: bool):
+        super().__init__()
+        self.attention = SinkAttention()
+        self.head = nn.Linear(4, 2)
+        self.use_weights = use_weights
+
+    def forward(self, x):
+        out, weights = self.attention(x)
+        y = self.head(out).mean(1)
+        return y + weights.sum((1, 2))[:, None] if self.use_weights else y
+
+
+@pytest.mark.parametrize("use_weights", [False, True])
+def test_a_fallback_whose_output_is_computed_from_another_output_counts_its_gradient_once(use_weights):
+    """The hook on the weights sees the gradient that flows back from the output computed from them; the vmap
+    fallback fed both outputs' captured gradients to one vjp and counted that part twice. Its check refused
+    (FALLBACK_SUM_MISMATCH: GPT-OSS, MiMo-V2-Flash and OpenAI's privacy filter took the loop in the sweep);
+    each output now gets the part of its gradient from outside the module, and the result is the oracle's."""
+    torch.manual_seed(0)
+    model = SinkModel(use_weights).double()
+    x, y = torch.randn(4, 5, 4, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    want = _plain_oracle(model, x, y)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    for n, r in want.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)

@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
 from ..._host_reads import HostChecks, open_checks
@@ -918,6 +918,8 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     params = {n: p.detach() for n, p in unit.params.items()}
     frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in params}
     buffers = detached_buffers(unit.module)
+    if sum(1 for i in tensor_outputs if i in call.out_grads) > 1:
+        cotangents = _external_batch_cotangents(unit, call, params, frozen, buffers, tensor_outputs, cotangents)
 
     def batch_of_one(leaves, dims):
         return [t.unsqueeze(d) if d is not None else t for t, d in zip(leaves, dims)]
@@ -944,6 +946,24 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
             module=label,
         ) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
+
+
+def _external_batch_cotangents(
+    unit: Unit, call: Call, params: dict, frozen: dict, buffers: dict, tensor_outputs: list[int], cotangents: list
+) -> list:
+    """:func:`_external_cotangents` for a vmap fallback: the outputs' captured gradients without what flows
+    back into an output from the module's other outputs computed from it (GPT-OSS's attention, a fallback
+    for its ``sinks``, returns ``(attn_output, attn_weights)`` with attn_output computed from attn_weights:
+    attn_weights' hook sees attn_output's gradient too, which fed to the vjp of both counted twice). One
+    more call of the module on the batch, with a graph, finds which outputs are computed from which."""
+    leaves = [p.requires_grad_() for p in (q.detach() for q in params.values())]
+    with autocast_as(call.autocast), torch.enable_grad():
+        inputs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (call.args, call.kwargs))
+        out = flat_leaves(functional_call(unit.module, (dict(zip(params, leaves)), frozen, buffers), *inputs))
+        outputs = [out[i] for i in tensor_outputs]
+        if not all(isinstance(y, Tensor) and y.requires_grad for y in outputs):
+            return cotangents
+        return [c.detach() for c in _external_cotangents(outputs, cotangents)]
 
 
 def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size: int) -> int | None:
