@@ -69,7 +69,10 @@ def test_a_forward_stopped_at_its_first_draw_leaves_the_model_as_found(engine):
         persample.grad_stats(model, F.mse_loss, x, y, engine=engine)
     assert err.value.code == "RANDOM_UNDER_ERROR"
     assert model.kind == "sparse" and model.attention.sparse  # as found
-    if engine == "vmap":  # torch.func cannot draw an unbatched init per example: refused again, with its code
+    if engine == "vmap":  # torch.func cannot draw an unbatched init per example: NotExact, auto goes on to the loop
+        with pytest.raises(persample.NotExact) as err:  # (was RANDOM_UNDER_ERROR naming randomness='error': the
+            persample.grad_stats(model, F.mse_loss, x, y, engine=engine, randomness="different")  # fix it named)
+        assert err.value.code == "VMAP_CANNOT_RUN"
         return
     # the fix the message names works, and is exact
     want = _oracle(model, x, y)
