@@ -13,6 +13,11 @@ warm-up calls:
   ``unique``, ...). On CPU nothing stalls, but the same ops stall a CUDA stream.
 
     python benchmarks/call_counts.py [--case mlp] [--json OUT.json] [--markdown OUT.md]
+    OMP_NUM_THREADS=1 python benchmarks/call_counts.py --case mlp-b32 --time 9   # + CPU ms per call
+
+``--time N`` adds ``cpu_ms``: the minimum over N calls of ``time.process_time`` per call (one thread), the
+entry points interleaved round by round, so that a loaded machine disturbs every entry point alike. The
+CPU time of this process swings far less with the other processes than wall time; it is still a time.
 
 ``tests/test_benchmarks.py`` runs :func:`count` on the small cases and keeps the syncs at their targets:
 at most 1 per statistics step (the cancellation flag of one-pass second moments), 0 per plain step.
@@ -24,6 +29,7 @@ import argparse
 import copy
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +40,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import cases
 import persample
 
-__all__ = ["SyncCounter", "count", "entry_points", "SYNC_OPS", "HOST_METHODS"]
+__all__ = ["SyncCounter", "count", "cpu_times", "entry_points", "SYNC_OPS", "HOST_METHODS"]
 
 # aten ops (overload packets) that make the host wait for the device: a scalar read, a comparison
 # answered on the host, or an output whose shape depends on the data.
@@ -214,12 +220,36 @@ def count(problem: cases.Problem, only: list[str] | None = None) -> dict[str, di
     return out
 
 
+def cpu_times(problem: cases.Problem, calls: int, only: list[str] | None = None) -> dict[str, float]:
+    """``{entry point: minimum CPU milliseconds of one call over calls}`` (``time.process_time``), after two
+    warm-up calls, the entry points interleaved round by round; ``tracker-step`` gives
+    ``tracker-step-stats`` and ``tracker-step-plain``, as :func:`count` does."""
+    steps = {name: call for name, call in entry_points(problem).items() if not only or any(s in name for s in only)}
+    for call in steps.values():
+        for _ in range(2):
+            call()
+    best: dict[str, float] = {}
+    for _ in range(calls):
+        for name, call in steps.items():
+            for label in [name + "-stats", name + "-plain"] if name == "tracker-step" else [name]:
+                start = time.process_time()
+                call()
+                spent = (time.process_time() - start) * 1e3
+                best[label] = min(best.get(label, spent), spent)
+    return best
+
+
 def _markdown(results: dict[str, dict[str, dict]]) -> str:
-    lines = ["| case | entry point | Python calls | syncs | sync ops |", "|---|---|---:|---:|---|"]
+    timed = any("cpu_ms" in r for per in results.values() for r in per.values())
+    lines = [
+        "| case | entry point | Python calls | syncs | sync ops |" + (" CPU ms (min) |" if timed else ""),
+        "|---|---|---:|---:|---|" + ("---:|" if timed else ""),
+    ]
     for case, per in results.items():
         for name, r in per.items():
             ops = ", ".join(f"{k} {v}" for k, v in sorted(r["sync_ops"].items())) or "-"
-            lines.append(f"| {case} | {name} | {r['py_calls']} | {r['syncs']} | {ops} |")
+            ms = f" {r['cpu_ms']:.2f} |" if "cpu_ms" in r else (" |" if timed else "")
+            lines.append(f"| {case} | {name} | {r['py_calls']} | {r['syncs']} | {ops} |" + ms)
     return "\n".join(lines) + "\n"
 
 
@@ -230,12 +260,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path)
     p.add_argument("--markdown", type=Path)
+    p.add_argument("--time", type=int, default=0, metavar="N", help="also the minimum CPU ms per call over N calls")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     selected = cases.select_cases(cases.all_cases(), args.case)
     results = {}
     for case in selected:
         results[case.label] = count(case.build(args.device), args.entry)
+        if args.time:
+            for label, ms in cpu_times(case.build(args.device), args.time, args.entry).items():
+                results[case.label][label]["cpu_ms"] = ms
     table = _markdown(results)
     print(table, end="")
     if args.json:

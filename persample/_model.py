@@ -492,6 +492,60 @@ def restore_buffer_state(state: BufferState) -> None:
                 tensor.copy_(value)
 
 
+#: Each module's own attributes as found: ``[(module, its __dict__, its child modules)]`` (shallow copies).
+ModuleAttributes = list
+
+#: Entries of a module's ``__dict__`` that :func:`restore_module_attributes` leaves alone: the training
+#: flag, parameters and buffers (restored by :func:`preserved_state` itself) and hook registries.
+_OWN_STATE = frozenset({"training", "_parameters", "_buffers", "_modules"})
+
+
+def module_attributes(modules: list[nn.Module]) -> ModuleAttributes:
+    """Shallow copies of each module's attributes and child modules, for :func:`restore_module_attributes`."""
+    return [(m, m.__dict__.copy(), dict(m._modules)) for m in modules]
+
+
+def restore_module_attributes(saved: ModuleAttributes) -> None:
+    """After a call that raised: each module's plain attributes and child modules as found.
+
+    A forward that persample stopped midway (at its first random call, before it draws, under
+    ``randomness="error"``) may have changed some of its own state and not the rest: Hugging Face's
+    BigBird, on its first short batch, sets ``attention_type = "original_full"``, then builds the new
+    attention module (whose Linear init draws) and would only then install it. Left so, the model
+    raises on every later forward, persample's or the user's own. Attributes the forward set or added
+    are put back as found (by identity; the objects themselves are not copied); hook registries,
+    parameters and buffers are left to their own restorers.
+    """
+    missing = object()
+    for module, attrs, children in saved:
+        now = module.__dict__
+        for key in [k for k in now if k not in attrs]:
+            del now[key]
+        for key, value in attrs.items():
+            if key not in _OWN_STATE and not key.endswith("hooks") and now.get(key, missing) is not value:
+                now[key] = value
+        if not isinstance(module._modules, dict):  # a TorchScript module's: its own, read-only
+            continue
+        if module._modules != children or any(module._modules[k] is not v for k, v in children.items()):
+            module._modules.clear()
+            module._modules.update(children)
+
+
+class FoundState(list):
+    """What :func:`preserved_state` yields: the buffers as found (a :data:`BufferState`, for
+    :func:`restore_buffer_state`) and, in ``attributes``, the modules' own attributes as found
+    (:func:`restore_module_attributes`); :func:`restore_as_found` puts back both."""
+
+    attributes: ModuleAttributes = []
+
+
+def restore_as_found(found: BufferState) -> None:
+    """Buffers and, where ``found`` has them (:class:`FoundState`), module attributes as found: what an
+    engine that raised midway left is not what the next engine starts from."""
+    restore_buffer_state(found)
+    restore_module_attributes(getattr(found, "attributes", []))
+
+
 @contextlib.contextmanager
 def preserved_state(
     model: nn.Module, *, restore_buffers: bool = True, fork_rng: bool = True, rewind_rng: bool | None = None
@@ -499,10 +553,12 @@ def preserved_state(
     """Restore training flags, ``p.grad``, buffers and RNG state on exit (also on error).
 
     Buffers are restored in place, a buffer the forward replaced included
-    (:func:`restore_buffer_state`), so references users hold stay valid. Yields
-    the buffers as found (a :func:`buffer_state`; empty without ``restore_buffers``),
-    to go back to midway. With ``fork_rng`` (not a training step), parameters that
-    a forward changes in place (``Embedding(max_norm=...)``) are restored too.
+    (:func:`restore_buffer_state`), so references users hold stay valid. On an exception, the
+    modules' own attributes are put back as found too (:func:`restore_module_attributes`). Yields
+    the buffers as found (a :class:`FoundState`: a :func:`buffer_state`, empty without
+    ``restore_buffers``, with the modules' attributes), to go back to midway (:func:`restore_as_found`).
+    With ``fork_rng`` (not a training step), parameters that a forward changes in place
+    (``Embedding(max_norm=...)``) are restored too.
     ``rewind_rng`` (default: ``fork_rng``) restores the global generators on exit; pass False where
     the model may not draw (``randomness="error"``): other threads share them, and rewinding would
     make a thread that drew in the meantime draw the same numbers again.
@@ -512,10 +568,15 @@ def preserved_state(
     grads = [(p, p.grad) for p in _unique(t for m in modules for t in m._parameters.values())]
     buffers = buffer_state(model) if restore_buffers else []
     mutated = [(p, p.detach().clone()) for p in (mutated_in_forward(modules) if fork_rng else [])]
+    found = FoundState(buffers)
+    found.attributes = module_attributes(modules)
     rng = torch.random.fork_rng(devices=cuda_devices(model), enabled=fork_rng if rewind_rng is None else rewind_rng)
     with rng:
         try:
-            yield buffers
+            yield found
+        except BaseException:
+            restore_module_attributes(found.attributes)
+            raise
         finally:
             for m, flag in flags:
                 if m.training is not flag:  # (nn.Module.__setattr__ costs microseconds per module)

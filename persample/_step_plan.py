@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from ._batch import Batch, flat_leaves, tensors_in
 from ._host_reads import HostChecks, one_host_read
-from ._model import buffer_state, forward_hook_if_possible, hooked_parameters, restore_buffer_state
-from ._torch_compat import is_functorch_wrapped
+from ._model import buffer_state, forward_hook_if_possible, restore_buffer_state
+from ._torch_compat import inert_hook, is_functorch_wrapped, tensor_gradient_hooks
 from .api import compute_stats
 from .batch_loss import (
     BatchLossMismatch,
@@ -206,12 +206,18 @@ def _statistics_step(
         # couples the examples, or before its audit of the forward could tell, their mean may not be the batch's
         # gradient, which loss.backward() gives (clipping combines the clipped g_i by definition)
         coupled = clip_norm is None and any(_may_couple(u[1]) for u in used if isinstance(u, tuple))
-        if reached is not None and not coupled and not inputs_with_grad and not hooked_parameters(model):
+        if reached is not None and not coupled and not inputs_with_grad and not _any_gradient_hook(params):
             if checking:
                 check_against_autograd(config, batch, weights)
             base = stats.mean if clip_norm is None else stats.clipped_mean
-            # factor is set (reached is), and base is clipped_mean when clip_norm is
-            update = {name: base[name] * (factor * batch.size) for name, p in params.items() if id(p) in reached}  # type: ignore[index, operator]
+            # factor is set (reached is), and base is clipped_mean when clip_norm is. A mean loss gives
+            # factor · B = 1: x · 1.0 is x, so no copy here (the writer copies: p.grad never aliases the stats)
+            multiple = factor * batch.size  # type: ignore[operator]
+            update = {
+                name: base[name] if multiple == 1.0 else base[name] * multiple  # type: ignore[index]
+                for name, p in params.items()
+                if id(p) in reached
+            }
             restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
             return StepOutcome(stats, update, [])
     update, input_grads, weights, opaque = plain_gradient(config, batch, params, inputs_with_grad, weigh=True)
@@ -375,6 +381,13 @@ def _weighted_examples(per_example_loss: Callable[..., Tensor], batch: Batch, we
     return weighted, Batch(batch.args, batch.kwargs, targets, batch.size, batch.options)
 
 
+def _any_gradient_hook(params: dict[str, nn.Parameter]) -> bool:
+    """Whether one of the step's trainable parameters has a tensor hook (``p.register_hook``, read now: one
+    the forward registered counts). ``hooked_parameters(model)`` without its walk of every module: the step
+    writes p.grad of these parameters only, and a hook on any other is never called by their backward."""
+    return any(tensor_gradient_hooks(p) for p in params.values())
+
+
 def _first_batch_forward(store: list, batch_size: int):
     """A forward hook keeping the model's first output on the real batch (not inside vmap), with the
     buffers as that forward left them: ``store`` gets ``(output, buffer_state(model))``."""
@@ -388,7 +401,9 @@ def _first_batch_forward(store: list, batch_size: int):
         if any(t.dim() > 0 and t.shape[0] == batch_size for t in tensors):
             store.append((output, buffer_state(module)))
 
-    return hook
+    # it returns None and changes nothing: the fast engine's plan and rules do not count it (a root with
+    # parameters of its own, hooked anew each step, keeps its plan and its rule)
+    return inert_hook(hook)
 
 
 def _require_multiple(grad: dict[str, Tensor], mean: dict[str, Tensor]) -> float:

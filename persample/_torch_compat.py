@@ -44,6 +44,9 @@ __all__ = [
     "set_checkpoint_run_function",
     "FSDP2Reduction",
     "fsdp2_reduction",
+    "mha_functions",
+    "inert_hook",
+    "is_inert_hook",
 ]
 
 _MODULE_FORWARD = ("_forward_hooks", "_forward_pre_hooks")
@@ -94,6 +97,24 @@ def module_backward_hooks(module: nn.Module) -> bool:
         raise unknown(f"{type(module).__name__}'s backward hook registries ({', '.join(_MODULE_BACKWARD)})") from None
 
 
+#: The attribute that marks a forward hook of persample's own as inert (:func:`inert_hook`).
+_INERT = "_persample_inert_hook"
+
+
+def inert_hook(fn: Any) -> Any:
+    """Mark ``fn``, a forward hook of persample's own that returns None and changes no value, no gradient
+    and no module (the Tracker's hook that keeps the first forward's output), as inert: the plan's
+    fingerprint (:func:`structure_key`) and the rules' hook check (``rules.has_hooks``) do not count it.
+    Returns ``fn``."""
+    setattr(fn, _INERT, True)
+    return fn
+
+
+def is_inert_hook(fn: Any) -> bool:
+    """Whether ``fn`` was marked by :func:`inert_hook`."""
+    return getattr(fn, _INERT, False) is True
+
+
 def structure_key(module: nn.Module) -> tuple:
     """What the fast engine's plan (:mod:`persample.engines.fast.plan`) fingerprints of ``module``: its
     class, training flag and instance attribute names, the identities of its children and parameters,
@@ -101,16 +122,24 @@ def structure_key(module: nn.Module) -> tuple:
     registries, and, for a module with parameters of its own, of its forward hook registries (handle
     ids only grow, so any change of a registry changes them). A forward hook on a module without
     parameters (a container: the Tracker hooks the model's root each step) changes nothing the plan
-    holds: such a module is never a rule unit, and forward hooks change no gradient hook."""
+    holds: such a module is never a rule unit, and forward hooks change no gradient hook; nor does an
+    :func:`inert_hook` of persample's own on a module with parameters (the Tracker's on a root that has
+    some)."""
     try:
         params = [p for p in module._parameters.values() if p is not None]
+        forward = module._forward_hooks
         return (
             type(module),
             module.training,
             tuple(module.__dict__),
             tuple([id(c) for c in module._modules.values()]),
             tuple([(id(p), p.requires_grad, tuple(p._backward_hooks or ())) for p in params]),
-            (tuple(module._forward_hooks), tuple(module._forward_pre_hooks)) if params else (),
+            (
+                tuple([k for k, h in forward.items() if not is_inert_hook(h)]) if forward else (),
+                tuple(module._forward_pre_hooks),
+            )
+            if params
+            else (),
             tuple(module._backward_hooks),
             tuple(module._backward_pre_hooks),
         )
@@ -338,3 +367,59 @@ def fsdp2_reduction(root: nn.Module, modules: list[nn.Module]) -> FSDP2Reduction
     except (AttributeError, AssertionError, TypeError):
         return None
     return FSDP2Reduction(root_state, groups, by_param)
+
+
+#: Fingerprints (:func:`_source_fingerprint`) of ``F.multi_head_attention_forward``,
+#: ``F._in_projection_packed`` and ``F._in_projection`` whose code persample's MultiheadAttention capture
+#: was checked against (tests/test_mha_rule.py): with the covered settings, the projection weights
+#: (``in_proj_weight`` or its row blocks; ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``), the
+#: blocks of ``in_proj_bias`` and ``out_proj.weight`` / ``out_proj.bias`` enter only ``linear`` calls.
+#: torch 2.13.
+_KNOWN_MHA_CODE = frozenset({("f1fe7b58852beaff", "37b12309f520826d", "0163899bd8347f48")})
+
+
+def _source_fingerprint(fn: Callable) -> str:
+    """sha256 (16 hex digits) of ``fn``'s source without comments, layout and docstring (``ast.unparse``)."""
+    import ast
+    import hashlib
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    node = tree.body[0]
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+        first = node.body[0]
+        if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+            node.body = node.body[1:] or [ast.Pass()]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
+_MHA_FUNCTIONS: list = []  # [the answer of mha_functions()], filled at its first call
+
+
+def mha_functions() -> tuple[Callable, Callable, Callable] | None:
+    """``(F.multi_head_attention_forward, F._in_projection_packed, F._in_projection)`` where their code is one of
+    :data:`_KNOWN_MHA_CODE`, else None: another torch's attention code may use the projection weights
+    elsewhere than in the ``linear`` calls that the fast engine's MultiheadAttention capture records
+    (:mod:`persample.engines.fast.mha_capture`), so the caller keeps its recomputing path (which checks
+    itself against the module's output). Computed once per process.
+
+    >>> mha_functions() is None or callable(mha_functions()[0])
+    True
+    """
+    if not _MHA_FUNCTIONS:
+        import torch.nn.functional as F
+
+        found = None
+        try:
+            functions = (
+                F.multi_head_attention_forward,
+                getattr(F, "_in_projection_packed"),
+                getattr(F, "_in_projection"),
+            )
+            if tuple(_source_fingerprint(fn) for fn in functions) in _KNOWN_MHA_CODE:
+                found = functions
+        except (AttributeError, OSError, TypeError, SyntaxError):  # renamed, or no source to read
+            found = None
+        _MHA_FUNCTIONS.append(found)
+    return _MHA_FUNCTIONS[0]

@@ -27,7 +27,9 @@ from ._model import (
     check_clip_norm,
     check_supported,
     preserved_state,
+    restore_as_found,
     restore_buffer_state,
+    restore_module_attributes,
     trainable_parameters,
 )
 from .batch_loss import check_batch_loss, gradient_multiple, loss_parts
@@ -154,7 +156,7 @@ def per_sample_grads(
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
             return loop_grads(model, loss_fn, batch, randomness=randomness)
 
-        grads, _ = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
+        grads, _ = _first_exact(chain, run, reset=lambda: restore_as_found(found))
         if batch_loss_check and not check_first:
             opaque = _check_loss_at_kept_output(model, loss_fn, batch, first_forward, found)
         if opaque and randomness == "error":
@@ -312,7 +314,11 @@ def compute_stats(
     def run(name: str) -> GradStats:
         try:
             if name == "fast":
-                stats = fast_grad_stats(model, loss_fn, batch, keep_output=kept, **options)
+                # (the Tracker's check at the output reads a standard loss's L_i off the backward too)
+                at_output = kept is not None and kept is engine_output
+                stats = fast_grad_stats(
+                    model, loss_fn, batch, keep_output=kept, closed_form_at_output=at_output, **options
+                )
             else:
                 streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats
                 with progress_bar(batch.size, f"per-example grads ({name})", progress) as update:
@@ -333,7 +339,7 @@ def compute_stats(
         opaque = False
         if check_first:
             opaque = _check_loss_on_batch(model, loss_fn, batch, None, found, stop_random=True)
-        stats = _first_exact(chain, run, reset=lambda: restore_buffer_state(found))
+        stats = _first_exact(chain, run, reset=lambda: restore_as_found(found))
         if batch_loss_check and not check_first:
             opaque = _check_loss_at_kept_output(model, loss_fn, batch, first_forward, found)
         if opaque and randomness == "error":
@@ -376,7 +382,8 @@ def _check_loss_on_batch(
         try:  # under randomness="error", stopped before a random draw (the engines refuse such a model)
             with torch.no_grad(), RandomCalls(stop=True) if stop_random else contextlib.nullcontext():
                 output = batch.forward(model)
-        except Exception:
+        except Exception:  # a forward stopped midway may have changed some of the model's state, not all
+            restore_module_attributes(getattr(found, "attributes", []))
             return False
         finally:
             restore_buffer_state(found)

@@ -46,13 +46,13 @@ TINY = {
 # checks (of the fallbacks, and against p.grad) with the cancellation flags at the end. Beyond them, per module kind:
 # - Embedding (LSTM, MHA, GPT-2: wte and wpe): none (fixed-size segments: sort, not ``unique``);
 # - LSTM: whether the layer's output is its cell equations' (which backward to run);
-# - MultiheadAttention: the recomputed output against the module's (``equal`` on NaNs, and a max);
+# - MultiheadAttention: none (its projections are recorded as it runs: no recomputed output to check);
 # - GPT-2's tied embedding without the variance: none (its cross term is one batched product, no ``bincount``).
 LIMITS = {
     "mlp": {"grad_stats-fast": 1, "grad_stats-fast-novar": 0, "observe": 2, "observe-novar": 2},
     "cnn": {"grad_stats-fast": 1, "grad_stats-fast-novar": 0, "observe": 2, "observe-novar": 2},
     "lstm": {"grad_stats-fast": 2, "grad_stats-fast-novar": 1, "observe": 3, "observe-novar": 3},
-    "mha": {"grad_stats-fast": 3, "grad_stats-fast-novar": 2, "observe": 4, "observe-novar": 4},
+    "mha": {"grad_stats-fast": 1, "grad_stats-fast-novar": 0, "observe": 2, "observe-novar": 2},
     "gpt2": {"grad_stats-fast": 1, "grad_stats-fast-novar": 1, "observe": 2, "observe-novar": 2},
     "gpt2_masked": {"grad_stats-fast": 1, "grad_stats-fast-novar": 1, "observe": 2, "observe-novar": 2},
 }

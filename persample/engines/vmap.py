@@ -150,13 +150,16 @@ def refuse_module_backward_hooks(model: nn.Module, engine: str) -> None:
 
 
 @contextlib.contextmanager
-def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator[None]:
+def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str = "error") -> Iterator[None]:
     """What every vmap call runs under: no outer graph, vmap-friendly modules, clear errors.
 
     Random ops under ``randomness="error"`` raise :class:`UnsupportedModelError` naming the
     module; any other failure of ``torch.func`` to run the model (data-dependent control flow on
     masks, checkpointing, ops without a batching rule) becomes :class:`NotExact`, so that
-    ``engine="auto"`` can move on to the per-example loop.
+    ``engine="auto"`` can move on to the per-example loop. So does a draw that vmap refuses under
+    ``randomness="different"`` or ``"same"`` (an in-place draw on an unbatched tensor: a module built
+    in the forward, as BigBird's first short batch does): the draw was allowed, torch.func cannot make
+    it, and the loop can.
     """
     with torch.no_grad(), vmap_friendly_modules(model):
         try:
@@ -164,7 +167,7 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch) -> Iterator
         except RuntimeError as err:
             if isinstance(err, NotExact) and err.code is not None:  # a refusal of its own (_ParameterReads)
                 raise
-            if is_vmap_randomness_error(err):
+            if is_vmap_randomness_error(err) and randomness == "error":
                 raise randomness_error(
                     first_random_module(model, lambda: batch.slice(0, 1).call(model, loss_fn))
                 ) from err
@@ -266,7 +269,7 @@ def per_example_grads(
     """
     refuse_unseen_hooks(model, "vmap")
     refuse_compiled_sharing(model)
-    with _engine_context(model, loss_fn, batch):
+    with _engine_context(model, loss_fn, batch, randomness):
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         if chunk_size is None or chunk_size >= batch.size:
             return grads_fn(batch)
@@ -300,7 +303,7 @@ def vmap_grad_stats(
     refuse_compiled_sharing(model)
     num_params = sum(p.numel() for p in trainable_parameters(model).values())
     size = chunk_size or auto_chunk_size(num_params, batch.size)
-    with _engine_context(model, loss_fn, batch):
+    with _engine_context(model, loss_fn, batch, randomness):
         grads_fn = _grads_function(model, loss_fn, batch, randomness)
         return stream_grad_stats(
             grads_fn,

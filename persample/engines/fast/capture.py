@@ -37,6 +37,7 @@ from .units import (
     store_grad,
     token_rows,
 )
+from .mha_capture import MhaInterceptor
 from .watchers import _BroadcastWatcher, _DimMoveWatcher, _Expansion, _UserCodeWatcher
 from .places import output_place, through_rule
 from .in_place import _parameter_slots, _substituted_parameter, _substitution
@@ -324,8 +325,27 @@ def capturing(
 
         return hook
 
+    mha_entered: list = []  # (module, MhaInterceptor) of the MultiheadAttention calls running, innermost last
+
+    def mha_pre_hook(module, args, kwargs):
+        if not capture.forward_ended and torch.is_grad_enabled():
+            mode = MhaInterceptor(module, plain)
+            mode.__enter__()
+            mha_entered.append((module, mode))
+
+    def plain(t: Tensor) -> bool:
+        """Not a tensor the broadcast watcher follows (an expansion, a suspect): a call on one runs as it is."""
+        return id(t) not in watcher.expanded and id(t) not in watcher.suspects
+
     def post_hook(unit: Unit):
         def hook(module, args, kwargs, output):
+            inner = None
+            if mha_entered and mha_entered[-1][0] is module:
+                mode = mha_entered.pop()[1]
+                if _exit_mode(mode):
+                    inner = mode.found
+                else:  # a mode entered within the call is still on: what it watched is unknown
+                    capture.lost_watch = True
             if active:
                 active.pop()
             entry = None
@@ -343,11 +363,11 @@ def capturing(
                 capture.no_grad_calls = True
                 return None
             with torch._C.DisableTorchFunction():  # the watcher must not see (or redirect) our own ops
-                return record(unit, args, kwargs, output, entry)
+                return record(unit, args, kwargs, output, entry, inner)
 
         return hook
 
-    def record(unit: Unit, args, kwargs, output, on: _Expansion | None):
+    def record(unit: Unit, args, kwargs, output, on: _Expansion | None, inner=None):
         if capture.packed is None and args and isinstance(args[0], PackedSequence):
             capture.packed = f"module {unit.name or '<root>'} ({type(unit.module).__name__})"
         substituted = _substituted_parameter(parameter_slots[id(unit)], resharded)
@@ -463,6 +483,14 @@ def capturing(
                 call.edges[leaf_index] = get_gradient_edge(leaf)
                 if leaf._is_view():
                     call.view_versions[leaf_index] = leaf._version
+        if inner is not None and on is None and expanded is None:  # a MultiheadAttention's projections
+            call.inner = inner
+            out_proj_weight = getattr(getattr(unit.module, "out_proj", None), "weight", None)
+            for i, (_, weight, _, projected) in enumerate(inner.linears):
+                if weight is not out_proj_weight and projected.requires_grad:  # in-projections: key -1 - i
+                    if hook_outputs:
+                        projected.register_hook(store_grad(call.out_grads, -1 - i))
+                    call.edges[-1 - i] = get_gradient_edge(projected)
         if on is not None:
             constant = on.constant and not any(batch_dependent(t) for t in tensors_in((call.args[1:], kwargs)))
             watcher.expanded[id(output)] = _Expansion(output, original, on.label, (*on.calls, call), constant)
@@ -536,6 +564,8 @@ def capturing(
         for unit in units:
             if dim_watcher is not None:
                 handles.append(_hooked(unit.module.register_forward_pre_hook, pre_hook(unit), unit))
+            if unit.rule is not None and unit.rule.name == "multihead_attention":
+                handles.append(_hooked(unit.module.register_forward_pre_hook, mha_pre_hook, unit))
             handles.append(_hooked(unit.module.register_forward_hook, post_hook(unit), unit))
         if dim_watcher is not None:
             dim_watcher.__enter__()
@@ -544,6 +574,8 @@ def capturing(
     finally:
         for h in (*handles, *rule_pre_hooks, *fallback_pre_hooks):
             h.remove()
+        while mha_entered:  # the forward raised within a MultiheadAttention call
+            capture.lost_watch |= not _exit_mode(mha_entered.pop()[1])
         capture.unfollow_checkpoints()
         capture.end_forward()
 

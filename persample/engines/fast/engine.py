@@ -47,7 +47,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from ..._batch import Batch, flat_leaves
 from ..._host_reads import HostChecks, open_checks
@@ -100,6 +100,7 @@ def fast_grad_stats(
     clip_norm: float | None = None,
     reference: dict[str, Tensor] | None = None,
     keep_output: list | None = None,
+    closed_form_at_output: bool = False,
 ) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
@@ -108,14 +109,23 @@ def fast_grad_stats(
     whether ``loss_fn`` turned out to be a standard loss with a closed form (:mod:`.losses`), which
     is a weighted sum of per-example losses by its form; then, once the backward has run, an
     :class:`AtOutput` (the per-example losses and their mean's gradient at the output, which the
-    check at the output would otherwise compute again) or None.
+    check at the output would otherwise compute again) or None; for a standard loss only with
+    ``closed_form_at_output`` (see :func:`fast_pieces`).
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    found = fast_pieces(model, loss_fn, batch, randomness=randomness, var=var, keep_output=keep_output)
+    found = fast_pieces(
+        model,
+        loss_fn,
+        batch,
+        randomness=randomness,
+        var=var,
+        keep_output=keep_output,
+        closed_form_at_output=closed_form_at_output,
+    )
     pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         moments = {
@@ -143,7 +153,8 @@ class AtOutput:
     (:func:`persample.batch_loss.weights_at_output`): ``losses``, the per-example losses L_i ``[B]``
     (detached, at least float32), and ``mean_grads``, ∇_o (1/B) Σ_i L_i at each floating leaf o of the
     output's pytree (its index in ``tree_flatten(output)``; None where L_i does not reach it), each L_i
-    being ``loss_fn`` on example i's output alone (vmapped). Made only where the output has one floating
+    being ``loss_fn`` on example i's output alone (vmapped, or the closed form of a standard loss, which the
+    check's own :func:`per_example_losses` takes too). Made only where the output has one floating
     leaf, batched, reached by the graph and in float32 or float64, so that these are exactly what the check
     computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`)."""
 
@@ -189,10 +200,13 @@ def fast_pieces(
     var: bool = True,
     keep_output: list | None = None,
     form_all: bool = False,
+    closed_form_at_output: bool = False,
 ) -> FastPieces:
     """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
-    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work)."""
+    autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work).
+    ``closed_form_at_output``: an :class:`AtOutput` also where the loss has a closed form (the Tracker's check
+    at the output reads it; ``grad_stats``' check knows such a loss by its form and reads none)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
@@ -220,6 +234,7 @@ def fast_pieces(
         capture.end_model_forward()
         followed = _follow_reentrant_checkpoints(capture, output)
         closed = closed_form_losses(loss_fn, output, batch.targets)
+        standard_form = closed is not None  # (not a model's own loss, whose check reads the model's graph)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
             closed = None if own is None else own.losses
@@ -231,8 +246,11 @@ def fast_pieces(
         )
         if keep_output is not None:
             keep_output.append(standard)
-        # vmapped losses: their gradient at the output comes with the backward, for the check at the output
-        loss_leaves = _loss_leaves_at_output(output, batch.size) if keep_output is not None and closed is None else None
+        # vmapped losses, and closed forms where the caller's check reads them (the check's own
+        # per_example_losses takes the same closed form; not a model's own loss): their gradient at the output
+        # comes with the backward, for the check at the output (found below, where a backward can give it)
+        wants_at_output = keep_output is not None and (closed is None or standard_form and closed_form_at_output)
+        loss_leaves: list[tuple[int, Tensor]] | None = None
         at_output: AtOutput | None = None
         capture.end_forward()
         if capture.escape is not None:
@@ -274,8 +292,7 @@ def fast_pieces(
         def closed_form(cut: Cut, call: Call, input_grad: bool):
             return recurrent_closed_form(cut.unit, call, batch.size, grad_scale, cut.mode, input_grad)
 
-        if followed:
-            loss_leaves = None  # the backward runs through the recomputations: the check computes its own
+        if followed:  # the backward runs through the recomputations: the check computes its own (no loss_leaves)
             if hooked:  # refused before the backward() that would call the hooks on the batch's gradient
                 _refuse_hooks_not_per_example(hooked, units, batch.size, reentrant=True, moved=False)
             grads = _backward_through_recomputations(
@@ -287,8 +304,8 @@ def fast_pieces(
             if found is not None:
                 raise NotExact(found)
         else:
-            if planned:  # the output's gradient could come from a cut's closed form: the check computes its own
-                loss_leaves = None
+            if wants_at_output and not planned:  # (a cut's closed form could give the output's gradient: not read)
+                loss_leaves = _loss_leaves_at_output(output, batch.size)
             at_leaves = [get_gradient_edge(t) for _, t in loss_leaves or []]
             grads, cuts = _autograd_means(
                 mean_loss,
@@ -898,6 +915,9 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
     in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
     in_dims, out_dims = _fallback_batch_dims(unit.module, in_leaves, out_leaves, batch_size)
+    flattened = _flattened_rows(in_leaves, in_dims, out_leaves, batch_size)
+    if flattened is not None:
+        return _token_rows_pieces(unit, call, batch_size, grad_scale, flattened)
     for leaf, d in zip(out_leaves, out_dims):
         if isinstance(leaf, Tensor) and d is None:
             raise NotExact(
@@ -915,6 +935,8 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     params = {n: p.detach() for n, p in unit.params.items()}
     frozen = {n: p.detach() for n, p in unit.module.named_parameters() if n not in params}
     buffers = detached_buffers(unit.module)
+    if sum(1 for i in tensor_outputs if i in call.out_grads) > 1:
+        cotangents = _external_batch_cotangents(unit, call, params, frozen, buffers, tensor_outputs, cotangents)
 
     def batch_of_one(leaves, dims):
         return [t.unsqueeze(d) if d is not None else t for t, d in zip(leaves, dims)]
@@ -943,10 +965,50 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
 
 
-def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float) -> dict[str, Piece]:
+def _external_batch_cotangents(
+    unit: Unit, call: Call, params: dict, frozen: dict, buffers: dict, tensor_outputs: list[int], cotangents: list
+) -> list:
+    """:func:`_external_cotangents` for a vmap fallback: the outputs' captured gradients without what flows
+    back into an output from the module's other outputs computed from it (GPT-OSS's attention, a fallback
+    for its ``sinks``, returns ``(attn_output, attn_weights)`` with attn_output computed from attn_weights:
+    attn_weights' hook sees attn_output's gradient too, which fed to the vjp of both counted twice). One
+    more call of the module on the batch, with a graph, finds which outputs are computed from which."""
+    leaves = [p.requires_grad_() for p in (q.detach() for q in params.values())]
+    with autocast_as(call.autocast), torch.enable_grad():
+        inputs = tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, (call.args, call.kwargs))
+        out = flat_leaves(functional_call(unit.module, (dict(zip(params, leaves)), frozen, buffers), *inputs))
+        outputs = [out[i] for i in tensor_outputs]
+        if not all(isinstance(y, Tensor) and y.requires_grad for y in outputs):
+            return cotangents
+        return [c.detach() for c in _external_cotangents(outputs, cotangents)]
+
+
+def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size: int) -> int | None:
+    """k > 1 where a call looks like a module that flattens the batch itself: every input tensor (not a
+    scalar) batched on dim 0 with B rows, and every output tensor with B·k rows on dim 0 (DeepSeek-V3,
+    GLM-4-MoE, Kimi routers: ``[B, T, d]`` in, ``[B·T, E]`` out); else None. Only the shape says so here:
+    :func:`_token_rows_pieces` then calls the module on each example alone and compares the segments of
+    rows with the batch's (``TOKEN_ROWS_DIFFER``), and the sums are checked with autograd's."""
+    inputs = [(t, d) for t, d in zip(in_leaves, in_dims) if isinstance(t, Tensor) and t.dim() > 0]
+    outputs = [t for t in out_leaves if isinstance(t, Tensor) and t.dim() > 0]
+    if batch_size < 2 or not inputs or not outputs or any(d != 0 for _, d in inputs):
+        return None
+    rows = {t.shape[0] for t in outputs}
+    if len(rows) != 1:
+        return None
+    (n,) = rows
+    return n // batch_size if n > batch_size and n % batch_size == 0 else None
+
+
+def _token_rows_pieces(
+    unit: Unit, call: Call, batch_size: int, grad_scale: float, flattened: int | None = None
+) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module called on a flattened token batch (an MoE router or its
     experts on ``h.view(-1, d)``): every tensor of the call has B·k rows on dim 0, row r of example r // k
     (:func:`.units.token_rows`; the graph audit's probe checked that map on the rows that carry gradients).
+    ``flattened`` = k: a module that flattens the batch itself (DeepSeek-V3's router, ``[B, T, d]`` in,
+    ``h.view(-1, d)`` inside, ``[B·T, E]`` out; :func:`_flattened_rows`): its inputs have B rows, one per
+    example, and its outputs B·k.
 
     The module is called again on each example's segment of rows alone, and
     g_b = (∂ module(θ; rows of b) / ∂θ)ᵀ · (output gradient rows of b),
@@ -958,15 +1020,16 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
     B calls of the module on k rows each: the work of one call, without vmap (an MoE layer's data-dependent
     control flow runs as it is)."""
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
-    k = call.rows_per_example
+    k = call.rows_per_example if flattened is None else flattened
+    k_in = k if flattened is None else 1  # rows of one example in the inputs
     n = batch_size * k
     out_leaves = flat_leaves(call.output)
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
     in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
-    for t in [*in_leaves, *out_leaves]:
-        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != n:
+    for t, want in [*((t, batch_size * k_in) for t in in_leaves), *((t, n) for t in out_leaves)]:
+        if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != want:
             raise NotExact(
-                f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {n} token rows",
+                f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {want} token rows",
                 code="FALLBACK_NOT_BATCHED",
                 module=label,
             )
@@ -975,7 +1038,7 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
     frozen = {n_: p.detach() for n_, p in unit.module.named_parameters() if n_ not in unit.params}
     buffers = detached_buffers(unit.module)
 
-    def rows(t: Any, b: int) -> Any:
+    def rows(t: Any, b: int, k: int = k) -> Any:
         return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
 
     # B forwards, each with its own parameter leaves (disjoint graphs); then one comparison with the batch's
@@ -989,7 +1052,7 @@ def _token_rows_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: floa
     with autocast_as(call.autocast), torch.enable_grad():
         for b in range(batch_size):
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
-            args, kwargs = tree_unflatten([rows(t, b) for t in in_leaves], in_spec)
+            args, kwargs = tree_unflatten([rows(t, b, k_in) for t in in_leaves], in_spec)
             try:
                 with RandomCalls(stop=True):  # a draw would differ from the forward's (and move the RNG)
                     leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))

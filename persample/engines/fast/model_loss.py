@@ -11,7 +11,10 @@ batch loss is ℓ = Σ_i w_i L_i with known weights:
 head                         L_i (example i alone)                                w_i
 ===========================  ===================================================  =================
 causal LM (``ForCausalLM``,  mean over i's tokens of CE(logits_t, labels_{t+1}),   n_i / N
-``LMHeadModel``)             labels shifted left, ``-100`` ignored
+``LMHeadModel``)             labels shifted left, ``-100`` ignored; where that
+                             fails the checks, CE(logits_t, labels_t) (the
+                             causal decoders of BART, Marian, MBart, BlenderBot,
+                             which leave the shift to the caller)
 seq2seq LM, masked LM,       mean over i's tokens of CE(logits_t, labels_t),       n_i / N
 token classification         ``-100`` ignored
 any of these with            Σ_t ℓ_it / K (a loss that divides by K; one that      1
@@ -59,6 +62,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from ...contract import refusal
+from ...errors import NotExact
 
 __all__ = ["ModelLoss", "model_losses", "observed_model_losses", "reads_model_loss", "head_kind"]
 
@@ -234,11 +238,18 @@ Candidate = Callable[[], "tuple[Tensor, Tensor] | None"]
 
 
 def _candidates(
-    kind: str, model: nn.Module, output: Any, leaves: list, inputs: dict, dtype: torch.dtype
+    kind: str,
+    model: nn.Module,
+    output: Any,
+    leaves: list,
+    inputs: dict,
+    dtype: torch.dtype,
+    shift: bool | None = None,
 ) -> tuple[list[Candidate], tuple[int, ...]]:
     """The forms the head's loss may take, each a callable giving (L_i, w_i) or None, and the indices
     of the output leaves they read. With ``num_items_in_batch``, the loss divided by it (Hugging Face's
-    loss functions) comes first, then the one that ignores it (losses written inline in modelling files)."""
+    loss functions) comes first, then the one that ignores it (losses written inline in modelling files).
+    ``shift``: whether a token loss shifts the labels (default: for a causal head)."""
     items = inputs.get("num_items_in_batch")
     if kind == "qa":
         s, e = _leaf(output, leaves, "start_logits"), _leaf(output, leaves, "end_logits")
@@ -256,8 +267,31 @@ def _candidates(
             functools.partial(_sequence_losses, leaves[logits], labels, config, dtype, k) for k in counts
         ]
     else:
-        forms = [functools.partial(_token_losses, leaves[logits], labels, kind == "causal", dtype, k) for k in counts]
+        shifted = kind == "causal" if shift is None else shift
+        forms = [functools.partial(_token_losses, leaves[logits], labels, shifted, dtype, k) for k in counts]
     return forms, (logits,)
+
+
+def _choose_causal_form(
+    kind: str, own: Tensor, forms: list, unshifted: Callable[[], list], batch_grads, fit: Callable
+) -> ModelLoss | None:
+    """:func:`_choose_form`; for a causal head whose loss fits no shifted form, the same forms without the
+    shift (``unshifted()``): the causal-LM decoders of encoder-decoder families (``BartForCausalLM``,
+    ``MarianForCausalLM``, BlenderBot's, MBart's, BigBirdPegasus's) score ``labels`` as they are,
+    CE(logits_t, labels_t), the caller having shifted them. Tried only after the shifted forms failed,
+    and held to the same checks; if it fails too, the shifted forms' error is raised."""
+    try:
+        return _choose_form(kind, own, forms, batch_grads, fit)
+    except NotExact as err:
+        if kind != "causal" or getattr(err, "code", None) != "MODEL_LOSS_NOT_RECOMPUTED":
+            raise
+        try:
+            chosen = _choose_form(kind, own, unshifted(), batch_grads, fit)
+        except NotExact:
+            raise err from None
+        if chosen is None:
+            raise
+        return chosen
 
 
 # ------------------------------------------------------------------------------------ the checks
@@ -363,7 +397,10 @@ def model_losses(model: nn.Module, loss_fn: Callable, output: Any, inputs: Any, 
         example_grads = torch.autograd.grad(losses.sum(), read, retain_graph=True, allow_unused=True)
         return example_grads, ModelLoss(losses, weights, used, kind)
 
-    return _choose_form(kind, own, forms, batch_grads, fit)
+    def unshifted() -> list:
+        return _candidates(kind, model, output, leaves, inputs, own.dtype, shift=False)[0]
+
+    return _choose_causal_form(kind, own, forms, unshifted, batch_grads, fit)
 
 
 def _choose_form(kind: str, own: Tensor, forms: list, batch_grads, fit: Callable) -> ModelLoss | None:
@@ -468,7 +505,10 @@ def observed_model_losses(
         scale = _common_scale(batch_grads, example_grads, weights)
         return example_grads, ModelLoss(losses.detach(), weights * scale, used, kind)
 
-    chosen = _choose_form(kind, own, forms, batch_grads, fit)
+    def unshifted() -> list:
+        return _candidates(kind, model, copy, detached, inputs, own.dtype, shift=False)[0]
+
+    chosen = _choose_causal_form(kind, own, forms, unshifted, batch_grads, fit)
     return None if chosen is None else (chosen, chosen.weights)
 
 

@@ -24,7 +24,8 @@ EmbeddingBag, Embedding subclasses) read the whole recorded call.
 | Embedding subclass            | W: c · Σ_t e_{id_t} b_tᵀ (ids, c: its forward re-run)      |
 | EmbeddingBag (sum, mean)      | W: Σ_{j ∈ bag i} w_j e_{id_j} b_iᵀ (one bag per example)   |
 | MultiheadAttention            | in_proj: [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ];    |
-|                               | out_proj: a Linear on the attention's output (mha_rule)    |
+|                               | out_proj: a Linear on the attention's output (mha_rule;    |
+|                               | ∂q, ∂k, ∂v from the model's backward, .mha_capture)        |
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 from ..._batch import flat_leaves
 from ..._model import own_trainable_parameters
 from .pieces import ConvPiece, DensePiece, OuterPiece, Piece, RowsPiece, padded_input
-from ..._torch_compat import global_module_hooks, module_backward_hooks, module_hooks
+from ..._torch_compat import global_module_hooks, is_inert_hook, module_backward_hooks, module_hooks
 
 __all__ = ["Rule", "find_rule", "Layout", "LayoutError"]
 
@@ -295,7 +296,14 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
     per head c = softmax(q kᵀ/√d_h + mask) v, y = c W_oᵀ + b_o (``out_proj``). Attention never mixes
     examples, so with ∂L/∂q, ∂L/∂k, ∂L/∂v, ∂L/∂y of example i (its own loss):
     in_proj_weight_i = [Σ_t ∂q_t Q_tᵀ; Σ_s ∂k_s K_sᵀ; Σ_s ∂v_s V_sᵀ], in_proj_bias_i = [Σ_t ∂q_t; Σ_s ∂k_s;
-    Σ_s ∂v_s], out_proj.weight_i = Σ_t ∂y_t c_tᵀ, out_proj.bias_i = Σ_t ∂y_t. The attention is
+    Σ_s ∂v_s], out_proj.weight_i = Σ_t ∂y_t c_tᵀ, out_proj.bias_i = Σ_t ∂y_t.
+
+    Where the capture recorded the call's projections (``call.inner``, :mod:`.mha_capture`: the module's
+    own ``F.multi_head_attention_forward`` run as torch's code with its ``linear`` calls recorded), ∂q, ∂k,
+    ∂v are the gradients the model's own backward delivered at the in-projections' outputs (keys −1 − i of
+    ``out_grads``), and c is the out-projection's recorded input: no second attention
+    (:func:`_recorded_pieces`). Otherwise (a torch whose attention code is not the one checked, a call
+    on an expansion, a recomputation under re-entrant checkpointing) the attention is
     recomputed from the call's inputs (masks as ``F.multi_head_attention_forward`` merges them:
     boolean True → −inf, float added, ``key_padding_mask`` per key; a query whose keys are all masked
     gets NaN with ``need_weights``, else 0 as from ``scaled_dot_product_attention``), checked against the captured
@@ -311,7 +319,9 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         raise LayoutError("MultiheadAttention called on unbatched inputs (not [B, T, E] or [T, B, E])")
     same_kv, self_attention = key is value, query is key and key is value
     grad_out = out_grads.get(0)
-    dtype = grad_out.dtype if grad_out is not None else out_grads[1].dtype
+    dtype = (
+        grad_out if grad_out is not None else out_grads[1] if 1 in out_grads else next(iter(out_grads.values()))
+    ).dtype
     if grad_out is not None and not module.batch_first:
         grad_out = grad_out.transpose(0, 1)
 
@@ -327,11 +337,19 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         return t.detach().to(dtype)
 
     q_in, k_in, v_in = batch_first(query, "query"), batch_first(key, "key"), batch_first(value, "value")
+    recorded = _recorded_pieces(module, call, out_grads, batch, (query, key, value), grad_out, dtype)
+    if recorded is not None:
+        return recorded
     size, heads, embed = batch.size, module.num_heads, module.embed_dim
     head_dim, target, source = embed // heads, q_in.shape[1], k_in.shape[1]
-    weight = module.in_proj_weight.detach().to(dtype)
+    packed = module._qkv_same_embed_dim
+    if packed:
+        w_q, w_k, w_v = module.in_proj_weight.detach().to(dtype).chunk(3)
+    else:  # kdim or vdim differ from embed_dim: three weights of their own
+        w_q, w_k, w_v = (
+            w.detach().to(dtype) for w in (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        )
     bias = module.in_proj_bias.detach().to(dtype) if module.in_proj_bias is not None else None
-    w_q, w_k, w_v = weight.chunk(3)
     b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
     mask = _additive_mask(bound["attn_mask"], dtype)
     if mask is not None and mask.dim() == 3:
@@ -366,7 +384,11 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
         d_q, d_k, d_v = torch.autograd.grad(outputs, (q, k, v), grads, allow_unused=True, materialize_grads=True)
     d_y, scale = grads[0], batch.grad_scale
     pieces: dict[str, Piece] = {}
-    if module.in_proj_weight.requires_grad:
+    if not packed:
+        for name, act, d in (("q_proj_weight", q_in, d_q), ("k_proj_weight", k_in, d_k), ("v_proj_weight", v_in, d_v)):
+            if getattr(module, name).requires_grad:
+                pieces[name] = OuterPiece(act, d, getattr(module, name).shape, scale=scale)
+    elif module.in_proj_weight.requires_grad:
         if self_attention:  # one input: the three blocks are one outer product over the same positions
             act, grad = q_in, torch.cat([d_q, d_k, d_v], dim=-1)
         else:  # blocks over their own positions, the others' rows zero: Σ over T + 2S positions
@@ -387,6 +409,165 @@ def mha_rule(module: nn.MultiheadAttention, call: Any, out_grads: dict, batch: L
     if isinstance(out_proj.bias, nn.Parameter) and out_proj.bias.requires_grad:
         pieces["out_proj.bias"] = DensePiece(_positions_sum(d_y), scale)
     return pieces
+
+
+def _recorded_pieces(
+    module: nn.MultiheadAttention,
+    call: Any,
+    out_grads: dict,
+    batch: Layout,
+    inputs: tuple,
+    grad_out: Tensor | None,
+    dtype: torch.dtype,
+) -> dict[str, Piece] | None:
+    """:func:`mha_rule`'s pieces from the recorded projections (``call.inner``), or None where there is no
+    record or it is not laid out as expected (then the rule recomputes the attention).
+
+    Each in-projection ``linear(X, W[r0:r1], b[r0:r1])`` has X one of the call's query, key, value in
+    sequence-first form ([T, B, E], batch on dim 1) and rows [r0, r1) of ``in_proj_weight`` (disjoint
+    blocks); example i's gradient of those rows is Σ_t ∂P_{t,i} X_{t,i}ᵀ, ∂P the gradient at that call's
+    output. With kdim or vdim ≠ embed_dim the three are ``linear(Q, q_proj_weight, b[0:E])``,
+    ``linear(K, k_proj_weight, b[E:2E])``, ``linear(V, v_proj_weight, b[2E:3E])``, each a weight of its
+    own. The out-projection's input c is [T·B, E] with row t·B + b of example b: its output is the
+    module's output (sequence first) viewed [T, B, E], checked by storage, shape and strides.
+    """
+    inner = getattr(call, "inner", None)
+    if inner is None:
+        return None
+    size, embed = batch.size, module.embed_dim
+    weight, bias, out_proj = module.in_proj_weight, module.in_proj_bias, module.out_proj
+    separate = {id(w): j for j, w in enumerate((module.q_proj_weight, module.k_proj_weight, module.v_proj_weight))}
+    #: (the weight's name, X batch first, ∂P batch first, rows r0, r1 of in_proj_weight and in_proj_bias)
+    blocks: list[tuple[str, Tensor, Tensor | None, int, int]] = []
+    context: Tensor | None = None
+    for i, (x, w, b, projected) in enumerate(inner.linears):
+        if w is out_proj.weight:
+            if context is not None or b is not out_proj.bias:
+                return None
+            context = _context_by_example(module, call, x, projected, size, embed)
+            if context is None:
+                return None
+            continue
+        if weight is not None:  # packed: a block of rows of in_proj_weight, on the query, key or value
+            name, rows, candidates = "in_proj_weight", _rows_of(w, weight), inputs
+        elif id(w) in separate:  # q_proj_weight, k_proj_weight, v_proj_weight: on their own input alone
+            j = separate[id(w)]
+            name, rows, candidates = (
+                ("q_proj_weight", "k_proj_weight", "v_proj_weight")[j],
+                (j * embed, (j + 1) * embed),
+                inputs[j : j + 1],
+            )
+        else:
+            return None
+        if rows is None or not _same_rows(b, bias, rows) or projected.shape != (*x.shape[:-1], rows[1] - rows[0]):
+            return None
+        x_first = _sequence_first_input(x, candidates, module.batch_first, size)
+        if x_first is None:
+            return None
+        g = out_grads.get(-1 - i)
+        blocks.append((name, x_first.transpose(0, 1), None if g is None else g.transpose(0, 1), *rows))
+    names = [block[0] for block in blocks]
+    if (
+        context is None
+        or not blocks
+        or (weight is None and sorted(names) != ["k_proj_weight", "q_proj_weight", "v_proj_weight"])
+    ):
+        return None
+    blocks.sort(key=lambda block: block[3])
+    if any(a[4] > b[3] for a, b in zip(blocks, blocks[1:])):
+        return None  # overlapping row blocks: not the packed projection
+    target = context.shape[1]
+    d_y = grad_out if grad_out is not None else context.new_zeros(size, target, embed, dtype=dtype)
+    scale, width = batch.grad_scale, 3 * embed
+
+    def padded(g: Tensor | None, x: Tensor, r0: int, r1: int) -> Tensor:
+        if g is None:
+            return x.new_zeros(size, x.shape[1], width, dtype=dtype)
+        return g if (r0, r1) == (0, width) else F.pad(g, (r0, width - r1))
+
+    pieces: dict[str, Piece] = {}
+    if weight is not None and weight.requires_grad:
+        acts = [x.detach().to(dtype) for _, x, _, _, _ in blocks]
+        grads = [padded(g, x, r0, r1) for _, x, g, r0, r1 in blocks]
+        act, grad = (acts[0], grads[0]) if len(blocks) == 1 else (torch.cat(acts, 1), torch.cat(grads, 1))
+        pieces["in_proj_weight"] = OuterPiece(act, grad, weight.shape, scale=scale)
+    for name, x, g, r0, r1 in blocks:
+        w = getattr(module, name)
+        if weight is None and w.requires_grad:  # separate weights
+            grad = g if g is not None else x.new_zeros(size, x.shape[1], r1 - r0, dtype=dtype)
+            pieces[name] = OuterPiece(x.detach().to(dtype), grad, w.shape, scale=scale)
+    if bias is not None and bias.requires_grad:
+        sums = [
+            x.new_zeros(size, width, dtype=dtype) if g is None else F.pad(g.sum(1), (r0, width - r1))
+            for _, x, g, r0, r1 in blocks
+        ]
+        pieces["in_proj_bias"] = DensePiece(functools.reduce(torch.add, sums), scale)
+    if out_proj.weight.requires_grad:
+        pieces["out_proj.weight"] = OuterPiece(context.detach().to(dtype), d_y, out_proj.weight.shape, scale=scale)
+    if isinstance(out_proj.bias, nn.Parameter) and out_proj.bias.requires_grad:
+        pieces["out_proj.bias"] = DensePiece(_positions_sum(d_y), scale)
+    return pieces
+
+
+def _rows_of(w: Tensor, weight: Tensor) -> tuple[int, int] | None:
+    """The rows [r0, r1) of ``weight`` that ``w`` is (itself, or a view of a block of whole rows), or None."""
+    if w is weight:
+        return 0, weight.shape[0]
+    if w._base is not weight or w.dim() != 2 or w.shape[1] != weight.shape[1] or w.stride() != weight.stride():
+        return None
+    offset = w.storage_offset() - weight.storage_offset()
+    if offset < 0 or offset % weight.stride(0):
+        return None
+    r0 = offset // weight.stride(0)
+    return (r0, r0 + w.shape[0]) if r0 + w.shape[0] <= weight.shape[0] else None
+
+
+def _same_rows(b: Tensor | None, bias: Tensor | None, rows: tuple[int, int]) -> bool:
+    """Whether ``b`` is the block ``rows`` of ``bias`` (both None where there is no bias)."""
+    if bias is None or b is None:
+        return bias is None and b is None
+    if b is bias:
+        return rows == (0, bias.shape[0])
+    return (
+        b._base is bias
+        and b.dim() == 1
+        and b.stride() == bias.stride()
+        and b.storage_offset() - bias.storage_offset() == rows[0] * bias.stride(0)
+        and b.shape[0] == rows[1] - rows[0]
+    )
+
+
+def _sequence_first_input(x: Tensor, inputs: tuple, batch_first: bool, size: int) -> Tensor | None:
+    """``x`` where it is one of ``inputs`` (query, key, value as the module got them) in sequence-first form
+    ([T, B, E]: the input itself, or its transpose with ``batch_first``), same storage, shape and strides."""
+    if x.dim() != 3 or x.shape[1] != size:
+        return None
+    for t in inputs:
+        seq = t.transpose(0, 1) if batch_first else t
+        if x.data_ptr() == seq.data_ptr() and x.shape == seq.shape and x.stride() == seq.stride():
+            return x
+    return None
+
+
+def _context_by_example(
+    module: nn.MultiheadAttention, call: Any, c: Tensor, projected: Tensor, size: int, embed: int
+) -> Tensor | None:
+    """The out-projection's input ``c`` ([T·B, E], row t·B + b) as [B, T, E], where the projection's output
+    is the module's output viewed [T, B, E] (sequence first); else None."""
+    y = flat_leaves(call.output)[0]
+    y_seq = y.transpose(0, 1) if module.batch_first else y
+    if y_seq.dim() != 3 or y_seq.shape[1] != size or y_seq.shape[2] != embed:
+        return None
+    target = y_seq.shape[0]
+    if (
+        projected.shape != (target * size, embed)
+        or c.shape != (target * size, embed)
+        or not (projected.is_contiguous() and c.is_contiguous())
+        or y_seq.data_ptr() != projected.data_ptr()
+        or y_seq.stride() != (size * embed, embed, 1)
+    ):
+        return None
+    return c.view(target, size, embed).transpose(0, 1)
 
 
 def _detached(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -594,8 +775,10 @@ class Rule:
     unbatched: Callable[[nn.Module, Tensor], bool] = lambda m, x: False
     user: bool = False  # registered by persample.register_rule: its sums are checked against autograd's
     #: ``compute(module, call, out_grads, layout)`` on the whole recorded call (every argument, every output
-    #: gradient by leaf index); the module's own ops are not audited (as a fallback's): the rule recomputes
-    #: the call and checks its output. ``params`` may then name parameters of submodules (``out_proj.weight``).
+    #: gradient by leaf index); the module's own ops are not audited (as a fallback's): the rule re-runs or
+    #: recomputes the call and checks its output, or reads what the capture recorded of torch's own code as it
+    #: ran (MultiheadAttention, :mod:`.mha_capture`). ``params`` may then name parameters of submodules
+    #: (``out_proj.weight``).
     whole_call: bool = False
     #: an output of batch dim 1, or with no batch dim, is the same for every example: the engine expands
     #: it over the batch (a positional embedding made in the forward) and the rule finds out how
@@ -690,7 +873,15 @@ def _rules() -> list[Rule]:
         Rule(
             "multihead_attention",
             (nn.MultiheadAttention,),
-            ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias"),
+            (
+                "in_proj_weight",
+                "q_proj_weight",
+                "k_proj_weight",
+                "v_proj_weight",
+                "in_proj_bias",
+                "out_proj.weight",
+                "out_proj.bias",
+            ),
             mha_rule,
             accepts=_mha_covered,
             whole_call=True,
@@ -718,13 +909,13 @@ def _rules() -> list[Rule]:
 
 
 def _mha_covered(module: nn.Module) -> bool:
-    """The settings :func:`mha_rule` covers: one packed in-projection (kdim = vdim = embed_dim), no
-    ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their own), no attention
-    dropout in training (random), ``out_proj`` a plain Linear. Other settings take the exact fallback."""
+    """The settings :func:`mha_rule` covers: a packed in-projection (kdim = vdim = embed_dim) or three
+    separate ones, no ``add_bias_kv`` / ``add_zero_attn`` (extra key positions with parameters of their
+    own), no attention dropout in training (random), ``out_proj`` a plain Linear. Other settings take the
+    exact fallback."""
     m = cast(nn.MultiheadAttention, module)
     return (
-        m._qkv_same_embed_dim
-        and m.bias_k is None
+        m.bias_k is None
         and m.bias_v is None
         and not m.add_zero_attn
         and (m.dropout == 0.0 or not m.training)
@@ -782,7 +973,8 @@ def has_hooks(module: nn.Module) -> bool:
     Hooks that change no value and no gradient do not count: FSDP2's own pre- and post-forward hooks
     (:func:`persample._sharding.is_fsdp2_hook`: they all-gather, free and cast parameters) and the
     input-embedding hook of Hugging Face's and PEFT's gradient checkpointing
-    (:func:`_marks_output_requires_grad`). ``module_hooks`` reads the registries first, failing closed
+    (:func:`_marks_output_requires_grad`), and persample's own inert hooks (``_torch_compat.inert_hook``:
+    the Tracker's on the model's root). ``module_hooks`` reads the registries first, failing closed
     on an unknown layout."""
     if global_module_hooks():
         return True
@@ -810,7 +1002,7 @@ def _only_harmless_hooks(module: nn.Module) -> bool:
     if module_backward_hooks(module):
         return False
     return all(is_fsdp2_hook(h) for h in module._forward_pre_hooks.values()) and all(
-        is_fsdp2_hook(h) or _marks_output_requires_grad(h) for h in module._forward_hooks.values()
+        is_fsdp2_hook(h) or _marks_output_requires_grad(h) or is_inert_hook(h) for h in module._forward_hooks.values()
     )
 
 

@@ -49,6 +49,9 @@ class Call:
     #: keyword arguments of a whole-call rule's call batched on dim 0 as the model's inputs are (one of them, a
     #: frozen result computed from them: position ids from a cumsum of the padding mask) or activations
     batched_kwargs: tuple = ()
+    #: a MultiheadAttention call's recorded projections (:class:`.mha_capture.Projections`), or None; the
+    #: gradients of its in-projections' outputs come under keys −1 − i (i: the linear call's index)
+    inner: Any = None
 
     def view_modified_in_place(self) -> bool:
         """Whether an output that is a view was modified in place after the call. Autograd then routes
