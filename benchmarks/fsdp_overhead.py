@@ -13,7 +13,10 @@ Starts 2 gloo processes on 127.0.0.1 (1 torch thread each); the model is the ``g
 - ``tracker-novar``: the same with ``var=False``;
 - ``tracker-every-10``: a step of ``Tracker(model, loss_fn, every=10)`` without statistics;
 - the breakdown: ``observed-backward`` (the plain step with this rank's statistics captured, no
-  reduction: unshard everything, capture, sum check), ``reduce_scatter_stats`` /
+  reduction: unshard everything, capture, sum check; FSDP2's own backward, every weight-gradient
+  product), ``observed-backward-skipping`` (the same as ``Tracker.step`` runs it: the products the
+  statistics make unneeded skipped, Σ_i g_i written before FSDP2's deferred reduce-scatter, one small
+  agreement), ``reduce_scatter_stats`` /
   ``reduce_scatter_stats-novar`` (the statistics' communication alone: on gloo one all-reduce of
   the fused [S1 | S2 | per-example rows] buffer in the statistics' precision, a header all-gather
   and one small all-reduce), ``reduce_scatter_stats-float64`` (the same with the sums forced to
@@ -80,7 +83,7 @@ def measure(problem, steps: int, block: int) -> dict:
     from persample._batch import as_batch
     from persample._data_parallel import observed_fsdp2_backward
     from persample.batch_loss import loss_parts
-    from persample.distributed import all_reduce_stats, reduce_scatter_stats
+    from persample.distributed import agree, all_reduce_stats, reduce_scatter_stats
 
     loss_fn, x, y = problem.loss_fn, problem.inputs, problem.targets
     models = {k: sharded(copy.deepcopy(problem.model)) for k in ("plain", "tracker", "novar", "every", "observed")}
@@ -98,6 +101,14 @@ def measure(problem, steps: int, block: int) -> dict:
     def observed_step():
         opts["observed"].zero_grad()
         observed_fsdp2_backward(models["observed"], batch_loss, per_example_loss, batch)
+        opts["observed"].step()
+
+    def settle(failure, has_stats):
+        return agree(failure, None, flags=[has_stats])[0]
+
+    def observed_skipping_step():
+        opts["observed"].zero_grad()
+        observed_fsdp2_backward(models["observed"], batch_loss, per_example_loss, batch, settle=settle)
         opts["observed"].step()
 
     def plain_step():
@@ -126,6 +137,7 @@ def measure(problem, steps: int, block: int) -> dict:
         "tracker-novar": tracker_step("novar"),
         "tracker-every-10": tracker_step("every"),
         "observed-backward": observed_step,
+        "observed-backward-skipping": observed_skipping_step,
         "reduce_scatter_stats": lambda: reduce_scatter_stats(local),
         "reduce_scatter_stats-novar": lambda: reduce_scatter_stats(local_novar),
         "reduce_scatter_stats-float64": float64_sums,

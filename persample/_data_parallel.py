@@ -139,14 +139,20 @@ class Replicas:
         return agree(failure, self.group, where=where, flags=flags)
 
     def reduce_stats(
-        self, stats: GradStats, model: nn.Module | None = None, loss_fn=None, batch: Batch | None = None
+        self,
+        stats: GradStats,
+        model: nn.Module | None = None,
+        loss_fn=None,
+        batch: Batch | None = None,
+        *,
+        reduced: tuple[float, dict[str, Tensor]] | None = None,
     ) -> GradStats:
         """Global statistics; with ``model``, ``loss_fn`` and ``batch``, also inner products
         relative to the global mean (one forward-mode pass of the local batch). Under FSDP2
         (``sharded``) the mean and M2 are reduce-scattered: each rank keeps its shard
         (:func:`persample.distributed.reduce_scatter_stats`)."""
-        if self.sharded:
-            return reduce_scatter_stats(stats, self.group)
+        if self.sharded:  # (``reduced``: S1 known already, reduce_scatter_stats)
+            return reduce_scatter_stats(stats, self.group, reduced=reduced)
         inner = None
         if batch is not None:
             from .engines.directional import per_example_directional_derivatives
@@ -390,6 +396,15 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                 failure = err
             agree_on_examples(replicas.group, failure, empty, "persample.Tracker.step (FSDP2)")
             failure, stats = None, None
+            settled: list[bool] = []  # the agreement's outcome, once observed_fsdp2_backward asked for it
+            info: dict = {}  # what observed_fsdp2_backward did: the skipped products, the loss's weight, ...
+            tracker._fsdp2_skipped = frozenset()
+
+            def settle(failure: BaseException | None, has_stats: bool) -> bool:
+                settled.append(False)  # (called: whatever it raises is every rank's outcome)
+                settled[-1] = replicas.agree(failure, "persample.Tracker.step (FSDP2)", has_stats)[0]
+                return settled[-1]
+
             try:
                 reference = None
                 if accumulation is not None and accumulation.shared and accumulation.reference is not None:
@@ -404,11 +419,25 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
                     scale=scale,
                     var=tracker.stats_options["var"],
                     reference=reference,
+                    settle=settle,
+                    info=info,
                 )
             except Exception as err:  # after FSDP2's collectives: agree makes every rank raise
+                if settled:  # raised by the agreement itself, or after it: every rank raises already
+                    tracker._fsdp2_skipped = frozenset(info.get("skipped", ()))
+                    raise
                 failure = err
-            (everyone,) = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
-            stats = replicas.reduce_stats(stats) if everyone else None
+            tracker._fsdp2_skipped = frozenset(info.get("skipped", ()))
+            if settled:
+                everyone = settled[-1]
+            else:
+                (everyone,) = replicas.agree(failure, "persample.Tracker.step (FSDP2)", stats is not None)
+            fresh = all(g is None for g in saved.values())  # p.grad is then FSDP2's reduced sum of this step alone
+            stats = (
+                replicas.reduce_stats(stats, reduced=_reduced_sums(params, info) if fresh else None)
+                if everyone
+                else None
+            )
             failure = None
             try:
                 if stats is None or not stats.is_finite():
@@ -440,6 +469,26 @@ def fsdp2_step(tracker, inputs, targets, scale: float):
     if accumulation is None:
         tracker.steps += 1
     return stats if with_stats else None
+
+
+def _reduced_sums(params: dict[str, nn.Parameter], info: dict) -> tuple[float, dict[str, Tensor]] | None:
+    """``reduce_scatter_stats``' ``reduced`` after a statistics step that started without ``p.grad``: FSDP2's
+    reduce-scatter left p.grad = (1/D) Σ_r c Σ_{i∈r} g_i, so S1 = Σ_r n_r μ_r = (D/c) · p.grad on every
+    rank's rows, where the backwarded loss weighs every example by the same c = 1/m on every rank, m an
+    integer (a mean over the same batch size, a sum, times a scale 1/k; checked across ranks by the
+    reduction's header: where the factors differ, S1 travels as before). None where FSDP2's reduction
+    is not one persample reads (a casting ``MixedPrecisionPolicy``: its bf16 product is not the sums)."""
+    weight, divide = info.get("weight"), info.get("divide")
+    if not weight or not divide or weight <= 0:
+        return None
+    inverse = 1.0 / weight
+    if inverse != round(inverse):  # (common_weight snaps 1/B, 1/N and 1 exactly; anything else: S1 travels)
+        return None
+    shards = {}
+    for name, p in params.items():
+        grad = p.grad
+        shards[name] = grad.to_local() if grad is not None else torch.zeros_like(p.to_local())  # type: ignore[attr-defined]
+    return divide * round(inverse), shards
 
 
 def loss_on_every_rank(compute, group, where: str) -> Tensor:
@@ -541,6 +590,8 @@ def observed_fsdp2_backward(
     var: bool = True,
     inner_products: bool = False,
     reference=None,
+    settle=None,
+    info: dict | None = None,
 ) -> GradStats | None:
     """This rank's statistics (full-size mean and M2 of its own examples, their norms and losses) from
     FSDP2's own ``(scale * batch_loss(model(x), y)).backward()``, which leaves ``p.grad`` as FSDP2 does.
@@ -551,6 +602,21 @@ def observed_fsdp2_backward(
     reduce-scatters it, and the observation's sum check compares the per-example gradients with
     that. A collective: every rank must call it (FSDP2's all-gathers and reduce-scatters).
     None when the output gradients are not finite (a skipped step).
+
+    ``settle(failure, has_stats) -> bool``: the caller's agreement (a collective on every rank: raises on
+    every rank if one failed, else whether every rank has statistics), called once the statistics are
+    built or failed, while the modules are still unsharded. With it, the weight-gradient product is
+    skipped where the statistics form Σ_i g_i anyway (:func:`_skipped_products`, the single-process fast
+    engine's rule): FSDP2's reduction is deferred past the backward (``FSDP2Reduction``), the backward
+    is asked only for the other leaves and the units' outputs, and once every rank agreed, Σ_i g_i (times
+    the loss's weight) is written as each such parameter's unsharded gradient and FSDP2's own
+    post-backward reduce-scatters them with the rest into ``p.grad``. A rank that failed makes every rank
+    drop the deferred gradients (``p.grad`` as it was). ``info`` (a dict) gets ``skipped``, the names
+    of the parameters whose product was skipped; ``weight``, the backwarded loss's weight w on this
+    rank; and ``divide``, what FSDP2 divides the ranks' sum by (None where FSDP2's reduction is not
+    one persample can read: a casting ``MixedPrecisionPolicy``, ...). Every rank takes the same path (agreed with the
+    forward's outcome); where one cannot (a casting ``MixedPrecisionPolicy``, unfamiliar FSDP2 internals,
+    re-entrant checkpointing, no parameter to skip), every rank runs FSDP2's own backward as before.
     """
     from ._model import trainable_parameters
     from .engines.fast.observe import observing
@@ -559,6 +625,13 @@ def observed_fsdp2_backward(
 
     with unsharded(model):
         local = LocalGradients(trainable_parameters(model))
+        reduction = _deferrable_reduction(model, local.params) if settle is not None else None
+        if info is not None:
+            info.update(skipped=set(), weight=None, divide=reduction.divide_factor() if reduction else None)
+        hooked = _hooked(local.params) if reduction is not None else set()
+        deferred: set[str] = set()
+        failure: BaseException | None = None
+        observation = None
         try:
             with observing(
                 model,
@@ -570,10 +643,29 @@ def observed_fsdp2_backward(
                 reference=reference,
             ) as observation:
                 with local.recording():  # (every module is unsharded: the forward has no collective)
-                    loss = loss_on_every_rank(
-                        lambda: batch.call(model, batch_loss), group, "persample (FSDP2's forward)"
+                    forward_failure, loss, skip = None, None, set()
+                    try:
+                        loss = batch.call(model, batch_loss)
+                        _require_scalar(loss)
+                        loss = loss * scale if scale != 1.0 else loss
+                        if reduction is not None:
+                            skip = _skipped_products(observation, loss, local.params, reduction, hooked, var)
+                    except Exception as err:  # re-raised by agree, on every rank
+                        forward_failure = err
+                    (everyone_skips,) = agree(
+                        forward_failure, group, where="persample (FSDP2's forward)", flags=[bool(skip)]
                     )
-                    (loss * scale if scale != 1.0 else loss).backward()
+                    assert loss is not None  # (agree raised otherwise)
+                    if everyone_skips:
+                        assert reduction is not None  # (skip is empty without it)
+                        observation.derived = frozenset(skip)
+                        deferred = set(skip)
+                        if info is not None:
+                            info["skipped"] = set(skip)
+                        reduction.defer()
+                        loss.backward(inputs=_backward_inputs(loss, observation, local.params, skip))
+                    else:
+                        loss.backward()
                 local.show_local()
         except NotExact as err:
             if hasattr(err, "add_note"):
@@ -582,10 +674,127 @@ def observed_fsdp2_backward(
                     "backward only: no other engine can run a sharded model. p.grad is FSDP2's; for "
                     "statistics of this model, train it with DDP)"
                 )
-            raise
+            if settle is None:
+                raise
+            failure = err
+        except Exception as err:
+            if settle is None:
+                raise
+            failure = err
         finally:
             local.restore()
-    return observation.stats
+        if settle is None:
+            return observation.stats if observation is not None else None
+        stats = observation.stats if observation is not None and failure is None else None
+        if info is not None and observation is not None:
+            info["weight"] = observation.weight
+        if deferred and failure is None:  # before the agreement: a rank that cannot write them fails it
+            try:
+                assert reduction is not None and observation is not None
+                _write_formed_sums(observation, stats, local.params, deferred, reduction)
+            except Exception as err:
+                failure, stats = err, None
+        try:
+            settle(failure, stats is not None)  # raises on every rank if one failed
+            if deferred:
+                assert reduction is not None
+                reduction.reduce()  # FSDP2's own post-backward: the reduce-scatter of every group
+        except BaseException:
+            if deferred:
+                reduction.discard()  # type: ignore[union-attr]  # (deferred: there is one)
+            raise
+    return stats
+
+
+def _deferrable_reduction(model: nn.Module, params: dict[str, nn.Parameter]):
+    """FSDP2's reduction of ``model`` if it can be deferred past the backward (:func:`fsdp2_reduction`),
+    else None (FSDP2's own backward, as before)."""
+    from ._sharding import fsdp2_modules
+    from ._torch_compat import fsdp2_reduction
+
+    return fsdp2_reduction(model, fsdp2_modules(model))
+
+
+def _hooked(params: dict[str, nn.Parameter]) -> set[str]:
+    """The parameters with gradient or post-accumulate-grad hooks: they keep autograd's product (the
+    hooks see what autograd accumulates)."""
+    from ._torch_compat import post_accumulate_grad_hooks, tensor_gradient_hooks
+
+    return {n for n, p in params.items() if tensor_gradient_hooks(p) or post_accumulate_grad_hooks(p)}
+
+
+def _skipped_products(observation, loss: Tensor, params: dict, reduction, hooked: set[str], var: bool) -> set[str]:
+    """The parameters whose weight-gradient product the coming backward may skip: their statistics form
+    every g_i anyway (:func:`persample.engines.fast.observe.formed_parameters`), so Σ_i g_i from that
+    formation is their gradient; each is an unsharded FSDP2 parameter without hooks, reached by the
+    loss (so FSDP2's own backward would give it a gradient), and only through the model's output (a
+    loss term that reads the parameter itself, a regulariser, would be lost with the product)."""
+    from .engines._autograd import graph_leaves
+    from .engines.fast.observe import formed_parameters
+
+    names = formed_parameters(observation, var) - hooked
+    if not names or not reduction.reaches_every_group():
+        return set()
+    leaves, hidden = graph_leaves([loss])
+    if hidden:
+        return set()
+    reached = {id(t) for t in leaves}
+    direct = _read_outside_the_output(loss, observation._roots or [])
+    return {
+        n for n in names if id(params[n]) in reached and id(params[n]) not in direct and reduction.manages(params[n])
+    }
+
+
+def _read_outside_the_output(loss: Tensor, roots: list) -> set[int]:
+    """ids of the leaves the loss's graph reaches without going through the model's output (``roots``)."""
+    stop = {t.grad_fn for t in roots if t.grad_fn is not None}
+    stack = [loss.grad_fn] if loss.grad_fn is not None else []
+    seen: set = set()
+    found: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        if (variable := getattr(node, "variable", None)) is not None:
+            found.add(id(variable))
+        stack.extend(nxt for nxt, _ in node.next_functions if nxt is not None)
+    return found
+
+
+def _backward_inputs(loss: Tensor, observation, params: dict, skipped: set[str]) -> list:
+    """What the backward is asked for when it skips ``skipped``'s products: every leaf FSDP2's own
+    backward would accumulate into but those, and the output edges of every captured call (their
+    gradients are what the statistics are built from, and a unit whose parameters are all skipped
+    would otherwise get none)."""
+    from .engines._autograd import graph_leaves
+
+    leaves, _ = graph_leaves([loss])
+    left_out = {id(params[n]) for n in skipped}
+    inputs: list = []
+    seen: set[int] = set()
+    for t in leaves:
+        if id(t) not in left_out and id(t) not in seen:
+            seen.add(id(t))
+            inputs.append(t)
+    inputs.extend(edge for unit in observation._units for call in unit.calls for edge in call.edges.values())
+    return inputs
+
+
+def _write_formed_sums(observation, stats, params: dict, names: set[str], reduction) -> None:
+    """Each skipped parameter's unsharded gradient: w · Σ_i g_i (w the backwarded loss's weight, so what
+    the skipped product gives), from the statistics' mean; where this rank has none (output gradients
+    that are not finite), from the captured calls in closed form (:func:`summed_gradients`)."""
+    from .engines.fast.observe import summed_gradients
+
+    if stats is not None and observation.weight is not None:
+        factor = observation.weight * stats.n
+        sums = {n: torch.mul(stats.mean[n], factor) for n in names}
+    else:
+        sums = summed_gradients(observation, names)
+    for n in names:
+        p = params[n]
+        reduction.write(p, sums[n].detach().to(p.dtype))
 
 
 def fsdp2_grad_stats(

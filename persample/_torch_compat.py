@@ -42,6 +42,8 @@ __all__ = [
     "nll_loss_reduction",
     "checkpoint_run_function",
     "set_checkpoint_run_function",
+    "FSDP2Reduction",
+    "fsdp2_reduction",
     "mha_functions",
     "inert_hook",
     "is_inert_hook",
@@ -248,6 +250,123 @@ def set_checkpoint_run_function(node: Any, run: Callable) -> None:
     if checkpoint_run_function(node) is None:
         raise unknown("CheckpointFunctionBackward.run_function")
     node.run_function = run
+
+
+class FSDP2Reduction:
+    """FSDP2's post-backward gradient reduction of one model, deferred past its backward.
+
+    FSDP2 reduce-scatters each parameter group's unsharded gradients in the group's post-backward
+    (``FSDPParamGroup.post_backward``, run inside the backward). A statistics step that writes
+    Σ_i g_i as some parameters' unsharded gradients (instead of autograd's weight-gradient product)
+    knows those sums only after the backward. So :meth:`defer` turns the reduction off for the
+    backward (``reduce_grads = False`` on every group, what ``set_requires_gradient_sync(False)``
+    does: the unsharded gradients stay where autograd put them), and :meth:`reduce` then runs
+    FSDP2's own end of backward (the root's ``_root_post_backward_final_callback``: every group's
+    ``post_backward``, which reduce-scatters what the unsharded parameters hold into the sharded
+    ``p.grad``, with FSDP2's dtype and divide factor, then ``finalize_backward``), once the sums are
+    written (:meth:`write`). :meth:`discard` drops the unsharded gradients instead (a failed step).
+
+    Made only by :func:`fsdp2_reduction`, which checks every attribute this reads (fail closed: the
+    caller keeps FSDP2's own reduction inside the backward, today's path)."""
+
+    def __init__(self, root_state: Any, groups: list, by_param: dict[int, Any]):
+        self._root = root_state
+        self._groups = groups
+        self._by_param = by_param  # id(unsharded parameter) → its FSDPParam
+        self._saved: list[bool] | None = None
+
+    def divide_factor(self) -> float | None:
+        """What FSDP2 divides the sum of the ranks' gradients by: ``set_gradient_divide_factor``'s factor,
+        else the size of the reduce-scatter group (the mean over ranks); None where groups differ."""
+        factors = set()
+        for g in self._groups:
+            factor = g.gradient_divide_factor
+            factors.add(float(factor) if factor is not None else float(g._reduce_scatter_process_group.size()))
+        return factors.pop() if len(factors) == 1 else None
+
+    def reaches_every_group(self) -> bool:
+        """Whether the root's end of backward (:meth:`reduce`) reaches every group: it walks the states of
+        the root's context, which FSDP2 fills in its first forward (ask after the forward)."""
+        try:
+            reached = {id(g) for state in self._root._state_ctx.all_states for g in state._fsdp_param_groups}
+        except (AttributeError, TypeError):
+            return False
+        return all(id(g) in reached for g in self._groups)
+
+    def manages(self, param: Tensor) -> bool:
+        """Whether ``param`` is one of this model's unsharded FSDP2 parameters."""
+        return id(param) in self._by_param
+
+    def defer(self) -> None:
+        """No reduce-scatter in the coming backward (each group's ``reduce_grads`` saved, then False)."""
+        self._saved = [g.reduce_grads for g in self._groups]
+        for g in self._groups:
+            g.reduce_grads = False
+
+    def _restore_flags(self) -> None:
+        if self._saved is not None:
+            for g, flag in zip(self._groups, self._saved):
+                g.reduce_grads = flag
+            self._saved = None
+
+    def write(self, param: Tensor, grad: Tensor) -> None:
+        """Set ``param``'s unsharded gradient (it has none: autograd was not asked for it)."""
+        fsdp_param = self._by_param[id(param)]
+        if fsdp_param.unsharded_param.grad is not None or fsdp_param.unsharded_accumulated_grad is not None:
+            raise unknown("FSDP2's unsharded gradient of a parameter autograd was not asked for (it has one)")
+        fsdp_param.unsharded_param.grad = grad
+
+    def reduce(self) -> None:
+        """FSDP2's own reduction of what the unsharded parameters hold now (a collective: every rank)."""
+        self._restore_flags()
+        self._root._root_post_backward_final_callback()
+
+    def discard(self) -> None:
+        """Drop the deferred unsharded gradients (nothing is reduced; ``p.grad`` stays as it was)."""
+        self._restore_flags()
+        for fsdp_param in self._by_param.values():
+            fsdp_param.unsharded_param.grad = None
+            fsdp_param.unsharded_accumulated_grad = None
+
+
+def fsdp2_reduction(root: nn.Module, modules: list[nn.Module]) -> FSDP2Reduction | None:
+    """An :class:`FSDP2Reduction` of the FSDP2 ``modules`` (the root first, unsharded by the caller),
+    or None where the layout is not the one it knows or the reduction cannot be deferred exactly:
+    a ``MixedPrecisionPolicy`` that casts (``param_dtype`` or ``reduce_dtype`` other than the
+    parameter's: FSDP2's product in bf16 is not the sums' float32), CPU offload, gradient sync turned
+    off by the user (``set_requires_gradient_sync(False)``), an unsharded gradient already held (an
+    accumulation without sync), or a parameter that is not unsharded."""
+    try:
+        root_state = root._get_fsdp_state()  # type: ignore[operator]
+        if not callable(getattr(root_state, "_root_post_backward_final_callback", None)):
+            return None
+        groups: list = []
+        by_param: dict[int, Any] = {}
+        for m in modules:
+            for group in m._get_fsdp_state()._fsdp_param_groups:  # type: ignore[operator]
+                if (
+                    group.reduce_grads is not True
+                    or not isinstance(group.fsdp_params, list)
+                    or not isinstance(group.gradient_divide_factor, (float, int, type(None)))
+                    or not callable(getattr(group._reduce_scatter_process_group, "size", None))
+                ):
+                    return None
+                groups.append(group)
+                for fsdp_param in group.fsdp_params:
+                    param = fsdp_param._unsharded_param
+                    if (
+                        not isinstance(param, nn.Parameter)
+                        or fsdp_param.param_dtype is not None
+                        or fsdp_param.reduce_dtype is not None
+                        or fsdp_param.offload_to_cpu
+                        or param.grad is not None
+                        or fsdp_param.unsharded_accumulated_grad is not None
+                    ):
+                        return None
+                    by_param[id(param)] = fsdp_param
+    except (AttributeError, AssertionError, TypeError):
+        return None
+    return FSDP2Reduction(root_state, groups, by_param)
 
 
 #: Fingerprints (:func:`_source_fingerprint`) of ``F.multi_head_attention_forward``,

@@ -220,6 +220,7 @@ _HEADER = (
     "layout",
     "num_params",
     "narrow",
+    "sums_factor",  # reduce_scatter_stats(reduced=(f, R)): f, where S1 = f·R is known already (else NaN)
 )
 
 #: Dtypes whose every value a float32 holds exactly (the statistics' sums may then travel in float32).
@@ -232,7 +233,7 @@ def _layout_fingerprint(stats: GradStats) -> float:
     return float(zlib.crc32(text.encode()))
 
 
-def _header(stats: GradStats, device: torch.device) -> Tensor:
+def _header(stats: GradStats, device: torch.device, sums_factor: float = float("nan")) -> Tensor:
     ref = stats.reference
     ref_sum = ref_sq = 0.0
     if ref is not None:
@@ -250,6 +251,7 @@ def _header(stats: GradStats, device: torch.device) -> Tensor:
         layout=_layout_fingerprint(stats),
         num_params=len(stats.mean),
         narrow=all(t.dtype in _NARROW for t in _sent_tensors(stats)),
+        sums_factor=sums_factor,
     )
     return torch.tensor([float(values[k]) for k in _HEADER], dtype=torch.float64, device=device)
 
@@ -264,10 +266,12 @@ def _sent_tensors(stats: GradStats) -> list[Tensor]:
     return out
 
 
-def _agreed_headers(stats: GradStats, group, world: int, device: torch.device, where: str) -> Tensor:
+def _agreed_headers(
+    stats: GradStats, group, world: int, device: torch.device, where: str, sums_factor: float = float("nan")
+) -> Tensor:
     """Every rank's :func:`_header` row (gathered, on the CPU); raises ``ValueError`` on every rank alike
     where the ranks' statistics cover different parameters."""
-    headers = torch.stack(_all_gather_rows(_header(stats, device), group, world)).cpu()
+    headers = torch.stack(_all_gather_rows(_header(stats, device, sums_factor), group, world)).cpu()
     if not (_all_equal(_column(headers, "layout")) and _all_equal(_column(headers, "num_params"))):
         raise ValueError(
             f"{where}: the ranks' statistics cover different parameters (names, shapes "
@@ -413,7 +417,9 @@ def all_reduce_stats(stats: GradStats, group=None, *, inner_products: InnerProdu
 # ------------------------------------------------------------------------ reduce-scatter
 
 
-def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
+def reduce_scatter_stats(
+    stats: GradStats, group=None, *, reduced: tuple[float, Mapping[str, Tensor]] | None = None
+) -> GradStats:
     """The statistics of the batch concatenated over all ranks, with ``mean`` and ``m2`` SHARDED: rank r
     keeps only its rows of each parameter (FSDP2's ``Shard(0)`` layout, :func:`persample.stats.shard_rows`),
     and every scalar is exact for the whole model (:class:`persample.stats.Shard`).
@@ -453,6 +459,19 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
       so that no element is less accurate than that bound;
     - ``var=False``: S1 alone (no cancellation), in the same precision.
 
+    **S1 known already** (``reduced=(f, R)``): ``R[name]`` is this rank's rows (the layout above) of a
+    tensor with S1 = f · R, already reduced over the ranks; under FSDP2, the sharded ``p.grad`` that a
+    step's reduce-scatter left from nothing, when every rank backwarded c · Σ_{i∈r} g_i with the same c
+    and FSDP2 divided the sum by D: f = D / c (:func:`persample._data_parallel.fsdp2_step`). Then S1
+    does not travel: the buffer holds S2 alone (``var=False``: only the per-example rows), which saves
+    P · s of the P-sized collective (half of it with the variance, all of it without). The factor
+    travels in the header: where any rank passes none, or the ranks' factors differ, S1 travels as
+    above on every rank. R must hold the sums to the statistics' own precision (FSDP2's product in the
+    statistics' dtype, no casting ``MixedPrecisionPolicy``). With the variance, M2 = S2 − S1·μ cancels,
+    and a float32 R carries a few ε more rounding than the buffer's S1 (a reduce-scatter, a division, a
+    product): the float32 cancellation flags' limit is then divided by :data:`R_ROUNDING`, so that the
+    elements that could exceed the same bound are summed again in float64 (more of them are flagged).
+
     A collective: every rank calls it, with statistics over the same parameters (names, shapes,
     dtypes), in the same order as its other collectives. ``clipped_mean`` is not supported (FSDP2
     refuses clipping); inner products (per-example rows) are gathered when every rank holds the same
@@ -465,7 +484,15 @@ def reduce_scatter_stats(stats: GradStats, group=None) -> GradStats:
         raise ValueError("reduce_scatter_stats: these statistics are already sharded (stats.shard)")
     if stats.clip_norm is not None:
         raise ValueError("reduce_scatter_stats: clipped means are not supported (FSDP2 refuses clip_norm)")
-    return _reduce_scatter_stats(stats, group, float64=False)
+    return _reduce_scatter_stats(stats, group, float64=False, reduced=reduced)
+
+
+#: How many times the rounding of the buffer's float32 sums S1 = f·R may carry, at most: FSDP2's
+#: reduce-scatter of the ranks' c·n_r·μ_r (its sum and its division by D), the product by f, and μ_r's own
+#: rounding from the gradient it was read from. M2 = S2 − S1²/N then errs by about 2·R_ROUNDING·ε·S2 at
+#: most, against about 3ε·S2 from the buffer: the cancellation flags' limit is divided by this, so that
+#: every element past the same bound is summed again in float64 (:func:`_float64_sums_at`).
+R_ROUNDING = 4.0
 
 
 def sums_by_all_reduce(group=None) -> bool:
@@ -476,14 +503,29 @@ def sums_by_all_reduce(group=None) -> bool:
     return "gloo" in backend and "nccl" not in backend
 
 
-def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStats:
+def _reduce_scatter_stats(
+    stats: GradStats, group, *, float64: bool, reduced: tuple[float, Mapping[str, Tensor]] | None = None
+) -> GradStats:
     """:func:`reduce_scatter_stats`; ``float64``: the sums in float64 whatever the statistics' dtype."""
     dist = torch.distributed
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     first = next(iter(stats.mean.values()))
     device = _comm_device(group, first.device)
 
-    headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats")
+    # S1 = f·R where its rounding is bounded: without the variance (no subtraction), with R in float64, or
+    # with R and the statistics in float32, where the cancellation flags below then bound R's rounding too
+    factor = float("nan")
+    if reduced is not None and not float64:
+        dtypes = {reduced[1][k].dtype for k in stats.mean} | {v.dtype for v in stats.mean.values()}
+        if (
+            stats.m2 is None
+            or {reduced[1][k].dtype for k in stats.mean} == {torch.float64}
+            or dtypes == {torch.float32}
+        ):
+            factor = float(reduced[0])
+    headers = _agreed_headers(stats, group, world, device, "reduce_scatter_stats", factor)
+    factors = _column(headers, "sums_factor")
+    known = not any(math.isnan(f) for f in factors) and _all_equal(factors)  # S1 = f·R on every rank
     sizes = [int(n) for n in _column(headers, "n")]
     total = sum(sizes)
     names = stats.names
@@ -504,9 +546,12 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
     # collective is an all-reduce, a [W, len(vectors), max n_r] block of per-example rows.
     wire = torch.float32 if not float64 and all(_column(headers, "narrow")) else torch.float64
     by_all_reduce = sums_by_all_reduce(group)
+    if known and with_m2 and wire != torch.float32:  # no flags in float64: R must be float64 (as on every rank)
+        assert reduced is not None  # (a factor in this rank's header)
+        known = all(reduced[1][k].dtype == torch.float64 for k in names)
     n_r = float(stats.n)
     per_row = {k: math.prod(shapes[k][1:]) for k in names}  # elements per row of dim 0
-    fields = 2 if with_m2 else 1
+    fields = (1 if with_m2 else 0) if known else (2 if with_m2 else 1)  # S1 and S2, or S2 alone
     sizes_of = [sum((rows[d][k][1] - rows[d][k][0]) * per_row[k] for k in names) for d in range(world)]
     slot, width = fields * max(sizes_of), max(sizes)
     folded = world * len(vectors) * width if by_all_reduce else 0
@@ -521,6 +566,15 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         for d in range(world):
             start, stop = rows[d][k]
             count, o = (stop - start) * per_row[k], offsets[d]
+            if known:  # S2 alone: M2_r + n_r μ_r², in the wire's dtype
+                if m2_k is not None:
+                    s2 = slots[d, o : o + count].view(stop - start, per_row[k])
+                    if mu.dtype == wire and m2_k.dtype == wire:
+                        torch.addcmul(m2_k[start:stop], mu[start:stop], mu[start:stop], value=n_r, out=s2)
+                    else:
+                        s2.copy_(m2_k[start:stop]).addcmul_(mu[start:stop].to(wire), mu[start:stop].to(wire), value=n_r)
+                offsets[d] = o + count
+                continue
             s1 = slots[d, o : o + count].view(stop - start, per_row[k])
             fused = mu.dtype == wire  # one pass each, computed in the wire's dtype (else: cast first)
             if fused:
@@ -547,11 +601,28 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         gathered = iter([w.to(device=row.device, dtype=row.dtype) for w, row in zip(whole, vectors)])
     else:
         mine = torch.empty(slot, dtype=wire, device=device)
-        dist.reduce_scatter(mine, list(slots.unbind(0)), group=group)
+        if slot:  # (S1 known and no variance: nothing P-sized to send)
+            dist.reduce_scatter(mine, list(slots.unbind(0)), group=group)
         gathered = iter(_gather_vectors(vectors, sizes, group, device))
     del send, slots
 
     length = sizes_of[rank]
+    if known:  # S1 = f·R, this rank's rows of every parameter in the slot's order
+        assert reduced is not None  # (a factor in this rank's header)
+        flat_s1 = torch.empty(length, dtype=wire, device=device)
+        o = 0
+        for k in names:
+            start, stop = rows[rank][k]
+            count = (stop - start) * per_row[k]
+            r_k = reduced[1][k].detach().to(device=device).reshape(-1)
+            if r_k.numel() != count:
+                raise ValueError(
+                    f"reduce_scatter_stats: reduced[{k!r}] holds {r_k.numel()} elements, not this rank's "
+                    f"{count} (rows {start}:{stop} of {shapes[k]})"
+                )
+            torch.mul(r_k.to(wire), factor, out=flat_s1[o : o + count])
+            o += count
+        mine = torch.cat([flat_s1, mine[:length]]) if with_m2 else flat_s1
     flat_s1 = mine[:length]
     flat_m2 = None
     risky = None  # positions in this rank's slot where float32 sums may have cancelled
@@ -560,7 +631,9 @@ def _reduce_scatter_stats(stats: GradStats, group, *, float64: bool) -> GradStat
         if wire != torch.float64:  # S2 > limit·M2 ⟺ (limit/N)·S1² > (limit − 1)·S2, where S2 > 0
             from .engines.fast.pieces import cancellation_limit
 
-            limit = cancellation_limit(wire)
+            # S1 = f·R carries R's rounding besides the sums' (FSDP2's reduce-scatter, its division and the
+            # product by f: a few ε against the buffer's one), so the bound is kept with a lower limit
+            limit = cancellation_limit(wire) / (R_ROUNDING if known else 1.0)
             flags = flat_s1.square().mul_(limit / total).gt_(flat_s2 * (limit - 1.0)).logical_and_(flat_s2 > 0)
             risky = flags.nonzero().squeeze(1)
         flat_m2 = flat_s2.addcmul_(flat_s1, flat_s1, value=-1.0 / total).clamp_(min=0.0)

@@ -213,6 +213,9 @@ class Tracker:
         self._warned_reasons: set[str] = set()
         self._accumulation: Accumulation | None = None
         self._hooks: OrderedDict[int, Hook] = OrderedDict()  # weak-referenceable, as RemovableHandle needs
+        # FSDP2: the parameters whose weight-gradient product the last statistics step skipped (Σ_i g_i
+        # from the statistics written in its place before FSDP2's reduce-scatter; docs/fsdp.md)
+        self._fsdp2_skipped: frozenset[str] = frozenset()
         if self._replicas is not None and self._replicas.sharded:
             refuse_fsdp2_options(self)
 

@@ -54,14 +54,38 @@ def rank_world():
     return dist.get_rank(), dist.get_world_size()
 
 
+#: None: the MLP takes one vector per example; an int T: T positions per example, averaged at the end
+#: (``on_sequences``), where the statistics form every g_i of the Linear maps and, under FSDP2, the
+#: Tracker skips their weight-gradient products
+POSITIONS: int | None = None
+
+
+class MeanOverPositions(nn.Module):
+    def forward(self, x):
+        return x.mean(1)
+
+
+@contextlib.contextmanager
+def on_sequences(positions=4):
+    """The MLP scenarios run inside on T = ``positions`` positions per example."""
+    global POSITIONS
+    POSITIONS = positions
+    try:
+        yield
+    finally:
+        POSITIONS = None
+
+
 def mlp(seed=0, dtype=torch.float64):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    layers = [nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)]
+    return nn.Sequential(*layers, *([MeanOverPositions()] if POSITIONS else [])).to(dtype)
 
 
 def global_batch(n, seed=1, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 5, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+    shape = (n, 5) if POSITIONS is None else (n, POSITIONS, 5)
+    return torch.randn(*shape, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
 
 
 def my_slice(sizes):
@@ -1033,6 +1057,9 @@ def _fsdp2_tracker_against_fsdp2(observe=False, **shard_options):
             stats = tracker.step(x, y)
         loss(plain(x), y).backward()
         assert_grads_equal(tracked, plain, f"step {step}")
+        if not observe:  # on sequences every product is skipped (Σ_i g_i written instead); else none
+            names = {n for n, _ in tracked.named_parameters()} if POSITIONS else set()
+            assert tracker._fsdp2_skipped == names, (sorted(tracker._fsdp2_skipped), sorted(names))
         check_against_oracle(stats, expected, f"step {step}", model=tracked)
         assert seen[-1] is stats and stats.part_sizes == tuple(SPLITS[world])
         if len(set(SPLITS[world])) == 1:  # equal batches: FSDP2's reduce-scattered p.grad is the mean shard
@@ -1155,6 +1182,128 @@ def fsdp2_accumulate_micro_batches():
     check_against_oracle(acc.stats, oracle(reference, loss, gx, gy), "merged micro-batches", model=tracked)
     assert acc.stats.shard is not None and acc.stats.shard.sums is not None
     assert seen == [acc.stats] and tracker.steps == 1
+
+
+@scenario(2, 3, suite="fsdp")
+def fsdp2_skipped_products_equal_fsdp2_backward():
+    """On sequences the statistics form every g_i of the Linear maps, so Tracker.step skips their
+    weight-gradient products and writes Σ_i g_i as each unsharded gradient before FSDP2's own
+    reduce-scatter: p.grad equal to FSDP2's own backward to 1e-12 (nested and root-only, resharded after
+    forward or not, checkpointed, 10 AdamW steps against DDP), accumulated micro-batches with an earlier
+    p.grad and scale 0.5, var=False, and a failure on one rank (the deferred gradients dropped everywhere)."""
+    with on_sequences():
+        _fsdp2_tracker_against_fsdp2()
+        _fsdp2_tracker_against_fsdp2(nested=False, reshard_after_forward=False)
+        _fsdp2_tracker_against_fsdp2(checkpointed=True)
+        fsdp2_accumulate_micro_batches()
+        fsdp2_failure_on_one_rank_raises_on_every_rank_and_shards_stay_consistent()
+        _regulariser_and_nan_keep_fsdp2s_gradient()
+        _s1_from_fsdp2s_reduce_scatter()
+    with on_sequences(8):  # without the variance, g_i are formed (for the norms) from T = 8 positions on
+        loss = F.cross_entropy
+        tracked, plain, reference = sharded_mlp(33), sharded_mlp(33), mlp(seed=33)
+        tracker = persample.Tracker(tracked, loss, var=False)
+        x, y, gx, gy = local_batches(1, seed=151)[0]
+        stats = tracker.step(x, y)
+        loss(plain(x), y).backward()
+        assert_grads_equal(tracked, plain, "var=False")
+        assert tracker._fsdp2_skipped == {n for n, _ in tracked.named_parameters()}
+        expected = oracle(reference, loss, gx, gy)
+        for k in expected["mean"]:
+            close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"var=False: mean[{k}]")
+        close(stats.sq_norms, sum(expected["param_sq_norms"].values()), "var=False: sq_norms")
+
+
+@contextlib.contextmanager
+def largest_all_reduce():
+    """The most elements one ``dist.all_reduce`` was handed while the block ran (``[n]`` on exit)."""
+    seen = [0]
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        seen[0] = max(seen[0], tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        yield seen
+    finally:
+        dist.all_reduce = original
+
+
+def _s1_from_fsdp2s_reduce_scatter():
+    """A step that starts without p.grad, with every rank's loss weighing its examples by the same c (equal
+    batches, a mean): FSDP2's reduce-scatter already summed S1 = Σ_r n_r μ_r into p.grad, so persample's
+    one P-sized all-reduce carries S2 alone (about P elements, not 2P; without the variance only the
+    per-example rows), and the statistics are still the oracle's. Uneven batches (3 ranks: c = 1/B_r
+    differs) or an earlier p.grad: S1 travels as before (2P)."""
+    _, world = rank_world()
+    loss = F.cross_entropy
+    for var in (True, False):
+        tracked, plain, reference = sharded_mlp(37), sharded_mlp(37), mlp(seed=37)
+        numel = sum(p.numel() for p in reference.parameters())
+        tracker = persample.Tracker(tracked, loss, var=var)
+        x, y, gx, gy = local_batches(1, seed=171)[0]
+        for earlier in (False, True):
+            if earlier:
+                F.cross_entropy(tracked(x), y).backward()
+                F.cross_entropy(plain(x), y).backward()
+            with largest_all_reduce() as largest:
+                stats = tracker.step(x, y)
+            loss(plain(x), y).backward()
+            assert_grads_equal(tracked, plain, f"S1 from FSDP2 (var={var}, earlier p.grad: {earlier})")
+            expected = oracle(reference, loss, gx, gy)
+            what = f"S1 from FSDP2 (var={var}, earlier p.grad: {earlier})"
+            if var:
+                check_against_oracle(stats, expected, what, model=tracked)
+            else:
+                for k in expected["mean"]:
+                    close(stats.mean[k], rows_of(stats, k, expected["mean"][k]), f"{what}: mean[{k}]")
+                close(stats.sq_norms, sum(expected["param_sq_norms"].values()), f"{what}: sq_norms")
+            equal = len(set(SPLITS[world])) == 1 and not earlier
+            fields = (1 if var else 0) if equal else (2 if var else 1)
+            rows = world * (len(list(reference.parameters())) + 1) * max(SPLITS[world])  # the norms and losses
+            sums = largest[0] - rows  # the sums' part of the buffer: fields · P, plus the slots' padding
+            assert fields * numel <= sums < fields * numel + numel // 2, (what, largest[0], rows, numel, fields)
+            for p, q in zip(tracked.parameters(), plain.parameters()):
+                p.grad = q.grad = None
+
+
+def _regulariser_and_nan_keep_fsdp2s_gradient():
+    """A loss term that reads a parameter itself (a regulariser) keeps that parameter's product: skipping
+    it would drop the term's gradient silently; observe's sum check then refuses the step on every rank
+    (OBSERVE_SUM_MISMATCH), with p.grad as it was. A NaN in one example on one rank: no statistics on any
+    rank, and p.grad is still FSDP2's own (the skipped products' sums in closed form), NaN for NaN."""
+    rank, world = rank_world()
+    tracked, plain = sharded_mlp(35), sharded_mlp(35)
+    x, y, _, _ = local_batches(1, seed=161)[0]
+
+    def regularised(out, target):
+        return F.cross_entropy(out, target) + 0.01 * tracked[0].weight.pow(2).sum()
+
+    tracker = persample.Tracker(tracked, regularised)
+    before = [p.grad for p in tracked.parameters()]
+    err = _raises_on_every_rank(
+        lambda: tracker.step(x, y), "a regulariser", {r: "ObservationError" for r in range(world)}
+    )
+    assert err.code == "OBSERVE_SUM_MISMATCH" and "0.weight" not in tracker._fsdp2_skipped, (err.code, str(err)[:300])
+    assert "2.weight" in tracker._fsdp2_skipped, sorted(tracker._fsdp2_skipped)
+    assert all(p.grad is b for p, b in zip(tracked.parameters(), before)), "p.grad changed by a failed step"
+    tracker = persample.Tracker(tracked, F.cross_entropy)
+    xb = x.clone()
+    if rank == world - 1:
+        xb[1, 0, 0] = float("nan")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert tracker.step(xb, y) is None
+    F.cross_entropy(plain(xb), y).backward()
+    assert tracker._fsdp2_skipped == {n for n, _ in tracked.named_parameters()}
+    for (n, p), q in zip(tracked.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(
+            p.grad.to_local(), q.grad.to_local(), rtol=1e-12, atol=1e-14, equal_nan=True, msg=lambda m: f"NaN: {n}: {m}"
+        )
 
 
 @scenario(2, 3, suite="fsdp")
@@ -1357,9 +1506,16 @@ def fsdp2_float32_sums_meet_the_single_process_bound():
     exact_at = pd._float64_sums_at
     pd._float64_sums_at = lambda *a, **k: calls.append(1) or exact_at(*a, **k)  # type: ignore[assignment]
     try:
-        stats = persample.Tracker(model, loss).step(x.float(), y.float())
+        with largest_all_reduce() as largest:
+            stats = persample.Tracker(model, loss).step(x.float(), y.float())
     finally:
         pd._float64_sums_at = exact_at  # type: ignore[assignment]
+    # equal batches (2 ranks): S1 is FSDP2's reduce-scattered p.grad, so the fused all-reduce holds S2 alone
+    # (P sums, plus the per-example rows), and the lowered limit flags what R's rounding could push past it
+    numel = sum(p.numel() for p in mlp(seed=32).parameters())
+    rows = world * (len(list(model.parameters())) + 1) * max(SPLITS[world])
+    fields = 1 if len(set(SPLITS[world])) == 1 else 2
+    assert fields * numel <= largest[0] - rows < fields * numel + numel // 2, (largest[0], rows, numel, fields)
     expected = oracle(mlp(seed=32), loss, gx, gy)
     one = persample.grad_stats(mlp(seed=32, dtype=torch.float32), loss, gx.float(), gy.float())
     for field in ("mean", "var"):
@@ -1575,6 +1731,10 @@ def fsdp2_tiny_gpt2_tied_weights_padded_batches():
         stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
         loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
         assert_grads_equal(tracked, plain, f"GPT-2 step {step}")
+        # the weight-gradient products the statistics make unneeded were skipped (Σ_i g_i written instead):
+        # the Linear maps on sequences (Conv1D), and the tied embedding through its LM head
+        skipped = tracker._fsdp2_skipped
+        assert "transformer.wte.weight" in skipped and "transformer.h.0.attn.c_attn.weight" in skipped, sorted(skipped)
         rows, losses = [], []
         params = dict(reference.named_parameters())
         for i in range(len(ids)):
@@ -1641,6 +1801,13 @@ def fsdp2_tiny_llama_token_mean_over_padding():
     stats = tracker.step({"input_ids": ids[s], "attention_mask": mask[s]}, labels[s])
     loss(plain(input_ids=ids[s], attention_mask=mask[s]), labels[s]).backward()
     assert_grads_equal(tracked, plain, "Llama")
+    skipped = tracker._fsdp2_skipped  # the Linear maps' products skipped; the RMSNorm (a fallback) keeps its own
+    assert {
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight",
+        "lm_head.weight",
+    } <= skipped
+    assert not skipped & {"model.norm.weight", "model.layers.0.input_layernorm.weight"}, sorted(skipped)
     params = dict(reference.named_parameters())
     rows, losses = [], []
     for i in range(len(ids)):

@@ -53,7 +53,7 @@ from .model_loss import observed_model_losses
 from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
 
-__all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS"]
+__all__ = ["observing", "Observation", "ObservationError", "REDUCTIONS", "formed_parameters", "summed_gradients"]
 
 REDUCTIONS = (None, "mean", "sum")
 
@@ -77,6 +77,13 @@ class Observation:
     # (the observed forward's batch, its signature, the buffers as the forward found them, its autocast)
     _spot: tuple | None = None
     _replayable: bool = False  # no random draw, no re-entrant recomputation: example j can run alone
+    _units: list = field(default_factory=list)  # the model's units (their calls once the forward ran)
+    _capture: Any = None
+    _batch_size: int = 0
+    # parameters whose backward skipped autograd's weight-gradient product (set by the caller between the
+    # forward and the backward, :func:`formed_parameters`): their mean is Σ_i g_i of their pieces
+    derived: frozenset = frozenset()
+    weight: float | None = None  # w of the backwarded loss ℓ = w Σ_i L_i, once the statistics are built
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -121,10 +128,11 @@ def observing(
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     params, units, _, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
-    observation = Observation(_params=params, _before=_grad_snapshot(params))
+    observation = Observation(_params=params, _before=_grad_snapshot(params), _units=units, _batch_size=batch_size)
     names = {id(p): n for n, p in params.items()}
 
     with capturing(units, model, batch_size, sharding=sharding) as capture:
+        observation._capture = capture
 
         def root_hook(module, args, output):  # after the capture's own hook on that module (registered later)
             if observation._output is not None:  # a later call (Lightning's DDP redirects training_step through
@@ -302,15 +310,28 @@ def _observed_stats(
             step_reads.add(~torch.stack([all_finite(g).to(device) for g in grads]).all(), _NotFinite)
             try:
                 losses, weight = _check_reduction(observation, loss_fn, targets, batch_size, reduction, model)
+                observation.weight = weight
                 scale = 1.0 / weight  # output gradients × scale are the gradients of Σ_i L_i
                 half = _captured_half(units)
-                means = {n: _mean_from_increment(p, before[n], scale / batch_size) for n, p in params.items()}
+                derived = observation.derived
+                means = {
+                    n: _mean_from_increment(p, before[n], scale / batch_size)
+                    for n, p in params.items()
+                    if n not in derived
+                }
                 layout = Layout(batch_size, dim_zero_moved=observation._audit.dim_zero_moved, grad_scale=scale)
                 pieces = _pieces_by_parameter(units, params, means, layout, checks=step_reads)
-                differences, second = _formed_sums(pieces, means, var)
+                compared = {n: piece for n, piece in pieces.items() if n not in derived}
+                differences, second = _formed_sums(compared, means, var)
                 _check_against_grad(
-                    pieces, means, rtol=3e-2 if half else 1e-3, checks=step_reads, differences=differences
+                    compared, means, rtol=3e-2 if half else 1e-3, checks=step_reads, differences=differences
                 )
+                if derived:  # no p.grad increment: ḡ (and M2) from the one formation of their g_i, as the
+                    moments = {n: pieces[n].moments(var) for n in derived}  # fast engine's derived parameters
+                    means.update({n: mean for n, (mean, _, _) in moments.items()})
+                    means = {n: means[n] for n in params}  # named_parameters() order
+                    if second is not None:
+                        second.update({n: (m2, suspect) for n, (_, m2, suspect) in moments.items()})
                 stats = reduce_pieces(
                     pieces,
                     means,
@@ -334,6 +355,36 @@ def _observed_stats(
         if checked.verdict:
             remember_alone(model, key)
     return stats
+
+
+def formed_parameters(observation: Observation, var: bool) -> set[str]:
+    """Between the forward and the backward of an observed step: the names of the parameters whose
+    statistics form every g_i anyway (the fast engine's :func:`.engine.derived_parameters` on the
+    observed calls), so that Σ_i g_i from that formation can stand for autograd's weight-gradient
+    product, which a caller running the backward itself may then skip (setting ``derived``). None
+    where the capture followed re-entrant checkpoints (their calls come in the backward)."""
+    from .engine import derived_parameters
+
+    capture = observation._capture
+    if capture is None or observation._output is None or capture.no_grad_calls or capture.recomputed:
+        return set()
+    return derived_parameters(observation._units, observation._params, var)
+
+
+def summed_gradients(observation: Observation, names: set[str]) -> dict[str, Tensor]:
+    """Σ_i of the backwarded loss's gradients for the parameters ``names`` (whose backward skipped autograd's
+    product, ``derived``), from their units' captured inputs and output gradients: the gradient the skipped
+    product would have given, in closed form. For a step whose statistics are not built (output gradients
+    that are not finite), where the formation's sums are not there."""
+    params = observation._params
+    ids = {id(params[n]) for n in names}
+    units = [u for u in observation._units if any(id(p) in ids for p in u.params.values())]
+    owned = {n: p for n, p in params.items() if any(q is p for u in units for q in u.params.values())}
+    moved = observation._audit.dim_zero_moved if observation._audit is not None else False
+    layout = Layout(observation._batch_size, dim_zero_moved=moved, grad_scale=1.0)
+    with autocast_as(None):
+        pieces = _pieces_by_parameter(units, owned, {}, layout)
+        return {n: pieces[n].weighted_sum(torch.ones(pieces[n].batch_size, device=params[n].device)) for n in names}
 
 
 def _spot_check_call(model: nn.Module, args: tuple, kwargs: dict, targets: Any, batch_size: int) -> tuple | None:
