@@ -39,3 +39,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             f"persample: no CUDA device here: {len(cuda)} CUDA test(s) skipped; they are not run by CI "
             "(run `python -m pytest -m cuda tests/test_cuda.py` on a machine with a GPU)"
         )
+
+
+@pytest.fixture
+def check_evaluations(monkeypatch):
+    """How often the batch-loss check at the output (not the engine) evaluates the per-example losses
+    itself: a list that grows by one per call of ``persample.engines.fast.per_example_losses``."""
+    import persample.engines.fast as fast_package
+
+    calls = []
+    original = fast_package.per_example_losses
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast_package, "per_example_losses", counted)
+    return calls

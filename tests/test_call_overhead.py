@@ -21,24 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-import persample.engines.fast as fast_package
 from persample import BatchLossMismatch
 
 from zoo import oracle_grads
-
-
-@pytest.fixture
-def check_evaluations(monkeypatch):
-    """How often the check at the output (not the engine) evaluates the per-example losses."""
-    calls = []
-    original = fast_package.per_example_losses
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fast_package, "per_example_losses", counted)
-    return calls
 
 
 def _mlp():

@@ -16,27 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import persample
-import persample.engines.fast as fast_package
 from persample import BatchLossMismatch
 from persample._batch import as_batch
 from persample.batch_loss import weights_at_output
 from persample.engines.fast.engine import fast_pieces
 
 from test_silent_coupled_losses import NAMES, _case
-
-
-@pytest.fixture
-def check_evaluations(monkeypatch):
-    """How often the check (not the engine) evaluates the per-example losses."""
-    calls = []
-    original = fast_package.per_example_losses
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(fast_package, "per_example_losses", counted)
-    return calls
 
 
 def sliced_token_loss(out, tokens):
