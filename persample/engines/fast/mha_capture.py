@@ -19,12 +19,13 @@ is recorded, and the rule recomputes the attention (and checks it against the mo
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
 import types
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +46,17 @@ class Projections:
 
     linears: list[tuple[Tensor, Tensor, Tensor | None, Tensor]]
     output: Tensor
+
+
+@contextlib.contextmanager
+def _thread_local(name: str, value: list) -> Iterator[None]:
+    """``_LOCAL.<name>`` is ``value`` while the block runs (this thread only), then what it was."""
+    outer = getattr(_LOCAL, name, None)
+    setattr(_LOCAL, name, value)
+    try:
+        yield
+    finally:
+        setattr(_LOCAL, name, outer)
 
 
 def _recording_linear(input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -75,12 +87,8 @@ def _recorded_forward() -> Callable | None:
 
     def multi_head_attention_forward(*args: Any, **kwargs: Any) -> Any:
         log: list = []
-        outer = getattr(_LOCAL, "log", None)
-        _LOCAL.log = log
-        try:
+        with _thread_local("log", log):
             result = body(*args, **kwargs)
-        finally:
-            _LOCAL.log = outer
         sink = getattr(_LOCAL, "sink", None)
         if log and sink is not None:  # the body ran here (not handed on to a lower mode)
             sink.append((result, log))
@@ -151,12 +159,8 @@ class MhaInterceptor(TorchFunctionMode):
         ):
             return func(*args, **kwargs)
         sink: list = []
-        outer = getattr(_LOCAL, "sink", None)
-        _LOCAL.sink = sink
-        try:
+        with _thread_local("sink", sink):
             result = recorded(*args, **kwargs)
-        finally:
-            _LOCAL.sink = outer
         output = result[0] if isinstance(result, tuple) and result else None
         for ran, log in sink:
             if isinstance(ran, tuple) and ran and ran[0] is output and isinstance(output, Tensor):
