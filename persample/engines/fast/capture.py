@@ -559,6 +559,7 @@ def capturing(
         return t.grad_fn is not None or _storage(t) in input_storages or user_watcher.from_inputs(t)
 
     watcher.batch_dependent = batch_dependent
+    watcher.batch_first = lambda t: user_watcher.place_of(t) is None
     try:
         handles.append(_hooked(model.register_forward_pre_hook, model_pre_hook, None))
         for unit in units:

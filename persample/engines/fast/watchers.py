@@ -285,8 +285,13 @@ class _BroadcastWatcher(TorchFunctionMode):
     it (``w @ table``, ``F.linear`` with it as the weight), a result whose dim
     0 is 1 or that may have gained leading dims. Differentiable results are
     watched in turn (full reductions, such as a loss, and results without
-    gradient are not); ops inside rule-less modules are theirs (vmapped alone
-    over dim 0 and checked by their sum, as the graph audit treats them).
+    gradient are not), except the result of an elementwise op with a tensor of
+    its shape batched on dim 0 (an activation or an input with no other place
+    for the batch; RoFormer's ``word + token_type`` embeddings): there the
+    suspect's dim 0 is the batch's, and the result an activation like any
+    other (the suspect itself stays watched); ops inside rule-less modules are
+    theirs (vmapped alone over dim 0 and checked by their sum, as the graph
+    audit treats them).
     """
 
     def __init__(self, batch_size: int):
@@ -301,6 +306,8 @@ class _BroadcastWatcher(TorchFunctionMode):
         #: whether a tensor may carry the batch's data (an activation, an input, a frozen result of one); set
         #: by the capture, which knows the inputs. Until then every tensor may.
         self.batch_dependent: Callable[[Tensor], bool] = lambda t: True
+        #: whether a tensor holds the batch on dim 0 alone (no other place known); set by the capture
+        self.batch_first: Callable[[Tensor], bool] = lambda t: False
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -495,9 +502,26 @@ class _BroadcastWatcher(TorchFunctionMode):
                 if self.escape is None:
                     self.escape = Finding("BATCH_DIM_AMBIGUOUS", f"{label}; {problem}. Its batch dim is ambiguous")
                 return
+        if name in _BROADCASTING_OPS or name in _IN_PLACE_BROADCASTING_OPS:
+            # met elementwise by a tensor batched on dim 0 of the result's shape: the suspect's dim 0 lines up
+            # with that batch dim (no wider operand, checked above), so the result is an activation like any
+            results = [r for r in results if not self._meets_batch(r, operands, watched)]
         for r in results:
             if id(r) not in self.suspects:
                 self.watch_suspect(r, label)
+
+    def _meets_batch(self, r: Tensor, operands: list[Tensor], watched: list[Tensor]) -> bool:
+        """Whether an operand other than the suspects has ``r``'s shape, carries the batch's data and holds
+        the batch on dim 0 alone (an activation with no other place, or the inputs)."""
+        return r.shape[0] == self.batch_size and any(
+            all(t is not s for s in watched)
+            and id(t) not in self.suspects
+            and id(t) not in self.expanded
+            and t.shape == r.shape
+            and self.batch_dependent(t)
+            and self.batch_first(t)
+            for t in operands
+        )
 
 
 def _in_place_name(name: str) -> bool:
