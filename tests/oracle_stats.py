@@ -44,3 +44,27 @@ def noise_scale(grads: dict, b: int) -> dict:
     grad_sq = (b * mean_sq - m) / (b - 1)
     trace_cov = (m - mean_sq) * b / (b - 1)
     return {"grad_sq": grad_sq.item(), "trace_cov": trace_cov.item(), "b_simple": (trace_cov / grad_sq).item()}
+
+
+def keyword_oracle_rows(model, loss_of, inputs: dict, size: int) -> tuple[dict, torch.Tensor]:
+    """The float64 oracle for a model called with keyword tensors (a Hugging Face batch): example i alone,
+    ``model(**{k: v[i:i+1]})``, its loss ``loss_of(output, i)``, and its gradient by autograd; a parameter the
+    example does not reach gets zeros. Returns (per-example gradients ``{name: [B, ...]}``, losses ``[B]``)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rows: dict[str, list] = {n: [] for n in params}
+    losses = []
+    for i in range(size):
+        loss = loss_of(model(**{k: v[i : i + 1] for k, v in inputs.items()}), i)
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
+            rows[n].append(torch.zeros_like(params[n]) if g is None else g)
+        losses.append(loss.detach())
+    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+
+
+def assert_stats_match_rows(stats, rows: dict, losses: torch.Tensor) -> None:
+    """A GradStats' mean, unbiased variance, per-example squared norms and losses against oracle rows, at 1e-9."""
+    for n, r in rows.items():
+        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
+        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.losses.to(losses), losses, rtol=1e-9, atol=1e-12)

@@ -16,6 +16,8 @@ from torch import nn
 
 import persample
 
+from oracle_stats import assert_stats_match_rows, keyword_oracle_rows
+
 transformers = pytest.importorskip("transformers")
 
 
@@ -24,23 +26,10 @@ def _token_ce(out, labels):
 
 
 def _oracle(model, loss_fn, inputs, targets):
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    rows: dict[str, list] = {n: [] for n in params}
-    losses = []
-    for i in range(len(targets)):
-        loss = loss_fn(model(**{k: v[i : i + 1] for k, v in inputs.items()}), targets[i : i + 1])
-        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
-            rows[n].append(torch.zeros_like(params[n]) if g is None else g)
-        losses.append(loss.detach())
-    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+    return keyword_oracle_rows(model, lambda out, i: loss_fn(out, targets[i : i + 1]), inputs, len(targets))
 
 
-def _assert_oracle(stats, rows, losses):
-    for n, r in rows.items():
-        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
-        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
-        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(stats.losses.to(losses), losses, rtol=1e-9, atol=1e-12)
+_assert_oracle = assert_stats_match_rows
 
 
 def _roformer():

@@ -12,6 +12,8 @@ from torch import nn
 
 import persample
 
+from oracle_stats import assert_stats_match_rows, keyword_oracle_rows
+
 
 class Attention(nn.Module):
     def __init__(self, sparse: bool):
@@ -106,23 +108,10 @@ def _bart_causal_lm():
 
 
 def _own_loss_oracle(model, inputs):
-    params = dict(model.named_parameters())
-    rows: dict[str, list] = {n: [] for n in params}
-    losses = []
-    for i in range(len(inputs["input_ids"])):
-        loss = model(**{k: v[i : i + 1] for k, v in inputs.items()}).loss
-        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()), allow_unused=True)):
-            rows[n].append(torch.zeros_like(params[n]) if g is None else g)
-        losses.append(loss.detach())
-    return {n: torch.stack(r) for n, r in rows.items()}, torch.stack(losses)
+    return keyword_oracle_rows(model, lambda out, i: out.loss, inputs, len(inputs["input_ids"]))
 
 
-def _assert_oracle(stats, rows, losses):
-    for n, r in rows.items():
-        torch.testing.assert_close(stats.mean[n], r.mean(0), rtol=1e-9, atol=1e-12, msg=n)
-        torch.testing.assert_close(stats.var[n], r.var(0), rtol=1e-9, atol=1e-12, msg=n)
-        torch.testing.assert_close(stats.param_sq_norms[n], r.flatten(1).pow(2).sum(1), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(stats.losses.to(losses), losses, rtol=1e-9, atol=1e-12)
+_assert_oracle = assert_stats_match_rows
 
 
 @pytest.mark.parametrize("padded", [False, True])
