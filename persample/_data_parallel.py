@@ -625,7 +625,7 @@ def observed_fsdp2_backward(
 
     with unsharded(model):
         local = LocalGradients(trainable_parameters(model))
-        reduction = _deferrable_reduction(model, local.params) if settle is not None else None
+        reduction = _deferrable_reduction(model) if settle is not None else None
         if info is not None:
             info.update(skipped=set(), weight=None, divide=reduction.divide_factor() if reduction else None)
         hooked = _hooked(local.params) if reduction is not None else set()
@@ -643,13 +643,15 @@ def observed_fsdp2_backward(
                 reference=reference,
             ) as observation:
                 with local.recording():  # (every module is unsharded: the forward has no collective)
-                    forward_failure, loss, skip = None, None, set()
+                    forward_failure, loss = None, None
+                    skip: set[str] = set()
+                    leaves: list[Tensor] = []
                     try:
                         loss = batch.call(model, batch_loss)
                         _require_scalar(loss)
                         loss = loss * scale if scale != 1.0 else loss
                         if reduction is not None:
-                            skip = _skipped_products(observation, loss, local.params, reduction, hooked, var)
+                            skip, leaves = _skipped_products(observation, loss, local.params, reduction, hooked, var)
                     except Exception as err:  # re-raised by agree, on every rank
                         forward_failure = err
                     (everyone_skips,) = agree(
@@ -663,7 +665,7 @@ def observed_fsdp2_backward(
                         if info is not None:
                             info["skipped"] = set(skip)
                         reduction.defer()
-                        loss.backward(inputs=_backward_inputs(loss, observation, local.params, skip))
+                        loss.backward(inputs=_backward_inputs(leaves, observation, local.params, skip))
                     else:
                         loss.backward()
                 local.show_local()
@@ -706,7 +708,7 @@ def observed_fsdp2_backward(
     return stats
 
 
-def _deferrable_reduction(model: nn.Module, params: dict[str, nn.Parameter]):
+def _deferrable_reduction(model: nn.Module):
     """FSDP2's reduction of ``model`` if it can be deferred past the backward (:func:`fsdp2_reduction`),
     else None (FSDP2's own backward, as before)."""
     from ._sharding import fsdp2_modules
@@ -723,26 +725,30 @@ def _hooked(params: dict[str, nn.Parameter]) -> set[str]:
     return {n for n, p in params.items() if tensor_gradient_hooks(p) or post_accumulate_grad_hooks(p)}
 
 
-def _skipped_products(observation, loss: Tensor, params: dict, reduction, hooked: set[str], var: bool) -> set[str]:
+def _skipped_products(
+    observation, loss: Tensor, params: dict, reduction, hooked: set[str], var: bool
+) -> tuple[set[str], list[Tensor]]:
     """The parameters whose weight-gradient product the coming backward may skip: their statistics form
     every g_i anyway (:func:`persample.engines.fast.observe.formed_parameters`), so Σ_i g_i from that
     formation is their gradient; each is an unsharded FSDP2 parameter without hooks, reached by the
     loss (so FSDP2's own backward would give it a gradient), and only through the model's output (a
-    loss term that reads the parameter itself, a regulariser, would be lost with the product)."""
+    loss term that reads the parameter itself, a regulariser, would be lost with the product). With them,
+    the leaves of the loss's graph (:func:`graph_leaves`, walked once: :func:`_backward_inputs` reads them)."""
     from .engines._autograd import graph_leaves
     from .engines.fast.observe import formed_parameters
 
     names = formed_parameters(observation, var) - hooked
     if not names or not reduction.reaches_every_group():
-        return set()
+        return set(), []
     leaves, hidden = graph_leaves([loss])
     if hidden:
-        return set()
+        return set(), []
     reached = {id(t) for t in leaves}
     direct = _read_outside_the_output(loss, observation._roots or [])
-    return {
+    skipped = {
         n for n in names if id(params[n]) in reached and id(params[n]) not in direct and reduction.manages(params[n])
     }
+    return skipped, leaves
 
 
 def _read_outside_the_output(loss: Tensor, roots: list) -> set[int]:
@@ -762,14 +768,11 @@ def _read_outside_the_output(loss: Tensor, roots: list) -> set[int]:
     return found
 
 
-def _backward_inputs(loss: Tensor, observation, params: dict, skipped: set[str]) -> list:
+def _backward_inputs(leaves: list[Tensor], observation, params: dict, skipped: set[str]) -> list:
     """What the backward is asked for when it skips ``skipped``'s products: every leaf FSDP2's own
     backward would accumulate into but those, and the output edges of every captured call (their
     gradients are what the statistics are built from, and a unit whose parameters are all skipped
-    would otherwise get none)."""
-    from .engines._autograd import graph_leaves
-
-    leaves, _ = graph_leaves([loss])
+    would otherwise get none). ``leaves``: the loss's graph's, from :func:`_skipped_products`."""
     left_out = {id(params[n]) for n in skipped}
     inputs: list = []
     seen: set[int] = set()
