@@ -29,9 +29,6 @@ def _oracle(model, loss_fn, inputs, targets):
     return keyword_oracle_rows(model, lambda out, i: loss_fn(out, targets[i : i + 1]), inputs, len(targets))
 
 
-_assert_oracle = assert_stats_match_rows
-
-
 def _roformer():
     config = transformers.RoFormerConfig(
         vocab_size=40,
@@ -77,7 +74,7 @@ def test_a_default_token_type_constant_takes_the_fast_engine(arch, batch):
     labels = torch.randint(0, 2 if arch == "longformer" else 40, (batch, 8), generator=g).masked_fill(mask == 0, -100)
     inputs = {"input_ids": ids.masked_fill(mask == 0, 1), "attention_mask": mask}
     rows, losses = _oracle(model, _token_ce, inputs, labels)
-    _assert_oracle(persample.grad_stats(model, _token_ce, inputs, labels, engine="fast"), rows, losses)
+    assert_stats_match_rows(persample.grad_stats(model, _token_ce, inputs, labels, engine="fast"), rows, losses)
     assert persample.explain(model, _token_ce, inputs, labels).entry_points["grad_stats"] == "fast"
 
 
@@ -121,7 +118,7 @@ def test_a_constant_of_the_batch_shape_added_to_an_activation_is_batched(batch):
     ids = torch.randint(0, 10, (batch, 5), generator=g)
     y = torch.randn(batch, 2, generator=g, dtype=torch.float64)
     rows, losses = _plain_oracle(model, ids, y)
-    _assert_oracle(persample.grad_stats(model, F.mse_loss, ids, y, engine="fast"), rows, losses)
+    assert_stats_match_rows(persample.grad_stats(model, F.mse_loss, ids, y, engine="fast"), rows, losses)
 
 
 def test_a_constant_of_positions_broadcast_over_the_batch_stays_refused():
@@ -137,7 +134,7 @@ def test_a_constant_of_positions_broadcast_over_the_batch_stays_refused():
         persample.grad_stats(model, F.mse_loss, ids, y, engine="fast")
     assert raised.value.code == "BATCH_DIM_AMBIGUOUS"
     rows, losses = _plain_oracle(model, ids, y)
-    _assert_oracle(persample.grad_stats(model, F.mse_loss, ids, y, engine="auto"), rows, losses)
+    assert_stats_match_rows(persample.grad_stats(model, F.mse_loss, ids, y, engine="auto"), rows, losses)
     assert persample.explain(model, F.mse_loss, ids, y).entry_points["grad_stats"] != "fast"
 
 

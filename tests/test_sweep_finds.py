@@ -111,9 +111,6 @@ def _own_loss_oracle(model, inputs):
     return keyword_oracle_rows(model, lambda out, i: out.loss, inputs, len(inputs["input_ids"]))
 
 
-_assert_oracle = assert_stats_match_rows
-
-
 @pytest.mark.parametrize("padded", [False, True])
 def test_the_unshifted_loss_of_a_causal_decoder_takes_the_fast_engine(padded):
     """BartForCausalLM (and Marian's, MBart's, BlenderBot's, BigBirdPegasus's causal decoders) score `labels` as
@@ -135,12 +132,12 @@ def test_the_unshifted_loss_of_a_causal_decoder_takes_the_fast_engine(padded):
     def own(out):
         return out.loss
 
-    _assert_oracle(persample.grad_stats(model, own, inputs, engine="fast"), rows, losses)
+    assert_stats_match_rows(persample.grad_stats(model, own, inputs, engine="fast"), rows, losses)
     if not padded:  # observe needs equal weights (a padded token mean is OBSERVE_WEIGHTS_DIFFER)
         tracker = persample.Tracker(model, own)
         with tracker.observe(batch_size=4) as observed:
             model(**inputs).loss.backward()
-        _assert_oracle(observed.stats, rows, losses)
+        assert_stats_match_rows(observed.stats, rows, losses)
 
 
 class FlatteningRouter(nn.Module):
