@@ -591,6 +591,19 @@ def preserved_state(
                         p.copy_(saved)
 
 
+def random_state() -> tuple[Any, Any]:
+    """The global random generators' states (CPU, and CUDA's where initialised), for :func:`set_random_state`."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def set_random_state(state: tuple[Any, Any]) -> None:
+    """Put the global random generators back as :func:`random_state` found them."""
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
 def detached_buffers(model: nn.Module) -> dict[str, Tensor]:
     """Clones of the buffers, so that in-place updates inside a functional call never leak."""
     return {n: b.detach().clone() for n, b in model.named_buffers()}

@@ -25,7 +25,13 @@ from torch import Tensor, nn
 
 from ._batch import Batch, flat_leaves, tensors_in
 from ._host_reads import HostChecks, one_host_read
-from ._model import buffer_state, forward_hook_if_possible, restore_buffer_state
+from ._model import (
+    buffer_state,
+    forward_hook_if_possible,
+    random_state,
+    restore_buffer_state,
+    set_random_state,
+)
 from ._torch_compat import inert_hook, is_functorch_wrapped, tensor_gradient_hooks
 from .api import compute_stats
 from .batch_loss import (
@@ -40,6 +46,7 @@ from .batch_loss import (
 from .check import check_batch_mean
 from .contract import PRECONDITIONS
 from .engines._autograd import gradients
+from .engines.fast.recurrent import has_recurrent_layers, output_checks_read_with_the_step
 from .stats import GradStats
 
 
@@ -126,12 +133,26 @@ def statistics_step(
     when p.grad comes from the statistics, the updates of the first forward of the batch (the
     fast engine's, also when it then refused) are put back.
     """
-    with one_host_read() as step_reads:
-        finite: dict[int, bool] = {}  # id(statistics) -> their finiteness, once read
-        outcome = _statistics_step(config, batch, params, inputs_with_grad, checking, step_reads, finite)
-    if outcome.stats is not None:
-        outcome.finite = finite.get(id(outcome.stats))  # (still alive: ids cannot have been reused)
-    return outcome
+
+    def attempt() -> StepOutcome:
+        with one_host_read() as step_reads:
+            finite: dict[int, bool] = {}  # id(statistics) -> their finiteness, once read
+            outcome = _statistics_step(config, batch, params, inputs_with_grad, checking, step_reads, finite)
+        if outcome.stats is not None:
+            outcome.finite = finite.get(id(outcome.stats))  # (still alive: ids cannot have been reused)
+        return outcome
+
+    if not has_recurrent_layers(config.model):
+        return attempt()
+    # A recurrent layer's check of its output is read with the step's other host reads; where it fails,
+    # the step runs again from the buffers and random generators as found (only then)
+    buffers, generators = buffer_state(config.model), random_state()
+
+    def reset() -> None:
+        restore_buffer_state(buffers)
+        set_random_state(generators)
+
+    return output_checks_read_with_the_step(attempt, reset)
 
 
 def _finite_later(stats: GradStats, step_reads: HostChecks, finite: dict[int, bool]) -> None:

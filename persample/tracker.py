@@ -53,7 +53,7 @@ from ._grad_writer import (
     run_post_accumulate_grad_hooks,
     written_leaves,
 )
-from ._model import check_clip_norm, trainable_parameters
+from ._model import check_clip_norm, random_state, set_random_state, trainable_parameters
 from ._sharding import restore_sharding, sharding_of, unshard_all
 from ._step_plan import StepConfig, nonfinite_examples, plain_gradient, plan_step, statistics_step
 from .api import compute_stats, prepare_reference
@@ -364,13 +364,13 @@ class Tracker:
                 if plan.per_example_work:
                     # on_refusal "skip"/"fallback" (the exact engines have already been tried): a refused step
                     # is the plain backward of the batch loss, with the random draws it would have had
-                    rng = _rng_state() if self.on_refusal != "raise" and self.clip_norm is None else None
+                    rng = random_state() if self.on_refusal != "raise" and self.clip_norm is None else None
                     try:
                         outcome = statistics_step(self._step_config, batch, params, inputs_with_grad, plan.checking)
                     except REFUSALS as err:
                         if rng is None or isinstance(err, MeanMismatchError):
                             raise
-                        _set_rng_state(rng)
+                        set_random_state(rng)
                         update, input_grads = plain_gradient(self._step_config, batch, params, inputs_with_grad)
                         refusal = err
                     else:
@@ -977,22 +977,6 @@ def _scale_value(scale: Any, model: nn.Module) -> float:
             "scale=scaler: scaler.get_scale() does not initialise a fresh scaler)"
         )
     return float(scale)
-
-
-def _rng_state() -> tuple[Any, Any]:
-    """The global random generators' states (CPU, and CUDA's where initialised)."""
-    import torch
-
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(state: tuple[Any, Any]) -> None:
-    import torch
-
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
 
 
 def _require_int(name: str, value: Any, *, minimum: int) -> None:

@@ -83,7 +83,12 @@ from .losses import closed_form_losses
 from .model_loss import model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .places import batch_first
-from .recurrent import recurrent_closed_form, recurrent_mode, recurrent_pieces
+from .recurrent import (
+    raise_if_outputs_not_reproduced,
+    recurrent_closed_form,
+    recurrent_mode,
+    recurrent_pieces,
+)
 from .rules import Layout, LayoutError
 
 __all__ = ["fast_grad_stats", "fast_pieces", "FastPieces", "NotExact", "per_example_losses"]
@@ -117,15 +122,19 @@ def fast_grad_stats(
     numbers where a piece has to be materialised (var on sequences, tied weights
     across layer kinds).
     """
-    found = fast_pieces(
-        model,
-        loss_fn,
-        batch,
-        randomness=randomness,
-        var=var,
-        keep_output=keep_output,
-        closed_form_at_output=closed_form_at_output,
-    )
+    try:
+        found = fast_pieces(
+            model,
+            loss_fn,
+            batch,
+            randomness=randomness,
+            var=var,
+            keep_output=keep_output,
+            closed_form_at_output=closed_form_at_output,
+        )
+    except BaseException:
+        raise_if_outputs_not_reproduced()  # (a refusal caused by states that were never a recurrent layer's)
+        raise
     pieces, means, params, derived = found.pieces, found.means, found.params, found.derived
     with autocast_as(None):  # statistics in float32 or better, whatever the forward's autocast
         moments = {

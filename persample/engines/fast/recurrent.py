@@ -42,18 +42,30 @@ float32 / float64, or a call or output of an unexpected form.
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Callable, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
 
 from ..._batch import flat_leaves, tensors_in
+from ..._host_reads import HostChecks, open_checks
 from .units import Call, Unit
 from .pieces import DensePiece, OuterPiece, Piece
 from .rules import has_hooks
 
-__all__ = ["recurrent_pieces", "recurrent_mode", "recurrent_closed_form", "cuttable_call"]
+__all__ = [
+    "recurrent_pieces",
+    "recurrent_mode",
+    "recurrent_closed_form",
+    "cuttable_call",
+    "has_recurrent_layers",
+    "output_checks_read_with_the_step",
+    "reads_alone",
+    "raise_if_outputs_not_reproduced",
+    "OutputNotReproduced",
+]
 
 #: The exact classes handled, and the cell each runs (``module.mode`` must agree).
 _MODES = {nn.LSTM: ("LSTM",), nn.GRU: ("GRU",), nn.RNN: ("RNN_TANH", "RNN_RELU")}
@@ -259,7 +271,8 @@ def _pieces(
         cells: list[Any] = []  # one cell class per mode (their backward's arguments differ)
         for d, order in enumerate(orders):
             k, suffix = layer * directions + d, suffixes[layer][d]
-            known = cap.out[..., d * hidden : (d + 1) * hidden] if layer == layers - 1 else None
+            top = layer == layers - 1 and not _RECOMPUTE.get()  # (a step run again: every layer recomputed)
+            known = cap.out[..., d * hidden : (d + 1) * hidden] if top else None
             cells.append(
                 _CELLS[mode](
                     layer_input,
@@ -363,11 +376,117 @@ def _tanh_slope(a: Tensor) -> Tensor:
 _CONSISTENT_ULPS = 64
 
 
-def _consistent(recomputed: Tensor, known: Tensor) -> bool:
-    """Whether ``known`` equals ``recomputed`` to rounding (see ``_CONSISTENT_ULPS``), relative to
-    1 + its largest magnitude. Overwrites ``recomputed`` (a temporary of the caller's)."""
+def _consistent(recomputed: Tensor, known: Tensor) -> Tensor:
+    """0-d bool tensor: whether ``known`` equals ``recomputed`` to rounding (see ``_CONSISTENT_ULPS``),
+    relative to 1 + its largest magnitude. Overwrites ``recomputed`` (a temporary of the caller's)."""
     tolerance = _CONSISTENT_ULPS * torch.finfo(known.dtype).eps
-    return bool(recomputed.sub_(known).abs_().max() <= tolerance * (1 + known.abs().max()))
+    return recomputed.sub_(known).abs_().max() <= tolerance * (1 + known.abs().max())
+
+
+# How the check above is read. On its own, at once: one host read per recurrent call. Inside
+# output_checks_read_with_the_step, with the step's other host reads: the call's output is taken as the
+# top layer's states at once, the verdict is read at the end, and a step whose output did not check out
+# runs again with every layer recomputed step by step (_RECOMPUTE).
+_RECOMPUTE: contextvars.ContextVar[bool] = contextvars.ContextVar("persample_rnn_recompute", default=False)
+
+_Result = TypeVar("_Result")
+
+
+class _Verdicts:
+    """The deferred checks of one step: each verdict tensor, and the values read so far."""
+
+    def __init__(self) -> None:
+        self.pending: list[Tensor] = []
+        self.read: list[bool] = []
+
+    def add(self, verdict: Tensor, checks: HostChecks) -> None:
+        self.pending.append(verdict)
+        checks.defer(verdict, self._took)
+
+    def _took(self, read: list[float]) -> None:
+        self.read.append(bool(read[0]))
+        self.pending.pop(0)
+
+    def held(self) -> bool:
+        """Whether every output checked out: those read, and (one more host read, on this path only)
+        those the step left unread because it raised first."""
+        if not all(self.read):
+            return False
+        return not self.pending or bool(torch.stack([v.to(self.pending[0].device) for v in self.pending]).all())
+
+
+_DEFERRED: contextvars.ContextVar[_Verdicts | None] = contextvars.ContextVar("persample_rnn_verdicts", default=None)
+
+
+class OutputNotReproduced(BaseException):
+    """Internal: a recurrent call's output, taken as its top layer's states in a step that reads its checks
+    at the end, did not check out, and what the engine computed from it is void. A ``BaseException``, so
+    that no ``except Exception`` between the engine and :func:`output_checks_read_with_the_step` (an
+    engine chain moving on to the next engine, say) takes it for a refusal of its own."""
+
+
+def raise_if_outputs_not_reproduced() -> None:
+    """In an engine that is raising: :class:`OutputNotReproduced` instead where a deferred check failed
+    (the error comes from states that were never the layer's), else nothing."""
+    verdicts = _DEFERRED.get()
+    if verdicts is not None and not verdicts.held():
+        raise OutputNotReproduced()
+
+
+def _takes_output(recomputed: Tensor, known: Tensor) -> bool:
+    """Whether the cell takes the call's output ``known`` as the top layer's hidden states (``recomputed``:
+    the cell equations evaluated on it). Read at once, or, inside :func:`output_checks_read_with_the_step`
+    with a step collector open, taken and checked when the step's host reads are read."""
+    verdict = _consistent(recomputed, known)
+    verdicts, checks = _DEFERRED.get(), open_checks()
+    if verdicts is None or checks is None or not isinstance(verdict, Tensor):
+        return bool(verdict)
+    verdicts.add(verdict, checks)
+    return True
+
+
+def reads_alone() -> bool:
+    """Whether a call here reads its host values on its own: no step is gathering them
+    (:func:`output_checks_read_with_the_step`, :func:`persample._host_reads.one_host_read`)."""
+    return _DEFERRED.get() is None and open_checks() is None
+
+
+def has_recurrent_layers(model: nn.Module) -> bool:
+    """Whether ``model`` holds a layer this closed form may cover (``nn.LSTM``, ``nn.GRU``, ``nn.RNN``)."""
+    return any(type(m) in _MODES for m in model.modules())
+
+
+def output_checks_read_with_the_step(attempt: Callable[[], _Result], reset: Callable[[], None]) -> _Result:
+    """``attempt()``, a step that reads its host values once (it opens a
+    :func:`persample._host_reads.one_host_read` and returns after it is read), with each recurrent
+    call's check that its output is the cell equations' read in that one read instead of on its own.
+
+    The output is taken as the top layer's states meanwhile. Where a check then fails (an output changed
+    in place after the call; kernels that round differently, such as TF32), whatever the attempt
+    computed or raised is dropped, ``reset()`` puts the model and the random generators back as the
+    attempt found them, and ``attempt()`` runs again with every layer recomputed step by step from its
+    inputs: the same numbers as a check read at once gives, at the cost of a second step, only then.
+    """
+    verdicts = _Verdicts()
+    token = _DEFERRED.set(verdicts)
+    try:
+        result = attempt()
+    except OutputNotReproduced:
+        pass
+    except BaseException:
+        if verdicts.held():  # an error of the step itself, not of states that were never the layer's
+            raise
+    else:
+        if verdicts.held():
+            return result
+    finally:
+        _DEFERRED.reset(token)
+    reset()
+    recompute = _RECOMPUTE.set(True)
+    try:
+        return attempt()
+    finally:
+        _RECOMPUTE.reset(recompute)
 
 
 # ---------------------------------------------------------------------------------------- cells
@@ -406,7 +525,7 @@ class _LSTMCell:
         for t in self.order:  # c_t = f_t ∘ c_{t−1} + i_t ∘ g_t
             c = torch.addcmul(inputs[t], forgets[t], c, out=cells[t])
         self.tanh_cells = _tanh_(self.cells.clone())
-        return _consistent(o * self.tanh_cells, h)
+        return _takes_output(o * self.tanh_cells, h)
 
     def _recurrence(self, x, h0, c0, w_ih, w_hh, bias):
         batch, steps = x.shape[:2]
@@ -495,7 +614,7 @@ class _GRUCell:
             )
         )
         self.gates, self.hidden_n, self.out = gates, gh[..., 2 * hidden :], h
-        return _consistent(torch.addcmul(n, gates[..., hidden : 2 * hidden], self.h_prev - n), h)
+        return _takes_output(torch.addcmul(n, gates[..., hidden : 2 * hidden], self.h_prev - n), h)
 
     def _recurrence(self, x, h0, w_ih, w_hh, b_ih, b_hh):
         batch, steps = x.shape[:2]
@@ -570,7 +689,7 @@ class _RNNCell:
         if known is not None:
             self.h_prev = _previous(known, h0, order)
             recomputed = activation(_linear(x, w_ih, bias).add_(_linear(self.h_prev, w_hh, None)))
-            h = known if _consistent(recomputed, known) else None
+            h = known if _takes_output(recomputed, known) else None
         if known is None or h is None:
             h = _linear(x, w_ih, bias)
             h_t, w_t, previous = h.unbind(1), w_hh.t(), h0
