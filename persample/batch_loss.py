@@ -373,7 +373,7 @@ def check_batch_loss(loss_fn: Callable, output: Any, targets: Any, batch_size: i
     from .engines.fast.losses import traced_standard_loss
 
     batch_fn, per_example_fn = loss_parts(loss_fn)
-    if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets) is not None:
+    if batch_fn is per_example_fn and traced_standard_loss(batch_fn, output, targets, batch_size) is not None:
         return False  # one standard loss (cross-entropy, MSE, ...) of the output and targets: Σ_i w_i L_i by its form
     try:
         found = at_output if batch_fn is per_example_fn else None  # the engine evaluated loss_fn per example

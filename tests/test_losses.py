@@ -138,3 +138,133 @@ def test_a_loss_vmap_cannot_run_is_not_exact_and_auto_falls_back(name):
         torch.testing.assert_close(auto.mean[k], want["mean"][k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(auto.var[k], want["var"][k], rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(auto.sq_norms, want["sq_norms"], rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------ views of the output and targets
+B, T, V = 3, 6, 5
+
+
+def _lm_batch(ignore=True):
+    g = torch.Generator().manual_seed(4)
+    logits, tokens = torch.randn(B, T, V, generator=g, dtype=torch.float64), torch.randint(0, V, (B, T), generator=g)
+    if ignore:
+        tokens[0, 2:4] = -100
+        tokens[2, -1] = -100
+    return logits, tokens
+
+
+VIEWED = {
+    "shifted-flatten": lambda o, t: F.cross_entropy(o[:, :-1].flatten(0, 1), t[:, 1:].flatten()),
+    "shifted-reshape-float": lambda o, t: F.cross_entropy(
+        o[:, :-1].contiguous().float().reshape(-1, o.shape[-1]), t[:, 1:].reshape(-1)
+    ),
+    "view-ignore-weights-smoothing": lambda o, t: F.cross_entropy(
+        o.reshape(-1, V).view(-1, V), t.view(-1), weight=WEIGHTS, label_smoothing=0.1
+    ),
+    "transposed-classes": lambda o, t: F.cross_entropy(o.transpose(1, 2), t),
+    "permuted-classes": lambda o, t: F.cross_entropy(o.permute(0, 2, 1), t),
+    "last-position": lambda o, t: F.cross_entropy(o[:, -1], t[:, 0]),
+    "positions-slice": lambda o, t: F.cross_entropy(o[:, 1:4].flatten(0, 1), t[:, 1:4].flatten()),
+    "ellipsis": lambda o, t: F.cross_entropy(o[:, ...].flatten(0, 1), t.flatten()),
+}
+
+
+@pytest.mark.parametrize("name", list(VIEWED))
+def test_a_loss_on_views_that_keep_examples_together_has_a_closed_form(name):
+    """With the batch size, a standard loss on views of the output and targets that keep each example's
+    numbers together (an LM's shifted tokens, flattened) has its closed form, equal to loss_fn on each
+    example alone; without it, only the tensors themselves qualify (as before)."""
+    logits, tokens = _lm_batch()
+    loss_fn = VIEWED[name]
+    closed = closed_form_losses(loss_fn, logits, tokens, B)
+    assert closed is not None
+    torch.testing.assert_close(closed.double(), _by_loop(loss_fn, logits, tokens).double(), rtol=1e-6, atol=1e-6)
+    assert closed_form_losses(loss_fn, logits, tokens) is None or name == "none"
+
+
+def test_an_elementwise_loss_on_rows_regrouped_by_a_reshape():
+    """A reshape to 2B rows gives each example two rows (its numbers in logical row-major order)."""
+    g = torch.Generator().manual_seed(5)
+    output, target = (
+        torch.randn(B, T, V, generator=g, dtype=torch.float64),
+        torch.randn(B, T, V, generator=g, dtype=torch.float64),
+    )
+
+    def loss_fn(o, t):
+        return F.mse_loss(o.reshape(2 * B, -1), t.reshape(2 * B, -1))
+
+    closed = closed_form_losses(loss_fn, output, target, B)
+    assert closed is not None
+    torch.testing.assert_close(closed, _by_loop(loss_fn, output, target), rtol=1e-12, atol=1e-12)
+
+
+NOT_GROUPED = {
+    "rows-sliced": lambda o, t: F.cross_entropy(o[1:].flatten(0, 1), t[1:].flatten()),
+    "rows-strided": lambda o, t: F.cross_entropy(o[::2].flatten(0, 1), t[::2].flatten()),
+    "dim-zero-moved": lambda o, t: F.cross_entropy(o.transpose(0, 1).flatten(0, 1), t.t().flatten()),
+    "permute-moves-dim-zero": lambda o, t: F.cross_entropy(o.permute(1, 0, 2).flatten(0, 1), t.t().flatten()),
+    "targets-moved-only": lambda o, t: F.cross_entropy(o.flatten(0, 1), t.t().flatten()),
+    "tensor-index": lambda o, t: F.cross_entropy(o[:, torch.tensor([0, 2])].flatten(0, 1), t[:, :2].flatten()),
+    "rows-differ": lambda o, t: F.mse_loss(o[:, :2, :3].flatten(0, 1), o[:, :3, :2].detach().flatten(0, 1)),
+    "op-after-views": lambda o, t: F.cross_entropy(o[:, :-1].log_softmax(-1).flatten(0, 1), t[:, 1:].flatten()),
+    "bit-cast": lambda o, t: F.cross_entropy(o.view(torch.int64).view(torch.float64).flatten(0, 1), t.flatten()),
+    "input-from-targets": lambda o, t: F.mse_loss(t.double().flatten(), o[:, :, 0].flatten()),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_GROUPED))
+def test_views_that_mix_or_move_examples_have_no_closed_form(name):
+    logits, tokens = _lm_batch(ignore=False)
+    assert closed_form_losses(NOT_GROUPED[name], logits, tokens, B) is None
+
+
+def test_the_trace_runs_the_views_and_stops_at_the_first_other_operation():
+    computed = []
+
+    def loss_fn(logits, tokens):
+        shifted = logits[:, :-1]
+        computed.append("slice")
+        scores = shifted.log_softmax(-1)  # not a view: the trace stops here, before it is computed
+        computed.append("log_softmax")
+        return F.nll_loss(scores.flatten(0, 1), tokens[:, 1:].flatten())
+
+    logits, tokens = _lm_batch()
+    assert traced_standard_loss(loss_fn, logits, tokens, B) is None
+    assert computed == ["slice"]
+
+
+def test_the_fast_engine_takes_a_shifted_language_model_loss_in_closed_form():
+    """grad_stats on a model with the shifted next-token loss: no vmap of the loss (closed form) and equal to
+    the float64 per-example loop."""
+    import persample
+    from persample.engines.fast import engine as engine_module
+    from zoo import assert_dicts_close, oracle_grads
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(V, 8), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, V)).double()
+    _, tokens = _lm_batch()
+    tokens = tokens.clamp(min=0)
+    labels = tokens.clone()
+    labels[0, 3] = -100
+
+    def lm_loss(logits, labels):
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    assert closed_form_losses(lm_loss, model(tokens), labels, B) is not None
+    real = engine_module.vmap
+    vmapped = []
+
+    def spy(*args, **kwargs):
+        vmapped.append(1)
+        return real(*args, **kwargs)
+
+    engine_module.vmap = spy
+    try:
+        stats = persample.grad_stats(model, lm_loss, tokens, labels, engine="fast")
+    finally:
+        engine_module.vmap = real
+    assert not vmapped
+    grads, losses = oracle_grads(model, lm_loss, tokens, labels)
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()}, atol=1e-12)
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()}, atol=1e-12)
+    torch.testing.assert_close(stats.losses, losses, rtol=1e-10, atol=1e-12)

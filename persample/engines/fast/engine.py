@@ -242,7 +242,7 @@ def fast_pieces(
             keep_output.append(output)
         capture.end_model_forward()
         followed = _follow_reentrant_checkpoints(capture, output)
-        closed = closed_form_losses(loss_fn, output, batch.targets)
+        closed = closed_form_losses(loss_fn, output, batch.targets, batch.size)
         standard_form = closed is not None  # (not a model's own loss, whose check reads the model's graph)
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
@@ -639,7 +639,7 @@ def per_example_losses(
     reads a differentiable output shared by the whole batch, raises :class:`NotExact`
     instead of being broadcast.
     """
-    closed = closed_form_losses(loss_fn, output, targets) if closed_form else None  # False: the caller tried
+    closed = closed_form_losses(loss_fn, output, targets, batch_size) if closed_form else None  # False: tried
     if closed is not None:
         return closed
     leaves, spec, batched = output_leaves(output, batch_size)

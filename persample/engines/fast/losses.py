@@ -11,20 +11,32 @@ closed form of ``reduction="none"``:
 - MSE, L1, BCE-with-logits: the mean over the example's elements.
 
 ``loss_fn`` is recognised by *tracing* one call of it on the batch under a
-``TorchFunctionMode``: it qualifies when the only tensor operation it performs
-is one call of a standard loss with mean reduction, on the model's output (or
-one of its tensors) and the targets, whose result it returns unchanged. The
-standard loss itself is never evaluated there, and the trace stops at the first
-other operation, so it costs one Python call. This covers ``F.cross_entropy``,
-``nn.CrossEntropyLoss(...)`` and plain wrappers such as
-``lambda out, y: F.cross_entropy(out, y)`` alike. Anything else (other
-operations, other reductions, options with other semantics) returns None and
-the engine falls back to ``vmap`` over ``loss_fn``.
+``TorchFunctionMode``: it qualifies when its tensor operations are one call of a
+standard loss with mean reduction, whose result it returns unchanged, on the
+model's output (or one of its tensors) and the targets, or on views of them that
+keep each example's numbers together (below). The standard loss itself is never
+evaluated there, and the trace stops at the first other operation. This covers
+``F.cross_entropy``, ``nn.CrossEntropyLoss(...)`` and plain wrappers such as
+``lambda out, y: F.cross_entropy(out, y)`` alike, and the language-model loss
+``F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())``.
+Anything else (other operations, other reductions, options with other
+semantics) returns None and the engine falls back to ``vmap`` over ``loss_fn``.
+
+The views, given the batch size B: a tensor of the output or targets with B on
+dim 0 holds example i's numbers in the i-th of B equal blocks of its row-major
+order. An index whose first entry is ``:`` (``logits[:, :-1]``, ``h[:, -1]``)
+keeps that, and so does a ``transpose`` or ``permute`` that leaves dim 0 in
+place, and any reshape (``flatten``, ``reshape``, ``view``, ``contiguous``, a
+dtype cast), which keeps the (logical) row-major order: a result with
+B·k rows has example i's numbers in rows i·k … i·k + k − 1. The loss's input and
+target must have the same k; then L_i is the loss's own reduction over example
+i's rows, which is ``loss_fn`` on example i alone.
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -82,22 +94,54 @@ _METADATA = frozenset(
 )
 
 
+#: Operations that reshape a tensor or cast its dtype without changing the row-major order of its numbers.
+_ORDER_KEEPING = frozenset(
+    {
+        torch.Tensor.flatten,
+        torch.flatten,
+        torch.Tensor.reshape,
+        torch.reshape,
+        torch.Tensor.view,
+        torch.Tensor.contiguous,
+        torch.Tensor.float,
+        torch.Tensor.double,
+        torch.Tensor.to,
+    }
+)
+
+
 class StandardLoss:
-    """One traced call of a standard loss: its function, input, target and keyword options."""
+    """One traced call of a standard loss: its function, input, target and keyword options, and ``rows``:
+    the rows of the input (and target) per example (1: the output's or targets' own layout; 0: input and
+    target are not the output's and the targets' own tensors or grouped views of them, alike)."""
 
     def __init__(self, function: Callable, arguments: dict):
         self.function, self.kind = function, _STANDARD[function]
         self.input, self.target = arguments.pop("input"), arguments.pop("target")
         self.options = arguments
+        self.rows = 0
+
+
+@dataclass
+class _Grouped:
+    """A tensor of the output or the targets (``side``), or a view of one made in the trace, with ``rows``
+    rows per example; ``views``: whether views of it may be made (a batch size was given)."""
+
+    tensor: Tensor
+    rows: int
+    side: str
+    views: bool
 
 
 class _LossTrace(TorchFunctionMode):
-    """Records the standard-loss call of ``loss_fn`` (returning a marker instead of computing it)
-    and whether anything other than metadata queries happened: at the first such operation
-    the trace stops ``loss_fn`` (a cross-entropy after slicing the logits is not computed twice)."""
+    """Records the standard-loss call of ``loss_fn`` (returning a marker instead of computing it), and
+    runs the views of the output and targets that keep each example's numbers together (given a batch
+    size); at the first other operation the trace stops ``loss_fn`` (nothing it computes is computed
+    twice). ``grouped``: id → :class:`_Grouped` of the output's and targets' tensors and their views."""
 
-    def __init__(self) -> None:
+    def __init__(self, grouped: dict[int, _Grouped]) -> None:
         super().__init__()
+        self.grouped = grouped
         self.call: StandardLoss | None = None
         self.marker: Tensor | None = None
         self.other_ops = False
@@ -105,39 +149,112 @@ class _LossTrace(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _STANDARD and self.call is None and not self.other_ops:
-            self.call = StandardLoss(func, _bound_arguments(func, args, kwargs))
-            self.marker = torch.empty(())
+            call = StandardLoss(func, _bound_arguments(func, args, kwargs))
+            call.rows = self._rows_of(call.input, call.target)
+            self.call, self.marker = call, torch.empty(())
             return self.marker
-        if func not in _METADATA:
-            self.other_ops = True
-            raise _NotStandard  # the answer is known: stop before loss_fn computes anything
-        return func(*args, **kwargs)
+        if func in _METADATA:
+            return func(*args, **kwargs)
+        source = self._found(args[0]) if args else None
+        if source is not None and source.views and self.call is None:
+            view = self._grouped_view(func, args, kwargs, source)
+            if view is not None:
+                return view
+        self.other_ops = True
+        raise _NotStandard  # the answer is known: stop before loss_fn computes anything
+
+    def _found(self, t: Any) -> _Grouped | None:
+        found = self.grouped.get(id(t)) if isinstance(t, Tensor) else None
+        return found if found is not None and found.tensor is t else None
+
+    def _grouped_view(self, func, args: tuple, kwargs: dict, source: _Grouped) -> Tensor | None:
+        """``func(*args, **kwargs)`` where it is a view that keeps ``source``'s examples together (recorded,
+        with its rows per example), else None (not run)."""
+        if func is torch.Tensor.__getitem__:
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            if kwargs or not index or index[0] != slice(None) or not all(_plain_index(i) for i in index[1:]):
+                return None
+        elif func in _DIM_MOVES:
+            if source.rows != 1 or kwargs or not _keeps_dim_zero(func, args):
+                return None
+        elif (
+            func not in _ORDER_KEEPING
+            or any(
+                isinstance(a, Tensor) or (func is torch.Tensor.view and isinstance(a, torch.dtype))  # (a bit cast)
+                for a in (*args[1:], *kwargs.values())
+            )
+        ):
+            return None
+        result = func(*args, **kwargs)
+        batch = source.tensor.shape[0] // source.rows
+        if not isinstance(result, Tensor) or result.dim() == 0 or result.shape[0] % batch:
+            return None
+        self.grouped[id(result)] = _Grouped(result, result.shape[0] // batch, source.side, True)
+        return result
+
+    def _rows_of(self, input: Any, target: Any) -> int:
+        """Rows per example of the loss's input (from the output) and target (from the targets); 0 where
+        they are not such tensors, or not grouped alike."""
+        found_input, found_target = self._found(input), self._found(target)
+        if found_input is None or found_target is None:
+            return 0
+        if found_input.side != "output" or found_target.side != "targets" or found_input.rows != found_target.rows:
+            return 0
+        return found_input.rows
+
+
+#: Operations that move dims; they keep each example's numbers together where dim 0 stays dim 0.
+_DIM_MOVES = frozenset({torch.Tensor.transpose, torch.transpose, torch.Tensor.permute, torch.permute})
+
+
+def _keeps_dim_zero(func: Callable, args: tuple) -> bool:
+    """Whether a transpose or permute of ``args[0]`` leaves its dim 0 where it is."""
+    tensor, dims = args[0], args[1:]
+    if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+        dims = tuple(dims[0])
+    if not dims or not all(isinstance(d, int) and not isinstance(d, bool) for d in dims):
+        return False
+    normal = [d % tensor.dim() for d in dims]
+    if func in (torch.Tensor.transpose, torch.transpose):
+        return len(normal) == 2 and 0 not in normal
+    return len(normal) == tensor.dim() and normal[0] == 0
+
+
+def _plain_index(entry: Any) -> bool:
+    """An index entry after the first that selects within each row: a slice, an int or ``...``."""
+    return entry is Ellipsis or isinstance(entry, slice) or (isinstance(entry, int) and not isinstance(entry, bool))
 
 
 class _NotStandard(Exception):
     """Raised inside a trace at the first operation that is not the standard loss call."""
 
 
-def traced_standard_loss(loss_fn: Callable, output: Any, targets: Any) -> StandardLoss | None:
+def traced_standard_loss(
+    loss_fn: Callable, output: Any, targets: Any, batch_size: int | None = None
+) -> StandardLoss | None:
     """The standard loss that ``loss_fn(output, targets)`` is, on tensors of ``output`` and
-    ``targets``, or None (see the module docstring)."""
-    trace = _LossTrace()
+    ``targets`` or, given ``batch_size``, on views of them that keep each example's numbers together,
+    or None (see the module docstring)."""
+    grouped: dict[int, _Grouped] = {}
+    for side, tree in (("output", output), ("targets", targets)):
+        for t in flat_leaves(tree):
+            if isinstance(t, Tensor) and (batch_size is None or (t.dim() and t.shape[0] == batch_size)):
+                grouped[id(t)] = _Grouped(t, 1, side, batch_size is not None)
+    trace = _LossTrace(grouped)
     try:
         with trace:
             result = loss_fn(output) if targets is None else loss_fn(output, targets)
     except Exception:  # whatever it is, it is not a plain standard loss: vmap will tell
         return None
     call = trace.call
-    if call is None or trace.other_ops or result is not trace.marker:
-        return None
-    if not any(call.input is leaf for leaf in flat_leaves(output)) or not any(
-        call.target is leaf for leaf in flat_leaves(targets)
-    ):
+    if call is None or trace.other_ops or result is not trace.marker or not call.rows:
         return None
     return call
 
 
-def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise: Callable) -> Tensor | None:
+def _class_index_loss(
+    output: Tensor, target: Tensor, options: dict, elementwise: Callable, batch: int
+) -> Tensor | None:
     if (
         output.dim() < 2
         or target.dtype not in (torch.long, torch.int64, torch.int32)
@@ -156,22 +273,25 @@ def _class_index_loss(output: Tensor, target: Tensor, options: dict, elementwise
     kept = target != ignore  # divides as 1 / 0 (an example whose only target is ignored gets NaN)
     if weight is not None:
         kept = kept * weight.to(per_position.dtype)[target.clamp(min=0)]
-    if output.dim() == 2:  # one position per example
+    if output.dim() == 2 and output.shape[0] == batch:  # one position per example
         return per_position / kept
-    batch = output.shape[0]
+    # (rows grouped by example: example i's positions are the i-th of ``batch`` equal blocks)
     return per_position.reshape(batch, -1).sum(1) / kept.reshape(batch, -1).sum(1)
 
 
-def _elementwise_mean(output: Tensor, target: Tensor, elementwise: Callable, options: dict) -> Tensor | None:
+def _elementwise_mean(
+    output: Tensor, target: Tensor, elementwise: Callable, options: dict, batch: int
+) -> Tensor | None:
     if output.shape != target.shape or output.dim() == 0:
         return None
     per_element = elementwise(output, target, reduction="none", **options)
-    return per_element.reshape(output.shape[0], -1).mean(1)
+    return per_element.reshape(batch, -1).mean(1)
 
 
-def closed_form_losses(loss_fn: Callable, output: Any, targets: Any) -> Tensor | None:
-    """``[B]`` per-example losses for a standard loss, or None when there is no closed form here."""
-    call = traced_standard_loss(loss_fn, output, targets)
+def closed_form_losses(loss_fn: Callable, output: Any, targets: Any, batch_size: int | None = None) -> Tensor | None:
+    """``[B]`` per-example losses for a standard loss, or None when there is no closed form here (given
+    ``batch_size``, also of a standard loss on views of the output and targets: the module docstring)."""
+    call = traced_standard_loss(loss_fn, output, targets, batch_size)
     if call is None or not isinstance(call.input, Tensor) or not isinstance(call.target, Tensor):
         return None
     options = call.options
@@ -181,8 +301,11 @@ def closed_form_losses(loss_fn: Callable, output: Any, targets: Any) -> Tensor |
         or options.pop("reduce") is not None
     ):
         return None
+    batch = call.input.shape[0] // call.rows if call.input.dim() else 0
+    if not batch:
+        return None
     if call.kind in ("ce", "nll"):
-        return _class_index_loss(call.input, call.target, options, call.function)
+        return _class_index_loss(call.input, call.target, options, call.function, batch)
     if options.pop("weight", None) is not None:  # element weights: not a per-example mean
         return None
-    return _elementwise_mean(call.input, call.target, call.function, options)
+    return _elementwise_mean(call.input, call.target, call.function, options, batch)
