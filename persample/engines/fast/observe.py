@@ -48,7 +48,14 @@ from .units import store_grad
 from .alone import check_alone, spot_check_off
 from .alone import signature as alone_signature
 from .plan import checked_alone, model_plan, remember_alone
-from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
+from .engine import (
+    EXACT_CHECK_NUMEL,
+    _pieces_by_parameter,
+    differing_flags,
+    output_leaves,
+    per_example_losses,
+    reduce_pieces,
+)
 from .model_loss import observed_model_losses
 from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
@@ -579,17 +586,23 @@ def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: i
     return losses, w
 
 
-def _sum_from_formation(piece: Piece) -> bool:
+def _sum_from_formation(piece: Piece, var: bool) -> bool:
     """Whether the check of this piece's Σ_i g_i against ``p.grad`` is cheaper from the pass that forms
     its g_i for the statistics anyway (:func:`_formed_sums`: one more read of each formed chunk) than
     from the piece's own closed form: a convolution's (``projected_sum`` is its whole weight-gradient
     convolution once more), and a Linear map's on T > 1 positions where the statistics form its g_i
-    (with the variance, or for the norms where the ghost norm costs more) and T·(p + d) > p·d (its
-    projected sum over the activations then reads more than the formed g_i). Only the cost depends on
-    this: every other piece is checked by its closed form, as before."""
+    (with the variance, or for the norms where the ghost norm costs more) and either T·(p + d) > p·d
+    (its projected sum over the activations then reads more than the formed g_i) or, with the variance,
+    the parameter is small enough to be compared whole (``EXACT_CHECK_NUMEL``: its closed form is then
+    Σ_i g_i itself, a weight-gradient product over all B·T positions, T times the sums of the formed
+    g_i). Only the cost depends on this: every other piece is checked by its closed form, as before."""
     kind = type(piece)
     if kind is OuterPiece:
-        return piece.positions != 1 and not piece._ghost_is_cheaper()  # type: ignore[attr-defined]  # an OuterPiece
+        if piece.positions == 1:  # type: ignore[attr-defined]  # an OuterPiece
+            return False
+        if not piece._ghost_is_cheaper():  # type: ignore[attr-defined]  # an OuterPiece
+            return True
+        return var and piece.shape.numel() <= EXACT_CHECK_NUMEL
     return kind is ConvPiece
 
 
@@ -609,7 +622,7 @@ def _formed_sums(
     differences: dict[str, Tensor] = {}
     second: dict[str, tuple] = {}
     for name, piece in pieces.items():
-        if not _sum_from_formation(piece):
+        if not _sum_from_formation(piece, var):
             continue
         if var:
             _, total, squares = piece._chunk_pass(means[name], sums=True, squares=True)
