@@ -252,3 +252,19 @@ def test_probes_are_drawn_once_per_shape_and_are_plain_tensors():
     engine_mod._PROBES.clear()
     again = engine_mod._probe(matrix, {})
     assert again is not first and torch.equal(again, first)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_rows_projected_sum_is_the_projected_sum_of_the_rows(padding_idx):
+    """``RowsPiece.projected_sum`` projects each (example, row) segment and scatters k columns: the same as
+    Σ_i g_i of the embedding rows times the probe (repeated tokens, a padding row, empty slots)."""
+    from persample.engines.fast.pieces import RowsPiece, as_matrix
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 1, 4], [0, 0, 3, 2], [4, 4, 4, 4]])
+    grad = torch.randn(3, 4, 6, dtype=torch.float64)
+    piece = RowsPiece(ids, grad, torch.Size((5, 6)), padding_idx=padding_idx, scale=0.5)
+    for columns in (1, 4):
+        probe = torch.randn(6, columns, dtype=torch.float64)
+        want = as_matrix(piece.weighted_sum(torch.ones(3, dtype=torch.float64))) @ probe
+        torch.testing.assert_close(piece.projected_sum(probe), want, rtol=1e-12, atol=1e-12)

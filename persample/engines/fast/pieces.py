@@ -604,6 +604,12 @@ class RowsPiece(Piece):
     def weighted_sum(self, weights):
         return self._rows(self.segments * self._scaled(weights.to(self.segments.dtype))[self.example_of, None])
 
+    def projected_sum(self, probe):
+        """``as_matrix``(Σ_i g_i) @ V = s · Σ_u (S_u V) at row r_u: each segment projected, then k columns
+        scattered (not the [rows, d] sum of the segments, then its product)."""
+        projected = self.segments.reshape(self.segments.shape[0], -1).to(probe.dtype) @ probe
+        return self._scaled(projected.new_zeros(self.shape[0], probe.shape[1]).index_add_(0, self.row_of, projected))
+
 
 @dataclass
 class SumPiece(Piece):
