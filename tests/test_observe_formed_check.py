@@ -54,8 +54,25 @@ class _Sequence(nn.Module):
         return self.head(torch.tanh(h).mean(1))
 
 
+class _Ghost(nn.Module):
+    """A Linear map on 8 positions where the ghost norm is cheaper (T·(p + d) ≤ p·d) and whose weight
+    (4 096 numbers) is compared whole: with the variance its g_i are formed for M2, and the check sums
+    them instead of forming Σ_i g_i again over all B·T positions."""
+
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Linear(3, 64)
+        self.wide = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.wide(torch.tanh(self.small(x)))).mean(1))
+
+
 def _model(kind):
     torch.manual_seed(0)
+    if kind == "ghost":
+        return _Ghost().double(), torch.randn(B, 8, 3, dtype=torch.float64), torch.randint(0, 3, (B,))
     if kind == "conv":
         return _Conv().double(), torch.randn(B, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (B,))
     if kind == "sequence":
@@ -78,6 +95,7 @@ FORMED = [
     ("sequence", "small.weight", True),
     ("sequence", "small.weight", False),
     ("sequence", "wide.weight", True),  # through the probe
+    ("ghost", "wide.weight", True),  # formed for M2 alone, compared whole
 ]
 
 
@@ -115,7 +133,7 @@ def test_a_term_on_a_formed_parameter_is_still_refused(kind, name, var, formed):
     assert name in formed[-1]
 
 
-@pytest.mark.parametrize("kind", ["conv", "sequence", "tied"])
+@pytest.mark.parametrize("kind", ["conv", "sequence", "tied", "ghost"])
 @pytest.mark.parametrize("var", [True, False])
 def test_formed_pass_gives_the_oracle_and_the_same_difference(kind, var, formed, monkeypatch):
     """The statistics are the float64 oracle's, and each D from the formation pass equals (to rounding)
@@ -151,6 +169,43 @@ def test_formed_pass_gives_the_oracle_and_the_same_difference(kind, var, formed,
     else:
         assert stats.m2 is None
     assert compared and set(compared) == formed[-1]
+
+
+@pytest.mark.parametrize("var, formed_there", [(True, True), (False, False)])
+def test_a_small_ghost_cheaper_weight_is_summed_from_its_formation_only_with_the_variance(var, formed_there, formed):
+    """With the variance, M2 forms the g_i of a Linear map on T > 1 positions even where its ghost norm is
+    cheaper, and a weight small enough to be compared whole is checked from those g_i (its closed form
+    would be Σ_i g_i over all B·T positions again); without it the g_i are never formed and the closed
+    form stays."""
+    model, x, y = _model("ghost")
+    tracker = persample.Tracker(model, F.cross_entropy, var=var)
+    with tracker.observe(y):
+        F.cross_entropy(model(x), y).backward()
+    assert ("wide.weight" in formed[-1]) is formed_there
+    assert "head.weight" not in formed[-1]  # one position: never formed
+
+
+def _sequence_first(t):
+    """``t`` ([B, T, n]) laid out positions first, as attention's gradients are: a non-contiguous view."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("act_first, grad_first", [(False, False), (True, False), (False, True), (True, True)])
+def test_projected_sum_reads_sequence_first_factors_in_place(transposed, act_first, grad_first):
+    """``OuterPiece.projected_sum`` sums the (example, position) rows in the order each factor is laid out
+    in (no copy of a sequence-first gradient): the same as Σ_i g_i times the probe, for every layout."""
+    from persample.engines.fast.pieces import OuterPiece, as_matrix
+
+    torch.manual_seed(0)
+    act = torch.randn(4, 6, 5, dtype=torch.float64)
+    grad = torch.randn(4, 6, 7, dtype=torch.float64)
+    act, grad = (_sequence_first(act) if act_first else act), (_sequence_first(grad) if grad_first else grad)
+    shape = torch.Size((5, 7) if transposed else (7, 5))
+    piece = OuterPiece(act, grad, shape, transposed=transposed, scale=3.0)
+    probe = torch.randn(shape[1], 2, dtype=torch.float64)
+    want = as_matrix(piece.weighted_sum(torch.ones(4, dtype=torch.float64))) @ probe
+    torch.testing.assert_close(piece.projected_sum(probe), want, rtol=1e-12, atol=1e-12)
 
 
 class _CountConvolutionBackward(TorchDispatchMode):
@@ -197,3 +252,19 @@ def test_probes_are_drawn_once_per_shape_and_are_plain_tensors():
     engine_mod._PROBES.clear()
     again = engine_mod._probe(matrix, {})
     assert again is not first and torch.equal(again, first)
+
+
+@pytest.mark.parametrize("padding_idx", [None, 2])
+def test_rows_projected_sum_is_the_projected_sum_of_the_rows(padding_idx):
+    """``RowsPiece.projected_sum`` projects each (example, row) segment and scatters k columns: the same as
+    Σ_i g_i of the embedding rows times the probe (repeated tokens, a padding row, empty slots)."""
+    from persample.engines.fast.pieces import RowsPiece, as_matrix
+
+    torch.manual_seed(0)
+    ids = torch.tensor([[1, 2, 1, 4], [0, 0, 3, 2], [4, 4, 4, 4]])
+    grad = torch.randn(3, 4, 6, dtype=torch.float64)
+    piece = RowsPiece(ids, grad, torch.Size((5, 6)), padding_idx=padding_idx, scale=0.5)
+    for columns in (1, 4):
+        probe = torch.randn(6, columns, dtype=torch.float64)
+        want = as_matrix(piece.weighted_sum(torch.ones(3, dtype=torch.float64))) @ probe
+        torch.testing.assert_close(piece.projected_sum(probe), want, rtol=1e-12, atol=1e-12)

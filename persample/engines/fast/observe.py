@@ -48,7 +48,15 @@ from .units import store_grad
 from .alone import check_alone, spot_check_off
 from .alone import signature as alone_signature
 from .plan import checked_alone, model_plan, remember_alone
-from .engine import _pieces_by_parameter, differing_flags, output_leaves, per_example_losses, reduce_pieces
+from .engine import (
+    EXACT_CHECK_NUMEL,
+    _pieces_by_parameter,
+    differing_flags,
+    output_leaves,
+    per_example_losses,
+    reduce_pieces,
+)
+from .losses import _class_index_loss, traced_standard_loss
 from .model_loss import observed_model_losses
 from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
@@ -556,6 +564,65 @@ def _check_reduction(
 def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: int, detached, spec, differentiable):
     """Per-example losses ``loss_fn`` on each example's output, and the weights w_i of the backwarded loss
     at the output (:func:`persample.batch_loss.derive_weights`)."""
+    closed = _cross_entropy_at_output(loss_fn, detached, spec, targets, differentiable)
+    if closed is not None:
+        losses, grads = closed
+    else:
+        losses, grads = _losses_and_gradients(loss_fn, targets, batch_size, detached, spec, differentiable)
+    observed = [observation._output_grads[i] for i in differentiable]
+    try:
+        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
+    except BatchLossMismatch as err:
+        raise ObservationError(
+            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
+            code="OBSERVE_NOT_WEIGHTED_SUM",
+        ) from None
+    return losses, w
+
+
+def _cross_entropy_at_output(loss_fn, detached: list, spec, targets, differentiable: list[int]):
+    """(L_i, ∇_o Σ_i L_i at each differentiable output leaf) in closed form where ``loss_fn`` is a plain
+    cross-entropy (:mod:`.losses`: traced, mean reduction) of class indices ``[B]`` on a ``[B, C]`` output
+    leaf, without class weights or label smoothing: ∇_{o_i} L_i = softmax(o_i) − e_{y_i}, and 0 for an
+    example whose target is ignored (as autograd gives there; its L_i is 0/0, NaN, as the loss gives).
+    None otherwise: autograd then differentiates the closed-form or vmapped losses
+    (:func:`_losses_and_gradients`), as it does here for every other loss."""
+    call = traced_standard_loss(loss_fn, tree_unflatten(detached, spec), targets)
+    if call is None or call.kind != "ce":
+        return None
+    x, y, options = call.input, call.target, dict(call.options)
+    plain = (
+        options.get("reduction") == "mean"
+        and options.get("size_average") is None
+        and options.get("reduce") is None
+        and options.get("weight") is None
+        and not options.get("label_smoothing")
+    )
+    index = next((i for i in differentiable if detached[i] is x), None)
+    if (
+        not plain
+        or index is None
+        or x.dim() != 2
+        or y.dim() != 1
+        or y.dtype != torch.long
+        or y.shape[0] != x.shape[0]
+        or x.shape[1] == 0
+    ):
+        return None
+    with torch.no_grad():
+        losses = _class_index_loss(x, y, options, call.function)  # L_i = ℓ_i / [y_i not ignored], as traced
+        if losses is None:
+            return None
+        kept = (y != options.get("ignore_index", -100)).unsqueeze(1)
+        gradient = torch.softmax(x, dim=1)
+        # −1 at each kept example's target; an ignored example's row is zeroed below (any in-range column)
+        gradient.scatter_add_(1, torch.where(kept, y.unsqueeze(1), 0).long(), kept.to(gradient.dtype).neg())
+        gradient.mul_(kept)
+    return losses, [gradient if i == index else None for i in differentiable]
+
+
+def _losses_and_gradients(loss_fn, targets, batch_size: int, detached: list, spec, differentiable: list[int]):
+    """(L_i, ∇_o Σ_i L_i at each differentiable output leaf) by autograd through ``per_example_losses``."""
     with torch.enable_grad():
         losses = per_example_losses(loss_fn, tree_unflatten(detached, spec), targets, batch_size)
         if not losses.requires_grad:
@@ -568,28 +635,26 @@ def _weights_of_output(observation: Observation, loss_fn, targets, batch_size: i
                 code="OBSERVE_LOSS_NOT_FROM_OUTPUT",
             )
         grads = torch.autograd.grad(losses.sum(), [detached[i] for i in differentiable], allow_unused=True)
-    observed = [observation._output_grads[i] for i in differentiable]
-    try:
-        w = derive_weights(observed, list(grads), batch_size, what="the backwarded loss")
-    except BatchLossMismatch as err:
-        raise ObservationError(
-            f"{err}. Declare the per-example loss the backward really combines, or pass the targets that the loss uses",
-            code="OBSERVE_NOT_WEIGHTED_SUM",
-        ) from None
-    return losses, w
+    return losses, list(grads)
 
 
-def _sum_from_formation(piece: Piece) -> bool:
+def _sum_from_formation(piece: Piece, var: bool) -> bool:
     """Whether the check of this piece's Σ_i g_i against ``p.grad`` is cheaper from the pass that forms
     its g_i for the statistics anyway (:func:`_formed_sums`: one more read of each formed chunk) than
     from the piece's own closed form: a convolution's (``projected_sum`` is its whole weight-gradient
     convolution once more), and a Linear map's on T > 1 positions where the statistics form its g_i
-    (with the variance, or for the norms where the ghost norm costs more) and T·(p + d) > p·d (its
-    projected sum over the activations then reads more than the formed g_i). Only the cost depends on
-    this: every other piece is checked by its closed form, as before."""
+    (with the variance, or for the norms where the ghost norm costs more) and either T·(p + d) > p·d
+    (its projected sum over the activations then reads more than the formed g_i) or, with the variance,
+    the parameter is small enough to be compared whole (``EXACT_CHECK_NUMEL``: its closed form is then
+    Σ_i g_i itself, a weight-gradient product over all B·T positions, T times the sums of the formed
+    g_i). Only the cost depends on this: every other piece is checked by its closed form, as before."""
     kind = type(piece)
     if kind is OuterPiece:
-        return piece.positions != 1 and not piece._ghost_is_cheaper()  # type: ignore[attr-defined]  # an OuterPiece
+        if piece.positions == 1:  # type: ignore[attr-defined]  # an OuterPiece
+            return False
+        if not piece._ghost_is_cheaper():  # type: ignore[attr-defined]  # an OuterPiece
+            return True
+        return var and piece.shape.numel() <= EXACT_CHECK_NUMEL
     return kind is ConvPiece
 
 
@@ -609,7 +674,7 @@ def _formed_sums(
     differences: dict[str, Tensor] = {}
     second: dict[str, tuple] = {}
     for name, piece in pieces.items():
-        if not _sum_from_formation(piece):
+        if not _sum_from_formation(piece, var):
             continue
         if var:
             _, total, squares = piece._chunk_pass(means[name], sums=True, squares=True)

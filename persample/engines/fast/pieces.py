@@ -422,9 +422,25 @@ class OuterPiece(Piece):
         return self._param(weighted.flatten(0, 1).t() @ self.act.flatten(0, 1))
 
     def projected_sum(self, probe):
-        """s·Bᵀ(A V) (or s·Aᵀ(B V) when stored d × p): O(B·T·(p + d)·k), no p × d product."""
+        """s·Bᵀ(A V) (or s·Aᵀ(B V) when stored d × p): O(B·T·(p + d)·k), no p × d product. The sum runs
+        over the B·T (example, position) rows in whichever order reads each factor without a copy (a
+        sequence-first gradient: positions outer); only the ``[B·T, k]`` product is reordered."""
         left, right = (self.act, self.grad) if self.transposed else (self.grad, self.act)
-        return self._scaled(left.flatten(0, 1).t() @ (right.flatten(0, 1) @ probe))
+        left_rows, left_first = _rows_of(left)
+        right_rows, right_first = _rows_of(right)
+        projected = right_rows @ probe
+        if right_first != left_first:  # the other order of (example, position): [T, B, k] <-> [B, T, k]
+            outer = right.shape[1] if right_first else right.shape[0]
+            projected = projected.view(outer, -1, probe.shape[1]).transpose(0, 1).flatten(0, 1)
+        return self._scaled(left_rows.t() @ projected)
+
+
+def _rows_of(t: Tensor) -> tuple[Tensor, bool]:
+    """A ``[B, T, n]`` tensor as a ``[B·T, n]`` matrix, and whether its rows run positions first (t, b): a
+    view where either order allows one (a sequence-first tensor transposed to batch first), else a copy."""
+    if not t.is_contiguous() and t.transpose(0, 1).is_contiguous():
+        return t.transpose(0, 1).flatten(0, 1), True
+    return t.flatten(0, 1), False
 
 
 def padded_input(conv: nn.modules.conv._ConvNd, x: Tensor) -> Tensor:
@@ -587,6 +603,12 @@ class RowsPiece(Piece):
 
     def weighted_sum(self, weights):
         return self._rows(self.segments * self._scaled(weights.to(self.segments.dtype))[self.example_of, None])
+
+    def projected_sum(self, probe):
+        """``as_matrix``(Σ_i g_i) @ V = s · Σ_u (S_u V) at row r_u: each segment projected, then k columns
+        scattered (not the [rows, d] sum of the segments, then its product)."""
+        projected = self.segments.reshape(self.segments.shape[0], -1).to(probe.dtype) @ probe
+        return self._scaled(projected.new_zeros(self.shape[0], probe.shape[1]).index_add_(0, self.row_of, projected))
 
 
 @dataclass
