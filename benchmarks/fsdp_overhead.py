@@ -36,6 +36,21 @@ The methods run in interleaved blocks, so drift in the machine's load hits them 
 average is recorded. ``--runs N`` repeats the whole measurement in N fresh process pairs and reports
 the median over runs of each run's own ratio. Absolute times on a shared CPU mean little; the
 ratios are the result.
+
+Where the time goes, per rank (for a loaded, shared machine):
+
+- ``--cpu``: each rank times its own CPU (``time.process_time``: every thread of the process, gloo's
+  included) instead of the wall clock, and every rank's ratios are printed and saved
+  (``ratio_to_fsdp_plain_per_rank``);
+- ``--only M`` (repeatable): time only ``fsdp-plain`` and these methods;
+- ``--profile parts --only M``: no timing table; each rank prints the median over ``--steps`` steps of
+  its CPU time inside each function of :data:`PARTS` (persample's stages, FSDP2's collectives and hooks;
+  inclusive, measured by wrappers, not cProfile, which inflates Python-heavy code several times), the
+  cyclic collector's time and the minor page faults of a step;
+- ``--profile M`` (repeatable): cProfile with ``time.process_time`` of ``fsdp-plain`` and ``M`` on each
+  rank, the minimum over steps of each function's cumulative time (as ``profile_parts.py``).
+
+    OMP_NUM_THREADS=1 python benchmarks/fsdp_overhead.py --profile parts --only tracker-novar --steps 9
 """
 
 from __future__ import annotations
@@ -60,11 +75,14 @@ RESULTS = HERE / "results"
 WORLD = 2
 
 
+CLOCK = time.perf_counter  # --cpu: time.process_time, this rank's own CPU time (all its threads)
+
+
 def timed(fn) -> float:
     dist.barrier()
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     fn()
-    return time.perf_counter() - t0
+    return CLOCK() - t0
 
 
 def sharded(model):
@@ -76,7 +94,12 @@ def sharded(model):
     return model
 
 
-def measure(problem, steps: int, block: int) -> dict:
+def plain_forward(model, loss_fn, x, y):
+    """FSDP2's forward and the loss (a function of its own, so that ``--profile parts`` can time it)."""
+    return loss_fn(model(x), y)
+
+
+def measure(problem, steps: int, block: int, only: list[str] | None = None, profile: list[str] | None = None) -> dict:
     import dataclasses
 
     import persample
@@ -113,7 +136,7 @@ def measure(problem, steps: int, block: int) -> dict:
 
     def plain_step():
         opts["plain"].zero_grad()
-        loss_fn(models["plain"](x), y).backward()
+        plain_forward(models["plain"], loss_fn, x, y).backward()
         opts["plain"].step()
 
     def tracker_step(key):
@@ -143,11 +166,19 @@ def measure(problem, steps: int, block: int) -> dict:
         "reduce_scatter_stats-float64": float64_sums,
         "all_reduce_stats": lambda: all_reduce_stats(local),
     }
+    if only:
+        methods = {k: fn for k, fn in methods.items() if k == "fsdp-plain" or k in only}
     for fn in methods.values():  # warm up
         fn()
         fn()
+    if profile == ["parts"]:
+        return {"parts": timed_parts(methods, steps)}
+    if profile:
+        return {"profile": profiled({k: methods[k] for k in ["fsdp-plain", *profile]}, steps)}
     counted = {}
     for key in ("fsdp-plain", "tracker", "tracker-novar", "tracker-every-10", "reduce_scatter_stats"):
+        if key not in methods:
+            continue
         with counting_bytes() as sent:
             methods[key]()
         counted[key] = sent
@@ -157,6 +188,8 @@ def measure(problem, steps: int, block: int) -> dict:
             for _ in range(block):
                 times[key].append(timed(fn))
     medians = {k: statistics.median(v) for k, v in times.items()}
+    every_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, {k: v / medians["fsdp-plain"] for k, v in medians.items()})
     numel = sum(v.numel() for v in local.mean.values())
     elem = next(iter(local.mean.values())).element_size()
     world = dist.get_world_size()
@@ -168,6 +201,8 @@ def measure(problem, steps: int, block: int) -> dict:
         "steps_timed": len(times["fsdp-plain"]),
         "median_s": medians,
         "ratio_to_fsdp_plain": {k: v / medians["fsdp-plain"] for k, v in medians.items()},
+        "ratio_to_fsdp_plain_per_rank": every_rank,
+        "clock": CLOCK.__name__,
         # ring all-reduce / all-gather / reduce-scatter: bytes each rank sends, on paper
         "bytes_sent_per_rank": {
             "fsdp (all-gather fwd + bwd, reduce-scatter)": 3 * numel * elem * (world - 1) / world,
@@ -189,6 +224,158 @@ def measure(problem, steps: int, block: int) -> dict:
         # measured: the bytes handed to every collective during one step, as a ring sends them
         "bytes_counted_per_rank": counted,
     }
+
+
+PARTS = (  # (module, attribute path): functions whose CPU time --parts adds up per step (inclusive)
+    ("__main__", "plain_forward"),
+    ("torch.optim", "SGD.step"),
+    ("torch.distributed", "all_reduce"),
+    ("torch.distributed", "all_gather"),
+    ("torch.distributed", "all_gather_into_tensor"),
+    ("persample._data_parallel", "fsdp2_step"),
+    ("persample._data_parallel", "observed_fsdp2_backward"),
+    ("persample._data_parallel", "agree"),
+    ("persample._data_parallel", "agree_on_examples"),
+    ("persample._batch", "as_batch"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "foreach_all_gather"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "foreach_all_gather_copy_out"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "foreach_reduce"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup.pre_forward"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup.post_forward"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup.pre_backward"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_param_group", "FSDPParamGroup.post_backward"),
+    ("torch.distributed.fsdp._fully_shard._fsdp_state", "FSDPState._root_post_backward_final_callback"),
+    ("persample.tracker", "Tracker.step"),
+    ("persample._model", "trainable_parameters"),
+    ("persample.tracker", "Tracker._publish"),
+    ("persample.stats", "GradStats.is_finite"),
+    ("persample.distributed", "_agreed_headers"),
+    ("persample.distributed", "_local_shard_sums"),
+    ("persample.engines.fast.watchers", "_BroadcastWatcher.__torch_function__"),
+    ("persample.engines.fast.watchers", "_UserCodeWatcher.__torch_function__"),
+    ("torch", "Tensor.backward"),
+    ("persample._batch", "Batch.call"),
+    ("persample._sharding", "unshard_all"),
+    ("persample._sharding", "restore_sharding"),
+    ("persample.distributed", "agree"),
+    ("persample._data_parallel", "_skipped_products"),
+    ("persample._data_parallel", "_write_formed_sums"),
+    ("persample._data_parallel", "LocalGradients.show_local"),
+    ("persample._data_parallel", "_reduced_sums"),
+    ("persample._data_parallel", "Replicas.reduce_stats"),
+    ("persample._torch_compat", "FSDP2Reduction.reduce"),
+    ("persample.engines.fast.observe", "_observed_stats"),
+    ("persample.engines.fast.observe", "formed_parameters"),
+    ("persample.engines.fast.observe", "_check_reduction"),
+    ("persample.engines.fast.observe", "_pieces_by_parameter"),
+    ("persample.engines.fast.observe", "_formed_sums"),
+    ("persample.engines.fast.observe", "_check_against_grad"),
+    ("persample.engines.fast.observe", "reduce_pieces"),
+    ("persample.engines.fast.observe", "audit_graph"),
+    ("persample.engines.fast.observe", "rows_check"),
+    ("persample.engines.fast.pieces", "Piece.moments"),
+    ("persample.engines.fast.pieces", "OuterPiece._unscaled"),
+    ("persample.engines.fast.pieces", "_column_sums"),
+    ("persample.engines.fast.pieces", "_sq_norms"),
+    ("persample.engines.fast.pieces", "_accumulate"),
+)
+
+
+def timed_parts(methods: dict, calls: int) -> dict:
+    """Per method, the median over ``calls`` steps of this rank's CPU time (``time.process_time``) inside each
+    function of :data:`PARTS` (inclusive; a recursive call counted once), and of the whole step."""
+    import importlib
+    import resource
+
+    spent: dict[str, float] = {}
+    depth: dict[str, int] = {}
+    saved = []
+    for module_name, path in PARTS:
+        owner = importlib.import_module(module_name)
+        *outer, attr = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        original = owner.__dict__[attr] if isinstance(owner, type) else getattr(owner, attr)
+
+        def wrapped(*args, _key=path, _original=original, **kwargs):
+            depth[_key] = depth.get(_key, 0) + 1
+            start = time.process_time()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                depth[_key] -= 1
+                if not depth[_key]:
+                    spent[_key] = spent.get(_key, 0.0) + time.process_time() - start
+
+        saved.append((owner, attr, original))
+        setattr(owner, attr, wrapped)
+    per_call: dict[str, dict[str, list[float]]] = {k: {} for k in methods}
+    import gc
+
+    gc_started: list[float] = []
+
+    def on_gc(phase, info):  # the cyclic garbage collector's own time, by generation
+        if phase == "start":
+            gc_started.append(time.process_time())
+        elif gc_started:
+            key = f"(gc gen {info['generation']})"
+            spent[key] = spent.get(key, 0.0) + time.process_time() - gc_started.pop()
+            spent[key + " count"] = spent.get(key + " count", 0.0) + 1e-3
+
+    gc.callbacks.append(on_gc)
+    try:
+        for _ in range(calls):
+            for key, fn in methods.items():
+                spent.clear()
+                dist.barrier()
+                faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+                start = time.process_time()
+                fn()
+                spent["(step)"] = time.process_time() - start
+                spent["(minor page faults, thousands: the number in ms)"] = (
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+                ) * 1e-6
+                for part, seconds in spent.items():
+                    per_call[key].setdefault(part, []).append(seconds)
+    finally:
+        gc.callbacks.remove(on_gc)
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+    return {k: {part: statistics.median(v) for part, v in parts.items()} for k, parts in per_call.items()}
+
+
+def profiled(methods: dict, calls: int, top: int = 500) -> str:
+    """cProfile of each method on this rank with ``time.process_time`` as its clock, one fresh profile per
+    call, methods interleaved; per function the minimum over calls of its cumulative time (as
+    ``profile_parts.py``). The text of the ``top`` functions per method."""
+    import cProfile
+    import pstats
+
+    best: dict[str, dict] = {k: {} for k in methods}
+    totals = {k: float("inf") for k in methods}
+    for _ in range(calls):
+        for key, fn in methods.items():
+            dist.barrier()
+            prof = cProfile.Profile(time.process_time)
+            start = time.process_time()
+            prof.enable()
+            fn()
+            prof.disable()
+            totals[key] = min(totals[key], time.process_time() - start)
+            for (filename, line, name), (_, n, tottime, cumtime, _) in pstats.Stats(prof).stats.items():  # type: ignore[attr-defined]
+                where = f"{filename.split('/site-packages/')[-1].split('/wt/')[-1]}:{line}:{name}"
+                old = best[key].get(where)
+                if old is None or cumtime < old[0]:
+                    best[key][where] = (cumtime, tottime, n)
+    lines = []
+    for key in methods:
+        lines.append(f"== {key}: min process time per call {totals[key] * 1e3:.1f} ms (under cProfile)")
+        rows = sorted(best[key].items(), key=lambda kv: -kv[1][0])[:top]
+        lines += [f"  {cum * 1e3:8.1f} cum {tot * 1e3:8.1f} self {n:6d}  {where}" for where, (cum, tot, n) in rows]
+        lines.append(f"-- {key}: by self time")
+        rows = sorted(best[key].items(), key=lambda kv: -kv[1][1])[: top // 2]
+        lines += [f"  {cum * 1e3:8.1f} cum {tot * 1e3:8.1f} self {n:6d}  {where}" for where, (cum, tot, n) in rows]
+    return "\n".join(lines)
 
 
 RING = {  # bytes a rank sends in a ring collective, from the size of what it hands in
@@ -240,7 +427,10 @@ class counting_bytes:
             setattr(dist, name, original)
 
 
-def worker(steps: int, batch: int, quick: bool, out: str) -> None:
+def worker(steps: int, batch: int, quick: bool, out: str, only=None, profile=None, cpu=False) -> None:
+    global CLOCK
+    if cpu:
+        CLOCK = time.process_time
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     from cases import gpt2_problem, small_gpt2_problem
@@ -248,7 +438,20 @@ def worker(steps: int, batch: int, quick: bool, out: str) -> None:
     torch.manual_seed(0)
     problem = (small_gpt2_problem if quick else gpt2_problem)(batch)
     load_before = os.getloadavg()
-    record = measure(problem, steps, block=max(1, steps // 4))
+    record = measure(problem, steps, block=max(1, steps // 4), only=only, profile=profile)
+    if profile:
+        text = record.get("profile") or "\n".join(
+            f"== {key}: median CPU ms per step\n"
+            + "\n".join(
+                f"  {seconds * 1e3:8.1f}  {part}" for part, seconds in sorted(parts.items(), key=lambda kv: -kv[1])
+            )
+            for key, parts in record["parts"].items()
+        )
+        Path(f"{out}.rank{dist.get_rank()}.prof.txt").write_text(text)
+        if dist.get_rank() == 0:
+            Path(out).write_text(json.dumps(record))
+        dist.destroy_process_group()
+        return
     record["load_average_before"] = load_before
     record["load_average_after"] = os.getloadavg()
     record["case"] = "gpt2-small (2 layers, width 128, T=64)" if quick else "gpt2 (4 layers, width 256, T=128)"
@@ -259,6 +462,10 @@ def worker(steps: int, batch: int, quick: bool, out: str) -> None:
             ),
             flush=True,
         )
+        for rank, ratios in enumerate(record["ratio_to_fsdp_plain_per_rank"]):
+            print(
+                f"rank {rank} ({CLOCK.__name__}): " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()), flush=True
+            )
         with open(out, "w") as f:
             json.dump(record, f)
     dist.destroy_process_group()
@@ -289,6 +496,9 @@ def launch(args) -> dict:
         "--out",
         str(out),
     ] + (["--quick"] if args.quick else [])
+    command += ["--cpu"] if args.cpu else []
+    command += [a for m in args.only or [] for a in ("--only", m)]
+    command += [a for m in args.profile or [] for a in ("--profile", m)]
     procs = [subprocess.Popen(command, env=dict(env, RANK=str(r), LOCAL_RANK=str(r))) for r in range(WORLD)]
     try:
         for p in procs:
@@ -301,6 +511,12 @@ def launch(args) -> dict:
         raise SystemExit("fsdp_overhead: a worker failed (see its output above)")
     record = json.loads(out.read_text())
     out.unlink()
+    if args.profile:
+        for rank in range(WORLD):
+            prof = Path(f"{out}.rank{rank}.prof.txt")
+            print(f"######## rank {rank}\n" + prof.read_text())
+            prof.unlink()
+        raise SystemExit(0)
     return record
 
 
@@ -309,7 +525,17 @@ def combine(records: list[dict]) -> dict:
     over runs of each run's own ratio (``ratio_to_fsdp_plain``)."""
     out = dict(records[0])
     out["runs"] = [
-        {k: r[k] for k in ("median_s", "ratio_to_fsdp_plain", "load_average_before", "load_average_after")}
+        {
+            k: r[k]
+            for k in (
+                "median_s",
+                "ratio_to_fsdp_plain",
+                "ratio_to_fsdp_plain_per_rank",
+                "load_average_before",
+                "load_average_after",
+            )
+            if k in r
+        }
         for r in records
     ]
     out["ratio_to_fsdp_plain"] = {
@@ -373,11 +599,19 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="independent runs (fresh processes); median ratio")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/fsdp-overhead-cpu.{json,md}")
     parser.add_argument("--timeout", type=int, default=900)
+    parser.add_argument("--cpu", action="store_true", help="time each rank's CPU (process_time), not the wall clock")
+    parser.add_argument("--only", action="append", help="time only fsdp-plain and these methods (repeatable)")
+    parser.add_argument(
+        "--profile",
+        action="append",
+        help="cProfile (process time) fsdp-plain and these methods on each rank; --profile parts: the CPU time "
+        "of each function of PARTS in the --only methods, per rank, without cProfile",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.steps, args.batch, args.quick, args.out)
+        worker(args.steps, args.batch, args.quick, args.out, args.only, args.profile, args.cpu)
         return
     record = combine([launch(args) for _ in range(args.runs)])
     text = markdown(record)

@@ -51,6 +51,13 @@ __all__ = [
 ]
 
 
+def float64_square_sum(t: Tensor) -> Tensor:
+    """Σ t², summed in float64 (a 0-d tensor): the same numbers as ``t.double().pow(2).sum()``, squaring in
+    place where ``double()`` made a copy (one P-sized float64 temporary, not two)."""
+    wide = t.detach().double()
+    return (wide.pow_(2) if wide.data_ptr() != t.data_ptr() else wide.pow(2)).sum()
+
+
 def sum_of_squares(g: Tensor, center: Tensor | None = None) -> Tensor:
     """Σ_i (g_i − c)∘(g_i − c) over dim 0 (c = 0 when ``center`` is None).
 
@@ -314,7 +321,7 @@ class GradStats:
         if self.shard is not None:
             device = next(iter(self.mean.values())).device
             return torch.tensor(self.shard.total("mean_sq", self.names), dtype=torch.float64, device=device)
-        return cast(Tensor, sum(m.double().pow(2).sum() for m in self.mean.values()))  # mean is never empty
+        return cast(Tensor, sum(float64_square_sum(m) for m in self.mean.values()))  # mean is never empty
 
     def param_mean_sq(self, names=None) -> float:
         """Σ over ``names`` (default: all) of ‖ḡ[name]‖², in float64; global for a sharded record."""

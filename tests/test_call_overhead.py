@@ -214,3 +214,21 @@ def test_call_counts_times_every_entry_point_interleaved():
     assert set(times) == expected | {"tracker-step-stats", "tracker-step-plain"}
     assert all(ms >= 0 for ms in times.values())
     assert set(call_counts.cpu_times(cases.mlp_problem(4), 1, ["observe"])) == {"observe", "observe-novar"}
+
+
+def test_flat_leaves_of_an_ops_arguments_are_pytrees_leaves():
+    """``flat_leaves`` takes an op's scalars (ints, dtypes, slices, ...) as leaves without pytree: the
+    same leaves, in the same order, as ``tree_flatten``; and none of those types is a pytree node."""
+    from torch.utils._pytree import SUPPORTED_NODES, tree_flatten
+
+    from persample._batch import _SCALAR_LEAVES, flat_leaves
+
+    assert not _SCALAR_LEAVES & set(SUPPORTED_NODES)
+    t = torch.ones(2)
+    args = (t, 3, -1.5, True, 2j, "sum", b"x", slice(0, 2), ..., torch.float32, torch.device("cpu"))
+    nested = [args, {"k": (4, [t, torch.Size([2, 3])])}, None]
+    for value in (*args, args, nested):
+        leaves, expected = flat_leaves(value), tree_flatten(value)[0]
+        expected = [leaf for leaf in expected if leaf is not None]  # (flat_leaves: None is no leaf)
+        assert len(leaves) == len(expected)
+        assert all(a is b or (type(a) is type(b) and a == b) for a, b in zip(leaves, expected))

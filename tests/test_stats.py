@@ -152,3 +152,19 @@ def test_random_convnets_match_oracle(batch, channels, size, kernel, seed):
     y = torch.randint(0, 3, (batch,))
     expected, _ = oracle_grads(model, nn.functional.cross_entropy, x, y)
     assert_dicts_close(persample.per_sample_grads(model, nn.functional.cross_entropy, x, y), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_float64_square_sum_is_the_float64_sum_of_squares_and_leaves_its_input(dtype):
+    """``mean_sq_norm``'s sum (squared in place in its own float64 copy): the same number, to the bit, as
+    ``t.double().pow(2).sum()``, and the input untouched, also where ``double()`` is no copy (float64)."""
+    from persample.stats import float64_square_sum
+
+    t = (torch.randn(300, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e3).to(dtype)
+    before = t.clone()
+    total = float64_square_sum(t)
+    assert total.dtype == torch.float64 and total.dim() == 0
+    assert total.item() == t.double().pow(2).sum().item()
+    assert torch.equal(t, before)
+    stats = GradStats.from_per_example({"w": t.double()[None].repeat(2, 1, 1)}, torch.zeros(2, dtype=torch.float64))
+    assert stats.mean_sq_norm.item() == stats.mean["w"].pow(2).sum().item()

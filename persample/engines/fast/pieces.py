@@ -51,9 +51,12 @@ def cancellation_limit(dtype: torch.dtype) -> float:
     return _CANCELLATION_BUDGET.get(dtype, 1e-2) / torch.finfo(dtype).eps
 
 
-def _accumulate(total: Tensor | None, value: Tensor) -> Tensor:
-    """``total + value`` in place, the first value copied (it may be a view of a reused buffer)."""
-    return value.clone() if total is None else total.add_(value)
+def _accumulate(total: Tensor | None, value: Tensor, fresh: bool = False) -> Tensor:
+    """``total + value`` in place; the first value copied unless ``fresh`` (a new tensor: otherwise it
+    may be a view of a reused buffer)."""
+    if total is None:
+        return value if fresh else value.clone()
+    return total.add_(value)
 
 
 #: Up to this many rows, a reduction over dim 0 beats a matrix-vector product on CPU (by about 30 % at
@@ -192,14 +195,14 @@ class Piece:
                 values = flat.sub_(center)
             else:
                 values = torch.sub(flat, center, out=None if buffer is None else buffer[:b])
-            if sums:
-                total = _accumulate(total, _column_sums(values))
+            if sums:  # (column sums of more than one row are a new tensor: kept as the first total)
+                total = _accumulate(total, _column_sums(values), fresh=b > 1)
             if squares:
                 if values is flat and not own:
                     values = torch.square(flat, out=None if buffer is None else buffer[:b])
                 else:
                     values = values.square_()
-                squared = _accumulate(squared, _column_sums(values))
+                squared = _accumulate(squared, _column_sums(values), fresh=b > 1)
             if buffer is None and values is not flat:
                 buffer = values  # the next chunks' d_i go here
         self.__dict__["_chunk_norms"] = torch.cat(norms)
