@@ -106,3 +106,41 @@ def test_a_module_with_a_state_of_the_batch_stays_refused():
     with pytest.raises(persample.NotExact) as raised:
         persample.grad_stats(model, F.mse_loss, ids, y, engine="fast")
     assert raised.value.code == "FALLBACK_NOT_ISOLATED", str(raised.value)
+
+
+class Scale(nn.Module):
+    """A module without a rule whose parameter its parent uses through another method (JetMoE's attention
+    experts: ``map`` and ``reduce``, never ``forward``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def apply_to(self, h):
+        return h * self.w
+
+
+class UsesScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.scale = Scale()
+
+    def forward(self, x):
+        return self.scale.apply_to(self.lin(x))
+
+
+def test_a_module_whose_parameters_are_used_without_calling_it_is_refused():
+    """Its per-example gradients would be zeros. Two examples whose gradients cancel make the sum check pass
+    (0 = 0), so the graph audit must refuse it itself."""
+    torch.manual_seed(0)
+    model = UsesScale().double()
+    x = torch.randn(1, 3, dtype=torch.float64).repeat(2, 1)
+    y = torch.tensor([[1.0, 2.0, 3.0], [-1.0, -2.0, -3.0]], dtype=torch.float64)
+
+    def loss(out, y):
+        return (out * y).sum(-1).mean()
+
+    with pytest.raises(persample.NotExact) as raised:
+        persample.grad_stats(model, loss, x, y, engine="fast")
+    assert raised.value.code == "PARAMETER_USED_OUTSIDE", str(raised.value)

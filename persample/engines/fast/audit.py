@@ -790,8 +790,9 @@ def _audit_graph(
     for unit in units:
         reached = sum(1 for call in unit.calls if _reached(call, seen))
         for p in unit.params.values():
-            if unit.rule is None:
-                skip.add(id(p))  # fallback units: checked by their sum against autograd instead
+            if unit.rule is None and reached:
+                skip.add(id(p))  # fallback units: checked by their sum against autograd instead (a fallback
+                # never called whose parameters the graph uses, through another method, has no gradients)
             expected[id(p)] = expected.get(id(p), 0) + reached
     if moved:
         for unit in units:
