@@ -233,6 +233,9 @@ def tiny_config(model_type: str, minimal: bool = False):
                 c.pad_token_id = 0
             except Exception:  # noqa: BLE001
                 pass
+    text = getattr(cfg, "text_config", None)
+    if text is not None and getattr(text, "use_cache", False):  # a multimodal model's text model (Qwen3.5) too
+        text.use_cache = False
     return cfg
 
 

@@ -178,12 +178,15 @@ _BATCH_NORMS = frozenset(
 
 
 def _every_row(index: Tensor, batch_size: int) -> bool:
-    """Whether ``index`` along dim 0 keeps every row in place: ``arange(B)`` or an all-true mask of B rows."""
-    if index.dim() != 1 or index.shape[0] != batch_size:
+    """Whether ``index`` along dim 0 keeps every row in place: ``arange(B)``, or a boolean mask of B rows
+    (over dim 0 and the dims after it) with exactly one true entry in each row. ``x[mask]`` then has B rows,
+    row i the one entry that example i's row of the mask selects (an all-true ``[B]`` mask; BART's and T5's
+    classifiers pool ``h[input_ids.eq(eos)]`` with one ``<eos>`` per example), as ``x[arange(B), j]``."""
+    if index.dim() == 0 or index.shape[0] != batch_size:
         return False
     if index.dtype == torch.bool:
-        return bool(index.all())
-    return bool(torch.equal(index.cpu(), torch.arange(batch_size)))
+        return bool(index.reshape(batch_size, -1).sum(1).eq(1).all())
+    return index.dim() == 1 and bool(torch.equal(index.cpu(), torch.arange(batch_size)))
 
 
 def _of_parameters_only(node, activations: frozenset | set = frozenset()) -> bool:
@@ -787,8 +790,9 @@ def _audit_graph(
     for unit in units:
         reached = sum(1 for call in unit.calls if _reached(call, seen))
         for p in unit.params.values():
-            if unit.rule is None:
-                skip.add(id(p))  # fallback units: checked by their sum against autograd instead
+            if unit.rule is None and reached:
+                skip.add(id(p))  # fallback units: checked by their sum against autograd instead (a fallback
+                # never called whose parameters the graph uses, through another method, has no gradients)
             expected[id(p)] = expected.get(id(p), 0) + reached
     if moved:
         for unit in units:

@@ -965,6 +965,11 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
                 params, in_leaves, cotangents
             )
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow
+        if all(d in (0, None) for d in in_dims) and 0 in in_dims and _batch_first(out_leaves, out_dims):
+            # vmap cannot run it (an autograd.Function without setup_context, an int output, .item()): each
+            # example alone instead, its outputs compared with the batch's rows (HY-V4's attention, Zaya)
+            shared = [d is None for d in in_dims]
+            return _token_rows_pieces(unit, call, batch_size, grad_scale, flattened=1, shared=shared)
         clearer = translate_vmap_error(err) if isinstance(err, RuntimeError) else None
         raise NotExact(
             f"module {label} has no closed-form rule and torch.func could not isolate it: {clearer or err}",
@@ -972,6 +977,11 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
             module=label,
         ) from err
     return {n: DensePiece(at_least_float32(g)) for n, g in per_example.items()}
+
+
+def _batch_first(leaves: list, dims: list) -> bool:
+    """Whether every tensor of ``leaves`` (not a scalar) is batched on dim 0."""
+    return all(d == 0 for t, d in zip(leaves, dims) if isinstance(t, Tensor) and t.dim() > 0)
 
 
 def _external_batch_cotangents(
@@ -1010,7 +1020,12 @@ def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size
 
 
 def _token_rows_pieces(
-    unit: Unit, call: Call, batch_size: int, grad_scale: float, flattened: int | None = None
+    unit: Unit,
+    call: Call,
+    batch_size: int,
+    grad_scale: float,
+    flattened: int | None = None,
+    shared: list[bool] | None = None,
 ) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module called on a flattened token batch (an MoE router or its
     experts on ``h.view(-1, d)``): every tensor of the call has B·k rows on dim 0, row r of example r // k
@@ -1027,7 +1042,8 @@ def _token_rows_pieces(
     batch's rows (``TOKEN_ROWS_DIFFER`` otherwise: a capacity limit, or routing that depends on other
     examples' tokens), and the pieces' sum with autograd's gradient (:func:`_check_fallback_sums`).
     B calls of the module on k rows each: the work of one call, without vmap (an MoE layer's data-dependent
-    control flow runs as it is)."""
+    control flow runs as it is). ``flattened`` = 1 with ``shared``: a call that vmap cannot run, each example's
+    row alone; the inputs that ``shared`` marks (not batched: position ids, rotary tables) go whole to each."""
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
     k = call.rows_per_example if flattened is None else flattened
     k_in = k if flattened is None else 1  # rows of one example in the inputs
@@ -1035,7 +1051,9 @@ def _token_rows_pieces(
     out_leaves = flat_leaves(call.output)
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
     in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
-    for t, want in [*((t, batch_size * k_in) for t in in_leaves), *((t, n) for t in out_leaves)]:
+    whole = shared or [False] * len(in_leaves)  # inputs every example gets whole (not batched)
+    batched_in = [t for t, w in zip(in_leaves, whole) if not w]
+    for t, want in [*((t, batch_size * k_in) for t in batched_in), *((t, n) for t in out_leaves)]:
         if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != want:
             raise NotExact(
                 f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {want} token rows",
@@ -1061,7 +1079,7 @@ def _token_rows_pieces(
     with autocast_as(call.autocast), torch.enable_grad():
         for b in range(batch_size):
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
-            args, kwargs = tree_unflatten([rows(t, b, k_in) for t in in_leaves], in_spec)
+            args, kwargs = tree_unflatten([t if w else rows(t, b, k_in) for t, w in zip(in_leaves, whole)], in_spec)
             try:
                 with RandomCalls(stop=True):  # a draw would differ from the forward's (and move the RNG)
                     leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))

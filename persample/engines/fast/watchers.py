@@ -891,6 +891,8 @@ def _mixes_raw_rows(name: str, args, kwargs, batch_size: int) -> str | None:
         return None
     position, keyword, default = _RAW_MIXING[name]
     if name == "__getitem__":
+        if t.layout == torch.strided and t.stride(0) == 0:
+            return None  # an expansion over dim 0 (Qwen3.5's position ids[1:]): its rows are one row, no example's
         index = args[1] if len(args) > 1 else None
         first = index[0] if isinstance(index, tuple) and index else index
         if isinstance(first, slice):
