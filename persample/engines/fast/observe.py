@@ -610,7 +610,7 @@ def _cross_entropy_at_output(loss_fn, detached: list, spec, targets, differentia
     ):
         return None
     with torch.no_grad():
-        losses = _class_index_loss(x, y, options, call.function)  # L_i = ℓ_i / [y_i not ignored], as traced
+        losses = _class_index_loss(x, y, options, call.function, x.shape[0])  # L_i = ℓ_i / [y_i kept], as traced
         if losses is None:
             return None
         kept = (y != options.get("ignore_index", -100)).unsqueeze(1)
