@@ -37,14 +37,14 @@ from ._model import (
 from .batch_loss import check_batch_loss, gradient_multiple, loss_parts
 from .contract import PRECONDITIONS, refusal
 from .errors import BatchLossMismatch
-from ._host_reads import one_host_read
+from ._host_reads import one_host_read, open_checks
 from ._progress import progress_bar
 from ._warn import short_reason, user_stacklevel
 from .errors import NotExact, PersampleError
 from .engines.fast import fast_grad_stats
 from .engines.fast.grads import fast_per_example_grads
 from .engines.fast.plan import planned_sharding
-from .engines.fast.recurrent import has_recurrent_layers, output_checks_read_with_the_step, reads_alone
+from .engines.fast.recurrent import has_recurrent_layers, output_checks_read_with_the_step
 from .engines.loop import loop_grad_stats, loop_grads
 from .engines.vmap import per_example_grads, vmap_grad_stats
 from .errors import SlowPathWarning
@@ -354,7 +354,8 @@ def compute_stats(
                 _check_loss_in_the_model(model, loss_fn, batch, stats.mean, found)
             return stats
 
-        if "fast" not in chain or not reads_alone() or not has_recurrent_layers(model):
+        # (inside a step that gathers its host reads, the step reads the check and runs again: statistics_step)
+        if "fast" not in chain or open_checks() is not None or not has_recurrent_layers(model):
             return statistics()
         # A recurrent layer's check of its output is read with the call's other host reads (one read in all);
         # where it fails, the call runs again from the model and random generators as found

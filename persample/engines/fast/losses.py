@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves
 
-__all__ = ["closed_form_losses", "traced_standard_loss", "StandardLoss"]
+__all__ = ["closed_form_losses", "standard_losses", "traced_standard_loss", "StandardLoss"]
 
 #: The standard losses with a closed form here, and their kind.
 _STANDARD: dict[Callable[..., Tensor], str] = {
@@ -292,9 +292,16 @@ def closed_form_losses(loss_fn: Callable, output: Any, targets: Any, batch_size:
     """``[B]`` per-example losses for a standard loss, or None when there is no closed form here (given
     ``batch_size``, also of a standard loss on views of the output and targets: the module docstring)."""
     call = traced_standard_loss(loss_fn, output, targets, batch_size)
-    if call is None or not isinstance(call.input, Tensor) or not isinstance(call.target, Tensor):
+    return None if call is None else standard_losses(call)
+
+
+def standard_losses(call: StandardLoss) -> Tensor | None:
+    """``[B]`` per-example losses of a traced standard loss (:func:`traced_standard_loss`), differentiable,
+    or None where it has no closed form here (another reduction, element weights, shapes it does not
+    cover). B is the input's rows over ``call.rows``, the rows of one example."""
+    if not isinstance(call.input, Tensor) or not isinstance(call.target, Tensor):
         return None
-    options = call.options
+    options = dict(call.options)
     if (
         options.pop("reduction") != "mean"
         or options.pop("size_average") is not None

@@ -56,7 +56,7 @@ from .engine import (
     per_example_losses,
     reduce_pieces,
 )
-from .losses import _class_index_loss, traced_standard_loss
+from .losses import standard_losses, traced_standard_loss
 from .model_loss import observed_model_losses
 from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
@@ -590,17 +590,11 @@ def _cross_entropy_at_output(loss_fn, detached: list, spec, targets, differentia
     call = traced_standard_loss(loss_fn, tree_unflatten(detached, spec), targets)
     if call is None or call.kind != "ce":
         return None
-    x, y, options = call.input, call.target, dict(call.options)
-    plain = (
-        options.get("reduction") == "mean"
-        and options.get("size_average") is None
-        and options.get("reduce") is None
-        and options.get("weight") is None
-        and not options.get("label_smoothing")
-    )
+    x, y, options = call.input, call.target, call.options
     index = next((i for i in differentiable if detached[i] is x), None)
     if (
-        not plain
+        options.get("weight") is not None
+        or options.get("label_smoothing")
         or index is None
         or x.dim() != 2
         or y.dim() != 1
@@ -610,7 +604,7 @@ def _cross_entropy_at_output(loss_fn, detached: list, spec, targets, differentia
     ):
         return None
     with torch.no_grad():
-        losses = _class_index_loss(x, y, options, call.function, x.shape[0])  # L_i = ℓ_i / [y_i kept], as traced
+        losses = standard_losses(call)  # L_i = ℓ_i / [y_i kept]; None: not the mean reduction
         if losses is None:
             return None
         kept = (y != options.get("ignore_index", -100)).unsqueeze(1)

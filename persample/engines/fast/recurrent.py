@@ -62,7 +62,6 @@ __all__ = [
     "cuttable_call",
     "has_recurrent_layers",
     "output_checks_read_with_the_step",
-    "reads_alone",
     "raise_if_outputs_not_reproduced",
     "OutputNotReproduced",
 ]
@@ -443,12 +442,6 @@ def _takes_output(recomputed: Tensor, known: Tensor) -> bool:
         return bool(verdict)
     verdicts.add(verdict, checks)
     return True
-
-
-def reads_alone() -> bool:
-    """Whether a call here reads its host values on its own: no step is gathering them
-    (:func:`output_checks_read_with_the_step`, :func:`persample._host_reads.one_host_read`)."""
-    return _DEFERRED.get() is None and open_checks() is None
 
 
 def has_recurrent_layers(model: nn.Module) -> bool:
