@@ -77,6 +77,25 @@ class Unbatched(nn.Embedding):
         return super().forward(torch.arange(ids.shape[1]))
 
 
+class FromShape(nn.Embedding):
+    """Blenderbot: positions from the input's shape alone (a ``torch.Size`` and an int, no tensor), no
+    batch dim."""
+
+    def forward(self, input_shape, past_length=0):
+        return super().forward(torch.arange(past_length, past_length + input_shape[1]))
+
+
+class FromShapeModel(nn.Module):
+    def __init__(self, length):
+        super().__init__()
+        self.words = nn.Embedding(V, D, padding_idx=0)
+        self.positions = FromShape(length, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.words(ids) + self.positions(ids.shape))).mean(1)
+
+
 class Model(nn.Module):
     def __init__(self, positions, words=None):
         super().__init__()
@@ -103,6 +122,7 @@ def _batch(length=T):
         lambda: Model(Positions(T + 2, D), words=Scaled(V, D, padding_idx=0)),
         lambda: Model(Unbatched(T, D), words=Offset(V, D)),
         lambda: Model(Positions(T + 2, D), words=ScaledByBuffer(V, D, padding_idx=0)),
+        lambda: FromShapeModel(T),
     ],
     ids=[
         "positions",
@@ -110,6 +130,7 @@ def _batch(length=T):
         "scaled-words",
         "positions-without-batch-dim+offset-words",
         "buffer-scaled-words",
+        "positions-from-the-shape-alone",
     ],
 )
 def test_subclass_rule_is_exact(build):
@@ -132,8 +153,10 @@ def test_subclass_rule_is_exact(build):
         # a position table of length B: the row probe (BATCH_MIXED) or the rule (BATCH_DIM_AMBIGUOUS) refuses
         (lambda: Model(Unbatched(B, D)), B, ("BATCH_MIXED", "BATCH_DIM_AMBIGUOUS")),
         (lambda: Model(Positions(T + 2, D), words=Flipped(V, D)), T, "BATCH_MIXED"),
+        # from the shape alone, T = B: dim 0 could be the batch's, so not expanded; the row probe refuses
+        (lambda: FromShapeModel(B), B, ("BATCH_MIXED", "BATCH_DIM_AMBIGUOUS")),
     ],
-    ids=["other-op", "positions-without-batch-dim-of-length-B", "rows-reordered"],
+    ids=["other-op", "positions-without-batch-dim-of-length-B", "rows-reordered", "from-the-shape-of-length-B"],
 )
 def test_what_the_rule_does_not_cover_is_refused_and_auto_stays_exact(build, length, code):
     torch.manual_seed(0)

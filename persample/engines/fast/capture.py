@@ -386,6 +386,25 @@ def capturing(
                 )
                 return None
             original = output[:1] if on.original.dim() == x.dim() else output[0]  # type: ignore[union-attr]  # on: x is set
+        elif (
+            unit.rule is not None
+            and unit.rule.batchless_output
+            and x is None
+            and isinstance(output, Tensor)
+            and output.requires_grad
+            and output.dim() > 0
+            and output.shape[0] != batch_size
+            and not any(batch_dependent(t) for t in tensors_in((args, kwargs)))
+        ):
+            # made from no tensor of the batch (Blenderbot's positions from the input's shape alone): one
+            # output for every example. Dim 0 of the batch's size could be positions: not expanded, left to
+            # the watchers and the audit as any output
+            expanded = output.unsqueeze(0).expand(batch_size, *output.shape)
+            label = (
+                f"module {unit.name or '<root>'}: its output of shape {tuple(output.shape)}, computed from no "
+                f"tensor of the batch, has no batch dim (dim 0 is not the batch of {batch_size}), so it was "
+                "expanded over the batch"
+            )
         elif unit.rule is not None and isinstance(output, Tensor) and output.requires_grad and x is not None:
             shape = tuple(x.shape)
             if (
