@@ -310,6 +310,11 @@ SQUARE_MIXES = {
     "permute": lambda h: h.permute(1, 0, 2, 3),
     "einsum-swap": lambda h: torch.einsum("bchw->cbhw", h),
     "group_norm-of-transpose": lambda h: F.group_norm(h.transpose(0, 1), 2).transpose(0, 1),
+    # slices, concatenations, stacks and expansions keep rows along other dims only
+    "shift-by-cat": lambda h: torch.cat([h[1:], h[:1]]),
+    "unbind-and-stack-on-dim-1": lambda h: torch.stack(h.unbind(0), 1),
+    "first-example-expanded": lambda h: h + h[:1].expand_as(h),
+    "channel-scaled-by-another-example": lambda h: h * h[:, :1, :1, :1].reshape(1, -1, 1, 1),
 }
 
 
@@ -361,4 +366,68 @@ def test_a_shape_keeping_mix_across_square_channels_is_still_refused(name):
     with pytest.raises(persample.NotExact) as err:
         with persample.Tracker(model, F.cross_entropy).observe(y):
             F.cross_entropy(model(x), y).backward()
+    assert err.value.code in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE")
+
+
+class _HeadsAsExamples(nn.Module):
+    """Self-attention written as Hugging Face writes it, with as many heads as examples (4 at B = 4):
+    ``[B, T, H, d]`` transposed to ``[B, H, T, d]``, fused attention, and back, so every attention tensor
+    has a dim of the batch's size off dim 0 (the shapes cannot tell heads from examples). ``mix`` changes
+    the keys before the attention."""
+
+    heads, width = 4, 3
+
+    def __init__(self, mix=None):
+        super().__init__()
+        self.qkv = nn.Linear(5, 3 * self.heads * self.width)
+        self.out = nn.Linear(self.heads * self.width, 2)
+        self.mix = mix
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        split = self.qkv(x).view(batch, length, 3, self.heads, self.width)
+        q, k, v = (split[:, :, i].transpose(1, 2) for i in range(3))
+        if self.mix is not None:
+            k = self.mix(k)
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.transpose(1, 2).reshape(batch, length, -1)).mean(1)
+
+
+#: Key mixes that keep every shape at B = H: only the probe of the rows (or a named check) can see them.
+KEY_MIXES = {
+    "heads-and-examples-swapped": lambda k: k.transpose(0, 1),
+    "permuted-dim-0-to-1": lambda k: k.permute(1, 0, 2, 3),
+    "keys-of-the-batch-mean": lambda k: k + k.mean(0, keepdim=True),
+}
+
+
+def test_attention_with_as_many_heads_as_examples_is_exact_without_a_probe(monkeypatch):
+    """Transposes and permutes that leave dim 0 in place, and fused attention on activations, compute each
+    example's rows alone whatever H is: no probe of the rows (on the larger GPT-2 of the benchmarks, 8 heads
+    at B = 8, a whole extra backward on every call), and the statistics are the float64 oracle's."""
+    probes = _counted_probes(monkeypatch)
+    torch.manual_seed(0)
+    model = _HeadsAsExamples().double()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    grads, _ = oracle_grads(model, F.mse_loss, x, y)
+    stats = persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    assert_dicts_close(stats.param_sq_norms, {k: g.flatten(1).pow(2).sum(1) for k, g in grads.items()})
+    assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()})
+    assert_dicts_close(stats.var, {k: g.var(0) for k, g in grads.items()})
+    assert not probes
+
+
+@pytest.mark.parametrize("name", list(KEY_MIXES))
+def test_keys_from_other_examples_are_still_refused_with_as_many_heads_as_examples(name):
+    """The same attention with every query attending to other examples' keys (heads and examples swapped in
+    the keys alone, or the batch's mean added): refused by fast and observe."""
+    torch.manual_seed(0)
+    model = _HeadsAsExamples(KEY_MIXES[name]).double()
+    x, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    with pytest.raises(persample.NotExact) as err:
+        persample.grad_stats(model, F.mse_loss, x, y, engine="fast")
+    assert err.value.code in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE")
+    with pytest.raises(persample.NotExact) as err:
+        with persample.Tracker(model, F.mse_loss).observe(y):
+            F.mse_loss(model(x), y).backward()
     assert err.value.code in ("BATCH_MIXED", "EXAMPLE_DIFFERS_ALONE")

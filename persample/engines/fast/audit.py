@@ -351,21 +351,67 @@ _PER_SAMPLE = frozenset(
 #: (:data:`_ALONG_DIMS`, not the row indexing ones) keep the rows too.
 _RESHAPES = frozenset({"ViewBackward", "UnsafeViewBackward", "ReshapeAliasBackward"})
 
+#: Ops that select, slice, split, squeeze, unsqueeze, concatenate or stack along their saved dims: where
+#: dim 0 is not among them, row i of the result comes from row i of each operand alone. The dims count in
+#: the input's dims ("in", with its sizes saved), the output's ("out"), or one more than the output's
+#: ("unbound": unbind drops the dim).
+_ALONG_OTHER_DIMS = {
+    "SelectBackward": "in",
+    "SliceBackward": "in",
+    "SplitBackward": "in",
+    "SplitWithSizesBackward": "in",
+    "SqueezeBackward": "in",
+    "UnbindBackward": "unbound",
+    "UnsqueezeBackward": "out",
+    "CatBackward": "out",
+    "StackBackward": "out",
+}
+
+#: Fused scaled dot-product attention: out[i] = attention(q[i], k[i], v[i]) for every index i of the dims
+#: before the last two, so row i of dim 0 of the result comes from rows i of its operands alone, where each
+#: operand is an activation of the graph (checked for itself) or computed from parameters alone.
+_ATTENTION = frozenset(
+    {
+        "ScaledDotProductFlashAttentionForCpuBackward",
+        "ScaledDotProductFlashAttentionBackward",
+        "ScaledDotProductEfficientAttentionBackward",
+        "ScaledDotProductCudnnAttentionBackward",
+    }
+)
+
 
 def _keeps_rows(node, base: str, activations: frozenset | set) -> bool:
     """Whether the op of ``node`` (name ``base`` without its number) maps row i of dim 0 of its activation
-    input to row i of its result and nothing else there: see :data:`_PER_SAMPLE` and :data:`_RESHAPES`.
+    input to row i of its result and nothing else there: see :data:`_PER_SAMPLE` and :data:`_RESHAPES`,
+    a transpose or permute that leaves dim 0 in place (attention's ``[B, H, T, d] → [B, T, H, d]``,
+    whatever H is), an expansion that keeps dim 0, :data:`_ALONG_OTHER_DIMS` and :data:`_ATTENTION`.
     The activation must be a node of the graph (checked for itself, so by induction its dim 0 holds the
     batch); the op's other inputs (weights, biases) must come from parameters alone. Unreadable saved
     arguments: not known to keep the rows (the probe runs)."""
     edges = [nxt for nxt, _ in node.next_functions]
-    if not edges or edges[0] is None or _is_parameter(edges[0], activations):
+    if base in _ATTENTION or base in ("CatBackward", "StackBackward"):  # several operands of the batch
+        # each a node of the graph (no edge: a tensor the graph does not show), one of them an activation
+        if not all(
+            nxt is not None and (_of_parameters_only(nxt, activations) or not _is_parameter(nxt, activations))
+            for nxt in edges
+        ) or all(_of_parameters_only(nxt, activations) for nxt in edges):
+            return False
+    elif not edges or edges[0] is None or _is_parameter(edges[0], activations):
         return False
-    if not all(nxt is None or _of_parameters_only(nxt, activations) for nxt in edges[1:]):
+    elif not all(nxt is None or _of_parameters_only(nxt, activations) for nxt in edges[1:]):
         return False
     try:
+        if base in _ATTENTION:
+            return True
         if base in _RESHAPES:
             return int(node._saved_self_sym_sizes[0]) == int(node._input_metadata[0].shape[0])
+        if base in ("TransposeBackward", "PermuteBackward"):  # other dims moved within each row of dim 0
+            return not _moves_dim_zero(node, activations)
+        if base in _ALONG_OTHER_DIMS:
+            return _along_other_dims(node, base)
+        if base == "ExpandBackward":  # sizes of 1 expanded, dim 0 kept (not new leading dims)
+            sizes, shape = tuple(node._saved_self_sym_sizes), node._input_metadata[0].shape
+            return len(sizes) == len(shape) and int(sizes[0]) == int(shape[0])
         if base in _ALONG_DIMS and base not in _ROW_INDEXING and node.name() not in _FULL_REDUCTIONS:
             dims, shape = getattr(node, _ALONG_DIMS[base], None), _node_input_shape(node)
             dims = [dims] if isinstance(dims, int) else list(dims or ())
@@ -375,6 +421,19 @@ def _keeps_rows(node, base: str, activations: frozenset | set) -> bool:
     except (AttributeError, IndexError, RuntimeError, TypeError, ValueError, ZeroDivisionError):
         return False
     return base in _PER_SAMPLE
+
+
+def _along_other_dims(node, base: str) -> bool:
+    """Whether the op of ``node`` (one of :data:`_ALONG_OTHER_DIMS`) works along dims other than 0. Raises
+    ``AttributeError`` and the like where its saved dims cannot be read (the caller: not known to keep rows)."""
+    counted = _ALONG_OTHER_DIMS[base]
+    if counted == "in":
+        ndim = len(node._saved_self_sym_sizes)
+    else:
+        ndim = len(node._input_metadata[0].shape) + (counted == "unbound")
+    dims = node._saved_dim
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return bool(dims) and ndim > 0 and 0 not in {_signed(int(d)) % ndim for d in dims}
 
 
 def _seq_first(units: list[Unit], inputs_moved: bool) -> bool:
