@@ -413,11 +413,8 @@ def _keeps_rows(node, base: str, activations: frozenset | set) -> bool:
             sizes, shape = tuple(node._saved_self_sym_sizes), node._input_metadata[0].shape
             return len(sizes) == len(shape) and int(sizes[0]) == int(shape[0])
         if base in _ALONG_DIMS and base not in _ROW_INDEXING and node.name() not in _FULL_REDUCTIONS:
-            dims, shape = getattr(node, _ALONG_DIMS[base], None), _node_input_shape(node)
-            dims = [dims] if isinstance(dims, int) else list(dims or ())
-            if not dims or not shape:
-                return False  # no dims saved: along every dim, dim 0 included
-            return 0 not in {_signed(int(d)) % len(shape) for d in dims}
+            # no dims saved: along every dim, dim 0 included
+            return _other_dims_than_zero(getattr(node, _ALONG_DIMS[base], None), len(_node_input_shape(node) or ()))
     except (AttributeError, IndexError, RuntimeError, TypeError, ValueError, ZeroDivisionError):
         return False
     return base in _PER_SAMPLE
@@ -431,8 +428,13 @@ def _along_other_dims(node, base: str) -> bool:
         ndim = len(node._saved_self_sym_sizes)
     else:
         ndim = len(node._input_metadata[0].shape) + (counted == "unbound")
-    dims = node._saved_dim
-    dims = [dims] if isinstance(dims, int) else list(dims)
+    return _other_dims_than_zero(node._saved_dim, ndim)
+
+
+def _other_dims_than_zero(dims, ndim: int) -> bool:
+    """Whether saved ``dims`` (an int or a sequence; negative ones come back unsigned) name some dims of a
+    tensor of ``ndim`` dims, none of them dim 0."""
+    dims = [dims] if isinstance(dims, int) else list(dims or ())
     return bool(dims) and ndim > 0 and 0 not in {_signed(int(d)) % ndim for d in dims}
 
 
