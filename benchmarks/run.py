@@ -10,7 +10,11 @@ once and check the output against persample's per-example gradients, call it
 once more to warm up (and size the samples), then time ``--repeats`` samples (fewer if one call is
 slow, see ``--budget``), each of as many back-to-back calls as fill ``MIN_SAMPLE_S``, and take the
 median time per call; finally measure the peak memory of one
-more call. The ratio is the median over ``plain``'s median in the same run.
+more call. Each sample of a method follows a sample of ``plain`` on the same problem (timed
+alike), and the ratio is the median over samples of the sample's time over that plain sample's:
+both see the same state of the machine, so a drift of its speed during the run cancels
+(``--unpaired``: the method's median over ``plain``'s median in the same run, as before
+2026-12-08).
 A method that fails or does not support a model is recorded with the reason;
 it never stops the run. See ``benchmarks/README.md``.
 """
@@ -340,29 +344,56 @@ def calls_per_sample(seconds_per_call: float) -> int:
     return max(1, math.ceil(MIN_SAMPLE_S / max(seconds_per_call, 1e-9)))
 
 
-def timed_repeats(
-    step: Callable[[], object], count: int, sync, *, retries: int, wait_s: float, calls: int = 1
-) -> tuple[list[float], float | None, int]:
-    """``count`` timed samples of ``calls`` calls each, retried (after ``wait_s``) while other
-    processes load the CPU.
+@dataclass(frozen=True)
+class Baseline:
+    """``plain``'s step on the same problem, timed just before every sample of another method, so that
+    each ratio is taken between two neighbouring samples (a drift of the machine's speed during the
+    run, which moves both alike, cancels; see :func:`timed_repeats`)."""
 
-    Returns the per-call times of the least contended attempt, its foreign CPU
-    share and the number of attempts.
+    step: Callable[[], object]
+    calls: int  # calls per baseline sample (:func:`calls_per_sample` of plain's own time)
+    release: Callable[[], None] = lambda: None
+
+
+def timed_repeats(
+    step: Callable[[], object],
+    count: int,
+    sync,
+    *,
+    retries: int,
+    wait_s: float,
+    calls: int = 1,
+    baseline: Baseline | None = None,
+) -> tuple[list[float], list[float] | None, float | None, int]:
+    """``count`` timed samples of ``calls`` calls each, retried (after ``wait_s``) while other
+    processes load the CPU. With a ``baseline``, each sample is preceded by one baseline sample.
+
+    Returns the per-call times of the least contended attempt, the baseline's per-call times of the
+    same attempt (None without a baseline), its foreign CPU share and the number of attempts.
     """
-    best: tuple[list[float], float | None] | None = None
+    best: tuple[list[float], list[float] | None, float | None] | None = None
     attempts = 0
     for attempts in range(1, retries + 2):
         load = ForeignLoad()
         load.start()
-        times = [timed_sample(step, calls, sync) for _ in range(count)]
+        times, base = [], [] if baseline is not None else None
+        for _ in range(count):
+            if baseline is not None and base is not None:
+                base.append(timed_sample(baseline.step, baseline.calls, sync))
+            times.append(timed_sample(step, calls, sync))
         share = load.share()
-        if best is None or (share is not None and best[1] is not None and share < best[1]):
-            best = (times, share)
+        if best is None or (share is not None and best[2] is not None and share < best[2]):
+            best = (times, base, share)
         if share is None or share <= CONTENTION:
             break
         if attempts <= retries:
             time.sleep(wait_s)
-    return best[0], best[1], attempts
+    return best[0], best[1], best[2], attempts
+
+
+def paired_ratio(times: list[float], baseline: list[float]) -> float:
+    """The median over samples of each sample's time over the baseline sample taken just before it."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
 
 
 def repeats_within_budget(seconds_per_call: float, repeats: int, budget_s: float) -> int:
@@ -388,9 +419,13 @@ def classify_failure(err: BaseException) -> tuple[str, str]:
     return status, reason[:300]
 
 
-def measure_method(method: Method, problem, reference, settings: "Settings", memory) -> dict:
-    """Check, time and measure one method on one problem; never raises."""
+def measure_method(
+    method: Method, problem, reference, settings: "Settings", memory, baseline: Baseline | None = None
+) -> dict:
+    """Check, time and measure one method on one problem; never raises. With a ``baseline`` (plain's
+    step), ``paired_ratio`` is the median of the method's samples over the baseline's interleaved ones."""
     record = {
+        "paired_ratio": None,
         "median_s": None,
         "min_s": None,
         "peak_mem_bytes": None,
@@ -417,10 +452,17 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         per_call = timed_sample(prepared.step, 1, sync)  # the last warm-up call sizes the samples
         calls = calls_per_sample(per_call)
         count = repeats_within_budget(per_call * calls, settings.repeats, settings.budget_s)
-        times, foreign, attempts = timed_repeats(
-            prepared.step, count, sync, retries=settings.retries, wait_s=settings.wait_s, calls=calls
+        times, base, foreign, attempts = timed_repeats(
+            prepared.step,
+            count,
+            sync,
+            retries=settings.retries,
+            wait_s=settings.wait_s,
+            calls=calls,
+            baseline=baseline,
         )
         record.update(
+            paired_ratio=paired_ratio(times, base) if base else None,
             median_s=statistics.median(times),
             min_s=min(times),
             repeats=count,
@@ -433,7 +475,7 @@ def measure_method(method: Method, problem, reference, settings: "Settings", mem
         prepared.release()
     except Exception as err:  # noqa: BLE001 - every failure is recorded, none stops the run
         status, reason = classify_failure(err)
-        record.update(status=status, reason=reason, median_s=None, min_s=None, repeats=0)
+        record.update(status=status, reason=reason, median_s=None, min_s=None, repeats=0, paired_ratio=None)
     return record
 
 
@@ -510,6 +552,7 @@ class Settings:
     retries: int = 0  # re-timings when other processes load the CPU (see ForeignLoad)
     wait_s: float = 10.0  # pause before each re-timing
     autocast: str | None = None  # "bf16"/"fp16": every call (the reference's too) under torch.autocast
+    paired: bool = True  # each sample after a sample of plain: ratios of neighbouring samples (Baseline)
 
     def autocasting(self):
         """The autocast context of every call (a no-op context without ``autocast``)."""
@@ -547,6 +590,9 @@ def run_case(
         problem, reason = None, f"case could not be built: {classify_failure(err)[1]}"
         build_status = "unavailable" if isinstance(err, ImportError) else "failed"
     records = []
+    baseline = None
+    if problem is not None and settings.paired and any(m.name == "plain" for m in methods):
+        baseline = _plain_baseline(next(m for m in methods if m.name == "plain"), problem, settings)
     for method in methods:
         progress.start(f"{case.label} {method.name}")
         if problem is None:
@@ -562,7 +608,8 @@ def run_case(
                 "attempts": 0,
             }
         else:
-            result = measure_method(method, problem, reference, settings, memory)
+            paired = baseline if method.name != "plain" else None
+            result = measure_method(method, problem, reference, settings, memory, baseline=paired)
         if problem is not None and reference is None and result["status"] == "ok":
             result["reason"] = f"unchecked: reference failed ({reference_error})"
         records.append(
@@ -579,10 +626,29 @@ def run_case(
         if settings.device.type == "cuda":
             torch.cuda.empty_cache()  # hand back what one method cached before the next one runs
         progress.advance()
+    if baseline is not None:
+        baseline.release()
     plain = next((r["median_s"] for r in records if r["method"] == "plain"), None)
     for r in records:
-        r["ratio"] = r["median_s"] / plain if plain and r["median_s"] is not None else None
+        r["ratio_of_medians"] = r["median_s"] / plain if plain and r["median_s"] is not None else None
+        paired = r.get("paired_ratio")
+        r["ratio"] = r["ratio_of_medians"] if paired is None or r["method"] == "plain" else paired
     return records
+
+
+def _plain_baseline(plain: Method, problem, settings: Settings) -> Baseline | None:
+    """``plain``'s step made ready and warmed up as a :class:`Baseline`, or None where it fails (the
+    ratios are then those of the medians, as without ``--paired``)."""
+    sync = synchronizer(settings.device)
+    try:
+        with settings.autocasting():
+            prepared = _autocast_prepared(plain.prepare(problem), settings)
+        for _ in range(WARMUP_CALLS):
+            timed_sample(prepared.step, 1, sync)
+        calls = calls_per_sample(timed_sample(prepared.step, 1, sync))
+    except Exception:  # noqa: BLE001 - plain's own record says why
+        return None
+    return Baseline(step=prepared.step, calls=calls, release=prepared.release)
 
 
 def run(
@@ -609,6 +675,7 @@ def run(
         "load_before": load_average(),
         "autocast": settings.autocast,
         "allocator": allocator,
+        "paired": settings.paired,
     }
     common = {
         "device": meta["device"],
@@ -697,18 +764,19 @@ def headline_table(records: list[dict]) -> str:
 def records_table(records: list[dict]) -> str:
     """Markdown: every record with its time, ratio, peak memory, error and status."""
     lines = [
-        "| case | B | method | median (ms) | min (ms) | ratio | peak mem (MiB) | max rel err | repeats "
-        "| other CPU | status |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| case | B | method | median (ms) | min (ms) | ratio | ratio of medians | peak mem (MiB) | max rel err "
+        "| repeats | other CPU | status |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         mem = "" if r["peak_mem_bytes"] is None else f"{r['peak_mem_bytes'] / 2**20:.1f}"
         err = "" if r["max_rel_err"] is None else f"{r['max_rel_err']:.1e}"
         ratio = "" if r["ratio"] is None else _fmt_ratio(r["ratio"])
+        of_medians = "" if r.get("ratio_of_medians") is None else _fmt_ratio(r["ratio_of_medians"])
         other = "" if r.get("foreign_cpu") is None else f"{r['foreign_cpu']:.0%}"
         lines.append(
             f"| {r['case']} | {r['batch_size']} | `{r['method']}` | {_fmt_ms(r['median_s'])} | "
-            f"{_fmt_ms(r.get('min_s'))} | {ratio} | {mem} | {err} | {r['repeats']} | {other} | "
+            f"{_fmt_ms(r.get('min_s'))} | {ratio} | {of_medians} | {mem} | {err} | {r['repeats']} | {other} | "
             f"{r['status']} |"
         )
     return "\n".join(lines)
@@ -738,8 +806,14 @@ def render_markdown(records: list[dict], meta: dict) -> str:
             f"- Command: `{meta.get('command', '')}`; started {meta['started']}, took {meta['total_s']:.0f} s; "
             f"1-min load average {meta['load_before']} before, {meta['load_after']} after",
             f"- Time: median over `repeats` samples of the time per call, each sample being as many back-to-back "
-            f"calls as last {MIN_SAMPLE_S * 1e3:.0f} ms, after {WARMUP_CALLS} warm-up calls; ratio = median / `plain` "
-            "median in the same run (lower is better). Each call is a full step, forward pass included.",
+            f"calls as last {MIN_SAMPLE_S * 1e3:.0f} ms, after {WARMUP_CALLS} warm-up calls; ratio = "
+            + (
+                "median over samples of the sample's time / the `plain` sample timed just before it (paired; "
+                "`ratio of medians`: median / `plain` median in the same run)"
+                if meta.get("paired")
+                else "median / `plain` median in the same run"
+            )
+            + " (lower is better). Each call is a full step, forward pass included.",
             f"- Peak memory: {meta['memory_method']}.",
             f"- Allocator: {meta.get('allocator', 'default')} (`--default-malloc` keeps glibc's defaults).",
             f"- Contention: `other CPU` is the share of all CPUs that other processes used while a method was "
@@ -842,6 +916,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         f"than {CONTENTION:.0%}% of the CPUs (default 2, 0 with --quick)",
     )
     p.add_argument("--retry-wait", type=float, default=10.0, help="seconds to wait before a re-timing (default 10)")
+    p.add_argument(
+        "--unpaired",
+        action="store_true",
+        help="time plain once per case, not before each sample of every method (ratios of medians)",
+    )
     p.add_argument("--list", action="store_true", help="list the selected cases and methods and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -878,6 +957,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         retries=args.retries,
         wait_s=args.retry_wait,
         autocast=args.autocast,
+        paired=not args.unpaired,
     )
     # A process-wide setting: made here, by the script, never by run() (which tests call in-process).
     allocator = tune_malloc() if args.device == "cpu" and not args.default_malloc else "default"

@@ -243,3 +243,50 @@ def test_median_of_runs_takes_each_ratio_within_its_own_run():
     assert merged["fast"]["ratio"] == 1.2 and merged["plain"]["median_s"] == 2.0
     assert merged["peer"]["status"] == "wrong"  # wrong in any run is wrong
     assert merged["fast"]["runs_ratios"] == [1.2, 1.1, 1.3]
+
+
+def test_ratios_are_paired_with_a_neighbouring_plain_sample():
+    """Each sample of a method is timed right after one of plain, and the ratio is the median of their
+    quotients: on a machine whose speed halves during the timing (a fake clock), every quotient is still
+    the true 3. run() records the paired ratio (1.0 for plain itself), and --unpaired the ratio of medians."""
+    bench, cases, methods = load_bench()
+    clock = {"t": 0.0, "calls": 0}
+
+    def slow_later(cost):  # a step costing `cost`, twice as much from the 6th sample on
+        def step():
+            clock["calls"] += 1
+            clock["t"] += cost * (2.0 if clock["calls"] > 12 else 1.0)
+
+        return step
+
+    def fake(cost):
+        def prepare(problem):
+            return methods.Prepared(slow_later(cost), lambda raw: {"mean": {}})
+
+        return prepare
+
+    assert bench.paired_ratio([3.0, 6.0, 6.0], [1.0, 2.0, 2.0]) == 3.0
+    times, base, _, _ = bench.timed_repeats(
+        slow_later(3.0), 9, lambda: None, retries=0, wait_s=0.0, baseline=bench.Baseline(slow_later(1.0), calls=1)
+    )
+    assert len(times) == len(base) == 9
+    original = bench.time.perf_counter
+    bench.time.perf_counter = lambda: clock["t"]
+    try:
+        clock.update(t=0.0, calls=0)
+        times, base, _, _ = bench.timed_repeats(
+            slow_later(3.0), 9, lambda: None, retries=0, wait_s=0.0, baseline=bench.Baseline(slow_later(1.0), calls=1)
+        )
+    finally:
+        bench.time.perf_counter = original
+    assert bench.paired_ratio(times, base) == pytest.approx(3.0)
+    settings = bench.Settings(torch.device("cpu"), repeats=3, budget_s=1.0)
+    chosen = [methods.Method("plain", methods.plain), methods.Method("plain-again", methods.plain)]
+    records, meta = bench.run([tiny_problem(cases)], chosen, settings, threads=1, show_progress=False)
+    got = {r["method"]: r for r in records}
+    assert meta["paired"] and got["plain"]["ratio"] == 1.0 and got["plain"]["paired_ratio"] is None
+    assert got["plain-again"]["ratio"] == got["plain-again"]["paired_ratio"] > 0
+    assert got["plain-again"]["ratio_of_medians"] > 0
+    unpaired = bench.Settings(torch.device("cpu"), repeats=3, budget_s=1.0, paired=False)
+    records, meta = bench.run([tiny_problem(cases)], chosen, unpaired, threads=1, show_progress=False)
+    assert not meta["paired"] and all(r["ratio"] == r["ratio_of_medians"] for r in records)
