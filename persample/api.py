@@ -155,6 +155,7 @@ def per_sample_grads(
         def run(name: str):
             if name == "fast":
                 keep = first_forward if batch_loss_check else None
+                del first_forward[:]  # what a refused attempt kept (it runs again after a widening: _widening)
                 return fast_per_example_grads(model, loss_fn, batch, randomness=randomness, keep_output=keep)
             if name == "vmap":
                 return per_example_grads(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
@@ -318,6 +319,8 @@ def compute_stats(
     def run(name: str) -> GradStats:
         try:
             if name == "fast":
+                if kept is not None:  # what a refused attempt kept (it runs again after a widening: _widening)
+                    del kept[:]
                 # (the Tracker's check at the output reads a standard loss's L_i off the backward too)
                 at_output = kept is not None and kept is engine_output
                 stats = fast_grad_stats(
@@ -528,7 +531,7 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
             warning.reasons = list(reasons)
             warnings.warn(warning, stacklevel=user_stacklevel())
         try:
-            return run(name)
+            return _widening(run, reset) if name == "fast" else run(name)
         except NotExact as err:
             if position == len(chain) - 1:
                 raise
@@ -550,6 +553,25 @@ def _first_exact(chain: tuple, run: Callable[[str], Any], reset: Callable[[], No
                 f"{str(err).splitlines()[0] if str(err) else ''}). Fix: {PRECONDITIONS['BATCH_OF_ONE_FAILS'].fix}",
             ) from err
     raise AssertionError("unreachable: an engine chain is never empty")
+
+
+#: Runs of the fast engine in one call at most, each after it widened a fallback unit to the parent of a module
+#: whose parameter is used outside it (:func:`persample.engines.fast.plan.widen`): a module tree this deep.
+MAX_WIDENINGS = 8
+
+
+def _widening(run: Callable[[str], Any], reset: Callable[[], None]) -> Any:
+    """``run("fast")``, run again (from the model as found) while its refusal widened a unit
+    (``PARAMETER_USED_OUTSIDE``: the parent of the module whose parameter another module uses becomes
+    one fallback unit). The widening is kept in the model's plan, so later calls take it at once."""
+    for _ in range(MAX_WIDENINGS):
+        try:
+            return run("fast")
+        except NotExact as err:
+            if not getattr(err, "widened", False):
+                raise
+            reset()
+    return run("fast")
 
 
 def _check_chunk_size(chunk_size: int | None) -> None:

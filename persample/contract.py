@@ -355,7 +355,9 @@ PRECONDITIONS: dict[str, Precondition] = _declare(
         _N,
         "backward",
         ("fast", "observe"),
-        "Every parameter a rule covers is used only by the module that owns it",
+        "Every parameter a rule covers is used only by the module that owns it (a use by a module between "
+        "the owner and the root is covered: that module becomes one fallback unit for its subtree, from the "
+        "call that finds it on)",
         "engine='auto' takes the vmap or loop engine",
     ),
     Precondition(

@@ -37,6 +37,7 @@ from ._model import (
     hooked_parameters,
     preserved_state,
     require_module,
+    restore_as_found,
     trainable_parameters,
 )
 from .contract import PRECONDITIONS
@@ -152,8 +153,9 @@ def explain(
 
     Returns an :class:`Explanation`: ``print(report)`` shows tables, ``report.to_dict()`` the data.
     """
-    from .api import _CHAINS, _GRADS_CHAINS
+    from .api import _CHAINS, _GRADS_CHAINS, _widening
     from .engines.fast import fast_grad_stats
+    from .engines.fast.plan import widened_modules
     from .engines.fast.units import find_units
     from .engines.vmap import auto_chunk_size, vmap_grad_stats
 
@@ -163,8 +165,6 @@ def explain(
     count = sum(p.numel() for p in params.values())
     element = max((p.element_size() for p in params.values()), default=4)
     setup = tuple(_setup_refusals(model, randomness))
-    units = find_units(model)
-    modules = tuple(_treatment(unit) for unit in units)
     verdicts: dict[str, EngineVerdict] = {}
     chunk = chunk_size or auto_chunk_size(count, batch.size)
 
@@ -188,7 +188,14 @@ def explain(
             return EngineVerdict(name, False, Refusal.of(err), memory, cost)
         return EngineVerdict(name, True, None, memory, cost)
 
-    verdicts["fast"] = run("fast", lambda: fast_grad_stats(model, loss_fn, batch, randomness=randomness))
+    def fast() -> None:  # as auto runs it: again, from the model as found, after it widened a fallback unit
+        with preserved_state(model) as found:
+            _widening(
+                lambda _: fast_grad_stats(model, loss_fn, batch, randomness=randomness),
+                reset=lambda: restore_as_found(found),
+            )
+
+    verdicts["fast"] = run("fast", fast)
     verdicts["vmap"] = run(
         "vmap", lambda: vmap_grad_stats(model, loss_fn, batch, randomness=randomness, chunk_size=chunk_size)
     )
@@ -204,6 +211,7 @@ def explain(
                 return None
         return None
 
+    modules = tuple(_treatment(unit) for unit in find_units(model, widened_modules(model)))  # (as the run left them)
     entry_points = {
         "grad_stats": first_exact(_CHAINS["auto"]),
         "per_sample_grads": first_exact(_GRADS_CHAINS["auto"]),

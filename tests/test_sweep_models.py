@@ -133,3 +133,51 @@ def test_big_bird_is_refused_with_its_code_left_working_and_the_fix_is_exact():
         assert err.value.code == "RANDOM_UNDER_ERROR"
         assert model.bert.attention_type == "block_sparse"  # as found
         _assert_oracle(persample.grad_stats(model, _loss, inputs, labels, randomness="different"), rows, 1e-9)
+
+
+#: Models whose parameter a module other than its owner uses (PARAMETER_USED_OUTSIDE; auto took the loop for
+#: JetMoE and LongCat, vmap for LFM-3): the owner's parent is now one fallback unit (tests/test_widened_fallback.py).
+_USED_BY_THE_PARENT = {
+    # the mixture of attention experts is never called: the attention calls its map/reduce and reads its bias;
+    # the attention returns its router's [B·T, E] logits beside its [B, T, d] output
+    "jetmoe": lambda: _build(
+        transformers.JetMoeConfig,
+        transformers.JetMoeForCausalLM,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        kv_channels=16,
+        num_key_value_heads=2,
+    ),
+    # the MoE reads its router's classifier weight itself
+    "longcat": lambda: _build(
+        transformers.LongcatFlashConfig,
+        transformers.LongcatFlashForCausalLM,
+        n_routed_experts=4,
+        moe_topk=2,
+        num_key_value_heads=2,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        head_dim=8,
+        ffn_hidden_size=64,
+        expert_ffn_hidden_size=32,
+        zero_expert_num=2,
+        experts_implementation="eager",
+    ),
+    # the short convolution hands its Conv1d's weight to a function
+    "lfm3": lambda: _build(transformers.Lfm3Config, transformers.Lfm3ForCausalLM, num_key_value_heads=2),
+}
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+@pytest.mark.parametrize("name", sorted(_USED_BY_THE_PARENT))
+def test_a_parameter_used_by_its_owners_parent_takes_the_fast_engine(name, padded):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (LFM-3's reference convolution and its config's token ids warn)
+        model = _USED_BY_THE_PARENT[name]()
+        inputs, labels = _batch(padded)
+        rows = _oracle(model, inputs, labels)
+        assert persample.explain(model, _loss, inputs, labels).entry_points["grad_stats"] == "fast"
+        _assert_oracle(persample.grad_stats(model, _loss, inputs, labels, engine="fast"), rows, 1e-9)

@@ -13,6 +13,9 @@
 
 Inside the engines, :func:`vmap_friendly_modules` temporarily routes each such
 module's ``forward`` through these; the module is restored on exit, also on error.
+
+:class:`ParameterReads` guards every ``functional_call`` of the engines: a read of a trainable
+parameter itself (not the tensor substituted for it) would be a term of the gradient lost.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
+from torch.overrides import TorchFunctionMode
+
+from ..contract import PRECONDITIONS, refusal
 
 __all__ = ["rnn_forward", "instance_norm_forward", "vmap_friendly_modules"]
 
@@ -145,3 +151,57 @@ def vmap_friendly_modules(model: nn.Module) -> Iterator[None]:
     finally:
         for m, _ in patched:
             m.__dict__.pop("forward", None)
+
+
+#: Tensor functions and properties that read a parameter's metadata, or nothing a gradient flows through
+#: (``p.shape``, ``p.dtype``, ``p.data``, ``p.detach()``): no term of the gradient is lost there.
+_METADATA = frozenset(
+    {
+        *("dim", "size", "numel", "stride", "is_floating_point", "is_complex", "element_size", "detach"),
+        *("shape", "dtype", "device", "data", "grad", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout"),
+        *("is_cuda", "is_sparse", "is_meta", "itemsize", "nbytes", "names", "_version"),
+    }
+)
+
+
+def _function_name(func) -> str | None:
+    """``func``'s name; for a property read (``p.T``, ``p.shape``: a ``__get__``), the property's."""
+    name = getattr(func, "__name__", None)
+    if name == "__get__":
+        return getattr(getattr(func, "__self__", None), "__name__", None)
+    return name
+
+
+class ParameterReads(TorchFunctionMode):
+    """Refuses (``PARAMETER_NOT_SUBSTITUTED``) an op that reads a trainable parameter itself while
+    ``functional_call`` substitutes the model's parameters: ``loss_fn`` reading ``model.weight`` (a
+    regulariser), or a forward reading a reference kept outside the module tree. ``torch.func`` sees such a
+    read as a constant, so that term of each example's gradient would be lost, silently."""
+
+    def __init__(self, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self.names = {id(p): n for n, p in params.items()}
+
+    def _check(self, value) -> None:
+        if isinstance(value, nn.Parameter):
+            name = self.names.get(id(value))
+            if name is not None:
+                raise refusal(
+                    "PARAMETER_NOT_SUBSTITUTED",
+                    f"parameter {name!r} is read by the forward or loss_fn outside the modules that "
+                    "torch.func.functional_call substitutes (loss_fn reading the model's weights, a reference kept "
+                    "outside the module tree): torch.func would differentiate it as a constant and lose that term "
+                    f"of each example's gradient. Fix: {PRECONDITIONS['PARAMETER_NOT_SUBSTITUTED'].fix}",
+                )
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                self._check(item)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _function_name(func) in _METADATA:  # reads no value that a gradient flows through
+            return func(*args, **kwargs)
+        self._check(args)  # (a Parameter does not show in ``types``: its __torch_function__ is disabled)
+        if kwargs:
+            self._check(tuple(kwargs.values()))
+        return func(*args, **kwargs)

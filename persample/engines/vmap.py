@@ -22,7 +22,6 @@ from typing import Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
-from torch.overrides import TorchFunctionMode
 
 from .._batch import Batch, one_example
 from .._model import (
@@ -41,7 +40,7 @@ from .._model import (
 from ..contract import PRECONDITIONS, refusal
 from ..errors import NotExact
 from ..stats import GradStats
-from ._functional import vmap_friendly_modules
+from ._functional import ParameterReads, vmap_friendly_modules
 from .streaming import stream_grad_stats
 
 __all__ = [
@@ -165,7 +164,7 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
         try:
             yield
         except RuntimeError as err:
-            if isinstance(err, NotExact) and err.code is not None:  # a refusal of its own (_ParameterReads)
+            if isinstance(err, NotExact) and err.code is not None:  # a refusal of its own (ParameterReads)
                 raise
             if is_vmap_randomness_error(err) and randomness == "error":
                 raise randomness_error(
@@ -180,60 +179,6 @@ def _engine_context(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else "(no message)"
-
-
-#: Tensor functions and properties that read a parameter's metadata, or nothing a gradient flows through
-#: (``p.shape``, ``p.dtype``, ``p.data``, ``p.detach()``): no term of the gradient is lost there.
-_METADATA = frozenset(
-    {
-        *("dim", "size", "numel", "stride", "is_floating_point", "is_complex", "element_size", "detach"),
-        *("shape", "dtype", "device", "data", "grad", "requires_grad", "is_leaf", "grad_fn", "ndim", "layout"),
-        *("is_cuda", "is_sparse", "is_meta", "itemsize", "nbytes", "names", "_version"),
-    }
-)
-
-
-def _function_name(func) -> str | None:
-    """``func``'s name; for a property read (``p.T``, ``p.shape``: a ``__get__``), the property's."""
-    name = getattr(func, "__name__", None)
-    if name == "__get__":
-        return getattr(getattr(func, "__self__", None), "__name__", None)
-    return name
-
-
-class _ParameterReads(TorchFunctionMode):
-    """Refuses (``PARAMETER_NOT_SUBSTITUTED``) an op that reads a trainable parameter itself while
-    ``functional_call`` substitutes the model's parameters: ``loss_fn`` reading ``model.weight`` (a
-    regulariser), or a forward reading a reference kept outside the module tree. ``torch.func`` sees such a
-    read as a constant, so that term of each example's gradient would be lost, silently."""
-
-    def __init__(self, params: dict[str, nn.Parameter]):
-        super().__init__()
-        self.names = {id(p): n for n, p in params.items()}
-
-    def _check(self, value) -> None:
-        if isinstance(value, nn.Parameter):
-            name = self.names.get(id(value))
-            if name is not None:
-                raise refusal(
-                    "PARAMETER_NOT_SUBSTITUTED",
-                    f"parameter {name!r} is read by the forward or loss_fn outside the modules that "
-                    "torch.func.functional_call substitutes (loss_fn reading the model's weights, a reference kept "
-                    "outside the module tree): torch.func would differentiate it as a constant and lose that term "
-                    f"of each example's gradient. Fix: {PRECONDITIONS['PARAMETER_NOT_SUBSTITUTED'].fix}",
-                )
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                self._check(item)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _function_name(func) in _METADATA:  # reads no value that a gradient flows through
-            return func(*args, **kwargs)
-        self._check(args)  # (a Parameter does not show in ``types``: its __torch_function__ is disabled)
-        if kwargs:
-            self._check(tuple(kwargs.values()))
-        return func(*args, **kwargs)
 
 
 def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness: str):
@@ -253,7 +198,7 @@ def _grads_function(model: nn.Module, loss_fn: LossFn, batch: Batch, randomness:
         # the model's own buffers never change here: functional_call writes into these clones
         loss_of_example = _example_loss_fn(model, loss_fn, frozen, detached_buffers(model), b.options)
         fn = vmap(grad(loss_of_example, has_aux=True), in_dims=(None, 0, 0, target_dim), randomness=randomness)
-        with _ParameterReads(parameters):
+        with ParameterReads(parameters):
             return fn(trainable, b.args, b.kwargs, b.targets)
 
     return grads_of

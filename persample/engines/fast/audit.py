@@ -848,9 +848,11 @@ def _audit_graph(
                 return GraphAudit(batch_mixing(what), moved)
     expected: dict[int, int] = {}
     skip: set[int] = set()
+    owners: dict[int, str] = {}  # parameter id → the name of its unit's module ("<root>" for the model)
     for unit in units:
         reached = sum(1 for call in unit.calls if _reached(call, seen))
         for p in unit.params.values():
+            owners.setdefault(id(p), unit.name or "<root>")
             if unit.rule is None and reached:
                 skip.add(id(p))  # fallback units: checked by their sum against autograd instead (a fallback
                 # never called whose parameters the graph uses, through another method, has no gradients)
@@ -873,19 +875,23 @@ def _audit_graph(
         )
         if leak is not None:
             return GraphAudit(batch_mixing(leak), moved)
-    for pid, count in uses.items():
-        if pid in skip or pid not in names:
-            continue
-        if count != expected.get(pid, 0):
-            return GraphAudit(
-                Finding(
-                    "PARAMETER_USED_OUTSIDE",
-                    f"parameter {names[pid]!r} is used {count} "
-                    f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
-                    "time(s): it is used outside the module that owns it",
-                ),
-                moved,
-            )
+    outside = [
+        (pid, count)
+        for pid, count in uses.items()
+        if pid not in skip and pid in names and count != expected.get(pid, 0)
+    ]
+    if outside:
+        pid, count = outside[0]
+        finding = Finding(
+            "PARAMETER_USED_OUTSIDE",
+            f"parameter {names[pid]!r} is used {count} "
+            f"time(s) in the graph but its module(s) were called {expected.get(pid, 0)} "
+            "time(s): it is used outside the module that owns it",
+            module=owners.get(pid),
+        )
+        # every such parameter's unit (the engine widens them all at once: .plan.widened_refusal)
+        finding.owners = tuple(dict.fromkeys(owners[p] for p, _ in outside if p in owners))  # type: ignore[attr-defined]
+        return GraphAudit(finding, moved)
     return GraphAudit(None, moved)
 
 

@@ -66,7 +66,7 @@ from ..._torch_compat import is_batched_tensor, tensor_gradient_hook_functions
 from ...contract import Finding
 from ...errors import NotExact
 from ...stats import GradStats, clip_factors
-from .._functional import vmap_friendly_modules
+from .._functional import ParameterReads, vmap_friendly_modules
 from .._autograd import dense_gradient, fresh_grad_slots, graph_leaves, is_reentrant_checkpoint_error
 from ..vmap import example_loss, refuse_module_backward_hooks
 from .audit import REENTRANT_CHECKPOINT, audit_graph, rows_check
@@ -74,7 +74,7 @@ from .capture import capturing
 from .in_place import modified_in_place
 from .alone import check_alone, spot_check_off
 from .alone import signature as alone_signature
-from .plan import checked_alone, model_plan, remember_alone
+from .plan import checked_alone, model_plan, remember_alone, widened_refusal
 from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
@@ -288,7 +288,7 @@ def fast_pieces(
             if audited.escape is not None and audited.escape.code == "REENTRANT_CHECKPOINT":
                 followed = _follow_reentrant_checkpoints(capture, output, called_without_grad=False)
             if not followed and audited.escape is not None:
-                raise NotExact(audited.escape)
+                raise widened_refusal(model, audited.escape)
         if followed:  # the checkpointed blocks' graphs exist only in the backward: audited after it
             rows = rows_check(flat_leaves(output), units, batch.size)
         planned = plan_cuts(units, modes, mean_loss) if modes and not followed else []
@@ -311,7 +311,7 @@ def fast_pieces(
             audited = audit(rows)
             found = capture.escape or audited.escape or modified_in_place(units)
             if found is not None:
-                raise NotExact(found)
+                raise widened_refusal(model, found)
         else:
             if wants_at_output and not planned:  # (a cut's closed form could give the output's gradient: not read)
                 loss_leaves = _loss_leaves_at_output(output, batch.size)
@@ -926,7 +926,8 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
     in_dims, out_dims = _fallback_batch_dims(unit.module, in_leaves, out_leaves, batch_size)
     flattened = _flattened_rows(in_leaves, in_dims, out_leaves, batch_size)
     if flattened is not None:
-        return _token_rows_pieces(unit, call, batch_size, grad_scale, flattened)
+        shared = [isinstance(t, Tensor) and t.dim() > 0 and d is None for t, d in zip(in_leaves, in_dims)]
+        return _token_rows_pieces(unit, call, batch_size, grad_scale, flattened, shared=shared)
     for leaf, d in zip(out_leaves, out_dims):
         if isinstance(leaf, Tensor) and d is None:
             raise NotExact(
@@ -960,10 +961,17 @@ def _fallback_pieces(unit: Unit, call: Call, batch_size: int, grad_scale: float)
         return pullback(batch_of_one(cotangent, cotangent_dims))[0]
 
     try:
-        with autocast_as(call.autocast), torch.no_grad(), vmap_friendly_modules(unit.module):
+        with (
+            autocast_as(call.autocast),
+            torch.no_grad(),
+            vmap_friendly_modules(unit.module),
+            ParameterReads(unit.params),  # a read of a parameter itself, not substituted: its term would be lost
+        ):
             per_example = vmap(one_example_grads, in_dims=(None, in_dims, cotangent_dims), randomness="error")(
                 params, in_leaves, cotangents
             )
+    except NotExact:
+        raise
     except Exception as err:  # random ops, unsupported batching, data-dependent control flow
         if all(d in (0, None) for d in in_dims) and 0 in in_dims and _batch_first(out_leaves, out_dims):
             # vmap cannot run it (an autograd.Function without setup_context, an int output, .item()): each
@@ -1002,21 +1010,28 @@ def _external_batch_cotangents(
         return [c.detach() for c in _external_cotangents(outputs, cotangents)]
 
 
-def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size: int) -> int | None:
-    """k > 1 where a call looks like a module that flattens the batch itself: every input tensor (not a
-    scalar) batched on dim 0 with B rows, and every output tensor with B·k rows on dim 0 (DeepSeek-V3,
-    GLM-4-MoE, Kimi routers: ``[B, T, d]`` in, ``[B·T, E]`` out); else None. Only the shape says so here:
-    :func:`_token_rows_pieces` then calls the module on each example alone and compares the segments of
-    rows with the batch's (``TOKEN_ROWS_DIFFER``), and the sums are checked with autograd's."""
+def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size: int) -> list[int] | None:
+    """Per output leaf, its rows per example k_j, where a call looks like a module that flattens the batch
+    itself: every input tensor (not a scalar) batched on dim 0 with B rows, or not batched at all (rotary
+    tables, shared by every example), at least one batched; every output tensor with B·k_j rows on dim 0, and
+    some k_j > 1 (DeepSeek-V3, GLM-4-MoE, Kimi routers: ``[B, T, d]`` in, ``[B·T, E]`` out; JetMoE's
+    attention: ``[B, T, d]`` and its router's ``[B·T, E]`` logits out); else None. Only the shapes say so
+    here: :func:`_token_rows_pieces` then calls the module on each example alone and compares the segments
+    of rows with the batch's (``TOKEN_ROWS_DIFFER``), and the sums are checked with autograd's."""
     inputs = [(t, d) for t, d in zip(in_leaves, in_dims) if isinstance(t, Tensor) and t.dim() > 0]
-    outputs = [t for t in out_leaves if isinstance(t, Tensor) and t.dim() > 0]
-    if batch_size < 2 or not inputs or not outputs or any(d != 0 for _, d in inputs):
+    if batch_size < 2 or not any(d == 0 for _, d in inputs) or any(d not in (0, None) for _, d in inputs):
         return None
-    rows = {t.shape[0] for t in outputs}
-    if len(rows) != 1:
-        return None
-    (n,) = rows
-    return n // batch_size if n > batch_size and n % batch_size == 0 else None
+    if any(d is None and t.shape[0] > batch_size and t.shape[0] % batch_size == 0 for t, d in inputs):
+        return None  # an input of B·k rows is no table shared by the examples: token rows, whose map is not known
+    ks = []
+    for t in out_leaves:
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            ks.append(1)  # (not compared by rows)
+        elif t.shape[0] % batch_size == 0 and t.shape[0] >= batch_size:
+            ks.append(t.shape[0] // batch_size)
+        else:
+            return None
+    return ks if max(ks, default=1) > 1 else None
 
 
 def _token_rows_pieces(
@@ -1024,7 +1039,7 @@ def _token_rows_pieces(
     call: Call,
     batch_size: int,
     grad_scale: float,
-    flattened: int | None = None,
+    flattened: int | list[int] | None = None,
     shared: list[bool] | None = None,
 ) -> dict[str, Piece]:
     """Per-example gradients of a rule-less module called on a flattened token batch (an MoE router or its
@@ -1032,7 +1047,8 @@ def _token_rows_pieces(
     (:func:`.units.token_rows`; the graph audit's probe checked that map on the rows that carry gradients).
     ``flattened`` = k: a module that flattens the batch itself (DeepSeek-V3's router, ``[B, T, d]`` in,
     ``h.view(-1, d)`` inside, ``[B·T, E]`` out; :func:`_flattened_rows`): its inputs have B rows, one per
-    example, and its outputs B·k.
+    example, and its outputs B·k (a list: each output leaf its own k, JetMoE's attention returning its
+    ``[B, T, d]`` output and its router's ``[B·T, E]`` logits).
 
     The module is called again on each example's segment of rows alone, and
     g_b = (∂ module(θ; rows of b) / ∂θ)ᵀ · (output gradient rows of b),
@@ -1045,15 +1061,19 @@ def _token_rows_pieces(
     control flow runs as it is). ``flattened`` = 1 with ``shared``: a call that vmap cannot run, each example's
     row alone; the inputs that ``shared`` marks (not batched: position ids, rotary tables) go whole to each."""
     label = f"{unit.name or '<root>'} ({type(unit.module).__name__})"
-    k = call.rows_per_example if flattened is None else flattened
-    k_in = k if flattened is None else 1  # rows of one example in the inputs
-    n = batch_size * k
     out_leaves = flat_leaves(call.output)
+    if isinstance(flattened, list):
+        out_k = flattened  # rows of one example in each output
+    else:
+        out_k = [call.rows_per_example if flattened is None else flattened] * len(out_leaves)
+    k = max(out_k, default=1)
+    k_in = call.rows_per_example if flattened is None else 1  # rows of one example in the inputs
     in_leaves, in_spec = tree_flatten((call.args, call.kwargs))
     in_leaves = [t.detach() if isinstance(t, Tensor) else t for t in in_leaves]
     whole = shared or [False] * len(in_leaves)  # inputs every example gets whole (not batched)
     batched_in = [t for t, w in zip(in_leaves, whole) if not w]
-    for t, want in [*((t, batch_size * k_in) for t in batched_in), *((t, n) for t in out_leaves)]:
+    wanted = [*((t, batch_size * k_in) for t in batched_in), *((t, batch_size * j) for t, j in zip(out_leaves, out_k))]
+    for t, want in wanted:
         if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] != want:
             raise NotExact(
                 f"module {label}: a tensor of shape {tuple(t.shape)} is not one of {want} token rows",
@@ -1081,8 +1101,10 @@ def _token_rows_pieces(
             params = {name: p.detach().requires_grad_() for name, p in unit.params.items()}
             args, kwargs = tree_unflatten([t if w else rows(t, b, k_in) for t, w in zip(in_leaves, whole)], in_spec)
             try:
-                with RandomCalls(stop=True):  # a draw would differ from the forward's (and move the RNG)
+                with RandomCalls(stop=True), ParameterReads(unit.params):  # (a draw would differ from the forward's)
                     leaves = flat_leaves(functional_call(unit.module, (params, frozen, buffers), args, kwargs))
+            except NotExact:
+                raise
             except RandomCallStop as stop:
                 raise NotExact(
                     f"module {label} has no closed-form rule and draws random numbers ({stop}): its call on "
@@ -1101,9 +1123,9 @@ def _token_rows_pieces(
             for i in graded:
                 if i < len(leaves) and isinstance(leaves[i], Tensor) and leaves[i].requires_grad:
                     outputs.append(leaves[i])
-                    cotangents.append(rows(call.out_grads[i], b) * grad_scale)
+                    cotangents.append(rows(call.out_grads[i], b, out_k[i]) * grad_scale)
                     owners.append(b)
-        differing = _first_differing_segment(alone_leaves, out_leaves, k)
+        differing = _first_differing_segment(alone_leaves, out_leaves, out_k)
         if differing is not None:
             b, i = differing
             raise NotExact(
@@ -1179,13 +1201,15 @@ def _external_cotangents(outputs: list[Tensor], cotangents: list[Tensor]) -> lis
     return external
 
 
-def _first_differing_segment(alone: list[list[Any]], batched: list[Any], k: int) -> tuple[int, int] | None:
+def _first_differing_segment(alone: list[list[Any]], batched: list[Any], out_k: list[int]) -> tuple[int, int] | None:
     """The first (example, output) whose segment, computed alone, differs from the batch's rows
-    (:func:`_same_rows`), or None. Each output's B segments are compared in one pass where they are tensors
-    of the batch's row shape (one read of the result), else segment by segment."""
+    (:func:`_same_rows`), or None; output i has ``out_k[i]`` rows per example. Each output's B segments are
+    compared in one pass where they are tensors of the batch's row shape (one read of the result), else
+    segment by segment."""
     for i, whole in enumerate(batched):
         if not isinstance(whole, Tensor):
             continue
+        k = out_k[i]
         parts = [leaves[i] if i < len(leaves) else None for leaves in alone]
         tensors = [t for t in parts if isinstance(t, Tensor) and t.shape == (k, *whole.shape[1:])]
         if whole.dim() > 0 and len(tensors) == len(parts) and all(t.dtype == whole.dtype for t in tensors):

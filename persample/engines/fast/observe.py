@@ -47,7 +47,7 @@ from .in_place import modified_in_place
 from .units import store_grad
 from .alone import check_alone, spot_check_off
 from .alone import signature as alone_signature
-from .plan import checked_alone, model_plan, remember_alone
+from .plan import checked_alone, model_plan, remember_alone, widened_refusal
 from .engine import (
     EXACT_CHECK_NUMEL,
     _pieces_by_parameter,
@@ -302,8 +302,9 @@ def _observed_stats(
             "`loss_fn(model(inputs), targets).backward()` inside `with tracker.observe(...)`",
             code="OBSERVE_NO_BACKWARD",
         )
-    if observation._audit.escape is not None:
-        raise NotExact(observation._audit.escape)
+    escape = observation._audit.escape
+    if escape is not None:  # (a widening helps the next step: this one's backward has run)
+        raise NotExact(escape) if model is None else widened_refusal(model, escape)
     modified = modified_in_place(units)
     if modified is not None:
         raise NotExact(modified)

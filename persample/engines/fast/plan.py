@@ -30,6 +30,11 @@ draws) is checked by the capture and the audit on every call, as without a plan.
 
 The plan holds its modules by weak reference (it must not keep the model alive through the dictionary's
 value) and its parameters strongly (so that their ids cannot be reused while it lives).
+
+What a call learns about the structure outlives the plan: a module whose parameter another module of it uses
+(``PARAMETER_USED_OUTSIDE``) makes that module's parent one fallback unit covering its subtree
+(:func:`widen`, :func:`widened_refusal`), for every later call, whatever the fingerprint (the widened modules
+are held weakly, per model, apart from the plan).
 """
 
 from __future__ import annotations
@@ -55,6 +60,9 @@ __all__ = [
     "forget",
     "checked_alone",
     "remember_alone",
+    "widen",
+    "widened_modules",
+    "widened_refusal",
 ]
 
 
@@ -163,7 +171,36 @@ def planned_sharding(model: nn.Module) -> str | None:
 
 def _found(model: nn.Module) -> Planned:
     params = trainable_parameters(model)
-    return Planned(params, find_units(model), has_gradient_hooks(model), sharding_of(model))
+    return Planned(params, find_units(model, widened_modules(model)), has_gradient_hooks(model), sharding_of(model))
+
+
+#: Per model, the modules learned to be fallback units covering their subtree (:func:`widen`), held weakly:
+#: no state on the model, and a module dropped from the model is forgotten with it.
+_WIDENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def widened_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` that :func:`widen` made fallback units covering their subtree."""
+    found = _WIDENED.get(model) if isinstance(model, nn.Module) else None
+    return list(found) if found else []
+
+
+def widen(model: nn.Module, module: nn.Module) -> bool:
+    """Make ``module`` (of ``model``) one fallback unit covering its subtree from the next call on, and drop
+    the plan; False where it is one already.
+
+    Where a parameter is used outside the module that owns it (``PARAMETER_USED_OUTSIDE``: its owner is
+    never called, or its weight is handed to a function by the parent, as JetMoE's mixture of attention
+    experts and LongCat's router are), the parent's call covers that use. Its per-example gradients then
+    come from the parent's fallback (vmap of the parent's call alone, else each example alone, its outputs
+    compared with the batch's rows), and their sum is checked against autograd's as every fallback's is: a
+    use outside the parent too still refuses (``FALLBACK_SUM_MISMATCH``)."""
+    found = _WIDENED.setdefault(model, weakref.WeakSet())
+    if module in found:
+        return False
+    found.add(module)
+    forget(model)
+    return True
 
 
 def checked_alone(model: nn.Module, key: tuple) -> bool:
@@ -184,3 +221,29 @@ def remember_alone(model: nn.Module, key: tuple) -> None:
 def forget(model: nn.Module) -> None:
     """Drop ``model``'s plan (tests; the next call finds everything afresh)."""
     _PLANS.pop(model, None)
+
+
+def widened_refusal(model: nn.Module, finding) -> NotExact:
+    """``NotExact(finding)``; where ``finding`` is a ``PARAMETER_USED_OUTSIDE``, the parent of each unit whose
+    parameter is used outside it (``finding.owners``, else ``finding.module``) is widened (:func:`widen`)
+    where that unit's module is neither the model's root nor a child of it, and the error's ``widened`` is
+    True where one was: the same engine, run again, may be exact (``engine="auto"`` runs it again before the
+    next engine; ``observe`` has it from the next step on). Where the parent would be the root, the refusal
+    stands (the widenings made stay: the same refusal comes at once on later calls, with no new attempt)."""
+    err = NotExact(finding)
+    err.widened = False  # type: ignore[attr-defined]
+    if getattr(finding, "code", None) != "PARAMETER_USED_OUTSIDE":
+        return err
+    for owner in getattr(finding, "owners", None) or (getattr(finding, "module", None),):
+        if not owner or owner == "<root>":
+            continue
+        parent_name = owner.rpartition(".")[0]
+        if not parent_name:  # the owner is a child of the root: the root's call is the whole model's
+            continue
+        try:
+            parent = model.get_submodule(parent_name)
+        except AttributeError:  # a name the model does not resolve (not expected): the refusal as it is
+            continue
+        if widen(model, parent):
+            err.widened = True  # type: ignore[attr-defined]
+    return err

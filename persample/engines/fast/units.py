@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -118,8 +118,11 @@ class Unit:
     calls: list[Call] = field(default_factory=list)
 
 
-def find_units(model: nn.Module) -> list[Unit]:
+def find_units(model: nn.Module, widened: Collection[nn.Module] = ()) -> list[Unit]:
     """Rule modules, and top-most rule-less modules owning parameters (covering their subtree).
+
+    ``widened``: modules that are fallback units covering their subtree whatever their rules (a
+    module whose parameter another module of it uses: :func:`.plan.widen`).
 
     A TorchScript module (``torch.jit.script`` or ``torch.jit.trace``) anywhere in the model is refused:
     it takes no hooks, runs its submodules' calls inlined where no hook sees them, and cannot be re-run
@@ -135,14 +138,19 @@ def find_units(model: nn.Module) -> list[Unit]:
                 module=name or "<root>",
             )
     units: list[Unit] = []
-    _add_units("", model, {}, units)
+    _add_units("", model, {}, units, frozenset(id(m) for m in widened))
     return units
 
 
 # Module-level recursions, not closures: a closure that calls itself is a reference cycle, which would
 # keep the units (and the activations they capture) alive until the garbage collector runs.
-def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], units: list[Unit]) -> None:
+def _add_units(
+    prefix: str, module: nn.Module, below: dict[nn.Module, bool], units: list[Unit], widened: frozenset[int]
+) -> None:
     if not _trainable_below(module, below):
+        return
+    if id(module) in widened:  # one fallback for its whole subtree (its calls cover every use of its parameters)
+        units.append(Unit(prefix, module, None, {n: p for n, p in module.named_parameters() if p.requires_grad}))
         return
     rule = find_rule(module)
     own = own_trainable_parameters(module)
@@ -155,7 +163,7 @@ def _add_units(prefix: str, module: nn.Module, below: dict[nn.Module, bool], uni
         units.append(Unit(prefix, module, rule, trainable))
         return
     for child_name, child in module.named_children():
-        _add_units(f"{prefix}.{child_name}" if prefix else child_name, child, below, units)
+        _add_units(f"{prefix}.{child_name}" if prefix else child_name, child, below, units, widened)
 
 
 def _trainable_below(module: nn.Module, below: dict[nn.Module, bool]) -> bool:
