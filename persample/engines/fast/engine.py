@@ -1023,15 +1023,15 @@ def _flattened_rows(in_leaves: list, in_dims: list, out_leaves: list, batch_size
         return None
     if any(d is None and t.shape[0] > batch_size and t.shape[0] % batch_size == 0 for t, d in inputs):
         return None  # an input of B·k rows is no table shared by the examples: token rows, whose map is not known
-    ks = []
-    for t in out_leaves:
-        if not isinstance(t, Tensor) or t.dim() == 0:
-            ks.append(1)  # (not compared by rows)
-        elif t.shape[0] % batch_size == 0 and t.shape[0] >= batch_size:
-            ks.append(t.shape[0] // batch_size)
-        else:
-            return None
-    return ks if max(ks, default=1) > 1 else None
+    tensors = [t for t in out_leaves if isinstance(t, Tensor) and t.dim() > 0]
+    if not tensors or any(t.shape[0] < batch_size or t.shape[0] % batch_size for t in tensors):
+        return None
+    ks = [t.shape[0] // batch_size if isinstance(t, Tensor) and t.dim() > 0 else 1 for t in out_leaves]
+    if len({t.shape[0] for t in tensors}) > 1 and any(t.dim() != 2 and t.shape[0] > batch_size for t in tensors):
+        # rows of several lengths: only [B·k, E] matrices are taken for flattened tokens beside [B, ...] outputs (a
+        # sequence-first [T, B, d], a bias of B·k numbers are not rows of examples)
+        return None
+    return ks if max(ks) > 1 else None
 
 
 def _token_rows_pieces(
