@@ -20,6 +20,10 @@ COMMON = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_h
 COMMON.update(intermediate_size=64, pad_token_id=0, use_cache=False, attn_implementation="eager")
 
 
+#: Multi-head latent attention's sizes (DeepSeek-V3, LongCat-Flash): head_dim equal to the rotary part.
+_MLA = dict(kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, head_dim=8)
+
+
 def _build(config_class, model_class, **extra):
     config = config_class(**{**COMMON, **extra})
     old = torch.get_default_dtype()
@@ -106,12 +110,7 @@ def test_deepseek_v3_takes_the_fast_engine():
         n_group=1,
         topk_group=1,
         first_k_dense_replace=1,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        head_dim=8,
+        **_MLA,
         experts_implementation="eager",
     )
     inputs, labels = _batch(False)
@@ -155,12 +154,7 @@ _USED_BY_THE_PARENT = {
         n_routed_experts=4,
         moe_topk=2,
         num_key_value_heads=2,
-        kv_lora_rank=16,
-        q_lora_rank=16,
-        qk_rope_head_dim=8,
-        qk_nope_head_dim=8,
-        v_head_dim=16,
-        head_dim=8,
+        **_MLA,
         ffn_hidden_size=64,
         expert_ffn_hidden_size=32,
         zero_expert_num=2,
