@@ -638,7 +638,7 @@ def run_case(
 
 def _plain_baseline(plain: Method, problem, settings: Settings) -> Baseline | None:
     """``plain``'s step made ready and warmed up as a :class:`Baseline`, or None where it fails (the
-    ratios are then those of the medians, as without ``--paired``)."""
+    ratios are then those of the medians, as with ``--unpaired``)."""
     sync = synchronizer(settings.device)
     try:
         with settings.autocasting():

@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..contract import PRECONDITIONS, refusal
 
-__all__ = ["rnn_forward", "instance_norm_forward", "vmap_friendly_modules"]
+__all__ = ["rnn_forward", "instance_norm_forward", "vmap_friendly_modules", "ParameterReads"]
 
 
 def _cell_step(

@@ -1085,7 +1085,7 @@ def _token_rows_pieces(
     frozen = {n_: p.detach() for n_, p in unit.module.named_parameters() if n_ not in unit.params}
     buffers = detached_buffers(unit.module)
 
-    def rows(t: Any, b: int, k: int = k) -> Any:
+    def rows(t: Any, b: int, k: int) -> Any:
         return t[b * k : (b + 1) * k] if isinstance(t, Tensor) and t.dim() > 0 else t
 
     # B forwards, each with its own parameter leaves (disjoint graphs); then one comparison with the batch's
