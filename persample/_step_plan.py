@@ -195,7 +195,7 @@ def _statistics_step(
         if handle is not None:
             handle.remove()
     _finite_later(stats, step_reads, finite)  # read with the weights' checks below
-    factor = None
+    factor = weighted = None
     if first_forward:
         output, buffers_after_forward = first_forward[0]
         # where the engine's forward gave this output, its backward gave L_i and their gradient there
@@ -211,6 +211,8 @@ def _statistics_step(
                 **_model_inputs(model, batch),
             )
             factor = common_weight(weights, rtol=1e-5)
+            if factor is None and clip_norm is None and used[-1:] == ["fast"]:  # weights that differ (padding)
+                weighted = getattr(at_output, "weighted_sums", None)  # Σ_i w_i g_i from the engine's pieces
         except NonFiniteLoss:  # a diverged step: p.grad as the loop's backward makes it, no statistics
             update, input_grads = plain_gradient(config, batch, params, inputs_with_grad)
             return StepOutcome(None, update, input_grads, _nonfinite_output_rows(output, batch.size))
@@ -220,7 +222,7 @@ def _statistics_step(
                 stats = compute_stats(model, per_example, batch, clip_norm=clip_norm, fork_rng=False, **options)
                 _finite_later(stats, step_reads, finite)
         leaves = flat_leaves(output)
-        reached = None if factor is None else reachable_leaves([leaves[i] for i in used_leaves])
+        reached = None if factor is None and weighted is None else reachable_leaves([leaves[i] for i in used_leaves])
         # None: checkpointing hides what is reached. A parameter's gradient hook: the statistics hold H(g_i) per
         # example (the fast engine applies it as the loop does), loss.backward() gives H of the batch's gradient.
         # vmap and the loop compute each example alone: where the fast engine refused because the forward
@@ -230,15 +232,19 @@ def _statistics_step(
         if reached is not None and not coupled and not inputs_with_grad and not _any_gradient_hook(params):
             if checking:
                 check_against_autograd(config, batch, weights)
-            base = stats.mean if clip_norm is None else stats.clipped_mean
-            # factor is set (reached is), and base is clipped_mean when clip_norm is. A mean loss gives
-            # factor · B = 1: x · 1.0 is x, so no copy here (the writer copies: p.grad never aliases the stats)
-            multiple = factor * batch.size  # type: ignore[operator]
-            update = {
-                name: base[name] if multiple == 1.0 else base[name] * multiple  # type: ignore[index]
-                for name, p in params.items()
-                if id(p) in reached
-            }
+            if weighted is not None:  # the weights differ: p.grad = Σ_i w_i g_i, a product per layer
+                sums = weighted(weights)
+                update = {name: sums[name] for name, p in params.items() if id(p) in reached}
+            else:
+                base = stats.mean if clip_norm is None else stats.clipped_mean
+                # factor is set (reached is), and base is clipped_mean when clip_norm is. A mean loss gives
+                # factor · B = 1: x · 1.0 is x, so no copy here (the writer copies: p.grad never aliases the stats)
+                multiple = factor * batch.size  # type: ignore[operator]
+                update = {
+                    name: base[name] if multiple == 1.0 else base[name] * multiple  # type: ignore[index]
+                    for name, p in params.items()
+                    if id(p) in reached
+                }
             restore_buffer_state(buffers_after_forward)  # that forward is this step's forward
             return StepOutcome(stats, update, [])
     update, input_grads, weights, opaque = plain_gradient(config, batch, params, inputs_with_grad, weigh=True)

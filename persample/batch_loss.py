@@ -473,11 +473,14 @@ def weights_at_output(
     from .engines.fast.model_loss import model_losses
 
     if model is not None and batch_fn is per_example_fn:
-        own = model_losses(model, per_example_fn, output, inputs, targets)
+        own = getattr(at_output, "own", None) or model_losses(model, per_example_fn, output, inputs, targets)
         if own is not None:
             return own.weights, list(own.leaves)
 
     leaves, spec, batched = output_leaves(output, batch_size)
+    form = getattr(at_output, "form", None) if batch_fn is per_example_fn else None
+    if form is not None and any(t is form[0] for t in leaves):
+        return _weights_of_form(form, at_output.losses, leaves, batched)
     floating = [isinstance(t, Tensor) and t.is_floating_point() for t in leaves]
     detached = []
     for t, is_float in zip(leaves, floating):
@@ -538,6 +541,38 @@ def weights_at_output(
         read = getattr(w, _HOST_VALUES, None)  # already on the host: divided there, still no read
         w = w / batch_size if read is None else host_weights([v / batch_size for v in read])
     return w, [i for i, g in by_leaf.items() if g is not None]
+
+
+def _weights_of_form(
+    form: tuple[Tensor, Tensor], losses: Tensor, leaves: list, batched: list[bool]
+) -> tuple[Tensor, list[int]]:
+    """:func:`weights_at_output` of a standard loss, whose weights its form gives: w_i = D_i / Σ_j D_j for
+    ``form`` = (the output tensor the loss reads, D) (:func:`persample.engines.fast.losses.example_weights`),
+    ``losses`` the L_i at this output. The same outcomes as the derivation, in the same order: the output's
+    batched floating leaves not finite, then the batch loss ℓ = Σ_i D_i L_i / Σ_j D_j not finite (every
+    target ignored, or an L_i of an example it counts), raise :class:`NonFiniteLoss`; then an L_i that is
+    not finite while ℓ is (an example whose targets are all ignored) raises ``EXAMPLE_LOSS_NOT_FINITE``.
+    One host read, with the step's others (:class:`HostChecks`)."""
+    source, denominators = form
+    checks = HostChecks()
+    for t, is_batched in zip(leaves, batched):
+        if is_batched and t.is_floating_point():
+            checks.add(~all_finite(t.detach()), NonFiniteLoss)
+    weights: list[float] = []
+
+    def read(values: list[float]) -> None:
+        counts, finite = values[: len(values) // 2], values[len(values) // 2 :]
+        total = math.fsum(counts)
+        if not total > 0 or any(d != 0 and not ok for d, ok in zip(counts, finite)):
+            raise NonFiniteLoss()
+        if not all(finite):
+            raise _example_losses_not_finite(losses)
+        weights.extend(d / total for d in counts)
+
+    flags = torch.isfinite(losses).to(device=denominators.device, dtype=torch.float64)
+    checks.defer(torch.cat([denominators, flags]), read)
+    checks.resolve()
+    return host_weights(weights), [i for i, t in enumerate(leaves) if t is source]
 
 
 class NonFiniteLoss(Exception):

@@ -189,8 +189,10 @@ def test_a_loss_computed_inside_the_model():
     padded = {"input_ids": tokens, "labels": padded_tokens()[1]}
     reference(**padded).loss.backward()
     stats = Tracker(model, loss_fn).step(padded)
+    # weights n_i / N that differ: p.grad = Σ_i w_i g_i from the engine's pieces, not a second backward; the
+    # float32 logits of HF's loss round the two differently (both 6-9e-8 from the float64 oracle)
     for a, b in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+        assert (a.grad - b.grad).abs().max() <= 1e-6 * b.grad.abs().max()
     grads, losses = oracle_grads(model, loss_fn, padded)
     assert_dicts_close(stats.mean, {k: g.mean(0) for k, g in grads.items()}, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(stats.losses, losses.to(stats.losses), rtol=1e-5, atol=1e-7)

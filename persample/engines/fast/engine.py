@@ -39,6 +39,7 @@ and the graph audited after the backward, recomputed blocks included.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence, cast
@@ -79,8 +80,8 @@ from .units import Call, Unit, add_gradient
 from .watchers import RandomCallStopped
 from .cuts import Cut, plan_cuts
 from .cuts import backward as cut_backward
-from .losses import closed_form_losses
-from .model_loss import model_losses
+from .losses import closed_form_losses, example_weights, standard_losses, traced_standard_loss
+from .model_loss import ModelLoss, model_losses
 from .pieces import DensePiece, Piece, as_matrix, combine_pieces
 from .places import batch_first
 from .recurrent import (
@@ -144,7 +145,7 @@ def fast_grad_stats(
         means.update({name: mean for name, (mean, _, _) in moments.items()})
         means = {name: means[name] for name in params}  # named_parameters() order
         second = {name: (m2, suspect) for name, (_, m2, suspect) in moments.items()} if var else None
-        return reduce_pieces(
+        stats = reduce_pieces(
             pieces,
             means,
             found.losses,
@@ -154,6 +155,21 @@ def fast_grad_stats(
             reference=reference,
             second_moments=second,
         )
+    at_output = keep_output[2] if keep_output is not None and len(keep_output) == 3 else None
+    if at_output is not None and (at_output.form is not None or at_output.own is not None):
+        at_output.weighted_sums = functools.partial(weighted_sums, pieces, params)
+    return stats
+
+
+def weighted_sums(pieces: dict[str, Piece], params: dict[str, nn.Parameter], weights: Tensor) -> dict[str, Tensor]:
+    """Σ_i w_i g_i of every piece, for weights w ``[B]`` (float64, on any device): the gradient of a batch
+    loss ℓ = Σ_i w_i L_i, at the cost of one weight-gradient product per layer (``Piece.weighted_sum``), in
+    float32 or better."""
+    with autocast_as(None), torch.no_grad():
+        return {
+            name: piece.weighted_sum(weights.to(device=params[name].device, dtype=torch.float64))
+            for name, piece in pieces.items()
+        }
 
 
 @dataclass
@@ -165,10 +181,22 @@ class AtOutput:
     being ``loss_fn`` on example i's output alone (vmapped, or the closed form of a standard loss, which the
     check's own :func:`per_example_losses` takes too). Made only where the output has one floating
     leaf, batched, reached by the graph and in float32 or float64, so that these are exactly what the check
-    computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`)."""
+    computes on a detached copy of the output, up to the factor 1/B (:func:`_loss_leaves_at_output`).
+
+    ``form``: for a standard loss (:mod:`.losses`), where the caller asked (``closed_form_at_output``),
+    (the output tensor the loss reads, D ``[B]``): the batch loss is ℓ = Σ_i (D_i / Σ_j D_j) L_i by its
+    form (:func:`.losses.example_weights`), so the check needs neither ℓ's backward nor ``mean_grads``
+    (then empty where the output has several floating leaves). ``own`` the same for a Hugging Face model's own
+    ``out.loss`` (its weights, checked)."""
 
     losses: Tensor
     mean_grads: dict[int, Tensor | None]
+    form: tuple[Tensor, Tensor] | None = None
+    #: a Hugging Face model's own loss, as :func:`.model_loss.model_losses` found it at this output
+    own: ModelLoss | None = None
+    #: where ``form`` or ``own`` is set, once the statistics are reduced: weights ↦ Σ_i w_i g_i
+    #: (:func:`weighted_sums` of the call's pieces), for a batch loss whose weights differ between examples
+    weighted_sums: Callable[[Tensor], dict[str, Tensor]] | None = None
 
 
 def _loss_leaves_at_output(output: Any, batch_size: int) -> list[tuple[int, Tensor]] | None:
@@ -242,8 +270,10 @@ def fast_pieces(
             keep_output.append(output)
         capture.end_model_forward()
         followed = _follow_reentrant_checkpoints(capture, output)
-        closed = closed_form_losses(loss_fn, output, batch.targets, batch.size)
+        traced = traced_standard_loss(loss_fn, output, batch.targets, batch.size)
+        closed = None if traced is None else standard_losses(traced)
         standard_form = closed is not None  # (not a model's own loss, whose check reads the model's graph)
+        own = None
         if closed is None:  # a Hugging Face model's own out.loss: recomputed per example, checked
             own = model_losses(model, loss_fn, output, {**batch.options, **batch.kwargs}, batch.targets)
             closed = None if own is None else own.losses
@@ -355,6 +385,13 @@ def fast_pieces(
         if check_alone(model, loss_fn, batch, params, pieces, losses.detach(), buffers_found).verdict:
             remember_alone(model, spot)
     if keep_output is not None and len(keep_output) == 2:  # the output and whether the loss is standard
+        if closed_form_at_output and (standard_form or own is not None):  # the batch loss's weights are known
+            if at_output is None:
+                at_output = AtOutput(at_least_float32(losses.detach()), {})
+            if traced is not None and traced.source is not None and standard_form:  # by the loss's form
+                at_output.form = (traced.source, example_weights(traced))
+            else:  # checked by model_losses
+                at_output.own = own
         keep_output.append(at_output)
     return FastPieces(pieces, means, at_least_float32(losses.detach()), params, derived, cut_params)
 

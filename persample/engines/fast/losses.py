@@ -46,7 +46,7 @@ from torch.overrides import TorchFunctionMode
 
 from ..._batch import flat_leaves
 
-__all__ = ["closed_form_losses", "standard_losses", "traced_standard_loss", "StandardLoss"]
+__all__ = ["closed_form_losses", "example_weights", "standard_losses", "traced_standard_loss", "StandardLoss"]
 
 #: The standard losses with a closed form here, and their kind.
 _STANDARD: dict[Callable[..., Tensor], str] = {
@@ -113,13 +113,15 @@ _ORDER_KEEPING = frozenset(
 class StandardLoss:
     """One traced call of a standard loss: its function, input, target and keyword options, and ``rows``:
     the rows of the input (and target) per example (1: the output's or targets' own layout; 0: input and
-    target are not the output's and the targets' own tensors or grouped views of them, alike)."""
+    target are not the output's and the targets' own tensors or grouped views of them, alike).
+    ``source``: the tensor of the output that the input is (or is a view of), where ``rows`` is set."""
 
     def __init__(self, function: Callable, arguments: dict):
         self.function, self.kind = function, _STANDARD[function]
         self.input, self.target = arguments.pop("input"), arguments.pop("target")
         self.options = arguments
         self.rows = 0
+        self.source: Tensor | None = None
 
 
 @dataclass
@@ -131,6 +133,7 @@ class _Grouped:
     rows: int
     side: str
     views: bool
+    origin: Tensor  # the output's or targets' own tensor that this one is (or is a view of)
 
 
 class _LossTrace(TorchFunctionMode):
@@ -151,6 +154,8 @@ class _LossTrace(TorchFunctionMode):
         if func in _STANDARD and self.call is None and not self.other_ops:
             call = StandardLoss(func, _bound_arguments(func, args, kwargs))
             call.rows = self._rows_of(call.input, call.target)
+            if call.rows:
+                call.source = self.grouped[id(call.input)].origin
             self.call, self.marker = call, torch.empty(())
             return self.marker
         if func in _METADATA:
@@ -189,7 +194,7 @@ class _LossTrace(TorchFunctionMode):
         batch = source.tensor.shape[0] // source.rows
         if not isinstance(result, Tensor) or result.dim() == 0 or result.shape[0] % batch:
             return None
-        self.grouped[id(result)] = _Grouped(result, result.shape[0] // batch, source.side, True)
+        self.grouped[id(result)] = _Grouped(result, result.shape[0] // batch, source.side, True, source.origin)
         return result
 
     def _rows_of(self, input: Any, target: Any) -> int:
@@ -239,7 +244,7 @@ def traced_standard_loss(
     for side, tree in (("output", output), ("targets", targets)):
         for t in flat_leaves(tree):
             if isinstance(t, Tensor) and (batch_size is None or (t.dim() and t.shape[0] == batch_size)):
-                grouped[id(t)] = _Grouped(t, 1, side, batch_size is not None)
+                grouped[id(t)] = _Grouped(t, 1, side, batch_size is not None, t)
     trace = _LossTrace(grouped)
     try:
         with trace:
@@ -316,3 +321,27 @@ def standard_losses(call: StandardLoss) -> Tensor | None:
     if options.pop("weight", None) is not None:  # element weights: not a per-example mean
         return None
     return _elementwise_mean(call.input, call.target, call.function, options, batch)
+
+
+def example_weights(call: StandardLoss) -> Tensor:
+    """D ``[B]`` (float64) with the batch loss ℓ = Σ_i (D_i / Σ_j D_j) L_i, for a traced standard loss whose
+    per-example losses L_i :func:`standard_losses` gives (ask only where it gives them). Cross-entropy and
+    NLL with the mean reduction divide the sum of the rows' losses by the sum of the rows' weights (the class
+    weight of each kept target, 1 without class weights, 0 for an ignored one), and L_i divides example i's
+    own sum by its own D_i; the element-wise means divide by the element count, which every example shares
+    (D_i = 1). So the batch loss's weights over the L_i follow from the targets alone, without a backward.
+
+    >>> import torch.nn.functional as F
+    >>> logits, y = torch.randn(3, 4, 5), torch.tensor([[1, 2, -100, 0], [-100] * 4, [3, 3, 3, -100]])
+    >>> call = traced_standard_loss(lambda o, t: F.cross_entropy(o.flatten(0, 1), t.flatten()), logits, y, 3)
+    >>> example_weights(call).tolist()
+    [3.0, 0.0, 3.0]
+    """
+    batch = call.input.shape[0] // call.rows
+    if call.kind not in ("ce", "nll"):
+        return torch.ones(batch, dtype=torch.float64, device=call.input.device)
+    target, weight = call.target, call.options.get("weight")
+    kept = (target != call.options.get("ignore_index", -100)).to(torch.float64)
+    if weight is not None:
+        kept = kept * weight.to(torch.float64)[target.clamp(min=0)]
+    return kept.reshape(batch, -1).sum(1)
