@@ -223,6 +223,14 @@ def gpt2_masked_problem(batch_size: int, seq_len: int = 128, **sizes: int) -> Pr
     return Problem(unmasked.model, inputs, labels, masked_next_token_loss)
 
 
+def gpt2_padded_problem(batch_size: int, seq_len: int = 128, **sizes: int) -> Problem:
+    """The ``gpt2`` case on a right-padded batch (lengths drawn from [T/2, T], an ``attention_mask``, labels
+    ``-100`` on the padding) with the usual language-model loss: the token mean over every counted token of
+    the batch (:func:`next_token_loss`, which ignores -100), so example i weighs n_i / N, not 1/B."""
+    masked = gpt2_masked_problem(batch_size, seq_len=seq_len, **sizes)
+    return Problem(masked.model, masked.inputs, masked.targets, next_token_loss)
+
+
 def small_gpt2_problem(batch_size: int) -> Problem:
     """The ``--quick`` GPT-2: 2 layers, width 128, T = 64."""
     return gpt2_problem(batch_size, layers=2, width=128, heads=2, seq_len=64)
@@ -241,8 +249,20 @@ LARGE_CASES = [
 ]
 
 
-def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
-    """The cases of a full run, or of a ``--quick`` run; ``large`` adds :data:`LARGE_CASES`."""
+#: Cases that run only when named (``--case gpt2-padded``): a variant of a full run's case, for one question.
+OPT_IN_CASES = [
+    Case(
+        "gpt2-padded",
+        16,
+        "the gpt2 case right-padded (lengths T/2..T), token-mean loss over the counted tokens",
+        gpt2_padded_problem,
+    ),
+]
+
+
+def all_cases(quick: bool = False, large: bool = False, opt_in: bool = False) -> list[Case]:
+    """The cases of a full run, or of a ``--quick`` run; ``large`` adds :data:`LARGE_CASES`, ``opt_in``
+    :data:`OPT_IN_CASES`."""
     full = [
         Case("mlp", 32, "MLP 784-512-512-10", mlp_problem, quick=True),
         Case("mlp", 128, "MLP 784-512-512-10", mlp_problem),
@@ -253,12 +273,13 @@ def all_cases(quick: bool = False, large: bool = False) -> list[Case]:
         Case("gpt2", 16, "HF GPT-2, 4 layers, width 256, vocab 1000, T=128", gpt2_problem),
         Case("gpt2-masked", 16, "the gpt2 case right-padded (lengths T/2..T), attention_mask", gpt2_masked_problem),
     ]
+    extra = (LARGE_CASES if large else []) + (OPT_IN_CASES if opt_in else [])
     if not quick:
-        return full + (LARGE_CASES if large else [])
+        return full + extra
     small_gpt2 = Case(
         "gpt2-small", 8, "HF GPT-2, 2 layers, width 128, vocab 1000, T=64", small_gpt2_problem, quick=True
     )
-    return [c for c in full if c.quick] + [small_gpt2] + (LARGE_CASES if large else [])
+    return [c for c in full if c.quick] + [small_gpt2] + extra
 
 
 def select_cases(cases: list[Case], patterns: list[str] | None) -> list[Case]:

@@ -288,6 +288,23 @@ def persample_observe(var: bool) -> Callable[[Problem], Prepared]:
     return prepare
 
 
+def persample_step(var: bool) -> Callable[[Problem], Prepared]:
+    """Drop-in mode: ``Tracker.step(x, y)`` in place of ``loss.backward()``, statistics on every step;
+    ``p.grad`` as that backward leaves it."""
+
+    def prepare(problem: Problem) -> Prepared:
+        model = copy.deepcopy(problem.model)
+        tracker = persample.Tracker(model, problem.loss_fn, var=var)
+
+        def step():
+            _clear_grads(model)
+            return tracker.step(problem.inputs, problem.targets)
+
+        return Prepared(step, lambda stats: _stats_quantities(stats, var), lambda: _clear_grads(model))
+
+    return prepare
+
+
 # ------------------------------------------------------------------ Opacus
 def opacus(force_functorch: bool) -> Callable[[Problem], Prepared]:
     """Opacus ``GradSampleModule`` (``loss_reduction="mean"``): hooks, or functorch for every layer.
@@ -358,7 +375,7 @@ backpack_batchl2 = _backpack_method("BatchL2Grad", "batch_l2", lambda s, B: s * 
 # ------------------------------------------------------------------ registry
 def persample_methods() -> list[Method]:
     """One stats method per engine in ``persample.api.ENGINES`` (with and without variance), the
-    drop-in ``Tracker.observe`` (likewise), plus grads."""
+    drop-in ``Tracker.observe`` and ``Tracker.step`` (likewise), plus grads."""
     out = [Method("persample-grads", persample_grads)]
     for engine in ENGINES:
         if engine == "auto":
@@ -367,6 +384,8 @@ def persample_methods() -> list[Method]:
         out.append(Method(f"persample-stats-{engine}-novar", persample_stats(engine, var=False)))
     out.append(Method("persample-observe", persample_observe(var=True)))
     out.append(Method("persample-observe-novar", persample_observe(var=False)))
+    out.append(Method("persample-step", persample_step(var=True)))
+    out.append(Method("persample-step-novar", persample_step(var=False)))
     return out
 
 

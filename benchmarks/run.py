@@ -887,7 +887,11 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also write benchmarks/results/<device>-<machine>.json and .md (the committed results)",
     )
-    p.add_argument("--case", action="append", help="only cases whose label (e.g. mlp-b32) contains this; repeatable")
+    p.add_argument(
+        "--case",
+        action="append",
+        help="only cases whose label (e.g. mlp-b32) contains this, opt-in ones (gpt2-padded-b16) included; repeatable",
+    )
     p.add_argument(
         "--method", action="append", help="only methods whose name contains this (plain always runs); repeatable"
     )
@@ -941,7 +945,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: CUDA is not available")
-    cases = select_cases(all_cases(quick=args.quick, large=args.large), args.case)
+    cases = select_cases(all_cases(quick=args.quick, large=args.large, opt_in=bool(args.case)), args.case)
     methods = select_methods(all_methods(), args.method)
     if args.list:
         print("cases:  ", " ".join(c.label for c in cases))
