@@ -34,6 +34,9 @@ class Problem:
     inputs: Tensor | dict[str, Tensor]  # a dict: keyword inputs (``input_ids``, ``attention_mask``)
     targets: Tensor
     loss_fn: Callable[[object, Tensor], Tensor]
+    #: w_i of the batch loss ℓ = Σ_i w_i L_i where they are not 1/B (a token mean over a padded batch): then
+    #: ``plain``'s gradient is Σ_i w_i g_i, checked as such, not as the mean
+    example_weights: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -228,7 +231,8 @@ def gpt2_padded_problem(batch_size: int, seq_len: int = 128, **sizes: int) -> Pr
     ``-100`` on the padding) with the usual language-model loss: the token mean over every counted token of
     the batch (:func:`next_token_loss`, which ignores -100), so example i weighs n_i / N, not 1/B."""
     masked = gpt2_masked_problem(batch_size, seq_len=seq_len, **sizes)
-    return Problem(masked.model, masked.inputs, masked.targets, next_token_loss)
+    counted = (masked.targets[:, 1:] != -100).sum(1).double()
+    return Problem(masked.model, masked.inputs, masked.targets, next_token_loss, counted / counted.sum())
 
 
 def small_gpt2_problem(batch_size: int) -> Problem:

@@ -129,7 +129,8 @@ def plain(problem: Problem) -> Prepared:
         problem.mean_loss(model).backward()
         return {n: p.grad for n, p in _trainable(model).items()}
 
-    return Prepared(step, lambda raw: {"mean": raw}, lambda: _clear_grads(model))
+    quantity = "mean" if problem.example_weights is None else "weighted_sum"  # (Σ_i w_i g_i: cases.Problem)
+    return Prepared(step, lambda raw: {quantity: raw}, lambda: _clear_grads(model))
 
 
 def loop(problem: Problem) -> Prepared:
@@ -414,14 +415,18 @@ def select_methods(methods: list[Method], patterns: list[str] | None) -> list[Me
 
 
 # ------------------------------------------------------------------ checking
-def reference_quantities(grads: dict[str, Tensor]) -> Quantities:
-    """Every quantity a method may report, from reference per-example gradients."""
-    return {
+def reference_quantities(grads: dict[str, Tensor], weights: Tensor | None = None) -> Quantities:
+    """Every quantity a method may report, from reference per-example gradients (and the batch loss's
+    weights w_i, where they are not 1/B: then ``weighted_sum`` is Σ_i w_i g_i)."""
+    quantities = {
         "grads": grads,
         "mean": {n: g.mean(0) for n, g in grads.items()},
         "var": {n: g.var(0) for n, g in grads.items()},
         "sq_norms": {n: g.flatten(1).pow(2).sum(1) for n, g in grads.items()},
     }
+    if weights is not None:
+        quantities["weighted_sum"] = {n: torch.tensordot(weights.to(g), g, dims=1) for n, g in grads.items()}
+    return quantities
 
 
 def max_rel_err(outputs: Quantities, reference: Quantities) -> tuple[float | None, str, list[str]]:

@@ -506,7 +506,7 @@ def reference_for(problem):
     """Reference quantities from ``persample.per_sample_grads`` (None, reason) if that fails."""
     try:
         grads = persample.per_sample_grads(problem.model, problem.loss_fn, problem.inputs, problem.targets)
-        return reference_quantities(grads), ""
+        return reference_quantities(grads, problem.example_weights), ""
     except Exception as err:  # noqa: BLE001
         return None, classify_failure(err)[1]
 
