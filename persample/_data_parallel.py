@@ -650,6 +650,8 @@ def observed_fsdp2_backward(
                         loss = batch.call(model, batch_loss)
                         _require_scalar(loss)
                         loss = loss * scale if scale != 1.0 else loss
+                        if batch_loss is per_example_loss:  # this backward's loss is known: a standard one's
+                            observation.loss_scale = scale  # weights are its form's, not derived at the output
                         if reduction is not None:
                             skip, leaves = _skipped_products(observation, loss, local.params, reduction, hooked, var)
                     except Exception as err:  # re-raised by agree, on every rank

@@ -302,3 +302,62 @@ def test_weights_that_differ_give_the_backwards_p_grad_from_one_forward(name):
     tolerance = 1e-6 if name.startswith("llama") else 1e-11  # relative to the largest element
     for (k, p), q in zip(model.named_parameters(), reference.parameters()):
         assert (p.grad - q.grad).abs().max() <= tolerance * q.grad.abs().max(), k
+
+
+# ------------------------------------------------------------------ observe, where the caller backwards the loss
+
+
+def _observed(model, loss_fn, x, y, scale=None):
+    """observing() around ``scale · loss_fn(model(x), y)``.backward(); ``loss_scale`` set where ``scale`` is
+    given (the caller backwards the loss itself, as Tracker.step under FSDP2 does)."""
+    from persample.engines.fast.observe import observing
+
+    with observing(model, loss_fn, y, batch_size=x.shape[0]) as observation:
+        loss = loss_fn(model(x), y) * (1.0 if scale is None else scale)
+        observation.loss_scale = scale
+        loss.backward()
+    return observation
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.25])
+@pytest.mark.parametrize("name", ["cross_entropy", "label_smoothing", "next_token", "mse", "bce"])
+def test_observe_reads_the_weight_of_a_loss_it_knows_off_the_form(name, scale, monkeypatch):
+    import persample.engines.fast.observe as observe_module
+
+    derivations = []
+    original = observe_module.derive_weights
+    monkeypatch.setattr(observe_module, "derive_weights", lambda *a, **k: derivations.append(1) or original(*a, **k))
+    model, loss_fn, x, y = _cases()[name]
+    by_form = _observed(copy.deepcopy(model), loss_fn, x, y, scale)
+    assert derivations == []
+    derived = _observed(copy.deepcopy(model), loss_fn, x, y)
+    assert derivations == [1]
+    assert by_form.weight == pytest.approx(derived.weight * scale, rel=1e-12)
+    for field in ("mean", "m2", "param_sq_norms"):
+        for k, v in getattr(derived.stats, field).items():
+            torch.testing.assert_close(getattr(by_form.stats, field)[k], v, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(by_form.stats.losses, derived.stats.losses, rtol=1e-12, atol=0)
+
+
+def test_observe_of_a_known_loss_whose_weights_differ_is_refused_as_before():
+    from persample.errors import ObservationError
+
+    model, loss_fn, x, y = _cases()["padded_next_token"]
+    for scale in (1.0, None):
+        with pytest.raises(ObservationError, match="OBSERVE_WEIGHTS_DIFFER"):
+            _observed(copy.deepcopy(model), loss_fn, x, y, scale)
+
+
+def test_observe_of_a_loss_without_a_form_still_derives_its_weight(monkeypatch):
+    import persample.engines.fast.observe as observe_module
+
+    derivations = []
+    original = observe_module.derive_weights
+    monkeypatch.setattr(observe_module, "derive_weights", lambda *a, **k: derivations.append(1) or original(*a, **k))
+    model, _, x, y = _cases()["cross_entropy"]
+
+    def through_log_softmax(out, t):  # (another op: not a standard loss's call)
+        return F.nll_loss(out.log_softmax(-1), t)
+
+    observation = _observed(model, through_log_softmax, x, y, 1.0)
+    assert derivations == [1] and observation.weight == pytest.approx(1 / x.shape[0], rel=1e-12)

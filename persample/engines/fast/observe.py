@@ -27,6 +27,7 @@ Either failure raises :class:`ObservationError`.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -38,7 +39,7 @@ from torch.utils._pytree import tree_unflatten
 from ..._batch import Batch, flat_leaves, tensors_in
 from ..._model import autocast_as, autocast_state, buffer_state
 from ..._host_reads import HostChecks, one_host_read
-from ...batch_loss import BatchLossMismatch, all_finite, common_weight, derive_weights
+from ...batch_loss import BatchLossMismatch, all_finite, common_weight, derive_weights, host_weights
 from ...errors import NotExact, ObservationError
 from ...stats import GradStats
 from .audit import audit_graph, rows_check
@@ -56,7 +57,7 @@ from .engine import (
     per_example_losses,
     reduce_pieces,
 )
-from .losses import standard_losses, traced_standard_loss
+from .losses import example_weights, standard_losses, traced_standard_loss
 from .model_loss import observed_model_losses
 from .pieces import ConvPiece, OuterPiece, Piece
 from .rules import Layout
@@ -92,6 +93,9 @@ class Observation:
     # forward and the backward, :func:`formed_parameters`): their mean is Σ_i g_i of their pieces
     derived: frozenset = frozenset()
     weight: float | None = None  # w of the backwarded loss ℓ = w Σ_i L_i, once the statistics are built
+    # s where the caller backwards s · loss_fn(output, targets) itself (Tracker.step under FSDP2), set between
+    # the forward and the backward: a standard loss's weights are then its form's (:func:`_weights_by_form`)
+    loss_scale: float | None = None
 
     def rebase_grads(self) -> None:
         """Take ``p.grad`` as it is now as the baseline of the backward's increment.
@@ -499,6 +503,9 @@ def _check_reduction(
     """Per-example losses and the weight w of the backwarded loss ℓ = w Σ_i L_i, after checking
     ∂ℓ/∂o_i = w ∇_{o_i} L_i for every example (:func:`persample.batch_loss.derive_weights`; for a
     Hugging Face model's own ``out.loss``, :func:`.model_loss.observed_model_losses`)."""
+    by_form = _weights_by_form(observation, loss_fn, targets, batch_size)
+    if by_form is not None:
+        return _checked_weight(*by_form, None, batch_size, reduction, half=False)
     leaves, spec, batched = output_leaves(observation._output, batch_size)
     differentiable = [i for i, t in enumerate(leaves) if i in observation._output_grads and batched[i]]
     detached = []
@@ -520,6 +527,37 @@ def _check_reduction(
     else:
         losses, w = _weights_of_output(observation, loss_fn, targets, batch_size, detached, spec, differentiable)
     half = any(observation._output_grads[i].dtype in (torch.float16, torch.bfloat16) for i in differentiable)
+    return _checked_weight(losses, w, own, batch_size, reduction, half)
+
+
+def _weights_by_form(observation: Observation, loss_fn, targets, batch_size: int) -> tuple[Tensor, Tensor] | None:
+    """(L_i, w_i) where the caller backwarded s · ``loss_fn(output, targets)`` itself (``loss_scale`` s) and
+    ``loss_fn`` is a standard loss (:mod:`.losses`): w_i = s · D_i / Σ_j D_j by its form
+    (:func:`.losses.example_weights`), with no evaluation or derivation at the output; the D_i are read with
+    the step's other reads. None otherwise, or where every target is ignored (the derivation then tells)."""
+    if observation.loss_scale is None:
+        return None
+    call = traced_standard_loss(loss_fn, observation._output, targets, batch_size)
+    if call is None or call.source is None:
+        return None
+    with torch.no_grad():
+        losses = standard_losses(call)
+        if losses is None:
+            return None
+        counts = HostChecks().resolve(example_weights(call))
+    total = math.fsum(counts)
+    if not total > 0:
+        return None
+    if losses.dtype in (torch.float16, torch.bfloat16):
+        losses = losses.float()
+    return losses, host_weights([observation.loss_scale * d / total for d in counts])
+
+
+def _checked_weight(
+    losses: Tensor, w: Tensor, own, batch_size: int, reduction: str | None, half: bool
+) -> tuple[Tensor, float]:
+    """(L_i, w) of :func:`_check_reduction` from the weights w_i: their common value w, checked against
+    ``reduction``; ``own``: the Hugging Face model's own loss the w_i come from, or None."""
     weight = common_weight(w, rtol=2e-2 if half else 1e-5)  # half precision: w_i carry its rounding
     if weight is None and own is not None:
         raise ObservationError(
