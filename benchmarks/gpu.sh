@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU run of issue 22, in under 8 minutes on one H100:
 #   1. the CUDA tests (tests/test_cuda.py: float64 equality with the CPU oracle, check_mean in float32);
-#   2. benchmarks/run.py --device cuda --large, every case and method, float32;
+#   2. benchmarks/run.py --device cuda --large, every case and method (but Tracker.step's), float32;
 #   3. the same under bf16 autocast, for the methods whose ratios issue 22 targets (a case or method that
 #      cannot run under autocast is recorded as failed, with its reason; the run goes on).
 # Results: benchmarks/results/cuda-tests.md, cuda-fp32.{json,md}, cuda-bf16.{json,md}.
@@ -51,7 +51,9 @@ else
     # unpaired (plain timed once per case): pairing each sample with one of plain would take up to twice
     # the time per method, past the 8 minutes this run is sized for; a synchronised GPU drifts little
     SIZES=(--large --repeats 10 --budget 1.0 --retries 0 --unpaired)
-    FP32_METHODS=()
+    # every method but Tracker.step's (persample-step*, added later: the run is sized without them)
+    FP32_METHODS=(--method loop --method torch.func --method floor --method persample-grads --method persample-stats
+                  --method persample-observe --method opacus --method backpack)
     if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
         echo "gpu.sh: CUDA is not available (use --dry-run on a machine without a GPU)" >&2
         exit 1
