@@ -124,6 +124,19 @@ def test_the_weights_of_the_form_are_the_derived_weights(name):
     assert leaves == derived_leaves == [0]
 
 
+def _two_steps(model, loss_fn, inputs, targets, counted: list) -> int:
+    """Two ``Tracker.step`` calls (the first runs the plan's checks), ``counted`` emptied between them; how
+    many handed statistics to the hooks."""
+    tracker = persample.Tracker(model, loss_fn, engine="fast")
+    seen = []
+    tracker.register_hook(lambda _, stats: seen.append(stats))
+    tracker.step(inputs, targets)
+    model.zero_grad()
+    counted.clear()
+    tracker.step(inputs, targets)
+    return len(seen)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_tracker_step_evaluates_the_standard_loss_once_and_p_grad_is_the_backwards(name):
     model, loss_fn, x, y = _cases()[name]
@@ -134,15 +147,8 @@ def test_a_tracker_step_evaluates_the_standard_loss_once_and_p_grad_is_the_backw
         calls.append(1)
         return loss_fn(out, t)
 
-    tracker = persample.Tracker(model, counted, engine="fast")
-    seen = []
-    tracker.register_hook(lambda _, stats: seen.append(stats))
-    tracker.step(x, y)  # (the first step runs the plan's checks)
-    model.zero_grad()
-    calls.clear()
-    tracker.step(x, y)
+    assert _two_steps(model, counted, x, y, calls) == 2
     assert len(calls) == 1  # the engine's trace of the loss; the check no longer evaluates it again (it did: 2)
-    assert len(seen) == 2
     loss_fn(reference(x), y).backward()
     for (k, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-15, msg=k)
@@ -287,14 +293,8 @@ def test_weights_that_differ_give_the_backwards_p_grad_from_one_forward(name):
     reference = copy.deepcopy(model)
     forwards = []
     model.register_forward_hook(lambda *_: forwards.append(1))
-    tracker = persample.Tracker(model, loss_fn, engine="fast")
-    seen = []
-    tracker.register_hook(lambda _, stats: seen.append(stats))
-    tracker.step(inputs, targets)  # (the first step runs the plan's checks)
-    model.zero_grad()
-    forwards.clear()
-    tracker.step(inputs, targets)
-    assert len(forwards) == 1 and len(seen) == 2  # (2 on the old code: the plain step after the statistics)
+    assert _two_steps(model, loss_fn, inputs, targets, forwards) == 2
+    assert len(forwards) == 1  # (2 on the old code: the plain step after the statistics)
     _batch_loss(reference, loss_fn, inputs, targets).backward()
     # Llama's RMSNorm computes in float32 even in a float64 model: loss.backward() itself is 6e-8 from the
     # float64 loop oracle there, and Σ_i w_i g_i, which scales the examples' gradients after that arithmetic
