@@ -188,6 +188,7 @@ def _statistics_step(
             clip_norm=clip_norm,
             fork_rng=False,
             engine_output=engine_output,
+            engine_output_form=config.batch_loss is per_example,
             engine_used=used,
             **config.stats_options,
         )

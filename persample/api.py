@@ -288,6 +288,7 @@ def compute_stats(
     batch_loss_check: bool = False,
     sharding: Callable[[nn.Module], str | None] = planned_sharding,
     engine_output: list | None = None,
+    engine_output_form: bool = False,
     engine_used: list | None = None,
 ) -> GradStats:
     """:func:`grad_stats` on a validated :class:`Batch`.
@@ -298,7 +299,9 @@ def compute_stats(
     how :func:`check_supported` finds how the model is sharded (the per-model plan's, where it holds).
     ``engine_output``: without ``batch_loss_check``, a list that gets what the fast engine keeps of its
     forward (``keep_output`` of :func:`~persample.engines.fast.engine.fast_grad_stats`), for the
-    caller's own check at the output. ``engine_used``: a list that gets ``(name, code)`` for each engine
+    caller's own check at the output; ``engine_output_form``: that check's batch loss is ``loss_fn`` itself,
+    so a standard loss's weights by its form suffice (the backward is not asked for its gradient at the
+    output). ``engine_used``: a list that gets ``(name, code)`` for each engine
     that refused, then the name of the engine whose statistics are returned.
     """
     _check_chunk_size(chunk_size)
@@ -324,7 +327,13 @@ def compute_stats(
                 # (the Tracker's check at the output reads a standard loss's L_i off the backward too)
                 at_output = kept is not None and kept is engine_output
                 stats = fast_grad_stats(
-                    model, loss_fn, batch, keep_output=kept, closed_form_at_output=at_output, **options
+                    model,
+                    loss_fn,
+                    batch,
+                    keep_output=kept,
+                    closed_form_at_output=at_output,
+                    form_suffices=at_output and engine_output_form,
+                    **options,
                 )
             else:
                 streamed = vmap_grad_stats if name == "vmap" else loop_grad_stats

@@ -137,6 +137,20 @@ def _two_steps(model, loss_fn, inputs, targets, counted: list) -> int:
     return len(seen)
 
 
+@pytest.mark.parametrize("name", ["next_token", "padded_next_token", "mse"])
+def test_where_the_form_suffices_no_gradient_at_the_output_is_kept(name):
+    """With ``form_suffices`` (the Tracker's batch loss is the loss itself), the backward is not asked for the
+    gradient at the output: a [B, T, V] tensor that stayed alive to the end of the step (it did, before)."""
+    model, loss_fn, x, y = _cases()[name]
+    kept: list = []
+    fast_pieces(model, loss_fn, as_batch(x, y), keep_output=kept, closed_form_at_output=True, form_suffices=True)
+    at_output = kept[2]
+    assert at_output.form is not None and at_output.mean_grads == {}
+    kept.clear()
+    fast_pieces(model, loss_fn, as_batch(x, y), keep_output=kept, closed_form_at_output=True)
+    assert set(kept[2].mean_grads) == {0}  # (a BatchLoss with another batch loss derives its weights from it)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_a_tracker_step_evaluates_the_standard_loss_once_and_p_grad_is_the_backwards(name):
     model, loss_fn, x, y = _cases()[name]

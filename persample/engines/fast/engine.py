@@ -107,6 +107,7 @@ def fast_grad_stats(
     reference: dict[str, Tensor] | None = None,
     keep_output: list | None = None,
     closed_form_at_output: bool = False,
+    form_suffices: bool = False,
 ) -> GradStats:
     """Exact :class:`GradStats` from one forward + backward, or :class:`NotExact`.
 
@@ -116,7 +117,7 @@ def fast_grad_stats(
     is a weighted sum of per-example losses by its form; then, once the backward has run, an
     :class:`AtOutput` (the per-example losses and their mean's gradient at the output, which the
     check at the output would otherwise compute again) or None; for a standard loss only with
-    ``closed_form_at_output`` (see :func:`fast_pieces`).
+    ``closed_form_at_output`` and ``form_suffices`` (see :func:`fast_pieces`).
 
     Peak extra memory is O(P + activations): the captured activations and
     output gradients, plus chunks of at most ``pieces.CHUNK_ELEMENTS`` gradient
@@ -132,6 +133,7 @@ def fast_grad_stats(
             var=var,
             keep_output=keep_output,
             closed_form_at_output=closed_form_at_output,
+            form_suffices=form_suffices,
         )
     except BaseException:
         raise_if_outputs_not_reproduced()  # (a refusal caused by states that were never a recurrent layer's)
@@ -238,12 +240,16 @@ def fast_pieces(
     keep_output: list | None = None,
     form_all: bool = False,
     closed_form_at_output: bool = False,
+    form_suffices: bool = False,
 ) -> FastPieces:
     """The fast engine's forward + backward up to the pieces (see :func:`fast_grad_stats`), or
     :class:`NotExact`. ``form_all``: every parameter whose g_i a built-in rule forms gets no
     autograd mean (:func:`per_sample_grads` forms them all: their sum would be wasted work).
     ``closed_form_at_output``: an :class:`AtOutput` also where the loss has a closed form (the Tracker's check
-    at the output reads it; ``grad_stats``' check knows such a loss by its form and reads none)."""
+    at the output reads it; ``grad_stats``' check knows such a loss by its form and reads none).
+    ``form_suffices``: that check's batch loss is ``loss_fn`` itself, so a standard loss's ``AtOutput.form``
+    is all it reads: the backward is not asked for the gradient at the output (an output-sized tensor,
+    ``[B, T, V]`` logits, kept to the end of the step otherwise)."""
     params, units, hooks, sharding = model_plan(model)  # the model's structure: found once, then fingerprinted
     hooked = _parameters_with_hooks(model, hooks)  # applied to each example's gradient (_hooked_piece)
     modes = recurrent_modes(units)  # before the capture's hooks are on the modules
@@ -288,7 +294,9 @@ def fast_pieces(
         # vmapped losses, and closed forms where the caller's check reads them (the check's own
         # per_example_losses takes the same closed form; not a model's own loss): their gradient at the output
         # comes with the backward, for the check at the output (found below, where a backward can give it)
-        wants_at_output = keep_output is not None and (closed is None or standard_form and closed_form_at_output)
+        wants_at_output = keep_output is not None and (
+            closed is None or standard_form and closed_form_at_output and not form_suffices
+        )
         loss_leaves: list[tuple[int, Tensor]] | None = None
         at_output: AtOutput | None = None
         capture.end_forward()
