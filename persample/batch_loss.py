@@ -563,7 +563,7 @@ def _weights_of_form(
     def read(values: list[float]) -> None:
         counts, finite = values[: len(values) // 2], values[len(values) // 2 :]
         total = math.fsum(counts)
-        if not total > 0 or any(d != 0 and not ok for d, ok in zip(counts, finite)):
+        if total == 0 or any(d != 0 and not ok for d, ok in zip(counts, finite)):  # ℓ = 0/0, or an inf/NaN term
             raise NonFiniteLoss()
         if not all(finite):
             raise _example_losses_not_finite(losses)
