@@ -56,6 +56,7 @@ from .engine import (
     output_leaves,
     per_example_losses,
     reduce_pieces,
+    weighted_sums,
 )
 from .losses import example_weights, standard_losses, traced_standard_loss
 from .model_loss import observed_model_losses
@@ -397,7 +398,8 @@ def summed_gradients(observation: Observation, names: set[str]) -> dict[str, Ten
     layout = Layout(observation._batch_size, dim_zero_moved=moved, grad_scale=1.0)
     with autocast_as(None):
         pieces = _pieces_by_parameter(units, owned, {}, layout)
-        return {n: pieces[n].weighted_sum(torch.ones(pieces[n].batch_size, device=params[n].device)) for n in names}
+    ones = torch.ones(observation._batch_size, dtype=torch.float64)
+    return weighted_sums({n: pieces[n] for n in names}, params, ones)
 
 
 def _spot_check_call(model: nn.Module, args: tuple, kwargs: dict, targets: Any, batch_size: int) -> tuple | None:
